@@ -1,0 +1,284 @@
+"""Accumulator bounds for one quantized MAC layer: pure numpy and Python ints, no ONNX.
+
+Every layer is seen in its integer view: per output channel ``acc = sum_i q_i * x_i`` with
+integer weights ``q`` (a ``(channels, K)`` array) and integer input codes ``x`` inside an
+:class:`IntRange`. Scales and bias stay outside the accumulator (bias is added after it in
+FINN and Brevitas), so none of the bounds here includes a bias.
+
+All widths are computed with integer arithmetic (``int.bit_length`` and exact shifts):
+FINN once sized an accumulator with float32 ``log2`` and got 32 bits where 33 were needed.
+
+Accumulator convention (the one FINN uses): a range with ``acc_min >= 0`` lives in an
+unsigned ``UINT P`` accumulator, anything else in two's-complement ``INT P``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Products above this magnitude switch to Python ints (object arrays) so nothing wraps.
+_INT64_SAFE = 1 << 62
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """The closed integer interval ``[lo, hi]`` an input code can take."""
+
+    lo: int
+    hi: int
+
+    def __post_init__(self) -> None:
+        if self.lo > self.hi:
+            raise ValueError(f"empty integer range [{self.lo}, {self.hi}]")
+
+    @property
+    def signed(self) -> bool:
+        return self.lo < 0
+
+    @property
+    def magnitude(self) -> int:
+        """Largest ``|x|`` in the range."""
+        return max(abs(self.lo), abs(self.hi))
+
+    def shifted(self, offset: int) -> "IntRange":
+        """The range of ``x - offset`` (an integer kernel that subtracts a zero point)."""
+        return IntRange(self.lo - offset, self.hi - offset)
+
+
+def integer_range(bitwidth: int, signed: bool, narrow: bool = False) -> IntRange:
+    """Range of an ``bitwidth``-bit integer code (the ``Quant`` op's ``min_int``/``max_int``)."""
+    if bitwidth < 1:
+        raise ValueError(f"bit width must be >= 1, got {bitwidth}")
+    if signed:
+        lo, hi = -(1 << (bitwidth - 1)), (1 << (bitwidth - 1)) - 1
+        if narrow:
+            lo += 1
+    else:
+        lo, hi = 0, (1 << bitwidth) - 1
+        if narrow:
+            hi -= 1
+    return IntRange(lo, hi)
+
+
+BIPOLAR = IntRange(-1, 1)  # {-1, +1}: the extremes of a linear form over it equal the box's
+BINARY = IntRange(0, 1)
+
+
+def ceil_log2(n: np.ndarray | int) -> np.ndarray | int:
+    """Exact ``ceil(log2(n))`` for integers ``n >= 1`` (scalar or array, int64 or object)."""
+    if isinstance(n, (int, np.integer)):
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"ceil_log2 needs n >= 1, got {n}")
+        return (n - 1).bit_length()
+    arr = np.asarray(n)
+    if arr.size and (arr < 1).any():
+        raise ValueError("ceil_log2 needs every n >= 1")
+    if arr.dtype == object:
+        return np.array([(int(v) - 1).bit_length() for v in arr.ravel()], dtype=np.int64).reshape(arr.shape)
+    m = arr.astype(np.int64) - 1
+    bits = np.zeros(m.shape, dtype=np.int64)
+    for shift in (32, 16, 8, 4, 2, 1):  # vectorised bit_length by binary search
+        big = m >= (np.int64(1) << shift)
+        m = np.where(big, m >> shift, m)
+        bits += np.where(big, shift, 0)
+    return bits + (m > 0)
+
+
+def signed_width_for_magnitude(magnitude: np.ndarray | int) -> np.ndarray | int:
+    """Smallest P with ``magnitude <= 2^(P-1) - 1``: the paper's ``ceil(alpha + phi(alpha) + 1)``.
+
+    ``alpha + phi(alpha) = log2(2^alpha + 1)`` with ``2^alpha = magnitude``, so the float
+    formula reduces to ``ceil_log2(magnitude + 1) + 1``, computed here exactly.
+    """
+    return ceil_log2(_plus(magnitude, 1)) + 1
+
+
+def _plus(a: np.ndarray | int, b: int) -> np.ndarray | int:
+    return a + b if isinstance(a, (int, np.integer)) else np.asarray(a) + b
+
+
+def _input_magnitude_exponent(input_bits: int, input_signed: bool) -> int:
+    # A2Q writes max|x| as 2^(N - signed(x)): 2^(N-1) for signed inputs, 2^N > 2^N - 1 for unsigned.
+    return input_bits - int(input_signed)
+
+
+def datatype_bound_bits(K: int, input_bits: int, input_signed: bool, weight_bits: int) -> int:
+    """Data-type bound (A2Q): ``alpha = log2(K) + N + M - 1 - signed(x)``; depends on widths only."""
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    shift = _input_magnitude_exponent(input_bits, input_signed) + weight_bits - 1
+    return signed_width_for_magnitude(int(K) << shift)
+
+
+def l1_bound_bits(l1_norm: np.ndarray | int, input_bits: int, input_signed: bool) -> np.ndarray | int:
+    """A2Q l1-norm bound: ``alpha = log2(||q||_1) + N - signed(x)``, per channel."""
+    shift = _input_magnitude_exponent(input_bits, input_signed)
+    if isinstance(l1_norm, (int, np.integer)):
+        return signed_width_for_magnitude(int(l1_norm) << shift)
+    return signed_width_for_magnitude(_scale_exact(np.asarray(l1_norm), 1 << shift))
+
+
+def max_l1_norm(acc_bits: int, input_bits: int, input_signed: bool) -> int:
+    """Inverse of :func:`l1_bound_bits`: the largest integer l1 norm that fits ``acc_bits``.
+
+    ``||q||_1 <= (2^(P-1) - 1) * 2^(signed(x) - N)``, floored to an integer.
+    """
+    _check_acc_bits(acc_bits)
+    return ((1 << (acc_bits - 1)) - 1) >> _input_magnitude_exponent(input_bits, input_signed)
+
+
+def zero_centered_bound_bits(l1_norm: np.ndarray | int, x: IntRange) -> np.ndarray | int:
+    """A2Q+ bound for channels whose weights sum to zero: ``P = ceil(log2(||q||_1 (hi-lo) + 2))``.
+
+    With ``sum q = 0`` the accumulator is ``sum q_i (x_i - c)`` for any c, so only the
+    width of the input range matters, not its sign. Valid only for zero-sum channels.
+    """
+    span = x.hi - x.lo
+    if isinstance(l1_norm, (int, np.integer)):
+        return ceil_log2(int(l1_norm) * span + 2)
+    return ceil_log2(_scale_exact(np.asarray(l1_norm), span) + 2)
+
+
+def max_l1_norm_zero_centered(acc_bits: int, x: IntRange) -> int:
+    """Inverse of :func:`zero_centered_bound_bits`: ``||q||_1 <= (2^P - 2) / (hi - lo)``."""
+    _check_acc_bits(acc_bits)
+    span = x.hi - x.lo
+    if span == 0:
+        raise ValueError("zero-centred bound needs a non-degenerate input range")
+    return ((1 << acc_bits) - 2) // span
+
+
+def _check_acc_bits(acc_bits: int) -> None:
+    if not 1 <= acc_bits <= 64:
+        raise ValueError(f"accumulator width must be between 1 and 64 bits, got {acc_bits}")
+
+
+def as_integer_weights(q: np.ndarray) -> np.ndarray:
+    """Weights as a 2-D int64 array ``(channels, K)``; rejects non-integer values."""
+    arr = np.asarray(q)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"expected integer weights of shape (channels, K), got {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise ValueError("weights are not integers")
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"unsupported weight dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def positive_negative_sums(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64)."""
+    q = as_integer_weights(q)
+    pos = np.where(q > 0, q, 0).sum(axis=1)
+    neg = -np.where(q < 0, q, 0).sum(axis=1)
+    return pos, neg
+
+
+def exact_accumulator_range(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-channel ``(acc_min, acc_max)`` of ``sum_i q_i x_i`` over the input box.
+
+    ``acc_max = sum_i max(q_i lo, q_i hi) = hi * pos - lo * neg`` and
+    ``acc_min = lo * pos - hi * neg`` (``pos``/``neg``: sums of positive / |negative| weights).
+    Returned as int64 arrays, or object arrays of Python ints if int64 could overflow.
+    """
+    pos, neg = positive_negative_sums(q)
+    return _range_from_sums(pos, neg, x)
+
+
+def _range_from_sums(pos: np.ndarray, neg: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    big = max(int(pos.max(initial=0)), int(neg.max(initial=0))) * max(x.magnitude, 1) * 2
+    if big >= _INT64_SAFE:
+        pos, neg = pos.astype(object), neg.astype(object)
+    acc_max = x.hi * pos - x.lo * neg
+    acc_min = x.lo * pos - x.hi * neg
+    return acc_min, acc_max
+
+
+def _scale_exact(values: np.ndarray, factor: int) -> np.ndarray:
+    values = values.astype(np.int64) if values.dtype != object else values
+    if values.size and int(np.max(np.abs(values))) * factor >= _INT64_SAFE:
+        values = values.astype(object)
+    return values * factor
+
+
+def signed_accumulator_width(acc_min: np.ndarray | int, acc_max: np.ndarray | int) -> np.ndarray | int:
+    """Smallest two's-complement width holding ``[acc_min, acc_max]``."""
+    if isinstance(acc_min, (int, np.integer)):
+        return ceil_log2(max(-int(acc_min), int(acc_max) + 1, 1)) + 1
+    need = np.maximum(np.maximum(-np.asarray(acc_min), np.asarray(acc_max) + 1), 1)
+    return ceil_log2(need) + 1
+
+
+def unsigned_accumulator_width(acc_max: np.ndarray | int) -> np.ndarray | int:
+    """Smallest unsigned width holding ``[0, acc_max]`` (at least 1 bit)."""
+    if isinstance(acc_max, (int, np.integer)):
+        return max(ceil_log2(int(acc_max) + 1), 1)
+    return np.maximum(ceil_log2(np.asarray(acc_max) + 1), 1)
+
+
+def accumulator_width(acc_min: np.ndarray | int, acc_max: np.ndarray | int) -> np.ndarray | int:
+    """Minimal accumulator width: ``UINT`` when ``acc_min >= 0`` (as FINN does), else ``INT``."""
+    if isinstance(acc_min, (int, np.integer)):
+        if acc_min >= 0:
+            return unsigned_accumulator_width(acc_max)
+        return signed_accumulator_width(acc_min, acc_max)
+    acc_min, acc_max = np.asarray(acc_min), np.asarray(acc_max)
+    return np.where(acc_min >= 0, unsigned_accumulator_width(acc_max), signed_accumulator_width(acc_min, acc_max))
+
+
+def accumulator_datatype_name(acc_min: int, acc_max: int) -> str:
+    """qonnx DataType name of the minimal accumulator, e.g. ``INT13`` or ``UINT12``."""
+    width = accumulator_width(int(acc_min), int(acc_max))
+    return f"UINT{width}" if acc_min >= 0 else f"INT{width}"
+
+
+def accumulator_limits(acc_bits: int, signed: bool = True) -> tuple[int, int]:
+    """Representable range of a ``acc_bits``-bit accumulator."""
+    _check_acc_bits(acc_bits)
+    if signed:
+        return -(1 << (acc_bits - 1)), (1 << (acc_bits - 1)) - 1
+    return 0, (1 << acc_bits) - 1
+
+
+def fits(acc_min: np.ndarray | int, acc_max: np.ndarray | int, acc_bits: int) -> np.ndarray | bool:
+    """Whether ``[acc_min, acc_max]`` fits a ``acc_bits`` accumulator (unsigned if ``acc_min >= 0``)."""
+    return accumulator_width(acc_min, acc_max) <= acc_bits
+
+
+def adversarial_inputs(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs reaching the exact extremes: ``x_max_in[c]`` gives ``acc_max[c]``, ``x_min_in[c]`` ``acc_min[c]``.
+
+    ``x_i = hi if q_i > 0 else lo`` maximises channel c; the mirror choice minimises it.
+    Shapes are ``(channels, K)``: one worst-case input vector per channel.
+    """
+    q = as_integer_weights(q)
+    x_for_max = np.where(q > 0, x.hi, x.lo).astype(np.int64)
+    x_for_min = np.where(q > 0, x.lo, x.hi).astype(np.int64)
+    return x_for_min, x_for_max
+
+
+def partial_sum_range(q: np.ndarray, x: IntRange, tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel extremes over every running partial sum (saturating / tiled accumulation).
+
+    With ``tile=T`` the sum restarts every T terms (each stage of a multi-stage datapath
+    holds one tile); without it, all prefixes of the full sum are covered. Each term's
+    extremes are ``max/min(q_i lo, q_i hi)``; the worst prefix is the extreme of their
+    cumulative sums.
+    """
+    q = as_integer_weights(q)
+    lo_term = np.minimum(q * x.lo, q * x.hi)
+    hi_term = np.maximum(q * x.lo, q * x.hi)
+    channels, K = q.shape
+    tile = K if tile is None or tile <= 0 else min(tile, K)
+    pad = (-K) % tile
+    if pad:
+        lo_term = np.pad(lo_term, ((0, 0), (0, pad)))
+        hi_term = np.pad(hi_term, ((0, 0), (0, pad)))
+    lo_cum = np.cumsum(lo_term.reshape(channels, -1, tile), axis=2)
+    hi_cum = np.cumsum(hi_term.reshape(channels, -1, tile), axis=2)
+    return lo_cum.min(axis=(1, 2)), hi_cum.max(axis=(1, 2))
