@@ -100,16 +100,30 @@ def _plus(a: np.ndarray | int, b: int) -> np.ndarray | int:
     return a + b if isinstance(a, (int, np.integer)) else np.asarray(a) + b
 
 
+def integer_format(r: IntRange) -> tuple[int, bool]:
+    """``(N, signed)`` of the narrowest N-bit integer type holding ``r`` (the paper's N and signed(x)).
+
+    Any range inside an N-bit type has ``max|x| <= 2^(N - signed)``, which is all the
+    data-type and l1 bounds rely on, so they stay safe for zero-point-shifted ranges too.
+    """
+    if r.lo >= 0:
+        return max(r.hi.bit_length(), 1), False
+    return max((-r.lo - 1).bit_length(), r.hi.bit_length()) + 1, True
+
+
 def _input_magnitude_exponent(input_bits: int, input_signed: bool) -> int:
     # A2Q writes max|x| as 2^(N - signed(x)): 2^(N-1) for signed inputs, 2^N > 2^N - 1 for unsigned.
     return input_bits - int(input_signed)
 
 
-def datatype_bound_bits(K: int, input_bits: int, input_signed: bool, weight_bits: int) -> int:
-    """Data-type bound (A2Q): ``alpha = log2(K) + N + M - 1 - signed(x)``; depends on widths only."""
+def datatype_bound_bits(K: int, input_bits: int, input_signed: bool, weight_bits: int, weight_signed: bool = True) -> int:
+    """Data-type bound (A2Q): ``alpha = log2(K) + N + M - 1 - signed(x)``; depends on widths only.
+
+    The paper assumes signed weights (``max|q| = 2^(M-1)``); unsigned weights get ``2^M``.
+    """
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
-    shift = _input_magnitude_exponent(input_bits, input_signed) + weight_bits - 1
+    shift = _input_magnitude_exponent(input_bits, input_signed) + _input_magnitude_exponent(weight_bits, weight_signed)
     return signed_width_for_magnitude(int(K) << shift)
 
 

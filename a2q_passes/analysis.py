@@ -1,0 +1,144 @@
+"""Per-layer accumulator analysis: joins graph discovery (:mod:`layers`) with the bound math (:mod:`bounds`).
+
+Bias is added after the accumulator (FINN and Brevitas), so no bound here includes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes import bounds
+from a2q_passes.layers import MacLayer, find_mac_layers
+
+BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
+
+
+@dataclass
+class LayerReport:
+    """Accumulator facts of one MAC layer; JSON-ready through :meth:`to_json`."""
+
+    node: str
+    op_type: str
+    K: int
+    channels: int
+    input_dtype: str | None
+    weight_dtype: str | None
+    status: str
+    input_range: list[int] | None = None
+    zero_point_convention: str | None = None
+    acc_min: int | None = None
+    acc_max: int | None = None
+    acc_dtype: str | None = None
+    bounds: dict[str, int | None] = field(default_factory=dict)
+    per_channel: dict[str, list[int | None]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelReport:
+    layers: list[LayerReport]
+    warnings: list[str]
+    zero_point_convention: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_json() for layer in self.layers],
+            "warnings": list(self.warnings),
+            "zero_point_convention": self.zero_point_convention,
+            "notes": "bounds exclude the bias, which FINN and Brevitas add after the accumulator",
+        }
+
+    def by_node(self) -> dict[str, LayerReport]:
+        return {layer.node: layer for layer in self.layers}
+
+
+def _format_of(dtype_name: str | None, r: bounds.IntRange) -> tuple[int, bool]:
+    """The paper's (bits, signed) for a datatype, falling back to the narrowest type holding ``r``."""
+    if dtype_name:
+        dt = DataType[dtype_name]
+        if dt.min() <= r.lo and r.hi <= dt.max():
+            return dt.bitwidth(), dt.signed()
+    return bounds.integer_format(r)
+
+
+def channel_ranges(layer: MacLayer, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-channel ``(acc_min, acc_max)`` of a layer given its integer rows."""
+    if layer.binary_xnor:
+        # popcount of K xnor terms: every count in [0, K] is reachable by choosing the inputs
+        zeros = np.zeros(rows.shape[0], dtype=np.int64)
+        row_min, row_max = zeros, zeros + rows.shape[1]
+    else:
+        row_min, row_max = bounds.exact_accumulator_range(rows, layer.grid.range)
+    return layer.layout.rows_to_channels(row_min, np.min), layer.layout.rows_to_channels(row_max, np.max)
+
+
+def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = False,
+                  zero_point_convention: str = "fold") -> LayerReport:
+    """Bounds and exact range of one layer (only the header for layers that are not ``ok``)."""
+    report = LayerReport(layer.node, layer.op_type, layer.K, layer.channels, layer.input_dtype,
+                         layer.weight_dtype, layer.status)
+    if not layer.ok:
+        return report
+    x = layer.grid.range
+    report.input_range = [x.lo, x.hi]
+    report.zero_point_convention = zero_point_convention if layer.grid.zero_code else None
+    rows = layer.integer_rows(model)
+    acc_min, acc_max = channel_ranges(layer, rows)
+    report.acc_min, report.acc_max = int(acc_min.min()), int(acc_max.max())
+    report.acc_dtype = bounds.accumulator_datatype_name(report.acc_min, report.acc_max)
+    exact_per_channel = bounds.accumulator_width(acc_min, acc_max)
+    l1_rows = np.abs(rows).sum(axis=1)
+    l1 = layer.layout.rows_to_channels(l1_rows, np.max)
+    if layer.binary_xnor:
+        popcount = bounds.unsigned_accumulator_width(layer.K)
+        l1_bits = np.full(acc_min.shape, popcount)
+        datatype_bits, zc_bits = popcount, None
+    else:
+        n_bits, x_signed = _format_of(layer.input_dtype, x)
+        w = layer.source.weight_range
+        m_bits, w_signed = _format_of(layer.weight_dtype, w)
+        datatype_bits = bounds.datatype_bound_bits(layer.K, n_bits, x_signed, m_bits, w_signed)
+        l1_bits = bounds.l1_bound_bits(l1, n_bits, x_signed)
+        zero_sum = layer.layout.rows_to_channels(rows.sum(axis=1) == 0, np.all)
+        zc_rows = bounds.zero_centered_bound_bits(l1, x) if x.hi > x.lo else l1_bits
+        zc_bits = int(np.max(zc_rows)) if zero_sum.all() else None
+    report.bounds = {
+        "datatype": int(datatype_bits),
+        "l1": int(np.max(l1_bits)),
+        "zero_centered": zc_bits,
+        "exact": int(bounds.accumulator_width(report.acc_min, report.acc_max)),
+    }
+    if per_channel:
+        report.per_channel = {
+            "acc_min": [int(v) for v in acc_min],
+            "acc_max": [int(v) for v in acc_max],
+            "exact": [int(v) for v in exact_per_channel],
+            "l1_norm": [int(v) for v in l1],
+            "l1": [int(v) for v in np.broadcast_to(l1_bits, acc_min.shape)],
+        }
+    return report
+
+
+def analyze_model(
+    model: ModelWrapper,
+    input_dtypes: dict[str, str] | None = None,
+    zero_point: str = "fold",
+    per_channel: bool = False,
+) -> ModelReport:
+    """Analyse every MAC layer of ``model``; never raises for a single unsupported layer."""
+    layers = find_mac_layers(model, input_dtypes, zero_point)
+    reports = [analyze_layer(model, layer, per_channel, zero_point) for layer in layers]
+    warnings = []
+    quantized = [r for r in reports if r.status != "weights not quantized"]
+    if not quantized:
+        warnings.append("no quantized MAC layer found (Conv/ConvTranspose/Gemm/MatMul with quantized "
+                        "constant weights, or FINN MVAU/VVAU)")
+    warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
+    return ModelReport(reports, warnings, zero_point)

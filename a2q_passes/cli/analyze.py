@@ -1,0 +1,49 @@
+"""``a2q analyze``: minimal accumulator width of every MAC layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from a2q_passes.cli import app, err_console
+from a2q_passes.cli.common import parse_input_dtypes
+from a2q_passes.errors import AnalysisProblem
+from a2q_passes.model_io import load_model
+from a2q_passes.report import analysis_table, plot_analysis
+from a2q_passes.transforms import AnalyzeAccumulators
+
+
+@app.command()
+def analyze(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="QONNX, FINN-ONNX or QDQ ONNX model")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with a 'layers' list")] = False,
+    input_dtype: Annotated[Optional[list[str]], typer.Option(
+        "--input-dtype", help="datatype of a float input: UINT8 (all graph inputs) or TENSOR=UINT8; repeatable")] = None,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="also report every output channel")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer widths per bound")] = None,
+    zero_point: Annotated[str, typer.Option(
+        "--zero-point", help="activation zero points: 'fold' (FINN, MAC sees raw codes) or 'subtract'")] = "fold",
+    allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
+) -> None:
+    """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""
+    model = load_model(model_path, allow_unknown_ops)
+    analysis = AnalyzeAccumulators(parse_input_dtypes(input_dtype), zero_point, per_channel)
+    model.transform(analysis)
+    report = analysis.report
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        Console(width=200).print(analysis_table(report))
+    if plot is not None:
+        plot_analysis(report, plot)
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    problems = [r for r in report.layers if r.status.startswith("unsupported")]
+    if problems or not any(r.status != "weights not quantized" for r in report.layers):
+        raise AnalysisProblem(f"{model_path}: " + (
+            f"{len(problems)} layer(s) could not be analysed (see warnings)" if problems
+            else "no quantized MAC layer to analyse"))

@@ -1,0 +1,644 @@
+"""Find quantized MAC layers in an ONNX graph and read or write their integer weights.
+
+Graph code only: which node is a MAC layer, where its integer weights come from, and which
+integer grid its input lives on. All bound math is in :mod:`a2q_passes.bounds`.
+
+Supported weight sources: QONNX ``Quant``/``IntQuant``/``BipolarQuant`` on constants,
+FINN-ONNX initializers with an integer datatype annotation, and standard
+``DequantizeLinear`` (optionally fed by ``QuantizeLinear``) on constants, each optionally
+behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
+weights and datatypes directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from onnx import NodeProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
+
+from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_range
+
+MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
+VVAU_OP_TYPES = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
+QUANT_OP_TYPES = ("Quant", "IntQuant")
+# Ops whose output codes are a subset of their input codes on the same grid.
+GRID_PRESERVING_OPS = (
+    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity",
+    "DepthToSpace", "SpaceToDepth", "MaxPoolNHWC", "Slice", "Gather", "Split",
+)
+
+STATUS_OK = "ok"
+STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
+STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
+ZERO_POINT_CONVENTIONS = ("fold", "subtract")
+
+
+class UnsupportedLayer(Exception):
+    """A MAC layer whose quantization this tool cannot read; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class InputGrid:
+    """The integer grid of a layer input: codes in ``range``, real value ``(code - zero_code) * scale``."""
+
+    range: IntRange
+    dtype: str
+    scale: float | None = None
+    zero_code: int = 0
+
+
+@dataclass
+class WeightSource:
+    """Where a layer's integer weights are stored and how to write new ones back."""
+
+    kind: str  # "quant", "bipolar_quant", "initializer", "dequantize_linear", "quantize_dequantize"
+    tensor: str  # initializer holding the stored weights
+    quant_node: str | None
+    weight_range: IntRange
+    dtype: str
+    scale: np.ndarray | None = None  # broadcastable to the stored tensor
+    zero_point: np.ndarray | None = None
+    rounding_mode: str = "ROUND"
+    perms: list[list[int]] = field(default_factory=list)  # Transposes from stored tensor to MAC input
+
+
+@dataclass
+class RowLayout:
+    """Maps the weight tensor as the MAC node sees it to ``(rows, K)`` accumulator rows.
+
+    ``kind`` is ``reshape`` (Conv, VVAU), ``transpose`` (MatMul, Gemm without transB, MVAU),
+    ``identity`` (Gemm with transB) or ``gather`` (ConvTranspose: one row per output
+    channel and stride phase, padded with ``-1`` indices).
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    index: np.ndarray | None = None
+    row_channel: np.ndarray | None = None
+
+    def to_rows(self, w: np.ndarray) -> np.ndarray:
+        if self.kind == "reshape":
+            return w.reshape(w.shape[0], -1)
+        if self.kind == "transpose":
+            return w.T
+        if self.kind == "identity":
+            return w
+        flat = w.reshape(-1)
+        return np.where(self.index >= 0, flat[np.maximum(self.index, 0)], 0)
+
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.kind == "reshape":
+            return rows.reshape(self.shape)
+        if self.kind == "transpose":
+            return np.ascontiguousarray(rows.T)
+        if self.kind == "identity":
+            return rows
+        flat = np.zeros(int(np.prod(self.shape)), dtype=rows.dtype)
+        valid = self.index >= 0
+        flat[self.index[valid]] = rows[valid]
+        return flat.reshape(self.shape)
+
+    def rows_to_channels(self, per_row: np.ndarray, reduce: Callable) -> np.ndarray:
+        """Reduce a per-row quantity to one value per output channel."""
+        if self.row_channel is None:
+            return per_row
+        channels = int(self.row_channel.max()) + 1
+        return reduce(per_row.reshape(channels, -1), axis=1)
+
+
+@dataclass
+class MacLayer:
+    """One multiply-accumulate layer of the graph in its integer view."""
+
+    node: str
+    op_type: str
+    input_tensor: str
+    K: int
+    channels: int
+    status: str
+    grid: InputGrid | None = None
+    source: WeightSource | None = None
+    layout: RowLayout | None = None
+    binary_xnor: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    @property
+    def input_dtype(self) -> str | None:
+        return self.grid.dtype if self.grid else None
+
+    @property
+    def weight_dtype(self) -> str | None:
+        return self.source.dtype if self.source else None
+
+    def integer_rows(self, model: ModelWrapper) -> np.ndarray:
+        """The integer weights as ``(rows, K)`` int64 accumulator rows."""
+        return self.layout.to_rows(read_mac_weights(model, self.source)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- constants
+
+
+def get_constant(model: ModelWrapper, name: str) -> np.ndarray | None:
+    """Value of an initializer or a ``Constant`` node output, else ``None``."""
+    if not name:
+        return None
+    value = model.get_initializer(name)
+    if value is not None:
+        return value
+    producer = model.find_producer(name)
+    if producer is not None and producer.op_type == "Constant":
+        for attr in producer.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+    return None
+
+
+def _attr(node: NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _str_attr(node: NodeProto, name: str, default: str) -> str:
+    value = _attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _node_label(node: NodeProto) -> str:
+    return f"{node.op_type} node '{node.name or node.output[0]}'"
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _require_constant(model: ModelWrapper, node: NodeProto, index: int, what: str) -> np.ndarray:
+    value = get_constant(model, node.input[index]) if len(node.input) > index else None
+    if value is None:
+        raise UnsupportedLayer(
+            f"{_node_label(node)} has a non-constant {what} ('{node.input[index] if len(node.input) > index else ''}'); "
+            "fold constants first (e.g. `qonnx-cleanup`) so the weight quantizer is static"
+        )
+    return value
+
+
+def _quant_dtype(bits: int, signed: bool) -> str:
+    if bits == 1:
+        return "BIPOLAR" if signed else "BINARY"
+    return f"{'INT' if signed else 'UINT'}{bits}"
+
+
+def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int]] | None = None) -> WeightSource | None:
+    """How the weight input ``tensor`` of a MAC node is quantized, or ``None`` if it is float.
+
+    Raises :class:`UnsupportedLayer` for quantized weights this tool cannot read.
+    """
+    perms = list(perms or [])
+    producer = model.find_producer(tensor)
+    if producer is None:
+        if model.get_initializer(tensor) is None:
+            raise UnsupportedLayer(f"weight input '{tensor}' is not a constant")
+        dt = model.get_tensor_datatype(tensor)
+        if dt.is_integer() and not dt.name.startswith("SCALED"):
+            values = model.get_initializer(tensor)
+            if not np.array_equal(values, np.round(values)):
+                raise UnsupportedLayer(f"initializer '{tensor}' is annotated {dt.name} but holds non-integers")
+            return WeightSource("initializer", tensor, None, IntRange(int(dt.min()), int(dt.max())), dt.name, perms=perms)
+        return None
+    op = producer.op_type
+    if op in ("Transpose", "Identity"):
+        perm = list(_attr(producer, "perm", [])) if op == "Transpose" else []
+        if op == "Transpose" and not perm:
+            shape = get_constant(model, producer.input[0])
+            perm = list(range(np.ndim(shape) - 1, -1, -1)) if shape is not None else []
+        return resolve_weight_source(model, producer.input[0], ([perm] if perm else []) + perms)
+    if op in QUANT_OP_TYPES:
+        _require_constant(model, producer, 0, "weight input")
+        scale = _require_constant(model, producer, 1, "scale")
+        zero_point = _require_constant(model, producer, 2, "zero point")
+        bits = _require_constant(model, producer, 3, "bit width")
+        if np.any(zero_point != 0):
+            raise UnsupportedLayer(
+                f"{_node_label(producer)} quantizes weights with a non-zero zero point; "
+                "accumulator bounds assume symmetric weights (as FINN and Brevitas do): re-export with zero_point=0"
+            )
+        if np.size(bits) != 1 or float(bits) != int(bits):
+            raise UnsupportedLayer(f"{_node_label(producer)} has a non-scalar or non-integer bit width")
+        bits = int(bits)
+        signed, narrow = bool(_attr(producer, "signed", 1)), bool(_attr(producer, "narrow", 0))
+        if bits == 1 and signed:
+            weight_range = BIPOLAR
+        else:
+            weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
+        return WeightSource(
+            "quant", producer.input[0], producer.name, weight_range, _quant_dtype(bits, signed),
+            scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(zero_point, dtype=np.float32),
+            rounding_mode=_str_attr(producer, "rounding_mode", "ROUND"), perms=perms,
+        )
+    if op == "BipolarQuant":
+        _require_constant(model, producer, 0, "weight input")
+        scale = _require_constant(model, producer, 1, "scale")
+        return WeightSource("bipolar_quant", producer.input[0], producer.name, BIPOLAR, "BIPOLAR",
+                            scale=np.asarray(scale, dtype=np.float32), perms=perms)
+    if op == "DequantizeLinear":
+        return _dequantize_linear_source(model, producer, perms)
+    raise UnsupportedLayer(f"weights are produced by {_node_label(producer)}, which this tool does not read")
+
+
+def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """Reshape a per-axis QDQ parameter so it broadcasts along ``axis`` of an ``ndim`` tensor."""
+    value = np.asarray(value)
+    if value.ndim == 0 or ndim == 0:
+        return value
+    shape = [1] * ndim
+    shape[axis % ndim] = value.size
+    return value.reshape(shape)
+
+
+def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]]) -> WeightSource:
+    scale = _require_constant(model, dq, 1, "scale")
+    zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
+    stored = get_constant(model, dq.input[0])
+    quantize = model.find_producer(dq.input[0]) if stored is None else None
+    if stored is None and (quantize is None or quantize.op_type != "QuantizeLinear"):
+        raise UnsupportedLayer(f"{_node_label(dq)} dequantizes a non-constant weight tensor")
+    if quantize is not None:
+        _require_constant(model, quantize, 0, "weight input")
+        zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 else zp
+    zp_dtype = np.dtype(zp.dtype) if zp is not None else (stored.dtype if stored is not None else np.dtype(np.uint8))
+    if zp is not None and np.any(zp != 0):
+        raise UnsupportedLayer(
+            f"{_node_label(dq)} has a non-zero weight zero point; accumulator bounds assume symmetric weights "
+            "(quantize weights with a symmetric scheme, e.g. onnxruntime's WeightSymmetric=True)"
+        )
+    info = np.iinfo(zp_dtype)
+    dtype = f"{'INT' if info.min < 0 else 'UINT'}{info.bits}"
+    ndim = np.ndim(stored) if stored is not None else np.ndim(get_constant(model, quantize.input[0]))
+    axis = int(_attr(dq, "axis", 1))
+    kind = "dequantize_linear" if quantize is None else "quantize_dequantize"
+    tensor = dq.input[0] if quantize is None else quantize.input[0]
+    return WeightSource(kind, tensor, dq.name, IntRange(int(info.min), int(info.max)), dtype,
+                        scale=_per_axis(scale, axis, ndim), zero_point=np.zeros((), dtype=zp_dtype), perms=perms)
+
+
+def _apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) -> np.ndarray:
+    for perm in (reversed(perms) if inverse else perms):
+        w = np.transpose(w, np.argsort(perm) if inverse else perm)
+    return w
+
+
+def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarray:
+    """Integer weights in the layout of the stored tensor, exactly as the graph's quantizer makes them."""
+    stored = model.get_initializer(source.tensor)
+    if source.kind in ("initializer", "dequantize_linear"):
+        return np.asarray(stored).astype(np.int64)
+    if source.kind == "bipolar_quant":
+        return np.where(stored >= 0, 1, -1).astype(np.int64)
+    if source.kind == "quantize_dequantize":
+        # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero point checked to be 0
+        q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32))
+        return np.clip(q, source.weight_range.lo, source.weight_range.hi).astype(np.int64)
+    # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
+    y = stored.astype(np.float32) / source.scale.astype(np.float32)
+    y = np.clip(y, source.weight_range.lo, source.weight_range.hi)
+    return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
+
+
+def read_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarray:
+    """Integer weights in the layout the MAC node consumes (after any weight ``Transpose``)."""
+    return _apply_perms(read_stored_integers(model, source), source.perms)
+
+
+# Offsets that make each rounding mode land exactly on the integer q from q * s / s.
+_ROUNDING_OFFSET = {"FLOOR": 0.5, "CEIL": -0.5}
+
+
+def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
+    """Values to store so that the graph's own quantizer reproduces the integers ``q_stored``."""
+    if source.kind in ("initializer", "dequantize_linear"):
+        original_dtype = source.zero_point.dtype if source.zero_point is not None else np.float32
+        return q_stored.astype(original_dtype)
+    if source.kind == "bipolar_quant":
+        return np.where(q_stored > 0, 1.0, -1.0).astype(np.float32) * np.abs(source.scale).astype(np.float32)
+    mode = source.rounding_mode.upper()
+    offset = _ROUNDING_OFFSET.get(mode, 0.0)
+    if mode in ("UP", "DOWN", "HALF_UP", "HALF_DOWN"):
+        offset = np.sign(q_stored) * (0.5 if mode == "DOWN" else -0.5 if mode == "UP" else 0.0)
+    return ((q_stored + offset) * source.scale.astype(np.float64)).astype(np.float32)
+
+
+def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
+    """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
+    q_stored = _apply_perms(np.asarray(q_mac, dtype=np.int64), source.perms, inverse=True)
+    if q_stored.min(initial=0) < source.weight_range.lo or q_stored.max(initial=0) > source.weight_range.hi:
+        raise ValueError(f"new weights for '{source.tensor}' leave the weight range "
+                         f"[{source.weight_range.lo}, {source.weight_range.hi}]")
+    model.set_initializer(source.tensor, stored_values_for(source, q_stored))
+    if not np.array_equal(read_stored_integers(model, source), q_stored):
+        raise AssertionError(f"quantizer of '{source.tensor}' does not reproduce the written integers")
+
+
+# --------------------------------------------------------------------------- input grids
+
+
+def _dtype_grid(name: str, scale: float | None = None) -> InputGrid:
+    dt = DataType[name]
+    if not dt.is_integer():
+        raise KeyError(f"{name} is not an integer datatype")
+    return InputGrid(IntRange(int(dt.min()), int(dt.max())), name, scale)
+
+
+def _scalar_constant(model: ModelWrapper, name: str) -> float | None:
+    value = get_constant(model, name)
+    if value is None or np.size(value) != 1:
+        return None
+    return float(np.asarray(value).reshape(()))
+
+
+class GridResolver:
+    """Walks back from a tensor to the quantizer that put it on an integer grid.
+
+    ``input_dtypes`` maps tensor names (or ``"*"`` for every graph input) to a qonnx
+    datatype name the user vouches for. ``zero_point`` chooses how an activation zero
+    point z is seen by the MAC: ``fold`` (FINN folds it into a bias; codes ``[0, 2^N-1]``)
+    or ``subtract`` (an integer kernel sees ``code - z``).
+    """
+
+    def __init__(self, model: ModelWrapper, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold"):
+        if zero_point not in ZERO_POINT_CONVENTIONS:
+            raise ValueError(f"zero_point must be one of {ZERO_POINT_CONVENTIONS}, got {zero_point!r}")
+        self.model = model
+        self.input_dtypes = dict(input_dtypes or {})
+        self.zero_point = zero_point
+        self.graph_inputs = {t.name for t in model.graph.input}
+        self._cache: dict[str, tuple[InputGrid | None, str]] = {}
+
+    def resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
+        """``(grid, "")`` or ``(None, reason)``."""
+        if tensor not in self._cache:
+            self._cache[tensor] = self._resolve(tensor)
+        return self._cache[tensor]
+
+    def _resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
+        if tensor in self.input_dtypes:
+            return _dtype_grid(self.input_dtypes[tensor]), ""
+        if tensor in self.graph_inputs and "*" in self.input_dtypes:
+            return _dtype_grid(self.input_dtypes["*"]), ""
+        dt = self.model.get_tensor_datatype(tensor)
+        if dt.is_integer() and not dt.name.startswith("SCALED"):
+            return _dtype_grid(dt.name, 1.0), ""
+        producer = self.model.find_producer(tensor)
+        if producer is None:
+            return None, f"graph input '{tensor}' is float (give its datatype with --input-dtype)"
+        handler = getattr(self, f"_from_{producer.op_type}", None)
+        if handler is not None:
+            return handler(producer)
+        if producer.op_type in GRID_PRESERVING_OPS:
+            return self.resolve(producer.input[0])
+        return None, f"input comes from {_node_label(producer)}, which is not on an integer grid"
+
+    def _from_Quant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        scale = _scalar_constant(self.model, node.input[1])
+        zp = _scalar_constant(self.model, node.input[2])
+        bits = _scalar_constant(self.model, node.input[3])
+        if scale is None or zp is None or bits is None:
+            return None, (f"{_node_label(node)} has a non-constant or per-channel scale/zero point/bit width; "
+                          "the accumulator needs one per-tensor input scale")
+        bits, signed, narrow = int(bits), bool(_attr(node, "signed", 1)), bool(_attr(node, "narrow", 0))
+        if zp != round(zp):
+            return None, f"{_node_label(node)} has a non-integer zero point {zp}"
+        if bits == 1 and signed:
+            return InputGrid(BIPOLAR, "BIPOLAR", scale), ""
+        codes = integer_range(bits, signed, narrow)
+        return self._with_zero_point(codes, _quant_dtype(bits, signed), scale, int(zp)), ""
+
+    _from_IntQuant = _from_Quant
+
+    def _with_zero_point(self, codes: IntRange, dtype: str, scale: float, zp: int) -> InputGrid:
+        if self.zero_point == "subtract":
+            return InputGrid(codes.shifted(zp), dtype, scale, 0)
+        return InputGrid(codes, dtype, scale, zp)
+
+    def _from_BipolarQuant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return InputGrid(BIPOLAR, "BIPOLAR", _scalar_constant(self.model, node.input[1])), ""
+
+    def _from_DequantizeLinear(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        scale = _scalar_constant(self.model, node.input[1])
+        if scale is None:
+            return None, f"{_node_label(node)} has a per-channel or non-constant activation scale"
+        zp_value = get_constant(self.model, node.input[2]) if len(node.input) > 2 else None
+        zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
+        zp_dtype = np.dtype(zp_value.dtype) if zp_value is not None else np.dtype(np.uint8)
+        info = np.iinfo(zp_dtype)
+        dtype = f"{'INT' if info.min < 0 else 'UINT'}{info.bits}"
+        return self._with_zero_point(IntRange(int(info.min), int(info.max)), dtype, scale, zp), ""
+
+    def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        thresholds = get_constant(self.model, node.input[1])
+        if thresholds is None:
+            return None, f"{_node_label(node)} has non-constant thresholds"
+        out_scale = float(_attr(node, "out_scale", 1.0))
+        out_bias = float(_attr(node, "out_bias", 0.0))
+        offset = out_bias / out_scale
+        if offset != round(offset):
+            return None, f"{_node_label(node)} has out_bias/out_scale = {offset}, not an integer offset"
+        steps = int(thresholds.shape[-1])
+        codes = IntRange(int(offset), int(offset) + steps)
+        return InputGrid(codes, _str_attr(node, "out_dtype", "") or f"UINT{max(steps, 1).bit_length()}", out_scale), ""
+
+    def _from_Relu(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        lo = max(grid.range.lo, grid.zero_code)
+        return InputGrid(IntRange(lo, max(lo, grid.range.hi)), grid.dtype, grid.scale, grid.zero_code), ""
+
+    def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        mode = _str_attr(node, "mode", "constant")
+        value = _scalar_constant(self.model, node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+        if mode != "constant" or value != 0.0:
+            return None, f"{_node_label(node)} pads with mode={mode}, value={value}; only zero padding keeps the grid"
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
+        return InputGrid(r, grid.dtype, grid.scale, grid.zero_code), ""
+
+    def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        if _str_attr(node, "mode", "nearest") != "nearest":
+            return None, f"{_node_label(node)} interpolates (mode={_str_attr(node, 'mode', '')}); only nearest keeps the grid"
+        return self.resolve(node.input[0])
+
+    _from_Upsample = _from_Resize
+
+    def _from_Mul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._scaled(node, invert=False)
+
+    def _from_Div(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._scaled(node, invert=True)
+
+    def _scaled(self, node: NodeProto, invert: bool) -> tuple[InputGrid | None, str]:
+        """Multiplying by a positive per-tensor constant keeps the codes and changes the scale."""
+        for data, const in ((0, 1), (1, 0)) if not invert else ((0, 1),):
+            factor = _scalar_constant(self.model, node.input[const])
+            if factor is not None and factor > 0 and get_constant(self.model, node.input[data]) is None:
+                grid, reason = self.resolve(node.input[data])
+                if grid is None:
+                    return None, reason
+                scale = None if grid.scale is None else (grid.scale / factor if invert else grid.scale * factor)
+                return InputGrid(grid.range, grid.dtype, scale, grid.zero_code), ""
+        return None, f"input comes from {_node_label(node)}, which is not a per-tensor positive rescaling"
+
+    def _from_Concat(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        grids = []
+        for name in node.input:
+            grid, reason = self.resolve(name)
+            if grid is None:
+                return None, reason
+            grids.append(grid)
+        first = grids[0]
+        for g in grids[1:]:
+            same_scale = (g.scale is None and first.scale is None) or (
+                g.scale is not None and first.scale is not None and np.isclose(g.scale, first.scale, rtol=1e-6))
+            if not same_scale or g.zero_code != first.zero_code:
+                return None, f"{_node_label(node)} joins inputs on different integer grids (scales or zero points differ)"
+        r = IntRange(min(g.range.lo for g in grids), max(g.range.hi for g in grids))
+        dtype = first.dtype if all(g.dtype == first.dtype for g in grids) else _dtype_for_range(r)
+        return InputGrid(r, dtype, first.scale, first.zero_code), ""
+
+
+def _dtype_for_range(r: IntRange) -> str:
+    if r.lo >= 0:
+        return f"UINT{max(r.hi.bit_length(), 1)}"
+    return f"INT{max((-r.lo - 1).bit_length(), r.hi.bit_length()) + 1}"
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) -> RowLayout:
+    """One row per (output channel, stride phase): the taps that reach one output pixel."""
+    c_in, c_out_g, kh, kw = shape
+    groups = int(_attr(node, "group", 1))
+    strides = list(_attr(node, "strides", [1, 1]))
+    dilations = list(_attr(node, "dilations", [1, 1]))
+    c_in_g = c_in // groups
+    idx = np.arange(int(np.prod(shape))).reshape(shape)
+    rows, row_channel = [], []
+    for co in range(c_out_g * groups):
+        g, local = divmod(co, c_out_g)
+        block = idx[g * c_in_g:(g + 1) * c_in_g, local]  # (c_in_g, kh, kw)
+        for ph in range(strides[0]):
+            for pw in range(strides[1]):
+                taps_h = [i for i in range(kh) if (i * dilations[0]) % strides[0] == ph]
+                taps_w = [j for j in range(kw) if (j * dilations[1]) % strides[1] == pw]
+                rows.append(block[:, taps_h][:, :, taps_w].reshape(-1))
+                row_channel.append(co)
+    k = max(len(r) for r in rows)
+    index = np.full((len(rows), k), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        index[i, :len(r)] = r
+    return RowLayout("gather", shape, index, np.asarray(row_channel))
+
+
+def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) -> tuple[RowLayout, int, int]:
+    """Row layout, K and channel count of a MAC node with weight shape ``shape``."""
+    op = node.op_type
+    if op == "Conv" or op in VVAU_OP_TYPES:
+        return RowLayout("reshape", shape), int(np.prod(shape[1:])), shape[0]
+    if op == "ConvTranspose":
+        layout = _conv_transpose_layout(model, node, shape)
+        return layout, layout.index.shape[1], shape[1] * int(_attr(node, "group", 1))
+    if len(shape) != 2:
+        raise UnsupportedLayer(f"{_node_label(node)} has a {len(shape)}-D weight; only 2-D weights are supported")
+    if op == "Gemm" and _attr(node, "transB", 0):
+        return RowLayout("identity", shape), shape[1], shape[0]
+    return RowLayout("transpose", shape), shape[0], shape[1]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _mac_weight_index(model: ModelWrapper, node: NodeProto) -> int | None:
+    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        return None
+    if node.op_type == "MatMul" and get_constant(model, node.input[1]) is None and model.find_producer(node.input[1]) is None:
+        return None
+    return 1
+
+
+def find_mac_layers(
+    model: ModelWrapper,
+    input_dtypes: dict[str, str] | None = None,
+    zero_point: str = "fold",
+) -> list[MacLayer]:
+    """Every MAC node of the graph in graph order, with its status.
+
+    Layers whose weights are float are reported with status ``weights not quantized``;
+    layers whose weights are quantized in a way this tool cannot read get
+    ``unsupported: <reason>``. Never raises for a single layer.
+    """
+    resolver = GridResolver(model, input_dtypes, zero_point)
+    layers = []
+    for node in model.graph.node:
+        if node.op_type in MAC_OP_TYPES:
+            layers.append(_standard_layer(model, node, resolver))
+        elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
+            layers.append(_finn_layer(model, node))
+    return layers
+
+
+def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
+    name = node.name or node.output[0]
+    index = _mac_weight_index(model, node)
+    if index is None:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0,
+                        "unsupported: transposed or non-constant left operand (only X @ W with constant W)")
+    try:
+        source = resolve_weight_source(model, node.input[index])
+        if source is None:
+            w = get_constant(model, node.input[index])
+            K, channels = (_layout_for(model, node, w.shape)[1:] if w is not None else (0, 0))
+            return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_WEIGHTS_NOT_QUANTIZED)
+        shape = read_mac_weights(model, source).shape
+        layout, K, channels = _layout_for(model, node, shape)
+    except UnsupportedLayer as err:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
+    grid, reason = resolver.resolve(node.input[0])
+    status = STATUS_OK if grid is not None else STATUS_INPUT_NOT_QUANTIZED
+    layer = MacLayer(name, node.op_type, node.input[0], K, channels, status, grid, source, layout)
+    if grid is None:
+        layer.status = f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}"
+    return layer
+
+
+def _finn_layer(model: ModelWrapper, node: NodeProto) -> MacLayer:
+    name = node.name or node.output[0]
+    weights = model.get_initializer(node.input[1])
+    idt, wdt = _str_attr(node, "inputDataType", ""), _str_attr(node, "weightDataType", "")
+    xnor = bool(_attr(node, "binaryXnorMode", 0))
+    if weights is None:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0,
+                        "unsupported: weights are not an initializer (runtime-writeable or external weights)")
+    try:
+        wdtype = DataType[wdt]
+        grid = _dtype_grid(idt, 1.0)
+    except KeyError:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0,
+                        f"unsupported: unknown inputDataType/weightDataType '{idt}'/'{wdt}'")
+    # MVAU weights are (MW, MH); VVAU weights are (Channels, 1, kh, kw): both map to rows by _layout_for
+    layout, K, channels = _layout_for(model, node, tuple(weights.shape))
+    wrange = BINARY if xnor else IntRange(int(wdtype.min()), int(wdtype.max()))
+    source = WeightSource("initializer", node.input[1], None, wrange, wdt)
+    if xnor:
+        grid = InputGrid(BINARY, "BINARY", 1.0)
+    return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_OK, grid, source, layout, binary_xnor=xnor)

@@ -1,0 +1,41 @@
+"""``AnnotateAccumulators``: record each layer's minimal (exact) accumulator in the model metadata."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.analysis import analyze_model
+from a2q_passes.errors import PostconditionError
+from a2q_passes.metadata import record_accumulators, recorded_widths
+from a2q_passes.passes import A2QPass, PassResult
+
+
+class AnnotateAccumulators(A2QPass):
+    """Writes ``{node: {acc_bits, acc_dtype, acc_min, acc_max}}`` to ``metadata_props``.
+
+    Only metadata changes: the graph, and so its execution, stay exactly as they were.
+    """
+
+    def __init__(self, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold") -> None:
+        super().__init__()
+        self.input_dtypes = input_dtypes
+        self.zero_point = zero_point
+
+    def call(self, model: ModelWrapper) -> PassResult:
+        self._graph_before = copy.deepcopy(model.graph)
+        report = analyze_model(model, self.input_dtypes, self.zero_point)
+        layers = {
+            r.node: {"acc_bits": r.bounds["exact"], "acc_dtype": r.acc_dtype, "acc_min": r.acc_min, "acc_max": r.acc_max}
+            for r in report.layers if r.status == "ok"
+        }
+        before = recorded_widths(model)
+        record_accumulators(model, layers, source="annotate")
+        return PassResult(model, before != recorded_widths(model), {"report": report, "layers": layers})
+
+    def ensures(self, result: PassResult) -> None:
+        if result.model.graph != self._graph_before:
+            raise PostconditionError("AnnotateAccumulators changed the graph; it may only add metadata")
+        onnx.checker.check_model(result.model.model)
