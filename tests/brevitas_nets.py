@@ -1,0 +1,78 @@
+"""Tiny seeded Brevitas networks exported to QONNX, for the analysis tests.
+
+Integer weights and input ranges are taken from Brevitas itself (``quant_weight().int()``,
+the activation quantizer's bit width and signedness), independently of the code under test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import brevitas.nn as qnn
+import numpy as np
+import torch
+from brevitas.export import export_qonnx
+from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Int8WeightPerTensorFloat,
+                            Uint8ActPerTensorFloat)
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.util.cleanup import cleanup_model
+
+
+@dataclass
+class ExportedNet:
+    module: torch.nn.Module
+    model: ModelWrapper
+    path: Path
+    input_shape: tuple[int, ...]
+    # per MAC module in graph order: (integer weights as (channels, K), input lo, input hi)
+    expected: list[tuple[np.ndarray, int, int]]
+
+
+def _act_range(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, kind: str, wbits: int, abits: int, signed_act: bool, per_channel: bool):
+        super().__init__()
+        wq = Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat
+        aq = Int8ActPerTensorFloat if signed_act else Uint8ActPerTensorFloat
+        self.kind = kind
+        self.inp = qnn.QuantIdentity(act_quant=aq, bit_width=abits, return_quant_tensor=True)
+        if kind == "conv":
+            self.mac1 = qnn.QuantConv2d(2, 6, 3, weight_quant=wq, weight_bit_width=wbits, bias=True)
+            self.mac2 = qnn.QuantConv2d(6, 6, 3, groups=3, weight_quant=wq, weight_bit_width=wbits, bias=False)
+        else:
+            self.mac1 = qnn.QuantLinear(20, 12, weight_quant=wq, weight_bit_width=wbits, bias=True)
+            self.mac2 = qnn.QuantLinear(12, 5, weight_quant=wq, weight_bit_width=wbits, bias=False)
+        # signed activations between layers: an identity quantizer, unsigned ones: QuantReLU
+        self.act = (qnn.QuantIdentity(act_quant=aq, bit_width=abits, return_quant_tensor=True) if signed_act
+                    else qnn.QuantReLU(bit_width=abits, return_quant_tensor=True))
+
+    def forward(self, x):
+        return self.mac2(self.act(self.mac1(self.inp(x))))
+
+    def macs(self):
+        return [self.mac1, self.mac2]
+
+
+def build_net(tmp_path: Path, kind: str = "conv", wbits: int = 4, abits: int = 4, signed_act: bool = False,
+              per_channel: bool = True, seed: int = 0) -> ExportedNet:
+    torch.manual_seed(seed)
+    net = _Net(kind, wbits, abits, signed_act, per_channel)
+    shape = (1, 2, 6, 6) if kind == "conv" else (1, 20)
+    with torch.no_grad():  # calibrate activation scales on some data
+        net.train()
+        for _ in range(3):
+            net(torch.randn(8, *shape[1:]) * 2)
+    net.eval()
+    path = tmp_path / f"{kind}_w{wbits}a{abits}{'s' if signed_act else 'u'}{'pc' if per_channel else 'pt'}.onnx"
+    export_qonnx(net, torch.randn(*shape), str(path))
+    model = cleanup_model(ModelWrapper(str(path)))
+    model.save(str(path))
+    expected = []
+    for mac, quant in zip(net.macs(), (net.inp, net.act)):
+        q = mac.quant_weight().int().detach().numpy().astype(np.int64)
+        expected.append((q.reshape(q.shape[0], -1), *_act_range(abits, signed_act)))
+    return ExportedNet(net, model, path, shape, expected)
