@@ -1,4 +1,8 @@
-"""The record a2q keeps in the model's ``metadata_props`` (never as attributes on standard ONNX nodes)."""
+"""The record a2q keeps in the model's ``metadata_props`` (never as attributes on standard ONNX nodes).
+
+It lives in ``ModelProto.metadata_props`` (the model-level metadata that ONNX tools and
+Netron show), so the graph itself, and therefore its execution, are untouched.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,23 @@ from qonnx.core.modelwrapper import ModelWrapper
 ACCUMULATORS_KEY = "a2q.accumulators"
 
 
+def _entry(model: ModelWrapper, key: str):
+    return next((p for p in model.model.metadata_props if p.key == key), None)
+
+
 def record_accumulators(model: ModelWrapper, layers: dict[str, dict], source: str) -> None:
     """Store per-layer accumulator facts (``acc_bits`` at least) under :data:`ACCUMULATORS_KEY`."""
-    payload = {"source": source, "layers": {name: layers[name] for name in sorted(layers)}}
-    model.set_metadata_prop(ACCUMULATORS_KEY, json.dumps(payload, sort_keys=True))
+    payload = json.dumps({"source": source, "layers": layers}, sort_keys=True)
+    entry = _entry(model, ACCUMULATORS_KEY)
+    if entry is None:
+        entry = model.model.metadata_props.add()
+        entry.key = ACCUMULATORS_KEY
+    entry.value = payload
 
 
 def recorded_accumulators(model: ModelWrapper) -> dict[str, dict]:
-    raw = model.get_metadata_prop(ACCUMULATORS_KEY)
-    return json.loads(raw)["layers"] if raw else {}
+    entry = _entry(model, ACCUMULATORS_KEY)
+    return json.loads(entry.value)["layers"] if entry is not None else {}
 
 
 def recorded_widths(model: ModelWrapper) -> dict[str, int]:

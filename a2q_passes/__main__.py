@@ -1,0 +1,3 @@
+from a2q_passes.cli import main
+
+main()

@@ -1,0 +1,238 @@
+"""Graph analysis on real exported models, checked against Brevitas's own integers and executed adversarial inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+
+from a2q_passes import bounds
+from a2q_passes.analysis import analyze_model
+from a2q_passes.metadata import recorded_accumulators
+from a2q_passes.transforms import AnalyzeAccumulators, AnnotateAccumulators
+from tests.brevitas_nets import build_net
+
+CONFIGS = [
+    ("conv", 4, 4, False, True),
+    ("conv", 2, 2, False, False),
+    ("conv", 8, 8, True, True),
+    ("linear", 4, 4, False, False),
+    ("linear", 8, 8, True, True),
+    ("linear", 3, 6, True, False),
+    ("conv", 6, 5, False, True),
+]
+
+
+def adversarial_value(mac: torch.nn.Module, q: np.ndarray, lo: int, hi: int, channel: int, maximise: bool) -> int:
+    """Run the layer's integer weights on the worst-case input for one channel (float64 holds these exactly)."""
+    w = torch.tensor(q, dtype=torch.float64)
+    if isinstance(mac, torch.nn.Conv2d):
+        groups, c_in = mac.groups, mac.in_channels
+        w = w.reshape(mac.out_channels, c_in // groups, *mac.kernel_size)
+        g = channel // (mac.out_channels // groups)
+        patch = torch.zeros(1, c_in, *mac.kernel_size, dtype=torch.float64)
+        sel = w[channel] > 0 if maximise else w[channel] <= 0
+        patch[0, g * (c_in // groups):(g + 1) * (c_in // groups)] = torch.where(sel, float(hi), float(lo))
+        out = torch.nn.functional.conv2d(patch, w, groups=groups)
+        return int(out[0, channel, 0, 0].item())
+    x = torch.where(w[channel] > 0 if maximise else w[channel] <= 0, float(hi), float(lo)).to(torch.float64)
+    return int((w @ x)[channel].item())
+
+
+@pytest.mark.parametrize("kind,wbits,abits,signed_act,per_channel", CONFIGS)
+def test_brevitas_export_matches_brevitas_integers(tmp_path, kind, wbits, abits, signed_act, per_channel):
+    net = build_net(tmp_path, kind, wbits, abits, signed_act, per_channel)
+    report = analyze_model(net.model, per_channel=True)
+    assert [r.op_type for r in report.layers] == (["Conv", "Conv"] if kind == "conv" else ["Gemm", "Gemm"])
+    for r, mac, (q, lo, hi) in zip(report.layers, net.module.macs(), net.expected):
+        assert r.status == "ok"
+        assert r.input_dtype == f"{'INT' if signed_act else 'UINT'}{abits}"
+        assert r.weight_dtype == f"INT{wbits}"
+        assert r.input_range == [lo, hi] and (r.channels, r.K) == q.shape
+        for c in range(q.shape[0]):
+            top = adversarial_value(mac, q, lo, hi, c, maximise=True)
+            bottom = adversarial_value(mac, q, lo, hi, c, maximise=False)
+            assert (r.per_channel["acc_min"][c], r.per_channel["acc_max"][c]) == (bottom, top)
+        # the layer width is safe for the executed extremes and one bit less is not
+        width = r.bounds["exact"]
+        assert r.acc_min == min(r.per_channel["acc_min"]) and r.acc_max == max(r.per_channel["acc_max"])
+        lo_lim, hi_lim = bounds.accumulator_limits(width, signed=r.acc_min < 0)
+        assert lo_lim <= r.acc_min and r.acc_max <= hi_lim
+        lo_lim, hi_lim = bounds.accumulator_limits(width - 1, signed=r.acc_min < 0)
+        assert r.acc_min < lo_lim or r.acc_max > hi_lim
+        assert r.bounds["exact"] <= r.bounds["l1"] <= r.bounds["datatype"]
+
+
+def test_annotate_keeps_execution_and_validity(tmp_path):
+    net = build_net(tmp_path, "conv", 4, 4)
+    x = np.random.default_rng(0).normal(size=net.input_shape).astype(np.float32)
+    name = net.model.graph.input[0].name
+    before = execute_onnx(net.model, {name: x})[net.model.graph.output[0].name]
+    annotated = net.model.transform(AnnotateAccumulators())
+    onnx.checker.check_model(annotated.model)
+    after = execute_onnx(annotated, {name: x})[annotated.graph.output[0].name]
+    assert np.array_equal(before, after)
+    record = recorded_accumulators(annotated)
+    report = analyze_model(net.model)
+    assert {k: v["acc_bits"] for k, v in record.items()} == {r.node: r.bounds["exact"] for r in report.layers}
+    # no attributes were added to standard nodes, only metadata
+    assert [n.SerializeToString() for n in annotated.graph.node] == [n.SerializeToString() for n in net.model.graph.node]
+    again = annotated.transform(AnnotateAccumulators())
+    assert again.model.SerializeToString(deterministic=True) == annotated.model.SerializeToString(deterministic=True)
+
+
+def test_float_input_needs_an_input_dtype(tmp_path):
+    net = build_net(tmp_path, "linear", 4, 4)
+    model = net.model
+    first_quant = model.graph.node[[n.op_type for n in model.graph.node].index("Quant")]
+    # drop the input quantizer: the first layer now reads the float graph input
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == first_quant.output[0]:
+                node.input[i] = first_quant.input[0]
+    model.graph.node.remove(first_quant)
+    report = analyze_model(model)
+    assert report.layers[0].status.startswith("input not quantized")
+    assert report.layers[1].status == "ok"
+    report = analyze_model(model, input_dtypes={"*": "UINT8"}, per_channel=True)
+    q = net.expected[0][0]
+    assert report.layers[0].status == "ok" and report.layers[0].input_range == [0, 255]
+    assert report.layers[0].per_channel["acc_max"] == [int(v) for v in 255 * np.where(q > 0, q, 0).sum(axis=1)]
+
+
+def _mvau_model(weights: np.ndarray, idt: str, wdt: str, xnor: int) -> ModelWrapper:
+    mw, mh = weights.shape
+    node = helper.make_node(
+        "MVAU", ["x", "w"], ["y"], domain="finn.custom_op.fpgadataflow", name="mvau0", backend="fpgadataflow",
+        MW=mw, MH=mh, SIMD=1, PE=1, inputDataType=idt, weightDataType=wdt, outputDataType="INT32",
+        binaryXnorMode=xnor, noActivation=1, accDataType="INT32")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, mw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, mh])])
+    model = ModelWrapper(helper.make_model(graph))
+    model.set_initializer("w", weights.astype(np.float32))
+    return model
+
+
+def test_mvau_exact_range_reached_by_execution():
+    rng = np.random.default_rng(1)
+    w = rng.integers(-8, 8, size=(24, 5))
+    model = _mvau_model(w, "UINT4", "INT4", 0)
+    (r,) = analyze_model(model, per_channel=True).layers
+    assert (r.K, r.channels, r.status) == (24, 5, "ok")
+    for c in range(5):
+        x = np.where(w[:, c] > 0, 15, 0).astype(np.float32)[None]
+        y = execute_onnx(model, {"x": x})["y"]
+        assert int(y[0, c]) == r.per_channel["acc_max"][c]
+        x = np.where(w[:, c] > 0, 0, 15).astype(np.float32)[None]
+        assert int(execute_onnx(model, {"x": x})["y"][0, c]) == r.per_channel["acc_min"][c]
+
+
+def test_mvau_binary_xnor_is_a_popcount():
+    rng = np.random.default_rng(2)
+    w = rng.integers(0, 2, size=(40, 3))
+    model = _mvau_model(w, "BINARY", "BINARY", 1)
+    (r,) = analyze_model(model, per_channel=True).layers
+    assert (r.acc_min, r.acc_max) == (0, 40) and r.bounds["exact"] == 6 and r.acc_dtype == "UINT6"
+    for c in range(3):
+        match = w[:, c].astype(np.float32)[None]  # every xnor term is 1
+        assert int(execute_onnx(model, {"x": match})["y"][0, c]) == 40
+        assert int(execute_onnx(model, {"x": 1 - match})["y"][0, c]) == 0
+
+
+@pytest.mark.parametrize("stride,group", [(1, 1), (2, 1), (2, 2), (3, 1)])
+def test_conv_transpose_range_by_execution(stride, group):
+    """Random and constructed vertex inputs executed in onnxruntime stay inside, and reach, the exact range."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(stride * 10 + group)
+    c_in, c_out, k = 4, 4, 3
+    w = rng.integers(-7, 8, size=(c_in, c_out // group, k, k)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", strides=[stride, stride], group=group)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[onnx.numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    model = ModelWrapper(proto)
+    model.set_tensor_datatype("w", DataType["INT4"])  # FINN-ONNX style integer initializer
+    (r,) = analyze_model(model, input_dtypes={"*": "UINT3"}, per_channel=True).layers
+    assert r.status == "ok" and r.channels == c_out
+    sess = ort.InferenceSession(proto.SerializeToString())
+    xs = rng.choice([0.0, 7.0], size=(300, 1, c_in, 5, 5)).astype(np.float32)
+    ys = np.stack([sess.run(None, {"x": x})[0][0] for x in xs])  # (300, c_out, H, W)
+    per_c_min = ys.min(axis=(0, 2, 3))
+    per_c_max = ys.max(axis=(0, 2, 3))
+    assert np.all(per_c_min >= np.array(r.per_channel["acc_min"]))
+    assert np.all(per_c_max <= np.array(r.per_channel["acc_max"]))
+    # construct the maximising input for the interior output pixel (oh, ow) of each channel
+    oh = ow = 2 * stride + 1
+    for co in range(c_out):
+        g, local = divmod(co, c_out // group)
+        best = None
+        for ph in range(stride):
+            for pw in range(stride):
+                x = np.zeros((1, c_in, 5, 5), dtype=np.float32)
+                for ci in range(g * (c_in // group), (g + 1) * (c_in // group)):
+                    for kh in range(k):
+                        for kw in range(k):
+                            ih, iw = (oh + ph - kh), (ow + pw - kw)
+                            if ih % stride or iw % stride:
+                                continue
+                            ih, iw = ih // stride, iw // stride
+                            if 0 <= ih < 5 and 0 <= iw < 5:
+                                x[0, ci, ih, iw] = 7.0 if w[ci, local, kh, kw] > 0 else 0.0
+                val = sess.run(None, {"x": x})[0][0, co, oh + ph, ow + pw]
+                best = val if best is None else max(best, val)
+        assert int(best) == r.per_channel["acc_max"][co]
+
+
+def _qdq_model(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    float_path, qdq_path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    torch.onnx.export(net, torch.randn(1, 1, 8, 8), str(float_path), input_names=["x"], dynamo=False, opset_version=13)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{"x": np.random.default_rng(i).random((1, 1, 8, 8), dtype=np.float32)} for i in range(8)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return ModelWrapper(str(qdq_path))
+
+
+def test_qdq_model_from_onnxruntime_quantizer(tmp_path):
+    model = _qdq_model(tmp_path)
+    report = analyze_model(model, per_channel=True)
+    assert [r.op_type for r in report.layers] == ["Conv", "Gemm"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for r, node in zip(report.layers, [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]):
+        assert r.status == "ok" and r.input_dtype == "UINT8" and r.weight_dtype == "INT8"
+        dq = model.find_producer(node.input[1])
+        q = inits[dq.input[0]].astype(np.int64)
+        q = q.reshape(q.shape[0], -1) if node.op_type == "Conv" else (q if any(a.name == "transB" and a.i for a in node.attribute) else q.T)
+        assert r.per_channel["acc_max"] == [int(v) for v in 255 * np.where(q > 0, q, 0).sum(axis=1)]
+    # the integer-kernel convention subtracts the activation zero point
+    sub = analyze_model(model, zero_point="subtract")
+    act_dq = model.find_producer([n for n in model.graph.node if n.op_type == "Conv"][0].input[0])
+    z = int(inits[act_dq.input[2]])
+    assert sub.layers[0].input_range == [-z, 255 - z]
+
+
+def test_analyze_pass_leaves_model_untouched(tmp_path):
+    net = build_net(tmp_path, "linear", 4, 4)
+    before = net.model.model.SerializeToString(deterministic=True)
+    analysis = AnalyzeAccumulators()
+    out = net.model.transform(analysis)
+    assert out.model.SerializeToString(deterministic=True) == before
+    assert [r.status for r in analysis.report.layers] == ["ok", "ok"]
