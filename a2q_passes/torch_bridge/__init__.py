@@ -1,0 +1,16 @@
+"""ONNX -> torch bridge for QONNX / FINN-ONNX graphs (used for accumulator-aware fine-tuning).
+
+``QonnxModule(model)`` runs a qonnx ``ModelWrapper``'s graph as a differentiable torch module:
+a small table of per-op converters (``ops.py``) executed in topological order. Quantizers use
+straight-through estimators; float weights (and optionally biases and Quant scales) are
+``nn.Parameter``s. ``write_back(module, model)`` puts trained values into a copy of the graph.
+
+Why not onnx2torch: it imports torchvision, and installing it replaces the project's CPU torch
+2.13 with a ~5.5 GB CUDA torch 2.14 build; it would still need custom converters for every
+QONNX op, and the standard op set a quantized model uses is small.
+"""
+
+from a2q_passes.torch_bridge.module import QonnxModule, WeightQuant, write_back
+from a2q_passes.torch_bridge.ops import int_quant, quant_codes, round_ste, supported_ops
+
+__all__ = ["QonnxModule", "WeightQuant", "write_back", "int_quant", "quant_codes", "round_ste", "supported_ops"]
