@@ -511,7 +511,10 @@ def test_constant_node_and_optional_inputs() -> None:
     )
     model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).transform(InferShapes())
     inputs = {"x": _f32(1, 3, 4, 4)}
-    np.testing.assert_allclose(_bridge(QonnxModule(model), inputs), _reference(model, inputs), atol=1e-6)
+    module = QonnxModule(model)
+    np.testing.assert_allclose(_bridge(module, inputs), _reference(model, inputs), atol=1e-6)
+    as_float64 = module(inputs["x"].astype(np.float64))  # cast to the graph input's declared float32
+    assert as_float64.dtype == torch.float32
 
 
 def test_unsupported_op_error_names_the_node() -> None:

@@ -20,6 +20,7 @@ from a2q_passes.torch_bridge.ops import (
     converter_for,
     quant_attributes,
     quant_codes,
+    torch_dtype,
 )
 
 TrainableScales = Literal["none", "weights", "all"]
@@ -117,11 +118,13 @@ class QonnxModule(nn.Module):
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 initializers[node.outputs[0]] = converter_for(node)(node, []).numpy()
         compute = [n for n in parsed if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx"))]
-        for node in compute:
-            converter_for(node)  # fail early, naming the first unsupported node
-        self._input_names = [i.name for i in graph.input if i.name not in initializers]
+        graph_inputs = [i for i in graph.input if i.name not in initializers]
+        self._input_names = [i.name for i in graph_inputs]
+        self._input_dtypes = [torch_dtype(i.type.tensor_type.elem_type or onnx.TensorProto.FLOAT) for i in graph_inputs]
         self._output_names = [o.name for o in graph.output]
-        self._nodes = _topological_order(compute, set(initializers) | set(self._input_names))
+        # Converters are looked up here, so an unsupported op fails at construction, naming the node.
+        ordered = _topological_order(compute, set(initializers) | set(self._input_names))
+        self._steps = [(node, converter_for(node)) for node in ordered]
         self._signature = _graph_signature(model)
 
         self._weight_quants = self._find_weight_quants(model, compute, initializers)
@@ -291,14 +294,14 @@ class QonnxModule(nn.Module):
         if len(inputs) != len(self._input_names):
             raise ValueError(f"graph takes {len(self._input_names)} inputs {self._input_names}, got {len(inputs)}")
         values: dict[str, Tensor] = {name: self.tensor(name) for name in self._sources}
-        for name, value in zip(self._input_names, inputs):
-            values[name] = torch.as_tensor(value)
-        for node in self._nodes:
+        for name, dtype, value in zip(self._input_names, self._input_dtypes, inputs):
+            values[name] = torch.as_tensor(value).to(dtype)  # e.g. float64 numpy data for a float32 graph
+        for node, convert in self._steps:
             args = [values[name] if name else None for name in node.inputs]
             if node.key in self._weight_transforms:
                 args[0] = self._weight_transforms[node.key](args[0], args[1])
             try:
-                result = converter_for(node)(node, args)
+                result = convert(node, args)
             except Exception as error:
                 raise RuntimeError(f"{node.label} failed in the torch bridge: {error}") from error
             results = result if isinstance(result, tuple) else (result,)

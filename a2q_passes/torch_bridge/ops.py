@@ -116,6 +116,11 @@ def qonnx_op(*op_types: str) -> Callable[[Converter], Converter]:
     return _register(_QONNX_CONVERTERS, *op_types)
 
 
+def torch_dtype(onnx_elem_type: int) -> torch.dtype:
+    """The torch dtype of an ONNX ``TensorProto`` element type."""
+    return torch.from_numpy(np.zeros(0, dtype=onnx.helper.tensor_dtype_to_np_dtype(onnx_elem_type))).dtype
+
+
 def _ints(t: Tensor) -> list[int]:
     return [int(v) for v in t.reshape(-1).tolist()]
 
@@ -422,8 +427,7 @@ def _identity(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("Cast")
 def _cast(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(int(node.attr("to")))
-    return inputs[0].to(torch.from_numpy(np.zeros(0, dtype=np_dtype)).dtype)
+    return inputs[0].to(torch_dtype(int(node.attr("to"))))
 
 
 @onnx_op("Constant")
