@@ -591,9 +591,16 @@ def find_mac_layers(
     layers = []
     for node in model.graph.node:
         if node.op_type in MAC_OP_TYPES:
-            layers.append(_standard_layer(model, node, resolver))
+            read = _standard_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
-            layers.append(_finn_layer(model, node))
+            read = _finn_layer
+        else:
+            continue
+        try:
+            layers.append(read(model, node, resolver))
+        except Exception as err:  # a malformed layer is reported, it never stops the analysis of the others
+            layers.append(MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,
+                                   f"unsupported: could not read this layer ({type(err).__name__}: {err})"))
     return layers
 
 
@@ -621,7 +628,7 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     return layer
 
 
-def _finn_layer(model: ModelWrapper, node: NodeProto) -> MacLayer:
+def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
     name = node.name or node.output[0]
     weights = model.get_initializer(node.input[1])
     idt, wdt = _str_attr(node, "inputDataType", ""), _str_attr(node, "weightDataType", "")
