@@ -335,6 +335,7 @@ def _single_op_model(
     domain: str = "",
     opset: int = 19,
     input_order: list[str] | None = None,
+    qonnx_opset: int = 2,
     **attrs: object,
 ) -> tuple[ModelWrapper, dict[str, np.ndarray]]:
     initializers = initializers or {}
@@ -350,7 +351,7 @@ def _single_op_model(
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(v, n) for n, v in initializers.items()],
     )
-    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("qonnx.custom_op.general", 2)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("qonnx.custom_op.general", qonnx_opset)]
     model = ModelWrapper(qonnx_make_model(graph, opset_imports=opsets)).transform(InferShapes())
     return model, inputs
 
@@ -392,6 +393,11 @@ SINGLE_OP_CASES = {
         "Trunc", {"x": np.round(_f32(2, 9, scale=40.0)) * np.float32(0.125)},
         {"s": np.float32(0.125), "z": np.float32(0), "ib": np.float32(10), "os": np.float32(1.0), "ob": np.float32(6)},
         dict(domain=Q, rounding_mode="FLOOR", signed=1, narrow=0),
+    ),
+    "trunc_v1": (
+        "Trunc", {"x": np.round(_f32(2, 9, scale=40.0)) * np.float32(0.125)},
+        {"s": np.float32(0.125), "z": np.float32(0), "ib": np.float32(8), "ob": np.float32(5)},
+        dict(domain=Q, rounding_mode="FLOOR", qonnx_opset=1),
     ),
     "multithreshold_nchw": (
         "MultiThreshold", X4, {"t": np.sort(_f32(4, 7, seed=1), axis=1)},
@@ -487,8 +493,8 @@ SINGLE_OP_CASES = {
 def test_single_op_matches_qonnx_execution(case: str) -> None:
     op_type, inputs, initializers, attrs = SINGLE_OP_CASES[case]
     attrs = dict(attrs)
-    domain, input_order = attrs.pop("domain", ""), attrs.pop("input_order", None)
-    model, inputs = _single_op_model(op_type, inputs, initializers, domain=domain, input_order=input_order, **attrs)
+    options = {key: attrs.pop(key) for key in ("domain", "input_order", "qonnx_opset") if key in attrs}
+    model, inputs = _single_op_model(op_type, inputs, initializers, **options, **attrs)
     expected = _reference(model, inputs)
     got = _bridge(QonnxModule(model), inputs)
     assert got.shape == expected.shape
