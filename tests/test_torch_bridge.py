@@ -474,6 +474,9 @@ SINGLE_OP_CASES = {
         "Resize", X4, {"roi": np.zeros(0, np.float32), "sc": np.array([1, 1, 0.5, 0.5], np.float32)},
         dict(coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
     ),
+    "upsample_opset9": (
+        "Upsample", X4, {"sc": np.array([1, 1, 2, 3], np.float32)}, dict(mode="nearest", opset=9)
+    ),
     # elementwise
     "add_broadcast": ("Add", X4, {"c": _f32(4, 1, 1, seed=1)}, {}),
     "sub": ("Sub", X4, {"c": _f32(6, seed=1)}, {}),
@@ -493,7 +496,7 @@ SINGLE_OP_CASES = {
 def test_single_op_matches_qonnx_execution(case: str) -> None:
     op_type, inputs, initializers, attrs = SINGLE_OP_CASES[case]
     attrs = dict(attrs)
-    options = {key: attrs.pop(key) for key in ("domain", "input_order", "qonnx_opset") if key in attrs}
+    options = {key: attrs.pop(key) for key in ("domain", "input_order", "qonnx_opset", "opset") if key in attrs}
     model, inputs = _single_op_model(op_type, inputs, initializers, **options, **attrs)
     expected = _reference(model, inputs)
     got = _bridge(QonnxModule(model), inputs)
