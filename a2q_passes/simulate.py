@@ -18,8 +18,8 @@ intermediate wrap-around cancels). That is what a static proof over the same reg
 
 The accumulator is unsigned (``[0, 2^P - 1]``) when ``signed=False``; callers choose it from the
 layer's static range (unsigned when ``acc_min >= 0``, the FINN convention in :mod:`bounds`).
-Exact sums are computed in int64 (in float64 BLAS while every partial sum stays below 2^53,
-where float64 holds integers exactly), after checking nothing can exceed 2^62.
+Exact sums are int64; they are computed in float32 / float64 BLAS while every partial sum stays
+below 2^24 / 2^53, where those types hold integers exactly, and nothing may exceed 2^62.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from a2q_passes.bounds import accumulator_limits
 
 MODES = ("wrap", "saturate")
 MAX_SIMULATED_BITS = 62  # keeps every register sum (P-bit value + one term) inside int64
+_FLOAT32_EXACT = 1 << 24
 _FLOAT64_EXACT = 1 << 53
 _INT64_SAFE = 1 << 62
 
@@ -52,7 +53,7 @@ class Accumulation:
 
     @property
     def overflow_count(self) -> int:
-        return int(np.count_nonzero(self.overflowed))
+        return 0 if self.values is self.exact else int(np.count_nonzero(self.overflowed))
 
     @property
     def register_overflow_count(self) -> int:
@@ -107,11 +108,25 @@ def exact_dot(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Exact ``x @ q.T`` for integer ``x`` ``(..., K)`` and ``q`` ``(C, K)``, as int64 ``(..., C)``."""
     x, q = _integer_array(x, "inputs"), _integer_array(q, "weights")
     bound = _max_abs(x) * int(np.abs(q).sum(axis=1).max(initial=0))  # bounds every partial sum
+    dtype = exact_float_dtype(bound)
+    if dtype is not None:
+        return (x.astype(dtype) @ q.T.astype(dtype)).astype(np.int64)
     if bound >= _INT64_SAFE:
         raise ValueError(f"dot products may reach {bound} >= 2^62; too wide to simulate in int64")
-    if bound < _FLOAT64_EXACT:  # BLAS in float64: every partial sum is an exactly representable integer
-        return (x.astype(np.float64) @ q.T.astype(np.float64)).astype(np.int64)
     return x @ q.T
+
+
+def exact_float_dtype(bound: int) -> type | None:
+    """A float type in which integer sums whose partial sums stay within ``bound`` are exact, if any.
+
+    Every partial sum of a direct (GEMM-style) dot product is then an exactly representable
+    integer, so BLAS or a direct convolution gives the exact result in any summation order.
+    """
+    if bound < _FLOAT32_EXACT:
+        return np.float32
+    if bound < _FLOAT64_EXACT:
+        return np.float64
+    return None
 
 
 def accumulate_terms(terms: np.ndarray, bits: int, signed: bool, mode: str = "wrap",
@@ -120,7 +135,7 @@ def accumulate_terms(terms: np.ndarray, bits: int, signed: bool, mode: str = "wr
     terms = _integer_array(terms, "terms")
     if terms.size and float(np.abs(terms.astype(np.float64)).sum(axis=-1).max()) >= _INT64_SAFE:
         raise ValueError("partial sums may reach 2^62; too wide to simulate in int64")
-    return _accumulate(lambda k: terms[..., k], terms.shape[-1], terms.sum(axis=-1), bits, signed, mode, tile)
+    return accumulate(lambda k: terms[..., k], terms.shape[-1], bits, signed, mode, tile, exact=terms.sum(axis=-1))
 
 
 def accumulate_dot(x: np.ndarray, q: np.ndarray, bits: int, signed: bool, mode: str = "wrap",
@@ -136,20 +151,29 @@ def accumulate_dot(x: np.ndarray, q: np.ndarray, bits: int, signed: bool, mode: 
     x = _integer_array(x, "inputs")
     if x.shape[-1] != q2.shape[1]:
         raise ValueError(f"inputs have K={x.shape[-1]} terms but weights have K={q2.shape[1]}")
-    exact = exact_dot(x, q2)
-    result = _accumulate(lambda k: x[..., k, None] * q2[:, k], q2.shape[1], exact, bits, signed, mode, tile)
+    result = accumulate(lambda k: x[..., k, None] * q2[:, k], q2.shape[1], bits, signed, mode, tile,
+                        exact=exact_dot(x, q2))
     if vector:
         return Accumulation(result.values[..., 0], result.exact[..., 0], result.register_overflow[..., 0])
     return result
 
 
-def _accumulate(term_at: Callable[[int], np.ndarray], K: int, exact: np.ndarray, bits: int, signed: bool,
-                mode: str, tile: int | None) -> Accumulation:
+def accumulate(term_at: Callable[[int], np.ndarray], K: int, bits: int, signed: bool, mode: str = "wrap",
+               tile: int | None = None, exact: np.ndarray | None = None) -> Accumulation:
+    """The general form: ``term_at(k)`` gives the k-th int64 term of every output (broadcastable to the outputs).
+
+    ``exact`` (the exact sums, which fix the output shape) saves summing the terms here. The
+    caller guarantees every partial sum stays below 2^62 in magnitude.
+    """
     _check_bits(bits)
     _check_mode(mode, tile)
     lo, hi = accumulator_limits(bits, signed)
+    if exact is None:
+        exact = sum((term_at(k) for k in range(1, K)), start=np.asarray(term_at(0), dtype=np.int64))
     exact = np.asarray(exact, dtype=np.int64)
     if mode == "wrap" and tile is None:
+        if exact.size == 0 or (exact.min() >= lo and exact.max() <= hi):
+            return Accumulation(exact, exact, np.zeros(exact.shape, dtype=bool))
         return Accumulation(wrap(exact, bits, signed), exact, (exact < lo) | (exact > hi))
     reduce = (lambda s: wrap(s, bits, signed)) if mode == "wrap" else (lambda s: np.clip(s, lo, hi))
     overflow = np.zeros(exact.shape, dtype=bool)

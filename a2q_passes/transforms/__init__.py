@@ -2,5 +2,6 @@
 
 from a2q_passes.transforms.analyze import AnalyzeAccumulators
 from a2q_passes.transforms.annotate import AnnotateAccumulators
+from a2q_passes.transforms.verify import VerifyAccumulators  # noqa: F401
 
 __all__ = ["AnalyzeAccumulators", "AnnotateAccumulators"]
