@@ -269,7 +269,6 @@ def _ray_root(s: _SortedRows, du: float, dl: float, target: np.ndarray, active: 
 
     rows = s.rows
     a, b = np.zeros(rows), np.ones(rows)
-    g_a, kp_a, kn_a = evaluate(a)
     for _ in range(2100):  # doubling up to the float range
         g_b = evaluate(b)[0]
         grow = active & (g_b > target)
@@ -335,7 +334,6 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     c2_min, c1_max = _accumulator_extremes(v, x)
     viol1, viol2 = c1_max > A + tol, c2_min < B - tol
     need = viol1 | viol2
-    U, L = np.zeros(rows), np.zeros(rows)
     if not need.any():
         return v.copy()
     s = _SortedRows(v[need])
@@ -363,6 +361,7 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
         Ub, Lb = s.upper_threshold(np.full(s.rows, pos_mass)), s.lower_threshold(np.full(s.rows, neg_mass))
     U_need = np.where(ok1, U1, np.where(ok2, U2, Ub))
     L_need = np.where(ok1, L1, np.where(ok2, L2, Lb))
+    U, L = np.zeros(rows), np.zeros(rows)
     U[need], L[need] = U_need, L_need
     w = v - np.clip(v, L[:, None], np.maximum(L, U)[:, None])
     # Float rounding can leave w a hair outside; C is convex and contains 0, so scaling fixes it.
