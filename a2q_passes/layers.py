@@ -143,6 +143,14 @@ class MacLayer:
         """The integer weights as ``(rows, K)`` int64 accumulator rows."""
         return self.layout.to_rows(read_mac_weights(model, self.source)).astype(np.int64)
 
+    def unrounded_rows(self, model: ModelWrapper) -> np.ndarray:
+        """The weights in integer units before rounding, as ``(rows, K)`` float64 rows."""
+        return self.layout.to_rows(unrounded_mac_weights(model, self.source))
+
+    def write_rows(self, model: ModelWrapper, rows: np.ndarray) -> None:
+        """Store new integer rows so the graph's own quantizer reproduces them exactly."""
+        write_mac_weights(model, self.source, self.layout.from_rows(np.asarray(rows, dtype=np.int64)))
+
 
 # --------------------------------------------------------------------------- constants
 
@@ -311,6 +319,17 @@ def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarra
     y = stored.astype(np.float32) / source.scale.astype(np.float32)
     y = np.clip(y, source.weight_range.lo, source.weight_range.hi)
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
+
+
+def unrounded_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarray:
+    """The weights in integer units before rounding (float weight / scale), in the MAC node's layout.
+
+    Sources that store integers (FINN initializers, ``DequantizeLinear``) return those integers.
+    """
+    if source.kind in ("quant", "quantize_dequantize"):
+        stored = model.get_initializer(source.tensor).astype(np.float64)
+        return _apply_perms(stored / source.scale.astype(np.float64), source.perms)
+    return read_mac_weights(model, source).astype(np.float64)
 
 
 def read_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarray:

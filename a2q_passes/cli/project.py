@@ -1,0 +1,84 @@
+"""``a2q project``: make every layer fit a chosen accumulator width (A2Q-constrained projection)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from a2q_passes.cli import app
+from a2q_passes.cli.common import parse_input_dtypes, parse_layer_widths
+from a2q_passes.errors import A2QError
+from a2q_passes.methods import DEFAULT_METHOD, available_methods, get_method
+from a2q_passes.model_io import load_model, save_model
+from a2q_passes.report import grouped_bar_plot
+from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator, projection_summary
+
+
+def projection_table(projections: list[LayerProjection], method: str) -> Table:
+    table = Table(title=f"Projection ({method}): accumulator bits per layer")
+    for col in ("layer", "op", "target", "before", "after", "acc type", "rel. L2 change", "sparsity before",
+                "sparsity after", "channels touched", "status"):
+        table.add_column(col)
+    for p in projections:
+        table.add_row(p.node, p.op_type, str(p.target_bits), str(p.width_before), str(p.width_after),
+                      p.acc_dtype_after or "-", f"{p.rel_l2_change:.4f}",
+                      "-" if p.sparsity_before is None else f"{p.sparsity_before:.3f}",
+                      "-" if p.sparsity_after is None else f"{p.sparsity_after:.3f}",
+                      f"{p.channels_touched}/{p.channels}", p.status)
+    return table
+
+
+def _list_methods() -> None:
+    for name in available_methods():
+        marker = " (default)" if name == DEFAULT_METHOD else ""
+        typer.echo(f"{name}{marker}: {get_method(name).description}")
+
+
+@app.command()
+def project(
+    input_path: Annotated[Optional[Path], typer.Argument(metavar="IN.onnx")] = None,
+    output_path: Annotated[Optional[Path], typer.Argument(metavar="OUT.onnx")] = None,
+    acc_bits: Annotated[Optional[int], typer.Option("--acc-bits", help="target accumulator width P for every layer")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer width NAME=P (node name); repeatable")] = None,
+    widths_json: Annotated[Optional[Path], typer.Option("--widths-json", help="JSON map {layer: P}")] = None,
+    method: Annotated[str, typer.Option("--method", help="projection method (see --list-methods)")] = DEFAULT_METHOD,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="list projection methods and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-layer report as JSON")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of widths before/after per layer")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
+    input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
+    zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' or 'subtract'")] = "fold",
+) -> None:
+    """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit."""
+    if list_methods:
+        _list_methods()
+        return
+    if input_path is None or output_path is None:
+        raise A2QError("usage: a2q project IN.onnx OUT.onnx --acc-bits P (or --list-methods)")
+    if output_path.resolve() == input_path.resolve() and not in_place:
+        raise A2QError(f"{output_path}: output path equals the input path; pass --in-place to overwrite the input")
+    model = load_model(input_path)
+    global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
+    projection = ProjectToAccumulator(global_bits, overrides, method, parse_input_dtypes(input_dtype), zero_point)
+    projected = model.transform(projection)
+    save_model(projected, output_path)
+    projections = projection.projections
+    if as_json:
+        payload = {"method": projection.method.name, "output": str(output_path),
+                   "summary": projection_summary(projections), "layers": [asdict(p) for p in projections]}
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        Console(width=200).print(projection_table(projections, projection.method.name))
+        typer.echo(f"wrote {output_path}")
+    if plot is not None:
+        grouped_bar_plot(plot, [p.node for p in projections],
+                         {"exact width before": [p.width_before for p in projections],
+                          "exact width after": [p.width_after for p in projections]},
+                         f"Accumulator width before/after projection ({projection.method.name})", "bits",
+                         hline=global_bits)

@@ -1,0 +1,155 @@
+"""``ProjectToAccumulator``: rewrite weights so every constrained layer fits its target accumulator width.
+
+Only weight initializers change: scales, bit widths, rounding modes and the graph stay as
+they are, and each layer's own quantizer reproduces the new integers exactly. The pass
+proves its promise on its own output (``ensures``): it re-analyses the written model and
+fails if any constrained layer's exact range does not fit its width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes import bounds
+from a2q_passes.analysis import analyze_layer, analyze_model
+from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
+from a2q_passes.layers import MacLayer, find_mac_layers
+from a2q_passes.metadata import record_accumulators, recorded_accumulators
+from a2q_passes.methods import get_method, project_weights
+from a2q_passes.passes import A2QPass, PassResult
+from a2q_passes.projection import InfeasibleTarget, projection_stats
+
+
+@dataclass
+class LayerProjection:
+    """What the projection did to one layer (JSON-ready via ``asdict``)."""
+
+    node: str
+    op_type: str
+    status: str  # "projected", "unchanged" (already fits) or "skipped: <reason>"
+    target_bits: int | None = None
+    width_before: int | None = None
+    width_after: int | None = None
+    acc_dtype_after: str | None = None
+    rel_l2_change: float = 0.0
+    sparsity_before: float | None = None
+    sparsity_after: float | None = None
+    channels: int = 0
+    channels_touched: int = 0
+    rows_by_method: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dict[str, int]) -> dict[str, int]:
+    """Target width per layer name: the overrides, else the global width for every analysable layer.
+
+    Raises :class:`A2QError` for an override naming a layer that does not exist or cannot be
+    constrained, and for widths outside 2..64 bits.
+    """
+    by_name = {layer.node: layer for layer in layers}
+    for name, bits in overrides.items():
+        if name not in by_name:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise A2QError(f"--layer {name}={bits}: no MAC layer named '{name}' (layers: {known})")
+        if not by_name[name].ok:
+            raise A2QError(f"--layer {name}={bits}: layer '{name}' cannot be constrained ({by_name[name].status})")
+    targets = {layer.node: acc_bits for layer in layers if layer.ok and acc_bits is not None}
+    targets.update(overrides)
+    for name, bits in targets.items():
+        if not isinstance(bits, int) or not 2 <= bits <= 64:
+            raise A2QError(f"layer '{name}': accumulator width {bits} is out of range; use 2 to 64 bits")
+    return targets
+
+
+class ProjectToAccumulator(A2QPass):
+    """Project every targeted layer's weights onto its accumulator constraint with a registered method."""
+
+    def __init__(self, acc_bits: int | None = None, layer_bits: dict[str, int] | None = None,
+                 method: str = "exact", input_dtypes: dict[str, str] | None = None, zero_point: str = "fold") -> None:
+        super().__init__()
+        self.acc_bits = acc_bits
+        self.layer_bits = dict(layer_bits or {})
+        try:
+            self.method = get_method(method)
+        except ValueError as err:
+            raise A2QError(str(err)) from err
+        self.input_dtypes = input_dtypes
+        self.zero_point = zero_point
+        self.projections: list[LayerProjection] = []
+
+    def requires(self, model: ModelWrapper) -> None:
+        if self.acc_bits is None and not self.layer_bits:
+            raise PreconditionError("no accumulator width given: use --acc-bits P and/or --layer NAME=P")
+        layers = find_mac_layers(model, self.input_dtypes, self.zero_point)
+        self._targets = resolve_targets(layers, self.acc_bits, self.layer_bits)
+        self._layers = [layer for layer in layers if layer.node in self._targets]
+        if not self._layers:
+            reasons = "; ".join(f"{layer.node}: {layer.status}" for layer in layers) or "the graph has no MAC layer"
+            raise PreconditionError(f"nothing to project: no layer has quantized weights and a quantized input ({reasons})")
+
+    def call(self, model: ModelWrapper) -> PassResult:
+        self.projections = [self._project(model, layer, self._targets[layer.node]) for layer in self._layers]
+        recorded = recorded_accumulators(model)
+        for p in self.projections:
+            if p.status in ("projected", "unchanged"):
+                recorded[p.node] = {"acc_bits": p.target_bits, "acc_dtype": p.acc_dtype_after, "method": self.method.name}
+        record_accumulators(model, recorded, source="project")
+        modified = any(p.status == "projected" for p in self.projections)
+        return PassResult(model, modified, {"layers": [asdict(p) for p in self.projections]})
+
+    def _project(self, model: ModelWrapper, layer: MacLayer, bits: int) -> LayerProjection:
+        report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
+        before = analyze_layer(model, layer)
+        report.width_before = before.bounds["exact"]
+        if layer.binary_xnor or layer.source.kind == "bipolar_quant":
+            report.status = "skipped: bipolar/xnor weights cannot be shrunk (no zero weight)"
+            if report.width_before > bits:
+                raise A2QError(f"layer '{layer.node}' has bipolar weights needing {report.width_before} bits; "
+                               f"they cannot be projected to {bits} bits")
+            report.width_after, report.acc_dtype_after = report.width_before, before.acc_dtype
+            return report
+        v = layer.unrounded_rows(model)
+        q_before = layer.integer_rows(model)
+        try:
+            result = project_weights(v, layer.grid.range, bits, layer.source.weight_range, self.method.name)
+        except InfeasibleTarget as err:
+            raise A2QError(f"layer '{layer.node}': {err}") from err
+        q_after = np.asarray(result.weights, dtype=np.int64)
+        if not np.array_equal(q_after, q_before):
+            layer.write_rows(model, q_after)
+            report.status = "projected"
+        after = analyze_layer(model, layer)
+        stats = projection_stats(q_before, q_after, v)
+        report.width_after, report.acc_dtype_after = after.bounds["exact"], after.acc_dtype
+        report.rel_l2_change = stats["rel_l2_change"]
+        report.sparsity_before, report.sparsity_after = stats["sparsity_before"], stats["sparsity_after"]
+        changed_rows = np.any(q_after != q_before, axis=1)
+        report.channels_touched = int(np.count_nonzero(layer.layout.rows_to_channels(changed_rows, np.any)))
+        methods, counts = np.unique(np.asarray(result.row_method, dtype=str), return_counts=True)
+        report.rows_by_method = {str(m): int(c) for m, c in zip(methods, counts)}
+        return report
+
+    def ensures(self, result: PassResult) -> None:
+        model = result.model
+        onnx.checker.check_model(model.model)
+        widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point).layers}
+        for p in self.projections:
+            r = widths.get(p.node)
+            if r is None or r.status != "ok" or not bounds.fits(r.acc_min, r.acc_max, p.target_bits):
+                raise PostconditionError(
+                    f"layer '{p.node}' does not fit {p.target_bits} bits after projection "
+                    f"(range {None if r is None else (r.acc_min, r.acc_max)}); nothing was written")
+
+
+def projection_summary(projections: list[LayerProjection]) -> dict[str, Any]:
+    """Whole-model figures for reports: layers projected, worst width before/after."""
+    done = [p for p in projections if p.width_after is not None]
+    return {
+        "layers_projected": sum(p.status == "projected" for p in projections),
+        "max_width_before": max((p.width_before for p in done), default=None),
+        "max_width_after": max((p.width_after for p in done), default=None),
+    }
