@@ -89,6 +89,15 @@ def ensure_finn_importable() -> None:
     _READY = True
 
 
+def _first_error(log_path: Path, exc: BaseException | None) -> str:
+    """FINN's own error line from the build log (FINN logs, then returns -1), else the exception."""
+    if log_path.is_file():
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "ERROR:" in line:
+                return line.split("ERROR:", 1)[1].strip()
+    return repr(exc) if exc is not None else "no error recorded"
+
+
 @dataclass
 class EstimateBuildResult:
     """Outcome of :func:`run_estimate_build`."""
@@ -168,8 +177,8 @@ def run_estimate_build(
     missing_steps = [name for name in step_names if name not in completed]
     if missing_steps:
         raise FinnBuildError(
-            f"FINN build of {model_path} stopped before step {missing_steps[0]!r} "
-            f"(completed: {completed or 'none'}); see {log_path}"
+            f"FINN build of {model_path} stopped in step {missing_steps[0]!r} "
+            f"(completed: {completed or 'none'}): {_first_error(log_path, build_exception)} (log: {log_path})"
         ) from build_exception
     reports: dict[str, Any] = {}
     if "step_generate_estimate_reports" in step_names:

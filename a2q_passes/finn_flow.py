@@ -1,0 +1,667 @@
+"""Lowering a QONNX model to FINN hardware layers (MVAU / VVAU / Thresholding ...) with FINN's own passes.
+
+The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dataflow_steps``):
+
+1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
+2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
+                             GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
+3. ``step_streamline``     - decomposed into its individual transformations so that each one can be
+                             checked on its own (see :data:`STREAMLINE_TRANSFORMATIONS`), with one
+                             addition for residual graphs (below)
+4. ``step_convert_to_hw``  - InferQuantizedMatrixVectorActivation, InferVectorVectorActivation,
+                             InferThresholdingLayer, InferPool, InferConvInpGen,
+                             InferElementwiseBinaryOperation, InferDuplicateStreamsLayer, ... (as is)
+5. optional ``SpecializeLayers(fpgapart)`` (``step_specialize_layers``, as is)
+
+Residual graphs: FINN's ``Streamline`` stops at a fork (its ``MoveScalarLinearPastInvariants``
+says "Mul is a fork-node, try MoveLinearPastFork first"), leaving a float scale in front of the
+branch and the layer behind it unlowered. FINN's ResNet-50 example (finn-examples) handles this by
+alternating ``MoveLinearPastEltwiseAdd`` / ``MoveLinearPastFork`` with streamlining; we do the same,
+only when the graph forks, until nothing changes (at most :data:`MAX_RESIDUAL_ROUNDS` rounds).
+
+Every transformation is a :class:`Stage`; an observer can look at the model after each stage that
+changed the graph, which is how :func:`compare_execution` attributes output differences to the
+transformation that introduced them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.errors import A2QError
+from a2q_passes.finn_runtime import ensure_finn_importable
+
+MAX_RESIDUAL_ROUNDS = 4
+HW_DOMAIN_PREFIX = "finn.custom_op.fpgadataflow"
+# Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
+# that InferShuffle skips on purpose); not a failure to lower a layer.
+_HOST_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+Observer = Callable[["StageRecord", ModelWrapper], None]
+
+
+class LoweringError(A2QError):
+    """FINN could not lower (part of) the model; the message names the node or the stage."""
+
+
+@dataclass
+class UnloweredNode:
+    """A node left as a standard ONNX / qonnx op after conversion to HW layers."""
+
+    name: str
+    op_type: str
+    reason: str
+    blocking: bool  # False for host-side data movement at the graph boundary
+
+
+@dataclass
+class StageRecord:
+    """One transformation of the flow and what it did to the graph."""
+
+    index: int
+    group: str  # FINN builder step the transformation belongs to
+    transformation: str
+    changed: bool
+    nodes_removed: list[str] = field(default_factory=list)
+    nodes_added: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.group}/{self.transformation}"
+
+
+@dataclass
+class LoweringReport:
+    """What :func:`lower_to_finn_hw` produced; JSON-ready through :meth:`to_dict`."""
+
+    hw_op_counts: dict[str, int]
+    mac_nodes: list[tuple[str, str]]  # (name, op_type) of every MVAU / VVAU
+    unlowered: list[UnloweredNode]
+    float_hw_nodes: list[str]
+    stages: list[StageRecord]
+    fpgapart: str | None = None
+
+    @property
+    def blocking(self) -> list[UnloweredNode]:
+        return [node for node in self.unlowered if node.blocking]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fpgapart": self.fpgapart,
+            "hw_op_counts": dict(self.hw_op_counts),
+            "mac_nodes": [{"name": name, "op_type": op} for name, op in self.mac_nodes],
+            "unlowered": [asdict(node) for node in self.unlowered],
+            "float_hw_nodes": list(self.float_hw_nodes),
+            "stages": [asdict(stage) for stage in self.stages if stage.changed],
+        }
+
+
+# finn.transformation.streamline.Streamline (finn-plus 1.6.1) applies exactly this list, each
+# followed by its cleanup (_streamline_cleanup). It is spelled out here only to observe each
+# transformation on its own; tests/test_finn_flow.py checks it still equals FINN's Streamline().
+STREAMLINE_TRANSFORMATIONS = (
+    "ConvertSubToAdd", "ConvertDivToMul", "BatchNormToAffine", "ConvertSignToThres",
+    "MoveMulPastMaxPool", "AbsorbScalarBiasIntoMultiThreshold", "MoveScalesPastIm2Col",
+    "MoveScalarLinearPastInvariants", "MoveAddPastMul", "MoveScalarAddPastMatMul", "MoveAddPastConv",
+    "MoveScalarMulPastMatMul", "MoveScalarMulPastConv", "MoveAddPastMul", "CollapseRepeatedAdd",
+    "CollapseRepeatedMul", "MoveMulPastMaxPool", "AbsorbAddIntoMultiThreshold",
+    "FactorOutMulSignMagnitude", "AbsorbMulIntoMultiThreshold", "Absorb1BitMulIntoMatMul",
+    "Absorb1BitMulIntoConv",
+)
+
+
+def _transformation(name: str):
+    """A fresh instance of the FINN / qonnx transformation called ``name``."""
+    import finn.transformation.streamline as streamline_pkg
+    import finn.transformation.streamline.absorb as absorb
+    import finn.transformation.streamline.reorder as reorder
+
+    for module in (streamline_pkg, absorb, reorder):
+        if hasattr(module, name):
+            return getattr(module, name)()
+    raise KeyError(name)
+
+
+def _streamline_cleanup(model: ModelWrapper) -> ModelWrapper:
+    """What FINN's Streamline runs after each of its transformations."""
+    from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.remove import RemoveIdentityOps
+
+    for cleanup in (RemoveIdentityOps(), GiveUniqueNodeNames(), GiveReadableTensorNames(),
+                    InferDataTypes(), InferDataLayouts()):
+        model = model.transform(cleanup)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph fingerprints: name-independent, so FINN's constant renaming does not count as a change.
+
+
+def _array_digest(model: ModelWrapper, tensor: str) -> str | None:
+    value = model.get_initializer(tensor)
+    if value is None:
+        return None
+    digest = hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()[:12]
+    return f"{value.shape}:{value.dtype}:{digest}:{model.get_tensor_datatype(tensor).name}"
+
+
+def _local_signatures(model: ModelWrapper) -> list[tuple[str, str]]:
+    """Per node ``(signature, "op_type name")``; the signature covers op, attributes, constants, types."""
+    out = []
+    for node in model.graph.node:
+        attrs = sorted((a.name, a.SerializeToString()) for a in node.attribute)
+        consts = tuple(_array_digest(model, t) for t in node.input)
+        dtypes = tuple(model.get_tensor_datatype(t).name for t in node.output)
+        sig = hashlib.sha1(repr((node.op_type, node.domain, attrs, consts, dtypes)).encode()).hexdigest()
+        out.append((sig, f"{node.op_type} {node.name or '-> ' + node.output[0]}"))
+    return out
+
+
+def _graph_fingerprint(model: ModelWrapper, local: list[tuple[str, str]]) -> Counter:
+    """Multiset of Merkle hashes (a node's hash covers everything upstream): equal iff same dataflow."""
+    producer_hash: dict[str, str] = {}
+    hashes: Counter = Counter()
+    for node, (sig, _) in zip(model.graph.node, local):
+        parts = [sig] + [producer_hash.get(t, "graph-input" if model.get_initializer(t) is None else "const")
+                         for t in node.input]
+        node_hash = hashlib.sha1("|".join(parts).encode()).hexdigest()
+        for index, tensor in enumerate(node.output):
+            producer_hash[tensor] = f"{node_hash}:{index}"
+        hashes[node_hash] += 1
+    hashes.update(f"out:{producer_hash.get(o.name, 'graph-input')}" for o in model.graph.output)
+    return hashes
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Runner:
+    """Applies stages one by one, records what each changed, and tells the observer."""
+
+    def __init__(self, model: ModelWrapper, observer: Observer | None) -> None:
+        self.model = model
+        self.observer = observer
+        self.stages: list[StageRecord] = []
+        self._local = _local_signatures(model)
+        self._fingerprint = _graph_fingerprint(model, self._local)
+
+    def apply(self, group: str, name: str, step: Callable[[ModelWrapper], ModelWrapper]) -> bool:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # FINN prints progress chatter
+                new_model = step(self.model)
+        except Exception as exc:  # FINN raises plain Exception / FINNUserError naming the node
+            raise LoweringError(f"FINN transformation {group}/{name} failed: {exc}") from exc
+        local = _local_signatures(new_model)
+        fingerprint = _graph_fingerprint(new_model, local)
+        changed = fingerprint != self._fingerprint
+        before, after = Counter(s for s, _ in self._local), Counter(s for s, _ in local)
+        removed_sigs, added_sigs = before - after, after - before
+        record = StageRecord(
+            index=len(self.stages), group=group, transformation=name, changed=changed,
+            nodes_removed=[label for sig, label in self._local if removed_sigs.pop(sig, 0)],
+            nodes_added=[label for sig, label in local if added_sigs.pop(sig, 0)],
+        )
+        self.stages.append(record)
+        self.model, self._local, self._fingerprint = new_model, local, fingerprint
+        if changed and self.observer is not None:
+            self.observer(record, new_model)
+        return changed
+
+    def transform(self, group: str, transformation, cleanup: Callable | None = None) -> bool:
+        def step(model: ModelWrapper) -> ModelWrapper:
+            model = model.transform(transformation)
+            return cleanup(model) if cleanup is not None else model
+
+        return self.apply(group, type(transformation).__name__, step)
+
+
+def _has_fork(model: ModelWrapper) -> bool:
+    return any(len(model.find_consumers(t)) > 1 for node in model.graph.node for t in node.output)
+
+
+def _streamline_all(runner: _Runner, group: str) -> bool:
+    changed = False
+    for name in STREAMLINE_TRANSFORMATIONS:
+        changed |= runner.transform(group, _transformation(name), _streamline_cleanup)
+    return changed
+
+
+def _run_streamline_step(runner: _Runner) -> None:
+    """FINN's ``step_streamline`` with ``Streamline`` opened up, plus the residual rounds."""
+    from qonnx.transformation.bipolar_to_xnor import ConvertBipolarMatMulToXnorPopcount
+    from qonnx.transformation.general import RemoveUnusedTensors
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
+
+    from finn.transformation.streamline import absorb, reorder
+
+    group = "step_streamline"
+    runner.transform(group, absorb.AbsorbScalarBiasIntoMultiThreshold())
+    _streamline_all(runner, group)
+    if _has_fork(runner.model):
+        for _ in range(MAX_RESIDUAL_ROUNDS):
+            moved = runner.transform("residual", reorder.MoveLinearPastEltwiseAdd())
+            moved |= runner.transform("residual", reorder.MoveLinearPastFork())
+            if not moved:
+                break
+            _streamline_all(runner, "residual")
+    if runner.model.get_nodes_by_op_type("Conv"):
+        if any(runner.model.is_fork_node(n) for n in runner.model.get_nodes_by_op_type("MaxPool")):
+            # FINN bug (finn-plus 1.6.1): MakeMaxPoolNHWC's (MaxPool, Transpose) branch uses
+            # find_consumer() and rewires only the first consumer of a forking MaxPool, so the
+            # other branch silently reads the un-pooled tensor. Give each branch its own MaxPool
+            # first (FINN's MoveOpPastFork): one extra pooling unit in hardware, correct graph.
+            runner.transform("fork_workaround", reorder.MoveOpPastFork(["MaxPool"]))
+        runner.transform(group, LowerConvsToMatMul())
+        runner.transform(group, reorder.MakeMaxPoolNHWC())
+        runner.transform(group, absorb.AbsorbTransposeIntoMultiThreshold())
+        runner.transform(group, reorder.MakeMaxPoolNHWC())
+        runner.transform(group, absorb.AbsorbConsecutiveTransposes())
+    runner.transform(group, ConvertBipolarMatMulToXnorPopcount())
+    _streamline_all(runner, group)
+    runner.transform(group, absorb.AbsorbScalarMulAddIntoTopK())
+    runner.transform(group, InferDataLayouts())
+    runner.transform(group, RemoveUnusedTensors())
+
+
+def _build_config(fpgapart: str | None):
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+
+    # Only the attributes the conversion steps read; nothing is written to output_dir by them.
+    return DataflowBuildConfig(output_dir="a2q_finn_unused", fpga_part=fpgapart, steps=[])
+
+
+def run_flow(model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None) -> _Runner:
+    """Apply the whole flow to a copy of ``model``; ``observer`` sees the model after each change."""
+    ensure_finn_importable()
+    import finn.builder.build_dataflow_steps as steps
+
+    if fpgapart is not None:
+        from a2q_passes.resources import validate_fpgapart
+
+        fpgapart = validate_fpgapart(fpgapart)
+    cfg = _build_config(fpgapart)
+    runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
+    runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
+    runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
+    _run_streamline_step(runner)
+    runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
+    if fpgapart is not None:
+        runner.apply("specialize", "step_specialize_layers", lambda m: steps.step_specialize_layers(m, cfg))
+    return runner
+
+
+def _unlowered_reason(model: ModelWrapper, node) -> str:
+    float_inputs = [t for t in node.input if model.get_initializer(t) is None
+                    and not model.get_tensor_datatype(t).is_integer()]
+    if node.op_type == "MatMul":
+        weight = node.input[1]
+        if not model.get_tensor_datatype(weight).is_integer():
+            return f"weights {weight!r} are {model.get_tensor_datatype(weight).name}, not integer (unquantized layer?)"
+        if float_inputs:
+            return (f"input {float_inputs[0]!r} is {model.get_tensor_datatype(float_inputs[0]).name}: a float "
+                    "scale/bias in front of this layer was not absorbed by streamlining (unquantized input?)")
+        return "integer MatMul that InferQuantizedMatrixVectorActivation/InferVectorVectorActivation did not convert"
+    if float_inputs:
+        return (f"input {float_inputs[0]!r} is {model.get_tensor_datatype(float_inputs[0]).name}; "
+                f"FINN has no HW layer for a float {node.op_type} here")
+    return f"FINN's step_convert_to_hw has no conversion for this {node.op_type} node"
+
+
+def _is_boundary(model: ModelWrapper, node) -> bool:
+    graph_inputs = {i.name for i in model.graph.input}
+    graph_outputs = {o.name for o in model.graph.output}
+    return any(t in graph_inputs for t in node.input) or any(t in graph_outputs for t in node.output)
+
+
+def summarize_lowering(model: ModelWrapper, stages: list[StageRecord], fpgapart: str | None) -> LoweringReport:
+    """Classify the nodes of a lowered model: HW layers, nodes left behind (with why), float HW nodes."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    hw_counts: Counter = Counter()
+    unlowered, float_hw, mac = [], [], []
+    for node in model.graph.node:
+        if node.domain.startswith(HW_DOMAIN_PREFIX):
+            hw_counts[node.op_type] += 1
+            if node.op_type.split("_")[0] in ("MVAU", "VVAU"):
+                mac.append((node.name, node.op_type))
+            inst = getCustomOp(node)
+            try:
+                dtypes = [inst.get_input_datatype(0), inst.get_output_datatype(0)]
+            except Exception:  # some HW ops have untyped ports; FINN's own partition step skips those too
+                dtypes = []
+            if any(not dt.is_integer() for dt in dtypes):
+                float_hw.append(node.name)
+            continue
+        host_side = node.op_type in _HOST_OPS and _is_boundary(model, node)
+        reason = ("layout/data movement at the graph boundary, runs on the host" if host_side
+                  else _unlowered_reason(model, node))
+        unlowered.append(UnloweredNode(node.name, node.op_type, reason, blocking=not host_side))
+    return LoweringReport(dict(hw_counts), mac, unlowered, float_hw, stages, fpgapart)
+
+
+def lower_to_finn_hw(
+    model: ModelWrapper, fpgapart: str | None = None, strict: bool = False
+) -> tuple[ModelWrapper, LoweringReport]:
+    """Lower a QONNX model to FINN HW layers with FINN's own transformations.
+
+    Returns the HW graph (non-specialised MVAU/VVAU/... nodes, which execute in numpy) and a report
+    of what was lowered, what was not and why, and which transformation changed the graph. With
+    ``fpgapart`` the HW nodes are also specialised (``MVAU_hls``/``MVAU_rtl``...); specialised nodes
+    only execute in cppsim/rtlsim, so keep ``fpgapart=None`` for :func:`compare_execution`.
+    ``strict=True`` raises :class:`LoweringError` naming the first node FINN left as a standard op
+    (host-side layout ops at the graph boundary excepted).
+    """
+    runner = run_flow(model, fpgapart)
+    report = summarize_lowering(runner.model, runner.stages, fpgapart)
+    if strict and report.blocking:
+        first = report.blocking[0]
+        others = ", ".join(n.name for n in report.blocking[1:])
+        raise LoweringError(
+            f"FINN could not lower node {first.name!r} ({first.op_type}): {first.reason}"
+            + (f"; also not lowered: {others}" if others else "")
+            + ". Quantize this layer's input and weights (e.g. a QuantIdentity in front) or run with strict=False."
+        )
+    return runner.model, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution comparison
+
+
+def _graph_io_shapes(model: ModelWrapper) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
+    names = [i.name for i in model.graph.input if model.get_initializer(i.name) is None]
+    shapes = [tuple(model.get_tensor_shape(n)) for n in names]
+    return names, shapes, [o.name for o in model.graph.output]
+
+
+def _to_layout(x: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """``x`` in the layout of ``shape``: as is, or NCHW -> NHWC when that is what the graph expects."""
+    if x.shape == shape:
+        return x
+    if x.ndim == 4 and x.transpose(0, 2, 3, 1).shape == shape:
+        return x.transpose(0, 2, 3, 1)
+    raise ValueError(f"{what}: cannot match shape {x.shape} to the graph's {shape}")
+
+
+def _from_layout(y: np.ndarray, ref_shape: tuple[int, ...], what: str) -> np.ndarray:
+    """FINN output ``y`` back in the QONNX model's layout (NHWC -> NCHW if needed)."""
+    if y.shape == ref_shape:
+        return y
+    if y.ndim == 4 and y.transpose(0, 3, 1, 2).shape == ref_shape:
+        return y.transpose(0, 3, 1, 2)
+    raise ValueError(f"{what}: output shape {y.shape} does not match the original model's {ref_shape}")
+
+
+def execute_batch(model: ModelWrapper, inputs: np.ndarray) -> list[np.ndarray]:
+    """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    names, shapes, outputs = _graph_io_shapes(model)
+    if len(names) != 1:
+        raise ValueError(f"expected a single-input model, got inputs {names}")
+    per_sample = max(shapes[0][0], 1)
+    results: list[list[np.ndarray]] = [[] for _ in outputs]
+    for start in range(0, inputs.shape[0], per_sample):
+        x = _to_layout(np.asarray(inputs[start:start + per_sample], dtype=np.float32), shapes[0], "input")
+        out = execute_onnx(model, {names[0]: x})
+        for index, name in enumerate(outputs):
+            results[index].append(out[name])
+    return [np.concatenate(r, axis=0) for r in results]
+
+
+def _max_abs_diff(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> float:
+    return max(float(np.max(np.abs(_from_layout(g, r.shape, what).astype(np.float64) - r)))
+               for r, g in zip(ref, got))
+
+
+def compare_execution(
+    original: ModelWrapper,
+    lowered: ModelWrapper,
+    inputs: np.ndarray,
+    atol: float = 1e-5,
+    attribution_samples: int = 8,
+    attribute: bool = True,
+) -> dict[str, Any]:
+    """Execute the QONNX model and its FINN HW graph on ``inputs`` and locate any difference.
+
+    What is compared: every graph output of ``original`` (QONNX, as exported) against the same
+    output of ``lowered``, brought back to the original layout (NHWC -> NCHW where FINN changed it).
+    finn-plus keeps the final scale/bias as ElementwiseMul/Add HW nodes, so the values are comparable
+    directly; a graph whose output shape FINN changed otherwise (e.g. a TopK absorbing the final Mul)
+    raises instead of being compared loosely. Inputs are fed in the original layout and transposed
+    when the lowered graph expects NHWC. ``inputs`` carries a leading batch axis.
+
+    Attribution: the flow of :func:`lower_to_finn_hw` is replayed on ``original`` and the model
+    after every transformation that changed the graph is executed on the first
+    ``attribution_samples`` inputs. For each such stage the report gives the difference to the
+    original (cumulative) and to the previous stage (introduced by this one), with the nodes the
+    transformation removed/added. A final entry covers changes made after lowering (e.g. by
+    :func:`set_accumulator_datatypes`) when ``lowered`` differs from the replayed flow's result.
+    ``attribute=False`` skips the replay (only the end-to-end difference is reported).
+    """
+    from qonnx.util.cleanup import cleanup_model
+
+    reference_model = cleanup_model(ModelWrapper(original.model.SerializeToString()))
+    inputs = np.asarray(inputs, dtype=np.float32)
+    reference = execute_batch(reference_model, inputs)
+    final = execute_batch(lowered, inputs)
+    max_diff = _max_abs_diff(reference, final, "lowered model")
+    scale = max(1.0, max(float(np.max(np.abs(r))) for r in reference))
+
+    tolerance = atol * scale
+    result: dict[str, Any] = {
+        "compared": "all graph outputs of the QONNX model vs the FINN graph, original (NCHW) layout",
+        "samples": int(inputs.shape[0]),
+        "max_abs_diff": max_diff,
+        "tolerance": tolerance,
+        "within_tolerance": max_diff <= tolerance,
+    }
+    if reference[0].ndim == 2 and reference[0].shape[1] > 1:
+        agree = np.argmax(reference[0], axis=1) == np.argmax(_from_layout(final[0], reference[0].shape, "top-1"), axis=1)
+        result["top1_agreement"] = float(np.mean(agree))
+    if attribute:
+        result.update(_attribute_differences(original, final, reference, inputs[:attribution_samples], tolerance))
+    return result
+
+
+def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], reference: list[np.ndarray],
+                           sample: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """Replay the flow on ``original``, executing ``sample`` after every stage that changed the graph."""
+    sample_ref = [r[: len(sample)] for r in reference]
+    stage_rows: list[dict[str, Any]] = []
+    previous = sample_ref
+
+    def observe(record: StageRecord, model: ModelWrapper) -> None:
+        nonlocal previous
+        outputs = execute_batch(model, sample)
+        aligned = [_from_layout(o, r.shape, record.label) for o, r in zip(outputs, sample_ref)]
+        row = {
+            "stage": record.label,
+            "index": record.index,
+            "max_abs_diff_vs_original": _max_abs_diff(sample_ref, aligned, record.label),
+            "max_abs_diff_vs_previous": _max_abs_diff(previous, aligned, record.label),
+            "nodes_removed": record.nodes_removed,
+            "nodes_added": record.nodes_added,
+        }
+        stage_rows.append(row)
+        previous = aligned
+
+    replay = run_flow(original, observer=observe)
+    lowered_sample = [_from_layout(f[: len(sample)], r.shape, "lowered") for f, r in zip(final, sample_ref)]
+    after_lowering = _max_abs_diff(previous, lowered_sample, "lowered vs replay")  # previous: replay's result
+    if after_lowering > 0:
+        stage_rows.append({
+            "stage": "after_lowering/given model vs replayed flow",
+            "index": len(replay.stages),
+            "max_abs_diff_vs_original": _max_abs_diff(sample_ref, lowered_sample, "lowered"),
+            "max_abs_diff_vs_previous": after_lowering,
+            "nodes_removed": [], "nodes_added": [],
+        })
+    introduced = [row for row in stage_rows if row["max_abs_diff_vs_previous"] > tolerance]
+    return {
+        "stages": stage_rows,
+        "introduced_by": [{"stage": r["stage"], "max_abs_diff": r["max_abs_diff_vs_previous"],
+                           "nodes_removed": r["nodes_removed"], "nodes_added": r["nodes_added"]}
+                          for r in introduced],
+    }
+
+
+def iterate_mac_nodes(model: ModelWrapper) -> Iterator:
+    """MVAU / VVAU nodes (abstract or specialised) of a HW graph."""
+    for node in model.graph.node:
+        if node.domain.startswith(HW_DOMAIN_PREFIX) and node.op_type.split("_")[0] in ("MVAU", "VVAU"):
+            yield node
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulator data types on the HW graph
+
+
+def _mac_integer_rows(model: ModelWrapper, node) -> np.ndarray:
+    """Integer weights of an MVAU/VVAU node as ``(channels, K)`` rows, as FINN's own minimiser sees them."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    inst = getCustomOp(node)
+    weights = model.get_initializer(node.input[1])
+    if weights is None:
+        raise A2QError(f"{node.name}: weights are not an initializer (runtime-writeable or external weights); "
+                       "its accumulator range cannot be computed from the graph")
+    if node.op_type.startswith("VVAU"):
+        k_h, k_w = inst.get_nodeattr("Kernel")
+        rows = weights.reshape(inst.get_nodeattr("Channels"), k_h * k_w)  # (Channels, 1, kh, kw)
+    else:
+        rows = weights.T  # MVAU weights are (MW, MH)
+    return rows
+
+
+def hw_accumulator_ranges(hw_model: ModelWrapper) -> dict[str, tuple[int, int]]:
+    """Exact ``(acc_min, acc_max)`` over all channels of every MVAU/VVAU, from its weights and inputDataType.
+
+    The one place that derives accumulator ranges on a FINN HW graph for this module; the
+    project's analysis (:func:`a2q_passes.analysis.analyze_model`) gives the same numbers and can
+    be passed to :func:`set_accumulator_datatypes` instead.
+    """
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes import bounds
+
+    ranges = {}
+    for node in iterate_mac_nodes(hw_model):
+        inst = getCustomOp(node)
+        rows = _mac_integer_rows(hw_model, node)
+        if inst.get_nodeattr("binaryXnorMode"):
+            # the accumulator counts matching bits (xnor popcount, as FINN executes it): [0, K]
+            ranges[node.name] = (0, int(rows.shape[1]))
+            continue
+        idt = DataType[inst.get_nodeattr("inputDataType")]
+        if not idt.is_integer():
+            raise A2QError(f"{node.name}: inputDataType {idt.name} is not an integer type")
+        acc_min, acc_max = bounds.exact_accumulator_range(
+            bounds.as_integer_weights(rows),
+            bounds.IntRange(int(idt.min()), int(idt.max())),
+        )
+        ranges[node.name] = (int(np.min(acc_min)), int(np.max(acc_max)))
+    return ranges
+
+
+def _target_for(target_bits: dict[str, int] | int | None, name: str) -> int | None:
+    if isinstance(target_bits, dict):
+        return target_bits.get(name)
+    return target_bits
+
+
+def set_accumulator_datatypes(
+    hw_model: ModelWrapper,
+    acc_ranges: dict[str, tuple[int, int]] | None = None,
+    target_bits: dict[str, int] | int | None = None,
+) -> ModelWrapper:
+    """Set ``accDataType`` of every MVAU/VVAU to the minimal type holding its accumulator range.
+
+    ``acc_ranges`` maps node name -> ``(acc_min, acc_max)`` (default: :func:`hw_accumulator_ranges`);
+    each must contain the exact range of the node's weights, else the width would be unsafe and
+    this raises. The type is ``UINT P`` when ``acc_min >= 0``, else ``INT P``. With ``target_bits``
+    (one width for all nodes, or per node name) a node needing more bits raises, naming it.
+
+    The related attributes follow FINN's ``minimize_accumulator_width`` (finn-plus 1.6.1):
+    for ``noActivation=1`` the output is the accumulator, so ``outputDataType`` = ``accDataType``,
+    except that FINN pads the *graph's last* node's output to a multiple of 8 bits (a byte-aligned
+    output stream); we apply that padding to ``outputDataType`` only and keep the accumulator
+    minimal. After each node ``InferDataTypes`` propagates the change (as FINN does); then FINN's
+    ``RoundAndClipThresholds`` rounds thresholds up and clips them to ``[acc_min, acc_max + 1]`` of
+    the new type, which keeps every comparison exact on integer accumulators. Finally every
+    threshold tensor's datatype is checked to hold its values and the accumulator range.
+    """
+    ensure_finn_importable()
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.util.basic import roundup_to_integer_multiple
+
+    from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
+
+    from a2q_passes import bounds
+
+    model = ModelWrapper(hw_model.model.SerializeToString())
+    exact = hw_accumulator_ranges(model)
+    acc_ranges = exact if acc_ranges is None else acc_ranges
+    for name, (exact_min, exact_max) in exact.items():
+        if name not in acc_ranges:
+            raise A2QError(f"no accumulator range given for HW node {name!r} (have: {sorted(acc_ranges)})")
+        acc_min, acc_max = (int(v) for v in acc_ranges[name])
+        if acc_min > exact_min or acc_max < exact_max:
+            raise A2QError(
+                f"{name}: given accumulator range [{acc_min}, {acc_max}] is narrower than the exact range "
+                f"[{exact_min}, {exact_max}] of its weights; an accumulator sized from it could overflow")
+        adt = DataType[bounds.accumulator_datatype_name(acc_min, acc_max)]
+        target = _target_for(target_bits, name)
+        if target is not None and adt.bitwidth() > target:
+            raise A2QError(
+                f"{name}: accumulator range [{acc_min}, {acc_max}] needs {adt.name}, wider than the target "
+                f"{target} bits; constrain this layer's weights to the target first")
+        node = model.get_node_from_name(name)
+        inst = getCustomOp(node)
+        inst.set_nodeattr("accDataType", adt.name)
+        if inst.get_nodeattr("noActivation"):
+            odt = adt
+            if model.find_direct_successors(node) is None:
+                padded = roundup_to_integer_multiple(adt.bitwidth(), 8)
+                odt = DataType[adt.name.replace(str(adt.bitwidth()), str(padded))]
+            inst.set_nodeattr("outputDataType", odt.name)
+        model = model.transform(InferDataTypes())
+    model = model.transform(RoundAndClipThresholds())
+    _check_thresholds_hold(model)
+    return model
+
+
+def _check_thresholds_hold(model: ModelWrapper) -> None:
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.errors import PostconditionError
+
+    for node in iterate_mac_nodes(model):
+        inst = getCustomOp(node)
+        if inst.get_nodeattr("noActivation") or len(node.input) < 3:
+            continue
+        thresholds = model.get_initializer(node.input[2])
+        adt = DataType[inst.get_nodeattr("accDataType")]
+        tdt = model.get_tensor_datatype(node.input[2])
+        if thresholds is None:
+            continue
+        if not (tdt.min() <= adt.min() and tdt.max() >= adt.max() + 1):
+            raise PostconditionError(f"{node.name}: threshold type {tdt.name} cannot hold the {adt.name} accumulator range")
+        if not np.all(np.vectorize(tdt.allowed)(thresholds)):
+            raise PostconditionError(f"{node.name}: thresholds do not fit their type {tdt.name} after rounding/clipping")

@@ -1,0 +1,304 @@
+"""Lowering Brevitas exports to FINN HW layers: structure, numpy execution, attribution, accumulator types.
+
+The networks are built and exported here (tiny, seeded); expected values come from Brevitas
+modules, brute-force evaluation of worst-case inputs, FINN's own builder steps and execution.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import brevitas.nn as qnn
+import numpy as np
+import pytest
+import torch
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.custom_op.registry import getCustomOp
+from torch import nn
+
+from a2q_passes import bounds
+from a2q_passes.errors import A2QError
+from a2q_passes.finn_flow import (LoweringError, compare_execution, hw_accumulator_ranges, iterate_mac_nodes,
+                                  lower_to_finn_hw, set_accumulator_datatypes)
+from a2q_passes.finn_runtime import ensure_finn_importable, run_estimate_build
+from models.export import export_qonnx_model
+
+torch.set_num_threads(1)
+ACT_BITS = 4
+
+
+def _relu() -> nn.Module:
+    return qnn.QuantReLU(bit_width=ACT_BITS, return_quant_tensor=True)
+
+
+def _conv(cin: int, cout: int, k: int, **kw) -> nn.Module:
+    return qnn.QuantConv2d(cin, cout, k, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4, bias=True, **kw)
+
+
+def _linear(cin: int, cout: int) -> nn.Module:
+    return qnn.QuantLinear(cin, cout, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4, bias=True)
+
+
+def _input_quant() -> nn.Module:
+    return qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, bit_width=ACT_BITS, return_quant_tensor=True)
+
+
+class ResidualCNN(nn.Module):
+    """conv -> max-pool -> [depthwise 3x3 -> pointwise 1x1] + skip -> conv 4x4 -> fc on 8x8 inputs.
+
+    ``add_quant`` re-quantizes both Add inputs with one scale (the FINN-friendly residual pattern).
+    """
+
+    input_shape = (1, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = _input_quant()
+        self.conv1, self.relu1, self.pool = _conv(1, 8, 3, padding=1), _relu(), nn.MaxPool2d(2)
+        self.dw, self.relu_dw = _conv(8, 8, 3, padding=1, groups=8), _relu()
+        self.pw = _conv(8, 8, 1)
+        self.add_quant, self.relu_add = _relu(), _relu()
+        self.conv3, self.relu3 = _conv(8, 16, 4), _relu()
+        self.fc = _linear(16, 10)
+
+    def forward(self, x):
+        skip = self.pool(self.relu1(self.conv1(self.inp(x))))
+        branch = self.pw(self.relu_dw(self.dw(skip)))
+        x = self.relu_add(self.add_quant(skip) + self.add_quant(branch))
+        return self.fc(torch.flatten(self.relu3(self.conv3(x)), 1))
+
+    def thresholded_convs(self) -> list[nn.Module]:
+        """MAC layers followed by a QuantReLU (FINN absorbs it as thresholds into the MVAU/VVAU).
+
+        ``pw`` counts: its output is re-quantized by ``add_quant`` before the Add.
+        """
+        return [self.conv1, self.dw, self.pw, self.conv3]
+
+
+class MLP(nn.Module):
+    input_shape = (16,)
+
+    def __init__(self, quantized_input: bool = True) -> None:
+        super().__init__()
+        self.inp = _input_quant() if quantized_input else nn.Identity()
+        self.fc1, self.relu1, self.fc2 = _linear(16, 12), _relu(), _linear(12, 10)
+
+    def forward(self, x):
+        return self.fc2(self.relu1(self.fc1(self.inp(x))))
+
+
+def export_net(net: nn.Module, path: Path, seed: int = 0) -> ModelWrapper:
+    """Calibrate the activation scales on seeded data, then export to cleaned-up QONNX."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.randn(16, *net.input_shape))
+    net.eval()
+    return export_qonnx_model(net, net.input_shape, path)
+
+
+def random_inputs(net: nn.Module, n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *net.input_shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    torch.manual_seed(0)
+    net = ResidualCNN()
+    model = export_net(net, tmp_path_factory.mktemp("cnn") / "cnn.onnx")
+    hw, report = lower_to_finn_hw(model)
+    return net, model, hw, report
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    torch.manual_seed(0)
+    net = MLP()
+    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
+    model = export_net(net, path)
+    return net, model, path
+
+
+def _brute_force_range(rows: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """Evaluate each channel's worst-case input vectors (x = hi where q > 0 else lo, and the mirror)."""
+    tops = [int(np.where(q > 0, hi, lo) @ q) for q in rows]
+    bottoms = [int(np.where(q > 0, lo, hi) @ q) for q in rows]
+    return min(bottoms), max(tops)
+
+
+def _mac_rows(model: ModelWrapper, node) -> np.ndarray:
+    w = model.get_initializer(node.input[1]).astype(np.int64)
+    return w.reshape(w.shape[0], -1) if node.op_type.startswith("VVAU") else w.T
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_residual_cnn_lowers_to_mvau_and_vvau(cnn):
+    net, _, hw, report = cnn
+    ops = [n.op_type for n in hw.graph.node]
+    assert ops.count("VVAU") == 1  # the depthwise conv
+    assert ops.count("MVAU") == 4  # conv1, pointwise, conv3, fc
+    assert {"ConvolutionInputGenerator", "Pool", "DuplicateStreams", "ElementwiseAdd"} <= set(ops)
+    assert report.blocking == []
+    assert [n.op_type for n in report.unlowered] == ["Transpose"]  # NCHW -> NHWC at the input, on the host
+    # every MAC layer of the Brevitas net is there, with its channel count
+    channels = sorted(getCustomOp(n).get_nodeattr("Channels" if n.op_type == "VVAU" else "MH")
+                      for n in iterate_mac_nodes(hw))
+    assert channels == sorted(m.out_channels if hasattr(m, "out_channels") else m.out_features
+                              for m in (net.conv1, net.dw, net.pw, net.conv3, net.fc))
+    # the residual rounds were needed: FINN's own streamlining stops at the fork
+    assert any(s.group == "residual" and s.changed for s in report.stages)
+
+
+def test_numpy_execution_matches_qonnx_and_brevitas(cnn):
+    net, model, hw, _ = cnn
+    n = 6
+    x = random_inputs(net, n)
+    result = compare_execution(model, hw, x, attribution_samples=2)
+    # independent execution of both graphs, one sample at a time
+    name_q, name_hw = model.graph.input[0].name, hw.graph.input[0].name
+    ref = np.concatenate([execute_onnx(model, {name_q: x[i:i + 1]})[model.graph.output[0].name] for i in range(n)])
+    got = np.concatenate([execute_onnx(hw, {name_hw: x[i:i + 1]})[hw.graph.output[0].name] for i in range(n)])
+    assert result["max_abs_diff"] == pytest.approx(float(np.max(np.abs(ref - got))), abs=1e-12)
+    assert result["within_tolerance"] and result["introduced_by"] == []
+    with torch.no_grad():
+        torch_out = net(torch.from_numpy(x)).numpy()
+    assert np.max(np.abs(torch_out - got)) < 1e-4 * max(1.0, np.max(np.abs(torch_out)))
+    # per-stage rows cover the flow in order and end at the lowered graph's difference
+    stages = [row["stage"] for row in result["stages"]]
+    assert stages[0] == "conversion/step_qonnx_to_finn" and stages[-1] == "convert_to_hw/step_convert_to_hw"
+    assert result["stages"][-1]["max_abs_diff_vs_original"] == pytest.approx(
+        float(np.max(np.abs(ref[:2] - got[:2]))), abs=1e-12)
+
+
+def test_attribution_names_the_transformation_that_changes_outputs(cnn, monkeypatch):
+    """A lossy AbsorbMulIntoMultiThreshold (thresholds shifted once) must be reported as the culprit."""
+    from finn.transformation.streamline.absorb import AbsorbMulIntoMultiThreshold
+
+    net, model, hw, _ = cnn
+    original_apply = AbsorbMulIntoMultiThreshold.apply
+    state = {"done": False}
+
+    def lossy_apply(self, m):
+        m, changed = original_apply(self, m)
+        if changed and not state["done"]:
+            state["done"] = True
+            node = m.get_nodes_by_op_type("MultiThreshold")[1]
+            m.set_initializer(node.input[1], m.get_initializer(node.input[1]) + 3.0)
+        return m, changed
+
+    monkeypatch.setattr(AbsorbMulIntoMultiThreshold, "apply", lossy_apply)
+    result = compare_execution(model, hw, random_inputs(net, 2), attribution_samples=1)
+    culprits = [row["stage"] for row in result["introduced_by"]]
+    assert culprits[0] == "step_streamline/AbsorbMulIntoMultiThreshold"
+    assert any(label.startswith("MultiThreshold") for label in result["introduced_by"][0]["nodes_added"])
+    # the given (unharmed) lowered model now differs from the replayed (harmed) flow: reported too
+    assert culprits[-1].startswith("after_lowering")
+
+
+def test_flow_equals_finn_builder_steps_on_a_plain_graph(mlp):
+    """Without forks the decomposed streamlining must give exactly what FINN's own steps give."""
+    ensure_finn_importable()
+    import finn.builder.build_dataflow_steps as steps
+    from finn.builder.build_dataflow_config import DataflowBuildConfig
+
+    _, model, _ = mlp
+    hw, report = lower_to_finn_hw(model)
+    cfg = DataflowBuildConfig(output_dir="unused", fpga_part="xc7z020clg400-1", steps=[])
+    finn_model = model
+    for step in (steps.step_qonnx_to_finn, steps.step_tidy_up, steps.step_streamline, steps.step_convert_to_hw):
+        finn_model = step(finn_model, cfg)
+
+    def canonical(m: ModelWrapper):
+        return [(n.op_type, sorted((a.name, a.SerializeToString()) for a in n.attribute),
+                 [None if m.get_initializer(t) is None else m.get_initializer(t).tobytes() for t in n.input])
+                for n in m.graph.node]
+
+    assert canonical(hw) == canonical(finn_model)
+    assert [n.op_type for n in hw.graph.node if n.op_type == "MVAU"] == ["MVAU", "MVAU"]
+    assert not any(s.group == "residual" for s in report.stages)
+
+
+def test_unquantized_first_layer_is_reported_and_strict_raises(tmp_path):
+    torch.manual_seed(0)
+    model = export_net(MLP(quantized_input=False), tmp_path / "float_in.onnx")
+    hw, report = lower_to_finn_hw(model)
+    (blocking,) = report.blocking
+    assert blocking.op_type == "MatMul" and "FLOAT32" in blocking.reason
+    assert hw.get_node_from_name(blocking.name).op_type == "MatMul"
+    assert len(report.mac_nodes) == 1  # the second layer still became an MVAU
+    with pytest.raises(LoweringError, match=f"node '{blocking.name}' \\(MatMul\\)"):
+        lower_to_finn_hw(model, strict=True)
+
+
+def test_accumulator_datatypes_exact_minimal_and_consistent(cnn):
+    from finn.transformation.fpgadataflow.minimize_accumulator_width import MinimizeAccumulatorWidth
+
+    net, model, hw, _ = cnn
+    ours = set_accumulator_datatypes(hw)
+    finn = hw.transform(MinimizeAccumulatorWidth())
+    last = hw.graph.node[-1].name
+    for node in iterate_mac_nodes(ours):
+        inst = getCustomOp(node)
+        adt = DataType[inst.get_nodeattr("accDataType")]
+        idt = DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(ours, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max()  # holds every reachable accumulator value
+        narrower = DataType[adt.name.replace(str(adt.bitwidth()), str(adt.bitwidth() - 1))]
+        assert lo < narrower.min() or hi > narrower.max()  # and is minimal
+        finn_adt = DataType[getCustomOp(finn.get_node_from_name(node.name)).get_nodeattr("accDataType")]
+        assert finn_adt.bitwidth() >= adt.bitwidth()
+        if node.name != last:
+            assert finn_adt == adt
+        if inst.get_nodeattr("noActivation"):
+            assert DataType[inst.get_nodeattr("outputDataType")] == adt
+            assert ours.get_tensor_datatype(node.output[0]) == adt
+        else:
+            thresholds = ours.get_initializer(node.input[2])
+            assert np.array_equal(thresholds, np.ceil(thresholds))
+            assert thresholds.min() >= adt.min() and thresholds.max() <= adt.max() + 1
+    # thresholds rounded/clipped, types narrowed: execution unchanged
+    result = compare_execution(model, ours, random_inputs(net, 4), attribute=False)
+    assert result["within_tolerance"]
+    # the project's analysis gives the same ranges as this module's glue
+    from a2q_passes.analysis import analyze_model
+
+    assert {r.node: (r.acc_min, r.acc_max) for r in analyze_model(hw).layers} == hw_accumulator_ranges(hw)
+
+
+def test_accumulator_targets_and_unsafe_ranges_raise(cnn):
+    _, _, hw, _ = cnn
+    ranges = hw_accumulator_ranges(hw)
+    name, (lo, hi) = next(iter(ranges.items()))
+    need = DataType[bounds.accumulator_datatype_name(lo, hi)].bitwidth()
+    with pytest.raises(A2QError, match=f"{name}: .* wider than the target {need - 1} bits"):
+        set_accumulator_datatypes(hw, target_bits={name: need - 1})
+    narrowed = dict(ranges, **{name: (lo, hi - 1)})
+    with pytest.raises(A2QError, match=f"{name}: given accumulator range .* narrower than the exact range"):
+        set_accumulator_datatypes(hw, acc_ranges=narrowed)
+    wider = dict(ranges, **{name: (lo * 4, hi * 4)})  # a looser (safe) range: a wider type, still checked
+    widened = set_accumulator_datatypes(hw, acc_ranges=wider, target_bits=32)
+    assert getCustomOp(widened.get_node_from_name(name)).get_nodeattr("accDataType") == \
+        bounds.accumulator_datatype_name(lo * 4, hi * 4)
+    assert DataType[bounds.accumulator_datatype_name(lo * 4, hi * 4)].bitwidth() > need
+
+
+def test_estimate_only_build_writes_reports(mlp, tmp_path):
+    _, _, path = mlp
+    stdout, stderr = sys.stdout, sys.stderr
+    result = run_estimate_build(path, tmp_path / "build", "xc7z020clg400-1")
+    assert sys.stdout is stdout and sys.stderr is stderr  # FINN's stream redirection undone
+    assert result.steps_completed[-1] == "step_generate_estimate_reports"
+    for name in ("estimate_layer_resources.json", "estimate_network_performance.json", "op_and_param_counts.json"):
+        assert (tmp_path / "build" / "report" / name).is_file()
+    layers = result.reports["estimate_layer_resources.json"]
+    assert sum(key.startswith("MVAU") for key in layers) == 2 and layers["total"]["LUT"] > 0
+    # FINN's own minimisation ran in the build: the final model's accumulators are no longer INT32
+    final = ModelWrapper(str(result.final_model))
+    assert all(getCustomOp(n).get_nodeattr("accDataType") != "INT32" for n in iterate_mac_nodes(final))
