@@ -17,11 +17,13 @@ Residual graphs: FINN's ``Streamline`` stops at a fork (its ``MoveScalarLinearPa
 says "Mul is a fork-node, try MoveLinearPastFork first"), leaving a float scale in front of the
 branch and the layer behind it unlowered. FINN's ResNet-50 example (finn-examples) handles this by
 alternating ``MoveLinearPastEltwiseAdd`` / ``MoveLinearPastFork`` with streamlining; we do the same,
-only when the graph forks, until nothing changes (at most :data:`MAX_RESIDUAL_ROUNDS` rounds).
+only when the graph forks, until nothing moves (at most :data:`MAX_RESIDUAL_ROUNDS` rounds).
+A forking MaxPool gets one copy per branch first (FINN's ``MoveOpPastFork``): FINN's
+``MakeMaxPoolNHWC`` mis-wires a MaxPool whose output forks (see :func:`_run_streamline_step`).
 
-Every transformation is a :class:`Stage`; an observer can look at the model after each stage that
-changed the graph, which is how :func:`compare_execution` attributes output differences to the
-transformation that introduced them.
+Each transformation is recorded as a :class:`StageRecord`; an observer can look at the model after
+each one that changed the graph, which is how :func:`compare_execution` attributes output
+differences to the transformation that introduced them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
-from a2q_passes.finn_runtime import ensure_finn_importable
+from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 MAX_RESIDUAL_ROUNDS = 4
 HW_DOMAIN_PREFIX = "finn.custom_op.fpgadataflow"
@@ -120,15 +122,10 @@ STREAMLINE_TRANSFORMATIONS = (
 
 
 def _transformation(name: str):
-    """A fresh instance of the FINN / qonnx transformation called ``name``."""
+    """A fresh instance of the transformation ``name`` as FINN's streamline package imports it."""
     import finn.transformation.streamline as streamline_pkg
-    import finn.transformation.streamline.absorb as absorb
-    import finn.transformation.streamline.reorder as reorder
 
-    for module in (streamline_pkg, absorb, reorder):
-        if hasattr(module, name):
-            return getattr(module, name)()
-    raise KeyError(name)
+    return getattr(streamline_pkg, name)()
 
 
 def _streamline_cleanup(model: ModelWrapper) -> ModelWrapper:
@@ -226,10 +223,6 @@ class _Runner:
         return self.apply(group, type(transformation).__name__, step)
 
 
-def _has_fork(model: ModelWrapper) -> bool:
-    return any(len(model.find_consumers(t)) > 1 for node in model.graph.node for t in node.output)
-
-
 def _streamline_all(runner: _Runner, group: str) -> bool:
     changed = False
     for name in STREAMLINE_TRANSFORMATIONS:
@@ -249,7 +242,7 @@ def _run_streamline_step(runner: _Runner) -> None:
     group = "step_streamline"
     runner.transform(group, absorb.AbsorbScalarBiasIntoMultiThreshold())
     _streamline_all(runner, group)
-    if _has_fork(runner.model):
+    if any(runner.model.is_fork_node(node) for node in runner.model.graph.node):
         for _ in range(MAX_RESIDUAL_ROUNDS):
             moved = runner.transform("residual", reorder.MoveLinearPastEltwiseAdd())
             moved |= runner.transform("residual", reorder.MoveLinearPastFork())
@@ -282,14 +275,14 @@ def _build_config(fpgapart: str | None):
     return DataflowBuildConfig(output_dir="a2q_finn_unused", fpga_part=fpgapart, steps=[])
 
 
-def run_flow(model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None) -> _Runner:
+def run_flow(
+    model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None
+) -> tuple[ModelWrapper, list[StageRecord]]:
     """Apply the whole flow to a copy of ``model``; ``observer`` sees the model after each change."""
     ensure_finn_importable()
     import finn.builder.build_dataflow_steps as steps
 
     if fpgapart is not None:
-        from a2q_passes.resources import validate_fpgapart
-
         fpgapart = validate_fpgapart(fpgapart)
     cfg = _build_config(fpgapart)
     runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
@@ -299,7 +292,7 @@ def run_flow(model: ModelWrapper, fpgapart: str | None = None, observer: Observe
     runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
     if fpgapart is not None:
         runner.apply("specialize", "step_specialize_layers", lambda m: steps.step_specialize_layers(m, cfg))
-    return runner
+    return runner.model, runner.stages
 
 
 def _unlowered_reason(model: ModelWrapper, node) -> str:
@@ -363,8 +356,8 @@ def lower_to_finn_hw(
     ``strict=True`` raises :class:`LoweringError` naming the first node FINN left as a standard op
     (host-side layout ops at the graph boundary excepted).
     """
-    runner = run_flow(model, fpgapart)
-    report = summarize_lowering(runner.model, runner.stages, fpgapart)
+    lowered, stages = run_flow(model, fpgapart)
+    report = summarize_lowering(lowered, stages, fpgapart)
     if strict and report.blocking:
         first = report.blocking[0]
         others = ", ".join(n.name for n in report.blocking[1:])
@@ -373,7 +366,7 @@ def lower_to_finn_hw(
             + (f"; also not lowered: {others}" if others else "")
             + ". Quantize this layer's input and weights (e.g. a QuantIdentity in front) or run with strict=False."
         )
-    return runner.model, report
+    return lowered, report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,13 +491,13 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
         stage_rows.append(row)
         previous = aligned
 
-    replay = run_flow(original, observer=observe)
+    _, replay_stages = run_flow(original, observer=observe)
     lowered_sample = [_from_layout(f[: len(sample)], r.shape, "lowered") for f, r in zip(final, sample_ref)]
     after_lowering = _max_abs_diff(previous, lowered_sample, "lowered vs replay")  # previous: replay's result
     if after_lowering > 0:
         stage_rows.append({
             "stage": "after_lowering/given model vs replayed flow",
-            "index": len(replay.stages),
+            "index": len(replay_stages),
             "max_abs_diff_vs_original": _max_abs_diff(sample_ref, lowered_sample, "lowered"),
             "max_abs_diff_vs_previous": after_lowering,
             "nodes_removed": [], "nodes_added": [],

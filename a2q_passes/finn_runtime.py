@@ -30,10 +30,14 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from a2q_passes.errors import A2QError
 
 _READY = False
 
@@ -46,11 +50,11 @@ ESTIMATE_REPORT_FILES = (
 )
 
 
-class FinnUnavailableError(RuntimeError):
+class FinnUnavailableError(A2QError):
     """FINN cannot be used in this environment (missing package or dependency)."""
 
 
-class FinnBuildError(RuntimeError):
+class FinnBuildError(A2QError):
     """A FINN dataflow build did not complete the requested steps."""
 
 
@@ -89,6 +93,11 @@ def ensure_finn_importable() -> None:
     _READY = True
 
 
+def _written_since(path: Path, started: float) -> bool:
+    # 1 s of slack for file systems with coarse timestamps
+    return path.is_file() and path.stat().st_mtime >= started - 1.0
+
+
 def _first_error(log_path: Path, exc: BaseException | None) -> str:
     """FINN's own error line from the build log (FINN logs, then returns -1), else the exception."""
     if log_path.is_file():
@@ -96,6 +105,27 @@ def _first_error(log_path: Path, exc: BaseException | None) -> str:
             if "ERROR:" in line:
                 return line.split("ERROR:", 1)[1].strip()
     return repr(exc) if exc is not None else "no error recorded"
+
+
+def known_fpga_parts() -> dict[str, str]:
+    """Board name -> FPGA part, from FINN's part maps (``finn.util.basic.part_map``)."""
+    ensure_finn_importable()
+    from finn.util.basic import part_map
+
+    return dict(part_map)
+
+
+def validate_fpgapart(fpgapart: str) -> str:
+    """The FPGA part for ``fpgapart`` (a part FINN knows, or a board name from its part map)."""
+    parts = known_fpga_parts()
+    if fpgapart in parts.values():
+        return fpgapart
+    if fpgapart in parts:
+        return parts[fpgapart]
+    examples = ", ".join(f"{part} ({board})" for board, part in list(parts.items())[:6])
+    raise A2QError(
+        f"unknown FPGA part {fpgapart!r}. Use a part FINN knows, e.g. {examples}, "
+        f"or a board name: {', '.join(parts)}")
 
 
 @dataclass
@@ -121,47 +151,56 @@ def run_estimate_build(
     output_dir: str | Path,
     fpgapart: str,
     target_fps: int | None = None,
-    steps: Sequence[str] | None = None,
+    steps: Sequence[str | Callable] | None = None,
     synth_clk_period_ns: float = 10.0,
 ) -> EstimateBuildResult:
     """Run FINN's real ``build_dataflow_cfg`` with an estimate-only step list and check its outputs.
 
-    How the return code is handled: after the last step FINN calls ``exit_buildflow``, which
-    writes ``metadata_builder.json`` with ``get_vivado_root()``; without ``XILINX_VIVADO`` that
-    raises *after* every step has run and every report is on disk (and FINN's error handler,
-    hit by the same call, turns it into a ``-1`` return or re-raises under pytest). So the
-    return code / that exception says nothing about our steps. Instead we judge the build by
-    what it produced: every requested step must have written its intermediate model
-    (``save_intermediate_models=True``) and every estimate report must exist and parse.
-    Anything missing raises :class:`FinnBuildError` naming the step and the build log.
-    FINN also redirects ``sys.stdout``/``sys.stderr`` and the root logger for the build; we
-    restore them afterwards so the caller's process is left as it was.
+    How the return code is handled: FINN ends every build with ``exit_buildflow``, which writes
+    ``metadata_builder.json`` using ``get_vivado_root()``. Without ``XILINX_VIVADO`` that call
+    raises ``Exception("Environment variable XILINX_VIVADO must be set ...")``: after a
+    successful build it does so *after* every step has run and every report is on disk (the
+    call sits outside FINN's try block, seen with finn-plus 1.6.1); after a failed step FINN's
+    handler logs the error and calls it with ``-1``, which raises the same way (under pytest
+    FINN re-raises the step's own exception instead). With Vivado installed FINN would return
+    0 or -1. Neither the return code nor that exception says whether our steps ran, so we judge
+    the build by what it produced in this call: every requested step must have written its
+    intermediate model (``save_intermediate_models=True``, files newer than the start of the
+    call) and every estimate report must exist and parse. Anything missing raises
+    :class:`FinnBuildError` naming the step and FINN's logged error.
+    FINN also redirects ``sys.stdout``/``sys.stderr``, the root logger and warnings
+    (``logging.captureWarnings``) for the build; we restore them afterwards so the caller's
+    process is left as it was.
     """
     ensure_finn_importable()
     from finn.builder.build_dataflow import build_dataflow_cfg
     from finn.builder.build_dataflow_config import DataflowBuildConfig, DataflowOutputType
 
-    step_names = list(steps) if steps is not None else estimate_only_steps()
+    steps = list(steps) if steps is not None else estimate_only_steps()
+    # FINN names each intermediate model after the step function (a name, or a callable's __name__)
+    step_names = [step if isinstance(step, str) else step.__name__ for step in steps]
     output_dir = Path(output_dir)
     cfg = DataflowBuildConfig(
         output_dir=str(output_dir),
-        fpga_part=fpgapart,
+        fpga_part=validate_fpgapart(fpgapart),
         synth_clk_period_ns=synth_clk_period_ns,
         target_fps=target_fps,
-        steps=step_names,
+        steps=steps,
         generate_outputs=[DataflowOutputType.ESTIMATE_REPORTS],
         save_intermediate_models=True,
     )
-    saved_streams = sys.stdout, sys.stderr
+    saved_streams, saved_showwarning = (sys.stdout, sys.stderr), warnings.showwarning
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     build_exception: BaseException | None = None
+    started = time.time()
     try:
         build_dataflow_cfg(str(model_path), cfg)
     except Exception as exc:  # judged below by the artefacts, see docstring
         build_exception = exc
     finally:
         sys.stdout, sys.stderr = saved_streams
+        warnings.showwarning = saved_showwarning
         for handler in list(root.handlers):
             if handler not in saved_handlers:
                 root.removeHandler(handler)
@@ -172,7 +211,7 @@ def run_estimate_build(
         root.setLevel(saved_level)
 
     intermediate = output_dir / "intermediate_models"
-    completed = [name for name in step_names if (intermediate / f"{name}.onnx").is_file()]
+    completed = [name for name in step_names if _written_since(intermediate / f"{name}.onnx", started)]
     log_path = output_dir / "build_dataflow.log"
     missing_steps = [name for name in step_names if name not in completed]
     if missing_steps:
@@ -185,7 +224,7 @@ def run_estimate_build(
         report_dir = output_dir / "report"
         for name in ESTIMATE_REPORT_FILES:
             path = report_dir / name
-            if not path.is_file():
+            if not _written_since(path, started):
                 raise FinnBuildError(f"FINN build of {model_path} ran all steps but wrote no {path}; see {log_path}")
             reports[name] = json.loads(path.read_text())
     return EstimateBuildResult(

@@ -28,32 +28,11 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_flow import hw_accumulator_ranges, iterate_mac_nodes
-from a2q_passes.finn_runtime import ensure_finn_importable
+from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 BASELINE_BITS = 32
 _FINN_METRICS = ("LUT", "BRAM18", "URAM", "DSP")
 _BIT_METRICS = ("acc_register_bits", "threshold_storage_bits", "comparator_bits")
-
-
-def known_fpga_parts() -> dict[str, str]:
-    """Board name -> FPGA part, from FINN's part maps (``finn.util.basic.part_map``)."""
-    ensure_finn_importable()
-    from finn.util.basic import part_map
-
-    return dict(part_map)
-
-
-def validate_fpgapart(fpgapart: str) -> str:
-    """The FPGA part for ``fpgapart`` (a part FINN knows, or a board name from its part map)."""
-    parts = known_fpga_parts()
-    if fpgapart in parts.values():
-        return fpgapart
-    if fpgapart in parts:
-        return parts[fpgapart]
-    examples = ", ".join(f"{part} ({board})" for board, part in list(parts.items())[:6])
-    raise A2QError(
-        f"unknown FPGA part {fpgapart!r}. Use a part FINN knows, e.g. {examples}, "
-        f"or a board name: {', '.join(parts)}")
 
 
 def _specialised_copy(hw_model: ModelWrapper, fpgapart: str) -> tuple[ModelWrapper, dict[str, str]]:
@@ -252,31 +231,17 @@ def render_table(report: dict[str, Any]):
 
 
 def plot_resources(report: dict[str, Any], path: str | Path) -> Path:
-    """Bar plot (PNG) per layer: FINN LUT estimate and accumulator-dependent bits, INT32 vs target."""
-    import matplotlib
+    """Bar plot (PNG) per layer: target / INT32 for FINN's LUT estimate and the accumulator-dependent bits."""
+    from a2q_passes.report import grouped_bar_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    def fraction(metric: str) -> list[float | None]:
+        return [_ratio(layer["target"][metric], layer["int32"][metric]) for layer in report["layers"]]
 
-    names = [layer["node"] for layer in report["layers"]]
-    x = np.arange(len(names))
-    panels = (
-        ("LUT (FINN estimate)", lambda c: [layer[c]["LUT"] for layer in report["layers"]]),
-        ("accumulator-dependent bits\n(acc registers + thresholds + comparators)",
-         lambda c: [sum(layer[c][m] for m in _BIT_METRICS) for layer in report["layers"]]),
+    grouped_bar_plot(
+        path, [layer["node"] for layer in report["layers"]],
+        {"LUT (FINN estimate)": fraction("LUT"), "accumulator registers": fraction("acc_register_bits"),
+         "threshold storage": fraction("threshold_storage_bits"), "comparators": fraction("comparator_bits")},
+        title=f"Accumulator-dependent resources on {report['fpgapart']}: target widths vs INT{report['baseline_bits']}",
+        ylabel=f"target / INT{report['baseline_bits']}",
     )
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(names) + 4), 4))
-    for ax, (title, values) in zip(axes, panels):
-        ax.bar(x - 0.2, values("int32"), 0.4, label=f"INT{report['baseline_bits']}")
-        ax.bar(x + 0.2, values("target"), 0.4, label="target widths")
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.set_title(title)
-        ax.legend()
-    fig.suptitle(f"FINN resources per MVAU/VVAU on {report['fpgapart']}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return Path(path)

@@ -202,27 +202,45 @@ def test_attribution_names_the_transformation_that_changes_outputs(cnn, monkeypa
     assert culprits[-1].startswith("after_lowering")
 
 
-def test_flow_equals_finn_builder_steps_on_a_plain_graph(mlp):
-    """Without forks the decomposed streamlining must give exactly what FINN's own steps give."""
+def _canonical(m: ModelWrapper) -> list:
+    """Nodes in order with attributes and constant inputs; tensor names (partly random in FINN) left out."""
+    return [(n.op_type, sorted((a.name, a.SerializeToString()) for a in n.attribute),
+             [None if m.get_initializer(t) is None else m.get_initializer(t).tobytes() for t in n.input])
+            for n in m.graph.node]
+
+
+def _finn_steps(model: ModelWrapper, *names: str) -> ModelWrapper:
     ensure_finn_importable()
     import finn.builder.build_dataflow_steps as steps
     from finn.builder.build_dataflow_config import DataflowBuildConfig
 
+    cfg = DataflowBuildConfig(output_dir="unused", fpga_part="xc7z020clg400-1", steps=[])
+    for name in names:
+        model = getattr(steps, name)(model, cfg)
+    return model
+
+
+def test_flow_equals_finn_builder_steps_on_a_plain_graph(mlp):
+    """Without forks the decomposed streamlining must give exactly what FINN's own steps give."""
     _, model, _ = mlp
     hw, report = lower_to_finn_hw(model)
-    cfg = DataflowBuildConfig(output_dir="unused", fpga_part="xc7z020clg400-1", steps=[])
-    finn_model = model
-    for step in (steps.step_qonnx_to_finn, steps.step_tidy_up, steps.step_streamline, steps.step_convert_to_hw):
-        finn_model = step(finn_model, cfg)
-
-    def canonical(m: ModelWrapper):
-        return [(n.op_type, sorted((a.name, a.SerializeToString()) for a in n.attribute),
-                 [None if m.get_initializer(t) is None else m.get_initializer(t).tobytes() for t in n.input])
-                for n in m.graph.node]
-
-    assert canonical(hw) == canonical(finn_model)
+    finn_model = _finn_steps(model, "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw")
+    assert _canonical(hw) == _canonical(finn_model)
     assert [n.op_type for n in hw.graph.node if n.op_type == "MVAU"] == ["MVAU", "MVAU"]
     assert not any(s.group == "residual" for s in report.stages)
+
+
+def test_decomposed_streamline_is_finns_streamline(cnn):
+    """STREAMLINE_TRANSFORMATIONS applied one by one == FINN's Streamline() (on the residual CNN)."""
+    from finn.transformation.streamline import Streamline
+
+    from a2q_passes.finn_flow import _Runner, _streamline_all
+
+    _, model, _, _ = cnn
+    tidy = _finn_steps(model, "step_qonnx_to_finn", "step_tidy_up")
+    runner = _Runner(tidy, observer=None)
+    assert _streamline_all(runner, "streamline")
+    assert _canonical(runner.model) == _canonical(tidy.transform(Streamline()))
 
 
 def test_unquantized_first_layer_is_reported_and_strict_raises(tmp_path):

@@ -111,6 +111,6 @@ def test_table_and_plot(lowered, tmp_path):
     console.print(table)
     text = console.export_text()
     assert all(layer["node"] in text for layer in report["layers"])
-    png = plot_resources(report, tmp_path / "plots" / "resources.png")
+    png = plot_resources(report, tmp_path / "resources.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert np.isfinite(report["ratio_int32_over_target"]["LUT"])
