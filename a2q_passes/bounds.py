@@ -182,7 +182,7 @@ def as_integer_weights(q: np.ndarray) -> np.ndarray:
             raise ValueError("weights are not integers")
     elif arr.dtype.kind not in "iub":
         raise ValueError(f"unsupported weight dtype {arr.dtype}")
-    return arr.astype(np.int64)
+    return arr.astype(np.int64, copy=False)
 
 
 def positive_negative_sums(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
