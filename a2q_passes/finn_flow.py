@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
@@ -327,7 +328,7 @@ def summarize_lowering(model: ModelWrapper, stages: list[StageRecord], fpgapart:
     for node in model.graph.node:
         if node.domain.startswith(HW_DOMAIN_PREFIX):
             hw_counts[node.op_type] += 1
-            if node.op_type.split("_")[0] in ("MVAU", "VVAU"):
+            if _is_mac_node(node):
                 mac.append((node.name, node.op_type))
             inst = getCustomOp(node)
             try:
@@ -511,11 +512,13 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
     }
 
 
-def iterate_mac_nodes(model: ModelWrapper) -> Iterator:
-    """MVAU / VVAU nodes (abstract or specialised) of a HW graph."""
-    for node in model.graph.node:
-        if node.domain.startswith(HW_DOMAIN_PREFIX) and node.op_type.split("_")[0] in ("MVAU", "VVAU"):
-            yield node
+def _is_mac_node(node: NodeProto) -> bool:
+    return node.domain.startswith(HW_DOMAIN_PREFIX) and node.op_type.split("_")[0] in ("MVAU", "VVAU")
+
+
+def iterate_mac_nodes(model: ModelWrapper) -> Iterator[NodeProto]:
+    """MVAU / VVAU nodes (abstract or specialised ``_hls`` / ``_rtl``) of a HW graph."""
+    return (node for node in model.graph.node if _is_mac_node(node))
 
 
 # ---------------------------------------------------------------------------------------------
