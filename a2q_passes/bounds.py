@@ -188,9 +188,8 @@ def as_integer_weights(q: np.ndarray) -> np.ndarray:
 def positive_negative_sums(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64)."""
     q = as_integer_weights(q)
-    pos = np.where(q > 0, q, 0).sum(axis=1)
-    neg = -np.where(q < 0, q, 0).sum(axis=1)
-    return pos, neg
+    pos = np.maximum(q, 0).sum(axis=1)
+    return pos, pos - q.sum(axis=1)  # sum q = pos - neg
 
 
 def exact_accumulator_range(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:

@@ -58,7 +58,7 @@ def build_resnet50_qonnx(seed: int = 0, weight_bits: int = 4, act_bits: int = 4)
         out = f"{name}.y"
         nodes.append(helper.make_node("Conv", [f"{name}.qa_out", f"{name}.qw_out"], [out], name=name,
                                       pads=[k // 2] * 4))
-        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, c_out, 7, 7]))
     graph = helper.make_graph(nodes, "resnet50_layers", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
     return ModelWrapper(model)

@@ -135,7 +135,10 @@ class ProjectToAccumulator(A2QPass):
 
     def ensures(self, result: PassResult) -> None:
         model = result.model
-        onnx.checker.check_model(model.model)
+        try:
+            onnx.checker.check_model(model.model)
+        except onnx.checker.ValidationError as err:
+            raise PostconditionError(f"projected model fails onnx.checker: {err}") from err
         widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point).layers}
         for p in self.projections:
             r = widths.get(p.node)
