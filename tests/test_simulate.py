@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from a2q_passes.simulate import accumulate_dot, accumulate_terms, exact_dot, saturate, wrap
+from a2q_passes.simulate import accumulate, accumulate_dot, accumulate_terms, exact_dot, saturate, wrap
 
 
 def _limits(bits: int, signed: bool) -> tuple[int, int]:
@@ -138,3 +138,13 @@ def test_rejects_non_integers_too_wide_values_and_bad_settings():
         accumulate_terms(np.array([[1]]), 63, True)
     with pytest.raises(ValueError, match="tile"):
         accumulate_terms(np.array([[1]]), 8, True, tile=0)
+
+
+def test_general_form_sums_the_terms_when_no_exact_sum_is_given():
+    rng = np.random.default_rng(3)
+    terms = rng.integers(-50, 50, size=(5, 7))
+    given = accumulate(lambda k: terms[:, k], 7, 6, True, "saturate", 3, exact=terms.sum(axis=1))
+    summed = accumulate(lambda k: terms[:, k], 7, 6, True, "saturate", 3)
+    assert summed.exact.tolist() == terms.sum(axis=1).tolist()
+    assert summed.values.tolist() == given.values.tolist() == [
+        _brute_force(row.tolist(), 6, True, "saturate", 3)[0] for row in terms]

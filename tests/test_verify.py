@@ -1,0 +1,428 @@
+"""Overflow verification: static proof and simulations against brute force, on hand-built and Brevitas models."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.transformation.infer_shapes import InferShapes
+
+from a2q_passes.errors import A2QError, PostconditionError
+from a2q_passes.metadata import record_accumulators, recorded_accumulators
+from a2q_passes.passes import PassResult
+from a2q_passes.transforms import AnnotateAccumulators, VerifyAccumulators
+from a2q_passes.verification import LayerVerdict, VerificationReport, simulate_model, verify_model
+from tests.brevitas_nets import build_net
+from tests.cli_helpers import run_a2q
+
+torch.set_num_threads(1)
+QONNX_DOMAIN = "qonnx.custom_op.general"
+
+
+# --------------------------------------------------------------------------- brute force (Python ints)
+
+
+def _limits(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+def _width(lo: int, hi: int) -> int:
+    """Smallest P whose accumulator holds [lo, hi]: unsigned if lo >= 0, else two's complement."""
+    return next(p for p in range(1, 80) if _limits(p, lo < 0)[0] <= lo and hi <= _limits(p, lo < 0)[1])
+
+
+def _registers(terms: list[int], mode: str, tile: int | None) -> list[int]:
+    """Every value an exact accumulator register holds on the way (what must fit P bits)."""
+    if tile is None:
+        prefixes = list(itertools.accumulate(terms))
+        return prefixes if mode == "saturate" else prefixes[-1:]
+    chunks = [terms[i:i + tile] for i in range(0, len(terms), tile)]
+    inner = [value for chunk in chunks for value in itertools.accumulate(chunk)]
+    return inner + list(itertools.accumulate(sum(chunk) for chunk in chunks))
+
+
+def _accumulate(terms: list[int], bits: int, signed: bool, mode: str, tile: int | None) -> int:
+    """Sequential P-bit accumulation, one Python-int addition at a time."""
+    lo, hi = _limits(bits, signed)
+
+    def add(a: int, b: int) -> int:
+        s = a + b
+        return (s - lo) % 2 ** bits + lo if mode == "wrap" else min(max(s, lo), hi)
+
+    step = tile or len(terms)
+    outer = 0
+    for start in range(0, len(terms), step):
+        inner = 0
+        for t in terms[start:start + step]:
+            inner = add(inner, t)
+        outer = add(outer, inner) if tile else inner
+    return outer
+
+
+def _layer_width(q: np.ndarray, lo: int, hi: int) -> int:
+    """Exact-range width of a layer from its integer weights, by summing per-term extremes."""
+    acc_min = min(sum(min(int(w) * lo, int(w) * hi) for w in row) for row in q)
+    acc_max = max(sum(max(int(w) * lo, int(w) * hi) for w in row) for row in q)
+    return _width(acc_min, acc_max)
+
+
+# --------------------------------------------------------------------------- hand-built QONNX models
+
+
+def _quant(name: str, tensor: str, scale, zero_point: float, bits: int, signed: bool, narrow: bool = False):
+    inits = [numpy_helper.from_array(np.asarray(scale, dtype=np.float32), f"{name}_scale"),
+             numpy_helper.from_array(np.asarray(zero_point, dtype=np.float32), f"{name}_zp"),
+             numpy_helper.from_array(np.asarray(bits, dtype=np.float32), f"{name}_bits")]
+    node = helper.make_node("Quant", [tensor, f"{name}_scale", f"{name}_zp", f"{name}_bits"], [f"{name}_out"],
+                            name=name, domain=QONNX_DOMAIN, signed=int(signed), narrow=int(narrow),
+                            rounding_mode="ROUND")
+    return node, inits
+
+
+def _model(nodes, inits, input_shape, output: str) -> ModelWrapper:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 10
+    return ModelWrapper(proto).transform(InferShapes())
+
+
+X_SCALE, W_SCALE = 0.5, 0.25  # powers of two: float execution of small integers is exact
+
+
+def _matmul_model(q: np.ndarray, in_bits: int, in_signed: bool, zero_point: int = 0) -> ModelWrapper:
+    """x -> Quant -> MatMul(Quant(W)) with integer weights ``q`` of shape (K, C)."""
+    weights = numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w")
+    qx, ix = _quant("qx", "x", X_SCALE, zero_point, in_bits, in_signed)
+    qw, iw = _quant("qw", "w", np.full((1, q.shape[1]), W_SCALE), 0, 8, True, narrow=True)
+    mm = helper.make_node("MatMul", ["qx_out", "qw_out"], ["y"], name="mm")
+    return _model([qx, qw, mm], [weights, *ix, *iw], [1, q.shape[0]], "y")
+
+
+def _conv_model(q: np.ndarray, in_shape, groups: int, strides, pads, dilations, zero_point: int) -> ModelWrapper:
+    weights = numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w")
+    qx, ix = _quant("qx", "x", X_SCALE, zero_point, 3, False)
+    qw, iw = _quant("qw", "w", np.full((q.shape[0], 1, 1, 1), W_SCALE), 0, 4, True)
+    conv = helper.make_node("Conv", ["qx_out", "qw_out"], ["y"], name="conv", group=groups, strides=strides,
+                            pads=pads, dilations=dilations, kernel_shape=list(q.shape[2:]))
+    return _model([qx, qw, conv], [weights, *ix, *iw], list(in_shape), "y")
+
+
+# --------------------------------------------------------------------------- static proof vs brute force
+
+
+def _threshold_matmul_model(q: np.ndarray) -> ModelWrapper:
+    """x -> MultiThreshold (3 steps, out_bias 1: codes 1..4, a box without 0) -> MatMul with INT4 weights."""
+    thresholds = numpy_helper.from_array(np.array([[0.5, 1.5, 2.5]], dtype=np.float32), "thresholds")
+    weights = numpy_helper.from_array(q.astype(np.float32), "w")
+    mt = helper.make_node("MultiThreshold", ["x", "thresholds"], ["codes"], name="mt", domain=QONNX_DOMAIN,
+                          out_dtype="UINT3", out_bias=1.0)
+    mm = helper.make_node("MatMul", ["codes", "w"], ["y"], name="mm")
+    model = _model([mt, mm], [thresholds, weights], [1, q.shape[0]], "y")
+    model.set_tensor_datatype("w", DataType["INT4"])
+    return model
+
+
+# input boxes: 2-bit unsigned, 2-bit signed, unsigned with non-negative weights (an unsigned
+# accumulator), and codes 1..4, where partial sums can leave the range of the final sum
+INPUT_BOXES = {"uint2": (0, 3), "int2": (-2, 1), "uint2-nonneg-weights": (0, 3), "codes1to4": (1, 4)}
+
+
+@pytest.mark.parametrize("mode,tile", [("wrap", None), ("saturate", None), ("wrap", 2), ("saturate", 3)])
+@pytest.mark.parametrize("box,seed", [("uint2", 0), ("int2", 1), ("uint2-nonneg-weights", 2), ("codes1to4", 3),
+                                      ("codes1to4", 4), ("codes1to4", 5)])
+def test_static_proof_is_safe_and_minimal_over_the_whole_input_box(mode, tile, box, seed):
+    rng = np.random.default_rng(seed)
+    K, C = 4, 3
+    q = rng.integers(-7, 8, size=(K, C))
+    if box == "uint2-nonneg-weights":
+        q = np.abs(q)
+    if seed == 4:  # large terms of one sign first: partial sums overshoot the final sum's range
+        q = np.array([[7, -7]] * 3 + [[-7, 7]] * 3)
+        K = 6
+    if seed == 5:  # tiles of 2: the prefix 7 + 6 + 4 overshoots, no register of the tiled datapath does
+        q = np.array([[7], [6], [4], [-7]])
+    model = _threshold_matmul_model(q) if box == "codes1to4" else _matmul_model(q, 2, box == "int2")
+    lo, hi = INPUT_BOXES[box]
+    values = [v for x in itertools.product(range(lo, hi + 1), repeat=K) for c in range(q.shape[1])
+              for v in _registers([int(x[i]) * int(q[i, c]) for i in range(K)], mode, tile)]
+    needed = _width(min(values), max(values))
+    if seed == 4 and (mode, tile) != ("wrap", None):
+        finals = [sum(int(x[i]) * int(q[i, c]) for i in range(K)) for x in itertools.product(range(lo, hi + 1), repeat=K)
+                  for c in range(q.shape[1])]
+        assert needed > _width(min(finals), max(finals))  # the case exercises the partial-sum registers
+    at_p = verify_model(model, needed, mode, tile).layers[0]
+    below = verify_model(model, needed - 1, mode, tile).layers[0]
+    assert at_p.required_bits == needed and at_p.signed == (min(values) < 0)
+    assert at_p.proof == "pass" and at_p.adversarial_register_overflows == 0 and at_p.adversarial_overflows == 0
+    assert below.proof == "fail" and below.adversarial_register_overflows > 0
+    if tile is None:  # one register, or clamping: a register overflow corrupts the worst-case result
+        assert below.adversarial_overflows > 0
+
+
+# --------------------------------------------------------------------------- data simulation vs brute force
+
+
+@pytest.mark.parametrize("mode,tile,bits", [("wrap", None, 7), ("saturate", None, 7), ("wrap", 3, 6),
+                                            ("saturate", 2, 7)])
+@pytest.mark.parametrize("in_signed,zero_point", [(False, 0), (True, 0), (False, 5)])
+def test_matmul_data_simulation_matches_sequential_accumulation(mode, tile, bits, in_signed, zero_point):
+    rng = np.random.default_rng(bits)
+    K, C, N = 6, 4, 40
+    q = rng.integers(-7, 8, size=(K, C))
+    model = _matmul_model(q, 4, in_signed, zero_point)
+    lo, hi = _limits(4, in_signed)
+    codes = rng.integers(lo, hi + 1, size=(N, K))
+    x = ((codes - zero_point) * X_SCALE).astype(np.float32)
+    result = simulate_model(model, x, bits, mode, tile, batch_size=16)
+    signed = verify_model(model, bits, mode, tile).layers[0].signed
+    recovered = result.outputs["y"].astype(np.float64) / (X_SCALE * W_SCALE)
+    overflows = 0
+    for n, c in itertools.product(range(N), range(C)):
+        terms = [int(codes[n, i]) * int(q[i, c]) for i in range(K)]
+        sim = _accumulate(terms, bits, signed, mode, tile)
+        overflows += sim != sum(terms)
+        centred = sum(int(codes[n, i] - zero_point) * int(q[i, c]) for i in range(K))
+        assert recovered[n, c] == pytest.approx(centred + sim - sum(terms), abs=1e-3)
+    assert overflows > 0 and result.overflows == {"mm": overflows}
+    assert result.accumulations == {"mm": N * C}
+    np.testing.assert_allclose(result.exact_outputs["y"], (codes - zero_point) @ q * X_SCALE * W_SCALE, atol=1e-4)
+
+
+CONV_CASES = [  # groups, strides, pads, dilations, zero point, convention, mode, tile
+    (1, [1, 1], [1, 1, 1, 1], [1, 1], 0, "fold", "saturate", None),
+    (2, [2, 1], [1, 0, 2, 1], [1, 2], 3, "fold", "wrap", None),
+    (2, [1, 2], [0, 1, 1, 0], [2, 1], 3, "subtract", "saturate", 4),
+    (4, [1, 1], [1, 1, 1, 1], [1, 1], 2, "fold", "wrap", 5),
+]
+
+
+@pytest.mark.parametrize("groups,strides,pads,dilations,zero_point,convention,mode,tile", CONV_CASES)
+def test_conv_data_simulation_matches_brute_force_im2col(groups, strides, pads, dilations, zero_point, convention,
+                                                         mode, tile):
+    rng = np.random.default_rng(groups + zero_point)
+    B, cin, cout, H, W, kh, kw = 3, 4, 4, 6, 5, 3, 2
+    q = rng.integers(-8, 8, size=(cout, cin // groups, kh, kw))
+    model = _conv_model(q, (1, cin, H, W), groups, strides, pads, dilations, zero_point)
+    codes = rng.integers(0, 8, size=(B, cin, H, W))
+    bits = 7
+    result = simulate_model(model, ((codes - zero_point) * X_SCALE).astype(np.float32), bits, mode, tile,
+                            zero_point=convention)
+    signed = verify_model(model, bits, mode, tile, zero_point=convention).layers[0].signed
+    # brute force: the codes the integer kernel sees, padded with the code of real zero
+    seen = codes if convention == "fold" else codes - zero_point
+    pad_code = zero_point if convention == "fold" else 0
+    padded = np.pad(seen, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])], constant_values=pad_code)
+    out = result.outputs["y"]
+    recovered = out.astype(np.float64) / (X_SCALE * W_SCALE)
+    overflows = 0
+    for b, co, oy, ox in itertools.product(*(range(s) for s in out.shape)):
+        g = co // (cout // groups)
+        terms = [int(padded[b, g * (cin // groups) + ci, oy * strides[0] + ky * dilations[0],
+                            ox * strides[1] + kx * dilations[1]]) * int(q[co, ci, ky, kx])
+                 for ci in range(cin // groups) for ky in range(kh) for kx in range(kw)]
+        sim = _accumulate(terms, bits, signed, mode, tile)
+        overflows += sim != sum(terms)
+        centred = sum(t - pad_code * int(w) for t, w in zip(terms, q[co].reshape(-1)))  # the float layer's value
+        assert recovered[b, co, oy, ox] == pytest.approx(centred + sim - sum(terms), abs=1e-3)
+    assert overflows > 0 and result.overflows == {"conv": overflows}
+
+
+# --------------------------------------------------------------------------- Brevitas exports, CLI
+
+
+NETS = [("conv", 4, 4, False), ("linear", 8, 8, True), ("conv", 8, 4, True), ("linear", 4, 4, False)]
+
+
+@pytest.fixture(scope="module", params=NETS, ids=lambda p: f"{p[0]}-w{p[1]}a{p[2]}{'s' if p[3] else 'u'}")
+def net(request, tmp_path_factory):
+    kind, wbits, abits, signed = request.param
+    exported = build_net(tmp_path_factory.mktemp("net"), kind, wbits, abits, signed)
+    exported.widths = [_layer_width(q, lo, hi) for q, lo, hi in exported.expected]
+    return exported
+
+
+def _layer_names(net) -> list[str]:
+    return [n.name for n in net.model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+
+
+def test_cli_passes_at_the_exact_width_and_fails_one_bit_below(net, tmp_path):
+    exact = max(net.widths)
+    ok = run_a2q("verify", net.path, "--acc-bits", exact, "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert [v["required_bits"] for v in report["layers"]] == net.widths
+    assert report["overflow_impossible"] is True
+    bad = run_a2q("verify", net.path, "--acc-bits", exact - 1)
+    assert bad.returncode == 3
+    assert "verdict: overflow possible" in bad.stdout and "overflow possible or not proven" in bad.stderr
+    # per layer: each layer at its own exact width except one bit less on the last one
+    names = _layer_names(net)
+    tight = [f"{name}={w}" for name, w in zip(names, net.widths)][:-1] + [f"{names[-1]}={net.widths[-1] - 1}"]
+    failed = run_a2q("verify", net.path, *itertools.chain(*(("--layer", s) for s in tight)), "--mode", "saturate")
+    assert failed.returncode == 3 and names[-1] in failed.stderr
+
+
+def test_simulation_at_a_wide_width_equals_qonnx_execution(net):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((12, *net.input_shape[1:])) * 2).astype(np.float32)
+    result = simulate_model(net.model, x, 32, batch_size=5)
+    name = net.model.graph.output[0].name
+    reference = np.concatenate([execute_onnx(net.model, {net.model.graph.input[0].name: x[i:i + 1]})[name]
+                                for i in range(len(x))])
+    np.testing.assert_allclose(result.outputs[name], reference, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(result.outputs[name], result.exact_outputs[name])
+    assert set(result.overflows) == set(_layer_names(net)) and not any(result.overflows.values())
+    assert all(result.accumulations.values())
+
+
+def test_narrow_wrap_around_changes_outputs_and_counts_overflows(net, tmp_path):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((32, *net.input_shape[1:])) * 2).astype(np.float32)
+    narrow = min(net.widths) - 3
+    result = simulate_model(net.model, x, narrow)
+    assert sum(result.overflows.values()) > 0
+    assert result.max_abs_deviation() > 0
+    np.savez(tmp_path / "data.npz", x=x)
+    out = run_a2q("verify", net.path, "--acc-bits", narrow, "--data", tmp_path / "data.npz", "--json")
+    assert out.returncode == 3
+    data = json.loads(out.stdout)["data"]
+    assert data["overflows"] == result.overflows and data["max_abs_output_deviation"] > 0
+
+
+def test_recorded_widths_are_picked_up(tmp_path):
+    net = build_net(tmp_path, "conv", 4, 4)
+    annotated = net.model.transform(AnnotateAccumulators())
+    path = tmp_path / "annotated.onnx"
+    annotated.save(str(path))
+    ok = run_a2q("verify", path, "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["width_source"] == "model metadata"
+    widths = [_layer_width(q, lo, hi) for q, lo, hi in net.expected]
+    assert [v["acc_bits"] for v in report["layers"]] == widths
+    # one bit less recorded for the first layer -> overflow possible
+    layers = recorded_accumulators(annotated)
+    first = _layer_names(net)[0]
+    layers[first] = dict(layers[first], acc_bits=layers[first]["acc_bits"] - 1)
+    record_accumulators(annotated, layers, source="test")
+    annotated.save(str(path))
+    assert run_a2q("verify", path).returncode == 3
+    # a layer missing from the record is unchecked, which fails a record-based verdict
+    del layers[first]
+    record_accumulators(annotated, layers, source="test")
+    annotated.save(str(path))
+    missing = run_a2q("verify", path)
+    assert missing.returncode == 3 and f"{first} (unchecked)" in missing.stdout
+    # ... but asking about the other layer only passes
+    second = _layer_names(net)[1]
+    assert run_a2q("verify", path, "--layer", f"{second}={widths[1]}").returncode == 0
+    # no record and no width: a clear error
+    none = run_a2q("verify", net.path)
+    assert none.returncode == 1 and "--acc-bits" in none.stderr
+
+
+@pytest.fixture(scope="module")
+def small_net(tmp_path_factory):
+    return build_net(tmp_path_factory.mktemp("small"), "conv", 4, 4)
+
+
+@pytest.mark.parametrize("case", ["shape", "nan", "missing", "not_npz", "keys"])
+def test_bad_data_is_a_clear_error(small_net, tmp_path, case):
+    path = tmp_path / "data.npz"
+    good = np.zeros((4, 2, 6, 6), dtype=np.float32)
+    if case == "shape":
+        np.savez(path, x=np.zeros((4, 2, 5, 6), dtype=np.float32))
+        expect = "(N, 2, 6, 6)"
+    elif case == "nan":
+        good[1, 0, 2, 2] = np.nan
+        np.savez(path, x=good)
+        expect = "NaN"
+    elif case == "missing":
+        expect = "no such data file"
+    elif case == "not_npz":
+        path.write_bytes(b"not a zip archive")
+        expect = "not a readable .npz"
+    else:
+        np.savez(path, a=good, b=good)
+        expect = "do not match the model inputs"
+    out = run_a2q("verify", small_net.path, "--acc-bits", 16, "--data", path)
+    assert out.returncode == 1, out.stdout
+    assert expect in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--layer", "nosuch=12"], "'nosuch'"),
+    (["--acc-bits", "12", "--layer", "Quant_0=12"], "not a quantized MAC layer"),
+    (["--acc-bits", "0"], "between 1 and 64"),
+    (["--acc-bits", "12", "--mode", "round"], "mode"),
+    (["--acc-bits", "12", "--tile", "0"], "--tile"),
+])
+def test_bad_options_are_clear_errors(small_net, args, expect):
+    out = run_a2q("verify", small_net.path, *args)
+    assert out.returncode == 1 and expect in out.stderr, out.stderr
+
+
+def test_off_grid_data_for_an_integer_input_is_refused(tmp_path):
+    # an integer-typed graph input (as FINN graphs have) must receive integer codes
+    q = np.array([[1, -2], [3, 4]])
+    weights = numpy_helper.from_array(q.astype(np.float32), "w")
+    mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    model = _model([mm], [weights], [1, 2], "y")
+    model.set_tensor_datatype("x", DataType["UINT4"])
+    model.set_tensor_datatype("w", DataType["INT4"])
+    # channel ranges [0, 60] and [-30, 60]: a signed accumulator; INT5 holds [-16, 15]
+    ok = simulate_model(model, np.array([[15, 15], [0, 1]], dtype=np.float32), 5)
+    assert ok.overflows == {"mm": 2}  # sample 0: 15 + 45 = 60 and -30 + 60 = 30 overflow; sample 1: 3 and 4 fit
+    np.testing.assert_array_equal(ok.outputs["y"], [[60 - 64, 30 - 32], [3, 4]])
+    with pytest.raises(A2QError, match="not on the integer grid"):
+        simulate_model(model, np.array([[0.5, 1.0]], dtype=np.float32), 5)
+
+
+def test_plot_data_and_pass_details(small_net, tmp_path):
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((8, 2, 6, 6)).astype(np.float32))
+    out = run_a2q("verify", small_net.path, "--acc-bits", 16, "--plot", tmp_path / "v.png", "--data",
+                  tmp_path / "data.npz")
+    assert out.returncode == 0 and (tmp_path / "v.png").read_bytes().startswith(b"\x89PNG")
+    assert "max |output - exact-accumulation output| = 0\n" in out.stdout
+    before = small_net.model.model.SerializeToString(deterministic=True)
+    check = VerifyAccumulators(16)
+    result = check(small_net.model)
+    assert result.model.model.SerializeToString(deterministic=True) == before and not result.modified
+    assert result.details["overflow_impossible"] is True
+    assert set(result.details["layers"]) == set(_layer_names(small_net))
+
+
+def test_ensures_rejects_a_proof_contradicted_by_simulation(small_net):
+    check = VerifyAccumulators(16)
+    check(small_net.model)
+    bogus = LayerVerdict("Conv_0", "Conv", 18, 6, "ok", "pass", acc_bits=16, adversarial_register_overflows=2)
+    with pytest.raises(PostconditionError, match="Conv_0"):
+        check.ensures(PassResult(small_net.model, False, {"report": VerificationReport([bogus], "wrap", None,
+                                                                                      "global", "fold")}))
+    unproven = LayerVerdict("Conv_0", "Conv", 18, 6, "ok", "fail", acc_bits=4, adversarial_register_overflows=0)
+    with pytest.raises(PostconditionError, match="worst-case"):
+        check.ensures(PassResult(small_net.model, False, {"report": VerificationReport([unproven], "wrap", None,
+                                                                                        "global", "fold")}))
+
+
+def test_tiled_wrap_around_keeps_results_exact_while_tile_registers_overflow():
+    q = np.array([[7], [6], [4], [-7]])  # codes 1..4: final sum in [-11, 61], tile registers in [-24, 61]
+    model = _threshold_matmul_model(q)
+    x = np.array(list(itertools.product(range(4), repeat=4)), dtype=np.float32)  # codes 1..4: the whole box
+    at7 = verify_model(model, 7, "wrap", 2, data=x).layers[0]
+    assert at7.proof == "pass" and at7.data_overflows == 0 and at7.data_register_overflows == 0
+    at6 = verify_model(model, 6, "wrap", 2, data=x).layers[0]  # INT6 holds [-32, 31]
+    brute = sum(1 for codes in itertools.product(range(1, 5), repeat=4)
+                if any(not -32 <= v <= 31 for v in _registers([c * int(w) for c, w in zip(codes, q[:, 0])], "wrap", 2)))
+    assert at6.proof == "fail" and at6.data_register_overflows == brute > 0
+    finals_out = sum(1 for codes in itertools.product(range(1, 5), repeat=4)
+                     if not -32 <= sum(c * int(w) for c, w in zip(codes, q[:, 0])) <= 31)
+    assert at6.data_overflows == finals_out  # wrong results only where the final sum itself does not fit
