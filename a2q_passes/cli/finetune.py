@@ -1,0 +1,95 @@
+"""``a2q finetune``: win accuracy back at a target accumulator width (constrained QAT, A2Q, or AXE PTQ).
+
+Runs unchanged under ``torchrun --nproc_per_node=N`` (DistributedDataParallel; only rank 0 prints
+and writes OUT.onnx).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from a2q_passes.analysis import analyze_model
+from a2q_passes.cli import app
+from a2q_passes.cli.common import parse_layer_widths
+from a2q_passes.errors import A2QError
+from a2q_passes.finetune.data import LOSSES
+from a2q_passes.finetune.distributed import DEVICES
+from a2q_passes.finetune.train import FinetuneConfig
+from a2q_passes.model_io import load_model, save_model
+from a2q_passes.transforms.finetune import METHODS, FinetuneAccumulators
+
+
+def _check_options(input_path: Path, output_path: Path, method: str, loss: str, epochs: int, lr: float,
+                   batch_size: int, device: str) -> None:
+    if output_path.resolve() == input_path.resolve():
+        raise A2QError(f"{output_path}: the output path equals the input path; write the fine-tuned model elsewhere")
+    folder = output_path.parent if str(output_path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise A2QError(f"{output_path}: output folder '{folder}' does not exist or is not writable")
+    for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES)):
+        if value not in allowed:
+            raise A2QError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if epochs < 0 or batch_size < 1 or not lr > 0:
+        raise A2QError(f"need --epochs >= 0, --batch-size >= 1 and --lr > 0 (got {epochs}, {batch_size}, {lr})")
+
+
+def _summary(before: dict, after: dict, targets: dict[str, int]) -> Table:
+    table = Table(title="Accumulator bits per constrained layer (exact range)")
+    for col in ("layer", "target", "before", "after"):
+        table.add_column(col)
+    for node, bits in targets.items():
+        table.add_row(node, str(bits), str(before[node].bounds.get("exact")), str(after[node].bounds.get("exact")))
+    return table
+
+
+@app.command()
+def finetune(
+    input_path: Annotated[Path, typer.Argument(metavar="IN.onnx", help="QONNX model (weights behind Quant nodes)")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUT.onnx")],
+    data: Annotated[Path, typer.Option("--data", help=".npz with 'x' (inputs) and optional 'y' (labels/targets)")],
+    acc_bits: Annotated[Optional[int], typer.Option("--acc-bits", help="target accumulator width P of every layer")] = None,
+    layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer width NAME=P; repeatable")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz; the best epoch is chosen on it")] = None,
+    method: Annotated[str, typer.Option("--method", help="qat (exact-range projected QAT), a2q or axe (PTQ)")] = "qat",
+    epochs: Annotated[int, typer.Option("--epochs")] = 5,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (cosine decay)")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="samples per step and process")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="seeds data order and initialisation")] = 0,
+    loss: Annotated[str, typer.Option("--loss", help="ce (labels), mse or l1 (targets)")] = "ce",
+    distill: Annotated[bool, typer.Option(
+        "--distill", help="train on the original model's outputs (KL on softmax for ce); no labels needed")] = False,
+    train_act_scales: Annotated[bool, typer.Option("--train-act-scales", help="also train activation scales")] = False,
+    tile: Annotated[Optional[int], typer.Option("--tile", help="axe: hold each run of T terms to P bits too")] = None,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="axe: calibration inputs used")] = 512,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+) -> None:
+    """Train (or AXE-quantize) so every constrained layer fits P bits; writes the best checkpoint.
+
+    Everything about the inputs is checked before training; on any problem nothing is written.
+    """
+    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device)
+    global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
+    model = load_model(input_path)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    config = FinetuneConfig(method=method if method != "axe" else "qat", loss=loss, distill=distill, epochs=epochs,
+                            lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
+                            device=device, progress=not no_progress, log=typer.echo)
+    step = FinetuneAccumulators(global_bits, data, val, config, method=method, overrides=overrides, tile=tile,
+                                calibration_samples=calib_samples)
+    result = step(model)
+    if not result.details["is_main"]:
+        return
+    save_model(result.model, output_path)
+    targets = {layer.node: layer.acc_bits for layer in step.selection.layers}
+    Console(width=200).print(_summary(analyze_model(model).by_node(), analyze_model(result.model).by_node(), targets))
+    for node, why in result.details["skipped"].items():
+        typer.echo(f"not constrained: {node} ({why})")
+    typer.echo(f"wrote {output_path}")

@@ -1,0 +1,164 @@
+"""Which layers fine-tuning constrains, at which width, and the exact re-check of the result (graph side).
+
+A layer is *constrained* when it is a MAC layer (:func:`a2q_passes.layers.find_mac_layers`) whose
+input lives on an integer grid and whose weights come from a QONNX ``Quant`` on an initializer:
+those are the weights the torch bridge trains and the accumulator a target width applies to.
+Every other MAC layer is left as it is and listed in :class:`Selection.skipped`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes import bounds
+from a2q_passes.bounds import IntRange
+from a2q_passes.errors import A2QError
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, _apply_perms, find_mac_layers, write_mac_weights
+from a2q_passes.projection import InfeasibleTarget, check_target, project_exact
+
+
+@dataclass
+class ConstrainedLayer:
+    """One constrained MAC layer and the map between its stored weight tensor and accumulator rows.
+
+    ``row_index[r, k]`` is the flat position in the stored weight initializer of term k of row r
+    (``-1`` for padding, ConvTranspose only): ``rows = stored.reshape(-1)[row_index]``. It folds the
+    weight ``Transpose``s between the ``Quant`` and the MAC node and the MAC's row layout into one
+    gather, usable on numpy arrays and torch tensors alike.
+    """
+
+    mac: MacLayer
+    acc_bits: int
+    stored_shape: tuple[int, ...]
+    row_index: np.ndarray
+
+    @classmethod
+    def of(cls, model: ModelWrapper, mac: MacLayer, acc_bits: int) -> "ConstrainedLayer":
+        source = mac.source
+        shape = tuple(model.get_initializer(source.tensor).shape)
+        flat = np.arange(1, int(np.prod(shape)) + 1).reshape(shape)  # 1-based so padding (0) maps to -1
+        row_index = mac.layout.to_rows(_apply_perms(flat, source.perms)).astype(np.int64) - 1
+        counts = np.bincount(row_index[row_index >= 0], minlength=flat.size)
+        if not (counts == 1).all():
+            raise A2QError(f"layer '{mac.node}': some stored weights appear in several accumulator rows; "
+                           "fine-tuning needs each weight in exactly one row")
+        return cls(mac, int(acc_bits), shape, row_index)
+
+    @property
+    def node(self) -> str:
+        return self.mac.node
+
+    @property
+    def tensor(self) -> str:
+        """The float weight initializer the ``Quant`` node quantizes."""
+        return self.mac.source.tensor
+
+    @property
+    def x(self) -> IntRange:
+        return self.mac.grid.range
+
+    @property
+    def weight_range(self) -> IntRange:
+        return self.mac.source.weight_range
+
+    @property
+    def scale(self) -> np.ndarray:
+        """The ``Quant`` scale, broadcast to the stored tensor's shape."""
+        return np.broadcast_to(self.mac.source.scale, self.stored_shape)
+
+    def to_rows(self, stored: np.ndarray) -> np.ndarray:
+        """``(rows, K)`` accumulator rows of a tensor in the stored layout (padding reads as 0)."""
+        flat = np.asarray(stored).reshape(-1)
+        return np.where(self.row_index >= 0, flat[np.maximum(self.row_index, 0)], 0)
+
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_rows`: a tensor in the stored layout."""
+        flat = np.zeros(int(np.prod(self.stored_shape)), dtype=rows.dtype)
+        valid = self.row_index >= 0
+        flat[self.row_index[valid]] = rows[valid]
+        return flat.reshape(self.stored_shape)
+
+    def fits(self, rows: np.ndarray) -> bool:
+        """Whether integer rows fit ``acc_bits`` (exact range, ``UINT`` when no row reaches below 0)."""
+        acc_min, acc_max = bounds.exact_accumulator_range(rows, self.x)
+        return bool(bounds.fits(int(acc_min.min()), int(acc_max.max()), self.acc_bits))
+
+
+@dataclass
+class Selection:
+    layers: list[ConstrainedLayer]
+    skipped: dict[str, str] = field(default_factory=dict)  # MAC node -> why it is not constrained
+
+    def by_node(self) -> dict[str, ConstrainedLayer]:
+        return {layer.node: layer for layer in self.layers}
+
+
+def _constrainable(layer: MacLayer) -> str:
+    """Empty string if the layer can be constrained, else the reason it cannot."""
+    if layer.status == STATUS_WEIGHTS_NOT_QUANTIZED:
+        return "float weights"
+    if not layer.ok:
+        return layer.status
+    if layer.source.kind != "quant":
+        return f"weights come from a {layer.source.kind} source, not a trainable QONNX Quant"
+    return ""
+
+
+def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str, int] | None = None) -> Selection:
+    """Constrained layers with their target widths: ``acc_bits`` for all, ``overrides`` per MAC node.
+
+    Raises :class:`A2QError` for an override naming no constrainable layer, for no width at all,
+    and :class:`InfeasibleTarget` (naming the layer) for a width that cannot hold a single +-1 weight.
+    """
+    overrides = dict(overrides or {})
+    macs = find_mac_layers(model)
+    skipped = {m.node: why for m in macs if (why := _constrainable(m))}
+    candidates = [m for m in macs if m.node not in skipped]
+    names = {m.node for m in candidates}
+    for name in overrides:
+        if name not in names:
+            why = f" ({skipped[name]})" if name in skipped else ""
+            raise A2QError(f"--layer {name}={overrides[name]}: '{name}' is not a constrainable MAC layer{why}; "
+                           f"constrainable layers: {', '.join(sorted(names)) or 'none'}")
+    if not candidates:
+        detail = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no MAC layer found"
+        raise A2QError(f"no layer to constrain: fine-tuning needs MAC layers with QONNX Quant weights on a "
+                       f"quantized input ({detail})")
+    layers = []
+    for mac in candidates:
+        bits = overrides.get(mac.node, acc_bits)
+        if bits is None:
+            skipped[mac.node] = "no target width given"
+            continue
+        try:
+            check_target(mac.grid.range, bits, mac.source.weight_range)
+        except InfeasibleTarget as err:
+            raise InfeasibleTarget(f"layer '{mac.node}': {err}", err.acc_bits, err.min_acc_bits) from err
+        layers.append(ConstrainedLayer.of(model, mac, bits))
+    if not layers:
+        raise A2QError("no target width given: pass --acc-bits P or --layer NAME=P")
+    return Selection(layers, skipped)
+
+
+def enforce_widths(model: ModelWrapper, selection: Selection) -> dict[str, int]:
+    """Re-read every constrained layer's integers from ``model``; re-project (exact) those that do not fit.
+
+    The guarantee rests on this exact check of what the graph's own quantizer produces, not on
+    the training-time constraint. Returns ``{node: rows re-projected}`` (only layers that needed it).
+    """
+    fixed = {}
+    current = {m.node: m for m in find_mac_layers(model)}
+    for layer in selection.layers:
+        mac = current[layer.node]
+        rows = mac.integer_rows(model)
+        if layer.fits(rows):
+            continue
+        result = project_exact(rows.astype(np.float64), layer.x, layer.acc_bits, layer.weight_range)
+        write_mac_weights(model, mac.source, mac.layout.from_rows(result.weights))
+        fixed[layer.node] = int(result.touched.sum())
+        if not layer.fits(mac.integer_rows(model)):
+            raise RuntimeError(f"internal error: layer '{layer.node}' still exceeds {layer.acc_bits} bits after re-projection")
+    return fixed

@@ -1,0 +1,238 @@
+"""The fine-tuning loop: constrained training of a QONNX graph through the torch bridge.
+
+Objectives (``loss``): ``ce`` cross-entropy on integer labels; ``mse`` / ``l1`` on target arrays
+(regression, super-resolution). With ``distill`` the targets are the original model's outputs
+and labels are not needed: for ``ce`` the loss is the KL divergence ``KL(softmax(teacher) ||
+softmax(student))`` (temperature 1), which matches the whole output distribution rather than
+only the argmax; for ``mse`` / ``l1`` it is that loss on the raw outputs.
+
+Validation metric (higher is better): top-1 accuracy in % for ``ce``; PSNR in dB,
+``10 log10(1 / MSE)``, for ``mse`` / ``l1`` (meaningful for outputs in [0, 1], e.g. images). It is
+measured against the validation labels, or against the original model's outputs (argmax for
+``ce``) where the validation data has none. The best epoch (highest validation metric, or the
+lowest mean training loss without validation data) is kept; with validation data the
+constrained starting point (epoch 0) is a candidate too, so fine-tuning never returns a model
+that scores worse on it than the plain projection it starts from.
+
+Optimiser: Adam with a per-step cosine decay of the learning rate. Data order comes from a
+``DistributedSampler`` seeded with ``seed`` (also in a world of one), so a run is reproducible;
+``batch_size`` is per process. Under DDP every rank computes the same validation metric and
+the all-reduced training loss, so all ranks pick the same best epoch and end identical.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from qonnx.core.modelwrapper import ModelWrapper
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from a2q_passes.finetune.constraint import TRAINING_METHODS, Constraint
+from a2q_passes.finetune.data import Dataset
+from a2q_passes.finetune.distributed import Distributed, distributed
+from a2q_passes.finetune.selection import Selection, enforce_widths
+from a2q_passes.torch_bridge import QonnxModule, write_back
+
+StepCallback = Callable[[int, Constraint], None]
+_EVAL_BATCH = 512
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "qat"  # "qat" or "a2q"
+    loss: str = "ce"
+    distill: bool = False
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+    train_act_scales: bool = False
+    a2q_penalty: float = 1e-3  # weight of Brevitas' relu(g - T s) term (method a2q)
+    device: str = "auto"
+    progress: bool = True
+    log: Callable[[str], None] | None = field(default=None, repr=False)  # per-epoch lines (rank 0); None: stderr
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 0: the constrained starting point, before any step
+    train_loss: float | None
+    val_metric: float | None
+
+
+@dataclass
+class FinetuneResult:
+    model: ModelWrapper  # best epoch, written back into the input graph, every constrained layer within P
+    history: list[EpochRecord]
+    best_epoch: int
+    metric: str  # "top-1 %" or "PSNR dB"
+    original_metric: float | None  # the unconstrained input model on the validation data
+    reprojected: dict[str, int]  # rows re-projected after write-back (normally empty)
+    is_main: bool  # rank 0 (the one that writes files)
+
+
+def metric_name(loss: str) -> str:
+    return "top-1 %" if loss == "ce" else "PSNR dB"
+
+
+def score(outputs: Tensor, targets: Tensor, loss: str) -> float:
+    """Top-1 % (``targets``: labels, or reference logits) or PSNR in dB against reference outputs."""
+    if loss == "ce":
+        labels = targets if targets.dim() == 1 else targets.argmax(dim=1)
+        return float((outputs.argmax(dim=1) == labels).double().mean() * 100.0)
+    mse = float(F.mse_loss(outputs.double(), targets.double()))
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def objective(outputs: Tensor, targets: Tensor, loss: str, distill: bool) -> Tensor:
+    if loss == "ce":
+        if distill:
+            return F.kl_div(F.log_softmax(outputs, dim=1), F.log_softmax(targets, dim=1), reduction="batchmean",
+                            log_target=True)
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs, targets) if loss == "mse" else F.l1_loss(outputs, targets)
+
+
+@torch.no_grad()
+def predict(module: torch.nn.Module, x: np.ndarray, device: torch.device) -> Tensor:
+    """Outputs of ``module`` on all of ``x`` (in chunks), on the CPU."""
+    was_training = module.training
+    module.eval()
+    outputs = [module(torch.from_numpy(x[i:i + _EVAL_BATCH]).to(device)).float().cpu()
+               for i in range(0, len(x), _EVAL_BATCH)]
+    module.train(was_training)
+    return torch.cat(outputs)
+
+
+def evaluate_graph(model: ModelWrapper, data: Dataset, loss: str, device: torch.device,
+                   reference: ModelWrapper | None = None) -> float:
+    """The validation metric of a graph on ``data``: against ``data.y``, else against ``reference``'s outputs."""
+    outputs = predict(QonnxModule(model, trainable_scales="none").to(device), data.x, device)
+    if data.y is not None:
+        return score(outputs, torch.from_numpy(data.y), loss)
+    if reference is None:
+        raise ValueError(f"{data.name} has no targets and no reference model was given")
+    return score(outputs, predict(QonnxModule(reference, trainable_scales="none").to(device), data.x, device), loss)
+
+
+def _targets(data: Dataset, teacher: Callable[[np.ndarray], Tensor], use_teacher: bool) -> Tensor:
+    return teacher(data.x) if use_teacher or data.y is None else torch.from_numpy(data.y)
+
+
+def _state(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def finetune(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset | None = None,
+             config: FinetuneConfig | None = None, callback: StepCallback | None = None) -> FinetuneResult:
+    """Train ``model`` with every layer of ``selection`` held to its width; returns the best epoch's graph.
+
+    ``train`` / ``val`` must already be validated (:func:`a2q_passes.finetune.data.validate`).
+    ``callback(step, constraint)`` runs after every optimizer step and its projection.
+    Runs under DDP when started by torchrun (see :mod:`a2q_passes.finetune.distributed`).
+    """
+    config = config or FinetuneConfig()
+    if config.method not in TRAINING_METHODS:
+        raise ValueError(f"method must be one of {TRAINING_METHODS}, got {config.method!r}")
+    with distributed(config.device) as world:
+        return _run(model, selection, train, val, config, callback, world)
+
+
+def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset | None, config: FinetuneConfig,
+         callback: StepCallback | None, world: Distributed) -> FinetuneResult:
+    def log(line: str) -> None:
+        if world.is_main:
+            (config.log or (lambda s: tqdm.write(s, file=sys.stderr)))(line)
+
+    torch.manual_seed(config.seed)
+    device = world.device
+    original = QonnxModule(model, trainable_scales="none").to(device)
+    teacher = lambda x: predict(original, x, device)  # noqa: E731
+    train_targets = _targets(train, teacher, config.distill)
+    val_targets = _targets(val, teacher, False) if val is not None else None
+    original_metric = score(teacher(val.x), val_targets, config.loss) if val is not None else None
+    del original
+
+    module = QonnxModule(model, trainable_scales="all" if config.train_act_scales else "weights")
+    constraint = Constraint(module, selection, config.method)
+    module.to(device)
+    net = module
+    if world.active:
+        net = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    sampler = DistributedSampler(range(len(train)), num_replicas=world.world_size, rank=world.rank,
+                                 shuffle=True, seed=config.seed)
+    steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
+    total_steps = max(config.epochs * steps_per_epoch, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
+    x_all = torch.from_numpy(train.x)
+
+    metric = metric_name(config.loss)
+    if original_metric is not None:
+        log(f"original model: val {metric} {original_metric:.2f}")
+    history: list[EpochRecord] = []
+    best = (-math.inf, 0, _state(module))
+
+    def evaluate(epoch: int, train_loss: float | None) -> None:
+        nonlocal best
+        val_metric = score(predict(module, val.x, device), val_targets, config.loss) if val is not None else None
+        history.append(EpochRecord(epoch, train_loss, val_metric))
+        shown = f"val {metric} {val_metric:.2f}" if val_metric is not None else ""
+        loss_text = f"loss {train_loss:.4f}" if train_loss is not None else "constrained start"
+        log(f"epoch {epoch}/{config.epochs}  {loss_text}  {shown}".rstrip())
+        key = val_metric if val_metric is not None else (-train_loss if train_loss is not None else -math.inf)
+        if key > best[0]:
+            best = (key, epoch, _state(module))
+
+    evaluate(0, None)
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
+        net.train()
+        loss_sum, count = 0.0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False, file=sys.stderr,
+                   disable=not (config.progress and world.is_main))
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            outputs = net(x_all[idx].to(device))
+            loss = objective(outputs, train_targets[idx].to(device), config.loss, config.distill)
+            total = loss
+            penalty = constraint.penalty()
+            if penalty is not None:
+                total = loss + config.a2q_penalty * penalty
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            constraint.after_step()
+            step += 1
+            if callback is not None:
+                callback(step, constraint)
+            loss_sum += float(loss.detach()) * len(idx)
+            count += len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        bar.close()
+        loss_sum, count = world.sum([loss_sum, float(count)])
+        evaluate(epoch, loss_sum / count)
+
+    _, best_epoch, state = best
+    module.load_state_dict(state)
+    module.eval()
+    out = write_back(module, model)
+    reprojected = enforce_widths(out, selection)
+    log(f"best epoch {best_epoch}" + (f" (val {metric} {history[best_epoch].val_metric:.2f})" if val is not None else ""))
+    return FinetuneResult(out, history, best_epoch, metric, original_metric, reprojected, world.is_main)

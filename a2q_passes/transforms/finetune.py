@@ -1,0 +1,139 @@
+"""``FinetuneAccumulators``: win accuracy back at a target accumulator width, by training or by AXE.
+
+Methods: ``qat`` (default) and ``a2q`` train through the torch bridge with the constraint of
+:mod:`a2q_passes.finetune.constraint`; ``axe`` is post-training (:mod:`a2q_passes.finetune.calibration`)
+and only needs unlabelled calibration inputs. Every method ends with the exact re-check of what
+the graph's own quantizers produce (:func:`~a2q_passes.finetune.selection.enforce_widths`), and
+the pass proves its promise on its own output: the exact accumulator width of every constrained
+layer, from :func:`~a2q_passes.analysis.analyze_model`, is at most its target (with ``tile``, every
+partial sum within each tile too). The graph keeps its structure; the targets are recorded in the
+model metadata (``a2q.accumulators``, ``source: finetune``), so ``a2q verify`` needs no widths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes import bounds
+from a2q_passes.analysis import analyze_model
+from a2q_passes.errors import A2QError, PostconditionError
+from a2q_passes.finetune.calibration import run_axe
+from a2q_passes.finetune.constraint import TRAINING_METHODS
+from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
+from a2q_passes.finetune.distributed import distributed
+from a2q_passes.finetune.selection import Selection, enforce_widths, select_layers
+from a2q_passes.finetune.train import FinetuneConfig, StepCallback, evaluate_graph, finetune, metric_name
+from a2q_passes.layers import find_mac_layers
+from a2q_passes.metadata import record_accumulators
+from a2q_passes.passes import A2QPass, PassResult
+
+METHODS = (*TRAINING_METHODS, "axe")
+DataLike = Dataset | str | Iterable[Any] | tuple | np.ndarray
+
+
+def _structure(model: ModelWrapper) -> list[tuple]:
+    return [(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
+class FinetuneAccumulators(A2QPass):
+    """Fine-tune (``qat``/``a2q``) or AXE-quantize (``axe``) every constrained layer to its target width.
+
+    ``acc_bits``: the width P of every constrained layer; ``overrides``: ``{MAC node: P}``.
+    ``train``: training data, or calibration inputs for ``axe`` (labels ignored there);
+    ``val``: optional validation data (the best epoch is chosen on it). Data may be a
+    :class:`Dataset`, an ``.npz`` path, an ``(x, y)`` tuple, an array of inputs, or an iterable of
+    ``x`` or ``(x, y)`` batches. ``tile`` (``axe`` only): each run of T terms is held to P too.
+    ``calibration_samples``: how many training inputs AXE uses. Results: ``self.selection``,
+    ``self.result.details`` (``history``/``best_epoch``/``metric`` or ``axe`` layer reports, ``is_main``).
+    """
+
+    def __init__(self, acc_bits: int | None, train: DataLike, val: DataLike | None = None,
+                 config: FinetuneConfig | None = None, *, method: str | None = None,
+                 overrides: dict[str, int] | None = None, tile: int | None = None, calibration_samples: int = 512,
+                 callback: StepCallback | None = None) -> None:
+        super().__init__()
+        self.config = config or FinetuneConfig()
+        self.method = method or self.config.method
+        if self.method not in METHODS:
+            raise A2QError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if tile is not None and self.method != "axe":
+            raise A2QError(f"--tile is supported by --method axe only (got --method {self.method})")
+        if tile is not None and tile < 1:
+            raise A2QError(f"--tile must be at least 1, got {tile}")
+        if calibration_samples < 1:
+            raise A2QError(f"the number of calibration samples must be at least 1, got {calibration_samples}")
+        self.config.method = self.method if self.method in TRAINING_METHODS else self.config.method
+        self.acc_bits, self.overrides, self.tile = acc_bits, dict(overrides or {}), tile
+        self.calibration_samples, self.callback = calibration_samples, callback
+        self._train_source, self._val_source = train, val
+        self.selection: Selection | None = None
+
+    def requires(self, model: ModelWrapper) -> None:
+        """Everything that can be wrong with the inputs, checked before any training starts."""
+        self.selection = select_layers(model, self.acc_bits, self.overrides)
+        io = ModelIO.of(model)
+        train = as_dataset(self._train_source, "training data")
+        if self.method == "axe":  # calibration needs inputs only
+            train = Dataset(train.x[:self.calibration_samples], None, train.name)
+        needs_labels = self.method != "axe" and not self.config.distill
+        self.train = validate(train, io, self.config.loss, needs_labels)
+        self.val = None
+        if self._val_source is not None:
+            self.val = validate(as_dataset(self._val_source, "validation data"), io, self.config.loss, False)
+        self._structure_before = _structure(model)
+
+    def call(self, model: ModelWrapper) -> PassResult:
+        if self.method == "axe":
+            out, details = self._axe(model)
+        else:
+            result = finetune(model, self.selection, self.train, self.val, self.config, self.callback)
+            out = result.model
+            details = {"history": result.history, "best_epoch": result.best_epoch, "metric": result.metric,
+                       "original_metric": result.original_metric, "reprojected": result.reprojected,
+                       "is_main": result.is_main}
+        layers = {}
+        for report in analyze_model(out).layers:
+            layer = self.selection.by_node().get(report.node)
+            if layer is not None:
+                layers[report.node] = {"acc_bits": layer.acc_bits, "acc_dtype": report.acc_dtype,
+                                       "acc_min": report.acc_min, "acc_max": report.acc_max}
+        record_accumulators(out, layers, source="finetune")
+        details.update(method=self.method, tile=self.tile, layers=layers, skipped=dict(self.selection.skipped))
+        return PassResult(out, True, details)
+
+    def _axe(self, model: ModelWrapper) -> tuple[ModelWrapper, dict[str, Any]]:
+        log = self.config.log
+        with distributed(self.config.device) as world:  # AXE is cheap: every rank computes it, rank 0 writes
+            out, reports = run_axe(model, self.selection, self.train.x, self.tile, world.device,
+                                   log if world.is_main else None)
+            details: dict[str, Any] = {"axe": reports, "reprojected": enforce_widths(out, self.selection),
+                                       "is_main": world.is_main, "metric": metric_name(self.config.loss)}
+            if self.val is not None:
+                for key, graph in (("original_metric", model), ("final_metric", out)):
+                    details[key] = evaluate_graph(graph, self.val, self.config.loss, world.device, reference=model)
+                if log is not None and world.is_main:
+                    log(f"val {details['metric']}: original {details['original_metric']:.2f}, "
+                        f"AXE {details['final_metric']:.2f}")
+        return out, details
+
+    def ensures(self, result: PassResult) -> None:
+        model = result.model
+        if _structure(model) != self._structure_before:
+            raise PostconditionError("FinetuneAccumulators changed the graph structure; it may only change weights")
+        reports = analyze_model(model).by_node()
+        macs = {m.node: m for m in find_mac_layers(model)}
+        for layer in self.selection.layers:
+            exact = reports[layer.node].bounds.get("exact")
+            if exact is None or exact > layer.acc_bits:
+                raise PostconditionError(f"layer '{layer.node}' needs a {exact}-bit accumulator after fine-tuning, "
+                                         f"above its target of {layer.acc_bits} bits")
+            if self.tile is not None:
+                lo, hi = bounds.partial_sum_range(macs[layer.node].integer_rows(model), layer.x, self.tile)
+                low = min(int(lo.min()), reports[layer.node].acc_min)  # the layer's INT/UINT choice holds for all
+                if bounds.accumulator_width(low, int(hi.max())) > layer.acc_bits:
+                    raise PostconditionError(f"layer '{layer.node}': a partial sum within a tile of {self.tile} "
+                                             f"terms leaves {layer.acc_bits} bits")
+
