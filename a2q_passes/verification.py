@@ -42,7 +42,7 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 from a2q_passes import bounds
 from a2q_passes.analysis import channel_ranges
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, _attr, find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, _attr, _str_attr, find_mac_layers
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.simulate import (
     MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, accumulate_terms, exact_float_dtype,
@@ -312,8 +312,8 @@ class _NotSimulated(Exception):
 class _MacKernel:
     """Integer view of one MAC node on real data: float input -> codes -> P-bit accumulator values."""
 
-    def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, signed: bool,
-                 mode: str, tile: int | None) -> None:
+    def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
+                 tile: int | None) -> None:
         if not layer.ok:
             raise _NotSimulated(layer.status)
         if layer.op_type not in ("Conv", "Gemm", "MatMul"):
@@ -322,8 +322,10 @@ class _MacKernel:
         if bits > MAX_SIMULATED_BITS:
             raise _NotSimulated(f"P = {bits} > {MAX_SIMULATED_BITS} bits")
         self.layer, self.node = layer, node
-        self.bits, self.signed, self.mode, self.tile = bits, signed, mode, tile
+        self.bits, self.mode, self.tile = bits, mode, tile
         self.rows = layer.integer_rows(model)
+        # the accumulator is signed when some register can go negative, as in the static proof
+        self.signed = min(lo for lo, _ in register_ranges(layer, self.rows, mode, tile).values()) < 0
         grid = layer.grid
         self.input_scale = float(grid.scale) if grid.scale is not None else 1.0
         self.output_scale = self._weight_scales(model) * self.input_scale * float(_attr(node, "alpha", 1.0))
@@ -354,8 +356,7 @@ class _MacKernel:
         self.strides = list(_attr(self.node, "strides", [1] * n))
         self.dilations = list(_attr(self.node, "dilations", [1] * n))
         self.window = [(k - 1) * d + 1 for k, d in zip(kernel, self.dilations)]
-        self.auto_pad = _attr(self.node, "auto_pad", b"NOTSET")
-        self.auto_pad = self.auto_pad.decode() if isinstance(self.auto_pad, bytes) else self.auto_pad
+        self.auto_pad = _str_attr(self.node, "auto_pad", "NOTSET")
         self.pads = list(_attr(self.node, "pads", [0] * 2 * n))
 
     def codes(self, x: np.ndarray) -> np.ndarray:
@@ -549,7 +550,7 @@ def load_inputs(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
 def simulate_model(
     model: ModelWrapper,
     inputs: dict[str, np.ndarray] | np.ndarray,
-    widths: int | dict[str, int],
+    widths: int | dict[str, int] | None,
     mode: str = "wrap",
     tile: int | None = None,
     input_dtypes: dict[str, str] | None = None,
@@ -558,13 +559,15 @@ def simulate_model(
 ) -> SimulationResult:
     """Run ``inputs`` through ``model`` with P-bit accumulators in the given layers.
 
-    ``widths`` is one P for every quantized MAC layer or ``{node: P}`` (other layers accumulate
-    exactly). The simulated error of each layer propagates to later layers, so ``outputs`` is
+    ``widths`` is one P for every quantized MAC layer, ``{node: P}`` (other layers accumulate
+    exactly) or ``None`` (the widths recorded in the model). The simulated error of each layer propagates to later layers, so ``outputs`` is
     what the model computes with those accumulators; ``exact_outputs`` is ordinary execution.
     Layers that cannot be simulated (e.g. FINN dataflow nodes) run exactly and are listed in
     ``skipped``. The model is not modified.
     """
     _check_mode(mode, tile)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     layers = find_mac_layers(model, input_dtypes, zero_point)
     chosen, _ = resolve_widths(model, layers, widths)
     feeds = graph_feeds(model, inputs)
@@ -575,11 +578,7 @@ def simulate_model(
     for name, bits in chosen.items():
         layer = by_name[name]
         try:
-            signed = None
-            if layer.ok:
-                registers = register_ranges(layer, layer.integer_rows(model), mode, tile)
-                signed = min(r[0] for r in registers.values()) < 0
-            kernels[name] = _MacKernel(model, layer, nodes[name], bits, signed, mode, tile)
+            kernels[name] = _MacKernel(model, layer, nodes[name], bits, mode, tile)
         except _NotSimulated as why:
             skipped[name] = str(why)
     runner = _GraphRunner(model)

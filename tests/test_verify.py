@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
 
+from a2q_passes.cli import main
 from a2q_passes.errors import A2QError, PostconditionError
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.passes import PassResult
@@ -238,6 +240,24 @@ def test_conv_data_simulation_matches_brute_force_im2col(groups, strides, pads, 
 # --------------------------------------------------------------------------- Brevitas exports, CLI
 
 
+@pytest.fixture
+def a2q(capsys, monkeypatch):
+    """The real ``a2q`` entry point (``main``), in-process: a subprocess per call pays seconds of imports.
+
+    A few tests below still start ``python -m a2q_passes`` in a subprocess, as a user would.
+    """
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["a2q", *map(str, args)])
+        capsys.readouterr()  # drop what the test printed before
+        with pytest.raises(SystemExit) as stop:
+            main()
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=stop.value.code or 0, stdout=captured.out, stderr=captured.err)
+
+    return run
+
+
 NETS = [("conv", 4, 4, False), ("linear", 8, 8, True), ("conv", 8, 4, True), ("linear", 4, 4, False)]
 
 
@@ -253,20 +273,20 @@ def _layer_names(net) -> list[str]:
     return [n.name for n in net.model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
 
 
-def test_cli_passes_at_the_exact_width_and_fails_one_bit_below(net, tmp_path):
+def test_cli_passes_at_the_exact_width_and_fails_one_bit_below(net, tmp_path, a2q):
     exact = max(net.widths)
-    ok = run_a2q("verify", net.path, "--acc-bits", exact, "--json")
+    ok = a2q("verify", net.path, "--acc-bits", exact, "--json")
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert [v["required_bits"] for v in report["layers"]] == net.widths
     assert report["overflow_impossible"] is True
-    bad = run_a2q("verify", net.path, "--acc-bits", exact - 1)
+    bad = a2q("verify", net.path, "--acc-bits", exact - 1)
     assert bad.returncode == 3
     assert "verdict: overflow possible" in bad.stdout and "overflow possible or not proven" in bad.stderr
     # per layer: each layer at its own exact width except one bit less on the last one
     names = _layer_names(net)
     tight = [f"{name}={w}" for name, w in zip(names, net.widths)][:-1] + [f"{names[-1]}={net.widths[-1] - 1}"]
-    failed = run_a2q("verify", net.path, *itertools.chain(*(("--layer", s) for s in tight)), "--mode", "saturate")
+    failed = a2q("verify", net.path, *itertools.chain(*(("--layer", s) for s in tight)), "--mode", "saturate")
     assert failed.returncode == 3 and names[-1] in failed.stderr
 
 
@@ -283,7 +303,7 @@ def test_simulation_at_a_wide_width_equals_qonnx_execution(net):
     assert all(result.accumulations.values())
 
 
-def test_narrow_wrap_around_changes_outputs_and_counts_overflows(net, tmp_path):
+def test_narrow_wrap_around_changes_outputs_and_counts_overflows(net, tmp_path, a2q):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((32, *net.input_shape[1:])) * 2).astype(np.float32)
     narrow = min(net.widths) - 3
@@ -291,18 +311,18 @@ def test_narrow_wrap_around_changes_outputs_and_counts_overflows(net, tmp_path):
     assert sum(result.overflows.values()) > 0
     assert result.max_abs_deviation() > 0
     np.savez(tmp_path / "data.npz", x=x)
-    out = run_a2q("verify", net.path, "--acc-bits", narrow, "--data", tmp_path / "data.npz", "--json")
+    out = a2q("verify", net.path, "--acc-bits", narrow, "--data", tmp_path / "data.npz", "--json")
     assert out.returncode == 3
     data = json.loads(out.stdout)["data"]
     assert data["overflows"] == result.overflows and data["max_abs_output_deviation"] > 0
 
 
-def test_recorded_widths_are_picked_up(tmp_path):
+def test_recorded_widths_are_picked_up(tmp_path, a2q):
     net = build_net(tmp_path, "conv", 4, 4)
     annotated = net.model.transform(AnnotateAccumulators())
     path = tmp_path / "annotated.onnx"
     annotated.save(str(path))
-    ok = run_a2q("verify", path, "--json")
+    ok = a2q("verify", path, "--json")
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["width_source"] == "model metadata"
@@ -319,11 +339,11 @@ def test_recorded_widths_are_picked_up(tmp_path):
     del layers[first]
     record_accumulators(annotated, layers, source="test")
     annotated.save(str(path))
-    missing = run_a2q("verify", path)
+    missing = a2q("verify", path)
     assert missing.returncode == 3 and f"{first} (unchecked)" in missing.stdout
     # ... but asking about the other layer only passes
     second = _layer_names(net)[1]
-    assert run_a2q("verify", path, "--layer", f"{second}={widths[1]}").returncode == 0
+    assert a2q("verify", path, "--layer", f"{second}={widths[1]}").returncode == 0
     # no record and no width: a clear error
     none = run_a2q("verify", net.path)
     assert none.returncode == 1 and "--acc-bits" in none.stderr
@@ -335,7 +355,7 @@ def small_net(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["shape", "nan", "missing", "not_npz", "keys"])
-def test_bad_data_is_a_clear_error(small_net, tmp_path, case):
+def test_bad_data_is_a_clear_error(small_net, tmp_path, case, a2q):
     path = tmp_path / "data.npz"
     good = np.zeros((4, 2, 6, 6), dtype=np.float32)
     if case == "shape":
@@ -353,7 +373,7 @@ def test_bad_data_is_a_clear_error(small_net, tmp_path, case):
     else:
         np.savez(path, a=good, b=good)
         expect = "do not match the model inputs"
-    out = run_a2q("verify", small_net.path, "--acc-bits", 16, "--data", path)
+    out = a2q("verify", small_net.path, "--acc-bits", 16, "--data", path)
     assert out.returncode == 1, out.stdout
     assert expect in out.stderr and "Traceback" not in out.stderr
 
@@ -365,8 +385,8 @@ def test_bad_data_is_a_clear_error(small_net, tmp_path, case):
     (["--acc-bits", "12", "--mode", "round"], "mode"),
     (["--acc-bits", "12", "--tile", "0"], "--tile"),
 ])
-def test_bad_options_are_clear_errors(small_net, args, expect):
-    out = run_a2q("verify", small_net.path, *args)
+def test_bad_options_are_clear_errors(small_net, args, expect, a2q):
+    out = a2q("verify", small_net.path, *args)
     assert out.returncode == 1 and expect in out.stderr, out.stderr
 
 
@@ -426,3 +446,21 @@ def test_tiled_wrap_around_keeps_results_exact_while_tile_registers_overflow():
     finals_out = sum(1 for codes in itertools.product(range(1, 5), repeat=4)
                      if not -32 <= sum(c * int(w) for c, w in zip(codes, q[:, 0])) <= 31)
     assert at6.data_overflows == finals_out  # wrong results only where the final sum itself does not fit
+
+
+def test_onnxruntime_qdq_model_simulates_like_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    from tests.test_analysis import _qdq_model
+
+    model = _qdq_model(tmp_path)
+    x = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
+    session = ort.InferenceSession(model.model.SerializeToString())
+    reference = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    output = model.graph.output[0].name
+    report = verify_model(model, 32, data=x)
+    np.testing.assert_allclose(report.simulation.outputs[output], reference, rtol=1e-6, atol=1e-6)
+    assert [v.op_type for v in report.layers] == ["Conv", "Gemm"] and report.overflow_impossible
+    narrow = verify_model(model, min(v.required_bits for v in report.layers) - 2, data=x)
+    assert all(v.proof == "fail" for v in narrow.layers) and narrow.layers[0].data_overflows > 0
+    assert narrow.simulation.max_abs_deviation() > 0
