@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -464,3 +465,29 @@ def test_onnxruntime_qdq_model_simulates_like_onnxruntime(tmp_path):
     narrow = verify_model(model, min(v.required_bits for v in report.layers) - 2, data=x)
     assert all(v.proof == "fail" for v in narrow.layers) and narrow.layers[0].data_overflows > 0
     assert narrow.simulation.max_abs_deviation() > 0
+
+
+def test_trained_model_on_real_digits():
+    """The committed w4a4 depthwise-residual digits model on the real held-out digits."""
+    from models.data import load_digits_split
+
+    from a2q_passes.layers import find_mac_layers
+    from a2q_passes.model_io import load_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "digits_resdw_w4a4.onnx")
+    x, labels = load_digits_split("test")
+    layers = [layer for layer in find_mac_layers(model) if layer.ok]
+    widths = {layer.node: _layer_width(layer.integer_rows(model), layer.grid.range.lo, layer.grid.range.hi)
+              for layer in layers}
+    assert any(layer.op_type == "Conv" and layer.K == 9 for layer in layers)  # the depthwise conv
+    exact = verify_model(model, widths, data=x)
+    assert exact.overflow_impossible and [v.required_bits for v in exact.layers] == list(widths.values())
+    output = model.graph.output[0].name
+    sim = exact.simulation
+    np.testing.assert_array_equal(sim.outputs[output], sim.exact_outputs[output])
+    reference = np.concatenate([execute_onnx(model, {model.graph.input[0].name: x[i:i + 1]})[output]
+                                for i in range(0, len(x), 60)])
+    np.testing.assert_allclose(sim.exact_outputs[output][::60], reference, rtol=1e-5, atol=1e-5)
+    assert np.mean(np.argmax(sim.exact_outputs[output], axis=1) == labels) > 0.9
+    narrow = simulate_model(model, x, min(widths.values()) - 4)
+    assert narrow.changed_predictions() > 0.1 and sum(narrow.overflows.values()) > 0
