@@ -223,7 +223,7 @@ def test_float_checkpoint_loads_into_accumulator_aware_model():
     model = build_model("fmnist_cnn", 4, act_bits, weight_quant=Int8AccumulatorAwareWeightQuant,
                         accumulator_bit_width=acc_bits)
     load_float_weights(model, MODELS_DIR / "checkpoints" / "fmnist_cnn_float.pt")
-    inputs, labels = load_dataset("fashion_mnist", "test")
+    inputs, _ = load_dataset("fashion_mnist", "test")
     seen = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m, i[0])))
              for n, m in model.named_modules() if n in ("conv2", "conv3", "conv4", "fc")]
@@ -244,7 +244,6 @@ def test_float_checkpoint_loads_into_accumulator_aware_model():
     q = plain.conv4.quant_weight()
     wide = q.int().detach().numpy().reshape(64, -1)
     assert not fits(*exact_accumulator_range(wide, IntRange(0, 15)), acc_bits).all()
-    assert accuracy(model.eval()(torch.from_numpy(inputs[:8])).detach().numpy(), labels[:8]) >= 0.0
 
 
 def test_load_float_weights_rejects_foreign_or_incomplete_checkpoints():
