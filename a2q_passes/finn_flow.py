@@ -638,11 +638,12 @@ def set_accumulator_datatypes(
             inst.set_nodeattr("outputDataType", odt.name)
         model = model.transform(InferDataTypes())
     model = model.transform(RoundAndClipThresholds())
-    _check_thresholds_hold(model)
+    check_thresholds_hold(model)
     return model
 
 
-def _check_thresholds_hold(model: ModelWrapper) -> None:
+def check_thresholds_hold(model: ModelWrapper) -> None:
+    """Raise :class:`PostconditionError` unless every MVAU/VVAU threshold type holds its accumulator range and values."""
     from qonnx.core.datatype import DataType
     from qonnx.custom_op.registry import getCustomOp
 

@@ -25,6 +25,7 @@ def _root() -> None:
 # Importing a command module registers its command on ``app``.
 from a2q_passes.cli import analyze, project  # noqa: E402,F401
 from a2q_passes.cli import verify  # noqa: E402,F401
+from a2q_passes.cli import lower  # noqa: E402,F401
 from a2q_passes.cli import finetune  # noqa: E402,F401
 
 

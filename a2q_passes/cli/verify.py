@@ -7,15 +7,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from qonnx.core.modelwrapper import ModelWrapper
 from rich.console import Console
 from rich.table import Table
 
-from a2q_passes.cli import app, err_console
+from a2q_passes.cli import app
 from a2q_passes.cli.common import parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.layers import ZERO_POINT_CONVENTIONS
+from a2q_passes.metadata import recorded_widths
 from a2q_passes.model_io import load_model
 from a2q_passes.report import grouped_bar_plot
+from a2q_passes.transforms.lower import check_equivalence
 from a2q_passes.transforms.verify import VerifyAccumulators
 from a2q_passes.verification import PROOF_FAIL, PROOF_PASS, LayerVerdict, VerificationReport, load_inputs
 
@@ -39,11 +43,16 @@ def verify(
     zero_point: Annotated[str, typer.Option(
         "--zero-point", help="activation zero points: 'fold' (FINN, MAC sees raw codes) or 'subtract'")] = "fold",
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
+    against: Annotated[Optional[Path], typer.Option(
+        "--against", help="ORIGINAL.onnx: MODEL (its FINN lowering) must compute the same outputs on --data "
+        "(default: 8 seeded inputs in the input quantizer's range); tolerance 1e-5 x max(1, max |output|)")] = None,
 ) -> None:
     """Prove per layer that no accumulator overflows at P bits (bias excluded), and simulate it.
 
     Without a width option, the widths recorded by `a2q annotate` / `a2q project` are checked.
     Exit 0: no overflow possible in any quantized layer; 3: overflow possible or not proven.
+    With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
+    without widths given or recorded, --against checks equivalence only.
     """
     if zero_point not in ZERO_POINT_CONVENTIONS:
         raise A2QError(f"--zero-point must be one of {', '.join(ZERO_POINT_CONVENTIONS)}, got {zero_point!r}")
@@ -51,27 +60,47 @@ def verify(
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
     widths = global_bits if global_bits is not None else (overrides or None)
     inputs = load_inputs(data, model) if data is not None else None
-    # HOOK `--against ORIGINAL.onnx` (not an option yet): equivalence of a lowered FINN graph with its
-    # QONNX original runs here, on the same `inputs`, through a2q_passes.finn_flow.compare_execution(
-    # original, lowered, inputs), implemented with the FINN flow; its result joins the report below.
+    equivalence = check_against(model, against, data) if against is not None else None
+    if equivalence is not None and widths is None and not recorded_widths(model):
+        # no width given or recorded: the equivalence is the whole check
+        if as_json:
+            typer.echo(json.dumps({"equivalence": equivalence}, indent=2))
+        for line in [] if as_json else equivalence_lines(equivalence):
+            Console(width=220).print(line, highlight=False)
+        _fail_if_different(equivalence, model_path, against)
+        return
     check = VerifyAccumulators(widths, mode, tile, inputs, overrides=overrides if global_bits is not None else None,
                                input_dtypes=parse_input_dtypes(input_dtype), zero_point=zero_point)
     model.transform(check)
     report = check.report
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+        typer.echo(json.dumps({**report.to_json(), **({"equivalence": equivalence} if equivalence else {})}, indent=2))
     else:
         console = Console(width=220)
         console.print(verification_table(report))
-        for line in summary_lines(report):
+        for line in summary_lines(report) + (equivalence_lines(equivalence) if equivalence else []):
             console.print(line, highlight=False)
     if plot is not None:
         plot_verification(report, plot)
+    if equivalence is not None:
+        _fail_if_different(equivalence, model_path, against)
     if not report.overflow_impossible:
         blocking = report.blocking
         raise AnalysisProblem(f"{model_path}: " + (
             f"overflow possible or not proven in {len(blocking)} layer(s): {', '.join(v.node for v in blocking)}"
             if blocking else "no quantized MAC layer was checked"))
+
+
+def check_against(model: ModelWrapper, original_path: Path, data: Optional[Path]) -> dict:
+    """Equivalence of ``model`` (a FINN lowering) with the QONNX model at ``original_path``."""
+    original = load_model(original_path)
+    return check_equivalence(original, model, comparison_inputs(original, data, samples=8, seed=0))
+
+
+def _fail_if_different(equivalence: dict, model_path: Path, against: Path) -> None:
+    if not equivalence["within_tolerance"]:
+        raise AnalysisProblem(f"{model_path} does not compute what {against} computes: max difference "
+                              f"{equivalence['max_abs_diff']:.3g} > tolerance {equivalence['tolerance']:.3g}")
 
 
 def _needs(v: LayerVerdict) -> str:

@@ -1,0 +1,169 @@
+"""``a2q lower`` (QONNX -> FINN HW graph with guaranteed accumulators) and ``a2q report`` (FPGA resources)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+from qonnx.core.modelwrapper import ModelWrapper
+from rich.console import Console
+from rich.table import Table
+
+from a2q_passes.cli import app, err_console
+from a2q_passes.errors import A2QError, AnalysisProblem
+from a2q_passes.finn_flow import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_runtime import validate_fpgapart
+from a2q_passes.model_io import atomic_write_text, load_model, save_model
+from a2q_passes.resources import plot_resources, render_table, resource_report
+from a2q_passes.transforms.lower import HWLayer, LowerToFINN, check_equivalence, equivalence_inputs
+from a2q_passes.verification import load_inputs
+
+ACC_BITS_HELP = "one target accumulator width P for every MVAU/VVAU (default: the widths `a2q project` recorded)"
+FROM_ANNOTATIONS_HELP = "use the widths recorded by `a2q project`/`a2q annotate`; error if there are none"
+
+
+def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed: int) -> np.ndarray:
+    """The ``--data`` array of a single-input model, else :func:`equivalence_inputs`."""
+    if data is None:
+        return equivalence_inputs(model, samples, seed)
+    arrays = load_inputs(data, model)
+    if len(arrays) != 1:
+        raise A2QError(f"{data}: the equivalence check needs one input array, got {sorted(arrays)}")
+    return np.asarray(next(iter(arrays.values())), dtype=np.float32)
+
+
+def layers_table(layers: list[HWLayer]) -> Table:
+    table = Table(title="FINN MVAU/VVAU accumulators (ours vs FINN's MinimizeAccumulatorWidth)")
+    for col in ("node", "QONNX layer", "MW x MH", "exact range", "target P", "accDataType", "FINN picks"):
+        table.add_column(col, justify="right" if col in ("target P",) else "left")
+    for layer in layers:
+        shape = f"{layer.K} x {layer.channels}" + (" (kernel x ch)" if layer.op_type.startswith("VVAU") else "")
+        table.add_row(f"{layer.node} ({layer.op_type})", layer.qonnx_node or "-", shape,
+                      f"[{layer.acc_min}, {layer.acc_max}]", "-" if layer.target_bits is None else str(layer.target_bits),
+                      layer.acc_dtype, layer.finn_acc_dtype)
+    return table
+
+
+def equivalence_lines(result: dict[str, Any]) -> list[str]:
+    """The end-to-end difference and, when it exceeds the tolerance, the stages that introduced it."""
+    verdict = "[green]equivalent[/]" if result["within_tolerance"] else "[bold red]NOT equivalent[/]"
+    lines = [f"equivalence ({result['samples']} samples): max |QONNX - FINN| = {result['max_abs_diff']:.3g} "
+             f"(tolerance {result['tolerance']:.3g}): {verdict}"
+             + (f"; top-1 agreement {100 * result['top1_agreement']:.1f}%" if "top1_agreement" in result else "")]
+    for row in result.get("introduced_by", []):
+        lines.append(f"  introduced by {row['stage']}: max |diff| {row['max_abs_diff']:.3g}; "
+                     f"removed {row['nodes_removed'][:4]}, added {row['nodes_added'][:4]}")
+    return lines
+
+
+def _print_lowering_notes(details: dict[str, Any]) -> None:
+    for node in details["lowering"]["unlowered"]:
+        style = "[yellow]not lowered:[/]" if node["blocking"] else "host-side:"
+        err_console.print(f"{style} {node['name']} ({node['op_type']}): {node['reason']}", highlight=False, soft_wrap=True)
+    for name in details["unmapped"]:
+        err_console.print(f"[yellow]warning:[/] recorded layer {name} has no MVAU/VVAU in the lowered graph; its "
+                          "width was not applied", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def lower(
+    input_path: Annotated[Path, typer.Argument(metavar="IN.onnx", help="QONNX model (e.g. the output of `a2q project`)")],
+    output_path: Annotated[Path, typer.Argument(metavar="OUT.onnx", help="FINN HW graph (MVAU/VVAU/...)")],
+    acc_bits: Annotated[Optional[int], typer.Option("--acc-bits", help=ACC_BITS_HELP)] = None,
+    from_annotations: Annotated[bool, typer.Option("--from-annotations", help=FROM_ANNOTATIONS_HELP)] = False,
+    fpgapart: Annotated[Optional[str], typer.Option(
+        "--fpgapart", help="FPGA part or board name: add FINN's resource estimates at INT32 vs these widths")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="a layer FINN cannot lower is an error (exit 1)")] = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help=".npz inputs for the equivalence check")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="random inputs for the check when --data is absent")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="seed of those random inputs")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    report_json: Annotated[Optional[Path], typer.Option("--report-json", help="also write that JSON to a file")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of resources vs INT32 (needs --fpgapart)")] = None,
+) -> None:
+    """Lower to FINN HW layers; every MVAU/VVAU accDataType holds its exact range and is <= its target P.
+
+    The output is the non-specialised HW graph (executes in numpy; FINN's build continues from it
+    with step_specialize_layers). Equivalence with IN.onnx is checked on --data or on --samples
+    random inputs inside the input quantizer's range; tolerance 1e-5 x max(1, max |output|).
+    Exit 0: written and equivalent; 3: written, but a layer was not lowered or the outputs differ;
+    1: bad input, nothing written.
+    """
+    if output_path.resolve() == input_path.resolve():
+        raise A2QError(f"{output_path}: output path equals the input path; choose another output")
+    if plot is not None and fpgapart is None:
+        raise A2QError("--plot draws the resource report: give --fpgapart too")
+    part = validate_fpgapart(fpgapart) if fpgapart is not None else None
+    model = load_model(input_path)
+    inputs = comparison_inputs(model, data, samples, seed)
+    lowering = LowerToFINN(acc_bits, from_annotations, strict)
+    hw = model.transform(lowering)
+    details = lowering.result.details
+    equivalence = check_equivalence(model, hw, inputs)
+    resources = resource_report(hw, part) if part is not None else None
+    save_model(hw, output_path)
+    payload = {"input": str(input_path), "output": str(output_path), **details,
+               "equivalence": equivalence, "resources": resources}
+    if report_json is not None:
+        atomic_write_text(report_json, json.dumps(payload, indent=2))
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        console = Console(width=200)
+        console.print(layers_table(lowering.layers))
+        for line in equivalence_lines(equivalence):
+            console.print(line, highlight=False)
+        if resources is not None:
+            console.print(render_table(resources))
+        console.print(f"wrote {output_path} (accumulator targets: {details['targets']})", highlight=False)
+    _print_lowering_notes(details)
+    if plot is not None:
+        plot_resources(resources, plot)
+    problems = [f"{len(lowering.lowering.blocking)} node(s) not lowered"] if lowering.lowering.blocking else []
+    problems += [f"recorded layer(s) not mapped: {', '.join(details['unmapped'])}"] if details["unmapped"] else []
+    problems += [] if equivalence["within_tolerance"] else [
+        f"outputs differ by {equivalence['max_abs_diff']:.3g} (tolerance {equivalence['tolerance']:.3g})"]
+    if problems:
+        raise AnalysisProblem(f"{input_path}: written to {output_path}, but " + "; ".join(problems))
+
+
+@app.command()
+def report(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="FINN HW graph, or a QONNX model (lowered first)")],
+    fpgapart: Annotated[str, typer.Option("--fpgapart", help="FPGA part or board name, e.g. xczu3eg-sbva484-1-e")],
+    acc_bits: Annotated[Optional[int], typer.Option("--acc-bits", help=ACC_BITS_HELP)] = None,
+    from_annotations: Annotated[bool, typer.Option("--from-annotations", help=FROM_ANNOTATIONS_HELP)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG: per layer, resources at P / at INT32")] = None,
+) -> None:
+    """FINN resource estimates per MVAU/VVAU at INT32 and at the guaranteed accumulator widths.
+
+    A HW graph is reported at the minimal type holding each node's exact accumulator range
+    (what `a2q lower` sets; with --acc-bits each must fit P). A QONNX model is lowered first, as
+    `a2q lower` does. Per node: FINN's LUT/BRAM18/URAM/DSP estimates (MVAU_hls/VVAU_hls) and the
+    accumulator-dependent bits FINN's models do not show (registers, thresholds, comparators).
+    """
+    part = validate_fpgapart(fpgapart)
+    model = load_model(model_path)
+    if any(True for _ in iterate_mac_nodes(model)):
+        if from_annotations:
+            raise A2QError(f"{model_path} is already a FINN HW graph; --from-annotations applies to QONNX models")
+        hw = set_accumulator_datatypes(model, target_bits=acc_bits)
+    else:
+        hw = model.transform(LowerToFINN(acc_bits, from_annotations))
+    resources = resource_report(hw, part)
+    if as_json:
+        typer.echo(json.dumps(resources, indent=2))
+    else:
+        console = Console(width=200)
+        console.print(render_table(resources))
+        ratio = resources["ratio_int32_over_target"]
+        console.print(f"INT32 / guaranteed widths: LUT {ratio['LUT']}x, BRAM18 {ratio['BRAM18']}x, "
+                      f"threshold storage {ratio['threshold_storage_bits']}x, accumulator-dependent bits "
+                      f"{ratio['accumulator_dependent_bits']}x", highlight=False)
+    if plot is not None:
+        plot_resources(resources, plot)
+

@@ -1,0 +1,352 @@
+"""``LowerToFINN``: lower a QONNX model to FINN HW layers and give every MVAU/VVAU a guaranteed accumulator.
+
+1. :func:`a2q_passes.finn_flow.lower_to_finn_hw` runs FINN's own conversion, streamlining and
+   ``step_convert_to_hw``. The result keeps non-specialised MVAU/VVAU nodes, which execute in numpy.
+2. Every MVAU/VVAU is mapped back to the QONNX layer it came from. FINN renames nodes, and the
+   lowering reorders a conv's weights from ``(cin, kh, kw)`` to ``(kh, kw, cin)``. The link is
+   therefore the integer weight content, compared in a form that ignores both reorderings: each
+   channel's weights sorted, then the channels sorted (:func:`weight_signature`). Identical layers
+   are paired in graph order. Streamlining leaves integer weights alone, and the exact accumulator
+   range depends only on that multiset, so two layers with equal signatures have equal ranges.
+3. :func:`a2q_passes.finn_flow.set_accumulator_datatypes` sets each node's ``accDataType`` to the
+   minimal type holding the exact range of its lowered integer weights. With a target width
+   (``acc_bits`` for every node, else the widths ``project``/``annotate`` recorded for the mapped
+   QONNX layer), a node that needs more bits is an error.
+4. Metadata: every ``metadata_props`` entry of the input is kept. The accumulator record
+   (:data:`a2q_passes.metadata.ACCUMULATORS_KEY`) is re-keyed by HW node name, so ``a2q verify``
+   checks the lowered graph at the widths its hardware uses. Each entry keeps ``qonnx_node``
+   and ``target_bits``, and the QONNX-level record is kept verbatim under
+   :data:`QONNX_ACCUMULATORS_KEY`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes import bounds
+from a2q_passes.analysis import analyze_model
+from a2q_passes.errors import PostconditionError, PreconditionError
+from a2q_passes.finn_flow import (HW_DOMAIN_PREFIX, LoweringError, LoweringReport, check_thresholds_hold,
+                                  compare_execution, iterate_mac_nodes, lower_to_finn_hw, set_accumulator_datatypes)
+from a2q_passes.finn_runtime import ensure_finn_importable
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
+from a2q_passes.metadata import ACCUMULATORS_KEY, record_accumulators, recorded_accumulators
+from a2q_passes.passes import A2QPass, PassResult
+
+QONNX_ACCUMULATORS_KEY = "a2q.accumulators.qonnx"
+WEIGHT_SIGNATURES_KEY = "a2q.weight_signatures"  # {qonnx node: signature}, for mapping after the model is gone
+TARGETS_GLOBAL, TARGETS_RECORDED, TARGETS_NONE = "global", "model metadata", "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# QONNX layer <-> HW node mapping by weight content
+
+
+def weight_signature(rows: np.ndarray) -> str:
+    """Name-free identity of a layer's integer weights ``(channels, K)``.
+
+    It does not change when channels or the terms within a channel are permuted. That covers what
+    lowering does to the weights: a conv's ``(cin, kh, kw)`` becomes ``(kh, kw, cin)``, and a
+    Gemm's ``(out, in)`` becomes MatMul ``(in, out)``.
+    """
+    rows = np.sort(np.asarray(rows, dtype=np.int64), axis=1)
+    digest = hashlib.sha1(b"".join(sorted(row.tobytes() for row in rows))).hexdigest()[:20]
+    return f"{rows.shape[0]}x{rows.shape[1]}:{digest}"
+
+
+def layer_signatures(model: ModelWrapper) -> dict[str, str]:
+    """Signature per MAC layer with readable integer weights (QONNX layers or MVAU/VVAU), in graph order.
+
+    FINN stores binary xnor weights as ``{0, 1}`` for ``{-1, +1}``; they are mapped back first so
+    a bipolar QONNX layer and its xnor MVAU get the same signature.
+    """
+    signatures = {}
+    for layer in find_mac_layers(model):
+        if layer.source is None or layer.status == STATUS_WEIGHTS_NOT_QUANTIZED or layer.status.startswith("unsupported"):
+            continue
+        rows = layer.integer_rows(model)
+        signatures[layer.node] = weight_signature(2 * rows - 1 if layer.binary_xnor else rows)
+    return signatures
+
+
+def match_layers(qonnx_signatures: dict[str, str], hw_signatures: dict[str, str]) -> dict[str, str]:
+    """HW node -> QONNX layer with the same signature; equal signatures are paired in graph order."""
+    waiting: dict[str, list[str]] = defaultdict(list)
+    for name, signature in qonnx_signatures.items():
+        waiting[signature].append(name)
+    mapping = {}
+    for hw_name, signature in hw_signatures.items():
+        if waiting[signature]:
+            mapping[hw_name] = waiting[signature].pop(0)
+    return mapping
+
+
+def _metadata(model: ModelWrapper, key: str) -> str | None:
+    return next((p.value for p in model.model.metadata_props if p.key == key), None)
+
+
+def recorded_signatures(model: ModelWrapper) -> dict[str, str]:
+    """Signatures stored by :func:`record_weight_signatures` (empty if none)."""
+    value = _metadata(model, WEIGHT_SIGNATURES_KEY)
+    return json.loads(value) if value is not None else {}
+
+
+def record_weight_signatures(model: ModelWrapper) -> None:
+    """Store the QONNX layers' signatures in the model, so the mapping works after conversion to FINN."""
+    _set_metadata(model, WEIGHT_SIGNATURES_KEY, json.dumps(layer_signatures(model), sort_keys=True))
+
+
+def _set_metadata(model: ModelWrapper, key: str, value: str) -> None:
+    entry = next((p for p in model.model.metadata_props if p.key == key), None)
+    if entry is None:
+        entry = model.model.metadata_props.add()
+        entry.key = key
+    entry.value = value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HWLayer:
+    """One MVAU/VVAU after lowering (JSON-ready via ``asdict``)."""
+
+    node: str
+    op_type: str
+    qonnx_node: str | None
+    K: int  # MW (MVAU) or kh*kw (VVAU)
+    channels: int  # MH (MVAU) or Channels (VVAU)
+    acc_min: int
+    acc_max: int
+    target_bits: int | None
+    acc_dtype: str  # ours
+    finn_acc_dtype: str  # what FINN's MinimizeAccumulatorWidth picks on the same graph
+
+
+def hw_targets(hw_model: ModelWrapper, mapping: dict[str, str], acc_bits: int | None,
+               recorded: dict[str, int]) -> tuple[dict[str, int], str]:
+    """Target width per HW node, and where the targets come from (one of ``TARGETS_*``)."""
+    nodes = [node.name for node in iterate_mac_nodes(hw_model)]
+    if acc_bits is not None:
+        return {name: int(acc_bits) for name in nodes}, TARGETS_GLOBAL
+    if recorded:
+        return {name: recorded[mapping[name]] for name in nodes if mapping.get(name) in recorded}, TARGETS_RECORDED
+    return {}, TARGETS_NONE
+
+
+def finn_accumulator_choice(hw_model: ModelWrapper) -> dict[str, str]:
+    """``accDataType`` per MVAU/VVAU as FINN's own ``MinimizeAccumulatorWidth`` sets it (on a copy)."""
+    ensure_finn_importable()
+    from qonnx.custom_op.registry import getCustomOp
+
+    from finn.transformation.fpgadataflow.minimize_accumulator_width import MinimizeAccumulatorWidth
+
+    minimized = ModelWrapper(hw_model.model.SerializeToString()).transform(MinimizeAccumulatorWidth())
+    return {node.name: getCustomOp(node).get_nodeattr("accDataType") for node in iterate_mac_nodes(minimized)}
+
+
+def describe_hw_layers(hw_model: ModelWrapper, mapping: dict[str, str], targets: dict[str, int],
+                       finn_choice: dict[str, str]) -> list[HWLayer]:
+    """Per MVAU/VVAU: shape, exact range (from the project's analysis), target, our and FINN's type."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    analysis = analyze_model(hw_model).by_node()
+    layers = []
+    for node in iterate_mac_nodes(hw_model):
+        report = analysis[node.name]
+        layers.append(HWLayer(
+            node.name, node.op_type, mapping.get(node.name), report.K, report.channels, report.acc_min,
+            report.acc_max, targets.get(node.name), getCustomOp(node).get_nodeattr("accDataType"),
+            finn_choice.get(node.name, "-")))
+    return layers
+
+
+def _qonnx_record(model: ModelWrapper) -> dict[str, dict]:
+    """The accumulator record of the QONNX layers: kept aside after lowering, else the model's own."""
+    value = _metadata(model, QONNX_ACCUMULATORS_KEY)
+    if value is None:
+        value = _metadata(model, ACCUMULATORS_KEY)
+        if value is None or json.loads(value).get("source") == "lower":
+            return {}
+    return json.loads(value)["layers"]
+
+
+def qonnx_recorded_widths(model: ModelWrapper) -> dict[str, int]:
+    """Widths recorded for the QONNX layers (by ``project``/``annotate``), also after lowering."""
+    return {name: int(info["acc_bits"]) for name, info in _qonnx_record(model).items()}
+
+
+def rekey_accumulator_record(hw_model: ModelWrapper, layers: list[HWLayer]) -> None:
+    """Re-key the accumulator record by HW node (see module docstring); the QONNX record is kept as is."""
+    current = _metadata(hw_model, ACCUMULATORS_KEY)
+    if current is not None and json.loads(current).get("source") != "lower":
+        _set_metadata(hw_model, QONNX_ACCUMULATORS_KEY, current)
+    qonnx_record = _qonnx_record(hw_model)
+    record = {}
+    for layer in layers:
+        entry = dict(qonnx_record.get(layer.qonnx_node, {})) if layer.qonnx_node else {}
+        entry.update(acc_bits=DataType[layer.acc_dtype].bitwidth(), acc_dtype=layer.acc_dtype,
+                     acc_min=layer.acc_min, acc_max=layer.acc_max, qonnx_node=layer.qonnx_node,
+                     target_bits=layer.target_bits)
+        record[layer.node] = entry
+    record_accumulators(hw_model, record, source="lower")
+
+
+def declare_custom_domains(model: ModelWrapper) -> None:
+    """Add an opset import for every node domain that lacks one (FINN adds none for its HW ops).
+
+    Without it ``onnx.checker`` rejects the graph, and ``a2q verify`` / ``a2q report`` could not load it.
+    """
+    declared = {opset.domain for opset in model.model.opset_import}
+    for domain in sorted({node.domain for node in model.graph.node} - declared):
+        model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+
+
+def check_hw_accumulators(hw_model: ModelWrapper, targets: dict[str, int]) -> None:
+    """Raise :class:`PostconditionError` unless every MVAU/VVAU's type holds its exact range, within its target.
+
+    The exact ranges come from the project's analysis (``layers``/``bounds``), not from the
+    code that set the types. The thresholds are also checked: each must be an integer inside
+    ``[acc_min, acc_max + 1]`` of the accumulator type, and its tensor type must hold it.
+    """
+    from qonnx.custom_op.registry import getCustomOp
+
+    analysis = analyze_model(hw_model).by_node()
+    for node in iterate_mac_nodes(hw_model):
+        report = analysis.get(node.name)
+        if report is None or report.acc_min is None:
+            raise PostconditionError(f"{node.name}: accumulator range cannot be read ({report and report.status})")
+        adt = DataType[getCustomOp(node).get_nodeattr("accDataType")]
+        if not (adt.min() <= report.acc_min and report.acc_max <= adt.max()):
+            raise PostconditionError(f"{node.name}: accDataType {adt.name} cannot hold the exact accumulator range "
+                                     f"[{report.acc_min}, {report.acc_max}]")
+        target = targets.get(node.name)
+        if target is not None and adt.bitwidth() > target:
+            raise PostconditionError(f"{node.name}: accDataType {adt.name} is wider than its target {target} bits")
+    check_thresholds_hold(hw_model)
+
+
+def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> np.ndarray:
+    """Deterministic random inputs ``(samples, *input_shape[1:])`` for :func:`compare_execution`.
+
+    Drawn uniformly from the real range of the quantizer that reads the graph input (``Quant``:
+    codes ``[lo, hi]`` -> ``[(lo - z) s, (hi - z) s]``; an integer-annotated input: its
+    datatype's range); from a standard normal when the input is not quantized.
+    """
+    from a2q_passes.layers import GridResolver
+
+    names = [i.name for i in model.graph.input if model.get_initializer(i.name) is None]
+    if len(names) != 1:
+        raise PreconditionError(f"the equivalence check needs a single-input model, got inputs {names}; pass --data")
+    shape = (samples, *model.get_tensor_shape(names[0])[1:])
+    rng = np.random.default_rng(seed)
+    resolver = GridResolver(model)
+    quant = next((n for n in model.find_consumers(names[0]) or [] if n.op_type in ("Quant", "IntQuant")), None)
+    grid, _ = resolver.resolve(quant.output[0] if quant is not None else names[0])
+    if grid is None or grid.scale is None:
+        return rng.standard_normal(shape).astype(np.float32)
+    low, high = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
+    return rng.uniform(low, high, size=shape).astype(np.float32)
+
+
+def check_equivalence(original: ModelWrapper, lowered: ModelWrapper, inputs: np.ndarray,
+                      attribution_samples: int = 4) -> dict[str, Any]:
+    """:func:`compare_execution` end to end; the per-stage replay runs only when a difference appears.
+
+    Tolerance (that of :func:`compare_execution`): ``1e-5 * max(1, max |original output|)``.
+    A correct lowering differs only by float reassociation of the folded scales (about 1e-7
+    relative); one flipped quantization step moves an output by a whole output scale step.
+    """
+    result = compare_execution(original, lowered, inputs, attribute=False)
+    if not result["within_tolerance"]:
+        result = compare_execution(original, lowered, inputs, attribution_samples=attribution_samples)
+    return result
+
+
+class LowerToFINN(A2QPass):
+    """Lower to FINN HW layers, then set every MVAU/VVAU's ``accDataType`` (exact range, never wider than its target).
+
+    Targets: ``acc_bits`` for every MVAU/VVAU; otherwise the widths recorded in the model
+    (``a2q project`` / ``a2q annotate``), applied to the HW node the layer was mapped to;
+    otherwise none (each node gets the exact minimal type). ``from_annotations=True`` makes a
+    missing record an error instead of silently using no targets. Layers FINN cannot lower are
+    listed in ``details["lowering"]["unlowered"]``; with ``strict=True`` they raise
+    :class:`LoweringError`. The details also hold per-node :class:`HWLayer` rows
+    (``details["layers"]``), the target source, and recorded layers that were not found in the
+    HW graph (``details["unmapped"]``).
+    """
+
+    def __init__(self, acc_bits: int | None = None, from_annotations: bool = False, strict: bool = False) -> None:
+        super().__init__()
+        if acc_bits is not None and from_annotations:
+            raise PreconditionError("give either one accumulator width (--acc-bits) or --from-annotations, not both")
+        if acc_bits is not None and not 2 <= acc_bits <= 64:
+            raise PreconditionError(f"accumulator width {acc_bits} is out of range; use 2 to 64 bits")
+        self.acc_bits, self.from_annotations, self.strict = acc_bits, from_annotations, strict
+        self.layers: list[HWLayer] = []
+        self.lowering: LoweringReport | None = None
+
+    def requires(self, model: ModelWrapper) -> None:
+        already = [node.name for node in model.graph.node if node.domain.startswith(HW_DOMAIN_PREFIX)]
+        if already:
+            raise PreconditionError(f"the model already holds FINN HW layers ({', '.join(already[:3])}, ...); "
+                                    "give the QONNX model it was lowered from")
+        layers = find_mac_layers(model)
+        if not any(layer.status != STATUS_WEIGHTS_NOT_QUANTIZED for layer in layers):
+            found = ", ".join(f"{layer.node} ({layer.op_type})" for layer in layers) or "no Conv/Gemm/MatMul at all"
+            raise PreconditionError(f"no quantized MAC layer to lower (found: {found}); FINN needs quantized "
+                                    "weights (Quant nodes on the weights) and quantized activations")
+        if self.from_annotations and not qonnx_recorded_widths(model):
+            raise PreconditionError("--from-annotations: the model records no accumulator widths; "
+                                    "run `a2q project` or `a2q annotate` on it first")
+
+    def call(self, model: ModelWrapper) -> PassResult:
+        qonnx_signatures = layer_signatures(model)
+        recorded = qonnx_recorded_widths(model)
+        hw, self.lowering = lower_to_finn_hw(model, strict=self.strict)
+        if not self.lowering.mac_nodes:
+            reasons = "; ".join(f"{n.name} ({n.op_type}): {n.reason}" for n in self.lowering.blocking) or "none found"
+            raise LoweringError(f"FINN lowered no layer to an MVAU/VVAU. Nodes it could not lower: {reasons}")
+        mapping = match_layers(qonnx_signatures, layer_signatures(hw))
+        self._targets, source = hw_targets(hw, mapping, self.acc_bits, recorded)
+        finn_choice = finn_accumulator_choice(hw)
+        hw = set_accumulator_datatypes(hw, target_bits=self._targets)
+        self._keys_before = [p.key for p in model.model.metadata_props]
+        for prop in model.model.metadata_props:  # FINN's steps keep these today; make it a promise
+            _set_metadata(hw, prop.key, prop.value)
+        self.layers = describe_hw_layers(hw, mapping, self._targets, finn_choice)
+        rekey_accumulator_record(hw, self.layers)
+        declare_custom_domains(hw)
+        lowered_layers = set(mapping.values())
+        unmapped = sorted(name for name in (recorded if source == TARGETS_RECORDED else {}) if name not in lowered_layers)
+        details: dict[str, Any] = {
+            "targets": source,
+            "layers": [asdict(layer) for layer in self.layers],
+            "unmapped": unmapped,
+            "lowering": self.lowering.to_dict(),
+        }
+        return PassResult(hw, True, details)
+
+    def ensures(self, result: PassResult) -> None:
+        try:
+            onnx.checker.check_model(result.model.model)
+        except onnx.checker.ValidationError as err:
+            raise PostconditionError(f"lowered model fails onnx.checker: {err}") from err
+        check_hw_accumulators(result.model, self._targets)
+        keys = {p.key for p in result.model.model.metadata_props}
+        lost = [key for key in self._keys_before if key not in keys]
+        if lost:
+            raise PostconditionError(f"lowering lost the model metadata {lost}")
+        recorded = recorded_accumulators(result.model)
+        for layer in self.layers:
+            if recorded.get(layer.node, {}).get("acc_dtype") != layer.acc_dtype:
+                raise PostconditionError(f"{layer.node}: the accumulator record does not match its accDataType")

@@ -1,0 +1,328 @@
+"""``LowerToFINN``, ``a2q lower``, ``a2q report`` and ``a2q verify --against`` on Brevitas exports and committed models.
+
+Expected values come from brute-force worst-case accumulator sums of the lowered weights, from
+FINN's own ``MinimizeAccumulatorWidth``, from graph order (which layer became which MVAU in
+these nets) and from executing both graphs with qonnx; never from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.custom_op.registry import getCustomOp
+from torch import nn
+from typer.testing import CliRunner
+
+from a2q_passes.errors import A2QError
+from a2q_passes.finn_flow import LoweringError, iterate_mac_nodes
+from a2q_passes.layers import find_mac_layers
+from a2q_passes.metadata import ACCUMULATORS_KEY, recorded_accumulators
+from a2q_passes.model_io import load_model
+from a2q_passes.transforms import AnnotateAccumulators
+from a2q_passes.transforms.lower import (QONNX_ACCUMULATORS_KEY, LowerToFINN, check_equivalence, equivalence_inputs,
+                                         match_layers, weight_signature)
+from a2q_passes.transforms.project import ProjectToAccumulator
+from a2q_passes.verification import verify_model
+from models.export import export_float_onnx
+from tests.cli_helpers import run_a2q
+from tests.test_finn_flow import MLP, ResidualCNN, _brute_force_range, _linear, _mac_rows, export_net
+
+torch.set_num_threads(1)
+PART = "xczu3eg-sbva484-1-e"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+# per-layer targets for the residual CNN (exact widths before projection: 10, 11, 10, 14, 11)
+CNN_LAYER_BITS = {"Conv_0": 10, "Conv_1": 11, "Conv_2": 9, "Conv_3": 12, "Gemm_0": 10}
+
+
+def run_cli(*args) -> tuple[int, str]:
+    """``a2q ARGS`` in this process (FINN imported once), exit codes as ``a2q_passes.cli.main`` gives them."""
+    from a2q_passes.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    error = result.exception
+    if isinstance(error, A2QError):
+        return error.exit_code, result.output + str(error)
+    if error is not None and not isinstance(error, SystemExit):
+        raise error
+    return result.exit_code, result.output
+
+
+def _ordered_qonnx_layers(model: ModelWrapper) -> list[str]:
+    return [layer.node for layer in find_mac_layers(model)]
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    torch.manual_seed(0)
+    net = ResidualCNN()
+    folder = tmp_path_factory.mktemp("cnn")
+    model = export_net(net, folder / "cnn.onnx")
+    return net, model, folder
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    torch.manual_seed(0)
+    net = MLP()
+    folder = tmp_path_factory.mktemp("mlp")
+    model = export_net(net, folder / "mlp.onnx")
+    projected = model.transform(ProjectToAccumulator(9))
+    projected.save(str(folder / "mlp_p9.onnx"))
+    return net, model, projected, folder
+
+
+@pytest.fixture(scope="module")
+def lowered_cnn(cnn):
+    """The residual CNN projected two ways (one P for all, a different P per layer), each lowered."""
+    _, model, folder = cnn
+    cases = {}
+    for label, projection in (("P12", ProjectToAccumulator(12)), ("per-layer", ProjectToAccumulator(layer_bits=CNN_LAYER_BITS))):
+        projected = model.transform(projection)
+        lowering = LowerToFINN()
+        hw = projected.transform(lowering)
+        targets = {p.node: p.target_bits for p in projection.projections}
+        cases[label] = (projected, hw, lowering, targets)
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["P12", "per-layer"])
+def test_accumulators_hold_exact_range_within_the_projected_width(lowered_cnn, label):
+    from finn.transformation.fpgadataflow.minimize_accumulator_width import MinimizeAccumulatorWidth
+
+    projected, hw, lowering, targets = lowered_cnn[label]
+    hw_nodes = list(iterate_mac_nodes(hw))
+    assert sorted(n.op_type for n in hw_nodes) == ["MVAU"] * 4 + ["VVAU"]  # conv1, pw, conv3, fc; depthwise
+    # the MAC layers keep their graph order through FINN's flow in this net: that is the expected mapping
+    expected = dict(zip((n.name for n in hw_nodes), _ordered_qonnx_layers(projected)))
+    assert {layer.node: layer.qonnx_node for layer in lowering.layers} == expected
+    finn = ModelWrapper(hw.model.SerializeToString()).transform(MinimizeAccumulatorWidth())
+    last = hw.graph.node[-1].name
+    for node in hw_nodes:
+        inst = getCustomOp(node)
+        adt = DataType[inst.get_nodeattr("accDataType")]
+        idt = DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(hw, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max()  # every reachable accumulator value fits
+        narrower = DataType[adt.name.replace(str(adt.bitwidth()), str(adt.bitwidth() - 1))]
+        assert lo < narrower.min() or hi > narrower.max()  # and it is minimal
+        target = targets[expected[node.name]]
+        assert adt.bitwidth() <= target  # never wider than the width the layer was projected to
+        finn_adt = DataType[getCustomOp(finn.get_node_from_name(node.name)).get_nodeattr("accDataType")]
+        assert finn_adt.bitwidth() >= adt.bitwidth()  # FINN's minimiser never finds a narrower type
+        if not (node.name == last and inst.get_nodeattr("noActivation")):
+            assert finn_adt == adt and finn_adt.bitwidth() <= target
+        reported = next(layer for layer in lowering.layers if layer.node == node.name)
+        assert (reported.finn_acc_dtype, reported.target_bits, reported.acc_min, reported.acc_max) == \
+            (finn_adt.name, target, lo, hi)
+        if not inst.get_nodeattr("noActivation"):
+            thresholds = hw.get_initializer(node.input[2])
+            assert np.array_equal(thresholds, np.round(thresholds))
+            assert thresholds.min() >= adt.min() and thresholds.max() <= adt.max() + 1
+
+
+def test_per_layer_targets_follow_the_mapping(lowered_cnn):
+    """With a different P per layer, each HW node carries the P of its own QONNX layer."""
+    _, _, lowering, targets = lowered_cnn["per-layer"]
+    assert {layer.qonnx_node: layer.target_bits for layer in lowering.layers} == CNN_LAYER_BITS == targets
+    assert any(DataType[layer.acc_dtype].bitwidth() == CNN_LAYER_BITS[layer.qonnx_node] for layer in lowering.layers)
+
+
+def test_lowered_graph_executes_like_the_qonnx_model(lowered_cnn, cnn):
+    net = cnn[0]
+    projected, hw, _, _ = lowered_cnn["per-layer"]
+    x = equivalence_inputs(projected, samples=6, seed=3)
+    result = check_equivalence(projected, hw, x)
+    assert result["within_tolerance"] and "stages" not in result  # no replay when nothing differs
+    name_q, name_hw = projected.graph.input[0].name, hw.graph.input[0].name
+    ref = np.concatenate([execute_onnx(projected, {name_q: x[i:i + 1]})[projected.graph.output[0].name] for i in range(6)])
+    got = np.concatenate([execute_onnx(hw, {name_hw: x[i:i + 1]})[hw.graph.output[0].name] for i in range(6)])
+    assert np.max(np.abs(ref - got)) <= result["max_abs_diff"] + 1e-12
+    assert result["max_abs_diff"] <= 1e-5 * max(1.0, np.max(np.abs(ref)))
+    # the inputs lie inside the input quantizer's range: Brevitas rounds them without clipping
+    with torch.no_grad():
+        quantized = net.inp(torch.from_numpy(x))
+    codes = x / float(quantized.scale)
+    assert np.max(np.abs(codes - quantized.int().numpy())) <= 0.5 + 1e-4
+    assert codes.min() < -4 and codes.max() > 3  # and spread over it (4-bit signed codes -8..7)
+    assert np.array_equal(x, equivalence_inputs(projected, samples=6, seed=3))  # deterministic
+
+
+def test_metadata_survives_and_is_keyed_by_hw_node(lowered_cnn):
+    projected, hw, lowering, _ = lowered_cnn["P12"]
+    before = {p.key: p.value for p in projected.model.metadata_props}
+    after = {p.key: p.value for p in hw.model.metadata_props}
+    assert after[QONNX_ACCUMULATORS_KEY] == before[ACCUMULATORS_KEY]  # the QONNX record, verbatim
+    record = recorded_accumulators(hw)
+    qonnx_record = json.loads(before[ACCUMULATORS_KEY])["layers"]
+    for node in iterate_mac_nodes(hw):
+        entry = record[node.name]
+        adt = DataType[getCustomOp(node).get_nodeattr("accDataType")]
+        assert entry["acc_bits"] == adt.bitwidth() and entry["acc_dtype"] == adt.name
+        assert entry["method"] == qonnx_record[entry["qonnx_node"]]["method"]
+        assert entry["target_bits"] == qonnx_record[entry["qonnx_node"]]["acc_bits"] == 12
+    onnx.checker.check_model(hw.model)  # FINN's HW domain is declared
+    report = verify_model(hw)  # the lowered graph proves overflow freedom at its recorded widths
+    assert report.overflow_impossible and {v.node for v in report.layers} == set(record)
+
+
+def test_signature_ignores_reordering_and_tells_layers_apart():
+    rng = np.random.default_rng(0)
+    rows = rng.integers(-8, 8, size=(6, 9))
+    permuted = rows[rng.permutation(6)][:, rng.permutation(9)]
+    assert weight_signature(permuted) == weight_signature(rows)
+    changed = rows.copy()
+    changed[2, 4] += 1
+    assert weight_signature(changed) != weight_signature(rows)
+    assert weight_signature(rows.reshape(9, 6)) != weight_signature(rows)
+    a, b = weight_signature(rows), weight_signature(changed)
+    assert match_layers({"q1": a, "q2": a, "q3": b}, {"h1": b, "h2": a, "h3": a, "h4": b}) == \
+        {"h1": "q3", "h2": "q1", "h3": "q2"}
+
+
+def test_global_target_and_too_narrow_width(mlp):
+    _, model, projected, _ = mlp
+    lowering = LowerToFINN(acc_bits=12)
+    hw = model.transform(lowering)  # unprojected: widths 11 and 10 fit 12
+    assert lowering.result.details["targets"] == "global"
+    assert all(layer.target_bits == 12 and DataType[layer.acc_dtype].bitwidth() <= 12 for layer in lowering.layers)
+    assert len(lowering.layers) == len(list(iterate_mac_nodes(hw))) == 2
+    with pytest.raises(A2QError, match=r"MVAU_0: accumulator range \[-?\d+, \d+\] needs INT\d+, wider than the target 8"):
+        model.transform(LowerToFINN(acc_bits=8))
+    with pytest.raises(A2QError, match="records no accumulator widths"):
+        model.transform(LowerToFINN(from_annotations=True))
+    annotated = LowerToFINN(from_annotations=True)
+    projected.transform(annotated)
+    assert [layer.target_bits for layer in annotated.layers] == [9, 9]
+
+
+class FloatInputLinear(nn.Module):
+    """A quantized layer fed by an unquantized input: FINN cannot absorb the float scale in front."""
+
+    input_shape = (16,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = _linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_layers_finn_cannot_lower(tmp_path, mlp):
+    torch.manual_seed(0)
+    partly = export_net(MLP(quantized_input=False), tmp_path / "float_in.onnx")
+    lowering = LowerToFINN()
+    hw = partly.transform(lowering)
+    (blocking,) = [n for n in lowering.lowering.blocking]
+    assert blocking.op_type == "MatMul" and hw.get_node_from_name(blocking.name).op_type == "MatMul"
+    assert [layer.qonnx_node for layer in lowering.layers] == ["Gemm_1"]  # the second layer still lowered
+    with pytest.raises(LoweringError, match=f"node '{blocking.name}' \\(MatMul\\)"):
+        partly.transform(LowerToFINN(strict=True))
+    # CLI: written, exit 3 (not lowered); --strict: exit 1, nothing written
+    code, out = run_cli("lower", tmp_path / "float_in.onnx", tmp_path / "partly.onnx", "--samples", 2)
+    assert code == 3 and "1 node(s) not lowered" in out and (tmp_path / "partly.onnx").is_file()
+    code, out = run_cli("lower", tmp_path / "float_in.onnx", tmp_path / "strict.onnx", "--strict")
+    assert code == 1 and blocking.name in out and not (tmp_path / "strict.onnx").exists()
+    # nothing lowers at all: a bad input, naming the node
+    torch.manual_seed(0)
+    export_net(FloatInputLinear(), tmp_path / "nothing.onnx")
+    code, out = run_cli("lower", tmp_path / "nothing.onnx", tmp_path / "nothing_hw.onnx")
+    assert code == 1 and "FINN lowered no layer" in out and "MatMul" in out and "FLOAT32" in out
+    assert not (tmp_path / "nothing_hw.onnx").exists()
+
+
+def test_cli_bad_inputs_write_nothing(tmp_path, mlp):
+    _, _, _, folder = mlp
+    src = folder / "mlp.onnx"
+    out = tmp_path / "out.onnx"
+    export_float_onnx(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), (16,), tmp_path / "float.onnx")
+    cases = [
+        (("lower", tmp_path / "float.onnx", out), "no quantized MAC layer"),
+        (("lower", src, out, "--fpgapart", "xc-not-a-part"), "unknown FPGA part 'xc-not-a-part'"),
+        (("lower", src, out, "--acc-bits", 6), "MVAU_0: accumulator range"),
+        (("lower", src, out, "--from-annotations"), "records no accumulator widths"),
+        (("lower", src, out, "--plot", tmp_path / "p.png"), "--plot draws the resource report"),
+        (("lower", src, src), "output path equals the input path"),
+        (("lower", tmp_path / "missing.onnx", out), "no such file"),
+        (("report", src, "--fpgapart", "nope"), "unknown FPGA part 'nope'"),
+    ]
+    for args, message in cases:
+        code, text = run_cli(*args)
+        assert code == 1 and message in text, (args, text)
+        assert not out.exists() and not (tmp_path / "p.png").exists()
+
+
+def test_cli_lower_report_and_verify_against(tmp_path, mlp):
+    net, _, projected, folder = mlp
+    src, hw_path = folder / "mlp_p9.onnx", tmp_path / "mlp_hw.onnx"
+    code, text = run_cli("lower", src, hw_path, "--fpgapart", "Pynq-Z1", "--json", "--report-json",
+                         tmp_path / "lower.json", "--plot", tmp_path / "res.png")
+    assert code == 0, text
+    payload = json.loads((tmp_path / "lower.json").read_text())
+    assert json.loads(text[text.index("{"):]) == payload
+    assert payload["targets"] == "model metadata" and payload["equivalence"]["within_tolerance"]
+    hw = load_model(hw_path)  # the written graph passes onnx.checker and a2q's loader
+    acc = {n.name: getCustomOp(n).get_nodeattr("accDataType") for n in iterate_mac_nodes(hw)}
+    assert all(DataType[dt].bitwidth() <= 9 for dt in acc.values())
+    assert {layer["node"]: layer["target"]["acc_dtype"] for layer in payload["resources"]["layers"]} == acc
+    assert (tmp_path / "res.png").read_bytes()[:4] == b"\x89PNG"
+    # report on the HW graph and on the QONNX model (lowered first): same layers, same widths
+    code, text = run_cli("report", hw_path, "--fpgapart", "Pynq-Z1", "--json")
+    assert code == 0, text
+    from_hw = json.loads(text)
+    code, text = run_cli("report", src, "--fpgapart", "xc7z020clg400-1", "--json", "--plot", tmp_path / "r.png")
+    assert code == 0, text
+    from_qonnx = json.loads(text)
+    assert from_hw["totals"] == from_qonnx["totals"] == payload["resources"]["totals"]
+    assert from_hw["totals"]["int32"]["acc_register_bits"] == 2 * 32  # PE = 1 in both layers
+    assert from_hw["totals"]["target"]["acc_register_bits"] == sum(DataType[dt].bitwidth() for dt in acc.values())
+    # verify: the projected QONNX model (recorded widths) and the lowered graph against it
+    code, text = run_cli("verify", src)
+    assert code == 0, text
+    code, text = run_cli("verify", hw_path, "--against", src)
+    assert code == 0 and "equivalent" in text, text
+    # the lowered projected graph is not the unprojected model: a real CLI run, exit 3, stage named
+    result = run_a2q("verify", hw_path, "--against", folder / "mlp.onnx", "--json")
+    assert result.returncode == 3, result.stderr
+    equivalence = json.loads(result.stdout)["equivalence"]
+    assert not equivalence["within_tolerance"] and equivalence["max_abs_diff"] > 1e-3
+    assert equivalence["introduced_by"][-1]["stage"].startswith("after_lowering")
+    assert "does not compute what" in result.stderr
+
+
+def test_committed_residual_model_lowers_within_target(tmp_path):
+    """models/digits_resdw_w4a4.onnx (conv, max-pool, depthwise, residual add) projected to 2 bits below its widest layer."""
+    from models.data import load_dataset
+
+    model = load_model(MODELS / "digits_resdw_w4a4.onnx")
+    widest = max(r["acc_bits"] for r in recorded_accumulators(model.transform(AnnotateAccumulators())).values())
+    target = widest - 2
+    projected = model.transform(ProjectToAccumulator(target))
+    lowering = LowerToFINN()
+    hw = projected.transform(lowering)
+    assert {n.op_type for n in iterate_mac_nodes(hw)} == {"MVAU", "VVAU"}
+    assert lowering.lowering.blocking == []
+    for node in iterate_mac_nodes(hw):
+        inst = getCustomOp(node)
+        adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(hw, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= target
+    # digits pixels are k/16; some (0.5 = 127.5/255) sit exactly between two codes of the 8-bit input
+    # quantizer, where QONNX's float x/scale and FINN's thresholds round to different sides. On the
+    # 8-bit grid the quantizer is exact, so both graphs must agree.
+    images, _ = load_dataset("digits", "test")
+    on_grid = (np.round(images[:8] * 255) / 255).astype(np.float32)
+    result = check_equivalence(projected, hw, on_grid)
+    assert result["within_tolerance"] and result["top1_agreement"] == 1.0
+
