@@ -1,0 +1,159 @@
+"""a2q build steps for FINN's dataflow builder (``DataflowBuildConfig.steps``, finn-plus 1.6.1).
+
+Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN's own step names::
+
+    steps = [
+        step_a2q_project,              # on the QONNX model: weights fit P bits
+        "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+        "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
+        "step_target_fps_parallelization", "step_apply_folding_config", "step_minimize_bit_width",
+        step_a2q_set_accumulators,     # after FINN's last minimisation, which would reset accDataType
+        step_a2q_verify,               # proof per MVAU/VVAU; writes report/a2q_accumulators.json
+        "step_generate_estimate_reports",
+    ]
+
+:func:`with_a2q_steps` inserts them into any FINN step list that way. In a YAML/JSON build
+config they can be named as ``a2q_passes.finn_steps.step_a2q_project`` (FINN imports dotted names).
+
+Settings: ``DataflowBuildConfig`` has no field for them. The steps read two optional
+attributes of the config object, ``a2q_acc_bits`` (one width P for every layer) and
+``a2q_method`` (projection method, default ``exact``). ``build_dataflow_cfg`` passes the same
+object to every step, so attributes set after construction reach them. Without ``a2q_acc_bits``
+the widths recorded in the model are used (``a2q project`` / ``a2q annotate``, per QONNX layer).
+:func:`make_a2q_steps` binds the settings to the steps instead, for configs that cannot carry
+extra attributes: a config read from YAML refuses unknown keys.
+
+Mapping to HW nodes: ``step_a2q_project`` stores each QONNX layer's weight signature in the
+model metadata (:func:`a2q_passes.transforms.lower.record_weight_signatures`).
+``step_a2q_set_accumulators`` matches those signatures against the MVAU/VVAU weights, so the
+mapping survives FINN's renaming, dataflow partitioning and specialisation. FINN's partition
+step deep-copies the model, metadata included.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.errors import A2QError, AnalysisProblem
+from a2q_passes.finn_flow import set_accumulator_datatypes
+from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
+from a2q_passes.metadata import recorded_accumulators
+from a2q_passes.methods import DEFAULT_METHOD
+from a2q_passes.model_io import atomic_write_text
+from a2q_passes.transforms.lower import (check_hw_accumulators, describe_hw_layers, hw_targets, layer_signatures,
+                                         match_layers, qonnx_recorded_widths, record_weight_signatures,
+                                         recorded_signatures, rekey_accumulator_record)
+from a2q_passes.transforms.project import ProjectToAccumulator
+from a2q_passes.verification import verify_model
+
+Step = Callable[[ModelWrapper, Any], ModelWrapper]
+REPORT_FILE = "a2q_accumulators.json"
+# FINN steps that (re)set accDataType: ours must run after the last of them
+_ACCUMULATOR_STEPS = ("step_convert_to_hw", "step_minimize_bit_width_initial",
+                      "step_minimize_bit_width_datatype_only", "step_minimize_bit_width")
+
+
+def _settings(cfg: Any) -> tuple[int | None, str]:
+    return getattr(cfg, "a2q_acc_bits", None), getattr(cfg, "a2q_method", DEFAULT_METHOD)
+
+
+def _project(model: ModelWrapper, acc_bits: int | None, method: str) -> ModelWrapper:
+    layer_bits = {} if acc_bits is not None else qonnx_recorded_widths(model)
+    if acc_bits is None and not layer_bits:
+        raise A2QError("step_a2q_project: no accumulator width. Set cfg.a2q_acc_bits = P, use "
+                       "make_a2q_steps(acc_bits=P), or record widths in the model with `a2q project`/`a2q annotate`")
+    model = model.transform(ProjectToAccumulator(acc_bits, layer_bits, method))
+    record_weight_signatures(model)
+    return model
+
+
+def _set_accumulators(model: ModelWrapper, acc_bits: int | None) -> ModelWrapper:
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.finn_flow import iterate_mac_nodes
+
+    ensure_finn_importable()
+    recorded, signatures = qonnx_recorded_widths(model), recorded_signatures(model)
+    if acc_bits is None and recorded and not signatures:
+        raise A2QError("step_a2q_set_accumulators: the model records widths for its QONNX layers but no weight "
+                       "signatures to find their MVAU/VVAU nodes; run step_a2q_project before step_qonnx_to_finn, "
+                       "or set cfg.a2q_acc_bits")
+    mapping = match_layers(signatures, layer_signatures(model))
+    targets, _ = hw_targets(model, mapping, acc_bits, recorded)
+    finn_choice = {node.name: getCustomOp(node).get_nodeattr("accDataType") for node in iterate_mac_nodes(model)}
+    model = set_accumulator_datatypes(model, target_bits=targets)
+    rekey_accumulator_record(model, describe_hw_layers(model, mapping, targets, finn_choice))
+    check_hw_accumulators(model, targets)
+    return model
+
+
+def _verify(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    record = recorded_accumulators(model)
+    targets = {name: info["target_bits"] for name, info in record.items() if info.get("target_bits") is not None}
+    check_hw_accumulators(model, targets)
+    report = verify_model(model)  # each node at the width recorded by step_a2q_set_accumulators (its accDataType)
+    output_dir = getattr(cfg, "output_dir", None)
+    if output_dir is not None:
+        report_dir = Path(output_dir) / "report"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        payload = {**report.to_json(), "accumulators": record}
+        atomic_write_text(report_dir / REPORT_FILE, json.dumps(payload, indent=2))
+    if not report.overflow_impossible:
+        names = ", ".join(f"{v.node} ({v.proof})" for v in report.blocking)
+        raise AnalysisProblem(f"step_a2q_verify: overflow possible or not proven in {names}")
+    return model
+
+
+def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Project the QONNX model's weights so every layer fits ``cfg.a2q_acc_bits`` (or its recorded width)."""
+    acc_bits, method = _settings(cfg)
+    return _project(model, acc_bits, method)
+
+
+def step_a2q_set_accumulators(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Set every MVAU/VVAU ``accDataType`` to its exact range, never wider than its target (see module docstring)."""
+    return _set_accumulators(model, _settings(cfg)[0])
+
+
+def step_a2q_verify(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Prove no MVAU/VVAU accumulator can overflow at its ``accDataType``; report to ``report/a2q_accumulators.json``."""
+    return _verify(model, cfg)
+
+
+def make_a2q_steps(acc_bits: int | None = None, method: str = DEFAULT_METHOD) -> list[Step]:
+    """``[project, set_accumulators, verify]`` bound to these settings (named like the plain steps)."""
+
+    def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+        return _project(model, acc_bits, method)
+
+    def step_a2q_set_accumulators(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+        return _set_accumulators(model, acc_bits)
+
+    return [step_a2q_project, step_a2q_set_accumulators, step_a2q_verify]
+
+
+def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | None = None,
+                   method: str = DEFAULT_METHOD) -> list[str | Step]:
+    """FINN's ``steps`` (default: its estimate-only list) with the a2q steps in place (see module docstring).
+
+    With ``acc_bits`` the steps are bound to it (:func:`make_a2q_steps`); otherwise they are the
+    plain functions, which read the config's attributes.
+    """
+    steps = list(steps) if steps is not None else estimate_only_steps()
+    names = [step if isinstance(step, str) else step.__name__ for step in steps]
+    if "step_qonnx_to_finn" not in names or "step_convert_to_hw" not in names:
+        raise A2QError(f"with_a2q_steps needs step_qonnx_to_finn and step_convert_to_hw in the step list, got {names}")
+    project, set_accumulators, verify = (make_a2q_steps(acc_bits, method) if acc_bits is not None
+                                         else [step_a2q_project, step_a2q_set_accumulators, step_a2q_verify])
+    last = max(index for index, name in enumerate(names) if name in _ACCUMULATOR_STEPS)
+    first = names.index("step_qonnx_to_finn")
+    return [*steps[:first], project, *steps[first:last + 1], set_accumulators, verify, *steps[last + 1:]]
+
+
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_project", "step_a2q_set_accumulators", "step_a2q_verify",
+           "with_a2q_steps"]

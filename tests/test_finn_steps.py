@@ -1,0 +1,136 @@
+"""The a2q build steps inside FINN's real ``build_dataflow_cfg`` (estimate-only flow) and on their own.
+
+Expected widths come from brute-force worst-case sums of the final MVAU weights and from the
+widths the layers were projected to; the layer -> MVAU correspondence from graph order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.registry import getCustomOp
+
+from a2q_passes.analysis import analyze_model
+from a2q_passes.errors import A2QError, PostconditionError
+from a2q_passes.finn_flow import iterate_mac_nodes, lower_to_finn_hw
+from a2q_passes.finn_runtime import ESTIMATE_REPORT_FILES, estimate_only_steps, run_estimate_build
+from a2q_passes.finn_steps import (REPORT_FILE, make_a2q_steps, step_a2q_project, step_a2q_set_accumulators,
+                                   step_a2q_verify, with_a2q_steps)
+from a2q_passes.metadata import recorded_accumulators
+from a2q_passes.model_io import load_model
+from a2q_passes.transforms.project import ProjectToAccumulator
+from tests.test_finn_flow import MLP, _brute_force_range, _mac_rows, export_net
+
+torch.set_num_threads(1)
+PART = "xczu3eg-sbva484-1-e"
+DIGITS_CNN = Path(__file__).resolve().parents[1] / "models" / "digits_cnn_w4a4.onnx"  # conv, pool, conv, pool, fc
+QONNX_LAYERS = ["Conv_0", "Conv_1", "Gemm_0"]
+
+
+def _step_names(steps) -> list[str]:
+    return [s if isinstance(s, str) else s.__name__ for s in steps]
+
+
+def _check_final_model(final: ModelWrapper, targets: dict[str, int]) -> None:
+    """Every MVAU holds the brute-force range of its weights, within the target of the layer it came from."""
+    nodes = list(iterate_mac_nodes(final))
+    assert [n.op_type.split("_")[0] for n in nodes] == ["MVAU"] * 3
+    record = recorded_accumulators(final)
+    assert [record[n.name]["qonnx_node"] for n in nodes] == QONNX_LAYERS  # graph order is kept in this net
+    for node in nodes:
+        inst = getCustomOp(node)
+        adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(final, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max()
+        assert adt.bitwidth() <= targets[record[node.name]["qonnx_node"]]
+
+
+def test_estimate_build_with_a2q_steps(tmp_path):
+    steps = with_a2q_steps(acc_bits=12)
+    result = run_estimate_build(DIGITS_CNN, tmp_path / "build", PART, steps=steps)
+    assert result.steps_completed == _step_names(steps)
+    report_dir = tmp_path / "build" / "report"
+    for name in ESTIMATE_REPORT_FILES:
+        assert (report_dir / name).is_file()
+    layers = result.reports["estimate_layer_resources.json"]
+    assert sum(key.startswith("MVAU") for key in layers) == 3 and layers["total"]["LUT"] > 0
+    final = ModelWrapper(str(result.final_model))
+    _check_final_model(final, dict.fromkeys(QONNX_LAYERS, 12))
+    # before projection the convs needed 15 and 14 bits (see `a2q analyze`); FINN would have kept them
+    assert [r.bounds["exact"] for r in analyze_model(load_model(DIGITS_CNN)).layers] == [15, 14, 11]
+    a2q_report = json.loads((report_dir / REPORT_FILE).read_text())
+    assert a2q_report["overflow_impossible"] and {v["node"] for v in a2q_report["layers"]} == \
+        {n.name for n in iterate_mac_nodes(final)}
+    # the project step's output is what ProjectToAccumulator gives on its own
+    projected = load_model(tmp_path / "build" / "intermediate_models" / "step_a2q_project.onnx")
+    alone = load_model(DIGITS_CNN).transform(ProjectToAccumulator(12))
+    assert {i.name: i.raw_data for i in projected.graph.initializer} == {i.name: i.raw_data for i in alone.graph.initializer}
+
+
+def test_plain_steps_use_the_widths_recorded_per_layer(tmp_path):
+    """No width in the config: each MVAU gets the width `a2q project` recorded for its own layer."""
+    widths = {"Conv_0": 13, "Conv_1": 12, "Gemm_0": 10}
+    path = tmp_path / "projected.onnx"
+    load_model(DIGITS_CNN).transform(ProjectToAccumulator(layer_bits=widths)).save(str(path))
+    result = run_estimate_build(path, tmp_path / "build", PART, steps=with_a2q_steps())
+    final = ModelWrapper(str(result.final_model))
+    _check_final_model(final, widths)
+    record = recorded_accumulators(final)
+    assert {entry["qonnx_node"]: entry["target_bits"] for entry in record.values()} == widths
+
+
+def test_steps_read_the_config_attributes():
+    model = load_model(DIGITS_CNN)
+    projected = step_a2q_project(model, SimpleNamespace(a2q_acc_bits=11, a2q_method="a2q"))
+    assert all(r.bounds["exact"] <= 11 for r in analyze_model(projected).layers)
+    assert {info["method"] for info in recorded_accumulators(projected).values()} == {"a2q"}
+    with pytest.raises(A2QError, match="no accumulator width. Set cfg.a2q_acc_bits"):
+        step_a2q_project(model, SimpleNamespace())
+
+
+@pytest.fixture(scope="module")
+def mlp_hw(tmp_path_factory):
+    torch.manual_seed(0)
+    model = export_net(MLP(), tmp_path_factory.mktemp("mlp") / "mlp.onnx")
+    projected = model.transform(ProjectToAccumulator(9))  # records widths, but no weight signatures
+    return lower_to_finn_hw(projected)[0]
+
+
+def test_set_accumulators_and_verify_on_their_own(mlp_hw, tmp_path):
+    with pytest.raises(A2QError, match="no weight signatures"):
+        step_a2q_set_accumulators(mlp_hw, SimpleNamespace())
+    cfg = SimpleNamespace(a2q_acc_bits=10, output_dir=str(tmp_path))
+    hw = step_a2q_set_accumulators(mlp_hw, cfg)
+    assert all(DataType[getCustomOp(n).get_nodeattr("accDataType")].bitwidth() <= 9 for n in iterate_mac_nodes(hw))
+    assert step_a2q_verify(hw, cfg) is hw
+    assert json.loads((tmp_path / "report" / REPORT_FILE).read_text())["overflow_impossible"]
+    with pytest.raises(A2QError, match="MVAU_0: .* wider than the target 8 bits"):
+        make_a2q_steps(acc_bits=8)[1](mlp_hw, SimpleNamespace())
+    # an accumulator one bit too narrow is caught by the verify step
+    broken = ModelWrapper(hw.model.SerializeToString())
+    node = next(iterate_mac_nodes(broken))
+    adt = DataType[getCustomOp(node).get_nodeattr("accDataType")]
+    getCustomOp(node).set_nodeattr("accDataType", adt.name.replace(str(adt.bitwidth()), str(adt.bitwidth() - 1)))
+    with pytest.raises(PostconditionError, match=f"{node.name}: accDataType .* cannot hold the exact accumulator range"):
+        step_a2q_verify(broken, SimpleNamespace())
+
+
+def test_step_placement():
+    finn_steps = estimate_only_steps()
+    names = _step_names(with_a2q_steps(finn_steps))
+    assert names[0] == "step_a2q_project" and names[1] == "step_qonnx_to_finn"
+    at = names.index("step_a2q_set_accumulators")
+    assert names[at - 1] == "step_minimize_bit_width" and names[at + 1] == "step_a2q_verify"
+    assert [n for n in names if not n.startswith("step_a2q")] == finn_steps
+    short = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw", "step_hw_codegen"]
+    assert _step_names(with_a2q_steps(short, acc_bits=10)) == [
+        "step_a2q_project", "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+        "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
+    with pytest.raises(A2QError, match="needs step_qonnx_to_finn and step_convert_to_hw"):
+        with_a2q_steps(["step_tidy_up"])
