@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.a2q-installed
-DEMO_MODEL ?= models/digits_w4a4.onnx
+DEMO_MODEL ?= models/fmnist_cnn_w4a4.onnx
 OUT     ?= out
 
 .PHONY: setup demo test bench bench-quick clean

@@ -39,18 +39,19 @@ def save_figure(fig, path: str | Path) -> None:
 
 def grouped_bar_plot(path: str | Path, labels: Sequence[str], series: dict[str, Sequence[float | None]],
                      title: str, ylabel: str, hline: float | None = None) -> None:
-    """One group of bars per label, one bar per series (``None`` values are left out)."""
+    """One group of bars per label, one bar per series (``None`` values, and all-``None`` series, are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = {name: values for name, values in series.items() if any(v is not None for v in values)}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4.2))
     width = 0.8 / max(len(series), 1)
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j, v in enumerate(values) if v is not None]
         ys = [v for v in values if v is not None]
-        ax.bar(xs, ys, width=width, label=name)
+        ax.bar(xs, ys, width=width, label=name, color=plt.get_cmap("tab10")(i))
     if hline is not None:
         ax.axhline(hline, color="black", linestyle="--", linewidth=1, label=f"target {hline:g}")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")

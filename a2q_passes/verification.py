@@ -524,7 +524,7 @@ def graph_feeds(model: ModelWrapper, inputs: dict[str, np.ndarray] | np.ndarray)
 
 
 def load_inputs(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
-    """Arrays from an ``.npz``: one array ``x`` (single-input models) or arrays keyed by input name."""
+    """Arrays from an ``.npz``: ``x`` (and optional labels ``y``, ignored) for single-input models, or arrays keyed by input name."""
     path = Path(path)
     if not path.is_file():
         raise A2QError(f"{path}: no such data file (expected an .npz with an array 'x' or one array per model input)")
@@ -540,7 +540,7 @@ def load_inputs(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
         raise A2QError(f"{path}: the archive holds no arrays")
     constants = {init.name for init in model.graph.initializer}
     names = [vi.name for vi in model.graph.input if vi.name not in constants]
-    if set(arrays) == {"x"} and names != ["x"]:
+    if "x" in arrays and "x" not in names and set(arrays) <= {"x", "y"}:  # the finetune data format; labels unused here
         if len(names) != 1:
             raise A2QError(f"{path}: array 'x' is ambiguous for a model with inputs {names}; key the arrays by input name")
         return {names[0]: arrays["x"]}
