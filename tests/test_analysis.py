@@ -236,3 +236,26 @@ def test_analyze_pass_leaves_model_untouched(tmp_path):
     out = net.model.transform(analysis)
     assert out.model.SerializeToString(deterministic=True) == before
     assert [r.status for r in analysis.report.layers] == ["ok", "ok"]
+
+
+def test_finn_onnx_graph_gives_the_same_ranges(tmp_path):
+    """After FINN's QONNX->FINN conversion (integer initializers, MultiThreshold + Mul activations) the
+    analysis finds the same layers with the same integer ranges as on the QONNX graph."""
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    from a2q_passes.finn_runtime import ensure_finn_importable
+
+    ensure_finn_importable()
+    from finn.transformation.qonnx.convert_qonnx_to_finn import ConvertQONNXtoFINN
+
+    net = build_net(tmp_path, "conv", 4, 4)
+    finn_model = net.model.transform(ConvertQONNXtoFINN()).transform(InferShapes()).transform(InferDataTypes())
+    assert any(n.op_type == "MultiThreshold" for n in finn_model.graph.node)
+    assert not any(n.op_type == "Quant" for n in finn_model.graph.node if finn_model.get_initializer(n.input[0]) is not None)
+    qonnx_layers = analyze_model(net.model, per_channel=True).layers
+    finn_layers = analyze_model(finn_model, per_channel=True).layers
+    assert len(finn_layers) == len(qonnx_layers)
+    for a, b in zip(qonnx_layers, finn_layers):
+        assert b.status == "ok" and (b.input_dtype, b.weight_dtype) == (a.input_dtype, a.weight_dtype)
+        assert b.per_channel["acc_min"] == a.per_channel["acc_min"] and b.per_channel["acc_max"] == a.per_channel["acc_max"]
