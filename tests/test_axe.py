@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from a2q_passes.analysis import analyze_model
 from a2q_passes.bounds import IntRange
 from a2q_passes.finetune.axe import axe_quantize, gram_matrices
 from a2q_passes.finetune.train import FinetuneConfig
@@ -16,6 +17,7 @@ from a2q_passes.projection import InfeasibleTarget, plain_round, project_exact
 from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
+from tests.brevitas_nets import build_net
 from tests.test_finetune import accuracy, digits_data, digits_model, qonnx_outputs
 
 torch.set_num_threads(1)
@@ -87,8 +89,8 @@ def test_model_axe_fits_verifies_and_beats_projection():
     model = digits_model()
     bits = 13
     x_cal, _ = digits_data("train", 256)
-    axe = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(progress=False, log=lambda line: None),
-                               method="axe")
+    axe = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False,
+                                                                     log=lambda line: None))
     quantized = axe(model).model
     projected = model.transform(ProjectToAccumulator(bits, method="exact"))
     assert verify_model(quantized, bits).overflow_impossible
@@ -105,7 +107,27 @@ def test_model_axe_with_tiles_verifies_tiled():
     model = digits_model()
     bits, tile = 12, 8
     x_cal, _ = digits_data("train", 128)
-    tiled = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(progress=False, log=lambda line: None),
-                                 method="axe", tile=tile)(model).model
+    tiled = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False,
+                                                                       log=lambda line: None), tile=tile)(model).model
     assert verify_model(tiled, bits, tile=tile).overflow_impossible
     assert verify_model(tiled, bits, mode="saturate").overflow_impossible  # every prefix fits as well
+
+
+def test_axe_grouped_conv_with_signed_inputs(tmp_path):
+    """Groups=3 conv and signed 4-bit inputs: per-group calibration patches, fits, beats projection.
+
+    The inputs share a per-sample component, so neighbouring terms correlate as in real activations
+    (on uncorrelated inputs there is no error to feed back and AXE falls back to the projection).
+    """
+    model = build_net(tmp_path, "conv", signed_act=True, per_channel=True).model
+    bits = max(r.bounds["exact"] for r in analyze_model(model).layers) - 3
+    rng = np.random.default_rng(0)
+    x_cal = (rng.normal(0, 1.5, (96, 1, 1, 1)) + rng.normal(0, 0.4, (96, 2, 6, 6))).astype(np.float32)
+    quantized = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False,
+                                                                       log=lambda line: None))(model).model
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    assert verify_model(quantized, bits).overflow_impossible
+    reference = qonnx_outputs(model, x_cal)
+    axe_error = np.sum((qonnx_outputs(quantized, x_cal) - reference) ** 2)
+    projection_error = np.sum((qonnx_outputs(projected, x_cal) - reference) ** 2)
+    assert axe_error < 0.95 * projection_error, (axe_error, projection_error)

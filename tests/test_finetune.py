@@ -27,7 +27,9 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.change_batchsize import ChangeBatchSize
 from qonnx.transformation.infer_shapes import InferShapes
+from qonnx.util.basic import qonnx_make_model
 from qonnx.util.cleanup import cleanup_model
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from a2q_passes import cli
@@ -40,6 +42,7 @@ from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 from models.data import load_digits_split
+from tests.brevitas_nets import build_net
 from tests.cli_helpers import digest
 
 torch.set_num_threads(1)
@@ -161,6 +164,55 @@ def test_every_training_step_fits(method):
     assert seen_steps == list(range(1, 7))
     assert any(not np.array_equal(snapshots[0], s) for s in snapshots[1:])  # training did change the integers
     assert verify_model(result.model, NARROW).overflow_impossible
+
+
+def transposed_matmul_model(seed: int = 0) -> ModelWrapper:
+    """x (1, 12) -> signed 4-bit Quant -> MatMul whose (12, 6) weight is a Transpose of a per-row-scaled Quant."""
+    rng = np.random.default_rng(seed)
+    quant = "qonnx.custom_op.general"
+    nodes = [
+        helper.make_node("Quant", ["x", "s_x", "zero", "bits"], ["xq"], domain=quant, signed=1, narrow=0,
+                         rounding_mode="ROUND"),
+        helper.make_node("Quant", ["w_t", "s_w", "zero", "bits"], ["wq_t"], domain=quant, signed=1, narrow=0,
+                         rounding_mode="ROUND"),
+        helper.make_node("Transpose", ["wq_t"], ["wq"], perm=[1, 0]),
+        helper.make_node("MatMul", ["xq", "wq"], ["y"], name="matmul"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("s_x", np.array(0.25, np.float32)), ("zero", np.array(0.0, np.float32)), ("bits", np.array(4.0, np.float32)),
+        ("w_t", rng.normal(0, 0.4, (6, 12)).astype(np.float32)),
+        ("s_w", rng.uniform(0.05, 0.1, (6, 1)).astype(np.float32)))]
+    graph = helper.make_graph(nodes, "transposed_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    return model.transform(InferShapes())
+
+
+@pytest.mark.parametrize("kind", ["grouped conv", "transposed matmul"])
+def test_signed_inputs_and_other_layouts_fit_every_step(tmp_path, kind):
+    """Signed inputs (the general latent projection), groups=3 convs, and weights behind a Transpose."""
+    if kind == "grouped conv":
+        model = build_net(tmp_path, "conv", signed_act=True, per_channel=True).model
+    else:
+        model = transposed_matmul_model()
+    widest = max(r.bounds["exact"] for r in analyze_model(model).layers)
+    bits = widest - 3
+    selection = select_layers(model, bits)
+    assert all(layer.x.lo < 0 for layer in selection.layers)
+    layers = selection.by_node()
+    steps = []
+
+    def check(step, constraint):
+        for node, q in constraint.integer_rows().items():
+            assert fits_brute_force(q, layers[node].x.lo, layers[node].x.hi, bits), f"step {step}, {node}"
+        steps.append(step)
+
+    shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    x = np.random.default_rng(1).normal(0, 1.5, (48, *shape)).astype(np.float32)
+    result = finetune(model, selection, Dataset(x, None, "random"), None,
+                      FinetuneConfig(loss="mse", distill=True, epochs=1, batch_size=16, lr=3e-3, **QUIET), check)
+    assert steps == [1, 2, 3]
+    assert verify_model(result.model, bits).overflow_impossible
 
 
 def test_finetune_beats_projection_and_verifies():

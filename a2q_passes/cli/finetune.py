@@ -79,10 +79,10 @@ def finetune(
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
     model = load_model(input_path)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    config = FinetuneConfig(method=method if method != "axe" else "qat", loss=loss, distill=distill, epochs=epochs,
+    config = FinetuneConfig(method=method, loss=loss, distill=distill, epochs=epochs,
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
-    step = FinetuneAccumulators(global_bits, data, val, config, method=method, overrides=overrides, tile=tile,
+    step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,
                                 calibration_samples=calib_samples)
     result = step(model)
     if not result.details["is_main"]:

@@ -25,9 +25,14 @@ Accumulator awareness (AXE, Colbert et al. 2024) adds two things:
   and for the whole row) instead of the raw weights. Aiming at the raw weights can spend the
   budget on the first terms and force every later one to 0; aiming at a target that fits
   lets the error feedback correct rounding instead of fighting the clamp, but gives up the
-  error feedback's freedom to leave the projected target. Each row keeps whichever path has
-  the lower output error on the calibration data (rows are independent; measured on digits
-  CNNs, each path wins on some layers).
+  error feedback's freedom to leave the projected target (measured on digits CNNs, each path
+  wins on some layers).
+
+Each row (rows are independent) keeps the candidate with the lowest output error on the
+calibration data among the two greedy paths and the exact projection
+(:func:`projection.project_exact`, where its every partial sum fits too). The projection is a
+safeguard for inputs without correlation, where there is no error to feed back and its
+budget-aware rounding beats greedy rounding; on real activations the greedy paths win.
 
 The accumulator is the layer's ``INT P``, or ``UINT P`` when no row of the plain-rounded
 weights reaches below 0 (the convention of :mod:`a2q_passes.projection`).
@@ -39,7 +44,8 @@ import numpy as np
 
 from a2q_passes import bounds
 from a2q_passes.bounds import IntRange
-from a2q_passes.projection import accumulator_is_signed, check_target, plain_round, project_accumulator_range
+from a2q_passes.projection import (accumulator_is_signed, check_target, plain_round, project_accumulator_range,
+                                   project_exact)
 
 
 def _budget(pos: np.ndarray, neg: np.ndarray, x: IntRange, acc_min: int, acc_max: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,11 +119,23 @@ def axe_quantize(v: np.ndarray, F: np.ndarray, G: np.ndarray, H: np.ndarray, x: 
     # no accumulator of this layer can leave +-cap, so tighter limits change nothing and keep int64 exact
     cap = (K + 1) * max(x.magnitude, 1) * max(abs(wr.lo), abs(wr.hi), 1)
     limits = (max(acc_min, -cap), min(acc_max, cap))
-    paths = [_greedy(target, G, H, x, limits, wr, tile) for target in (v, _soft_target(v, x, limits, tile))]
-    errors = [row_output_errors(v, q, F, G, H) for q in paths]
-    q = np.where((errors[1] < errors[0])[:, None], paths[1], paths[0])
+    candidates = [_greedy(target, G, H, x, limits, wr, tile) for target in (v, _soft_target(v, x, limits, tile))]
+    candidates.append(project_exact(v, x, acc_bits, wr).weights)
+    errors = np.stack([row_output_errors(v, q, F, G, H) for q in candidates])
+    errors[2, ~_partial_sums_fit(candidates[2], x, (acc_min, acc_max), tile)] = np.inf
+    best = np.argmin(errors, axis=0)
+    q = np.stack(candidates)[best, np.arange(len(best))]
     _check(q, x, acc_bits, tile)
     return q
+
+
+def _partial_sums_fit(q: np.ndarray, x: IntRange, limits: tuple[int, int], tile: int | None) -> np.ndarray:
+    """Per row, whether every running sum (and every running sum within a tile) stays inside ``limits``."""
+    ok = np.ones(q.shape[0], dtype=bool)
+    for t in (None, tile):
+        lo, hi = bounds.partial_sum_range(q, x, t)
+        ok &= (lo >= limits[0]) & (hi <= limits[1])
+    return ok
 
 
 def _greedy(target: np.ndarray, G: np.ndarray, H: np.ndarray, x: IntRange, limits: tuple[int, int],

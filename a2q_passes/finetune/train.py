@@ -48,7 +48,7 @@ _EVAL_BATCH = 512
 
 @dataclass
 class FinetuneConfig:
-    method: str = "qat"  # "qat" or "a2q"
+    method: str = "qat"  # "qat" or "a2q" train here; "axe" is post-training (FinetuneAccumulators)
     loss: str = "ce"
     distill: bool = False
     epochs: int = 5
@@ -142,7 +142,8 @@ def finetune(model: ModelWrapper, selection: Selection, train: Dataset, val: Dat
     """
     config = config or FinetuneConfig()
     if config.method not in TRAINING_METHODS:
-        raise ValueError(f"method must be one of {TRAINING_METHODS}, got {config.method!r}")
+        raise ValueError(f"finetune() trains with one of {TRAINING_METHODS}, got {config.method!r} "
+                         "(AXE runs through FinetuneAccumulators)")
     with distributed(config.device) as world:
         return _run(model, selection, train, val, config, callback, world)
 

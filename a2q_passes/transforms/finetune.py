@@ -41,8 +41,9 @@ def _structure(model: ModelWrapper) -> list[tuple]:
 class FinetuneAccumulators(A2QPass):
     """Fine-tune (``qat``/``a2q``) or AXE-quantize (``axe``) every constrained layer to its target width.
 
-    ``acc_bits``: the width P of every constrained layer; ``overrides``: ``{MAC node: P}``.
-    ``train``: training data, or calibration inputs for ``axe`` (labels ignored there);
+    The method is ``config.method``. ``acc_bits``: the width P of every constrained layer;
+    ``overrides``: ``{MAC node: P}``. ``train``: training data, or calibration inputs for ``axe``
+    (labels ignored there);
     ``val``: optional validation data (the best epoch is chosen on it). Data may be a
     :class:`Dataset`, an ``.npz`` path, an ``(x, y)`` tuple, an array of inputs, or an iterable of
     ``x`` or ``(x, y)`` batches. ``tile`` (``axe`` only): each run of T terms is held to P too.
@@ -51,12 +52,11 @@ class FinetuneAccumulators(A2QPass):
     """
 
     def __init__(self, acc_bits: int | None, train: DataLike, val: DataLike | None = None,
-                 config: FinetuneConfig | None = None, *, method: str | None = None,
-                 overrides: dict[str, int] | None = None, tile: int | None = None, calibration_samples: int = 512,
-                 callback: StepCallback | None = None) -> None:
+                 config: FinetuneConfig | None = None, *, overrides: dict[str, int] | None = None,
+                 tile: int | None = None, calibration_samples: int = 512, callback: StepCallback | None = None) -> None:
         super().__init__()
         self.config = config or FinetuneConfig()
-        self.method = method or self.config.method
+        self.method = self.config.method
         if self.method not in METHODS:
             raise A2QError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if tile is not None and self.method != "axe":
@@ -65,11 +65,12 @@ class FinetuneAccumulators(A2QPass):
             raise A2QError(f"--tile must be at least 1, got {tile}")
         if calibration_samples < 1:
             raise A2QError(f"the number of calibration samples must be at least 1, got {calibration_samples}")
-        self.config.method = self.method if self.method in TRAINING_METHODS else self.config.method
         self.acc_bits, self.overrides, self.tile = acc_bits, dict(overrides or {}), tile
         self.calibration_samples, self.callback = calibration_samples, callback
         self._train_source, self._val_source = train, val
         self.selection: Selection | None = None
+        self.train: Dataset | None = None  # validated in requires()
+        self.val: Dataset | None = None
 
     def requires(self, model: ModelWrapper) -> None:
         """Everything that can be wrong with the inputs, checked before any training starts."""
@@ -77,10 +78,10 @@ class FinetuneAccumulators(A2QPass):
         io = ModelIO.of(model)
         train = as_dataset(self._train_source, "training data")
         if self.method == "axe":  # calibration needs inputs only
-            train = Dataset(train.x[:self.calibration_samples], None, train.name)
-        needs_labels = self.method != "axe" and not self.config.distill
-        self.train = validate(train, io, self.config.loss, needs_labels)
-        self.val = None
+            train = Dataset(train.x, None, train.name)
+        self.train = validate(train, io, self.config.loss, needs_labels=self.method != "axe" and not self.config.distill)
+        if self.method == "axe":
+            self.train = Dataset(self.train.x[:self.calibration_samples], None, train.name)
         if self._val_source is not None:
             self.val = validate(as_dataset(self._val_source, "validation data"), io, self.config.loss, False)
         self._structure_before = _structure(model)
