@@ -266,12 +266,14 @@ def test_cli_bad_inputs_write_nothing(tmp_path, mlp):
 def test_cli_lower_report_and_verify_against(tmp_path, mlp):
     net, _, projected, folder = mlp
     src, hw_path = folder / "mlp_p9.onnx", tmp_path / "mlp_hw.onnx"
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(5).normal(size=(5, 16)).astype(np.float32))
     code, text = run_cli("lower", src, hw_path, "--fpgapart", "Pynq-Z1", "--json", "--report-json",
-                         tmp_path / "lower.json", "--plot", tmp_path / "res.png")
+                         tmp_path / "lower.json", "--plot", tmp_path / "res.png", "--data", tmp_path / "x.npz")
     assert code == 0, text
     payload = json.loads((tmp_path / "lower.json").read_text())
     assert json.loads(text[text.index("{"):]) == payload
     assert payload["targets"] == "model metadata" and payload["equivalence"]["within_tolerance"]
+    assert payload["equivalence"]["samples"] == 5
     hw = load_model(hw_path)  # the written graph passes onnx.checker and a2q's loader
     acc = {n.name: getCustomOp(n).get_nodeattr("accDataType") for n in iterate_mac_nodes(hw)}
     assert all(DataType[dt].bitwidth() <= 9 for dt in acc.values())

@@ -32,7 +32,6 @@ import onnx
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import PostconditionError, PreconditionError
 from a2q_passes.finn_flow import (HW_DOMAIN_PREFIX, LoweringError, LoweringReport, check_thresholds_hold,
