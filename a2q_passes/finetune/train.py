@@ -169,7 +169,7 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
     net = module
     if world.active:
         net = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+                                      forward_sync_buffers=False)  # buffers never change: BN runs in eval mode
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     sampler = DistributedSampler(range(len(train)), num_replicas=world.world_size, rank=world.rank,
