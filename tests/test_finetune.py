@@ -231,9 +231,26 @@ def test_finetune_beats_projection_and_verifies():
     before, plain, after = accuracy(model), accuracy(projected), accuracy(tuned)
     assert before > 85.0
     assert after >= plain + 10.0, (before, plain, after)
+    # the reported metric of the chosen epoch is what the written graph scores (val = the test split here)
+    details = result.details
+    assert details["history"][details["best_epoch"]].val_metric == pytest.approx(after, abs=1e-6)
+    assert details["original_metric"] == pytest.approx(before, abs=1e-6)
     # same graph, only initializers changed; the targets are recorded for `a2q verify` without widths
     assert [n.SerializeToString() for n in tuned.graph.node] == [n.SerializeToString() for n in model.graph.node]
     assert verify_model(tuned, None).overflow_impossible
+
+
+def test_regression_loss_reports_psnr_of_the_written_model():
+    model = digits_model()
+    x, _ = digits_data("train", 128)
+    targets = 1.0 / (1.0 + np.exp(-qonnx_outputs(model, x) / 4.0))  # regression targets in [0, 1]
+    step = FinetuneAccumulators(NARROW, (x, targets), (x[:64], targets[:64]),
+                                FinetuneConfig(loss="l1", epochs=2, **QUIET))
+    tuned = step(model).model
+    details = step.result.details
+    assert details["metric"] == "PSNR dB"
+    mse = np.mean((qonnx_outputs(tuned, x[:64]).astype(np.float64) - targets[:64]) ** 2)
+    assert details["history"][details["best_epoch"]].val_metric == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
 
 
 def test_distillation_without_labels_and_regression_losses():
