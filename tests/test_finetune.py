@@ -257,11 +257,13 @@ def test_distillation_without_labels_and_regression_losses():
     model = digits_model()
     x, _ = digits_data("train", 128)
     for loss in ("ce", "mse"):
-        step = FinetuneAccumulators(NARROW, x, None, FinetuneConfig(loss=loss, distill=True, epochs=1, **QUIET))
+        batches = (torch.from_numpy(x[i:i + 32]) for i in range(0, len(x), 32))  # a Python iterable of batches
+        step = FinetuneAccumulators(NARROW, batches, None, FinetuneConfig(loss=loss, distill=True, epochs=1, **QUIET))
         tuned = step(model).model
         assert verify_model(tuned, NARROW).overflow_impossible
         history = step.result.details["history"]
         assert [h.epoch for h in history] == [0, 1] and history[1].train_loss > 0
+        assert len(step.train) == len(x)
 
 
 # ---------------------------------------------------------------- command line
