@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import brevitas.nn as qnn
 import numpy as np
