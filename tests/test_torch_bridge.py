@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.custom_op.general.quant import quant as qonnx_int_quant
+from qonnx.transformation.change_batchsize import ChangeBatchSize
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 from qonnx.util.cleanup import cleanup_model
@@ -156,7 +157,10 @@ def built_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelWra
 
 
 def _model(built_models: dict[str, ModelWrapper], name: str) -> ModelWrapper:
-    return built_models[name] if name in built_models else ModelWrapper(str(REPO / name))
+    if name in built_models:
+        return built_models[name]
+    # qonnx execution needs every shape, and a fixed batch (the QDQ model's batch is dynamic)
+    return ModelWrapper(str(REPO / name)).transform(ChangeBatchSize(1)).transform(InferShapes())
 
 
 def _random_inputs(model: ModelWrapper, seed: int) -> dict[str, np.ndarray]:

@@ -425,6 +425,38 @@ def _identity(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     return inputs[0]
 
 
+def _per_axis(t: Tensor, x: Tensor, axis: int) -> Tensor:
+    """Broadcast a per-axis QDQ parameter (scalar or 1-D) along ``axis`` of ``x``."""
+    if t.ndim == 0 or x.ndim == 0:
+        return t
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    return t.reshape(shape)
+
+
+@onnx_op("QuantizeLinear")
+def _quantize_linear(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
+    """``saturate(round_half_even(x / s) + z)`` over the zero point's integer type; float codes, STE rounding."""
+    x, scale = inputs[0], inputs[1]
+    zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.uint8)
+    info = torch.iinfo(zero_point.dtype)
+    axis = int(node.attr("axis", 1))
+    y = x / _per_axis(scale, x, axis) + _per_axis(zero_point.to(x.dtype), x, axis)
+    return torch.clamp(round_ste(y, "ROUND"), info.min, info.max)
+
+
+@onnx_op("DequantizeLinear")
+def _dequantize_linear(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
+    """``(x - z) * s``, per tensor or per axis."""
+    x, scale = inputs[0], inputs[1]
+    x = x.to(scale.dtype)
+    axis = int(node.attr("axis", 1))
+    zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    if zero_point is not None:
+        x = x - _per_axis(zero_point.to(scale.dtype), x, axis)
+    return x * _per_axis(scale, x, axis)
+
+
 @onnx_op("Cast")
 def _cast(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     return inputs[0].to(torch_dtype(int(node.attr("to"))))
