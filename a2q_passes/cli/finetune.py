@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -19,15 +18,18 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.cli import app
 from a2q_passes.cli.common import parse_layer_widths
 from a2q_passes.errors import A2QError
-from a2q_passes.finetune.data import LOSSES
-from a2q_passes.finetune.distributed import DEVICES
-from a2q_passes.finetune.train import FinetuneConfig
 from a2q_passes.model_io import load_model, save_model
-from a2q_passes.transforms.finetune import METHODS, FinetuneAccumulators
+
+# torch and the training code are imported inside the functions: every `a2q` command imports this
+# module to register `finetune`, and torch alone would add seconds to each of their start-ups.
 
 
 def _check_options(input_path: Path, output_path: Path, method: str, loss: str, epochs: int, lr: float,
                    batch_size: int, device: str) -> None:
+    from a2q_passes.finetune.data import LOSSES
+    from a2q_passes.finetune.distributed import DEVICES
+    from a2q_passes.transforms.finetune import METHODS
+
     if output_path.resolve() == input_path.resolve():
         raise A2QError(f"{output_path}: the output path equals the input path; write the fine-tuned model elsewhere")
     folder = output_path.parent if str(output_path.parent) else Path(".")
@@ -75,6 +77,11 @@ def finetune(
 
     Everything about the inputs is checked before training; on any problem nothing is written.
     """
+    import torch
+
+    from a2q_passes.finetune.train import FinetuneConfig
+    from a2q_passes.transforms.finetune import FinetuneAccumulators
+
     _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
     model = load_model(input_path)
