@@ -170,15 +170,17 @@ def get_constant(model: ModelWrapper, name: str) -> np.ndarray | None:
     return None
 
 
-def _attr(node: NodeProto, name: str, default=None):
+def node_attr(node: NodeProto, name: str, default=None):
+    """Value of attribute ``name`` of an ONNX node, or ``default``."""
     for attr in node.attribute:
         if attr.name == name:
             return helper.get_attribute_value(attr)
     return default
 
 
-def _str_attr(node: NodeProto, name: str, default: str) -> str:
-    value = _attr(node, name, default)
+def node_str_attr(node: NodeProto, name: str, default: str) -> str:
+    """A string attribute, decoded."""
+    value = node_attr(node, name, default)
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -224,7 +226,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         return None
     op = producer.op_type
     if op in ("Transpose", "Identity"):
-        perm = list(_attr(producer, "perm", [])) if op == "Transpose" else []
+        perm = list(node_attr(producer, "perm", [])) if op == "Transpose" else []
         if op == "Transpose" and not perm:
             shape = get_constant(model, producer.input[0])
             perm = list(range(np.ndim(shape) - 1, -1, -1)) if shape is not None else []
@@ -242,7 +244,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         if np.size(bits) != 1 or float(bits) != int(bits):
             raise UnsupportedLayer(f"{_node_label(producer)} has a non-scalar or non-integer bit width")
         bits = int(bits)
-        signed, narrow = bool(_attr(producer, "signed", 1)), bool(_attr(producer, "narrow", 0))
+        signed, narrow = bool(node_attr(producer, "signed", 1)), bool(node_attr(producer, "narrow", 0))
         if bits == 1 and signed:
             weight_range = BIPOLAR
         else:
@@ -250,7 +252,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         return WeightSource(
             "quant", producer.input[0], producer.name, weight_range, _quant_dtype(bits, signed),
             scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(zero_point, dtype=np.float32),
-            rounding_mode=_str_attr(producer, "rounding_mode", "ROUND"), perms=perms,
+            rounding_mode=node_str_attr(producer, "rounding_mode", "ROUND"), perms=perms,
         )
     if op == "BipolarQuant":
         _require_constant(model, producer, 0, "weight input")
@@ -291,14 +293,15 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     info = np.iinfo(zp_dtype)
     dtype = f"{'INT' if info.min < 0 else 'UINT'}{info.bits}"
     ndim = np.ndim(stored) if stored is not None else np.ndim(get_constant(model, quantize.input[0]))
-    axis = int(_attr(dq, "axis", 1))
+    axis = int(node_attr(dq, "axis", 1))
     kind = "dequantize_linear" if quantize is None else "quantize_dequantize"
     tensor = dq.input[0] if quantize is None else quantize.input[0]
     return WeightSource(kind, tensor, dq.name, IntRange(int(info.min), int(info.max)), dtype,
                         scale=_per_axis(scale, axis, ndim), zero_point=np.zeros((), dtype=zp_dtype), perms=perms)
 
 
-def _apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) -> np.ndarray:
+def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) -> np.ndarray:
+    """Apply the weight path's ``Transpose`` permutations in order (or undo them with ``inverse``)."""
     for perm in (reversed(perms) if inverse else perms):
         w = np.transpose(w, np.argsort(perm) if inverse else perm)
     return w
@@ -328,13 +331,13 @@ def unrounded_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarr
     """
     if source.kind in ("quant", "quantize_dequantize"):
         stored = model.get_initializer(source.tensor).astype(np.float64)
-        return _apply_perms(stored / source.scale.astype(np.float64), source.perms)
+        return apply_perms(stored / source.scale.astype(np.float64), source.perms)
     return read_mac_weights(model, source).astype(np.float64)
 
 
 def read_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     """Integer weights in the layout the MAC node consumes (after any weight ``Transpose``)."""
-    return _apply_perms(read_stored_integers(model, source), source.perms)
+    return apply_perms(read_stored_integers(model, source), source.perms)
 
 
 # Offsets that make each rounding mode land exactly on the integer q from q * s / s.
@@ -357,7 +360,7 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
-    q_stored = _apply_perms(np.asarray(q_mac, dtype=np.int64), source.perms, inverse=True)
+    q_stored = apply_perms(np.asarray(q_mac, dtype=np.int64), source.perms, inverse=True)
     if q_stored.min(initial=0) < source.weight_range.lo or q_stored.max(initial=0) > source.weight_range.hi:
         raise ValueError(f"new weights for '{source.tensor}' leave the weight range "
                          f"[{source.weight_range.lo}, {source.weight_range.hi}]")
@@ -432,7 +435,7 @@ class GridResolver:
         if scale is None or zp is None or bits is None:
             return None, (f"{_node_label(node)} has a non-constant or per-channel scale/zero point/bit width; "
                           "the accumulator needs one per-tensor input scale")
-        bits, signed, narrow = int(bits), bool(_attr(node, "signed", 1)), bool(_attr(node, "narrow", 0))
+        bits, signed, narrow = int(bits), bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
         if zp != round(zp):
             return None, f"{_node_label(node)} has a non-integer zero point {zp}"
         if bits == 1 and signed:
@@ -465,14 +468,14 @@ class GridResolver:
         thresholds = get_constant(self.model, node.input[1])
         if thresholds is None:
             return None, f"{_node_label(node)} has non-constant thresholds"
-        out_scale = float(_attr(node, "out_scale", 1.0))
-        out_bias = float(_attr(node, "out_bias", 0.0))
+        out_scale = float(node_attr(node, "out_scale", 1.0))
+        out_bias = float(node_attr(node, "out_bias", 0.0))
         offset = out_bias / out_scale
         if offset != round(offset):
             return None, f"{_node_label(node)} has out_bias/out_scale = {offset}, not an integer offset"
         steps = int(thresholds.shape[-1])
         codes = IntRange(int(offset), int(offset) + steps)
-        return InputGrid(codes, _str_attr(node, "out_dtype", "") or f"UINT{max(steps, 1).bit_length()}", out_scale), ""
+        return InputGrid(codes, node_str_attr(node, "out_dtype", "") or f"UINT{max(steps, 1).bit_length()}", out_scale), ""
 
     def _from_Relu(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         grid, reason = self.resolve(node.input[0])
@@ -482,7 +485,7 @@ class GridResolver:
         return InputGrid(IntRange(lo, max(lo, grid.range.hi)), grid.dtype, grid.scale, grid.zero_code), ""
 
     def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:
-        mode = _str_attr(node, "mode", "constant")
+        mode = node_str_attr(node, "mode", "constant")
         value = _scalar_constant(self.model, node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
         if mode != "constant" or value != 0.0:
             return None, f"{_node_label(node)} pads with mode={mode}, value={value}; only zero padding keeps the grid"
@@ -493,8 +496,8 @@ class GridResolver:
         return InputGrid(r, grid.dtype, grid.scale, grid.zero_code), ""
 
     def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
-        if _str_attr(node, "mode", "nearest") != "nearest":
-            return None, f"{_node_label(node)} interpolates (mode={_str_attr(node, 'mode', '')}); only nearest keeps the grid"
+        if node_str_attr(node, "mode", "nearest") != "nearest":
+            return None, f"{_node_label(node)} interpolates (mode={node_str_attr(node, 'mode', '')}); only nearest keeps the grid"
         return self.resolve(node.input[0])
 
     _from_Upsample = _from_Resize
@@ -547,9 +550,9 @@ def _dtype_for_range(r: IntRange) -> str:
 def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) -> RowLayout:
     """One row per (output channel, stride phase): the taps that reach one output pixel."""
     c_in, c_out_g, kh, kw = shape
-    groups = int(_attr(node, "group", 1))
-    strides = list(_attr(node, "strides", [1, 1]))
-    dilations = list(_attr(node, "dilations", [1, 1]))
+    groups = int(node_attr(node, "group", 1))
+    strides = list(node_attr(node, "strides", [1, 1]))
+    dilations = list(node_attr(node, "dilations", [1, 1]))
     c_in_g = c_in // groups
     idx = np.arange(int(np.prod(shape))).reshape(shape)
     rows, row_channel = [], []
@@ -576,10 +579,10 @@ def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) ->
         return RowLayout("reshape", shape), int(np.prod(shape[1:])), shape[0]
     if op == "ConvTranspose":
         layout = _conv_transpose_layout(model, node, shape)
-        return layout, layout.index.shape[1], shape[1] * int(_attr(node, "group", 1))
+        return layout, layout.index.shape[1], shape[1] * int(node_attr(node, "group", 1))
     if len(shape) != 2:
         raise UnsupportedLayer(f"{_node_label(node)} has a {len(shape)}-D weight; only 2-D weights are supported")
-    if op == "Gemm" and _attr(node, "transB", 0):
+    if op == "Gemm" and node_attr(node, "transB", 0):
         return RowLayout("identity", shape), shape[1], shape[0]
     return RowLayout("transpose", shape), shape[0], shape[1]
 
@@ -588,7 +591,7 @@ def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) ->
 
 
 def _mac_weight_index(model: ModelWrapper, node: NodeProto) -> int | None:
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and node_attr(node, "transA", 0):
         return None
     if node.op_type == "MatMul" and get_constant(model, node.input[1]) is None and model.find_producer(node.input[1]) is None:
         return None
@@ -650,8 +653,8 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
 def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
     name = node.name or node.output[0]
     weights = model.get_initializer(node.input[1])
-    idt, wdt = _str_attr(node, "inputDataType", ""), _str_attr(node, "weightDataType", "")
-    xnor = bool(_attr(node, "binaryXnorMode", 0))
+    idt, wdt = node_str_attr(node, "inputDataType", ""), node_str_attr(node, "weightDataType", "")
+    xnor = bool(node_attr(node, "binaryXnorMode", 0))
     if weights is None:
         return MacLayer(name, node.op_type, node.input[0], 0, 0,
                         "unsupported: weights are not an initializer (runtime-writeable or external weights)")

@@ -42,7 +42,7 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 from a2q_passes import bounds
 from a2q_passes.analysis import channel_ranges
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, _attr, _str_attr, find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, node_attr, node_str_attr, find_mac_layers
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.simulate import (
     MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, accumulate_terms, exact_float_dtype,
@@ -286,7 +286,7 @@ class _GraphRunner:
 
     def _batch_free(self, node: NodeProto) -> NodeProto:
         """A ``Reshape`` to a constant shape that starts with the declared batch copies dim 0 instead."""
-        if node.op_type != "Reshape" or node.input[1] not in self.constants or _attr(node, "allowzero", 0):
+        if node.op_type != "Reshape" or node.input[1] not in self.constants or node_attr(node, "allowzero", 0):
             return node
         target = self.constants[node.input[1]]
         data_shape = self.shapes.get(node.input[0])
@@ -328,7 +328,7 @@ class _MacKernel:
         self.signed = min(lo for lo, _ in register_ranges(layer, self.rows, mode, tile).values()) < 0
         grid = layer.grid
         self.input_scale = float(grid.scale) if grid.scale is not None else 1.0
-        self.output_scale = self._weight_scales(model) * self.input_scale * float(_attr(node, "alpha", 1.0))
+        self.output_scale = self._weight_scales(model) * self.input_scale * float(node_attr(node, "alpha", 1.0))
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)
         self.bound = grid.range.magnitude * int(np.abs(self.rows).sum(axis=1).max(initial=0))
         if node.op_type == "Conv":
@@ -352,12 +352,12 @@ class _MacKernel:
     def _conv_setup(self) -> None:
         kernel = tuple(self.layer.layout.shape[2:])  # Conv weights: (C_out, C_in / groups, *kernel)
         n = len(kernel)
-        self.groups = int(_attr(self.node, "group", 1))
-        self.strides = list(_attr(self.node, "strides", [1] * n))
-        self.dilations = list(_attr(self.node, "dilations", [1] * n))
+        self.groups = int(node_attr(self.node, "group", 1))
+        self.strides = list(node_attr(self.node, "strides", [1] * n))
+        self.dilations = list(node_attr(self.node, "dilations", [1] * n))
         self.window = [(k - 1) * d + 1 for k, d in zip(kernel, self.dilations)]
-        self.auto_pad = _str_attr(self.node, "auto_pad", "NOTSET")
-        self.pads = list(_attr(self.node, "pads", [0] * 2 * n))
+        self.auto_pad = node_str_attr(self.node, "auto_pad", "NOTSET")
+        self.pads = list(node_attr(self.node, "pads", [0] * 2 * n))
 
     def codes(self, x: np.ndarray) -> np.ndarray:
         """Integer codes of the layer input (integer-valued float64), checked to lie on the layer's grid."""

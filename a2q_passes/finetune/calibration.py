@@ -24,7 +24,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.finetune.axe import axe_quantize, gram_matrices, row_output_errors
 from a2q_passes.finetune.selection import ConstrainedLayer, Selection
-from a2q_passes.layers import _attr, find_mac_layers, unrounded_mac_weights, write_mac_weights
+from a2q_passes.layers import node_attr, find_mac_layers, unrounded_mac_weights, write_mac_weights
 from a2q_passes.projection import plain_round, project_exact
 from a2q_passes.torch_bridge import QonnxModule
 
@@ -74,13 +74,13 @@ def _groups(layer: ConstrainedLayer, node: NodeProto, value: np.ndarray) -> list
         return [(slice(None), value.reshape(-1, value.shape[-1]))]
     if op != "Conv" or value.ndim != 4 or layer.mac.layout.kind != "reshape":
         raise _NotHandled(f"AXE handles Gemm, MatMul and 2-D Conv layers, not this {op}")
-    if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    if node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _NotHandled("Conv with auto_pad")
     kh, kw = layer.mac.layout.shape[2:]
-    top, left, bottom, right = list(_attr(node, "pads", [0, 0, 0, 0]))
-    strides = list(_attr(node, "strides", [1, 1]))
-    dilations = list(_attr(node, "dilations", [1, 1]))
-    groups = int(_attr(node, "group", 1))
+    top, left, bottom, right = list(node_attr(node, "pads", [0, 0, 0, 0]))
+    strides = list(node_attr(node, "strides", [1, 1]))
+    dilations = list(node_attr(node, "dilations", [1, 1]))
+    groups = int(node_attr(node, "group", 1))
     padded = tf.pad(torch.from_numpy(value), (left, right, top, bottom))
     c_in, c_out = value.shape[1] // groups, layer.mac.channels // groups
     result = []

@@ -16,7 +16,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes import bounds
 from a2q_passes.bounds import IntRange
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, _apply_perms, find_mac_layers, write_mac_weights
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, apply_perms, find_mac_layers, write_mac_weights
 from a2q_passes.projection import InfeasibleTarget, check_target, project_exact
 
 
@@ -40,7 +40,7 @@ class ConstrainedLayer:
         source = mac.source
         shape = tuple(model.get_initializer(source.tensor).shape)
         flat = np.arange(1, int(np.prod(shape)) + 1).reshape(shape)  # 1-based so padding (0) maps to -1
-        row_index = mac.layout.to_rows(_apply_perms(flat, source.perms)).astype(np.int64) - 1
+        row_index = mac.layout.to_rows(apply_perms(flat, source.perms)).astype(np.int64) - 1
         counts = np.bincount(row_index[row_index >= 0], minlength=flat.size)
         if not (counts == 1).all():
             raise A2QError(f"layer '{mac.node}': some stored weights appear in several accumulator rows; "
