@@ -16,7 +16,7 @@ import onnx
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
-from a2q_passes.analysis import analyze_layer, analyze_model
+from a2q_passes.analysis import analyze_model, channel_ranges
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
@@ -103,28 +103,26 @@ class ProjectToAccumulator(A2QPass):
 
     def _project(self, model: ModelWrapper, layer: MacLayer, bits: int) -> LayerProjection:
         report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
-        before = analyze_layer(model, layer)
-        report.width_before = before.bounds["exact"]
+        q_before = layer.integer_rows(model)
+        report.width_before, dtype_before = _layer_width(layer, q_before)
         if layer.binary_xnor or layer.source.kind == "bipolar_quant":
             report.status = "skipped: bipolar/xnor weights cannot be shrunk (no zero weight)"
             if report.width_before > bits:
                 raise A2QError(f"layer '{layer.node}' has bipolar weights needing {report.width_before} bits; "
                                f"they cannot be projected to {bits} bits")
-            report.width_after, report.acc_dtype_after = report.width_before, before.acc_dtype
+            report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
         v = layer.unrounded_rows(model)
-        q_before = layer.integer_rows(model)
         try:
             result = project_weights(v, layer.grid.range, bits, layer.source.weight_range, self.method.name)
         except InfeasibleTarget as err:
             raise A2QError(f"layer '{layer.node}': {err}") from err
         q_after = np.asarray(result.weights, dtype=np.int64)
         if not np.array_equal(q_after, q_before):
-            layer.write_rows(model, q_after)
+            layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces q_after exactly
             report.status = "projected"
-        after = analyze_layer(model, layer)
+        report.width_after, report.acc_dtype_after = _layer_width(layer, q_after)
         stats = projection_stats(q_before, q_after, v)
-        report.width_after, report.acc_dtype_after = after.bounds["exact"], after.acc_dtype
         report.rel_l2_change = stats["rel_l2_change"]
         report.sparsity_before, report.sparsity_after = stats["sparsity_before"], stats["sparsity_after"]
         changed_rows = np.any(q_after != q_before, axis=1)
@@ -146,6 +144,13 @@ class ProjectToAccumulator(A2QPass):
                 raise PostconditionError(
                     f"layer '{p.node}' does not fit {p.target_bits} bits after projection "
                     f"(range {None if r is None else (r.acc_min, r.acc_max)}); nothing was written")
+
+
+def _layer_width(layer: MacLayer, rows: np.ndarray) -> tuple[int, str]:
+    """Exact accumulator width and datatype name of a layer with integer ``rows``."""
+    acc_min, acc_max = channel_ranges(layer, rows)
+    lo, hi = int(acc_min.min()), int(acc_max.max())
+    return int(bounds.accumulator_width(lo, hi)), bounds.accumulator_datatype_name(lo, hi)
 
 
 def projection_summary(projections: list[LayerProjection]) -> dict[str, Any]:
