@@ -139,3 +139,14 @@ def test_unknown_custom_op(conv_net, tmp_path):
 
 def test_bad_input_dtype_option(conv_net):
     _expect_error(run_a2q("analyze", conv_net.path, "--input-dtype", "FLOAT32"), "FLOAT32", "not an integer")
+
+
+def test_annotate_records_widths_that_verify_uses(conv_net, tmp_path):
+    out = tmp_path / "annotated.onnx"
+    result = run_a2q("annotate", conv_net.path, out)
+    assert result.returncode == 0, result.stderr
+    analysis = json.loads(run_a2q("analyze", conv_net.path, "--json").stdout)
+    for layer in analysis["layers"]:
+        assert f"{layer['node']}: {layer['acc_dtype']}" in result.stdout
+    assert run_a2q("verify", out).returncode == 0  # exactly the minimal widths: overflow impossible
+    _expect_error(run_a2q("annotate", conv_net.path, conv_net.path), "--in-place")
