@@ -23,14 +23,15 @@ from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator,
 def projection_table(projections: list[LayerProjection], method: str) -> Table:
     table = Table(title=f"Projection ({method}): accumulator bits per layer")
     for col in ("layer", "op", "target", "before", "after", "acc type", "rel. L2 change", "sparsity before",
-                "sparsity after", "channels touched", "status"):
+                "sparsity after", "channels touched", "rows by method", "status"):
         table.add_column(col)
     for p in projections:
         table.add_row(p.node, p.op_type, str(p.target_bits), str(p.width_before), str(p.width_after),
                       p.acc_dtype_after or "-", f"{p.rel_l2_change:.4f}",
                       "-" if p.sparsity_before is None else f"{p.sparsity_before:.3f}",
                       "-" if p.sparsity_after is None else f"{p.sparsity_after:.3f}",
-                      f"{p.channels_touched}/{p.channels}", p.status)
+                      f"{p.channels_touched}/{p.channels}",
+                      " ".join(f"{m}:{n}" for m, n in p.rows_by_method.items()) or "-", p.status)
     return table
 
 
