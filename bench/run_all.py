@@ -1,0 +1,188 @@
+"""The benchmark suite: every model x accumulator width x method, against Brevitas A2Q / A2Q+ and FINN.
+
+    .venv/bin/python -m bench.run_all                 # full run: BENCHMARKS.md, bench/results.json, bench/plots/*.png
+    .venv/bin/python -m bench.run_all --quick --out DIR   # CI-sized run (digits_cnn, 3 widths), written under DIR
+
+Options: ``--models a,b`` (a subset of the configured models), ``--threads N`` (torch threads,
+default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark), ``--no-finn`` (skip FINN
+resource estimates). Quick mode never writes the committed results: it needs ``--out`` elsewhere
+(a fresh temporary folder when omitted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.anchors import TrainBudget
+from bench.sweep import ModelBench, finn_resources, run_model
+
+REPO = Path(__file__).resolve().parent.parent
+HEADLINE = "fmnist_cnn"
+FPGA_PART = "xczu3eg-sbva484-1-e"  # Ultra96 (ZU3EG), the part the project's other FINN reports use
+SPEED_REPEATS = 3
+
+FULL: tuple[ModelBench, ...] = (
+    ModelBench("fmnist_cnn", widths=(32, 20, 16, 15, 14, 13, 12, 11, 10),
+               train_widths=(32, 16, 15, 14, 13, 12, 11, 10),
+               budget=TrainBudget(samples=40000, epochs=1, batch_size=64, lr=5e-4), val_samples=2000,
+               calibration_samples=512, resources=True),
+    ModelBench("digits_cnn", widths=(32, 16, 15, 14, 13, 12, 11, 10),
+               train_widths=(32, 15, 14, 13, 12, 11, 10),
+               budget=TrainBudget(samples=1077, epochs=15, batch_size=32, lr=1e-3), val_samples=360,
+               calibration_samples=512),
+    ModelBench("fmnist_mlp", widths=(32, 20, 18, 16, 15, 14, 13, 12),
+               train_widths=(20, 18, 16, 15, 14, 13, 12),
+               budget=TrainBudget(samples=40000, epochs=2, batch_size=64, lr=5e-4), val_samples=2000,
+               calibration_samples=512),
+    ModelBench("espcn_x2", widths=(32, 16, 15, 14, 13, 12, 11),
+               train_widths=(16, 15, 14, 13, 12, 11),
+               budget=TrainBudget(samples=1792, epochs=2, batch_size=16, lr=5e-4), val_samples=256,
+               calibration_samples=128),
+)
+
+QUICK: tuple[ModelBench, ...] = (
+    ModelBench("digits_cnn", widths=(32, 12, 10), train_widths=(12, 10),
+               budget=TrainBudget(samples=256, epochs=1, batch_size=32, lr=1e-3), val_samples=120,
+               calibration_samples=64, test_limit=None, resources=True),
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one run writes: the Markdown report, the JSON of all rows and the plots."""
+
+    markdown: Path
+    results: Path
+    plots: Path
+
+    @classmethod
+    def committed(cls) -> "Layout":
+        return cls(REPO / "BENCHMARKS.md", REPO / "bench" / "results.json", REPO / "bench" / "plots")
+
+    @classmethod
+    def under(cls, folder: Path) -> "Layout":
+        return cls(folder / "BENCHMARKS.md", folder / "results.json", folder / "plots")
+
+    def relative_plot(self, name: str) -> str:
+        return (self.plots / name).relative_to(self.markdown.parent).as_posix()
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "brevitas", "qonnx", "finn-plus", "onnx", "onnxruntime", "numpy")
+    return {"python": platform.python_version(), **{name: version(name) for name in names}}
+
+
+def _resources(bench: ModelBench, ctx, rows: list[dict[str, Any]], best_models: dict) -> None:
+    """FINN estimates of the quantized baseline (exact widths) and of every ours-best row, stored in the rows."""
+    targets = [(row, ctx.base) for row in rows if row["method"] == "quantized"]
+    targets += [(row, best_models[row["P"]]) for row in rows
+                if row["method"] == "ours-best" and row["status"] == "ok" and row["P"] in best_models]
+    done: dict[int, dict[str, Any]] = {}
+    for row, model in tqdm(targets, desc=f"{bench.name} FINN resources", unit="model"):
+        key = id(model)
+        if key not in done:
+            done[key] = finn_resources(model, FPGA_PART)
+        row["finn"] = done[key]
+
+
+def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bool, finn: bool,
+        command: str) -> dict[str, Any]:
+    import torch
+
+    from bench import bench_speed
+    from bench.markdown import render
+    from bench.plots import accuracy_plot, sparsity_plot
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"command": command, "threads": threads, "versions": _versions(), "fpgapart": FPGA_PART,
+                               "models": {}}
+    for bench in benches:
+        model_started = time.perf_counter()
+        ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources)
+        if finn and bench.resources:
+            _resources(bench, ctx, rows, best_models)
+        results["models"][bench.name] = {
+            "config": asdict(bench), "variant": bench.variant, "dataset": ctx.dataset, "metric": ctx.metric,
+            "float_score": ctx.float_score, "plain_width": ctx.plain_width, "constrained_layers": ctx.constrained,
+            "train_samples": len(ctx.train[0]), "val_samples": len(ctx.val[0]), "test_samples": len(ctx.test[0]),
+            "seconds": round(time.perf_counter() - model_started, 1), "rows": rows,
+        }
+    if speed:
+        tqdm.write("speed benchmark (ResNet-50-sized model) ...")
+        results["speed"] = bench_speed.run(SPEED_REPEATS)
+        results["speed_markdown"] = bench_speed.markdown(results["speed"])
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    layout.plots.mkdir(parents=True, exist_ok=True)
+    accuracy_plot(results["models"], layout.plots / "accuracy_vs_P.png")
+    sparsity_plot(results["models"], layout.plots / "sparsity_vs_P.png")
+    layout.results.parent.mkdir(parents=True, exist_ok=True)
+    layout.results.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    layout.markdown.parent.mkdir(parents=True, exist_ok=True)
+    layout.markdown.write_text(render(results, layout))
+    return results
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _log_row(row: dict[str, Any]) -> None:
+    if row["status"] != "ok":
+        return
+    score = f"{row['score']:.2f}" if row["score"] is not None else "-"
+    tqdm.write(f"  {row['model']} P={row['P']:>2} {row['method']:<18} score {score:>6}  "
+               f"width {row['guaranteed_width']}  sparsity {row['sparsity']:.3f}  {row['seconds']} s  {row['note']}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny CI configuration (digits_cnn, 3 widths)")
+    parser.add_argument("--out", type=Path, help="write BENCHMARKS.md, results.json and plots/ under this folder")
+    parser.add_argument("--models", help="comma-separated subset of the configured models")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the ResNet-50-sized speed benchmark")
+    parser.add_argument("--no-finn", action="store_true", help="skip FINN resource estimates")
+    args = parser.parse_args(argv)
+    benches = QUICK if args.quick else FULL
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = sorted(set(wanted) - {b.name for b in benches})
+        if unknown:
+            parser.error(f"--models: {unknown} not configured; choose from {[b.name for b in benches]}")
+        benches = tuple(b for b in benches if b.name in wanted)
+    if args.out is not None:
+        layout = Layout.under(args.out.resolve())
+    elif args.quick:
+        layout = Layout.under(Path(tempfile.mkdtemp(prefix="a2q-bench-quick-")))
+    else:
+        layout = Layout.committed()
+    committed = Layout.committed()
+    if args.quick and {layout.markdown, layout.results, layout.plots} & {committed.markdown, committed.results,
+                                                                          committed.plots}:
+        parser.error("--quick must not overwrite the committed results; give --out a different folder")
+    command = shlex.join(["python", "-m", "bench.run_all", *(sys.argv[1:] if argv is None else argv)])
+    results = run(benches, layout, args.threads, speed=not (args.quick or args.no_speed), finn=not args.no_finn,
+                  command=command)
+    print(f"wrote {layout.markdown}, {layout.results}, {layout.plots}/ in {results['total_seconds']} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

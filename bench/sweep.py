@@ -1,0 +1,341 @@
+"""One model's sweep over accumulator widths P: every method, one row per (method, P).
+
+Methods (``METHODS``):
+
+- ``unconstrained-wrap``: the committed W/A model as it is, its MAC layers run with P-bit
+  two's-complement wrap-around accumulators (:func:`a2q_passes.verification.simulate_model`):
+  the collapse accumulator-aware quantization prevents.
+- ours: ``project-a2q`` / ``project-exact`` (:class:`ProjectToAccumulator`, post-training),
+  ``axe`` (AXE PTQ) and ``qat`` (exact-range projected QAT), both through
+  :class:`FinetuneAccumulators`; each starts from the committed W/A model.
+- ``ours-best``: per P, the one of our four rows with the best *validation* score (never chosen on test).
+- anchors: ``brevitas-a2q`` / ``brevitas-a2q+`` (:mod:`bench.anchors`), QAT from the float checkpoint.
+
+Trained methods (``qat`` and the anchors) share one :class:`TrainBudget` per model: the same
+training samples, epochs, batch size, learning rate and seed, and the best epoch on the same
+validation samples (held out from the end of the training split). Both train weights and
+activation scales (``train_act_scales``: Brevitas' QuantReLU scales are trained parameters).
+Every score is on the test split.
+
+Only the layers with W-bit weights are constrained (all MAC layers except ESPCN's fixed 8-bit
+first and last layers, as Brevitas' anchors do); widths, sparsity and simulated accumulators refer
+to those layers. Our rows are guaranteed: their exact accumulator range (``analyze_model``) fits P,
+so no input can overflow and the test score equals the P-bit score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+from tqdm import tqdm
+
+from bench.anchors import ANCHOR_QUANTIZERS, TrainBudget, export_check, integer_layers, predict, sparsity, train_anchor
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    family: str  # "baseline", "ours", "anchor"
+    trained: bool = False
+
+
+METHODS: tuple[Method, ...] = (
+    Method("unconstrained-wrap", "unconstrained, P-bit wrap-around", "baseline"),
+    Method("project-a2q", "ours: project a2q (PTQ)", "ours"),
+    Method("project-exact", "ours: project exact (PTQ)", "ours"),
+    Method("axe", "ours: AXE (PTQ)", "ours"),
+    Method("qat", "ours: QAT finetune", "ours", trained=True),
+    Method("ours-best", "ours: best on validation", "ours"),
+    Method("brevitas-a2q", "Brevitas A2Q (QAT)", "anchor", trained=True),
+    Method("brevitas-a2q+", "Brevitas A2Q+ (QAT)", "anchor", trained=True),
+)
+OUR_METHODS = ("project-a2q", "project-exact", "axe", "qat")
+
+
+@dataclass(frozen=True)
+class ModelBench:
+    """What to sweep for one model of the zoo."""
+
+    name: str  # a models.nets model
+    widths: tuple[int, ...]  # every P of the sweep (PTQ methods and the wrap-around simulation)
+    train_widths: tuple[int, ...]  # the P where AXE, QAT and the anchors run (a subset of widths)
+    budget: TrainBudget
+    val_samples: int  # held out from the end of the training split, for best-epoch / best-method choice
+    calibration_samples: int  # AXE calibration inputs (from the training subset)
+    weight_bits: int = 4
+    act_bits: int = 4
+    test_limit: int | None = None  # None: the whole test split
+    resources: bool = False  # FINN resource estimates of the ours-best rows
+
+    @property
+    def variant(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits}"
+
+
+@dataclass
+class Context:
+    """Data, the committed quantized model and its baseline figures for one model."""
+
+    bench: ModelBench
+    dataset: str
+    metric: str
+    base: ModelWrapper
+    constrained: list[str]  # ONNX MAC nodes with W-bit weights
+    plain_width: int  # widest exact accumulator of the committed model over the constrained layers
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    float_score: float
+
+    def score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        from models.evaluate import score
+
+        return float(score(self.dataset, outputs, targets))
+
+    def percent_of_float(self, value: float | None) -> float | None:
+        return None if value is None else 100.0 * value / self.float_score
+
+
+def _model_digest(model: ModelWrapper) -> str:
+    """Digest of the graph (nodes, weights), not of the model metadata the passes record widths in."""
+    return hashlib.sha1(model.graph.SerializeToString()).hexdigest()
+
+
+def load_context(bench: ModelBench) -> Context:
+    """Load the splits, the committed model and the float score (re-evaluated from the float checkpoint)."""
+    import torch
+
+    from a2q_passes.analysis import analyze_model
+    from a2q_passes.model_io import load_model
+    from models.data import load_dataset
+    from models.nets import MODELS, build_model, load_float_weights
+
+    spec = MODELS[bench.name]
+    x_train, y_train = load_dataset(spec.dataset, "train")
+    x_test, y_test = load_dataset(spec.dataset, "test")
+    if bench.test_limit is not None:
+        x_test, y_test = x_test[:bench.test_limit], y_test[:bench.test_limit]
+    n_fit = len(x_train) - bench.val_samples
+    if n_fit < 1:
+        raise ValueError(f"{bench.name}: {bench.val_samples} validation samples leave no training data")
+    train = (x_train[:min(bench.budget.samples, n_fit)], y_train[:min(bench.budget.samples, n_fit)])
+    val = (x_train[n_fit:], y_train[n_fit:])
+    base = load_model(MODELS_DIR / f"{bench.name}_{bench.variant}.onnx")
+    reports = [r for r in analyze_model(base).layers if r.status == "ok" and r.weight_dtype == f"INT{bench.weight_bits}"]
+    if not reports:
+        raise ValueError(f"{bench.name}: no MAC layer with INT{bench.weight_bits} weights to constrain")
+    float_model = load_float_weights(build_model(bench.name, None, None), MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt")
+    with torch.no_grad():
+        float_outputs = predict(float_model, x_test)
+    ctx = Context(bench, spec.dataset, "PSNR dB" if spec.dataset == "sr" else "top-1 %", base,
+                  [r.node for r in reports], max(r.bounds["exact"] for r in reports), train, val, (x_test, y_test), 0.0)
+    ctx.float_score = ctx.score(float_outputs, y_test)
+    return ctx
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def new_row(ctx: Context, method: str, acc_bits: int | None, **fields: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "model": ctx.bench.name, "variant": ctx.bench.variant, "method": method, "P": acc_bits, "status": "ok",
+        "score": None, "pct_of_float": None, "val_score": None, "sparsity": None, "guaranteed_width": None,
+        "overflow_fraction": None, "seconds": None, "note": "",
+    }
+    row.update(fields)
+    row["pct_of_float"] = ctx.percent_of_float(row["score"])
+    return row
+
+
+class OnnxScorer:
+    """Scores ONNX models on test and validation data, caching by model content."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def measure(self, model: ModelWrapper) -> dict[str, Any]:
+        """Test and validation score, guaranteed width and sparsity over the constrained layers."""
+        from a2q_passes.analysis import analyze_model
+        from a2q_passes.layers import find_mac_layers
+        from models.evaluate import predict_onnx
+
+        key = _model_digest(model)
+        if key not in self._cache:
+            ctx = self.ctx
+            reports = {r.node: r for r in analyze_model(model).layers}
+            rows = [layer.integer_rows(model) for layer in find_mac_layers(model) if layer.node in ctx.constrained]
+            self._cache[key] = {
+                "score": ctx.score(predict_onnx(model, ctx.test[0]), ctx.test[1]),
+                "val_score": ctx.score(predict_onnx(model, ctx.val[0]), ctx.val[1]),
+                "guaranteed_width": max(reports[name].bounds["exact"] for name in ctx.constrained),
+                "sparsity": sparsity(rows),
+            }
+        return dict(self._cache[key])
+
+
+def _unconstrained_wrap(ctx: Context, scorer: OnnxScorer, acc_bits: int) -> dict[str, Any]:
+    from a2q_passes.verification import simulate_model
+
+    measured = scorer.measure(ctx.base)
+    if ctx.plain_width <= acc_bits:  # proven: no input can overflow, so the P-bit result is the exact one
+        return {**measured, "overflow_fraction": 0.0, "note": "fits already (no overflow possible)"}
+    simulation = simulate_model(ctx.base, ctx.test[0], {name: acc_bits for name in ctx.constrained}, mode="wrap")
+    output = next(iter(simulation.outputs))
+    accumulations = sum(simulation.accumulations.values())
+    return {**measured, "score": ctx.score(simulation.outputs[output], ctx.test[1]), "val_score": None,
+            "overflow_fraction": sum(simulation.overflows.values()) / accumulations}
+
+
+def _project(ctx: Context, method: str, acc_bits: int) -> ModelWrapper:
+    from a2q_passes.transforms.project import ProjectToAccumulator
+
+    return ctx.base.transform(ProjectToAccumulator(layer_bits={n: acc_bits for n in ctx.constrained}, method=method))
+
+
+def _finetune(ctx: Context, method: str, acc_bits: int) -> ModelWrapper:
+    from a2q_passes.finetune.train import FinetuneConfig
+    from a2q_passes.transforms.finetune import FinetuneAccumulators
+
+    budget = ctx.bench.budget
+    config = FinetuneConfig(method=method, loss="mse" if ctx.dataset == "sr" else "ce", epochs=budget.epochs,
+                            lr=budget.lr, batch_size=budget.batch_size, seed=budget.seed, device="cpu",
+                            train_act_scales=True,  # as the anchors, whose QuantReLU scales are trained parameters
+                            log=lambda line: tqdm.write(f"    {method} P={acc_bits}: {line}"))
+    step = FinetuneAccumulators(None, ctx.train, ctx.val, config, overrides={n: acc_bits for n in ctx.constrained},
+                                calibration_samples=ctx.bench.calibration_samples)
+    return ctx.base.transform(step)
+
+
+def _anchor(ctx: Context, method: str, acc_bits: int) -> dict[str, Any]:
+    bench = ctx.bench
+    quantizer = ANCHOR_QUANTIZERS[method]
+    run = train_anchor(bench.name, quantizer, acc_bits, bench.weight_bits, bench.act_bits, ctx.train, ctx.val,
+                       ctx.score, bench.budget, MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt",
+                       desc=f"{method} P={acc_bits}")
+    layers = integer_layers(run.model, quantizer, ctx.test[0])
+    export = export_check(run.model, bench.name, acc_bits, bench.weight_bits, ctx.test[0], ctx.test[1], ctx.score)
+    return {
+        "score": ctx.score(predict(run.model, ctx.test[0]), ctx.test[1]),
+        "val_score": max(run.val_history), "best_epoch": run.best_epoch,
+        "guaranteed_width": max(layer.exact_width for layer in layers),
+        "sparsity": sparsity([layer.rows for layer in layers]),
+        **export,
+    }
+
+
+def _guarantee(width: int, acc_bits: int) -> dict[str, Any]:
+    """Our rows must fit P exactly; then no input can overflow (so no data simulation is needed)."""
+    if width <= acc_bits:
+        return {"overflow_fraction": 0.0}
+    return {"status": "guarantee broken", "note": f"needs {width} bits > P={acc_bits}"}
+
+
+def _ours_best(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    candidates = [r for r in rows if r["method"] in OUR_METHODS and r["status"] == "ok" and r["val_score"] is not None]
+    # ties go to the method listed first (the cheaper one)
+    chosen = max(candidates, key=lambda r: (r["val_score"], -OUR_METHODS.index(r["method"])))
+    fields = {k: chosen[k] for k in ("score", "val_score", "sparsity", "guaranteed_width", "overflow_fraction")}
+    return {**fields, "selected": chosen["method"], "note": f"= {chosen['method']}"}
+
+
+def jobs(bench: ModelBench) -> list[tuple[int, str]]:
+    """(P, method) pairs in run order; ``ours-best`` comes after our four methods at each P."""
+    return [(p, m.key) for p in bench.widths for m in METHODS]
+
+
+def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None = None,
+              keep_models: bool = False) -> tuple[Context, list[dict[str, Any]], dict[int, ModelWrapper]]:
+    """Every row of one model (baselines first); ``keep_models`` also returns the ours-best model per P."""
+    started = time.perf_counter()
+    ctx = load_context(bench)
+    scorer = OnnxScorer(ctx)
+    base = scorer.measure(ctx.base)
+    rows = [
+        new_row(ctx, "float", None, score=ctx.float_score, seconds=round(time.perf_counter() - started, 1),
+                note="float checkpoint, torch"),
+        new_row(ctx, "quantized", None, **base, overflow_fraction=0.0,
+                note=f"committed {bench.variant} QONNX, exact accumulation"),
+    ]
+    best_models: dict[int, ModelWrapper] = {}
+    models_at_p: dict[str, ModelWrapper] = {}
+    bar = tqdm(jobs(bench), desc=bench.name, unit="row")
+    for acc_bits, method in bar:
+        bar.set_postfix_str(f"P={acc_bits} {method}")
+        if method == "unconstrained-wrap":
+            models_at_p = {}
+        t0 = time.perf_counter()
+        trained_here = acc_bits in bench.train_widths
+        fields: dict[str, Any]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if method == "unconstrained-wrap":
+                fields = _unconstrained_wrap(ctx, scorer, acc_bits)
+            elif method in ("project-a2q", "project-exact"):
+                models_at_p[method] = _project(ctx, method.removeprefix("project-"), acc_bits)
+                fields = scorer.measure(models_at_p[method])
+            elif method in ("axe", "qat") and ctx.plain_width <= acc_bits:
+                models_at_p[method] = ctx.base
+                fields = {**base, "note": "fits already: the committed model, unchanged"}
+            elif method in ("axe", "qat") and trained_here:
+                models_at_p[method] = _finetune(ctx, method, acc_bits)
+                fields = scorer.measure(models_at_p[method])
+            elif method == "ours-best":
+                fields = _ours_best(ctx, [r for r in rows if r["P"] == acc_bits])
+                if keep_models:
+                    best_models[acc_bits] = models_at_p[fields["selected"]]
+            elif method in ANCHOR_QUANTIZERS and trained_here:
+                fields = _anchor(ctx, method, acc_bits)
+            else:
+                fields = {"status": "not run", "note": f"P={acc_bits} is not in the trained widths"}
+        if method in OUR_METHODS and fields.get("status", "ok") == "ok":
+            fields.update(_guarantee(fields["guaranteed_width"], acc_bits))
+        row = new_row(ctx, method, acc_bits, seconds=round(time.perf_counter() - t0, 1), **fields)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    bar.close()
+    return ctx, rows, best_models
+
+
+def finn_resources(model: ModelWrapper, fpgapart: str) -> dict[str, Any]:
+    """Lower with ``LowerToFINN`` (each MVAU/VVAU gets its exact accumulator type) and estimate resources.
+
+    Returns FINN's totals at INT32 and at the lowered widths, and the ratio of threshold-storage
+    plus accumulator-register bits (INT32 / lowered).
+    """
+    from a2q_passes.resources import resource_report
+    from a2q_passes.transforms.lower import LowerToFINN
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # FINN prints its notices
+        warnings.simplefilter("ignore")
+        hw = model.transform(LowerToFINN())
+    report = resource_report(hw, fpgapart)
+    totals = report["totals"]
+    bits = {config: totals[config]["threshold_storage_bits"] + totals[config]["acc_register_bits"]
+            for config in ("int32", "target")}
+    return {
+        "fpgapart": report["fpgapart"],
+        "acc_dtypes": {layer["node"]: layer["target"]["acc_dtype"] for layer in report["layers"]},
+        "int32": totals["int32"], "target": totals["target"],
+        "threshold_plus_acc_bits": bits,
+        "threshold_plus_acc_ratio": round(bits["int32"] / bits["target"], 3) if bits["target"] else None,
+        "lut_ratio": report["ratio_int32_over_target"]["LUT"],
+        "bram_ratio": report["ratio_int32_over_target"]["BRAM18"],
+    }
+
+
+def bench_dict(bench: ModelBench) -> dict[str, Any]:
+    return asdict(bench)

@@ -1,0 +1,134 @@
+"""The benchmark suite's quick configuration, run end to end as CI runs it (`python -m bench.run_all --quick`).
+
+Asserts the shape of the results, not fixed numbers: one row per (method, P), metrics inside their
+ranges, the wrap-around collapse of the unconstrained model, every guaranteed row within its P,
+and the sparsity of the committed model recomputed here from its ONNX weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from bench.run_all import QUICK
+from bench.sweep import METHODS, OUR_METHODS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.run_all", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench-quick")
+    done = _bench("--quick", "--out", str(out), "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_writes_report_plots_and_json(quick):
+    out, results = quick
+    markdown = (out / "BENCHMARKS.md").read_text()
+    for png in ("accuracy_vs_P.png", "sparsity_vs_P.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(plots/{png})" in markdown
+    assert "## Reading the results" in markdown and "## Does A2Q induce unstructured sparsity?" in markdown
+    assert set(results["models"]) == {bench.name for bench in QUICK}
+
+
+def test_one_row_per_method_and_width(quick):
+    _, results = quick
+    for bench in QUICK:
+        rows = results["models"][bench.name]["rows"]
+        keys = [(r["method"], r["P"]) for r in rows]
+        expected = [("float", None), ("quantized", None)] + [(m.key, p) for p in bench.widths for m in METHODS]
+        assert sorted(keys, key=str) == sorted(expected, key=str)
+        for r in rows:
+            trained_method = any(m.key == r["method"] and m.trained for m in METHODS) or r["method"] == "axe"
+            if r["status"] == "not run":  # only trained methods may be skipped, and only outside train_widths
+                assert trained_method and r["P"] not in bench.train_widths, r
+            else:
+                assert r["status"] == "ok", r
+
+
+def test_metrics_in_range(quick):
+    _, results = quick
+    for entry in results["models"].values():
+        float_score = entry["float_score"]
+        assert 50.0 < float_score <= 100.0
+        for r in entry["rows"]:
+            if r["status"] != "ok":
+                continue
+            assert 0.0 <= r["score"] <= 100.0, r
+            assert r["pct_of_float"] == pytest.approx(100.0 * r["score"] / float_score)
+            if r["method"] != "float":
+                assert 0.0 <= r["sparsity"] <= 1.0, r
+            if r["overflow_fraction"] is not None:
+                assert 0.0 <= r["overflow_fraction"] <= 1.0, r
+
+
+def test_unconstrained_wrap_collapses_at_the_smallest_width(quick):
+    _, results = quick
+    for bench in QUICK:
+        rows = {(r["method"], r["P"]): r for r in results["models"][bench.name]["rows"]}
+        wide, narrow = rows[("unconstrained-wrap", max(bench.widths))], rows[("unconstrained-wrap", min(bench.widths))]
+        assert wide["overflow_fraction"] == 0.0 and narrow["overflow_fraction"] > 0.0
+        assert narrow["score"] < wide["score"]
+        assert wide["score"] == pytest.approx(rows[("quantized", None)]["score"])  # no overflow: the exact result
+
+
+def test_guaranteed_rows_fit_their_width(quick):
+    _, results = quick
+    for entry in results["models"].values():
+        for r in entry["rows"]:
+            if r["status"] == "ok" and r["method"] in OUR_METHODS + ("ours-best",):
+                assert r["guaranteed_width"] <= r["P"], r
+                assert r["overflow_fraction"] == 0.0
+            if r["status"] == "ok" and r["method"].startswith("brevitas"):
+                assert r["guaranteed_width"] <= r["P"], r  # Brevitas' own forward keeps its promise
+                assert r["export_width"] >= 2 and 0.0 <= r["export_overflow_fraction"] <= 1.0
+
+
+def _zero_fraction_of_quant_weights(path: Path, weight_bits: int) -> float:
+    """Zeros among the integer weights of every W-bit weight Quant node, read straight from the ONNX file."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zeros = total = 0
+    for node in model.graph.node:
+        if node.op_type != "Quant" or node.input[0] not in inits or node.input[0] == "global_in":
+            continue
+        weights, scale, zero_point, bits = (inits[name] for name in node.input[:4])
+        if int(bits) != weight_bits or weights.ndim < 2:
+            continue
+        q = np.clip(np.round(weights / scale + zero_point), -(2 ** (weight_bits - 1)) + 1, 2 ** (weight_bits - 1) - 1)
+        zeros += int(np.count_nonzero(q == 0))
+        total += q.size
+    return zeros / total
+
+
+def test_baseline_sparsity_matches_the_onnx_weights(quick):
+    _, results = quick
+    for bench in QUICK:
+        entry = results["models"][bench.name]
+        quantized = next(r for r in entry["rows"] if r["method"] == "quantized")
+        expected = _zero_fraction_of_quant_weights(REPO / "models" / f"{bench.name}_{bench.variant}.onnx",
+                                                   bench.weight_bits)
+        assert quantized["sparsity"] == pytest.approx(expected)
+
+
+def test_quick_refuses_to_overwrite_the_committed_results():
+    committed = REPO / "BENCHMARKS.md"
+    before = committed.read_bytes() if committed.exists() else None
+    done = _bench("--quick", "--out", str(REPO))
+    assert done.returncode == 2 and "must not overwrite" in done.stderr
+    assert (committed.read_bytes() if committed.exists() else None) == before
