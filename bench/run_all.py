@@ -29,7 +29,6 @@ from bench.anchors import TrainBudget
 from bench.sweep import ModelBench, finn_resources, run_model
 
 REPO = Path(__file__).resolve().parent.parent
-HEADLINE = "fmnist_cnn"
 FPGA_PART = "xczu3eg-sbva484-1-e"  # Ultra96 (ZU3EG), the part the project's other FINN reports use
 SPEED_REPEATS = 3
 
@@ -102,8 +101,6 @@ def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bo
     import torch
 
     from bench import bench_speed
-    from bench.markdown import render
-    from bench.plots import accuracy_plot, sparsity_plot
 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -126,14 +123,22 @@ def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bo
         results["speed"] = bench_speed.run(SPEED_REPEATS)
         results["speed_markdown"] = bench_speed.markdown(results["speed"])
     results["total_seconds"] = round(time.perf_counter() - started, 1)
+    layout.results.parent.mkdir(parents=True, exist_ok=True)
+    layout.results.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    write_outputs(results, layout)
+    return results
+
+
+def write_outputs(results: dict[str, Any], layout: Layout) -> None:
+    """The plots and BENCHMARKS.md of one run's results."""
+    from bench.markdown import render
+    from bench.plots import accuracy_plot, sparsity_plot
+
     layout.plots.mkdir(parents=True, exist_ok=True)
     accuracy_plot(results["models"], layout.plots / "accuracy_vs_P.png")
     sparsity_plot(results["models"], layout.plots / "sparsity_vs_P.png")
-    layout.results.parent.mkdir(parents=True, exist_ok=True)
-    layout.results.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
     layout.markdown.parent.mkdir(parents=True, exist_ok=True)
     layout.markdown.write_text(render(results, layout))
-    return results
 
 
 def _json_default(value: Any) -> Any:
@@ -159,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch threads (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
     parser.add_argument("--no-speed", action="store_true", help="skip the ResNet-50-sized speed benchmark")
     parser.add_argument("--no-finn", action="store_true", help="skip FINN resource estimates")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="only rewrite the report and plots from a saved results.json (no benchmark run)")
     args = parser.parse_args(argv)
     benches = QUICK if args.quick else FULL
     if args.models:
@@ -177,6 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick and {layout.markdown, layout.results, layout.plots} & {committed.markdown, committed.results,
                                                                           committed.plots}:
         parser.error("--quick must not overwrite the committed results; give --out a different folder")
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        write_outputs(results, layout)
+        print(f"rewrote {layout.markdown} and {layout.plots}/ from {args.render}")
+        return results
     command = shlex.join(["python", "-m", "bench.run_all", *(sys.argv[1:] if argv is None else argv)])
     results = run(benches, layout, args.threads, speed=not (args.quick or args.no_speed), finn=not args.no_finn,
                   command=command)

@@ -30,7 +30,7 @@ import hashlib
 import io
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -335,7 +335,3 @@ def finn_resources(model: ModelWrapper, fpgapart: str) -> dict[str, Any]:
         "lut_ratio": report["ratio_int32_over_target"]["LUT"],
         "bram_ratio": report["ratio_int32_over_target"]["BRAM18"],
     }
-
-
-def bench_dict(bench: ModelBench) -> dict[str, Any]:
-    return asdict(bench)
