@@ -5,8 +5,11 @@
 
 Options: ``--models a,b`` (a subset of the configured models), ``--threads N`` (torch threads,
 default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark), ``--no-finn`` (skip FINN
-resource estimates). Quick mode never writes the committed results: it needs ``--out`` elsewhere
-(a fresh temporary folder when omitted).
+resource estimates), ``--render RESULTS_JSON`` (rewrite BENCHMARKS.md and the plots from a saved
+run, without running anything). Quick mode never writes the committed results: it needs ``--out``
+elsewhere (a fresh temporary folder when omitted). The full run took 27 min on the shared 2-core
+machine (see BENCHMARKS.md); one torch thread is the default because two ran 4x slower per
+training step there, with other processes competing for the cores.
 """
 
 from __future__ import annotations
