@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bench.sweep import METHODS
@@ -327,6 +328,14 @@ def _reading(results: dict, sparsity_verdict: str) -> list[str]:
     return lines
 
 
+REPO = Path(__file__).resolve().parent.parent
+EXTRA_SECTIONS = (
+    ("Projection methods on the same layers", "methods.md", ".venv/bin/python -m bench.bench_methods --out bench/methods.md"),
+    ("FINN resources of the bundled model", "finn_resources.md", ".venv/bin/python -m bench.bench_finn_resources"),
+    ("Fine-tuning overhead", "finetune_overhead.md", ".venv/bin/python -m bench.bench_finetune_overhead [--model ...]"),
+)
+
+
 def render(results: dict, layout: Any) -> str:
     total = results["total_seconds"]
     lines = [
@@ -357,6 +366,14 @@ def render(results: dict, layout: Any) -> str:
         lines += ["", "## Speed", "",
                   "From `bench/bench_speed.py` (`run()` + `markdown()`), in the same run:", "",
                   results["speed_markdown"]]
+    for title, name, command in EXTRA_SECTIONS:  # separate benchmarks, each with its own command and file
+        path = REPO / "bench" / name
+        if path.is_file():
+            text = path.read_text().strip().splitlines()
+            if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
+                text = text[1:]
+            body = [("#" + line if line.startswith("#") else line) for line in text]
+            lines += ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
     lines += [
         "", "## Published reference figures (context, not reproduced here)", "",
         "- A2Q: up to 2.3x FPGA resource reduction vs 32-bit accumulators at 99.2% of float accuracy, averaged "
