@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from a2q_passes.simulate import accumulate, accumulate_dot, accumulate_terms, exact_dot, saturate, wrap
 
 
-def _limits(bits: int, signed: bool) -> tuple[int, int]:
+def register_limits(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
-def _brute_force(terms: list[int], bits: int, signed: bool, mode: str, tile: int | None) -> tuple[int, bool]:
+def sequential_accumulation(terms: list[int], bits: int, signed: bool, mode: str, tile: int | None) -> tuple[int, bool]:
     """One output, one Python-int addition at a time: (P-bit result, some register overflowed)."""
-    lo, hi = _limits(bits, signed)
+    lo, hi = register_limits(bits, signed)
     span = 2 ** bits
     overflowed = False
 
@@ -60,7 +60,7 @@ def _cases(draw):
 def test_accumulate_terms_matches_sequential_python_ints(case):
     bits, signed, mode, tile, terms = case
     result = accumulate_terms(np.array(terms), bits, signed, mode, tile)
-    expected = [_brute_force(row, bits, signed, mode, tile) for row in terms]
+    expected = [sequential_accumulation(row, bits, signed, mode, tile) for row in terms]
     assert result.values.tolist() == [value for value, _ in expected]
     assert result.register_overflow.tolist() == [flag for _, flag in expected]
     assert result.exact.tolist() == [sum(row) for row in terms]
@@ -79,7 +79,7 @@ def test_accumulate_dot_matches_per_output_brute_force(bits, signed, mode, tile,
     assert result.values.shape == (3, 2, C)
     for index in np.ndindex(3, 2, C):
         terms = [int(a) * int(b) for a, b in zip(x[index[:2]], q[index[2]])]
-        value, flag = _brute_force(terms, bits, signed, mode, tile)
+        value, flag = sequential_accumulation(terms, bits, signed, mode, tile)
         assert result.values[index] == value
         assert result.register_overflow[index] == flag
         assert result.exact[index] == sum(terms)
@@ -97,7 +97,7 @@ def test_wrap_is_exact_modular_reduction_at_the_int64_edges():
     values = np.array([-(2 ** 62), -1, 0, 2 ** 62 - 1, 7, 8, -9])
     for bits in (1, 3, 4, 31, 62):
         for signed in (True, False):
-            lo, _ = _limits(bits, signed)
+            lo, _ = register_limits(bits, signed)
             expected = [(int(v) - lo) % 2 ** bits + lo for v in values]
             assert wrap(values, bits, signed).tolist() == expected
 
@@ -147,4 +147,4 @@ def test_general_form_sums_the_terms_when_no_exact_sum_is_given():
     summed = accumulate(lambda k: terms[:, k], 7, 6, True, "saturate", 3)
     assert summed.exact.tolist() == terms.sum(axis=1).tolist()
     assert summed.values.tolist() == given.values.tolist() == [
-        _brute_force(row.tolist(), 6, True, "saturate", 3)[0] for row in terms]
+        sequential_accumulation(row.tolist(), 6, True, "saturate", 3)[0] for row in terms]

@@ -24,6 +24,7 @@ from a2q_passes.transforms import AnnotateAccumulators, VerifyAccumulators
 from a2q_passes.verification import LayerVerdict, VerificationReport, simulate_model, verify_model
 from tests.brevitas_nets import build_net
 from tests.cli_helpers import run_a2q
+from tests.test_simulate import register_limits, sequential_accumulation
 
 torch.set_num_threads(1)
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -32,13 +33,9 @@ QONNX_DOMAIN = "qonnx.custom_op.general"
 # --------------------------------------------------------------------------- brute force (Python ints)
 
 
-def _limits(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
-
-
 def _width(lo: int, hi: int) -> int:
     """Smallest P whose accumulator holds [lo, hi]: unsigned if lo >= 0, else two's complement."""
-    return next(p for p in range(1, 80) if _limits(p, lo < 0)[0] <= lo and hi <= _limits(p, lo < 0)[1])
+    return next(p for p in range(1, 80) if register_limits(p, lo < 0)[0] <= lo and hi <= register_limits(p, lo < 0)[1])
 
 
 def _registers(terms: list[int], mode: str, tile: int | None) -> list[int]:
@@ -49,24 +46,6 @@ def _registers(terms: list[int], mode: str, tile: int | None) -> list[int]:
     chunks = [terms[i:i + tile] for i in range(0, len(terms), tile)]
     inner = [value for chunk in chunks for value in itertools.accumulate(chunk)]
     return inner + list(itertools.accumulate(sum(chunk) for chunk in chunks))
-
-
-def _accumulate(terms: list[int], bits: int, signed: bool, mode: str, tile: int | None) -> int:
-    """Sequential P-bit accumulation, one Python-int addition at a time."""
-    lo, hi = _limits(bits, signed)
-
-    def add(a: int, b: int) -> int:
-        s = a + b
-        return (s - lo) % 2 ** bits + lo if mode == "wrap" else min(max(s, lo), hi)
-
-    step = tile or len(terms)
-    outer = 0
-    for start in range(0, len(terms), step):
-        inner = 0
-        for t in terms[start:start + step]:
-            inner = add(inner, t)
-        outer = add(outer, inner) if tile else inner
-    return outer
 
 
 def _layer_width(q: np.ndarray, lo: int, hi: int) -> int:
@@ -181,7 +160,7 @@ def test_matmul_data_simulation_matches_sequential_accumulation(mode, tile, bits
     K, C, N = 6, 4, 40
     q = rng.integers(-7, 8, size=(K, C))
     model = _matmul_model(q, 4, in_signed, zero_point)
-    lo, hi = _limits(4, in_signed)
+    lo, hi = register_limits(4, in_signed)
     codes = rng.integers(lo, hi + 1, size=(N, K))
     x = ((codes - zero_point) * X_SCALE).astype(np.float32)
     result = simulate_model(model, x, bits, mode, tile, batch_size=16)
@@ -190,7 +169,7 @@ def test_matmul_data_simulation_matches_sequential_accumulation(mode, tile, bits
     overflows = 0
     for n, c in itertools.product(range(N), range(C)):
         terms = [int(codes[n, i]) * int(q[i, c]) for i in range(K)]
-        sim = _accumulate(terms, bits, signed, mode, tile)
+        sim = sequential_accumulation(terms, bits, signed, mode, tile)[0]
         overflows += sim != sum(terms)
         centred = sum(int(codes[n, i] - zero_point) * int(q[i, c]) for i in range(K))
         assert recovered[n, c] == pytest.approx(centred + sim - sum(terms), abs=1e-3)
@@ -231,7 +210,7 @@ def test_conv_data_simulation_matches_brute_force_im2col(groups, strides, pads, 
         terms = [int(padded[b, g * (cin // groups) + ci, oy * strides[0] + ky * dilations[0],
                             ox * strides[1] + kx * dilations[1]]) * int(q[co, ci, ky, kx])
                  for ci in range(cin // groups) for ky in range(kh) for kx in range(kw)]
-        sim = _accumulate(terms, bits, signed, mode, tile)
+        sim = sequential_accumulation(terms, bits, signed, mode, tile)[0]
         overflows += sim != sum(terms)
         centred = sum(t - pad_code * int(w) for t, w in zip(terms, q[co].reshape(-1)))  # the float layer's value
         assert recovered[b, co, oy, ox] == pytest.approx(centred + sim - sum(terms), abs=1e-3)
