@@ -21,7 +21,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
-from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_range
+from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_format, integer_range
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
@@ -201,10 +201,20 @@ def _require_constant(model: ModelWrapper, node: NodeProto, index: int, what: st
     return value
 
 
+def _int_dtype_name(bits: int, signed: bool) -> str:
+    return f"{'INT' if signed else 'UINT'}{bits}"
+
+
 def _quant_dtype(bits: int, signed: bool) -> str:
     if bits == 1:
         return "BIPOLAR" if signed else "BINARY"
-    return f"{'INT' if signed else 'UINT'}{bits}"
+    return _int_dtype_name(bits, signed)
+
+
+def _storage_range(dtype: np.dtype) -> tuple[IntRange, str]:
+    """Integer range and qonnx datatype name of a QDQ storage type (int8, uint8, ...)."""
+    info = np.iinfo(dtype)
+    return IntRange(int(info.min), int(info.max)), _int_dtype_name(info.bits, info.min < 0)
 
 
 def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int]] | None = None) -> WeightSource | None:
@@ -290,13 +300,12 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
             f"{_node_label(dq)} has a non-zero weight zero point; accumulator bounds assume symmetric weights "
             "(quantize weights with a symmetric scheme, e.g. onnxruntime's WeightSymmetric=True)"
         )
-    info = np.iinfo(zp_dtype)
-    dtype = f"{'INT' if info.min < 0 else 'UINT'}{info.bits}"
+    weight_range, dtype = _storage_range(zp_dtype)
     ndim = np.ndim(stored) if stored is not None else np.ndim(get_constant(model, quantize.input[0]))
     axis = int(node_attr(dq, "axis", 1))
     kind = "dequantize_linear" if quantize is None else "quantize_dequantize"
     tensor = dq.input[0] if quantize is None else quantize.input[0]
-    return WeightSource(kind, tensor, dq.name, IntRange(int(info.min), int(info.max)), dtype,
+    return WeightSource(kind, tensor, dq.name, weight_range, dtype,
                         scale=_per_axis(scale, axis, ndim), zero_point=np.zeros((), dtype=zp_dtype), perms=perms)
 
 
@@ -460,9 +469,8 @@ class GridResolver:
         zp_value = get_constant(self.model, node.input[2]) if len(node.input) > 2 else None
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
         zp_dtype = np.dtype(zp_value.dtype) if zp_value is not None else np.dtype(np.uint8)
-        info = np.iinfo(zp_dtype)
-        dtype = f"{'INT' if info.min < 0 else 'UINT'}{info.bits}"
-        return self._with_zero_point(IntRange(int(info.min), int(info.max)), dtype, scale, zp), ""
+        codes, dtype = _storage_range(zp_dtype)
+        return self._with_zero_point(codes, dtype, scale, zp), ""
 
     def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         thresholds = get_constant(self.model, node.input[1])
@@ -539,9 +547,7 @@ class GridResolver:
 
 
 def _dtype_for_range(r: IntRange) -> str:
-    if r.lo >= 0:
-        return f"UINT{max(r.hi.bit_length(), 1)}"
-    return f"INT{max((-r.lo - 1).bit_length(), r.hi.bit_length()) + 1}"
+    return _int_dtype_name(*integer_format(r))
 
 
 # --------------------------------------------------------------------------- layouts
