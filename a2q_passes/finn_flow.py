@@ -42,6 +42,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
+from a2q_passes.model_io import data_inputs
 
 MAX_RESIDUAL_ROUNDS = 4
 HW_DOMAIN_PREFIX = "finn.custom_op.fpgadataflow"
@@ -375,7 +376,7 @@ def lower_to_finn_hw(
 
 
 def _graph_io_shapes(model: ModelWrapper) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
-    names = [i.name for i in model.graph.input if model.get_initializer(i.name) is None]
+    names = [i.name for i in data_inputs(model.graph)]
     shapes = [tuple(model.get_tensor_shape(n)) for n in names]
     return names, shapes, [o.name for o in model.graph.output]
 

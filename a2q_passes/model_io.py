@@ -43,10 +43,14 @@ def load_model(path: str | os.PathLike, allow_unknown_ops: bool = False) -> Mode
     return model
 
 
+def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs fed at run time; exporters such as Brevitas' ``export_qonnx`` list initializers too."""
+    constants = {init.name for init in graph.initializer}
+    return [vi for vi in graph.input if vi.name not in constants]
+
+
 def _check_static_shapes(model: ModelWrapper, path: Path) -> None:
-    for inp in model.graph.input:
-        if model.get_initializer(inp.name) is not None:
-            continue
+    for inp in data_inputs(model.graph):
         dims = inp.type.tensor_type.shape.dim
         dynamic = [i for i, d in enumerate(dims) if not d.HasField("dim_value") and i > 0]
         if dynamic:

@@ -43,7 +43,9 @@ from a2q_passes import bounds
 from a2q_passes.analysis import channel_ranges
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, node_attr, node_str_attr, find_mac_layers
+from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.metadata import recorded_widths
+from a2q_passes.model_io import data_inputs
 from a2q_passes.simulate import (
     MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, accumulate_terms, exact_float_dtype,
 )
@@ -225,12 +227,13 @@ class _GraphRunner:
     """
 
     def __init__(self, model: ModelWrapper) -> None:
+        model = batch_free_reshapes(model)
         self.model = model
         self.opsets = {imp.domain: imp.version for imp in model.model.opset_import}
         self.shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
                        for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
         self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-        self.data_inputs = [vi.name for vi in model.graph.input if vi.name not in self.constants]
+        self.data_inputs = [vi.name for vi in data_inputs(model.graph)]
         first = self.shapes.get(self.data_inputs[0]) if self.data_inputs else None
         self.declared_batch = first[0] if first else 0
         self.sessions: dict[int, rt.InferenceSession] = {}
@@ -264,7 +267,6 @@ class _GraphRunner:
         context.update(zip(outputs, values))
 
     def _session(self, index: int, node: NodeProto, context: dict[str, np.ndarray]) -> rt.InferenceSession:
-        node = self._batch_free(node)
         initializers, inputs = [], []
         for name in dict.fromkeys(n for n in node.input if n):
             if name in self.constants:
@@ -283,23 +285,6 @@ class _GraphRunner:
         session = rt.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.sessions[index] = session
         return session
-
-    def _batch_free(self, node: NodeProto) -> NodeProto:
-        """A ``Reshape`` to a constant shape that starts with the declared batch copies dim 0 instead."""
-        if node.op_type != "Reshape" or node.input[1] not in self.constants or node_attr(node, "allowzero", 0):
-            return node
-        target = self.constants[node.input[1]]
-        data_shape = self.shapes.get(node.input[0])
-        if target.size == 0 or not data_shape or target[0] != self.declared_batch or data_shape[0] != target[0]:
-            return node
-        fixed = target.copy()
-        fixed[0] = 0  # ONNX Reshape: 0 copies the input's dimension
-        name = f"{node.input[1]}__batch_free"
-        self.constants[name] = fixed
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[1] = name
-        return copy
 
 
 # --------------------------------------------------------------------------- integer view of MAC nodes
@@ -488,8 +473,7 @@ class SimulationResult:
 
 def graph_feeds(model: ModelWrapper, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
     """Validated, batched feeds for the graph inputs; errors name the input and the expected shape."""
-    constants = {init.name for init in model.graph.initializer}
-    declared = [vi for vi in model.graph.input if vi.name not in constants]
+    declared = data_inputs(model.graph)
     names = [vi.name for vi in declared]
     if not isinstance(inputs, dict):
         if len(names) != 1:
@@ -538,9 +522,9 @@ def load_inputs(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
         raise A2QError(f"{path}: not a readable .npz archive ({err})") from err
     if not arrays:
         raise A2QError(f"{path}: the archive holds no arrays")
-    constants = {init.name for init in model.graph.initializer}
-    names = [vi.name for vi in model.graph.input if vi.name not in constants]
-    if "x" in arrays and "x" not in names and set(arrays) <= {"x", "y"}:  # the finetune data format; labels unused here
+    names = [vi.name for vi in data_inputs(model.graph)]
+    # the finetune data format (labels unused here), unless the arrays are keyed by input name
+    if "x" in arrays and set(arrays) <= {"x", "y"} and not set(arrays) <= set(names):
         if len(names) != 1:
             raise A2QError(f"{path}: array 'x' is ambiguous for a model with inputs {names}; key the arrays by input name")
         return {names[0]: arrays["x"]}

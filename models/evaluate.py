@@ -11,6 +11,7 @@ from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.change_batchsize import ChangeBatchSize
 from qonnx.transformation.infer_shapes import InferShapes
 
+from a2q_passes.model_io import data_inputs
 from models.data import DatasetName, load_dataset
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -45,10 +46,12 @@ def predict_onnx(model: ModelWrapper | Path | str, inputs: np.ndarray, batch_siz
     """
     if not isinstance(model, ModelWrapper):
         model = ModelWrapper(str(model))
-    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
-        raise ValueError(f"{model.model.graph.name}: expected one graph input and one output")
+    inputs_fed = data_inputs(model.graph)
+    if len(inputs_fed) != 1 or len(model.graph.output) != 1:
+        raise ValueError(f"{model.model.graph.name}: expected one graph input and one output, got inputs "
+                         f"{[i.name for i in inputs_fed]} and outputs {[o.name for o in model.graph.output]}")
     standard = all(node.domain in STANDARD_DOMAINS for node in model.graph.node)
-    in_name, out_name = model.graph.input[0].name, model.graph.output[0].name
+    in_name, out_name = inputs_fed[0].name, model.graph.output[0].name
     resized: dict[int, ModelWrapper] = {}
     sessions: dict[int, ort.InferenceSession] = {}
     outputs = []

@@ -19,6 +19,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.infer_shapes import InferShapes
 
 from a2q_passes.errors import A2QError
+from a2q_passes.model_io import data_inputs
 
 LOSSES = ("ce", "mse", "l1")
 
@@ -100,8 +101,7 @@ class ModelIO:
 
     @classmethod
     def of(cls, model: ModelWrapper) -> "ModelIO":
-        initializers = {t.name for t in model.graph.initializer}
-        inputs = [i for i in model.graph.input if i.name not in initializers]
+        inputs = data_inputs(model.graph)
         if len(inputs) != 1 or len(model.graph.output) != 1:
             raise A2QError(f"fine-tuning needs a model with one input and one output; this one has inputs "
                            f"{[i.name for i in inputs]} and outputs {[o.name for o in model.graph.output]}")

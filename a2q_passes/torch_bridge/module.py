@@ -13,6 +13,7 @@ import torch
 from qonnx.core.modelwrapper import ModelWrapper
 from torch import Tensor, nn
 
+from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.bounds import IntRange, integer_range
 from a2q_passes.torch_bridge.ops import (
     QONNX_DOMAINS,
@@ -109,7 +110,8 @@ class QonnxModule(nn.Module):
         super().__init__()
         if trainable_scales not in ("none", "weights", "all"):
             raise ValueError(f"trainable_scales must be 'none', 'weights' or 'all', got '{trainable_scales}'")
-        graph = model.graph
+        # batch-1 exports train on batches of any size; write_back still targets the caller's graph
+        graph = batch_free_reshapes(model).graph
         opset = _default_opset(model)
         parsed = [OnnxNode.from_proto(i, n, opset) for i, n in enumerate(graph.node)]
         initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}

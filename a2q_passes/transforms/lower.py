@@ -38,6 +38,7 @@ from a2q_passes.finn_flow import (HW_DOMAIN_PREFIX, LoweringError, LoweringRepor
                                   compare_execution, iterate_mac_nodes, lower_to_finn_hw, set_accumulator_datatypes)
 from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
+from a2q_passes.model_io import data_inputs
 from a2q_passes.metadata import ACCUMULATORS_KEY, record_accumulators, recorded_accumulators
 from a2q_passes.passes import A2QPass, PassResult
 
@@ -243,7 +244,7 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
     """
     from a2q_passes.layers import GridResolver
 
-    names = [i.name for i in model.graph.input if model.get_initializer(i.name) is None]
+    names = [i.name for i in data_inputs(model.graph)]
     if len(names) != 1:
         raise PreconditionError(f"the equivalence check needs a single-input model, got inputs {names}; pass --data")
     shape = (samples, *model.get_tensor_shape(names[0])[1:])
