@@ -8,22 +8,51 @@ Exit codes: 0 success; 1 bad input (message names the file/node and the fix); 2 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 
+from a2q_passes import __version__
+from a2q_passes.cli.third_party_output import captured_third_party_output
 from a2q_passes.errors import A2QError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err_console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"a2q-passes {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
-    """Accumulator-aware quantization passes over QONNX, FINN-ONNX and QDQ ONNX models."""
+def _root(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the a2q-passes version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Also show qonnx/FINN warnings and log messages (hidden by default)."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", dir_okay=False,
+                                            help="Append qonnx/FINN warnings and log messages to this file."),
+) -> None:
+    """Accumulator-aware quantization passes over QONNX, FINN-ONNX and QDQ ONNX models.
+
+    Put global options before the command, e.g. `a2q --verbose lower IN.onnx OUT.onnx`.
+    """
+    try:
+        ctx.with_resource(captured_third_party_output(verbose, log_file))
+    except OSError as err:
+        raise A2QError(f"--log-file {log_file}: cannot open it for appending ({err.strerror}); "
+                       "give a path in an existing, writable folder") from err
 
 # Importing a command module registers its command on ``app``.
 from a2q_passes.cli import analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
+from a2q_passes.cli.examples import add_examples  # noqa: E402
+
+add_examples(app)
 
 
 def main() -> None:

@@ -1,0 +1,48 @@
+"""Copy-paste examples that end each command's ``--help``, all on models bundled in ``models/``.
+
+Run from the repository root; each line works as written, in order (later examples read the
+files earlier ones write). ``tests/test_cli_polish.py`` runs them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+# Each line fits an 80-column terminal, so rich's help never wraps one.
+EXAMPLES: dict[str, list[str]] = {
+    "analyze": [
+        "a2q analyze models/fmnist_cnn_w4a4.onnx --per-channel --plot widths.png",
+        "a2q analyze models/digits_cnn_qdq.onnx --json",
+    ],
+    "annotate": [
+        "a2q annotate models/digits_cnn_w4a4.onnx digits_annotated.onnx",
+    ],
+    "project": [
+        "a2q project models/digits_cnn_w4a4.onnx digits_p13.onnx --acc-bits 13",
+        "a2q project models/digits_cnn_w4a4.onnx mixed.onnx --layer Gemm_0=10",
+    ],
+    "verify": [
+        "a2q verify digits_p13.onnx",
+        "python scripts/demo_data.py npz digits 300 digits_test.npz",
+        "a2q verify models/digits_cnn_w4a4.onnx --acc-bits 15 --data digits_test.npz",
+    ],
+    "finetune": [
+        "python scripts/demo_data.py npz digits 600 t.npz train",
+        "a2q finetune models/digits_cnn_w4a4.onnx q12.onnx --acc-bits 12 --data t.npz",
+    ],
+    "lower": [
+        "a2q lower digits_p13.onnx digits_hw.onnx --from-annotations",
+    ],
+    "report": [
+        "a2q report digits_hw.onnx --fpgapart xczu3eg-sbva484-1-e",
+    ],
+}
+
+
+def add_examples(app: typer.Typer) -> None:
+    """Append each command's examples to the end of its ``--help``."""
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        lines = EXAMPLES.get(name, [])
+        if lines:
+            info.epilog = "Examples (from the repository root):\n\n" + "\n\n".join(f"$ {line}" for line in lines)
