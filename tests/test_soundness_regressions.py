@@ -1,0 +1,117 @@
+"""Regression tests for the soundness root causes of issue 9.
+
+Every test builds a small QONNX model, asks the project for an accumulator range (analyze)
+or a projected model (project), and then EXECUTES the worst-case inputs with qonnx's own
+``execute_onnx``: the inputs are every vertex of the input-code box (a linear form reaches
+its extremes there), and the integer weights come from executing the graph's own weight
+quantizer, never from the project's readers.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+
+from a2q_passes import bounds
+from a2q_passes.analysis import analyze_model
+from a2q_passes.transforms.project import ProjectToAccumulator
+from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant
+
+# --------------------------------------------------------------------------- execution helpers
+
+
+def box_vertices(lo: int, hi: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Every input whose codes are all ``lo`` or ``hi``: shape ``(2^n, *shape)``."""
+    n = int(np.prod(shape))
+    return np.array(list(itertools.product((lo, hi), repeat=n)), dtype=np.float64).reshape(-1, *shape)
+
+
+def executed_accumulators(model: ModelWrapper, codes: np.ndarray, zero_point: int, convention: str,
+                          x_scale: float = X_SCALE, weights: str = "qw_out", w_scale: float = W_SCALE,
+                          mac_axis: int = -1) -> np.ndarray:
+    """The integer accumulator of the model's MAC output for input ``codes``, from qonnx's execution.
+
+    The input is fed as the real values ``(code - zero_point) * x_scale`` that the input Quant
+    maps back to ``codes``. The executed MAC output divided by both scales is
+    ``sum q (code - zero_point)`` with padded taps counting 0: the ``subtract`` accumulator.
+    Under ``fold`` the MAC sees the raw codes and every padded tap the code of real 0 (the
+    zero point), so the fold accumulator adds ``zero_point * sum q`` over the channel's taps.
+    ``mac_axis`` is the output channel axis; the weights ``weights`` are executed too.
+    """
+    x = ((codes - zero_point) * x_scale).astype(np.float32)
+    context = execute_onnx(model, {"x": x}, return_full_exec_context=True)
+    y = context[model.graph.output[0].name].astype(np.float64) / (x_scale * w_scale)
+    acc = np.rint(y)
+    assert np.allclose(y, acc, atol=1e-6), "the executed MAC output is not on the integer grid"
+    if convention == "fold" and zero_point:
+        q = np.rint(context[weights].astype(np.float64) / w_scale)
+        # MatMul weights are (K, C): sum over K; Conv weights (C, ...): sum over all but C
+        per_channel = q.sum(axis=0) if mac_axis == -1 else q.reshape(q.shape[0], -1).sum(axis=1)
+        shape = [1] * acc.ndim
+        shape[mac_axis] = per_channel.size
+        acc = acc + zero_point * per_channel.reshape(shape)
+    return acc.astype(np.int64)
+
+
+def assert_range_holds(report, executed: np.ndarray) -> None:
+    """The reported layer range contains every executed accumulator and is reached (exact)."""
+    assert report.status == "ok", report.status
+    assert report.acc_min <= int(executed.min()) and int(executed.max()) <= report.acc_max, (
+        f"reported [{report.acc_min}, {report.acc_max}], executed [{executed.min()}, {executed.max()}]")
+
+
+def assert_fits(executed: np.ndarray, acc_bits: int, acc_dtype: str) -> None:
+    """Every executed accumulator fits ``acc_bits`` bits with the signedness of the promised ``acc_dtype``."""
+    signed = acc_dtype.startswith("INT")
+    assert int(acc_dtype[3 if signed else 4:]) <= acc_bits
+    lo, hi = bounds.accumulator_limits(acc_bits, signed=signed)
+    assert lo <= int(executed.min()) and int(executed.max()) <= hi, (
+        f"executed [{executed.min()}, {executed.max()}] overflows {acc_dtype} at P={acc_bits}")
+
+
+def qonnx_model(nodes, inits, input_shape, output: str) -> ModelWrapper:
+    """``tests.test_verify._model`` plus the qonnx opset import that onnx.checker (project's ensures) needs."""
+    model = _model(nodes, inits, input_shape, output)
+    model.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, 1))
+    return model
+
+
+def matmul_model(w: np.ndarray, in_bits: float, in_signed: bool, zero_point: float, batch: int,
+                 w_bits: float = 4, w_signed: bool = True, x_scale: float = X_SCALE, relu: bool = False) -> ModelWrapper:
+    """x -> Quant -> [Relu] -> MatMul(Quant(w)): float weights ``w`` of shape (K, C), per-channel scale."""
+    weights = numpy_helper.from_array(np.asarray(w, dtype=np.float32), "w")
+    qx, ix = _quant("qx", "x", x_scale, zero_point, in_bits, in_signed)
+    qw, iw = _quant("qw", "w", np.full((1, w.shape[1]), W_SCALE), 0, w_bits, w_signed)
+    nodes = [qx, qw]
+    act = "qx_out"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["qx_out"], ["relu_out"], name="relu"))
+        act = "relu_out"
+    nodes.append(helper.make_node("MatMul", [act, "qw_out"], ["y"], name="mm"))
+    return qonnx_model(nodes, [weights, *ix, *iw], [batch, w.shape[0]], "y")
+
+
+# --------------------------------------------------------------------------- root cause 5
+
+
+@pytest.mark.parametrize("convention,zero_point,relu", [("fold", 5, True), ("subtract", -3, False)])
+def test_channel_entirely_below_zero_is_analysed_and_projected(convention, zero_point, relu):
+    # UINT4 codes whose accumulator view lies above 0: fold codes behind a Relu with zero point 5 are
+    # [5, 15]; subtracting the zero point -3 gives [3, 18]. Channel 0 has only negative weights, so
+    # its whole accumulator range lies below 0 (this crashed accumulator_width).
+    q = np.array([[-3, 2], [-2, -1], [-1, 3]])
+    codes = box_vertices(max(zero_point, 0) if relu else 0, 15, (3,))
+    model = matmul_model(q * W_SCALE, 4, False, zero_point, len(codes), relu=relu)
+    report = analyze_model(model, zero_point=convention, per_channel=True).layers[0]
+    executed = executed_accumulators(model, codes, zero_point, convention)
+    assert_range_holds(report, executed)
+    assert report.per_channel["acc_max"][0] < 0 and report.per_channel["acc_max"][0] == executed[:, 0].max()
+    projection = ProjectToAccumulator(6, zero_point=convention)
+    projected = model.transform(projection)
+    after = executed_accumulators(projected, codes, zero_point, convention)
+    assert_fits(after, 6, projection.projections[0].acc_dtype_after)
