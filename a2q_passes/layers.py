@@ -67,6 +67,11 @@ class WeightSource:
     rounding_mode: str = "ROUND"
     perms: list[list[int]] = field(default_factory=list)  # Transposes from stored tensor to MAC input
 
+    @property
+    def bipolar(self) -> bool:
+        """Weights in {-1, +1}: the tensor cannot hold a 0, so projection cannot shrink it."""
+        return self.dtype == "BIPOLAR"
+
 
 @dataclass
 class RowLayout:
@@ -211,6 +216,21 @@ def _quant_dtype(bits: int, signed: bool) -> str:
     return _int_dtype_name(bits, signed)
 
 
+def check_integer_values(values: np.ndarray, dt: DataType, what: str) -> None:
+    """Raise :class:`UnsupportedLayer` unless every value of ``values`` belongs to the integer datatype ``dt``.
+
+    Execution uses the stored values, not the annotation: a ``BIPOLAR`` tensor holding a 0 or an
+    ``INT4`` tensor holding 9 would be read with a range that does not contain what executes.
+    """
+    values = np.asarray(values)
+    if not np.array_equal(values, np.round(values)):
+        raise UnsupportedLayer(f"{what} is annotated {dt.name} but holds non-integers")
+    if values.size and (values.min() < dt.min() or values.max() > dt.max() or (dt == DataType["BIPOLAR"] and (values == 0).any())):
+        raise UnsupportedLayer(f"{what} is annotated {dt.name} but holds values outside it "
+                               f"(min {values.min()}, max {values.max()}{', zeros' if (values == 0).any() else ''}); "
+                               "fix the datatype annotation or the values")
+
+
 def _storage_range(dtype: np.dtype) -> tuple[IntRange, str]:
     """Integer range and qonnx datatype name of a QDQ storage type (int8, uint8, ...)."""
     info = np.iinfo(dtype)
@@ -229,9 +249,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
             raise UnsupportedLayer(f"weight input '{tensor}' is not a constant")
         dt = model.get_tensor_datatype(tensor)
         if dt.is_integer() and not dt.name.startswith("SCALED"):
-            values = model.get_initializer(tensor)
-            if not np.array_equal(values, np.round(values)):
-                raise UnsupportedLayer(f"initializer '{tensor}' is annotated {dt.name} but holds non-integers")
+            check_integer_values(model.get_initializer(tensor), dt, f"initializer '{tensor}'")
             return WeightSource("initializer", tensor, None, IntRange(int(dt.min()), int(dt.max())), dt.name, perms=perms)
         return None
     op = producer.op_type
@@ -323,6 +341,9 @@ def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarra
         return np.asarray(stored).astype(np.int64)
     if source.kind == "bipolar_quant":
         return np.where(stored >= 0, 1, -1).astype(np.int64)
+    if source.kind == "quant" and source.bipolar:
+        # qonnx int_quant executes a 1-bit signed Quant as bipolar: sign(x / s + z), 0 -> +1 (z == 0)
+        return np.where(stored.astype(np.float32) / source.scale.astype(np.float32) >= 0, 1, -1).astype(np.int64)
     if source.kind == "quantize_dequantize":
         # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero point checked to be 0
         q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32))
@@ -373,6 +394,8 @@ def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarr
     if q_stored.min(initial=0) < source.weight_range.lo or q_stored.max(initial=0) > source.weight_range.hi:
         raise ValueError(f"new weights for '{source.tensor}' leave the weight range "
                          f"[{source.weight_range.lo}, {source.weight_range.hi}]")
+    if source.bipolar and (q_stored == 0).any():
+        raise ValueError(f"new weights for '{source.tensor}' contain 0, which its bipolar quantizer cannot represent")
     model.set_initializer(source.tensor, stored_values_for(source, q_stored))
     if not np.array_equal(read_stored_integers(model, source), q_stored):
         raise AssertionError(f"quantizer of '{source.tensor}' does not reproduce the written integers")
@@ -447,8 +470,8 @@ class GridResolver:
         bits, signed, narrow = int(bits), bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
         if zp != round(zp):
             return None, f"{_node_label(node)} has a non-integer zero point {zp}"
-        if bits == 1 and signed:
-            return InputGrid(BIPOLAR, "BIPOLAR", scale), ""
+        if bits == 1 and signed:  # qonnx executes it as bipolar: codes {-1, +1}, real (code - z) * s
+            return self._with_zero_point(BIPOLAR, "BIPOLAR", scale, int(zp)), ""
         codes = integer_range(bits, signed, narrow)
         return self._with_zero_point(codes, _quant_dtype(bits, signed), scale, int(zp)), ""
 
@@ -671,6 +694,10 @@ def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | N
         return MacLayer(name, node.op_type, node.input[0], 0, 0,
                         f"unsupported: unknown inputDataType/weightDataType '{idt}'/'{wdt}'")
     # MVAU weights are (MW, MH); VVAU weights are (Channels, 1, kh, kw): both map to rows by _layout_for
+    try:
+        check_integer_values(weights, DataType["BINARY"] if xnor else wdtype, f"weights of {_node_label(node)}")
+    except UnsupportedLayer as err:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     layout, K, channels = _layout_for(model, node, tuple(weights.shape))
     wrange = BINARY if xnor else IntRange(int(wdtype.min()), int(wdtype.max()))
     source = WeightSource("initializer", node.input[1], None, wrange, wdt)

@@ -14,11 +14,13 @@ import itertools
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
+from a2q_passes.errors import A2QError
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant
 
@@ -115,3 +117,51 @@ def test_channel_entirely_below_zero_is_analysed_and_projected(convention, zero_
     projected = model.transform(projection)
     after = executed_accumulators(projected, codes, zero_point, convention)
     assert_fits(after, 6, projection.projections[0].acc_dtype_after)
+
+
+# --------------------------------------------------------------------------- root cause 1
+
+
+def test_one_bit_signed_quant_weights_are_bipolar_and_never_shrunk():
+    # qonnx executes a 1-bit signed Quant as sign(w / s) with 0 -> +1: the zeros and tiny weights are +1
+    w = np.array([[0.0, -0.1, 0.3], [0.0, 0.0, -0.2], [0.01, -0.3, 0.0], [-0.02, 0.0, 0.0], [0.0, 0.2, 0.0]])
+    codes = box_vertices(0, 15, (5,))
+    model = matmul_model(w, 4, False, 0, len(codes), w_bits=1)
+    report = analyze_model(model).layers[0]
+    assert report.weight_dtype == "BIPOLAR"
+    executed = executed_accumulators(model, codes, 0, "fold")
+    assert_range_holds(report, executed)
+    assert (report.acc_min, report.acc_max) == (int(executed.min()), int(executed.max()))  # exact, not just safe
+    needed = report.bounds["exact"]
+    with pytest.raises(A2QError, match=r"'mm' has bipolar weights needing \d+ bits.*--layer mm="):
+        model.transform(ProjectToAccumulator(needed - 1))
+    projection = ProjectToAccumulator(needed)
+    projected = model.transform(projection)
+    assert projection.projections[0].status.startswith("skipped: bipolar")
+    assert_fits(executed_accumulators(projected, codes, 0, "fold"), needed, projection.projections[0].acc_dtype_after)
+
+
+def finn_bipolar_model(w: np.ndarray, batch: int) -> ModelWrapper:
+    """x -> Quant (UINT4) -> MatMul with an initializer annotated BIPOLAR, as FINN's conversion leaves it."""
+    qx, ix = _quant("qx", "x", X_SCALE, 0, 4, False)
+    mm = helper.make_node("MatMul", ["qx_out", "w"], ["y"], name="mm")
+    model = qonnx_model([qx, mm], [numpy_helper.from_array(w.astype(np.float32), "w"), *ix], [batch, w.shape[0]], "y")
+    model.set_tensor_datatype("w", DataType["BIPOLAR"])
+    return model
+
+
+def test_finn_bipolar_initializer_is_refused_for_shrinking_and_checked_for_zeros():
+    w = np.array([[1, -1], [1, 1], [-1, 1], [1, -1]])
+    codes = box_vertices(0, 15, (4,))
+    model = finn_bipolar_model(w, len(codes))
+    report = analyze_model(model).layers[0]
+    executed = executed_accumulators(model, codes, 0, "fold", weights="w", w_scale=1.0)
+    assert_range_holds(report, executed)
+    # before the fix, project wrote zeros into the BIPOLAR tensor (whole layers zeroed)
+    with pytest.raises(A2QError, match="'mm' has bipolar weights"):
+        model.transform(ProjectToAccumulator(report.bounds["exact"] - 1))
+    # a BIPOLAR annotation on a tensor that holds a 0 does not describe what executes: refused, named
+    w_zero = w.copy()
+    w_zero[0, 0] = 0
+    status = analyze_model(finn_bipolar_model(w_zero, 1)).layers[0].status
+    assert status.startswith("unsupported") and "'w' is annotated BIPOLAR" in status and "zeros" in status

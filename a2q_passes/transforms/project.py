@@ -105,11 +105,14 @@ class ProjectToAccumulator(A2QPass):
         report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
         q_before = layer.integer_rows(model)
         report.width_before, dtype_before = _layer_width(layer, q_before)
-        if layer.binary_xnor or layer.source.kind == "bipolar_quant":
+        if layer.binary_xnor or layer.source.bipolar:
+            # a bipolar tensor holds only -1 and +1: projection would have to write zeros it cannot hold
             report.status = "skipped: bipolar/xnor weights cannot be shrunk (no zero weight)"
             if report.width_before > bits:
                 raise A2QError(f"layer '{layer.node}' has bipolar weights needing {report.width_before} bits; "
-                               f"they cannot be projected to {bits} bits")
+                               f"they cannot be projected to {bits} bits (a bipolar tensor cannot hold the zero "
+                               f"weights projection needs): give this layer at least {report.width_before} bits "
+                               f"with --layer {layer.node}={report.width_before}")
             report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
         v = layer.unrounded_rows(model)
