@@ -523,8 +523,7 @@ class GridResolver:
         grid, reason = self.resolve(node.input[0])
         if grid is None:
             return None, reason
-        r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
-        return InputGrid(r, grid.dtype, grid.scale, grid.zero_code), ""
+        return _with_zero_tap(grid), ""
 
     def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         if node_str_attr(node, "mode", "nearest") != "nearest":
@@ -672,11 +671,37 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     grid, reason = resolver.resolve(node.input[0])
+    if grid is not None and _reads_implicit_zeros(node):
+        grid = _with_zero_tap(grid)
     status = STATUS_OK if grid is not None else STATUS_INPUT_NOT_QUANTIZED
     layer = MacLayer(name, node.op_type, node.input[0], K, channels, status, grid, source, layout)
     if grid is None:
         layer.status = f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}"
     return layer
+
+
+def _reads_implicit_zeros(node: NodeProto) -> bool:
+    """Whether some accumulator of this node sums taps that are not input pixels but real zeros.
+
+    A Conv with non-zero ``pads`` or ``auto_pad`` SAME_* pads its input with 0.0; a ConvTranspose
+    output pixel near the border receives fewer input pixels than its row of taps holds.
+    """
+    if node.op_type == "ConvTranspose":
+        return True
+    if node.op_type != "Conv":
+        return False
+    auto_pad = node_str_attr(node, "auto_pad", "NOTSET")
+    return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(int(p) != 0 for p in node_attr(node, "pads", []))
+
+
+def _with_zero_tap(grid: InputGrid) -> InputGrid:
+    """The grid with the code of real 0 added to its range: a padded tap holds ``zero_code``.
+
+    Under ``fold`` that is the zero point z (real 0 = code z), under ``subtract`` 0; either may lie
+    outside the quantizer's codes (e.g. UINT4 with z = 30, or codes behind a Relu).
+    """
+    r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
+    return InputGrid(r, grid.dtype, grid.scale, grid.zero_code)
 
 
 def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:

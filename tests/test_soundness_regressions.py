@@ -60,11 +60,14 @@ def executed_accumulators(model: ModelWrapper, codes: np.ndarray, zero_point: in
     return acc.astype(np.int64)
 
 
-def assert_range_holds(report, executed: np.ndarray) -> None:
-    """The reported layer range contains every executed accumulator and is reached (exact)."""
+def assert_range_holds(report, executed: np.ndarray, mac_axis: int = -1) -> None:
+    """Each channel's reported range (``per_channel=True``) contains every executed accumulator of it."""
     assert report.status == "ok", report.status
-    assert report.acc_min <= int(executed.min()) and int(executed.max()) <= report.acc_max, (
-        f"reported [{report.acc_min}, {report.acc_max}], executed [{executed.min()}, {executed.max()}]")
+    per_channel = np.moveaxis(executed, mac_axis, 0).reshape(executed.shape[mac_axis], -1)
+    lo, hi = per_channel.min(axis=1).tolist(), per_channel.max(axis=1).tolist()
+    reported = list(zip(report.per_channel["acc_min"], report.per_channel["acc_max"]))
+    assert all(r_lo <= e_lo and e_hi <= r_hi for (r_lo, r_hi), e_lo, e_hi in zip(reported, lo, hi)), (
+        f"reported per channel {reported}, executed {list(zip(lo, hi))}")
 
 
 def assert_fits(executed: np.ndarray, acc_bits: int, acc_dtype: str) -> None:
@@ -127,7 +130,7 @@ def test_one_bit_signed_quant_weights_are_bipolar_and_never_shrunk():
     w = np.array([[0.0, -0.1, 0.3], [0.0, 0.0, -0.2], [0.01, -0.3, 0.0], [-0.02, 0.0, 0.0], [0.0, 0.2, 0.0]])
     codes = box_vertices(0, 15, (5,))
     model = matmul_model(w, 4, False, 0, len(codes), w_bits=1)
-    report = analyze_model(model).layers[0]
+    report = analyze_model(model, per_channel=True).layers[0]
     assert report.weight_dtype == "BIPOLAR"
     executed = executed_accumulators(model, codes, 0, "fold")
     assert_range_holds(report, executed)
@@ -154,7 +157,7 @@ def test_finn_bipolar_initializer_is_refused_for_shrinking_and_checked_for_zeros
     w = np.array([[1, -1], [1, 1], [-1, 1], [1, -1]])
     codes = box_vertices(0, 15, (4,))
     model = finn_bipolar_model(w, len(codes))
-    report = analyze_model(model).layers[0]
+    report = analyze_model(model, per_channel=True).layers[0]
     executed = executed_accumulators(model, codes, 0, "fold", weights="w", w_scale=1.0)
     assert_range_holds(report, executed)
     # before the fix, project wrote zeros into the BIPOLAR tensor (whole layers zeroed)
@@ -165,3 +168,34 @@ def test_finn_bipolar_initializer_is_refused_for_shrinking_and_checked_for_zeros
     w_zero[0, 0] = 0
     status = analyze_model(finn_bipolar_model(w_zero, 1)).layers[0].status
     assert status.startswith("unsupported") and "'w' is annotated BIPOLAR" in status and "zeros" in status
+
+
+# --------------------------------------------------------------------------- root cause 2
+
+
+def conv_model(q: np.ndarray, zero_point: float, batch: int, hw: tuple[int, int], **conv_attrs) -> ModelWrapper:
+    """x -> Quant (UINT4, zero point) -> Conv(Quant(W)) with integer weights ``q`` (C, Cin, kh, kw)."""
+    weights = numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w")
+    qx, ix = _quant("qx", "x", X_SCALE, zero_point, 4, False)
+    qw, iw = _quant("qw", "w", np.full((q.shape[0], 1, 1, 1), W_SCALE), 0, 4, True)
+    conv = helper.make_node("Conv", ["qx_out", "qw_out"], ["y"], name="conv", kernel_shape=list(q.shape[2:]),
+                            **conv_attrs)
+    return qonnx_model([qx, qw, conv], [weights, *ix, *iw], [batch, q.shape[1], *hw], "y")
+
+
+@pytest.mark.parametrize("convention", ["fold", "subtract"])
+@pytest.mark.parametrize("padding", [{"pads": [1, 1, 1, 1]}, {"auto_pad": "SAME_UPPER"}], ids=["pads", "auto_pad"])
+def test_padded_conv_counts_the_code_of_real_zero(convention, padding):
+    # UINT4 codes 0..15 with zero point 30: real 0, which the padding writes, is code 30 under fold
+    # (0 under subtract, where the codes are -30..-15): outside the quantizer's codes either way
+    q = np.stack([np.full((1, 3, 3), 3), np.array([[[2, -1, 3], [-4, 5, -2], [1, 1, -3]]])])
+    codes = box_vertices(0, 15, (1, 2, 2))
+    model = conv_model(q, 30, len(codes), (2, 2), **padding)
+    report = analyze_model(model, zero_point=convention, per_channel=True).layers[0]
+    executed = executed_accumulators(model, codes, 30, convention, mac_axis=1)
+    assert_range_holds(report, executed, mac_axis=1)
+    target = report.bounds["exact"] - 2
+    projection = ProjectToAccumulator(target, zero_point=convention)
+    projected = model.transform(projection)
+    after = executed_accumulators(projected, codes, 30, convention, mac_axis=1)
+    assert_fits(after, target, projection.projections[0].acc_dtype_after)
