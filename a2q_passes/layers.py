@@ -21,7 +21,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
-from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_format, integer_range
+from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_format
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
@@ -269,8 +269,13 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
                 f"{_node_label(producer)} quantizes weights with a non-zero zero point; "
                 "accumulator bounds assume symmetric weights (as FINN and Brevitas do): re-export with zero_point=0"
             )
-        if np.size(bits) != 1 or float(bits) != int(bits):
-            raise UnsupportedLayer(f"{_node_label(producer)} has a non-scalar or non-integer bit width")
+        bits = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else None
+        if bits is None or not np.isfinite(bits) or bits != int(bits) or bits < 1:
+            # a bit width <= 0 makes qonnx clamp every weight to one value; non-integer widths clamp
+            # to fractional limits: neither is a weight quantizer this tool reads
+            raise UnsupportedLayer(f"{_node_label(producer)} has weight bit width "
+                                   f"{'per channel' if bits is None else bits}; weights are read only with one "
+                                   "integer bit width >= 1: re-export the weight quantizer with such a bit width")
         bits = int(bits)
         signed, narrow = bool(node_attr(producer, "signed", 1)), bool(node_attr(producer, "narrow", 0))
         if bits == 1 and signed:
@@ -418,6 +423,20 @@ def _scalar_constant(model: ModelWrapper, name: str) -> float | None:
     return float(np.asarray(value).reshape(()))
 
 
+def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str) -> IntRange:
+    """The integer codes a qonnx ``Quant`` outputs, for any bit width >= 1 (4.5 included).
+
+    qonnx's ``int_quant`` clamps ``x / s + z`` to ``min_int``/``max_int`` of the bit width as given
+    (``2^3.5`` for 4.5 bits), cast to float32, then rounds with the node's rounding mode: the
+    codes are the rounded limits (CEIL turns 4.5 unsigned bits' 21.6 into 22, not 21).
+    """
+    width = np.float32(bits)
+    rounding = resolve_rounding_mode(rounding_mode)
+    lo = rounding(np.float32(min_int(signed, narrow, width)))
+    hi = rounding(np.float32(max_int(signed, narrow, width)))
+    return IntRange(int(lo), int(hi))
+
+
 class GridResolver:
     """Walks back from a tensor to the quantizer that put it on an integer grid.
 
@@ -467,13 +486,19 @@ class GridResolver:
         if scale is None or zp is None or bits is None:
             return None, (f"{_node_label(node)} has a non-constant or per-channel scale/zero point/bit width; "
                           "the accumulator needs one per-tensor input scale")
-        bits, signed, narrow = int(bits), bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
+        signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
         if zp != round(zp):
             return None, f"{_node_label(node)} has a non-integer zero point {zp}"
+        if not np.isfinite(bits) or bits < 1:
+            return None, f"{_node_label(node)} has bit width {bits}; a quantizer needs a bit width >= 1"
         if bits == 1 and signed:  # qonnx executes it as bipolar: codes {-1, +1}, real (code - z) * s
             return self._with_zero_point(BIPOLAR, "BIPOLAR", scale, int(zp)), ""
-        codes = integer_range(bits, signed, narrow)
-        return self._with_zero_point(codes, _quant_dtype(bits, signed), scale, int(zp)), ""
+        try:
+            codes = quant_code_range(bits, signed, narrow, node_str_attr(node, "rounding_mode", "ROUND"))
+        except ValueError as err:
+            return None, f"{_node_label(node)}: {err}"
+        dtype = _quant_dtype(int(bits), signed) if bits == int(bits) else _dtype_for_range(codes)
+        return self._with_zero_point(codes, dtype, scale, int(zp)), ""
 
     _from_IntQuant = _from_Quant
 

@@ -199,3 +199,41 @@ def test_padded_conv_counts_the_code_of_real_zero(convention, padding):
     projected = model.transform(projection)
     after = executed_accumulators(projected, codes, 30, convention, mac_axis=1)
     assert_fits(after, target, projection.projections[0].acc_dtype_after)
+
+
+# --------------------------------------------------------------------------- root cause 3
+
+
+def set_rounding_mode(model: ModelWrapper, node_name: str, mode: str) -> None:
+    node = model.get_node_from_name(node_name)
+    next(a for a in node.attribute if a.name == "rounding_mode").s = mode.encode()
+
+
+@pytest.mark.parametrize("bits,signed,mode", [(4.5, False, "ROUND"), (4.5, True, "CEIL"), (2.5, True, "FLOOR")])
+def test_non_integer_activation_bit_width_is_read_as_qonnx_clamps_it(bits, signed, mode):
+    # inputs far outside the grid: qonnx's own clamp (to 2^(bits-1) etc., then rounding) picks the extreme codes
+    q = np.array([[3, -2], [-1, 5], [2, 2]])
+    x_codes = box_vertices(-1000, 1000, (3,))
+    model = matmul_model(q * W_SCALE, bits, signed, 0, len(x_codes))
+    set_rounding_mode(model, "qx", mode)
+    report = analyze_model(model, per_channel=True).layers[0]
+    executed = executed_accumulators(model, x_codes, 0, "fold")
+    assert_range_holds(report, executed)
+    assert (report.acc_min, report.acc_max) == (int(executed.min()), int(executed.max()))
+    projection = ProjectToAccumulator(report.bounds["exact"] - 1)
+    projected = model.transform(projection)
+    assert_fits(executed_accumulators(projected, x_codes, 0, "fold"), report.bounds["exact"] - 1,
+                projection.projections[0].acc_dtype_after)
+
+
+@pytest.mark.parametrize("w_bits", [0, -1, 2.5])
+def test_weight_bit_width_below_one_or_fractional_is_refused_by_name(w_bits):
+    model = matmul_model(np.ones((3, 2)) * W_SCALE, 4, False, 0, 1, w_bits=w_bits)
+    status = analyze_model(model).layers[0].status
+    assert status.startswith("unsupported") and "'qw'" in status and f"bit width {float(w_bits)}" in status
+
+
+def test_activation_bit_width_below_one_is_refused_by_name():
+    model = matmul_model(np.ones((3, 2)) * W_SCALE, 0, False, 0, 1)
+    status = analyze_model(model).layers[0].status
+    assert status.startswith("input not quantized") and "'qx'" in status and "bit width 0.0" in status
