@@ -537,8 +537,16 @@ class GridResolver:
         grid, reason = self.resolve(node.input[0])
         if grid is None:
             return None, reason
-        lo = max(grid.range.lo, grid.zero_code)
-        return InputGrid(IntRange(lo, max(lo, grid.range.hi)), grid.dtype, grid.scale, grid.zero_code), ""
+        # real (code - z) * scale >= 0 keeps the codes on z's side given by the scale's sign; Relu maps
+        # every other code to z (scale None: integer codes vouched for by the user, i.e. scale 1)
+        r, z = grid.range, grid.zero_code
+        if grid.scale is None or grid.scale > 0:
+            codes = IntRange(max(r.lo, z), max(r.hi, z))
+        elif grid.scale < 0:
+            codes = IntRange(min(r.lo, z), min(r.hi, z))
+        else:
+            return None, f"{_node_label(node)} follows a quantizer with scale 0"
+        return InputGrid(codes, grid.dtype, grid.scale, z), ""
 
     def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         mode = node_str_attr(node, "mode", "constant")

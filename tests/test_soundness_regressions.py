@@ -237,3 +237,23 @@ def test_activation_bit_width_below_one_is_refused_by_name():
     model = matmul_model(np.ones((3, 2)) * W_SCALE, 0, False, 0, 1)
     status = analyze_model(model).layers[0].status
     assert status.startswith("input not quantized") and "'qx'" in status and "bit width 0.0" in status
+
+
+# --------------------------------------------------------------------------- root cause 4
+
+
+@pytest.mark.parametrize("convention,zero_point", [("fold", 0), ("fold", 2), ("subtract", 2)])
+def test_relu_after_a_negative_activation_scale_keeps_the_codes_below_the_zero_point(convention, zero_point):
+    # real = (code - z) * (-0.5) >= 0 exactly for codes <= z: the Relu keeps INT4 codes [-8, z], not [z, 7]
+    q = np.array([[3, -2], [-1, 5], [2, 2]])
+    x_codes = box_vertices(-1000, 1000, (3,))
+    model = matmul_model(q * W_SCALE, 4, True, zero_point, len(x_codes), x_scale=-X_SCALE, relu=True)
+    report = analyze_model(model, zero_point=convention, per_channel=True).layers[0]
+    executed = executed_accumulators(model, x_codes, zero_point, convention, x_scale=-X_SCALE)
+    assert_range_holds(report, executed)
+    assert (report.acc_min, report.acc_max) == (int(executed.min()), int(executed.max()))
+    target = report.bounds["exact"] - 1
+    projection = ProjectToAccumulator(target, zero_point=convention)
+    projected = model.transform(projection)
+    after = executed_accumulators(projected, x_codes, zero_point, convention, x_scale=-X_SCALE)
+    assert_fits(after, target, projection.projections[0].acc_dtype_after)
