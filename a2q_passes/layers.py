@@ -307,6 +307,30 @@ def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return value.reshape(shape)
 
 
+def _storage_dtype(model: ModelWrapper, dq: NodeProto) -> np.dtype | None:
+    """The integer type a ``DequantizeLinear`` reads (int8, uint8, ...), or ``None`` if unknown.
+
+    ONNX: the zero point's type if one is given, else the type of the ``x`` input itself (a
+    ``QuantizeLinear`` without zero point outputs its ``output_dtype``, by default uint8).
+    """
+    zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
+    if zp is not None:
+        return np.dtype(zp.dtype)
+    x = get_constant(model, dq.input[0])
+    if x is not None:
+        return np.dtype(x.dtype)
+    producer = model.find_producer(dq.input[0])
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        q_zp = get_constant(model, producer.input[2]) if len(producer.input) > 2 else None
+        if q_zp is not None:
+            return np.dtype(q_zp.dtype)
+        output_dtype = int(node_attr(producer, "output_dtype", 0))
+        return helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else np.dtype(np.uint8)
+    vi = model.get_tensor_valueinfo(dq.input[0])
+    elem_type = vi.type.tensor_type.elem_type if vi is not None else 0
+    return helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
+
+
 def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]]) -> WeightSource:
     scale = _require_constant(model, dq, 1, "scale")
     zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
@@ -317,7 +341,7 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     if quantize is not None:
         _require_constant(model, quantize, 0, "weight input")
         zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 else zp
-    zp_dtype = np.dtype(zp.dtype) if zp is not None else (stored.dtype if stored is not None else np.dtype(np.uint8))
+    zp_dtype = _storage_dtype(model, dq)
     if zp is not None and np.any(zp != 0):
         raise UnsupportedLayer(
             f"{_node_label(dq)} has a non-zero weight zero point; accumulator bounds assume symmetric weights "
@@ -514,10 +538,16 @@ class GridResolver:
         scale = _scalar_constant(self.model, node.input[1])
         if scale is None:
             return None, f"{_node_label(node)} has a per-channel or non-constant activation scale"
-        zp_value = get_constant(self.model, node.input[2]) if len(node.input) > 2 else None
+        has_zp = len(node.input) > 2 and bool(node.input[2])
+        zp_value = get_constant(self.model, node.input[2]) if has_zp else None
+        if has_zp and (zp_value is None or np.size(zp_value) != 1):
+            return None, f"{_node_label(node)} has a per-channel or non-constant activation zero point"
+        storage = _storage_dtype(self.model, node)
+        if storage is None:
+            return None, (f"{_node_label(node)} has no zero point and the type of '{node.input[0]}' is unknown; "
+                          "run shape inference or give the zero point explicitly")
+        codes, dtype = _storage_range(storage)
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
-        zp_dtype = np.dtype(zp_value.dtype) if zp_value is not None else np.dtype(np.uint8)
-        codes, dtype = _storage_range(zp_dtype)
         return self._with_zero_point(codes, dtype, scale, zp), ""
 
     def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
+from qonnx.transformation.infer_shapes import InferShapes
 
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
@@ -257,3 +258,35 @@ def test_relu_after_a_negative_activation_scale_keeps_the_codes_below_the_zero_p
     projected = model.transform(projection)
     after = executed_accumulators(projected, x_codes, zero_point, convention, x_scale=-X_SCALE)
     assert_fits(after, target, projection.projections[0].acc_dtype_after)
+
+
+# --------------------------------------------------------------------------- root cause 6
+
+
+def test_dequantize_linear_without_zero_point_reads_the_type_of_its_input():
+    # int8 codes into DequantizeLinear without a zero point: ONNX takes the type from x (int8, [-128, 127]),
+    # the reader used to assume uint8 ([0, 255])
+    q = np.array([[3, -2], [-1, 5], [2, 2]])
+    codes = box_vertices(-128, 127, (3,)).astype(np.int8)
+    weights = numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w")
+    qw, iw = _quant("qw", "w", np.full((1, 2), W_SCALE), 0, 4, True)
+    dq = helper.make_node("DequantizeLinear", ["xq", "sx"], ["xf"], name="dq")
+    mm = helper.make_node("MatMul", ["xf", "qw_out"], ["y"], name="mm")
+    graph = helper.make_graph([dq, qw, mm], "g", [helper.make_tensor_value_info("xq", TensorProto.INT8, list(codes.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [weights, numpy_helper.from_array(np.float32(X_SCALE), "sx"), *iw])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
+    proto.ir_version = 10
+    model = ModelWrapper(proto).transform(InferShapes())
+
+    def executed(m: ModelWrapper) -> np.ndarray:
+        y = execute_onnx(m, {"xq": codes})["y"].astype(np.float64) / (X_SCALE * W_SCALE)
+        return np.rint(y).astype(np.int64)
+
+    report = analyze_model(model, per_channel=True).layers[0]
+    assert report.input_range == [-128, 127]
+    assert_range_holds(report, executed(model))
+    assert (report.acc_min, report.acc_max) == (int(executed(model).min()), int(executed(model).max()))
+    projection = ProjectToAccumulator(report.bounds["exact"] - 2)
+    projected = model.transform(projection)
+    assert_fits(executed(projected), report.bounds["exact"] - 2, projection.projections[0].acc_dtype_after)
