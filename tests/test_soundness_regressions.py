@@ -10,6 +10,7 @@ quantizer, never from the project's readers.
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError
 from a2q_passes.transforms.project import ProjectToAccumulator
-from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant
+from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant, a2q  # noqa: F401 (a2q: fixture)
 
 # --------------------------------------------------------------------------- execution helpers
 
@@ -290,3 +291,51 @@ def test_dequantize_linear_without_zero_point_reads_the_type_of_its_input():
     projection = ProjectToAccumulator(report.bounds["exact"] - 2)
     projected = model.transform(projection)
     assert_fits(executed(projected), report.bounds["exact"] - 2, projection.projections[0].acc_dtype_after)
+
+
+# --------------------------------------------------------------------------- root cause 7
+
+
+def two_layer_model(unreadable: str, batch: int) -> ModelWrapper:
+    """x -> Quant -> mm1 (readable) -> Quant -> mm2, which project cannot read for reason ``unreadable``.
+
+    The first graph output is mm1's accumulator view ``h`` (so the executed worst case is read there).
+    """
+    q1, q2 = np.array([[3, -2], [-1, 5], [2, 2]]), np.array([[1, -1], [2, 1]])
+    qx, ix = _quant("qx", "x", X_SCALE, 0, 4, False)
+    qw, iw = _quant("qw", "w1", np.full((1, 2), W_SCALE), 0, 4, True)
+    qa, ia = _quant("qa", "h", 1.0, 0, 4, False)
+    qw2, iw2 = _quant("qw2", "w2", np.full((1, 2), W_SCALE), 1 if unreadable == "zero point" else 0, 4, True)
+    nodes = [qx, qw, helper.make_node("MatMul", ["qx_out", "qw_out"], ["h"], name="mm1"), qa, qw2]
+    if unreadable == "transA":
+        nodes += [helper.make_node("Transpose", ["qa_out"], ["qa_t"], name="t", perm=[1, 0]),
+                  helper.make_node("Gemm", ["qa_t", "qw2_out"], ["y"], name="mm2", transA=1)]
+    else:
+        nodes.append(helper.make_node("MatMul", ["qa_out", "qw2_out"], ["y"], name="mm2"))
+    inits = [numpy_helper.from_array((q1 * W_SCALE).astype(np.float32), "w1"),
+             numpy_helper.from_array((q2 * W_SCALE).astype(np.float32), "w2"), *ix, *iw, *ia, *iw2]
+    model = qonnx_model(nodes, inits, [batch, 3], "y")
+    h = model.get_tensor_valueinfo("h")  # shape-inferred: move it from value_info to the outputs
+    model.graph.value_info.remove(h)
+    model.graph.output.insert(0, h)
+    return model
+
+
+@pytest.mark.parametrize("unreadable,reason", [("zero point", "zero point"), ("transA", "transposed")])
+def test_project_refuses_quantized_layers_it_cannot_read_unless_skipped(tmp_path, a2q, unreadable, reason):
+    codes = box_vertices(0, 15, (3,))
+    model = two_layer_model(unreadable, len(codes))
+    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    model.save(str(path))
+    before = path.read_bytes()
+    refused = a2q("project", path, out, "--acc-bits", "7")
+    assert refused.returncode == 1 and not out.exists() and path.read_bytes() == before
+    assert "'mm2'" in refused.stderr and reason in refused.stderr and "--skip mm2" in refused.stderr
+    assert "'mm1'" not in refused.stderr  # only the unreadable layer is named
+    assert a2q("project", path, out, "--acc-bits", "7", "--skip", "nosuch").returncode == 1 and not out.exists()
+    done = a2q("project", path, out, "--acc-bits", "7", "--skip", "mm2", "--json")
+    assert done.returncode == 0, done.stderr
+    layers = {layer["node"]: layer for layer in json.loads(done.stdout)["layers"]}
+    assert layers["mm2"]["status"].startswith("skipped: --skip") and layers["mm2"]["target_bits"] is None
+    projected = ModelWrapper(str(out))
+    assert_fits(executed_accumulators(projected, codes, 0, "fold", weights="qw_out"), 7, layers["mm1"]["acc_dtype_after"])
