@@ -23,6 +23,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError
+from a2q_passes.finetune.selection import select_layers
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant, a2q  # noqa: F401 (a2q: fixture)
 
@@ -170,6 +171,12 @@ def test_finn_bipolar_initializer_is_refused_for_shrinking_and_checked_for_zeros
     w_zero[0, 0] = 0
     status = analyze_model(finn_bipolar_model(w_zero, 1)).layers[0].status
     assert status.startswith("unsupported") and "'w' is annotated BIPOLAR" in status and "zeros" in status
+
+
+def test_finetune_does_not_select_bipolar_layers():
+    model = matmul_model(np.ones((3, 2)) * W_SCALE, 4, False, 0, 1, w_bits=1)
+    with pytest.raises(A2QError, match="'?mm'?.*bipolar weights"):
+        select_layers(model, 4)
 
 
 # --------------------------------------------------------------------------- root cause 2
