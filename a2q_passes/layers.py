@@ -225,9 +225,12 @@ def check_integer_values(values: np.ndarray, dt: DataType, what: str) -> None:
     values = np.asarray(values)
     if not np.array_equal(values, np.round(values)):
         raise UnsupportedLayer(f"{what} is annotated {dt.name} but holds non-integers")
-    if values.size and (values.min() < dt.min() or values.max() > dt.max() or (dt == DataType["BIPOLAR"] and (values == 0).any())):
+    if not values.size:
+        return
+    zeros = dt == DataType["BIPOLAR"] and bool((values == 0).any())
+    if zeros or values.min() < dt.min() or values.max() > dt.max():
         raise UnsupportedLayer(f"{what} is annotated {dt.name} but holds values outside it "
-                               f"(min {values.min()}, max {values.max()}{', zeros' if (values == 0).any() else ''}); "
+                               f"(min {values.min()}, max {values.max()}{', zeros' if zeros else ''}); "
                                "fix the datatype annotation or the values")
 
 
@@ -781,11 +784,11 @@ def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | N
     except KeyError:
         return MacLayer(name, node.op_type, node.input[0], 0, 0,
                         f"unsupported: unknown inputDataType/weightDataType '{idt}'/'{wdt}'")
-    # MVAU weights are (MW, MH); VVAU weights are (Channels, 1, kh, kw): both map to rows by _layout_for
     try:
         check_integer_values(weights, DataType["BINARY"] if xnor else wdtype, f"weights of {_node_label(node)}")
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
+    # MVAU weights are (MW, MH); VVAU weights are (Channels, 1, kh, kw): both map to rows by _layout_for
     layout, K, channels = _layout_for(model, node, tuple(weights.shape))
     wrange = BINARY if xnor else IntRange(int(wdtype.min()), int(wdtype.max()))
     source = WeightSource("initializer", node.input[1], None, wrange, wdt)
