@@ -210,6 +210,20 @@ def test_padded_conv_counts_the_code_of_real_zero(convention, padding):
     assert_fits(after, target, projection.projections[0].acc_dtype_after)
 
 
+def test_conv_transpose_border_pixels_count_the_code_of_real_zero():
+    # border output pixels of a ConvTranspose sum fewer input pixels than a full row of taps: the absent
+    # ones are real 0, code 0 under subtract, outside the codes -30..-15 of UINT4 with zero point 30
+    q = np.array([[[[2, -1, 3], [1, 2, -2], [3, 1, 1]], [[-3, 2, 1], [1, -1, 2], [2, 2, -1]]]])  # (Cin, Cout, kh, kw)
+    codes = box_vertices(0, 15, (1, 2, 3))
+    qx, ix = _quant("qx", "x", X_SCALE, 30, 4, False)
+    qw, iw = _quant("qw", "w", np.full((1, 2, 1, 1), W_SCALE), 0, 4, True)
+    ct = helper.make_node("ConvTranspose", ["qx_out", "qw_out"], ["y"], name="ct", kernel_shape=[3, 3], strides=[2, 2])
+    model = qonnx_model([qx, qw, ct], [numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w"), *ix, *iw],
+                        [len(codes), 1, 2, 3], "y")
+    report = analyze_model(model, zero_point="subtract", per_channel=True).layers[0]
+    assert_range_holds(report, executed_accumulators(model, codes, 30, "subtract", mac_axis=1), mac_axis=1)
+
+
 # --------------------------------------------------------------------------- root cause 3
 
 
