@@ -241,7 +241,10 @@ def accumulator_width(acc_min: np.ndarray | int, acc_max: np.ndarray | int) -> n
             return unsigned_accumulator_width(acc_max)
         return signed_accumulator_width(acc_min, acc_max)
     acc_min, acc_max = np.asarray(acc_min), np.asarray(acc_max)
-    return np.where(acc_min >= 0, unsigned_accumulator_width(acc_max), signed_accumulator_width(acc_min, acc_max))
+    # np.where evaluates both branches for every channel: a channel entirely below 0 (acc_max < 0)
+    # takes the signed branch, but its unsigned width must still be computable, so clamp it at 0.
+    unsigned = unsigned_accumulator_width(np.maximum(acc_max, 0))
+    return np.where(acc_min >= 0, unsigned, signed_accumulator_width(acc_min, acc_max))
 
 
 def accumulator_datatype_name(acc_min: int, acc_max: int) -> str:

@@ -21,7 +21,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
-from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_format, integer_range
+from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_format
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
@@ -66,6 +66,11 @@ class WeightSource:
     zero_point: np.ndarray | None = None
     rounding_mode: str = "ROUND"
     perms: list[list[int]] = field(default_factory=list)  # Transposes from stored tensor to MAC input
+
+    @property
+    def bipolar(self) -> bool:
+        """Weights in {-1, +1}: the tensor cannot hold a 0, so projection cannot shrink it."""
+        return self.dtype == "BIPOLAR"
 
 
 @dataclass
@@ -211,6 +216,24 @@ def _quant_dtype(bits: int, signed: bool) -> str:
     return _int_dtype_name(bits, signed)
 
 
+def check_integer_values(values: np.ndarray, dt: DataType, what: str) -> None:
+    """Raise :class:`UnsupportedLayer` unless every value of ``values`` belongs to the integer datatype ``dt``.
+
+    Execution uses the stored values, not the annotation: a ``BIPOLAR`` tensor holding a 0 or an
+    ``INT4`` tensor holding 9 would be read with a range that does not contain what executes.
+    """
+    values = np.asarray(values)
+    if not np.array_equal(values, np.round(values)):
+        raise UnsupportedLayer(f"{what} is annotated {dt.name} but holds non-integers")
+    if not values.size:
+        return
+    zeros = dt == DataType["BIPOLAR"] and bool((values == 0).any())
+    if zeros or values.min() < dt.min() or values.max() > dt.max():
+        raise UnsupportedLayer(f"{what} is annotated {dt.name} but holds values outside it "
+                               f"(min {values.min()}, max {values.max()}{', zeros' if zeros else ''}); "
+                               "fix the datatype annotation or the values")
+
+
 def _storage_range(dtype: np.dtype) -> tuple[IntRange, str]:
     """Integer range and qonnx datatype name of a QDQ storage type (int8, uint8, ...)."""
     info = np.iinfo(dtype)
@@ -229,9 +252,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
             raise UnsupportedLayer(f"weight input '{tensor}' is not a constant")
         dt = model.get_tensor_datatype(tensor)
         if dt.is_integer() and not dt.name.startswith("SCALED"):
-            values = model.get_initializer(tensor)
-            if not np.array_equal(values, np.round(values)):
-                raise UnsupportedLayer(f"initializer '{tensor}' is annotated {dt.name} but holds non-integers")
+            check_integer_values(model.get_initializer(tensor), dt, f"initializer '{tensor}'")
             return WeightSource("initializer", tensor, None, IntRange(int(dt.min()), int(dt.max())), dt.name, perms=perms)
         return None
     op = producer.op_type
@@ -251,8 +272,13 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
                 f"{_node_label(producer)} quantizes weights with a non-zero zero point; "
                 "accumulator bounds assume symmetric weights (as FINN and Brevitas do): re-export with zero_point=0"
             )
-        if np.size(bits) != 1 or float(bits) != int(bits):
-            raise UnsupportedLayer(f"{_node_label(producer)} has a non-scalar or non-integer bit width")
+        bits = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else None
+        if bits is None or not np.isfinite(bits) or bits != int(bits) or bits < 1:
+            # a bit width <= 0 makes qonnx clamp every weight to one value; non-integer widths clamp
+            # to fractional limits: neither is a weight quantizer this tool reads
+            raise UnsupportedLayer(f"{_node_label(producer)} has weight bit width "
+                                   f"{'per channel' if bits is None else bits}; weights are read only with one "
+                                   "integer bit width >= 1: re-export the weight quantizer with such a bit width")
         bits = int(bits)
         signed, narrow = bool(node_attr(producer, "signed", 1)), bool(node_attr(producer, "narrow", 0))
         if bits == 1 and signed:
@@ -284,6 +310,30 @@ def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return value.reshape(shape)
 
 
+def _storage_dtype(model: ModelWrapper, dq: NodeProto) -> np.dtype | None:
+    """The integer type a ``DequantizeLinear`` reads (int8, uint8, ...), or ``None`` if unknown.
+
+    ONNX: the zero point's type if one is given, else the type of the ``x`` input itself (a
+    ``QuantizeLinear`` without zero point outputs its ``output_dtype``, by default uint8).
+    """
+    zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
+    if zp is not None:
+        return np.dtype(zp.dtype)
+    x = get_constant(model, dq.input[0])
+    if x is not None:
+        return np.dtype(x.dtype)
+    producer = model.find_producer(dq.input[0])
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        q_zp = get_constant(model, producer.input[2]) if len(producer.input) > 2 else None
+        if q_zp is not None:
+            return np.dtype(q_zp.dtype)
+        output_dtype = int(node_attr(producer, "output_dtype", 0))
+        return helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else np.dtype(np.uint8)
+    vi = model.get_tensor_valueinfo(dq.input[0])
+    elem_type = vi.type.tensor_type.elem_type if vi is not None else 0
+    return helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
+
+
 def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]]) -> WeightSource:
     scale = _require_constant(model, dq, 1, "scale")
     zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
@@ -294,7 +344,7 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     if quantize is not None:
         _require_constant(model, quantize, 0, "weight input")
         zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 else zp
-    zp_dtype = np.dtype(zp.dtype) if zp is not None else (stored.dtype if stored is not None else np.dtype(np.uint8))
+    zp_dtype = _storage_dtype(model, dq)
     if zp is not None and np.any(zp != 0):
         raise UnsupportedLayer(
             f"{_node_label(dq)} has a non-zero weight zero point; accumulator bounds assume symmetric weights "
@@ -323,6 +373,9 @@ def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarra
         return np.asarray(stored).astype(np.int64)
     if source.kind == "bipolar_quant":
         return np.where(stored >= 0, 1, -1).astype(np.int64)
+    if source.kind == "quant" and source.bipolar:
+        # qonnx int_quant executes a 1-bit signed Quant as bipolar: sign(x / s + z), 0 -> +1 (z == 0)
+        return np.where(stored.astype(np.float32) / source.scale.astype(np.float32) >= 0, 1, -1).astype(np.int64)
     if source.kind == "quantize_dequantize":
         # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero point checked to be 0
         q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32))
@@ -373,6 +426,8 @@ def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarr
     if q_stored.min(initial=0) < source.weight_range.lo or q_stored.max(initial=0) > source.weight_range.hi:
         raise ValueError(f"new weights for '{source.tensor}' leave the weight range "
                          f"[{source.weight_range.lo}, {source.weight_range.hi}]")
+    if source.bipolar and (q_stored == 0).any():
+        raise ValueError(f"new weights for '{source.tensor}' contain 0, which its bipolar quantizer cannot represent")
     model.set_initializer(source.tensor, stored_values_for(source, q_stored))
     if not np.array_equal(read_stored_integers(model, source), q_stored):
         raise AssertionError(f"quantizer of '{source.tensor}' does not reproduce the written integers")
@@ -393,6 +448,20 @@ def _scalar_constant(model: ModelWrapper, name: str) -> float | None:
     if value is None or np.size(value) != 1:
         return None
     return float(np.asarray(value).reshape(()))
+
+
+def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str) -> IntRange:
+    """The integer codes a qonnx ``Quant`` outputs, for any bit width >= 1 (4.5 included).
+
+    qonnx's ``int_quant`` clamps ``x / s + z`` to ``min_int``/``max_int`` of the bit width as given
+    (``2^3.5`` for 4.5 bits), cast to float32, then rounds with the node's rounding mode: the
+    codes are the rounded limits (CEIL turns 4.5 unsigned bits' 21.6 into 22, not 21).
+    """
+    width = np.float32(bits)
+    rounding = resolve_rounding_mode(rounding_mode)
+    lo = rounding(np.float32(min_int(signed, narrow, width)))
+    hi = rounding(np.float32(max_int(signed, narrow, width)))
+    return IntRange(int(lo), int(hi))
 
 
 class GridResolver:
@@ -444,13 +513,19 @@ class GridResolver:
         if scale is None or zp is None or bits is None:
             return None, (f"{_node_label(node)} has a non-constant or per-channel scale/zero point/bit width; "
                           "the accumulator needs one per-tensor input scale")
-        bits, signed, narrow = int(bits), bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
+        signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
         if zp != round(zp):
             return None, f"{_node_label(node)} has a non-integer zero point {zp}"
-        if bits == 1 and signed:
-            return InputGrid(BIPOLAR, "BIPOLAR", scale), ""
-        codes = integer_range(bits, signed, narrow)
-        return self._with_zero_point(codes, _quant_dtype(bits, signed), scale, int(zp)), ""
+        if not np.isfinite(bits) or bits < 1:
+            return None, f"{_node_label(node)} has bit width {bits}; a quantizer needs a bit width >= 1"
+        if bits == 1 and signed:  # qonnx executes it as bipolar: codes {-1, +1}, real (code - z) * s
+            return self._with_zero_point(BIPOLAR, "BIPOLAR", scale, int(zp)), ""
+        try:
+            codes = quant_code_range(bits, signed, narrow, node_str_attr(node, "rounding_mode", "ROUND"))
+        except ValueError as err:
+            return None, f"{_node_label(node)}: {err}"
+        dtype = _quant_dtype(int(bits), signed) if bits == int(bits) else _dtype_for_range(codes)
+        return self._with_zero_point(codes, dtype, scale, int(zp)), ""
 
     _from_IntQuant = _from_Quant
 
@@ -466,10 +541,16 @@ class GridResolver:
         scale = _scalar_constant(self.model, node.input[1])
         if scale is None:
             return None, f"{_node_label(node)} has a per-channel or non-constant activation scale"
-        zp_value = get_constant(self.model, node.input[2]) if len(node.input) > 2 else None
+        has_zp = len(node.input) > 2 and bool(node.input[2])
+        zp_value = get_constant(self.model, node.input[2]) if has_zp else None
+        if has_zp and (zp_value is None or np.size(zp_value) != 1):
+            return None, f"{_node_label(node)} has a per-channel or non-constant activation zero point"
+        storage = _storage_dtype(self.model, node)
+        if storage is None:
+            return None, (f"{_node_label(node)} has no zero point and the type of '{node.input[0]}' is unknown; "
+                          "run shape inference or give the zero point explicitly")
+        codes, dtype = _storage_range(storage)
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
-        zp_dtype = np.dtype(zp_value.dtype) if zp_value is not None else np.dtype(np.uint8)
-        codes, dtype = _storage_range(zp_dtype)
         return self._with_zero_point(codes, dtype, scale, zp), ""
 
     def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
@@ -489,8 +570,16 @@ class GridResolver:
         grid, reason = self.resolve(node.input[0])
         if grid is None:
             return None, reason
-        lo = max(grid.range.lo, grid.zero_code)
-        return InputGrid(IntRange(lo, max(lo, grid.range.hi)), grid.dtype, grid.scale, grid.zero_code), ""
+        # real (code - z) * scale >= 0 keeps the codes on z's side given by the scale's sign; Relu maps
+        # every other code to z (scale None: integer codes vouched for by the user, i.e. scale 1)
+        r, z = grid.range, grid.zero_code
+        if grid.scale is None or grid.scale > 0:
+            codes = IntRange(max(r.lo, z), max(r.hi, z))
+        elif grid.scale < 0:
+            codes = IntRange(min(r.lo, z), min(r.hi, z))
+        else:
+            return None, f"{_node_label(node)} follows a quantizer with scale 0"
+        return InputGrid(codes, grid.dtype, grid.scale, z), ""
 
     def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         mode = node_str_attr(node, "mode", "constant")
@@ -500,8 +589,7 @@ class GridResolver:
         grid, reason = self.resolve(node.input[0])
         if grid is None:
             return None, reason
-        r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
-        return InputGrid(r, grid.dtype, grid.scale, grid.zero_code), ""
+        return _with_zero_tap(grid), ""
 
     def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         if node_str_attr(node, "mode", "nearest") != "nearest":
@@ -649,11 +737,37 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     grid, reason = resolver.resolve(node.input[0])
+    if grid is not None and _reads_implicit_zeros(node):
+        grid = _with_zero_tap(grid)
     status = STATUS_OK if grid is not None else STATUS_INPUT_NOT_QUANTIZED
     layer = MacLayer(name, node.op_type, node.input[0], K, channels, status, grid, source, layout)
     if grid is None:
         layer.status = f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}"
     return layer
+
+
+def _reads_implicit_zeros(node: NodeProto) -> bool:
+    """Whether some accumulator of this node sums taps that are not input pixels but real zeros.
+
+    A Conv with non-zero ``pads`` or ``auto_pad`` SAME_* pads its input with 0.0; a ConvTranspose
+    output pixel near the border receives fewer input pixels than its row of taps holds.
+    """
+    if node.op_type == "ConvTranspose":
+        return True
+    if node.op_type != "Conv":
+        return False
+    auto_pad = node_str_attr(node, "auto_pad", "NOTSET")
+    return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(int(p) != 0 for p in node_attr(node, "pads", []))
+
+
+def _with_zero_tap(grid: InputGrid) -> InputGrid:
+    """The grid with the code of real 0 added to its range: a padded tap holds ``zero_code``.
+
+    Under ``fold`` that is the zero point z (real 0 = code z), under ``subtract`` 0; either may lie
+    outside the quantizer's codes (e.g. UINT4 with z = 30, or codes behind a Relu).
+    """
+    r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
+    return InputGrid(r, grid.dtype, grid.scale, grid.zero_code)
 
 
 def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
@@ -670,6 +784,10 @@ def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | N
     except KeyError:
         return MacLayer(name, node.op_type, node.input[0], 0, 0,
                         f"unsupported: unknown inputDataType/weightDataType '{idt}'/'{wdt}'")
+    try:
+        check_integer_values(weights, DataType["BINARY"] if xnor else wdtype, f"weights of {_node_label(node)}")
+    except UnsupportedLayer as err:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     # MVAU weights are (MW, MH); VVAU weights are (Channels, 1, kh, kw): both map to rows by _layout_for
     layout, K, channels = _layout_for(model, node, tuple(weights.shape))
     wrange = BINARY if xnor else IntRange(int(wdtype.min()), int(wdtype.max()))

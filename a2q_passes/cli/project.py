@@ -26,7 +26,7 @@ def projection_table(projections: list[LayerProjection], method: str) -> Table:
                 "sparsity after", "channels touched", "rows by method", "status"):
         table.add_column(col)
     for p in projections:
-        table.add_row(p.node, p.op_type, str(p.target_bits), str(p.width_before), str(p.width_after),
+        table.add_row(p.node, p.op_type, *("-" if v is None else str(v) for v in (p.target_bits, p.width_before, p.width_after)),
                       p.acc_dtype_after or "-", f"{p.rel_l2_change:.4f}",
                       "-" if p.sparsity_before is None else f"{p.sparsity_before:.3f}",
                       "-" if p.sparsity_after is None else f"{p.sparsity_after:.3f}",
@@ -55,6 +55,8 @@ def project(
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
     input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
     zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' or 'subtract'")] = "fold",
+    skip: Annotated[Optional[list[str]], typer.Option(
+        "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers project cannot read")] = None,
 ) -> None:
     """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit."""
     if list_methods:
@@ -66,7 +68,7 @@ def project(
         raise A2QError(f"{output_path}: output path equals the input path; pass --in-place to overwrite the input")
     model = load_model(input_path)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
-    projection = ProjectToAccumulator(global_bits, overrides, method, parse_input_dtypes(input_dtype), zero_point)
+    projection = ProjectToAccumulator(global_bits, overrides, method, parse_input_dtypes(input_dtype), zero_point, skip)
     projected = model.transform(projection)
     save_model(projected, output_path)
     projections = projection.projections

@@ -104,6 +104,8 @@ def _constrainable(layer: MacLayer) -> str:
         return layer.status
     if layer.source.kind != "quant":
         return f"weights come from a {layer.source.kind} source, not a trainable QONNX Quant"
+    if layer.source.bipolar:
+        return "bipolar weights (1-bit signed Quant) cannot be shrunk: they hold no zero weight"
     return ""
 
 

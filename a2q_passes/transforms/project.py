@@ -18,7 +18,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model, channel_ranges
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
-from a2q_passes.layers import MacLayer, find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
@@ -31,7 +31,7 @@ class LayerProjection:
 
     node: str
     op_type: str
-    status: str  # "projected", "unchanged" (already fits) or "skipped: <reason>"
+    status: str  # "projected", "unchanged" (already fits) or "skipped: <reason>"; target_bits None: --skip
     target_bits: int | None = None
     width_before: int | None = None
     width_after: int | None = None
@@ -44,20 +44,37 @@ class LayerProjection:
     rows_by_method: dict[str, int] = field(default_factory=dict)
 
 
-def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dict[str, int]) -> dict[str, int]:
-    """Target width per layer name: the overrides, else the global width for every analysable layer.
+def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dict[str, int],
+                    skip: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Target width per layer name: the overrides, else the global width for every analysable layer not in ``skip``.
 
-    Raises :class:`A2QError` for an override naming a layer that does not exist or cannot be
-    constrained, and for widths outside 2..64 bits.
+    A global width promises every quantized MAC layer: a layer with quantized weights that cannot
+    be read (weight zero point, non-constant scale, Gemm transA, unquantized input, ...) would stay
+    unconstrained, so it is refused unless ``skip`` names it. Raises :class:`A2QError` for that,
+    for an override or skip naming a layer that does not exist (or an override one that cannot be
+    constrained, or is skipped too), and for widths outside 2..64 bits.
     """
     by_name = {layer.node: layer for layer in layers}
+    known = ", ".join(sorted(by_name)) or "none"
+    for name in sorted(skip):
+        if name not in by_name:
+            raise A2QError(f"--skip {name}: no MAC layer named '{name}' (layers: {known})")
+        if name in overrides:
+            raise A2QError(f"layer '{name}' is both skipped (--skip) and given a width ({name}={overrides[name]}); keep one")
+    if acc_bits is not None:
+        unreadable = [layer for layer in layers
+                      if not layer.ok and layer.status != STATUS_WEIGHTS_NOT_QUANTIZED and layer.node not in skip]
+        if unreadable:
+            problems = "; ".join(f"'{layer.node}' ({layer.status})" for layer in unreadable)
+            raise A2QError(f"cannot constrain every quantized MAC layer to {acc_bits} bits, these cannot be read: "
+                           f"{problems}. Fix them, or leave them unconstrained explicitly with "
+                           + " ".join(f"--skip {layer.node}" for layer in unreadable))
     for name, bits in overrides.items():
         if name not in by_name:
-            known = ", ".join(sorted(by_name)) or "none"
             raise A2QError(f"--layer {name}={bits}: no MAC layer named '{name}' (layers: {known})")
         if not by_name[name].ok:
             raise A2QError(f"--layer {name}={bits}: layer '{name}' cannot be constrained ({by_name[name].status})")
-    targets = {layer.node: acc_bits for layer in layers if layer.ok and acc_bits is not None}
+    targets = {layer.node: acc_bits for layer in layers if layer.ok and acc_bits is not None and layer.node not in skip}
     targets.update(overrides)
     for name, bits in targets.items():
         if not isinstance(bits, int) or not 2 <= bits <= 64:
@@ -66,13 +83,19 @@ def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dic
 
 
 class ProjectToAccumulator(A2QPass):
-    """Project every targeted layer's weights onto its accumulator constraint with a registered method."""
+    """Project every targeted layer's weights onto its accumulator constraint with a registered method.
+
+    ``skip``: MAC layer names left unconstrained on purpose (reported as skipped); with a global
+    ``acc_bits`` every quantized layer that cannot be read must be among them.
+    """
 
     def __init__(self, acc_bits: int | None = None, layer_bits: dict[str, int] | None = None,
-                 method: str = "exact", input_dtypes: dict[str, str] | None = None, zero_point: str = "fold") -> None:
+                 method: str = "exact", input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
+                 skip: list[str] | None = None) -> None:
         super().__init__()
         self.acc_bits = acc_bits
         self.layer_bits = dict(layer_bits or {})
+        self.skip = frozenset(skip or ())
         try:
             self.method = get_method(method)
         except ValueError as err:
@@ -85,14 +108,17 @@ class ProjectToAccumulator(A2QPass):
         if self.acc_bits is None and not self.layer_bits:
             raise PreconditionError("no accumulator width given: use --acc-bits P and/or --layer NAME=P")
         layers = find_mac_layers(model, self.input_dtypes, self.zero_point)
-        self._targets = resolve_targets(layers, self.acc_bits, self.layer_bits)
+        self._targets = resolve_targets(layers, self.acc_bits, self.layer_bits, self.skip)
         self._layers = [layer for layer in layers if layer.node in self._targets]
+        self._skipped = [layer for layer in layers if layer.node in self.skip]
         if not self._layers:
             reasons = "; ".join(f"{layer.node}: {layer.status}" for layer in layers) or "the graph has no MAC layer"
             raise PreconditionError(f"nothing to project: no layer has quantized weights and a quantized input ({reasons})")
 
     def call(self, model: ModelWrapper) -> PassResult:
         self.projections = [self._project(model, layer, self._targets[layer.node]) for layer in self._layers]
+        self.projections += [LayerProjection(layer.node, layer.op_type, f"skipped: --skip ({layer.status})",
+                                             channels=layer.channels) for layer in self._skipped]
         recorded = recorded_accumulators(model)
         for p in self.projections:
             if p.status in ("projected", "unchanged"):
@@ -105,11 +131,14 @@ class ProjectToAccumulator(A2QPass):
         report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
         q_before = layer.integer_rows(model)
         report.width_before, dtype_before = _layer_width(layer, q_before)
-        if layer.binary_xnor or layer.source.kind == "bipolar_quant":
+        if layer.binary_xnor or layer.source.bipolar:
+            # a bipolar tensor holds only -1 and +1: projection would have to write zeros it cannot hold
             report.status = "skipped: bipolar/xnor weights cannot be shrunk (no zero weight)"
             if report.width_before > bits:
                 raise A2QError(f"layer '{layer.node}' has bipolar weights needing {report.width_before} bits; "
-                               f"they cannot be projected to {bits} bits")
+                               f"they cannot be projected to {bits} bits (a bipolar tensor cannot hold the zero "
+                               f"weights projection needs): give this layer at least {report.width_before} bits "
+                               f"with --layer {layer.node}={report.width_before}")
             report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
         v = layer.unrounded_rows(model)
@@ -139,6 +168,8 @@ class ProjectToAccumulator(A2QPass):
             raise PostconditionError(f"projected model fails onnx.checker: {err}") from err
         widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point).layers}
         for p in self.projections:
+            if p.target_bits is None:  # left unconstrained by --skip
+                continue
             r = widths.get(p.node)
             if r is None or r.status != "ok" or not bounds.fits(r.acc_min, r.acc_max, p.target_bits):
                 raise PostconditionError(
