@@ -30,6 +30,7 @@ written) when the fast path is narrower or the layer cannot be certified.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Mapping
@@ -450,6 +451,11 @@ def _spatial_pads(node: NodeProto, sizes: list[int] | None, kernel: list[int], s
     return begin, [t - b for t, b in zip(total, begin)]
 
 
+def _outer(per_dim: tuple[tuple[bool, ...], ...]) -> np.ndarray:
+    """Flattened kernel mask from one boolean tuple per spatial dim (their outer AND)."""
+    return functools.reduce(np.logical_and.outer, [np.asarray(d, dtype=bool) for d in per_dim]).reshape(-1)
+
+
 def _input_sizes(model: ModelWrapper, tensor: str) -> list[int] | None:
     shape = model.get_tensor_shape(tensor)
     if shape is None:
@@ -471,9 +477,7 @@ def _conv_masks(model: ModelWrapper, node: NodeProto, kernel: list[int]) -> np.n
     for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, *pads):
         outputs = (size + b + e - d * (k - 1) - 1) // s + 1
         per_dim.append(sorted({tuple(0 <= o * s - b + j * d < size for j in range(k)) for o in range(max(outputs, 0))}))
-    masks = [np.logical_and.reduce(np.ix_(*combo)).reshape(-1) if n > 1 else np.asarray(combo[0])
-             for combo in itertools.product(*per_dim)]
-    return np.asarray(masks, dtype=bool)
+    return np.asarray([_outer(combo) for combo in itertools.product(*per_dim)], dtype=bool)
 
 
 def _conv_ranges(model: ModelWrapper, node: NodeProto, w: np.ndarray, lo: int, hi: int,
@@ -510,8 +514,7 @@ def _conv_transpose_ranges(node: NodeProto, w: np.ndarray, lo: int, hi: int) -> 
     t_max = t_max.reshape(per_group).sum(axis=1).reshape(groups * c_out_g, -1)
     per_dim = [[tuple((j * d) % s == p for j in range(k)) for p in range(s)]
                for k, s, d in zip(kernel, strides, dilations)]
-    masks = np.asarray([np.logical_and.reduce(np.ix_(*combo)).reshape(-1) if n > 1 else np.asarray(combo[0])
-                        for combo in itertools.product(*per_dim)], dtype=bool)
+    masks = np.asarray([_outer(combo) for combo in itertools.product(*per_dim)], dtype=bool)
     masks = masks[masks.any(axis=1)].T.astype(t_min.dtype)
     return t_min.dot(masks).min(axis=1), t_max.dot(masks).max(axis=1)
 
