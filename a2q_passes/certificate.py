@@ -62,7 +62,8 @@ _STORAGE_RANGES = {
     TensorProto.UINT16: (0, (1 << 16) - 1), TensorProto.INT32: (-(1 << 31), (1 << 31) - 1),
     TensorProto.UINT32: (0, (1 << 32) - 1), TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15),
 }
-_INTEGER_TOLERANCE = 1e-3  # |value / scale - integer|: float32 q * s / s lands within ~1e-6 |q| of q
+# |value / scale - q| allowed: float32 q * s / s lands within a few ulps (2^-24 |q| each) of q
+_INTEGER_TOLERANCE, _RELATIVE_TOLERANCE = 1e-3, 2.0 ** -16
 _INT64_SAFE = 1 << 62
 
 
@@ -175,9 +176,9 @@ def _as_integers(values: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise CannotCertify(f"{what} holds NaN or infinite values")
     rounded = np.rint(values)
-    worst = float(np.max(np.abs(values - rounded), initial=0.0))
-    if worst > _INTEGER_TOLERANCE:
-        raise CannotCertify(f"{what} is not integer (off by up to {worst:.3g})")
+    off = np.abs(values - rounded)
+    if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
+        raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
     return rounded.astype(np.int64)
 
 
@@ -302,13 +303,17 @@ class _InputCodes:
     def _probe(self, node: NodeProto, scale: float, zero: float) -> _Grid:
         """Execute a qonnx quantizer on -inf and +inf: its clamp yields the extreme codes."""
         params = _execute_constants(self.model, [n for n in node.input[1:] if n])
-        probe_node = helper.make_node(node.op_type, ["x", *node.input[1:]], ["y"], domain=node.domain)
+        x, y = f"{node.input[0]}__certificate_probe", f"{node.output[0]}__certificate_probe"
+        probe_node = helper.make_node(node.op_type, [x, *node.input[1:]], [y], domain=node.domain)
         probe_node.attribute.extend(node.attribute)
         ndim = max((np.ndim(v) for v in params.values()), default=0)
-        context = dict(params, x=np.array([-np.inf, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y=None)
-        with np.errstate(invalid="ignore", over="ignore"):
-            getCustomOp(probe_node).execute_node(context, self.model.graph)
-        out = np.asarray(context["y"], dtype=np.float64)
+        context = {**params, x: np.array([-np.inf, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y: None}
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):
+                getCustomOp(probe_node).execute_node(context, self.model.graph)
+        except Exception as err:  # qonnx's kernel decides which parameters are valid
+            raise CannotCertify(f"executing {_label(node)} on -inf/+inf failed ({type(err).__name__}: {err})") from err
+        out = np.asarray(context[y], dtype=np.float64)
         codes = _as_integers(out / scale + zero, f"the extreme outputs of {_label(node)} (scale {scale}, zero point {zero})")
         return _Grid(int(codes.min()), int(codes.max()), int(zero), scale)
 
