@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
@@ -243,3 +244,22 @@ def test_under_reporting_reader_makes_project_annotate_verify_exit_4(tmp_path, m
         assert out is None or not out.exists()
         assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bipolar.onnx"]  # no output, no leftover
+
+
+def test_finn_integer_initializers_are_taken_as_annotated_and_checked_against_it():
+    q = np.array([[1, -1, 1], [-1, 1, 1], [1, 1, -1], [-1, -1, -1]], dtype=np.float32)  # (K, N) for MatMul
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mac")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 3])],
+                              [numpy_helper.from_array(q, "w")])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.set_tensor_datatype("x", DataType["UINT2"])
+    model.set_tensor_datatype("w", DataType["BIPOLAR"])
+    x = np.array(list(itertools.product((0.0, 3.0), repeat=4)), dtype=np.float32)  # every UINT2 vertex
+    y = execute_onnx(model, {"x": x})["y"]
+    cert = certify_layer(model, "mac")
+    assert list(cert.channel_min) == y.min(axis=0).tolist() and list(cert.channel_max) == y.max(axis=0).tolist()
+    q[0, 0] = 0.0  # a zero is not a BIPOLAR value: the annotation and the tensor disagree
+    model.set_initializer("w", q)
+    with pytest.raises(CannotCertify, match="BIPOLAR but holds 0"):
+        certify_layer(model, "mac")
