@@ -425,15 +425,14 @@ class _InputCodes:
 # --------------------------------------------------------------------------- ranges
 
 
-def _exact(*arrays: np.ndarray, bound: int) -> list[np.ndarray]:
-    """The arrays as int64, or as Python ints when ``bound`` could overflow int64."""
-    dtype = object if bound >= _INT64_SAFE else np.int64
-    return [np.asarray(a).astype(dtype) for a in arrays]
+def _exact(w: np.ndarray, *codes: int) -> np.ndarray:
+    """``w`` as int64, or as Python ints when a sum of ``w.size`` products with ``codes`` could overflow int64."""
+    bound = int(np.max(np.abs(w), initial=0)) * max(*(abs(c) for c in codes), 1) * max(w.size, 1)
+    return w.astype(object if bound >= _INT64_SAFE else np.int64)
 
 
-def _term_extremes(w: np.ndarray, lo: int, hi: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    bound = int(np.max(np.abs(w), initial=0)) * max(abs(lo), abs(hi), abs(pad), 1) * max(w.size, 1)
-    w, = _exact(w, bound=bound)
+def _term_extremes(w: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest value of each product ``w_i * x_i`` over the codes ``[lo, hi]``."""
     return np.minimum(w * lo, w * hi), np.maximum(w * lo, w * hi)
 
 
@@ -482,13 +481,16 @@ def _conv_masks(model: ModelWrapper, node: NodeProto, kernel: list[int]) -> np.n
     for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, *pads):
         outputs = (size + b + e - d * (k - 1) - 1) // s + 1
         per_dim.append(sorted({tuple(0 <= o * s - b + j * d < size for j in range(k)) for o in range(max(outputs, 0))}))
+    if not all(per_dim):
+        raise CannotCertify(f"{_label(node)} has no output position for its input size {sizes}")
     return np.asarray([_outer(combo) for combo in itertools.product(*per_dim)], dtype=bool)
 
 
 def _conv_ranges(model: ModelWrapper, node: NodeProto, w: np.ndarray, lo: int, hi: int,
                  pad: int) -> tuple[np.ndarray, np.ndarray, int | None]:
     kernel = list(w.shape[2:])
-    t_min, t_max = _term_extremes(w, lo, hi, pad)
+    w = _exact(w, lo, hi, pad)
+    t_min, t_max = _term_extremes(w, lo, hi)
     channels = w.shape[0]
     t_min = t_min.sum(axis=1).reshape(channels, -1)  # per channel and kernel position, over input channels
     t_max = t_max.sum(axis=1).reshape(channels, -1)
@@ -496,8 +498,8 @@ def _conv_ranges(model: ModelWrapper, node: NodeProto, w: np.ndarray, lo: int, h
     if not has_pads or lo <= pad <= hi:  # a padding tap is then one more point of the input box
         return t_min.sum(axis=1), t_max.sum(axis=1), None
     masks = _conv_masks(model, node, kernel)
-    padded = (w.sum(axis=1).reshape(channels, -1) * pad).astype(t_min.dtype)
-    inside, outside = masks.T.astype(t_min.dtype), (~masks).T.astype(t_min.dtype)
+    padded = w.sum(axis=1).reshape(channels, -1) * pad
+    inside, outside = masks.T.astype(w.dtype), (~masks).T.astype(w.dtype)
     acc_min = (t_min.dot(inside) + padded.dot(outside)).min(axis=1)
     acc_max = (t_max.dot(inside) + padded.dot(outside)).max(axis=1)
     return acc_min, acc_max, pad
@@ -512,7 +514,7 @@ def _conv_transpose_ranges(node: NodeProto, w: np.ndarray, lo: int, hi: int) -> 
     n = len(kernel)
     strides = list(_attr(node, "strides", [1] * n))
     dilations = list(_attr(node, "dilations", [1] * n))
-    t_min, t_max = _term_extremes(w, lo, hi)
+    t_min, t_max = _term_extremes(_exact(w, lo, hi), lo, hi)
     c_in, c_out_g = w.shape[0], w.shape[1]
     per_group = (groups, c_in // groups, c_out_g, -1)
     t_min = t_min.reshape(per_group).sum(axis=1).reshape(groups * c_out_g, -1)
