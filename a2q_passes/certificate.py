@@ -609,10 +609,12 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
             raise PostconditionError(f"{what}: layer '{node}' cannot be certified independently of the analysis "
                                      f"({err}); nothing was written") from err
         certified = f"[{cert.acc_min}, {cert.acc_max}]"
+        codes = f"input codes {list(cert.input_codes)}" + (
+            f", padded taps hold code {cert.pad_code}" if cert.pad_code is not None else "")
         if claim.acc_min is None or claim.acc_max is None or claim.acc_min > cert.acc_min or claim.acc_max < cert.acc_max:
             raise PostconditionError(
                 f"{what}: layer '{node}': the analysis gives the accumulator range [{claim.acc_min}, {claim.acc_max}], "
-                f"but executing the graph's own quantizers gives {certified} (input codes {list(cert.input_codes)}); "
+                f"but executing the graph's own quantizers gives {certified} ({codes}); "
                 "the analysis under-reports, nothing was written")
         if claim.acc_bits is not None and not bounds.fits(cert.acc_min, cert.acc_max, claim.acc_bits):
             raise PostconditionError(
