@@ -289,10 +289,15 @@ class _InputCodes:
         handler = getattr(self, f"_{producer.op_type}", None) if producer is not None else None
         if producer is not None and producer.op_type in _SELECTING_OPS:
             handler = self._selecting
-        if handler is not None:
-            return handler(producer)
         dt = self.model.get_tensor_datatype(tensor)
-        if dt.is_integer() and not dt.name.startswith("SCALED"):
+        annotated = dt.is_integer() and not dt.name.startswith("SCALED")
+        try:
+            if handler is not None:
+                return handler(producer)
+        except CannotCertify:
+            if not annotated:
+                raise
+        if annotated:  # FINN declares the tensor's integer type
             return _dtype_grid(dt.name, f"tensor '{tensor}'")
         where = f"{_label(producer)}" if producer is not None else "a float graph input"
         raise CannotCertify(f"input '{tensor}' comes from {where}, whose codes the certificate cannot derive")
