@@ -41,6 +41,7 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 
 from a2q_passes import bounds
 from a2q_passes.analysis import channel_ranges
+from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, node_attr, node_str_attr, find_mac_layers
 from a2q_passes.batching import batch_free_reshapes
@@ -658,6 +659,9 @@ def verify_model(
     layers = find_mac_layers(model, input_dtypes, zero_point)
     chosen, source = resolve_widths(model, layers, widths, overrides)
     verdicts = [check_layer(model, layer, chosen.get(layer.node), mode, tile) for layer in layers]
+    # a passing proof must agree with the range derived without the reader (exit 4 otherwise)
+    certify_claims(model, {v.node: Claim(*v.registers["final sum"], v.acc_bits) for v in verdicts if v.proof == PROOF_PASS},
+                   what="verify", input_dtypes=input_dtypes, zero_point=zero_point)
     report = VerificationReport(verdicts, mode, tile, source, zero_point)
     if data is not None:
         simulation = simulate_model(model, data, chosen, mode, tile, input_dtypes, zero_point)

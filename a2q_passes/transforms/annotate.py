@@ -8,6 +8,7 @@ import onnx
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.analysis import analyze_model
+from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError
 from a2q_passes.metadata import record_accumulators, recorded_widths
 from a2q_passes.passes import A2QPass, PassResult
@@ -39,3 +40,6 @@ class AnnotateAccumulators(A2QPass):
         if result.model.graph != self._graph_before:
             raise PostconditionError("AnnotateAccumulators changed the graph; it may only add metadata")
         onnx.checker.check_model(result.model.model)
+        certify_claims(result.model, {node: Claim(info["acc_min"], info["acc_max"], info["acc_bits"])
+                                      for node, info in result.details["layers"].items()},
+                       what="annotate", input_dtypes=self.input_dtypes, zero_point=self.zero_point)

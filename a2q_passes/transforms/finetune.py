@@ -19,6 +19,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
+from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError
 from a2q_passes.finetune.calibration import run_axe
 from a2q_passes.finetune.constraint import TRAINING_METHODS
@@ -137,4 +138,6 @@ class FinetuneAccumulators(A2QPass):
                 if bounds.accumulator_width(low, int(hi.max())) > layer.acc_bits:
                     raise PostconditionError(f"layer '{layer.node}': a partial sum within a tile of {self.tile} "
                                              f"terms leaves {layer.acc_bits} bits")
+        certify_claims(model, {layer.node: Claim(reports[layer.node].acc_min, reports[layer.node].acc_max, layer.acc_bits)
+                               for layer in self.selection.layers}, what="finetune")
 

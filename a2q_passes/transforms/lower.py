@@ -33,6 +33,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.analysis import analyze_model
+from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError, PreconditionError
 from a2q_passes.finn_flow import (HW_DOMAIN_PREFIX, LoweringError, LoweringReport, check_thresholds_hold,
                                   compare_execution, iterate_mac_nodes, lower_to_finn_hw, set_accumulator_datatypes)
@@ -342,6 +343,9 @@ class LowerToFINN(A2QPass):
         except onnx.checker.ValidationError as err:
             raise PostconditionError(f"lowered model fails onnx.checker: {err}") from err
         check_hw_accumulators(result.model, self._targets)
+        # accDataType holds the analysed range (checked above); that range must hold the certified one
+        certify_claims(result.model, {layer.node: Claim(layer.acc_min, layer.acc_max) for layer in self.layers},
+                       what="lower")
         keys = {p.key for p in result.model.model.metadata_props}
         lost = [key for key in self._keys_before if key not in keys]
         if lost:

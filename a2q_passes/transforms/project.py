@@ -17,6 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model, channel_ranges
+from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
@@ -175,6 +176,10 @@ class ProjectToAccumulator(A2QPass):
                 raise PostconditionError(
                     f"layer '{p.node}' does not fit {p.target_bits} bits after projection "
                     f"(range {None if r is None else (r.acc_min, r.acc_max)}); nothing was written")
+        # the promise must also hold for the ranges derived without the reader the projection used
+        certify_claims(model, {p.node: Claim(widths[p.node].acc_min, widths[p.node].acc_max, p.target_bits)
+                               for p in self.projections}, what="project",
+                       input_dtypes=self.input_dtypes, zero_point=self.zero_point)
 
 
 def _layer_width(layer: MacLayer, rows: np.ndarray) -> tuple[int, str]:

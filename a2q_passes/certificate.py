@@ -1,0 +1,629 @@
+"""An independent certificate for every "no overflow at P" promise.
+
+The passes size accumulators from :mod:`a2q_passes.layers` (the *reader*: it recognises weight
+quantizers and input grids and re-implements their arithmetic). A pass that checks its own output
+with the same reader inherits the reader's bugs, so writer and check are wrong together. This
+module derives each layer's exact accumulator range a second way and shares no code with the
+reader (only the pure integer math of :mod:`a2q_passes.bounds`):
+
+* **Weights** are what the graph computes: the constant subgraph that feeds the MAC node's weight
+  input (``Quant``/``IntQuant``/``BipolarQuant``/``Trunc``, ``QuantizeLinear`` ->
+  ``DequantizeLinear``, ``Transpose``/``Reshape``/..., ``Clip``) is extracted and executed with
+  qonnx's ``execute_onnx``; the result divided by the quantizer's executed scale (sent through the
+  same layout ops) must be integers. FINN integer initializers carry their values directly and
+  must hold what their ``DataType`` annotation allows.
+* **Input codes** follow the ONNX/qonnx semantics of the activation quantizer: a ``Quant`` family
+  node is executed by qonnx on ``-inf``/``+inf`` (its clamp gives the extreme codes, whatever its
+  bit width or signedness); ``DequantizeLinear`` codes span its storage type; ``MultiThreshold``
+  counts ``0..T`` thresholds; FINN ``DataType`` annotations and user-given input types are taken
+  as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
+  (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
+  ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
+* **Ranges** are exact per output channel, including ``Conv`` padding taps that hold the zero-point
+  code (fold convention) when that code lies outside the input codes: every distinct pattern of
+  padded taps over the output positions is evaluated.
+
+:func:`certify_claims` compares the certificate with what a pass claims (the fast path's range and
+the promised width) and raises :class:`~a2q_passes.errors.PostconditionError` (exit 4, nothing
+written) when the fast path is narrower or the layer cannot be certified.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.custom_op.registry import getCustomOp
+from qonnx.transformation.infer_shapes import InferShapes
+from qonnx.util.basic import qonnx_make_model
+
+from a2q_passes import bounds
+from a2q_passes.errors import PostconditionError
+
+_LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+_WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
+# Ops the certificate executes on constants (nothing else may feed a weight quantizer).
+_CONSTANT_OPS = (*_LAYOUT_OPS, *_WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant")
+# Ops whose every output value is one of their (first) input's values.
+_SELECTING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "MaxPoolNHWC",
+                  "DepthToSpace", "SpaceToDepth", "Slice", "Gather", "Split")
+_MVAU = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
+_VVAU = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
+# ONNX integer storage types of QuantizeLinear/DequantizeLinear and the codes they hold.
+_STORAGE_RANGES = {
+    TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-(1 << 15), (1 << 15) - 1),
+    TensorProto.UINT16: (0, (1 << 16) - 1), TensorProto.INT32: (-(1 << 31), (1 << 31) - 1),
+    TensorProto.UINT32: (0, (1 << 32) - 1), TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15),
+}
+# |value / scale - q| allowed: float32 q * s / s lands within a few ulps (2^-24 |q| each) of q
+_INTEGER_TOLERANCE, _RELATIVE_TOLERANCE = 1e-3, 2.0 ** -16
+_INT64_SAFE = 1 << 62
+
+
+class CannotCertify(Exception):
+    """The certificate cannot derive this layer's integer view from graph semantics alone."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a pass asserts about one layer: the fast path's range and (optionally) the promised width."""
+
+    acc_min: int | None
+    acc_max: int | None
+    acc_bits: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerCertificate:
+    """Exact accumulator range of one MAC layer, derived independently of the reader."""
+
+    node: str
+    input_codes: tuple[int, int]  # codes the MAC multiplies, in the chosen zero-point convention
+    pad_code: int | None  # code a Conv padding tap holds, when padding can widen the range
+    channel_min: tuple[int, ...]
+    channel_max: tuple[int, ...]
+
+    @property
+    def acc_min(self) -> int:
+        return min(self.channel_min)
+
+    @property
+    def acc_max(self) -> int:
+        return max(self.channel_max)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Codes ``[lo, hi]`` of a tensor whose real value is ``(code - zero) * scale``."""
+
+    lo: int
+    hi: int
+    zero: int
+    scale: float
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def _label(node: NodeProto) -> str:
+    return f"{node.op_type} node '{node.name or node.output[0]}'"
+
+
+def _attr(node: NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            value = helper.get_attribute_value(attr)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mapping[str, np.ndarray] | None = None,
+                       clip_as_identity: bool = False) -> dict[str, np.ndarray]:
+    """Values of ``targets``, computed by executing their constant subgraph with qonnx.
+
+    ``overrides`` replace tensors (their producers are not executed); ``clip_as_identity`` passes
+    values through ``Clip`` nodes unchanged (used to carry a scale through the weight path).
+    """
+    overrides = dict(overrides or {})
+    initializers = {init.name: init for init in model.graph.initializer}
+    chosen: dict[str, NodeProto] = {}
+    used: set[str] = set()
+    stack, seen = list(targets), set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        if name in overrides or name in initializers:
+            used.add(name)
+            continue
+        node = model.find_producer(name)
+        if node is None:
+            raise CannotCertify(f"'{name}' is not a constant (a graph input)")
+        if node.op_type not in _CONSTANT_OPS:
+            raise CannotCertify(f"'{name}' is computed by {_label(node)}, which the certificate does not execute")
+        chosen[node.output[0]] = node
+        stack.extend(node.input)
+    if not chosen:
+        return {name: overrides[name] if name in overrides else numpy_helper.to_array(initializers[name])
+                for name in targets}
+    nodes = []
+    for node in model.graph.node:
+        if node.output and node.output[0] in chosen:
+            if clip_as_identity and node.op_type == "Clip":
+                node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
+            nodes.append(node)
+    inits = [initializers[name] for name in sorted(used) if name not in overrides]
+    inits += [numpy_helper.from_array(np.asarray(value), name) for name, value in overrides.items() if name in used]
+    graph = helper.make_graph(nodes, "certificate_constants", [], [], inits)
+    sub = ModelWrapper(qonnx_make_model(graph, opset_imports=list(model.model.opset_import)))
+    try:
+        context = execute_onnx(sub.transform(InferShapes()), {}, return_full_exec_context=True)
+    except Exception as err:  # the graph's own kernels decide what is valid; say which subgraph failed
+        raise CannotCertify(f"executing the constant subgraph of {targets} failed ({type(err).__name__}: {err})") from err
+    return {name: np.asarray(context[name]) for name in targets}
+
+
+def _as_integers(values: np.ndarray, what: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise CannotCertify(f"{what} holds NaN or infinite values")
+    rounded = np.rint(values)
+    off = np.abs(values - rounded)
+    if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
+        raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
+    return rounded.astype(np.int64)
+
+
+def _uniform(value: np.ndarray, what: str) -> float:
+    """The single value of a per-tensor parameter (all elements equal)."""
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    if flat.size == 0 or not np.all(flat == flat[0]):
+        raise CannotCertify(f"{what} is not one per-tensor value")
+    if not np.isfinite(flat[0]):
+        raise CannotCertify(f"{what} is not finite")
+    return float(flat[0])
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _scale_input(node: NodeProto) -> str:
+    """The input holding the step of a quantizer's output grid."""
+    if node.op_type == "Trunc" and len(node.input) >= 6:
+        return node.input[4]  # Trunc v2: output_scale
+    return node.input[1]
+
+
+def _broadcast_scale(quantizer: NodeProto, scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    scale = np.asarray(scale, dtype=np.float64)
+    if quantizer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
+        if _attr(quantizer, "block_size", 0):
+            raise CannotCertify(f"{_label(quantizer)} uses blocked quantization")
+        axis = int(_attr(quantizer, "axis", 1)) % len(shape)
+        scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))])
+    try:
+        return np.broadcast_to(scale, shape)
+    except ValueError as err:
+        raise CannotCertify(f"the scale of {_label(quantizer)} does not broadcast to its output {shape}") from err
+
+
+def _annotated_integers(model: ModelWrapper, source: str, values: np.ndarray) -> np.ndarray:
+    """A FINN integer initializer: its values, which must be what its DataType annotation allows."""
+    dt = model.get_tensor_datatype(source)
+    if not dt.is_integer() or dt.name.startswith("SCALED"):
+        raise CannotCertify(f"weights '{source}' have no quantizer and no integer DataType annotation")
+    q = _as_integers(values, f"initializer '{source}' (annotated {dt.name})")
+    allowed = {-1, 1} if dt.name == "BIPOLAR" else None
+    bad = ~np.isin(q, list(allowed)) if allowed else (q < dt.min()) | (q > dt.max())
+    if bad.any():
+        raise CannotCertify(f"initializer '{source}' is annotated {dt.name} but holds {int(q[bad].reshape(-1)[0])}")
+    return q
+
+
+def weight_integers(model: ModelWrapper, tensor: str) -> np.ndarray:
+    """Integer weights as the MAC node consumes them, from executing the graph's own weight path."""
+    t = tensor
+    producer = model.find_producer(t)
+    while producer is not None and producer.op_type in (*_LAYOUT_OPS, "Clip"):
+        t = producer.input[0]
+        producer = model.find_producer(t)
+    if producer is None or producer.op_type == "Constant":
+        return _annotated_integers(model, t, _execute_constants(model, [tensor])[tensor])
+    if producer.op_type not in _WEIGHT_QUANTIZERS:
+        raise CannotCertify(f"weights come from {_label(producer)}, which is not a weight quantizer")
+    scale_name = _scale_input(producer)
+    values = _execute_constants(model, [tensor, producer.output[0], scale_name])
+    grid_step = _broadcast_scale(producer, values[scale_name], values[producer.output[0]].shape)
+    if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
+        raise CannotCertify(f"{_label(producer)} has a zero or non-finite scale")
+    if t == tensor:
+        step = grid_step
+    else:  # carry the scale through the same layout ops (a Clip passes it unchanged)
+        step = _execute_constants(model, [tensor], {producer.output[0]: grid_step.astype(np.float32)},
+                                  clip_as_identity=True)[tensor]
+    return _as_integers(np.asarray(values[tensor], dtype=np.float64) / step,
+                        f"the executed weights of {_label(producer)} divided by its scale")
+
+
+# --------------------------------------------------------------------------- input codes
+
+
+def _dtype_grid(name: str, where: str) -> _Grid:
+    try:
+        dt = DataType[name]
+    except KeyError as err:
+        raise CannotCertify(f"{where}: unknown DataType '{name}'") from err
+    if not dt.is_integer() or dt.name.startswith("SCALED"):
+        raise CannotCertify(f"{where}: DataType {dt.name} is not an integer type")
+    return _Grid(int(dt.min()), int(dt.max()), 0, 1.0)
+
+
+class _InputCodes:
+    """Derives the code grid of a MAC input from the semantics of the ops that produce it."""
+
+    def __init__(self, model: ModelWrapper, input_dtypes: Mapping[str, str] | None) -> None:
+        self.model = model
+        self.input_dtypes = dict(input_dtypes or {})
+        self.graph_inputs = {vi.name for vi in model.graph.input}
+        self.cache: dict[str, _Grid] = {}
+
+    def grid(self, tensor: str) -> _Grid:
+        if tensor not in self.cache:
+            self.cache[tensor] = self._grid(tensor)
+        return self.cache[tensor]
+
+    def _grid(self, tensor: str) -> _Grid:
+        if tensor in self.input_dtypes:
+            return _dtype_grid(self.input_dtypes[tensor], f"--input-dtype for '{tensor}'")
+        if tensor in self.graph_inputs and "*" in self.input_dtypes:
+            return _dtype_grid(self.input_dtypes["*"], "--input-dtype")
+        producer = self.model.find_producer(tensor)
+        handler = getattr(self, f"_{producer.op_type}", None) if producer is not None else None
+        if producer is not None and producer.op_type in _SELECTING_OPS:
+            handler = self._selecting
+        dt = self.model.get_tensor_datatype(tensor)
+        annotated = dt.is_integer() and not dt.name.startswith("SCALED")
+        try:
+            if handler is not None:
+                return handler(producer)
+        except CannotCertify:
+            if not annotated:
+                raise
+        if annotated:  # FINN declares the tensor's integer type
+            return _dtype_grid(dt.name, f"tensor '{tensor}'")
+        where = f"{_label(producer)}" if producer is not None else "a float graph input"
+        raise CannotCertify(f"input '{tensor}' comes from {where}, whose codes the certificate cannot derive")
+
+    def _constant(self, name: str, what: str) -> float:
+        return _uniform(_execute_constants(self.model, [name])[name], what)
+
+    def _probe(self, node: NodeProto, scale: float, zero: float) -> _Grid:
+        """Execute a qonnx quantizer on -inf and +inf: its clamp yields the extreme codes."""
+        params = _execute_constants(self.model, [n for n in node.input[1:] if n])
+        x, y = f"{node.input[0]}__certificate_probe", f"{node.output[0]}__certificate_probe"
+        probe_node = helper.make_node(node.op_type, [x, *node.input[1:]], [y], domain=node.domain)
+        probe_node.attribute.extend(node.attribute)
+        ndim = max((np.ndim(v) for v in params.values()), default=0)
+        context = {**params, x: np.array([-np.inf, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y: None}
+        try:
+            with np.errstate(invalid="ignore", over="ignore"):
+                getCustomOp(probe_node).execute_node(context, self.model.graph)
+        except Exception as err:  # qonnx's kernel decides which parameters are valid
+            raise CannotCertify(f"executing {_label(node)} on -inf/+inf failed ({type(err).__name__}: {err})") from err
+        out = np.asarray(context[y], dtype=np.float64)
+        codes = _as_integers(out / scale + zero, f"the extreme outputs of {_label(node)} (scale {scale}, zero point {zero})")
+        return _Grid(int(codes.min()), int(codes.max()), int(zero), scale)
+
+    def _Quant(self, node: NodeProto) -> _Grid:
+        scale = self._constant(node.input[1], f"the scale of {_label(node)}")
+        zero = self._constant(node.input[2], f"the zero point of {_label(node)}")
+        if scale == 0 or zero != round(zero):
+            raise CannotCertify(f"{_label(node)} has scale {scale} and zero point {zero}")
+        return self._probe(node, scale, zero)
+
+    _IntQuant = _Quant
+
+    def _BipolarQuant(self, node: NodeProto) -> _Grid:
+        scale = self._constant(node.input[1], f"the scale of {_label(node)}")
+        if scale == 0:
+            raise CannotCertify(f"{_label(node)} has scale 0")
+        return self._probe(node, scale, 0.0)
+
+    def _DequantizeLinear(self, node: NodeProto) -> _Grid:
+        scale = self._constant(node.input[1], f"the scale of {_label(node)}")
+        zero = self._constant(node.input[2], f"the zero point of {_label(node)}") if len(node.input) > 2 and node.input[2] else 0.0
+        storage = self._storage_type(node)
+        if storage not in _STORAGE_RANGES or scale == 0:
+            raise CannotCertify(f"{_label(node)} dequantizes storage type {TensorProto.DataType.Name(storage)} "
+                                f"with scale {scale}")
+        lo, hi = _STORAGE_RANGES[storage]
+        return _Grid(lo, hi, int(zero), scale)
+
+    def _storage_type(self, dq: NodeProto) -> int:
+        """ONNX: the codes' type is the zero point's, else that of DequantizeLinear's input."""
+        if len(dq.input) > 2 and dq.input[2]:
+            return helper.np_dtype_to_tensor_dtype(_execute_constants(self.model, [dq.input[2]])[dq.input[2]].dtype)
+        quantize = self.model.find_producer(dq.input[0])
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            if len(quantize.input) > 2 and quantize.input[2]:
+                zp = _execute_constants(self.model, [quantize.input[2]])[quantize.input[2]]
+                return helper.np_dtype_to_tensor_dtype(zp.dtype)
+            return int(_attr(quantize, "output_dtype", 0)) or TensorProto.UINT8
+        init = self.model.get_initializer(dq.input[0])
+        if init is not None:
+            return helper.np_dtype_to_tensor_dtype(init.dtype)
+        vi = self.model.get_tensor_valueinfo(dq.input[0])
+        if vi is None:
+            raise CannotCertify(f"the type of the codes {_label(dq)} dequantizes is unknown")
+        return vi.type.tensor_type.elem_type
+
+    def _MultiThreshold(self, node: NodeProto) -> _Grid:
+        thresholds = _execute_constants(self.model, [node.input[1]])[node.input[1]]
+        out_scale, out_bias = float(_attr(node, "out_scale", 1.0)), float(_attr(node, "out_bias", 0.0))
+        offset = out_bias / out_scale if out_scale else np.nan
+        if not np.isfinite(offset) or offset != round(offset):
+            raise CannotCertify(f"{_label(node)}: out_bias / out_scale = {offset} is not an integer code offset")
+        steps = int(np.shape(thresholds)[-1])  # the output counts how many of the T thresholds are passed
+        return _Grid(int(offset), int(offset) + steps, 0, out_scale)
+
+    def _Relu(self, node: NodeProto) -> _Grid:
+        g = self.grid(node.input[0])
+        if g.scale > 0:  # real >= 0 <=> code >= zero; negative reals become the zero code
+            return _Grid(max(g.lo, g.zero), max(g.hi, g.zero), g.zero, g.scale)
+        return _Grid(min(g.lo, g.zero), min(g.hi, g.zero), g.zero, g.scale)
+
+    def _selecting(self, node: NodeProto) -> _Grid:
+        return self.grid(node.input[0])
+
+    def _Resize(self, node: NodeProto) -> _Grid:
+        if _attr(node, "mode", "nearest") != "nearest":
+            raise CannotCertify(f"{_label(node)} interpolates (mode {_attr(node, 'mode')})")
+        return self.grid(node.input[0])
+
+    _Upsample = _Resize
+
+    def _Pad(self, node: NodeProto) -> _Grid:
+        g = self.grid(node.input[0])
+        if _attr(node, "mode", "constant") != "constant":
+            return g  # edge / reflect / wrap repeat input values
+        if len(node.input) > 2 and node.input[2]:
+            value = self._constant(node.input[2], f"the pad value of {_label(node)}")
+        else:
+            value = float(_attr(node, "value", 0.0))
+        code = int(_as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {_label(node)} on its grid"))
+        return _Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
+
+    def _Mul(self, node: NodeProto) -> _Grid:
+        return self._rescale(node, divide=False)
+
+    def _Div(self, node: NodeProto) -> _Grid:
+        return self._rescale(node, divide=True)
+
+    def _rescale(self, node: NodeProto, divide: bool) -> _Grid:
+        """A nonzero scalar constant factor keeps the codes and changes the step."""
+        for data, factor in ((0, 1),) if divide else ((0, 1), (1, 0)):
+            try:
+                value = self._constant(node.input[factor], f"the factor of {_label(node)}")
+            except CannotCertify:
+                continue
+            if value != 0:
+                g = self.grid(node.input[data])
+                return _Grid(g.lo, g.hi, g.zero, g.scale / value if divide else g.scale * value)
+        raise CannotCertify(f"{_label(node)} is not a multiplication by a nonzero scalar constant")
+
+    def _Concat(self, node: NodeProto) -> _Grid:
+        grids = [self.grid(name) for name in node.input]
+        first = grids[0]
+        if any(g.zero != first.zero or not np.isclose(g.scale, first.scale, rtol=1e-6, atol=0) for g in grids):
+            raise CannotCertify(f"{_label(node)} joins inputs with different scales or zero points")
+        return _Grid(min(g.lo for g in grids), max(g.hi for g in grids), first.zero, first.scale)
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def _exact(w: np.ndarray, *codes: int) -> np.ndarray:
+    """``w`` as int64, or as Python ints when a sum of ``w.size`` products with ``codes`` could overflow int64."""
+    bound = int(np.max(np.abs(w), initial=0)) * max(*(abs(c) for c in codes), 1) * max(w.size, 1)
+    return w.astype(object if bound >= _INT64_SAFE else np.int64)
+
+
+def _term_extremes(w: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest value of each product ``w_i * x_i`` over the codes ``[lo, hi]``."""
+    return np.minimum(w * lo, w * hi), np.maximum(w * lo, w * hi)
+
+
+def _spatial_pads(node: NodeProto, sizes: list[int] | None, kernel: list[int], strides: list[int],
+                  dilations: list[int]) -> tuple[list[int], list[int]] | None:
+    """Begin/end padding per spatial dim (``None``: ``SAME`` padding of an unknown input size)."""
+    n = len(kernel)
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", ""):
+        pads = list(_attr(node, "pads", [0] * 2 * n))
+        return pads[:n], pads[n:]
+    if auto_pad == "VALID":
+        return [0] * n, [0] * n
+    if sizes is None:
+        return None
+    total = [max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+             for size, k, s, d in zip(sizes, kernel, strides, dilations)]
+    small = [t // 2 for t in total]
+    begin = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+    return begin, [t - b for t, b in zip(total, begin)]
+
+
+def _outer(per_dim: tuple[tuple[bool, ...], ...]) -> np.ndarray:
+    """Flattened kernel mask from one boolean tuple per spatial dim (their outer AND)."""
+    return functools.reduce(np.logical_and.outer, [np.asarray(d, dtype=bool) for d in per_dim]).reshape(-1)
+
+
+def _input_sizes(model: ModelWrapper, tensor: str) -> list[int] | None:
+    shape = model.get_tensor_shape(tensor)
+    if shape is None:
+        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes())
+        shape = inferred.get_tensor_shape(tensor)
+    return None if shape is None or len(shape) < 3 or not all(shape[2:]) else [int(d) for d in shape[2:]]
+
+
+def _conv_masks(model: ModelWrapper, node: NodeProto, kernel: list[int]) -> np.ndarray:
+    """Every distinct set of in-bounds taps over the output positions, as ``(patterns, prod(kernel))`` booleans."""
+    n = len(kernel)
+    strides = list(_attr(node, "strides", [1] * n))
+    dilations = list(_attr(node, "dilations", [1] * n))
+    sizes = _input_sizes(model, node.input[0])
+    pads = _spatial_pads(node, sizes, kernel, strides, dilations)
+    if pads is None or sizes is None:
+        raise CannotCertify(f"{_label(node)} pads with a code outside the input codes, and its input size is unknown")
+    per_dim = []
+    for size, k, s, d, b, e in zip(sizes, kernel, strides, dilations, *pads):
+        outputs = (size + b + e - d * (k - 1) - 1) // s + 1
+        per_dim.append(sorted({tuple(0 <= o * s - b + j * d < size for j in range(k)) for o in range(max(outputs, 0))}))
+    if not all(per_dim):
+        raise CannotCertify(f"{_label(node)} has no output position for its input size {sizes}")
+    return np.asarray([_outer(combo) for combo in itertools.product(*per_dim)], dtype=bool)
+
+
+def _conv_ranges(model: ModelWrapper, node: NodeProto, w: np.ndarray, lo: int, hi: int,
+                 pad: int) -> tuple[np.ndarray, np.ndarray, int | None]:
+    kernel = list(w.shape[2:])
+    w = _exact(w, lo, hi, pad)
+    t_min, t_max = _term_extremes(w, lo, hi)
+    channels = w.shape[0]
+    t_min = t_min.sum(axis=1).reshape(channels, -1)  # per channel and kernel position, over input channels
+    t_max = t_max.sum(axis=1).reshape(channels, -1)
+    has_pads = _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "", "VALID") or any(_attr(node, "pads", []))
+    if not has_pads or lo <= pad <= hi:  # a padding tap is then one more point of the input box
+        return t_min.sum(axis=1), t_max.sum(axis=1), None
+    masks = _conv_masks(model, node, kernel)
+    padded = w.sum(axis=1).reshape(channels, -1) * pad
+    inside, outside = masks.T.astype(w.dtype), (~masks).T.astype(w.dtype)
+    acc_min = (t_min.dot(inside) + padded.dot(outside)).min(axis=1)
+    acc_max = (t_max.dot(inside) + padded.dot(outside)).max(axis=1)
+    return acc_min, acc_max, pad
+
+
+def _conv_transpose_ranges(node: NodeProto, w: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each output sums the taps of one stride phase; taps falling outside the input add nothing (0)."""
+    if not lo <= 0 <= hi:
+        raise CannotCertify(f"{_label(node)}: border outputs sum fewer taps, and 0 is outside the input codes [{lo}, {hi}]")
+    groups = int(_attr(node, "group", 1))
+    kernel = list(w.shape[2:])
+    n = len(kernel)
+    strides = list(_attr(node, "strides", [1] * n))
+    dilations = list(_attr(node, "dilations", [1] * n))
+    t_min, t_max = _term_extremes(_exact(w, lo, hi), lo, hi)
+    c_in, c_out_g = w.shape[0], w.shape[1]
+    per_group = (groups, c_in // groups, c_out_g, -1)
+    t_min = t_min.reshape(per_group).sum(axis=1).reshape(groups * c_out_g, -1)
+    t_max = t_max.reshape(per_group).sum(axis=1).reshape(groups * c_out_g, -1)
+    per_dim = [[tuple((j * d) % s == p for j in range(k)) for p in range(s)]
+               for k, s, d in zip(kernel, strides, dilations)]
+    masks = np.asarray([_outer(combo) for combo in itertools.product(*per_dim)], dtype=bool)
+    masks = masks[masks.any(axis=1)].T.astype(t_min.dtype)
+    return t_min.dot(masks).min(axis=1), t_max.dot(masks).max(axis=1)
+
+
+def _row_ranges(rows: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    acc_min, acc_max = bounds.exact_accumulator_range(rows, bounds.IntRange(lo, hi))
+    return np.asarray(acc_min), np.asarray(acc_max)
+
+
+def _mac_codes(grid: _Grid, zero_point: str) -> tuple[int, int, int]:
+    """``(lo, hi, padding code)`` the integer MAC sees: raw codes (fold) or codes minus the zero point."""
+    if zero_point == "subtract":
+        return grid.lo - grid.zero, grid.hi - grid.zero, 0
+    return grid.lo, grid.hi, grid.zero
+
+
+def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarray:
+    values = model.get_initializer(node.input[1])
+    if values is None:
+        raise CannotCertify(f"{_label(node)} has no weight initializer")
+    if xnor:
+        q = _as_integers(values, f"the weights of {_label(node)}")
+        if not np.isin(q, (0, 1)).all():
+            raise CannotCertify(f"{_label(node)} is in binaryXnorMode but its weights are not 0/1")
+        return q
+    wdt = _dtype_grid(_attr(node, "weightDataType", ""), f"weightDataType of {_label(node)}")
+    q = _as_integers(values, f"the weights of {_label(node)}")
+    bipolar = _attr(node, "weightDataType", "") == "BIPOLAR"
+    if (not np.isin(q, (-1, 1)).all()) if bipolar else (q.min(initial=0) < wdt.lo or q.max(initial=0) > wdt.hi):
+        raise CannotCertify(f"the weights of {_label(node)} leave its weightDataType {_attr(node, 'weightDataType')}")
+    return q
+
+
+def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
+                  zero_point: str = "fold") -> LayerCertificate:
+    """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`."""
+    node = next((n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
+    if node is None:
+        raise CannotCertify(f"no node named '{node_name}'")
+    op = node.op_type
+    pad_code = None
+    if op in _MVAU or op in _VVAU:
+        xnor = bool(_attr(node, "binaryXnorMode", 0))
+        w = _finn_weights(model, node, xnor)
+        rows = w.T if op in _MVAU else w.reshape(w.shape[0], -1)
+        if xnor:  # popcount of K xnor matches
+            lo, hi = 0, 1
+            acc_min, acc_max = np.zeros(rows.shape[0], dtype=np.int64), np.full(rows.shape[0], rows.shape[1])
+        else:
+            lo, hi, _ = _mac_codes(_dtype_grid(_attr(node, "inputDataType", ""), f"inputDataType of {_label(node)}"),
+                                   zero_point)
+            acc_min, acc_max = _row_ranges(rows, lo, hi)
+    elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if op == "Gemm" and _attr(node, "transA", 0):
+            raise CannotCertify(f"{_label(node)} transposes its data input")
+        w = weight_integers(model, node.input[1])
+        lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes).grid(node.input[0]), zero_point)
+        if op == "Conv":
+            acc_min, acc_max, pad_code = _conv_ranges(model, node, w, lo, hi, pad)
+        elif op == "ConvTranspose":
+            acc_min, acc_max = _conv_transpose_ranges(node, w, lo, hi)
+        elif w.ndim != 2:
+            raise CannotCertify(f"{_label(node)} has a {w.ndim}-D weight")
+        else:
+            rows = w if op == "Gemm" and _attr(node, "transB", 0) else w.T
+            acc_min, acc_max = _row_ranges(rows, lo, hi)
+    else:
+        raise CannotCertify(f"{_label(node)} is not a MAC layer")
+    return LayerCertificate(node_name, (int(lo), int(hi)), pad_code,
+                            tuple(int(v) for v in acc_min), tuple(int(v) for v in acc_max))
+
+
+def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: str,
+                   input_dtypes: Mapping[str, str] | None = None, zero_point: str = "fold") -> dict[str, LayerCertificate]:
+    """Certify every claimed layer; :class:`PostconditionError` when a claim is narrower than the certificate.
+
+    A claim fails when the layer cannot be certified, when its range misses part of the certified
+    range, or when the certified range does not fit its promised width.
+    """
+    certificates = {}
+    for node, claim in claims.items():
+        try:
+            cert = certify_layer(model, node, input_dtypes, zero_point)
+        except CannotCertify as err:
+            raise PostconditionError(f"{what}: layer '{node}' cannot be certified independently of the analysis "
+                                     f"({err}); nothing was written") from err
+        certified = f"[{cert.acc_min}, {cert.acc_max}]"
+        codes = f"input codes {list(cert.input_codes)}" + (
+            f", padded taps hold code {cert.pad_code}" if cert.pad_code is not None else "")
+        if claim.acc_min is None or claim.acc_max is None or claim.acc_min > cert.acc_min or claim.acc_max < cert.acc_max:
+            raise PostconditionError(
+                f"{what}: layer '{node}': the analysis gives the accumulator range [{claim.acc_min}, {claim.acc_max}], "
+                f"but executing the graph's own quantizers gives {certified} ({codes}); "
+                "the analysis under-reports, nothing was written")
+        if claim.acc_bits is not None and not bounds.fits(cert.acc_min, cert.acc_max, claim.acc_bits):
+            raise PostconditionError(
+                f"{what}: layer '{node}' was promised {claim.acc_bits} bits, but its certified range {certified} needs "
+                f"{bounds.accumulator_width(cert.acc_min, cert.acc_max)}; nothing was written")
+        certificates[node] = cert
+    return certificates
