@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from qonnx.core.datatype import DataType
 
 from a2q_passes.errors import A2QError
+from a2q_passes.layers import ZERO_POINT_CONVENTIONS
+
+
+_INPUT_DTYPE = re.compile(r"(BIPOLAR|BINARY|TERNARY|U?INT([1-9][0-9]?))")
+MAX_INPUT_BITS = 64
 
 
 def parse_input_dtypes(specs: list[str] | None) -> dict[str, str]:
-    """``UINT8`` (every graph input) or ``TENSOR=UINT8`` (one tensor) -> ``{name or "*": dtype}``."""
+    """``UINT8`` (every graph input) or ``TENSOR=UINT8`` (one tensor) -> ``{name or "*": dtype}``.
+
+    Only qonnx's integer datatypes of 1 to 64 bits are accepted (qonnx's own parser also takes
+    ``INT0``, ``INT-3`` or ``INT9999`` and raises on ``INT4X``).
+    """
     result: dict[str, str] = {}
     for spec in specs or []:
         name, _, dtype = spec.rpartition("=")
         dtype = dtype.strip().upper()
-        try:
-            valid = DataType[dtype].is_integer()
-        except KeyError:
-            valid = False
-        if not valid:
-            raise A2QError(f"--input-dtype {spec!r}: '{dtype}' is not an integer qonnx datatype (e.g. UINT8, INT4, BIPOLAR)")
-        result[name.strip() or "*"] = dtype
+        match = _INPUT_DTYPE.fullmatch(dtype)
+        if match is None or (match.group(2) is not None and int(match.group(2)) > MAX_INPUT_BITS):
+            raise A2QError(f"--input-dtype {spec!r}: '{dtype}' is not an integer qonnx datatype of 1 to "
+                           f"{MAX_INPUT_BITS} bits (e.g. UINT8, INT4, BIPOLAR)")
+        result[name.strip() or "*"] = DataType[dtype].name
     return result
+
+
+def check_zero_point(zero_point: str) -> str:
+    """The ``--zero-point`` convention, refused before any work when it is not one a2q knows."""
+    if zero_point not in ZERO_POINT_CONVENTIONS:
+        raise A2QError(f"--zero-point must be one of {', '.join(ZERO_POINT_CONVENTIONS)}, got {zero_point!r}")
+    return zero_point
 
 
 def parse_layer_widths(acc_bits: int | None, layer_specs: list[str] | None, widths_json: Path | None) -> tuple[int | None, dict[str, int]]:

@@ -12,12 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.common import check_zero_point, parse_input_dtypes, parse_layer_widths
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
-from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.layers import ZERO_POINT_CONVENTIONS
+from a2q_passes.errors import AnalysisProblem
 from a2q_passes.metadata import recorded_widths
-from a2q_passes.model_io import load_model
+from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.lower import check_equivalence
 from a2q_passes.transforms.verify import VerifyAccumulators
@@ -54,10 +53,11 @@ def verify(
     With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
     without widths given or recorded, --against checks equivalence only.
     """
-    if zero_point not in ZERO_POINT_CONVENTIONS:
-        raise A2QError(f"--zero-point must be one of {', '.join(ZERO_POINT_CONVENTIONS)}, got {zero_point!r}")
-    model = load_model(model_path, allow_unknown_ops)
+    check_zero_point(zero_point)
+    check_output_paths([("--plot", plot)], inputs=[model_path] + ([against] if against else []))
+    input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
+    model = load_model(model_path, allow_unknown_ops)
     widths = global_bits if global_bits is not None else (overrides or None)
     inputs = load_inputs(data, model) if data is not None else None
     equivalence = check_against(model, against, data) if against is not None else None
@@ -70,8 +70,8 @@ def verify(
         _fail_if_different(equivalence, model_path, against)
         return
     check = VerifyAccumulators(widths, mode, tile, inputs, overrides=overrides if global_bits is not None else None,
-                               input_dtypes=parse_input_dtypes(input_dtype), zero_point=zero_point)
-    model.transform(check)
+                               input_dtypes=input_dtypes, zero_point=zero_point)
+    model.transform(check, cleanup=False)
     report = check.report
     if as_json:
         typer.echo(json.dumps({**report.to_json(), **({"equivalence": equivalence} if equivalence else {})}, indent=2))
