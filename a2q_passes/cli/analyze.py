@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from a2q_passes.cli import app, err_console
-from a2q_passes.cli.common import check_zero_point, parse_input_dtypes
+from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes
 from a2q_passes.errors import AnalysisProblem
 from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import analysis_table, plot_analysis
@@ -31,8 +31,10 @@ def analyze(
 ) -> None:
     """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""
     check_output_paths([("--plot", plot)], inputs=[model_path])
-    analysis = AnalyzeAccumulators(parse_input_dtypes(input_dtype), check_zero_point(zero_point), per_channel)
+    input_dtypes = parse_input_dtypes(input_dtype)
+    analysis = AnalyzeAccumulators(input_dtypes, check_zero_point(zero_point), per_channel)
     model = load_model(model_path, allow_unknown_ops)
+    check_input_dtype_tensors(input_dtypes, model, model_path)
     model.transform(analysis, cleanup=False)  # qonnx's cleanup is not needed to read a model
     report = analysis.report
     if as_json:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import check_zero_point, parse_input_dtypes
+from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes
 from a2q_passes.errors import A2QError
 from a2q_passes.model_io import check_output_paths, read_model_proto, save_model, wrap_model
 from a2q_passes.transforms import AnnotateAccumulators
@@ -25,10 +25,13 @@ def annotate(
 ) -> None:
     """Write the exact accumulator width of every analysable layer to metadata_props (key a2q.accumulators)."""
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path], in_place=in_place, in_place_option="--in-place")
-    annotation = AnnotateAccumulators(parse_input_dtypes(input_dtype), check_zero_point(zero_point))
+    input_dtypes = parse_input_dtypes(input_dtype)
+    annotation = AnnotateAccumulators(input_dtypes, check_zero_point(zero_point))
     proto = read_model_proto(input_path)
+    model = wrap_model(copy.deepcopy(proto), input_path)
+    check_input_dtype_tensors(input_dtypes, model, input_path)
     # no qonnx cleanup: it renames shared parameters (GiveUniqueParameterTensors), i.e. changes the graph
-    annotated = wrap_model(copy.deepcopy(proto), input_path).transform(annotation, cleanup=False)
+    annotated = model.transform(annotation, cleanup=False)
     layers = annotation.result.details["layers"]
     if not layers:
         raise A2QError(f"{input_path}: no layer with quantized weights and a quantized input to annotate")

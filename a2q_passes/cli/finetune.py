@@ -33,6 +33,12 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
     for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES)):
         if value not in allowed:
             raise A2QError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise A2QError("--device cuda: no CUDA GPU is available to torch (torch.cuda.is_available() is False); "
+                           "use --device cpu, or --device auto to take a GPU when there is one")
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise A2QError(f"need --epochs >= 0, --batch-size >= 1 and --lr > 0 (got {epochs}, {batch_size}, {lr})")
 

@@ -13,13 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app, err_console
+from a2q_passes.cli.common import read_data
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_flow import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import validate_fpgapart
 from a2q_passes.model_io import atomic_write_text, check_output_paths, load_model, save_model
 from a2q_passes.resources import plot_resources, render_table, resource_report
 from a2q_passes.transforms.lower import HWLayer, LowerToFINN, check_equivalence, equivalence_inputs
-from a2q_passes.verification import load_inputs
 
 ACC_BITS_HELP = "one target accumulator width P for every MVAU/VVAU (default: the widths `a2q project` recorded)"
 FROM_ANNOTATIONS_HELP = "use the widths recorded by `a2q project`/`a2q annotate`; error if there are none"
@@ -29,7 +29,7 @@ def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed
     """The ``--data`` array of a single-input model, else :func:`equivalence_inputs`."""
     if data is None:
         return equivalence_inputs(model, samples, seed)
-    arrays = load_inputs(data, model)
+    arrays = read_data(data, model)
     if len(arrays) != 1:
         raise A2QError(f"{data}: the equivalence check needs one input array, got {sorted(arrays)}")
     return np.asarray(next(iter(arrays.values())), dtype=np.float32)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import check_zero_point, parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes, parse_layer_widths
 from a2q_passes.errors import A2QError
 from a2q_passes.methods import DEFAULT_METHOD, available_methods, get_method
 from a2q_passes.model_io import check_output_paths, load_model, save_model
@@ -65,9 +65,10 @@ def project(
     check_output_paths([("OUT.onnx", output_path), ("--plot", plot)], inputs=[input_path], in_place=in_place,
                        in_place_option="--in-place")
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
-    projection = ProjectToAccumulator(global_bits, overrides, method, parse_input_dtypes(input_dtype),
-                                      check_zero_point(zero_point))
+    input_dtypes = parse_input_dtypes(input_dtype)
+    projection = ProjectToAccumulator(global_bits, overrides, method, input_dtypes, check_zero_point(zero_point))
     model = load_model(input_path)
+    check_input_dtype_tensors(input_dtypes, model, input_path)
     # no qonnx cleanup: it gives shared parameters new random names (GiveUniqueParameterTensors)
     projected = model.transform(projection, cleanup=False)
     save_model(projected, output_path)

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import check_zero_point, parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.common import (check_input_dtype_tensors, check_zero_point, parse_input_dtypes, parse_layer_widths,
+                                   read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
 from a2q_passes.errors import AnalysisProblem
 from a2q_passes.metadata import recorded_widths
@@ -20,7 +21,7 @@ from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.lower import check_equivalence
 from a2q_passes.transforms.verify import VerifyAccumulators
-from a2q_passes.verification import PROOF_FAIL, PROOF_PASS, LayerVerdict, VerificationReport, load_inputs
+from a2q_passes.verification import PROOF_FAIL, PROOF_PASS, LayerVerdict, VerificationReport
 
 
 @app.command()
@@ -58,8 +59,9 @@ def verify(
     input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
     model = load_model(model_path, allow_unknown_ops)
+    check_input_dtype_tensors(input_dtypes, model, model_path)
     widths = global_bits if global_bits is not None else (overrides or None)
-    inputs = load_inputs(data, model) if data is not None else None
+    inputs = read_data(data, model) if data is not None else None
     equivalence = check_against(model, against, data) if against is not None else None
     if equivalence is not None and widths is None and not recorded_widths(model):
         # no width given or recorded: the equivalence is the whole check
