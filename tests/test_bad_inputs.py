@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
-import sys
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,28 +20,12 @@ import pytest
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import convert_model_to_external_data
 
-from a2q_passes.cli import main
+from tests.cli_helpers import run_cli
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MLP = MODELS / "digits_mlp_w4a4.onnx"  # QONNX: Quant -> Gemm x3, input (1, 1, 8, 8)
 CNN = MODELS / "digits_cnn_w4a4.onnx"  # QONNX: Conv x2, Gemm
 QDQ = MODELS / "digits_cnn_qdq.onnx"  # onnxruntime QDQ
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, str]:
-    """``a2q ARGS`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["a2q", *map(str, args)]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def snapshot(folder: Path) -> dict[str, str]:
