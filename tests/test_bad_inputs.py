@@ -24,7 +24,6 @@ from tests.cli_helpers import run_cli
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 MLP = MODELS / "digits_mlp_w4a4.onnx"  # QONNX: Quant -> Gemm x3, input (1, 1, 8, 8)
-CNN = MODELS / "digits_cnn_w4a4.onnx"  # QONNX: Conv x2, Gemm
 QDQ = MODELS / "digits_cnn_qdq.onnx"  # onnxruntime QDQ
 
 
