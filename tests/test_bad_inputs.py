@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -409,3 +413,48 @@ def test_bad_input(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_catalogue_size() -> None:
     assert len(CASES) >= 60
+
+
+# ---------------------------------------------------------------------------------------------
+# Killed runs: no hidden temporary is left behind for good
+
+_KILLED_DURING_WRITE = """
+import os, signal, sys
+from a2q_passes.cli import main
+real_fsync, signum = os.fsync, getattr(signal, sys.argv[1])
+def fsync(fd):  # the temporary holds the model now; the signal arrives before the rename
+    real_fsync(fd)
+    os.kill(os.getpid(), signum)
+os.fsync = fsync
+sys.argv = ["a2q", "project", sys.argv[2], sys.argv[3], "--acc-bits", "16"]
+main()
+"""
+
+
+def _killed_project(signal_name: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILLED_DURING_WRITE, signal_name, str(MLP), str(out)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_sigterm_during_the_write_leaves_nothing(tmp_path: Path) -> None:
+    result = _killed_project("SIGTERM", tmp_path / "o.onnx")
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary
+
+
+def test_temporary_of_a_killed_run_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    result = _killed_project("SIGKILL", out)
+    assert result.returncode == -signal.SIGKILL
+    left = _temporaries(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".o.onnx.") and not out.exists()
+    # a temporary of a writer that is still running (this test's process) must survive
+    alive = tmp_path / f".o.onnx.{os.getpid()}.inflight.tmp"
+    alive.write_bytes(b"partial")
+    code, _, err = run_cli("project", MLP, out, "--acc-bits", "16")
+    assert code == 0, err
+    assert _temporaries(tmp_path) == [alive.name] and out.exists()
