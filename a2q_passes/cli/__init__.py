@@ -2,7 +2,10 @@
 
 Exit codes: 0 success; 1 bad input (message names the file/node and the fix); 2 usage error;
 3 finished, but some layer could not be handled or a check failed (report still printed);
-4 internal check failed (a bug: nothing was written).
+4 internal check failed, or an unexpected internal error (a bug: no partial file is left).
+Every output path is checked before any work; files are written atomically (a temporary in the
+target folder, renamed), and the temporaries of runs killed with SIGKILL are removed by the next
+write of the same output.
 """
 
 from __future__ import annotations
