@@ -125,9 +125,10 @@ def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
 
 
 # Ops whose float parameters become integers or accumulate: NaN/Inf there has no integer meaning.
-# (Elsewhere, e.g. an attention mask of -inf, non-finite constants are legitimate.)
-_NUMERIC_PARAMETER_OPS = {"Quant", "BipolarQuant", "Trunc", "QuantizeLinear", "DequantizeLinear", "MultiThreshold",
-                          "Conv", "ConvTranspose", "Gemm", "MatMul", "MVAU", "VVAU"}
+# Elsewhere non-finite constants can be legitimate (an attention mask of -inf; a threshold of
+# -inf in a MultiThreshold is always passed).
+_NUMERIC_PARAMETER_OPS = {"Quant", "BipolarQuant", "Trunc", "QuantizeLinear", "DequantizeLinear",
+                          "Conv", "ConvTranspose", "Gemm", "MatMul"}
 
 
 def _check_parameter_values(proto: onnx.ModelProto, path: Path) -> None:
