@@ -206,12 +206,13 @@ def check_output_paths(outputs: Iterable[tuple[str, str | os.PathLike | None]],
 
     ``outputs``: ``(what, path)`` pairs, e.g. ``("OUT.onnx", out)``, ``("--plot", png)``; ``None``
     paths (options not given) are skipped. An output may not be a folder, must have an existing,
-    writable parent folder, may not be named twice, and may not be one of ``inputs`` unless
-    ``in_place`` (the user gave ``in_place_option``, the command's flag that allows it).
+    writable parent folder, may not be named twice, and may not be one of ``inputs``. Only the
+    first output (the model) may overwrite an input, and only with ``in_place`` (the user gave
+    ``in_place_option``, the command's flag that allows it).
     """
     seen: dict[Path, str] = {}
     resolved_inputs = {Path(p).resolve() for p in inputs}
-    for what, raw in outputs:
+    for index, (what, raw) in enumerate(outputs):
         if raw is None:
             continue
         path = Path(raw)
@@ -222,8 +223,9 @@ def check_output_paths(outputs: Iterable[tuple[str, str | os.PathLike | None]],
         if key in seen:
             raise A2QError(f"{what} {path}: the same file is also given as {seen[key]}; choose different paths")
         seen[key] = what
-        if key in resolved_inputs and not in_place:
-            fix = f"pass {in_place_option} to overwrite the input" if in_place_option else "choose another output"
+        if key in resolved_inputs and not (in_place and index == 0):
+            fix = f"pass {in_place_option} to overwrite the input" if in_place_option and index == 0 else \
+                "choose another output"
             raise A2QError(f"{what} {path}: output path equals the input path; {fix}")
 
 
@@ -233,6 +235,8 @@ def _example_name(what: str) -> str:
 
 def _check_folder(path: Path, what: str = "output") -> Path:
     directory = path.parent if str(path.parent) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise A2QError(f"{what} {path}: '{directory}' is a file, not a folder; choose an output inside a folder")
     if not directory.is_dir():
         raise A2QError(f"{what} {path}: output folder '{directory}' does not exist; create it first")
     if not os.access(directory, os.W_OK | os.X_OK):
