@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -277,23 +278,43 @@ def _build_config(fpgapart: str | None):
     return DataflowBuildConfig(output_dir="a2q_finn_unused", fpga_part=fpgapart, steps=[])
 
 
+@contextlib.contextmanager
+def reproducible_names(seed: int = 0) -> Iterator[None]:
+    """Make the tensor names qonnx/FINN invent the same on every run.
+
+    ``ModelWrapper.make_new_valueinfo_name`` and ``GiveRandomTensorNames`` draw names from
+    Python's global ``random`` (``qonnx.util.basic.random_string``). The generator is seeded for
+    the duration and its state restored afterwards, so the caller's own random stream is untouched.
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def run_flow(
     model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None
 ) -> tuple[ModelWrapper, list[StageRecord]]:
-    """Apply the whole flow to a copy of ``model``; ``observer`` sees the model after each change."""
+    """Apply the whole flow to a copy of ``model``; ``observer`` sees the model after each change.
+
+    Equal inputs give byte-identical outputs (see :func:`reproducible_names`).
+    """
     ensure_finn_importable()
     import finn.builder.build_dataflow_steps as steps
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
     cfg = _build_config(fpgapart)
-    runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
-    runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
-    runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
-    _run_streamline_step(runner)
-    runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
-    if fpgapart is not None:
-        runner.apply("specialize", "step_specialize_layers", lambda m: steps.step_specialize_layers(m, cfg))
+    with reproducible_names():
+        runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
+        runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
+        runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
+        _run_streamline_step(runner)
+        runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
+        if fpgapart is not None:
+            runner.apply("specialize", "step_specialize_layers", lambda m: steps.step_specialize_layers(m, cfg))
     return runner.model, runner.stages
 
 

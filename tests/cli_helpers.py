@@ -1,10 +1,12 @@
-"""Run the ``a2q`` command line in a subprocess, as a user would."""
+"""Run the ``a2q`` command line as a user would: in a subprocess, or in-process through its entry point."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 
@@ -15,3 +17,21 @@ def run_a2q(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_cli(*args: str | Path) -> tuple[int, str, str]:
+    """``a2q ARGS`` in this process through ``a2q_passes.cli.main`` (the console script): (exit code, stdout, stderr)."""
+    from a2q_passes.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["a2q", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

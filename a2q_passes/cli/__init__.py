@@ -2,12 +2,18 @@
 
 Exit codes: 0 success; 1 bad input (message names the file/node and the fix); 2 usage error;
 3 finished, but some layer could not be handled or a check failed (report still printed);
-4 internal check failed (a bug: nothing was written).
+4 internal check failed, or an unexpected internal error (a bug: no partial file is left).
+Every output path is checked before any work; files are written atomically (a temporary in the
+target folder, renamed), and the temporaries of runs killed with SIGKILL are removed by the next
+write of the same output.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -55,9 +61,27 @@ from a2q_passes.cli.examples import add_examples  # noqa: E402
 add_examples(app)
 
 
+TRACEBACK_ENV = "A2Q_TRACEBACK"  # set to 1 to see the Python traceback of an internal error
+
+
+def _terminate(signum: int, _frame) -> None:
+    # SystemExit unwinds like an exception, so an atomic write in progress removes its temporary
+    # file (SIGINT already arrives as KeyboardInterrupt; click reports it as "Aborted!").
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()  # standalone mode: click reports usage errors itself (exit 2)
     except A2QError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
+    except Exception as err:  # a bug: say where, without a traceback unless asked for
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        err_console.print(f"[bold red]internal error[/] (a bug in a2q; please report it): {type(err).__name__}: {err} "
+                          f"at {Path(frame.filename).name}:{frame.lineno}. No partial file was left. Set "
+                          f"{TRACEBACK_ENV}=1 for the traceback.", highlight=False, soft_wrap=True)
+        sys.exit(4)

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 
 from a2q_passes.cli import app, err_console
-from a2q_passes.cli.common import parse_input_dtypes
+from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes
 from a2q_passes.errors import AnalysisProblem
-from a2q_passes.model_io import load_model
+from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import analysis_table, plot_analysis
 from a2q_passes.transforms import AnalyzeAccumulators
 
@@ -30,9 +30,12 @@ def analyze(
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
 ) -> None:
     """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""
+    check_output_paths([("--plot", plot)], inputs=[model_path])
+    input_dtypes = parse_input_dtypes(input_dtype)
+    analysis = AnalyzeAccumulators(input_dtypes, check_zero_point(zero_point), per_channel)
     model = load_model(model_path, allow_unknown_ops)
-    analysis = AnalyzeAccumulators(parse_input_dtypes(input_dtype), zero_point, per_channel)
-    model.transform(analysis)
+    check_input_dtype_tensors(input_dtypes, model, model_path)
+    model.transform(analysis, cleanup=False)  # qonnx's cleanup is not needed to read a model
     report = analysis.report
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))

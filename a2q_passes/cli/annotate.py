@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import parse_input_dtypes
+from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes
 from a2q_passes.errors import A2QError
-from a2q_passes.model_io import load_model, save_model
+from a2q_passes.model_io import check_output_paths, read_model_proto, save_model, wrap_model
 from a2q_passes.transforms import AnnotateAccumulators
 
 
@@ -23,15 +24,21 @@ def annotate(
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
 ) -> None:
     """Write the exact accumulator width of every analysable layer to metadata_props (key a2q.accumulators)."""
-    if output_path.resolve() == input_path.resolve() and not in_place:
-        raise A2QError(f"{output_path}: output path equals the input path; pass --in-place to overwrite the input")
-    model = load_model(input_path)
-    annotation = AnnotateAccumulators(parse_input_dtypes(input_dtype), zero_point)
-    annotated = model.transform(annotation)
+    check_output_paths([("OUT.onnx", output_path)], inputs=[input_path], in_place=in_place, in_place_option="--in-place")
+    input_dtypes = parse_input_dtypes(input_dtype)
+    annotation = AnnotateAccumulators(input_dtypes, check_zero_point(zero_point))
+    proto = read_model_proto(input_path)
+    model = wrap_model(copy.deepcopy(proto), input_path)
+    check_input_dtype_tensors(input_dtypes, model, input_path)
+    # no qonnx cleanup: it renames shared parameters (GiveUniqueParameterTensors), i.e. changes the graph
+    annotated = model.transform(annotation, cleanup=False)
     layers = annotation.result.details["layers"]
     if not layers:
         raise A2QError(f"{input_path}: no layer with quantized weights and a quantized input to annotate")
-    save_model(annotated, output_path)
+    # the file's own graph with the new metadata: ModelWrapper also adds value_info for initializers
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(annotated.model.metadata_props)
+    save_model(proto, output_path)
     for node, info in layers.items():
         typer.echo(f"{node}: {info['acc_dtype']} (range [{info['acc_min']}, {info['acc_max']}])")
     typer.echo(f"wrote {output_path}")

@@ -3,27 +3,65 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
+from a2q_passes.layers import ZERO_POINT_CONVENTIONS
+from a2q_passes.verification import graph_feeds, load_inputs
+
+
+_INPUT_DTYPE = re.compile(r"(BIPOLAR|BINARY|TERNARY|U?INT([1-9][0-9]?))")
+MAX_INPUT_BITS = 64
 
 
 def parse_input_dtypes(specs: list[str] | None) -> dict[str, str]:
-    """``UINT8`` (every graph input) or ``TENSOR=UINT8`` (one tensor) -> ``{name or "*": dtype}``."""
+    """``UINT8`` (every graph input) or ``TENSOR=UINT8`` (one tensor) -> ``{name or "*": dtype}``.
+
+    Only qonnx's integer datatypes of 1 to 64 bits are accepted (qonnx's own parser also takes
+    ``INT0``, ``INT-3`` or ``INT9999`` and raises on ``INT4X``).
+    """
     result: dict[str, str] = {}
     for spec in specs or []:
         name, _, dtype = spec.rpartition("=")
         dtype = dtype.strip().upper()
-        try:
-            valid = DataType[dtype].is_integer()
-        except KeyError:
-            valid = False
-        if not valid:
-            raise A2QError(f"--input-dtype {spec!r}: '{dtype}' is not an integer qonnx datatype (e.g. UINT8, INT4, BIPOLAR)")
-        result[name.strip() or "*"] = dtype
+        match = _INPUT_DTYPE.fullmatch(dtype)
+        if match is None or (match.group(2) is not None and int(match.group(2)) > MAX_INPUT_BITS):
+            raise A2QError(f"--input-dtype {spec!r}: '{dtype}' is not an integer qonnx datatype of 1 to "
+                           f"{MAX_INPUT_BITS} bits (e.g. UINT8, INT4, BIPOLAR)")
+        result[name.strip() or "*"] = DataType[dtype].name
     return result
+
+
+def check_input_dtype_tensors(dtypes: dict[str, str], model: ModelWrapper, model_path: Path) -> None:
+    """Every ``TENSOR=`` of ``--input-dtype`` must name a tensor of the model (a typo would be ignored)."""
+    tensors = {name for node in model.graph.node for name in (*node.input, *node.output)}
+    tensors |= {vi.name for vi in model.graph.input}
+    for name, dtype in dtypes.items():
+        if name != "*" and name not in tensors:
+            inputs = ", ".join(vi.name for vi in model.graph.input if model.get_initializer(vi.name) is None)
+            raise A2QError(f"--input-dtype {name}={dtype}: {model_path} has no tensor '{name}' "
+                           f"(graph inputs: {inputs}); name one of its tensors, or give just {dtype} for every input")
+
+
+def read_data(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
+    """``--data``: the arrays of an ``.npz``, checked against the model's inputs (shape, NaN, samples)."""
+    arrays = load_inputs(path, model)
+    try:
+        return graph_feeds(model, arrays)
+    except A2QError as err:
+        raise A2QError(f"{path}: {err}") from err
+
+
+def check_zero_point(zero_point: str) -> str:
+    """The ``--zero-point`` convention, refused before any work when it is not one a2q knows."""
+    if zero_point not in ZERO_POINT_CONVENTIONS:
+        raise A2QError(f"--zero-point must be one of {', '.join(ZERO_POINT_CONVENTIONS)}, got {zero_point!r}")
+    return zero_point
 
 
 def parse_layer_widths(acc_bits: int | None, layer_specs: list[str] | None, widths_json: Path | None) -> tuple[int | None, dict[str, int]]:

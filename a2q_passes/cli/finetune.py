@@ -6,7 +6,6 @@ and writes OUT.onnx).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,7 +17,7 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.cli import app
 from a2q_passes.cli.common import parse_layer_widths
 from a2q_passes.errors import A2QError
-from a2q_passes.model_io import load_model, save_model
+from a2q_passes.model_io import check_output_paths, load_model, save_model
 
 # torch and the training code are imported inside the functions: every `a2q` command imports this
 # module to register `finetune`, and torch alone would add seconds to each of their start-ups.
@@ -30,14 +29,16 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
     from a2q_passes.finetune.distributed import DEVICES
     from a2q_passes.transforms.finetune import METHODS
 
-    if output_path.resolve() == input_path.resolve():
-        raise A2QError(f"{output_path}: the output path equals the input path; write the fine-tuned model elsewhere")
-    folder = output_path.parent if str(output_path.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise A2QError(f"{output_path}: output folder '{folder}' does not exist or is not writable")
+    check_output_paths([("OUT.onnx", output_path)], inputs=[input_path])
     for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES)):
         if value not in allowed:
             raise A2QError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise A2QError("--device cuda: no CUDA GPU is available to torch (torch.cuda.is_available() is False); "
+                           "use --device cpu, or --device auto to take a GPU when there is one")
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise A2QError(f"need --epochs >= 0, --batch-size >= 1 and --lr > 0 (got {epochs}, {batch_size}, {lr})")
 

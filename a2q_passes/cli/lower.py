@@ -13,13 +13,13 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app, err_console
+from a2q_passes.cli.common import read_data
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_flow import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import validate_fpgapart
-from a2q_passes.model_io import atomic_write_text, load_model, save_model
+from a2q_passes.model_io import atomic_write_text, check_output_paths, load_model, save_model
 from a2q_passes.resources import plot_resources, render_table, resource_report
 from a2q_passes.transforms.lower import HWLayer, LowerToFINN, check_equivalence, equivalence_inputs
-from a2q_passes.verification import load_inputs
 
 ACC_BITS_HELP = "one target accumulator width P for every MVAU/VVAU (default: the widths `a2q project` recorded)"
 FROM_ANNOTATIONS_HELP = "use the widths recorded by `a2q project`/`a2q annotate`; error if there are none"
@@ -29,7 +29,7 @@ def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed
     """The ``--data`` array of a single-input model, else :func:`equivalence_inputs`."""
     if data is None:
         return equivalence_inputs(model, samples, seed)
-    arrays = load_inputs(data, model)
+    arrays = read_data(data, model)
     if len(arrays) != 1:
         raise A2QError(f"{data}: the equivalence check needs one input array, got {sorted(arrays)}")
     return np.asarray(next(iter(arrays.values())), dtype=np.float32)
@@ -92,15 +92,17 @@ def lower(
     Exit 0: written and equivalent; 3: written, but a layer was not lowered or the outputs differ;
     1: bad input, nothing written.
     """
-    if output_path.resolve() == input_path.resolve():
-        raise A2QError(f"{output_path}: output path equals the input path; choose another output")
     if plot is not None and fpgapart is None:
         raise A2QError("--plot draws the resource report: give --fpgapart too")
+    if data is None and samples < 1:
+        raise A2QError(f"--samples must be at least 1 (the equivalence check needs inputs), got {samples}")
+    check_output_paths([("OUT.onnx", output_path), ("--report-json", report_json), ("--plot", plot)],
+                       inputs=[input_path] + ([data] if data is not None else []))
     part = validate_fpgapart(fpgapart) if fpgapart is not None else None
     model = load_model(input_path)
     inputs = comparison_inputs(model, data, samples, seed)
     lowering = LowerToFINN(acc_bits, from_annotations, strict)
-    hw = model.transform(lowering)
+    hw = model.transform(lowering, cleanup=False)  # the flow runs FINN's own cleanups itself
     details = lowering.result.details
     equivalence = check_equivalence(model, hw, inputs)
     resources = resource_report(hw, part) if part is not None else None
@@ -146,6 +148,7 @@ def report(
     `a2q lower` does. Per node: FINN's LUT/BRAM18/URAM/DSP estimates (MVAU_hls/VVAU_hls) and the
     accumulator-dependent bits FINN's models do not show (registers, thresholds, comparators).
     """
+    check_output_paths([("--plot", plot)], inputs=[model_path])
     part = validate_fpgapart(fpgapart)
     model = load_model(model_path)
     if any(True for _ in iterate_mac_nodes(model)):
@@ -153,7 +156,7 @@ def report(
             raise A2QError(f"{model_path} is already a FINN HW graph; --from-annotations applies to QONNX models")
         hw = set_accumulator_datatypes(model, target_bits=acc_bits)
     else:
-        hw = model.transform(LowerToFINN(acc_bits, from_annotations))
+        hw = model.transform(LowerToFINN(acc_bits, from_annotations), cleanup=False)
     resources = resource_report(hw, part)
     if as_json:
         typer.echo(json.dumps(resources, indent=2))

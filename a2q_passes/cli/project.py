@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes, parse_layer_widths
 from a2q_passes.errors import A2QError
 from a2q_passes.methods import DEFAULT_METHOD, available_methods, get_method
-from a2q_passes.model_io import load_model, save_model
+from a2q_passes.model_io import check_output_paths, load_model, save_model
 from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator, projection_summary
 
@@ -64,12 +64,15 @@ def project(
         return
     if input_path is None or output_path is None:
         raise A2QError("usage: a2q project IN.onnx OUT.onnx --acc-bits P (or --list-methods)")
-    if output_path.resolve() == input_path.resolve() and not in_place:
-        raise A2QError(f"{output_path}: output path equals the input path; pass --in-place to overwrite the input")
-    model = load_model(input_path)
+    check_output_paths([("OUT.onnx", output_path), ("--plot", plot)], inputs=[input_path], in_place=in_place,
+                       in_place_option="--in-place")
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
-    projection = ProjectToAccumulator(global_bits, overrides, method, parse_input_dtypes(input_dtype), zero_point, skip)
-    projected = model.transform(projection)
+    input_dtypes = parse_input_dtypes(input_dtype)
+    projection = ProjectToAccumulator(global_bits, overrides, method, input_dtypes, check_zero_point(zero_point), skip)
+    model = load_model(input_path)
+    check_input_dtype_tensors(input_dtypes, model, input_path)
+    # no qonnx cleanup: it gives shared parameters new random names (GiveUniqueParameterTensors)
+    projected = model.transform(projection, cleanup=False)
     save_model(projected, output_path)
     projections = projection.projections
     if as_json:

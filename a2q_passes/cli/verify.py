@@ -6,22 +6,23 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 from qonnx.core.modelwrapper import ModelWrapper
 from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.common import (check_input_dtype_tensors, check_zero_point, parse_input_dtypes, parse_layer_widths,
+                                   read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.layers import ZERO_POINT_CONVENTIONS
 from a2q_passes.metadata import recorded_widths
-from a2q_passes.model_io import load_model
+from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.lower import check_equivalence
 from a2q_passes.transforms.verify import VerifyAccumulators
-from a2q_passes.verification import PROOF_FAIL, PROOF_PASS, LayerVerdict, VerificationReport, load_inputs
+from a2q_passes.verification import PROOF_FAIL, PROOF_PASS, LayerVerdict, VerificationReport
 
 
 @app.command()
@@ -54,13 +55,15 @@ def verify(
     With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
     without widths given or recorded, --against checks equivalence only.
     """
-    if zero_point not in ZERO_POINT_CONVENTIONS:
-        raise A2QError(f"--zero-point must be one of {', '.join(ZERO_POINT_CONVENTIONS)}, got {zero_point!r}")
-    model = load_model(model_path, allow_unknown_ops)
+    check_zero_point(zero_point)
+    check_output_paths([("--plot", plot)], inputs=[model_path] + ([against] if against else []))
+    input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
+    model = load_model(model_path, allow_unknown_ops)
+    check_input_dtype_tensors(input_dtypes, model, model_path)
     widths = global_bits if global_bits is not None else (overrides or None)
-    inputs = load_inputs(data, model) if data is not None else None
-    equivalence = check_against(model, against, data) if against is not None else None
+    inputs = read_data(data, model) if data is not None else None
+    equivalence = check_against(model, model_path, against, data) if against is not None else None
     if equivalence is not None and widths is None and not recorded_widths(model):
         # no width given or recorded: the equivalence is the whole check
         if as_json:
@@ -70,8 +73,8 @@ def verify(
         _fail_if_different(equivalence, model_path, against)
         return
     check = VerifyAccumulators(widths, mode, tile, inputs, overrides=overrides if global_bits is not None else None,
-                               input_dtypes=parse_input_dtypes(input_dtype), zero_point=zero_point)
-    model.transform(check)
+                               input_dtypes=input_dtypes, zero_point=zero_point)
+    model.transform(check, cleanup=False)
     report = check.report
     if as_json:
         typer.echo(json.dumps({**report.to_json(), **({"equivalence": equivalence} if equivalence else {})}, indent=2))
@@ -91,10 +94,25 @@ def verify(
             if blocking else "no quantized MAC layer was checked"))
 
 
-def check_against(model: ModelWrapper, original_path: Path, data: Optional[Path]) -> dict:
+def check_against(model: ModelWrapper, model_path: Path, original_path: Path, data: Optional[Path]) -> dict:
     """Equivalence of ``model`` (a FINN lowering) with the QONNX model at ``original_path``."""
     original = load_model(original_path)
+    for path, graph in ((original_path, original), (model_path, model)):
+        for name, shape in _input_shapes(graph).items():
+            if shape[0] < 1:  # qonnx's execute_onnx compares the feed with the declared shape
+                raise A2QError(f"--against: {path}: input '{name}' has a dynamic batch dimension {shape}; the "
+                               "equivalence check executes with qonnx, which needs a fixed one. Fix it first, e.g. "
+                               "`python -m onnxruntime.tools.make_dynamic_shape_fixed --input_name "
+                               f"{name} --input_shape 1,{','.join(map(str, shape[1:]))} IN.onnx OUT.onnx`")
+    ours, theirs = ([int(np.prod(s[1:])) for s in _input_shapes(g).values()] for g in (model, original))
+    if ours != theirs:  # sizes, not shapes: FINN may have turned an NCHW input into NHWC
+        raise A2QError(f"--against {original_path}: its inputs (values per sample: {theirs}) are not those of "
+                       f"{model_path} (values per sample: {ours}); give the QONNX model it was lowered from")
     return check_equivalence(original, model, comparison_inputs(original, data, samples=8, seed=0))
+
+
+def _input_shapes(model: ModelWrapper) -> dict[str, list[int]]:
+    return {vi.name: model.get_tensor_shape(vi.name) for vi in model.graph.input if model.get_initializer(vi.name) is None}
 
 
 def _fail_if_different(equivalence: dict, model_path: Path, against: Path) -> None:

@@ -41,6 +41,7 @@ from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.model_io import data_inputs
 from a2q_passes.metadata import ACCUMULATORS_KEY, record_accumulators, recorded_accumulators
+from a2q_passes.model_io import declare_custom_domains
 from a2q_passes.passes import A2QPass, PassResult
 
 QONNX_ACCUMULATORS_KEY = "a2q.accumulators.qonnx"
@@ -202,16 +203,6 @@ def rekey_accumulator_record(hw_model: ModelWrapper, layers: list[HWLayer]) -> N
     record_accumulators(hw_model, record, source="lower")
 
 
-def declare_custom_domains(model: ModelWrapper) -> None:
-    """Add an opset import for every node domain that lacks one (FINN adds none for its HW ops).
-
-    Without it ``onnx.checker`` rejects the graph, and ``a2q verify`` / ``a2q report`` could not load it.
-    """
-    declared = {opset.domain for opset in model.model.opset_import}
-    for domain in sorted({node.domain for node in model.graph.node} - declared):
-        model.model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-
-
 def check_hw_accumulators(hw_model: ModelWrapper, targets: dict[str, int]) -> None:
     """Raise :class:`PostconditionError` unless every MVAU/VVAU's type holds its exact range, within its target.
 
@@ -326,7 +317,7 @@ class LowerToFINN(A2QPass):
             _set_metadata(hw, prop.key, prop.value)
         self.layers = describe_hw_layers(hw, mapping, self._targets, finn_choice)
         rekey_accumulator_record(hw, self.layers)
-        declare_custom_domains(hw)
+        declare_custom_domains(hw.model)  # FINN adds no opset import for its HW domains
         lowered_layers = set(mapping.values())
         unmapped = sorted(name for name in (recorded if source == TARGETS_RECORDED else {}) if name not in lowered_layers)
         details: dict[str, Any] = {
