@@ -1,0 +1,93 @@
+"""``make fuzz N=...``: run the soundness properties on N random models and print the counts.
+
+    python -m scripts.fuzz --examples 2000 [--seed 0] [--exclude-known-open] [--save DIR]
+
+Every violation is counted by category (see ``tests/fuzz/properties.py``); with ``--save`` the model
+of each failing example is written to DIR with a JSON note of what failed. Exit status 1 when any
+violation was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from tests.fuzz.generate import KNOWN_OPEN, cases
+from tests.fuzz.oracle import OracleError
+from tests.fuzz.properties import CATEGORIES, check_case
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude-known-open", action="store_true",
+                        help=f"leave out constructs of still-open bugs: {', '.join(sorted(KNOWN_OPEN))}")
+    parser.add_argument("--save", type=Path, help="folder for failing models (model + JSON note)")
+    parser.add_argument("--every", type=int, default=100, help="progress line every this many examples")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    counts: Counter = Counter()
+    examples_with: Counter = Counter()
+    stats = Counter()
+    start = time.time()
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+
+    @seed(args.seed)
+    @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), phases=["generate"])
+    @given(case=cases(exclude=KNOWN_OPEN if args.exclude_known_open else frozenset()),
+           verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
+    def run(case, verify_delta, project_delta):
+        stats["examples"] += 1
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                outcome = check_case(case, Path(tmp), verify_delta, project_delta)
+            except OracleError as err:
+                stats["oracle_errors"] += 1
+                print(f"oracle error (fuzzer bug, example skipped): {err}", file=sys.stderr)
+                return
+            stats["commands"] += outcome.commands
+            stats["integer_layers"] += sum(info.integer for info in case.layers)
+            for command, code in outcome.exit_codes.items():
+                stats[f"{command} exit {code}"] += 1
+            for category in {f.category for f in outcome.failures}:
+                examples_with[category] += 1
+            counts.update(f.category for f in outcome.failures)
+            if outcome.failures and args.save:
+                n = stats["saved"] = stats["saved"] + 1
+                case.model.save(str(args.save / f"case_{n:05d}.onnx"))
+                note = {"failures": [f.__dict__ for f in outcome.failures], "description": case.description,
+                        "zero_point": case.zero_point, "input_dtypes": case.input_dtypes}
+                (args.save / f"case_{n:05d}.json").write_text(json.dumps(note, indent=2))
+        if stats["examples"] % args.every == 0:
+            found = ", ".join(f"{k}={v}" for k, v in sorted(examples_with.items())) or "none"
+            print(f"[{stats['examples']}/{args.examples}] {time.time() - start:.0f}s; examples with violations: {found}",
+                  flush=True)
+
+    run()
+    elapsed = time.time() - start
+    print(f"\n{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
+          f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed}"
+          f"{', known-open constructs excluded' if args.exclude_known_open else ''})")
+    print("exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k))
+    if stats["oracle_errors"]:
+        print(f"oracle errors (examples skipped): {stats['oracle_errors']}")
+    print(f"{'violation':22} {'examples':>9} {'total':>7}  meaning")
+    for category, meaning in CATEGORIES.items():
+        print(f"{category:22} {examples_with[category]:>9} {counts[category]:>7}  {meaning}")
+    return 1 if counts else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
