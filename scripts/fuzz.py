@@ -21,8 +21,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.generate import KNOWN_OPEN, cases
-from tests.fuzz.oracle import OracleError
+from onnx import helper
+
+from tests.fuzz.generate import KNOWN_OPEN, Case, cases
+from tests.fuzz.oracle import OracleError, executed_ranges
 from tests.fuzz.properties import CATEGORIES, check_case
 
 
@@ -34,8 +36,11 @@ def main() -> int:
                         help=f"leave out constructs of still-open bugs: {', '.join(sorted(KNOWN_OPEN))}")
     parser.add_argument("--save", type=Path, help="folder for failing models (model + JSON note)")
     parser.add_argument("--every", type=int, default=100, help="progress line every this many examples")
+    parser.add_argument("--replay", type=Path, metavar="STEM", help="re-check one saved case (STEM.onnx + STEM.json)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.replay:
+        return replay(args.replay)
     counts: Counter = Counter()
     examples_with: Counter = Counter()
     stats = Counter()
@@ -66,10 +71,8 @@ def main() -> int:
             counts.update(f.category for f in outcome.failures)
             if outcome.failures and args.save:
                 n = stats["saved"] = stats["saved"] + 1
-                case.model.save(str(args.save / f"case_{n:05d}.onnx"))
-                note = {"failures": [f.__dict__ for f in outcome.failures], "description": case.description,
-                        "zero_point": case.zero_point, "input_dtypes": case.input_dtypes}
-                (args.save / f"case_{n:05d}.json").write_text(json.dumps(note, indent=2))
+                case.save(args.save / f"case_{n:05d}", {"failures": [f.__dict__ for f in outcome.failures],
+                                                        "deltas": [verify_delta, project_delta]})
         if stats["examples"] % args.every == 0:
             found = ", ".join(f"{k}={v}" for k, v in sorted(examples_with.items())) or "none"
             print(f"[{stats['examples']}/{args.examples}] {time.time() - start:.0f}s; examples with violations: {found}",
@@ -87,6 +90,22 @@ def main() -> int:
     for category, meaning in CATEGORIES.items():
         print(f"{category:22} {examples_with[category]:>9} {counts[category]:>7}  {meaning}")
     return 1 if counts else 0
+
+
+def replay(stem: Path) -> int:
+    """Print a saved case's graph, its executed ranges and the violations found now."""
+    case = Case.load(stem)
+    for node in case.model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        print(f"{node.op_type:16} {node.name:18} {list(node.input)} -> {list(node.output)} {attrs}")
+    print("zero point:", case.zero_point, "input dtypes:", case.input_dtypes)
+    for node, r in executed_ranges(case.model, case).items():
+        print(f"executed {node}: per channel min {r.acc_min.tolist()} max {r.acc_max.tolist()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = check_case(case, Path(tmp), *json.loads(stem.with_suffix(".json").read_text()).get("deltas", (0, 1)))
+    for failure in outcome.failures:
+        print(f"{failure.category}: {failure.message}")
+    return 1 if outcome.failures else 0
 
 
 if __name__ == "__main__":

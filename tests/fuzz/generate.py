@@ -17,7 +17,9 @@ executing the graph with qonnx.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from hypothesis import strategies as st
@@ -32,9 +34,12 @@ ROUNDING_MODES = ("ROUND", "HALF_EVEN", "CEIL", "FLOOR", "UP", "DOWN", "HALF_UP"
 # Constructs that trigger reader bugs still open when this fuzzer was written (issue 9). Each entry is
 # one generator switch; `cases(exclude=KNOWN_OPEN)` leaves it out. Remove entries as fixes land.
 KNOWN_OPEN = frozenset({
+    "one_bit_signed_weights",      # 1-bit signed weight Quant: qonnx executes it as bipolar (root cause 1)
+    "finn_bipolar_weights",        # FINN initializers annotated BIPOLAR: project may write 0s (root cause 1)
     "conv_pads_with_zero_point",   # Conv pads / auto_pad with a non-zero activation zero point (root cause 2)
     "non_integer_bits",            # Quant bit widths like 4.5 or <= 0 (root cause 3)
     "negative_scale",              # negative activation scale, e.g. followed by Relu (root cause 4)
+    "relu_after_zero_point",       # Relu after a positive zero point: all-negative channels crash (root cause 5)
     "dq_int8_without_zero_point",  # DequantizeLinear of int8 data without a zero point (root cause 6)
     "unreadable_quantized_layers",  # weight zero point, per-channel activation scale, Gemm transA (root cause 7)
     "subtract_zero_point",         # --zero-point subtract with padded taps (real 0 is code 0, outside the range)
@@ -67,6 +72,23 @@ class Case:
     zero_point: str = "fold"  # the --zero-point convention the commands are run with
     input_dtypes: list[str] = field(default_factory=list)  # --input-dtype options
     description: list[str] = field(default_factory=list)
+
+    def save(self, stem: Path, note: dict | None = None) -> None:
+        """``STEM.onnx`` and ``STEM.json`` (what :meth:`load` needs, plus ``note``)."""
+        self.model.save(str(stem.with_suffix(".onnx")))
+        layers = [{"node": i.node, "op_type": i.op_type, "act_scale": i.act_scale, "act_zero_point": i.act_zero_point,
+                   "weight_scale": None if i.weight_scale is None else i.weight_scale.tolist()} for i in self.layers]
+        payload = {"zero_point": self.zero_point, "input_dtypes": self.input_dtypes, "description": self.description,
+                   "layers": layers, **(note or {})}
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+
+    @classmethod
+    def load(cls, stem: Path) -> "Case":
+        payload = json.loads(stem.with_suffix(".json").read_text())
+        layers = [LayerInfo(i["node"], i["op_type"], None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
+                            i["act_scale"], i["act_zero_point"]) for i in payload["layers"]]
+        return cls(ModelWrapper(str(stem.with_suffix(".onnx"))), layers, payload["zero_point"], payload["input_dtypes"],
+                   payload["description"])
 
 
 class _Builder:
@@ -170,7 +192,7 @@ def _apply_source(b: _Builder, spec: dict, x: str, case: Case) -> tuple[str, flo
         s = b.const("s", np.float32(spec["scale"]))
         zname = b.const("zp", zp) if spec["explicit_zero_point"] else None
         q = b.node("QuantizeLinear", [x, s] + ([zname] if zname else []), shape)
-        return b.node("DequantizeLinear", [q, s] + ([zname] if zname else []), shape), spec["scale"], int(zp)
+        return b.node("DequantizeLinear", [q, s] + ([zname] if zname else []), shape), spec["scale"], int(zp) if zname else 0
     if kind == "float":
         return x, None, 0
     raise ValueError(kind)
@@ -244,14 +266,16 @@ def weight_specs(draw, allowed: frozenset[str]) -> dict:
     kind = draw(st.sampled_from(["quant"] * 5 + ["bipolar", "finn", "finn", "dq", "qdq", "float"]))
     spec = {"kind": kind, "per_channel": draw(st.booleans()), "transposed": draw(st.integers(0, 4)) == 0}
     if kind == "quant":
-        bits = draw(st.integers(1, 8))
+        signed = draw(st.integers(0, 5)) > 0
+        bits = draw(st.integers(1 if "one_bit_signed_weights" in allowed or not signed else 2, 8))
         if "non_integer_bits" in allowed and draw(st.integers(0, 9)) == 0:
             bits = draw(st.sampled_from([bits + 0.5, 0, -1]))
-        spec.update(bits=bits, signed=draw(st.integers(0, 5)) > 0, narrow=draw(st.booleans()),
+        spec.update(bits=bits, signed=signed, narrow=draw(st.booleans()),
                     rounding=draw(st.sampled_from(ROUNDING_MODES)),
                     zero_point=1 if "unreadable_quantized_layers" in allowed and draw(st.integers(0, 14)) == 0 else 0)
     elif kind == "finn":
-        spec["dtype"] = draw(st.sampled_from(["INT2", "INT4", "INT8", "BIPOLAR", "TERNARY", "UINT3", "BINARY"]))
+        spec["dtype"] = draw(st.sampled_from(["INT2", "INT4", "INT8", "TERNARY", "UINT3", "BINARY"]
+                                             + (["BIPOLAR"] if "finn_bipolar_weights" in allowed else [])))
     elif kind == "dq":
         spec["explicit_zero_point"] = draw(st.booleans())
     return spec
@@ -409,6 +433,8 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         if i == blocks - 1 and len(b.shapes[src]) == 4 and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
         t = src
+        if grid[1] > 0 and "relu_after_zero_point" not in allowed:
+            ops = [op for op in ops if op != "relu"]
         for op in ops:
             if op == "flatten":
                 t = b.node("Flatten", [t], (b.shapes[t][0], int(np.prod(b.shapes[t][1:]))), axis=1)

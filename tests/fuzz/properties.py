@@ -215,7 +215,8 @@ class Checker:
         records = _records(out)
         executed = executed_ranges(model, self.case)
         for node, done in executed.items():
-            signed = not str(records.get(node, {}).get("acc_dtype", "INT")).startswith("UINT")
+            # a layer left without a record carries no claim: give it the accumulator its executed range needs
+            signed = str(records[node]["acc_dtype"]).startswith("INT") if node in records else done.lo < 0
             if not fits(done.lo, done.hi, bits, signed):
                 kind = "INT" if signed else "UINT"
                 state = "" if node in records else " (layer left unconstrained)"
