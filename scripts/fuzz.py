@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from onnx import helper
 
-from tests.fuzz.generate import KNOWN_OPEN, Case, cases
+from tests.fuzz.generate import CONSTRUCTS, KNOWN_OPEN, Case, cases
 from tests.fuzz.oracle import OracleError, executed_ranges
 from tests.fuzz.properties import CATEGORIES, check_case
 
@@ -35,12 +35,19 @@ def main() -> int:
     parser.add_argument("--exclude-known-open", action="store_true",
                         help=f"leave out constructs of still-open bugs: {', '.join(sorted(KNOWN_OPEN))}")
     parser.add_argument("--save", type=Path, help="folder for failing models (model + JSON note)")
+    parser.add_argument("--markdown", type=Path, help="append the command and the counts to this file (a code block)")
     parser.add_argument("--every", type=int, default=100, help="progress line every this many examples")
     parser.add_argument("--replay", type=Path, metavar="STEM", help="re-check one saved case (STEM.onnx + STEM.json)")
+    parser.add_argument("--minimize", metavar="CONSTRUCT", choices=sorted(CONSTRUCTS) + ["none"],
+                        help="allow only this generator switch ('none': none of them), stop at the first violation "
+                        "of --category and let hypothesis shrink it; the smallest case goes to --save/minimal_CONSTRUCT")
+    parser.add_argument("--category", choices=sorted(CATEGORIES), help="with --minimize: the violation to shrink")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.replay:
         return replay(args.replay)
+    if args.minimize:
+        return minimize(args.minimize, args.category, args.examples, args.seed, args.save or Path("."))
     counts: Counter = Counter()
     examples_with: Counter = Counter()
     stats = Counter()
@@ -80,16 +87,48 @@ def main() -> int:
 
     run()
     elapsed = time.time() - start
-    print(f"\n{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
-          f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed}"
-          f"{', known-open constructs excluded' if args.exclude_known_open else ''})")
-    print("exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k))
+    report = [f"{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
+              f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed}"
+              f"{', known-open constructs excluded' if args.exclude_known_open else ''})",
+              "exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k)]
     if stats["oracle_errors"]:
-        print(f"oracle errors (examples skipped): {stats['oracle_errors']}")
-    print(f"{'violation':22} {'examples':>9} {'total':>7}  meaning")
-    for category, meaning in CATEGORIES.items():
-        print(f"{category:22} {examples_with[category]:>9} {counts[category]:>7}  {meaning}")
+        report.append(f"oracle errors (examples skipped): {stats['oracle_errors']}")
+    report.append(f"{'violation':22} {'examples':>9} {'total':>7}  meaning")
+    report += [f"{category:22} {examples_with[category]:>9} {counts[category]:>7}  {meaning}"
+               for category, meaning in CATEGORIES.items()]
+    print("\n" + "\n".join(report))
+    if args.markdown:
+        command = "python -m scripts.fuzz " + " ".join(sys.argv[1:])
+        with args.markdown.open("a") as handle:
+            handle.write("\n```\ncommand: " + command + "\n" + "\n".join(report) + "\n```\n")
     return 1 if counts else 0
+
+
+def minimize(construct: str, category: str | None, examples: int, seed_value: int, folder: Path) -> int:
+    """Shrink the first violation found with only ``construct`` of the known-open ones allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"minimal_{construct}" if category is None else folder / f"minimal_{construct}_{category}"
+    exclude = frozenset(CONSTRUCTS) - {construct}
+
+    @seed(seed_value)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=["generate", "shrink"], report_multiple_bugs=False)
+    @given(case=cases(exclude=exclude), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
+    def run(case, verify_delta, project_delta):
+        with tempfile.TemporaryDirectory() as tmp:
+            outcome = check_case(case, Path(tmp), verify_delta, project_delta)
+        failures = [f for f in outcome.failures if category is None or f.category == category]
+        if failures:  # hypothesis replays the smallest failing case last, so the file ends up holding it
+            case.save(stem, {"failures": [f.__dict__ for f in failures], "deltas": [verify_delta, project_delta]})
+            raise AssertionError("; ".join(f"{f.category}: {f.message}" for f in failures))
+
+    try:
+        run()
+    except AssertionError as err:
+        print(f"smallest case: {stem}.onnx\n{err}")
+        return 1
+    print(f"no violation in {examples} examples")
+    return 0
 
 
 def replay(stem: Path) -> int:
