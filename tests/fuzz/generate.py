@@ -37,6 +37,7 @@ CONSTRUCTS = {
     "one_bit_signed_weights": "1-bit signed weight Quant: qonnx executes it as bipolar (root cause 1)",
     "finn_bipolar_weights": "FINN initializers annotated BIPOLAR: project may write 0s (root cause 1)",
     "conv_pads_with_zero_point": "Conv pads / auto_pad with a non-zero activation zero point (root cause 2)",
+    "one_bit_activation_zero_point": "1-bit signed activation Quant with a zero point: read as plain BIPOLAR",
     "non_integer_bits": "Quant bit widths like 4.5, 0 or -1 (root cause 3)",
     "negative_scale": "negative activation scale, e.g. followed by Relu (root cause 4)",
     "relu_after_zero_point": "Relu after a positive zero point: all-negative channels crash (root cause 5)",
@@ -153,6 +154,8 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
                     rounding=draw(st.sampled_from(ROUNDING_MODES)),
                     scale=draw(st.sampled_from([0.5, 0.25, 1.0, 0.125, 2.0, 0.1])),
                     zero_point=draw(st.integers(-zmax, zmax)) if draw(st.integers(0, 2)) == 0 else 0)
+        if bits == 1 and signed and "one_bit_activation_zero_point" not in allowed:
+            spec["zero_point"] = 0
         if "negative_scale" in allowed and draw(st.integers(0, 7)) == 0:
             spec["scale"] = -spec["scale"]
         spec["per_channel"] = "unreadable_quantized_layers" in allowed and draw(st.integers(0, 9)) == 0
@@ -172,7 +175,7 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
     return spec
 
 
-def _apply_source(b: _Builder, spec: dict, x: str, case: Case) -> tuple[str, float | None, int]:
+def _apply_source(b: _Builder, spec: dict, x: str) -> tuple[str, float | None, int]:
     """Quantize the float tensor ``x`` (or a fresh graph input); returns (tensor, act scale, zero point)."""
     shape = b.shapes[x]
     kind = spec["kind"]
@@ -213,7 +216,7 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
     if spec["kind"] == "dq_int8_input":
         x = b.graph_input(shape, TensorProto.INT8)
         return b.node("DequantizeLinear", [x, b.const("s", np.float32(spec["scale"]))], shape), spec["scale"], 0
-    return _apply_source(b, spec, b.graph_input(shape), case)
+    return _apply_source(b, spec, b.graph_input(shape))
 
 
 # --------------------------------------------------------------------------- between ops
@@ -356,10 +359,9 @@ def _conv_out(n: int, k: int, s: int, d: int, pads: tuple[int, int], auto_pad: s
 
 
 @st.composite
-def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, case: Case) -> tuple[str, str, np.ndarray | None]:
-    """Append a MAC node reading ``x``; returns (output, node name, weight scale)."""
+def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wspec: dict) -> tuple[str, str, np.ndarray | None]:
+    """Append a MAC node reading ``x`` with weights per ``wspec``; returns (output, node name, weight scale)."""
     shape = b.shapes[x]
-    wspec = draw(weight_specs(allowed))
     if len(shape) == 4:
         op = draw(st.sampled_from(["Conv", "Conv", "Conv", "ConvTranspose"]))
         c_in = shape[1]
@@ -430,7 +432,7 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         if spec["kind"] in ("int_input", "dq_int8_input"):
             src, s, z = _fresh_source(b, spec, shape, case)
         else:
-            src, s, z = _apply_source(b, spec, x if x is not None else b.graph_input(shape), case)
+            src, s, z = _apply_source(b, spec, x if x is not None else b.graph_input(shape))
         grid = (s, z)
         ops = draw(between_ops(len(b.shapes[src])))
         if i == blocks - 1 and len(b.shapes[src]) == 4 and draw(st.integers(0, 2)) == 0:
@@ -444,14 +446,17 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
                 continue
             t, grid = _apply_between(draw, b, op, t, grid, spec, case, allowed)
         zero = grid[1]
-        out, node, wscale = draw(_mac(b, t, allowed, zero, case))
+        wspec = draw(weight_specs(allowed))
+        out, node, wscale = draw(_mac(b, t, allowed, zero, wspec))
         layer = LayerInfo(node, b.nodes[-1].op_type, wscale, grid[0], grid[1])
         case.layers.append(layer)
         if draw(st.booleans()):
             bshape = [1, b.shapes[out][1]] + [1] * (len(b.shapes[out]) - 2)
             out = b.node("Add", [out, b.const("bias", np.full(bshape, 0.375, dtype=np.float32))], b.shapes[out])
         x, shape = out, b.shapes[out]
-        case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node}")
+        mac = next(n for n in b.nodes if n.name == node)
+        attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute}
+        case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node} {attrs}, weights {wspec}")
     outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(b.shapes[x]))]
     inputs = {vi.name for vi in b.inputs}
     # the tracked shapes (qonnx's InferShapes would draw random names inside the strategy)
