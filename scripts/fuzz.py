@@ -50,6 +50,7 @@ def main() -> int:
         return minimize(args.minimize, args.category, args.examples, args.seed, args.save or Path("."))
     counts: Counter = Counter()
     examples_with: Counter = Counter()
+    by_switch: Counter = Counter()  # failing examples per generator switch they exercise
     stats = Counter()
     start = time.time()
     if args.save:
@@ -75,6 +76,8 @@ def main() -> int:
                 stats[f"{command} exit {code}"] += 1
             for category in {f.category for f in outcome.failures}:
                 examples_with[category] += 1
+            for switch in (case.used or {"(none)"}) if outcome.failures else ():
+                by_switch[switch] += 1
             counts.update(f.category for f in outcome.failures)
             if outcome.failures and args.save:
                 n = stats["saved"] = stats["saved"] + 1
@@ -96,6 +99,9 @@ def main() -> int:
     report.append(f"{'violation':22} {'examples':>9} {'total':>7}  meaning")
     report += [f"{category:22} {examples_with[category]:>9} {counts[category]:>7}  {meaning}"
                for category, meaning in CATEGORIES.items()]
+    if by_switch:
+        report.append("examples with violations, by generator switch they use ('(none)': no switch, i.e. a new bug):")
+        report += [f"  {switch:32} {n:>5}" for switch, n in by_switch.most_common()]
     print("\n" + "\n".join(report))
     if args.markdown:
         command = "python -m scripts.fuzz " + " ".join(sys.argv[1:])

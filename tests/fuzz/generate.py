@@ -75,6 +75,7 @@ class Case:
     zero_point: str = "fold"  # the --zero-point convention the commands are run with
     input_dtypes: list[str] = field(default_factory=list)  # --input-dtype options
     description: list[str] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)  # the CONSTRUCTS switches this case actually exercises
 
     def save(self, stem: Path, note: dict | None = None) -> None:
         """``STEM.onnx`` and ``STEM.json`` (what :meth:`load` needs, plus ``note``)."""
@@ -82,7 +83,7 @@ class Case:
         layers = [{"node": i.node, "op_type": i.op_type, "act_scale": i.act_scale, "act_zero_point": i.act_zero_point,
                    "weight_scale": None if i.weight_scale is None else i.weight_scale.tolist()} for i in self.layers]
         payload = {"zero_point": self.zero_point, "input_dtypes": self.input_dtypes, "description": self.description,
-                   "layers": layers, **(note or {})}
+                   "used": sorted(self.used), "layers": layers, **(note or {})}
         stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
 
     @classmethod
@@ -91,7 +92,7 @@ class Case:
         layers = [LayerInfo(i["node"], i["op_type"], None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
                             i["act_scale"], i["act_zero_point"]) for i in payload["layers"]]
         return cls(ModelWrapper(str(stem.with_suffix(".onnx"))), layers, payload["zero_point"], payload["input_dtypes"],
-                   payload["description"])
+                   payload["description"], set(payload.get("used", [])))
 
 
 class _Builder:
@@ -175,6 +176,35 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
     return spec
 
 
+def _source_uses(spec: dict) -> set[str]:
+    """The CONSTRUCTS switches an activation source spec exercises."""
+    if spec["kind"] == "dq_int8_input":
+        return {"dq_int8_without_zero_point"}
+    if spec["kind"] != "quant":
+        return set()
+    bits = spec["bits"]
+    return {name for name, used in (
+        ("non_integer_bits", bits != int(bits)),
+        ("negative_scale", spec["scale"] < 0),
+        ("unreadable_quantized_layers", spec["per_channel"]),
+        ("one_bit_activation_zero_point", bits == 1 and spec["signed"] and spec["zero_point"] != 0),
+    ) if used}
+
+
+def _weight_uses(spec: dict) -> set[str]:
+    """The CONSTRUCTS switches a weight spec exercises."""
+    if spec["kind"] == "finn":
+        return {"finn_bipolar_weights"} if spec["dtype"] == "BIPOLAR" else set()
+    if spec["kind"] != "quant":
+        return set()
+    bits = spec["bits"]
+    return {name for name, used in (
+        ("one_bit_signed_weights", bits == 1 and spec["signed"]),
+        ("non_integer_bits", bits != int(bits) or bits <= 0),
+        ("unreadable_quantized_layers", spec["zero_point"] != 0),
+    ) if used}
+
+
 def _apply_source(b: _Builder, spec: dict, x: str) -> tuple[str, float | None, int]:
     """Quantize the float tensor ``x`` (or a fresh graph input); returns (tensor, act scale, zero point)."""
     shape = b.shapes[x]
@@ -256,6 +286,7 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
             spec = src_spec
         branch_shape = (shape[0], draw(st.integers(1, 2))) + tuple(shape[2:])
         other, s2, z2 = _fresh_source(b, spec, branch_shape, case)
+        case.used |= _source_uses(spec)
         # the branch went through the same kind of source, but its between-ops differ; the grid is shared
         # only if scale and zero point agree
         new_grid = grid if (s2 == grid[0] and z2 == grid[1]) else (None, 0)
@@ -421,6 +452,8 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
     b = _Builder()
     case = Case(None, [])
     case.zero_point = "subtract" if "subtract_zero_point" in allowed and draw(st.integers(0, 5)) == 0 else "fold"
+    if case.zero_point == "subtract":
+        case.used.add("subtract_zero_point")
     blocks = draw(st.integers(1, 2))
     if draw(st.booleans()):
         shape = (1, draw(st.integers(1, 4)), draw(st.integers(2, 5)), draw(st.integers(2, 5)))
@@ -434,6 +467,7 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         else:
             src, s, z = _apply_source(b, spec, x if x is not None else b.graph_input(shape))
         grid = (s, z)
+        case.used |= _source_uses(spec)
         ops = draw(between_ops(len(b.shapes[src])))
         if i == blocks - 1 and len(b.shapes[src]) == 4 and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
@@ -446,7 +480,10 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
                 continue
             t, grid = _apply_between(draw, b, op, t, grid, spec, case, allowed)
         zero = grid[1]
+        if "relu" in ops and grid[1] > 0:
+            case.used.add("relu_after_zero_point")
         wspec = draw(weight_specs(allowed))
+        case.used |= _weight_uses(wspec)
         out, node, wscale = draw(_mac(b, t, allowed, zero, wspec))
         layer = LayerInfo(node, b.nodes[-1].op_type, wscale, grid[0], grid[1])
         case.layers.append(layer)
@@ -456,6 +493,10 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         x, shape = out, b.shapes[out]
         mac = next(n for n in b.nodes if n.name == node)
         attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute}
+        if attrs.get("transA"):
+            case.used.add("unreadable_quantized_layers")
+        if mac.op_type == "Conv" and zero and (any(attrs.get("pads", [])) or attrs.get("auto_pad", b"").startswith(b"SAME")):
+            case.used.add("conv_pads_with_zero_point")
         case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node} {attrs}, weights {wspec}")
     outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(b.shapes[x]))]
     inputs = {vi.name for vi in b.inputs}
