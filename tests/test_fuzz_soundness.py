@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from qonnx.core.modelwrapper import ModelWrapper
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.modelwrapper import ModelWrapper
 
 import a2q_passes.analysis
 import a2q_passes.transforms.project

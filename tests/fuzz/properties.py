@@ -182,7 +182,7 @@ class Checker:
                                   f"[{done.lo}, {done.hi}] outside {kind}{widths[node]}")
 
     # (b)
-    def project(self, path: Path, bits: int, retry: bool = True) -> None:
+    def project(self, path: Path, bits: int) -> None:
         out = self.workdir / f"projected_{bits}.onnx"
         result = self.cli("project", path, out, "--acc-bits", bits, *_common_options(self.case))
         if result.code == 0:
@@ -193,14 +193,14 @@ class Checker:
                 self.outcome.fail("bad_refusal", f"project --acc-bits {bits} refused without naming a layer: "
                                   f"{message.strip()[-300:]}")
             smallest = SMALLEST_P.search(message)
-            if smallest and retry:
+            if smallest:
                 p = int(smallest.group(1))
                 again = self.cli("project", path, self.workdir / f"projected_{p}.onnx", "--acc-bits", p,
                                  *_common_options(self.case))
                 if again.code in (1, 3):  # tracebacks and exit 4 are counted by cli()
                     self.outcome.fail("bad_refusal", f"project named {p} bits as the smallest feasible target, "
                                       f"but --acc-bits {p} exits {again.code}: {again.stderr.strip()[-300:]}")
-                else:
+                elif again.code == 0:
                     self._check_projected(self.workdir / f"projected_{p}.onnx", p)
 
     def _check_projected(self, out: Path, bits: int) -> None:
