@@ -89,7 +89,8 @@ class Case:
     @classmethod
     def load(cls, stem: Path) -> "Case":
         payload = json.loads(stem.with_suffix(".json").read_text())
-        layers = [LayerInfo(i["node"], i["op_type"], None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
+        layers = [LayerInfo(i["node"], i["op_type"],
+                            None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
                             i["act_scale"], i["act_zero_point"]) for i in payload["layers"]]
         return cls(ModelWrapper(str(stem.with_suffix(".onnx"))), layers, payload["zero_point"], payload["input_dtypes"],
                    payload["description"], set(payload.get("used", [])))
@@ -358,7 +359,8 @@ def _weight(draw, b: _Builder, spec: dict, shape: tuple[int, ...], channel_axis:
         span = 2 ** max(float(bits), 1.0)
         w = (rng.uniform(-0.7, 0.7, size=store_shape) * span * stored(scale)).astype(np.float32)
         zp = np.float32(spec["zero_point"])
-        t = b.node(spec["op"], [b.const("w", w), b.const("ws", stored(scale)), b.const("wz", zp), b.const("wbits", np.float32(bits))],
+        inputs = [b.const("w", w), b.const("ws", stored(scale)), b.const("wz", zp), b.const("wbits", np.float32(bits))]
+        t = b.node(spec["op"], inputs,
                    store_shape, domain=QONNX_DOMAIN, signed=int(spec["signed"]), narrow=int(spec["narrow"]),
                    rounding_mode=spec["rounding"])
         return maybe_transpose(t), scale
@@ -403,7 +405,8 @@ def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wsp
         d = draw(st.integers(1, 2))
         if op == "Conv":
             allow_pads = grid_zero == 0 or "conv_pads_with_zero_point" in allowed
-            auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID"] + (["SAME_UPPER", "SAME_LOWER"] if allow_pads else [])))
+            same = ["SAME_UPPER", "SAME_LOWER"] if allow_pads else []
+            auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID"] + same))
             pads = [draw(st.integers(0, min(2, k - 1))) if allow_pads and auto_pad == "NOTSET" else 0 for _ in range(4)]
             if auto_pad.startswith("SAME"):
                 d = 1  # onnxruntime does not implement dilated SAME padding

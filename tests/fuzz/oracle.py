@@ -275,10 +275,14 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
     offsets = np.cumsum([0] + sizes)
     feed = {s: (np.arange(n) + 1 + offsets[i]).astype(np.float32).reshape([1] + list(model.get_tensor_shape(s))[1:])
             for i, (s, n) in enumerate(zip(sources, sizes))}
-    index = execute_onnx(_trace_model(model, chain, sources, mac.input[0]), feed)[mac.input[0]] if chain else feed[sources[0]]
+    if chain:
+        index = execute_onnx(_trace_model(model, chain, sources, mac.input[0]), feed)[mac.input[0]]
+    else:
+        index = feed[sources[0]]
     index = (index.T if trans_a else index)[0].reshape(-1).astype(np.int64)
 
-    # 2. the executed integer weights (the weight quantizer's constant subgraph), and the MAC's Jacobian (tap weights) by executing it on one-hot inputs
+    # 2. the executed integer weights (the weight quantizer's constant subgraph), and the MAC's Jacobian
+    #    (the weight of every tap) by executing the MAC on one-hot inputs
     weight = model.get_initializer(mac.input[1])
     if weight is None:
         weight = execute_onnx(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
