@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.a2q-installed
 DEMO_MODEL ?= models/fmnist_cnn_w4a4.onnx
 OUT     ?= out
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test fuzz bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -n 2 -q tests
+
+# Soundness fuzzer: N random models through analyze/annotate/verify/project, checked by qonnx execution.
+# FUZZ_ARGS e.g. "--seed 1 --save fuzz-findings" or "--exclude-known-open" (see python -m scripts.fuzz --help).
+N ?= 1000
+FUZZ_ARGS ?=
+fuzz: setup
+	$(VPY) -m scripts.fuzz --examples $(N) $(FUZZ_ARGS)
 
 bench: setup
 	$(VPY) -m bench.run_all

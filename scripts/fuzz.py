@@ -1,0 +1,159 @@
+"""``make fuzz N=...``: run the soundness properties on N random models and print the counts.
+
+    python -m scripts.fuzz --examples 2000 [--seed 0] [--exclude-known-open] [--save DIR]
+
+Every violation is counted by category (see ``tests/fuzz/properties.py``); with ``--save`` the model
+of each failing example is written to DIR with a JSON note of what failed. Exit status 1 when any
+violation was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from onnx import helper
+
+from tests.fuzz.generate import CONSTRUCTS, KNOWN_OPEN, Case, cases
+from tests.fuzz.oracle import executed_ranges
+from tests.fuzz.properties import CATEGORIES, KNOWN_OPEN_RELAXATIONS, check_case
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude-known-open", action="store_true",
+                        help="leave out constructs of still-open bugs and relax their properties: "
+                        f"{', '.join(sorted(KNOWN_OPEN | KNOWN_OPEN_RELAXATIONS))}")
+    parser.add_argument("--save", type=Path, help="folder for failing models (model + JSON note)")
+    parser.add_argument("--markdown", type=Path, help="append the command and the counts to this file (a code block)")
+    parser.add_argument("--every", type=int, default=100, help="progress line every this many examples")
+    parser.add_argument("--replay", type=Path, metavar="STEM", help="re-check one saved case (STEM.onnx + STEM.json)")
+    parser.add_argument("--minimize", metavar="CONSTRUCT", choices=sorted(CONSTRUCTS) + ["none"],
+                        help="allow only this generator switch ('none': none of them), stop at the first violation "
+                        "of --category and let hypothesis shrink it; the smallest case goes to --save/minimal_CONSTRUCT")
+    parser.add_argument("--category", choices=sorted(CATEGORIES), help="with --minimize: the violation to shrink")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.replay:
+        return replay(args.replay)
+    if args.minimize:
+        return minimize(args.minimize, args.category, args.examples, args.seed, args.save or Path("."))
+    counts: Counter = Counter()
+    examples_with: Counter = Counter()
+    by_switch: Counter = Counter()  # failing examples per generator switch they exercise
+    stats = Counter()
+    start = time.time()
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+
+    @seed(args.seed)
+    @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck), phases=["generate"])
+    @given(case=cases(exclude=KNOWN_OPEN if args.exclude_known_open else frozenset()),
+           verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
+    def run(case, verify_delta, project_delta):
+        stats["examples"] += 1
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                outcome = check_case(case, Path(tmp), verify_delta, project_delta,
+                                     KNOWN_OPEN_RELAXATIONS if args.exclude_known_open else frozenset())
+            except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
+                stats["oracle_errors"] += 1
+                print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
+                return
+            stats["commands"] += outcome.commands
+            stats["integer_layers"] += sum(info.integer for info in case.layers)
+            for command, code in outcome.exit_codes.items():
+                stats[f"{command} exit {code}"] += 1
+            for category in {f.category for f in outcome.failures}:
+                examples_with[category] += 1
+            for switch in (case.used or {"(none)"}) if outcome.failures else ():
+                by_switch[switch] += 1
+            counts.update(f.category for f in outcome.failures)
+            if outcome.failures and args.save:
+                n = stats["saved"] = stats["saved"] + 1
+                case.save(args.save / f"case_{n:05d}", {"failures": [f.__dict__ for f in outcome.failures],
+                                                        "deltas": [verify_delta, project_delta]})
+        if stats["examples"] % args.every == 0:
+            found = ", ".join(f"{k}={v}" for k, v in sorted(examples_with.items())) or "none"
+            print(f"[{stats['examples']}/{args.examples}] {time.time() - start:.0f}s; examples with violations: {found}",
+                  flush=True)
+
+    run()
+    elapsed = time.time() - start
+    report = [f"{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
+              f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed}"
+              f"{', known-open constructs excluded' if args.exclude_known_open else ''})",
+              "exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k)]
+    if stats["oracle_errors"]:
+        report.append(f"fuzzer errors (examples skipped, see stderr): {stats['oracle_errors']}")
+    report.append(f"{'violation':22} {'examples':>9} {'total':>7}  meaning")
+    report += [f"{category:22} {examples_with[category]:>9} {counts[category]:>7}  {meaning}"
+               for category, meaning in CATEGORIES.items()]
+    if by_switch:
+        report.append("examples with violations, by generator switch they use ('(none)': no switch, i.e. a new bug):")
+        report += [f"  {switch:32} {n:>5}" for switch, n in by_switch.most_common()]
+    print("\n" + "\n".join(report))
+    if args.markdown:
+        command = "python -m scripts.fuzz " + " ".join(sys.argv[1:])
+        with args.markdown.open("a") as handle:
+            handle.write("\n```\ncommand: " + command + "\n" + "\n".join(report) + "\n```\n")
+    return 1 if counts else 0
+
+
+def minimize(construct: str, category: str | None, examples: int, seed_value: int, folder: Path) -> int:
+    """Shrink the first violation found with only ``construct`` of the known-open ones allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"minimal_{construct}" if category is None else folder / f"minimal_{construct}_{category}"
+    exclude = frozenset(CONSTRUCTS) - {construct}
+
+    @seed(seed_value)
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=["generate", "shrink"], report_multiple_bugs=False)
+    @given(case=cases(exclude=exclude), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
+    def run(case, verify_delta, project_delta):
+        with tempfile.TemporaryDirectory() as tmp:
+            outcome = check_case(case, Path(tmp), verify_delta, project_delta)
+        failures = [f for f in outcome.failures if category is None or f.category == category]
+        if failures:  # hypothesis replays the smallest failing case last, so the file ends up holding it
+            case.save(stem, {"failures": [f.__dict__ for f in failures], "deltas": [verify_delta, project_delta]})
+            raise AssertionError("; ".join(f"{f.category}: {f.message}" for f in failures))
+
+    try:
+        run()
+    except AssertionError as err:
+        print(f"smallest case: {stem}.onnx\n{err}")
+        return 1
+    print(f"no violation in {examples} examples")
+    return 0
+
+
+def replay(stem: Path) -> int:
+    """Print a saved case's graph, its executed ranges and the violations found now."""
+    case = Case.load(stem)
+    for node in case.model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        print(f"{node.op_type:16} {node.name:18} {list(node.input)} -> {list(node.output)} {attrs}")
+    print("zero point:", case.zero_point, "input dtypes:", case.input_dtypes)
+    for node, r in executed_ranges(case.model, case).items():
+        print(f"executed {node}: per channel min {r.acc_min.tolist()} max {r.acc_max.tolist()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = check_case(case, Path(tmp), *json.loads(stem.with_suffix(".json").read_text()).get("deltas", (0, 1)))
+    for failure in outcome.failures:
+        print(f"{failure.category}: {failure.message}")
+    return 1 if outcome.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

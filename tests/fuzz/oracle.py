@@ -1,0 +1,341 @@
+"""Executed worst-case accumulators of a model's MAC layers, by qonnx execution only.
+
+For each MAC layer the generator marked as integer (``LayerInfo.integer``), the graph is cut at the
+float tensors entering the layer's activation quantizers (or at the integer graph inputs feeding it),
+so every op between the quantizers and the MAC (Relu, MaxPool, Pad, Reshape, Transpose, Concat) is
+really executed. Adversarial inputs are built per output channel and position: an index-tracing run of
+the cut graph (quantizers and Relu replaced by Identity) tells which source element feeds which MAC
+input element, and an executed Jacobian of the integer MAC tells each tap's weight; every tap is then
+pushed to the extreme that maximises (or minimises) that output. Random inputs are added.
+
+The executed accumulator is computed in the integer domain from executed tensors only:
+
+    t = X / s_x        (the MAC input minus its zero point: integers, padded taps are 0)
+    q = W / s_w        (the executed weight quantizer output over its scale: integers)
+    acc = MAC(t, q) + z * MAC(1, q)     under the fold convention (the MAC sees raw codes t + z,
+                                        and a Conv's padded taps carry the code z of real 0)
+    acc = MAC(t, q)                     under the subtract convention
+
+where ``MAC(., q)`` is the layer's own ONNX node (without bias) executed by qonnx on the integers.
+None of this reads the project's own readers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.transformation.infer_shapes import InferShapes
+
+from tests.fuzz.generate import OPSET, Case, LayerInfo
+
+QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear")
+GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity")
+FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
+EXACT_FLOAT32 = 1 << 24
+RANDOM_SAMPLES = 8
+
+
+class OracleError(Exception):
+    """The executed tensors do not sit on the grid the generator built (a fuzzer bug, not a tool bug)."""
+
+
+@dataclass
+class ExecutedRange:
+    """Per output channel, the smallest and largest executed accumulator value."""
+
+    acc_min: np.ndarray
+    acc_max: np.ndarray
+
+    @property
+    def lo(self) -> int:
+        return int(self.acc_min.min())
+
+    @property
+    def hi(self) -> int:
+        return int(self.acc_max.max())
+
+
+def width(lo: int, hi: int) -> int:
+    """Smallest accumulator holding [lo, hi]: unsigned when lo >= 0, else two's complement."""
+    if lo >= 0:
+        return max(int(hi).bit_length(), 1)
+    return max((-int(lo) - 1).bit_length(), int(hi).bit_length()) + 1
+
+
+def fits(lo: int, hi: int, bits: int, signed: bool) -> bool:
+    if signed:
+        return -(1 << (bits - 1)) <= lo and hi <= (1 << (bits - 1)) - 1
+    return 0 <= lo and hi <= (1 << bits) - 1
+
+
+# --------------------------------------------------------------------------- graph surgery
+
+
+def _node(model: ModelWrapper, name: str):
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _is_constant(model: ModelWrapper, tensor: str) -> bool:
+    return model.get_initializer(tensor) is not None
+
+
+def _act_chain(model: ModelWrapper, tensor: str, kept: list, sources: list[str]) -> None:
+    """Collect the ops from the activation sources to ``tensor``; sources are quantizer inputs or graph inputs."""
+    producer = model.find_producer(tensor)
+    if producer is None:
+        sources.append(tensor)
+        return
+    if producer.op_type in QUANTIZERS:
+        kept.append(producer)
+        sources.append(producer.input[0])
+    elif producer.op_type in GRID_OPS:
+        kept.append(producer)
+        data_inputs = producer.input if producer.op_type == "Concat" else producer.input[:1]
+        for t in data_inputs:
+            if not _is_constant(model, t):
+                _act_chain(model, t, kept, sources)
+    else:
+        sources.append(tensor)  # a float tensor from another layer: no integer grid
+
+
+def _ancestors(model: ModelWrapper, tensor: str, kept: list) -> None:
+    producer = model.find_producer(tensor)
+    if producer is None or producer in kept:
+        return
+    kept.append(producer)
+    for t in producer.input:
+        if t:
+            _ancestors(model, t, kept)
+
+
+def _subgraph(model: ModelWrapper, nodes: list, inputs: list[str], outputs: list[str], batch: int,
+              float_inputs: bool = False) -> ModelWrapper:
+    """A copy of ``model`` with only ``nodes``, the given inputs (batch ``batch``) and outputs."""
+    proto = copy.deepcopy(model.model)
+    graph = proto.graph
+    keep = {id(n) for n in nodes}
+    order = [i for i, n in enumerate(model.graph.node) if id(n) in keep]
+    new_nodes = [copy.deepcopy(model.graph.node[i]) for i in order]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.input[:]
+    for name in inputs:
+        shape = [batch] + list(model.get_tensor_shape(name))[1:]
+        vi = model.get_tensor_valueinfo(name)
+        elem = TensorProto.FLOAT if float_inputs or vi is None else vi.type.tensor_type.elem_type
+        graph.input.append(helper.make_tensor_value_info(name, elem, shape))
+    del graph.output[:]
+    for name in outputs:
+        as_input = next((vi for vi in graph.input if vi.name == name), None)
+        graph.output.append(copy.deepcopy(as_input) if as_input is not None
+                            else helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    del graph.value_info[:]
+    used = {t for n in new_nodes for t in n.input}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    sub = ModelWrapper(proto)
+    if float_inputs:
+        for name in inputs:
+            sub.set_tensor_datatype(name, DataType["FLOAT32"])
+    return _infer_shapes(sub)
+
+
+def _infer_shapes(model: ModelWrapper) -> ModelWrapper:
+    """Shape inference, with the inferred shapes moved onto the graph outputs (declared without a shape)."""
+    model = model.transform(InferShapes())
+    for out in model.graph.output:
+        vi = next((v for v in model.graph.value_info if v.name == out.name), None)
+        if vi is not None:
+            out.CopyFrom(vi)
+            model.graph.value_info.remove(vi)
+    return model
+
+
+def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str) -> ModelWrapper:
+    """The activation chain with quantizers, Relu and DequantizeLinear replaced by Identity (index tracing)."""
+    replaced = []
+    for n in chain:
+        if n.op_type in QUANTIZERS + ("Relu", "DequantizeLinear"):
+            replaced.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
+        else:
+            replaced.append(copy.deepcopy(n))
+    graph = helper.make_graph(
+        [n for n in (replaced[i] for i in _topological(model, chain))], "trace",
+        [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1] + list(model.get_tensor_shape(s))[1:]) for s in sources],
+        [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(model.get_initializer(t), t)
+                     for n in chain for t in n.input if t and _is_constant(model, t)],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return _infer_shapes(ModelWrapper(proto))
+
+
+def _topological(model: ModelWrapper, chain: list) -> list[int]:
+    index = {id(n): i for i, n in enumerate(model.graph.node)}
+    return sorted(range(len(chain)), key=lambda i: index[id(chain[i])])
+
+
+def _mac_model(mac, q: np.ndarray, sample_shape: tuple[int, ...], batch: int) -> ModelWrapper:
+    """The MAC node alone (no bias, ``transA`` folded into the input), integer weights ``q`` as constants."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute if a.name != "transA"}
+    node = helper.make_node(mac.op_type, ["x", "w"], ["y"], **attrs)
+    graph = helper.make_graph([node], "mac", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *sample_shape])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(q.astype(np.float32), "w")])
+    return _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
+
+
+def _run_mac(mac, q: np.ndarray, x: np.ndarray) -> np.ndarray:
+    model = _mac_model(mac, q, x.shape[1:], x.shape[0])
+    return execute_onnx(model, {"x": x.astype(np.float32)})["y"]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class SourceDomain:
+    """Values a cut-graph source may take: float (saturate the quantizer) or an integer datatype."""
+
+    lo: float
+    hi: float
+    integer: bool
+    dtype: np.dtype
+    allowed: tuple[int, ...] | None = None  # for BIPOLAR-like sets that are not intervals
+
+    def random(self, rng: np.random.Generator, shape) -> np.ndarray:
+        if self.allowed is not None:
+            return rng.choice(self.allowed, size=shape).astype(self.dtype)
+        if self.integer:
+            return rng.integers(int(self.lo), int(self.hi) + 1, size=shape).astype(self.dtype)
+        magnitude = 10.0 ** rng.uniform(-2, 3, size=shape)
+        return (rng.choice([-1.0, 1.0], size=shape) * magnitude * rng.integers(0, 2, size=shape)).astype(self.dtype)
+
+
+def _domain(model: ModelWrapper, case: Case, name: str) -> SourceDomain:
+    vi = model.get_tensor_valueinfo(name)
+    if vi is not None and vi.type.tensor_type.elem_type == TensorProto.INT8:
+        return SourceDomain(-128, 127, True, np.dtype(np.int8))
+    dtype_name = next((spec.split("=", 1)[1] for spec in case.input_dtypes if spec.split("=", 1)[0] == name), None)
+    dt = DataType[dtype_name] if dtype_name else model.get_tensor_datatype(name)
+    if dt.is_integer():
+        allowed = (-1, 1) if dt.name == "BIPOLAR" else None
+        return SourceDomain(float(dt.min()), float(dt.max()), True, np.dtype(np.float32), allowed)
+    return SourceDomain(-FLOAT_EXTREME, FLOAT_EXTREME, False, np.dtype(np.float32))
+
+
+# --------------------------------------------------------------------------- executed ranges
+
+
+def _integers(values: np.ndarray, scale, what: str, node: str) -> np.ndarray:
+    t = values.astype(np.float64) / np.asarray(scale, dtype=np.float64)
+    r = np.round(t)
+    if not np.allclose(t, r, rtol=0, atol=1e-3):
+        raise OracleError(f"{node}: executed {what} is not on the generated grid (max deviation {np.abs(t - r).max():.3g})")
+    return r
+
+
+def _targets(out_shape: tuple[int, ...], rng: np.random.Generator) -> list[int]:
+    """Flat output elements (per sample) to attack: corners, centre and one random position of every channel."""
+    channels = out_shape[0]
+    spatial = out_shape[1:]
+    per = int(np.prod(spatial)) if spatial else 1
+    if spatial:
+        h, w = spatial
+        positions = sorted({0, w - 1, (h - 1) * w, h * w - 1, (h // 2) * w + w // 2, int(rng.integers(per))})
+    else:
+        positions = [0]
+    return [c * per + p for c in range(channels) for p in positions]
+
+
+def executed_ranges(model: ModelWrapper, case: Case, seed: int = 0) -> dict[str, ExecutedRange]:
+    """Executed worst-case accumulator range per integer MAC layer of ``model`` (see the module docstring)."""
+    return {info.node: layer_range(model, case, info, seed) for info in case.layers if info.integer}
+
+
+def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0) -> ExecutedRange:
+    rng = np.random.default_rng(seed)
+    mac = _node(model, info.node)
+    chain, sources = [], []
+    _act_chain(model, mac.input[0], chain, sources)
+    weight_nodes = []
+    _ancestors(model, mac.input[1], weight_nodes)
+    domains = [_domain(model, case, s) for s in sources]
+    sizes = [int(np.prod(model.get_tensor_shape(s)[1:])) for s in sources]
+    trans_a = any(a.name == "transA" and a.i for a in mac.attribute)
+
+    # 1. index tracing: which source element (1-based over all sources, 0 = padding) feeds each MAC input element
+    offsets = np.cumsum([0] + sizes)
+    feed = {s: (np.arange(n) + 1 + offsets[i]).astype(np.float32).reshape([1] + list(model.get_tensor_shape(s))[1:])
+            for i, (s, n) in enumerate(zip(sources, sizes))}
+    if chain:
+        index = execute_onnx(_trace_model(model, chain, sources, mac.input[0]), feed)[mac.input[0]]
+    else:
+        index = feed[sources[0]]
+    index = (index.T if trans_a else index)[0].reshape(-1).astype(np.int64)
+
+    # 2. the executed integer weights (the weight quantizer's constant subgraph), and the MAC's Jacobian
+    #    (the weight of every tap) by executing the MAC on one-hot inputs
+    weight = model.get_initializer(mac.input[1])
+    if weight is None:
+        weight = execute_onnx(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
+    q = _integers(weight, info.weight_scale, "weight", info.node)
+    x_shape = tuple(model.get_tensor_shape(mac.input[0]))
+    sample_shape = (x_shape[0],) if trans_a else tuple(x_shape[1:])
+    n_in = int(np.prod(sample_shape))
+    jac = _run_mac(mac, q, np.eye(n_in, dtype=np.float32).reshape((n_in,) + sample_shape))
+    out_shape = jac.shape[1:]
+    jac = jac.reshape(n_in, -1)
+
+    # 3. adversarial and random inputs for the sources
+    total = int(offsets[-1])
+    lo = np.concatenate([np.full(n, d.lo) for d, n in zip(domains, sizes)])
+    hi = np.concatenate([np.full(n, d.hi) for d, n in zip(domains, sizes)])
+    direction = np.sign(info.act_scale)
+    samples = []
+    for o in _targets(out_shape, rng):
+        taps = np.nonzero(jac[:, o])[0]
+        for sense in (1.0, -1.0):
+            x = lo.copy()
+            src = index[taps]
+            want_high = np.sign(jac[taps, o]) * sense * direction > 0
+            keep = src > 0
+            x[src[keep] - 1] = np.where(want_high[keep], hi[src[keep] - 1], lo[src[keep] - 1])
+            samples.append(x)
+    batch_inputs = np.stack(samples) if samples else np.zeros((0, total))
+    feed = {}
+    for i, (s, d) in enumerate(zip(sources, domains)):
+        shape = list(model.get_tensor_shape(s))[1:]
+        adversarial = batch_inputs[:, offsets[i]:offsets[i + 1]].reshape([-1] + shape)
+        if d.allowed is not None:
+            adversarial = np.where(adversarial > 0, max(d.allowed), min(d.allowed))
+        feed[s] = np.concatenate([adversarial, d.random(rng, [RANDOM_SAMPLES] + shape)]).astype(d.dtype)
+    batch = next(iter(feed.values())).shape[0]
+
+    # 4. execute the activation cut on the batch, then the integer MAC on its executed input
+    if chain:
+        x = execute_onnx(_subgraph(model, chain, sources, [mac.input[0]], batch), feed)[mac.input[0]]
+    else:  # the MAC reads a graph input directly
+        x = feed[mac.input[0]].astype(np.float32)
+    if trans_a:
+        x = x.T
+    t = _integers(x, info.act_scale, "activation", info.node)
+    if np.abs(jac).sum(axis=0).max(initial=0) * max(np.abs(t).max(initial=0), 1) >= EXACT_FLOAT32:
+        raise OracleError(f"{info.node}: accumulator too large for exact float32 execution")
+    acc = _run_mac(mac, q, t).astype(np.float64)
+    if case.zero_point == "fold" and info.act_zero_point:
+        if mac.op_type == "Conv":  # padded taps carry the zero-point code: the whole kernel counts
+            ones = q.reshape(q.shape[0], -1).sum(axis=1).reshape((1, -1) + (1,) * (acc.ndim - 2))
+        else:
+            ones = _run_mac(mac, q, np.ones((1,) + sample_shape, dtype=np.float32))
+        acc = acc + info.act_zero_point * ones
+    acc = np.round(acc).astype(np.int64)
+    per_channel = np.moveaxis(acc, 1, 0).reshape(acc.shape[1], -1)
+    return ExecutedRange(per_channel.min(axis=1), per_channel.max(axis=1))

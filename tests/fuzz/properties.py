@@ -1,0 +1,261 @@
+"""The soundness properties, checked on one generated case by running the CLI in-process.
+
+(a) ``analyze`` reports, per channel, a range containing every executed accumulator value;
+(b) ``project --acc-bits P`` exits 0 and its output executes within P bits (recorded signedness), or it
+    exits 1 naming a layer, and a "smallest feasible target" it names really is feasible;
+(c) ``verify --acc-bits P`` (and ``verify`` on annotate's output) never says "no overflow" when an
+    executed worst case overflows;
+(d) ``annotate`` never records less than the executed range;
+(e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception).
+
+Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import re
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import typer
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.cli import app
+from a2q_passes.errors import A2QError
+from tests.fuzz.generate import Case
+from tests.fuzz.oracle import ExecutedRange, executed_ranges, fits, width
+
+CATEGORIES = {
+    "unsafe_output": "project wrote a model that overflows P (or is invalid)",
+    "false_no_overflow": "verify said 'no overflow' on a model that overflows",
+    "too_small_analysis": "analyze reported a range smaller than executed",
+    "too_small_annotation": "annotate recorded less than executed",
+    "bad_refusal": "project refused without naming a layer, or named an infeasible smallest P",
+    "internal_error": "a command exited 4 (self-check failed)",
+    "traceback": "a command leaked a traceback / unexpected exit code",
+}
+SMALLEST_P = re.compile(r"smallest feasible target is (\d+) bits")
+LAYER_NEEDS_P = re.compile(r"needing (\d+) bits")  # project's refusal for bipolar weights that cannot shrink
+# TEMPORARY relaxations of a property for bugs still open outside the readers; `check_case(relax=...)` applies them.
+# "smallest_target_of_one_layer": project's "smallest feasible target" is the first infeasible layer's minimum, so a
+# re-run may fail on another layer; relaxed, the check follows the targets it names until one succeeds.
+KNOWN_OPEN_RELAXATIONS = frozenset({"smallest_target_of_one_layer"})
+
+
+@dataclass
+class Failure:
+    category: str
+    message: str
+
+
+@dataclass
+class CliResult:
+    code: int | None
+    stdout: str
+    stderr: str
+    traceback: str | None = None
+
+
+@dataclass
+class Outcome:
+    failures: list[Failure] = field(default_factory=list)
+    commands: int = 0
+    exit_codes: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, category: str, message: str) -> None:
+        self.failures.append(Failure(category, message))
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run ``a2q ARGS`` in this process, as ``a2q_passes.cli.main`` does, capturing its output.
+
+    The click command is built once (typer rebuilds it on every call, 0.2 s); errors are handled as
+    ``main`` handles them: an :class:`A2QError` becomes its exit code, anything else is a leak.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                _command().main(args=[str(a) for a in args], prog_name="a2q", standalone_mode=True)
+                code = 0
+            except A2QError as error:
+                print(f"error: {error}", file=sys.stderr)
+                code = error.exit_code
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except Exception:  # noqa: BLE001 - an uncaught exception is exactly what property (e) looks for
+        return CliResult(None, out.getvalue(), err.getvalue(), traceback.format_exc())
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@functools.cache
+def _command() -> click.Command:
+    return typer.main.get_command(app)
+
+
+def _common_options(case: Case) -> list[str]:
+    options = ["--zero-point", case.zero_point]
+    for spec in case.input_dtypes:
+        options += ["--input-dtype", spec]
+    return options
+
+
+class Checker:
+    """Runs the commands on one case and collects violations."""
+
+    def __init__(self, case: Case, workdir: Path, outcome: Outcome, relax: frozenset[str] = frozenset()) -> None:
+        self.case = case
+        self.relax = relax
+        self.workdir = workdir
+        self.outcome = outcome
+        self.names = [info.node for info in case.layers]
+
+    def cli(self, command: str, *args: str) -> CliResult:
+        result = run_cli(command, *args)
+        self.outcome.commands += 1
+        self.outcome.exit_codes[command] = result.code
+        if result.traceback is not None:
+            last = result.traceback.strip().splitlines()[-1]
+            self.outcome.fail("traceback", f"`a2q {command}` raised {last}")
+        elif result.code == 4:
+            self.outcome.fail("internal_error", f"`a2q {command}` exited 4: {result.stderr.strip()[-300:]}")
+        elif result.code not in (0, 1, 3):
+            self.outcome.fail("traceback", f"`a2q {command}` exited {result.code}: {result.stderr.strip()[-300:]}")
+        return result
+
+    # (a)
+    def analyze(self, path: Path, executed: dict[str, ExecutedRange]) -> None:
+        result = self.cli("analyze", path, "--json", "--per-channel", *_common_options(self.case))
+        if result.code not in (0, 3):
+            return
+        for layer in json.loads(result.stdout)["layers"]:
+            done = executed.get(layer["node"])
+            if done is None or layer["status"] != "ok":
+                continue
+            lo, hi = np.asarray(layer["per_channel"]["acc_min"]), np.asarray(layer["per_channel"]["acc_max"])
+            bad = np.nonzero((done.acc_min < lo) | (done.acc_max > hi))[0]
+            if bad.size:
+                c = int(bad[0])
+                self.outcome.fail("too_small_analysis",
+                                  f"analyze: {layer['node']} channel {c} reported [{lo[c]}, {hi[c]}], "
+                                  f"executed [{done.acc_min[c]}, {done.acc_max[c]}]")
+
+    # (d) and (c) on the recorded widths
+    def annotate(self, path: Path, executed: dict[str, ExecutedRange]) -> None:
+        out = self.workdir / "annotated.onnx"
+        result = self.cli("annotate", path, out, *_common_options(self.case))
+        if result.code != 0:
+            return
+        records = _records(out)
+        for node, info in records.items():
+            done = executed.get(node)
+            if done is None:
+                continue
+            signed = str(info["acc_dtype"]).startswith("INT")
+            if done.lo < info["acc_min"] or done.hi > info["acc_max"] or not fits(done.lo, done.hi, info["acc_bits"], signed):
+                self.outcome.fail("too_small_annotation",
+                                  f"annotate: {node} recorded {info['acc_dtype']} [{info['acc_min']}, {info['acc_max']}], "
+                                  f"executed [{done.lo}, {done.hi}]")
+        result = self.cli("verify", out, "--json", *_common_options(self.case))
+        if result.code == 0:
+            self._no_overflow_claim(result, executed, {n: int(r["acc_bits"]) for n, r in records.items()}, "verify (recorded widths)")
+
+    # (c)
+    def verify(self, path: Path, executed: dict[str, ExecutedRange], bits: int) -> None:
+        result = self.cli("verify", path, "--acc-bits", bits, "--json", *_common_options(self.case))
+        if result.code == 0:
+            self._no_overflow_claim(result, executed, {n: bits for n in executed}, f"verify --acc-bits {bits}")
+
+    def _no_overflow_claim(self, result: CliResult, executed: dict[str, ExecutedRange], widths: dict[str, int],
+                           what: str) -> None:
+        verdicts = {v["node"]: v for v in json.loads(result.stdout)["layers"]}
+        for node, done in executed.items():
+            if node not in widths:
+                self.outcome.fail("false_no_overflow", f"{what}: passed without checking integer layer {node}")
+                continue
+            signed = bool(verdicts.get(node, {}).get("signed", True))
+            if not fits(done.lo, done.hi, widths[node], signed):
+                kind = "INT" if signed else "UINT"
+                self.outcome.fail("false_no_overflow", f"{what}: said no overflow, but {node} executes to "
+                                  f"[{done.lo}, {done.hi}] outside {kind}{widths[node]}")
+
+    # (b)
+    def project(self, path: Path, bits: int) -> None:
+        out = self.workdir / f"projected_{bits}.onnx"
+        result = self.cli("project", path, out, "--acc-bits", bits, *_common_options(self.case))
+        if result.code == 0:
+            self._check_projected(out, bits)
+        elif result.code == 1:
+            message = result.stderr
+            if not any(re.search(rf"\b{re.escape(name)}\b", message) for name in self.names):
+                self.outcome.fail("bad_refusal", f"project --acc-bits {bits} refused without naming a layer: "
+                                  f"{message.strip()[-300:]}")
+            smallest = SMALLEST_P.search(message)
+            if smallest:
+                self._retry_smallest(path, bits, int(smallest.group(1)))
+
+    def _retry_smallest(self, path: Path, bits: int, p: int) -> None:
+        """Re-run project with the smallest feasible target it named: it must now succeed, and fit."""
+        while True:
+            out = self.workdir / f"projected_{p}.onnx"
+            again = self.cli("project", path, out, "--acc-bits", p, *_common_options(self.case))
+            if again.code == 0:
+                self._check_projected(out, p)
+            elif again.code in (1, 3):  # tracebacks and exit 4 are counted by cli()
+                larger = SMALLEST_P.search(again.stderr) or LAYER_NEEDS_P.search(again.stderr)
+                if "smallest_target_of_one_layer" in self.relax and larger and int(larger.group(1)) > p:
+                    p = int(larger.group(1))  # TEMPORARY: accept a per-layer minimum, follow the next layer's
+                    continue
+                self.outcome.fail("bad_refusal", f"project --acc-bits {bits} named {p} bits as the smallest feasible "
+                                  f"target, but --acc-bits {p} exits {again.code}: {again.stderr.strip()[-300:]}")
+            return
+
+    def _check_projected(self, out: Path, bits: int) -> None:
+        model = ModelWrapper(str(out))
+        for init in model.graph.initializer:  # FINN datatypes must still hold (no 0 in a BIPOLAR tensor)
+            dt = model.get_tensor_datatype(init.name)
+            if dt.is_integer() and not dt.name.startswith("SCALED"):
+                values = model.get_initializer(init.name)
+                if not all(dt.allowed(v) for v in np.unique(values)):
+                    self.outcome.fail("unsafe_output", f"project --acc-bits {bits}: initializer {init.name} "
+                                      f"holds values outside its datatype {dt.name}")
+        records = _records(out)
+        executed = executed_ranges(model, self.case)
+        for node, done in executed.items():
+            # a layer left without a record carries no claim: give it the accumulator its executed range needs
+            signed = str(records[node]["acc_dtype"]).startswith("INT") if node in records else done.lo < 0
+            if not fits(done.lo, done.hi, bits, signed):
+                kind = "INT" if signed else "UINT"
+                state = "" if node in records else " (layer left unconstrained)"
+                self.outcome.fail("unsafe_output", f"project --acc-bits {bits} exited 0, but {node}{state} executes to "
+                                  f"[{done.lo}, {done.hi}] outside {kind}{bits}")
+
+
+def _records(path: Path) -> dict[str, dict]:
+    model = ModelWrapper(str(path))
+    entry = next((p for p in model.model.metadata_props if p.key == "a2q.accumulators"), None)
+    return json.loads(entry.value)["layers"] if entry is not None else {}
+
+
+def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1,
+               relax: frozenset[str] = frozenset()) -> Outcome:
+    """Run every property on ``case``; the deltas choose P relative to the executed width; ``relax``: see above."""
+    outcome = Outcome()
+    path = workdir / "model.onnx"
+    case.model.save(str(path))
+    executed = executed_ranges(case.model, case)
+    checker = Checker(case, workdir, outcome, relax)
+    checker.analyze(path, executed)
+    checker.annotate(path, executed)
+    needed = max((width(r.lo, r.hi) for r in executed.values()), default=8)
+    checker.verify(path, executed, min(max(needed + verify_delta, 1), 64))
+    checker.project(path, min(max(needed - project_delta, 2), 64))
+    return outcome
