@@ -23,7 +23,7 @@ def _root() -> None:
     """Accumulator-aware quantization passes over QONNX, FINN-ONNX and QDQ ONNX models."""
 
 # Importing a command module registers its command on ``app``.
-from a2q_passes.cli import analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
+from a2q_passes.cli import allocate, analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,169 @@
+"""Mixed accumulator allocation vs uniform P: Pareto fronts and the 99 % target per model.
+
+    .venv/bin/python -m bench.bench_allocate [--models fmnist_cnn_w4a4 ...] [--pct 99] [--out bench/allocate.md]
+
+Per model: calibration data = the first samples of the training split (per-layer sensitivities),
+validation data = the last samples of the training split (end-to-end checks and the choice of the
+best uniform P), test data = the test split (reported, never used to choose). ``a2q allocate``'s
+pass (:class:`AllocateAccumulators`, projection ``exact``, cost = accumulator + threshold bits)
+picks the allocation at ``--pct`` % of the model's own validation score; the uniform reference is
+the cheapest uniform P whose projected model keeps the same % on the same validation data. Both
+fronts (score vs accumulator + threshold bits, validation data) go to ``bench/plots/allocate_pareto.png``
+and every number to ``bench/allocate.json``. Every allocated model is proven to fit its widths
+(the pass's ``ensures``: :func:`a2q_passes.verification.verify_model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.model_io import atomic_write_text
+from a2q_passes.transforms.allocate import AllocateAccumulators, Scorer, allocation_costs, pareto_curves, project_to
+from a2q_passes.verification import verify_model
+from models.data import load_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+# model -> (dataset, calibration samples, validation samples)
+MODELS = {
+    "fmnist_cnn_w4a4": ("fashion_mnist", 2000, 2000),
+    "fmnist_mlp_w4a4": ("fashion_mnist", 2000, 2000),
+    "espcn_x2_w4a4": ("sr", 512, 512),
+}
+
+
+def run_model(name: str, pct: float) -> dict[str, Any]:
+    dataset, n_calib, n_val = MODELS[name]
+    x, y = load_dataset(dataset, "train")
+    x_test, y_test = load_dataset(dataset, "test")
+    model = ModelWrapper(str(REPO / "models" / f"{name}.onnx"))
+    started = time.perf_counter()
+    step = AllocateAccumulators((x[:n_calib], y[:n_calib]), (x[-n_val:], y[-n_val:]), min_score_pct=pct,
+                                early_stop=False)
+    result = step(model)
+    allocate_seconds = time.perf_counter() - started
+    details = result.details
+    curves = pareto_curves(model, step, points=10)
+    test = Scorer(model, (x_test, y_test), step.scorer.metric, "test split")
+    target = details["target_val_score"]
+    meeting = [u for u in curves["uniform"] if u["score"] >= target]
+    uniform = min(meeting, key=lambda u: u["acc_threshold_bits"])
+    uniform_model = project_to(model, uniform["widths"])
+    assert verify_model(uniform_model, uniform["widths"]).overflow_impossible
+    allocation = {"widths": details["widths"], **allocation_costs(step.layers, details["widths"]),
+                  "val_score": details["val_score"], "test_score": test(result.model)}
+    return {
+        "model": name, "dataset": dataset, "metric": details["metric"], "samples": {
+            "calibration": n_calib, "validation": n_val, "test": int(len(x_test))},
+        "pct": pct, "allocate_seconds": round(allocate_seconds, 1),
+        "base": {"calibration": details["base_score"], "validation": details["base_val_score"], "test": test(model)},
+        "target_val_score": target, "allocation": allocation, "verified": True,  # ensures() raised otherwise
+        "uniform_best": {"P": uniform["P"], "widths": uniform["widths"], "acc_threshold_bits": uniform["acc_threshold_bits"],
+                         "finn_lut": uniform["finn_lut"], "val_score": uniform["score"],
+                         "test_score": test(uniform_model)},
+        "bits_saving_pct": 100.0 * (1.0 - allocation["acc_threshold_bits"] / uniform["acc_threshold_bits"]),
+        "refinement": details["refinement"], "layers": details["layers"], "curves": curves,
+    }
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from a2q_passes.report import save_figure
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.3))
+    for ax, entry in zip(np.atleast_1d(axes), results):
+        curves = entry["curves"]
+        uniform = curves["uniform"]
+        front = sorted(curves["allocation"], key=lambda a: a["acc_threshold_bits"])
+        ax.plot([u["acc_threshold_bits"] for u in uniform], [u["score"] for u in uniform], "o-", label="uniform P")
+        for u in uniform:
+            ax.annotate(str(u["P"]), (u["acc_threshold_bits"], u["score"]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=7)
+        ax.plot([a["acc_threshold_bits"] for a in front], [a["score"] for a in front], "s--",
+                label="allocation (knapsack front)")
+        chosen = entry["allocation"]
+        ax.plot([chosen["acc_threshold_bits"]], [chosen["val_score"]], "*", markersize=14, color="tab:red",
+                label=f"chosen ({entry['pct']:g}% target)")
+        ax.axhline(entry["target_val_score"], color="black", linestyle=":", linewidth=1)
+        top = entry["base"]["validation"]
+        ax.set_ylim(top - 0.25 * abs(top), top + 0.03 * abs(top))  # the region around the target
+        ax.set_xlabel("accumulator + threshold bits")
+        ax.set_ylabel(f"{entry['metric']} (validation)")
+        ax.set_title(entry["model"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str:
+    lines = [
+        "# Mixed accumulator allocation",
+        "",
+        f"`{command}` ({seconds / 60:.1f} min, 1 torch thread). Calibration (sensitivities) = first samples of "
+        "the training split, validation (end-to-end checks, best uniform P) = last samples of the training "
+        "split, test = test split, reported only. Cost = accumulator registers + threshold storage bits "
+        "(MH x (2^B - 1) thresholds of P + 1 bits, PE x P register bits, FINN lowering with PE = 1); "
+        "FINN LUT = `MVAU_hls.lut_estimation` summed over the allocated layers. Projection method `exact`, "
+        "no fine-tuning. Every allocated model is proven to fit its widths (`verify_model`).",
+        "",
+        "![allocation vs uniform P](plots/allocate_pareto.png)",
+        "",
+        "| model | metric | model (val / test) | target (val) | allocation widths | alloc. bits | alloc. LUT "
+        "| alloc. val / test | best uniform P | uniform bits | uniform LUT | uniform val / test | bits saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        a, u = r["allocation"], r["uniform_best"]
+        widths = ", ".join(f"{k}={v}" for k, v in a["widths"].items())
+        lines.append(
+            f"| {r['model']} | {r['metric']} | {r['base']['validation']:.2f} / {r['base']['test']:.2f} "
+            f"| {r['target_val_score']:.2f} | {widths} | {a['acc_threshold_bits']} | {a['finn_lut']} "
+            f"| {a['val_score']:.2f} / {a['test_score']:.2f} | {u['P']} | {u['acc_threshold_bits']} | {u['finn_lut']} "
+            f"| {u['val_score']:.2f} / {u['test_score']:.2f} | {r['bits_saving_pct']:.1f}% |")
+    met = [r["model"] for r in results if r["bits_saving_pct"] >= 20.0]
+    missed = [f"{r['model']} ({r['bits_saving_pct']:.1f}%)" for r in results if r["bits_saving_pct"] < 20.0]
+    lines += ["", f"Target (>= 20% fewer accumulator + threshold bits than the best uniform P at >= "
+              f"{results[0]['pct']:g}% of the model's own validation score): met on "
+              f"{', '.join(met) or 'none'}" + (f"; missed on {', '.join(missed)}" if missed else "") + "."]
+    below = [f"{r['model']} allocation {100 * r['allocation']['test_score'] / r['base']['test']:.2f}%, uniform "
+             f"{100 * r['uniform_best']['test_score'] / r['base']['test']:.2f}%" for r in results]
+    lines += ["", "Test split, % of the model's own test score: " + "; ".join(below) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--pct", type=float, default=99.0)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "allocate.md")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "allocate.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "bench" / "plots" / "allocate_pareto.png")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    results = [run_model(name, args.pct) for name in args.models]
+    seconds = time.perf_counter() - started
+    command = "python -m bench.bench_allocate" + (f" --models {' '.join(args.models)}" if args.models != list(MODELS) else "")
+    plot(results, args.plot)
+    atomic_write_text(args.json, json.dumps({"command": command, "seconds": round(seconds, 1), "results": results},
+                                            indent=1) + "\n")
+    text = markdown(results, command, seconds)
+    atomic_write_text(args.out, text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
