@@ -1,6 +1,7 @@
 """Mixed accumulator allocation vs uniform P: Pareto fronts and the 99 % target per model.
 
     .venv/bin/python -m bench.bench_allocate [--models fmnist_cnn_w4a4 ...] [--pct 99] [--out bench/allocate.md]
+    .venv/bin/python -m bench.bench_allocate --render     # rewrite allocate.md and the plot from bench/allocate.json
 
 Per model: calibration data = the first samples of the training split (per-layer sensitivities),
 validation data = the last samples of the training split (end-to-end checks and the choice of the
@@ -79,30 +80,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from a2q_passes.cli.allocate import draw_pareto
     from a2q_passes.report import save_figure
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.3))
     for ax, entry in zip(np.atleast_1d(axes), results):
-        curves = entry["curves"]
-        uniform = curves["uniform"]
-        front = sorted(curves["allocation"], key=lambda a: a["acc_threshold_bits"])
-        ax.plot([u["acc_threshold_bits"] for u in uniform], [u["score"] for u in uniform], "o-", label="uniform P")
-        for u in uniform:
-            ax.annotate(str(u["P"]), (u["acc_threshold_bits"], u["score"]), textcoords="offset points",
-                        xytext=(3, 3), fontsize=7)
-        ax.plot([a["acc_threshold_bits"] for a in front], [a["score"] for a in front], "s--",
-                label="allocation (knapsack front)")
-        chosen = entry["allocation"]
-        ax.plot([chosen["acc_threshold_bits"]], [chosen["val_score"]], "*", markersize=14, color="tab:red",
-                label=f"chosen ({entry['pct']:g}% target)")
-        ax.axhline(entry["target_val_score"], color="black", linestyle=":", linewidth=1)
+        chosen = {"acc_threshold_bits": entry["allocation"]["acc_threshold_bits"], "score": entry["allocation"]["val_score"]}
+        draw_pareto(ax, entry["curves"], entry["model"], chosen, entry["target_val_score"])
         top = entry["base"]["validation"]
         ax.set_ylim(top - 0.25 * abs(top), top + 0.03 * abs(top))  # the region around the target
-        ax.set_xlabel("accumulator + threshold bits")
         ax.set_ylabel(f"{entry['metric']} (validation)")
-        ax.set_title(entry["model"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
     plt.close(fig)
 
@@ -118,7 +105,7 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
         "FINN LUT = `MVAU_hls.lut_estimation` summed over the allocated layers. Projection method `exact`, "
         "no fine-tuning. Every allocated model is proven to fit its widths (`verify_model`).",
         "",
-        "![allocation vs uniform P](plots/allocate_pareto.png)",
+        "![allocation vs uniform P](bench/plots/allocate_pareto.png)",
         "",
         "| model | metric | model (val / test) | target (val) | allocation widths | alloc. bits | alloc. LUT "
         "| alloc. val / test | best uniform P | uniform bits | uniform LUT | uniform val / test | bits saved |",
@@ -137,6 +124,16 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
     lines += ["", f"Target (>= 20% fewer accumulator + threshold bits than the best uniform P at >= "
               f"{results[0]['pct']:g}% of the model's own validation score): met on "
               f"{', '.join(met) or 'none'}" + (f"; missed on {', '.join(missed)}" if missed else "") + "."]
+    lines += ["", "Why: the narrowest width at which each layer *alone* keeps the target on the calibration data "
+              "(single-layer sensitivity; widths below it cost more than the whole allowed loss), and the "
+              "accumulator + threshold bits if every layer sat there at once (optimistic: the losses add up):", ""]
+    for r in results:
+        floor = r["pct"] / 100.0 * r["base"]["calibration"]
+        limits = {la["node"]: min(int(p) for p, score in la["scores"].items() if score >= floor) for la in r["layers"]}
+        bound = sum(la["costs"][str(limits[la["node"]])] for la in r["layers"])
+        text = ", ".join(f"{la['node']} {limits[la['node']]}/{la['exact_bits']}" for la in r["layers"])
+        lines.append(f"- {r['model']} (limit/exact): {text}; {bound} bits, "
+                     f"{100 * (1 - bound / r['uniform_best']['acc_threshold_bits']):.1f}% below the best uniform P.")
     below = [f"{r['model']} allocation {100 * r['allocation']['test_score'] / r['base']['test']:.2f}%, uniform "
              f"{100 * r['uniform_best']['test_score'] / r['base']['test']:.2f}%" for r in results]
     lines += ["", "Test split, % of the model's own test score: " + "; ".join(below) + "."]
@@ -150,16 +147,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "allocate.md")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "allocate.json")
     parser.add_argument("--plot", type=Path, default=REPO / "bench" / "plots" / "allocate_pareto.png")
+    parser.add_argument("--render", action="store_true", help="only rewrite --out and --plot from the saved --json")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    results = [run_model(name, args.pct) for name in args.models]
-    seconds = time.perf_counter() - started
-    command = "python -m bench.bench_allocate" + (f" --models {' '.join(args.models)}" if args.models != list(MODELS) else "")
+    if args.render:
+        saved = json.loads(args.json.read_text())
+        command, seconds, results = saved["command"], saved["seconds"], saved["results"]
+    else:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        results = [run_model(name, args.pct) for name in args.models]
+        seconds = time.perf_counter() - started
+        command = "python -m bench.bench_allocate" + (f" --models {' '.join(args.models)}"
+                                                      if args.models != list(MODELS) else "")
+        atomic_write_text(args.json, json.dumps({"command": command, "seconds": round(seconds, 1), "results": results},
+                                                indent=1) + "\n")
     plot(results, args.plot)
-    atomic_write_text(args.json, json.dumps({"command": command, "seconds": round(seconds, 1), "results": results},
-                                            indent=1) + "\n")
     text = markdown(results, command, seconds)
     atomic_write_text(args.out, text + "\n")
     print(text)

@@ -333,6 +333,7 @@ EXTRA_SECTIONS = (
     ("Projection methods on the same layers", "methods.md", ".venv/bin/python -m bench.bench_methods --out bench/methods.md"),
     ("FINN resources of the bundled model", "finn_resources.md", ".venv/bin/python -m bench.bench_finn_resources"),
     ("Fine-tuning overhead", "finetune_overhead.md", ".venv/bin/python -m bench.bench_finetune_overhead [--model ...]"),
+    ("Mixed accumulator allocation", "allocate.md", ".venv/bin/python -m bench.bench_allocate"),
 )
 
 

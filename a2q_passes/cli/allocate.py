@@ -72,9 +72,33 @@ def summary_lines(details: dict[str, Any]) -> list[str]:
     return lines
 
 
+def draw_pareto(ax: Any, curves: dict[str, Any], title: str, chosen: dict[str, Any] | None = None,
+                target: float | None = None) -> None:
+    """Score vs accumulator + threshold bits on ``ax``: uniform P (labelled) against the evaluated knapsack front."""
+    uniform = curves["uniform"]
+    ax.plot([u["acc_threshold_bits"] for u in uniform], [u["score"] for u in uniform], "o-", label="uniform P",
+            color="tab:blue")
+    for u in uniform:
+        ax.annotate(str(u["P"]), (u["acc_threshold_bits"], u["score"]), textcoords="offset points", xytext=(3, 3),
+                    fontsize=7)
+    front = sorted(curves["allocation"], key=lambda a: a["acc_threshold_bits"])
+    ax.plot([a["acc_threshold_bits"] for a in front], [a["score"] for a in front], "s--",
+            label="per-layer allocation (knapsack front)", color="tab:orange")
+    if chosen is not None:
+        ax.plot([chosen["acc_threshold_bits"]], [chosen["score"]], "*", markersize=14, color="tab:red",
+                label="chosen allocation")
+    if target is not None:
+        ax.axhline(target, color="black", linestyle=":", linewidth=1, label="target score")
+    ax.set_xlabel("accumulator + threshold bits")
+    ax.set_ylabel(curves["metric"])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def plot_pareto(curves: dict[str, Any], path: Path, title: str, chosen: dict[str, Any] | None = None,
-                target: float | None = None, cost_key: str = "acc_threshold_bits") -> None:
-    """Score vs cost: uniform P (labelled) against the evaluated knapsack front, optional chosen point and target."""
+                target: float | None = None) -> None:
+    """PNG of :func:`draw_pareto`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,22 +107,7 @@ def plot_pareto(curves: dict[str, Any], path: Path, title: str, chosen: dict[str
     from a2q_passes.report import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    uniform = curves["uniform"]
-    ax.plot([u[cost_key] for u in uniform], [u["score"] for u in uniform], "o-", label="uniform P", color="tab:blue")
-    for u in uniform:
-        ax.annotate(str(u["P"]), (u[cost_key], u["score"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    front = sorted(curves["allocation"], key=lambda a: a[cost_key])
-    ax.plot([a[cost_key] for a in front], [a["score"] for a in front], "s--", label="per-layer allocation (knapsack front)",
-            color="tab:orange")
-    if chosen is not None:
-        ax.plot([chosen[cost_key]], [chosen["score"]], "*", markersize=14, color="tab:red", label="chosen allocation")
-    if target is not None:
-        ax.axhline(target, color="black", linestyle=":", linewidth=1, label="target score")
-    ax.set_xlabel("accumulator + threshold bits" if cost_key == "acc_threshold_bits" else f"cost ({curves['cost_model']})")
-    ax.set_ylabel(curves["metric"])
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    draw_pareto(ax, curves, title, chosen, target)
     save_figure(fig, path)
     plt.close(fig)
 
@@ -135,8 +144,10 @@ def allocate(
 ) -> None:
     """Pick each layer's accumulator width: sensitivity per layer, exact knapsack, end-to-end refinement.
 
-    Flow: `a2q allocate M.onnx --data c.npz --min-score-pct 99 -o w.json && a2q project M.onnx OUT.onnx
-    --widths-json w.json`. Every width in the map is proven on the projected model before it is written.
+    Flow: `a2q allocate M.onnx --data c.npz --min-score-pct 99 -o w.json`, then
+    `a2q project M.onnx OUT.onnx --widths-json w.json`.
+
+    Every width in the map is proven on the projected model before the map is written.
     """
     import torch
 
