@@ -1,7 +1,7 @@
 """Mixed accumulator allocation vs uniform P: Pareto fronts and the 99 % target per model.
 
-    .venv/bin/python -m bench.bench_allocate [--models fmnist_cnn_w4a4 ...] [--pct 99] [--out bench/allocate.md]
-    .venv/bin/python -m bench.bench_allocate --render     # rewrite allocate.md and the plot from bench/allocate.json
+    .venv/bin/python -m bench.bench_allocate [--method project|finetune] [--models fmnist_cnn_w4a4 ...] [--pct 99]
+    .venv/bin/python -m bench.bench_allocate --render   # rewrite bench/allocate.md and the plots from the saved JSON
 
 Per model: calibration data = the first samples of the training split (per-layer sensitivities),
 validation data = the last samples of the training split (end-to-end checks and the choice of the
@@ -27,7 +27,8 @@ import torch
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.model_io import atomic_write_text
-from a2q_passes.transforms.allocate import AllocateAccumulators, Scorer, allocation_costs, pareto_curves, project_to
+from a2q_passes.finetune.train import FinetuneConfig
+from a2q_passes.transforms.allocate import AllocateAccumulators, Scorer, allocation_costs, pareto_curves
 from a2q_passes.verification import verify_model
 from models.data import load_dataset
 
@@ -38,16 +39,21 @@ MODELS = {
     "fmnist_mlp_w4a4": ("fashion_mnist", 2000, 2000),
     "espcn_x2_w4a4": ("sr", 512, 512),
 }
+# --method finetune: every end-to-end check (allocation, refinement, uniform P, front) fine-tunes first
+FINETUNE = FinetuneConfig(epochs=2, lr=1e-3, batch_size=64, seed=0, progress=False, log=lambda line: None)
+RUNS = {"project": ("allocate.json", "allocate_pareto.png", "Projection (PTQ, method `exact`)"),
+        "finetune": ("allocate_finetune.json", "allocate_pareto_finetune.png",
+                     "With fine-tuning (QAT, 2 epochs on the calibration data, at every evaluated allocation)")}
 
 
-def run_model(name: str, pct: float) -> dict[str, Any]:
+def run_model(name: str, pct: float, method: str) -> dict[str, Any]:
     dataset, n_calib, n_val = MODELS[name]
     x, y = load_dataset(dataset, "train")
     x_test, y_test = load_dataset(dataset, "test")
     model = ModelWrapper(str(REPO / "models" / f"{name}.onnx"))
     started = time.perf_counter()
     step = AllocateAccumulators((x[:n_calib], y[:n_calib]), (x[-n_val:], y[-n_val:]), min_score_pct=pct,
-                                early_stop=False)
+                                method=method, early_stop=False, finetune_config=FINETUNE)
     result = step(model)
     allocate_seconds = time.perf_counter() - started
     details = result.details
@@ -56,12 +62,12 @@ def run_model(name: str, pct: float) -> dict[str, Any]:
     target = details["target_val_score"]
     meeting = [u for u in curves["uniform"] if u["score"] >= target]
     uniform = min(meeting, key=lambda u: u["acc_threshold_bits"])
-    uniform_model = project_to(model, uniform["widths"])
+    uniform_model, _ = step.end_to_end(model, uniform["widths"])  # projected (or fine-tuned) as the allocation
     assert verify_model(uniform_model, uniform["widths"]).overflow_impossible
     allocation = {"widths": details["widths"], **allocation_costs(step.layers, details["widths"]),
                   "val_score": details["val_score"], "test_score": test(result.model)}
     return {
-        "model": name, "dataset": dataset, "metric": details["metric"], "samples": {
+        "model": name, "method": method, "dataset": dataset, "metric": details["metric"], "samples": {
             "calibration": n_calib, "validation": n_val, "test": int(len(x_test))},
         "pct": pct, "allocate_seconds": round(allocate_seconds, 1),
         "base": {"calibration": details["base_score"], "validation": details["base_val_score"], "test": test(model)},
@@ -94,18 +100,19 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str:
+def markdown(results: list[dict[str, Any]], command: str, seconds: float, method: str) -> list[str]:
+    _, plot_name, title = RUNS[method]
     lines = [
-        "# Mixed accumulator allocation",
+        f"## {title}",
         "",
         f"`{command}` ({seconds / 60:.1f} min, 1 torch thread). Calibration (sensitivities) = first samples of "
         "the training split, validation (end-to-end checks, best uniform P) = last samples of the training "
         "split, test = test split, reported only. Cost = accumulator registers + threshold storage bits "
         "(MH x (2^B - 1) thresholds of P + 1 bits, PE x P register bits, FINN lowering with PE = 1); "
-        "FINN LUT = `MVAU_hls.lut_estimation` summed over the allocated layers. Projection method `exact`, "
-        "no fine-tuning. Every allocated model is proven to fit its widths (`verify_model`).",
+        "FINN LUT = `MVAU_hls.lut_estimation` summed over the allocated layers. "
+        "Every allocated model is proven to fit its widths (`verify_model`).",
         "",
-        "![allocation vs uniform P](bench/plots/allocate_pareto.png)",
+        f"![allocation vs uniform P, {method}](bench/plots/{plot_name})",
         "",
         "| model | metric | model (val / test) | target (val) | allocation widths | alloc. bits | alloc. LUT "
         "| alloc. val / test | best uniform P | uniform bits | uniform LUT | uniform val / test | bits saved |",
@@ -137,34 +144,37 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
     below = [f"{r['model']} allocation {100 * r['allocation']['test_score'] / r['base']['test']:.2f}%, uniform "
              f"{100 * r['uniform_best']['test_score'] / r['base']['test']:.2f}%" for r in results]
     lines += ["", "Test split, % of the model's own test score: " + "; ".join(below) + "."]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--method", choices=list(RUNS), default="project")
     parser.add_argument("--pct", type=float, default=99.0)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "allocate.md")
-    parser.add_argument("--json", type=Path, default=REPO / "bench" / "allocate.json")
-    parser.add_argument("--plot", type=Path, default=REPO / "bench" / "plots" / "allocate_pareto.png")
-    parser.add_argument("--render", action="store_true", help="only rewrite --out and --plot from the saved --json")
+    parser.add_argument("--render", action="store_true", help="only rewrite allocate.md and the plots from the saved JSON")
     args = parser.parse_args()
-    if args.render:
-        saved = json.loads(args.json.read_text())
-        command, seconds, results = saved["command"], saved["seconds"], saved["results"]
-    else:
+    bench = REPO / "bench"
+    if not args.render:
         torch.set_num_threads(1)
         torch.manual_seed(0)
         started = time.perf_counter()
-        results = [run_model(name, args.pct) for name in args.models]
-        seconds = time.perf_counter() - started
-        command = "python -m bench.bench_allocate" + (f" --models {' '.join(args.models)}"
-                                                      if args.models != list(MODELS) else "")
-        atomic_write_text(args.json, json.dumps({"command": command, "seconds": round(seconds, 1), "results": results},
-                                                indent=1) + "\n")
-    plot(results, args.plot)
-    text = markdown(results, command, seconds)
-    atomic_write_text(args.out, text + "\n")
+        results = []
+        command = "python -m bench.bench_allocate" + (f" --method {args.method}" if args.method != "project" else "") + (
+            f" --models {' '.join(args.models)}" if args.models != list(MODELS) else "")
+        for name in args.models:  # saved after each model, so a long run keeps what it finished
+            results.append(run_model(name, args.pct, args.method))
+            atomic_write_text(bench / RUNS[args.method][0], json.dumps(
+                {"command": command, "seconds": round(time.perf_counter() - started, 1), "results": results},
+                indent=1) + "\n")
+    lines = ["# Mixed accumulator allocation"]
+    for method, (json_name, plot_name, _) in RUNS.items():
+        if (bench / json_name).is_file():
+            saved = json.loads((bench / json_name).read_text())
+            plot(saved["results"], bench / "plots" / plot_name)
+            lines += [""] + markdown(saved["results"], saved["command"], saved["seconds"], method)
+    text = "\n".join(lines)
+    atomic_write_text(bench / "allocate.md", text + "\n")
     print(text)
 
 

@@ -45,6 +45,8 @@ from a2q_passes.finetune.train import FinetuneConfig, evaluate_graph, predict
 from a2q_passes.methods import DEFAULT_METHOD, get_method
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import accumulator_is_signed, min_feasible_acc_bits
+from a2q_passes.torch_bridge import QonnxModule
+from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 
@@ -75,8 +77,6 @@ class Scorer:
         self.loss = "ce" if metric == "top1" else "mse"
         dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
         if dataset.y is None:
-            from a2q_passes.torch_bridge import QonnxModule
-
             outputs = predict(QonnxModule(reference, trainable_scales="none"), dataset.x, _CPU)
             targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs
             dataset = Dataset(dataset.x, targets.numpy(), dataset.name)
@@ -227,7 +227,7 @@ class AllocateAccumulators(A2QPass):
             raise A2QError(str(err)) from err
         self.min_score_pct, self.budget, self.method = min_score_pct, budget, method
         self.projection_method, self.metric, self.fpgapart, self.refine = projection_method, metric, fpgapart, refine
-        self.finetune_config = finetune_config or FinetuneConfig(epochs=1, progress=False)
+        self.finetune_config = finetune_config or FinetuneConfig(epochs=1, progress=False, log=lambda line: None)
         self.progress, self.early_stop = progress, early_stop
         self._shapes = shapes or (lambda model, widths: finn_layer_shapes(model, widths, fpgapart))
         self._data_source, self._val_source = data, val
@@ -249,10 +249,9 @@ class AllocateAccumulators(A2QPass):
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, disable=not self.progress)
 
-    def _end_to_end(self, model: ModelWrapper, widths: dict[str, int]) -> tuple[ModelWrapper, float]:
+    def end_to_end(self, model: ModelWrapper, widths: dict[str, int]) -> tuple[ModelWrapper, float]:
+        """``model`` projected (or fine-tuned) at ``widths``, and its validation score."""
         if self.method == "finetune":
-            from a2q_passes.transforms.finetune import FinetuneAccumulators
-
             config = replace(self.finetune_config, loss=self.scorer.loss)  # train on what is scored
             step = FinetuneAccumulators(None, self.scorer.data, self.val_scorer.data, config, overrides=widths)
             out = step(model).model
@@ -274,11 +273,15 @@ class AllocateAccumulators(A2QPass):
                         bar.update(bits - layer.min_feasible_bits)
                         break
                     layer.scores[bits] = score
-                layer.costs = {bits: layer_cost(self.cost_model, layer.shape, bits) for bits in layer.widths()}
+                try:
+                    layer.costs = {bits: layer_cost(self.cost_model, layer.shape, bits) for bits in layer.widths()}
+                except ValueError as err:
+                    raise A2QError(f"cost model '{self.cost_model.name}': {err}") from err
         return layers
 
     @staticmethod
-    def _groups(layers: list[LayerCandidates], base: float) -> list[list[Choice]]:
+    def choice_groups(layers: list[LayerCandidates], base: float) -> list[list[Choice]]:
+        """Knapsack candidates per layer, widest first: cost and predicted loss (score drop, never below 0)."""
         return [[Choice(bits, layer.costs[bits], max(0.0, base - layer.scores[bits])) for bits in layer.widths()]
                 for layer in layers]
 
@@ -298,7 +301,7 @@ class AllocateAccumulators(A2QPass):
 
     def _refine(self, model: ModelWrapper, layers: list[LayerCandidates], widths: dict[str, int], base: float,
                 target: float) -> tuple[dict[str, int], ModelWrapper, float, list[RefinementStep]]:
-        out, score = self._end_to_end(model, widths)
+        out, score = self.end_to_end(model, widths)
         history = [RefinementStep("knapsack", None, dict(widths), score)]
         raised: set[str] = set()
         with self._bar(0, "refine") as bar:
@@ -308,7 +311,7 @@ class AllocateAccumulators(A2QPass):
                     break
                 widths = {**widths, node: widths[node] + 1}
                 raised.add(node)
-                out, score = self._end_to_end(model, widths)
+                out, score = self.end_to_end(model, widths)
                 history.append(RefinementStep("raise", node, dict(widths), score))
                 bar.update(1)
             if not self.refine:
@@ -327,7 +330,7 @@ class AllocateAccumulators(A2QPass):
                     break
                 node = min(trials)[1]
                 trial = {**widths, node: widths[node] - 1}
-                trial_out, trial_score = self._end_to_end(model, trial)
+                trial_out, trial_score = self.end_to_end(model, trial)
                 bar.update(1)
                 if trial_score >= target:
                     widths, out, score = trial, trial_out, trial_score
@@ -342,7 +345,7 @@ class AllocateAccumulators(A2QPass):
         base_val = self.val_scorer(model) if self.val_scorer is not self.scorer else base
         floor = self.min_score_pct / 100.0 * base if self.min_score_pct is not None else None
         layers = self._sensitivities(model, base, floor if self.early_stop else None)
-        groups = self._groups(layers, base)
+        groups = self.choice_groups(layers, base)
         history: list[RefinementStep] = []
         if self.min_score_pct is not None:
             pick = solve_min_cost(groups, base - floor)
@@ -356,7 +359,7 @@ class AllocateAccumulators(A2QPass):
                                f"reaches, {minimum_cost(groups)} (every layer at its smallest feasible width)")
             widths = {layer.node: groups[i][j].bits for i, (layer, j) in enumerate(zip(layers, pick.picks))}
             target = None
-            out, score = self._end_to_end(model, widths)
+            out, score = self.end_to_end(model, widths)
         self.widths = widths
         bits_model = get_cost_model("bits")
         details = {
@@ -407,7 +410,7 @@ def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int =
     uniform_ps = list(range(max(layer.exact_bits for layer in layers), lowest - 1, -1))
     base = step.scorer(model)
     # the front's cheap end predicts chance-level scores; keep the region a target can sit in
-    front = [pick for pick in pareto_front(step._groups(layers, base)) if pick.loss <= 0.25 * abs(base)]
+    front = [pick for pick in pareto_front(step.choice_groups(layers, base)) if pick.loss <= 0.25 * abs(base)]
     if len(front) > points:
         front = [front[int(round(i))] for i in np.linspace(0, len(front) - 1, points)]
     uniform, allocated = [], []
@@ -415,13 +418,13 @@ def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int =
               disable=not progress) as bar:
         for p in uniform_ps:
             widths = {layer.node: min(p, layer.exact_bits) for layer in layers}
-            _, score = step._end_to_end(model, widths)
+            _, score = step.end_to_end(model, widths)
             uniform.append({"P": p, "widths": widths, "cost": _total(layers, widths, cost),
                             **allocation_costs(layers, widths), "score": score})
             bar.update(1)
         for pick in front:
             widths = {layer.node: layer.widths()[j] for layer, j in zip(layers, pick.picks)}
-            _, score = step._end_to_end(model, widths)
+            _, score = step.end_to_end(model, widths)
             allocated.append({"widths": widths, "cost": pick.cost, "predicted_loss": pick.loss,
                               **allocation_costs(layers, widths), "score": score})
             bar.update(1)
