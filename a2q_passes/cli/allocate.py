@@ -89,6 +89,9 @@ def draw_pareto(ax: Any, curves: dict[str, Any], title: str, chosen: dict[str, A
                 label="chosen allocation")
     if target is not None:
         ax.axhline(target, color="black", linestyle=":", linewidth=1, label="target score")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # five-digit bit counts collide at the default density
     ax.set_xlabel("accumulator + threshold bits")
     ax.set_ylabel(curves["metric"])
     ax.set_title(title)
