@@ -167,5 +167,5 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     return [*steps[:first], project, *steps[first:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_project", "step_a2q_set_accumulators", "step_a2q_verify",
-           "with_a2q_steps"]
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_project", "step_a2q_set_accumulators",
+           "step_a2q_verify", "with_a2q_steps"]
