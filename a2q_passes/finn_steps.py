@@ -115,6 +115,18 @@ def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return _project(model, acc_bits, method)
 
 
+def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """In place of ``step_a2q_project``: choose a width per layer (``a2q allocate``), project to it, record it.
+
+    Reads ``cfg.a2q_allocate_data`` (calibration ``.npz``, required), ``cfg.a2q_allocate_val``,
+    one of ``cfg.a2q_min_score_pct`` (default 99) / ``cfg.a2q_budget_bits`` / ``cfg.a2q_budget_lut``,
+    ``cfg.a2q_method`` and ``cfg.fpga_part``; writes ``report/a2q_allocation.json`` under ``cfg.output_dir``.
+    """
+    from a2q_passes.transforms.allocate import allocate_for_finn
+
+    return allocate_for_finn(model, cfg)
+
+
 def step_a2q_set_accumulators(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Set every MVAU/VVAU ``accDataType`` to its exact range, never wider than its target (see module docstring)."""
     return _set_accumulators(model, _settings(cfg)[0])
@@ -155,5 +167,5 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     return [*steps[:first], project, *steps[first:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_project", "step_a2q_set_accumulators", "step_a2q_verify",
-           "with_a2q_steps"]
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_project", "step_a2q_set_accumulators",
+           "step_a2q_verify", "with_a2q_steps"]

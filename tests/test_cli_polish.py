@@ -63,7 +63,7 @@ def test_help_examples_run_as_written(tmp_path):
     for folder in ("models", "scripts"):
         (tmp_path / folder).symlink_to(ROOT / folder)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
-    for name in ("analyze", "annotate", "project", "verify", "finetune", "lower", "report"):
+    for name in ("analyze", "annotate", "project", "verify", "finetune", "allocate", "lower", "report"):
         for line in EXAMPLES[name]:
             done = subprocess.run(shlex.split(line), cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=600)

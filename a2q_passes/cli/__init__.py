@@ -55,7 +55,7 @@ def _root(
                        "give a path in an existing, writable folder") from err
 
 # Importing a command module registers its command on ``app``.
-from a2q_passes.cli import analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
+from a2q_passes.cli import allocate, analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
 from a2q_passes.cli.examples import add_examples  # noqa: E402
 
 add_examples(app)

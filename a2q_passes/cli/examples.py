@@ -30,6 +30,10 @@ EXAMPLES: dict[str, list[str]] = {
         "python scripts/demo_data.py npz digits 600 t.npz train",
         "a2q finetune models/digits_cnn_w4a4.onnx q12.onnx --acc-bits 12 --data t.npz",
     ],
+    "allocate": [
+        "a2q allocate digits_p13.onnx --data t.npz --min-score-pct 99 -o w.json",
+        "a2q project digits_p13.onnx digits_mixed.onnx --widths-json w.json",
+    ],
     "lower": [
         "a2q lower digits_p13.onnx digits_hw.onnx --from-annotations",
     ],

@@ -1,0 +1,474 @@
+"""``AllocateAccumulators``: choose an accumulator width per layer (mixed allocation), graph side.
+
+1. **Candidates**: every constrainable layer (quantized weights behind a QONNX ``Quant``, quantized
+   input, not bipolar) from its exact width down to its smallest feasible width
+   (:func:`a2q_passes.projection.min_feasible_acc_bits`).
+2. **Cost** of each candidate from a cost model of :mod:`a2q_passes.allocation`. The layer shapes
+   it needs (MH, PE, output bits, thresholds or not, FINN's LUT estimate per width) come from
+   FINN's own lowering of the model and :func:`a2q_passes.resources.resource_report`, matched to
+   the QONNX layers by weight signature.
+3. **Sensitivity**: the score on the calibration data when only that layer is projected
+   (:class:`~a2q_passes.transforms.project.ProjectToAccumulator`) to the candidate width. The score
+   is the fine-tuning validation metric (:func:`a2q_passes.finetune.train.evaluate_graph`): top-1 %
+   or PSNR dB, against the data's ``y`` or, without it, against the original model's outputs.
+   With a score target, a layer's descent stops at the first width whose score alone misses it.
+4. **Knapsack**: exact multiple-choice knapsack over the candidates (additive loss model).
+5. **Refinement** (score target only), with real end-to-end evaluation on the validation data: while
+   the allocation misses the target, one bit goes back to the layer whose predicted loss falls most
+   per unit of cost; then layers not raised try one bit less at a time, kept where the score still
+   meets the target (the additive estimate is often pessimistic).
+6. The output model is the input projected to the allocation (``method="finetune"``: fine-tuned at
+   it by :class:`~a2q_passes.transforms.finetune.FinetuneAccumulators`). ``ensures`` proves every
+   allocated width on it with :func:`a2q_passes.verification.verify_model`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from qonnx.core.modelwrapper import ModelWrapper
+from tqdm import tqdm
+
+from a2q_passes.allocation import (
+    DEFAULT_COST_MODEL, Choice, CostModel, LayerShape, get_cost_model, layer_cost, minimum_cost, pareto_front,
+    solve_max_score, solve_min_cost,
+)
+from a2q_passes.analysis import analyze_model
+from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
+from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
+from a2q_passes.finetune.selection import select_layers
+from a2q_passes.finetune.train import FinetuneConfig, evaluate_graph, predict
+from a2q_passes.methods import DEFAULT_METHOD, get_method
+from a2q_passes.passes import A2QPass, PassResult
+from a2q_passes.projection import accumulator_is_signed, min_feasible_acc_bits
+from a2q_passes.torch_bridge import QonnxModule
+from a2q_passes.transforms.finetune import FinetuneAccumulators
+from a2q_passes.transforms.project import ProjectToAccumulator
+from a2q_passes.verification import verify_model
+
+METRICS = ("auto", "top1", "psnr")
+ALLOCATION_METHODS = ("project", "finetune")
+DEFAULT_FPGAPART = "xczu3eg-sbva484-1-e"  # the part of the FINN resource benchmark
+DataLike = Dataset | str | tuple | np.ndarray
+_CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """Scores graphs on one data set with the fine-tuning metric (top-1 % or PSNR dB).
+
+    Data without ``y`` is scored against ``reference``'s outputs (its argmax for top-1), computed
+    once here.
+    """
+
+    def __init__(self, reference: ModelWrapper, data: DataLike, metric: str = "auto", name: str = "data") -> None:
+        io = ModelIO.of(reference)
+        if metric not in METRICS:
+            raise A2QError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
+        if metric == "auto":
+            metric = "top1" if io.output_shape is not None and len(io.output_shape) == 1 else "psnr"
+        self.metric = metric
+        self.loss = "ce" if metric == "top1" else "mse"
+        dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
+        if dataset.y is None:
+            outputs = predict(QonnxModule(reference, trainable_scales="none"), dataset.x, _CPU)
+            targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs
+            dataset = Dataset(dataset.x, targets.numpy(), dataset.name)
+        self.data = dataset
+
+    @property
+    def unit(self) -> str:
+        return "top-1 %" if self.metric == "top1" else "PSNR dB"
+
+    def __call__(self, model: ModelWrapper) -> float:
+        return float(evaluate_graph(model, self.data, self.loss, _CPU))
+
+
+# --------------------------------------------------------------------------- layer facts
+
+
+@dataclass
+class LayerCandidates:
+    """One allocatable layer: its widths, their costs and single-layer scores (JSON-ready)."""
+
+    node: str
+    exact_bits: int
+    min_feasible_bits: int
+    shape: LayerShape
+    costs: dict[int, int] = field(default_factory=dict)  # P -> cost (chosen cost model)
+    scores: dict[int, float] = field(default_factory=dict)  # P -> calibration score, only this layer at P
+
+    def widths(self) -> list[int]:
+        """Evaluated widths, widest first."""
+        return sorted(self.scores, reverse=True)
+
+    def to_json(self) -> dict[str, Any]:
+        shape = asdict(self.shape)
+        shape["finn_lut"] = {str(k): v for k, v in sorted(shape["finn_lut"].items())}
+        return {"node": self.node, "exact_bits": self.exact_bits, "min_feasible_bits": self.min_feasible_bits,
+                "shape": shape, "costs": {str(k): v for k, v in sorted(self.costs.items())},
+                "scores": {str(k): v for k, v in sorted(self.scores.items())}}
+
+
+def allocatable_layers(model: ModelWrapper) -> list[tuple[str, int, int]]:
+    """``(node, exact bits, smallest feasible bits)`` of every layer the allocation may narrow.
+
+    The layers fine-tuning can constrain (QONNX ``Quant`` weights on a quantized input), less
+    bipolar ones (no zero weight: projection cannot shrink them).
+    """
+    selection = select_layers(model, 64)
+    reports = analyze_model(model).by_node()
+    layers = []
+    for layer in selection.layers:
+        mac = layer.mac
+        if mac.binary_xnor or mac.source.kind == "bipolar_quant":
+            continue
+        exact = reports[mac.node].bounds["exact"]
+        signed = accumulator_is_signed(mac.integer_rows(model), mac.grid.range)
+        smallest = min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed))
+        layers.append((mac.node, int(exact), int(smallest)))
+    return layers
+
+
+def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapart: str) -> dict[str, LayerShape]:
+    """Cost-model facts per QONNX layer from FINN's lowering, with FINN's LUT estimate at each width in ``widths``.
+
+    Each width needs one :func:`resource_report` (all layers at once: a layer's estimate depends on
+    its own width only).
+    """
+    from a2q_passes.finn_flow import lower_to_finn_hw
+    from a2q_passes.finn_runtime import validate_fpgapart
+    from a2q_passes.resources import resource_report
+    from a2q_passes.transforms.lower import layer_signatures, match_layers
+
+    part = validate_fpgapart(fpgapart)
+    hw, _ = lower_to_finn_hw(model)
+    to_qonnx = match_layers(layer_signatures(model), layer_signatures(hw))
+    to_hw = {q: h for h, q in to_qonnx.items()}
+    missing = [name for name in widths if name not in to_hw]
+    if missing:
+        raise A2QError(f"FINN did not lower layer(s) {', '.join(missing)} to an MVAU/VVAU, so their hardware cost is "
+                       f"unknown; `a2q lower MODEL OUT` shows why. Allocation needs a model FINN can lower")
+    facts = {layer["node"]: layer for layer in resource_report(hw, part)["layers"]}
+    luts: dict[str, dict[int, int]] = {name: {} for name in widths}
+    for bits in sorted({p for ps in widths.values() for p in ps}):
+        chosen = {to_hw[name]: bits for name, ps in widths.items() if bits in ps}
+        for layer in resource_report(hw, part, chosen)["layers"]:
+            name = to_qonnx.get(layer["node"])
+            if layer["node"] in chosen:
+                luts[name][bits] = int(layer["target"]["LUT"])
+    return {name: LayerShape(name, int(facts[to_hw[name]]["channels"]), int(facts[to_hw[name]]["PE"]),
+                             int(facts[to_hw[name]]["output_bits"]) if facts[to_hw[name]]["has_thresholds"] else None,
+                             luts[name])
+            for name in widths}
+
+
+# --------------------------------------------------------------------------- end-to-end
+
+
+def project_to(model: ModelWrapper, widths: dict[str, int], method: str = DEFAULT_METHOD) -> ModelWrapper:
+    """``model`` with every named layer projected to its width (recorded in the metadata)."""
+    return model.transform(ProjectToAccumulator(None, widths, method))
+
+
+def _total(layers: list[LayerCandidates], widths: dict[str, int], cost: CostModel) -> int:
+    return sum(layer_cost(cost, layer.shape, widths[layer.node]) for layer in layers)
+
+
+def _predicted_loss(layers: list[LayerCandidates], widths: dict[str, int], base: float) -> float:
+    return float(sum(max(0.0, base - layer.scores[widths[layer.node]]) for layer in layers))
+
+
+@dataclass
+class RefinementStep:
+    action: str  # "knapsack", "raise", "lower" (kept) or "lower rejected"
+    node: str | None
+    widths: dict[str, int]
+    score: float
+
+
+class AllocateAccumulators(A2QPass):
+    """Pick a width per layer: least cost at ``min_score_pct`` % of the model's score, or best score within ``budget``.
+
+    ``data``: calibration data (sensitivities; fine-tuning data for ``method="finetune"``);
+    ``val``: validation data for the end-to-end checks (default: ``data``). ``budget`` is in the
+    units of ``cost_model``. ``early_stop=False`` scores every candidate down to the smallest
+    feasible width even with a score target (full Pareto fronts). ``shapes(model, {layer: widths})``
+    replaces the FINN lowering that provides the cost-model facts. Results: ``self.widths``,
+    ``self.layers`` and ``self.result.details``.
+    """
+
+    def __init__(self, data: DataLike, val: DataLike | None = None, *, min_score_pct: float | None = None,
+                 budget: int | None = None, cost_model: str = DEFAULT_COST_MODEL, method: str = "project",
+                 projection_method: str = DEFAULT_METHOD, metric: str = "auto", fpgapart: str = DEFAULT_FPGAPART,
+                 finetune_config: FinetuneConfig | None = None, refine: bool = True, early_stop: bool = True,
+                 progress: bool = True,
+                 shapes: Callable[[ModelWrapper, dict[str, list[int]]], dict[str, LayerShape]] | None = None) -> None:
+        super().__init__()
+        if (min_score_pct is None) == (budget is None):
+            raise A2QError("give exactly one target: a minimum score (--min-score-pct) or a budget (--budget-bits / "
+                           "--budget-lut)")
+        if min_score_pct is not None and not 0 < min_score_pct <= 100:
+            raise A2QError(f"--min-score-pct must be in (0, 100], got {min_score_pct}")
+        if budget is not None and budget < 0:
+            raise A2QError(f"the budget must be non-negative, got {budget}")
+        if method not in ALLOCATION_METHODS:
+            raise A2QError(f"--method must be one of {', '.join(ALLOCATION_METHODS)}, got '{method}'")
+        try:
+            self.cost_model = get_cost_model(cost_model)
+            get_method(projection_method)
+        except ValueError as err:
+            raise A2QError(str(err)) from err
+        self.min_score_pct, self.budget, self.method = min_score_pct, budget, method
+        self.projection_method, self.metric, self.fpgapart, self.refine = projection_method, metric, fpgapart, refine
+        self.finetune_config = finetune_config or FinetuneConfig(epochs=1, progress=False, log=lambda line: None)
+        self.progress, self.early_stop = progress, early_stop
+        self._shapes = shapes or (lambda model, widths: finn_layer_shapes(model, widths, fpgapart))
+        self._data_source, self._val_source = data, val
+        self.widths: dict[str, int] = {}
+
+    def requires(self, model: ModelWrapper) -> None:
+        try:
+            self._layers = allocatable_layers(model)
+        except A2QError as err:
+            raise PreconditionError(f"nothing to allocate: {err}") from err
+        if not self._layers:
+            raise PreconditionError("nothing to allocate: every constrainable layer has bipolar weights")
+        self.scorer = Scorer(model, self._data_source, self.metric, "calibration data")
+        self.val_scorer = (Scorer(model, self._val_source, self.scorer.metric, "validation data")
+                           if self._val_source is not None else self.scorer)
+
+    # ------------------------------------------------------------------ steps
+
+    def _bar(self, total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, disable=not self.progress)
+
+    def end_to_end(self, model: ModelWrapper, widths: dict[str, int]) -> tuple[ModelWrapper, float]:
+        """``model`` projected (or fine-tuned) at ``widths``, and its validation score."""
+        if self.method == "finetune":
+            config = replace(self.finetune_config, loss=self.scorer.loss)  # train on what is scored
+            step = FinetuneAccumulators(None, self.scorer.data, self.val_scorer.data, config, overrides=widths)
+            out = step(model).model
+        else:
+            out = project_to(model, widths, self.projection_method)
+        return out, self.val_scorer(out)
+
+    def _sensitivities(self, model: ModelWrapper, base: float, floor: float | None) -> list[LayerCandidates]:
+        widths = {node: list(range(exact, smallest - 1, -1)) for node, exact, smallest in self._layers}
+        shapes = self._shapes(model, widths)
+        layers = [LayerCandidates(node, exact, smallest, shapes[node]) for node, exact, smallest in self._layers]
+        with self._bar(sum(len(w) - 1 for w in widths.values()), "sensitivity") as bar:
+            for layer in layers:
+                layer.scores[layer.exact_bits] = base  # projection leaves weights that already fit untouched
+                for bits in widths[layer.node][1:]:
+                    score = self.scorer(project_to(model, {layer.node: bits}, self.projection_method))
+                    bar.update(1)
+                    if floor is not None and score < floor:  # alone it misses the target: never part of a pick
+                        bar.update(bits - layer.min_feasible_bits)
+                        break
+                    layer.scores[bits] = score
+                try:
+                    layer.costs = {bits: layer_cost(self.cost_model, layer.shape, bits) for bits in layer.widths()}
+                except ValueError as err:
+                    raise A2QError(f"cost model '{self.cost_model.name}': {err}") from err
+        return layers
+
+    @staticmethod
+    def choice_groups(layers: list[LayerCandidates], base: float) -> list[list[Choice]]:
+        """Knapsack candidates per layer, widest first: cost and predicted loss (score drop, never below 0)."""
+        return [[Choice(bits, layer.costs[bits], max(0.0, base - layer.scores[bits])) for bits in layer.widths()]
+                for layer in layers]
+
+    def _raise_one(self, layers: list[LayerCandidates], widths: dict[str, int], base: float) -> str | None:
+        """The layer whose predicted loss falls most per unit of cost when it gets one bit back."""
+        best, best_key = None, None
+        for layer in layers:
+            bits = widths[layer.node]
+            if bits >= layer.exact_bits:
+                continue
+            loss_now, loss_up = (max(0.0, base - layer.scores[b]) for b in (bits, bits + 1))
+            extra = max(layer.costs[bits + 1] - layer.costs[bits], 1)
+            key = ((loss_now - loss_up) / extra, loss_now, -extra)
+            if best_key is None or key > best_key:
+                best, best_key = layer.node, key
+        return best
+
+    def _refine(self, model: ModelWrapper, layers: list[LayerCandidates], widths: dict[str, int], base: float,
+                target: float) -> tuple[dict[str, int], ModelWrapper, float, list[RefinementStep]]:
+        out, score = self.end_to_end(model, widths)
+        history = [RefinementStep("knapsack", None, dict(widths), score)]
+        raised: set[str] = set()
+        with self._bar(0, "refine") as bar:
+            while score < target:
+                node = self._raise_one(layers, widths, base)
+                if node is None:  # every layer at its exact width: the input model itself
+                    break
+                widths = {**widths, node: widths[node] + 1}
+                raised.add(node)
+                out, score = self.end_to_end(model, widths)
+                history.append(RefinementStep("raise", node, dict(widths), score))
+                bar.update(1)
+            if not self.refine:
+                return widths, out, score, history
+            frozen = set(raised)
+            while True:
+                trials = []
+                for layer in layers:
+                    bits = widths[layer.node]
+                    if layer.node in frozen or bits - 1 not in layer.scores:
+                        continue
+                    saving = layer.costs[bits] - layer.costs[bits - 1]
+                    extra_loss = max(0.0, base - layer.scores[bits - 1]) - max(0.0, base - layer.scores[bits])
+                    trials.append((-saving / max(extra_loss, 1e-9), layer.node))
+                if not trials:
+                    break
+                node = min(trials)[1]
+                trial = {**widths, node: widths[node] - 1}
+                trial_out, trial_score = self.end_to_end(model, trial)
+                bar.update(1)
+                if trial_score >= target:
+                    widths, out, score = trial, trial_out, trial_score
+                    history.append(RefinementStep("lower", node, dict(widths), score))
+                else:
+                    frozen.add(node)
+                    history.append(RefinementStep("lower rejected", node, dict(trial), trial_score))
+        return widths, out, score, history
+
+    def call(self, model: ModelWrapper) -> PassResult:
+        base = self.scorer(model)
+        base_val = self.val_scorer(model) if self.val_scorer is not self.scorer else base
+        floor = self.min_score_pct / 100.0 * base if self.min_score_pct is not None else None
+        layers = self._sensitivities(model, base, floor if self.early_stop else None)
+        groups = self.choice_groups(layers, base)
+        history: list[RefinementStep] = []
+        if self.min_score_pct is not None:
+            pick = solve_min_cost(groups, base - floor)
+            widths = {layer.node: groups[i][j].bits for i, (layer, j) in enumerate(zip(layers, pick.picks))}
+            target = self.min_score_pct / 100.0 * base_val
+            widths, out, score, history = self._refine(model, layers, widths, base, target)
+        else:
+            pick = solve_max_score(groups, self.budget)
+            if pick is None:
+                raise A2QError(f"budget {self.budget} ({self.cost_model.name}) is below the least cost any allocation "
+                               f"reaches, {minimum_cost(groups)} (every layer at its smallest feasible width)")
+            widths = {layer.node: groups[i][j].bits for i, (layer, j) in enumerate(zip(layers, pick.picks))}
+            target = None
+            out, score = self.end_to_end(model, widths)
+        self.widths = widths
+        bits_model = get_cost_model("bits")
+        details = {
+            "metric": self.scorer.unit, "method": self.method, "projection_method": self.projection_method,
+            "cost_model": self.cost_model.name, "objective": (
+                {"min_score_pct": self.min_score_pct} if self.min_score_pct is not None else {"budget": self.budget}),
+            "base_score": base, "base_val_score": base_val, "target_val_score": target, "val_score": score,
+            "meets_target": None if target is None else score >= target,
+            "score_pct": 100.0 * score / base_val if base_val else None,
+            "predicted_loss": _predicted_loss(layers, widths, base),
+            "cost": _total(layers, widths, self.cost_model),
+            "cost_exact_widths": _total(layers, {la.node: la.exact_bits for la in layers}, self.cost_model),
+            **allocation_costs(layers, widths), "widths": dict(widths), "layers": [layer.to_json() for layer in layers],
+            "refinement": [asdict(step) for step in history],
+        }
+        self.layers = layers
+        return PassResult(out, True, details)
+
+    def ensures(self, result: PassResult) -> None:
+        report = verify_model(result.model, self.widths)
+        if not report.overflow_impossible:
+            names = ", ".join(f"{v.node} ({v.proof})" for v in report.blocking)
+            raise PostconditionError(f"allocated widths not proven on the output model: {names}")
+
+
+def allocation_costs(layers: list[LayerCandidates], widths: dict[str, int]) -> dict[str, int | None]:
+    """Accumulator + threshold bits and FINN's LUT estimate (None where not tabulated) of an allocation."""
+    bits = _total(layers, widths, get_cost_model("bits"))
+    tabulated = all(widths[la.node] in la.shape.finn_lut for la in layers)
+    return {"acc_threshold_bits": bits,
+            "finn_lut": _total(layers, widths, get_cost_model("finn-lut")) if tabulated else None}
+
+
+# --------------------------------------------------------------------------- Pareto fronts
+
+
+def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int = 8,
+                  progress: bool = True) -> dict[str, Any]:
+    """Cost vs end-to-end validation score: uniform P against the knapsack's Pareto front (after ``step`` ran).
+
+    Uniform P runs from the widest exact width down to the narrowest P every layer can take; a
+    layer's cost at uniform P is its cost at ``min(P, exact)`` (FINN keeps the exact width when it
+    is narrower). Up to ``points`` picks of the knapsack front whose predicted loss is at most 25 %
+    of the calibration score, spread evenly along it, are projected (or fine-tuned) and scored end to end.
+    """
+    layers, cost = step.layers, step.cost_model
+    lowest = max(layer.min_feasible_bits for layer in layers)
+    uniform_ps = list(range(max(layer.exact_bits for layer in layers), lowest - 1, -1))
+    base = step.scorer(model)
+    # the front's cheap end predicts chance-level scores; keep the region a target can sit in
+    front = [pick for pick in pareto_front(step.choice_groups(layers, base)) if pick.loss <= 0.25 * abs(base)]
+    if len(front) > points:
+        front = [front[int(round(i))] for i in np.linspace(0, len(front) - 1, points)]
+    uniform, allocated = [], []
+    with tqdm(total=len(uniform_ps) + len(front), desc="pareto", leave=False, file=sys.stderr,
+              disable=not progress) as bar:
+        for p in uniform_ps:
+            widths = {layer.node: min(p, layer.exact_bits) for layer in layers}
+            _, score = step.end_to_end(model, widths)
+            uniform.append({"P": p, "widths": widths, "cost": _total(layers, widths, cost),
+                            **allocation_costs(layers, widths), "score": score})
+            bar.update(1)
+        for pick in front:
+            widths = {layer.node: layer.widths()[j] for layer, j in zip(layers, pick.picks)}
+            _, score = step.end_to_end(model, widths)
+            allocated.append({"widths": widths, "cost": pick.cost, "predicted_loss": pick.loss,
+                              **allocation_costs(layers, widths), "score": score})
+            bar.update(1)
+    return {"cost_model": cost.name, "metric": step.scorer.unit, "uniform": uniform, "allocation": allocated}
+
+
+# --------------------------------------------------------------------------- FINN build step
+
+
+ALLOCATION_REPORT_FILE = "a2q_allocation.json"
+
+
+def allocate_for_finn(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """The work of :func:`a2q_passes.finn_steps.step_a2q_allocate` (settings as attributes of ``cfg``).
+
+    The returned QONNX model is projected to the allocation, records its widths (as ``a2q project``
+    does) and the weight signatures ``step_a2q_set_accumulators`` maps them to MVAU/VVAU nodes with.
+    """
+    import json
+    from pathlib import Path
+
+    from a2q_passes.model_io import atomic_write_text
+    from a2q_passes.transforms.lower import record_weight_signatures
+
+    data = getattr(cfg, "a2q_allocate_data", None)
+    if data is None:
+        raise A2QError("step_a2q_allocate: no calibration data. Set cfg.a2q_allocate_data = 'calib.npz' "
+                       "(arrays x and optional y)")
+    budgets = {name: getattr(cfg, f"a2q_budget_{name}", None) for name in ("bits", "lut")}
+    given = [name for name, value in budgets.items() if value is not None]
+    if len(given) > 1 or (given and getattr(cfg, "a2q_min_score_pct", None) is not None):
+        raise A2QError("step_a2q_allocate: set only one of cfg.a2q_min_score_pct, cfg.a2q_budget_bits, cfg.a2q_budget_lut")
+    step = AllocateAccumulators(
+        data, getattr(cfg, "a2q_allocate_val", None),
+        min_score_pct=None if given else getattr(cfg, "a2q_min_score_pct", None) or 99.0,
+        budget=budgets[given[0]] if given else None, cost_model="finn-lut" if given == ["lut"] else "bits",
+        projection_method=getattr(cfg, "a2q_method", DEFAULT_METHOD),
+        fpgapart=getattr(cfg, "fpga_part", None) or DEFAULT_FPGAPART, progress=False)
+    result = step(model)
+    out = result.model
+    record_weight_signatures(out)
+    output_dir = getattr(cfg, "output_dir", None)
+    if output_dir is not None:
+        report_dir = Path(output_dir) / "report"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(report_dir / ALLOCATION_REPORT_FILE, json.dumps(result.details, indent=2))
+    return out

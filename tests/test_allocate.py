@@ -1,0 +1,262 @@
+"""``a2q allocate``: exact knapsack, cost models, and the allocation flow on the committed digits CNN."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+
+from a2q_passes.allocation import (
+    Choice, FunctionCost, LayerShape, get_cost_model, layer_cost, pareto_front, register_cost_model, solve_max_score,
+    solve_min_cost,
+)
+from a2q_passes.cli import main
+from a2q_passes.errors import A2QError
+from a2q_passes.finn_steps import step_a2q_allocate
+from a2q_passes.metadata import recorded_widths
+from a2q_passes.transforms.allocate import AllocateAccumulators
+from models.data import load_dataset
+from models.evaluate import accuracy, predict_onnx
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "digits_cnn_w4a4.onnx"
+# digits_cnn (models/README.md): conv 1->16 and conv 16->32 feed 4-bit activations, fc 32->10 gives logits
+CHANNELS = {"Conv_0": 16, "Conv_1": 32, "Gemm_0": 10}
+ACT_BITS = {"Conv_0": 4, "Conv_1": 4, "Gemm_0": None}
+
+
+def _hand_cost(widths: dict[str, int]) -> int:
+    """Accumulator + threshold bits written out from the issue: PE x P + MH x (2^B - 1) x (P + 1), PE = 1."""
+    total = 0
+    for name, p in widths.items():
+        total += p
+        if ACT_BITS[name] is not None:
+            total += CHANNELS[name] * (2 ** ACT_BITS[name] - 1) * (p + 1)
+    return total
+
+
+def _shapes(model: ModelWrapper, widths: dict[str, list[int]]) -> dict[str, LayerShape]:
+    """The digits CNN's cost facts by hand, in place of the (slow) FINN lowering."""
+    return {name: LayerShape(name, CHANNELS[name], 1, ACT_BITS[name]) for name in widths}
+
+
+@pytest.fixture
+def a2q(capsys, monkeypatch):
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["a2q", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main()
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=stop.value.code or 0, stdout=captured.out, stderr=captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> SimpleNamespace:
+    folder = tmp_path_factory.mktemp("allocate_data")
+    x, y = load_dataset("digits", "train")
+    x_val, y_val = load_dataset("digits", "test")
+    np.savez(folder / "calib.npz", x=x[:300], y=y[:300])
+    np.savez(folder / "val.npz", x=x_val, y=y_val)
+    return SimpleNamespace(calib=folder / "calib.npz", val=folder / "val.npz", x_val=x_val, y_val=y_val,
+                           calib_xy=(x[:300], y[:300]), val_xy=(x_val, y_val))
+
+
+# --------------------------------------------------------------------------- pure core
+
+
+def _brute_force(groups):
+    picks = list(itertools.product(*[range(len(g)) for g in groups]))
+    return [(sum(g[j].cost for g, j in zip(groups, p)), sum(g[j].loss for g, j in zip(groups, p))) for p in picks]
+
+
+def test_knapsack_matches_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for _ in range(300):
+        groups = [[Choice(b, rng.randint(0, 40), round(rng.random() * 5, 3)) for b in range(rng.randint(1, 4))]
+                  for _ in range(rng.randint(1, 4))]
+        every = _brute_force(groups)
+        max_loss = rng.random() * 8
+        pick = solve_min_cost(groups, max_loss)
+        feasible = [c for c, loss in every if loss <= max_loss + 1e-9]
+        assert (pick is None) == (not feasible)
+        if pick is not None:
+            assert pick.cost == min(feasible) and pick.loss <= max_loss + 1e-9
+            assert pick.cost == sum(g[j].cost for g, j in zip(groups, pick.picks))
+        budget = rng.randint(0, 100)
+        pick = solve_max_score(groups, budget)
+        within = [loss for c, loss in every if c <= budget]
+        assert (pick is None) == (not within)
+        if pick is not None:
+            assert pick.cost <= budget and pick.loss == pytest.approx(min(within), abs=1e-9)
+        front = pareto_front(groups)
+        assert [p.cost for p in front] == sorted(p.cost for p in front)
+        for point in front:  # nothing dominates a front point, and the cheapest-best point is on it
+            assert not any(c <= point.cost and loss < point.loss - 1e-9 for c, loss in every)
+        assert front[0].cost == min(c for c, _ in every)
+        assert front[-1].loss == pytest.approx(min(loss for _, loss in every), abs=1e-9)
+
+
+def test_bits_cost_model_and_registry():
+    bits = get_cost_model("bits")
+    assert layer_cost(bits, LayerShape("a", channels=16, pe=2, output_bits=4), 10) == 2 * 10 + 16 * 15 * 11
+    assert layer_cost(bits, LayerShape("b", channels=10, pe=1, output_bits=None), 12) == 12
+    with pytest.raises(ValueError, match="no FINN LUT estimate at 9 bits"):
+        layer_cost(get_cost_model("finn-lut"), LayerShape("c", 8, finn_lut={10: 300}), 9)
+    with pytest.raises(ValueError, match="unknown cost model 'nope'; available: .*bits"):
+        get_cost_model("nope")
+    register_cost_model("test-half", FunctionCost("test-half", "half a bit", lambda layer, p: p / 2), replace=True)
+    with pytest.raises(ValueError, match="non-negative integers"):
+        layer_cost(get_cost_model("test-half"), LayerShape("d", 1), 5)
+
+
+# --------------------------------------------------------------------------- flow through the CLI
+
+
+def _input_range(model: ModelWrapper, tensor: str) -> tuple[int, int]:
+    """Integer code range of a tensor, read from the Quant node above it (through MaxPool/Reshape/...)."""
+    node = model.find_producer(tensor)
+    while node.op_type != "Quant":
+        node = model.find_producer(node.input[0])
+    bits = int(model.get_initializer(node.input[3]))
+    signed = next(a.i for a in node.attribute if a.name == "signed")
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _worst_case_widths_by_execution(path: Path) -> dict[str, int]:
+    """Each MAC layer's exact width from the integer weights qonnx's executor produces (Python ints)."""
+    model = ModelWrapper(str(path))
+    x = np.zeros([1, *model.get_tensor_shape(model.graph.input[0].name)[1:]], dtype=np.float32)
+    context = execute_onnx(model, {model.graph.input[0].name: x}, return_full_exec_context=True)
+    widths = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        quant = model.find_producer(node.input[1])
+        scale = model.get_initializer(quant.input[1])
+        codes = context[node.input[1]] / scale
+        q = np.rint(codes).astype(np.int64)
+        assert np.allclose(codes, q, atol=1e-3)
+        rows = q.reshape(q.shape[0], -1)
+        lo, hi = _input_range(model, node.input[0])
+        acc_max = max(sum(max(int(w) * lo, int(w) * hi) for w in row) for row in rows)
+        acc_min = min(sum(min(int(w) * lo, int(w) * hi) for w in row) for row in rows)
+        p = 1
+        if acc_min >= 0:
+            while acc_max > (1 << p) - 1:
+                p += 1
+        else:
+            while acc_max > (1 << (p - 1)) - 1 or acc_min < -(1 << (p - 1)):
+                p += 1
+        widths[node.name] = p
+    return widths
+
+
+@pytest.fixture(scope="module")
+def allocated(data, tmp_path_factory) -> SimpleNamespace:
+    """One real run of the CLI (FINN lowering included) at 99 % of the model's validation score."""
+    import sys
+    from unittest import mock
+
+    folder = tmp_path_factory.mktemp("allocated")
+    out = folder / "w.json"
+    argv = ["a2q", "allocate", str(MODEL), "--data", str(data.calib), "--val", str(data.val),
+            "--min-score-pct", "99", "-o", str(out), "--json", "--no-progress", "--plot", str(folder / "p.png")]
+    with mock.patch.object(sys, "argv", argv), mock.patch("typer.echo") as echo:
+        with pytest.raises(SystemExit) as stop:
+            main()
+    assert (stop.value.code or 0) == 0
+    details = json.loads(echo.call_args_list[-1].args[0])
+    return SimpleNamespace(folder=folder, widths_path=out, details=details)
+
+
+def test_allocation_meets_the_target_and_is_verified(allocated, data, a2q, tmp_path):
+    widths = json.loads(allocated.widths_path.read_text())
+    details = allocated.details
+    assert widths == details["widths"] and all(isinstance(v, int) for v in widths.values())
+    for layer in details["layers"]:
+        assert layer["min_feasible_bits"] <= widths[layer["node"]] <= layer["exact_bits"]
+    assert details["cost"] == _hand_cost(widths) < _hand_cost({la["node"]: la["exact_bits"] for la in details["layers"]})
+    assert (allocated.folder / "p.png").read_bytes()[:4] == b"\x89PNG"
+    # the documented flow: project with the map, then score with qonnx's executor (not the torch bridge)
+    projected = tmp_path / "projected.onnx"
+    assert a2q("project", MODEL, projected, "--widths-json", allocated.widths_path).returncode == 0
+    assert recorded_widths(ModelWrapper(str(projected))) == widths
+    base = accuracy(predict_onnx(MODEL, data.x_val), data.y_val)
+    score = accuracy(predict_onnx(projected, data.x_val), data.y_val)
+    assert score >= 0.99 * base
+    assert score == pytest.approx(details["val_score"])
+    verified = a2q("verify", projected, "--widths-json", allocated.widths_path)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    executed = _worst_case_widths_by_execution(projected)
+    assert all(executed[name] <= bits for name, bits in widths.items()), (executed, widths)
+    # the original model does not fit: the allocation narrowed something
+    assert any(_worst_case_widths_by_execution(MODEL)[name] > bits for name, bits in widths.items())
+
+
+def test_budget_mode_respects_the_budget(data):
+    model = ModelWrapper(str(MODEL))
+    exact = {"Conv_0": 15, "Conv_1": 14, "Gemm_0": 11}  # `a2q analyze` of the committed model
+    budget = int(0.9 * _hand_cost(exact))
+    step = AllocateAccumulators(data.calib_xy, data.val_xy, budget=budget, shapes=_shapes, progress=False)
+    result = step(model)
+    assert _hand_cost(step.widths) <= budget and result.details["cost"] == _hand_cost(step.widths)
+    assert recorded_widths(result.model) == step.widths
+    # optimality of the pick: one more bit for a layer either breaks the budget or predicts no better score
+    room = budget - _hand_cost(step.widths)
+    scores = {layer["node"]: layer["scores"] for layer in result.details["layers"]}
+    for name, bits in step.widths.items():
+        if bits < exact[name] and _hand_cost({**step.widths, name: bits + 1}) - _hand_cost(step.widths) <= room:
+            assert scores[name][str(bits + 1)] <= scores[name][str(bits)]
+    with pytest.raises(A2QError, match="below the least cost any allocation reaches"):
+        AllocateAccumulators(data.calib_xy, budget=100, shapes=_shapes, progress=False)(model)
+
+
+def test_deterministic(data):
+    runs = []
+    for _ in range(2):
+        step = AllocateAccumulators(data.calib_xy, data.val_xy, min_score_pct=98, shapes=_shapes, progress=False)
+        runs.append((step(ModelWrapper(str(MODEL))).details, step.widths))
+    assert runs[0] == runs[1]
+
+
+def test_finn_step_projects_and_records(data, tmp_path, monkeypatch):
+    monkeypatch.setattr("a2q_passes.transforms.allocate.finn_layer_shapes", lambda model, widths, part: _shapes(model, widths))
+    cfg = SimpleNamespace(a2q_allocate_data=str(data.calib), a2q_allocate_val=str(data.val), a2q_min_score_pct=98,
+                          output_dir=str(tmp_path))
+    out = step_a2q_allocate(ModelWrapper(str(MODEL)), cfg)
+    report = json.loads((tmp_path / "report" / "a2q_allocation.json").read_text())
+    assert recorded_widths(out) == report["widths"] and report["meets_target"]
+    with pytest.raises(A2QError, match="cfg.a2q_allocate_data"):
+        step_a2q_allocate(ModelWrapper(str(MODEL)), SimpleNamespace())
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--min-score-pct", "99", "--budget-bits", "10"], "exactly one of"),
+    ([], "exactly one of"),
+    (["--budget-bits", "10", "--cost", "finn-lut"], "drop --cost"),
+    (["--min-score-pct", "150"], "must be in (0, 100]"),
+    (["--min-score-pct", "99", "--method", "magic"], "--method must be one of"),
+])
+def test_bad_options_are_clear_errors(args, expect, data, a2q, tmp_path):
+    out = tmp_path / "w.json"
+    result = a2q("allocate", MODEL, "--data", data.calib, "-o", out, "--no-progress", *args)
+    assert result.returncode == 1 and expect in result.stderr.replace("\n", " ") and not out.exists()
+
+
+def test_bad_data_is_a_clear_error(a2q, tmp_path):
+    out = tmp_path / "w.json"
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 3, 3), dtype=np.float32))
+    result = a2q("allocate", MODEL, "--data", tmp_path / "bad.npz", "--min-score-pct", "99", "-o", out, "--no-progress")
+    assert result.returncode == 1 and "bad.npz" in result.stderr and "shape" in result.stderr and not out.exists()
+    result = a2q("allocate", MODEL, "--data", tmp_path / "missing.npz", "--min-score-pct", "99", "-o",
+                 tmp_path / "no_dir" / "w.json")
+    assert result.returncode == 1 and "no_dir" in result.stderr
