@@ -28,7 +28,7 @@ test: setup
 	$(VPY) -m pytest -n 2 -q tests
 
 # Soundness fuzzer: N random models through analyze/annotate/verify/project, checked by qonnx execution.
-# FUZZ_ARGS e.g. "--seed 1 --save fuzz-findings" or "--exclude-known-open" (see python -m scripts.fuzz --help).
+# FUZZ_ARGS e.g. "--seed 1 --save fuzz-findings" (see python -m scripts.fuzz --help).
 N ?= 1000
 FUZZ_ARGS ?=
 fuzz: setup

@@ -269,9 +269,10 @@ def _dtype_grid(name: str, where: str) -> _Grid:
 class _InputCodes:
     """Derives the code grid of a MAC input from the semantics of the ops that produce it."""
 
-    def __init__(self, model: ModelWrapper, input_dtypes: Mapping[str, str] | None) -> None:
+    def __init__(self, model: ModelWrapper, input_dtypes: Mapping[str, str] | None, zero_point: str = "fold") -> None:
         self.model = model
         self.input_dtypes = dict(input_dtypes or {})
+        self.zero_point = zero_point
         self.graph_inputs = {vi.name for vi in model.graph.input}
         self.cache: dict[str, _Grid] = {}
 
@@ -422,9 +423,14 @@ class _InputCodes:
     def _Concat(self, node: NodeProto) -> _Grid:
         grids = [self.grid(name) for name in node.input]
         first = grids[0]
-        if any(g.zero != first.zero or not np.isclose(g.scale, first.scale, rtol=1e-6, atol=0) for g in grids):
-            raise CannotCertify(f"{_label(node)} joins inputs with different scales or zero points")
-        return _Grid(min(g.lo for g in grids), max(g.hi for g in grids), first.zero, first.scale)
+        if any(not np.isclose(g.scale, first.scale, rtol=1e-6, atol=0) for g in grids):
+            raise CannotCertify(f"{_label(node)} joins inputs with different scales")
+        if all(g.zero == first.zero for g in grids):
+            return _Grid(min(g.lo for g in grids), max(g.hi for g in grids), first.zero, first.scale)
+        if self.zero_point != "subtract":  # raw codes of different zero points mean different reals
+            raise CannotCertify(f"{_label(node)} joins inputs with different zero points (under fold)")
+        # a subtracting MAC sees real / scale: on that grid the inputs agree, with zero point 0
+        return _Grid(min(g.lo - g.zero for g in grids), max(g.hi - g.zero for g in grids), 0, first.scale)
 
 
 # --------------------------------------------------------------------------- ranges
@@ -511,9 +517,12 @@ def _conv_ranges(model: ModelWrapper, node: NodeProto, w: np.ndarray, lo: int, h
 
 
 def _conv_transpose_ranges(node: NodeProto, w: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each output sums the taps of one stride phase; taps falling outside the input add nothing (0)."""
-    if not lo <= 0 <= hi:
-        raise CannotCertify(f"{_label(node)}: border outputs sum fewer taps, and 0 is outside the input codes [{lo}, {hi}]")
+    """Each output sums the taps of one stride phase; taps falling outside the input add nothing.
+
+    A missing tap adds what a tap holding code 0 adds, so the input box widened to hold 0 covers
+    every border output (exactly when such a border exists, safely when none does).
+    """
+    lo, hi = min(lo, 0), max(hi, 0)
     groups = int(_attr(node, "group", 1))
     kernel = list(w.shape[2:])
     n = len(kernel)
@@ -583,7 +592,7 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
         if op == "Gemm" and _attr(node, "transA", 0):
             raise CannotCertify(f"{_label(node)} transposes its data input")
         w = weight_integers(model, node.input[1])
-        lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes).grid(node.input[0]), zero_point)
+        lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes, zero_point).grid(node.input[0]), zero_point)
         if op == "Conv":
             acc_min, acc_max, pad_code = _conv_ranges(model, node, w, lo, hi, pad)
         elif op == "ConvTranspose":

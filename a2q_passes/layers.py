@@ -737,6 +737,12 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     grid, reason = resolver.resolve(node.input[0])
+    if grid is not None and node.op_type == "ConvTranspose" and grid.zero_code != 0:
+        # a border output sums fewer taps: the missing ones add real 0, which under fold is neither
+        # a code the hardware sums (as padding would be) nor nothing; do not guess
+        return MacLayer(name, node.op_type, node.input[0], K, channels,
+                        f"unsupported: ConvTranspose on codes with zero point {grid.zero_code} under --zero-point "
+                        "fold (border outputs sum fewer taps); use --zero-point subtract", None, source, layout)
     if grid is not None and _reads_implicit_zeros(node):
         grid = _with_zero_tap(grid)
     status = STATUS_OK if grid is not None else STATUS_INPUT_NOT_QUANTIZED

@@ -333,7 +333,7 @@ EXTRA_SECTIONS = (
     ("Projection methods on the same layers", "methods.md", ".venv/bin/python -m bench.bench_methods --out bench/methods.md"),
     ("FINN resources of the bundled model", "finn_resources.md", ".venv/bin/python -m bench.bench_finn_resources"),
     ("Fine-tuning overhead", "finetune_overhead.md", ".venv/bin/python -m bench.bench_finetune_overhead [--model ...]"),
-    ("Reliability", "reliability.md", ".venv/bin/python -m scripts.fuzz --examples 2000 [--exclude-known-open] --markdown bench/reliability.md"),
+    ("Reliability", "reliability.md", ".venv/bin/python -m scripts.fuzz --examples 2000 --markdown bench/reliability.md"),
     ("Mixed accumulator allocation", "allocate.md", ".venv/bin/python -m bench.bench_allocate"),
 )
 

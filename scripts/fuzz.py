@@ -1,6 +1,6 @@
 """``make fuzz N=...``: run the soundness properties on N random models and print the counts.
 
-    python -m scripts.fuzz --examples 2000 [--seed 0] [--exclude-known-open] [--save DIR]
+    python -m scripts.fuzz --examples 2000 [--seed 0] [--save DIR]
 
 Every violation is counted by category (see ``tests/fuzz/properties.py``); with ``--save`` the model
 of each failing example is written to DIR with a JSON note of what failed. Exit status 1 when any
@@ -23,18 +23,15 @@ from hypothesis import strategies as st
 
 from onnx import helper
 
-from tests.fuzz.generate import CONSTRUCTS, KNOWN_OPEN, Case, cases
+from tests.fuzz.generate import CONSTRUCTS, Case, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import CATEGORIES, KNOWN_OPEN_RELAXATIONS, check_case
+from tests.fuzz.properties import CATEGORIES, check_case
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--exclude-known-open", action="store_true",
-                        help="leave out constructs of still-open bugs and relax their properties: "
-                        f"{', '.join(sorted(KNOWN_OPEN | KNOWN_OPEN_RELAXATIONS))}")
     parser.add_argument("--save", type=Path, help="folder for failing models (model + JSON note)")
     parser.add_argument("--markdown", type=Path, help="append the command and the counts to this file (a code block)")
     parser.add_argument("--every", type=int, default=100, help="progress line every this many examples")
@@ -60,14 +57,12 @@ def main() -> int:
     @seed(args.seed)
     @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=["generate"])
-    @given(case=cases(exclude=KNOWN_OPEN if args.exclude_known_open else frozenset()),
-           verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
+    @given(case=cases(), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
     def run(case, verify_delta, project_delta):
         stats["examples"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                outcome = check_case(case, Path(tmp), verify_delta, project_delta,
-                                     KNOWN_OPEN_RELAXATIONS if args.exclude_known_open else frozenset())
+                outcome = check_case(case, Path(tmp), verify_delta, project_delta)
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
@@ -93,8 +88,7 @@ def main() -> int:
     run()
     elapsed = time.time() - start
     report = [f"{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
-              f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed}"
-              f"{', known-open constructs excluded' if args.exclude_known_open else ''})",
+              f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed})",
               "exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k)]
     if stats["oracle_errors"]:
         report.append(f"fuzzer errors (examples skipped, see stderr): {stats['oracle_errors']}")

@@ -4,8 +4,7 @@ The generator (``tests/fuzz/generate.py``), the executed worst-case oracle (``te
 properties (``tests/fuzz/properties.py``) are shared with ``make fuzz`` (``scripts/fuzz.py``), which runs them on
 many more examples. ``A2Q_FUZZ_EXAMPLES`` sets the number of examples here (default 300, about 40 s of CPU).
 
-``KNOWN_OPEN`` (generator switches) and ``KNOWN_OPEN_RELAXATIONS`` (property relaxations) leave out still-open
-bugs until their fixes are merged (temporary: the coordinator empties both).
+Every generator switch is on and every property strict: a failure here is a soundness bug.
 """
 
 from __future__ import annotations
@@ -25,19 +24,19 @@ from qonnx.core.modelwrapper import ModelWrapper
 import a2q_passes.analysis
 import a2q_passes.transforms.project
 import a2q_passes.verification
-from tests.fuzz.generate import KNOWN_OPEN, OPSET, QONNX_DOMAIN, Case, LayerInfo, cases
+from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import KNOWN_OPEN_RELAXATIONS, check_case, run_cli
+from tests.fuzz.properties import check_case, run_cli
 
 EXAMPLES = int(os.environ.get("A2Q_FUZZ_EXAMPLES", "300"))
 FIXED = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 @settings(FIXED, max_examples=EXAMPLES)
-@given(case=cases(exclude=KNOWN_OPEN), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
+@given(case=cases(), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
 def test_random_models_keep_every_soundness_promise(case: Case, verify_delta: int, project_delta: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = check_case(case, Path(tmp), verify_delta, project_delta, KNOWN_OPEN_RELAXATIONS)
+        outcome = check_case(case, Path(tmp), verify_delta, project_delta)
     assert not outcome.failures, "\n".join([f"{f.category}: {f.message}" for f in outcome.failures] + case.description)
 
 

@@ -139,7 +139,7 @@ def test_one_bit_signed_quant_weights_are_bipolar_and_never_shrunk():
     assert_range_holds(report, executed)
     assert (report.acc_min, report.acc_max) == (int(executed.min()), int(executed.max()))  # exact, not just safe
     needed = report.bounds["exact"]
-    with pytest.raises(A2QError, match=r"'mm' has bipolar weights needing \d+ bits.*--layer mm="):
+    with pytest.raises(A2QError, match=rf"'mm' needs at least {needed} bits \(bipolar weights.*--layer mm={needed}"):
         model.transform(ProjectToAccumulator(needed - 1))
     projection = ProjectToAccumulator(needed)
     projected = model.transform(projection)
@@ -164,7 +164,7 @@ def test_finn_bipolar_initializer_is_refused_for_shrinking_and_checked_for_zeros
     executed = executed_accumulators(model, codes, 0, "fold", weights="w", w_scale=1.0)
     assert_range_holds(report, executed)
     # before the fix, project wrote zeros into the BIPOLAR tensor (whole layers zeroed)
-    with pytest.raises(A2QError, match="'mm' has bipolar weights"):
+    with pytest.raises(A2QError, match="'mm' needs at least .* bits \\(bipolar weights"):
         model.transform(ProjectToAccumulator(report.bounds["exact"] - 1))
     # a BIPOLAR annotation on a tensor that holds a 0 does not describe what executes: refused, named
     w_zero = w.copy()
@@ -222,6 +222,11 @@ def test_conv_transpose_border_pixels_count_the_code_of_real_zero():
                         [len(codes), 1, 2, 3], "y")
     report = analyze_model(model, zero_point="subtract", per_channel=True).layers[0]
     assert_range_holds(report, executed_accumulators(model, codes, 30, "subtract", mac_axis=1), mac_axis=1)
+    # under fold a missing tap is neither the zero-point code (as a pad) nor nothing: refused, not guessed
+    folded = analyze_model(model, zero_point="fold").layers[0]
+    assert folded.status.startswith("unsupported") and "--zero-point subtract" in folded.status
+    with pytest.raises(A2QError, match=r"'ct'.*--skip ct"):
+        model.transform(ProjectToAccumulator(report.bounds["exact"]))
 
 
 # --------------------------------------------------------------------------- root cause 3
@@ -360,3 +365,40 @@ def test_project_refuses_quantized_layers_it_cannot_read_unless_skipped(tmp_path
     assert layers["mm2"]["status"].startswith("skipped: --skip") and layers["mm2"]["target_bits"] is None
     projected = ModelWrapper(str(out))
     assert_fits(executed_accumulators(projected, codes, 0, "fold", weights="qw_out"), 7, layers["mm1"]["acc_dtype_after"])
+
+
+# --------------------------------------------------------------------------- fuzzer finding: smallest feasible target
+
+
+def uint4_then_uint8_layers(batch: int) -> ModelWrapper:
+    """x -> Quant UINT4 -> mm1 -> Quant UINT8 -> mm2: the first layer reaches 5 bits, the second only 9."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.uniform(-1, 1, (3, 4)), rng.uniform(-1, 1, (4, 2))
+    qx, ix = _quant("qx", "x", X_SCALE, 0, 4, False)
+    qh, ih = _quant("qh", "h", 0.05, 0, 8, False)
+    qw1, iw1 = _quant("qw1", "w1", W_SCALE, 0, 4, True)
+    qw2, iw2 = _quant("qw2", "w2", W_SCALE, 0, 4, True)
+    nodes = [qx, qw1, helper.make_node("MatMul", ["qx_out", "qw1_out"], ["h"], name="mm1"), qh, qw2,
+             helper.make_node("MatMul", ["qh_out", "qw2_out"], ["y"], name="mm2")]
+    inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2"),
+             *ix, *ih, *iw1, *iw2]
+    return qonnx_model(nodes, inits, [batch, 3], "y").transform(InferShapes())
+
+
+def test_smallest_feasible_target_covers_every_layer():
+    # Before: the refusal named the first infeasible layer's minimum (mm1: 5 bits), and --acc-bits 5 then
+    # failed on mm2. A single +-1 weight on UINT8 codes spans [-255, 255]: INT9 is mm2's minimum.
+    codes = box_vertices(0, 255, (4,))  # every vertex of mm2's input box
+    model = uint4_then_uint8_layers(len(codes))
+    with pytest.raises(A2QError, match=r"'mm1' needs at least 5 bits.*'mm2' needs at least 9 bits.*"
+                                       r"smallest feasible target is 9 bits") as err:
+        model.transform(ProjectToAccumulator(4))
+    assert "--layer mm1=5 --layer mm2=9" in str(err.value)
+    with pytest.raises(A2QError, match=r"'mm2' needs at least 9 bits") as err:
+        model.transform(ProjectToAccumulator(8))
+    assert "'mm1'" not in str(err.value)  # mm1 reaches 8 bits: only mm2 is named
+    projected = model.transform(ProjectToAccumulator(9))
+    # drive mm2's worst-case codes through its own input Quant and weight Quant (qonnx execution from 'qh')
+    y = execute_onnx(projected, {"h": (codes * 0.05).astype(np.float32)}, start_node=projected.get_node_from_name("qh"))["y"]
+    acc = np.rint(y.astype(np.float64) / (0.05 * W_SCALE)).astype(np.int64)
+    assert -256 <= acc.min() and acc.max() <= 255, (acc.min(), acc.max())

@@ -23,7 +23,8 @@ from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_l
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.projection import InfeasibleTarget, projection_stats
+from a2q_passes.projection import (InfeasibleTarget, accumulator_is_signed, min_feasible_acc_bits, plain_round,
+                                   projection_stats)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class ProjectToAccumulator(A2QPass):
             raise PreconditionError(f"nothing to project: no layer has quantized weights and a quantized input ({reasons})")
 
     def call(self, model: ModelWrapper) -> PassResult:
+        self._check_feasible(model)
         self.projections = [self._project(model, layer, self._targets[layer.node]) for layer in self._layers]
         self.projections += [LayerProjection(layer.node, layer.op_type, f"skipped: --skip ({layer.status})",
                                              channels=layer.channels) for layer in self._skipped]
@@ -128,6 +130,25 @@ class ProjectToAccumulator(A2QPass):
         modified = any(p.status == "projected" for p in self.projections)
         return PassResult(model, modified, {"layers": [asdict(p) for p in self.projections]})
 
+    def _check_feasible(self, model: ModelWrapper) -> None:
+        """Refuse before writing anything when any layer's target is below what it can reach, naming them all.
+
+        With a global ``--acc-bits`` the message also gives the smallest target every layer reaches
+        (the largest of the per-layer minimums), so a rerun with it succeeds.
+        """
+        smallest = {layer.node: smallest_target(model, layer) for layer in self._layers}
+        short = [layer for layer in self._layers if smallest[layer.node] > self._targets[layer.node]]
+        if not short:
+            return
+        problems = "; ".join(f"'{layer.node}' needs at least {smallest[layer.node]} bits ({layer_why(layer)}), "
+                             f"asked {self._targets[layer.node]}" for layer in short)
+        overall = max((bits for node, bits in smallest.items() if node not in self.layer_bits), default=None)
+        global_hint = ("" if self.acc_bits is None or overall is None else
+                       f"; with one --acc-bits for every layer the smallest feasible target is {overall} bits")
+        raise A2QError(f"accumulator target infeasible for {len(short)} layer(s): {problems}{global_hint}. "
+                       "Raise the target, or give those layers their own width with "
+                       + " ".join(f"--layer {layer.node}={smallest[layer.node]}" for layer in short))
+
     def _project(self, model: ModelWrapper, layer: MacLayer, bits: int) -> LayerProjection:
         report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
         q_before = layer.integer_rows(model)
@@ -135,11 +156,6 @@ class ProjectToAccumulator(A2QPass):
         if layer.binary_xnor or layer.source.bipolar:
             # a bipolar tensor holds only -1 and +1: projection would have to write zeros it cannot hold
             report.status = "skipped: bipolar/xnor weights cannot be shrunk (no zero weight)"
-            if report.width_before > bits:
-                raise A2QError(f"layer '{layer.node}' has bipolar weights needing {report.width_before} bits; "
-                               f"they cannot be projected to {bits} bits (a bipolar tensor cannot hold the zero "
-                               f"weights projection needs): give this layer at least {report.width_before} bits "
-                               f"with --layer {layer.node}={report.width_before}")
             report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
         v = layer.unrounded_rows(model)
@@ -178,8 +194,28 @@ class ProjectToAccumulator(A2QPass):
                     f"(range {None if r is None else (r.acc_min, r.acc_max)}); nothing was written")
         # the promise must also hold for the ranges derived without the reader the projection used
         certify_claims(model, {p.node: Claim(widths[p.node].acc_min, widths[p.node].acc_max, p.target_bits)
-                               for p in self.projections}, what="project",
+                               for p in self.projections if p.target_bits is not None}, what="project",
                        input_dtypes=self.input_dtypes, zero_point=self.zero_point)
+
+
+def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
+    """Smallest accumulator width projection can bring ``layer`` to: a single +-1 weight per row must fit.
+
+    Bipolar weights cannot be shrunk at all, so their smallest target is their present exact width.
+    """
+    if layer.binary_xnor or layer.source.bipolar:
+        return _layer_width(layer, layer.integer_rows(model))[0]
+    weight_range = layer.source.weight_range
+    plain = plain_round(layer.unrounded_rows(model), weight_range)
+    return min_feasible_acc_bits(layer.grid.range, weight_range, accumulator_is_signed(plain, layer.grid.range))
+
+
+def layer_why(layer: MacLayer) -> str:
+    """Why a layer has a floor on its target, in a few words."""
+    if layer.binary_xnor or layer.source.bipolar:
+        return "bipolar weights cannot be shrunk"
+    x = layer.grid.range
+    return f"inputs in [{x.lo}, {x.hi}]: below it not even one +-1 weight per row fits"
 
 
 def _layer_width(layer: MacLayer, rows: np.ndarray) -> tuple[int, str]:

@@ -11,8 +11,8 @@ in the MAC node's layout and the activation scale and zero point. The oracle (``
 those only to turn *executed* float tensors back into integers; every value it checks comes from
 executing the graph with qonnx.
 
-``KNOWN_OPEN`` names constructs that still trigger open reader bugs; a caller can exclude them with
-``cases(exclude=...)``. It is a temporary list: each entry goes once its fix is merged.
+``CONSTRUCTS`` names generator switches (the constructs behind the issue-9 root causes); ``cases(exclude=...)``
+leaves some out, which ``scripts/fuzz.py --minimize`` uses to attribute a finding.
 """
 
 from __future__ import annotations
@@ -45,9 +45,6 @@ CONSTRUCTS = {
     "unreadable_quantized_layers": "weight zero point, per-channel activation scale, Gemm transA (root cause 7)",
     "subtract_zero_point": "--zero-point subtract: padded taps carry code 0, outside the shifted range",
 }
-# TEMPORARY: the switches whose reader bugs (issue 9) are still open on main; the committed fixed-seed test
-# excludes them. Remove each entry when its fix is merged (the coordinator empties this set).
-KNOWN_OPEN = frozenset(CONSTRUCTS)
 
 
 @dataclass

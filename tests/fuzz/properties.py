@@ -43,11 +43,6 @@ CATEGORIES = {
     "traceback": "a command leaked a traceback / unexpected exit code",
 }
 SMALLEST_P = re.compile(r"smallest feasible target is (\d+) bits")
-LAYER_NEEDS_P = re.compile(r"needing (\d+) bits")  # project's refusal for bipolar weights that cannot shrink
-# TEMPORARY relaxations of a property for bugs still open outside the readers; `check_case(relax=...)` applies them.
-# "smallest_target_of_one_layer": project's "smallest feasible target" is the first infeasible layer's minimum, so a
-# re-run may fail on another layer; relaxed, the check follows the targets it names until one succeeds.
-KNOWN_OPEN_RELAXATIONS = frozenset({"smallest_target_of_one_layer"})
 
 
 @dataclass
@@ -111,9 +106,8 @@ def _common_options(case: Case) -> list[str]:
 class Checker:
     """Runs the commands on one case and collects violations."""
 
-    def __init__(self, case: Case, workdir: Path, outcome: Outcome, relax: frozenset[str] = frozenset()) -> None:
+    def __init__(self, case: Case, workdir: Path, outcome: Outcome) -> None:
         self.case = case
-        self.relax = relax
         self.workdir = workdir
         self.outcome = outcome
         self.names = [info.node for info in case.layers]
@@ -204,19 +198,13 @@ class Checker:
 
     def _retry_smallest(self, path: Path, bits: int, p: int) -> None:
         """Re-run project with the smallest feasible target it named: it must now succeed, and fit."""
-        while True:
-            out = self.workdir / f"projected_{p}.onnx"
-            again = self.cli("project", path, out, "--acc-bits", p, *_common_options(self.case))
-            if again.code == 0:
-                self._check_projected(out, p)
-            elif again.code in (1, 3):  # tracebacks and exit 4 are counted by cli()
-                larger = SMALLEST_P.search(again.stderr) or LAYER_NEEDS_P.search(again.stderr)
-                if "smallest_target_of_one_layer" in self.relax and larger and int(larger.group(1)) > p:
-                    p = int(larger.group(1))  # TEMPORARY: accept a per-layer minimum, follow the next layer's
-                    continue
-                self.outcome.fail("bad_refusal", f"project --acc-bits {bits} named {p} bits as the smallest feasible "
-                                  f"target, but --acc-bits {p} exits {again.code}: {again.stderr.strip()[-300:]}")
-            return
+        out = self.workdir / f"projected_{p}.onnx"
+        again = self.cli("project", path, out, "--acc-bits", p, *_common_options(self.case))
+        if again.code == 0:
+            self._check_projected(out, p)
+        elif again.code in (1, 3):  # tracebacks and exit 4 are counted by cli()
+            self.outcome.fail("bad_refusal", f"project --acc-bits {bits} named {p} bits as the smallest feasible "
+                              f"target, but --acc-bits {p} exits {again.code}: {again.stderr.strip()[-300:]}")
 
     def _check_projected(self, out: Path, bits: int) -> None:
         model = ModelWrapper(str(out))
@@ -245,14 +233,13 @@ def _records(path: Path) -> dict[str, dict]:
     return json.loads(entry.value)["layers"] if entry is not None else {}
 
 
-def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1,
-               relax: frozenset[str] = frozenset()) -> Outcome:
-    """Run every property on ``case``; the deltas choose P relative to the executed width; ``relax``: see above."""
+def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1) -> Outcome:
+    """Run every property on ``case``; the deltas choose P relative to the executed width."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
     executed = executed_ranges(case.model, case)
-    checker = Checker(case, workdir, outcome, relax)
+    checker = Checker(case, workdir, outcome)
     checker.analyze(path, executed)
     checker.annotate(path, executed)
     needed = max((width(r.lo, r.hi) for r in executed.values()), default=8)
