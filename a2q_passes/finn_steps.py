@@ -62,12 +62,12 @@ def _settings(cfg: Any) -> tuple[int | None, str]:
     return getattr(cfg, "a2q_acc_bits", None), getattr(cfg, "a2q_method", DEFAULT_METHOD)
 
 
-def _project(model: ModelWrapper, acc_bits: int | None, method: str) -> ModelWrapper:
+def _project(model: ModelWrapper, acc_bits: int | None, method: str, skip: Sequence[str] | None) -> ModelWrapper:
     layer_bits = {} if acc_bits is not None else qonnx_recorded_widths(model)
     if acc_bits is None and not layer_bits:
         raise A2QError("step_a2q_project: no accumulator width. Set cfg.a2q_acc_bits = P, use "
                        "make_a2q_steps(acc_bits=P), or record widths in the model with `a2q project`/`a2q annotate`")
-    model = model.transform(ProjectToAccumulator(acc_bits, layer_bits, method))
+    model = model.transform(ProjectToAccumulator(acc_bits, layer_bits, method, skip=list(skip or ())))
     record_weight_signatures(model)
     return model
 
@@ -110,9 +110,12 @@ def _verify(model: ModelWrapper, cfg: Any) -> ModelWrapper:
 
 
 def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
-    """Project the QONNX model's weights so every layer fits ``cfg.a2q_acc_bits`` (or its recorded width)."""
+    """Project the QONNX model's weights so every layer fits ``cfg.a2q_acc_bits`` (or its recorded width).
+
+    ``cfg.a2q_skip`` (a list of MAC node names) leaves those layers unconstrained, as ``a2q project --skip``.
+    """
     acc_bits, method = _settings(cfg)
-    return _project(model, acc_bits, method)
+    return _project(model, acc_bits, method, getattr(cfg, "a2q_skip", None))
 
 
 def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
@@ -137,11 +140,12 @@ def step_a2q_verify(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return _verify(model, cfg)
 
 
-def make_a2q_steps(acc_bits: int | None = None, method: str = DEFAULT_METHOD) -> list[Step]:
+def make_a2q_steps(acc_bits: int | None = None, method: str = DEFAULT_METHOD,
+                   skip: Sequence[str] | None = None) -> list[Step]:
     """``[project, set_accumulators, verify]`` bound to these settings (named like the plain steps)."""
 
     def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
-        return _project(model, acc_bits, method)
+        return _project(model, acc_bits, method, skip)
 
     def step_a2q_set_accumulators(model: ModelWrapper, cfg: Any) -> ModelWrapper:
         return _set_accumulators(model, acc_bits)

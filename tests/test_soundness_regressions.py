@@ -367,6 +367,30 @@ def test_project_refuses_quantized_layers_it_cannot_read_unless_skipped(tmp_path
     assert_fits(executed_accumulators(projected, codes, 0, "fold", weights="qw_out"), 7, layers["mm1"]["acc_dtype_after"])
 
 
+def test_finetune_refuses_quantized_layers_it_cannot_train_unless_skipped():
+    # fine-tuning to a global P promises every quantized MAC layer too: mm2 (weight zero point) cannot be trained
+    model = two_layer_model("zero point", 1)
+    with pytest.raises(A2QError, match=r"'mm2' \(.*zero point.*--skip mm2"):
+        select_layers(model, 7, skip=frozenset())
+    with pytest.raises(A2QError, match="--skip nosuch: no MAC layer named 'nosuch'"):
+        select_layers(model, 7, skip=frozenset({"nosuch"}))
+    selection = select_layers(model, 7, skip=frozenset({"mm2"}))
+    assert [layer.node for layer in selection.layers] == ["mm1"] and "mm2" in selection.skipped
+
+
+def test_finn_project_step_refuses_unreadable_layers_unless_cfg_skips_them():
+    from types import SimpleNamespace
+
+    from a2q_passes.finn_steps import step_a2q_project
+
+    codes = box_vertices(0, 15, (3,))
+    model = two_layer_model("zero point", len(codes))
+    with pytest.raises(A2QError, match="--skip mm2"):
+        step_a2q_project(model, SimpleNamespace(a2q_acc_bits=7))
+    projected = step_a2q_project(model, SimpleNamespace(a2q_acc_bits=7, a2q_skip=["mm2"]))
+    assert_fits(executed_accumulators(projected, codes, 0, "fold", weights="qw_out"), 7, "INT7")
+
+
 # --------------------------------------------------------------------------- fuzzer finding: smallest feasible target
 
 

@@ -73,6 +73,8 @@ def finetune(
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="axe: calibration inputs used")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    skip: Annotated[Optional[list[str]], typer.Option(
+        "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers it cannot train")] = None,
 ) -> None:
     """Train (or AXE-quantize) so every constrained layer fits P bits; writes the best checkpoint.
 
@@ -91,7 +93,7 @@ def finetune(
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
     step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,
-                                calibration_samples=calib_samples)
+                                calibration_samples=calib_samples, skip=skip)
     result = step(model)
     if not result.details["is_main"]:
         return

@@ -109,15 +109,26 @@ def _constrainable(layer: MacLayer) -> str:
     return ""
 
 
-def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str, int] | None = None) -> Selection:
+def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str, int] | None = None,
+                  skip: frozenset[str] | None = None) -> Selection:
     """Constrained layers with their target widths: ``acc_bits`` for all, ``overrides`` per MAC node.
 
     Raises :class:`A2QError` for an override naming no constrainable layer, for no width at all,
     and :class:`InfeasibleTarget` (naming the layer) for a width that cannot hold a single +-1 weight.
+    With ``skip`` given (a promise for the whole model, as fine-tuning makes) a global ``acc_bits``
+    must hold for every quantized MAC layer: one that cannot be constrained and does not already
+    fit is refused unless ``skip`` names it.
     """
     overrides = dict(overrides or {})
     macs = find_mac_layers(model)
     skipped = {m.node: why for m in macs if (why := _constrainable(m))}
+    unknown = sorted(set(skip or ()) - {m.node for m in macs})
+    if unknown:
+        raise A2QError(f"--skip {unknown[0]}: no MAC layer named '{unknown[0]}' "
+                       f"(layers: {', '.join(sorted(m.node for m in macs)) or 'none'})")
+    if skip is not None and acc_bits is not None:
+        _refuse_unconstrained(model, [m for m in macs if m.node in skipped and m.node not in skip], skipped, acc_bits)
+        skipped.update({name: "--skip" for name in skip if name not in skipped})
     candidates = [m for m in macs if m.node not in skipped]
     names = {m.node for m in candidates}
     for name in overrides:
@@ -130,7 +141,7 @@ def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str
         raise A2QError(f"no layer to constrain: fine-tuning needs MAC layers with QONNX Quant weights on a "
                        f"quantized input ({detail})")
     layers = []
-    for mac in candidates:
+    for mac in (m for m in candidates if m.node not in (skip or ())):
         bits = overrides.get(mac.node, acc_bits)
         if bits is None:
             skipped[mac.node] = "no target width given"
@@ -143,6 +154,19 @@ def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str
     if not layers:
         raise A2QError("no target width given: pass --acc-bits P or --layer NAME=P")
     return Selection(layers, skipped)
+
+
+def _refuse_unconstrained(model: ModelWrapper, macs: list[MacLayer], why: dict[str, str], acc_bits: int) -> None:
+    """Raise naming every quantized MAC layer left unconstrained that may not fit ``acc_bits``."""
+    from a2q_passes.transforms.project import smallest_target  # the width a bipolar layer keeps
+
+    problems = [mac for mac in macs if why[mac.node] != "float weights"
+                and not (mac.ok and mac.source.bipolar and smallest_target(model, mac) <= acc_bits)]
+    if problems:
+        raise A2QError(f"cannot hold every quantized MAC layer to {acc_bits} bits, these cannot be fine-tuned: "
+                       + "; ".join(f"'{mac.node}' ({why[mac.node]})" for mac in problems)
+                       + ". Leave them unconstrained explicitly with "
+                       + " ".join(f"--skip {mac.node}" for mac in problems))
 
 
 def enforce_widths(model: ModelWrapper, selection: Selection) -> dict[str, int]:

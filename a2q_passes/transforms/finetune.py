@@ -48,13 +48,15 @@ class FinetuneAccumulators(A2QPass):
     ``val``: optional validation data (the best epoch is chosen on it). Data may be a
     :class:`Dataset`, an ``.npz`` path, an ``(x, y)`` tuple, an array of inputs, or an iterable of
     ``x`` or ``(x, y)`` batches. ``tile`` (``axe`` only): each run of T terms is held to P too.
-    ``calibration_samples``: how many training inputs AXE uses. Results: ``self.selection``,
+    ``calibration_samples``: how many training inputs AXE uses. ``skip``: MAC nodes left unconstrained on
+    purpose (with a global ``acc_bits`` every other quantized MAC layer must be constrainable). Results: ``self.selection``,
     ``self.result.details`` (``history``/``best_epoch``/``metric`` or ``axe`` layer reports, ``is_main``).
     """
 
     def __init__(self, acc_bits: int | None, train: DataLike, val: DataLike | None = None,
                  config: FinetuneConfig | None = None, *, overrides: dict[str, int] | None = None,
-                 tile: int | None = None, calibration_samples: int = 512, callback: StepCallback | None = None) -> None:
+                 tile: int | None = None, calibration_samples: int = 512, callback: StepCallback | None = None,
+                 skip: list[str] | None = None) -> None:
         super().__init__()
         self.config = config or FinetuneConfig()
         self.method = self.config.method
@@ -67,6 +69,7 @@ class FinetuneAccumulators(A2QPass):
         if calibration_samples < 1:
             raise A2QError(f"the number of calibration samples must be at least 1, got {calibration_samples}")
         self.acc_bits, self.overrides, self.tile = acc_bits, dict(overrides or {}), tile
+        self.skip = frozenset(skip or ())
         self.calibration_samples, self.callback = calibration_samples, callback
         self._train_source, self._val_source = train, val
         self.selection: Selection | None = None
@@ -75,7 +78,7 @@ class FinetuneAccumulators(A2QPass):
 
     def requires(self, model: ModelWrapper) -> None:
         """Everything that can be wrong with the inputs, checked before any training starts."""
-        self.selection = select_layers(model, self.acc_bits, self.overrides)
+        self.selection = select_layers(model, self.acc_bits, self.overrides, self.skip)
         io = ModelIO.of(model)
         train = as_dataset(self._train_source, "training data")
         if self.method == "axe":  # calibration needs inputs only
