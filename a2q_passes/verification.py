@@ -19,9 +19,12 @@ Brevitas add it after the accumulator):
 
 Which layers are checked: ``widths`` is a global P (every quantized layer), a ``{node: P}`` map
 (only those layers: the others are listed as unchecked and do not fail the verdict), or ``None``
-(the widths ``annotate``/``project`` recorded in the model; a quantized layer without a record
-fails the verdict, since the record no longer describes the model). ``overrides`` refine any of
-them per node. Naming a node that is not a quantized MAC layer is an error.
+(the widths ``annotate``/``project``/``finetune`` recorded in the model). A record covers the
+whole model, so a quantized layer it gives no width (``project --layer`` on some layers only) is
+checked at the width its hardware holds without a target (:func:`untargeted_width`: its own exact
+width, or the ``accDataType`` its node declares), marked ``no target`` in ``width_note``; one whose
+integer view cannot be read fails the verdict, since nothing can be proven there. ``overrides``
+refine any of them per node. Naming a node that is not a quantized MAC layer is an error.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 import onnx
 import onnxruntime as rt
 from onnx import NodeProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp, is_custom_op
 from qonnx.util.basic import get_preferred_qonnx_opset
@@ -55,6 +59,8 @@ PROOF_PASS, PROOF_FAIL = "pass", "fail"
 PROOF_UNCHECKED = "unchecked"  # no width given for this layer
 PROOF_UNKNOWN = "unknown"  # a width was given, but the layer's integer view could not be read
 PROOF_NOT_QUANTIZED = "not quantized"  # float weights: no integer accumulator to verify
+NO_TARGET_OWN_WIDTH = "no target: own exact width"
+NO_TARGET_DECLARED = "no target: width its node declares (accDataType)"
 _GRID_TOLERANCE = 1e-2  # |x / scale - code|: float32 Quant outputs sit within ~1e-5 of their codes
 DEFAULT_BATCH = 512
 
@@ -94,6 +100,27 @@ def resolve_widths(model: ModelWrapper, layers: list[MacLayer], widths: int | di
         if not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 64:
             raise A2QError(f"layer '{name}': accumulator width must be an integer between 1 and 64, got {bits!r}")
     return {name: int(bits) for name, bits in resolved.items()}, source
+
+
+def untargeted_width(model: ModelWrapper, layer: MacLayer, mode: str, tile: int | None) -> tuple[int, str]:
+    """Width to check a readable layer at when the record gives it none, and the note saying so.
+
+    A node that declares its accumulator (FINN's ``accDataType``) has that width in hardware, so it
+    is checked there and may fail; any other layer gets its own exact width over every register the
+    datapath holds (what FINN's MinimizeAccumulatorWidth picks), a promise that holds by construction
+    but is still proven, certified and simulated like a recorded one.
+    """
+    node = next(n for n in model.graph.node if (n.name or n.output[0]) == layer.node)
+    declared = node_str_attr(node, "accDataType", "")
+    if declared:
+        try:
+            return DataType[declared].bitwidth(), NO_TARGET_DECLARED
+        except KeyError as err:
+            raise A2QError(f"layer '{layer.node}' declares accDataType '{declared}', which is no QONNX datatype; "
+                           "fix the attribute or record a width for the layer") from err
+    registers = register_ranges(layer, layer.integer_rows(model), mode, tile)
+    lo, hi = min(r[0] for r in registers.values()), max(r[1] for r in registers.values())
+    return int(bounds.accumulator_width(lo, hi)), NO_TARGET_OWN_WIDTH
 
 
 # --------------------------------------------------------------------------- static proof
@@ -138,6 +165,7 @@ class LayerVerdict:
     acc_max: int | None = None
     registers: dict[str, list[int]] = field(default_factory=dict)
     reason: str = ""
+    width_note: str = ""  # NO_TARGET_*: the width was not given or recorded but derived (untargeted_width)
     adversarial_cases: int | None = None
     adversarial_overflows: int | None = None  # results differing from the exact sum
     adversarial_register_overflows: int | None = None
@@ -628,8 +656,8 @@ class VerificationReport:
 
     @property
     def overflow_impossible(self) -> bool:
-        """The verdict: every checked layer is proven, and at least one layer was checked."""
-        return not self.blocking and any(v.proof == PROOF_PASS for v in self.layers)
+        """The verdict: every checked layer is proven, and at least one layer with a given or recorded width."""
+        return not self.blocking and any(v.proof == PROOF_PASS and not v.width_note for v in self.layers)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -658,7 +686,18 @@ def verify_model(
     _check_mode(mode, tile)
     layers = find_mac_layers(model, input_dtypes, zero_point)
     chosen, source = resolve_widths(model, layers, widths, overrides)
+    notes = {}
+    if source == WIDTHS_RECORDED:  # the record describes the whole model: derive the width it leaves out
+        for layer in layers:
+            if layer.node not in chosen and layer.ok:
+                chosen[layer.node], notes[layer.node] = untargeted_width(model, layer, mode, tile)
     verdicts = [check_layer(model, layer, chosen.get(layer.node), mode, tile) for layer in layers]
+    for verdict, layer in zip(verdicts, layers):
+        verdict.width_note = notes.get(layer.node, "")
+        if source == WIDTHS_RECORDED and verdict.proof == PROOF_UNCHECKED:  # quantized, unreadable, not recorded
+            verdict.reason = (f"no width recorded, and its own cannot be derived ({layer.status}): nothing is proven "
+                              f"for '{layer.node}'; make it readable (e.g. --input-dtype for a float input), or "
+                              "verify the other layers only with --layer NAME=P")
     # a passing proof must agree with the range derived without the reader (exit 4 otherwise)
     certify_claims(model, {v.node: Claim(*v.registers["final sum"], v.acc_bits) for v in verdicts if v.proof == PROOF_PASS},
                    what="verify", input_dtypes=input_dtypes, zero_point=zero_point)

@@ -426,3 +426,45 @@ def test_smallest_feasible_target_covers_every_layer():
     y = execute_onnx(projected, {"h": (codes * 0.05).astype(np.float32)}, start_node=projected.get_node_from_name("qh"))["y"]
     acc = np.rint(y.astype(np.float64) / (0.05 * W_SCALE)).astype(np.int64)
     assert -256 <= acc.min() and acc.max() <= 255, (acc.min(), acc.max())
+
+
+# --------------------------------------------------------------------------- issue 11: targets on some layers only
+
+
+def executed_mm1_mm2(model: ModelWrapper, codes1: np.ndarray, codes2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Executed integer accumulators of ``uint4_then_uint8_layers``' mm1 (from x) and mm2 (from its input Quant qh)."""
+    h = execute_onnx(model, {"x": (codes1 * X_SCALE).astype(np.float32)}, return_full_exec_context=True)["h"]
+    y = execute_onnx(model, {"h": (codes2 * 0.05).astype(np.float32)}, start_node=model.get_node_from_name("qh"))["y"]
+    acc = [np.rint(v.astype(np.float64) / (s * W_SCALE)) for v, s in ((h, X_SCALE), (y, 0.05))]
+    return acc[0].astype(np.int64), acc[1].astype(np.int64)
+
+
+def test_partial_projection_verifies_from_the_record_with_untargeted_layers_at_their_own_width(tmp_path, a2q):
+    # Before: `verify OUT` after `project --layer mm1=6` exited 3 with mm2 "unchecked"
+    codes2 = box_vertices(0, 255, (4,))  # every vertex of mm2's input box (16)
+    codes1 = np.tile(box_vertices(0, 15, (3,)), (2, 1))  # every vertex of mm1's (8), twice: one batch size
+    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    uint4_then_uint8_layers(len(codes2)).save(str(path))
+    assert a2q("project", path, out, "--layer", "mm1=6").returncode == 0
+    done = a2q("verify", out, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    layers = {v["node"]: v for v in report["layers"]}
+    assert report["width_source"] == "model metadata" and report["overflow_impossible"]
+    assert layers["mm1"]["acc_bits"] == 6 and layers["mm1"]["width_note"] == ""
+    assert layers["mm2"]["width_note"] == "no target: own exact width" and layers["mm2"]["proof"] == "pass"
+    assert layers["mm2"]["acc_bits"] == layers["mm2"]["required_bits"]
+    table = a2q("verify", out)
+    assert table.returncode == 0 and "no target: own exact width" in table.stdout
+    # every reported width holds for the executed worst cases
+    for name, executed in zip(("mm1", "mm2"), executed_mm1_mm2(ModelWrapper(str(out)), codes1, codes2)):
+        v = layers[name]
+        assert_fits(executed, v["acc_bits"], f"{'INT' if v['signed'] else 'UINT'}{v['acc_bits']}")
+    # a layer the record leaves out that cannot be read is still not proven: exit 3, naming it
+    model = two_layer_model("zero point", 1)
+    model.save(str(path))
+    assert a2q("project", path, out, "--layer", "mm1=7").returncode == 0
+    unreadable = a2q("verify", out, "--json")
+    assert unreadable.returncode == 3 and "mm2" in unreadable.stderr
+    mm2 = {v["node"]: v for v in json.loads(unreadable.stdout)["layers"]}["mm2"]
+    assert mm2["proof"] == "unchecked" and "'mm2'" in mm2["reason"] and "zero point" in mm2["reason"]

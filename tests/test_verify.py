@@ -315,12 +315,14 @@ def test_recorded_widths_are_picked_up(tmp_path, a2q):
     record_accumulators(annotated, layers, source="test")
     annotated.save(str(path))
     assert run_a2q("verify", path).returncode == 3
-    # a layer missing from the record is unchecked, which fails a record-based verdict
+    # a layer missing from the record (a partial project/finetune) is checked at its own exact width
     del layers[first]
     record_accumulators(annotated, layers, source="test")
     annotated.save(str(path))
-    missing = a2q("verify", path)
-    assert missing.returncode == 3 and f"{first} (unchecked)" in missing.stdout
+    missing = a2q("verify", path, "--json")
+    assert missing.returncode == 0, missing.stdout + missing.stderr
+    verdict = json.loads(missing.stdout)["layers"][0]
+    assert verdict["node"] == first and verdict["acc_bits"] == widths[0] and verdict["width_note"].startswith("no target")
     # ... but asking about the other layer only passes
     second = _layer_names(net)[1]
     assert a2q("verify", path, "--layer", f"{second}={widths[1]}").returncode == 0

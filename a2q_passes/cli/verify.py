@@ -50,7 +50,10 @@ def verify(
 ) -> None:
     """Prove per layer that no accumulator overflows at P bits (bias excluded), and simulate it.
 
-    Without a width option, the widths recorded by `a2q annotate` / `a2q project` are checked.
+    Without a width option, the widths recorded by `a2q annotate` / `a2q project` / `a2q finetune` are
+    checked; a layer the record leaves out is checked at its own exact width (or the accDataType its node
+    declares), marked "no target", and one that cannot be read fails. With --layer / --widths-json alone,
+    only the named layers are checked.
     Exit 0: no overflow possible in any quantized layer; 3: overflow possible or not proven.
     With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
     without widths given or recorded, --against checks equivalence only.
@@ -155,7 +158,8 @@ def verification_table(report: VerificationReport) -> Table:
             v.node, v.op_type, str(v.K),
             f"[{v.acc_min}, {v.acc_max}]" if v.acc_min is not None else "-", _needs(v),
             "-" if v.acc_bits is None else str(v.acc_bits), "-" if v.margin is None else f"{v.margin:+d}",
-            f"[{style}]{v.proof}[/]", _worst_case(v), _data(v), "; ".join(filter(None, [v.reason, v.data_note])),
+            f"[{style}]{v.proof}[/]", _worst_case(v), _data(v),
+            "; ".join(filter(None, [v.width_note, v.reason, v.data_note])),
         )
     return table
 
@@ -168,6 +172,10 @@ def summary_lines(report: VerificationReport) -> list[str]:
         changed = sim.changed_predictions()
         lines.append(f"data: {samples} samples; max |output - exact-accumulation output| = {sim.max_abs_deviation():.6g}"
                      + (f"; changed argmax predictions: {100 * changed:.2f}%" if changed is not None else ""))
+    untargeted = [v for v in report.layers if v.width_note]
+    if untargeted:
+        lines.append(f"{len(untargeted)} layer(s) without a recorded width, checked at the width they hold without a "
+                     "target: " + ", ".join(f"{v.node} (P={v.acc_bits}, {v.width_note})" for v in untargeted))
     if report.overflow_impossible:
         lines.append("[bold green]verdict: no overflow possible[/] in any checked layer at these widths")
     else:
