@@ -79,6 +79,8 @@ def finetune(
     """Train (or AXE-quantize) so every constrained layer fits P bits; writes the best checkpoint.
 
     Everything about the inputs is checked before training; on any problem nothing is written.
+    Layers without a target are trained too but never come out needing a wider accumulator (projected
+    back, or their weights restored); each one whose width changed is listed.
     """
     import torch
 
@@ -102,4 +104,7 @@ def finetune(
     Console(width=200).print(_summary(analyze_model(model).by_node(), analyze_model(result.model).by_node(), targets))
     for node, why in result.details["skipped"].items():
         typer.echo(f"not constrained: {node} ({why})")
+    for node, change in result.details["untargeted"].items():
+        how = f"training widened it: {change['held']}" if change["held"] else "never wider than before"
+        typer.echo(f"untargeted layer {node}: {change['before']} -> {change['after']} ({how})")
     typer.echo(f"wrote {output_path}")

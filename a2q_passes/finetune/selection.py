@@ -4,6 +4,10 @@ A layer is *constrained* when it is a MAC layer (:func:`a2q_passes.layers.find_m
 input lives on an integer grid and whose weights come from a QONNX ``Quant`` on an initializer:
 those are the weights the torch bridge trains and the accumulator a target width applies to.
 Every other MAC layer is left as it is and listed in :class:`Selection.skipped`.
+
+Training updates every Quant weight of the graph, so a constrainable layer without a target
+(``--layer`` on other layers, or ``--skip``) is *held*: :func:`enforce_widths` projects it back to
+its exact width before training if training widened it, so it never needs a wider accumulator.
 """
 
 from __future__ import annotations
@@ -81,6 +85,11 @@ class ConstrainedLayer:
         flat[self.row_index[valid]] = rows[valid]
         return flat.reshape(self.stored_shape)
 
+    def width(self, rows: np.ndarray) -> int:
+        """Exact accumulator width of integer rows (the measure :meth:`fits` compares with ``acc_bits``)."""
+        acc_min, acc_max = bounds.exact_accumulator_range(rows, self.x)
+        return int(bounds.accumulator_width(int(acc_min.min()), int(acc_max.max())))
+
     def fits(self, rows: np.ndarray) -> bool:
         """Whether integer rows fit ``acc_bits`` (exact range, ``UINT`` when no row reaches below 0)."""
         acc_min, acc_max = bounds.exact_accumulator_range(rows, self.x)
@@ -91,6 +100,7 @@ class ConstrainedLayer:
 class Selection:
     layers: list[ConstrainedLayer]
     skipped: dict[str, str] = field(default_factory=dict)  # MAC node -> why it is not constrained
+    held: list[ConstrainedLayer] = field(default_factory=list)  # no target: acc_bits is the width before training
 
     def by_node(self) -> dict[str, ConstrainedLayer]:
         return {layer.node: layer for layer in self.layers}
@@ -140,11 +150,12 @@ def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str
         detail = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no MAC layer found"
         raise A2QError(f"no layer to constrain: fine-tuning needs MAC layers with QONNX Quant weights on a "
                        f"quantized input ({detail})")
-    layers = []
-    for mac in (m for m in candidates if m.node not in (skip or ())):
-        bits = overrides.get(mac.node, acc_bits)
+    layers, held = [], []
+    for mac in (m for m in macs if not _constrainable(m)):  # --skip ones too: no target, but trained all the same
+        bits = None if mac.node in (skip or ()) else overrides.get(mac.node, acc_bits)
         if bits is None:
-            skipped[mac.node] = "no target width given"
+            skipped.setdefault(mac.node, "--skip" if mac.node in (skip or ()) else "no target width given")
+            held.append(_held(model, mac))
             continue
         try:
             check_target(mac.grid.range, bits, mac.source.weight_range)
@@ -153,7 +164,18 @@ def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str
         layers.append(ConstrainedLayer.of(model, mac, bits))
     if not layers:
         raise A2QError("no target width given: pass --acc-bits P or --layer NAME=P")
-    return Selection(layers, skipped)
+    return Selection(layers, skipped, [layer for layer in held if layer is not None])
+
+
+def _held(model: ModelWrapper, mac: MacLayer) -> ConstrainedLayer | None:
+    """An untargeted layer held to its present exact width; None where its weights do not map one-to-one to rows
+    (FinetuneAccumulators then restores its weights if training widened it)."""
+    try:
+        layer = ConstrainedLayer.of(model, mac, 64)
+    except A2QError:
+        return None
+    layer.acc_bits = layer.width(mac.integer_rows(model))
+    return layer
 
 
 def _refuse_unconstrained(model: ModelWrapper, macs: list[MacLayer], why: dict[str, str], acc_bits: int) -> None:
@@ -170,14 +192,14 @@ def _refuse_unconstrained(model: ModelWrapper, macs: list[MacLayer], why: dict[s
 
 
 def enforce_widths(model: ModelWrapper, selection: Selection) -> dict[str, int]:
-    """Re-read every constrained layer's integers from ``model``; re-project (exact) those that do not fit.
+    """Re-read every constrained and held layer's integers from ``model``; re-project (exact) those that do not fit.
 
     The guarantee rests on this exact check of what the graph's own quantizer produces, not on
     the training-time constraint. Returns ``{node: rows re-projected}`` (only layers that needed it).
     """
     fixed = {}
     current = {m.node: m for m in find_mac_layers(model)}
-    for layer in selection.layers:
+    for layer in selection.layers + selection.held:
         mac = current[layer.node]
         rows = mac.integer_rows(model)
         if layer.fits(rows):

@@ -8,6 +8,12 @@ the pass proves its promise on its own output: the exact accumulator width of ev
 layer, from :func:`~a2q_passes.analysis.analyze_model`, is at most its target (with ``tile``, every
 partial sum within each tile too). The graph keeps its structure; the targets are recorded in the
 model metadata (``a2q.accumulators``, ``source: finetune``), so ``a2q verify`` needs no widths.
+
+Training updates every Quant weight, also of layers without a target; none of them may come out
+needing a wider accumulator than before. Held layers (:attr:`Selection.held`) are projected back by
+``enforce_widths``; any other readable one that grew (bipolar weights, which projection cannot
+shrink) gets its original weights and weight scale back. ``details["untargeted"]`` lists every
+untargeted layer whose width changed, and ``ensures`` checks none grew.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
 from a2q_passes.finetune.distributed import distributed
 from a2q_passes.finetune.selection import Selection, enforce_widths, select_layers
 from a2q_passes.finetune.train import FinetuneConfig, StepCallback, evaluate_graph, finetune, metric_name
-from a2q_passes.layers import find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.metadata import record_accumulators
 from a2q_passes.passes import A2QPass, PassResult
 
@@ -99,6 +105,7 @@ class FinetuneAccumulators(A2QPass):
             details = {"history": result.history, "best_epoch": result.best_epoch, "metric": result.metric,
                        "original_metric": result.original_metric, "reprojected": result.reprojected,
                        "is_main": result.is_main}
+        untargeted = self._hold_untargeted(model, out, details["reprojected"])
         layers = {}
         for report in analyze_model(out).layers:
             layer = self.selection.by_node().get(report.node)
@@ -106,8 +113,42 @@ class FinetuneAccumulators(A2QPass):
                 layers[report.node] = {"acc_bits": layer.acc_bits, "acc_dtype": report.acc_dtype,
                                        "acc_min": report.acc_min, "acc_max": report.acc_max}
         record_accumulators(out, layers, source="finetune")
-        details.update(method=self.method, tile=self.tile, layers=layers, skipped=dict(self.selection.skipped))
+        details.update(method=self.method, tile=self.tile, layers=layers, skipped=dict(self.selection.skipped),
+                       untargeted=untargeted)
         return PassResult(out, True, details)
+
+    def _untargeted(self, model: ModelWrapper) -> dict[str, Any]:
+        """Analysis reports of the quantized MAC layers without a target, by node."""
+        targeted = self.selection.by_node()
+        return {r.node: r for r in analyze_model(model).layers if r.node not in targeted and r.node in self._quantized}
+
+    def _hold_untargeted(self, model: ModelWrapper, out: ModelWrapper,
+                         reprojected: dict[str, int]) -> dict[str, dict[str, Any]]:
+        """Restore the weights of readable untargeted layers that training widened; report every width change.
+
+        Returns ``{node: {"before", "after": acc dtype, "held": how}}`` for the layers whose exact width
+        changed or that training widened (``held``: "" if not, "projected back" for the rows
+        ``enforce_widths`` re-projected, "restored" for original weights put back).
+        """
+        self._quantized = {m.node: m for m in find_mac_layers(model) if m.status != STATUS_WEIGHTS_NOT_QUANTIZED}
+        before, after = self._untargeted(model), self._untargeted(out)
+        self._widths_before = {node: r.bounds.get("exact") for node, r in before.items()}
+        restored = []
+        for node, r in before.items():
+            grew = r.bounds.get("exact") is not None and (after[node].bounds.get("exact") or 0) > r.bounds["exact"]
+            source = self._quantized[node].source
+            if grew and source is not None and source.quant_node is not None:
+                # projection cannot shrink these (see Selection.held): their original integers fit by definition
+                scale = model.get_node_from_name(source.quant_node).input[1]
+                for tensor in (source.tensor, scale):
+                    if model.get_initializer(tensor) is not None:
+                        out.set_initializer(tensor, model.get_initializer(tensor))
+                restored.append(node)
+        after = self._untargeted(out) if restored else after
+        held = {node: "restored" for node in restored}
+        held.update({node: f"projected back to its width before ({rows} rows)" for node, rows in reprojected.items() if node in before})
+        return {node: {"before": r.acc_dtype, "after": after[node].acc_dtype, "held": held.get(node, "")}
+                for node, r in before.items() if r.acc_dtype != after[node].acc_dtype or node in held}
 
     def _axe(self, model: ModelWrapper) -> tuple[ModelWrapper, dict[str, Any]]:
         log = self.config.log
@@ -143,4 +184,10 @@ class FinetuneAccumulators(A2QPass):
                                              f"terms leaves {layer.acc_bits} bits")
         certify_claims(model, {layer.node: Claim(reports[layer.node].acc_min, reports[layer.node].acc_max, layer.acc_bits)
                                for layer in self.selection.layers}, what="finetune")
+        for node, width in self._widths_before.items():
+            now = reports[node].bounds.get("exact")
+            if width is not None and (now is None or now > width):
+                raise PostconditionError(f"layer '{node}' has no target but needs a {now}-bit accumulator after "
+                                         f"fine-tuning, above its {width} bits before; give it a target with "
+                                         f"--layer {node}={width}")
 
