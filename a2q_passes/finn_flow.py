@@ -297,8 +297,9 @@ def exact_input_thresholds(converted: ModelWrapper, original: ModelWrapper) -> M
 
     model = ModelWrapper(converted.model.SerializeToString())
     changed = False
-    for graph_input in data_inputs(model.graph):
-        quant = next((n for n in original.find_consumers(graph_input.name) or [] if n.op_type == "Quant"), None)
+    # paired by position: FINN's tidy-up renames graph inputs (x -> global_in)
+    for source_input, graph_input in zip(data_inputs(original.graph), data_inputs(model.graph)):
+        quant = next((n for n in original.find_consumers(source_input.name) or [] if n.op_type == "Quant"), None)
         thresholding = next((n for n in model.find_consumers(graph_input.name) or []
                              if n.op_type == "MultiThreshold"), None)
         if quant is None or thresholding is None:
@@ -489,8 +490,26 @@ def _from_layout(y: np.ndarray, ref_shape: tuple[int, ...], what: str) -> np.nda
     raise ValueError(f"{what}: output shape {y.shape} does not match the original model's {ref_shape}")
 
 
-def execute_batch(model: ModelWrapper, inputs: np.ndarray) -> list[np.ndarray]:
-    """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked."""
+class ExecutionError(A2QError):
+    """Executing a model for the equivalence check failed; the message names the model and the fix."""
+
+
+def _execution_hint(message: str) -> str:
+    if "double" in message:
+        return ("a float64 (double) tensor meets float32 ones, which onnxruntime refuses; FINN computes in "
+                "float32: re-export the model with float32 tensors (`a2q lower` casts float64 initializers itself, "
+                "so this one is a graph input, a Cast or a Constant)")
+    if "Rounding error is too high" in message or "Values can't be represented" in message:
+        return ("the input values are not on the graph input's annotated datatype; give --data with values "
+                "that datatype allows, or remove the annotation")
+    return "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
+
+
+def execute_batch(model: ModelWrapper, inputs: np.ndarray, what: str = "model") -> list[np.ndarray]:
+    """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked.
+
+    A failure inside execution raises :class:`ExecutionError` naming ``what``, the sample and a fix.
+    """
     from qonnx.core.onnx_exec import execute_onnx
 
     names, shapes, outputs = _graph_io_shapes(model)
@@ -500,7 +519,12 @@ def execute_batch(model: ModelWrapper, inputs: np.ndarray) -> list[np.ndarray]:
     results: list[list[np.ndarray]] = [[] for _ in outputs]
     for start in range(0, inputs.shape[0], per_sample):
         x = _to_layout(np.asarray(inputs[start:start + per_sample], dtype=np.float32), shapes[0], "input")
-        out = execute_onnx(model, {names[0]: x})
+        try:
+            out = execute_onnx(model, {names[0]: x})
+        except Exception as exc:  # qonnx/onnxruntime raise plain exceptions naming the node in their text
+            message = " ".join(str(exc).split())
+            raise ExecutionError(f"executing the {what} failed on input sample {start}: {message}. "
+                                 f"Fix: {_execution_hint(message)}") from exc
         for index, name in enumerate(outputs):
             results[index].append(out[name])
     return [np.concatenate(r, axis=0) for r in results]
@@ -540,8 +564,8 @@ def compare_execution(
 
     reference_model = cleanup_model(ModelWrapper(original.model.SerializeToString()))
     inputs = np.asarray(inputs, dtype=np.float32)
-    reference = execute_batch(reference_model, inputs)
-    final = execute_batch(lowered, inputs)
+    reference = execute_batch(reference_model, inputs, "QONNX model")
+    final = execute_batch(lowered, inputs, "lowered FINN graph")
     max_diff = _max_abs_diff(reference, final, "lowered model")
     scale = max(1.0, max(float(np.max(np.abs(r))) for r in reference))
 
@@ -570,7 +594,7 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
 
     def observe(record: StageRecord, model: ModelWrapper) -> None:
         nonlocal previous
-        outputs = execute_batch(model, sample)
+        outputs = execute_batch(model, sample, f"model after {record.label}")
         aligned = [_from_layout(o, r.shape, record.label) for o, r in zip(outputs, sample_ref)]
         row = {
             "stage": record.label,
