@@ -271,6 +271,74 @@ def _run_streamline_step(runner: _Runner) -> None:
     runner.transform(group, RemoveUnusedTensors())
 
 
+MAX_THRESHOLD_ULPS = 64  # how far (in float32 steps) an input threshold may be moved to its exact boundary
+
+
+def exact_input_thresholds(converted: ModelWrapper, original: ModelWrapper) -> ModelWrapper:
+    """Move the thresholds of a MultiThreshold that reads a graph input onto the float32 decision
+    boundaries of the ``Quant`` it replaced.
+
+    Why: ``ConvertQONNXtoFINN`` computes the threshold between codes k and k+1 as a real number
+    ((k + 0.5 - z) * s for ROUND) and stores it as float32. When that real number lies within half
+    a float32 step of a representable input, the stored threshold *is* that input and the
+    comparison ``x >= t`` flips the code qonnx's ``Quant`` (``round(x / s + z)`` in float32, as
+    Brevitas computes it) gives. Inputs on a grid hit this (``models/digits_cnn_w4a4.onnx``: s =
+    float32(1/255), x = 0.5: Quant gives code 127, FINN's threshold 127.5 * s rounds to exactly 0.5
+    and gives 128). Each threshold j becomes the smallest float32 x whose ``Quant`` output reaches
+    level j + 1, found by stepping at most :data:`MAX_THRESHOLD_ULPS` float32 steps; a node whose
+    Quant or thresholds do not have the expected form is left as FINN made it (the equivalence
+    check still compares it). Only graph inputs are float here: inside the network FINN compares
+    integer accumulators against rounded thresholds, which is exact.
+    """
+    from qonnx.custom_op.general.intquant import int_quant
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.layers import get_constant, quant_code_range
+
+    model = ModelWrapper(converted.model.SerializeToString())
+    changed = False
+    # paired by position: FINN's tidy-up renames graph inputs (x -> global_in)
+    for source_input, graph_input in zip(data_inputs(original.graph), data_inputs(model.graph)):
+        quant = next((n for n in original.find_consumers(source_input.name) or [] if n.op_type == "Quant"), None)
+        thresholding = next((n for n in model.find_consumers(graph_input.name) or []
+                             if n.op_type == "MultiThreshold"), None)
+        if quant is None or thresholding is None:
+            continue
+        scale, zero, bits = (get_constant(original, t) for t in quant.input[1:4])
+        thresholds = model.get_initializer(thresholding.input[1])
+        if scale is None or zero is None or bits is None or thresholds is None or np.size(bits) != 1:
+            continue
+        attrs = getCustomOp(quant)
+        signed, narrow, mode = (attrs.get_nodeattr(a) for a in ("signed", "narrow", "rounding_mode"))
+        codes = quant_code_range(float(bits), bool(signed), bool(narrow), mode)
+        rows, steps = thresholds.shape
+        if steps != codes.hi - codes.lo or np.any(np.diff(thresholds, axis=1) < 0):
+            continue  # not the plain one-threshold-per-code form this repair is written for
+        try:  # per-tensor or per-channel parameters, as (rows | 1, 1) columns
+            scale, zero = (np.asarray(v, dtype=np.float32).reshape(-1, 1) for v in (scale, zero))
+            np.broadcast_shapes(scale.shape, zero.shape, (rows, 1))
+        except ValueError:
+            continue
+        levels = (np.arange(codes.lo + 1, codes.hi + 1, dtype=np.float32) - zero) * scale  # int_quant's re-scaling
+
+        def reaches(x: np.ndarray) -> np.ndarray:
+            return int_quant(x, scale, zero, np.float32(bits), signed, narrow, mode) >= levels
+
+        fixed = np.asarray(thresholds, dtype=np.float32).copy()
+        for direction, wrong in ((np.inf, lambda t: ~reaches(t)),  # up while below the level
+                                 (-np.inf, lambda t: reaches(np.nextafter(t, np.float32(-np.inf))))):  # down
+            for _ in range(MAX_THRESHOLD_ULPS):
+                move = wrong(fixed)
+                if not move.any():
+                    break
+                fixed = np.where(move, np.nextafter(fixed, np.float32(direction)), fixed)
+        exact = reaches(fixed) & ~reaches(np.nextafter(fixed, np.float32(-np.inf)))
+        if exact.all() and not np.array_equal(fixed, thresholds):
+            model.set_initializer(thresholding.input[1], fixed.astype(thresholds.dtype))
+            changed = True
+    return model if changed else converted
+
+
 def _build_config(fpgapart: str | None):
     from finn.builder.build_dataflow_config import DataflowBuildConfig
 
@@ -310,6 +378,8 @@ def run_flow(
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
+        source = ModelWrapper(model.model.SerializeToString())
+        runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))
         runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
         _run_streamline_step(runner)
         runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
@@ -420,8 +490,26 @@ def _from_layout(y: np.ndarray, ref_shape: tuple[int, ...], what: str) -> np.nda
     raise ValueError(f"{what}: output shape {y.shape} does not match the original model's {ref_shape}")
 
 
-def execute_batch(model: ModelWrapper, inputs: np.ndarray) -> list[np.ndarray]:
-    """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked."""
+class ExecutionError(A2QError):
+    """Executing a model for the equivalence check failed; the message names the model and the fix."""
+
+
+def _execution_hint(message: str) -> str:
+    if "double" in message:
+        return ("a float64 (double) tensor meets float32 ones, which onnxruntime refuses; FINN computes in "
+                "float32: re-export the model with float32 tensors (`a2q lower` casts float64 initializers itself, "
+                "so this one is a graph input, a Cast or a Constant)")
+    if "Rounding error is too high" in message or "Values can't be represented" in message:
+        return ("the input values are not on the graph input's annotated datatype; give --data with values "
+                "that datatype allows, or remove the annotation")
+    return "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
+
+
+def execute_batch(model: ModelWrapper, inputs: np.ndarray, what: str = "model") -> list[np.ndarray]:
+    """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked.
+
+    A failure inside execution raises :class:`ExecutionError` naming ``what``, the sample and a fix.
+    """
     from qonnx.core.onnx_exec import execute_onnx
 
     names, shapes, outputs = _graph_io_shapes(model)
@@ -431,7 +519,12 @@ def execute_batch(model: ModelWrapper, inputs: np.ndarray) -> list[np.ndarray]:
     results: list[list[np.ndarray]] = [[] for _ in outputs]
     for start in range(0, inputs.shape[0], per_sample):
         x = _to_layout(np.asarray(inputs[start:start + per_sample], dtype=np.float32), shapes[0], "input")
-        out = execute_onnx(model, {names[0]: x})
+        try:
+            out = execute_onnx(model, {names[0]: x})
+        except Exception as exc:  # qonnx/onnxruntime raise plain exceptions naming the node in their text
+            message = " ".join(str(exc).split())
+            raise ExecutionError(f"executing the {what} failed on input sample {start}: {message}. "
+                                 f"Fix: {_execution_hint(message)}") from exc
         for index, name in enumerate(outputs):
             results[index].append(out[name])
     return [np.concatenate(r, axis=0) for r in results]
@@ -471,8 +564,8 @@ def compare_execution(
 
     reference_model = cleanup_model(ModelWrapper(original.model.SerializeToString()))
     inputs = np.asarray(inputs, dtype=np.float32)
-    reference = execute_batch(reference_model, inputs)
-    final = execute_batch(lowered, inputs)
+    reference = execute_batch(reference_model, inputs, "QONNX model")
+    final = execute_batch(lowered, inputs, "lowered FINN graph")
     max_diff = _max_abs_diff(reference, final, "lowered model")
     scale = max(1.0, max(float(np.max(np.abs(r))) for r in reference))
 
@@ -501,7 +594,7 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
 
     def observe(record: StageRecord, model: ModelWrapper) -> None:
         nonlocal previous
-        outputs = execute_batch(model, sample)
+        outputs = execute_batch(model, sample, f"model after {record.label}")
         aligned = [_from_layout(o, r.shape, record.label) for o, r in zip(outputs, sample_ref)]
         row = {
             "stage": record.label,

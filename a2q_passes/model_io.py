@@ -83,6 +83,32 @@ def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in graph.input if vi.name not in constants]
 
 
+def cast_float64_initializers(model: ModelWrapper, what: str = "model") -> list[tuple[str, float]]:
+    """Store every float64 (double) initializer as float32, in place; returns ``(name, max relative change)``.
+
+    Why: exporters such as QKeras' write double scales next to float32 activations. qonnx executes
+    its own ops in numpy and tolerates that, but onnxruntime (standard ops) refuses a Mul of
+    float and double, and FINN's conversion and HW layers compute in float32 anyway. A value
+    float32 cannot hold (overflow to Inf) is refused instead, naming the tensor.
+    """
+    cast = []
+    for tensor in model.graph.initializer:
+        if tensor.data_type != onnx.TensorProto.DOUBLE:
+            continue
+        values = numpy_helper.to_array(tensor)
+        single = values.astype(np.float32)
+        if not np.all(np.isfinite(single[np.isfinite(values)])):
+            raise A2QError(f"{what}: float64 initializer '{tensor.name}' has values beyond float32's range, which "
+                           "FINN and onnxruntime compute in; rescale it or re-export the model in float32")
+        change = np.abs(single.astype(np.float64) - values) / np.maximum(np.abs(values), np.finfo(np.float64).tiny)
+        tensor.CopyFrom(numpy_helper.from_array(single, tensor.name))
+        cast.append((tensor.name, float(np.max(change, initial=0.0))))
+    for info in model.graph.value_info:  # a double annotation of a cast tensor would contradict it
+        if info.name in {name for name, _ in cast} and info.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE:
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return cast
+
+
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Read tensors stored next to the model; a missing or short data file names the tensor and the file."""
     for tensor in proto.graph.initializer:

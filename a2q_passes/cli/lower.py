@@ -17,7 +17,8 @@ from a2q_passes.cli.common import read_data
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_flow import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import validate_fpgapart
-from a2q_passes.model_io import atomic_write_text, check_output_paths, load_model, save_model
+from a2q_passes.model_io import (atomic_write_text, cast_float64_initializers, check_output_paths, load_model,
+                                 save_model)
 from a2q_passes.resources import plot_resources, render_table, resource_report
 from a2q_passes.transforms.lower import HWLayer, LowerToFINN, check_equivalence, equivalence_inputs
 
@@ -68,6 +69,17 @@ def _print_lowering_notes(details: dict[str, Any]) -> None:
                           "width was not applied", highlight=False, soft_wrap=True)
 
 
+def _cast_float64(model: ModelWrapper, path: Path) -> None:
+    """Cast float64 initializers to float32 (what FINN computes in), and say which and by how much."""
+    cast = cast_float64_initializers(model, str(path))
+    if cast:
+        worst = max(change for _, change in cast)
+        names = ", ".join(name for name, _ in cast[:6]) + (f" (+{len(cast) - 6} more)" if len(cast) > 6 else "")
+        err_console.print(f"note: {path}: {len(cast)} float64 initializer(s) stored as float32 ({names}; max relative "
+                          f"change {worst:.2g}); the lowered graph and the equivalence check use these values",
+                          highlight=False, soft_wrap=True)
+
+
 @app.command()
 def lower(
     input_path: Annotated[Path, typer.Argument(metavar="IN.onnx", help="QONNX model (e.g. the output of `a2q project`)")],
@@ -100,6 +112,7 @@ def lower(
                        inputs=[input_path] + ([data] if data is not None else []))
     part = validate_fpgapart(fpgapart) if fpgapart is not None else None
     model = load_model(input_path)
+    _cast_float64(model, input_path)
     inputs = comparison_inputs(model, data, samples, seed)
     lowering = LowerToFINN(acc_bits, from_annotations, strict)
     hw = model.transform(lowering, cleanup=False)  # the flow runs FINN's own cleanups itself
@@ -151,6 +164,7 @@ def report(
     check_output_paths([("--plot", plot)], inputs=[model_path])
     part = validate_fpgapart(fpgapart)
     model = load_model(model_path)
+    _cast_float64(model, model_path)
     if any(True for _ in iterate_mac_nodes(model)):
         if from_annotations:
             raise A2QError(f"{model_path} is already a FINN HW graph; --from-annotations applies to QONNX models")

@@ -228,11 +228,15 @@ def check_hw_accumulators(hw_model: ModelWrapper, targets: dict[str, int]) -> No
 
 
 def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> np.ndarray:
-    """Deterministic random inputs ``(samples, *input_shape[1:])`` for :func:`compare_execution`.
+    """Deterministic inputs ``(samples, *input_shape[1:])`` for :func:`compare_execution`, on the input's grid.
 
-    Drawn uniformly from the real range of the quantizer that reads the graph input (``Quant``:
-    codes ``[lo, hi]`` -> ``[(lo - z) s, (hi - z) s]``; an integer-annotated input: its
-    datatype's range); from a standard normal when the input is not quantized.
+    * Graph input annotated with an integer datatype (``INTn``/``UINTn``/``BIPOLAR``...): its
+      allowed values only, drawn uniformly (qonnx refuses any other value of an annotated input).
+    * Graph input read by a ``Quant``: reals drawn uniformly from the quantizer's real range
+      ``[(lo - z) s, (hi - z) s]``; every second sample is snapped onto the grid ``(code - z) s``,
+      because grid-valued data (images as k/255 ...) sit on the float32 decision boundaries where
+      a wrongly rounded threshold flips a code (see :func:`a2q_passes.finn_flow.exact_input_thresholds`).
+    * Otherwise (a float input with no quantizer): a standard normal.
     """
     from a2q_passes.layers import GridResolver
 
@@ -241,13 +245,20 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
         raise PreconditionError(f"the equivalence check needs a single-input model, got inputs {names}; pass --data")
     shape = (samples, *model.get_tensor_shape(names[0])[1:])
     rng = np.random.default_rng(seed)
-    resolver = GridResolver(model)
+    annotated = model.get_tensor_datatype(names[0])
+    if annotated.is_integer():
+        if annotated == DataType["BIPOLAR"]:
+            return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
+        return rng.integers(int(annotated.min()), int(annotated.max()), size=shape, endpoint=True).astype(np.float32)
     quant = next((n for n in model.find_consumers(names[0]) or [] if n.op_type in ("Quant", "IntQuant")), None)
-    grid, _ = resolver.resolve(quant.output[0] if quant is not None else names[0])
+    grid, _ = GridResolver(model).resolve(quant.output[0]) if quant is not None else (None, "")
     if grid is None or grid.scale is None:
         return rng.standard_normal(shape).astype(np.float32)
     low, high = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
-    return rng.uniform(low, high, size=shape).astype(np.float32)
+    inputs = rng.uniform(low, high, size=shape).astype(np.float32)
+    codes = rng.integers(grid.range.lo, grid.range.hi, size=inputs[1::2].shape, endpoint=True)
+    inputs[1::2] = ((codes - grid.zero_code) * np.float32(grid.scale)).astype(np.float32)
+    return inputs
 
 
 def check_equivalence(original: ModelWrapper, lowered: ModelWrapper, inputs: np.ndarray,

@@ -1,0 +1,126 @@
+"""``a2q lower``'s equivalence check on the inputs a model really gets: annotated integer inputs, float64
+scales, data on the input quantizer's grid (issue 10 item 8 and the digits ``--data`` bug).
+
+Expected values come from executing the QONNX model and the lowered graph with qonnx, and from the
+float32 arithmetic of the input quantizer (``int_quant``), never from the code under test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.general.intquant import int_quant
+from qonnx.util.basic import qonnx_make_model
+
+from a2q_passes.model_io import load_model
+from a2q_passes.transforms.lower import LowerToFINN, check_equivalence, equivalence_inputs
+from tests.test_lower import MODELS, run_cli
+
+torch.set_num_threads(1)
+QONNX_DOMAIN = "qonnx.custom_op.general"
+
+
+def _quant(inp: str, out: str, scale: str, bits: str, signed: int, narrow: int) -> helper.NodeProto:
+    return helper.make_node("Quant", [inp, scale, "zero", bits], [out], domain=QONNX_DOMAIN, name=f"Quant_{out}",
+                            signed=signed, narrow=narrow, rounding_mode="ROUND")
+
+
+def tiny_model(path: Path, input_dtype: str | None = None, input_scale: float | None = None,
+               scale_dtype: type = np.float32) -> Path:
+    """x (1, 8) -> [Quant 8 bit unsigned at ``input_scale``] -> MatMul (INT4 weights) -> Mul 0.5 -> y.
+
+    ``input_dtype`` annotates x instead of quantizing it; ``scale_dtype`` is the type of the input
+    scale and of the output Mul's constant (QKeras exports write float64 there).
+    """
+    weights = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(0.25, np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(4.0, np.float32), "w_bits"),
+             numpy_helper.from_array(np.array(0.5, scale_dtype), "out_scale")]
+    nodes = [_quant("W", "Wq", "w_scale", "w_bits", 1, 1)]
+    first = "x"
+    if input_scale is not None:
+        inits += [numpy_helper.from_array(np.array(input_scale, scale_dtype), "x_scale"),
+                  numpy_helper.from_array(np.array(8.0, np.float32), "x_bits")]
+        nodes.append(_quant("x", "xq", "x_scale", "x_bits", 0, 0))
+        first = "xq"
+    nodes += [helper.make_node("MatMul", [first, "Wq"], ["m"], name="MatMul_0"),
+              helper.make_node("Mul", ["m", "out_scale"], ["y"], name="Mul_out")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
+    if input_dtype is not None:
+        model.set_tensor_datatype("x", DataType[input_dtype])
+    model.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["BIPOLAR", "INT4", "UINT3"])
+def test_annotated_integer_input_is_checked_on_its_allowed_values(tmp_path, dtype):
+    """Before: uniform reals in [min, max] -> qonnx "Rounding error is too high", an internal error (exit 4)."""
+    model = load_model(tiny_model(tmp_path / "m.onnx", input_dtype=dtype))
+    inputs = equivalence_inputs(model, samples=16, seed=3)
+    allowed = DataType[dtype].allowed
+    assert all(allowed(v) for v in inputs.ravel())
+    assert len(np.unique(inputs)) > 1  # not a degenerate draw
+    hw = model.transform(LowerToFINN(), cleanup=False)
+    assert check_equivalence(model, hw, inputs)["within_tolerance"]
+
+
+def test_inputs_off_the_annotated_datatype_are_a_clear_error(tmp_path):
+    path = tiny_model(tmp_path / "m.onnx", input_dtype="INT4")
+    np.savez(tmp_path / "d.npz", x=np.full((2, 8), 0.3, np.float32))
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--data", tmp_path / "d.npz")
+    assert code == 1, output
+    assert "executing the QONNX model failed" in output and "INT4" in output and "--data" in output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_float64_scales_are_cast_and_said_so(tmp_path):
+    """Before: onnxruntime "Mul bound to different types (float and double)", an internal error (exit 4)."""
+    path = tiny_model(tmp_path / "m.onnx", input_scale=0.1, scale_dtype=np.float64)
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--samples", "4")
+    assert code == 0, output
+    assert "2 float64 initializer(s) stored as float32" in output and "x_scale" in output and "out_scale" in output
+    lowered = load_model(tmp_path / "out.onnx")
+    assert all(t.data_type != TensorProto.DOUBLE for t in lowered.graph.initializer)
+
+
+def test_input_thresholds_sit_on_the_quantizers_float32_boundaries(tmp_path):
+    """s = float32(1/255), x = 0.5: x / s = 127.49999 in float32, so Quant gives code 127. FINN's threshold
+    127.5 * s = 0.50000003 rounds to float32 0.5, and x >= 0.5 gave code 128 (the digits --data bug)."""
+    scale = np.float32(1 / 255)
+    model = load_model(tiny_model(tmp_path / "m.onnx", input_scale=float(scale)))
+    half = np.array([0.5], np.float32)
+    assert int_quant(half, scale, np.float32(0), np.float32(8), 0, 0, "ROUND")[0] == np.float32(127) * scale
+    hw = model.transform(LowerToFINN(), cleanup=False)
+    thresholds = hw.get_initializer(hw.graph.node[0].input[1]).ravel()
+    reference = int_quant(np.float32(thresholds), scale, np.float32(0), np.float32(8), 0, 0, "ROUND") / scale
+    below = int_quant(np.nextafter(np.float32(thresholds), np.float32(-1)), scale, np.float32(0), np.float32(8), 0, 0,
+                      "ROUND") / scale
+    np.testing.assert_allclose(reference, np.arange(1, 256), atol=1e-3)  # threshold j reaches code j + 1 ...
+    np.testing.assert_allclose(below, np.arange(0, 255), atol=1e-3)  # ... and the float32 just below does not
+    grid = np.float32(np.arange(16)[:, None] / 16 + np.zeros(8, np.float32))  # k/16, as the digits pixels
+    result = check_equivalence(model, hw, grid)
+    assert result["max_abs_diff"] <= result["tolerance"], result
+
+
+def test_digits_cnn_with_its_own_pixels(tmp_path):
+    """models/digits_cnn_w4a4.onnx on raw digits test images (pixels k/16, 0.5 among them): was NOT
+    equivalent (max |diff| about 1), since the first thresholds put 0.5 on code 128 instead of 127."""
+    from models.data import load_dataset
+
+    images, _ = load_dataset("digits", "test")
+    images = images[:12].astype(np.float32)
+    assert np.any(images == 0.5)
+    model = load_model(MODELS / "digits_cnn_w4a4.onnx")
+    hw = model.transform(LowerToFINN(), cleanup=False)
+    result = check_equivalence(model, hw, images)
+    assert result["within_tolerance"] and result["top1_agreement"] == 1.0, result
