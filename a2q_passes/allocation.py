@@ -23,12 +23,12 @@ Third-party cost models register through the entry-point group ``a2q_passes.cost
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from a2q_passes.plugins import Registry
 
 ENTRY_POINT_GROUP = "a2q_passes.cost_models"
 DEFAULT_COST_MODEL = "bits"
@@ -88,47 +88,21 @@ def finn_lut_cost(layer: LayerShape, acc_bits: int) -> int:
                          f"(tabulated: {sorted(layer.finn_lut) or 'none'})") from None
 
 
-_cost_models: dict[str, CostModel] = {}
-_plugins_loaded = False
+COST_MODELS: Registry[CostModel] = Registry("cost model", ENTRY_POINT_GROUP, CostModel, "cost", "(layer, acc_bits)")
 
 
 def register_cost_model(name: str, model: CostModel, *, replace: bool = False) -> None:
     """Add ``model`` under ``name`` (which must equal ``model.name``)."""
-    if not isinstance(model, CostModel) or not callable(model.cost):
-        raise TypeError(f"cost model {name!r} must have `name`, `description` and `cost(layer, acc_bits)`")
-    if model.name != name:
-        raise ValueError(f"cost model object is named {model.name!r} but registered as {name!r}")
-    if name in _cost_models and not replace:
-        raise ValueError(f"a cost model named {name!r} is already registered")
-    _cost_models[name] = model
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            register_cost_model(ep.name, obj() if isinstance(obj, type) or not hasattr(obj, "cost") else obj)
-        except Exception as err:  # a plugin must never take the tool down with it
-            warnings.warn(f"skipping cost model plugin '{ep.name}' (entry point '{ep.value}' in group "
-                          f"'{ENTRY_POINT_GROUP}'): {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+    COST_MODELS.register(name, model, replace=replace)
 
 
 def available_cost_models() -> list[str]:
-    _load_plugins()
-    return sorted(_cost_models)
+    return COST_MODELS.names()
 
 
 def get_cost_model(name: str) -> CostModel:
     """The cost model registered as ``name``; ValueError listing the available ones otherwise."""
-    _load_plugins()
-    try:
-        return _cost_models[name]
-    except KeyError:
-        raise ValueError(f"unknown cost model {name!r}; available: {', '.join(available_cost_models())}") from None
+    return COST_MODELS.get(name)
 
 
 def layer_cost(model: CostModel, layer: LayerShape, acc_bits: int) -> int:

@@ -16,15 +16,14 @@ its result, so a broken plugin cannot hand back weights that overflow the accumu
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
 from a2q_passes import projection
 from a2q_passes.bounds import IntRange
+from a2q_passes.plugins import Registry
 from a2q_passes.projection import ProjectionResult
 
 ENTRY_POINT_GROUP = "a2q_passes.methods"
@@ -51,53 +50,23 @@ class FunctionMethod:
         return self.function(v, x, acc_bits, weight_range)
 
 
-_methods: dict[str, ProjectionMethod] = {}
-_plugins_loaded = False
-
-
-def _check_method(name: str, method: object) -> None:
-    if not isinstance(method, ProjectionMethod) or not callable(method.project):
-        raise TypeError(f"method {name!r} must have `name`, `description` and `project(v, x, acc_bits, weight_range)`")
-    if method.name != name:
-        raise ValueError(f"method object is named {method.name!r} but registered as {name!r}")
+METHODS: Registry[ProjectionMethod] = Registry("projection method", ENTRY_POINT_GROUP, ProjectionMethod, "project",
+                                               "(v, x, acc_bits, weight_range)")
 
 
 def register_method(name: str, method: ProjectionMethod, *, replace: bool = False) -> None:
     """Add ``method`` under ``name`` (which must equal ``method.name``)."""
-    _check_method(name, method)
-    if name in _methods and not replace:
-        raise ValueError(f"a projection method named {name!r} is already registered")
-    _methods[name] = method
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            obj = ep.load()
-            method = obj() if isinstance(obj, type) or not hasattr(obj, "project") else obj
-            register_method(ep.name, method)
-        except Exception as err:  # a plugin must never take the tool down with it
-            warnings.warn(f"skipping projection method plugin '{ep.name}' (entry point '{ep.value}' in group "
-                          f"'{ENTRY_POINT_GROUP}'): {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+    METHODS.register(name, method, replace=replace)
 
 
 def available_methods() -> list[str]:
     """Names of all methods, built-in and plugins, sorted."""
-    _load_plugins()
-    return sorted(_methods)
+    return METHODS.names()
 
 
 def get_method(name: str) -> ProjectionMethod:
     """The method registered as ``name``; ValueError listing the available ones otherwise."""
-    _load_plugins()
-    try:
-        return _methods[name]
-    except KeyError:
-        raise ValueError(f"unknown projection method {name!r}; available: {', '.join(available_methods())}") from None
+    return METHODS.get(name)
 
 
 def project_weights(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange,

@@ -6,7 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from a2q_passes import methods, projection
+from a2q_passes import methods, plugins, projection
 from a2q_passes.bounds import IntRange
 
 X, WR = IntRange(0, 15), IntRange(-8, 7)
@@ -15,8 +15,8 @@ X, WR = IntRange(0, 15), IntRange(-8, 7)
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """A private copy of the registry whose plugins are not loaded yet."""
-    monkeypatch.setattr(methods, "_methods", dict(methods._methods))
-    monkeypatch.setattr(methods, "_plugins_loaded", False)
+    monkeypatch.setattr(methods.METHODS, "items", dict(methods.METHODS.items))
+    monkeypatch.setattr(methods.METHODS, "plugins_loaded", False)
 
 
 def layer() -> np.ndarray:
@@ -175,7 +175,7 @@ def test_plugins_are_loaded_once_and_lazily(monkeypatch, fresh_registry):
         calls.append(group)
         return []
 
-    monkeypatch.setattr(methods, "entry_points", fake_entry_points)
+    monkeypatch.setattr(plugins.metadata, "entry_points", fake_entry_points)
     assert calls == []
     methods.available_methods()
     methods.get_method("exact")
