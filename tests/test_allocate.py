@@ -46,18 +46,6 @@ def _shapes(model: ModelWrapper, widths: dict[str, list[int]]) -> dict[str, Laye
     return {name: LayerShape(name, CHANNELS[name], 1, ACT_BITS[name]) for name in widths}
 
 
-@pytest.fixture
-def a2q(capsys, monkeypatch):
-    def run(*args):
-        monkeypatch.setattr("sys.argv", ["a2q", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=stop.value.code or 0, stdout=captured.out, stderr=captured.err)
-
-    return run
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> SimpleNamespace:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from qonnx.transformation.infer_shapes import InferShapes
 from a2q_passes import layers
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import CannotCertify, Claim, certify_claims, certify_layer
-from a2q_passes.cli import main
 from a2q_passes.errors import PostconditionError
 
 Q = "qonnx.custom_op.general"
@@ -196,20 +194,6 @@ def test_a_claim_narrower_than_the_certificate_is_a_postcondition_error():
 
 # --------------------------------------------------------------------------- a corrupted fast path
 
-
-@pytest.fixture
-def a2q(capsys, monkeypatch):
-    """The ``a2q`` entry point in-process, so that the monkeypatched reader is the one it uses."""
-
-    def run(*args):
-        monkeypatch.setattr("sys.argv", ["a2q", *map(str, args)])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=stop.value.code or 0, stdout=captured.out, stderr=captured.err)
-
-    return run
 
 
 def test_under_reporting_reader_makes_project_annotate_verify_exit_4(tmp_path, monkeypatch, a2q):

@@ -25,7 +25,7 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.selection import select_layers
 from a2q_passes.transforms.project import ProjectToAccumulator
-from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant, a2q  # noqa: F401 (a2q: fixture)
+from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant
 
 # --------------------------------------------------------------------------- execution helpers
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
 
-from a2q_passes.cli import main
 from a2q_passes.errors import A2QError, PostconditionError
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.passes import PassResult
@@ -219,23 +217,6 @@ def test_conv_data_simulation_matches_brute_force_im2col(groups, strides, pads, 
 
 # --------------------------------------------------------------------------- Brevitas exports, CLI
 
-
-@pytest.fixture
-def a2q(capsys, monkeypatch):
-    """The real ``a2q`` entry point (``main``), in-process: a subprocess per call pays seconds of imports.
-
-    A few tests below still start ``python -m a2q_passes`` in a subprocess, as a user would.
-    """
-
-    def run(*args):
-        monkeypatch.setattr("sys.argv", ["a2q", *map(str, args)])
-        capsys.readouterr()  # drop what the test printed before
-        with pytest.raises(SystemExit) as stop:
-            main()
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=stop.value.code or 0, stdout=captured.out, stderr=captured.err)
-
-    return run
 
 
 NETS = [("conv", 4, 4, False), ("linear", 8, 8, True), ("conv", 8, 4, True), ("linear", 4, 4, False)]
