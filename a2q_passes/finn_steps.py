@@ -40,7 +40,7 @@ from typing import Any
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.finn_flow import set_accumulator_datatypes
+from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.metadata import recorded_accumulators
 from a2q_passes.methods import DEFAULT_METHOD
@@ -74,8 +74,6 @@ def _project(model: ModelWrapper, acc_bits: int | None, method: str, skip: Seque
 
 def _set_accumulators(model: ModelWrapper, acc_bits: int | None) -> ModelWrapper:
     from qonnx.custom_op.registry import getCustomOp
-
-    from a2q_passes.finn_flow import iterate_mac_nodes
 
     ensure_finn_importable()
     recorded, signatures = qonnx_recorded_widths(model), recorded_signatures(model)

@@ -27,7 +27,7 @@ from typing import Any
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
-from a2q_passes.finn_flow import hw_accumulator_ranges, iterate_mac_nodes
+from a2q_passes.finn_accumulators import hw_accumulator_ranges, iterate_mac_nodes
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 BASELINE_BITS = 32
@@ -125,7 +125,7 @@ def resource_report(
 
     ``acc_widths`` maps node name -> accumulator bits; its sign follows the node's exact range
     (``UINT`` when the range is non-negative, as FINN does). Without it, the model's current
-    ``accDataType`` (e.g. after :func:`a2q_passes.finn_flow.set_accumulator_datatypes`) is used.
+    ``accDataType`` (e.g. after :func:`a2q_passes.finn_accumulators.set_accumulator_datatypes`) is used.
     ``holds_exact_range`` says whether the width can hold the exact accumulator range of the
     node's weights (a width that cannot would be broken hardware; it is still estimated).
     The result is JSON-serialisable.

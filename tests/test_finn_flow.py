@@ -22,8 +22,9 @@ from torch import nn
 
 from a2q_passes import bounds
 from a2q_passes.errors import A2QError
-from a2q_passes.finn_flow import (LoweringError, compare_execution, hw_accumulator_ranges, iterate_mac_nodes,
-                                  lower_to_finn_hw, set_accumulator_datatypes)
+from a2q_passes.finn_accumulators import hw_accumulator_ranges, iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_execution import compare_execution
+from a2q_passes.finn_flow import LoweringError, lower_to_finn_hw
 from a2q_passes.finn_runtime import ensure_finn_importable, run_estimate_build
 from models.export import export_qonnx_model
 

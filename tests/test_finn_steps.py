@@ -18,7 +18,8 @@ from qonnx.custom_op.registry import getCustomOp
 
 from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError, PostconditionError
-from a2q_passes.finn_flow import iterate_mac_nodes, lower_to_finn_hw
+from a2q_passes.finn_accumulators import iterate_mac_nodes
+from a2q_passes.finn_flow import lower_to_finn_hw
 from a2q_passes.finn_runtime import ESTIMATE_REPORT_FILES, estimate_only_steps, run_estimate_build
 from a2q_passes.finn_steps import (REPORT_FILE, make_a2q_steps, step_a2q_project, step_a2q_set_accumulators,
                                    step_a2q_verify, with_a2q_steps)

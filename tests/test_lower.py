@@ -22,7 +22,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from a2q_passes.errors import A2QError
-from a2q_passes.finn_flow import LoweringError, iterate_mac_nodes
+from a2q_passes.finn_accumulators import iterate_mac_nodes
+from a2q_passes.finn_flow import LoweringError
 from a2q_passes.layers import find_mac_layers
 from a2q_passes.metadata import ACCUMULATORS_KEY, recorded_accumulators
 from a2q_passes.model_io import load_model

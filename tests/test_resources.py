@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.errors import A2QError
-from a2q_passes.finn_flow import iterate_mac_nodes, lower_to_finn_hw, set_accumulator_datatypes
+from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_flow import lower_to_finn_hw
 from a2q_passes.resources import plot_resources, render_table, resource_report
 from tests.test_finn_flow import ACT_BITS, ResidualCNN, _brute_force_range, _mac_rows, export_net
 

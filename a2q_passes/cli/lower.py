@@ -15,7 +15,7 @@ from rich.table import Table
 from a2q_passes.cli import app, err_console
 from a2q_passes.cli.common import read_data
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.finn_flow import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import validate_fpgapart
 from a2q_passes.model_io import (atomic_write_text, cast_float64_initializers, check_output_paths, load_model,
                                  save_model)

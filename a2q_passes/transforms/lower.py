@@ -8,7 +8,7 @@
    channel's weights sorted, then the channels sorted (:func:`weight_signature`). Identical layers
    are paired in graph order. Streamlining leaves integer weights alone, and the exact accumulator
    range depends only on that multiset, so two layers with equal signatures have equal ranges.
-3. :func:`a2q_passes.finn_flow.set_accumulator_datatypes` sets each node's ``accDataType`` to the
+3. :func:`a2q_passes.finn_accumulators.set_accumulator_datatypes` sets each node's ``accDataType`` to the
    minimal type holding the exact range of its lowered integer weights. With a target width
    (``acc_bits`` for every node, else the widths ``project``/``annotate`` recorded for the mapped
    QONNX layer), a node that needs more bits is an error.
@@ -35,8 +35,10 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError, PreconditionError
-from a2q_passes.finn_flow import (HW_DOMAIN_PREFIX, LoweringError, LoweringReport, check_thresholds_hold,
-                                  compare_execution, iterate_mac_nodes, lower_to_finn_hw, set_accumulator_datatypes)
+from a2q_passes.finn_accumulators import (HW_DOMAIN_PREFIX, check_thresholds_hold, iterate_mac_nodes,
+                                          set_accumulator_datatypes)
+from a2q_passes.finn_execution import compare_execution
+from a2q_passes.finn_flow import LoweringError, LoweringReport, lower_to_finn_hw
 from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.model_io import data_inputs

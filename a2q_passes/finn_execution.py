@@ -1,0 +1,177 @@
+"""Executing FINN graphs on data and comparing them with the QONNX model they were lowered from.
+
+:func:`compare_execution` also attributes any output difference to the flow stage that introduced
+it, by replaying :func:`a2q_passes.finn_flow.run_flow` with an observer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.errors import A2QError
+from a2q_passes.finn_flow import StageRecord, run_flow
+from a2q_passes.model_io import data_inputs
+
+
+def _graph_io_shapes(model: ModelWrapper) -> tuple[list[str], list[tuple[int, ...]], list[str]]:
+    names = [i.name for i in data_inputs(model.graph)]
+    shapes = [tuple(model.get_tensor_shape(n)) for n in names]
+    return names, shapes, [o.name for o in model.graph.output]
+
+
+def _to_layout(x: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """``x`` in the layout of ``shape``: as is, or NCHW -> NHWC when that is what the graph expects."""
+    if x.shape == shape:
+        return x
+    if x.ndim == 4 and x.transpose(0, 2, 3, 1).shape == shape:
+        return x.transpose(0, 2, 3, 1)
+    raise ValueError(f"{what}: cannot match shape {x.shape} to the graph's {shape}")
+
+
+def _from_layout(y: np.ndarray, ref_shape: tuple[int, ...], what: str) -> np.ndarray:
+    """FINN output ``y`` back in the QONNX model's layout (NHWC -> NCHW if needed)."""
+    if y.shape == ref_shape:
+        return y
+    if y.ndim == 4 and y.transpose(0, 3, 1, 2).shape == ref_shape:
+        return y.transpose(0, 3, 1, 2)
+    raise ValueError(f"{what}: output shape {y.shape} does not match the original model's {ref_shape}")
+
+
+class ExecutionError(A2QError):
+    """Executing a model for the equivalence check failed; the message names the model and the fix."""
+
+
+def _execution_hint(message: str) -> str:
+    if "double" in message:
+        return ("a float64 (double) tensor meets float32 ones, which onnxruntime refuses; FINN computes in "
+                "float32: re-export the model with float32 tensors (`a2q lower` casts float64 initializers itself, "
+                "so this one is a graph input, a Cast or a Constant)")
+    if "Rounding error is too high" in message or "Values can't be represented" in message:
+        return ("the input values are not on the graph input's annotated datatype; give --data with values "
+                "that datatype allows, or remove the annotation")
+    return "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
+
+
+def execute_batch(model: ModelWrapper, inputs: np.ndarray, what: str = "model") -> list[np.ndarray]:
+    """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked.
+
+    A failure inside execution raises :class:`ExecutionError` naming ``what``, the sample and a fix.
+    """
+    from qonnx.core.onnx_exec import execute_onnx
+
+    names, shapes, outputs = _graph_io_shapes(model)
+    if len(names) != 1:
+        raise ValueError(f"expected a single-input model, got inputs {names}")
+    per_sample = max(shapes[0][0], 1)
+    results: list[list[np.ndarray]] = [[] for _ in outputs]
+    for start in range(0, inputs.shape[0], per_sample):
+        x = _to_layout(np.asarray(inputs[start:start + per_sample], dtype=np.float32), shapes[0], "input")
+        try:
+            out = execute_onnx(model, {names[0]: x})
+        except Exception as exc:  # qonnx/onnxruntime raise plain exceptions naming the node in their text
+            message = " ".join(str(exc).split())
+            raise ExecutionError(f"executing the {what} failed on input sample {start}: {message}. "
+                                 f"Fix: {_execution_hint(message)}") from exc
+        for index, name in enumerate(outputs):
+            results[index].append(out[name])
+    return [np.concatenate(r, axis=0) for r in results]
+
+
+def _max_abs_diff(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> float:
+    return max(float(np.max(np.abs(_from_layout(g, r.shape, what).astype(np.float64) - r)))
+               for r, g in zip(ref, got))
+
+
+def compare_execution(
+    original: ModelWrapper,
+    lowered: ModelWrapper,
+    inputs: np.ndarray,
+    atol: float = 1e-5,
+    attribution_samples: int = 8,
+    attribute: bool = True,
+) -> dict[str, Any]:
+    """Execute the QONNX model and its FINN HW graph on ``inputs`` and locate any difference.
+
+    What is compared: every graph output of ``original`` (QONNX, as exported) against the same
+    output of ``lowered``, brought back to the original layout (NHWC -> NCHW where FINN changed it).
+    finn-plus keeps the final scale/bias as ElementwiseMul/Add HW nodes, so the values are comparable
+    directly; a graph whose output shape FINN changed otherwise (e.g. a TopK absorbing the final Mul)
+    raises instead of being compared loosely. Inputs are fed in the original layout and transposed
+    when the lowered graph expects NHWC. ``inputs`` carries a leading batch axis.
+
+    Attribution: the flow of :func:`lower_to_finn_hw` is replayed on ``original`` and the model
+    after every transformation that changed the graph is executed on the first
+    ``attribution_samples`` inputs. For each such stage the report gives the difference to the
+    original (cumulative) and to the previous stage (introduced by this one), with the nodes the
+    transformation removed/added. A final entry covers changes made after lowering (e.g. by
+    :func:`set_accumulator_datatypes`) when ``lowered`` differs from the replayed flow's result.
+    ``attribute=False`` skips the replay (only the end-to-end difference is reported).
+    """
+    from qonnx.util.cleanup import cleanup_model
+
+    reference_model = cleanup_model(ModelWrapper(original.model.SerializeToString()))
+    inputs = np.asarray(inputs, dtype=np.float32)
+    reference = execute_batch(reference_model, inputs, "QONNX model")
+    final = execute_batch(lowered, inputs, "lowered FINN graph")
+    max_diff = _max_abs_diff(reference, final, "lowered model")
+    scale = max(1.0, max(float(np.max(np.abs(r))) for r in reference))
+
+    tolerance = atol * scale
+    result: dict[str, Any] = {
+        "compared": "all graph outputs of the QONNX model vs the FINN graph, original (NCHW) layout",
+        "samples": int(inputs.shape[0]),
+        "max_abs_diff": max_diff,
+        "tolerance": tolerance,
+        "within_tolerance": max_diff <= tolerance,
+    }
+    if reference[0].ndim == 2 and reference[0].shape[1] > 1:
+        agree = np.argmax(reference[0], axis=1) == np.argmax(_from_layout(final[0], reference[0].shape, "top-1"), axis=1)
+        result["top1_agreement"] = float(np.mean(agree))
+    if attribute:
+        result.update(_attribute_differences(original, final, reference, inputs[:attribution_samples], tolerance))
+    return result
+
+
+def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], reference: list[np.ndarray],
+                           sample: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """Replay the flow on ``original``, executing ``sample`` after every stage that changed the graph."""
+    sample_ref = [r[: len(sample)] for r in reference]
+    stage_rows: list[dict[str, Any]] = []
+    previous = sample_ref
+
+    def observe(record: StageRecord, model: ModelWrapper) -> None:
+        nonlocal previous
+        outputs = execute_batch(model, sample, f"model after {record.label}")
+        aligned = [_from_layout(o, r.shape, record.label) for o, r in zip(outputs, sample_ref)]
+        row = {
+            "stage": record.label,
+            "index": record.index,
+            "max_abs_diff_vs_original": _max_abs_diff(sample_ref, aligned, record.label),
+            "max_abs_diff_vs_previous": _max_abs_diff(previous, aligned, record.label),
+            "nodes_removed": record.nodes_removed,
+            "nodes_added": record.nodes_added,
+        }
+        stage_rows.append(row)
+        previous = aligned
+
+    _, replay_stages = run_flow(original, observer=observe)
+    lowered_sample = [_from_layout(f[: len(sample)], r.shape, "lowered") for f, r in zip(final, sample_ref)]
+    after_lowering = _max_abs_diff(previous, lowered_sample, "lowered vs replay")  # previous: replay's result
+    if after_lowering > 0:
+        stage_rows.append({
+            "stage": "after_lowering/given model vs replayed flow",
+            "index": len(replay_stages),
+            "max_abs_diff_vs_original": _max_abs_diff(sample_ref, lowered_sample, "lowered"),
+            "max_abs_diff_vs_previous": after_lowering,
+            "nodes_removed": [], "nodes_added": [],
+        })
+    introduced = [row for row in stage_rows if row["max_abs_diff_vs_previous"] > tolerance]
+    return {
+        "stages": stage_rows,
+        "introduced_by": [{"stage": r["stage"], "max_abs_diff": r["max_abs_diff_vs_previous"],
+                           "nodes_removed": r["nodes_removed"], "nodes_added": r["nodes_added"]}
+                          for r in introduced],
+    }
