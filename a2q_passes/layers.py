@@ -407,6 +407,13 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     weight_range, dtype = _storage_range(zp_dtype)
     if clips:  # QCDQ: the Clip bounds are the weights' integer range (e.g. [-127, 127], or [-2, 1] for 2 bits)
         weight_range = clipped_range(model, weight_range, clips)
+        if not weight_range.lo <= 0 <= weight_range.hi:
+            # weights are symmetric (zero point 0): a zero weight must stay representable, or the Clip
+            # would turn every weight project shrinks to 0 back into a non-zero one
+            raise UnsupportedLayer(
+                f"{_node_label(clips[0])} clips the weight codes of {_node_label(dq)} to "
+                f"[{weight_range.lo}, {weight_range.hi}], which excludes 0; a QCDQ weight Clip must keep 0 "
+                "(Brevitas exports e.g. [-127, 127] or [-2, 1])")
         dtype = _dtype_for_range(weight_range)
     ndim = np.ndim(stored) if stored is not None else np.ndim(get_constant(model, quantize.input[0]))
     axis = int(node_attr(dq, "axis", 1))

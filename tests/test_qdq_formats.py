@@ -23,6 +23,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.analysis import analyze_model
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.brevitas_nets import build_qcdq_net
+from tests.cli_helpers import run_cli
 from tests.test_soundness_regressions import assert_fits
 
 BIG = 1e4  # far beyond every quantizer's range: QuantizeLinear saturates, Clip clamps
@@ -195,6 +196,84 @@ def test_clip_with_min_above_max_is_refused_by_name():
                                            opset_imports=[helper.make_opsetid("", 13)]))
     layer = analyze_model(model).layers[0]
     assert layer.status.startswith("input not quantized") and "bad_clip" in layer.status and "min" in layer.status
+
+
+def _clipped_qdq_model(act_clip: tuple[int, int] | None, weight_clip: tuple[int, int] | None, zero_point: int = 0,
+                       conv: bool = False) -> ModelWrapper:
+    """uint8 activation QDQ (zero point ``zero_point``) and int8 constant weights, each optionally behind a
+    QCDQ Clip; a MatMul (3 -> 2), or a 3x3 Conv with one pixel of padding (where padded taps carry code z)."""
+    shape = [1, 1, 4, 4] if conv else [1, 3]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 4, 4] if conv else [1, 2])
+    wq = np.full((1, 1, 3, 3), 127, np.int8) if conv else np.array([[1, -1], [0, 0], [-3, 127]], np.int8)
+    inits = [numpy_helper.from_array(np.float32(0.5), "s"), numpy_helper.from_array(np.uint8(zero_point), "z"),
+             numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.float32(0.25), "ws"),
+             numpy_helper.from_array(np.int8(0), "wz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="act_q")]
+    xq, w_codes = "xq", "wq"
+    if act_clip:
+        inits += [numpy_helper.from_array(np.uint8(act_clip[0]), "alo"), numpy_helper.from_array(np.uint8(act_clip[1]), "ahi")]
+        nodes.append(helper.make_node("Clip", ["xq", "alo", "ahi"], ["xc"], name="act_clip"))
+        xq = "xc"
+    if weight_clip:
+        inits += [numpy_helper.from_array(np.int8(weight_clip[0]), "wlo"), numpy_helper.from_array(np.int8(weight_clip[1]), "whi")]
+        nodes.append(helper.make_node("Clip", ["wq", "wlo", "whi"], ["wc"], name="weight_clip"))
+        w_codes = "wc"
+    nodes += [helper.make_node("DequantizeLinear", [xq, "s", "z"], ["xd"], name="act_dq"),
+              helper.make_node("DequantizeLinear", [w_codes, "ws", "wz"], ["w"], name="weight_dq")]
+    if conv:
+        nodes.append(helper.make_node("Conv", ["xd", "w"], ["y"], name="mac", pads=[1, 1, 1, 1], kernel_shape=[3, 3]))
+    else:
+        nodes.append(helper.make_node("MatMul", ["xd", "w"], ["y"], name="mac"))
+    return ModelWrapper(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                          opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_weight_clip_excluding_zero_is_refused_by_name(tmp_path):
+    """Regression (fuzzer, qcdq_clip): int8 weights clipped to [1, 3] made ``a2q project`` leak a ValueError
+    traceback ("weight range [1, 3] must contain 0"). Such a Clip turns a stored 0 into 1 (executed below), so
+    project could never write the zero weights it shrinks to: the layer is refused, naming the Clip."""
+    model = _clipped_qdq_model(None, (1, 3))
+    session = ort.InferenceSession(model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    executed = session.run(None, {"x": np.eye(1, 3, 1, dtype=np.float32) * 1e4})[0]  # row 1 of the weights: codes 0
+    assert np.allclose(executed / (0.5 * 0.25), 255 * 1)  # the stored zeros execute as +1
+    layer = analyze_model(model).layers[0]
+    assert layer.status.startswith("unsupported") and "weight_clip" in layer.status and "excludes 0" in layer.status
+    path = tmp_path / "m.onnx"
+    model.save(str(path))
+    code, out, err = run_cli("project", path, tmp_path / "p.onnx", "--acc-bits", "16")
+    assert code == 1 and "Traceback" not in out + err
+    assert "'mac'" in err and "weight_clip" in err and "excludes 0" in err
+    assert not (tmp_path / "p.onnx").exists()
+    for args in (("analyze", path), ("verify", path, "--acc-bits", "16")):
+        code, out, err = run_cli(*args)
+        assert code == 3 and "Traceback" not in out + err and "no overflow possible" not in out
+
+
+@pytest.mark.parametrize("act_clip,zero_point", [((10, 20), 0), ((10, 20), 15), ((3, 9), 200)])
+def test_activation_clip_sub_range_matches_execution(act_clip, zero_point):
+    """The fuzzer's qcdq_clip violations on activations (analyze [20, 296] vs "executed" [-1528, 1532]) were an
+    oracle bug: it fed the Clip's output codes directly over the whole int8 range. Executed by onnxruntime
+    from the quantizer's float input, the analysed range is exact, also for a zero point outside the Clip."""
+    model = _clipped_qdq_model(act_clip, None, zero_point)
+    layer = analyze_model(model, per_channel=True).layers[0]
+    assert layer.input_range == list(act_clip)
+    assert_matches_execution(model, layer)
+
+
+def test_activation_clip_excluding_the_zero_point_counts_padded_taps():
+    """Conv padding under the fold convention: padded taps carry code z = 100, outside the Clip [10, 20]. The
+    executed worst case (onnxruntime, raw codes) is 4 * 127 * 20 + 5 * 127 * 100 = 73660 at a corner pixel:
+    analyze must cover it and verify must not promise 16 bits."""
+    model = _clipped_qdq_model((10, 20), None, 100, conv=True)
+    session = ort.InferenceSession(model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    executed = [session.run(None, {"x": np.full((1, 1, 4, 4), v, np.float32)})[0] / (0.5 * 0.25) + 100 * 127 * 9
+                for v in (1e4, -1e4)]
+    lo, hi = min(float(e.min()) for e in executed), max(float(e.max()) for e in executed)
+    assert (lo, hi) == (11430.0, 73660.0)
+    layer = analyze_model(model, per_channel=True).layers[0]
+    assert layer.status == "ok" and layer.acc_min <= lo and layer.acc_max >= hi
+    assert layer.input_range[0] <= 10 and layer.input_range[1] >= 100
 
 
 # --------------------------------------------------------------------------- onnxruntime int4 / int16 QDQ
