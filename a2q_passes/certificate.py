@@ -14,7 +14,8 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   must hold what their ``DataType`` annotation allows.
 * **Input codes** follow the ONNX/qonnx semantics of the activation quantizer: a ``Quant`` family
   node is executed by qonnx on ``-inf``/``+inf`` (its clamp gives the extreme codes, whatever its
-  bit width or signedness); ``DequantizeLinear`` codes span its storage type; ``MultiThreshold``
+  bit width or signedness); ``DequantizeLinear`` codes span its storage type, sent through the
+  graph's own ``Clip`` nodes when Brevitas' QCDQ export narrows the container with them; ``MultiThreshold``
   counts ``0..T`` thresholds; FINN ``DataType`` annotations and user-given input types are taken
   as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
   (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
@@ -164,11 +165,38 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
     inits += [numpy_helper.from_array(np.asarray(value), name) for name, value in overrides.items() if name in used]
     graph = helper.make_graph(nodes, "certificate_constants", [], [], inits)
     sub = ModelWrapper(qonnx_make_model(graph, opset_imports=list(model.model.opset_import)))
+    sub = sub.transform(InferShapes())
     try:
-        context = execute_onnx(sub.transform(InferShapes()), {}, return_full_exec_context=True)
+        context = execute_onnx(sub, {}, return_full_exec_context=True)
     except Exception as err:  # the graph's own kernels decide what is valid; say which subgraph failed
-        raise CannotCertify(f"executing the constant subgraph of {targets} failed ({type(err).__name__}: {err})") from err
+        if not all(n.domain in ("", "ai.onnx") for n in nodes):
+            raise CannotCertify(f"executing the constant subgraph of {targets} failed ({type(err).__name__}: {err})") from err
+        # qonnx runs node by node and hands tensors to onnxruntime as numpy arrays, which fails for
+        # int4/uint4 (ml_dtypes); onnxruntime runs the whole standard subgraph with them inside
+        context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}")
     return {name: np.asarray(context[name]) for name in targets}
+
+
+def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error: str) -> dict[str, np.ndarray]:
+    """Values of ``targets`` from one onnxruntime session on the standard-ONNX constant subgraph ``sub``."""
+    import onnxruntime as ort
+
+    initializers = {init.name: numpy_helper.to_array(init) for init in sub.graph.initializer}
+    computed = [t for t in dict.fromkeys(targets) if t not in initializers]
+    proto = ModelWrapper(sub.model.SerializeToString())
+    for name in computed:
+        vi = sub.get_tensor_valueinfo(name)
+        if vi is None:
+            raise CannotCertify(f"executing the constant subgraph of {targets} failed ({first_error}); "
+                                f"the type of '{name}' is unknown")
+        proto.graph.output.append(vi)
+    try:
+        session = ort.InferenceSession(proto.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = dict(zip(computed, session.run(computed, {})))
+    except Exception as err:
+        raise CannotCertify(f"executing the constant subgraph of {targets} failed ({first_error}; onnxruntime: "
+                            f"{type(err).__name__}: {err})") from err
+    return {**initializers, **values}
 
 
 def _as_integers(values: np.ndarray, what: str) -> np.ndarray:
@@ -346,22 +374,43 @@ class _InputCodes:
             raise CannotCertify(f"{_label(node)} dequantizes storage type {TensorProto.DataType.Name(storage)} "
                                 f"with scale {scale}")
         lo, hi = _STORAGE_RANGES[storage]
+        lo, hi = self._through_clips(node, storage, lo, hi)
         return _Grid(lo, hi, int(zero), scale)
 
+    def _codes_before_clips(self, dq: NodeProto) -> str:
+        """The tensor entering the ``Clip`` chain (Brevitas QCDQ) in front of DequantizeLinear's input."""
+        name = dq.input[0]
+        producer = self.model.find_producer(name)
+        while producer is not None and producer.op_type == "Clip":
+            name = producer.input[0]
+            producer = self.model.find_producer(name)
+        return name
+
+    def _through_clips(self, dq: NodeProto, storage: int, lo: int, hi: int) -> tuple[int, int]:
+        """Execute the graph's own Clip chain on the storage type's extreme codes (clamping is monotone)."""
+        start = self._codes_before_clips(dq)
+        if start == dq.input[0]:
+            return lo, hi
+        extremes = np.array([lo, hi]).astype(helper.tensor_dtype_to_np_dtype(storage))
+        out = _execute_constants(self.model, [dq.input[0]], {start: extremes})[dq.input[0]]
+        codes = _as_integers(np.asarray(out, dtype=np.float64), f"the Clip output in front of {_label(dq)}")
+        return int(codes.min()), int(codes.max())
+
     def _storage_type(self, dq: NodeProto) -> int:
-        """ONNX: the codes' type is the zero point's, else that of DequantizeLinear's input."""
+        """ONNX: the codes' type is the zero point's, else that of DequantizeLinear's input (a Clip keeps it)."""
         if len(dq.input) > 2 and dq.input[2]:
             return helper.np_dtype_to_tensor_dtype(_execute_constants(self.model, [dq.input[2]])[dq.input[2]].dtype)
-        quantize = self.model.find_producer(dq.input[0])
+        codes = self._codes_before_clips(dq)
+        quantize = self.model.find_producer(codes)
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             if len(quantize.input) > 2 and quantize.input[2]:
                 zp = _execute_constants(self.model, [quantize.input[2]])[quantize.input[2]]
                 return helper.np_dtype_to_tensor_dtype(zp.dtype)
             return int(_attr(quantize, "output_dtype", 0)) or TensorProto.UINT8
-        init = self.model.get_initializer(dq.input[0])
+        init = self.model.get_initializer(codes)
         if init is not None:
             return helper.np_dtype_to_tensor_dtype(init.dtype)
-        vi = self.model.get_tensor_valueinfo(dq.input[0])
+        vi = self.model.get_tensor_valueinfo(codes)
         if vi is None:
             raise CannotCertify(f"the type of the codes {_label(dq)} dequantizes is unknown")
         return vi.type.tensor_type.elem_type

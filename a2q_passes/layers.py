@@ -5,8 +5,9 @@ integer grid its input lives on. All bound math is in :mod:`a2q_passes.bounds`.
 
 Supported weight sources: QONNX ``Quant``/``IntQuant``/``BipolarQuant`` on constants,
 FINN-ONNX initializers with an integer datatype annotation, and standard
-``DequantizeLinear`` (optionally fed by ``QuantizeLinear``) on constants, each optionally
-behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
+``DequantizeLinear`` (optionally fed by ``QuantizeLinear``, and optionally behind integer ``Clip``
+nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer storage type
+(int4/uint4 to int32 included), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
 weights and datatypes directly.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 from onnx import NodeProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
@@ -235,9 +237,56 @@ def check_integer_values(values: np.ndarray, dt: DataType, what: str) -> None:
 
 
 def _storage_range(dtype: np.dtype) -> tuple[IntRange, str]:
-    """Integer range and qonnx datatype name of a QDQ storage type (int8, uint8, ...)."""
-    info = np.iinfo(dtype)
+    """Integer range and qonnx datatype name of a QDQ storage type (int4, uint8, int16, ...).
+
+    onnx reads int4/uint4 tensors as ``ml_dtypes`` types, which ``np.iinfo`` rejects.
+    """
+    try:
+        info = ml_dtypes.iinfo(dtype)
+    except (TypeError, ValueError) as err:
+        raise UnsupportedLayer(f"QDQ storage type {np.dtype(dtype).name} is not an integer type") from err
     return IntRange(int(info.min), int(info.max)), _int_dtype_name(info.bits, info.min < 0)
+
+
+def _skip_clips(model: ModelWrapper, tensor: str) -> tuple[str, list[NodeProto]]:
+    """The tensor feeding a chain of ``Clip`` nodes that ends in ``tensor``, and those Clips (last first)."""
+    clips = []
+    producer = model.find_producer(tensor)
+    while producer is not None and producer.op_type == "Clip":
+        clips.append(producer)
+        tensor = producer.input[0]
+        producer = model.find_producer(tensor)
+    return tensor, clips
+
+
+def clipped_range(model: ModelWrapper, codes: IntRange, clips: list[NodeProto]) -> IntRange:
+    """The codes left after the integer ``Clip`` nodes ``clips`` (last first) on ``codes``.
+
+    Brevitas' QCDQ export narrows an int8/uint8 container with a Clip between QuantizeLinear and
+    DequantizeLinear (a 2-bit activation is uint8 clipped to [0, 3]). Clamping is monotone, so
+    the image of ``[lo, hi]`` is ``[clamp(lo), clamp(hi)]``; a missing bound leaves that side.
+    """
+    for clip in reversed(clips):
+        if node_attr(clip, "min") is not None or node_attr(clip, "max") is not None:
+            raise UnsupportedLayer(f"{_node_label(clip)} gives its bounds as attributes (opset < 11, float only); "
+                                   "an integer Clip takes them as inputs: re-export with opset >= 13")
+        lo, hi = codes.lo, codes.hi
+        limits = []
+        for index in (1, 2):
+            name = clip.input[index] if len(clip.input) > index else ""
+            value = get_constant(model, name) if name else None
+            if name and (value is None or np.size(value) != 1):
+                raise UnsupportedLayer(f"{_node_label(clip)} has a non-constant or non-scalar bound '{name}'; "
+                                       "fold constants first so the integer range is static")
+            limits.append(None if value is None else float(np.asarray(value, dtype=np.float64).reshape(())))
+        c_lo, c_hi = limits
+        if any(v is not None and v != round(v) for v in limits):
+            raise UnsupportedLayer(f"{_node_label(clip)} clips integer codes to non-integer bounds {limits}")
+        if c_lo is not None and c_hi is not None and c_lo > c_hi:
+            raise UnsupportedLayer(f"{_node_label(clip)} has min {c_lo} > max {c_hi}; fix the exported bounds")
+        clamp = lambda v: int(min(max(v, c_lo if c_lo is not None else v), c_hi if c_hi is not None else v))  # noqa: E731
+        codes = IntRange(clamp(lo), clamp(hi))
+    return codes
 
 
 def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int]] | None = None) -> WeightSource | None:
@@ -319,26 +368,31 @@ def _storage_dtype(model: ModelWrapper, dq: NodeProto) -> np.dtype | None:
     zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
     if zp is not None:
         return np.dtype(zp.dtype)
-    x = get_constant(model, dq.input[0])
+    codes, _ = _skip_clips(model, dq.input[0])  # a Clip keeps its input's type
+    x = get_constant(model, codes)
     if x is not None:
         return np.dtype(x.dtype)
-    producer = model.find_producer(dq.input[0])
+    producer = model.find_producer(codes)
     if producer is not None and producer.op_type == "QuantizeLinear":
         q_zp = get_constant(model, producer.input[2]) if len(producer.input) > 2 else None
         if q_zp is not None:
             return np.dtype(q_zp.dtype)
         output_dtype = int(node_attr(producer, "output_dtype", 0))
         return helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else np.dtype(np.uint8)
-    vi = model.get_tensor_valueinfo(dq.input[0])
+    vi = model.get_tensor_valueinfo(codes)
     elem_type = vi.type.tensor_type.elem_type if vi is not None else 0
     return helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
 
 
 def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]]) -> WeightSource:
     scale = _require_constant(model, dq, 1, "scale")
+    if int(node_attr(dq, "block_size", 0)):
+        raise UnsupportedLayer(f"{_node_label(dq)} uses blocked quantization (block_size); only per-tensor or "
+                               "per-axis weight scales are read: quantize the weights without block_size")
     zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
-    stored = get_constant(model, dq.input[0])
-    quantize = model.find_producer(dq.input[0]) if stored is None else None
+    codes, clips = _skip_clips(model, dq.input[0])
+    stored = get_constant(model, codes)
+    quantize = model.find_producer(codes) if stored is None else None
     if stored is None and (quantize is None or quantize.op_type != "QuantizeLinear"):
         raise UnsupportedLayer(f"{_node_label(dq)} dequantizes a non-constant weight tensor")
     if quantize is not None:
@@ -351,10 +405,20 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
             "(quantize weights with a symmetric scheme, e.g. onnxruntime's WeightSymmetric=True)"
         )
     weight_range, dtype = _storage_range(zp_dtype)
+    if clips:  # QCDQ: the Clip bounds are the weights' integer range (e.g. [-127, 127], or [-2, 1] for 2 bits)
+        weight_range = clipped_range(model, weight_range, clips)
+        if not weight_range.lo <= 0 <= weight_range.hi:
+            # weights are symmetric (zero point 0): a zero weight must stay representable, or the Clip
+            # would turn every weight project shrinks to 0 back into a non-zero one
+            raise UnsupportedLayer(
+                f"{_node_label(clips[0])} clips the weight codes of {_node_label(dq)} to "
+                f"[{weight_range.lo}, {weight_range.hi}], which excludes 0; a QCDQ weight Clip must keep 0 "
+                "(Brevitas exports e.g. [-127, 127] or [-2, 1])")
+        dtype = _dtype_for_range(weight_range)
     ndim = np.ndim(stored) if stored is not None else np.ndim(get_constant(model, quantize.input[0]))
     axis = int(node_attr(dq, "axis", 1))
     kind = "dequantize_linear" if quantize is None else "quantize_dequantize"
-    tensor = dq.input[0] if quantize is None else quantize.input[0]
+    tensor = codes if quantize is None else quantize.input[0]
     return WeightSource(kind, tensor, dq.name, weight_range, dtype,
                         scale=_per_axis(scale, axis, ndim), zero_point=np.zeros((), dtype=zp_dtype), perms=perms)
 
@@ -369,15 +433,20 @@ def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) ->
 def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     """Integer weights in the layout of the stored tensor, exactly as the graph's quantizer makes them."""
     stored = model.get_initializer(source.tensor)
-    if source.kind in ("initializer", "dequantize_linear"):
+    if source.kind == "initializer":
         return np.asarray(stored).astype(np.int64)
+    if source.kind == "dequantize_linear":
+        # any Clip between the stored codes and DequantizeLinear clamps them to the weight range
+        # (without one, the storage type already holds them there)
+        return np.clip(np.asarray(stored).astype(np.int64), source.weight_range.lo, source.weight_range.hi)
     if source.kind == "bipolar_quant":
         return np.where(stored >= 0, 1, -1).astype(np.int64)
     if source.kind == "quant" and source.bipolar:
         # qonnx int_quant executes a 1-bit signed Quant as bipolar: sign(x / s + z), 0 -> +1 (z == 0)
         return np.where(stored.astype(np.float32) / source.scale.astype(np.float32) >= 0, 1, -1).astype(np.int64)
     if source.kind == "quantize_dequantize":
-        # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero point checked to be 0
+        # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero point checked to be 0,
+        # then any Clip: one clamp to the weight range does both
         q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32))
         return np.clip(q, source.weight_range.lo, source.weight_range.hi).astype(np.int64)
     # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
@@ -549,7 +618,14 @@ class GridResolver:
         if storage is None:
             return None, (f"{_node_label(node)} has no zero point and the type of '{node.input[0]}' is unknown; "
                           "run shape inference or give the zero point explicitly")
-        codes, dtype = _storage_range(storage)
+        try:
+            codes, dtype = _storage_range(storage)
+            clips = _skip_clips(self.model, node.input[0])[1]
+            if clips:  # QCDQ: a Clip narrows the container (uint8 clipped to [0, 3] is a 2-bit activation)
+                codes = clipped_range(self.model, codes, clips)
+                dtype = _dtype_for_range(codes)
+        except UnsupportedLayer as err:
+            return None, str(err)
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
         return self._with_zero_point(codes, dtype, scale, zp), ""
 

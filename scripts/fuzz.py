@@ -68,6 +68,8 @@ def main() -> int:
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
                 return
             stats["commands"] += outcome.commands
+            for switch in case.used:
+                stats[f"uses {switch}"] += 1
             stats["integer_layers"] += sum(info.integer for info in case.layers)
             for command, code in outcome.exit_codes.items():
                 stats[f"{command} exit {code}"] += 1
@@ -90,6 +92,9 @@ def main() -> int:
     report = [f"{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
               f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed})",
               "exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k)]
+    used = sorted((k[5:], v) for k, v in stats.items() if k.startswith("uses "))
+    if used:  # coverage: a switch no example used was not tested
+        report.append("examples using each generator switch: " + ", ".join(f"{k} {v}" for k, v in used))
     if stats["oracle_errors"]:
         report.append(f"fuzzer errors (examples skipped, see stderr): {stats['oracle_errors']}")
     report.append(f"{'violation':22} {'examples':>9} {'total':>7}  meaning")

@@ -57,8 +57,8 @@ class _Net(torch.nn.Module):
         return [self.mac1, self.mac2]
 
 
-def build_net(tmp_path: Path, kind: str = "conv", wbits: int = 4, abits: int = 4, signed_act: bool = False,
-              per_channel: bool = True, seed: int = 0) -> ExportedNet:
+def _calibrated_net(kind: str, wbits: int, abits: int, signed_act: bool, per_channel: bool,
+                    seed: int) -> tuple[_Net, tuple[int, ...]]:
     torch.manual_seed(seed)
     net = _Net(kind, wbits, abits, signed_act, per_channel)
     shape = (1, 2, 6, 6) if kind == "conv" else (1, 20)
@@ -67,12 +67,34 @@ def build_net(tmp_path: Path, kind: str = "conv", wbits: int = 4, abits: int = 4
         for _ in range(3):
             net(torch.randn(8, *shape[1:]) * 2)
     net.eval()
+    return net, shape
+
+
+def build_net(tmp_path: Path, kind: str = "conv", wbits: int = 4, abits: int = 4, signed_act: bool = False,
+              per_channel: bool = True, seed: int = 0) -> ExportedNet:
+    net, shape = _calibrated_net(kind, wbits, abits, signed_act, per_channel, seed)
     path = tmp_path / f"{kind}_w{wbits}a{abits}{'s' if signed_act else 'u'}{'pc' if per_channel else 'pt'}.onnx"
     export_qonnx(net, torch.randn(*shape), str(path))
     model = cleanup_model(ModelWrapper(str(path)))
     model.save(str(path))
+    return ExportedNet(net, model, path, shape, _expected(net, abits, signed_act))
+
+
+def build_qcdq_net(tmp_path: Path, kind: str = "conv", wbits: int = 4, abits: int = 4, signed_act: bool = False,
+                   per_channel: bool = True, dynamo: bool = True, seed: int = 0) -> ExportedNet:
+    """The same network exported with ``export_onnx_qcdq`` (QuantizeLinear -> Clip -> DequantizeLinear),
+    by torch's dynamo exporter or the TorchScript one; the file is used as exported (no cleanup)."""
+    from brevitas.export import export_onnx_qcdq
+
+    net, shape = _calibrated_net(kind, wbits, abits, signed_act, per_channel, seed)
+    path = tmp_path / f"qcdq_{kind}_w{wbits}a{abits}{'s' if signed_act else 'u'}{'_dynamo' if dynamo else '_ts'}.onnx"
+    export_onnx_qcdq(net, torch.randn(*shape), str(path), dynamo=dynamo)
+    return ExportedNet(net, ModelWrapper(str(path)), path, shape, _expected(net, abits, signed_act))
+
+
+def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray, int, int]]:
     expected = []
     for mac, quant in zip(net.macs(), (net.inp, net.act)):
         q = mac.quant_weight().int().detach().numpy().astype(np.int64)
         expected.append((q.reshape(q.shape[0], -1), *_act_range(abits, signed_act)))
-    return ExportedNet(net, model, path, shape, expected)
+    return expected

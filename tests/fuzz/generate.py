@@ -44,6 +44,7 @@ CONSTRUCTS = {
     "dq_int8_without_zero_point": "DequantizeLinear of int8 data without a zero point (root cause 6)",
     "unreadable_quantized_layers": "weight zero point, per-channel activation scale, Gemm transA (root cause 7)",
     "subtract_zero_point": "--zero-point subtract: padded taps carry code 0, outside the shifted range",
+    "qcdq_clip": "Brevitas QCDQ: an integer Clip between QuantizeLinear and DequantizeLinear narrows the codes",
 }
 
 
@@ -120,7 +121,14 @@ class _Builder:
         return out
 
     def elem_type(self, node) -> int:
-        """QuantizeLinear outputs its zero point's type (uint8 without one); everything else here is float."""
+        """QuantizeLinear outputs its zero point's type (uint8 without one), a Clip its input's; everything
+        else here is float."""
+        if node.op_type == "Clip":
+            producer = next((n for n in self.nodes if node.input[0] in n.output), None)
+            if producer is not None:
+                return self.elem_type(producer)
+            init = self.inits.get(node.input[0])
+            return helper.np_dtype_to_tensor_dtype(init.dtype) if init is not None else TensorProto.FLOAT
         if node.op_type != "QuantizeLinear":
             return TensorProto.FLOAT
         zp = self.inits.get(node.input[2]) if len(node.input) > 2 else None
@@ -166,6 +174,7 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
         spec.update(dtype=dtype, scale=draw(st.sampled_from([0.5, 0.25, 0.1])),
                     zero_point=draw(st.integers(int(info.min), int(info.max))) if draw(st.booleans()) else 0,
                     explicit_zero_point=draw(st.booleans()) or dtype == "int8")
+        spec["clip"] = _clip_bounds(draw, int(info.min), int(info.max), allowed)
     elif kind == "int_input":
         spec["dtype"] = draw(st.sampled_from(["UINT2", "UINT4", "UINT8", "INT2", "INT4", "INT8", "BIPOLAR", "BINARY"]))
         spec["cli"] = draw(st.booleans())  # declare with --input-dtype instead of a datatype annotation
@@ -174,8 +183,34 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
     return spec
 
 
+def _clip_bounds(draw, lo: int, hi: int, allowed: frozenset[str]) -> tuple[int, int] | None:
+    """Bounds of a QCDQ Clip inside the storage range [lo, hi] (a 2..7-bit range as Brevitas exports it,
+    narrow or not, or any sub-range, which may exclude 0 or the zero point), or None."""
+    if "qcdq_clip" not in allowed or draw(st.integers(0, 2)):
+        return None
+    if draw(st.booleans()):
+        bits = draw(st.integers(2, 7))
+        if lo < 0:
+            return -(1 << (bits - 1)) + int(draw(st.booleans())), (1 << (bits - 1)) - 1
+        return 0, (1 << bits) - 1
+    a, b = sorted((draw(st.integers(lo, hi)), draw(st.integers(lo, hi))))
+    return a, b
+
+
+def _clip(b: "_Builder", x: str, bounds: tuple[int, int] | None, dtype) -> str:
+    """``x`` (integer codes of numpy type ``dtype``) through a Clip to ``bounds``, as Brevitas' QCDQ export writes it."""
+    if bounds is None:
+        return x
+    return b.node("Clip", [x, b.const("clo", np.array(bounds[0], dtype=dtype)),
+                           b.const("chi", np.array(bounds[1], dtype=dtype))], b.shapes[x])
+
+
 def _source_uses(spec: dict) -> set[str]:
     """The CONSTRUCTS switches an activation source spec exercises."""
+    return _source_switches(spec) | ({"qcdq_clip"} if spec.get("clip") else set())
+
+
+def _source_switches(spec: dict) -> set[str]:
     if spec["kind"] == "dq_int8_input":
         return {"dq_int8_without_zero_point"}
     if spec["kind"] != "quant":
@@ -191,6 +226,10 @@ def _source_uses(spec: dict) -> set[str]:
 
 def _weight_uses(spec: dict) -> set[str]:
     """The CONSTRUCTS switches a weight spec exercises."""
+    return _weight_switches(spec) | ({"qcdq_clip"} if spec.get("clip") else set())
+
+
+def _weight_switches(spec: dict) -> set[str]:
     if spec["kind"] == "finn":
         return {"finn_bipolar_weights"} if spec["dtype"] == "BIPOLAR" else set()
     if spec["kind"] != "quant":
@@ -226,6 +265,7 @@ def _apply_source(b: _Builder, spec: dict, x: str) -> tuple[str, float | None, i
         s = b.const("s", np.float32(spec["scale"]))
         zname = b.const("zp", zp) if spec["explicit_zero_point"] else None
         q = b.node("QuantizeLinear", [x, s] + ([zname] if zname else []), shape)
+        q = _clip(b, q, spec.get("clip"), spec["dtype"] if zname else "uint8")
         return b.node("DequantizeLinear", [q, s] + ([zname] if zname else []), shape), spec["scale"], int(zp) if zname else 0
     if kind == "float":
         return x, None, 0
@@ -313,6 +353,8 @@ def weight_specs(draw, allowed: frozenset[str]) -> dict:
                                              + (["BIPOLAR"] if "finn_bipolar_weights" in allowed else [])))
     elif kind == "dq":
         spec["explicit_zero_point"] = draw(st.booleans())
+    if kind in ("dq", "qdq"):
+        spec["clip"] = _clip_bounds(draw, -128, 127, allowed)
     return spec
 
 
@@ -367,12 +409,16 @@ def _weight(draw, b: _Builder, spec: dict, shape: tuple[int, ...], channel_axis:
     if kind == "dq":
         q = rng.integers(-127, 128, size=store_shape).astype(np.int8)
         zp = [b.const("wzp", np.zeros(np.shape(s1d), dtype=np.int8))] if spec["explicit_zero_point"] else []
-        t = b.node("DequantizeLinear", [b.const("wq", q), b.const("ws", s1d)] + zp, store_shape, axis=axis)
+        wq = b.const("wq", q)
+        b.shapes[wq] = store_shape
+        t = b.node("DequantizeLinear", [_clip(b, wq, spec.get("clip"), np.int8), b.const("ws", s1d)] + zp,
+                   store_shape, axis=axis)
         return maybe_transpose(t), scale
     w = (rng.uniform(-100, 100, size=store_shape) * stored(scale)).astype(np.float32)
     zp = b.const("wzp", np.zeros(np.shape(s1d), dtype=np.int8))
     s = b.const("ws", s1d)
     q = b.node("QuantizeLinear", [b.const("w", w), s, zp], store_shape, axis=axis)
+    q = _clip(b, q, spec.get("clip"), np.int8)
     return maybe_transpose(b.node("DequantizeLinear", [q, s, zp], store_shape, axis=axis)), scale
 
 

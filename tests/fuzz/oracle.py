@@ -35,7 +35,10 @@ from qonnx.transformation.infer_shapes import InferShapes
 from tests.fuzz.generate import OPSET, Case, LayerInfo
 
 QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear")
-GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity")
+# Clip: Brevitas' QCDQ integer Clip between QuantizeLinear and DequantizeLinear (executed, so the cut
+# starts at the quantizer's float input and never feeds the Clip's output codes directly)
+GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity",
+            "Clip")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
 EXACT_FLOAT32 = 1 << 24
 RANDOM_SAMPLES = 8
@@ -159,10 +162,10 @@ def _infer_shapes(model: ModelWrapper) -> ModelWrapper:
 
 
 def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str) -> ModelWrapper:
-    """The activation chain with quantizers, Relu and DequantizeLinear replaced by Identity (index tracing)."""
+    """The activation chain with quantizers, Relu, Clip and DequantizeLinear replaced by Identity (index tracing)."""
     replaced = []
     for n in chain:
-        if n.op_type in QUANTIZERS + ("Relu", "DequantizeLinear"):
+        if n.op_type in QUANTIZERS + ("Relu", "Clip", "DequantizeLinear"):
             replaced.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
         else:
             replaced.append(copy.deepcopy(n))
