@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Mapping
 
 import numpy as np
@@ -108,6 +109,7 @@ class _Grid:
     hi: int
     zero: int
     scale: float
+    pair: bool = False  # only the two codes lo and hi occur (BIPOLAR and what constants make of it)
 
 
 # --------------------------------------------------------------------------- execution
@@ -291,7 +293,31 @@ def _dtype_grid(name: str, where: str) -> _Grid:
         raise CannotCertify(f"{where}: unknown DataType '{name}'") from err
     if not dt.is_integer() or dt.name.startswith("SCALED"):
         raise CannotCertify(f"{where}: DataType {dt.name} is not an integer type")
-    return _Grid(int(dt.min()), int(dt.max()), 0, 1.0)
+    return _Grid(int(dt.min()), int(dt.max()), 0, 1.0, dt.name == "BIPOLAR")
+
+
+def _plus_constant(g: _Grid, offset: float, where: str) -> _Grid:
+    """``real + offset`` on a grid: ``offset / scale`` as a fraction n/d (d <= 256) of steps.
+
+    The step becomes ``scale / d`` and each code ``c`` becomes ``d * c + n``; the zero code scales with
+    the step. A pair ``{lo, lo + k}`` whose zero code is a multiple of k steps from lo is then
+    re-expressed as ``{m, m + 1}`` with step ``k * scale``.
+    """
+    steps = offset / g.scale
+    if not np.isfinite(steps):
+        raise CannotCertify(f"{where} adds {offset}")
+    frac = Fraction(steps).limit_denominator(256)
+    n, d = frac.numerator, frac.denominator
+    if abs(steps * d - n) > 4e-7 * max(1.0, abs(n)):
+        raise CannotCertify(f"{where} adds {offset}, which is no whole number of 1/256 steps of its input grid "
+                            f"(step {g.scale})")
+    out = _Grid(d * g.lo + n, d * g.hi + n, d * g.zero, g.scale / d, g.pair)
+    span = out.hi - out.lo
+    if out.pair and span > 1:
+        q, r = divmod(out.lo - out.zero, span)
+        if r == 0:
+            out = _Grid(out.zero + q, out.zero + q + 1, out.zero, out.scale * span, True)
+    return out
 
 
 class _InputCodes:
@@ -334,7 +360,7 @@ class _InputCodes:
     def _constant(self, name: str, what: str) -> float:
         return _uniform(_execute_constants(self.model, [name])[name], what)
 
-    def _probe(self, node: NodeProto, scale: float, zero: float) -> _Grid:
+    def _probe(self, node: NodeProto, scale: float, zero: float, version: int | None = None) -> _Grid:
         """Execute a qonnx quantizer on -inf and +inf: its clamp yields the extreme codes."""
         params = _execute_constants(self.model, [n for n in node.input[1:] if n])
         x, y = f"{node.input[0]}__certificate_probe", f"{node.output[0]}__certificate_probe"
@@ -344,7 +370,7 @@ class _InputCodes:
         context = {**params, x: np.array([-np.inf, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y: None}
         try:
             with np.errstate(invalid="ignore", over="ignore"):
-                getCustomOp(probe_node).execute_node(context, self.model.graph)
+                getCustomOp(probe_node, version).execute_node(context, self.model.graph)
         except Exception as err:  # qonnx's kernel decides which parameters are valid
             raise CannotCertify(f"executing {_label(node)} on -inf/+inf failed ({type(err).__name__}: {err})") from err
         out = np.asarray(context[y], dtype=np.float64)
@@ -356,7 +382,10 @@ class _InputCodes:
         zero = self._constant(node.input[2], f"the zero point of {_label(node)}")
         if scale == 0 or zero != round(zero):
             raise CannotCertify(f"{_label(node)} has scale {scale} and zero point {zero}")
-        return self._probe(node, scale, zero)
+        grid = self._probe(node, scale, zero)
+        bits = self._constant(node.input[3], f"the bit width of {_label(node)}")
+        # qonnx runs a signed 1-bit Quant as bipolar: only its two extreme codes occur
+        return replace(grid, pair=bits == 1 and bool(_attr(node, "signed", 1)) and grid.hi - grid.lo == 2)
 
     _IntQuant = _Quant
 
@@ -364,7 +393,7 @@ class _InputCodes:
         scale = self._constant(node.input[1], f"the scale of {_label(node)}")
         if scale == 0:
             raise CannotCertify(f"{_label(node)} has scale 0")
-        return self._probe(node, scale, 0.0)
+        return replace(self._probe(node, scale, 0.0), pair=True)
 
     def _DequantizeLinear(self, node: NodeProto) -> _Grid:
         scale = self._constant(node.input[1], f"the scale of {_label(node)}")
@@ -418,11 +447,46 @@ class _InputCodes:
     def _MultiThreshold(self, node: NodeProto) -> _Grid:
         thresholds = _execute_constants(self.model, [node.input[1]])[node.input[1]]
         out_scale, out_bias = float(_attr(node, "out_scale", 1.0)), float(_attr(node, "out_bias", 0.0))
-        offset = out_bias / out_scale if out_scale else np.nan
-        if not np.isfinite(offset) or offset != round(offset):
-            raise CannotCertify(f"{_label(node)}: out_bias / out_scale = {offset} is not an integer code offset")
-        steps = int(np.shape(thresholds)[-1])  # the output counts how many of the T thresholds are passed
-        return _Grid(int(offset), int(offset) + steps, 0, out_scale)
+        if not out_scale or not np.isfinite(out_scale):
+            raise CannotCertify(f"{_label(node)} has out_scale {out_scale}")
+        # qonnx outputs out_scale * k + out_bias, k the count of the T thresholds passed (0..T)
+        count = int(np.shape(thresholds)[-1])
+        return _plus_constant(_Grid(0, count, 0, out_scale, count <= 1), out_bias, _label(node))
+
+    def _Add(self, node: NodeProto) -> _Grid:
+        return self._shift(node, negate=False)
+
+    def _Sub(self, node: NodeProto) -> _Grid:
+        return self._shift(node, negate=True)
+
+    def _shift(self, node: NodeProto, negate: bool) -> _Grid:
+        """A scalar constant added to (or subtracted from) the one non-constant input."""
+        candidates = ((0, 1),) if negate else ((0, 1), (1, 0))
+        for data, const in candidates:
+            try:
+                value = self._constant(node.input[const], f"the constant of {_label(node)}")
+            except CannotCertify:
+                continue
+            if self.model.get_initializer(node.input[data]) is not None:
+                continue
+            return _plus_constant(self.grid(node.input[data]), -value if negate else value, _label(node))
+        raise CannotCertify(f"{_label(node)} does not add one scalar constant to one tensor")
+
+    def _Trunc(self, node: NodeProto) -> _Grid:
+        """Executed as qonnx does: the version is the model's opset of the node's domain (default 1)."""
+        version = self.model.get_opset_imports().get(node.domain, 1)
+        if version < 2 or len(node.input) != 6:
+            raise CannotCertify(f"{_label(node)} executes as Trunc v{min(version, 2)} with {len(node.input)} inputs; "
+                                "only v2 with 6 inputs clamps its output codes")
+        scale = self._constant(node.input[1], f"the scale of {_label(node)}")
+        zero_in = self._constant(node.input[2], f"the zero point of {_label(node)}")
+        out_scale = self._constant(node.input[4], f"the output scale of {_label(node)}")
+        if not scale or not out_scale:
+            raise CannotCertify(f"{_label(node)} has a zero scale")
+        zero = zero_in / np.exp2(np.rint(np.log2(out_scale / scale)))
+        if zero != np.rint(zero):
+            raise CannotCertify(f"{_label(node)}: its output zero point {zero} is not an integer code")
+        return self._probe(node, out_scale, float(zero), version=2)
 
     def _Relu(self, node: NodeProto) -> _Grid:
         g = self.grid(node.input[0])
@@ -466,7 +530,7 @@ class _InputCodes:
                 continue
             if value != 0:
                 g = self.grid(node.input[data])
-                return _Grid(g.lo, g.hi, g.zero, g.scale / value if divide else g.scale * value)
+                return replace(g, scale=g.scale / value if divide else g.scale * value)
         raise CannotCertify(f"{_label(node)} is not a multiplication by a nonzero scalar constant")
 
     def _Concat(self, node: NodeProto) -> _Grid:

@@ -35,6 +35,9 @@ GRID_PRESERVING_OPS = (
     "DepthToSpace", "SpaceToDepth", "MaxPoolNHWC", "Slice", "Gather", "Split",
 )
 
+# Ops whose output grid is derived from their semantics before any DataType annotation is trusted.
+SEMANTICS_FIRST_OPS = ("MultiThreshold", "Add", "Sub", "Mul", "Div", "Trunc")
+
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
 STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
@@ -53,6 +56,7 @@ class InputGrid:
     dtype: str
     scale: float | None = None
     zero_code: int = 0
+    two_point: bool = False  # the codes are exactly {lo, hi} (BIPOLAR and its affine images), not every integer between
 
 
 @dataclass
@@ -509,7 +513,61 @@ def _dtype_grid(name: str, scale: float | None = None) -> InputGrid:
     dt = DataType[name]
     if not dt.is_integer():
         raise KeyError(f"{name} is not an integer datatype")
-    return InputGrid(IntRange(int(dt.min()), int(dt.max())), name, scale)
+    return InputGrid(IntRange(int(dt.min()), int(dt.max())), name, scale, 0, name == "BIPOLAR")
+
+
+def _step_multiplier(t: float, limit: int = 256) -> int | None:
+    """Smallest ``a`` in ``1..limit`` with ``a * t`` a whole number (float32 rounding tolerated)."""
+    for a in range(1, limit + 1):
+        v = a * t
+        if abs(v - round(v)) <= 4e-7 * max(1.0, abs(v)):
+            return a
+    return None
+
+
+def _grid_dtype(codes: IntRange, two_point: bool, keep: str | None = None) -> str:
+    if two_point and (codes.lo, codes.hi) == (-1, 1):
+        return "BIPOLAR"
+    if (codes.lo, codes.hi) == (0, 1):
+        return "BINARY"
+    if keep:
+        try:
+            dt = DataType[keep]
+            if dt.is_integer() and keep != "BIPOLAR" and dt.min() <= codes.lo and codes.hi <= dt.max():
+                return keep
+        except KeyError:
+            pass
+    return _dtype_for_range(codes)
+
+
+def _coarsened(grid: InputGrid) -> InputGrid:
+    """A two-point grid ``{lo, lo + g}`` whose real 0 sits a whole number of ``g`` steps away: codes ``{m, m + 1}``, step ``g * scale``."""
+    r, z = grid.range, grid.zero_code
+    g = r.hi - r.lo
+    if not grid.two_point or g <= 1 or (r.lo - z) % g:
+        return grid
+    m = z + (r.lo - z) // g
+    codes = IntRange(m, m + 1)
+    scale = (1.0 if grid.scale is None else grid.scale) * g
+    return InputGrid(codes, _grid_dtype(codes, True), scale, z, True)
+
+
+def _offset_grid(grid: InputGrid, offset: float, label: str) -> tuple[InputGrid | None, str]:
+    """The grid of ``real + offset``: codes shift by ``offset / scale`` steps (the zero code stays).
+
+    When ``offset`` is not a whole number of steps the step is divided by the smallest ``a`` that makes
+    it one: codes ``a * code + b`` (their extremes are the images of the old extremes, so a linear
+    form's extremes over the box stay exact).
+    """
+    scale = 1.0 if grid.scale is None else grid.scale
+    t = offset / scale
+    a = _step_multiplier(t)
+    if a is None:
+        return None, f"{label} adds {offset}, which is not on the integer grid of step {scale} (nor of a step up to 256 times finer)"
+    b = int(round(a * t))
+    codes = IntRange(a * grid.range.lo + b, a * grid.range.hi + b)
+    shifted = InputGrid(codes, _grid_dtype(codes, grid.two_point), scale / a, a * grid.zero_code, grid.two_point)
+    return _coarsened(shifted), ""
 
 
 def _scalar_constant(model: ModelWrapper, name: str) -> float | None:
@@ -563,9 +621,16 @@ class GridResolver:
         if tensor in self.graph_inputs and "*" in self.input_dtypes:
             return _dtype_grid(self.input_dtypes["*"]), ""
         dt = self.model.get_tensor_datatype(tensor)
-        if dt.is_integer() and not dt.name.startswith("SCALED"):
-            return _dtype_grid(dt.name, 1.0), ""
+        annotated = dt.is_integer() and not dt.name.startswith("SCALED")
         producer = self.model.find_producer(tensor)
+        if producer is not None and producer.op_type in SEMANTICS_FIRST_OPS:
+            # FINN's out_dtype/annotations on these can disagree with what executes (ConvertQONNXtoFINN
+            # writes INT8 on a MultiThreshold counting 0..255): their semantics come first
+            grid, reason = getattr(self, f"_from_{producer.op_type}")(producer)
+            if grid is not None or not annotated:
+                return grid, reason
+        if annotated:
+            return _dtype_grid(dt.name, 1.0), ""
         if producer is None:
             return None, f"graph input '{tensor}' is float (give its datatype with --input-dtype)"
         handler = getattr(self, f"_from_{producer.op_type}", None)
@@ -599,12 +664,13 @@ class GridResolver:
     _from_IntQuant = _from_Quant
 
     def _with_zero_point(self, codes: IntRange, dtype: str, scale: float, zp: int) -> InputGrid:
+        pair = dtype == "BIPOLAR"
         if self.zero_point == "subtract":
-            return InputGrid(codes.shifted(zp), dtype, scale, 0)
-        return InputGrid(codes, dtype, scale, zp)
+            return InputGrid(codes.shifted(zp), dtype, scale, 0, pair)
+        return InputGrid(codes, dtype, scale, zp, pair)
 
     def _from_BipolarQuant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
-        return InputGrid(BIPOLAR, "BIPOLAR", _scalar_constant(self.model, node.input[1])), ""
+        return InputGrid(BIPOLAR, "BIPOLAR", _scalar_constant(self.model, node.input[1]), 0, True), ""
 
     def _from_DequantizeLinear(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         scale = _scalar_constant(self.model, node.input[1])
@@ -630,17 +696,64 @@ class GridResolver:
         return self._with_zero_point(codes, dtype, scale, zp), ""
 
     def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx: ``out_scale * k + out_bias`` with ``k`` in ``0..T`` (the count of thresholds passed)."""
         thresholds = get_constant(self.model, node.input[1])
         if thresholds is None:
             return None, f"{_node_label(node)} has non-constant thresholds"
         out_scale = float(node_attr(node, "out_scale", 1.0))
         out_bias = float(node_attr(node, "out_bias", 0.0))
-        offset = out_bias / out_scale
-        if offset != round(offset):
-            return None, f"{_node_label(node)} has out_bias/out_scale = {offset}, not an integer offset"
+        if out_scale == 0 or not np.isfinite(out_scale) or not np.isfinite(out_bias):
+            return None, f"{_node_label(node)} has out_scale {out_scale}, out_bias {out_bias}"
         steps = int(thresholds.shape[-1])
-        codes = IntRange(int(offset), int(offset) + steps)
-        return InputGrid(codes, node_str_attr(node, "out_dtype", "") or f"UINT{max(steps, 1).bit_length()}", out_scale), ""
+        counts = IntRange(0, steps)
+        grid = InputGrid(counts, _dtype_for_range(counts), out_scale, 0, steps <= 1)
+        grid, reason = _offset_grid(grid, out_bias, _node_label(node))
+        if grid is None:
+            return None, reason
+        dtype = _grid_dtype(grid.range, grid.two_point, node_str_attr(node, "out_dtype", "") or None)
+        return InputGrid(grid.range, dtype, grid.scale, grid.zero_code, grid.two_point), ""
+
+    def _from_Add(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._offset(node, subtract=False)
+
+    def _from_Sub(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._offset(node, subtract=True)
+
+    def _offset(self, node: NodeProto, subtract: bool) -> tuple[InputGrid | None, str]:
+        """Adding a per-tensor constant: the codes shift when it is a whole number of (possibly finer) steps."""
+        for data, const in ((0, 1),) if subtract else ((0, 1), (1, 0)):
+            offset = _scalar_constant(self.model, node.input[const])
+            if offset is not None and get_constant(self.model, node.input[data]) is None:
+                grid, reason = self.resolve(node.input[data])
+                if grid is None:
+                    return None, reason
+                if not np.isfinite(offset):
+                    return None, f"{_node_label(node)} adds {offset}"
+                return _offset_grid(grid, -offset if subtract else offset, _node_label(node))
+        return None, f"input comes from {_node_label(node)}, which does not add a per-tensor constant to one input"
+
+    def _from_Trunc(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx Trunc v2 (opset >= 2, 6 inputs) clamps to the output bit width's codes, then rounds."""
+        opset = self.model.get_opset_imports().get(node.domain, 1)
+        if opset < 2 or len(node.input) != 6:
+            return None, (f"{_node_label(node)} runs as qonnx Trunc v{1 if opset < 2 else 2} with {len(node.input)} inputs; "
+                          "only Trunc v2 (6 inputs, clamped to its output bit width) has input-independent codes")
+        values = [_scalar_constant(self.model, name) for name in node.input[1:]]
+        if any(v is None for v in values):
+            return None, f"{_node_label(node)} has a non-constant or per-channel scale/zero point/bit width"
+        scale, zp, _, out_scale, out_bits = values
+        if scale == 0 or out_scale == 0 or not np.isfinite(out_bits) or out_bits < 1 or out_bits != round(out_bits):
+            return None, f"{_node_label(node)} has scale {scale}, output scale {out_scale}, output bit width {out_bits}"
+        trunc_scale = 2.0 ** round(float(np.log2(out_scale / scale)))
+        zero = zp / trunc_scale
+        if zero != round(zero):
+            return None, f"{_node_label(node)} has an output zero point {zero}, not an integer code"
+        signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
+        try:
+            codes = quant_code_range(out_bits, signed, narrow, node_str_attr(node, "rounding_mode", "FLOOR"))
+        except ValueError as err:
+            return None, f"{_node_label(node)}: {err}"
+        return self._with_zero_point(codes, _dtype_for_range(codes), out_scale, int(zero)), ""
 
     def _from_Relu(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         grid, reason = self.resolve(node.input[0])
@@ -689,7 +802,7 @@ class GridResolver:
                 if grid is None:
                     return None, reason
                 scale = None if grid.scale is None else (grid.scale / factor if invert else grid.scale * factor)
-                return InputGrid(grid.range, grid.dtype, scale, grid.zero_code), ""
+                return InputGrid(grid.range, grid.dtype, scale, grid.zero_code, grid.two_point), ""
         return None, f"input comes from {_node_label(node)}, which is not a per-tensor positive rescaling"
 
     def _from_Concat(self, node: NodeProto) -> tuple[InputGrid | None, str]:
