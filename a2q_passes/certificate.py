@@ -20,6 +20,9 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
   (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
   ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
+* **Activation x activation MatMuls** (no constant second operand: it reads a graph input) take
+  both operands' codes as above, K from shape inference on a copy, and the range
+  ``K * [min, max corner product]`` (:func:`a2q_passes.bounds.act_x_act_range`).
 * **Ranges** are exact per output channel, including ``Conv`` padding taps that hold the zero-point
   code (fold convention) when that code lies outside the input codes: every distinct pattern of
   padded taps over the output positions is evaluated.

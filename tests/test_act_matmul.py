@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
@@ -20,6 +21,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 from a2q_passes import bounds
 from a2q_passes.bounds import IntRange
 from a2q_passes.certificate import certify_layer
+from a2q_passes.layers import MacLayer
 from a2q_passes.metadata import recorded_widths
 
 QONNX = "qonnx.custom_op.general"
@@ -236,3 +238,62 @@ def test_a_float_second_operand_is_named_and_blocks_project(a2q, tmp_path: Path)
     assert layer["status"].startswith("input not quantized: second operand")
     refused = a2q("project", path, tmp_path / "out.onnx", "--acc-bits", 16)
     assert refused.returncode == 1 and "--skip Attention" in refused.stderr
+
+
+# --------------------------------------------------------------------------- a file onnxruntime's quantizer writes
+
+
+class _Calibration(CalibrationDataReader):
+    """A few normal samples for ``q`` and ``k``."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.samples = iter([{"q": rng.normal(size=(1, M, K)).astype(np.float32),
+                              "k": rng.normal(size=(1, N, K)).astype(np.float32)} for _ in range(4)])
+
+    def get_next(self) -> dict | None:
+        return next(self.samples, None)
+
+
+@pytest.mark.parametrize("activation_type", ["QInt8", "QUInt8"])
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_onnxruntime_quantized_attention_scores(a2q, tmp_path: Path, activation_type: str, zero_point: str) -> None:
+    """``Q @ K^T`` quantized by onnxruntime (QDQ on both operands); executed extremes through its own nodes."""
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores")]
+    graph = helper.make_graph(nodes, "scores", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, M, K]),
+                                                helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, N, K])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, M, N])])
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    float_model.ir_version = 8
+    ModelWrapper(float_model).save(str(tmp_path / "float.onnx"))
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), _Calibration(), quant_format=QuantFormat.QDQ,
+                    activation_type=getattr(QuantType, activation_type))
+    result = a2q("analyze", tmp_path / "q.onnx", "--json", "--zero-point", zero_point)
+    assert result.returncode == 0, result.stderr
+    (layer,) = json.loads(result.stdout)["layers"]
+    assert (layer["kind"], layer["status"]) == ("act x act", "ok")
+
+    model = ModelWrapper(str(tmp_path / "q.onnx")).transform(InferShapes())
+    scores = next(n for n in model.graph.node if n.name == "Scores")
+    sums = []
+    for sq, sk in itertools.product((-SATURATE, SATURATE), repeat=2):
+        context = execute_onnx(model, {"q": np.full((1, M, K), sq, np.float32), "k": np.full((1, N, K), sk, np.float32)},
+                               return_full_exec_context=True)
+        codes = []
+        for tensor in scores.input:  # the executed QuantizeLinear codes each DequantizeLinear reads
+            dq = model.find_producer(tensor)
+            raw = context[dq.input[0]].astype(np.int64)
+            codes.append(raw - (context[dq.input[2]].astype(np.int64) if zero_point == "subtract" else 0))
+        sums.append(codes[0] @ codes[1])
+    every = np.concatenate([s.reshape(-1) for s in sums])
+    assert (layer["acc_min"], layer["acc_max"]) == (int(every.min()), int(every.max()))
+
+
+def test_certificate_catches_a_reader_that_under_reports(a2q, case, tmp_path: Path, monkeypatch) -> None:
+    path = case[0]
+    real = MacLayer.act_x_act_range
+    monkeypatch.setattr(MacLayer, "act_x_act_range", lambda self: tuple(v // 2 for v in real(self)))
+    result = a2q("annotate", path, tmp_path / "out.onnx")
+    assert result.returncode == 4 and "under-reports" in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
