@@ -21,8 +21,11 @@ from qonnx.transformation.infer_shapes import InferShapes
 from a2q_passes import bounds
 from a2q_passes.bounds import IntRange
 from a2q_passes.certificate import certify_layer
+from a2q_passes.errors import A2QError, PreconditionError
+from a2q_passes.finetune.selection import select_layers
 from a2q_passes.layers import MacLayer
 from a2q_passes.metadata import recorded_widths
+from a2q_passes.transforms.lower import LowerToFINN
 
 QONNX = "qonnx.custom_op.general"
 M, K, N = 2, 5, 3
@@ -297,3 +300,35 @@ def test_certificate_catches_a_reader_that_under_reports(a2q, case, tmp_path: Pa
     result = a2q("annotate", path, tmp_path / "out.onnx")
     assert result.returncode == 4 and "under-reports" in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _attention_then_dense() -> ModelWrapper:
+    """The signed attention graph followed by a dense layer with QONNX weights (something to fine-tune)."""
+    model = attention_model(*CASES["qonnx-signed-zp"])
+    graph = model.graph
+    graph.output.pop()
+    consts = {"d_scale": np.float32(0.5), "d_zero": np.float32(0), "d_bits": np.float32(4),
+              "d_w": np.random.default_rng(0).normal(size=(N, 2)).astype(np.float32)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    quant = dict(domain=QONNX, signed=1, narrow=0, rounding_mode="ROUND")
+    graph.node.extend([helper.make_node("Quant", ["y", "d_scale", "d_zero", "d_bits"], ["yq"], **quant),
+                       helper.make_node("Quant", ["d_w", "d_scale", "d_zero", "d_bits"], ["wq"], **quant),
+                       helper.make_node("MatMul", ["yq", "wq"], ["out"], name="Dense")])
+    graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, M, 2]))
+    return model
+
+
+def test_finetune_checks_the_layer_and_refuses_a_target_below_it() -> None:
+    model = _attention_then_dense()
+    width = _exact_width(model, *CASES["qonnx-signed-zp"][1:])
+    selection = select_layers(model, width, skip=frozenset())
+    assert [layer.node for layer in selection.layers] == ["Dense"] and "Attention" in selection.skipped
+    with pytest.raises(A2QError, match=rf"'Attention' \(activation x activation.*needs {width} bits.*--skip Attention"):
+        select_layers(model, width - 1, skip=frozenset())
+    assert [layer.node for layer in select_layers(model, width - 1, skip=frozenset({"Attention"})).layers] == ["Dense"]
+
+
+def test_lower_refuses_by_name() -> None:
+    # the pass's own check (the CLI's equivalence check wants a single-input model first)
+    with pytest.raises(PreconditionError, match="Attention: activation x activation MatMul"):
+        LowerToFINN(acc_bits=16).requires(_attention_then_dense())

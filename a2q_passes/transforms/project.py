@@ -149,12 +149,12 @@ class ProjectToAccumulator(A2QPass):
         overall = max((bits for node, bits in smallest.items() if node not in self.layer_bits), default=None)
         global_hint = ("" if self.acc_bits is None or overall is None else
                        f"; with one --acc-bits for every layer the smallest feasible target is {overall} bits")
-        fixes = [f"--layer {layer.node}={smallest[layer.node]}" for layer in short if not layer.act_x_act]
-        fixes += [f"--skip {layer.node}" for layer in short if layer.act_x_act]
+        widths = " ".join(f"--layer {layer.node}={smallest[layer.node]}" for layer in short if not layer.act_x_act)
+        skips = " ".join(f"--skip {layer.node}" for layer in short if layer.act_x_act)
+        fixes = ([f"give those layers their own width with {widths}"] if widths else []) + (
+            [f"leave the activation x activation ones unchecked with {skips}"] if skips else [])
         raise A2QError(f"accumulator target infeasible for {len(short)} layer(s): {problems}{global_hint}. "
-                       "Raise the target, or " + ("give those layers their own width with " if not
-                                                   all(layer.act_x_act for layer in short) else "leave them unchecked with ")
-                       + " ".join(fixes))
+                       "Raise the target, or " + "; or ".join(fixes))
 
     def _project(self, model: ModelWrapper, layer: MacLayer, bits: int) -> LayerProjection:
         report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
