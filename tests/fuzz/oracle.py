@@ -305,7 +305,8 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
     for s in sources:
         feed[s] = np.concatenate(feed[s] + [domains[s].random(rng, [RANDOM_SAMPLES] + shapes[s])]).astype(domains[s].dtype)
     batch = 4 + RANDOM_SAMPLES
-    executed = execute_onnx(_subgraph(model, nodes, sources, list(mac.input[:2]), batch), feed)
+    # operands read straight from graph inputs leave no node to execute before the MatMul
+    executed = execute_onnx(_subgraph(model, nodes, sources, list(mac.input[:2]), batch), feed) if nodes else feed
     codes = []
     for tensor, scale, zero in ((mac.input[0], info.act_scale, info.act_zero_point),
                                 (mac.input[1], info.operand_scale, info.operand_zero_point)):
