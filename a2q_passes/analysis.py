@@ -13,7 +13,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
-from a2q_passes.layers import MacLayer, find_mac_layers
+from a2q_passes.layers import KIND_WEIGHTS, MacLayer, find_mac_layers
 
 BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
 
@@ -27,9 +27,11 @@ class LayerReport:
     K: int
     channels: int
     input_dtype: str | None
-    weight_dtype: str | None
+    weight_dtype: str | None  # act x act: the second operand's datatype
     status: str
+    kind: str = KIND_WEIGHTS  # or KIND_ACT_X_ACT: a product of two activations, reported per output
     input_range: list[int] | None = None
+    operand_range: list[int] | None = None  # act x act: the second operand's codes
     zero_point_convention: str | None = None
     acc_min: int | None = None
     acc_max: int | None = None
@@ -83,12 +85,15 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
                   zero_point_convention: str = "fold") -> LayerReport:
     """Bounds and exact range of one layer (only the header for layers that are not ``ok``)."""
     report = LayerReport(layer.node, layer.op_type, layer.K, layer.channels, layer.input_dtype,
-                         layer.weight_dtype, layer.status)
+                         layer.weight_dtype, layer.status, layer.kind)
     if not layer.ok:
         return report
     x = layer.grid.range
     report.input_range = [x.lo, x.hi]
     report.zero_point_convention = zero_point_convention if layer.grid.zero_code else None
+    if layer.act_x_act:
+        _analyze_act_x_act(layer, report, per_channel, zero_point_convention)
+        return report
     rows = layer.integer_rows(model)
     acc_min, acc_max = channel_ranges(layer, rows)
     report.acc_min, report.acc_max = int(acc_min.min()), int(acc_max.max())
@@ -126,6 +131,29 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
     return report
 
 
+def _analyze_act_x_act(layer: MacLayer, report: LayerReport, per_channel: bool, zero_point_convention: str) -> None:
+    """One range for every output of an activation x activation MatMul (no channels, no weights).
+
+    The l1 bound (``|acc| <= ||w||_1 max|x|`` for constant weights ``w``) has no weights to measure
+    here: the tightest bound of its kind over the second operand's codes is the exact range itself,
+    so the report gives the exact width under ``l1`` too. The A2Q+ zero-centred bound needs weights
+    that sum to zero: not applicable.
+    """
+    a, b = layer.grid.range, layer.operand_grid.range
+    report.operand_range = [b.lo, b.hi]
+    if layer.operand_grid.zero_code:
+        report.zero_point_convention = zero_point_convention
+    report.acc_min, report.acc_max = layer.act_x_act_range()
+    report.acc_dtype = bounds.accumulator_datatype_name(report.acc_min, report.acc_max)
+    exact = int(bounds.accumulator_width(report.acc_min, report.acc_max))
+    n_bits, a_signed = _format_of(layer.input_dtype, a)
+    m_bits, b_signed = _format_of(layer.weight_dtype, b)
+    report.bounds = {"datatype": int(bounds.datatype_bound_bits(layer.K, n_bits, a_signed, m_bits, b_signed)),
+                     "l1": exact, "zero_centered": None, "exact": exact}
+    if per_channel:  # one "channel": every output shares the range
+        report.per_channel = {"acc_min": [report.acc_min], "acc_max": [report.acc_max], "exact": [exact], "l1": [exact]}
+
+
 def analyze_model(
     model: ModelWrapper,
     input_dtypes: dict[str, str] | None = None,
@@ -139,6 +167,6 @@ def analyze_model(
     quantized = [r for r in reports if r.status != "weights not quantized"]
     if not quantized:
         warnings.append("no quantized MAC layer found (Conv/ConvTranspose/Gemm/MatMul with quantized "
-                        "constant weights, or FINN MVAU/VVAU)")
+                        "constant weights, a MatMul of two quantized activations, or FINN MVAU/VVAU)")
     warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
     return ModelReport(reports, warnings, zero_point)

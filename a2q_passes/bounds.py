@@ -203,6 +203,31 @@ def exact_accumulator_range(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.
     return _range_from_sums(pos, neg, x)
 
 
+def product_range(a: IntRange, b: IntRange) -> IntRange:
+    """Range of one product ``x * y`` with ``x`` in ``a`` and ``y`` in ``b``: its extremes are corner products.
+
+    ``x * y`` is linear in each factor for the other fixed, so both extremes sit at corners of the box.
+    """
+    corners = (a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi)
+    return IntRange(min(corners), max(corners))
+
+
+def act_x_act_range(K: int, a: IntRange, b: IntRange) -> tuple[int, int]:
+    """Exact ``(acc_min, acc_max)`` of ``sum_{k<K} x_k * y_k`` for an activation x activation MatMul.
+
+    Each output element of ``A @ B`` sums K products of distinct elements ``x_k = A[i, k]`` (codes
+    in ``a``) and ``y_k = B[k, j]`` (codes in ``b``); every term ranges independently over
+    :func:`product_range`, so the sum's extremes are ``K`` times the smallest and largest corner
+    product, each reached by putting every ``x_k`` and every ``y_k`` on the same corner. (When both
+    operands are views of one tensor, e.g. ``X @ X^T``, the terms are not independent: the range
+    is then a safe bound, not necessarily reached.) Python ints: no width limit.
+    """
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    p = product_range(a, b)
+    return int(K) * p.lo, int(K) * p.hi
+
+
 def _range_from_sums(pos: np.ndarray, neg: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
     big = max(int(pos.max(initial=0)), int(neg.max(initial=0))) * max(x.magnitude, 1) * 2
     if big >= _INT64_SAFE:

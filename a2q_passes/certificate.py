@@ -20,6 +20,9 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
   (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
   ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
+* **Activation x activation MatMuls** (no constant second operand: it reads a graph input) take
+  both operands' codes as above, K from shape inference on a copy, and the range
+  ``K * [min, max corner product]`` (:func:`a2q_passes.bounds.act_x_act_range`).
 * **Ranges** are exact per output channel, including ``Conv`` padding taps that hold the zero-point
   code (fold convention) when that code lies outside the input codes: every distinct pattern of
   padded taps over the output positions is evaluated.
@@ -91,6 +94,7 @@ class LayerCertificate:
     pad_code: int | None  # code a Conv padding tap holds, when padding can widen the range
     channel_min: tuple[int, ...]
     channel_max: tuple[int, ...]
+    operand_codes: tuple[int, int] | None = None  # act x act MatMul: the codes of the second operand
 
     @property
     def acc_min(self) -> int:
@@ -682,6 +686,42 @@ def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarra
     return q
 
 
+def _reads_graph_input(model: ModelWrapper, tensor: str) -> bool:
+    """Whether executing ``tensor`` needs a graph input (else it is a constant the graph computes)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = {vi.name for vi in model.graph.input} - initializers
+    stack, seen = [tensor], set()
+    while stack:
+        name = stack.pop()
+        if name in inputs:
+            return True
+        if not name or name in seen or name in initializers:
+            continue
+        seen.add(name)
+        producer = model.find_producer(name)
+        stack.extend(producer.input if producer is not None else ())
+    return False
+
+
+def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes", zero_point: str) -> LayerCertificate:
+    """A MatMul of two activations: each output sums K products of independent codes of both operands."""
+    a, b = node.input[0], node.input[1]
+    if not _reads_graph_input(model, a):
+        raise CannotCertify(f"{_label(node)} multiplies a constant left operand by an activation")
+    inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes())
+    shape_a, shape_b = inferred.get_tensor_shape(a), inferred.get_tensor_shape(b)
+    if not shape_a or not shape_a[-1] or not shape_b:
+        raise CannotCertify(f"{_label(node)}: the operand shapes are unknown ({shape_a}, {shape_b})")
+    K = int(shape_a[-1])
+    if int(shape_b[-2] if len(shape_b) > 1 else shape_b[0]) not in (K, 0):  # 0: a dimension left symbolic
+        raise CannotCertify(f"{_label(node)}: operand shapes {shape_a} and {shape_b} do not share K")
+    a_lo, a_hi, _ = _mac_codes(codes.grid(a), zero_point)
+    b_lo, b_hi, _ = _mac_codes(codes.grid(b), zero_point)
+    acc_min, acc_max = bounds.act_x_act_range(K, bounds.IntRange(a_lo, a_hi), bounds.IntRange(b_lo, b_hi))
+    return LayerCertificate(node.name or node.output[0], (int(a_lo), int(a_hi)), None, (acc_min,), (acc_max,),
+                            (int(b_lo), int(b_hi)))
+
+
 def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
                   zero_point: str = "fold") -> LayerCertificate:
     """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`."""
@@ -701,6 +741,8 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             lo, hi, _ = _mac_codes(_dtype_grid(_attr(node, "inputDataType", ""), f"inputDataType of {_label(node)}"),
                                    zero_point)
             acc_min, acc_max = _row_ranges(rows, lo, hi)
+    elif op == "MatMul" and _reads_graph_input(model, node.input[1]):
+        return _certify_act_x_act(model, node, _InputCodes(model, input_dtypes, zero_point), zero_point)
     elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
         if op == "Gemm" and _attr(node, "transA", 0):
             raise CannotCertify(f"{_label(node)} transposes its data input")
@@ -737,7 +779,8 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
                                      f"({err}); nothing was written") from err
         certified = f"[{cert.acc_min}, {cert.acc_max}]"
         codes = f"input codes {list(cert.input_codes)}" + (
-            f", padded taps hold code {cert.pad_code}" if cert.pad_code is not None else "")
+            f", padded taps hold code {cert.pad_code}" if cert.pad_code is not None else "") + (
+            f", second operand codes {list(cert.operand_codes)}" if cert.operand_codes is not None else "")
         if claim.acc_min is None or claim.acc_max is None or claim.acc_min > cert.acc_min or claim.acc_max < cert.acc_max:
             raise PostconditionError(
                 f"{what}: layer '{node}': the analysis gives the accumulator range [{claim.acc_min}, {claim.acc_max}], "

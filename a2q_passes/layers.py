@@ -8,7 +8,9 @@ FINN-ONNX initializers with an integer datatype annotation, and standard
 ``DequantizeLinear`` (optionally fed by ``QuantizeLinear``, and optionally behind integer ``Clip``
 nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer storage type
 (int4/uint4 to int32 included), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
-weights and datatypes directly.
+weights and datatypes directly. A ``MatMul`` whose second operand is computed at run time is an
+activation x activation layer (``kind`` :data:`KIND_ACT_X_ACT`): both operands' grids are resolved
+like any MAC input, and there are no weights.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
-from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, integer_format
+from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
@@ -41,6 +43,8 @@ SEMANTICS_FIRST_OPS = ("MultiThreshold", "Add", "Sub", "Mul", "Div", "Trunc")
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
 STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
+KIND_WEIGHTS = "weights"  # activations times constant integer weights
+KIND_ACT_X_ACT = "act x act"  # MatMul of two quantized activations (attention's Q.K^T, softmax(.).V): no weights
 ZERO_POINT_CONVENTIONS = ("fold", "subtract")
 
 
@@ -137,10 +141,17 @@ class MacLayer:
     source: WeightSource | None = None
     layout: RowLayout | None = None
     binary_xnor: bool = False
+    kind: str = KIND_WEIGHTS
+    operand_grid: InputGrid | None = None  # act x act: the grid of the second operand (in place of weights)
 
     @property
     def ok(self) -> bool:
         return self.status == STATUS_OK
+
+    @property
+    def act_x_act(self) -> bool:
+        """Both operands are activations: the range is fixed by their grids, nothing can be projected."""
+        return self.kind == KIND_ACT_X_ACT
 
     @property
     def input_dtype(self) -> str | None:
@@ -148,7 +159,14 @@ class MacLayer:
 
     @property
     def weight_dtype(self) -> str | None:
+        """The weights' datatype; for an act x act MatMul that of its second operand."""
+        if self.operand_grid is not None:
+            return self.operand_grid.dtype
         return self.source.dtype if self.source else None
+
+    def act_x_act_range(self) -> tuple[int, int]:
+        """Exact accumulator range of a readable act x act MatMul, under the grids' zero-point convention."""
+        return act_x_act_range(self.K, self.grid.range, self.operand_grid.range)
 
     def integer_rows(self, model: ModelWrapper) -> np.ndarray:
         """The integer weights as ``(rows, K)`` int64 accumulator rows."""
@@ -608,6 +626,18 @@ class GridResolver:
         self.zero_point = zero_point
         self.graph_inputs = {t.name for t in model.graph.input}
         self._cache: dict[str, tuple[InputGrid | None, str]] = {}
+        self._inferred: ModelWrapper | None = None
+
+    def shape(self, tensor: str) -> list[int] | None:
+        """The tensor's shape: declared, else from qonnx shape inference on a copy of the model (once)."""
+        shape = self.model.get_tensor_shape(tensor)
+        if shape is None:
+            if self._inferred is None:
+                from qonnx.transformation.infer_shapes import InferShapes
+
+                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes())
+            shape = self._inferred.get_tensor_shape(tensor)
+        return None if shape is None else [int(d) for d in shape]
 
     def resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
         """``(grid, "")`` or ``(None, reason)``."""
@@ -876,9 +906,24 @@ def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) ->
 def _mac_weight_index(model: ModelWrapper, node: NodeProto) -> int | None:
     if node.op_type == "Gemm" and node_attr(node, "transA", 0):
         return None
-    if node.op_type == "MatMul" and get_constant(model, node.input[1]) is None and model.find_producer(node.input[1]) is None:
-        return None
     return 1
+
+
+def computed_from_constants(model: ModelWrapper, tensor: str) -> bool:
+    """Whether ``tensor`` depends on initializers and ``Constant`` nodes only (no graph input)."""
+    stack, seen = [tensor], set()
+    while stack:
+        name = stack.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        if model.get_initializer(name) is not None:
+            continue
+        producer = model.find_producer(name)
+        if producer is None:
+            return False
+        stack.extend(producer.input)
+    return True
 
 
 def find_mac_layers(
@@ -895,7 +940,9 @@ def find_mac_layers(
     resolver = GridResolver(model, input_dtypes, zero_point)
     layers = []
     for node in model.graph.node:
-        if node.op_type in MAC_OP_TYPES:
+        if node.op_type == "MatMul" and not computed_from_constants(model, node.input[1]):
+            read = _act_x_act_layer
+        elif node.op_type in MAC_OP_TYPES:
             read = _standard_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
             read = _finn_layer
@@ -939,6 +986,32 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     if grid is None:
         layer.status = f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}"
     return layer
+
+
+def _act_x_act_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
+    """A MatMul whose second operand is computed at run time: both operands must be quantized activations."""
+    name, a, b = node.name or node.output[0], node.input[0], node.input[1]
+
+    def layer(status: str, K: int = 0, grid: InputGrid | None = None, operand: InputGrid | None = None) -> MacLayer:
+        return MacLayer(name, node.op_type, a, K, 1 if K else 0, status, grid, kind=KIND_ACT_X_ACT, operand_grid=operand)
+
+    if computed_from_constants(model, a):
+        return layer("unsupported: constant left operand times an activation (W @ X); only X @ W with constant W "
+                     "or a product of two activations is read")
+    shape_a, shape_b = resolver.shape(a), resolver.shape(b)
+    if not shape_a or not shape_a[-1]:
+        return layer(f"unsupported: the shape of '{a}' is unknown; run shape inference (e.g. `qonnx-cleanup`) "
+                     "so the length K of the summed dimension is known")
+    K = int(shape_a[-1])
+    if shape_b and len(shape_b) >= 1 and shape_b[-2 if len(shape_b) > 1 else 0] not in (K, 0):
+        return layer(f"unsupported: operand shapes {list(shape_a)} and {list(shape_b)} do not multiply")
+    grid, reason = resolver.resolve(a)
+    if grid is None:
+        return layer(f"{STATUS_INPUT_NOT_QUANTIZED}: first operand: {reason}", K)
+    operand, reason = resolver.resolve(b)
+    if operand is None:
+        return layer(f"{STATUS_INPUT_NOT_QUANTIZED}: second operand: {reason}", K, grid)
+    return layer(STATUS_OK, K, grid, operand)
 
 
 def _reads_implicit_zeros(node: NodeProto) -> bool:

@@ -9,6 +9,7 @@ from typing import Sequence
 from rich.table import Table
 
 from a2q_passes.analysis import ModelReport
+from a2q_passes.layers import KIND_WEIGHTS
 from a2q_passes.model_io import atomic_write_bytes
 
 
@@ -19,8 +20,10 @@ def analysis_table(report: ModelReport) -> Table:
     for r in report.layers:
         b = r.bounds or {}
         table.add_row(
-            r.node, r.op_type, str(r.K), str(r.channels), r.input_dtype or "-", r.weight_dtype or "-",
-            _cell(b.get("datatype")), _cell(b.get("l1")), _cell(b.get("zero_centered")), _cell(b.get("exact")),
+            r.node, r.op_type if r.kind == KIND_WEIGHTS else f"{r.op_type} ({r.kind})", str(r.K),
+            str(r.channels) if r.kind == KIND_WEIGHTS else "per output",
+            r.input_dtype or "-", r.weight_dtype or "-",
+            _cell(b.get("datatype")), _cell(b.get("l1")) + ("" if r.kind == KIND_WEIGHTS or not b else " (=exact)"), _cell(b.get("zero_centered")), _cell(b.get("exact")),
             f"[{r.acc_min}, {r.acc_max}]" if r.acc_min is not None else "-", r.status,
         )
     return table

@@ -47,7 +47,8 @@ from a2q_passes import bounds
 from a2q_passes.analysis import channel_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, node_attr, node_str_attr, find_mac_layers
+from a2q_passes.layers import (KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers, node_attr,
+                               node_str_attr)
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.model_io import data_inputs
@@ -118,7 +119,7 @@ def untargeted_width(model: ModelWrapper, layer: MacLayer, mode: str, tile: int 
         except KeyError as err:
             raise A2QError(f"layer '{layer.node}' declares accDataType '{declared}', which is no QONNX datatype; "
                            "fix the attribute or record a width for the layer") from err
-    registers = register_ranges(layer, layer.integer_rows(model), mode, tile)
+    registers = register_ranges(layer, *integer_view(model, layer), mode, tile)
     lo, hi = min(r[0] for r in registers.values()), max(r[1] for r in registers.values())
     return int(bounds.accumulator_width(lo, hi)), NO_TARGET_OWN_WIDTH
 
@@ -126,13 +127,25 @@ def untargeted_width(model: ModelWrapper, layer: MacLayer, mode: str, tile: int 
 # --------------------------------------------------------------------------- static proof
 
 
-def register_ranges(layer: MacLayer, rows: np.ndarray, mode: str, tile: int | None) -> dict[str, tuple[int, int]]:
-    """Layer-wide extremes of every accumulator register the datapath holds, over the input box."""
-    acc_min, acc_max = channel_ranges(layer, rows)
+def integer_view(model: ModelWrapper, layer: MacLayer) -> tuple[np.ndarray, bounds.IntRange]:
+    """The layer as integer weight rows ``(rows, K)`` over the input codes ``x`` they multiply.
+
+    An activation x activation MatMul sums K products, each reaching both ends of
+    :func:`bounds.product_range` independently of the others: every sum and partial sum then has
+    the extremes of K unit weights on codes in that range, which is the view returned for it.
+    """
+    if layer.act_x_act:
+        return np.ones((1, layer.K), dtype=np.int64), bounds.product_range(layer.grid.range, layer.operand_grid.range)
+    return layer.integer_rows(model), layer.grid.range
+
+
+def register_ranges(layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, mode: str,
+                    tile: int | None) -> dict[str, tuple[int, int]]:
+    """Layer-wide extremes of every accumulator register the datapath holds, over the input box ``x``."""
+    acc_min, acc_max = bounds.exact_accumulator_range(rows, x) if layer.act_x_act else channel_ranges(layer, rows)
     ranges = {"final sum": (int(acc_min.min()), int(acc_max.max()))}
     if layer.binary_xnor:
         return ranges  # popcount: every partial count lies between 0 and the final count
-    x = layer.grid.range
     if tile is not None:
         lo, hi = bounds.partial_sum_range(rows, x, tile)
         ranges["partial sum within a tile"] = (int(lo.min()), int(hi.max()))
@@ -157,6 +170,7 @@ class LayerVerdict:
     channels: int
     status: str
     proof: str
+    kind: str = KIND_WEIGHTS
     acc_bits: int | None = None
     required_bits: int | None = None
     margin: int | None = None
@@ -178,8 +192,9 @@ class LayerVerdict:
         return asdict(self)
 
 
-def _prove(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, bits: int, mode: str, tile: int | None) -> None:
-    registers = register_ranges(layer, rows, mode, tile)
+def _prove(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, bits: int, mode: str,
+           tile: int | None) -> None:
+    registers = register_ranges(layer, rows, x, mode, tile)
     lo, hi = min(r[0] for r in registers.values()), max(r[1] for r in registers.values())
     verdict.registers = {name: [a, b] for name, (a, b) in registers.items()}
     verdict.acc_min, verdict.acc_max, verdict.signed = lo, hi, lo < 0
@@ -197,12 +212,12 @@ def _prove(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, bits: int, 
         verdict.reason = f"every register fits {dtype}"
 
 
-def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, bits: int, mode: str,
-                          tile: int | None) -> None:
+def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, bits: int,
+                          mode: str, tile: int | None) -> None:
     """Accumulate each row's two worst-case input vectors in the P-bit accumulator."""
     if bits > MAX_SIMULATED_BITS:
         return
-    x_for_min, x_for_max = bounds.adversarial_inputs(rows, layer.grid.range)
+    x_for_min, x_for_max = bounds.adversarial_inputs(rows, x)
     inputs = np.concatenate([x_for_min, x_for_max])
     weights = np.concatenate([rows, rows])
     # binary xnor layers count matches (popcount) instead of multiplying
@@ -218,7 +233,7 @@ def check_layer(model: ModelWrapper, layer: MacLayer, bits: int | None, mode: st
     """Static proof and adversarial simulation of one layer at ``bits`` (``None``: unchecked)."""
     _check_mode(mode, tile)
     verdict = LayerVerdict(layer.node, layer.op_type, layer.K, layer.channels, layer.status, PROOF_UNCHECKED,
-                           acc_bits=bits)
+                           layer.kind, acc_bits=bits)
     if layer.status == STATUS_WEIGHTS_NOT_QUANTIZED:
         verdict.proof = PROOF_NOT_QUANTIZED
         verdict.reason = "float weights: not an integer accumulator"
@@ -230,9 +245,9 @@ def check_layer(model: ModelWrapper, layer: MacLayer, bits: int | None, mode: st
         verdict.proof = PROOF_UNKNOWN
         verdict.reason = f"cannot prove: {layer.status}"
         return verdict
-    rows = layer.integer_rows(model)
-    _prove(verdict, layer, rows, bits, mode, tile)
-    _simulate_adversarial(verdict, layer, rows, bits, mode, tile)
+    rows, x = integer_view(model, layer)
+    _prove(verdict, layer, rows, x, bits, mode, tile)
+    _simulate_adversarial(verdict, layer, rows, x, bits, mode, tile)
     return verdict
 
 
@@ -330,6 +345,9 @@ class _MacKernel:
                  tile: int | None) -> None:
         if not layer.ok:
             raise _NotSimulated(layer.status)
+        if layer.act_x_act:
+            raise _NotSimulated("data simulation of an activation x activation MatMul is not implemented "
+                                "(the static proof and the worst-case simulation still apply)")
         if layer.op_type not in ("Conv", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
@@ -339,7 +357,7 @@ class _MacKernel:
         self.bits, self.mode, self.tile = bits, mode, tile
         self.rows = layer.integer_rows(model)
         # the accumulator is signed when some register can go negative, as in the static proof
-        self.signed = min(lo for lo, _ in register_ranges(layer, self.rows, mode, tile).values()) < 0
+        self.signed = min(lo for lo, _ in register_ranges(layer, self.rows, layer.grid.range, mode, tile).values()) < 0
         grid = layer.grid
         self.input_scale = float(grid.scale) if grid.scale is not None else 1.0
         self.output_scale = self._weight_scales(model) * self.input_scale * float(node_attr(node, "alpha", 1.0))

@@ -17,6 +17,7 @@ from a2q_passes.cli.common import (check_input_dtype_tensors, check_zero_point, 
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
 from a2q_passes.errors import A2QError, AnalysisProblem
+from a2q_passes.layers import KIND_WEIGHTS
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import grouped_bar_plot
@@ -155,7 +156,7 @@ def verification_table(report: VerificationReport) -> Table:
     for v in report.layers:
         style = _PROOF_STYLE.get(v.proof, "yellow")
         table.add_row(
-            v.node, v.op_type, str(v.K),
+            v.node, v.op_type if v.kind == KIND_WEIGHTS else f"{v.op_type} ({v.kind})", str(v.K),
             f"[{v.acc_min}, {v.acc_max}]" if v.acc_min is not None else "-", _needs(v),
             "-" if v.acc_bits is None else str(v.acc_bits), "-" if v.margin is None else f"{v.margin:+d}",
             f"[{style}]{v.proof}[/]", _worst_case(v), _data(v),

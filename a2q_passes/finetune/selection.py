@@ -106,12 +106,17 @@ class Selection:
         return {layer.node: layer for layer in self.layers}
 
 
+ACT_X_ACT_REASON = "activation x activation MatMul: no weights to train (its range is checked, not changed)"
+
+
 def _constrainable(layer: MacLayer) -> str:
     """Empty string if the layer can be constrained, else the reason it cannot."""
     if layer.status == STATUS_WEIGHTS_NOT_QUANTIZED:
         return "float weights"
     if not layer.ok:
         return layer.status
+    if layer.act_x_act:
+        return ACT_X_ACT_REASON
     if layer.source.kind != "quant":
         return f"weights come from a {layer.source.kind} source, not a trainable QONNX Quant"
     if layer.source.bipolar:
@@ -183,10 +188,12 @@ def _refuse_unconstrained(model: ModelWrapper, macs: list[MacLayer], why: dict[s
     from a2q_passes.transforms.project import smallest_target  # the width a bipolar layer keeps
 
     problems = [mac for mac in macs if why[mac.node] != "float weights"
-                and not (mac.ok and mac.source.bipolar and smallest_target(model, mac) <= acc_bits)]
+                and not (mac.ok and (mac.act_x_act or mac.source.bipolar) and smallest_target(model, mac) <= acc_bits)]
     if problems:
         raise A2QError(f"cannot hold every quantized MAC layer to {acc_bits} bits, these cannot be fine-tuned: "
-                       + "; ".join(f"'{mac.node}' ({why[mac.node]})" for mac in problems)
+                       + "; ".join(f"'{mac.node}' ({why[mac.node]}" + (
+                           f"; it needs {smallest_target(model, mac)} bits" if mac.ok and mac.act_x_act else "") + ")"
+                           for mac in problems)
                        + ". Leave them unconstrained explicitly with "
                        + " ".join(f"--skip {mac.node}" for mac in problems))
 

@@ -310,6 +310,14 @@ class LowerToFINN(A2QPass):
             found = ", ".join(f"{layer.node} ({layer.op_type})" for layer in layers) or "no Conv/Gemm/MatMul at all"
             raise PreconditionError(f"no quantized MAC layer to lower (found: {found}); FINN needs quantized "
                                     "weights (Quant nodes on the weights) and quantized activations")
+        act_x_act = [layer.node for layer in layers if layer.act_x_act]
+        if act_x_act:
+            # FINN turns such a MatMul into an MVAU with mem_mode="dynamic" (the second operand streamed
+            # in as weights), whose accumulator it sizes from datatypes alone; this tool maps MVAUs to
+            # layers by their constant weights and has none to map these by
+            raise PreconditionError(f"{', '.join(act_x_act)}: activation x activation MatMul; lowering it (FINN makes "
+                                    "an MVAU with mem_mode='dynamic') is not supported by `a2q lower`. Lower the "
+                                    "model with FINN directly; `a2q verify` checks these layers on the QONNX model")
         if self.from_annotations and not qonnx_recorded_widths(model):
             raise PreconditionError("--from-annotations: the model records no accumulator widths; "
                                     "run `a2q project` or `a2q annotate` on it first")

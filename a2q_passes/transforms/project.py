@@ -27,13 +27,17 @@ from a2q_passes.projection import (InfeasibleTarget, accumulator_is_signed, min_
                                    projection_stats)
 
 
+# an activation x activation MatMul that fits its target: reported and promised, never rewritten
+STATUS_CHECKED = "checked: activation x activation, nothing to project"
+
+
 @dataclass
 class LayerProjection:
     """What the projection did to one layer (JSON-ready via ``asdict``)."""
 
     node: str
     op_type: str
-    status: str  # "projected", "unchanged" (already fits) or "skipped: <reason>"; target_bits None: --skip
+    status: str  # "projected", "unchanged" (already fits), STATUS_CHECKED or "skipped: <reason>"; target_bits None: --skip
     target_bits: int | None = None
     width_before: int | None = None
     width_after: int | None = None
@@ -124,7 +128,7 @@ class ProjectToAccumulator(A2QPass):
                                              channels=layer.channels) for layer in self._skipped]
         recorded = recorded_accumulators(model)
         for p in self.projections:
-            if p.status in ("projected", "unchanged"):
+            if p.status in ("projected", "unchanged", STATUS_CHECKED):
                 recorded[p.node] = {"acc_bits": p.target_bits, "acc_dtype": p.acc_dtype_after, "method": self.method.name}
         record_accumulators(model, recorded, source="project")
         modified = any(p.status == "projected" for p in self.projections)
@@ -145,12 +149,20 @@ class ProjectToAccumulator(A2QPass):
         overall = max((bits for node, bits in smallest.items() if node not in self.layer_bits), default=None)
         global_hint = ("" if self.acc_bits is None or overall is None else
                        f"; with one --acc-bits for every layer the smallest feasible target is {overall} bits")
+        widths = " ".join(f"--layer {layer.node}={smallest[layer.node]}" for layer in short if not layer.act_x_act)
+        skips = " ".join(f"--skip {layer.node}" for layer in short if layer.act_x_act)
+        fixes = ([f"give those layers their own width with {widths}"] if widths else []) + (
+            [f"leave the activation x activation ones unchecked with {skips}"] if skips else [])
         raise A2QError(f"accumulator target infeasible for {len(short)} layer(s): {problems}{global_hint}. "
-                       "Raise the target, or give those layers their own width with "
-                       + " ".join(f"--layer {layer.node}={smallest[layer.node]}" for layer in short))
+                       "Raise the target, or " + "; or ".join(fixes))
 
     def _project(self, model: ModelWrapper, layer: MacLayer, bits: int) -> LayerProjection:
         report = LayerProjection(layer.node, layer.op_type, "unchanged", bits, channels=layer.channels)
+        if layer.act_x_act:  # nothing to rewrite: _check_feasible made sure its fixed range fits
+            report.status = STATUS_CHECKED
+            report.width_before, report.acc_dtype_after = _layer_width(layer, None)
+            report.width_after = report.width_before
+            return report
         q_before = layer.integer_rows(model)
         report.width_before, dtype_before = _layer_width(layer, q_before)
         if layer.binary_xnor or layer.source.bipolar:
@@ -201,10 +213,11 @@ class ProjectToAccumulator(A2QPass):
 def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     """Smallest accumulator width projection can bring ``layer`` to: a single +-1 weight per row must fit.
 
-    Bipolar weights cannot be shrunk at all, so their smallest target is their present exact width.
+    Bipolar weights cannot be shrunk at all, and an activation x activation MatMul has no weights, so
+    their smallest target is their present exact width.
     """
-    if layer.binary_xnor or layer.source.bipolar:
-        return _layer_width(layer, layer.integer_rows(model))[0]
+    if layer.act_x_act or layer.binary_xnor or layer.source.bipolar:
+        return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
     weight_range = layer.source.weight_range
     plain = plain_round(layer.unrounded_rows(model), weight_range)
     return min_feasible_acc_bits(layer.grid.range, weight_range, accumulator_is_signed(plain, layer.grid.range))
@@ -212,16 +225,21 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
 
 def layer_why(layer: MacLayer) -> str:
     """Why a layer has a floor on its target, in a few words."""
+    if layer.act_x_act:
+        return "an activation x activation MatMul: its products of two activations cannot be projected"
     if layer.binary_xnor or layer.source.bipolar:
         return "bipolar weights cannot be shrunk"
     x = layer.grid.range
     return f"inputs in [{x.lo}, {x.hi}]: below it not even one +-1 weight per row fits"
 
 
-def _layer_width(layer: MacLayer, rows: np.ndarray) -> tuple[int, str]:
-    """Exact accumulator width and datatype name of a layer with integer ``rows``."""
-    acc_min, acc_max = channel_ranges(layer, rows)
-    lo, hi = int(acc_min.min()), int(acc_max.max())
+def _layer_width(layer: MacLayer, rows: np.ndarray | None) -> tuple[int, str]:
+    """Exact accumulator width and datatype name of a layer with integer ``rows`` (``None``: act x act)."""
+    if layer.act_x_act:
+        lo, hi = layer.act_x_act_range()
+    else:
+        acc_min, acc_max = channel_ranges(layer, rows)
+        lo, hi = int(acc_min.min()), int(acc_max.max())
     return int(bounds.accumulator_width(lo, hi)), bounds.accumulator_datatype_name(lo, hi)
 
 

@@ -45,6 +45,8 @@ CONSTRUCTS = {
     "unreadable_quantized_layers": "weight zero point, per-channel activation scale, Gemm transA (root cause 7)",
     "subtract_zero_point": "--zero-point subtract: padded taps carry code 0, outside the shifted range",
     "qcdq_clip": "Brevitas QCDQ: an integer Clip between QuantizeLinear and DequantizeLinear narrows the codes",
+    "act_x_act_matmul": "MatMul of two quantized activations (attention's Q.K^T), each operand from any source, "
+                        "optionally transposed",
 }
 
 
@@ -59,11 +61,16 @@ class LayerInfo:
     # activation (scale, zero point) shared by every source of the MAC input; None: no single integer grid
     act_scale: float | None
     act_zero_point: int = 0
+    # an activation x activation MatMul: (scale, zero point) of its second operand, in place of weights
+    operand_scale: float | None = None
+    operand_zero_point: int = 0
+    act_x_act: bool = False
 
     @property
     def integer(self) -> bool:
-        """Whether this layer has an integer accumulator at all (quantized weights and input grid)."""
-        return self.weight_scale is not None and self.act_scale is not None
+        """Whether this layer has an integer accumulator at all (quantized weights, or operand, and input grid)."""
+        second = self.operand_scale if self.act_x_act else self.weight_scale
+        return second is not None and self.act_scale is not None
 
 
 @dataclass
@@ -79,7 +86,9 @@ class Case:
         """``STEM.onnx`` and ``STEM.json`` (what :meth:`load` needs, plus ``note``)."""
         self.model.save(str(stem.with_suffix(".onnx")))
         layers = [{"node": i.node, "op_type": i.op_type, "act_scale": i.act_scale, "act_zero_point": i.act_zero_point,
-                   "weight_scale": None if i.weight_scale is None else i.weight_scale.tolist()} for i in self.layers]
+                   "weight_scale": None if i.weight_scale is None else i.weight_scale.tolist(),
+                   "operand_scale": i.operand_scale, "operand_zero_point": i.operand_zero_point, "act_x_act": i.act_x_act}
+                  for i in self.layers]
         payload = {"zero_point": self.zero_point, "input_dtypes": self.input_dtypes, "description": self.description,
                    "used": sorted(self.used), "layers": layers, **(note or {})}
         stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
@@ -89,7 +98,8 @@ class Case:
         payload = json.loads(stem.with_suffix(".json").read_text())
         layers = [LayerInfo(i["node"], i["op_type"],
                             None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
-                            i["act_scale"], i["act_zero_point"]) for i in payload["layers"]]
+                            i["act_scale"], i["act_zero_point"], i.get("operand_scale"), i.get("operand_zero_point", 0),
+                            i.get("act_x_act", False)) for i in payload["layers"]]
         return cls(ModelWrapper(str(stem.with_suffix(".onnx"))), layers, payload["zero_point"], payload["input_dtypes"],
                    payload["description"], set(payload.get("used", [])))
 
@@ -500,6 +510,9 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
     case.zero_point = "subtract" if "subtract_zero_point" in allowed and draw(st.integers(0, 5)) == 0 else "fold"
     if case.zero_point == "subtract":
         case.used.add("subtract_zero_point")
+    if "act_x_act_matmul" in allowed and draw(st.integers(0, 5)) == 0:
+        case.used.add("act_x_act_matmul")
+        return _finish(b, case, draw(_act_x_act(b, case, allowed)))
     blocks = draw(st.integers(1, 2))
     if draw(st.booleans()):
         shape = (1, draw(st.integers(1, 4)), draw(st.integers(2, 5)), draw(st.integers(2, 5)))
@@ -544,6 +557,32 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         if mac.op_type == "Conv" and zero and (any(attrs.get("pads", [])) or attrs.get("auto_pad", b"").startswith(b"SAME")):
             case.used.add("conv_pads_with_zero_point")
         case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node} {attrs}, weights {wspec}")
+    return _finish(b, case, x)
+
+
+@st.composite
+def _act_x_act(draw, b: _Builder, case: Case, allowed: frozenset[str]) -> str:
+    """``A (1, M, K) @ B (1, K, N)``, each operand a fresh input through any activation source, either one
+    quantized transposed and turned by a ``Transpose`` (``Q @ K^T``); returns the MatMul output."""
+    m, k, n = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    operands = []
+    for rows, cols in ((m, k), (k, n)):
+        spec = draw(act_specs(allowed, first=True))
+        transposed = draw(st.booleans())
+        src, scale, zero = _fresh_source(b, spec, (1, cols, rows) if transposed else (1, rows, cols), case)
+        case.used |= _source_uses(spec)
+        if transposed:
+            src = b.node("Transpose", [src], (1, rows, cols), perm=[0, 2, 1])
+        operands.append((src, scale, zero))
+        case.description.append(f"act x act operand: source {spec}, transposed {transposed}")
+    (a, a_scale, a_zero), (o, o_scale, o_zero) = operands
+    out = b.node("MatMul", [a, o], (1, m, n))
+    case.layers.append(LayerInfo(b.nodes[-1].name, "MatMul", None, a_scale, a_zero, o_scale, o_zero, act_x_act=True))
+    return out
+
+
+def _finish(b: _Builder, case: Case, x: str) -> Case:
+    """The model of ``case``: the builder's graph with output ``x``."""
     outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(b.shapes[x]))]
     inputs = {vi.name for vi in b.inputs}
     # the tracked shapes (qonnx's InferShapes would draw random names inside the strategy)

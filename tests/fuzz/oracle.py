@@ -23,6 +23,7 @@ None of this reads the project's own readers.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,7 +264,64 @@ def executed_ranges(model: ModelWrapper, case: Case, seed: int = 0) -> dict[str,
     return {info.node: layer_range(model, case, info, seed) for info in case.layers if info.integer}
 
 
+def _run_matmul(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A lone ONNX MatMul node executed by qonnx on two integer-valued float32 tensors."""
+    node = helper.make_node("MatMul", ["x", "y"], ["z"])
+    graph = helper.make_graph([node], "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
+                                                 helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y.shape))],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model = _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
+    return execute_onnx(model, {"x": x.astype(np.float32), "y": y.astype(np.float32)})["z"]
+
+
+def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0) -> ExecutedRange:
+    """Executed range of an activation x activation MatMul (one range for every output).
+
+    Every source of each operand is pushed to one end of its domain at once (four corners), plus
+    random samples; the quantizers and transposes run in qonnx, and the MatMul node runs alone on
+    the executed codes (over the scale, plus the zero point under fold: the MAC sees raw codes).
+    """
+    rng = np.random.default_rng(seed)
+    mac = _node(model, info.node)
+    nodes, groups = [], []
+    for tensor in mac.input[:2]:
+        kept: list = []
+        _ancestors(model, tensor, kept)
+        nodes += [n for n in kept if n not in nodes]
+        inputs = {vi.name for vi in model.graph.input}
+        groups.append(sorted({t for n in kept for t in n.input if t in inputs} | ({tensor} & inputs)))
+    sources = sorted(set(groups[0]) | set(groups[1]))
+    if set(groups[0]) & set(groups[1]):
+        raise OracleError(f"{info.node}: both operands read the same graph input")
+    domains = {s: _domain(model, case, s) for s in sources}
+    shapes = {s: list(model.get_tensor_shape(s))[1:] for s in sources}
+    feed = {s: [] for s in sources}
+    for ends in itertools.product((0, 1), repeat=2):
+        for group, end in zip(groups, ends):
+            for s in group:
+                d = domains[s]
+                value = (min(d.allowed), max(d.allowed))[end] if d.allowed is not None else (d.lo, d.hi)[end]
+                feed[s].append(np.full([1] + shapes[s], value))
+    for s in sources:
+        feed[s] = np.concatenate(feed[s] + [domains[s].random(rng, [RANDOM_SAMPLES] + shapes[s])]).astype(domains[s].dtype)
+    batch = 4 + RANDOM_SAMPLES
+    # operands read straight from graph inputs leave no node to execute before the MatMul
+    executed = execute_onnx(_subgraph(model, nodes, sources, list(mac.input[:2]), batch), feed) if nodes else feed
+    codes = []
+    for tensor, scale, zero in ((mac.input[0], info.act_scale, info.act_zero_point),
+                                (mac.input[1], info.operand_scale, info.operand_zero_point)):
+        t = _integers(executed[tensor], scale, "operand", info.node)
+        codes.append(t + zero if case.zero_point == "fold" else t)
+    k = codes[0].shape[-1]
+    if k * np.abs(codes[0]).max(initial=0) * max(np.abs(codes[1]).max(initial=0), 1) >= EXACT_FLOAT32:
+        raise OracleError(f"{info.node}: accumulator too large for exact float32 execution")
+    acc = np.round(_run_matmul(codes[0], codes[1])).astype(np.int64)
+    return ExecutedRange(np.array([acc.min()]), np.array([acc.max()]))
+
+
 def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0) -> ExecutedRange:
+    if info.act_x_act:
+        return act_x_act_range(model, case, info, seed)
     rng = np.random.default_rng(seed)
     mac = _node(model, info.node)
     chain, sources = [], []
