@@ -67,6 +67,10 @@ _STORAGE_RANGES = {
 # |value / scale - q| allowed: float32 q * s / s lands within a few ulps (2^-24 |q| each) of q
 _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE = 1e-3, 2.0 ** -16
 _INT64_SAFE = 1 << 62
+# Ops that multiply integer tensors themselves: (float op they compute like, weight input, weight zero point input);
+# ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
+_INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
+                 "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
 
 
 class CannotCertify(Exception):
@@ -258,8 +262,13 @@ def _annotated_integers(model: ModelWrapper, source: str, values: np.ndarray) ->
     return q
 
 
-def weight_integers(model: ModelWrapper, tensor: str) -> np.ndarray:
-    """Integer weights as the MAC node consumes them, from executing the graph's own weight path."""
+def weight_integers(model: ModelWrapper, tensor: str, zero_point: str = "fold") -> np.ndarray:
+    """Integer weights as the MAC node consumes them, from executing the graph's own weight path.
+
+    A ``DequantizeLinear`` computes ``(code - z) * scale``: divided by the scale that is ``code - z``,
+    what a subtracting MAC multiplies; under ``fold`` the MAC multiplies the raw codes, so ``z`` (sent
+    through the same layout ops) is added back.
+    """
     t = tensor
     producer = model.find_producer(t)
     while producer is not None and producer.op_type in (*_LAYOUT_OPS, "Clip"):
@@ -274,13 +283,20 @@ def weight_integers(model: ModelWrapper, tensor: str) -> np.ndarray:
     grid_step = _broadcast_scale(producer, values[scale_name], values[producer.output[0]].shape)
     if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
         raise CannotCertify(f"{_label(producer)} has a zero or non-finite scale")
-    if t == tensor:
-        step = grid_step
-    else:  # carry the scale through the same layout ops (a Clip passes it unchanged)
-        step = _execute_constants(model, [tensor], {producer.output[0]: grid_step.astype(np.float32)},
+    def carried(per_element: np.ndarray) -> np.ndarray:  # through the same layout ops (a Clip passes it unchanged)
+        if t == tensor:
+            return per_element
+        return _execute_constants(model, [tensor], {producer.output[0]: per_element.astype(np.float32)},
                                   clip_as_identity=True)[tensor]
-    return _as_integers(np.asarray(values[tensor], dtype=np.float64) / step,
-                        f"the executed weights of {_label(producer)} divided by its scale")
+
+    q = _as_integers(np.asarray(values[tensor], dtype=np.float64) / carried(grid_step),
+                     f"the executed weights of {_label(producer)} divided by its scale")
+    has_zero = producer.op_type == "DequantizeLinear" and len(producer.input) > 2 and producer.input[2]
+    if zero_point == "fold" and has_zero:
+        z = _execute_constants(model, [producer.input[2]])[producer.input[2]]
+        z = _broadcast_scale(producer, z, values[producer.output[0]].shape)
+        q = q + _as_integers(carried(z), f"the weight zero point of {_label(producer)}")
+    return q
 
 
 # --------------------------------------------------------------------------- input codes
@@ -682,6 +698,66 @@ def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarra
     return q
 
 
+def _elem_types(model: ModelWrapper) -> dict[str, int]:
+    """ONNX type inference's element type of every tensor it can type."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model.model)
+    infos = (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in infos if vi.type.tensor_type.elem_type}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    return types
+
+
+def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> tuple[np.ndarray, int, int, int]:
+    """Integer weights the op multiplies (Conv/MatMul layout) and ``(lo, hi, padding code)`` of its input.
+
+    ONNX QLinearConv/ConvInteger/QLinearMatMul/MatMulInteger and com.microsoft QGemm compute on
+    ``(x - x_zero_point) * (w - w_zero_point)``; the weight zero point is one per tensor or one per
+    output channel (QLinearConv/ConvInteger: the first weight axis; MatMul: B's columns; QGemm: B's
+    columns, its rows when transB). Under fold the MAC multiplies the raw codes instead.
+    """
+    _, w_index, wz_index = _INTEGER_MACS[node.op_type]
+    names = [node.input[w_index]] + [n for n in (node.input[wz_index] if len(node.input) > wz_index else "",) if n]
+    values = _execute_constants(model, names)
+    w = np.asarray(values[names[0]])
+    if w.dtype.kind not in "iu":
+        raise CannotCertify(f"{_label(node)} multiplies weights of type {w.dtype}, not integers")
+    w = w.astype(np.int64)
+    if zero_point == "subtract" and len(names) > 1:
+        wz = np.asarray(values[names[1]]).astype(np.int64)
+        if wz.size > 1:
+            by_rows = node.op_type in ("QLinearConv", "ConvInteger") or (node.op_type == "QGemm" and _attr(node, "transB", 0))
+            wz = wz.reshape([-1] + [1] * (w.ndim - 1)) if by_rows else wz.reshape(-1)
+        w = w - wz
+    types = _elem_types(model)
+    x_zp = node.input[2] if len(node.input) > 2 else ""
+    zp_value = None
+    if x_zp:
+        try:
+            zp_value = _execute_constants(model, [x_zp])[x_zp]
+        except CannotCertify:
+            zp_value = None  # computed at run time (DynamicQuantizeLinear): any value of its type
+    x_type = helper.np_dtype_to_tensor_dtype(zp_value.dtype) if zp_value is not None else types.get(node.input[0])
+    if x_type not in _STORAGE_RANGES or (types.get(node.input[0]) not in (None, x_type)):
+        raise CannotCertify(f"the integer input of {_label(node)} has type {x_type} "
+                            f"(type inference: {types.get(node.input[0])})")
+    lo, hi = _STORAGE_RANGES[x_type]
+    if zp_value is not None:
+        z = _uniform(zp_value, f"the input zero point of {_label(node)}")
+        z_lo = z_hi = int(z)
+    elif x_zp:
+        if types.get(x_zp) not in _STORAGE_RANGES:
+            raise CannotCertify(f"the run-time input zero point '{x_zp}' of {_label(node)} has an unknown type")
+        z_lo, z_hi = _STORAGE_RANGES[types[x_zp]]
+    else:
+        z_lo = z_hi = 0
+    if zero_point == "subtract":  # ONNX pads x - z with 0
+        return w, lo - z_hi, hi - z_lo, 0
+    # raw codes; a padded tap holds z, a code of the input's own type, so [lo, hi] covers it whatever z is
+    return w, lo, hi, z_lo if z_lo == z_hi else lo
+
+
 def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
                   zero_point: str = "fold") -> LayerCertificate:
     """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`."""
@@ -701,11 +777,15 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             lo, hi, _ = _mac_codes(_dtype_grid(_attr(node, "inputDataType", ""), f"inputDataType of {_label(node)}"),
                                    zero_point)
             acc_min, acc_max = _row_ranges(rows, lo, hi)
-    elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or op in _INTEGER_MACS:
+        if op in _INTEGER_MACS:
+            w, lo, hi, pad = _integer_operands(model, node, zero_point)
+            op = _INTEGER_MACS[op][0]
+        else:
+            w = weight_integers(model, node.input[1], zero_point)
+            lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes, zero_point).grid(node.input[0]), zero_point)
         if op == "Gemm" and _attr(node, "transA", 0):
             raise CannotCertify(f"{_label(node)} transposes its data input")
-        w = weight_integers(model, node.input[1])
-        lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes, zero_point).grid(node.input[0]), zero_point)
         if op == "Conv":
             acc_min, acc_max, pad_code = _conv_ranges(model, node, w, lo, hi, pad)
         elif op == "ConvTranspose":
