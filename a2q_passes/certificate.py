@@ -11,12 +11,18 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   ``DequantizeLinear``, ``Transpose``/``Reshape``/..., ``Clip``) is extracted and executed with
   qonnx's ``execute_onnx``; the result divided by the quantizer's executed scale (sent through the
   same layout ops) must be integers. FINN integer initializers carry their values directly and
-  must hold what their ``DataType`` annotation allows.
+  must hold what their ``DataType`` annotation allows. A ``DequantizeLinear`` weight zero point is
+  added back under ``fold`` (the MAC multiplies raw codes). The integer ops of onnxruntime's
+  QOperator/dynamic formats (``QLinearConv``, ``ConvInteger``, ...) read an integer initializer and
+  a weight zero point directly: the certificate executes that constant subgraph and subtracts the
+  zero point along the output channels as the ONNX op definitions state (``subtract``).
 * **Input codes** follow the ONNX/qonnx semantics of the activation quantizer: a ``Quant`` family
   node is executed by qonnx on ``-inf``/``+inf`` (its clamp gives the extreme codes, whatever its
   bit width or signedness); ``DequantizeLinear`` codes span its storage type, sent through the
   graph's own ``Clip`` nodes when Brevitas' QCDQ export narrows the container with them; ``MultiThreshold``
-  counts ``0..T`` thresholds; FINN ``DataType`` annotations and user-given input types are taken
+  counts ``0..T`` thresholds; an integer op's input spans the storage type of its zero point (ONNX
+  binds both to one type) or, for a zero point computed at run time, the type ONNX type inference
+  gives, shifted by every value that zero point's type allows under ``subtract``; FINN ``DataType`` annotations and user-given input types are taken
   as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
   (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
   ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.

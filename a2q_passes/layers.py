@@ -8,7 +8,13 @@ FINN-ONNX initializers with an integer datatype annotation, and standard
 ``DequantizeLinear`` (optionally fed by ``QuantizeLinear``, and optionally behind integer ``Clip``
 nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer storage type
 (int4/uint4 to int32 included), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
-weights and datatypes directly.
+weights and datatypes directly, and so do the integer ops of onnxruntime's QOperator and dynamic
+formats (``QLinearConv``, ``QLinearMatMul``, ``com.microsoft`` ``QGemm``, ``ConvInteger``, ``MatMulInteger``),
+which also carry their input's codes (its storage type and zero point).
+
+A non-zero weight zero point z (``DequantizeLinear`` and the integer ops) follows the activation
+convention: under ``subtract`` (the ONNX definition) the MAC multiplies ``code - z`` per output
+channel; under ``fold`` it multiplies the raw codes, which project cannot shrink toward real 0.
 """
 
 from __future__ import annotations
