@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.analysis import analyze_model
+from a2q_passes.certificate import certify_layer
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.cli_helpers import run_cli
 from tests.test_soundness_regressions import assert_fits
@@ -219,6 +220,9 @@ def test_analyze_matches_executed_integer_op(quantized, name, zero_point):
         else:
             lo, hi = executed_extremes(model.model, layer.node, zero_point)
             assert np.array_equal(r_lo, lo) and np.array_equal(r_hi, hi), (layer.node, r_lo, lo, r_hi, hi)
+        # the independent certificate (what every promise is checked against) agrees channel by channel
+        certificate = certify_layer(model, layer.node, zero_point=zero_point)
+        assert certificate.channel_min == tuple(r_lo) and certificate.channel_max == tuple(r_hi)
 
 
 def test_weight_zero_points_are_read_not_refused(quantized):
