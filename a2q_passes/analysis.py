@@ -139,6 +139,6 @@ def analyze_model(
     quantized = [r for r in reports if r.status != "weights not quantized"]
     if not quantized:
         warnings.append("no quantized MAC layer found (Conv/ConvTranspose/Gemm/MatMul with quantized "
-                        "constant weights, or FINN MVAU/VVAU)")
+                        "constant weights, QLinearConv/QLinearMatMul/QGemm/ConvInteger/MatMulInteger, or FINN MVAU/VVAU)")
     warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
     return ModelReport(reports, warnings, zero_point)

@@ -77,6 +77,7 @@ _INT64_SAFE = 1 << 62
 # ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
 _INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
                  "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
+_INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",)}  # the others are standard ONNX ops
 
 
 class CannotCertify(Exception):
@@ -785,6 +786,8 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             acc_min, acc_max = _row_ranges(rows, lo, hi)
     elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or op in _INTEGER_MACS:
         if op in _INTEGER_MACS:
+            if node.domain not in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")):
+                raise CannotCertify(f"{_label(node)} is from domain '{node.domain}', not the integer op of that name")
             w, lo, hi, pad = _integer_operands(model, node, zero_point)
             op = _INTEGER_MACS[op][0]
         else:

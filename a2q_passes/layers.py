@@ -46,6 +46,7 @@ class IntegerOperands:
     mac_op: str
     weight: int
     weight_zero_point: int
+    domains: tuple[str, ...] = ("", "ai.onnx")
 
 
 INTEGER_MAC_OPS = {
@@ -53,8 +54,14 @@ INTEGER_MAC_OPS = {
     "ConvInteger": IntegerOperands("Conv", 1, 3),
     "QLinearMatMul": IntegerOperands("MatMul", 3, 5),
     "MatMulInteger": IntegerOperands("MatMul", 1, 3),
-    "QGemm": IntegerOperands("Gemm", 3, 5),  # com.microsoft
+    "QGemm": IntegerOperands("Gemm", 3, 5, ("com.microsoft",)),
 }
+
+
+def is_integer_mac(node: NodeProto) -> bool:
+    """Whether ``node`` is one of :data:`INTEGER_MAC_OPS` in its own domain."""
+    operands = INTEGER_MAC_OPS.get(node.op_type)
+    return operands is not None and node.domain in operands.domains
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 VVAU_OP_TYPES = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 QUANT_OP_TYPES = ("Quant", "IntQuant")
@@ -1064,7 +1071,7 @@ def find_mac_layers(
     for node in model.graph.node:
         if node.op_type in MAC_OP_TYPES:
             read = _standard_layer
-        elif node.op_type in INTEGER_MAC_OPS:
+        elif is_integer_mac(node):
             read = _integer_op_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
             read = _finn_layer

@@ -278,3 +278,62 @@ def test_project_refuses_weight_zero_points_under_fold(quantized, tmp_path, name
     assert not out.exists()
     # analyze and annotate still read them (raw codes)
     assert run_cli("annotate", quantized[name], tmp_path / "a.onnx")[0] == 0
+
+
+# --------------------------------------------------------------------------- refusals, by name
+
+
+def _matmul_integer_model(zp_axis: int | None, op: str = "MatMulInteger", domain: str = "") -> ModelWrapper:
+    """uint8 graph input (no zero point given: 0) -> integer MatMul of (3, 2) uint8 weights; ``zp_axis`` 0 puts the
+    weight zero points along K through a QDQ MatMul instead (one per input row, not per output channel)."""
+    w = np.array([[3, 250], [128, 0], [7, 99]], np.uint8)
+    if zp_axis is None:
+        nodes = [helper.make_node(op, ["x", "w", "", "wz"], ["y"], name="mm", domain=domain)]
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([128, 100], np.uint8), "wz")]
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 3])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 2])
+    else:
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "xz"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=zp_axis),
+                 helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0.1), "s"),
+                 numpy_helper.from_array(np.uint8(3), "xz"), numpy_helper.from_array(np.full(3, 0.5, np.float32), "ws"),
+                 numpy_helper.from_array(np.array([128, 100, 9], np.uint8), "wz")]
+        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])
+        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    return ModelWrapper(proto)
+
+
+def test_integer_input_without_zero_point_matches_execution():
+    model = _matmul_integer_model(None)
+    for zero_point in ("fold", "subtract"):
+        layer = analyze_model(model, zero_point=zero_point, per_channel=True).layers[0]
+        assert layer.status == "ok" and layer.input_range == [0, 255]
+        lo, hi = executed_extremes(model.model, "mm", zero_point)
+        assert layer.per_channel["acc_min"] == list(lo) and layer.per_channel["acc_max"] == list(hi)
+
+
+def test_qgemm_outside_com_microsoft_is_not_read_as_one():
+    model = _matmul_integer_model(None, op="QGemm", domain="com.example")
+    assert analyze_model(model).layers == []
+
+
+def test_weight_zero_points_along_the_accumulation_axis_are_analysed_but_not_projected(tmp_path):
+    """DequantizeLinear zero points along K (axis 0 of a MatMul weight): each term has its own ``w - z``, which analyze
+    reads elementwise; project needs one zero point per output channel and refuses by name."""
+    model = _matmul_integer_model(zp_axis=0)
+    layer = analyze_model(model, zero_point="subtract", per_channel=True).layers[0]
+    assert layer.status == "ok"
+    w_eff = np.array([[3, 250], [128, 0], [7, 99]]) - np.array([[128], [100], [9]])
+    codes = np.array([0 - 3, 255 - 3])  # uint8 activation codes minus the activation zero point 3
+    brute = [[int(sum(max(w * codes) if s > 0 else min(w * codes) for w in w_eff[:, c])) for c in range(2)]
+             for s in (-1, 1)]
+    assert layer.per_channel["acc_min"] == brute[0] and layer.per_channel["acc_max"] == brute[1]
+    path, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    model.save(str(path))
+    code, stdout, stderr = run_cli("project", path, out, "--acc-bits", 12, "--zero-point", "subtract")
+    assert code == 1 and "'mm'" in stderr and "accumulation axis" in stderr and not out.exists()
