@@ -337,3 +337,53 @@ def test_weight_zero_points_along_the_accumulation_axis_are_analysed_but_not_pro
     model.save(str(path))
     code, stdout, stderr = run_cli("project", path, out, "--acc-bits", 12, "--zero-point", "subtract")
     assert code == 1 and "'mm'" in stderr and "accumulation axis" in stderr and not out.exists()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_integer_matmuls_match_execution_and_project(seed):
+    """Random QLinearMatMul / MatMulInteger layers: int8 or uint8 weights and inputs, random per-tensor or per-column
+    weight zero points and input zero point; analyze and the certificate equal execution under both conventions,
+    and a projection (subtract) below the exact width executes within its promise."""
+    rng = np.random.default_rng(seed)
+    k, n = int(rng.integers(1, 24)), int(rng.integers(1, 5))
+    w_dtype, x_dtype = (np.dtype(rng.choice([np.int8, np.uint8])) for _ in range(2))
+    w_info, x_info = np.iinfo(w_dtype), np.iinfo(x_dtype)
+    w = rng.integers(w_info.min, w_info.max + 1, (k, n)).astype(w_dtype)
+    wz = rng.integers(w_info.min, w_info.max + 1, n if rng.random() < 0.5 else 1).astype(w_dtype)
+    xz = np.asarray(rng.integers(x_info.min, x_info.max + 1), x_dtype)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(wz if wz.size > 1 else wz.reshape(()), "wz"),
+             numpy_helper.from_array(xz, "xz")]
+    if rng.random() < 0.5:
+        inits += [numpy_helper.from_array(np.float32(0.02), s) for s in ("xs", "ws", "ys")]
+        inits.append(numpy_helper.from_array(np.asarray(0, x_dtype), "yz"))
+        node = helper.make_node("QLinearMatMul", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], name="mm")
+        out_type = helper.np_dtype_to_tensor_dtype(x_dtype)
+    else:
+        node = helper.make_node("MatMulInteger", ["x", "w", "xz", "wz"], ["y"], name="mm")
+        out_type = onnx.TensorProto.INT32
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(x_dtype), [1, k])],
+                              [helper.make_tensor_value_info("y", out_type, [1, n])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    model = ModelWrapper(proto)
+    for zero_point in ("fold", "subtract"):
+        layer = analyze_model(model, zero_point=zero_point, per_channel=True).layers[0]
+        lo, hi = executed_extremes(model.model, "mm", zero_point)
+        assert layer.per_channel["acc_min"] == list(lo) and layer.per_channel["acc_max"] == list(hi), zero_point
+        certificate = certify_layer(model, "mm", zero_point=zero_point)
+        assert certificate.channel_min == tuple(lo) and certificate.channel_max == tuple(hi)
+    exact = analyze_model(model, zero_point="subtract").layers[0].bounds["exact"]
+    projection = ProjectToAccumulator(max(exact - 2, 12), zero_point="subtract")
+    projected = model.transform(projection)
+    p = projection.projections[0]
+    lo, hi = executed_extremes(projected.model, "mm", "subtract")
+    assert_fits(np.concatenate([lo, hi]), p.target_bits, p.acc_dtype_after)
+    assert _onnxruntime_loads(projected.model) == _onnxruntime_loads(proto)  # some type pairs have no kernel at all
+
+
+def _onnxruntime_loads(proto: onnx.ModelProto) -> bool:
+    try:
+        ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except ort.capi.onnxruntime_pybind11_state.NotImplemented:
+        return False
+    return True
