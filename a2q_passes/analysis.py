@@ -88,7 +88,8 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
         return report
     x = layer.grid.range
     report.input_range = [x.lo, x.hi]
-    report.zero_point_convention = zero_point_convention if layer.grid.zero_code else None
+    weight_zero_point = layer.source.zero_offset is not None or layer.source.raw_zero_point
+    report.zero_point_convention = zero_point_convention if layer.grid.zero_code or weight_zero_point else None
     rows = layer.integer_rows(model)
     acc_min, acc_max = channel_ranges(layer, rows)
     report.acc_min, report.acc_max = int(acc_min.min()), int(acc_max.max())

@@ -230,7 +230,11 @@ def test_weight_zero_points_are_read_not_refused(quantized):
     for name in ("qop_uint8_pc", "qdq_uint8_pc", "dynamic_uint8_pc"):
         model = onnx.load(quantized[name])
         nodes = [n for n in model.graph.node if n.name in _mac_nodes(ModelWrapper(model))]
-        assert any(np.any(integer_operands(model, n)["wz"] != 0) for n in nodes), name
+        with_zero_point = {n.name for n in nodes if np.any(integer_operands(model, n)["wz"] != 0)}
+        assert with_zero_point, name
+        for zero_point in ("fold", "subtract"):  # each report says which convention its numbers follow
+            reports = analyze_model(ModelWrapper(model), zero_point=zero_point).by_node()
+            assert all(reports[n].zero_point_convention == zero_point for n in with_zero_point)
 
 
 # --------------------------------------------------------------------------- project, then execute
