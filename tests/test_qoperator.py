@@ -391,3 +391,24 @@ def _onnxruntime_loads(proto: onnx.ModelProto) -> bool:
     except ort.capi.onnxruntime_pybind11_state.NotImplemented:
         return False
     return True
+
+
+def test_per_channel_zero_points_share_one_signed_accumulator():
+    """Channel 0 (zero point 0, all weights positive) never goes below 0 on uint8 inputs, channel 1 (zero point 200)
+    does: the layer's accumulator is INT P, so channel 0 must fit INT P's non-negative half, not UINT P."""
+    w = np.array([[200, 10], [200, 250], [200, 190]], np.uint8)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0, 200], np.uint8), "wz"),
+             numpy_helper.from_array(np.uint8(0), "xz")]
+    node = helper.make_node("MatMulInteger", ["x", "w", "xz", "wz"], ["y"], name="mm")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 2])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    model = ModelWrapper(proto)
+    lo, hi = executed_extremes(model.model, "mm", "subtract")
+    assert lo[0] == 0 and hi[0] == 3 * 200 * 255 and lo[1] < 0  # channel 0 needs UINT18, not INT17
+    projection = ProjectToAccumulator(17, zero_point="subtract")
+    projected = model.transform(projection)
+    lo, hi = executed_extremes(projected.model, "mm", "subtract")
+    assert_fits(np.concatenate([lo, hi]), 17, projection.projections[0].acc_dtype_after)
+    assert projection.projections[0].acc_dtype_after == "INT17"

@@ -23,8 +23,8 @@ from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, Unsupporte
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.projection import (InfeasibleTarget, ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
-                                   plain_round, projection_stats)
+from a2q_passes.projection import (InfeasibleTarget, ProjectionResult, accumulator_is_signed, layer_accumulator_limits,
+                                   min_feasible_acc_bits, plain_round, projection_stats)
 
 
 @dataclass
@@ -177,8 +177,8 @@ class ProjectToAccumulator(A2QPass):
             raise A2QError(f"layer '{layer.node}': {err}") from err
         q_after = np.asarray(result.weights, dtype=np.int64)
         if not bounds.fits(*(int(f(r)) for f, r in zip((np.min, np.max), channel_ranges(layer, q_after))), bits):
-            # channels with different weight zero points are projected apart; their accumulators must agree
-            # on the layer's INT/UINT choice, and here they did not
+            # channels with different weight zero points are projected apart (see _project_rows); a method that
+            # breaks the layer's INT/UINT choice across them is refused rather than written
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
                            f"apart do not fit {bits} bits together; raise the target or --skip the layer")
         if not np.array_equal(q_after, q_before):
@@ -220,12 +220,18 @@ def _project_rows(v: np.ndarray, layer: MacLayer, model: ModelWrapper, bits: int
     groups = layer.row_weight_ranges(model)
     if len(groups) == 1:
         return project_weights(v, layer.grid.range, bits, groups[0][1], method)
+    x = layer.grid.range
+    plain = [plain_round(v[rows], weight_range) for rows, weight_range in groups]
+    signed = accumulator_is_signed(np.concatenate(plain), x)
     weights, touched = np.zeros(v.shape, dtype=np.int64), np.zeros(v.shape[0], dtype=bool)
     row_method = np.empty(v.shape[0], dtype=object)
-    for rows, weight_range in groups:
-        part = project_weights(v[rows], layer.grid.range, bits, weight_range, method)
+    for (rows, weight_range), group_plain in zip(groups, plain):
+        # the layer has one INT/UINT accumulator: a group whose rows never go below 0 in a signed layer must fit
+        # INT P's non-negative half, which is exactly UINT (P - 1) for such rows
+        group_bits = bits - 1 if signed and not accumulator_is_signed(group_plain, x) else bits
+        part = project_weights(v[rows], x, group_bits, weight_range, method)
         weights[rows], touched[rows], row_method[rows] = part.weights, part.touched, part.row_method
-    return ProjectionResult(weights, touched, row_method.astype(str), part.acc_limits)
+    return ProjectionResult(weights, touched, row_method.astype(str), layer_accumulator_limits(weights, x, bits))
 
 
 def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
