@@ -22,8 +22,8 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   graph's own ``Clip`` nodes when Brevitas' QCDQ export narrows the container with them; ``MultiThreshold``
   counts ``0..T`` thresholds; an integer op's input spans the storage type of its zero point (ONNX
   binds both to one type) or, for a zero point computed at run time, the type ONNX type inference
-  gives, shifted by every value that zero point's type allows under ``subtract``; FINN ``DataType`` annotations and user-given input types are taken
-  as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
+  gives, shifted by every value that zero point's type allows under ``subtract``; FINN ``DataType``
+  annotations and user-given input types are taken as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
   (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
   ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
 * **Ranges** are exact per output channel, including ``Conv`` padding taps that hold the zero-point
@@ -44,7 +44,7 @@ from fractions import Fraction
 from typing import Mapping
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import NodeProto, TensorProto, helper, numpy_helper, shape_inference
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
@@ -290,6 +290,7 @@ def weight_integers(model: ModelWrapper, tensor: str, zero_point: str = "fold") 
     grid_step = _broadcast_scale(producer, values[scale_name], values[producer.output[0]].shape)
     if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
         raise CannotCertify(f"{_label(producer)} has a zero or non-finite scale")
+
     def carried(per_element: np.ndarray) -> np.ndarray:  # through the same layout ops (a Clip passes it unchanged)
         if t == tensor:
             return per_element
@@ -707,9 +708,7 @@ def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarra
 
 def _elem_types(model: ModelWrapper) -> dict[str, int]:
     """ONNX type inference's element type of every tensor it can type."""
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model.model)
+    inferred = shape_inference.infer_shapes(model.model)
     infos = (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in infos if vi.type.tensor_type.elem_type}
     types.update({init.name: init.data_type for init in model.graph.initializer})
