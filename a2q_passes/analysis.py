@@ -90,7 +90,9 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
         return report
     x = layer.grid.range
     report.input_range = [x.lo, x.hi]
-    report.zero_point_convention = zero_point_convention if layer.grid.zero_code else None
+    weight_zero_point = layer.source is not None and (layer.source.zero_offset is not None
+                                                      or layer.source.raw_zero_point)
+    report.zero_point_convention = zero_point_convention if layer.grid.zero_code or weight_zero_point else None
     if layer.act_x_act:
         _analyze_act_x_act(layer, report, per_channel, zero_point_convention)
         return report
@@ -167,6 +169,7 @@ def analyze_model(
     quantized = [r for r in reports if r.status != "weights not quantized"]
     if not quantized:
         warnings.append("no quantized MAC layer found (Conv/ConvTranspose/Gemm/MatMul with quantized "
-                        "constant weights, a MatMul of two quantized activations, or FINN MVAU/VVAU)")
+                        "constant weights, QLinearConv/QLinearMatMul/QGemm/ConvInteger/MatMulInteger, "
+                        "a MatMul of two quantized activations, or FINN MVAU/VVAU)")
     warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
     return ModelReport(reports, warnings, zero_point)

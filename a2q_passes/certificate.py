@@ -11,13 +11,19 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   ``DequantizeLinear``, ``Transpose``/``Reshape``/..., ``Clip``) is extracted and executed with
   qonnx's ``execute_onnx``; the result divided by the quantizer's executed scale (sent through the
   same layout ops) must be integers. FINN integer initializers carry their values directly and
-  must hold what their ``DataType`` annotation allows.
+  must hold what their ``DataType`` annotation allows. A ``DequantizeLinear`` weight zero point is
+  added back under ``fold`` (the MAC multiplies raw codes). The integer ops of onnxruntime's
+  QOperator/dynamic formats (``QLinearConv``, ``ConvInteger``, ...) read an integer initializer and
+  a weight zero point directly: the certificate executes that constant subgraph and subtracts the
+  zero point along the output channels as the ONNX op definitions state (``subtract``).
 * **Input codes** follow the ONNX/qonnx semantics of the activation quantizer: a ``Quant`` family
   node is executed by qonnx on ``-inf``/``+inf`` (its clamp gives the extreme codes, whatever its
   bit width or signedness); ``DequantizeLinear`` codes span its storage type, sent through the
   graph's own ``Clip`` nodes when Brevitas' QCDQ export narrows the container with them; ``MultiThreshold``
-  counts ``0..T`` thresholds; FINN ``DataType`` annotations and user-given input types are taken
-  as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
+  counts ``0..T`` thresholds; an integer op's input spans the storage type of its zero point (ONNX
+  binds both to one type) or, for a zero point computed at run time, the type ONNX type inference
+  gives, shifted by every value that zero point's type allows under ``subtract``; FINN ``DataType``
+  annotations and user-given input types are taken as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
   (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
   ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
 * **Activation x activation MatMuls** (no constant second operand: it reads a graph input) take
@@ -41,7 +47,7 @@ from fractions import Fraction
 from typing import Mapping
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx import NodeProto, TensorProto, helper, numpy_helper, shape_inference
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
@@ -70,6 +76,11 @@ _STORAGE_RANGES = {
 # |value / scale - q| allowed: float32 q * s / s lands within a few ulps (2^-24 |q| each) of q
 _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE = 1e-3, 2.0 ** -16
 _INT64_SAFE = 1 << 62
+# Ops that multiply integer tensors themselves: (float op they compute like, weight input, weight zero point input);
+# ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
+_INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
+                 "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
+_INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",)}  # the others are standard ONNX ops
 
 
 class CannotCertify(Exception):
@@ -262,8 +273,13 @@ def _annotated_integers(model: ModelWrapper, source: str, values: np.ndarray) ->
     return q
 
 
-def weight_integers(model: ModelWrapper, tensor: str) -> np.ndarray:
-    """Integer weights as the MAC node consumes them, from executing the graph's own weight path."""
+def weight_integers(model: ModelWrapper, tensor: str, zero_point: str = "fold") -> np.ndarray:
+    """Integer weights as the MAC node consumes them, from executing the graph's own weight path.
+
+    A ``DequantizeLinear`` computes ``(code - z) * scale``: divided by the scale that is ``code - z``,
+    what a subtracting MAC multiplies; under ``fold`` the MAC multiplies the raw codes, so ``z`` (sent
+    through the same layout ops) is added back.
+    """
     t = tensor
     producer = model.find_producer(t)
     while producer is not None and producer.op_type in (*_LAYOUT_OPS, "Clip"):
@@ -278,13 +294,21 @@ def weight_integers(model: ModelWrapper, tensor: str) -> np.ndarray:
     grid_step = _broadcast_scale(producer, values[scale_name], values[producer.output[0]].shape)
     if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
         raise CannotCertify(f"{_label(producer)} has a zero or non-finite scale")
-    if t == tensor:
-        step = grid_step
-    else:  # carry the scale through the same layout ops (a Clip passes it unchanged)
-        step = _execute_constants(model, [tensor], {producer.output[0]: grid_step.astype(np.float32)},
+
+    def carried(per_element: np.ndarray) -> np.ndarray:  # through the same layout ops (a Clip passes it unchanged)
+        if t == tensor:
+            return per_element
+        return _execute_constants(model, [tensor], {producer.output[0]: per_element.astype(np.float32)},
                                   clip_as_identity=True)[tensor]
-    return _as_integers(np.asarray(values[tensor], dtype=np.float64) / step,
-                        f"the executed weights of {_label(producer)} divided by its scale")
+
+    q = _as_integers(np.asarray(values[tensor], dtype=np.float64) / carried(grid_step),
+                     f"the executed weights of {_label(producer)} divided by its scale")
+    has_zero = producer.op_type == "DequantizeLinear" and len(producer.input) > 2 and producer.input[2]
+    if zero_point == "fold" and has_zero:
+        z = _execute_constants(model, [producer.input[2]])[producer.input[2]]
+        z = _broadcast_scale(producer, z, values[producer.output[0]].shape)
+        q = q + _as_integers(carried(z), f"the weight zero point of {_label(producer)}")
+    return q
 
 
 # --------------------------------------------------------------------------- input codes
@@ -722,6 +746,64 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
                             (int(b_lo), int(b_hi)))
 
 
+def _elem_types(model: ModelWrapper) -> dict[str, int]:
+    """ONNX type inference's element type of every tensor it can type."""
+    inferred = shape_inference.infer_shapes(model.model)
+    infos = (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in infos if vi.type.tensor_type.elem_type}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    return types
+
+
+def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> tuple[np.ndarray, int, int, int]:
+    """Integer weights the op multiplies (Conv/MatMul layout) and ``(lo, hi, padding code)`` of its input.
+
+    ONNX QLinearConv/ConvInteger/QLinearMatMul/MatMulInteger and com.microsoft QGemm compute on
+    ``(x - x_zero_point) * (w - w_zero_point)``; the weight zero point is one per tensor or one per
+    output channel (QLinearConv/ConvInteger: the first weight axis; MatMul: B's columns; QGemm: B's
+    columns, its rows when transB). Under fold the MAC multiplies the raw codes instead.
+    """
+    _, w_index, wz_index = _INTEGER_MACS[node.op_type]
+    names = [node.input[w_index]] + [n for n in (node.input[wz_index] if len(node.input) > wz_index else "",) if n]
+    values = _execute_constants(model, names)
+    w = np.asarray(values[names[0]])
+    if w.dtype.kind not in "iu":
+        raise CannotCertify(f"{_label(node)} multiplies weights of type {w.dtype}, not integers")
+    w = w.astype(np.int64)
+    if zero_point == "subtract" and len(names) > 1:
+        wz = np.asarray(values[names[1]]).astype(np.int64)
+        if wz.size > 1:
+            by_rows = node.op_type in ("QLinearConv", "ConvInteger") or (node.op_type == "QGemm" and _attr(node, "transB", 0))
+            wz = wz.reshape([-1] + [1] * (w.ndim - 1)) if by_rows else wz.reshape(-1)
+        w = w - wz
+    types = _elem_types(model)
+    x_zp = node.input[2] if len(node.input) > 2 else ""
+    zp_value = None
+    if x_zp:
+        try:
+            zp_value = _execute_constants(model, [x_zp])[x_zp]
+        except CannotCertify:
+            zp_value = None  # computed at run time (DynamicQuantizeLinear): any value of its type
+    x_type = helper.np_dtype_to_tensor_dtype(zp_value.dtype) if zp_value is not None else types.get(node.input[0])
+    if x_type not in _STORAGE_RANGES or (types.get(node.input[0]) not in (None, x_type)):
+        raise CannotCertify(f"the integer input of {_label(node)} has type {x_type} "
+                            f"(type inference: {types.get(node.input[0])})")
+    lo, hi = _STORAGE_RANGES[x_type]
+    if zp_value is not None:
+        z = _uniform(zp_value, f"the input zero point of {_label(node)}")
+        z_lo = z_hi = int(z)
+    elif x_zp:
+        if types.get(x_zp) not in _STORAGE_RANGES:
+            raise CannotCertify(f"the run-time input zero point '{x_zp}' of {_label(node)} has an unknown type")
+        z_lo, z_hi = _STORAGE_RANGES[types[x_zp]]
+    else:
+        z_lo = z_hi = 0
+    if zero_point == "subtract":  # ONNX pads x - z with 0
+        return w, lo - z_hi, hi - z_lo, 0
+    # raw codes; a padded tap holds z, a code of the input's own type, so [lo, hi] covers it whatever z is
+    return w, lo, hi, z_lo if z_lo == z_hi else lo
+
+
 def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
                   zero_point: str = "fold") -> LayerCertificate:
     """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`."""
@@ -743,11 +825,17 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             acc_min, acc_max = _row_ranges(rows, lo, hi)
     elif op == "MatMul" and _reads_graph_input(model, node.input[1]):
         return _certify_act_x_act(model, node, _InputCodes(model, input_dtypes, zero_point), zero_point)
-    elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or op in _INTEGER_MACS:
+        if op in _INTEGER_MACS:
+            if node.domain not in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")):
+                raise CannotCertify(f"{_label(node)} is from domain '{node.domain}', not the integer op of that name")
+            w, lo, hi, pad = _integer_operands(model, node, zero_point)
+            op = _INTEGER_MACS[op][0]
+        else:
+            w = weight_integers(model, node.input[1], zero_point)
+            lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes, zero_point).grid(node.input[0]), zero_point)
         if op == "Gemm" and _attr(node, "transA", 0):
             raise CannotCertify(f"{_label(node)} transposes its data input")
-        w = weight_integers(model, node.input[1])
-        lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes, zero_point).grid(node.input[0]), zero_point)
         if op == "Conv":
             acc_min, acc_max, pad_code = _conv_ranges(model, node, w, lo, hi, pad)
         elif op == "ConvTranspose":

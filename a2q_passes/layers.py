@@ -11,6 +11,14 @@ nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer sto
 weights and datatypes directly. A ``MatMul`` whose second operand is computed at run time is an
 activation x activation layer (``kind`` :data:`KIND_ACT_X_ACT`): both operands' grids are resolved
 like any MAC input, and there are no weights.
+
+weights and datatypes directly, and so do the integer ops of onnxruntime's QOperator and dynamic
+formats (``QLinearConv``, ``QLinearMatMul``, ``com.microsoft`` ``QGemm``, ``ConvInteger``, ``MatMulInteger``),
+which also carry their input's codes (its storage type and zero point).
+
+A non-zero weight zero point z (``DequantizeLinear`` and the integer ops) follows the activation
+convention: under ``subtract`` (the ONNX definition) the MAC multiplies ``code - z`` per output
+channel; under ``fold`` it multiplies the raw codes, which project cannot shrink toward real 0.
 """
 
 from __future__ import annotations
@@ -28,6 +36,38 @@ from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_
 from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class IntegerOperands:
+    """Where an op that multiplies integer tensors itself (onnxruntime QOperator / dynamic formats) keeps them.
+
+    Input 0 holds the integer data and input 2 its zero point in every one of them (ONNX
+    QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger, com.microsoft QGemm); ``mac_op`` is the
+    float op whose weight layout (and padding) the op shares.
+    """
+
+    mac_op: str
+    weight: int
+    weight_zero_point: int
+    domains: tuple[str, ...] = ("", "ai.onnx")
+
+
+INTEGER_MAC_OPS = {
+    "QLinearConv": IntegerOperands("Conv", 3, 5),
+    "ConvInteger": IntegerOperands("Conv", 1, 3),
+    "QLinearMatMul": IntegerOperands("MatMul", 3, 5),
+    "MatMulInteger": IntegerOperands("MatMul", 1, 3),
+    "QGemm": IntegerOperands("Gemm", 3, 5, ("com.microsoft",)),
+}
+
+
+def is_integer_mac(node: NodeProto) -> bool:
+    """Whether ``node`` is one of :data:`INTEGER_MAC_OPS` in its own domain."""
+    operands = INTEGER_MAC_OPS.get(node.op_type)
+    return operands is not None and node.domain in operands.domains
+
+
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 VVAU_OP_TYPES = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 QUANT_OP_TYPES = ("Quant", "IntQuant")
@@ -67,15 +107,23 @@ class InputGrid:
 class WeightSource:
     """Where a layer's integer weights are stored and how to write new ones back."""
 
-    kind: str  # "quant", "bipolar_quant", "initializer", "dequantize_linear", "quantize_dequantize"
+    # "quant", "bipolar_quant", "initializer", "dequantize_linear", "quantize_dequantize", or
+    # "integer_operand" (an integer initializer an integer MAC op such as QLinearConv reads itself)
+    kind: str
     tensor: str  # initializer holding the stored weights
     quant_node: str | None
-    weight_range: IntRange
+    weight_range: IntRange  # the integers the MAC multiplies (with zero offsets: over every channel)
     dtype: str
     scale: np.ndarray | None = None  # broadcastable to the stored tensor
-    zero_point: np.ndarray | None = None
+    zero_point: np.ndarray | None = None  # the stored zero point (storage dtype), broadcastable to the stored tensor
     rounding_mode: str = "ROUND"
     perms: list[list[int]] = field(default_factory=list)  # Transposes from stored tensor to MAC input
+    # the raw codes the quantizer stores (weight_range unless a zero point is subtracted)
+    storage_range: IntRange | None = None
+    # --zero-point subtract: the non-zero weight zero point the MAC subtracts from the stored codes
+    zero_offset: np.ndarray | None = None
+    # --zero-point fold with a non-zero weight zero point: the MAC multiplies raw codes, whose 0 is not real 0
+    raw_zero_point: bool = False
 
     @property
     def bipolar(self) -> bool:
@@ -179,6 +227,27 @@ class MacLayer:
     def write_rows(self, model: ModelWrapper, rows: np.ndarray) -> None:
         """Store new integer rows so the graph's own quantizer reproduces them exactly."""
         write_mac_weights(model, self.source, self.layout.from_rows(np.asarray(rows, dtype=np.int64)))
+
+    def row_weight_ranges(self, model: ModelWrapper) -> list[tuple[np.ndarray, IntRange]]:
+        """Groups of rows ``(row indices, weights they may hold)``: one group unless a weight zero point is subtracted.
+
+        Each channel's weights ``code - z`` stay in its storage range shifted by its own zero point z.
+        Raises :class:`UnsupportedLayer` when a zero point varies along a row (per-input-channel zero points).
+        """
+        source = self.source
+        n_rows = self.layout.to_rows(read_mac_weights(model, source)).shape[0]
+        if source.zero_offset is None:
+            return [(np.arange(n_rows), source.weight_range)]
+        stored_shape = model.get_initializer(source.tensor).shape
+        offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
+        if self.layout.kind == "gather" or not np.all(offsets == offsets[:, :1]):
+            raise UnsupportedLayer(f"the weight zero point of layer '{self.node}' varies along its accumulation axis; "
+                                   "project needs one zero point per output channel")
+        groups = []
+        for z in np.unique(offsets[:, 0]):
+            lo, hi = source.storage_range.lo - int(z), source.storage_range.hi - int(z)
+            groups.append((np.flatnonzero(offsets[:, 0] == z), IntRange(lo, hi)))
+        return groups
 
 
 # --------------------------------------------------------------------------- constants
@@ -311,10 +380,12 @@ def clipped_range(model: ModelWrapper, codes: IntRange, clips: list[NodeProto]) 
     return codes
 
 
-def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int]] | None = None) -> WeightSource | None:
+def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int]] | None = None,
+                          zero_point: str = "fold") -> WeightSource | None:
     """How the weight input ``tensor`` of a MAC node is quantized, or ``None`` if it is float.
 
-    Raises :class:`UnsupportedLayer` for quantized weights this tool cannot read.
+    ``zero_point`` is the convention for a non-zero ``DequantizeLinear`` weight zero point (see
+    :func:`_zero_point_source`). Raises :class:`UnsupportedLayer` for quantized weights this tool cannot read.
     """
     perms = list(perms or [])
     producer = model.find_producer(tensor)
@@ -332,7 +403,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         if op == "Transpose" and not perm:
             shape = get_constant(model, producer.input[0])
             perm = list(range(np.ndim(shape) - 1, -1, -1)) if shape is not None else []
-        return resolve_weight_source(model, producer.input[0], ([perm] if perm else []) + perms)
+        return resolve_weight_source(model, producer.input[0], ([perm] if perm else []) + perms, zero_point)
     if op in QUANT_OP_TYPES:
         _require_constant(model, producer, 0, "weight input")
         scale = _require_constant(model, producer, 1, "scale")
@@ -367,7 +438,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         return WeightSource("bipolar_quant", producer.input[0], producer.name, BIPOLAR, "BIPOLAR",
                             scale=np.asarray(scale, dtype=np.float32), perms=perms)
     if op == "DequantizeLinear":
-        return _dequantize_linear_source(model, producer, perms)
+        return _dequantize_linear_source(model, producer, perms, zero_point)
     raise UnsupportedLayer(f"weights are produced by {_node_label(producer)}, which this tool does not read")
 
 
@@ -395,6 +466,8 @@ def _storage_dtype(model: ModelWrapper, dq: NodeProto) -> np.dtype | None:
     if x is not None:
         return np.dtype(x.dtype)
     producer = model.find_producer(codes)
+    if producer is not None and producer.op_type == "DynamicQuantizeLinear":
+        return np.dtype(np.uint8)  # ONNX: its codes are always uint8
     if producer is not None and producer.op_type == "QuantizeLinear":
         q_zp = get_constant(model, producer.input[2]) if len(producer.input) > 2 else None
         if q_zp is not None:
@@ -406,30 +479,55 @@ def _storage_dtype(model: ModelWrapper, dq: NodeProto) -> np.dtype | None:
     return helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
 
 
-def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]]) -> WeightSource:
+def _zero_point_source(source: WeightSource, zero_point: np.ndarray, convention: str, where: str) -> WeightSource:
+    """``source`` (raw codes in ``source.weight_range``) with its weight zero point applied per ``convention``.
+
+    ONNX computes on ``code - z``: under ``subtract`` the MAC multiplies those (per channel, each in
+    the storage range shifted by its z); under ``fold`` it multiplies the raw codes, and ``raw_zero_point``
+    marks that shrinking raw codes toward 0 does not shrink the real weights.
+    """
+    storage = source.weight_range
+    source.storage_range = storage
+    source.zero_point = np.asarray(zero_point)
+    z = np.asarray(zero_point, dtype=np.int64)
+    if not np.any(z != 0):
+        return source
+    if convention == "fold":
+        source.raw_zero_point = True
+        return source
+    if np.any(z < storage.lo) or np.any(z > storage.hi):
+        raise UnsupportedLayer(f"{where} has a weight zero point outside its codes [{storage.lo}, {storage.hi}]")
+    source.zero_offset = z
+    source.weight_range = IntRange(storage.lo - int(z.max()), storage.hi - int(z.min()))
+    source.dtype = _dtype_for_range(source.weight_range)
+    return source
+
+
+def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]],
+                              convention: str = "fold") -> WeightSource:
     scale = _require_constant(model, dq, 1, "scale")
     if int(node_attr(dq, "block_size", 0)):
         raise UnsupportedLayer(f"{_node_label(dq)} uses blocked quantization (block_size); only per-tensor or "
                                "per-axis weight scales are read: quantize the weights without block_size")
-    zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
+    zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    if len(dq.input) > 2 and dq.input[2] and zp is None:
+        raise UnsupportedLayer(f"{_node_label(dq)} has a non-constant weight zero point; fold constants first")
     codes, clips = _skip_clips(model, dq.input[0])
     stored = get_constant(model, codes)
     quantize = model.find_producer(codes) if stored is None else None
     if stored is None and (quantize is None or quantize.op_type != "QuantizeLinear"):
         raise UnsupportedLayer(f"{_node_label(dq)} dequantizes a non-constant weight tensor")
+    zp_dtype = _storage_dtype(model, dq)
     if quantize is not None:
         _require_constant(model, quantize, 0, "weight input")
-        zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 else zp
-    zp_dtype = _storage_dtype(model, dq)
-    if zp is not None and np.any(zp != 0):
-        raise UnsupportedLayer(
-            f"{_node_label(dq)} has a non-zero weight zero point; accumulator bounds assume symmetric weights "
-            "(quantize weights with a symmetric scheme, e.g. onnxruntime's WeightSymmetric=True)"
-        )
+        q_zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None
+        if not np.array_equal(np.zeros((), zp_dtype) if q_zp is None else q_zp, np.zeros((), zp_dtype) if zp is None else zp):
+            # the codes QuantizeLinear writes are read with another zero point: no integer weight view
+            raise UnsupportedLayer(f"{_node_label(dq)} dequantizes with a zero point other than its QuantizeLinear's")
     weight_range, dtype = _storage_range(zp_dtype)
     if clips:  # QCDQ: the Clip bounds are the weights' integer range (e.g. [-127, 127], or [-2, 1] for 2 bits)
         weight_range = clipped_range(model, weight_range, clips)
-        if not weight_range.lo <= 0 <= weight_range.hi:
+        if (zp is None or not np.any(zp != 0)) and not weight_range.lo <= 0 <= weight_range.hi:
             # weights are symmetric (zero point 0): a zero weight must stay representable, or the Clip
             # would turn every weight project shrinks to 0 back into a non-zero one
             raise UnsupportedLayer(
@@ -441,8 +539,41 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     axis = int(node_attr(dq, "axis", 1))
     kind = "dequantize_linear" if quantize is None else "quantize_dequantize"
     tensor = codes if quantize is None else quantize.input[0]
-    return WeightSource(kind, tensor, dq.name, weight_range, dtype,
-                        scale=_per_axis(scale, axis, ndim), zero_point=np.zeros((), dtype=zp_dtype), perms=perms)
+    source = WeightSource(kind, tensor, dq.name, weight_range, dtype, scale=_per_axis(scale, axis, ndim), perms=perms)
+    zero = np.zeros((), dtype=zp_dtype) if zp is None else _per_axis(zp, axis, ndim)
+    return _zero_point_source(source, zero, convention, _node_label(dq))
+
+
+def integer_operand_source(model: ModelWrapper, node: NodeProto, convention: str = "fold") -> WeightSource:
+    """The integer weight initializer (and weight zero point) an integer MAC op such as QLinearConv reads itself.
+
+    The weight zero point is per tensor or one per output channel (ONNX: ``w_zero_point`` of
+    QLinearConv/ConvInteger along the output channels, ``b_zero_point`` of QLinearMatMul/MatMulInteger
+    and com.microsoft QGemm per column of B).
+    """
+    operands = INTEGER_MAC_OPS[node.op_type]
+    name = node.input[operands.weight]
+    stored = model.get_initializer(name)
+    if stored is None:
+        raise UnsupportedLayer(f"{_node_label(node)} reads non-constant weights '{name}' (only an integer "
+                               "initializer is read)")
+    if np.dtype(stored.dtype).kind not in "iu":
+        raise UnsupportedLayer(f"{_node_label(node)} reads weights '{name}' of type {stored.dtype}, not integers")
+    storage, dtype = _storage_range(stored.dtype)
+    zp_name = node.input[operands.weight_zero_point] if len(node.input) > operands.weight_zero_point else ""
+    zp = get_constant(model, zp_name) if zp_name else np.zeros((), stored.dtype)
+    if zp is None:
+        raise UnsupportedLayer(f"{_node_label(node)} has a non-constant weight zero point '{zp_name}'")
+    if np.size(zp) > 1:
+        channel_axis = 0 if operands.mac_op == "Conv" or (operands.mac_op == "Gemm" and node_attr(node, "transB", 0)) else 1
+        if stored.ndim < 2 or np.ndim(zp) != 1 or np.size(zp) != stored.shape[channel_axis]:
+            raise UnsupportedLayer(f"{_node_label(node)} has a weight zero point of shape {list(np.shape(zp))}; "
+                                   "only one per tensor or one per output channel is read")
+        zp = _per_axis(np.asarray(zp), channel_axis, stored.ndim)
+    else:
+        zp = np.asarray(zp).reshape(())
+    source = WeightSource("integer_operand", name, node.name, storage, dtype)
+    return _zero_point_source(source, zp, convention, _node_label(node))
 
 
 def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) -> np.ndarray:
@@ -453,24 +584,34 @@ def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) ->
 
 
 def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarray:
-    """Integer weights in the layout of the stored tensor, exactly as the graph's quantizer makes them."""
+    """Integer weights in the layout of the stored tensor, exactly as the graph's quantizer makes them.
+
+    With a subtracted weight zero point these are ``code - z``, the integers the MAC multiplies.
+    """
+    codes = _stored_codes(model, source)
+    return codes if source.zero_offset is None else codes - source.zero_offset
+
+
+def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
+    """The codes the graph's weight quantizer makes, before any zero point is subtracted."""
     stored = model.get_initializer(source.tensor)
-    if source.kind == "initializer":
+    if source.kind in ("initializer", "integer_operand"):
         return np.asarray(stored).astype(np.int64)
+    codes = source.storage_range or source.weight_range
     if source.kind == "dequantize_linear":
-        # any Clip between the stored codes and DequantizeLinear clamps them to the weight range
+        # any Clip between the stored codes and DequantizeLinear clamps them to the code range
         # (without one, the storage type already holds them there)
-        return np.clip(np.asarray(stored).astype(np.int64), source.weight_range.lo, source.weight_range.hi)
+        return np.clip(np.asarray(stored).astype(np.int64), codes.lo, codes.hi)
     if source.kind == "bipolar_quant":
         return np.where(stored >= 0, 1, -1).astype(np.int64)
     if source.kind == "quant" and source.bipolar:
         # qonnx int_quant executes a 1-bit signed Quant as bipolar: sign(x / s + z), 0 -> +1 (z == 0)
         return np.where(stored.astype(np.float32) / source.scale.astype(np.float32) >= 0, 1, -1).astype(np.int64)
     if source.kind == "quantize_dequantize":
-        # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), zero point checked to be 0,
-        # then any Clip: one clamp to the weight range does both
-        q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32))
-        return np.clip(q, source.weight_range.lo, source.weight_range.hi).astype(np.int64)
+        # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), then any Clip: one clamp to
+        # the code range does both
+        q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
+        return np.clip(q, codes.lo, codes.hi).astype(np.int64)
     # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
     y = stored.astype(np.float32) / source.scale.astype(np.float32)
     y = np.clip(y, source.weight_range.lo, source.weight_range.hi)
@@ -484,7 +625,10 @@ def unrounded_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarr
     """
     if source.kind in ("quant", "quantize_dequantize"):
         stored = model.get_initializer(source.tensor).astype(np.float64)
-        return apply_perms(stored / source.scale.astype(np.float64), source.perms)
+        unrounded = stored / source.scale.astype(np.float64)
+        if source.kind == "quantize_dequantize" and source.zero_offset is None:
+            unrounded = unrounded + source.zero_point.astype(np.float64)  # raw codes (fold)
+        return apply_perms(unrounded, source.perms)
     return read_mac_weights(model, source).astype(np.float64)
 
 
@@ -499,9 +643,9 @@ _ROUNDING_OFFSET = {"FLOOR": 0.5, "CEIL": -0.5}
 
 def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
     """Values to store so that the graph's own quantizer reproduces the integers ``q_stored``."""
-    if source.kind in ("initializer", "dequantize_linear"):
+    if source.kind in ("initializer", "dequantize_linear", "integer_operand"):
         original_dtype = source.zero_point.dtype if source.zero_point is not None else np.float32
-        return q_stored.astype(original_dtype)
+        return (q_stored if source.zero_offset is None else q_stored + source.zero_offset).astype(original_dtype)
     if source.kind == "bipolar_quant":
         return np.where(q_stored > 0, 1.0, -1.0).astype(np.float32) * np.abs(source.scale).astype(np.float32)
     mode = source.rounding_mode.upper()
@@ -514,9 +658,10 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
     q_stored = apply_perms(np.asarray(q_mac, dtype=np.int64), source.perms, inverse=True)
-    if q_stored.min(initial=0) < source.weight_range.lo or q_stored.max(initial=0) > source.weight_range.hi:
-        raise ValueError(f"new weights for '{source.tensor}' leave the weight range "
-                         f"[{source.weight_range.lo}, {source.weight_range.hi}]")
+    codes = q_stored if source.zero_offset is None else q_stored + source.zero_offset
+    limits = source.storage_range or source.weight_range
+    if codes.min(initial=limits.lo) < limits.lo or codes.max(initial=limits.hi) > limits.hi:
+        raise ValueError(f"new weights for '{source.tensor}' leave the code range [{limits.lo}, {limits.hi}]")
     if source.bipolar and (q_stored == 0).any():
         raise ValueError(f"new weights for '{source.tensor}' contain 0, which its bipolar quantizer cannot represent")
     model.set_initializer(source.tensor, stored_values_for(source, q_stored))
@@ -725,6 +870,39 @@ class GridResolver:
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
         return self._with_zero_point(codes, dtype, scale, zp), ""
 
+    def integer_operand(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """The codes an integer MAC op (QLinearConv, MatMulInteger, ...) reads at input 0, zero point at input 2.
+
+        They span the integer tensor's storage type. A zero point computed at run time
+        (``DynamicQuantizeLinear``: any z in 0..255, real 0 always a code) leaves the raw codes
+        ``[0, 255]`` (fold) but moves ``code - z`` anywhere in ``[-255, 255]`` (subtract; at one run the
+        box is ``[-z, 255 - z]``, so that range is sound but up to one bit wider than any single run).
+        """
+        storage = _storage_dtype(self.model, node)
+        if storage is None:
+            return None, (f"{_node_label(node)}: the type of its integer input '{node.input[0]}' is unknown; "
+                          "give its zero point or run shape inference")
+        try:
+            codes, dtype = _storage_range(storage)
+        except UnsupportedLayer as err:
+            return None, str(err)
+        zp_name = node.input[2] if len(node.input) > 2 else ""
+        scale = _scalar_constant(self.model, node.input[1]) if INTEGER_MAC_OPS[node.op_type].weight == 3 else None
+        if not zp_name:
+            return self._with_zero_point(codes, dtype, scale, 0), ""
+        zp = get_constant(self.model, zp_name)
+        if zp is None:
+            producer = self.model.find_producer(zp_name)
+            if producer is None or producer.op_type != "DynamicQuantizeLinear":
+                return None, f"{_node_label(node)} has a non-constant input zero point '{zp_name}' not computed by DynamicQuantizeLinear"
+            if self.zero_point == "subtract":
+                span = IntRange(codes.lo - codes.hi, codes.hi - codes.lo)
+                return InputGrid(span, _dtype_for_range(span), None, 0), ""
+            return InputGrid(codes, dtype, None, codes.lo), ""  # the padding code z lies among the codes
+        if np.size(zp) != 1:
+            return None, f"{_node_label(node)} has a per-channel input zero point"
+        return self._with_zero_point(codes, dtype, scale, int(np.asarray(zp).reshape(-1)[0])), ""
+
     def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         """qonnx: ``out_scale * k + out_bias`` with ``k`` in ``0..T`` (the count of thresholds passed)."""
         thresholds = get_constant(self.model, node.input[1])
@@ -885,9 +1063,9 @@ def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[in
     return RowLayout("gather", shape, index, np.asarray(row_channel))
 
 
-def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) -> tuple[RowLayout, int, int]:
-    """Row layout, K and channel count of a MAC node with weight shape ``shape``."""
-    op = node.op_type
+def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...], op: str | None = None) -> tuple[RowLayout, int, int]:
+    """Row layout, K and channel count of a MAC node with weight shape ``shape`` (laid out as op ``op``)."""
+    op = op or node.op_type
     if op == "Conv" or op in VVAU_OP_TYPES:
         return RowLayout("reshape", shape), int(np.prod(shape[1:])), shape[0]
     if op == "ConvTranspose":
@@ -944,6 +1122,8 @@ def find_mac_layers(
             read = _act_x_act_layer
         elif node.op_type in MAC_OP_TYPES:
             read = _standard_layer
+        elif is_integer_mac(node):
+            read = _integer_op_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
             read = _finn_layer
         else:
@@ -963,7 +1143,7 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
         return MacLayer(name, node.op_type, node.input[0], 0, 0,
                         "unsupported: transposed or non-constant left operand (only X @ W with constant W)")
     try:
-        source = resolve_weight_source(model, node.input[index])
+        source = resolve_weight_source(model, node.input[index], zero_point=resolver.zero_point)
         if source is None:
             w = get_constant(model, node.input[index])
             K, channels = (_layout_for(model, node, w.shape)[1:] if w is not None else (0, 0))
@@ -1014,15 +1194,37 @@ def _act_x_act_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolve
     return layer(STATUS_OK, K, grid, operand)
 
 
-def _reads_implicit_zeros(node: NodeProto) -> bool:
+def _integer_op_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
+    """A QLinearConv/QLinearMatMul/QGemm/ConvInteger/MatMulInteger node: integer operands, zero points as inputs."""
+    name = node.name or node.output[0]
+    mac_op = INTEGER_MAC_OPS[node.op_type].mac_op
+    if mac_op == "Gemm" and node_attr(node, "transA", 0):
+        return MacLayer(name, node.op_type, node.input[0], 0, 0,
+                        "unsupported: transposed left operand (transA); only X @ W with constant W")
+    try:
+        source = integer_operand_source(model, node, resolver.zero_point)
+        layout, K, channels = _layout_for(model, node, model.get_initializer(source.tensor).shape, mac_op)
+    except UnsupportedLayer as err:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
+    grid, reason = resolver.integer_operand(node)
+    if grid is None:
+        return MacLayer(name, node.op_type, node.input[0], K, channels, f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}",
+                        None, source, layout)
+    if _reads_implicit_zeros(node, mac_op):
+        grid = _with_zero_tap(grid)  # ONNX pads the zero-point-subtracted input with 0: real 0, code z
+    return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_OK, grid, source, layout)
+
+
+def _reads_implicit_zeros(node: NodeProto, op: str | None = None) -> bool:
     """Whether some accumulator of this node sums taps that are not input pixels but real zeros.
 
     A Conv with non-zero ``pads`` or ``auto_pad`` SAME_* pads its input with 0.0; a ConvTranspose
     output pixel near the border receives fewer input pixels than its row of taps holds.
     """
-    if node.op_type == "ConvTranspose":
+    op = op or node.op_type
+    if op == "ConvTranspose":
         return True
-    if node.op_type != "Conv":
+    if op != "Conv":
         return False
     auto_pad = node_str_attr(node, "auto_pad", "NOTSET")
     return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(int(p) != 0 for p in node_attr(node, "pads", []))

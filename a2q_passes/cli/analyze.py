@@ -26,7 +26,8 @@ def analyze(
     per_channel: Annotated[bool, typer.Option("--per-channel", help="also report every output channel")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer widths per bound")] = None,
     zero_point: Annotated[str, typer.Option(
-        "--zero-point", help="activation zero points: 'fold' (FINN, MAC sees raw codes) or 'subtract'")] = "fold",
+        "--zero-point", help="activation and weight zero points: 'fold' (FINN, MAC sees raw codes) or "
+                             "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
 ) -> None:
     """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""

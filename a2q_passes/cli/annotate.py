@@ -20,7 +20,7 @@ def annotate(
     input_path: Annotated[Path, typer.Argument(metavar="IN.onnx")],
     output_path: Annotated[Path, typer.Argument(metavar="OUT.onnx")],
     input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
-    zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' or 'subtract'")] = "fold",
+    zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' (raw codes) or 'subtract' (code - zero point)")] = "fold",
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
 ) -> None:
     """Write the exact accumulator width of every analysable layer to metadata_props (key a2q.accumulators)."""

@@ -54,7 +54,8 @@ def project(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of widths before/after per layer")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
     input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
-    zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' or 'subtract'")] = "fold",
+    zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' (raw codes) or 'subtract' (code - zero point; "
+                                                              "needed to project weights with a zero point)")] = "fold",
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers project cannot read")] = None,
 ) -> None:

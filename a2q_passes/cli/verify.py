@@ -43,7 +43,8 @@ def verify(
     input_dtype: Annotated[Optional[list[str]], typer.Option(
         "--input-dtype", help="datatype of a float input: UINT8 (all graph inputs) or TENSOR=UINT8; repeatable")] = None,
     zero_point: Annotated[str, typer.Option(
-        "--zero-point", help="activation zero points: 'fold' (FINN, MAC sees raw codes) or 'subtract'")] = "fold",
+        "--zero-point", help="activation and weight zero points: 'fold' (FINN, MAC sees raw codes) or "
+                             "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
     against: Annotated[Optional[Path], typer.Option(
         "--against", help="ORIGINAL.onnx: MODEL (its FINN lowering) must compute the same outputs on --data "

@@ -19,12 +19,12 @@ from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model, channel_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, UnsupportedLayer, find_mac_layers
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.projection import (InfeasibleTarget, accumulator_is_signed, min_feasible_acc_bits, plain_round,
-                                   projection_stats)
+from a2q_passes.projection import (InfeasibleTarget, ProjectionResult, accumulator_is_signed, layer_accumulator_limits,
+                                   min_feasible_acc_bits, plain_round, projection_stats)
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -140,6 +140,19 @@ class ProjectToAccumulator(A2QPass):
         With a global ``--acc-bits`` the message also gives the smallest target every layer reaches
         (the largest of the per-layer minimums), so a rerun with it succeeds.
         """
+        weighted = [layer for layer in self._layers if not layer.act_x_act]
+        unsound = [layer for layer in weighted if layer.source.raw_zero_point]
+        if unsound:
+            raise A2QError(
+                "cannot project " + ", ".join(f"'{layer.node}'" for layer in unsound) + ": their weights have a non-zero "
+                "zero point and --zero-point fold multiplies the raw codes, whose 0 is not a zero weight (shrinking them "
+                "would change every weight); use --zero-point subtract (the ONNX semantics: the MAC multiplies code - "
+                "zero point), or --skip those layers")
+        for layer in weighted:
+            try:
+                layer.row_weight_ranges(model)
+            except UnsupportedLayer as err:
+                raise A2QError(f"cannot project layer '{layer.node}': {err}; or --skip it") from err
         smallest = {layer.node: smallest_target(model, layer) for layer in self._layers}
         short = [layer for layer in self._layers if smallest[layer.node] > self._targets[layer.node]]
         if not short:
@@ -172,10 +185,15 @@ class ProjectToAccumulator(A2QPass):
             return report
         v = layer.unrounded_rows(model)
         try:
-            result = project_weights(v, layer.grid.range, bits, layer.source.weight_range, self.method.name)
+            result = _project_rows(v, layer, model, bits, self.method.name)
         except InfeasibleTarget as err:
             raise A2QError(f"layer '{layer.node}': {err}") from err
         q_after = np.asarray(result.weights, dtype=np.int64)
+        if not bounds.fits(*(int(f(r)) for f, r in zip((np.min, np.max), channel_ranges(layer, q_after))), bits):
+            # channels with different weight zero points are projected apart (see _project_rows); a method that
+            # breaks the layer's INT/UINT choice across them is refused rather than written
+            raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
+                           f"apart do not fit {bits} bits together; raise the target or --skip the layer")
         if not np.array_equal(q_after, q_before):
             layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces q_after exactly
             report.status = "projected"
@@ -210,6 +228,25 @@ class ProjectToAccumulator(A2QPass):
                        input_dtypes=self.input_dtypes, zero_point=self.zero_point)
 
 
+def _project_rows(v: np.ndarray, layer: MacLayer, model: ModelWrapper, bits: int, method: str) -> ProjectionResult:
+    """Project the rows of each weight range apart (one range unless per-channel weight zero points are subtracted)."""
+    groups = layer.row_weight_ranges(model)
+    if len(groups) == 1:
+        return project_weights(v, layer.grid.range, bits, groups[0][1], method)
+    x = layer.grid.range
+    plain = [plain_round(v[rows], weight_range) for rows, weight_range in groups]
+    signed = accumulator_is_signed(np.concatenate(plain), x)
+    weights, touched = np.zeros(v.shape, dtype=np.int64), np.zeros(v.shape[0], dtype=bool)
+    row_method = np.empty(v.shape[0], dtype=object)
+    for (rows, weight_range), group_plain in zip(groups, plain):
+        # the layer has one INT/UINT accumulator: a group whose rows never go below 0 in a signed layer must fit
+        # INT P's non-negative half, which is exactly UINT (P - 1) for such rows
+        group_bits = bits - 1 if signed and not accumulator_is_signed(group_plain, x) else bits
+        part = project_weights(v[rows], x, group_bits, weight_range, method)
+        weights[rows], touched[rows], row_method[rows] = part.weights, part.touched, part.row_method
+    return ProjectionResult(weights, touched, row_method.astype(str), layer_accumulator_limits(weights, x, bits))
+
+
 def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     """Smallest accumulator width projection can bring ``layer`` to: a single +-1 weight per row must fit.
 
@@ -218,9 +255,11 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     """
     if layer.act_x_act or layer.binary_xnor or layer.source.bipolar:
         return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
-    weight_range = layer.source.weight_range
-    plain = plain_round(layer.unrounded_rows(model), weight_range)
-    return min_feasible_acc_bits(layer.grid.range, weight_range, accumulator_is_signed(plain, layer.grid.range))
+    v = layer.unrounded_rows(model)
+    groups = layer.row_weight_ranges(model)
+    plain = np.concatenate([plain_round(v[rows], weight_range) for rows, weight_range in groups])
+    signed = accumulator_is_signed(plain, layer.grid.range)
+    return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
 
 
 def layer_why(layer: MacLayer) -> str:
