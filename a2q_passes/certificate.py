@@ -20,9 +20,9 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   as declared. With ``input_ranges="finn"`` each activation's codes are joined with the DataType FINN
   gives it, taken from FINN's own tools: the tensor's annotation in a FINN graph, qonnx's
   ``Quant.get_integer_datatype`` (what ``ConvertQONNXtoFINN`` annotates) and, for QCDQ, qonnx's
-  ``QCDQToQuant`` bit width rule (``extract_elem_type``). Between quantizer and MAC only ops with a known effect on real values are crossed
-  (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
-  ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
+  ``QCDQToQuant`` bit width rule (``extract_elem_type``). Between quantizer and MAC only ops with a
+  known effect on real values are crossed (value-selecting ops, ``Relu`` with either scale sign,
+  ``Pad``, scalar ``Mul``/``Div``, ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
 * **Ranges** are exact per output channel, including ``Conv`` padding taps that hold the zero-point
   code (fold convention) when that code lies outside the input codes: every distinct pattern of
   padded taps over the output positions is evaluated.

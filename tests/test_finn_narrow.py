@@ -23,6 +23,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.custom_op.registry import getCustomOp
+from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes.analysis import analyze_model
@@ -200,7 +201,7 @@ def test_analyze_reports_name_the_ranges(tfc):
     assert code == 1 and "--input-ranges must be one of exact, finn" in err
 
 
-def _matmul_model(activation: list, act_inputs: list[str], initializers: list, opset_domain: str | None) -> ModelWrapper:
+def _matmul_model(activation: list, act_inputs: list[str], initializers: list) -> ModelWrapper:
     """x -> (activation quantizer nodes) -> MatMul with 2-bit Quant weights (4 x 3)."""
     w = np.array([[1, -1, 0], [1, 1, -1], [-1, 0, 1], [1, 1, 1]], dtype=np.float32) * 0.5
     nodes = activation + [
@@ -221,12 +222,12 @@ def test_fractional_bit_width_is_refused_under_finn_ranges():
     quant = helper.make_node("Quant", ["x", "s", "zero", "bits"], ["xq"], domain=QONNX_DOMAIN, signed=1, narrow=1,
                              rounding_mode="ROUND")
     model = _matmul_model([quant], ["xq"], [numpy_helper.from_array(np.float32(0.1), "s"),
-                                           numpy_helper.from_array(np.float32(4.5), "bits")], None)
-    from qonnx.transformation.infer_shapes import InferShapes
-
-    codes = execute_onnx(model.transform(InferShapes()), {"x": np.array([[-1e9, 1e9, 0, 0]], dtype=np.float32)}, return_full_exec_context=True)["xq"] / 0.1
+                                           numpy_helper.from_array(np.float32(4.5), "bits")])
+    extremes = {"x": np.array([[-1e9, 1e9, 0, 0]], dtype=np.float32)}
+    codes = execute_onnx(model.transform(InferShapes()), extremes, return_full_exec_context=True)["xq"] / 0.1
     (exact,) = find_mac_layers(model)
-    assert exact.ok and (exact.grid.range.lo, exact.grid.range.hi) == (round(codes.min()), round(codes.max())) == (-10, 10)
+    assert exact.ok
+    assert (exact.grid.range.lo, exact.grid.range.hi) == (round(codes.min()), round(codes.max())) == (-10, 10)
     (finn,) = find_mac_layers(model, input_ranges="finn")
     assert not finn.ok and "4.5" in finn.status and "INT4" in finn.status
     with pytest.raises(CannotCertify, match="INT4"):
@@ -237,7 +238,6 @@ def test_qcdq_clip_takes_the_type_finn_gives_after_qcdq_to_quant():
     """int8 codes clipped to [-1, 1]: qonnx's QCDQToQuant and FINN's conversion annotate the MatMul input INT2."""
     from finn.transformation.qonnx.convert_qonnx_to_finn import ConvertQONNXtoFINN
     from qonnx.transformation.infer_datatypes import InferDataTypes
-    from qonnx.transformation.infer_shapes import InferShapes
     from qonnx.transformation.qcdq_to_qonnx import QCDQToQuant
 
     from a2q_passes.finn_runtime import ensure_finn_importable
@@ -249,7 +249,7 @@ def test_qcdq_clip_takes_the_type_finn_gives_after_qcdq_to_quant():
     ]
     inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.int8(0), "zp"),
              numpy_helper.from_array(np.int8(-1), "lo"), numpy_helper.from_array(np.int8(1), "hi")]
-    model = _matmul_model(activation, ["xd"], inits, None)
+    model = _matmul_model(activation, ["xd"], inits)
     ranges = {}
     for option in ("exact", "finn"):
         (layer,) = find_mac_layers(model, input_ranges=option)

@@ -167,13 +167,17 @@ def refuse_exact_input_targets(qonnx_model: ModelWrapper, hw_model: ModelWrapper
     from qonnx.custom_op.registry import getCustomOp
 
     hw_ranges = hw_accumulator_ranges(hw_model)
+    short = [node for node in iterate_mac_nodes(hw_model) if targets.get(node.name) is not None
+             and not bounds.fits(*hw_ranges[node.name], targets[node.name])]
+    if not short:
+        return
     exact = analyze_model(qonnx_model, input_ranges="exact").by_node()
     record = {name: info.get("input_ranges") for name, info in _qonnx_record(qonnx_model).items()}
     problems = []
-    for node in iterate_mac_nodes(hw_model):
-        target, (acc_min, acc_max) = targets.get(node.name), hw_ranges[node.name]
+    for node in short:
+        target, (acc_min, acc_max) = targets[node.name], hw_ranges[node.name]
         layer = exact.get(mapping.get(node.name, ""))
-        if target is None or bounds.fits(acc_min, acc_max, target) or layer is None or layer.acc_min is None:
+        if layer is None or layer.acc_min is None:
             continue
         idt = DataType[getCustomOp(node).get_nodeattr("inputDataType")]
         widened = [int(idt.min()), int(idt.max())] != layer.input_range
