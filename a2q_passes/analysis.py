@@ -48,12 +48,14 @@ class ModelReport:
     layers: list[LayerReport]
     warnings: list[str]
     zero_point_convention: str
+    input_ranges: str = "exact"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "layers": [layer.to_json() for layer in self.layers],
             "warnings": list(self.warnings),
             "zero_point_convention": self.zero_point_convention,
+            "input_ranges": self.input_ranges,
             "notes": "bounds exclude the bias, which FINN and Brevitas add after the accumulator",
         }
 
@@ -161,9 +163,13 @@ def analyze_model(
     input_dtypes: dict[str, str] | None = None,
     zero_point: str = "fold",
     per_channel: bool = False,
+    input_ranges: str = "exact",
 ) -> ModelReport:
-    """Analyse every MAC layer of ``model``; never raises for a single unsupported layer."""
-    layers = find_mac_layers(model, input_dtypes, zero_point)
+    """Analyse every MAC layer of ``model``; never raises for a single unsupported layer.
+
+    ``input_ranges``: the quantizers' exact codes or FINN's DataType of them (:data:`a2q_passes.layers.INPUT_RANGES`).
+    """
+    layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
     reports = [analyze_layer(model, layer, per_channel, zero_point) for layer in layers]
     warnings = []
     quantized = [r for r in reports if r.status != "weights not quantized"]
@@ -172,4 +178,4 @@ def analyze_model(
                         "constant weights, QLinearConv/QLinearMatMul/QGemm/ConvInteger/MatMulInteger, "
                         "a MatMul of two quantized activations, or FINN MVAU/VVAU)")
     warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
-    return ModelReport(reports, warnings, zero_point)
+    return ModelReport(reports, warnings, zero_point, input_ranges)

@@ -23,8 +23,12 @@ reader (only the pure integer math of :mod:`a2q_passes.bounds`):
   counts ``0..T`` thresholds; an integer op's input spans the storage type of its zero point (ONNX
   binds both to one type) or, for a zero point computed at run time, the type ONNX type inference
   gives, shifted by every value that zero point's type allows under ``subtract``; FINN ``DataType``
-  annotations and user-given input types are taken as declared. Between quantizer and MAC only ops with a known effect on real values are crossed
-  (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
+  annotations and user-given input types are taken as declared. With ``input_ranges="finn"`` each
+  activation's codes are joined with the DataType FINN gives it, taken from FINN's own tools: the
+  tensor's annotation in a FINN graph, qonnx's ``Quant.get_integer_datatype`` (what
+  ``ConvertQONNXtoFINN`` annotates) and, for QCDQ, qonnx's ``QCDQToQuant`` bit width rule
+  (``extract_elem_type``). Between quantizer and MAC only ops with a known effect on real values are
+  crossed (value-selecting ops, ``Relu`` with either scale sign, ``Pad``, scalar ``Mul``/``Div``,
   ``Concat`` of equal grids). Anything else: :class:`CannotCertify`.
 * **Activation x activation MatMuls** (no constant second operand: it reads a graph input) take
   both operands' codes as above, K from shape inference on a copy, and the range
@@ -351,10 +355,14 @@ def _plus_constant(g: _Grid, offset: float, where: str) -> _Grid:
 class _InputCodes:
     """Derives the code grid of a MAC input from the semantics of the ops that produce it."""
 
-    def __init__(self, model: ModelWrapper, input_dtypes: Mapping[str, str] | None, zero_point: str = "fold") -> None:
+    def __init__(self, model: ModelWrapper, input_dtypes: Mapping[str, str] | None, zero_point: str = "fold",
+                 input_ranges: str = "exact") -> None:
+        if input_ranges not in ("exact", "finn"):
+            raise CannotCertify(f"unknown input ranges {input_ranges!r}")
         self.model = model
         self.input_dtypes = dict(input_dtypes or {})
         self.zero_point = zero_point
+        self.finn = input_ranges == "finn"
         self.graph_inputs = {vi.name for vi in model.graph.input}
         self.cache: dict[str, _Grid] = {}
 
@@ -376,7 +384,8 @@ class _InputCodes:
         annotated = dt.is_integer() and not dt.name.startswith("SCALED")
         try:
             if handler is not None:
-                return handler(producer)
+                grid = handler(producer)
+                return self._finn_view(grid, producer, dt if annotated else None) if self.finn else grid
         except CannotCertify:
             if not annotated:
                 raise
@@ -387,6 +396,44 @@ class _InputCodes:
 
     def _constant(self, name: str, what: str) -> float:
         return _uniform(_execute_constants(self.model, [name])[name], what)
+
+    def _finn_view(self, grid: _Grid, producer: NodeProto, annotation: DataType | None) -> _Grid:
+        """``grid`` joined with the DataType FINN gives the tensor (see the module docstring)."""
+        dt = annotation if annotation is not None else self._finn_datatype(producer)
+        if dt is None:
+            return grid
+        if producer.op_type in ("Quant", "IntQuant") and not dt.min() <= grid.lo <= grid.hi <= dt.max():
+            raise CannotCertify(f"FINN annotates the output of {_label(producer)} {dt.name}, which does not hold its "
+                                f"codes [{grid.lo}, {grid.hi}]")
+        lo, hi = min(grid.lo, int(dt.min())), max(grid.hi, int(dt.max()))
+        return grid if (lo, hi) == (grid.lo, grid.hi) else _Grid(lo, hi, grid.zero, grid.scale)
+
+    def _finn_datatype(self, node: NodeProto) -> DataType | None:
+        """What FINN's conversion annotates a quantizer's output with (``None``: the codes themselves)."""
+        if node.op_type in ("Quant", "IntQuant"):
+            bits = _execute_constants(self.model, [node.input[3]])[node.input[3]]
+
+            class _Initializers:  # get_integer_datatype reads only the bit width initializer
+                def get_initializer(self, name: str) -> np.ndarray | None:
+                    return bits if name == node.input[3] else None
+
+            return getCustomOp(node).get_integer_datatype(_Initializers())
+        if node.op_type == "DequantizeLinear" and self._codes_before_clips(node) != node.input[0]:
+            from qonnx.transformation.qcdq_to_qonnx import extract_elem_type
+
+            storage = self._storage_type(node)
+            lo, hi = self._through_clips(node, storage, *_STORAGE_RANGES[storage])
+            try:
+                bits, signed, _ = extract_elem_type(storage, (np.array(lo), np.array(hi)))
+            except (AssertionError, ValueError) as err:
+                raise CannotCertify(f"qonnx's QCDQToQuant cannot convert the Clip [{lo}, {hi}] in front of "
+                                    f"{_label(node)}") from err
+            return DataType[("INT" if signed else "UINT") + str(bits)] if bits > 1 else \
+                DataType["BIPOLAR" if signed else "BINARY"]
+        if node.op_type == "Trunc":  # a 6-input v2 Trunc (checked by _Trunc): FINN's type of its output bits
+            bits = int(self._constant(node.input[5], f"the output bit width of {_label(node)}"))
+            return DataType[("INT" if _attr(node, "signed", 1) else "UINT") + str(bits)]
+        return None
 
     def _probe(self, node: NodeProto, scale: float, zero: float, version: int | None = None) -> _Grid:
         """Execute a qonnx quantizer on -inf and +inf: its clamp yields the extreme codes."""
@@ -805,7 +852,7 @@ def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> 
 
 
 def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
-                  zero_point: str = "fold") -> LayerCertificate:
+                  zero_point: str = "fold", input_ranges: str = "exact") -> LayerCertificate:
     """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`."""
     node = next((n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
     if node is None:
@@ -824,7 +871,7 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
                                    zero_point)
             acc_min, acc_max = _row_ranges(rows, lo, hi)
     elif op == "MatMul" and _reads_graph_input(model, node.input[1]):
-        return _certify_act_x_act(model, node, _InputCodes(model, input_dtypes, zero_point), zero_point)
+        return _certify_act_x_act(model, node, _InputCodes(model, input_dtypes, zero_point, input_ranges), zero_point)
     elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or op in _INTEGER_MACS:
         if op in _INTEGER_MACS:
             if node.domain not in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")):
@@ -833,7 +880,8 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             op = _INTEGER_MACS[op][0]
         else:
             w = weight_integers(model, node.input[1], zero_point)
-            lo, hi, pad = _mac_codes(_InputCodes(model, input_dtypes, zero_point).grid(node.input[0]), zero_point)
+            codes = _InputCodes(model, input_dtypes, zero_point, input_ranges)
+            lo, hi, pad = _mac_codes(codes.grid(node.input[0]), zero_point)
         if op == "Gemm" and _attr(node, "transA", 0):
             raise CannotCertify(f"{_label(node)} transposes its data input")
         if op == "Conv":
@@ -852,8 +900,12 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
 
 
 def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: str,
-                   input_dtypes: Mapping[str, str] | None = None, zero_point: str = "fold") -> dict[str, LayerCertificate]:
+                   input_dtypes: Mapping[str, str] | None = None, zero_point: str = "fold",
+                   input_ranges: str = "exact") -> dict[str, LayerCertificate]:
     """Certify every claimed layer; :class:`PostconditionError` when a claim is narrower than the certificate.
+
+    ``input_ranges``: the input codes the claims were made for, the quantizers' (``exact``) or FINN's
+    DataType of them (``finn``); derived here independently of :mod:`a2q_passes.layers`.
 
     A claim fails when the layer cannot be certified, when its range misses part of the certified
     range, or when the certified range does not fit its promised width.
@@ -861,7 +913,7 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
     certificates = {}
     for node, claim in claims.items():
         try:
-            cert = certify_layer(model, node, input_dtypes, zero_point)
+            cert = certify_layer(model, node, input_dtypes, zero_point, input_ranges)
         except CannotCertify as err:
             raise PostconditionError(f"{what}: layer '{node}' cannot be certified independently of the analysis "
                                      f"({err}); nothing was written") from err

@@ -67,7 +67,9 @@ def _project(model: ModelWrapper, acc_bits: int | None, method: str, skip: Seque
     if acc_bits is None and not layer_bits:
         raise A2QError("step_a2q_project: no accumulator width. Set cfg.a2q_acc_bits = P, use "
                        "make_a2q_steps(acc_bits=P), or record widths in the model with `a2q project`/`a2q annotate`")
-    model = model.transform(ProjectToAccumulator(acc_bits, layer_bits, method, skip=list(skip or ())))
+    # FINN sizes each MVAU/VVAU from its input DataType (a narrow INTn input is full INTn there)
+    model = model.transform(ProjectToAccumulator(acc_bits, layer_bits, method, skip=list(skip or ()),
+                                                 input_ranges="finn"))
     record_weight_signatures(model)
     return model
 
@@ -94,7 +96,8 @@ def _verify(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     record = recorded_accumulators(model)
     targets = {name: info["target_bits"] for name, info in record.items() if info.get("target_bits") is not None}
     check_hw_accumulators(model, targets)
-    report = verify_model(model)  # each node at the width recorded by step_a2q_set_accumulators (its accDataType)
+    # each node at the width recorded by step_a2q_set_accumulators (its accDataType), over its inputDataType
+    report = verify_model(model, input_ranges="finn")
     output_dir = getattr(cfg, "output_dir", None)
     if output_dir is not None:
         report_dir = Path(output_dir) / "report"

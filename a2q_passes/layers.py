@@ -86,6 +86,11 @@ STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
 KIND_WEIGHTS = "weights"  # activations times constant integer weights
 KIND_ACT_X_ACT = "act x act"  # MatMul of two quantized activations (attention's Q.K^T, softmax(.).V): no weights
 ZERO_POINT_CONVENTIONS = ("fold", "subtract")
+# Which input codes a MAC layer is sized for: ``exact`` = the codes the graph's quantizers produce;
+# ``finn`` = those widened to the FINN DataType the input carries after ConvertQONNXtoFINN (a narrow
+# signed n-bit quantizer's codes [-2^(n-1)+1, 2^(n-1)-1] become INTn = [-2^(n-1), 2^(n-1)-1]).
+INPUT_RANGES = ("exact", "finn")
+INPUT_RANGES_TITLE = {"exact": "input ranges: exact quantizer codes", "finn": "input ranges: FINN DataType"}
 
 
 class UnsupportedLayer(Exception):
@@ -760,15 +765,21 @@ class GridResolver:
     ``input_dtypes`` maps tensor names (or ``"*"`` for every graph input) to a qonnx
     datatype name the user vouches for. ``zero_point`` chooses how an activation zero
     point z is seen by the MAC: ``fold`` (FINN folds it into a bias; codes ``[0, 2^N-1]``)
-    or ``subtract`` (an integer kernel sees ``code - z``).
+    or ``subtract`` (an integer kernel sees ``code - z``). ``input_ranges`` (one of
+    :data:`INPUT_RANGES`) chooses between the quantizers' exact codes and FINN's DataType of them
+    (:meth:`_finn_codes`).
     """
 
-    def __init__(self, model: ModelWrapper, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold"):
+    def __init__(self, model: ModelWrapper, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
+                 input_ranges: str = "exact"):
         if zero_point not in ZERO_POINT_CONVENTIONS:
             raise ValueError(f"zero_point must be one of {ZERO_POINT_CONVENTIONS}, got {zero_point!r}")
+        if input_ranges not in INPUT_RANGES:
+            raise ValueError(f"input_ranges must be one of {INPUT_RANGES}, got {input_ranges!r}")
         self.model = model
         self.input_dtypes = dict(input_dtypes or {})
         self.zero_point = zero_point
+        self.finn_ranges = input_ranges == "finn"
         self.graph_inputs = {t.name for t in model.graph.input}
         self._cache: dict[str, tuple[InputGrid | None, str]] = {}
         self._inferred: ModelWrapper | None = None
@@ -802,6 +813,9 @@ class GridResolver:
             # FINN's out_dtype/annotations on these can disagree with what executes (ConvertQONNXtoFINN
             # writes INT8 on a MultiThreshold counting 0..255): their semantics come first
             grid, reason = getattr(self, f"_from_{producer.op_type}")(producer)
+            if grid is not None and annotated and self.finn_ranges:
+                # FINN sizes the MAC from the tensor's DataType; the codes that execute stay inside the union
+                return _widened(grid, _dtype_grid(dt.name).range, dt.name), ""
             if grid is not None or not annotated:
                 return grid, reason
         if annotated:
@@ -834,7 +848,25 @@ class GridResolver:
         except ValueError as err:
             return None, f"{_node_label(node)}: {err}"
         dtype = _quant_dtype(int(bits), signed) if bits == int(bits) else _dtype_for_range(codes)
+        if self.finn_ranges:
+            codes, dtype, reason = self._finn_codes(node, codes, bits, signed)
+            if codes is None:
+                return None, reason
         return self._with_zero_point(codes, dtype, scale, int(zp)), ""
+
+    def _finn_codes(self, node: NodeProto, codes: IntRange, bits: float, signed: bool) -> tuple[IntRange | None, str, str]:
+        """The codes FINN's MAC is sized for: ``codes`` joined with the DataType ConvertQONNXtoFINN gives them.
+
+        FINN (qonnx ``Quant.get_integer_datatype``) annotates ``INT{b}``/``UINT{b}`` for an integer bit
+        width b, whatever ``narrow`` says: narrow codes grow by the one code FINN's type adds. A
+        fractional bit width is truncated there to a type narrower than the codes: refused.
+        """
+        if bits != int(bits):
+            return None, "", (f"{_node_label(node)} has bit width {bits}: FINN's conversion annotates its output "
+                              f"{_quant_dtype(int(bits), signed)}, narrower than its codes [{codes.lo}, {codes.hi}]; "
+                              "re-export with an integer bit width, or use --input-ranges exact")
+        dtype = _quant_dtype(int(bits), signed)
+        return _hull(codes, _dtype_grid(dtype).range), dtype, ""
 
     _from_IntQuant = _from_Quant
 
@@ -865,6 +897,9 @@ class GridResolver:
             if clips:  # QCDQ: a Clip narrows the container (uint8 clipped to [0, 3] is a 2-bit activation)
                 codes = clipped_range(self.model, codes, clips)
                 dtype = _dtype_for_range(codes)
+                if self.finn_ranges:
+                    dtype = _qcdq_finn_dtype(codes, storage, node)
+                    codes = _hull(codes, _dtype_grid(dtype).range)
         except UnsupportedLayer as err:
             return None, str(err)
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
@@ -961,7 +996,10 @@ class GridResolver:
             codes = quant_code_range(out_bits, signed, narrow, node_str_attr(node, "rounding_mode", "FLOOR"))
         except ValueError as err:
             return None, f"{_node_label(node)}: {err}"
-        return self._with_zero_point(codes, _dtype_for_range(codes), out_scale, int(zero)), ""
+        dtype = _dtype_for_range(codes)
+        if self.finn_ranges:
+            codes, dtype, _ = self._finn_codes(node, codes, out_bits, signed)  # out_bits is an integer (checked)
+        return self._with_zero_point(codes, dtype, out_scale, int(zero)), ""
 
     def _from_Relu(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         grid, reason = self.resolve(node.input[0])
@@ -1033,6 +1071,31 @@ class GridResolver:
 
 def _dtype_for_range(r: IntRange) -> str:
     return _int_dtype_name(*integer_format(r))
+
+
+def _hull(a: IntRange, b: IntRange) -> IntRange:
+    return IntRange(min(a.lo, b.lo), max(a.hi, b.hi))
+
+
+def _widened(grid: InputGrid, codes: IntRange, dtype: str) -> InputGrid:
+    """``grid`` with its codes joined with ``codes`` (a DataType's range, named ``dtype``)."""
+    joined = _hull(grid.range, codes)
+    if joined == grid.range:
+        return grid
+    return InputGrid(joined, dtype, grid.scale, grid.zero_code, False)
+
+
+def _qcdq_finn_dtype(codes: IntRange, storage: np.dtype, node: NodeProto) -> str:
+    """The DataType FINN gives a QCDQ activation after qonnx's ``QCDQToQuant`` (FINN reads no QDQ).
+
+    ``QCDQToQuant`` makes a Quant of ``ceil(log2(hi - lo + 1))`` bits, signed as the container,
+    from a Clip ``[lo, hi]`` with ``lo <= 0 < hi`` (it refuses any other Clip).
+    """
+    if not codes.lo <= 0 < codes.hi:
+        raise UnsupportedLayer(f"the Clip in front of {_node_label(node)} keeps codes [{codes.lo}, {codes.hi}]; "
+                               "qonnx's QCDQToQuant (the way to FINN) needs lo <= 0 < hi: use --input-ranges exact")
+    bits = (codes.hi - codes.lo).bit_length()  # ceil(log2(n)) for n = hi - lo + 1 >= 2, in integers
+    return _quant_dtype(bits, _storage_range(storage)[0].lo < 0)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -1108,14 +1171,16 @@ def find_mac_layers(
     model: ModelWrapper,
     input_dtypes: dict[str, str] | None = None,
     zero_point: str = "fold",
+    input_ranges: str = "exact",
 ) -> list[MacLayer]:
     """Every MAC node of the graph in graph order, with its status.
 
     Layers whose weights are float are reported with status ``weights not quantized``;
     layers whose weights are quantized in a way this tool cannot read get
-    ``unsupported: <reason>``. Never raises for a single layer.
+    ``unsupported: <reason>``. Never raises for a single layer. ``input_ranges``: see
+    :data:`INPUT_RANGES` (FINN MVAU/VVAU nodes are read at their ``inputDataType`` either way).
     """
-    resolver = GridResolver(model, input_dtypes, zero_point)
+    resolver = GridResolver(model, input_dtypes, zero_point, input_ranges)
     layers = []
     for node in model.graph.node:
         if node.op_type == "MatMul" and not computed_from_constants(model, node.input[1]):

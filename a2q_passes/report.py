@@ -9,12 +9,12 @@ from typing import Sequence
 from rich.table import Table
 
 from a2q_passes.analysis import ModelReport
-from a2q_passes.layers import KIND_WEIGHTS
+from a2q_passes.layers import INPUT_RANGES_TITLE, KIND_WEIGHTS
 from a2q_passes.model_io import atomic_write_bytes
 
 
 def analysis_table(report: ModelReport) -> Table:
-    table = Table(title="Accumulator widths per layer (bits; bias excluded)")
+    table = Table(title=f"Accumulator widths per layer (bits; bias excluded; {INPUT_RANGES_TITLE[report.input_ranges]})")
     for col in ("layer", "op", "K", "ch", "input", "weight", "datatype", "l1", "zero-c.", "exact", "acc range", "status"):
         table.add_column(col, justify="right" if col in ("K", "ch", "datatype", "l1", "zero-c.", "exact") else "left")
     for r in report.layers:

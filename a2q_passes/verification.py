@@ -663,6 +663,7 @@ class VerificationReport:
     width_source: str
     zero_point_convention: str
     simulation: SimulationResult | None = None
+    input_ranges: str = "exact"
 
     @property
     def blocking(self) -> list[LayerVerdict]:
@@ -683,6 +684,7 @@ class VerificationReport:
             "overflow_impossible": self.overflow_impossible,
             "mode": self.mode, "tile": self.tile, "width_source": self.width_source,
             "zero_point_convention": self.zero_point_convention,
+            "input_ranges": self.input_ranges,
             "layers": [v.to_json() for v in self.layers],
             "data": self.simulation.to_json() if self.simulation is not None else None,
             "notes": "accumulator ranges exclude the bias, which FINN and Brevitas add after the accumulator",
@@ -699,10 +701,14 @@ def verify_model(
     overrides: dict[str, int] | None = None,
     input_dtypes: dict[str, str] | None = None,
     zero_point: str = "fold",
+    input_ranges: str = "exact",
 ) -> VerificationReport:
-    """Prove (or refute) overflow freedom per layer, simulate the worst cases, and optionally real data."""
+    """Prove (or refute) overflow freedom per layer, simulate the worst cases, and optionally real data.
+
+    ``input_ranges``: the input codes each layer is checked for (:data:`a2q_passes.layers.INPUT_RANGES`).
+    """
     _check_mode(mode, tile)
-    layers = find_mac_layers(model, input_dtypes, zero_point)
+    layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
     chosen, source = resolve_widths(model, layers, widths, overrides)
     notes = {}
     if source == WIDTHS_RECORDED:  # the record describes the whole model: derive the width it leaves out
@@ -718,8 +724,8 @@ def verify_model(
                               "verify the other layers only with --layer NAME=P")
     # a passing proof must agree with the range derived without the reader (exit 4 otherwise)
     certify_claims(model, {v.node: Claim(*v.registers["final sum"], v.acc_bits) for v in verdicts if v.proof == PROOF_PASS},
-                   what="verify", input_dtypes=input_dtypes, zero_point=zero_point)
-    report = VerificationReport(verdicts, mode, tile, source, zero_point)
+                   what="verify", input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
+    report = VerificationReport(verdicts, mode, tile, source, zero_point, input_ranges=input_ranges)
     if data is not None:
         simulation = simulate_model(model, data, chosen, mode, tile, input_dtypes, zero_point)
         for verdict in verdicts:

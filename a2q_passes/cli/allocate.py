@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
+from a2q_passes.cli.common import InputRangesOption, check_input_ranges
 from a2q_passes.errors import A2QError
+from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.methods import DEFAULT_METHOD
 from a2q_passes.model_io import atomic_write_text, load_model
 
@@ -43,7 +45,8 @@ def _objective(min_score_pct: float | None, budget_bits: int | None, budget_lut:
 
 
 def allocation_table(details: dict[str, Any]) -> Table:
-    table = Table(title=f"Accumulator allocation ({details['cost_model']} cost; scores: {details['metric']} on the "
+    table = Table(title=f"Accumulator allocation ({details['cost_model']} cost; "
+                        f"{INPUT_RANGES_TITLE[details['input_ranges']]}; scores: {details['metric']} on the "
                         "calibration data with only that layer narrowed)")
     for col in ("layer", "exact", "chosen", "smallest feasible", "MH", "PE", "out bits", "cost exact", "cost chosen",
                 "score at chosen"):
@@ -144,11 +147,12 @@ def allocate(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="PNG: score vs accumulator + threshold bits, allocation vs uniform P")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Pick each layer's accumulator width: sensitivity per layer, exact knapsack, end-to-end refinement.
 
     Flow: `a2q allocate M.onnx --data c.npz --min-score-pct 99 -o w.json`, then
-    `a2q project M.onnx OUT.onnx --widths-json w.json`.
+    `a2q project M.onnx OUT.onnx --widths-json w.json` (with the same --input-ranges).
 
     Every width in the map is proven on the projected model before the map is written.
     """
@@ -158,6 +162,7 @@ def allocate(
     from a2q_passes.transforms.allocate import DEFAULT_FPGAPART, AllocateAccumulators, pareto_curves
 
     _check_output(output, model_path)
+    check_input_ranges(input_ranges)
     if plot is not None:
         _check_output(plot, model_path)
     if epochs < 1:
@@ -170,7 +175,7 @@ def allocate(
     step = AllocateAccumulators(data, val, min_score_pct=target_pct, budget=budget, cost_model=cost_name,
                                 method=method, projection_method=projection_method, metric=metric,
                                 fpgapart=fpgapart or DEFAULT_FPGAPART, finetune_config=config,
-                                refine=not no_refine, progress=not no_progress)
+                                refine=not no_refine, progress=not no_progress, input_ranges=input_ranges)
     result = step(model)
     details = result.details
     atomic_write_text(output, json.dumps(step.widths, indent=2) + "\n")

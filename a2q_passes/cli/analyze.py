@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 from a2q_passes.cli import app, err_console
-from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes
+from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors, check_input_ranges, check_zero_point,
+                                   parse_input_dtypes)
 from a2q_passes.errors import AnalysisProblem
 from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import analysis_table, plot_analysis
@@ -29,11 +30,13 @@ def analyze(
         "--zero-point", help="activation and weight zero points: 'fold' (FINN, MAC sees raw codes) or "
                              "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
+    input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""
     check_output_paths([("--plot", plot)], inputs=[model_path])
     input_dtypes = parse_input_dtypes(input_dtype)
-    analysis = AnalyzeAccumulators(input_dtypes, check_zero_point(zero_point), per_channel)
+    analysis = AnalyzeAccumulators(input_dtypes, check_zero_point(zero_point), per_channel,
+                                   check_input_ranges(input_ranges))
     model = load_model(model_path, allow_unknown_ops)
     check_input_dtype_tensors(input_dtypes, model, model_path)
     model.transform(analysis, cleanup=False)  # qonnx's cleanup is not needed to read a model

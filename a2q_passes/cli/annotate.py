@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes
+from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
+                                   check_input_ranges, check_zero_point, parse_input_dtypes)
+from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
 from a2q_passes.model_io import check_output_paths, read_model_proto, save_model, wrap_model
 from a2q_passes.transforms import AnnotateAccumulators
@@ -22,11 +24,12 @@ def annotate(
     input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
     zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' (raw codes) or 'subtract' (code - zero point)")] = "fold",
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
+    input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Write the exact accumulator width of every analysable layer to metadata_props (key a2q.accumulators)."""
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path], in_place=in_place, in_place_option="--in-place")
     input_dtypes = parse_input_dtypes(input_dtype)
-    annotation = AnnotateAccumulators(input_dtypes, check_zero_point(zero_point))
+    annotation = AnnotateAccumulators(input_dtypes, check_zero_point(zero_point), check_input_ranges(input_ranges))
     proto = read_model_proto(input_path)
     model = wrap_model(copy.deepcopy(proto), input_path)
     check_input_dtype_tensors(input_dtypes, model, input_path)
@@ -39,6 +42,7 @@ def annotate(
     del proto.metadata_props[:]
     proto.metadata_props.extend(annotated.model.metadata_props)
     save_model(proto, output_path)
+    typer.echo(f"{INPUT_RANGES_TITLE[input_ranges]}:")
     for node, info in layers.items():
         typer.echo(f"{node}: {info['acc_dtype']} (range [{info['acc_min']}, {info['acc_max']}])")
     typer.echo(f"wrote {output_path}")

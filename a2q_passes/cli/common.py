@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import typer
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import ZERO_POINT_CONVENTIONS
+from a2q_passes.layers import INPUT_RANGES, ZERO_POINT_CONVENTIONS
 from a2q_passes.verification import graph_feeds, load_inputs
 
 
@@ -62,6 +64,21 @@ def check_zero_point(zero_point: str) -> str:
     if zero_point not in ZERO_POINT_CONVENTIONS:
         raise A2QError(f"--zero-point must be one of {', '.join(ZERO_POINT_CONVENTIONS)}, got {zero_point!r}")
     return zero_point
+
+
+INPUT_RANGES_HELP = (
+    "input codes each layer is sized for: 'exact' (the codes the model's activation quantizers produce; "
+    "plain QONNX/QDQ use) or 'finn' (the FINN DataType the input gets after ConvertQONNXtoFINN, e.g. a narrow "
+    "signed 2-bit input [-1, 1] becomes INT2 = [-2, 1]; use it for models you will `a2q lower` or build with FINN)")
+# the one definition of --input-ranges, shared by analyze/annotate/verify/project/finetune/allocate
+InputRangesOption = Annotated[str, typer.Option("--input-ranges", help=INPUT_RANGES_HELP)]
+
+
+def check_input_ranges(input_ranges: str) -> str:
+    """The ``--input-ranges`` choice, refused before any work when it is not one a2q knows."""
+    if input_ranges not in INPUT_RANGES:
+        raise A2QError(f"--input-ranges must be one of {', '.join(INPUT_RANGES)}, got {input_ranges!r}")
+    return input_ranges
 
 
 def parse_layer_widths(acc_bits: int | None, layer_specs: list[str] | None, widths_json: Path | None) -> tuple[int | None, dict[str, int]]:

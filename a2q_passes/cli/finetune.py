@@ -15,8 +15,9 @@ from rich.table import Table
 
 from a2q_passes.analysis import analyze_model
 from a2q_passes.cli import app
-from a2q_passes.cli.common import parse_layer_widths
+from a2q_passes.cli.common import InputRangesOption, check_input_ranges, parse_layer_widths
 from a2q_passes.errors import A2QError
+from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.model_io import check_output_paths, load_model, save_model
 
 # torch and the training code are imported inside the functions: every `a2q` command imports this
@@ -43,8 +44,8 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
         raise A2QError(f"need --epochs >= 0, --batch-size >= 1 and --lr > 0 (got {epochs}, {batch_size}, {lr})")
 
 
-def _summary(before: dict, after: dict, targets: dict[str, int]) -> Table:
-    table = Table(title="Accumulator bits per constrained layer (exact range)")
+def _summary(before: dict, after: dict, targets: dict[str, int], input_ranges: str) -> Table:
+    table = Table(title=f"Accumulator bits per constrained layer (exact range; {INPUT_RANGES_TITLE[input_ranges]})")
     for col in ("layer", "target", "before", "after"):
         table.add_column(col)
     for node, bits in targets.items():
@@ -75,6 +76,7 @@ def finetune(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers it cannot train")] = None,
+    input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Train (or AXE-quantize) so every constrained layer fits P bits; writes the best checkpoint.
 
@@ -88,6 +90,7 @@ def finetune(
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
     _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device)
+    check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
     model = load_model(input_path)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -95,13 +98,14 @@ def finetune(
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
     step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,
-                                calibration_samples=calib_samples, skip=skip)
+                                calibration_samples=calib_samples, skip=skip, input_ranges=input_ranges)
     result = step(model)
     if not result.details["is_main"]:
         return
     save_model(result.model, output_path)
     targets = {layer.node: layer.acc_bits for layer in step.selection.layers}
-    Console(width=200).print(_summary(analyze_model(model).by_node(), analyze_model(result.model).by_node(), targets))
+    before, after = (analyze_model(m, input_ranges=input_ranges).by_node() for m in (model, result.model))
+    Console(width=200).print(_summary(before, after, targets, input_ranges))
     for node, why in result.details["skipped"].items():
         typer.echo(f"not constrained: {node} ({why})")
     for node, change in result.details["untargeted"].items():

@@ -17,6 +17,7 @@ from a2q_passes.cli.common import read_data
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import validate_fpgapart
+from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.model_io import (atomic_write_text, cast_float64_initializers, check_output_paths, load_model,
                                  save_model)
 from a2q_passes.resources import plot_resources, render_table, resource_report
@@ -37,7 +38,8 @@ def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed
 
 
 def layers_table(layers: list[HWLayer]) -> Table:
-    table = Table(title="FINN MVAU/VVAU accumulators (ours vs FINN's MinimizeAccumulatorWidth)")
+    table = Table(title="FINN MVAU/VVAU accumulators (ours vs FINN's MinimizeAccumulatorWidth; "
+                        f"{INPUT_RANGES_TITLE['finn']}: each node's inputDataType)")
     for col in ("node", "QONNX layer", "MW x MH", "exact range", "target P", "accDataType", "FINN picks"):
         table.add_column(col, justify="right" if col in ("target P",) else "left")
     for layer in layers:

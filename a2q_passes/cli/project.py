@@ -12,7 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import check_input_dtype_tensors, check_zero_point, parse_input_dtypes, parse_layer_widths
+from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
+                                   check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths)
+from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
 from a2q_passes.methods import DEFAULT_METHOD, available_methods, get_method
 from a2q_passes.model_io import check_output_paths, load_model, save_model
@@ -20,8 +22,8 @@ from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator, projection_summary
 
 
-def projection_table(projections: list[LayerProjection], method: str) -> Table:
-    table = Table(title=f"Projection ({method}): accumulator bits per layer")
+def projection_table(projections: list[LayerProjection], method: str, input_ranges: str = "exact") -> Table:
+    table = Table(title=f"Projection ({method}; {INPUT_RANGES_TITLE[input_ranges]}): accumulator bits per layer")
     for col in ("layer", "op", "target", "before", "after", "acc type", "rel. L2 change", "sparsity before",
                 "sparsity after", "channels touched", "rows by method", "status"):
         table.add_column(col)
@@ -58,6 +60,7 @@ def project(
                                                               "needed to project weights with a zero point)")] = "fold",
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers project cannot read")] = None,
+    input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit."""
     if list_methods:
@@ -69,7 +72,8 @@ def project(
                        in_place_option="--in-place")
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
     input_dtypes = parse_input_dtypes(input_dtype)
-    projection = ProjectToAccumulator(global_bits, overrides, method, input_dtypes, check_zero_point(zero_point), skip)
+    projection = ProjectToAccumulator(global_bits, overrides, method, input_dtypes, check_zero_point(zero_point), skip,
+                                      check_input_ranges(input_ranges))
     model = load_model(input_path)
     check_input_dtype_tensors(input_dtypes, model, input_path)
     # no qonnx cleanup: it gives shared parameters new random names (GiveUniqueParameterTensors)
@@ -77,11 +81,11 @@ def project(
     save_model(projected, output_path)
     projections = projection.projections
     if as_json:
-        payload = {"method": projection.method.name, "output": str(output_path),
+        payload = {"method": projection.method.name, "input_ranges": input_ranges, "output": str(output_path),
                    "summary": projection_summary(projections), "layers": [asdict(p) for p in projections]}
         typer.echo(json.dumps(payload, indent=2))
     else:
-        Console(width=200).print(projection_table(projections, projection.method.name))
+        Console(width=200).print(projection_table(projections, projection.method.name, input_ranges))
         typer.echo(f"wrote {output_path}")
     if plot is not None:
         grouped_bar_plot(plot, [p.node for p in projections],

@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import (check_input_dtype_tensors, check_zero_point, parse_input_dtypes, parse_layer_widths,
+from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
+                                   check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths,
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
+from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.layers import KIND_WEIGHTS
 from a2q_passes.metadata import recorded_widths
@@ -49,6 +51,7 @@ def verify(
     against: Annotated[Optional[Path], typer.Option(
         "--against", help="ORIGINAL.onnx: MODEL (its FINN lowering) must compute the same outputs on --data "
         "(default: 8 seeded inputs in the input quantizer's range); tolerance 1e-5 x max(1, max |output|)")] = None,
+    input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Prove per layer that no accumulator overflows at P bits (bias excluded), and simulate it.
 
@@ -61,6 +64,7 @@ def verify(
     without widths given or recorded, --against checks equivalence only.
     """
     check_zero_point(zero_point)
+    check_input_ranges(input_ranges)
     check_output_paths([("--plot", plot)], inputs=[model_path] + ([against] if against else []))
     input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
@@ -78,7 +82,7 @@ def verify(
         _fail_if_different(equivalence, model_path, against)
         return
     check = VerifyAccumulators(widths, mode, tile, inputs, overrides=overrides if global_bits is not None else None,
-                               input_dtypes=input_dtypes, zero_point=zero_point)
+                               input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
     model.transform(check, cleanup=False)
     report = check.report
     if as_json:
@@ -150,7 +154,8 @@ _PROOF_STYLE = {PROOF_PASS: "green", PROOF_FAIL: "bold red"}
 
 def verification_table(report: VerificationReport) -> Table:
     tile = f", tiles of {report.tile}" if report.tile else ""
-    table = Table(title=f"Accumulator overflow check ({report.mode}{tile}; widths: {report.width_source}; bias excluded)")
+    table = Table(title=f"Accumulator overflow check ({report.mode}{tile}; widths: {report.width_source}; "
+                        f"{INPUT_RANGES_TITLE[report.input_ranges]}; bias excluded)")
     for col in ("layer", "op", "K", "register range", "needs", "P", "margin", "proof", "worst-case sim.",
                 "data overflows", "note"):
         table.add_column(col, justify="right" if col in ("K", "P", "margin") else "left")

@@ -125,17 +125,18 @@ def _constrainable(layer: MacLayer) -> str:
 
 
 def select_layers(model: ModelWrapper, acc_bits: int | None, overrides: dict[str, int] | None = None,
-                  skip: frozenset[str] | None = None) -> Selection:
+                  skip: frozenset[str] | None = None, input_ranges: str = "exact") -> Selection:
     """Constrained layers with their target widths: ``acc_bits`` for all, ``overrides`` per MAC node.
 
     Raises :class:`A2QError` for an override naming no constrainable layer, for no width at all,
     and :class:`InfeasibleTarget` (naming the layer) for a width that cannot hold a single +-1 weight.
     With ``skip`` given (a promise for the whole model, as fine-tuning makes) a global ``acc_bits``
     must hold for every quantized MAC layer: one that cannot be constrained and does not already
-    fit is refused unless ``skip`` names it.
+    fit is refused unless ``skip`` names it. ``input_ranges`` gives each layer's input codes ``x``
+    (:data:`a2q_passes.layers.INPUT_RANGES`).
     """
     overrides = dict(overrides or {})
-    macs = find_mac_layers(model)
+    macs = find_mac_layers(model, input_ranges=input_ranges)
     skipped = {m.node: why for m in macs if (why := _constrainable(m))}
     unknown = sorted(set(skip or ()) - {m.node for m in macs})
     if unknown:

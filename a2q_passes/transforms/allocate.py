@@ -116,14 +116,14 @@ class LayerCandidates:
                 "scores": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
-def allocatable_layers(model: ModelWrapper) -> list[tuple[str, int, int]]:
+def allocatable_layers(model: ModelWrapper, input_ranges: str = "exact") -> list[tuple[str, int, int]]:
     """``(node, exact bits, smallest feasible bits)`` of every layer the allocation may narrow.
 
     The layers fine-tuning can constrain (QONNX ``Quant`` weights on a quantized input), less
-    bipolar ones (no zero weight: projection cannot shrink them).
+    bipolar ones (no zero weight: projection cannot shrink them); widths for ``input_ranges``.
     """
-    selection = select_layers(model, 64)
-    reports = analyze_model(model).by_node()
+    selection = select_layers(model, 64, input_ranges=input_ranges)
+    reports = analyze_model(model, input_ranges=input_ranges).by_node()
     layers = []
     for layer in selection.layers:
         mac = layer.mac
@@ -172,9 +172,10 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
 # --------------------------------------------------------------------------- end-to-end
 
 
-def project_to(model: ModelWrapper, widths: dict[str, int], method: str = DEFAULT_METHOD) -> ModelWrapper:
+def project_to(model: ModelWrapper, widths: dict[str, int], method: str = DEFAULT_METHOD,
+               input_ranges: str = "exact") -> ModelWrapper:
     """``model`` with every named layer projected to its width (recorded in the metadata)."""
-    return model.transform(ProjectToAccumulator(None, widths, method))
+    return model.transform(ProjectToAccumulator(None, widths, method, input_ranges=input_ranges))
 
 
 def _total(layers: list[LayerCandidates], widths: dict[str, int], cost: CostModel) -> int:
@@ -209,8 +210,10 @@ class AllocateAccumulators(A2QPass):
                  projection_method: str = DEFAULT_METHOD, metric: str = "auto", fpgapart: str = DEFAULT_FPGAPART,
                  finetune_config: FinetuneConfig | None = None, refine: bool = True, early_stop: bool = True,
                  progress: bool = True,
-                 shapes: Callable[[ModelWrapper, dict[str, list[int]]], dict[str, LayerShape]] | None = None) -> None:
+                 shapes: Callable[[ModelWrapper, dict[str, list[int]]], dict[str, LayerShape]] | None = None,
+                 input_ranges: str = "exact") -> None:
         super().__init__()
+        self.input_ranges = input_ranges
         if (min_score_pct is None) == (budget is None):
             raise A2QError("give exactly one target: a minimum score (--min-score-pct) or a budget (--budget-bits / "
                            "--budget-lut)")
@@ -235,7 +238,7 @@ class AllocateAccumulators(A2QPass):
 
     def requires(self, model: ModelWrapper) -> None:
         try:
-            self._layers = allocatable_layers(model)
+            self._layers = allocatable_layers(model, self.input_ranges)
         except A2QError as err:
             raise PreconditionError(f"nothing to allocate: {err}") from err
         if not self._layers:
@@ -253,10 +256,11 @@ class AllocateAccumulators(A2QPass):
         """``model`` projected (or fine-tuned) at ``widths``, and its validation score."""
         if self.method == "finetune":
             config = replace(self.finetune_config, loss=self.scorer.loss)  # train on what is scored
-            step = FinetuneAccumulators(None, self.scorer.data, self.val_scorer.data, config, overrides=widths)
+            step = FinetuneAccumulators(None, self.scorer.data, self.val_scorer.data, config, overrides=widths,
+                                        input_ranges=self.input_ranges)
             out = step(model).model
         else:
-            out = project_to(model, widths, self.projection_method)
+            out = project_to(model, widths, self.projection_method, self.input_ranges)
         return out, self.val_scorer(out)
 
     def _sensitivities(self, model: ModelWrapper, base: float, floor: float | None) -> list[LayerCandidates]:
@@ -267,7 +271,7 @@ class AllocateAccumulators(A2QPass):
             for layer in layers:
                 layer.scores[layer.exact_bits] = base  # projection leaves weights that already fit untouched
                 for bits in widths[layer.node][1:]:
-                    score = self.scorer(project_to(model, {layer.node: bits}, self.projection_method))
+                    score = self.scorer(project_to(model, {layer.node: bits}, self.projection_method, self.input_ranges))
                     bar.update(1)
                     if floor is not None and score < floor:  # alone it misses the target: never part of a pick
                         bar.update(bits - layer.min_feasible_bits)
@@ -364,6 +368,7 @@ class AllocateAccumulators(A2QPass):
         bits_model = get_cost_model("bits")
         details = {
             "metric": self.scorer.unit, "method": self.method, "projection_method": self.projection_method,
+            "input_ranges": self.input_ranges,
             "cost_model": self.cost_model.name, "objective": (
                 {"min_score_pct": self.min_score_pct} if self.min_score_pct is not None else {"budget": self.budget}),
             "base_score": base, "base_val_score": base_val, "target_val_score": target, "val_score": score,
@@ -379,7 +384,7 @@ class AllocateAccumulators(A2QPass):
         return PassResult(out, True, details)
 
     def ensures(self, result: PassResult) -> None:
-        report = verify_model(result.model, self.widths)
+        report = verify_model(result.model, self.widths, input_ranges=self.input_ranges)
         if not report.overflow_impossible:
             names = ", ".join(f"{v.node} ({v.proof})" for v in report.blocking)
             raise PostconditionError(f"allocated widths not proven on the output model: {names}")
@@ -462,7 +467,8 @@ def allocate_for_finn(model: ModelWrapper, cfg: Any) -> ModelWrapper:
         min_score_pct=None if given else getattr(cfg, "a2q_min_score_pct", None) or 99.0,
         budget=budgets[given[0]] if given else None, cost_model="finn-lut" if given == ["lut"] else "bits",
         projection_method=getattr(cfg, "a2q_method", DEFAULT_METHOD),
-        fpgapart=getattr(cfg, "fpga_part", None) or DEFAULT_FPGAPART, progress=False)
+        fpgapart=getattr(cfg, "fpga_part", None) or DEFAULT_FPGAPART, progress=False,
+        input_ranges="finn")  # the output is built by FINN, which sizes each MAC from its input DataType
     result = step(model)
     out = result.model
     record_weight_signatures(out)

@@ -20,16 +20,19 @@ class AnnotateAccumulators(A2QPass):
     Only metadata changes: the graph, and so its execution, stay exactly as they were.
     """
 
-    def __init__(self, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold") -> None:
+    def __init__(self, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
+                 input_ranges: str = "exact") -> None:
         super().__init__()
         self.input_dtypes = input_dtypes
         self.zero_point = zero_point
+        self.input_ranges = input_ranges
 
     def call(self, model: ModelWrapper) -> PassResult:
         self._graph_before = copy.deepcopy(model.graph)
-        report = analyze_model(model, self.input_dtypes, self.zero_point)
+        report = analyze_model(model, self.input_dtypes, self.zero_point, input_ranges=self.input_ranges)
         layers = {
-            r.node: {"acc_bits": r.bounds["exact"], "acc_dtype": r.acc_dtype, "acc_min": r.acc_min, "acc_max": r.acc_max}
+            r.node: {"acc_bits": r.bounds["exact"], "acc_dtype": r.acc_dtype, "acc_min": r.acc_min, "acc_max": r.acc_max,
+                     "input_ranges": self.input_ranges}
             for r in report.layers if r.status == "ok"
         }
         before = recorded_widths(model)
@@ -42,4 +45,5 @@ class AnnotateAccumulators(A2QPass):
         onnx.checker.check_model(result.model.model)
         certify_claims(result.model, {node: Claim(info["acc_min"], info["acc_max"], info["acc_bits"])
                                       for node, info in result.details["layers"].items()},
-                       what="annotate", input_dtypes=self.input_dtypes, zero_point=self.zero_point)
+                       what="annotate", input_dtypes=self.input_dtypes, zero_point=self.zero_point,
+                       input_ranges=self.input_ranges)

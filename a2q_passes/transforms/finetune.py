@@ -62,8 +62,9 @@ class FinetuneAccumulators(A2QPass):
     def __init__(self, acc_bits: int | None, train: DataLike, val: DataLike | None = None,
                  config: FinetuneConfig | None = None, *, overrides: dict[str, int] | None = None,
                  tile: int | None = None, calibration_samples: int = 512, callback: StepCallback | None = None,
-                 skip: list[str] | None = None) -> None:
+                 skip: list[str] | None = None, input_ranges: str = "exact") -> None:
         super().__init__()
+        self.input_ranges = input_ranges
         self.config = config or FinetuneConfig()
         self.method = self.config.method
         if self.method not in METHODS:
@@ -84,7 +85,7 @@ class FinetuneAccumulators(A2QPass):
 
     def requires(self, model: ModelWrapper) -> None:
         """Everything that can be wrong with the inputs, checked before any training starts."""
-        self.selection = select_layers(model, self.acc_bits, self.overrides, self.skip)
+        self.selection = select_layers(model, self.acc_bits, self.overrides, self.skip, self.input_ranges)
         io = ModelIO.of(model)
         train = as_dataset(self._train_source, "training data")
         if self.method == "axe":  # calibration needs inputs only
@@ -107,20 +108,22 @@ class FinetuneAccumulators(A2QPass):
                        "is_main": result.is_main}
         untargeted = self._hold_untargeted(model, out, details["reprojected"])
         layers = {}
-        for report in analyze_model(out).layers:
+        for report in analyze_model(out, input_ranges=self.input_ranges).layers:
             layer = self.selection.by_node().get(report.node)
             if layer is not None:
                 layers[report.node] = {"acc_bits": layer.acc_bits, "acc_dtype": report.acc_dtype,
-                                       "acc_min": report.acc_min, "acc_max": report.acc_max}
+                                       "acc_min": report.acc_min, "acc_max": report.acc_max,
+                                       "input_ranges": self.input_ranges}
         record_accumulators(out, layers, source="finetune")
-        details.update(method=self.method, tile=self.tile, layers=layers, skipped=dict(self.selection.skipped),
+        details.update(method=self.method, input_ranges=self.input_ranges, tile=self.tile, layers=layers, skipped=dict(self.selection.skipped),
                        untargeted=untargeted)
         return PassResult(out, True, details)
 
     def _untargeted(self, model: ModelWrapper) -> dict[str, Any]:
         """Analysis reports of the quantized MAC layers without a target, by node."""
         targeted = self.selection.by_node()
-        return {r.node: r for r in analyze_model(model).layers if r.node not in targeted and r.node in self._quantized}
+        return {r.node: r for r in analyze_model(model, input_ranges=self.input_ranges).layers
+                if r.node not in targeted and r.node in self._quantized}
 
     def _hold_untargeted(self, model: ModelWrapper, out: ModelWrapper,
                          reprojected: dict[str, int]) -> dict[str, dict[str, Any]]:
@@ -169,8 +172,8 @@ class FinetuneAccumulators(A2QPass):
         model = result.model
         if _structure(model) != self._structure_before:
             raise PostconditionError("FinetuneAccumulators changed the graph structure; it may only change weights")
-        reports = analyze_model(model).by_node()
-        macs = {m.node: m for m in find_mac_layers(model)}
+        reports = analyze_model(model, input_ranges=self.input_ranges).by_node()
+        macs = {m.node: m for m in find_mac_layers(model)}  # integer weights only: the input codes are layer.x
         for layer in self.selection.layers:
             exact = reports[layer.node].bounds.get("exact")
             if exact is None or exact > layer.acc_bits:
@@ -183,7 +186,7 @@ class FinetuneAccumulators(A2QPass):
                     raise PostconditionError(f"layer '{layer.node}': a partial sum within a tile of {self.tile} "
                                              f"terms leaves {layer.acc_bits} bits")
         certify_claims(model, {layer.node: Claim(reports[layer.node].acc_min, reports[layer.node].acc_max, layer.acc_bits)
-                               for layer in self.selection.layers}, what="finetune")
+                               for layer in self.selection.layers}, what="finetune", input_ranges=self.input_ranges)
         for node, width in self._widths_before.items():
             now = reports[node].bounds.get("exact")
             if width is not None and (now is None or now > width):

@@ -11,7 +11,16 @@
 3. :func:`a2q_passes.finn_accumulators.set_accumulator_datatypes` sets each node's ``accDataType`` to the
    minimal type holding the exact range of its lowered integer weights. With a target width
    (``acc_bits`` for every node, else the widths ``project``/``annotate`` recorded for the mapped
-   QONNX layer), a node that needs more bits is an error.
+   QONNX layer), a node that needs more bits is an error. The range is taken over the node's
+   ``inputDataType``, FINN's own view of its input: a narrow signed n-bit quantizer's codes
+   ``[-2^(n-1)+1, 2^(n-1)-1]`` become ``INTn``, one code wider. Sizing from the quantizer's codes
+   instead would be safe for the hardware today (the MultiThreshold in front never emits the extra
+   code), but FINN's ``MinimizeAccumulatorWidth`` (run again by later build steps), the
+   thresholds' ``RoundAndClipThresholds`` and ``a2q verify`` of the lowered graph all read
+   ``inputDataType``, and FINN has no narrow DataType to state the smaller range in: the lowered
+   graph would carry a width its own types contradict. A model projected for the exact codes is
+   therefore refused by name (:func:`refuse_exact_input_targets`), and ``a2q project --input-ranges
+   finn`` sizes it for FINN's view.
 4. Metadata: every ``metadata_props`` entry of the input is kept. The accumulator record
    (:data:`a2q_passes.metadata.ACCUMULATORS_KEY`) is re-keyed by HW node name, so ``a2q verify``
    checks the lowered graph at the widths its hardware uses. Each entry keeps ``qonnx_node``
@@ -35,8 +44,9 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError, PreconditionError
-from a2q_passes.finn_accumulators import (HW_DOMAIN_PREFIX, check_thresholds_hold, iterate_mac_nodes,
-                                          set_accumulator_datatypes)
+from a2q_passes import bounds
+from a2q_passes.finn_accumulators import (HW_DOMAIN_PREFIX, check_thresholds_hold, hw_accumulator_ranges,
+                                          iterate_mac_nodes, set_accumulator_datatypes)
 from a2q_passes.finn_execution import compare_execution
 from a2q_passes.finn_flow import LoweringError, LoweringReport, lower_to_finn_hw
 from a2q_passes.finn_runtime import ensure_finn_importable
@@ -145,6 +155,46 @@ def hw_targets(hw_model: ModelWrapper, mapping: dict[str, str], acc_bits: int | 
     if recorded:
         return {name: recorded[mapping[name]] for name in nodes if mapping.get(name) in recorded}, TARGETS_RECORDED
     return {}, TARGETS_NONE
+
+
+def refuse_exact_input_targets(qonnx_model: ModelWrapper, hw_model: ModelWrapper, mapping: dict[str, str],
+                               targets: dict[str, int]) -> None:
+    """Raise :class:`LoweringError` naming every MVAU/VVAU whose target fits the QONNX layer's exact input
+    codes but not FINN's wider ``inputDataType``, with both ranges and the fix (project with FINN's ranges).
+
+    Nodes whose target is missed for another reason are left to :func:`set_accumulator_datatypes`.
+    """
+    from qonnx.custom_op.registry import getCustomOp
+
+    hw_ranges = hw_accumulator_ranges(hw_model)
+    short = [node for node in iterate_mac_nodes(hw_model) if targets.get(node.name) is not None
+             and not bounds.fits(*hw_ranges[node.name], targets[node.name])]
+    if not short:
+        return
+    exact = analyze_model(qonnx_model, input_ranges="exact").by_node()
+    record = {name: info.get("input_ranges") for name, info in _qonnx_record(qonnx_model).items()}
+    problems = []
+    for node in short:
+        target, (acc_min, acc_max) = targets[node.name], hw_ranges[node.name]
+        layer = exact.get(mapping.get(node.name, ""))
+        if layer is None or layer.acc_min is None:
+            continue
+        idt = DataType[getCustomOp(node).get_nodeattr("inputDataType")]
+        widened = [int(idt.min()), int(idt.max())] != layer.input_range
+        if not (widened and bounds.fits(layer.acc_min, layer.acc_max, target)):
+            continue
+        recorded = record.get(layer.node)
+        problems.append(
+            f"{node.name} (QONNX layer {layer.node}): FINN annotates its input {idt.name} = [{int(idt.min())}, "
+            f"{int(idt.max())}] where the quantizer's codes are {layer.input_range}; with FINN's input type the "
+            f"accumulator range is [{acc_min}, {acc_max}] ({bounds.accumulator_width(acc_min, acc_max)} bits), with "
+            f"the exact codes [{layer.acc_min}, {layer.acc_max}] ({bounds.accumulator_width(layer.acc_min, layer.acc_max)} "
+            f"bits); target {target} bits" + (f" (recorded with input ranges '{recorded}')" if recorded else ""))
+    if problems:
+        raise LoweringError(
+            "FINN sizes accumulators from its input DataType, which is wider than the exact codes the model was "
+            "sized for: " + "; ".join(problems) + ". Re-run `a2q project --input-ranges finn` on the QONNX model "
+            "at this width, then lower its output")
 
 
 def finn_accumulator_choice(hw_model: ModelWrapper) -> dict[str, str]:
@@ -331,6 +381,7 @@ class LowerToFINN(A2QPass):
             raise LoweringError(f"FINN lowered no layer to an MVAU/VVAU. Nodes it could not lower: {reasons}")
         mapping = match_layers(qonnx_signatures, layer_signatures(hw))
         self._targets, source = hw_targets(hw, mapping, self.acc_bits, recorded)
+        refuse_exact_input_targets(model, hw, mapping, self._targets)
         finn_choice = finn_accumulator_choice(hw)
         hw = set_accumulator_datatypes(hw, target_bits=self._targets)
         self._keys_before = [p.key for p in model.model.metadata_props]
@@ -343,6 +394,7 @@ class LowerToFINN(A2QPass):
         unmapped = sorted(name for name in (recorded if source == TARGETS_RECORDED else {}) if name not in lowered_layers)
         details: dict[str, Any] = {
             "targets": source,
+            "input_ranges": "finn",  # every range here is over the MVAU/VVAU inputDataType
             "layers": [asdict(layer) for layer in self.layers],
             "unmapped": unmapped,
             "lowering": self.lowering.to_dict(),

@@ -97,8 +97,9 @@ class ProjectToAccumulator(A2QPass):
 
     def __init__(self, acc_bits: int | None = None, layer_bits: dict[str, int] | None = None,
                  method: str = "exact", input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
-                 skip: list[str] | None = None) -> None:
+                 skip: list[str] | None = None, input_ranges: str = "exact") -> None:
         super().__init__()
+        self.input_ranges = input_ranges
         self.acc_bits = acc_bits
         self.layer_bits = dict(layer_bits or {})
         self.skip = frozenset(skip or ())
@@ -113,7 +114,7 @@ class ProjectToAccumulator(A2QPass):
     def requires(self, model: ModelWrapper) -> None:
         if self.acc_bits is None and not self.layer_bits:
             raise PreconditionError("no accumulator width given: use --acc-bits P and/or --layer NAME=P")
-        layers = find_mac_layers(model, self.input_dtypes, self.zero_point)
+        layers = find_mac_layers(model, self.input_dtypes, self.zero_point, self.input_ranges)
         self._targets = resolve_targets(layers, self.acc_bits, self.layer_bits, self.skip)
         self._layers = [layer for layer in layers if layer.node in self._targets]
         self._skipped = [layer for layer in layers if layer.node in self.skip]
@@ -129,7 +130,8 @@ class ProjectToAccumulator(A2QPass):
         recorded = recorded_accumulators(model)
         for p in self.projections:
             if p.status in ("projected", "unchanged", STATUS_CHECKED):
-                recorded[p.node] = {"acc_bits": p.target_bits, "acc_dtype": p.acc_dtype_after, "method": self.method.name}
+                recorded[p.node] = {"acc_bits": p.target_bits, "acc_dtype": p.acc_dtype_after, "method": self.method.name,
+                                    "input_ranges": self.input_ranges}
         record_accumulators(model, recorded, source="project")
         modified = any(p.status == "projected" for p in self.projections)
         return PassResult(model, modified, {"layers": [asdict(p) for p in self.projections]})
@@ -213,7 +215,8 @@ class ProjectToAccumulator(A2QPass):
             onnx.checker.check_model(model.model)
         except onnx.checker.ValidationError as err:
             raise PostconditionError(f"projected model fails onnx.checker: {err}") from err
-        widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point).layers}
+        widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point,
+                                                   input_ranges=self.input_ranges).layers}
         for p in self.projections:
             if p.target_bits is None:  # left unconstrained by --skip
                 continue
@@ -225,7 +228,7 @@ class ProjectToAccumulator(A2QPass):
         # the promise must also hold for the ranges derived without the reader the projection used
         certify_claims(model, {p.node: Claim(widths[p.node].acc_min, widths[p.node].acc_max, p.target_bits)
                                for p in self.projections if p.target_bits is not None}, what="project",
-                       input_dtypes=self.input_dtypes, zero_point=self.zero_point)
+                       input_dtypes=self.input_dtypes, zero_point=self.zero_point, input_ranges=self.input_ranges)
 
 
 def _project_rows(v: np.ndarray, layer: MacLayer, model: ModelWrapper, bits: int, method: str) -> ProjectionResult:
