@@ -248,3 +248,13 @@ def test_bad_data_is_a_clear_error(a2q, tmp_path):
     result = a2q("allocate", MODEL, "--data", tmp_path / "missing.npz", "--min-score-pct", "99", "-o",
                  tmp_path / "no_dir" / "w.json")
     assert result.returncode == 1 and "no_dir" in result.stderr
+
+
+def test_qdq_model_is_refused_with_the_way_forward(data, a2q, tmp_path):
+    """allocate scores through the torch bridge (QONNX Quant weights): a QDQ file is refused, naming its layers."""
+    out = tmp_path / "w.json"
+    qdq = MODEL.with_name("digits_cnn_qdq.onnx")
+    result = a2q("allocate", qdq, "--data", data.calib, "--min-score-pct", "99", "-o", out, "--no-progress")
+    message = result.stderr.replace("\n", " ")
+    assert result.returncode == 1 and not out.exists(), message
+    assert "QONNX Quant" in message and "--widths-json" in message and "/conv1/Conv" in message

@@ -240,7 +240,10 @@ class AllocateAccumulators(A2QPass):
         try:
             self._layers = allocatable_layers(model, self.input_ranges)
         except A2QError as err:
-            raise PreconditionError(f"nothing to allocate: {err}") from err
+            # the end-to-end scoring runs the graph through the torch bridge, which holds QONNX Quant weights only
+            raise PreconditionError(f"nothing to allocate (allocate scores candidates with QONNX Quant weights; for "
+                                    f"QDQ/QOperator files give per-layer widths to project with --layer or "
+                                    f"--widths-json): {err}") from err
         if not self._layers:
             raise PreconditionError("nothing to allocate: every constrainable layer has bipolar weights")
         self.scorer = Scorer(model, self._data_source, self.metric, "calibration data")
