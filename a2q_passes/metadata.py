@@ -32,6 +32,16 @@ def recorded_accumulators(model: ModelWrapper) -> dict[str, dict]:
     return json.loads(entry.value)["layers"] if entry is not None else {}
 
 
+def recorded_input_ranges(model: ModelWrapper) -> str:
+    """``"finn"`` when any recorded layer was sized for FINN's input DataTypes, else ``"exact"``.
+
+    One layer suffices: the finn ranges contain the exact codes, so checking every layer under them
+    never passes a layer that the exact ranges would fail.
+    """
+    sized = {info.get("input_ranges") for info in recorded_accumulators(model).values()}
+    return "finn" if "finn" in sized else "exact"
+
+
 def recorded_widths(model: ModelWrapper) -> dict[str, int]:
     """Per-layer accumulator widths that ``annotate`` or ``project`` recorded in the model."""
     return {name: int(info["acc_bits"]) for name, info in recorded_accumulators(model).items()}

@@ -124,7 +124,8 @@ def test_finn_ranges_make_project_verify_and_lower_agree(tfc, tmp_path):
     code, out, err = run_cli("project", path, projected, "--acc-bits", P, "--input-ranges", "finn", "--json")
     assert code == 0, err
     assert json.loads(out)["input_ranges"] == "finn"
-    code, out, err = run_cli("verify", projected, "--input-ranges", "finn", "--json")
+    # verify defaults to the ranges project recorded
+    code, out, err = run_cli("verify", projected, "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["input_ranges"] == "finn" and report["overflow_impossible"]
@@ -150,8 +151,8 @@ def test_exact_ranges_pass_project_and_verify_but_lower_refuses_by_name(tfc, tmp
     code, out, err = run_cli("project", path, projected, "--acc-bits", P)
     assert code == 0, err
     assert "input ranges: exact quantizer codes" in out
-    code, out, err = run_cli("verify", projected)
-    assert code == 0, err
+    code, out, err = run_cli("verify", projected, "--json")
+    assert code == 0 and json.loads(out)["input_ranges"] == "exact", err
     code, out, err = run_cli("lower", projected, lowered, "--acc-bits", P)
     assert code == 1 and not lowered.exists()
     message = " ".join(err.split())

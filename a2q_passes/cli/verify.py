@@ -13,14 +13,14 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
+from a2q_passes.cli.common import (INPUT_RANGES_HELP, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths,
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
 from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.layers import KIND_WEIGHTS
-from a2q_passes.metadata import recorded_widths
+from a2q_passes.metadata import recorded_input_ranges, recorded_widths
 from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.lower import check_equivalence
@@ -51,7 +51,9 @@ def verify(
     against: Annotated[Optional[Path], typer.Option(
         "--against", help="ORIGINAL.onnx: MODEL (its FINN lowering) must compute the same outputs on --data "
         "(default: 8 seeded inputs in the input quantizer's range); tolerance 1e-5 x max(1, max |output|)")] = None,
-    input_ranges: InputRangesOption = "exact",
+    input_ranges: Annotated[Optional[str], typer.Option(
+        "--input-ranges", help=INPUT_RANGES_HELP + "; default: 'finn' when project/annotate/finetune recorded "
+        "a layer sized for it, else 'exact'")] = None,
 ) -> None:
     """Prove per layer that no accumulator overflows at P bits (bias excluded), and simulate it.
 
@@ -64,12 +66,15 @@ def verify(
     without widths given or recorded, --against checks equivalence only.
     """
     check_zero_point(zero_point)
-    check_input_ranges(input_ranges)
+    if input_ranges is not None:
+        check_input_ranges(input_ranges)
     check_output_paths([("--plot", plot)], inputs=[model_path] + ([against] if against else []))
     input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
     model = load_model(model_path, allow_unknown_ops)
     check_input_dtype_tensors(input_dtypes, model, model_path)
+    if input_ranges is None:
+        input_ranges = recorded_input_ranges(model)
     widths = global_bits if global_bits is not None else (overrides or None)
     inputs = read_data(data, model) if data is not None else None
     equivalence = check_against(model, model_path, against, data) if against is not None else None
