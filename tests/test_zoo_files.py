@@ -1,0 +1,117 @@
+"""Real public QONNX files (tests/data, from the QONNX model zoo) checked against qonnx execution.
+
+The zoo's Brevitas TFC exports use the custom domain ``onnx.brevitas`` without an opset import, which
+the ONNX checker rejects; they go through qonnx's own ``cleanup_model`` first (what ``qonnx-cleanup``
+and FINN's flow run on such files). Every claim is checked with the fuzzer's oracle
+(``tests/fuzz/oracle.py``): worst-case inputs per output channel, executed by qonnx.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.util.cleanup import cleanup_model
+
+from tests.fuzz.generate import Case, LayerInfo
+from tests.fuzz.oracle import fits, layer_range, width
+
+DATA = Path(__file__).resolve().parent / "data"
+FILES = ["TFC_2W2A.onnx", "TFC_1W2A.onnx"]
+MAC_OPS = ("MatMul", "Gemm", "Conv")
+BITS_BELOW_WIDEST = 2
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("zoo")
+    paths = {}
+    for name in FILES:
+        paths[name] = folder / name
+        cleanup_model(ModelWrapper(str(DATA / name))).save(str(paths[name]))
+    return paths
+
+
+def _quant_grid(model: ModelWrapper, tensor: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of the quantizer that produces ``tensor``, read from the graph itself."""
+    producer = model.find_producer(tensor)
+    assert producer is not None and producer.op_type in ("Quant", "IntQuant", "BipolarQuant"), f"{tensor}: no quantizer"
+    if producer.op_type == "BipolarQuant":  # codes -1 and +1: no zero point input
+        return model.get_initializer(producer.input[1]), np.zeros(1)
+    return model.get_initializer(producer.input[1]), model.get_initializer(producer.input[2])
+
+
+def _oracle_case(model: ModelWrapper) -> Case:
+    """The oracle's description of every MAC node: Quant -> MAC on both inputs, as the zoo's MLPs are built."""
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in MAC_OPS:
+            continue
+        act_scale, act_zero = _quant_grid(model, node.input[0])
+        weight_scale, weight_zero = _quant_grid(model, node.input[1])
+        assert act_scale.size == 1 and act_zero.size == 1 and not np.any(weight_zero), node.name
+        # a Quant feeding the MAC directly: its scale broadcasts to the weight as the MAC consumes it
+        layers.append(LayerInfo(node.name, node.op_type, weight_scale, float(act_scale), int(act_zero)))
+    return Case(model, layers)
+
+
+def _analyze(a2q, path: Path) -> dict[str, dict]:
+    run = a2q("analyze", path, "--json", "--per-channel")
+    assert run.returncode == 0, run.stderr
+    return {layer["node"]: layer for layer in json.loads(run.stdout)["layers"]}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_zoo_file_exact_ranges_are_the_executed_ones(a2q, cleaned, name):
+    path = cleaned[name]
+    case = _oracle_case(ModelWrapper(str(path)))
+    reported = _analyze(a2q, path)
+    assert set(reported) == {info.node for info in case.layers}
+    assert all(layer["status"] == "ok" for layer in reported.values()), reported
+
+    # every input element of these MLPs is free, so each channel's worst case is reachable: equality
+    for info in case.layers:
+        executed = layer_range(case.model, case, info)
+        per_channel = reported[info.node]["per_channel"]
+        np.testing.assert_array_equal(executed.acc_min, per_channel["acc_min"], err_msg=info.node)
+        np.testing.assert_array_equal(executed.acc_max, per_channel["acc_max"], err_msg=info.node)
+        assert reported[info.node]["bounds"]["exact"] == width(executed.lo, executed.hi)
+
+
+def test_zoo_tfc_projection_fits_when_executed(a2q, cleaned, tmp_path):
+    path = cleaned["TFC_2W2A.onnx"]
+    reported = _analyze(a2q, path)
+    # FINN models: projected for the codes FINN's DataTypes allow (a superset of the executed ones)
+    bits = max(layer["bounds"]["exact"] for layer in reported.values()) - BITS_BELOW_WIDEST
+    out = tmp_path / "projected.onnx"
+    run = a2q("project", path, out, "--acc-bits", bits, "--input-ranges", "finn")
+    assert run.returncode == 0, run.stderr
+    run = a2q("verify", out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    projected = _oracle_case(ModelWrapper(str(out)))
+    for info in projected.layers:
+        executed = layer_range(projected.model, projected, info)
+        assert fits(executed.lo, executed.hi, bits, signed=True), (info.node, executed.lo, executed.hi, bits)
+
+
+# TFC_1W2A has bipolar weights only: nothing to shrink, and FINN's INT2 view of its narrow 2-bit input
+# ([-2, 1] over 784 taps) keeps its first layer at 12 bits
+def test_zoo_bipolar_layer_below_its_floor_is_refused(a2q, cleaned, tmp_path):
+    out = tmp_path / "projected.onnx"
+    run = a2q("project", cleaned["TFC_1W2A.onnx"], out, "--acc-bits", 9, "--input-ranges", "finn")
+    assert run.returncode == 1 and "MatMul_0" in run.stderr and "bipolar" in run.stderr, run.stderr
+    assert not out.exists()
+
+
+# FINN's streamlining negates the weight columns whose BatchNorm scale is negative (FactorOutMulSignMagnitude,
+# Absorb1BitMulIntoMatMul); lower's weight signatures are not invariant to a channel's sign, so MatMul_0..2
+# find no MVAU and their recorded widths are not applied
+@pytest.mark.xfail(strict=True, reason="lower exits 3 on the real TFC: recorded layer(s) not mapped: MatMul_0..2")
+def test_zoo_tfc_lowers_to_finn_from_annotations(a2q, cleaned, tmp_path):
+    projected = tmp_path / "projected.onnx"
+    assert a2q("project", cleaned["TFC_2W2A.onnx"], projected, "--acc-bits", 8, "--input-ranges", "finn").returncode == 0
+    run = a2q("lower", projected, tmp_path / "hw.onnx", "--from-annotations")
+    assert run.returncode == 0, run.stderr
