@@ -24,6 +24,7 @@ from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.selection import select_layers
+from a2q_passes.metadata import recorded_widths
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.test_verify import QONNX_DOMAIN, W_SCALE, X_SCALE, _model, _quant
 
@@ -143,7 +144,8 @@ def test_one_bit_signed_quant_weights_are_bipolar_and_never_shrunk():
         model.transform(ProjectToAccumulator(needed - 1))
     projection = ProjectToAccumulator(needed)
     projected = model.transform(projection)
-    assert projection.projections[0].status.startswith("skipped: bipolar")
+    assert projection.projections[0].status == "unchanged"  # fits as it stands: promised and recorded
+    assert recorded_widths(projected) == {"mm": needed}
     assert_fits(executed_accumulators(projected, codes, 0, "fold"), needed, projection.projections[0].acc_dtype_after)
 
 

@@ -107,11 +107,34 @@ def test_zoo_bipolar_layer_below_its_floor_is_refused(a2q, cleaned, tmp_path):
 
 
 # FINN's streamlining negates the weight columns whose BatchNorm scale is negative (FactorOutMulSignMagnitude,
-# Absorb1BitMulIntoMatMul); lower's weight signatures are not invariant to a channel's sign, so MatMul_0..2
-# find no MVAU and their recorded widths are not applied
-@pytest.mark.xfail(strict=True, reason="lower exits 3 on the real TFC: recorded layer(s) not mapped: MatMul_0..2")
+# Absorb1BitMulIntoMatMul): MVAU_0..2 hold MatMul_0..2 with some channels negated, which lower must still pair
 def test_zoo_tfc_lowers_to_finn_from_annotations(a2q, cleaned, tmp_path):
-    projected = tmp_path / "projected.onnx"
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+
+    projected, hw_path = tmp_path / "projected.onnx", tmp_path / "hw.onnx"
     assert a2q("project", cleaned["TFC_2W2A.onnx"], projected, "--acc-bits", 8, "--input-ranges", "finn").returncode == 0
-    run = a2q("lower", projected, tmp_path / "hw.onnx", "--from-annotations")
+    run = a2q("lower", projected, hw_path, "--from-annotations", "--json")
     assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["unmapped"] == []
+    nodes = list(iterate_mac_nodes(ModelWrapper(str(hw_path))))
+    assert len(nodes) == 4
+    for node in nodes:
+        assert DataType[getCustomOp(node).get_nodeattr("accDataType")].bitwidth() <= 8, node.name
+
+
+def test_zoo_bipolar_layers_that_fit_are_promised_and_verified(a2q, cleaned, tmp_path):
+    """Bipolar layers cannot be shrunk, but those that already fit P are recorded like any other layer."""
+    out = tmp_path / "projected.onnx"
+    run = a2q("project", cleaned["TFC_1W2A.onnx"], out, "--acc-bits", 9, "--input-ranges", "finn",
+              "--skip", "MatMul_0", "--json")
+    assert run.returncode == 0, run.stderr
+    statuses = {layer["node"]: layer["status"] for layer in json.loads(run.stdout)["layers"]}
+    assert statuses["MatMul_0"].startswith("skipped") and {statuses[f"MatMul_{i}"] for i in (1, 2, 3)} == {"unchanged"}
+    verified = a2q("verify", out, "--json")
+    assert verified.returncode == 0, verified.stderr
+    checked = {layer["node"]: layer["acc_bits"] for layer in json.loads(verified.stdout)["layers"]}
+    assert all(checked[f"MatMul_{i}"] == 9 for i in (1, 2, 3)), checked

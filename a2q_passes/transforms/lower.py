@@ -68,12 +68,17 @@ TARGETS_GLOBAL, TARGETS_RECORDED, TARGETS_NONE = "global", "model metadata", "no
 def weight_signature(rows: np.ndarray) -> str:
     """Name-free identity of a layer's integer weights ``(channels, K)``.
 
-    It does not change when channels or the terms within a channel are permuted. That covers what
-    lowering does to the weights: a conv's ``(cin, kh, kw)`` becomes ``(kh, kw, cin)``, and a
-    Gemm's ``(out, in)`` becomes MatMul ``(in, out)``.
+    It does not change when channels or the terms within a channel are permuted, or when a whole
+    channel is negated. That covers what lowering does to the weights: a conv's ``(cin, kh, kw)``
+    becomes ``(kh, kw, cin)``, a Gemm's ``(out, in)`` becomes MatMul ``(in, out)``, and FINN's
+    streamlining negates the channels whose folded BatchNorm scale is negative
+    (``FactorOutMulSignMagnitude`` then ``Absorb1BitMulIntoMatMul``). Only the pairing uses it: each
+    HW node's accumulator range is computed from its own weights.
     """
-    rows = np.sort(np.asarray(rows, dtype=np.int64), axis=1)
-    digest = hashlib.sha1(b"".join(sorted(row.tobytes() for row in rows))).hexdigest()[:20]
+    rows = np.asarray(rows, dtype=np.int64)
+    up, down = np.sort(rows, axis=1), np.sort(-rows, axis=1)
+    canonical = [min(a.tobytes(), b.tobytes()) for a, b in zip(up, down)]
+    digest = hashlib.sha1(b"".join(sorted(canonical))).hexdigest()[:20]
     return f"{rows.shape[0]}x{rows.shape[1]}:{digest}"
 
 

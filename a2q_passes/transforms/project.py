@@ -181,8 +181,8 @@ class ProjectToAccumulator(A2QPass):
         q_before = layer.integer_rows(model)
         report.width_before, dtype_before = _layer_width(layer, q_before)
         if layer.binary_xnor or layer.source.bipolar:
-            # a bipolar tensor holds only -1 and +1: projection would have to write zeros it cannot hold
-            report.status = "skipped: bipolar/xnor weights cannot be shrunk (no zero weight)"
+            # a bipolar tensor holds only -1 and +1 and cannot be shrunk; _check_feasible made sure it already
+            # fits, so it is promised (and recorded) as it stands
             report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
         v = layer.unrounded_rows(model)
