@@ -20,7 +20,8 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 from a2q_passes.errors import A2QError
 
 # Domains whose ops a2q understands or knows how to execute (qonnx / FINN custom ops).
-KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "onnx.brevitas")
+BREVITAS_DOMAIN = "onnx.brevitas"
+KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", BREVITAS_DOMAIN)
 KNOWN_DOMAIN_PREFIXES = ("qonnx.custom_op", "finn.custom_op")
 QONNX_GENERAL_DOMAIN = "qonnx.custom_op.general"
 # Old names of qonnx's general ops (Quant, MultiThreshold, ...) in files written before the
@@ -141,7 +142,8 @@ def declare_custom_domains(proto: onnx.ModelProto) -> None:
             opset.domain = QONNX_GENERAL_DOMAIN
             declared.add(QONNX_GENERAL_DOMAIN)
     for domain in sorted(used - declared):
-        if domain.startswith(KNOWN_DOMAIN_PREFIXES):
+        # onnx.brevitas: old Brevitas exports (the QONNX model zoo's TFC); qonnx's registry aliases it to its own ops
+        if domain.startswith(KNOWN_DOMAIN_PREFIXES) or domain == BREVITAS_DOMAIN:
             proto.opset_import.append(onnx.helper.make_opsetid(domain, get_preferred_qonnx_opset()))
 
 

@@ -1,8 +1,8 @@
 """Real public QONNX files (tests/data, from the QONNX model zoo) checked against qonnx execution.
 
-The zoo's Brevitas TFC exports use the custom domain ``onnx.brevitas`` without an opset import, which
-the ONNX checker rejects; they go through qonnx's own ``cleanup_model`` first (what ``qonnx-cleanup``
-and FINN's flow run on such files). Every claim is checked with the fuzzer's oracle
+The zoo's Brevitas TFC exports use the custom domain ``onnx.brevitas`` without an opset import; a2q
+reads them as published (one test), and most tests use them after qonnx's own ``cleanup_model`` (what
+``qonnx-cleanup`` and FINN's flow run on such files: readable layer names). Every claim is checked with the fuzzer's oracle
 (``tests/fuzz/oracle.py``): worst-case inputs per output channel, executed by qonnx.
 """
 
@@ -138,3 +138,19 @@ def test_zoo_bipolar_layers_that_fit_are_promised_and_verified(a2q, cleaned, tmp
     assert verified.returncode == 0, verified.stderr
     checked = {layer["node"]: layer["acc_bits"] for layer in json.loads(verified.stdout)["layers"]}
     assert all(checked[f"MatMul_{i}"] == 9 for i in (1, 2, 3)), checked
+
+
+def test_zoo_file_as_published_is_read_without_cleanup(a2q, cleaned, tmp_path):
+    """The raw export uses the undeclared domain ``onnx.brevitas`` (qonnx aliases it to its own ops)."""
+    raw = DATA / "TFC_2W2A.onnx"
+    before = raw.read_bytes()
+    ranges = []
+    for path in (raw, cleaned["TFC_2W2A.onnx"]):
+        run = a2q("analyze", path, "--json")
+        assert run.returncode == 0, run.stderr
+        ranges.append([(layer["acc_min"], layer["acc_max"]) for layer in json.loads(run.stdout)["layers"]])
+    assert ranges[0] == ranges[1]
+    out = tmp_path / "projected.onnx"
+    assert a2q("project", raw, out, "--acc-bits", 9).returncode == 0
+    assert a2q("verify", out).returncode == 0
+    assert raw.read_bytes() == before
