@@ -150,12 +150,12 @@ class ProjectToAccumulator(A2QPass):
                 "zero point and --zero-point fold multiplies the raw codes, whose 0 is not a zero weight (shrinking them "
                 "would change every weight); use --zero-point subtract (the ONNX semantics: the MAC multiplies code - "
                 "zero point), or --skip those layers")
-        for layer in weighted:
-            try:
-                layer.row_weight_ranges(model)
+        smallest = {}
+        for layer in self._layers:
+            try:  # reads each layer's weight groups, refusing zero points project cannot honour
+                smallest[layer.node] = smallest_target(model, layer)
             except UnsupportedLayer as err:
                 raise A2QError(f"cannot project layer '{layer.node}': {err}; or --skip it") from err
-        smallest = {layer.node: smallest_target(model, layer) for layer in self._layers}
         short = [layer for layer in self._layers if smallest[layer.node] > self._targets[layer.node]]
         if not short:
             return
