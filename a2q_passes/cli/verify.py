@@ -17,9 +17,8 @@ from a2q_passes.cli.common import (INPUT_RANGES_HELP, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths,
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
-from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.layers import KIND_WEIGHTS
+from a2q_passes.layers import INPUT_RANGES_TITLE, KIND_WEIGHTS
 from a2q_passes.metadata import recorded_input_ranges, recorded_widths
 from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import grouped_bar_plot

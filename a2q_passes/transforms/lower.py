@@ -51,9 +51,8 @@ from a2q_passes.finn_execution import compare_execution
 from a2q_passes.finn_flow import LoweringError, LoweringReport, lower_to_finn_hw
 from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
-from a2q_passes.model_io import data_inputs
 from a2q_passes.metadata import ACCUMULATORS_KEY, record_accumulators, recorded_accumulators
-from a2q_passes.model_io import declare_custom_domains
+from a2q_passes.model_io import data_inputs, declare_custom_domains
 from a2q_passes.passes import A2QPass, PassResult
 
 QONNX_ACCUMULATORS_KEY = "a2q.accumulators.qonnx"
