@@ -1,0 +1,211 @@
+"""Scale benchmark: a synthetic Llama-style decoder stack in QDQ W8A8 with external data.
+
+``python -m bench.bench_llm --layers 2 --out /tmp/llm`` writes ``llama_L2.onnx`` (+ ``.onnx.data``) and
+measures, side by side in one run (medians of ``--repeats`` runs, each command a fresh process):
+
+- the floor: reading every weight tensor's bytes once with numpy (``np.fromfile``);
+- ``a2q analyze --json``;
+- ``a2q project --acc-bits P`` (attention's activation x activation MatMuls are ``--skip``ped: they
+  have no weights to rewrite);
+
+each as seconds, GB/s of weight bytes, ratio to the floor, and peak RSS (``ru_maxrss`` of the child)
+against the largest single weight tensor. Each decoder layer is what onnxruntime's ``quantize_static``
+writes for a Llama block: q/k/v/o projections whose ``[out, in]`` weights pass ``DequantizeLinear``
+(int8, per output channel) and then a ``Transpose``; gate/up/down MLP weights stored ``[in, out]``;
+activations quantized uint8 (zero point 128) before every weight MatMul; the attention scores
+``Q K^T`` and ``softmax V`` are MatMuls of two quantized activations (int8 and uint8).
+
+``--analyze-only`` measures analyze once (the > 2 GB check: ``--layers 12`` is 2.4 GB of weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+LLAMA_7B = {"hidden": 4096, "mlp": 11008, "heads": 32, "layers": 32}
+
+
+class _Writer:
+    """Builds the graph while appending each weight to the external data file (one tensor in memory)."""
+
+    def __init__(self, data_path: Path, seed: int) -> None:
+        self.data_path = data_path
+        self.handle = open(data_path, "wb")
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self.weights: list[tuple[int, int]] = []  # (offset, length) of every weight, for the floor
+        self.count = 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}_{self.count}"
+
+    def const(self, value: np.ndarray, stem: str) -> str:
+        name = self.name(stem)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def weight(self, shape: tuple[int, int], stem: str) -> str:
+        """Random int8 codes in [-127, 127] written straight to the data file, at a 4 KiB-aligned offset."""
+        name = self.name(stem)
+        codes = self.rng.integers(-127, 128, size=shape, dtype=np.int8)
+        offset = -self.handle.tell() % 4096 + self.handle.tell()
+        self.handle.write(b"\0" * (offset - self.handle.tell()))
+        codes.tofile(self.handle)
+        tensor = TensorProto(name=name, data_type=TensorProto.INT8, dims=list(shape))
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(codes.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        self.weights.append((offset, codes.nbytes))
+        return name
+
+    def node(self, op: str, inputs: list[str], stem: str, **attrs) -> str:
+        out = self.name(stem)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def qdq(self, x: str, scale: float, zero: int, dtype: type) -> str:
+        """QuantizeLinear + DequantizeLinear of an activation (per tensor), as quantize_static writes it."""
+        s = self.const(np.float32(scale), "act_scale")
+        z = self.const(np.array(zero, dtype=dtype), "act_zp")
+        return self.node("DequantizeLinear", [self.node("QuantizeLinear", [x, s, z], "q"), s, z], "dq")
+
+    def linear(self, x: str, fan_in: int, fan_out: int, stem: str, transposed: bool) -> str:
+        """``x @ W`` with int8 per-output-channel weights; ``transposed``: stored ``[out, in]`` behind a Transpose."""
+        scale = self.const(((self.rng.random(fan_out) + 0.5) / 127 / np.sqrt(fan_in)).astype(np.float32), "w_scale")
+        zero = self.const(np.zeros(fan_out, dtype=np.int8), "w_zp")
+        if transposed:
+            codes = self.weight((fan_out, fan_in), stem)
+            w = self.node("DequantizeLinear", [codes, scale, zero], "dqw", axis=0)
+            w = self.node("Transpose", [w], "wT", perm=[1, 0])
+        else:
+            w = self.node("DequantizeLinear", [self.weight((fan_in, fan_out), stem), scale, zero], "dqw", axis=1)
+        return self.node("MatMul", [x, w], stem)
+
+    def decoder(self, x: str, seq: int, hidden: int, mlp: int, heads: int) -> str:
+        head = hidden // heads
+        h = self.qdq(x, 0.05, 128, np.uint8)
+        q, k, v = (self.linear(h, hidden, hidden, stem, True) for stem in ("q_proj", "k_proj", "v_proj"))
+        split = self.const(np.array([1, seq, heads, head], dtype=np.int64), "shape")
+        q = self.node("Transpose", [self.node("Reshape", [q, split], "r")], "t", perm=[0, 2, 1, 3])
+        k = self.node("Transpose", [self.node("Reshape", [k, split], "r")], "t", perm=[0, 2, 3, 1])
+        v = self.node("Transpose", [self.node("Reshape", [v, split], "r")], "t", perm=[0, 2, 1, 3])
+        scores = self.node("MatMul", [self.qdq(q, 0.05, 0, np.int8), self.qdq(k, 0.05, 0, np.int8)], "qk")
+        probs = self.node("Softmax", [scores], "softmax", axis=-1)
+        context = self.node("MatMul", [self.qdq(probs, 1 / 255, 0, np.uint8), self.qdq(v, 0.05, 0, np.int8)], "pv")
+        merge = self.const(np.array([1, seq, hidden], dtype=np.int64), "shape")
+        context = self.node("Reshape", [self.node("Transpose", [context], "t", perm=[0, 2, 1, 3]), merge], "r")
+        x = self.node("Add", [x, self.linear(self.qdq(context, 0.05, 128, np.uint8), hidden, hidden, "o_proj", True)], "res")
+        m = self.qdq(x, 0.05, 128, np.uint8)
+        gate, up = self.linear(m, hidden, mlp, "gate_proj", False), self.linear(m, hidden, mlp, "up_proj", False)
+        act = self.node("Mul", [self.node("Mul", [gate, self.node("Sigmoid", [gate], "sig")], "silu"), up], "glu")
+        return self.node("Add", [x, self.linear(self.qdq(act, 0.05, 128, np.uint8), mlp, hidden, "down_proj", False)], "res")
+
+
+def build_decoder_stack(path: Path, layers: int, hidden: int = 4096, mlp: int = 11008, heads: int = 32,
+                        seq: int = 8, seed: int = 0) -> list[tuple[int, int]]:
+    """Write the model to ``path`` and its weights to ``PATH.data``; returns each weight's ``(offset, length)``."""
+    writer = _Writer(path.with_name(path.name + ".data"), seed)
+    x = "hidden_states"
+    with writer.handle:
+        for _ in range(layers):
+            x = writer.decoder(x, seq, hidden, mlp, heads)
+    graph = helper.make_graph(writer.nodes, "llama_qdq_w8a8",
+                              [helper.make_tensor_value_info("hidden_states", TensorProto.FLOAT, [1, seq, hidden])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, seq, hidden])],
+                              writer.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="bench_llm")
+    path.write_bytes(model.SerializeToString())
+    return writer.weights
+
+
+def read_floor(data_path: Path, weights: list[tuple[int, int]]) -> float:
+    """Seconds to read every weight tensor's bytes once with numpy (a fresh array per tensor)."""
+    start = time.perf_counter()
+    with open(data_path, "rb") as handle:
+        for offset, length in weights:
+            handle.seek(offset)
+            np.fromfile(handle, dtype=np.int8, count=length)
+    return time.perf_counter() - start
+
+
+def run_measured(argv: list[str]) -> tuple[float, int, int]:
+    """``(seconds, peak RSS bytes, exit code)`` of one command in a fresh child process."""
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0,):
+        sys.stderr.write(child.stderr.read().decode()[-2000:])
+    child.stderr.close()
+    return seconds, usage.ru_maxrss * 1024, code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden"])
+    parser.add_argument("--mlp", type=int, default=LLAMA_7B["mlp"])
+    parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--acc-bits", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_llm"))
+    parser.add_argument("--analyze-only", action="store_true", help="one analyze run (the > 2 GB check)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.out / f"llama_L{args.layers}_h{args.hidden}.onnx"
+    start = time.perf_counter()
+    weights = build_decoder_stack(model, args.layers, args.hidden, args.mlp, args.heads)
+    total = sum(length for _, length in weights)
+    largest = max(length for _, length in weights)
+    print(f"wrote {model} (+.data): {len(weights)} weight tensors, {total / 1e9:.3f} GB, largest "
+          f"{largest / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s", flush=True)
+    a2q = [sys.executable, "-m", "a2q_passes"]
+    commands = {"analyze": a2q + ["analyze", str(model), "--json"]}
+    if not args.analyze_only:
+        act_x_act = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node
+                     if n.op_type == "MatMul" and n.name.startswith(("qk", "pv"))]
+        skip = [arg for name in act_x_act for arg in ("--skip", name)]
+        commands["project"] = a2q + ["project", str(model), str(args.out / "projected.onnx"),
+                                     "--acc-bits", str(args.acc_bits)] + skip
+    repeats = 1 if args.analyze_only else args.repeats
+    read_floor(model.with_name(model.name + ".data"), weights)  # warm the page cache: every run reads from it
+    samples: dict[str, list[tuple[float, int, int]]] = {"floor": []}
+    for _ in range(repeats):  # interleaved: every figure sees the same machine load
+        samples["floor"].append((read_floor(model.with_name(model.name + ".data"), weights), 0, 0))
+        for name, argv_ in commands.items():
+            samples.setdefault(name, []).append(run_measured(argv_))
+    floor = statistics.median(s for s, _, _ in samples["floor"])
+    results = {"layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "heads": args.heads,
+               "weight_bytes": total, "largest_tensor_bytes": largest, "repeats": repeats, "acc_bits": args.acc_bits}
+    print(f"{'step':<8} {'median s':>9} {'GB/s':>7} {'x floor':>8} {'peak RSS MB':>12} {'RSS/largest':>12} exit")
+    for name, runs in samples.items():
+        seconds = statistics.median(s for s, _, _ in runs)
+        rss = max(r for _, r, _ in runs)
+        codes = sorted({c for _, _, c in runs})
+        results[name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9, "x_floor": seconds / floor,
+                         "peak_rss_bytes": rss, "exit_codes": codes}
+        rss_text = f"{rss / 1e6:12.0f} {rss / largest:12.1f}" if rss else f"{'-':>12} {'-':>12}"
+        print(f"{name:<8} {seconds:9.2f} {total / seconds / 1e9:7.2f} {seconds / floor:8.1f} {rss_text} {codes}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
