@@ -94,11 +94,29 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
 def wrap_model(proto: onnx.ModelProto, path: str | os.PathLike, allow_unknown_ops: bool = False) -> ModelWrapper:
     """``proto`` (from :func:`read_model_proto`) as a ``ModelWrapper``, after the checks that need one."""
     path = Path(path)
+    _describe_initializers(proto)
     model = ModelWrapper(proto)
     _check_static_shapes(model, path)
     if not allow_unknown_ops:
         _check_known_ops(model, path)
     return model
+
+
+def _describe_initializers(proto: onnx.ModelProto) -> None:
+    """Give every initializer a node reads a ValueInfo from its dims, in the order qonnx's ``ModelWrapper`` would.
+
+    qonnx adds the same entries itself, but from each initializer's value: a full copy of every
+    weight, and impossible for one still in its data file.
+    """
+    graph = proto.graph
+    described = {info.name for info in [*graph.input, *graph.output, *graph.value_info]}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        for name in node.input:
+            tensor = initializers.get(name)
+            if tensor is not None and name not in described:
+                graph.value_info.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+                described.add(name)
 
 
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
