@@ -806,7 +806,7 @@ def _inferred(model: ModelWrapper) -> ModelWrapper:
     """
     key = id(model.model)
     if key not in _INFERRED:
-        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes())
+        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
         if not _INFERRED.get("active"):
             return inferred
         _INFERRED[key] = inferred

@@ -800,7 +800,7 @@ class GridResolver:
             if self._inferred is None:
                 from qonnx.transformation.infer_shapes import InferShapes
 
-                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes())
+                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
             shape = self._inferred.get_tensor_shape(tensor)
         return None if shape is None else [int(d) for d in shape]
 

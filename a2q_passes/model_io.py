@@ -257,6 +257,32 @@ def initializer_shape(model: ModelWrapper | onnx.GraphProto, name: str) -> tuple
     return None if tensor is None else tuple(int(d) for d in tensor.dims)
 
 
+def check_in_memory(model: ModelWrapper | onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` of a model in memory; raises ``onnx.checker.ValidationError``.
+
+    Streamed tensors are checked as graph inputs of their type and shape: the checker would look
+    for their data files relative to the working folder (a proto has no folder of its own). Their
+    data were checked against that type and shape when read (:func:`_attach_external_data`) or
+    written from an array of it (:func:`set_initializer_value`).
+    """
+    proto = model.model if isinstance(model, ModelWrapper) else model
+    if any(is_streamed(tensor) for tensor in proto.graph.initializer):
+        graph = onnx.GraphProto()
+        graph.CopyFrom(proto.graph)  # the streamed tensors' data are not in it: a small copy
+        del graph.initializer[:]
+        listed = {info.name for info in graph.input}
+        for tensor in proto.graph.initializer:
+            if not is_streamed(tensor):
+                graph.initializer.append(tensor)
+            elif tensor.name not in listed:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        checked = onnx.ModelProto()
+        checked.CopyFrom(proto)
+        checked.graph.CopyFrom(graph)
+        proto = checked
+    onnx.checker.check_model(proto)
+
+
 def set_initializer_value(model: ModelWrapper, name: str, value: np.ndarray) -> None:
     """Store ``value`` as initializer ``name``; a streamed tensor stays streamed (spilled to a scratch file).
 
