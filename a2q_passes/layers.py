@@ -226,6 +226,18 @@ class MacLayer:
         """The integer weights as ``(rows, K)`` int64 accumulator rows."""
         return self.layout.to_rows(read_mac_weights(model, self.source)).astype(np.int64, copy=False)
 
+    def code_rows(self, model: ModelWrapper) -> np.ndarray:
+        """The integer rows without widening, for reductions that accumulate in int64 themselves.
+
+        The stored integer codes, viewed as rows, when the MAC multiplies them unchanged (an integer
+        initializer, or DequantizeLinear codes no Clip narrows and no zero point is subtracted from):
+        an int8 layer then costs no int64 copy. Otherwise :meth:`integer_rows`.
+        """
+        codes = _codes_as_stored(model, self.source)
+        if codes is None:
+            return self.integer_rows(model)
+        return self.layout.to_rows(apply_perms(codes, self.source.perms))
+
     def unrounded_rows(self, model: ModelWrapper) -> np.ndarray:
         """The weights in integer units before rounding, as ``(rows, K)`` float64 rows."""
         return self.layout.to_rows(unrounded_mac_weights(model, self.source))
@@ -603,6 +615,20 @@ def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarra
     """
     codes = _stored_codes(model, source)
     return codes if source.zero_offset is None else codes - source.zero_offset
+
+
+def _codes_as_stored(model: ModelWrapper, source: WeightSource) -> np.ndarray | None:
+    """The stored integer tensor when it already holds the integers the MAC multiplies, else ``None``."""
+    if source.kind not in ("initializer", "dequantize_linear", "integer_operand") or source.zero_offset is not None:
+        return None
+    stored = initializer_value(model, source.tensor)
+    if stored.dtype.kind not in "iu":  # float-stored FINN weights, int4 (ml_dtypes): widen as usual
+        return None
+    if source.kind == "dequantize_linear":
+        codes, storage = source.storage_range or source.weight_range, np.iinfo(stored.dtype)
+        if storage.min < codes.lo or storage.max > codes.hi:  # a Clip narrows the codes: clamp as usual
+            return None
+    return stored
 
 
 def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
