@@ -226,15 +226,21 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
-def _as_integers(values: np.ndarray, what: str) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise CannotCertify(f"{what} holds NaN or infinite values")
-    rounded = np.rint(values)
-    off = np.abs(values - rounded)
-    if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
-        raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
-    return rounded.astype(np.int64)
+def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22) -> np.ndarray:
+    """``values`` as int64, each within the tolerance of an integer; checked a block at a time (bounded temporaries)."""
+    values = np.asarray(values)
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.int64)
+    for start in range(0, flat.size, block):
+        chunk = flat[start:start + block].astype(np.float64)
+        if not np.all(np.isfinite(chunk)):
+            raise CannotCertify(f"{what} holds NaN or infinite values")
+        rounded = np.rint(chunk)
+        off = np.abs(chunk - rounded)
+        if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
+            raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
+        out[start:start + chunk.size] = rounded
+    return out.reshape(values.shape)
 
 
 def _uniform(value: np.ndarray, what: str) -> float:
