@@ -15,7 +15,7 @@ writes for a Llama block: q/k/v/o projections whose ``[out, in]`` weights pass `
 activations quantized uint8 (zero point 128) before every weight MatMul; the attention scores
 ``Q K^T`` and ``softmax V`` are MatMuls of two quantized activations (int8 and uint8).
 
-``--analyze-only`` measures analyze once (the > 2 GB check: ``--layers 12`` is 2.4 GB of weights).
+``--large-layers 12`` also builds a 12-layer stack (2.4 GB of weights) and analyses it once (the > 2 GB check).
 """
 
 from __future__ import annotations
@@ -156,6 +156,37 @@ def run_measured(argv: list[str]) -> tuple[float, int, int]:
     return seconds, usage.ru_maxrss * 1024, code
 
 
+def measure(model: Path, weights: list[tuple[int, int]], commands: dict[str, list[str]],
+            repeats: int) -> dict[str, dict]:
+    """Medians of ``repeats`` interleaved runs of the floor and each command (every figure sees the same load)."""
+    data = model.with_name(model.name + ".data")
+    read_floor(data, weights)  # warm the page cache: every run reads from it
+    samples: dict[str, list[tuple[float, int, int]]] = {"floor": []}
+    for _ in range(repeats):
+        samples["floor"].append((read_floor(data, weights), 0, 0))
+        for name, argv in commands.items():
+            samples.setdefault(name, []).append(run_measured(argv))
+    total, largest = sum(n for _, n in weights), max(n for _, n in weights)
+    floor = statistics.median(s for s, _, _ in samples["floor"])
+    figures = {}
+    for name, runs in samples.items():
+        seconds = statistics.median(s for s, _, _ in runs)
+        rss = max(r for _, r, _ in runs)
+        figures[name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9, "x_floor": seconds / floor,
+                         "peak_rss_bytes": rss, "rss_over_largest": rss / largest,
+                         "exit_codes": sorted({c for _, _, c in runs})}
+    return figures
+
+
+def table(figures: dict[str, dict], label: str) -> list[str]:
+    lines = [f"| {label} | median s | GB/s | x floor | peak RSS MB | RSS / largest tensor | exit |", "|---|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        rss = f"{f['peak_rss_bytes'] / 1e6:.0f} | {f['rss_over_largest']:.1f}" if f["peak_rss_bytes"] else "- | -"
+        lines.append(f"| {name} | {f['seconds']:.2f} | {f['gb_per_s']:.3f} | {f['x_floor']:.1f} | {rss} | "
+                     f"{','.join(map(str, f['exit_codes']))} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -164,47 +195,83 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--acc-bits", type=int, default=16)
+    parser.add_argument("--large-layers", type=int, default=0,
+                        help="also build a stack this deep and analyze it once (12 layers: 2.4 GB of weights)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_llm"))
-    parser.add_argument("--analyze-only", action="store_true", help="one analyze run (the > 2 GB check)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--markdown", type=Path, help="write the tables and the 7B extrapolation here")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = args.out / f"llama_L{args.layers}_h{args.hidden}.onnx"
-    start = time.perf_counter()
-    weights = build_decoder_stack(model, args.layers, args.hidden, args.mlp, args.heads)
-    total = sum(length for _, length in weights)
-    largest = max(length for _, length in weights)
-    print(f"wrote {model} (+.data): {len(weights)} weight tensors, {total / 1e9:.3f} GB, largest "
-          f"{largest / 1e6:.1f} MB, in {time.perf_counter() - start:.1f} s", flush=True)
     a2q = [sys.executable, "-m", "a2q_passes"]
-    commands = {"analyze": a2q + ["analyze", str(model), "--json"]}
-    if not args.analyze_only:
-        act_x_act = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node
-                     if n.op_type == "MatMul" and n.name.startswith(("qk", "pv"))]
-        skip = [arg for name in act_x_act for arg in ("--skip", name)]
-        commands["project"] = a2q + ["project", str(model), str(args.out / "projected.onnx"),
-                                     "--acc-bits", str(args.acc_bits)] + skip
-    repeats = 1 if args.analyze_only else args.repeats
-    read_floor(model.with_name(model.name + ".data"), weights)  # warm the page cache: every run reads from it
-    samples: dict[str, list[tuple[float, int, int]]] = {"floor": []}
-    for _ in range(repeats):  # interleaved: every figure sees the same machine load
-        samples["floor"].append((read_floor(model.with_name(model.name + ".data"), weights), 0, 0))
-        for name, argv_ in commands.items():
-            samples.setdefault(name, []).append(run_measured(argv_))
-    floor = statistics.median(s for s, _, _ in samples["floor"])
+    model = args.out / f"llama_L{args.layers}_h{args.hidden}.onnx"
+    weights = build_decoder_stack(model, args.layers, args.hidden, args.mlp, args.heads)
+    total, largest = sum(n for _, n in weights), max(n for _, n in weights)
+    print(f"{model}: {len(weights)} weight tensors, {total / 1e9:.3f} GB, largest {largest / 1e6:.1f} MB", flush=True)
+    act_x_act = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node
+                 if n.op_type == "MatMul" and n.name.startswith(("qk", "pv"))]
+    commands = {"analyze": a2q + ["analyze", str(model), "--json"],
+                "project": a2q + ["project", str(model), str(args.out / "projected.onnx"), "--acc-bits",
+                                  str(args.acc_bits)] + [arg for name in act_x_act for arg in ("--skip", name)]}
     results = {"layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "heads": args.heads,
-               "weight_bytes": total, "largest_tensor_bytes": largest, "repeats": repeats, "acc_bits": args.acc_bits}
-    print(f"{'step':<8} {'median s':>9} {'GB/s':>7} {'x floor':>8} {'peak RSS MB':>12} {'RSS/largest':>12} exit")
-    for name, runs in samples.items():
-        seconds = statistics.median(s for s, _, _ in runs)
-        rss = max(r for _, r, _ in runs)
-        codes = sorted({c for _, _, c in runs})
-        results[name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9, "x_floor": seconds / floor,
-                         "peak_rss_bytes": rss, "exit_codes": codes}
-        rss_text = f"{rss / 1e6:12.0f} {rss / largest:12.1f}" if rss else f"{'-':>12} {'-':>12}"
-        print(f"{name:<8} {seconds:9.2f} {total / seconds / 1e9:7.2f} {seconds / floor:8.1f} {rss_text} {codes}")
+               "weight_bytes": total, "largest_tensor_bytes": largest, "repeats": args.repeats,
+               "acc_bits": args.acc_bits, "figures": measure(model, weights, commands, args.repeats)}
+    lines = table(results["figures"], f"{args.layers} layers, {total / 1e9:.2f} GB")
+    if args.large_layers:
+        large = args.out / f"llama_L{args.large_layers}_h{args.hidden}.onnx"
+        large_weights = build_decoder_stack(large, args.large_layers, args.hidden, args.mlp, args.heads)
+        large_total = sum(n for _, n in large_weights)
+        figures = measure(large, large_weights, {"analyze": a2q + ["analyze", str(large), "--json"]}, 1)
+        results["large"] = {"layers": args.large_layers, "weight_bytes": large_total, "figures": figures}
+        lines += ["", *table(figures, f"{args.large_layers} layers, {large_total / 1e9:.2f} GB (once)")]
+        for path in (large, large.with_name(large.name + ".data")):
+            path.unlink()
+    print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        args.markdown.write_text(_markdown(results, lines, argv if argv is not None else sys.argv[1:]))
+
+
+def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
+    """The tables, the targets they are held against, and the full 32-layer stack extrapolated from them."""
+    per_layer = results["weight_bytes"] / results["layers"]
+    full = per_layer * LLAMA_7B["layers"]
+    f = results["figures"]
+    analyze_rate = f["analyze"]["gb_per_s"]
+    if "large" in results:  # two depths: separate the fixed start-up from the per-byte time
+        big = results["large"]
+        slope = ((big["figures"]["analyze"]["seconds"] - f["analyze"]["seconds"])
+                 / ((big["weight_bytes"] - results["weight_bytes"]) / 1e9))
+        fixed = f["analyze"]["seconds"] - slope * results["weight_bytes"] / 1e9
+        analyze_full = f"{fixed + slope * full / 1e9:.0f} s (start-up {fixed:.1f} s + {slope:.2f} s/GB, from the two depths)"
+    else:
+        analyze_full = f"{full / 1e9 / analyze_rate:.0f} s (at the measured {analyze_rate:.2f} GB/s)"
+    project_full = full / 1e9 / f["project"]["gb_per_s"]
+    largest = results["largest_tensor_bytes"]
+    return "\n".join([
+        "# Scale",
+        "",
+        f"Synthetic Llama-style decoder stack in QDQ W8A8 (hidden {results['hidden']}, MLP {results['mlp']}, "
+        f"{results['heads']} heads; per-channel int8 weights in an external data file, q/k/v/o behind "
+        "`DequantizeLinear` + `Transpose` as onnxruntime writes them, uint8 activations, attention's two "
+        f"activation x activation MatMuls per layer skipped by `project`). Command: `.venv/bin/python -m "
+        f"bench.bench_llm {' '.join(argv)}`; medians of {results['repeats']} interleaved runs, each a fresh process "
+        "(start-up included: imports take about 4 s on this machine); `floor` is reading every weight "
+        "tensor's bytes once with numpy from the page cache; peak RSS is the child's `ru_maxrss` (memory-mapped "
+        f"weight pages it touched included). `project --acc-bits {results['acc_bits']}` changes every weight layer.",
+        "",
+        *lines,
+        "",
+        f"Targets (issue 13): peak RSS <= 1.5 x the largest tensor ({largest / 1e6:.0f} MB) + under 1 GB, i.e. "
+        f"{(1.5 * largest + 1e9) / 1e6:.0f} MB; analyze <= 3 x floor; project <= 10 x floor.",
+        "",
+        f"Full 32-layer stack on paper ({full / 1e9:.2f} GB of decoder weights; embeddings and the LM head are not "
+        f"MAC layers the tool rewrites): memory stays what one layer needs, since tensors are read and written one "
+        f"at a time (peak RSS is set by the largest tensor, the same {largest / 1e6:.0f} MB at every depth); "
+        f"analyze about {analyze_full}; project about {project_full / 60:.0f} min at the measured "
+        f"{f['project']['gb_per_s'] * 1e3:.2f} MB/s.",
+        "",
+    ])
 
 
 if __name__ == "__main__":
