@@ -157,32 +157,37 @@ def run_measured(argv: list[str]) -> tuple[float, int, int]:
 
 
 def measure(model: Path, weights: list[tuple[int, int]], commands: dict[str, list[str]],
-            repeats: int) -> dict[str, dict]:
-    """Medians of ``repeats`` interleaved runs of the floor and each command (every figure sees the same load)."""
+            repeats: int, limits: dict[str, int] | None = None) -> dict[str, dict]:
+    """Medians of ``repeats`` interleaved runs of the floor and each command (every figure sees the same load).
+
+    ``limits``: fewer runs for some commands (``project`` of a full-size layer takes minutes).
+    """
     data = model.with_name(model.name + ".data")
     read_floor(data, weights)  # warm the page cache: every run reads from it
     samples: dict[str, list[tuple[float, int, int]]] = {"floor": []}
-    for _ in range(repeats):
+    for index in range(repeats):
         samples["floor"].append((read_floor(data, weights), 0, 0))
         for name, argv in commands.items():
-            samples.setdefault(name, []).append(run_measured(argv))
+            if index < (limits or {}).get(name, repeats):
+                samples.setdefault(name, []).append(run_measured(argv))
     total, largest = sum(n for _, n in weights), max(n for _, n in weights)
     floor = statistics.median(s for s, _, _ in samples["floor"])
     figures = {}
     for name, runs in samples.items():
         seconds = statistics.median(s for s, _, _ in runs)
         rss = max(r for _, r, _ in runs)
-        figures[name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9, "x_floor": seconds / floor,
+        figures[name] = {"runs": len(runs), "seconds": seconds, "gb_per_s": total / seconds / 1e9, "x_floor": seconds / floor,
                          "peak_rss_bytes": rss, "rss_over_largest": rss / largest,
                          "exit_codes": sorted({c for _, _, c in runs})}
     return figures
 
 
 def table(figures: dict[str, dict], label: str) -> list[str]:
-    lines = [f"| {label} | median s | GB/s | x floor | peak RSS MB | RSS / largest tensor | exit |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| {label} | runs | median s | GB/s | x floor | peak RSS MB | RSS / largest tensor | exit |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, f in figures.items():
         rss = f"{f['peak_rss_bytes'] / 1e6:.0f} | {f['rss_over_largest']:.1f}" if f["peak_rss_bytes"] else "- | -"
-        lines.append(f"| {name} | {f['seconds']:.2f} | {f['gb_per_s']:.3f} | {f['x_floor']:.1f} | {rss} | "
+        lines.append(f"| {name} | {f['runs']} | {f['seconds']:.2f} | {f['gb_per_s']:.3f} | {f['x_floor']:.1f} | {rss} | "
                      f"{','.join(map(str, f['exit_codes']))} |")
     return lines
 
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlp", type=int, default=LLAMA_7B["mlp"])
     parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--project-repeats", type=int, help="runs of project (default: --repeats)")
     parser.add_argument("--acc-bits", type=int, default=16)
     parser.add_argument("--large-layers", type=int, default=0,
                         help="also build a stack this deep and analyze it once (12 layers: 2.4 GB of weights)")
@@ -214,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                                   str(args.acc_bits)] + [arg for name in act_x_act for arg in ("--skip", name)]}
     results = {"layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "heads": args.heads,
                "weight_bytes": total, "largest_tensor_bytes": largest, "repeats": args.repeats,
-               "acc_bits": args.acc_bits, "figures": measure(model, weights, commands, args.repeats)}
+               "acc_bits": args.acc_bits, "figures": measure(model, weights, commands, args.repeats,
+                                                             {"project": args.project_repeats or args.repeats})}
     lines = table(results["figures"], f"{args.layers} layers, {total / 1e9:.2f} GB")
     if args.large_layers:
         large = args.out / f"llama_L{args.large_layers}_h{args.hidden}.onnx"
@@ -255,7 +262,7 @@ def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
         f"{results['heads']} heads; per-channel int8 weights in an external data file, q/k/v/o behind "
         "`DequantizeLinear` + `Transpose` as onnxruntime writes them, uint8 activations, attention's two "
         f"activation x activation MatMuls per layer skipped by `project`). Command: `.venv/bin/python -m "
-        f"bench.bench_llm {' '.join(argv)}`; medians of {results['repeats']} interleaved runs, each a fresh process "
+        f"bench.bench_llm {' '.join(argv)}`; medians of interleaved runs (column `runs`), each a fresh process "
         "(start-up included: imports take about 4 s on this machine); `floor` is reading every weight "
         "tensor's bytes once with numpy from the page cache; peak RSS is the child's `ru_maxrss` (memory-mapped "
         f"weight pages it touched included). `project --acc-bits {results['acc_bits']}` changes every weight layer.",
