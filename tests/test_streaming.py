@@ -150,3 +150,16 @@ def test_annotate_keeps_external_data(tmp_path, a2q):
     assert proto.metadata_props
     assert initializer_values(out).keys() == initializer_values(QDQ_CNN).keys()
     assert all(np.array_equal(a, initializer_values(QDQ_CNN)[k]) for k, a in initializer_values(out).items())
+
+
+def test_external_input_gives_external_output_even_when_read_whole(tmp_path, a2q, monkeypatch):
+    """Tensors below the streaming threshold are read into memory; the output still keeps its data external."""
+    monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 1 << 30)
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    out = tmp_path / "out.onnx"
+    assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
+    assert (tmp_path / "out.onnx.data").exists()
+    inline_out = tmp_path / "inline.onnx"
+    assert a2q("project", QONNX_MLP, inline_out, "--acc-bits", "13").returncode == 0
+    ours, theirs = initializer_values(out), initializer_values(inline_out)
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
