@@ -206,7 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_llm"))
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--markdown", type=Path, help="write the tables and the 7B extrapolation here")
+    parser.add_argument("--render", type=Path, help="only rewrite --markdown from the --json of an earlier run")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        args.markdown.write_text(_markdown(results, _tables(results), results["argv"]))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     a2q = [sys.executable, "-m", "a2q_passes"]
     model = args.out / f"llama_L{args.layers}_h{args.hidden}.onnx"
@@ -218,25 +223,33 @@ def main(argv: list[str] | None = None) -> None:
     commands = {"analyze": a2q + ["analyze", str(model), "--json"],
                 "project": a2q + ["project", str(model), str(args.out / "projected.onnx"), "--acc-bits",
                                   str(args.acc_bits)] + [arg for name in act_x_act for arg in ("--skip", name)]}
-    results = {"layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "heads": args.heads,
+    results = {"argv": argv if argv is not None else sys.argv[1:], "layers": args.layers, "hidden": args.hidden, "mlp": args.mlp, "heads": args.heads,
                "weight_bytes": total, "largest_tensor_bytes": largest, "repeats": args.repeats,
                "acc_bits": args.acc_bits, "figures": measure(model, weights, commands, args.repeats,
                                                              {"project": args.project_repeats or args.repeats})}
-    lines = table(results["figures"], f"{args.layers} layers, {total / 1e9:.2f} GB")
     if args.large_layers:
         large = args.out / f"llama_L{args.large_layers}_h{args.hidden}.onnx"
         large_weights = build_decoder_stack(large, args.large_layers, args.hidden, args.mlp, args.heads)
         large_total = sum(n for _, n in large_weights)
         figures = measure(large, large_weights, {"analyze": a2q + ["analyze", str(large), "--json"]}, 1)
         results["large"] = {"layers": args.large_layers, "weight_bytes": large_total, "figures": figures}
-        lines += ["", *table(figures, f"{args.large_layers} layers, {large_total / 1e9:.2f} GB (once)")]
         for path in (large, large.with_name(large.name + ".data")):
             path.unlink()
+    results["load_average"] = os.getloadavg()  # 1, 5, 15 min: other jobs on the machine slow every figure alike
+    lines = _tables(results)
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.markdown:
-        args.markdown.write_text(_markdown(results, lines, argv if argv is not None else sys.argv[1:]))
+        args.markdown.write_text(_markdown(results, lines, results["argv"]))
+
+
+def _tables(results: dict) -> list[str]:
+    lines = table(results["figures"], f"{results['layers']} layers, {results['weight_bytes'] / 1e9:.2f} GB")
+    if "large" in results:
+        big = results["large"]
+        lines += ["", *table(big["figures"], f"{big['layers']} layers, {big['weight_bytes'] / 1e9:.2f} GB (once)")]
+    return lines
 
 
 def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
@@ -255,6 +268,21 @@ def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
         analyze_full = f"{full / 1e9 / analyze_rate:.0f} s (at the measured {analyze_rate:.2f} GB/s)"
     project_full = full / 1e9 / f["project"]["gb_per_s"]
     largest = results["largest_tensor_bytes"]
+    target_rss = 1.5 * largest + 1e9
+    rss_analyze = max([f["analyze"]["peak_rss_bytes"]] + ([results["large"]["figures"]["analyze"]["peak_rss_bytes"]]
+                                                          if "large" in results else []))
+    verdicts = [
+        f"analyze peak RSS {'meets' if rss_analyze <= target_rss else 'misses'} the memory target "
+        f"({rss_analyze / 1e6:.0f} MB at most" + (f", {f['analyze']['peak_rss_bytes'] / 1e6:.0f} MB at {results['layers']} "
+                                                  f"layers and {results['large']['figures']['analyze']['peak_rss_bytes'] / 1e6:.0f} "
+                                                  f"MB at {results['large']['layers']}: it does not grow with depth"
+                                                  if "large" in results else "") + ")",
+        f"project peak RSS {'meets' if f['project']['peak_rss_bytes'] <= target_rss else 'misses'} it "
+        f"({f['project']['peak_rss_bytes'] / 1e6:.0f} MB, measured at {results['layers']} layers only)",
+        f"analyze {'meets' if f['analyze']['x_floor'] <= 3 else 'misses'} the time target ({f['analyze']['x_floor']:.1f} x floor)",
+        f"project {'meets' if f['project']['x_floor'] <= 10 else 'misses'} it ({f['project']['x_floor']:.0f} x floor)",
+    ]
+    load = results.get("load_average")
     return "\n".join([
         "# Scale",
         "",
@@ -270,12 +298,14 @@ def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
         *lines,
         "",
         f"Targets (issue 13): peak RSS <= 1.5 x the largest tensor ({largest / 1e6:.0f} MB) + under 1 GB, i.e. "
-        f"{(1.5 * largest + 1e9) / 1e6:.0f} MB; analyze <= 3 x floor; project <= 10 x floor.",
+        f"{target_rss / 1e6:.0f} MB; analyze <= 3 x floor; project <= 10 x floor. Here: " + "; ".join(verdicts) + "."
+        + (f" Load average recorded with the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) on "
+           f"{os.cpu_count()} cores, shared with other jobs." if load else ""),
         "",
         f"Full 32-layer stack on paper ({full / 1e9:.2f} GB of decoder weights; embeddings and the LM head are not "
-        f"MAC layers the tool rewrites): memory stays what one layer needs, since tensors are read and written one "
-        f"at a time (peak RSS is set by the largest tensor, the same {largest / 1e6:.0f} MB at every depth); "
-        f"analyze about {analyze_full}; project about {project_full / 60:.0f} min at the measured "
+        f"MAC layers the tool rewrites): tensors are read and written one at a time, so memory is set by the "
+        f"largest tensor (the same {largest / 1e6:.0f} MB at every depth), not by the depth; analyze about "
+        f"{analyze_full}; project about {project_full / 60:.0f} min at the measured "
         f"{f['project']['gb_per_s'] * 1e3:.2f} MB/s.",
         "",
     ])
