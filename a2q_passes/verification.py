@@ -348,6 +348,9 @@ class _MacKernel:
         if layer.act_x_act:
             raise _NotSimulated("data simulation of an activation x activation MatMul is not implemented "
                                 "(the static proof and the worst-case simulation still apply)")
+        if layer.layout.kind == "blocks":
+            raise _NotSimulated("data simulation of block-wise weight scales (one accumulator per block) is not "
+                                "implemented (the static proof and the worst-case simulation still apply)")
         if layer.op_type not in ("Conv", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
