@@ -979,7 +979,7 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             raise CannotCertify(f"the block-wise weight scales of {_label(node)} split its accumulation")
         if op == "Conv":
             acc_min, acc_max, pad_code = _conv_ranges(model, node, w, lo, hi, pad)
-            parts = [w.reshape(w.shape[0], -1)] if pad_code is None else None
+            parts = [w.reshape(w.shape[0], -1)]
         elif op == "ConvTranspose":
             acc_min, acc_max = _conv_transpose_ranges(node, w, lo, hi)
         elif w.ndim != 2:
@@ -996,9 +996,12 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
     tile_range = running_range = None
     if tile is not None:
         if parts is None:
-            raise CannotCertify(f"{_label(node)}: tiled partial sums are certified for MatMul, Gemm, FINN MVAU/VVAU "
-                                "and Conv without padding outside the input codes only")
-        tile_range, running_range = _stage_ranges(parts, int(lo), int(hi), tile)
+            raise CannotCertify(f"{_label(node)}: tiled partial sums are certified for MatMul, Gemm, Conv and FINN "
+                                "MVAU/VVAU only")
+        # a padded tap holds pad_code: with it among the codes every tile's terms range over a box holding all
+        # they take (the reader's view of such a Conv; exact once every tile can reach a border pattern)
+        box = (lo, hi) if pad_code is None else (min(lo, pad_code), max(hi, pad_code))
+        tile_range, running_range = _stage_ranges(parts, int(box[0]), int(box[1]), tile)
     return LayerCertificate(node_name, (int(lo), int(hi)), pad_code,
                             tuple(int(v) for v in acc_min), tuple(int(v) for v in acc_max),
                             tile=tile, tile_range=tile_range, running_range=running_range)
