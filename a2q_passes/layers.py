@@ -7,7 +7,8 @@ Supported weight sources: QONNX ``Quant``/``IntQuant``/``BipolarQuant`` on const
 FINN-ONNX initializers with an integer datatype annotation, and standard
 ``DequantizeLinear`` (optionally fed by ``QuantizeLinear``, and optionally behind integer ``Clip``
 nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer storage type
-(int4/uint4 to int32 included), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
+(int4/uint4 to int32 included; opset-21 block-wise scales along K make each block its own accumulator,
+see :class:`BlockRowLayout`), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
 weights and datatypes directly. A ``MatMul`` whose second operand is computed at run time is an
 activation x activation layer (``kind`` :data:`KIND_ACT_X_ACT`): both operands' grids are resolved
 like any MAC input, and there are no weights.

@@ -143,7 +143,7 @@ def accumulate_terms(terms: np.ndarray, bits: int, signed: bool, mode: str = "wr
 
 
 def accumulate_dot(x: np.ndarray, q: np.ndarray, bits: int, signed: bool, mode: str = "wrap",
-                   tile: int | None = None) -> Accumulation:
+                   tile: int | None = None, outer: tuple[int, bool] | None = None) -> Accumulation:
     """Dot products of codes ``x`` ``(..., K)`` with weights ``q`` ``(C, K)`` (or ``(K,)``) in ``bits`` bits.
 
     Outputs have shape ``(..., C)`` (``(...)`` for 1-D ``q``). Wrap-around without tiles costs one
@@ -156,7 +156,7 @@ def accumulate_dot(x: np.ndarray, q: np.ndarray, bits: int, signed: bool, mode: 
     if x.shape[-1] != q2.shape[1]:
         raise ValueError(f"inputs have K={x.shape[-1]} terms but weights have K={q2.shape[1]}")
     result = accumulate(lambda k: x[..., k, None] * q2[:, k], q2.shape[1], bits, signed, mode, tile,
-                        exact=exact_dot(x, q2))
+                        exact=exact_dot(x, q2), outer=outer)
     if vector:
         return Accumulation(result.values[..., 0], result.exact[..., 0], result.register_overflow[..., 0])
     return result
