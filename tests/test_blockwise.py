@@ -113,10 +113,14 @@ def _mac_weights_and_scales(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndar
     return weights, full, run
 
 
-def executed_block_extremes(model: onnx.ModelProto) -> tuple[int, int]:
+def executed_block_extremes(model: onnx.ModelProto, span: int | None = None) -> tuple[int, int]:
     """Min and max over every output and weight block of the block's integer sum, from onnxruntime EXECUTING
-    the model on each block's worst-case codes (zero codes elsewhere)."""
+    the model on each block's worst-case codes (zero codes elsewhere). ``span``: runs of that many terms
+    (a divisor of the block length) in place of whole blocks."""
     weights, scales, run = _mac_weights_and_scales(model)
+    if span is not None:
+        assert run % span == 0
+        run = span
     K, N = weights.shape
     q = np.rint(weights / scales)
     assert np.allclose(q * scales, weights, rtol=1e-5, atol=1e-7)
@@ -147,6 +151,8 @@ CASES = {
     "int8 with zero points": lambda: (hand_built(TensorProto.INT8, 32, 5, 8, True, False), "subtract"),
     "int4 behind Transpose, short last block": lambda: (hand_built(TensorProto.INT4, 40, 5, 16, False, True), "fold"),
     "uint4 with zero points": lambda: (hand_built(TensorProto.UINT4, 32, 4, 16, True, False), "subtract"),
+    "uint4 with zero points, short last block": lambda: (hand_built(TensorProto.UINT4, 40, 4, 16, True, False),
+                                                         "subtract"),
 }
 
 
@@ -173,6 +179,20 @@ def test_blockwise_range_is_the_executed_one_and_project_fits(case, tmp_path, a2
     assert {i.name: (i.data_type, list(i.dims)) for i in projected.graph.initializer} == before  # same block-wise form
     assert [n.attribute for n in projected.graph.node] == [n.attribute for n in model.graph.node]
     assert a2q("verify", out, "--zero-point", zero_point).returncode == 0
+
+
+def test_tiles_within_blocks(tmp_path, a2q):
+    """project --tile T on block-wise weights: tiles of T within each block fit P, each block's sum the outer width."""
+    path, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(ort_blockwise(True), path)
+    inner_bits = executed_block_extremes(onnx.load(path), span=4)
+    inner_bits = max(inner_bits[1].bit_length(), (-inner_bits[0] - 1).bit_length())  # one bit below the need
+    run = a2q("project", path, out, "--acc-bits", inner_bits, "--tile", 4, "--outer-bits", inner_bits + 1)
+    assert run.returncode == 0, run.stderr
+    projected = onnx.load(out)
+    assert _fits(*executed_block_extremes(projected, span=4), inner_bits)
+    assert _fits(*executed_block_extremes(projected), inner_bits + 1)
+    assert a2q("verify", out).returncode == 0
 
 
 def test_blocks_along_the_output_axis_give_each_product_its_own_scale(tmp_path):
