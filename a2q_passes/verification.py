@@ -7,7 +7,9 @@ Brevitas add it after the accumulator):
    register the datapath holds must fit P bits over all inputs. Wrap-around without tiles holds
    one register whose intermediate wrap-around cancels, so only the final sum counts;
    ``mode="saturate"`` also holds every prefix of the sum; ``tile=T`` holds the partial sums
-   inside each tile of T terms and the running sum of tile results. The accumulator is unsigned
+   inside each tile of T terms and the running sum of tile results (with ``outer_bits``, the tile
+   registers are checked at P and the running sums and final sum at ``outer_bits``; ``project --tile``
+   records both, and a recorded layer is checked that way by default). The accumulator is unsigned
    when no register can go negative (FINN's convention, see ``bounds.accumulator_width``).
 2. **Adversarial simulation**: each row's worst-case inputs (``bounds.adversarial_inputs``) reach
    the extremes of *every* register at once, so the P-bit simulation (:mod:`a2q_passes.simulate`)
