@@ -1319,8 +1319,8 @@ def _block_layout(model: ModelWrapper, node: NodeProto, source: WeightSource, la
     """
     shape = model.get_initializer(source.tensor).shape
     # which scale entry each weight uses: its index, divided by block_size along the block axis
-    index = list(np.indices(shape))
-    index[source.block_axis] //= source.block_size
+    index = list(np.ogrid[tuple(slice(d) for d in shape)])
+    index[source.block_axis] = index[source.block_axis] // source.block_size
     entries = tuple(-(-d // source.block_size) if i == source.block_axis else d for i, d in enumerate(shape))
     row_ids = layout.to_rows(apply_perms(np.ravel_multi_index(index, entries), source.perms))
     if np.all(row_ids == row_ids[:, :1]):

@@ -236,6 +236,7 @@ class ProjectToAccumulator(A2QPass):
             report.status = "projected"
         report.width_after, report.acc_dtype_after = _layer_width(layer, q_after)
         if self.tile is not None:  # the inner stage is what target_bits promises
+            report.width_before = int(bounds.accumulator_width(*stage_ranges(q_before, layer.grid.range, self.tile)[0]))
             report.width_after = int(bounds.accumulator_width(*inner))
             report.acc_dtype_after = bounds.accumulator_datatype_name(*inner)
         stats = projection_stats(q_before, q_after, v)
