@@ -1,7 +1,8 @@
 """Block-wise (per-group) weight quantization: opset-21 ``DequantizeLinear`` with ``block_size``.
 
 Files come from onnxruntime's own ``MatMulNBitsQuantizer`` (``QuantFormat.QDQ``: int4 / uint4 with
-per-block zero points, and its channel-wise variant behind a Transpose) and from hand-built opset-21
+per-block zero points, and its channel-wise variant behind a Transpose), from ``quantize_static`` with its
+``BlockSize`` option (int8 / int4 / uint4) and from hand-built opset-21
 graphs (int8 with zero points, int4 behind a Transpose with a short last block). Each block of each
 output is its own integer accumulator (blocks have different scales). The tests EXECUTE the graph with
 onnxruntime on inputs that are zero outside one block and at the worst-case codes inside it: the output
@@ -16,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import QuantFormat
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from a2q_passes.analysis import analyze_model
@@ -83,9 +84,38 @@ def hand_built(storage: int, K: int, N: int, block: int, zero_point: bool, trans
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     """onnxruntime without graph rewrites: 1.32 fuses an int8 block-wise DequantizeLinear + MatMul into
     MatMulIntegerToFloat, which then rejects the block scales; unfused, each op runs as ONNX defines it."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in (*model.graph.input, *model.graph.output):  # any batch size
+        if value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_static_blockwise(weight_type: QuantType, tmp_path, K: int = 64, N: int = 6) -> onnx.ModelProto:
+    """onnxruntime's quantize_static with its opset-21 block-wise option (extra_options BlockSize; blocks along
+    axis 0, the MatMul's K, when per_channel is off) and symmetric int8 activations."""
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+                              [numpy_helper.from_array(rng.normal(size=(K, N)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "float.onnx")
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": rng.normal(size=(1, K)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantize_static(tmp_path / "float.onnx", tmp_path / "static.onnx", Calibration(), quant_format=QuantFormat.QDQ,
+                    weight_type=weight_type, activation_type=QuantType.QInt8, per_channel=False,
+                    extra_options={"BlockSize": 16, "ActivationSymmetric": True})
+    return onnx.load(tmp_path / "static.onnx")
 
 
 def _mac_weights_and_scales(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, int]:
@@ -118,6 +148,11 @@ def executed_block_extremes(model: onnx.ModelProto, span: int | None = None) -> 
     the model on each block's worst-case codes (zero codes elsewhere). ``span``: runs of that many terms
     (a divisor of the block length) in place of whole blocks."""
     weights, scales, run = _mac_weights_and_scales(model)
+    mm = next(n for n in model.graph.node if n.op_type == "MatMul")
+    dq_x = next(n for n in model.graph.node if mm.input[0] in n.output)
+    x_scale = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq_x.input[1])))
+    x_zero = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq_x.input[2]))
+    assert x_zero.dtype == np.int8 and int(x_zero) == 0  # int8 codes [-128, 127], real 0 = code 0
     if span is not None:
         assert run % span == 0
         run = span
@@ -131,10 +166,12 @@ def executed_block_extremes(model: onnx.ModelProto, span: int | None = None) -> 
                 codes = np.zeros(K)
                 positive = q[start:start + run, n] > 0
                 codes[start:start + run] = np.where(positive == want_max, X_HI, X_LO)
-                drives.append(codes * X_SCALE)
+                drives.append(codes * x_scale)
                 picks.append((n, scales[start, n]))
-    y = _session(model).run(None, {"x": np.asarray(drives, np.float32)})[0].astype(np.float64)
-    sums = np.asarray([y[i, n] / (X_SCALE * s) for i, (n, s) in enumerate(picks)])
+    probe = onnx.ModelProto.FromString(model.SerializeToString())  # the MatMul's own output, before any output QDQ
+    probe.graph.output.append(helper.make_empty_tensor_value_info(mm.output[0]))
+    y = _session(probe).run([mm.output[0]], {"x": np.asarray(drives, np.float32)})[0].astype(np.float64)
+    sums = np.asarray([y[i, n] / (x_scale * s) for i, (n, s) in enumerate(picks)])
     assert np.allclose(sums, np.rint(sums), atol=1e-2), "block sums must be integers"
     sums = np.rint(sums).astype(np.int64)
     return int(sums.min()), int(sums.max())
@@ -145,20 +182,23 @@ def _fits(lo: int, hi: int, bits: int) -> bool:
 
 
 CASES = {
-    "ort int4 symmetric": lambda: (ort_blockwise(True), "fold"),
-    "ort uint4 block zero points": lambda: (ort_blockwise(False), "subtract"),
-    "ort channel-wise behind Transpose": lambda: (ort_blockwise(True, channel_wise=True), "fold"),
-    "int8 with zero points": lambda: (hand_built(TensorProto.INT8, 32, 5, 8, True, False), "subtract"),
-    "int4 behind Transpose, short last block": lambda: (hand_built(TensorProto.INT4, 40, 5, 16, False, True), "fold"),
-    "uint4 with zero points": lambda: (hand_built(TensorProto.UINT4, 32, 4, 16, True, False), "subtract"),
-    "uint4 with zero points, short last block": lambda: (hand_built(TensorProto.UINT4, 40, 4, 16, True, False),
-                                                         "subtract"),
+    "ort int4 symmetric": lambda tmp: (ort_blockwise(True), "fold"),
+    "ort uint4 block zero points": lambda tmp: (ort_blockwise(False), "subtract"),
+    "ort channel-wise behind Transpose": lambda tmp: (ort_blockwise(True, channel_wise=True), "fold"),
+    "quantize_static int8 BlockSize": lambda tmp: (quantize_static_blockwise(QuantType.QInt8, tmp), "fold"),
+    "quantize_static int4 BlockSize": lambda tmp: (quantize_static_blockwise(QuantType.QInt4, tmp), "fold"),
+    "quantize_static uint4 BlockSize": lambda tmp: (quantize_static_blockwise(QuantType.QUInt4, tmp), "subtract"),
+    "int8 with zero points": lambda tmp: (hand_built(TensorProto.INT8, 32, 5, 8, True, False), "subtract"),
+    "int4 behind Transpose, short last block": lambda tmp: (hand_built(TensorProto.INT4, 40, 5, 16, False, True), "fold"),
+    "uint4 with zero points": lambda tmp: (hand_built(TensorProto.UINT4, 32, 4, 16, True, False), "subtract"),
+    "uint4 with zero points, short last block": lambda tmp: (hand_built(TensorProto.UINT4, 40, 4, 16, True, False),
+                                                             "subtract"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_blockwise_range_is_the_executed_one_and_project_fits(case, tmp_path, a2q):
-    model, zero_point = CASES[case]()
+    model, zero_point = CASES[case](tmp_path)
     path = tmp_path / "in.onnx"
     onnx.save(model, path)
     lo, hi = executed_block_extremes(model)
