@@ -104,7 +104,8 @@ def integer_view(model: ModelWrapper, layer: MacLayer) -> tuple[np.ndarray, boun
 
 def stage_ranges(rows: np.ndarray, x: bounds.IntRange, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Layer-wide ``(inner, outer)`` ranges of a multi-stage datapath with K-tiles of ``tile`` terms
-    (:func:`bounds.tile_stage_ranges`): every partial sum within a tile, every running sum of tile results."""
+    (:func:`bounds.tile_stage_ranges`): every partial sum within a tile, every running sum of tile results.
+    Both registers start at 0, so 0 is in both ranges."""
     inner_min, inner_max, outer_min, outer_max = bounds.tile_stage_ranges(rows, x, tile)
     return ((int(np.min(inner_min, initial=0)), int(np.max(inner_max, initial=0))),
             (int(np.min(outer_min, initial=0)), int(np.max(outer_max, initial=0))))
