@@ -38,6 +38,13 @@ class LayerReport:
     acc_dtype: str | None = None
     bounds: dict[str, int | None] = field(default_factory=dict)
     per_channel: dict[str, list[int | None]] | None = None
+    weight_block: int | None = None  # block-wise weight scales: terms per block (each block its own accumulator)
+    # multi-stage datapath (analyze --tile T): every partial sum within a K-tile, every running sum of tile results
+    tile: int | None = None
+    tile_range: list[int] | None = None
+    tile_bits: int | None = None
+    outer_range: list[int] | None = None
+    outer_bits: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,13 +96,51 @@ def channel_ranges(layer: MacLayer, rows: np.ndarray,
     return layer.layout.rows_to_channels(row_min, np.min), layer.layout.rows_to_channels(row_max, np.max)
 
 
+def integer_view(model: ModelWrapper, layer: MacLayer) -> tuple[np.ndarray, bounds.IntRange]:
+    """The layer as integer weight rows ``(rows, K)`` over the input codes ``x`` they multiply.
+
+    An activation x activation MatMul sums K products, each reaching both ends of
+    :func:`bounds.product_range` independently of the others: every sum and partial sum then has
+    the extremes of K unit weights on codes in that range, which is the view returned for it.
+    """
+    if layer.act_x_act:
+        return np.ones((1, layer.K), dtype=np.int64), bounds.product_range(layer.grid.range, layer.operand_grid.range)
+    return layer.integer_rows(model), layer.grid.range
+
+
+def stage_ranges(rows: np.ndarray, x: bounds.IntRange, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Layer-wide ``(inner, outer)`` ranges of a multi-stage datapath with K-tiles of ``tile`` terms
+    (:func:`bounds.tile_stage_ranges`): every partial sum within a tile, every running sum of tile results.
+    Both registers start at 0, so 0 is in both ranges."""
+    inner_min, inner_max, outer_min, outer_max = bounds.tile_stage_ranges(rows, x, tile)
+    return ((int(np.min(inner_min, initial=0)), int(np.max(inner_max, initial=0))),
+            (int(np.min(outer_min, initial=0)), int(np.max(outer_max, initial=0))))
+
+
+def _analyze_stages(model: ModelWrapper, layer: MacLayer, report: LayerReport, tile: int) -> None:
+    """Both stages of a tiled datapath: ``tile_*`` for the inner accumulators, ``outer_*`` for the one summing them."""
+    if layer.binary_xnor:
+        return  # popcount: every partial count lies between 0 and the final count
+    inner, outer = stage_ranges(*integer_view(model, layer), tile)
+    report.tile, report.tile_range, report.outer_range = tile, list(inner), list(outer)
+    report.tile_bits = int(bounds.accumulator_width(*inner))
+    report.outer_bits = int(bounds.accumulator_width(*outer))
+
+
 def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = False,
-                  zero_point_convention: str = "fold") -> LayerReport:
-    """Bounds and exact range of one layer (only the header for layers that are not ``ok``)."""
+                  zero_point_convention: str = "fold", tile: int | None = None) -> LayerReport:
+    """Bounds and exact range of one layer (only the header for layers that are not ``ok``).
+
+    ``tile``: also the ranges and widths of both stages of a multi-stage datapath with K-tiles of that many terms.
+    """
     report = LayerReport(layer.node, layer.op_type, layer.K, layer.channels, layer.input_dtype,
                          layer.weight_dtype, layer.status, layer.kind)
+    if layer.layout is not None and layer.layout.kind == "blocks":
+        report.weight_block = layer.layout.block
     if not layer.ok:
         return report
+    if tile is not None:
+        _analyze_stages(model, layer, report, tile)
     x = layer.grid.range
     report.input_range = [x.lo, x.hi]
     weight_zero_point = layer.source is not None and (layer.source.zero_offset is not None
@@ -171,13 +216,17 @@ def analyze_model(
     zero_point: str = "fold",
     per_channel: bool = False,
     input_ranges: str = "exact",
+    tile: int | None = None,
 ) -> ModelReport:
     """Analyse every MAC layer of ``model``; never raises for a single unsupported layer.
 
     ``input_ranges``: the quantizers' exact codes or FINN's DataType of them (:data:`a2q_passes.layers.INPUT_RANGES`).
+    ``tile``: also report both stages of a multi-stage datapath with K-tiles of ``tile`` terms.
     """
+    if tile is not None and tile < 1:
+        raise ValueError(f"tile must be a positive number of terms, got {tile}")
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
-    reports = [analyze_layer(model, layer, per_channel, zero_point) for layer in layers]
+    reports = [analyze_layer(model, layer, per_channel, zero_point, tile) for layer in layers]
     warnings = []
     quantized = [r for r in reports if r.status != "weights not quantized"]
     if not quantized:

@@ -338,3 +338,20 @@ def partial_sum_range(q: np.ndarray, x: IntRange, tile: int | None = None) -> tu
     lo_cum = np.cumsum(lo_term.reshape(channels, -1, tile), axis=2)
     hi_cum = np.cumsum(hi_term.reshape(channels, -1, tile), axis=2)
     return lo_cum.min(axis=(1, 2)), hi_cum.max(axis=(1, 2))
+
+
+def tile_stage_ranges(q: np.ndarray, x: IntRange, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the two stages of a multi-stage (tiled) datapath over the input box ``x``.
+
+    Terms are taken in K order; each tile of ``tile`` consecutive terms is summed in an inner accumulator
+    and the tile results, in order, in an outer one. Returns ``(inner_min, inner_max, outer_min, outer_max)``:
+    the extremes of every partial sum within a tile, and of every running sum of tile results (the last of
+    which is the full sum). Each tile's result ranges over its own exact range independently of the others,
+    so the running sums' extremes are the cumulative sums of the tiles' extremes.
+    """
+    inner_min, inner_max = partial_sum_range(q, x, tile)
+    q = as_integer_weights(q)
+    totals = [exact_accumulator_range(q[:, s:s + tile], x) for s in range(0, q.shape[1], tile)]
+    running_min = np.cumsum(np.stack([t[0] for t in totals]), axis=0)
+    running_max = np.cumsum(np.stack([t[1] for t in totals]), axis=0)
+    return inner_min, inner_max, running_min.min(axis=0), running_max.max(axis=0)

@@ -94,11 +94,20 @@ class CannotCertify(Exception):
 
 @dataclass(frozen=True)
 class Claim:
-    """What a pass asserts about one layer: the fast path's range and (optionally) the promised width."""
+    """What a pass asserts about one layer: the fast path's range and (optionally) the promised width.
+
+    With ``tile`` (a multi-stage datapath of K-tiles of that many terms) ``tile_min``/``tile_max`` is the fast
+    path's range of every partial sum within a tile and ``tile_bits`` the width promised for it; ``acc_bits``
+    then covers the outer stage (every running sum of tile results and the final sum).
+    """
 
     acc_min: int | None
     acc_max: int | None
     acc_bits: int | None = None
+    tile: int | None = None
+    tile_min: int | None = None
+    tile_max: int | None = None
+    tile_bits: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,9 @@ class LayerCertificate:
     channel_min: tuple[int, ...]
     channel_max: tuple[int, ...]
     operand_codes: tuple[int, int] | None = None  # act x act MatMul: the codes of the second operand
+    tile: int | None = None  # multi-stage datapath: terms per inner accumulator
+    tile_range: tuple[int, int] | None = None  # every partial sum within a tile
+    running_range: tuple[int, int] | None = None  # every running sum of tile results
 
     @property
     def acc_min(self) -> int:
@@ -263,11 +275,20 @@ def _scale_input(node: NodeProto) -> str:
     return node.input[1]
 
 
+def _block_size(quantizer: NodeProto) -> int:
+    """ONNX opset 21: a ``DequantizeLinear`` with ``block_size`` > 0 scales blocks of that many elements along ``axis``."""
+    return int(_attr(quantizer, "block_size", 0) or 0) if quantizer.op_type == "DequantizeLinear" else 0
+
+
 def _broadcast_scale(quantizer: NodeProto, scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     scale = np.asarray(scale, dtype=np.float64)
-    if quantizer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
-        if _attr(quantizer, "block_size", 0):
-            raise CannotCertify(f"{_label(quantizer)} uses blocked quantization")
+    block = _block_size(quantizer)
+    if block:  # element i along axis takes entry i // block_size (the ONNX definition of blocked quantization)
+        axis = int(_attr(quantizer, "axis", 1)) % len(shape)
+        if scale.ndim != len(shape) or scale.shape[axis] * block < shape[axis]:
+            raise CannotCertify(f"the block-wise scale of {_label(quantizer)} does not cover its output {shape}")
+        scale = scale[tuple(np.arange(shape[axis]) // block if d == axis else slice(None) for d in range(len(shape)))]
+    elif quantizer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
         axis = int(_attr(quantizer, "axis", 1)) % len(shape)
         scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))])
     try:
@@ -296,13 +317,19 @@ def weight_integers(model: ModelWrapper, tensor: str, zero_point: str = "fold") 
     what a subtracting MAC multiplies; under ``fold`` the MAC multiplies the raw codes, so ``z`` (sent
     through the same layout ops) is added back.
     """
+    return _weight_view(model, tensor, zero_point)[0]
+
+
+def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`weight_integers` and, for a block-wise ``DequantizeLinear``, each weight's block number in the same
+    layout (the block index along its axis, sent through the graph's own layout ops), else ``None``."""
     t = tensor
     producer = model.find_producer(t)
     while producer is not None and producer.op_type in (*_LAYOUT_OPS, "Clip"):
         t = producer.input[0]
         producer = model.find_producer(t)
     if producer is None or producer.op_type == "Constant":
-        return _annotated_integers(model, t, _execute_constants(model, [tensor])[tensor])
+        return _annotated_integers(model, t, _execute_constants(model, [tensor])[tensor]), None
     if producer.op_type not in _WEIGHT_QUANTIZERS:
         raise CannotCertify(f"weights come from {_label(producer)}, which is not a weight quantizer")
     scale_name = _scale_input(producer)
@@ -324,7 +351,18 @@ def weight_integers(model: ModelWrapper, tensor: str, zero_point: str = "fold") 
         z = _execute_constants(model, [producer.input[2]])[producer.input[2]]
         z = _broadcast_scale(producer, z, values[producer.output[0]].shape)
         q = q + _as_integers(carried(z), f"the weight zero point of {_label(producer)}")
-    return q
+    block = _block_size(producer)
+    if not block:
+        return q, None
+    # each weight's scale entry, numbered in the scale tensor's own order (ONNX: index i along axis uses i // block)
+    scale_shape = np.shape(values[scale_name])
+    axis = int(_attr(producer, "axis", 1)) % len(scale_shape)
+    index = list(np.indices(values[producer.output[0]].shape))
+    index[axis] = index[axis] // block
+    number = np.ravel_multi_index(index, scale_shape).astype(np.float64)
+    if number.size and number.max() >= 1 << 24:
+        raise CannotCertify(f"{_label(producer)} has more block scales than this check numbers exactly")
+    return q, np.rint(carried(number)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- input codes
@@ -744,6 +782,48 @@ def _row_ranges(rows: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndar
     return np.asarray(acc_min), np.asarray(acc_max)
 
 
+def _accumulations(rows: np.ndarray, blocks: np.ndarray | None, node: NodeProto) -> list[np.ndarray]:
+    """The integer accumulations of MAC rows ``(C, K)``: the rows, or with block-wise weight scales each block's
+    terms of every row (in K order), since blocks with different scales are added only after scaling."""
+    if blocks is None or np.all(blocks == blocks[:, :1]):
+        return [rows]
+    # number each row's blocks 0, 1, ... by their scale entry (rows use different entries)
+    order = np.argsort(blocks, axis=1, kind="stable")
+    ordered = np.take_along_axis(blocks, order, axis=1)
+    rank = np.concatenate([np.zeros((rows.shape[0], 1), np.int64),
+                           np.cumsum(ordered[:, 1:] != ordered[:, :-1], axis=1)], axis=1)
+    local = np.empty_like(rank)
+    np.put_along_axis(local, order, rank, axis=1)
+    parts = []
+    for number in np.unique(local):
+        inside = local == number
+        count = inside.sum(axis=1)
+        if not np.all(count == count[0]):
+            raise CannotCertify(f"{_label(node)}: weight block {number} holds a different number of terms per output")
+        parts.append(rows[inside].reshape(rows.shape[0], int(count[0])))
+    return parts
+
+
+def _stage_ranges(parts: list[np.ndarray], lo: int, hi: int, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Extremes of every partial sum within a K-tile of ``tile`` terms and of every running sum of tile results.
+
+    Each term ``w x`` ranges over ``[min(w lo, w hi), max(w lo, w hi)]`` independently of the others, so a
+    sum of consecutive terms reaches the sum of their extremes.
+    """
+    x = bounds.IntRange(lo, hi)
+    tile_lo, tile_hi, run_lo, run_hi = [], [], [], []
+    for part in parts:
+        t_lo, t_hi = bounds.partial_sum_range(part, x, tile)
+        tile_lo.append(int(np.min(t_lo, initial=0)))
+        tile_hi.append(int(np.max(t_hi, initial=0)))
+        totals = [_row_ranges(part[:, s:s + tile], lo, hi) for s in range(0, part.shape[1], tile)]
+        running_lo = np.cumsum(np.stack([t[0] for t in totals]).astype(object), axis=0)
+        running_hi = np.cumsum(np.stack([t[1] for t in totals]).astype(object), axis=0)
+        run_lo.append(int(running_lo.min()))
+        run_hi.append(int(running_hi.max()))
+    return (min(tile_lo), max(tile_hi)), (min(run_lo), max(run_hi))
+
+
 def _mac_codes(grid: _Grid, zero_point: str) -> tuple[int, int, int]:
     """``(lo, hi, padding code)`` the integer MAC sees: raw codes (fold) or codes minus the zero point."""
     if zero_point == "subtract":
@@ -882,13 +962,19 @@ def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> 
 
 
 def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
-                  zero_point: str = "fold", input_ranges: str = "exact") -> LayerCertificate:
-    """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`."""
+                  zero_point: str = "fold", input_ranges: str = "exact", tile: int | None = None) -> LayerCertificate:
+    """Exact per-channel accumulator range of MAC node ``node_name`` (bias excluded), or :class:`CannotCertify`.
+
+    With block-wise weight scales each block is its own integer accumulation (the range is over every block).
+    ``tile``: also the ranges of a multi-stage datapath that sums each run of ``tile`` consecutive terms
+    (K order of the accumulation rows) in an inner accumulator and the tile results in an outer one.
+    """
     node = next((n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
     if node is None:
         raise CannotCertify(f"no node named '{node_name}'")
     op = node.op_type
     pad_code = None
+    parts = None  # accumulation rows (C, terms) whose K order a tiled datapath follows
     if op in _MVAU or op in _VVAU:
         xnor = bool(_attr(node, "binaryXnorMode", 0))
         w = _finn_weights(model, node, xnor)
@@ -899,34 +985,56 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
         else:
             lo, hi, _ = _mac_codes(_dtype_grid(_attr(node, "inputDataType", ""), f"inputDataType of {_label(node)}"),
                                    zero_point)
+            parts = [rows]
             acc_min, acc_max = _row_ranges(rows, lo, hi)
     elif op == "MatMul" and _reads_graph_input(model, node.input[1]):
+        if tile is not None:
+            raise CannotCertify(f"{_label(node)} multiplies two activations; tiled ranges are not certified for it")
         return _certify_act_x_act(model, node, _InputCodes(model, input_dtypes, zero_point, input_ranges), zero_point)
     elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or op in _INTEGER_MACS:
+        blocks = None
         if op in _INTEGER_MACS:
             if node.domain not in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")):
                 raise CannotCertify(f"{_label(node)} is from domain '{node.domain}', not the integer op of that name")
             w, lo, hi, pad = _integer_operands(model, node, zero_point)
             op = _INTEGER_MACS[op][0]
         else:
-            w = weight_integers(model, node.input[1], zero_point)
+            w, blocks = _weight_view(model, node.input[1], zero_point)
             codes = _InputCodes(model, input_dtypes, zero_point, input_ranges)
             lo, hi, pad = _mac_codes(codes.grid(node.input[0]), zero_point)
         if op == "Gemm" and _attr(node, "transA", 0):
             raise CannotCertify(f"{_label(node)} transposes its data input")
+        if blocks is not None and op in ("Conv", "ConvTranspose") and not np.all(
+                blocks.reshape(blocks.shape[0], -1) == blocks.reshape(blocks.shape[0], -1)[:, :1]):
+            raise CannotCertify(f"the block-wise weight scales of {_label(node)} split its accumulation")
         if op == "Conv":
             acc_min, acc_max, pad_code = _conv_ranges(model, node, w, lo, hi, pad)
+            parts = [w.reshape(w.shape[0], -1)]
         elif op == "ConvTranspose":
             acc_min, acc_max = _conv_transpose_ranges(node, w, lo, hi)
         elif w.ndim != 2:
             raise CannotCertify(f"{_label(node)} has a {w.ndim}-D weight")
         else:
-            rows = w if op == "Gemm" and _attr(node, "transB", 0) else w.T
-            acc_min, acc_max = _row_ranges(rows, lo, hi)
+            transposed = op == "Gemm" and _attr(node, "transB", 0)
+            rows = w if transposed else w.T
+            parts = _accumulations(rows, None if blocks is None else (blocks if transposed else blocks.T), node)
+            ranges = [_row_ranges(part, lo, hi) for part in parts]
+            acc_min = np.min(np.stack([r[0] for r in ranges]), axis=0)
+            acc_max = np.max(np.stack([r[1] for r in ranges]), axis=0)
     else:
         raise CannotCertify(f"{_label(node)} is not a MAC layer")
+    tile_range = running_range = None
+    if tile is not None:
+        if parts is None:
+            raise CannotCertify(f"{_label(node)}: tiled partial sums are certified for MatMul, Gemm, Conv and FINN "
+                                "MVAU/VVAU only")
+        # a padded tap holds pad_code: with it among the codes every tile's terms range over a box holding all
+        # they take (the reader's view of such a Conv; exact once every tile can reach a border pattern)
+        box = (lo, hi) if pad_code is None else (min(lo, pad_code), max(hi, pad_code))
+        tile_range, running_range = _stage_ranges(parts, int(box[0]), int(box[1]), tile)
     return LayerCertificate(node_name, (int(lo), int(hi)), pad_code,
-                            tuple(int(v) for v in acc_min), tuple(int(v) for v in acc_max))
+                            tuple(int(v) for v in acc_min), tuple(int(v) for v in acc_max),
+                            tile=tile, tile_range=tile_range, running_range=running_range)
 
 
 def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: str,
@@ -954,7 +1062,7 @@ def _certify_each(model: ModelWrapper, claims: Mapping[str, Claim], what: str,
                   certificates: dict[str, LayerCertificate]) -> dict[str, LayerCertificate]:
     for node, claim in claims.items():
         try:
-            cert = certify_layer(model, node, input_dtypes, zero_point, input_ranges)
+            cert = certify_layer(model, node, input_dtypes, zero_point, input_ranges, claim.tile)
         except CannotCertify as err:
             raise PostconditionError(f"{what}: layer '{node}' cannot be certified independently of the analysis "
                                      f"({err}); nothing was written") from err
@@ -971,5 +1079,26 @@ def _certify_each(model: ModelWrapper, claims: Mapping[str, Claim], what: str,
             raise PostconditionError(
                 f"{what}: layer '{node}' was promised {claim.acc_bits} bits, but its certified range {certified} needs "
                 f"{bounds.accumulator_width(cert.acc_min, cert.acc_max)}; nothing was written")
+        if claim.tile is not None:
+            _check_stages(what, node, claim, cert)
         certificates[node] = cert
     return certificates
+
+
+def _check_stages(what: str, node: str, claim: Claim, cert: LayerCertificate) -> None:
+    """A tiled claim: the fast path's within-tile range covers the certified one, and both stages fit their widths."""
+    (t_lo, t_hi), (r_lo, r_hi) = cert.tile_range, cert.running_range
+    if claim.tile_min is None or claim.tile_max is None or claim.tile_min > t_lo or claim.tile_max < t_hi:
+        raise PostconditionError(
+            f"{what}: layer '{node}': the analysis gives the partial sums within tiles of {claim.tile} the range "
+            f"[{claim.tile_min}, {claim.tile_max}], but executing the graph's own quantizers gives [{t_lo}, {t_hi}]; "
+            "the analysis under-reports, nothing was written")
+    if claim.tile_bits is not None and not bounds.fits(t_lo, t_hi, claim.tile_bits):
+        raise PostconditionError(
+            f"{what}: layer '{node}': the partial sums within tiles of {claim.tile} were promised {claim.tile_bits} "
+            f"bits, but their certified range [{t_lo}, {t_hi}] needs {bounds.accumulator_width(t_lo, t_hi)}; "
+            "nothing was written")
+    if claim.acc_bits is not None and not bounds.fits(r_lo, r_hi, claim.acc_bits):
+        raise PostconditionError(
+            f"{what}: layer '{node}': the running sums of tile results were promised {claim.acc_bits} bits, but "
+            f"their certified range [{r_lo}, {r_hi}] needs {bounds.accumulator_width(r_lo, r_hi)}; nothing was written")

@@ -7,7 +7,8 @@ Supported weight sources: QONNX ``Quant``/``IntQuant``/``BipolarQuant`` on const
 FINN-ONNX initializers with an integer datatype annotation, and standard
 ``DequantizeLinear`` (optionally fed by ``QuantizeLinear``, and optionally behind integer ``Clip``
 nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer storage type
-(int4/uint4 to int32 included), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
+(int4/uint4 to int32 included; opset-21 block-wise scales along K make each block its own accumulator,
+see :class:`BlockRowLayout`), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
 weights and datatypes directly. A ``MatMul`` whose second operand is computed at run time is an
 activation x activation layer (``kind`` :data:`KIND_ACT_X_ACT`): both operands' grids are resolved
 like any MAC input, and there are no weights.
@@ -130,6 +131,10 @@ class WeightSource:
     zero_offset: np.ndarray | None = None
     # --zero-point fold with a non-zero weight zero point: the MAC multiplies raw codes, whose 0 is not real 0
     raw_zero_point: bool = False
+    # opset-21 block-wise DequantizeLinear: ``block_size`` consecutive elements along stored axis ``block_axis``
+    # share one scale (and zero point); ``scale``/``zero_point`` are then expanded to the stored shape
+    block_size: int = 0
+    block_axis: int = 0
 
     @property
     def bipolar(self) -> bool:
@@ -182,6 +187,47 @@ class RowLayout:
 
 
 @dataclass
+class BlockRowLayout:
+    """The rows of ``inner`` cut into the K-blocks of a block-wise weight scale: one accumulator row per block.
+
+    Within a block every weight has one scale, so the block's integer dot product is exact; two blocks
+    have different scales and are added only after scaling, in the real domain. Each block is therefore
+    its own integer accumulator of ``block`` terms (the natural multi-stage datapath with tile =
+    ``block_size`` whose outer stage is not an integer sum): a row of ``K`` terms becomes
+    ``ceil(K / block)`` accumulator rows, the last one padded with zero weights (which add nothing).
+    """
+
+    inner: RowLayout
+    block: int
+    K: int  # terms per row of ``inner``
+    kind = "blocks"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inner.shape
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.K // self.block)
+
+    def to_rows(self, w: np.ndarray) -> np.ndarray:
+        rows = self.inner.to_rows(w)
+        pad = self.blocks * self.block - self.K
+        if pad:
+            rows = np.pad(rows, ((0, 0), (0, pad)))
+        return rows.reshape(-1, self.block)
+
+    def from_rows(self, rows: np.ndarray) -> np.ndarray:
+        joined = rows.reshape(-1, self.blocks * self.block)
+        if np.any(joined[:, self.K:] != 0):
+            raise ValueError("block rows hold non-zero weights in the padding past K")
+        return self.inner.from_rows(np.ascontiguousarray(joined[:, :self.K]))
+
+    def rows_to_channels(self, per_row: np.ndarray, reduce: Callable) -> np.ndarray:
+        return self.inner.rows_to_channels(reduce(per_row.reshape(-1, self.blocks), axis=1), reduce)
+
+
+@dataclass
 class MacLayer:
     """One multiply-accumulate layer of the graph in its integer view."""
 
@@ -193,7 +239,7 @@ class MacLayer:
     status: str
     grid: InputGrid | None = None
     source: WeightSource | None = None
-    layout: RowLayout | None = None
+    layout: RowLayout | BlockRowLayout | None = None
     binary_xnor: bool = False
     kind: str = KIND_WEIGHTS
     operand_grid: InputGrid | None = None  # act x act: the grid of the second operand (in place of weights)
@@ -258,7 +304,9 @@ class MacLayer:
             n_rows = self.layout.to_rows(np.empty(mac_weight_shape(source, stored_shape), dtype=bool)).shape[0]
             return [(np.arange(n_rows), source.weight_range)]
         offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
-        if self.layout.kind == "gather" or not np.all(offsets == offsets[:, :1]):
+        # positions a row pads (a short last weight block) hold no weight and no zero point
+        weights_at = self.layout.to_rows(apply_perms(np.ones(stored_shape, dtype=bool), source.perms))
+        if self.layout.kind == "gather" or np.any((offsets != offsets[:, :1]) & weights_at):
             raise UnsupportedLayer(f"the weight zero point of layer '{self.node}' varies along its accumulation axis; "
                                    "project needs one zero point per output channel")
         groups = []
@@ -524,9 +572,7 @@ def _zero_point_source(source: WeightSource, zero_point: np.ndarray, convention:
 def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[list[int]],
                               convention: str = "fold") -> WeightSource:
     scale = _require_constant(model, dq, 1, "scale")
-    if int(node_attr(dq, "block_size", 0)):
-        raise UnsupportedLayer(f"{_node_label(dq)} uses blocked quantization (block_size); only per-tensor or "
-                               "per-axis weight scales are read: quantize the weights without block_size")
+    block_size = int(node_attr(dq, "block_size", 0))
     zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
     if len(dq.input) > 2 and dq.input[2] and zp is None:
         raise UnsupportedLayer(f"{_node_label(dq)} has a non-constant weight zero point; fold constants first")
@@ -557,9 +603,37 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     axis = int(node_attr(dq, "axis", 1))
     kind = "dequantize_linear" if quantize is None else "quantize_dequantize"
     tensor = codes if quantize is None else quantize.input[0]
-    source = WeightSource(kind, tensor, dq.name, weight_range, dtype, scale=_per_axis(scale, axis, ndim), perms=perms)
-    zero = np.zeros((), dtype=zp_dtype) if zp is None else _per_axis(zp, axis, ndim)
+    if block_size:
+        if quantize is not None:
+            raise UnsupportedLayer(f"{_node_label(dq)} dequantizes block-wise (block_size {block_size}) what a "
+                                   "QuantizeLinear computes; only constant block-wise codes are read (fold constants "
+                                   "first, as onnxruntime's MatMulNBitsQuantizer writes them)")
+        shape = np.shape(stored)
+        scale = _expand_blocks(scale, axis, block_size, shape, dq, "scale")
+        zp = None if zp is None else _expand_blocks(zp, axis, block_size, shape, dq, "zero point")
+    else:
+        scale = _per_axis(scale, axis, ndim)
+        zp = None if zp is None else _per_axis(zp, axis, ndim)
+    source = WeightSource(kind, tensor, dq.name, weight_range, dtype, scale=scale, perms=perms,
+                          block_size=block_size, block_axis=axis % max(ndim, 1))
+    zero = np.zeros((), dtype=zp_dtype) if zp is None else zp
     return _zero_point_source(source, zero, convention, _node_label(dq))
+
+
+def _expand_blocks(value: np.ndarray, axis: int, block_size: int, shape: tuple[int, ...], dq: NodeProto,
+                   what: str) -> np.ndarray:
+    """A block-wise ``DequantizeLinear`` parameter repeated to the data's shape (ONNX opset 21).
+
+    The parameter has the data's rank and shape except along ``axis``, where it holds
+    ``ceil(shape[axis] / block_size)`` entries: element ``i`` along ``axis`` uses entry ``i // block_size``.
+    """
+    value = np.asarray(value)
+    axis %= len(shape)
+    expected = tuple(-(-d // block_size) if i == axis else d for i, d in enumerate(shape))
+    if block_size < 1 or value.shape != expected:
+        raise UnsupportedLayer(f"{_node_label(dq)} has a block-wise {what} of shape {list(value.shape)}; data of "
+                               f"shape {list(shape)} with block_size {block_size} on axis {axis} needs {list(expected)}")
+    return np.repeat(value, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
 
 
 def integer_operand_source(model: ModelWrapper, node: NodeProto, convention: str = "fold") -> WeightSource:
@@ -1250,6 +1324,8 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
             return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_WEIGHTS_NOT_QUANTIZED)
         shape = mac_weight_shape(source, initializer_shape(model, source.tensor))  # the values are read once, later
         layout, K, channels = _layout_for(model, node, shape)
+        if source.block_size:
+            layout, K = _block_layout(model, node, source, layout, K)
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     grid, reason = resolver.resolve(node.input[0])
@@ -1266,6 +1342,34 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     if grid is None:
         layer.status = f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}"
     return layer
+
+
+def _block_layout(model: ModelWrapper, node: NodeProto, source: WeightSource, layout: RowLayout,
+                  K: int) -> tuple[RowLayout | BlockRowLayout, int]:
+    """The row layout and K of a layer whose weights are dequantized block-wise (see :class:`BlockRowLayout`).
+
+    Blocks that never split a row (e.g. along the output channels) leave one scale per row: an ordinary
+    layer. Blocks along the accumulation axis must cut every row into consecutive runs of equal length
+    (the last may be shorter): the K-tiles in the order ``verify --tile`` uses. Anything else is refused.
+    """
+    shape = initializer_shape(model, source.tensor)
+    # which scale entry each weight uses: its index, divided by block_size along the block axis
+    index = list(np.ogrid[tuple(slice(d) for d in shape)])
+    index[source.block_axis] = index[source.block_axis] // source.block_size
+    entries = tuple(-(-d // source.block_size) if i == source.block_axis else d for i, d in enumerate(shape))
+    row_ids = layout.to_rows(apply_perms(np.ravel_multi_index(index, entries), source.perms))
+    if np.all(row_ids == row_ids[:, :1]):
+        return layout, K
+    if layout.kind not in ("transpose", "identity"):
+        raise UnsupportedLayer(f"the block-wise weight scales of {_node_label(node)} split its accumulation; "
+                               "that is read for MatMul and Gemm weights only")
+    run = int(np.argmax(row_ids[0] != row_ids[0, 0]))
+    same_as_previous = row_ids[:, 1:] == row_ids[:, :-1]
+    if not np.array_equal(same_as_previous, np.broadcast_to(np.arange(1, K) % run != 0, same_as_previous.shape)):
+        raise UnsupportedLayer(f"the block-wise weight scales of {_node_label(node)} do not cut each accumulation "
+                               "into consecutive blocks sharing one scale; quantize the weights in blocks along the "
+                               "input axis (K)")
+    return BlockRowLayout(layout, run, K), run
 
 
 def _act_x_act_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:

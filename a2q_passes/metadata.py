@@ -45,3 +45,13 @@ def recorded_input_ranges(model: ModelWrapper) -> str:
 def recorded_widths(model: ModelWrapper) -> dict[str, int]:
     """Per-layer accumulator widths that ``annotate`` or ``project`` recorded in the model."""
     return {name: int(info["acc_bits"]) for name, info in recorded_accumulators(model).items()}
+
+
+def recorded_tiles(model: ModelWrapper) -> dict[str, tuple[int, int]]:
+    """Per layer projected for a multi-stage datapath (``project --tile``): ``(tile, outer_bits)``.
+
+    Its ``acc_bits`` is then the width of each tile's inner accumulator and ``outer_bits`` that of the
+    accumulator summing the tile results.
+    """
+    return {name: (int(info["tile"]), int(info["outer_bits"])) for name, info in recorded_accumulators(model).items()
+            if info.get("tile") is not None}

@@ -619,6 +619,102 @@ def project_exact(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRa
                 lambda v_block, limits: (_exact_rows(v_block, x, limits, weight_range), "exact"))
 
 
+# ----------------------------------------------------------------------------- parts and stages
+
+# project(v, x, acc_bits, weight_range) -> ProjectionResult: a method with its contract checked (methods.project_weights)
+Project = Callable[[np.ndarray, IntRange, int, IntRange], ProjectionResult]
+# rows of v, columns of v, and the integer range the weights there may hold
+Part = tuple[np.ndarray, slice, IntRange]
+
+
+def project_in_parts(v: np.ndarray, x: IntRange, acc_bits: int, parts: list[Part], project: Project,
+                     signed: bool | None = None) -> ProjectionResult:
+    """Project each part of ``v`` (a block of rows and columns, each its own accumulation) to ``acc_bits`` on its own.
+
+    The parts must cover ``v``. The layer has one INT/UINT accumulator type (signed when some part's plain
+    rounding reaches below 0, or as ``signed`` says): a part whose rows never go below 0 in a signed layer
+    must fit INT P's non-negative half, which is exactly UINT (P - 1).
+    """
+    v = _as_rows(v)
+    plain = [plain_round(v[rows][:, cols], weight_range) for rows, cols, weight_range in parts]
+    if signed is None:
+        signed = any(accumulator_is_signed(p, x) for p in plain)
+    weights = np.zeros(v.shape, dtype=np.int64)
+    touched = np.zeros(v.shape[0], dtype=bool)
+    row_method = np.full(v.shape[0], ROUND, dtype=object)
+    for (rows, cols, weight_range), part_plain in zip(parts, plain):
+        bits = acc_bits - 1 if signed and not accumulator_is_signed(part_plain, x) else acc_bits
+        result = project(v[rows][:, cols], x, bits, weight_range)
+        weights[rows, cols] = result.weights
+        touched[rows] |= result.touched
+        row_method[rows] = np.where(result.touched, result.row_method, row_method[rows])
+    return ProjectionResult(weights, touched, row_method.astype(str), bounds.accumulator_limits(acc_bits, signed))
+
+
+def _stage_limits(q: np.ndarray, x: IntRange, bits: int) -> tuple[int, int]:
+    return bounds.accumulator_limits(bits, signed=accumulator_is_signed(q, x))
+
+
+def project_multistage(v: np.ndarray, x: IntRange, groups: list[tuple[np.ndarray, IntRange]], tile: int,
+                       inner_bits: int, outer_bits: int | None, project: Project) -> ProjectionResult:
+    """Fit a multi-stage (tiled) datapath: each K-tile of ``tile`` terms to ``inner_bits``, their sum to ``outer_bits``.
+
+    ``groups``: rows and the weight range they may hold (one group unless weight zero points differ per
+    channel). Without ``outer_bits`` only the tiles are constrained (the outer width is then whatever
+    the projected tiles need). With it, the whole rows are projected to the outer budget first, and each
+    tile of that integer result is projected to the inner budget.
+
+    Why the order is sound (input codes ``[lo, hi]`` with ``lo <= 0 <= hi``, required here):
+
+    1. Every term ``q x`` then ranges over ``[min(q lo, q hi), max(q lo, q hi)]``, an interval holding 0
+       whose ends grow in ``|q|`` (for a fixed sign of q). So a sum of terms has extremes that only move
+       away from 0 when some ``|q_i|`` grows, and only toward 0 (or stay) when weights shrink toward 0.
+    2. Because every term's interval holds 0, the extremes of the partial sums within a tile are those of
+       the tile's full sum, and the extremes of the running sums of tile results are those of the whole
+       row: constraining tile sums and row sums constrains every register of the datapath.
+    3. The ``exact`` and ``a2q`` projections of an integer row only shrink weights toward 0 (the constraint
+       set is closed under shrinking magnitudes, so the Euclidean projection never grows ``|q_i|`` or flips
+       a sign; rounding then picks ``floor``/``ceil`` of a magnitude at most the integer ``|q_i|``), so by 1.
+       projecting the tiles of a row that fits the outer budget keeps it inside that budget.
+
+    Methods without property 3 (``a2q+`` zero-centres, plugins may do anything) are checked: a row whose
+    outer range no longer fits has its tiles projected again with ``exact`` from the outer-stage row.
+    Both stages are checked exactly before returning; a failure is a bug and raises.
+    """
+    if not x.lo <= 0 <= x.hi:
+        raise A2QError(f"a multi-stage projection needs input codes that include 0 (the layer's are [{x.lo}, {x.hi}]): "
+                       "then every partial sum's extremes are those of its tile's or row's full sum")
+    if tile < 1:
+        raise A2QError(f"--tile must be at least 1 term, got {tile}")
+    v = _as_rows(v)
+    K = v.shape[1]
+    whole_rows = [(rows, slice(None), weight_range) for rows, weight_range in groups]
+    tiles = [(rows, slice(s, s + tile), weight_range) for s in range(0, K, tile) for rows, weight_range in groups]
+    start = v
+    if outer_bits is not None:
+        outer = project_in_parts(v, x, outer_bits, whole_rows, project)
+        start = outer.weights.astype(np.float64)
+    inner = project_in_parts(start, x, inner_bits, tiles, project)
+    q, touched, row_method = inner.weights, inner.touched, inner.row_method.astype(object)
+    signed = inner.acc_limits[0] < 0  # the inner accumulator type the tiles were projected for
+    if outer_bits is not None:
+        touched |= outer.touched
+        row_method = np.where(inner.touched, row_method, outer.row_method).astype(object)
+        over = np.flatnonzero(~rows_within(q, x, _stage_limits(outer.weights, x, outer_bits)))
+        if over.size:  # a method that is not magnitude-shrinking grew a row past the outer budget: redo its tiles
+            redo = [(np.flatnonzero(np.isin(over, rows)), cols, weight_range) for rows, cols, weight_range in tiles]
+            q[over] = project_in_parts(start[over], x, inner_bits, [p for p in redo if p[0].size], project_exact,
+                                       signed=signed).weights
+            row_method[over] = "exact"
+    inner_min, inner_max, outer_min, outer_max = bounds.tile_stage_ranges(q, x, tile)
+    inner_range = (int(np.min(inner_min, initial=0)), int(np.max(inner_max, initial=0)))
+    outer_range = (int(np.min(outer_min, initial=0)), int(np.max(outer_max, initial=0)))
+    if not bounds.fits(*inner_range, inner_bits) or (outer_bits is not None and not bounds.fits(*outer_range, outer_bits)):
+        raise RuntimeError(f"internal error: multi-stage projection left tiles in {inner_range} (asked {inner_bits} "
+                           f"bits) and running sums in {outer_range} (asked {outer_bits} bits)")
+    return ProjectionResult(q, touched, row_method.astype(str), bounds.accumulator_limits(inner_bits, signed))
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

@@ -14,17 +14,27 @@ from a2q_passes.model_io import atomic_write_bytes
 
 
 def analysis_table(report: ModelReport) -> Table:
-    table = Table(title=f"Accumulator widths per layer (bits; bias excluded; {INPUT_RANGES_TITLE[report.input_ranges]})")
-    for col in ("layer", "op", "K", "ch", "input", "weight", "datatype", "l1", "zero-c.", "exact", "acc range", "status"):
-        table.add_column(col, justify="right" if col in ("K", "ch", "datatype", "l1", "zero-c.", "exact") else "left")
+    tiled = any(r.tile is not None for r in report.layers)
+    blocked = any(r.weight_block is not None for r in report.layers)
+    table = Table(title=f"Accumulator widths per layer (bits; bias excluded; {INPUT_RANGES_TITLE[report.input_ranges]}"
+                        + ("; block-wise weight scales: K = terms per block, each block its own accumulator" if blocked else "")
+                        + ("; tile: every partial sum within a K-tile, outer: every running sum of tiles" if tiled else "")
+                        + ")")
+    stage_columns = ("tile", "tile range", "outer", "outer range") if tiled else ()
+    for col in ("layer", "op", "K", "ch", "input", "weight", "datatype", "l1", "zero-c.", "exact", "acc range",
+                *stage_columns, "status"):
+        table.add_column(col, justify="right" if col in ("K", "ch", "datatype", "l1", "zero-c.", "exact", "tile", "outer")
+                         else "left")
     for r in report.layers:
         b = r.bounds or {}
+        stages = ((_cell(r.tile_bits), "-" if r.tile_range is None else str(r.tile_range),
+                   _cell(r.outer_bits), "-" if r.outer_range is None else str(r.outer_range)) if tiled else ())
         table.add_row(
             r.node, r.op_type if r.kind == KIND_WEIGHTS else f"{r.op_type} ({r.kind})", str(r.K),
             str(r.channels) if r.kind == KIND_WEIGHTS else "per output",
             r.input_dtype or "-", r.weight_dtype or "-",
             _cell(b.get("datatype")), _cell(b.get("l1")) + ("" if r.kind == KIND_WEIGHTS or not b else " (=exact)"), _cell(b.get("zero_centered")), _cell(b.get("exact")),
-            f"[{r.acc_min}, {r.acc_max}]" if r.acc_min is not None else "-", r.status,
+            f"[{r.acc_min}, {r.acc_max}]" if r.acc_min is not None else "-", *stages, r.status,
         )
     return table
 

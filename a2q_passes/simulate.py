@@ -130,16 +130,20 @@ def exact_float_dtype(bound: int) -> type | None:
 
 
 def accumulate_terms(terms: np.ndarray, bits: int, signed: bool, mode: str = "wrap",
-                     tile: int | None = None) -> Accumulation:
-    """Accumulate the integer ``terms`` along their last axis (K) in a ``bits``-bit accumulator."""
+                     tile: int | None = None, outer: tuple[int, bool] | None = None) -> Accumulation:
+    """Accumulate the integer ``terms`` along their last axis (K) in a ``bits``-bit accumulator.
+
+    ``outer`` (with ``tile``): ``(bits, signed)`` of the accumulator that sums the tile results, when it
+    differs from the tiles' own."""
     terms = _integer_array(terms, "terms")
     if terms.size and float(np.abs(terms.astype(np.float64)).sum(axis=-1).max()) >= _INT64_SAFE:
         raise ValueError("partial sums may reach 2^62; too wide to simulate in int64")
-    return accumulate(lambda k: terms[..., k], terms.shape[-1], bits, signed, mode, tile, exact=terms.sum(axis=-1))
+    return accumulate(lambda k: terms[..., k], terms.shape[-1], bits, signed, mode, tile, exact=terms.sum(axis=-1),
+                      outer=outer)
 
 
 def accumulate_dot(x: np.ndarray, q: np.ndarray, bits: int, signed: bool, mode: str = "wrap",
-                   tile: int | None = None) -> Accumulation:
+                   tile: int | None = None, outer: tuple[int, bool] | None = None) -> Accumulation:
     """Dot products of codes ``x`` ``(..., K)`` with weights ``q`` ``(C, K)`` (or ``(K,)``) in ``bits`` bits.
 
     Outputs have shape ``(..., C)`` (``(...)`` for 1-D ``q``). Wrap-around without tiles costs one
@@ -152,18 +156,20 @@ def accumulate_dot(x: np.ndarray, q: np.ndarray, bits: int, signed: bool, mode: 
     if x.shape[-1] != q2.shape[1]:
         raise ValueError(f"inputs have K={x.shape[-1]} terms but weights have K={q2.shape[1]}")
     result = accumulate(lambda k: x[..., k, None] * q2[:, k], q2.shape[1], bits, signed, mode, tile,
-                        exact=exact_dot(x, q2))
+                        exact=exact_dot(x, q2), outer=outer)
     if vector:
         return Accumulation(result.values[..., 0], result.exact[..., 0], result.register_overflow[..., 0])
     return result
 
 
 def accumulate(term_at: Callable[[int], np.ndarray], K: int, bits: int, signed: bool, mode: str = "wrap",
-               tile: int | None = None, exact: np.ndarray | None = None) -> Accumulation:
+               tile: int | None = None, exact: np.ndarray | None = None,
+               outer: tuple[int, bool] | None = None) -> Accumulation:
     """The general form: ``term_at(k)`` gives the k-th int64 term of every output (broadcastable to the outputs).
 
     ``exact`` (the exact sums, which fix the output shape) saves summing the terms here. The
-    caller guarantees every partial sum stays below 2^62 in magnitude.
+    caller guarantees every partial sum stays below 2^62 in magnitude. ``outer``: ``(bits, signed)`` of
+    the accumulator summing the tile results (default: the tiles' own).
     """
     _check_bits(bits)
     _check_mode(mode, tile)
@@ -175,19 +181,28 @@ def accumulate(term_at: Callable[[int], np.ndarray], K: int, bits: int, signed: 
         if exact.size == 0 or (exact.min() >= lo and exact.max() <= hi):
             return Accumulation(exact, exact, np.zeros(exact.shape, dtype=bool))
         return Accumulation(wrap(exact, bits, signed), exact, (exact < lo) | (exact > hi))
-    reduce = (lambda s: wrap(s, bits, signed)) if mode == "wrap" else (lambda s: np.clip(s, lo, hi))
     overflow = np.zeros(exact.shape, dtype=bool)
 
-    def add(register: np.ndarray, term: np.ndarray) -> np.ndarray:
-        total = register + term
-        overflow[...] |= (total < lo) | (total > hi)
-        return reduce(total)
+    def adder(bits: int, signed: bool) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        lo, hi = accumulator_limits(bits, signed)
 
+        def add(register: np.ndarray, term: np.ndarray) -> np.ndarray:
+            total = register + term
+            overflow[...] |= (total < lo) | (total > hi)
+            return wrap(total, bits, signed) if mode == "wrap" else np.clip(total, lo, hi)
+
+        return add
+
+    if outer is not None:
+        _check_bits(outer[0])
+    add_inner = adder(bits, signed)
+    add_outer = add_inner if outer is None else adder(*outer)
     step = K if tile is None else tile
-    outer = np.zeros(exact.shape, dtype=np.int64)
+    result = np.zeros(exact.shape, dtype=np.int64)
     for start in range(0, K, step):
-        inner = np.zeros(exact.shape, dtype=np.int64)
+        partial = np.zeros(exact.shape, dtype=np.int64)
         for k in range(start, min(start + step, K)):
-            inner = add(inner, term_at(k))
-        outer = inner if tile is None else add(outer, inner)
-    return Accumulation(outer, exact, overflow)
+            partial = add_inner(partial, term_at(k))
+        result = partial if tile is None else add_outer(result, partial)
+    return Accumulation(result, exact, overflow)
+

@@ -7,7 +7,9 @@ Brevitas add it after the accumulator):
    register the datapath holds must fit P bits over all inputs. Wrap-around without tiles holds
    one register whose intermediate wrap-around cancels, so only the final sum counts;
    ``mode="saturate"`` also holds every prefix of the sum; ``tile=T`` holds the partial sums
-   inside each tile of T terms and the running sum of tile results. The accumulator is unsigned
+   inside each tile of T terms and the running sum of tile results (with ``outer_bits``, the tile
+   registers are checked at P and the running sums and final sum at ``outer_bits``; ``project --tile``
+   records both, and a recorded layer is checked that way by default). The accumulator is unsigned
    when no register can go negative (FINN's convention, see ``bounds.accumulator_width``).
 2. **Adversarial simulation**: each row's worst-case inputs (``bounds.adversarial_inputs``) reach
    the extremes of *every* register at once, so the P-bit simulation (:mod:`a2q_passes.simulate`)
@@ -44,13 +46,13 @@ from qonnx.custom_op.registry import getCustomOp, is_custom_op
 from qonnx.util.basic import get_preferred_qonnx_opset
 
 from a2q_passes import bounds
-from a2q_passes.analysis import channel_ranges
+from a2q_passes.analysis import channel_ranges, integer_view, stage_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import (KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers, node_attr,
                                node_str_attr)
 from a2q_passes.batching import batch_free_reshapes
-from a2q_passes.metadata import recorded_widths
+from a2q_passes.metadata import recorded_tiles, recorded_widths
 from a2q_passes.model_io import data_inputs, initializer_shape
 from a2q_passes.simulate import (
     MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, accumulate_terms, exact_float_dtype,
@@ -126,17 +128,7 @@ def untargeted_width(model: ModelWrapper, layer: MacLayer, mode: str, tile: int 
 
 # --------------------------------------------------------------------------- static proof
 
-
-def integer_view(model: ModelWrapper, layer: MacLayer) -> tuple[np.ndarray, bounds.IntRange]:
-    """The layer as integer weight rows ``(rows, K)`` over the input codes ``x`` they multiply.
-
-    An activation x activation MatMul sums K products, each reaching both ends of
-    :func:`bounds.product_range` independently of the others: every sum and partial sum then has
-    the extremes of K unit weights on codes in that range, which is the view returned for it.
-    """
-    if layer.act_x_act:
-        return np.ones((1, layer.K), dtype=np.int64), bounds.product_range(layer.grid.range, layer.operand_grid.range)
-    return layer.integer_rows(model), layer.grid.range
+INNER_REGISTER = "partial sum within a tile"  # the inner stage of a tiled datapath; every other register is outer
 
 
 def register_ranges(layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, mode: str,
@@ -147,13 +139,7 @@ def register_ranges(layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, mode:
     if layer.binary_xnor:
         return ranges  # popcount: every partial count lies between 0 and the final count
     if tile is not None:
-        lo, hi = bounds.partial_sum_range(rows, x, tile)
-        ranges["partial sum within a tile"] = (int(lo.min()), int(hi.max()))
-        starts = range(0, rows.shape[1], tile)
-        tile_ranges = [bounds.exact_accumulator_range(rows[:, s:s + tile], x) for s in starts]
-        running_lo = np.cumsum(np.stack([r[0] for r in tile_ranges]), axis=0)
-        running_hi = np.cumsum(np.stack([r[1] for r in tile_ranges]), axis=0)
-        ranges["running sum of tile results"] = (int(running_lo.min()), int(running_hi.max()))
+        ranges[INNER_REGISTER], ranges["running sum of tile results"] = stage_ranges(rows, x, tile)
     elif mode == "saturate":
         lo, hi = bounds.partial_sum_range(rows, x)
         ranges["prefix of the sum"] = (int(lo.min()), int(hi.max()))
@@ -178,6 +164,11 @@ class LayerVerdict:
     acc_min: int | None = None  # over every register checked
     acc_max: int | None = None
     registers: dict[str, list[int]] = field(default_factory=dict)
+    tile: int | None = None
+    # tiled datapath with its own outer width: acc_bits/required_bits/margin then describe the inner stage
+    outer_bits: int | None = None
+    outer_required_bits: int | None = None
+    outer_margin: int | None = None
     reason: str = ""
     width_note: str = ""  # NO_TARGET_*: the width was not given or recorded but derived (untargeted_width)
     adversarial_cases: int | None = None
@@ -192,46 +183,71 @@ class LayerVerdict:
         return asdict(self)
 
 
+def _stages(registers: dict[str, tuple[int, int]], bits: int,
+            outer_bits: int | None) -> list[tuple[int, dict[str, tuple[int, int]]]]:
+    """``(width, registers)`` per stage: one width for every register, or the inner (within-tile) registers at
+    ``bits`` and the outer ones (running sums of tile results, final sum) at ``outer_bits``."""
+    if outer_bits is None:
+        return [(bits, registers)]
+    inner = {name: r for name, r in registers.items() if name == INNER_REGISTER}
+    outer = {name: r for name, r in registers.items() if name != INNER_REGISTER}
+    return [(b, regs) for b, regs in ((bits, inner), (outer_bits, outer)) if regs]
+
+
 def _prove(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, bits: int, mode: str,
-           tile: int | None) -> None:
+           tile: int | None, outer_bits: int | None = None) -> None:
     registers = register_ranges(layer, rows, x, mode, tile)
-    lo, hi = min(r[0] for r in registers.values()), max(r[1] for r in registers.values())
     verdict.registers = {name: [a, b] for name, (a, b) in registers.items()}
-    verdict.acc_min, verdict.acc_max, verdict.signed = lo, hi, lo < 0
-    verdict.required_bits = int(bounds.accumulator_width(lo, hi))
-    verdict.margin = bits - verdict.required_bits
-    verdict.proof = PROOF_PASS if verdict.margin >= 0 else PROOF_FAIL
-    dtype = f"{'INT' if lo < 0 else 'UINT'}{bits}"
-    a_lo, a_hi = bounds.accumulator_limits(bits, lo < 0)
-    outside = [f"{name} reaches [{a}, {b}]" for name, (a, b) in registers.items() if a < a_lo or b > a_hi]
-    if outside:
-        verdict.reason = f"{'; '.join(outside)}: outside {dtype} [{a_lo}, {a_hi}]"
-        if mode == "wrap" and registers["final sum"][0] >= a_lo and registers["final sum"][1] <= a_hi:
-            verdict.reason += " (results stay exact under wrap-around; the tile registers overflow on the way)"
-    else:
-        verdict.reason = f"every register fits {dtype}"
+    verdict.acc_min = min(r[0] for r in registers.values())
+    verdict.acc_max = max(r[1] for r in registers.values())
+    verdict.tile, verdict.outer_bits = tile, outer_bits
+    outside, fitting = [], []
+    for stage, (stage_bits, regs) in enumerate(_stages(registers, bits, outer_bits)):
+        lo, hi = min(r[0] for r in regs.values()), max(r[1] for r in regs.values())
+        required = int(bounds.accumulator_width(lo, hi))
+        if stage == 0:
+            verdict.signed, verdict.required_bits, verdict.margin = lo < 0, required, bits - required
+        else:
+            verdict.outer_required_bits, verdict.outer_margin = required, stage_bits - required
+        dtype = f"{'INT' if lo < 0 else 'UINT'}{stage_bits}"
+        a_lo, a_hi = bounds.accumulator_limits(stage_bits, lo < 0)
+        wide = [f"{name} reaches [{a}, {b}]" for name, (a, b) in regs.items() if a < a_lo or b > a_hi]
+        named = " and ".join(regs) + (" fits" if len(regs) == 1 else " fit")
+        (outside if wide else fitting).append(f"{'; '.join(wide)}: outside {dtype} [{a_lo}, {a_hi}]" if wide else
+                                              f"{named if outer_bits is not None else 'every register fits'} {dtype}")
+        if wide and mode == "wrap" and "final sum" in regs and regs["final sum"][0] >= a_lo and regs["final sum"][1] <= a_hi:
+            outside[-1] += " (results stay exact under wrap-around; the tile registers overflow on the way)"
+    verdict.proof = PROOF_FAIL if outside else PROOF_PASS
+    verdict.reason = "; ".join(outside or fitting)
 
 
 def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, bits: int,
-                          mode: str, tile: int | None) -> None:
-    """Accumulate each row's two worst-case input vectors in the P-bit accumulator."""
-    if bits > MAX_SIMULATED_BITS:
+                          mode: str, tile: int | None, outer_bits: int | None = None) -> None:
+    """Accumulate each row's two worst-case input vectors in the P-bit accumulator (tiled: the two stages)."""
+    if max(bits, outer_bits or 0) > MAX_SIMULATED_BITS:
         return
     x_for_min, x_for_max = bounds.adversarial_inputs(rows, x)
     inputs = np.concatenate([x_for_min, x_for_max])
     weights = np.concatenate([rows, rows])
     # binary xnor layers count matches (popcount) instead of multiplying
     terms = (inputs == weights).astype(np.int64) if layer.binary_xnor else inputs * weights
-    result = accumulate_terms(terms, bits, verdict.signed, mode, tile)
+    outer = None
+    if outer_bits is not None:
+        outer_lo = min(r[0] for name, r in verdict.registers.items() if name != INNER_REGISTER)
+        outer = (outer_bits, outer_lo < 0)
+    result = accumulate_terms(terms, bits, verdict.signed, mode, tile, outer)
     verdict.adversarial_cases = int(terms.shape[0])
     verdict.adversarial_overflows = result.overflow_count
     verdict.adversarial_register_overflows = result.register_overflow_count
 
 
 def check_layer(model: ModelWrapper, layer: MacLayer, bits: int | None, mode: str = "wrap",
-                tile: int | None = None) -> LayerVerdict:
-    """Static proof and adversarial simulation of one layer at ``bits`` (``None``: unchecked)."""
-    _check_mode(mode, tile)
+                tile: int | None = None, outer_bits: int | None = None) -> LayerVerdict:
+    """Static proof and adversarial simulation of one layer at ``bits`` (``None``: unchecked).
+
+    ``outer_bits`` (with ``tile``): the outer stage's width; ``bits`` is then the inner (within-tile) width.
+    """
+    _check_mode(mode, tile, outer_bits)
     verdict = LayerVerdict(layer.node, layer.op_type, layer.K, layer.channels, layer.status, PROOF_UNCHECKED,
                            layer.kind, acc_bits=bits)
     if layer.status == STATUS_WEIGHTS_NOT_QUANTIZED:
@@ -246,16 +262,18 @@ def check_layer(model: ModelWrapper, layer: MacLayer, bits: int | None, mode: st
         verdict.reason = f"cannot prove: {layer.status}"
         return verdict
     rows, x = integer_view(model, layer)
-    _prove(verdict, layer, rows, x, bits, mode, tile)
-    _simulate_adversarial(verdict, layer, rows, x, bits, mode, tile)
+    _prove(verdict, layer, rows, x, bits, mode, tile, outer_bits)
+    _simulate_adversarial(verdict, layer, rows, x, bits, mode, tile, outer_bits)
     return verdict
 
 
-def _check_mode(mode: str, tile: int | None) -> None:
+def _check_mode(mode: str, tile: int | None, outer_bits: int | None = None) -> None:
     if mode not in MODES:
         raise A2QError(f"accumulation mode must be one of {', '.join(MODES)}, got {mode!r}")
     if tile is not None and tile < 1:
         raise A2QError(f"--tile must be a positive number of terms, got {tile}")
+    if outer_bits is not None and (tile is None or not 1 <= outer_bits <= 64):
+        raise A2QError(f"--outer-bits {outer_bits} needs --tile T and a width from 1 to 64 bits")
 
 
 # --------------------------------------------------------------------------- graph execution
@@ -342,12 +360,15 @@ class _MacKernel:
     """Integer view of one MAC node on real data: float input -> codes -> P-bit accumulator values."""
 
     def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
-                 tile: int | None) -> None:
+                 tile: int | None, outer_bits: int | None = None) -> None:
         if not layer.ok:
             raise _NotSimulated(layer.status)
         if layer.act_x_act:
             raise _NotSimulated("data simulation of an activation x activation MatMul is not implemented "
                                 "(the static proof and the worst-case simulation still apply)")
+        if layer.layout.kind == "blocks":
+            raise _NotSimulated("data simulation of block-wise weight scales (one accumulator per block) is not "
+                                "implemented (the static proof and the worst-case simulation still apply)")
         if layer.op_type not in ("Conv", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
@@ -357,7 +378,12 @@ class _MacKernel:
         self.bits, self.mode, self.tile = bits, mode, tile
         self.rows = layer.integer_rows(model)
         # the accumulator is signed when some register can go negative, as in the static proof
-        self.signed = min(lo for lo, _ in register_ranges(layer, self.rows, layer.grid.range, mode, tile).values()) < 0
+        registers = register_ranges(layer, self.rows, layer.grid.range, mode, tile)
+        self.signed = min(lo for lo, _ in registers.values()) < 0
+        self.outer = None  # the outer stage of a tiled datapath with its own width: (bits, signed)
+        if outer_bits is not None:
+            self.signed = registers.get(INNER_REGISTER, registers["final sum"])[0] < 0
+            self.outer = (outer_bits, min(lo for name, (lo, _) in registers.items() if name != INNER_REGISTER) < 0)
         grid = layer.grid
         self.input_scale = float(grid.scale) if grid.scale is not None else 1.0
         self.output_scale = self._weight_scales(model) * self.input_scale * float(node_attr(node, "alpha", 1.0))
@@ -409,7 +435,7 @@ class _MacKernel:
         """P-bit accumulation of the node on input ``x``, in the node's output layout, and its channel axis."""
         codes = self.codes(x)
         if self.node.op_type != "Conv":
-            return accumulate_dot(codes, self.rows, self.bits, self.signed, self.mode, self.tile), -1
+            return accumulate_dot(codes, self.rows, self.bits, self.signed, self.mode, self.tile, self.outer), -1
         padded = self._padded(codes)  # float64 holding integers
         padded_int: list[np.ndarray] = []  # the int64 copy, made only if terms are needed
         n = codes.ndim - 2
@@ -431,7 +457,7 @@ class _MacKernel:
             return x_k * self.rows[:, k].reshape(weight_shape)
 
         exact = self._exact_conv(padded)
-        return accumulate(term_at, self.rows.shape[1], self.bits, self.signed, self.mode, self.tile, exact), 1
+        return accumulate(term_at, self.rows.shape[1], self.bits, self.signed, self.mode, self.tile, exact, self.outer), 1
 
     def _padded(self, codes: np.ndarray) -> np.ndarray:
         n = codes.ndim - 2
@@ -586,6 +612,7 @@ def simulate_model(
     input_dtypes: dict[str, str] | None = None,
     zero_point: str = "fold",
     batch_size: int = DEFAULT_BATCH,
+    stages: dict[str, tuple[int, int | None]] | None = None,
 ) -> SimulationResult:
     """Run ``inputs`` through ``model`` with P-bit accumulators in the given layers.
 
@@ -593,7 +620,8 @@ def simulate_model(
     exactly) or ``None`` (the widths recorded in the model). The simulated error of each layer propagates to later layers, so ``outputs`` is
     what the model computes with those accumulators; ``exact_outputs`` is ordinary execution.
     Layers that cannot be simulated (e.g. FINN dataflow nodes) run exactly and are listed in
-    ``skipped``. The model is not modified.
+    ``skipped``. The model is not modified. ``stages``: per layer ``(tile, outer bits)`` of a multi-stage
+    datapath, in place of ``tile`` (``verify`` passes what ``project --tile`` recorded).
     """
     _check_mode(mode, tile)
     if batch_size < 1:
@@ -608,7 +636,7 @@ def simulate_model(
     for name, bits in chosen.items():
         layer = by_name[name]
         try:
-            kernels[name] = _MacKernel(model, layer, nodes[name], bits, mode, tile)
+            kernels[name] = _MacKernel(model, layer, nodes[name], bits, mode, *(stages or {}).get(name, (tile, None)))
         except _NotSimulated as why:
             skipped[name] = str(why)
     runner = _GraphRunner(model)
@@ -701,20 +729,29 @@ def verify_model(
     input_dtypes: dict[str, str] | None = None,
     zero_point: str = "fold",
     input_ranges: str = "exact",
+    outer_bits: int | None = None,
 ) -> VerificationReport:
     """Prove (or refute) overflow freedom per layer, simulate the worst cases, and optionally real data.
 
     ``input_ranges``: the input codes each layer is checked for (:data:`a2q_passes.layers.INPUT_RANGES`).
+    ``tile``/``outer_bits``: a multi-stage datapath, every layer's K-tiles of ``tile`` terms at its width and the
+    sum of tiles at ``outer_bits`` (default: the same width). Without ``tile``, widths read from the record
+    keep the tile and outer width ``project --tile`` recorded.
     """
-    _check_mode(mode, tile)
+    _check_mode(mode, tile, outer_bits)
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
     chosen, source = resolve_widths(model, layers, widths, overrides)
+    if tile is not None:
+        stages = {layer.node: (tile, outer_bits) for layer in layers}
+    else:
+        stages = recorded_tiles(model) if source == WIDTHS_RECORDED else {}
     notes = {}
     if source == WIDTHS_RECORDED:  # the record describes the whole model: derive the width it leaves out
         for layer in layers:
             if layer.node not in chosen and layer.ok:
                 chosen[layer.node], notes[layer.node] = untargeted_width(model, layer, mode, tile)
-    verdicts = [check_layer(model, layer, chosen.get(layer.node), mode, tile) for layer in layers]
+    verdicts = [check_layer(model, layer, chosen.get(layer.node), mode, *stages.get(layer.node, (None, None)))
+                for layer in layers]
     for verdict, layer in zip(verdicts, layers):
         verdict.width_note = notes.get(layer.node, "")
         if source == WIDTHS_RECORDED and verdict.proof == PROOF_UNCHECKED:  # quantized, unreadable, not recorded
@@ -722,11 +759,11 @@ def verify_model(
                               f"for '{layer.node}'; make it readable (e.g. --input-dtype for a float input), or "
                               "verify the other layers only with --layer NAME=P")
     # a passing proof must agree with the range derived without the reader (exit 4 otherwise)
-    certify_claims(model, {v.node: Claim(*v.registers["final sum"], v.acc_bits) for v in verdicts if v.proof == PROOF_PASS},
+    certify_claims(model, {v.node: _claim(v) for v in verdicts if v.proof == PROOF_PASS},
                    what="verify", input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
     report = VerificationReport(verdicts, mode, tile, source, zero_point, input_ranges=input_ranges)
     if data is not None:
-        simulation = simulate_model(model, data, chosen, mode, tile, input_dtypes, zero_point)
+        simulation = simulate_model(model, data, chosen, mode, tile, input_dtypes, zero_point, stages=stages)
         for verdict in verdicts:
             if verdict.node in simulation.widths:
                 verdict.data_accumulations = simulation.accumulations[verdict.node]
@@ -736,3 +773,14 @@ def verify_model(
                 verdict.data_note = f"not simulated: {simulation.skipped[verdict.node]}"
         report.simulation = simulation
     return report
+
+
+def _claim(verdict: LayerVerdict) -> Claim:
+    """What a passing verdict promises, for the certificate: the final sum's range at the outer width and, for a
+    tiled datapath, the within-tile range at the inner width. ConvTranspose tiles (over its stride-phase rows)
+    are proven by the reader only: the certificate ranges ConvTranspose outputs, not their term order."""
+    final = verdict.registers["final sum"]
+    outer = verdict.acc_bits if verdict.outer_bits is None else verdict.outer_bits
+    if INNER_REGISTER in verdict.registers and verdict.kind == KIND_WEIGHTS and verdict.op_type != "ConvTranspose":
+        return Claim(*final, outer, verdict.tile, *verdict.registers[INNER_REGISTER], verdict.acc_bits)
+    return Claim(*final, outer)

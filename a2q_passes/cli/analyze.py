@@ -12,7 +12,7 @@ from rich.console import Console
 from a2q_passes.cli import app, err_console
 from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors, check_input_ranges, check_zero_point,
                                    parse_input_dtypes)
-from a2q_passes.errors import AnalysisProblem
+from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.model_io import check_output_paths, load_model
 from a2q_passes.report import analysis_table, plot_analysis
 from a2q_passes.transforms import AnalyzeAccumulators
@@ -31,12 +31,16 @@ def analyze(
                              "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
     input_ranges: InputRangesOption = "exact",
+    tile: Annotated[Optional[int], typer.Option(
+        "--tile", help="also report a multi-stage datapath: each K-tile of T terms, and the sum of tiles")] = None,
 ) -> None:
     """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""
     check_output_paths([("--plot", plot)], inputs=[model_path])
+    if tile is not None and tile < 1:
+        raise A2QError(f"--tile must be a positive number of terms, got {tile}")
     input_dtypes = parse_input_dtypes(input_dtype)
     analysis = AnalyzeAccumulators(input_dtypes, check_zero_point(zero_point), per_channel,
-                                   check_input_ranges(input_ranges))
+                                   check_input_ranges(input_ranges), tile)
     model = load_model(model_path, allow_unknown_ops)
     check_input_dtype_tensors(input_dtypes, model, model_path)
     model.transform(analysis, cleanup=False)  # qonnx's cleanup is not needed to read a model

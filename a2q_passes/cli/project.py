@@ -23,12 +23,17 @@ from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator,
 
 
 def projection_table(projections: list[LayerProjection], method: str, input_ranges: str = "exact") -> Table:
-    table = Table(title=f"Projection ({method}; {INPUT_RANGES_TITLE[input_ranges]}): accumulator bits per layer")
-    for col in ("layer", "op", "target", "before", "after", "acc type", "rel. L2 change", "sparsity before",
-                "sparsity after", "channels touched", "rows by method", "status"):
+    tiled = any(p.tile is not None for p in projections)
+    table = Table(title=f"Projection ({method}; {INPUT_RANGES_TITLE[input_ranges]}): accumulator bits per layer"
+                        + ("; target and after: each K-tile, outer: the sum of tiles" if tiled else ""))
+    for col in ("layer", "op", "target", "before", "after", *(("tile", "outer", "outer after") if tiled else ()),
+                "acc type", "rel. L2 change", "sparsity before", "sparsity after", "channels touched", "rows by method",
+                "status"):
         table.add_column(col)
     for p in projections:
-        table.add_row(p.node, p.op_type, *("-" if v is None else str(v) for v in (p.target_bits, p.width_before, p.width_after)),
+        stages = (p.tile, p.outer_bits, p.outer_width_after) if tiled else ()
+        table.add_row(p.node, p.op_type, *("-" if v is None else str(v)
+                                           for v in (p.target_bits, p.width_before, p.width_after, *stages)),
                       p.acc_dtype_after or "-", f"{p.rel_l2_change:.4f}",
                       "-" if p.sparsity_before is None else f"{p.sparsity_before:.3f}",
                       "-" if p.sparsity_after is None else f"{p.sparsity_after:.3f}",
@@ -61,8 +66,17 @@ def project(
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers project cannot read")] = None,
     input_ranges: InputRangesOption = "exact",
+    tile: Annotated[Optional[int], typer.Option(
+        "--tile", help="multi-stage datapath: each K-tile of T terms (verify --tile's tiling) fits --acc-bits")] = None,
+    outer_bits: Annotated[Optional[int], typer.Option(
+        "--outer-bits", help="with --tile: width of the accumulator summing the tiles (default: the exact width "
+                             "of the projected tiles' sum, reported and recorded)")] = None,
 ) -> None:
-    """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit."""
+    """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit.
+
+    With --tile T, each run of T consecutive terms of every accumulation fits P (--acc-bits) and their sum
+    fits --outer-bits; both widths and the tile are recorded, so `a2q verify OUT` checks both stages.
+    """
     if list_methods:
         _list_methods()
         return
@@ -73,7 +87,7 @@ def project(
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
     input_dtypes = parse_input_dtypes(input_dtype)
     projection = ProjectToAccumulator(global_bits, overrides, method, input_dtypes, check_zero_point(zero_point), skip,
-                                      check_input_ranges(input_ranges))
+                                      check_input_ranges(input_ranges), tile, outer_bits)
     model = load_model(input_path)
     check_input_dtype_tensors(input_dtypes, model, input_path)
     # no qonnx cleanup: it gives shared parameters new random names (GiveUniqueParameterTensors)

@@ -39,6 +39,8 @@ def verify(
     mode: Annotated[str, typer.Option("--mode", help="accumulator on overflow: 'wrap' or 'saturate'")] = "wrap",
     tile: Annotated[Optional[int], typer.Option(
         "--tile", help="multi-stage accumulation: tiles of T terms, each in its own P-bit accumulator")] = None,
+    outer_bits: Annotated[Optional[int], typer.Option(
+        "--outer-bits", help="with --tile: width of the accumulator summing the tile results (default: P)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG: required width vs P per layer")] = None,
     input_dtype: Annotated[Optional[list[str]], typer.Option(
@@ -87,7 +89,8 @@ def verify(
         _fail_if_different(equivalence, model_path, against)
         return
     check = VerifyAccumulators(widths, mode, tile, inputs, overrides=overrides if global_bits is not None else None,
-                               input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
+                               input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges,
+                               outer_bits=outer_bits)
     model.transform(check, cleanup=False)
     report = check.report
     if as_json:
@@ -136,7 +139,10 @@ def _fail_if_different(equivalence: dict, model_path: Path, against: Path) -> No
 
 
 def _needs(v: LayerVerdict) -> str:
-    return "-" if v.required_bits is None else f"{'INT' if v.signed else 'UINT'}{v.required_bits}"
+    if v.required_bits is None:
+        return "-"
+    needs = f"{'INT' if v.signed else 'UINT'}{v.required_bits}"
+    return needs if v.outer_required_bits is None else f"{needs}/{v.outer_required_bits}"
 
 
 def _worst_case(v: LayerVerdict) -> str:
@@ -157,9 +163,17 @@ def _data(v: LayerVerdict) -> str:
 _PROOF_STYLE = {PROOF_PASS: "green", PROOF_FAIL: "bold red"}
 
 
+def _stage_pair(inner: int | None, outer: int | None, fmt: str) -> str:
+    """One width or margin, or ``inner/outer`` for a tiled datapath whose outer stage has its own width."""
+    if inner is None:
+        return "-"
+    return fmt.format(inner) if outer is None else f"{fmt.format(inner)}/{fmt.format(outer)}"
+
+
 def verification_table(report: VerificationReport) -> Table:
     tile = f", tiles of {report.tile}" if report.tile else ""
-    table = Table(title=f"Accumulator overflow check ({report.mode}{tile}; widths: {report.width_source}; "
+    table = Table(title=f"Accumulator overflow check ({report.mode}{tile}; widths: {report.width_source}; P and margin "
+                        "as inner/outer where the sum of tiles has its own width; "
                         f"{INPUT_RANGES_TITLE[report.input_ranges]}; bias excluded)")
     for col in ("layer", "op", "K", "register range", "needs", "P", "margin", "proof", "worst-case sim.",
                 "data overflows", "note"):
@@ -169,9 +183,10 @@ def verification_table(report: VerificationReport) -> Table:
         table.add_row(
             v.node, v.op_type if v.kind == KIND_WEIGHTS else f"{v.op_type} ({v.kind})", str(v.K),
             f"[{v.acc_min}, {v.acc_max}]" if v.acc_min is not None else "-", _needs(v),
-            "-" if v.acc_bits is None else str(v.acc_bits), "-" if v.margin is None else f"{v.margin:+d}",
+            _stage_pair(v.acc_bits, v.outer_bits, "{}"), _stage_pair(v.margin, v.outer_margin, "{:+d}"),
             f"[{style}]{v.proof}[/]", _worst_case(v), _data(v),
-            "; ".join(filter(None, [v.width_note, v.reason, v.data_note])),
+            "; ".join(filter(None, [v.width_note, f"tiles of {v.tile}" if v.tile and not report.tile else "",
+                                    v.reason, v.data_note])),
         )
     return table
 

@@ -12,8 +12,9 @@ class AnalyzeAccumulators(A2QPass):
     """Analysis pass; the :class:`ModelReport` is in ``self.report`` and ``result.details["report"]``."""
 
     def __init__(self, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
-                 per_channel: bool = False, input_ranges: str = "exact") -> None:
+                 per_channel: bool = False, input_ranges: str = "exact", tile: int | None = None) -> None:
         super().__init__()
+        self.tile = tile
         self.input_ranges = input_ranges
         self.input_dtypes = input_dtypes
         self.zero_point = zero_point
@@ -21,5 +22,6 @@ class AnalyzeAccumulators(A2QPass):
         self.report: ModelReport | None = None
 
     def call(self, model: ModelWrapper) -> PassResult:
-        self.report = analyze_model(model, self.input_dtypes, self.zero_point, self.per_channel, self.input_ranges)
+        self.report = analyze_model(model, self.input_dtypes, self.zero_point, self.per_channel, self.input_ranges,
+                                    self.tile)
         return PassResult(model, False, {"report": self.report})

@@ -239,8 +239,12 @@ def _qonnx_record(model: ModelWrapper) -> dict[str, dict]:
 
 
 def qonnx_recorded_widths(model: ModelWrapper) -> dict[str, int]:
-    """Widths recorded for the QONNX layers (by ``project``/``annotate``), also after lowering."""
-    return {name: int(info["acc_bits"]) for name, info in _qonnx_record(model).items()}
+    """Widths recorded for the QONNX layers (by ``project``/``annotate``), also after lowering.
+
+    A layer projected for a multi-stage datapath (``project --tile``) records its inner width as ``acc_bits``;
+    FINN's single accumulator must hold the full sum, which the outer width (``outer_bits``) covers.
+    """
+    return {name: int(info.get("outer_bits", info["acc_bits"])) for name, info in _qonnx_record(model).items()}
 
 
 def rekey_accumulator_record(hw_model: ModelWrapper, layers: list[HWLayer]) -> None:

@@ -9,6 +9,7 @@ fails if any constrained layer's exact range does not fit its width.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import onnx
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
-from a2q_passes.analysis import analyze_model, channel_ranges
+from a2q_passes.analysis import analyze_model, channel_ranges, stage_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, UnsupportedLayer, find_mac_layers
@@ -24,8 +25,8 @@ from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.model_io import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.projection import (InfeasibleTarget, ProjectionResult, accumulator_is_signed, layer_accumulator_limits,
-                                   min_feasible_acc_bits, plain_round, projection_stats)
+from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
+                                   plain_round, project_in_parts, project_multistage, projection_stats)
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -49,6 +50,11 @@ class LayerProjection:
     channels: int = 0
     channels_touched: int = 0
     rows_by_method: dict[str, int] = field(default_factory=dict)
+    # --tile T: target_bits and width_after are the inner (within-tile) stage; outer_bits the sum of tiles
+    # (the target given with --outer-bits, else the exact width of the projected tiles' sum)
+    tile: int | None = None
+    outer_bits: int | None = None
+    outer_width_after: int | None = None
 
 
 def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dict[str, int],
@@ -94,12 +100,22 @@ class ProjectToAccumulator(A2QPass):
 
     ``skip``: MAC layer names left unconstrained on purpose (reported as skipped); with a global
     ``acc_bits`` every quantized layer that cannot be read must be among them.
+
+    ``tile``: a multi-stage datapath (:func:`projection.project_multistage`): each K-tile of ``tile`` terms
+    (the tiling ``verify --tile`` checks) fits the layer's width and the sum of tiles ``outer_bits`` (default:
+    whatever the projected tiles need, reported and recorded).
     """
 
     def __init__(self, acc_bits: int | None = None, layer_bits: dict[str, int] | None = None,
                  method: str = "exact", input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
-                 skip: list[str] | None = None, input_ranges: str = "exact") -> None:
+                 skip: list[str] | None = None, input_ranges: str = "exact", tile: int | None = None,
+                 outer_bits: int | None = None) -> None:
         super().__init__()
+        if tile is not None and tile < 1:
+            raise A2QError(f"--tile must be at least 1 term, got {tile}")
+        if outer_bits is not None and (tile is None or not 2 <= outer_bits <= 64):
+            raise A2QError(f"--outer-bits {outer_bits} needs --tile T and a width from 2 to 64 bits")
+        self.tile, self.outer_bits = tile, outer_bits
         self.input_ranges = input_ranges
         self.acc_bits = acc_bits
         self.layer_bits = dict(layer_bits or {})
@@ -133,6 +149,8 @@ class ProjectToAccumulator(A2QPass):
             if p.status in ("projected", "unchanged", STATUS_CHECKED):
                 recorded[p.node] = {"acc_bits": p.target_bits, "acc_dtype": p.acc_dtype_after, "method": self.method.name,
                                     "input_ranges": self.input_ranges}
+                if p.tile is not None:
+                    recorded[p.node].update(tile=p.tile, outer_bits=p.outer_bits)
         record_accumulators(model, recorded, source="project")
         modified = any(p.status == "projected" for p in self.projections)
         return PassResult(model, modified, {"layers": [asdict(p) for p in self.projections]})
@@ -144,6 +162,14 @@ class ProjectToAccumulator(A2QPass):
         (the largest of the per-layer minimums), so a rerun with it succeeds.
         """
         weighted = [layer for layer in self._layers if not layer.act_x_act]
+        if self.tile is not None:
+            fixed = [layer for layer in self._layers if layer.act_x_act or layer.binary_xnor or layer.source.bipolar
+                     or layer.op_type == "ConvTranspose"]
+            if fixed:
+                raise A2QError(
+                    "--tile: " + ", ".join(f"'{layer.node}'" for layer in fixed) + " cannot be projected for a "
+                    "multi-stage datapath (activation x activation, bipolar or ConvTranspose); " +
+                    " ".join(f"--skip {layer.node}" for layer in fixed))
         unsound = [layer for layer in weighted if layer.source.raw_zero_point]
         if unsound:
             raise A2QError(
@@ -157,7 +183,8 @@ class ProjectToAccumulator(A2QPass):
                 smallest[layer.node] = smallest_target(model, layer)
             except UnsupportedLayer as err:
                 raise A2QError(f"cannot project layer '{layer.node}': {err}; or --skip it") from err
-        short = [layer for layer in self._layers if smallest[layer.node] > self._targets[layer.node]]
+        short = [layer for layer in self._layers
+                 if smallest[layer.node] > min(self._targets[layer.node], self.outer_bits or self._targets[layer.node])]
         if not short:
             return
         problems = "; ".join(f"'{layer.node}' needs at least {smallest[layer.node]} bits ({layer_why(layer)}), "
@@ -188,11 +215,19 @@ class ProjectToAccumulator(A2QPass):
             return report
         v = layer.unrounded_rows(model)
         try:
-            result = _project_rows(v, layer, model, bits, self.method.name)
-        except InfeasibleTarget as err:
+            if self.tile is not None:
+                result = project_multistage(v, layer.grid.range, layer.row_weight_ranges(model), self.tile, bits,
+                                            self.outer_bits, partial(project_weights, method=self.method.name))
+            else:
+                result = _project_rows(v, layer, model, bits, self.method.name)
+        except A2QError as err:
             raise A2QError(f"layer '{layer.node}': {err}") from err
         q_after = np.asarray(result.weights, dtype=np.int64)
-        if not bounds.fits(*(int(f(r)) for f, r in zip((np.min, np.max), channel_ranges(layer, q_after))), bits):
+        if self.tile is not None:
+            inner, outer = stage_ranges(q_after, layer.grid.range, self.tile)
+            report.tile, report.outer_width_after = self.tile, int(bounds.accumulator_width(*outer))
+            report.outer_bits = self.outer_bits if self.outer_bits is not None else report.outer_width_after
+        elif not bounds.fits(*(int(f(r)) for f, r in zip((np.min, np.max), channel_ranges(layer, q_after))), bits):
             # channels with different weight zero points are projected apart (see _project_rows); a method that
             # breaks the layer's INT/UINT choice across them is refused rather than written
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
@@ -201,6 +236,10 @@ class ProjectToAccumulator(A2QPass):
             layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces q_after exactly
             report.status = "projected"
         report.width_after, report.acc_dtype_after = _layer_width(layer, q_after)
+        if self.tile is not None:  # the inner stage is what target_bits promises
+            report.width_before = int(bounds.accumulator_width(*stage_ranges(q_before, layer.grid.range, self.tile)[0]))
+            report.width_after = int(bounds.accumulator_width(*inner))
+            report.acc_dtype_after = bounds.accumulator_datatype_name(*inner)
         stats = projection_stats(q_before, q_after, v)
         report.rel_l2_change = stats["rel_l2_change"]
         report.sparsity_before, report.sparsity_after = stats["sparsity_before"], stats["sparsity_after"]
@@ -217,19 +256,29 @@ class ProjectToAccumulator(A2QPass):
         except onnx.checker.ValidationError as err:
             raise PostconditionError(f"projected model fails onnx.checker: {err}") from err
         widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point,
-                                                   input_ranges=self.input_ranges).layers}
+                                                   input_ranges=self.input_ranges, tile=self.tile).layers}
+        claims = {}
         for p in self.projections:
             if p.target_bits is None:  # left unconstrained by --skip
                 continue
             r = widths.get(p.node)
-            if r is None or r.status != "ok" or not bounds.fits(r.acc_min, r.acc_max, p.target_bits):
+            if p.tile is None:
+                fits = r is not None and r.status == "ok" and bounds.fits(r.acc_min, r.acc_max, p.target_bits)
+                claims[p.node] = Claim(r.acc_min, r.acc_max, p.target_bits) if fits else None
+            else:  # both stages: the within-tile sums at the target, the running sums of tiles at the outer width
+                fits = (r is not None and r.status == "ok" and r.tile_range is not None
+                        and bounds.fits(*r.tile_range, p.target_bits) and bounds.fits(*r.outer_range, p.outer_bits))
+                claims[p.node] = Claim(r.acc_min, r.acc_max, p.outer_bits, p.tile, *r.tile_range,
+                                       p.target_bits) if fits else None
+            if claims[p.node] is None:
                 raise PostconditionError(
                     f"layer '{p.node}' does not fit {p.target_bits} bits after projection "
-                    f"(range {None if r is None else (r.acc_min, r.acc_max)}); nothing was written")
+                    f"(range {None if r is None else (r.acc_min, r.acc_max)}"
+                    f"{'' if p.tile is None or r is None else f', tiles {r.tile_range}, outer {r.outer_range}'}); "
+                    "nothing was written")
         # the promise must also hold for the ranges derived without the reader the projection used
-        certify_claims(model, {p.node: Claim(widths[p.node].acc_min, widths[p.node].acc_max, p.target_bits)
-                               for p in self.projections if p.target_bits is not None}, what="project",
-                       input_dtypes=self.input_dtypes, zero_point=self.zero_point, input_ranges=self.input_ranges)
+        certify_claims(model, claims, what="project", input_dtypes=self.input_dtypes, zero_point=self.zero_point,
+                       input_ranges=self.input_ranges)
 
 
 def _project_rows(v: np.ndarray, layer: MacLayer, model: ModelWrapper, bits: int, method: str) -> ProjectionResult:
@@ -237,18 +286,8 @@ def _project_rows(v: np.ndarray, layer: MacLayer, model: ModelWrapper, bits: int
     groups = layer.row_weight_ranges(model)
     if len(groups) == 1:
         return project_weights(v, layer.grid.range, bits, groups[0][1], method)
-    x = layer.grid.range
-    plain = [plain_round(v[rows], weight_range) for rows, weight_range in groups]
-    signed = accumulator_is_signed(np.concatenate(plain), x)
-    weights, touched = np.zeros(v.shape, dtype=np.int64), np.zeros(v.shape[0], dtype=bool)
-    row_method = np.empty(v.shape[0], dtype=object)
-    for (rows, weight_range), group_plain in zip(groups, plain):
-        # the layer has one INT/UINT accumulator: a group whose rows never go below 0 in a signed layer must fit
-        # INT P's non-negative half, which is exactly UINT (P - 1) for such rows
-        group_bits = bits - 1 if signed and not accumulator_is_signed(group_plain, x) else bits
-        part = project_weights(v[rows], x, group_bits, weight_range, method)
-        weights[rows], touched[rows], row_method[rows] = part.weights, part.touched, part.row_method
-    return ProjectionResult(weights, touched, row_method.astype(str), layer_accumulator_limits(weights, x, bits))
+    return project_in_parts(v, layer.grid.range, bits, [(rows, slice(None), weight_range) for rows, weight_range in groups],
+                            partial(project_weights, method=method))
 
 
 def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:

@@ -28,9 +28,10 @@ class VerifyAccumulators(A2QPass):
     def __init__(self, widths: int | dict[str, int] | None = None, mode: str = "wrap", tile: int | None = None,
                  data: dict[str, np.ndarray] | np.ndarray | None = None, *, overrides: dict[str, int] | None = None,
                  input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
-                 input_ranges: str = "exact") -> None:
+                 input_ranges: str = "exact", outer_bits: int | None = None) -> None:
         super().__init__()
         self.widths, self.mode, self.tile, self.data = widths, mode, tile, data
+        self.outer_bits = outer_bits
         self.overrides, self.input_dtypes, self.zero_point = overrides, input_dtypes, zero_point
         self.input_ranges = input_ranges
         self.report: VerificationReport | None = None
@@ -39,7 +40,7 @@ class VerifyAccumulators(A2QPass):
         self._bytes_before = model_bytes(model)
         self.report = verify_model(model, self.widths, self.mode, self.tile, self.data, overrides=self.overrides,
                                    input_dtypes=self.input_dtypes, zero_point=self.zero_point,
-                                   input_ranges=self.input_ranges)
+                                   input_ranges=self.input_ranges, outer_bits=self.outer_bits)
         details: dict[str, Any] = {
             "report": self.report,
             "layers": {v.node: v.to_json() for v in self.report.layers},
