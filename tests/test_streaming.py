@@ -163,3 +163,26 @@ def test_external_input_gives_external_output_even_when_read_whole(tmp_path, a2q
     assert a2q("project", QONNX_MLP, inline_out, "--acc-bits", "13").returncode == 0
     ours, theirs = initializer_values(out), initializer_values(inline_out)
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("case", ["quantize_static int4 BlockSize", "ort uint4 block zero points"])
+def test_streamed_int4_blockwise_weights_analyse_and_project_like_inline(tmp_path, a2q, monkeypatch, case):
+    """Packed int4/uint4 codes read from the data file and written back (block-wise scales stay inline)."""
+    from tests.test_blockwise import CASES
+
+    monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 128)  # the 64 x 6 int4 weights (192 bytes), not the scales
+    model, zero_point = CASES[case](tmp_path)
+    inline = tmp_path / "inline.onnx"
+    onnx.save(model, inline)
+    external = externalise(inline, tmp_path / "ext")
+    assert any(model_io.is_streamed(t) and t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+               for t in model_io.load_model(external).graph.initializer)
+    reports = [json.loads(a2q("analyze", m, "--json", "--zero-point", zero_point).stdout) for m in (inline, external)]
+    assert reports[0] == reports[1]
+    target = reports[0]["layers"][0]["bounds"]["exact"] - 2
+    outs = [tmp_path / "inline_out.onnx", tmp_path / "external_out.onnx"]
+    for source, out in zip((inline, external), outs):
+        assert a2q("project", source, out, "--acc-bits", target, "--zero-point", zero_point).returncode == 0
+        assert a2q("verify", out, "--zero-point", zero_point).returncode == 0
+    ours, theirs = initializer_values(outs[1]), initializer_values(outs[0])
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
