@@ -79,12 +79,18 @@ def _format_of(dtype_name: str | None, r: bounds.IntRange) -> tuple[int, bool]:
     return bounds.integer_format(r)
 
 
-def channel_ranges(layer: MacLayer, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact per-channel ``(acc_min, acc_max)`` of a layer given its integer rows."""
+def channel_ranges(layer: MacLayer, rows: np.ndarray,
+                   sums: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-channel ``(acc_min, acc_max)`` of a layer given its integer rows.
+
+    ``sums``: the rows' :func:`bounds.positive_negative_sums`, when the caller has them already.
+    """
     if layer.binary_xnor:
         # popcount of K xnor terms: every count in [0, K] is reachable by choosing the inputs
         zeros = np.zeros(rows.shape[0], dtype=np.int64)
         row_min, row_max = zeros, zeros + rows.shape[1]
+    elif sums is not None:
+        row_min, row_max = bounds.range_from_sums(*sums, layer.grid.range)
     else:
         row_min, row_max = bounds.exact_accumulator_range(rows, layer.grid.range)
     return layer.layout.rows_to_channels(row_min, np.min), layer.layout.rows_to_channels(row_max, np.max)
@@ -143,12 +149,13 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
     if layer.act_x_act:
         _analyze_act_x_act(layer, report, per_channel, zero_point_convention)
         return report
-    rows = layer.integer_rows(model)
-    acc_min, acc_max = channel_ranges(layer, rows)
+    rows = layer.code_rows(model)  # one pass over the weights: every figure below derives from pos/neg
+    pos, neg = bounds.positive_negative_sums(rows)
+    acc_min, acc_max = channel_ranges(layer, rows, (pos, neg))
     report.acc_min, report.acc_max = int(acc_min.min()), int(acc_max.max())
     report.acc_dtype = bounds.accumulator_datatype_name(report.acc_min, report.acc_max)
     exact_per_channel = bounds.accumulator_width(acc_min, acc_max)
-    l1_rows = np.abs(rows).sum(axis=1)
+    l1_rows = pos + neg
     l1 = layer.layout.rows_to_channels(l1_rows, np.max)
     if layer.binary_xnor:
         popcount = bounds.unsigned_accumulator_width(layer.K)
@@ -160,7 +167,7 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
         m_bits, w_signed = _format_of(layer.weight_dtype, w)
         datatype_bits = bounds.datatype_bound_bits(layer.K, n_bits, x_signed, m_bits, w_signed)
         l1_bits = bounds.l1_bound_bits(l1, n_bits, x_signed)
-        zero_sum = layer.layout.rows_to_channels(rows.sum(axis=1) == 0, np.all)
+        zero_sum = layer.layout.rows_to_channels(pos == neg, np.all)  # sum q = pos - neg
         zc_rows = bounds.zero_centered_bound_bits(l1, x) if x.hi > x.lo else l1_bits
         zc_bits = int(np.max(zc_rows)) if zero_sum.all() else None
     report.bounds = {

@@ -185,11 +185,25 @@ def as_integer_weights(q: np.ndarray) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def positive_negative_sums(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64)."""
-    q = as_integer_weights(q)
-    pos = np.maximum(q, 0).sum(axis=1)
-    return pos, pos - q.sum(axis=1)  # sum q = pos - neg
+def positive_negative_sums(q: np.ndarray, block_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64).
+
+    Integer weights are summed in their own dtype's values but accumulated in int64 (numpy's
+    ``sum(dtype=int64)`` widens each element), a block of rows at a time: an int8 layer is never
+    copied to a full int64 array. Narrow weights come from storage types of at most 32 bits, so with
+    K < 2^31 terms no int64 sum overflows.
+    """
+    arr = np.asarray(q)
+    if arr.dtype.kind not in "iu" or arr.ndim != 2:
+        arr = as_integer_weights(arr)
+    pos = np.empty(arr.shape[0], dtype=np.int64)
+    total = np.empty(arr.shape[0], dtype=np.int64)
+    step = max(1, block_elements // max(arr.shape[1], 1))
+    for start in range(0, arr.shape[0], step):
+        block = arr[start:start + step]
+        np.maximum(block, 0).sum(axis=1, dtype=np.int64, out=pos[start:start + step])
+        block.sum(axis=1, dtype=np.int64, out=total[start:start + step])
+    return pos, pos - total  # sum q = pos - neg
 
 
 def exact_accumulator_range(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +214,7 @@ def exact_accumulator_range(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.
     Returned as int64 arrays, or object arrays of Python ints if int64 could overflow.
     """
     pos, neg = positive_negative_sums(q)
-    return _range_from_sums(pos, neg, x)
+    return range_from_sums(pos, neg, x)
 
 
 def product_range(a: IntRange, b: IntRange) -> IntRange:
@@ -228,7 +242,8 @@ def act_x_act_range(K: int, a: IntRange, b: IntRange) -> tuple[int, int]:
     return int(K) * p.lo, int(K) * p.hi
 
 
-def _range_from_sums(pos: np.ndarray, neg: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+def range_from_sums(pos: np.ndarray, neg: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    """``(acc_min, acc_max)`` per row from :func:`positive_negative_sums` (see :func:`exact_accumulator_range`)."""
     big = max(int(pos.max(initial=0)), int(neg.max(initial=0))) * max(x.magnitude, 1) * 2
     if big >= _INT64_SAFE:
         pos, neg = pos.astype(object), neg.astype(object)

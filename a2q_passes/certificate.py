@@ -61,6 +61,7 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes import bounds
 from a2q_passes.errors import PostconditionError
+from a2q_passes.model_io import initializer_proto, initializer_value, is_streamed, tensor_value
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
@@ -186,7 +187,7 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
         chosen[node.output[0]] = node
         stack.extend(node.input)
     if not chosen:
-        return {name: overrides[name] if name in overrides else numpy_helper.to_array(initializers[name])
+        return {name: overrides[name] if name in overrides else tensor_value(initializers[name])
                 for name in targets}
     nodes = []
     for node in model.graph.node:
@@ -194,7 +195,7 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
             if clip_as_identity and node.op_type == "Clip":
                 node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
             nodes.append(node)
-    inits = [initializers[name] for name in sorted(used) if name not in overrides]
+    inits = [_inline(initializers[name]) for name in sorted(used) if name not in overrides]
     inits += [numpy_helper.from_array(np.asarray(value), name) for name, value in overrides.items() if name in used]
     graph = helper.make_graph(nodes, "certificate_constants", [], [], inits)
     sub = ModelWrapper(qonnx_make_model(graph, opset_imports=list(model.model.opset_import)))
@@ -208,6 +209,11 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
         # int4/uint4 (ml_dtypes); onnxruntime runs the whole standard subgraph with them inside
         context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}")
     return {name: np.asarray(context[name]) for name in targets}
+
+
+def _inline(tensor: TensorProto) -> TensorProto:
+    """``tensor`` with its data in the proto: qonnx and onnxruntime execute a subgraph of inline tensors only."""
+    return numpy_helper.from_array(tensor_value(tensor), tensor.name) if is_streamed(tensor) else tensor
 
 
 def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error: str) -> dict[str, np.ndarray]:
@@ -232,15 +238,21 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
-def _as_integers(values: np.ndarray, what: str) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise CannotCertify(f"{what} holds NaN or infinite values")
-    rounded = np.rint(values)
-    off = np.abs(values - rounded)
-    if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
-        raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
-    return rounded.astype(np.int64)
+def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22) -> np.ndarray:
+    """``values`` as int64, each within the tolerance of an integer; checked a block at a time (bounded temporaries)."""
+    values = np.asarray(values)
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.int64)
+    for start in range(0, flat.size, block):
+        chunk = flat[start:start + block].astype(np.float64)
+        if not np.all(np.isfinite(chunk)):
+            raise CannotCertify(f"{what} holds NaN or infinite values")
+        rounded = np.rint(chunk)
+        off = np.abs(chunk - rounded)
+        if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
+            raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
+        out[start:start + chunk.size] = rounded
+    return out.reshape(values.shape)
 
 
 def _uniform(value: np.ndarray, what: str) -> float:
@@ -549,9 +561,9 @@ class _InputCodes:
                 zp = _execute_constants(self.model, [quantize.input[2]])[quantize.input[2]]
                 return helper.np_dtype_to_tensor_dtype(zp.dtype)
             return int(_attr(quantize, "output_dtype", 0)) or TensorProto.UINT8
-        init = self.model.get_initializer(codes)
+        init = initializer_proto(self.model, codes)
         if init is not None:
-            return helper.np_dtype_to_tensor_dtype(init.dtype)
+            return init.data_type
         vi = self.model.get_tensor_valueinfo(codes)
         if vi is None:
             raise CannotCertify(f"the type of the codes {_label(dq)} dequantizes is unknown")
@@ -580,7 +592,7 @@ class _InputCodes:
                 value = self._constant(node.input[const], f"the constant of {_label(node)}")
             except CannotCertify:
                 continue
-            if self.model.get_initializer(node.input[data]) is not None:
+            if initializer_proto(self.model, node.input[data]) is not None:
                 continue
             return _plus_constant(self.grid(node.input[data]), -value if negate else value, _label(node))
         raise CannotCertify(f"{_label(node)} does not add one scalar constant to one tensor")
@@ -700,8 +712,7 @@ def _outer(per_dim: tuple[tuple[bool, ...], ...]) -> np.ndarray:
 def _input_sizes(model: ModelWrapper, tensor: str) -> list[int] | None:
     shape = model.get_tensor_shape(tensor)
     if shape is None:
-        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes())
-        shape = inferred.get_tensor_shape(tensor)
+        shape = _inferred(model).get_tensor_shape(tensor)
     return None if shape is None or len(shape) < 3 or not all(shape[2:]) else [int(d) for d in shape[2:]]
 
 
@@ -821,7 +832,7 @@ def _mac_codes(grid: _Grid, zero_point: str) -> tuple[int, int, int]:
 
 
 def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarray:
-    values = model.get_initializer(node.input[1])
+    values = initializer_value(model, node.input[1])
     if values is None:
         raise CannotCertify(f"{_label(node)} has no weight initializer")
     if xnor:
@@ -859,7 +870,7 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
     a, b = node.input[0], node.input[1]
     if not _reads_graph_input(model, a):
         raise CannotCertify(f"{_label(node)} multiplies a constant left operand by an activation")
-    inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes())
+    inferred = _inferred(model)
     shape_a, shape_b = inferred.get_tensor_shape(a), inferred.get_tensor_shape(b)
     if not shape_a or not shape_a[-1] or not shape_b:
         raise CannotCertify(f"{_label(node)}: the operand shapes are unknown ({shape_a}, {shape_b})")
@@ -871,6 +882,25 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
     acc_min, acc_max = bounds.act_x_act_range(K, bounds.IntRange(a_lo, a_hi), bounds.IntRange(b_lo, b_hi))
     return LayerCertificate(node.name or node.output[0], (int(a_lo), int(a_hi)), None, (acc_min,), (acc_max,),
                             (int(b_lo), int(b_hi)))
+
+
+def _inferred(model: ModelWrapper) -> ModelWrapper:
+    """A copy of ``model`` with qonnx's shape inference applied; one per :func:`certify_claims` call.
+
+    Why cached: inference walks the whole graph, and a transformer stack asks once per layer;
+    certifying does not change the graph.
+    """
+    key = id(model.model)
+    if key not in _INFERRED:
+        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
+        if not _INFERRED.get("active"):
+            return inferred
+        _INFERRED[key] = inferred
+    return _INFERRED[key]
+
+
+# Filled only while certify_claims runs (the key "active" says so), emptied when it ends.
+_INFERRED: dict = {}
 
 
 def _elem_types(model: ModelWrapper) -> dict[str, int]:
@@ -1019,6 +1049,17 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
     range, or when the certified range does not fit its promised width.
     """
     certificates = {}
+    _INFERRED.clear()
+    _INFERRED["active"] = True
+    try:
+        return _certify_each(model, claims, what, input_dtypes, zero_point, input_ranges, certificates)
+    finally:
+        _INFERRED.clear()
+
+
+def _certify_each(model: ModelWrapper, claims: Mapping[str, Claim], what: str,
+                  input_dtypes: Mapping[str, str] | None, zero_point: str, input_ranges: str,
+                  certificates: dict[str, LayerCertificate]) -> dict[str, LayerCertificate]:
     for node, claim in claims.items():
         try:
             cert = certify_layer(model, node, input_dtypes, zero_point, input_ranges, claim.tile)

@@ -35,6 +35,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
 from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format
+from a2q_passes.model_io import initializer_proto, initializer_shape, initializer_value, set_initializer_value
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -269,7 +270,19 @@ class MacLayer:
 
     def integer_rows(self, model: ModelWrapper) -> np.ndarray:
         """The integer weights as ``(rows, K)`` int64 accumulator rows."""
-        return self.layout.to_rows(read_mac_weights(model, self.source)).astype(np.int64)
+        return self.layout.to_rows(read_mac_weights(model, self.source)).astype(np.int64, copy=False)
+
+    def code_rows(self, model: ModelWrapper) -> np.ndarray:
+        """The integer rows without widening, for reductions that accumulate in int64 themselves.
+
+        The stored integer codes, viewed as rows, when the MAC multiplies them unchanged (an integer
+        initializer, or DequantizeLinear codes no Clip narrows and no zero point is subtracted from):
+        an int8 layer then costs no int64 copy. Otherwise :meth:`integer_rows`.
+        """
+        codes = _codes_as_stored(model, self.source)
+        if codes is None:
+            return self.integer_rows(model)
+        return self.layout.to_rows(apply_perms(codes, self.source.perms))
 
     def unrounded_rows(self, model: ModelWrapper) -> np.ndarray:
         """The weights in integer units before rounding, as ``(rows, K)`` float64 rows."""
@@ -286,10 +299,10 @@ class MacLayer:
         Raises :class:`UnsupportedLayer` when a zero point varies along a row (per-input-channel zero points).
         """
         source = self.source
-        n_rows = self.layout.to_rows(read_mac_weights(model, source)).shape[0]
+        stored_shape = initializer_shape(model, source.tensor)
         if source.zero_offset is None:
+            n_rows = self.layout.to_rows(np.empty(mac_weight_shape(source, stored_shape), dtype=bool)).shape[0]
             return [(np.arange(n_rows), source.weight_range)]
-        stored_shape = model.get_initializer(source.tensor).shape
         offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
         # positions a row pads (a short last weight block) hold no weight and no zero point
         weights_at = self.layout.to_rows(apply_perms(np.ones(stored_shape, dtype=bool), source.perms))
@@ -310,7 +323,7 @@ def get_constant(model: ModelWrapper, name: str) -> np.ndarray | None:
     """Value of an initializer or a ``Constant`` node output, else ``None``."""
     if not name:
         return None
-    value = model.get_initializer(name)
+    value = initializer_value(model, name)
     if value is not None:
         return value
     producer = model.find_producer(name)
@@ -443,11 +456,11 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
     perms = list(perms or [])
     producer = model.find_producer(tensor)
     if producer is None:
-        if model.get_initializer(tensor) is None:
+        if initializer_proto(model, tensor) is None:
             raise UnsupportedLayer(f"weight input '{tensor}' is not a constant")
         dt = model.get_tensor_datatype(tensor)
         if dt.is_integer() and not dt.name.startswith("SCALED"):
-            check_integer_values(model.get_initializer(tensor), dt, f"initializer '{tensor}'")
+            check_integer_values(initializer_value(model, tensor), dt, f"initializer '{tensor}'")
             return WeightSource("initializer", tensor, None, IntRange(int(dt.min()), int(dt.max())), dt.name, perms=perms)
         return None
     op = producer.op_type
@@ -632,7 +645,7 @@ def integer_operand_source(model: ModelWrapper, node: NodeProto, convention: str
     """
     operands = INTEGER_MAC_OPS[node.op_type]
     name = node.input[operands.weight]
-    stored = model.get_initializer(name)
+    stored = initializer_value(model, name)
     if stored is None:
         raise UnsupportedLayer(f"{_node_label(node)} reads non-constant weights '{name}' (only an integer "
                                "initializer is read)")
@@ -662,6 +675,13 @@ def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) ->
     return w
 
 
+def mac_weight_shape(source: WeightSource, stored_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the weights as the MAC node sees them (the stored shape through the weight path's Transposes)."""
+    for perm in source.perms:
+        stored_shape = tuple(stored_shape[axis] for axis in perm)
+    return tuple(stored_shape)
+
+
 def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     """Integer weights in the layout of the stored tensor, exactly as the graph's quantizer makes them.
 
@@ -671,16 +691,31 @@ def read_stored_integers(model: ModelWrapper, source: WeightSource) -> np.ndarra
     return codes if source.zero_offset is None else codes - source.zero_offset
 
 
+def _codes_as_stored(model: ModelWrapper, source: WeightSource) -> np.ndarray | None:
+    """The stored integer tensor when it already holds the integers the MAC multiplies, else ``None``."""
+    if source.kind not in ("initializer", "dequantize_linear", "integer_operand") or source.zero_offset is not None:
+        return None
+    stored = initializer_value(model, source.tensor)
+    if stored.dtype.kind not in "iu":  # float-stored FINN weights, int4 (ml_dtypes): widen as usual
+        return None
+    if source.kind == "dequantize_linear":
+        codes, storage = source.storage_range or source.weight_range, np.iinfo(stored.dtype)
+        if storage.min < codes.lo or storage.max > codes.hi:  # a Clip narrows the codes: clamp as usual
+            return None
+    return stored
+
+
 def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     """The codes the graph's weight quantizer makes, before any zero point is subtracted."""
-    stored = model.get_initializer(source.tensor)
+    stored = initializer_value(model, source.tensor)  # streamed: memory-mapped, read once below
     if source.kind in ("initializer", "integer_operand"):
         return np.asarray(stored).astype(np.int64)
     codes = source.storage_range or source.weight_range
     if source.kind == "dequantize_linear":
         # any Clip between the stored codes and DequantizeLinear clamps them to the code range
-        # (without one, the storage type already holds them there)
-        return np.clip(np.asarray(stored).astype(np.int64), codes.lo, codes.hi)
+        # (without one, the storage type already holds them there); one int64 copy, clamped in place
+        wide = np.asarray(stored).astype(np.int64)
+        return np.clip(wide, codes.lo, codes.hi, out=wide)
     if source.kind == "bipolar_quant":
         return np.where(stored >= 0, 1, -1).astype(np.int64)
     if source.kind == "quant" and source.bipolar:
@@ -689,11 +724,11 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     if source.kind == "quantize_dequantize":
         # QuantizeLinear: saturate(round_half_even(x / scale) + zero_point), then any Clip: one clamp to
         # the code range does both
-        q = np.round(stored.astype(np.float32) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
-        return np.clip(q, codes.lo, codes.hi).astype(np.int64)
+        q = np.round(stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
+        return np.clip(q, codes.lo, codes.hi, out=q).astype(np.int64, copy=False)
     # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
-    y = stored.astype(np.float32) / source.scale.astype(np.float32)
-    y = np.clip(y, source.weight_range.lo, source.weight_range.hi)
+    y = stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)
+    y = np.clip(y, source.weight_range.lo, source.weight_range.hi, out=y)
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
 
 
@@ -703,7 +738,7 @@ def unrounded_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarr
     Sources that store integers (FINN initializers, ``DequantizeLinear``) return those integers.
     """
     if source.kind in ("quant", "quantize_dequantize"):
-        stored = model.get_initializer(source.tensor).astype(np.float64)
+        stored = initializer_value(model, source.tensor).astype(np.float64)
         unrounded = stored / source.scale.astype(np.float64)
         if source.kind == "quantize_dequantize" and source.zero_offset is None:
             unrounded = unrounded + source.zero_point.astype(np.float64)  # raw codes (fold)
@@ -743,7 +778,7 @@ def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarr
         raise ValueError(f"new weights for '{source.tensor}' leave the code range [{limits.lo}, {limits.hi}]")
     if source.bipolar and (q_stored == 0).any():
         raise ValueError(f"new weights for '{source.tensor}' contain 0, which its bipolar quantizer cannot represent")
-    model.set_initializer(source.tensor, stored_values_for(source, q_stored))
+    set_initializer_value(model, source.tensor, stored_values_for(source, q_stored))
     if not np.array_equal(read_stored_integers(model, source), q_stored):
         raise AssertionError(f"quantizer of '{source.tensor}' does not reproduce the written integers")
 
@@ -865,7 +900,7 @@ class GridResolver:
             if self._inferred is None:
                 from qonnx.transformation.infer_shapes import InferShapes
 
-                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes())
+                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
             shape = self._inferred.get_tensor_shape(tensor)
         return None if shape is None else [int(d) for d in shape]
 
@@ -1232,7 +1267,7 @@ def computed_from_constants(model: ModelWrapper, tensor: str) -> bool:
         if not name or name in seen:
             continue
         seen.add(name)
-        if model.get_initializer(name) is not None:
+        if initializer_proto(model, name) is not None:
             continue
         producer = model.find_producer(name)
         if producer is None:
@@ -1287,7 +1322,7 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
             w = get_constant(model, node.input[index])
             K, channels = (_layout_for(model, node, w.shape)[1:] if w is not None else (0, 0))
             return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_WEIGHTS_NOT_QUANTIZED)
-        shape = read_mac_weights(model, source).shape
+        shape = mac_weight_shape(source, initializer_shape(model, source.tensor))  # the values are read once, later
         layout, K, channels = _layout_for(model, node, shape)
         if source.block_size:
             layout, K = _block_layout(model, node, source, layout, K)
@@ -1317,7 +1352,7 @@ def _block_layout(model: ModelWrapper, node: NodeProto, source: WeightSource, la
     layer. Blocks along the accumulation axis must cut every row into consecutive runs of equal length
     (the last may be shorter): the K-tiles in the order ``verify --tile`` uses. Anything else is refused.
     """
-    shape = model.get_initializer(source.tensor).shape
+    shape = initializer_shape(model, source.tensor)
     # which scale entry each weight uses: its index, divided by block_size along the block axis
     index = list(np.ogrid[tuple(slice(d) for d in shape)])
     index[source.block_axis] = index[source.block_axis] // source.block_size
@@ -1372,7 +1407,7 @@ def _integer_op_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolv
                         "unsupported: transposed left operand (transA); only X @ W with constant W")
     try:
         source = integer_operand_source(model, node, resolver.zero_point)
-        layout, K, channels = _layout_for(model, node, model.get_initializer(source.tensor).shape, mac_op)
+        layout, K, channels = _layout_for(model, node, initializer_shape(model, source.tensor), mac_op)
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     grid, reason = resolver.integer_operand(node)
@@ -1411,7 +1446,7 @@ def _with_zero_tap(grid: InputGrid) -> InputGrid:
 
 def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
     name = node.name or node.output[0]
-    weights = model.get_initializer(node.input[1])
+    weights = initializer_value(model, node.input[1])
     idt, wdt = node_str_attr(node, "inputDataType", ""), node_str_attr(node, "weightDataType", "")
     xnor = bool(node_attr(node, "binaryXnorMode", 0))
     if weights is None:

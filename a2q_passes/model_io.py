@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import glob
+import mmap
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.basic import get_preferred_qonnx_opset
@@ -29,20 +32,34 @@ QONNX_GENERAL_DOMAIN = "qonnx.custom_op.general"
 LEGACY_GENERAL_DOMAINS = ("finn", "finn.custom_op.general")
 # Quantizer ops whose input 1 is a scale: zero makes qonnx divide by zero.
 _SCALED_QUANTIZERS = {"Quant": 1, "BipolarQuant": 1, "Trunc": 1, "QuantizeLinear": 1, "DequantizeLinear": 1}
+# External initializers at least this large stay in their data file while a command runs (read one
+# at a time, memory-mapped, through :func:`initializer_value`); smaller ones (scales, zero points,
+# biases) are read into the graph, where qonnx's own functions find them.
+STREAM_MIN_BYTES = 1 << 20
+# A file this large is checked by path: the in-memory check serialises the whole proto again.
+CHECK_BY_PATH_BYTES = 1 << 30
+# Offsets of tensors in the external data files this tool writes are multiples of this (memory-mappable pages).
+EXTERNAL_ALIGNMENT = 4096
+# When ``save_model`` is asked to keep external data, inline initializers this large go to the data file
+# (onnx.save's own default threshold).
+EXTERNAL_MIN_BYTES = 1024
 
 
-def load_model(path: str | os.PathLike, allow_unknown_ops: bool = False) -> ModelWrapper:
+def load_model(path: str | os.PathLike, allow_unknown_ops: bool = False, stream: bool = True) -> ModelWrapper:
     """Read an ONNX model, with an error naming the file and the fix when it cannot be used.
 
     Files of FINN, the QONNX model zoo and QKeras converters that use qonnx/FINN custom-op
     domains without declaring them get the missing ``opset_import`` entries (in memory), and the
     legacy ``finn.custom_op.general`` domain becomes qonnx's, as qonnx does itself; every other
     defect the ONNX checker finds is still an error.
+
+    ``stream``: large external initializers stay in their data file (see :data:`STREAM_MIN_BYTES`);
+    ``False`` reads every tensor into the graph, for commands that execute the whole model.
     """
-    return wrap_model(read_model_proto(path), path, allow_unknown_ops)
+    return wrap_model(read_model_proto(path, stream), path, allow_unknown_ops)
 
 
-def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
+def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.ModelProto:
     """The checked ``ModelProto`` of :func:`load_model`, before qonnx's ``ModelWrapper`` adds value_info."""
     path = Path(path)
     if not path.exists():
@@ -56,13 +73,19 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
                        "is the file truncated or of another format?") from err
     if not proto.graph.node:
         raise A2QError(f"{path}: the ONNX graph has no nodes (empty or truncated file?)")
-    _load_external_data(proto, path)
-    declare_custom_domains(proto)
+    external = any(uses_external_data(tensor) for tensor in proto.graph.initializer)
+    declared = declare_custom_domains(proto)
     try:
-        onnx.checker.check_model(proto)
+        if (external or path.stat().st_size >= CHECK_BY_PATH_BYTES) and not declared:
+            # by path: the checker reads the graph itself, checks each external tensor's file, and
+            # is not bound by protobuf's 2 GB limit on one serialised model
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise A2QError(f"{path}: invalid ONNX model: {first}") from err
+    _attach_external_data(proto, path, STREAM_MIN_BYTES if stream else None)
     _check_value_info(proto, path)
     _check_parameter_values(proto, path)
     return proto
@@ -71,11 +94,29 @@ def read_model_proto(path: str | os.PathLike) -> onnx.ModelProto:
 def wrap_model(proto: onnx.ModelProto, path: str | os.PathLike, allow_unknown_ops: bool = False) -> ModelWrapper:
     """``proto`` (from :func:`read_model_proto`) as a ``ModelWrapper``, after the checks that need one."""
     path = Path(path)
+    _describe_initializers(proto)
     model = ModelWrapper(proto)
     _check_static_shapes(model, path)
     if not allow_unknown_ops:
         _check_known_ops(model, path)
     return model
+
+
+def _describe_initializers(proto: onnx.ModelProto) -> None:
+    """Give every initializer a node reads a ValueInfo from its dims, in the order qonnx's ``ModelWrapper`` would.
+
+    qonnx adds the same entries itself, but from each initializer's value: a full copy of every
+    weight, and impossible for one still in its data file.
+    """
+    graph = proto.graph
+    described = {info.name for info in [*graph.input, *graph.output, *graph.value_info]}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        for name in node.input:
+            tensor = initializers.get(name)
+            if tensor is not None and name not in described:
+                graph.value_info.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+                described.add(name)
 
 
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
@@ -110,27 +151,183 @@ def cast_float64_initializers(model: ModelWrapper, what: str = "model") -> list[
     return cast
 
 
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Read tensors stored next to the model; a missing or short data file names the tensor and the file."""
+def _attach_external_data(proto: onnx.ModelProto, path: Path, stream_min_bytes: int | None) -> None:
+    """Read external tensors smaller than ``stream_min_bytes`` (all with ``None``); point the others at their file.
+
+    A streamed tensor keeps its ``external_data`` entries, with ``location`` made absolute: onnx's own
+    readers refuse an absolute location, so a reader that bypasses :func:`initializer_value` fails
+    loudly instead of reading a file relative to the working folder. A missing, short or outside
+    data file names the tensor and the file.
+    """
+    folder = path.parent.resolve()
     for tensor in proto.graph.initializer:
         if not uses_external_data(tensor):
             continue
-        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "?")
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "?")
+        data_file = (folder / location).resolve()
         try:
-            load_external_data_for_tensor(tensor, str(path.parent))
+            if not data_file.is_relative_to(folder):
+                raise ValueError("the location leaves the model's folder")
+            size = data_file.stat().st_size
+            offset = int(entries.get("offset", 0))
+            length = int(entries.get("length", size - offset))
+            expected = _stored_bytes(tensor)
+            if offset < 0 or length < 0 or offset + length > size:
+                raise ValueError(f"bytes {offset}..{offset + length} requested, the file has {size}")
+            if expected is not None and expected != length:
+                raise ValueError(f"{length} bytes stored, the tensor's shape and type need {expected}")
+            if stream_min_bytes is None or length < stream_min_bytes:
+                load_external_data_for_tensor(tensor, str(folder))
+                continue
         except (OSError, ValueError, onnx.checker.ValidationError) as err:
             raise A2QError(
                 f"{path}: initializer '{tensor.name}' is stored in the external data file '{location}', which "
                 f"cannot be read ({str(err).strip().splitlines()[0]}); keep that file, complete, next to the "
                 "model (or save the model with its data inline)") from err
+        _point_external(tensor, data_file, offset, length)
 
 
-def declare_custom_domains(proto: onnx.ModelProto) -> None:
+def _point_external(tensor: onnx.TensorProto, data_file: Path, offset: int, length: int) -> None:
+    """Make ``tensor`` an external reference to ``length`` bytes at ``offset`` of ``data_file`` (an absolute path)."""
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", str(data_file)), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the raw data of ``tensor`` takes (``None`` for types whose size this does not know)."""
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# The one accessor for initializer values: every reader (layers, certificate, verification) and
+# every writer of weights goes through it, so a streamed tensor is read one at a time.
+
+
+def initializer_proto(model: ModelWrapper | onnx.GraphProto, name: str) -> onnx.TensorProto | None:
+    graph = model.graph if isinstance(model, (ModelWrapper, onnx.ModelProto)) else model
+    return next((tensor for tensor in graph.initializer if tensor.name == name), None)
+
+
+def is_streamed(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` still lives in a data file (see :func:`_attach_external_data`)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of ``tensor``; a streamed one memory-mapped read-only from its data file (no copy)."""
+    if not is_streamed(tensor):
+        return numpy_helper.to_array(tensor)
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    offset, length = int(entries["offset"]), int(entries["length"])
+    with open(entries["location"], "rb") as handle:
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(handle.fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or dtype.kind not in "biuf":
+        # packed or exotic storage: let onnx unpack a copy of this one tensor
+        inline = onnx.TensorProto()
+        inline.CopyFrom(tensor)
+        del inline.external_data[:]
+        inline.data_location = onnx.TensorProto.DEFAULT
+        inline.raw_data = mapped[offset - start:offset - start + length]
+        return numpy_helper.to_array(inline)
+    count = length // dtype.itemsize
+    return np.frombuffer(mapped, dtype=dtype.newbyteorder("<"), count=count, offset=offset - start).reshape(tuple(tensor.dims))
+
+
+def initializer_value(model: ModelWrapper | onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value of initializer ``name`` (``None`` if there is none); streamed tensors are memory-mapped, read-only."""
+    tensor = initializer_proto(model, name)
+    return None if tensor is None else tensor_value(tensor)
+
+
+def initializer_shape(model: ModelWrapper | onnx.GraphProto, name: str) -> tuple[int, ...] | None:
+    """The shape of initializer ``name`` without reading its values."""
+    tensor = initializer_proto(model, name)
+    return None if tensor is None else tuple(int(d) for d in tensor.dims)
+
+
+def check_in_memory(model: ModelWrapper | onnx.ModelProto) -> None:
+    """``onnx.checker.check_model`` of a model in memory; raises ``onnx.checker.ValidationError``.
+
+    Streamed tensors are checked as graph inputs of their type and shape: the checker would look
+    for their data files relative to the working folder (a proto has no folder of its own). Their
+    data were checked against that type and shape when read (:func:`_attach_external_data`) or
+    written from an array of it (:func:`set_initializer_value`).
+    """
+    proto = model.model if isinstance(model, ModelWrapper) else model
+    if any(is_streamed(tensor) for tensor in proto.graph.initializer):
+        graph = onnx.GraphProto()
+        graph.CopyFrom(proto.graph)  # the streamed tensors' data are not in it: a small copy
+        del graph.initializer[:]
+        listed = {info.name for info in graph.input}
+        for tensor in proto.graph.initializer:
+            if not is_streamed(tensor):
+                graph.initializer.append(tensor)
+            elif tensor.name not in listed:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        checked = onnx.ModelProto()
+        checked.CopyFrom(proto)
+        checked.graph.CopyFrom(graph)
+        proto = checked
+    onnx.checker.check_model(proto)
+
+
+def set_initializer_value(model: ModelWrapper, name: str, value: np.ndarray) -> None:
+    """Store ``value`` as initializer ``name``; a streamed tensor stays streamed (spilled to a scratch file).
+
+    Why spill: ``project`` rewrites every layer of a model that may not fit in memory; each new
+    tensor goes to disk as soon as it is made and is copied into the output's data file on save.
+    """
+    tensor = initializer_proto(model, name)
+    if tensor is None or not is_streamed(tensor):
+        model.set_initializer(name, value)
+        return
+    value = np.ascontiguousarray(value)
+    if tuple(value.shape) != tuple(tensor.dims):
+        raise ValueError(f"initializer '{name}': new shape {value.shape} differs from the stored {tuple(tensor.dims)}")
+    spilled = numpy_helper.from_array(value, name) if value.dtype.kind not in "biuf" else None
+    handle = tempfile.NamedTemporaryFile(dir=_scratch_folder(), suffix=".bin", delete=False)
+    with handle:
+        if spilled is None:
+            value.astype(value.dtype.newbyteorder("<"), copy=False).tofile(handle)
+            data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+        else:
+            handle.write(spilled.raw_data)
+            data_type = spilled.data_type
+    tensor.data_type = data_type
+    _point_external(tensor, Path(handle.name), 0, Path(handle.name).stat().st_size)
+
+
+_SCRATCH: list[Path] = []
+
+
+def _scratch_folder() -> Path:
+    """A private folder for spilled tensors, removed when the process ends."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="a2q-tensors-")))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
+def declare_custom_domains(proto: onnx.ModelProto) -> bool:
     """Map legacy FINN domains to qonnx's and declare every qonnx/FINN custom domain the graph uses.
 
     The version added is the one qonnx itself falls back to for an undeclared domain
-    (``get_preferred_qonnx_opset``), so execution semantics do not change.
+    (``get_preferred_qonnx_opset``), so execution semantics do not change. Returns whether
+    anything changed.
     """
+    before = ([node.domain for node in proto.graph.node], [(o.domain, o.version) for o in proto.opset_import])
     for node in proto.graph.node:
         if node.domain in LEGACY_GENERAL_DOMAINS:
             backend = next((a.s.decode() for a in node.attribute if a.name == "backend"), None)
@@ -145,6 +342,7 @@ def declare_custom_domains(proto: onnx.ModelProto) -> None:
         # onnx.brevitas: old Brevitas exports (the QONNX model zoo's TFC); qonnx's registry aliases it to its own ops
         if domain.startswith(KNOWN_DOMAIN_PREFIXES) or domain == BREVITAS_DOMAIN:
             proto.opset_import.append(onnx.helper.make_opsetid(domain, get_preferred_qonnx_opset()))
+    return before != ([node.domain for node in proto.graph.node], [(o.domain, o.version) for o in proto.opset_import])
 
 
 def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
@@ -178,8 +376,8 @@ def _check_parameter_values(proto: onnx.ModelProto, path: Path) -> None:
         if not users or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                                                  onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
             continue
-        values = numpy_helper.to_array(tensor).astype(np.float64)
-        if not np.all(np.isfinite(values)):
+        values = tensor_value(tensor)
+        if not _all_finite(values):
             names = ", ".join(f"'{n.name or n.output[0]}' ({n.op_type})" for n in users)
             raise A2QError(f"{path}: initializer '{tensor.name}' (input of {names}) contains NaN or Inf; "
                            "re-export the model from a checkpoint with finite weights and scales")
@@ -189,6 +387,12 @@ def _check_parameter_values(proto: onnx.ModelProto, path: Path) -> None:
                 raise A2QError(f"{path}: node '{node.name or node.output[0]}' ({node.op_type}) has a zero in its "
                                f"scale '{tensor.name}'; a quantizer scale must be non-zero (re-calibrate or "
                                "re-export the model)")
+
+
+def _all_finite(values: np.ndarray, block: int = 1 << 22) -> bool:
+    """``np.isfinite(values).all()`` in blocks: a memory-mapped weight is checked without a full-size temporary."""
+    flat = values.reshape(-1)
+    return all(np.isfinite(flat[start:start + block]).all() for start in range(0, flat.size, block))
 
 
 def _check_static_shapes(model: ModelWrapper, path: Path) -> None:
@@ -222,9 +426,96 @@ def model_bytes(model: ModelWrapper | onnx.ModelProto) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the target folder, then rename (no partial output)."""
-    atomic_write_bytes(Path(path), model_bytes(model))
+def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike, keep_external: bool = False) -> None:
+    """Write atomically: a temporary file in the target folder, then rename (no partial output).
+
+    A model with streamed initializers (or any model with ``keep_external``: a command that read
+    a model with external data into memory) is written with its large tensors in ``PATH.data``
+    beside it (:func:`external_data_path`), see :func:`save_with_external_data`.
+    """
+    proto = model.model if isinstance(model, ModelWrapper) else model
+    if keep_external or any(is_streamed(tensor) for tensor in proto.graph.initializer):
+        save_with_external_data(proto, Path(path))
+    else:
+        atomic_write_bytes(Path(path), model_bytes(proto))
+
+
+def has_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file at ``path`` stores some initializer in an external data file (reads the graph only)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(uses_external_data(tensor) for tensor in proto.graph.initializer)
+
+
+def external_data_path(path: Path) -> Path:
+    """The data file this tool writes beside model ``path``: ``PATH.data``."""
+    return path.with_name(path.name + ".data")
+
+
+def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Write ``proto`` and its large tensors' data file, tensor by tensor, both atomically.
+
+    Streamed tensors and inline ones of at least :data:`EXTERNAL_MIN_BYTES` go to the data file in
+    graph order, each at an offset aligned to :data:`EXTERNAL_ALIGNMENT`: the same model gives the
+    same bytes. Both files are written to temporaries first; the data file is renamed into place,
+    then the model, only when both are complete (an error or a kill leaves the old outputs, or
+    none). Reading a streamed tensor from the file being replaced (``--in-place``) is safe: the
+    rename gives the new file a new inode, and the old one lives while it is mapped.
+    """
+    directory = _check_folder(path)
+    data_path = external_data_path(path)
+    if data_path.is_dir():
+        raise A2QError(f"{data_path}: is a folder; the external data of {path.name} is written there")
+    for target in (path, data_path):
+        remove_stale_temporaries(target)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    temporaries = []
+    try:
+        fd, data_tmp = tempfile.mkstemp(prefix=f".{data_path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+        temporaries.append(data_tmp)
+        with os.fdopen(fd, "wb") as handle:
+            for tensor in out.graph.initializer:
+                if not is_streamed(tensor) and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                offset = -handle.tell() % EXTERNAL_ALIGNMENT + handle.tell()
+                handle.write(b"\0" * (offset - handle.tell()))
+                _copy_tensor_bytes(tensor, handle)
+                length = handle.tell() - offset
+                _point_external(tensor, Path(data_path.name), offset, length)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(data_tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+        fd, model_tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+        temporaries.append(model_tmp)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model_bytes(out))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(data_tmp, data_path)
+        os.replace(model_tmp, path)
+    except BaseException:
+        for tmp in temporaries:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_tensor_bytes(tensor: onnx.TensorProto, handle, block: int = 1 << 26) -> None:
+    """Append the stored bytes of ``tensor`` to ``handle``: a streamed one in blocks from its mapped file."""
+    if not is_streamed(tensor):
+        handle.write(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        return
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    offset, length = int(entries["offset"]), int(entries["length"])
+    with open(entries["location"], "rb") as source:
+        source.seek(offset)
+        while length > 0:
+            chunk = source.read(min(block, length))
+            if not chunk:
+                raise A2QError(f"initializer '{tensor.name}': its data file {entries['location']} ended early")
+            handle.write(chunk)
+            length -= len(chunk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from a2q_passes.layers import (KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLa
                                node_str_attr)
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.metadata import recorded_tiles, recorded_widths
-from a2q_passes.model_io import data_inputs
+from a2q_passes.model_io import data_inputs, initializer_shape
 from a2q_passes.simulate import (
     MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, accumulate_terms, exact_float_dtype,
 )
@@ -397,8 +397,7 @@ class _MacKernel:
         source = self.layer.source
         if source.scale is None:
             return np.ones(self.rows.shape[0])
-        stored = model.get_initializer(source.tensor)
-        scale = np.broadcast_to(np.asarray(source.scale, dtype=np.float64), stored.shape)
+        scale = np.broadcast_to(np.asarray(source.scale, dtype=np.float64), initializer_shape(model, source.tensor))
         for perm in source.perms:
             scale = np.transpose(scale, perm)
         per_term = self.layer.layout.to_rows(scale)

@@ -335,6 +335,8 @@ EXTRA_SECTIONS = (
     ("Fine-tuning overhead", "finetune_overhead.md", ".venv/bin/python -m bench.bench_finetune_overhead [--model ...]"),
     ("Reliability", "reliability.md", ".venv/bin/python -m scripts.fuzz --examples 2000 --markdown bench/reliability.md"),
     ("Mixed accumulator allocation", "allocate.md", ".venv/bin/python -m bench.bench_allocate"),
+    ("Scale", "scale.md", ".venv/bin/python -m bench.bench_llm --layers 2 --repeats 3 --project-repeats 1 "
+     "--large-layers 12 --markdown bench/scale.md"),
 )
 
 

@@ -168,7 +168,7 @@ def allocate(
     if epochs < 1:
         raise A2QError(f"--epochs must be at least 1, got {epochs}")
     target_pct, budget, cost_name = _objective(min_score_pct, budget_bits, budget_lut, cost)
-    model = load_model(model_path)
+    model = load_model(model_path, stream=False)  # calibration executes the whole graph
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = FinetuneConfig(epochs=epochs, seed=seed, progress=False, log=lambda line: None)

@@ -13,7 +13,7 @@ from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes)
 from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
-from a2q_passes.model_io import check_output_paths, read_model_proto, save_model, wrap_model
+from a2q_passes.model_io import check_output_paths, has_external_data, read_model_proto, save_model, wrap_model
 from a2q_passes.transforms import AnnotateAccumulators
 
 
@@ -41,7 +41,7 @@ def annotate(
     # the file's own graph with the new metadata: ModelWrapper also adds value_info for initializers
     del proto.metadata_props[:]
     proto.metadata_props.extend(annotated.model.metadata_props)
-    save_model(proto, output_path)
+    save_model(proto, output_path, keep_external=has_external_data(input_path))
     typer.echo(f"{INPUT_RANGES_TITLE[input_ranges]}:")
     for node, info in layers.items():
         typer.echo(f"{node}: {info['acc_dtype']} (range [{info['acc_min']}, {info['acc_max']}])")

@@ -18,7 +18,7 @@ from a2q_passes.cli import app
 from a2q_passes.cli.common import InputRangesOption, check_input_ranges, parse_layer_widths
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import INPUT_RANGES_TITLE
-from a2q_passes.model_io import check_output_paths, load_model, save_model
+from a2q_passes.model_io import check_output_paths, has_external_data, load_model, save_model
 
 # torch and the training code are imported inside the functions: every `a2q` command imports this
 # module to register `finetune`, and torch alone would add seconds to each of their start-ups.
@@ -92,7 +92,7 @@ def finetune(
     _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device)
     check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
-    model = load_model(input_path)
+    model = load_model(input_path, stream=False)  # training executes the whole graph
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = FinetuneConfig(method=method, loss=loss, distill=distill, epochs=epochs,
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
@@ -102,7 +102,7 @@ def finetune(
     result = step(model)
     if not result.details["is_main"]:
         return
-    save_model(result.model, output_path)
+    save_model(result.model, output_path, keep_external=has_external_data(input_path))
     targets = {layer.node: layer.acc_bits for layer in step.selection.layers}
     before, after = (analyze_model(m, input_ranges=input_ranges).by_node() for m in (model, result.model))
     Console(width=200).print(_summary(before, after, targets, input_ranges))

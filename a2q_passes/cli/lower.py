@@ -18,8 +18,8 @@ from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_runtime import validate_fpgapart
 from a2q_passes.layers import INPUT_RANGES_TITLE
-from a2q_passes.model_io import (atomic_write_text, cast_float64_initializers, check_output_paths, load_model,
-                                 save_model)
+from a2q_passes.model_io import (atomic_write_text, cast_float64_initializers, check_output_paths,
+                                 has_external_data, load_model, save_model)
 from a2q_passes.resources import plot_resources, render_table, resource_report
 from a2q_passes.transforms.lower import HWLayer, LowerToFINN, check_equivalence, equivalence_inputs
 
@@ -113,7 +113,7 @@ def lower(
     check_output_paths([("OUT.onnx", output_path), ("--report-json", report_json), ("--plot", plot)],
                        inputs=[input_path] + ([data] if data is not None else []))
     part = validate_fpgapart(fpgapart) if fpgapart is not None else None
-    model = load_model(input_path)
+    model = load_model(input_path, stream=False)  # FINN's transformations read every initializer
     _cast_float64(model, input_path)
     inputs = comparison_inputs(model, data, samples, seed)
     lowering = LowerToFINN(acc_bits, from_annotations, strict)
@@ -121,7 +121,7 @@ def lower(
     details = lowering.result.details
     equivalence = check_equivalence(model, hw, inputs)
     resources = resource_report(hw, part) if part is not None else None
-    save_model(hw, output_path)
+    save_model(hw, output_path, keep_external=has_external_data(input_path))
     payload = {"input": str(input_path), "output": str(output_path), **details,
                "equivalence": equivalence, "resources": resources}
     if report_json is not None:

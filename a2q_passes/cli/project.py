@@ -17,7 +17,7 @@ from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
 from a2q_passes.layers import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
 from a2q_passes.methods import DEFAULT_METHOD, available_methods, get_method
-from a2q_passes.model_io import check_output_paths, load_model, save_model
+from a2q_passes.model_io import check_output_paths, has_external_data, load_model, save_model
 from a2q_passes.report import grouped_bar_plot
 from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator, projection_summary
 
@@ -92,7 +92,7 @@ def project(
     check_input_dtype_tensors(input_dtypes, model, input_path)
     # no qonnx cleanup: it gives shared parameters new random names (GiveUniqueParameterTensors)
     projected = model.transform(projection, cleanup=False)
-    save_model(projected, output_path)
+    save_model(projected, output_path, keep_external=has_external_data(input_path))
     projections = projection.projections
     if as_json:
         payload = {"method": projection.method.name, "input_ranges": input_ranges, "output": str(output_path),

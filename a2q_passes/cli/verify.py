@@ -72,7 +72,8 @@ def verify(
     check_output_paths([("--plot", plot)], inputs=[model_path] + ([against] if against else []))
     input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
-    model = load_model(model_path, allow_unknown_ops)
+    # simulating --data or comparing --against executes the whole graph; the proof streams the weights
+    model = load_model(model_path, allow_unknown_ops, stream=data is None and against is None)
     check_input_dtype_tensors(input_dtypes, model, model_path)
     if input_ranges is None:
         input_ranges = recorded_input_ranges(model)
@@ -112,7 +113,7 @@ def verify(
 
 def check_against(model: ModelWrapper, model_path: Path, original_path: Path, data: Optional[Path]) -> dict:
     """Equivalence of ``model`` (a FINN lowering) with the QONNX model at ``original_path``."""
-    original = load_model(original_path)
+    original = load_model(original_path, stream=False)
     for path, graph in ((original_path, original), (model_path, model)):
         for name, shape in _input_shapes(graph).items():
             if shape[0] < 1:  # qonnx's execute_onnx compares the feed with the declared shape

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import onnx
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError
+from a2q_passes.model_io import check_in_memory
 from a2q_passes.metadata import record_accumulators, recorded_widths
 from a2q_passes.passes import A2QPass, PassResult
 
@@ -42,7 +42,7 @@ class AnnotateAccumulators(A2QPass):
     def ensures(self, result: PassResult) -> None:
         if result.model.graph != self._graph_before:
             raise PostconditionError("AnnotateAccumulators changed the graph; it may only add metadata")
-        onnx.checker.check_model(result.model.model)
+        check_in_memory(result.model)
         certify_claims(result.model, {node: Claim(info["acc_min"], info["acc_max"], info["acc_bits"])
                                       for node, info in result.details["layers"].items()},
                        what="annotate", input_dtypes=self.input_dtypes, zero_point=self.zero_point,

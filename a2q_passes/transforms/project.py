@@ -22,6 +22,7 @@ from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, UnsupportedLayer, find_mac_layers
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
+from a2q_passes.model_io import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
@@ -251,7 +252,7 @@ class ProjectToAccumulator(A2QPass):
     def ensures(self, result: PassResult) -> None:
         model = result.model
         try:
-            onnx.checker.check_model(model.model)
+            check_in_memory(model)
         except onnx.checker.ValidationError as err:
             raise PostconditionError(f"projected model fails onnx.checker: {err}") from err
         widths = {r.node: r for r in analyze_model(model, self.input_dtypes, self.zero_point,
