@@ -209,6 +209,16 @@ def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: s
     return _infer_shapes(trace)
 
 
+def _execute_chain(model: ModelWrapper, chain: list, sources: list[str], output: str, feed: dict,
+                   batch: int) -> np.ndarray:
+    """The activation cut executed on a batch; one sample at a time through qonnx's Im2Col, whose
+    ``input_shape`` attribute fixes the batch size (FINN's lowered convolutions)."""
+    if not any(n.op_type == "Im2Col" for n in chain):
+        return execute(_subgraph(model, chain, sources, [output], batch), feed)[output]
+    single = _subgraph(model, chain, sources, [output], 1)
+    return np.concatenate([execute(single, {s: v[i:i + 1] for s, v in feed.items()})[output] for i in range(batch)])
+
+
 def _topological(model: ModelWrapper, chain: list) -> list[int]:
     index = {id(n): i for i, n in enumerate(model.graph.node)}
     return sorted(range(len(chain)), key=lambda i: index[id(chain[i])])
@@ -424,7 +434,7 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
 
     # 4. execute the activation cut on the batch, then the integer MAC on its executed input
     if chain:
-        x = execute(_subgraph(model, chain, sources, [mac.input[0]], batch), feed)[mac.input[0]]
+        x = _execute_chain(model, chain, sources, mac.input[0], feed, batch)
     else:  # the MAC reads a graph input directly
         x = feed[mac.input[0]].astype(np.float32)
     if trans_a:
