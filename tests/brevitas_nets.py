@@ -102,7 +102,7 @@ def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray,
 
 # --------------------------------------------------------------------------- the corpus' varied nets
 
-CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool")
+CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor")
 
 
 @dataclass(frozen=True)
@@ -157,8 +157,10 @@ class _CorpusNet(torch.nn.Module):
             self.mac2 = qnn.QuantConvTranspose2d(8, 4, 2, stride=2, bias=False, **weight)
         else:  # cnn, residual (mac2's output added to mac1's), avgpool (TruncAvgPool2d before mac3)
             self.mac2 = qnn.QuantConv2d(8, 8, 3, padding=1, bias=False, **weight)
-        if spec.kind == "avgpool":
-            self.pool = qnn.TruncAvgPool2d(kernel_size=2, stride=2, bit_width=spec.abits + 2, return_quant_tensor=True)
+        if spec.kind.startswith("avgpool"):  # Brevitas' default rounding, or FLOOR (the only Trunc FINN converts)
+            rounding = {"float_to_int_impl_type": "FLOOR"} if spec.kind == "avgpool_floor" else {}
+            self.pool = qnn.TruncAvgPool2d(kernel_size=2, stride=2, bit_width=spec.abits + 2, return_quant_tensor=True,
+                                           **rounding)
         if spec.kind == "residual":
             self.add_quant = act()
         self.mac3 = qnn.QuantConv2d(4 if spec.kind == "convtranspose" else 8, 4, 1, bias=True, **weight)
@@ -171,7 +173,7 @@ class _CorpusNet(torch.nn.Module):
             h = self.act2(self.add_quant(h) + self.add_quant(self.mac2(h)))
         else:
             h = self.act2(self.mac2(h))
-        if self.kind == "avgpool":
+        if self.kind.startswith("avgpool"):
             h = self.pool(h)
         return self.mac3(h)
 
