@@ -590,6 +590,15 @@ class _InputCodes:
         code = int(_as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {_label(node)} on its grid"))
         return _Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
 
+    def _Im2Col(self, node: NodeProto) -> _Grid:
+        """qonnx's Im2Col: the input's values, plus ``pad_value`` where ``pad_amount`` pads."""
+        g = self.grid(node.input[0])
+        if not any(_attr(node, "pad_amount", [0])):
+            return g
+        value = float(_attr(node, "pad_value", 0))
+        code = int(_as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {_label(node)} on its grid"))
+        return _Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
+
     def _Mul(self, node: NodeProto) -> _Grid:
         return self._rescale(node, divide=False)
 

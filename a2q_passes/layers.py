@@ -1026,6 +1026,16 @@ class GridResolver:
             return None, reason
         return _with_zero_tap(grid), ""
 
+    def _from_Im2Col(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx's Im2Col (FINN's lowered convolutions) only moves values, padding with ``pad_value`` (real 0)."""
+        value = float(node_attr(node, "pad_value", 0))
+        if value != 0.0:
+            return None, f"{_node_label(node)} pads with {value}; only zero padding keeps the grid"
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        return (_with_zero_tap(grid) if any(node_attr(node, "pad_amount", [0])) else grid), ""
+
     def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         if node_str_attr(node, "mode", "nearest") != "nearest":
             return None, f"{_node_label(node)} interpolates (mode={node_str_attr(node, 'mode', '')}); only nearest keeps the grid"
