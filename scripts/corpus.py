@@ -15,8 +15,9 @@ model-zoo files (``tests/data``). Each file then goes through the command line:
 4. for QONNX files, ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``)
    fits the ``accDataType`` it was given.
 
-Each file is *handled* (all of the above), *refused* (``a2q`` exits 1 or 3 with a message naming the construct,
-no traceback) or *FAILED* (a traceback, a wrong or unsafe range, an unclear refusal). ``--quick`` keeps one file
+Each file is *handled* (all of the above), *refused* (``a2q`` exits 1 or 3, or reports a layer it cannot read,
+with a message naming the construct and no traceback), *unchecked* (the oracle cannot read the file's grid, so
+nothing is claimed either way) or *FAILED* (a traceback, a wrong or unsafe range, an unclear refusal). ``--quick`` keeps one file
 per producer class (the fast test ``tests/test_corpus.py``). Exit status 1 when any file FAILED.
 """
 
@@ -64,7 +65,7 @@ class Entry:
 @dataclass
 class Result:
     entry: Entry
-    status: str = "handled"  # handled | refused | FAILED
+    status: str = "handled"  # handled | refused | unchecked (the oracle cannot read it) | FAILED
     detail: str = ""
     layers: int = 0
     tight: int = 0
@@ -258,6 +259,7 @@ def _unread_macs(path: Path, reported: set[str]) -> list[str]:
 
 def check(entry: Entry, work: Path) -> Result:
     from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import Undescribed
 
     result = Result(entry)
     start = time.time()
@@ -265,6 +267,8 @@ def check(entry: Entry, work: Path) -> Result:
     zp = ["--zero-point", "subtract"] if entry.zero_point == "subtract" else []
     try:
         _check(entry, work, result, zp, width)
+    except Undescribed as err:  # the oracle cannot read the file's grid: not checked, so not handled
+        result.status, result.detail = "unchecked", f"oracle: {err}"
     except Exception as err:  # the oracle or the harness: never hide it
         result.status, result.detail = "FAILED", f"harness: {type(err).__name__}: {err}"
     if hashlib.sha256(entry.path.read_bytes()).hexdigest() != digest:
@@ -284,9 +288,9 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], width) -> No
     if missing:
         result.status, result.detail = "FAILED", f"analyze silently skipped quantized MAC layers {missing}"
         return
-    if unread:
+    if unread:  # each status names the layer and what it cannot read
         statuses = "; ".join(f"{layer['node']}: {layer['status']}" for layer in unread)
-        result.status, result.detail = ("refused", f"analyze: {statuses}") if code == 3 else ("FAILED", statuses)
+        result.status, result.detail = "refused", f"analyze: {statuses}"
         return
     result.layers = len(layers)
     executed = _oracle_ranges(entry.path, [layer["node"] for layer in layers], entry.zero_point)
@@ -357,17 +361,18 @@ def _check_lower(entry: Entry, work: Path, projected: Path, result: Result) -> N
 
 
 def _table(results: list[Result]) -> list[str]:
-    lines = ["| producer | files | handled | refused | FAILED |", "|---|---|---|---|---|"]
+    statuses = ("handled", "refused", "unchecked", "FAILED")
+    lines = ["| producer | files | " + " | ".join(statuses) + " |", "|---" * (len(statuses) + 2) + "|"]
     for producer in dict.fromkeys(r.entry.producer for r in results):
         rows = [r for r in results if r.entry.producer == producer]
-        counts = [sum(r.status == s for r in rows) for s in ("handled", "refused", "FAILED")]
+        counts = [sum(r.status == s for r in rows) for s in statuses]
         lines.append(f"| {producer} | {len(rows)} | " + " | ".join(map(str, counts)) + " |")
-    counts = [sum(r.status == s for r in results) for s in ("handled", "refused", "FAILED")]
+    counts = [sum(r.status == s for r in results) for s in statuses]
     lines.append(f"| **all** | **{len(results)}** | " + " | ".join(f"**{c}**" for c in counts) + " |")
     return lines
 
 
-def markdown(results: list[Result], rejected: list[str], command: str, seconds: float) -> str:
+def markdown(results: list[Result], rejected: list[str], command: str, seconds: float, out: Path) -> str:
     handled = sum(r.status == "handled" for r in results)
     layers = sum(r.layers for r in results if r.status == "handled")
     tight = sum(r.tight for r in results if r.status == "handled")
@@ -381,7 +386,7 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              "range inside its `accDataType`.", "", *_table(results), ""]
     refused = [r for r in results if r.status != "handled"]
     lines += ["## Files not handled", ""]
-    lines += [f"- `{r.entry.name}` ({r.status}): {r.detail}" for r in refused] or ["None."]
+    lines += [f"- `{r.entry.name}` ({r.status}): {r.detail.replace(f'{out}/', 'DIR/')}" for r in refused] or ["None."]
     if rejected:
         lines += ["", "## Combinations the producers themselves reject (not counted)", ""]
         lines += [f"- {text}" for text in rejected]
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         command = ".venv/bin/python -m scripts.corpus --out DIR" + (" --quick" if args.quick else "") + \
             f" --report {args.report}"
-        args.report.write_text(markdown(results, rejected, command, time.time() - start))
+        args.report.write_text(markdown(results, rejected, command, time.time() - start, args.out))
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 

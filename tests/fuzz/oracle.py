@@ -39,10 +39,12 @@ from tests.fuzz.generate import OPSET, Case, LayerInfo
 QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "MultiThreshold", "Trunc")
 # Clip: Brevitas' QCDQ integer Clip between QuantizeLinear and DequantizeLinear (executed, so the cut
 # starts at the quantizer's float input and never feeds the Clip's output codes directly)
-# Mul/Add by one constant: FINN's scale and offset after a MultiThreshold (only with a scalar constant operand)
+# Mul/Div/Add by one constant: FINN's scale and offset after a MultiThreshold (only with a scalar constant operand)
 GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity",
-            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Add")
-SCALAR_OPS = ("Mul", "Add")
+            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "QuantAvgPool2d")
+# ops that sum several source elements into one: traced by influence (AveragePool), not by index
+POOLING_OPS = ("QuantAvgPool2d",)
+SCALAR_OPS = ("Mul", "Div", "Add")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
 EXACT_FLOAT32 = 1 << 24
 RANDOM_SAMPLES = 8
@@ -185,17 +187,24 @@ def _infer_shapes(model: ModelWrapper) -> ModelWrapper:
     return model
 
 
-def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str) -> ModelWrapper:
-    """The activation chain with quantizers, Relu, Clip and DequantizeLinear replaced by Identity (index tracing)."""
+def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str, batch: int = 1) -> ModelWrapper:
+    """The activation chain with quantizers, Relu, Clip and DequantizeLinear replaced by Identity (index tracing),
+    and FINN's QuantAvgPool2d by the AveragePool it sums like (influence tracing)."""
     replaced = []
     for n in chain:
         if n.op_type in QUANTIZERS + SCALAR_OPS + ("Relu", "Clip", "DequantizeLinear"):
             replaced.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
+        elif n.op_type == "QuantAvgPool2d":
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if attrs.get("data_layout", b"NCHW") not in (b"NCHW", "NCHW"):
+                raise OracleError(f"{n.name}: QuantAvgPool2d with data_layout {attrs['data_layout']}")
+            replaced.append(helper.make_node("AveragePool", [n.input[0]], [n.output[0]], name=n.name,
+                                             kernel_shape=[attrs["kernel"]] * 2, strides=[attrs["stride"]] * 2))
         else:
             replaced.append(copy.deepcopy(n))
     graph = helper.make_graph(
         [n for n in (replaced[i] for i in _topological(model, chain))], "trace",
-        [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1] + list(model.get_tensor_shape(s))[1:]) for s in sources],
+        [helper.make_tensor_value_info(s, TensorProto.FLOAT, [batch] + list(model.get_tensor_shape(s))[1:]) for s in sources],
         [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(model.get_initializer(t), t)
                      for n in chain for t in n.input if t and _is_constant(model, t)],
@@ -392,6 +401,13 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
     else:
         index = feed[sources[0]]
     index = (index.T if trans_a else index)[0].reshape(-1).astype(np.int64)
+    influence = None
+    if any(n.op_type in POOLING_OPS for n in chain):  # (source element, MAC input element): how much one feeds the other
+        one_hot = np.eye(int(offsets[-1]), dtype=np.float32)
+        feed = {s: one_hot[:, offsets[i]:offsets[i + 1]].reshape([-1] + list(model.get_tensor_shape(s))[1:])
+                for i, s in enumerate(sources)}
+        traced = execute(_trace_model(model, chain, sources, mac.input[0], int(offsets[-1])), feed)[mac.input[0]]
+        influence = traced.reshape(int(offsets[-1]), -1).astype(np.float64)
 
     # 2. the executed integer weights (the weight quantizer's constant subgraph), and the MAC's Jacobian
     #    (the weight of every tap) by executing the MAC on one-hot inputs
@@ -417,6 +433,11 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
         taps = np.nonzero(jac[:, o])[0]
         for sense in (1.0, -1.0):
             x = lo.copy()
+            if influence is not None:  # each source to the end its summed effect on output o asks for
+                effect = influence[:, taps] @ jac[taps, o]
+                x = np.where(np.sign(effect) * sense * direction > 0, hi, lo)
+                samples.append(x)
+                continue
             src = index[taps]
             want_high = np.sign(jac[taps, o]) * sense * direction > 0
             keep = src > 0

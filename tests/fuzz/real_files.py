@@ -39,7 +39,6 @@ VVAU_OPS = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ops that move or select codes without changing their grid
 PASS_THROUGH = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Im2Col",
                 "Clip")
-ACT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "DequantizeLinear", "MultiThreshold", "Trunc")
 WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "DequantizeLinear")
 WEIGHT_MOVES = ("Transpose", "Reshape", "Identity", "Clip", "Flatten", "Squeeze", "Unsqueeze")
 # never folded into constants: the oracle reads the weight quantizers themselves
@@ -95,6 +94,8 @@ def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
         elif op == "MultiThreshold":  # values out_scale * k + out_bias: the MAC sees them as they are
             scale, zero = float(_attr(producer, "out_scale", 1.0)), 0
             ops.append(("Add", float(_attr(producer, "out_bias", 0.0))))
+        elif op == "QuantAvgPool2d":  # FINN's average pool: the (shifted) sum of integer codes, an integer
+            scale, zero = 1.0, 0
         elif op == "Trunc":  # qonnx Trunc v2: codes on the output scale's grid, zero point on the input's
             scale = _scalar(model, producer.input[4], f"{producer.name} output scale")
             zero = round(_scalar(model, producer.input[2], "zero point") * _scalar(model, producer.input[1], "scale") / scale)
