@@ -68,7 +68,7 @@ _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeL
 _CONSTANT_OPS = (*_LAYOUT_OPS, *_WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant")
 # Ops whose every output value is one of their (first) input's values.
 _SELECTING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "MaxPoolNHWC",
-                  "DepthToSpace", "SpaceToDepth", "Slice", "Gather", "Split")
+                  "DepthToSpace", "SpaceToDepth", "Slice", "Gather", "Split", "Shuffle", "DuplicateStreams")
 _MVAU = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 _VVAU = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ONNX integer storage types of QuantizeLinear/DequantizeLinear and the codes they hold.
@@ -600,6 +600,9 @@ class _InputCodes:
         return _Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
 
     def _Mul(self, node: NodeProto) -> _Grid:
+        return self._rescale(node, divide=False)
+
+    def _ElementwiseMul(self, node: NodeProto) -> _Grid:  # FINN's HW layer for Mul
         return self._rescale(node, divide=False)
 
     def _Div(self, node: NodeProto) -> _Grid:

@@ -75,6 +75,7 @@ QUANT_OP_TYPES = ("Quant", "IntQuant")
 GRID_PRESERVING_OPS = (
     "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity",
     "DepthToSpace", "SpaceToDepth", "MaxPoolNHWC", "Slice", "Gather", "Split",
+    "Shuffle", "DuplicateStreams",  # FINN's HW layers for a transpose and a fork
 )
 
 # Ops whose output grid is derived from their semantics before any DataType annotation is trusted.
@@ -1045,6 +1046,10 @@ class GridResolver:
 
     def _from_Mul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         return self._scaled(node, invert=False)
+
+    def _from_ElementwiseMul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """FINN's HW layer for ``Mul`` (convert_to_hw): the same scaling."""
+        return self._from_Mul(node)
 
     def _from_Div(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         return self._scaled(node, invert=True)

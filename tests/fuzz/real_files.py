@@ -99,6 +99,8 @@ def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
         elif op == "Trunc":  # qonnx Trunc v2: codes on the output scale's grid, zero point on the input's
             scale = _scalar(model, producer.input[4], f"{producer.name} output scale")
             zero = round(_scalar(model, producer.input[2], "zero point") * _scalar(model, producer.input[1], "scale") / scale)
+        elif model.get_tensor_datatype(tensor).is_integer():  # a FINN HW layer's thresholded output, as annotated
+            scale, zero = 1.0, 0
         else:
             raise Undescribed(f"{tensor!r} comes from {op} {producer.name!r}")
         break
@@ -243,9 +245,37 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
     return model
 
 
+def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
+    """A copy with FINN's HW data-movement layers as the standard ops they are defined by (``convert_to_hw`` made
+    them from these): ``Shuffle`` = Reshape -> Transpose -> Reshape, ``DuplicateStreams`` = one Identity per output,
+    ``ElementwiseMul`` = Mul. Their own attributes fix the batch to 1; the standard ops run any batch."""
+    model = ModelWrapper(copy.deepcopy(model.model))
+    for index, node in reversed(list(enumerate(model.graph.node))):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Shuffle":
+            if attrs["perm"][0] != 0:
+                raise Undescribed(f"{node.name}: Shuffle moves the batch axis")
+            shapes = [f"{node.name}_in_shape", f"{node.name}_out_shape"]
+            model.set_initializer(shapes[0], np.array([-1, *attrs["transpose_in_shape"][1:]], np.int64))
+            model.set_initializer(shapes[1], np.array([-1, *attrs["out_shape"][1:]], np.int64))
+            standard = [helper.make_node("Reshape", [node.input[0], shapes[0]], [f"{node.name}_in"]),
+                        helper.make_node("Transpose", [f"{node.name}_in"], [f"{node.name}_moved"], perm=attrs["perm"]),
+                        helper.make_node("Reshape", [f"{node.name}_moved", shapes[1]], [node.output[0]], name=node.name)]
+        elif node.op_type == "DuplicateStreams":
+            standard = [helper.make_node("Identity", [node.input[0]], [out]) for out in node.output]
+        elif node.op_type == "ElementwiseMul":
+            standard = [helper.make_node("Mul", list(node.input), list(node.output), name=node.name)]
+        else:
+            continue
+        model.graph.node.remove(node)
+        for offset, new in enumerate(standard):
+            model.graph.node.insert(index + offset, new)
+    return model
+
+
 def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", seed: int = 0) -> ExecutedRange:
     """Executed worst-case accumulator range of MAC node ``name`` of a real file (raises :class:`Undescribed`)."""
-    model = with_shapes(model)
+    model = with_shapes(standard_data_ops(model))
     mac = _node(model, name)
     if mac.op_type in INTEGER_MACS:
         layer, info, ranges = _integer_layer_model(model, mac, zero_point)
