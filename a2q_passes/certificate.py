@@ -69,7 +69,7 @@ _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeL
 _CONSTANT_OPS = (*_LAYOUT_OPS, *_WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant")
 # Ops whose every output value is one of their (first) input's values.
 _SELECTING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "MaxPoolNHWC",
-                  "DepthToSpace", "SpaceToDepth", "Slice", "Gather", "Split")
+                  "DepthToSpace", "SpaceToDepth", "Slice", "Gather", "Split", "Shuffle", "DuplicateStreams")
 _MVAU = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 _VVAU = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ONNX integer storage types of QuantizeLinear/DequantizeLinear and the codes they hold.
@@ -640,7 +640,19 @@ class _InputCodes:
         code = int(_as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {_label(node)} on its grid"))
         return _Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
 
+    def _Im2Col(self, node: NodeProto) -> _Grid:
+        """qonnx's Im2Col: the input's values, plus ``pad_value`` where ``pad_amount`` pads."""
+        g = self.grid(node.input[0])
+        if not any(_attr(node, "pad_amount", [0])):
+            return g
+        value = float(_attr(node, "pad_value", 0))
+        code = int(_as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {_label(node)} on its grid"))
+        return _Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
+
     def _Mul(self, node: NodeProto) -> _Grid:
+        return self._rescale(node, divide=False)
+
+    def _ElementwiseMul(self, node: NodeProto) -> _Grid:  # FINN's HW layer for Mul
         return self._rescale(node, divide=False)
 
     def _Div(self, node: NodeProto) -> _Grid:

@@ -361,6 +361,36 @@ def reproducible_names(seed: int = 0) -> Iterator[None]:
         random.setstate(state)
 
 
+def _weight_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
+    """The shape of a weight tensor: annotated, or that of the constant its quantizer reads."""
+    shape = model.get_tensor_shape(tensor)
+    if shape is None:
+        producer = model.find_producer(tensor)
+        constant = model.get_initializer(producer.input[0]) if producer is not None else model.get_initializer(tensor)
+        shape = None if constant is None else list(constant.shape)
+    return shape
+
+
+def refuse_grouped_convs(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each grouped Conv that is not depthwise.
+
+    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only ``group=1`` and depthwise
+    convolutions (``group`` = input channels = output channels); on any other group it fails deep inside with a
+    numpy reshape error that names neither the node nor the construct.
+    """
+    grouped = []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = _weight_shape(model, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
+            grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
+                           f"{shape[0]} output channels)")
+    if grouped:
+        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
+                            f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "
+                            "(one per group, then Concat) in the model, or keep it out of the FINN part.")
+
+
 def run_flow(
     model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None
 ) -> tuple[ModelWrapper, list[StageRecord]]:
@@ -373,6 +403,7 @@ def run_flow(
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
+    refuse_grouped_convs(model)
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)

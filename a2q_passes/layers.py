@@ -77,6 +77,7 @@ QUANT_OP_TYPES = ("Quant", "IntQuant")
 GRID_PRESERVING_OPS = (
     "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity",
     "DepthToSpace", "SpaceToDepth", "MaxPoolNHWC", "Slice", "Gather", "Split",
+    "Shuffle", "DuplicateStreams",  # FINN's HW layers for a transpose and a fork
 )
 
 # Ops whose output grid is derived from their semantics before any DataType annotation is trusted.
@@ -1135,6 +1136,16 @@ class GridResolver:
             return None, reason
         return _with_zero_tap(grid), ""
 
+    def _from_Im2Col(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx's Im2Col (FINN's lowered convolutions) only moves values, padding with ``pad_value`` (real 0)."""
+        value = float(node_attr(node, "pad_value", 0))
+        if value != 0.0:
+            return None, f"{_node_label(node)} pads with {value}; only zero padding keeps the grid"
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        return (_with_zero_tap(grid) if any(node_attr(node, "pad_amount", [0])) else grid), ""
+
     def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         if node_str_attr(node, "mode", "nearest") != "nearest":
             return None, f"{_node_label(node)} interpolates (mode={node_str_attr(node, 'mode', '')}); only nearest keeps the grid"
@@ -1144,6 +1155,10 @@ class GridResolver:
 
     def _from_Mul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         return self._scaled(node, invert=False)
+
+    def _from_ElementwiseMul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """FINN's HW layer for ``Mul`` (convert_to_hw): the same scaling."""
+        return self._from_Mul(node)
 
     def _from_Div(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         return self._scaled(node, invert=True)

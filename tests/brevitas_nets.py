@@ -98,3 +98,103 @@ def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray,
         q = mac.quant_weight().int().detach().numpy().astype(np.int64)
         expected.append((q.reshape(q.shape[0], -1), *_act_range(abits, signed_act)))
     return expected
+
+
+# --------------------------------------------------------------------------- the corpus' varied nets
+
+CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One small Brevitas network of the corpus (``scripts/corpus.py``): its structure and quantizers."""
+
+    kind: str
+    wbits: int = 4
+    abits: int = 4
+    signed_act: bool = False
+    per_channel: bool = True
+    narrow: bool = False  # narrow-range weights and activations ([-2^(n-1)+1, 2^(n-1)-1])
+
+    @property
+    def name(self) -> str:
+        return (f"{self.kind}_w{self.wbits}a{self.abits}{'s' if self.signed_act else 'u'}"
+                f"{'pc' if self.per_channel else 'pt'}{'_narrow' if self.narrow else ''}")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, 24) if self.kind == "mlp" else (1, 4, 8, 8)
+
+
+class _CorpusNet(torch.nn.Module):
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        wq = Int8WeightPerChannelFloat if spec.per_channel else Int8WeightPerTensorFloat
+        aq = Int8ActPerTensorFloat if spec.signed_act else Uint8ActPerTensorFloat
+        weight = dict(weight_quant=wq, weight_bit_width=spec.wbits, weight_narrow_range=spec.narrow)
+
+        def act():  # signed activations: identity quantizers; unsigned ones: QuantReLU
+            if spec.signed_act:
+                return qnn.QuantIdentity(act_quant=aq, bit_width=spec.abits, narrow_range=spec.narrow,
+                                         return_quant_tensor=True)
+            return qnn.QuantReLU(bit_width=spec.abits, return_quant_tensor=True)
+
+        self.kind = spec.kind
+        self.inp = qnn.QuantIdentity(act_quant=aq, bit_width=spec.abits, narrow_range=spec.narrow and spec.signed_act,
+                                     return_quant_tensor=True)
+        self.act1, self.act2 = act(), act()
+        if spec.kind == "mlp":
+            self.mac1 = qnn.QuantLinear(24, 16, bias=True, **weight)
+            self.mac2 = qnn.QuantLinear(16, 8, bias=False, **weight)
+            self.mac3 = qnn.QuantLinear(8, 4, bias=True, **weight)
+            return
+        self.mac1 = qnn.QuantConv2d(4, 8, 3, padding=1, bias=True, **weight)
+        if spec.kind == "depthwise":
+            self.mac2 = qnn.QuantConv2d(8, 8, 3, padding=1, groups=8, bias=False, **weight)
+        elif spec.kind == "grouped":
+            self.mac2 = qnn.QuantConv2d(8, 8, 3, stride=2, groups=2, bias=False, **weight)
+        elif spec.kind == "convtranspose":
+            self.mac2 = qnn.QuantConvTranspose2d(8, 4, 2, stride=2, bias=False, **weight)
+        else:  # cnn, residual (mac2's output added to mac1's), avgpool (TruncAvgPool2d before mac3)
+            self.mac2 = qnn.QuantConv2d(8, 8, 3, padding=1, bias=False, **weight)
+        if spec.kind.startswith("avgpool"):  # Brevitas' default rounding, or FLOOR (the only Trunc FINN converts)
+            rounding = {"float_to_int_impl_type": "FLOOR"} if spec.kind == "avgpool_floor" else {}
+            self.pool = qnn.TruncAvgPool2d(kernel_size=2, stride=2, bit_width=spec.abits + 2, return_quant_tensor=True,
+                                           **rounding)
+        if spec.kind == "residual":
+            self.add_quant = act()
+        self.mac3 = qnn.QuantConv2d(4 if spec.kind == "convtranspose" else 8, 4, 1, bias=True, **weight)
+
+    def forward(self, x):
+        h = self.act1(self.mac1(self.inp(x)))
+        if self.kind == "mlp":
+            return self.mac3(self.act2(self.mac2(h)))
+        if self.kind == "residual":
+            h = self.act2(self.add_quant(h) + self.add_quant(self.mac2(h)))
+        else:
+            h = self.act2(self.mac2(h))
+        if self.kind.startswith("avgpool"):
+            h = self.pool(h)
+        return self.mac3(h)
+
+
+def build_corpus_net(folder: Path, spec: NetSpec, exporter: str, seed: int = 0) -> Path:
+    """``spec`` calibrated on seeded data and exported by Brevitas: ``exporter`` is ``qonnx`` (``export_qonnx``,
+    then qonnx's cleanup as FINN's flow runs it), ``qcdq_ts`` or ``qcdq_dynamo`` (``export_onnx_qcdq``, as exported)."""
+    from brevitas.export import export_onnx_qcdq
+
+    torch.manual_seed(seed)
+    net = _CorpusNet(spec)
+    with torch.no_grad():
+        net.train()
+        for _ in range(3):
+            net(torch.randn(8, *spec.input_shape[1:]) * 2)
+    net.eval()
+    path = folder / f"brevitas_{exporter}_{spec.name}.onnx"
+    sample = torch.randn(*spec.input_shape)
+    if exporter == "qonnx":
+        export_qonnx(net, sample, str(path))
+        cleanup_model(ModelWrapper(str(path))).save(str(path))
+    else:
+        export_onnx_qcdq(net, sample, str(path), dynamo=exporter == "qcdq_dynamo")
+    return path

@@ -174,3 +174,40 @@ def test_trunc_v1_and_uncertain_trunc_are_refused_by_name():
     assert "Trunc node 'trunc'" in _status(half_zero)
     with pytest.raises(CannotCertify, match="trunc"):
         certify_layer(half_zero, "mm")
+
+
+def test_im2col_of_a_rescaled_threshold_grid_matches_execution():
+    """Found by the real-file corpus: FINN's streamlined residual CNN feeds MultiThreshold -> scalar Mul ->
+    Im2Col (padded) -> MatMul; the Im2Col made the layer "not on an integer grid". It moves values and pads
+    with real 0: every channel's range must equal the executed worst case (the oracle cuts the graph at the
+    thresholds' float input and executes it with qonnx), in the reader, the certificate and after project."""
+    from tests.fuzz.real_files import executed_range
+
+    rng = np.random.default_rng(0)
+    channels, k = 2, 3
+    weights = rng.integers(-8, 8, size=(k * k * channels, 3)).astype(np.float32)
+    thresholds = np.arange(15, dtype=np.float32).reshape(1, 15) - 7.0
+    nodes = [helper.make_node("MultiThreshold", ["x", "t"], ["codes"], domain=Q, out_dtype="UINT4"),
+             helper.make_node("Mul", ["codes", "half"], ["scaled"]),
+             helper.make_node("Transpose", ["scaled"], ["nhwc"], perm=[0, 2, 3, 1]),
+             helper.make_node("Im2Col", ["nhwc"], ["cols"], domain=Q, stride=[1, 1], kernel_size=[k, k],
+                              pad_amount=[1, 1, 1, 1], input_shape="(1,4,4,2)"),
+             helper.make_node("MatMul", ["cols", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [_const("t", thresholds), _const("half", 0.5), _const("w", weights)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(Q, 1)])
+    model = ModelWrapper(proto).transform(InferShapes())
+    model.set_tensor_datatype("w", DataType["INT4"])  # FINN's integer weights carry their type
+    model.set_tensor_datatype("nhwc", DataType["FLOAT32"])  # as FINN annotates it (qonnx's Im2Col reads it)
+    report = analyze_model(model, per_channel=True).layers[0]
+    assert report.status == "ok", report.status
+    executed = executed_range(model, "mm")
+    assert report.per_channel["acc_min"] == executed.acc_min.tolist()
+    assert report.per_channel["acc_max"] == executed.acc_max.tolist()
+    cert = certify_layer(model, "mm")
+    assert list(cert.channel_min) == executed.acc_min.tolist() and list(cert.channel_max) == executed.acc_max.tolist()
+    width = bounds.accumulator_width(executed.lo, executed.hi) - 2
+    projected = model.transform(ProjectToAccumulator(width))
+    after = executed_range(projected, "mm")
+    assert bounds.accumulator_width(after.lo, after.hi) <= width

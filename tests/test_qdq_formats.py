@@ -24,6 +24,7 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.brevitas_nets import build_qcdq_net
 from tests.cli_helpers import run_cli
+from tests.ort_models import matmul_conv, quantize
 from tests.test_soundness_regressions import assert_fits
 
 BIG = 1e4  # far beyond every quantizer's range: QuantizeLinear saturates, Clip clamps
@@ -281,33 +282,10 @@ def test_activation_clip_excluding_the_zero_point_counts_padded_taps():
 
 def _ort_qdq(tmp_path, weight_type: str, activation_type: str) -> ModelWrapper:
     """MatMul -> Relu -> Reshape -> Conv, quantized by onnxruntime's quantize_static (opset 21)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(size=(8, 16)).astype(np.float32)
-    w2 = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("Reshape", ["r", "shape"], ["r4"]), helper.make_node("Conv", ["r4", "W2"], ["y"], name="conv")],
-        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(np.array([1, 1, 4, 4], np.int64), "shape"),
-         numpy_helper.from_array(w2, "W2")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    proto.ir_version = 10
     float_path, qdq_path = tmp_path / "float.onnx", tmp_path / f"qdq_{weight_type}_{activation_type}.onnx"
-    onnx.save(proto, str(float_path))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.data = iter([{"x": rng.normal(size=(1, 8)).astype(np.float32)} for _ in range(8)])
-
-        def get_next(self):
-            return next(self.data, None)
-
-    quantize_static(str(float_path), str(qdq_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType[weight_type], activation_type=QuantType[activation_type],
-                    extra_options={"WeightSymmetric": True})
+    x_shape = matmul_conv(float_path)
+    quantize(float_path, qdq_path, x_shape, "QDQ", weight_type, activation_type, per_channel=True,
+             extra_options={"WeightSymmetric": True})
     return ModelWrapper(str(qdq_path))
 
 

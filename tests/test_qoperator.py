@@ -22,31 +22,13 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import certify_layer
 from a2q_passes.transforms.project import ProjectToAccumulator
 from tests.cli_helpers import run_cli
+from tests.ort_models import conv_gemm_matmul, quantize
 from tests.test_soundness_regressions import assert_fits
 
 IN_SHAPE = (1, 2, 4, 4)
 # op -> (layout it computes like, weight input, weight zero point input); input 0 is the data, input 2 its zero point
 INTEGER_OPS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
                "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
-
-
-def _float_model(path) -> None:
-    rng = np.random.default_rng(1)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "W1", "B1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
-         helper.make_node("Gemm", ["f", "W2", "B2"], ["g"], name="gemm", transB=1),
-         helper.make_node("MatMul", ["g", "W3"], ["y"], name="mm")],
-        "net", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(IN_SHAPE))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "W1"),
-         numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "B1"),
-         numpy_helper.from_array(rng.normal(size=(6, 64)).astype(np.float32), "W2"),
-         numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "B2"),
-         numpy_helper.from_array(rng.normal(size=(6, 5)).astype(np.float32), "W3")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    proto.ir_version = 8
-    onnx.save(proto, str(path))
 
 
 VARIANTS = {  # name -> how onnxruntime quantizes the float net
@@ -62,31 +44,13 @@ VARIANTS = {  # name -> how onnxruntime quantizes the float net
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> dict[str, str]:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-
     folder = tmp_path_factory.mktemp("qoperator")
     float_path = folder / "float.onnx"
-    _float_model(float_path)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            rng = np.random.default_rng(0)
-            self.data = iter([{"x": rng.normal(size=IN_SHAPE).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.data, None)
-
+    assert conv_gemm_matmul(float_path) == list(IN_SHAPE)
     paths = {}
     for name, v in VARIANTS.items():
         path = folder / f"{name}.onnx"
-        if v["fmt"] == "dynamic":
-            quantize_dynamic(str(float_path), str(path), weight_type=QuantType[v["weight"]], per_channel=v["per_channel"],
-                             op_types_to_quantize=["Conv", "Gemm", "MatMul"])
-        else:
-            quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat[v["fmt"]],
-                            per_channel=v["per_channel"], weight_type=QuantType[v["weight"]],
-                            activation_type=QuantType[v["act"]])
+        quantize(float_path, path, list(IN_SHAPE), v["fmt"], v["weight"], v.get("act", "QUInt8"), v["per_channel"])
         paths[name] = str(path)
     return paths
 

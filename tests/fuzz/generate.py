@@ -81,6 +81,8 @@ class Case:
     input_dtypes: list[str] = field(default_factory=list)  # --input-dtype options
     description: list[str] = field(default_factory=list)
     used: set[str] = field(default_factory=set)  # the CONSTRUCTS switches this case actually exercises
+    # integer code range of graph inputs no datatype describes (real files' integer ops: tests/fuzz/real_files.py)
+    source_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def save(self, stem: Path, note: dict | None = None) -> None:
         """``STEM.onnx`` and ``STEM.json`` (what :meth:`load` needs, plus ``note``)."""

@@ -35,11 +35,16 @@ from qonnx.transformation.infer_shapes import InferShapes
 
 from tests.fuzz.generate import OPSET, Case, LayerInfo
 
-QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear")
+# MultiThreshold, Trunc: FINN's and Brevitas' activation quantizers in real files (tests/fuzz/real_files.py)
+QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "MultiThreshold", "Trunc")
 # Clip: Brevitas' QCDQ integer Clip between QuantizeLinear and DequantizeLinear (executed, so the cut
 # starts at the quantizer's float input and never feeds the Clip's output codes directly)
+# Mul/Div/Add by one constant: FINN's scale and offset after a MultiThreshold (only with a scalar constant operand)
 GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity",
-            "Clip")
+            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "QuantAvgPool2d")
+# ops that sum several source elements into one: traced by influence (AveragePool), not by index
+POOLING_OPS = ("QuantAvgPool2d",)
+SCALAR_OPS = ("Mul", "Div", "Add")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
 EXACT_FLOAT32 = 1 << 24
 RANDOM_SAMPLES = 8
@@ -82,7 +87,25 @@ def fits(lo: int, hi: int, bits: int, signed: bool) -> bool:
 
 
 def _node(model: ModelWrapper, name: str):
-    return next(n for n in model.graph.node if n.name == name)
+    """The node a report calls ``name``: its name, or its first output when it has none (FINN's converted graphs)."""
+    return next(n for n in model.graph.node if (n.name or n.output[0]) == name)
+
+
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+
+
+def execute(model: ModelWrapper, feed: dict) -> dict:
+    """qonnx execution; a graph with 4-bit tensors runs whole in onnxruntime (qonnx runs one node at a time and
+    hands onnxruntime numpy int4 arrays, which its Python binding rejects)."""
+    typed = [i.data_type for i in model.graph.initializer]
+    typed += [v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)]
+    if not any(t in FOUR_BIT for t in typed):
+        return execute_onnx(model, feed)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
 
 
 def _is_constant(model: ModelWrapper, tensor: str) -> bool:
@@ -95,10 +118,12 @@ def _act_chain(model: ModelWrapper, tensor: str, kept: list, sources: list[str])
     if producer is None:
         sources.append(tensor)
         return
+    scalar = producer.op_type not in SCALAR_OPS or (
+        _is_constant(model, producer.input[1]) and model.get_initializer(producer.input[1]).size == 1)
     if producer.op_type in QUANTIZERS:
         kept.append(producer)
         sources.append(producer.input[0])
-    elif producer.op_type in GRID_OPS:
+    elif producer.op_type in GRID_OPS and scalar:
         kept.append(producer)
         data_inputs = producer.input if producer.op_type == "Concat" else producer.input[:1]
         for t in data_inputs:
@@ -162,23 +187,45 @@ def _infer_shapes(model: ModelWrapper) -> ModelWrapper:
     return model
 
 
-def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str) -> ModelWrapper:
-    """The activation chain with quantizers, Relu, Clip and DequantizeLinear replaced by Identity (index tracing)."""
+def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str, batch: int = 1) -> ModelWrapper:
+    """The activation chain with quantizers, Relu, Clip and DequantizeLinear replaced by Identity (index tracing),
+    and FINN's QuantAvgPool2d by the AveragePool it sums like (influence tracing)."""
     replaced = []
     for n in chain:
-        if n.op_type in QUANTIZERS + ("Relu", "Clip", "DequantizeLinear"):
+        if n.op_type in QUANTIZERS + SCALAR_OPS + ("Relu", "Clip", "DequantizeLinear"):
             replaced.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
+        elif n.op_type == "QuantAvgPool2d":
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if attrs.get("data_layout", b"NCHW") not in (b"NCHW", "NCHW"):
+                raise OracleError(f"{n.name}: QuantAvgPool2d with data_layout {attrs['data_layout']}")
+            replaced.append(helper.make_node("AveragePool", [n.input[0]], [n.output[0]], name=n.name,
+                                             kernel_shape=[attrs["kernel"]] * 2, strides=[attrs["stride"]] * 2))
         else:
             replaced.append(copy.deepcopy(n))
     graph = helper.make_graph(
         [n for n in (replaced[i] for i in _topological(model, chain))], "trace",
-        [helper.make_tensor_value_info(s, TensorProto.FLOAT, [1] + list(model.get_tensor_shape(s))[1:]) for s in sources],
+        [helper.make_tensor_value_info(s, TensorProto.FLOAT, [batch] + list(model.get_tensor_shape(s))[1:]) for s in sources],
         [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(model.get_initializer(t), t)
                      for n in chain for t in n.input if t and _is_constant(model, t)],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    return _infer_shapes(ModelWrapper(proto))
+    trace = ModelWrapper(proto)
+    for n in trace.graph.node:  # qonnx's Im2Col reads its input's FINN datatype annotation
+        for t in n.input:
+            if t and not _is_constant(trace, t):
+                trace.set_tensor_datatype(t, DataType["FLOAT32"])
+    return _infer_shapes(trace)
+
+
+def _execute_chain(model: ModelWrapper, chain: list, sources: list[str], output: str, feed: dict,
+                   batch: int) -> np.ndarray:
+    """The activation cut executed on a batch; one sample at a time through qonnx's Im2Col, whose
+    ``input_shape`` attribute fixes the batch size (FINN's lowered convolutions)."""
+    if not any(n.op_type == "Im2Col" for n in chain):
+        return execute(_subgraph(model, chain, sources, [output], batch), feed)[output]
+    single = _subgraph(model, chain, sources, [output], 1)
+    return np.concatenate([execute(single, {s: v[i:i + 1] for s, v in feed.items()})[output] for i in range(batch)])
 
 
 def _topological(model: ModelWrapper, chain: list) -> list[int]:
@@ -224,6 +271,9 @@ class SourceDomain:
 
 
 def _domain(model: ModelWrapper, case: Case, name: str) -> SourceDomain:
+    if name in case.source_ranges:
+        lo, hi = case.source_ranges[name]
+        return SourceDomain(lo, hi, True, np.dtype(np.float32))
     vi = model.get_tensor_valueinfo(name)
     if vi is not None and vi.type.tensor_type.elem_type == TensorProto.INT8:
         return SourceDomain(-128, 127, True, np.dtype(np.int8))
@@ -241,22 +291,32 @@ def _domain(model: ModelWrapper, case: Case, name: str) -> SourceDomain:
 def _integers(values: np.ndarray, scale, what: str, node: str) -> np.ndarray:
     t = values.astype(np.float64) / np.asarray(scale, dtype=np.float64)
     r = np.round(t)
-    if not np.allclose(t, r, rtol=0, atol=1e-3):
+    if not np.allclose(t, r, rtol=1e-6, atol=1e-3):  # rtol: float32 rounding of 16-bit codes times a scale
         raise OracleError(f"{node}: executed {what} is not on the generated grid (max deviation {np.abs(t - r).max():.3g})")
     return r
 
 
-def _targets(out_shape: tuple[int, ...], rng: np.random.Generator) -> list[int]:
+def _channel_axis(mac, out_shape: tuple[int, ...]) -> int:
+    """Output channels (per sample): axis 0 of a Conv's (C, H, W); the last axis of a MatMul's (..., C) (FINN's
+    lowered convolutions: Im2Col -> MatMul on NHWC)."""
+    return len(out_shape) - 1 if mac.op_type in ("MatMul", "Gemm") else 0
+
+
+def _targets(out_shape: tuple[int, ...], rng: np.random.Generator, channel_axis: int = 0) -> list[int]:
     """Flat output elements (per sample) to attack: corners, centre and one random position of every channel."""
-    channels = out_shape[0]
-    spatial = out_shape[1:]
+    flat = np.moveaxis(np.arange(int(np.prod(out_shape))).reshape(out_shape), channel_axis, 0)
+    channels = flat.shape[0]
+    spatial = flat.shape[1:]
     per = int(np.prod(spatial)) if spatial else 1
-    if spatial:
+    if len(spatial) == 2:
         h, w = spatial
         positions = sorted({0, w - 1, (h - 1) * w, h * w - 1, (h // 2) * w + w // 2, int(rng.integers(per))})
+    elif spatial:
+        positions = sorted({0, per - 1, per // 2, int(rng.integers(per))})
     else:
         positions = [0]
-    return [c * per + p for c in range(channels) for p in positions]
+    by_channel = flat.reshape(channels, -1)
+    return [int(by_channel[c, p]) for c in range(channels) for p in positions]
 
 
 def executed_ranges(model: ModelWrapper, case: Case, seed: int = 0) -> dict[str, ExecutedRange]:
@@ -306,7 +366,7 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
         feed[s] = np.concatenate(feed[s] + [domains[s].random(rng, [RANDOM_SAMPLES] + shapes[s])]).astype(domains[s].dtype)
     batch = 4 + RANDOM_SAMPLES
     # operands read straight from graph inputs leave no node to execute before the MatMul
-    executed = execute_onnx(_subgraph(model, nodes, sources, list(mac.input[:2]), batch), feed) if nodes else feed
+    executed = execute(_subgraph(model, nodes, sources, list(mac.input[:2]), batch), feed) if nodes else feed
     codes = []
     for tensor, scale, zero in ((mac.input[0], info.act_scale, info.act_zero_point),
                                 (mac.input[1], info.operand_scale, info.operand_zero_point)):
@@ -337,16 +397,23 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
     feed = {s: (np.arange(n) + 1 + offsets[i]).astype(np.float32).reshape([1] + list(model.get_tensor_shape(s))[1:])
             for i, (s, n) in enumerate(zip(sources, sizes))}
     if chain:
-        index = execute_onnx(_trace_model(model, chain, sources, mac.input[0]), feed)[mac.input[0]]
+        index = execute(_trace_model(model, chain, sources, mac.input[0]), feed)[mac.input[0]]
     else:
         index = feed[sources[0]]
     index = (index.T if trans_a else index)[0].reshape(-1).astype(np.int64)
+    influence = None
+    if any(n.op_type in POOLING_OPS for n in chain):  # (source element, MAC input element): how much one feeds the other
+        one_hot = np.eye(int(offsets[-1]), dtype=np.float32)
+        feed = {s: one_hot[:, offsets[i]:offsets[i + 1]].reshape([-1] + list(model.get_tensor_shape(s))[1:])
+                for i, s in enumerate(sources)}
+        traced = execute(_trace_model(model, chain, sources, mac.input[0], int(offsets[-1])), feed)[mac.input[0]]
+        influence = traced.reshape(int(offsets[-1]), -1).astype(np.float64)
 
     # 2. the executed integer weights (the weight quantizer's constant subgraph), and the MAC's Jacobian
     #    (the weight of every tap) by executing the MAC on one-hot inputs
     weight = model.get_initializer(mac.input[1])
     if weight is None:
-        weight = execute_onnx(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
+        weight = execute(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
     q = _integers(weight, info.weight_scale, "weight", info.node)
     x_shape = tuple(model.get_tensor_shape(mac.input[0]))
     sample_shape = (x_shape[0],) if trans_a else tuple(x_shape[1:])
@@ -361,10 +428,16 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
     hi = np.concatenate([np.full(n, d.hi) for d, n in zip(domains, sizes)])
     direction = np.sign(info.act_scale)
     samples = []
-    for o in _targets(out_shape, rng):
+    axis = _channel_axis(mac, out_shape)
+    for o in _targets(out_shape, rng, axis):
         taps = np.nonzero(jac[:, o])[0]
         for sense in (1.0, -1.0):
             x = lo.copy()
+            if influence is not None:  # each source to the end its summed effect on output o asks for
+                effect = influence[:, taps] @ jac[taps, o]
+                x = np.where(np.sign(effect) * sense * direction > 0, hi, lo)
+                samples.append(x)
+                continue
             src = index[taps]
             want_high = np.sign(jac[taps, o]) * sense * direction > 0
             keep = src > 0
@@ -382,21 +455,25 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
 
     # 4. execute the activation cut on the batch, then the integer MAC on its executed input
     if chain:
-        x = execute_onnx(_subgraph(model, chain, sources, [mac.input[0]], batch), feed)[mac.input[0]]
+        x = _execute_chain(model, chain, sources, mac.input[0], feed, batch)
     else:  # the MAC reads a graph input directly
         x = feed[mac.input[0]].astype(np.float32)
     if trans_a:
         x = x.T
     t = _integers(x, info.act_scale, "activation", info.node)
-    if np.abs(jac).sum(axis=0).max(initial=0) * max(np.abs(t).max(initial=0), 1) >= EXACT_FLOAT32:
-        raise OracleError(f"{info.node}: accumulator too large for exact float32 execution")
-    acc = _run_mac(mac, q, t).astype(np.float64)
+    if np.abs(jac).sum(axis=0).max(initial=0) * max(np.abs(t).max(initial=0), 1) < EXACT_FLOAT32:
+        acc = _run_mac(mac, q, t).astype(np.float64)
+    else:  # beyond float32's integers (16-bit codes): the executed MAC's taps (its Jacobian), summed in int64
+        if np.abs(jac).max(initial=0) >= EXACT_FLOAT32:
+            raise OracleError(f"{info.node}: weights too large for exact float32 execution")
+        taps = np.round(jac).astype(np.int64)
+        acc = (t.reshape(t.shape[0], -1).astype(np.int64) @ taps).reshape((t.shape[0],) + out_shape).astype(np.float64)
     if case.zero_point == "fold" and info.act_zero_point:
         if mac.op_type == "Conv":  # padded taps carry the zero-point code: the whole kernel counts
             ones = q.reshape(q.shape[0], -1).sum(axis=1).reshape((1, -1) + (1,) * (acc.ndim - 2))
         else:
             ones = _run_mac(mac, q, np.ones((1,) + sample_shape, dtype=np.float32))
-        acc = acc + info.act_zero_point * ones
+        acc = acc + info.act_zero_point * ones.astype(np.float64)  # float32 * z would round beyond 2^24
     acc = np.round(acc).astype(np.int64)
-    per_channel = np.moveaxis(acc, 1, 0).reshape(acc.shape[1], -1)
+    per_channel = np.moveaxis(acc, 1 + axis, 0).reshape(acc.shape[1 + axis], -1)
     return ExecutedRange(per_channel.min(axis=1), per_channel.max(axis=1))

@@ -1,0 +1,286 @@
+"""The oracle (``oracle.py``) for files the fuzzer did not generate: what it needs read from the graph itself.
+
+The oracle executes each MAC layer's activation cut and weight quantizers with qonnx; it only needs, per
+layer, the scales (and activation zero point) that turn executed float tensors back into integers. The
+generator records those for its own graphs; for real files (Brevitas, onnxruntime, FINN, the model zoo)
+this module reads them from the graph's own quantizer nodes: the first ``Quant``/``BipolarQuant``/
+``DequantizeLinear``/``MultiThreshold``/``Trunc`` above the MAC input (through data-movement ops and scalar
+``Mul``/``Add`` constants) and above the weight. The weight scale is put into the MAC's layout by executing
+the ops between the weight quantizer and the MAC on the scale itself.
+
+Integer ops the oracle's float MAC cannot run (onnxruntime's ``QLinearConv``/``QLinearMatMul``/``QGemm``/
+``ConvInteger``/``MatMulInteger``, FINN's ``MVAU``/``VVAU``) are cut out into a one-layer model whose input
+takes every code of the op's input type (its storage type, or FINN's ``inputDataType``) and whose MAC is the
+float op ONNX defines them by, on ``w - w_zp`` (``subtract``) or the raw codes (``fold``).
+
+None of this uses the project's readers: a layer this module cannot describe is reported with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.fold_constants import FoldConstants
+from qonnx.transformation.infer_shapes import InferShapes
+
+from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo
+from tests.fuzz.oracle import ExecutedRange, _ancestors, _infer_shapes, _node, _subgraph, execute, layer_range
+
+FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
+INTEGER_MACS = {"QLinearConv": ("Conv", 2, 3, 5), "QLinearMatMul": ("MatMul", 2, 3, 5), "QGemm": ("Gemm", 2, 3, 5),
+                "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3)}
+MVAU_OPS = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
+VVAU_OPS = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
+# ops that move or select codes without changing their grid
+PASS_THROUGH = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Im2Col",
+                "Clip")
+WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "DequantizeLinear")
+WEIGHT_MOVES = ("Transpose", "Reshape", "Identity", "Clip", "Flatten", "Squeeze", "Unsqueeze")
+# never folded into constants: the oracle reads the weight quantizers themselves
+QUANTIZER_OPS = ["Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "DequantizeLinear", "Clip", "MultiThreshold", "Trunc"]
+INTEGER_ELEM = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+                TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
+
+
+class Undescribed(Exception):
+    """A layer whose integer grid this module cannot read from the graph (the reason names the node)."""
+
+
+def _const(model: ModelWrapper, name: str) -> np.ndarray | None:
+    return model.get_initializer(name) if name else None
+
+
+def _scalar(model: ModelWrapper, name: str, what: str) -> float:
+    value = _const(model, name)
+    if value is None or np.asarray(value).size != 1:
+        raise Undescribed(f"{what} {name!r} is not one constant")
+    return float(np.asarray(value).reshape(()))
+
+
+def _attr(node, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
+    """(scale, zero point) of ``tensor``'s codes: the quantizer above it, then the scalar Mul/Add on the way."""
+    ops = []
+    while True:
+        producer = model.find_producer(tensor)
+        if producer is None:
+            dtype = model.get_tensor_datatype(tensor)
+            elem = model.get_tensor_valueinfo(tensor).type.tensor_type.elem_type
+            if not dtype.is_integer() and elem not in INTEGER_ELEM:
+                raise Undescribed(f"{tensor!r} is a float graph input")
+            scale, zero = 1.0, 0
+            break
+        op = producer.op_type
+        if op in PASS_THROUGH or op == "Concat":
+            tensor = producer.input[0]
+            continue
+        if op in ("Mul", "Add") and _const(model, producer.input[1]) is not None:
+            ops.append((op, _scalar(model, producer.input[1], f"{producer.name} constant")))
+            tensor = producer.input[0]
+            continue
+        if op in ("Quant", "IntQuant", "DequantizeLinear"):
+            scale = _scalar(model, producer.input[1], f"{producer.name} scale")
+            zero = round(_scalar(model, producer.input[2], "zero point")) if len(producer.input) > 2 and producer.input[2] else 0
+        elif op == "BipolarQuant":
+            scale, zero = _scalar(model, producer.input[1], f"{producer.name} scale"), 0
+        elif op == "MultiThreshold":  # values out_scale * k + out_bias: the MAC sees them as they are
+            scale, zero = float(_attr(producer, "out_scale", 1.0)), 0
+            ops.append(("Add", float(_attr(producer, "out_bias", 0.0))))
+        elif op == "QuantAvgPool2d":  # FINN's average pool: the (shifted) sum of integer codes, an integer
+            scale, zero = 1.0, 0
+        elif op == "Trunc":  # qonnx Trunc v2: codes on the output scale's grid, zero point on the input's
+            scale = _scalar(model, producer.input[4], f"{producer.name} output scale")
+            zero = round(_scalar(model, producer.input[2], "zero point") * _scalar(model, producer.input[1], "scale") / scale)
+        elif model.get_tensor_datatype(tensor).is_integer():  # a FINN HW layer's thresholded output, as annotated
+            scale, zero = 1.0, 0
+        else:
+            raise Undescribed(f"{tensor!r} comes from {op} {producer.name!r}")
+        break
+    for op, value in reversed(ops):  # from the quantizer down to the MAC
+        if op == "Mul":
+            scale *= value
+        elif not np.isclose(value / scale, round(value / scale), rtol=0, atol=1e-6):
+            raise Undescribed(f"an Add of {value} is not a whole number of steps {scale}")
+    return scale, zero
+
+
+def weight_scale(model: ModelWrapper, mac) -> np.ndarray:
+    """The weight quantizer's scale broadcast to the weight as the MAC consumes it (executed through the moves)."""
+    tensor = mac.input[1]
+    moves = []
+    while True:
+        producer = model.find_producer(tensor)
+        if producer is None:
+            weights = _const(model, tensor)
+            if weights is None or not np.array_equal(weights, np.round(weights)):
+                raise Undescribed(f"weight {tensor!r} is neither quantized nor integer")
+            return np.ones(1, np.float32)  # FINN: integer weights, the scale moved behind the MAC
+        if producer.op_type in WEIGHT_QUANTIZERS:
+            break
+        if producer.op_type not in WEIGHT_MOVES:
+            raise Undescribed(f"weight {mac.input[1]!r} comes from {producer.op_type} {producer.name!r}")
+        moves.append(producer)
+        tensor = producer.input[0]
+    kept: list = []
+    _ancestors(model, producer.output[0], kept)
+    codes = execute(_subgraph(model, kept, [], [producer.output[0]], 1), {})[producer.output[0]]
+    scale = np.asarray(model.get_initializer(producer.input[1]), dtype=np.float32)
+    if producer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
+        axis = _attr(producer, "axis", 1) % codes.ndim
+        scale = scale.reshape([-1 if d == axis else 1 for d in range(codes.ndim)])
+    image = np.broadcast_to(scale, codes.shape).astype(np.float32)
+    if not moves:
+        return image
+    return execute(_subgraph(model, moves, [producer.output[0]], [mac.input[1]], codes.shape[0]),
+                        {producer.output[0]: image})[mac.input[1]]
+
+
+def describe_layer(model: ModelWrapper, name: str) -> LayerInfo:
+    """The oracle's description of float MAC node ``name`` (raises :class:`Undescribed`)."""
+    mac = _node(model, name)
+    scale, zero = activation_grid(model, mac.input[0])
+    return LayerInfo(name, mac.op_type, weight_scale(model, mac), scale, zero)
+
+
+def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[ModelWrapper, LayerInfo, dict]:
+    """The one-layer float model an integer MAC op is defined by, its LayerInfo and the source's code range."""
+    float_op, x_zp_input, w_input, wz_input = INTEGER_MACS[mac.op_type]
+    w = np.asarray(_const(model, mac.input[w_input]))
+    if w is None or w.dtype.kind not in "iu":
+        raise Undescribed(f"{mac.name}: weight {mac.input[w_input]!r} is not an integer constant")
+    wz_name = mac.input[wz_input] if len(mac.input) > wz_input else ""
+    wz = np.asarray(_const(model, wz_name) if wz_name else np.zeros(1, w.dtype)).astype(np.int64)
+    trans_b = bool(_attr(mac, "transB", 0))
+    channel_axis = 0 if float_op == "Conv" or (float_op == "Gemm" and trans_b) else 1
+    shape = [-1 if d == channel_axis else 1 for d in range(w.ndim)]
+    q = w.astype(np.int64) - (wz.reshape(shape) if wz.size > 1 else wz.reshape(())) if zero_point == "subtract" else w
+    x_name = mac.input[0]
+    x_zp_name = mac.input[x_zp_input] if len(mac.input) > x_zp_input else ""
+    x_zp = _const(model, x_zp_name) if x_zp_name else None
+    dynamic = bool(x_zp_name) and x_zp is None  # DynamicQuantizeLinear: a zero point computed per run
+    elem = model.get_tensor_valueinfo(x_name).type.tensor_type.elem_type if model.get_tensor_valueinfo(x_name) else None
+    storage = np.dtype(x_zp.dtype if x_zp is not None else INTEGER_ELEM.get(elem, np.uint8))
+    info = np.iinfo(storage)
+    if dynamic and zero_point == "subtract":  # x - z with both in the storage range, z chosen per run
+        lo, hi, zero = int(info.min) - int(info.max), int(info.max) - int(info.min), 0
+    else:
+        lo, hi = int(info.min), int(info.max)
+        zero = 0 if x_zp is None or dynamic else int(np.asarray(x_zp).reshape(()))
+    attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute
+             if a.name in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad", "transA", "transB")}
+    x_shape = [1] + list(model.get_tensor_shape(x_name))[1:]
+    # the MAC reads t = codes - zero point (the oracle adds the zero point back under fold, padded taps included)
+    layer = _one_layer(helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs), x_shape, q)
+    return layer, LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero), {"t": (lo - zero, hi - zero)}
+
+
+def _one_layer(node, x_shape: list[int], weights: np.ndarray) -> ModelWrapper:
+    """``node`` alone, reading graph input ``t`` and the constant weights ``w``."""
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("t", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(weights, np.float32), "w")])
+    return _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
+
+
+def _finn_layer_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo, dict]:
+    """An MVAU as MatMul, a VVAU as one depthwise window (every window tap free): inputs of ``inputDataType``."""
+    dtype = DataType[_attr(mac, "inputDataType", b"").decode() if isinstance(_attr(mac, "inputDataType", ""), bytes)
+                     else _attr(mac, "inputDataType", "")]
+    if _attr(mac, "binaryXnorMode", 0):
+        raise Undescribed(f"{mac.name}: binaryXnorMode counts matches, not products")
+    w = np.asarray(model.get_initializer(mac.input[1]), dtype=np.float32)
+    if mac.op_type in MVAU_OPS:
+        x_shape, node = [1, w.shape[0]], helper.make_node("MatMul", ["t", "w"], ["acc"], name=mac.name)
+    else:
+        channels, k = w.shape[0], list(w.shape[2:])
+        x_shape = [1, channels, *k]
+        node = helper.make_node("Conv", ["t", "w"], ["acc"], name=mac.name, group=channels, kernel_shape=k)
+    layer = _one_layer(node, x_shape, w)
+    op = "MatMul" if mac.op_type in MVAU_OPS else "Conv"
+    return layer, LayerInfo(mac.name, op, np.ones(1, np.float32), 1.0, 0), {"t": (int(dtype.min()), int(dtype.max()))}
+
+
+def is_mac(node) -> bool:
+    return node.op_type in FLOAT_MACS or node.op_type in INTEGER_MACS or node.op_type in MVAU_OPS + VVAU_OPS
+
+
+def with_shapes(model: ModelWrapper) -> ModelWrapper:
+    """Every tensor's shape: qonnx's shape inference, or, where it cannot run (onnxruntime's ``com.microsoft``
+    ops), onnxruntime executing the file on zeros with every tensor as an output."""
+    import onnxruntime as ort
+
+    model = ModelWrapper(copy.deepcopy(model.model))
+    for node in model.graph.node:  # old Brevitas exports: qonnx's own cleanup moves these ops to its domain too
+        if node.domain == "onnx.brevitas":
+            node.domain = QONNX_DOMAIN
+    if QONNX_DOMAIN not in model.get_opset_imports():
+        model.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, 1))
+    try:  # constant shape computations folded (Brevitas' old Flatten exports: Shape -> Gather -> ... -> Reshape)
+        model = model.transform(InferShapes()).transform(FoldConstants(exclude_op_types=QUANTIZER_OPS))
+        model = model.transform(InferShapes())
+    except Exception:  # noqa: BLE001 - an op qonnx cannot infer: onnxruntime below
+        pass
+    if all(model.get_tensor_shape(t) is not None for n in model.graph.node for t in n.output if t):
+        return model
+    proto = copy.deepcopy(model.model)
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(t) for n in proto.graph.node for t in n.output
+                              if t and t not in known)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim],
+                             helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in session.get_inputs()
+            for i in [model.get_tensor_valueinfo(i.name)]}
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    for name, value in values.items():
+        if name not in known and model.get_initializer(name) is None:
+            model.set_tensor_shape(name, list(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
+    return model
+
+
+def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
+    """A copy with FINN's HW data-movement layers as the standard ops they are defined by (``convert_to_hw`` made
+    them from these): ``Shuffle`` = Reshape -> Transpose -> Reshape, ``DuplicateStreams`` = one Identity per output,
+    ``ElementwiseMul`` = Mul. Their own attributes fix the batch to 1; the standard ops run any batch."""
+    model = ModelWrapper(copy.deepcopy(model.model))
+    for index, node in reversed(list(enumerate(model.graph.node))):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Shuffle":
+            if attrs["perm"][0] != 0:
+                raise Undescribed(f"{node.name}: Shuffle moves the batch axis")
+            shapes = [f"{node.name}_in_shape", f"{node.name}_out_shape"]
+            model.set_initializer(shapes[0], np.array([-1, *attrs["transpose_in_shape"][1:]], np.int64))
+            model.set_initializer(shapes[1], np.array([-1, *attrs["out_shape"][1:]], np.int64))
+            standard = [helper.make_node("Reshape", [node.input[0], shapes[0]], [f"{node.name}_in"]),
+                        helper.make_node("Transpose", [f"{node.name}_in"], [f"{node.name}_moved"], perm=attrs["perm"]),
+                        helper.make_node("Reshape", [f"{node.name}_moved", shapes[1]], [node.output[0]], name=node.name)]
+        elif node.op_type == "DuplicateStreams":
+            standard = [helper.make_node("Identity", [node.input[0]], [out]) for out in node.output]
+        elif node.op_type == "ElementwiseMul":
+            standard = [helper.make_node("Mul", list(node.input), list(node.output), name=node.name)]
+        else:
+            continue
+        model.graph.node.remove(node)
+        for offset, new in enumerate(standard):
+            model.graph.node.insert(index + offset, new)
+    return model
+
+
+def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", seed: int = 0) -> ExecutedRange:
+    """Executed worst-case accumulator range of MAC node ``name`` of a real file (raises :class:`Undescribed`)."""
+    model = with_shapes(standard_data_ops(model))
+    mac = _node(model, name)
+    if mac.op_type in INTEGER_MACS:
+        layer, info, ranges = _integer_layer_model(model, mac, zero_point)
+    elif mac.op_type in MVAU_OPS + VVAU_OPS:
+        layer, info, ranges = _finn_layer_model(model, mac)
+    else:
+        layer, info, ranges = model, describe_layer(model, name), {}
+    return layer_range(layer, Case(layer, [info], zero_point, source_ranges=ranges), info, seed)

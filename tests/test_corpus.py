@@ -1,0 +1,91 @@
+"""The real-file corpus (``scripts/corpus.py``) in its quick form: one file per producer class, written by the
+real producer (Brevitas' two exporters, onnxruntime's three formats, FINN's HW graph), each run through
+``analyze``/``project``/``verify`` (and ``lower`` for QONNX) and checked against the oracle that executes worst-case
+inputs through the graph's own quantizers. The full corpus (``python -m scripts.corpus --out DIR``) is a script.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from qonnx.core.modelwrapper import ModelWrapper
+
+from scripts.corpus import EXPORTERS, FINN_STAGES, ORT_FORMATS, _run, check, generate
+from tests.fuzz.oracle import width
+from tests.fuzz.real_files import executed_range
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("corpus"), quick=True)
+
+
+def test_quick_corpus_has_no_failed_file_and_the_oracle_agrees(corpus, tmp_path):
+    entries, rejected = corpus
+    assert rejected == []
+    producers = {e.producer for e in entries}
+    assert producers == set(EXPORTERS.values()) | set(ORT_FORMATS.values()) | {FINN_STAGES["step_convert_to_hw"]}
+    results = [check(entry, tmp_path) for entry in entries]
+    assert [(r.entry.name, r.detail) for r in results if r.status != "handled"] == []
+    # every layer's executed worst case is the analysed range, not merely inside it; regression (found by the
+    # corpus): the FINN HW graph of the residual net reads a MatMul FINN left unlowered through Shuffle ->
+    # DuplicateStreams -> ElementwiseMul, once "not on an integer grid"
+    assert all(r.tight == r.layers > 0 for r in results), [(r.entry.name, r.tight, r.layers) for r in results]
+
+
+def test_oracle_sees_a_projection_that_breaks_its_promise(corpus, tmp_path):
+    """The check can fail: a projected QOperator layer whose weights are set back to the extreme codes no longer
+    fits P when executed (the comparison ``scripts.corpus`` makes for every promised layer)."""
+    entry = next(e for e in corpus[0] if e.name.startswith("ort_QOperator"))
+    out, bits = tmp_path / "p.onnx", 14
+    assert _run("project", entry.path, out, "--acc-bits", bits)[0] == 0
+    model = ModelWrapper(str(out))
+    node = next(n for n in model.graph.node if n.op_type == "QLinearMatMul")
+    fitted = executed_range(model, node.name)
+    assert width(fitted.lo, fitted.hi) <= bits
+    weights = model.get_initializer(node.input[3])
+    model.set_initializer(node.input[3], np.where(weights >= 0, np.iinfo(weights.dtype).max,
+                                                  np.iinfo(weights.dtype).min).astype(weights.dtype))
+    broken = executed_range(model, node.name)
+    assert width(broken.lo, broken.hi) > bits
+
+
+def test_grouped_conv_lowering_is_refused_by_name(tmp_path):
+    """Found by the corpus: ``lower`` of a Brevitas grouped (not depthwise) Conv leaked qonnx's LowerConvsToMatMul
+    error "cannot reshape array of size 288 into shape (8,72)"; it now names the layer and the construct."""
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec("grouped", 5, 4, per_channel=False), "qonnx")
+    out = tmp_path / "hw.onnx"
+    code, _, err = _run("lower", path, out, "--acc-bits", 16)
+    assert code == 1 and "grouped Conv 'Conv_1' (group=2" in err and "reshape" not in err, err
+    assert not out.exists()
+
+
+def test_oracle_is_exact_beyond_float32_integers(tmp_path):
+    """Found by the corpus: int16 QDQ accumulators reach 2^32, where the oracle's float32 products (the zero point
+    times the weight sums, the MAC itself) rounded by a few units and made exact analyses look unsound. The executed
+    range now equals the analysed one per channel (both against the brute force over the file's own codes)."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.ort_models import matmul_conv, quantize
+
+    float_path, path = tmp_path / "float.onnx", tmp_path / "int16.onnx"
+    quantize(float_path, path, matmul_conv(float_path), "QDQ", "QInt16", "QInt16")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    w, zero = inits["W1_quantized"].astype(np.int64), int(inits["x_zero_point"])
+    assert zero != 0
+    code, out, _ = _run("analyze", path, "--json", "--per-channel")
+    layer = next(layer for layer in json.loads(out)["layers"] if layer["node"] == "mm")
+    executed = executed_range(ModelWrapper(str(path)), "mm")
+    brute_max = np.where(w > 0, w * 32767, w * -32768).sum(axis=0)
+    assert executed.acc_max.tolist() == layer["per_channel"]["acc_max"] == brute_max.tolist()
+    assert executed.hi >= 1 << 31
+
