@@ -1,5 +1,6 @@
 """AXE: every partial sum fits P (brute force over all vertex inputs, with and without tiles), and it beats
-plain projection in output error, per layer on synthetic data and end to end on a trained digits model."""
+plain projection in output error, per layer on synthetic data and end to end on a trained digits model; with a
+held-out split it never scores below the projection there."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from qonnx.core.onnx_exec import execute_onnx
 
 from a2q_passes.analysis import analyze_model
 from a2q_passes.bounds import IntRange
 from a2q_passes.finetune.axe import axe_quantize, gram_matrices
+from a2q_passes.finetune.calibration import run_axe
+from a2q_passes.finetune.data import Dataset, split_held_out
+from a2q_passes.finetune.selection import select_layers
 from a2q_passes.finetune.train import FinetuneConfig
 from a2q_passes.projection import InfeasibleTarget, plain_round, project_exact
 from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 from tests.brevitas_nets import build_net
+from tests.test_allocate import _worst_case_widths_by_execution
 from tests.test_finetune import accuracy, digits_data, digits_model, qonnx_outputs
 
 torch.set_num_threads(1)
@@ -123,11 +129,92 @@ def test_axe_grouped_conv_with_signed_inputs(tmp_path):
     bits = max(r.bounds["exact"] for r in analyze_model(model).layers) - 3
     rng = np.random.default_rng(0)
     x_cal = (rng.normal(0, 1.5, (96, 1, 1, 1)) + rng.normal(0, 0.4, (96, 2, 6, 6))).astype(np.float32)
+    # every row kept (no held-out split): this checks AXE's own grouped calibration, on all 96 inputs
     quantized = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False,
-                                                                       log=lambda line: None))(model).model
+                                                                       log=lambda line: None),
+                                     held_out_samples=0)(model).model
     projected = model.transform(ProjectToAccumulator(bits, method="exact"))
     assert verify_model(quantized, bits).overflow_impossible
     reference = qonnx_outputs(model, x_cal)
     axe_error = np.sum((qonnx_outputs(quantized, x_cal) - reference) ** 2)
     projection_error = np.sum((qonnx_outputs(projected, x_cal) - reference) ** 2)
     assert axe_error < 0.95 * projection_error, (axe_error, projection_error)
+
+
+# ---------------------------------------------------------------- AXE never below the projection (held-out choice)
+
+
+def test_held_out_split_is_disjoint_seeded_and_bounded():
+    x = np.arange(20, dtype=np.float32).reshape(20, 1)
+    data = Dataset(x, np.arange(20), "d")
+    calibration, held_out = split_held_out(data, 6, 8, seed=3)
+    assert len(calibration) == 6 and len(held_out) == 8
+    assert not set(calibration.x.ravel()) & set(held_out.x.ravel())
+    assert np.array_equal(calibration.y, calibration.x.ravel().astype(int))  # labels travel with their inputs
+    again, _ = split_held_out(data, 6, 8, seed=3)
+    other, _ = split_held_out(data, 6, 8, seed=4)
+    assert np.array_equal(again.x, calibration.x) and not np.array_equal(other.x, calibration.x)
+    small_calibration, small_held_out = split_held_out(Dataset(x[:5], None, "d"), 512, 512, seed=0)
+    assert (len(small_calibration), len(small_held_out)) == (3, 2)  # at most half held out
+    assert split_held_out(data, 6, 0, seed=0)[1] is None
+
+
+def _held_out_accuracy(model, x, y) -> float:
+    return float(np.mean(qonnx_outputs(model, x).argmax(axis=1) == y) * 100.0)
+
+
+def test_chooser_falls_back_to_projection_where_axe_overfits_and_still_fits_by_execution(tmp_path):
+    """Calibrating on 4 images makes AXE over-fit (worse than the projection on other images); with a held-out
+    split the result keeps the projection where AXE loses, scores at least the projection's held-out accuracy,
+    and every layer's integer weights, as qonnx executes the graph's own quantizers, fit P at the worst-case input."""
+    model = digits_model()
+    bits = 12
+    x, y = digits_data("train", 260)
+    calibration, held_out = x[:4], Dataset(x[4:], y[4:].astype(np.int64), "held-out")
+    selection = select_layers(model, bits)
+    every_row, _ = run_axe(model, selection, calibration)
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    projection_accuracy = _held_out_accuracy(projected, held_out.x, held_out.y)
+    assert _held_out_accuracy(every_row, held_out.x, held_out.y) < projection_accuracy  # the over-fit is real
+
+    chosen, reports = run_axe(model, selection, calibration, held_out=held_out, loss="ce")
+    assert _held_out_accuracy(chosen, held_out.x, held_out.y) >= projection_accuracy
+    assert any(r.rows_axe < r.rows for r in reports)
+    executed = {n.name: _executed_rows(chosen, n) for n in chosen.graph.node if n.op_type in ("Conv", "Gemm")}
+    projection_rows = {n.name: _executed_rows(projected, n) for n in projected.graph.node if n.op_type in ("Conv", "Gemm")}
+    for report in reports:  # the report says which layers hold the projection: check it against the graph
+        if report.rows_axe == 0:
+            assert np.array_equal(executed[report.node], projection_rows[report.node]), report.node
+    path = tmp_path / "chosen.onnx"
+    chosen.save(str(path))
+    widths = _worst_case_widths_by_execution(path)
+    assert widths and all(width <= bits for width in widths.values()), widths
+
+
+def _executed_rows(model, node) -> np.ndarray:
+    """A layer's integer weights from qonnx's execution of its weight Quant (not the project's readers)."""
+    quant = model.find_producer(node.input[1])
+    x = np.zeros([1, *model.get_tensor_shape(model.graph.input[0].name)[1:]], dtype=np.float32)
+    context = execute_onnx(model, {model.graph.input[0].name: x}, return_full_exec_context=True)
+    codes = context[node.input[1]] / model.get_initializer(quant.input[1])
+    return np.rint(codes).reshape(codes.shape[0], -1).astype(np.int64)
+
+
+def test_finetune_axe_reports_its_choice_and_never_scores_below_projection_on_held_out():
+    """Through the pass: the held-out split comes from the training data (seeded), the details name it, and the
+    result's held-out accuracy (qonnx execution) is at least the projection's."""
+    model = digits_model()
+    bits = 12
+    x, y = digits_data("train", 300)
+    config = FinetuneConfig(method="axe", progress=False, log=lambda line: None, seed=1)
+    step = FinetuneAccumulators(bits, (x, y), None, config, calibration_samples=100, held_out_samples=150)
+    out = step(model).model
+    details = step.result.details
+    assert (details["calibration_samples"], details["held_out_samples"]) == (100, 150)
+    _, held_out = split_held_out(Dataset(x, y, "train"), 100, 150, seed=1)
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    assert _held_out_accuracy(out, held_out.x, held_out.y) >= _held_out_accuracy(projected, held_out.x, held_out.y)
+    assert verify_model(out).overflow_impossible
+    again = FinetuneAccumulators(bits, (x, y), None, config, calibration_samples=100, held_out_samples=150)(model).model
+    assert all(np.array_equal(out.get_initializer(t.name), again.get_initializer(t.name))
+               for t in out.graph.initializer)  # deterministic with the seed

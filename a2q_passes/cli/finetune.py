@@ -72,6 +72,10 @@ def finetune(
     train_act_scales: Annotated[bool, typer.Option("--train-act-scales", help="also train activation scales")] = False,
     tile: Annotated[Optional[int], typer.Option("--tile", help="axe: hold each run of T terms to P bits too")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="axe: calibration inputs used")] = 512,
+    held_out_samples: Annotated[int, typer.Option(
+        "--held-out-samples", help="axe: other --data samples that choose, per row and layer, between AXE and the "
+                                   "exact projection, so the result never scores below the projection on them "
+                                   "(0: keep every AXE row)")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     skip: Annotated[Optional[list[str]], typer.Option(
@@ -98,7 +102,7 @@ def finetune(
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
     step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,
-                                calibration_samples=calib_samples, skip=skip, input_ranges=input_ranges)
+                                calibration_samples=calib_samples, held_out_samples=held_out_samples, skip=skip, input_ranges=input_ranges)
     result = step(model)
     if not result.details["is_main"]:
         return
@@ -111,4 +115,7 @@ def finetune(
     for node, change in result.details["untargeted"].items():
         how = f"training widened it: {change['held']}" if change["held"] else "never wider than before"
         typer.echo(f"untargeted layer {node}: {change['before']} -> {change['after']} ({how})")
+    for report in result.details.get("axe", []):
+        typer.echo(f"AXE rows kept in {report.node}: {report.rows_axe}/{report.rows} (the others hold the exact "
+                   f"projection)" + (f"; {report.note}" if report.note else ""))
     typer.echo(f"wrote {output_path}")
