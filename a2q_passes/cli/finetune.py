@@ -75,7 +75,11 @@ def finetune(
     held_out_samples: Annotated[int, typer.Option(
         "--held-out-samples", help="axe: other --data samples that choose, per row and layer, between AXE and the "
                                    "exact projection, so the result never scores below the projection on them "
-                                   "(0: keep every AXE row)")] = 512,
+                                   "(0: keep every AXE row)")] = 2048,
+    refresh_stats: Annotated[str, typer.Option(
+        "--refresh-stats", help="axe: re-centre each layer's output channels on the original model's from the "
+                                "calibration data (BatchNorm statistics, else the float bias; weights and widths "
+                                "unchanged): auto (kept where it raises the held-out score), on or off")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     skip: Annotated[Optional[list[str]], typer.Option(
@@ -102,7 +106,7 @@ def finetune(
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
     step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,
-                                calibration_samples=calib_samples, held_out_samples=held_out_samples, skip=skip, input_ranges=input_ranges)
+                                calibration_samples=calib_samples, held_out_samples=held_out_samples, refresh=refresh_stats, skip=skip, input_ranges=input_ranges)
     result = step(model)
     if not result.details["is_main"]:
         return
@@ -117,5 +121,6 @@ def finetune(
         typer.echo(f"untargeted layer {node}: {change['before']} -> {change['after']} ({how})")
     for report in result.details.get("axe", []):
         typer.echo(f"AXE rows kept in {report.node}: {report.rows_axe}/{report.rows} (the others hold the exact "
-                   f"projection)" + (f"; {report.note}" if report.note else ""))
+                   f"projection)" + (f"; {report.note}" if report.note else "")
+                   + (f"; {report.refreshed}" if report.refreshed else ""))
     typer.echo(f"wrote {output_path}")

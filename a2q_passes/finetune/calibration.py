@@ -35,12 +35,13 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.finetune.axe import axe_quantize, exact_projection_rows, gram_matrices, row_output_errors
 from a2q_passes.finetune.data import Dataset
 from a2q_passes.finetune.selection import ConstrainedLayer, Selection
-from a2q_passes.finetune.train import metric_name, predict, score
+from a2q_passes.finetune.train import metric_name, objective, predict, score
 from a2q_passes.layers import RowLayout, WeightSource, node_attr, find_mac_layers, unrounded_mac_weights, write_mac_weights
 from a2q_passes.projection import plain_round
 from a2q_passes.torch_bridge import QonnxModule
 
 _CHUNK = 256  # calibration samples per forward pass / Gram update
+REFRESH = ("auto", "on", "off")  # run_axe: when the output statistics refresh is kept
 
 
 class _NotHandled(Exception):
@@ -59,6 +60,7 @@ class AxeLayerReport:
     rows: int = 0
     held_out_error: float | None = None  # relative output error of the kept rows on the held-out data
     held_out_error_projection: float | None = None  # the same for the exact projection
+    refreshed: str = ""  # what refresh_statistics changed after this layer, where it was kept
 
     @property
     def choice(self) -> str:
@@ -115,7 +117,8 @@ def _groups(layer: ConstrainedLayer, node: NodeProto, value: np.ndarray) -> list
 
 def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, tile: int | None = None,
             device: torch.device | str = "cpu", log: Callable[[str], None] | None = None,
-            held_out: Dataset | None = None, loss: str = "ce") -> tuple[ModelWrapper, list[AxeLayerReport]]:
+            held_out: Dataset | None = None, loss: str = "ce",
+            refresh: str = "auto") -> tuple[ModelWrapper, list[AxeLayerReport]]:
     """A copy of ``model`` whose constrained layers hold AXE weights; with a report per layer.
 
     ``held_out``: inputs (and optional targets for ``loss``'s metric) disjoint from ``calibration``.
@@ -123,7 +126,13 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
     held-out output error, and :func:`choose_against_projection` makes the model-level choice, so
     the result never scores below the exact projection of every layer on the held-out data.
     Without them every row keeps its AXE weights.
+
+    ``refresh`` (:data:`REFRESH`): :func:`refresh_statistics` on the calibration inputs after the choice;
+    ``auto`` keeps it only where it raises the held-out score (never without held-out data), ``on``
+    always, ``off`` never.
     """
+    if refresh not in REFRESH:
+        raise ValueError(f"refresh must be one of {REFRESH}, got {refresh!r}")
     device = torch.device(device)
     out = ModelWrapper(copy.deepcopy(model.model))
     reports = []
@@ -163,8 +172,19 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
         reports.append(report)
         if log is not None:
             log(_describe(report))
-    if held_out is not None:
-        out = choose_against_projection(model, out, candidates, reports, held_out, loss, device, log)
+    quality = HeldOutScore(model, held_out, loss, device) if held_out is not None else None
+    if quality is not None:
+        out = choose_against_projection(model, out, candidates, reports, quality, log)
+    if refresh != "off":
+        refreshed, notes = refresh_statistics(model, out, selection, calibration, device)
+        before = quality(out) if quality is not None else None
+        if refresh == "on" or (before is not None and better(quality(refreshed), before)):
+            out = refreshed
+            for report in reports:
+                report.refreshed = notes[report.node]
+        if log is not None:
+            log(f"output statistics refresh ({refresh}): " + ("kept" if out is refreshed else "not kept: it did not "
+                                                              "raise the held-out score"))
     return out, reports
 
 
@@ -189,23 +209,44 @@ class LayerCandidates:
     projection: np.ndarray
 
 
-def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, candidates: dict[str, LayerCandidates],
-                              reports: list[AxeLayerReport], held_out: Dataset, loss: str, device: torch.device,
-                              log: Callable[[str], None] | None = None) -> ModelWrapper:
-    """The model-level choice on held-out data: never below the exact projection of every layer.
+class HeldOutScore:
+    """Quality of a graph on held-out data: ``(metric, -objective)`` of ``loss``, against the targets (else against
+    the original model's outputs, with the distillation objective). A graph counts as no worse than another only
+    if it is no worse in both (:func:`no_worse`): on a few hundred samples top-1 moves in steps of a sample, and
+    the objective, which moves with every output, keeps that noise from deciding alone."""
 
-    Quality is the held-out metric of ``loss`` (against the targets, else against the original
-    model's outputs), ties broken by the mean squared distance to the original model's outputs.
-    Layers in graph order: one still holding AXE rows goes back to its projection if that raises the
-    quality. If the result is still below the all-projection model, that model is returned. The
+    def __init__(self, original: ModelWrapper, held_out: Dataset, loss: str, device: torch.device) -> None:
+        self.held_out, self.loss, self.device = held_out, loss, device
+        self.reference = predict(QonnxModule(original, trainable_scales="none").to(device), held_out.x, device)
+        self.targets = torch.from_numpy(held_out.y) if held_out.y is not None else self.reference
+
+    def __call__(self, graph: ModelWrapper) -> tuple[float, float]:
+        outputs = predict(QonnxModule(graph, trainable_scales="none").to(self.device), self.held_out.x, self.device)
+        distill = self.held_out.y is None
+        return (score(outputs, self.targets, self.loss),
+                -float(objective(outputs.double(), self.targets.double() if distill or self.loss != "ce" else self.targets,
+                                 self.loss, distill)))
+
+
+def no_worse(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether held-out quality ``a`` is at least ``b`` in the metric and in the objective (:class:`HeldOutScore`)."""
+    return a[0] >= b[0] and a[1] >= b[1]
+
+
+def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return no_worse(a, b) and a != b
+
+
+def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, candidates: dict[str, LayerCandidates],
+                              reports: list[AxeLayerReport], quality: HeldOutScore,
+                              log: Callable[[str], None] | None = None) -> ModelWrapper:
+    """The model-level choice on held-out data (``quality``): never below the exact projection of every layer.
+
+    Layers in graph order: one still holding AXE rows goes back to its projection where that is
+    :func:`better` (no worse in metric and objective). If the result is not :func:`no_worse` than the
+    all-projection model, that model is returned. The
     reports of layers put back say so (``rows_axe`` 0, ``note``).
     """
-    reference = predict(QonnxModule(original, trainable_scales="none").to(device), held_out.x, device)
-    targets = torch.from_numpy(held_out.y) if held_out.y is not None else reference
-
-    def quality(graph: ModelWrapper) -> tuple[float, float]:
-        outputs = predict(QonnxModule(graph, trainable_scales="none").to(device), held_out.x, device)
-        return score(outputs, targets, loss), -float(torch.mean((outputs.double() - reference.double()) ** 2))
 
     def with_rows(base: ModelWrapper, rows: dict[str, np.ndarray]) -> ModelWrapper:
         graph = ModelWrapper(copy.deepcopy(base.model))
@@ -222,18 +263,18 @@ def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, c
             continue
         trial = with_rows(current, {report.node: c.projection})
         trial_quality = quality(trial)
-        if trial_quality > best:
+        if better(trial_quality, best):
             current, best = trial, trial_quality
             report.rows_axe, report.note = 0, "put back to the projection: its AXE rows lowered the held-out score"
-    if best < projection_quality:
+    if not no_worse(best, projection_quality):
         current, best = projected, projection_quality
         for report in reports:
             if report.rows_axe:
                 report.rows_axe, report.note = 0, "the AXE model scored below the projection on held-out data"
     if log is not None:
         used = [r.node for r in reports if r.rows_axe]
-        log(f"held-out {metric_name(loss)}: {best[0]:.2f} (projection of every layer {projection_quality[0]:.2f}); "
-            f"AXE rows kept in {', '.join(used) or 'no layer'}")
+        log(f"held-out {metric_name(quality.loss)}: {best[0]:.2f} (projection of every layer "
+            f"{projection_quality[0]:.2f}); AXE rows kept in {', '.join(used) or 'no layer'}")
     return current
 
 
@@ -263,3 +304,66 @@ def _relative_error(v: np.ndarray, q: np.ndarray, slices: list[slice], grams: li
         error += float(row_output_errors(v[rows], q[rows], F, G, H).sum())
         energy += float(np.einsum("rk,kl,rl->", v[rows], F, v[rows]))
     return error / max(energy, 1e-300)
+
+
+def refresh_statistics(original: ModelWrapper, model: ModelWrapper, selection: Selection, x: np.ndarray,
+                       device: torch.device | str = "cpu") -> tuple[ModelWrapper, dict[str, str]]:
+    """A copy of ``model`` whose constrained layers' outputs are re-centred on the original model's, from data.
+
+    Projection and AXE shift the mean of each output channel (bias correction, Nagel et al. 2019).
+    Layers in graph order, each seeing the corrections made above it, on the inputs ``x``:
+
+    - a BatchNormalization that alone consumes the layer's output gets its statistics refreshed:
+      ``mean`` moves by the channel's mean shift and ``var`` scales with the ratio of the output
+      variances, so the normalised output has the original model's mean and spread on ``x``
+      (with ``mean``/``var`` equal to the data's statistics this is the classic re-estimation);
+    - else a float bias initializer of the layer (Conv/Gemm third input) absorbs the mean shift.
+
+    Integer weights, scales and every input code range stay as they are: the bias and the
+    BatchNormalization act after the accumulator, so no recorded width changes. Returns the copy and,
+    per constrained layer, what was refreshed (or why nothing was).
+    """
+    device = torch.device(device)
+    out = ModelWrapper(copy.deepcopy(model.model))
+    done: dict[str, str] = {}
+    for layer in selection.layers:
+        node = _node(out, layer.node)
+        consumers = out.find_consumers(node.output[0]) or []
+        norm = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "BatchNormalization" else None
+        bias = node.input[2] if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] else ""
+        channels = _node_channels(out, node)
+        if norm is None and (not bias or out.get_initializer(bias) is None or out.get_initializer(bias).size != channels):
+            done[layer.node] = "nothing to refresh: no per-channel float bias and no BatchNormalization after it"
+            continue
+        reference, current = (_channel_moments(graph, node.output[0], x, device) for graph in (original, out))
+        shift = current[0] - reference[0]
+        if norm is not None:
+            eps = float(node_attr(norm, "epsilon", 1e-5))
+            mean, var = (out.get_initializer(norm.input[i]).astype(np.float64) for i in (3, 4))
+            ratio = np.where(reference[1] > 0, current[1] / np.where(reference[1] > 0, reference[1], 1.0), 1.0)
+            out.set_initializer(norm.input[3], (mean + shift).astype(np.float32))
+            out.set_initializer(norm.input[4], np.maximum((var + eps) * ratio - eps, 0.0).astype(np.float32))
+            done[layer.node] = f"{norm.name or norm.output[0]} statistics refreshed (mean shift up to {np.abs(shift).max():.4g})"
+        else:
+            value = out.get_initializer(bias)
+            out.set_initializer(bias, (value.astype(np.float64) - shift.reshape(value.shape)).astype(value.dtype))
+            done[layer.node] = f"bias corrected (shift up to {np.abs(shift).max():.4g})"
+    return out, done
+
+
+def _node_channels(model: ModelWrapper, node: NodeProto) -> int:
+    return next(m.channels for m in find_mac_layers(model) if m.node == (node.name or node.output[0]))
+
+
+def _channel_moments(model: ModelWrapper, tensor: str, x: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel (axis 1), the mean and variance of ``tensor`` over the samples and positions of ``x``."""
+    total = square = None
+    count = 0
+    for chunk in layer_inputs(model, x, [tensor], device):
+        value = np.moveaxis(chunk[tensor], 1, -1)
+        value = value.reshape(-1, value.shape[-1])
+        total = value.sum(axis=0) + (0.0 if total is None else total)
+        square = (value ** 2).sum(axis=0) + (0.0 if square is None else square)
+        count += len(value)
+    mean = total / count
+    return mean, np.maximum(square / count - mean ** 2, 0.0)
