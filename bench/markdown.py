@@ -335,6 +335,7 @@ EXTRA_SECTIONS = (
     ("Fine-tuning overhead", "finetune_overhead.md", ".venv/bin/python -m bench.bench_finetune_overhead [--model ...]"),
     ("Reliability", "reliability.md", ".venv/bin/python -m scripts.fuzz --examples 2000 --markdown bench/reliability.md"),
     ("Mixed accumulator allocation", "allocate.md", ".venv/bin/python -m bench.bench_allocate"),
+    ("AXE against the projection on every benchmark row", "axe.md", ".venv/bin/python -m bench.bench_axe"),
 )
 
 

@@ -25,13 +25,15 @@ from a2q_passes.model_io import check_output_paths, load_model, save_model
 
 
 def _check_options(input_path: Path, output_path: Path, method: str, loss: str, epochs: int, lr: float,
-                   batch_size: int, device: str) -> None:
+                   batch_size: int, device: str, refresh_stats: str) -> None:
+    from a2q_passes.finetune.calibration import REFRESH
     from a2q_passes.finetune.data import LOSSES
     from a2q_passes.finetune.distributed import DEVICES
     from a2q_passes.transforms.finetune import METHODS
 
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path])
-    for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES)):
+    for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES),
+                                 ("--refresh-stats", refresh_stats, REFRESH)):
         if value not in allowed:
             raise A2QError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
     if device == "cuda":
@@ -79,7 +81,7 @@ def finetune(
     refresh_stats: Annotated[str, typer.Option(
         "--refresh-stats", help="axe: re-centre each layer's output channels on the original model's from the "
                                 "calibration data (BatchNorm statistics, else the float bias; weights and widths "
-                                "unchanged): auto (kept where it raises the held-out score), on or off")] = "auto",
+                                "unchanged): auto (kept where it is better on the held-out data), on or off")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     skip: Annotated[Optional[list[str]], typer.Option(
@@ -97,7 +99,7 @@ def finetune(
     from a2q_passes.finetune.train import FinetuneConfig
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
-    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device)
+    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats)
     check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
     model = load_model(input_path)

@@ -15,9 +15,11 @@ calibration inputs). Greedy error feedback can over-fit the calibration set: on 
 was above the projection's, and the model lost 6 dB. So each layer keeps, row by row, the AXE row
 or the exact-projection row, whichever has the lower output error on the held-out inputs
 (measured through that layer's own Gram matrices, both rows fit P); then
-:func:`choose_against_projection` checks the whole model on the held-out data: a layer whose
-AXE rows lower the held-out score is put back to the projection, and if the result still
-scores below the plain projection of every layer, that projection is the result.
+:func:`choose_against_projection` checks the whole model on the held-out data (metric and
+objective, :class:`HeldOutScore`): a layer goes back to the projection where that is better, and
+unless the result is no worse than the plain projection of every layer in both, that projection
+is the result. :func:`refresh_statistics` (BatchNorm statistics or bias correction after the
+choice) is kept only where it is better on the held-out data too.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
     Without them every row keeps its AXE weights.
 
     ``refresh`` (:data:`REFRESH`): :func:`refresh_statistics` on the calibration inputs after the choice;
-    ``auto`` keeps it only where it raises the held-out score (never without held-out data), ``on``
+    ``auto`` keeps it only where it is :func:`better` on the held-out data (never without them), ``on``
     always, ``off`` never.
     """
     if refresh not in REFRESH:
@@ -183,8 +185,8 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
             for report in reports:
                 report.refreshed = notes[report.node]
         if log is not None:
-            log(f"output statistics refresh ({refresh}): " + ("kept" if out is refreshed else "not kept: it did not "
-                                                              "raise the held-out score"))
+            log(f"output statistics refresh ({refresh}): " + ("kept" if out is refreshed else "not kept: it was not "
+                                                              "better on the held-out data"))
     return out, reports
 
 
@@ -314,8 +316,8 @@ def refresh_statistics(original: ModelWrapper, model: ModelWrapper, selection: S
     Layers in graph order, each seeing the corrections made above it, on the inputs ``x``:
 
     - a BatchNormalization that alone consumes the layer's output gets its statistics refreshed:
-      ``mean`` moves by the channel's mean shift and ``var`` scales with the ratio of the output
-      variances, so the normalised output has the original model's mean and spread on ``x``
+      ``var + eps`` scales with the ratio of the output variances and ``mean`` follows, so the
+      normalised output has the original model's mean and spread on ``x``
       (with ``mean``/``var`` equal to the data's statistics this is the classic re-estimation);
     - else a float bias initializer of the layer (Conv/Gemm third input) absorbs the mean shift.
 
@@ -341,7 +343,8 @@ def refresh_statistics(original: ModelWrapper, model: ModelWrapper, selection: S
             eps = float(node_attr(norm, "epsilon", 1e-5))
             mean, var = (out.get_initializer(norm.input[i]).astype(np.float64) for i in (3, 4))
             ratio = np.where(reference[1] > 0, current[1] / np.where(reference[1] > 0, reference[1], 1.0), 1.0)
-            out.set_initializer(norm.input[3], (mean + shift).astype(np.float32))
+            # (E[y_q] - mean') / sqrt(var' + eps) = (E[y] - mean) / sqrt(var + eps), with var' + eps = (var + eps) ratio
+            out.set_initializer(norm.input[3], (current[0] - (reference[0] - mean) * np.sqrt(ratio)).astype(np.float32))
             out.set_initializer(norm.input[4], np.maximum((var + eps) * ratio - eps, 0.0).astype(np.float32))
             done[layer.node] = f"{norm.name or norm.output[0]} statistics refreshed (mean shift up to {np.abs(shift).max():.4g})"
         else:

@@ -60,7 +60,7 @@ class FinetuneAccumulators(A2QPass):
     projection on them (0: keep every AXE row, no check). ``refresh`` (``axe`` only): after the choice, re-centre
     each constrained layer's output channels on the original model's from the calibration inputs (BatchNormalization
     statistics, else the float bias; :func:`~a2q_passes.finetune.calibration.refresh_statistics`): ``auto`` keeps it
-    where it raises the held-out score, ``on`` always, ``off`` never; integer weights and widths never change. ``skip``: MAC nodes left unconstrained on
+    where it is better on the held-out data (metric and objective), ``on`` always, ``off`` never; integer weights and widths never change. ``skip``: MAC nodes left unconstrained on
     purpose (with a global ``acc_bits`` every other quantized MAC layer must be constrainable). Results: ``self.selection``,
     ``self.result.details`` (``history``/``best_epoch``/``metric`` or ``axe`` layer reports, ``is_main``).
     """
