@@ -177,10 +177,9 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
     quality = HeldOutScore(model, held_out, loss, device) if held_out is not None else None
     if quality is not None:
         out = choose_against_projection(model, out, candidates, reports, quality, log)
-    if refresh != "off":
+    if refresh == "on" or (refresh == "auto" and quality is not None):
         refreshed, notes = refresh_statistics(model, out, selection, calibration, device)
-        before = quality(out) if quality is not None else None
-        if refresh == "on" or (before is not None and better(quality(refreshed), before)):
+        if refresh == "on" or better(quality(refreshed), quality(out)):
             out = refreshed
             for report in reports:
                 report.refreshed = notes[report.node]
