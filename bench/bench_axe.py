@@ -78,7 +78,9 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"`{command}` (test split; AXE calibrates on the benchmark's calibration samples and, by default, checks "
         "itself on up to 2048 other training samples (at most half of the subset); `axe rows kept` = rows per constrained layer that kept "
-        "their AXE weights, the others hold the exact projection's).",
+        "their AXE weights, the others hold the exact projection's; `AXE before` is the `axe` row of "
+        "`bench/results.json`, the last full `make bench`, whose per-model tables above still show it until the next "
+        "full run).",
         "",
         "| model | P | project (exact) | AXE before (main) | AXE, every row | AXE (default: held-out choice) | "
         "AXE >= project | axe rows kept | statistics refresh kept | verified |",
