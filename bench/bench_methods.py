@@ -61,6 +61,8 @@ def markdown(rows: list[dict], model_path: Path) -> str:
     for name, per_p in by_layer.items():
         wins = [p for p in per_p if p - 1 in per_p and per_p[p - 1]["exact"][0] <= per_p[p]["a2q"][0] + 1e-12]
         out.append(f"| {name} | {', '.join(map(str, sorted(wins))) or '-'} | {'1' if wins else '0'} |")
+    out += ["", "Data-aware AXE (`a2q finetune --method axe`) against `exact` (`a2q project`) on every benchmark model and "
+                "P, before and after its held-out choice: `bench/axe.md` (`.venv/bin/python -m bench.bench_axe`)."]
     return "\n".join(out)
 
 

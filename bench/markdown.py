@@ -338,6 +338,7 @@ EXTRA_SECTIONS = (
     ("Scale", "scale.md", ".venv/bin/python -m bench.bench_llm --layers 2 --repeats 3 --project-repeats 1 "
      "--large-layers 12 --markdown bench/scale.md"),
     ("Real-file corpus", "corpus.md", ".venv/bin/python -m scripts.corpus --out DIR --report bench/corpus.md"),
+    ("AXE against the projection on every benchmark row", "axe.md", ".venv/bin/python -m bench.bench_axe"),
 )
 
 

@@ -1,5 +1,6 @@
 """AXE: every partial sum fits P (brute force over all vertex inputs, with and without tiles), and it beats
-plain projection in output error, per layer on synthetic data and end to end on a trained digits model."""
+plain projection in output error, per layer on synthetic data and end to end on a trained digits model; with a
+held-out split it never scores below the projection there."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from qonnx.core.onnx_exec import execute_onnx
 
 from a2q_passes.analysis import analyze_model
 from a2q_passes.bounds import IntRange
 from a2q_passes.finetune.axe import axe_quantize, gram_matrices
+from a2q_passes.finetune.calibration import HeldOutScore, better, no_worse, refresh_statistics, run_axe
+from a2q_passes.finetune.data import Dataset, split_held_out
+from a2q_passes.finetune.selection import select_layers
 from a2q_passes.finetune.train import FinetuneConfig
 from a2q_passes.projection import InfeasibleTarget, plain_round, project_exact
 from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 from tests.brevitas_nets import build_net
+from tests.test_allocate import _worst_case_widths_by_execution
 from tests.test_finetune import accuracy, digits_data, digits_model, qonnx_outputs
 
 torch.set_num_threads(1)
@@ -123,11 +129,215 @@ def test_axe_grouped_conv_with_signed_inputs(tmp_path):
     bits = max(r.bounds["exact"] for r in analyze_model(model).layers) - 3
     rng = np.random.default_rng(0)
     x_cal = (rng.normal(0, 1.5, (96, 1, 1, 1)) + rng.normal(0, 0.4, (96, 2, 6, 6))).astype(np.float32)
+    # every row kept (no held-out split): this checks AXE's own grouped calibration, on all 96 inputs
     quantized = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False,
-                                                                       log=lambda line: None))(model).model
+                                                                       log=lambda line: None),
+                                     held_out_samples=0)(model).model
     projected = model.transform(ProjectToAccumulator(bits, method="exact"))
     assert verify_model(quantized, bits).overflow_impossible
     reference = qonnx_outputs(model, x_cal)
     axe_error = np.sum((qonnx_outputs(quantized, x_cal) - reference) ** 2)
     projection_error = np.sum((qonnx_outputs(projected, x_cal) - reference) ** 2)
     assert axe_error < 0.95 * projection_error, (axe_error, projection_error)
+
+
+# ---------------------------------------------------------------- AXE never below the projection (held-out choice)
+
+
+def test_held_out_split_is_disjoint_seeded_and_bounded():
+    x = np.arange(20, dtype=np.float32).reshape(20, 1)
+    data = Dataset(x, np.arange(20), "d")
+    calibration, held_out = split_held_out(data, 6, 8, seed=3)
+    assert len(calibration) == 6 and len(held_out) == 8
+    assert not set(calibration.x.ravel()) & set(held_out.x.ravel())
+    assert np.array_equal(calibration.y, calibration.x.ravel().astype(int))  # labels travel with their inputs
+    again, _ = split_held_out(data, 6, 8, seed=3)
+    other, _ = split_held_out(data, 6, 8, seed=4)
+    assert np.array_equal(again.x, calibration.x) and not np.array_equal(other.x, calibration.x)
+    small_calibration, small_held_out = split_held_out(Dataset(x[:5], None, "d"), 512, 512, seed=0)
+    assert (len(small_calibration), len(small_held_out)) == (3, 2)  # at most half held out
+    assert split_held_out(data, 6, 0, seed=0)[1] is None
+
+
+def _held_out_accuracy(model, x, y) -> float:
+    return float(np.mean(qonnx_outputs(model, x).argmax(axis=1) == y) * 100.0)
+
+
+def test_chooser_falls_back_to_projection_where_axe_overfits_and_still_fits_by_execution(tmp_path):
+    """Calibrating on 4 images makes AXE over-fit (worse than the projection on other images); with a held-out
+    split the result keeps the projection where AXE loses, scores at least the projection's held-out accuracy,
+    and every layer's integer weights, as qonnx executes the graph's own quantizers, fit P at the worst-case input."""
+    model = digits_model()
+    bits = 12
+    x, y = digits_data("train", 260)
+    calibration, held_out = x[:4], Dataset(x[4:], y[4:].astype(np.int64), "held-out")
+    selection = select_layers(model, bits)
+    every_row, _ = run_axe(model, selection, calibration)
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    projection_accuracy = _held_out_accuracy(projected, held_out.x, held_out.y)
+    assert _held_out_accuracy(every_row, held_out.x, held_out.y) < projection_accuracy  # the over-fit is real
+
+    chosen, reports = run_axe(model, selection, calibration, held_out=held_out, loss="ce")
+    assert _held_out_accuracy(chosen, held_out.x, held_out.y) >= projection_accuracy
+    assert any(r.rows_axe < r.rows for r in reports)
+    executed = {n.name: _executed_rows(chosen, n) for n in chosen.graph.node if n.op_type in ("Conv", "Gemm")}
+    projection_rows = {n.name: _executed_rows(projected, n) for n in projected.graph.node if n.op_type in ("Conv", "Gemm")}
+    for report in reports:  # the report says which layers hold the projection: check it against the graph
+        if report.rows_axe == 0:
+            assert np.array_equal(executed[report.node], projection_rows[report.node]), report.node
+    path = tmp_path / "chosen.onnx"
+    chosen.save(str(path))
+    widths = _worst_case_widths_by_execution(path)
+    assert widths and all(width <= bits for width in widths.values()), widths
+
+
+def _executed_rows(model, node) -> np.ndarray:
+    """A layer's integer weights from qonnx's execution of its weight Quant (not the project's readers)."""
+    quant = model.find_producer(node.input[1])
+    x = np.zeros([1, *model.get_tensor_shape(model.graph.input[0].name)[1:]], dtype=np.float32)
+    context = execute_onnx(model, {model.graph.input[0].name: x}, return_full_exec_context=True)
+    codes = context[node.input[1]] / model.get_initializer(quant.input[1])
+    return np.rint(codes).reshape(codes.shape[0], -1).astype(np.int64)
+
+
+def test_finetune_axe_reports_its_choice_and_never_scores_below_projection_on_held_out():
+    """Through the pass: the held-out split comes from the training data (seeded), the details name it, and the
+    result's held-out accuracy (qonnx execution) is at least the projection's."""
+    model = digits_model()
+    bits = 12
+    x, y = digits_data("train", 300)
+    config = FinetuneConfig(method="axe", progress=False, log=lambda line: None, seed=1)
+    step = FinetuneAccumulators(bits, (x, y), None, config, calibration_samples=100, held_out_samples=150)
+    out = step(model).model
+    details = step.result.details
+    assert (details["calibration_samples"], details["held_out_samples"]) == (100, 150)
+    _, held_out = split_held_out(Dataset(x, y, "train"), 100, 150, seed=1)
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    assert _held_out_accuracy(out, held_out.x, held_out.y) >= _held_out_accuracy(projected, held_out.x, held_out.y)
+    assert verify_model(out).overflow_impossible
+    again = FinetuneAccumulators(bits, (x, y), None, config, calibration_samples=100, held_out_samples=150)(model).model
+    assert all(np.array_equal(out.get_initializer(t.name), again.get_initializer(t.name))
+               for t in out.graph.initializer)  # deterministic with the seed
+
+
+# ---------------------------------------------------------------- output statistics refresh after projection / AXE
+
+
+class _DigitsNetWithBatchNorm(torch.nn.Module):
+    """8x8 -> conv 3x3 -> BatchNorm -> ReLU -> pool -> linear, exported with the BatchNormalization node kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import brevitas.nn as qnn
+        from brevitas.quant import Int8WeightPerChannelFloat
+
+        from tests.test_finetune import FastStatsAct, UnitInterval
+
+        self.inp = qnn.QuantIdentity(act_quant=UnitInterval, bit_width=8, return_quant_tensor=True)
+        self.conv = qnn.QuantConv2d(1, 12, 3, padding=1, bias=False, weight_quant=Int8WeightPerChannelFloat,
+                                    weight_bit_width=4)
+        self.norm = torch.nn.BatchNorm2d(12)
+        self.act = qnn.QuantReLU(act_quant=FastStatsAct, bit_width=4, return_quant_tensor=True)
+        self.fc = qnn.QuantLinear(12 * 16, 10, bias=True, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(self.act(self.norm(self.conv(self.inp(x)))), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def _batchnorm_model():
+    import warnings
+
+    from brevitas.export import export_qonnx
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+
+    torch.manual_seed(0)
+    net = _DigitsNetWithBatchNorm()
+    x, _ = digits_data("train", 256)
+    net.train()
+    with torch.no_grad():  # running statistics and activation scales from data, as after training
+        for start in range(0, 256, 32):
+            net(torch.from_numpy(x[start:start + 32]))
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = export_qonnx(net, args=torch.zeros(1, 1, 8, 8), dynamo=False, opset_version=13)
+    model = cleanup_model(ModelWrapper(proto))
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 1  # kept, not folded
+    return model
+
+
+def _executed_context(model, x: np.ndarray) -> dict[str, np.ndarray]:
+    from qonnx.transformation.change_batchsize import ChangeBatchSize
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    batched = model.transform(ChangeBatchSize(len(x))).transform(InferShapes())
+    return execute_onnx(batched, {model.graph.input[0].name: x.astype(np.float32)}, return_full_exec_context=True)
+
+
+def _channel_means(context: dict[str, np.ndarray], tensor: str) -> np.ndarray:
+    value = np.moveaxis(context[tensor], 1, -1)
+    return value.reshape(-1, value.shape[-1]).mean(axis=0)
+
+
+@pytest.mark.parametrize("case", ["batchnorm", "bias"])
+def test_statistics_refresh_matches_the_original_means_and_keeps_integers_and_widths(case, tmp_path):
+    """After projection, the refresh re-centres each constrained layer's output (after its BatchNormalization, or the
+    MAC output where a float bias absorbs the shift) on the original model's, per channel, on the calibration data;
+    integer weights (as qonnx executes the Quant nodes) and the worst-case widths by execution stay as they were."""
+    model = _batchnorm_model() if case == "batchnorm" else digits_model()
+    bits = max(r.bounds["exact"] for r in analyze_model(model).layers) - 3
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    x, _ = digits_data("train", 96)
+    selection = select_layers(projected, bits)
+    refreshed, done = refresh_statistics(model, projected, selection, x)
+    assert set(done) == {layer.node for layer in selection.layers}
+    before, after, original = (_executed_context(m, x) for m in (projected, refreshed, model))
+    checked = 0
+    for node in (n for n in model.graph.node if n.op_type in ("Conv", "Gemm")):
+        norms = [c for c in model.find_consumers(node.output[0]) or [] if c.op_type == "BatchNormalization"]
+        tensor = norms[0].output[0] if norms else node.output[0]
+        target = _channel_means(original, tensor)
+        error_before = np.abs(_channel_means(before, tensor) - target).max()
+        error_after = np.abs(_channel_means(after, tensor) - target).max()
+        assert error_after <= 1e-3 * max(1.0, np.abs(target).max()), (node.name, error_after)
+        checked += error_before > 10 * error_after
+        assert np.array_equal(_executed_rows(refreshed, node), _executed_rows(projected, node)), node.name
+    assert checked  # projection had moved some channel mean, and the refresh put it back
+    paths = [tmp_path / "projected.onnx", tmp_path / "refreshed.onnx"]
+    projected.save(str(paths[0]))
+    refreshed.save(str(paths[1]))
+    assert _worst_case_widths_by_execution(paths[1]) == _worst_case_widths_by_execution(paths[0])
+    assert verify_model(refreshed, bits).overflow_impossible
+
+
+def test_refresh_is_kept_only_where_it_is_better_on_held_out_data():
+    """``auto`` keeps the refresh only when the held-out quality improves; the result stays no worse than the
+    projection there either way, and ``off`` leaves every bias as AXE's choice left it."""
+    model = digits_model()
+    bits = 12
+    x, y = digits_data("train", 300)
+    held_out = Dataset(x[100:], y[100:].astype(np.int64), "held-out")
+    selection = select_layers(model, bits)
+    plain, _ = run_axe(model, selection, x[:100], held_out=held_out, loss="ce", refresh="off")
+    auto, reports = run_axe(model, selection, x[:100], held_out=held_out, loss="ce", refresh="auto")
+    quality = HeldOutScore(model, held_out, "ce", torch.device("cpu"))
+    kept = all(r.refreshed for r in reports)
+    assert kept == better(quality(refresh_statistics(model, plain, selection, x[:100])[0]), quality(plain))
+    assert no_worse(quality(auto), quality(plain))
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    assert _held_out_accuracy(auto, held_out.x, held_out.y) >= _held_out_accuracy(projected, held_out.x, held_out.y)
+
+
+def test_cli_axe_lists_the_rows_it_kept_and_verifies(a2q, tmp_path):
+    model_path, data_path, out = tmp_path / "m.onnx", tmp_path / "train.npz", tmp_path / "out.onnx"
+    digits_model().save(str(model_path))
+    x, y = digits_data("train", 120)
+    np.savez(data_path, x=x, y=y)
+    done = a2q("finetune", model_path, out, "--acc-bits", 12, "--data", data_path, "--method", "axe",
+               "--calib-samples", 60, "--held-out-samples", 60, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    for node in ("Conv_0", "Conv_1", "Gemm_0"):
+        assert f"AXE rows kept in {node}: " in done.stdout
+    assert a2q("verify", out).returncode == 0

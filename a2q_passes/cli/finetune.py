@@ -25,13 +25,15 @@ from a2q_passes.model_io import check_output_paths, has_external_data, load_mode
 
 
 def _check_options(input_path: Path, output_path: Path, method: str, loss: str, epochs: int, lr: float,
-                   batch_size: int, device: str) -> None:
+                   batch_size: int, device: str, refresh_stats: str) -> None:
+    from a2q_passes.finetune.calibration import REFRESH
     from a2q_passes.finetune.data import LOSSES
     from a2q_passes.finetune.distributed import DEVICES
     from a2q_passes.transforms.finetune import METHODS
 
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path])
-    for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES)):
+    for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES),
+                                 ("--refresh-stats", refresh_stats, REFRESH)):
         if value not in allowed:
             raise A2QError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
     if device == "cuda":
@@ -72,6 +74,14 @@ def finetune(
     train_act_scales: Annotated[bool, typer.Option("--train-act-scales", help="also train activation scales")] = False,
     tile: Annotated[Optional[int], typer.Option("--tile", help="axe: hold each run of T terms to P bits too")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="axe: calibration inputs used")] = 512,
+    held_out_samples: Annotated[int, typer.Option(
+        "--held-out-samples", help="axe: other --data samples that choose, per row and layer, between AXE and the "
+                                   "exact projection, so the result never scores below the projection on them "
+                                   "(0: keep every AXE row)")] = 2048,
+    refresh_stats: Annotated[str, typer.Option(
+        "--refresh-stats", help="axe: re-centre each layer's output channels on the original model's from the "
+                                "calibration data (BatchNorm statistics, else the float bias; weights and widths "
+                                "unchanged): auto (kept where it is better on the held-out data), on or off")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     skip: Annotated[Optional[list[str]], typer.Option(
@@ -89,7 +99,7 @@ def finetune(
     from a2q_passes.finetune.train import FinetuneConfig
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
-    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device)
+    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats)
     check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
     model = load_model(input_path, stream=False)  # training executes the whole graph
@@ -98,7 +108,7 @@ def finetune(
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
     step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,
-                                calibration_samples=calib_samples, skip=skip, input_ranges=input_ranges)
+                                calibration_samples=calib_samples, held_out_samples=held_out_samples, refresh=refresh_stats, skip=skip, input_ranges=input_ranges)
     result = step(model)
     if not result.details["is_main"]:
         return
@@ -111,4 +121,8 @@ def finetune(
     for node, change in result.details["untargeted"].items():
         how = f"training widened it: {change['held']}" if change["held"] else "never wider than before"
         typer.echo(f"untargeted layer {node}: {change['before']} -> {change['after']} ({how})")
+    for report in result.details.get("axe", []):
+        typer.echo(f"AXE rows kept in {report.node}: {report.rows_axe}/{report.rows} (the others hold the exact "
+                   f"projection)" + (f"; {report.note}" if report.note else "")
+                   + (f"; {report.refreshed}" if report.refreshed else ""))
     typer.echo(f"wrote {output_path}")

@@ -19,6 +19,7 @@ API::
 
 Lower level: ``select_layers(model, P, overrides) -> Selection``,
 ``finetune(model, selection, train: Dataset, val, config, callback) -> FinetuneResult``,
-``Constraint(module, selection, "qat" | "a2q")``, ``run_axe(model, selection, x, tile) -> (model, reports)``,
+``Constraint(module, selection, "qat" | "a2q")``, ``run_axe(model, selection, x, tile, held_out=Dataset, loss, refresh) -> (model, reports)``,
+``refresh_statistics(original, model, selection, x)``,
 ``axe_quantize(v, F, G, H, x_range, P, weight_range, tile) -> int64 rows``.
 """

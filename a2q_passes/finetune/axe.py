@@ -120,13 +120,25 @@ def axe_quantize(v: np.ndarray, F: np.ndarray, G: np.ndarray, H: np.ndarray, x: 
     cap = (K + 1) * max(x.magnitude, 1) * max(abs(wr.lo), abs(wr.hi), 1)
     limits = (max(acc_min, -cap), min(acc_max, cap))
     candidates = [_greedy(target, G, H, x, limits, wr, tile) for target in (v, _soft_target(v, x, limits, tile))]
-    candidates.append(project_exact(v, x, acc_bits, wr).weights)
+    projection, projection_fits = exact_projection_rows(v, x, acc_bits, wr, tile)
+    candidates.append(projection)
     errors = np.stack([row_output_errors(v, q, F, G, H) for q in candidates])
-    errors[2, ~_partial_sums_fit(candidates[2], x, (acc_min, acc_max), tile)] = np.inf
+    errors[2, ~projection_fits] = np.inf
     best = np.argmin(errors, axis=0)
     q = np.stack(candidates)[best, np.arange(len(best))]
     _check(q, x, acc_bits, tile)
     return q
+
+
+def exact_projection_rows(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange,
+                          tile: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact projection of ``v`` (:func:`projection.project_exact`) and, per row, whether it keeps AXE's
+    promise too: every running sum (and, with ``tile``, every running sum within a tile) fits the layer's
+    ``acc_bits`` accumulator, as every AXE row does. Only those rows may stand in for AXE rows."""
+    v = np.clip(np.asarray(v, dtype=np.float64), weight_range.lo, weight_range.hi)
+    signed = accumulator_is_signed(plain_round(v, weight_range), x)
+    q = project_exact(v, x, acc_bits, weight_range).weights
+    return q, _partial_sums_fit(q, x, bounds.accumulator_limits(acc_bits, signed=signed), tile)
 
 
 def _partial_sums_fit(q: np.ndarray, x: IntRange, limits: tuple[int, int], tile: int | None) -> np.ndarray:

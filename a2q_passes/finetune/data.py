@@ -150,6 +150,24 @@ def validate(data: Dataset, io: ModelIO, loss: str, needs_labels: bool) -> Datas
     return Dataset(x, _check_targets(y, io, loss, data.name), data.name)
 
 
+def split_held_out(data: Dataset, calibration: int, held_out: int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """``(calibration, held-out)`` samples of ``data``, disjoint, drawn in an order shuffled with ``seed``.
+
+    The held-out part takes at most half of ``data`` (None when that is no sample, or ``held_out`` is 0);
+    the calibration part takes up to ``calibration`` of the rest. Drawing from the whole of ``data``
+    rather than its first samples keeps files sorted by class from calibrating on a few classes.
+    """
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_held = min(held_out, len(data) // 2)
+    n_cal = min(calibration, len(data) - n_held)
+
+    def part(index: np.ndarray, what: str) -> Dataset:
+        return Dataset(data.x[index], None if data.y is None else data.y[index], f"{data.name} ({what})")
+
+    calibration_part = part(order[n_held:n_held + n_cal], "calibration")
+    return calibration_part, (part(order[:n_held], "held-out") if n_held else None)
+
+
 def _check_targets(y: np.ndarray, io: ModelIO, loss: str, name: str) -> np.ndarray:
     out = io.output_shape
     if loss == "ce":

@@ -27,9 +27,9 @@ from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError
-from a2q_passes.finetune.calibration import run_axe
+from a2q_passes.finetune.calibration import REFRESH, run_axe
 from a2q_passes.finetune.constraint import TRAINING_METHODS
-from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
+from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, split_held_out, validate
 from a2q_passes.finetune.distributed import distributed
 from a2q_passes.finetune.selection import Selection, enforce_widths, select_layers
 from a2q_passes.finetune.train import FinetuneConfig, StepCallback, evaluate_graph, finetune, metric_name
@@ -54,14 +54,22 @@ class FinetuneAccumulators(A2QPass):
     ``val``: optional validation data (the best epoch is chosen on it). Data may be a
     :class:`Dataset`, an ``.npz`` path, an ``(x, y)`` tuple, an array of inputs, or an iterable of
     ``x`` or ``(x, y)`` batches. ``tile`` (``axe`` only): each run of T terms is held to P too.
-    ``calibration_samples``: how many training inputs AXE uses. ``skip``: MAC nodes left unconstrained on
+    ``calibration_samples``: how many training inputs AXE calibrates on; ``held_out_samples``: how many
+    other training samples (drawn with ``config.seed``, disjoint from the calibration ones) choose between
+    AXE and the exact projection, per row and per layer, so that the result never scores below the
+    projection on them (0: keep every AXE row, no check). ``refresh`` (``axe`` only): after the choice, re-centre
+    each constrained layer's output channels on the original model's from the calibration inputs (BatchNormalization
+    statistics, else the float bias; :func:`~a2q_passes.finetune.calibration.refresh_statistics`): ``auto`` keeps it
+    where it is better on the held-out data (metric and objective), ``on`` always, ``off`` never; integer weights and widths never change. ``skip``: MAC nodes left unconstrained on
     purpose (with a global ``acc_bits`` every other quantized MAC layer must be constrainable). Results: ``self.selection``,
     ``self.result.details`` (``history``/``best_epoch``/``metric`` or ``axe`` layer reports, ``is_main``).
     """
 
     def __init__(self, acc_bits: int | None, train: DataLike, val: DataLike | None = None,
                  config: FinetuneConfig | None = None, *, overrides: dict[str, int] | None = None,
-                 tile: int | None = None, calibration_samples: int = 512, callback: StepCallback | None = None,
+                 tile: int | None = None, calibration_samples: int = 512, held_out_samples: int = 2048,
+                 refresh: str = "auto",
+                 callback: StepCallback | None = None,
                  skip: list[str] | None = None, input_ranges: str = "exact") -> None:
         super().__init__()
         self.input_ranges = input_ranges
@@ -75,24 +83,30 @@ class FinetuneAccumulators(A2QPass):
             raise A2QError(f"--tile must be at least 1, got {tile}")
         if calibration_samples < 1:
             raise A2QError(f"the number of calibration samples must be at least 1, got {calibration_samples}")
+        if refresh not in REFRESH:
+            raise A2QError(f"unknown statistics refresh '{refresh}'; choose one of {', '.join(REFRESH)}")
+        if held_out_samples < 0:
+            raise A2QError(f"the number of held-out samples must be at least 0, got {held_out_samples}")
         self.acc_bits, self.overrides, self.tile = acc_bits, dict(overrides or {}), tile
         self.skip = frozenset(skip or ())
-        self.calibration_samples, self.callback = calibration_samples, callback
+        self.calibration_samples, self.held_out_samples, self.callback = calibration_samples, held_out_samples, callback
+        self.refresh = refresh
         self._train_source, self._val_source = train, val
         self.selection: Selection | None = None
         self.train: Dataset | None = None  # validated in requires()
         self.val: Dataset | None = None
+        self.held_out: Dataset | None = None  # axe: the held-out split of the training data
 
     def requires(self, model: ModelWrapper) -> None:
         """Everything that can be wrong with the inputs, checked before any training starts."""
         self.selection = select_layers(model, self.acc_bits, self.overrides, self.skip, self.input_ranges)
         io = ModelIO.of(model)
         train = as_dataset(self._train_source, "training data")
-        if self.method == "axe":  # calibration needs inputs only
-            train = Dataset(train.x, None, train.name)
+        # AXE calibrates on inputs only; labels, where given, score its held-out check
         self.train = validate(train, io, self.config.loss, needs_labels=self.method != "axe" and not self.config.distill)
         if self.method == "axe":
-            self.train = Dataset(self.train.x[:self.calibration_samples], None, train.name)
+            self.train, self.held_out = split_held_out(self.train, self.calibration_samples, self.held_out_samples,
+                                                       self.config.seed)
         if self._val_source is not None:
             self.val = validate(as_dataset(self._val_source, "validation data"), io, self.config.loss, False)
         self._structure_before = _structure(model)
@@ -157,8 +171,10 @@ class FinetuneAccumulators(A2QPass):
         log = self.config.log
         with distributed(self.config.device) as world:  # AXE is cheap: every rank computes it, rank 0 writes
             out, reports = run_axe(model, self.selection, self.train.x, self.tile, world.device,
-                                   log if world.is_main else None)
+                                   log if world.is_main else None, self.held_out, self.config.loss, self.refresh)
             details: dict[str, Any] = {"axe": reports, "reprojected": enforce_widths(out, self.selection),
+                                       "calibration_samples": len(self.train),
+                                       "held_out_samples": len(self.held_out) if self.held_out is not None else 0,
                                        "is_main": world.is_main, "metric": metric_name(self.config.loss)}
             if self.val is not None:
                 for key, graph in (("original_metric", model), ("final_metric", out)):
