@@ -206,7 +206,7 @@ class ProjectToAccumulator(A2QPass):
             report.width_before, report.acc_dtype_after = _layer_width(layer, None)
             report.width_after = report.width_before
             return report
-        q_before = layer.integer_rows(model)
+        q_before = layer.code_rows(model)  # the integer rows' values, without an int64 copy where stored narrower
         report.width_before, dtype_before = _layer_width(layer, q_before)
         if layer.binary_xnor or layer.source.bipolar:
             # a bipolar tensor holds only -1 and +1 and cannot be shrunk; _check_feasible made sure it already
@@ -300,8 +300,10 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
         return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
     v = layer.unrounded_rows(model)
     groups = layer.row_weight_ranges(model)
-    plain = np.concatenate([plain_round(v[rows], weight_range) for rows, weight_range in groups])
-    signed = accumulator_is_signed(plain, layer.grid.range)
+    # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time
+    step = max(1, (1 << 21) // max(v.shape[1], 1))
+    signed = any(accumulator_is_signed(plain_round(v[rows[start:start + step]], weight_range), layer.grid.range)
+                 for rows, weight_range in groups for start in range(0, rows.size, step))
     return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
 
 
