@@ -535,10 +535,12 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     touched = ~np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
     row_method = np.full(v.shape[0], ROUND, dtype=object)
     idx, step = np.flatnonzero(touched), _rows_per_block(v.shape[1])
+    outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
         q[block], row_method[block] = project_rows(v[block], limits)
-    over = idx[~rows_within(q[idx], x, limits)]
+        outside.append(block[~rows_within(q[block], x, limits)])
+    over = np.concatenate(outside) if outside else idx
     if over.size:
         q[over] = _exact_rows(q[over].astype(np.float64), x, limits, weight_range)
         row_method[over] = "exact"
@@ -748,10 +750,10 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     zeros_before = zeros_after = rows_touched = 0
     step = _rows_per_block(before.shape[1])
     for start in range(0, before.shape[0], step):
-        b = before[start:start + step].astype(np.int64).ravel()
-        a = after[start:start + step].astype(np.int64).ravel()
+        b = before[start:start + step].astype(np.float64).ravel()  # integers below 2^53: exact
+        a = after[start:start + step].astype(np.float64).ravel()
         w = np.asarray(v[start:start + step], dtype=np.float64).ravel()
-        for i, d in enumerate(((a - b).astype(np.float64), b.astype(np.float64), b - w, a - w, w)):
+        for i, d in enumerate((a - b, b, b - w, a - w, w)):
             squares[i] += float(np.dot(d, d))
         zeros_before += int(np.count_nonzero(b == 0))
         zeros_after += int(np.count_nonzero(a == 0))

@@ -223,19 +223,21 @@ class ProjectToAccumulator(A2QPass):
         except A2QError as err:
             raise A2QError(f"layer '{layer.node}': {err}") from err
         q_after = np.asarray(result.weights, dtype=np.int64)
+        range_after = _layer_range(layer, q_after)  # one pass over the rows for both the check and the report
         if self.tile is not None:
             inner, outer = stage_ranges(q_after, layer.grid.range, self.tile)
             report.tile, report.outer_width_after = self.tile, int(bounds.accumulator_width(*outer))
             report.outer_bits = self.outer_bits if self.outer_bits is not None else report.outer_width_after
-        elif not bounds.fits(*(int(f(r)) for f, r in zip((np.min, np.max), channel_ranges(layer, q_after))), bits):
+        elif not bounds.fits(*range_after, bits):
             # channels with different weight zero points are projected apart (see _project_rows); a method that
             # breaks the layer's INT/UINT choice across them is refused rather than written
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
                            f"apart do not fit {bits} bits together; raise the target or --skip the layer")
-        if not np.array_equal(q_after, q_before):
+        changed_rows = np.any(q_after != q_before, axis=1)  # same shapes: project_weights checked them
+        if changed_rows.any():
             layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces q_after exactly
             report.status = "projected"
-        report.width_after, report.acc_dtype_after = _layer_width(layer, q_after)
+        report.width_after, report.acc_dtype_after = _width_and_dtype(*range_after)
         if self.tile is not None:  # the inner stage is what target_bits promises
             report.width_before = int(bounds.accumulator_width(*stage_ranges(q_before, layer.grid.range, self.tile)[0]))
             report.width_after = int(bounds.accumulator_width(*inner))
@@ -243,7 +245,6 @@ class ProjectToAccumulator(A2QPass):
         stats = projection_stats(q_before, q_after, v)
         report.rel_l2_change = stats["rel_l2_change"]
         report.sparsity_before, report.sparsity_after = stats["sparsity_before"], stats["sparsity_after"]
-        changed_rows = np.any(q_after != q_before, axis=1)
         report.channels_touched = int(np.count_nonzero(layer.layout.rows_to_channels(changed_rows, np.any)))
         methods, counts = np.unique(np.asarray(result.row_method, dtype=str), return_counts=True)
         report.rows_by_method = {str(m): int(c) for m, c in zip(methods, counts)}
@@ -319,11 +320,16 @@ def layer_why(layer: MacLayer) -> str:
 
 def _layer_width(layer: MacLayer, rows: np.ndarray | None) -> tuple[int, str]:
     """Exact accumulator width and datatype name of a layer with integer ``rows`` (``None``: act x act)."""
-    if layer.act_x_act:
-        lo, hi = layer.act_x_act_range()
-    else:
-        acc_min, acc_max = channel_ranges(layer, rows)
-        lo, hi = int(acc_min.min()), int(acc_max.max())
+    return _width_and_dtype(*(layer.act_x_act_range() if layer.act_x_act else _layer_range(layer, rows)))
+
+
+def _layer_range(layer: MacLayer, rows: np.ndarray) -> tuple[int, int]:
+    """Exact ``(acc_min, acc_max)`` over all channels of a layer with integer ``rows``."""
+    acc_min, acc_max = channel_ranges(layer, rows)
+    return int(acc_min.min()), int(acc_max.max())
+
+
+def _width_and_dtype(lo: int, hi: int) -> tuple[int, str]:
     return int(bounds.accumulator_width(lo, hi)), bounds.accumulator_datatype_name(lo, hi)
 
 
