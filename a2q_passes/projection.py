@@ -133,7 +133,7 @@ def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
     rows = v.reshape(1, -1) if v.ndim < 2 else v
     out = q.reshape(rows.shape)
     # a block of rows at a time: the float64 temporaries stay bounded (each element is rounded on its own)
-    step = _rows_per_block(rows.shape[-1])
+    step = rows_per_block(rows.shape[-1])
     for start in range(0, rows.shape[0], step):
         block = np.rint(rows[start:start + step])
         np.clip(block, weight_range.lo, weight_range.hi, out=block)
@@ -158,7 +158,8 @@ def _as_rows(v: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _rows_per_block(K: int) -> int:
+def rows_per_block(K: int) -> int:
+    """Rows of ``K`` weights per block when a layer is processed in blocks of bounded size."""
     return max(1, _BLOCK_ELEMENTS // max(K, 1))
 
 
@@ -534,7 +535,7 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     limits = bounds.accumulator_limits(int(acc_bits), signed=signed)
     touched = ~np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
     row_method = np.full(v.shape[0], ROUND, dtype=object)
-    idx, step = np.flatnonzero(touched), _rows_per_block(v.shape[1])
+    idx, step = np.flatnonzero(touched), rows_per_block(v.shape[1])
     outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
@@ -748,7 +749,7 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     # they equal a whole-tensor norm's; the distances to v may differ from one in the last bits.
     squares = np.zeros(5)  # change, before, before - v, after - v, v
     zeros_before = zeros_after = rows_touched = 0
-    step = _rows_per_block(before.shape[1])
+    step = rows_per_block(before.shape[1])
     for start in range(0, before.shape[0], step):
         b = before[start:start + step].astype(np.float64).ravel()  # integers below 2^53: exact
         a = after[start:start + step].astype(np.float64).ravel()

@@ -26,7 +26,8 @@ from a2q_passes.model_io import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
-                                   plain_round, project_in_parts, project_multistage, projection_stats)
+                                   plain_round, project_in_parts, project_multistage, projection_stats,
+                                   rows_per_block)
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -302,7 +303,7 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     v = layer.unrounded_rows(model)
     groups = layer.row_weight_ranges(model)
     # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time
-    step = max(1, (1 << 21) // max(v.shape[1], 1))
+    step = rows_per_block(v.shape[1])
     signed = any(accumulator_is_signed(plain_round(v[rows[start:start + step]], weight_range), layer.grid.range)
                  for rows, weight_range in groups for start in range(0, rows.size, step))
     return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
