@@ -254,11 +254,17 @@ def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22, divisor: n
         chunk = values[start:start + step].astype(np.float64)
         if divisor is not None:
             chunk /= divisor[start:start + step]
-        if not np.all(np.isfinite(chunk)):
-            raise CannotCertify(f"{what} holds NaN or infinite values")
         rounded = np.rint(chunk)
-        off = np.abs(chunk - rounded)
-        if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, refused below
+            off = np.abs(np.subtract(chunk, rounded, out=chunk), out=chunk)
+        allowed = np.abs(rounded)
+        allowed *= _RELATIVE_TOLERANCE
+        allowed += _INTEGER_TOLERANCE
+        # one comparison also catches NaN and infinities (their offset is NaN, never <= anything); rint keeps
+        # them, so the rounded values tell which complaint applies
+        if not np.all(off <= allowed):
+            if not np.all(np.isfinite(rounded)):
+                raise CannotCertify(f"{what} holds NaN or infinite values")
             raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
         out[start:start + step] = rounded
     return out.reshape(shape)
