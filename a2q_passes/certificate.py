@@ -238,21 +238,36 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
-def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22) -> np.ndarray:
-    """``values`` as int64, each within the tolerance of an integer; checked a block at a time (bounded temporaries)."""
+def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22, divisor: np.ndarray | None = None) -> np.ndarray:
+    """``values`` (divided by ``divisor``, broadcast to their shape) as int64, each within the tolerance of an integer.
+
+    Checked a block of leading-axis slices at a time: the float64 quotient of a large weight tensor is never
+    held whole, only the int64 result (each element's quotient is the same float64 division either way).
+    """
     values = np.asarray(values)
-    flat = values.reshape(-1)
-    out = np.empty(flat.shape, dtype=np.int64)
-    for start in range(0, flat.size, block):
-        chunk = flat[start:start + block].astype(np.float64)
-        if not np.all(np.isfinite(chunk)):
-            raise CannotCertify(f"{what} holds NaN or infinite values")
+    shape = values.shape
+    values = values.reshape(1, -1) if values.ndim == 0 else values
+    divisor = None if divisor is None else np.broadcast_to(np.asarray(divisor), shape).reshape(values.shape)
+    out = np.empty(values.shape, dtype=np.int64)
+    step = max(1, block // max(1, int(np.prod(values.shape[1:]))))
+    for start in range(0, values.shape[0], step):
+        chunk = values[start:start + step].astype(np.float64)
+        if divisor is not None:
+            chunk /= divisor[start:start + step]
         rounded = np.rint(chunk)
-        off = np.abs(chunk - rounded)
-        if np.any(off > _INTEGER_TOLERANCE + np.abs(rounded) * _RELATIVE_TOLERANCE):
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, refused below
+            off = np.abs(np.subtract(chunk, rounded, out=chunk), out=chunk)
+        allowed = np.abs(rounded)
+        allowed *= _RELATIVE_TOLERANCE
+        allowed += _INTEGER_TOLERANCE
+        # one comparison also catches NaN and infinities (their offset is NaN, never <= anything); rint keeps
+        # them, so the rounded values tell which complaint applies
+        if not np.all(off <= allowed):
+            if not np.all(np.isfinite(rounded)):
+                raise CannotCertify(f"{what} holds NaN or infinite values")
             raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
-        out[start:start + chunk.size] = rounded
-    return out.reshape(values.shape)
+        out[start:start + step] = rounded
+    return out.reshape(shape)
 
 
 def _uniform(value: np.ndarray, what: str) -> float:
@@ -344,8 +359,8 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
         return _execute_constants(model, [tensor], {producer.output[0]: per_element.astype(np.float32)},
                                   clip_as_identity=True)[tensor]
 
-    q = _as_integers(np.asarray(values[tensor], dtype=np.float64) / carried(grid_step),
-                     f"the executed weights of {_label(producer)} divided by its scale")
+    q = _as_integers(values[tensor], f"the executed weights of {_label(producer)} divided by its scale",
+                     divisor=carried(grid_step))
     has_zero = producer.op_type == "DequantizeLinear" and len(producer.input) > 2 and producer.input[2]
     if zero_point == "fold" and has_zero:
         z = _execute_constants(model, [producer.input[2]])[producer.input[2]]

@@ -21,7 +21,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from a2q_passes import projection
+from a2q_passes import bounds, projection
 from a2q_passes.bounds import IntRange
 from a2q_passes.plugins import Registry
 from a2q_passes.projection import ProjectionResult
@@ -85,10 +85,7 @@ def project_weights(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: Int
     elif q.size and (q.min() < weight_range.lo or q.max() > weight_range.hi):
         problem = f"returned weights outside [{weight_range.lo}, {weight_range.hi}]"
     else:
-        plain = projection.plain_round(v, weight_range)
-        limits = projection.layer_accumulator_limits(plain, x, acc_bits)
-        outside = ~projection.rows_within(q, x, limits)
-        changed = np.any(q != plain, axis=1) & projection.rows_within(plain, x, limits)
+        outside, changed, limits = _contract_rows(v, q, x, acc_bits, weight_range)
         if outside.any():
             problem = f"left rows {np.flatnonzero(outside).tolist()[:10]} outside the {acc_bits}-bit accumulator {limits}"
         elif changed.any():
@@ -96,6 +93,33 @@ def project_weights(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: Int
     if problem:
         raise RuntimeError(f"projection method {method!r} broke its contract: {problem}")
     return result
+
+
+def _contract_rows(v: np.ndarray, q: np.ndarray, x: IntRange, acc_bits: int,
+                   weight_range: IntRange) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Rows of ``q`` outside the layer's accumulator, rows changed although their plain rounding fitted, and the
+    accumulator's ``(min, max)``.
+
+    One pass a block of rows at a time (no whole-layer rounded copy): per block, the plain rounding's and
+    ``q``'s exact per-row ranges and which rows differ; the layer's INT/UINT choice (some plain-rounded row
+    reaches below 0, :func:`projection.layer_accumulator_limits`) needs every row, so it is applied after.
+    """
+    if v.shape[0] == 0:
+        none = np.zeros(0, dtype=bool)
+        return none, none, projection.layer_accumulator_limits(q, x, acc_bits)
+    plain_ranges, q_ranges, differs = [], [], []
+    step = projection.rows_per_block(v.shape[1])
+    for start in range(0, v.shape[0], step):
+        plain, q_block = projection.plain_round(v[start:start + step], weight_range), q[start:start + step]
+        plain_ranges.append(bounds.exact_accumulator_range(plain, x))
+        q_ranges.append(bounds.exact_accumulator_range(q_block, x))
+        differs.append(np.any(q_block != plain, axis=1))
+    plain_min, plain_max = (np.concatenate([r[i] for r in plain_ranges]) for i in (0, 1))
+    q_min, q_max = (np.concatenate([r[i] for r in q_ranges]) for i in (0, 1))
+    low, high = bounds.accumulator_limits(acc_bits, signed=bool((plain_min < 0).any()))
+    outside = ~np.asarray((q_min >= low) & (q_max <= high), dtype=bool)
+    plain_fits = np.asarray((plain_min >= low) & (plain_max <= high), dtype=bool)
+    return outside, np.concatenate(differs) & plain_fits, (low, high)
 
 
 for _builtin in (

@@ -128,9 +128,17 @@ def check_target(x: IntRange, acc_bits: int, weight_range: IntRange, signed_accu
 
 def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
     """Round half to even and clip, as the ``Quant`` op does (``round(clip(v))`` = ``clip(round(v))``)."""
-    q = np.rint(v)
-    np.clip(q, weight_range.lo, weight_range.hi, out=q)
-    return q.astype(np.int64)
+    v = np.asarray(v)
+    q = np.empty(v.shape, dtype=np.int64)
+    rows = v.reshape(1, -1) if v.ndim < 2 else v
+    out = q.reshape(rows.shape)
+    # a block of rows at a time: the float64 temporaries stay bounded (each element is rounded on its own)
+    step = rows_per_block(rows.shape[-1])
+    for start in range(0, rows.shape[0], step):
+        block = np.rint(rows[start:start + step])
+        np.clip(block, weight_range.lo, weight_range.hi, out=block)
+        out[start:start + step] = block
+    return q
 
 
 def rows_within(q: np.ndarray, x: IntRange, limits: tuple[int, int]) -> np.ndarray:
@@ -150,7 +158,8 @@ def _as_rows(v: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _rows_per_block(K: int) -> int:
+def rows_per_block(K: int) -> int:
+    """Rows of ``K`` weights per block when a layer is processed in blocks of bounded size."""
     return max(1, _BLOCK_ELEMENTS // max(K, 1))
 
 
@@ -526,11 +535,13 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     limits = bounds.accumulator_limits(int(acc_bits), signed=signed)
     touched = ~np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
     row_method = np.full(v.shape[0], ROUND, dtype=object)
-    idx, step = np.flatnonzero(touched), _rows_per_block(v.shape[1])
+    idx, step = np.flatnonzero(touched), rows_per_block(v.shape[1])
+    outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
         q[block], row_method[block] = project_rows(v[block], limits)
-    over = idx[~rows_within(q[idx], x, limits)]
+        outside.append(block[~rows_within(q[block], x, limits)])
+    over = np.concatenate(outside) if outside else idx
     if over.size:
         q[over] = _exact_rows(q[over].astype(np.float64), x, limits, weight_range)
         row_method[over] = "exact"
@@ -726,22 +737,35 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     distance of each integer tensor to the unrounded ``v`` relative to ``||v||``; sparsity is
     the fraction of zeros; ``rows_touched`` counts rows that differ.
     """
-    before = np.atleast_2d(np.asarray(before, dtype=np.int64))
-    after = np.atleast_2d(np.asarray(after, dtype=np.int64))
-    v = np.atleast_2d(np.asarray(v, dtype=np.float64))
+    before, after, v = np.atleast_2d(before), np.atleast_2d(after), np.atleast_2d(v)
     if before.shape != after.shape or before.shape != v.shape:
         raise ValueError(f"shapes differ: before {before.shape}, after {after.shape}, v {v.shape}")
 
     def relative(num: float, den: float) -> float:
         return 0.0 if num == 0 else (num / den if den > 0 else float("inf"))
 
-    norm_v = float(np.linalg.norm(v))
+    # Squared norms summed a block of rows at a time (no whole-tensor float64 copies). The integer ones are sums
+    # of squares of integers, exact in float64 below 2^53 (an int8 layer of 10^9 weights stays below 2^46), so
+    # they equal a whole-tensor norm's; the distances to v may differ from one in the last bits.
+    squares = np.zeros(5)  # change, before, before - v, after - v, v
+    zeros_before = zeros_after = rows_touched = 0
+    step = rows_per_block(before.shape[1])
+    for start in range(0, before.shape[0], step):
+        b = before[start:start + step].astype(np.float64).ravel()  # integers below 2^53: exact
+        a = after[start:start + step].astype(np.float64).ravel()
+        w = np.asarray(v[start:start + step], dtype=np.float64).ravel()
+        for i, d in enumerate((a - b, b, b - w, a - w, w)):
+            squares[i] += float(np.dot(d, d))
+        zeros_before += int(np.count_nonzero(b == 0))
+        zeros_after += int(np.count_nonzero(a == 0))
+        rows_touched += int(np.any((a != b).reshape(-1, before.shape[1]), axis=1).sum()) if b.size else 0
+    change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
     return {
-        "rel_l2_change": relative(float(np.linalg.norm((after - before).astype(np.float64))), float(np.linalg.norm(before.astype(np.float64)))),
-        "rel_l2_to_float_before": relative(float(np.linalg.norm(before - v)), norm_v),
-        "rel_l2_to_float_after": relative(float(np.linalg.norm(after - v)), norm_v),
-        "sparsity_before": float(np.mean(before == 0)) if before.size else 0.0,
-        "sparsity_after": float(np.mean(after == 0)) if after.size else 0.0,
-        "rows_touched": int(np.any(after != before, axis=1).sum()),
+        "rel_l2_change": relative(float(change), float(norm_before)),
+        "rel_l2_to_float_before": relative(float(to_float_before), float(norm_v)),
+        "rel_l2_to_float_after": relative(float(to_float_after), float(norm_v)),
+        "sparsity_before": zeros_before / before.size if before.size else 0.0,
+        "sparsity_after": zeros_after / after.size if after.size else 0.0,
+        "rows_touched": rows_touched,
         "rows": int(before.shape[0]),
     }

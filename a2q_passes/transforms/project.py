@@ -26,7 +26,8 @@ from a2q_passes.model_io import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
-                                   plain_round, project_in_parts, project_multistage, projection_stats)
+                                   plain_round, project_in_parts, project_multistage, projection_stats,
+                                   rows_per_block)
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -206,7 +207,7 @@ class ProjectToAccumulator(A2QPass):
             report.width_before, report.acc_dtype_after = _layer_width(layer, None)
             report.width_after = report.width_before
             return report
-        q_before = layer.integer_rows(model)
+        q_before = layer.code_rows(model)  # the integer rows' values, without an int64 copy where stored narrower
         report.width_before, dtype_before = _layer_width(layer, q_before)
         if layer.binary_xnor or layer.source.bipolar:
             # a bipolar tensor holds only -1 and +1 and cannot be shrunk; _check_feasible made sure it already
@@ -223,19 +224,21 @@ class ProjectToAccumulator(A2QPass):
         except A2QError as err:
             raise A2QError(f"layer '{layer.node}': {err}") from err
         q_after = np.asarray(result.weights, dtype=np.int64)
+        range_after = _layer_range(layer, q_after)  # one pass over the rows for both the check and the report
         if self.tile is not None:
             inner, outer = stage_ranges(q_after, layer.grid.range, self.tile)
             report.tile, report.outer_width_after = self.tile, int(bounds.accumulator_width(*outer))
             report.outer_bits = self.outer_bits if self.outer_bits is not None else report.outer_width_after
-        elif not bounds.fits(*(int(f(r)) for f, r in zip((np.min, np.max), channel_ranges(layer, q_after))), bits):
+        elif not bounds.fits(*range_after, bits):
             # channels with different weight zero points are projected apart (see _project_rows); a method that
             # breaks the layer's INT/UINT choice across them is refused rather than written
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
                            f"apart do not fit {bits} bits together; raise the target or --skip the layer")
-        if not np.array_equal(q_after, q_before):
+        changed_rows = np.any(q_after != q_before, axis=1)  # same shapes: project_weights checked them
+        if changed_rows.any():
             layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces q_after exactly
             report.status = "projected"
-        report.width_after, report.acc_dtype_after = _layer_width(layer, q_after)
+        report.width_after, report.acc_dtype_after = _width_and_dtype(*range_after)
         if self.tile is not None:  # the inner stage is what target_bits promises
             report.width_before = int(bounds.accumulator_width(*stage_ranges(q_before, layer.grid.range, self.tile)[0]))
             report.width_after = int(bounds.accumulator_width(*inner))
@@ -243,7 +246,6 @@ class ProjectToAccumulator(A2QPass):
         stats = projection_stats(q_before, q_after, v)
         report.rel_l2_change = stats["rel_l2_change"]
         report.sparsity_before, report.sparsity_after = stats["sparsity_before"], stats["sparsity_after"]
-        changed_rows = np.any(q_after != q_before, axis=1)
         report.channels_touched = int(np.count_nonzero(layer.layout.rows_to_channels(changed_rows, np.any)))
         methods, counts = np.unique(np.asarray(result.row_method, dtype=str), return_counts=True)
         report.rows_by_method = {str(m): int(c) for m, c in zip(methods, counts)}
@@ -300,8 +302,10 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
         return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
     v = layer.unrounded_rows(model)
     groups = layer.row_weight_ranges(model)
-    plain = np.concatenate([plain_round(v[rows], weight_range) for rows, weight_range in groups])
-    signed = accumulator_is_signed(plain, layer.grid.range)
+    # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time
+    step = rows_per_block(v.shape[1])
+    signed = any(accumulator_is_signed(plain_round(v[rows[start:start + step]], weight_range), layer.grid.range)
+                 for rows, weight_range in groups for start in range(0, rows.size, step))
     return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
 
 
@@ -317,11 +321,16 @@ def layer_why(layer: MacLayer) -> str:
 
 def _layer_width(layer: MacLayer, rows: np.ndarray | None) -> tuple[int, str]:
     """Exact accumulator width and datatype name of a layer with integer ``rows`` (``None``: act x act)."""
-    if layer.act_x_act:
-        lo, hi = layer.act_x_act_range()
-    else:
-        acc_min, acc_max = channel_ranges(layer, rows)
-        lo, hi = int(acc_min.min()), int(acc_max.max())
+    return _width_and_dtype(*(layer.act_x_act_range() if layer.act_x_act else _layer_range(layer, rows)))
+
+
+def _layer_range(layer: MacLayer, rows: np.ndarray) -> tuple[int, int]:
+    """Exact ``(acc_min, acc_max)`` over all channels of a layer with integer ``rows``."""
+    acc_min, acc_max = channel_ranges(layer, rows)
+    return int(acc_min.min()), int(acc_max.max())
+
+
+def _width_and_dtype(lo: int, hi: int) -> tuple[int, str]:
     return int(bounds.accumulator_width(lo, hi)), bounds.accumulator_datatype_name(lo, hi)
 
 
