@@ -9,8 +9,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -469,31 +470,23 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
         remove_stale_temporaries(target)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
+
+    def write_data(handle: BinaryIO) -> None:
+        for tensor in out.graph.initializer:
+            if not is_streamed(tensor) and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            offset = -handle.tell() % EXTERNAL_ALIGNMENT + handle.tell()
+            handle.write(b"\0" * (offset - handle.tell()))
+            _copy_tensor_bytes(tensor, handle)
+            length = handle.tell() - offset
+            _point_external(tensor, Path(data_path.name), offset, length)
+
     temporaries = []
     try:
-        fd, data_tmp = tempfile.mkstemp(prefix=f".{data_path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
-        temporaries.append(data_tmp)
-        with os.fdopen(fd, "wb") as handle:
-            for tensor in out.graph.initializer:
-                if not is_streamed(tensor) and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
-                    continue
-                offset = -handle.tell() % EXTERNAL_ALIGNMENT + handle.tell()
-                handle.write(b"\0" * (offset - handle.tell()))
-                _copy_tensor_bytes(tensor, handle)
-                length = handle.tell() - offset
-                _point_external(tensor, Path(data_path.name), offset, length)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(data_tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        fd, model_tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
-        temporaries.append(model_tmp)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(model_bytes(out))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(data_tmp, data_path)
-        os.replace(model_tmp, path)
+        temporaries.append(_write_temporary(data_path, directory, write_data))
+        temporaries.append(_write_temporary(path, directory, lambda handle: handle.write(model_bytes(out))))
+        os.replace(temporaries[0], data_path)
+        os.replace(temporaries[1], path)
     except BaseException:
         for tmp in temporaries:
             Path(tmp).unlink(missing_ok=True)
@@ -586,17 +579,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise A2QError(f"{path}: is a folder; give a file name")
     directory = _check_folder(path)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    tmp = _write_temporary(path, directory, lambda handle: handle.write(data))
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_temporary(path: Path, directory: Path, write: Callable[[BinaryIO], object]) -> str:
+    """Fill a pid-named temporary of ``path`` in ``directory`` with ``write``, synced to disk; returns its name.
+
+    The caller renames it into place; on any error here it is removed.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
