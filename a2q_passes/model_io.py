@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import hashlib
 import mmap
 import os
 import re
@@ -431,8 +432,8 @@ def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike, k
     """Write atomically: a temporary file in the target folder, then rename (no partial output).
 
     A model with streamed initializers (or any model with ``keep_external``: a command that read
-    a model with external data into memory) is written with its large tensors in ``PATH.data``
-    beside it (:func:`external_data_path`), see :func:`save_with_external_data`.
+    a model with external data into memory) is written with its large tensors in a data file
+    beside it, ``PATH.<digest>.data`` (:func:`data_file_path`), see :func:`save_with_external_data`.
     """
     proto = model.model if isinstance(model, ModelWrapper) else model
     if keep_external or any(is_streamed(tensor) for tensor in proto.graph.initializer):
@@ -443,72 +444,140 @@ def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike, k
 
 def has_external_data(path: str | os.PathLike) -> bool:
     """Whether the model file at ``path`` stores some initializer in an external data file (reads the graph only)."""
+    return bool(referenced_data_files(path))
+
+
+def referenced_data_files(path: str | os.PathLike) -> set[Path]:
+    """The external data files the model at ``path`` reads, as paths beside it (reads the graph only)."""
+    path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(tensor) for tensor in proto.graph.initializer)
+    return {path.with_name(entry.value) for tensor in proto.graph.initializer if uses_external_data(tensor)
+            for entry in tensor.external_data if entry.key == "location"}
 
 
-def external_data_path(path: Path) -> Path:
-    """The data file this tool writes beside model ``path``: ``PATH.data``."""
-    return path.with_name(path.name + ".data")
+# ``OUT.onnx.<16 hex digits>.data``: the data file of model ``OUT.onnx``, named by a digest of its bytes.
+_DATA_PATTERN = r"{name}\.[0-9a-f]{{16}}\.data"
+
+
+def data_file_path(path: Path, digest: str) -> Path:
+    """The data file this tool writes beside model ``path`` for data of ``digest``: ``PATH.<digest>.data``."""
+    return path.with_name(f"{path.name}.{digest}.data")
 
 
 def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Write ``proto`` and its large tensors' data file, tensor by tensor, both atomically.
+    """Write ``proto`` and its large tensors' data file, tensor by tensor, so that a kill at any point
+    leaves the old pair or the new pair on disk, never a model with the other's data.
 
     Streamed tensors and inline ones of at least :data:`EXTERNAL_MIN_BYTES` go to the data file in
-    graph order, each at an offset aligned to :data:`EXTERNAL_ALIGNMENT`: the same model gives the
-    same bytes. Both files are written to temporaries first; the data file is renamed into place,
-    then the model, only when both are complete (an error or a kill leaves the old outputs, or
-    none). Reading a streamed tensor from the file being replaced (``--in-place``) is safe: the
-    rename gives the new file a new inode, and the old one lives while it is mapped.
+    graph order, each at an offset aligned to :data:`EXTERNAL_ALIGNMENT`. Why this order of steps:
+    two renames are never atomic together, so the pair is switched by the model's rename alone.
+
+    1. The data goes to a temporary, then is renamed to ``PATH.<digest>.data``, named by a digest of
+       its bytes (:func:`data_file_path`): a name no previous model at ``PATH`` reads, unless that
+       model reads the very same bytes. The same model gives the same bytes and names (reruns are
+       byte-identical).
+    2. The model, naming that file, goes to a temporary, then is renamed over ``PATH``: the switch.
+    3. Only then are the data files of earlier models at ``PATH`` removed (those this tool names,
+       and the ``PATH.data`` the old model read), and orphans of writes killed between 1 and 3.
+
+    Reading a streamed tensor from a file being replaced (``--in-place``) is safe: its bytes are
+    copied before step 1, and a removed file lives while it is mapped.
     """
     directory = _check_folder(path)
-    data_path = external_data_path(path)
-    if data_path.is_dir():
-        raise A2QError(f"{data_path}: is a folder; the external data of {path.name} is written there")
-    for target in (path, data_path):
+    staging = path.with_name(path.name + ".data")  # the data temporary's name: its final name is not known yet
+    for target in (path, staging):
         remove_stale_temporaries(target)
+    legacy = [staging] if staging.is_file() and path.is_file() and staging in _readable_references(path) else []
     out = onnx.ModelProto()
     out.CopyFrom(proto)
+    digest = hashlib.blake2b(digest_size=8)
+    external: list[onnx.TensorProto] = []
 
     def write_data(handle: BinaryIO) -> None:
+        position = 0
         for tensor in out.graph.initializer:
             if not is_streamed(tensor) and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
                 continue
-            offset = -handle.tell() % EXTERNAL_ALIGNMENT + handle.tell()
-            handle.write(b"\0" * (offset - handle.tell()))
-            _copy_tensor_bytes(tensor, handle)
-            length = handle.tell() - offset
-            _point_external(tensor, Path(data_path.name), offset, length)
+            padding = b"\0" * (-position % EXTERNAL_ALIGNMENT)
+            handle.write(padding)
+            digest.update(padding)
+            offset = position + len(padding)
+            length = _copy_tensor_bytes(tensor, handle, digest)
+            _point_external(tensor, Path(staging.name), offset, length)
+            external.append(tensor)
+            position = offset + length
 
     temporaries = []
+    data_path = None
     try:
-        temporaries.append(_write_temporary(data_path, directory, write_data))
+        temporaries.append(_write_temporary(staging, directory, write_data))
+        data_path = data_file_path(path, digest.hexdigest())
+        for tensor in external:
+            next(entry for entry in tensor.external_data if entry.key == "location").value = data_path.name
         temporaries.append(_write_temporary(path, directory, lambda handle: handle.write(model_bytes(out))))
+        existed = data_path.exists()
         os.replace(temporaries[0], data_path)
-        os.replace(temporaries[1], path)
+        _fsync_folder(directory)  # the data's rename reaches the disk before the model's
+        try:
+            os.replace(temporaries[1], path)
+        except BaseException:
+            if not existed:  # read by no model
+                data_path.unlink(missing_ok=True)
+            raise
+        _fsync_folder(directory)
     except BaseException:
         for tmp in temporaries:
             Path(tmp).unlink(missing_ok=True)
         raise
+    pattern = re.compile(_DATA_PATTERN.format(name=re.escape(path.name)))
+    earlier = [p for p in directory.glob(f"{glob.escape(path.name)}.*.data") if pattern.fullmatch(p.name)]
+    for old in [*earlier, *legacy]:
+        if old != data_path:
+            old.unlink(missing_ok=True)
 
 
-def _copy_tensor_bytes(tensor: onnx.TensorProto, handle, block: int = 1 << 26) -> None:
-    """Append the stored bytes of ``tensor`` to ``handle``: a streamed one in blocks from its mapped file."""
+def _readable_references(path: Path) -> set[Path]:
+    """:func:`referenced_data_files`, empty for a file that is not a readable model (it is being replaced)."""
+    try:
+        return referenced_data_files(path)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return set()
+
+
+def _fsync_folder(directory: Path) -> None:
+    """Make the renames in ``directory`` durable, in order (a power cut could otherwise reorder them)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_tensor_bytes(tensor: onnx.TensorProto, handle: BinaryIO, digest: "hashlib._Hash",
+                       block: int = 1 << 26) -> int:
+    """Append the stored bytes of ``tensor`` to ``handle`` and ``digest``: a streamed one in blocks from its file.
+
+    Returns the number of bytes written.
+    """
     if not is_streamed(tensor):
-        handle.write(tensor.raw_data)
+        data = tensor.raw_data
+        handle.write(data)
+        digest.update(data)
         tensor.ClearField("raw_data")
-        return
+        return len(data)
     entries = {entry.key: entry.value for entry in tensor.external_data}
     offset, length = int(entries["offset"]), int(entries["length"])
     with open(entries["location"], "rb") as source:
         source.seek(offset)
-        while length > 0:
-            chunk = source.read(min(block, length))
+        left = length
+        while left > 0:
+            chunk = source.read(min(block, left))
             if not chunk:
                 raise A2QError(f"initializer '{tensor.name}': its data file {entries['location']} ended early")
             handle.write(chunk)
-            length -= len(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return length
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ streaming threshold is lowered so their weights stay in that file while the comm
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +83,11 @@ def test_external_model_analyses_projects_and_verifies_like_inline(tmp_path, a2q
         result = a2q("project", model, outs[name], "--acc-bits", "13", "--json")
         assert result.returncode == 0, result.stderr
     assert (digest(external), digest(tmp_path / "ext" / "weights.bin")) == before  # input untouched
-    data = tmp_path / "external_out.onnx.data"
-    assert data.exists()
+    [data] = model_io.referenced_data_files(outs["external"])
+    assert data.parent == tmp_path and data.name.startswith("external_out.onnx.")
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(str(outs["external"]), load_external_data=False).graph.initializer)
-    assert not (tmp_path / "inline_out.onnx.data").exists()
+    assert not model_io.referenced_data_files(outs["inline"])
     ours, theirs = initializer_values(outs["external"]), initializer_values(outs["inline"])
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
     verified = [json.loads(a2q("verify", outs[name], "--json").stdout) for name in ("inline", "external")]
@@ -94,6 +96,7 @@ def test_external_model_analyses_projects_and_verifies_like_inline(tmp_path, a2q
     first = digest(outs["external"]), digest(data)
     assert a2q("project", external, outs["external"], "--acc-bits", "13").returncode == 0
     assert (digest(outs["external"]), digest(data)) == first
+    assert sorted(p.name for p in tmp_path.glob("external_out.onnx*")) == ["external_out.onnx", data.name]
 
 
 def _mac_inputs(model: ModelWrapper) -> list[tuple[onnx.NodeProto, str, str]]:
@@ -105,7 +108,7 @@ def test_projected_external_model_keeps_its_promise_when_executed(tmp_path, a2q)
     external = externalise(QONNX_MLP, tmp_path / "ext")
     out = tmp_path / "out.onnx"
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
-    model = ModelWrapper(onnx.load(str(out)))  # onnx's reader resolves OUT.onnx.data
+    model = ModelWrapper(onnx.load(str(out)))  # onnx's reader resolves the data file the model names
     context = execute_onnx(model, {model.graph.input[0].name: np.zeros(model.get_tensor_shape(model.graph.input[0].name),
                                                                        dtype=np.float32)}, return_full_exec_context=True)
     for node, x_name, w_name in _mac_inputs(model):
@@ -131,7 +134,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, a2q, monkeypatch):
     external = externalise(QDQ_CNN, tmp_path / "ext")
     out = tmp_path / "out.onnx"
 
-    def broken(tensor, handle, block=0):
+    def broken(tensor, handle, digest, block=0):
         handle.write(b"partial")
         raise OSError("disk full")
 
@@ -158,7 +161,7 @@ def test_external_input_gives_external_output_even_when_read_whole(tmp_path, a2q
     external = externalise(QONNX_MLP, tmp_path / "ext")
     out = tmp_path / "out.onnx"
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
-    assert (tmp_path / "out.onnx.data").exists()
+    assert model_io.referenced_data_files(out)
     inline_out = tmp_path / "inline.onnx"
     assert a2q("project", QONNX_MLP, inline_out, "--acc-bits", "13").returncode == 0
     ours, theirs = initializer_values(out), initializer_values(inline_out)
@@ -186,3 +189,75 @@ def test_streamed_int4_blockwise_weights_analyse_and_project_like_inline(tmp_pat
         assert a2q("verify", out, "--zero-point", zero_point).returncode == 0
     ours, theirs = initializer_values(outs[1]), initializer_values(outs[0])
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def _same_values(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _model_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_kill_at_any_step_of_a_write_leaves_the_old_pair_or_the_new_pair(tmp_path, a2q, monkeypatch):
+    """The folder as a kill right after each rename would leave it: the model and the data it names match."""
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "out.onnx"
+    assert a2q("project", external, out, "--acc-bits", "14").returncode == 0
+    old = initializer_values(out)
+    snapshots: list[Path] = []
+    replace = os.replace
+
+    def replace_then_snapshot(source, target):
+        replace(source, target)
+        snapshots.append(Path(shutil.copytree(folder, tmp_path / f"killed_{len(snapshots)}")))
+
+    monkeypatch.setattr(os, "replace", replace_then_snapshot)
+    assert a2q("project", external, out, "--acc-bits", "12").returncode == 0
+    monkeypatch.setattr(os, "replace", replace)
+    new = initializer_values(out)
+    assert not _same_values(old, new)
+    states = [initializer_values(snapshot / "out.onnx") for snapshot in snapshots]  # loadable: onnx finds the data
+    assert [_same_values(s, old) for s in states] == [True, False]  # killed after the data's rename, the model's
+    assert _same_values(states[1], new)
+    assert len(_model_files(folder)) == 2  # the old data file is gone
+    # the data file a kill between the renames leaves behind is removed by the next write (the model's
+    # temporary too, once its writer's pid is dead: a kill)
+    assert len(list(snapshots[0].glob("*.data"))) == 2
+    assert a2q("project", external, snapshots[0] / "out.onnx", "--acc-bits", "12").returncode == 0
+    assert [p.name for p in snapshots[0].glob("*.data")] == [p.name for p in folder.glob("*.data")]
+
+
+def test_a_failed_model_rename_keeps_the_old_pair(tmp_path, a2q, monkeypatch):
+    external = externalise(QDQ_CNN, tmp_path / "ext")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "out.onnx"
+    assert a2q("project", external, out, "--acc-bits", "16").returncode == 0
+    before = {name: digest(folder / name) for name in _model_files(folder)}
+    replace, calls = os.replace, []
+
+    def fail_after_the_first(source, target):
+        calls.append(target)
+        if len(calls) > 1:
+            raise OSError("killed")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_after_the_first)
+    assert a2q("project", external, out, "--acc-bits", "13").returncode != 0
+    assert len(calls) == 2
+    assert {name: digest(folder / name) for name in _model_files(folder)} == before  # no temporaries, no new data
+    assert initializer_values(out).keys()
+
+
+def test_a_data_file_named_by_an_earlier_version_is_replaced(tmp_path, a2q):
+    """``OUT.onnx.data`` (the fixed name a2q used to write) read by the model being overwritten goes with it."""
+    out = tmp_path / "out.onnx"
+    onnx.save_model(onnx.load(str(QONNX_MLP)), str(out), save_as_external_data=True, location="out.onnx.data",
+                    size_threshold=0)
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
+    [data] = model_io.referenced_data_files(out)
+    assert _model_files(tmp_path) == sorted(["ext", "out.onnx", data.name])
