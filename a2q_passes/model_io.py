@@ -10,7 +10,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -311,15 +312,51 @@ def set_initializer_value(model: ModelWrapper, name: str, value: np.ndarray) -> 
     _point_external(tensor, Path(handle.name), 0, Path(handle.name).stat().st_size)
 
 
-_SCRATCH: list[Path] = []
+# ``a2q-tensors-<pid>-<random>`` in the temporary folder: the pid tells a later run whether its owner still runs.
+_SCRATCH_PREFIX = "a2q-tensors-"
+_SCRATCH: list[Path] = []  # the scratch folder of this process, made at its first spill
 
 
 def _scratch_folder() -> Path:
-    """A private folder for spilled tensors, removed when the process ends."""
+    """A private folder for spilled tensors, removed by :func:`remove_scratch` (see :func:`scratch_space`)."""
     if not _SCRATCH:
-        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="a2q-tensors-")))
-        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+        remove_stale_scratch()
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")))
     return _SCRATCH[0]
+
+
+def remove_scratch() -> None:
+    """Delete this process's spilled tensors; a tensor still pointing there can no longer be read."""
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+
+
+atexit.register(remove_scratch)  # library use outside scratch_space: removed when the interpreter exits
+
+
+@contextmanager
+def scratch_space() -> Iterator[None]:
+    """Run a command: the tensors it spills are removed when the block ends, however it ends.
+
+    An exception, Ctrl-C (``KeyboardInterrupt``) and SIGTERM (the CLI raises ``SystemExit`` for it)
+    all unwind through here; a run killed with SIGKILL leaves its folder to :func:`remove_stale_scratch`.
+    """
+    try:
+        yield
+    finally:
+        remove_scratch()
+
+
+def remove_stale_scratch() -> list[Path]:
+    """Delete the scratch folders of processes that no longer run; returns what was removed."""
+    pattern = re.compile(rf"{re.escape(_SCRATCH_PREFIX)}(\d+)-[^-]+")
+    removed = []
+    for candidate in Path(tempfile.gettempdir()).glob(f"{_SCRATCH_PREFIX}*"):
+        match = pattern.fullmatch(candidate.name)
+        if match is not None and candidate.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 def declare_custom_domains(proto: onnx.ModelProto) -> bool:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +265,78 @@ def test_a_data_file_named_by_an_earlier_version_is_replaced(tmp_path, a2q):
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
     [data] = model_io.referenced_data_files(out)
     assert _model_files(tmp_path) == sorted(["ext", "out.onnx", data.name])
+
+
+@pytest.fixture
+def temporary_folder(tmp_path, monkeypatch) -> Path:
+    """The folder ``tempfile`` (and so the spill of streamed tensors) uses during the test."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _spilled(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith("a2q-tensors-")]
+
+
+def _spilled_tensor_files(proto: onnx.ModelProto) -> list[Path]:
+    return [Path(entry.value) for t in proto.graph.initializer if model_io.is_streamed(t)
+            for entry in t.external_data if entry.key == "location" and "a2q-tensors-" in entry.value]
+
+
+@pytest.mark.parametrize("ending", ["success", "exception", "ctrl-c"])
+def test_spilled_tensors_are_removed_when_the_command_ends(tmp_path, a2q, monkeypatch, temporary_folder, ending):
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    spilled: list[Path] = []
+    save = model_io.save_with_external_data
+
+    def note_spills_then_end(proto, path):
+        spilled.extend(_spilled_tensor_files(proto))
+        assert spilled and all(p.exists() for p in spilled)
+        if ending == "exception":
+            raise OSError("disk full")
+        if ending == "ctrl-c":
+            raise KeyboardInterrupt
+        save(proto, path)
+
+    monkeypatch.setattr(model_io, "save_with_external_data", note_spills_then_end)
+    result = a2q("project", external, tmp_path / "out.onnx", "--acc-bits", "13")
+    assert (result.returncode == 0) == (ending == "success")
+    assert spilled and not any(p.exists() for p in spilled)
+    assert _spilled(temporary_folder) == []
+
+
+def test_spilled_tensors_are_removed_on_sigterm(tmp_path, temporary_folder):
+    """A real SIGTERM, in a process of its own, while the projected tensors wait in the scratch folder."""
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    script = (
+        "import os, signal, sys, time\n"
+        "from a2q_passes import model_io\n"
+        "from a2q_passes.cli import main\n"
+        "model_io.STREAM_MIN_BYTES = 1024\n"
+        "def save(proto, path):\n"
+        "    print(*os.listdir(os.environ['TMPDIR']), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "model_io.save_with_external_data = save\n"
+        f"sys.argv = ['a2q', 'project', {str(external)!r}, {str(tmp_path / 'out.onnx')!r}, '--acc-bits', '13']\n"
+        "main()\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(temporary_folder)}, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert run.stdout.startswith("a2q-tensors-")  # spilled before the signal
+    assert _spilled(temporary_folder) == []
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_scratch_of_a_killed_run_is_removed_by_the_next(tmp_path, a2q, temporary_folder):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no running process (SIGKILL leaves such a folder)
+    stale = temporary_folder / f"a2q-tensors-{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "w.bin").write_bytes(b"x")
+    alive = temporary_folder / f"a2q-tensors-{os.getpid()}-def456"  # ours: still running
+    alive.mkdir()
+    assert a2q("project", externalise(QONNX_MLP, tmp_path / "ext"), tmp_path / "out.onnx", "--acc-bits", "13").returncode == 0
+    assert _spilled(temporary_folder) == [alive]
