@@ -43,6 +43,9 @@ STREAM_MIN_BYTES = 1 << 20
 CHECK_BY_PATH_BYTES = 1 << 30
 # Offsets of tensors in the external data files this tool writes are multiples of this (memory-mappable pages).
 EXTERNAL_ALIGNMENT = 4096
+# Protobuf serialises no message of 2 GiB or more: the most one whole model in memory may take.
+# Commands that need the whole model in one proto refuse larger ones (:func:`check_whole_model_fits`).
+PROTO_LIMIT_BYTES = (1 << 31) - 1
 # When ``save_model`` is asked to keep external data, inline initializers this large go to the data file
 # (onnx.save's own default threshold).
 EXTERNAL_MIN_BYTES = 1024
@@ -92,6 +95,41 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     _check_value_info(proto, path)
     _check_parameter_values(proto, path)
     return proto
+
+
+def check_whole_model_fits(path: str | os.PathLike, use: str, advice: str) -> None:
+    """Refuse, before any work, a model too large for one in-memory ``ModelProto`` (protobuf's 2 GiB limit).
+
+    For commands that need the whole model in one proto (``use`` says why, e.g. FINN's
+    transformations or the torch bridge; ``advice`` what to do instead): past the limit, the first
+    ``SerializeToString`` or in-memory check would fail deep inside them. Reads only the graph.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return  # read_model_proto names what is wrong with it
+    size = whole_model_bytes(path)
+    if size >= PROTO_LIMIT_BYTES:
+        raise A2QError(f"{path}: {size / 1e9:.2f} GB with its external data, over protobuf's 2 GiB limit on one "
+                       f"ONNX model in memory; {use}. {advice}")
+
+
+def whole_model_bytes(path: str | os.PathLike) -> int:
+    """An upper bound on the bytes of the model at ``path`` read into one proto: the file plus the external
+    tensors' data, and a few bytes per tensor for the field that then holds it (reads the graph only)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size >= PROTO_LIMIT_BYTES:  # no proto to parse: the file alone is over the limit
+        return size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return size  # read_model_proto names the defect
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            length = next((entry.value for entry in tensor.external_data if entry.key == "length"), None)
+            stored = int(length) if length is not None and length.isdigit() else _stored_bytes(tensor)
+            size += (stored or 0) + 16
+    return size
 
 
 def wrap_model(proto: onnx.ModelProto, path: str | os.PathLike, allow_unknown_ops: bool = False) -> ModelWrapper:

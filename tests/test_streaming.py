@@ -340,3 +340,68 @@ def test_scratch_of_a_killed_run_is_removed_by_the_next(tmp_path, a2q, temporary
     alive.mkdir()
     assert a2q("project", externalise(QONNX_MLP, tmp_path / "ext"), tmp_path / "out.onnx", "--acc-bits", "13").returncode == 0
     assert _spilled(temporary_folder) == [alive]
+
+
+def _input_batch(model_path: Path, samples: int, seed: int) -> np.ndarray:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:]
+    return np.random.default_rng(seed).uniform(0, 1, (samples, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("source, bits", [(QONNX_MLP, 11), (QDQ_CNN, 14)], ids=["qonnx", "qdq"])
+def test_verify_data_streams_the_weights_and_simulates_like_inline(tmp_path, a2q, monkeypatch, source, bits):
+    from a2q_passes.cli import verify as verify_command
+
+    external = externalise(source, tmp_path / "ext")
+    np.savez(tmp_path / "x.npz", x=_input_batch(source, 24, seed=0))
+    loaded = []
+    load = verify_command.load_model
+    monkeypatch.setattr(verify_command, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    runs = [a2q("verify", m, "--acc-bits", bits, "--data", tmp_path / "x.npz", "--json") for m in (source, external)]
+    assert [r.returncode for r in runs][0] == runs[1].returncode, runs[1].stderr
+    assert any(model_io.is_streamed(t) for t in loaded[1].graph.initializer)
+    inline, streamed = (json.loads(r.stdout) for r in runs)
+    assert streamed == inline
+    assert sum(inline["data"]["overflows"].values()) > 0  # a width that overflows: the simulation has work to show
+
+
+WHOLE_MODEL_COMMANDS = {
+    "finetune": lambda m, tmp: ["finetune", m, tmp / "out.onnx", "--data", tmp / "x.npz", "--acc-bits", "13"],
+    "lower": lambda m, tmp: ["lower", m, tmp / "out.onnx"],
+    "report": lambda m, tmp: ["report", m, "--fpgapart", "xczu3eg-sbva484-1-e"],
+    "allocate": lambda m, tmp: ["allocate", m, "--data", tmp / "x.npz", "-o", tmp / "w.json", "--min-score-pct", "99"],
+    "verify --against": lambda m, tmp: ["verify", m, "--against", QONNX_MLP],
+}
+
+
+@pytest.mark.parametrize("command", WHOLE_MODEL_COMMANDS)
+def test_commands_that_need_the_whole_model_refuse_one_over_the_proto_limit(tmp_path, a2q, monkeypatch, command):
+    """The 2 GiB limit lowered to below this model's size: refused up front, by name and size, nothing written."""
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    size = model_io.whole_model_bytes(external)
+    assert size >= onnx.load(str(external)).ByteSize()  # an upper bound on the model read into one proto
+    monkeypatch.setattr(model_io, "PROTO_LIMIT_BYTES", size - 1)
+    monkeypatch.setattr(model_io, "load_model", lambda *a, **k: pytest.fail("loaded before the size check"))
+    np.savez(tmp_path / "x.npz", x=_input_batch(QONNX_MLP, 4, seed=0), y=np.zeros(4, dtype=np.int64))
+    before = _model_files(tmp_path)
+    result = a2q(*WHOLE_MODEL_COMMANDS[command](external, tmp_path))
+    assert result.returncode == 1
+    message = " ".join(result.stderr.split())
+    assert str(external) in message and f"{size / 1e9:.2f} GB" in message and "2 GiB" in message
+    assert _model_files(tmp_path) == before
+
+
+def test_whole_model_commands_take_models_under_the_limit(tmp_path, a2q, monkeypatch):
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    monkeypatch.setattr(model_io, "PROTO_LIMIT_BYTES", model_io.whole_model_bytes(external) + 1)
+    assert a2q("verify", external, "--against", QONNX_MLP).returncode == 0
+
+
+def test_verify_data_refuses_a_single_tensor_over_the_proto_limit(tmp_path, a2q, monkeypatch):
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    np.savez(tmp_path / "x.npz", x=_input_batch(QONNX_MLP, 4, seed=0))
+    largest = max(v.nbytes for v in initializer_values(QONNX_MLP).values())
+    monkeypatch.setattr(model_io, "PROTO_LIMIT_BYTES", largest)
+    result = a2q("verify", external, "--acc-bits", "16", "--data", tmp_path / "x.npz")
+    assert result.returncode == 1
+    assert "--data simulation cannot run it" in " ".join(result.stderr.split())
