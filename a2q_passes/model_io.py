@@ -552,8 +552,10 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
        model reads the very same bytes. The same model gives the same bytes and names (reruns are
        byte-identical).
     2. The model, naming that file, goes to a temporary, then is renamed over ``PATH``: the switch.
-    3. Only then are the data files of earlier models at ``PATH`` removed (those this tool names,
-       and the ``PATH.data`` the old model read), and orphans of writes killed between 1 and 3.
+    3. Only then are the data files of earlier models at ``PATH`` removed: those of this tool's naming
+       (and the ``PATH.data`` of earlier versions) that the replaced model read, and orphans of writes
+       killed between 1 and 2 or 2 and 3 that the tensors being written do not stream from. A data
+       file belongs to the model at ``PATH``: a copy of that model file sharing it loses it.
 
     Reading a streamed tensor from a file being replaced (``--in-place``) is safe: its bytes are
     copied before step 1, and a removed file lives while it is mapped.
@@ -562,7 +564,9 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
     staging = path.with_name(path.name + ".data")  # the data temporary's name: its final name is not known yet
     for target in (path, staging):
         remove_stale_temporaries(target)
-    legacy = [staging] if staging.is_file() and path.is_file() and staging in _readable_references(path) else []
+    replaced = _data_files_read_by(path)
+    reading = {Path(entry.value).resolve() for tensor in proto.graph.initializer if is_streamed(tensor)
+               for entry in tensor.external_data if entry.key == "location"}
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     # names the data file; sha256: the fastest of hashlib's on CPUs with SHA instructions (2x blake2b)
@@ -606,15 +610,23 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
         raise
     pattern = re.compile(_DATA_PATTERN.format(name=re.escape(path.name)))
     earlier = [p for p in directory.glob(f"{glob.escape(path.name)}.*.data") if pattern.fullmatch(p.name)]
-    for old in [*earlier, *legacy]:
-        if old != data_path:
+    for old in [*earlier, staging] if staging.is_file() else earlier:
+        key = old.resolve()
+        if key != data_path.resolve() and (key in replaced or (old != staging and key not in reading)):
             old.unlink(missing_ok=True)
 
 
-def _readable_references(path: Path) -> set[Path]:
-    """:func:`referenced_data_files`, empty for a file that is not a readable model (it is being replaced)."""
+# A model file at most this large is read to see which data files it names before it is replaced; a larger
+# one holds its tensors inline (reading it would cost its size in memory).
+_REPLACED_GRAPH_MAX_BYTES = 1 << 26
+
+
+def _data_files_read_by(path: Path) -> set[Path]:
+    """The data files (resolved) of the model now at ``path``; none for a missing, unreadable or large file."""
     try:
-        return referenced_data_files(path)
+        if not path.is_file() or path.stat().st_size > _REPLACED_GRAPH_MAX_BYTES:
+            return set()
+        return {data.resolve() for data in referenced_data_files(path)}
     except (DecodeError, ValueError, RuntimeError, OSError):
         return set()
 

@@ -405,3 +405,13 @@ def test_verify_data_refuses_a_single_tensor_over_the_proto_limit(tmp_path, a2q,
     result = a2q("verify", external, "--acc-bits", "16", "--data", tmp_path / "x.npz")
     assert result.returncode == 1
     assert "--data simulation cannot run it" in " ".join(result.stderr.split())
+
+
+def test_in_place_rewrite_keeps_one_data_file(tmp_path, a2q):
+    out = tmp_path / "out.onnx"
+    assert a2q("project", externalise(QONNX_MLP, tmp_path / "ext"), out, "--acc-bits", "14").returncode == 0
+    [first] = model_io.referenced_data_files(out)
+    assert a2q("project", out, out, "--acc-bits", "12", "--in-place").returncode == 0
+    [second] = model_io.referenced_data_files(out)
+    assert second != first and _model_files(tmp_path) == sorted(["ext", "out.onnx", second.name])
+    assert a2q("verify", out, "--acc-bits", "12").returncode == 0  # the pair reads back: weights that fit 12 bits
