@@ -334,7 +334,7 @@ class _GraphRunner:
         for name in dict.fromkeys(n for n in node.input if n):
             if name in self.constants:
                 if self.constants[name].nbytes >= model_io.PROTO_LIMIT_BYTES:
-                    raise A2QError(f"{node.op_type} node '{node.name}': its input '{name}' "
+                    raise A2QError(f"{node.op_type} node '{node.name or node.output[0]}': its input '{name}' "
                                    f"({self.constants[name].nbytes / 1e9:.2f} GB) is over protobuf's 2 GiB limit on "
                                    "the one-node model onnxruntime executes it in, so the --data simulation cannot "
                                    "run it; verify without --data (the proof and worst-case simulation read it)")

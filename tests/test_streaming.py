@@ -415,3 +415,26 @@ def test_in_place_rewrite_keeps_one_data_file(tmp_path, a2q):
     [second] = model_io.referenced_data_files(out)
     assert second != first and _model_files(tmp_path) == sorted(["ext", "out.onnx", second.name])
     assert a2q("verify", out, "--acc-bits", "12").returncode == 0  # the pair reads back: weights that fit 12 bits
+
+
+def test_a_model_over_2_gib_is_refused_up_front_by_a_whole_model_command(tmp_path, a2q):
+    """A real 2.3 GB weight in a sparse data file (no disk used): refused before anything reads it."""
+    n = 24000
+    folder = tmp_path / "big"
+    folder.mkdir()
+    weight = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[n, n],
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(4 * n * n))):
+        weight.external_data.add(key=key, value=value)
+    with open(folder / "big.bin", "wb") as data:
+        data.truncate(4 * n * n)  # a hole: reads as zeros
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "big",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])], [weight])
+    model = folder / "big.onnx"
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(model))
+    result = a2q("lower", model, tmp_path / "out.onnx")
+    assert result.returncode == 1
+    assert f"{model}: 2.30 GB with its external data" in " ".join(result.stderr.split())
+    assert _model_files(tmp_path) == ["big"]
