@@ -316,7 +316,7 @@ def test_spilled_tensors_are_removed_on_sigterm(tmp_path, temporary_folder):
         "from a2q_passes.cli import main\n"
         "model_io.STREAM_MIN_BYTES = 1024\n"
         "def save(proto, path):\n"
-        "    print(*os.listdir(os.environ['TMPDIR']), flush=True)\n"
+        "    print(*[n for n in os.listdir(os.environ['TMPDIR']) if n.startswith('a2q-tensors-')], flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(60)\n"
         "model_io.save_with_external_data = save\n"
