@@ -751,8 +751,9 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     zeros_before = zeros_after = rows_touched = 0
     step = rows_per_block(before.shape[1])
     for start in range(0, before.shape[0], step):
-        b = before[start:start + step].astype(np.float64).ravel()  # integers below 2^53: exact
-        a = after[start:start + step].astype(np.float64).ravel()
+        # integers below 2^53: exact; C order so that ravel is a view (a transposed layer's rows are strided)
+        b = before[start:start + step].astype(np.float64, order="C").ravel()
+        a = after[start:start + step].astype(np.float64, order="C").ravel()
         w = np.asarray(v[start:start + step], dtype=np.float64).ravel()
         for i, d in enumerate((a - b, b, b - w, a - w, w)):
             squares[i] += float(np.dot(d, d))
