@@ -257,12 +257,11 @@ def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22, divisor: n
         rounded = np.rint(chunk)
         with np.errstate(invalid="ignore"):  # inf - inf: NaN, refused below
             off = np.abs(np.subtract(chunk, rounded, out=chunk), out=chunk)
-        allowed = np.abs(rounded)
-        allowed *= _RELATIVE_TOLERANCE
-        allowed += _INTEGER_TOLERANCE
-        # one comparison also catches NaN and infinities (their offset is NaN, never <= anything); rint keeps
-        # them, so the rounded values tell which complaint applies
-        if not np.all(off <= allowed):
+        # within the absolute tolerance is within the allowance (the relative part is >= 0): the per-element
+        # allowance is computed only when some element needs it; NaN and infinities (offset NaN, never <= anything)
+        # fail both comparisons, and rint keeps them, so the rounded values tell which complaint applies
+        if not np.all(off <= _INTEGER_TOLERANCE) and not np.all(
+                off <= np.abs(rounded) * _RELATIVE_TOLERANCE + _INTEGER_TOLERANCE):
             if not np.all(np.isfinite(rounded)):
                 raise CannotCertify(f"{what} holds NaN or infinite values")
             raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
