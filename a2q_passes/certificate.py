@@ -357,6 +357,8 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
     scale_name = _scale_input(producer)
     values = _execute_constants(model, [tensor, producer.output[0], scale_name])
     out_shape = values[producer.output[0]].shape
+    if producer.output[0] != tensor:  # only its shape is used: a large layer's weights are then held once, not twice
+        del values[producer.output[0]]
     grid_step = _scale_in_rank(producer, values[scale_name], out_shape)
     if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
         raise CannotCertify(f"{_label(producer)} has a zero or non-finite scale")
