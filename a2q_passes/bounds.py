@@ -185,6 +185,13 @@ def as_integer_weights(q: np.ndarray) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def narrowest_integers(q: np.ndarray) -> np.ndarray:
+    """Integer array ``q`` in the narrowest integer type holding all its values (``q`` itself when already so)."""
+    if not q.size:
+        return q
+    return q.astype(np.result_type(np.min_scalar_type(int(q.min())), np.min_scalar_type(int(q.max()))), copy=False)
+
+
 def positive_negative_sums(q: np.ndarray, block_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64).
 

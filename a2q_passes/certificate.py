@@ -238,7 +238,7 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
-def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22, divisor: np.ndarray | None = None) -> np.ndarray:
+def _as_integers(values: np.ndarray, what: str, block: int = 1 << 20, divisor: np.ndarray | None = None) -> np.ndarray:
     """``values`` (divided by ``divisor``, broadcast to their shape) as int64, each within the tolerance of an integer.
 
     Checked a block of leading-axis slices at a time: the float64 quotient of a large weight tensor is never
@@ -257,12 +257,11 @@ def _as_integers(values: np.ndarray, what: str, block: int = 1 << 22, divisor: n
         rounded = np.rint(chunk)
         with np.errstate(invalid="ignore"):  # inf - inf: NaN, refused below
             off = np.abs(np.subtract(chunk, rounded, out=chunk), out=chunk)
-        allowed = np.abs(rounded)
-        allowed *= _RELATIVE_TOLERANCE
-        allowed += _INTEGER_TOLERANCE
-        # one comparison also catches NaN and infinities (their offset is NaN, never <= anything); rint keeps
-        # them, so the rounded values tell which complaint applies
-        if not np.all(off <= allowed):
+        # within the absolute tolerance is within the allowance (the relative part is >= 0): the per-element
+        # allowance is computed only when some element needs it; NaN and infinities (offset NaN, never <= anything)
+        # fail both comparisons, and rint keeps them, so the rounded values tell which complaint applies
+        if not np.all(off <= _INTEGER_TOLERANCE) and not np.all(
+                off <= np.abs(rounded) * _RELATIVE_TOLERANCE + _INTEGER_TOLERANCE):
             if not np.all(np.isfinite(rounded)):
                 raise CannotCertify(f"{what} holds NaN or infinite values")
             raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
@@ -295,7 +294,12 @@ def _block_size(quantizer: NodeProto) -> int:
     return int(_attr(quantizer, "block_size", 0) or 0) if quantizer.op_type == "DequantizeLinear" else 0
 
 
-def _broadcast_scale(quantizer: NodeProto, scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _scale_in_rank(quantizer: NodeProto, scale: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The quantizer's scale (or zero point) with the rank of its output ``shape`` and broadcastable to it.
+
+    Keeps the parameter's own size (a per-channel scale stays a vector with unit dims elsewhere) except for a
+    block-wise one, whose entry per element along ``axis`` is picked out here.
+    """
     scale = np.asarray(scale, dtype=np.float64)
     block = _block_size(quantizer)
     if block:  # element i along axis takes entry i // block_size (the ONNX definition of blocked quantization)
@@ -306,10 +310,11 @@ def _broadcast_scale(quantizer: NodeProto, scale: np.ndarray, shape: tuple[int, 
     elif quantizer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
         axis = int(_attr(quantizer, "axis", 1)) % len(shape)
         scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))])
-    try:
-        return np.broadcast_to(scale, shape)
-    except ValueError as err:
-        raise CannotCertify(f"the scale of {_label(quantizer)} does not broadcast to its output {shape}") from err
+    if scale.ndim < len(shape):  # numpy broadcasting aligns trailing dims: the same values, with the output's rank
+        scale = scale.reshape((1,) * (len(shape) - scale.ndim) + scale.shape)
+    if scale.ndim > len(shape) or any(n not in (1, d) for n, d in zip(scale.shape, shape)):
+        raise CannotCertify(f"the scale of {_label(quantizer)} does not broadcast to its output {shape}")
+    return scale
 
 
 def _annotated_integers(model: ModelWrapper, source: str, values: np.ndarray) -> np.ndarray:
@@ -340,7 +345,9 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
     layout (the block index along its axis, sent through the graph's own layout ops), else ``None``."""
     t = tensor
     producer = model.find_producer(t)
+    path = []  # the layout ops (and Clips) from the quantizer's output to the MAC input
     while producer is not None and producer.op_type in (*_LAYOUT_OPS, "Clip"):
+        path.append(producer.op_type)
         t = producer.input[0]
         producer = model.find_producer(t)
     if producer is None or producer.op_type == "Constant":
@@ -349,14 +356,24 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
         raise CannotCertify(f"weights come from {_label(producer)}, which is not a weight quantizer")
     scale_name = _scale_input(producer)
     values = _execute_constants(model, [tensor, producer.output[0], scale_name])
-    grid_step = _broadcast_scale(producer, values[scale_name], values[producer.output[0]].shape)
+    out_shape = values[producer.output[0]].shape
+    if producer.output[0] != tensor:  # only its shape is used: a large layer's weights are then held once, not twice
+        del values[producer.output[0]]
+    grid_step = _scale_in_rank(producer, values[scale_name], out_shape)
     if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
         raise CannotCertify(f"{_label(producer)} has a zero or non-finite scale")
+    # Transpose permutes axes and Identity (and a Clip, passed as one) keeps values: both act on a tensor of the
+    # output's rank that broadcasts to it as on the broadcast tensor, so a scale travels in its own shape
+    # (a per-channel vector, not one value per weight); Reshape-like ops need every element
+    own_shape = all(op in ("Transpose", "Identity", "Clip") for op in path)
 
-    def carried(per_element: np.ndarray) -> np.ndarray:  # through the same layout ops (a Clip passes it unchanged)
+    def carried(param: np.ndarray) -> np.ndarray:
+        """``param`` (the output's rank, broadcastable to it) through the same layout ops: broadcastable to ``tensor``."""
         if t == tensor:
-            return per_element
-        return _execute_constants(model, [tensor], {producer.output[0]: per_element.astype(np.float32)},
+            return param
+        sent = param if own_shape else np.broadcast_to(param, out_shape)
+        # float32, what the executed ops take: exact for the float32 scales and the integers (< 2^24) sent here
+        return _execute_constants(model, [tensor], {producer.output[0]: sent.astype(np.float32)},
                                   clip_as_identity=True)[tensor]
 
     q = _as_integers(values[tensor], f"the executed weights of {_label(producer)} divided by its scale",
@@ -364,15 +381,16 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
     has_zero = producer.op_type == "DequantizeLinear" and len(producer.input) > 2 and producer.input[2]
     if zero_point == "fold" and has_zero:
         z = _execute_constants(model, [producer.input[2]])[producer.input[2]]
-        z = _broadcast_scale(producer, z, values[producer.output[0]].shape)
-        q = q + _as_integers(carried(z), f"the weight zero point of {_label(producer)}")
+        # the zero point's integers in its own shape, added to every weight it covers
+        q += _as_integers(carried(_scale_in_rank(producer, z, out_shape)),
+                          f"the weight zero point of {_label(producer)}")
     block = _block_size(producer)
     if not block:
         return q, None
     # each weight's scale entry, numbered in the scale tensor's own order (ONNX: index i along axis uses i // block)
     scale_shape = np.shape(values[scale_name])
     axis = int(_attr(producer, "axis", 1)) % len(scale_shape)
-    index = list(np.indices(values[producer.output[0]].shape))
+    index = list(np.indices(out_shape))
     index[axis] = index[axis] // block
     number = np.ravel_multi_index(index, scale_shape).astype(np.float64)
     if number.size and number.max() >= 1 << 24:

@@ -34,7 +34,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
-from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format
+from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format, narrowest_integers
 from a2q_passes.model_io import initializer_proto, initializer_shape, initializer_value, set_initializer_value
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -291,7 +291,12 @@ class MacLayer:
 
     def write_rows(self, model: ModelWrapper, rows: np.ndarray) -> None:
         """Store new integer rows so the graph's own quantizer reproduces them exactly."""
-        write_mac_weights(model, self.source, self.layout.from_rows(np.asarray(rows, dtype=np.int64)))
+        rows = np.asarray(rows)
+        if rows.dtype.kind in "iu":
+            # the layout change (a transpose for MatMul) moves the narrowest integer type holding the rows: an
+            # int8 layer moves 1 byte per weight, not 8 (write_mac_weights widens to int64 afterwards)
+            rows = narrowest_integers(rows)
+        write_mac_weights(model, self.source, self.layout.from_rows(rows))
 
     def row_weight_ranges(self, model: ModelWrapper) -> list[tuple[np.ndarray, IntRange]]:
         """Groups of rows ``(row indices, weights they may hold)``: one group unless a weight zero point is subtracted.
@@ -772,7 +777,9 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
-    q_stored = apply_perms(np.asarray(q_mac, dtype=np.int64), source.perms, inverse=True)
+    # undo the Transposes in the caller's (possibly narrow) integer type, then one contiguous int64 copy
+    q_stored = np.ascontiguousarray(apply_perms(np.asarray(q_mac), source.perms, inverse=True)).astype(np.int64,
+                                                                                                       copy=False)
     codes = q_stored if source.zero_offset is None else q_stored + source.zero_offset
     limits = source.storage_range or source.weight_range
     if codes.min(initial=limits.lo) < limits.lo or codes.max(initial=limits.hi) > limits.hi:
@@ -780,7 +787,10 @@ def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarr
     if source.bipolar and (q_stored == 0).any():
         raise ValueError(f"new weights for '{source.tensor}' contain 0, which its bipolar quantizer cannot represent")
     set_initializer_value(model, source.tensor, stored_values_for(source, q_stored))
-    if not np.array_equal(read_stored_integers(model, source), q_stored):
+    # the read-back below is an int64 copy of the whole tensor: the new integers wait for it in their narrowest type
+    expected = narrowest_integers(q_stored)
+    del q_stored, codes
+    if not np.array_equal(read_stored_integers(model, source), expected):
         raise AssertionError(f"quantizer of '{source.tensor}' does not reproduce the written integers")
 
 

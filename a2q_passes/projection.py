@@ -37,7 +37,7 @@ from a2q_passes.errors import A2QError
 MIN_ACC_BITS, MAX_ACC_BITS = 2, 64
 ROUND = "round"  # row_method of rows left as plain rounding
 # Rows are processed in blocks of about this many weights so temporaries stay a small multiple of a block.
-_BLOCK_ELEMENTS = 1 << 21
+_BLOCK_ELEMENTS = 1 << 20
 
 
 class InfeasibleTarget(A2QError, ValueError):
@@ -503,14 +503,14 @@ def _round_within(w: np.ndarray, x: IntRange, acc_min: int, acc_max: int) -> np.
     The real feasible set is convex and contains 0, so halving keeps ``w`` feasible, and once
     every ``|w_i| < 1`` the all-truncated row (zeros) is valid: the loop always ends.
     """
-    q = np.empty(w.shape, dtype=np.int64)
-    pending = np.arange(w.shape[0])
-    w = w.copy()
+    q, ok = _round_rows_within(w, x, acc_min, acc_max)  # rows are rounded independently: all at once first
+    pending = np.flatnonzero(~ok)
+    w = w[pending]  # a copy of the rows still without a rounding (``w`` itself is left as it is)
     while pending.size:
-        q_p, ok = _round_rows_within(w[pending], x, acc_min, acc_max)
+        w *= 0.5
+        q_p, ok = _round_rows_within(w, x, acc_min, acc_max)
         q[pending[ok]] = q_p[ok]
-        pending = pending[~ok]
-        w[pending] *= 0.5
+        pending, w = pending[~ok], w[~ok]
     return q
 
 
@@ -751,8 +751,9 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     zeros_before = zeros_after = rows_touched = 0
     step = rows_per_block(before.shape[1])
     for start in range(0, before.shape[0], step):
-        b = before[start:start + step].astype(np.float64).ravel()  # integers below 2^53: exact
-        a = after[start:start + step].astype(np.float64).ravel()
+        # integers below 2^53: exact; C order so that ravel is a view (a transposed layer's rows are strided)
+        b = before[start:start + step].astype(np.float64, order="C").ravel()
+        a = after[start:start + step].astype(np.float64, order="C").ravel()
         w = np.asarray(v[start:start + step], dtype=np.float64).ravel()
         for i, d in enumerate((a - b, b, b - w, a - w, w)):
             squares[i] += float(np.dot(d, d))

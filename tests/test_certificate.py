@@ -247,3 +247,42 @@ def test_finn_integer_initializers_are_taken_as_annotated_and_checked_against_it
     model.set_initializer("w", q)
     with pytest.raises(CannotCertify, match="BIPOLAR but holds 0"):
         certify_layer(model, "mac")
+
+
+def _per_channel_weights(layout: list[helper.NodeProto], scales: np.ndarray, zeros: np.ndarray,
+                         codes: np.ndarray) -> ModelWrapper:
+    """int8 codes ``(out, in)`` -> per-channel (axis 0) DequantizeLinear with zero points -> ``layout`` ops -> MatMul."""
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w0"], axis=0), *layout,
+             helper.make_node("MatMul", ["x", f"w{len(layout)}"], ["y"], name="mac")]
+    inits = [numpy_helper.from_array(codes, "wq"), numpy_helper.from_array(scales.astype(np.float32), "ws"),
+             numpy_helper.from_array(zeros, "wz"), numpy_helper.from_array(np.array([4, 3], np.int64), "shape"),
+             numpy_helper.from_array(np.float32(-1e9), "lo"), numpy_helper.from_array(np.float32(1e9), "hi")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+@pytest.mark.parametrize("path", ["Transpose", "Transpose, Identity, Clip", "Reshape"])
+def test_per_channel_scale_and_zero_point_follow_the_weight_layout_ops(path):
+    """A per-channel scale and zero point reach the MAC through the graph's layout ops: a Transpose carries them
+    in their own shape, a Reshape one value per weight; either way each weight is divided by its own channel's
+    scale (channels with different scales would give non-integers otherwise) and gets its own zero point back."""
+    from a2q_passes.certificate import weight_integers
+
+    codes = RNG.integers(-128, 128, size=(3, 4)).astype(np.int8)
+    zeros = np.array([-3, 0, 5], dtype=np.int8)
+    scales = np.array([0.5, 0.125, 2.0])
+    layout = {"Transpose": [helper.make_node("Transpose", ["w0"], ["w1"], perm=[1, 0])],
+              "Transpose, Identity, Clip": [helper.make_node("Transpose", ["w0"], ["w1"], perm=[1, 0]),
+                                            helper.make_node("Identity", ["w1"], ["w2"]),
+                                            helper.make_node("Clip", ["w2", "lo", "hi"], ["w3"])],
+              "Reshape": [helper.make_node("Reshape", ["w0", "shape"], ["w1"])]}[path]
+    model = _per_channel_weights(layout, scales, zeros, codes)
+    moved = codes.reshape(4, 3) if path == "Reshape" else codes.T
+    moved_zeros = np.broadcast_to(zeros[:, None], codes.shape)
+    moved_zeros = moved_zeros.reshape(4, 3) if path == "Reshape" else moved_zeros.T
+    assert np.array_equal(weight_integers(model, "w" + str(len(layout)), "fold"), moved)
+    assert np.array_equal(weight_integers(model, "w" + str(len(layout)), "subtract"), moved.astype(np.int64) - moved_zeros)
+    zero_scale = _per_channel_weights(layout, np.array([0.5, 0.0, 2.0]), zeros, codes)
+    with pytest.raises(CannotCertify, match="zero or non-finite scale"):
+        weight_integers(zero_scale, "w" + str(len(layout)))

@@ -235,20 +235,25 @@ class ProjectToAccumulator(A2QPass):
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
                            f"apart do not fit {bits} bits together; raise the target or --skip the layer")
         changed_rows = np.any(q_after != q_before, axis=1)  # same shapes: project_weights checked them
-        if changed_rows.any():
-            layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces q_after exactly
-            report.status = "projected"
         report.width_after, report.acc_dtype_after = _width_and_dtype(*range_after)
         if self.tile is not None:  # the inner stage is what target_bits promises
             report.width_before = int(bounds.accumulator_width(*stage_ranges(q_before, layer.grid.range, self.tile)[0]))
             report.width_after = int(bounds.accumulator_width(*inner))
             report.acc_dtype_after = bounds.accumulator_datatype_name(*inner)
         stats = projection_stats(q_before, q_after, v)
+        del v  # the last use of the float64 rows: the write below then holds one layer's weights fewer
         report.rel_l2_change = stats["rel_l2_change"]
         report.sparsity_before, report.sparsity_after = stats["sparsity_before"], stats["sparsity_after"]
         report.channels_touched = int(np.count_nonzero(layer.layout.rows_to_channels(changed_rows, np.any)))
         methods, counts = np.unique(np.asarray(result.row_method, dtype=str), return_counts=True)
         report.rows_by_method = {str(m): int(c) for m, c in zip(methods, counts)}
+        if changed_rows.any():
+            # written last, with the int64 result dropped first: the new weights in their narrowest integer type
+            # are all the write needs (it transposes and checks them)
+            narrow = bounds.narrowest_integers(q_after)
+            del result, q_after
+            layer.write_rows(model, narrow)  # checks the graph's quantizer reproduces the new integers exactly
+            report.status = "projected"
         return report
 
     def ensures(self, result: PassResult) -> None:
