@@ -32,9 +32,10 @@ import numpy as np
 from onnx import NodeProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
 from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format
+from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
+                                  KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
 from a2q_passes.model_io import initializer_proto, initializer_shape, initializer_value, set_initializer_value
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -86,14 +87,6 @@ SEMANTICS_FIRST_OPS = ("MultiThreshold", "Add", "Sub", "Mul", "Div", "Trunc")
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
 STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
-KIND_WEIGHTS = "weights"  # activations times constant integer weights
-KIND_ACT_X_ACT = "act x act"  # MatMul of two quantized activations (attention's Q.K^T, softmax(.).V): no weights
-ZERO_POINT_CONVENTIONS = ("fold", "subtract")
-# Which input codes a MAC layer is sized for: ``exact`` = the codes the graph's quantizers produce;
-# ``finn`` = those widened to the FINN DataType the input carries after ConvertQONNXtoFINN (a narrow
-# signed n-bit quantizer's codes [-2^(n-1)+1, 2^(n-1)-1] become INTn = [-2^(n-1), 2^(n-1)-1]).
-INPUT_RANGES = ("exact", "finn")
-INPUT_RANGES_TITLE = {"exact": "input ranges: exact quantizer codes", "finn": "input ranges: FINN DataType"}
 
 
 class UnsupportedLayer(Exception):
@@ -493,6 +486,8 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         if bits == 1 and signed:
             weight_range = BIPOLAR
         else:
+            from qonnx.custom_op.general.intquant import max_int, min_int  # see quant_code_range
+
             weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
         return WeightSource(
             "quant", producer.input[0], producer.name, weight_range, _quant_dtype(bits, signed),
@@ -728,6 +723,8 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
         q = np.round(stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
         return np.clip(q, codes.lo, codes.hi, out=q).astype(np.int64, copy=False)
     # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
+    from qonnx.custom_op.general.intquant import resolve_rounding_mode  # see quant_code_range
+
     y = stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)
     y = np.clip(y, source.weight_range.lo, source.weight_range.hi, out=y)
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
@@ -862,6 +859,10 @@ def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str
     (``2^3.5`` for 4.5 bits), cast to float32, then rounds with the node's rounding mode: the
     codes are the rounded limits (CEIL turns 4.5 unsigned bits' 21.6 into 22, not 21).
     """
+    # imported where used: qonnx's general custom-op package imports onnxruntime, which models
+    # without a Quant node (QDQ, FINN graphs) need not pay for at start-up
+    from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
+
     width = np.float32(bits)
     rounding = resolve_rounding_mode(rounding_mode)
     lo = rounding(np.float32(min_int(signed, narrow, width)))
