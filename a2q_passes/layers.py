@@ -150,6 +150,13 @@ class RowLayout:
     index: np.ndarray | None = None
     row_channel: np.ndarray | None = None
 
+    @property
+    def rows(self) -> int:
+        """How many rows :meth:`to_rows` makes of weights of ``shape`` (without making them)."""
+        if self.kind == "gather":
+            return self.index.shape[0]
+        return self.shape[1] if self.kind == "transpose" else self.shape[0]
+
     def to_rows(self, w: np.ndarray) -> np.ndarray:
         if self.kind == "reshape":
             return w.reshape(w.shape[0], -1)
@@ -203,6 +210,10 @@ class BlockRowLayout:
     @property
     def blocks(self) -> int:
         return -(-self.K // self.block)
+
+    @property
+    def rows(self) -> int:
+        return self.inner.rows * self.blocks
 
     def to_rows(self, w: np.ndarray) -> np.ndarray:
         rows = self.inner.to_rows(w)
@@ -293,10 +304,9 @@ class MacLayer:
         Raises :class:`UnsupportedLayer` when a zero point varies along a row (per-input-channel zero points).
         """
         source = self.source
-        stored_shape = initializer_shape(model, source.tensor)
         if source.zero_offset is None:
-            n_rows = self.layout.to_rows(np.empty(mac_weight_shape(source, stored_shape), dtype=bool)).shape[0]
-            return [(np.arange(n_rows), source.weight_range)]
+            return [(np.arange(self.layout.rows), source.weight_range)]
+        stored_shape = initializer_shape(model, source.tensor)
         offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
         # positions a row pads (a short last weight block) hold no weight and no zero point
         weights_at = self.layout.to_rows(apply_perms(np.ones(stored_shape, dtype=bool), source.perms))
