@@ -75,6 +75,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     if not proto.graph.node:
         raise A2QError(f"{path}: the ONNX graph has no nodes (empty or truncated file?)")
     external = any(uses_external_data(tensor) for tensor in proto.graph.initializer)
+    _EXTERNAL_BY_FILE[_file_identity(path)] = external
     declared = declare_custom_domains(proto)
     try:
         if (external or path.stat().st_size >= CHECK_BY_PATH_BYTES) and not declared:
@@ -441,8 +442,24 @@ def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike, k
         atomic_write_bytes(Path(path), model_bytes(proto))
 
 
+# Whether each model file :func:`read_model_proto` read stores initializers externally, by the file's
+# identity: the commands that write a model ask again when they save (``keep_external``), and the
+# graph (megabytes for a large model) need not be parsed a second time for it.
+_EXTERNAL_BY_FILE: dict[tuple[int, int, int, int], bool] = {}
+
+
+def _file_identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """Device, inode, size and modification time: a file replaced or rewritten since has another."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def has_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model file at ``path`` stores some initializer in an external data file (reads the graph only)."""
+    """Whether the model file at ``path`` stores some initializer in an external data file (reads the graph only,
+    unless :func:`read_model_proto` read this file, unchanged since)."""
+    known = _EXTERNAL_BY_FILE.get(_file_identity(path))
+    if known is not None:
+        return known
     proto = onnx.load(str(path), load_external_data=False)
     return any(uses_external_data(tensor) for tensor in proto.graph.initializer)
 

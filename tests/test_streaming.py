@@ -157,7 +157,11 @@ def test_external_input_gives_external_output_even_when_read_whole(tmp_path, a2q
     monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 1 << 30)
     external = externalise(QONNX_MLP, tmp_path / "ext")
     out = tmp_path / "out.onnx"
+    parsed = []
+    original_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda path, *a, **k: (parsed.append(str(path)), original_load(path, *a, **k))[1])
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
+    assert parsed.count(str(external)) == 1  # the graph is parsed once: the save knows it was stored externally
     assert (tmp_path / "out.onnx.data").exists()
     inline_out = tmp_path / "inline.onnx"
     assert a2q("project", QONNX_MLP, inline_out, "--acc-bits", "13").returncode == 0
@@ -186,3 +190,15 @@ def test_streamed_int4_blockwise_weights_analyse_and_project_like_inline(tmp_pat
         assert a2q("verify", out, "--zero-point", zero_point).returncode == 0
     ours, theirs = initializer_values(outs[1]), initializer_values(outs[0])
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_has_external_data_sees_a_file_rewritten_after_it_was_read(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(QDQ_CNN.read_bytes())
+    model_io.read_model_proto(path)
+    assert not model_io.has_external_data(path)
+    onnx.save_model(onnx.load(str(QDQ_CNN)), str(path), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    assert model_io.has_external_data(path)
+    model_io.read_model_proto(path)
+    assert model_io.has_external_data(path)
