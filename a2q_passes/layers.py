@@ -912,7 +912,9 @@ class GridResolver:
             if self._inferred is None:
                 from qonnx.transformation.infer_shapes import InferShapes
 
-                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
+                # a copy of a wrapped model: its initializers have their ValueInfo already (see model_io.wrap_model)
+                copy = ModelWrapper(self.model.model.SerializeToString(), fix_missing_initializer_valueinfo=False)
+                self._inferred = copy.transform(InferShapes(), cleanup=False)
             shape = self._inferred.get_tensor_shape(tensor)
         return None if shape is None else [int(d) for d in shape]
 

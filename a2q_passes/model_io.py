@@ -97,7 +97,9 @@ def wrap_model(proto: onnx.ModelProto, path: str | os.PathLike, allow_unknown_op
     """``proto`` (from :func:`read_model_proto`) as a ``ModelWrapper``, after the checks that need one."""
     path = Path(path)
     _describe_initializers(proto)
-    model = ModelWrapper(proto)
+    # qonnx's own pass for the same ValueInfo looks up every node's every tensor in a fresh list of all
+    # ValueInfos: quadratic in the graph's size (seconds for a 32-layer transformer), and nothing left to add
+    model = ModelWrapper(proto, fix_missing_initializer_valueinfo=False)
     _check_static_shapes(model, path)
     if not allow_unknown_ops:
         _check_known_ops(model, path)
