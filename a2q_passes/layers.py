@@ -36,7 +36,8 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format
 from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
                                   KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
-from a2q_passes.model_io import initializer_proto, initializer_shape, initializer_value, set_initializer_value
+from a2q_passes.model_io import (initializer_proto, initializer_shape, initializer_value, set_initializer_value,
+                                 with_inferred_shapes)
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -910,11 +911,7 @@ class GridResolver:
         shape = self.model.get_tensor_shape(tensor)
         if shape is None:
             if self._inferred is None:
-                from qonnx.transformation.infer_shapes import InferShapes
-
-                # a copy of a wrapped model: its initializers have their ValueInfo already (see model_io.wrap_model)
-                copy = ModelWrapper(self.model.model.SerializeToString(), fix_missing_initializer_valueinfo=False)
-                self._inferred = copy.transform(InferShapes(), cleanup=False)
+                self._inferred = with_inferred_shapes(self.model)
             shape = self._inferred.get_tensor_shape(tensor)
         return None if shape is None else [int(d) for d in shape]
 

@@ -123,6 +123,60 @@ def _describe_initializers(proto: onnx.ModelProto) -> None:
                 described.add(name)
 
 
+class ReadOnlyModel(ModelWrapper):
+    """A wrapped model for reading only: producers, initializers and ValueInfo shapes come from dicts built once.
+
+    qonnx's ``find_producer``, ``get_tensor_shape`` and this module's :func:`initializer_proto` scan the whole
+    graph on every lookup: an analysis that looks up every layer's tensors is then quadratic in the graph's
+    size (seconds for a 12-layer transformer, minutes for 32). Each lookup here answers what the scan would
+    (the first producer, the first initializer of a name; a name described twice is left to qonnx, which
+    refuses it). Nothing may change the graph while the view is in use: it is built for one analysis.
+    """
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        super().__init__(proto, fix_missing_initializer_valueinfo=False)  # the proto was wrapped (and fixed) before
+        graph = proto.graph
+        self.producers: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            for name in node.output:
+                self.producers.setdefault(name, node)
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        for tensor in graph.initializer:
+            self.initializers.setdefault(tensor.name, tensor)
+        infos = [*graph.input, *graph.output, *graph.value_info]
+        self.infos = {info.name: info for info in infos}
+        self.described_twice = len(self.infos) != len(infos)
+
+    def find_producer(self, tensor_name: str) -> onnx.NodeProto | None:
+        return self.producers.get(tensor_name)
+
+    def get_tensor_shape(self, tensor_name: str, fix_missing_init_shape: bool = False) -> list[int] | None:
+        info = self.infos.get(tensor_name)
+        if info is None and tensor_name not in self.initializers and not self.described_twice:
+            return None
+        if info is None or fix_missing_init_shape or self.described_twice:
+            return super().get_tensor_shape(tensor_name, fix_missing_init_shape)
+        return [dim.dim_value for dim in info.type.tensor_type.shape.dim]
+
+
+def with_inferred_shapes(model: ModelWrapper) -> ReadOnlyModel:
+    """A read-only copy of ``model`` with ONNX shape inference's ValueInfo for every tensor it can shape.
+
+    qonnx's ``InferShapes`` (which first swaps qonnx/FINN custom ops for shape-compatible standard ones)
+    runs only where the graph has such ops: it wraps its result in a ``ModelWrapper``, whose set-up looks up
+    every tensor in a fresh list of all ValueInfos (quadratic in the graph). Without custom ops its swap
+    does nothing, and ONNX's inference on the graph is the whole of it.
+    """
+    from qonnx.custom_op.registry import is_custom_op
+
+    if any(is_custom_op(node.domain) for node in model.graph.node):
+        from qonnx.transformation.infer_shapes import InferShapes
+
+        copy = ModelWrapper(model.model.SerializeToString(), fix_missing_initializer_valueinfo=False)
+        return ReadOnlyModel(copy.transform(InferShapes(), cleanup=False).model)
+    return ReadOnlyModel(onnx.shape_inference.infer_shapes(model.model))
+
+
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """The graph inputs fed at run time; exporters such as Brevitas' ``export_qonnx`` list initializers too."""
     constants = {init.name for init in graph.initializer}
@@ -218,6 +272,8 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
 
 
 def initializer_proto(model: ModelWrapper | onnx.GraphProto, name: str) -> onnx.TensorProto | None:
+    if isinstance(model, ReadOnlyModel):
+        return model.initializers.get(name)
     graph = model.graph if isinstance(model, (ModelWrapper, onnx.ModelProto)) else model
     return next((tensor for tensor in graph.initializer if tensor.name == name), None)
 
