@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import atexit
 import glob
+import hashlib
 import mmap
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,6 +43,9 @@ STREAM_MIN_BYTES = 1 << 20
 CHECK_BY_PATH_BYTES = 1 << 30
 # Offsets of tensors in the external data files this tool writes are multiples of this (memory-mappable pages).
 EXTERNAL_ALIGNMENT = 4096
+# Protobuf serialises no message of 2 GiB or more: the most one whole model in memory may take.
+# Commands that need the whole model in one proto refuse larger ones (:func:`check_whole_model_fits`).
+PROTO_LIMIT_BYTES = (1 << 31) - 1
 # When ``save_model`` is asked to keep external data, inline initializers this large go to the data file
 # (onnx.save's own default threshold).
 EXTERNAL_MIN_BYTES = 1024
@@ -91,6 +96,41 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     _check_value_info(proto, path)
     _check_parameter_values(proto, path)
     return proto
+
+
+def check_whole_model_fits(path: str | os.PathLike, use: str, advice: str) -> None:
+    """Refuse, before any work, a model too large for one in-memory ``ModelProto`` (protobuf's 2 GiB limit).
+
+    For commands that need the whole model in one proto (``use`` says why, e.g. FINN's
+    transformations or the torch bridge; ``advice`` what to do instead): past the limit, the first
+    ``SerializeToString`` or in-memory check would fail deep inside them. Reads only the graph.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return  # read_model_proto names what is wrong with it
+    size = whole_model_bytes(path)
+    if size >= PROTO_LIMIT_BYTES:
+        raise A2QError(f"{path}: {size / 1e9:.2f} GB with its external data, over protobuf's 2 GiB limit on one "
+                       f"ONNX model in memory; {use}. {advice}")
+
+
+def whole_model_bytes(path: str | os.PathLike) -> int:
+    """An upper bound on the bytes of the model at ``path`` read into one proto: the file plus the external
+    tensors' data, and a few bytes per tensor for the field that then holds it (reads the graph only)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size >= PROTO_LIMIT_BYTES:  # no proto to parse: the file alone is over the limit
+        return size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return size  # read_model_proto names the defect
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            length = next((entry.value for entry in tensor.external_data if entry.key == "length"), None)
+            stored = int(length) if length is not None and length.isdigit() else _stored_bytes(tensor)
+            size += (stored or 0) + 16
+    return size
 
 
 def wrap_model(proto: onnx.ModelProto, path: str | os.PathLike, allow_unknown_ops: bool = False) -> ModelWrapper:
@@ -369,15 +409,51 @@ def set_initializer_value(model: ModelWrapper, name: str, value: np.ndarray) -> 
     _point_external(tensor, Path(handle.name), 0, Path(handle.name).stat().st_size)
 
 
-_SCRATCH: list[Path] = []
+# ``a2q-tensors-<pid>-<random>`` in the temporary folder: the pid tells a later run whether its owner still runs.
+_SCRATCH_PREFIX = "a2q-tensors-"
+_SCRATCH: list[Path] = []  # the scratch folder of this process, made at its first spill
 
 
 def _scratch_folder() -> Path:
-    """A private folder for spilled tensors, removed when the process ends."""
+    """A private folder for spilled tensors, removed by :func:`remove_scratch` (see :func:`scratch_space`)."""
     if not _SCRATCH:
-        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="a2q-tensors-")))
-        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+        remove_stale_scratch()
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")))
     return _SCRATCH[0]
+
+
+def remove_scratch() -> None:
+    """Delete this process's spilled tensors; a tensor still pointing there can no longer be read."""
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
+
+
+atexit.register(remove_scratch)  # library use outside scratch_space: removed when the interpreter exits
+
+
+@contextmanager
+def scratch_space() -> Iterator[None]:
+    """Run a command: the tensors it spills are removed when the block ends, however it ends.
+
+    An exception, Ctrl-C (``KeyboardInterrupt``) and SIGTERM (the CLI raises ``SystemExit`` for it)
+    all unwind through here; a run killed with SIGKILL leaves its folder to :func:`remove_stale_scratch`.
+    """
+    try:
+        yield
+    finally:
+        remove_scratch()
+
+
+def remove_stale_scratch() -> list[Path]:
+    """Delete the scratch folders of processes that no longer run; returns what was removed."""
+    pattern = re.compile(rf"{re.escape(_SCRATCH_PREFIX)}(\d+)-[^-]+")
+    removed = []
+    for candidate in Path(tempfile.gettempdir()).glob(f"{_SCRATCH_PREFIX}*"):
+        match = pattern.fullmatch(candidate.name)
+        if match is not None and candidate.is_dir() and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 def declare_custom_domains(proto: onnx.ModelProto) -> bool:
@@ -490,8 +566,8 @@ def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike, k
     """Write atomically: a temporary file in the target folder, then rename (no partial output).
 
     A model with streamed initializers (or any model with ``keep_external``: a command that read
-    a model with external data into memory) is written with its large tensors in ``PATH.data``
-    beside it (:func:`external_data_path`), see :func:`save_with_external_data`.
+    a model with external data into memory) is written with its large tensors in a data file
+    beside it, ``PATH.<digest>.data`` (:func:`data_file_path`), see :func:`save_with_external_data`.
     """
     proto = model.model if isinstance(model, ModelWrapper) else model
     if keep_external or any(is_streamed(tensor) for tensor in proto.graph.initializer):
@@ -518,72 +594,152 @@ def has_external_data(path: str | os.PathLike) -> bool:
     known = _EXTERNAL_BY_FILE.get(_file_identity(path))
     if known is not None:
         return known
+    return bool(referenced_data_files(path))
+
+
+def referenced_data_files(path: str | os.PathLike) -> set[Path]:
+    """The external data files the model at ``path`` reads, as paths beside it (reads the graph only)."""
+    path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(tensor) for tensor in proto.graph.initializer)
+    return {path.with_name(entry.value) for tensor in proto.graph.initializer if uses_external_data(tensor)
+            for entry in tensor.external_data if entry.key == "location"}
 
 
-def external_data_path(path: Path) -> Path:
-    """The data file this tool writes beside model ``path``: ``PATH.data``."""
-    return path.with_name(path.name + ".data")
+# ``OUT.onnx.<16 hex digits>.data``: the data file of model ``OUT.onnx``, named by a digest of its bytes.
+_DATA_PATTERN = r"{name}\.[0-9a-f]{{16}}\.data"
+
+
+def data_file_path(path: Path, digest: str) -> Path:
+    """The data file this tool writes beside model ``path`` for data of ``digest``: ``PATH.<digest>.data``."""
+    return path.with_name(f"{path.name}.{digest}.data")
 
 
 def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Write ``proto`` and its large tensors' data file, tensor by tensor, both atomically.
+    """Write ``proto`` and its large tensors' data file, tensor by tensor, so that a kill at any point
+    leaves the old pair or the new pair on disk, never a model with the other's data.
 
     Streamed tensors and inline ones of at least :data:`EXTERNAL_MIN_BYTES` go to the data file in
-    graph order, each at an offset aligned to :data:`EXTERNAL_ALIGNMENT`: the same model gives the
-    same bytes. Both files are written to temporaries first; the data file is renamed into place,
-    then the model, only when both are complete (an error or a kill leaves the old outputs, or
-    none). Reading a streamed tensor from the file being replaced (``--in-place``) is safe: the
-    rename gives the new file a new inode, and the old one lives while it is mapped.
+    graph order, each at an offset aligned to :data:`EXTERNAL_ALIGNMENT`. Why this order of steps:
+    two renames are never atomic together, so the pair is switched by the model's rename alone.
+
+    1. The data goes to a temporary, then is renamed to ``PATH.<digest>.data``, named by a digest of
+       its bytes (:func:`data_file_path`): a name no previous model at ``PATH`` reads, unless that
+       model reads the very same bytes. The same model gives the same bytes and names (reruns are
+       byte-identical).
+    2. The model, naming that file, goes to a temporary, then is renamed over ``PATH``: the switch.
+    3. Only then are the data files of earlier models at ``PATH`` removed: those of this tool's naming
+       (and the ``PATH.data`` of earlier versions) that the replaced model read, and orphans of writes
+       killed between 1 and 2 or 2 and 3 that the tensors being written do not stream from. A data
+       file belongs to the model at ``PATH``: a copy of that model file sharing it loses it.
+
+    Reading a streamed tensor from a file being replaced (``--in-place``) is safe: its bytes are
+    copied before step 1, and a removed file lives while it is mapped.
     """
     directory = _check_folder(path)
-    data_path = external_data_path(path)
-    if data_path.is_dir():
-        raise A2QError(f"{data_path}: is a folder; the external data of {path.name} is written there")
-    for target in (path, data_path):
+    staging = path.with_name(path.name + ".data")  # the data temporary's name: its final name is not known yet
+    for target in (path, staging):
         remove_stale_temporaries(target)
+    replaced = _data_files_read_by(path)
+    reading = {Path(entry.value).resolve() for tensor in proto.graph.initializer if is_streamed(tensor)
+               for entry in tensor.external_data if entry.key == "location"}
     out = onnx.ModelProto()
     out.CopyFrom(proto)
+    # names the data file; sha256: the fastest of hashlib's on CPUs with SHA instructions (2x blake2b)
+    digest = hashlib.sha256()
+    external: list[onnx.TensorProto] = []
 
     def write_data(handle: BinaryIO) -> None:
+        position = 0
         for tensor in out.graph.initializer:
             if not is_streamed(tensor) and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
                 continue
-            offset = -handle.tell() % EXTERNAL_ALIGNMENT + handle.tell()
-            handle.write(b"\0" * (offset - handle.tell()))
-            _copy_tensor_bytes(tensor, handle)
-            length = handle.tell() - offset
-            _point_external(tensor, Path(data_path.name), offset, length)
+            padding = b"\0" * (-position % EXTERNAL_ALIGNMENT)
+            handle.write(padding)
+            digest.update(padding)
+            offset = position + len(padding)
+            length = _copy_tensor_bytes(tensor, handle, digest)
+            _point_external(tensor, Path(staging.name), offset, length)
+            external.append(tensor)
+            position = offset + length
 
     temporaries = []
     try:
-        temporaries.append(_write_temporary(data_path, directory, write_data))
+        temporaries.append(_write_temporary(staging, directory, write_data))
+        data_path = data_file_path(path, digest.hexdigest()[:16])
+        for tensor in external:
+            next(entry for entry in tensor.external_data if entry.key == "location").value = data_path.name
         temporaries.append(_write_temporary(path, directory, lambda handle: handle.write(model_bytes(out))))
+        existed = data_path.exists()
         os.replace(temporaries[0], data_path)
-        os.replace(temporaries[1], path)
+        _fsync_folder(directory)  # the data's rename reaches the disk before the model's
+        try:
+            os.replace(temporaries[1], path)
+        except BaseException:
+            if not existed:  # read by no model
+                data_path.unlink(missing_ok=True)
+            raise
+        _fsync_folder(directory)
     except BaseException:
         for tmp in temporaries:
             Path(tmp).unlink(missing_ok=True)
         raise
+    pattern = re.compile(_DATA_PATTERN.format(name=re.escape(path.name)))
+    earlier = [p for p in directory.glob(f"{glob.escape(path.name)}.*.data") if pattern.fullmatch(p.name)]
+    for old in [*earlier, staging] if staging.is_file() else earlier:
+        key = old.resolve()
+        if key != data_path.resolve() and (key in replaced or (old != staging and key not in reading)):
+            old.unlink(missing_ok=True)
 
 
-def _copy_tensor_bytes(tensor: onnx.TensorProto, handle, block: int = 1 << 26) -> None:
-    """Append the stored bytes of ``tensor`` to ``handle``: a streamed one in blocks from its mapped file."""
+# A model file at most this large is read to see which data files it names before it is replaced; a larger
+# one holds its tensors inline (reading it would cost its size in memory).
+_REPLACED_GRAPH_MAX_BYTES = 1 << 26
+
+
+def _data_files_read_by(path: Path) -> set[Path]:
+    """The data files (resolved) of the model now at ``path``; none for a missing, unreadable or large file."""
+    try:
+        if not path.is_file() or path.stat().st_size > _REPLACED_GRAPH_MAX_BYTES:
+            return set()
+        return {data.resolve() for data in referenced_data_files(path)}
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return set()
+
+
+def _fsync_folder(directory: Path) -> None:
+    """Make the renames in ``directory`` durable, in order (a power cut could otherwise reorder them)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_tensor_bytes(tensor: onnx.TensorProto, handle: BinaryIO, digest: "hashlib._Hash",
+                       block: int = 1 << 26) -> int:
+    """Append the stored bytes of ``tensor`` to ``handle`` and ``digest``: a streamed one in blocks from its file.
+
+    Returns the number of bytes written.
+    """
     if not is_streamed(tensor):
-        handle.write(tensor.raw_data)
+        data = tensor.raw_data
+        handle.write(data)
+        digest.update(data)
         tensor.ClearField("raw_data")
-        return
+        return len(data)
     entries = {entry.key: entry.value for entry in tensor.external_data}
     offset, length = int(entries["offset"]), int(entries["length"])
     with open(entries["location"], "rb") as source:
         source.seek(offset)
-        while length > 0:
-            chunk = source.read(min(block, length))
+        left = length
+        while left > 0:
+            chunk = source.read(min(block, left))
             if not chunk:
                 raise A2QError(f"initializer '{tensor.name}': its data file {entries['location']} ended early")
             handle.write(chunk)
-            length -= len(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return length
 
 
 # ---------------------------------------------------------------------------------------------

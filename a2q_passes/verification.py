@@ -45,7 +45,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp, is_custom_op
 from qonnx.util.basic import get_preferred_qonnx_opset
 
-from a2q_passes import bounds
+from a2q_passes import bounds, model_io
 from a2q_passes.analysis import channel_ranges, integer_view, stage_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError
@@ -53,7 +53,7 @@ from a2q_passes.layers import (KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLa
                                node_str_attr)
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.metadata import recorded_tiles, recorded_widths
-from a2q_passes.model_io import data_inputs, initializer_shape
+from a2q_passes.model_io import data_inputs, initializer_shape, tensor_value
 from a2q_passes.simulate import (
     MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, accumulate_terms, exact_float_dtype,
 )
@@ -294,7 +294,8 @@ class _GraphRunner:
         self.opsets = {imp.domain: imp.version for imp in model.model.opset_import}
         self.shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
                        for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]}
-        self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        # streamed weights memory-mapped from their data file, read-only (one copy each in its node's session)
+        self.constants = {init.name: tensor_value(init) for init in model.graph.initializer}
         self.data_inputs = [vi.name for vi in data_inputs(model.graph)]
         first = self.shapes.get(self.data_inputs[0]) if self.data_inputs else None
         self.declared_batch = first[0] if first else 0
@@ -332,6 +333,11 @@ class _GraphRunner:
         initializers, inputs = [], []
         for name in dict.fromkeys(n for n in node.input if n):
             if name in self.constants:
+                if self.constants[name].nbytes >= model_io.PROTO_LIMIT_BYTES:
+                    raise A2QError(f"{node.op_type} node '{node.name or node.output[0]}': its input '{name}' "
+                                   f"({self.constants[name].nbytes / 1e9:.2f} GB) is over protobuf's 2 GiB limit on "
+                                   "the one-node model onnxruntime executes it in, so the --data simulation cannot "
+                                   "run it; verify without --data (the proof and worst-case simulation read it)")
                 initializers.append(numpy_helper.from_array(self.constants[name], name))
             else:
                 elem = helper.np_dtype_to_tensor_dtype(context[name].dtype)

@@ -8,6 +8,12 @@ streaming threshold is lowered so their weights stay in that file while the comm
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +87,11 @@ def test_external_model_analyses_projects_and_verifies_like_inline(tmp_path, a2q
         result = a2q("project", model, outs[name], "--acc-bits", "13", "--json")
         assert result.returncode == 0, result.stderr
     assert (digest(external), digest(tmp_path / "ext" / "weights.bin")) == before  # input untouched
-    data = tmp_path / "external_out.onnx.data"
-    assert data.exists()
+    [data] = model_io.referenced_data_files(outs["external"])
+    assert data.parent == tmp_path and data.name.startswith("external_out.onnx.")
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(str(outs["external"]), load_external_data=False).graph.initializer)
-    assert not (tmp_path / "inline_out.onnx.data").exists()
+    assert not model_io.referenced_data_files(outs["inline"])
     ours, theirs = initializer_values(outs["external"]), initializer_values(outs["inline"])
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
     verified = [json.loads(a2q("verify", outs[name], "--json").stdout) for name in ("inline", "external")]
@@ -94,6 +100,7 @@ def test_external_model_analyses_projects_and_verifies_like_inline(tmp_path, a2q
     first = digest(outs["external"]), digest(data)
     assert a2q("project", external, outs["external"], "--acc-bits", "13").returncode == 0
     assert (digest(outs["external"]), digest(data)) == first
+    assert sorted(p.name for p in tmp_path.glob("external_out.onnx*")) == ["external_out.onnx", data.name]
 
 
 def _mac_inputs(model: ModelWrapper) -> list[tuple[onnx.NodeProto, str, str]]:
@@ -105,7 +112,7 @@ def test_projected_external_model_keeps_its_promise_when_executed(tmp_path, a2q)
     external = externalise(QONNX_MLP, tmp_path / "ext")
     out = tmp_path / "out.onnx"
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
-    model = ModelWrapper(onnx.load(str(out)))  # onnx's reader resolves OUT.onnx.data
+    model = ModelWrapper(onnx.load(str(out)))  # onnx's reader resolves the data file the model names
     context = execute_onnx(model, {model.graph.input[0].name: np.zeros(model.get_tensor_shape(model.graph.input[0].name),
                                                                        dtype=np.float32)}, return_full_exec_context=True)
     for node, x_name, w_name in _mac_inputs(model):
@@ -131,7 +138,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, a2q, monkeypatch):
     external = externalise(QDQ_CNN, tmp_path / "ext")
     out = tmp_path / "out.onnx"
 
-    def broken(tensor, handle, block=0):
+    def broken(tensor, handle, digest, block=0):
         handle.write(b"partial")
         raise OSError("disk full")
 
@@ -162,7 +169,7 @@ def test_external_input_gives_external_output_even_when_read_whole(tmp_path, a2q
     monkeypatch.setattr(onnx, "load", lambda path, *a, **k: (parsed.append(str(path)), original_load(path, *a, **k))[1])
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
     assert parsed.count(str(external)) == 1  # the graph is parsed once: the save knows it was stored externally
-    assert (tmp_path / "out.onnx.data").exists()
+    assert model_io.referenced_data_files(out)
     inline_out = tmp_path / "inline.onnx"
     assert a2q("project", QONNX_MLP, inline_out, "--acc-bits", "13").returncode == 0
     ours, theirs = initializer_values(out), initializer_values(inline_out)
@@ -202,3 +209,244 @@ def test_has_external_data_sees_a_file_rewritten_after_it_was_read(tmp_path):
     assert model_io.has_external_data(path)
     model_io.read_model_proto(path)
     assert model_io.has_external_data(path)
+def _same_values(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _model_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_kill_at_any_step_of_a_write_leaves_the_old_pair_or_the_new_pair(tmp_path, a2q, monkeypatch):
+    """The folder as a kill right after each rename would leave it: the model and the data it names match."""
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "out.onnx"
+    assert a2q("project", external, out, "--acc-bits", "14").returncode == 0
+    old = initializer_values(out)
+    snapshots: list[Path] = []
+    replace = os.replace
+
+    def replace_then_snapshot(source, target):
+        replace(source, target)
+        snapshots.append(Path(shutil.copytree(folder, tmp_path / f"killed_{len(snapshots)}")))
+
+    monkeypatch.setattr(os, "replace", replace_then_snapshot)
+    assert a2q("project", external, out, "--acc-bits", "12").returncode == 0
+    monkeypatch.setattr(os, "replace", replace)
+    new = initializer_values(out)
+    assert not _same_values(old, new)
+    states = [initializer_values(snapshot / "out.onnx") for snapshot in snapshots]  # loadable: onnx finds the data
+    assert [_same_values(s, old) for s in states] == [True, False]  # killed after the data's rename, the model's
+    assert _same_values(states[1], new)
+    assert len(_model_files(folder)) == 2  # the old data file is gone
+    # the data file a kill between the renames leaves behind is removed by the next write (the model's
+    # temporary too, once its writer's pid is dead: a kill)
+    assert len(list(snapshots[0].glob("*.data"))) == 2
+    assert a2q("project", external, snapshots[0] / "out.onnx", "--acc-bits", "12").returncode == 0
+    assert [p.name for p in snapshots[0].glob("*.data")] == [p.name for p in folder.glob("*.data")]
+
+
+def test_a_failed_model_rename_keeps_the_old_pair(tmp_path, a2q, monkeypatch):
+    external = externalise(QDQ_CNN, tmp_path / "ext")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "out.onnx"
+    assert a2q("project", external, out, "--acc-bits", "16").returncode == 0
+    before = {name: digest(folder / name) for name in _model_files(folder)}
+    replace, calls = os.replace, []
+
+    def fail_after_the_first(source, target):
+        calls.append(target)
+        if len(calls) > 1:
+            raise OSError("killed")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_after_the_first)
+    assert a2q("project", external, out, "--acc-bits", "13").returncode != 0
+    assert len(calls) == 2
+    assert {name: digest(folder / name) for name in _model_files(folder)} == before  # no temporaries, no new data
+    assert initializer_values(out).keys()
+
+
+def test_a_data_file_named_by_an_earlier_version_is_replaced(tmp_path, a2q):
+    """``OUT.onnx.data`` (the fixed name a2q used to write) read by the model being overwritten goes with it."""
+    out = tmp_path / "out.onnx"
+    onnx.save_model(onnx.load(str(QONNX_MLP)), str(out), save_as_external_data=True, location="out.onnx.data",
+                    size_threshold=0)
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
+    [data] = model_io.referenced_data_files(out)
+    assert _model_files(tmp_path) == sorted(["ext", "out.onnx", data.name])
+
+
+@pytest.fixture
+def temporary_folder(tmp_path, monkeypatch) -> Path:
+    """The folder ``tempfile`` (and so the spill of streamed tensors) uses during the test."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def _spilled(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith("a2q-tensors-")]
+
+
+def _spilled_tensor_files(proto: onnx.ModelProto) -> list[Path]:
+    return [Path(entry.value) for t in proto.graph.initializer if model_io.is_streamed(t)
+            for entry in t.external_data if entry.key == "location" and "a2q-tensors-" in entry.value]
+
+
+@pytest.mark.parametrize("ending", ["success", "exception", "ctrl-c"])
+def test_spilled_tensors_are_removed_when_the_command_ends(tmp_path, a2q, monkeypatch, temporary_folder, ending):
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    spilled: list[Path] = []
+    save = model_io.save_with_external_data
+
+    def note_spills_then_end(proto, path):
+        spilled.extend(_spilled_tensor_files(proto))
+        assert spilled and all(p.exists() for p in spilled)
+        if ending == "exception":
+            raise OSError("disk full")
+        if ending == "ctrl-c":
+            raise KeyboardInterrupt
+        save(proto, path)
+
+    monkeypatch.setattr(model_io, "save_with_external_data", note_spills_then_end)
+    result = a2q("project", external, tmp_path / "out.onnx", "--acc-bits", "13")
+    assert (result.returncode == 0) == (ending == "success")
+    assert spilled and not any(p.exists() for p in spilled)
+    assert _spilled(temporary_folder) == []
+
+
+def test_spilled_tensors_are_removed_on_sigterm(tmp_path, temporary_folder):
+    """A real SIGTERM, in a process of its own, while the projected tensors wait in the scratch folder."""
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    script = (
+        "import os, signal, sys, time\n"
+        "from a2q_passes import model_io\n"
+        "from a2q_passes.cli import main\n"
+        "model_io.STREAM_MIN_BYTES = 1024\n"
+        "def save(proto, path):\n"
+        "    print(*[n for n in os.listdir(os.environ['TMPDIR']) if n.startswith('a2q-tensors-')], flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "model_io.save_with_external_data = save\n"
+        f"sys.argv = ['a2q', 'project', {str(external)!r}, {str(tmp_path / 'out.onnx')!r}, '--acc-bits', '13']\n"
+        "main()\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(temporary_folder)}, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr
+    assert run.stdout.startswith("a2q-tensors-")  # spilled before the signal
+    assert _spilled(temporary_folder) == []
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_scratch_of_a_killed_run_is_removed_by_the_next(tmp_path, a2q, temporary_folder):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no running process (SIGKILL leaves such a folder)
+    stale = temporary_folder / f"a2q-tensors-{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "w.bin").write_bytes(b"x")
+    alive = temporary_folder / f"a2q-tensors-{os.getpid()}-def456"  # ours: still running
+    alive.mkdir()
+    assert a2q("project", externalise(QONNX_MLP, tmp_path / "ext"), tmp_path / "out.onnx", "--acc-bits", "13").returncode == 0
+    assert _spilled(temporary_folder) == [alive]
+
+
+def _input_batch(model_path: Path, samples: int, seed: int) -> np.ndarray:
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:]
+    return np.random.default_rng(seed).uniform(0, 1, (samples, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("source, bits", [(QONNX_MLP, 11), (QDQ_CNN, 14)], ids=["qonnx", "qdq"])
+def test_verify_data_streams_the_weights_and_simulates_like_inline(tmp_path, a2q, monkeypatch, source, bits):
+    external = externalise(source, tmp_path / "ext")
+    np.savez(tmp_path / "x.npz", x=_input_batch(source, 24, seed=0))
+    loaded = []
+    load = model_io.load_model  # the commands import it when they run
+    monkeypatch.setattr(model_io, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    runs = [a2q("verify", m, "--acc-bits", bits, "--data", tmp_path / "x.npz", "--json") for m in (source, external)]
+    assert [r.returncode for r in runs][0] == runs[1].returncode, runs[1].stderr
+    assert any(model_io.is_streamed(t) for t in loaded[1].graph.initializer)
+    inline, streamed = (json.loads(r.stdout) for r in runs)
+    assert streamed == inline
+    assert sum(inline["data"]["overflows"].values()) > 0  # a width that overflows: the simulation has work to show
+
+
+WHOLE_MODEL_COMMANDS = {
+    "finetune": lambda m, tmp: ["finetune", m, tmp / "out.onnx", "--data", tmp / "x.npz", "--acc-bits", "13"],
+    "lower": lambda m, tmp: ["lower", m, tmp / "out.onnx"],
+    "report": lambda m, tmp: ["report", m, "--fpgapart", "xczu3eg-sbva484-1-e"],
+    "allocate": lambda m, tmp: ["allocate", m, "--data", tmp / "x.npz", "-o", tmp / "w.json", "--min-score-pct", "99"],
+    "verify --against": lambda m, tmp: ["verify", m, "--against", QONNX_MLP],
+}
+
+
+@pytest.mark.parametrize("command", WHOLE_MODEL_COMMANDS)
+def test_commands_that_need_the_whole_model_refuse_one_over_the_proto_limit(tmp_path, a2q, monkeypatch, command):
+    """The 2 GiB limit lowered to below this model's size: refused up front, by name and size, nothing written."""
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    size = model_io.whole_model_bytes(external)
+    assert size >= onnx.load(str(external)).ByteSize()  # an upper bound on the model read into one proto
+    monkeypatch.setattr(model_io, "PROTO_LIMIT_BYTES", size - 1)
+    monkeypatch.setattr(model_io, "load_model", lambda *a, **k: pytest.fail("loaded before the size check"))
+    np.savez(tmp_path / "x.npz", x=_input_batch(QONNX_MLP, 4, seed=0), y=np.zeros(4, dtype=np.int64))
+    before = _model_files(tmp_path)
+    result = a2q(*WHOLE_MODEL_COMMANDS[command](external, tmp_path))
+    assert result.returncode == 1
+    message = " ".join(result.stderr.split())
+    assert str(external) in message and f"{size / 1e9:.2f} GB" in message and "2 GiB" in message
+    assert _model_files(tmp_path) == before
+
+
+def test_whole_model_commands_take_models_under_the_limit(tmp_path, a2q, monkeypatch):
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    monkeypatch.setattr(model_io, "PROTO_LIMIT_BYTES", model_io.whole_model_bytes(external) + 1)
+    assert a2q("verify", external, "--against", QONNX_MLP).returncode == 0
+
+
+def test_verify_data_refuses_a_single_tensor_over_the_proto_limit(tmp_path, a2q, monkeypatch):
+    external = externalise(QONNX_MLP, tmp_path / "ext")
+    np.savez(tmp_path / "x.npz", x=_input_batch(QONNX_MLP, 4, seed=0))
+    largest = max(v.nbytes for v in initializer_values(QONNX_MLP).values())
+    monkeypatch.setattr(model_io, "PROTO_LIMIT_BYTES", largest)
+    result = a2q("verify", external, "--acc-bits", "16", "--data", tmp_path / "x.npz")
+    assert result.returncode == 1
+    assert "--data simulation cannot run it" in " ".join(result.stderr.split())
+
+
+def test_in_place_rewrite_keeps_one_data_file(tmp_path, a2q):
+    out = tmp_path / "out.onnx"
+    assert a2q("project", externalise(QONNX_MLP, tmp_path / "ext"), out, "--acc-bits", "14").returncode == 0
+    [first] = model_io.referenced_data_files(out)
+    assert a2q("project", out, out, "--acc-bits", "12", "--in-place").returncode == 0
+    [second] = model_io.referenced_data_files(out)
+    assert second != first and _model_files(tmp_path) == sorted(["ext", "out.onnx", second.name])
+    assert a2q("verify", out, "--acc-bits", "12").returncode == 0  # the pair reads back: weights that fit 12 bits
+
+
+def test_a_model_over_2_gib_is_refused_up_front_by_a_whole_model_command(tmp_path, a2q):
+    """A real 2.3 GB weight in a sparse data file (no disk used): refused before anything reads it."""
+    n = 24000
+    folder = tmp_path / "big"
+    folder.mkdir()
+    weight = onnx.TensorProto(name="W", data_type=onnx.TensorProto.FLOAT, dims=[n, n],
+                              data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(4 * n * n))):
+        weight.external_data.add(key=key, value=value)
+    with open(folder / "big.bin", "wb") as data:
+        data.truncate(4 * n * n)  # a hole: reads as zeros
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])], "big",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])], [weight])
+    model = folder / "big.onnx"
+    onnx.save_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), str(model))
+    result = a2q("lower", model, tmp_path / "out.onnx")
+    assert result.returncode == 1
+    assert f"{model}: 2.30 GB with its external data" in " ".join(result.stderr.split())
+    assert _model_files(tmp_path) == ["big"]

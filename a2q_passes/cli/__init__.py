@@ -53,6 +53,10 @@ def _root(
     except OSError as err:
         raise A2QError(f"--log-file {log_file}: cannot open it for appending ({err.strerror}); "
                        "give a path in an existing, writable folder") from err
+    # imported here, when a command runs: --version and --help need no model reader (onnx, qonnx)
+    from a2q_passes.model_io import scratch_space
+
+    ctx.with_resource(scratch_space())  # tensors the command spills to disk go when it ends, however it ends
 
 # Importing a command module registers its command on ``app``.
 from a2q_passes.cli import allocate, analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
@@ -66,12 +70,14 @@ TRACEBACK_ENV = "A2Q_TRACEBACK"  # set to 1 to see the Python traceback of an in
 
 def _terminate(signum: int, _frame) -> None:
     # SystemExit unwinds like an exception, so an atomic write in progress removes its temporary
-    # file (SIGINT already arrives as KeyboardInterrupt; click reports it as "Aborted!").
+    # file and spilled tensors are removed (SIGINT already arrives as KeyboardInterrupt; click
+    # reports it as "Aborted!").
     raise SystemExit(128 + signum)
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal running the command closed
+        signal.signal(signum, _terminate)
     try:
         app()  # standalone mode: click reports usage errors itself (exit 2)
     except A2QError as err:

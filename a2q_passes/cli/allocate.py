@@ -157,7 +157,7 @@ def allocate(
     import torch
 
     from a2q_passes.finetune.train import FinetuneConfig
-    from a2q_passes.model_io import atomic_write_text, load_model
+    from a2q_passes.model_io import atomic_write_text, check_whole_model_fits, load_model
     from a2q_passes.transforms.allocate import DEFAULT_FPGAPART, AllocateAccumulators, pareto_curves
 
     _check_output(output, model_path)
@@ -167,6 +167,10 @@ def allocate(
     if epochs < 1:
         raise A2QError(f"--epochs must be at least 1, got {epochs}")
     target_pct, budget, cost_name = _objective(min_score_pct, budget_bits, budget_lut, cost)
+    check_whole_model_fits(model_path, "`a2q allocate` needs the whole model in one (its calibration and end-to-end "
+                           "checks execute it in torch and qonnx)", "Choose one width with `a2q analyze` and `a2q "
+                           "project --acc-bits P` (they stream models of any size), or allocate on a part of the "
+                           "model under 2 GiB.")
     model = load_model(model_path, stream=False)  # calibration executes the whole graph
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)

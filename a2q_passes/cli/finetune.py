@@ -97,12 +97,16 @@ def finetune(
 
     from a2q_passes.analysis import analyze_model
     from a2q_passes.finetune.train import FinetuneConfig
-    from a2q_passes.model_io import has_external_data, load_model, save_model
+    from a2q_passes.model_io import check_whole_model_fits, has_external_data, load_model, save_model
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
     _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats)
     check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
+    check_whole_model_fits(input_path, "`a2q finetune` needs the whole model in one (its torch bridge and qonnx's "
+                           "passes copy and serialise it)", "Project it instead with `a2q project IN.onnx OUT.onnx "
+                           "--acc-bits P` (it streams models of any size), or fine-tune in the framework that "
+                           "exported it (e.g. Brevitas) and export it again.")
     model = load_model(input_path, stream=False)  # training executes the whole graph
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = FinetuneConfig(method=method, loss=loss, distill=distill, epochs=epochs,

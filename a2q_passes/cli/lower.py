@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
     from a2q_passes.transforms.lower import HWLayer
 
+# Why lower and report refuse models over 2 GiB, and what to do instead
+FINN_NEEDS_WHOLE = "FINN's transformations read, copy and serialise the whole model"
+FINN_ADVICE = ("Lower the model in parts under 2 GiB (e.g. cut it with `onnx.utils.extract_model`); `a2q analyze`, "
+               "`annotate`, `project` and `verify` stream models of any size.")
 ACC_BITS_HELP = "one target accumulator width P for every MVAU/VVAU (default: the widths `a2q project` recorded)"
 FROM_ANNOTATIONS_HELP = "use the widths recorded by `a2q project`/`a2q annotate`; error if there are none"
 
@@ -113,7 +117,8 @@ def lower(
     1: bad input, nothing written.
     """
     from a2q_passes.finn_runtime import validate_fpgapart
-    from a2q_passes.model_io import atomic_write_text, check_output_paths, has_external_data, load_model, save_model
+    from a2q_passes.model_io import (atomic_write_text, check_output_paths, check_whole_model_fits, has_external_data,
+                                     load_model, save_model)
     from a2q_passes.resources import plot_resources, render_table, resource_report
     from a2q_passes.transforms.lower import LowerToFINN, check_equivalence
 
@@ -124,6 +129,7 @@ def lower(
     check_output_paths([("OUT.onnx", output_path), ("--report-json", report_json), ("--plot", plot)],
                        inputs=[input_path] + ([data] if data is not None else []))
     part = validate_fpgapart(fpgapart) if fpgapart is not None else None
+    check_whole_model_fits(input_path, f"`a2q lower` needs it in one: {FINN_NEEDS_WHOLE}", FINN_ADVICE)
     model = load_model(input_path, stream=False)  # FINN's transformations read every initializer
     _cast_float64(model, input_path)
     inputs = comparison_inputs(model, data, samples, seed)
@@ -176,13 +182,14 @@ def report(
     """
     from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
     from a2q_passes.finn_runtime import validate_fpgapart
-    from a2q_passes.model_io import check_output_paths, load_model
+    from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
     from a2q_passes.resources import plot_resources, render_table, resource_report
     from a2q_passes.transforms.lower import LowerToFINN
 
     check_output_paths([("--plot", plot)], inputs=[model_path])
     part = validate_fpgapart(fpgapart)
-    model = load_model(model_path)
+    check_whole_model_fits(model_path, f"`a2q report` needs it in one: {FINN_NEEDS_WHOLE}", FINN_ADVICE)
+    model = load_model(model_path, stream=False)  # FINN's transformations read every initializer
     _cast_float64(model, model_path)
     if any(True for _ in iterate_mac_nodes(model)):
         if from_annotations:

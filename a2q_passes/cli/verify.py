@@ -66,7 +66,7 @@ def verify(
     without widths given or recorded, --against checks equivalence only.
     """
     from a2q_passes.metadata import recorded_input_ranges, recorded_widths
-    from a2q_passes.model_io import check_output_paths, load_model
+    from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
     from a2q_passes.transforms.verify import VerifyAccumulators
 
     check_zero_point(zero_point)
@@ -75,8 +75,12 @@ def verify(
     check_output_paths([("--plot", plot)], inputs=[model_path] + ([against] if against else []))
     input_dtypes = parse_input_dtypes(input_dtype)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
-    # simulating --data or comparing --against executes the whole graph; the proof streams the weights
-    model = load_model(model_path, allow_unknown_ops, stream=data is None and against is None)
+    # the proof and the --data simulation stream the weights; comparing --against runs FINN's execution
+    for path in [model_path, against] if against is not None else []:
+        check_whole_model_fits(path, "`a2q verify --against` needs both models whole in one (the equivalence check "
+                               "runs FINN's execution)", "Check without --against: the proof, the worst-case and "
+                               "the --data simulation stream models of any size.")
+    model = load_model(model_path, allow_unknown_ops, stream=against is None)
     check_input_dtype_tensors(input_dtypes, model, model_path)
     if input_ranges is None:
         input_ranges = recorded_input_ranges(model)
