@@ -14,6 +14,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
 from a2q_passes.layers import KIND_WEIGHTS, MacLayer, find_mac_layers
+from a2q_passes.model_io import ReadOnlyModel
 
 BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
 
@@ -225,6 +226,7 @@ def analyze_model(
     """
     if tile is not None and tile < 1:
         raise ValueError(f"tile must be a positive number of terms, got {tile}")
+    model = ReadOnlyModel(model.model)  # graph lookups in dicts: the analysis changes nothing
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
     reports = [analyze_layer(model, layer, per_channel, zero_point, tile) for layer in layers]
     warnings = []

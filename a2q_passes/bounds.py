@@ -192,25 +192,94 @@ def narrowest_integers(q: np.ndarray) -> np.ndarray:
     return q.astype(np.result_type(np.min_scalar_type(int(q.min())), np.min_scalar_type(int(q.max()))), copy=False)
 
 
-def positive_negative_sums(q: np.ndarray, block_elements: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64).
 
-    Integer weights are summed in their own dtype's values but accumulated in int64 (numpy's
-    ``sum(dtype=int64)`` widens each element), a block of rows at a time: an int8 layer is never
-    copied to a full int64 array. Narrow weights come from storage types of at most 32 bits, so with
-    K < 2^31 terms no int64 sum overflows.
+    One pass over the weights in their own (stored) integer type, in memory order, a cache-sized
+    block at a time: an int8 layer is never copied to a wider array, and rows stored as columns
+    (the transposed view of a ``[K, channels]`` tensor) are summed down the stored rows rather than
+    gathered across them. Types of up to 32 bits use :func:`_narrow_row_sums`; 64-bit integers
+    (weights already widened by the caller) are summed in int64, which, for weights from storage
+    types of at most 32 bits and K < 2^31 terms, cannot overflow.
     """
     arr = np.asarray(q)
     if arr.dtype.kind not in "iu" or arr.ndim != 2:
         arr = as_integer_weights(arr)
+    if arr.dtype.itemsize <= 4:
+        l1, total = _narrow_row_sums(arr, block_bytes)
+        pos = (l1 + total) // 2  # sum |q| + sum q = 2 * (sum of the positive q)
+        return pos, l1 - pos
     pos = np.empty(arr.shape[0], dtype=np.int64)
     total = np.empty(arr.shape[0], dtype=np.int64)
-    step = max(1, block_elements // max(arr.shape[1], 1))
+    step = max(1, block_bytes // max(arr.shape[1] * arr.itemsize, 1))
     for start in range(0, arr.shape[0], step):
         block = arr[start:start + step]
         np.maximum(block, 0).sum(axis=1, dtype=np.int64, out=pos[start:start + step])
         block.sum(axis=1, dtype=np.int64, out=total[start:start + step])
     return pos, pos - total  # sum q = pos - neg
+
+
+def _narrow_row_sums(arr: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum |q|, sum q)`` per row of a 2-D array of integers of at most 32 bits, as int64.
+
+    Rows stored as columns (the transposed view of a C-ordered ``[K, rows]`` tensor, as MatMul
+    weights are) go to :func:`_column_sums`. Otherwise each block of rows is reduced in int32 when
+    no row can reach 2^31 (both sums are at most K times the type's largest magnitude: an int8
+    row of fewer than 2^24 terms), else in int64 (a 32-bit type then needs K < 2^32). ``|q|`` is
+    taken in the weights' own type and read as the unsigned type of the same width: the one value
+    whose ``abs`` wraps, the type's minimum (-128 for int8), reads as its magnitude (128) there.
+    """
+    rows, K = arr.shape
+    signed = arr.dtype.kind == "i"
+    if arr.T.flags.c_contiguous and not arr.flags.c_contiguous:
+        return _column_sums(arr.T, block_bytes)
+    info = np.iinfo(arr.dtype)
+    acc = np.int32 if K * max(-int(info.min), int(info.max)) < 1 << 31 else np.int64
+    magnitude_type = np.dtype(f"u{arr.itemsize}")
+    l1, total = np.empty(rows, dtype=acc), np.empty(rows, dtype=acc)
+    step = max(1, block_bytes // max(K * arr.itemsize, 1))
+    for start in range(0, rows, step):
+        block = arr[start:start + step]
+        block.sum(axis=1, dtype=acc, out=total[start:start + step])
+        if signed:
+            np.abs(block).view(magnitude_type).sum(axis=1, dtype=acc, out=l1[start:start + step])
+    total = total.astype(np.int64)
+    return (l1.astype(np.int64) if signed else total), total
+
+
+def _column_sums(stored: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum |q|, sum q)`` down each column of a C-contiguous ``(K, columns)`` integer array, as int64.
+
+    The stored rows are read in memory order, a slab at a time. A slab of 8- or 16-bit integers is
+    widened to twice its width and summed down the slab in that type (numpy adds whole rows
+    there, with no cast per element); a slab holds few enough rows that neither sum can leave the
+    wider type (int8: at most 255 rows of magnitude <= 128 stay below 2^15). Wider types are summed
+    with numpy's casting reduction into int64.
+    """
+    K, columns = stored.shape
+    signed = stored.dtype.kind == "i"
+    l1, total = np.zeros(columns, dtype=np.int64), np.zeros(columns, dtype=np.int64)
+    if stored.itemsize > 2:
+        step = max(1, block_bytes // max(columns * stored.itemsize, 1))
+        for start in range(0, K, step):
+            block = stored[start:start + step]
+            total += block.sum(axis=0, dtype=np.int64)
+            if signed:
+                l1 += np.abs(block.astype(np.int64)).sum(axis=0)
+        return (l1 if signed else total), total
+    info = np.iinfo(stored.dtype)
+    wide = np.dtype(f"{stored.dtype.kind}{2 * stored.itemsize}")
+    most_rows = int(np.iinfo(wide).max) // max(-int(info.min), int(info.max))
+    step = max(1, min(most_rows, block_bytes // max(columns * wide.itemsize, 1)))
+    slab = np.empty((min(step, K), columns), dtype=wide)
+    partial = np.empty(columns, dtype=wide)
+    for start in range(0, K, step):
+        block = slab[:min(step, K - start)]
+        np.copyto(block, stored[start:start + step])
+        total += np.add.reduce(block, axis=0, out=partial)
+        if signed:
+            l1 += np.add.reduce(np.abs(block, out=block), axis=0, out=partial)
+    return (l1 if signed else total), total
 
 
 def exact_accumulator_range(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:

@@ -32,10 +32,12 @@ import numpy as np
 from onnx import NodeProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
 
 from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format, narrowest_integers
-from a2q_passes.model_io import initializer_proto, initializer_shape, initializer_value, set_initializer_value
+from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
+                                  KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
+from a2q_passes.model_io import (initializer_proto, initializer_shape, initializer_value, set_initializer_value,
+                                 with_inferred_shapes)
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -86,14 +88,6 @@ SEMANTICS_FIRST_OPS = ("MultiThreshold", "Add", "Sub", "Mul", "Div", "Trunc")
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
 STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
-KIND_WEIGHTS = "weights"  # activations times constant integer weights
-KIND_ACT_X_ACT = "act x act"  # MatMul of two quantized activations (attention's Q.K^T, softmax(.).V): no weights
-ZERO_POINT_CONVENTIONS = ("fold", "subtract")
-# Which input codes a MAC layer is sized for: ``exact`` = the codes the graph's quantizers produce;
-# ``finn`` = those widened to the FINN DataType the input carries after ConvertQONNXtoFINN (a narrow
-# signed n-bit quantizer's codes [-2^(n-1)+1, 2^(n-1)-1] become INTn = [-2^(n-1), 2^(n-1)-1]).
-INPUT_RANGES = ("exact", "finn")
-INPUT_RANGES_TITLE = {"exact": "input ranges: exact quantizer codes", "finn": "input ranges: FINN DataType"}
 
 
 class UnsupportedLayer(Exception):
@@ -157,6 +151,13 @@ class RowLayout:
     index: np.ndarray | None = None
     row_channel: np.ndarray | None = None
 
+    @property
+    def rows(self) -> int:
+        """How many rows :meth:`to_rows` makes of weights of ``shape`` (without making them)."""
+        if self.kind == "gather":
+            return self.index.shape[0]
+        return self.shape[1] if self.kind == "transpose" else self.shape[0]
+
     def to_rows(self, w: np.ndarray) -> np.ndarray:
         if self.kind == "reshape":
             return w.reshape(w.shape[0], -1)
@@ -210,6 +211,10 @@ class BlockRowLayout:
     @property
     def blocks(self) -> int:
         return -(-self.K // self.block)
+
+    @property
+    def rows(self) -> int:
+        return self.inner.rows * self.blocks
 
     def to_rows(self, w: np.ndarray) -> np.ndarray:
         rows = self.inner.to_rows(w)
@@ -305,10 +310,9 @@ class MacLayer:
         Raises :class:`UnsupportedLayer` when a zero point varies along a row (per-input-channel zero points).
         """
         source = self.source
-        stored_shape = initializer_shape(model, source.tensor)
         if source.zero_offset is None:
-            n_rows = self.layout.to_rows(np.empty(mac_weight_shape(source, stored_shape), dtype=bool)).shape[0]
-            return [(np.arange(n_rows), source.weight_range)]
+            return [(np.arange(self.layout.rows), source.weight_range)]
+        stored_shape = initializer_shape(model, source.tensor)
         offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
         # positions a row pads (a short last weight block) hold no weight and no zero point
         weights_at = self.layout.to_rows(apply_perms(np.ones(stored_shape, dtype=bool), source.perms))
@@ -498,6 +502,8 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         if bits == 1 and signed:
             weight_range = BIPOLAR
         else:
+            from qonnx.custom_op.general.intquant import max_int, min_int  # see quant_code_range
+
             weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
         return WeightSource(
             "quant", producer.input[0], producer.name, weight_range, _quant_dtype(bits, signed),
@@ -733,6 +739,8 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
         q = np.round(stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
         return np.clip(q, codes.lo, codes.hi, out=q).astype(np.int64, copy=False)
     # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
+    from qonnx.custom_op.general.intquant import resolve_rounding_mode  # see quant_code_range
+
     y = stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)
     y = np.clip(y, source.weight_range.lo, source.weight_range.hi, out=y)
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
@@ -872,6 +880,10 @@ def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str
     (``2^3.5`` for 4.5 bits), cast to float32, then rounds with the node's rounding mode: the
     codes are the rounded limits (CEIL turns 4.5 unsigned bits' 21.6 into 22, not 21).
     """
+    # imported where used: qonnx's general custom-op package imports onnxruntime, which models
+    # without a Quant node (QDQ, FINN graphs) need not pay for at start-up
+    from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
+
     width = np.float32(bits)
     rounding = resolve_rounding_mode(rounding_mode)
     lo = rounding(np.float32(min_int(signed, narrow, width)))
@@ -909,9 +921,7 @@ class GridResolver:
         shape = self.model.get_tensor_shape(tensor)
         if shape is None:
             if self._inferred is None:
-                from qonnx.transformation.infer_shapes import InferShapes
-
-                self._inferred = ModelWrapper(self.model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
+                self._inferred = with_inferred_shapes(self.model)
             shape = self._inferred.get_tensor_shape(tensor)
         return None if shape is None else [int(d) for d in shape]
 

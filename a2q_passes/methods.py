@@ -23,11 +23,11 @@ import numpy as np
 
 from a2q_passes import bounds, projection
 from a2q_passes.bounds import IntRange
+from a2q_passes.conventions import DEFAULT_METHOD  # noqa: F401 (re-exported: the CLI reads it from there)
 from a2q_passes.plugins import Registry
 from a2q_passes.projection import ProjectionResult
 
 ENTRY_POINT_GROUP = "a2q_passes.methods"
-DEFAULT_METHOD = "exact"
 
 
 @runtime_checkable

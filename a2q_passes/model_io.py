@@ -80,6 +80,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     if not proto.graph.node:
         raise A2QError(f"{path}: the ONNX graph has no nodes (empty or truncated file?)")
     external = any(uses_external_data(tensor) for tensor in proto.graph.initializer)
+    _EXTERNAL_BY_FILE[_file_identity(path)] = external
     declared = declare_custom_domains(proto)
     try:
         if (external or path.stat().st_size >= CHECK_BY_PATH_BYTES) and not declared:
@@ -136,7 +137,9 @@ def wrap_model(proto: onnx.ModelProto, path: str | os.PathLike, allow_unknown_op
     """``proto`` (from :func:`read_model_proto`) as a ``ModelWrapper``, after the checks that need one."""
     path = Path(path)
     _describe_initializers(proto)
-    model = ModelWrapper(proto)
+    # qonnx's own pass for the same ValueInfo looks up every node's every tensor in a fresh list of all
+    # ValueInfos: quadratic in the graph's size (seconds for a 32-layer transformer), and nothing left to add
+    model = ModelWrapper(proto, fix_missing_initializer_valueinfo=False)
     _check_static_shapes(model, path)
     if not allow_unknown_ops:
         _check_known_ops(model, path)
@@ -158,6 +161,60 @@ def _describe_initializers(proto: onnx.ModelProto) -> None:
             if tensor is not None and name not in described:
                 graph.value_info.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
                 described.add(name)
+
+
+class ReadOnlyModel(ModelWrapper):
+    """A wrapped model for reading only: producers, initializers and ValueInfo shapes come from dicts built once.
+
+    qonnx's ``find_producer``, ``get_tensor_shape`` and this module's :func:`initializer_proto` scan the whole
+    graph on every lookup: an analysis that looks up every layer's tensors is then quadratic in the graph's
+    size (seconds for a 12-layer transformer, minutes for 32). Each lookup here answers what the scan would
+    (the first producer, the first initializer of a name; a name described twice is left to qonnx, which
+    refuses it). Nothing may change the graph while the view is in use: it is built for one analysis.
+    """
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        super().__init__(proto, fix_missing_initializer_valueinfo=False)  # the proto was wrapped (and fixed) before
+        graph = proto.graph
+        self.producers: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            for name in node.output:
+                self.producers.setdefault(name, node)
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        for tensor in graph.initializer:
+            self.initializers.setdefault(tensor.name, tensor)
+        infos = [*graph.input, *graph.output, *graph.value_info]
+        self.infos = {info.name: info for info in infos}
+        self.described_twice = len(self.infos) != len(infos)
+
+    def find_producer(self, tensor_name: str) -> onnx.NodeProto | None:
+        return self.producers.get(tensor_name)
+
+    def get_tensor_shape(self, tensor_name: str, fix_missing_init_shape: bool = False) -> list[int] | None:
+        info = self.infos.get(tensor_name)
+        if info is None and tensor_name not in self.initializers and not self.described_twice:
+            return None
+        if info is None or fix_missing_init_shape or self.described_twice:
+            return super().get_tensor_shape(tensor_name, fix_missing_init_shape)
+        return [dim.dim_value for dim in info.type.tensor_type.shape.dim]
+
+
+def with_inferred_shapes(model: ModelWrapper) -> ReadOnlyModel:
+    """A read-only copy of ``model`` with ONNX shape inference's ValueInfo for every tensor it can shape.
+
+    qonnx's ``InferShapes`` (which first swaps qonnx/FINN custom ops for shape-compatible standard ones)
+    runs only where the graph has such ops: it wraps its result in a ``ModelWrapper``, whose set-up looks up
+    every tensor in a fresh list of all ValueInfos (quadratic in the graph). Without custom ops its swap
+    does nothing, and ONNX's inference on the graph is the whole of it.
+    """
+    from qonnx.custom_op.registry import is_custom_op
+
+    if any(is_custom_op(node.domain) for node in model.graph.node):
+        from qonnx.transformation.infer_shapes import InferShapes
+
+        copy = ModelWrapper(model.model.SerializeToString(), fix_missing_initializer_valueinfo=False)
+        return ReadOnlyModel(copy.transform(InferShapes(), cleanup=False).model)
+    return ReadOnlyModel(onnx.shape_inference.infer_shapes(model.model))
 
 
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
@@ -255,6 +312,8 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
 
 
 def initializer_proto(model: ModelWrapper | onnx.GraphProto, name: str) -> onnx.TensorProto | None:
+    if isinstance(model, ReadOnlyModel):
+        return model.initializers.get(name)
     graph = model.graph if isinstance(model, (ModelWrapper, onnx.ModelProto)) else model
     return next((tensor for tensor in graph.initializer if tensor.name == name), None)
 
@@ -517,8 +576,24 @@ def save_model(model: ModelWrapper | onnx.ModelProto, path: str | os.PathLike, k
         atomic_write_bytes(Path(path), model_bytes(proto))
 
 
+# Whether each model file :func:`read_model_proto` read stores initializers externally, by the file's
+# identity: the commands that write a model ask again when they save (``keep_external``), and the
+# graph (megabytes for a large model) need not be parsed a second time for it.
+_EXTERNAL_BY_FILE: dict[tuple[int, int, int, int], bool] = {}
+
+
+def _file_identity(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """Device, inode, size and modification time: a file replaced or rewritten since has another."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def has_external_data(path: str | os.PathLike) -> bool:
-    """Whether the model file at ``path`` stores some initializer in an external data file (reads the graph only)."""
+    """Whether the model file at ``path`` stores some initializer in an external data file (reads the graph only,
+    unless :func:`read_model_proto` read this file, unchanged since)."""
+    known = _EXTERNAL_BY_FILE.get(_file_identity(path))
+    if known is not None:
+        return known
     return bool(referenced_data_files(path))
 
 

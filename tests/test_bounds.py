@@ -202,3 +202,24 @@ def test_integer_range_and_format():
     assert bounds.integer_format(IntRange(0, 255)) == (8, False)
     with pytest.raises(ValueError):
         bounds.max_l1_norm(65, 4, False)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64])
+def test_positive_negative_sums_match_python_ints_in_every_layout(dtype):
+    """Each storage type and memory layout the readers hand over, at the type's extremes, against Python ints.
+
+    600 terms span several of the narrow column path's slabs (at most 255 int8 rows each) and whole rows of
+    the type's minimum (-128 for int8, whose ``abs`` wraps) and maximum reach every sum's limit.
+    """
+    info = np.iinfo(dtype)
+    low, high = (-(1 << 40), 1 << 40) if dtype == np.int64 else (int(info.min), int(info.max))
+    rng = np.random.default_rng(0)
+    stored = rng.integers(low, high, size=(600, 37), endpoint=True).astype(dtype)  # [K, channels], as MatMul stores it
+    stored[:, 0], stored[:, 1], stored[::2, 2] = low, high, low
+    views = {"rows are stored columns": stored.T, "stored rows": np.ascontiguousarray(stored.T),
+             "strided": stored.T[::3, ::2], "wide rows": np.ascontiguousarray(stored.T)[:, :7]}
+    for (label, rows), block_bytes in itertools.product(views.items(), (1 << 12, 1 << 30)):  # many blocks, or one
+        pos, neg = bounds.positive_negative_sums(rows, block_bytes=block_bytes)
+        for row, p, n in zip(rows.tolist(), pos.tolist(), neg.tolist()):
+            assert (p, n) == (sum(v for v in row if v > 0), -sum(v for v in row if v < 0)), (dtype, label)
+        assert pos.dtype == neg.dtype == np.int64

@@ -164,7 +164,11 @@ def test_external_input_gives_external_output_even_when_read_whole(tmp_path, a2q
     monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 1 << 30)
     external = externalise(QONNX_MLP, tmp_path / "ext")
     out = tmp_path / "out.onnx"
+    parsed = []
+    original_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda path, *a, **k: (parsed.append(str(path)), original_load(path, *a, **k))[1])
     assert a2q("project", external, out, "--acc-bits", "13").returncode == 0
+    assert parsed.count(str(external)) == 1  # the graph is parsed once: the save knows it was stored externally
     assert model_io.referenced_data_files(out)
     inline_out = tmp_path / "inline.onnx"
     assert a2q("project", QONNX_MLP, inline_out, "--acc-bits", "13").returncode == 0
@@ -195,6 +199,16 @@ def test_streamed_int4_blockwise_weights_analyse_and_project_like_inline(tmp_pat
     assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_has_external_data_sees_a_file_rewritten_after_it_was_read(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(QDQ_CNN.read_bytes())
+    model_io.read_model_proto(path)
+    assert not model_io.has_external_data(path)
+    onnx.save_model(onnx.load(str(QDQ_CNN)), str(path), save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    assert model_io.has_external_data(path)
+    model_io.read_model_proto(path)
+    assert model_io.has_external_data(path)
 def _same_values(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -350,13 +364,11 @@ def _input_batch(model_path: Path, samples: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("source, bits", [(QONNX_MLP, 11), (QDQ_CNN, 14)], ids=["qonnx", "qdq"])
 def test_verify_data_streams_the_weights_and_simulates_like_inline(tmp_path, a2q, monkeypatch, source, bits):
-    from a2q_passes.cli import verify as verify_command
-
     external = externalise(source, tmp_path / "ext")
     np.savez(tmp_path / "x.npz", x=_input_batch(source, 24, seed=0))
     loaded = []
-    load = verify_command.load_model
-    monkeypatch.setattr(verify_command, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    load = model_io.load_model  # the commands import it when they run
+    monkeypatch.setattr(model_io, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     runs = [a2q("verify", m, "--acc-bits", bits, "--data", tmp_path / "x.npz", "--json") for m in (source, external)]
     assert [r.returncode for r in runs][0] == runs[1].returncode, runs[1].stderr
     assert any(model_io.is_streamed(t) for t in loaded[1].graph.initializer)

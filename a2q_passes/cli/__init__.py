@@ -23,7 +23,6 @@ from rich.console import Console
 from a2q_passes import __version__
 from a2q_passes.cli.third_party_output import captured_third_party_output
 from a2q_passes.errors import A2QError
-from a2q_passes.model_io import scratch_space
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 err_console = Console(stderr=True)
@@ -54,6 +53,9 @@ def _root(
     except OSError as err:
         raise A2QError(f"--log-file {log_file}: cannot open it for appending ({err.strerror}); "
                        "give a path in an existing, writable folder") from err
+    # imported here, when a command runs: --version and --help need no model reader (onnx, qonnx)
+    from a2q_passes.model_io import scratch_space
+
     ctx.with_resource(scratch_space())  # tensors the command spills to disk go when it ends, however it ends
 
 # Importing a command module registers its command on ``app``.

@@ -13,13 +13,11 @@ from rich.table import Table
 
 from a2q_passes.cli import app
 from a2q_passes.cli.common import InputRangesOption, check_input_ranges
+from a2q_passes.conventions import DEFAULT_METHOD, INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import INPUT_RANGES_TITLE
-from a2q_passes.methods import DEFAULT_METHOD
-from a2q_passes.model_io import atomic_write_text, check_whole_model_fits, load_model
 
-# torch and FINN are imported inside the command: every `a2q` command imports this module to
-# register `allocate`, and they would add seconds to each start-up.
+# torch, FINN and the model readers are imported inside the command: every `a2q` command imports
+# this module to register `allocate`, and they would add seconds to each start-up.
 
 
 def _check_output(path: Path, model_path: Path) -> None:
@@ -159,6 +157,7 @@ def allocate(
     import torch
 
     from a2q_passes.finetune.train import FinetuneConfig
+    from a2q_passes.model_io import atomic_write_text, check_whole_model_fits, load_model
     from a2q_passes.transforms.allocate import DEFAULT_FPGAPART, AllocateAccumulators, pareto_curves
 
     _check_output(output, model_path)

@@ -7,15 +7,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from a2q_passes.cli import app, err_console
 from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors, check_input_ranges, check_zero_point,
                                    parse_input_dtypes)
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.model_io import check_output_paths, load_model
-from a2q_passes.report import analysis_table, plot_analysis
-from a2q_passes.transforms import AnalyzeAccumulators
 
 
 @app.command()
@@ -35,6 +31,13 @@ def analyze(
         "--tile", help="also report a multi-stage datapath: each K-tile of T terms, and the sum of tiles")] = None,
 ) -> None:
     """Report the minimal accumulator width per layer under the data-type, l1 and exact-range bounds."""
+    # imported here, not at start-up: the other commands (and --help) do not need onnx and qonnx
+    from rich.console import Console
+
+    from a2q_passes.model_io import check_output_paths, load_model
+    from a2q_passes.report import analysis_table, plot_analysis
+    from a2q_passes.transforms.analyze import AnalyzeAccumulators
+
     check_output_paths([("--plot", plot)], inputs=[model_path])
     if tile is not None and tile < 1:
         raise A2QError(f"--tile must be a positive number of terms, got {tile}")

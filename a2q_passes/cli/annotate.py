@@ -11,10 +11,8 @@ import typer
 from a2q_passes.cli import app
 from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes)
-from a2q_passes.layers import INPUT_RANGES_TITLE
+from a2q_passes.conventions import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
-from a2q_passes.model_io import check_output_paths, has_external_data, read_model_proto, save_model, wrap_model
-from a2q_passes.transforms import AnnotateAccumulators
 
 
 @app.command()
@@ -27,6 +25,10 @@ def annotate(
     input_ranges: InputRangesOption = "exact",
 ) -> None:
     """Write the exact accumulator width of every analysable layer to metadata_props (key a2q.accumulators)."""
+    # imported here, not at start-up: the other commands (and --help) do not need onnx and qonnx
+    from a2q_passes.model_io import check_output_paths, has_external_data, read_model_proto, save_model, wrap_model
+    from a2q_passes.transforms.annotate import AnnotateAccumulators
+
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path], in_place=in_place, in_place_option="--in-place")
     input_dtypes = parse_input_dtypes(input_dtype)
     annotation = AnnotateAccumulators(input_dtypes, check_zero_point(zero_point), check_input_ranges(input_ranges))

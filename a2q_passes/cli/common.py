@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
-from qonnx.core.datatype import DataType
-from qonnx.core.modelwrapper import ModelWrapper
 
+from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import INPUT_RANGES, ZERO_POINT_CONVENTIONS
-from a2q_passes.verification import graph_feeds, load_inputs
+
+if TYPE_CHECKING:  # numpy, onnx and qonnx are imported by the commands that read a model, not at start-up
+    import numpy as np
+    from qonnx.core.modelwrapper import ModelWrapper
 
 
 _INPUT_DTYPE = re.compile(r"(BIPOLAR|BINARY|TERNARY|U?INT([1-9][0-9]?))")
@@ -27,6 +27,8 @@ def parse_input_dtypes(specs: list[str] | None) -> dict[str, str]:
     Only qonnx's integer datatypes of 1 to 64 bits are accepted (qonnx's own parser also takes
     ``INT0``, ``INT-3`` or ``INT9999`` and raises on ``INT4X``).
     """
+    from qonnx.core.datatype import DataType
+
     result: dict[str, str] = {}
     for spec in specs or []:
         name, _, dtype = spec.rpartition("=")
@@ -52,6 +54,8 @@ def check_input_dtype_tensors(dtypes: dict[str, str], model: ModelWrapper, model
 
 def read_data(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
     """``--data``: the arrays of an ``.npz``, checked against the model's inputs (shape, NaN, samples)."""
+    from a2q_passes.verification import graph_feeds, load_inputs
+
     arrays = load_inputs(path, model)
     try:
         return graph_feeds(model, arrays)

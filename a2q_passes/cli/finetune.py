@@ -13,15 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from a2q_passes.analysis import analyze_model
 from a2q_passes.cli import app
 from a2q_passes.cli.common import InputRangesOption, check_input_ranges, parse_layer_widths
+from a2q_passes.conventions import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import INPUT_RANGES_TITLE
-from a2q_passes.model_io import check_output_paths, check_whole_model_fits, has_external_data, load_model, save_model
 
-# torch and the training code are imported inside the functions: every `a2q` command imports this
-# module to register `finetune`, and torch alone would add seconds to each of their start-ups.
+# torch, the training code and the model readers are imported inside the functions: every `a2q`
+# command imports this module to register `finetune`, and they would add seconds to each start-up.
 
 
 def _check_options(input_path: Path, output_path: Path, method: str, loss: str, epochs: int, lr: float,
@@ -29,6 +27,7 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
     from a2q_passes.finetune.calibration import REFRESH
     from a2q_passes.finetune.data import LOSSES
     from a2q_passes.finetune.distributed import DEVICES
+    from a2q_passes.model_io import check_output_paths
     from a2q_passes.transforms.finetune import METHODS
 
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path])
@@ -96,7 +95,9 @@ def finetune(
     """
     import torch
 
+    from a2q_passes.analysis import analyze_model
     from a2q_passes.finetune.train import FinetuneConfig
+    from a2q_passes.model_io import check_whole_model_fits, has_external_data, load_model, save_model
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
     _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats)

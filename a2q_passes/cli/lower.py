@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import numpy as np
 import typer
-from qonnx.core.modelwrapper import ModelWrapper
 from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app, err_console
 from a2q_passes.cli.common import read_data
+from a2q_passes.conventions import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
-from a2q_passes.finn_runtime import validate_fpgapart
-from a2q_passes.layers import INPUT_RANGES_TITLE
-from a2q_passes.model_io import (atomic_write_text, cast_float64_initializers, check_output_paths,
-                                 check_whole_model_fits, has_external_data, load_model, save_model)
-from a2q_passes.resources import plot_resources, render_table, resource_report
-from a2q_passes.transforms.lower import HWLayer, LowerToFINN, check_equivalence, equivalence_inputs
+
+# numpy, onnx, qonnx and the FINN flow are imported inside the functions: every `a2q` command
+# imports this module to register `lower` and `report`, and they would add seconds to each start-up.
+if TYPE_CHECKING:
+    import numpy as np
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from a2q_passes.transforms.lower import HWLayer
 
 # Why lower and report refuse models over 2 GiB, and what to do instead
 FINN_NEEDS_WHOLE = "FINN's transformations read, copy and serialise the whole model"
@@ -33,6 +33,10 @@ FROM_ANNOTATIONS_HELP = "use the widths recorded by `a2q project`/`a2q annotate`
 
 def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed: int) -> np.ndarray:
     """The ``--data`` array of a single-input model, else :func:`equivalence_inputs`."""
+    import numpy as np
+
+    from a2q_passes.transforms.lower import equivalence_inputs
+
     if data is None:
         return equivalence_inputs(model, samples, seed)
     arrays = read_data(data, model)
@@ -77,6 +81,8 @@ def _print_lowering_notes(details: dict[str, Any]) -> None:
 
 def _cast_float64(model: ModelWrapper, path: Path) -> None:
     """Cast float64 initializers to float32 (what FINN computes in), and say which and by how much."""
+    from a2q_passes.model_io import cast_float64_initializers
+
     cast = cast_float64_initializers(model, str(path))
     if cast:
         worst = max(change for _, change in cast)
@@ -110,6 +116,12 @@ def lower(
     Exit 0: written and equivalent; 3: written, but a layer was not lowered or the outputs differ;
     1: bad input, nothing written.
     """
+    from a2q_passes.finn_runtime import validate_fpgapart
+    from a2q_passes.model_io import (atomic_write_text, check_output_paths, check_whole_model_fits, has_external_data,
+                                     load_model, save_model)
+    from a2q_passes.resources import plot_resources, render_table, resource_report
+    from a2q_passes.transforms.lower import LowerToFINN, check_equivalence
+
     if plot is not None and fpgapart is None:
         raise A2QError("--plot draws the resource report: give --fpgapart too")
     if data is None and samples < 1:
@@ -168,6 +180,12 @@ def report(
     `a2q lower` does. Per node: FINN's LUT/BRAM18/URAM/DSP estimates (MVAU_hls/VVAU_hls) and the
     accumulator-dependent bits FINN's models do not show (registers, thresholds, comparators).
     """
+    from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
+    from a2q_passes.finn_runtime import validate_fpgapart
+    from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
+    from a2q_passes.resources import plot_resources, render_table, resource_report
+    from a2q_passes.transforms.lower import LowerToFINN
+
     check_output_paths([("--plot", plot)], inputs=[model_path])
     part = validate_fpgapart(fpgapart)
     check_whole_model_fits(model_path, f"`a2q report` needs it in one: {FINN_NEEDS_WHOLE}", FINN_ADVICE)

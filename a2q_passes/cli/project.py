@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -14,12 +14,11 @@ from rich.table import Table
 from a2q_passes.cli import app
 from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths)
-from a2q_passes.layers import INPUT_RANGES_TITLE
+from a2q_passes.conventions import DEFAULT_METHOD, INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
-from a2q_passes.methods import DEFAULT_METHOD, available_methods, get_method
-from a2q_passes.model_io import check_output_paths, has_external_data, load_model, save_model
-from a2q_passes.report import grouped_bar_plot
-from a2q_passes.transforms.project import LayerProjection, ProjectToAccumulator, projection_summary
+
+if TYPE_CHECKING:
+    from a2q_passes.transforms.project import LayerProjection
 
 
 def projection_table(projections: list[LayerProjection], method: str, input_ranges: str = "exact") -> Table:
@@ -43,6 +42,8 @@ def projection_table(projections: list[LayerProjection], method: str, input_rang
 
 
 def _list_methods() -> None:
+    from a2q_passes.methods import available_methods, get_method
+
     for name in available_methods():
         marker = " (default)" if name == DEFAULT_METHOD else ""
         typer.echo(f"{name}{marker}: {get_method(name).description}")
@@ -80,6 +81,11 @@ def project(
     if list_methods:
         _list_methods()
         return
+    # imported here, not at start-up: the other commands (and --help) do not need onnx and qonnx
+    from a2q_passes.model_io import check_output_paths, has_external_data, load_model, save_model
+    from a2q_passes.report import grouped_bar_plot
+    from a2q_passes.transforms.project import ProjectToAccumulator, projection_summary
+
     if input_path is None or output_path is None:
         raise A2QError("usage: a2q project IN.onnx OUT.onnx --acc-bits P (or --list-methods)")
     check_output_paths([("OUT.onnx", output_path), ("--plot", plot)], inputs=[input_path], in_place=in_place,

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
-from qonnx.core.modelwrapper import ModelWrapper
 from rich.console import Console
 from rich.table import Table
 
@@ -17,14 +15,15 @@ from a2q_passes.cli.common import (INPUT_RANGES_HELP, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths,
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
+from a2q_passes.conventions import INPUT_RANGES_TITLE, KIND_WEIGHTS
 from a2q_passes.errors import A2QError, AnalysisProblem
-from a2q_passes.layers import INPUT_RANGES_TITLE, KIND_WEIGHTS
-from a2q_passes.metadata import recorded_input_ranges, recorded_widths
-from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
-from a2q_passes.report import grouped_bar_plot
-from a2q_passes.transforms.lower import check_equivalence
-from a2q_passes.transforms.verify import VerifyAccumulators
-from a2q_passes.verification import PROOF_FAIL, PROOF_PASS, LayerVerdict, VerificationReport
+
+# numpy, onnx, qonnx and the verifier are imported inside the functions: every `a2q` command imports
+# this module to register `verify`, and they would add seconds to each start-up.
+if TYPE_CHECKING:
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from a2q_passes.verification import LayerVerdict, VerificationReport
 
 
 @app.command()
@@ -66,6 +65,10 @@ def verify(
     With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
     without widths given or recorded, --against checks equivalence only.
     """
+    from a2q_passes.metadata import recorded_input_ranges, recorded_widths
+    from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
+    from a2q_passes.transforms.verify import VerifyAccumulators
+
     check_zero_point(zero_point)
     if input_ranges is not None:
         check_input_ranges(input_ranges)
@@ -117,6 +120,11 @@ def verify(
 
 def check_against(model: ModelWrapper, model_path: Path, original_path: Path, data: Optional[Path]) -> dict:
     """Equivalence of ``model`` (a FINN lowering) with the QONNX model at ``original_path``."""
+    import numpy as np
+
+    from a2q_passes.model_io import load_model
+    from a2q_passes.transforms.lower import check_equivalence
+
     original = load_model(original_path, stream=False)
     for path, graph in ((original_path, original), (model_path, model)):
         for name, shape in _input_shapes(graph).items():
@@ -164,9 +172,6 @@ def _data(v: LayerVerdict) -> str:
     return f"{v.data_overflows}/{v.data_accumulations}"
 
 
-_PROOF_STYLE = {PROOF_PASS: "green", PROOF_FAIL: "bold red"}
-
-
 def _stage_pair(inner: int | None, outer: int | None, fmt: str) -> str:
     """One width or margin, or ``inner/outer`` for a tiled datapath whose outer stage has its own width."""
     if inner is None:
@@ -175,6 +180,9 @@ def _stage_pair(inner: int | None, outer: int | None, fmt: str) -> str:
 
 
 def verification_table(report: VerificationReport) -> Table:
+    from a2q_passes.verification import PROOF_FAIL, PROOF_PASS
+
+    proof_style = {PROOF_PASS: "green", PROOF_FAIL: "bold red"}
     tile = f", tiles of {report.tile}" if report.tile else ""
     table = Table(title=f"Accumulator overflow check ({report.mode}{tile}; widths: {report.width_source}; P and margin "
                         "as inner/outer where the sum of tiles has its own width; "
@@ -183,7 +191,7 @@ def verification_table(report: VerificationReport) -> Table:
                 "data overflows", "note"):
         table.add_column(col, justify="right" if col in ("K", "P", "margin") else "left")
     for v in report.layers:
-        style = _PROOF_STYLE.get(v.proof, "yellow")
+        style = proof_style.get(v.proof, "yellow")
         table.add_row(
             v.node, v.op_type if v.kind == KIND_WEIGHTS else f"{v.op_type} ({v.kind})", str(v.K),
             f"[{v.acc_min}, {v.acc_max}]" if v.acc_min is not None else "-", _needs(v),
@@ -216,6 +224,8 @@ def summary_lines(report: VerificationReport) -> list[str]:
 
 
 def plot_verification(report: VerificationReport, path: Path) -> None:
+    from a2q_passes.report import grouped_bar_plot
+
     checked = [v for v in report.layers if v.required_bits is not None]
     series = {"required width": [v.required_bits for v in checked], "given P": [v.acc_bits for v in checked]}
     grouped_bar_plot(path, [v.node for v in checked], series, f"Accumulator widths ({report.mode})", "bits")

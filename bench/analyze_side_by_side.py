@@ -1,0 +1,120 @@
+"""``a2q analyze`` from two checkouts, side by side in one run, on the synthetic Llama-style stack of ``bench_llm``.
+
+``python -m bench.analyze_side_by_side --baseline /tmp/anaperf_base --layers 2 --repeats 3`` builds the stack
+(full Llama-7B layer shapes by default), then measures in each of ``--repeats`` interleaved rounds, every
+command a fresh process started in its checkout (so it imports that checkout's package, with its own ``.venv``):
+
+- the floor: reading every weight tensor's bytes once with numpy (``bench_llm.read_floor``), before each command;
+- ``a2q analyze --json`` (the CLI: start-up included);
+- in-process: the same child imports the package first, then times only ``load_model`` + ``AnalyzeAccumulators``;
+- ``a2q --version`` (start-up alone).
+
+Prints medians (seconds, ratio to the floor, GB/s of weight bytes) and peak RSS (GNU ``time``'s maximum resident
+size, the largest over the rounds) as JSON, and whether both checkouts print the same ``analyze --json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.bench_llm import LLAMA_7B, build_decoder_stack, read_floor
+
+# Runs in the child after its imports; prints the seconds of reading and analysing the model only.
+IN_PROCESS = """
+import sys, time
+from a2q_passes.model_io import load_model
+from a2q_passes.transforms import AnalyzeAccumulators
+start = time.perf_counter()
+model = load_model(sys.argv[1])
+model.transform(AnalyzeAccumulators(), cleanup=False)
+print(time.perf_counter() - start)
+"""
+
+
+def _measured(argv: list[str]) -> tuple[float, int, int, str]:
+    """``(seconds, peak RSS bytes, exit code, stdout)`` of one command in a fresh process.
+
+    Peak RSS comes from GNU ``time`` as the child's parent: a child forked from this (larger) process
+    would report this process's resident size as its own peak.
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        start = time.perf_counter()
+        run = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if run.returncode:
+            sys.stderr.write(run.stderr[-2000:])
+        return seconds, int(rss.read().split()[-1]) * 1024, run.returncode, run.stdout
+
+
+def _in_process(python: str, model: Path) -> tuple[float, int, int]:
+    """``(seconds of reading and analysing only, peak RSS bytes, exit code)`` in a fresh process."""
+    _, rss, code, out = _measured([python, "-c", IN_PROCESS, str(model)])
+    return (float(out.split()[-1]) if code == 0 else float("nan")), rss, code
+
+
+def _analyze_json(python: str, checkout: Path, model: Path) -> str:
+    return subprocess.run([python, "-m", "a2q_passes", "analyze", str(model), "--json"], cwd=checkout,
+                          capture_output=True, text=True, check=True).stdout
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="the other checkout (with its own .venv)")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden"])
+    parser.add_argument("--mlp", type=int, default=LLAMA_7B["mlp"])
+    parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_analyze_side"))
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {"baseline": args.baseline.resolve(), "this": here}
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.out / f"llama_L{args.layers}_h{args.hidden}.onnx"
+    weights = build_decoder_stack(model, args.layers, args.hidden, args.mlp, args.heads)
+    data = model.with_name(model.name + ".data")
+    total, largest = sum(n for _, n in weights), max(n for _, n in weights)
+    read_floor(data, weights)  # warm the page cache: every run reads from it
+    floors: list[float] = []
+    samples: dict[str, list[tuple[float, int, int]]] = {}
+    for _ in range(args.repeats):
+        for tag, checkout in checkouts.items():
+            python = str(checkout / ".venv/bin/python")
+            os.chdir(checkout)
+            for kind, run in (("analyze", lambda: _measured([python, "-m", "a2q_passes", "analyze", str(model),
+                                                               "--json"])[:3]),
+                              ("in-process", lambda: _in_process(python, model)),
+                              ("--version", lambda: _measured([python, "-m", "a2q_passes", "--version"])[:3])):
+                if kind != "--version":
+                    floors.append(read_floor(data, weights))
+                samples.setdefault(f"{kind}, {tag}", []).append(run())
+    floor = statistics.median(floors)
+    figures = {}
+    for name, runs in samples.items():
+        seconds = statistics.median(s for s, _, _ in runs)
+        rss = max(r for _, r, _ in runs)
+        figures[name] = {"runs": len(runs), "seconds": seconds, "x_floor": seconds / floor,
+                         "gb_per_s": total / seconds / 1e9, "peak_rss_mb": rss / 1e6, "rss_over_largest": rss / largest,
+                         "exit_codes": sorted({c for _, _, c in runs})}
+    outputs = {tag: _analyze_json(str(checkout / ".venv/bin/python"), checkout, model) for tag, checkout in checkouts.items()}
+    results = {"argv": argv if argv is not None else sys.argv[1:], "layers": args.layers, "weight_gb": total / 1e9,
+               "largest_tensor_mb": largest / 1e6, "floor_s": floor, "floor_runs": len(floors),
+               "outputs_identical": outputs["baseline"] == outputs["this"], "load_average": os.getloadavg(),
+               "checkouts": {tag: str(path) for tag, path in checkouts.items()}, "figures": figures}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""``a2q analyze`` of streamed int8 MatMul weights, checked by executing each channel's worst-case input.
+
+The weights are read memory-mapped in their stored int8 type and summed in narrower integers where
+that cannot overflow (``bounds.positive_negative_sums``): rows stored as columns (``[K, N]`` MatMul
+weights) and stored rows (``[N, K]`` weights behind a ``Transpose``, as onnxruntime's quantizer
+writes q/k/v/o) take different paths. Both are checked here against onnxruntime executing the graph:
+with unit scales and zero points 0 the MatMul output is the integer accumulator itself (exact in
+float32: every value stays below 2^24), so each channel's claimed extremes must be reached exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from a2q_passes import model_io
+
+K, N = 300, 24  # K spans two of the column path's 255-row slabs; 255 * 128 * 300 < 2^24
+
+
+def _weights(seed: int) -> np.ndarray:
+    """int8 ``[K, N]`` with every extreme: rows of -128 (whose int8 ``abs`` wraps), of 127, and random ones."""
+    w = np.random.default_rng(seed).integers(-128, 128, size=(K, N), dtype=np.int8)
+    w[:, 0], w[:, 1], w[::2, 2], w[:, 3] = -128, 127, -128, 0
+    return w
+
+
+def _qdq_matmul(path: Path, w: np.ndarray, transposed: bool, act: type) -> None:
+    """``x -> Q -> DQ -> MatMul(DQ(W))`` with unit scales; ``transposed``: W stored ``[N, K]`` behind a Transpose."""
+    zero = np.array(0, dtype=act)
+    inits = [numpy_helper.from_array(np.float32(1), "one"), numpy_helper.from_array(zero, "x_zp"),
+             numpy_helper.from_array(np.int8(0), "w_zp"),
+             numpy_helper.from_array(np.ascontiguousarray(w.T) if transposed else w, "W")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "one", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "one", "x_zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["W", "one", "w_zp"], ["wd"])]
+    if transposed:
+        nodes.append(helper.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]))
+    nodes.append(helper.make_node("MatMul", ["xd", "wt" if transposed else "wd"], ["y"], name="mm"))
+    graph = helper.make_graph(nodes, "qdq_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    # weights in an external data file, as large models store them
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=1024)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows-are-columns", "behind-transpose"])
+@pytest.mark.parametrize("act", [np.uint8, np.int8])
+def test_streamed_int8_ranges_are_reached_by_executed_worst_cases(tmp_path, a2q, monkeypatch, transposed, act):
+    monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 1024)  # the weights stay memory-mapped in their file
+    w = _weights(seed=int(transposed))
+    path = tmp_path / "mm.onnx"
+    _qdq_matmul(path, w, transposed, act)
+    result = a2q("analyze", path, "--json", "--per-channel")
+    assert result.returncode == 0, result.stderr
+    layer = json.loads(result.stdout)["layers"][0]
+    lo, hi = (0, 255) if act == np.uint8 else (-128, 127)
+    assert layer["input_range"] == [lo, hi]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    columns = w.astype(np.int64).T  # one row of K weights per output channel
+    x_max = np.where(columns > 0, hi, lo).astype(np.float32)  # the input that drives each channel to its maximum
+    x_min = np.where(columns > 0, lo, hi).astype(np.float32)
+    reached_max = np.array([session.run(None, {"x": x[None]})[0][0, j] for j, x in enumerate(x_max)])
+    reached_min = np.array([session.run(None, {"x": x[None]})[0][0, j] for j, x in enumerate(x_min)])
+    assert layer["per_channel"]["acc_max"] == reached_max.astype(np.int64).tolist()
+    assert layer["per_channel"]["acc_min"] == reached_min.astype(np.int64).tolist()
+    assert [layer["acc_min"], layer["acc_max"]] == [int(reached_min.min()), int(reached_max.max())]
+    assert layer["per_channel"]["l1_norm"] == np.abs(columns).sum(axis=1).tolist()
