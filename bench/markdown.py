@@ -426,6 +426,18 @@ EXTRA_SECTIONS = (
 )
 
 
+def extra_section(title: str, name: str, command: str) -> list[str]:
+    """The BENCHMARKS.md section of one EXTRA_SECTIONS file (nothing when the file is absent)."""
+    path = REPO / "bench" / name
+    if not path.is_file():
+        return []
+    text = path.read_text().strip().splitlines()
+    if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
+        text = text[1:]
+    body = [("#" + line if line.startswith("#") else line) for line in text]
+    return ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
+
+
 def render(results: dict, layout: Any) -> str:
     total = results["total_seconds"]
     lines = [
@@ -457,13 +469,7 @@ def render(results: dict, layout: Any) -> str:
                   "From `bench/bench_speed.py` (`run()` + `markdown()`), in the same run:", "",
                   results["speed_markdown"]]
     for title, name, command in EXTRA_SECTIONS:  # separate benchmarks, each with its own command and file
-        path = REPO / "bench" / name
-        if path.is_file():
-            text = path.read_text().strip().splitlines()
-            if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
-                text = text[1:]
-            body = [("#" + line if line.startswith("#") else line) for line in text]
-            lines += ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
+        lines += extra_section(title, name, command)
     lines += [
         "", "## Published reference figures (context, not reproduced here)", "",
         "- A2Q: up to 2.3x FPGA resource reduction vs 32-bit accumulators at 99.2% of float accuracy, averaged "

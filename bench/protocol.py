@@ -1,6 +1,7 @@
 """The benchmark protocol's figures (equal budgets, both set-ups) from saved ``bench.run_all`` results.
 
-    .venv/bin/python -m bench.protocol RESULTS_JSON [RESULTS_JSON ...] --json bench/protocol.json --out bench/protocol.md
+    .venv/bin/python -m bench.protocol RESULTS_JSON [RESULTS_JSON ...] --json bench/protocol.json --out bench/protocol.md \
+        [--note TEXT]
 
 Each RESULTS_JSON is the ``results.json`` of one ``python -m bench.run_all ... --out DIR`` run (for
 example one model and set-up at a few widths); their models are merged (a model and set-up may come
@@ -47,9 +48,10 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
                       "total_seconds": r["total_seconds"]} for r in runs], "models": models}
 
 
-def render(results: dict[str, Any]) -> str:
-    lines = ["# Benchmark protocol: equal budgets and the A2Q papers' set-up", "", "Runs (each writes one results.json; "
-             "merged by `python -m bench.protocol`):", ""]
+def render(results: dict[str, Any], note: str | None = None) -> str:
+    lines = ["# Benchmark protocol: equal budgets and the A2Q papers' set-up", ""]
+    lines += [note, ""] if note else []
+    lines += ["Runs (each writes one results.json; merged by `python -m bench.protocol`):", ""]
     for run in results["runs"]:
         lines.append(f"- `{run['command']}` ({run['total_seconds'] / 60:.1f} min, {run['threads']} torch thread(s); "
                      + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ")")
@@ -66,11 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", type=Path, nargs="+", help="results.json files of bench.run_all runs")
     parser.add_argument("--json", type=Path, help="also write the merged results here")
     parser.add_argument("--out", type=Path, required=True, help="the Markdown file to write")
+    parser.add_argument("--note", help="a paragraph under the title (where and how the runs ran)")
     args = parser.parse_args(argv)
     results = merge([json.loads(path.read_text()) for path in args.results])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
-    args.out.write_text(render(results))
+    args.out.write_text(render(results, args.note))
     print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
 
 
