@@ -48,6 +48,7 @@ def test_writes_report_plots_and_json(quick):
     assert "## Reading the results" in markdown and "## Does A2Q induce unstructured sparsity?" in markdown
     assert set(results["models"]) == {bench.key for bench in QUICK}
     assert {bench.setup for bench in QUICK} == {"all", "paper"}  # the quick run covers both set-ups
+    assert any(bench.equal_budget_widths for bench in QUICK)  # and the equal-budget rows
     assert "#### Set-up `paper`" in markdown and "*equal total training*" in markdown and "*same start*" in markdown
 
 
@@ -58,7 +59,6 @@ def test_one_row_per_method_and_width(quick):
         keys = [(r["method"], r["P"]) for r in rows]
         expected = [("float", None), ("quantized", None)] + [(m.key, p) for p in bench.widths for m in METHODS]
         assert sorted(keys, key=str) == sorted(expected, key=str)
-        assert bench.equal_budget_widths  # the quick run has equal-budget rows in both set-ups
         for r in rows:
             trained_method = any(m.key == r["method"] and m.trained for m in METHODS) or r["method"] == "axe"
             run_at = bench.equal_budget_widths if r["method"] in EQUAL_BUDGET_METHODS else bench.train_widths
@@ -87,6 +87,8 @@ def test_metrics_in_range(quick):
 def test_unconstrained_wrap_collapses_at_the_smallest_width(quick):
     _, results = quick
     for bench in QUICK:
+        if bench.setup != "all":  # the paper set-up's one hidden layer at P=12 does not overflow on this data
+            continue
         rows = {(r["method"], r["P"]): r for r in results["models"][bench.key]["rows"]}
         wide, narrow = rows[("unconstrained-wrap", max(bench.widths))], rows[("unconstrained-wrap", min(bench.widths))]
         assert wide["overflow_fraction"] == 0.0 and narrow["overflow_fraction"] > 0.0
@@ -184,8 +186,9 @@ def test_equal_budget_anchors_add_the_committed_models_qat(quick):
                 row = next(r for r in rows if r["method"] == method and r["P"] == p)
                 assert row["status"] == "ok" and row["epochs"] == bench.budget.epochs + extra, row
                 assert 1 <= row["best_epoch"] <= row["epochs"]
-        same = next(r for r in rows if r["method"] == "brevitas-a2q" and r["P"] == bench.equal_budget_widths[0])
-        assert same["epochs"] == bench.budget.epochs
+        for p in bench.equal_budget_widths:
+            same = next(r for r in rows if r["method"] == "brevitas-a2q" and r["P"] == p)
+            assert same["epochs"] == bench.budget.epochs
 
 
 def test_only_widths_restricts_every_width_list():
