@@ -29,8 +29,9 @@ Every score is on the test split.
 
 Only the layers with W-bit weights are constrained (in set-up ``all``: all MAC layers except ESPCN's
 fixed 8-bit first and last layers, as Brevitas' anchors do); widths, sparsity and simulated accumulators
-refer to those layers (``free_width``: the widest exact accumulator of the other MAC layers). Our rows are guaranteed: their exact accumulator range (``analyze_model``) fits P,
-so no input can overflow and the test score equals the P-bit score.
+refer to those layers (``free_width``: the widest exact accumulator of the other MAC layers). Our rows
+are guaranteed: their exact accumulator range (``analyze_model``) fits P, so no input can overflow and
+the test score equals the P-bit score.
 """
 
 from __future__ import annotations
