@@ -7,6 +7,10 @@ with the same schedule as our fine-tuning (:mod:`a2q_passes.finetune.train`): Ad
 cosine decay, the data order of a seeded ``DistributedSampler`` (world of one), the best epoch
 chosen on the validation data.
 
+In the A2Q papers' set-up (``plain_layers``: the first and last MAC layers) those layers keep the
+plain per-channel W-bit quantizer of the committed model and only the hidden layers get the
+accumulator-aware one.
+
 Anchors are scored in torch, with their own forward pass. Their integer weights are read from
 that forward pass (``quant_weight(quant_input).int()`` of every constrained layer), which gives the
 width the *torch* model guarantees. Brevitas' QONNX export of these quantizers does not carry the
@@ -42,6 +46,10 @@ ANCHOR_QUANTIZERS: dict[str, type] = {
     "brevitas-a2q+": Int8AccumulatorAwareZeroCenterWeightQuant,
 }
 _EVAL_BATCH = 1000
+SETUPS: dict[str, str] = {
+    "all": "all MAC layers with W-bit weights constrained",
+    "paper": "the A2Q papers' set-up: first and last MAC layers at their natural width, hidden layers at P",
+}
 
 
 @dataclass(frozen=True)
@@ -96,16 +104,41 @@ def _constrained_modules(model: nn.Module, quantizer: type) -> dict[str, nn.Modu
             and module.weight_quant.quant_injector.__name__ == quantizer.__name__}
 
 
-def train_anchor(model_name: str, quantizer: type, acc_bits: int, weight_bits: int, act_bits: int,
-                 train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 score: Callable[[np.ndarray, np.ndarray], float], budget: TrainBudget,
-                 float_checkpoint: Path, desc: str = "anchor") -> AnchorRun:
-    """Brevitas QAT at accumulator width ``acc_bits``, from the float checkpoint; best epoch on ``val``."""
-    dataset = MODELS[model_name].dataset
-    torch.manual_seed(budget.seed)
+def mac_module_names(model: nn.Module) -> list[str]:
+    """The Brevitas MAC layers (convolutions, linear layers) in registration order, which is their forward order."""
+    return [name for name, module in model.named_modules() if isinstance(module, (qnn.QuantConv2d, qnn.QuantLinear))]
+
+
+def end_layers(names: list[str]) -> tuple[str, ...]:
+    """The first and the last of the MAC layers ``names`` (in forward order): those the A2Q papers leave unconstrained."""
+    return (names[0], names[-1]) if names else ()
+
+
+def build_anchor(model_name: str, quantizer: type, acc_bits: int, weight_bits: int, act_bits: int,
+                 plain_layers: tuple[str, ...] = ()) -> nn.Module:
+    """The Brevitas model with ``quantizer`` on its constrainable layers, except ``plain_layers`` (module names),
+    which get the committed model's plain per-channel W-bit weight quantizer."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(model_name, weight_bits, act_bits, weight_quant=quantizer, accumulator_bit_width=acc_bits)
+        plain = build_model(model_name, weight_bits, act_bits) if plain_layers else None
+    for name in plain_layers:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain.get_submodule(name))
+    return model
+
+
+def train_anchor(model_name: str, quantizer: type, acc_bits: int, weight_bits: int, act_bits: int,
+                 train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+                 score: Callable[[np.ndarray, np.ndarray], float], budget: TrainBudget,
+                 float_checkpoint: Path, desc: str = "anchor", plain_layers: tuple[str, ...] = ()) -> AnchorRun:
+    """Brevitas QAT at accumulator width ``acc_bits``, from the float checkpoint; best epoch on ``val``.
+
+    ``plain_layers``: module names left at the plain W-bit quantizer (see :func:`build_anchor`).
+    """
+    dataset = MODELS[model_name].dataset
+    torch.manual_seed(budget.seed)
+    model = build_anchor(model_name, quantizer, acc_bits, weight_bits, act_bits, plain_layers)
     load_float_weights(model, float_checkpoint)
     x_all, y_all = torch.from_numpy(train[0]), torch.from_numpy(train[1])
     criterion = loss_fn(dataset)
@@ -175,11 +208,24 @@ def sparsity(rows: list[np.ndarray]) -> float:
     return float(sum(int(np.count_nonzero(r == 0)) for r in rows) / total) if total else 0.0
 
 
+def constrained_nodes(model: Any, weight_bits: int, setup: str) -> list[str]:
+    """The ONNX MAC nodes a set-up constrains: those with W-bit weights (``setup`` ``all``), less the first and
+    the last MAC node of the graph (``paper``: the A2Q papers leave them at their natural width)."""
+    from a2q_passes.analysis import analyze_model
+
+    if setup not in SETUPS:
+        raise ValueError(f"unknown set-up {setup!r}; expected one of {sorted(SETUPS)}")
+    reports = analyze_model(model).layers  # every MAC node, in graph order
+    ends = end_layers([r.node for r in reports]) if setup == "paper" else ()
+    return [r.node for r in reports if r.status == "ok" and r.weight_dtype == f"INT{weight_bits}" and r.node not in ends]
+
+
 def export_check(model: nn.Module, model_name: str, acc_bits: int, weight_bits: int, inputs: np.ndarray,
-                 targets: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float]) -> dict[str, Any]:
+                 targets: np.ndarray, score: Callable[[np.ndarray, np.ndarray], float],
+                 setup: str = "all") -> dict[str, Any]:
     """Export the anchor to QONNX and measure what the export really is.
 
-    Returns the export's widest exact accumulator over its constrained (W-bit weight) layers,
+    Returns the export's widest exact accumulator over the layers ``setup`` constrains,
     its weight sparsity, its score with exact accumulation and with P-bit wrap-around accumulators
     (``simulate_model``), and the fraction of accumulations that overflowed P bits.
     """
@@ -191,9 +237,8 @@ def export_check(model: nn.Module, model_name: str, acc_bits: int, weight_bits: 
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = export_qonnx_model(model, MODELS[model_name].input_shape, Path(folder) / "anchor.onnx")
-    weight_dtype = f"INT{weight_bits}"
-    reports = [r for r in analyze_model(exported).layers if r.status == "ok" and r.weight_dtype == weight_dtype]
-    names = {r.node for r in reports}
+    names = set(constrained_nodes(exported, weight_bits, setup))
+    reports = [r for r in analyze_model(exported).layers if r.node in names]
     rows = [layer.integer_rows(exported) for layer in find_mac_layers(exported) if layer.node in names]
     simulation = simulate_model(exported, inputs, {name: acc_bits for name in names}, mode="wrap")
     output = next(iter(simulation.outputs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.anchors import SETUPS
 from bench.sweep import METHODS
 
 HEADLINE = "fmnist_cnn"
@@ -13,11 +14,21 @@ COLLAPSE_POINTS = 10.0  # a drop of this many points below the quantized baselin
 PAPER_RESOURCE_RATIO = 2.3
 SPARSITY_GAIN = 0.05  # "induces sparsity": at least 5 points more zeros than the W4A4 baseline at the lowest P
 SPARSITY_NOISE = 0.01
-PIVOT_METHODS = ("unconstrained-wrap", "project-a2q", "project-exact", "axe", "qat", "ours-best",
-                 "brevitas-a2q", "brevitas-a2q+")
+PIVOT_METHODS = ("unconstrained-wrap", "project-a2q", "project-exact", "axe", "qat", "qat-float", "ours-best",
+                 "brevitas-a2q", "brevitas-a2q+", "brevitas-a2q-eq", "brevitas-a2q+-eq")
 _SHORT = {"unconstrained-wrap": "unconstrained @P (wrap)", "project-a2q": "project a2q", "project-exact": "project exact",
-          "axe": "AXE", "qat": "QAT (ours)", "ours-best": "ours best", "brevitas-a2q": "Brevitas A2Q",
-          "brevitas-a2q+": "Brevitas A2Q+"}
+          "axe": "AXE", "qat": "QAT (ours)", "qat-float": "QAT from float (ours)", "ours-best": "ours best",
+          "brevitas-a2q": "Brevitas A2Q", "brevitas-a2q+": "Brevitas A2Q+",
+          "brevitas-a2q-eq": "A2Q, equal total", "brevitas-a2q+-eq": "A2Q+, equal total"}
+# (title, our row, anchor rows, what makes the budgets equal) of the "ours vs the better anchor" comparisons
+COMPARISONS = (
+    ("same budget", "ours-best", ("brevitas-a2q", "brevitas-a2q+"),
+     "the benchmark budget on both sides; our flows may start from the committed W/A model, which had its own QAT"),
+    ("equal total training", "ours-best", ("brevitas-a2q-eq", "brevitas-a2q+-eq"),
+     "the anchors also get the committed model's own QAT as extra epochs"),
+    ("same start", "qat-float", ("brevitas-a2q", "brevitas-a2q+"),
+     "both from the float checkpoint, with the benchmark budget"),
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -57,18 +68,55 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 # --------------------------------------------------------------------------- sections
 
 
-def _setup(results: dict) -> list[str]:
+def _setup_of(entry: dict) -> str:
+    return entry.get("setup", "all")  # results written before the set-ups existed have only "all"
+
+
+def _extra_epochs(entry: dict) -> str:
+    extra = entry.get("extra_budget")
+    if extra is None or not entry["config"].get("equal_budget_widths"):
+        return "-"
+    return f"+{extra['extra_epochs']} (= {extra['qat_epochs']} x {extra['qat_samples']} samples)"
+
+
+def setup_table(results: dict) -> list[str]:
+    """One row per model and set-up: data, budgets, widths, the constrained layers, the run time."""
     body = []
     for name, e in results["models"].items():
         c, b = e["config"], e["config"]["budget"]
-        body.append([f"{name} {e['variant']}", e["dataset"], str(e["test_samples"]), str(e["train_samples"]),
-                     str(e["val_samples"]), f"{b['epochs']} x {b['batch_size']}, lr {b['lr']}, seed {b['seed']}",
+        body.append([f"{e.get('model', name)} {e['variant']}", _setup_of(e), e["dataset"], str(e["test_samples"]),
+                     str(e["train_samples"]), str(e["val_samples"]),
+                     f"{b['epochs']} x {b['batch_size']}, lr {b['lr']}, seed {b['seed']}", _extra_epochs(e),
                      str(c["calibration_samples"]), ", ".join(map(str, c["widths"])),
-                     ", ".join(map(str, c["train_widths"])), ", ".join(e["constrained_layers"]),
-                     str(e["plain_width"]), f"{e['seconds'] / 60:.1f}"])
+                     ", ".join(map(str, c["train_widths"])), ", ".join(map(str, c.get("equal_budget_widths", ()))) or "-",
+                     ", ".join(e["constrained_layers"]), str(e["plain_width"]), f"{e['seconds'] / 60:.1f}"])
+    return _table(["model", "set-up", "data", "test", "train subset", "val", "epochs x batch",
+                   "equal-total anchors: extra epochs", "AXE calib.", "P swept", "P trained", "P equal-budget",
+                   "constrained layers", "plain width", "minutes"], body)
+
+
+PROTOCOL_TEXT = [
+    "- **Set-ups**: " + "; ".join(f"`{k}` = {v}" for k, v in SETUPS.items()) + ". In `paper` our flows give P to "
+    "the hidden layers only (`--layer NAME=P` for each); the first and last layers are left to the flow (QAT "
+    "still trains them) and their widest exact accumulator is reported as *free width* in the rows; the "
+    "anchors keep Brevitas' plain per-channel W-bit quantizer there and the accumulator-aware one on the hidden "
+    "layers. ESPCN's first and last layers are 8-bit and unconstrained in both set-ups.",
+    "- **Equal budgets**, two ways, at the *P equal-budget* widths. (1) *Equal total training*: `A2Q, equal "
+    "total` / `A2Q+, equal total` (`brevitas-a2q-eq`, `brevitas-a2q+-eq`) train from the float checkpoint for "
+    "the benchmark's epochs plus the QAT that produced the committed W/A model (models/train.py: its "
+    "`qat_epochs` over the whole training split, from models/metrics.json), converted to whole epochs of the "
+    "benchmark's training subset and rounded up, so they see at least as many training samples as our flows "
+    "that start from the committed model (that QAT used the recipe's batch size and learning rate; the extra "
+    "epochs use the benchmark's, with one cosine schedule over all epochs). (2) *Same start*: `QAT from float` "
+    "(`qat-float`) runs our QAT with the benchmark budget from the float checkpoint in the committed W/A "
+    "layout exported to QONNX (per-channel round-to-nearest weights; activation scales from Brevitas' own "
+    "statistics over 31 forward passes of the first training batches, no weight update), the anchors' start.",
+]
+
+
+def _setup(results: dict) -> list[str]:
     lines = ["## Set-up", ""]
-    lines += _table(["model", "data", "test", "train subset", "val", "epochs x batch", "AXE calib.", "P swept",
-                     "P trained", "constrained layers", "plain width", "minutes"], body)
+    lines += setup_table(results)
     lines += [
         "",
         "- **Scores** are on the held-out test split (top-1 % or PSNR dB); *% of float* divides by the float "
@@ -81,7 +129,9 @@ def _setup(results: dict) -> list[str]:
         "`qat` starts from the committed W4A4 model (what the compiler is given); the Brevitas anchors start "
         "from the float checkpoint (Brevitas' QAT flow; A2Q must not start from random weights). The W4A4 "
         "model already had its own QAT from the same float checkpoint (see models/README.md), so our "
-        "flows have seen more training in total; the anchors' extra budget would have to be that QAT run.",
+        "flows that start from it have seen more training in total: the equal-budget rows below remove "
+        "that advantage.",
+        *PROTOCOL_TEXT,
         "- **Guaranteed width**: the widest exact accumulator range (`a2q analyze`, bias excluded, inputs over "
         "their whole integer box) over the constrained layers. Our rows are checked to fit P, so no input "
         "can overflow and their score is the P-bit score. Anchors: the width of the integers Brevitas' own "
@@ -95,7 +145,12 @@ def _setup(results: dict) -> list[str]:
     return lines
 
 
-def _pivot(entry: dict) -> list[str]:
+def entry_title(name: str, entry: dict) -> str:
+    return (f"{entry.get('model', name)} {entry['variant']} ({entry['dataset']}, {entry['metric']}), set-up "
+            f"`{_setup_of(entry)}`")
+
+
+def pivot_table(entry: dict) -> list[str]:
     rows = entry["rows"]
     quantized = _row(rows, "quantized", None)
     lines = [f"Float: {entry['float_score']:.2f} {entry['metric']}; committed {entry['variant']}: "
@@ -105,17 +160,25 @@ def _pivot(entry: dict) -> list[str]:
     return lines + _table(["P"] + [_SHORT[m] for m in PIVOT_METHODS], body)
 
 
-def _detail(entry: dict) -> list[str]:
+def detail_table(entry: dict) -> list[str]:
     body = []
     for r in entry["rows"]:
         if r["status"] == "not run":
             continue
         body.append([str(r["P"] if r["P"] is not None else "-"), r["method"], _fmt(r["score"]),
                      _fmt(r["pct_of_float"], 1), _fmt(r["val_score"]), _pct(r["sparsity"]),
-                     str(r["guaranteed_width"] if r["guaranteed_width"] is not None else "-"),
+                     _width(r),
                      _pct(r["overflow_fraction"]) if r["overflow_fraction"] is not None else "-",
                      _fmt(r["seconds"], 1), r["status"] if r["status"] != "ok" else r["note"]])
     return _table(["P", "method", "score", "% float", "val", "sparsity", "width", "overflow", "s", "note"], body)
+
+
+def _width(row: dict) -> str:
+    """The guaranteed width, and the free (unconstrained) layers' widest accumulator where some are free."""
+    if row["guaranteed_width"] is None:
+        return "-"
+    free = row.get("free_width")
+    return str(row["guaranteed_width"]) + (f" (free {free})" if free is not None else "")
 
 
 def _anchors(results: dict) -> list[str]:
@@ -221,16 +284,17 @@ def _sparsity(results: dict) -> tuple[list[str], str]:
     return lines, verdict
 
 
-def _comparisons(entry: dict) -> tuple[list[str], list[str]]:
-    """Where ours-best beats / ties / loses against the better anchor at every trained P."""
+def _compare(entry: dict, our_method: str, anchor_methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Where ``our_method`` beats / ties / loses against the better of ``anchor_methods`` at every trained P."""
     wins, losses = [], []
     for p in sorted(entry["config"]["train_widths"], reverse=True):
-        ours = _row(entry["rows"], "ours-best", p)
-        anchors = [r for r in (_row(entry["rows"], m, p) for m in ("brevitas-a2q", "brevitas-a2q+")) if r]
+        ours = _row(entry["rows"], our_method, p)
+        anchors = [r for r in (_row(entry["rows"], m, p) for m in anchor_methods) if r]
         if ours is None or not anchors:
             continue
         best = max(anchors, key=lambda r: r["score"])
-        text = (f"P={p}: ours {ours['score']:.2f} ({ours['selected']}) vs {_SHORT[best['method']]} "
+        selected = f" ({ours['selected']})" if "selected" in ours else ""
+        text = (f"P={p}: ours {ours['score']:.2f}{selected} vs {_SHORT[best['method']]} "
                 f"{best['score']:.2f} ({ours['score'] - best['score']:+.2f})")
         (wins if ours["score"] >= best["score"] else losses).append(text)
     return wins, losses
@@ -318,13 +382,30 @@ def _targets(results: dict) -> list[str]:
 def _reading(results: dict, sparsity_verdict: str) -> list[str]:
     lines = ["## Reading the results", ""]
     lines += _targets(results)
-    lines += ["", "### Ours vs the better Brevitas anchor at each trained P", ""]
-    for name, entry in results["models"].items():
-        wins, losses = _comparisons(entry)
-        lines.append(f"- **{name}**: ours best >= the better anchor at {len(wins)} of {len(wins) + len(losses)} "
-                     f"widths." + (f" Behind at: {'; '.join(losses)}." if losses else "")
-                     + (f" Ahead/equal at: {'; '.join(wins)}." if wins else ""))
+    lines += [""] + comparison_summary(results)
     lines += ["", f"Sparsity: {sparsity_verdict}"]
+    return lines
+
+
+def comparison_summary(results: dict) -> list[str]:
+    """"Ours vs the better anchor at each P", per set-up, under each budget rule of COMPARISONS that has rows."""
+    lines = ["### Ours vs the better Brevitas anchor at each trained P"]
+    for setup in SETUPS:
+        entries = {name: e for name, e in results["models"].items() if _setup_of(e) == setup}
+        if not entries:
+            continue
+        lines += ["", f"#### Set-up `{setup}` ({SETUPS[setup]})", ""]
+        for title, ours, anchors, meaning in COMPARISONS:
+            found = [(e.get("model", name), _compare(e, ours, anchors)) for name, e in entries.items()]
+            found = [(name, (wins, losses)) for name, (wins, losses) in found if wins or losses]
+            if not found:
+                continue
+            lines.append(f"- *{title}* ({_SHORT[ours]} vs the better of {' / '.join(_SHORT[a] for a in anchors)}; "
+                         f"{meaning}):")
+            for name, (wins, losses) in found:
+                lines.append(f"  - **{name}**: ahead or equal at {len(wins)} of {len(wins) + len(losses)} widths."
+                             + (f" Behind at: {'; '.join(losses)}." if losses else "")
+                             + (f" Ahead/equal at: {'; '.join(wins)}." if wins else ""))
     return lines
 
 
@@ -339,7 +420,22 @@ EXTRA_SECTIONS = (
      "--large-layers 12 --markdown bench/scale.md"),
     ("Real-file corpus", "corpus.md", ".venv/bin/python -m scripts.corpus --out DIR --report bench/corpus.md"),
     ("AXE against the projection on every benchmark row", "axe.md", ".venv/bin/python -m bench.bench_axe"),
+    ("Benchmark protocol: equal budgets and the A2Q papers' set-up", "protocol.md",
+     ".venv/bin/python -m bench.protocol RESULTS_JSON... --json bench/protocol.json --out bench/protocol.md "
+     "(the runs are listed in the file)"),
 )
+
+
+def extra_section(title: str, name: str, command: str) -> list[str]:
+    """The BENCHMARKS.md section of one EXTRA_SECTIONS file (nothing when the file is absent)."""
+    path = REPO / "bench" / name
+    if not path.is_file():
+        return []
+    text = path.read_text().strip().splitlines()
+    if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
+        text = text[1:]
+    body = [("#" + line if line.startswith("#") else line) for line in text]
+    return ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
 
 
 def render(results: dict, layout: Any) -> str:
@@ -360,10 +456,10 @@ def render(results: dict, layout: Any) -> str:
     lines += _setup(results)
     for name, entry in results["models"].items():
         title = "Headline: " if name == HEADLINE else ""
-        lines += ["", f"## {title}{name} {entry['variant']} ({entry['dataset']}, {entry['metric']})", ""]
-        lines += _pivot(entry)
+        lines += ["", f"## {title}{entry_title(name, entry)}", ""]
+        lines += pivot_table(entry)
         lines += [""] + _resources(entry, results["fpgapart"])
-        lines += ["", "<details><summary>every row</summary>", ""] + _detail(entry) + ["", "</details>"]
+        lines += ["", "<details><summary>every row</summary>", ""] + detail_table(entry) + ["", "</details>"]
     lines += [""] + _anchors(results)
     sparsity_lines, verdict = _sparsity(results)
     lines += [""] + sparsity_lines
@@ -373,13 +469,7 @@ def render(results: dict, layout: Any) -> str:
                   "From `bench/bench_speed.py` (`run()` + `markdown()`), in the same run:", "",
                   results["speed_markdown"]]
     for title, name, command in EXTRA_SECTIONS:  # separate benchmarks, each with its own command and file
-        path = REPO / "bench" / name
-        if path.is_file():
-            text = path.read_text().strip().splitlines()
-            if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
-                text = text[1:]
-            body = [("#" + line if line.startswith("#") else line) for line in text]
-            lines += ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
+        lines += extra_section(title, name, command)
     lines += [
         "", "## Published reference figures (context, not reproduced here)", "",
         "- A2Q: up to 2.3x FPGA resource reduction vs 32-bit accumulators at 99.2% of float accuracy, averaged "

@@ -17,6 +17,9 @@ _STYLE = {  # method -> (colour, marker, line style)
     "ours-best": ("navy", "*", "-"),
     "brevitas-a2q": ("tab:red", "D", "-"),
     "brevitas-a2q+": ("tab:orange", "P", "-"),
+    "qat-float": ("tab:purple", "o", "--"),
+    "brevitas-a2q-eq": ("darkred", "D", "--"),
+    "brevitas-a2q+-eq": ("darkorange", "P", "--"),
 }
 _LABELS = {m.key: m.label for m in METHODS}
 

@@ -3,13 +3,23 @@
     .venv/bin/python -m bench.run_all                 # full run: BENCHMARKS.md, bench/results.json, bench/plots/*.png
     .venv/bin/python -m bench.run_all --quick --out DIR   # CI-sized run (digits_cnn, 3 widths), written under DIR
 
-Options: ``--models a,b`` (a subset of the configured models), ``--threads N`` (torch threads,
-default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark), ``--no-finn`` (skip FINN
-resource estimates), ``--render RESULTS_JSON`` (rewrite BENCHMARKS.md and the plots from a saved
-run, without running anything). Quick mode never writes the committed results: it needs ``--out``
-elsewhere (a fresh temporary folder when omitted). The full run took 27 min on the shared 2-core
-machine (see BENCHMARKS.md); one torch thread is the default because two ran 4x slower per
-training step there, with other processes competing for the cores.
+Options: ``--models a,b`` (a subset of the configured models), ``--setups all,paper`` (a subset of
+the set-ups, :data:`bench.anchors.SETUPS`), ``--widths P,...`` (a subset of the configured widths),
+``--equal-budget-widths P,...`` (where the equal-budget rows run instead of the configured widths),
+``--threads N`` (torch threads, default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark),
+``--no-finn`` (skip FINN resource estimates), ``--render RESULTS_JSON`` (rewrite BENCHMARKS.md and the
+plots from a saved run, without running anything). Quick mode never writes the committed results: it
+needs ``--out`` elsewhere (a fresh temporary folder when omitted). One torch thread is the default
+because two ran 4x slower per training step on the shared 2-core machine, with other processes
+competing for the cores.
+
+Run time: the full run of set-up ``all`` without the equal-budget rows took 27 min on that machine
+(see BENCHMARKS.md). The equal-budget rows and the ``paper`` set-up are configured to keep the full
+run under 60 min; estimated from that run's per-row times (an anchor epoch costs about 35 s on
+fmnist_cnn, 0.2 s on digits_cnn, 5 s on fmnist_mlp; QAT as in the ``qat`` rows): fmnist_cnn's
+equal-budget rows +8 min (2 widths x (QAT + 2 anchors x 3 epochs)), digits_cnn's +2, fmnist_mlp's
++2, set-up ``paper`` of fmnist_cnn +13 (2 trained widths with every trained row, 4 PTQ widths) and
+of digits_cnn +4: about 56 min in all.
 """
 
 from __future__ import annotations
@@ -21,44 +31,60 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from bench.anchors import TrainBudget
+from bench.anchors import SETUPS, TrainBudget
 from bench.sweep import ModelBench, finn_resources, run_model
 
 REPO = Path(__file__).resolve().parent.parent
 FPGA_PART = "xczu3eg-sbva484-1-e"  # Ultra96 (ZU3EG), the part the project's other FINN reports use
 SPEED_REPEATS = 3
 
+FMNIST_CNN = ModelBench("fmnist_cnn", widths=(32, 20, 16, 15, 14, 13, 12, 11, 10),
+                        train_widths=(32, 16, 15, 14, 13, 12, 11, 10),
+                        budget=TrainBudget(samples=40000, epochs=1, batch_size=64, lr=5e-4), val_samples=2000,
+                        calibration_samples=512, resources=True, equal_budget_widths=(12, 11))
+DIGITS_CNN = ModelBench("digits_cnn", widths=(32, 16, 15, 14, 13, 12, 11, 10),
+                        train_widths=(32, 15, 14, 13, 12, 11, 10),
+                        budget=TrainBudget(samples=1077, epochs=15, batch_size=32, lr=1e-3), val_samples=360,
+                        calibration_samples=512, equal_budget_widths=(32, 15, 14, 13, 12, 11, 10))
+
 FULL: tuple[ModelBench, ...] = (
-    ModelBench("fmnist_cnn", widths=(32, 20, 16, 15, 14, 13, 12, 11, 10),
-               train_widths=(32, 16, 15, 14, 13, 12, 11, 10),
-               budget=TrainBudget(samples=40000, epochs=1, batch_size=64, lr=5e-4), val_samples=2000,
-               calibration_samples=512, resources=True),
-    ModelBench("digits_cnn", widths=(32, 16, 15, 14, 13, 12, 11, 10),
-               train_widths=(32, 15, 14, 13, 12, 11, 10),
-               budget=TrainBudget(samples=1077, epochs=15, batch_size=32, lr=1e-3), val_samples=360,
-               calibration_samples=512),
+    FMNIST_CNN,
+    DIGITS_CNN,
     ModelBench("fmnist_mlp", widths=(32, 20, 18, 16, 15, 14, 13, 12),
                train_widths=(20, 18, 16, 15, 14, 13, 12),
                budget=TrainBudget(samples=40000, epochs=2, batch_size=64, lr=5e-4), val_samples=2000,
-               calibration_samples=512),
+               calibration_samples=512, equal_budget_widths=(16, 15)),
     ModelBench("espcn_x2", widths=(32, 16, 15, 14, 13, 12, 11),
                train_widths=(16, 15, 14, 13, 12, 11),
                budget=TrainBudget(samples=1792, epochs=2, batch_size=16, lr=5e-4), val_samples=256,
                calibration_samples=128),
+    # the A2Q papers' set-up; ESPCN's is the one above already (its first and last layers are 8-bit, unconstrained)
+    replace(FMNIST_CNN, setup="paper", widths=(32, 13, 12, 11), train_widths=(12, 11), resources=False),
+    replace(DIGITS_CNN, setup="paper"),
 )
 
+_DIGITS_QUICK = ModelBench("digits_cnn", widths=(32, 12, 10), train_widths=(12, 10),
+                           budget=TrainBudget(samples=256, epochs=1, batch_size=32, lr=1e-3), val_samples=120,
+                           calibration_samples=64, test_limit=None, resources=True, equal_budget_widths=(12,))
 QUICK: tuple[ModelBench, ...] = (
-    ModelBench("digits_cnn", widths=(32, 12, 10), train_widths=(12, 10),
-               budget=TrainBudget(samples=256, epochs=1, batch_size=32, lr=1e-3), val_samples=120,
-               calibration_samples=64, test_limit=None, resources=True),
+    _DIGITS_QUICK,
+    # the equal-budget rows once (set-up all): their anchors train the W4A4 model's 21,555 QAT samples more
+    replace(_DIGITS_QUICK, setup="paper", widths=(32, 12), train_widths=(12,), resources=False, equal_budget_widths=()),
 )
+
+
+def only_widths(bench: ModelBench, widths: set[int]) -> ModelBench:
+    """``bench`` restricted to the widths P in ``widths`` (its trained and equal-budget widths too)."""
+    keep = lambda values: tuple(p for p in values if p in widths)  # noqa: E731  (keeps the configured order)
+    return replace(bench, widths=keep(bench.widths), train_widths=keep(bench.train_widths),
+                   equal_budget_widths=keep(bench.equal_budget_widths))
 
 
 @dataclass(frozen=True)
@@ -115,8 +141,9 @@ def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bo
         ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources)
         if finn and bench.resources:
             _resources(bench, ctx, rows, best_models)
-        results["models"][bench.name] = {
-            "config": asdict(bench), "variant": bench.variant, "dataset": ctx.dataset, "metric": ctx.metric,
+        results["models"][bench.key] = {
+            "model": bench.name, "setup": bench.setup, "plain_modules": list(ctx.plain_modules),
+            "extra_budget": asdict(ctx.extra_budget), "config": asdict(bench), "variant": bench.variant, "dataset": ctx.dataset, "metric": ctx.metric,
             "float_score": ctx.float_score, "plain_width": ctx.plain_width, "constrained_layers": ctx.constrained,
             "train_samples": len(ctx.train[0]), "val_samples": len(ctx.val[0]), "test_samples": len(ctx.test[0]),
             "seconds": round(time.perf_counter() - model_started, 1), "rows": rows,
@@ -163,6 +190,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="tiny CI configuration (digits_cnn, 3 widths)")
     parser.add_argument("--out", type=Path, help="write BENCHMARKS.md, results.json and plots/ under this folder")
     parser.add_argument("--models", help="comma-separated subset of the configured models")
+    parser.add_argument("--setups", help=f"comma-separated subset of the set-ups ({', '.join(SETUPS)}; default both): "
+                                         + "; ".join(f"{k} = {v}" for k, v in SETUPS.items()))
+    parser.add_argument("--widths", help="comma-separated subset of the configured widths P (every method runs "
+                                         "only at these)")
+    parser.add_argument("--equal-budget-widths", metavar="P,...",
+                        help="run the equal-budget rows (qat-float, brevitas-a2q-eq, brevitas-a2q+-eq) at these of "
+                             "the trained widths instead of the configured ones")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
     parser.add_argument("--no-speed", action="store_true", help="skip the ResNet-50-sized speed benchmark")
@@ -177,6 +211,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             parser.error(f"--models: {unknown} not configured; choose from {[b.name for b in benches]}")
         benches = tuple(b for b in benches if b.name in wanted)
+    if args.setups:
+        setups = args.setups.split(",")
+        unknown = sorted(set(setups) - set(SETUPS))
+        if unknown:
+            parser.error(f"--setups: {unknown} unknown; choose from {list(SETUPS)}")
+        benches = tuple(b for b in benches if b.setup in setups)
+    if args.widths:
+        benches = tuple(only_widths(b, {int(p) for p in args.widths.split(",")}) for b in benches)
+        benches = tuple(b for b in benches if b.widths)
+    if args.equal_budget_widths:
+        wanted_p = [int(p) for p in args.equal_budget_widths.split(",")]
+        benches = tuple(replace(b, equal_budget_widths=tuple(p for p in wanted_p if p in b.train_widths))
+                        for b in benches)
+    if not benches:
+        parser.error("nothing to run: no configured model / set-up / width matches")
     if args.out is not None:
         layout = Layout.under(args.out.resolve())
     elif args.quick:

@@ -8,8 +8,18 @@ Methods (``METHODS``):
 - ours: ``project-a2q`` / ``project-exact`` (:class:`ProjectToAccumulator`, post-training),
   ``axe`` (AXE PTQ) and ``qat`` (exact-range projected QAT), both through
   :class:`FinetuneAccumulators`; each starts from the committed W/A model.
-- ``ours-best``: per P, the one of our four rows with the best *validation* score (never chosen on test).
-- anchors: ``brevitas-a2q`` / ``brevitas-a2q+`` (:mod:`bench.anchors`), QAT from the float checkpoint.
+- ``qat-float``: the same QAT, but from the float checkpoint quantized to the committed W/A layout and
+  exported to QONNX (:func:`float_start`), so that it starts from the anchors' weights with their budget.
+- ``ours-best``: per P, the one of our rows with the best *validation* score (never chosen on test).
+- anchors: ``brevitas-a2q`` / ``brevitas-a2q+`` (:mod:`bench.anchors`), QAT from the float checkpoint;
+  ``brevitas-a2q-eq`` / ``brevitas-a2q+-eq``: the same with the training that produced the committed
+  W/A model added to their budget (:func:`equal_budget`), so that they have trained as long as our flows
+  starting from that model.
+
+Set-ups (``ModelBench.setup``, :data:`bench.anchors.SETUPS`): ``all`` constrains every MAC layer with
+W-bit weights; ``paper`` (the A2Q papers') leaves the first and the last MAC layer at their natural
+width (our flows give P to the hidden layers only, as ``--layer NAME=P``; the anchors keep the plain
+W-bit quantizer there) and constrains the hidden ones.
 
 Trained methods (``qat`` and the anchors) share one :class:`TrainBudget` per model: the same
 training samples, epochs, batch size, learning rate and seed, and the best epoch on the same
@@ -17,10 +27,11 @@ validation samples (held out from the end of the training split). Both train wei
 activation scales (``train_act_scales``: Brevitas' QuantReLU scales are trained parameters).
 Every score is on the test split.
 
-Only the layers with W-bit weights are constrained (all MAC layers except ESPCN's fixed 8-bit
-first and last layers, as Brevitas' anchors do); widths, sparsity and simulated accumulators refer
-to those layers. Our rows are guaranteed: their exact accumulator range (``analyze_model``) fits P,
-so no input can overflow and the test score equals the P-bit score.
+Only the layers with W-bit weights are constrained (in set-up ``all``: all MAC layers except ESPCN's
+fixed 8-bit first and last layers, as Brevitas' anchors do); widths, sparsity and simulated accumulators
+refer to those layers (``free_width``: the widest exact accumulator of the other MAC layers). Our rows
+are guaranteed: their exact accumulator range (``analyze_model``) fits P, so no input can overflow and
+the test score equals the P-bit score.
 """
 
 from __future__ import annotations
@@ -28,9 +39,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import math
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +52,8 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 from tqdm import tqdm
 
-from bench.anchors import ANCHOR_QUANTIZERS, TrainBudget, export_check, integer_layers, predict, sparsity, train_anchor
+from bench.anchors import (ANCHOR_QUANTIZERS, SETUPS, TrainBudget, constrained_nodes, end_layers, export_check,
+                           integer_layers, mac_module_names, predict, sparsity, train_anchor)
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -57,11 +72,15 @@ METHODS: tuple[Method, ...] = (
     Method("project-exact", "ours: project exact (PTQ)", "ours"),
     Method("axe", "ours: AXE (PTQ)", "ours"),
     Method("qat", "ours: QAT finetune", "ours", trained=True),
+    Method("qat-float", "ours: QAT finetune from the float checkpoint", "ours", trained=True),
     Method("ours-best", "ours: best on validation", "ours"),
     Method("brevitas-a2q", "Brevitas A2Q (QAT)", "anchor", trained=True),
     Method("brevitas-a2q+", "Brevitas A2Q+ (QAT)", "anchor", trained=True),
+    Method("brevitas-a2q-eq", "Brevitas A2Q (QAT), + the W/A model's own QAT budget", "anchor", trained=True),
+    Method("brevitas-a2q+-eq", "Brevitas A2Q+ (QAT), + the W/A model's own QAT budget", "anchor", trained=True),
 )
-OUR_METHODS = ("project-a2q", "project-exact", "axe", "qat")
+OUR_METHODS = ("project-a2q", "project-exact", "axe", "qat", "qat-float")
+EQUAL_BUDGET_METHODS = ("qat-float", "brevitas-a2q-eq", "brevitas-a2q+-eq")  # run at ModelBench.equal_budget_widths
 
 
 @dataclass(frozen=True)
@@ -78,10 +97,25 @@ class ModelBench:
     act_bits: int = 4
     test_limit: int | None = None  # None: the whole test split
     resources: bool = False  # FINN resource estimates of the ours-best rows
+    setup: str = "all"  # which MAC layers are constrained (bench.anchors.SETUPS)
+    equal_budget_widths: tuple[int, ...] = ()  # the P (of train_widths) where EQUAL_BUDGET_METHODS run
+
+    def __post_init__(self) -> None:
+        if self.setup not in SETUPS:
+            raise ValueError(f"{self.name}: unknown set-up {self.setup!r}; expected one of {sorted(SETUPS)}")
+        for label, subset, of in (("train_widths", self.train_widths, self.widths),
+                                  ("equal_budget_widths", self.equal_budget_widths, self.train_widths)):
+            if not set(subset) <= set(of):
+                raise ValueError(f"{self.name}: {label} {sorted(set(subset) - set(of))} not among {sorted(of)}")
 
     @property
     def variant(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits}"
+
+    @property
+    def key(self) -> str:
+        """The entry's name in the results: the model, with ``/paper`` for the A2Q papers' set-up."""
+        return self.name if self.setup == "all" else f"{self.name}/{self.setup}"
 
 
 @dataclass
@@ -92,12 +126,15 @@ class Context:
     dataset: str
     metric: str
     base: ModelWrapper
-    constrained: list[str]  # ONNX MAC nodes with W-bit weights
+    constrained: list[str]  # ONNX MAC nodes the set-up constrains
     plain_width: int  # widest exact accumulator of the committed model over the constrained layers
+    plain_modules: tuple[str, ...]  # Brevitas modules the anchors leave at the plain W-bit quantizer
+    extra_budget: "ExtraBudget"
     train: tuple[np.ndarray, np.ndarray]
     val: tuple[np.ndarray, np.ndarray]
     test: tuple[np.ndarray, np.ndarray]
     float_score: float
+    float_base: ModelWrapper | None = None  # float_start(), built on first use
 
     def score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
         from models.evaluate import score
@@ -106,6 +143,32 @@ class Context:
 
     def percent_of_float(self, value: float | None) -> float | None:
         return None if value is None else 100.0 * value / self.float_score
+
+
+@dataclass(frozen=True)
+class ExtraBudget:
+    """The training that produced the committed W/A model (models/train.py), in epochs of the benchmark budget.
+
+    That QAT ran ``qat_epochs`` epochs over the whole training split (``qat_samples``), from the same
+    float checkpoint as the anchors. ``extra_epochs`` rounds ``qat_epochs x qat_samples`` up to whole
+    epochs of the benchmark's training subset, so the ``-eq`` anchors train at least as many samples
+    as our flows that start from the committed model.
+    """
+
+    qat_epochs: int
+    qat_samples: int
+    extra_epochs: int
+
+    @classmethod
+    def of(cls, bench: ModelBench, full_train_samples: int, budget_samples: int) -> "ExtraBudget":
+        metrics = json.loads((MODELS_DIR / "metrics.json").read_text())
+        qat_epochs = int(metrics[bench.name][bench.variant]["qat_epochs"])
+        return cls(qat_epochs, full_train_samples, math.ceil(qat_epochs * full_train_samples / budget_samples))
+
+
+def equal_budget(bench: ModelBench, extra: ExtraBudget) -> TrainBudget:
+    """The benchmark budget plus the committed model's own QAT, as more epochs on the same training subset."""
+    return replace(bench.budget, epochs=bench.budget.epochs + extra.extra_epochs)
 
 
 def _model_digest(model: ModelWrapper) -> str:
@@ -133,16 +196,57 @@ def load_context(bench: ModelBench) -> Context:
     train = (x_train[:min(bench.budget.samples, n_fit)], y_train[:min(bench.budget.samples, n_fit)])
     val = (x_train[n_fit:], y_train[n_fit:])
     base = load_model(MODELS_DIR / f"{bench.name}_{bench.variant}.onnx")
-    reports = [r for r in analyze_model(base).layers if r.status == "ok" and r.weight_dtype == f"INT{bench.weight_bits}"]
-    if not reports:
-        raise ValueError(f"{bench.name}: no MAC layer with INT{bench.weight_bits} weights to constrain")
+    constrained = constrained_nodes(base, bench.weight_bits, bench.setup)
+    if not constrained:
+        raise ValueError(f"{bench.name}: no MAC layer with INT{bench.weight_bits} weights to constrain in set-up "
+                         f"{bench.setup!r}")
+    widths = {r.node: r.bounds["exact"] for r in analyze_model(base).layers if r.node in constrained}
+    plain_modules = end_layers(mac_module_names(build_model(bench.name, bench.weight_bits, bench.act_bits))) \
+        if bench.setup == "paper" else ()
     float_model = load_float_weights(build_model(bench.name, None, None), MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt")
     with torch.no_grad():
         float_outputs = predict(float_model, x_test)
-    ctx = Context(bench, spec.dataset, "PSNR dB" if spec.dataset == "sr" else "top-1 %", base,
-                  [r.node for r in reports], max(r.bounds["exact"] for r in reports), train, val, (x_test, y_test), 0.0)
+    ctx = Context(bench=bench, dataset=spec.dataset, metric="PSNR dB" if spec.dataset == "sr" else "top-1 %",
+                  base=base, constrained=constrained, plain_width=max(widths.values()), plain_modules=plain_modules,
+                  extra_budget=ExtraBudget.of(bench, len(x_train), len(train[0])), train=train, val=val,
+                  test=(x_test, y_test), float_score=0.0)
     ctx.float_score = ctx.score(float_outputs, y_test)
     return ctx
+
+
+def float_start(ctx: Context) -> ModelWrapper:
+    """The float checkpoint in the committed model's W/A layout, exported to QONNX: our flows' start from the
+    anchors' weights.
+
+    Weights: Brevitas' per-channel W-bit quantizer (round to nearest) of the float weights, as the anchors'
+    first step sees them; activation scales: Brevitas' own statistics (``collect_stats_steps`` forward passes
+    in training mode, no weight update) over the first batches of the training subset, as the anchors'
+    first training steps collect them.
+    """
+    import torch
+
+    from a2q_passes.model_io import load_model
+    from models.export import export_qonnx_model
+    from models.nets import MODELS, UintActQuant, build_model, load_float_weights
+
+    if ctx.float_base is not None:
+        return ctx.float_base
+    bench = ctx.bench
+    torch.manual_seed(bench.budget.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_float_weights(build_model(bench.name, bench.weight_bits, bench.act_bits),
+                                   MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt")
+        model.train()
+        size = bench.budget.batch_size
+        with torch.no_grad():
+            for step in range(UintActQuant.collect_stats_steps + 1):  # the last pass turns the statistics into scales
+                start = (step * size) % len(ctx.train[0])
+                model(torch.from_numpy(ctx.train[0][start:start + size]))
+        with tempfile.TemporaryDirectory() as folder:
+            export_qonnx_model(model, MODELS[bench.name].input_shape, Path(folder) / "float_start.onnx")
+            ctx.float_base = load_model(Path(folder) / "float_start.onnx", stream=False)
+    return ctx.float_base
 
 
 # --------------------------------------------------------------------------- rows
@@ -152,7 +256,7 @@ def new_row(ctx: Context, method: str, acc_bits: int | None, **fields: Any) -> d
     row: dict[str, Any] = {
         "model": ctx.bench.name, "variant": ctx.bench.variant, "method": method, "P": acc_bits, "status": "ok",
         "score": None, "pct_of_float": None, "val_score": None, "sparsity": None, "guaranteed_width": None,
-        "overflow_fraction": None, "seconds": None, "note": "",
+        "free_width": None, "overflow_fraction": None, "seconds": None, "note": "",
     }
     row.update(fields)
     row["pct_of_float"] = ctx.percent_of_float(row["score"])
@@ -167,7 +271,8 @@ class OnnxScorer:
         self._cache: dict[str, dict[str, Any]] = {}
 
     def measure(self, model: ModelWrapper) -> dict[str, Any]:
-        """Test and validation score, guaranteed width and sparsity over the constrained layers."""
+        """Test and validation score, guaranteed width and sparsity over the constrained layers, and the widest
+        exact accumulator of the other MAC layers (``free_width``, None when every one is constrained)."""
         from a2q_passes.analysis import analyze_model
         from a2q_passes.layers import find_mac_layers
         from models.evaluate import predict_onnx
@@ -177,10 +282,12 @@ class OnnxScorer:
             ctx = self.ctx
             reports = {r.node: r for r in analyze_model(model).layers}
             rows = [layer.integer_rows(model) for layer in find_mac_layers(model) if layer.node in ctx.constrained]
+            free = [r.bounds["exact"] for name, r in reports.items() if name not in ctx.constrained and r.status == "ok"]
             self._cache[key] = {
                 "score": ctx.score(predict_onnx(model, ctx.test[0]), ctx.test[1]),
                 "val_score": ctx.score(predict_onnx(model, ctx.val[0]), ctx.val[1]),
                 "guaranteed_width": max(reports[name].bounds["exact"] for name in ctx.constrained),
+                "free_width": max(free, default=None),
                 "sparsity": sparsity(rows),
             }
         return dict(self._cache[key])
@@ -205,7 +312,7 @@ def _project(ctx: Context, method: str, acc_bits: int) -> ModelWrapper:
     return ctx.base.transform(ProjectToAccumulator(layer_bits={n: acc_bits for n in ctx.constrained}, method=method))
 
 
-def _finetune(ctx: Context, method: str, acc_bits: int) -> ModelWrapper:
+def _finetune(ctx: Context, method: str, acc_bits: int, start: ModelWrapper) -> ModelWrapper:
     from a2q_passes.finetune.train import FinetuneConfig
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
@@ -216,20 +323,23 @@ def _finetune(ctx: Context, method: str, acc_bits: int) -> ModelWrapper:
                             log=lambda line: tqdm.write(f"    {method} P={acc_bits}: {line}"))
     step = FinetuneAccumulators(None, ctx.train, ctx.val, config, overrides={n: acc_bits for n in ctx.constrained},
                                 calibration_samples=ctx.bench.calibration_samples)
-    return ctx.base.transform(step)
+    return start.transform(step)
 
 
 def _anchor(ctx: Context, method: str, acc_bits: int) -> dict[str, Any]:
+    """One anchor row; ``-eq`` methods train with :func:`equal_budget`."""
     bench = ctx.bench
-    quantizer = ANCHOR_QUANTIZERS[method]
+    quantizer = ANCHOR_QUANTIZERS[method.removesuffix("-eq")]
+    budget = equal_budget(bench, ctx.extra_budget) if method.endswith("-eq") else bench.budget
     run = train_anchor(bench.name, quantizer, acc_bits, bench.weight_bits, bench.act_bits, ctx.train, ctx.val,
-                       ctx.score, bench.budget, MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt",
-                       desc=f"{method} P={acc_bits}")
+                       ctx.score, budget, MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt",
+                       desc=f"{method} P={acc_bits}", plain_layers=ctx.plain_modules)
     layers = integer_layers(run.model, quantizer, ctx.test[0])
-    export = export_check(run.model, bench.name, acc_bits, bench.weight_bits, ctx.test[0], ctx.test[1], ctx.score)
+    export = export_check(run.model, bench.name, acc_bits, bench.weight_bits, ctx.test[0], ctx.test[1], ctx.score,
+                          setup=bench.setup)
     return {
         "score": ctx.score(predict(run.model, ctx.test[0]), ctx.test[1]),
-        "val_score": max(run.val_history), "best_epoch": run.best_epoch,
+        "val_score": max(run.val_history), "best_epoch": run.best_epoch, "epochs": budget.epochs,
         "guaranteed_width": max(layer.exact_width for layer in layers),
         "sparsity": sparsity([layer.rows for layer in layers]),
         **export,
@@ -247,7 +357,8 @@ def _ours_best(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     candidates = [r for r in rows if r["method"] in OUR_METHODS and r["status"] == "ok" and r["val_score"] is not None]
     # ties go to the method listed first (the cheaper one)
     chosen = max(candidates, key=lambda r: (r["val_score"], -OUR_METHODS.index(r["method"])))
-    fields = {k: chosen[k] for k in ("score", "val_score", "sparsity", "guaranteed_width", "overflow_fraction")}
+    fields = {k: chosen[k] for k in ("score", "val_score", "sparsity", "guaranteed_width", "free_width",
+                                     "overflow_fraction")}
     return {**fields, "selected": chosen["method"], "note": f"= {chosen['method']}"}
 
 
@@ -277,7 +388,7 @@ def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None
         if method == "unconstrained-wrap":
             models_at_p = {}
         t0 = time.perf_counter()
-        trained_here = acc_bits in bench.train_widths
+        trained_here = acc_bits in (bench.equal_budget_widths if method in EQUAL_BUDGET_METHODS else bench.train_widths)
         fields: dict[str, Any]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -290,16 +401,20 @@ def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None
                 models_at_p[method] = ctx.base
                 fields = {**base, "note": "fits already: the committed model, unchanged"}
             elif method in ("axe", "qat") and trained_here:
-                models_at_p[method] = _finetune(ctx, method, acc_bits)
+                models_at_p[method] = _finetune(ctx, method, acc_bits, ctx.base)
+                fields = scorer.measure(models_at_p[method])
+            elif method == "qat-float" and trained_here:
+                models_at_p[method] = _finetune(ctx, "qat", acc_bits, float_start(ctx))
                 fields = scorer.measure(models_at_p[method])
             elif method == "ours-best":
                 fields = _ours_best(ctx, [r for r in rows if r["P"] == acc_bits])
                 if keep_models:
                     best_models[acc_bits] = models_at_p[fields["selected"]]
-            elif method in ANCHOR_QUANTIZERS and trained_here:
+            elif method.removesuffix("-eq") in ANCHOR_QUANTIZERS and trained_here:
                 fields = _anchor(ctx, method, acc_bits)
             else:
-                fields = {"status": "not run", "note": f"P={acc_bits} is not in the trained widths"}
+                which = "equal-budget" if method in EQUAL_BUDGET_METHODS else "trained"
+                fields = {"status": "not run", "note": f"P={acc_bits} is not in the {which} widths"}
         if method in OUR_METHODS and fields.get("status", "ok") == "ok":
             fields.update(_guarantee(fields["guaranteed_width"], acc_bits))
         row = new_row(ctx, method, acc_bits, seconds=round(time.perf_counter() - t0, 1), **fields)

@@ -1,0 +1,73 @@
+"""The benchmark protocol's building blocks, without training: the float start and the anchors' set-ups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from brevitas.quant import Int8WeightPerChannelFloat
+from onnx import numpy_helper
+
+from bench.anchors import ANCHOR_QUANTIZERS, build_anchor, end_layers, integer_layers, mac_module_names
+from bench.run_all import QUICK
+from bench.sweep import float_start, load_context
+from models.nets import load_float_weights
+
+REPO = Path(__file__).resolve().parent.parent
+CHECKPOINT = REPO / "models" / "checkpoints" / "digits_cnn_float.pt"
+
+
+def test_float_start_carries_the_float_checkpoints_weights():
+    """Our flows' float start holds the checkpoint's float weights under 4-bit weight Quant nodes."""
+    ctx = load_context(QUICK[0])
+    model = float_start(ctx).model
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quant_weights = {}
+    for node in model.graph.node:
+        if node.op_type == "Quant" and node.input[0] in inits and inits[node.input[0]].ndim >= 2:
+            quant_weights[node.input[0]] = (inits[node.input[0]], int(inits[node.input[3]]))
+    state = torch.load(CHECKPOINT, map_location="cpu")
+    for name in ("conv1.weight", "conv2.weight", "fc.weight"):
+        expected = state[name].numpy()
+        matches = [bits for weights, bits in quant_weights.values()
+                   if weights.shape == expected.shape and np.array_equal(weights, expected)]
+        assert matches == [4], name
+    assert float_start(ctx) is float_start(ctx)  # built once per context
+
+
+def test_paper_anchor_keeps_the_plain_quantizer_on_the_end_layers():
+    quantizer = ANCHOR_QUANTIZERS["brevitas-a2q+"]
+    names = mac_module_names(build_anchor("digits_cnn", quantizer, 12, 4, 4))
+    assert names == ["conv1", "conv2", "fc"] and end_layers(names) == ("conv1", "fc")
+    model = load_float_weights(build_anchor("digits_cnn", quantizer, 12, 4, 4, plain_layers=("conv1", "fc")),
+                               CHECKPOINT)
+    injectors = {name: model.get_submodule(name).weight_quant.quant_injector.__name__ for name in names}
+    assert injectors == {"conv1": Int8WeightPerChannelFloat.__name__, "conv2": quantizer.__name__,
+                         "fc": Int8WeightPerChannelFloat.__name__}
+    sample = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    assert [layer.name for layer in integer_layers(model, quantizer, sample)] == ["conv2"]
+
+
+def _run(command: str, widths: tuple[int, ...]) -> dict:
+    rows = [{"method": "float", "P": None}] + [{"method": m, "P": p} for p in widths for m in ("qat", "ours-best")]
+    config = {"widths": list(widths), "train_widths": list(widths), "equal_budget_widths": list(widths)}
+    return {"command": command, "threads": 1, "versions": {}, "total_seconds": 60.0,
+            "models": {"m": {"config": config, "rows": rows, "seconds": 30.0}}}
+
+
+def test_protocol_merges_runs_of_one_model_at_disjoint_widths():
+    from bench.protocol import merge
+
+    merged = merge([_run("a", (11,)), _run("b", (13, 12))])
+    entry = merged["models"]["m"]
+    assert [(r["method"], r["P"]) for r in entry["rows"]] == [
+        ("float", None), ("qat", 13), ("ours-best", 13), ("qat", 12), ("ours-best", 12), ("qat", 11), ("ours-best", 11)]
+    assert entry["config"]["widths"] == [13, 12, 11] and entry["seconds"] == 60.0
+    assert [run["command"] for run in merged["runs"]] == ["a", "b"]
+    try:
+        merge([_run("a", (11,)), _run("b", (11,))])
+    except ValueError as error:
+        assert "P=[11]" in str(error)
+    else:
+        raise AssertionError("overlapping widths were merged")
