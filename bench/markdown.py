@@ -339,6 +339,7 @@ EXTRA_SECTIONS = (
      "--large-layers 12 --markdown bench/scale.md"),
     ("Real-file corpus", "corpus.md", ".venv/bin/python -m scripts.corpus --out DIR --report bench/corpus.md"),
     ("AXE against the projection on every benchmark row", "axe.md", ".venv/bin/python -m bench.bench_axe"),
+    ("QAT variants against Brevitas A2Q+ at equal budgets", "qat.md", ".venv/bin/python -m bench.bench_qat"),
 )
 
 

@@ -11,8 +11,8 @@ Validation metric (higher is better): top-1 accuracy in % for ``ce``; PSNR in dB
 measured against the validation labels, or against the original model's outputs (argmax for
 ``ce``) where the validation data has none. The best epoch (highest validation metric, or the
 lowest mean training loss without validation data) is kept; with validation data the
-constrained starting point (epoch 0) is a candidate too, so fine-tuning never returns a model
-that scores worse on it than the plain projection it starts from.
+constrained starting point (epoch 0, the initialisation) is a candidate too, so fine-tuning never
+returns a model that scores worse on it than the point it starts from.
 
 Initialisation: ``init`` (:data:`~a2q_passes.finetune.constraint.INITS`, see
 :mod:`~a2q_passes.finetune.constraint`); for ``axe`` the training data's first
