@@ -8,8 +8,8 @@ For each (model, P) of :data:`POINTS` (budgets of :data:`bench.run_all.FULL`: sa
 lr, seed; the best epoch on the same validation samples; weights and activation scales trained, as
 :mod:`bench.sweep` does): every variant of :data:`VARIANTS` through :class:`FinetuneAccumulators` from
 the committed W4A4 model, and Brevitas A2Q+ (:func:`bench.anchors.train_anchor`, from the float
-checkpoint) with the same budget. After all of them, :data:`LONG` repeats the new default and
-A2Q+ with ``LONG_EPOCHS`` epochs. Scores: test split, ``models.evaluate`` (ONNX for ours, torch for the anchor).
+checkpoint) with the same budget. After all of them, :data:`LONG` repeats the new default (where
+``--variants`` holds it) and A2Q+ with ``LONG_EPOCHS`` epochs. Scores: test split, ``models.evaluate`` (ONNX for ours, torch for the anchor).
 Every output of ours is checked with :func:`a2q_passes.verification.verify_model` against the widths it
 records (what ``a2q verify OUT`` does); ``verified`` must be yes. Rows are kept in ``--json`` as they
 finish, so the Markdown can be rendered again (``--render``) from a partial run.
@@ -80,6 +80,10 @@ def _with_epochs(ctx: Context, epochs: int) -> Context:
     return dataclasses.replace(ctx, bench=bench)
 
 
+def _key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["P"], row["variant"], row["epochs"]
+
+
 def _committed(ctx: Context, acc_bits: int, method: str) -> dict[str, Any]:
     """A row of bench/results.json (the committed `make bench` run) for ``method`` at ``acc_bits``."""
     results = json.loads((REPO / "bench" / "results.json").read_text())["models"][ctx.bench.name]
@@ -89,7 +93,7 @@ def _committed(ctx: Context, acc_bits: int, method: str) -> dict[str, Any]:
 
 
 def run(models: list[str], variants: list[str], committed: bool, long: bool, short: bool, store: Path,
-        out: Path) -> None:
+        out: Path, widths: set[int] | None = None) -> None:
     rows: list[dict[str, Any]] = json.loads(store.read_text()) if store.is_file() else []
 
     def record(ctx: Context, acc_bits: int, variant: str, started: float, fields: dict[str, Any]) -> None:
@@ -98,8 +102,7 @@ def run(models: list[str], variants: list[str], committed: bool, long: bool, sho
                "epochs": budget.epochs,
                "samples": len(ctx.train[0]), "float": ctx.float_score, "seconds": round(time.perf_counter() - started, 1),
                **fields}
-        key = (row["model"], row["P"], row["variant"], row["epochs"])
-        rows[:] = [r for r in rows if (r["model"], r["P"], r["variant"], r["epochs"]) != key] + [row]
+        rows[:] = [r for r in rows if _key(r) != _key(row)] + [row]
         store.write_text(json.dumps(rows, indent=1) + "\n")
         out.write_text(render(rows))
         print(f"{row['model']} P={acc_bits} {budget.epochs} ep {variant}: {row['score']:.2f} "
@@ -109,7 +112,7 @@ def run(models: list[str], variants: list[str], committed: bool, long: bool, sho
     contexts = {name: load_context(_bench(name)) for name in models}
     for name, ctx in contexts.items() if short else ():
         scorer = OnnxScorer(ctx)
-        for acc_bits in POINTS[name]:
+        for acc_bits in [p for p in POINTS[name] if widths is None or p in widths]:
             for key in [*variants, ANCHOR]:
                 started = time.perf_counter()
                 if committed and key in COMMITTED:
@@ -122,9 +125,10 @@ def run(models: list[str], variants: list[str], committed: bool, long: bool, sho
     for name in [name for name in models if long and name in LONG]:  # after every short run: the longest last
         longer = _with_epochs(contexts[name], LONG_EPOCHS)
         scorer = OnnxScorer(longer)
-        for acc_bits in LONG[name]:
-            started = time.perf_counter()
-            record(longer, acc_bits, NEW_DEFAULT, started, _ours(longer, scorer, acc_bits, VARIANTS[NEW_DEFAULT][1]))
+        for acc_bits in [p for p in LONG[name] if widths is None or p in widths]:
+            if NEW_DEFAULT in variants:
+                started = time.perf_counter()
+                record(longer, acc_bits, NEW_DEFAULT, started, _ours(longer, scorer, acc_bits, VARIANTS[NEW_DEFAULT][1]))
             started = time.perf_counter()
             record(longer, acc_bits, ANCHOR, started, _anchor(longer, acc_bits))
 
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--committed", action="store_true",
                         help="take the old default and A2Q+ rows from bench/results.json (the committed benchmark run, "
                              "same budget) instead of training them again")
+    parser.add_argument("--widths", help="comma-separated subset of each model's P (default: all configured)")
     parser.add_argument("--no-long", action="store_true", help=f"skip the {LONG_EPOCHS}-epoch runs")
     parser.add_argument("--long-only", action="store_true", help=f"only the {LONG_EPOCHS}-epoch runs")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "qat.json", help="rows kept here as they finish")
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only write --out from the rows of these files (runs of other --models)")
     args = parser.parse_args(argv)
     if args.render:
-        args.out.write_text(render([row for path in args.render for row in json.loads(path.read_text())]))
+        rows = {_key(row): row for path in args.render for row in json.loads(path.read_text())}  # a later file wins
+        args.out.write_text(render(list(rows.values())))
         return
     import torch
 
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{option}: {unknown} not configured; choose from {list(known)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run(models, variants, args.committed, not args.no_long, not args.long_only, args.json, args.out)
+        run(models, variants, args.committed, not args.no_long, not args.long_only, args.json, args.out,
+            {int(p) for p in args.widths.split(",")} if args.widths else None)
 
 
 if __name__ == "__main__":
