@@ -33,13 +33,13 @@ POINTS: dict[str, tuple[int, ...]] = {"fmnist_cnn": (12, 11, 13), "digits_cnn": 
 # key -> (label, FinetuneConfig fields); "old" is what `a2q finetune` did before issue 11
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "old": ("old default (qat, init project)", dict(method="qat", init="project")),
-    "scaled": ("qat, init scaled (new default)", dict(method="qat", init="scaled")),
-    "norm": ("norm, init scaled", dict(method="norm", init="scaled")),
+    "scaled": ("qat, init scaled", dict(method="qat", init="scaled")),
+    "norm": ("norm, init scaled (new default)", dict(method="norm", init="scaled")),
     "axe": ("qat, init axe", dict(method="qat", init="axe")),
     "distill": ("qat, init scaled, distill", dict(method="qat", init="scaled", distill=True)),
     "warmup": ("qat, init scaled, warm-up 0.1", dict(method="qat", init="scaled", warmup=0.1)),
 }
-NEW_DEFAULT = "scaled"
+NEW_DEFAULT = "norm"
 ANCHOR = "brevitas-a2q+"
 # rows that --committed takes from the committed benchmark run (same budget, same code) instead of training again
 COMMITTED = {"old": "qat", ANCHOR: ANCHOR}

@@ -67,8 +67,8 @@ def finetune(
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer width NAME=P; repeatable")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz; the best epoch is chosen on it")] = None,
     method: Annotated[str, typer.Option(
-        "--method", help="qat (exact-range projected QAT), norm (A2Q+-style weight normalisation over the exact "
-                         "budget, exact rounding), a2q (A2Q weight normalisation, round to zero) or axe (PTQ)")] = "qat",
+        "--method", help="norm (A2Q+-style weight normalisation over the exact budget, exact rounding), qat "
+                         "(exact-range projected QAT), a2q (A2Q weight normalisation, round to zero) or axe (PTQ)")] = "norm",
     init: Annotated[str, typer.Option(
         "--init", help="training start: scaled (per channel, the weight scale whose exact projection loses least, "
                        "then project), project (Euclidean projection at the model's scales), axe (AXE's weights) "

@@ -4,7 +4,7 @@ Both methods hook the weight ``Quant`` of every constrained layer through the br
 ``set_weight_transform`` (and, for ``qat``, ``set_weight_projection``), so every forward pass
 after every optimizer step quantizes to integers that fit the layer's target width P.
 
-``qat`` (default): exact-range projected training.
+``qat``: exact-range projected training.
     The weight parameter is a *latent* float weight ``w``. After each optimizer step it is
     projected (Euclidean, per row, in integer units ``v = w / s``) onto the real polytope of
     the exact accumulator range (:func:`projection.project_accumulator_range`), which keeps the
@@ -26,7 +26,7 @@ after every optimizer step quantizes to integers that fit the layer's target wid
     is Brevitas' ``sum relu(g - T s)``, which gives ``g`` a gradient where the clamp has none.
     Needs one scale per row (per-tensor or per-output-channel scales).
 
-``norm``: A2Q+-style weight normalisation over the *exact* budget (no round-to-zero waste).
+``norm`` (default): A2Q+-style weight normalisation over the *exact* budget (no round-to-zero waste).
     Per row, in integer units ``v = w / s``: ``u = min(g, G(v)) * v / ||v||_1`` with ``g`` a new
     parameter (the row's l1 norm) and ``G(v)`` the largest l1 norm a row of direction ``v`` can
     have while its real exact accumulator range ``[lo pos - hi neg, hi pos - lo neg]`` (``pos`` /

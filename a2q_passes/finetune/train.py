@@ -57,7 +57,7 @@ AXE_INIT_HELD_OUT = 2048
 
 @dataclass
 class FinetuneConfig:
-    method: str = "qat"  # "qat", "a2q" or "norm" train here; "axe" is post-training (FinetuneAccumulators)
+    method: str = "norm"  # "norm", "qat" or "a2q" train here; "axe" is post-training (FinetuneAccumulators)
     init: str = "scaled"  # one of constraint.INITS
     warmup: float = 0.0  # fraction of the steps with a linear learning-rate warm-up before the cosine decay
     loss: str = "ce"

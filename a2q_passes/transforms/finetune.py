@@ -1,6 +1,6 @@
 """``FinetuneAccumulators``: win accuracy back at a target accumulator width, by training or by AXE.
 
-Methods: ``qat`` (default), ``norm`` and ``a2q`` train through the torch bridge with the constraint and
+Methods: ``norm`` (default), ``qat`` and ``a2q`` train through the torch bridge with the constraint and
 initialisation (``config.init``) of :mod:`a2q_passes.finetune.constraint`; ``axe`` is post-training (:mod:`a2q_passes.finetune.calibration`)
 and only needs unlabelled calibration inputs. Every method ends with the exact re-check of what
 the graph's own quantizers produce (:func:`~a2q_passes.finetune.selection.enforce_widths`), and
