@@ -64,7 +64,7 @@ from a2q_passes.errors import A2QError
 from a2q_passes.finetune.selection import ConstrainedLayer, Selection
 from a2q_passes.projection import (accumulator_is_signed, plain_round, project_accumulator_range, project_exact,
                                    project_l1_ball)
-from a2q_passes.torch_bridge import QonnxModule
+from a2q_passes.torch_bridge import QonnxModule, WeightQuant
 
 Method = Literal["qat", "a2q", "norm"]
 TRAINING_METHODS = ("qat", "a2q", "norm")
@@ -285,7 +285,7 @@ class Constraint:
                 module.set_weight_transform(wq.node_name, norm)
                 self._norms.append((norm, wq.weight_name, wq.scale_name))
 
-    def _rescale(self, layer: ConstrainedLayer, wq) -> np.ndarray | None:
+    def _rescale(self, layer: ConstrainedLayer, wq: WeightQuant) -> np.ndarray | None:
         """Init ``scaled`` for one layer: multiply its weight scale in place; None where it is left alone
         (a scale that other nodes read too, or rows that mix scale elements)."""
         if self.module.readers(wq.scale_name) != [wq.node_name]:
