@@ -423,6 +423,7 @@ EXTRA_SECTIONS = (
     ("Benchmark protocol: equal budgets and the A2Q papers' set-up", "protocol.md",
      ".venv/bin/python -m bench.protocol RESULTS_JSON... --json bench/protocol.json --out bench/protocol.md "
      "(the runs are listed in the file)"),
+    ("QAT variants against Brevitas A2Q+ at equal budgets", "qat.md", ".venv/bin/python -m bench.bench_qat"),
 )
 
 

@@ -23,8 +23,9 @@ from a2q_passes.errors import A2QError
 
 
 def _check_options(input_path: Path, output_path: Path, method: str, loss: str, epochs: int, lr: float,
-                   batch_size: int, device: str, refresh_stats: str) -> None:
+                   batch_size: int, device: str, refresh_stats: str, init: str, warmup: float) -> None:
     from a2q_passes.finetune.calibration import REFRESH
+    from a2q_passes.finetune.constraint import INITS
     from a2q_passes.finetune.data import LOSSES
     from a2q_passes.finetune.distributed import DEVICES
     from a2q_passes.model_io import check_output_paths
@@ -32,7 +33,7 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
 
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path])
     for name, value, allowed in (("--method", method, METHODS), ("--loss", loss, LOSSES), ("--device", device, DEVICES),
-                                 ("--refresh-stats", refresh_stats, REFRESH)):
+                                 ("--refresh-stats", refresh_stats, REFRESH), ("--init", init, INITS)):
         if value not in allowed:
             raise A2QError(f"{name} must be one of {', '.join(allowed)}, got '{value}'")
     if device == "cuda":
@@ -43,6 +44,8 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
                            "use --device cpu, or --device auto to take a GPU when there is one")
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise A2QError(f"need --epochs >= 0, --batch-size >= 1 and --lr > 0 (got {epochs}, {batch_size}, {lr})")
+    if not 0.0 <= warmup < 1.0:
+        raise A2QError(f"--warmup is a fraction of the training steps in [0, 1), got {warmup}")
 
 
 def _summary(before: dict, after: dict, targets: dict[str, int], input_ranges: str) -> Table:
@@ -62,9 +65,17 @@ def finetune(
     acc_bits: Annotated[Optional[int], typer.Option("--acc-bits", help="target accumulator width P of every layer")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer width NAME=P; repeatable")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz; the best epoch is chosen on it")] = None,
-    method: Annotated[str, typer.Option("--method", help="qat (exact-range projected QAT), a2q or axe (PTQ)")] = "qat",
+    method: Annotated[str, typer.Option(
+        "--method", help="norm (A2Q+-style weight normalisation over the exact budget, exact rounding), qat "
+                         "(exact-range projected QAT), a2q (A2Q weight normalisation, round to zero) or axe (PTQ)")] = "norm",
+    init: Annotated[str, typer.Option(
+        "--init", help="training start: scaled (per channel, the weight scale whose exact projection loses least, "
+                       "then project), project (Euclidean projection at the model's scales), axe (AXE's weights) "
+                       "or none")] = "scaled",
     epochs: Annotated[int, typer.Option("--epochs")] = 5,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (cosine decay)")] = 1e-3,
+    warmup: Annotated[float, typer.Option(
+        "--warmup", help="fraction of the steps with a linear learning-rate warm-up before the cosine decay")] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="samples per step and process")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="seeds data order and initialisation")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="ce (labels), mse or l1 (targets)")] = "ce",
@@ -100,7 +111,7 @@ def finetune(
     from a2q_passes.model_io import check_whole_model_fits, has_external_data, load_model, save_model
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
-    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats)
+    _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats, init, warmup)
     check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
     check_whole_model_fits(input_path, "`a2q finetune` needs the whole model in one (its torch bridge and qonnx's "
@@ -109,7 +120,7 @@ def finetune(
                            "exported it (e.g. Brevitas) and export it again.")
     model = load_model(input_path, stream=False)  # training executes the whole graph
     torch.use_deterministic_algorithms(True, warn_only=True)
-    config = FinetuneConfig(method=method, loss=loss, distill=distill, epochs=epochs,
+    config = FinetuneConfig(method=method, init=init, warmup=warmup, loss=loss, distill=distill, epochs=epochs,
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,
                             device=device, progress=not no_progress, log=typer.echo)
     step = FinetuneAccumulators(global_bits, data, val, config, overrides=overrides, tile=tile,

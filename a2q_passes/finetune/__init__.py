@@ -1,4 +1,4 @@
-"""Win accuracy back at a target accumulator width: constrained QAT (``qat``, ``a2q``) and AXE PTQ (``axe``).
+"""Win accuracy back at a target accumulator width: constrained QAT (``qat``, ``norm``, ``a2q``) and AXE PTQ (``axe``).
 
 Modules: :mod:`selection` (which layers, at which width; the exact re-check after write-back),
 :mod:`constraint` (torch side: the per-layer weight transforms and projections on a
@@ -19,7 +19,7 @@ API::
 
 Lower level: ``select_layers(model, P, overrides) -> Selection``,
 ``finetune(model, selection, train: Dataset, val, config, callback) -> FinetuneResult``,
-``Constraint(module, selection, "qat" | "a2q")``, ``run_axe(model, selection, x, tile, held_out=Dataset, loss, refresh) -> (model, reports)``,
+``Constraint(module, selection, "qat" | "norm" | "a2q", init="scaled" | "project" | "axe" | "none")``, ``run_axe(model, selection, x, tile, held_out=Dataset, loss, refresh) -> (model, reports)``,
 ``refresh_statistics(original, model, selection, x)``,
 ``axe_quantize(v, F, G, H, x_range, P, weight_range, tile) -> int64 rows``.
 """

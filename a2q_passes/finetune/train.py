@@ -11,10 +11,17 @@ Validation metric (higher is better): top-1 accuracy in % for ``ce``; PSNR in dB
 measured against the validation labels, or against the original model's outputs (argmax for
 ``ce``) where the validation data has none. The best epoch (highest validation metric, or the
 lowest mean training loss without validation data) is kept; with validation data the
-constrained starting point (epoch 0) is a candidate too, so fine-tuning never returns a model
-that scores worse on it than the plain projection it starts from.
+constrained starting point (epoch 0, the initialisation) is a candidate too, so fine-tuning never
+returns a model that scores worse on it than the point it starts from.
 
-Optimiser: Adam with a per-step cosine decay of the learning rate. Data order comes from a
+Initialisation: ``init`` (:data:`~a2q_passes.finetune.constraint.INITS`, see
+:mod:`~a2q_passes.finetune.constraint`); for ``axe`` the training data's first
+:data:`AXE_INIT_CALIBRATION` samples (after a seeded shuffle) calibrate AXE and up to
+:data:`AXE_INIT_HELD_OUT` others choose between AXE and the projection, as ``--method axe`` does.
+The original model (never the initialisation) is the teacher for ``distill`` and the reference score.
+
+Optimiser: Adam with a per-step cosine decay of the learning rate, after a linear warm-up over
+the first ``warmup`` fraction of the steps (0: none). Data order comes from a
 ``DistributedSampler`` seeded with ``seed`` (also in a world of one), so a run is reproducible;
 ``batch_size`` is per process. Under DDP every rank computes the same validation metric and
 the all-reduced training loss, so all ranks pick the same best epoch and end identical.
@@ -36,19 +43,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from a2q_passes.finetune.constraint import TRAINING_METHODS, Constraint
-from a2q_passes.finetune.data import Dataset
+from a2q_passes.finetune.constraint import INITS, TRAINING_METHODS, Constraint
+from a2q_passes.finetune.data import Dataset, split_held_out
 from a2q_passes.finetune.distributed import Distributed, distributed
 from a2q_passes.finetune.selection import Selection, enforce_widths
 from a2q_passes.torch_bridge import QonnxModule, write_back
 
 StepCallback = Callable[[int, Constraint], None]
 _EVAL_BATCH = 512
+AXE_INIT_CALIBRATION = 512  # AXE's own defaults (a2q finetune --method axe)
+AXE_INIT_HELD_OUT = 2048
 
 
 @dataclass
 class FinetuneConfig:
-    method: str = "qat"  # "qat" or "a2q" train here; "axe" is post-training (FinetuneAccumulators)
+    method: str = "norm"  # "norm", "qat" or "a2q" train here; "axe" is post-training (FinetuneAccumulators)
+    init: str = "scaled"  # one of constraint.INITS
+    warmup: float = 0.0  # fraction of the steps with a linear learning-rate warm-up before the cosine decay
     loss: str = "ce"
     distill: bool = False
     epochs: int = 5
@@ -56,7 +67,7 @@ class FinetuneConfig:
     batch_size: int = 64
     seed: int = 0
     train_act_scales: bool = False
-    a2q_penalty: float = 1e-3  # weight of Brevitas' relu(g - T s) term (method a2q)
+    a2q_penalty: float = 1e-3  # weight of Brevitas' relu(g - T s) term (methods a2q and norm)
     device: str = "auto"
     progress: bool = True
     log: Callable[[str], None] | None = field(default=None, repr=False)  # per-epoch lines (rank 0); None: stderr
@@ -124,6 +135,14 @@ def evaluate_graph(model: ModelWrapper, data: Dataset, loss: str, device: torch.
     return score(outputs, predict(QonnxModule(reference, trainable_scales="none").to(device), data.x, device), loss)
 
 
+def learning_rate_factor(step: int, total_steps: int, warmup: float) -> float:
+    """The learning rate of ``step`` relative to ``lr``: linear warm-up over ``warmup * total_steps``, then cosine."""
+    ramp = int(warmup * total_steps)
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / max(total_steps - ramp, 1)))
+
+
 def _targets(data: Dataset, teacher: Callable[[np.ndarray], Tensor], use_teacher: bool) -> Tensor:
     return teacher(data.x) if use_teacher or data.y is None else torch.from_numpy(data.y)
 
@@ -144,6 +163,10 @@ def finetune(model: ModelWrapper, selection: Selection, train: Dataset, val: Dat
     if config.method not in TRAINING_METHODS:
         raise ValueError(f"finetune() trains with one of {TRAINING_METHODS}, got {config.method!r} "
                          "(AXE runs through FinetuneAccumulators)")
+    if config.init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {config.init!r}")
+    if not 0.0 <= config.warmup < 1.0:
+        raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {config.warmup}")
     with distributed(config.device) as world:
         return _run(model, selection, train, val, config, callback, world)
 
@@ -163,8 +186,14 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
     original_metric = score(teacher(val.x), val_targets, config.loss) if val is not None else None
     del original
 
-    module = QonnxModule(model, trainable_scales="all" if config.train_act_scales else "weights")
-    constraint = Constraint(module, selection, config.method)
+    initial = model
+    if config.init == "axe":
+        from a2q_passes.finetune.calibration import run_axe  # it imports this module
+
+        calibration, held_out = split_held_out(train, AXE_INIT_CALIBRATION, AXE_INIT_HELD_OUT, config.seed)
+        initial, _ = run_axe(model, selection, calibration.x, device=device, held_out=held_out, loss=config.loss)
+    module = QonnxModule(initial, trainable_scales="all" if config.train_act_scales else "weights")
+    constraint = Constraint(module, selection, config.method, "project" if config.init == "axe" else config.init)
     module.to(device)
     net = module
     if world.active:
@@ -176,8 +205,8 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
                                  shuffle=True, seed=config.seed)
     steps_per_epoch = math.ceil(len(sampler) / config.batch_size)
     total_steps = max(config.epochs * steps_per_epoch, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, total_steps,
+                                                                                              config.warmup))
     x_all = torch.from_numpy(train.x)
 
     metric = metric_name(config.loss)
@@ -233,7 +262,7 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
     _, best_epoch, state = best
     module.load_state_dict(state)
     module.eval()
-    out = write_back(module, model)
+    out = write_back(module, initial)
     reprojected = enforce_widths(out, selection)
     log(f"best epoch {best_epoch}" + (f" (val {metric} {history[best_epoch].val_metric:.2f})" if val is not None else ""))
     return FinetuneResult(out, history, best_epoch, metric, original_metric, reprojected, world.is_main)

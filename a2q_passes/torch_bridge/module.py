@@ -198,6 +198,10 @@ class QonnxModule(nn.Module):
         is_param, key = self._sources[name]
         return self.trainable[key] if is_param else getattr(self.constants, key)
 
+    def readers(self, name: str) -> list[str]:
+        """Keys of the nodes that read tensor ``name`` (once each), in execution order."""
+        return [node.key for node, _ in self._steps if name in node.inputs]
+
     def named_onnx_parameters(self) -> dict[str, nn.Parameter]:
         """Trainable initializers by ONNX tensor name."""
         return {name: self.trainable[key] for name, (is_param, key) in self._sources.items() if is_param}

@@ -1,7 +1,7 @@
 """``FinetuneAccumulators``: win accuracy back at a target accumulator width, by training or by AXE.
 
-Methods: ``qat`` (default) and ``a2q`` train through the torch bridge with the constraint of
-:mod:`a2q_passes.finetune.constraint`; ``axe`` is post-training (:mod:`a2q_passes.finetune.calibration`)
+Methods: ``norm`` (default), ``qat`` and ``a2q`` train through the torch bridge with the constraint and
+initialisation (``config.init``) of :mod:`a2q_passes.finetune.constraint`; ``axe`` is post-training (:mod:`a2q_passes.finetune.calibration`)
 and only needs unlabelled calibration inputs. Every method ends with the exact re-check of what
 the graph's own quantizers produce (:func:`~a2q_passes.finetune.selection.enforce_widths`), and
 the pass proves its promise on its own output: the exact accumulator width of every constrained
@@ -46,7 +46,7 @@ def _structure(model: ModelWrapper) -> list[tuple]:
 
 
 class FinetuneAccumulators(A2QPass):
-    """Fine-tune (``qat``/``a2q``) or AXE-quantize (``axe``) every constrained layer to its target width.
+    """Fine-tune (``qat``/``norm``/``a2q``) or AXE-quantize (``axe``) every constrained layer to its target width.
 
     The method is ``config.method``. ``acc_bits``: the width P of every constrained layer;
     ``overrides``: ``{MAC node: P}``. ``train``: training data, or calibration inputs for ``axe``
