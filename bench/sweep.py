@@ -71,7 +71,7 @@ METHODS: tuple[Method, ...] = (
     Method("project-a2q", "ours: project a2q (PTQ)", "ours"),
     Method("project-exact", "ours: project exact (PTQ)", "ours"),
     Method("axe", "ours: AXE (PTQ)", "ours"),
-    Method("qat", "ours: QAT finetune", "ours", trained=True),
+    Method("qat", "ours: QAT finetune (a2q finetune defaults)", "ours", trained=True),
     Method("qat-float", "ours: QAT finetune from the float checkpoint", "ours", trained=True),
     Method("ours-best", "ours: best on validation", "ours"),
     Method("brevitas-a2q", "Brevitas A2Q (QAT)", "anchor", trained=True),
@@ -317,7 +317,9 @@ def _finetune(ctx: Context, method: str, acc_bits: int, start: ModelWrapper) -> 
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
     budget = ctx.bench.budget
-    config = FinetuneConfig(method=method, loss="mse" if ctx.dataset == "sr" else "ce", epochs=budget.epochs,
+    # the "qat" rows are `a2q finetune`'s defaults (method and init), so the benchmark follows the CLI
+    fields = {"method": "axe"} if method == "axe" else {}
+    config = FinetuneConfig(**fields, loss="mse" if ctx.dataset == "sr" else "ce", epochs=budget.epochs,
                             lr=budget.lr, batch_size=budget.batch_size, seed=budget.seed, device="cpu",
                             train_act_scales=True,  # as the anchors, whose QuantReLU scales are trained parameters
                             log=lambda line: tqdm.write(f"    {method} P={acc_bits}: {line}"))
