@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_llm import LLAMA_7B, build_decoder_stack, read_floor
+from bench.bench_llm import add_side_by_side_arguments, build_decoder_stack, read_floor
 
 # Runs in the child after its imports; prints the seconds of reading and analysing the model only.
 IN_PROCESS = """
@@ -67,11 +67,7 @@ def _analyze_json(python: str, checkout: Path, model: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="the other checkout (with its own .venv)")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden"])
-    parser.add_argument("--mlp", type=int, default=LLAMA_7B["mlp"])
-    parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
+    add_side_by_side_arguments(parser, layers=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_analyze_side"))
     parser.add_argument("--json", type=Path, help="also write the figures here")

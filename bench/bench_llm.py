@@ -133,6 +133,15 @@ def build_decoder_stack(path: Path, layers: int, hidden: int = 4096, mlp: int = 
     return writer.weights
 
 
+def add_side_by_side_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
+    """The options every two-checkout comparison on the decoder stack takes (bench/*_side_by_side.py)."""
+    parser.add_argument("--baseline", type=Path, required=True, help="the other checkout (with its own .venv)")
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden"])
+    parser.add_argument("--mlp", type=int, default=LLAMA_7B["mlp"])
+    parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
+
+
 def read_floor(data_path: Path, weights: list[tuple[int, int]]) -> float:
     """Seconds to read every weight tensor's bytes once with numpy (a fresh array per tensor)."""
     start = time.perf_counter()

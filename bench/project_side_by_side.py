@@ -18,16 +18,12 @@ from pathlib import Path
 
 import onnx
 
-from bench.bench_llm import LLAMA_7B, build_decoder_stack, read_floor, run_measured
+from bench.bench_llm import add_side_by_side_arguments, build_decoder_stack, read_floor, run_measured
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="the other checkout (with its own .venv)")
-    parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--hidden", type=int, default=LLAMA_7B["hidden"])
-    parser.add_argument("--mlp", type=int, default=LLAMA_7B["mlp"])
-    parser.add_argument("--heads", type=int, default=LLAMA_7B["heads"])
+    add_side_by_side_arguments(parser, layers=1)
     parser.add_argument("--acc-bits", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_side"))
     args = parser.parse_args(argv)
