@@ -217,13 +217,19 @@ def _model_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_a_kill_at_any_step_of_a_write_leaves_the_old_pair_or_the_new_pair(tmp_path, a2q, monkeypatch):
-    """The folder as a kill right after each rename would leave it: the model and the data it names match."""
-    external = externalise(QONNX_MLP, tmp_path / "ext")
+def _projected_into_own_folder(tmp_path: Path, a2q, source: Path, acc_bits: int) -> tuple[Path, Path, Path]:
+    """(external-data input, output folder, OUT.onnx) after one ``project`` into a folder of its own."""
+    external = externalise(source, tmp_path / "ext")
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "out.onnx"
-    assert a2q("project", external, out, "--acc-bits", "14").returncode == 0
+    assert a2q("project", external, out, "--acc-bits", str(acc_bits)).returncode == 0
+    return external, folder, out
+
+
+def test_a_kill_at_any_step_of_a_write_leaves_the_old_pair_or_the_new_pair(tmp_path, a2q, monkeypatch):
+    """The folder as a kill right after each rename would leave it: the model and the data it names match."""
+    external, folder, out = _projected_into_own_folder(tmp_path, a2q, QONNX_MLP, 14)
     old = initializer_values(out)
     snapshots: list[Path] = []
     replace = os.replace
@@ -249,11 +255,7 @@ def test_a_kill_at_any_step_of_a_write_leaves_the_old_pair_or_the_new_pair(tmp_p
 
 
 def test_a_failed_model_rename_keeps_the_old_pair(tmp_path, a2q, monkeypatch):
-    external = externalise(QDQ_CNN, tmp_path / "ext")
-    folder = tmp_path / "out"
-    folder.mkdir()
-    out = folder / "out.onnx"
-    assert a2q("project", external, out, "--acc-bits", "16").returncode == 0
+    external, folder, out = _projected_into_own_folder(tmp_path, a2q, QDQ_CNN, 16)
     before = {name: digest(folder / name) for name in _model_files(folder)}
     replace, calls = os.replace, []
 
