@@ -237,3 +237,21 @@ def analyze_model(
                         "a MatMul of two quantized activations, or FINN MVAU/VVAU)")
     warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
     return ModelReport(reports, warnings, zero_point, input_ranges)
+
+
+INNER_REGISTER = "partial sum within a tile"  # the inner stage of a tiled datapath; every other register is outer
+
+
+def register_ranges(layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, mode: str,
+                    tile: int | None) -> dict[str, tuple[int, int]]:
+    """Layer-wide extremes of every accumulator register the datapath holds, over the input box ``x``."""
+    acc_min, acc_max = bounds.exact_accumulator_range(rows, x) if layer.act_x_act else channel_ranges(layer, rows)
+    ranges = {"final sum": (int(acc_min.min()), int(acc_max.max()))}
+    if layer.binary_xnor:
+        return ranges  # popcount: every partial count lies between 0 and the final count
+    if tile is not None:
+        ranges[INNER_REGISTER], ranges["running sum of tile results"] = stage_ranges(rows, x, tile)
+    elif mode == "saturate":
+        lo, hi = bounds.partial_sum_range(rows, x)
+        ranges["prefix of the sum"] = (int(lo.min()), int(hi.max()))
+    return ranges

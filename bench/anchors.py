@@ -231,7 +231,7 @@ def export_check(model: nn.Module, model_name: str, acc_bits: int, weight_bits: 
     """
     from a2q_passes.analysis import analyze_model
     from a2q_passes.layers import find_mac_layers
-    from a2q_passes.verification import simulate_model
+    from a2q_passes.data_simulation import simulate_model
     from models.export import export_qonnx_model
 
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():

@@ -3,7 +3,7 @@
 Methods (``METHODS``):
 
 - ``unconstrained-wrap``: the committed W/A model as it is, its MAC layers run with P-bit
-  two's-complement wrap-around accumulators (:func:`a2q_passes.verification.simulate_model`):
+  two's-complement wrap-around accumulators (:func:`a2q_passes.data_simulation.simulate_model`):
   the collapse accumulator-aware quantization prevents.
 - ours: ``project-a2q`` / ``project-exact`` (:class:`ProjectToAccumulator`, post-training),
   ``axe`` (AXE PTQ) and ``qat`` (exact-range projected QAT), both through
@@ -294,7 +294,7 @@ class OnnxScorer:
 
 
 def _unconstrained_wrap(ctx: Context, scorer: OnnxScorer, acc_bits: int) -> dict[str, Any]:
-    from a2q_passes.verification import simulate_model
+    from a2q_passes.data_simulation import simulate_model
 
     measured = scorer.measure(ctx.base)
     if ctx.plain_width <= acc_bits:  # proven: no input can overflow, so the P-bit result is the exact one

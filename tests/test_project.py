@@ -15,7 +15,8 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.model_io import load_model
 from a2q_passes.transforms.project import ProjectToAccumulator
-from a2q_passes.verification import simulate_model, verify_model
+from a2q_passes.data_simulation import simulate_model
+from a2q_passes.verification import verify_model
 from tests.brevitas_nets import build_net
 from tests.cli_helpers import digest, run_a2q
 

@@ -19,7 +19,8 @@ from a2q_passes.errors import A2QError, PostconditionError
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.passes import PassResult
 from a2q_passes.transforms import AnnotateAccumulators, VerifyAccumulators
-from a2q_passes.verification import LayerVerdict, VerificationReport, simulate_model, verify_model
+from a2q_passes.data_simulation import simulate_model
+from a2q_passes.verification import LayerVerdict, VerificationReport, verify_model
 from tests.brevitas_nets import build_net
 from tests.cli_helpers import run_a2q
 from tests.test_simulate import register_limits, sequential_accumulation

@@ -54,7 +54,7 @@ def check_input_dtype_tensors(dtypes: dict[str, str], model: ModelWrapper, model
 
 def read_data(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
     """``--data``: the arrays of an ``.npz``, checked against the model's inputs (shape, NaN, samples)."""
-    from a2q_passes.verification import graph_feeds, load_inputs
+    from a2q_passes.data_simulation import graph_feeds, load_inputs
 
     arrays = load_inputs(path, model)
     try:

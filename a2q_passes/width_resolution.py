@@ -1,0 +1,50 @@
+"""Which accumulator width each MAC layer is checked or simulated at, and where the width came from.
+
+``widths`` is one P for every quantized layer (``WIDTHS_GLOBAL``), a ``{node: P}`` map
+(``WIDTHS_SELECTED``: only those layers), or ``None``: the widths ``annotate``/``project``/``finetune``
+recorded in the model (``WIDTHS_RECORDED``). ``overrides`` refine any of them per node. Naming a node that
+is not a quantized MAC layer is an error that names it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.errors import A2QError
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer
+from a2q_passes.metadata import recorded_widths
+
+WIDTHS_GLOBAL, WIDTHS_SELECTED, WIDTHS_RECORDED = "global", "selected layers", "model metadata"
+
+
+def resolve_widths(model: ModelWrapper, layers: list[MacLayer], widths: int | dict[str, int] | None,
+                   overrides: dict[str, int] | None = None) -> tuple[dict[str, int], str]:
+    """Per-layer widths and where they came from (one of ``WIDTHS_*``); errors name the bad layer."""
+    quantized = {layer.node: layer for layer in layers if layer.status != STATUS_WEIGHTS_NOT_QUANTIZED}
+    if isinstance(widths, (int, np.integer)):
+        resolved, source = {name: int(widths) for name in quantized}, WIDTHS_GLOBAL
+    elif isinstance(widths, dict):
+        resolved, source = dict(widths), WIDTHS_SELECTED
+    elif widths is None:
+        resolved, source = recorded_widths(model), WIDTHS_RECORDED
+        if not resolved and not overrides:
+            raise A2QError("no accumulator width given and none recorded in the model: pass --acc-bits P, "
+                           "--layer NAME=P or --widths-json FILE, or record widths with `a2q annotate` first")
+    else:
+        raise TypeError(f"widths must be an int, a dict or None, got {type(widths).__name__}")
+    resolved.update(overrides or {})
+    names = {node.name or node.output[0]: node for node in model.graph.node}
+    for name, bits in resolved.items():
+        where = "recorded in the model metadata" if source == WIDTHS_RECORDED and name not in (overrides or {}) else "given"
+        if name not in names:
+            mac = ", ".join(quantized) or "none"
+            raise A2QError(f"a width is {where} for layer '{name}', but the model has no node of that name "
+                           f"(quantized MAC layers: {mac})")
+        if name not in quantized:
+            node = names[name]
+            what = "has float weights" if any(layer.node == name for layer in layers) else f"is a {node.op_type} node"
+            raise A2QError(f"a width is {where} for '{name}', which {what}, not a quantized MAC layer")
+        if not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 64:
+            raise A2QError(f"layer '{name}': accumulator width must be an integer between 1 and 64, got {bits!r}")
+    return {name: int(bits) for name, bits in resolved.items()}, source
