@@ -224,7 +224,7 @@ def _finn_steps(model: ModelWrapper, *names: str) -> ModelWrapper:
 def test_flow_equals_finn_builder_steps_on_a_plain_graph(mlp):
     """Without forks the decomposed streamlining must give exactly what FINN's own steps give, plus our one
     deliberate change after step_qonnx_to_finn: the input thresholds moved onto the input Quant's boundaries."""
-    from a2q_passes.finn_flow import exact_input_thresholds
+    from a2q_passes.finn_input_thresholds import exact_input_thresholds
 
     _, model, _ = mlp
     hw, report = lower_to_finn_hw(model)

@@ -322,7 +322,7 @@ def test_committed_residual_model_lowers_within_target(tmp_path):
         lo, hi = _brute_force_range(_mac_rows(hw, node), int(idt.min()), int(idt.max()))
         assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= target
     # raw digits pixels are k/16; 0.5 lies within a float32 step of the boundary between two input
-    # codes, which FINN's float32 thresholds alone put on the wrong side (finn_flow.exact_input_thresholds)
+    # codes, which FINN's float32 thresholds alone put on the wrong side (finn_input_thresholds.exact_input_thresholds)
     images, _ = load_dataset("digits", "test")
     result = check_equivalence(projected, hw, images[:8].astype(np.float32))
     assert result["within_tolerance"] and result["top1_agreement"] == 1.0

@@ -295,7 +295,7 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
     * Graph input read by a ``Quant``: reals drawn uniformly from the quantizer's real range
       ``[(lo - z) s, (hi - z) s]``; every second sample is snapped onto the grid ``(code - z) s``,
       because grid-valued data (images as k/255 ...) sit on the float32 decision boundaries where
-      a wrongly rounded threshold flips a code (see :func:`a2q_passes.finn_flow.exact_input_thresholds`).
+      a wrongly rounded threshold flips a code (see :func:`a2q_passes.finn_input_thresholds.exact_input_thresholds`).
     * Otherwise (a float input with no quantizer): a standard normal.
     """
     from a2q_passes.layers import GridResolver
