@@ -393,32 +393,37 @@ class _RoundUpCandidates:
     ``[n_pos, n_pos + n_neg)`` the negative ones; ``gain`` holds prefix sums of benefits.
     """
 
-    positive_w: np.ndarray  # w > 0: the direction of a round-up
     trunc: np.ndarray
     order: np.ndarray
-    gain: np.ndarray  # (rows, K + 1)
+    gain: np.ndarray  # (rows, most candidates in a row + 1)
     n_pos: np.ndarray
     n_neg: np.ndarray
     n_neg_beneficial: np.ndarray
 
     @classmethod
     def of(cls, w: np.ndarray) -> "_RoundUpCandidates":
+        # in-place passes over preallocated arrays: a block of rows is passed over some ten times here
         trunc = np.trunc(w)
-        benefit = np.abs(w - trunc)
+        benefit = np.subtract(w, trunc)
+        np.abs(benefit, out=benefit)
         benefit *= 2.0
         benefit -= 1.0  # exactly -1 where w is an integer: no round-up to choose there
-        candidate = benefit > -1.0
-        positive_w = w > 0
-        positive = positive_w & candidate
-        n_pos = positive.sum(axis=1)
+        candidate = np.greater(benefit, -1.0)
+        positive_w = np.greater(w, 0)
+        positive = np.logical_and(positive_w, candidate)
+        n_pos = np.count_nonzero(positive, axis=1)
         # Sort key: positive candidates in (3, 5), negative ones in (-1, 1), the rest last.
-        key = np.where(candidate, benefit + 4.0 * positive, -8.0)
+        key = np.add(benefit, 4.0, where=positive, out=benefit.copy())
+        np.copyto(key, -8.0, where=~candidate)
         np.negative(key, out=key)
         order = np.argsort(key, axis=1)
-        gain = np.zeros((w.shape[0], w.shape[1] + 1))
-        np.cumsum(np.take_along_axis(benefit, order, axis=1), axis=1, out=gain[:, 1:])  # used up to n_pos + n_neg only
-        return cls(positive_w, trunc.astype(np.int64), order, gain, n_pos, candidate.sum(axis=1) - n_pos,
-                   ((benefit > 0) & ~positive_w).sum(axis=1))
+        n_candidates = np.count_nonzero(candidate, axis=1)
+        # gain is read up to n_pos + n_neg only: the candidates, sorted first (most weights of a projected row are 0)
+        width = int(n_candidates.max(initial=0))
+        gain = np.zeros((w.shape[0], width + 1))
+        np.cumsum(np.take_along_axis(benefit, order[:, :width], axis=1), axis=1, out=gain[:, 1:])
+        return cls(trunc.astype(np.int64), order, gain, n_pos, n_candidates - n_pos,
+                   np.count_nonzero((benefit > 0) & ~positive_w, axis=1))
 
     def choose(self, a_max: np.ndarray,
                b_bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -443,11 +448,19 @@ class _RoundUpCandidates:
         return a[r, best], b[r, best], feasible[r, best]
 
     def apply(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        j = np.arange(self.order.shape[1])[None, :]
-        up_sorted = (j < a[:, None]) | ((j >= self.n_pos[:, None]) & (j < (self.n_pos + b)[:, None]))
-        up = np.empty_like(up_sorted)
-        np.put_along_axis(up, self.order, up_sorted, axis=1)
-        return self.trunc + np.where(up, np.where(self.positive_w, 1, -1), 0)
+        """The truncation with the first ``a`` positive and ``b`` negative candidates (sorted order) rounded up.
+
+        Only the chosen positions are visited (few: most weights of a projected row are 0, no candidate).
+        """
+        q = self.trunc.copy()
+        for count, start, step in ((a, 0, 1), (b, self.n_pos, -1)):
+            count = np.asarray(count, dtype=np.int64)
+            rows = np.repeat(np.arange(count.size), count)
+            # sorted positions start, start + 1, ..., start + count - 1 of each row
+            first = np.cumsum(count) - count
+            positions = np.arange(rows.size) - np.repeat(first, count) + np.broadcast_to(start, count.shape)[rows]
+            q[rows, self.order[rows, positions]] += step
+        return q
 
 
 def _slack(limit: int, value: np.ndarray, cap: int, upper: bool) -> np.ndarray:
