@@ -262,7 +262,88 @@ class _SortedRows:
         return np.where(mass <= 0, self.values[:, 0], L)
 
 
-def _ray_root(s: _SortedRows, du: float, dl: float, target: np.ndarray, active: np.ndarray) -> np.ndarray:
+class _LevelRows:
+    """Rows of integers from a narrow range as per-row counts of each value: :class:`_SortedRows`'s masses, equal to the bit.
+
+    Every prefix sum of integer values below 2^53 is exact in float64, in any order, so the sums of the values
+    below each level (from the counts) are exactly the sorted rows' prefix sums at that level's first position;
+    and the masses ``Pm``/``Nm`` at every position of a run of equal sorted values are one integer, so searching
+    the levels finds the thresholds the sorted positions give. Built in O(K) per row (a histogram, no sort),
+    each lookup is O(1) per row instead of a binary search.
+    """
+
+    def __init__(self, levels: np.ndarray, lo: int, n_levels: int) -> None:
+        """``levels``: the rows as int64 (a scratch copy, overwritten); their values lie in ``[lo, lo + n_levels)``."""
+        self.rows, self.K = levels.shape
+        self.lo, self.n_levels = lo, n_levels
+        self._r = np.arange(self.rows)
+        self.row_min, self.row_max = levels.min(axis=1).astype(np.float64), levels.max(axis=1).astype(np.float64)
+        levels -= lo
+        levels += (self._r * n_levels)[:, None]  # one bin per (row, value)
+        counts = np.bincount(levels.ravel(), minlength=self.rows * n_levels).reshape(self.rows, n_levels)
+        # count_below[:, i] / sum_below[:, i]: how many values, and their sum, lie below lo + i (i = 0..n_levels)
+        self.count_below = np.zeros((self.rows, n_levels + 1), dtype=np.int64)
+        np.cumsum(counts, axis=1, out=self.count_below[:, 1:])
+        sums = np.zeros((self.rows, n_levels + 1), dtype=np.int64)
+        np.cumsum(counts * np.arange(lo, lo + n_levels), axis=1, out=sums[:, 1:])
+        self.sum_below = sums.astype(np.float64)
+        self.total = self.sum_below[:, -1]
+
+    def _index(self, level: np.ndarray) -> np.ndarray:
+        """``level - lo`` as an index into ``count_below`` (clipped to it; NaN, which no value compares with, to 0)."""
+        index = np.clip(level - self.lo, 0, self.n_levels)
+        return np.where(np.isnan(index), 0, index).astype(np.intp)
+
+    def upper(self, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Pm(U), #{v > U})``."""
+        below = self._index(np.floor(U) + 1)  # integers <= U are those below floor(U) + 1
+        count = self.K - self.count_below[self._r, below]
+        return self.total - self.sum_below[self._r, below] - count * U, count
+
+    def lower(self, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Nm(L), #{v < L})``."""
+        below = self._index(np.ceil(L))  # integers < L are those below ceil(L)
+        count = self.count_below[self._r, below]
+        return count * L - self.sum_below[self._r, below], count
+
+    def upper_threshold(self, mass: np.ndarray) -> np.ndarray:
+        """The U with ``Pm(U) = mass`` (``max v`` for mass <= 0)."""
+        # Pm at the levels lo - 1, ..., lo + n_levels - 1 (non-increasing): the last level where it reaches mass
+        # has the counts of the last sorted position :class:`_SortedRows` finds (lo - 1: none, all values above)
+        level = np.arange(self.lo - 1, self.lo + self.n_levels)
+        above = self.total[:, None] - self.sum_below
+        count_above = self.K - self.count_below
+        pm = above - count_above * level
+        i = np.maximum(np.count_nonzero(pm >= mass[:, None], axis=1) - 1, 0)
+        U = (above[self._r, i] - mass) / np.maximum(count_above[self._r, i], 1)
+        return np.where(mass <= 0, self.row_max, U)
+
+    def lower_threshold(self, mass: np.ndarray) -> np.ndarray:
+        """The L with ``Nm(L) = mass`` (``min v`` for mass <= 0)."""
+        # Nm at the levels lo, ..., lo + n_levels - 1 (non-decreasing): the values up to the last level where it
+        # stays within mass are those below L
+        level = np.arange(self.lo, self.lo + self.n_levels)
+        nm = self.count_below[:, :-1] * level - self.sum_below[:, :-1]
+        below = np.count_nonzero(nm <= mass[:, None], axis=1)
+        L = (mass + self.sum_below[self._r, below]) / np.maximum(self.count_below[self._r, below], 1)
+        return np.where(mass <= 0, self.row_min, L)
+
+
+def _rows_by_value(v: np.ndarray) -> _SortedRows | _LevelRows:
+    """:class:`_LevelRows` for rows of integers spanning fewer levels than K (no larger than the rows themselves) whose
+    sums stay exact in float64 (the stored codes of an 8-bit layer), else :class:`_SortedRows`; both answer alike."""
+    rows, K = v.shape
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    n_levels = hi - lo + 1
+    if not v.size or n_levels > K or K * max(abs(lo), abs(hi) + 1) >= 2.0 ** 53:
+        return _SortedRows(v)
+    levels = v.astype(np.int64)
+    if not np.array_equal(levels, v):
+        return _SortedRows(v)
+    return _LevelRows(levels, int(lo), int(n_levels))
+
+
+def _ray_root(s: _SortedRows | _LevelRows, du: float, dl: float, target: np.ndarray, active: np.ndarray) -> np.ndarray:
     """Smallest mu >= 0 with ``G(mu) = du Pm(mu du) - dl Nm(mu dl) <= target`` (rows in ``active``).
 
     G is continuous, non-increasing and piecewise linear (slope ``-(du^2 #P + dl^2 #N)``).
@@ -345,7 +426,7 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     need = viol1 | viol2
     if not need.any():
         return v.copy()
-    s = _SortedRows(v[need])
+    s = _rows_by_value(v[need])
     viol1, viol2 = viol1[need], viol2[need]
 
     def extremes_at(U: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
