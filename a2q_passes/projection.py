@@ -849,11 +849,16 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
         b = before[start:start + step].astype(np.float64, order="C").ravel()
         a = after[start:start + step].astype(np.float64, order="C").ravel()
         w = np.asarray(v[start:start + step], dtype=np.float64).ravel()
-        for i, d in enumerate((a - b, b, b - w, a - w, w)):
+        zeros_before += b.size - int(np.count_nonzero(b))
+        zeros_after += a.size - int(np.count_nonzero(a))
+        change = a - b
+        rows_touched += int(np.count_nonzero(np.any(change.reshape(-1, before.shape[1]) != 0, axis=1))) if b.size else 0
+        squares[0] += float(np.dot(change, change))
+        squares[1] += float(np.dot(b, b))
+        squares[4] += float(np.dot(w, w))
+        # the distances to v in place: b and a are not needed any more
+        for i, d in ((2, np.subtract(b, w, out=b)), (3, np.subtract(a, w, out=a))):
             squares[i] += float(np.dot(d, d))
-        zeros_before += int(np.count_nonzero(b == 0))
-        zeros_after += int(np.count_nonzero(a == 0))
-        rows_touched += int(np.any((a != b).reshape(-1, before.shape[1]), axis=1).sum()) if b.size else 0
     change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
     return {
         "rel_l2_change": relative(float(change), float(norm_before)),
