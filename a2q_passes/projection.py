@@ -277,10 +277,12 @@ class _LevelRows:
         self.rows, self.K = levels.shape
         self.lo, self.n_levels = lo, n_levels
         self._r = np.arange(self.rows)
-        self.row_min, self.row_max = levels.min(axis=1).astype(np.float64), levels.max(axis=1).astype(np.float64)
         levels -= lo
         levels += (self._r * n_levels)[:, None]  # one bin per (row, value)
         counts = np.bincount(levels.ravel(), minlength=self.rows * n_levels).reshape(self.rows, n_levels)
+        present = counts > 0  # every row holds K > 0 values: its smallest and largest are the first and last present
+        self.row_min = (lo + np.argmax(present, axis=1)).astype(np.float64)
+        self.row_max = (lo + n_levels - 1 - np.argmax(present[:, ::-1], axis=1)).astype(np.float64)
         # count_below[:, i] / sum_below[:, i]: how many values, and their sum, lie below lo + i (i = 0..n_levels)
         self.count_below = np.zeros((self.rows, n_levels + 1), dtype=np.int64)
         np.cumsum(counts, axis=1, out=self.count_below[:, 1:])
@@ -453,12 +455,15 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     L_need = np.where(ok1, L1, np.where(ok2, L2, Lb))
     U, L = np.zeros(rows), np.zeros(rows)
     U[need], L[need] = U_need, L_need
-    w = v - np.clip(v, L[:, None], np.maximum(L, U)[:, None])
+    w = np.clip(v, L[:, None], np.maximum(L, U)[:, None])
+    np.subtract(v, w, out=w)
     # Float rounding can leave w a hair outside; C is convex and contains 0, so scaling fixes it.
     c2w, c1w = _accumulator_extremes(w, x)
     scale = np.minimum(1.0, np.minimum(np.where(c1w > A, A / np.where(c1w > 0, c1w, 1), 1.0),
                                        np.where(c2w < B, B / np.where(c2w < 0, c2w, -1), 1.0)))
-    return w * scale[:, None]
+    if (scale < 1.0).any():  # rare: the other rows are left as they are (times 1)
+        w *= scale[:, None]
+    return w
 
 
 # ----------------------------------------------------------------------------- integer rounding
@@ -633,8 +638,9 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
-        q[block], row_method[block] = project_rows(v[block], limits)
-        outside.append(block[~rows_within(q[block], x, limits)])
+        q_block, row_method[block] = project_rows(v[block], limits)
+        q[block] = q_block
+        outside.append(block[~rows_within(q_block, x, limits)])
     over = np.concatenate(outside) if outside else idx
     if over.size:
         q[over] = _exact_rows(q[over].astype(np.float64), x, limits, weight_range)
