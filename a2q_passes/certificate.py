@@ -238,11 +238,12 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
-def _as_integers(values: np.ndarray, what: str, block: int = 1 << 20, divisor: np.ndarray | None = None) -> np.ndarray:
+def _as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: np.ndarray | None = None) -> np.ndarray:
     """``values`` (divided by ``divisor``, broadcast to their shape) as int64, each within the tolerance of an integer.
 
     Checked a block of leading-axis slices at a time: the float64 quotient of a large weight tensor is never
-    held whole, only the int64 result (each element's quotient is the same float64 division either way).
+    held whole, only the int64 result (each element's quotient is the same float64 division either way);
+    blocks of about 2^16 values keep the half-dozen passes over each in cache.
     """
     values = np.asarray(values)
     shape = values.shape
