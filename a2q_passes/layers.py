@@ -814,8 +814,10 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
     # undo the Transposes in the caller's (possibly narrow) integer type, then one contiguous int64 copy
-    q_stored = np.ascontiguousarray(apply_perms(np.asarray(q_mac), source.perms, inverse=True)).astype(np.int64,
-                                                                                                       copy=False)
+    q_stored = apply_perms(np.asarray(q_mac), source.perms, inverse=True)
+    if q_stored.ndim == 2 and q_stored.T.flags.c_contiguous and not q_stored.flags.c_contiguous:
+        q_stored = transposed_copy(q_stored.T)
+    q_stored = np.ascontiguousarray(q_stored).astype(np.int64, copy=False)
     codes = q_stored if source.zero_offset is None else q_stored + source.zero_offset
     limits = source.storage_range or source.weight_range
     if codes.min(initial=limits.lo) < limits.lo or codes.max(initial=limits.hi) > limits.hi:

@@ -293,8 +293,8 @@ class _LevelRows:
 
     def _index(self, level: np.ndarray) -> np.ndarray:
         """``level - lo`` as an index into ``count_below`` (clipped to it; NaN, which no value compares with, to 0)."""
-        index = np.clip(level - self.lo, 0, self.n_levels)
-        return np.where(np.isnan(index), 0, index).astype(np.intp)
+        # fmax takes 0 over NaN; fmin/fmax on a few hundred rows cost a fraction of np.clip's dispatch
+        return np.fmin(np.fmax(level - self.lo, 0), self.n_levels).astype(np.intp)
 
     def upper(self, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(Pm(U), #{v > U})``."""
@@ -536,10 +536,12 @@ class _RoundUpCandidates:
     def apply(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """The truncation with the first ``a`` positive and ``b`` negative candidates (sorted order) rounded up.
 
-        Only the chosen positions are visited (few: most weights of a projected row are 0, no candidate).
+        Only the chosen positions are visited (few: most weights of a projected row are 0, no candidate). A row
+        without a valid choice (``ok`` False from :meth:`choose`, discarded by every caller) may ask for more
+        round-ups than it has candidates: it gets all of them.
         """
         q = self.trunc.copy()
-        for count, start, step in ((a, 0, 1), (b, self.n_pos, -1)):
+        for count, start, step in ((np.minimum(a, self.n_pos), 0, 1), (np.minimum(b, self.n_neg), self.n_pos, -1)):
             count = np.asarray(count, dtype=np.int64)
             rows = np.repeat(np.arange(count.size), count)
             # sorted positions start, start + 1, ..., start + count - 1 of each row

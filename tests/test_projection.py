@@ -491,3 +491,25 @@ def test_rows_by_value_sorts_what_the_histogram_cannot_hold_exactly():
     assert isinstance(projection._rows_by_value(np.array([[0.0, 1.0, 9.0]])), projection._SortedRows)
     assert isinstance(projection._rows_by_value(np.full((1, 4), 2.0 ** 52)), projection._SortedRows)
     assert isinstance(projection._rows_by_value(np.array([[0.0, 1.0, 2.0, 1.0]])), projection._LevelRows)
+
+
+def test_round_up_candidates_apply_rounds_up_exactly_the_chosen_sorted_positions():
+    """apply() against the definition: the first a positive and b negative candidates in the sorted order move away
+    from 0 by one; rows with ties, integer weights (no candidate) and all-candidate rows included."""
+    rng = np.random.default_rng(3)
+    w = np.round(rng.normal(0, 3, size=(40, 23)) * 4) / 4  # quarters: many equal fractions
+    w[0] = 0.0
+    w[1] = np.arange(23) - 11.0
+    w[2] = 0.5
+    cand = projection._RoundUpCandidates.of(w)
+    a = rng.integers(0, cand.n_pos + 1)
+    b = rng.integers(0, cand.n_neg + 1)
+    expected = np.trunc(w).astype(np.int64)
+    for r in range(w.shape[0]):
+        for p in cand.order[r, :a[r]]:
+            assert w[r, p] > 0 and w[r, p] != np.trunc(w[r, p])
+            expected[r, p] += 1
+        for p in cand.order[r, cand.n_pos[r]:cand.n_pos[r] + b[r]]:
+            assert w[r, p] < 0 and w[r, p] != np.trunc(w[r, p])
+            expected[r, p] -= 1
+    np.testing.assert_array_equal(cand.apply(a, b), expected)
