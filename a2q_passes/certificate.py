@@ -61,7 +61,7 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes import bounds
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import initializer_proto, initializer_value, is_streamed, tensor_value
+from a2q_passes.model_io import ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
@@ -1095,6 +1095,9 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
     range, or when the certified range does not fit its promised width.
     """
     certificates = {}
+    # producers and shapes looked up in tables built once (the certificate only reads the model): scanning the
+    # graph for each layer's tensors is quadratic in the graph's size
+    model = model if isinstance(model, ReadOnlyModel) else ReadOnlyModel(model.model)
     _INFERRED.clear()
     _INFERRED["active"] = True
     try:
