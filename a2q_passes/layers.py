@@ -297,12 +297,19 @@ class MacLayer:
         narrower), converted in one pass into C-ordered rows: the projection gathers blocks of rows, several
         times faster from contiguous rows than across the columns of a transposed tensor.
         """
+        rows = self.unrounded_row_view(model)
         if self.source.kind in _UNROUNDED_KINDS:
-            return self.layout.to_rows(unrounded_mac_weights(model, self.source))
-        rows = self.code_rows(model)
+            return rows
         if rows.T.flags.c_contiguous and not rows.flags.c_contiguous:  # rows stored as columns
             return transposed_copy(rows.T, np.float64)
         return np.ascontiguousarray(rows, dtype=np.float64)
+
+    def unrounded_row_view(self, model: ModelWrapper) -> np.ndarray:
+        """The values of :meth:`unrounded_rows` without their float64 copy where the source stores integers
+        (:meth:`code_rows`, a view of the stored tensor where it can be): for reading a few rows of a large layer."""
+        if self.source.kind in _UNROUNDED_KINDS:
+            return self.layout.to_rows(unrounded_mac_weights(model, self.source))
+        return self.code_rows(model)
 
     def write_rows(self, model: ModelWrapper, rows: np.ndarray) -> None:
         """Store new integer rows so the graph's own quantizer reproduces them exactly."""
