@@ -61,7 +61,7 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes import bounds
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import initializer_proto, initializer_value, is_streamed, tensor_value
+from a2q_passes.model_io import ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
@@ -238,11 +238,12 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
-def _as_integers(values: np.ndarray, what: str, block: int = 1 << 20, divisor: np.ndarray | None = None) -> np.ndarray:
+def _as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: np.ndarray | None = None) -> np.ndarray:
     """``values`` (divided by ``divisor``, broadcast to their shape) as int64, each within the tolerance of an integer.
 
     Checked a block of leading-axis slices at a time: the float64 quotient of a large weight tensor is never
-    held whole, only the int64 result (each element's quotient is the same float64 division either way).
+    held whole, only the int64 result (each element's quotient is the same float64 division either way);
+    blocks of about 2^16 values keep the half-dozen passes over each in cache.
     """
     values = np.asarray(values)
     shape = values.shape
@@ -1094,6 +1095,9 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
     range, or when the certified range does not fit its promised width.
     """
     certificates = {}
+    # producers and shapes looked up in tables built once (the certificate only reads the model): scanning the
+    # graph for each layer's tensors is quadratic in the graph's size
+    model = model if isinstance(model, ReadOnlyModel) else ReadOnlyModel(model.model)
     _INFERRED.clear()
     _INFERRED["active"] = True
     try:

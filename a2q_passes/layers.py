@@ -172,7 +172,7 @@ class RowLayout:
         if self.kind == "reshape":
             return rows.reshape(self.shape)
         if self.kind == "transpose":
-            return np.ascontiguousarray(rows.T)
+            return transposed_copy(rows)
         if self.kind == "identity":
             return rows
         flat = np.zeros(int(np.prod(self.shape)), dtype=rows.dtype)
@@ -291,8 +291,25 @@ class MacLayer:
         return self.layout.to_rows(apply_perms(codes, self.source.perms))
 
     def unrounded_rows(self, model: ModelWrapper) -> np.ndarray:
-        """The weights in integer units before rounding, as ``(rows, K)`` float64 rows."""
-        return self.layout.to_rows(unrounded_mac_weights(model, self.source))
+        """The weights in integer units before rounding, as ``(rows, K)`` float64 rows.
+
+        Sources that store integers give their integer rows (:meth:`code_rows`: no int64 copy where stored
+        narrower), converted in one pass into C-ordered rows: the projection gathers blocks of rows, several
+        times faster from contiguous rows than across the columns of a transposed tensor.
+        """
+        rows = self.unrounded_row_view(model)
+        if self.source.kind in _UNROUNDED_KINDS:
+            return rows
+        if rows.T.flags.c_contiguous and not rows.flags.c_contiguous:  # rows stored as columns
+            return transposed_copy(rows.T, np.float64)
+        return np.ascontiguousarray(rows, dtype=np.float64)
+
+    def unrounded_row_view(self, model: ModelWrapper) -> np.ndarray:
+        """The values of :meth:`unrounded_rows` without their float64 copy where the source stores integers
+        (:meth:`code_rows`, a view of the stored tensor where it can be): for reading a few rows of a large layer."""
+        if self.source.kind in _UNROUNDED_KINDS:
+            return self.layout.to_rows(unrounded_mac_weights(model, self.source))
+        return self.code_rows(model)
 
     def write_rows(self, model: ModelWrapper, rows: np.ndarray) -> None:
         """Store new integer rows so the graph's own quantizer reproduces them exactly."""
@@ -680,6 +697,20 @@ def integer_operand_source(model: ModelWrapper, node: NodeProto, convention: str
     return _zero_point_source(source, zp, convention, _node_label(node))
 
 
+def transposed_copy(a: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """``np.ascontiguousarray(a.T, dtype)`` for a 2-D array, copied a square tile at a time.
+
+    numpy copies a transposed view walking one of the two arrays across its rows, a cache miss per element
+    on a layer of millions of weights; a tile (about 32 KiB of the wider type) stays in cache: 3-4x faster.
+    """
+    out = np.empty(a.shape[::-1], dtype=a.dtype if dtype is None else dtype)
+    tile = max(16, int((32768 / max(a.itemsize, out.itemsize)) ** 0.5))
+    for i in range(0, a.shape[0], tile):
+        for j in range(0, a.shape[1], tile):
+            out[j:j + tile, i:i + tile] = a[i:i + tile, j:j + tile].T
+    return out
+
+
 def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) -> np.ndarray:
     """Apply the weight path's ``Transpose`` permutations in order (or undo them with ``inverse``)."""
     for perm in (reversed(perms) if inverse else perms):
@@ -746,12 +777,16 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
 
 
+# weight sources whose stored values are real (weight / scale need not be an integer): the others store integers
+_UNROUNDED_KINDS = ("quant", "quantize_dequantize")
+
+
 def unrounded_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     """The weights in integer units before rounding (float weight / scale), in the MAC node's layout.
 
     Sources that store integers (FINN initializers, ``DequantizeLinear``) return those integers.
     """
-    if source.kind in ("quant", "quantize_dequantize"):
+    if source.kind in _UNROUNDED_KINDS:
         stored = initializer_value(model, source.tensor).astype(np.float64)
         unrounded = stored / source.scale.astype(np.float64)
         if source.kind == "quantize_dequantize" and source.zero_offset is None:
@@ -786,8 +821,10 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
     # undo the Transposes in the caller's (possibly narrow) integer type, then one contiguous int64 copy
-    q_stored = np.ascontiguousarray(apply_perms(np.asarray(q_mac), source.perms, inverse=True)).astype(np.int64,
-                                                                                                       copy=False)
+    q_stored = apply_perms(np.asarray(q_mac), source.perms, inverse=True)
+    if q_stored.ndim == 2 and q_stored.T.flags.c_contiguous and not q_stored.flags.c_contiguous:
+        q_stored = transposed_copy(q_stored.T)
+    q_stored = np.ascontiguousarray(q_stored).astype(np.int64, copy=False)
     codes = q_stored if source.zero_offset is None else q_stored + source.zero_offset
     limits = source.storage_range or source.weight_range
     if codes.min(initial=limits.lo) < limits.lo or codes.max(initial=limits.hi) > limits.hi:

@@ -262,7 +262,90 @@ class _SortedRows:
         return np.where(mass <= 0, self.values[:, 0], L)
 
 
-def _ray_root(s: _SortedRows, du: float, dl: float, target: np.ndarray, active: np.ndarray) -> np.ndarray:
+class _LevelRows:
+    """Rows of integers from a narrow range as per-row counts of each value: :class:`_SortedRows`'s masses, equal to the bit.
+
+    Every prefix sum of integer values below 2^53 is exact in float64, in any order, so the sums of the values
+    below each level (from the counts) are exactly the sorted rows' prefix sums at that level's first position;
+    and the masses ``Pm``/``Nm`` at every position of a run of equal sorted values are one integer, so searching
+    the levels finds the thresholds the sorted positions give. Built in O(K) per row (a histogram, no sort),
+    each lookup is O(1) per row instead of a binary search.
+    """
+
+    def __init__(self, levels: np.ndarray, lo: int, n_levels: int) -> None:
+        """``levels``: the rows as int64 (a scratch copy, overwritten); their values lie in ``[lo, lo + n_levels)``."""
+        self.rows, self.K = levels.shape
+        self.lo, self.n_levels = lo, n_levels
+        self._r = np.arange(self.rows)
+        levels -= lo
+        levels += (self._r * n_levels)[:, None]  # one bin per (row, value)
+        counts = np.bincount(levels.ravel(), minlength=self.rows * n_levels).reshape(self.rows, n_levels)
+        present = counts > 0  # every row holds K > 0 values: its smallest and largest are the first and last present
+        self.row_min = (lo + np.argmax(present, axis=1)).astype(np.float64)
+        self.row_max = (lo + n_levels - 1 - np.argmax(present[:, ::-1], axis=1)).astype(np.float64)
+        # count_below[:, i] / sum_below[:, i]: how many values, and their sum, lie below lo + i (i = 0..n_levels)
+        self.count_below = np.zeros((self.rows, n_levels + 1), dtype=np.int64)
+        np.cumsum(counts, axis=1, out=self.count_below[:, 1:])
+        sums = np.zeros((self.rows, n_levels + 1), dtype=np.int64)
+        np.cumsum(counts * np.arange(lo, lo + n_levels), axis=1, out=sums[:, 1:])
+        self.sum_below = sums.astype(np.float64)
+        self.total = self.sum_below[:, -1]
+
+    def _index(self, level: np.ndarray) -> np.ndarray:
+        """``level - lo`` as an index into ``count_below`` (clipped to it; NaN, which no value compares with, to 0)."""
+        # fmax takes 0 over NaN; fmin/fmax on a few hundred rows cost a fraction of np.clip's dispatch
+        return np.fmin(np.fmax(level - self.lo, 0), self.n_levels).astype(np.intp)
+
+    def upper(self, U: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Pm(U), #{v > U})``."""
+        below = self._index(np.floor(U) + 1)  # integers <= U are those below floor(U) + 1
+        count = self.K - self.count_below[self._r, below]
+        return self.total - self.sum_below[self._r, below] - count * U, count
+
+    def lower(self, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Nm(L), #{v < L})``."""
+        below = self._index(np.ceil(L))  # integers < L are those below ceil(L)
+        count = self.count_below[self._r, below]
+        return count * L - self.sum_below[self._r, below], count
+
+    def upper_threshold(self, mass: np.ndarray) -> np.ndarray:
+        """The U with ``Pm(U) = mass`` (``max v`` for mass <= 0)."""
+        # Pm at the levels lo - 1, ..., lo + n_levels - 1 (non-increasing): the last level where it reaches mass
+        # has the counts of the last sorted position :class:`_SortedRows` finds (lo - 1: none, all values above)
+        level = np.arange(self.lo - 1, self.lo + self.n_levels)
+        above = self.total[:, None] - self.sum_below
+        count_above = self.K - self.count_below
+        pm = above - count_above * level
+        i = np.maximum(np.count_nonzero(pm >= mass[:, None], axis=1) - 1, 0)
+        U = (above[self._r, i] - mass) / np.maximum(count_above[self._r, i], 1)
+        return np.where(mass <= 0, self.row_max, U)
+
+    def lower_threshold(self, mass: np.ndarray) -> np.ndarray:
+        """The L with ``Nm(L) = mass`` (``min v`` for mass <= 0)."""
+        # Nm at the levels lo, ..., lo + n_levels - 1 (non-decreasing): the values up to the last level where it
+        # stays within mass are those below L
+        level = np.arange(self.lo, self.lo + self.n_levels)
+        nm = self.count_below[:, :-1] * level - self.sum_below[:, :-1]
+        below = np.count_nonzero(nm <= mass[:, None], axis=1)
+        L = (mass + self.sum_below[self._r, below]) / np.maximum(self.count_below[self._r, below], 1)
+        return np.where(mass <= 0, self.row_min, L)
+
+
+def _rows_by_value(v: np.ndarray) -> _SortedRows | _LevelRows:
+    """:class:`_LevelRows` for rows of integers spanning fewer levels than K (no larger than the rows themselves) whose
+    sums stay exact in float64 (the stored codes of an 8-bit layer), else :class:`_SortedRows`; both answer alike."""
+    rows, K = v.shape
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    n_levels = hi - lo + 1
+    if not v.size or n_levels > K or K * max(abs(lo), abs(hi) + 1) >= 2.0 ** 53:
+        return _SortedRows(v)
+    levels = v.astype(np.int64)
+    if not np.array_equal(levels, v):
+        return _SortedRows(v)
+    return _LevelRows(levels, int(lo), int(n_levels))
+
+
+def _ray_root(s: _SortedRows | _LevelRows, du: float, dl: float, target: np.ndarray, active: np.ndarray) -> np.ndarray:
     """Smallest mu >= 0 with ``G(mu) = du Pm(mu du) - dl Nm(mu dl) <= target`` (rows in ``active``).
 
     G is continuous, non-increasing and piecewise linear (slope ``-(du^2 #P + dl^2 #N)``).
@@ -345,7 +428,7 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     need = viol1 | viol2
     if not need.any():
         return v.copy()
-    s = _SortedRows(v[need])
+    s = _rows_by_value(v[need])
     viol1, viol2 = viol1[need], viol2[need]
 
     def extremes_at(U: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -372,12 +455,15 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     L_need = np.where(ok1, L1, np.where(ok2, L2, Lb))
     U, L = np.zeros(rows), np.zeros(rows)
     U[need], L[need] = U_need, L_need
-    w = v - np.clip(v, L[:, None], np.maximum(L, U)[:, None])
+    w = np.clip(v, L[:, None], np.maximum(L, U)[:, None])
+    np.subtract(v, w, out=w)
     # Float rounding can leave w a hair outside; C is convex and contains 0, so scaling fixes it.
     c2w, c1w = _accumulator_extremes(w, x)
     scale = np.minimum(1.0, np.minimum(np.where(c1w > A, A / np.where(c1w > 0, c1w, 1), 1.0),
                                        np.where(c2w < B, B / np.where(c2w < 0, c2w, -1), 1.0)))
-    return w * scale[:, None]
+    if (scale < 1.0).any():  # rare: the other rows are left as they are (times 1)
+        w *= scale[:, None]
+    return w
 
 
 # ----------------------------------------------------------------------------- integer rounding
@@ -393,32 +479,37 @@ class _RoundUpCandidates:
     ``[n_pos, n_pos + n_neg)`` the negative ones; ``gain`` holds prefix sums of benefits.
     """
 
-    positive_w: np.ndarray  # w > 0: the direction of a round-up
     trunc: np.ndarray
     order: np.ndarray
-    gain: np.ndarray  # (rows, K + 1)
+    gain: np.ndarray  # (rows, most candidates in a row + 1)
     n_pos: np.ndarray
     n_neg: np.ndarray
     n_neg_beneficial: np.ndarray
 
     @classmethod
     def of(cls, w: np.ndarray) -> "_RoundUpCandidates":
+        # in-place passes over preallocated arrays: a block of rows is passed over some ten times here
         trunc = np.trunc(w)
-        benefit = np.abs(w - trunc)
+        benefit = np.subtract(w, trunc)
+        np.abs(benefit, out=benefit)
         benefit *= 2.0
         benefit -= 1.0  # exactly -1 where w is an integer: no round-up to choose there
-        candidate = benefit > -1.0
-        positive_w = w > 0
-        positive = positive_w & candidate
-        n_pos = positive.sum(axis=1)
+        candidate = np.greater(benefit, -1.0)
+        positive_w = np.greater(w, 0)
+        positive = np.logical_and(positive_w, candidate)
+        n_pos = np.count_nonzero(positive, axis=1)
         # Sort key: positive candidates in (3, 5), negative ones in (-1, 1), the rest last.
-        key = np.where(candidate, benefit + 4.0 * positive, -8.0)
+        key = np.add(benefit, 4.0, where=positive, out=benefit.copy())
+        np.copyto(key, -8.0, where=~candidate)
         np.negative(key, out=key)
         order = np.argsort(key, axis=1)
-        gain = np.zeros((w.shape[0], w.shape[1] + 1))
-        np.cumsum(np.take_along_axis(benefit, order, axis=1), axis=1, out=gain[:, 1:])  # used up to n_pos + n_neg only
-        return cls(positive_w, trunc.astype(np.int64), order, gain, n_pos, candidate.sum(axis=1) - n_pos,
-                   ((benefit > 0) & ~positive_w).sum(axis=1))
+        n_candidates = np.count_nonzero(candidate, axis=1)
+        # gain is read up to n_pos + n_neg only: the candidates, sorted first (most weights of a projected row are 0)
+        width = int(n_candidates.max(initial=0))
+        gain = np.zeros((w.shape[0], width + 1))
+        np.cumsum(np.take_along_axis(benefit, order[:, :width], axis=1), axis=1, out=gain[:, 1:])
+        return cls(trunc.astype(np.int64), order, gain, n_pos, n_candidates - n_pos,
+                   np.count_nonzero((benefit > 0) & ~positive_w, axis=1))
 
     def choose(self, a_max: np.ndarray,
                b_bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -443,11 +534,21 @@ class _RoundUpCandidates:
         return a[r, best], b[r, best], feasible[r, best]
 
     def apply(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        j = np.arange(self.order.shape[1])[None, :]
-        up_sorted = (j < a[:, None]) | ((j >= self.n_pos[:, None]) & (j < (self.n_pos + b)[:, None]))
-        up = np.empty_like(up_sorted)
-        np.put_along_axis(up, self.order, up_sorted, axis=1)
-        return self.trunc + np.where(up, np.where(self.positive_w, 1, -1), 0)
+        """The truncation with the first ``a`` positive and ``b`` negative candidates (sorted order) rounded up.
+
+        Only the chosen positions are visited (few: most weights of a projected row are 0, no candidate). A row
+        without a valid choice (``ok`` False from :meth:`choose`, discarded by every caller) may ask for more
+        round-ups than it has candidates: it gets all of them.
+        """
+        q = self.trunc.copy()
+        for count, start, step in ((np.minimum(a, self.n_pos), 0, 1), (np.minimum(b, self.n_neg), self.n_pos, -1)):
+            count = np.asarray(count, dtype=np.int64)
+            rows = np.repeat(np.arange(count.size), count)
+            # sorted positions start, start + 1, ..., start + count - 1 of each row
+            first = np.cumsum(count) - count
+            positions = np.arange(rows.size) - np.repeat(first, count) + np.broadcast_to(start, count.shape)[rows]
+            q[rows, self.order[rows, positions]] += step
+        return q
 
 
 def _slack(limit: int, value: np.ndarray, cap: int, upper: bool) -> np.ndarray:
@@ -539,8 +640,9 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
-        q[block], row_method[block] = project_rows(v[block], limits)
-        outside.append(block[~rows_within(q[block], x, limits)])
+        q_block, row_method[block] = project_rows(v[block], limits)
+        q[block] = q_block
+        outside.append(block[~rows_within(q_block, x, limits)])
     over = np.concatenate(outside) if outside else idx
     if over.size:
         q[over] = _exact_rows(q[over].astype(np.float64), x, limits, weight_range)
@@ -755,11 +857,16 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
         b = before[start:start + step].astype(np.float64, order="C").ravel()
         a = after[start:start + step].astype(np.float64, order="C").ravel()
         w = np.asarray(v[start:start + step], dtype=np.float64).ravel()
-        for i, d in enumerate((a - b, b, b - w, a - w, w)):
+        zeros_before += b.size - int(np.count_nonzero(b))
+        zeros_after += a.size - int(np.count_nonzero(a))
+        change = a - b
+        rows_touched += int(np.count_nonzero(np.any(change.reshape(-1, before.shape[1]) != 0, axis=1))) if b.size else 0
+        squares[0] += float(np.dot(change, change))
+        squares[1] += float(np.dot(b, b))
+        squares[4] += float(np.dot(w, w))
+        # the distances to v in place: b and a are not needed any more
+        for i, d in ((2, np.subtract(b, w, out=b)), (3, np.subtract(a, w, out=a))):
             squares[i] += float(np.dot(d, d))
-        zeros_before += int(np.count_nonzero(b == 0))
-        zeros_after += int(np.count_nonzero(a == 0))
-        rows_touched += int(np.any((a != b).reshape(-1, before.shape[1]), axis=1).sum()) if b.size else 0
     change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
     return {
         "rel_l2_change": relative(float(change), float(norm_before)),

@@ -426,3 +426,90 @@ def test_bad_inputs_are_rejected():
         projection.project_exact(np.ones((1, 3)), IntRange(0, 15), 12, IntRange(1, 7))
     with pytest.raises(ValueError, match="shape"):
         projection.project_exact(np.ones((1, 3, 3)), IntRange(0, 15), 12, wr)
+
+
+# ----------------------------------------------------------------------------- histogram path for integer rows
+
+
+def _small_integer_rows(rng: np.random.Generator, rows: int, K: int, lo: int, hi: int) -> np.ndarray:
+    """Rows of small integers with many ties: some rows from a handful of values, one constant, one at the extremes."""
+    v = rng.integers(lo, hi + 1, size=(rows, K)).astype(np.float64)
+    v[0] = rng.choice([lo, 0, hi], size=K)
+    v[1] = hi
+    v[2, : K // 2] = 0
+    return v
+
+
+@pytest.mark.parametrize("lo, hi", [(-128, 127), (-3, 3), (0, 15), (-7, 0)])
+def test_level_rows_answer_bit_for_bit_like_sorted_rows(lo, hi):
+    """Masses, counts and thresholds of the histogram path equal the sorted path's exactly, at integer, half-integer,
+    random, out-of-range and non-finite thresholds."""
+    rng = np.random.default_rng(abs(lo) * 31 + hi)
+    v = _small_integer_rows(rng, 7, 300, lo, hi)
+    levels, sorted_rows = projection._rows_by_value(v), projection._SortedRows(v)
+    assert isinstance(levels, projection._LevelRows)
+    probes = [np.full(7, float(t)) for t in (lo - 5, lo, hi, hi + 9, 0.5, -0.5, np.inf, -np.inf, np.nan)]
+    probes += [rng.uniform(lo - 2, hi + 2, size=7) for _ in range(20)]
+    probes += [rng.integers(lo - 2, hi + 3, size=7).astype(np.float64) for _ in range(20)]
+    for t in probes:
+        for method in ("upper", "lower"):
+            with np.errstate(invalid="ignore"):  # 0 values beyond an infinite threshold: 0 * inf in both
+                got, want = getattr(levels, method)(t), getattr(sorted_rows, method)(t)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
+    total = np.abs(v).sum(axis=1)
+    for mass in [np.zeros(7), -np.ones(7), total, total * 2, *(rng.uniform(0, 1, size=7) * total for _ in range(30)),
+                 *(rng.integers(0, total.astype(np.int64) + 1).astype(np.float64) for _ in range(30))]:
+        np.testing.assert_array_equal(levels.upper_threshold(mass), sorted_rows.upper_threshold(mass))
+        np.testing.assert_array_equal(levels.lower_threshold(mass), sorted_rows.lower_threshold(mass))
+
+
+@pytest.mark.parametrize("x", [IntRange(0, 255), IntRange(-128, 127), IntRange(-3, 40), IntRange(2, 9)])
+@pytest.mark.parametrize("name", ["exact", "a2q+"])
+def test_projections_of_integer_rows_are_the_same_with_the_sorted_path(monkeypatch, x, name):
+    """Integer rows (stored codes) projected through the histogram path give the same bytes as through the sorts;
+    rows that already fit stay as they are, and every result fits by brute force."""
+    rng = np.random.default_rng(x.hi)
+    v = _small_integer_rows(rng, 12, 257, -128, 127)
+    v[3] = 0  # a row that fits at any width
+    weight_range = IntRange(-128, 127)
+    for bits in (12, 16, 19):
+        fast = METHODS[name](v, x, bits, weight_range)
+        with monkeypatch.context() as patch:
+            patch.setattr(projection, "_rows_by_value", projection._SortedRows)
+            sorted_result = METHODS[name](v, x, bits, weight_range)
+        np.testing.assert_array_equal(fast.weights, sorted_result.weights)
+        np.testing.assert_array_equal(fast.row_method, sorted_result.row_method)
+        assert not fast.touched[3] and np.array_equal(fast.weights[3], np.zeros(257))
+        low, high = brute_layer_extremes(fast.weights, x)
+        assert fast.acc_limits[0] <= low and high <= fast.acc_limits[1]
+
+
+def test_rows_by_value_sorts_what_the_histogram_cannot_hold_exactly():
+    """Non-integers, level spans wider than a row, and sums past 2^53 go to the sorted path."""
+    assert isinstance(projection._rows_by_value(np.array([[0.5, 1.0, 2.0]])), projection._SortedRows)
+    assert isinstance(projection._rows_by_value(np.array([[0.0, 1.0, 9.0]])), projection._SortedRows)
+    assert isinstance(projection._rows_by_value(np.full((1, 4), 2.0 ** 52)), projection._SortedRows)
+    assert isinstance(projection._rows_by_value(np.array([[0.0, 1.0, 2.0, 1.0]])), projection._LevelRows)
+
+
+def test_round_up_candidates_apply_rounds_up_exactly_the_chosen_sorted_positions():
+    """apply() against the definition: the first a positive and b negative candidates in the sorted order move away
+    from 0 by one; rows with ties, integer weights (no candidate) and all-candidate rows included."""
+    rng = np.random.default_rng(3)
+    w = np.round(rng.normal(0, 3, size=(40, 23)) * 4) / 4  # quarters: many equal fractions
+    w[0] = 0.0
+    w[1] = np.arange(23) - 11.0
+    w[2] = 0.5
+    cand = projection._RoundUpCandidates.of(w)
+    a = rng.integers(0, cand.n_pos + 1)
+    b = rng.integers(0, cand.n_neg + 1)
+    expected = np.trunc(w).astype(np.int64)
+    for r in range(w.shape[0]):
+        for p in cand.order[r, :a[r]]:
+            assert w[r, p] > 0 and w[r, p] != np.trunc(w[r, p])
+            expected[r, p] += 1
+        for p in cand.order[r, cand.n_pos[r]:cand.n_pos[r] + b[r]]:
+            assert w[r, p] < 0 and w[r, p] != np.trunc(w[r, p])
+            expected[r, p] -= 1
+    np.testing.assert_array_equal(cand.apply(a, b), expected)

@@ -22,7 +22,7 @@ from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, UnsupportedLayer, find_mac_layers
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
-from a2q_passes.model_io import check_in_memory
+from a2q_passes.model_io import ReadOnlyModel, check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
@@ -132,7 +132,9 @@ class ProjectToAccumulator(A2QPass):
     def requires(self, model: ModelWrapper) -> None:
         if self.acc_bits is None and not self.layer_bits:
             raise PreconditionError("no accumulator width given: use --acc-bits P and/or --layer NAME=P")
-        layers = find_mac_layers(model, self.input_dtypes, self.zero_point, self.input_ranges)
+        # nothing changes the graph before call(): its lookups come from tables built once (a scan per lookup is
+        # quadratic in the graph's size)
+        layers = find_mac_layers(ReadOnlyModel(model.model), self.input_dtypes, self.zero_point, self.input_ranges)
         self._targets = resolve_targets(layers, self.acc_bits, self.layer_bits, self.skip)
         self._layers = [layer for layer in layers if layer.node in self._targets]
         self._skipped = [layer for layer in layers if layer.node in self.skip]
@@ -305,11 +307,12 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     """
     if layer.act_x_act or layer.binary_xnor or layer.source.bipolar:
         return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
-    v = layer.unrounded_rows(model)
+    v = layer.unrounded_row_view(model)  # usually the first block of rows decides: no float64 copy of the rest
     groups = layer.row_weight_ranges(model)
     # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time
     step = rows_per_block(v.shape[1])
-    signed = any(accumulator_is_signed(plain_round(v[rows[start:start + step]], weight_range), layer.grid.range)
+    signed = any(accumulator_is_signed(plain_round(np.asarray(v[rows[start:start + step]], dtype=np.float64),
+                                                   weight_range), layer.grid.range)
                  for rows, weight_range in groups for start in range(0, rows.size, step))
     return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
 
