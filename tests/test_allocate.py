@@ -21,7 +21,8 @@ from a2q_passes.cli import main
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_steps import step_a2q_allocate
 from a2q_passes.metadata import recorded_widths
-from a2q_passes.transforms.allocate import AllocateAccumulators
+from a2q_passes.finetune.train import FinetuneConfig
+from a2q_passes.transforms.allocate import AllocateAccumulators, LayerCandidates
 from models.data import load_dataset
 from models.evaluate import accuracy, predict_onnx
 
@@ -227,7 +228,76 @@ def test_finn_step_projects_and_records(data, tmp_path, monkeypatch):
         step_a2q_allocate(ModelWrapper(str(MODEL)), SimpleNamespace())
 
 
+# --------------------------------------------------------------------------- fine-tuning's search
+
+
+def _stub_layers() -> list[LayerCandidates]:
+    """Three layers whose projection sensitivities are pessimistic: alone, each loses 4 points per bit below exact."""
+    layers = []
+    for name, exact, smallest, channels in (("a", 14, 6, 16), ("b", 13, 5, 32), ("c", 12, 5, 64)):
+        layer = LayerCandidates(name, exact, smallest, LayerShape(name, channels, 1, 4))
+        layer.scores = {p: 90.0 - 4.0 * (exact - p) for p in range(exact, smallest - 1, -1)}
+        layer.costs = {p: layer_cost(get_cost_model("bits"), layer.shape, p) for p in layer.scores}
+        layers.append(layer)
+    return layers
+
+
+# what fine-tuning "really" keeps: each layer tolerates its own number of bits below exact at no loss
+_TOLERANCE = {"a": 2, "b": 5, "c": 1}
+
+
+def _stub_score(widths: dict[str, int]) -> float:
+    exact = {"a": 14, "b": 13, "c": 12}
+    return 90.0 - sum(3.0 * max(0, exact[n] - widths[n] - _TOLERANCE[n]) for n in widths)
+
+
+@pytest.mark.parametrize("knapsack_widths", [{"a": 14, "b": 13, "c": 12}, {"a": 12, "b": 8, "c": 11}])
+def test_finetune_refinement_starts_no_dearer_than_the_best_uniform_width(data, knapsack_widths):
+    """With fine-tuning the search may beat the projection sensitivities: brute force over every allocation and P."""
+    layers = _stub_layers()
+    step = AllocateAccumulators(data.calib_xy, data.val_xy, min_score_pct=99, method="finetune", progress=False)
+    step.cost_model = get_cost_model("bits")
+    calls: list[dict[str, int]] = []
+
+    def stub(model, widths):
+        calls.append(dict(widths))
+        return None, _stub_score(widths)
+
+    step.end_to_end = stub
+    target = 0.99 * 90.0
+    widths, _, score, history = step._refine(None, layers, dict(knapsack_widths), 90.0, target)
+    cost = sum(la.costs[widths[la.node]] for la in layers)
+    assert score == _stub_score(widths) >= target
+    every = [dict(zip("abc", w)) for w in itertools.product(*[sorted(la.scores) for la in layers])]
+    meeting_uniform = [sum(la.costs[min(p, la.exact_bits)] for la in layers) for p in range(6, 15)
+                       if _stub_score({la.node: min(p, la.exact_bits) for la in layers}) >= target]
+    assert cost <= min(meeting_uniform)
+    # here one bit less per layer at a time reaches the true optimum (the tolerances are independent)
+    best = min(sum(la.costs[w[la.node]] for la in layers) for w in every if _stub_score(w) >= target)
+    assert cost == best
+    assert all(la.min_feasible_bits <= w[la.node] <= la.exact_bits for w in calls for la in layers)
+    assert history[0].action == ("uniform" if knapsack_widths["b"] == 13 else "knapsack")
+
+
+def test_finetune_allocation_fits_and_scores_by_execution(data, tmp_path):
+    """A real fine-tuned allocation: every width proven by executing worst-case integer weights, score by qonnx."""
+    config = FinetuneConfig(epochs=1, seed=0, progress=False, log=lambda line: None)
+    step = AllocateAccumulators(data.calib_xy, data.val_xy, min_score_pct=97, method="finetune", shapes=_shapes,
+                                finetune_config=config, train=tuple(a[:100] for a in data.calib_xy), refine=False,
+                                progress=False)
+    result = step(ModelWrapper(str(MODEL)))
+    for layer in result.details["layers"]:  # fine-tuning keeps every feasible width as a candidate
+        assert sorted(map(int, layer["scores"])) == list(range(layer["min_feasible_bits"], layer["exact_bits"] + 1))
+    path = tmp_path / "allocated.onnx"
+    result.model.save(str(path))
+    executed = _worst_case_widths_by_execution(path)
+    assert all(executed[name] <= bits for name, bits in step.widths.items()), (executed, step.widths)
+    base = accuracy(predict_onnx(MODEL, data.x_val), data.y_val)
+    assert accuracy(predict_onnx(path, data.x_val), data.y_val) >= 0.97 * base
+
+
 @pytest.mark.parametrize("args, expect", [
+    (["--min-score-pct", "99", "--train", "calib.npz"], "only used by --method finetune"),
     (["--min-score-pct", "99", "--budget-bits", "10"], "exactly one of"),
     ([], "exactly one of"),
     (["--budget-bits", "10", "--cost", "finn-lut"], "drop --cost"),

@@ -122,6 +122,9 @@ def allocate(
     data: Annotated[Path, typer.Option("--data", help="calibration .npz: 'x' and optional 'y' (labels or targets)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="widths JSON to write ({layer: P}, for --widths-json)")],
     val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz for the end-to-end checks")] = None,
+    train: Annotated[Optional[Path], typer.Option(
+        "--train", help="fine-tuning .npz for --method finetune (default: --data); finetune wins back more with more "
+                        "samples, while --data only scores the per-layer sensitivities")] = None,
     min_score_pct: Annotated[Optional[float], typer.Option(
         "--min-score-pct", help="least cost keeping this % of the model's own score on the validation data")] = None,
     budget_bits: Annotated[Optional[int], typer.Option(
@@ -178,7 +181,8 @@ def allocate(
     step = AllocateAccumulators(data, val, min_score_pct=target_pct, budget=budget, cost_model=cost_name,
                                 method=method, projection_method=projection_method, metric=metric,
                                 fpgapart=fpgapart or DEFAULT_FPGAPART, finetune_config=config,
-                                refine=not no_refine, progress=not no_progress, input_ranges=input_ranges)
+                                refine=not no_refine, progress=not no_progress, input_ranges=input_ranges,
+                                train=train)
     result = step(model)
     details = result.details
     atomic_write_text(output, json.dumps(step.widths, indent=2) + "\n")

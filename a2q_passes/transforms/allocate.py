@@ -11,12 +11,18 @@
    (:class:`~a2q_passes.transforms.project.ProjectToAccumulator`) to the candidate width. The score
    is the fine-tuning validation metric (:func:`a2q_passes.finetune.train.evaluate_graph`): top-1 %
    or PSNR dB, against the data's ``y`` or, without it, against the original model's outputs.
-   With a score target, a layer's descent stops at the first width whose score alone misses it.
+   With a score target, a layer's descent stops at the first width whose score alone misses it
+   (``method="project"`` only: fine-tuning wins back much of what projection alone loses, so with
+   ``method="finetune"`` every width down to the smallest feasible one stays a candidate).
 4. **Knapsack**: exact multiple-choice knapsack over the candidates (additive loss model).
 5. **Refinement** (score target only), with real end-to-end evaluation on the validation data: while
    the allocation misses the target, one bit goes back to the layer whose predicted loss falls most
    per unit of cost; then layers not raised try one bit less at a time, kept where the score still
-   meets the target (the additive estimate is often pessimistic).
+   meets the target (the additive estimate is often pessimistic). With ``method="finetune"`` the
+   projection sensitivities are pessimistic, so the refinement first finds, by bisection, the least
+   uniform P whose fine-tuned model meets the target, and starts from it wherever the knapsack's
+   pick (raised until it meets the target) would cost as much or more; the allocation is then never
+   dearer than the best uniform width it found.
 6. The output model is the input projected to the allocation (``method="finetune"``: fine-tuned at
    it by :class:`~a2q_passes.transforms.finetune.FinetuneAccumulators`). ``ensures`` proves every
    allocated width on it with :func:`a2q_passes.verification.verify_model`.
@@ -188,7 +194,7 @@ def _predicted_loss(layers: list[LayerCandidates], widths: dict[str, int], base:
 
 @dataclass
 class RefinementStep:
-    action: str  # "knapsack", "raise", "lower" (kept) or "lower rejected"
+    action: str  # "knapsack", "raise", "uniform" (fine-tuning's start), "lower" (kept) or "lower rejected"
     node: str | None
     widths: dict[str, int]
     score: float
@@ -197,10 +203,12 @@ class RefinementStep:
 class AllocateAccumulators(A2QPass):
     """Pick a width per layer: least cost at ``min_score_pct`` % of the model's score, or best score within ``budget``.
 
-    ``data``: calibration data (sensitivities; fine-tuning data for ``method="finetune"``);
-    ``val``: validation data for the end-to-end checks (default: ``data``). ``budget`` is in the
+    ``data``: calibration data (sensitivities; fine-tuning data for ``method="finetune"`` unless
+    ``train`` is given); ``val``: validation data for the end-to-end checks (default: ``data``);
+    ``train``: fine-tuning data (``method="finetune"`` only; default: ``data``). ``budget`` is in the
     units of ``cost_model``. ``early_stop=False`` scores every candidate down to the smallest
-    feasible width even with a score target (full Pareto fronts). ``shapes(model, {layer: widths})``
+    feasible width even with a score target (full Pareto fronts). End-to-end scores are kept per
+    allocation (:meth:`score`; fine-tuning is deterministic for one ``finetune_config.seed``). ``shapes(model, {layer: widths})``
     replaces the FINN lowering that provides the cost-model facts. Results: ``self.widths``,
     ``self.layers`` and ``self.result.details``.
     """
@@ -211,9 +219,11 @@ class AllocateAccumulators(A2QPass):
                  finetune_config: FinetuneConfig | None = None, refine: bool = True, early_stop: bool = True,
                  progress: bool = True,
                  shapes: Callable[[ModelWrapper, dict[str, list[int]]], dict[str, LayerShape]] | None = None,
-                 input_ranges: str = "exact") -> None:
+                 input_ranges: str = "exact", train: DataLike | None = None) -> None:
         super().__init__()
         self.input_ranges = input_ranges
+        if train is not None and method != "finetune":
+            raise A2QError("fine-tuning data (--train) is only used by --method finetune")
         if (min_score_pct is None) == (budget is None):
             raise A2QError("give exactly one target: a minimum score (--min-score-pct) or a budget (--budget-bits / "
                            "--budget-lut)")
@@ -233,8 +243,9 @@ class AllocateAccumulators(A2QPass):
         self.finetune_config = finetune_config or FinetuneConfig(epochs=1, progress=False, log=lambda line: None)
         self.progress, self.early_stop = progress, early_stop
         self._shapes = shapes or (lambda model, widths: finn_layer_shapes(model, widths, fpgapart))
-        self._data_source, self._val_source = data, val
+        self._data_source, self._val_source, self._train_source = data, val, train
         self.widths: dict[str, int] = {}
+        self._scores: dict[tuple[tuple[str, int], ...], float] = {}  # allocation -> end-to-end validation score
 
     def requires(self, model: ModelWrapper) -> None:
         try:
@@ -249,6 +260,9 @@ class AllocateAccumulators(A2QPass):
         self.scorer = Scorer(model, self._data_source, self.metric, "calibration data")
         self.val_scorer = (Scorer(model, self._val_source, self.scorer.metric, "validation data")
                            if self._val_source is not None else self.scorer)
+        # without y, training targets are the original model's outputs, as for scoring
+        self.train_data = (Scorer(model, self._train_source, self.scorer.metric, "fine-tuning data").data
+                           if self._train_source is not None else self.scorer.data)
 
     # ------------------------------------------------------------------ steps
 
@@ -259,12 +273,25 @@ class AllocateAccumulators(A2QPass):
         """``model`` projected (or fine-tuned) at ``widths``, and its validation score."""
         if self.method == "finetune":
             config = replace(self.finetune_config, loss=self.scorer.loss)  # train on what is scored
-            step = FinetuneAccumulators(None, self.scorer.data, self.val_scorer.data, config, overrides=widths,
+            step = FinetuneAccumulators(None, self.train_data, self.val_scorer.data, config, overrides=widths,
                                         input_ranges=self.input_ranges)
             out = step(model).model
         else:
             out = project_to(model, widths, self.projection_method, self.input_ranges)
-        return out, self.val_scorer(out)
+        score = self.val_scorer(out)
+        self._scores[tuple(sorted(widths.items()))] = score
+        return out, score
+
+    def score(self, model: ModelWrapper, widths: dict[str, int]) -> float:
+        """The validation score of :meth:`end_to_end` at ``widths``, computed once per allocation.
+
+        Only scores are kept: a fine-tune per evaluated allocation is the expensive part, and
+        keeping each model would hold one copy of the weights per allocation.
+        """
+        key = tuple(sorted(widths.items()))
+        if key not in self._scores:
+            self.end_to_end(model, widths)
+        return self._scores[key]
 
     def _sensitivities(self, model: ModelWrapper, base: float, floor: float | None) -> list[LayerCandidates]:
         widths = {node: list(range(exact, smallest - 1, -1)) for node, exact, smallest in self._layers}
@@ -306,21 +333,52 @@ class AllocateAccumulators(A2QPass):
                 best, best_key = layer.node, key
         return best
 
+    def _uniform_start(self, model: ModelWrapper, layers: list[LayerCandidates],
+                       target: float) -> tuple[dict[str, int], ModelWrapper, float] | None:
+        """The least uniform P whose end-to-end model meets ``target``, by bisection; None if none does.
+
+        Bisection assumes the score rises with P, which fine-tuned scores do up to noise; a P it
+        skips only costs a cheaper start, never a wrong claim (every width is proven on the output).
+        """
+        low, high = max(la.min_feasible_bits for la in layers), max(la.exact_bits for la in layers)
+        found = None
+        with self._bar(0, "uniform start") as bar:
+            while low <= high:
+                p = (low + high) // 2
+                widths = uniform_widths(layers, p)
+                out, score = self.end_to_end(model, widths)
+                bar.update(1)
+                if score >= target:
+                    found, high = (widths, out, score), p - 1
+                else:
+                    low = p + 1
+        return found
+
     def _refine(self, model: ModelWrapper, layers: list[LayerCandidates], widths: dict[str, int], base: float,
                 target: float) -> tuple[dict[str, int], ModelWrapper, float, list[RefinementStep]]:
-        out, score = self.end_to_end(model, widths)
-        history = [RefinementStep("knapsack", None, dict(widths), score)]
+        # fine-tuning: the projection sensitivities behind the knapsack are pessimistic; a uniform P may be cheaper
+        start = self._uniform_start(model, layers, target) if self.method == "finetune" else None
+        start_cost = _total(layers, start[0], self.cost_model) if start is not None else None
+        history: list[RefinementStep] = []
         raised: set[str] = set()
         with self._bar(0, "refine") as bar:
-            while score < target:
-                node = self._raise_one(layers, widths, base)
-                if node is None:  # every layer at its exact width: the input model itself
-                    break
-                widths = {**widths, node: widths[node] + 1}
-                raised.add(node)
+            if start_cost is None or _total(layers, widths, self.cost_model) < start_cost:
                 out, score = self.end_to_end(model, widths)
-                history.append(RefinementStep("raise", node, dict(widths), score))
-                bar.update(1)
+                history.append(RefinementStep("knapsack", None, dict(widths), score))
+                while score < target and (start_cost is None or _total(layers, widths, self.cost_model) < start_cost):
+                    node = self._raise_one(layers, widths, base)
+                    if node is None:  # every layer at its exact width: the input model itself
+                        break
+                    widths = {**widths, node: widths[node] + 1}
+                    raised.add(node)
+                    out, score = self.end_to_end(model, widths)
+                    history.append(RefinementStep("raise", node, dict(widths), score))
+                    bar.update(1)
+            if start is not None and (not history or history[-1].score < target
+                                      or _total(layers, widths, self.cost_model) >= start_cost):
+                widths, out, score = start
+                raised = set()
+                history.append(RefinementStep("uniform", None, dict(widths), score))
             if not self.refine:
                 return widths, out, score, history
             frozen = set(raised)
@@ -351,7 +409,9 @@ class AllocateAccumulators(A2QPass):
         base = self.scorer(model)
         base_val = self.val_scorer(model) if self.val_scorer is not self.scorer else base
         floor = self.min_score_pct / 100.0 * base if self.min_score_pct is not None else None
-        layers = self._sensitivities(model, base, floor if self.early_stop else None)
+        # fine-tuning recovers widths whose projection alone misses the target: keep them as candidates
+        early_stop = self.early_stop and self.method == "project"
+        layers = self._sensitivities(model, base, floor if early_stop else None)
         groups = self.choice_groups(layers, base)
         history: list[RefinementStep] = []
         if self.min_score_pct is not None:
@@ -393,6 +453,11 @@ class AllocateAccumulators(A2QPass):
             raise PostconditionError(f"allocated widths not proven on the output model: {names}")
 
 
+def uniform_widths(layers: list[LayerCandidates], p: int) -> dict[str, int]:
+    """Every layer at ``p``, or at its exact width where that is narrower (FINN keeps the exact width)."""
+    return {layer.node: min(p, layer.exact_bits) for layer in layers}
+
+
 def allocation_costs(layers: list[LayerCandidates], widths: dict[str, int]) -> dict[str, int | None]:
     """Accumulator + threshold bits and FINN's LUT estimate (None where not tabulated) of an allocation."""
     bits = _total(layers, widths, get_cost_model("bits"))
@@ -408,7 +473,9 @@ def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int =
                   progress: bool = True) -> dict[str, Any]:
     """Cost vs end-to-end validation score: uniform P against the knapsack's Pareto front (after ``step`` ran).
 
-    Uniform P runs from the widest exact width down to the narrowest P every layer can take; a
+    Uniform P runs from the widest exact width down to the narrowest P every layer can take, and
+    stops after the first P that scores below 75 % of the model's own validation score (narrower
+    ones score lower still, and each may cost a fine-tune); a
     layer's cost at uniform P is its cost at ``min(P, exact)`` (FINN keeps the exact width when it
     is narrower). Up to ``points`` picks of the knapsack front whose predicted loss is at most 25 %
     of the calibration score, spread evenly along it, are projected (or fine-tuned) and scored end to end.
@@ -417,6 +484,7 @@ def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int =
     lowest = max(layer.min_feasible_bits for layer in layers)
     uniform_ps = list(range(max(layer.exact_bits for layer in layers), lowest - 1, -1))
     base = step.scorer(model)
+    floor = 0.75 * step.val_scorer(model)
     # the front's cheap end predicts chance-level scores; keep the region a target can sit in
     front = [pick for pick in pareto_front(step.choice_groups(layers, base)) if pick.loss <= 0.25 * abs(base)]
     if len(front) > points:
@@ -425,14 +493,17 @@ def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int =
     with tqdm(total=len(uniform_ps) + len(front), desc="pareto", leave=False, file=sys.stderr,
               disable=not progress) as bar:
         for p in uniform_ps:
-            widths = {layer.node: min(p, layer.exact_bits) for layer in layers}
-            _, score = step.end_to_end(model, widths)
+            widths = uniform_widths(layers, p)
+            score = step.score(model, widths)
             uniform.append({"P": p, "widths": widths, "cost": _total(layers, widths, cost),
                             **allocation_costs(layers, widths), "score": score})
             bar.update(1)
+            if score < floor:
+                bar.update(len(uniform_ps) - len(uniform))
+                break
         for pick in front:
             widths = {layer.node: layer.widths()[j] for layer, j in zip(layers, pick.picks)}
-            _, score = step.end_to_end(model, widths)
+            score = step.score(model, widths)
             allocated.append({"widths": widths, "cost": pick.cost, "predicted_loss": pick.loss,
                               **allocation_costs(layers, widths), "score": score})
             bar.update(1)
