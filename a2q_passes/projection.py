@@ -502,7 +502,9 @@ class _RoundUpCandidates:
         key = np.add(benefit, 4.0, where=positive, out=benefit.copy())
         np.copyto(key, -8.0, where=~candidate)
         np.negative(key, out=key)
-        order = np.argsort(key, axis=1)
+        # stable: ties (common: a uniform threshold leaves every weight the same fraction) go in index order on
+        # every CPU; numpy's default (SIMD) sort orders equal keys by its own rules, so outputs differed by machine
+        order = np.argsort(key, axis=1, kind="stable")
         n_candidates = np.count_nonzero(candidate, axis=1)
         # gain is read up to n_pos + n_neg only: the candidates, sorted first (most weights of a projected row are 0)
         width = int(n_candidates.max(initial=0))

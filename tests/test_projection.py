@@ -513,3 +513,19 @@ def test_round_up_candidates_apply_rounds_up_exactly_the_chosen_sorted_positions
             assert w[r, p] < 0 and w[r, p] != np.trunc(w[r, p])
             expected[r, p] -= 1
     np.testing.assert_array_equal(cand.apply(a, b), expected)
+
+
+def test_tied_round_up_candidates_go_in_index_order():
+    """A uniform threshold leaves every weight of a row the same fraction: which ones round up must not depend on
+    the CPU's sort. Candidates with equal benefit are taken in index order (positive first, then negative)."""
+    rng = np.random.default_rng(3)
+    signs = rng.choice([-1.0, 1.0], size=(8, 512))
+    w = signs * (rng.integers(0, 5, size=signs.shape) + 0.625)  # every candidate: benefit 2 * 0.625 - 1
+    w[:, ::7] = 3.0  # integers: no candidate
+    cand = projection._RoundUpCandidates.of(w)
+    for row in range(w.shape[0]):
+        positive = np.flatnonzero((w[row] > 0) & (w[row] != 3.0))
+        negative = np.flatnonzero(w[row] < 0)
+        n_pos, n_neg = cand.n_pos[row], cand.n_neg[row]
+        assert np.array_equal(cand.order[row, :n_pos], positive)
+        assert np.array_equal(cand.order[row, n_pos:n_pos + n_neg], negative)
