@@ -8,7 +8,7 @@ measures, side by side in one run (medians of ``--repeats`` runs, each command a
 - ``a2q project --acc-bits P`` (attention's activation x activation MatMuls are ``--skip``ped: they
   have no weights to rewrite);
 
-each as seconds, GB/s of weight bytes, ratio to the floor, and peak RSS (``ru_maxrss`` of the child)
+each as seconds, GB/s of weight bytes, ratio to the floor, and peak RSS (the command's own ``ru_maxrss``, see ``run_measured``)
 against the largest single weight tensor. Each decoder layer is what onnxruntime's ``quantize_static``
 writes for a Llama block: q/k/v/o projections whose ``[out, in]`` weights pass ``DequantizeLinear``
 (int8, per output channel) and then a ``Transpose``; gate/up/down MLP weights stored ``[in, out]``;
@@ -152,17 +152,45 @@ def read_floor(data_path: Path, weights: list[tuple[int, int]]) -> float:
     return time.perf_counter() - start
 
 
-def run_measured(argv: list[str]) -> tuple[float, int, int]:
-    """``(seconds, peak RSS bytes, exit code)`` of one command in a fresh child process."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0,):
-        sys.stderr.write(child.stderr.read().decode()[-2000:])
-    child.stderr.close()
-    return seconds, usage.ru_maxrss * 1024, code
+# The measured command's parent: a bare interpreter (``python -S``, about 5 MB resident) that forks, execs the command
+# and reports its ``(seconds, ru_maxrss in KiB, exit code)`` on file descriptor argv[1]. Linux starts a forked
+# child's high-water mark at its parent's resident size and keeps it across exec, so a command spawned straight from
+# the benchmark process (100+ MB after importing numpy and onnx) would report that size as its own peak.
+_LAUNCHER = """
+import os, sys, time
+report, argv = int(sys.argv[1]), sys.argv[2:]
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(report, f"{time.perf_counter() - start} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}".encode())
+"""
+
+
+def run_measured(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, int, int]:
+    """``(seconds, peak RSS bytes, exit code)`` of one command in a fresh process: its own peak, not this process's.
+
+    ``stdout``: where the command's output goes (a file descriptor or file object; default discarded).
+    """
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(write_end), *argv], stdout=stdout,
+                                 stderr=subprocess.PIPE, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end) as report:
+        _, errors = child.communicate()
+        figures = report.read().split()
+    if len(figures) != 3:
+        raise RuntimeError(f"the launcher of {argv[0]} reported nothing: {errors.decode()[-2000:]}")
+    seconds, rss_kib, code = figures
+    if int(code) != 0:
+        sys.stderr.write(errors.decode()[-2000:])
+    return float(seconds), int(rss_kib) * 1024, int(code)
 
 
 def measure(model: Path, weights: list[tuple[int, int]], commands: dict[str, list[str]],
@@ -301,7 +329,7 @@ def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
         f"activation x activation MatMuls per layer skipped by `project`). Command: `.venv/bin/python -m "
         f"bench.bench_llm {' '.join(argv)}`; medians of interleaved runs (column `runs`), each a fresh process "
         "(start-up included: imports take about 4 s on this machine); `floor` is reading every weight "
-        "tensor's bytes once with numpy from the page cache; peak RSS is the child's `ru_maxrss` (memory-mapped "
+        "tensor's bytes once with numpy from the page cache; peak RSS is the command's own `ru_maxrss` (memory-mapped "
         f"weight pages it touched included). `project --acc-bits {results['acc_bits']}` changes every weight layer.",
         "",
         *lines,
