@@ -16,6 +16,10 @@ activations quantized uint8 (zero point 128) before every weight MatMul; the att
 ``Q K^T`` and ``softmax V`` are MatMuls of two quantized activations (int8 and uint8).
 
 ``--large-layers 12`` also builds a 12-layer stack (2.4 GB of weights) and analyses it once (the > 2 GB check).
+
+``--full-stack --layers 32`` instead builds the full 7B stack (6.5 GB) in a measured child and runs once each: the
+floor and ``analyze --json`` from a cold page cache (the data file's pages dropped) and warm, then ``verify`` at the
+exact widths ``analyze`` reported; it deletes the files afterwards (``--keep`` leaves them).
 """
 
 from __future__ import annotations
