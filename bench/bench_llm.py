@@ -167,6 +167,7 @@ start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     try:
+        os.close(report)  # the report's EOF must not wait for the command's own children
         os.execvp(argv[0], argv)
     finally:
         os._exit(127)
