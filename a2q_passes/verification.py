@@ -54,6 +54,7 @@ NO_TARGET_OWN_WIDTH = "no target: own exact width"
 NO_TARGET_DECLARED = "no target: width its node declares (accDataType)"
 _GRID_TOLERANCE = 1e-2  # |x / scale - code|: float32 Quant outputs sit within ~1e-5 of their codes
 DEFAULT_BATCH = 512
+_ADVERSARIAL_BLOCK_TERMS = 1 << 21  # int64 terms per block of rows: 16 MB per temporary
 
 # --------------------------------------------------------------------------- widths
 
@@ -157,22 +158,32 @@ def _prove(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, x: bounds.I
 
 def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, bits: int,
                           mode: str, tile: int | None, outer_bits: int | None = None) -> None:
-    """Accumulate each row's two worst-case input vectors in the P-bit accumulator (tiled: the two stages)."""
+    """Accumulate each row's two worst-case input vectors in the P-bit accumulator (tiled: the two stages).
+
+    Rows are simulated in blocks of about ``_ADVERSARIAL_BLOCK_TERMS`` terms: each row's accumulation is
+    independent of the others, and the int64 inputs, weights and terms of a whole large layer at once come to
+    some 20 bytes per weight (3.5 GB of temporaries for an 11008 x 4096 MLP layer)."""
     if max(bits, outer_bits or 0) > MAX_SIMULATED_BITS:
         return
-    x_for_min, x_for_max = bounds.adversarial_inputs(rows, x)
-    inputs = np.concatenate([x_for_min, x_for_max])
-    weights = np.concatenate([rows, rows])
-    # binary xnor layers count matches (popcount) instead of multiplying
-    terms = (inputs == weights).astype(np.int64) if layer.binary_xnor else inputs * weights
     outer = None
     if outer_bits is not None:
         outer_lo = min(r[0] for name, r in verdict.registers.items() if name != INNER_REGISTER)
         outer = (outer_bits, outer_lo < 0)
-    result = accumulate_terms(terms, bits, verdict.signed, mode, tile, outer)
-    verdict.adversarial_cases = int(terms.shape[0])
-    verdict.adversarial_overflows = result.overflow_count
-    verdict.adversarial_register_overflows = result.register_overflow_count
+    overflows = register_overflows = 0
+    block = max(1, _ADVERSARIAL_BLOCK_TERMS // max(1, rows.shape[-1]))
+    for start in range(0, rows.shape[0], block):
+        block_rows = rows[start:start + block]
+        x_for_min, x_for_max = bounds.adversarial_inputs(block_rows, x)
+        inputs = np.concatenate([x_for_min, x_for_max])
+        weights = np.concatenate([block_rows, block_rows])
+        # binary xnor layers count matches (popcount) instead of multiplying
+        terms = (inputs == weights).astype(np.int64) if layer.binary_xnor else inputs * weights
+        result = accumulate_terms(terms, bits, verdict.signed, mode, tile, outer)
+        overflows += result.overflow_count
+        register_overflows += result.register_overflow_count
+    verdict.adversarial_cases = 2 * int(rows.shape[0])
+    verdict.adversarial_overflows = overflows
+    verdict.adversarial_register_overflows = register_overflows
 
 
 def check_layer(model: ModelWrapper, layer: MacLayer, bits: int | None, mode: str = "wrap",

@@ -9,8 +9,9 @@ command a fresh process started in its checkout (so it imports that checkout's p
 - in-process: the same child imports the package first, then times only ``load_model`` + ``AnalyzeAccumulators``;
 - ``a2q --version`` (start-up alone).
 
-Prints medians (seconds, ratio to the floor, GB/s of weight bytes) and peak RSS (GNU ``time``'s maximum resident
-size, the largest over the rounds) as JSON, and whether both checkouts print the same ``analyze --json``.
+Prints medians (seconds, ratio to the floor, GB/s of weight bytes) and peak RSS (the command's own maximum resident
+size from ``bench_llm.run_measured``, the largest over the rounds) as JSON, and whether both checkouts print the same
+``analyze --json``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.bench_llm import add_side_by_side_arguments, build_decoder_stack, read_floor
+from bench.bench_llm import add_side_by_side_arguments, build_decoder_stack, read_floor, run_measured
 
 # Runs in the child after its imports; prints the seconds of reading and analysing the model only.
 IN_PROCESS = """
@@ -40,18 +40,11 @@ print(time.perf_counter() - start)
 
 
 def _measured(argv: list[str]) -> tuple[float, int, int, str]:
-    """``(seconds, peak RSS bytes, exit code, stdout)`` of one command in a fresh process.
-
-    Peak RSS comes from GNU ``time`` as the child's parent: a child forked from this (larger) process
-    would report this process's resident size as its own peak.
-    """
-    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-        start = time.perf_counter()
-        run = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if run.returncode:
-            sys.stderr.write(run.stderr[-2000:])
-        return seconds, int(rss.read().split()[-1]) * 1024, run.returncode, run.stdout
+    """``(seconds, peak RSS bytes, exit code, stdout)`` of one command in a fresh process (``bench_llm.run_measured``)."""
+    with tempfile.TemporaryFile("w+") as out:
+        seconds, rss, code = run_measured(argv, stdout=out)
+        out.seek(0)
+        return seconds, rss, code, out.read()
 
 
 def _in_process(python: str, model: Path) -> tuple[float, int, int]:

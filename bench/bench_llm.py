@@ -8,7 +8,7 @@ measures, side by side in one run (medians of ``--repeats`` runs, each command a
 - ``a2q project --acc-bits P`` (attention's activation x activation MatMuls are ``--skip``ped: they
   have no weights to rewrite);
 
-each as seconds, GB/s of weight bytes, ratio to the floor, and peak RSS (``ru_maxrss`` of the child)
+each as seconds, GB/s of weight bytes, ratio to the floor, and peak RSS (the command's own ``ru_maxrss``, see ``run_measured``)
 against the largest single weight tensor. Each decoder layer is what onnxruntime's ``quantize_static``
 writes for a Llama block: q/k/v/o projections whose ``[out, in]`` weights pass ``DequantizeLinear``
 (int8, per output channel) and then a ``Transpose``; gate/up/down MLP weights stored ``[in, out]``;
@@ -16,6 +16,10 @@ activations quantized uint8 (zero point 128) before every weight MatMul; the att
 ``Q K^T`` and ``softmax V`` are MatMuls of two quantized activations (int8 and uint8).
 
 ``--large-layers 12`` also builds a 12-layer stack (2.4 GB of weights) and analyses it once (the > 2 GB check).
+
+``--full-stack --layers 32`` instead builds the full 7B stack (6.5 GB) in a measured child and runs once each: the
+floor and ``analyze --json`` from a cold page cache (the data file's pages dropped) and warm, then ``verify`` at the
+exact widths ``analyze`` reported; it deletes the files afterwards (``--keep`` leaves them).
 """
 
 from __future__ import annotations
@@ -152,17 +156,46 @@ def read_floor(data_path: Path, weights: list[tuple[int, int]]) -> float:
     return time.perf_counter() - start
 
 
-def run_measured(argv: list[str]) -> tuple[float, int, int]:
-    """``(seconds, peak RSS bytes, exit code)`` of one command in a fresh child process."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0,):
-        sys.stderr.write(child.stderr.read().decode()[-2000:])
-    child.stderr.close()
-    return seconds, usage.ru_maxrss * 1024, code
+# The measured command's parent: a bare interpreter (``python -S``, about 5 MB resident) that forks, execs the command
+# and reports its ``(seconds, ru_maxrss in KiB, exit code)`` on file descriptor argv[1]. Linux starts a forked
+# child's high-water mark at its parent's resident size and keeps it across exec, so a command spawned straight from
+# the benchmark process (100+ MB after importing numpy and onnx) would report that size as its own peak.
+_LAUNCHER = """
+import os, sys, time
+report, argv = int(sys.argv[1]), sys.argv[2:]
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.close(report)  # the report's EOF must not wait for the command's own children
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(report, f"{time.perf_counter() - start} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}".encode())
+"""
+
+
+def run_measured(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, int, int]:
+    """``(seconds, peak RSS bytes, exit code)`` of one command in a fresh process: its own peak, not this process's.
+
+    ``stdout``: where the command's output goes (a file descriptor or file object; default discarded).
+    """
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(write_end), *argv], stdout=stdout,
+                                 stderr=subprocess.PIPE, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end) as report:
+        _, errors = child.communicate()
+        figures = report.read().split()
+    if len(figures) != 3:
+        raise RuntimeError(f"the launcher of {argv[0]} reported nothing: {errors.decode()[-2000:]}")
+    seconds, rss_kib, code = figures
+    if int(code) != 0:
+        sys.stderr.write(errors.decode()[-2000:])
+    return float(seconds), int(rss_kib) * 1024, int(code)
 
 
 def measure(model: Path, weights: list[tuple[int, int]], commands: dict[str, list[str]],
@@ -191,6 +224,81 @@ def measure(model: Path, weights: list[tuple[int, int]], commands: dict[str, lis
     return figures
 
 
+# Runs in a child measured like the commands: the generator's own time and peak RSS (it holds one tensor at a time).
+_GENERATE = """
+import json, sys
+from pathlib import Path
+from bench.bench_llm import build_decoder_stack
+print(json.dumps(build_decoder_stack(Path(sys.argv[1]), *map(int, sys.argv[2:]))))
+"""
+
+
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (``POSIX_FADV_DONTNEED``: no root, no other file touched)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())  # dirty pages are not dropped
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def full_stack(model: Path, layers: int, hidden: int, mlp: int, heads: int, keep: bool = False) -> dict:
+    """Build the stack in a child, then time once each: the floor and ``analyze --json`` from a cold page cache,
+    the same warm, and ``verify`` at the exact widths ``analyze`` reported (warm); the files are deleted after.
+
+    Each figure: ``seconds``, ``peak_rss_bytes``, ``exit``; ``floor_*`` are numpy reads of every weight's bytes.
+    """
+    data = model.with_name(model.name + ".data")
+    outputs = {name: model.with_name(f"{model.stem}.{name}.json") for name in ("generated", "cold", "warm", "verify")}
+    widths = model.with_name(f"{model.stem}.widths.json")
+    a2q = [sys.executable, "-m", "a2q_passes"]
+    figures: dict[str, dict] = {}
+
+    def run(name: str, argv: list[str], output: Path) -> None:
+        with open(output, "w") as handle:
+            seconds, rss, code = run_measured(argv, stdout=handle)
+        figures[name] = {"seconds": seconds, "peak_rss_bytes": rss, "exit": code}
+        print(f"{name}: {seconds:.1f} s, peak RSS {rss / 1e6:.0f} MB, exit {code}", flush=True)
+
+    try:
+        run("generate", [sys.executable, "-c", _GENERATE, str(model), str(layers), str(hidden), str(mlp), str(heads)],
+            outputs["generated"])
+        weights = [tuple(w) for w in json.loads(outputs["generated"].read_text())]
+        evict(data)
+        figures["floor, cold"] = {"seconds": read_floor(data, weights)}
+        evict(data)
+        run("analyze, cold", a2q + ["analyze", str(model), "--json"], outputs["cold"])
+        read_floor(data, weights)  # warm
+        figures["floor, warm"] = {"seconds": read_floor(data, weights)}
+        run("analyze, warm", a2q + ["analyze", str(model), "--json"], outputs["warm"])
+        report = json.loads(outputs["warm"].read_text())
+        widths.write_text(json.dumps({layer["node"]: layer["bounds"]["exact"] for layer in report["layers"]}))
+        run("verify, warm", a2q + ["verify", str(model), "--widths-json", str(widths), "--json"], outputs["verify"])
+        verdict = json.loads(outputs["verify"].read_text())
+        return {"layers": layers, "hidden": hidden, "mlp": mlp, "heads": heads, "weight_tensors": len(weights),
+                "weight_bytes": sum(n for _, n in weights), "largest_tensor_bytes": max(n for _, n in weights),
+                "mac_layers": len(report["layers"]),
+                "analyze_outputs_identical": outputs["cold"].read_bytes() == outputs["warm"].read_bytes(),
+                "verify_verdict": verdict["verdict"], "load_average": os.getloadavg(), "figures": figures}
+    finally:
+        if not keep:  # GBs: never left behind
+            for path in (model, data, widths, *outputs.values()):
+                path.unlink(missing_ok=True)
+
+
+def full_stack_table(results: dict) -> list[str]:
+    """One row per figure; commands are held against the floor read from the same page-cache state."""
+    f, total = results["figures"], results["weight_bytes"]
+    lines = [f"| {results['layers']} layers, {total / 1e9:.2f} GB | s | GB/s | x floor | peak RSS MB | "
+             "RSS / largest tensor | exit |", "|---|---|---|---|---|---|---|"]
+    for name, figure in f.items():
+        floor = f.get("floor, cold" if "cold" in name else "floor, warm")
+        ratio = f"{figure['seconds'] / floor['seconds']:.1f}" if floor and name not in ("generate",) else "-"
+        rss = figure.get("peak_rss_bytes")
+        memory = f"{rss / 1e6:.0f} | {rss / results['largest_tensor_bytes']:.1f}" if rss else "- | -"
+        lines.append(f"| {name} | {figure['seconds']:.2f} | {total / figure['seconds'] / 1e9:.3f} | {ratio} | "
+                     f"{memory} | {figure.get('exit', '-')} |")
+    return lines
+
+
 def table(figures: dict[str, dict], label: str) -> list[str]:
     lines = [f"| {label} | runs | median s | GB/s | x floor | peak RSS MB | RSS / largest tensor | exit |",
              "|---|---|---|---|---|---|---|---|"]
@@ -212,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--acc-bits", type=int, default=16)
     parser.add_argument("--large-layers", type=int, default=0,
                         help="also build a stack this deep and analyze it once (12 layers: 2.4 GB of weights)")
+    parser.add_argument("--full-stack", action="store_true",
+                        help="instead: build the --layers stack in a child, time the floor and analyze once cold and "
+                             "once warm, and verify at analyze's widths (warm), then delete it (--layers 32: 6.5 GB)")
+    parser.add_argument("--keep", action="store_true", help="with --full-stack: keep the generated files")
     parser.add_argument("--out", type=Path, default=Path("/tmp/a2q_llm"))
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--markdown", type=Path, help="write the tables and the 7B extrapolation here")
@@ -222,6 +334,14 @@ def main(argv: list[str] | None = None) -> None:
         args.markdown.write_text(_markdown(results, _tables(results), results["argv"]))
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.full_stack:
+        results = full_stack(args.out / f"llama_L{args.layers}_h{args.hidden}.onnx", args.layers, args.hidden,
+                             args.mlp, args.heads, args.keep)
+        results["argv"] = argv if argv is not None else sys.argv[1:]
+        print("\n".join(full_stack_table(results)))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     a2q = [sys.executable, "-m", "a2q_passes"]
     model = args.out / f"llama_L{args.layers}_h{args.hidden}.onnx"
     weights = build_decoder_stack(model, args.layers, args.hidden, args.mlp, args.heads)
@@ -301,7 +421,7 @@ def _markdown(results: dict, lines: list[str], argv: list[str]) -> str:
         f"activation x activation MatMuls per layer skipped by `project`). Command: `.venv/bin/python -m "
         f"bench.bench_llm {' '.join(argv)}`; medians of interleaved runs (column `runs`), each a fresh process "
         "(start-up included: imports take about 4 s on this machine); `floor` is reading every weight "
-        "tensor's bytes once with numpy from the page cache; peak RSS is the child's `ru_maxrss` (memory-mapped "
+        "tensor's bytes once with numpy from the page cache; peak RSS is the command's own `ru_maxrss` (memory-mapped "
         f"weight pages it touched included). `project --acc-bits {results['acc_bits']}` changes every weight layer.",
         "",
         *lines,

@@ -148,6 +148,32 @@ def test_static_proof_is_safe_and_minimal_over_the_whole_input_box(mode, tile, b
         assert below.adversarial_overflows > 0
 
 
+
+@pytest.mark.parametrize("mode,tile", [("wrap", None), ("saturate", None), ("wrap", 2), ("saturate", 3)])
+@pytest.mark.parametrize("signed_input", [False, True])
+def test_adversarial_simulation_in_blocks_of_rows_counts_every_row(mode, tile, signed_input, monkeypatch):
+    """Large layers are simulated a block of rows at a time: the counts are those of every row's two worst cases."""
+    rng = np.random.default_rng(7)
+    K, C = 7, 5
+    q = rng.integers(-7, 8, size=(K, C))
+    model = _matmul_model(q, 2, signed_input)
+    lo, hi = (-2, 1) if signed_input else (0, 3)
+    # each output column's worst-case inputs, by hand: the input's end whose product with the weight is largest
+    # (smallest), and every register the datapath holds on them
+    cases = [_registers([max(int(w) * lo, int(w) * hi) if top else min(int(w) * lo, int(w) * hi) for w in q[:, c]],
+                        mode, tile) for c in range(C) for top in (False, True)]
+    values = [v for registers in cases for v in registers]
+    bits = _width(min(values), max(values)) - 2
+    limits = register_limits(bits, min(values) < 0)
+    expected = sum(any(not limits[0] <= v <= limits[1] for v in registers) for registers in cases)
+    assert 0 < expected < 2 * C  # some worst cases overflow, some do not
+    whole = verify_model(model, bits, mode, tile).layers[0]
+    monkeypatch.setattr("a2q_passes.verification._ADVERSARIAL_BLOCK_TERMS", 2 * K)  # blocks of two rows
+    blocked = verify_model(model, bits, mode, tile).layers[0]
+    assert blocked.adversarial_cases == whole.adversarial_cases == 2 * C
+    assert blocked.adversarial_register_overflows == whole.adversarial_register_overflows == expected
+    assert blocked.adversarial_overflows == whole.adversarial_overflows
+
 # --------------------------------------------------------------------------- data simulation vs brute force
 
 
