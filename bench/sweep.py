@@ -374,8 +374,8 @@ def ours_best_key(row: dict[str, Any]) -> tuple[float, float, int]:
 def _ours_best(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     candidates = [r for r in rows if r["method"] in OUR_METHODS and r["status"] == "ok" and r["val_score"] is not None]
     chosen = max(candidates, key=ours_best_key)
-    fields = {k: chosen.get(k) for k in ("score", "val_score", "val_loss", "sparsity", "guaranteed_width", "free_width",
-                                     "overflow_fraction")}
+    fields = {k: chosen.get(k) for k in ("score", "val_score", "val_loss", "sparsity", "guaranteed_width",
+                                         "free_width", "overflow_fraction")}
     return {**fields, "selected": chosen["method"], "note": f"= {chosen['method']}"}
 
 
