@@ -116,6 +116,10 @@ PROTOCOL_TEXT = [
     "(`qat-float`) runs our QAT with the benchmark budget from the float checkpoint in the committed W/A "
     "layout exported to QONNX (per-channel round-to-nearest weights; activation scales from Brevitas' own "
     "statistics over 31 forward passes of the first training batches, no weight update), the anchors' start.",
+    "- **Ours best**: per P, the one of our rows (QAT from float included) with the best validation score; ties, "
+    "common on a small validation split, go to the lower validation loss (cross-entropy of the logits; MSE for "
+    "ESPCN; column *val loss*), then to the method listed first. Rows of runs made before the loss was stored "
+    "have none (*val loss* `-`): their ties went to the method listed first.",
 ]
 
 

@@ -10,7 +10,8 @@ Methods (``METHODS``):
   :class:`FinetuneAccumulators`; each starts from the committed W/A model.
 - ``qat-float``: the same QAT, but from the float checkpoint quantized to the committed W/A layout and
   exported to QONNX (:func:`float_start`), so that it starts from the anchors' weights with their budget.
-- ``ours-best``: per P, the one of our rows with the best *validation* score (never chosen on test).
+- ``ours-best``: per P, the one of our rows with the best *validation* score (never chosen on test), ties
+  broken by the lower validation loss (:func:`ours_best_key`).
 - anchors: ``brevitas-a2q`` / ``brevitas-a2q+`` (:mod:`bench.anchors`), QAT from the float checkpoint;
   ``brevitas-a2q-eq`` / ``brevitas-a2q+-eq``: the same with the training that produced the committed
   W/A model added to their budget (:func:`equal_budget`), so that they have trained as long as our flows
