@@ -46,6 +46,11 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _loss(value: float | None) -> str:
+    """A validation loss (cross-entropy or MSE, the ours-best tie-break) to 4 significant digits."""
+    return "-" if value is None else f"{value:.4g}"
+
+
 def _pct(value: float | None) -> str:
     if value is None:
         return "-"
@@ -111,6 +116,10 @@ PROTOCOL_TEXT = [
     "(`qat-float`) runs our QAT with the benchmark budget from the float checkpoint in the committed W/A "
     "layout exported to QONNX (per-channel round-to-nearest weights; activation scales from Brevitas' own "
     "statistics over 31 forward passes of the first training batches, no weight update), the anchors' start.",
+    "- **Ours best**: per P, the one of our rows (QAT from float included) with the best validation score; ties, "
+    "common on a small validation split, go to the lower validation loss (cross-entropy of the logits; MSE for "
+    "ESPCN; column *val loss*), then to the method listed first. Rows of runs made before the loss was stored "
+    "have none (*val loss* `-`): their ties went to the method listed first.",
 ]
 
 
@@ -166,11 +175,13 @@ def detail_table(entry: dict) -> list[str]:
         if r["status"] == "not run":
             continue
         body.append([str(r["P"] if r["P"] is not None else "-"), r["method"], _fmt(r["score"]),
-                     _fmt(r["pct_of_float"], 1), _fmt(r["val_score"]), _pct(r["sparsity"]),
+                     _fmt(r["pct_of_float"], 1), _fmt(r["val_score"]), _loss(r.get("val_loss")),
+                     _pct(r["sparsity"]),
                      _width(r),
                      _pct(r["overflow_fraction"]) if r["overflow_fraction"] is not None else "-",
                      _fmt(r["seconds"], 1), r["status"] if r["status"] != "ok" else r["note"]])
-    return _table(["P", "method", "score", "% float", "val", "sparsity", "width", "overflow", "s", "note"], body)
+    return _table(["P", "method", "score", "% float", "val", "val loss", "sparsity", "width", "overflow", "s", "note"],
+                  body)
 
 
 def _width(row: dict) -> str:

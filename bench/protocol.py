@@ -4,9 +4,11 @@
         [--note TEXT]
 
 Each RESULTS_JSON is the ``results.json`` of one ``python -m bench.run_all ... --out DIR`` run (for
-example one model and set-up at a few widths); their models are merged (a model and set-up may come
-from one run only), written together to ``--json`` and rendered to ``--out``: the set-up table, each
-model's table of scores, every row, and "ours vs the better anchor" per set-up and budget rule.
+example one model and set-up at a few widths) or an earlier ``--json`` output (its runs count as given
+one by one, so new runs can be added to the committed bench/protocol.json); their models are merged (a
+model and set-up at a width P may come from one run only), written together to ``--json`` and rendered
+to ``--out``: the set-up table, each model's table of scores, every row, and "ours vs the better anchor"
+per set-up and budget rule.
 """
 
 from __future__ import annotations
@@ -20,17 +22,21 @@ from bench.markdown import PROTOCOL_TEXT, comparison_summary, detail_table, entr
 
 
 _WIDTH_LISTS = ("widths", "train_widths", "equal_budget_widths")
+_RUN_FIELDS = ("command", "threads", "versions", "total_seconds")
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One results dict with every run's models and the list of the runs' commands.
+    """One results dict with every run's models and the list of the runs' commands; a run may itself be an
+    earlier merge (with ``runs``), whose runs are listed in place.
 
     A model and set-up run several times at disjoint widths (``--widths``) becomes one entry: its rows of
     every width (the width-free ``float`` / ``quantized`` rows of the first run), the union of its width
     lists and the sum of its run times.
     """
     models: dict[str, Any] = {}
+    listed: list[dict[str, Any]] = []  # the runs' commands, an earlier merge's in its own order
     for run in runs:
+        listed += run["runs"] if "runs" in run else [{key: run[key] for key in _RUN_FIELDS}]
         for key, entry in run["models"].items():
             if key not in models:
                 models[key] = {**entry, "config": dict(entry["config"]), "rows": list(entry["rows"])}
@@ -44,8 +50,7 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for field in _WIDTH_LISTS:
                 merged["config"][field] = sorted({*merged["config"][field], *entry["config"][field]}, reverse=True)
             merged["seconds"] += entry["seconds"]
-    return {"runs": [{"command": r["command"], "threads": r["threads"], "versions": r["versions"],
-                      "total_seconds": r["total_seconds"]} for r in runs], "models": models}
+    return {"runs": listed, "models": models}
 
 
 def render(results: dict[str, Any], note: str | None = None) -> str:

@@ -10,7 +10,8 @@ Methods (``METHODS``):
   :class:`FinetuneAccumulators`; each starts from the committed W/A model.
 - ``qat-float``: the same QAT, but from the float checkpoint quantized to the committed W/A layout and
   exported to QONNX (:func:`float_start`), so that it starts from the anchors' weights with their budget.
-- ``ours-best``: per P, the one of our rows with the best *validation* score (never chosen on test).
+- ``ours-best``: per P, the one of our rows with the best *validation* score (never chosen on test), ties
+  broken by the lower validation loss (:func:`ours_best_key`).
 - anchors: ``brevitas-a2q`` / ``brevitas-a2q+`` (:mod:`bench.anchors`), QAT from the float checkpoint;
   ``brevitas-a2q-eq`` / ``brevitas-a2q+-eq``: the same with the training that produced the committed
   W/A model added to their budget (:func:`equal_budget`), so that they have trained as long as our flows
@@ -141,6 +142,11 @@ class Context:
 
         return float(score(self.dataset, outputs, targets))
 
+    def loss(self, outputs: np.ndarray, targets: np.ndarray) -> float:
+        from models.evaluate import loss
+
+        return loss(self.dataset, outputs, targets)
+
     def percent_of_float(self, value: float | None) -> float | None:
         return None if value is None else 100.0 * value / self.float_score
 
@@ -255,8 +261,8 @@ def float_start(ctx: Context) -> ModelWrapper:
 def new_row(ctx: Context, method: str, acc_bits: int | None, **fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "model": ctx.bench.name, "variant": ctx.bench.variant, "method": method, "P": acc_bits, "status": "ok",
-        "score": None, "pct_of_float": None, "val_score": None, "sparsity": None, "guaranteed_width": None,
-        "free_width": None, "overflow_fraction": None, "seconds": None, "note": "",
+        "score": None, "pct_of_float": None, "val_score": None, "val_loss": None, "sparsity": None,
+        "guaranteed_width": None, "free_width": None, "overflow_fraction": None, "seconds": None, "note": "",
     }
     row.update(fields)
     row["pct_of_float"] = ctx.percent_of_float(row["score"])
@@ -283,9 +289,11 @@ class OnnxScorer:
             reports = {r.node: r for r in analyze_model(model).layers}
             rows = [layer.integer_rows(model) for layer in find_mac_layers(model) if layer.node in ctx.constrained]
             free = [r.bounds["exact"] for name, r in reports.items() if name not in ctx.constrained and r.status == "ok"]
+            val_outputs = predict_onnx(model, ctx.val[0])
             self._cache[key] = {
                 "score": ctx.score(predict_onnx(model, ctx.test[0]), ctx.test[1]),
-                "val_score": ctx.score(predict_onnx(model, ctx.val[0]), ctx.val[1]),
+                "val_score": ctx.score(val_outputs, ctx.val[1]),
+                "val_loss": ctx.loss(val_outputs, ctx.val[1]),
                 "guaranteed_width": max(reports[name].bounds["exact"] for name in ctx.constrained),
                 "free_width": max(free, default=None),
                 "sparsity": sparsity(rows),
@@ -303,6 +311,7 @@ def _unconstrained_wrap(ctx: Context, scorer: OnnxScorer, acc_bits: int) -> dict
     output = next(iter(simulation.outputs))
     accumulations = sum(simulation.accumulations.values())
     return {**measured, "score": ctx.score(simulation.outputs[output], ctx.test[1]), "val_score": None,
+            "val_loss": None,
             "overflow_fraction": sum(simulation.overflows.values()) / accumulations}
 
 
@@ -355,12 +364,19 @@ def _guarantee(width: int, acc_bits: int) -> dict[str, Any]:
     return {"status": "guarantee broken", "note": f"needs {width} bits > P={acc_bits}"}
 
 
+def ours_best_key(row: dict[str, Any]) -> tuple[float, float, int]:
+    """Ranks our rows at one P for ``ours-best``: the validation score, ties (common on a small validation split)
+    broken by the lower validation loss, then by the method listed first (the cheaper one). Rows saved before
+    the loss was stored (no ``val_loss``) tie on it."""
+    loss = row.get("val_loss")
+    return row["val_score"], -(loss if loss is not None else 0.0), -OUR_METHODS.index(row["method"])
+
+
 def _ours_best(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
     candidates = [r for r in rows if r["method"] in OUR_METHODS and r["status"] == "ok" and r["val_score"] is not None]
-    # ties go to the method listed first (the cheaper one)
-    chosen = max(candidates, key=lambda r: (r["val_score"], -OUR_METHODS.index(r["method"])))
-    fields = {k: chosen[k] for k in ("score", "val_score", "sparsity", "guaranteed_width", "free_width",
-                                     "overflow_fraction")}
+    chosen = max(candidates, key=ours_best_key)
+    fields = {k: chosen.get(k) for k in ("score", "val_score", "val_loss", "sparsity", "guaranteed_width",
+                                         "free_width", "overflow_fraction")}
     return {**fields, "selected": chosen["method"], "note": f"= {chosen['method']}"}
 
 

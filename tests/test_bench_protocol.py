@@ -71,3 +71,47 @@ def test_protocol_merges_runs_of_one_model_at_disjoint_widths():
         assert "P=[11]" in str(error)
     else:
         raise AssertionError("overlapping widths were merged")
+
+
+def test_protocol_adds_runs_to_an_earlier_merge():
+    """The committed bench/protocol.json is itself an input: merging onto it equals merging every run at once."""
+    from bench.protocol import merge
+
+    runs = [_run("a", (11,)), _run("b", (13, 12)), _run("c", (15,))]
+    assert merge([merge(runs[:2]), runs[2]]) == merge(runs)
+    try:
+        merge([merge(runs[:2]), _run("d", (12,))])
+    except ValueError as error:
+        assert "P=[12]" in str(error)
+    else:
+        raise AssertionError("a width of the earlier merge was merged again")
+
+
+def test_validation_loss_is_the_training_loss():
+    """Cross-entropy of the logits and MSE, as torch computes them for training."""
+    from models.evaluate import loss
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(7, 10)) * 30, rng.integers(0, 10, 7)  # large logits: no overflow in exp
+    expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels)).item()
+    assert np.isclose(loss("digits", logits, labels), expected, rtol=1e-12)
+    images, targets = rng.random((2, 1, 4, 4)), rng.random((2, 1, 4, 4))
+    expected = torch.nn.functional.mse_loss(torch.tensor(images), torch.tensor(targets)).item()
+    assert np.isclose(loss("sr", images, targets), expected, rtol=1e-12)
+
+
+def test_ours_best_breaks_validation_ties_by_the_lower_loss():
+    from bench.sweep import _ours_best
+
+    def row(method: str, val_score: float, val_loss: float | None) -> dict:
+        return {"method": method, "status": "ok", "score": 90.0, "val_score": val_score, "val_loss": val_loss,
+                "sparsity": 0.1, "guaranteed_width": 12, "free_width": None, "overflow_fraction": 0.0}
+
+    tied = [row("project-a2q", 99.0, 0.5), row("axe", 100.0, 0.08), row("qat", 100.0, 0.03)]
+    assert _ours_best(None, tied)["selected"] == "qat"
+    assert _ours_best(None, tied + [row("qat-float", 100.0, 0.01)])["selected"] == "qat-float"
+    # a higher validation score wins over a lower loss
+    assert _ours_best(None, [row("axe", 100.0, 0.3), row("qat", 99.72, 0.01)])["selected"] == "axe"
+    # rows saved before the loss was stored: the method listed first, as before
+    old = [{k: v for k, v in r.items() if k != "val_loss"} for r in tied]
+    assert _ours_best(None, old)["selected"] == "axe"
