@@ -205,10 +205,11 @@ def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19) -> tuple[n
     arr = np.asarray(q)
     if arr.dtype.kind not in "iu" or arr.ndim != 2:
         arr = as_integer_weights(arr)
-    if arr.dtype.itemsize <= 4 or (arr.T.flags.c_contiguous and not arr.flags.c_contiguous):
-        # rows stored as columns (a transposed view) are summed down the stored rows, in memory order: gathering
-        # each row across them is several times slower
-        l1, total = _narrow_row_sums(arr, block_bytes) if arr.dtype.itemsize <= 4 else _column_sums(arr.T, block_bytes)
+    columns = stored_as_columns(arr)
+    if columns or arr.dtype.itemsize <= 4:
+        # rows stored as columns are summed down the stored rows, in memory order: gathering each row across
+        # them is several times slower
+        l1, total = _column_sums(arr.T, block_bytes) if columns else _narrow_row_sums(arr, block_bytes)
         pos = (l1 + total) // 2  # sum |q| + sum q = 2 * (sum of the positive q)
         return pos, l1 - pos
     pos = np.empty(arr.shape[0], dtype=np.int64)
@@ -221,11 +222,17 @@ def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19) -> tuple[n
     return pos, pos - total  # sum q = pos - neg
 
 
+def stored_as_columns(a: np.ndarray) -> bool:
+    """Whether a 2-D array is the transposed view of a C-ordered one: its rows are stored as columns, as the rows
+    of MatMul weights ``[K, channels]`` are. Reading such rows one at a time strides across memory."""
+    return a.ndim == 2 and a.T.flags.c_contiguous and not a.flags.c_contiguous
+
+
 def _narrow_row_sums(arr: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """``(sum |q|, sum q)`` per row of a 2-D array of integers of at most 32 bits, as int64.
 
-    Rows stored as columns (the transposed view of a C-ordered ``[K, rows]`` tensor, as MatMul
-    weights are) go to :func:`_column_sums`. Otherwise each block of rows is reduced in int32 when
+    Rows stored as C-ordered rows (the caller sends rows stored as columns to :func:`_column_sums`):
+    each block of rows is reduced in int32 when
     no row can reach 2^31 (both sums are at most K times the type's largest magnitude: an int8
     row of fewer than 2^24 terms), else in int64 (a 32-bit type then needs K < 2^32). ``|q|`` is
     taken in the weights' own type and read as the unsigned type of the same width: the one value
@@ -233,8 +240,6 @@ def _narrow_row_sums(arr: np.ndarray, block_bytes: int) -> tuple[np.ndarray, np.
     """
     rows, K = arr.shape
     signed = arr.dtype.kind == "i"
-    if arr.T.flags.c_contiguous and not arr.flags.c_contiguous:
-        return _column_sums(arr.T, block_bytes)
     info = np.iinfo(arr.dtype)
     acc = np.int32 if K * max(-int(info.min), int(info.max)) < 1 << 31 else np.int64
     magnitude_type = np.dtype(f"u{arr.itemsize}")

@@ -33,7 +33,8 @@ from onnx import NodeProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.bounds import BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format, narrowest_integers
+from a2q_passes.bounds import (BINARY, BIPOLAR, IntRange, act_x_act_range, integer_format, narrowest_integers,
+                               stored_as_columns)
 from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
                                   KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
 from a2q_passes.model_io import (initializer_proto, initializer_shape, initializer_value, set_initializer_value,
@@ -300,9 +301,7 @@ class MacLayer:
         rows = self.unrounded_row_view(model)
         if self.source.kind in _UNROUNDED_KINDS:
             return rows
-        if rows.T.flags.c_contiguous and not rows.flags.c_contiguous:  # rows stored as columns
-            return transposed_copy(rows.T, np.float64)
-        return np.ascontiguousarray(rows, dtype=np.float64)
+        return contiguous_copy(rows, np.float64)
 
     def unrounded_row_view(self, model: ModelWrapper) -> np.ndarray:
         """The values of :meth:`unrounded_rows` without their float64 copy where the source stores integers
@@ -711,6 +710,13 @@ def transposed_copy(a: np.ndarray, dtype: np.dtype | type | None = None) -> np.n
     return out
 
 
+def contiguous_copy(a: np.ndarray, dtype: np.dtype | type | None = None) -> np.ndarray:
+    """``np.ascontiguousarray(a, dtype)``; a transposed view (rows stored as columns) is copied tile by tile."""
+    if stored_as_columns(a):
+        return transposed_copy(a.T, dtype)
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
 def apply_perms(w: np.ndarray, perms: list[list[int]], inverse: bool = False) -> np.ndarray:
     """Apply the weight path's ``Transpose`` permutations in order (or undo them with ``inverse``)."""
     for perm in (reversed(perms) if inverse else perms):
@@ -821,10 +827,7 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
     # undo the Transposes in the caller's (possibly narrow) integer type, then one contiguous int64 copy
-    q_stored = apply_perms(np.asarray(q_mac), source.perms, inverse=True)
-    if q_stored.ndim == 2 and q_stored.T.flags.c_contiguous and not q_stored.flags.c_contiguous:
-        q_stored = transposed_copy(q_stored.T)
-    q_stored = np.ascontiguousarray(q_stored).astype(np.int64, copy=False)
+    q_stored = contiguous_copy(apply_perms(np.asarray(q_mac), source.perms, inverse=True)).astype(np.int64, copy=False)
     codes = q_stored if source.zero_offset is None else q_stored + source.zero_offset
     limits = source.storage_range or source.weight_range
     if codes.min(initial=limits.lo) < limits.lo or codes.max(initial=limits.hi) > limits.hi:
