@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from qonnx.core.onnx_exec import execute_onnx
 
-from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.model_io import load_model

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from a2q_passes import bounds, projection
+from a2q_passes import projection
 from a2q_passes.bounds import IntRange
 from a2q_passes.projection import InfeasibleTarget
 

@@ -184,7 +184,7 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
     train_targets = _targets(train, teacher, config.distill)
     val_targets = _targets(val, teacher, False) if val is not None else None
     original_metric = score(teacher(val.x), val_targets, config.loss) if val is not None else None
-    del original
+    del original, teacher  # the teacher holds the original model; free it before training
 
     initial = model
     if config.init == "axe":

@@ -428,7 +428,6 @@ class AllocateAccumulators(A2QPass):
             target = None
             out, score = self.end_to_end(model, widths)
         self.widths = widths
-        bits_model = get_cost_model("bits")
         details = {
             "metric": self.scorer.unit, "method": self.method, "projection_method": self.projection_method,
             "input_ranges": self.input_ranges,
