@@ -46,8 +46,9 @@ MODELS = {
 FINETUNE = FinetuneConfig(epochs=1, lr=1e-3, batch_size=64, seed=0, progress=False, log=lambda line: None)
 RUNS = {"project": ("allocate.json", "allocate_pareto.png", "Projection (PTQ, method `exact`)"),
         "finetune": ("allocate_finetune.json", "allocate_pareto_finetune.png",
-                     "With fine-tuning (`a2q finetune` defaults: norm, init scaled; 1 epoch over the first 8000 "
-                     "training samples, at every evaluated allocation)")}
+                     "With fine-tuning (`a2q finetune` defaults: norm, init scaled; 1 epoch over the first "
+                     "fine-tuning samples of the training split (MODELS: 8000; 512 for espcn_x2), at every evaluated "
+                     "allocation)")}
 
 
 def run_model(name: str, pct: float, method: str) -> dict[str, Any]:
