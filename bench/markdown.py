@@ -61,7 +61,8 @@ def _spread(row: dict) -> str:
     """The range and number of the seeds a mean row (``bench.protocol.seed_means``) averages; nothing for one seed."""
     if "seeds" not in row:
         return ""
-    return f" [{row['score_min']:.2f}-{row['score_max']:.2f}, n={len(row['seeds'])}]"
+    spread = "same" if row["score_min"] == row["score_max"] else f"{row['score_min']:.2f}-{row['score_max']:.2f}"
+    return f" [{spread}, n={len(row['seeds'])}]"
 
 
 def _cell(row: dict | None) -> str:
@@ -175,7 +176,7 @@ def pivot_table(entry: dict) -> list[str]:
              f"{quantized['score']:.2f} ({quantized['pct_of_float']:.1f}% of float), widest exact accumulator "
              f"{entry['plain_width']} bits. Cells: score (% of float)"
              + ("; at a width run with several seeds, the mean over them (mean % of float) [lowest-highest "
-                "score, n=seeds], ours best: the method each seed's run selected." if _seeded(entry) else "."),
+                "score or same, n=seeds], ours best: the method each seed's run selected." if _seeded(entry) else "."),
              ""]
     body = [[str(p)] + [_cell(_row(rows, m, p)) for m in PIVOT_METHODS] for p in _widths(entry)]
     return lines + _table(["P"] + [_SHORT[m] for m in PIVOT_METHODS], body)

@@ -30,9 +30,10 @@ _RUN_FIELDS = ("command", "threads", "versions", "total_seconds")
 SEEDS_TEXT = (
     "- **Seeds**: a width run with several training seeds (`bench.run_all --seed N`: our fine-tuning's seed, the "
     "anchors' torch seed and data order, the float start's torch seed; the same splits and budgets) shows per "
-    "method the mean test score over the seeds, `[lowest-highest, n=seeds]`. *Ours best* is chosen in each "
-    "seed's run by the rule above and then averaged (the methods each seed selected are listed); the better "
-    "anchor is the one with the higher mean, and *ahead or equal* compares the means.")
+    "method the mean test score over the seeds, `[lowest-highest, n=seeds]` (`same` where every seed scored the "
+    "same). *Ours best* is chosen in each seed's run by the rule above and then averaged (the methods each seed "
+    "selected are listed); the better anchor is the one with the higher mean, and *ahead or equal* compares the "
+    "means.")
 
 
 def row_seed(row: dict[str, Any]) -> int:
