@@ -466,6 +466,8 @@ def extra_section(title: str, name: str, command: str) -> list[str]:
     text = path.read_text().strip().splitlines()
     if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
         text = text[1:]
+        while text and not text[0].strip():  # and the blank line under it: the heading has its own
+            text = text[1:]
     body = [("#" + line if line.startswith("#") else line) for line in text]
     return ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
 
