@@ -57,10 +57,18 @@ def _pct(value: float | None) -> str:
     return f"{100 * value:.2g}%" if 0 < value < 0.001 else f"{100 * value:.1f}%"  # rare overflows stay visible
 
 
+def _spread(row: dict) -> str:
+    """The range and number of the seeds a mean row (``bench.protocol.seed_means``) averages; nothing for one seed."""
+    if "seeds" not in row:
+        return ""
+    spread = "same" if row["score_min"] == row["score_max"] else f"{row['score_min']:.2f}-{row['score_max']:.2f}"
+    return f" [{spread}, n={len(row['seeds'])}]"
+
+
 def _cell(row: dict | None) -> str:
     if row is None:
         return "not run"
-    cell = f"{row['score']:.2f} ({row['pct_of_float']:.1f}%)"
+    cell = f"{row['score']:.2f} ({row['pct_of_float']:.1f}%){_spread(row)}"
     if row["method"] == "ours-best":
         cell += f" {row['selected']}"
     return cell
@@ -89,9 +97,11 @@ def setup_table(results: dict) -> list[str]:
     body = []
     for name, e in results["models"].items():
         c, b = e["config"], e["config"]["budget"]
+        seeds = e.get("seeds", [b["seed"]])  # a merge of several seeds (bench.protocol) lists them
         body.append([f"{e.get('model', name)} {e['variant']}", _setup_of(e), e["dataset"], str(e["test_samples"]),
                      str(e["train_samples"]), str(e["val_samples"]),
-                     f"{b['epochs']} x {b['batch_size']}, lr {b['lr']}, seed {b['seed']}", _extra_epochs(e),
+                     f"{b['epochs']} x {b['batch_size']}, lr {b['lr']}, seed{'s' if len(seeds) > 1 else ''} "
+                     + ", ".join(map(str, seeds)), _extra_epochs(e),
                      str(c["calibration_samples"]), ", ".join(map(str, c["widths"])),
                      ", ".join(map(str, c["train_widths"])), ", ".join(map(str, c.get("equal_budget_widths", ()))) or "-",
                      ", ".join(e["constrained_layers"]), str(e["plain_width"]), f"{e['seconds'] / 60:.1f}"])
@@ -164,24 +174,34 @@ def pivot_table(entry: dict) -> list[str]:
     quantized = _row(rows, "quantized", None)
     lines = [f"Float: {entry['float_score']:.2f} {entry['metric']}; committed {entry['variant']}: "
              f"{quantized['score']:.2f} ({quantized['pct_of_float']:.1f}% of float), widest exact accumulator "
-             f"{entry['plain_width']} bits. Cells: score (% of float).", ""]
+             f"{entry['plain_width']} bits. Cells: score (% of float)"
+             + ("; at a width run with several seeds, the mean over them (mean % of float) [lowest-highest "
+                "score or same, n=seeds], ours best: the method each seed's run selected." if _seeded(entry) else "."),
+             ""]
     body = [[str(p)] + [_cell(_row(rows, m, p)) for m in PIVOT_METHODS] for p in _widths(entry)]
     return lines + _table(["P"] + [_SHORT[m] for m in PIVOT_METHODS], body)
 
 
+def _seeded(entry: dict) -> bool:
+    """Whether the entry merges runs of several training seeds (``bench.protocol``)."""
+    return len(entry.get("seeds", ())) > 1
+
+
 def detail_table(entry: dict) -> list[str]:
+    seeded = _seeded(entry)
     body = []
     for r in entry["rows"]:
         if r["status"] == "not run":
             continue
-        body.append([str(r["P"] if r["P"] is not None else "-"), r["method"], _fmt(r["score"]),
+        seed = [str(r["seed"]) if r["P"] is not None else "-"] if seeded else []
+        body.append([str(r["P"] if r["P"] is not None else "-"), *seed, r["method"], _fmt(r["score"]),
                      _fmt(r["pct_of_float"], 1), _fmt(r["val_score"]), _loss(r.get("val_loss")),
                      _pct(r["sparsity"]),
                      _width(r),
                      _pct(r["overflow_fraction"]) if r["overflow_fraction"] is not None else "-",
                      _fmt(r["seconds"], 1), r["status"] if r["status"] != "ok" else r["note"]])
-    return _table(["P", "method", "score", "% float", "val", "val loss", "sparsity", "width", "overflow", "s", "note"],
-                  body)
+    return _table(["P", *(["seed"] if seeded else []), "method", "score", "% float", "val", "val loss", "sparsity",
+                   "width", "overflow", "s", "note"], body)
 
 
 def _width(row: dict) -> str:
@@ -305,8 +325,8 @@ def _compare(entry: dict, our_method: str, anchor_methods: tuple[str, ...]) -> t
             continue
         best = max(anchors, key=lambda r: r["score"])
         selected = f" ({ours['selected']})" if "selected" in ours else ""
-        text = (f"P={p}: ours {ours['score']:.2f}{selected} vs {_SHORT[best['method']]} "
-                f"{best['score']:.2f} ({ours['score'] - best['score']:+.2f})")
+        text = (f"P={p}: ours {ours['score']:.2f}{_spread(ours)}{selected} vs {_SHORT[best['method']]} "
+                f"{best['score']:.2f}{_spread(best)} ({ours['score'] - best['score']:+.2f})")
         (wins if ours["score"] >= best["score"] else losses).append(text)
     return wins, losses
 
@@ -446,6 +466,8 @@ def extra_section(title: str, name: str, command: str) -> list[str]:
     text = path.read_text().strip().splitlines()
     if text and text[0].startswith("# "):  # the file's own title: the section heading replaces it
         text = text[1:]
+        while text and not text[0].strip():  # and the blank line under it: the heading has its own
+            text = text[1:]
     body = [("#" + line if line.startswith("#") else line) for line in text]
     return ["", f"## {title}", "", f"From `{command}` (file `bench/{name}`):", "", *body]
 

@@ -6,9 +6,12 @@
 Each RESULTS_JSON is the ``results.json`` of one ``python -m bench.run_all ... --out DIR`` run (for
 example one model and set-up at a few widths) or an earlier ``--json`` output (its runs count as given
 one by one, so new runs can be added to the committed bench/protocol.json); their models are merged (a
-model and set-up at a width P may come from one run only), written together to ``--json`` and rendered
-to ``--out``: the set-up table, each model's table of scores, every row, and "ours vs the better anchor"
-per set-up and budget rule.
+model and set-up at a width P may come from several runs with different training seeds, ``bench.run_all
+--seed``, but from one run per seed), written together to ``--json`` and rendered to ``--out``: the set-up
+table, each model's table of scores, every row, and "ours vs the better anchor" per set-up and budget rule.
+Where a width has several seeds, the tables and the comparison show per method the mean over the seeds,
+their range and their number (:func:`seed_means`); ``ours best`` is chosen per seed (each run's own rule)
+and then averaged, and the better anchor is the one with the higher mean.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from bench.markdown import PROTOCOL_TEXT, comparison_summary, detail_table, entry_title, pivot_table, setup_table
@@ -23,34 +27,86 @@ from bench.markdown import PROTOCOL_TEXT, comparison_summary, detail_table, entr
 
 _WIDTH_LISTS = ("widths", "train_widths", "equal_budget_widths")
 _RUN_FIELDS = ("command", "threads", "versions", "total_seconds")
+SEEDS_TEXT = (
+    "- **Seeds**: a width run with several training seeds (`bench.run_all --seed N`: our fine-tuning's seed, the "
+    "anchors' torch seed and data order, the float start's torch seed; the same splits and budgets) shows per "
+    "method the mean test score over the seeds, `[lowest-highest, n=seeds]` (`same` where every seed scored the "
+    "same). *Ours best* is chosen in each seed's run by the rule above and then averaged (the methods each seed "
+    "selected are listed); the better anchor is the one with the higher mean, and *ahead or equal* compares the "
+    "means.")
+
+
+def row_seed(row: dict[str, Any]) -> int:
+    """The training seed of a row; rows written before ``bench.run_all --seed`` existed have none: seed 0."""
+    return row.get("seed", 0)
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One results dict with every run's models and the list of the runs' commands; a run may itself be an
     earlier merge (with ``runs``), whose runs are listed in place.
 
-    A model and set-up run several times at disjoint widths (``--widths``) becomes one entry: its rows of
-    every width (the width-free ``float`` / ``quantized`` rows of the first run), the union of its width
-    lists and the sum of its run times.
+    A model and set-up run several times, at disjoint widths (``--widths``) or with different seeds
+    (``--seed``), becomes one entry: its rows of every width and seed, each with its ``seed`` (the width-free
+    ``float`` / ``quantized`` rows of the first run), the union of its width lists, its ``seeds`` and the sum
+    of its run times. The same width with the same seed from two runs is refused.
     """
     models: dict[str, Any] = {}
     listed: list[dict[str, Any]] = []  # the runs' commands, an earlier merge's in its own order
     for run in runs:
         listed += run["runs"] if "runs" in run else [{key: run[key] for key in _RUN_FIELDS}]
         for key, entry in run["models"].items():
+            rows = [{**row, "seed": row_seed(row)} for row in entry["rows"]]
             if key not in models:
-                models[key] = {**entry, "config": dict(entry["config"]), "rows": list(entry["rows"])}
+                models[key] = {**entry, "config": dict(entry["config"]), "rows": rows}
                 continue
             merged = models[key]
-            overlap = set(merged["config"]["widths"]) & set(entry["config"]["widths"])
+            overlap = _seeded_widths(merged["rows"]) & _seeded_widths(rows)
             if overlap:
-                raise ValueError(f"{key}: P={sorted(overlap)} is in more than one run")
-            merged["rows"] += [row for row in entry["rows"] if row["P"] is not None]
-            merged["rows"].sort(key=lambda row: -1000 if row["P"] is None else -row["P"])  # stable: method order kept
+                raise ValueError(f"{key}: P={sorted({p for p, _ in overlap})} with seed "
+                                 f"{sorted({seed for _, seed in overlap})} is in more than one run")
+            merged["rows"] += [row for row in rows if row["P"] is not None]
             for field in _WIDTH_LISTS:
                 merged["config"][field] = sorted({*merged["config"][field], *entry["config"][field]}, reverse=True)
             merged["seconds"] += entry["seconds"]
+    for entry in models.values():
+        # stable: each run's method order kept within a width and seed
+        entry["rows"].sort(key=lambda row: (-1000, 0) if row["P"] is None else (-row["P"], row["seed"]))
+        entry["seeds"] = sorted(_seeds(entry["rows"]))
     return {"runs": listed, "models": models}
+
+
+def _seeded_widths(rows: list[dict[str, Any]]) -> set[tuple[int, int]]:
+    return {(row["P"], row_seed(row)) for row in rows if row["P"] is not None}
+
+
+def _seeds(rows: list[dict[str, Any]]) -> set[int]:
+    return {row_seed(row) for row in rows if row["P"] is not None}
+
+
+def seed_means(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with one row per method and width: where a width has one seed, its row as it is; where it has
+    several, the mean over the seeds' ``ok`` rows of ``score`` and ``pct_of_float``, with ``score_min``,
+    ``score_max``, the ``seeds`` averaged and, for ``ours best``, the method each seed selected.
+
+    The rows of one seed come from one run, so every method at a width is averaged over the same seeds.
+    """
+    groups: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+    for row in entry["rows"]:
+        groups.setdefault((row["P"], row["method"]), []).append(row)
+    rows = []
+    for group in groups.values():
+        ok = [row for row in group if row["status"] == "ok"]
+        if len(group) == 1 or not ok:
+            rows.append(group[0])
+            continue
+        ok.sort(key=row_seed)
+        scores = [row["score"] for row in ok]
+        mean = {**ok[0], "score": fmean(scores), "pct_of_float": fmean(row["pct_of_float"] for row in ok),
+                "score_min": min(scores), "score_max": max(scores), "seeds": [row_seed(row) for row in ok]}
+        if "selected" in ok[0]:
+            mean["selected"] = "/".join(row["selected"] for row in ok)
+        rows.append(mean)
+    return {**entry, "rows": rows}
 
 
 def render(results: dict[str, Any], note: str | None = None) -> str:
@@ -60,10 +116,14 @@ def render(results: dict[str, Any], note: str | None = None) -> str:
     for run in results["runs"]:
         lines.append(f"- `{run['command']}` ({run['total_seconds'] / 60:.1f} min, {run['threads']} torch thread(s); "
                      + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ")")
-    lines += ["", *setup_table(results), "", *PROTOCOL_TEXT, ""]
-    lines += comparison_summary(results)
+    lines += ["", *setup_table(results), "", *PROTOCOL_TEXT]
+    if any(len(entry.get("seeds", ())) > 1 for entry in results["models"].values()):
+        lines.append(SEEDS_TEXT)
+    lines.append("")
+    means = {name: seed_means(entry) for name, entry in results["models"].items()}
+    lines += comparison_summary({"models": means})
     for name, entry in results["models"].items():
-        lines += ["", f"## {entry_title(name, entry)}", "", *pivot_table(entry), "",
+        lines += ["", f"## {entry_title(name, entry)}", "", *pivot_table(means[name]), "",
                   "<details><summary>every row</summary>", "", *detail_table(entry), "", "</details>"]
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,8 @@
 Options: ``--models a,b`` (a subset of the configured models), ``--setups all,paper`` (a subset of
 the set-ups, :data:`bench.anchors.SETUPS`), ``--widths P,...`` (a subset of the configured widths),
 ``--equal-budget-widths P,...`` (where the equal-budget rows run instead of the configured widths),
-``--threads N`` (torch threads, default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark),
+``--seed N`` (the training seed of every trained row, ours and the anchors'; the splits and budgets stay
+as configured), ``--threads N`` (torch threads, default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark),
 ``--no-finn`` (skip FINN resource estimates), ``--render RESULTS_JSON`` (rewrite BENCHMARKS.md and the
 plots from a saved run, without running anything). Quick mode never writes the committed results: it
 needs ``--out`` elsewhere (a fresh temporary folder when omitted). One torch thread is the default
@@ -129,6 +130,12 @@ def _resources(bench: ModelBench, ctx, rows: list[dict[str, Any]], best_models: 
         row["finn"] = done[key]
 
 
+def with_seed(bench: ModelBench, seed: int) -> ModelBench:
+    """``bench`` with training seed ``seed``: our fine-tuning's, the anchors' and the float start's (its torch seed);
+    the data splits, budgets and widths are unchanged."""
+    return replace(bench, budget=replace(bench.budget, seed=seed))
+
+
 def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bool, finn: bool,
         command: str) -> dict[str, Any]:
     import torch
@@ -201,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--equal-budget-widths", metavar="P,...",
                         help="run the equal-budget rows (qat-float, brevitas-a2q-eq, brevitas-a2q+-eq) at these of "
                              "the trained widths instead of the configured ones")
+    parser.add_argument("--seed", type=int,
+                        help="training seed of every trained row on both sides (our fine-tuning, the anchors, the "
+                             "float start's torch seed); default: the configured one (0). Splits and budgets stay")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
     parser.add_argument("--no-speed", action="store_true", help="skip the ResNet-50-sized speed benchmark")
@@ -228,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wanted_p = [int(p) for p in args.equal_budget_widths.split(",")]
         benches = tuple(replace(b, equal_budget_widths=tuple(p for p in wanted_p if p in b.train_widths))
                         for b in benches)
+    if args.seed is not None:
+        benches = tuple(with_seed(b, args.seed) for b in benches)
     if not benches:
         parser.error("nothing to run: no configured model / set-up / width matches")
     if args.out is not None:

@@ -260,7 +260,8 @@ def float_start(ctx: Context) -> ModelWrapper:
 
 def new_row(ctx: Context, method: str, acc_bits: int | None, **fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "model": ctx.bench.name, "variant": ctx.bench.variant, "method": method, "P": acc_bits, "status": "ok",
+        "model": ctx.bench.name, "variant": ctx.bench.variant, "method": method, "P": acc_bits,
+        "seed": ctx.bench.budget.seed, "status": "ok",
         "score": None, "pct_of_float": None, "val_score": None, "val_loss": None, "sparsity": None,
         "guaranteed_width": None, "free_width": None, "overflow_fraction": None, "seconds": None, "note": "",
     }

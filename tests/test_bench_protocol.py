@@ -115,3 +115,73 @@ def test_ours_best_breaks_validation_ties_by_the_lower_loss():
     # rows saved before the loss was stored: the method listed first, as before
     old = [{k: v for k, v in r.items() if k != "val_loss"} for r in tied]
     assert _ours_best(None, old)["selected"] == "axe"
+
+
+def test_protocol_merges_seeds_of_one_width_and_refuses_a_seed_twice():
+    """Runs of the same widths with other seeds are merged; rows without a seed (older runs) are seed 0."""
+    from bench.protocol import merge
+
+    def seeded(command: str, widths: tuple[int, ...], seed: int) -> dict:
+        run = _run(command, widths)
+        run["models"]["m"]["rows"] = [{**row, "seed": seed} for row in run["models"]["m"]["rows"]]
+        return run
+
+    merged = merge([_run("a", (12, 11)), seeded("b", (12,), 1), seeded("c", (12, 11), 2)])
+    entry = merged["models"]["m"]
+    assert entry["seeds"] == [0, 1, 2] and entry["config"]["widths"] == [12, 11]
+    assert [(r["method"], r["P"], r["seed"]) for r in entry["rows"]] == [
+        ("float", None, 0), ("qat", 12, 0), ("ours-best", 12, 0), ("qat", 12, 1), ("ours-best", 12, 1),
+        ("qat", 12, 2), ("ours-best", 12, 2), ("qat", 11, 0), ("ours-best", 11, 0), ("qat", 11, 2),
+        ("ours-best", 11, 2)]
+    for runs in ([_run("a", (12, 11)), seeded("b", (11,), 0)], [seeded("a", (12,), 1), merge([seeded("b", (12,), 1)])]):
+        try:
+            merge(runs)
+        except ValueError as error:
+            assert "P=[" in str(error) and "seed" in str(error)
+        else:
+            raise AssertionError("a width was merged twice with the same seed")
+
+
+def _seeded_entry(scores: dict[int, dict[str, tuple[float, float]]]) -> dict:
+    """A one-width (P=12) entry: per seed, per method (test score, validation score); ours-best chosen per seed by
+    the benchmark's own rule (bench.sweep._ours_best)."""
+    from bench.sweep import _ours_best
+
+    rows = [{"method": "quantized", "P": None, "status": "ok", "score": 97.0, "pct_of_float": 97.0}]
+    for seed, methods in scores.items():
+        at_p = [{"method": m, "P": 12, "seed": seed, "status": "ok", "score": test, "pct_of_float": test,
+                 "val_score": val, "val_loss": 0.1, "sparsity": 0.1, "guaranteed_width": 12, "free_width": None,
+                 "overflow_fraction": 0.0} for m, (test, val) in methods.items()]
+        best = _ours_best(None, [r for r in at_p if not r["method"].startswith("brevitas")])
+        at_p.append({**at_p[0], **best, "method": "ours-best", "pct_of_float": best["score"]})
+        rows += at_p
+    config = {"widths": [12], "train_widths": [12], "equal_budget_widths": [12]}
+    return {"model": "m", "setup": "all", "variant": "w4a4", "metric": "top-1 %", "float_score": 100.0,
+            "plain_width": 15, "config": config, "rows": rows, "seeds": sorted(scores)}
+
+
+def test_seed_means_average_ours_best_chosen_per_seed_and_compare_the_means():
+    """Seed 0 alone is behind; over both seeds ours is ahead of the anchor with the higher mean (A2Q), though
+    averaging each seed's better anchor (A2Q at seed 0, A2Q+ at seed 1) would put it behind."""
+    from bench.markdown import comparison_summary, pivot_table
+    from bench.protocol import seed_means
+
+    entry = _seeded_entry({
+        # ours best = qat at seed 0 (higher validation score), qat-float at seed 1: mean (96.5 + 97.5) / 2 = 97.0,
+        # below the mean of either method (qat 98.0, qat-float 97.75): the choice is made per seed
+        0: {"qat": (96.5, 100.0), "qat-float": (99.0, 99.0), "brevitas-a2q": (97.5, 99.0), "brevitas-a2q+": (96.0, 99.0)},
+        1: {"qat": (99.5, 99.0), "qat-float": (97.5, 100.0), "brevitas-a2q": (96.0, 99.0), "brevitas-a2q+": (97.0, 99.0)},
+    })
+    means = {row["method"]: row for row in seed_means(entry)["rows"] if row["P"] == 12}
+    assert means["ours-best"]["score"] == 97.0 and means["ours-best"]["selected"] == "qat/qat-float"
+    assert (means["brevitas-a2q"]["score"], means["brevitas-a2q+"]["score"]) == (96.75, 96.5)
+    assert (means["ours-best"]["score_min"], means["ours-best"]["score_max"], means["ours-best"]["seeds"]) == (
+        96.5, 97.5, [0, 1])
+    summary = "\n".join(comparison_summary({"models": {"m": seed_means(entry)}}))
+    assert ("ahead or equal at 1 of 1 widths. Ahead/equal at: P=12: ours 97.00 [96.50-97.50, n=2] (qat/qat-float) "
+            "vs Brevitas A2Q 96.75 [96.00-97.50, n=2] (+0.25)") in summary
+    seed0 = {**entry, "rows": [r for r in entry["rows"] if r.get("seed", 0) == 0], "seeds": [0]}
+    assert "Behind at: P=12: ours 96.50 (qat) vs Brevitas A2Q 97.50 (-1.00)" in "\n".join(
+        comparison_summary({"models": {"m": seed_means(seed0)}}))
+    table = "\n".join(pivot_table(seed_means(entry)))
+    assert "| 12 | not run | not run | not run | not run | 98.00 (98.0%) [96.50-99.50, n=2] |" in table

@@ -59,6 +59,7 @@ def test_one_row_per_method_and_width(quick):
         keys = [(r["method"], r["P"]) for r in rows]
         expected = [("float", None), ("quantized", None)] + [(m.key, p) for p in bench.widths for m in METHODS]
         assert sorted(keys, key=str) == sorted(expected, key=str)
+        assert {r["seed"] for r in rows} == {bench.budget.seed}  # every row records its training seed (no --seed: 0)
         for r in rows:
             trained_method = any(m.key == r["method"] and m.trained for m in METHODS) or r["method"] == "axe"
             run_at = bench.equal_budget_widths if r["method"] in EQUAL_BUDGET_METHODS else bench.train_widths
