@@ -159,7 +159,8 @@ def _setup(results: dict) -> list[str]:
         "accumulating in P-bit two's-complement wrap-around (`simulate_model`); *overflow* is the fraction "
         "of accumulations whose P-bit result differs from the exact sum.",
         "- **Sparsity**: fraction of zero integer weights over the constrained layers.",
-        "- AXE and QAT are not re-run where the committed model already fits P (rows say so).",
+        "- AXE is not re-run where the committed model already fits P (rows say so). QAT is: it spends the same "
+        "budget as the anchors, and the committed model, its starting point, stays a candidate for its best epoch.",
     ]
     return lines
 

@@ -416,7 +416,7 @@ def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None
             elif method in ("project-a2q", "project-exact"):
                 models_at_p[method] = _project(ctx, method.removeprefix("project-"), acc_bits)
                 fields = scorer.measure(models_at_p[method])
-            elif method in ("axe", "qat") and ctx.plain_width <= acc_bits:
+            elif method == "axe" and ctx.plain_width <= acc_bits:
                 models_at_p[method] = ctx.base
                 fields = {**base, "note": "fits already: the committed model, unchanged"}
             elif method in ("axe", "qat") and trained_here:

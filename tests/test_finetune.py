@@ -240,6 +240,25 @@ def test_finetune_beats_projection_and_verifies():
     assert verify_model(tuned, None).overflow_impossible
 
 
+def test_validation_ties_go_to_the_lower_validation_loss():
+    # four validation images: top-1 can only be 0/25/50/75/100 %, so epochs tie and the loss must decide
+    model = digits_model()
+    x_train, y_train = digits_data("train", 256)
+    x_val, y_val = digits_data("test", 4)
+    result = FinetuneAccumulators(NARROW, (x_train, y_train), (x_val, y_val),
+                                  FinetuneConfig(epochs=4, lr=2e-3, batch_size=32, **QUIET))(model)
+    history, best = result.details["history"], result.details["best_epoch"]
+    top = max(r.val_metric for r in history)
+    tied = [r for r in history if r.val_metric == top]
+    assert len(tied) > 1, [(r.val_metric, r.val_loss) for r in history]  # else this test checks nothing
+    assert best == min(tied, key=lambda r: (r.val_loss, r.epoch)).epoch
+    # the recorded loss is the written graph's cross-entropy, executed by qonnx
+    logits = qonnx_outputs(result.model, x_val).astype(np.float64)
+    log_softmax = logits - logits.max(axis=1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
+    assert history[best].val_loss == pytest.approx(-log_softmax[np.arange(len(y_val)), y_val].mean(), rel=1e-3)
+
+
 def test_regression_loss_reports_psnr_of_the_written_model():
     model = digits_model()
     x, _ = digits_data("train", 128)

@@ -10,7 +10,9 @@ Validation metric (higher is better): top-1 accuracy in % for ``ce``; PSNR in dB
 ``10 log10(1 / MSE)``, for ``mse`` / ``l1`` (meaningful for outputs in [0, 1], e.g. images). It is
 measured against the validation labels, or against the original model's outputs (argmax for
 ``ce``) where the validation data has none. The best epoch (highest validation metric, or the
-lowest mean training loss without validation data) is kept; with validation data the
+lowest mean training loss without validation data) is kept; epochs with the same validation
+metric (common for top-1 on a small validation split that is already at 100%) are told apart by
+the training objective on the validation data, then by the earlier epoch. With validation data the
 constrained starting point (epoch 0, the initialisation) is a candidate too, so fine-tuning never
 returns a model that scores worse on it than the point it starts from.
 
@@ -78,6 +80,7 @@ class EpochRecord:
     epoch: int  # 0: the constrained starting point, before any step
     train_loss: float | None
     val_metric: float | None
+    val_loss: float | None = None  # the training objective on the validation data: breaks val_metric ties
 
 
 @dataclass
@@ -213,16 +216,24 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
     if original_metric is not None:
         log(f"original model: val {metric} {original_metric:.2f}")
     history: list[EpochRecord] = []
-    best = (-math.inf, 0, _state(module))
+    best = ((-math.inf, -math.inf), 0, _state(module))
 
     def evaluate(epoch: int, train_loss: float | None) -> None:
         nonlocal best
-        val_metric = score(predict(module, val.x, device), val_targets, config.loss) if val is not None else None
-        history.append(EpochRecord(epoch, train_loss, val_metric))
+        val_metric = val_loss = None
+        if val is not None:
+            outputs = predict(module, val.x, device)
+            val_metric = score(outputs, val_targets, config.loss)
+            # reference logits as targets (no labels) are compared as distillation compares them
+            val_loss = float(objective(outputs, val_targets, config.loss, distill=val_targets.dim() > 1))
+        history.append(EpochRecord(epoch, train_loss, val_metric, val_loss))
         shown = f"val {metric} {val_metric:.2f}" if val_metric is not None else ""
         loss_text = f"loss {train_loss:.4f}" if train_loss is not None else "constrained start"
         log(f"epoch {epoch}/{config.epochs}  {loss_text}  {shown}".rstrip())
-        key = val_metric if val_metric is not None else (-train_loss if train_loss is not None else -math.inf)
+        if val_metric is not None:
+            key = (val_metric, -val_loss)
+        else:
+            key = (-train_loss if train_loss is not None else -math.inf, 0.0)
         if key > best[0]:
             best = (key, epoch, _state(module))
 
