@@ -64,7 +64,7 @@ def finetune(
     data: Annotated[Path, typer.Option("--data", help=".npz with 'x' (inputs) and optional 'y' (labels/targets)")],
     acc_bits: Annotated[Optional[int], typer.Option("--acc-bits", help="target accumulator width P of every layer")] = None,
     layer: Annotated[Optional[list[str]], typer.Option("--layer", help="per-layer width NAME=P; repeatable")] = None,
-    val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz; the best epoch is chosen on it")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz; the best epoch is chosen on it (score, then loss on ties)")] = None,
     method: Annotated[str, typer.Option(
         "--method", help="norm (A2Q+-style weight normalisation over the exact budget, exact rounding), qat "
                          "(exact-range projected QAT), a2q (A2Q weight normalisation, round to zero) or axe (PTQ)")] = "norm",
