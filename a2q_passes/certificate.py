@@ -450,6 +450,8 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
 
 def _plus_widened(q: np.ndarray, z: np.ndarray) -> np.ndarray:
     """``q + z`` (``z`` broadcast to ``q``) in an integer type holding every sum, ``q``'s own where it does."""
+    if not np.any(z):  # zero points of 0 (symmetric weights, as onnxruntime writes them): nothing to add
+        return q
     lo = int(q.min(initial=0)) + int(z.min(initial=0))
     hi = int(q.max(initial=0)) + int(z.max(initial=0))
     q = q.astype(np.promote_types(q.dtype, bounds.smallest_signed_type(lo, hi)), copy=False)
