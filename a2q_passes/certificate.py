@@ -290,7 +290,7 @@ def _as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: n
     """
     values = np.asarray(values)
     shape = values.shape
-    if values.size >= _KERNEL_VALUES and values.flags.c_contiguous:
+    if values.ndim and values.size and values.size >= _KERNEL_VALUES and values.flags.c_contiguous:
         from a2q_passes.certificate_kernels import integer_quotients
 
         fast = integer_quotients(values, divisor, _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE)
