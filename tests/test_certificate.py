@@ -306,7 +306,7 @@ def test_compiled_integer_check_gives_the_numpy_check_or_its_refusal(shape, divi
     scale = None if divisor is None else rng.choice([0.5, 0.1, 3.0, 1 / 127], size=divisor)
     for low, high in ((-128, 128), (-300, 300), (0, 1 << 20)):
         codes = rng.integers(low, high, size=shape)
-        values = (codes * (1.0 if scale is None else scale)).astype(np.float32)
+        values = np.asarray(codes * (1.0 if scale is None else scale), dtype=np.float32)  # 0-d: an array, not a scalar
         cases = {"on the grid": values}
         middle = values.size // 2
         step = 1.0 if scale is None else np.broadcast_to(scale, shape).reshape(-1)[middle]
