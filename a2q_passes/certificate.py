@@ -61,7 +61,8 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes import bounds
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value
+from a2q_passes.model_io import (ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value,
+                                 with_inferred_shapes)
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
@@ -956,7 +957,8 @@ def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarra
 
 def _reads_graph_input(model: ModelWrapper, tensor: str) -> bool:
     """Whether executing ``tensor`` needs a graph input (else it is a constant the graph computes)."""
-    initializers = {init.name for init in model.graph.initializer}
+    initializers = model.initializers.keys() if isinstance(model, ReadOnlyModel) else {
+        init.name for init in model.graph.initializer}
     inputs = {vi.name for vi in model.graph.input} - initializers
     stack, seen = [tensor], set()
     while stack:
@@ -991,14 +993,16 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
 
 
 def _inferred(model: ModelWrapper) -> ModelWrapper:
-    """A copy of ``model`` with qonnx's shape inference applied; one per :func:`certify_claims` call.
+    """A read-only copy of ``model`` with qonnx's shape inference applied (ONNX's alone where the graph has no qonnx
+    or FINN custom op: qonnx's would only re-wrap the model, quadratic in its size, see
+    :func:`a2q_passes.model_io.with_inferred_shapes`); one per :func:`certify_claims` call.
 
     Why cached: inference walks the whole graph, and a transformer stack asks once per layer;
     certifying does not change the graph.
     """
     key = id(model.model)
     if key not in _INFERRED:
-        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
+        inferred = with_inferred_shapes(model)
         if not _INFERRED.get("active"):
             return inferred
         _INFERRED[key] = inferred
@@ -1075,7 +1079,8 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
     ``tile``: also the ranges of a multi-stage datapath that sums each run of ``tile`` consecutive terms
     (K order of the accumulation rows) in an inner accumulator and the tile results in an outer one.
     """
-    node = next((n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
+    node = model.named.get(node_name) if isinstance(model, ReadOnlyModel) else next(
+        (n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
     if node is None:
         raise CannotCertify(f"no node named '{node_name}'")
     op = node.op_type

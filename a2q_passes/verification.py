@@ -43,6 +43,7 @@ from a2q_passes.data_simulation import SimulationResult, check_datapath, simulat
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers, node_str_attr
 from a2q_passes.metadata import recorded_tiles
+from a2q_passes.model_io import ReadOnlyModel
 from a2q_passes.simulate import MAX_SIMULATED_BITS, accumulate_terms
 from a2q_passes.width_resolution import WIDTHS_RECORDED, WIDTHS_SELECTED, resolve_widths
 
@@ -297,6 +298,10 @@ def verify_model(
     keep the tile and outer width ``project --tile`` recorded.
     """
     check_datapath(mode, tile, outer_bits)
+    executed = model  # the data simulation runs the model itself
+    # graph lookups in dicts built once (the proof and the certificate only read the model): qonnx's scans of the
+    # whole graph per lookup are quadratic in its depth
+    model = ReadOnlyModel(model.model)
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
     chosen, source = resolve_widths(model, layers, widths, overrides)
     if tile is not None:
@@ -321,7 +326,7 @@ def verify_model(
                    what="verify", input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
     report = VerificationReport(verdicts, mode, tile, source, zero_point, input_ranges=input_ranges)
     if data is not None:
-        simulation = simulate_model(model, data, chosen, mode, tile, input_dtypes, zero_point, stages=stages)
+        simulation = simulate_model(executed, data, chosen, mode, tile, input_dtypes, zero_point, stages=stages)
         for verdict in verdicts:
             if verdict.node in simulation.widths:
                 verdict.data_accumulations = simulation.accumulations[verdict.node]
