@@ -100,13 +100,15 @@ def channel_ranges(layer: MacLayer, rows: np.ndarray,
 def integer_view(model: ModelWrapper, layer: MacLayer) -> tuple[np.ndarray, bounds.IntRange]:
     """The layer as integer weight rows ``(rows, K)`` over the input codes ``x`` they multiply.
 
+    The rows are :meth:`MacLayer.code_rows`: the stored integer codes where the MAC multiplies them unchanged (a
+    view, no int64 copy of an int8 layer), so consumers widen what they need themselves.
     An activation x activation MatMul sums K products, each reaching both ends of
     :func:`bounds.product_range` independently of the others: every sum and partial sum then has
     the extremes of K unit weights on codes in that range, which is the view returned for it.
     """
     if layer.act_x_act:
         return np.ones((1, layer.K), dtype=np.int64), bounds.product_range(layer.grid.range, layer.operand_grid.range)
-    return layer.integer_rows(model), layer.grid.range
+    return layer.code_rows(model), layer.grid.range
 
 
 def stage_ranges(rows: np.ndarray, x: bounds.IntRange, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -192,6 +192,15 @@ def narrowest_integers(q: np.ndarray) -> np.ndarray:
     return q.astype(np.result_type(np.min_scalar_type(int(q.min())), np.min_scalar_type(int(q.max()))), copy=False)
 
 
+def smallest_signed_type(lo: int, hi: int) -> np.dtype:
+    """The narrowest signed integer type (8 to 64 bits) holding ``[lo, hi]``."""
+    for dtype in (np.int8, np.int16, np.int32, np.int64):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dtype)
+    raise ValueError(f"[{lo}, {hi}] does not fit int64")
+
+
 def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64).
 

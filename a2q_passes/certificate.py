@@ -61,7 +61,8 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes import bounds
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value
+from a2q_passes.model_io import (ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value,
+                                 with_inferred_shapes)
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
@@ -81,6 +82,9 @@ _STORAGE_RANGES = {
 # |value / scale - q| allowed: float32 q * s / s lands within a few ulps (2^-24 |q| each) of q
 _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE = 1e-3, 2.0 ** -16
 _INT64_SAFE = 1 << 62
+# tensors from this many values up are checked by the compiled kernel: below it, importing numba (and compiling
+# once, cached on disk) takes longer than the numpy check
+_KERNEL_VALUES = 1 << 22
 # Ops that multiply integer tensors themselves: (float op they compute like, weight input, weight zero point input);
 # ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
 _INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
@@ -167,7 +171,9 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
     values through ``Clip`` nodes unchanged (used to carry a scale through the weight path).
     """
     overrides = dict(overrides or {})
-    initializers = {init.name: init for init in model.graph.initializer}
+    # a read-only model's table, built once: collecting the graph's initializers per call is quadratic in depth
+    initializers = model.initializers if isinstance(model, ReadOnlyModel) else {
+        init.name: init for init in model.graph.initializer}
     chosen: dict[str, NodeProto] = {}
     used: set[str] = set()
     stack, seen = list(targets), set()
@@ -190,25 +196,57 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
         return {name: overrides[name] if name in overrides else tensor_value(initializers[name])
                 for name in targets}
     nodes = []
-    for node in model.graph.node:
-        if node.output and node.output[0] in chosen:
-            if clip_as_identity and node.op_type == "Clip":
-                node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
-            nodes.append(node)
-    inits = [_inline(initializers[name]) for name in sorted(used) if name not in overrides]
+    for node in _in_execution_order(model, chosen, targets):
+        if clip_as_identity and node.op_type == "Clip":
+            node = helper.make_node("Identity", [node.input[0]], list(node.output), name=node.name)
+        nodes.append(node)
+    # a streamed tensor enters as a graph input fed its memory-mapped values: inlined, it would be copied into the
+    # proto, through shape inference's serialisation and back out of the proto before anything executes
+    feeds = {name: tensor_value(initializers[name]) for name in sorted(used)
+             if name not in overrides and _fed(initializers[name])}
+    inits = [_inline(initializers[name]) for name in sorted(used) if name not in overrides and name not in feeds]
     inits += [numpy_helper.from_array(np.asarray(value), name) for name, value in overrides.items() if name in used]
-    graph = helper.make_graph(nodes, "certificate_constants", [], [], inits)
+    inputs = [helper.make_tensor_value_info(name, initializers[name].data_type, value.shape)
+              for name, value in feeds.items()]
+    graph = helper.make_graph(nodes, "certificate_constants", inputs, [], inits)
     sub = ModelWrapper(qonnx_make_model(graph, opset_imports=list(model.model.opset_import)))
     sub = sub.transform(InferShapes())
     try:
-        context = execute_onnx(sub, {}, return_full_exec_context=True)
+        context = execute_onnx(sub, feeds, return_full_exec_context=True)
     except Exception as err:  # the graph's own kernels decide what is valid; say which subgraph failed
         if not all(n.domain in ("", "ai.onnx") for n in nodes):
             raise CannotCertify(f"executing the constant subgraph of {targets} failed ({type(err).__name__}: {err})") from err
         # qonnx runs node by node and hands tensors to onnxruntime as numpy arrays, which fails for
         # int4/uint4 (ml_dtypes); onnxruntime runs the whole standard subgraph with them inside
-        context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}")
+        context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}", feeds)
     return {name: np.asarray(context[name]) for name in targets}
+
+
+def _in_execution_order(model: ModelWrapper, chosen: Mapping[str, NodeProto], targets: list[str]) -> list[NodeProto]:
+    """The ``chosen`` nodes (by first output) with every producer before its consumers: a depth-first walk from
+    ``targets``, not a scan of the whole graph per call (quadratic in depth)."""
+    order: list[NodeProto] = []
+    placed: set[str] = set()
+    stack = [(name, False) for name in reversed(targets)]
+    while stack:
+        name, inputs_placed = stack.pop()
+        producer = model.find_producer(name) if name else None
+        if producer is None or producer.output[0] not in chosen or producer.output[0] in placed:
+            continue
+        if inputs_placed:
+            placed.add(producer.output[0])
+            order.append(producer)
+            continue
+        stack.append((name, True))
+        stack.extend((n, False) for n in reversed(producer.input))
+    return order
+
+
+def _fed(tensor: TensorProto) -> bool:
+    """Whether ``tensor`` is streamed and of a type numpy holds natively (int4/uint4 and the like go inline: their
+    ml_dtypes arrays cannot be fed to onnxruntime)."""
+    return is_streamed(tensor) and tensor.data_type not in (TensorProto.INT4, TensorProto.UINT4) and \
+        helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "biuf"
 
 
 def _inline(tensor: TensorProto) -> TensorProto:
@@ -216,11 +254,14 @@ def _inline(tensor: TensorProto) -> TensorProto:
     return numpy_helper.from_array(tensor_value(tensor), tensor.name) if is_streamed(tensor) else tensor
 
 
-def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error: str) -> dict[str, np.ndarray]:
-    """Values of ``targets`` from one onnxruntime session on the standard-ONNX constant subgraph ``sub``."""
+def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error: str,
+                              feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Values of ``targets`` from one onnxruntime session on the standard-ONNX constant subgraph ``sub``, whose
+    graph inputs take ``feeds``."""
     import onnxruntime as ort
 
     initializers = {init.name: numpy_helper.to_array(init) for init in sub.graph.initializer}
+    initializers.update(feeds)
     computed = [t for t in dict.fromkeys(targets) if t not in initializers]
     proto = ModelWrapper(sub.model.SerializeToString())
     for name in computed:
@@ -231,7 +272,7 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
         proto.graph.output.append(vi)
     try:
         session = ort.InferenceSession(proto.model.SerializeToString(), providers=["CPUExecutionProvider"])
-        values = dict(zip(computed, session.run(computed, {})))
+        values = dict(zip(computed, session.run(computed, dict(feeds))))
     except Exception as err:
         raise CannotCertify(f"executing the constant subgraph of {targets} failed ({first_error}; onnxruntime: "
                             f"{type(err).__name__}: {err})") from err
@@ -239,14 +280,23 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
 
 
 def _as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: np.ndarray | None = None) -> np.ndarray:
-    """``values`` (divided by ``divisor``, broadcast to their shape) as int64, each within the tolerance of an integer.
+    """``values`` (divided by ``divisor``, broadcast to their shape) as integers, each within the tolerance of one.
 
     Checked a block of leading-axis slices at a time: the float64 quotient of a large weight tensor is never
     held whole, only the int64 result (each element's quotient is the same float64 division either way);
-    blocks of about 2^16 values keep the half-dozen passes over each in cache.
+    blocks of about 2^16 values keep the half-dozen passes over each in cache. A tensor of at least
+    ``_KERNEL_VALUES`` values is checked by the compiled kernel of :mod:`a2q_passes.certificate_kernels` (the
+    same float64 operations in one pass), whose result has the narrowest integer type holding it (an int8
+    layer's integers take 1 byte each, not 8); where it finds a problem, the blocks below name it.
     """
     values = np.asarray(values)
     shape = values.shape
+    if values.ndim and values.size and values.size >= _KERNEL_VALUES and values.flags.c_contiguous:
+        from a2q_passes.certificate_kernels import integer_quotients
+
+        fast = integer_quotients(values, divisor, _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE)
+        if fast is not None:  # else the check below names what is wrong
+            return fast
     values = values.reshape(1, -1) if values.ndim == 0 else values
     divisor = None if divisor is None else np.broadcast_to(np.asarray(divisor), shape).reshape(values.shape)
     out = np.empty(values.shape, dtype=np.int64)
@@ -383,8 +433,8 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
     if zero_point == "fold" and has_zero:
         z = _execute_constants(model, [producer.input[2]])[producer.input[2]]
         # the zero point's integers in its own shape, added to every weight it covers
-        q += _as_integers(carried(_scale_in_rank(producer, z, out_shape)),
-                          f"the weight zero point of {_label(producer)}")
+        q = _plus_widened(q, _as_integers(carried(_scale_in_rank(producer, z, out_shape)),
+                                          f"the weight zero point of {_label(producer)}"))
     block = _block_size(producer)
     if not block:
         return q, None
@@ -397,6 +447,17 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
     if number.size and number.max() >= 1 << 24:
         raise CannotCertify(f"{_label(producer)} has more block scales than this check numbers exactly")
     return q, np.rint(carried(number)).astype(np.int64)
+
+
+def _plus_widened(q: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``q + z`` (``z`` broadcast to ``q``) in an integer type holding every sum, ``q``'s own where it does."""
+    if not np.any(z):  # zero points of 0 (symmetric weights, as onnxruntime writes them): nothing to add
+        return q
+    lo = int(q.min(initial=0)) + int(z.min(initial=0))
+    hi = int(q.max(initial=0)) + int(z.max(initial=0))
+    q = q.astype(np.promote_types(q.dtype, bounds.smallest_signed_type(lo, hi)), copy=False)
+    q += z  # every sum fits q's type: numpy adds in the wider type and stores each result
+    return q
 
 
 # --------------------------------------------------------------------------- input codes
@@ -896,7 +957,8 @@ def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarra
 
 def _reads_graph_input(model: ModelWrapper, tensor: str) -> bool:
     """Whether executing ``tensor`` needs a graph input (else it is a constant the graph computes)."""
-    initializers = {init.name for init in model.graph.initializer}
+    initializers = model.initializers.keys() if isinstance(model, ReadOnlyModel) else {
+        init.name for init in model.graph.initializer}
     inputs = {vi.name for vi in model.graph.input} - initializers
     stack, seen = [tensor], set()
     while stack:
@@ -931,14 +993,16 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
 
 
 def _inferred(model: ModelWrapper) -> ModelWrapper:
-    """A copy of ``model`` with qonnx's shape inference applied; one per :func:`certify_claims` call.
+    """A read-only copy of ``model`` with qonnx's shape inference applied (ONNX's alone where the graph has no qonnx
+    or FINN custom op: qonnx's would only re-wrap the model, quadratic in its size, see
+    :func:`a2q_passes.model_io.with_inferred_shapes`); one per :func:`certify_claims` call.
 
     Why cached: inference walks the whole graph, and a transformer stack asks once per layer;
     certifying does not change the graph.
     """
     key = id(model.model)
     if key not in _INFERRED:
-        inferred = ModelWrapper(model.model.SerializeToString()).transform(InferShapes(), cleanup=False)
+        inferred = with_inferred_shapes(model)
         if not _INFERRED.get("active"):
             return inferred
         _INFERRED[key] = inferred
@@ -1015,7 +1079,8 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
     ``tile``: also the ranges of a multi-stage datapath that sums each run of ``tile`` consecutive terms
     (K order of the accumulation rows) in an inner accumulator and the tile results in an outer one.
     """
-    node = next((n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
+    node = model.named.get(node_name) if isinstance(model, ReadOnlyModel) else next(
+        (n for n in model.graph.node if (n.name or n.output[0]) == node_name), None)
     if node is None:
         raise CannotCertify(f"no node named '{node_name}'")
     op = node.op_type
@@ -1085,30 +1150,29 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
 
 def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: str,
                    input_dtypes: Mapping[str, str] | None = None, zero_point: str = "fold",
-                   input_ranges: str = "exact") -> dict[str, LayerCertificate]:
+                   input_ranges: str = "exact") -> None:
     """Certify every claimed layer; :class:`PostconditionError` when a claim is narrower than the certificate.
 
     ``input_ranges``: the input codes the claims were made for, the quantizers' (``exact``) or FINN's
     DataType of them (``finn``); derived here independently of :mod:`a2q_passes.layers`.
 
     A claim fails when the layer cannot be certified, when its range misses part of the certified
-    range, or when the certified range does not fit its promised width.
+    range, or when the certified range does not fit its promised width. Each layer's certificate is dropped once
+    checked (its per-channel ranges would otherwise add up over a deep model: some 0.4 MB per layer of a 7B stack).
     """
-    certificates = {}
     # producers and shapes looked up in tables built once (the certificate only reads the model): scanning the
     # graph for each layer's tensors is quadratic in the graph's size
     model = model if isinstance(model, ReadOnlyModel) else ReadOnlyModel(model.model)
     _INFERRED.clear()
     _INFERRED["active"] = True
     try:
-        return _certify_each(model, claims, what, input_dtypes, zero_point, input_ranges, certificates)
+        _certify_each(model, claims, what, input_dtypes, zero_point, input_ranges)
     finally:
         _INFERRED.clear()
 
 
 def _certify_each(model: ModelWrapper, claims: Mapping[str, Claim], what: str,
-                  input_dtypes: Mapping[str, str] | None, zero_point: str, input_ranges: str,
-                  certificates: dict[str, LayerCertificate]) -> dict[str, LayerCertificate]:
+                  input_dtypes: Mapping[str, str] | None, zero_point: str, input_ranges: str) -> None:
     for node, claim in claims.items():
         try:
             cert = certify_layer(model, node, input_dtypes, zero_point, input_ranges, claim.tile)
@@ -1130,8 +1194,6 @@ def _certify_each(model: ModelWrapper, claims: Mapping[str, Claim], what: str,
                 f"{bounds.accumulator_width(cert.acc_min, cert.acc_max)}; nothing was written")
         if claim.tile is not None:
             _check_stages(what, node, claim, cert)
-        certificates[node] = cert
-    return certificates
 
 
 def _check_stages(what: str, node: str, claim: Claim, cert: LayerCertificate) -> None:

@@ -186,6 +186,9 @@ class ReadOnlyModel(ModelWrapper):
         infos = [*graph.input, *graph.output, *graph.value_info]
         self.infos = {info.name: info for info in infos}
         self.described_twice = len(self.infos) != len(infos)
+        self.named: dict[str, onnx.NodeProto] = {}  # by name, or first output where unnamed, as reports name layers
+        for node in graph.node:
+            self.named.setdefault(node.name or node.output[0], node)
 
     def find_producer(self, tensor_name: str) -> onnx.NodeProto | None:
         return self.producers.get(tensor_name)

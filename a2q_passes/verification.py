@@ -43,6 +43,7 @@ from a2q_passes.data_simulation import SimulationResult, check_datapath, simulat
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers, node_str_attr
 from a2q_passes.metadata import recorded_tiles
+from a2q_passes.model_io import ReadOnlyModel
 from a2q_passes.simulate import MAX_SIMULATED_BITS, accumulate_terms
 from a2q_passes.width_resolution import WIDTHS_RECORDED, WIDTHS_SELECTED, resolve_widths
 
@@ -55,6 +56,10 @@ NO_TARGET_DECLARED = "no target: width its node declares (accDataType)"
 _GRID_TOLERANCE = 1e-2  # |x / scale - code|: float32 Quant outputs sit within ~1e-5 of their codes
 DEFAULT_BATCH = 512
 _ADVERSARIAL_BLOCK_TERMS = 1 << 21  # int64 terms per block of rows: 16 MB per temporary
+# layers from this many weights up are simulated by the compiled kernel: below it, importing numba (and compiling
+# once, cached on disk) takes longer than numpy's simulation (about 80 ns per weight)
+_ADVERSARIAL_KERNEL_TERMS = 1 << 22
+_INT64_SAFE = 1 << 62  # the kernel's int64 registers hold every partial sum below this
 
 # --------------------------------------------------------------------------- widths
 
@@ -160,7 +165,9 @@ def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarr
                           mode: str, tile: int | None, outer_bits: int | None = None) -> None:
     """Accumulate each row's two worst-case input vectors in the P-bit accumulator (tiled: the two stages).
 
-    Rows are simulated in blocks of about ``_ADVERSARIAL_BLOCK_TERMS`` terms: each row's accumulation is
+    A layer of at least ``_ADVERSARIAL_KERNEL_TERMS`` terms is simulated by the compiled kernel of
+    :mod:`a2q_passes.adversarial_kernels` (one pass over the stored weights, the same accumulator semantics);
+    smaller ones in numpy, in blocks of about ``_ADVERSARIAL_BLOCK_TERMS`` terms: each row's accumulation is
     independent of the others, and the int64 inputs, weights and terms of a whole large layer at once come to
     some 20 bytes per weight (3.5 GB of temporaries for an 11008 x 4096 MLP layer)."""
     if max(bits, outer_bits or 0) > MAX_SIMULATED_BITS:
@@ -169,6 +176,13 @@ def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarr
     if outer_bits is not None:
         outer_lo = min(r[0] for name, r in verdict.registers.items() if name != INNER_REGISTER)
         outer = (outer_bits, outer_lo < 0)
+    verdict.adversarial_cases = 2 * int(rows.shape[0])
+    if rows.size >= _ADVERSARIAL_KERNEL_TERMS and _partial_sums_bound(rows, x, layer.binary_xnor) < _INT64_SAFE:
+        from a2q_passes.adversarial_kernels import count_adversarial_overflows
+
+        verdict.adversarial_overflows, verdict.adversarial_register_overflows = count_adversarial_overflows(
+            rows, x.lo, x.hi, layer.binary_xnor, bits, verdict.signed, mode, tile, outer)
+        return
     overflows = register_overflows = 0
     block = max(1, _ADVERSARIAL_BLOCK_TERMS // max(1, rows.shape[-1]))
     for start in range(0, rows.shape[0], block):
@@ -181,9 +195,21 @@ def _simulate_adversarial(verdict: LayerVerdict, layer: MacLayer, rows: np.ndarr
         result = accumulate_terms(terms, bits, verdict.signed, mode, tile, outer)
         overflows += result.overflow_count
         register_overflows += result.register_overflow_count
-    verdict.adversarial_cases = 2 * int(rows.shape[0])
     verdict.adversarial_overflows = overflows
     verdict.adversarial_register_overflows = register_overflows
+
+
+def _partial_sums_bound(rows: np.ndarray, x: bounds.IntRange, binary_xnor: bool) -> int:
+    """A bound on every partial sum of a row's worst-case terms: K times the largest term (the stored type's
+    largest magnitude for integers of up to 32 bits, which saves a pass over the weights)."""
+    if binary_xnor:
+        return rows.shape[1]
+    if rows.dtype.kind in "iu" and rows.dtype.itemsize <= 4:
+        info = np.iinfo(rows.dtype)
+        largest = max(-int(info.min), int(info.max))
+    else:
+        largest = max(-int(rows.min(initial=0)), int(rows.max(initial=0)))
+    return rows.shape[1] * largest * x.magnitude
 
 
 def check_layer(model: ModelWrapper, layer: MacLayer, bits: int | None, mode: str = "wrap",
@@ -272,6 +298,10 @@ def verify_model(
     keep the tile and outer width ``project --tile`` recorded.
     """
     check_datapath(mode, tile, outer_bits)
+    executed = model  # the data simulation runs the model itself
+    # graph lookups in dicts built once (the proof and the certificate only read the model): qonnx's scans of the
+    # whole graph per lookup are quadratic in its depth
+    model = ReadOnlyModel(model.model)
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
     chosen, source = resolve_widths(model, layers, widths, overrides)
     if tile is not None:
@@ -296,7 +326,7 @@ def verify_model(
                    what="verify", input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
     report = VerificationReport(verdicts, mode, tile, source, zero_point, input_ranges=input_ranges)
     if data is not None:
-        simulation = simulate_model(model, data, chosen, mode, tile, input_dtypes, zero_point, stages=stages)
+        simulation = simulate_model(executed, data, chosen, mode, tile, input_dtypes, zero_point, stages=stages)
         for verdict in verdicts:
             if verdict.node in simulation.widths:
                 verdict.data_accumulations = simulation.accumulations[verdict.node]

@@ -5,6 +5,7 @@ every promising command exit 4 without writing anything."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -263,11 +264,17 @@ def _per_channel_weights(layout: list[helper.NodeProto], scales: np.ndarray, zer
 
 
 @pytest.mark.parametrize("path", ["Transpose", "Transpose, Identity, Clip", "Reshape"])
-def test_per_channel_scale_and_zero_point_follow_the_weight_layout_ops(path):
+@pytest.mark.parametrize("check", ["numpy", "kernel"])
+def test_per_channel_scale_and_zero_point_follow_the_weight_layout_ops(path, check, monkeypatch):
     """A per-channel scale and zero point reach the MAC through the graph's layout ops: a Transpose carries them
     in their own shape, a Reshape one value per weight; either way each weight is divided by its own channel's
-    scale (channels with different scales would give non-integers otherwise) and gets its own zero point back."""
+    scale (channels with different scales would give non-integers otherwise) and gets its own zero point back.
+    ``kernel``: the integer check of large tensors (here every tensor), whose integers are narrow (int16 here:
+    codes minus zero points leave int8)."""
     from a2q_passes.certificate import weight_integers
+
+    if check == "kernel":
+        monkeypatch.setattr("a2q_passes.certificate._KERNEL_VALUES", 0)
 
     codes = RNG.integers(-128, 128, size=(3, 4)).astype(np.int8)
     zeros = np.array([-3, 0, 5], dtype=np.int8)
@@ -286,3 +293,39 @@ def test_per_channel_scale_and_zero_point_follow_the_weight_layout_ops(path):
     zero_scale = _per_channel_weights(layout, np.array([0.5, 0.0, 2.0]), zeros, codes)
     with pytest.raises(CannotCertify, match="zero or non-finite scale"):
         weight_integers(zero_scale, "w" + str(len(layout)))
+
+
+@pytest.mark.parametrize("shape,divisor", [((6, 5), (1, 5)), ((6, 5), (6, 1)), ((4, 3, 2, 2), (4, 1, 1, 1)),
+                                           ((7,), None), ((3, 4), (3, 4)), ((), None)])
+def test_compiled_integer_check_gives_the_numpy_check_or_its_refusal(shape, divisor, monkeypatch):
+    """The kernel behind large tensors (forced here for every size) returns the integers of the numpy check, in
+    the narrowest signed type, and leaves each refusal (off the grid, NaN, infinite) to the numpy check's message."""
+    from a2q_passes import certificate
+
+    rng = np.random.default_rng(5)
+    scale = None if divisor is None else rng.choice([0.5, 0.1, 3.0, 1 / 127], size=divisor)
+    for low, high in ((-128, 128), (-300, 300), (0, 1 << 20)):
+        codes = rng.integers(low, high, size=shape)
+        values = np.asarray(codes * (1.0 if scale is None else scale), dtype=np.float32)  # 0-d: an array, not a scalar
+        cases = {"on the grid": values}
+        middle = values.size // 2
+        step = 1.0 if scale is None else np.broadcast_to(scale, shape).reshape(-1)[middle]
+        for name, bad in (("off the grid", 1.3 * step), ("NaN", np.nan), ("infinite", np.inf)):
+            cases[name] = values.copy()
+            cases[name].reshape(-1)[middle] = bad  # 1.3 steps: beyond the relative allowance of small codes
+        for name, case in cases.items():
+            monkeypatch.setattr(certificate, "_KERNEL_VALUES", 1 << 40)
+            try:
+                expected = certificate._as_integers(case, "w", divisor=scale)
+            except CannotCertify as err:
+                expected = err
+            monkeypatch.setattr(certificate, "_KERNEL_VALUES", 0)
+            if isinstance(expected, CannotCertify):
+                with pytest.raises(CannotCertify, match=re.escape(str(expected))):
+                    certificate._as_integers(case, "w", divisor=scale)
+                continue
+            got = certificate._as_integers(case, "w", divisor=scale)
+            assert name == "on the grid" and np.array_equal(got, expected) and np.array_equal(got, codes)
+            narrowest = next(t for t in (np.int8, np.int16, np.int32)
+                             if np.iinfo(t).min <= codes.min() and codes.max() <= np.iinfo(t).max)
+            assert got.dtype == (narrowest if got.ndim else np.int64)  # a 0-d value: the numpy check

@@ -452,3 +452,30 @@ def test_a_model_over_2_gib_is_refused_up_front_by_a_whole_model_command(tmp_pat
     assert result.returncode == 1
     assert f"{model}: 2.30 GB with its external data" in " ".join(result.stderr.split())
     assert _model_files(tmp_path) == ["big"]
+
+
+def test_verify_of_a_streamed_decoder_stack_is_the_same_with_the_compiled_kernels(tmp_path, a2q, monkeypatch):
+    """bench_llm's QDQ decoder layer (weights in its data file, q/k/v/o behind a Transpose, MLP weights stored as
+    columns): `verify --json` prints the same bytes whether the worst-case simulation and the certificate's
+    integer check run in numpy or in the compiled kernels large layers get (forced here for every layer), at the
+    exact widths (proven) and at one width too narrow for some layers (overflows counted)."""
+    from bench.bench_llm import build_decoder_stack
+
+    model = tmp_path / "llama.onnx"
+    build_decoder_stack(model, 1, hidden=64, mlp=96, heads=4, seq=2)
+    report = json.loads(a2q("analyze", model, "--json").stdout)
+    exact = {layer["node"]: layer["bounds"]["exact"] for layer in report["layers"]}
+    (tmp_path / "exact.json").write_text(json.dumps(exact))
+    narrow = min(exact.values())
+    outputs = {}
+    for path in ("numpy", "kernels"):
+        if path == "kernels":
+            monkeypatch.setattr("a2q_passes.verification._ADVERSARIAL_KERNEL_TERMS", 0)
+            monkeypatch.setattr("a2q_passes.certificate._KERNEL_VALUES", 0)
+        outputs[path] = [a2q("verify", model, "--widths-json", tmp_path / "exact.json", "--json"),
+                         a2q("verify", model, "--acc-bits", narrow, "--json")]
+    assert [(r.returncode, r.stdout) for r in outputs["kernels"]] == [(r.returncode, r.stdout) for r in outputs["numpy"]]
+    proven, failed = (json.loads(r.stdout) for r in outputs["numpy"])
+    assert proven["overflow_impossible"] and outputs["numpy"][1].returncode == 3
+    assert any(v["adversarial_register_overflows"] for v in failed["layers"])
+    assert any(v["proof"] == "pass" for v in failed["layers"])

@@ -151,8 +151,12 @@ def test_static_proof_is_safe_and_minimal_over_the_whole_input_box(mode, tile, b
 
 @pytest.mark.parametrize("mode,tile", [("wrap", None), ("saturate", None), ("wrap", 2), ("saturate", 3)])
 @pytest.mark.parametrize("signed_input", [False, True])
-def test_adversarial_simulation_in_blocks_of_rows_counts_every_row(mode, tile, signed_input, monkeypatch):
-    """Large layers are simulated a block of rows at a time: the counts are those of every row's two worst cases."""
+@pytest.mark.parametrize("simulator", ["numpy", "kernel"])
+def test_adversarial_simulation_in_blocks_of_rows_counts_every_row(mode, tile, signed_input, simulator, monkeypatch):
+    """Large layers are simulated a block of rows at a time (numpy) or by the compiled kernel (from
+    ``_ADVERSARIAL_KERNEL_TERMS`` terms): the counts are those of every row's two worst cases."""
+    if simulator == "kernel":
+        monkeypatch.setattr("a2q_passes.verification._ADVERSARIAL_KERNEL_TERMS", 0)
     rng = np.random.default_rng(7)
     K, C = 7, 5
     q = rng.integers(-7, 8, size=(K, C))
@@ -173,6 +177,33 @@ def test_adversarial_simulation_in_blocks_of_rows_counts_every_row(mode, tile, s
     assert blocked.adversarial_cases == whole.adversarial_cases == 2 * C
     assert blocked.adversarial_register_overflows == whole.adversarial_register_overflows == expected
     assert blocked.adversarial_overflows == whole.adversarial_overflows
+
+@pytest.mark.parametrize("mode,tile,outer", [("wrap", None, None), ("saturate", None, None), ("wrap", 3, None),
+                                             ("saturate", 4, None), ("wrap", 3, (9, True)), ("saturate", 5, (8, False))])
+@pytest.mark.parametrize("stored", ["rows", "columns"])
+@pytest.mark.parametrize("dtype,xnor", [(np.int8, False), (np.int16, False), (np.int64, False), (np.int8, True)])
+def test_adversarial_kernel_counts_what_numpy_accumulation_counts(mode, tile, outer, stored, dtype, xnor):
+    """The compiled worst-case simulation against simulate.accumulate_terms on the same worst-case terms, for rows
+    stored as rows and as columns (MatMul's layout), narrow and wide weights, signed and unsigned accumulators."""
+    from a2q_passes.adversarial_kernels import count_adversarial_overflows
+    from a2q_passes.bounds import IntRange, adversarial_inputs
+    from a2q_passes.simulate import accumulate_terms
+
+    rng = np.random.default_rng(11)
+    rows = (rng.integers(0, 2, size=(13, 17)) if xnor else rng.integers(-90, 91, size=(13, 17))).astype(dtype)
+    rows[3] = np.abs(rows[3])  # a row of non-negative weights: its worst cases stay small
+    if stored == "columns":
+        rows = np.ascontiguousarray(rows.T).T
+        assert not rows.flags.c_contiguous
+    for lo, hi in ((0, 15), (-8, 7), (3, 9)):
+        x_for_min, x_for_max = adversarial_inputs(rows, IntRange(lo, hi))
+        inputs, weights = np.concatenate([x_for_min, x_for_max]), np.concatenate([rows, rows]).astype(np.int64)
+        terms = (inputs == weights).astype(np.int64) if xnor else inputs * weights
+        for bits, signed in ((6, True), (9, True), (11, False), (14, True)):
+            expected = accumulate_terms(terms, bits, signed, mode, tile, outer)
+            counts = count_adversarial_overflows(rows, lo, hi, xnor, bits, signed, mode, tile, outer)
+            assert counts == (expected.overflow_count, expected.register_overflow_count), (lo, hi, bits, signed)
+
 
 # --------------------------------------------------------------------------- data simulation vs brute force
 
