@@ -21,7 +21,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from a2q_passes import bounds, projection
+from a2q_passes import bounds, kernels, projection
 from a2q_passes.bounds import IntRange
 from a2q_passes.conventions import DEFAULT_METHOD  # noqa: F401 (re-exported: the CLI reads it from there)
 from a2q_passes.plugins import Registry
@@ -110,7 +110,16 @@ def _contract_rows(v: np.ndarray, q: np.ndarray, x: IntRange, acc_bits: int,
     plain_ranges, q_ranges, differs = [], [], []
     step = projection.rows_per_block(v.shape[1])
     for start in range(0, v.shape[0], step):
-        plain, q_block = projection.plain_round(v[start:start + step], weight_range), q[start:start + step]
+        v_block, q_block = v[start:start + step], q[start:start + step]
+        sums = kernels.contract_rows(v_block, q_block, weight_range.lo, weight_range.hi) if kernels.wanted(
+            v_block.size) else None
+        if sums is not None:  # the same figures in one compiled pass, the rounding never stored
+            plain_pos, plain_neg, q_pos, q_neg, block_differs = sums
+            plain_ranges.append(bounds.range_from_sums(plain_pos, plain_neg, x))
+            q_ranges.append(bounds.range_from_sums(q_pos, q_neg, x))
+            differs.append(block_differs)
+            continue
+        plain = projection.plain_round(v_block, weight_range)
         plain_ranges.append(bounds.exact_accumulator_range(plain, x))
         q_ranges.append(bounds.exact_accumulator_range(q_block, x))
         differs.append(np.any(q_block != plain, axis=1))

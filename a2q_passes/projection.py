@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from a2q_passes import bounds
+from a2q_passes import bounds, kernels
 from a2q_passes.bounds import IntRange
 from a2q_passes.errors import A2QError
 
@@ -77,7 +77,7 @@ def accumulator_is_signed(q: np.ndarray, x: IntRange) -> bool:
     made for the whole layer: rows that are each non-negative on their own but sit next to a
     signed row must fit the signed range.
     """
-    acc_min, _ = bounds.exact_accumulator_range(q, x)
+    acc_min, _ = integer_row_ranges(q, x)
     return bool((acc_min < 0).any())
 
 
@@ -129,6 +129,10 @@ def check_target(x: IntRange, acc_bits: int, weight_range: IntRange, signed_accu
 def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
     """Round half to even and clip, as the ``Quant`` op does (``round(clip(v))`` = ``clip(round(v))``)."""
     v = np.asarray(v)
+    if v.ndim == 2 and v.dtype == np.float64 and v.flags.c_contiguous and kernels.wanted(v.size):
+        q = kernels.plain_round(v, weight_range.lo, weight_range.hi)
+        if q is not None:  # None: a NaN, which the numpy cast below turns into int64's minimum
+            return q
     q = np.empty(v.shape, dtype=np.int64)
     rows = v.reshape(1, -1) if v.ndim < 2 else v
     out = q.reshape(rows.shape)
@@ -141,9 +145,16 @@ def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
     return q
 
 
+def integer_row_ranges(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bounds.exact_accumulator_range` of integer rows, its sums compiled for large int64 blocks."""
+    if q.dtype == np.int64 and q.ndim == 2 and kernels.wanted(q.size):
+        return bounds.range_from_sums(*kernels.positive_negative_sums(q), x)
+    return bounds.exact_accumulator_range(q, x)
+
+
 def rows_within(q: np.ndarray, x: IntRange, limits: tuple[int, int]) -> np.ndarray:
     """Per row, whether the exact accumulator range of ``q`` lies inside ``limits`` (exact integers)."""
-    acc_min, acc_max = bounds.exact_accumulator_range(q, x)
+    acc_min, acc_max = integer_row_ranges(q, x)
     return np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
 
 
@@ -272,14 +283,12 @@ class _LevelRows:
     each lookup is O(1) per row instead of a binary search.
     """
 
-    def __init__(self, levels: np.ndarray, lo: int, n_levels: int) -> None:
-        """``levels``: the rows as int64 (a scratch copy, overwritten); their values lie in ``[lo, lo + n_levels)``."""
-        self.rows, self.K = levels.shape
+    def __init__(self, counts: np.ndarray, lo: int) -> None:
+        """``counts[r, i]``: how many values of row r equal ``lo + i`` (every row holds K > 0 values)."""
+        self.rows, n_levels = counts.shape
+        self.K = int(counts[0].sum()) if self.rows else 0
         self.lo, self.n_levels = lo, n_levels
         self._r = np.arange(self.rows)
-        levels -= lo
-        levels += (self._r * n_levels)[:, None]  # one bin per (row, value)
-        counts = np.bincount(levels.ravel(), minlength=self.rows * n_levels).reshape(self.rows, n_levels)
         present = counts > 0  # every row holds K > 0 values: its smallest and largest are the first and last present
         self.row_min = (lo + np.argmax(present, axis=1)).astype(np.float64)
         self.row_max = (lo + n_levels - 1 - np.argmax(present[:, ::-1], axis=1)).astype(np.float64)
@@ -339,10 +348,22 @@ def _rows_by_value(v: np.ndarray) -> _SortedRows | _LevelRows:
     n_levels = hi - lo + 1
     if not v.size or n_levels > K or K * max(abs(lo), abs(hi) + 1) >= 2.0 ** 53:
         return _SortedRows(v)
+    counts = _level_counts(v, int(lo), int(n_levels))
+    return _SortedRows(v) if counts is None else _LevelRows(counts, int(lo))
+
+
+def _level_counts(v: np.ndarray, lo: int, n_levels: int) -> np.ndarray | None:
+    """Per row, how many values equal each of ``lo .. lo + n_levels - 1`` (values known to lie there); ``None``
+    if some value is no integer."""
+    if kernels.wanted(v.size):
+        return kernels.level_counts(v, lo, n_levels)
     levels = v.astype(np.int64)
     if not np.array_equal(levels, v):
-        return _SortedRows(v)
-    return _LevelRows(levels, int(lo), int(n_levels))
+        return None
+    rows = v.shape[0]
+    levels -= lo
+    levels += (np.arange(rows) * n_levels)[:, None]  # one bin per (row, value)
+    return np.bincount(levels.ravel(), minlength=rows * n_levels).reshape(rows, n_levels)
 
 
 def _ray_root(s: _SortedRows | _LevelRows, du: float, dl: float, target: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -488,6 +509,8 @@ class _RoundUpCandidates:
 
     @classmethod
     def of(cls, w: np.ndarray) -> "_RoundUpCandidates":
+        if kernels.wanted(w.size):  # the same arrays in two passes per row (order: its first `width` columns)
+            return cls(*kernels.round_up_candidates(w))
         # in-place passes over preallocated arrays: a block of rows is passed over some ten times here
         trunc = np.trunc(w)
         benefit = np.subtract(w, trunc)
@@ -572,7 +595,7 @@ def _round_rows_within(w: np.ndarray, x: IntRange, acc_min: int, acc_max: int) -
     cand = _RoundUpCandidates.of(w)
     lo, hi = x.lo, x.hi
     cap = (w.shape[1] + 1) * (abs(lo) + abs(hi) + 1)
-    low_min, low_max = bounds.exact_accumulator_range(cand.trunc, x)
+    low_min, low_max = integer_row_ranges(cand.trunc, x)
     slack_max = _slack(acc_max, low_max, cap, upper=True)
     slack_min = _slack(acc_min, low_min, cap, upper=False)
     # c1: hi a - lo b <= slack_max ; c2: -lo a + hi b <= slack_min
@@ -632,7 +655,7 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     """
     v = _as_rows(v)
     q = plain_round(v, weight_range)
-    acc_min, acc_max = bounds.exact_accumulator_range(q, x)
+    acc_min, acc_max = integer_row_ranges(q, x)
     signed = bool((acc_min < 0).any())  # as accumulator_is_signed, reusing the range
     check_target(x, acc_bits, weight_range, signed)
     limits = bounds.accumulator_limits(int(acc_bits), signed=signed)
@@ -848,10 +871,31 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     def relative(num: float, den: float) -> float:
         return 0.0 if num == 0 else (num / den if den > 0 else float("inf"))
 
-    # Squared norms summed a block of rows at a time (no whole-tensor float64 copies). The integer ones are sums
-    # of squares of integers, exact in float64 below 2^53 (an int8 layer of 10^9 weights stays below 2^46), so
-    # they equal a whole-tensor norm's; the distances to v may differ from one in the last bits.
-    squares = np.zeros(5)  # change, before, before - v, after - v, v
+    exact = kernels.change_sums(before, after, v) if kernels.wanted(before.size) else None
+    if exact is not None:  # v holds small integers: every sum is an exact integer, as _change_sums's float64 ones
+        squares, (zeros_before, zeros_after, rows_touched) = exact[0], map(int, exact[1])
+    else:
+        squares, zeros_before, zeros_after, rows_touched = _change_sums(before, after, v)
+    change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
+    return {
+        "rel_l2_change": relative(float(change), float(norm_before)),
+        "rel_l2_to_float_before": relative(float(to_float_before), float(norm_v)),
+        "rel_l2_to_float_after": relative(float(to_float_after), float(norm_v)),
+        "sparsity_before": zeros_before / before.size if before.size else 0.0,
+        "sparsity_after": zeros_after / after.size if after.size else 0.0,
+        "rows_touched": rows_touched,
+        "rows": int(before.shape[0]),
+    }
+
+
+def _change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """:func:`projection_stats`'s five sums of squares (change, before, before - v, after - v, v), zeros before,
+    zeros after and rows changed, summed a block of rows at a time (no whole-tensor float64 copies).
+
+    The integer ones are sums of squares of integers, exact in float64 below 2^53 (an int8 layer of 10^9 weights
+    stays below 2^46), so they equal a whole-tensor norm's; the distances to v may differ from one in the last bits.
+    """
+    squares = np.zeros(5)
     zeros_before = zeros_after = rows_touched = 0
     step = rows_per_block(before.shape[1])
     for start in range(0, before.shape[0], step):
@@ -869,13 +913,4 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
         # the distances to v in place: b and a are not needed any more
         for i, d in ((2, np.subtract(b, w, out=b)), (3, np.subtract(a, w, out=a))):
             squares[i] += float(np.dot(d, d))
-    change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
-    return {
-        "rel_l2_change": relative(float(change), float(norm_before)),
-        "rel_l2_to_float_before": relative(float(to_float_before), float(norm_v)),
-        "rel_l2_to_float_after": relative(float(to_float_after), float(norm_v)),
-        "sparsity_before": zeros_before / before.size if before.size else 0.0,
-        "sparsity_after": zeros_after / after.size if after.size else 0.0,
-        "rows_touched": rows_touched,
-        "rows": int(before.shape[0]),
-    }
+    return squares, zeros_before, zeros_after, rows_touched
