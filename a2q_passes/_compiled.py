@@ -3,7 +3,7 @@
 Each kernel reproduces one numpy step of :mod:`a2q_passes.projection` bit for bit: the same float operations on
 each element in the same order (``+``, ``*``, ``trunc`` and sequential prefix sums are IEEE-exact alike in numpy and
 here; no reduction whose numpy order differs, such as numpy's pairwise ``sum``, is done here), integers counted
-exactly, and sorts stable (numba's ``mergesort``), so ties go in index order as numpy's ``kind="stable"`` puts them.
+exactly, and sorts stable, so ties go in index order as numpy's ``kind="stable"`` puts them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def round_up_candidates(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     gain = np.zeros((rows, width + 1))
     positions = np.empty(K, dtype=np.int64)  # positive candidates from the front, negative ones from the back
     keys = np.empty(K)
+    ranks, scratch = np.empty(K, dtype=np.int64), np.empty(K, dtype=np.int64)
     for r in range(rows):
         front, back = 0, K
         for i in range(K):
@@ -55,11 +56,13 @@ def round_up_candidates(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
                 else:
                     back -= 1
                     positions[back], keys[back] = i, -b
-        positions[back:] = positions[back:][::-1].copy()  # the negative candidates back in index order
-        keys[back:] = keys[back:][::-1].copy()
+        for j in range((K - back) // 2):  # the negative candidates back in index order (a loop: slices compile slowly)
+            early, late = back + j, K - 1 - j
+            positions[early], positions[late] = positions[late], positions[early]
+            keys[early], keys[late] = keys[late], keys[early]
         filled = 0
         for first, last in ((0, front), (back, K)):
-            ranked = np.argsort(keys[first:last], kind="mergesort")
+            ranked = _stable_argsort(keys[first:last], ranks, scratch)
             for j in range(last - first):
                 order[r, filled + j] = positions[first + ranked[j]]
             filled += last - first
@@ -74,6 +77,32 @@ def round_up_candidates(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
             total += benefit[r, order[r, j]]
             gain[r, j + 1] = total
     return trunc, order, gain, n_pos, n_candidates - n_pos, n_neg_beneficial
+
+
+@numba.njit(cache=True, nogil=True)
+def _stable_argsort(keys: np.ndarray, ranks: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """The positions of ``keys`` (finite) in ascending order, equal keys in index order (as numpy's stable sort):
+    a bottom-up merge sort taking from the left run on ties, in ``ranks``/``scratch`` (at least ``len(keys)`` long;
+    the result is a view of one of them). Written out because numba's own sorts take 20 s to compile."""
+    n = keys.size
+    source, target = ranks[:n], scratch[:n]
+    for i in range(n):
+        source[i] = i
+    width = 1
+    while width < n:
+        for low in range(0, n, 2 * width):
+            middle, high = min(low + width, n), min(low + 2 * width, n)
+            i, j = low, middle
+            for k in range(low, high):
+                if j < high and (i >= middle or keys[source[j]] < keys[source[i]]):
+                    target[k] = source[j]
+                    j += 1
+                else:
+                    target[k] = source[i]
+                    i += 1
+        source, target = target, source
+        width *= 2
+    return source
 
 
 @numba.njit(cache=True, nogil=True)
@@ -200,3 +229,110 @@ def change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[n
         counts[1] += zeros_a
         counts[2] += changed
     return squares, counts, True
+
+
+# numpy's pairwise summation (numpy/_core/src/umath/loops_utils.h.src, ``pairwise_sum``), which ``ndarray.sum``
+# applies to each C-ordered row of a float64 array reduced over its last axis: 8 running sums over blocks of up to
+# 128 values, halves (cut at a multiple of 8) above that. tests/test_kernels.py checks it against ndarray.sum.
+_PAIRWISE_BLOCK = 128
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairwise_sum(a: np.ndarray, n: int, positive_part: bool) -> float:
+    """numpy's pairwise sum of ``a[:n]`` (of ``max(a, 0)`` with ``positive_part``).
+
+    numpy recurses; numba's cache cannot hold a recursive function (it crashes loading one), so the halves are
+    walked with an explicit stack: frame f sums ``a[start[f]:start[f] + size[f]]``, its left half's sum waiting
+    in ``left[f]`` while the right half is summed.
+    """
+    start = np.zeros(64, dtype=np.int64)
+    size = np.zeros(64, dtype=np.int64)
+    stage = np.zeros(64, dtype=np.int64)  # 0: sum the left half next, 1: the right half, 2: add the two
+    left = np.zeros(64)
+    size[0] = n
+    top = 0
+    value = 0.0  # the sum the frame just finished hands to its parent
+    while top >= 0:
+        m = size[top]
+        if m <= _PAIRWISE_BLOCK:
+            value = _block_sum(a, start[top], m, positive_part)
+            top -= 1
+            continue
+        half = m // 2
+        half -= half % 8
+        if stage[top] == 0:
+            stage[top] = 1
+            start[top + 1], size[top + 1], stage[top + 1] = start[top], half, 0
+            top += 1
+        elif stage[top] == 1:
+            left[top] = value
+            stage[top] = 2
+            start[top + 1], size[top + 1], stage[top + 1] = start[top] + half, m - half, 0
+            top += 1
+        else:
+            value = left[top] + value
+            top -= 1
+    return value
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_sum(a: np.ndarray, start: int, n: int, positive_part: bool) -> float:
+    """numpy's pairwise sum of at most 128 values ``a[start:start + n]``: sequential below 8, else 8 running sums."""
+    if n < 8:
+        res = 0.0
+        for i in range(start, start + n):
+            res += _part(a[i], positive_part)
+        return res
+    r = np.empty(8)
+    for j in range(8):
+        r[j] = _part(a[start + j], positive_part)
+    i = 8
+    while i < n - n % 8:
+        for j in range(8):
+            r[j] += _part(a[start + i + j], positive_part)
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += _part(a[start + i], positive_part)
+        i += 1
+    return res
+
+
+@numba.njit(cache=True, nogil=True)
+def _part(value: float, positive_part: bool) -> float:
+    """``value``, or ``np.maximum(value, 0.0)`` with ``positive_part`` (numpy keeps ``value`` where it is >= 0)."""
+    if positive_part and not value >= 0.0:
+        return 0.0
+    return value
+
+
+@numba.njit(cache=True, nogil=True)
+def accumulator_extremes(w: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """``projection._accumulator_extremes`` of C-ordered float64 rows, its sums in numpy's order."""
+    rows = w.shape[0]
+    acc_min = np.empty(rows)
+    acc_max = np.empty(rows)
+    for r in range(rows):
+        pos = _pairwise_sum(w[r], w.shape[1], True)
+        neg = pos - _pairwise_sum(w[r], w.shape[1], False)
+        acc_min[r] = lo * pos - hi * neg
+        acc_max[r] = hi * pos - lo * neg
+    return acc_min, acc_max
+
+
+@numba.njit(cache=True, nogil=True)
+def shrink_rows(v: np.ndarray, L: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """``v - np.clip(v, L, np.maximum(L, U))`` per row, with numpy's scalar rules: ``maximum(a, b)`` is a where
+    ``a >= b`` or a is NaN, else b; clip is ``min(max(v, low), high)`` where ``max``/``min`` keep a NaN first operand
+    and otherwise take the first operand only where it is strictly beyond the second."""
+    rows, K = v.shape
+    w = np.empty((rows, K))
+    for r in range(rows):
+        low = L[r]
+        high = L[r] if (L[r] >= U[r] or L[r] != L[r]) else U[r]
+        for i in range(K):
+            value = v[r, i]
+            clipped = value if (value != value or value > low) else low
+            clipped = clipped if (clipped != clipped or clipped < high) else high
+            w[r, i] = value - clipped
+    return w

@@ -89,3 +89,14 @@ def change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[n
     squares, counts, exact = compiled().change_sums(before, np.ascontiguousarray(after, dtype=np.int64),
                                                      np.ascontiguousarray(v, dtype=np.float64))
     return (squares.astype(np.float64), counts) if exact else None
+
+
+def accumulator_extremes(w: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """``projection._accumulator_extremes`` of float64 rows (its float sums in numpy's pairwise order)."""
+    return compiled().accumulator_extremes(np.ascontiguousarray(w, dtype=np.float64), float(lo), float(hi))
+
+
+def shrink_rows(v: np.ndarray, L: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """``v - np.clip(v, L[:, None], np.maximum(L, U)[:, None])`` of float64 rows, as numpy computes it."""
+    return compiled().shrink_rows(np.ascontiguousarray(v, dtype=np.float64), np.asarray(L, dtype=np.float64),
+                                  np.asarray(U, dtype=np.float64))

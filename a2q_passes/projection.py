@@ -415,6 +415,8 @@ def _ray_root(s: _SortedRows | _LevelRows, du: float, dl: float, target: np.ndar
 
 def _accumulator_extremes(w: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
     """Float ``(acc_min, acc_max)`` of real rows (the exact integer version is in bounds)."""
+    if w.dtype == np.float64 and w.flags.c_contiguous and kernels.wanted(w.size):
+        return kernels.accumulator_extremes(w, x.lo, x.hi)  # numpy sums C-ordered rows pairwise: the kernel too
     pos = np.maximum(w, 0.0).sum(axis=1)
     neg = pos - w.sum(axis=1)
     return x.lo * pos - x.hi * neg, x.hi * pos - x.lo * neg
@@ -476,8 +478,11 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     L_need = np.where(ok1, L1, np.where(ok2, L2, Lb))
     U, L = np.zeros(rows), np.zeros(rows)
     U[need], L[need] = U_need, L_need
-    w = np.clip(v, L[:, None], np.maximum(L, U)[:, None])
-    np.subtract(v, w, out=w)
+    if kernels.wanted(v.size):
+        w = kernels.shrink_rows(v, L, U)
+    else:
+        w = np.clip(v, L[:, None], np.maximum(L, U)[:, None])
+        np.subtract(v, w, out=w)
     # Float rounding can leave w a hair outside; C is convex and contains 0, so scaling fixes it.
     c2w, c1w = _accumulator_extremes(w, x)
     scale = np.minimum(1.0, np.minimum(np.where(c1w > A, A / np.where(c1w > 0, c1w, 1), 1.0),

@@ -186,3 +186,20 @@ def test_kernels_run_where_the_package_folder_is_not_writable(tmp_path):
     rounded, cache = out.rsplit(maxsplit=1)
     assert rounded == "[[0, 2, -2, 127]]"
     assert Path(cache).parent == tmp_path and any(Path(cache).rglob("*.nbi"))
+
+
+def test_row_sums_follow_numpys_pairwise_order(monkeypatch):
+    """The kernels sum float rows in numpy's order (``ndarray.sum`` over C-ordered rows: pairwise): row lengths
+    around the 8-wide and 128-long blocks and past numpy's 8192-element buffer, signed zeros, mixed magnitudes."""
+    rng = np.random.default_rng(17)
+    x = IntRange(-3, 40)
+    for K in (*range(1, 140), 255, 256, 257, 1000, 4096, 8191, 8192, 8193, 11008, 20000):
+        w = rng.normal(size=(3, K)) * np.array([[1.0], [1e3], [1e-3]])
+        w[0, ::3] = 0.0
+        w[1, ::5] = -0.0
+        extremes = both_paths(monkeypatch, projection._accumulator_extremes, w, x)
+        np.testing.assert_array_equal(extremes[0][0], extremes[1][0], err_msg=str(K))
+        np.testing.assert_array_equal(extremes[0][1], extremes[1][1], err_msg=str(K))
+        if K % 16 == 0:  # the projection's last step too: clip to each row's zone, subtract, scale back inside
+            shrunk = both_paths(monkeypatch, projection.project_accumulator_range, w, x, -(1 << 11), (1 << 11) - 1)
+            np.testing.assert_array_equal(shrunk[0], shrunk[1], err_msg=str(K))
