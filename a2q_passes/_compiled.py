@@ -1,9 +1,10 @@
 """numba kernels behind :mod:`a2q_passes.kernels` (import that module, not this one: it sets numba's cache folder first).
 
 Each kernel reproduces one numpy step of :mod:`a2q_passes.projection` bit for bit: the same float operations on
-each element in the same order (``+``, ``*``, ``trunc`` and sequential prefix sums are IEEE-exact alike in numpy and
-here; no reduction whose numpy order differs, such as numpy's pairwise ``sum``, is done here), integers counted
-exactly, and sorts stable, so ties go in index order as numpy's ``kind="stable"`` puts them.
+each element (``+``, ``*``, ``trunc``, ``rint`` are IEEE-exact alike in numpy and here), float sums in numpy's order
+(sequential prefix sums as ``cumsum``; row sums in numpy's pairwise order, written out below), integers counted
+exactly, and sorts stable, so ties go in index order as numpy's ``kind="stable"`` puts them. Editing this file
+makes numba recompile every kernel in it once (its cache is keyed by the file's time stamp).
 """
 
 from __future__ import annotations

@@ -514,7 +514,7 @@ class _RoundUpCandidates:
 
     @classmethod
     def of(cls, w: np.ndarray) -> "_RoundUpCandidates":
-        if kernels.wanted(w.size):  # the same arrays in two passes per row (order: its first `width` columns)
+        if kernels.wanted(w.size):  # the same arrays (order: only its first `width` columns, all that is read)
             return cls(*kernels.round_up_candidates(w))
         # in-place passes over preallocated arrays: a block of rows is passed over some ten times here
         trunc = np.trunc(w)
