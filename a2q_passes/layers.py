@@ -291,17 +291,19 @@ class MacLayer:
             return self.integer_rows(model)
         return self.layout.to_rows(apply_perms(codes, self.source.perms))
 
-    def unrounded_rows(self, model: ModelWrapper) -> np.ndarray:
+    def unrounded_rows(self, model: ModelWrapper, keep_integers: bool = False) -> np.ndarray:
         """The weights in integer units before rounding, as ``(rows, K)`` float64 rows.
 
         Sources that store integers give their integer rows (:meth:`code_rows`: no int64 copy where stored
         narrower), converted in one pass into C-ordered rows: the projection gathers blocks of rows, several
-        times faster from contiguous rows than across the columns of a transposed tensor.
+        times faster from contiguous rows than across the columns of a transposed tensor. ``keep_integers``:
+        those rows stay in their integer type (an int8 layer's copy is 1 byte a weight, not 8), for callers
+        that convert a block of rows at a time (:func:`projection.project_exact` and the other methods).
         """
         rows = self.unrounded_row_view(model)
         if self.source.kind in _UNROUNDED_KINDS:
             return rows
-        return contiguous_copy(rows, np.float64)
+        return contiguous_copy(rows, rows.dtype if keep_integers else np.float64)
 
     def unrounded_row_view(self, model: ModelWrapper) -> np.ndarray:
         """The values of :meth:`unrounded_rows` without their float64 copy where the source stores integers

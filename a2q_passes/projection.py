@@ -139,6 +139,10 @@ def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
     # a block of rows at a time: the float64 temporaries stay bounded (each element is rounded on its own)
     step = rows_per_block(rows.shape[-1])
     for start in range(0, rows.shape[0], step):
+        if rows.dtype.kind in "iu":  # integers round to themselves (np.rint would give float16 for int8)
+            out[start:start + step] = np.clip(rows[start:start + step].astype(np.int64), weight_range.lo,
+                                              weight_range.hi)
+            continue
         block = np.rint(rows[start:start + step])
         np.clip(block, weight_range.lo, weight_range.hi, out=block)
         out[start:start + step] = block
@@ -158,13 +162,17 @@ def rows_within(q: np.ndarray, x: IntRange, limits: tuple[int, int]) -> np.ndarr
     return np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
 
 
-def _as_rows(v: np.ndarray) -> np.ndarray:
-    arr = np.asarray(v, dtype=np.float64)
+def _as_rows(v: np.ndarray, keep_integers: bool = False) -> np.ndarray:
+    """``v`` as ``(rows, K)`` float64 rows, refusing NaN and infinity. ``keep_integers``: an integer array stays in
+    its own type (no whole-layer float64 copy), for callers that convert a block of rows at a time."""
+    arr = np.asarray(v)
+    if not (keep_integers and arr.dtype.kind in "iu"):
+        arr = arr.astype(np.float64, copy=False)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"expected weights of shape (rows, K), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError("weights contain NaN or infinity")
     return arr
 
@@ -658,7 +666,7 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     row still outside the range afterwards is redone with ``exact``, which is feasible by
     construction; if even that fails it is a bug and raises.
     """
-    v = _as_rows(v)
+    v = _as_rows(v, keep_integers=True)  # integer rows (stored codes) become float64 a block at a time, below
     q = plain_round(v, weight_range)
     acc_min, acc_max = integer_row_ranges(q, x)
     signed = bool((acc_min < 0).any())  # as accumulator_is_signed, reusing the range
@@ -670,7 +678,7 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
-        q_block, row_method[block] = project_rows(v[block], limits)
+        q_block, row_method[block] = project_rows(np.asarray(v[block], dtype=np.float64), limits)
         q[block] = q_block
         outside.append(block[~rows_within(q_block, x, limits)])
     over = np.concatenate(outside) if outside else idx
@@ -876,7 +884,7 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     def relative(num: float, den: float) -> float:
         return 0.0 if num == 0 else (num / den if den > 0 else float("inf"))
 
-    exact = kernels.change_sums(before, after, v) if kernels.wanted(before.size) else None
+    exact = _compiled_change_sums(before, after, v) if kernels.wanted(before.size) else None
     if exact is not None:  # v holds small integers: every sum is an exact integer, as _change_sums's float64 ones
         squares, (zeros_before, zeros_after, rows_touched) = exact[0], map(int, exact[1])
     else:
@@ -891,6 +899,23 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
         "rows_touched": rows_touched,
         "rows": int(before.shape[0]),
     }
+
+
+def _compiled_change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`kernels.change_sums` a block of rows at a time: only one block of ``v`` is copied to float64 (``v`` may
+    hold a layer's stored integer codes). ``None`` where a block's is, or where a total reaches 2^53 (below it the
+    float64 totals of these exact integer sums are exact too)."""
+    squares, counts = np.zeros(5), np.zeros(3, dtype=np.int64)
+    step = rows_per_block(before.shape[1])
+    for start in range(0, before.shape[0], step):
+        block = kernels.change_sums(before[start:start + step], after[start:start + step], v[start:start + step])
+        if block is None:
+            return None
+        squares += block[0]
+        counts += block[1]
+        if squares.max() >= 2.0 ** 53:
+            return None
+    return squares, counts
 
 
 def _change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int, int, int]:

@@ -216,7 +216,9 @@ class ProjectToAccumulator(A2QPass):
             # fits, so it is promised (and recorded) as it stands
             report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
-        v = layer.unrounded_rows(model)
+        # the built-in methods and the statistics take integer rows as stored (an int8 layer: 1 byte a weight) and
+        # convert a block of rows at a time; the multi-stage projection still works on whole float64 rows
+        v = layer.unrounded_rows(model, keep_integers=self.tile is None)
         try:
             if self.tile is not None:
                 result = project_multistage(v, layer.grid.range, layer.row_weight_ranges(model), self.tile, bits,
