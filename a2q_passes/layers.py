@@ -291,17 +291,19 @@ class MacLayer:
             return self.integer_rows(model)
         return self.layout.to_rows(apply_perms(codes, self.source.perms))
 
-    def unrounded_rows(self, model: ModelWrapper) -> np.ndarray:
+    def unrounded_rows(self, model: ModelWrapper, keep_integers: bool = False) -> np.ndarray:
         """The weights in integer units before rounding, as ``(rows, K)`` float64 rows.
 
         Sources that store integers give their integer rows (:meth:`code_rows`: no int64 copy where stored
         narrower), converted in one pass into C-ordered rows: the projection gathers blocks of rows, several
-        times faster from contiguous rows than across the columns of a transposed tensor.
+        times faster from contiguous rows than across the columns of a transposed tensor. ``keep_integers``:
+        those rows stay in their integer type (an int8 layer's copy is 1 byte a weight, not 8), for callers
+        that convert a block of rows at a time (:func:`projection.project_exact` and the other methods).
         """
         rows = self.unrounded_row_view(model)
         if self.source.kind in _UNROUNDED_KINDS:
             return rows
-        return contiguous_copy(rows, np.float64)
+        return contiguous_copy(rows, rows.dtype if keep_integers else np.float64)
 
     def unrounded_row_view(self, model: ModelWrapper) -> np.ndarray:
         """The values of :meth:`unrounded_rows` without their float64 copy where the source stores integers
@@ -826,19 +828,24 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
 
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:
     """Store new integer weights (MAC layout) and check the graph's quantizer reproduces them exactly."""
-    # undo the Transposes in the caller's (possibly narrow) integer type, then one contiguous int64 copy
-    q_stored = contiguous_copy(apply_perms(np.asarray(q_mac), source.perms, inverse=True)).astype(np.int64, copy=False)
+    # undo the Transposes in the caller's (possibly narrow) integer type, into one contiguous copy; widened to int64
+    # only where a zero point is added (an int8 layer's new weights then stay 1 byte a weight throughout)
+    q_stored = contiguous_copy(apply_perms(np.asarray(q_mac), source.perms, inverse=True))
+    if source.zero_offset is not None or q_stored.dtype.kind not in "iu":
+        q_stored = q_stored.astype(np.int64, copy=False)
     codes = q_stored if source.zero_offset is None else q_stored + source.zero_offset
     limits = source.storage_range or source.weight_range
-    if codes.min(initial=limits.lo) < limits.lo or codes.max(initial=limits.hi) > limits.hi:
+    if codes.size and (int(codes.min()) < limits.lo or int(codes.max()) > limits.hi):
         raise ValueError(f"new weights for '{source.tensor}' leave the code range [{limits.lo}, {limits.hi}]")
     if source.bipolar and (q_stored == 0).any():
         raise ValueError(f"new weights for '{source.tensor}' contain 0, which its bipolar quantizer cannot represent")
     set_initializer_value(model, source.tensor, stored_values_for(source, q_stored))
-    # the read-back below is an int64 copy of the whole tensor: the new integers wait for it in their narrowest type
+    # the read-back below may be an int64 copy of the whole tensor: the new integers wait for it in their narrowest
+    # type; where the stored tensor itself holds the integers the MAC multiplies, it is read back as stored
     expected = narrowest_integers(q_stored)
     del q_stored, codes
-    if not np.array_equal(read_stored_integers(model, source), expected):
+    written = _codes_as_stored(model, source)
+    if not np.array_equal(read_stored_integers(model, source) if written is None else written, expected):
         raise AssertionError(f"quantizer of '{source.tensor}' does not reproduce the written integers")
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from a2q_passes import bounds, projection
+from a2q_passes import bounds, kernels, projection
 from a2q_passes.bounds import IntRange
 from a2q_passes.conventions import DEFAULT_METHOD  # noqa: F401 (re-exported: the CLI reads it from there)
 from a2q_passes.plugins import Registry
@@ -76,8 +76,14 @@ def project_weights(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: Int
     Checked: shape and integer type, weights inside ``weight_range``, every row inside the
     layer's accumulator range, and rows whose plain rounding already fitted left untouched.
     """
-    result = get_method(method).project(v, x, acc_bits, weight_range)
-    v = np.atleast_2d(np.asarray(v, dtype=np.float64))
+    chosen = get_method(method)
+    v = np.asarray(v)
+    # integer rows (an int8 layer's stored codes) stay narrow where the built-in methods take them, converted to
+    # float64 a block of rows at a time; any other method gets the float64 rows the contract describes
+    if chosen not in _BUILTIN_METHODS:
+        v = v.astype(np.float64, copy=False)
+    result = chosen.project(v, x, acc_bits, weight_range)
+    v = np.atleast_2d(v)
     q = np.asarray(result.weights)
     problem = None
     if q.shape != v.shape or q.dtype.kind not in "iu":
@@ -110,7 +116,16 @@ def _contract_rows(v: np.ndarray, q: np.ndarray, x: IntRange, acc_bits: int,
     plain_ranges, q_ranges, differs = [], [], []
     step = projection.rows_per_block(v.shape[1])
     for start in range(0, v.shape[0], step):
-        plain, q_block = projection.plain_round(v[start:start + step], weight_range), q[start:start + step]
+        v_block, q_block = np.asarray(v[start:start + step], dtype=np.float64), q[start:start + step]
+        sums = kernels.contract_rows(v_block, q_block, weight_range.lo, weight_range.hi) if kernels.wanted(
+            v_block.size) else None
+        if sums is not None:  # the same figures in one compiled pass, the rounding never stored
+            plain_pos, plain_neg, q_pos, q_neg, block_differs = sums
+            plain_ranges.append(bounds.range_from_sums(plain_pos, plain_neg, x))
+            q_ranges.append(bounds.range_from_sums(q_pos, q_neg, x))
+            differs.append(block_differs)
+            continue
+        plain = projection.plain_round(v_block, weight_range)
         plain_ranges.append(bounds.exact_accumulator_range(plain, x))
         q_ranges.append(bounds.exact_accumulator_range(q_block, x))
         differs.append(np.any(q_block != plain, axis=1))
@@ -122,11 +137,12 @@ def _contract_rows(v: np.ndarray, q: np.ndarray, x: IntRange, acc_bits: int,
     return outside, np.concatenate(differs) & plain_fits, (low, high)
 
 
-for _builtin in (
+_BUILTIN_METHODS = (
     FunctionMethod("a2q", "A2Q: Euclidean projection onto the A2Q l1 ball, round toward zero", projection.project_a2q),
     FunctionMethod("a2q+", "A2Q+: zero-centred rows on the A2Q+ l1 ball (exact where zero sum is unreachable)",
                    projection.project_a2q_plus),
     FunctionMethod("exact", "projection onto the exact accumulator range, rounded to use all of it (default)",
                    projection.project_exact),
-):
+)
+for _builtin in _BUILTIN_METHODS:
     register_method(_builtin.name, _builtin)

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from a2q_passes import bounds
+from a2q_passes import bounds, kernels
 from a2q_passes.bounds import IntRange
 from a2q_passes.errors import A2QError
 
@@ -77,7 +77,7 @@ def accumulator_is_signed(q: np.ndarray, x: IntRange) -> bool:
     made for the whole layer: rows that are each non-negative on their own but sit next to a
     signed row must fit the signed range.
     """
-    acc_min, _ = bounds.exact_accumulator_range(q, x)
+    acc_min, _ = integer_row_ranges(q, x)
     return bool((acc_min < 0).any())
 
 
@@ -129,31 +129,50 @@ def check_target(x: IntRange, acc_bits: int, weight_range: IntRange, signed_accu
 def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
     """Round half to even and clip, as the ``Quant`` op does (``round(clip(v))`` = ``clip(round(v))``)."""
     v = np.asarray(v)
+    if v.ndim == 2 and v.dtype == np.float64 and v.flags.c_contiguous and kernels.wanted(v.size):
+        q = kernels.plain_round(v, weight_range.lo, weight_range.hi)
+        if q is not None:  # None: a NaN, which the numpy cast below turns into int64's minimum
+            return q
     q = np.empty(v.shape, dtype=np.int64)
     rows = v.reshape(1, -1) if v.ndim < 2 else v
     out = q.reshape(rows.shape)
     # a block of rows at a time: the float64 temporaries stay bounded (each element is rounded on its own)
     step = rows_per_block(rows.shape[-1])
     for start in range(0, rows.shape[0], step):
+        if rows.dtype.kind in "iu":  # integers round to themselves (np.rint would give float16 for int8)
+            out[start:start + step] = np.clip(rows[start:start + step].astype(np.int64), weight_range.lo,
+                                              weight_range.hi)
+            continue
         block = np.rint(rows[start:start + step])
         np.clip(block, weight_range.lo, weight_range.hi, out=block)
         out[start:start + step] = block
     return q
 
 
+def integer_row_ranges(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bounds.exact_accumulator_range` of integer rows, its sums compiled for large int64 blocks."""
+    if q.dtype == np.int64 and q.ndim == 2 and kernels.wanted(q.size):
+        return bounds.range_from_sums(*kernels.positive_negative_sums(q), x)
+    return bounds.exact_accumulator_range(q, x)
+
+
 def rows_within(q: np.ndarray, x: IntRange, limits: tuple[int, int]) -> np.ndarray:
     """Per row, whether the exact accumulator range of ``q`` lies inside ``limits`` (exact integers)."""
-    acc_min, acc_max = bounds.exact_accumulator_range(q, x)
+    acc_min, acc_max = integer_row_ranges(q, x)
     return np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
 
 
-def _as_rows(v: np.ndarray) -> np.ndarray:
-    arr = np.asarray(v, dtype=np.float64)
+def _as_rows(v: np.ndarray, keep_integers: bool = False) -> np.ndarray:
+    """``v`` as ``(rows, K)`` float64 rows, refusing NaN and infinity. ``keep_integers``: an integer array stays in
+    its own type (no whole-layer float64 copy), for callers that convert a block of rows at a time."""
+    arr = np.asarray(v)
+    if not (keep_integers and arr.dtype.kind in "iu"):
+        arr = arr.astype(np.float64, copy=False)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"expected weights of shape (rows, K), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError("weights contain NaN or infinity")
     return arr
 
@@ -272,14 +291,12 @@ class _LevelRows:
     each lookup is O(1) per row instead of a binary search.
     """
 
-    def __init__(self, levels: np.ndarray, lo: int, n_levels: int) -> None:
-        """``levels``: the rows as int64 (a scratch copy, overwritten); their values lie in ``[lo, lo + n_levels)``."""
-        self.rows, self.K = levels.shape
+    def __init__(self, counts: np.ndarray, lo: int) -> None:
+        """``counts[r, i]``: how many values of row r equal ``lo + i`` (every row holds K > 0 values)."""
+        self.rows, n_levels = counts.shape
+        self.K = int(counts[0].sum()) if self.rows else 0
         self.lo, self.n_levels = lo, n_levels
         self._r = np.arange(self.rows)
-        levels -= lo
-        levels += (self._r * n_levels)[:, None]  # one bin per (row, value)
-        counts = np.bincount(levels.ravel(), minlength=self.rows * n_levels).reshape(self.rows, n_levels)
         present = counts > 0  # every row holds K > 0 values: its smallest and largest are the first and last present
         self.row_min = (lo + np.argmax(present, axis=1)).astype(np.float64)
         self.row_max = (lo + n_levels - 1 - np.argmax(present[:, ::-1], axis=1)).astype(np.float64)
@@ -339,10 +356,22 @@ def _rows_by_value(v: np.ndarray) -> _SortedRows | _LevelRows:
     n_levels = hi - lo + 1
     if not v.size or n_levels > K or K * max(abs(lo), abs(hi) + 1) >= 2.0 ** 53:
         return _SortedRows(v)
+    counts = _level_counts(v, int(lo), int(n_levels))
+    return _SortedRows(v) if counts is None else _LevelRows(counts, int(lo))
+
+
+def _level_counts(v: np.ndarray, lo: int, n_levels: int) -> np.ndarray | None:
+    """Per row, how many values equal each of ``lo .. lo + n_levels - 1`` (values known to lie there); ``None``
+    if some value is no integer."""
+    if kernels.wanted(v.size):
+        return kernels.level_counts(v, lo, n_levels)
     levels = v.astype(np.int64)
     if not np.array_equal(levels, v):
-        return _SortedRows(v)
-    return _LevelRows(levels, int(lo), int(n_levels))
+        return None
+    rows = v.shape[0]
+    levels -= lo
+    levels += (np.arange(rows) * n_levels)[:, None]  # one bin per (row, value)
+    return np.bincount(levels.ravel(), minlength=rows * n_levels).reshape(rows, n_levels)
 
 
 def _ray_root(s: _SortedRows | _LevelRows, du: float, dl: float, target: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -394,6 +423,8 @@ def _ray_root(s: _SortedRows | _LevelRows, du: float, dl: float, target: np.ndar
 
 def _accumulator_extremes(w: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
     """Float ``(acc_min, acc_max)`` of real rows (the exact integer version is in bounds)."""
+    if w.dtype == np.float64 and w.flags.c_contiguous and kernels.wanted(w.size):
+        return kernels.accumulator_extremes(w, x.lo, x.hi)  # numpy sums C-ordered rows pairwise: the kernel too
     pos = np.maximum(w, 0.0).sum(axis=1)
     neg = pos - w.sum(axis=1)
     return x.lo * pos - x.hi * neg, x.hi * pos - x.lo * neg
@@ -455,8 +486,11 @@ def project_accumulator_range(v: np.ndarray, x: IntRange, acc_min: float, acc_ma
     L_need = np.where(ok1, L1, np.where(ok2, L2, Lb))
     U, L = np.zeros(rows), np.zeros(rows)
     U[need], L[need] = U_need, L_need
-    w = np.clip(v, L[:, None], np.maximum(L, U)[:, None])
-    np.subtract(v, w, out=w)
+    if kernels.wanted(v.size):
+        w = kernels.shrink_rows(v, L, U)
+    else:
+        w = np.clip(v, L[:, None], np.maximum(L, U)[:, None])
+        np.subtract(v, w, out=w)
     # Float rounding can leave w a hair outside; C is convex and contains 0, so scaling fixes it.
     c2w, c1w = _accumulator_extremes(w, x)
     scale = np.minimum(1.0, np.minimum(np.where(c1w > A, A / np.where(c1w > 0, c1w, 1), 1.0),
@@ -488,6 +522,8 @@ class _RoundUpCandidates:
 
     @classmethod
     def of(cls, w: np.ndarray) -> "_RoundUpCandidates":
+        if kernels.wanted(w.size):  # the same arrays (order: only its first `width` columns, all that is read)
+            return cls(*kernels.round_up_candidates(w))
         # in-place passes over preallocated arrays: a block of rows is passed over some ten times here
         trunc = np.trunc(w)
         benefit = np.subtract(w, trunc)
@@ -572,7 +608,7 @@ def _round_rows_within(w: np.ndarray, x: IntRange, acc_min: int, acc_max: int) -
     cand = _RoundUpCandidates.of(w)
     lo, hi = x.lo, x.hi
     cap = (w.shape[1] + 1) * (abs(lo) + abs(hi) + 1)
-    low_min, low_max = bounds.exact_accumulator_range(cand.trunc, x)
+    low_min, low_max = integer_row_ranges(cand.trunc, x)
     slack_max = _slack(acc_max, low_max, cap, upper=True)
     slack_min = _slack(acc_min, low_min, cap, upper=False)
     # c1: hi a - lo b <= slack_max ; c2: -lo a + hi b <= slack_min
@@ -630,9 +666,9 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     row still outside the range afterwards is redone with ``exact``, which is feasible by
     construction; if even that fails it is a bug and raises.
     """
-    v = _as_rows(v)
+    v = _as_rows(v, keep_integers=True)  # integer rows (stored codes) become float64 a block at a time, below
     q = plain_round(v, weight_range)
-    acc_min, acc_max = bounds.exact_accumulator_range(q, x)
+    acc_min, acc_max = integer_row_ranges(q, x)
     signed = bool((acc_min < 0).any())  # as accumulator_is_signed, reusing the range
     check_target(x, acc_bits, weight_range, signed)
     limits = bounds.accumulator_limits(int(acc_bits), signed=signed)
@@ -642,7 +678,7 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
-        q_block, row_method[block] = project_rows(v[block], limits)
+        q_block, row_method[block] = project_rows(np.asarray(v[block], dtype=np.float64), limits)
         q[block] = q_block
         outside.append(block[~rows_within(q_block, x, limits)])
     over = np.concatenate(outside) if outside else idx
@@ -848,10 +884,48 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
     def relative(num: float, den: float) -> float:
         return 0.0 if num == 0 else (num / den if den > 0 else float("inf"))
 
-    # Squared norms summed a block of rows at a time (no whole-tensor float64 copies). The integer ones are sums
-    # of squares of integers, exact in float64 below 2^53 (an int8 layer of 10^9 weights stays below 2^46), so
-    # they equal a whole-tensor norm's; the distances to v may differ from one in the last bits.
-    squares = np.zeros(5)  # change, before, before - v, after - v, v
+    exact = _compiled_change_sums(before, after, v) if kernels.wanted(before.size) else None
+    if exact is not None:  # v holds small integers: every sum is an exact integer, as _change_sums's float64 ones
+        squares, (zeros_before, zeros_after, rows_touched) = exact[0], map(int, exact[1])
+    else:
+        squares, zeros_before, zeros_after, rows_touched = _change_sums(before, after, v)
+    change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
+    return {
+        "rel_l2_change": relative(float(change), float(norm_before)),
+        "rel_l2_to_float_before": relative(float(to_float_before), float(norm_v)),
+        "rel_l2_to_float_after": relative(float(to_float_after), float(norm_v)),
+        "sparsity_before": zeros_before / before.size if before.size else 0.0,
+        "sparsity_after": zeros_after / after.size if after.size else 0.0,
+        "rows_touched": rows_touched,
+        "rows": int(before.shape[0]),
+    }
+
+
+def _compiled_change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`kernels.change_sums` a block of rows at a time: only one block of ``v`` is copied to float64 (``v`` may
+    hold a layer's stored integer codes). ``None`` where a block's is, or where a total reaches 2^53 (below it the
+    float64 totals of these exact integer sums are exact too)."""
+    squares, counts = np.zeros(5), np.zeros(3, dtype=np.int64)
+    step = rows_per_block(before.shape[1])
+    for start in range(0, before.shape[0], step):
+        block = kernels.change_sums(before[start:start + step], after[start:start + step], v[start:start + step])
+        if block is None:
+            return None
+        squares += block[0]
+        counts += block[1]
+        if squares.max() >= 2.0 ** 53:
+            return None
+    return squares, counts
+
+
+def _change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """:func:`projection_stats`'s five sums of squares (change, before, before - v, after - v, v), zeros before,
+    zeros after and rows changed, summed a block of rows at a time (no whole-tensor float64 copies).
+
+    The integer ones are sums of squares of integers, exact in float64 below 2^53 (an int8 layer of 10^9 weights
+    stays below 2^46), so they equal a whole-tensor norm's; the distances to v may differ from one in the last bits.
+    """
+    squares = np.zeros(5)
     zeros_before = zeros_after = rows_touched = 0
     step = rows_per_block(before.shape[1])
     for start in range(0, before.shape[0], step):
@@ -869,13 +943,4 @@ def projection_stats(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> di
         # the distances to v in place: b and a are not needed any more
         for i, d in ((2, np.subtract(b, w, out=b)), (3, np.subtract(a, w, out=a))):
             squares[i] += float(np.dot(d, d))
-    change, norm_before, to_float_before, to_float_after, norm_v = np.sqrt(squares)
-    return {
-        "rel_l2_change": relative(float(change), float(norm_before)),
-        "rel_l2_to_float_before": relative(float(to_float_before), float(norm_v)),
-        "rel_l2_to_float_after": relative(float(to_float_after), float(norm_v)),
-        "sparsity_before": zeros_before / before.size if before.size else 0.0,
-        "sparsity_after": zeros_after / after.size if after.size else 0.0,
-        "rows_touched": rows_touched,
-        "rows": int(before.shape[0]),
-    }
+    return squares, zeros_before, zeros_after, rows_touched

@@ -529,3 +529,37 @@ def test_tied_round_up_candidates_go_in_index_order():
         n_pos, n_neg = cand.n_pos[row], cand.n_neg[row]
         assert np.array_equal(cand.order[row, :n_pos], positive)
         assert np.array_equal(cand.order[row, n_pos:n_pos + n_neg], negative)
+
+
+# ----------------------------------------------------------------------------- integer rows as stored
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_integer_rows_project_as_their_float64_copy(method):
+    """project passes an int8 layer's stored codes without a float64 copy: the methods (with their contract check)
+    and the statistics must give what the float64 rows of the same values give, to the bit."""
+    from a2q_passes.methods import project_weights
+
+    rng = np.random.default_rng(13)
+    # 640 x 512 int8 codes: past kernels.MIN_ELEMENTS, so the compiled statistics run on blocks of rows too
+    codes = rng.integers(-128, 128, size=(640, 512)).astype(np.int8)
+    codes[:5] = 0  # rows that already fit next to rows that need projecting
+    x, weight_range = IntRange(0, 255), IntRange(-128, 127)
+    narrow = project_weights(codes, x, 18, weight_range, method)
+    wide = project_weights(codes.astype(np.float64), x, 18, weight_range, method)
+    assert narrow.weights.dtype == wide.weights.dtype
+    assert narrow.weights.tobytes() == wide.weights.tobytes()
+    assert np.array_equal(narrow.touched, wide.touched) and np.array_equal(narrow.row_method, wide.row_method)
+    assert narrow.touched.any() and not narrow.touched.all()
+    assert projection.projection_stats(codes, narrow.weights, codes) == projection.projection_stats(
+        codes, wide.weights, codes.astype(np.float64))
+
+
+def test_plain_round_of_integers_is_exact_beyond_float16():
+    """np.rint of an integer array returns float16 for int8/int16 (exact only up to 2048): integer rows are clipped
+    as integers instead; the result equals rounding their float64 values."""
+    values = np.array([[-32768, -2049, 2049, 4097, 32767, 7]], dtype=np.int16)
+    weight_range = IntRange(-30000, 30000)
+    assert np.array_equal(projection.plain_round(values, weight_range),
+                          projection.plain_round(values.astype(np.float64), weight_range))
+    assert projection.plain_round(values, weight_range).tolist() == [[-30000, -2049, 2049, 4097, 30000, 7]]

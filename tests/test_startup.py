@@ -48,3 +48,11 @@ def test_analyze_of_a_qdq_model_imports_no_heavy_package():
     loaded = _packages_after("analyze", str(QDQ_CNN), "--json")
     assert {"onnx", "qonnx"} <= loaded  # it did read the model
     assert not loaded & HEAVY
+
+
+def test_project_of_a_small_model_imports_no_compiler(tmp_path):
+    """numba (0.5 s and some 170 MB to import) is only for large layers (a2q_passes.kernels): the bundled
+    models' layers stay below its threshold."""
+    loaded = _packages_after("project", str(QDQ_CNN), str(tmp_path / "out.onnx"), "--acc-bits", "12")
+    assert "a2q_passes" in loaded and (tmp_path / "out.onnx").exists()
+    assert not loaded & {"numba", "llvmlite"}

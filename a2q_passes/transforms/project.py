@@ -216,7 +216,9 @@ class ProjectToAccumulator(A2QPass):
             # fits, so it is promised (and recorded) as it stands
             report.width_after, report.acc_dtype_after = report.width_before, dtype_before
             return report
-        v = layer.unrounded_rows(model)
+        # the built-in methods and the statistics take integer rows as stored (an int8 layer: 1 byte a weight) and
+        # convert a block of rows at a time; the multi-stage projection still works on whole float64 rows
+        v = layer.unrounded_rows(model, keep_integers=self.tile is None)
         try:
             if self.tile is not None:
                 result = project_multistage(v, layer.grid.range, layer.row_weight_ranges(model), self.tile, bits,
@@ -236,7 +238,11 @@ class ProjectToAccumulator(A2QPass):
             # breaks the layer's INT/UINT choice across them is refused rather than written
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
                            f"apart do not fit {bits} bits together; raise the target or --skip the layer")
-        changed_rows = np.any(q_after != q_before, axis=1)  # same shapes: project_weights checked them
+        # same shapes: project_weights checked them; a block of rows at a time, so that no whole-layer mask of
+        # changed weights joins the float64 rows and the int64 result at the peak of memory
+        step = rows_per_block(q_after.shape[1])
+        changed_rows = np.concatenate([np.any(q_after[start:start + step] != q_before[start:start + step], axis=1)
+                                       for start in range(0, q_after.shape[0], step)] or [np.zeros(0, dtype=bool)])
         report.width_after, report.acc_dtype_after = _width_and_dtype(*range_after)
         if self.tile is not None:  # the inner stage is what target_bits promises
             report.width_before = int(bounds.accumulator_width(*stage_ranges(q_before, layer.grid.range, self.tile)[0]))
