@@ -15,8 +15,12 @@ slow down every small model. The numpy path stays the reference (``tests/test_ve
 
 from __future__ import annotations
 
-import numba
-import numpy as np
+from a2q_passes.numba_cache import choose_cache_folder
+
+choose_cache_folder()  # before numba's import, which reads the cache folder once
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 _WRAP, _SATURATE = 0, 1
 

@@ -11,10 +11,13 @@ compilation, cached on disk, would slow down every small model); kept apart from
 
 from __future__ import annotations
 
-import numba
-import numpy as np
-
 from a2q_passes import bounds
+from a2q_passes.numba_cache import choose_cache_folder
+
+choose_cache_folder()  # before numba's import, which reads the cache folder once
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 _LARGEST = float(1 << 62)
 

@@ -7,18 +7,17 @@ ties, zero rows and rows that already fit). The threshold keeps numba out of sma
 costs about half a second and compiling the kernels on a cold cache several seconds, more than the numpy code
 spends on a bundled model. numba is imported on the first large block only.
 
-numba caches compiled kernels beside their source (``__pycache__``); where the package is installed read-only
-the cache goes to ``$NUMBA_CACHE_DIR`` if set, else to a folder of this user's in the temporary directory.
+numba caches compiled kernels beside their source, or elsewhere where the package is installed read-only
+(:mod:`a2q_passes.numba_cache`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+
+from a2q_passes.numba_cache import choose_cache_folder
 
 # Smallest block (weights) handed to the compiled kernels. The projection's row blocks hold about 2^20 weights
 # (projection.rows_per_block), so a layer of at least this many weights uses them; the bundled models' largest
@@ -37,17 +36,10 @@ def compiled() -> ModuleType:
     """:mod:`a2q_passes._compiled`, imported (with numba) on first use, its cache folder set where numba can write."""
     global _compiled
     if _compiled is None:
-        if "NUMBA_CACHE_DIR" not in os.environ and not _writable(Path(__file__).parent / "__pycache__"):
-            os.environ["NUMBA_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"a2q-numba-cache-{os.getuid()}")
+        choose_cache_folder()
         from a2q_passes import _compiled as module
         _compiled = module
     return _compiled
-
-
-def _writable(folder: Path) -> bool:
-    """Whether numba could write its cache files into ``folder`` (creating it if missing)."""
-    existing = folder if folder.exists() else folder.parent
-    return os.access(existing, os.W_OK | os.X_OK)
 
 
 def round_up_candidates(w: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -188,6 +188,26 @@ def test_kernels_run_where_the_package_folder_is_not_writable(tmp_path):
     assert Path(cache).parent == tmp_path and any(Path(cache).rglob("*.nbi"))
 
 
+@pytest.mark.parametrize("load", ["from a2q_passes import kernels; kernels.compiled()",
+                                  "import a2q_passes.adversarial_kernels", "import a2q_passes.certificate_kernels"])
+def test_every_kernel_module_caches_outside_a_read_only_package(tmp_path, load):
+    """Whichever kernel module loads numba first, numba caches in the temporary folder, not the read-only package."""
+    package = Path(kernels.__file__).parent
+    script = (
+        "import os\n"
+        "real_access = os.access\n"
+        f"os.access = lambda path, mode: False if str(path).startswith({str(package)!r}) else real_access(path, mode)\n"
+        f"{load}\n"
+        "import numba\n"
+        "print(numba.config.CACHE_DIR)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
+    env["TMPDIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                         cwd=package.parent).stdout
+    assert Path(out.strip()).parent == tmp_path
+
+
 def test_row_sums_follow_numpys_pairwise_order(monkeypatch):
     """The kernels sum float rows in numpy's order (``ndarray.sum`` over C-ordered rows: pairwise): row lengths
     around the 8-wide and 128-long blocks and past numpy's 8192-element buffer, signed zeros, mixed magnitudes."""
