@@ -168,21 +168,29 @@ def test_stats_fall_back_to_float_sums_where_they_would_not_be_exact(monkeypatch
     assert stats[0] == stats[1]
 
 
-def test_kernels_run_where_the_package_folder_is_not_writable(tmp_path):
-    """Installed read-only, the kernels compile into a cache folder of their own in the temporary directory."""
+def run_with_read_only_package(tmp_path: Path, body: str) -> str:
+    """stdout of ``body`` run in a fresh interpreter that sees the package folder as read-only, with
+    ``TMPDIR=tmp_path`` and no ``NUMBA_CACHE_DIR``."""
     package = Path(kernels.__file__).parent
     script = (
-        "import os, numpy as np\n"
-        "from a2q_passes import kernels\n"
+        "import os\n"
         "real_access = os.access\n"
         f"os.access = lambda path, mode: False if str(path).startswith({str(package)!r}) else real_access(path, mode)\n"
-        "q = kernels.plain_round(np.array([[0.5, 1.5, -2.5, 300.0]]), -128, 127)\n"
-        "print(q.tolist(), os.environ['NUMBA_CACHE_DIR'])\n"
+        f"{body}\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
     env["TMPDIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
-                         cwd=package.parent).stdout
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
+                          cwd=package.parent).stdout
+
+
+def test_kernels_run_where_the_package_folder_is_not_writable(tmp_path):
+    """Installed read-only, the kernels compile into a cache folder of their own in the temporary directory."""
+    out = run_with_read_only_package(tmp_path, (
+        "import numpy as np\n"
+        "from a2q_passes import kernels\n"
+        "q = kernels.plain_round(np.array([[0.5, 1.5, -2.5, 300.0]]), -128, 127)\n"
+        "print(q.tolist(), os.environ['NUMBA_CACHE_DIR'])"))
     rounded, cache = out.rsplit(maxsplit=1)
     assert rounded == "[[0, 2, -2, 127]]"
     assert Path(cache).parent == tmp_path and any(Path(cache).rglob("*.nbi"))
@@ -192,19 +200,7 @@ def test_kernels_run_where_the_package_folder_is_not_writable(tmp_path):
                                   "import a2q_passes.adversarial_kernels", "import a2q_passes.certificate_kernels"])
 def test_every_kernel_module_caches_outside_a_read_only_package(tmp_path, load):
     """Whichever kernel module loads numba first, numba caches in the temporary folder, not the read-only package."""
-    package = Path(kernels.__file__).parent
-    script = (
-        "import os\n"
-        "real_access = os.access\n"
-        f"os.access = lambda path, mode: False if str(path).startswith({str(package)!r}) else real_access(path, mode)\n"
-        f"{load}\n"
-        "import numba\n"
-        "print(numba.config.CACHE_DIR)\n"
-    )
-    env = {key: value for key, value in os.environ.items() if key != "NUMBA_CACHE_DIR"}
-    env["TMPDIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
-                         cwd=package.parent).stdout
+    out = run_with_read_only_package(tmp_path, f"{load}\nimport numba\nprint(numba.config.CACHE_DIR)")
     assert Path(out.strip()).parent == tmp_path
 
 
