@@ -171,9 +171,7 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
     values through ``Clip`` nodes unchanged (used to carry a scale through the weight path).
     """
     overrides = dict(overrides or {})
-    # a read-only model's table, built once: collecting the graph's initializers per call is quadratic in depth
-    initializers = model.initializers if isinstance(model, ReadOnlyModel) else {
-        init.name: init for init in model.graph.initializer}
+    initializers = _initializer_table(model)
     chosen: dict[str, NodeProto] = {}
     used: set[str] = set()
     stack, seen = list(targets), set()
@@ -220,6 +218,14 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
         # int4/uint4 (ml_dtypes); onnxruntime runs the whole standard subgraph with them inside
         context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}", feeds)
     return {name: np.asarray(context[name]) for name in targets}
+
+
+def _initializer_table(model: ModelWrapper) -> Mapping[str, TensorProto]:
+    """The graph's initializers by name: a read-only model's table, built once (collecting them per call is
+    quadratic in depth), else collected here."""
+    if isinstance(model, ReadOnlyModel):
+        return model.initializers
+    return {init.name: init for init in model.graph.initializer}
 
 
 def _in_execution_order(model: ModelWrapper, chosen: Mapping[str, NodeProto], targets: list[str]) -> list[NodeProto]:
@@ -957,8 +963,7 @@ def _finn_weights(model: ModelWrapper, node: NodeProto, xnor: bool) -> np.ndarra
 
 def _reads_graph_input(model: ModelWrapper, tensor: str) -> bool:
     """Whether executing ``tensor`` needs a graph input (else it is a constant the graph computes)."""
-    initializers = model.initializers.keys() if isinstance(model, ReadOnlyModel) else {
-        init.name for init in model.graph.initializer}
+    initializers = _initializer_table(model).keys()
     inputs = {vi.name for vi in model.graph.input} - initializers
     stack, seen = [tensor], set()
     while stack:
