@@ -164,13 +164,19 @@ def _held_out_accuracy(model, x, y) -> float:
 
 
 def test_chooser_falls_back_to_projection_where_axe_overfits_and_still_fits_by_execution(tmp_path):
-    """Calibrating on 4 images makes AXE over-fit (worse than the projection on other images); with a held-out
-    split the result keeps the projection where AXE loses, scores at least the projection's held-out accuracy,
-    and every layer's integer weights, as qonnx executes the graph's own quantizers, fit P at the worst-case input."""
+    """Calibrating on 4 images of one digit makes AXE over-fit (worse than the projection on other images); with a
+    held-out split the result keeps the projection where AXE loses, scores at least the projection's held-out
+    accuracy, and every layer's integer weights, as qonnx executes the graph's own quantizers, fit P at the
+    worst-case input."""
     model = digits_model()
     bits = 12
     x, y = digits_data("train", 260)
-    calibration, held_out = x[:4], Dataset(x[4:], y[4:].astype(np.int64), "held-out")
+    # one class, not the first 4 images: the model is trained here, its float weights depend on the CPU's torch
+    # kernels, and on 4 mixed images AXE beat the projection on some CPUs; on one class it over-fits on every
+    # kernel set tried (AVX-512, AVX2, scalar: 12 to 36 points below the projection)
+    one_digit = np.flatnonzero(y == 0)[:4]
+    rest = np.setdiff1d(np.arange(len(x)), one_digit)
+    calibration, held_out = x[one_digit], Dataset(x[rest], y[rest].astype(np.int64), "held-out")
     selection = select_layers(model, bits)
     every_row, _ = run_axe(model, selection, calibration)
     projected = model.transform(ProjectToAccumulator(bits, method="exact"))
