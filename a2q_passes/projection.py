@@ -131,7 +131,9 @@ def check_target(x: IntRange, acc_bits: int, weight_range: IntRange, signed_accu
 def weight_dtype(weight_range: IntRange) -> np.dtype:
     """The narrowest signed integer type holding every weight of ``weight_range``: what projected weights are kept in.
 
-    Signed even for unsigned ranges, so that a difference of two such weights never wraps around to a valid one.
+    Signed for unsigned ranges too (uint8 codes take int16), as the int64 it replaces: no consumer meets an unsigned
+    type it did not meet before. Arithmetic that could leave the type (sums, products with input codes) is done in
+    int64 by every consumer (the kernels per element, the reductions with an int64 or int32 accumulator).
     """
     return bounds.smallest_signed_type(weight_range.lo, weight_range.hi)
 
