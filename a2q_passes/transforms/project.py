@@ -310,12 +310,12 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     """
     if layer.act_x_act or layer.binary_xnor or layer.source.bipolar:
         return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
-    v = layer.unrounded_row_view(model)  # usually the first block of rows decides: no float64 copy of the rest
+    v = layer.unrounded_row_view(model)  # usually the first block of rows decides: no copy of the rest
     groups = layer.row_weight_ranges(model)
-    # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time
+    # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time (stored
+    # integer codes are rounded as they are, to themselves: no float64 copy of the block)
     step = rows_per_block(v.shape[1])
-    signed = any(accumulator_is_signed(plain_round(np.asarray(v[rows[start:start + step]], dtype=np.float64),
-                                                   weight_range), layer.grid.range)
+    signed = any(accumulator_is_signed(plain_round(v[rows[start:start + step]], weight_range), layer.grid.range)
                  for rows, weight_range in groups for start in range(0, rows.size, step))
     return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
 
