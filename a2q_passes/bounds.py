@@ -186,10 +186,12 @@ def as_integer_weights(q: np.ndarray) -> np.ndarray:
 
 
 def narrowest_integers(q: np.ndarray) -> np.ndarray:
-    """Integer array ``q`` in the narrowest integer type holding all its values (``q`` itself when already so)."""
+    """Integer array ``q`` in the narrowest integer type holding all its values; ``q`` itself where that type is no
+    narrower than its own (an int8 array of -3..100 stays int8: numpy's smallest type for both ends is int16)."""
     if not q.size:
         return q
-    return q.astype(np.result_type(np.min_scalar_type(int(q.min())), np.min_scalar_type(int(q.max()))), copy=False)
+    narrowest = np.result_type(np.min_scalar_type(int(q.min())), np.min_scalar_type(int(q.max())))
+    return q if narrowest.itemsize >= q.dtype.itemsize else q.astype(narrowest)
 
 
 def smallest_signed_type(lo: int, hi: int) -> np.dtype:

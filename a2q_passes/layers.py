@@ -816,7 +816,9 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
     """Values to store so that the graph's own quantizer reproduces the integers ``q_stored``."""
     if source.kind in ("initializer", "dequantize_linear", "integer_operand"):
         original_dtype = source.zero_point.dtype if source.zero_point is not None else np.float32
-        return (q_stored if source.zero_offset is None else q_stored + source.zero_offset).astype(original_dtype)
+        # no copy where the integers already have the stored type (the projection's int8 weights of an int8 tensor)
+        return (q_stored if source.zero_offset is None else q_stored + source.zero_offset).astype(original_dtype,
+                                                                                                  copy=False)
     if source.kind == "bipolar_quant":
         return np.where(q_stored > 0, 1.0, -1.0).astype(np.float32) * np.abs(source.scale).astype(np.float32)
     mode = source.rounding_mode.upper()

@@ -57,7 +57,9 @@ class ProjectionResult:
     method that produced the row (``a2q+`` reports ``"exact"`` for its fallback rows).
     """
 
-    weights: np.ndarray  # int64 (rows, K)
+    # integers (rows, K): the built-in methods store them in weight_dtype(weight_range) (an int8 layer's take 1 byte
+    # a weight, not 8); a plugin may return any integer type
+    weights: np.ndarray
     touched: np.ndarray  # bool (rows,): plain rounding did not fit, the row was projected
     row_method: np.ndarray  # str (rows,)
     acc_limits: tuple[int, int]  # the layer's accumulator range: INT P, or UINT P when no row goes below 0
@@ -126,27 +128,41 @@ def check_target(x: IntRange, acc_bits: int, weight_range: IntRange, signed_accu
 # ----------------------------------------------------------------------------- rounding and checks
 
 
+def weight_dtype(weight_range: IntRange) -> np.dtype:
+    """The narrowest signed integer type holding every weight of ``weight_range``: what projected weights are kept in.
+
+    Signed for unsigned ranges too (uint8 codes take int16), as the int64 it replaces: no consumer meets an unsigned
+    type it did not meet before. Arithmetic that could leave the type (sums, products with input codes) is done in
+    int64 by every consumer (the kernels per element, the reductions with an int64 or int32 accumulator).
+    """
+    return bounds.smallest_signed_type(weight_range.lo, weight_range.hi)
+
+
 def plain_round(v: np.ndarray, weight_range: IntRange) -> np.ndarray:
-    """Round half to even and clip, as the ``Quant`` op does (``round(clip(v))`` = ``clip(round(v))``)."""
+    """Round half to even and clip, as the ``Quant`` op does (``round(clip(v))`` = ``clip(round(v))``), in
+    :func:`weight_dtype`. ``v`` holds no NaN (the methods refuse it, :func:`_as_rows`): it has no integer."""
     v = np.asarray(v)
-    if v.ndim == 2 and v.dtype == np.float64 and v.flags.c_contiguous and kernels.wanted(v.size):
-        q = kernels.plain_round(v, weight_range.lo, weight_range.hi)
-        if q is not None:  # None: a NaN, which the numpy cast below turns into int64's minimum
-            return q
-    q = np.empty(v.shape, dtype=np.int64)
     rows = v.reshape(1, -1) if v.ndim < 2 else v
-    out = q.reshape(rows.shape)
-    # a block of rows at a time: the float64 temporaries stay bounded (each element is rounded on its own)
+    q = np.empty(rows.shape, dtype=weight_dtype(weight_range))
+    # a block of rows at a time: the int64/float64 temporaries stay bounded (each element is rounded on its own)
     step = rows_per_block(rows.shape[-1])
     for start in range(0, rows.shape[0], step):
-        if rows.dtype.kind in "iu":  # integers round to themselves (np.rint would give float16 for int8)
-            out[start:start + step] = np.clip(rows[start:start + step].astype(np.int64), weight_range.lo,
-                                              weight_range.hi)
+        block = rows[start:start + step]
+        if block.dtype.kind in "iu":  # integers round to themselves (np.rint would give float16 for int8)
+            info = np.iinfo(block.dtype)  # stored codes whose type lies inside the range (int8 codes) need no clip
+            inside = weight_range.lo <= info.min and info.max <= weight_range.hi
+            q[start:start + step] = block if inside else np.clip(block.astype(np.int64), weight_range.lo,
+                                                                 weight_range.hi)
             continue
-        block = np.rint(rows[start:start + step])
-        np.clip(block, weight_range.lo, weight_range.hi, out=block)
-        out[start:start + step] = block
-    return q
+        if block.dtype == np.float64 and block.flags.c_contiguous and kernels.wanted(block.size):
+            rounded = kernels.plain_round(block, weight_range.lo, weight_range.hi)
+            if rounded is not None:  # None: a NaN; numpy's cast below takes it as numpy always did
+                q[start:start + step] = rounded
+                continue
+        rounded = np.rint(block)
+        np.clip(rounded, weight_range.lo, weight_range.hi, out=rounded)
+        q[start:start + step] = rounded
+    return q.reshape(v.shape)
 
 
 def integer_row_ranges(q: np.ndarray, x: IntRange) -> tuple[np.ndarray, np.ndarray]:
@@ -679,16 +695,25 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     for start in range(0, idx.size, step):
         block = idx[start:start + step]
         q_block, row_method[block] = project_rows(np.asarray(v[block], dtype=np.float64), limits)
-        q[block] = q_block
+        _store(q, block, q_block, weight_range, name)
         outside.append(block[~rows_within(q_block, x, limits)])
     over = np.concatenate(outside) if outside else idx
     if over.size:
-        q[over] = _exact_rows(q[over].astype(np.float64), x, limits, weight_range)
+        _store(q, over, _exact_rows(q[over].astype(np.float64), x, limits, weight_range), weight_range, "exact")
         row_method[over] = "exact"
         if not rows_within(q[over], x, limits).all():
             raise RuntimeError(f"internal error: projection method {name!r} left rows "
                                f"{over.tolist()} outside a {acc_bits}-bit accumulator")
     return ProjectionResult(q, touched, row_method.astype(str), limits)
+
+
+def _store(q: np.ndarray, rows: np.ndarray, q_rows: np.ndarray, weight_range: IntRange, name: str) -> None:
+    """``q[rows] = q_rows`` after checking ``q_rows`` lies in ``weight_range``: ``q``'s narrow type would wrap a value
+    outside it around to one inside, which the contract check (:func:`methods.project_weights`) could not see."""
+    if q_rows.size and (int(q_rows.min()) < weight_range.lo or int(q_rows.max()) > weight_range.hi):
+        raise RuntimeError(f"internal error: projection method {name!r} left weights outside "
+                           f"[{weight_range.lo}, {weight_range.hi}]")
+    q[rows] = q_rows
 
 
 def project_a2q(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange) -> ProjectionResult:
@@ -790,7 +815,8 @@ def project_in_parts(v: np.ndarray, x: IntRange, acc_bits: int, parts: list[Part
     plain = [plain_round(v[rows][:, cols], weight_range) for rows, cols, weight_range in parts]
     if signed is None:
         signed = any(accumulator_is_signed(p, x) for p in plain)
-    weights = np.zeros(v.shape, dtype=np.int64)
+    # every part's weights are checked inside its range (project_weights): their common narrow type holds them all
+    weights = np.zeros(v.shape, dtype=np.result_type(np.int8, *(weight_dtype(wr) for _, _, wr in parts)))
     touched = np.zeros(v.shape[0], dtype=bool)
     row_method = np.full(v.shape[0], ROUND, dtype=object)
     for (rows, cols, weight_range), part_plain in zip(parts, plain):

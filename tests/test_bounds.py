@@ -223,3 +223,14 @@ def test_positive_negative_sums_match_python_ints_in_every_layout(dtype):
         for row, p, n in zip(rows.tolist(), pos.tolist(), neg.tolist()):
             assert (p, n) == (sum(v for v in row if v > 0), -sum(v for v in row if v < 0)), (dtype, label)
         assert pos.dtype == neg.dtype == np.int64
+
+
+def test_narrowest_integers_narrows_and_never_widens():
+    """int64 values come back in the smallest type holding them; an array already at least that narrow is returned
+    as it is (numpy's smallest type for -3..100 is int16, wider than the int8 that holds them)."""
+    wide = np.array([[-3, 100], [7, 0]], dtype=np.int64)
+    assert bounds.narrowest_integers(wide).dtype == np.int16
+    assert bounds.narrowest_integers(np.array([0, 200], dtype=np.int64)).dtype == np.uint8
+    narrow = wide.astype(np.int8)
+    assert bounds.narrowest_integers(narrow) is narrow
+    np.testing.assert_array_equal(bounds.narrowest_integers(wide), wide)

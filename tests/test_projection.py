@@ -51,6 +51,13 @@ def brute_width(q: np.ndarray, x: IntRange) -> int:
     return next(b for b in range(1, 200) if in_accumulator(lo, hi, b))
 
 
+def narrowest_signed(wr: IntRange) -> np.dtype:
+    """The smallest of int8..int64 holding ``wr``: a whole-layer result in a wider type (int64) is a copy 2-8 times
+    the size of the layer's weights that the methods no longer make."""
+    return np.dtype(next(t for t in (np.int8, np.int16, np.int32, np.int64)
+                         if np.iinfo(t).min <= wr.lo and wr.hi <= np.iinfo(t).max))
+
+
 def plain(v: np.ndarray, wr: IntRange) -> np.ndarray:
     return np.clip(np.round(v), wr.lo, wr.hi).astype(np.int64)
 
@@ -139,7 +146,7 @@ def layers(draw):
 def check_projection(result, v: np.ndarray, x: IntRange, wr: IntRange, acc_bits: int) -> None:
     """The contract, checked by brute force."""
     q, q0 = result.weights, plain(v, wr)
-    assert q.shape == v.shape and q.dtype == np.int64
+    assert q.shape == v.shape and q.dtype == narrowest_signed(wr)
     assert q.min(initial=0) >= wr.lo and q.max(initial=0) <= wr.hi
     lo, hi = brute_layer_extremes(q, x)
     assert in_accumulator(lo, hi, acc_bits), (lo, hi, acc_bits)
@@ -563,3 +570,18 @@ def test_plain_round_of_integers_is_exact_beyond_float16():
     assert np.array_equal(projection.plain_round(values, weight_range),
                           projection.plain_round(values.astype(np.float64), weight_range))
     assert projection.plain_round(values, weight_range).tolist() == [[-30000, -2049, 2049, 4097, 30000, 7]]
+
+
+def test_parts_keep_the_narrow_type_that_holds_every_part():
+    """Rows with different weight ranges (per-channel zero points subtracted) are projected apart into one array in
+    the narrowest signed type holding all their ranges, the values as each part's own projection gives them."""
+    rng = np.random.default_rng(5)
+    v = rng.uniform(-300, 300, size=(6, 40))
+    x = IntRange(0, 255)
+    parts = [(np.arange(3), slice(None), IntRange(-128, 127)), (np.arange(3, 6), slice(None), IntRange(-200, 55))]
+    result = projection.project_in_parts(v, x, 18, parts, projection.project_exact)
+    assert result.weights.dtype == narrowest_signed(IntRange(-200, 127)) == np.int16
+    for rows, _, wr in parts:
+        alone = projection.project_exact(v[rows], x, 17 if brute_layer_extremes(plain(v[rows], wr), x)[0] >= 0 else 18,
+                                         wr)
+        np.testing.assert_array_equal(result.weights[rows], alone.weights)

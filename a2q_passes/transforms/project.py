@@ -227,7 +227,7 @@ class ProjectToAccumulator(A2QPass):
                 result = _project_rows(v, layer, model, bits, self.method.name)
         except A2QError as err:
             raise A2QError(f"layer '{layer.node}': {err}") from err
-        q_after = np.asarray(result.weights, dtype=np.int64)
+        q_after = result.weights  # in its narrow type (projection.weight_dtype): every consumer below sums in int64
         range_after = _layer_range(layer, q_after)  # one pass over the rows for both the check and the report
         if self.tile is not None:
             inner, outer = stage_ranges(q_after, layer.grid.range, self.tile)
@@ -239,7 +239,7 @@ class ProjectToAccumulator(A2QPass):
             raise A2QError(f"layer '{layer.node}': its channels' weight zero points differ and the channels projected "
                            f"apart do not fit {bits} bits together; raise the target or --skip the layer")
         # same shapes: project_weights checked them; a block of rows at a time, so that no whole-layer mask of
-        # changed weights joins the float64 rows and the int64 result at the peak of memory
+        # changed weights joins the rows and the result at the peak of memory
         step = rows_per_block(q_after.shape[1])
         changed_rows = np.concatenate([np.any(q_after[start:start + step] != q_before[start:start + step], axis=1)
                                        for start in range(0, q_after.shape[0], step)] or [np.zeros(0, dtype=bool)])
@@ -256,11 +256,8 @@ class ProjectToAccumulator(A2QPass):
         methods, counts = np.unique(np.asarray(result.row_method, dtype=str), return_counts=True)
         report.rows_by_method = {str(m): int(c) for m, c in zip(methods, counts)}
         if changed_rows.any():
-            # written last, with the int64 result dropped first: the new weights in their narrowest integer type
-            # are all the write needs (it transposes and checks them)
-            narrow = bounds.narrowest_integers(q_after)
-            del result, q_after
-            layer.write_rows(model, narrow)  # checks the graph's quantizer reproduces the new integers exactly
+            # written last: the new weights in their narrow type are all the write needs (it transposes and checks them)
+            layer.write_rows(model, q_after)  # checks the graph's quantizer reproduces the new integers exactly
             report.status = "projected"
         return report
 
@@ -313,12 +310,12 @@ def smallest_target(model: ModelWrapper, layer: MacLayer) -> int:
     """
     if layer.act_x_act or layer.binary_xnor or layer.source.bipolar:
         return _layer_width(layer, None if layer.act_x_act else layer.integer_rows(model))[0]
-    v = layer.unrounded_row_view(model)  # usually the first block of rows decides: no float64 copy of the rest
+    v = layer.unrounded_row_view(model)  # usually the first block of rows decides: no copy of the rest
     groups = layer.row_weight_ranges(model)
-    # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time
+    # signed when any plain-rounded row reaches below 0: rows are independent, so a block of rows at a time (stored
+    # integer codes are rounded as they are, to themselves: no float64 copy of the block)
     step = rows_per_block(v.shape[1])
-    signed = any(accumulator_is_signed(plain_round(np.asarray(v[rows[start:start + step]], dtype=np.float64),
-                                                   weight_range), layer.grid.range)
+    signed = any(accumulator_is_signed(plain_round(v[rows[start:start + step]], weight_range), layer.grid.range)
                  for rows, weight_range in groups for start in range(0, rows.size, step))
     return max(min_feasible_acc_bits(layer.grid.range, weight_range, signed) for _, weight_range in groups)
 
