@@ -79,6 +79,9 @@ def ceil_log2(n: np.ndarray | int) -> np.ndarray | int:
     if arr.dtype == object:
         return np.array([(int(v) - 1).bit_length() for v in arr.ravel()], dtype=np.int64).reshape(arr.shape)
     m = arr.astype(np.int64) - 1
+    if not m.size or m.max() < 1 << 53:
+        # every such m is exact in float64, where frexp's exponent is its bit length (0 for 0): one pass, not 25
+        return np.frexp(m.astype(np.float64))[1].astype(np.int64)
     bits = np.zeros(m.shape, dtype=np.int64)
     for shift in (32, 16, 8, 4, 2, 1):  # vectorised bit_length by binary search
         big = m >= (np.int64(1) << shift)
