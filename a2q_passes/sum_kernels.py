@@ -16,8 +16,9 @@ choose_cache_folder()  # before numba's import, which reads the cache folder onc
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-# int32 registers: K terms of magnitude <= 128 stay below 2^31 while K < 2^24.
-MAX_TERMS = 1 << 24
+# int32 registers: K terms of magnitude <= 128 (int8) stay below 2^31 while K < 2^24, of magnitude <= 255 (uint8)
+# while K < 2^23
+MAX_TERMS = {np.dtype(np.int8): 1 << 24, np.dtype(np.uint8): 1 << 23}
 
 
 @numba.njit(cache=True, nogil=True)
@@ -52,8 +53,9 @@ def _column_sums(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def magnitude_and_value_sums(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Per row of a 2-D int8/uint8 array, ``(sum |q|, sum q)`` as int64; ``None`` where these kernels do not apply
-    (another type, K >= :data:`MAX_TERMS`, or rows neither C-ordered nor stored as C-ordered columns)."""
-    if rows.dtype not in (np.int8, np.uint8) or rows.shape[1] >= MAX_TERMS:
+    (another type, K at or past its type's :data:`MAX_TERMS`, or rows neither C-ordered nor stored as C-ordered
+    columns)."""
+    if rows.dtype not in MAX_TERMS or rows.shape[1] >= MAX_TERMS[rows.dtype]:
         return None
     if rows.flags.c_contiguous:
         return _row_sums(rows)

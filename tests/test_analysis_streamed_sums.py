@@ -89,6 +89,20 @@ def test_compiled_sums_match_numpy_and_brute_force(dtype):
         assert np.array_equal(pos, numpy_pos) and np.array_equal(neg, numpy_neg)
 
 
+@pytest.mark.parametrize("dtype, extreme", [(np.int8, -128), (np.uint8, 255)])
+def test_compiled_sums_stay_exact_at_the_longest_rows_of_extreme_weights(dtype, extreme):
+    """Rows of the most terms the int32 registers take, every weight at the type's largest magnitude, sum exactly,
+    stored as rows and as columns; one term more and the sums still come out exact (the numpy path takes them)."""
+    from a2q_passes import sum_kernels
+
+    for K in (sum_kernels.MAX_TERMS[np.dtype(dtype)] - 1, sum_kernels.MAX_TERMS[np.dtype(dtype)]):
+        stored = np.full((2, K), extreme, dtype=dtype)
+        for rows in (stored, stored.reshape(K, 2).T):  # C-ordered rows; rows stored as columns
+            pos, neg = bounds.positive_negative_sums(rows, compiled=True)
+            expected = (K * extreme, 0) if extreme > 0 else (0, -K * extreme)
+            assert [(int(p), int(n)) for p, n in zip(pos, neg)] == [expected, expected], K
+
+
 def test_analyze_with_compiled_sums_reports_the_same(tmp_path, monkeypatch):
     """A model past ``COMPILED_SUMS_MIN_WEIGHTS`` (lowered here) gets the same report, per channel too."""
     monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 1024)
