@@ -131,10 +131,11 @@ def _analyze_stages(model: ModelWrapper, layer: MacLayer, report: LayerReport, t
 
 
 def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = False,
-                  zero_point_convention: str = "fold", tile: int | None = None) -> LayerReport:
+                  zero_point_convention: str = "fold", tile: int | None = None, compiled: bool = False) -> LayerReport:
     """Bounds and exact range of one layer (only the header for layers that are not ``ok``).
 
     ``tile``: also the ranges and widths of both stages of a multi-stage datapath with K-tiles of that many terms.
+    ``compiled``: sum 8-bit weights with :mod:`a2q_passes.sum_kernels` (numba; the same results).
     """
     report = LayerReport(layer.node, layer.op_type, layer.K, layer.channels, layer.input_dtype,
                          layer.weight_dtype, layer.status, layer.kind)
@@ -153,7 +154,7 @@ def analyze_layer(model: ModelWrapper, layer: MacLayer, per_channel: bool = Fals
         _analyze_act_x_act(layer, report, per_channel, zero_point_convention)
         return report
     rows = layer.code_rows(model)  # one pass over the weights: every figure below derives from pos/neg
-    pos, neg = bounds.positive_negative_sums(rows)
+    pos, neg = bounds.positive_negative_sums(rows, compiled=compiled)
     acc_min, acc_max = channel_ranges(layer, rows, (pos, neg))
     report.acc_min, report.acc_max = int(acc_min.min()), int(acc_max.max())
     report.acc_dtype = bounds.accumulator_datatype_name(report.acc_min, report.acc_max)
@@ -213,6 +214,12 @@ def _analyze_act_x_act(layer: MacLayer, report: LayerReport, per_channel: bool, 
         report.per_channel = {"acc_min": [report.acc_min], "acc_max": [report.acc_max], "exact": [exact], "l1": [exact]}
 
 
+# Weights (over every layer read) from which analyze sums 8-bit weights with numba's kernels: numpy sums them about
+# 0.26 s/GB slower on the benchmark machine, and importing numba with the cached kernels takes about 0.7 s, i.e.
+# break-even near 2.7e9 int8 weights (a 14-layer Llama-7B-shaped stack); smaller models never import numba.
+COMPILED_SUMS_MIN_WEIGHTS = 3 << 30
+
+
 def analyze_model(
     model: ModelWrapper,
     input_dtypes: dict[str, str] | None = None,
@@ -230,7 +237,9 @@ def analyze_model(
         raise ValueError(f"tile must be a positive number of terms, got {tile}")
     model = ReadOnlyModel(model.model)  # graph lookups in dicts: the analysis changes nothing
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
-    reports = [analyze_layer(model, layer, per_channel, zero_point, tile) for layer in layers]
+    compiled = sum(layer.K * layer.channels for layer in layers if layer.ok and not layer.act_x_act) \
+        >= COMPILED_SUMS_MIN_WEIGHTS
+    reports = [analyze_layer(model, layer, per_channel, zero_point, tile, compiled) for layer in layers]
     warnings = []
     quantized = [r for r in reports if r.status != "weights not quantized"]
     if not quantized:

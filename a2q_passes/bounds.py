@@ -79,6 +79,9 @@ def ceil_log2(n: np.ndarray | int) -> np.ndarray | int:
     if arr.dtype == object:
         return np.array([(int(v) - 1).bit_length() for v in arr.ravel()], dtype=np.int64).reshape(arr.shape)
     m = arr.astype(np.int64) - 1
+    if not m.size or m.max() < 1 << 53:
+        # every such m is exact in float64, where frexp's exponent is its bit length (0 for 0): one pass, not 25
+        return np.frexp(m.astype(np.float64))[1].astype(np.int64)
     bits = np.zeros(m.shape, dtype=np.int64)
     for shift in (32, 16, 8, 4, 2, 1):  # vectorised bit_length by binary search
         big = m >= (np.int64(1) << shift)
@@ -203,7 +206,8 @@ def smallest_signed_type(lo: int, hi: int) -> np.dtype:
     raise ValueError(f"[{lo}, {hi}] does not fit int64")
 
 
-def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19) -> tuple[np.ndarray, np.ndarray]:
+def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19,
+                           compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per channel, the sum of positive weights and the sum of ``|negative|`` weights (int64).
 
     One pass over the weights in their own (stored) integer type, in memory order, a cache-sized
@@ -211,16 +215,22 @@ def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19) -> tuple[n
     (the transposed view of a ``[K, channels]`` tensor) are summed down the stored rows rather than
     gathered across them. Types of up to 32 bits use :func:`_narrow_row_sums`; 64-bit integers
     (weights already widened by the caller) are summed in int64, which, for weights from storage
-    types of at most 32 bits and K < 2^31 terms, cannot overflow.
+    types of at most 32 bits and K < 2^31 terms, cannot overflow. ``compiled``: 8-bit weights go to
+    :mod:`a2q_passes.sum_kernels` (imports numba) instead, with the same results.
     """
     arr = np.asarray(q)
     if arr.dtype.kind not in "iu" or arr.ndim != 2:
         arr = as_integer_weights(arr)
+    sums = None
+    if compiled and arr.itemsize == 1:
+        from a2q_passes.sum_kernels import magnitude_and_value_sums
+
+        sums = magnitude_and_value_sums(arr)
     columns = stored_as_columns(arr)
-    if columns or arr.dtype.itemsize <= 4:
+    if sums is not None or columns or arr.dtype.itemsize <= 4:
         # rows stored as columns are summed down the stored rows, in memory order: gathering each row across
         # them is several times slower
-        l1, total = _column_sums(arr.T, block_bytes) if columns else _narrow_row_sums(arr, block_bytes)
+        l1, total = sums or (_column_sums(arr.T, block_bytes) if columns else _narrow_row_sums(arr, block_bytes))
         pos = (l1 + total) // 2  # sum |q| + sum q = 2 * (sum of the positive q)
         return pos, l1 - pos
     pos = np.empty(arr.shape[0], dtype=np.int64)

@@ -21,7 +21,8 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.util.basic import get_preferred_qonnx_opset
+from qonnx.core.datatype import BaseDataType, DataType
+from qonnx.util.basic import get_by_name, get_preferred_qonnx_opset
 
 from a2q_passes.errors import A2QError
 
@@ -189,6 +190,8 @@ class ReadOnlyModel(ModelWrapper):
         self.named: dict[str, onnx.NodeProto] = {}  # by name, or first output where unnamed, as reports name layers
         for node in graph.node:
             self.named.setdefault(node.name or node.output[0], node)
+        self.annotations = {a.tensor_name: a for a in graph.quantization_annotation}
+        self.annotated_twice = len(self.annotations) != len(graph.quantization_annotation)
 
     def find_producer(self, tensor_name: str) -> onnx.NodeProto | None:
         return self.producers.get(tensor_name)
@@ -200,6 +203,20 @@ class ReadOnlyModel(ModelWrapper):
         if info is None or fix_missing_init_shape or self.described_twice:
             return super().get_tensor_shape(tensor_name, fix_missing_init_shape)
         return [dim.dim_value for dim in info.type.tensor_type.shape.dim]
+
+    def get_tensor_datatype(self, tensor_name: str) -> BaseDataType:
+        """qonnx's answer (its annotation, else FLOAT16 or FLOAT32 from the ValueInfo) from the tables; qonnx's own
+        where it would read an initializer or refuse a name described twice."""
+        info = self.infos.get(tensor_name)
+        if self.annotated_twice or self.described_twice or (info is None and tensor_name in self.initializers):
+            return super().get_tensor_datatype(tensor_name)
+        annotation = self.annotations.get(tensor_name)
+        entry = None if annotation is None else get_by_name(annotation.quant_parameter_tensor_names,
+                                                             "finn_datatype", "key")
+        if entry is not None:
+            return DataType[entry.value]
+        float16 = info is not None and info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+        return DataType["FLOAT16" if float16 else "FLOAT32"]
 
 
 def with_inferred_shapes(model: ModelWrapper) -> ReadOnlyModel:

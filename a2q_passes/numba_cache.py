@@ -1,6 +1,7 @@
 """Where numba caches the compiled kernels (:mod:`a2q_passes.kernels`, :mod:`a2q_passes.adversarial_kernels`,
-:mod:`a2q_passes.certificate_kernels`): beside the package (``__pycache__``), or, where the package is installed
-read-only, in ``$NUMBA_CACHE_DIR`` if set, else in a folder of this user's in the temporary directory.
+:mod:`a2q_passes.certificate_kernels`, :mod:`a2q_passes.sum_kernels`): beside the package (``__pycache__``), or,
+where the package is installed read-only, in ``$NUMBA_CACHE_DIR`` if set, else in a folder of this user's in the
+temporary directory.
 
 :func:`choose_cache_folder` must run before numba is first imported: numba reads the folder once, at import.
 """

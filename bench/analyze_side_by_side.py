@@ -11,6 +11,9 @@ command a fresh process started in its checkout (so it imports that checkout's p
 - with ``--verify``: ``a2q verify --widths-json W --json`` at the exact width ``analyze`` reports for every layer
   (the baseline's ``analyze --json``), start-up included.
 
+``--cold``: every floor and every command reads from a cold page cache (the data file's pages dropped before each,
+``bench_llm.evict``: no root needed, nothing else touched); the default is warm (every byte in the page cache).
+
 ``--kinds analyze,verify`` measures only those (default: all four with ``--verify``, the first three without).
 Prints medians (seconds, ratio to the floor, GB/s of weight bytes) and peak RSS (the command's own maximum resident
 size from ``bench_llm.run_measured``, the largest over the rounds) as JSON, and whether both checkouts print the same
@@ -28,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.bench_llm import add_side_by_side_arguments, build_decoder_stack, read_floor, run_measured
+from bench.bench_llm import add_side_by_side_arguments, build_decoder_stack, evict, read_floor, run_measured
 
 # Runs in the child after its imports; prints the seconds of reading and analysing the model only.
 IN_PROCESS = """
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--verify", action="store_true", help="also `verify` at the exact widths analyze reports")
     parser.add_argument("--kinds", help="comma-separated subset of analyze,in-process,--version,verify")
+    parser.add_argument("--cold", action="store_true", help="drop the data file's cached pages before every floor "
+                        "and every command (default: all of it cached)")
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",") if args.kinds else ["analyze", "in-process", "--version"] + (
         ["verify"] if args.verify else [])
@@ -98,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
             os.chdir(checkout)
             for kind in kinds:
                 if kind != "--version":
+                    if args.cold:
+                        evict(data)
                     floors.append(read_floor(data, weights))
+                    if args.cold:
+                        evict(data)
                 run = _in_process(python, model) if kind == "in-process" else \
                     _measured([python, "-m", "a2q_passes", *commands[kind]])[:3]
                 samples.setdefault(f"{kind}, {tag}", []).append(run)
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             identical[kind] = outputs[0] == outputs[1]
     results = {"argv": argv if argv is not None else sys.argv[1:], "layers": args.layers, "weight_gb": total / 1e9,
                "largest_tensor_mb": largest / 1e6, "floor_s": floor, "floor_runs": len(floors),
+               "page_cache": "cold" if args.cold else "warm",
                "outputs_identical": identical, "load_average": os.getloadavg(),
                "checkouts": {tag: str(path) for tag, path in checkouts.items()}, "figures": figures}
     text = json.dumps(results, indent=1)

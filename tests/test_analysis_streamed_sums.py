@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from a2q_passes import model_io
+from a2q_passes import analysis, bounds, model_io
 
 K, N = 300, 24  # K spans two of the column path's 255-row slabs; 255 * 128 * 300 < 2^24
 
@@ -72,3 +72,46 @@ def test_streamed_int8_ranges_are_reached_by_executed_worst_cases(tmp_path, a2q,
     assert layer["per_channel"]["acc_min"] == reached_min.astype(np.int64).tolist()
     assert [layer["acc_min"], layer["acc_max"]] == [int(reached_min.min()), int(reached_max.max())]
     assert layer["per_channel"]["l1_norm"] == np.abs(columns).sum(axis=1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8])
+def test_compiled_sums_match_numpy_and_brute_force(dtype):
+    """``positive_negative_sums(compiled=True)`` (numba) on stored rows, rows stored as columns and a strided view."""
+    w = _weights(seed=2)
+    q = w if dtype == np.int8 else w.view(np.uint8)
+    wide = q.astype(np.int64)
+    for rows, expected in ((np.ascontiguousarray(q.T), wide.T), (q.T, wide.T), (q[::2], wide[::2])):
+        pos, neg = bounds.positive_negative_sums(rows, compiled=True)
+        assert pos.dtype == neg.dtype == np.int64
+        assert pos.tolist() == np.maximum(expected, 0).sum(axis=1).tolist()
+        assert neg.tolist() == np.maximum(-expected, 0).sum(axis=1).tolist()
+        numpy_pos, numpy_neg = bounds.positive_negative_sums(rows)
+        assert np.array_equal(pos, numpy_pos) and np.array_equal(neg, numpy_neg)
+
+
+@pytest.mark.parametrize("dtype, extreme", [(np.int8, -128), (np.uint8, 255)])
+def test_compiled_sums_stay_exact_at_the_longest_rows_of_extreme_weights(dtype, extreme):
+    """Rows of the most terms the int32 registers take, every weight at the type's largest magnitude, sum exactly,
+    stored as rows and as columns; one term more and the sums still come out exact (the numpy path takes them)."""
+    from a2q_passes import sum_kernels
+
+    for K in (sum_kernels.MAX_TERMS[np.dtype(dtype)] - 1, sum_kernels.MAX_TERMS[np.dtype(dtype)]):
+        stored = np.full((2, K), extreme, dtype=dtype)
+        for rows in (stored, stored.reshape(K, 2).T):  # C-ordered rows; rows stored as columns
+            pos, neg = bounds.positive_negative_sums(rows, compiled=True)
+            expected = (K * extreme, 0) if extreme > 0 else (0, -K * extreme)
+            assert [(int(p), int(n)) for p, n in zip(pos, neg)] == [expected, expected], K
+
+
+def test_analyze_with_compiled_sums_reports_the_same(tmp_path, monkeypatch):
+    """A model past ``COMPILED_SUMS_MIN_WEIGHTS`` (lowered here) gets the same report, per channel too."""
+    monkeypatch.setattr(model_io, "STREAM_MIN_BYTES", 1024)
+    reports = []
+    for transposed in (False, True):
+        path = tmp_path / f"mm{transposed}.onnx"
+        _qdq_matmul(path, _weights(seed=3), transposed, np.uint8)
+        for threshold in (analysis.COMPILED_SUMS_MIN_WEIGHTS, 0):
+            monkeypatch.setattr(analysis, "COMPILED_SUMS_MIN_WEIGHTS", threshold)
+            report = analysis.analyze_model(model_io.load_model(path), per_channel=True).to_json()
+            reports.append(json.dumps(report, sort_keys=True))
+    assert reports[0] == reports[1] and reports[2] == reports[3]

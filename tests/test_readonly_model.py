@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from onnx import TensorProto, helper
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.infer_shapes import InferShapes
 
+from a2q_passes.layers import computed_from_constants
 from a2q_passes.model_io import ReadOnlyModel, initializer_proto, load_model, with_inferred_shapes
 from bench.bench_llm import build_decoder_stack
 
@@ -38,6 +41,50 @@ def test_lookups_match_qonnx(path, llm_stack):
             view.find_producer(name) == model.find_producer(name)), name
         assert view.get_tensor_shape(name) == model.get_tensor_shape(name), name
         assert initializer_proto(view, name) == initializer_proto(model, name), name
+        assert view.get_tensor_datatype(name) == model.get_tensor_datatype(name), name
+
+
+def test_datatypes_match_qonnx_on_annotated_activations(llm_stack):
+    """Annotated activations (with and without ValueInfo), a float16 ValueInfo and an annotation without a type."""
+    model = load_model(llm_stack)
+    activations = [name for node in model.graph.node for name in node.output]
+    for name in activations[::3]:
+        model.set_tensor_datatype(name, DataType["INT4"])
+    model.graph.quantization_annotation.add(tensor_name=activations[1])  # no finn_datatype entry
+    model.graph.value_info.append(helper.make_tensor_value_info(activations[4], TensorProto.FLOAT16, None))
+    model.graph.value_info.append(helper.make_tensor_value_info(activations[3], TensorProto.FLOAT, None))
+    view = ReadOnlyModel(model.model)
+    for name in _names(model):
+        assert view.get_tensor_datatype(name) == model.get_tensor_datatype(name), name
+    assert view.get_tensor_datatype(activations[0]) == DataType["INT4"]
+    assert view.get_tensor_datatype(activations[3]) == DataType["INT4"]  # the annotation, not the ValueInfo
+    assert view.get_tensor_datatype(activations[4]) == DataType["FLOAT16"]
+
+
+def _reaches_graph_input(model: ModelWrapper, tensor: str) -> bool:
+    """Brute force: walk back from ``tensor`` through every producer; a named tensor with neither a producer nor an
+    initializer is a graph input."""
+    stack, seen = [tensor], set()
+    while stack:
+        name = stack.pop()
+        if name and name not in seen:
+            seen.add(name)
+            producer = model.find_producer(name)
+            if producer is None and initializer_proto(model, name) is None:
+                return True
+            stack.extend(producer.input if producer is not None else [])
+    return False
+
+
+@pytest.mark.parametrize("path", [*MODELS, "llm"], ids=lambda p: Path(p).stem)
+def test_shared_constant_answers_match_a_fresh_walk(path, llm_stack):
+    """``computed_from_constants`` with answers shared across calls (as ``find_mac_layers`` asks) and alone."""
+    model = ReadOnlyModel(load_model(llm_stack if path == "llm" else path).model)
+    known: dict[str, bool] = {}
+    names = _names(model)
+    for name in names[::-1] + names:  # later tensors first: their walks leave answers for the earlier ones
+        assert computed_from_constants(model, name, known) == computed_from_constants(model, name), name
+        assert computed_from_constants(model, name) == (not _reaches_graph_input(model, name)), name
 
 
 @pytest.mark.parametrize("path", [ROOT / "models" / "digits_cnn_w4a4.onnx", "llm"], ids=lambda p: Path(p).stem)

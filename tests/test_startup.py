@@ -50,6 +50,11 @@ def test_analyze_of_a_qdq_model_imports_no_heavy_package():
     assert not loaded & HEAVY
 
 
+def test_analyze_of_a_small_model_imports_no_compiler():
+    """analyze sums with numba only on models of ``analysis.COMPILED_SUMS_MIN_WEIGHTS`` weights or more."""
+    assert not _packages_after("analyze", str(QDQ_CNN), "--json") & {"numba", "llvmlite"}
+
+
 def test_project_of_a_small_model_imports_no_compiler(tmp_path):
     """numba (0.5 s and some 170 MB to import) is only for large layers (a2q_passes.kernels): the bundled
     models' layers stay below its threshold."""
