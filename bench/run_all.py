@@ -14,13 +14,11 @@ needs ``--out`` elsewhere (a fresh temporary folder when omitted). One torch thr
 because two ran 4x slower per training step on the shared 2-core machine, with other processes
 competing for the cores.
 
-Run time: the full run of set-up ``all`` without the equal-budget rows took 27 min on that machine
-(see BENCHMARKS.md). The equal-budget rows and the ``paper`` set-up are configured to keep the full
-run under 60 min; estimated from that run's per-row times (an anchor epoch costs about 35 s on
-fmnist_cnn, 0.2 s on digits_cnn, 5 s on fmnist_mlp; QAT as in the ``qat`` rows): fmnist_cnn's
-equal-budget rows +8 min (2 widths x (QAT + 2 anchors x 3 epochs)), digits_cnn's +2, fmnist_mlp's
-+2, set-up ``paper`` of fmnist_cnn +13 (2 trained widths with every trained row, 4 PTQ widths) and
-of digits_cnn +4: about 56 min in all.
+Run time: the full run of set-up ``all`` without the equal-budget rows took 27 min on that machine.
+The whole configuration (both set-ups, the equal-budget rows, QAT also at widths the committed model fits) took
+104.9 min on 2026-12-04 (BENCHMARKS.md), with one or two other jobs sharing the 2 cores for most of it (load 2 to
+4), over the 60 min asked for: fmnist_cnn's set-up ``all`` took 44 min of it (the anchors' rows 27 min), espcn_x2
+20 min (AXE 12 min). ``--models``/``--setups``/``--widths`` run a part; ``bench.protocol`` merges parts.
 """
 
 from __future__ import annotations
