@@ -166,6 +166,32 @@ def test_every_training_step_fits(method):
     assert verify_model(result.model, NARROW).overflow_impossible
 
 
+def test_trained_scales_keep_their_sign_and_a_floor_of_their_size():
+    """With trained activation and weight scales and a learning rate far too large, no Quant scale crosses 0 (a
+    ReLU quantizer whose scale turns negative outputs only zeros and never recovers: digits_cnn at P=10 collapsed to
+    chance so) or shrinks below 2^-10 of where it started, at any step or in the written model."""
+    model = digits_model()
+    selection = select_layers(model, NARROW)
+    quants = [n for n in model.graph.node if n.op_type == "Quant"]
+    start = {n.input[1]: model.get_initializer(n.input[1]).astype(np.float64) for n in quants}
+    assert all(np.all(s > 0) for s in start.values())
+    seen = {name: [] for name in start}
+
+    def record(step, constraint):
+        for name in start:
+            seen[name].append(constraint.module.tensor(name).detach().numpy().astype(np.float64).copy())
+
+    x, y = digits_data("train", 192)
+    result = finetune(model, selection, Dataset(x, y, "train"), None,
+                      FinetuneConfig(epochs=1, batch_size=32, lr=1.0, train_act_scales=True, **QUIET), record)
+    assert any(not np.allclose(seen[name][-1], start[name]) for name in start)  # the scales did train
+    for name, values in seen.items():
+        for step, value in enumerate(values, 1):
+            assert np.all(value >= start[name] * 2.0 ** -10), (name, step, value.min())
+    for name in start:
+        assert np.all(result.model.get_initializer(name) >= start[name] * 2.0 ** -10), name
+
+
 def transposed_matmul_model(seed: int = 0) -> ModelWrapper:
     """x (1, 12) -> signed 4-bit Quant -> MatMul whose (12, 6) weight is a Transpose of a per-row-scaled Quant."""
     rng = np.random.default_rng(seed)

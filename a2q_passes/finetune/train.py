@@ -258,6 +258,7 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
             total.backward()
             optimizer.step()
             schedule.step()
+            module.keep_scales_off_zero()
             constraint.after_step()
             step += 1
             if callback is not None:

@@ -25,6 +25,7 @@ from a2q_passes.torch_bridge.ops import (
 )
 
 TrainableScales = Literal["none", "weights", "all"]
+SCALE_FLOOR = 2.0 ** -10  # the smallest fraction of its starting value a trained Quant scale may shrink to
 # fn(weight_parameter, scale) -> the tensor the weight Quant quantizes (same shape as the weight).
 WeightFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -145,6 +146,11 @@ class QonnxModule(nn.Module):
                 self.constants.register_buffer(key, tensor)
             self._sources[name] = (name in trainable, key)
 
+        # trained Quant scales keep their sign and at least SCALE_FLOOR of their magnitude: a scale that an optimizer
+        # step moves across 0 turns a ReLU's quantizer into all zeros (x / s < 0 clips to 0), which no later step
+        # can undo (no gradient reaches it); seen on digits_cnn at P=10 with --train-act-scales
+        self._scale_floors = {self._sources[name][1]: torch.from_numpy(np.array(initializers[name])) * SCALE_FLOOR
+                              for name in self._trained_scale_names(compute, trainable)}
         self._weight_transforms: dict[str, WeightFn] = {}
         self.weight_transform_modules = nn.ModuleDict()  # transforms that are modules, so their params train
         self._weight_projections: dict[str, WeightFn] = {}
@@ -188,6 +194,21 @@ class QonnxModule(nn.Module):
                 if node.inputs[bias_input] in initializers:
                     names.add(node.inputs[bias_input])
         return {n for n in names if np.issubdtype(initializers[n].dtype, np.floating)}
+
+    @staticmethod
+    def _trained_scale_names(nodes: list[OnnxNode], trainable: set[str]) -> list[str]:
+        return sorted({node.inputs[1] for node in nodes if node.op_type in _QUANT_OPS and node.domain in QONNX_DOMAINS
+                       and len(node.inputs) > 1 and node.inputs[1] in trainable})
+
+    def keep_scales_off_zero(self) -> None:
+        """Clamp every trained Quant scale to its starting sign and at least :data:`SCALE_FLOOR` of its starting
+        magnitude (elementwise; a scale that starts at 0 is left alone). Called after each optimizer step."""
+        with torch.no_grad():
+            for key, floor in self._scale_floors.items():
+                scale = self.trainable[key]
+                floor = floor.to(scale.device, scale.dtype)
+                scale.copy_(torch.where(floor > 0, torch.maximum(scale, floor),
+                                        torch.where(floor < 0, torch.minimum(scale, floor), scale)))
 
     # ------------------------------------------------------------------ tensors
 
