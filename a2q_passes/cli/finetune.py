@@ -81,7 +81,10 @@ def finetune(
     loss: Annotated[str, typer.Option("--loss", help="ce (labels), mse or l1 (targets)")] = "ce",
     distill: Annotated[bool, typer.Option(
         "--distill", help="train on the original model's outputs (KL on softmax for ce); no labels needed")] = False,
-    train_act_scales: Annotated[bool, typer.Option("--train-act-scales", help="also train activation scales")] = False,
+    train_act_scales: Annotated[bool, typer.Option(
+        "--train-act-scales",
+        help="also train activation scales (every trained scale keeps its sign and at least 2^-10 of its starting "
+             "size)")] = False,
     tile: Annotated[Optional[int], typer.Option("--tile", help="axe: hold each run of T terms to P bits too")] = None,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="axe: calibration inputs used")] = 512,
     held_out_samples: Annotated[int, typer.Option(
