@@ -221,16 +221,18 @@ def positive_negative_sums(q: np.ndarray, block_bytes: int = 1 << 19,
     arr = np.asarray(q)
     if arr.dtype.kind not in "iu" or arr.ndim != 2:
         arr = as_integer_weights(arr)
-    sums = None
-    if compiled and arr.itemsize == 1:
-        from a2q_passes.sum_kernels import magnitude_and_value_sums
-
-        sums = magnitude_and_value_sums(arr)
     columns = stored_as_columns(arr)
-    if sums is not None or columns or arr.dtype.itemsize <= 4:
-        # rows stored as columns are summed down the stored rows, in memory order: gathering each row across
-        # them is several times slower
-        l1, total = sums or (_column_sums(arr.T, block_bytes) if columns else _narrow_row_sums(arr, block_bytes))
+    if columns or arr.dtype.itemsize <= 4:
+        sums = None
+        if compiled and arr.itemsize == 1:
+            from a2q_passes.sum_kernels import magnitude_and_value_sums
+
+            sums = magnitude_and_value_sums(arr)  # None where the kernels do not apply
+        if sums is None:
+            # rows stored as columns are summed down the stored rows, in memory order: gathering each row across
+            # them is several times slower
+            sums = _column_sums(arr.T, block_bytes) if columns else _narrow_row_sums(arr, block_bytes)
+        l1, total = sums
         pos = (l1 + total) // 2  # sum |q| + sum q = 2 * (sum of the positive q)
         return pos, l1 - pos
     pos = np.empty(arr.shape[0], dtype=np.int64)
