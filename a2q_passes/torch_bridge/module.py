@@ -131,7 +131,7 @@ class QonnxModule(nn.Module):
         self._signature = _graph_signature(model)
 
         self._weight_quants = self._find_weight_quants(model, compute, initializers)
-        trainable = self._trainable_names(compute, initializers, trainable_scales, trainable_biases)
+        trainable, scales = self._trainable_names(compute, initializers, trainable_scales, trainable_biases)
         trainable &= graph_initializers
         self.trainable = nn.ParameterDict()
         self.constants = _Buffers()
@@ -150,7 +150,7 @@ class QonnxModule(nn.Module):
         # step moves across 0 turns a ReLU's quantizer into all zeros (x / s < 0 clips to 0), which no later step
         # can undo (no gradient reaches it); seen on digits_cnn at P=10 with --train-act-scales
         self._scale_floors = {self._sources[name][1]: torch.from_numpy(np.array(initializers[name])) * SCALE_FLOOR
-                              for name in self._trained_scale_names(compute, trainable)}
+                              for name in sorted(scales & trainable)}
         self._weight_transforms: dict[str, WeightFn] = {}
         self.weight_transform_modules = nn.ModuleDict()  # transforms that are modules, so their params train
         self._weight_projections: dict[str, WeightFn] = {}
@@ -179,26 +179,23 @@ class QonnxModule(nn.Module):
         initializers: dict[str, np.ndarray],
         trainable_scales: TrainableScales,
         trainable_biases: bool,
-    ) -> set[str]:
+    ) -> tuple[set[str], set[str]]:
+        """The initializers to train and, among them, the Quant scales."""
         weight_quant_keys = set(self._weight_quants)
-        names = set()
+        names, scales = set(), set()
         for node in nodes:
             if node.op_type in _QUANT_OPS and node.domain in QONNX_DOMAINS:
                 if node.inputs[0] in initializers:
                     names.add(node.inputs[0])
                 scaled = trainable_scales == "all" or (trainable_scales == "weights" and node.key in weight_quant_keys)
                 if scaled and node.inputs[1] in initializers:
-                    names.add(node.inputs[1])
+                    scales.add(node.inputs[1])
             bias_input = _MAC_BIAS_INPUTS.get(node.op_type)
             if trainable_biases and bias_input is not None and len(node.inputs) > bias_input:
                 if node.inputs[bias_input] in initializers:
                     names.add(node.inputs[bias_input])
-        return {n for n in names if np.issubdtype(initializers[n].dtype, np.floating)}
-
-    @staticmethod
-    def _trained_scale_names(nodes: list[OnnxNode], trainable: set[str]) -> list[str]:
-        return sorted({node.inputs[1] for node in nodes if node.op_type in _QUANT_OPS and node.domain in QONNX_DOMAINS
-                       and len(node.inputs) > 1 and node.inputs[1] in trainable})
+        floating = {n for n in names | scales if np.issubdtype(initializers[n].dtype, np.floating)}
+        return floating, scales & floating
 
     def keep_scales_off_zero(self) -> None:
         """Clamp every trained Quant scale to its starting sign and at least :data:`SCALE_FLOOR` of its starting
