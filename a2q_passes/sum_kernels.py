@@ -1,8 +1,7 @@
 """Compiled (numba) per-row ``(sum |q|, sum q)`` of 8-bit weights: one pass over the stored bytes.
 
 :func:`a2q_passes.bounds.positive_negative_sums` sums 8-bit weights in numpy with two widening reductions and an
-``abs`` per block (about 2.5 GB/s on the benchmark machine); these loops read each byte once into int32 registers
-(4-10 GB/s). Importing numba and loading the cached kernels costs about 0.7 s, so ``analyze`` asks for them only
+``abs`` per block (about 2.5 GB/s on the benchmark machine); these loops read each byte once (4-10 GB/s). Importing numba and loading the cached kernels costs about 0.7 s, so ``analyze`` asks for them only
 on models with at least ``analysis.COMPILED_SUMS_MIN_WEIGHTS`` weights, where the saving is larger.
 The numpy path stays the reference (``tests/test_analysis_streamed_sums.py`` compares both).
 """
@@ -16,8 +15,8 @@ choose_cache_folder()  # before numba's import, which reads the cache folder onc
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-# int32 registers: K terms of magnitude <= 128 (int8) stay below 2^31 while K < 2^24, of magnitude <= 255 (uint8)
-# while K < 2^23
+# the column kernel sums in int32 arrays: K terms of magnitude <= 128 (int8) stay below 2^31 while K < 2^24, of
+# magnitude <= 255 (uint8) while K < 2^23 (numba types the row kernel's running sums int64, but both obey the limit)
 MAX_TERMS = {np.dtype(np.int8): 1 << 24, np.dtype(np.uint8): 1 << 23}
 
 
