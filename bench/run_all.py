@@ -7,12 +7,14 @@ Options: ``--models a,b`` (a subset of the configured models), ``--setups all,pa
 the set-ups, :data:`bench.anchors.SETUPS`), ``--widths P,...`` (a subset of the configured widths),
 ``--equal-budget-widths P,...`` (where the equal-budget rows run instead of the configured widths),
 ``--seed N`` (the training seed of every trained row, ours and the anchors'; the splits and budgets stay
-as configured), ``--threads N`` (torch threads, default 1), ``--no-speed`` (skip the ResNet-50-sized speed benchmark),
+as configured), ``--threads N`` (torch threads per model, default 1), ``--jobs N`` (models run at once, each in
+its own process; default 2), ``--no-speed`` (skip the ResNet-50-sized speed benchmark),
 ``--no-finn`` (skip FINN resource estimates), ``--render RESULTS_JSON`` (rewrite BENCHMARKS.md and the
 plots from a saved run, without running anything). Quick mode never writes the committed results: it
-needs ``--out`` elsewhere (a fresh temporary folder when omitted). One torch thread is the default
+needs ``--out`` elsewhere (a fresh temporary folder when omitted). One torch thread per model is the default
 because two ran 4x slower per training step on the shared 2-core machine, with other processes
-competing for the cores.
+competing for the cores; two models at once use both cores without that contention. Every model runs in a fresh
+process, so ``--jobs`` does not change any row (a test checks this).
 
 Run time: the full run of set-up ``all`` without the equal-budget rows took 27 min on that machine.
 The whole configuration (both set-ups, the equal-budget rows, QAT also at widths the committed model fits) took
@@ -25,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -134,29 +139,57 @@ def with_seed(bench: ModelBench, seed: int) -> ModelBench:
     return replace(bench, budget=replace(bench.budget, seed=seed))
 
 
-def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bool, finn: bool,
-        command: str) -> dict[str, Any]:
-    import torch
+def measure_bench(bench: ModelBench, threads: int, finn: bool) -> dict[str, Any]:
+    """Every row of one model and set-up, with its FINN estimates: the run's ``results["models"]`` entry.
 
-    from bench import bench_speed
+    :func:`run` calls it in a fresh process per model, so no model's rows depend on what ran before it in the same
+    interpreter (random state, caches) and ``--jobs`` cannot change a result."""
+    import torch
 
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
-    results: dict[str, Any] = {"command": command, "threads": threads, "versions": _versions(), "fpgapart": FPGA_PART,
-                               "models": {}}
-    for bench in benches:
-        model_started = time.perf_counter()
-        ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources)
-        if finn and bench.resources:
-            _resources(bench, ctx, rows, best_models)
-        results["models"][bench.key] = {
-            "model": bench.name, "setup": bench.setup, "plain_modules": list(ctx.plain_modules),
-            "extra_budget": asdict(ctx.extra_budget), "config": asdict(bench), "variant": bench.variant, "dataset": ctx.dataset, "metric": ctx.metric,
-            "float_score": ctx.float_score, "plain_width": ctx.plain_width, "constrained_layers": ctx.constrained,
-            "train_samples": len(ctx.train[0]), "val_samples": len(ctx.val[0]), "test_samples": len(ctx.test[0]),
-            "seconds": round(time.perf_counter() - model_started, 1), "rows": rows,
-        }
+    ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources)
+    if finn and bench.resources:
+        _resources(bench, ctx, rows, best_models)
+    return {
+        "model": bench.name, "setup": bench.setup, "plain_modules": list(ctx.plain_modules),
+        "extra_budget": asdict(ctx.extra_budget), "config": asdict(bench), "variant": bench.variant, "dataset": ctx.dataset, "metric": ctx.metric,
+        "float_score": ctx.float_score, "plain_width": ctx.plain_width, "constrained_layers": ctx.constrained,
+        "train_samples": len(ctx.train[0]), "val_samples": len(ctx.val[0]), "test_samples": len(ctx.test[0]),
+        "seconds": round(time.perf_counter() - started, 1), "rows": rows,
+    }
+
+
+def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bool, finn: bool,
+        command: str, jobs: int = 1) -> dict[str, Any]:
+    """Each model in its own process, ``jobs`` at a time, in the configured order; the speed benchmark alone after."""
+    from bench import bench_speed
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {"command": command, "threads": threads, "jobs": jobs, "versions": _versions(),
+                               "fpgapart": FPGA_PART, "models": {}}
+    # concurrent models' progress bars would overwrite each other (their rows are still logged); tqdm reads
+    # TQDM_DISABLE when a child imports it, and children start while the pool runs
+    quiet_children = {"TQDM_DISABLE": "1"} if jobs > 1 else {}
+    saved = {name: os.environ.get(name) for name in quiet_children}
+    os.environ.update(quiet_children)
+    try:
+        # spawn, one task per process: a fresh interpreter per model (fork would copy this one's torch state)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            futures = {bench.key: pool.submit(measure_bench, bench, threads, finn) for bench in benches}
+            with tqdm(total=len(futures), desc=f"models ({jobs} at a time)", unit="model", disable=jobs == 1) as bar:
+                for done in as_completed(futures.values()):
+                    done.result()  # a failed model stops the run here, with its traceback
+                    bar.update()
+            results["models"] = {key: future.result() for key, future in futures.items()}
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if speed:
         tqdm.write("speed benchmark (ResNet-50-sized model) ...")
         results["speed"] = bench_speed.run(SPEED_REPEATS)
@@ -211,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "float start's torch seed); default: the configured one (0). Splits and budgets stay")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="models run at once, each in its own process with --threads torch threads (default: "
+                             "2, or 1 on a 1-core machine); the results do not depend on it")
     parser.add_argument("--no-speed", action="store_true", help="skip the ResNet-50-sized speed benchmark")
     parser.add_argument("--no-finn", action="store_true", help="skip FINN resource estimates")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
@@ -257,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
     command = shlex.join(["python", "-m", "bench.run_all", *(sys.argv[1:] if argv is None else argv)])
     results = run(benches, layout, args.threads, speed=not (args.quick or args.no_speed), finn=not args.no_finn,
-                  command=command)
+                  command=command, jobs=max(1, args.jobs))
     print(f"wrote {layout.markdown}, {layout.results}, {layout.plots}/ in {results['total_seconds']} s")
     return results
 

@@ -34,7 +34,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench-quick")
-    done = _bench("--quick", "--out", str(out), "--threads", "1")
+    done = _bench("--quick", "--out", str(out), "--threads", "1", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
 
@@ -201,3 +201,18 @@ def test_only_widths_restricts_every_width_list():
 def test_unknown_setup_is_refused():
     done = _bench("--quick", "--setups", "all,nope")
     assert done.returncode == 2 and "--setups" in done.stderr
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+def test_models_run_concurrently_give_the_same_rows_as_one_at_a_time(quick, tmp_path):
+    _, results = quick  # both quick models, 2 at a time
+    assert results["jobs"] == 2
+    done = _bench("--quick", "--setups", "paper", "--out", str(tmp_path), "--threads", "1", "--jobs", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = json.loads((tmp_path / "results.json").read_text())
+    key = next(bench.key for bench in QUICK if bench.setup == "paper")
+    assert list(alone["models"]) == [key]
+    assert _without_timings(alone["models"][key]["rows"]) == _without_timings(results["models"][key]["rows"])
