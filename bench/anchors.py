@@ -131,7 +131,8 @@ def build_anchor(model_name: str, quantizer: type, acc_bits: int, weight_bits: i
 def train_anchor(model_name: str, quantizer: type, acc_bits: int, weight_bits: int, act_bits: int,
                  train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
                  score: Callable[[np.ndarray, np.ndarray], float], budget: TrainBudget,
-                 float_checkpoint: Path, desc: str = "anchor", plain_layers: tuple[str, ...] = ()) -> AnchorRun:
+                 float_checkpoint: Path, desc: str = "anchor", plain_layers: tuple[str, ...] = (),
+                 progress: bool = True) -> AnchorRun:
     """Brevitas QAT at accumulator width ``acc_bits``, from the float checkpoint; best epoch on ``val``.
 
     ``plain_layers``: module names left at the plain W-bit quantizer (see :func:`build_anchor`).
@@ -155,7 +156,8 @@ def train_anchor(model_name: str, quantizer: type, acc_bits: int, weight_bits: i
         sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
         model.train()
-        with tqdm(total=steps_per_epoch, desc=f"{desc} epoch {epoch}/{budget.epochs}", leave=False) as bar:
+        with tqdm(total=steps_per_epoch, desc=f"{desc} epoch {epoch}/{budget.epochs}", leave=False,
+                  disable=not progress) as bar:
             for start in range(0, len(order), budget.batch_size):
                 idx = order[start:start + budget.batch_size]
                 loss = criterion(model(x_all[idx]), y_all[idx])

@@ -126,7 +126,7 @@ def _resources(bench: ModelBench, ctx, rows: list[dict[str, Any]], best_models: 
     targets += [(row, best_models[row["P"]]) for row in rows
                 if row["method"] == "ours-best" and row["status"] == "ok" and row["P"] in best_models]
     done: dict[int, dict[str, Any]] = {}
-    for row, model in tqdm(targets, desc=f"{bench.name} FINN resources", unit="model"):
+    for row, model in tqdm(targets, desc=f"{bench.name} FINN resources", unit="model", disable=not ctx.progress):
         key = id(model)
         if key not in done:
             done[key] = finn_resources(model, FPGA_PART)
@@ -139,7 +139,7 @@ def with_seed(bench: ModelBench, seed: int) -> ModelBench:
     return replace(bench, budget=replace(bench.budget, seed=seed))
 
 
-def measure_bench(bench: ModelBench, threads: int, finn: bool) -> dict[str, Any]:
+def measure_bench(bench: ModelBench, threads: int, finn: bool, progress: bool) -> dict[str, Any]:
     """Every row of one model and set-up, with its FINN estimates: the run's ``results["models"]`` entry.
 
     :func:`run` calls it in a fresh process per model, so no model's rows depend on what ran before it in the same
@@ -149,12 +149,14 @@ def measure_bench(bench: ModelBench, threads: int, finn: bool) -> dict[str, Any]
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
-    ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources)
+    ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources,
+                                       progress=progress)
     if finn and bench.resources:
         _resources(bench, ctx, rows, best_models)
     return {
         "model": bench.name, "setup": bench.setup, "plain_modules": list(ctx.plain_modules),
-        "extra_budget": asdict(ctx.extra_budget), "config": asdict(bench), "variant": bench.variant, "dataset": ctx.dataset, "metric": ctx.metric,
+        "extra_budget": asdict(ctx.extra_budget), "config": asdict(bench), "variant": bench.variant,
+        "dataset": ctx.dataset, "metric": ctx.metric,
         "float_score": ctx.float_score, "plain_width": ctx.plain_width, "constrained_layers": ctx.constrained,
         "train_samples": len(ctx.train[0]), "val_samples": len(ctx.val[0]), "test_samples": len(ctx.test[0]),
         "seconds": round(time.perf_counter() - started, 1), "rows": rows,
@@ -169,27 +171,16 @@ def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bo
     started = time.perf_counter()
     results: dict[str, Any] = {"command": command, "threads": threads, "jobs": jobs, "versions": _versions(),
                                "fpgapart": FPGA_PART, "models": {}}
-    # concurrent models' progress bars would overwrite each other (their rows are still logged); tqdm reads
-    # TQDM_DISABLE when a child imports it, and children start while the pool runs
-    quiet_children = {"TQDM_DISABLE": "1"} if jobs > 1 else {}
-    saved = {name: os.environ.get(name) for name in quiet_children}
-    os.environ.update(quiet_children)
-    try:
-        # spawn, one task per process: a fresh interpreter per model (fork would copy this one's torch state)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 max_tasks_per_child=1) as pool:
-            futures = {bench.key: pool.submit(measure_bench, bench, threads, finn) for bench in benches}
-            with tqdm(total=len(futures), desc=f"models ({jobs} at a time)", unit="model", disable=jobs == 1) as bar:
-                for done in as_completed(futures.values()):
-                    done.result()  # a failed model stops the run here, with its traceback
-                    bar.update()
-            results["models"] = {key: future.result() for key, future in futures.items()}
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # spawn, one task per process: a fresh interpreter per model (fork would copy this one's torch state);
+    # concurrent models' progress bars would overwrite each other, so they show only their rows and this bar
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        futures = {bench.key: pool.submit(measure_bench, bench, threads, finn, jobs == 1) for bench in benches}
+        with tqdm(total=len(futures), desc=f"models ({jobs} at a time)", unit="model", disable=jobs == 1) as bar:
+            for done in as_completed(futures.values()):
+                done.result()  # a failed model stops the run here, with its traceback
+                bar.update()
+        results["models"] = {key: future.result() for key, future in futures.items()}
     if speed:
         tqdm.write("speed benchmark (ResNet-50-sized model) ...")
         results["speed"] = bench_speed.run(SPEED_REPEATS)

@@ -136,6 +136,7 @@ class Context:
     test: tuple[np.ndarray, np.ndarray]
     float_score: float
     float_base: ModelWrapper | None = None  # float_start(), built on first use
+    progress: bool = True  # progress bars of the rows and their training (off where models run concurrently)
 
     def score(self, outputs: np.ndarray, targets: np.ndarray) -> float:
         from models.evaluate import score
@@ -332,7 +333,7 @@ def _finetune(ctx: Context, method: str, acc_bits: int, start: ModelWrapper) -> 
     config = FinetuneConfig(**fields, loss="mse" if ctx.dataset == "sr" else "ce", epochs=budget.epochs,
                             lr=budget.lr, batch_size=budget.batch_size, seed=budget.seed, device="cpu",
                             train_act_scales=True,  # as the anchors, whose QuantReLU scales are trained parameters
-                            log=lambda line: tqdm.write(f"    {method} P={acc_bits}: {line}"))
+                            progress=ctx.progress, log=lambda line: tqdm.write(f"    {method} P={acc_bits}: {line}"))
     step = FinetuneAccumulators(None, ctx.train, ctx.val, config, overrides={n: acc_bits for n in ctx.constrained},
                                 calibration_samples=ctx.bench.calibration_samples)
     return start.transform(step)
@@ -345,7 +346,7 @@ def _anchor(ctx: Context, method: str, acc_bits: int) -> dict[str, Any]:
     budget = equal_budget(bench, ctx.extra_budget) if method.endswith("-eq") else bench.budget
     run = train_anchor(bench.name, quantizer, acc_bits, bench.weight_bits, bench.act_bits, ctx.train, ctx.val,
                        ctx.score, budget, MODELS_DIR / "checkpoints" / f"{bench.name}_float.pt",
-                       desc=f"{method} P={acc_bits}", plain_layers=ctx.plain_modules)
+                       desc=f"{method} P={acc_bits}", plain_layers=ctx.plain_modules, progress=ctx.progress)
     layers = integer_layers(run.model, quantizer, ctx.test[0])
     export = export_check(run.model, bench.name, acc_bits, bench.weight_bits, ctx.test[0], ctx.test[1], ctx.score,
                           setup=bench.setup)
@@ -387,10 +388,12 @@ def jobs(bench: ModelBench) -> list[tuple[int, str]]:
 
 
 def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None = None,
-              keep_models: bool = False) -> tuple[Context, list[dict[str, Any]], dict[int, ModelWrapper]]:
-    """Every row of one model (baselines first); ``keep_models`` also returns the ours-best model per P."""
+              keep_models: bool = False, progress: bool = True
+              ) -> tuple[Context, list[dict[str, Any]], dict[int, ModelWrapper]]:
+    """Every row of one model (baselines first); ``keep_models`` also returns the ours-best model per P;
+    ``progress=False`` turns off the progress bars (the rows still go to ``on_row``)."""
     started = time.perf_counter()
-    ctx = load_context(bench)
+    ctx = replace(load_context(bench), progress=progress)
     scorer = OnnxScorer(ctx)
     base = scorer.measure(ctx.base)
     rows = [
@@ -401,7 +404,7 @@ def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None
     ]
     best_models: dict[int, ModelWrapper] = {}
     models_at_p: dict[str, ModelWrapper] = {}
-    bar = tqdm(jobs(bench), desc=bench.name, unit="row")
+    bar = tqdm(jobs(bench), desc=bench.name, unit="row", disable=not progress)
     for acc_bits, method in bar:
         bar.set_postfix_str(f"P={acc_bits} {method}")
         if method == "unconstrained-wrap":
