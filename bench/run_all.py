@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="training seed of every trained row on both sides (our fine-tuning, the anchors, the "
                              "float start's torch seed); default: the configured one (0). Splits and budgets stay")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
+                        help="torch threads per model (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="models run at once, each in its own process with --threads torch threads (default: "
                              "2, or 1 on a 1-core machine); the results do not depend on it")
