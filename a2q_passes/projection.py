@@ -25,8 +25,13 @@ Methods:
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -196,6 +201,44 @@ def _as_rows(v: np.ndarray, keep_integers: bool = False) -> np.ndarray:
 def rows_per_block(K: int) -> int:
     """Rows of ``K`` weights per block when a layer is processed in blocks of bounded size."""
     return max(1, _BLOCK_ELEMENTS // max(K, 1))
+
+
+# Threads that project a large layer's row blocks at once: the compiled kernels and numpy's loops over whole blocks
+# release the GIL. Each row is projected on its own, so the count never changes a result.
+_THREADS: ContextVar[int] = ContextVar("projection_threads", default=os.cpu_count() or 1)
+
+
+@contextmanager
+def projection_threads(count: int) -> Iterator[None]:
+    """Within the block, project a layer's row blocks on ``count`` threads (default: one per CPU core)."""
+    if count < 1:
+        raise ValueError(f"projection threads must be at least 1, got {count}")
+    token = _THREADS.set(count)
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def _in_order(work: Callable[[_Item], _Result], items: list[_Item]) -> Iterator[_Result]:
+    """``map(work, items)``, on :func:`projection_threads` threads where there are several items; at most one result
+    per thread waits to be consumed, so memory stays a few blocks whatever the layer's size."""
+    threads = min(_THREADS.get(), len(items))
+    if threads <= 1:
+        yield from map(work, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="a2q-projection") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # ----------------------------------------------------------------------------- real-valued projections
@@ -691,12 +734,17 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     touched = ~np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
     row_method = np.full(v.shape[0], ROUND, dtype=object)
     idx, step = np.flatnonzero(touched), rows_per_block(v.shape[1])
-    outside = []  # per block, the projected rows still outside the limits (checked while the block is in cache)
-    for start in range(0, idx.size, step):
-        block = idx[start:start + step]
-        q_block, row_method[block] = project_rows(np.asarray(v[block], dtype=np.float64), limits)
+
+    def project_block(block: np.ndarray) -> tuple[np.ndarray, np.ndarray | str, np.ndarray]:
+        q_block, methods = project_rows(np.asarray(v[block], dtype=np.float64), limits)
+        return q_block, methods, block[~rows_within(q_block, x, limits)]  # checked while the block is in cache
+
+    outside = []  # per block, the projected rows still outside the limits
+    blocks = [idx[start:start + step] for start in range(0, idx.size, step)]
+    for block, (q_block, methods, block_outside) in zip(blocks, _in_order(project_block, blocks)):
+        row_method[block] = methods
         _store(q, block, q_block, weight_range, name)
-        outside.append(block[~rows_within(q_block, x, limits)])
+        outside.append(block_outside)
     over = np.concatenate(outside) if outside else idx
     if over.size:
         _store(q, over, _exact_rows(q[over].astype(np.float64), x, limits, weight_range), weight_range, "exact")

@@ -72,6 +72,9 @@ def project(
     outer_bits: Annotated[Optional[int], typer.Option(
         "--outer-bits", help="with --tile: width of the accumulator summing the tiles (default: the exact width "
                              "of the projected tiles' sum, reported and recorded)")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", help="threads projecting a large layer's row blocks at once (default: one per CPU core); "
+                          "the output is the same for any count")] = None,
 ) -> None:
     """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit.
 
@@ -93,7 +96,7 @@ def project(
     global_bits, overrides = parse_layer_widths(acc_bits, layer, widths_json)
     input_dtypes = parse_input_dtypes(input_dtype)
     projection = ProjectToAccumulator(global_bits, overrides, method, input_dtypes, check_zero_point(zero_point), skip,
-                                      check_input_ranges(input_ranges), tile, outer_bits)
+                                      check_input_ranges(input_ranges), tile, outer_bits, threads)
     model = load_model(input_path)
     check_input_dtype_tensors(input_dtypes, model, input_path)
     # no qonnx cleanup: it gives shared parameters new random names (GiveUniqueParameterTensors)

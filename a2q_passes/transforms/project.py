@@ -8,6 +8,7 @@ fails if any constrained layer's exact range does not fit its width.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -27,7 +28,7 @@ from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
                                    plain_round, project_in_parts, project_multistage, projection_stats,
-                                   rows_per_block)
+                                   projection_threads, rows_per_block)
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -105,13 +106,19 @@ class ProjectToAccumulator(A2QPass):
     ``tile``: a multi-stage datapath (:func:`projection.project_multistage`): each K-tile of ``tile`` terms
     (the tiling ``verify --tile`` checks) fits the layer's width and the sum of tiles ``outer_bits`` (default:
     whatever the projected tiles need, reported and recorded).
+
+    ``threads``: threads projecting a large layer's row blocks at once (default: one per CPU core); rows are
+    projected independently, so the output does not depend on it.
     """
 
     def __init__(self, acc_bits: int | None = None, layer_bits: dict[str, int] | None = None,
                  method: str = "exact", input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
                  skip: list[str] | None = None, input_ranges: str = "exact", tile: int | None = None,
-                 outer_bits: int | None = None) -> None:
+                 outer_bits: int | None = None, threads: int | None = None) -> None:
         super().__init__()
+        if threads is not None and threads < 1:
+            raise A2QError(f"--threads must be at least 1, got {threads}")
+        self.threads = threads
         if tile is not None and tile < 1:
             raise A2QError(f"--tile must be at least 1 term, got {tile}")
         if outer_bits is not None and (tile is None or not 2 <= outer_bits <= 64):
@@ -144,7 +151,8 @@ class ProjectToAccumulator(A2QPass):
 
     def call(self, model: ModelWrapper) -> PassResult:
         self._check_feasible(model)
-        self.projections = [self._project(model, layer, self._targets[layer.node]) for layer in self._layers]
+        with projection_threads(self.threads) if self.threads is not None else nullcontext():
+            self.projections = [self._project(model, layer, self._targets[layer.node]) for layer in self._layers]
         self.projections += [LayerProjection(layer.node, layer.op_type, f"skipped: --skip ({layer.status})",
                                              channels=layer.channels) for layer in self._skipped]
         recorded = recorded_accumulators(model)
