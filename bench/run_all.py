@@ -16,11 +16,11 @@ because two ran 4x slower per training step on the shared 2-core machine, with o
 competing for the cores; two models at once use both cores without that contention. Every model runs in a fresh
 process, so ``--jobs`` does not change any row (a test checks this).
 
-Run time: the full run of set-up ``all`` without the equal-budget rows took 27 min on that machine.
-The whole configuration (both set-ups, the equal-budget rows, QAT also at widths the committed model fits) took
-104.9 min on 2026-12-04 (BENCHMARKS.md), with one or two other jobs sharing the 2 cores for most of it (load 2 to
-4), over the 60 min asked for: fmnist_cnn's set-up ``all`` took 44 min of it (the anchors' rows 27 min), espcn_x2
-20 min (AXE 12 min). ``--models``/``--setups``/``--widths`` run a part; ``bench.protocol`` merges parts.
+Run time: the whole configuration (both set-ups, the equal-budget rows, QAT also at widths the committed model
+fits) took 44.1 min on 2026-12-04 with two models at a time (BENCHMARKS.md; only low-priority jobs beside it),
+against 104.9 min one at a time the same day with other jobs sharing the 2 cores. fmnist_cnn's set-up ``all`` is
+the longest model (28 min): no number of jobs brings the run below that. ``--models``/``--setups``/``--widths`` run a part;
+``bench.protocol`` merges parts.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ def test_writes_report_plots_and_json(quick):
     assert set(results["models"]) == {bench.key for bench in QUICK}
     assert {bench.setup for bench in QUICK} == {"all", "paper"}  # the quick run covers both set-ups
     assert any(bench.equal_budget_widths for bench in QUICK)  # and the equal-budget rows
+    assert "(2 models at a time, 1 torch thread each;" in markdown  # the fixture's --jobs 2 --threads 1
     assert "#### Set-up `paper`" in markdown and "*equal total training*" in markdown and "*same start*" in markdown
 
 
