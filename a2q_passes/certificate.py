@@ -59,7 +59,7 @@ from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
-from a2q_passes import bounds
+from a2q_passes import bounds, progress
 from a2q_passes.errors import PostconditionError
 from a2q_passes.model_io import (ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value,
                                  with_inferred_shapes)
@@ -1178,7 +1178,7 @@ def certify_claims(model: ModelWrapper, claims: Mapping[str, Claim], *, what: st
 
 def _certify_each(model: ModelWrapper, claims: Mapping[str, Claim], what: str,
                   input_dtypes: Mapping[str, str] | None, zero_point: str, input_ranges: str) -> None:
-    for node, claim in claims.items():
+    for node, claim in progress.over_layers(claims.items(), f"{what}: certificate"):
         try:
             cert = certify_layer(model, node, input_dtypes, zero_point, input_ranges, claim.tile)
         except CannotCertify as err:

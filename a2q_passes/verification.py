@@ -36,7 +36,7 @@ import numpy as np
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes import bounds
+from a2q_passes import bounds, progress
 from a2q_passes.analysis import INNER_REGISTER, integer_view, register_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.data_simulation import SimulationResult, check_datapath, simulate_model
@@ -314,7 +314,7 @@ def verify_model(
             if layer.node not in chosen and layer.ok:
                 chosen[layer.node], notes[layer.node] = untargeted_width(model, layer, mode, tile)
     verdicts = [check_layer(model, layer, chosen.get(layer.node), mode, *stages.get(layer.node, (None, None)))
-                for layer in layers]
+                for layer in progress.over_layers(layers, "verify")]
     for verdict, layer in zip(verdicts, layers):
         verdict.width_note = notes.get(layer.node, "")
         if source == WIDTHS_RECORDED and verdict.proof == PROOF_UNCHECKED:  # quantized, unreadable, not recorded

@@ -20,7 +20,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from a2q_passes import __version__
+from a2q_passes import __version__, progress
 from a2q_passes.cli.third_party_output import captured_third_party_output
 from a2q_passes.errors import A2QError
 
@@ -57,6 +57,7 @@ def _root(
     from a2q_passes.model_io import scratch_space
 
     ctx.with_resource(scratch_space())  # tensors the command spills to disk go when it ends, however it ends
+    ctx.with_resource(progress.shown())  # per-layer bars on large models, where stderr is a terminal
 
 # Importing a command module registers its command on ``app``.
 from a2q_passes.cli import allocate, analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes import bounds
+from a2q_passes import bounds, progress
 from a2q_passes.analysis import analyze_model, channel_ranges, stage_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
@@ -152,7 +152,8 @@ class ProjectToAccumulator(A2QPass):
     def call(self, model: ModelWrapper) -> PassResult:
         self._check_feasible(model)
         with projection_threads(self.threads) if self.threads is not None else nullcontext():
-            self.projections = [self._project(model, layer, self._targets[layer.node]) for layer in self._layers]
+            self.projections = [self._project(model, layer, self._targets[layer.node])
+                                for layer in progress.over_layers(self._layers, "project")]
         self.projections += [LayerProjection(layer.node, layer.op_type, f"skipped: --skip ({layer.status})",
                                              channels=layer.channels) for layer in self._skipped]
         recorded = recorded_accumulators(model)

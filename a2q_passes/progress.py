@@ -1,0 +1,40 @@
+"""Progress bars for the per-layer work of large models (projection, proof, certificate).
+
+The library shows none unless asked: a caller turns them on with :func:`shown` (the ``a2q`` command line does,
+for every command). A bar goes to stderr, only where stderr is a terminal, and only once its loop has run for
+:data:`DELAY_S` seconds, so small models, pipes and log files never see one; it is cleared when the loop ends.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm import tqdm
+
+DELAY_S = 1.0  # a loop that ends sooner shows no bar
+
+_SHOWN: ContextVar[bool] = ContextVar("a2q_progress_shown", default=False)
+_Item = TypeVar("_Item")
+
+
+@contextmanager
+def shown(enabled: bool = True) -> Iterator[None]:
+    """Within the block, :func:`over_layers` shows its bars (where stderr is a terminal)."""
+    token = _SHOWN.set(enabled)
+    try:
+        yield
+    finally:
+        _SHOWN.reset(token)
+
+
+def over_layers(items: Iterable[_Item], desc: str) -> Iterable[_Item]:
+    """``items`` (one per layer), with a bar labelled ``desc`` when :func:`shown` is on."""
+    if not _SHOWN.get():
+        return items
+    items = list(items)
+    # disable=None: tqdm turns itself off where stderr is not a terminal
+    return tqdm(items, desc=desc, unit="layer", total=len(items), leave=False, file=sys.stderr, delay=DELAY_S,
+                disable=None)
