@@ -204,13 +204,17 @@ def rows_per_block(K: int) -> int:
 
 
 # Threads that project a large layer's row blocks at once: the compiled kernels and numpy's loops over whole blocks
-# release the GIL. Each row is projected on its own, so the count never changes a result.
-_THREADS: ContextVar[int] = ContextVar("projection_threads", default=os.cpu_count() or 1)
+# release the GIL. Each row is projected on its own, so the count never changes a result. By default one per core
+# this process may run on, at most MAX_DEFAULT_THREADS: each thread holds a block's temporaries (tens of MB).
+MAX_DEFAULT_THREADS = 8
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # no affinity: macOS
+_THREADS: ContextVar[int] = ContextVar("projection_threads", default=max(1, min(_CORES, MAX_DEFAULT_THREADS)))
 
 
 @contextmanager
 def projection_threads(count: int) -> Iterator[None]:
-    """Within the block, project a layer's row blocks on ``count`` threads (default: one per CPU core)."""
+    """Within the block, project a layer's row blocks on ``count`` threads (default: one per core this process may
+    run on, at most :data:`MAX_DEFAULT_THREADS`)."""
     if count < 1:
         raise ValueError(f"projection threads must be at least 1, got {count}")
     token = _THREADS.set(count)

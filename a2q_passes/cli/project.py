@@ -73,7 +73,8 @@ def project(
         "--outer-bits", help="with --tile: width of the accumulator summing the tiles (default: the exact width "
                              "of the projected tiles' sum, reported and recorded)")] = None,
     threads: Annotated[Optional[int], typer.Option(
-        "--threads", help="threads projecting a large layer's row blocks at once (default: one per CPU core); "
+        "--threads", help="threads projecting a large layer's row blocks at once (default: one per CPU core, "
+                          "at most 8); "
                           "the output is the same for any count")] = None,
 ) -> None:
     """Rewrite weights so every layer's exact accumulator range fits P bits; write nothing unless all fit.

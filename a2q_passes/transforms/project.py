@@ -107,7 +107,7 @@ class ProjectToAccumulator(A2QPass):
     (the tiling ``verify --tile`` checks) fits the layer's width and the sum of tiles ``outer_bits`` (default:
     whatever the projected tiles need, reported and recorded).
 
-    ``threads``: threads projecting a large layer's row blocks at once (default: one per CPU core); rows are
+    ``threads``: threads projecting a large layer's row blocks at once (default: one per core, at most 8); rows are
     projected independently, so the output does not depend on it.
     """
 
