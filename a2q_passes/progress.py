@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterable, Iterator, TypeVar
 
-from tqdm import tqdm
-
 DELAY_S = 1.0  # a loop that ends sooner shows no bar
 
 _SHOWN: ContextVar[bool] = ContextVar("a2q_progress_shown", default=False)
@@ -34,6 +32,8 @@ def over_layers(items: Iterable[_Item], desc: str) -> Iterable[_Item]:
     """``items`` (one per layer), with a bar labelled ``desc`` when :func:`shown` is on."""
     if not _SHOWN.get():
         return items
+    from tqdm import tqdm  # here, not at start-up: `a2q --version` and `--help` never draw a bar
+
     items = list(items)
     # disable=None: tqdm turns itself off where stderr is not a terminal
     return tqdm(items, desc=desc, unit="layer", total=len(items), leave=False, file=sys.stderr, delay=DELAY_S,
