@@ -19,8 +19,8 @@ process, so ``--jobs`` does not change any row (a test checks this).
 Run time: the whole configuration (both set-ups, the equal-budget rows, QAT also at widths the committed model
 fits) took 44.1 min on 2026-12-04 with two models at a time (BENCHMARKS.md; only low-priority jobs beside it),
 against 104.9 min one at a time the same day with other jobs sharing the 2 cores. fmnist_cnn's set-up ``all`` is
-the longest model (28 min): no number of jobs brings the run below that. ``--models``/``--setups``/``--widths`` run a part;
-``bench.protocol`` merges parts.
+the longest model (28 min): no number of jobs brings the run below that. ``--models``/``--setups``/``--widths``
+run a part; ``bench.protocol`` merges parts.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,8 @@ def measure_bench(bench: ModelBench, threads: int, finn: bool, progress: bool) -
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
-    ctx, rows, best_models = run_model(bench, on_row=_log_row, keep_models=finn and bench.resources,
-                                       progress=progress)
+    ctx, rows, best_models = run_model(bench, on_row=partial(_log_row, bench.key),
+                                       keep_models=finn and bench.resources, progress=progress)
     if finn and bench.resources:
         _resources(bench, ctx, rows, best_models)
     return {
@@ -210,11 +211,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _log_row(row: dict[str, Any]) -> None:
+def _log_row(key: str, row: dict[str, Any]) -> None:
+    """One finished row on the log, labelled with its model and set-up (models running at once interleave)."""
     if row["status"] != "ok":
         return
     score = f"{row['score']:.2f}" if row["score"] is not None else "-"
-    tqdm.write(f"  {row['model']} P={row['P']:>2} {row['method']:<18} score {score:>6}  "
+    tqdm.write(f"  {key:<16} P={row['P']:>2} {row['method']:<18} score {score:>6}  "
                f"width {row['guaranteed_width']}  sparsity {row['sparsity']:.3f}  {row['seconds']} s  {row['note']}")
 
 
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="training seed of every trained row on both sides (our fine-tuning, the anchors, the "
                              "float start's torch seed); default: the configured one (0). Splits and budgets stay")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per model (default 1: on the shared 2-core machine 2 threads ran 4x slower)")
+                        help="torch threads per model (default 1: on the shared 2-core machine 2 threads ran 4x "
+                             "slower)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="models run at once, each in its own process with --threads torch threads (default: "
                              "2, or 1 on a 1-core machine); the results do not depend on it")
