@@ -985,8 +985,12 @@ def _compiled_change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) 
     float64 totals of these exact integer sums are exact too)."""
     squares, counts = np.zeros(5), np.zeros(3, dtype=np.int64)
     step = rows_per_block(before.shape[1])
-    for start in range(0, before.shape[0], step):
-        block = kernels.change_sums(before[start:start + step], after[start:start + step], v[start:start + step])
+
+    def block_sums(start: int) -> tuple[np.ndarray, np.ndarray] | None:
+        return kernels.change_sums(before[start:start + step], after[start:start + step], v[start:start + step])
+
+    # blocks on projection_threads threads, added in order (exact integers either way)
+    for block in _in_order(block_sums, list(range(0, before.shape[0], step))):
         if block is None:
             return None
         squares += block[0]

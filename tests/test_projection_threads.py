@@ -36,6 +36,24 @@ def test_threads_give_the_same_bits_as_one_thread(monkeypatch, path, x):
             assert brute_fits(threaded.weights, x, threaded.acc_limits)
 
 
+def test_statistics_of_many_blocks_are_the_same_on_threads(monkeypatch):
+    """projection_stats sums its blocks' exact integer figures in order: the same figures for any thread count,
+    and the same as numpy's."""
+    monkeypatch.setattr(projection, "_BLOCK_ELEMENTS", 2 * 97)
+    weight_range, x = WEIGHT_RANGES["int4"], IntRange(0, 255)
+    v = code_rows(np.random.default_rng(5), weight_range, rows=40)
+    before = projection.plain_round(v, weight_range)
+    after = methods.project_weights(v, x, projection.min_feasible_acc_bits(x, weight_range) + 3, weight_range,
+                                    "exact").weights
+    figures = []
+    for path, threads in ((NUMPY, 1), (COMPILED, 1), (COMPILED, 4)):
+        monkeypatch.setattr(kernels, "MIN_ELEMENTS", path)
+        with projection.projection_threads(threads):
+            figures.append(projection.projection_stats(before, after, v))
+    assert figures[0]["rows_touched"] > 10
+    assert figures[0] == figures[1] == figures[2]
+
+
 def test_at_most_one_result_per_thread_waits():
     """The consumer is slow: finished blocks must not pile up (each would hold a block of projected rows)."""
     lock, finished, consumed, waiting = threading.Lock(), [0], [0], []
