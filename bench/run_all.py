@@ -178,9 +178,13 @@ def run(benches: tuple[ModelBench, ...], layout: Layout, threads: int, speed: bo
                              max_tasks_per_child=1) as pool:
         futures = {bench.key: pool.submit(measure_bench, bench, threads, finn, jobs == 1) for bench in benches}
         with tqdm(total=len(futures), desc=f"models ({jobs} at a time)", unit="model", disable=jobs == 1) as bar:
-            for done in as_completed(futures.values()):
-                done.result()  # a failed model stops the run here, with its traceback
-                bar.update()
+            try:
+                for done in as_completed(futures.values()):
+                    done.result()  # a failed model: its traceback, once the models already running have ended
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the models not started yet are not run
+                raise
         results["models"] = {key: future.result() for key, future in futures.items()}
     if speed:
         tqdm.write("speed benchmark (ResNet-50-sized model) ...")
