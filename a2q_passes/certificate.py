@@ -51,7 +51,7 @@ from fractions import Fraction
 from typing import Mapping
 
 import numpy as np
-from onnx import NodeProto, TensorProto, helper, numpy_helper, shape_inference
+from onnx import NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper, shape_inference
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
@@ -90,6 +90,8 @@ _KERNEL_VALUES = 1 << 22
 _INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
                  "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
 _INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",)}  # the others are standard ONNX ops
+# domains of the ops onnxruntime executes itself (the certificate's fallback for constant subgraphs qonnx cannot run)
+_ONNXRUNTIME_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 
 class CannotCertify(Exception):
@@ -212,10 +214,11 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
     try:
         context = execute_onnx(sub, feeds, return_full_exec_context=True)
     except Exception as err:  # the graph's own kernels decide what is valid; say which subgraph failed
-        if not all(n.domain in ("", "ai.onnx") for n in nodes):
+        if not all(n.domain in _ONNXRUNTIME_DOMAINS for n in nodes):
             raise CannotCertify(f"executing the constant subgraph of {targets} failed ({type(err).__name__}: {err})") from err
         # qonnx runs node by node and hands tensors to onnxruntime as numpy arrays, which fails for
-        # int4/uint4 (ml_dtypes); onnxruntime runs the whole standard subgraph with them inside
+        # int4/uint4 (ml_dtypes), and it needs every shape inferred, which ONNX cannot for onnxruntime's contrib
+        # QuantizeLinear/DequantizeLinear; onnxruntime runs the whole subgraph, its own ops included
         context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}", feeds)
     return {name: np.asarray(context[name]) for name in targets}
 
@@ -270,12 +273,8 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     initializers.update(feeds)
     computed = [t for t in dict.fromkeys(targets) if t not in initializers]
     proto = ModelWrapper(sub.model.SerializeToString())
-    for name in computed:
-        vi = sub.get_tensor_valueinfo(name)
-        if vi is None:
-            raise CannotCertify(f"executing the constant subgraph of {targets} failed ({first_error}); "
-                                f"the type of '{name}' is unknown")
-        proto.graph.output.append(vi)
+    for name in computed:  # onnxruntime types an output whose type ONNX's shape inference could not give
+        proto.graph.output.append(sub.get_tensor_valueinfo(name) or ValueInfoProto(name=name))
     try:
         session = ort.InferenceSession(proto.model.SerializeToString(), providers=["CPUExecutionProvider"])
         values = dict(zip(computed, session.run(computed, dict(feeds))))

@@ -9,13 +9,13 @@ FINN-ONNX initializers with an integer datatype annotation, and standard
 nodes as Brevitas' QCDQ export writes them) on constants of any ONNX integer storage type
 (int4/uint4 to int32 included; opset-21 block-wise scales along K make each block its own accumulator,
 see :class:`BlockRowLayout`), each optionally behind ``Transpose``/``Identity`` nodes. FINN ``MVAU``/``VVAU`` nodes carry their integer
-weights and datatypes directly. A ``MatMul`` whose second operand is computed at run time is an
-activation x activation layer (``kind`` :data:`KIND_ACT_X_ACT`): both operands' grids are resolved
-like any MAC input, and there are no weights.
-
 weights and datatypes directly, and so do the integer ops of onnxruntime's QOperator and dynamic
 formats (``QLinearConv``, ``QLinearMatMul``, ``com.microsoft`` ``QGemm``, ``ConvInteger``, ``MatMulInteger``),
-which also carry their input's codes (its storage type and zero point).
+which also carry their input's codes (its storage type and zero point). A ``MatMul`` whose second operand
+is computed at run time is an activation x activation layer (``kind`` :data:`KIND_ACT_X_ACT`): both operands'
+grids are resolved like any MAC input, and there are no weights. Other multiply-accumulate ops (onnxruntime's
+fused and packed contrib ops, Einsum, LSTM, ...: :data:`UNREAD_MACS`) are reported as unsupported layers, never
+passed over.
 
 A non-zero weight zero point z (``DequantizeLinear`` and the integer ops) follows the activation
 convention: under ``subtract`` (the ONNX definition) the MAC multiplies ``code - z`` per output
@@ -71,6 +71,45 @@ def is_integer_mac(node: NodeProto) -> bool:
     """Whether ``node`` is one of :data:`INTEGER_MAC_OPS` in its own domain."""
     operands = INTEGER_MAC_OPS.get(node.op_type)
     return operands is not None and node.domain in operands.domains
+
+
+_BEFORE_OPTIMISATION = ("a fusion by onnxruntime's graph optimizer: analyse the model as the quantizer wrote it, or "
+                        "save the optimized model at ORT_ENABLE_BASIC")
+_PACKED = ("packed block-wise weights; onnxruntime's MatMulNBitsQuantizer(quant_format=QuantFormat.QDQ) writes them "
+           "as DequantizeLinear with block_size, which a2q reads")
+# Ops that multiply-accumulate and are not read, by (domain, op): (computes on integers itself, what to do). An op on
+# integers is always a layer; a float one (a fusion of ONNX ops, or a recurrent or attention op) only where one of
+# its operands is quantized. Either way the layer is reported unsupported, so no check passes a model it did not read.
+UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
+    ("com.microsoft", "QLinearConv"): (True, "the channels-last form onnxruntime's optimizer writes at ORT_ENABLE_ALL; "
+                                       "analyse the model as quantized, or as saved at ORT_ENABLE_EXTENDED, where it "
+                                       "is an ONNX QLinearConv"),
+    ("com.microsoft", "DynamicQuantizeMatMul"): (True, _BEFORE_OPTIMISATION),
+    ("com.microsoft", "MatMulIntegerToFloat"): (True, _BEFORE_OPTIMISATION),
+    ("com.microsoft", "MatMulInteger16"): (True, "16-bit integer operands"),
+    ("com.microsoft", "QAttention"): (True, "quantized attention"),
+    ("com.microsoft", "DynamicQuantizeLSTM"): (True, "quantized LSTM"),
+    ("com.microsoft", "QMoE"): (True, "quantized mixture of experts"),
+    **{("com.microsoft", op): (True, "ordered int8 layouts")
+       for op in ("QOrderedMatMul", "QOrderedAttention", "QOrderedLongformerAttention")},
+    **{("com.microsoft", op): (True, _PACKED) for op in (
+        "MatMulNBits", "MatMulNBitsMlp", "MatMulNBitsQkv", "MatMulNBitsQLoRA", "MatMulBnb4", "MatMulFpQ4",
+        "MatMulBlockQuantizedFp4Weight", "MatMulBlockQuantizedFp8Weight")},
+    **{("com.microsoft", op): (False, _BEFORE_OPTIMISATION) for op in (
+        "FusedConv", "NhwcConv", "NhwcFusedConv", "FusedGemm", "FusedMatMul", "FusedMatMulActivation",
+        "TransposeMatMul", "GemmFastGelu", "ConvTransposeWithDynamicPads", "SparseToDenseMatMul", "Attention",
+        "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
+        "DecoderAttention", "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention", "LongformerAttention",
+        "SparseAttention", "PagedAttention", "MoE")},
+    **{("", op): (False, "only Conv, ConvTranspose, Gemm and MatMul are read; express it with those")
+       for op in ("Einsum", "LSTM", "GRU", "RNN", "DeformConv", "Attention")},
+}
+
+
+def unread_mac(node: NodeProto) -> tuple[bool, str] | None:
+    """``(computes on integers, what to do)`` where ``node`` is one of :data:`UNREAD_MACS`, else ``None``."""
+    return None if is_integer_mac(node) else UNREAD_MACS.get(("" if node.domain == "ai.onnx" else node.domain,
+                                                              node.op_type))
 
 
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
@@ -1396,10 +1435,14 @@ def find_mac_layers(
             read = _integer_op_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
             read = _finn_layer
+        elif unread_mac(node):
+            read = _unread_layer
         else:
             continue
         try:
-            layers.append(read(model, node, resolver))
+            layer = read(model, node, resolver)
+            if layer is not None:
+                layers.append(layer)
         except Exception as err:  # a malformed layer is reported, it never stops the analysis of the others
             layers.append(MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,
                                    f"unsupported: could not read this layer ({type(err).__name__}: {err})"))
@@ -1513,6 +1556,29 @@ def _integer_op_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolv
     if _reads_implicit_zeros(node, mac_op):
         grid = _with_zero_tap(grid)  # ONNX pads the zero-point-subtracted input with 0: real 0, code z
     return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_OK, grid, source, layout)
+
+
+def _unread_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer | None:
+    """A MAC of :data:`UNREAD_MACS` as an unsupported layer; ``None`` for a float one whose operands are all float
+    (no integer accumulator to check)."""
+    on_integers, hint = unread_mac(node)
+    quantized = [name for name in node.input if name and _is_quantized(model, name, resolver)]
+    if not on_integers and not quantized:
+        return None
+    operands = f" on quantized {', '.join(repr(n) for n in quantized)}" if quantized and not on_integers else ""
+    return MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,
+                    f"unsupported: {node.domain or 'ONNX'} {node.op_type}{operands} is a MAC a2q does not read "
+                    f"({hint})")
+
+
+def _is_quantized(model: ModelWrapper, tensor: str, resolver: GridResolver) -> bool:
+    """Whether ``tensor`` is quantized weights or a quantized activation; unreadable quantization counts."""
+    try:
+        if computed_from_constants(model, tensor, resolver.constants):
+            return resolve_weight_source(model, tensor, zero_point=resolver.zero_point) is not None
+    except UnsupportedLayer:
+        return True
+    return resolver.resolve(tensor)[0] is not None
 
 
 def _reads_implicit_zeros(node: NodeProto, op: str | None = None) -> bool:

@@ -1,7 +1,8 @@
 """Tiny seeded float nets and onnxruntime's quantizer, shared by the QDQ/QOperator tests and ``scripts/corpus.py``.
 
 Every quantized file is written by onnxruntime's own ``quantize_static`` (QDQ or QOperator) or ``quantize_dynamic``
-from one of the float nets below, calibrated on seeded normal data.
+from one of the float nets below, calibrated on seeded normal data; :func:`optimized` saves what an
+``InferenceSession``'s graph optimizer makes of one (fused and channels-last contrib ops).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ FLOAT_NETS = {"conv_gemm_matmul": conv_gemm_matmul, "matmul_conv": matmul_conv, 
 def quantize(float_path: Path, out_path: Path, x_shape: list[int], fmt: str, weight: str, act: str = "QUInt8",
              per_channel: bool = False, extra_options: dict | None = None, seed: int = 0) -> None:
     """onnxruntime's quantizer: ``fmt`` is ``QDQ`` or ``QOperator`` (``quantize_static``) or ``dynamic``
-    (``quantize_dynamic``); ``weight``/``act`` are ``QuantType`` names."""
+    (``quantize_dynamic``); ``weight``/``act`` are ``QuantType`` names. ``QDQ_contrib``: QDQ in onnxruntime's own
+    ``com.microsoft`` QuantizeLinear/DequantizeLinear (``extra_options={"UseQDQContribOps": True}``)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
 
@@ -88,5 +90,25 @@ def quantize(float_path: Path, out_path: Path, x_shape: list[int], fmt: str, wei
         def get_next(self):
             return next(self.data, None)
 
+    if fmt == "QDQ_contrib":
+        fmt, extra_options = "QDQ", {**(extra_options or {}), "UseQDQContribOps": True}
     quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat[fmt], per_channel=per_channel,
                     weight_type=QuantType[weight], activation_type=QuantType[act], extra_options=extra_options)
+
+
+OPTIMIZATION_LEVELS = ("basic", "extended", "all")
+
+
+def optimized(path: Path, out_path: Path, level: str) -> list[str]:
+    """The model an onnxruntime ``InferenceSession`` saves after its graph optimizer ran at ``level`` (one of
+    :data:`OPTIMIZATION_LEVELS`): ``extended`` fuses QDQ groups into QLinear ops and com.microsoft QGemm,
+    DynamicQuantizeMatMul or FusedConv; ``all`` also writes channels-last com.microsoft QLinearConv. Returns the
+    saved model's contrib op types."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}")
+    options.optimized_model_filepath = str(out_path)
+    options.log_severity_level = 3  # the warning that an ``all`` model is tied to this machine's CPU
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sorted({n.op_type for n in onnx.load(str(out_path)).graph.node if n.domain == "com.microsoft"})
