@@ -3,7 +3,8 @@
     .venv/bin/python -m scripts.corpus --out DIR [--quick] [--report bench/corpus.md]
 
 Generates, offline and seeded, quantized ONNX files with Brevitas (``export_qonnx``; ``export_onnx_qcdq`` with the
-TorchScript and the dynamo exporter), onnxruntime (``quantize_static`` QDQ and QOperator, ``quantize_dynamic``),
+TorchScript and the dynamo exporter), onnxruntime (``quantize_static`` QDQ, also in its com.microsoft Q/DQ, and
+QOperator, ``quantize_dynamic``, and what an ``InferenceSession``'s graph optimizer saves from them),
 FINN's own pipeline (``step_qonnx_to_finn``, ``step_streamline``, ``step_convert_to_hw``) and the committed QONNX
 model-zoo files (``tests/data``). Each file then goes through the command line:
 
@@ -44,7 +45,9 @@ BELOW_WIDEST = 2  # project at the widest exact width minus this: every file's p
 EXPORTERS = {"qonnx": "Brevitas export_qonnx", "qcdq_ts": "Brevitas export_onnx_qcdq (TorchScript)",
              "qcdq_dynamo": "Brevitas export_onnx_qcdq (dynamo)"}
 ORT_FORMATS = {"QDQ": "onnxruntime quantize_static QDQ", "QOperator": "onnxruntime quantize_static QOperator",
-               "dynamic": "onnxruntime quantize_dynamic"}
+               "dynamic": "onnxruntime quantize_dynamic",
+               "QDQ_contrib": "onnxruntime quantize_static QDQ (com.microsoft Q/DQ, UseQDQContribOps)"}
+ORT_OPTIMIZED = "onnxruntime InferenceSession optimized_model_filepath"
 FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline": "FINN Streamline",
                "step_convert_to_hw": "FINN convert_to_hw (MVAU/VVAU)"}
 ZOO = "QONNX model zoo"
@@ -119,7 +122,11 @@ ORT_VARIANTS = {  # format -> (weight type, activation type, per channel)
     "QOperator": [("QInt8", "QUInt8", False), ("QInt8", "QUInt8", True), ("QUInt8", "QUInt8", True),
                   ("QInt8", "QInt8", False)],
     "dynamic": [("QInt8", "", False), ("QInt8", "", True), ("QUInt8", "", False), ("QUInt8", "", True)],
+    "QDQ_contrib": [("QInt8", "QUInt8", False), ("QInt8", "QUInt8", True), ("QInt4", "QUInt8", True),
+                    ("QInt16", "QUInt16", True)],
 }
+# formats whose second variant is also saved by onnxruntime's graph optimizer (_optimized_files)
+ORT_OPTIMIZED_FORMATS = ("QDQ", "QOperator", "dynamic")
 
 
 def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
@@ -132,6 +139,7 @@ def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
         for fmt, variants in ORT_VARIANTS.items():
             for weight, act, per_channel in (variants[1:2] if quick else variants):
                 wide = weight in ("QInt4", "QInt16") or act in ("QUInt4", "QInt4", "QUInt16", "QInt16")
+                wide = wide and fmt != "QDQ_contrib"  # onnxruntime's own Q/DQ take these types at opset 13
                 float_path = folder / f"float_{net}_opset{21 if wide else 13}.onnx"
                 x_shape = build(float_path, opset=21 if wide else 13)
                 name = f"ort_{fmt}_{net}_w{weight}{'_a' + act if act else ''}_{'pc' if per_channel else 'pt'}"
@@ -143,7 +151,25 @@ def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
                     rejected.append(f"{name}: onnxruntime refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
                     continue
                 entries.append(Entry(name, ORT_FORMATS[fmt], path, zero_point="subtract" if weight == "QUInt8" else "fold"))
+                if fmt in ORT_OPTIMIZED_FORMATS and (weight, act, per_channel) == variants[1]:
+                    entries += _optimized_files(entries[-1], quick)
     return entries, rejected
+
+
+def _optimized_files(source: Entry, quick: bool) -> list[Entry]:
+    """What an InferenceSession's graph optimizer saves from ``source``; quick: the QDQ file at ``extended`` only
+    (fused, but every layer still one a2q reads)."""
+    from tests.ort_models import optimized
+
+    if quick and source.producer != ORT_FORMATS["QDQ"]:
+        return []
+    entries = []
+    for level in ("extended",) if quick else ("extended", "all"):
+        path = source.path.with_name(f"{source.name}_opt_{level}.onnx")
+        with _quiet():
+            optimized(source.path, path, level)
+        entries.append(Entry(path.stem, ORT_OPTIMIZED, path, zero_point=source.zero_point))
+    return entries
 
 
 def _finn_stage_models(model, stages: list[str]):

@@ -1,5 +1,6 @@
 """The real-file corpus (``scripts/corpus.py``) in its quick form: one file per producer class, written by the
-real producer (Brevitas' two exporters, onnxruntime's three formats, FINN's HW graph), each run through
+real producer (Brevitas' two exporters, onnxruntime's four formats and its graph optimizer's output, FINN's HW
+graph), each run through
 ``analyze``/``project``/``verify`` (and ``lower`` for QONNX) and checked against the oracle that executes worst-case
 inputs through the graph's own quantizers. The full corpus (``python -m scripts.corpus --out DIR``) is a script.
 """
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from qonnx.core.modelwrapper import ModelWrapper
 
-from scripts.corpus import EXPORTERS, FINN_STAGES, ORT_FORMATS, _run, check, generate
+from scripts.corpus import EXPORTERS, FINN_STAGES, ORT_FORMATS, ORT_OPTIMIZED, _run, check, generate
 from tests.fuzz.oracle import width
 from tests.fuzz.real_files import executed_range
 
@@ -26,7 +27,8 @@ def test_quick_corpus_has_no_failed_file_and_the_oracle_agrees(corpus, tmp_path)
     entries, rejected = corpus
     assert rejected == []
     producers = {e.producer for e in entries}
-    assert producers == set(EXPORTERS.values()) | set(ORT_FORMATS.values()) | {FINN_STAGES["step_convert_to_hw"]}
+    assert producers == set(EXPORTERS.values()) | set(ORT_FORMATS.values()) | {FINN_STAGES["step_convert_to_hw"],
+                                                                              ORT_OPTIMIZED}
     results = [check(entry, tmp_path) for entry in entries]
     assert [(r.entry.name, r.detail) for r in results if r.status != "handled"] == []
     # every layer's executed worst case is the analysed range, not merely inside it; regression (found by the

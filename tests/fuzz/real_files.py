@@ -34,6 +34,10 @@ FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
 INTEGER_MACS = {"QLinearConv": ("Conv", 2, 3, 5), "QLinearMatMul": ("MatMul", 2, 3, 5), "QGemm": ("Gemm", 2, 3, 5),
                 "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3)}
+# onnxruntime contrib ops that multiply-accumulate, as its graph optimizer and MatMulNBitsQuantizer write them: the
+# oracle cannot execute them, but a reader that passes one over silently has missed a layer
+CONTRIB_MACS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "FusedConv", "FusedGemm",
+                "FusedMatMul", "NhwcConv", "NhwcFusedConv", "QAttention", "Attention")
 MVAU_OPS = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 VVAU_OPS = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ops that move or select codes without changing their grid
@@ -209,7 +213,8 @@ def _finn_layer_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo
 
 
 def is_mac(node) -> bool:
-    return node.op_type in FLOAT_MACS or node.op_type in INTEGER_MACS or node.op_type in MVAU_OPS + VVAU_OPS
+    return node.op_type in FLOAT_MACS or node.op_type in INTEGER_MACS or node.op_type in MVAU_OPS + VVAU_OPS or \
+        (node.domain == "com.microsoft" and node.op_type in CONTRIB_MACS)
 
 
 def with_shapes(model: ModelWrapper) -> ModelWrapper:
