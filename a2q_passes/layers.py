@@ -29,7 +29,7 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
-from onnx import NodeProto, helper, numpy_helper
+from onnx import AttributeProto, GraphProto, NodeProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
@@ -1438,6 +1438,7 @@ def find_mac_layers(
         elif unread_mac(node):
             read = _unread_layer
         else:
+            layers.extend(_subgraph_layers(model, node, resolver))
             continue
         try:
             layer = read(model, node, resolver)
@@ -1569,6 +1570,49 @@ def _unread_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) 
     return MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,
                     f"unsupported: {node.domain or 'ONNX'} {node.op_type}{operands} is a MAC a2q does not read "
                     f"({hint})")
+
+
+# ops whose presence in a subgraph makes its MACs quantized ones
+_QUANTIZERS = (*QUANT_OP_TYPES, "BipolarQuant", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+               "MultiThreshold", "Trunc")
+
+
+def _subgraph_layers(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> list[MacLayer]:
+    """The MACs inside ``node``'s subgraphs (If branches, Loop and Scan bodies), each an unsupported layer.
+
+    Only the main graph is read. A subgraph's MAC is reported where the subgraph quantizes something, holds an
+    integer MAC, or reads a quantized tensor of the main graph; a float-only subgraph has no integer accumulator.
+    """
+    reported = []
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else \
+            list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []
+        for graph in graphs:
+            inner = list(_nodes_within(graph))
+            produced = {t for n in inner for t in n.output} | {t.name for t in graph.input} | \
+                {t.name for t in graph.initializer}
+            outer = {t for n in inner for t in n.input if t and t not in produced}
+            quantized = any(n.op_type in _QUANTIZERS or is_integer_mac(n) for n in inner) or \
+                any(_is_quantized(model, t, resolver) for t in sorted(outer) if model.find_producer(t) is not None
+                    or t in resolver.graph_inputs)
+            if not quantized:
+                continue
+            where = f"in the '{attribute.name}' subgraph of {_node_label(node)}"
+            reported += [MacLayer(n.name or n.output[0], n.op_type, n.input[0] if n.input else "", 0, 0,
+                                  f"unsupported: {where}; a2q reads the MAC layers of the main graph only (inline or "
+                                  "unroll the subgraph, e.g. fold a constant If condition)")
+                         for n in inner if n.op_type in MAC_OP_TYPES + MVAU_OP_TYPES + VVAU_OP_TYPES
+                         or is_integer_mac(n) or unread_mac(n)]
+    return reported
+
+
+def _nodes_within(graph: GraphProto):
+    """Every node of ``graph``, those of its nested subgraphs included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs):
+                yield from _nodes_within(sub)
 
 
 def _is_quantized(model: ModelWrapper, tensor: str, resolver: GridResolver) -> bool:

@@ -37,7 +37,7 @@ def resolve_widths(model: ModelWrapper, layers: list[MacLayer], widths: int | di
     names = {node.name or node.output[0]: node for node in model.graph.node}
     for name, bits in resolved.items():
         where = "recorded in the model metadata" if source == WIDTHS_RECORDED and name not in (overrides or {}) else "given"
-        if name not in names:
+        if name not in names and name not in quantized:  # a reported layer may sit in a subgraph
             mac = ", ".join(quantized) or "none"
             raise A2QError(f"a width is {where} for layer '{name}', but the model has no node of that name "
                            f"(quantized MAC layers: {mac})")
