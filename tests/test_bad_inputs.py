@@ -180,6 +180,28 @@ def truncated(folder: Path) -> Path:
     return path
 
 
+def tied_weights(folder: Path) -> Path:
+    """A QONNX model whose one weight Quant feeds two MatMuls (tied weights)."""
+    domain, rng = "qonnx.custom_op.general", np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in
+             (("W", rng.normal(size=(8, 8)) * 0.3), ("ws", 0.05), ("z", 0.0), ("b4", 4.0), ("b8", 8.0), ("xs", 0.05))]
+
+    def quant(x: str, scale: str, bits: str, out: str, signed: int) -> onnx.NodeProto:
+        return helper.make_node("Quant", [x, scale, "z", bits], [out], domain=domain, signed=signed, narrow=0,
+                                rounding_mode="ROUND")
+
+    nodes = [quant("x", "xs", "b8", "xq", 0), quant("W", "ws", "b4", "Wq", 1),
+             helper.make_node("MatMul", ["xq", "Wq"], ["h"], name="mmA"), helper.make_node("Relu", ["h"], ["r"]),
+             quant("r", "xs", "b8", "rq", 0), helper.make_node("MatMul", ["rq", "Wq"], ["y"], name="mmB")]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(domain, 1)])
+    model.ir_version = 8
+    path = folder / "tied.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
 def copy_of(base: Path) -> Callable[[Path], Path]:
     def make(folder: Path) -> Path:
         path = folder / base.name
@@ -420,6 +442,9 @@ CASES: dict[str, Case] = {
                                ("/conv1/Conv", "Quant"), model=copy_of(QDQ), data=npz("train.npz", x=X_OK, y=Y_OK)),
     "finetune-layer-unknown": Case(("finetune", "{in}", "{out}/o.onnx", "--data", "{data}", "--layer", "nope=12"),
                                    ("nope", "Gemm_0"), data=npz("train.npz", x=X_OK, y=Y_OK)),
+    "finetune-tied-weights": Case(("finetune", "{in}", "{out}/o.onnx", "--data", "{data}", "--acc-bits", "13", "--loss",
+                                   "mse", "--distill"), ("layer 'mmA'", "'W'", "tied"), model=tied_weights,
+                                  data=npz("x.npz", x=np.random.default_rng(0).uniform(0, 5, (16, 8)).astype(np.float32))),
     "finetune-data-no-samples": Case(("finetune", "{in}", "{out}/o.onnx", "--data", "{data}", "--acc-bits", "12"),
                                      ("z.npz", "no samples"), data=npz("z.npz", x=np.zeros((0, 1, 8, 8), np.float32))),
     # --- pure usage errors: click's own message, exit 2

@@ -267,7 +267,9 @@ class Constraint:
             wq = quants.get(layer.tensor)
             if wq is None:
                 raise A2QError(f"layer '{layer.node}': its weight '{layer.tensor}' is not a trainable Quant input "
-                               "of the torch bridge")
+                               "of the torch bridge (a QONNX Quant on an initializer that feeds this layer alone); "
+                               "weights shared by several layers (tied) are not trained: give each layer its own "
+                               "Quant and initializer")
             self.quant_node[layer.node] = wq.node_name
             if init == "scaled":
                 self.scale_multipliers[layer.node] = self._rescale(layer, wq)
