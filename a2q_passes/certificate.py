@@ -977,9 +977,15 @@ def _reads_graph_input(model: ModelWrapper, tensor: str) -> bool:
     return False
 
 
-def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes", zero_point: str) -> LayerCertificate:
-    """A MatMul of two activations: each output sums K products of independent codes of both operands."""
-    a, b = node.input[0], node.input[1]
+def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes | None",
+                       zero_point: str) -> LayerCertificate:
+    """A MatMul of two activations: each output sums K products of independent codes of both operands.
+
+    ``codes`` None: a QLinearMatMul/MatMulInteger of two integer activations, each operand's codes from its
+    own type and zero point (:func:`_integer_codes`).
+    """
+    a = node.input[0]
+    b = node.input[_INTEGER_MACS[node.op_type][1]] if codes is None else node.input[1]
     if not _reads_graph_input(model, a):
         raise CannotCertify(f"{_label(node)} multiplies a constant left operand by an activation")
     inferred = _inferred(model)
@@ -989,11 +995,22 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
     K = int(shape_a[-1])
     if int(shape_b[-2] if len(shape_b) > 1 else shape_b[0]) not in (K, 0):  # 0: a dimension left symbolic
         raise CannotCertify(f"{_label(node)}: operand shapes {shape_a} and {shape_b} do not share K")
-    a_lo, a_hi, _ = _mac_codes(codes.grid(a), zero_point)
-    b_lo, b_hi, _ = _mac_codes(codes.grid(b), zero_point)
+    if codes is None:
+        types = _elem_types(model)
+        (a_lo, a_hi, _), (b_lo, b_hi, _) = (_integer_codes(model, node, data, zp, zero_point, types)
+                                            for data, zp in ((0, 2), _INTEGER_MACS[node.op_type][1:]))
+    else:
+        a_lo, a_hi, _ = _mac_codes(codes.grid(a), zero_point)
+        b_lo, b_hi, _ = _mac_codes(codes.grid(b), zero_point)
     acc_min, acc_max = bounds.act_x_act_range(K, bounds.IntRange(a_lo, a_hi), bounds.IntRange(b_lo, b_hi))
     return LayerCertificate(node.name or node.output[0], (int(a_lo), int(a_hi)), None, (acc_min,), (acc_max,),
                             (int(b_lo), int(b_hi)))
+
+
+def _integer_act_x_act(model: ModelWrapper, node: NodeProto) -> bool:
+    """An ONNX QLinearMatMul/MatMulInteger whose second operand is computed at run time."""
+    return node.op_type in ("QLinearMatMul", "MatMulInteger") and node.domain in ("", "ai.onnx") and \
+        _reads_graph_input(model, node.input[_INTEGER_MACS[node.op_type][1]])
 
 
 def _inferred(model: ModelWrapper) -> ModelWrapper:
@@ -1047,21 +1064,28 @@ def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> 
             by_rows = node.op_type in ("QLinearConv", "ConvInteger") or (node.op_type == "QGemm" and _attr(node, "transB", 0))
             wz = wz.reshape([-1] + [1] * (w.ndim - 1)) if by_rows else wz.reshape(-1)
         w = w - wz
-    types = _elem_types(model)
-    x_zp = node.input[2] if len(node.input) > 2 else ""
+    return (w, *_integer_codes(model, node, 0, 2, zero_point, _elem_types(model)))
+
+
+def _integer_codes(model: ModelWrapper, node: NodeProto, data: int, zero_point_input: int, zero_point: str,
+                   types: Mapping[str, int]) -> tuple[int, int, int]:
+    """``(lo, hi, padding code)`` of the integer operand at input ``data`` of an integer MAC op, its zero point at
+    input ``zero_point_input``: its type's range, less the zero point under subtract."""
+    x_zp = node.input[zero_point_input] if len(node.input) > zero_point_input else ""
     zp_value = None
     if x_zp:
         try:
             zp_value = _execute_constants(model, [x_zp])[x_zp]
         except CannotCertify:
             zp_value = None  # computed at run time (DynamicQuantizeLinear): any value of its type
-    x_type = helper.np_dtype_to_tensor_dtype(zp_value.dtype) if zp_value is not None else types.get(node.input[0])
-    if x_type not in _STORAGE_RANGES or (types.get(node.input[0]) not in (None, x_type)):
-        raise CannotCertify(f"the integer input of {_label(node)} has type {x_type} "
-                            f"(type inference: {types.get(node.input[0])})")
+    x = node.input[data]
+    x_type = helper.np_dtype_to_tensor_dtype(zp_value.dtype) if zp_value is not None else types.get(x)
+    if x_type not in _STORAGE_RANGES or (types.get(x) not in (None, x_type)):
+        raise CannotCertify(f"the integer input '{x}' of {_label(node)} has type {x_type} "
+                            f"(type inference: {types.get(x)})")
     lo, hi = _STORAGE_RANGES[x_type]
     if zp_value is not None:
-        z = _uniform(zp_value, f"the input zero point of {_label(node)}")
+        z = _uniform(zp_value, f"the zero point '{x_zp}' of {_label(node)}")
         z_lo = z_hi = int(z)
     elif x_zp:
         if types.get(x_zp) not in _STORAGE_RANGES:
@@ -1070,9 +1094,9 @@ def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> 
     else:
         z_lo = z_hi = 0
     if zero_point == "subtract":  # ONNX pads x - z with 0
-        return w, lo - z_hi, hi - z_lo, 0
+        return lo - z_hi, hi - z_lo, 0
     # raw codes; a padded tap holds z, a code of the input's own type, so [lo, hi] covers it whatever z is
-    return w, lo, hi, z_lo if z_lo == z_hi else lo
+    return lo, hi, z_lo if z_lo == z_hi else lo
 
 
 def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str, str] | None = None,
@@ -1102,10 +1126,11 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
                                    zero_point)
             parts = [rows]
             acc_min, acc_max = _row_ranges(rows, lo, hi)
-    elif op == "MatMul" and _reads_graph_input(model, node.input[1]):
+    elif op == "MatMul" and _reads_graph_input(model, node.input[1]) or _integer_act_x_act(model, node):
         if tile is not None:
             raise CannotCertify(f"{_label(node)} multiplies two activations; tiled ranges are not certified for it")
-        return _certify_act_x_act(model, node, _InputCodes(model, input_dtypes, zero_point, input_ranges), zero_point)
+        codes = None if op in _INTEGER_MACS else _InputCodes(model, input_dtypes, zero_point, input_ranges)
+        return _certify_act_x_act(model, node, codes, zero_point)
     elif op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or op in _INTEGER_MACS:
         blocks = None
         if op in _INTEGER_MACS:

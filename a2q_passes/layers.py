@@ -587,16 +587,17 @@ def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return value.reshape(shape)
 
 
-def _storage_dtype(model: ModelWrapper, dq: NodeProto) -> np.dtype | None:
-    """The integer type a ``DequantizeLinear`` reads (int8, uint8, ...), or ``None`` if unknown.
+def _storage_dtype(model: ModelWrapper, dq: NodeProto, data: int = 0, zero_point: int = 2) -> np.dtype | None:
+    """The integer type a ``DequantizeLinear`` reads (int8, uint8, ...), or ``None`` if unknown; also that of
+    the operand at input ``data`` of an integer MAC op, its zero point at input ``zero_point``.
 
     ONNX: the zero point's type if one is given, else the type of the ``x`` input itself (a
     ``QuantizeLinear`` without zero point outputs its ``output_dtype``, by default uint8).
     """
-    zp = get_constant(model, dq.input[2]) if len(dq.input) > 2 else None
+    zp = get_constant(model, dq.input[zero_point]) if len(dq.input) > zero_point and dq.input[zero_point] else None
     if zp is not None:
         return np.dtype(zp.dtype)
-    codes, _ = _skip_clips(model, dq.input[0])  # a Clip keeps its input's type
+    codes, _ = _skip_clips(model, dq.input[data])  # a Clip keeps its input's type
     x = get_constant(model, codes)
     if x is not None:
         return np.dtype(x.dtype)
@@ -1124,24 +1125,28 @@ class GridResolver:
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
         return self._with_zero_point(codes, dtype, scale, zp), ""
 
-    def integer_operand(self, node: NodeProto) -> tuple[InputGrid | None, str]:
-        """The codes an integer MAC op (QLinearConv, MatMulInteger, ...) reads at input 0, zero point at input 2.
+    def integer_operand(self, node: NodeProto, second: bool = False) -> tuple[InputGrid | None, str]:
+        """The codes an integer MAC op (QLinearConv, MatMulInteger, ...) reads at input 0, zero point at input 2;
+        ``second``: at its second operand (a QLinearMatMul/MatMulInteger of two activations).
 
         They span the integer tensor's storage type. A zero point computed at run time
         (``DynamicQuantizeLinear``: any z in 0..255, real 0 always a code) leaves the raw codes
         ``[0, 255]`` (fold) but moves ``code - z`` anywhere in ``[-255, 255]`` (subtract; at one run the
         box is ``[-z, 255 - z]``, so that range is sound but up to one bit wider than any single run).
         """
-        storage = _storage_dtype(self.model, node)
+        operands = INTEGER_MAC_OPS[node.op_type]
+        data, zp_index = (operands.weight, operands.weight_zero_point) if second else (0, 2)
+        storage = _storage_dtype(self.model, node, data, zp_index)
         if storage is None:
-            return None, (f"{_node_label(node)}: the type of its integer input '{node.input[0]}' is unknown; "
+            return None, (f"{_node_label(node)}: the type of its integer input '{node.input[data]}' is unknown; "
                           "give its zero point or run shape inference")
         try:
             codes, dtype = _storage_range(storage)
         except UnsupportedLayer as err:
             return None, str(err)
-        zp_name = node.input[2] if len(node.input) > 2 else ""
-        scale = _scalar_constant(self.model, node.input[1]) if INTEGER_MAC_OPS[node.op_type].weight == 3 else None
+        zp_name = node.input[zp_index] if len(node.input) > zp_index else ""
+        # the QLinear ops carry each operand's scale right after it
+        scale = _scalar_constant(self.model, node.input[data + 1]) if operands.weight == 3 else None
         if not zp_name:
             return self._with_zero_point(codes, dtype, scale, 0), ""
         zp = get_constant(self.model, zp_name)
@@ -1427,7 +1432,7 @@ def find_mac_layers(
     resolver = GridResolver(model, input_dtypes, zero_point, input_ranges)
     layers = []
     for node in model.graph.node:
-        if node.op_type == "MatMul" and not computed_from_constants(model, node.input[1], resolver.constants):
+        if _multiplies_activations(model, node, resolver):
             read = _act_x_act_layer
         elif node.op_type in MAC_OP_TYPES:
             read = _standard_layer
@@ -1448,6 +1453,17 @@ def find_mac_layers(
             layers.append(MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,
                                    f"unsupported: could not read this layer ({type(err).__name__}: {err})"))
     return layers
+
+
+def _multiplies_activations(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> bool:
+    """A MatMul (float, or QLinearMatMul/MatMulInteger) whose second operand is computed at run time."""
+    if node.op_type == "MatMul":
+        second = node.input[1]
+    elif is_integer_mac(node) and INTEGER_MAC_OPS[node.op_type].mac_op == "MatMul":
+        second = node.input[INTEGER_MAC_OPS[node.op_type].weight]
+    else:
+        return False
+    return not computed_from_constants(model, second, resolver.constants)
 
 
 def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
@@ -1513,8 +1529,12 @@ def _block_layout(model: ModelWrapper, node: NodeProto, source: WeightSource, la
 
 
 def _act_x_act_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
-    """A MatMul whose second operand is computed at run time: both operands must be quantized activations."""
-    name, a, b = node.name or node.output[0], node.input[0], node.input[1]
+    """A MatMul whose second operand is computed at run time: both operands must be quantized activations;
+    also a QLinearMatMul/MatMulInteger of two integer activations (each operand's codes from its own type and
+    zero point)."""
+    integer = is_integer_mac(node)
+    name, a = node.name or node.output[0], node.input[0]
+    b = node.input[INTEGER_MAC_OPS[node.op_type].weight] if integer else node.input[1]
 
     def layer(status: str, K: int = 0, grid: InputGrid | None = None, operand: InputGrid | None = None) -> MacLayer:
         return MacLayer(name, node.op_type, a, K, 1 if K else 0, status, grid, kind=KIND_ACT_X_ACT, operand_grid=operand)
@@ -1529,10 +1549,10 @@ def _act_x_act_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolve
     K = int(shape_a[-1])
     if shape_b and len(shape_b) >= 1 and shape_b[-2 if len(shape_b) > 1 else 0] not in (K, 0):
         return layer(f"unsupported: operand shapes {list(shape_a)} and {list(shape_b)} do not multiply")
-    grid, reason = resolver.resolve(a)
+    grid, reason = resolver.integer_operand(node) if integer else resolver.resolve(a)
     if grid is None:
         return layer(f"{STATUS_INPUT_NOT_QUANTIZED}: first operand: {reason}", K)
-    operand, reason = resolver.resolve(b)
+    operand, reason = resolver.integer_operand(node, second=True) if integer else resolver.resolve(b)
     if operand is None:
         return layer(f"{STATUS_INPUT_NOT_QUANTIZED}: second operand: {reason}", K, grid)
     return layer(STATUS_OK, K, grid, operand)
@@ -1560,11 +1580,13 @@ def _integer_op_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolv
 
 
 def _unread_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer | None:
-    """A MAC of :data:`UNREAD_MACS` as an unsupported layer; ``None`` for a float one whose operands are all float
-    (no integer accumulator to check)."""
+    """A MAC of :data:`UNREAD_MACS` as an unsupported layer; ``None`` for a float one with constant float weights
+    and a float input (no integer accumulator to check). A float one of two activations is always a layer, as a
+    MatMul of two activations is (whether its operands are on an integer grid is not known)."""
     on_integers, hint = unread_mac(node)
     quantized = [name for name in node.input if name and _is_quantized(model, name, resolver)]
-    if not on_integers and not quantized:
+    weights = len(node.input) > 1 and computed_from_constants(model, node.input[1], resolver.constants)
+    if not on_integers and not quantized and weights:
         return None
     operands = f" on quantized {', '.join(repr(n) for n in quantized)}" if quantized and not on_integers else ""
     return MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,

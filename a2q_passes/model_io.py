@@ -234,7 +234,42 @@ def with_inferred_shapes(model: ModelWrapper) -> ReadOnlyModel:
 
         copy = ModelWrapper(model.model.SerializeToString(), fix_missing_initializer_valueinfo=False)
         return ReadOnlyModel(copy.transform(InferShapes(), cleanup=False).model)
-    return ReadOnlyModel(onnx.shape_inference.infer_shapes(model.model))
+    inferred = onnx.shape_inference.infer_shapes(model.model)
+    if any(node.domain == "com.microsoft" for node in model.graph.node):
+        _add_onnxruntime_shapes(inferred)
+    return ReadOnlyModel(inferred)
+
+
+def _add_onnxruntime_shapes(proto: onnx.ModelProto) -> None:
+    """Add the ValueInfo onnxruntime infers for the tensors ONNX's inference left untyped, in place.
+
+    ONNX's inference knows no onnxruntime contrib op (com.microsoft QGemm, QLinearAdd, ...), so nothing after
+    one gets a shape; onnxruntime types every tensor when it builds a session (no run). Models with tensors
+    in external data are left as they are: the session would load all of them.
+    """
+    graph = proto.graph
+    if any(is_streamed(t) or uses_external_data(t) for t in graph.initializer):
+        return
+    known = {vi.name for vi in (*graph.input, *graph.value_info, *graph.output)} | {t.name for t in graph.initializer}
+    missing = list(dict.fromkeys(t for node in graph.node for t in node.output if t and t not in known))
+    if not missing:
+        return
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as it is
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - a graph onnxruntime cannot build keeps ONNX's shapes only
+        return
+    for out in session.get_outputs():
+        if out.name in missing and out.type.startswith("tensor(") and out.shape is not None:
+            elem = onnx.TensorProto.DataType.Value(out.type[len("tensor("):-1].upper())
+            graph.value_info.append(helper.make_tensor_value_info(out.name, elem, out.shape))
 
 
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:

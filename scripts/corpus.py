@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-BELOW_WIDEST = 2  # project at the widest exact width minus this: every file's projection changes weights
+# project at the widest exact width of the weight layers minus this (every such projection changes weights), or at
+# the width of a product of two activations where that is wider: those cannot shrink
+BELOW_WIDEST = 2
 EXPORTERS = {"qonnx": "Brevitas export_qonnx", "qcdq_ts": "Brevitas export_onnx_qcdq (TorchScript)",
              "qcdq_dynamo": "Brevitas export_onnx_qcdq (dynamo)"}
 ORT_FORMATS = {"QDQ": "onnxruntime quantize_static QDQ", "QOperator": "onnxruntime quantize_static QOperator",
@@ -329,10 +331,13 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], width) -> No
             return
         result.tight += int(ex.acc_min.tolist() == pc["acc_min"] and ex.acc_max.tolist() == pc["acc_max"])
 
-    widest = max(layer["bounds"]["exact"] for layer in layers)
+    # products of two activations cannot shrink: P stays at least their width
+    widest = max(layer["bounds"]["exact"] for layer in layers if layer["kind"] == "weights") if any(
+        layer["kind"] == "weights" for layer in layers) else 2 + BELOW_WIDEST
+    fixed = max((layer["bounds"]["exact"] for layer in layers if layer["kind"] != "weights"), default=2)
     ranges = ["--input-ranges", "finn"] if entry.lower else []
     projected = work / f"{entry.name}.projected.onnx"
-    bits = max(widest - BELOW_WIDEST, 2)
+    bits = max(widest - BELOW_WIDEST, fixed, 2)
     code, out, err = _run("project", entry.path, projected, "--acc-bits", bits, "--json", *zp, *ranges)
     floors = [int(n) for n in re.findall(r"needs at least (\d+) bits \(bipolar", err)]
     if code == 1 and floors:  # bipolar weights cannot shrink: project at the smallest P they reach, as it says

@@ -66,7 +66,26 @@ def residual_depthwise(path: Path, opset: int = 13) -> list[int]:
     return [1, 3, 6, 6]
 
 
-FLOAT_NETS = {"conv_gemm_matmul": conv_gemm_matmul, "matmul_conv": matmul_conv, "residual_depthwise": residual_depthwise}
+def attention(path: Path, opset: int = 13) -> list[int]:
+    """One attention head on (1, 6, 8) inputs: q, k, v projections (MatMul), softmax(q @ k^T) @ v, output MatMul;
+    the two products of activations are what QOperator writes as QLinearMatMul of two integer tensors."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "Wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "Wv"], ["v"], name="v_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["ctx"], name="context"),
+             helper.make_node("MatMul", ["ctx", "Wo"], ["y"], name="o_proj")]
+    inits = [numpy_helper.from_array((rng.normal(size=(8, 8)) / 3).astype(np.float32), name)
+             for name in ("Wq", "Wk", "Wv", "Wo")]
+    _save(path, nodes, [1, 6, 8], inits, opset)
+    return [1, 6, 8]
+
+
+FLOAT_NETS = {"conv_gemm_matmul": conv_gemm_matmul, "matmul_conv": matmul_conv, "residual_depthwise": residual_depthwise,
+              "attention": attention}
 
 
 def quantize(float_path: Path, out_path: Path, x_shape: list[int], fmt: str, weight: str, act: str = "QUInt8",

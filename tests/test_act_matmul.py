@@ -293,6 +293,51 @@ def test_onnxruntime_quantized_attention_scores(a2q, tmp_path: Path, activation_
     assert (layer["acc_min"], layer["acc_max"]) == (int(every.min()), int(every.max()))
 
 
+@pytest.mark.parametrize("activation_type", ["QInt8", "QUInt8"])
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_onnxruntime_qoperator_attention_scores(a2q, tmp_path: Path, activation_type: str, zero_point: str) -> None:
+    """``Q @ K^T`` in onnxruntime's QOperator format: a QLinearMatMul of two integer activations, each operand's
+    codes its own type's, less its zero point under subtract. Executed extremes through onnxruntime; verify proves
+    the exact width and fails one bit below; project cannot shrink it below."""
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores")]
+    graph = helper.make_graph(nodes, "scores", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, M, K]),
+                                                helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, N, K])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, M, N])])
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    float_model.ir_version = 8
+    ModelWrapper(float_model).save(str(tmp_path / "float.onnx"))
+    path = tmp_path / "q.onnx"
+    quantize_static(str(tmp_path / "float.onnx"), str(path), _Calibration(), quant_format=QuantFormat.QOperator,
+                    activation_type=getattr(QuantType, activation_type))
+    result = a2q("analyze", path, "--json", "--zero-point", zero_point)
+    assert result.returncode == 0, result.stderr
+    (layer,) = json.loads(result.stdout)["layers"]
+    assert (layer["op_type"], layer["kind"], layer["status"]) == ("QLinearMatMul", "act x act", "ok")
+
+    model = ModelWrapper(str(path))
+    mac = next(n for n in model.graph.node if n.op_type == "QLinearMatMul")
+    probe = ModelWrapper(str(path))
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in (mac.input[0], mac.input[3]))
+    session = ort.InferenceSession(probe.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    zero = [int(model.get_initializer(mac.input[i])) if zero_point == "subtract" else 0 for i in (2, 5)]
+    sums = []
+    for sq, sk in itertools.product((-SATURATE, SATURATE), repeat=2):
+        _, a, b = session.run(None, {"q": np.full((1, M, K), sq, np.float32), "k": np.full((1, N, K), sk, np.float32)})
+        sums.append((a.astype(np.int64) - zero[0]) @ (b.astype(np.int64) - zero[1]))
+    every = np.concatenate([s.reshape(-1) for s in sums])
+    assert (layer["acc_min"], layer["acc_max"]) == (int(every.min()), int(every.max()))
+
+    exact = layer["bounds"]["exact"]
+    assert a2q("verify", path, "--acc-bits", exact, "--zero-point", zero_point).returncode == 0
+    below = a2q("verify", path, "--acc-bits", exact - 1, "--zero-point", zero_point)
+    assert below.returncode == 3 and mac.name in below.stderr
+    refused = a2q("project", path, tmp_path / "out.onnx", "--acc-bits", exact - 1, "--zero-point", zero_point)
+    assert refused.returncode == 1 and "activation x activation" in refused.stderr and not (tmp_path / "out.onnx").exists()
+
+
 def test_certificate_catches_a_reader_that_under_reports(a2q, case, tmp_path: Path, monkeypatch) -> None:
     path = case[0]
     real = MacLayer.act_x_act_range

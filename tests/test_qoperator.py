@@ -376,3 +376,17 @@ def test_per_channel_zero_points_share_one_signed_accumulator():
     lo, hi = executed_extremes(projected.model, "mm", "subtract")
     assert_fits(np.concatenate([lo, hi]), 17, projection.projections[0].acc_dtype_after)
     assert projection.projections[0].acc_dtype_after == "INT17"
+
+
+def test_shapes_after_a_contrib_op_come_from_onnxruntime(quantized):
+    """ONNX's shape inference knows no com.microsoft op, so nothing after a QGemm had a shape (an act x act
+    QLinearMatMul there had no K); onnxruntime types those tensors when it builds a session."""
+    from a2q_passes.model_io import with_inferred_shapes
+
+    model = ModelWrapper(quantized["qop_int8_pc"])
+    qgemm = next(n for n in model.graph.node if n.op_type == "QGemm")
+    onnx_only = onnx.shape_inference.infer_shapes(model.model)
+    assert qgemm.output[0] not in {vi.name for vi in onnx_only.graph.value_info}
+    inferred = with_inferred_shapes(model)
+    assert inferred.get_tensor_shape(qgemm.output[0]) == [1, 6]
+    assert inferred.get_tensor_datatype(qgemm.output[0]) is not None

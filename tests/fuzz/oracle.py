@@ -375,8 +375,10 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
         codes.append(t + zero if case.zero_point == "fold" else t)
     k = codes[0].shape[-1]
     if k * np.abs(codes[0]).max(initial=0) * max(np.abs(codes[1]).max(initial=0), 1) >= EXACT_FLOAT32:
-        raise OracleError(f"{info.node}: accumulator too large for exact float32 execution")
-    acc = np.round(_run_matmul(codes[0], codes[1])).astype(np.int64)
+        # 16-bit codes: a float32 MatMul would round; the integer product is exact
+        acc = np.matmul(codes[0].astype(np.int64), codes[1].astype(np.int64))
+    else:
+        acc = np.round(_run_matmul(codes[0], codes[1])).astype(np.int64)
     return ExecutedRange(np.array([acc.min()]), np.array([acc.max()]))
 
 

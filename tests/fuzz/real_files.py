@@ -72,6 +72,11 @@ def _attr(node, name: str, default):
 
 def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
     """(scale, zero point) of ``tensor``'s codes: the quantizer above it, then the scalar Mul/Add on the way."""
+    return _activation_source(model, tensor)[:2]
+
+
+def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, object]:
+    """:func:`activation_grid` and the node it read the grid from (``None``: an integer graph input)."""
     ops = []
     while True:
         producer = model.find_producer(tensor)
@@ -113,7 +118,7 @@ def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
             scale *= value
         elif not np.isclose(value / scale, round(value / scale), rtol=0, atol=1e-6):
             raise Undescribed(f"an Add of {value} is not a whole number of steps {scale}")
-    return scale, zero
+    return scale, zero, producer
 
 
 def weight_scale(model: ModelWrapper, mac) -> np.ndarray:
@@ -157,7 +162,10 @@ def describe_layer(model: ModelWrapper, name: str) -> LayerInfo:
 def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[ModelWrapper, LayerInfo, dict]:
     """The one-layer float model an integer MAC op is defined by, its LayerInfo and the source's code range."""
     float_op, x_zp_input, w_input, wz_input = INTEGER_MACS[mac.op_type]
-    w = np.asarray(_const(model, mac.input[w_input]))
+    w = _const(model, mac.input[w_input])
+    if w is None and float_op == "MatMul":
+        return _integer_act_x_act_model(model, mac, zero_point)
+    w = np.asarray(w)
     if w is None or w.dtype.kind not in "iu":
         raise Undescribed(f"{mac.name}: weight {mac.input[w_input]!r} is not an integer constant")
     wz_name = mac.input[wz_input] if len(mac.input) > wz_input else ""
@@ -166,24 +174,81 @@ def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[Mod
     channel_axis = 0 if float_op == "Conv" or (float_op == "Gemm" and trans_b) else 1
     shape = [-1 if d == channel_axis else 1 for d in range(w.ndim)]
     q = w.astype(np.int64) - (wz.reshape(shape) if wz.size > 1 else wz.reshape(())) if zero_point == "subtract" else w
-    x_name = mac.input[0]
-    x_zp_name = mac.input[x_zp_input] if len(mac.input) > x_zp_input else ""
-    x_zp = _const(model, x_zp_name) if x_zp_name else None
-    dynamic = bool(x_zp_name) and x_zp is None  # DynamicQuantizeLinear: a zero point computed per run
-    elem = model.get_tensor_valueinfo(x_name).type.tensor_type.elem_type if model.get_tensor_valueinfo(x_name) else None
-    storage = np.dtype(x_zp.dtype if x_zp is not None else INTEGER_ELEM.get(elem, np.uint8))
-    info = np.iinfo(storage)
-    if dynamic and zero_point == "subtract":  # x - z with both in the storage range, z chosen per run
-        lo, hi, zero = int(info.min) - int(info.max), int(info.max) - int(info.min), 0
-    else:
-        lo, hi = int(info.min), int(info.max)
-        zero = 0 if x_zp is None or dynamic else int(np.asarray(x_zp).reshape(()))
+    lo, hi, zero = _integer_codes(model, mac, 0, x_zp_input, zero_point)
     attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute
              if a.name in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad", "transA", "transB")}
-    x_shape = [1] + list(model.get_tensor_shape(x_name))[1:]
+    x_shape = [1] + list(model.get_tensor_shape(mac.input[0]))[1:]
     # the MAC reads t = codes - zero point (the oracle adds the zero point back under fold, padded taps included)
     layer = _one_layer(helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs), x_shape, q)
     return layer, LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero), {"t": (lo - zero, hi - zero)}
+
+
+def _integer_codes(model: ModelWrapper, mac, data: int, zp_input: int, zero_point: str) -> tuple[int, int, int]:
+    """``(lo, hi, zero)``: the codes of the integer operand at input ``data`` (its storage type) and the zero point
+    at input ``zp_input`` the MAC subtracts (0 under subtract with a run-time zero point: then the codes are the
+    differences themselves)."""
+    name = mac.input[data]
+    zp_name = mac.input[zp_input] if len(mac.input) > zp_input else ""
+    zp = _const(model, zp_name) if zp_name else None
+    dynamic = bool(zp_name) and zp is None  # DynamicQuantizeLinear: a zero point computed per run
+    elem = model.get_tensor_valueinfo(name).type.tensor_type.elem_type if model.get_tensor_valueinfo(name) else None
+    info = np.iinfo(np.dtype(zp.dtype if zp is not None else INTEGER_ELEM.get(elem, np.uint8)))
+    if dynamic and zero_point == "subtract":  # x - z with both in the storage range, z chosen per run
+        return int(info.min) - int(info.max), int(info.max) - int(info.min), 0
+    return int(info.min), int(info.max), 0 if zp is None or dynamic else int(np.asarray(zp).reshape(()))
+
+
+def _integer_act_x_act_model(model: ModelWrapper, mac, zero_point: str) -> tuple[ModelWrapper, LayerInfo, dict]:
+    """A QLinearMatMul/MatMulInteger of two integer activations as ``MatMul(t, u)``, each input taking every code
+    of its operand's storage type (less its zero point)."""
+    _, a_zp, b, b_zp = INTEGER_MACS[mac.op_type]
+    (a_lo, a_hi, az), (b_lo, b_hi, bz) = (_integer_codes(model, mac, 0, a_zp, zero_point),
+                                          _integer_codes(model, mac, b, b_zp, zero_point))
+    shapes = [[1] + list(model.get_tensor_shape(mac.input[i]))[1:] for i in (0, b)]
+    graph = helper.make_graph([helper.make_node("MatMul", ["t", "u"], ["acc"], name=mac.name)], "layer",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+                               zip("tu", shapes)], [helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)])
+    layer = _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
+    info = LayerInfo(mac.name, "MatMul", None, 1.0, az, 1.0, bz, act_x_act=True)
+    return layer, info, {"t": (a_lo - az, a_hi - az), "u": (b_lo - bz, b_hi - bz)}
+
+
+def _reads_activations(model: ModelWrapper, tensor: str) -> bool:
+    """Whether ``tensor`` is computed from a graph input (not from constants alone)."""
+    kept: list = []
+    _ancestors(model, tensor, kept)
+    inputs = {vi.name for vi in model.graph.input} - {init.name for init in model.graph.initializer}
+    return tensor in inputs or any(t in inputs for n in kept for t in n.input)
+
+
+def _act_x_act_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo, dict]:
+    """A float MatMul of two quantized activations, each operand's quantizer reading a fresh graph input of its own:
+    the operands then reach their extremes independently, as the analysis assumes (attention's q and k are
+    both computed from one input)."""
+    model = ModelWrapper(copy.deepcopy(model.model))
+    grids, freed = [], []
+    for i, tensor in enumerate(mac.input[:2]):
+        scale, zero, node = _activation_source(model, tensor)
+        grids += [scale, zero]
+        if node is None:  # an integer graph input: already a source of its own
+            continue
+        quantizer = node
+        if node.op_type == "DequantizeLinear":  # QDQ: free the QuantizeLinear's float input (Clips kept)
+            upstream = model.find_producer(node.input[0])
+            while upstream is not None and upstream.op_type == "Clip":
+                upstream = model.find_producer(upstream.input[0])
+            if upstream is None or upstream.op_type != "QuantizeLinear":
+                raise Undescribed(f"{mac.name}: operand {tensor!r} is dequantized from codes no QuantizeLinear computes")
+            quantizer = upstream
+        if any(quantizer is other for other in freed):
+            raise Undescribed(f"{mac.name}: both operands come from quantizer {quantizer.name!r}")
+        source = f"oracle_operand_{i}"
+        model.graph.input.append(helper.make_tensor_value_info(
+            source, TensorProto.FLOAT, list(model.get_tensor_shape(quantizer.input[0]))))
+        quantizer.input[0] = source
+        freed.append(quantizer)
+    info = LayerInfo(mac.name, "MatMul", None, grids[0], grids[1], grids[2], grids[3], act_x_act=True)
+    return model, info, {}
 
 
 def _one_layer(node, x_shape: list[int], weights: np.ndarray) -> ModelWrapper:
@@ -286,6 +351,8 @@ def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", see
         layer, info, ranges = _integer_layer_model(model, mac, zero_point)
     elif mac.op_type in MVAU_OPS + VVAU_OPS:
         layer, info, ranges = _finn_layer_model(model, mac)
+    elif mac.op_type == "MatMul" and _reads_activations(model, mac.input[1]):
+        layer, info, ranges = _act_x_act_model(model, mac)
     else:
         layer, info, ranges = model, describe_layer(model, name), {}
     return layer_range(layer, Case(layer, [info], zero_point, source_ranges=ranges), info, seed)
