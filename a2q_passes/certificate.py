@@ -89,7 +89,8 @@ _KERNEL_VALUES = 1 << 22
 # ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
 _INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
                  "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
-_INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",)}  # the others are standard ONNX ops
+# the others are standard ONNX ops; com.microsoft QLinearConv is the channels-last form onnxruntime's optimizer writes
+_INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",), "QLinearConv": ("", "ai.onnx", "com.microsoft")}
 # domains of the ops onnxruntime executes itself (the certificate's fallback for constant subgraphs qonnx cannot run)
 _ONNXRUNTIME_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -821,11 +822,13 @@ def _outer(per_dim: tuple[tuple[bool, ...], ...]) -> np.ndarray:
     return functools.reduce(np.logical_and.outer, [np.asarray(d, dtype=bool) for d in per_dim]).reshape(-1)
 
 
-def _input_sizes(model: ModelWrapper, tensor: str) -> list[int] | None:
+def _input_sizes(model: ModelWrapper, tensor: str, channels_last: bool = False) -> list[int] | None:
+    """The spatial sizes of a Conv input, ``(N, C, *sizes)`` or, ``channels_last``, ``(N, *sizes, C)``."""
     shape = model.get_tensor_shape(tensor)
     if shape is None:
         shape = _inferred(model).get_tensor_shape(tensor)
-    return None if shape is None or len(shape) < 3 or not all(shape[2:]) else [int(d) for d in shape[2:]]
+    sizes = None if shape is None or len(shape) < 3 else (shape[1:-1] if channels_last else shape[2:])
+    return None if sizes is None or not all(sizes) else [int(d) for d in sizes]
 
 
 def _conv_masks(model: ModelWrapper, node: NodeProto, kernel: list[int]) -> np.ndarray:
@@ -833,7 +836,7 @@ def _conv_masks(model: ModelWrapper, node: NodeProto, kernel: list[int]) -> np.n
     n = len(kernel)
     strides = list(_attr(node, "strides", [1] * n))
     dilations = list(_attr(node, "dilations", [1] * n))
-    sizes = _input_sizes(model, node.input[0])
+    sizes = _input_sizes(model, node.input[0], bool(_attr(node, "channels_last", 0)))
     pads = _spatial_pads(node, sizes, kernel, strides, dilations)
     if pads is None or sizes is None:
         raise CannotCertify(f"{_label(node)} pads with a code outside the input codes, and its input size is unknown")

@@ -59,7 +59,8 @@ class IntegerOperands:
 
 
 INTEGER_MAC_OPS = {
-    "QLinearConv": IntegerOperands("Conv", 3, 5),
+    # com.microsoft: the channels-last form onnxruntime's optimizer writes (ORT_ENABLE_ALL); its weights stay OIHW
+    "QLinearConv": IntegerOperands("Conv", 3, 5, ("", "ai.onnx", "com.microsoft")),
     "ConvInteger": IntegerOperands("Conv", 1, 3),
     "QLinearMatMul": IntegerOperands("MatMul", 3, 5),
     "MatMulInteger": IntegerOperands("MatMul", 1, 3),
@@ -81,9 +82,6 @@ _PACKED = ("packed block-wise weights; onnxruntime's MatMulNBitsQuantizer(quant_
 # integers is always a layer; a float one (a fusion of ONNX ops, or a recurrent or attention op) only where one of
 # its operands is quantized. Either way the layer is reported unsupported, so no check passes a model it did not read.
 UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
-    ("com.microsoft", "QLinearConv"): (True, "the channels-last form onnxruntime's optimizer writes at ORT_ENABLE_ALL; "
-                                       "analyse the model as quantized, or as saved at ORT_ENABLE_EXTENDED, where it "
-                                       "is an ONNX QLinearConv"),
     ("com.microsoft", "DynamicQuantizeMatMul"): (True, _BEFORE_OPTIMISATION),
     ("com.microsoft", "MatMulIntegerToFloat"): (True, _BEFORE_OPTIMISATION),
     ("com.microsoft", "MatMulInteger16"): (True, "16-bit integer operands"),

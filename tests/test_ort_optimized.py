@@ -5,7 +5,8 @@
 Regression: the optimizer's fused and channels-last contrib ops (com.microsoft ``QLinearConv``,
 ``DynamicQuantizeMatMul``, ``FusedConv``) were passed over: ``a2q verify`` said "no overflow possible" (exit 0) with
 those layers never read, and ``a2q project --acc-bits P`` wrote a model whose unread layers still needed more than
-P bits. Each is now a layer reported unsupported with what to do, so no check passes it.
+P bits. The channels-last ``QLinearConv`` is now read like ONNX's; each of the others is a layer reported
+unsupported with what to do, so no check passes it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def _layers(path) -> dict[str, dict]:
     return {layer["node"]: layer for layer in json.loads(out)["layers"]}
 
 
-@pytest.mark.parametrize("fmt, level, contrib", [("QOperator", "all", "QLinearConv"),
-                                                 ("dynamic", "extended", "DynamicQuantizeMatMul")])
+@pytest.mark.parametrize("fmt, level, contrib", [("dynamic", "extended", "DynamicQuantizeMatMul")])
 def test_optimizer_contrib_macs_are_reported_and_no_check_passes_them(tmp_path, fmt, level, contrib):
     source = _quantized(tmp_path, fmt)
     path = tmp_path / f"{fmt}_{level}.onnx"
@@ -75,6 +75,32 @@ def test_optimizer_contrib_macs_are_reported_and_no_check_passes_them(tmp_path, 
     for name in promised:
         ex = executed_range(model, name)
         assert width(ex.lo, ex.hi) <= 16, (name, ex.lo, ex.hi)
+
+
+@pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])
+def test_channels_last_qlinearconv_is_read_like_the_onnx_one(tmp_path, fmt):
+    """ORT_ENABLE_ALL (an InferenceSession's default) rewrites every QLinearConv into com.microsoft's channels-last
+    form (NHWC data, OIHW weights; padded, depthwise and strided convolutions here). Each is read with the ranges of
+    the file before optimisation, and the corpus check (the oracle executes each layer as an NCHW Conv, project at
+    the widest width - 2, verify, the projected file executed) handles the file end to end."""
+    from scripts.corpus import ORT_OPTIMIZED, Entry, check
+    from tests.ort_models import residual_depthwise
+
+    float_path = tmp_path / "float.onnx"
+    source = tmp_path / f"{fmt}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(float_path, source, residual_depthwise(float_path), fmt, "QInt8", "QUInt8", True)
+    path = tmp_path / f"{fmt}_all.onnx"
+    assert "QLinearConv" in optimized(source, path, "all")
+    before, after = _layers(source), _layers(path)
+    assert len(after) == len(before) == 3
+    for name, layer in after.items():
+        original = before[name.replace("_token_1", "").replace("_token_4", "").replace("_token_8", "")]
+        assert layer["status"] == "ok" and (layer["acc_min"], layer["acc_max"]) == (original["acc_min"],
+                                                                                   original["acc_max"]), name
+    result = check(Entry(path.stem, ORT_OPTIMIZED, path), tmp_path)
+    assert (result.status, result.detail, result.tight) == ("handled", "", 3)
 
 
 def _qdq_conv_relu(path, relu: bool = True, quantized: bool = True) -> None:

@@ -178,6 +178,8 @@ def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[Mod
     attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute
              if a.name in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad", "transA", "transB")}
     x_shape = [1] + list(model.get_tensor_shape(mac.input[0]))[1:]
+    if _attr(mac, "channels_last", 0):  # onnxruntime's com.microsoft QLinearConv reads NHWC; ONNX's Conv NCHW
+        x_shape = [1, x_shape[-1], *x_shape[1:-1]]
     # the MAC reads t = codes - zero point (the oracle adds the zero point back under fold, padded taps included)
     layer = _one_layer(helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs), x_shape, q)
     return layer, LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero), {"t": (lo - zero, hi - zero)}
