@@ -88,9 +88,15 @@ _KERNEL_VALUES = 1 << 22
 # Ops that multiply integer tensors themselves: (float op they compute like, weight input, weight zero point input);
 # ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
 _INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
-                 "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5)}
+                 "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5),
+                 "DynamicQuantizeMatMul": ("MatMul", 1, 3), "MatMulIntegerToFloat": ("MatMul", 1, 5)}
+# com.microsoft MatMulIntegerToFloat keeps its data's zero point at input 4 (input 2 elsewhere); DynamicQuantizeMatMul
+# quantizes its float data itself, as DynamicQuantizeLinear does: uint8 codes, a zero point per run
+_DATA_ZERO_POINT = {"MatMulIntegerToFloat": 4}
+_QUANTIZES_DATA = ("DynamicQuantizeMatMul",)
 # the others are standard ONNX ops; com.microsoft QLinearConv is the channels-last form onnxruntime's optimizer writes
-_INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",), "QLinearConv": ("", "ai.onnx", "com.microsoft")}
+_INTEGER_MAC_DOMAINS = {"QGemm": ("com.microsoft",), "QLinearConv": ("", "ai.onnx", "com.microsoft"),
+                        "DynamicQuantizeMatMul": ("com.microsoft",), "MatMulIntegerToFloat": ("com.microsoft",)}
 # domains of the ops onnxruntime executes itself (the certificate's fallback for constant subgraphs qonnx cannot run)
 _ONNXRUNTIME_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
@@ -1000,8 +1006,9 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
         raise CannotCertify(f"{_label(node)}: operand shapes {shape_a} and {shape_b} do not share K")
     if codes is None:
         types = _elem_types(model)
+        operands = ((0, _DATA_ZERO_POINT.get(node.op_type, 2)), _INTEGER_MACS[node.op_type][1:])
         (a_lo, a_hi, _), (b_lo, b_hi, _) = (_integer_codes(model, node, data, zp, zero_point, types)
-                                            for data, zp in ((0, 2), _INTEGER_MACS[node.op_type][1:]))
+                                            for data, zp in operands)
     else:
         a_lo, a_hi, _ = _mac_codes(codes.grid(a), zero_point)
         b_lo, b_hi, _ = _mac_codes(codes.grid(b), zero_point)
@@ -1011,9 +1018,10 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
 
 
 def _integer_act_x_act(model: ModelWrapper, node: NodeProto) -> bool:
-    """An ONNX QLinearMatMul/MatMulInteger whose second operand is computed at run time."""
-    return node.op_type in ("QLinearMatMul", "MatMulInteger") and node.domain in ("", "ai.onnx") and \
-        _reads_graph_input(model, node.input[_INTEGER_MACS[node.op_type][1]])
+    """An integer MatMul op (QLinearMatMul, MatMulInteger, ...) whose second operand is computed at run time."""
+    op = node.op_type
+    return op in _INTEGER_MACS and _INTEGER_MACS[op][0] == "MatMul" and \
+        node.domain in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")) and _reads_graph_input(model, node.input[_INTEGER_MACS[op][1]])
 
 
 def _inferred(model: ModelWrapper) -> ModelWrapper:
@@ -1067,13 +1075,16 @@ def _integer_operands(model: ModelWrapper, node: NodeProto, zero_point: str) -> 
             by_rows = node.op_type in ("QLinearConv", "ConvInteger") or (node.op_type == "QGemm" and _attr(node, "transB", 0))
             wz = wz.reshape([-1] + [1] * (w.ndim - 1)) if by_rows else wz.reshape(-1)
         w = w - wz
-    return (w, *_integer_codes(model, node, 0, 2, zero_point, _elem_types(model)))
+    data_zero_point = _DATA_ZERO_POINT.get(node.op_type, 2)
+    return (w, *_integer_codes(model, node, 0, data_zero_point, zero_point, _elem_types(model)))
 
 
 def _integer_codes(model: ModelWrapper, node: NodeProto, data: int, zero_point_input: int, zero_point: str,
                    types: Mapping[str, int]) -> tuple[int, int, int]:
     """``(lo, hi, padding code)`` of the integer operand at input ``data`` of an integer MAC op, its zero point at
     input ``zero_point_input``: its type's range, less the zero point under subtract."""
+    if data == 0 and node.op_type in _QUANTIZES_DATA:  # any uint8 code, any uint8 zero point
+        return (-255, 255, 0) if zero_point == "subtract" else (0, 255, 0)
     x_zp = node.input[zero_point_input] if len(node.input) > zero_point_input else ""
     zp_value = None
     if x_zp:

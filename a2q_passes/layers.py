@@ -47,15 +47,18 @@ MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 class IntegerOperands:
     """Where an op that multiplies integer tensors itself (onnxruntime QOperator / dynamic formats) keeps them.
 
-    Input 0 holds the integer data and input 2 its zero point in every one of them (ONNX
-    QLinearConv/QLinearMatMul/ConvInteger/MatMulInteger, com.microsoft QGemm); ``mac_op`` is the
-    float op whose weight layout (and padding) the op shares.
+    Input 0 holds the data, its zero point at ``data_zero_point`` (ONNX QLinearConv/QLinearMatMul/ConvInteger/
+    MatMulInteger, com.microsoft QGemm: 2; com.microsoft MatMulIntegerToFloat: 4); ``quantizes_data``: the data is
+    float and the op quantizes it itself as DynamicQuantizeLinear does (com.microsoft DynamicQuantizeMatMul).
+    ``mac_op`` is the float op whose weight layout (and padding) the op shares.
     """
 
     mac_op: str
     weight: int
     weight_zero_point: int
     domains: tuple[str, ...] = ("", "ai.onnx")
+    data_zero_point: int = 2
+    quantizes_data: bool = False
 
 
 INTEGER_MAC_OPS = {
@@ -65,6 +68,9 @@ INTEGER_MAC_OPS = {
     "QLinearMatMul": IntegerOperands("MatMul", 3, 5),
     "MatMulInteger": IntegerOperands("MatMul", 1, 3),
     "QGemm": IntegerOperands("Gemm", 3, 5, ("com.microsoft",)),
+    # what onnxruntime's optimizer fuses a dynamic model's DynamicQuantizeLinear -> MatMulInteger (-> Mul) into
+    "DynamicQuantizeMatMul": IntegerOperands("MatMul", 1, 3, ("com.microsoft",), quantizes_data=True),
+    "MatMulIntegerToFloat": IntegerOperands("MatMul", 1, 5, ("com.microsoft",), data_zero_point=4),
 }
 
 
@@ -82,8 +88,6 @@ _PACKED = ("packed block-wise weights; onnxruntime's MatMulNBitsQuantizer(quant_
 # integers is always a layer; a float one (a fusion of ONNX ops, or a recurrent or attention op) only where one of
 # its operands is quantized. Either way the layer is reported unsupported, so no check passes a model it did not read.
 UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
-    ("com.microsoft", "DynamicQuantizeMatMul"): (True, _BEFORE_OPTIMISATION),
-    ("com.microsoft", "MatMulIntegerToFloat"): (True, _BEFORE_OPTIMISATION),
     ("com.microsoft", "MatMulInteger16"): (True, "16-bit integer operands"),
     ("com.microsoft", "QAttention"): (True, "quantized attention"),
     ("com.microsoft", "DynamicQuantizeLSTM"): (True, "quantized LSTM"),
@@ -1133,7 +1137,9 @@ class GridResolver:
         box is ``[-z, 255 - z]``, so that range is sound but up to one bit wider than any single run).
         """
         operands = INTEGER_MAC_OPS[node.op_type]
-        data, zp_index = (operands.weight, operands.weight_zero_point) if second else (0, 2)
+        data, zp_index = (operands.weight, operands.weight_zero_point) if second else (0, operands.data_zero_point)
+        if operands.quantizes_data and not second:
+            return self._dynamic_codes(IntRange(0, 255)), ""  # uint8, as DynamicQuantizeLinear
         storage = _storage_dtype(self.model, node, data, zp_index)
         if storage is None:
             return None, (f"{_node_label(node)}: the type of its integer input '{node.input[data]}' is unknown; "
@@ -1152,13 +1158,18 @@ class GridResolver:
             producer = self.model.find_producer(zp_name)
             if producer is None or producer.op_type != "DynamicQuantizeLinear":
                 return None, f"{_node_label(node)} has a non-constant input zero point '{zp_name}' not computed by DynamicQuantizeLinear"
-            if self.zero_point == "subtract":
-                span = IntRange(codes.lo - codes.hi, codes.hi - codes.lo)
-                return InputGrid(span, _dtype_for_range(span), None, 0), ""
-            return InputGrid(codes, dtype, None, codes.lo), ""  # the padding code z lies among the codes
+            return self._dynamic_codes(codes), ""
         if np.size(zp) != 1:
             return None, f"{_node_label(node)} has a per-channel input zero point"
         return self._with_zero_point(codes, dtype, scale, int(np.asarray(zp).reshape(-1)[0])), ""
+
+    def _dynamic_codes(self, codes: IntRange) -> InputGrid:
+        """Codes whose zero point z is computed at each run (any code): the raw codes (fold), or ``code - z``
+        anywhere in ``[lo - hi, hi - lo]`` (subtract)."""
+        if self.zero_point == "subtract":
+            span = IntRange(codes.lo - codes.hi, codes.hi - codes.lo)
+            return InputGrid(span, _dtype_for_range(span), None, 0)
+        return InputGrid(codes, _dtype_for_range(codes), None, codes.lo)  # the padding code z lies among the codes
 
     def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         """qonnx: ``out_scale * k + out_bias`` with ``k`` in ``0..T`` (the count of thresholds passed)."""

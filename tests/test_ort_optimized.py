@@ -5,8 +5,9 @@
 Regression: the optimizer's fused and channels-last contrib ops (com.microsoft ``QLinearConv``,
 ``DynamicQuantizeMatMul``, ``FusedConv``) were passed over: ``a2q verify`` said "no overflow possible" (exit 0) with
 those layers never read, and ``a2q project --acc-bits P`` wrote a model whose unread layers still needed more than
-P bits. The channels-last ``QLinearConv`` is now read like ONNX's; each of the others is a layer reported
-unsupported with what to do, so no check passes it.
+P bits. The channels-last ``QLinearConv`` and the dynamic fusions are now read like the ops they stand for; each
+fused float op (``FusedConv``, ``FusedMatMul``, ...) is a layer reported unsupported with what to do, so no check
+passes it.
 """
 
 from __future__ import annotations
@@ -23,40 +24,40 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.cli_helpers import digest, run_cli
 from tests.fuzz.oracle import width
 from tests.fuzz.real_files import executed_range
-from tests.ort_models import conv_gemm_matmul, optimized, quantize
+from tests.ort_models import attention, conv_gemm_matmul, optimized, quantize
 
-IN_SHAPE = [1, 2, 4, 4]
-
-
-def _quantized(folder, fmt: str, weight: str = "QInt8", per_channel: bool = True):
-    float_path = folder / "float.onnx"
-    assert conv_gemm_matmul(float_path) == IN_SHAPE
-    path = folder / f"{fmt}.onnx"
+def _quantized(folder, fmt: str, net=conv_gemm_matmul, weight: str = "QInt8", per_channel: bool = True):
+    float_path = folder / f"float_{net.__name__}.onnx"
+    x_shape = net(float_path)
+    path = folder / f"{fmt}_{net.__name__}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize(float_path, path, IN_SHAPE, fmt, weight, "QUInt8", per_channel)
+        quantize(float_path, path, x_shape, fmt, weight, "QUInt8", per_channel)
     return path
 
 
-def _layers(path) -> dict[str, dict]:
-    code, out, err = run_cli("analyze", path, "--json")
+def _layers(path, *options: str) -> dict[str, dict]:
+    code, out, err = run_cli("analyze", path, "--json", *options)
     assert code in (0, 3), err
     return {layer["node"]: layer for layer in json.loads(out)["layers"]}
 
 
-@pytest.mark.parametrize("fmt, level, contrib", [("dynamic", "extended", "DynamicQuantizeMatMul")])
-def test_optimizer_contrib_macs_are_reported_and_no_check_passes_them(tmp_path, fmt, level, contrib):
-    source = _quantized(tmp_path, fmt)
-    path = tmp_path / f"{fmt}_{level}.onnx"
-    assert contrib in optimized(source, path, level)
-    unread = [n.name for n in onnx.load(str(path)).graph.node if n.domain == "com.microsoft" and n.op_type == contrib]
+def test_optimizer_contrib_macs_it_cannot_read_are_reported_and_no_check_passes_them(tmp_path):
+    """A dynamic attention model as an InferenceSession saves it: the scores product becomes a com.microsoft
+    FusedMatMul of two float activations, which is not read."""
+    source = _quantized(tmp_path, "dynamic", attention)
+    path = tmp_path / "dynamic_extended.onnx"
+    assert "FusedMatMul" in optimized(source, path, "extended")
     layers = _layers(path)
-    for name in unread:
-        assert layers[name]["status"].startswith(f"unsupported: com.microsoft {contrib}"), layers[name]
-    assert any(layer["status"] == "ok" for layer in layers.values())  # the layers it reads are still read
+    unread = [name for name, layer in layers.items() if layer["status"] != "ok"]
+    fused = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "FusedMatMul"]
+    assert fused and set(fused) <= set(unread)
+    for name in fused:
+        assert layers[name]["status"].startswith("unsupported: com.microsoft FusedMatMul"), layers[name]
+    assert sum(layer["status"] == "ok" for layer in layers.values()) == 4  # q, k, v, o: still read
 
     code, out, err = run_cli("verify", path, "--acc-bits", 32)
-    assert code == 3 and all(name in err for name in unread), (code, out, err)
+    assert code == 3 and all(name in err for name in fused), (code, out, err)
 
     before, out_path = digest(path), tmp_path / "out.onnx"
     code, out, err = run_cli("project", path, out_path, "--acc-bits", 16)
@@ -68,13 +69,36 @@ def test_optimizer_contrib_macs_are_reported_and_no_check_passes_them(tmp_path, 
     code, out, err = run_cli("project", path, out_path, "--acc-bits", 16, "--json", *skips)
     assert code == 0, err
     promised = [layer["node"] for layer in json.loads(out)["layers"] if layer["status"] == "projected"]
-    assert promised
+    assert len(promised) == 4
     from qonnx.core.modelwrapper import ModelWrapper
 
     model = ModelWrapper(str(out_path))
     for name in promised:
         ex = executed_range(model, name)
         assert width(ex.lo, ex.hi) <= 16, (name, ex.lo, ex.hi)
+
+
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_dynamic_fusions_are_read_like_the_ops_they_fuse(tmp_path, zero_point):
+    """The optimizer fuses a dynamic model's DynamicQuantizeLinear -> MatMulInteger into com.microsoft
+    DynamicQuantizeMatMul (the op quantizes its float input to uint8 itself) or, where the codes are shared,
+    MatMulIntegerToFloat (data zero point at input 4). Each is read with the ranges of the unfused layer, and the
+    corpus check handles the file end to end."""
+    from scripts.corpus import ORT_OPTIMIZED, Entry, check
+
+    for net, fused in ((conv_gemm_matmul, "DynamicQuantizeMatMul"), (attention, "MatMulIntegerToFloat")):
+        source = _quantized(tmp_path, "dynamic", net)
+        path = tmp_path / f"{net.__name__}_extended.onnx"
+        assert fused in optimized(source, path, "extended")
+        before, after = _layers(source, "--zero-point", zero_point), _layers(path, "--zero-point", zero_point)
+        read = {name: layer for name, layer in after.items() if layer["status"] == "ok"}
+        assert fused in {layer["op_type"] for layer in read.values()}
+        for name, layer in read.items():
+            assert (layer["acc_min"], layer["acc_max"]) == (before[name]["acc_min"], before[name]["acc_max"]), name
+    entry = Entry("conv_gemm_matmul_extended", ORT_OPTIMIZED, tmp_path / "conv_gemm_matmul_extended.onnx",
+                  zero_point=zero_point)
+    result = check(entry, tmp_path)
+    assert (result.status, result.detail, result.tight) == ("handled", "", 3)
 
 
 @pytest.mark.parametrize("fmt", ["QDQ", "QOperator"])

@@ -32,8 +32,10 @@ from tests.fuzz.oracle import ExecutedRange, _ancestors, _infer_shapes, _node, _
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
+# (com.microsoft's DynamicQuantizeMatMul quantizes its float data itself, as DynamicQuantizeLinear does: -1)
 INTEGER_MACS = {"QLinearConv": ("Conv", 2, 3, 5), "QLinearMatMul": ("MatMul", 2, 3, 5), "QGemm": ("Gemm", 2, 3, 5),
-                "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3)}
+                "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3),
+                "DynamicQuantizeMatMul": ("MatMul", -1, 1, 3), "MatMulIntegerToFloat": ("MatMul", 4, 1, 5)}
 # onnxruntime contrib ops that multiply-accumulate, as its graph optimizer and MatMulNBitsQuantizer write them: the
 # oracle cannot execute them, but a reader that passes one over silently has missed a layer
 CONTRIB_MACS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "FusedConv", "FusedGemm",
@@ -189,6 +191,8 @@ def _integer_codes(model: ModelWrapper, mac, data: int, zp_input: int, zero_poin
     """``(lo, hi, zero)``: the codes of the integer operand at input ``data`` (its storage type) and the zero point
     at input ``zp_input`` the MAC subtracts (0 under subtract with a run-time zero point: then the codes are the
     differences themselves)."""
+    if zp_input < 0:  # uint8 codes with a zero point chosen per run
+        return (-255, 255, 0) if zero_point == "subtract" else (0, 255, 0)
     name = mac.input[data]
     zp_name = mac.input[zp_input] if len(mac.input) > zp_input else ""
     zp = _const(model, zp_name) if zp_name else None
