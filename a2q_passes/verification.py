@@ -51,6 +51,7 @@ PROOF_PASS, PROOF_FAIL = "pass", "fail"
 PROOF_UNCHECKED = "unchecked"  # no width given for this layer
 PROOF_UNKNOWN = "unknown"  # a width was given, but the layer's integer view could not be read
 PROOF_NOT_QUANTIZED = "not quantized"  # float weights: no integer accumulator to verify
+PROOF_SKIPPED = "skipped"  # left out by the user (--skip): not checked, and not covered by the verdict
 NO_TARGET_OWN_WIDTH = "no target: own exact width"
 NO_TARGET_DECLARED = "no target: width its node declares (accDataType)"
 _GRID_TOLERANCE = 1e-2  # |x / scale - code|: float32 Quant outputs sit within ~1e-5 of their codes
@@ -254,7 +255,7 @@ class VerificationReport:
     @property
     def blocking(self) -> list[LayerVerdict]:
         """Layers that keep the verdict from passing (overflow possible, or not proven)."""
-        allowed = {PROOF_PASS, PROOF_NOT_QUANTIZED}
+        allowed = {PROOF_PASS, PROOF_NOT_QUANTIZED, PROOF_SKIPPED}
         if self.width_source == WIDTHS_SELECTED:
             allowed.add(PROOF_UNCHECKED)  # the user asked about specific layers only
         return [v for v in self.layers if v.proof not in allowed]
@@ -289,8 +290,11 @@ def verify_model(
     zero_point: str = "fold",
     input_ranges: str = "exact",
     outer_bits: int | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> VerificationReport:
     """Prove (or refute) overflow freedom per layer, simulate the worst cases, and optionally real data.
+
+    ``skip``: layers left out by name (``--skip``); each is reported skipped, and the verdict does not cover it.
 
     ``input_ranges``: the input codes each layer is checked for (:data:`a2q_passes.layers.INPUT_RANGES`).
     ``tile``/``outer_bits``: a multi-stage datapath, every layer's K-tiles of ``tile`` terms at its width and the
@@ -303,7 +307,10 @@ def verify_model(
     # whole graph per lookup are quadratic in its depth
     model = ReadOnlyModel(model.model)
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
+    _check_skips(layers, skip, {**(widths if isinstance(widths, dict) else {}), **(overrides or {})})
     chosen, source = resolve_widths(model, layers, widths, overrides)
+    in_order, layers = layers, [layer for layer in layers if layer.node not in skip]
+    chosen = {name: bits for name, bits in chosen.items() if name not in skip}
     if tile is not None:
         stages = {layer.node: (tile, outer_bits) for layer in layers}
     else:
@@ -324,6 +331,11 @@ def verify_model(
     # a passing proof must agree with the range derived without the reader (exit 4 otherwise)
     certify_claims(model, {v.node: _claim(v) for v in verdicts if v.proof == PROOF_PASS},
                    what="verify", input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges)
+    checked = {verdict.node: verdict for verdict in verdicts}  # graph order, skipped layers where they are
+    verdicts = [checked.get(layer.node) or LayerVerdict(layer.node, layer.op_type, layer.K, layer.channels,
+                                                        layer.status, PROOF_SKIPPED, layer.kind,
+                                                        reason="left out with --skip: not checked")
+                for layer in in_order]
     report = VerificationReport(verdicts, mode, tile, source, zero_point, input_ranges=input_ranges)
     if data is not None:
         simulation = simulate_model(executed, data, chosen, mode, tile, input_dtypes, zero_point, stages=stages)
@@ -336,6 +348,16 @@ def verify_model(
                 verdict.data_note = f"not simulated: {simulation.skipped[verdict.node]}"
         report.simulation = simulation
     return report
+
+
+def _check_skips(layers: list[MacLayer], skip: frozenset[str], given: dict[str, int]) -> None:
+    """Every skipped name is a MAC layer, and none is also given a width."""
+    names = {layer.node for layer in layers}
+    for name in sorted(skip):
+        if name not in names:
+            raise A2QError(f"--skip {name}: no MAC layer named '{name}' (layers: {', '.join(sorted(names)) or 'none'})")
+        if name in given:
+            raise A2QError(f"layer '{name}' is both skipped (--skip) and given a width ({name}={given[name]}); keep one")
 
 
 def _claim(verdict: LayerVerdict) -> Claim:

@@ -511,3 +511,29 @@ def test_trained_model_on_real_digits():
     assert np.mean(np.argmax(sim.exact_outputs[output], axis=1) == labels) > 0.9
     narrow = simulate_model(model, x, min(widths.values()) - 4)
     assert narrow.changed_predictions() > 0.1 and sum(narrow.overflows.values()) > 0
+
+
+MLP = Path(__file__).resolve().parents[1] / "models" / "digits_mlp_w4a4.onnx"  # Gemm_0 17, Gemm_1 13, Gemm_2 11 bits
+
+
+def test_skip_leaves_a_layer_out_of_the_verdict_and_says_so(a2q):
+    """At P=14 Gemm_0 (17 bits) can overflow; --skip Gemm_0 leaves it out: the verdict passes for the others, the
+    layer is listed as skipped in its place, and the summary says the verdict does not cover it."""
+    failing = a2q("verify", MLP, "--acc-bits", 14)
+    assert failing.returncode == 3 and "Gemm_0" in failing.stderr
+    passing = a2q("verify", MLP, "--acc-bits", 14, "--skip", "Gemm_0")
+    assert passing.returncode == 0, passing.stderr
+    assert "left out with --skip, not covered by the verdict: Gemm_0" in " ".join(passing.stdout.split())
+    report = json.loads(a2q("verify", MLP, "--acc-bits", 14, "--skip", "Gemm_0", "--json").stdout)
+    assert [(v["node"], v["proof"]) for v in report["layers"]] == [("Gemm_0", "skipped"), ("Gemm_1", "pass"),
+                                                                     ("Gemm_2", "pass")]
+    # skipping every layer proves nothing
+    everything = a2q("verify", MLP, "--acc-bits", 14, "--skip", "Gemm_0", "--skip", "Gemm_1", "--skip", "Gemm_2")
+    assert everything.returncode == 3 and "no quantized MAC layer was checked" in everything.stderr
+
+
+@pytest.mark.parametrize("args, message", [(("--acc-bits", "14", "--skip", "Gemm_9"), "--skip Gemm_9: no MAC layer"),
+                                           (("--layer", "Gemm_1=14", "--skip", "Gemm_1"), "both skipped")])
+def test_skip_refuses_unknown_and_contradicting_names(a2q, args, message):
+    result = a2q("verify", MLP, *args)
+    assert result.returncode == 1 and message in result.stderr, result.stderr

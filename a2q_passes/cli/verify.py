@@ -47,6 +47,9 @@ def verify(
     zero_point: Annotated[str, typer.Option(
         "--zero-point", help="activation and weight zero points: 'fold' (FINN, MAC sees raw codes) or "
                              "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",
+    skip: Annotated[Optional[list[str]], typer.Option(
+        "--skip", help="leave layer NAME out of the check (repeatable): it is listed as skipped and the verdict does "
+                       "not cover it, e.g. a layer project --skip left alone")] = None,
     allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
     against: Annotated[Optional[Path], typer.Option(
         "--against", help="ORIGINAL.onnx: MODEL (its FINN lowering) must compute the same outputs on --data "
@@ -61,7 +64,8 @@ def verify(
     checked; a layer the record leaves out is checked at its own exact width (or the accDataType its node
     declares), marked "no target", and one that cannot be read fails. With --layer / --widths-json alone,
     only the named layers are checked.
-    Exit 0: no overflow possible in any quantized layer; 3: overflow possible or not proven.
+    Exit 0: no overflow possible in any quantized layer (but those left out with --skip); 3: overflow possible
+    or not proven.
     With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
     without widths given or recorded, --against checks equivalence only.
     """
@@ -97,7 +101,7 @@ def verify(
         return
     check = VerifyAccumulators(widths, mode, tile, inputs, overrides=overrides if global_bits is not None else None,
                                input_dtypes=input_dtypes, zero_point=zero_point, input_ranges=input_ranges,
-                               outer_bits=outer_bits)
+                               outer_bits=outer_bits, skip=frozenset(skip or ()))
     model.transform(check, cleanup=False)
     report = check.report
     if as_json:
@@ -204,6 +208,8 @@ def verification_table(report: VerificationReport) -> Table:
 
 
 def summary_lines(report: VerificationReport) -> list[str]:
+    from a2q_passes.verification import PROOF_SKIPPED
+
     lines = []
     sim = report.simulation
     if sim is not None:
@@ -215,6 +221,9 @@ def summary_lines(report: VerificationReport) -> list[str]:
     if untargeted:
         lines.append(f"{len(untargeted)} layer(s) without a recorded width, checked at the width they hold without a "
                      "target: " + ", ".join(f"{v.node} (P={v.acc_bits}, {v.width_note})" for v in untargeted))
+    skipped = [v.node for v in report.layers if v.proof == PROOF_SKIPPED]
+    if skipped:
+        lines.append(f"{len(skipped)} layer(s) left out with --skip, not covered by the verdict: {', '.join(skipped)}")
     if report.overflow_impossible:
         lines.append("[bold green]verdict: no overflow possible[/] in any checked layer at these widths")
     else:

@@ -17,7 +17,8 @@ class VerifyAccumulators(A2QPass):
     """Static proof, adversarial simulation and (with ``data``) real-data simulation per MAC layer.
 
     ``widths``: one P for every quantized layer, ``{node: P}`` for those layers only, or ``None``
-    for the widths recorded in the model (see :mod:`a2q_passes.verification`). The
+    for the widths recorded in the model (see :mod:`a2q_passes.verification`); ``skip``: layers left out by
+    name, reported skipped and not covered by the verdict. The
     :class:`VerificationReport` is in ``self.report`` and ``result.details["report"]``;
     ``details["layers"]`` holds the per-layer verdicts as JSON-ready dicts.
 
@@ -28,8 +29,9 @@ class VerifyAccumulators(A2QPass):
     def __init__(self, widths: int | dict[str, int] | None = None, mode: str = "wrap", tile: int | None = None,
                  data: dict[str, np.ndarray] | np.ndarray | None = None, *, overrides: dict[str, int] | None = None,
                  input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
-                 input_ranges: str = "exact", outer_bits: int | None = None) -> None:
+                 input_ranges: str = "exact", outer_bits: int | None = None, skip: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        self.skip = frozenset(skip)
         self.widths, self.mode, self.tile, self.data = widths, mode, tile, data
         self.outer_bits = outer_bits
         self.overrides, self.input_dtypes, self.zero_point = overrides, input_dtypes, zero_point
@@ -40,7 +42,7 @@ class VerifyAccumulators(A2QPass):
         self._bytes_before = model_bytes(model)
         self.report = verify_model(model, self.widths, self.mode, self.tile, self.data, overrides=self.overrides,
                                    input_dtypes=self.input_dtypes, zero_point=self.zero_point,
-                                   input_ranges=self.input_ranges, outer_bits=self.outer_bits)
+                                   input_ranges=self.input_ranges, outer_bits=self.outer_bits, skip=self.skip)
         details: dict[str, Any] = {
             "report": self.report,
             "layers": {v.node: v.to_json() for v in self.report.layers},
