@@ -303,20 +303,27 @@ def _weight_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
     return shape
 
 
-def refuse_grouped_convs(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming each grouped Conv that is not depthwise.
+def refuse_unlowerable_convs(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: grouped but not depthwise, or
+    not 2-D.
 
-    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only ``group=1`` and depthwise
-    convolutions (``group`` = input channels = output channels); on any other group it fails deep inside with a
-    numpy reshape error that names neither the node nor the construct.
+    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only 2-D ``group=1`` and depthwise
+    convolutions (``group`` = input channels = output channels); on any other it fails deep inside with a numpy
+    reshape error or "list index out of range", naming neither the node nor the construct.
     """
-    grouped = []
+    grouped, not_2d = [], []
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         shape = _weight_shape(model, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        if group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
+        if shape is not None and len(shape) != 4:
+            not_2d.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
+        elif group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
             grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
                            f"{shape[0]} output channels)")
+    if not_2d:
+        raise LoweringError(f"FINN lowers only 2-D convolutions; Conv {', '.join(not_2d)} cannot be lowered. Make a "
+                            "1-D model 2-D first (qonnx's Change3DTo4DTensors, as FINN's 1-D examples do), or keep "
+                            "the layer out of the FINN part.")
     if grouped:
         raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
                             f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "
@@ -335,7 +342,7 @@ def run_flow(
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
-    refuse_grouped_convs(model)
+    refuse_unlowerable_convs(model)
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)

@@ -24,6 +24,7 @@ channel; under ``fold`` it multiplies the raw codes, which project cannot shrink
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -1349,23 +1350,25 @@ def _qcdq_finn_dtype(codes: IntRange, storage: np.dtype, node: NodeProto) -> str
 
 
 def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) -> RowLayout:
-    """One row per (output channel, stride phase): the taps that reach one output pixel."""
-    c_in, c_out_g, kh, kw = shape
+    """One row per (output channel, stride phase): the taps that reach one output pixel (any number of spatial
+    dimensions: 1-D, 2-D, 3-D)."""
+    c_in, c_out_g, *kernel = shape
+    n = len(kernel)
     groups = int(node_attr(node, "group", 1))
-    strides = list(node_attr(node, "strides", [1, 1]))
-    dilations = list(node_attr(node, "dilations", [1, 1]))
+    strides = list(node_attr(node, "strides", [1] * n))
+    dilations = list(node_attr(node, "dilations", [1] * n))
     c_in_g = c_in // groups
     idx = np.arange(int(np.prod(shape))).reshape(shape)
     rows, row_channel = [], []
     for co in range(c_out_g * groups):
         g, local = divmod(co, c_out_g)
-        block = idx[g * c_in_g:(g + 1) * c_in_g, local]  # (c_in_g, kh, kw)
-        for ph in range(strides[0]):
-            for pw in range(strides[1]):
-                taps_h = [i for i in range(kh) if (i * dilations[0]) % strides[0] == ph]
-                taps_w = [j for j in range(kw) if (j * dilations[1]) % strides[1] == pw]
-                rows.append(block[:, taps_h][:, :, taps_w].reshape(-1))
-                row_channel.append(co)
+        block = idx[g * c_in_g:(g + 1) * c_in_g, local]  # (c_in_g, *kernel)
+        for phase in itertools.product(*(range(s) for s in strides)):
+            taps = block
+            for axis, (k, s, d, p) in enumerate(zip(kernel, strides, dilations, phase), start=1):
+                taps = np.take(taps, [i for i in range(k) if (i * d) % s == p], axis=axis)
+            rows.append(taps.reshape(-1))
+            row_channel.append(co)
     k = max(len(r) for r in rows)
     index = np.full((len(rows), k), -1, dtype=np.int64)
     for i, r in enumerate(rows):

@@ -102,7 +102,8 @@ def _brevitas_specs(quick: bool):
              NetSpec("cnn", 4, 4, signed_act=True), NetSpec("cnn", 8, 3, per_channel=False), NetSpec("cnn", 6, 8),
              NetSpec("depthwise", 4, 4), NetSpec("grouped", 5, 4, per_channel=False), NetSpec("convtranspose", 4, 4),
              NetSpec("residual", 4, 4), NetSpec("avgpool", 4, 4), NetSpec("avgpool_floor", 4, 4),
-             NetSpec("residual", 3, 3, signed_act=True, narrow=True)]
+             NetSpec("residual", 3, 3, signed_act=True, narrow=True), NetSpec("conv1d", 4, 4, signed_act=True),
+             NetSpec("conv3d", 5, 4, per_channel=False)]
     return specs[10:11] if quick else specs  # quick: the residual CNN
 
 

@@ -102,7 +102,11 @@ def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray,
 
 # --------------------------------------------------------------------------- the corpus' varied nets
 
-CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor")
+CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor",
+                "conv1d", "conv3d")
+# spatial dimensions of a kind's convolutions: conv1d (Conv1d, strided and dilated ConvTranspose1d, Conv1d) and conv3d
+# (Conv3d, depthwise Conv3d, Conv3d); the others are 2-D
+_SPATIAL = {"conv1d": 1, "conv3d": 3}
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ class NetSpec:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return (1, 24) if self.kind == "mlp" else (1, 4, 8, 8)
+        if self.kind == "mlp":
+            return (1, 24)
+        return (1, 4) + (8,) * _SPATIAL.get(self.kind, 2) if self.kind != "conv3d" else (1, 4, 4, 4, 4)
 
 
 class _CorpusNet(torch.nn.Module):
@@ -147,6 +153,13 @@ class _CorpusNet(torch.nn.Module):
             self.mac1 = qnn.QuantLinear(24, 16, bias=True, **weight)
             self.mac2 = qnn.QuantLinear(16, 8, bias=False, **weight)
             self.mac3 = qnn.QuantLinear(8, 4, bias=True, **weight)
+            return
+        if spec.kind in _SPATIAL:
+            conv = getattr(qnn, f"QuantConv{_SPATIAL[spec.kind]}d")
+            self.mac1 = conv(4, 8, 3, padding=1, bias=True, **weight)
+            self.mac2 = (qnn.QuantConvTranspose1d(8, 4, 3, stride=2, dilation=2, bias=False, **weight)
+                         if spec.kind == "conv1d" else conv(8, 8, 3, padding=1, groups=8, bias=False, **weight))
+            self.mac3 = conv(4 if spec.kind == "conv1d" else 8, 4, 1, bias=True, **weight)
             return
         self.mac1 = qnn.QuantConv2d(4, 8, 3, padding=1, bias=True, **weight)
         if spec.kind == "depthwise":

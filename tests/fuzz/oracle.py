@@ -304,16 +304,19 @@ def _channel_axis(mac, out_shape: tuple[int, ...]) -> int:
 
 
 def _targets(out_shape: tuple[int, ...], rng: np.random.Generator, channel_axis: int = 0) -> list[int]:
-    """Flat output elements (per sample) to attack: corners, centre and one random position of every channel."""
+    """Flat output elements (per sample) to attack: corners, the centre and its next position in every dimension
+    (an interior output of each stride phase, for 1-D and 3-D layers too) and one random position of every channel."""
     flat = np.moveaxis(np.arange(int(np.prod(out_shape))).reshape(out_shape), channel_axis, 0)
     channels = flat.shape[0]
     spatial = flat.shape[1:]
     per = int(np.prod(spatial)) if spatial else 1
-    if len(spatial) == 2:
-        h, w = spatial
-        positions = sorted({0, w - 1, (h - 1) * w, h * w - 1, (h // 2) * w + w // 2, int(rng.integers(per))})
-    elif spatial:
-        positions = sorted({0, per - 1, per // 2, int(rng.integers(per))})
+    if spatial:
+        centre = [d // 2 for d in spatial]
+        centres = {int(np.ravel_multi_index(centre, spatial)),
+                   int(np.ravel_multi_index([min(c + 1, d - 1) for c, d in zip(centre, spatial)], spatial))}
+        corners = {int(np.ravel_multi_index(corner, spatial))
+                   for corner in itertools.product(*[(0, d - 1) for d in spatial])}
+        positions = sorted(corners | centres | {int(rng.integers(per))})
     else:
         positions = [0]
     by_channel = flat.reshape(channels, -1)
