@@ -103,7 +103,7 @@ def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray,
 # --------------------------------------------------------------------------- the corpus' varied nets
 
 CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor",
-                "conv1d", "conv3d")
+                "conv1d", "conv3d", "attention")
 # spatial dimensions of a kind's convolutions: conv1d (Conv1d, strided and dilated ConvTranspose1d, Conv1d) and conv3d
 # (Conv3d, depthwise Conv3d, Conv3d); the others are 2-D
 _SPATIAL = {"conv1d": 1, "conv3d": 3}
@@ -129,6 +129,8 @@ class NetSpec:
     def input_shape(self) -> tuple[int, ...]:
         if self.kind == "mlp":
             return (1, 24)
+        if self.kind == "attention":
+            return (1, 5, 16)
         return (1, 4) + (8,) * _SPATIAL.get(self.kind, 2) if self.kind != "conv3d" else (1, 4, 4, 4, 4)
 
 
@@ -153,6 +155,9 @@ class _CorpusNet(torch.nn.Module):
             self.mac1 = qnn.QuantLinear(24, 16, bias=True, **weight)
             self.mac2 = qnn.QuantLinear(16, 8, bias=False, **weight)
             self.mac3 = qnn.QuantLinear(8, 4, bias=True, **weight)
+            return
+        if spec.kind == "attention":  # QuantMultiheadAttention: q/k/v projection, Q.K^T, softmax(.).V, output
+            self.mha = qnn.QuantMultiheadAttention(16, 2, batch_first=True, **weight)
             return
         if spec.kind in _SPATIAL:
             conv = getattr(qnn, f"QuantConv{_SPATIAL[spec.kind]}d")
@@ -179,6 +184,9 @@ class _CorpusNet(torch.nn.Module):
         self.mac3 = qnn.QuantConv2d(4 if spec.kind == "convtranspose" else 8, 4, 1, bias=True, **weight)
 
     def forward(self, x):
+        if self.kind == "attention":
+            h = self.inp(x).value
+            return self.mha(h, h, h, need_weights=False)[0]
         h = self.act1(self.mac1(self.inp(x)))
         if self.kind == "mlp":
             return self.mac3(self.act2(self.mac2(h)))
