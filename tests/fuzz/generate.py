@@ -47,6 +47,8 @@ CONSTRUCTS = {
     "qcdq_clip": "Brevitas QCDQ: an integer Clip between QuantizeLinear and DequantizeLinear narrows the codes",
     "act_x_act_matmul": "MatMul of two quantized activations (attention's Q.K^T), each operand from any source, "
                         "optionally transposed",
+    "conv_1d_3d": "1-D and 3-D Conv / ConvTranspose (Brevitas' QuantConv1d/3d): padding, strides, dilations, groups "
+                  "in every spatial dimension",
 }
 
 
@@ -304,7 +306,8 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
 
 @st.composite
 def between_ops(draw, rank: int) -> list[str]:
-    options = ["relu", "concat", "reshape"] + (["maxpool", "pad", "transpose"] if rank == 4 else [])
+    options = ["relu", "concat"] + (["reshape"] if rank in (2, 4) else []) + \
+        (["maxpool", "pad", "transpose"] if rank == 4 else [])
     return draw(st.lists(st.sampled_from(options), max_size=2))
 
 
@@ -450,7 +453,8 @@ def _conv_out(n: int, k: int, s: int, d: int, pads: tuple[int, int], auto_pad: s
 def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wspec: dict) -> tuple[str, str, np.ndarray | None]:
     """Append a MAC node reading ``x`` with weights per ``wspec``; returns (output, node name, weight scale)."""
     shape = b.shapes[x]
-    if len(shape) == 4:
+    if len(shape) >= 3:  # 1-D, 2-D or 3-D convolution: the same draws in every spatial dimension
+        spatial, n = list(shape[2:]), len(shape) - 2
         op = draw(st.sampled_from(["Conv", "Conv", "Conv", "ConvTranspose"]))
         c_in = shape[1]
         groups = draw(st.sampled_from([g for g in (1, 2, c_in) if c_in % g == 0]))
@@ -462,29 +466,29 @@ def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wsp
             allow_pads = grid_zero == 0 or "conv_pads_with_zero_point" in allowed
             same = ["SAME_UPPER", "SAME_LOWER"] if allow_pads else []
             auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID"] + same))
-            pads = [draw(st.integers(0, min(2, k - 1))) if allow_pads and auto_pad == "NOTSET" else 0 for _ in range(4)]
+            pads = [draw(st.integers(0, min(2, k - 1))) if allow_pads and auto_pad == "NOTSET" else 0
+                    for _ in range(2 * n)]
             if auto_pad.startswith("SAME"):
                 d = 1  # onnxruntime does not implement dilated SAME padding
             dk = (k - 1) * d + 1
-            if min(shape[2] + pads[0] + pads[2], shape[3] + pads[1] + pads[3]) < dk:
+            if min(size + pads[i] + pads[i + n] for i, size in enumerate(spatial)) < dk:
                 k, d, dk = 1, 1, 1
-            out_h = _conv_out(shape[2], k, s, d, (pads[0], pads[2]), auto_pad)
-            out_w = _conv_out(shape[3], k, s, d, (pads[1], pads[3]), auto_pad)
-            wshape = (c_out, c_in // groups, k, k)
-            attrs = dict(kernel_shape=[k, k], strides=[s, s], dilations=[d, d], group=groups)
+            out = tuple(_conv_out(size, k, s, d, (pads[i], pads[i + n]), auto_pad) for i, size in enumerate(spatial))
+            wshape = (c_out, c_in // groups) + (k,) * n
+            attrs = dict(kernel_shape=[k] * n, strides=[s] * n, dilations=[d] * n, group=groups)
             attrs.update(auto_pad=auto_pad) if auto_pad != "NOTSET" else attrs.update(pads=pads)
             w, scale = _weight(draw, b, wspec, wshape, 0)
-            out = b.node("Conv", [x, w], (shape[0], c_out, out_h, out_w), **attrs)
+            out = b.node("Conv", [x, w], (shape[0], c_out) + out, **attrs)
         else:
-            pads = [draw(st.integers(0, max(0, (k - 1) * d // 2))) for _ in range(4)]
-            out_hw = [s * (shape[i] - 1) + (k - 1) * d + 1 - pads[i - 2] - pads[i] for i in (2, 3)]
-            if min(out_hw) < 1:
-                pads = [0, 0, 0, 0]
-                out_hw = [s * (shape[i] - 1) + (k - 1) * d + 1 for i in (2, 3)]
-            wshape = (c_in, c_out // groups, k, k)
+            pads = [draw(st.integers(0, max(0, (k - 1) * d // 2))) for _ in range(2 * n)]
+            out_sizes = [s * (size - 1) + (k - 1) * d + 1 - pads[i] - pads[i + n] for i, size in enumerate(spatial)]
+            if min(out_sizes) < 1:
+                pads = [0] * (2 * n)
+                out_sizes = [s * (size - 1) + (k - 1) * d + 1 for size in spatial]
+            wshape = (c_in, c_out // groups) + (k,) * n
             w, scale = _weight(draw, b, wspec, wshape, 1)
-            out = b.node("ConvTranspose", [x, w], (shape[0], c_out) + tuple(out_hw), kernel_shape=[k, k],
-                         strides=[s, s], dilations=[d, d], group=groups, pads=pads)
+            out = b.node("ConvTranspose", [x, w], (shape[0], c_out) + tuple(out_sizes), kernel_shape=[k] * n,
+                         strides=[s] * n, dilations=[d] * n, group=groups, pads=pads)
         return out, b.nodes[-1].name, scale
     K, n = shape[1], draw(st.integers(1, 4))
     op = draw(st.sampled_from(["Gemm", "Gemm", "MatMul"]))
@@ -516,7 +520,11 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         case.used.add("act_x_act_matmul")
         return _finish(b, case, draw(_act_x_act(b, case, allowed)))
     blocks = draw(st.integers(1, 2))
-    if draw(st.booleans()):
+    if "conv_1d_3d" in allowed and draw(st.integers(0, 5)) == 0:
+        case.used.add("conv_1d_3d")
+        spatial = draw(st.sampled_from([1, 3]))
+        shape = (1, draw(st.integers(1, 3))) + tuple(draw(st.integers(2, 4 if spatial == 3 else 7)) for _ in range(spatial))
+    elif draw(st.booleans()):
         shape = (1, draw(st.integers(1, 4)), draw(st.integers(2, 5)), draw(st.integers(2, 5)))
     else:
         shape = (1, draw(st.integers(1, 10)))
@@ -530,7 +538,7 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         grid = (s, z)
         case.used |= _source_uses(spec)
         ops = draw(between_ops(len(b.shapes[src])))
-        if i == blocks - 1 and len(b.shapes[src]) == 4 and draw(st.integers(0, 2)) == 0:
+        if i == blocks - 1 and len(b.shapes[src]) >= 3 and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
         t = src
         if grid[1] > 0 and "relu_after_zero_point" not in allowed:
