@@ -1454,6 +1454,8 @@ def find_mac_layers(
             read = _finn_layer
         elif unread_mac(node):
             read = _unread_layer
+        elif node.op_type == "StreamingDataflowPartition":
+            read = _partition_layer
         else:
             layers.extend(_subgraph_layers(model, node, resolver))
             continue
@@ -1604,6 +1606,15 @@ def _unread_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) 
     return MacLayer(node.name or node.output[0], node.op_type, node.input[0], 0, 0,
                     f"unsupported: {node.domain or 'ONNX'} {node.op_type}{operands} is a MAC a2q does not read "
                     f"({hint})")
+
+
+def _partition_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
+    """A FINN dataflow partition (``step_create_dataflow_partition``): its layers live in another model file, which
+    this graph does not hold; the partition is reported, never passed over."""
+    child = node_str_attr(node, "model", "")
+    return MacLayer(node.name or node.output[0], node.op_type, node.input[0] if node.input else "", 0, 0,
+                    f"unsupported: a FINN dataflow partition; its MVAU/VVAU layers are in the model file '{child}', "
+                    "which is not read from here: run a2q on that file")
 
 
 # ops whose presence in a subgraph makes its MACs quantized ones

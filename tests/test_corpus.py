@@ -7,7 +7,9 @@ inputs through the graph's own quantizers. The full corpus (``python -m scripts.
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +113,28 @@ def test_1d_and_3d_convolutions_are_handled_and_their_lowering_refused_by_name(k
     assert (result.status, result.detail, result.layers, result.tight) == ("handled", "", 3, 3)
     result = check(Entry(qonnx.stem, EXPORTERS["qonnx"], qonnx, lower=True), tmp_path)
     assert result.status == "refused" and result.tight == 3 and "FINN lowers only 2-D convolutions" in result.detail
+
+
+def test_finn_dataflow_partition_is_reported_not_passed_over(tmp_path):
+    """FINN's step_create_dataflow_partition moves the HW layers into a child model file behind a
+    StreamingDataflowPartition node; the parent graph holds none of them. The partition is reported (verify
+    fails naming it and the file), and the child file itself verifies."""
+    from a2q_passes.finn_runtime import ensure_finn_importable
+
+    ensure_finn_importable()
+    from finn.transformation.fpgadataflow.create_dataflow_partition import CreateDataflowPartition
+
+    mlp = Path(__file__).resolve().parents[1] / "models" / "digits_mlp_w4a4.onnx"
+    assert _run("lower", mlp, tmp_path / "hw.onnx", "--acc-bits", 18)[0] == 0  # its MVAUs fit 18 bits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parent = ModelWrapper(str(tmp_path / "hw.onnx")).transform(
+            CreateDataflowPartition(partition_model_dir=str(tmp_path)))
+    parent.save(str(tmp_path / "parent.onnx"))
+    (partition,) = [n for n in parent.graph.node if n.op_type == "StreamingDataflowPartition"]
+    child = next(a.s.decode() for a in partition.attribute if a.name == "model")
+    code, out, err = _run("verify", tmp_path / "parent.onnx", "--acc-bits", 32, "--json")
+    (layer,) = json.loads(out)["layers"]
+    assert code == 3 and partition.name in err and layer["proof"] == "unknown" and child in layer["status"], (out, err)
+    code, out, err = _run("verify", child, "--acc-bits", 32)
+    assert code == 0, err
