@@ -258,10 +258,8 @@ class _Calibration(CalibrationDataReader):
         return next(self.samples, None)
 
 
-@pytest.mark.parametrize("activation_type", ["QInt8", "QUInt8"])
-@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
-def test_onnxruntime_quantized_attention_scores(a2q, tmp_path: Path, activation_type: str, zero_point: str) -> None:
-    """``Q @ K^T`` quantized by onnxruntime (QDQ on both operands); executed extremes through its own nodes."""
+def _float_scores(path: Path) -> None:
+    """The float ``Q @ K^T`` of (1, M, K) and (1, N, K) inputs that onnxruntime's quantizer starts from."""
     nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores")]
     graph = helper.make_graph(nodes, "scores", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, M, K]),
@@ -269,7 +267,14 @@ def test_onnxruntime_quantized_attention_scores(a2q, tmp_path: Path, activation_
                               [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, M, N])])
     float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     float_model.ir_version = 8
-    ModelWrapper(float_model).save(str(tmp_path / "float.onnx"))
+    ModelWrapper(float_model).save(str(path))
+
+
+@pytest.mark.parametrize("activation_type", ["QInt8", "QUInt8"])
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_onnxruntime_quantized_attention_scores(a2q, tmp_path: Path, activation_type: str, zero_point: str) -> None:
+    """``Q @ K^T`` quantized by onnxruntime (QDQ on both operands); executed extremes through its own nodes."""
+    _float_scores(tmp_path / "float.onnx")
     quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), _Calibration(), quant_format=QuantFormat.QDQ,
                     activation_type=getattr(QuantType, activation_type))
     result = a2q("analyze", tmp_path / "q.onnx", "--json", "--zero-point", zero_point)
@@ -301,14 +306,7 @@ def test_onnxruntime_qoperator_attention_scores(a2q, tmp_path: Path, activation_
     the exact width and fails one bit below; project cannot shrink it below."""
     import onnxruntime as ort
 
-    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores")]
-    graph = helper.make_graph(nodes, "scores", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, M, K]),
-                                                helper.make_tensor_value_info("k", TensorProto.FLOAT, [1, N, K])],
-                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, M, N])])
-    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    float_model.ir_version = 8
-    ModelWrapper(float_model).save(str(tmp_path / "float.onnx"))
+    _float_scores(tmp_path / "float.onnx")
     path = tmp_path / "q.onnx"
     quantize_static(str(tmp_path / "float.onnx"), str(path), _Calibration(), quant_format=QuantFormat.QOperator,
                     activation_type=getattr(QuantType, activation_type))
