@@ -61,8 +61,8 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes import bounds, progress
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import (ReadOnlyModel, initializer_proto, initializer_value, is_streamed, tensor_value,
-                                 with_inferred_shapes)
+from a2q_passes.model_io import (CHANNELS_LAST_DOMAIN, ReadOnlyModel, initializer_proto, initializer_value,
+                                 is_streamed, tensor_value, with_inferred_shapes)
 
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
@@ -842,7 +842,9 @@ def _conv_masks(model: ModelWrapper, node: NodeProto, kernel: list[int]) -> np.n
     n = len(kernel)
     strides = list(_attr(node, "strides", [1] * n))
     dilations = list(_attr(node, "dilations", [1] * n))
-    sizes = _input_sizes(model, node.input[0], bool(_attr(node, "channels_last", 0)))
+    # onnxruntime's com.microsoft QLinearConv (attribute) and qonnx's channels-last Conv (domain) read NHWC data
+    channels_last = bool(_attr(node, "channels_last", 0)) or node.domain == CHANNELS_LAST_DOMAIN
+    sizes = _input_sizes(model, node.input[0], channels_last)
     pads = _spatial_pads(node, sizes, kernel, strides, dilations)
     if pads is None or sizes is None:
         raise CannotCertify(f"{_label(node)} pads with a code outside the input codes, and its input size is unknown")

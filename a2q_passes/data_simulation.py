@@ -26,7 +26,7 @@ from a2q_passes.analysis import INNER_REGISTER, register_ranges
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import MacLayer, find_mac_layers, node_attr, node_str_attr
-from a2q_passes.model_io import data_inputs, initializer_shape, tensor_value
+from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs, initializer_shape, tensor_value
 from a2q_passes.simulate import MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, exact_float_dtype
 from a2q_passes.width_resolution import resolve_widths
 
@@ -164,6 +164,8 @@ class _MacKernel:
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)
         self.bound = grid.range.magnitude * int(np.abs(self.rows).sum(axis=1).max(initial=0))
         if node.op_type == "Conv":
+            if node.domain == CHANNELS_LAST_DOMAIN:  # qonnx's channels-last Conv (ConvertToChannelsLastAndClean)
+                raise _NotSimulated("a channels-last (NHWC) Conv; the simulator convolves NCHW data")
             self._conv_setup()
 
     def _weight_scales(self, model: ModelWrapper) -> np.ndarray:

@@ -31,6 +31,8 @@ BREVITAS_DOMAIN = "onnx.brevitas"
 KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", BREVITAS_DOMAIN)
 KNOWN_DOMAIN_PREFIXES = ("qonnx.custom_op", "finn.custom_op")
 QONNX_GENERAL_DOMAIN = "qonnx.custom_op.general"
+# qonnx's ConvertToChannelsLastAndClean: Conv / MaxPool / BatchNormalization on NHWC data (Conv weights stay OIHW)
+CHANNELS_LAST_DOMAIN = "qonnx.custom_op.channels_last"
 # Old names of qonnx's general ops (Quant, MultiThreshold, ...) in files written before the
 # split from FINN; qonnx's ModelWrapper renames them on load (temporary_fix_oldstyle_domain).
 LEGACY_GENERAL_DOMAINS = ("finn", "finn.custom_op.general")

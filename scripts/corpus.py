@@ -4,7 +4,8 @@
 
 Generates, offline and seeded, quantized ONNX files with Brevitas (``export_qonnx``; ``export_onnx_qcdq`` with the
 TorchScript and the dynamo exporter), onnxruntime (``quantize_static`` QDQ, also in its com.microsoft Q/DQ, and
-QOperator, ``quantize_dynamic``, and what an ``InferenceSession``'s graph optimizer saves from them),
+QOperator, ``quantize_dynamic``, and what an ``InferenceSession``'s graph optimizer saves from them), qonnx's
+channels-last form of the QONNX convolutions (``ConvertToChannelsLastAndClean``),
 FINN's own pipeline (``step_qonnx_to_finn``, ``step_streamline``, ``step_convert_to_hw``) and the committed QONNX
 model-zoo files (``tests/data``). Each file then goes through the command line:
 
@@ -53,6 +54,7 @@ ORT_OPTIMIZED = "onnxruntime InferenceSession optimized_model_filepath"
 FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline": "FINN Streamline",
                "step_convert_to_hw": "FINN convert_to_hw (MVAU/VVAU)"}
 ZOO = "QONNX model zoo"
+CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 
 
 @dataclass
@@ -218,6 +220,24 @@ def finn_files(folder: Path, sources: list[Path], quick: bool) -> tuple[list[Ent
     return (entries[-1:] if quick else entries), rejected  # quick: the HW graph
 
 
+def channels_last_files(folder: Path, sources: list[Path]) -> tuple[list[Entry], list[str]]:
+    """Each QONNX source in qonnx's channels-last form (NHWC Conv, MaxPool, BatchNormalization in its own domain)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+    entries, rejected = [], []
+    for source in sources:
+        path = folder / f"channels_last_{source.stem.replace('brevitas_qonnx_', '')}.onnx"
+        try:
+            with _quiet():
+                ModelWrapper(str(source)).transform(ConvertToChannelsLastAndClean()).save(str(path))
+        except Exception as err:  # the transformation's own limitation, not a corpus file
+            rejected.append(f"{path.stem}: qonnx refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+            continue
+        entries.append(Entry(path.stem, CHANNELS_LAST, path))
+    return entries, rejected
+
+
 def zoo_files(folder: Path) -> list[Entry]:
     entries = []
     for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx"):
@@ -241,7 +261,11 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
             kinds.setdefault(kind if "narrow" not in e.name else "mlp_narrow", e.path)
     finn_sources = list(kinds.values())[:1] if quick else [*kinds.values(), zoo[0].path]
     finn, finn_rejected = finn_files(folder, finn_sources, quick)
-    return entries + ort + finn + ([] if quick else zoo), rejected + finn_rejected
+    convs = [e.path for e in entries if e.producer == EXPORTERS["qonnx"] and e.name.split("_")[2] in
+             ("cnn", "depthwise", "residual", "conv1d")]
+    channels_last, channels_last_rejected = ([], []) if quick else channels_last_files(folder, convs)
+    return (entries + ort + finn + channels_last + ([] if quick else zoo),
+            rejected + finn_rejected + channels_last_rejected)
 
 
 # --------------------------------------------------------------------------- checking one file

@@ -138,3 +138,23 @@ def test_finn_dataflow_partition_is_reported_not_passed_over(tmp_path):
     assert code == 3 and partition.name in err and layer["proof"] == "unknown" and child in layer["status"], (out, err)
     code, out, err = _run("verify", child, "--acc-bits", 32)
     assert code == 0, err
+
+
+def test_qonnx_channels_last_convolutions(tmp_path):
+    """qonnx's ConvertToChannelsLastAndClean puts each Conv in its channels-last domain (NHWC data, OIHW weights):
+    read, projected and executed within P with every range tight, and `verify --data` lists the layers as not
+    simulated (it died with an internal error: the simulator convolved the NHWC data as NCHW)."""
+    from scripts.corpus import CHANNELS_LAST, channels_last_files
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = build_corpus_net(tmp_path, NetSpec("cnn", 4, 4, signed_act=True), "qonnx")
+    (entry,), rejected = channels_last_files(tmp_path, [source])
+    assert rejected == [] and entry.producer == CHANNELS_LAST
+    result = check(entry, tmp_path)
+    assert (result.status, result.detail, result.layers, result.tight) == ("handled", "", 3, 3)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(4, 4, 8, 8)).astype(np.float32))
+    code, out, err = _run("verify", entry.path, "--acc-bits", 32, "--data", tmp_path / "x.npz", "--json")
+    assert code == 0, err
+    assert all(v["data_note"].startswith("not simulated: a channels-last") for v in json.loads(out)["layers"])

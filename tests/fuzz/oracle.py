@@ -237,11 +237,12 @@ def _topological(model: ModelWrapper, chain: list) -> list[int]:
 def _mac_model(mac, q: np.ndarray, sample_shape: tuple[int, ...], batch: int) -> ModelWrapper:
     """The MAC node alone (no bias, ``transA`` folded into the input), integer weights ``q`` as constants."""
     attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute if a.name != "transA"}
-    node = helper.make_node(mac.op_type, ["x", "w"], ["y"], **attrs)
+    node = helper.make_node(mac.op_type, ["x", "w"], ["y"], domain=mac.domain, **attrs)  # a custom domain kept
     graph = helper.make_graph([node], "mac", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *sample_shape])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=[numpy_helper.from_array(q.astype(np.float32), "w")])
-    return _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(mac.domain, 1)] if mac.domain else [])
+    return _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=opsets)))
 
 
 def _run_mac(mac, q: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -300,7 +301,8 @@ def _integers(values: np.ndarray, scale, what: str, node: str) -> np.ndarray:
 def _channel_axis(mac, out_shape: tuple[int, ...]) -> int:
     """Output channels (per sample): axis 0 of a Conv's (C, H, W); the last axis of a MatMul's (..., C) (FINN's
     lowered convolutions: Im2Col -> MatMul on NHWC)."""
-    return len(out_shape) - 1 if mac.op_type in ("MatMul", "Gemm") else 0
+    channels_last = mac.domain == "qonnx.custom_op.channels_last"  # qonnx's NHWC Conv
+    return len(out_shape) - 1 if mac.op_type in ("MatMul", "Gemm") or channels_last else 0
 
 
 def _targets(out_shape: tuple[int, ...], rng: np.random.Generator, channel_axis: int = 0) -> list[int]:
