@@ -196,3 +196,70 @@ def test_plugin_method_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["method"] == "zero-touched"
     assert max(r.bounds["exact"] for r in analyze_model(load_model(out)).layers) <= 11
+
+
+def _tied_model(path, qonnx: bool) -> None:
+    """Two MatMuls sharing one 8x8 weight tensor (tied weights), on different input grids: mmA reads unsigned
+    8-bit codes, mmB signed 4-bit ones. QDQ: two DequantizeLinear of one int8 initializer; QONNX: one weight Quant
+    feeding both."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    general = "qonnx.custom_op.general"
+    if qonnx:
+        inits = {"W": rng.normal(size=(8, 8)).astype(np.float32), "ws": np.float32(0.02), "xs": np.float32(0.05),
+                 "hs": np.float32(0.5), "z": np.float32(0), "b8": np.float32(8), "b4": np.float32(4)}
+
+        def quant(x, s, bits, out, signed):
+            return helper.make_node("Quant", [x, s, "z", bits], [out], domain=general, signed=signed, narrow=0,
+                                    rounding_mode="ROUND")
+
+        nodes = [quant("x", "xs", "b8", "xq", 0), quant("W", "ws", "b8", "Wq", 1),
+                 helper.make_node("MatMul", ["xq", "Wq"], ["h"], name="mmA"), quant("h", "hs", "b4", "hq", 1),
+                 helper.make_node("MatMul", ["hq", "Wq"], ["y"], name="mmB")]
+        opsets = [helper.make_opsetid("", 13), helper.make_opsetid(general, 1)]
+    else:
+        inits = {"Wq": rng.integers(-128, 128, (8, 8)).astype(np.int8), "ws": np.float32(0.02),
+                 "xs": np.float32(0.05), "xz": np.uint8(0), "hs": np.float32(0.5), "hz": np.int8(0)}
+        nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["Wq", "ws"], ["WA"]),
+                 helper.make_node("MatMul", ["xd", "WA"], ["h"], name="mmA"),
+                 helper.make_node("QuantizeLinear", ["h", "hs", "hz"], ["hq8"]),
+                 helper.make_node("Clip", ["hq8", "lo", "hi"], ["hq"]),
+                 helper.make_node("DequantizeLinear", ["hq", "hs", "hz"], ["hd"]),
+                 helper.make_node("DequantizeLinear", ["Wq", "ws"], ["WB"]),
+                 helper.make_node("MatMul", ["hd", "WB"], ["y"], name="mmB")]
+        inits.update(lo=np.int8(-8), hi=np.int8(7))
+        opsets = [helper.make_opsetid("", 13)]
+    graph = helper.make_graph(nodes, "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("qonnx", [False, True], ids=["qdq", "qonnx"])
+@pytest.mark.parametrize("targets", [(12, 16), (16, 12), (12, 12)])
+def test_tied_weights_fit_every_layer_that_shares_them(a2q, tmp_path, qonnx, targets):
+    """Projecting one layer rewrites the weights the other layer reads too; the later projection starts from the
+    earlier one's weights, so both promises hold whichever layer is narrower. Checked by executing the written
+    model's worst cases through its own quantizers (the real-file oracle)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import executed_range
+
+    path, out = tmp_path / "tied.onnx", tmp_path / "out.onnx"
+    _tied_model(path, qonnx)
+    before = {name: width(r.lo, r.hi) for name in ("mmA", "mmB")
+              for r in [executed_range(ModelWrapper(str(path)), name)]}
+    assert before["mmA"] > 16 and before["mmB"] > 12  # every target below makes a layer's projection change weights
+    result = a2q("project", path, out, "--layer", f"mmA={targets[0]}", "--layer", f"mmB={targets[1]}")
+    assert result.returncode == 0, result.stderr
+    for name, bits in zip(("mmA", "mmB"), targets):
+        executed = executed_range(ModelWrapper(str(out)), name)
+        assert width(executed.lo, executed.hi) <= bits, (name, executed.lo, executed.hi, bits)
+    assert a2q("verify", out).returncode == 0
