@@ -547,8 +547,9 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         bits = _require_constant(model, producer, 3, "bit width")
         if np.any(zero_point != 0):
             raise UnsupportedLayer(
-                f"{_node_label(producer)} quantizes weights with a non-zero zero point; "
-                "accumulator bounds assume symmetric weights (as FINN and Brevitas do): re-export with zero_point=0"
+                f"{_node_label(producer)} quantizes weights with a non-zero zero point, which a2q reads from "
+                "DequantizeLinear only (FINN assumes symmetric QONNX weights too): re-export with a zero-point-free "
+                "weight quantizer, or as QCDQ (Brevitas export_onnx_qcdq) and use --zero-point subtract"
             )
         bits = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else None
         if bits is None or not np.isfinite(bits) or bits != int(bits) or bits < 1:

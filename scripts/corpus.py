@@ -105,7 +105,9 @@ def _brevitas_specs(quick: bool):
              NetSpec("depthwise", 4, 4), NetSpec("grouped", 5, 4, per_channel=False), NetSpec("convtranspose", 4, 4),
              NetSpec("residual", 4, 4), NetSpec("avgpool", 4, 4), NetSpec("avgpool_floor", 4, 4),
              NetSpec("residual", 3, 3, signed_act=True, narrow=True), NetSpec("conv1d", 4, 4, signed_act=True),
-             NetSpec("conv3d", 5, 4, per_channel=False), NetSpec("attention", 8, 8, signed_act=True)]
+             NetSpec("conv3d", 5, 4, per_channel=False), NetSpec("attention", 8, 8, signed_act=True),
+             NetSpec("cnn", 4, 4, signed_act=True, shifted=True),
+             NetSpec("mlp", 8, 8, signed_act=True, per_channel=False, shifted=True)]
     return specs[10:11] if quick else specs  # quick: the residual CNN
 
 
@@ -124,7 +126,9 @@ def brevitas_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
                 rejected.append(f"brevitas_{exporter}_{spec.name}: Brevitas refused ({type(err).__name__}: "
                                 f"{first_line[:120]})")
                 continue
-            entries.append(Entry(path.stem, producer, path, lower=exporter == "qonnx"))
+            # weight zero points: projected as ONNX defines them (code - zero point), as for onnxruntime's QUInt8
+            entries.append(Entry(path.stem, producer, path, lower=exporter == "qonnx",
+                                 zero_point="subtract" if spec.shifted else "fold"))
     return entries, rejected
 
 

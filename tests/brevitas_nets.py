@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from brevitas.export import export_qonnx
 from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Int8WeightPerTensorFloat,
-                            Uint8ActPerTensorFloat)
+                            ShiftedUint8ActPerTensorFloat, ShiftedUint8WeightPerChannelFloat,
+                            ShiftedUint8WeightPerTensorFloat, Uint8ActPerTensorFloat)
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.util.cleanup import cleanup_model
 
@@ -119,11 +120,13 @@ class NetSpec:
     signed_act: bool = False
     per_channel: bool = True
     narrow: bool = False  # narrow-range weights and activations ([-2^(n-1)+1, 2^(n-1)-1])
+    shifted: bool = False  # asymmetric unsigned weights and activations with zero points (Brevitas' ShiftedUint8*)
 
     @property
     def name(self) -> str:
         return (f"{self.kind}_w{self.wbits}a{self.abits}{'s' if self.signed_act else 'u'}"
-                f"{'pc' if self.per_channel else 'pt'}{'_narrow' if self.narrow else ''}")
+                f"{'pc' if self.per_channel else 'pt'}{'_narrow' if self.narrow else ''}"
+                f"{'_shifted' if self.shifted else ''}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -139,6 +142,9 @@ class _CorpusNet(torch.nn.Module):
         super().__init__()
         wq = Int8WeightPerChannelFloat if spec.per_channel else Int8WeightPerTensorFloat
         aq = Int8ActPerTensorFloat if spec.signed_act else Uint8ActPerTensorFloat
+        if spec.shifted:
+            wq = ShiftedUint8WeightPerChannelFloat if spec.per_channel else ShiftedUint8WeightPerTensorFloat
+            aq = ShiftedUint8ActPerTensorFloat
         weight = dict(weight_quant=wq, weight_bit_width=spec.wbits, weight_narrow_range=spec.narrow)
 
         def act():  # signed activations: identity quantizers; unsigned ones: QuantReLU

@@ -158,3 +158,23 @@ def test_qonnx_channels_last_convolutions(tmp_path):
     code, out, err = _run("verify", entry.path, "--acc-bits", 32, "--data", tmp_path / "x.npz", "--json")
     assert code == 0, err
     assert all(v["data_note"].startswith("not simulated: a channels-last") for v in json.loads(out)["layers"])
+
+
+def test_brevitas_shifted_weights_under_both_zero_point_conventions(tmp_path):
+    """Brevitas' ShiftedUint8 quantizers give weights and activations zero points. The QCDQ export's ranges equal
+    the executed ones under both conventions (fold: the raw codes, the oracle adding each weight's zero point back;
+    subtract: code - zero point); project needs subtract, and says so under fold. The QONNX export's weight zero
+    points are refused by name, pointing to QCDQ."""
+    from scripts.corpus import EXPORTERS, Entry
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    spec = NetSpec("mlp", 8, 8, signed_act=True, per_channel=False, shifted=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qcdq, qonnx = (build_corpus_net(tmp_path, spec, exporter) for exporter in ("qcdq_ts", "qonnx"))
+    fold = check(Entry(qcdq.stem, EXPORTERS["qcdq_ts"], qcdq, zero_point="fold"), tmp_path)
+    assert fold.status == "refused" and fold.tight == fold.layers == 3 and "--zero-point subtract" in fold.detail
+    subtract = check(Entry(qcdq.stem, EXPORTERS["qcdq_ts"], qcdq, zero_point="subtract"), tmp_path)
+    assert (subtract.status, subtract.detail, subtract.tight) == ("handled", "", 3)
+    refused = check(Entry(qonnx.stem, EXPORTERS["qonnx"], qonnx, zero_point="subtract"), tmp_path)
+    assert refused.status == "refused" and "export_onnx_qcdq" in refused.detail

@@ -67,6 +67,8 @@ class LayerInfo:
     operand_scale: float | None = None
     operand_zero_point: int = 0
     act_x_act: bool = False
+    # real files only: the weight zero point in the layout of weight_scale (the raw codes the MAC sees under fold)
+    weight_zero_point: np.ndarray | None = None
 
     @property
     def integer(self) -> bool:

@@ -423,6 +423,8 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
     if weight is None:
         weight = execute(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
     q = _integers(weight, info.weight_scale, "weight", info.node)
+    if info.weight_zero_point is not None and case.zero_point == "fold":
+        q = q + np.round(info.weight_zero_point)  # the raw codes
     x_shape = tuple(model.get_tensor_shape(mac.input[0]))
     sample_shape = (x_shape[0],) if trans_a else tuple(x_shape[1:])
     n_in = int(np.prod(sample_shape))

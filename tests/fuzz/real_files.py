@@ -123,8 +123,9 @@ def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, ob
     return scale, zero, producer
 
 
-def weight_scale(model: ModelWrapper, mac) -> np.ndarray:
-    """The weight quantizer's scale broadcast to the weight as the MAC consumes it (executed through the moves)."""
+def weight_scale(model: ModelWrapper, mac, parameter: int = 1) -> np.ndarray:
+    """The weight quantizer's scale broadcast to the weight as the MAC consumes it (executed through the moves);
+    ``parameter`` 2: its zero point (0 where it has none)."""
     tensor = mac.input[1]
     moves = []
     while True:
@@ -133,7 +134,7 @@ def weight_scale(model: ModelWrapper, mac) -> np.ndarray:
             weights = _const(model, tensor)
             if weights is None or not np.array_equal(weights, np.round(weights)):
                 raise Undescribed(f"weight {tensor!r} is neither quantized nor integer")
-            return np.ones(1, np.float32)  # FINN: integer weights, the scale moved behind the MAC
+            return np.full(1, 1.0 if parameter == 1 else 0.0, np.float32)  # FINN: integer weights, the scale behind
         if producer.op_type in WEIGHT_QUANTIZERS:
             break
         if producer.op_type not in WEIGHT_MOVES:
@@ -143,7 +144,8 @@ def weight_scale(model: ModelWrapper, mac) -> np.ndarray:
     kept: list = []
     _ancestors(model, producer.output[0], kept)
     codes = execute(_subgraph(model, kept, [], [producer.output[0]], 1), {})[producer.output[0]]
-    scale = np.asarray(model.get_initializer(producer.input[1]), dtype=np.float32)
+    given = len(producer.input) > parameter and producer.input[parameter]
+    scale = np.asarray(model.get_initializer(producer.input[parameter]) if given else 0.0, dtype=np.float32)
     if producer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
         axis = _attr(producer, "axis", 1) % codes.ndim
         scale = scale.reshape([-1 if d == axis else 1 for d in range(codes.ndim)])
@@ -158,7 +160,9 @@ def describe_layer(model: ModelWrapper, name: str) -> LayerInfo:
     """The oracle's description of float MAC node ``name`` (raises :class:`Undescribed`)."""
     mac = _node(model, name)
     scale, zero = activation_grid(model, mac.input[0])
-    return LayerInfo(name, mac.op_type, weight_scale(model, mac), scale, zero)
+    weight_zero = weight_scale(model, mac, parameter=2)  # under fold the MAC multiplies codes, zero point included
+    return LayerInfo(name, mac.op_type, weight_scale(model, mac), scale, zero,
+                     weight_zero_point=weight_zero if np.any(weight_zero != 0) else None)
 
 
 def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[ModelWrapper, LayerInfo, dict]:
