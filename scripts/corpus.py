@@ -107,7 +107,13 @@ def _brevitas_specs(quick: bool):
              NetSpec("residual", 3, 3, signed_act=True, narrow=True), NetSpec("conv1d", 4, 4, signed_act=True),
              NetSpec("conv3d", 5, 4, per_channel=False), NetSpec("attention", 8, 8, signed_act=True),
              NetSpec("cnn", 4, 4, signed_act=True, shifted=True),
-             NetSpec("mlp", 8, 8, signed_act=True, per_channel=False, shifted=True)]
+             NetSpec("mlp", 8, 8, signed_act=True, per_channel=False, shifted=True),
+             # Brevitas' accumulator-aware quantizers (A2Q, A2Q+), power-of-two scales, ternary weights
+             NetSpec("cnn", 6, 4, weight_quant="Int8AccumulatorAwareWeightQuant", accumulator=12),
+             NetSpec("mlp", 4, 8, weight_quant="Int8AccumulatorAwareZeroCenterWeightQuant", accumulator=14),
+             NetSpec("cnn", 5, 4, signed_act=True, per_channel=False, weight_quant="Int8WeightPerTensorFixedPoint",
+                     act_quant="Int8ActPerTensorFixedPoint"),
+             NetSpec("mlp", 2, 4, weight_quant="SignedTernaryWeightPerTensorConst")]
     return specs[10:11] if quick else specs  # quick: the residual CNN
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import brevitas.nn as qnn
+import brevitas.quant
 import numpy as np
 import torch
 from brevitas.export import export_qonnx
@@ -121,12 +122,18 @@ class NetSpec:
     per_channel: bool = True
     narrow: bool = False  # narrow-range weights and activations ([-2^(n-1)+1, 2^(n-1)-1])
     shifted: bool = False  # asymmetric unsigned weights and activations with zero points (Brevitas' ShiftedUint8*)
+    # a brevitas.quant weight quantizer class by name in place of the Int8Weight*Float ones, e.g. the accumulator-aware
+    # Int8AccumulatorAwareWeightQuant (A2Q), whose l1 budget is set for ``accumulator`` bits; and an activation one
+    weight_quant: str | None = None
+    act_quant: str | None = None
+    accumulator: int | None = None
 
     @property
     def name(self) -> str:
         return (f"{self.kind}_w{self.wbits}a{self.abits}{'s' if self.signed_act else 'u'}"
                 f"{'pc' if self.per_channel else 'pt'}{'_narrow' if self.narrow else ''}"
-                f"{'_shifted' if self.shifted else ''}")
+                f"{'_shifted' if self.shifted else ''}{'_' + self.weight_quant if self.weight_quant else ''}"
+                f"{'_' + self.act_quant if self.act_quant else ''}")
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -145,7 +152,13 @@ class _CorpusNet(torch.nn.Module):
         if spec.shifted:
             wq = ShiftedUint8WeightPerChannelFloat if spec.per_channel else ShiftedUint8WeightPerTensorFloat
             aq = ShiftedUint8ActPerTensorFloat
+        if spec.weight_quant:
+            wq = getattr(brevitas.quant, spec.weight_quant)
+        if spec.act_quant:
+            aq = getattr(brevitas.quant, spec.act_quant)
         weight = dict(weight_quant=wq, weight_bit_width=spec.wbits, weight_narrow_range=spec.narrow)
+        if spec.accumulator is not None:
+            weight["weight_accumulator_bit_width"] = spec.accumulator
 
         def act():  # signed activations: identity quantizers; unsigned ones: QuantReLU
             if spec.signed_act:
