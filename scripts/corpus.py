@@ -149,6 +149,11 @@ ORT_VARIANTS = {  # format -> (weight type, activation type, per channel)
 }
 # formats whose second variant is also saved by onnxruntime's graph optimizer (_optimized_files)
 ORT_OPTIMIZED_FORMATS = ("QDQ", "QOperator", "dynamic")
+# quantize_static QDQ (int8 weights per channel) under each of these extra_options, on every net (full corpus only)
+ORT_OPTIONS = {"AddQDQPairToWeight": {"AddQDQPairToWeight": True}, "WeightAsymmetric": {"WeightSymmetric": False},
+               "ActivationSymmetric": {"ActivationSymmetric": True}, "DedicatedQDQPair": {"DedicatedQDQPair": True},
+               "KeepRemovableActivations": {"QDQKeepRemovableActivations": True}, "NoBiasQuant": {"QuantizeBias": False}}
+ORT_WITH_OPTIONS = "onnxruntime quantize_static QDQ, extra_options"
 
 
 def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
@@ -175,6 +180,15 @@ def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
                 entries.append(Entry(name, ORT_FORMATS[fmt], path, zero_point="subtract" if weight == "QUInt8" else "fold"))
                 if fmt in ORT_OPTIMIZED_FORMATS and (weight, act, per_channel) == variants[1]:
                     entries += _optimized_files(entries[-1], quick)
+        for option, extra in {} if quick else ORT_OPTIONS.items():
+            float_path = folder / f"float_{net}_opset13.onnx"
+            x_shape = build(float_path, opset=13)
+            path = folder / f"ort_QDQ_{net}_{option}.onnx"
+            with _quiet():
+                quantize(float_path, path, x_shape, "QDQ", "QInt8", "QUInt8", True, extra_options=extra)
+            # asymmetric int8 weights carry zero points: projected as ONNX defines them
+            entries.append(Entry(path.stem, ORT_WITH_OPTIONS, path,
+                                 zero_point="subtract" if option == "WeightAsymmetric" else "fold"))
     return entries, rejected
 
 
