@@ -86,7 +86,7 @@ _INT64_SAFE = 1 << 62
 # once, cached on disk) takes longer than the numpy check
 _KERNEL_VALUES = 1 << 22
 # Ops that multiply integer tensors themselves: (float op they compute like, weight input, weight zero point input);
-# ONNX / com.microsoft: input 0 is the integer data, input 2 its zero point.
+# input 0 is the data, its zero point at input 2 but where _DATA_ZERO_POINT / _QUANTIZES_DATA say otherwise.
 _INTEGER_MACS = {"QLinearConv": ("Conv", 3, 5), "ConvInteger": ("Conv", 1, 3), "QLinearMatMul": ("MatMul", 3, 5),
                  "MatMulInteger": ("MatMul", 1, 3), "QGemm": ("Gemm", 3, 5),
                  "DynamicQuantizeMatMul": ("MatMul", 1, 3), "MatMulIntegerToFloat": ("MatMul", 1, 5)}
@@ -1022,8 +1022,10 @@ def _certify_act_x_act(model: ModelWrapper, node: NodeProto, codes: "_InputCodes
 def _integer_act_x_act(model: ModelWrapper, node: NodeProto) -> bool:
     """An integer MatMul op (QLinearMatMul, MatMulInteger, ...) whose second operand is computed at run time."""
     op = node.op_type
-    return op in _INTEGER_MACS and _INTEGER_MACS[op][0] == "MatMul" and \
-        node.domain in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")) and _reads_graph_input(model, node.input[_INTEGER_MACS[op][1]])
+    if op not in _INTEGER_MACS or _INTEGER_MACS[op][0] != "MatMul":
+        return False
+    return node.domain in _INTEGER_MAC_DOMAINS.get(op, ("", "ai.onnx")) and \
+        _reads_graph_input(model, node.input[_INTEGER_MACS[op][1]])
 
 
 def _inferred(model: ModelWrapper) -> ModelWrapper:

@@ -45,7 +45,7 @@ from a2q_passes.layers import KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLay
 from a2q_passes.metadata import recorded_tiles
 from a2q_passes.model_io import ReadOnlyModel
 from a2q_passes.simulate import MAX_SIMULATED_BITS, accumulate_terms
-from a2q_passes.width_resolution import WIDTHS_RECORDED, WIDTHS_SELECTED, resolve_widths
+from a2q_passes.width_resolution import WIDTHS_RECORDED, WIDTHS_SELECTED, check_skips, resolve_widths
 
 PROOF_PASS, PROOF_FAIL = "pass", "fail"
 PROOF_UNCHECKED = "unchecked"  # no width given for this layer
@@ -307,7 +307,7 @@ def verify_model(
     # whole graph per lookup are quadratic in its depth
     model = ReadOnlyModel(model.model)
     layers = find_mac_layers(model, input_dtypes, zero_point, input_ranges)
-    _check_skips(layers, skip, {**(widths if isinstance(widths, dict) else {}), **(overrides or {})})
+    check_skips(layers, skip, {**(widths if isinstance(widths, dict) else {}), **(overrides or {})})
     chosen, source = resolve_widths(model, layers, widths, overrides)
     in_order, layers = layers, [layer for layer in layers if layer.node not in skip]
     chosen = {name: bits for name, bits in chosen.items() if name not in skip}
@@ -348,16 +348,6 @@ def verify_model(
                 verdict.data_note = f"not simulated: {simulation.skipped[verdict.node]}"
         report.simulation = simulation
     return report
-
-
-def _check_skips(layers: list[MacLayer], skip: frozenset[str], given: dict[str, int]) -> None:
-    """Every skipped name is a MAC layer, and none is also given a width."""
-    names = {layer.node for layer in layers}
-    for name in sorted(skip):
-        if name not in names:
-            raise A2QError(f"--skip {name}: no MAC layer named '{name}' (layers: {', '.join(sorted(names)) or 'none'})")
-        if name in given:
-            raise A2QError(f"layer '{name}' is both skipped (--skip) and given a width ({name}={given[name]}); keep one")
 
 
 def _claim(verdict: LayerVerdict) -> Claim:

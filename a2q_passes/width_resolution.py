@@ -18,6 +18,16 @@ from a2q_passes.metadata import recorded_widths
 WIDTHS_GLOBAL, WIDTHS_SELECTED, WIDTHS_RECORDED = "global", "selected layers", "model metadata"
 
 
+def check_skips(layers: list[MacLayer], skip: frozenset[str], given: dict[str, int]) -> None:
+    """Every name ``--skip`` gives is a MAC layer, and none is also given a width (``project``, ``verify``)."""
+    names = {layer.node for layer in layers}
+    for name in sorted(skip):
+        if name not in names:
+            raise A2QError(f"--skip {name}: no MAC layer named '{name}' (layers: {', '.join(sorted(names)) or 'none'})")
+        if name in given:
+            raise A2QError(f"layer '{name}' is both skipped (--skip) and given a width ({name}={given[name]}); keep one")
+
+
 def resolve_widths(model: ModelWrapper, layers: list[MacLayer], widths: int | dict[str, int] | None,
                    overrides: dict[str, int] | None = None) -> tuple[dict[str, int], str]:
     """Per-layer widths and where they came from (one of ``WIDTHS_*``); errors name the bad layer."""

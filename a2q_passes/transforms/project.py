@@ -29,6 +29,7 @@ from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
                                    plain_round, project_in_parts, project_multistage, projection_stats,
                                    projection_threads, rows_per_block)
+from a2q_passes.width_resolution import check_skips
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -71,11 +72,7 @@ def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dic
     """
     by_name = {layer.node: layer for layer in layers}
     known = ", ".join(sorted(by_name)) or "none"
-    for name in sorted(skip):
-        if name not in by_name:
-            raise A2QError(f"--skip {name}: no MAC layer named '{name}' (layers: {known})")
-        if name in overrides:
-            raise A2QError(f"layer '{name}' is both skipped (--skip) and given a width ({name}={overrides[name]}); keep one")
+    check_skips(layers, skip, overrides)
     if acc_bits is not None:
         unreadable = [layer for layer in layers
                       if not layer.ok and layer.status != STATUS_WEIGHTS_NOT_QUANTIZED and layer.node not in skip]
