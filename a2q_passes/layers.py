@@ -1497,6 +1497,8 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
         layout, K, channels = _layout_for(model, node, shape)
         if source.block_size:
             layout, K = _block_layout(model, node, source, layout, K)
+        else:
+            _check_scale_per_output_channel(node, source, len(shape))
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     grid, reason = resolver.resolve(node.input[0])
@@ -1513,6 +1515,26 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
     if grid is None:
         layer.status = f"{STATUS_INPUT_NOT_QUANTIZED}: {reason}"
     return layer
+
+
+def _check_scale_per_output_channel(node: NodeProto, source: WeightSource, ndim: int) -> None:
+    """Refuse weights whose scale varies along an axis the MAC sums over (e.g. onnxruntime's per-channel axis set to
+    a MatMul's K): their products, each in its own step, are no single integer accumulation. Block-wise scales
+    (each block its own accumulator) are read by :func:`_block_layout` instead."""
+    if source.scale is None or np.size(source.scale) <= 1:
+        return
+    scale = np.asarray(source.scale)
+    if scale.ndim != ndim:  # broadcast from the trailing axes of the stored weights (same rank as the MAC's)
+        scale = scale.reshape((1,) * (ndim - scale.ndim) + scale.shape)
+    scale = apply_perms(scale, source.perms)  # to the MAC's weight axes
+    channel_axis = {"MatMul": ndim - 1, "ConvTranspose": 1}.get(node.op_type, 0)
+    if node.op_type == "Gemm" and not node_attr(node, "transB", 0):
+        channel_axis = 1
+    for axis, size in enumerate(scale.shape):
+        if axis != channel_axis and size > 1 and np.ptp(scale, axis=axis).max() > 0:
+            raise UnsupportedLayer(f"the weight scale of {_node_label(node)} varies along axis {axis} of its "
+                                   "weights, which the MAC sums over: its products are no single integer "
+                                   "accumulation; quantize the weights per output channel or per tensor")
 
 
 def _block_layout(model: ModelWrapper, node: NodeProto, source: WeightSource, layout: RowLayout,

@@ -223,3 +223,24 @@ def test_standard_einsum_on_dequantized_weights_is_reported(tmp_path):
     assert layer["status"].startswith("unsupported: ONNX Einsum on quantized 'xd', 'W'"), layer
     code, out, err = run_cli("verify", tmp_path / "einsum.onnx", "--acc-bits", 32)
     assert code == 3 and "einsum" in err, (out, err)
+
+
+def test_weight_scales_along_the_summed_axis_are_refused(tmp_path):
+    """quantize_static with QDQOpTypePerChannelSupportToAxis={"MatMul": 0} gives a MatMul's weights one scale per
+    row of K: every product has its own step, so the sum of the codes is no accumulator any datapath computes. It
+    was analysed (and projected) as if it were; it is now refused by name, and the default axis is still read."""
+    float_path = tmp_path / "float.onnx"
+    x_shape = conv_gemm_matmul(float_path)
+    for axis in (0, 1):
+        path = tmp_path / f"axis{axis}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize(float_path, path, x_shape, "QDQ", "QInt8", "QUInt8", True,
+                     extra_options={"QDQOpTypePerChannelSupportToAxis": {"MatMul": axis}})
+        status = _layers(path)["mm"]["status"]
+        if axis == 1:
+            assert status == "ok"
+        else:
+            assert status.startswith("unsupported: the weight scale of MatMul node 'mm' varies along axis 0"), status
+            code, out, err = run_cli("project", path, tmp_path / "out.onnx", "--acc-bits", 16)
+            assert code == 1 and "--skip mm" in err and not (tmp_path / "out.onnx").exists()
