@@ -152,7 +152,9 @@ ORT_OPTIMIZED_FORMATS = ("QDQ", "QOperator", "dynamic")
 # quantize_static QDQ (int8 weights per channel) under each of these extra_options, on every net (full corpus only)
 ORT_OPTIONS = {"AddQDQPairToWeight": {"AddQDQPairToWeight": True}, "WeightAsymmetric": {"WeightSymmetric": False},
                "ActivationSymmetric": {"ActivationSymmetric": True}, "DedicatedQDQPair": {"DedicatedQDQPair": True},
-               "KeepRemovableActivations": {"QDQKeepRemovableActivations": True}, "NoBiasQuant": {"QuantizeBias": False}}
+               "KeepRemovableActivations": {"QDQKeepRemovableActivations": True}, "NoBiasQuant": {"QuantizeBias": False},
+               # per-channel MatMul weight scales along K (axis 0): no integer accumulation, refused by name
+               "MatMulScalesAlongK": {"QDQOpTypePerChannelSupportToAxis": {"MatMul": 0}}}
 ORT_WITH_OPTIONS = "onnxruntime quantize_static QDQ, extra_options"
 
 
