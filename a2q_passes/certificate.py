@@ -272,8 +272,8 @@ def _inline(tensor: TensorProto) -> TensorProto:
 
 def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error: str,
                               feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Values of ``targets`` from one onnxruntime session on the standard-ONNX constant subgraph ``sub``, whose
-    graph inputs take ``feeds``."""
+    """Values of ``targets`` from one onnxruntime session on the constant subgraph ``sub`` (standard ONNX and
+    onnxruntime's com.microsoft ops), whose graph inputs take ``feeds``."""
     import onnxruntime as ort
 
     initializers = {init.name: numpy_helper.to_array(init) for init in sub.graph.initializer}

@@ -1653,9 +1653,7 @@ def _subgraph_layers(model: ModelWrapper, node: NodeProto, resolver: GridResolve
     """
     reported = []
     for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.type == AttributeProto.GRAPH else \
-            list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []
-        for graph in graphs:
+        for graph in _attribute_graphs(attribute):
             inner = list(_nodes_within(graph))
             produced = {t for n in inner for t in n.output} | {t.name for t in graph.input} | \
                 {t.name for t in graph.initializer}
@@ -1674,12 +1672,19 @@ def _subgraph_layers(model: ModelWrapper, node: NodeProto, resolver: GridResolve
     return reported
 
 
+def _attribute_graphs(attribute: AttributeProto) -> list[GraphProto]:
+    """The subgraphs an attribute holds (an If branch, a Loop or Scan body), none for any other attribute."""
+    if attribute.type == AttributeProto.GRAPH:
+        return [attribute.g]
+    return list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []
+
+
 def _nodes_within(graph: GraphProto):
     """Every node of ``graph``, those of its nested subgraphs included."""
     for node in graph.node:
         yield node
         for attribute in node.attribute:
-            for sub in [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs):
+            for sub in _attribute_graphs(attribute):
                 yield from _nodes_within(sub)
 
 
