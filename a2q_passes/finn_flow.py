@@ -304,17 +304,25 @@ def _weight_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: grouped but not depthwise, or
-    not 2-D.
+    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: grouped but not depthwise, not
+    2-D, or reading a batch of more than one image.
 
     Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only 2-D ``group=1`` and depthwise
     convolutions (``group`` = input channels = output channels); on any other it fails deep inside with a numpy
-    reshape error or "list index out of range", naming neither the node nor the construct.
+    reshape error or "list index out of range", naming neither the node nor the construct. FINN's sliding-window
+    layers take one image at a time: a batch of 4 fails only when the lowered graph executes ("cannot reshape array
+    of size 1600 into shape (1,10,10,4)").
     """
-    grouped, not_2d = [], []
+    from a2q_passes.model_io import with_inferred_shapes
+
+    shaped = with_inferred_shapes(model)
+    grouped, not_2d, batched = [], [], []
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         shape = _weight_shape(model, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
+        if isinstance(batch, int) and batch > 1:
+            batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
         if shape is not None and len(shape) != 4:
             not_2d.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
         elif group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
@@ -328,6 +336,10 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
         raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
                             f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "
                             "(one per group, then Concat) in the model, or keep it out of the FINN part.")
+    if batched:
+        raise LoweringError(f"FINN's convolution layers take one image at a time; Conv {', '.join(batched)} cannot be "
+                            "lowered. Export the model with batch size 1 (or set it with qonnx's ChangeBatchSize(1)) "
+                            "and lower that.")
 
 
 def run_flow(

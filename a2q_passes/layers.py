@@ -578,7 +578,16 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
                             scale=np.asarray(scale, dtype=np.float32), perms=perms)
     if op == "DequantizeLinear":
         return _dequantize_linear_source(model, producer, perms, zero_point)
-    raise UnsupportedLayer(f"weights are produced by {_node_label(producer)}, which this tool does not read")
+    if op in ("Mul", "Div") and any(initializer_proto(model, t) is not None for t in producer.input):
+        # qonnx's ExtractQuantScaleZeroPt writes Quant(w / s, 1, 0, b) * s: the codes a2q would rewrite lie behind a
+        # rescaling it does not carry through project and verify
+        raise UnsupportedLayer(f"weights are produced by {_node_label(producer)}, a rescaling after the weight "
+                               "quantizer (as qonnx's ExtractQuantScaleZeroPt writes): a2q reads weights whose "
+                               "quantizer (Quant, BipolarQuant, DequantizeLinear) feeds the layer directly or through "
+                               "Transpose/Identity; run a2q on the model before that transformation")
+    raise UnsupportedLayer(f"weights are produced by {_node_label(producer)}, which this tool does not read; a2q "
+                           "reads weights from a quantizer (Quant, BipolarQuant, DequantizeLinear) or an integer "
+                           "initializer, directly or through Transpose/Identity")
 
 
 def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:

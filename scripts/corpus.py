@@ -5,7 +5,8 @@
 Generates, offline and seeded, quantized ONNX files with Brevitas (``export_qonnx``; ``export_onnx_qcdq`` with the
 TorchScript and the dynamo exporter), onnxruntime (``quantize_static`` QDQ, also in its com.microsoft Q/DQ, and
 QOperator, ``quantize_dynamic``, and what an ``InferenceSession``'s graph optimizer saves from them), qonnx's
-channels-last form of the QONNX convolutions (``ConvertToChannelsLastAndClean``),
+channels-last form of the QONNX convolutions (``ConvertToChannelsLastAndClean``), qonnx's cleanup and the
+transformations FINN's and hls4ml's preparation run on QONNX files (``_qonnx_transformations``),
 FINN's own pipeline (``step_qonnx_to_finn``, ``step_streamline``, ``step_convert_to_hw``) and the committed QONNX
 model-zoo files (``tests/data``). Each file then goes through the command line:
 
@@ -55,6 +56,7 @@ FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline
                "step_convert_to_hw": "FINN convert_to_hw (MVAU/VVAU)"}
 ZOO = "QONNX model zoo"
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
+QONNX_TRANSFORMED = "qonnx transformations (cleanup, lowering, QCDQ, batch, scale extraction)"
 
 
 @dataclass
@@ -246,22 +248,61 @@ def finn_files(folder: Path, sources: list[Path], quick: bool) -> tuple[list[Ent
     return (entries[-1:] if quick else entries), rejected  # quick: the HW graph
 
 
-def channels_last_files(folder: Path, sources: list[Path]) -> tuple[list[Entry], list[str]]:
-    """Each QONNX source in qonnx's channels-last form (NHWC Conv, MaxPool, BatchNormalization in its own domain)."""
+def _qonnx_transformations() -> dict[str, object]:
+    """What a user of qonnx runs on a QONNX file before handing it on (its cleanup, FINN's and hls4ml's
+    preparation steps), each after ``qonnx-cleanup``; name -> transformation of a ``ModelWrapper``."""
+    from qonnx.transformation.batchnorm_to_affine import BatchNormToAffine
+    from qonnx.transformation.change_batchsize import ChangeBatchSize
+    from qonnx.transformation.extract_conv_bias import ExtractBiasFromConv
+    from qonnx.transformation.extract_quant_scale_zeropt import ExtractQuantScaleZeroPt
+    from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
+    from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
+    from qonnx.transformation.quant_constant_folding import FoldTransposeIntoQuantInit
+    from qonnx.util.cleanup import cleanup_model
+
+    steps = {"cleanup": [], "LowerConvsToMatMul": [LowerConvsToMatMul()], "GemmToMatMul": [GemmToMatMul()],
+             "ExtractBiasFromConv": [ExtractBiasFromConv()], "BatchNormToAffine": [BatchNormToAffine()],
+             "QuantToQCDQ": [QuantToQCDQ()], "FoldTransposeIntoQuantInit": [FoldTransposeIntoQuantInit()],
+             "ChangeBatchSize4": [ChangeBatchSize(4)], "ExtractQuantScaleZeroPt": [ExtractQuantScaleZeroPt()]}
+
+    def applied(transformations):
+        def run(model):
+            model = cleanup_model(model)
+            for transformation in transformations:
+                model = model.transform(transformation)
+            return model
+        return run
+
+    return {name: applied(transformations) for name, transformations in steps.items()}
+
+
+def qonnx_files(folder: Path, sources: list[Path], transformations: dict, producer: str) -> tuple[list[Entry], list[str]]:
+    """Each QONNX source after each of qonnx's ``transformations`` (name -> function of a ``ModelWrapper``); what
+    qonnx itself cannot transform is listed, not counted. QONNX results are lowered, QCDQ ones are not."""
     from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
 
     entries, rejected = [], []
     for source in sources:
-        path = folder / f"channels_last_{source.stem.replace('brevitas_qonnx_', '')}.onnx"
-        try:
-            with _quiet():
-                ModelWrapper(str(source)).transform(ConvertToChannelsLastAndClean()).save(str(path))
-        except Exception as err:  # the transformation's own limitation, not a corpus file
-            rejected.append(f"{path.stem}: qonnx refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-            continue
-        entries.append(Entry(path.stem, CHANNELS_LAST, path))
+        for name, transform in transformations.items():
+            stem = source.stem.replace("brevitas_qonnx_", "")
+            path = folder / (f"channels_last_{stem}.onnx" if producer == CHANNELS_LAST else f"qonnx_{name}_{stem}.onnx")
+            try:
+                with _quiet():
+                    transform(ModelWrapper(str(source))).save(str(path))
+            except Exception as err:  # the transformation's own limitation, not a corpus file
+                rejected.append(f"{path.stem}: qonnx refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+                continue
+            entries.append(Entry(path.stem, producer, path, lower=producer != CHANNELS_LAST and name != "QuantToQCDQ"))
     return entries, rejected
+
+
+def channels_last_files(folder: Path, sources: list[Path]) -> tuple[list[Entry], list[str]]:
+    """Each QONNX source in qonnx's channels-last form (NHWC Conv, MaxPool, BatchNormalization in its own domain)."""
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+    return qonnx_files(folder, sources, {"channels_last": lambda m: m.transform(ConvertToChannelsLastAndClean())},
+                       CHANNELS_LAST)
 
 
 def zoo_files(folder: Path) -> list[Entry]:
@@ -290,8 +331,10 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     convs = [e.path for e in entries if e.producer == EXPORTERS["qonnx"] and e.name.split("_")[2] in
              ("cnn", "depthwise", "residual", "conv1d")]
     channels_last, channels_last_rejected = ([], []) if quick else channels_last_files(folder, convs)
-    return (entries + ort + finn + channels_last + ([] if quick else zoo),
-            rejected + finn_rejected + channels_last_rejected)
+    transformed, transformed_rejected = ([], []) if quick else qonnx_files(
+        folder, list(kinds.values()), _qonnx_transformations(), QONNX_TRANSFORMED)
+    return (entries + ort + finn + channels_last + transformed + ([] if quick else zoo),
+            rejected + finn_rejected + channels_last_rejected + transformed_rejected)
 
 
 # --------------------------------------------------------------------------- checking one file

@@ -70,6 +70,26 @@ def test_grouped_conv_lowering_is_refused_by_name(tmp_path):
     assert not out.exists()
 
 
+def test_batched_conv_lowering_is_refused_by_name(tmp_path):
+    """Found by running qonnx's own transformations on the corpus: a Brevitas CNN set to batch 4 (qonnx
+    ``ChangeBatchSize(4)``) is analysed, projected and verified, but FINN's sliding-window layers take one image at a
+    time: ``lower`` failed only when executing FINN's graph ("cannot reshape array of size 1600 into shape
+    (1,10,10,4)"), with a hint to check qonnx execution, which works. It now names the layers and the batch."""
+    from qonnx.transformation.change_batchsize import ChangeBatchSize
+
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec("cnn", 4, 4, signed_act=True), "qonnx")
+        ModelWrapper(str(path)).transform(ChangeBatchSize(4)).save(str(tmp_path / "batch4.onnx"))
+    out = tmp_path / "hw.onnx"
+    code, _, err = _run("lower", tmp_path / "batch4.onnx", out, "--acc-bits", 16)
+    assert code == 1 and "Conv 'Conv_0' (batch 4)" in err and "ChangeBatchSize(1)" in err, err
+    assert not out.exists()
+    assert _run("verify", tmp_path / "batch4.onnx", "--acc-bits", 16)[0] == 0
+
+
 def test_oracle_is_exact_beyond_float32_integers(tmp_path):
     """Found by the corpus: int16 QDQ accumulators reach 2^32, where the oracle's float32 products (the zero point
     times the weight sums, the MAC itself) rounded by a few units and made exact analyses look unsound. The executed
