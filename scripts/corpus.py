@@ -53,7 +53,12 @@ ORT_FORMATS = {"QDQ": "onnxruntime quantize_static QDQ", "QOperator": "onnxrunti
                "QDQ_contrib": "onnxruntime quantize_static QDQ (com.microsoft Q/DQ, UseQDQContribOps)"}
 ORT_OPTIMIZED = "onnxruntime InferenceSession optimized_model_filepath"
 FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline": "FINN Streamline",
-               "step_convert_to_hw": "FINN convert_to_hw (MVAU/VVAU)"}
+               "step_convert_to_hw": "FINN convert_to_hw (MVAU/VVAU)",
+               # the dataflow partition's own model (FINN's step returns it), then the steps before code generation
+               "step_create_dataflow_partition": "FINN dataflow partition (child model)",
+               "step_specialize_layers": "FINN specialize_layers (MVAU_hls/MVAU_rtl)",
+               "step_target_fps_parallelization": "FINN target_fps_parallelization (PE/SIMD)",
+               "step_minimize_bit_width": "FINN minimize_bit_width (weight and accumulator types)"}
 ZOO = "QONNX model zoo"
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 QONNX_TRANSFORMED = "qonnx transformations (cleanup, lowering, QCDQ, batch, scale extraction)"
@@ -212,7 +217,7 @@ def _optimized_files(source: Entry, quick: bool) -> list[Entry]:
     return entries
 
 
-def _finn_stage_models(model, stages: list[str]):
+def _finn_stage_models(model, stages: list[str], output_dir: Path):
     """FINN's own build steps applied in order, yielding the model after each listed stage."""
     from a2q_passes.finn_runtime import ensure_finn_importable
 
@@ -220,32 +225,37 @@ def _finn_stage_models(model, stages: list[str]):
     import finn.builder.build_dataflow_steps as steps
     from finn.builder.build_dataflow_config import DataflowBuildConfig
 
-    cfg = DataflowBuildConfig(output_dir="unused", fpga_part="xc7z020clg400-1", steps=[])
-    order = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw"]
-    for step in order:
+    cfg = DataflowBuildConfig(output_dir=str(output_dir), fpga_part="xc7z020clg400-1", steps=[], target_fps=100000,
+                              synth_clk_period_ns=10.0)
+    order = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+             "step_create_dataflow_partition", "step_specialize_layers", "step_target_fps_parallelization",
+             "step_apply_folding_config", "step_minimize_bit_width"]
+    for step in order[:max(order.index(stage) for stage in stages) + 1]:
         model = getattr(steps, step)(model, cfg)
         if step in stages:
             yield step, model
 
 
 def finn_files(folder: Path, sources: list[Path], quick: bool) -> tuple[list[Entry], list[str]]:
-    """Each QONNX source after FINN's conversion, streamlining and HW inference (as far as they run without Vivado)."""
+    """Each QONNX source after FINN's conversion, streamlining, HW inference and the steps after it that run without
+    Vivado (the dataflow partition's child model, specialised and folded layers, minimised bit widths)."""
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
 
     entries, rejected = [], []
-    stages = list(FINN_STAGES)
+    stages = ["step_convert_to_hw"] if quick else list(FINN_STAGES)  # quick: the HW graph
     for source in sources:
         stem = source.stem.replace("brevitas_qonnx_", "")
         try:
             with _quiet():
-                for step, model in _finn_stage_models(cleanup_model(ModelWrapper(str(source))), stages):
+                for step, model in _finn_stage_models(cleanup_model(ModelWrapper(str(source))), stages,
+                                                      folder / f"finn_build_{stem}"):
                     path = folder / f"finn_{step.removeprefix('step_')}_{stem}.onnx"
                     model.save(str(path))
                     entries.append(Entry(path.stem, FINN_STAGES[step], path))
         except Exception as err:
             rejected.append(f"finn_{stem}: FINN stopped ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-    return (entries[-1:] if quick else entries), rejected  # quick: the HW graph
+    return entries, rejected
 
 
 def _qonnx_transformations() -> dict[str, object]:
