@@ -67,7 +67,7 @@ from a2q_passes.model_io import (CHANNELS_LAST_DOMAIN, ReadOnlyModel, initialize
 _LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 _WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
 # Ops the certificate executes on constants (nothing else may feed a weight quantizer).
-_CONSTANT_OPS = (*_LAYOUT_OPS, *_WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant")
+_CONSTANT_OPS = (*_LAYOUT_OPS, *_WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant", "Cast")
 # Ops whose every output value is one of their (first) input's values.
 _SELECTING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "MaxPoolNHWC",
                   "DepthToSpace", "SpaceToDepth", "Slice", "Gather", "Split", "Shuffle", "DuplicateStreams")
@@ -199,9 +199,11 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
             raise CannotCertify(f"'{name}' is computed by {_label(node)}, which the certificate does not execute")
         chosen[node.output[0]] = node
         stack.extend(node.input)
+    def stored(name: str) -> np.ndarray:
+        return overrides[name] if name in overrides else tensor_value(initializers[name])
+
     if not chosen:
-        return {name: overrides[name] if name in overrides else tensor_value(initializers[name])
-                for name in targets}
+        return {name: stored(name) for name in targets}
     nodes = []
     for node in _in_execution_order(model, chosen, targets):
         if clip_as_identity and node.op_type == "Clip":
@@ -227,7 +229,8 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
         # int4/uint4 (ml_dtypes), and it needs every shape inferred, which ONNX cannot for onnxruntime's contrib
         # QuantizeLinear/DequantizeLinear; onnxruntime runs the whole subgraph, its own ops included
         context = _execute_with_onnxruntime(sub, targets, f"{type(err).__name__}: {err}", feeds)
-    return {name: np.asarray(context[name]) for name in targets}
+    # a target that is itself constant is not in the execution context of the nodes computing the others
+    return {name: np.asarray(context[name]) if name in chosen else stored(name) for name in targets}
 
 
 def _initializer_table(model: ModelWrapper) -> Mapping[str, TensorProto]:

@@ -390,17 +390,29 @@ class MacLayer:
 
 
 def get_constant(model: ModelWrapper, name: str) -> np.ndarray | None:
-    """Value of an initializer or a ``Constant`` node output, else ``None``."""
-    if not name:
-        return None
-    value = initializer_value(model, name)
-    if value is not None:
+    """Value of an initializer or a ``Constant`` node output, also through ``Identity`` nodes and exact integer
+    ``Cast`` nodes, else ``None``.
+
+    Why: PyTorch's TorchScript exporter shares equal constants through Identity nodes (the all-zero weight zero
+    points of two layers of a QAT model: one initializer, the second layer's an Identity of it), and without
+    constant folding casts each int32 zero point to its quantizer's int8/uint8 type.
+    """
+    value = initializer_value(model, name) if name else None
+    producer = model.find_producer(name) if name and value is None else None
+    if producer is None:
         return value
-    producer = model.find_producer(name)
-    if producer is not None and producer.op_type == "Constant":
-        for attr in producer.attribute:
-            if attr.name == "value":
-                return numpy_helper.to_array(attr.t)
+    if producer.op_type == "Constant":
+        attr = next((a for a in producer.attribute if a.name == "value"), None)
+        return None if attr is None else numpy_helper.to_array(attr.t)
+    if producer.op_type == "Identity":
+        return get_constant(model, producer.input[0])
+    if producer.op_type == "Cast":
+        value = get_constant(model, producer.input[0])
+        target = helper.tensor_dtype_to_np_dtype(int(node_attr(producer, "to", 0))) if node_attr(producer, "to") else None
+        if value is None or target is None or np.dtype(value.dtype).kind not in "iu" or np.dtype(target).kind not in "iu":
+            return None
+        info = np.iinfo(target)  # integers that fit convert exactly; ONNX leaves the others' result to the runtime
+        return value.astype(target) if value.size == 0 or info.min <= value.min() and value.max() <= info.max else None
     return None
 
 
@@ -433,6 +445,15 @@ def _require_constant(model: ModelWrapper, node: NodeProto, index: int, what: st
             "fold constants first (e.g. `qonnx-cleanup`) so the weight quantizer is static"
         )
     return value
+
+
+def _require_stored_weights(model: ModelWrapper, node: NodeProto, tensor: str) -> None:
+    """Refuse weights that are constant but no initializer of their own (an ``Identity`` of another tensor):
+    ``project`` rewrites weights by storing their initializer."""
+    if initializer_proto(model, tensor) is None:
+        raise UnsupportedLayer(f"{_node_label(node)} reads weights '{tensor}' computed from another constant, not "
+                               "stored as an initializer of their own, so a2q cannot rewrite them; fold constants "
+                               "first (e.g. `qonnx-cleanup` or onnxsim)")
 
 
 def _int_dtype_name(bits: int, signed: bool) -> str:
@@ -542,6 +563,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         return resolve_weight_source(model, producer.input[0], ([perm] if perm else []) + perms, zero_point)
     if op in QUANT_OP_TYPES:
         _require_constant(model, producer, 0, "weight input")
+        _require_stored_weights(model, producer, producer.input[0])
         scale = _require_constant(model, producer, 1, "scale")
         zero_point = _require_constant(model, producer, 2, "zero point")
         bits = _require_constant(model, producer, 3, "bit width")
@@ -573,6 +595,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         )
     if op == "BipolarQuant":
         _require_constant(model, producer, 0, "weight input")
+        _require_stored_weights(model, producer, producer.input[0])
         scale = _require_constant(model, producer, 1, "scale")
         return WeightSource("bipolar_quant", producer.input[0], producer.name, BIPOLAR, "BIPOLAR",
                             scale=np.asarray(scale, dtype=np.float32), perms=perms)
@@ -667,6 +690,8 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     zp_dtype = _storage_dtype(model, dq)
     if quantize is not None:
         _require_constant(model, quantize, 0, "weight input")
+    _require_stored_weights(model, dq if quantize is None else quantize, codes if quantize is None else quantize.input[0])
+    if quantize is not None:
         q_zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None
         if not np.array_equal(np.zeros((), zp_dtype) if q_zp is None else q_zp, np.zeros((), zp_dtype) if zp is None else zp):
             # the codes QuantizeLinear writes are read with another zero point: no integer weight view

@@ -96,9 +96,35 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
         first = str(err).strip().splitlines()[0]
         raise A2QError(f"{path}: invalid ONNX model: {first}") from err
     _attach_external_data(proto, path, STREAM_MIN_BYTES if stream else None)
+    _constants_as_initializers(proto)
     _check_value_info(proto, path)
     _check_parameter_values(proto, path)
     return proto
+
+
+def _constants_as_initializers(proto: onnx.ModelProto) -> None:
+    """Move the tensor of each top-level ``Constant`` node into an initializer of the same name.
+
+    Why: exporters write weights and quantizer parameters as ``Constant`` nodes too (PyTorch's exporters without
+    constant folding, tf2onnx); ``project`` rewrites weights by storing their initializer, which a tensor a node
+    produces cannot be. The values, and so what the graph computes, are unchanged. A ``Constant`` that is a graph
+    output, or given by another attribute (``value_float``, ...), stays.
+    """
+    graph = proto.graph
+    outputs = {info.name for info in graph.output}
+    kept = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or value is None or node.output[0] in outputs:
+            kept.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+    if len(kept) < len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def check_whole_model_fits(path: str | os.PathLike, use: str, advice: str) -> None:

@@ -3,12 +3,13 @@
     .venv/bin/python -m scripts.corpus --out DIR [--quick] [--report bench/corpus.md]
 
 Generates, offline and seeded, quantized ONNX files with Brevitas (``export_qonnx``; ``export_onnx_qcdq`` with the
-TorchScript and the dynamo exporter), onnxruntime (``quantize_static`` QDQ, also in its com.microsoft Q/DQ, and
-QOperator, ``quantize_dynamic``, and what an ``InferenceSession``'s graph optimizer saves from them), qonnx's
-channels-last form of the QONNX convolutions (``ConvertToChannelsLastAndClean``), qonnx's cleanup and the
-transformations FINN's and hls4ml's preparation run on QONNX files (``_qonnx_transformations``),
-FINN's own pipeline (``step_qonnx_to_finn``, ``step_streamline``, ``step_convert_to_hw``) and the committed QONNX
-model-zoo files (``tests/data``). Each file then goes through the command line:
+TorchScript and the dynamo exporter), PyTorch's own QAT (``torch.ao.quantization``, ``tests/torch_qat_nets.py``),
+onnxruntime (``quantize_static`` QDQ, also in its com.microsoft Q/DQ, and QOperator, ``quantize_dynamic``, and what
+an ``InferenceSession``'s graph optimizer saves from them), qonnx's channels-last form of the QONNX convolutions
+(``ConvertToChannelsLastAndClean``), qonnx's cleanup and the transformations FINN's and hls4ml's preparation run on
+QONNX files (``_qonnx_transformations``), FINN's own pipeline (``step_qonnx_to_finn`` to ``step_minimize_bit_width``,
+as far as it runs without Vivado) and the committed QONNX model-zoo files (``tests/data``). Each file then goes
+through the command line:
 
 1. ``a2q analyze --json --per-channel``: every quantized MAC layer must be read, and each one's reported range must
    contain what the independent oracle (``tests/fuzz/oracle.py`` via ``tests/fuzz/real_files.py``: worst-case
@@ -61,6 +62,7 @@ FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline
                "step_minimize_bit_width": "FINN minimize_bit_width (weight and accumulator types)"}
 ZOO = "QONNX model zoo"
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
+TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
 QONNX_TRANSFORMED = "qonnx transformations (cleanup, lowering, QCDQ, batch, scale extraction)"
 
 
@@ -315,6 +317,20 @@ def channels_last_files(folder: Path, sources: list[Path]) -> tuple[list[Entry],
                        CHANNELS_LAST)
 
 
+def torch_qat_files(folder: Path, quick: bool) -> list[Entry]:
+    """PyTorch's eager-mode QAT models as its TorchScript exporter writes them (``tests/torch_qat_nets.py``)."""
+    from tests.torch_qat_nets import QatSpec, export_torch_qat
+
+    specs = [QatSpec("cnn", constant_folding=False), QatSpec("cnn"), QatSpec("cnn", per_channel=False),
+             QatSpec("mlp", reduce_range=True), QatSpec("mlp", per_channel=False, constant_folding=False)]
+    entries = []
+    for spec in specs[:1] if quick else specs:
+        with _quiet():
+            path = export_torch_qat(folder, spec)
+        entries.append(Entry(path.stem, TORCH_QAT, path))
+    return entries
+
+
 def zoo_files(folder: Path) -> list[Entry]:
     entries = []
     for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx"):
@@ -343,7 +359,7 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     channels_last, channels_last_rejected = ([], []) if quick else channels_last_files(folder, convs)
     transformed, transformed_rejected = ([], []) if quick else qonnx_files(
         folder, list(kinds.values()), _qonnx_transformations(), QONNX_TRANSFORMED)
-    return (entries + ort + finn + channels_last + transformed + ([] if quick else zoo),
+    return (entries + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + ([] if quick else zoo),
             rejected + finn_rejected + channels_last_rejected + transformed_rejected)
 
 

@@ -49,6 +49,8 @@ CONSTRUCTS = {
                         "optionally transposed",
     "conv_1d_3d": "1-D and 3-D Conv / ConvTranspose (Brevitas' QuantConv1d/3d): padding, strides, dilations, groups "
                   "in every spatial dimension",
+    "constant_forms": "weights and quantizer parameters in Constant nodes, behind Identity nodes, or integers stored "
+                      "as int32 and cast to their type (PyTorch's exporters)",
 }
 
 
@@ -520,7 +522,8 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         case.used.add("subtract_zero_point")
     if "act_x_act_matmul" in allowed and draw(st.integers(0, 5)) == 0:
         case.used.add("act_x_act_matmul")
-        return _finish(b, case, draw(_act_x_act(b, case, allowed)))
+        out = draw(_act_x_act(b, case, allowed))
+        return _finish(b, case, out, draw(_constant_plan(b, case, allowed)))
     blocks = draw(st.integers(1, 2))
     if "conv_1d_3d" in allowed and draw(st.integers(0, 5)) == 0:
         case.used.add("conv_1d_3d")
@@ -569,7 +572,24 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         if mac.op_type == "Conv" and zero and (any(attrs.get("pads", [])) or attrs.get("auto_pad", b"").startswith(b"SAME")):
             case.used.add("conv_pads_with_zero_point")
         case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node} {attrs}, weights {wspec}")
-    return _finish(b, case, x)
+    return _finish(b, case, x, draw(_constant_plan(b, case, allowed)))
+
+
+@st.composite
+def _constant_plan(draw, b: _Builder, case: Case, allowed: frozenset[str]) -> dict[str, str]:
+    """Initializer name -> how the graph holds it instead (``constant``, ``identity``, ``cast``): the forms PyTorch's
+    exporters write. Tensors with a FINN datatype annotation keep their initializer (the annotation names it)."""
+    if "constant_forms" not in allowed or draw(st.integers(0, 3)):
+        return {}
+    plan = {}
+    for name, value in b.inits.items():
+        forms = ["constant", "identity"] + (["cast"] if value.dtype.kind in "iu" and value.dtype.itemsize < 8 else [])
+        if name not in b.datatypes and draw(st.integers(0, 2)) == 0:
+            plan[name] = draw(st.sampled_from(forms))
+    if plan:
+        case.used.add("constant_forms")
+        case.description.append(f"constant forms: {plan}")
+    return plan
 
 
 @st.composite
@@ -593,15 +613,27 @@ def _act_x_act(draw, b: _Builder, case: Case, allowed: frozenset[str]) -> str:
     return out
 
 
-def _finish(b: _Builder, case: Case, x: str) -> Case:
-    """The model of ``case``: the builder's graph with output ``x``."""
+def _finish(b: _Builder, case: Case, x: str, plan: dict[str, str] | None = None) -> Case:
+    """The model of ``case``: the builder's graph with output ``x``, its initializers held as ``plan`` says."""
     outputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(b.shapes[x]))]
     inputs = {vi.name for vi in b.inputs}
     # the tracked shapes (qonnx's InferShapes would draw random names inside the strategy)
     value_info = [helper.make_tensor_value_info(n.output[0], b.elem_type(n), list(b.shapes[n.output[0]]))
                   for n in b.nodes if n.output[0] != x and n.output[0] not in inputs]
-    graph = helper.make_graph(b.nodes, "fuzz", b.inputs, outputs, value_info=value_info,
-                              initializer=[numpy_helper.from_array(v, k) for k, v in b.inits.items()])
+    inits, holders = dict(b.inits), []
+    for name, form in (plan or {}).items():
+        value = inits.pop(name)
+        if form == "constant":
+            holders.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value)))
+        elif form == "identity":
+            inits[f"{name}_shared"] = value
+            holders.append(helper.make_node("Identity", [f"{name}_shared"], [name]))
+        else:
+            inits[f"{name}_int32"] = value.astype(np.int32)
+            holders.append(helper.make_node("Cast", [f"{name}_int32"], [name], to=helper.np_dtype_to_tensor_dtype(value.dtype)))
+        value_info.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape))
+    graph = helper.make_graph(holders + b.nodes, "fuzz", b.inputs, outputs, value_info=value_info,
+                              initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(QONNX_DOMAIN, 1)],
                               producer_name="a2q-fuzz")
     proto.ir_version = 8

@@ -387,7 +387,29 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
     return ExecutedRange(np.array([acc.min()]), np.array([acc.max()]))
 
 
+HOLDERS = ("Constant", "Identity", "Cast")
+
+
+def _constants_folded(model: ModelWrapper) -> ModelWrapper:
+    """``model`` with each ``Constant``, and each ``Identity``/``Cast`` of constants, executed into an initializer:
+    the forms PyTorch's exporters give weights and quantizer parameters. The rest of the oracle reads initializers."""
+    def foldable(node) -> bool:
+        return node.op_type in HOLDERS and all(model.get_initializer(t) is not None for t in node.input if t)
+
+    if not any(foldable(n) for n in model.graph.node):
+        return model
+    from onnx.reference import ReferenceEvaluator  # ONNX's own reference implementation of each op
+
+    model = ModelWrapper(copy.deepcopy(model.model))
+    while (node := next((n for n in model.graph.node if foldable(n)), None)) is not None:
+        (value,) = ReferenceEvaluator(node).run(None, {t: model.get_initializer(t) for t in node.input if t})
+        model.graph.node.remove(node)
+        model.set_initializer(node.output[0], np.asarray(value))
+    return model
+
+
 def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0) -> ExecutedRange:
+    model = _constants_folded(model)
     if info.act_x_act:
         return act_x_act_range(model, case, info, seed)
     rng = np.random.default_rng(seed)

@@ -58,7 +58,16 @@ class Undescribed(Exception):
 
 
 def _const(model: ModelWrapper, name: str) -> np.ndarray | None:
-    return model.get_initializer(name) if name else None
+    """An initializer, or a tensor computed from constants alone (executed: PyTorch's exporter shares equal
+    parameters through Identity nodes)."""
+    if not name:
+        return None
+    value = model.get_initializer(name)
+    if value is None and model.find_producer(name) is not None and not _reads_activations(model, name):
+        kept: list = []
+        _ancestors(model, name, kept)
+        value = execute(_subgraph(model, kept, [], [name], 1), {})[name]
+    return value
 
 
 def _scalar(model: ModelWrapper, name: str, what: str) -> float:
@@ -145,7 +154,7 @@ def weight_scale(model: ModelWrapper, mac, parameter: int = 1) -> np.ndarray:
     _ancestors(model, producer.output[0], kept)
     codes = execute(_subgraph(model, kept, [], [producer.output[0]], 1), {})[producer.output[0]]
     given = len(producer.input) > parameter and producer.input[parameter]
-    scale = np.asarray(model.get_initializer(producer.input[parameter]) if given else 0.0, dtype=np.float32)
+    scale = np.asarray(_const(model, producer.input[parameter]) if given else 0.0, dtype=np.float32)
     if producer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
         axis = _attr(producer, "axis", 1) % codes.ndim
         scale = scale.reshape([-1 if d == axis else 1 for d in range(codes.ndim)])
