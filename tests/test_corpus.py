@@ -70,6 +70,32 @@ def test_grouped_conv_lowering_is_refused_by_name(tmp_path):
     assert not out.exists()
 
 
+def test_oracle_reads_gemm_alpha(tmp_path):
+    """Gemm scales its product by ``alpha``: the oracle took a Gemm with alpha = 0.5 for one whose integer sums are
+    half as large (analysed range not tight). The integer accumulator is the sum of code products whatever alpha is;
+    the analysed, executed and brute-force ranges now agree."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).integers(-127, 128, size=(8, 16)).astype(np.int8)  # transB: (N, K)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "as", "az"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["adq"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], axis=0),
+             helper.make_node("Gemm", ["adq", "wdq"], ["y"], name="gm", alpha=0.5, transB=1)]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "as"), numpy_helper.from_array(np.array(0, np.uint8), "az"),
+             numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.linspace(0.01, 0.02, 8).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "wz")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    path = tmp_path / "alpha.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    code, out, _ = _run("analyze", path, "--json", "--per-channel")
+    (layer,) = json.loads(out)["layers"]
+    executed = executed_range(ModelWrapper(str(path)), "gm")
+    brute_max = np.where(w > 0, w.astype(np.int64) * 255, 0).sum(axis=1)
+    assert executed.acc_max.tolist() == layer["per_channel"]["acc_max"] == brute_max.tolist()
+
+
 def test_batched_conv_lowering_is_refused_by_name(tmp_path):
     """Found by running qonnx's own transformations on the corpus: a Brevitas CNN set to batch 4 (qonnx
     ``ChangeBatchSize(4)``) is analysed, projected and verified, but FINN's sliding-window layers take one image at a
