@@ -108,14 +108,14 @@ def _constants_as_initializers(proto: onnx.ModelProto) -> None:
     Why: exporters write weights and quantizer parameters as ``Constant`` nodes too (PyTorch's exporters without
     constant folding, tf2onnx); ``project`` rewrites weights by storing their initializer, which a tensor a node
     produces cannot be. The values, and so what the graph computes, are unchanged. A ``Constant`` that is a graph
-    output, or given by another attribute (``value_float``, ...), stays.
+    output or shares an initializer's name, or whose value is given by another attribute (``value_float``, ...), stays.
     """
     graph = proto.graph
-    outputs = {info.name for info in graph.output}
+    taken = {info.name for info in graph.output} | {tensor.name for tensor in graph.initializer}
     kept = []
     for node in graph.node:
         value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or value is None or node.output[0] in outputs:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or value is None or node.output[0] in taken:
             kept.append(node)
             continue
         tensor = onnx.TensorProto()
