@@ -48,7 +48,8 @@ DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 # the width of a product of two activations where that is wider: those cannot shrink
 BELOW_WIDEST = 2
 EXPORTERS = {"qonnx": "Brevitas export_qonnx", "qcdq_ts": "Brevitas export_onnx_qcdq (TorchScript)",
-             "qcdq_dynamo": "Brevitas export_onnx_qcdq (dynamo)"}
+             "qcdq_dynamo": "Brevitas export_onnx_qcdq (dynamo)",
+             "qcdq_ts_wq": "Brevitas export_onnx_qcdq (TorchScript, export_weight_q_node=True)"}
 ORT_FORMATS = {"QDQ": "onnxruntime quantize_static QDQ", "QOperator": "onnxruntime quantize_static QOperator",
                "dynamic": "onnxruntime quantize_dynamic",
                "QDQ_contrib": "onnxruntime quantize_static QDQ (com.microsoft Q/DQ, UseQDQContribOps)"}

@@ -220,7 +220,9 @@ class _CorpusNet(torch.nn.Module):
 
 def build_corpus_net(folder: Path, spec: NetSpec, exporter: str, seed: int = 0) -> Path:
     """``spec`` calibrated on seeded data and exported by Brevitas: ``exporter`` is ``qonnx`` (``export_qonnx``,
-    then qonnx's cleanup as FINN's flow runs it), ``qcdq_ts`` or ``qcdq_dynamo`` (``export_onnx_qcdq``, as exported)."""
+    then qonnx's cleanup as FINN's flow runs it), ``qcdq_ts`` or ``qcdq_dynamo`` (``export_onnx_qcdq``, as exported),
+    or ``qcdq_ts_wq`` (``export_onnx_qcdq(..., export_weight_q_node=True)``: float weights through their own
+    QuantizeLinear, Clip and DequantizeLinear)."""
     from brevitas.export import export_onnx_qcdq
 
     torch.manual_seed(seed)
@@ -235,6 +237,8 @@ def build_corpus_net(folder: Path, spec: NetSpec, exporter: str, seed: int = 0) 
     if exporter == "qonnx":
         export_qonnx(net, sample, str(path))
         cleanup_model(ModelWrapper(str(path))).save(str(path))
+    elif exporter == "qcdq_ts_wq":
+        export_onnx_qcdq(net, sample, str(path), dynamo=False, export_weight_q_node=True)
     else:
         export_onnx_qcdq(net, sample, str(path), dynamo=exporter == "qcdq_dynamo")
     return path
