@@ -601,6 +601,9 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
                             scale=np.asarray(scale, dtype=np.float32), perms=perms)
     if op == "DequantizeLinear":
         return _dequantize_linear_source(model, producer, perms, zero_point)
+    if op == "FloatQuant":
+        raise UnsupportedLayer(f"weights are produced by {_node_label(producer)}: minifloat weights multiply in floating "
+                               "point, so the layer has no integer accumulator for a2q to bound")
     if op in ("Mul", "Div") and any(initializer_proto(model, t) is not None for t in producer.input):
         # qonnx's ExtractQuantScaleZeroPt writes Quant(w / s, 1, 0, b) * s: the codes a2q would rewrite lie behind a
         # rescaling it does not carry through project and verify

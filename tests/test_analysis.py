@@ -259,3 +259,20 @@ def test_finn_onnx_graph_gives_the_same_ranges(tmp_path):
     for a, b in zip(qonnx_layers, finn_layers):
         assert b.status == "ok" and (b.input_dtype, b.weight_dtype) == (a.input_dtype, a.weight_dtype)
         assert b.per_channel["acc_min"] == a.per_channel["acc_min"] and b.per_channel["acc_max"] == a.per_channel["acc_max"]
+
+
+def test_minifloat_weights_are_refused_by_name():
+    """qonnx's FloatQuant (Brevitas' minifloat quantizers, e.g. the zoo's RESNET18_8W8A_FLOAT) multiplies in floating
+    point: no integer accumulator, so the layer is refused, naming the node, not read as float or as integers."""
+    domain = "qonnx.custom_op.general"
+    params = {"s": 1.0, "e": 4.0, "m": 3.0, "b": 7.0, "max": 240.0}
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.float32), p + k) for p in "aw" for k, v in params.items()]
+    inits.append(onnx.numpy_helper.from_array(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32), "W"))
+    nodes = [helper.make_node("FloatQuant", [src, *(p + k for k in params)], [out], domain=domain)
+             for src, out, p in (("x", "xq", "a"), ("W", "Wq", "w"))]
+    nodes.append(helper.make_node("MatMul", ["xq", "Wq"], ["y"], name="mm"))
+    graph = helper.make_graph(nodes, "fq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(domain, 1)]))
+    (layer,) = analyze_model(model).layers
+    assert layer.status.startswith("unsupported") and "FloatQuant node 'Wq'" in layer.status and "no integer accumulator" in layer.status
