@@ -70,7 +70,8 @@ def test_grouped_conv_lowering_is_refused_by_name(tmp_path):
     assert not out.exists()
 
 
-def test_oracle_reads_gemm_alpha(tmp_path):
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_oracle_reads_gemm_alpha(alpha, tmp_path):
     """Gemm scales its product by ``alpha``: the oracle took a Gemm with alpha = 0.5 for one whose integer sums are
     half as large (analysed range not tight). The integer accumulator is the sum of code products whatever alpha is;
     the analysed, executed and brute-force ranges now agree."""
@@ -81,7 +82,7 @@ def test_oracle_reads_gemm_alpha(tmp_path):
     nodes = [helper.make_node("QuantizeLinear", ["x", "as", "az"], ["aq"]),
              helper.make_node("DequantizeLinear", ["aq", "as", "az"], ["adq"]),
              helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wdq"], axis=0),
-             helper.make_node("Gemm", ["adq", "wdq"], ["y"], name="gm", alpha=0.5, transB=1)]
+             helper.make_node("Gemm", ["adq", "wdq"], ["y"], name="gm", alpha=alpha, transB=1)]
     inits = [numpy_helper.from_array(np.array(0.05, np.float32), "as"), numpy_helper.from_array(np.array(0, np.uint8), "az"),
              numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.linspace(0.01, 0.02, 8).astype(np.float32), "ws"),
              numpy_helper.from_array(np.zeros(8, np.int8), "wz")]

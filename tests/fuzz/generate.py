@@ -504,7 +504,9 @@ def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wsp
     trans_a = "unreadable_quantized_layers" in allowed and draw(st.integers(0, 7)) == 0
     w, scale = _weight(draw, b, wspec, (n, K) if trans_b else (K, n), 0 if trans_b else 1)
     a = b.node("Transpose", [x], (K, shape[0]), perm=[1, 0]) if trans_a else x
-    out = b.node("Gemm", [a, w], (shape[0], n), transA=int(trans_a), transB=int(trans_b))
+    alpha = draw(st.sampled_from([1.0, 1.0, 0.5, 2.0, 0.1]))  # scales the product, not the integer sums
+    out = b.node("Gemm", [a, w], (shape[0], n), transA=int(trans_a), transB=int(trans_b),
+                 **({"alpha": alpha} if alpha != 1.0 else {}))
     return out, b.nodes[-1].name, scale
 
 

@@ -235,8 +235,9 @@ def _topological(model: ModelWrapper, chain: list) -> list[int]:
 
 
 def _mac_model(mac, q: np.ndarray, sample_shape: tuple[int, ...], batch: int) -> ModelWrapper:
-    """The MAC node alone (no bias, ``transA`` folded into the input), integer weights ``q`` as constants."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute if a.name != "transA"}
+    """The MAC node alone (no bias, ``transA`` folded into the input, no Gemm ``alpha``: it scales the product, not
+    the integer sums), integer weights ``q`` as constants."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute if a.name not in ("transA", "alpha")}
     node = helper.make_node(mac.op_type, ["x", "w"], ["y"], domain=mac.domain, **attrs)  # a custom domain kept
     graph = helper.make_graph([node], "mac", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *sample_shape])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],

@@ -170,8 +170,7 @@ def describe_layer(model: ModelWrapper, name: str) -> LayerInfo:
     mac = _node(model, name)
     scale, zero = activation_grid(model, mac.input[0])
     weight_zero = weight_scale(model, mac, parameter=2)  # under fold the MAC multiplies codes, zero point included
-    alpha = float(_attr(mac, "alpha", 1.0)) if mac.op_type == "Gemm" else 1.0  # Gemm scales its product by alpha
-    return LayerInfo(name, mac.op_type, weight_scale(model, mac) * np.float32(alpha), scale, zero,
+    return LayerInfo(name, mac.op_type, weight_scale(model, mac), scale, zero,
                      weight_zero_point=weight_zero if np.any(weight_zero != 0) else None)
 
 
