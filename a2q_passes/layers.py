@@ -1520,6 +1520,11 @@ def _multiplies_activations(model: ModelWrapper, node: NodeProto, resolver: Grid
 
 def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
     name = node.name or node.output[0]
+    if (node.op_type == "Gemm" and computed_from_constants(model, node.input[0], resolver.constants)
+            and not computed_from_constants(model, node.input[1], resolver.constants)):
+        return MacLayer(name, node.op_type, node.input[1], 0, 0,
+                        "unsupported: constant first operand times an activation (Gemm W @ X); only X @ W with "
+                        "constant W is read (W X is the transpose of Gemm(X^T, W, transB=1): export it that way)")
     index = _mac_weight_index(model, node)
     if index is None:
         return MacLayer(name, node.op_type, node.input[0], 0, 0,

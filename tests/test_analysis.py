@@ -276,3 +276,19 @@ def test_minifloat_weights_are_refused_by_name():
     model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(domain, 1)]))
     (layer,) = analyze_model(model).layers
     assert layer.status.startswith("unsupported") and "FloatQuant node 'Wq'" in layer.status and "no integer accumulator" in layer.status
+
+
+def test_gemm_with_the_weight_as_first_operand_is_refused_by_name():
+    """Gemm(W, X): the message named the activation's quantizer as a weight quantizer with a non-constant input
+    ("fold constants first"); it now says what the layer is and how to write it."""
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).integers(-7, 8, size=(4, 6)).astype(np.float32), "w")
+    q = "qonnx.custom_op.general"
+    params = [onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("s", 0.5), ("z", 0.0), ("b", 4.0))]
+    nodes = [helper.make_node("Quant", ["w", "s", "z", "b"], ["wq"], domain=q, signed=1),
+             helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain=q, signed=0),
+             helper.make_node("Gemm", ["wq", "xq"], ["y"], name="g")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])], [w, *params])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
+    (layer,) = analyze_model(model).layers
+    assert layer.status.startswith("unsupported: constant first operand times an activation (Gemm W @ X)")
