@@ -64,6 +64,10 @@ FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline
 ZOO = "QONNX model zoo"
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
+QUANTIZE_GRAPH = "qonnx QuantizeGraph (Quant nodes inserted into a float model)"
+# QuantizeGraph's (scale, zero point, bit width, narrow, signed, rounding) for MAC inputs 0 (data) and 1 (weights)
+QUANTIZE_GRAPH_SPECS = {"w8a8": ((0.05, 0, 8, 0, 1, "ROUND"), (0.02, 0, 8, 1, 1, "ROUND")),
+                        "w4a5": ((0.25, 0, 5, 0, 1, "ROUND"), (0.125, 0, 4, 0, 1, "HALF_EVEN"))}
 QONNX_TRANSFORMED = "qonnx transformations (cleanup, lowering, QCDQ, batch, scale extraction)"
 
 
@@ -332,6 +336,34 @@ def torch_qat_files(folder: Path, quick: bool) -> list[Entry]:
     return entries
 
 
+def quantize_graph_files(folder: Path) -> tuple[list[Entry], list[str]]:
+    """qonnx's ``QuantizeGraph`` over each float net of ``tests/ort_models.py``: a Quant node on both inputs of every
+    Conv, Gemm and MatMul (attention's products of two activations included)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.quantize_graph import QuantizeGraph
+    from qonnx.util.cleanup import cleanup_model
+
+    from tests.ort_models import FLOAT_NETS
+
+    entries, rejected = [], []
+    for net, build in FLOAT_NETS.items():
+        float_path = folder / f"float_{net}_opset13.onnx"
+        build(float_path, opset=13)
+        for tag, (data, weight) in QUANTIZE_GRAPH_SPECS.items():
+            positions = [(("input", 0), data), (("input", 1), weight)]
+            path = folder / f"qonnx_quantize_graph_{net}_{tag}.onnx"
+            try:
+                with _quiet():
+                    model = cleanup_model(ModelWrapper(str(float_path)))
+                    model = model.transform(QuantizeGraph({"op_type": {op: positions for op in ("Conv", "Gemm", "MatMul")}}))
+                    model.save(str(path))
+            except Exception as err:  # the transformation's own limitation, not a corpus file
+                rejected.append(f"{path.stem}: qonnx refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+                continue
+            entries.append(Entry(path.stem, QUANTIZE_GRAPH, path))
+    return entries, rejected
+
+
 def zoo_files(folder: Path) -> list[Entry]:
     entries = []
     for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx"):
@@ -360,8 +392,10 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     channels_last, channels_last_rejected = ([], []) if quick else channels_last_files(folder, convs)
     transformed, transformed_rejected = ([], []) if quick else qonnx_files(
         folder, list(kinds.values()), _qonnx_transformations(), QONNX_TRANSFORMED)
-    return (entries + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + ([] if quick else zoo),
-            rejected + finn_rejected + channels_last_rejected + transformed_rejected)
+    quantized, quantized_rejected = ([], []) if quick else quantize_graph_files(folder)
+    return (entries + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
+            + ([] if quick else zoo),
+            rejected + finn_rejected + channels_last_rejected + transformed_rejected + quantized_rejected)
 
 
 # --------------------------------------------------------------------------- checking one file
