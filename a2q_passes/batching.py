@@ -12,7 +12,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.layers import get_constant, node_attr
+from a2q_passes.graph_values import get_constant, node_attr
 from a2q_passes.model_io import data_inputs
 
 

@@ -1,7 +1,8 @@
 """An independent certificate for every "no overflow at P" promise.
 
-The passes size accumulators from :mod:`a2q_passes.layers` (the *reader*: it recognises weight
-quantizers and input grids and re-implements their arithmetic). A pass that checks its own output
+The passes size accumulators from :mod:`a2q_passes.layers` and the modules it reads with (the *reader*:
+:mod:`a2q_passes.weight_sources` and :mod:`a2q_passes.input_grids` recognise weight
+quantizers and input grids and re-implement their arithmetic). A pass that checks its own output
 with the same reader inherits the reader's bugs, so writer and check are wrong together. This
 module derives each layer's exact accumulator range a second way and shares no code with the
 reader (only the pure integer math of :mod:`a2q_passes.bounds`):

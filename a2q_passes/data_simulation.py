@@ -1,7 +1,7 @@
 """Real inputs through a model with P-bit accumulators in its MAC layers (``verify --data``, benchmarks).
 
 The graph runs node by node (:class:`_GraphRunner`); at each simulated MAC node the input is turned
-back into integer codes with the layer's :class:`~a2q_passes.layers.InputGrid`, accumulated in P bits
+back into integer codes with the layer's :class:`~a2q_passes.input_grids.InputGrid`, accumulated in P bits
 (:mod:`a2q_passes.simulate`), and the error is propagated downstream as
 ``y_sim = y_exact + (acc_sim - acc_exact) * s_w[channel] * s_x``. Exact execution runs alongside, so
 every output comes with the value an exact accumulator gives.
@@ -25,7 +25,8 @@ from a2q_passes import model_io
 from a2q_passes.analysis import INNER_REGISTER, register_ranges
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import MacLayer, find_mac_layers, node_attr, node_str_attr
+from a2q_passes.graph_values import node_attr, node_str_attr
+from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs, initializer_shape, tensor_value
 from a2q_passes.simulate import MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, exact_float_dtype
 from a2q_passes.width_resolution import resolve_widths

@@ -35,7 +35,8 @@ def exact_input_thresholds(converted: ModelWrapper, original: ModelWrapper) -> M
     from qonnx.custom_op.general.intquant import int_quant
     from qonnx.custom_op.registry import getCustomOp
 
-    from a2q_passes.layers import get_constant, quant_code_range
+    from a2q_passes.graph_values import get_constant
+    from a2q_passes.input_grids import quant_code_range
 
     model = ModelWrapper(converted.model.SerializeToString())
     changed = False

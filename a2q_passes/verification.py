@@ -41,7 +41,8 @@ from a2q_passes.analysis import INNER_REGISTER, integer_view, register_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.data_simulation import SimulationResult, check_datapath, simulate_model
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers, node_str_attr
+from a2q_passes.graph_values import node_str_attr
+from a2q_passes.layers import KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.metadata import recorded_tiles
 from a2q_passes.model_io import ReadOnlyModel
 from a2q_passes.simulate import MAX_SIMULATED_BITS, accumulate_terms

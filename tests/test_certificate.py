@@ -16,7 +16,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
 
-from a2q_passes import layers
+from a2q_passes import layers, weight_sources
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import CannotCertify, Claim, certify_claims, certify_layer
 from a2q_passes.errors import PostconditionError
@@ -207,14 +207,15 @@ def test_under_reporting_reader_makes_project_annotate_verify_exit_4(tmp_path, m
     true_max = max(float(execute_onnx(model, {"x": np.where(w[c:c + 1] >= 0, BIG, -BIG).astype(np.float32)})["y"][0, c])
                    for c in range(2))
 
-    original = layers.read_mac_weights
+    original = weight_sources.read_mac_weights
 
     def under_reporting(model_, source):
         stored = model_.get_initializer("w")
         q = original(model_, source)
         return np.rint(np.clip(stored, -1, 1)).astype(np.int64) if stored is not None and q.shape == stored.shape else q
 
-    monkeypatch.setattr(layers, "read_mac_weights", under_reporting)
+    monkeypatch.setattr(layers, "read_mac_weights", under_reporting)  # the layer's integer rows
+    monkeypatch.setattr(weight_sources, "read_mac_weights", under_reporting)  # its unrounded weights
     fast = analyze_model(ModelWrapper(str(path))).layers[0]
     assert fast.acc_max < true_max  # the corruption is real: the fast path misses part of the range
     true_max = int(true_max)

@@ -9,7 +9,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import IntRange
-from a2q_passes.layers import GridResolver
+from a2q_passes.input_grids import GridResolver
 
 Q = "qonnx.custom_op.general"
 

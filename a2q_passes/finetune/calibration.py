@@ -38,7 +38,9 @@ from a2q_passes.finetune.axe import axe_quantize, exact_projection_rows, gram_ma
 from a2q_passes.finetune.data import Dataset
 from a2q_passes.finetune.selection import ConstrainedLayer, Selection
 from a2q_passes.finetune.train import metric_name, objective, predict, score
-from a2q_passes.layers import RowLayout, WeightSource, node_attr, find_mac_layers, unrounded_mac_weights, write_mac_weights
+from a2q_passes.graph_values import node_attr
+from a2q_passes.layers import RowLayout, find_mac_layers
+from a2q_passes.weight_sources import WeightSource, unrounded_mac_weights, write_mac_weights
 from a2q_passes.projection import plain_round
 from a2q_passes.torch_bridge import QonnxModule
 

@@ -20,7 +20,8 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes import bounds
 from a2q_passes.bounds import IntRange
 from a2q_passes.errors import A2QError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, apply_perms, find_mac_layers, write_mac_weights
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
+from a2q_passes.weight_sources import apply_perms, write_mac_weights
 from a2q_passes.projection import InfeasibleTarget, check_target, project_exact
 
 

@@ -298,7 +298,7 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
       a wrongly rounded threshold flips a code (see :func:`a2q_passes.finn_input_thresholds.exact_input_thresholds`).
     * Otherwise (a float input with no quantizer): a standard normal.
     """
-    from a2q_passes.layers import GridResolver
+    from a2q_passes.input_grids import GridResolver
 
     names = [i.name for i in data_inputs(model.graph)]
     if len(names) != 1:

@@ -21,7 +21,8 @@ from a2q_passes import bounds, progress
 from a2q_passes.analysis import analyze_model, channel_ranges, stage_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, UnsupportedLayer, find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
+from a2q_passes.weight_sources import UnsupportedLayer
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
 from a2q_passes.model_io import ReadOnlyModel, check_in_memory
 from a2q_passes.methods import get_method, project_weights

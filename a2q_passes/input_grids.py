@@ -1,0 +1,500 @@
+"""Which integer grid a MAC layer's input lives on: the codes of the quantizer above it, through the ops that keep
+(or shift, rescale, pad, join) a grid, and FINN's DataType annotations where its flow needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import NodeProto
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.bounds import BIPOLAR, IntRange
+from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
+from a2q_passes.model_io import with_inferred_shapes
+from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
+from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, dtype_for_range, quant_dtype,
+                                       skip_clips, storage_code_range, storage_dtype)
+
+# Ops whose output codes are a subset of their input codes on the same grid.
+GRID_PRESERVING_OPS = (
+    "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity",
+    "DepthToSpace", "SpaceToDepth", "MaxPoolNHWC", "Slice", "Gather", "Split",
+    "Shuffle", "DuplicateStreams",  # FINN's HW layers for a transpose and a fork
+)
+
+# Ops whose output grid is derived from their semantics before any DataType annotation is trusted.
+SEMANTICS_FIRST_OPS = ("MultiThreshold", "Add", "Sub", "Mul", "Div", "Trunc")
+
+
+@dataclass(frozen=True)
+class InputGrid:
+    """The integer grid of a layer input: codes in ``range``, real value ``(code - zero_code) * scale``."""
+
+    range: IntRange
+    dtype: str
+    scale: float | None = None
+    zero_code: int = 0
+    two_point: bool = False  # the codes are exactly {lo, hi} (BIPOLAR and its affine images), not every integer between
+
+
+# --------------------------------------------------------------------------- input grids
+
+
+def dtype_grid(name: str, scale: float | None = None) -> InputGrid:
+    dt = DataType[name]
+    if not dt.is_integer():
+        raise KeyError(f"{name} is not an integer datatype")
+    return InputGrid(IntRange(int(dt.min()), int(dt.max())), name, scale, 0, name == "BIPOLAR")
+
+
+def _step_multiplier(t: float, limit: int = 256) -> int | None:
+    """Smallest ``a`` in ``1..limit`` with ``a * t`` a whole number (float32 rounding tolerated)."""
+    for a in range(1, limit + 1):
+        v = a * t
+        if abs(v - round(v)) <= 4e-7 * max(1.0, abs(v)):
+            return a
+    return None
+
+
+def _grid_dtype(codes: IntRange, two_point: bool, keep: str | None = None) -> str:
+    if two_point and (codes.lo, codes.hi) == (-1, 1):
+        return "BIPOLAR"
+    if (codes.lo, codes.hi) == (0, 1):
+        return "BINARY"
+    if keep:
+        try:
+            dt = DataType[keep]
+            if dt.is_integer() and keep != "BIPOLAR" and dt.min() <= codes.lo and codes.hi <= dt.max():
+                return keep
+        except KeyError:
+            pass
+    return dtype_for_range(codes)
+
+
+def _coarsened(grid: InputGrid) -> InputGrid:
+    """A two-point grid ``{lo, lo + g}`` whose real 0 sits a whole number of ``g`` steps away: codes ``{m, m + 1}``, step ``g * scale``."""
+    r, z = grid.range, grid.zero_code
+    g = r.hi - r.lo
+    if not grid.two_point or g <= 1 or (r.lo - z) % g:
+        return grid
+    m = z + (r.lo - z) // g
+    codes = IntRange(m, m + 1)
+    scale = (1.0 if grid.scale is None else grid.scale) * g
+    return InputGrid(codes, _grid_dtype(codes, True), scale, z, True)
+
+
+def _offset_grid(grid: InputGrid, offset: float, label: str) -> tuple[InputGrid | None, str]:
+    """The grid of ``real + offset``: codes shift by ``offset / scale`` steps (the zero code stays).
+
+    When ``offset`` is not a whole number of steps the step is divided by the smallest ``a`` that makes
+    it one: codes ``a * code + b`` (their extremes are the images of the old extremes, so a linear
+    form's extremes over the box stay exact).
+    """
+    scale = 1.0 if grid.scale is None else grid.scale
+    t = offset / scale
+    a = _step_multiplier(t)
+    if a is None:
+        return None, f"{label} adds {offset}, which is not on the integer grid of step {scale} (nor of a step up to 256 times finer)"
+    b = int(round(a * t))
+    codes = IntRange(a * grid.range.lo + b, a * grid.range.hi + b)
+    shifted = InputGrid(codes, _grid_dtype(codes, grid.two_point), scale / a, a * grid.zero_code, grid.two_point)
+    return _coarsened(shifted), ""
+
+
+def _scalar_constant(model: ModelWrapper, name: str) -> float | None:
+    value = get_constant(model, name)
+    if value is None or np.size(value) != 1:
+        return None
+    return float(np.asarray(value).reshape(()))
+
+
+def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str) -> IntRange:
+    """The integer codes a qonnx ``Quant`` outputs, for any bit width >= 1 (4.5 included).
+
+    qonnx's ``int_quant`` clamps ``x / s + z`` to ``min_int``/``max_int`` of the bit width as given
+    (``2^3.5`` for 4.5 bits), cast to float32, then rounds with the node's rounding mode: the
+    codes are the rounded limits (CEIL turns 4.5 unsigned bits' 21.6 into 22, not 21).
+    """
+    # imported where used: qonnx's general custom-op package imports onnxruntime, which models
+    # without a Quant node (QDQ, FINN graphs) need not pay for at start-up
+    from qonnx.custom_op.general.intquant import max_int, min_int, resolve_rounding_mode
+
+    width = np.float32(bits)
+    rounding = resolve_rounding_mode(rounding_mode)
+    lo = rounding(np.float32(min_int(signed, narrow, width)))
+    hi = rounding(np.float32(max_int(signed, narrow, width)))
+    return IntRange(int(lo), int(hi))
+
+
+class GridResolver:
+    """Walks back from a tensor to the quantizer that put it on an integer grid.
+
+    ``input_dtypes`` maps tensor names (or ``"*"`` for every graph input) to a qonnx
+    datatype name the user vouches for. ``zero_point`` chooses how an activation zero
+    point z is seen by the MAC: ``fold`` (FINN folds it into a bias; codes ``[0, 2^N-1]``)
+    or ``subtract`` (an integer kernel sees ``code - z``). ``input_ranges`` (one of
+    :data:`INPUT_RANGES`) chooses between the quantizers' exact codes and FINN's DataType of them
+    (:meth:`_finn_codes`).
+    """
+
+    def __init__(self, model: ModelWrapper, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
+                 input_ranges: str = "exact"):
+        if zero_point not in ZERO_POINT_CONVENTIONS:
+            raise ValueError(f"zero_point must be one of {ZERO_POINT_CONVENTIONS}, got {zero_point!r}")
+        if input_ranges not in INPUT_RANGES:
+            raise ValueError(f"input_ranges must be one of {INPUT_RANGES}, got {input_ranges!r}")
+        self.model = model
+        self.input_dtypes = dict(input_dtypes or {})
+        self.zero_point = zero_point
+        self.finn_ranges = input_ranges == "finn"
+        self.graph_inputs = {t.name for t in model.graph.input}
+        self._cache: dict[str, tuple[InputGrid | None, str]] = {}
+        self._inferred: ModelWrapper | None = None
+        self.constants: dict[str, bool] = {}  # computed_from_constants' answers on this graph
+
+    def shape(self, tensor: str) -> list[int] | None:
+        """The tensor's shape: declared, else from qonnx shape inference on a copy of the model (once)."""
+        shape = self.model.get_tensor_shape(tensor)
+        if shape is None:
+            if self._inferred is None:
+                self._inferred = with_inferred_shapes(self.model)
+            shape = self._inferred.get_tensor_shape(tensor)
+        return None if shape is None else [int(d) for d in shape]
+
+    def resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
+        """``(grid, "")`` or ``(None, reason)``."""
+        if tensor not in self._cache:
+            self._cache[tensor] = self._resolve(tensor)
+        return self._cache[tensor]
+
+    def _resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
+        if tensor in self.input_dtypes:
+            return dtype_grid(self.input_dtypes[tensor]), ""
+        if tensor in self.graph_inputs and "*" in self.input_dtypes:
+            return dtype_grid(self.input_dtypes["*"]), ""
+        dt = self.model.get_tensor_datatype(tensor)
+        annotated = dt.is_integer() and not dt.name.startswith("SCALED")
+        producer = self.model.find_producer(tensor)
+        if producer is not None and producer.op_type in SEMANTICS_FIRST_OPS:
+            # FINN's out_dtype/annotations on these can disagree with what executes (ConvertQONNXtoFINN
+            # writes INT8 on a MultiThreshold counting 0..255): their semantics come first
+            grid, reason = getattr(self, f"_from_{producer.op_type}")(producer)
+            if grid is not None and annotated and self.finn_ranges:
+                # FINN sizes the MAC from the tensor's DataType; the codes that execute stay inside the union
+                return _widened(grid, dtype_grid(dt.name).range, dt.name), ""
+            if grid is not None or not annotated:
+                return grid, reason
+        if annotated:
+            return dtype_grid(dt.name, 1.0), ""
+        if producer is None:
+            return None, f"graph input '{tensor}' is float (give its datatype with --input-dtype)"
+        handler = getattr(self, f"_from_{producer.op_type}", None)
+        if handler is not None:
+            return handler(producer)
+        if producer.op_type in GRID_PRESERVING_OPS:
+            return self.resolve(producer.input[0])
+        return None, f"input comes from {node_label(producer)}, which is not on an integer grid"
+
+    def _from_Quant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        scale = _scalar_constant(self.model, node.input[1])
+        zp = _scalar_constant(self.model, node.input[2])
+        bits = _scalar_constant(self.model, node.input[3])
+        if scale is None or zp is None or bits is None:
+            return None, (f"{node_label(node)} has a non-constant or per-channel scale/zero point/bit width; "
+                          "the accumulator needs one per-tensor input scale")
+        signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
+        if zp != round(zp):
+            return None, f"{node_label(node)} has a non-integer zero point {zp}"
+        if not np.isfinite(bits) or bits < 1:
+            return None, f"{node_label(node)} has bit width {bits}; a quantizer needs a bit width >= 1"
+        if bits == 1 and signed:  # qonnx executes it as bipolar: codes {-1, +1}, real (code - z) * s
+            return self._with_zero_point(BIPOLAR, "BIPOLAR", scale, int(zp)), ""
+        try:
+            codes = quant_code_range(bits, signed, narrow, node_str_attr(node, "rounding_mode", "ROUND"))
+        except ValueError as err:
+            return None, f"{node_label(node)}: {err}"
+        dtype = quant_dtype(int(bits), signed) if bits == int(bits) else dtype_for_range(codes)
+        if self.finn_ranges:
+            codes, dtype, reason = self._finn_codes(node, codes, bits, signed)
+            if codes is None:
+                return None, reason
+        return self._with_zero_point(codes, dtype, scale, int(zp)), ""
+
+    def _finn_codes(self, node: NodeProto, codes: IntRange, bits: float, signed: bool) -> tuple[IntRange | None, str, str]:
+        """The codes FINN's MAC is sized for: ``codes`` joined with the DataType ConvertQONNXtoFINN gives them.
+
+        FINN (qonnx ``Quant.get_integer_datatype``) annotates ``INT{b}``/``UINT{b}`` for an integer bit
+        width b, whatever ``narrow`` says: narrow codes grow by the one code FINN's type adds. A
+        fractional bit width is truncated there to a type narrower than the codes: refused.
+        """
+        if bits != int(bits):
+            return None, "", (f"{node_label(node)} has bit width {bits}: FINN's conversion annotates its output "
+                              f"{quant_dtype(int(bits), signed)}, narrower than its codes [{codes.lo}, {codes.hi}]; "
+                              "re-export with an integer bit width, or use --input-ranges exact")
+        dtype = quant_dtype(int(bits), signed)
+        return _hull(codes, dtype_grid(dtype).range), dtype, ""
+
+    _from_IntQuant = _from_Quant
+
+    def _with_zero_point(self, codes: IntRange, dtype: str, scale: float, zp: int) -> InputGrid:
+        pair = dtype == "BIPOLAR"
+        if self.zero_point == "subtract":
+            return InputGrid(codes.shifted(zp), dtype, scale, 0, pair)
+        return InputGrid(codes, dtype, scale, zp, pair)
+
+    def _from_BipolarQuant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return InputGrid(BIPOLAR, "BIPOLAR", _scalar_constant(self.model, node.input[1]), 0, True), ""
+
+    def _from_DequantizeLinear(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        scale = _scalar_constant(self.model, node.input[1])
+        if scale is None:
+            return None, f"{node_label(node)} has a per-channel or non-constant activation scale"
+        has_zp = len(node.input) > 2 and bool(node.input[2])
+        zp_value = get_constant(self.model, node.input[2]) if has_zp else None
+        if has_zp and (zp_value is None or np.size(zp_value) != 1):
+            return None, f"{node_label(node)} has a per-channel or non-constant activation zero point"
+        storage = storage_dtype(self.model, node)
+        if storage is None:
+            return None, (f"{node_label(node)} has no zero point and the type of '{node.input[0]}' is unknown; "
+                          "run shape inference or give the zero point explicitly")
+        try:
+            codes, dtype = storage_code_range(storage)
+            clips = skip_clips(self.model, node.input[0])[1]
+            if clips:  # QCDQ: a Clip narrows the container (uint8 clipped to [0, 3] is a 2-bit activation)
+                codes = clipped_range(self.model, codes, clips)
+                dtype = dtype_for_range(codes)
+                if self.finn_ranges:
+                    dtype = _qcdq_finn_dtype(codes, storage, node)
+                    codes = _hull(codes, dtype_grid(dtype).range)
+        except UnsupportedLayer as err:
+            return None, str(err)
+        zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
+        return self._with_zero_point(codes, dtype, scale, zp), ""
+
+    def integer_operand(self, node: NodeProto, second: bool = False) -> tuple[InputGrid | None, str]:
+        """The codes an integer MAC op (QLinearConv, MatMulInteger, ...) reads at input 0, zero point at input 2;
+        ``second``: at its second operand (a QLinearMatMul/MatMulInteger of two activations).
+
+        They span the integer tensor's storage type. A zero point computed at run time
+        (``DynamicQuantizeLinear``: any z in 0..255, real 0 always a code) leaves the raw codes
+        ``[0, 255]`` (fold) but moves ``code - z`` anywhere in ``[-255, 255]`` (subtract; at one run the
+        box is ``[-z, 255 - z]``, so that range is sound but up to one bit wider than any single run).
+        """
+        operands = INTEGER_MAC_OPS[node.op_type]
+        data, zp_index = (operands.weight, operands.weight_zero_point) if second else (0, operands.data_zero_point)
+        if operands.quantizes_data and not second:
+            return self._dynamic_codes(IntRange(0, 255)), ""  # uint8, as DynamicQuantizeLinear
+        storage = storage_dtype(self.model, node, data, zp_index)
+        if storage is None:
+            return None, (f"{node_label(node)}: the type of its integer input '{node.input[data]}' is unknown; "
+                          "give its zero point or run shape inference")
+        try:
+            codes, dtype = storage_code_range(storage)
+        except UnsupportedLayer as err:
+            return None, str(err)
+        zp_name = node.input[zp_index] if len(node.input) > zp_index else ""
+        # the QLinear ops carry each operand's scale right after it
+        scale = _scalar_constant(self.model, node.input[data + 1]) if operands.weight == 3 else None
+        if not zp_name:
+            return self._with_zero_point(codes, dtype, scale, 0), ""
+        zp = get_constant(self.model, zp_name)
+        if zp is None:
+            producer = self.model.find_producer(zp_name)
+            if producer is None or producer.op_type != "DynamicQuantizeLinear":
+                return None, f"{node_label(node)} has a non-constant input zero point '{zp_name}' not computed by DynamicQuantizeLinear"
+            return self._dynamic_codes(codes), ""
+        if np.size(zp) != 1:
+            return None, f"{node_label(node)} has a per-channel input zero point"
+        return self._with_zero_point(codes, dtype, scale, int(np.asarray(zp).reshape(-1)[0])), ""
+
+    def _dynamic_codes(self, codes: IntRange) -> InputGrid:
+        """Codes whose zero point z is computed at each run (any code): the raw codes (fold), or ``code - z``
+        anywhere in ``[lo - hi, hi - lo]`` (subtract)."""
+        if self.zero_point == "subtract":
+            span = IntRange(codes.lo - codes.hi, codes.hi - codes.lo)
+            return InputGrid(span, dtype_for_range(span), None, 0)
+        return InputGrid(codes, dtype_for_range(codes), None, codes.lo)  # the padding code z lies among the codes
+
+    def _from_MultiThreshold(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx: ``out_scale * k + out_bias`` with ``k`` in ``0..T`` (the count of thresholds passed)."""
+        thresholds = get_constant(self.model, node.input[1])
+        if thresholds is None:
+            return None, f"{node_label(node)} has non-constant thresholds"
+        out_scale = float(node_attr(node, "out_scale", 1.0))
+        out_bias = float(node_attr(node, "out_bias", 0.0))
+        if out_scale == 0 or not np.isfinite(out_scale) or not np.isfinite(out_bias):
+            return None, f"{node_label(node)} has out_scale {out_scale}, out_bias {out_bias}"
+        steps = int(thresholds.shape[-1])
+        counts = IntRange(0, steps)
+        grid = InputGrid(counts, dtype_for_range(counts), out_scale, 0, steps <= 1)
+        grid, reason = _offset_grid(grid, out_bias, node_label(node))
+        if grid is None:
+            return None, reason
+        dtype = _grid_dtype(grid.range, grid.two_point, node_str_attr(node, "out_dtype", "") or None)
+        return InputGrid(grid.range, dtype, grid.scale, grid.zero_code, grid.two_point), ""
+
+    def _from_Add(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._offset(node, subtract=False)
+
+    def _from_Sub(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._offset(node, subtract=True)
+
+    def _offset(self, node: NodeProto, subtract: bool) -> tuple[InputGrid | None, str]:
+        """Adding a per-tensor constant: the codes shift when it is a whole number of (possibly finer) steps."""
+        for data, const in ((0, 1),) if subtract else ((0, 1), (1, 0)):
+            offset = _scalar_constant(self.model, node.input[const])
+            if offset is not None and get_constant(self.model, node.input[data]) is None:
+                grid, reason = self.resolve(node.input[data])
+                if grid is None:
+                    return None, reason
+                if not np.isfinite(offset):
+                    return None, f"{node_label(node)} adds {offset}"
+                return _offset_grid(grid, -offset if subtract else offset, node_label(node))
+        return None, f"input comes from {node_label(node)}, which does not add a per-tensor constant to one input"
+
+    def _from_Trunc(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx Trunc v2 (opset >= 2, 6 inputs) clamps to the output bit width's codes, then rounds."""
+        opset = self.model.get_opset_imports().get(node.domain, 1)
+        if opset < 2 or len(node.input) != 6:
+            return None, (f"{node_label(node)} runs as qonnx Trunc v{1 if opset < 2 else 2} with {len(node.input)} inputs; "
+                          "only Trunc v2 (6 inputs, clamped to its output bit width) has input-independent codes")
+        values = [_scalar_constant(self.model, name) for name in node.input[1:]]
+        if any(v is None for v in values):
+            return None, f"{node_label(node)} has a non-constant or per-channel scale/zero point/bit width"
+        scale, zp, _, out_scale, out_bits = values
+        if scale == 0 or out_scale == 0 or not np.isfinite(out_bits) or out_bits < 1 or out_bits != round(out_bits):
+            return None, f"{node_label(node)} has scale {scale}, output scale {out_scale}, output bit width {out_bits}"
+        trunc_scale = 2.0 ** round(float(np.log2(out_scale / scale)))
+        zero = zp / trunc_scale
+        if zero != round(zero):
+            return None, f"{node_label(node)} has an output zero point {zero}, not an integer code"
+        signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
+        try:
+            codes = quant_code_range(out_bits, signed, narrow, node_str_attr(node, "rounding_mode", "FLOOR"))
+        except ValueError as err:
+            return None, f"{node_label(node)}: {err}"
+        dtype = dtype_for_range(codes)
+        if self.finn_ranges:
+            codes, dtype, _ = self._finn_codes(node, codes, out_bits, signed)  # out_bits is an integer (checked)
+        return self._with_zero_point(codes, dtype, out_scale, int(zero)), ""
+
+    def _from_Relu(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        # real (code - z) * scale >= 0 keeps the codes on z's side given by the scale's sign; Relu maps
+        # every other code to z (scale None: integer codes vouched for by the user, i.e. scale 1)
+        r, z = grid.range, grid.zero_code
+        if grid.scale is None or grid.scale > 0:
+            codes = IntRange(max(r.lo, z), max(r.hi, z))
+        elif grid.scale < 0:
+            codes = IntRange(min(r.lo, z), min(r.hi, z))
+        else:
+            return None, f"{node_label(node)} follows a quantizer with scale 0"
+        return InputGrid(codes, grid.dtype, grid.scale, z), ""
+
+    def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        mode = node_str_attr(node, "mode", "constant")
+        value = _scalar_constant(self.model, node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+        if mode != "constant" or value != 0.0:
+            return None, f"{node_label(node)} pads with mode={mode}, value={value}; only zero padding keeps the grid"
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        return with_zero_tap(grid), ""
+
+    def _from_Im2Col(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """qonnx's Im2Col (FINN's lowered convolutions) only moves values, padding with ``pad_value`` (real 0)."""
+        value = float(node_attr(node, "pad_value", 0))
+        if value != 0.0:
+            return None, f"{node_label(node)} pads with {value}; only zero padding keeps the grid"
+        grid, reason = self.resolve(node.input[0])
+        if grid is None:
+            return None, reason
+        return (with_zero_tap(grid) if any(node_attr(node, "pad_amount", [0])) else grid), ""
+
+    def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        if node_str_attr(node, "mode", "nearest") != "nearest":
+            return None, f"{node_label(node)} interpolates (mode={node_str_attr(node, 'mode', '')}); only nearest keeps the grid"
+        return self.resolve(node.input[0])
+
+    _from_Upsample = _from_Resize
+
+    def _from_Mul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._scaled(node, invert=False)
+
+    def _from_ElementwiseMul(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        """FINN's HW layer for ``Mul`` (convert_to_hw): the same scaling."""
+        return self._from_Mul(node)
+
+    def _from_Div(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        return self._scaled(node, invert=True)
+
+    def _scaled(self, node: NodeProto, invert: bool) -> tuple[InputGrid | None, str]:
+        """Multiplying by a positive per-tensor constant keeps the codes and changes the scale."""
+        for data, const in ((0, 1), (1, 0)) if not invert else ((0, 1),):
+            factor = _scalar_constant(self.model, node.input[const])
+            if factor is not None and factor > 0 and get_constant(self.model, node.input[data]) is None:
+                grid, reason = self.resolve(node.input[data])
+                if grid is None:
+                    return None, reason
+                scale = None if grid.scale is None else (grid.scale / factor if invert else grid.scale * factor)
+                return InputGrid(grid.range, grid.dtype, scale, grid.zero_code, grid.two_point), ""
+        return None, f"input comes from {node_label(node)}, which is not a per-tensor positive rescaling"
+
+    def _from_Concat(self, node: NodeProto) -> tuple[InputGrid | None, str]:
+        grids = []
+        for name in node.input:
+            grid, reason = self.resolve(name)
+            if grid is None:
+                return None, reason
+            grids.append(grid)
+        first = grids[0]
+        for g in grids[1:]:
+            same_scale = (g.scale is None and first.scale is None) or (
+                g.scale is not None and first.scale is not None and np.isclose(g.scale, first.scale, rtol=1e-6))
+            if not same_scale or g.zero_code != first.zero_code:
+                return None, f"{node_label(node)} joins inputs on different integer grids (scales or zero points differ)"
+        r = IntRange(min(g.range.lo for g in grids), max(g.range.hi for g in grids))
+        dtype = first.dtype if all(g.dtype == first.dtype for g in grids) else dtype_for_range(r)
+        return InputGrid(r, dtype, first.scale, first.zero_code), ""
+
+
+def _hull(a: IntRange, b: IntRange) -> IntRange:
+    return IntRange(min(a.lo, b.lo), max(a.hi, b.hi))
+
+
+def _widened(grid: InputGrid, codes: IntRange, dtype: str) -> InputGrid:
+    """``grid`` with its codes joined with ``codes`` (a DataType's range, named ``dtype``)."""
+    joined = _hull(grid.range, codes)
+    if joined == grid.range:
+        return grid
+    return InputGrid(joined, dtype, grid.scale, grid.zero_code, False)
+
+
+def _qcdq_finn_dtype(codes: IntRange, storage: np.dtype, node: NodeProto) -> str:
+    """The DataType FINN gives a QCDQ activation after qonnx's ``QCDQToQuant`` (FINN reads no QDQ).
+
+    ``QCDQToQuant`` makes a Quant of ``ceil(log2(hi - lo + 1))`` bits, signed as the container,
+    from a Clip ``[lo, hi]`` with ``lo <= 0 < hi`` (it refuses any other Clip).
+    """
+    if not codes.lo <= 0 < codes.hi:
+        raise UnsupportedLayer(f"the Clip in front of {node_label(node)} keeps codes [{codes.lo}, {codes.hi}]; "
+                               "qonnx's QCDQToQuant (the way to FINN) needs lo <= 0 < hi: use --input-ranges exact")
+    bits = (codes.hi - codes.lo).bit_length()  # ceil(log2(n)) for n = hi - lo + 1 >= 2, in integers
+    return quant_dtype(bits, storage_code_range(storage)[0].lo < 0)
+
+
+def with_zero_tap(grid: InputGrid) -> InputGrid:
+    """The grid with the code of real 0 added to its range: a padded tap holds ``zero_code``.
+
+    Under ``fold`` that is the zero point z (real 0 = code z), under ``subtract`` 0; either may lie
+    outside the quantizer's codes (e.g. UINT4 with z = 30, or codes behind a Relu).
+    """
+    r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
+    return InputGrid(r, grid.dtype, grid.scale, grid.zero_code)
+
+
