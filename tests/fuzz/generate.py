@@ -51,6 +51,8 @@ CONSTRUCTS = {
                   "in every spatial dimension",
     "constant_forms": "weights and quantizer parameters in Constant nodes, behind Identity nodes, or integers stored "
                       "as int32 and cast to their type (PyTorch's exporters)",
+    "scale_along_k": "a per-channel weight scale along an axis the MAC sums over (no single integer accumulation: "
+                     "must never be analysed as one)",
 }
 
 
@@ -71,12 +73,14 @@ class LayerInfo:
     act_x_act: bool = False
     # real files only: the weight zero point in the layout of weight_scale (the raw codes the MAC sees under fold)
     weight_zero_point: np.ndarray | None = None
+    # the weight scale varies along a summed axis: the products have different steps, no integer accumulator
+    scale_along_k: bool = False
 
     @property
     def integer(self) -> bool:
         """Whether this layer has an integer accumulator at all (quantized weights, or operand, and input grid)."""
         second = self.operand_scale if self.act_x_act else self.weight_scale
-        return second is not None and self.act_scale is not None
+        return second is not None and self.act_scale is not None and not self.scale_along_k
 
 
 @dataclass
@@ -95,7 +99,8 @@ class Case:
         self.model.save(str(stem.with_suffix(".onnx")))
         layers = [{"node": i.node, "op_type": i.op_type, "act_scale": i.act_scale, "act_zero_point": i.act_zero_point,
                    "weight_scale": None if i.weight_scale is None else i.weight_scale.tolist(),
-                   "operand_scale": i.operand_scale, "operand_zero_point": i.operand_zero_point, "act_x_act": i.act_x_act}
+                   "operand_scale": i.operand_scale, "operand_zero_point": i.operand_zero_point, "act_x_act": i.act_x_act,
+                   "scale_along_k": i.scale_along_k}
                   for i in self.layers]
         payload = {"zero_point": self.zero_point, "input_dtypes": self.input_dtypes, "description": self.description,
                    "used": sorted(self.used), "layers": layers, **(note or {})}
@@ -107,7 +112,8 @@ class Case:
         layers = [LayerInfo(i["node"], i["op_type"],
                             None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
                             i["act_scale"], i["act_zero_point"], i.get("operand_scale"), i.get("operand_zero_point", 0),
-                            i.get("act_x_act", False)) for i in payload["layers"]]
+                            i.get("act_x_act", False), scale_along_k=i.get("scale_along_k", False))
+                  for i in payload["layers"]]
         return cls(ModelWrapper(str(stem.with_suffix(".onnx"))), layers, payload["zero_point"], payload["input_dtypes"],
                    payload["description"], set(payload.get("used", [])))
 
@@ -374,6 +380,8 @@ def weight_specs(draw, allowed: frozenset[str]) -> dict:
         spec["explicit_zero_point"] = draw(st.booleans())
     if kind in ("dq", "qdq"):
         spec["clip"] = _clip_bounds(draw, -128, 127, allowed)
+    if "scale_along_k" in allowed and kind in ("quant", "bipolar", "dq", "qdq") and draw(st.integers(0, 9)) == 0:
+        spec.update(per_channel=True, scale_along_k=True)
     return spec
 
 
@@ -381,8 +389,9 @@ def _weight(draw, b: _Builder, spec: dict, shape: tuple[int, ...], channel_axis:
     """A weight tensor of ``shape`` (as the MAC consumes it) and its scale broadcastable to that shape."""
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
+    scale_axis = (1 if channel_axis == 0 else 0) if spec.get("scale_along_k") else channel_axis  # 0/1: one is summed
     scale_shape = [1] * len(shape)
-    scale_shape[channel_axis] = shape[channel_axis]
+    scale_shape[scale_axis] = shape[scale_axis]
     if spec["per_channel"]:
         scale = rng.choice([0.5, 0.25, 0.125, 1.0, 0.0625], size=scale_shape).astype(np.float32)
     else:
@@ -423,7 +432,7 @@ def _weight(draw, b: _Builder, spec: dict, shape: tuple[int, ...], channel_axis:
                    rounding_mode=spec["rounding"])
         return maybe_transpose(t), scale
     # QDQ weights: per-axis parameters are 1-D along the channel axis of the stored tensor
-    axis = perm.index(channel_axis) if perm else channel_axis
+    axis = perm.index(scale_axis) if perm else scale_axis
     s1d = scale.reshape(-1) if spec["per_channel"] else np.float32(scale.reshape(-1)[0])
     if kind == "dq":
         q = rng.integers(-127, 128, size=store_shape).astype(np.int8)
@@ -561,7 +570,10 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         wspec = draw(weight_specs(allowed))
         case.used |= _weight_uses(wspec)
         out, node, wscale = draw(_mac(b, t, allowed, zero, wspec))
-        layer = LayerInfo(node, b.nodes[-1].op_type, wscale, grid[0], grid[1])
+        along_k = bool(wspec.get("scale_along_k")) and wscale is not None and np.unique(wscale).size > 1
+        layer = LayerInfo(node, b.nodes[-1].op_type, wscale, grid[0], grid[1], scale_along_k=along_k)
+        if along_k:
+            case.used.add("scale_along_k")
         case.layers.append(layer)
         if draw(st.booleans()):
             bshape = [1, b.shapes[out][1]] + [1] * (len(b.shapes[out]) - 2)

@@ -38,6 +38,7 @@ CATEGORIES = {
     "false_no_overflow": "verify said 'no overflow' on a model that overflows",
     "too_small_analysis": "analyze reported a range smaller than executed",
     "too_small_annotation": "annotate recorded less than executed",
+    "non_integer_read": "analyze read a layer whose weight scale varies along the summed axis as one integer accumulation",
     "bad_refusal": "project refused without naming a layer, or named an infeasible smallest P",
     "internal_error": "a command exited 4 (self-check failed)",
     "traceback": "a command leaked a traceback / unexpected exit code",
@@ -130,7 +131,11 @@ class Checker:
         result = self.cli("analyze", path, "--json", "--per-channel", *_common_options(self.case))
         if result.code not in (0, 3):
             return
+        along_k = {info.node for info in self.case.layers if info.scale_along_k}
         for layer in json.loads(result.stdout)["layers"]:
+            if layer["node"] in along_k and layer["status"] == "ok":
+                self.outcome.fail("non_integer_read", f"analyze: {layer['node']} reported "
+                                  f"[{layer['acc_min']}, {layer['acc_max']}] though its weight scale varies along K")
             done = executed.get(layer["node"])
             if done is None or layer["status"] != "ok":
                 continue
