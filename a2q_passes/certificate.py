@@ -445,7 +445,7 @@ def _weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.
 
     q = _as_integers(values[tensor], f"the executed weights of {_label(producer)} divided by its scale",
                      divisor=carried(grid_step))
-    has_zero = producer.op_type == "DequantizeLinear" and len(producer.input) > 2 and producer.input[2]
+    has_zero = producer.op_type in ("DequantizeLinear", "Quant", "IntQuant") and len(producer.input) > 2 and producer.input[2]
     if zero_point == "fold" and has_zero:
         z = _execute_constants(model, [producer.input[2]])[producer.input[2]]
         # the zero point's integers in its own shape, added to every weight it covers

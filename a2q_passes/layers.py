@@ -267,11 +267,16 @@ class MacLayer:
         """Groups of rows ``(row indices, weights they may hold)``: one group unless a weight zero point is subtracted.
 
         Each channel's weights ``code - z`` stay in its storage range shifted by its own zero point z.
-        Raises :class:`UnsupportedLayer` when a zero point varies along a row (per-input-channel zero points).
+        Raises :class:`UnsupportedLayer` when a zero point varies along a row (per-input-channel zero points), and
+        for a Quant rounding UP (away from 0) with a zero point: it makes code 0 only of ``w / s + z`` exactly 0,
+        which no float32 ``w`` reaches for some scales, so the projection's zero weights could not be written.
         """
         source = self.source
         if source.zero_offset is None:
             return [(np.arange(self.layout.rows), source.weight_range)]
+        if source.kind == "quant" and source.rounding_mode.upper() == "UP":
+            raise UnsupportedLayer(f"'{self.node}' rounds its weights UP (away from 0) with a zero point, which cannot "
+                                   "store every code exactly; re-export its weight quantizer with ROUND")
         stored_shape = initializer_shape(model, source.tensor)
         offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
         # positions a row pads (a short last weight block) hold no weight and no zero point

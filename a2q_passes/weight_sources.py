@@ -238,14 +238,11 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         _require_constant(model, producer, 0, "weight input")
         _require_stored_weights(model, producer, producer.input[0])
         scale = _require_constant(model, producer, 1, "scale")
-        zero_point = _require_constant(model, producer, 2, "zero point")
+        z = _require_constant(model, producer, 2, "zero point")
         bits = _require_constant(model, producer, 3, "bit width")
-        if np.any(zero_point != 0):
-            raise UnsupportedLayer(
-                f"{node_label(producer)} quantizes weights with a non-zero zero point, which a2q reads from "
-                "DequantizeLinear only (FINN assumes symmetric QONNX weights too): re-export with a zero-point-free "
-                "weight quantizer, or as QCDQ (Brevitas export_onnx_qcdq) and use --zero-point subtract"
-            )
+        if np.any(z != np.rint(z)):
+            raise UnsupportedLayer(f"{node_label(producer)} has a non-integer weight zero point: its weights are no "
+                                   "integers a MAC multiplies")
         bits = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else None
         if bits is None or not np.isfinite(bits) or bits != int(bits) or bits < 1:
             # a bit width <= 0 makes qonnx clamp every weight to one value; non-integer widths clamp
@@ -256,16 +253,23 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         bits = int(bits)
         signed, narrow = bool(node_attr(producer, "signed", 1)), bool(node_attr(producer, "narrow", 0))
         if bits == 1 and signed:
+            if np.any(z != 0):  # qonnx's bipolar codes +-1 less a zero point: neither a weight range nor bipolar
+                raise UnsupportedLayer(f"{node_label(producer)} is a 1-bit signed weight quantizer with a non-zero "
+                                       "zero point, which a2q does not read; re-export it without a zero point")
             weight_range = BIPOLAR
         else:
             from qonnx.custom_op.general.intquant import max_int, min_int  # see quant_code_range
 
             weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
-        return WeightSource(
+        source = WeightSource(
             "quant", producer.input[0], producer.name, weight_range, quant_dtype(bits, signed),
-            scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(zero_point, dtype=np.float32),
+            scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(z, dtype=np.float32),
             rounding_mode=node_str_attr(producer, "rounding_mode", "ROUND"), perms=perms,
         )
+        # qonnx's Quant: codes round(clip(w / s + z)), real weight (code - z) * s, as DequantizeLinear's
+        if not np.any(z != 0):
+            return source
+        return _zero_point_source(source, np.rint(z).astype(np.int64), zero_point, node_label(producer))
     if op == "BipolarQuant":
         _require_constant(model, producer, 0, "weight input")
         _require_stored_weights(model, producer, producer.input[0])
@@ -531,12 +535,18 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
         # the code range does both
         q = np.round(stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
         return np.clip(q, codes.lo, codes.hi, out=q).astype(np.int64, copy=False)
-    # qonnx int_quant: round(clip(x / s + z)) - z with z == 0, in float32 like qonnx executes it
+    # qonnx int_quant: the codes round(clip(x / s + z)), in float32 like qonnx executes it
     from qonnx.custom_op.general.intquant import resolve_rounding_mode  # see quant_code_range
 
     y = stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)
-    y = np.clip(y, source.weight_range.lo, source.weight_range.hi, out=y)
+    if _has_zero_point(source):
+        y += source.zero_point.astype(np.float32)
+    y = np.clip(y, codes.lo, codes.hi, out=y)
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
+
+
+def _has_zero_point(source: WeightSource) -> bool:
+    return source.zero_point is not None and bool(np.any(source.zero_point != 0))
 
 
 # weight sources whose stored values are real (weight / scale need not be an integer): the others store integers
@@ -551,7 +561,7 @@ def unrounded_mac_weights(model: ModelWrapper, source: WeightSource) -> np.ndarr
     if source.kind in UNROUNDED_KINDS:
         stored = initializer_value(model, source.tensor).astype(np.float64)
         unrounded = stored / source.scale.astype(np.float64)
-        if source.kind == "quantize_dequantize" and source.zero_offset is None:
+        if source.zero_offset is None and _has_zero_point(source):
             unrounded = unrounded + source.zero_point.astype(np.float64)  # raw codes (fold)
         return apply_perms(unrounded, source.perms)
     return read_mac_weights(model, source).astype(np.float64)
@@ -575,11 +585,16 @@ def stored_values_for(source: WeightSource, q_stored: np.ndarray) -> np.ndarray:
                                                                                                   copy=False)
     if source.kind == "bipolar_quant":
         return np.where(q_stored > 0, 1.0, -1.0).astype(np.float32) * np.abs(source.scale).astype(np.float32)
+    # qonnx's Quant rounds w / s + z: the raw code, less the zero point where one is subtracted
+    raw = q_stored if source.zero_offset is None else q_stored + source.zero_offset
     mode = source.rounding_mode.upper()
     offset = _ROUNDING_OFFSET.get(mode, 0.0)
     if mode in ("UP", "DOWN", "HALF_UP", "HALF_DOWN"):
-        offset = np.sign(q_stored) * (0.5 if mode == "DOWN" else -0.5 if mode == "UP" else 0.0)
-    return ((q_stored + offset) * source.scale.astype(np.float64)).astype(np.float32)
+        offset = np.sign(raw) * (0.5 if mode == "DOWN" else -0.5 if mode == "UP" else 0.0)
+    unrounded = raw + offset
+    if not _has_zero_point(source):
+        return (unrounded * source.scale.astype(np.float64)).astype(np.float32)
+    return ((unrounded - source.zero_point.astype(np.float64)) * source.scale.astype(np.float64)).astype(np.float32)
 
 
 def write_mac_weights(model: ModelWrapper, source: WeightSource, q_mac: np.ndarray) -> None:

@@ -106,13 +106,15 @@ def test_non_constant_weight_scale(conv_net, tmp_path):
     assert digest(path) == before
 
 
-def test_nonzero_weight_zero_point(conv_net, tmp_path):
+def test_non_integer_weight_zero_point(conv_net, tmp_path):
+    """A Quant weight zero point is read (tests/test_corpus.py); one that is not an integer leaves no integer
+    weights, and is refused by name."""
     def edit(model):
         quant = _weight_quant(model)
         zp = next(i for i in model.graph.initializer if i.name == quant.input[2])
-        zp.CopyFrom(onnx.numpy_helper.from_array(np.array(1.0, dtype=np.float32), zp.name))
+        zp.CopyFrom(onnx.numpy_helper.from_array(np.array(0.5, dtype=np.float32), zp.name))
 
-    _expect_error(run_a2q("analyze", _edit(conv_net, tmp_path, "zp.onnx", edit)), "non-zero zero point", code=3)
+    _expect_error(run_a2q("analyze", _edit(conv_net, tmp_path, "zp.onnx", edit)), "non-integer weight zero point", code=3)
 
 
 def test_dynamic_shape(conv_net, tmp_path):

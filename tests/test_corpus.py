@@ -117,6 +117,39 @@ def test_batched_conv_lowering_is_refused_by_name(tmp_path):
     assert _run("verify", tmp_path / "batch4.onnx", "--acc-bits", 16)[0] == 0
 
 
+@pytest.mark.parametrize("rounding", ["ROUND", "FLOOR", "CEIL", "UP", "DOWN", "HALF_UP", "HALF_DOWN"])
+def test_quant_weight_zero_points_in_every_rounding_mode(rounding, tmp_path):
+    """A QONNX Quant with a zero point per output channel (unsigned 4-bit codes, real weight (code - z) * s): read,
+    projected under --zero-point subtract and written back in every qonnx rounding mode, each range equal to the one
+    the oracle executes through qonnx's own Quant, before and after projection. UP (away from 0) makes code 0 only
+    of an exact 0, which float32 cannot always store (here channel 3, s = 0.08, z = 15): project refuses it by name
+    (it exited 4, its write check failing)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from scripts.corpus import Entry
+
+    rng = np.random.default_rng(0)
+    q = "qonnx.custom_op.general"
+    s, z = np.linspace(0.05, 0.1, 6).astype(np.float32), np.array([3, 8, 0, 15, 7, 9], np.float32)
+    w = (rng.integers(0, 16, size=(12, 6)) - z + rng.uniform(-0.4, 0.4, size=(12, 6))) * s
+    inits = {"w": w.astype(np.float32), "ws": s.reshape(1, 6), "wz": z.reshape(1, 6), "wb": np.float32(4),
+             "xs": np.float32(0.5), "xz": np.float32(0), "xb": np.float32(4)}
+    nodes = [helper.make_node("Quant", ["x", "xs", "xz", "xb"], ["xq"], domain=q, signed=0, narrow=0),
+             helper.make_node("Quant", ["w", "ws", "wz", "wb"], ["wq"], domain=q, signed=0, narrow=0, rounding_mode=rounding),
+             helper.make_node("MatMul", ["xq", "wq"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    path = tmp_path / "zp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]), str(path))
+    result = check(Entry(path.stem, "hand-built QONNX", path, zero_point="subtract"), tmp_path)
+    if rounding == "UP":
+        assert result.status == "refused" and result.tight == 1 and "'mm' rounds its weights UP" in result.detail
+    else:
+        assert (result.status, result.detail, result.layers, result.tight) == ("handled", "", 1, 1)
+
+
 def test_oracle_is_exact_beyond_float32_integers(tmp_path):
     """Found by the corpus: int16 QDQ accumulators reach 2^32, where the oracle's float32 products (the zero point
     times the weight sums, the MAC itself) rounded by a few units and made exact analyses look unsound. The executed
@@ -207,21 +240,22 @@ def test_qonnx_channels_last_convolutions(tmp_path):
     assert all(v["data_note"].startswith("not simulated: a channels-last") for v in json.loads(out)["layers"])
 
 
-def test_brevitas_shifted_weights_under_both_zero_point_conventions(tmp_path):
-    """Brevitas' ShiftedUint8 quantizers give weights and activations zero points. The QCDQ export's ranges equal
-    the executed ones under both conventions (fold: the raw codes, the oracle adding each weight's zero point back;
+@pytest.mark.parametrize("exporter,per_channel", [("qcdq_ts", False), ("qonnx", False), ("qonnx", True)])
+def test_brevitas_shifted_weights_under_both_zero_point_conventions(exporter, per_channel, tmp_path):
+    """Brevitas' ShiftedUint8 quantizers give weights and activations zero points. Both exports' ranges equal the
+    executed ones under both conventions (fold: the raw codes, the oracle adding each weight's zero point back;
     subtract: code - zero point); project needs subtract, and says so under fold. The QONNX export's weight zero
-    points are refused by name, pointing to QCDQ."""
+    points (a Quant's zero point, per tensor or per channel) were refused ("reads zero points from DequantizeLinear
+    only"); they are read as DequantizeLinear's are. FINN refuses such a QONNX model itself, so it is not lowered
+    here."""
     from scripts.corpus import EXPORTERS, Entry
     from tests.brevitas_nets import NetSpec, build_corpus_net
 
-    spec = NetSpec("mlp", 8, 8, signed_act=True, per_channel=False, shifted=True)
+    spec = NetSpec("mlp", 8, 8, signed_act=True, per_channel=per_channel, shifted=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qcdq, qonnx = (build_corpus_net(tmp_path, spec, exporter) for exporter in ("qcdq_ts", "qonnx"))
-    fold = check(Entry(qcdq.stem, EXPORTERS["qcdq_ts"], qcdq, zero_point="fold"), tmp_path)
+        path = build_corpus_net(tmp_path, spec, exporter)
+    fold = check(Entry(path.stem, EXPORTERS[exporter], path, zero_point="fold"), tmp_path)
     assert fold.status == "refused" and fold.tight == fold.layers == 3 and "--zero-point subtract" in fold.detail
-    subtract = check(Entry(qcdq.stem, EXPORTERS["qcdq_ts"], qcdq, zero_point="subtract"), tmp_path)
+    subtract = check(Entry(path.stem, EXPORTERS[exporter], path, zero_point="subtract"), tmp_path)
     assert (subtract.status, subtract.detail, subtract.tight) == ("handled", "", 3)
-    refused = check(Entry(qonnx.stem, EXPORTERS["qonnx"], qonnx, zero_point="subtract"), tmp_path)
-    assert refused.status == "refused" and "export_onnx_qcdq" in refused.detail

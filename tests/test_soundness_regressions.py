@@ -333,7 +333,8 @@ def two_layer_model(unreadable: str, batch: int) -> ModelWrapper:
     qx, ix = _quant("qx", "x", X_SCALE, 0, 4, False)
     qw, iw = _quant("qw", "w1", np.full((1, 2), W_SCALE), 0, 4, True)
     qa, ia = _quant("qa", "h", 1.0, 0, 4, False)
-    qw2, iw2 = _quant("qw2", "w2", np.full((1, 2), W_SCALE), 1 if unreadable == "zero point" else 0, 4, True)
+    # a non-integer weight zero point: no integer weights at all (an integer one is read, as DequantizeLinear's)
+    qw2, iw2 = _quant("qw2", "w2", np.full((1, 2), W_SCALE), 0.5 if unreadable == "zero point" else 0, 4, True)
     nodes = [qx, qw, helper.make_node("MatMul", ["qx_out", "qw_out"], ["h"], name="mm1"), qa, qw2]
     if unreadable == "transA":
         nodes += [helper.make_node("Transpose", ["qa_out"], ["qa_t"], name="t", perm=[1, 0]),

@@ -122,6 +122,8 @@ def _constrainable(layer: MacLayer) -> str:
         return f"weights come from a {layer.source.kind} source, not a trainable QONNX Quant"
     if layer.source.bipolar:
         return "bipolar weights (1-bit signed Quant) cannot be shrunk: they hold no zero weight"
+    if layer.source.zero_offset is not None or layer.source.raw_zero_point:
+        return "weights with a zero point (fine-tuning trains symmetric QONNX weights; `a2q project` reads them)"
     return ""
 
 

@@ -42,7 +42,8 @@ CONSTRUCTS = {
     "negative_scale": "negative activation scale, e.g. followed by Relu (root cause 4)",
     "relu_after_zero_point": "Relu after a positive zero point: all-negative channels crash (root cause 5)",
     "dq_int8_without_zero_point": "DequantizeLinear of int8 data without a zero point (root cause 6)",
-    "unreadable_quantized_layers": "weight zero point, per-channel activation scale, Gemm transA (root cause 7)",
+    "unreadable_quantized_layers": "weight zero point (read since Quant zero points are), per-channel activation scale, "
+                                   "Gemm transA (root cause 7)",
     "subtract_zero_point": "--zero-point subtract: padded taps carry code 0, outside the shifted range",
     "qcdq_clip": "Brevitas QCDQ: an integer Clip between QuantizeLinear and DequantizeLinear narrows the codes",
     "act_x_act_matmul": "MatMul of two quantized activations (attention's Q.K^T), each operand from any source, "
@@ -571,7 +572,10 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         case.used |= _weight_uses(wspec)
         out, node, wscale = draw(_mac(b, t, allowed, zero, wspec))
         along_k = bool(wspec.get("scale_along_k")) and wscale is not None and np.unique(wscale).size > 1
-        layer = LayerInfo(node, b.nodes[-1].op_type, wscale, grid[0], grid[1], scale_along_k=along_k)
+        # a Quant weight zero point: under fold the MAC multiplies the raw codes (the oracle adds it back)
+        weight_zero = np.float32(wspec["zero_point"]) if wspec["kind"] == "quant" and wspec["zero_point"] else None
+        layer = LayerInfo(node, b.nodes[-1].op_type, wscale, grid[0], grid[1], scale_along_k=along_k,
+                          weight_zero_point=weight_zero)
         if along_k:
             case.used.add("scale_along_k")
         case.layers.append(layer)
