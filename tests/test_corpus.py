@@ -240,6 +240,23 @@ def test_qonnx_channels_last_convolutions(tmp_path):
     assert all(v["data_note"].startswith("not simulated: a channels-last") for v in json.loads(out)["layers"])
 
 
+def test_qonnx_channels_last_with_zero_points(tmp_path):
+    """qonnx's channels-last form of a Brevitas net with ShiftedUint8 weights and activations: every range equals the
+    executed one under fold (the oracle used to add the activation zero point's padded taps in NCHW order to an NHWC
+    output, a broadcasting error, once these weights were read), and project under subtract fits P."""
+    from scripts.corpus import CHANNELS_LAST, Entry, channels_last_files
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = build_corpus_net(tmp_path, NetSpec("cnn", 4, 4, signed_act=True, shifted=True), "qonnx")
+    (entry,), _ = channels_last_files(tmp_path, [source])
+    fold = check(entry, tmp_path)
+    assert fold.status == "refused" and fold.tight == fold.layers == 3 and "--zero-point subtract" in fold.detail
+    subtract = check(Entry(entry.name, CHANNELS_LAST, entry.path, zero_point="subtract"), tmp_path)
+    assert (subtract.status, subtract.detail, subtract.tight) == ("handled", "", 3)
+
+
 @pytest.mark.parametrize("exporter,per_channel", [("qcdq_ts", False), ("qonnx", False), ("qonnx", True)])
 def test_brevitas_shifted_weights_under_both_zero_point_conventions(exporter, per_channel, tmp_path):
     """Brevitas' ShiftedUint8 quantizers give weights and activations zero points. Both exports' ranges equal the

@@ -503,7 +503,9 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
         acc = (t.reshape(t.shape[0], -1).astype(np.int64) @ taps).reshape((t.shape[0],) + out_shape).astype(np.float64)
     if case.zero_point == "fold" and info.act_zero_point:
         if mac.op_type == "Conv":  # padded taps carry the zero-point code: the whole kernel counts
-            ones = q.reshape(q.shape[0], -1).sum(axis=1).reshape((1, -1) + (1,) * (acc.ndim - 2))
+            shape = [1] * acc.ndim
+            shape[1 + axis] = -1  # the output channels (last in qonnx's channels-last Conv)
+            ones = q.reshape(q.shape[0], -1).sum(axis=1).reshape(shape)
         else:
             ones = _run_mac(mac, q, np.ones((1,) + sample_shape, dtype=np.float32))
         acc = acc + info.act_zero_point * ones.astype(np.float64)  # float32 * z would round beyond 2^24
