@@ -310,7 +310,9 @@ def qonnx_files(folder: Path, sources: list[Path], transformations: dict, produc
             except Exception as err:  # the transformation's own limitation, not a corpus file
                 rejected.append(f"{path.stem}: qonnx refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
                 continue
-            entries.append(Entry(path.stem, producer, path, lower=producer != CHANNELS_LAST and name != "QuantToQCDQ"))
+            # weight zero points (Brevitas' ShiftedUint8): projected as ONNX defines them, as for the source itself
+            entries.append(Entry(path.stem, producer, path, lower=producer != CHANNELS_LAST and name != "QuantToQCDQ",
+                                 zero_point="subtract" if "shifted" in source.stem else "fold"))
     return entries, rejected
 
 
