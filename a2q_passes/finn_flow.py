@@ -342,6 +342,25 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
                             "and lower that.")
 
 
+def refuse_zero_points(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point.
+
+    Why here: FINN's ``ConvertQONNXtoFINN`` takes only zero points of 0 ("Only Quant nodes with zero-point == 0 are
+    currently supported"), and on a per-channel one it fails with numpy's "truth value of an array ... is ambiguous".
+    """
+    from a2q_passes.graph_values import get_constant
+
+    def zero_point(node) -> np.ndarray | None:
+        return get_constant(model, node.input[2]) if len(node.input) > 2 else None
+
+    shifted = [node.name or node.output[0] for node in model.graph.node if node.op_type in ("Quant", "IntQuant")
+               and (z := zero_point(node)) is not None and np.any(z != 0)]
+    if shifted:
+        raise LoweringError(f"FINN converts only Quant nodes with a zero point of 0; {', '.join(map(repr, shifted))} "
+                            "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8). Export "
+                            "the model with symmetric quantizers for FINN; a2q analyze/project/verify read it as it is.")
+
+
 def run_flow(
     model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None
 ) -> tuple[ModelWrapper, list[StageRecord]]:
@@ -355,6 +374,7 @@ def run_flow(
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
     refuse_unlowerable_convs(model)
+    refuse_zero_points(model)
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
