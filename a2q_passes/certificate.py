@@ -200,6 +200,7 @@ def _execute_constants(model: ModelWrapper, targets: list[str], overrides: Mappi
             raise CannotCertify(f"'{name}' is computed by {_label(node)}, which the certificate does not execute")
         chosen[node.output[0]] = node
         stack.extend(node.input)
+
     def stored(name: str) -> np.ndarray:
         return overrides[name] if name in overrides else tensor_value(initializers[name])
 

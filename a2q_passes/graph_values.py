@@ -28,8 +28,8 @@ def get_constant(model: ModelWrapper, name: str) -> np.ndarray | None:
     if producer.op_type == "Identity":
         return get_constant(model, producer.input[0])
     if producer.op_type == "Cast":
-        value = get_constant(model, producer.input[0])
-        target = helper.tensor_dtype_to_np_dtype(int(node_attr(producer, "to", 0))) if node_attr(producer, "to") else None
+        value, to = get_constant(model, producer.input[0]), node_attr(producer, "to")
+        target = helper.tensor_dtype_to_np_dtype(int(to)) if to else None
         if value is None or target is None or np.dtype(value.dtype).kind not in "iu" or np.dtype(target).kind not in "iu":
             return None
         info = np.iinfo(target)  # integers that fit convert exactly; ONNX leaves the others' result to the runtime

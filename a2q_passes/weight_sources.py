@@ -116,9 +116,13 @@ def _require_constant(model: ModelWrapper, node: NodeProto, index: int, what: st
     return value
 
 
-def _require_stored_weights(model: ModelWrapper, node: NodeProto, tensor: str) -> None:
-    """Refuse weights that are constant but no initializer of their own (an ``Identity`` of another tensor):
-    ``project`` rewrites weights by storing their initializer."""
+def _require_stored_weights(model: ModelWrapper, node: NodeProto, tensor: str | None = None) -> None:
+    """Refuse weights that are not constant, or constant but no initializer of their own (an ``Identity`` of another
+    tensor): ``project`` rewrites weights by storing their initializer. ``tensor``: the stored weights, by default
+    the quantizer ``node``'s input 0 (then checked constant first)."""
+    if tensor is None:
+        _require_constant(model, node, 0, "weight input")
+        tensor = node.input[0]
     if initializer_proto(model, tensor) is None:
         raise UnsupportedLayer(f"{node_label(node)} reads weights '{tensor}' computed from another constant, not "
                                "stored as an initializer of their own, so a2q cannot rewrite them; fold constants "
@@ -235,8 +239,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
             perm = list(range(np.ndim(shape) - 1, -1, -1)) if shape is not None else []
         return resolve_weight_source(model, producer.input[0], ([perm] if perm else []) + perms, zero_point)
     if op in QUANT_OP_TYPES:
-        _require_constant(model, producer, 0, "weight input")
-        _require_stored_weights(model, producer, producer.input[0])
+        _require_stored_weights(model, producer)
         scale = _require_constant(model, producer, 1, "scale")
         z = _require_constant(model, producer, 2, "zero point")
         bits = _require_constant(model, producer, 3, "bit width")
@@ -271,8 +274,7 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
             return source
         return _zero_point_source(source, np.rint(z).astype(np.int64), zero_point, node_label(producer))
     if op == "BipolarQuant":
-        _require_constant(model, producer, 0, "weight input")
-        _require_stored_weights(model, producer, producer.input[0])
+        _require_stored_weights(model, producer)
         scale = _require_constant(model, producer, 1, "scale")
         return WeightSource("bipolar_quant", producer.input[0], producer.name, BIPOLAR, "BIPOLAR",
                             scale=np.asarray(scale, dtype=np.float32), perms=perms)
@@ -368,10 +370,10 @@ def _dequantize_linear_source(model: ModelWrapper, dq: NodeProto, perms: list[li
     if stored is None and (quantize is None or quantize.op_type != "QuantizeLinear"):
         raise UnsupportedLayer(f"{node_label(dq)} dequantizes a non-constant weight tensor")
     zp_dtype = storage_dtype(model, dq)
-    if quantize is not None:
-        _require_constant(model, quantize, 0, "weight input")
-    _require_stored_weights(model, dq if quantize is None else quantize, codes if quantize is None else quantize.input[0])
-    if quantize is not None:
+    if quantize is None:
+        _require_stored_weights(model, dq, codes)
+    else:
+        _require_stored_weights(model, quantize)
         q_zp = get_constant(model, quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None
         if not np.array_equal(np.zeros((), zp_dtype) if q_zp is None else q_zp, np.zeros((), zp_dtype) if zp is None else zp):
             # the codes QuantizeLinear writes are read with another zero point: no integer weight view

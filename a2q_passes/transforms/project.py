@@ -66,7 +66,7 @@ def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dic
     """Target width per layer name: the overrides, else the global width for every analysable layer not in ``skip``.
 
     A global width promises every quantized MAC layer: a layer with quantized weights that cannot
-    be read (weight zero point, non-constant scale, Gemm transA, unquantized input, ...) would stay
+    be read (non-integer weight zero point, non-constant scale, Gemm transA, unquantized input, ...) would stay
     unconstrained, so it is refused unless ``skip`` names it. Raises :class:`A2QError` for that,
     for an override or skip naming a layer that does not exist (or an override one that cannot be
     constrained, or is skipped too), and for widths outside 2..64 bits.
