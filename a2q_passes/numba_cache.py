@@ -1,5 +1,5 @@
 """Where numba caches the compiled kernels (:mod:`a2q_passes.kernels`, :mod:`a2q_passes.adversarial_kernels`,
-:mod:`a2q_passes.certificate_kernels`, :mod:`a2q_passes.sum_kernels`): beside the package (``__pycache__``), or,
+:mod:`a2q_passes.certificate.kernels`, :mod:`a2q_passes.sum_kernels`): beside the package (``__pycache__``), or,
 where the package is installed read-only, in ``$NUMBA_CACHE_DIR`` if set, else in a folder of this user's in the
 temporary directory.
 

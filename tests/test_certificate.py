@@ -4,6 +4,7 @@ every promising command exit 4 without writing anything."""
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
 from pathlib import Path
@@ -275,7 +276,7 @@ def test_per_channel_scale_and_zero_point_follow_the_weight_layout_ops(path, che
     from a2q_passes.certificate import weight_integers
 
     if check == "kernel":
-        monkeypatch.setattr("a2q_passes.certificate._KERNEL_VALUES", 0)
+        monkeypatch.setattr("a2q_passes.certificate.execution._KERNEL_VALUES", 0)
 
     codes = RNG.integers(-128, 128, size=(3, 4)).astype(np.int8)
     zeros = np.array([-3, 0, 5], dtype=np.int8)
@@ -301,7 +302,7 @@ def test_per_channel_scale_and_zero_point_follow_the_weight_layout_ops(path, che
 def test_compiled_integer_check_gives_the_numpy_check_or_its_refusal(shape, divisor, monkeypatch):
     """The kernel behind large tensors (forced here for every size) returns the integers of the numpy check, in
     the narrowest signed type, and leaves each refusal (off the grid, NaN, infinite) to the numpy check's message."""
-    from a2q_passes import certificate
+    from a2q_passes.certificate import execution
 
     rng = np.random.default_rng(5)
     scale = None if divisor is None else rng.choice([0.5, 0.1, 3.0, 1 / 127], size=divisor)
@@ -315,18 +316,42 @@ def test_compiled_integer_check_gives_the_numpy_check_or_its_refusal(shape, divi
             cases[name] = values.copy()
             cases[name].reshape(-1)[middle] = bad  # 1.3 steps: beyond the relative allowance of small codes
         for name, case in cases.items():
-            monkeypatch.setattr(certificate, "_KERNEL_VALUES", 1 << 40)
+            monkeypatch.setattr(execution, "_KERNEL_VALUES", 1 << 40)
             try:
-                expected = certificate._as_integers(case, "w", divisor=scale)
+                expected = execution.as_integers(case, "w", divisor=scale)
             except CannotCertify as err:
                 expected = err
-            monkeypatch.setattr(certificate, "_KERNEL_VALUES", 0)
+            monkeypatch.setattr(execution, "_KERNEL_VALUES", 0)
             if isinstance(expected, CannotCertify):
                 with pytest.raises(CannotCertify, match=re.escape(str(expected))):
-                    certificate._as_integers(case, "w", divisor=scale)
+                    execution.as_integers(case, "w", divisor=scale)
                 continue
-            got = certificate._as_integers(case, "w", divisor=scale)
+            got = execution.as_integers(case, "w", divisor=scale)
             assert name == "on the grid" and np.array_equal(got, expected) and np.array_equal(got, codes)
             narrowest = next(t for t in (np.int8, np.int16, np.int32)
                              if np.iinfo(t).min <= codes.min() and codes.max() <= np.iinfo(t).max)
             assert got.dtype == (narrowest if got.ndim else np.int64)  # a 0-d value: the numpy check
+
+
+def test_imports_nothing_from_the_reader():
+    """The certificate's independence is structural: none of its modules imports the reader (layer discovery,
+    weight sources, input grids, graph values, the analysis) or anything that does; only pure math, progress,
+    errors and model access. A new import of the reader here would let writer and check be wrong together."""
+    allowed = {"a2q_passes.bounds", "a2q_passes.progress", "a2q_passes.errors", "a2q_passes.model_io",
+               "a2q_passes.numba_cache"}
+    package = Path(__file__).resolve().parents[1] / "a2q_passes" / "certificate"
+    files = sorted(package.glob("*.py"))
+    assert len(files) >= 5
+    seen = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("a2q_passes"):
+                names = [node.module] if node.module != "a2q_passes" else [f"a2q_passes.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("a2q_passes")]
+            else:
+                continue
+            for name in names:
+                seen.add(name)
+                assert name in allowed or name.startswith("a2q_passes.certificate"), f"{path.name} imports {name}"
+    assert "a2q_passes.bounds" in seen  # the walk does see the package's imports

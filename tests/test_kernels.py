@@ -198,7 +198,7 @@ def test_kernels_run_where_the_package_folder_is_not_writable(tmp_path):
 
 
 @pytest.mark.parametrize("load", ["from a2q_passes import kernels; kernels.compiled()",
-                                  "import a2q_passes.adversarial_kernels", "import a2q_passes.certificate_kernels"])
+                                  "import a2q_passes.adversarial_kernels", "import a2q_passes.certificate.kernels"])
 def test_every_kernel_module_caches_outside_a_read_only_package(tmp_path, load):
     """Whichever kernel module loads numba first, numba caches in the temporary folder, not the read-only package."""
     out = run_with_read_only_package(tmp_path, f"{load}\nimport numba\nprint(numba.config.CACHE_DIR)")

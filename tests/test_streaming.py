@@ -471,7 +471,7 @@ def test_verify_of_a_streamed_decoder_stack_is_the_same_with_the_compiled_kernel
     for path in ("numpy", "kernels"):
         if path == "kernels":
             monkeypatch.setattr("a2q_passes.verification._ADVERSARIAL_KERNEL_TERMS", 0)
-            monkeypatch.setattr("a2q_passes.certificate._KERNEL_VALUES", 0)
+            monkeypatch.setattr("a2q_passes.certificate.execution._KERNEL_VALUES", 0)
         outputs[path] = [a2q("verify", model, "--widths-json", tmp_path / "exact.json", "--json"),
                          a2q("verify", model, "--acc-bits", narrow, "--json")]
     assert [(r.returncode, r.stdout) for r in outputs["kernels"]] == [(r.returncode, r.stdout) for r in outputs["numpy"]]

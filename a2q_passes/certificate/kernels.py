@@ -1,6 +1,6 @@
 """Compiled (numba) integer check of the certificate's large executed weight tensors.
 
-:func:`integer_quotients` is ``certificate._as_integers`` for a C-contiguous tensor of many values: each value
+:func:`integer_quotients` is ``certificate.execution.as_integers`` for a C-contiguous tensor of many values: each value
 (as float64) divided by its divisor, rounded half to even, must lie within the tolerance of that integer; the
 same float64 operations in one pass over the values instead of half a dozen numpy passes, and the integers
 written in the narrowest type holding them (int8 in that pass; a wider range in a second one), not int64. Anything it does not accept (a value off
