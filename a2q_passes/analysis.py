@@ -14,7 +14,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
 from a2q_passes.layers import KIND_WEIGHTS, MacLayer, find_mac_layers
-from a2q_passes.model_io import ReadOnlyModel
+from a2q_passes.read_only_model import ReadOnlyModel
 
 BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
 

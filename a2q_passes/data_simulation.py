@@ -27,7 +27,8 @@ from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.errors import A2QError
 from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.layers import MacLayer, find_mac_layers
-from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs, initializer_shape, tensor_value
+from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
+from a2q_passes.tensor_store import initializer_shape, tensor_value
 from a2q_passes.simulate import MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, exact_float_dtype
 from a2q_passes.width_resolution import resolve_widths
 

@@ -313,7 +313,7 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     layers take one image at a time: a batch of 4 fails only when the lowered graph executes ("cannot reshape array
     of size 1600 into shape (1,10,10,4)").
     """
-    from a2q_passes.model_io import with_inferred_shapes
+    from a2q_passes.read_only_model import with_inferred_shapes
 
     shaped = with_inferred_shapes(model)
     grouped, not_2d, batched = [], [], []

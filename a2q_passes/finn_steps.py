@@ -44,7 +44,7 @@ from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_data
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.metadata import recorded_accumulators
 from a2q_passes.methods import DEFAULT_METHOD
-from a2q_passes.model_io import atomic_write_text
+from a2q_passes.output_files import atomic_write_text
 from a2q_passes.transforms.lower import (check_hw_accumulators, describe_hw_layers, hw_targets, layer_signatures,
                                          match_layers, qonnx_recorded_widths, record_weight_signatures,
                                          recorded_signatures, rekey_accumulator_record)

@@ -7,7 +7,7 @@ import numpy as np
 from onnx import NodeProto, helper, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.model_io import initializer_value
+from a2q_passes.tensor_store import initializer_value
 
 
 def get_constant(model: ModelWrapper, name: str) -> np.ndarray | None:

@@ -13,7 +13,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import BIPOLAR, IntRange
 from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
-from a2q_passes.model_io import with_inferred_shapes
+from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, dtype_for_range, quant_dtype,
                                        skip_clips, storage_code_range, storage_dtype)

@@ -30,7 +30,7 @@ from a2q_passes.bounds import BINARY, IntRange, act_x_act_range, narrowest_integ
 from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
                                   KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
 from a2q_passes.input_grids import GridResolver, InputGrid, dtype_grid, with_zero_tap
-from a2q_passes.model_io import initializer_proto, initializer_shape, initializer_value
+from a2q_passes.tensor_store import initializer_proto, initializer_shape, initializer_value
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, QUANT_OP_TYPES, UNROUNDED_KINDS, UnsupportedLayer, WeightSource,
                                        apply_perms, check_integer_values, codes_as_stored, contiguous_copy,

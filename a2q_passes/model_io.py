@@ -1,17 +1,12 @@
-"""Loading and saving models: clear errors on bad files, atomic and byte-reproducible writes."""
+"""Loading and saving models: clear errors on bad files, external data kept external, atomic and byte-reproducible
+writes (the tensors themselves: :mod:`a2q_passes.tensor_store`; the write itself: :mod:`a2q_passes.output_files`)."""
 
 from __future__ import annotations
 
-import atexit
 import glob
 import hashlib
-import mmap
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,12 +14,13 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from qonnx.core.modelwrapper import ModelWrapper
-from qonnx.core.datatype import BaseDataType, DataType
-from qonnx.util.basic import get_by_name, get_preferred_qonnx_opset
+from qonnx.util.basic import get_preferred_qonnx_opset
 
 from a2q_passes.errors import A2QError
+from a2q_passes.output_files import atomic_write_bytes, check_folder, remove_stale_temporaries, write_temporary
+from a2q_passes.tensor_store import attach_external_data, is_streamed, point_external, stored_bytes, tensor_value
 
 # Domains whose ops a2q understands or knows how to execute (qonnx / FINN custom ops).
 BREVITAS_DOMAIN = "onnx.brevitas"
@@ -39,7 +35,7 @@ LEGACY_GENERAL_DOMAINS = ("finn", "finn.custom_op.general")
 # Quantizer ops whose input 1 is a scale: zero makes qonnx divide by zero.
 _SCALED_QUANTIZERS = {"Quant": 1, "BipolarQuant": 1, "Trunc": 1, "QuantizeLinear": 1, "DequantizeLinear": 1}
 # External initializers at least this large stay in their data file while a command runs (read one
-# at a time, memory-mapped, through :func:`initializer_value`); smaller ones (scales, zero points,
+# at a time, memory-mapped, through :func:`a2q_passes.tensor_store.initializer_value`); smaller ones (scales, zero points,
 # biases) are read into the graph, where qonnx's own functions find them.
 STREAM_MIN_BYTES = 1 << 20
 # A file this large is checked by path: the in-memory check serialises the whole proto again.
@@ -95,7 +91,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0]
         raise A2QError(f"{path}: invalid ONNX model: {first}") from err
-    _attach_external_data(proto, path, STREAM_MIN_BYTES if stream else None)
+    attach_external_data(proto, path, STREAM_MIN_BYTES if stream else None)
     _constants_as_initializers(proto)
     _check_value_info(proto, path)
     _check_parameter_values(proto, path)
@@ -157,7 +153,7 @@ def whole_model_bytes(path: str | os.PathLike) -> int:
     for tensor in proto.graph.initializer:
         if uses_external_data(tensor):
             length = next((entry.value for entry in tensor.external_data if entry.key == "length"), None)
-            stored = int(length) if length is not None and length.isdigit() else _stored_bytes(tensor)
+            stored = int(length) if length is not None and length.isdigit() else stored_bytes(tensor)
             size += (stored or 0) + 16
     return size
 
@@ -192,114 +188,6 @@ def _describe_initializers(proto: onnx.ModelProto) -> None:
                 described.add(name)
 
 
-class ReadOnlyModel(ModelWrapper):
-    """A wrapped model for reading only: producers, initializers and ValueInfo shapes come from dicts built once.
-
-    qonnx's ``find_producer``, ``get_tensor_shape`` and this module's :func:`initializer_proto` scan the whole
-    graph on every lookup: an analysis that looks up every layer's tensors is then quadratic in the graph's
-    size (seconds for a 12-layer transformer, minutes for 32). Each lookup here answers what the scan would
-    (the first producer, the first initializer of a name; a name described twice is left to qonnx, which
-    refuses it). Nothing may change the graph while the view is in use: it is built for one analysis.
-    """
-
-    def __init__(self, proto: onnx.ModelProto) -> None:
-        super().__init__(proto, fix_missing_initializer_valueinfo=False)  # the proto was wrapped (and fixed) before
-        graph = proto.graph
-        self.producers: dict[str, onnx.NodeProto] = {}
-        for node in graph.node:
-            for name in node.output:
-                self.producers.setdefault(name, node)
-        self.initializers: dict[str, onnx.TensorProto] = {}
-        for tensor in graph.initializer:
-            self.initializers.setdefault(tensor.name, tensor)
-        infos = [*graph.input, *graph.output, *graph.value_info]
-        self.infos = {info.name: info for info in infos}
-        self.described_twice = len(self.infos) != len(infos)
-        self.named: dict[str, onnx.NodeProto] = {}  # by name, or first output where unnamed, as reports name layers
-        for node in graph.node:
-            self.named.setdefault(node.name or node.output[0], node)
-        self.annotations = {a.tensor_name: a for a in graph.quantization_annotation}
-        self.annotated_twice = len(self.annotations) != len(graph.quantization_annotation)
-
-    def find_producer(self, tensor_name: str) -> onnx.NodeProto | None:
-        return self.producers.get(tensor_name)
-
-    def get_tensor_shape(self, tensor_name: str, fix_missing_init_shape: bool = False) -> list[int] | None:
-        info = self.infos.get(tensor_name)
-        if info is None and tensor_name not in self.initializers and not self.described_twice:
-            return None
-        if info is None or fix_missing_init_shape or self.described_twice:
-            return super().get_tensor_shape(tensor_name, fix_missing_init_shape)
-        return [dim.dim_value for dim in info.type.tensor_type.shape.dim]
-
-    def get_tensor_datatype(self, tensor_name: str) -> BaseDataType:
-        """qonnx's answer (its annotation, else FLOAT16 or FLOAT32 from the ValueInfo) from the tables; qonnx's own
-        where it would read an initializer or refuse a name described twice."""
-        info = self.infos.get(tensor_name)
-        if self.annotated_twice or self.described_twice or (info is None and tensor_name in self.initializers):
-            return super().get_tensor_datatype(tensor_name)
-        annotation = self.annotations.get(tensor_name)
-        entry = None if annotation is None else get_by_name(annotation.quant_parameter_tensor_names,
-                                                             "finn_datatype", "key")
-        if entry is not None:
-            return DataType[entry.value]
-        float16 = info is not None and info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-        return DataType["FLOAT16" if float16 else "FLOAT32"]
-
-
-def with_inferred_shapes(model: ModelWrapper) -> ReadOnlyModel:
-    """A read-only copy of ``model`` with ONNX shape inference's ValueInfo for every tensor it can shape.
-
-    qonnx's ``InferShapes`` (which first swaps qonnx/FINN custom ops for shape-compatible standard ones)
-    runs only where the graph has such ops: it wraps its result in a ``ModelWrapper``, whose set-up looks up
-    every tensor in a fresh list of all ValueInfos (quadratic in the graph). Without custom ops its swap
-    does nothing, and ONNX's inference on the graph is the whole of it.
-    """
-    from qonnx.custom_op.registry import is_custom_op
-
-    if any(is_custom_op(node.domain) for node in model.graph.node):
-        from qonnx.transformation.infer_shapes import InferShapes
-
-        copy = ModelWrapper(model.model.SerializeToString(), fix_missing_initializer_valueinfo=False)
-        return ReadOnlyModel(copy.transform(InferShapes(), cleanup=False).model)
-    inferred = onnx.shape_inference.infer_shapes(model.model)
-    if any(node.domain == "com.microsoft" for node in model.graph.node):
-        _add_onnxruntime_shapes(inferred)
-    return ReadOnlyModel(inferred)
-
-
-def _add_onnxruntime_shapes(proto: onnx.ModelProto) -> None:
-    """Add the ValueInfo onnxruntime infers for the tensors ONNX's inference left untyped, in place.
-
-    ONNX's inference knows no onnxruntime contrib op (com.microsoft QGemm, QLinearAdd, ...), so nothing after
-    one gets a shape; onnxruntime types every tensor when it builds a session (no run). Models with tensors
-    in external data are left as they are: the session would load all of them.
-    """
-    graph = proto.graph
-    if any(is_streamed(t) or uses_external_data(t) for t in graph.initializer):
-        return
-    known = {vi.name for vi in (*graph.input, *graph.value_info, *graph.output)} | {t.name for t in graph.initializer}
-    missing = list(dict.fromkeys(t for node in graph.node for t in node.output if t and t not in known))
-    if not missing:
-        return
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as it is
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception:  # noqa: BLE001 - a graph onnxruntime cannot build keeps ONNX's shapes only
-        return
-    for out in session.get_outputs():
-        if out.name in missing and out.type.startswith("tensor(") and out.shape is not None:
-            elem = onnx.TensorProto.DataType.Value(out.type[len("tensor("):-1].upper())
-            graph.value_info.append(helper.make_tensor_value_info(out.name, elem, out.shape))
-
-
 def data_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     """The graph inputs fed at run time; exporters such as Brevitas' ``export_qonnx`` list initializers too."""
     constants = {init.name for init in graph.initializer}
@@ -330,213 +218,6 @@ def cast_float64_initializers(model: ModelWrapper, what: str = "model") -> list[
         if info.name in {name for name, _ in cast} and info.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE:
             info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     return cast
-
-
-def _attach_external_data(proto: onnx.ModelProto, path: Path, stream_min_bytes: int | None) -> None:
-    """Read external tensors smaller than ``stream_min_bytes`` (all with ``None``); point the others at their file.
-
-    A streamed tensor keeps its ``external_data`` entries, with ``location`` made absolute: onnx's own
-    readers refuse an absolute location, so a reader that bypasses :func:`initializer_value` fails
-    loudly instead of reading a file relative to the working folder. A missing, short or outside
-    data file names the tensor and the file.
-    """
-    folder = path.parent.resolve()
-    for tensor in proto.graph.initializer:
-        if not uses_external_data(tensor):
-            continue
-        entries = {entry.key: entry.value for entry in tensor.external_data}
-        location = entries.get("location", "?")
-        data_file = (folder / location).resolve()
-        try:
-            if not data_file.is_relative_to(folder):
-                raise ValueError("the location leaves the model's folder")
-            size = data_file.stat().st_size
-            offset = int(entries.get("offset", 0))
-            length = int(entries.get("length", size - offset))
-            expected = _stored_bytes(tensor)
-            if offset < 0 or length < 0 or offset + length > size:
-                raise ValueError(f"bytes {offset}..{offset + length} requested, the file has {size}")
-            if expected is not None and expected != length:
-                raise ValueError(f"{length} bytes stored, the tensor's shape and type need {expected}")
-            if stream_min_bytes is None or length < stream_min_bytes:
-                load_external_data_for_tensor(tensor, str(folder))
-                continue
-        except (OSError, ValueError, onnx.checker.ValidationError) as err:
-            raise A2QError(
-                f"{path}: initializer '{tensor.name}' is stored in the external data file '{location}', which "
-                f"cannot be read ({str(err).strip().splitlines()[0]}); keep that file, complete, next to the "
-                "model (or save the model with its data inline)") from err
-        _point_external(tensor, data_file, offset, length)
-
-
-def _point_external(tensor: onnx.TensorProto, data_file: Path, offset: int, length: int) -> None:
-    """Make ``tensor`` an external reference to ``length`` bytes at ``offset`` of ``data_file`` (an absolute path)."""
-    tensor.ClearField("raw_data")
-    del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", str(data_file)), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-
-
-def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the raw data of ``tensor`` takes (``None`` for types whose size this does not know)."""
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if len(tensor.dims) else 1
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return None
-    return count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-
-
-# ---------------------------------------------------------------------------------------------
-# The one accessor for initializer values: every reader (layers, certificate, verification) and
-# every writer of weights goes through it, so a streamed tensor is read one at a time.
-
-
-def initializer_proto(model: ModelWrapper | onnx.GraphProto, name: str) -> onnx.TensorProto | None:
-    if isinstance(model, ReadOnlyModel):
-        return model.initializers.get(name)
-    graph = model.graph if isinstance(model, (ModelWrapper, onnx.ModelProto)) else model
-    return next((tensor for tensor in graph.initializer if tensor.name == name), None)
-
-
-def is_streamed(tensor: onnx.TensorProto) -> bool:
-    """Whether ``tensor`` still lives in a data file (see :func:`_attach_external_data`)."""
-    return tensor.data_location == onnx.TensorProto.EXTERNAL
-
-
-def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
-    """The value of ``tensor``; a streamed one memory-mapped read-only from its data file (no copy)."""
-    if not is_streamed(tensor):
-        return numpy_helper.to_array(tensor)
-    entries = {entry.key: entry.value for entry in tensor.external_data}
-    offset, length = int(entries["offset"]), int(entries["length"])
-    with open(entries["location"], "rb") as handle:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(handle.fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start)
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or dtype.kind not in "biuf":
-        # packed or exotic storage: let onnx unpack a copy of this one tensor
-        inline = onnx.TensorProto()
-        inline.CopyFrom(tensor)
-        del inline.external_data[:]
-        inline.data_location = onnx.TensorProto.DEFAULT
-        inline.raw_data = mapped[offset - start:offset - start + length]
-        return numpy_helper.to_array(inline)
-    count = length // dtype.itemsize
-    return np.frombuffer(mapped, dtype=dtype.newbyteorder("<"), count=count, offset=offset - start).reshape(tuple(tensor.dims))
-
-
-def initializer_value(model: ModelWrapper | onnx.GraphProto, name: str) -> np.ndarray | None:
-    """The value of initializer ``name`` (``None`` if there is none); streamed tensors are memory-mapped, read-only."""
-    tensor = initializer_proto(model, name)
-    return None if tensor is None else tensor_value(tensor)
-
-
-def initializer_shape(model: ModelWrapper | onnx.GraphProto, name: str) -> tuple[int, ...] | None:
-    """The shape of initializer ``name`` without reading its values."""
-    tensor = initializer_proto(model, name)
-    return None if tensor is None else tuple(int(d) for d in tensor.dims)
-
-
-def check_in_memory(model: ModelWrapper | onnx.ModelProto) -> None:
-    """``onnx.checker.check_model`` of a model in memory; raises ``onnx.checker.ValidationError``.
-
-    Streamed tensors are checked as graph inputs of their type and shape: the checker would look
-    for their data files relative to the working folder (a proto has no folder of its own). Their
-    data were checked against that type and shape when read (:func:`_attach_external_data`) or
-    written from an array of it (:func:`set_initializer_value`).
-    """
-    proto = model.model if isinstance(model, ModelWrapper) else model
-    if any(is_streamed(tensor) for tensor in proto.graph.initializer):
-        graph = onnx.GraphProto()
-        graph.CopyFrom(proto.graph)  # the streamed tensors' data are not in it: a small copy
-        del graph.initializer[:]
-        listed = {info.name for info in graph.input}
-        for tensor in proto.graph.initializer:
-            if not is_streamed(tensor):
-                graph.initializer.append(tensor)
-            elif tensor.name not in listed:
-                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        checked = onnx.ModelProto()
-        checked.CopyFrom(proto)
-        checked.graph.CopyFrom(graph)
-        proto = checked
-    onnx.checker.check_model(proto)
-
-
-def set_initializer_value(model: ModelWrapper, name: str, value: np.ndarray) -> None:
-    """Store ``value`` as initializer ``name``; a streamed tensor stays streamed (spilled to a scratch file).
-
-    Why spill: ``project`` rewrites every layer of a model that may not fit in memory; each new
-    tensor goes to disk as soon as it is made and is copied into the output's data file on save.
-    """
-    tensor = initializer_proto(model, name)
-    if tensor is None or not is_streamed(tensor):
-        model.set_initializer(name, value)
-        return
-    value = np.ascontiguousarray(value)
-    if tuple(value.shape) != tuple(tensor.dims):
-        raise ValueError(f"initializer '{name}': new shape {value.shape} differs from the stored {tuple(tensor.dims)}")
-    spilled = numpy_helper.from_array(value, name) if value.dtype.kind not in "biuf" else None
-    handle = tempfile.NamedTemporaryFile(dir=_scratch_folder(), suffix=".bin", delete=False)
-    with handle:
-        if spilled is None:
-            value.astype(value.dtype.newbyteorder("<"), copy=False).tofile(handle)
-            data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
-        else:
-            handle.write(spilled.raw_data)
-            data_type = spilled.data_type
-    tensor.data_type = data_type
-    _point_external(tensor, Path(handle.name), 0, Path(handle.name).stat().st_size)
-
-
-# ``a2q-tensors-<pid>-<random>`` in the temporary folder: the pid tells a later run whether its owner still runs.
-_SCRATCH_PREFIX = "a2q-tensors-"
-_SCRATCH: list[Path] = []  # the scratch folder of this process, made at its first spill
-
-
-def _scratch_folder() -> Path:
-    """A private folder for spilled tensors, removed by :func:`remove_scratch` (see :func:`scratch_space`)."""
-    if not _SCRATCH:
-        remove_stale_scratch()
-        _SCRATCH.append(Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-")))
-    return _SCRATCH[0]
-
-
-def remove_scratch() -> None:
-    """Delete this process's spilled tensors; a tensor still pointing there can no longer be read."""
-    while _SCRATCH:
-        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
-
-
-atexit.register(remove_scratch)  # library use outside scratch_space: removed when the interpreter exits
-
-
-@contextmanager
-def scratch_space() -> Iterator[None]:
-    """Run a command: the tensors it spills are removed when the block ends, however it ends.
-
-    An exception, Ctrl-C (``KeyboardInterrupt``) and SIGTERM (the CLI raises ``SystemExit`` for it)
-    all unwind through here; a run killed with SIGKILL leaves its folder to :func:`remove_stale_scratch`.
-    """
-    try:
-        yield
-    finally:
-        remove_scratch()
-
-
-def remove_stale_scratch() -> list[Path]:
-    """Delete the scratch folders of processes that no longer run; returns what was removed."""
-    pattern = re.compile(rf"{re.escape(_SCRATCH_PREFIX)}(\d+)-[^-]+")
-    removed = []
-    for candidate in Path(tempfile.gettempdir()).glob(f"{_SCRATCH_PREFIX}*"):
-        match = pattern.fullmatch(candidate.name)
-        if match is not None and candidate.is_dir() and not _pid_alive(int(match.group(1))):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
 
 
 def declare_custom_domains(proto: onnx.ModelProto) -> bool:
@@ -718,7 +399,7 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
     Reading a streamed tensor from a file being replaced (``--in-place``) is safe: its bytes are
     copied before step 1, and a removed file lives while it is mapped.
     """
-    directory = _check_folder(path)
+    directory = check_folder(path)
     staging = path.with_name(path.name + ".data")  # the data temporary's name: its final name is not known yet
     for target in (path, staging):
         remove_stale_temporaries(target)
@@ -741,17 +422,17 @@ def save_with_external_data(proto: onnx.ModelProto, path: Path) -> None:
             digest.update(padding)
             offset = position + len(padding)
             length = _copy_tensor_bytes(tensor, handle, digest)
-            _point_external(tensor, Path(staging.name), offset, length)
+            point_external(tensor, Path(staging.name), offset, length)
             external.append(tensor)
             position = offset + length
 
     temporaries = []
     try:
-        temporaries.append(_write_temporary(staging, directory, write_data))
+        temporaries.append(write_temporary(staging, directory, write_data))
         data_path = data_file_path(path, digest.hexdigest()[:16])
         for tensor in external:
             next(entry for entry in tensor.external_data if entry.key == "location").value = data_path.name
-        temporaries.append(_write_temporary(path, directory, lambda handle: handle.write(model_bytes(out))))
+        temporaries.append(write_temporary(path, directory, lambda handle: handle.write(model_bytes(out))))
         existed = data_path.exists()
         os.replace(temporaries[0], data_path)
         _fsync_folder(directory)  # the data's rename reaches the disk before the model's
@@ -825,130 +506,3 @@ def _copy_tensor_bytes(tensor: onnx.TensorProto, handle: BinaryIO, digest: "hash
     return length
 
 
-# ---------------------------------------------------------------------------------------------
-# Output paths
-
-
-def check_output_paths(outputs: Iterable[tuple[str, str | os.PathLike | None]],
-                       inputs: Sequence[str | os.PathLike] = (), in_place: bool = False,
-                       in_place_option: str | None = None) -> None:
-    """Refuse, before any work is done, every output a later write would fail on.
-
-    ``outputs``: ``(what, path)`` pairs, e.g. ``("OUT.onnx", out)``, ``("--plot", png)``; ``None``
-    paths (options not given) are skipped. An output may not be a folder, must have an existing,
-    writable parent folder, may not be named twice, and may not be one of ``inputs``. Only the
-    first output (the model) may overwrite an input, and only with ``in_place`` (the user gave
-    ``in_place_option``, the command's flag that allows it).
-    """
-    seen: dict[Path, str] = {}
-    resolved_inputs = {Path(p).resolve() for p in inputs}
-    for index, (what, raw) in enumerate(outputs):
-        if raw is None:
-            continue
-        path = Path(raw)
-        if path.is_dir():
-            raise A2QError(f"{what} {path}: is a folder; give a file name inside it, e.g. {path / _example_name(what)}")
-        _check_folder(path, what)
-        key = path.resolve()
-        if key in seen:
-            raise A2QError(f"{what} {path}: the same file is also given as {seen[key]}; choose different paths")
-        seen[key] = what
-        if key in resolved_inputs and not (in_place and index == 0):
-            fix = f"pass {in_place_option} to overwrite the input" if in_place_option and index == 0 else \
-                "choose another output"
-            raise A2QError(f"{what} {path}: output path equals the input path; {fix}")
-
-
-def _example_name(what: str) -> str:
-    return {"--plot": "plot.png", "--report-json": "report.json"}.get(what, "out.onnx")
-
-
-def _check_folder(path: Path, what: str = "output") -> Path:
-    directory = path.parent if str(path.parent) else Path(".")
-    if directory.exists() and not directory.is_dir():
-        raise A2QError(f"{what} {path}: '{directory}' is a file, not a folder; choose an output inside a folder")
-    if not directory.is_dir():
-        raise A2QError(f"{what} {path}: output folder '{directory}' does not exist; create it first")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise A2QError(f"{what} {path}: output folder '{directory}' is not writable")
-    return directory
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-# ``.{name}.{pid}.{random}.tmp``: the pid tells a later write whether the writer is still alive.
-_TMP_PATTERN = r"\.{name}\.(\d+)\.[^.]+\.tmp"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the target folder, then rename (never a partial ``path``).
-
-    The temporary name carries the writer's pid; temporaries of ``path`` whose writer is dead (a
-    run killed with SIGKILL, or a power cut) are removed first. SIGINT/SIGTERM during the write
-    unwind through the ``except`` below (the CLI turns SIGTERM into ``SystemExit``).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise A2QError(f"{path}: is a folder; give a file name")
-    directory = _check_folder(path)
-    remove_stale_temporaries(path)
-    tmp = _write_temporary(path, directory, lambda handle: handle.write(data))
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_temporary(path: Path, directory: Path, write: Callable[[BinaryIO], object]) -> str:
-    """Fill a pid-named temporary of ``path`` in ``directory`` with ``write``, synced to disk; returns its name.
-
-    The caller renames it into place; on any error here it is removed.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporaries of ``path`` left by writers that no longer run; returns what was removed."""
-    directory = path.parent if str(path.parent) else Path(".")
-    pattern = re.compile(_TMP_PATTERN.format(name=re.escape(path.name)))
-    removed = []
-    for candidate in directory.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = pattern.fullmatch(candidate.name)
-        if match is not None and not _pid_alive(int(match.group(1))):
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(Path(path), text.encode())

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from a2q_passes.analysis import ModelReport
 from a2q_passes.layers import INPUT_RANGES_TITLE, KIND_WEIGHTS
-from a2q_passes.model_io import atomic_write_bytes
+from a2q_passes.output_files import atomic_write_bytes
 
 
 def analysis_table(report: ModelReport) -> Table:

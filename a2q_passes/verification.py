@@ -44,7 +44,7 @@ from a2q_passes.errors import A2QError
 from a2q_passes.graph_values import node_str_attr
 from a2q_passes.layers import KIND_WEIGHTS, STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.metadata import recorded_tiles
-from a2q_passes.model_io import ReadOnlyModel
+from a2q_passes.read_only_model import ReadOnlyModel
 from a2q_passes.simulate import MAX_SIMULATED_BITS, accumulate_terms
 from a2q_passes.width_resolution import WIDTHS_RECORDED, WIDTHS_SELECTED, check_skips, resolve_widths
 

@@ -24,7 +24,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import BIPOLAR, IntRange, integer_format, narrowest_integers, stored_as_columns
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
-from a2q_passes.model_io import initializer_proto, initializer_value, set_initializer_value
+from a2q_passes.tensor_store import initializer_proto, initializer_value, set_initializer_value
 
 
 @dataclass(frozen=True)

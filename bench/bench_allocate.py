@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.model_io import atomic_write_text
+from a2q_passes.output_files import atomic_write_text
 from a2q_passes.finetune.train import FinetuneConfig
 from a2q_passes.transforms.allocate import AllocateAccumulators, Scorer, allocation_costs, pareto_curves
 from a2q_passes.verification import verify_model

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run(args.model, args.dataset, args.fpgapart, args.widths, args.max_drop)
     command = ".venv/bin/python -m bench.bench_finn_resources " + shlex.join(sys.argv[1:] if argv is None else argv)
-    from a2q_passes.model_io import atomic_write_text
+    from a2q_passes.output_files import atomic_write_text
 
     atomic_write_text(args.out, render(result, command.strip()))
     print(f"wrote {args.out}: P = {result['chosen']}")

@@ -381,7 +381,7 @@ def test_per_channel_zero_points_share_one_signed_accumulator():
 def test_shapes_after_a_contrib_op_come_from_onnxruntime(quantized):
     """ONNX's shape inference knows no com.microsoft op, so nothing after a QGemm had a shape (an act x act
     QLinearMatMul there had no K); onnxruntime types those tensors when it builds a session."""
-    from a2q_passes.model_io import with_inferred_shapes
+    from a2q_passes.read_only_model import with_inferred_shapes
 
     model = ModelWrapper(quantized["qop_int8_pc"])
     qgemm = next(n for n in model.graph.node if n.op_type == "QGemm")

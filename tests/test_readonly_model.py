@@ -11,7 +11,9 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.infer_shapes import InferShapes
 
 from a2q_passes.layers import computed_from_constants
-from a2q_passes.model_io import ReadOnlyModel, initializer_proto, load_model, with_inferred_shapes
+from a2q_passes.model_io import load_model
+from a2q_passes.read_only_model import ReadOnlyModel, with_inferred_shapes
+from a2q_passes.tensor_store import initializer_proto
 from bench.bench_llm import build_decoder_stack
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ import pytest
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 
-from a2q_passes import model_io
+from a2q_passes import model_io, tensor_store
 from tests.cli_helpers import digest
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -57,11 +57,11 @@ def test_loading_checks_by_path_and_keeps_weights_in_their_file(tmp_path, monkey
     monkeypatch.setattr(onnx.checker, "check_model", lambda model, *a, **k: (checked.append(model), original(model, *a, **k)))
     model = model_io.load_model(path)
     assert checked == [str(path)]  # the file, not a proto serialised in memory
-    streamed = [t for t in model.graph.initializer if model_io.is_streamed(t)]
+    streamed = [t for t in model.graph.initializer if tensor_store.is_streamed(t)]
     assert streamed and all(not t.raw_data for t in streamed)
     inline = initializer_values(QONNX_MLP)
     for tensor in streamed:
-        assert np.array_equal(model_io.initializer_value(model, tensor.name), inline[tensor.name])
+        assert np.array_equal(tensor_store.initializer_value(model, tensor.name), inline[tensor.name])
     checked.clear()
     model_io.load_model(QONNX_MLP)
     assert len(checked) == 1 and isinstance(checked[0], onnx.ModelProto)  # small inline models: as before
@@ -186,7 +186,7 @@ def test_streamed_int4_blockwise_weights_analyse_and_project_like_inline(tmp_pat
     inline = tmp_path / "inline.onnx"
     onnx.save(model, inline)
     external = externalise(inline, tmp_path / "ext")
-    assert any(model_io.is_streamed(t) and t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    assert any(tensor_store.is_streamed(t) and t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
                for t in model_io.load_model(external).graph.initializer)
     reports = [json.loads(a2q("analyze", m, "--json", "--zero-point", zero_point).stdout) for m in (inline, external)]
     assert reports[0] == reports[1]
@@ -297,7 +297,7 @@ def _spilled(folder: Path) -> list[Path]:
 
 
 def _spilled_tensor_files(proto: onnx.ModelProto) -> list[Path]:
-    return [Path(entry.value) for t in proto.graph.initializer if model_io.is_streamed(t)
+    return [Path(entry.value) for t in proto.graph.initializer if tensor_store.is_streamed(t)
             for entry in t.external_data if entry.key == "location" and "a2q-tensors-" in entry.value]
 
 
@@ -373,7 +373,7 @@ def test_verify_data_streams_the_weights_and_simulates_like_inline(tmp_path, a2q
     monkeypatch.setattr(model_io, "load_model", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     runs = [a2q("verify", m, "--acc-bits", bits, "--data", tmp_path / "x.npz", "--json") for m in (source, external)]
     assert [r.returncode for r in runs][0] == runs[1].returncode, runs[1].stderr
-    assert any(model_io.is_streamed(t) for t in loaded[1].graph.initializer)
+    assert any(tensor_store.is_streamed(t) for t in loaded[1].graph.initializer)
     inline, streamed = (json.loads(r.stdout) for r in runs)
     assert streamed == inline
     assert sum(inline["data"]["overflows"].values()) > 0  # a width that overflows: the simulation has work to show

@@ -12,7 +12,7 @@ from a2q_passes.certificate.execution import CannotCertify
 from a2q_passes.certificate.layer import LayerCertificate, certify_layer
 from a2q_passes.certificate.shapes import shapes_cached
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import ReadOnlyModel
+from a2q_passes.read_only_model import ReadOnlyModel
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
-from a2q_passes.model_io import ReadOnlyModel, is_streamed, tensor_value
+from a2q_passes.read_only_model import ReadOnlyModel
+from a2q_passes.tensor_store import is_streamed, tensor_value
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")

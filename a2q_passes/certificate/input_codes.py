@@ -14,7 +14,7 @@ from qonnx.custom_op.registry import getCustomOp
 
 from a2q_passes.certificate.execution import CannotCertify, as_integers, execute_constants, node_attr, node_label, \
     uniform_value
-from a2q_passes.model_io import initializer_proto
+from a2q_passes.tensor_store import initializer_proto
 
 # Ops whose every output value is one of their (first) input's values.
 _SELECTING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool", "MaxPoolNHWC",

@@ -17,7 +17,7 @@ from a2q_passes.certificate.integer_ops import (DATA_ZERO_POINT, INTEGER_MAC_DOM
 from a2q_passes.certificate.ranges import accumulations, conv_ranges, conv_transpose_ranges, row_ranges, stage_ranges
 from a2q_passes.certificate.shapes import inferred_shapes
 from a2q_passes.certificate.weights import finn_weights, weight_view
-from a2q_passes.model_io import ReadOnlyModel
+from a2q_passes.read_only_model import ReadOnlyModel
 
 _MVAU = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 _VVAU = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")

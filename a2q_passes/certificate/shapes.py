@@ -7,7 +7,7 @@ from typing import Iterator
 
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.model_io import with_inferred_shapes
+from a2q_passes.read_only_model import with_inferred_shapes
 
 # Filled only inside shapes_cached (the key "active" says so), emptied when it ends.
 _INFERRED: dict = {}
@@ -16,7 +16,7 @@ _INFERRED: dict = {}
 def inferred_shapes(model: ModelWrapper) -> ModelWrapper:
     """A read-only copy of ``model`` with qonnx's shape inference applied (ONNX's alone where the graph has no qonnx
     or FINN custom op: qonnx's would only re-wrap the model, quadratic in its size, see
-    :func:`a2q_passes.model_io.with_inferred_shapes`); one per model inside :func:`shapes_cached`.
+    :func:`a2q_passes.read_only_model.with_inferred_shapes`); one per model inside :func:`shapes_cached`.
 
     Why cached: inference walks the whole graph, and a transformer stack asks once per layer;
     certifying does not change the graph.

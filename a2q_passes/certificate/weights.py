@@ -10,7 +10,7 @@ from a2q_passes import bounds
 from a2q_passes.certificate.execution import (LAYOUT_OPS, WEIGHT_QUANTIZERS, CannotCertify, as_integers,
                                               execute_constants, node_attr, node_label)
 from a2q_passes.certificate.input_codes import dtype_grid
-from a2q_passes.model_io import initializer_value
+from a2q_passes.tensor_store import initializer_value
 
 
 def _scale_input(node: NodeProto) -> str:

@@ -54,7 +54,7 @@ def _root(
         raise A2QError(f"--log-file {log_file}: cannot open it for appending ({err.strerror}); "
                        "give a path in an existing, writable folder") from err
     # imported here, when a command runs: --version and --help need no model reader (onnx, qonnx)
-    from a2q_passes.model_io import scratch_space
+    from a2q_passes.tensor_store import scratch_space
 
     ctx.with_resource(scratch_space())  # tensors the command spills to disk go when it ends, however it ends
     ctx.with_resource(progress.shown())  # per-layer bars on large models, where stderr is a terminal

@@ -160,7 +160,8 @@ def allocate(
     import torch
 
     from a2q_passes.finetune.train import FinetuneConfig
-    from a2q_passes.model_io import atomic_write_text, check_whole_model_fits, load_model
+    from a2q_passes.model_io import check_whole_model_fits, load_model
+    from a2q_passes.output_files import atomic_write_text
     from a2q_passes.transforms.allocate import DEFAULT_FPGAPART, AllocateAccumulators, pareto_curves
 
     _check_output(output, model_path)

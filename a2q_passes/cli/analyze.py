@@ -34,7 +34,8 @@ def analyze(
     # imported here, not at start-up: the other commands (and --help) do not need onnx and qonnx
     from rich.console import Console
 
-    from a2q_passes.model_io import check_output_paths, load_model
+    from a2q_passes.model_io import load_model
+    from a2q_passes.output_files import check_output_paths
     from a2q_passes.report import analysis_table, plot_analysis
     from a2q_passes.transforms.analyze import AnalyzeAccumulators
 

@@ -26,7 +26,8 @@ def annotate(
 ) -> None:
     """Write the exact accumulator width of every analysable layer to metadata_props (key a2q.accumulators)."""
     # imported here, not at start-up: the other commands (and --help) do not need onnx and qonnx
-    from a2q_passes.model_io import check_output_paths, has_external_data, read_model_proto, save_model, wrap_model
+    from a2q_passes.model_io import has_external_data, read_model_proto, save_model, wrap_model
+    from a2q_passes.output_files import check_output_paths
     from a2q_passes.transforms.annotate import AnnotateAccumulators
 
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path], in_place=in_place, in_place_option="--in-place")

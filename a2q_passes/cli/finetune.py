@@ -28,7 +28,7 @@ def _check_options(input_path: Path, output_path: Path, method: str, loss: str, 
     from a2q_passes.finetune.constraint import INITS
     from a2q_passes.finetune.data import LOSSES
     from a2q_passes.finetune.distributed import DEVICES
-    from a2q_passes.model_io import check_output_paths
+    from a2q_passes.output_files import check_output_paths
     from a2q_passes.transforms.finetune import METHODS
 
     check_output_paths([("OUT.onnx", output_path)], inputs=[input_path])

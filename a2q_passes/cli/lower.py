@@ -117,8 +117,8 @@ def lower(
     1: bad input, nothing written.
     """
     from a2q_passes.finn_runtime import validate_fpgapart
-    from a2q_passes.model_io import (atomic_write_text, check_output_paths, check_whole_model_fits, has_external_data,
-                                     load_model, save_model)
+    from a2q_passes.model_io import check_whole_model_fits, has_external_data, load_model, save_model
+    from a2q_passes.output_files import atomic_write_text, check_output_paths
     from a2q_passes.resources import plot_resources, render_table, resource_report
     from a2q_passes.transforms.lower import LowerToFINN, check_equivalence
 
@@ -182,7 +182,8 @@ def report(
     """
     from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
     from a2q_passes.finn_runtime import validate_fpgapart
-    from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
+    from a2q_passes.model_io import check_whole_model_fits, load_model
+    from a2q_passes.output_files import check_output_paths
     from a2q_passes.resources import plot_resources, render_table, resource_report
     from a2q_passes.transforms.lower import LowerToFINN
 

@@ -86,7 +86,8 @@ def project(
         _list_methods()
         return
     # imported here, not at start-up: the other commands (and --help) do not need onnx and qonnx
-    from a2q_passes.model_io import check_output_paths, has_external_data, load_model, save_model
+    from a2q_passes.model_io import has_external_data, load_model, save_model
+    from a2q_passes.output_files import check_output_paths
     from a2q_passes.report import grouped_bar_plot
     from a2q_passes.transforms.project import ProjectToAccumulator, projection_summary
 

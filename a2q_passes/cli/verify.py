@@ -70,7 +70,8 @@ def verify(
     without widths given or recorded, --against checks equivalence only.
     """
     from a2q_passes.metadata import recorded_input_ranges, recorded_widths
-    from a2q_passes.model_io import check_output_paths, check_whole_model_fits, load_model
+    from a2q_passes.model_io import check_whole_model_fits, load_model
+    from a2q_passes.output_files import check_output_paths
     from a2q_passes.transforms.verify import VerifyAccumulators
 
     check_zero_point(zero_point)

@@ -524,7 +524,7 @@ def allocate_for_finn(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     import json
     from pathlib import Path
 
-    from a2q_passes.model_io import atomic_write_text
+    from a2q_passes.output_files import atomic_write_text
     from a2q_passes.transforms.lower import record_weight_signatures
 
     data = getattr(cfg, "a2q_allocate_data", None)

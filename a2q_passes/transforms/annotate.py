@@ -9,7 +9,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError
-from a2q_passes.model_io import check_in_memory
+from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.metadata import record_accumulators, recorded_widths
 from a2q_passes.passes import A2QPass, PassResult
 

@@ -24,7 +24,8 @@ from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.weight_sources import UnsupportedLayer
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
-from a2q_passes.model_io import ReadOnlyModel, check_in_memory
+from a2q_passes.read_only_model import ReadOnlyModel
+from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
