@@ -2,6 +2,8 @@
 
 The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dataflow_steps``):
 
+0. preparation             - exact rewrites of quantizer forms FINN's conversion refuses or fails on
+                             (:mod:`a2q_passes.finn_quant_forms`: a signed ``Quant`` after ``Relu``, a bias quantizer)
 1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
 2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
                              GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
@@ -17,7 +19,8 @@ Residual graphs: FINN's ``Streamline`` stops at a fork (its ``MoveScalarLinearPa
 says "Mul is a fork-node, try MoveLinearPastFork first"), leaving a float scale in front of the
 branch and the layer behind it unlowered. FINN's ResNet-50 example (finn-examples) handles this by
 alternating ``MoveLinearPastEltwiseAdd`` / ``MoveLinearPastFork`` with streamlining; we do the same,
-only when the graph forks, until nothing moves (at most :data:`MAX_RESIDUAL_ROUNDS` rounds).
+only when the graph forks, until nothing moves (at most :data:`MAX_RESIDUAL_ROUNDS` rounds), moving
+past forks first (``MoveLinearPastEltwiseAdd`` does not check that the Mul it moves feeds nothing else).
 A forking MaxPool gets one copy per branch first (FINN's ``MoveOpPastFork``): FINN's
 ``MakeMaxPoolNHWC`` mis-wires a MaxPool whose output forks (see :func:`_run_streamline_step`).
 
@@ -44,6 +47,7 @@ from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
+from a2q_passes.finn_quant_forms import FoldBiasQuantizers, UnsignedQuantAfterRelu
 
 MAX_RESIDUAL_ROUNDS = 4
 # Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
@@ -246,8 +250,10 @@ def _run_streamline_step(runner: _Runner) -> None:
     _streamline_all(runner, group)
     if any(runner.model.is_fork_node(node) for node in runner.model.graph.node):
         for _ in range(MAX_RESIDUAL_ROUNDS):
-            moved = runner.transform("residual", reorder.MoveLinearPastEltwiseAdd())
-            moved |= runner.transform("residual", reorder.MoveLinearPastFork())
+            # past forks first: FINN's MoveLinearPastEltwiseAdd rewires a Mul that also feeds another branch,
+            # leaving that branch unfed and the graph cyclic
+            moved = runner.transform("residual", reorder.MoveLinearPastFork())
+            moved |= runner.transform("residual", reorder.MoveLinearPastEltwiseAdd())
             if not moved:
                 break
             _streamline_all(runner, "residual")
@@ -378,6 +384,9 @@ def run_flow(
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
+        # exact rewrites of quantizer forms FINN's conversion refuses or fails on (see finn_quant_forms)
+        runner.transform("preparation", UnsignedQuantAfterRelu())
+        runner.transform("preparation", FoldBiasQuantizers())
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))

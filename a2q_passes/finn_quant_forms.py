@@ -1,0 +1,98 @@
+"""Quantizer forms FINN's conversion refuses or breaks on, rewritten into equal forms it takes.
+
+Two passes of the lowering flow (:mod:`a2q_passes.finn_flow`), run before ``ConvertQONNXtoFINN``. Each rewrite
+computes exactly what the graph computed before (the lowering's equivalence check executes both), and each
+exists because files that Brevitas' graph-mode PTQ writes (``brevitas.graph.quantize`` / ``layerwise_quantize``,
+as ``brevitas_examples``' ``quantize_model`` runs them) otherwise stop the conversion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.registry import getCustomOp
+from qonnx.transformation.base import Transformation
+
+from a2q_passes.graph_values import get_constant
+
+_MAC_BIAS = {"Conv": 2, "Gemm": 2}  # ops whose input at this index is a bias added to the accumulator
+
+
+class UnsignedQuantAfterRelu(Transformation):
+    """A signed ``Quant`` of a ``Relu`` output becomes the unsigned, non-narrow ``Quant`` of one bit less.
+
+    Why: FINN converts a ``Relu`` followed by a ``Quant`` only when that ``Quant`` is unsigned and not narrow
+    ("FINN only supports unsigned and non-narrow Quant nodes for Relu activations"); Brevitas' graph-mode PTQ
+    quantizes the input of the next layer with a signed quantizer there. Why it is exact: with zero point 0 and
+    positive scales, ``x >= 0`` rounds to a code >= 0 in every rounding mode, so the signed clamp's lower end never
+    acts and its upper end, ``2^(b-1) - 1``, is the upper end of an unsigned ``b - 1``-bit clamp. Quant nodes of any
+    other form are left as they are (FINN then names its own objection).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            producer = model.find_producer(node.input[0])
+            if node.op_type != "Quant" or producer is None or producer.op_type != "Relu":
+                continue
+            quant = getCustomOp(node)
+            scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
+            if not quant.get_nodeattr("signed") or scale is None or zero is None or bits is None or \
+                    np.size(bits) != 1 or not np.all(scale > 0) or np.any(zero != 0):
+                continue
+            b = float(np.asarray(bits).reshape(-1)[0])
+            if b != int(b) or b < 2:
+                continue
+            name = f"{node.name or node.output[0]}_unsigned_bit_width"
+            model.set_initializer(name, np.asarray(b - 1, dtype=np.float32))
+            node.input[3] = name  # a bit width initializer of its own: Brevitas shares one among many quantizers
+            quant.set_nodeattr("signed", 0)
+            quant.set_nodeattr("narrow", 0)
+            changed = True
+        return model, changed
+
+
+class FoldBiasQuantizers(Transformation):
+    """A quantizer of a constant bias (``Quant``/``IntQuant``/``BipolarQuant`` on initializers, read only as the
+    bias of ``Conv``/``Gemm``) is replaced by the constant it computes.
+
+    Why: qonnx's ``ExtractBiasFromConv`` (inside ``ConvertQONNXtoFINN``) reshapes such a quantizer's zero point to
+    the bias' shape and fails on a per-channel scale with a per-tensor zero point ("cannot reshape array of size 1
+    into shape (1,C,1,1)"), as Brevitas writes for ``Int32Bias``. FINN folds a quantizer of constants into its
+    value anyway (``FoldQuantWeights``); executing it here with qonnx gives the same value. The initializers and
+    graph inputs only it read are removed with it.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in list(model.graph.node):
+            if node.op_type not in ("Quant", "IntQuant", "BipolarQuant") or not _reads_only_biases(model, node):
+                continue
+            values = [model.get_initializer(name) for name in node.input]
+            if any(v is None for v in values):
+                continue
+            context = {**dict(zip(node.input, values)), node.output[0]: None}
+            getCustomOp(node).execute_node(context, model.graph)
+            model.graph.node.remove(node)
+            model.set_initializer(node.output[0], np.asarray(context[node.output[0]], dtype=np.float32))
+            for name in set(node.input):
+                _remove_if_unused(model, name)
+            changed = True
+        return model, changed
+
+
+def _reads_only_biases(model: ModelWrapper, node) -> bool:
+    consumers = model.find_consumers(node.output[0]) or []
+    return bool(consumers) and node.output[0] not in {o.name for o in model.graph.output} and all(
+        c.op_type in _MAC_BIAS and len(c.input) > _MAC_BIAS[c.op_type] and c.input[_MAC_BIAS[c.op_type]] == node.output[0]
+        and node.output[0] not in c.input[:_MAC_BIAS[c.op_type]] for c in consumers)
+
+
+def _remove_if_unused(model: ModelWrapper, name: str) -> None:
+    """Drop initializer ``name`` (and its graph input entry, where an exporter listed one) once no node reads it."""
+    if any(name in n.input for n in model.graph.node) or name in {o.name for o in model.graph.output}:
+        return
+    for tensor in [t for t in model.graph.initializer if t.name == name]:
+        model.graph.initializer.remove(tensor)
+    for info in [i for i in model.graph.input if i.name == name]:
+        model.graph.input.remove(info)
