@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import re
@@ -64,6 +65,17 @@ FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline
 ZOO = "QONNX model zoo"
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
+GRAPH_PTQ = {"qonnx": "Brevitas graph-mode PTQ (brevitas_examples quantize_model), export_qonnx",
+             "qcdq": "Brevitas graph-mode PTQ (brevitas_examples quantize_model), export_onnx_qcdq"}
+# (backend, weight bits, act bits, further quantize_model arguments), on the MLP and on the residual CNN
+GRAPH_PTQ_CONFIGS = [("fx", 8, 8, (("weight_quant_granularity", "per_tensor"),)),
+                     ("fx", 4, 4, (("bias_bit_width", 32),)),
+                     ("fx", 4, 8, (("scale_factor_type", "po2_scale"),)),
+                     ("fx", 8, 8, (("act_quant_type", "asym"),)),
+                     ("fx", 8, 8, (("weight_quant_granularity", "per_tensor"), ("weight_quant_type", "asym"))),
+                     ("fx", 6, 6, (("weight_param_method", "mse"),)),
+                     ("layerwise", 4, 4, ()),
+                     ("flexml", 8, 8, (("weight_quant_granularity", "per_tensor"), ("scale_factor_type", "po2_scale")))]
 QUANTIZE_GRAPH = "qonnx QuantizeGraph (Quant nodes inserted into a float model)"
 # QuantizeGraph's (scale, zero point, bit width, narrow, signed, rounding) for MAC inputs 0 (data) and 1 (weights)
 QUANTIZE_GRAPH_SPECS = {"w8a8": ((0.05, 0, 8, 0, 1, "ROUND"), (0.02, 0, 8, 1, 1, "ROUND")),
@@ -338,6 +350,26 @@ def torch_qat_files(folder: Path, quick: bool) -> list[Entry]:
     return entries
 
 
+def graph_ptq_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
+    """Brevitas' graph-mode PTQ of float nets (``tests/brevitas_graph_ptq.py``), through both exporters."""
+    from tests.brevitas_graph_ptq import GraphPtqSpec, export_graph_ptq
+
+    entries, rejected = [], []
+    kinds, configs = (("mlp",), GRAPH_PTQ_CONFIGS[:1]) if quick else (("mlp", "residual"), GRAPH_PTQ_CONFIGS)
+    for kind, (backend, w, a, options), exporter in itertools.product(kinds, configs, GRAPH_PTQ):
+        spec = GraphPtqSpec(kind, backend, w, a, options, exporter)
+        try:
+            with _quiet():
+                path = export_graph_ptq(folder, spec)
+        except Exception as err:  # the producer's own limitation, not a corpus file
+            first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])
+            rejected.append(f"{spec.name}: Brevitas refused ({type(err).__name__}: {first_line[:120]})")
+            continue
+        entries.append(Entry(path.stem, GRAPH_PTQ[exporter], path, lower=exporter == "qonnx",
+                             zero_point="subtract" if spec.asymmetric_weights else "fold"))
+    return entries, rejected
+
+
 def quantize_graph_files(folder: Path) -> tuple[list[Entry], list[str]]:
     """qonnx's ``QuantizeGraph`` over each float net of ``tests/ort_models.py``: a Quant node on both inputs of every
     Conv, Gemm and MatMul (attention's products of two activations included)."""
@@ -395,9 +427,11 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     transformed, transformed_rejected = ([], []) if quick else qonnx_files(
         folder, list(kinds.values()), _qonnx_transformations(), QONNX_TRANSFORMED)
     quantized, quantized_rejected = ([], []) if quick else quantize_graph_files(folder)
-    return (entries + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
+    graph_ptq, graph_ptq_rejected = graph_ptq_files(folder, quick)
+    return (entries + graph_ptq + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
             + ([] if quick else zoo),
-            rejected + finn_rejected + channels_last_rejected + transformed_rejected + quantized_rejected)
+            rejected + graph_ptq_rejected + finn_rejected + channels_last_rejected + transformed_rejected
+            + quantized_rejected)
 
 
 # --------------------------------------------------------------------------- checking one file
