@@ -2,8 +2,9 @@
 
 The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dataflow_steps``):
 
-0. preparation             - exact rewrites of quantizer forms FINN's conversion refuses or fails on
-                             (:mod:`a2q_passes.finn_quant_forms`: a signed ``Quant`` after ``Relu``, a bias quantizer)
+0. preparation             - initializers listed as graph inputs become plain constants; exact rewrites of
+                             quantizer forms FINN's conversion refuses or fails on (:mod:`a2q_passes.finn_quant_forms`:
+                             a signed ``Quant`` after ``Relu``, a bias quantizer)
 1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
 2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
                              GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
@@ -376,6 +377,7 @@ def run_flow(
     """
     ensure_finn_importable()
     import finn.builder.build_dataflow_steps as steps
+    from qonnx.transformation.general import RemoveStaticGraphInputs
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
@@ -384,6 +386,9 @@ def run_flow(
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
+        # initializers listed as graph inputs are constants: FINN's cleanup drops an unused one's initializer before
+        # its input entry, which leaves a second, dynamic graph input
+        runner.transform("preparation", RemoveStaticGraphInputs())
         # exact rewrites of quantizer forms FINN's conversion refuses or fails on (see finn_quant_forms)
         runner.transform("preparation", UnsignedQuantAfterRelu())
         runner.transform("preparation", FoldBiasQuantizers())

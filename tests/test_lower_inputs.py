@@ -93,6 +93,21 @@ def test_float64_scales_are_cast_and_said_so(tmp_path):
     assert all(t.data_type != TensorProto.DOUBLE for t in lowered.graph.initializer)
 
 
+def test_an_unused_initializer_listed_as_graph_input_stays_a_constant(tmp_path):
+    """Before: qonnx's cleanup (in the equivalence check and in FINN's conversion) dropped the unused initializer
+    before its graph input entry, which became a second, dynamic input: "expected a single-input model", an
+    internal error (exit 4)."""
+    path = tiny_model(tmp_path / "m.onnx", input_scale=0.1)
+    model = ModelWrapper(str(path))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(3, np.float32), "unused"))
+    model.graph.input.append(helper.make_tensor_value_info("unused", TensorProto.FLOAT, [3]))
+    model.save(str(path))
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--samples", "4")
+    assert code == 0, output
+    assert "equivalent" in output and "NOT equivalent" not in output
+    assert [i.name for i in load_model(tmp_path / "out.onnx").graph.input] == ["global_in"]
+
+
 def test_input_thresholds_sit_on_the_quantizers_float32_boundaries(tmp_path):
     """s = float32(1/255), x = 0.5: x / s = 127.49999 in float32, so Quant gives code 127. FINN's threshold
     127.5 * s = 0.50000003 rounds to float32 0.5, and x >= 0.5 gave code 128 (the digits --data bug)."""
