@@ -94,6 +94,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     attach_external_data(proto, path, STREAM_MIN_BYTES if stream else None)
     _constants_as_initializers(proto)
     _check_value_info(proto, path)
+    _check_node_names(proto, path)
     _check_parameter_values(proto, path)
     return proto
 
@@ -254,6 +255,19 @@ def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
             raise A2QError(f"{path}: tensor '{info.name}' has more than one ValueInfo entry (graph inputs, outputs "
                            "and value_info together); remove the duplicate from graph.value_info")
         seen.add(info.name)
+
+
+def _check_node_names(proto: onnx.ModelProto, path: Path) -> None:
+    """Two nodes of one name (the checker lets it pass): a2q names each layer by its node's name (its first output
+    where it has none), in reports, in --layer/--skip/--widths-json and in the widths it records."""
+    seen: set[str] = set()
+    for node in proto.graph.node:
+        label = node.name or node.output[0]
+        if label in seen:
+            raise A2QError(f"{path}: more than one node is named '{label}' (a node without a name goes by its first "
+                           "output); a2q names layers by node name: give every node its own name, e.g. with qonnx's "
+                           "GiveUniqueNodeNames")
+        seen.add(label)
 
 
 # Ops whose float parameters become integers or accumulate: NaN/Inf there has no integer meaning.

@@ -106,6 +106,11 @@ def duplicate_value_info(m):
     m.graph.value_info.append(copy.deepcopy(m.graph.value_info[0]))
 
 
+def duplicate_node_name(m):
+    macs = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul", "Conv")]
+    macs[1].name = macs[0].name  # before: project and annotate failed their own certificate (exit 4)
+
+
 def input_described_twice(m):
     m.graph.value_info.append(copy.deepcopy(m.graph.input[0]))
 
@@ -275,6 +280,9 @@ CASES: dict[str, Case] = {
                                          ("fc.weight_scale", "NaN or Inf"), model=variant(QDQ, qdq_nan_weight_scale)),
     "annotate-duplicate-value-info": Case(("annotate", "{in}", "{out}/o.onnx"), ("more than one ValueInfo",),
                                           model=variant(MLP, duplicate_value_info)),
+    "project-duplicate-node-name": Case(("project", "{in}", "{out}/o.onnx", "--acc-bits", "16"),
+                                        ("more than one node is named", "GiveUniqueNodeNames"),
+                                        model=variant(MLP, duplicate_node_name)),
     "verify-input-described-twice": Case(("verify", "{in}", "--acc-bits", "16"), ("'global_in'", "more than one ValueInfo"),
                                          model=variant(MLP, input_described_twice)),
     "analyze-external-data-missing": Case(("analyze", "{in}"), ("external.onnx", "weights.bin", "Quant_"),
