@@ -108,6 +108,35 @@ def test_an_unused_initializer_listed_as_graph_input_stays_a_constant(tmp_path):
     assert [i.name for i in load_model(tmp_path / "out.onnx").graph.input] == ["global_in"]
 
 
+def test_a_dynamic_batch_is_lowered_with_batch_one(tmp_path):
+    """Before: shape inference gave the batch as 0 and the equivalence check could not feed the FINN graph
+    ("cannot match shape (1, 8) to the graph's (0, 8)"), an internal error (exit 4)."""
+    path = tiny_model(tmp_path / "m.onnx", input_scale=0.1)
+    model = ModelWrapper(str(path))
+    for info in (model.graph.input[0], model.graph.output[0]):
+        info.type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.save(str(path))
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--samples", "4")
+    assert code == 0, output
+    assert "'x' is dynamic; lowered with batch 1" in output and "NOT equivalent" not in output
+
+
+def test_an_initializer_described_as_another_shape_is_taken_as_it_is(tmp_path):
+    """A scale stored as shape (1,) but described as a scalar (the checker and onnxruntime accept it). Before: ONNX
+    shape inference in lower stopped at the contradiction, an internal error (exit 4)."""
+    path = tiny_model(tmp_path / "m.onnx", input_scale=0.1)
+    model = ModelWrapper(str(path))
+    scale = next(t for t in model.graph.initializer if t.name == "w_scale")
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).reshape(1), "w_scale"))
+    described = [v for v in model.graph.value_info if v.name != "w_scale"]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend([*described, helper.make_tensor_value_info("w_scale", TensorProto.FLOAT, [])])
+    model.save(str(path))
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--samples", "4")
+    assert code == 0, output
+    assert "equivalent" in output and "NOT equivalent" not in output
+
+
 def test_input_thresholds_sit_on_the_quantizers_float32_boundaries(tmp_path):
     """s = float32(1/255), x = 0.5: x / s = 127.49999 in float32, so Quant gives code 127. FINN's threshold
     127.5 * s = 0.50000003 rounds to float32 0.5, and x >= 0.5 gave code 128 (the digits --data bug)."""

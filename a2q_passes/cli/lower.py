@@ -92,6 +92,28 @@ def _cast_float64(model: ModelWrapper, path: Path) -> None:
                           highlight=False, soft_wrap=True)
 
 
+def _one_sample_batch(model: ModelWrapper, path: Path) -> None:
+    """Give a dynamic batch dimension the size 1 FINN's layers process, and say so.
+
+    Why: FINN's graph has a fixed batch of one sample; left dynamic, shape inference gives the batch as 0 and the
+    equivalence check cannot feed the graph. Only the graph's inputs and outputs carry it; intermediate shapes are
+    inferred again.
+    """
+    from a2q_passes.model_io import data_inputs
+
+    dynamic = [info.name for info in data_inputs(model.graph)
+               if info.type.tensor_type.shape.dim and not info.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if not dynamic:
+        return
+    for info in [*data_inputs(model.graph), *model.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    del model.graph.value_info[:]
+    err_console.print(f"note: {path}: the batch dimension of {', '.join(map(repr, dynamic))} is dynamic; lowered with "
+                      "batch 1 (FINN's layers process one sample at a time)", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def lower(
     input_path: Annotated[Path, typer.Argument(metavar="IN.onnx", help="QONNX model (e.g. the output of `a2q project`)")],
@@ -132,6 +154,7 @@ def lower(
     check_whole_model_fits(input_path, f"`a2q lower` needs it in one: {FINN_NEEDS_WHOLE}", FINN_ADVICE)
     model = load_model(input_path, stream=False)  # FINN's transformations read every initializer
     _cast_float64(model, input_path)
+    _one_sample_batch(model, input_path)
     inputs = comparison_inputs(model, data, samples, seed)
     lowering = LowerToFINN(acc_bits, from_annotations, strict)
     hw = model.transform(lowering, cleanup=False)  # the flow runs FINN's own cleanups itself
@@ -192,6 +215,7 @@ def report(
     check_whole_model_fits(model_path, f"`a2q report` needs it in one: {FINN_NEEDS_WHOLE}", FINN_ADVICE)
     model = load_model(model_path, stream=False)  # FINN's transformations read every initializer
     _cast_float64(model, model_path)
+    _one_sample_batch(model, model_path)
     if any(True for _ in iterate_mac_nodes(model)):
         if from_annotations:
             raise A2QError(f"{model_path} is already a FINN HW graph; --from-annotations applies to QONNX models")
