@@ -95,6 +95,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     _constants_as_initializers(proto)
     _check_value_info(proto, path)
     _check_node_names(proto, path)
+    _check_accumulator_record(proto, path)
     _check_parameter_values(proto, path)
     return proto
 
@@ -247,14 +248,27 @@ def declare_custom_domains(proto: onnx.ModelProto) -> bool:
 
 
 def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
-    """A tensor described twice (the checker lets it pass) makes qonnx's shape and datatype lookups fail."""
+    """A tensor described twice (the checker lets it pass) makes qonnx's shape and datatype lookups fail.
+
+    An initializer described as another type or shape than it holds (the checker lets it pass too) gets its entry
+    corrected to what it holds, in memory: the initializer is what executes (onnxruntime runs such a file), and
+    ONNX's shape inference, which ``lower`` and the certificate run, stops at the contradiction.
+    """
     graph = proto.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
     seen: set[str] = set()
     for info in [*graph.input, *graph.output, *graph.value_info]:
         if info.name in seen:
             raise A2QError(f"{path}: tensor '{info.name}' has more than one ValueInfo entry (graph inputs, outputs "
                            "and value_info together); remove the duplicate from graph.value_info")
         seen.add(info.name)
+        tensor, described = initializers.get(info.name), info.type.tensor_type
+        if tensor is None:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in described.shape.dim]
+        if described.elem_type not in (0, tensor.data_type) or described.HasField("shape") and (
+                len(dims) != len(tensor.dims) or any(d is not None and d != t for d, t in zip(dims, tensor.dims))):
+            info.type.CopyFrom(helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
 
 
 def _check_node_names(proto: onnx.ModelProto, path: Path) -> None:
@@ -268,6 +282,18 @@ def _check_node_names(proto: onnx.ModelProto, path: Path) -> None:
                            "output); a2q names layers by node name: give every node its own name, e.g. with qonnx's "
                            "GiveUniqueNodeNames")
         seen.add(label)
+
+
+def _check_accumulator_record(proto: onnx.ModelProto, path: Path) -> None:
+    """The record a2q keeps in ``metadata_props`` must be one it wrote: project, verify and lower read widths from it."""
+    from a2q_passes.metadata import ACCUMULATORS_KEY, parse_record, record_error
+
+    for entry in proto.metadata_props:
+        if entry.key == ACCUMULATORS_KEY:
+            try:
+                parse_record(entry.value)
+            except ValueError as err:
+                raise record_error(ACCUMULATORS_KEY, err, str(path)) from err
 
 
 # Ops whose float parameters become integers or accumulate: NaN/Inf there has no integer meaning.
