@@ -10,6 +10,8 @@ import json
 
 from qonnx.core.modelwrapper import ModelWrapper
 
+from a2q_passes.errors import A2QError
+
 ACCUMULATORS_KEY = "a2q.accumulators"
 
 
@@ -27,9 +29,40 @@ def record_accumulators(model: ModelWrapper, layers: dict[str, dict], source: st
     entry.value = payload
 
 
+def parse_record(value: str) -> dict:
+    """The accumulator record in ``value`` (``{"source": ..., "layers": {name: {"acc_bits": ...}}}``); ``ValueError``
+    saying what is wrong when it is not such a record (another tool's entry, or an edited one)."""
+    try:
+        record = json.loads(value)
+        layers = record["layers"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from err
+    if not isinstance(layers, dict) or not all(isinstance(info, dict) and isinstance(info.get("acc_bits"), int)
+                                               and info["acc_bits"] >= 1 for info in layers.values()):
+        raise ValueError("each layer needs a positive integer acc_bits")
+    return record
+
+
+def record_error(key: str, problem: ValueError, where: str = "the model") -> A2QError:
+    return A2QError(f"{where}: the metadata entry '{key}' is not the record a2q writes ({problem}); remove that entry "
+                    "from metadata_props (or take the file a2q wrote) and run again")
+
+
+def read_record(model: ModelWrapper, key: str = ACCUMULATORS_KEY) -> dict | None:
+    """The accumulator record stored under ``key``, or ``None`` without one (see :func:`parse_record`)."""
+    entry = _entry(model, key)
+    if entry is None:
+        return None
+    try:
+        return parse_record(entry.value)
+    except ValueError as err:
+        raise record_error(key, err) from err
+
+
 def recorded_accumulators(model: ModelWrapper) -> dict[str, dict]:
-    entry = _entry(model, ACCUMULATORS_KEY)
-    return json.loads(entry.value)["layers"] if entry is not None else {}
+    """The per-layer record (empty without one)."""
+    record = read_record(model)
+    return {} if record is None else record["layers"]
 
 
 def recorded_input_ranges(model: ModelWrapper) -> str:

@@ -111,6 +111,10 @@ def duplicate_node_name(m):
     macs[1].name = macs[0].name  # before: project and annotate failed their own certificate (exit 4)
 
 
+def foreign_accumulator_record(m):
+    m.metadata_props.add(key="a2q.accumulators", value="not json")  # before: JSONDecodeError, exit 4
+
+
 def input_described_twice(m):
     m.graph.value_info.append(copy.deepcopy(m.graph.input[0]))
 
@@ -283,6 +287,9 @@ CASES: dict[str, Case] = {
     "project-duplicate-node-name": Case(("project", "{in}", "{out}/o.onnx", "--acc-bits", "16"),
                                         ("more than one node is named", "GiveUniqueNodeNames"),
                                         model=variant(MLP, duplicate_node_name)),
+    "project-foreign-accumulator-record": Case(("project", "{in}", "{out}/o.onnx", "--acc-bits", "16"),
+                                               ("a2q.accumulators", "not the record a2q writes"),
+                                               model=variant(MLP, foreign_accumulator_record)),
     "verify-input-described-twice": Case(("verify", "{in}", "--acc-bits", "16"), ("'global_in'", "more than one ValueInfo"),
                                          model=variant(MLP, input_described_twice)),
     "analyze-external-data-missing": Case(("analyze", "{in}"), ("external.onnx", "weights.bin", "Quant_"),

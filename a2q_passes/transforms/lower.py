@@ -51,7 +51,7 @@ from a2q_passes.finn_execution import compare_execution
 from a2q_passes.finn_flow import LoweringError, LoweringReport, lower_to_finn_hw
 from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
-from a2q_passes.metadata import ACCUMULATORS_KEY, record_accumulators, recorded_accumulators
+from a2q_passes.metadata import ACCUMULATORS_KEY, read_record, record_accumulators, recorded_accumulators
 from a2q_passes.model_io import data_inputs, declare_custom_domains
 from a2q_passes.passes import A2QPass, PassResult
 
@@ -230,12 +230,12 @@ def describe_hw_layers(hw_model: ModelWrapper, mapping: dict[str, str], targets:
 
 def _qonnx_record(model: ModelWrapper) -> dict[str, dict]:
     """The accumulator record of the QONNX layers: kept aside after lowering, else the model's own."""
-    value = _metadata(model, QONNX_ACCUMULATORS_KEY)
-    if value is None:
-        value = _metadata(model, ACCUMULATORS_KEY)
-        if value is None or json.loads(value).get("source") == "lower":
+    record = read_record(model, QONNX_ACCUMULATORS_KEY)
+    if record is None:
+        record = read_record(model)
+        if record is None or record.get("source") == "lower":
             return {}
-    return json.loads(value)["layers"]
+    return record["layers"]
 
 
 def qonnx_recorded_widths(model: ModelWrapper) -> dict[str, int]:
@@ -249,9 +249,9 @@ def qonnx_recorded_widths(model: ModelWrapper) -> dict[str, int]:
 
 def rekey_accumulator_record(hw_model: ModelWrapper, layers: list[HWLayer]) -> None:
     """Re-key the accumulator record by HW node (see module docstring); the QONNX record is kept as is."""
-    current = _metadata(hw_model, ACCUMULATORS_KEY)
-    if current is not None and json.loads(current).get("source") != "lower":
-        _set_metadata(hw_model, QONNX_ACCUMULATORS_KEY, current)
+    current = read_record(hw_model)
+    if current is not None and current.get("source") != "lower":
+        _set_metadata(hw_model, QONNX_ACCUMULATORS_KEY, _metadata(hw_model, ACCUMULATORS_KEY))
     qonnx_record = _qonnx_record(hw_model)
     record = {}
     for layer in layers:
