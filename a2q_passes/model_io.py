@@ -248,7 +248,8 @@ def declare_custom_domains(proto: onnx.ModelProto) -> bool:
 
 
 def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
-    """A tensor described twice (the checker lets it pass) makes qonnx's shape and datatype lookups fail.
+    """A tensor described twice, differently (the checker lets it pass), makes qonnx's shape and datatype lookups fail;
+    a value_info entry that only repeats another is dropped, in memory.
 
     An initializer described as another type or shape than it holds (the checker lets it pass too) gets its entry
     corrected to what it holds, in memory: the initializer is what executes (onnxruntime runs such a file), and
@@ -256,12 +257,18 @@ def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
     """
     graph = proto.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
-    seen: set[str] = set()
-    for info in [*graph.input, *graph.output, *graph.value_info]:
+    seen: dict[str, onnx.TypeProto] = {}
+    kept = []  # value_info without the entries that only repeat an earlier one (a graph output kept in value_info)
+    for position, info in enumerate([*graph.input, *graph.output, *graph.value_info]):
+        in_value_info = position >= len(graph.input) + len(graph.output)
         if info.name in seen:
+            if in_value_info and info.type == seen[info.name]:
+                continue
             raise A2QError(f"{path}: tensor '{info.name}' has more than one ValueInfo entry (graph inputs, outputs "
-                           "and value_info together); remove the duplicate from graph.value_info")
-        seen.add(info.name)
+                           "and value_info together), and they differ; remove the wrong one from graph.value_info")
+        seen[info.name] = info.type
+        if in_value_info:
+            kept.append(info)
         tensor, described = initializers.get(info.name), info.type.tensor_type
         if tensor is None:
             continue
@@ -269,6 +276,10 @@ def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
         if described.elem_type not in (0, tensor.data_type) or described.HasField("shape") and (
                 len(dims) != len(tensor.dims) or any(d is not None and d != t for d, t in zip(dims, tensor.dims))):
             info.type.CopyFrom(helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
+    if len(kept) < len(graph.value_info):
+        kept = [onnx.ValueInfoProto.FromString(info.SerializeToString()) for info in kept]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
 
 
 def _check_node_names(proto: onnx.ModelProto, path: Path) -> None:

@@ -103,7 +103,9 @@ def qdq_nan_weight_scale(m):
 
 
 def duplicate_value_info(m):
-    m.graph.value_info.append(copy.deepcopy(m.graph.value_info[0]))
+    twice = copy.deepcopy(m.graph.value_info[0])
+    twice.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE  # an identical repeat is dropped; this one differs
+    m.graph.value_info.append(twice)
 
 
 def duplicate_node_name(m):
@@ -116,7 +118,9 @@ def foreign_accumulator_record(m):
 
 
 def input_described_twice(m):
-    m.graph.value_info.append(copy.deepcopy(m.graph.input[0]))
+    twice = copy.deepcopy(m.graph.input[0])
+    twice.type.tensor_type.shape.dim[-1].dim_value += 1
+    m.graph.value_info.append(twice)
 
 
 def dynamic_shape(m):
@@ -282,7 +286,7 @@ CASES: dict[str, Case] = {
                                           model=variant(QDQ, qdq_zero_weight_scale)),
     "project-qdq-nan-weight-scale": Case(("project", "{in}", "{out}/o.onnx", "--acc-bits", "16"),
                                          ("fc.weight_scale", "NaN or Inf"), model=variant(QDQ, qdq_nan_weight_scale)),
-    "annotate-duplicate-value-info": Case(("annotate", "{in}", "{out}/o.onnx"), ("more than one ValueInfo",),
+    "annotate-duplicate-value-info": Case(("annotate", "{in}", "{out}/o.onnx"), ("more than one ValueInfo", "differ"),
                                           model=variant(MLP, duplicate_value_info)),
     "project-duplicate-node-name": Case(("project", "{in}", "{out}/o.onnx", "--acc-bits", "16"),
                                         ("more than one node is named", "GiveUniqueNodeNames"),
@@ -546,3 +550,19 @@ def test_temporary_of_a_killed_run_is_removed_by_the_next_write(tmp_path: Path) 
     code, _, err = run_cli("project", MLP, out, "--acc-bits", "16")
     assert code == 0, err
     assert _temporaries(tmp_path) == [alive.name] and out.exists()
+
+
+def test_a_value_info_entry_repeating_a_graph_output_is_dropped(tmp_path: Path) -> None:
+    """A tensor kept in value_info after it was made a graph output too (as editing tools leave it), described the same
+    way both times: read as one description. Before: refused as "more than one ValueInfo entry"."""
+    model = _load(MLP)
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    described = next(v for v in model.graph.value_info if v.name == gemm.output[0])
+    model.graph.output.append(copy.deepcopy(described))
+    path = save(model, tmp_path / "extra_output.onnx")
+    out = tmp_path / "p.onnx"
+    code, _, errors = run_cli("project", path, out, "--acc-bits", "16")
+    assert code == 0, errors
+    projected = onnx.load(out)
+    assert [o.name for o in projected.graph.output][-1] == gemm.output[0]
+    assert sum(v.name == gemm.output[0] for v in projected.graph.value_info) == 0
