@@ -137,6 +137,16 @@ def test_an_initializer_described_as_another_shape_is_taken_as_it_is(tmp_path):
     assert "equivalent" in output and "NOT equivalent" not in output
 
 
+def test_a_negative_input_scale_draws_inputs_from_its_real_range(tmp_path):
+    """Quant with scale -0.1 on 8-bit unsigned codes: reals in [-25.5, 0]. Before: numpy's "high - low < 0" leaked as
+    a traceback (found by the fuzzer's lower property)."""
+    model = load_model(tiny_model(tmp_path / "m.onnx", input_scale=-0.1))
+    inputs = equivalence_inputs(model, samples=16, seed=1)
+    assert inputs.min() >= np.float32(-25.5) and inputs.max() <= 0 and inputs.min() < -1
+    code, output = run_cli("lower", tmp_path / "m.onnx", tmp_path / "out.onnx", "--samples", "4")
+    assert code in (0, 3), output
+
+
 def test_input_thresholds_sit_on_the_quantizers_float32_boundaries(tmp_path):
     """s = float32(1/255), x = 0.5: x / s = 127.49999 in float32, so Quant gives code 127. FINN's threshold
     127.5 * s = 0.50000003 rounds to float32 0.5, and x >= 0.5 gave code 128 (the digits --data bug)."""

@@ -314,8 +314,8 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
     grid, _ = GridResolver(model).resolve(quant.output[0]) if quant is not None else (None, "")
     if grid is None or grid.scale is None:
         return rng.standard_normal(shape).astype(np.float32)
-    low, high = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
-    inputs = rng.uniform(low, high, size=shape).astype(np.float32)
+    ends = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
+    inputs = rng.uniform(min(ends), max(ends), size=shape).astype(np.float32)  # a negative scale reverses them
     codes = rng.integers(grid.range.lo, grid.range.hi, size=inputs[1::2].shape, endpoint=True)
     inputs[1::2] = ((codes - grid.zero_code) * np.float32(grid.scale)).astype(np.float32)
     return inputs
