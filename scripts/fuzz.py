@@ -40,10 +40,12 @@ def main() -> int:
                         help="allow only this generator switch ('none': none of them), stop at the first violation "
                         "of --category and let hypothesis shrink it; the smallest case goes to --save/minimal_CONSTRUCT")
     parser.add_argument("--category", choices=sorted(CATEGORIES), help="with --minimize: the violation to shrink")
+    parser.add_argument("--lower", action="store_true", help="also check property (f): `lower` of project's output "
+                        "(QONNX cases; several seconds each)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.replay:
-        return replay(args.replay)
+        return replay(args.replay, args.lower)
     if args.minimize:
         return minimize(args.minimize, args.category, args.examples, args.seed, args.save or Path("."))
     counts: Counter = Counter()
@@ -62,7 +64,7 @@ def main() -> int:
         stats["examples"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                outcome = check_case(case, Path(tmp), verify_delta, project_delta)
+                outcome = check_case(case, Path(tmp), verify_delta, project_delta, lower=args.lower)
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
@@ -138,8 +140,8 @@ def minimize(construct: str, category: str | None, examples: int, seed_value: in
     return 0
 
 
-def replay(stem: Path) -> int:
-    """Print a saved case's graph, its executed ranges and the violations found now."""
+def replay(stem: Path, lower: bool = False) -> int:
+    """Print a saved case's graph, its executed ranges and the violations found now (``lower``: property (f) too)."""
     case = Case.load(stem)
     for node in case.model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -148,7 +150,8 @@ def replay(stem: Path) -> int:
     for node, r in executed_ranges(case.model, case).items():
         print(f"executed {node}: per channel min {r.acc_min.tolist()} max {r.acc_max.tolist()}")
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = check_case(case, Path(tmp), *json.loads(stem.with_suffix(".json").read_text()).get("deltas", (0, 1)))
+        outcome = check_case(case, Path(tmp), *json.loads(stem.with_suffix(".json").read_text()).get("deltas", (0, 1)),
+                             lower=lower)
     for failure in outcome.failures:
         print(f"{failure.category}: {failure.message}")
     return 1 if outcome.failures else 0

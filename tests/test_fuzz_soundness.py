@@ -101,3 +101,29 @@ def test_properties_catch_a_leaked_traceback(gemm_case: Case, tmp_path: Path, mo
     monkeypatch.setattr(a2q_passes.analysis, "analyze_layer", broken)
     outcome = check_case(gemm_case, tmp_path)
     assert any(f.category == "traceback" and "RuntimeError: boom" in f.message for f in outcome.failures)
+
+
+def test_lower_property_passes_an_honest_lowering_and_catches_a_too_narrow_accumulator(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (f): the plain dense layer lowers to one MVAU whose accDataType holds its executed range; with lower's
+    own checks switched off and every accDataType forced to INT2, the property (the oracle executing the FINN graph)
+    reports it."""
+    import a2q_passes.transforms.lower as lower_module
+    from qonnx.custom_op.registry import getCustomOp
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", lower=True)
+    assert honest.exit_codes.get("lower") == 0 and not honest.failures, honest.failures
+    real = lower_module.set_accumulator_datatypes
+
+    def too_narrow(hw, **kwargs):
+        hw = real(hw, **kwargs)
+        for node in lower_module.iterate_mac_nodes(hw):
+            getCustomOp(node).set_nodeattr("accDataType", "INT2")
+        return hw
+
+    monkeypatch.setattr(lower_module, "set_accumulator_datatypes", too_narrow)
+    monkeypatch.setattr(lower_module.LowerToFINN, "ensures", lambda self, result: None)
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", lower=True)
+    assert any(f.category == "unsafe_lowering" and "INT2" in f.message for f in outcome.failures), outcome.failures

@@ -6,7 +6,9 @@
 (c) ``verify --acc-bits P`` (and ``verify`` on annotate's output) never says "no overflow" when an
     executed worst case overflows;
 (d) ``annotate`` never records less than the executed range;
-(e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception).
+(e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception);
+(f) optionally (``lower=True``), ``lower --from-annotations`` of project's output: every MVAU/VVAU it writes holds
+    its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be refused by name).
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
@@ -40,6 +42,7 @@ CATEGORIES = {
     "too_small_annotation": "annotate recorded less than executed",
     "non_integer_read": "analyze read a layer whose weight scale varies along the summed axis as one integer accumulation",
     "bad_refusal": "project refused without naming a layer, or named an infeasible smallest P",
+    "unsafe_lowering": "lower wrote an MVAU/VVAU whose executed worst case leaves its accDataType",
     "internal_error": "a command exited 4 (self-check failed)",
     "traceback": "a command leaked a traceback / unexpected exit code",
 }
@@ -232,14 +235,36 @@ class Checker:
                                   f"[{done.lo}, {done.hi}] outside {kind}{bits}")
 
 
+    # (f)
+    def lower(self, projected: Path) -> None:
+        from qonnx.core.datatype import DataType
+
+        from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range
+
+        hw = self.workdir / "lowered.onnx"
+        result = self.cli("lower", projected, hw, "--from-annotations", "--samples", "2")
+        if result.code not in (0, 3) or not hw.exists():
+            return  # refusals are checked for naming by (e) only: FINN's own limits are many
+        model = ModelWrapper(str(hw))
+        for node in model.graph.node:
+            if node.op_type not in MVAU_OPS + VVAU_OPS or any(a.name == "binaryXnorMode" and a.i for a in node.attribute):
+                continue
+            done = executed_range(model, node.name, "fold")
+            acc = DataType[next(a.s.decode() for a in node.attribute if a.name == "accDataType")]
+            if done.lo < acc.min() or done.hi > acc.max():
+                self.outcome.fail("unsafe_lowering", f"lower: {node.name} executes to [{done.lo}, {done.hi}] outside "
+                                  f"its accDataType {acc.name}")
+
+
 def _records(path: Path) -> dict[str, dict]:
     model = ModelWrapper(str(path))
     entry = next((p for p in model.model.metadata_props if p.key == "a2q.accumulators"), None)
     return json.loads(entry.value)["layers"] if entry is not None else {}
 
 
-def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1) -> Outcome:
-    """Run every property on ``case``; the deltas choose P relative to the executed width."""
+def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False) -> Outcome:
+    """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
+    QONNX cases with no --input-dtype and the fold convention (what ``lower`` takes)."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
@@ -249,5 +274,11 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     checker.annotate(path, executed)
     needed = max((width(r.lo, r.hi) for r in executed.values()), default=8)
     checker.verify(path, executed, min(max(needed + verify_delta, 1), 64))
-    checker.project(path, min(max(needed - project_delta, 2), 64))
+    bits = min(max(needed - project_delta, 2), 64)
+    checker.project(path, bits)
+    projected = workdir / f"projected_{bits}.onnx"
+    qonnx = any(n.op_type == "Quant" for n in case.model.graph.node) and not any(
+        n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in case.model.graph.node)
+    if lower and qonnx and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
+        checker.lower(projected)
     return outcome
