@@ -7,6 +7,7 @@ float32 arithmetic of the input quantizer (``int_quant``), never from the code u
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,28 @@ def test_a_negative_input_scale_draws_inputs_from_its_real_range(tmp_path):
     assert inputs.min() >= np.float32(-25.5) and inputs.max() <= 0 and inputs.min() < -1
     code, output = run_cli("lower", tmp_path / "m.onnx", tmp_path / "out.onnx", "--samples", "4")
     assert code in (0, 3), output
+
+
+def test_all_zero_weights_lower_where_finns_own_sizing_fails(tmp_path):
+    """The fuzzer's case: a 1-bit unsigned narrow weight quantizer (its only code is 0) in a MatMul whose output is the
+    graph's. FINN's MinimizeAccumulatorWidth asks for a 0-bit output type and stops ("Factor and x are <= 0"); before,
+    that leaked from the "FINN picks" column as a traceback. a2q's own accDataType holds the exact range [0, 0]."""
+    inits = [numpy_helper.from_array(np.array([[0.4]], np.float32), "w"),
+             numpy_helper.from_array(np.array([[1.0]], np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array(1.0, np.float32), "bits")]
+    nodes = [helper.make_node("Quant", ["w", "w_scale", "zero", "bits"], ["wq"], domain=QONNX_DOMAIN, name="Quant_w",
+                              signed=0, narrow=1, rounding_mode="CEIL"),
+             helper.make_node("MatMul", ["x", "wq"], ["y"], name="MatMul_0")]
+    graph = helper.make_graph(nodes, "zero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
+    model.set_tensor_datatype("x", DataType["INT2"])
+    model.save(str(tmp_path / "m.onnx"))
+    code, output = run_cli("lower", tmp_path / "m.onnx", tmp_path / "out.onnx", "--samples", "4", "--json")
+    assert code == 0, output
+    layer = json.loads(output[output.index("{"):output.rindex("}") + 1])["layers"][0]
+    assert (layer["acc_min"], layer["acc_max"]) == (0, 0) and layer["finn_acc_dtype"].startswith("fails"), layer
 
 
 def test_input_thresholds_sit_on_the_quantizers_float32_boundaries(tmp_path):

@@ -202,14 +202,32 @@ def refuse_exact_input_targets(qonnx_model: ModelWrapper, hw_model: ModelWrapper
 
 
 def finn_accumulator_choice(hw_model: ModelWrapper) -> dict[str, str]:
-    """``accDataType`` per MVAU/VVAU as FINN's own ``MinimizeAccumulatorWidth`` sets it (on a copy)."""
+    """``accDataType`` per MVAU/VVAU as FINN's own ``MinimizeAccumulatorWidth`` sets it (on a copy).
+
+    The loop of that transformation (each node's ``minimize_accumulator_width``, then ``InferDataTypes``), with a
+    node where FINN's sizing fails reported as failing: on all-zero weights it asks for a 0-bit type and stops
+    ("Factor and x are <= 0"). The column is FINN's view for comparison; a2q's own widths do not depend on it.
+    """
     ensure_finn_importable()
     from qonnx.custom_op.registry import getCustomOp
+    from qonnx.transformation.infer_datatypes import InferDataTypes
 
-    from finn.transformation.fpgadataflow.minimize_accumulator_width import MinimizeAccumulatorWidth
+    from finn.util.fpgadataflow import is_fpgadataflow_node
 
-    minimized = ModelWrapper(hw_model.model.SerializeToString()).transform(MinimizeAccumulatorWidth())
-    return {node.name: getCustomOp(node).get_nodeattr("accDataType") for node in iterate_mac_nodes(minimized)}
+    model = ModelWrapper(hw_model.model.SerializeToString())
+    failed: dict[str, str] = {}
+    for index in range(len(model.graph.node)):
+        node = model.graph.node[index]
+        instance = getCustomOp(node) if is_fpgadataflow_node(node) else None
+        if instance is None or not hasattr(instance, "minimize_accumulator_width"):
+            continue
+        try:
+            instance.minimize_accumulator_width(model)
+        except Exception as err:  # noqa: BLE001 - FINN's own failure, shown in its column
+            failed[node.name] = f"fails ({type(err).__name__})"
+        model = model.transform(InferDataTypes())
+    return {node.name: failed.get(node.name) or getCustomOp(node).get_nodeattr("accDataType")
+            for node in iterate_mac_nodes(model)}
 
 
 def describe_hw_layers(hw_model: ModelWrapper, mapping: dict[str, str], targets: dict[str, int],
