@@ -48,7 +48,7 @@ from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
-from a2q_passes.finn_quant_forms import FoldBiasQuantizers, UnsignedQuantAfterRelu
+from a2q_passes.finn_quant_forms import finn_preparation
 
 MAX_RESIDUAL_ROUNDS = 4
 # Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
@@ -377,7 +377,6 @@ def run_flow(
     """
     ensure_finn_importable()
     import finn.builder.build_dataflow_steps as steps
-    from qonnx.transformation.general import RemoveStaticGraphInputs
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
@@ -386,12 +385,8 @@ def run_flow(
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
-        # initializers listed as graph inputs are constants: FINN's cleanup drops an unused one's initializer before
-        # its input entry, which leaves a second, dynamic graph input
-        runner.transform("preparation", RemoveStaticGraphInputs())
-        # exact rewrites of quantizer forms FINN's conversion refuses or fails on (see finn_quant_forms)
-        runner.transform("preparation", UnsignedQuantAfterRelu())
-        runner.transform("preparation", FoldBiasQuantizers())
+        for transformation in finn_preparation():  # exact rewrites FINN's conversion needs (see finn_quant_forms)
+            runner.transform("preparation", transformation)
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))

@@ -1,9 +1,11 @@
 """Quantizer forms FINN's conversion refuses or breaks on, rewritten into equal forms it takes.
 
-Two passes of the lowering flow (:mod:`a2q_passes.finn_flow`), run before ``ConvertQONNXtoFINN``. Each rewrite
-computes exactly what the graph computed before (the lowering's equivalence check executes both), and each
-exists because files that Brevitas' graph-mode PTQ writes (``brevitas.graph.quantize`` / ``layerwise_quantize``,
-as ``brevitas_examples``' ``quantize_model`` runs them) otherwise stop the conversion.
+Passes run before ``ConvertQONNXtoFINN`` (:func:`finn_preparation`, in that order): by the lowering flow
+(:mod:`a2q_passes.finn_flow`) and by the FINN build step ``step_a2q_finn_preparation``
+(:mod:`a2q_passes.finn_steps`). Each rewrite computes exactly what the graph computed before (the lowering's
+equivalence check executes both), and each exists because files that Brevitas' graph-mode PTQ writes
+(``brevitas.graph.quantize`` / ``layerwise_quantize``, as ``brevitas_examples``' ``quantize_model`` runs them)
+otherwise stop the conversion.
 """
 
 from __future__ import annotations
@@ -96,3 +98,12 @@ def _remove_if_unused(model: ModelWrapper, name: str) -> None:
         model.graph.initializer.remove(tensor)
     for info in [i for i in model.graph.input if i.name == name]:
         model.graph.input.remove(info)
+
+
+def finn_preparation() -> list[Transformation]:
+    """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
+    constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
+    dynamic input), then the two rewrites above."""
+    from qonnx.transformation.general import RemoveStaticGraphInputs
+
+    return [RemoveStaticGraphInputs(), UnsignedQuantAfterRelu(), FoldBiasQuantizers()]

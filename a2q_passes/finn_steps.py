@@ -4,6 +4,7 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
 
     steps = [
         step_a2q_project,              # on the QONNX model: weights fit P bits
+        step_a2q_finn_preparation,     # exact rewrites of quantizer forms FINN's conversion refuses
         "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
         "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
         "step_target_fps_parallelization", "step_apply_folding_config", "step_minimize_bit_width",
@@ -41,6 +42,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.metadata import recorded_accumulators
 from a2q_passes.methods import DEFAULT_METHOD
@@ -119,6 +121,15 @@ def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return _project(model, acc_bits, method, getattr(cfg, "a2q_skip", None))
 
 
+def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Before ``step_qonnx_to_finn``: rewrite the quantizer forms FINN's conversion refuses or fails on into forms that
+    compute the same values (:mod:`a2q_passes.finn_quant_forms`: a signed Quant after Relu, bias quantizers, as
+    Brevitas' graph-mode PTQ writes them), as ``a2q lower`` does."""
+    for transformation in finn_preparation():
+        model = model.transform(transformation)
+    return model
+
+
 def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """In place of ``step_a2q_project``: choose a width per layer (``a2q allocate``), project to it, record it.
 
@@ -169,8 +180,9 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
                                          else [step_a2q_project, step_a2q_set_accumulators, step_a2q_verify])
     last = max(index for index, name in enumerate(names) if name in _ACCUMULATOR_STEPS)
     first = names.index("step_qonnx_to_finn")
-    return [*steps[:first], project, *steps[first:last + 1], set_accumulators, verify, *steps[last + 1:]]
+    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:last + 1], set_accumulators, verify,
+            *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_project", "step_a2q_set_accumulators",
-           "step_a2q_verify", "with_a2q_steps"]
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation", "step_a2q_project",
+           "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

@@ -74,6 +74,27 @@ def test_estimate_build_with_a2q_steps(tmp_path):
     assert {i.name: i.raw_data for i in projected.graph.initializer} == {i.name: i.raw_data for i in alone.graph.initializer}
 
 
+def test_estimate_build_of_a_brevitas_graph_ptq_model(tmp_path):
+    """Brevitas' graph-mode PTQ puts a signed Quant after each ReLU, which FINN's step_qonnx_to_finn refuses ("FINN
+    only supports unsigned and non-narrow Quant nodes for Relu activations"); step_a2q_finn_preparation rewrites it
+    into the equal unsigned Quant first, and the whole FINN build runs."""
+    from tests.brevitas_graph_ptq import GraphPtqSpec, export_graph_ptq
+
+    path = export_graph_ptq(tmp_path, GraphPtqSpec("mlp", "fx", 4, 4))
+    steps = with_a2q_steps(acc_bits=12)
+    result = run_estimate_build(path, tmp_path / "build", PART, steps=steps)
+    assert result.steps_completed == _step_names(steps)
+    final = ModelWrapper(str(result.final_model))
+    nodes = list(iterate_mac_nodes(final))
+    assert len(nodes) == 3 and all(DataType[getCustomOp(n).get_nodeattr("accDataType")].bitwidth() <= 12 for n in nodes)
+    for node in nodes:  # every accDataType holds the brute-force range of its weights over its input type
+        inst = getCustomOp(node)
+        adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(final, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max()
+    assert json.loads((tmp_path / "build" / "report" / REPORT_FILE).read_text())["overflow_impossible"]
+
+
 def test_plain_steps_use_the_widths_recorded_per_layer(tmp_path):
     """No width in the config: each MVAU gets the width `a2q project` recorded for its own layer."""
     widths = {"Conv_0": 13, "Conv_1": 12, "Gemm_0": 10}
@@ -125,13 +146,13 @@ def test_set_accumulators_and_verify_on_their_own(mlp_hw, tmp_path):
 def test_step_placement():
     finn_steps = estimate_only_steps()
     names = _step_names(with_a2q_steps(finn_steps))
-    assert names[0] == "step_a2q_project" and names[1] == "step_qonnx_to_finn"
+    assert names[:3] == ["step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn"]
     at = names.index("step_a2q_set_accumulators")
     assert names[at - 1] == "step_minimize_bit_width" and names[at + 1] == "step_a2q_verify"
     assert [n for n in names if not n.startswith("step_a2q")] == finn_steps
     short = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw", "step_hw_codegen"]
     assert _step_names(with_a2q_steps(short, acc_bits=10)) == [
-        "step_a2q_project", "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+        "step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
         "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
     with pytest.raises(A2QError, match="needs step_qonnx_to_finn and step_convert_to_hw"):
         with_a2q_steps(["step_tidy_up"])
