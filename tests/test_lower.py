@@ -240,7 +240,15 @@ def test_layers_finn_cannot_lower(tmp_path, mlp):
     export_net(FloatInputLinear(), tmp_path / "nothing.onnx")
     code, out = run_cli("lower", tmp_path / "nothing.onnx", tmp_path / "nothing_hw.onnx")
     assert code == 1 and "FINN lowered no layer" in out and "MatMul" in out and "FLOAT32" in out
+    assert "QDQ" not in out  # the QONNX advice below is for Q/DQ models only
     assert not (tmp_path / "nothing_hw.onnx").exists()
+
+
+def test_a_qdq_model_is_told_to_lower_its_qonnx_export(tmp_path):
+    """onnxruntime's QDQ model: FINN lowers nothing; the message says why (FINN converts QONNX Quant nodes)."""
+    code, out = run_cli("lower", MODELS / "digits_cnn_qdq.onnx", tmp_path / "hw.onnx")
+    assert code == 1 and "FINN lowered no layer" in out and "QDQ" in out and "export_qonnx" in out, out
+    assert not (tmp_path / "hw.onnx").exists()
 
 
 def test_cli_bad_inputs_write_nothing(tmp_path, mlp):

@@ -404,7 +404,11 @@ class LowerToFINN(A2QPass):
         hw, self.lowering = lower_to_finn_hw(model, strict=self.strict)
         if not self.lowering.mac_nodes:
             reasons = "; ".join(f"{n.name} ({n.op_type}): {n.reason}" for n in self.lowering.blocking) or "none found"
-            raise LoweringError(f"FINN lowered no layer to an MVAU/VVAU. Nodes it could not lower: {reasons}")
+            qdq = sorted({n.op_type for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")})
+            hint = (f"; this model quantizes with {'/'.join(qdq)} (QDQ or Brevitas QCDQ), and FINN converts QONNX Quant "
+                    "nodes: lower a QONNX export of it (Brevitas `export_qonnx`); `a2q analyze/project/verify` read it "
+                    "as it is") if qdq else ""
+            raise LoweringError(f"FINN lowered no layer to an MVAU/VVAU{hint}. Nodes it could not lower: {reasons}")
         mapping = match_layers(qonnx_signatures, layer_signatures(hw))
         self._targets, source = hw_targets(hw, mapping, self.acc_bits, recorded)
         refuse_exact_input_targets(model, hw, mapping, self._targets)
