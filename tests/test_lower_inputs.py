@@ -170,6 +170,42 @@ def test_all_zero_weights_lower_where_finns_own_sizing_fails(tmp_path):
     assert (layer["acc_min"], layer["acc_max"]) == (0, 0) and layer["finn_acc_dtype"].startswith("fails"), layer
 
 
+def test_an_affine_finn_moves_behind_the_layer_is_refused_with_the_widths_it_needs(tmp_path):
+    """A BIPOLAR input mapped to {0, 1} by (x + 1) / 2 before the first layer (the QONNX zoo's UNSW-NB15 MLP does this):
+    a2q reads codes [0, 1], but FINN's streamlining moves the Add/Div behind the MAC and its MVAU multiplies BIPOLAR
+    codes. A model sized with --input-ranges finn at the [0, 1] width is refused with the width FINN needs (before:
+    the advice was to re-run with --input-ranges finn, which it already was); given that width, it lowers."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(np.float32(1.0), "one"), numpy_helper.from_array(np.float32(2.0), "two"),
+             numpy_helper.from_array((rng.integers(-2, 2, size=(16, 4)) * 0.5).astype(np.float32), "W"),
+             numpy_helper.from_array(np.float32(0.5), "w_scale"), numpy_helper.from_array(np.float32(0.0), "zero"),
+             numpy_helper.from_array(np.float32(2.0), "w_bits")]
+    nodes = [helper.make_node("Add", ["x", "one"], ["shifted"], name="Add_in"),
+             helper.make_node("Div", ["shifted", "two"], ["halved"], name="Div_in"),
+             _quant("W", "Wq", "w_scale", "w_bits", 1, 0),
+             helper.make_node("MatMul", ["halved", "Wq"], ["y"], name="MatMul_0")]
+    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
+    model.set_tensor_datatype("x", DataType["BIPOLAR"])
+    model.save(str(tmp_path / "m.onnx"))
+    code, output = run_cli("analyze", tmp_path / "m.onnx", "--input-ranges", "finn", "--json")
+    layer = json.loads(output[output.index("{"):output.rindex("}") + 1])["layers"][0]
+    assert layer["input_range"] == [0, 1]
+    narrow = layer["bounds"]["exact"]
+    assert run_cli("project", tmp_path / "m.onnx", tmp_path / "p.onnx", "--layer", f"MatMul_0={narrow}",
+                   "--input-ranges", "finn")[0] == 0
+    code, output = run_cli("lower", tmp_path / "p.onnx", tmp_path / "hw.onnx", "--from-annotations")
+    assert code == 1 and "streamlining moved" in output, output
+    needed = int(output.split("--layer MatMul_0=")[1].split("`")[0])
+    assert needed > narrow
+    assert run_cli("project", tmp_path / "m.onnx", tmp_path / "p2.onnx", "--layer", f"MatMul_0={needed}",
+                   "--input-ranges", "finn")[0] == 0
+    code, output = run_cli("lower", tmp_path / "p2.onnx", tmp_path / "hw2.onnx", "--from-annotations", "--samples", "4")
+    assert code == 0 and "NOT equivalent" not in output, output
+
+
 def test_input_thresholds_sit_on_the_quantizers_float32_boundaries(tmp_path):
     """s = float32(1/255), x = 0.5: x / s = 127.49999 in float32, so Quant gives code 127. FINN's threshold
     127.5 * s = 0.50000003 rounds to float32 0.5, and x >= 0.5 gave code 128 (the digits --data bug)."""

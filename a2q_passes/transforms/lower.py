@@ -177,7 +177,7 @@ def refuse_exact_input_targets(qonnx_model: ModelWrapper, hw_model: ModelWrapper
         return
     exact = analyze_model(qonnx_model, input_ranges="exact").by_node()
     record = {name: info.get("input_ranges") for name, info in _qonnx_record(qonnx_model).items()}
-    problems = []
+    problems, already_finn = [], []
     for node in short:
         target, (acc_min, acc_max) = targets[node.name], hw_ranges[node.name]
         layer = exact.get(mapping.get(node.name, ""))
@@ -188,12 +188,22 @@ def refuse_exact_input_targets(qonnx_model: ModelWrapper, hw_model: ModelWrapper
         if not (widened and bounds.fits(layer.acc_min, layer.acc_max, target)):
             continue
         recorded = record.get(layer.node)
+        if recorded == "finn":
+            already_finn.append(f"--layer {layer.node}={bounds.accumulator_width(acc_min, acc_max)}")
         problems.append(
             f"{node.name} (QONNX layer {layer.node}): FINN annotates its input {idt.name} = [{int(idt.min())}, "
             f"{int(idt.max())}] where the quantizer's codes are {layer.input_range}; with FINN's input type the "
             f"accumulator range is [{acc_min}, {acc_max}] ({bounds.accumulator_width(acc_min, acc_max)} bits), with "
             f"the exact codes [{layer.acc_min}, {layer.acc_max}] ({bounds.accumulator_width(layer.acc_min, layer.acc_max)} "
             f"bits); target {target} bits" + (f" (recorded with input ranges '{recorded}')" if recorded else ""))
+    if problems and len(already_finn) == len(problems):
+        # sized for FINN's view already: FINN's streamlining moved an affine op on the input (an Add/Div of a
+        # BIPOLAR input, say) behind the layer, so its MVAU multiplies codes the QONNX graph does not show
+        raise LoweringError(
+            "FINN sizes accumulators from its input DataType, which is wider than the codes a2q reads for FINN here: "
+            + "; ".join(problems) + ". The widths were recorded for FINN's input types, but FINN's streamlining moved "
+            "an operation on these layers' inputs behind them (e.g. an Add/Div of a BIPOLAR input). Give them the "
+            "widths FINN needs (`a2q project ... " + " ".join(already_finn) + "`), or lower with --acc-bits")
     if problems:
         raise LoweringError(
             "FINN sizes accumulators from its input DataType, which is wider than the exact codes the model was "
