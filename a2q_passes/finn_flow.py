@@ -47,8 +47,8 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
-from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 from a2q_passes.finn_quant_forms import finn_preparation
+from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 MAX_RESIDUAL_ROUNDS = 4
 # Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
