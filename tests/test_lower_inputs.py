@@ -32,6 +32,24 @@ def _quant(inp: str, out: str, scale: str, bits: str, signed: int, narrow: int) 
                             signed=signed, narrow=narrow, rounding_mode="ROUND")
 
 
+def save_graph(path: Path, nodes: list, inits: list, x_shape: list[int], y_shape: list[int],
+               input_dtype: str | None = None) -> Path:
+    """``nodes`` over ``inits`` as a QONNX model ``x -> y``, ``x`` annotated ``input_dtype``, saved to ``path``."""
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
+    if input_dtype is not None:
+        model.set_tensor_datatype("x", DataType[input_dtype])
+    model.save(str(path))
+    return path
+
+
+def _printed_json(output: str) -> dict:
+    """The JSON object a command printed with --json (notes around it on the same stream)."""
+    return json.loads(output[output.index("{"):output.rindex("}") + 1])
+
+
 def tiny_model(path: Path, input_dtype: str | None = None, input_scale: float | None = None,
                scale_dtype: type = np.float32) -> Path:
     """x (1, 8) -> [Quant 8 bit unsigned at ``input_scale``] -> MatMul (INT4 weights) -> Mul 0.5 -> y.
@@ -53,14 +71,7 @@ def tiny_model(path: Path, input_dtype: str | None = None, input_scale: float | 
         first = "xq"
     nodes += [helper.make_node("MatMul", [first, "Wq"], ["m"], name="MatMul_0"),
               helper.make_node("Mul", ["m", "out_scale"], ["y"], name="Mul_out")]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
-    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
-                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
-    if input_dtype is not None:
-        model.set_tensor_datatype("x", DataType[input_dtype])
-    model.save(str(path))
-    return path
+    return save_graph(path, nodes, inits, [1, 8], [1, 4], input_dtype)
 
 
 @pytest.mark.parametrize("dtype", ["BIPOLAR", "INT4", "UINT3"])
@@ -158,15 +169,10 @@ def test_all_zero_weights_lower_where_finns_own_sizing_fails(tmp_path):
     nodes = [helper.make_node("Quant", ["w", "w_scale", "zero", "bits"], ["wq"], domain=QONNX_DOMAIN, name="Quant_w",
                               signed=0, narrow=1, rounding_mode="CEIL"),
              helper.make_node("MatMul", ["x", "wq"], ["y"], name="MatMul_0")]
-    graph = helper.make_graph(nodes, "zero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
-    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
-                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
-    model.set_tensor_datatype("x", DataType["INT2"])
-    model.save(str(tmp_path / "m.onnx"))
-    code, output = run_cli("lower", tmp_path / "m.onnx", tmp_path / "out.onnx", "--samples", "4", "--json")
+    path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 1], [1, 1], "INT2")
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--samples", "4", "--json")
     assert code == 0, output
-    layer = json.loads(output[output.index("{"):output.rindex("}") + 1])["layers"][0]
+    layer = _printed_json(output)["layers"][0]
     assert (layer["acc_min"], layer["acc_max"]) == (0, 0) and layer["finn_acc_dtype"].startswith("fails"), layer
 
 
@@ -184,14 +190,9 @@ def test_an_affine_finn_moves_behind_the_layer_is_refused_with_the_widths_it_nee
              helper.make_node("Div", ["shifted", "two"], ["halved"], name="Div_in"),
              _quant("W", "Wq", "w_scale", "w_bits", 1, 0),
              helper.make_node("MatMul", ["halved", "Wq"], ["y"], name="MatMul_0")]
-    graph = helper.make_graph(nodes, "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
-    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
-                                                                helper.make_opsetid(QONNX_DOMAIN, 1)]))
-    model.set_tensor_datatype("x", DataType["BIPOLAR"])
-    model.save(str(tmp_path / "m.onnx"))
+    save_graph(tmp_path / "m.onnx", nodes, inits, [1, 16], [1, 4], "BIPOLAR")
     code, output = run_cli("analyze", tmp_path / "m.onnx", "--input-ranges", "finn", "--json")
-    layer = json.loads(output[output.index("{"):output.rindex("}") + 1])["layers"][0]
+    layer = _printed_json(output)["layers"][0]
     assert layer["input_range"] == [0, 1]
     narrow = layer["bounds"]["exact"]
     assert run_cli("project", tmp_path / "m.onnx", tmp_path / "p.onnx", "--layer", f"MatMul_0={narrow}",
