@@ -17,7 +17,7 @@ from qonnx.transformation.base import Transformation
 
 from a2q_passes.graph_values import get_constant
 
-_MAC_BIAS = {"Conv": 2, "Gemm": 2}  # ops whose input at this index is a bias added to the accumulator
+_BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
 
 
 class UnsignedQuantAfterRelu(Transformation):
@@ -85,9 +85,10 @@ class FoldBiasQuantizers(Transformation):
 
 def _reads_only_biases(model: ModelWrapper, node) -> bool:
     consumers = model.find_consumers(node.output[0]) or []
-    return bool(consumers) and node.output[0] not in {o.name for o in model.graph.output} and all(
-        c.op_type in _MAC_BIAS and len(c.input) > _MAC_BIAS[c.op_type] and c.input[_MAC_BIAS[c.op_type]] == node.output[0]
-        and node.output[0] not in c.input[:_MAC_BIAS[c.op_type]] for c in consumers)
+    out = node.output[0]
+    return bool(consumers) and out not in {o.name for o in model.graph.output} and all(
+        c.op_type in _BIASED_MACS and list(c.input).index(out) == 2 and list(c.input).count(out) == 1
+        for c in consumers)
 
 
 def _remove_if_unused(model: ModelWrapper, name: str) -> None:
