@@ -11,11 +11,12 @@ otherwise stop the conversion.
 from __future__ import annotations
 
 import numpy as np
+from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
-from a2q_passes.graph_values import get_constant
+from a2q_passes.graph_values import get_constant, node_attr
 
 _BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -34,24 +35,30 @@ class UnsignedQuantAfterRelu(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
         for node in model.graph.node:
-            producer = model.find_producer(node.input[0])
-            if node.op_type != "Quant" or producer is None or producer.op_type != "Relu":
-                continue
-            quant = getCustomOp(node)
-            scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
-            if not quant.get_nodeattr("signed") or scale is None or zero is None or bits is None or \
-                    np.size(bits) != 1 or not np.all(scale > 0) or np.any(zero != 0):
-                continue
-            b = float(np.asarray(bits).reshape(-1)[0])
-            if b != int(b) or b < 2:
+            bits = unsigned_bits_after_relu(model, node)
+            if bits is None:
                 continue
             name = f"{node.name or node.output[0]}_unsigned_bit_width"
-            model.set_initializer(name, np.asarray(b - 1, dtype=np.float32))
+            model.set_initializer(name, np.asarray(bits, dtype=np.float32))
             node.input[3] = name  # a bit width initializer of its own: Brevitas shares one among many quantizers
+            quant = getCustomOp(node)
             quant.set_nodeattr("signed", 0)
             quant.set_nodeattr("narrow", 0)
             changed = True
         return model, changed
+
+
+def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None:
+    """The bit width b - 1 of the unsigned ``Quant`` :class:`UnsignedQuantAfterRelu` makes of ``node`` (so the
+    FINN DataType of its output becomes ``UINT(b-1)``), or ``None`` where it leaves ``node`` as it is."""
+    producer = model.find_producer(node.input[0])
+    if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
+        return None
+    scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
+    if scale is None or zero is None or bits is None or np.size(bits) != 1 or not np.all(scale > 0) or np.any(zero != 0):
+        return None
+    b = float(np.asarray(bits).reshape(-1)[0])
+    return int(b) - 1 if b == int(b) and b >= 2 else None
 
 
 class FoldBiasQuantizers(Transformation):

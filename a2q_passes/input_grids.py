@@ -13,6 +13,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import BIPOLAR, IntRange
 from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
+from a2q_passes.finn_quant_forms import unsigned_bits_after_relu
 from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, dtype_for_range, quant_dtype,
@@ -217,6 +218,8 @@ class GridResolver:
         except ValueError as err:
             return None, f"{node_label(node)}: {err}"
         dtype = quant_dtype(int(bits), signed) if bits == int(bits) else dtype_for_range(codes)
+        if scale > 0 and non_negative(self.model, node.input[0]):
+            codes = at_or_above(codes, int(zp))
         if self.finn_ranges:
             codes, dtype, reason = self._finn_codes(node, codes, bits, signed)
             if codes is None:
@@ -227,14 +230,18 @@ class GridResolver:
         """The codes FINN's MAC is sized for: ``codes`` joined with the DataType ConvertQONNXtoFINN gives them.
 
         FINN (qonnx ``Quant.get_integer_datatype``) annotates ``INT{b}``/``UINT{b}`` for an integer bit
-        width b, whatever ``narrow`` says: narrow codes grow by the one code FINN's type adds. A
-        fractional bit width is truncated there to a type narrower than the codes: refused.
+        width b, whatever ``narrow`` says: narrow codes grow by the one code FINN's type adds. A signed
+        ``Quant`` of a ``Relu`` output is ``UINT{b-1}`` there: FINN converts it only after the rewrite
+        into that form (:class:`~a2q_passes.finn_quant_forms.UnsignedQuantAfterRelu`), which ``lower`` and
+        the FINN build steps run first. A fractional bit width is truncated there to a type narrower than
+        the codes: refused.
         """
         if bits != int(bits):
             return None, "", (f"{node_label(node)} has bit width {bits}: FINN's conversion annotates its output "
                               f"{quant_dtype(int(bits), signed)}, narrower than its codes [{codes.lo}, {codes.hi}]; "
                               "re-export with an integer bit width, or use --input-ranges exact")
-        dtype = quant_dtype(int(bits), signed)
+        unsigned_bits = unsigned_bits_after_relu(self.model, node)
+        dtype = quant_dtype(int(bits), signed) if unsigned_bits is None else quant_dtype(unsigned_bits, False)
         return _hull(codes, dtype_grid(dtype).range), dtype, ""
 
     _from_IntQuant = _from_Quant
@@ -271,8 +278,23 @@ class GridResolver:
                     codes = _hull(codes, dtype_grid(dtype).range)
         except UnsupportedLayer as err:
             return None, str(err)
+        if not self.finn_ranges:
+            codes = self._quantized_non_negative(node, codes)
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
         return self._with_zero_point(codes, dtype, scale, zp), ""
+
+    def _quantized_non_negative(self, dq: NodeProto, codes: IntRange) -> IntRange:
+        """``codes``, without those below the QuantizeLinear's zero point where it quantizes reals >= 0 with a
+        positive scale (``round(x / s) + z >= z``; saturation and a Clip are monotone and keep that bound)."""
+        quantize = self.model.find_producer(skip_clips(self.model, dq.input[0])[0])
+        if quantize is None or quantize.op_type != "QuantizeLinear" or not non_negative(self.model, quantize.input[0]):
+            return codes
+        scale = get_constant(self.model, quantize.input[1])
+        has_zp = len(quantize.input) > 2 and bool(quantize.input[2])
+        zp = get_constant(self.model, quantize.input[2]) if has_zp else np.zeros(1)
+        if scale is None or zp is None or np.size(zp) != 1 or not np.all(np.asarray(scale) > 0):
+            return codes
+        return at_or_above(codes, int(np.asarray(zp).reshape(-1)[0]))
 
     def integer_operand(self, node: NodeProto, second: bool = False) -> tuple[InputGrid | None, str]:
         """The codes an integer MAC op (QLinearConv, MatMulInteger, ...) reads at input 0, zero point at input 2;
@@ -461,6 +483,21 @@ class GridResolver:
         r = IntRange(min(g.range.lo for g in grids), max(g.range.hi for g in grids))
         dtype = first.dtype if all(g.dtype == first.dtype for g in grids) else dtype_for_range(r)
         return InputGrid(r, dtype, first.scale, first.zero_code), ""
+
+
+def non_negative(model: ModelWrapper, tensor: str) -> bool:
+    """Whether every value of ``tensor`` is >= 0 by construction: a Relu's output, passed on only by ops that move
+    or select values (:data:`GRID_PRESERVING_OPS`)."""
+    producer = model.find_producer(tensor)
+    while producer is not None and producer.op_type in GRID_PRESERVING_OPS:
+        producer = model.find_producer(producer.input[0])
+    return producer is not None and producer.op_type == "Relu"
+
+
+def at_or_above(codes: IntRange, zero: int) -> IntRange:
+    """The codes a monotone quantizer gives reals >= 0: those from the code of real 0 (``zero``, clamped into
+    ``codes``) up."""
+    return IntRange(min(max(codes.lo, zero), codes.hi), codes.hi)
 
 
 def _hull(a: IntRange, b: IntRange) -> IntRange:

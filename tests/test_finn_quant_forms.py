@@ -166,3 +166,28 @@ def test_lower_takes_the_residual_block_of_brevitas_graph_ptq(tmp_path):
     assert [n["op_type"] for n in report["lowering"]["mac_nodes"]] == ["MVAU", "MVAU", "VVAU", "MVAU"]
     assert [n["op_type"] for n in report["lowering"]["unlowered"] if n["blocking"]] == ["ReduceMean"]
     assert report["equivalence"]["within_tolerance"] and report["equivalence"]["samples"] > 0
+
+
+def test_finn_ranges_size_graph_ptq_layers_for_the_unsigned_codes_lower_gives(tmp_path):
+    """``--input-ranges finn`` reads a signed Quant after a ReLU as the ``UINT(b-1)`` FINN converts after the
+    rewrite, so the hidden layers of a graph-PTQ MLP are sized one bit narrower than its signed type: projected to
+    10 bits in that view, the model lowers with every MVAU at INT10 (FINN's own pick agrees), and the oracle's
+    executed worst case of each MVAU of the FINN graph fits its accDataType."""
+    from tests.fuzz.real_files import executed_range
+
+    path = export_graph_ptq(tmp_path, GraphPtqSpec("mlp", "fx", 4, 4, (("bias_bit_width", 32),)))
+    finn = json.loads(run_a2q("analyze", str(path), "--input-ranges", "finn", "--json").stdout)["layers"]
+    exact = json.loads(run_a2q("analyze", str(path), "--json").stdout)["layers"]
+    assert [layer["input_dtype"] for layer in finn[1:]] == ["UINT3", "UINT3"]
+    assert [layer["bounds"]["exact"] for layer in finn] == [layer["bounds"]["exact"] for layer in exact]
+    projected, lowered = tmp_path / "p10.onnx", tmp_path / "hw.onnx"
+    result = run_a2q("project", str(path), str(projected), "--acc-bits", "10", "--input-ranges", "finn")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_a2q("lower", str(projected), str(lowered), "--from-annotations", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    layers = json.loads(result.stdout)["layers"]
+    assert [(layer["acc_dtype"], layer["finn_acc_dtype"]) for layer in layers] == [("INT10", "INT10")] * 3
+    model = ModelWrapper(str(lowered))
+    for node in (n for n in model.graph.node if n.op_type.startswith("MVAU")):
+        executed = executed_range(model, node.name, "fold")
+        assert -(1 << 9) <= executed.lo and executed.hi < (1 << 9), (node.name, executed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Mapping
@@ -132,6 +133,9 @@ class InputCodes:
         """What FINN's conversion annotates a quantizer's output with (``None``: the codes themselves)."""
         if node.op_type in ("Quant", "IntQuant"):
             bits = execute_constants(self.model, [node.input[3]])[node.input[3]]
+            if self._made_unsigned_for_finn(node, bits):  # FINN converts the unsigned Quant of one bit less
+                bits, node = bits - 1, copy.deepcopy(node)
+                getCustomOp(node).set_nodeattr("signed", 0)
 
             class _Initializers:  # get_integer_datatype reads only the bit width initializer
                 def get_initializer(self, name: str) -> np.ndarray | None:
@@ -155,14 +159,35 @@ class InputCodes:
             return DataType[("INT" if node_attr(node, "signed", 1) else "UINT") + str(bits)]
         return None
 
+    def _after_relu(self, tensor: str) -> bool:
+        """Whether ``tensor`` holds a Relu's output (reals >= 0), passed on only by value-selecting ops."""
+        producer = self.model.find_producer(tensor)
+        while producer is not None and producer.op_type in _SELECTING_OPS:
+            producer = self.model.find_producer(producer.input[0])
+        return producer is not None and producer.op_type == "Relu"
+
+    def _made_unsigned_for_finn(self, node: NodeProto, bits: np.ndarray) -> bool:
+        """Whether the rewrite that ``lower`` and the FINN build steps run before FINN's conversion
+        (``finn_quant_forms.UnsignedQuantAfterRelu``; FINN refuses the signed form) makes ``node`` an unsigned
+        Quant of one bit less: a signed ``Quant`` right after a ``Relu``, zero point 0, positive scales and an
+        integer bit width of at least 2."""
+        producer = self.model.find_producer(node.input[0])
+        if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
+            return False
+        scale, zero = (execute_constants(self.model, [name])[name] for name in node.input[1:3])
+        b = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else 0.0
+        return bool(np.all(scale > 0) and np.all(zero == 0) and b == int(b) and b >= 2)
+
     def _probe(self, node: NodeProto, scale: float, zero: float, version: int | None = None) -> Grid:
-        """Execute a qonnx quantizer on -inf and +inf: its clamp yields the extreme codes."""
+        """Execute a qonnx quantizer on its lowest and highest possible input, -inf (0 behind a Relu) and +inf: it
+        is monotone, and its clamp yields the extreme codes."""
         params = execute_constants(self.model, [n for n in node.input[1:] if n])
         x, y = f"{node.input[0]}__certificate_probe", f"{node.output[0]}__certificate_probe"
         probe_node = helper.make_node(node.op_type, [x, *node.input[1:]], [y], domain=node.domain)
         probe_node.attribute.extend(node.attribute)
         ndim = max((np.ndim(v) for v in params.values()), default=0)
-        context = {**params, x: np.array([-np.inf, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y: None}
+        lowest = 0.0 if self._after_relu(node.input[0]) else -np.inf
+        context = {**params, x: np.array([lowest, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y: None}
         try:
             with np.errstate(invalid="ignore", over="ignore"):
                 getCustomOp(probe_node, version).execute_node(context, self.model.graph)
@@ -199,7 +224,23 @@ class InputCodes:
                                 f"with scale {scale}")
         lo, hi = STORAGE_RANGES[storage]
         lo, hi = self._through_clips(node, storage, lo, hi)
+        lo, hi = self._quantized_after_relu(node, lo, hi)
         return Grid(lo, hi, int(zero), scale)
+
+    def _quantized_after_relu(self, dq: NodeProto, lo: int, hi: int) -> tuple[int, int]:
+        """``[lo, hi]`` cut to the codes the graph's own QuantizeLinear (and Clips) give reals >= 0, where it
+        quantizes a Relu's output: executed on 0 and on a real past its saturation (it is monotone)."""
+        start = self._codes_before_clips(dq)
+        quantize = self.model.find_producer(start)
+        if quantize is None or quantize.op_type != "QuantizeLinear" or not self._after_relu(quantize.input[0]):
+            return lo, hi
+        try:
+            out = execute_constants(self.model, [dq.input[0]],
+                                    {quantize.input[0]: np.array([0.0, 1e30], dtype=np.float32)})[dq.input[0]]
+        except Exception:  # e.g. a per-axis scale that a 1-D probe cannot take: the codes stay as read
+            return lo, hi
+        codes = as_integers(np.asarray(out, dtype=np.float64), f"the codes {node_label(dq)} dequantizes")
+        return max(lo, int(codes.min())), min(hi, int(codes.max()))
 
     def _codes_before_clips(self, dq: NodeProto) -> str:
         """The tensor entering the ``Clip`` chain (Brevitas QCDQ) in front of DequantizeLinear's input."""

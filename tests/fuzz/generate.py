@@ -2,7 +2,7 @@
 
 A case is a chain of one or two *blocks*. Each block is
 
-    activation source -> 0..2 grid-preserving ops -> MAC layer (weight quantizer) -> optional bias Add
+    [Relu ->] activation source -> 0..2 grid-preserving ops -> MAC layer (weight quantizer) -> optional bias Add
 
 where the activation source is a qonnx ``Quant`` / ``BipolarQuant``, a QuantizeLinear+DequantizeLinear
 pair, an integer-annotated graph input (FINN style), a ``DequantizeLinear`` on an int8 graph input,
@@ -551,7 +551,11 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         if spec["kind"] in ("int_input", "dq_int8_input"):
             src, s, z = _fresh_source(b, spec, shape, case)
         else:
-            src, s, z = _apply_source(b, spec, x if x is not None else b.graph_input(shape))
+            x_in = x if x is not None else b.graph_input(shape)
+            if spec["kind"] in ("quant", "qdq") and draw(st.integers(0, 3)) == 0:
+                # the usual real form: a Relu in front of the quantizer (its negative codes then never occur)
+                x_in = b.node("Relu", [x_in], b.shapes[x_in])
+            src, s, z = _apply_source(b, spec, x_in)
         grid = (s, z)
         case.used |= _source_uses(spec)
         ops = draw(between_ops(len(b.shapes[src])))

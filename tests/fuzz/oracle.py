@@ -44,6 +44,8 @@ GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat
             "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "QuantAvgPool2d")
 # ops that sum several source elements into one: traced by influence (AveragePool), not by index
 POOLING_OPS = ("QuantAvgPool2d",)
+# ops between a Relu and a quantizer that only move its values (executed with it, see _relu_source)
+RELU_PASS_THROUGH = ("MaxPool", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
 SCALAR_OPS = ("Mul", "Div", "Add")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
 EXACT_FLOAT32 = 1 << 24
@@ -123,7 +125,7 @@ def _act_chain(model: ModelWrapper, tensor: str, kept: list, sources: list[str])
         _is_constant(model, producer.input[1]) and model.get_initializer(producer.input[1]).size == 1)
     if producer.op_type in QUANTIZERS:
         kept.append(producer)
-        sources.append(producer.input[0])
+        sources.append(_relu_source(model, producer.input[0], kept))
     elif producer.op_type in GRID_OPS and scalar:
         kept.append(producer)
         data_inputs = producer.input if producer.op_type == "Concat" else producer.input[:1]
@@ -132,6 +134,19 @@ def _act_chain(model: ModelWrapper, tensor: str, kept: list, sources: list[str])
                 _act_chain(model, t, kept, sources)
     else:
         sources.append(tensor)  # a float tensor from another layer: no integer grid
+
+
+def _relu_source(model: ModelWrapper, tensor: str, kept: list) -> str:
+    """Where the cut starts above a quantizer's input: above a Relu (and the shape ops between them) where one
+    feeds it, so the Relu runs and the quantizer sees the reals >= 0 it can see in the graph, else the input."""
+    path, producer = [], model.find_producer(tensor)
+    while producer is not None and producer.op_type in RELU_PASS_THROUGH:
+        path.append(producer)
+        producer = model.find_producer(producer.input[0])
+    if producer is None or producer.op_type != "Relu":
+        return tensor
+    kept.extend(path + [producer])
+    return producer.input[0]
 
 
 def _ancestors(model: ModelWrapper, tensor: str, kept: list) -> None:
