@@ -236,12 +236,20 @@ def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: s
 
 def _execute_chain(model: ModelWrapper, chain: list, sources: list[str], output: str, feed: dict,
                    batch: int) -> np.ndarray:
-    """The activation cut executed on a batch; one sample at a time through qonnx's Im2Col, whose
-    ``input_shape`` attribute fixes the batch size (FINN's lowered convolutions)."""
-    if not any(n.op_type == "Im2Col" for n in chain):
+    """The activation cut executed on a batch; one sample at a time through an op that fixes the batch size:
+    qonnx's Im2Col (its ``input_shape`` attribute; FINN's lowered convolutions) or a Reshape to a constant leading
+    dimension (exporters write the batch of 1 they traced)."""
+    if not any(_fixes_batch(model, n) for n in chain):
         return execute(_subgraph(model, chain, sources, [output], batch), feed)[output]
     single = _subgraph(model, chain, sources, [output], 1)
     return np.concatenate([execute(single, {s: v[i:i + 1] for s, v in feed.items()})[output] for i in range(batch)])
+
+
+def _fixes_batch(model: ModelWrapper, node) -> bool:
+    if node.op_type == "Im2Col":
+        return True
+    shape = model.get_initializer(node.input[1]) if node.op_type == "Reshape" else None
+    return shape is not None and shape.size > 0 and int(shape.reshape(-1)[0]) not in (0, -1)
 
 
 def _topological(model: ModelWrapper, chain: list) -> list[int]:
