@@ -239,24 +239,25 @@ _PAIRWISE_BLOCK = 128
 
 
 @numba.njit(cache=True, nogil=True)
-def _pairwise_sum(a: np.ndarray, n: int, positive_part: bool) -> float:
-    """numpy's pairwise sum of ``a[:n]`` (of ``max(a, 0)`` with ``positive_part``).
+def _pairwise_sums(a: np.ndarray, n: int) -> tuple[float, float]:
+    """numpy's pairwise sums of ``max(a[:n], 0)`` and of ``a[:n]``, both in one walk over the same halves.
 
     numpy recurses; numba's cache cannot hold a recursive function (it crashes loading one), so the halves are
-    walked with an explicit stack: frame f sums ``a[start[f]:start[f] + size[f]]``, its left half's sum waiting
-    in ``left[f]`` while the right half is summed.
+    walked with an explicit stack: frame f sums ``a[start[f]:start[f] + size[f]]``, its left half's sums waiting
+    in ``left_pos[f]``/``left_all[f]`` while the right half is summed.
     """
     start = np.zeros(64, dtype=np.int64)
     size = np.zeros(64, dtype=np.int64)
     stage = np.zeros(64, dtype=np.int64)  # 0: sum the left half next, 1: the right half, 2: add the two
-    left = np.zeros(64)
+    left_pos = np.zeros(64)
+    left_all = np.zeros(64)
     size[0] = n
     top = 0
-    value = 0.0  # the sum the frame just finished hands to its parent
+    pos = total = 0.0  # the sums the frame just finished hands to its parent
     while top >= 0:
         m = size[top]
         if m <= _PAIRWISE_BLOCK:
-            value = _block_sum(a, start[top], m, positive_part)
+            pos, total = _block_sums(a, start[top], m)
             top -= 1
             continue
         half = m // 2
@@ -266,43 +267,65 @@ def _pairwise_sum(a: np.ndarray, n: int, positive_part: bool) -> float:
             start[top + 1], size[top + 1], stage[top + 1] = start[top], half, 0
             top += 1
         elif stage[top] == 1:
-            left[top] = value
+            left_pos[top], left_all[top] = pos, total
             stage[top] = 2
             start[top + 1], size[top + 1], stage[top + 1] = start[top] + half, m - half, 0
             top += 1
         else:
-            value = left[top] + value
+            pos, total = left_pos[top] + pos, left_all[top] + total
             top -= 1
-    return value
+    return pos, total
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_sum(a: np.ndarray, start: int, n: int, positive_part: bool) -> float:
-    """numpy's pairwise sum of at most 128 values ``a[start:start + n]``: sequential below 8, else 8 running sums."""
+def _block_sums(a: np.ndarray, start: int, n: int) -> tuple[float, float]:
+    """numpy's pairwise sums of ``max(x, 0)`` and of ``x`` over at most 128 values ``x = a[start:start + n]``:
+    sequential below 8, else 8 running sums each (scalars: an array of them would be allocated per block)."""
     if n < 8:
-        res = 0.0
+        pos = total = 0.0
         for i in range(start, start + n):
-            res += _part(a[i], positive_part)
-        return res
-    r = np.empty(8)
-    for j in range(8):
-        r[j] = _part(a[start + j], positive_part)
-    i = 8
-    while i < n - n % 8:
-        for j in range(8):
-            r[j] += _part(a[start + i + j], positive_part)
+            pos += _positive_part(a[i])
+            total += a[i]
+        return pos, total
+    t0, t1, t2, t3, t4, t5, t6, t7 = a[start], a[start + 1], a[start + 2], a[start + 3], a[start + 4], \
+        a[start + 5], a[start + 6], a[start + 7]
+    p0, p1, p2, p3 = _positive_part(t0), _positive_part(t1), _positive_part(t2), _positive_part(t3)
+    p4, p5, p6, p7 = _positive_part(t4), _positive_part(t5), _positive_part(t6), _positive_part(t7)
+    i = start + 8
+    stop = start + n - n % 8
+    while i < stop:
+        x0, x1, x2, x3, x4, x5, x6, x7 = a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5], a[i + 6], a[i + 7]
+        t0 += x0
+        t1 += x1
+        t2 += x2
+        t3 += x3
+        t4 += x4
+        t5 += x5
+        t6 += x6
+        t7 += x7
+        p0 += _positive_part(x0)
+        p1 += _positive_part(x1)
+        p2 += _positive_part(x2)
+        p3 += _positive_part(x3)
+        p4 += _positive_part(x4)
+        p5 += _positive_part(x5)
+        p6 += _positive_part(x6)
+        p7 += _positive_part(x7)
         i += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-    while i < n:
-        res += _part(a[start + i], positive_part)
+    pos = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+    total = ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7))
+    while i < start + n:
+        pos += _positive_part(a[i])
+        total += a[i]
         i += 1
-    return res
+    return pos, total
 
 
 @numba.njit(cache=True, nogil=True)
-def _part(value: float, positive_part: bool) -> float:
-    """``value``, or ``np.maximum(value, 0.0)`` with ``positive_part`` (numpy keeps ``value`` where it is >= 0)."""
-    if positive_part and not value >= 0.0:
+def _positive_part(value: float) -> float:
+    """``np.maximum(value, 0.0)``: ``value`` where it is >= 0, else 0 (the rows hold no NaN: plain rounding
+    refuses them before any projection)."""
+    if not value >= 0.0:
         return 0.0
     return value
 
@@ -314,8 +337,8 @@ def accumulator_extremes(w: np.ndarray, lo: float, hi: float) -> tuple[np.ndarra
     acc_min = np.empty(rows)
     acc_max = np.empty(rows)
     for r in range(rows):
-        pos = _pairwise_sum(w[r], w.shape[1], True)
-        neg = pos - _pairwise_sum(w[r], w.shape[1], False)
+        pos, total = _pairwise_sums(w[r], w.shape[1])
+        neg = pos - total
         acc_min[r] = lo * pos - hi * neg
         acc_max[r] = hi * pos - lo * neg
     return acc_min, acc_max
