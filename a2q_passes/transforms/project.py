@@ -218,15 +218,20 @@ class ProjectToAccumulator(A2QPass):
             report.width_after = report.width_before
             return report
         q_before = layer.code_rows(model)  # the integer rows' values, without an int64 copy where stored narrower
-        report.width_before, dtype_before = _layer_width(layer, q_before)
         if layer.binary_xnor or layer.source.bipolar:
             # a bipolar tensor holds only -1 and +1 and cannot be shrunk; _check_feasible made sure it already
             # fits, so it is promised (and recorded) as it stands
-            report.width_after, report.acc_dtype_after = report.width_before, dtype_before
+            report.width_before, report.acc_dtype_after = _layer_width(layer, q_before)
+            report.width_after = report.width_before
             return report
         # the built-in methods and the statistics take integer rows as stored (an int8 layer: 1 byte a weight) and
         # convert a block of rows at a time; the multi-stage projection still works on whole float64 rows
         v = layer.unrounded_rows(model, keep_integers=self.tile is None)
+        if v.dtype.kind in "iu":
+            # the same integers as q_before, copied into C-ordered rows: the width, the comparison and the
+            # statistics below then read rows, not the columns of a transposed tensor
+            q_before = v
+        report.width_before, _ = _layer_width(layer, q_before)
         try:
             if self.tile is not None:
                 result = project_multistage(v, layer.grid.range, layer.row_weight_ranges(model), self.tile, bits,
