@@ -15,19 +15,24 @@ PAPER_RESOURCE_RATIO = 2.3
 SPARSITY_GAIN = 0.05  # "induces sparsity": at least 5 points more zeros than the W4A4 baseline at the lowest P
 SPARSITY_NOISE = 0.01
 PIVOT_METHODS = ("unconstrained-wrap", "project-a2q", "project-exact", "axe", "qat", "qat-float", "ours-best",
-                 "brevitas-a2q", "brevitas-a2q+", "brevitas-a2q-eq", "brevitas-a2q+-eq")
+                 "qat-float-eq", "ours-best-eq", "brevitas-a2q", "brevitas-a2q+", "brevitas-a2q-eq", "brevitas-a2q+-eq")
 _SHORT = {"unconstrained-wrap": "unconstrained @P (wrap)", "project-a2q": "project a2q", "project-exact": "project exact",
           "axe": "AXE", "qat": "QAT (ours)", "qat-float": "QAT from float (ours)", "ours-best": "ours best",
+          "qat-float-eq": "QAT from float, equal total (ours)", "ours-best-eq": "ours best, equal total",
           "brevitas-a2q": "Brevitas A2Q", "brevitas-a2q+": "Brevitas A2Q+",
           "brevitas-a2q-eq": "A2Q, equal total", "brevitas-a2q+-eq": "A2Q+, equal total"}
-# (title, our row, anchor rows, what makes the budgets equal) of the "ours vs the better anchor" comparisons
+# (title, our rows (the first one a width has), anchor rows, what makes the budgets equal) of the "ours vs the
+# better anchor" comparisons
 COMPARISONS = (
-    ("same budget", "ours-best", ("brevitas-a2q", "brevitas-a2q+"),
+    ("same budget", ("ours-best",), ("brevitas-a2q", "brevitas-a2q+"),
      "the benchmark budget on both sides; our flows may start from the committed W/A model, which had its own QAT"),
-    ("equal total training", "ours-best", ("brevitas-a2q-eq", "brevitas-a2q+-eq"),
-     "the anchors also get the committed model's own QAT as extra epochs"),
-    ("same start", "qat-float", ("brevitas-a2q", "brevitas-a2q+"),
+    ("equal total training", ("ours-best-eq", "ours-best"), ("brevitas-a2q-eq", "brevitas-a2q+-eq"),
+     "the anchors also get the committed model's own QAT as extra epochs; ours best, equal total also chooses "
+     "QAT from float with the anchors' total budget, where that row ran, else ours best"),
+    ("same start", ("qat-float",), ("brevitas-a2q", "brevitas-a2q+"),
      "both from the float checkpoint, with the benchmark budget"),
+    ("same start, equal total", ("qat-float-eq",), ("brevitas-a2q-eq", "brevitas-a2q+-eq"),
+     "both from the float checkpoint, with the benchmark budget plus the committed model's own QAT"),
 )
 
 
@@ -125,11 +130,15 @@ PROTOCOL_TEXT = [
     "epochs use the benchmark's, with one cosine schedule over all epochs). (2) *Same start*: `QAT from float` "
     "(`qat-float`) runs our QAT with the benchmark budget from the float checkpoint in the committed W/A "
     "layout exported to QONNX (per-channel round-to-nearest weights; activation scales from Brevitas' own "
-    "statistics over 31 forward passes of the first training batches, no weight update), the anchors' start.",
+    "statistics over 31 forward passes of the first training batches, no weight update), the anchors' start. "
+    "(3) *Same start, equal total*: `QAT from float, equal total` (`qat-float-eq`) runs the same QAT from that "
+    "start with the equal-total anchors' budget, so both sides start from the same weights and train as long.",
     "- **Ours best**: per P, the one of our rows (QAT from float included) with the best validation score; ties, "
     "common on a small validation split, go to the lower validation loss (cross-entropy of the logits; MSE for "
     "ESPCN; column *val loss*), then to the method listed first. Rows of runs made before the loss was stored "
-    "have none (*val loss* `-`): their ties went to the method listed first.",
+    "have none (*val loss* `-`): their ties went to the method listed first. *Ours best, equal total* "
+    "(`ours-best-eq`, derived by `bench.protocol`) applies the same rule to our rows and `qat-float-eq`; the "
+    "equal-total comparison uses it at the widths where every seed has that row, else ours best.",
 ]
 
 
@@ -179,8 +188,9 @@ def pivot_table(entry: dict) -> list[str]:
              + ("; at a width run with several seeds, the mean over them (mean % of float) [lowest-highest "
                 "score or same, n=seeds], ours best: the method each seed's run selected." if _seeded(entry) else "."),
              ""]
-    body = [[str(p)] + [_cell(_row(rows, m, p)) for m in PIVOT_METHODS] for p in _widths(entry)]
-    return lines + _table(["P"] + [_SHORT[m] for m in PIVOT_METHODS], body)
+    methods = [m for m in PIVOT_METHODS if any(r["method"] == m for r in rows)]  # methods a run left out: no column
+    body = [[str(p)] + [_cell(_row(rows, m, p)) for m in methods] for p in _widths(entry)]
+    return lines + _table(["P"] + [_SHORT[m] for m in methods], body)
 
 
 def _seeded(entry: dict) -> bool:
@@ -316,17 +326,19 @@ def _sparsity(results: dict) -> tuple[list[str], str]:
     return lines, verdict
 
 
-def _compare(entry: dict, our_method: str, anchor_methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Where ``our_method`` beats / ties / loses against the better of ``anchor_methods`` at every trained P."""
+def _compare(entry: dict, our_methods: tuple[str, ...], anchor_methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Where ours (the first of ``our_methods`` with a row at P) beats / ties / loses against the better of
+    ``anchor_methods`` at every trained P."""
     wins, losses = [], []
     for p in sorted(entry["config"]["train_widths"], reverse=True):
-        ours = _row(entry["rows"], our_method, p)
+        ours = next((r for r in (_row(entry["rows"], m, p) for m in our_methods) if r), None)
         anchors = [r for r in (_row(entry["rows"], m, p) for m in anchor_methods) if r]
         if ours is None or not anchors:
             continue
         best = max(anchors, key=lambda r: r["score"])
         selected = f" ({ours['selected']})" if "selected" in ours else ""
-        text = (f"P={p}: ours {ours['score']:.2f}{_spread(ours)}{selected} vs {_SHORT[best['method']]} "
+        which = f" [{_SHORT[ours['method']]}]" if len(our_methods) > 1 else ""
+        text = (f"P={p}: ours{which} {ours['score']:.2f}{_spread(ours)}{selected} vs {_SHORT[best['method']]} "
                 f"{best['score']:.2f}{_spread(best)} ({ours['score'] - best['score']:+.2f})")
         (wins if ours["score"] >= best["score"] else losses).append(text)
     return wins, losses
@@ -432,7 +444,7 @@ def comparison_summary(results: dict) -> list[str]:
             found = [(name, (wins, losses)) for name, (wins, losses) in found if wins or losses]
             if not found:
                 continue
-            lines.append(f"- *{title}* ({_SHORT[ours]} vs the better of {' / '.join(_SHORT[a] for a in anchors)}; "
+            lines.append(f"- *{title}* ({' / '.join(_SHORT[m] for m in ours)} vs the better of {' / '.join(_SHORT[a] for a in anchors)}; "
                          f"{meaning}):")
             for name, (wins, losses) in found:
                 lines.append(f"  - **{name}**: ahead or equal at {len(wins)} of {len(wins) + len(losses)} widths."

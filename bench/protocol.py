@@ -23,6 +23,7 @@ from statistics import fmean
 from typing import Any
 
 from bench.markdown import PROTOCOL_TEXT, comparison_summary, detail_table, entry_title, pivot_table, setup_table
+from bench.sweep import EQUAL_TOTAL_METHODS, best_row
 
 
 _WIDTH_LISTS = ("widths", "train_widths", "equal_budget_widths")
@@ -45,10 +46,11 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One results dict with every run's models and the list of the runs' commands; a run may itself be an
     earlier merge (with ``runs``), whose runs are listed in place.
 
-    A model and set-up run several times, at disjoint widths (``--widths``) or with different seeds
-    (``--seed``), becomes one entry: its rows of every width and seed, each with its ``seed`` (the width-free
-    ``float`` / ``quantized`` rows of the first run), the union of its width lists, its ``seeds`` and the sum
-    of its run times. The same width with the same seed from two runs is refused.
+    A model and set-up run several times, at disjoint widths (``--widths``), with different seeds
+    (``--seed``) or with other methods (``--methods``: a row added to an earlier run), becomes one entry: its rows
+    of every width, seed and method, each with its ``seed`` (the width-free ``float`` / ``quantized`` rows of the
+    first run), the union of its width lists, its ``seeds`` and the sum of its run times. The same method at the
+    same width with the same seed from two runs is refused.
     """
     models: dict[str, Any] = {}
     listed: list[dict[str, Any]] = []  # the runs' commands, an earlier merge's in its own order
@@ -60,11 +62,12 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 models[key] = {**entry, "config": dict(entry["config"]), "rows": rows}
                 continue
             merged = models[key]
-            overlap = _seeded_widths(merged["rows"]) & _seeded_widths(rows)
+            overlap = _ran(merged["rows"]) & _ran(rows)
             if overlap:
-                raise ValueError(f"{key}: P={sorted({p for p, _ in overlap})} with seed "
-                                 f"{sorted({seed for _, seed in overlap})} is in more than one run")
-            merged["rows"] += [row for row in rows if row["P"] is not None]
+                raise ValueError(f"{key}: P={sorted({p for p, _, _ in overlap})} with seed "
+                                 f"{sorted({seed for _, seed, _ in overlap})} ran "
+                                 f"{sorted({method for _, _, method in overlap})} in more than one run")
+            merged["rows"] += [row for row in rows if row["P"] is not None and row.get("status") != "not run"]
             for field in _WIDTH_LISTS:
                 merged["config"][field] = sorted({*merged["config"][field], *entry["config"][field]}, reverse=True)
             merged["seconds"] += entry["seconds"]
@@ -75,8 +78,30 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"runs": listed, "models": models}
 
 
-def _seeded_widths(rows: list[dict[str, Any]]) -> set[tuple[int, int]]:
-    return {(row["P"], row_seed(row)) for row in rows if row["P"] is not None}
+def _ran(rows: list[dict[str, Any]]) -> set[tuple[int, int, str]]:
+    """(P, seed, method) of every row that ran (a run's ``not run`` rows leave the method to another run)."""
+    return {(row["P"], row_seed(row), row["method"]) for row in rows
+            if row["P"] is not None and row.get("status") != "not run"}
+
+
+def with_equal_total_best(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with an ``ours-best-eq`` row per width and seed: the best of our rows and ``qat-float-eq`` by
+    ours-best's rule (:func:`bench.sweep.best_row`), at the widths where every seed has a ``qat-float-eq`` row
+    (a mean over fewer seeds than the anchors' would compare unlike things)."""
+    by_width: dict[int, dict[int, list[dict[str, Any]]]] = {}
+    for row in entry["rows"]:
+        if row["P"] is not None:
+            by_width.setdefault(row["P"], {}).setdefault(row_seed(row), []).append(row)
+    derived = []
+    for p, seeds in by_width.items():
+        if not all(any(r["method"] == "qat-float-eq" and r["status"] == "ok" for r in rows) for rows in seeds.values()):
+            continue
+        for seed, rows in seeds.items():
+            best = best_row(rows, EQUAL_TOTAL_METHODS)
+            if best is not None:
+                derived.append({**rows[0], **best, "method": "ours-best-eq", "P": p, "seed": seed, "status": "ok",
+                                "seconds": None})
+    return {**entry, "rows": entry["rows"] + derived}
 
 
 def _seeds(rows: list[dict[str, Any]]) -> set[int]:
@@ -120,9 +145,10 @@ def render(results: dict[str, Any], note: str | None = None) -> str:
     if any(len(entry.get("seeds", ())) > 1 for entry in results["models"].values()):
         lines.append(SEEDS_TEXT)
     lines.append("")
-    means = {name: seed_means(entry) for name, entry in results["models"].items()}
+    entries = {name: with_equal_total_best(entry) for name, entry in results["models"].items()}
+    means = {name: seed_means(entry) for name, entry in entries.items()}
     lines += comparison_summary({"models": means})
-    for name, entry in results["models"].items():
+    for name, entry in entries.items():
         lines += ["", f"## {entry_title(name, entry)}", "", *pivot_table(means[name]), "",
                   "<details><summary>every row</summary>", "", *detail_table(entry), "", "</details>"]
     return "\n".join(lines) + "\n"

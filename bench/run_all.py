@@ -44,7 +44,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.anchors import SETUPS, TrainBudget
-from bench.sweep import ModelBench, finn_resources, run_model
+from bench.sweep import METHODS, ModelBench, finn_resources, run_model
 
 REPO = Path(__file__).resolve().parent.parent
 FPGA_PART = "xczu3eg-sbva484-1-e"  # Ultra96 (ZU3EG), the part the project's other FINN reports use
@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--equal-budget-widths", metavar="P,...",
                         help="run the equal-budget rows (qat-float, brevitas-a2q-eq, brevitas-a2q+-eq) at these of "
                              "the trained widths instead of the configured ones")
+    parser.add_argument("--methods", metavar="METHOD,...",
+                        help="run only these methods (default: every one); e.g. qat-float-eq alone adds that row to "
+                             "an earlier run of the same widths and seed (bench.protocol merges them)")
     parser.add_argument("--seed", type=int,
                         help="training seed of every trained row on both sides (our fine-tuning, the anchors, the "
                              "float start's torch seed); default: the configured one (0). Splits and budgets stay")
@@ -270,6 +273,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wanted_p = [int(p) for p in args.equal_budget_widths.split(",")]
         benches = tuple(replace(b, equal_budget_widths=tuple(p for p in wanted_p if p in b.train_widths))
                         for b in benches)
+    if args.methods:
+        wanted_methods = tuple(args.methods.split(","))
+        unknown = sorted(set(wanted_methods) - {m.key for m in METHODS})
+        if unknown:
+            parser.error(f"--methods: {unknown} unknown; choose from {[m.key for m in METHODS]}")
+        benches = tuple(replace(b, methods=wanted_methods) for b in benches)
     if args.seed is not None:
         benches = tuple(with_seed(b, args.seed) for b in benches)
     if not benches:

@@ -12,6 +12,9 @@ Methods (``METHODS``):
   exported to QONNX (:func:`float_start`), so that it starts from the anchors' weights with their budget.
 - ``ours-best``: per P, the one of our rows with the best *validation* score (never chosen on test), ties
   broken by the lower validation loss (:func:`ours_best_key`).
+- ``qat-float-eq``: ``qat-float`` with the equal total budget of the ``-eq`` anchors below (:func:`equal_budget`):
+  from the same float weights as they, for as long. It is no candidate of ``ours-best`` (which keeps the
+  benchmark budget); :func:`best_row` over our rows and it gives *ours best, equal total* (bench.protocol).
 - anchors: ``brevitas-a2q`` / ``brevitas-a2q+`` (:mod:`bench.anchors`), QAT from the float checkpoint;
   ``brevitas-a2q-eq`` / ``brevitas-a2q+-eq``: the same with the training that produced the committed
   W/A model added to their budget (:func:`equal_budget`), so that they have trained as long as our flows
@@ -79,9 +82,13 @@ METHODS: tuple[Method, ...] = (
     Method("brevitas-a2q+", "Brevitas A2Q+ (QAT)", "anchor", trained=True),
     Method("brevitas-a2q-eq", "Brevitas A2Q (QAT), + the W/A model's own QAT budget", "anchor", trained=True),
     Method("brevitas-a2q+-eq", "Brevitas A2Q+ (QAT), + the W/A model's own QAT budget", "anchor", trained=True),
+    Method("qat-float-eq", "ours: QAT finetune from the float checkpoint, + the W/A model's own QAT budget", "ours",
+           trained=True),
 )
-OUR_METHODS = ("project-a2q", "project-exact", "axe", "qat", "qat-float")
-EQUAL_BUDGET_METHODS = ("qat-float", "brevitas-a2q-eq", "brevitas-a2q+-eq")  # run at ModelBench.equal_budget_widths
+OUR_METHODS = ("project-a2q", "project-exact", "axe", "qat", "qat-float")  # the candidates of ours-best
+EQUAL_TOTAL_METHODS = (*OUR_METHODS, "qat-float-eq")  # the candidates of "ours best, equal total"
+# run at ModelBench.equal_budget_widths
+EQUAL_BUDGET_METHODS = ("qat-float", "brevitas-a2q-eq", "brevitas-a2q+-eq", "qat-float-eq")
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class ModelBench:
     resources: bool = False  # FINN resource estimates of the ours-best rows
     setup: str = "all"  # which MAC layers are constrained (bench.anchors.SETUPS)
     equal_budget_widths: tuple[int, ...] = ()  # the P (of train_widths) where EQUAL_BUDGET_METHODS run
+    methods: tuple[str, ...] | None = None  # run only these methods (None: every one of METHODS)
 
     def __post_init__(self) -> None:
         if self.setup not in SETUPS:
@@ -323,11 +331,12 @@ def _project(ctx: Context, method: str, acc_bits: int) -> ModelWrapper:
     return ctx.base.transform(ProjectToAccumulator(layer_bits={n: acc_bits for n in ctx.constrained}, method=method))
 
 
-def _finetune(ctx: Context, method: str, acc_bits: int, start: ModelWrapper) -> ModelWrapper:
+def _finetune(ctx: Context, method: str, acc_bits: int, start: ModelWrapper,
+              budget: TrainBudget | None = None) -> ModelWrapper:
     from a2q_passes.finetune.train import FinetuneConfig
     from a2q_passes.transforms.finetune import FinetuneAccumulators
 
-    budget = ctx.bench.budget
+    budget = budget or ctx.bench.budget
     # the "qat" rows are `a2q finetune`'s defaults (method and init), so the benchmark follows the CLI
     fields = {"method": "axe"} if method == "axe" else {}
     config = FinetuneConfig(**fields, loss="mse" if ctx.dataset == "sr" else "ce", epochs=budget.epochs,
@@ -371,20 +380,28 @@ def ours_best_key(row: dict[str, Any]) -> tuple[float, float, int]:
     broken by the lower validation loss, then by the method listed first (the cheaper one). Rows saved before
     the loss was stored (no ``val_loss``) tie on it."""
     loss = row.get("val_loss")
-    return row["val_score"], -(loss if loss is not None else 0.0), -OUR_METHODS.index(row["method"])
+    return row["val_score"], -(loss if loss is not None else 0.0), -EQUAL_TOTAL_METHODS.index(row["method"])
+
+
+def best_row(rows: list[dict[str, Any]], methods: tuple[str, ...] = OUR_METHODS) -> dict[str, Any] | None:
+    """The ``ours-best`` fields of the best (:func:`ours_best_key`) ``ok`` row of ``methods`` among ``rows`` (one
+    P and seed), naming it in ``selected``; ``None`` where none has a validation score."""
+    candidates = [r for r in rows if r["method"] in methods and r["status"] == "ok" and r["val_score"] is not None]
+    if not candidates:
+        return None
+    chosen = max(candidates, key=ours_best_key)
+    fields = {k: chosen.get(k) for k in ("score", "pct_of_float", "val_score", "val_loss", "sparsity",
+                                         "guaranteed_width", "free_width", "overflow_fraction")}
+    return {**fields, "selected": chosen["method"], "note": f"= {chosen['method']}"}
 
 
 def _ours_best(ctx: Context, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    candidates = [r for r in rows if r["method"] in OUR_METHODS and r["status"] == "ok" and r["val_score"] is not None]
-    chosen = max(candidates, key=ours_best_key)
-    fields = {k: chosen.get(k) for k in ("score", "val_score", "val_loss", "sparsity", "guaranteed_width",
-                                         "free_width", "overflow_fraction")}
-    return {**fields, "selected": chosen["method"], "note": f"= {chosen['method']}"}
+    return best_row(rows) or {"status": "not run", "note": "none of our rows ran at this P"}
 
 
 def jobs(bench: ModelBench) -> list[tuple[int, str]]:
     """(P, method) pairs in run order; ``ours-best`` comes after our four methods at each P."""
-    return [(p, m.key) for p in bench.widths for m in METHODS]
+    return [(p, m.key) for p in bench.widths for m in METHODS if bench.methods is None or m.key in bench.methods]
 
 
 def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None = None,
@@ -428,6 +445,9 @@ def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None
             elif method == "qat-float" and trained_here:
                 models_at_p[method] = _finetune(ctx, "qat", acc_bits, float_start(ctx))
                 fields = scorer.measure(models_at_p[method])
+            elif method == "qat-float-eq" and trained_here:
+                model = _finetune(ctx, "qat", acc_bits, float_start(ctx), equal_budget(bench, ctx.extra_budget))
+                fields = scorer.measure(model)
             elif method == "ours-best":
                 fields = _ours_best(ctx, [r for r in rows if r["P"] == acc_bits])
                 if keep_models:
@@ -437,7 +457,7 @@ def run_model(bench: ModelBench, on_row: Callable[[dict[str, Any]], None] | None
             else:
                 which = "equal-budget" if method in EQUAL_BUDGET_METHODS else "trained"
                 fields = {"status": "not run", "note": f"P={acc_bits} is not in the {which} widths"}
-        if method in OUR_METHODS and fields.get("status", "ok") == "ok":
+        if method in EQUAL_TOTAL_METHODS and fields.get("status", "ok") == "ok":
             fields.update(_guarantee(fields["guaranteed_width"], acc_bits))
         row = new_row(ctx, method, acc_bits, seconds=round(time.perf_counter() - t0, 1), **fields)
         rows.append(row)

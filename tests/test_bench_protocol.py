@@ -184,4 +184,52 @@ def test_seed_means_average_ours_best_chosen_per_seed_and_compare_the_means():
     assert "Behind at: P=12: ours 96.50 (qat) vs Brevitas A2Q 97.50 (-1.00)" in "\n".join(
         comparison_summary({"models": {"m": seed_means(seed0)}}))
     table = "\n".join(pivot_table(seed_means(entry)))
-    assert "| 12 | not run | not run | not run | not run | 98.00 (98.0%) [96.50-99.50, n=2] |" in table
+    assert "| P | QAT (ours) | QAT from float (ours) | ours best | Brevitas A2Q | Brevitas A2Q+ |" in table  # no empty columns
+    assert "| 12 | 98.00 (98.0%) [96.50-99.50, n=2] |" in table
+
+
+def test_protocol_merges_a_run_of_other_methods_into_the_same_width_and_seed():
+    """``bench.run_all --methods qat-float-eq`` adds rows to an earlier run's width and seed; the same method twice
+    is refused, and a run's 'not run' rows leave the method to the run that ran it."""
+    from bench.protocol import merge
+
+    added = _run("b", (12,))
+    added["models"]["m"]["rows"] = [{"method": "float", "P": None}, {"method": "qat-float-eq", "P": 12},
+                                    {"method": "qat", "P": 12, "status": "not run"}]
+    first = _run("a", (12,))
+    for run in (first, added):
+        run["models"]["m"]["rows"] = [{"status": "ok", **row} for row in run["models"]["m"]["rows"]]
+    entry = merge([first, added])["models"]["m"]
+    assert [(r["method"], r["P"]) for r in entry["rows"]] == [
+        ("float", None), ("qat", 12), ("ours-best", 12), ("qat-float-eq", 12)]
+    try:
+        merge([first, _run("c", (12,))])
+    except ValueError as error:
+        assert "P=[12]" in str(error) and "'qat'" in str(error)
+    else:
+        raise AssertionError("a method was merged twice at one width and seed")
+
+
+def test_ours_best_equal_total_chooses_per_seed_among_our_rows_and_qat_from_float_with_the_total_budget():
+    from bench.markdown import comparison_summary
+    from bench.protocol import seed_means, with_equal_total_best
+
+    scores = {
+        # seed 0: qat-float-eq has the best validation score; seed 1: qat does. Mean (98.0 + 97.0) / 2 = 97.5
+        0: {"qat": (96.0, 99.0), "qat-float-eq": (98.0, 100.0), "brevitas-a2q-eq": (97.25, 99.0)},
+        1: {"qat": (97.0, 100.0), "qat-float-eq": (95.0, 99.0), "brevitas-a2q-eq": (97.25, 99.0)},
+    }
+    entry = with_equal_total_best(_seeded_entry(scores))
+    derived = [(r["seed"], r["selected"], r["score"]) for r in entry["rows"] if r["method"] == "ours-best-eq"]
+    assert sorted(derived) == [(0, "qat-float-eq", 98.0), (1, "qat", 97.0)]
+    summary = "\n".join(comparison_summary({"models": {"m": seed_means(entry)}}))
+    assert ("P=12: ours [ours best, equal total] 97.50 [97.00-98.00, n=2] (qat-float-eq/qat) vs A2Q, equal total "
+            "97.25 [same, n=2] (+0.25)") in summary
+    # ours best (benchmark budget) is qat at both seeds: 96.5, behind; ours best, equal total is ahead
+    assert "P=12: ours 96.50 [96.00-97.00, n=2] (qat/qat) vs" not in summary.split("equal total training")[1]
+    # a width where one seed lacks the row gets no ours-best-eq: the comparison falls back to ours best
+    del scores[1]["qat-float-eq"]
+    entry = with_equal_total_best(_seeded_entry(scores))
+    assert not [r for r in entry["rows"] if r["method"] == "ours-best-eq"]
+    summary = "\n".join(comparison_summary({"models": {"m": seed_means(entry)}}))
+    assert "P=12: ours [ours best] 96.50 [96.00-97.00, n=2] (qat/qat) vs A2Q, equal total 97.25 [same, n=2] (-0.75)" in summary
