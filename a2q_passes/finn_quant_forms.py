@@ -55,7 +55,9 @@ def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None
     if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
         return None
     scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
-    if scale is None or zero is None or bits is None or np.size(bits) != 1 or not np.all(scale > 0) or np.any(zero != 0):
+    if scale is None or zero is None or bits is None or np.size(bits) != 1:
+        return None
+    if not np.all(scale > 0) or np.any(zero != 0):
         return None
     b = float(np.asarray(bits).reshape(-1)[0])
     return int(b) - 1 if b == int(b) and b >= 2 else None

@@ -444,7 +444,8 @@ def comparison_summary(results: dict) -> list[str]:
             found = [(name, (wins, losses)) for name, (wins, losses) in found if wins or losses]
             if not found:
                 continue
-            lines.append(f"- *{title}* ({' / '.join(_SHORT[m] for m in ours)} vs the better of {' / '.join(_SHORT[a] for a in anchors)}; "
+            lines.append(f"- *{title}* ({' / '.join(_SHORT[m] for m in ours)} vs the better of "
+                         f"{' / '.join(_SHORT[a] for a in anchors)}; "
                          f"{meaning}):")
             for name, (wins, losses) in found:
                 lines.append(f"  - **{name}**: ahead or equal at {len(wins)} of {len(wins) + len(losses)} widths."

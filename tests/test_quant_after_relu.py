@@ -17,7 +17,7 @@ import itertools
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, load_model_from_string, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.infer_shapes import InferShapes
@@ -184,7 +184,8 @@ def qdq_model(q: np.ndarray, zero_point: int, clip: tuple[int, int] | None, relu
               helper.make_node("DequantizeLinear", ["wq", "sw"], ["w"], name="dqw"),
               helper.make_node("MatMul", ["dx", "w"], ["y"], name="mm")]
     inits = [_const("sx", X_SCALE), _const("zx", zero_point, np.int8), _const("wq", q, np.int8),
-             _const("sw", W_SCALE), _const("clo", (clip or (0, 0))[0], np.int8), _const("chi", (clip or (0, 0))[1], np.int8)]
+             _const("sw", W_SCALE), _const("clo", (clip or (0, 0))[0], np.int8),
+             _const("chi", (clip or (0, 0))[1], np.int8)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, q.shape[1]])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -201,7 +202,6 @@ def test_qdq_after_relu_is_exact(zero_point, clip):
         y = session.run(None, {"x": x[None]})[0].astype(np.float64) / (X_SCALE * W_SCALE)
         executed.append(np.rint(y)[0] + zero_point * Q.sum(axis=0))  # fold: the MAC sees the raw codes
     executed = np.array(executed, dtype=np.int64)
-    from onnx import load_model_from_string
     model = ModelWrapper(load_model_from_string(data))
     report = analyze_model(model, zero_point="fold").layers[0]
     assert report.status == "ok"

@@ -172,7 +172,9 @@ class InputCodes:
         Quant of one bit less: a signed ``Quant`` right after a ``Relu``, zero point 0, positive scales and an
         integer bit width of at least 2."""
         producer = self.model.find_producer(node.input[0])
-        if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
+        if node.op_type != "Quant" or producer is None or producer.op_type != "Relu":
+            return False
+        if not node_attr(node, "signed", 1):
             return False
         scale, zero = (execute_constants(self.model, [name])[name] for name in node.input[1:3])
         b = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else 0.0
