@@ -486,12 +486,19 @@ class GridResolver:
 
 
 def non_negative(model: ModelWrapper, tensor: str) -> bool:
-    """Whether every value of ``tensor`` is >= 0 by construction: a Relu's output, passed on only by ops that move
-    or select values (:data:`GRID_PRESERVING_OPS`)."""
+    """Whether every value of ``tensor`` is >= 0 by construction: the output of a Relu or of a Clip whose lower
+    bound is a constant >= 0 (ReLU6 exports as ``Clip(0, 6)``), passed on only by ops that move or select values
+    (:data:`GRID_PRESERVING_OPS`)."""
     producer = model.find_producer(tensor)
     while producer is not None and producer.op_type in GRID_PRESERVING_OPS:
         producer = model.find_producer(producer.input[0])
-    return producer is not None and producer.op_type == "Relu"
+    if producer is None or producer.op_type not in ("Relu", "Clip"):
+        return False
+    if producer.op_type == "Relu":
+        return True
+    has_input = len(producer.input) > 1 and bool(producer.input[1])
+    low = get_constant(model, producer.input[1]) if has_input else node_attr(producer, "min")
+    return low is not None and np.size(low) == 1 and float(np.asarray(low).reshape(-1)[0]) >= 0
 
 
 def at_or_above(codes: IntRange, zero: int) -> IntRange:

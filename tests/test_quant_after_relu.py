@@ -43,11 +43,12 @@ def _const(name: str, value, dtype=np.float32):
 
 
 def qonnx_model(q: np.ndarray, bits: int, zero_point: int, between: str = "", scale: float = X_SCALE,
-                rounding: str = "ROUND", narrow: bool = False, before: str = "Relu") -> ModelWrapper:
-    """x -> ``before`` (Relu) -> [between] -> signed Quant -> MatMul(Quant(W)) with integer weights ``q`` (K, C)."""
+                rounding: str = "ROUND", narrow: bool = False, before: str = "Relu", clip_low: float = 0.0) -> ModelWrapper:
+    """x -> ``before`` (Relu; Add of 1; Clip from ``clip_low`` to 100, as ReLU6 exports) -> [between] -> signed
+    Quant -> MatMul(Quant(W)) with integer weights ``q`` (K, C)."""
     k = q.shape[0]
-    nodes = [helper.make_node(before, ["x"], ["r"], name="act")] if before != "Add" else \
-        [helper.make_node("Add", ["x", "offset"], ["r"], name="act")]
+    inputs = {"Add": ["x", "offset"], "Clip": ["x", "clip_low", "clip_high"]}.get(before, ["x"])
+    nodes = [helper.make_node(before, inputs, ["r"], name="act")]
     act = "r"
     if between == "Reshape":
         nodes.append(helper.make_node("Reshape", ["r", "shape"], ["b"], name="between"))
@@ -64,7 +65,8 @@ def qonnx_model(q: np.ndarray, bits: int, zero_point: int, between: str = "", sc
     ]
     inits = [_const("sx", scale), _const("zx", zero_point), _const("bx", bits), _const("w", q * W_SCALE),
              _const("sw", np.full((1, q.shape[1]), W_SCALE)), _const("zw", 0.0), _const("bw", 8.0),
-             _const("shape", [1, k], np.int64), _const("offset", 1.0)]
+             _const("shape", [1, k], np.int64), _const("offset", 1.0), _const("clip_low", clip_low),
+             _const("clip_high", 100.0)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX_DOMAIN, 1)])
@@ -94,8 +96,9 @@ Q = np.array([[3, -2, 0], [-1, 5, -7], [2, 2, 1], [-4, 0, 6]])
     (5, -3, "", "HALF_DOWN", False),
     (4, 9, "", "ROUND", False),  # the code of real 0 lies above the codes: every code is the top one
 ])
-def test_analysis_is_exact_and_project_keeps_its_promise(bits, zero_point, between, rounding, narrow):
-    model = qonnx_model(Q, bits, zero_point, between, rounding=rounding, narrow=narrow)
+@pytest.mark.parametrize("before", ["Relu", "Clip"])
+def test_analysis_is_exact_and_project_keeps_its_promise(bits, zero_point, between, rounding, narrow, before):
+    model = qonnx_model(Q, bits, zero_point, between, rounding=rounding, narrow=narrow, before=before)
     executed = executed_qonnx(model, zero_point=zero_point)
     report = analyze_model(model, zero_point="fold", per_channel=True).layers[0]
     assert report.status == "ok"
@@ -119,13 +122,13 @@ def test_the_signed_range_alone_would_cost_a_bit():
     assert plain.bounds["exact"] == relu_aware + 1
 
 
-@pytest.mark.parametrize("between", ["", "Reshape"])
-def test_the_fuzz_oracle_executes_the_relu_in_front_of_the_quantizer(between):
-    # the independent oracle of the fuzzer and the corpus cuts the graph above the Relu (the Reshape there fixes
-    # the batch at 1, as exporters write it: the cut then runs one sample at a time)
+@pytest.mark.parametrize("between,before", [("", "Relu"), ("Reshape", "Relu"), ("", "Clip")])
+def test_the_fuzz_oracle_executes_the_relu_in_front_of_the_quantizer(between, before):
+    # the independent oracle of the fuzzer and the corpus cuts the graph above the Relu or Clip (the Reshape there
+    # fixes the batch at 1, as exporters write it: the cut then runs one sample at a time)
     from tests.fuzz.real_files import executed_range
 
-    model = qonnx_model(Q, 4, 0, between)
+    model = qonnx_model(Q, 4, 0, between, before=before)
     oracle = executed_range(model, "mm")
     executed = executed_qonnx(model)
     assert (oracle.lo, oracle.hi) == (int(executed.min()), int(executed.max()))
@@ -133,11 +136,13 @@ def test_the_fuzz_oracle_executes_the_relu_in_front_of_the_quantizer(between):
     assert (report.acc_min, report.acc_max) == (oracle.lo, oracle.hi)
 
 
-@pytest.mark.parametrize("before,scale", [("Sigmoid", X_SCALE), ("Add", X_SCALE), ("Relu", -X_SCALE)])
-def test_other_inputs_keep_the_quantizers_whole_range(before, scale):
+@pytest.mark.parametrize("before,scale,clip_low", [("Sigmoid", X_SCALE, 0.0), ("Add", X_SCALE, 0.0),
+                                                   ("Relu", -X_SCALE, 0.0), ("Clip", X_SCALE, -1.0)])
+def test_other_inputs_keep_the_quantizers_whole_range(before, scale, clip_low):
     # a Sigmoid's output is >= 0 too, but nothing here reads that; an Add of a Relu is not known >= 0; a negative
-    # scale turns reals >= 0 into codes <= z: the codes read stay the quantizer's own, and hold what executes
-    model = qonnx_model(Q, 4, 0, scale=scale, before=before)
+    # scale turns reals >= 0 into codes <= z; a Clip from -1 lets negative reals through: the codes read stay the
+    # quantizer's own, and hold what executes
+    model = qonnx_model(Q, 4, 0, scale=scale, before=before, clip_low=clip_low)
     grid, reason = GridResolver(model).resolve("qx")
     assert reason == "" and grid.range == bounds.IntRange(-8, 7)
     executed = executed_qonnx(model, x_scale=scale)
@@ -171,10 +176,11 @@ def test_certificate_reads_the_same_codes_by_executing_the_quantizer(between):
 # --------------------------------------------------------------------------- QDQ (onnxruntime)
 
 
-def qdq_model(q: np.ndarray, zero_point: int, clip: tuple[int, int] | None, relu: bool = True) -> bytes:
-    """x -> Relu -> QuantizeLinear(int8) -> [Clip] -> DequantizeLinear -> MatMul(DequantizeLinear(int8 W))."""
+def qdq_model(q: np.ndarray, zero_point: int, clip: tuple[int, int] | None, before: str = "Relu") -> bytes:
+    """x -> ``before`` (Relu, or a float Clip from 0 to 100) -> QuantizeLinear(int8) -> [integer Clip] ->
+    DequantizeLinear -> MatMul(DequantizeLinear(int8 W))."""
     k = q.shape[0]
-    nodes = [helper.make_node("Relu" if relu else "Identity", ["x"], ["r"], name="act"),
+    nodes = [helper.make_node(before, ["x", "flo", "fhi"] if before == "Clip" else ["x"], ["r"], name="act"),
              helper.make_node("QuantizeLinear", ["r", "sx", "zx"], ["c"], name="qx")]
     codes = "c"
     if clip is not None:
@@ -185,7 +191,7 @@ def qdq_model(q: np.ndarray, zero_point: int, clip: tuple[int, int] | None, relu
               helper.make_node("MatMul", ["dx", "w"], ["y"], name="mm")]
     inits = [_const("sx", X_SCALE), _const("zx", zero_point, np.int8), _const("wq", q, np.int8),
              _const("sw", W_SCALE), _const("clo", (clip or (0, 0))[0], np.int8),
-             _const("chi", (clip or (0, 0))[1], np.int8)]
+             _const("chi", (clip or (0, 0))[1], np.int8), _const("flo", 0.0), _const("fhi", 100.0)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, q.shape[1]])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -193,9 +199,10 @@ def qdq_model(q: np.ndarray, zero_point: int, clip: tuple[int, int] | None, relu
     return proto.SerializeToString()
 
 
-@pytest.mark.parametrize("zero_point,clip", [(0, None), (-5, None), (0, (-8, 7)), (3, (-8, 7)), (-20, (-8, 7))])
-def test_qdq_after_relu_is_exact(zero_point, clip):
-    data = qdq_model(Q, zero_point, clip)
+@pytest.mark.parametrize("zero_point,clip,before", [(0, None, "Relu"), (-5, None, "Relu"), (0, (-8, 7), "Relu"),
+                                                   (3, (-8, 7), "Relu"), (-20, (-8, 7), "Relu"), (0, None, "Clip")])
+def test_qdq_after_relu_is_exact(zero_point, clip, before):
+    data = qdq_model(Q, zero_point, clip, before)
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     executed = []
     for x in real_vertices(Q.shape[0]):

@@ -160,11 +160,23 @@ class InputCodes:
         return None
 
     def _after_relu(self, tensor: str) -> bool:
-        """Whether ``tensor`` holds a Relu's output (reals >= 0), passed on only by value-selecting ops."""
+        """Whether ``tensor`` holds reals >= 0: a Relu's output, or a Clip's whose executed lower bound is >= 0,
+        passed on only by value-selecting ops."""
         producer = self.model.find_producer(tensor)
         while producer is not None and producer.op_type in _SELECTING_OPS:
             producer = self.model.find_producer(producer.input[0])
-        return producer is not None and producer.op_type == "Relu"
+        if producer is None or producer.op_type not in ("Relu", "Clip"):
+            return False
+        if producer.op_type == "Relu":
+            return True
+        if len(producer.input) < 2 or not producer.input[1]:
+            low = node_attr(producer, "min")  # opset < 11: the bound is an attribute
+            return low is not None and float(low) >= 0
+        try:
+            low = execute_constants(self.model, [producer.input[1]])[producer.input[1]]
+        except CannotCertify:  # a bound computed at run time: nothing known
+            return False
+        return np.size(low) == 1 and float(np.asarray(low).reshape(-1)[0]) >= 0
 
     def _made_unsigned_for_finn(self, node: NodeProto, bits: np.ndarray) -> bool:
         """Whether the rewrite that ``lower`` and the FINN build steps run before FINN's conversion

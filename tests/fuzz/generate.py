@@ -2,7 +2,7 @@
 
 A case is a chain of one or two *blocks*. Each block is
 
-    [Relu ->] activation source -> 0..2 grid-preserving ops -> MAC layer (weight quantizer) -> optional bias Add
+    [Relu or Clip(0, c) ->] activation source -> 0..2 grid-preserving ops -> MAC layer (weight quantizer) -> optional bias Add
 
 where the activation source is a qonnx ``Quant`` / ``BipolarQuant``, a QuantizeLinear+DequantizeLinear
 pair, an integer-annotated graph input (FINN style), a ``DequantizeLinear`` on an int8 graph input,
@@ -553,8 +553,14 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         else:
             x_in = x if x is not None else b.graph_input(shape)
             if spec["kind"] in ("quant", "qdq") and draw(st.integers(0, 3)) == 0:
-                # the usual real form: a Relu in front of the quantizer (its negative codes then never occur)
-                x_in = b.node("Relu", [x_in], b.shapes[x_in])
+                # the usual real form: a Relu (or ReLU6's Clip from 0) in front of the quantizer (its negative codes
+                # then never occur)
+                if draw(st.booleans()):
+                    x_in = b.node("Relu", [x_in], b.shapes[x_in])
+                else:
+                    high = draw(st.sampled_from([0.5, 6.0, 1000.0]))
+                    x_in = b.node("Clip", [x_in, b.const("clo", np.float32(0.0)), b.const("chi", np.float32(high))],
+                                  b.shapes[x_in])
             src, s, z = _apply_source(b, spec, x_in)
         grid = (s, z)
         case.used |= _source_uses(spec)

@@ -137,16 +137,28 @@ def _act_chain(model: ModelWrapper, tensor: str, kept: list, sources: list[str])
 
 
 def _relu_source(model: ModelWrapper, tensor: str, kept: list) -> str:
-    """Where the cut starts above a quantizer's input: above a Relu (and the shape ops between them) where one
-    feeds it, so the Relu runs and the quantizer sees the reals >= 0 it can see in the graph, else the input."""
+    """Where the cut starts above a quantizer's input: above a Relu or a Clip from 0 (and the shape ops between
+    them) where one feeds it, so it runs and the quantizer sees the reals >= 0 it can see in the graph, else the
+    input."""
     path, producer = [], model.find_producer(tensor)
     while producer is not None and producer.op_type in RELU_PASS_THROUGH:
         path.append(producer)
         producer = model.find_producer(producer.input[0])
-    if producer is None or producer.op_type != "Relu":
+    if producer is None or not (producer.op_type == "Relu" or _clip_from_zero(model, producer)):
         return tensor
     kept.extend(path + [producer])
     return producer.input[0]
+
+
+def _clip_from_zero(model: ModelWrapper, node) -> bool:
+    """A Clip whose lower bound (an initializer, or the attribute of opset < 11) is >= 0, as ReLU6 exports."""
+    if node.op_type != "Clip":
+        return False
+    if len(node.input) > 1 and node.input[1]:
+        low = model.get_initializer(node.input[1])
+    else:
+        low = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "min"), None)
+    return low is not None and np.size(low) == 1 and float(np.asarray(low).reshape(-1)[0]) >= 0
 
 
 def _ancestors(model: ModelWrapper, tensor: str, kept: list) -> None:
