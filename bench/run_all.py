@@ -44,7 +44,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.anchors import SETUPS, TrainBudget
-from bench.sweep import METHODS, ModelBench, finn_resources, run_model
+from bench.sweep import EQUAL_BUDGET_METHODS, METHODS, ModelBench, finn_resources, run_model
 
 REPO = Path(__file__).resolve().parent.parent
 FPGA_PART = "xczu3eg-sbva484-1-e"  # Ultra96 (ZU3EG), the part the project's other FINN reports use
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--widths", help="comma-separated subset of the configured widths P (every method runs "
                                          "only at these)")
     parser.add_argument("--equal-budget-widths", metavar="P,...",
-                        help="run the equal-budget rows (qat-float, brevitas-a2q-eq, brevitas-a2q+-eq) at these of "
+                        help=f"run the equal-budget rows ({', '.join(EQUAL_BUDGET_METHODS)}) at these of "
                              "the trained widths instead of the configured ones")
     parser.add_argument("--methods", metavar="METHOD,...",
                         help="run only these methods (default: every one); e.g. qat-float-eq alone adds that row to "

@@ -159,7 +159,7 @@ class InputCodes:
             return DataType[("INT" if node_attr(node, "signed", 1) else "UINT") + str(bits)]
         return None
 
-    def _after_relu(self, tensor: str) -> bool:
+    def _holds_non_negative(self, tensor: str) -> bool:
         """Whether ``tensor`` holds reals >= 0: a Relu's output, or a Clip's whose executed lower bound is >= 0,
         passed on only by value-selecting ops."""
         producer = self.model.find_producer(tensor)
@@ -193,14 +193,14 @@ class InputCodes:
         return bool(np.all(scale > 0) and np.all(zero == 0) and b == int(b) and b >= 2)
 
     def _probe(self, node: NodeProto, scale: float, zero: float, version: int | None = None) -> Grid:
-        """Execute a qonnx quantizer on its lowest and highest possible input, -inf (0 behind a Relu) and +inf: it
+        """Execute a qonnx quantizer on its lowest and highest possible input, -inf (0 where it holds only reals >= 0) and +inf: it
         is monotone, and its clamp yields the extreme codes."""
         params = execute_constants(self.model, [n for n in node.input[1:] if n])
         x, y = f"{node.input[0]}__certificate_probe", f"{node.output[0]}__certificate_probe"
         probe_node = helper.make_node(node.op_type, [x, *node.input[1:]], [y], domain=node.domain)
         probe_node.attribute.extend(node.attribute)
         ndim = max((np.ndim(v) for v in params.values()), default=0)
-        lowest = 0.0 if self._after_relu(node.input[0]) else -np.inf
+        lowest = 0.0 if self._holds_non_negative(node.input[0]) else -np.inf
         context = {**params, x: np.array([lowest, np.inf], dtype=np.float32).reshape(2, *[1] * ndim), y: None}
         try:
             with np.errstate(invalid="ignore", over="ignore"):
@@ -238,15 +238,16 @@ class InputCodes:
                                 f"with scale {scale}")
         lo, hi = STORAGE_RANGES[storage]
         lo, hi = self._through_clips(node, storage, lo, hi)
-        lo, hi = self._quantized_after_relu(node, lo, hi)
+        lo, hi = self._quantized_non_negative(node, lo, hi)
         return Grid(lo, hi, int(zero), scale)
 
-    def _quantized_after_relu(self, dq: NodeProto, lo: int, hi: int) -> tuple[int, int]:
+    def _quantized_non_negative(self, dq: NodeProto, lo: int, hi: int) -> tuple[int, int]:
         """``[lo, hi]`` cut to the codes the graph's own QuantizeLinear (and Clips) give reals >= 0, where it
-        quantizes a Relu's output: executed on 0 and on a real past its saturation (it is monotone)."""
+        quantizes only such reals (:meth:`_holds_non_negative`): executed on 0 and on a real past its saturation
+        (it is monotone)."""
         start = self._codes_before_clips(dq)
         quantize = self.model.find_producer(start)
-        if quantize is None or quantize.op_type != "QuantizeLinear" or not self._after_relu(quantize.input[0]):
+        if quantize is None or quantize.op_type != "QuantizeLinear" or not self._holds_non_negative(quantize.input[0]):
             return lo, hi
         try:
             out = execute_constants(self.model, [dq.input[0]],
