@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from a2q_passes.analysis import analyze_model
 from a2q_passes.finetune.constraint import SCALE_GRID, Constraint
@@ -112,3 +112,52 @@ def test_cli_refuses_unknown_init_warmup_and_method(tmp_path, monkeypatch, capsy
                         "--data", tmp_path / "train.npz", option, value, "--no-progress")
     assert code == 1 and message in err, err
     assert not out.exists()
+
+
+def _scale_through(model, form: str):
+    """``model`` (:func:`transposed_matmul_model`) with its weight scale fed to the Quant as PyTorch's exporters write
+    shared parameters: through an ``Identity`` node, or as a ``Constant`` node's output."""
+    quant = model.find_consumer("w_t")
+    if form == "identity":
+        model.graph.node.insert(0, helper.make_node("Identity", ["s_w"], ["s_w_shared"]))
+    else:
+        value = model.get_initializer("s_w")
+        model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "s_w"))
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["s_w_shared"],
+                                                    value=numpy_helper.from_array(value, "s_w_shared")))
+    quant.input[1] = "s_w_shared"
+    return model
+
+
+def _finetuned(model, bits: int):
+    x = np.random.default_rng(1).normal(0, 1.5, (48, 12)).astype(np.float32)
+    return finetune(model, select_layers(model, bits), Dataset(x, None, "random"), None,
+                    FinetuneConfig(loss="mse", distill=True, epochs=1, batch_size=16, lr=3e-3, **QUIET))
+
+
+def test_a_weight_scale_behind_an_identity_trains_as_the_initializer_itself():
+    """The Identity form used to crash the torch bridge (KeyError, found by fuzz property (g)); it must now train,
+    rescale and write back exactly as the plain form does."""
+    plain = transposed_matmul_model()
+    bits = max(r.bounds["exact"] for r in analyze_model(plain).layers) - 3
+    expected = _finetuned(plain, bits)
+    result = _finetuned(_scale_through(transposed_matmul_model(), "identity"), bits)
+    assert not result.reprojected
+    for name in ("w_t", "s_w"):
+        assert np.array_equal(result.model.get_initializer(name), expected.model.get_initializer(name)), name
+    assert not np.array_equal(result.model.get_initializer("s_w"), plain.get_initializer("s_w"))  # rescaled
+    assert _executed_widths(result.model, ["matmul"])["matmul"] <= bits
+
+
+def test_a_weight_scale_in_a_constant_node_is_left_alone_by_the_scaled_init():
+    """A Constant node is no initializer ``write_back`` writes: rescaling it would train the weights for a scale the
+    written model does not hold. It is left as it is, and the layer still fits."""
+    model = _scale_through(transposed_matmul_model(), "constant")
+    bits = max(r.bounds["exact"] for r in analyze_model(model).layers) - 3
+    selection = select_layers(model, bits)
+    module = QonnxModule(model)
+    constraint = Constraint(module, selection, "qat", "scaled")
+    assert constraint.scale_multipliers["matmul"] is None
+    result = _finetuned(model, bits)
+    assert not result.reprojected
+    assert _executed_widths(result.model, ["matmul"])["matmul"] <= bits

@@ -289,8 +289,9 @@ class Constraint:
 
     def _rescale(self, layer: ConstrainedLayer, wq: WeightQuant) -> np.ndarray | None:
         """Init ``scaled`` for one layer: multiply its weight scale in place; None where it is left alone
-        (a scale that other nodes read too, or rows that mix scale elements)."""
-        if self.module.readers(wq.scale_name) != [wq.node_name]:
+        (a scale that other nodes read too, one the written model would not hold (a Constant node's), or rows that
+        mix scale elements)."""
+        if self.module.readers(wq.scale_name) != [wq.node_name] or not self.module.is_parameter(wq.scale_name):
             return None
         multipliers = search_scales(layer, _numpy(wq.weight), _numpy(wq.scale))
         if multipliers is not None:

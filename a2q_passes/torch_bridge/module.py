@@ -128,6 +128,14 @@ class QonnxModule(nn.Module):
         # Converters are looked up here, so an unsupported op fails at construction, naming the node.
         ordered = _topological_order(compute, set(initializers) | set(self._input_names))
         self._steps = [(node, converter_for(node)) for node in ordered]
+        # PyTorch's exporters pass shared parameters (a Quant's scale, zero point, bit width) through Identity nodes:
+        # such an output reads as its constant (the Identity still runs; only the weight itself must be stored)
+        self._aliases: dict[str, str] = {}
+        for node in ordered:
+            if node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+                root = self._aliases.get(node.inputs[0], node.inputs[0])
+                if root in initializers:
+                    self._aliases[node.outputs[0]] = root
         self._signature = _graph_signature(model)
 
         self._weight_quants = self._find_weight_quants(model, compute, initializers)
@@ -188,8 +196,9 @@ class QonnxModule(nn.Module):
                 if node.inputs[0] in initializers:
                     names.add(node.inputs[0])
                 scaled = trainable_scales == "all" or (trainable_scales == "weights" and node.key in weight_quant_keys)
-                if scaled and node.inputs[1] in initializers:
-                    scales.add(node.inputs[1])
+                scale = self._aliases.get(node.inputs[1], node.inputs[1])
+                if scaled and scale in initializers:
+                    scales.add(scale)
             bias_input = _MAC_BIAS_INPUTS.get(node.op_type)
             if trainable_biases and bias_input is not None and len(node.inputs) > bias_input:
                 if node.inputs[bias_input] in initializers:
@@ -210,15 +219,24 @@ class QonnxModule(nn.Module):
     # ------------------------------------------------------------------ tensors
 
     def tensor(self, name: str) -> Tensor:
-        """The parameter or buffer holding ONNX initializer ``name``."""
+        """The parameter or buffer holding ONNX initializer ``name`` (or the one an Identity passes on as ``name``)."""
+        name = self._aliases.get(name, name)
         if name not in self._sources:
             raise KeyError(f"'{name}' is not an initializer (or Constant output) of this graph")
         is_param, key = self._sources[name]
         return self.trainable[key] if is_param else getattr(self.constants, key)
 
+    def is_parameter(self, name: str) -> bool:
+        """Whether ``name`` (through Identity nodes) is a trainable initializer, i.e. one :func:`write_back` writes."""
+        return self._sources.get(self._aliases.get(name, name), (False, ""))[0]
+
     def readers(self, name: str) -> list[str]:
-        """Keys of the nodes that read tensor ``name`` (once each), in execution order."""
-        return [node.key for node, _ in self._steps if name in node.inputs]
+        """Keys of the nodes that read tensor ``name`` (once each), in execution order; for a constant, every node
+        reading it directly or through the Identity nodes that pass it on (those Identity nodes not counted)."""
+        root = self._aliases.get(name, name)
+        names = {root} | {alias for alias, source in self._aliases.items() if source == root}
+        return [node.key for node, _ in self._steps
+                if names.intersection(node.inputs) and not (node.op_type == "Identity" and node.outputs[0] in names)]
 
     def named_onnx_parameters(self) -> dict[str, nn.Parameter]:
         """Trainable initializers by ONNX tensor name."""
