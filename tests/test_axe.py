@@ -347,3 +347,39 @@ def test_cli_axe_lists_the_rows_it_kept_and_verifies(a2q, tmp_path):
     for node in ("Conv_0", "Conv_1", "Gemm_0"):
         assert f"AXE rows kept in {node}: " in done.stdout
     assert a2q("verify", out).returncode == 0
+
+
+def test_axe_calibrates_a_layer_that_reads_the_graph_input_itself():
+    """A first layer on a FINN-style integer graph input (a datatype annotation, no quantizer in front): AXE's
+    calibration asks for the layer's input, which is the graph input itself (once a crash: qonnx refused the probe
+    graph that listed it twice; found by fuzz property (g))."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.basic import qonnx_make_model
+
+    from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import executed_range
+
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.normal(0, 1, (16, 4)).astype(np.float32), "s": np.float32(0.125), "z": np.float32(0),
+             "b": np.float32(6)}
+    graph = helper.make_graph(
+        [helper.make_node("Quant", ["w", "s", "z", "b"], ["wq"], domain="qonnx.custom_op.general", signed=1,
+                          narrow=1, rounding_mode="ROUND"),
+         helper.make_node("Gemm", ["x", "wq"], ["y"], name="gemm")],
+        "first_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.set_tensor_datatype("x", DataType["INT4"])
+    bits = analyze_model(model).layers[0].bounds["exact"] - 2
+    x_cal = rng.integers(-8, 8, (64, 16)).astype(np.float32)
+    step = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", loss="mse", distill=True,
+                                                                  progress=False, log=lambda line: None),
+                                held_out_samples=16)
+    quantized = step(model).model
+    assert [r.node for r in step.result.details["axe"]] == ["gemm"]
+    done = executed_range(quantized, "gemm")
+    assert width(done.lo, done.hi) <= bits
+    assert verify_model(quantized, bits).overflow_impossible

@@ -77,18 +77,20 @@ class AxeLayerReport:
 def layer_inputs(model: ModelWrapper, x: np.ndarray, tensors: list[str], device: torch.device) -> Iterator[dict[str, np.ndarray]]:
     """Chunks of ``{tensor: value}`` for the given intermediate tensors, running the graph on ``x``."""
     probe = ModelWrapper(copy.deepcopy(model.model))
+    (graph_input,) = [i.name for i in probe.graph.input if probe.get_initializer(i.name) is None]
     outputs = {o.name for o in probe.graph.output}
     for name in tensors:
-        if name not in outputs:
+        if name not in outputs and name != graph_input:  # a layer reading the graph input reads x itself
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
             outputs.add(name)
     names = [o.name for o in probe.graph.output]
     module = QonnxModule(probe, trainable_scales="none").to(device).eval()
     for start in range(0, len(x), _CHUNK):
+        chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + _CHUNK], dtype=np.float32)).to(device)
         with torch.no_grad():  # never across the yield: grad mode is global and would leak to the caller
-            values = module(torch.from_numpy(np.ascontiguousarray(x[start:start + _CHUNK], dtype=np.float32)).to(device))
+            values = module(chunk)
         values = values if isinstance(values, tuple) else (values,)
-        by_name = dict(zip(names, values))
+        by_name = {graph_input: chunk, **dict(zip(names, values))}
         yield {name: by_name[name].double().cpu().numpy() for name in tensors}
 
 
