@@ -8,7 +8,10 @@
 (d) ``annotate`` never records less than the executed range;
 (e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception);
 (f) optionally (``lower=True``), ``lower --from-annotations`` of project's output: every MVAU/VVAU it writes holds
-    its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be refused by name).
+    its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be refused by name);
+(g) optionally (``finetune=METHOD``), ``finetune --acc-bits P --method METHOD`` (one short epoch on random inputs,
+    distilled from the model itself) exits 0 and its output executes within P bits, read at the weight scales the
+    output holds (training may change them), or it refuses (exit 1) without a traceback.
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
@@ -22,7 +25,7 @@ import json
 import re
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -33,10 +36,10 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.cli import app
 from a2q_passes.errors import A2QError
 from tests.fuzz.generate import Case
-from tests.fuzz.oracle import ExecutedRange, executed_ranges, fits, width
+from tests.fuzz.oracle import ExecutedRange, _node, executed_ranges, fits, width
 
 CATEGORIES = {
-    "unsafe_output": "project wrote a model that overflows P (or is invalid)",
+    "unsafe_output": "project or finetune wrote a model that overflows P (or is invalid)",
     "false_no_overflow": "verify said 'no overflow' on a model that overflows",
     "too_small_analysis": "analyze reported a range smaller than executed",
     "too_small_annotation": "annotate recorded less than executed",
@@ -46,6 +49,14 @@ CATEGORIES = {
     "internal_error": "a command exited 4 (self-check failed)",
     "traceback": "a command leaked a traceback / unexpected exit code",
 }
+FINETUNE_SAMPLES = 16
+FINETUNE_METHODS = ("norm", "qat", "a2q", "axe")  # every --method of `a2q finetune`
+# generator switches whose layers finetune refuses by name (or never reads: QDQ, --zero-point subtract); leaving them
+# out of (g)'s cases makes most examples train
+FINETUNE_REFUSED = frozenset({"one_bit_signed_weights", "finn_bipolar_weights", "non_integer_bits",
+                              "unreadable_quantized_layers", "scale_along_k", "act_x_act_matmul", "subtract_zero_point",
+                              "dq_int8_without_zero_point", "qcdq_clip"})
+SKIP_HINT = re.compile(r"unconstrained explicitly with ((?:--skip \S+ ?)+)")
 SMALLEST_P = re.compile(r"smallest feasible target is (\d+) bits")
 
 
@@ -214,26 +225,28 @@ class Checker:
             self.outcome.fail("bad_refusal", f"project --acc-bits {bits} named {p} bits as the smallest feasible "
                               f"target, but --acc-bits {p} exits {again.code}: {again.stderr.strip()[-300:]}")
 
-    def _check_projected(self, out: Path, bits: int) -> None:
+    def _check_projected(self, out: Path, bits: int, what: str | None = None, case: Case | None = None) -> None:
+        """``out`` (written by ``what``, default project) executes within ``bits``; ``case``: the generator's record
+        with the weight scales ``out`` holds (default: the generated case's)."""
+        what = what or f"project --acc-bits {bits}"
         model = ModelWrapper(str(out))
         for init in model.graph.initializer:  # FINN datatypes must still hold (no 0 in a BIPOLAR tensor)
             dt = model.get_tensor_datatype(init.name)
             if dt.is_integer() and not dt.name.startswith("SCALED"):
                 values = model.get_initializer(init.name)
                 if not all(dt.allowed(v) for v in np.unique(values)):
-                    self.outcome.fail("unsafe_output", f"project --acc-bits {bits}: initializer {init.name} "
+                    self.outcome.fail("unsafe_output", f"{what}: initializer {init.name} "
                                       f"holds values outside its datatype {dt.name}")
         records = _records(out)
-        executed = executed_ranges(model, self.case)
+        executed = executed_ranges(model, case or self.case)
         for node, done in executed.items():
             # a layer left without a record carries no claim: give it the accumulator its executed range needs
             signed = str(records[node]["acc_dtype"]).startswith("INT") if node in records else done.lo < 0
             if not fits(done.lo, done.hi, bits, signed):
                 kind = "INT" if signed else "UINT"
                 state = "" if node in records else " (layer left unconstrained)"
-                self.outcome.fail("unsafe_output", f"project --acc-bits {bits} exited 0, but {node}{state} executes to "
+                self.outcome.fail("unsafe_output", f"{what} exited 0, but {node}{state} executes to "
                                   f"[{done.lo}, {done.hi}] outside {kind}{bits}")
-
 
     # (f)
     def lower(self, projected: Path) -> None:
@@ -255,6 +268,52 @@ class Checker:
                 self.outcome.fail("unsafe_lowering", f"lower: {node.name} executes to [{done.lo}, {done.hi}] outside "
                                   f"its accDataType {acc.name}")
 
+    # (g)
+    def finetune(self, path: Path, bits: int, method: str) -> None:
+        """Fine-tune at ``bits``; where it names layers it cannot train, again with them skipped, as its message says:
+        the others must then fit ``bits`` and the skipped ones must not need more than analyze reported before."""
+        data = self.workdir / "train.npz"
+        np.savez(data, x=_random_inputs(self.case.model, FINETUNE_SAMPLES))
+        out = self.workdir / f"finetuned_{bits}.onnx"
+        options = ["--acc-bits", bits, "--data", data, "--method", method, "--epochs", 1, "--batch-size", 4,
+                   "--loss", "mse", "--distill", "--no-progress", "--calib-samples", 8, "--held-out-samples", 4]
+        result = self.cli("finetune", path, out, *options)
+        skipped = SKIP_HINT.search(result.stderr) if result.code == 1 else None
+        if skipped:
+            skip = skipped.group(1).split()
+            result = self.cli("finetune", path, out, *options, *skip)
+            skip = skip[1::2]
+        else:
+            skip = []
+        if result.code == 0:
+            self._check_finetuned(path, out, bits, f"finetune --acc-bits {bits} --method {method}", set(skip))
+
+    def _check_finetuned(self, path: Path, out: Path, bits: int, what: str, skipped: set[str]) -> None:
+        from tests.fuzz.real_files import weight_scale
+
+        model = ModelWrapper(str(out))
+        layers = [info if info.weight_scale is None or info.act_x_act else
+                  replace(info, weight_scale=weight_scale(model, _node(model, info.node))) for info in self.case.layers]
+        case = replace(self.case, layers=layers)
+        before = {layer["node"]: layer for layer in json.loads(run_cli("analyze", path, "--json").stdout)["layers"]}
+        claimed = [info for info in layers if info.node not in skipped]
+        self._check_projected(out, bits, what, replace(case, layers=claimed))
+        for info in layers:
+            old = before.get(info.node)
+            if info.node not in skipped or not info.integer or old is None or old["status"] != "ok":
+                continue
+            done = executed_ranges(model, replace(case, layers=[info]))[info.node]
+            if width(done.lo, done.hi) > width(old["acc_min"], old["acc_max"]):
+                self.outcome.fail("unsafe_output", f"{what} --skip {info.node}: the skipped layer grew from "
+                                  f"[{old['acc_min']}, {old['acc_max']}] to executed [{done.lo}, {done.hi}]")
+
+
+def _random_inputs(model: ModelWrapper, samples: int) -> np.ndarray:
+    """``samples`` inputs for the model's one graph input, spread well past its quantizers' ranges."""
+    shape = model.get_tensor_shape(model.graph.input[0].name)
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal([samples, *shape[1:]]) * 4).astype(np.float32)
+
 
 def _records(path: Path) -> dict[str, dict]:
     model = ModelWrapper(str(path))
@@ -262,9 +321,11 @@ def _records(path: Path) -> dict[str, dict]:
     return json.loads(entry.value)["layers"] if entry is not None else {}
 
 
-def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False) -> Outcome:
+def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False,
+               finetune: str | None = None) -> Outcome:
     """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
-    QONNX cases with no --input-dtype and the fold convention (what ``lower`` takes)."""
+    QONNX cases with no --input-dtype and the fold convention (what ``lower`` takes); ``finetune`` (a method): also
+    (g), on the same cases (finetune reads QONNX under the fold convention), at project's P."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
@@ -281,4 +342,6 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
         n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in case.model.graph.node)
     if lower and qonnx and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
         checker.lower(projected)
+    if finetune and qonnx and not case.input_dtypes and case.zero_point == "fold":
+        checker.finetune(path, bits, finetune)
     return outcome
