@@ -383,3 +383,26 @@ def test_axe_calibrates_a_layer_that_reads_the_graph_input_itself():
     done = executed_range(quantized, "gemm")
     assert width(done.lo, done.hi) <= bits
     assert verify_model(quantized, bits).overflow_impossible
+
+
+def test_axe_calibrates_a_graph_that_describes_every_tensor():
+    """A graph with a value_info entry for every tensor (what shape inference or qonnx's QuantizeGraph writes) and a
+    batch-1 Reshape (the dynamo exporter's flatten, which makes the torch bridge copy the graph): calibration's probe
+    moves the layer inputs' entries to the outputs (qonnx refused the copy, a tensor described twice)."""
+    from onnx import helper, numpy_helper
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    model = digits_model()
+    flatten = next(node for node in model.graph.node if node.op_type == "Flatten")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "batch_1_shape"))
+    index = list(model.graph.node).index(flatten)
+    model.graph.node.remove(flatten)
+    model.graph.node.insert(index, helper.make_node("Reshape", [flatten.input[0], "batch_1_shape"], flatten.output))
+    model = model.transform(InferShapes())
+    described = {v.name for v in model.graph.value_info}
+    assert all(node.input[0] in described for node in model.graph.node if node.op_type in ("Conv", "Gemm"))
+    bits = 13
+    x_cal, _ = digits_data("train", 64)
+    step = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False, log=lambda line: None),
+                                held_out_samples=0)
+    assert verify_model(step(model).model, bits).overflow_impossible

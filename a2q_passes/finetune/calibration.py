@@ -79,9 +79,13 @@ def layer_inputs(model: ModelWrapper, x: np.ndarray, tensors: list[str], device:
     probe = ModelWrapper(copy.deepcopy(model.model))
     (graph_input,) = [i.name for i in probe.graph.input if probe.get_initializer(i.name) is None]
     outputs = {o.name for o in probe.graph.output}
+    value_info = {v.name: v for v in probe.graph.value_info}
     for name in tensors:
         if name not in outputs and name != graph_input:  # a layer reading the graph input reads x itself
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+            known = value_info.get(name)
+            if known is not None:  # moved, not copied: qonnx refuses a tensor described twice
+                probe.graph.value_info.remove(known)
+            probe.graph.output.append(known or helper.make_empty_tensor_value_info(name))
             outputs.add(name)
     names = [o.name for o in probe.graph.output]
     module = QonnxModule(probe, trainable_scales="none").to(device).eval()
