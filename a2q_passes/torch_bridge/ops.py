@@ -390,6 +390,12 @@ def _div(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     return torch.div(a, b, rounding_mode="trunc")  # ONNX integer division truncates
 
 
+@onnx_op("Pow")
+def _pow(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
+    # ONNX: the result has the base's type (the QONNX model zoo's TFC normalises its input with one)
+    return torch.pow(inputs[0], inputs[1]).to(inputs[0].dtype)
+
+
 @onnx_op("Relu")
 def _relu(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     return torch.relu(inputs[0])
@@ -628,7 +634,7 @@ def _gather(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     axis = int(node.attr("axis", 0)) % data.dim()
     flat = torch.remainder(indices.reshape(-1).long(), data.shape[axis])  # ONNX allows negative indices
     picked = torch.index_select(data, axis, flat)
-    return picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :])
+    return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))  # a scalar index: 0-d
 
 
 @onnx_op("DepthToSpace")
