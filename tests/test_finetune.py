@@ -419,3 +419,21 @@ def test_cli_layer_targets_never_widen_untargeted_layers(tmp_path):
     # the record holds Gemm_0 only: verify checks the untargeted layers at their own width and passes
     code, stdout, _ = a2q("verify", out)
     assert code == 0 and stdout.count("no target: own exact width") >= 2
+
+
+def test_cli_refuses_a_graph_the_torch_bridge_cannot_run_before_training(files, monkeypatch, capsys):
+    """An op the torch bridge lacks (here Erf after the logits) is refused up front, naming the node, with exit 1 and
+    nothing written, for every method (AXE runs the graph in torch too); before, training died with a traceback."""
+    tmp_path, _ = files
+    model = digits_model()
+    logits = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Erf", [logits], ["erf_out"], name="Erf_after_logits"))
+    model.graph.output[0].name = "erf_out"
+    path = tmp_path / "erf.onnx"
+    model.save(str(path))
+    before = digest(path)
+    for method in ("norm", "axe"):
+        code, err = run_cli(monkeypatch, capsys, "finetune", path, tmp_path / "o.onnx", "--acc-bits", NARROW,
+                            "--data", tmp_path / "train.npz", "--method", method, "--no-progress")
+        assert code == 1 and "torch bridge" in err and "Erf_after_logits" in err and "a2q project" in err, err
+    assert not (tmp_path / "o.onnx").exists() and digest(path) == before
