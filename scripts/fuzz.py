@@ -25,7 +25,7 @@ from onnx import helper
 
 from tests.fuzz.generate import CONSTRUCTS, Case, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import CATEGORIES, FINETUNE_METHODS, FINETUNE_REFUSED, check_case
+from tests.fuzz.properties import CATEGORIES, FINETUNE_VARIANTS, FINETUNE_REFUSED, check_case
 
 
 def main() -> int:
@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--lower", action="store_true", help="also check property (f): `lower` of project's output "
                         "(QONNX cases; several seconds each)")
     parser.add_argument("--finetune", action="store_true", help="also check property (g): `finetune` at project's P "
-                        "with a method drawn per example (QONNX cases; the generator leaves out the constructs "
+                        "with a method and options drawn per example (QONNX cases; the generator leaves out the constructs "
                         "finetune refuses by name)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -63,13 +63,13 @@ def main() -> int:
     @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=["generate"])
     @given(case=cases(exclude=FINETUNE_REFUSED if args.finetune else frozenset()), verify_delta=st.integers(-2, 0),
-           project_delta=st.integers(0, 3), method=st.sampled_from(FINETUNE_METHODS))
-    def run(case, verify_delta, project_delta, method):
+           project_delta=st.integers(0, 3), variant=st.sampled_from(FINETUNE_VARIANTS))
+    def run(case, verify_delta, project_delta, variant):
         stats["examples"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 outcome = check_case(case, Path(tmp), verify_delta, project_delta, lower=args.lower,
-                                     finetune=method if args.finetune else None)
+                                     finetune=variant if args.finetune else None)
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
@@ -89,7 +89,7 @@ def main() -> int:
                 n = stats["saved"] = stats["saved"] + 1
                 case.save(args.save / f"case_{n:05d}", {"failures": [f.__dict__ for f in outcome.failures],
                                                         "deltas": [verify_delta, project_delta],
-                                                        "finetune": method if args.finetune else None})
+                                                        "finetune": variant if args.finetune else None})
         if stats["examples"] % args.every == 0:
             found = ", ".join(f"{k}={v}" for k, v in sorted(examples_with.items())) or "none"
             print(f"[{stats['examples']}/{args.examples}] {time.time() - start:.0f}s; examples with violations: {found}",
@@ -148,7 +148,7 @@ def minimize(construct: str, category: str | None, examples: int, seed_value: in
 
 def replay(stem: Path, lower: bool = False, finetune: bool = False) -> int:
     """Print a saved case's graph, its executed ranges and the violations found now (``lower``: property (f) too;
-    ``finetune``: (g) with the method the case was saved with)."""
+    ``finetune``: (g) with the variant the case was saved with)."""
     case = Case.load(stem)
     for node in case.model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

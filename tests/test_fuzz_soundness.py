@@ -26,7 +26,7 @@ import a2q_passes.analysis
 import a2q_passes.transforms.project
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import FINETUNE_METHODS, FINETUNE_REFUSED, check_case, run_cli
+from tests.fuzz.properties import FINETUNE_VARIANTS, FINETUNE_REFUSED, check_case, run_cli
 
 EXAMPLES = int(os.environ.get("A2Q_FUZZ_EXAMPLES", "300"))
 FINETUNE_EXAMPLES = int(os.environ.get("A2Q_FUZZ_FINETUNE_EXAMPLES", "100"))
@@ -42,11 +42,12 @@ def test_random_models_keep_every_soundness_promise(case: Case, verify_delta: in
 
 
 @settings(FIXED, max_examples=FINETUNE_EXAMPLES)
-@given(case=cases(exclude=FINETUNE_REFUSED), project_delta=st.integers(0, 3), method=st.sampled_from(FINETUNE_METHODS))
-def test_random_models_keep_finetunes_promise(case: Case, project_delta: int, method: str) -> None:
-    """Property (g) with every other: `finetune` at project's P, each method, on random QONNX models."""
+@given(case=cases(exclude=FINETUNE_REFUSED), project_delta=st.integers(0, 3),
+       variant=st.sampled_from(FINETUNE_VARIANTS))
+def test_random_models_keep_finetunes_promise(case: Case, project_delta: int, variant: str) -> None:
+    """Property (g) with every other: `finetune` at project's P, each method and init, on random QONNX models."""
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = check_case(case, Path(tmp), 0, project_delta, finetune=method)
+        outcome = check_case(case, Path(tmp), 0, project_delta, finetune=variant)
     assert not outcome.failures, "\n".join([f"{f.category}: {f.message}" for f in outcome.failures] + case.description)
 
 
@@ -140,16 +141,16 @@ def test_lower_property_passes_an_honest_lowering_and_catches_a_too_narrow_accum
     assert any(f.category == "unsafe_lowering" and "INT2" in f.message for f in outcome.failures), outcome.failures
 
 
-@pytest.mark.parametrize("method", FINETUNE_METHODS)
-def test_finetune_property_passes_each_method_and_catches_an_untrained_output(
-        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
-    """Property (g): every method fine-tunes the plain dense layer one bit below its width (exit 0, no violation);
+@pytest.mark.parametrize("variant", FINETUNE_VARIANTS)
+def test_finetune_property_passes_each_variant_and_catches_an_untrained_output(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    """Property (g): every variant fine-tunes the plain dense layer one bit below its width (exit 0, no violation);
     with training replaced by the input model and the pass's own checks off, the oracle finds the overflow."""
     import a2q_passes.transforms.finetune as finetune_module
     from a2q_passes.finetune.train import FinetuneResult, metric_name
 
     (tmp_path / "honest").mkdir()
-    honest = check_case(gemm_case, tmp_path / "honest", finetune=method)
+    honest = check_case(gemm_case, tmp_path / "honest", finetune=variant)
     assert honest.exit_codes.get("finetune") == 0 and not honest.failures, honest.failures
 
     def untouched(model: ModelWrapper) -> ModelWrapper:
@@ -163,7 +164,7 @@ def test_finetune_property_passes_each_method_and_catches_an_untrained_output(
     monkeypatch.setattr(finetune_module, "enforce_widths", lambda model, selection: {})
     monkeypatch.setattr(finetune_module.FinetuneAccumulators, "ensures", lambda self, result: None)
     (tmp_path / "sabotaged").mkdir()
-    outcome = check_case(gemm_case, tmp_path / "sabotaged", finetune=method)
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", finetune=variant)
     assert outcome.exit_codes.get("finetune") == 0
     assert any(f.category == "unsafe_output" and f.message.startswith("finetune") for f in outcome.failures), \
         outcome.failures

@@ -9,7 +9,7 @@
 (e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception);
 (f) optionally (``lower=True``), ``lower --from-annotations`` of project's output: every MVAU/VVAU it writes holds
     its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be refused by name);
-(g) optionally (``finetune=METHOD``), ``finetune --acc-bits P --method METHOD`` (one short epoch on random inputs,
+(g) optionally (``finetune="METHOD [OPTIONS]"``), ``finetune --acc-bits P --method METHOD [OPTIONS]`` (one short epoch on random inputs,
     distilled from the model itself) exits 0 and its output executes within P bits, read at the weight scales the
     output holds (training may change them), or it refuses (exit 1) without a traceback.
 
@@ -50,7 +50,9 @@ CATEGORIES = {
     "traceback": "a command leaked a traceback / unexpected exit code",
 }
 FINETUNE_SAMPLES = 16
-FINETUNE_METHODS = ("norm", "qat", "a2q", "axe")  # every --method of `a2q finetune`
+# every --method of `a2q finetune` with its default init, and each other --init (and AXE's tiles) once
+FINETUNE_VARIANTS = ("norm", "qat", "a2q", "axe", "norm --init project", "qat --init axe", "a2q --init none",
+                     "axe --tile 4")
 # generator switches whose layers finetune refuses by name (or never reads: QDQ, --zero-point subtract); leaving them
 # out of (g)'s cases makes most examples train
 FINETUNE_REFUSED = frozenset({"one_bit_signed_weights", "finn_bipolar_weights", "non_integer_bits",
@@ -269,13 +271,13 @@ class Checker:
                                   f"its accDataType {acc.name}")
 
     # (g)
-    def finetune(self, path: Path, bits: int, method: str) -> None:
+    def finetune(self, path: Path, bits: int, variant: str) -> None:
         """Fine-tune at ``bits``; where it names layers it cannot train, again with them skipped, as its message says:
         the others must then fit ``bits`` and the skipped ones must not need more than analyze reported before."""
         data = self.workdir / "train.npz"
         np.savez(data, x=_random_inputs(self.case.model, FINETUNE_SAMPLES))
         out = self.workdir / f"finetuned_{bits}.onnx"
-        options = ["--acc-bits", bits, "--data", data, "--method", method, "--epochs", 1, "--batch-size", 4,
+        options = ["--acc-bits", bits, "--data", data, "--method", *variant.split(), "--epochs", 1, "--batch-size", 4,
                    "--loss", "mse", "--distill", "--no-progress", "--calib-samples", 8, "--held-out-samples", 4]
         result = self.cli("finetune", path, out, *options)
         skipped = SKIP_HINT.search(result.stderr) if result.code == 1 else None
@@ -286,7 +288,7 @@ class Checker:
         else:
             skip = []
         if result.code == 0:
-            self._check_finetuned(path, out, bits, f"finetune --acc-bits {bits} --method {method}", set(skip))
+            self._check_finetuned(path, out, bits, f"finetune --acc-bits {bits} --method {variant}", set(skip))
 
     def _check_finetuned(self, path: Path, out: Path, bits: int, what: str, skipped: set[str]) -> None:
         from tests.fuzz.real_files import weight_scale
@@ -324,7 +326,7 @@ def _records(path: Path) -> dict[str, dict]:
 def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False,
                finetune: str | None = None) -> Outcome:
     """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
-    QONNX cases with no --input-dtype and the fold convention (what ``lower`` takes); ``finetune`` (a method): also
+    QONNX cases with no --input-dtype and the fold convention (what ``lower`` takes); ``finetune`` (a variant): also
     (g), on the same cases (finetune reads QONNX under the fold convention), at project's P."""
     outcome = Outcome()
     path = workdir / "model.onnx"
