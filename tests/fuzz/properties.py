@@ -52,7 +52,7 @@ CATEGORIES = {
 FINETUNE_SAMPLES = 16
 # every --method of `a2q finetune` with its default init, and each other --init (and AXE's tiles) once
 FINETUNE_VARIANTS = ("norm", "qat", "a2q", "axe", "norm --init project", "qat --init axe", "a2q --init none",
-                     "axe --tile 4")
+                     "axe --tile 4", "qat --input-ranges finn", "norm --train-act-scales")
 # generator switches whose layers finetune refuses by name (or never reads: QDQ, --zero-point subtract); leaving them
 # out of (g)'s cases makes most examples train
 FINETUNE_REFUSED = frozenset({"one_bit_signed_weights", "finn_bipolar_weights", "non_integer_bits",
@@ -296,6 +296,8 @@ class Checker:
         model = ModelWrapper(str(out))
         layers = [info if info.weight_scale is None or info.act_x_act else
                   replace(info, weight_scale=weight_scale(model, _node(model, info.node))) for info in self.case.layers]
+        if "--train-act-scales" in what:  # the activation quantizers' scales moved too: read them from the output
+            layers = [_with_activation_grid(model, info) for info in layers]
         case = replace(self.case, layers=layers)
         before = {layer["node"]: layer for layer in json.loads(run_cli("analyze", path, "--json").stdout)["layers"]}
         claimed = [info for info in layers if info.node not in skipped]
@@ -308,6 +310,20 @@ class Checker:
             if width(done.lo, done.hi) > width(old["acc_min"], old["acc_max"]):
                 self.outcome.fail("unsafe_output", f"{what} --skip {info.node}: the skipped layer grew from "
                                   f"[{old['acc_min']}, {old['acc_max']}] to executed [{done.lo}, {done.hi}]")
+
+
+def _with_activation_grid(model: ModelWrapper, info):
+    """``info`` with the activation scale and zero point ``model`` holds for its MAC input (as generated where the
+    real-file reader cannot describe that input)."""
+    from tests.fuzz.real_files import Undescribed, activation_grid
+
+    if info.act_scale is None or info.act_x_act:
+        return info
+    try:
+        scale, zero = activation_grid(model, _node(model, info.node).input[0])
+    except Undescribed:
+        return info
+    return replace(info, act_scale=scale, act_zero_point=zero)
 
 
 def _random_inputs(model: ModelWrapper, samples: int) -> np.ndarray:
