@@ -328,3 +328,36 @@ def test_qdq_model_is_refused_with_the_way_forward(data, a2q, tmp_path):
     message = result.stderr.replace("\n", " ")
     assert result.returncode == 1 and not out.exists(), message
     assert "QONNX Quant" in message and "--widths-json" in message and "/conv1/Conv" in message
+
+
+def test_a_graph_the_torch_bridge_cannot_run_is_refused_naming_the_node(data, a2q, tmp_path):
+    """allocate scores every candidate in PyTorch: an op the bridge lacks (here Erf after the logits; in the corpus,
+    qonnx's channels-last Conv) is refused by name before any work. Before, a traceback."""
+    from onnx import helper
+
+    model = ModelWrapper(str(MODEL))
+    logits = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Erf", [logits], ["erf_out"], name="Erf_after_logits"))
+    model.graph.output[0].name = "erf_out"
+    path, out = tmp_path / "erf.onnx", tmp_path / "w.json"
+    model.save(str(path))
+    result = a2q("allocate", path, "--data", data.calib, "--min-score-pct", "99", "-o", out, "--no-progress")
+    message = result.stderr.replace("\n", " ")
+    assert result.returncode == 1 and not out.exists(), message
+    assert "torch bridge" in message and "Erf_after_logits" in message and "a2q project" in message
+
+
+def test_a_layer_finn_leaves_unlowered_is_named(tmp_path):
+    """The cost model needs FINN's MVAU/VVAU for each layer: a ConvTranspose FINN keeps as it is (it still matches
+    itself by its weights) is named as not lowered, not reported as an unknown MVAU name."""
+    import warnings
+
+    from a2q_passes.transforms.allocate import finn_layer_shapes
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec("convtranspose", 4, 4, per_channel=True), "qonnx")
+    model = ModelWrapper(str(path))
+    with pytest.raises(A2QError, match="FINN did not lower layer.s. ConvTranspose_0 to an MVAU/VVAU"):
+        finn_layer_shapes(model, {"ConvTranspose_0": [12]}, "xczu3eg-sbva484-1-e")

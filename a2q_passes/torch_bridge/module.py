@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.bounds import IntRange, integer_range
+from a2q_passes.errors import A2QError
 from a2q_passes.torch_bridge.ops import (
     QONNX_DOMAINS,
     OnnxNode,
@@ -400,3 +401,15 @@ def write_back(module: QonnxModule, model: ModelWrapper) -> ModelWrapper:
             original = model.get_initializer(name)
             out.set_initializer(name, value.detach().cpu().numpy().astype(original.dtype).reshape(original.shape))
     return out
+
+
+def check_runs(model: ModelWrapper, sample: np.ndarray, purpose: str) -> None:
+    """Refuse, before any work, a graph the bridge cannot run on ``sample`` (an op it lacks, or one that fails there;
+    the error names the node): ``purpose`` says which command needs it."""
+    try:
+        with torch.no_grad():
+            QonnxModule(model, trainable_scales="none")(torch.from_numpy(sample))
+    except (NotImplementedError, RuntimeError) as err:
+        raise A2QError(f"{purpose} runs the model in PyTorch (a2q's torch bridge), which cannot run it: {err}. "
+                       "`a2q project IN.onnx OUT.onnx --acc-bits P` rewrites such a model without running it; or use "
+                       "the model as exported, before the transformation that introduced this op") from err

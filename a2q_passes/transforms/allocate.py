@@ -51,7 +51,7 @@ from a2q_passes.finetune.train import FinetuneConfig, evaluate_graph, predict
 from a2q_passes.methods import DEFAULT_METHOD, get_method
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import accumulator_is_signed, min_feasible_acc_bits
-from a2q_passes.torch_bridge import QonnxModule
+from a2q_passes.torch_bridge import QonnxModule, check_runs
 from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
@@ -82,6 +82,7 @@ class Scorer:
         self.metric = metric
         self.loss = "ce" if metric == "top1" else "mse"
         dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
+        check_runs(reference, dataset.x[:1], "allocation (it scores every candidate)")
         if dataset.y is None:
             outputs = predict(QonnxModule(reference, trainable_scales="none"), dataset.x, _CPU)
             targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs
@@ -148,6 +149,7 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     Each width needs one :func:`resource_report` (all layers at once: a layer's estimate depends on
     its own width only).
     """
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
     from a2q_passes.finn_flow import lower_to_finn_hw
     from a2q_passes.finn_runtime import validate_fpgapart
     from a2q_passes.resources import resource_report
@@ -157,7 +159,8 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     hw, _ = lower_to_finn_hw(model)
     to_qonnx = match_layers(layer_signatures(model), layer_signatures(hw))
     to_hw = {q: h for h, q in to_qonnx.items()}
-    missing = [name for name in widths if name not in to_hw]
+    lowered = {node.name for node in iterate_mac_nodes(hw)}  # a layer FINN left as it was still matches itself
+    missing = [name for name in widths if to_hw.get(name) not in lowered]
     if missing:
         raise A2QError(f"FINN did not lower layer(s) {', '.join(missing)} to an MVAU/VVAU, so their hardware cost is "
                        f"unknown; `a2q lower MODEL OUT` shows why. Allocation needs a model FINN can lower")

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes import bounds
@@ -37,7 +36,7 @@ from a2q_passes.finetune.train import FinetuneConfig, StepCallback, evaluate_gra
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.metadata import record_accumulators
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.torch_bridge import QonnxModule
+from a2q_passes.torch_bridge import check_runs
 
 METHODS = (*TRAINING_METHODS, "axe")
 DataLike = Dataset | str | Iterable[Any] | tuple | np.ndarray
@@ -111,7 +110,7 @@ class FinetuneAccumulators(A2QPass):
                                                        self.config.seed)
         if self._val_source is not None:
             self.val = validate(as_dataset(self._val_source, "validation data"), io, self.config.loss, False)
-        _check_runs_in_torch(model, self.train.x[:1])
+        check_runs(model, self.train.x[:1], "fine-tuning")
         self._structure_before = _structure(model)
 
     def call(self, model: ModelWrapper) -> PassResult:
@@ -212,14 +211,3 @@ class FinetuneAccumulators(A2QPass):
                 raise PostconditionError(f"layer '{node}' has no target but needs a {now}-bit accumulator after "
                                          f"fine-tuning, above its {width} bits before; give it a target with "
                                          f"--layer {node}={width}")
-
-
-def _check_runs_in_torch(model: ModelWrapper, sample: np.ndarray) -> None:
-    """Every method runs the model in PyTorch (the torch bridge): refuse, before any work, a graph it cannot run."""
-    try:
-        with torch.no_grad():
-            QonnxModule(model, trainable_scales="none")(torch.from_numpy(sample))
-    except (NotImplementedError, RuntimeError) as err:  # an op it lacks; one it cannot run here (names the node)
-        raise A2QError(f"fine-tuning runs the model in PyTorch (a2q's torch bridge), which cannot run it: {err}. "
-                       "`a2q project IN.onnx OUT.onnx --acc-bits P` rewrites such a model without running it; or "
-                       "fine-tune the model as exported, before the transformation that introduced this op") from err
