@@ -361,3 +361,25 @@ def test_a_layer_finn_leaves_unlowered_is_named(tmp_path):
     model = ModelWrapper(str(path))
     with pytest.raises(A2QError, match="FINN did not lower layer.s. ConvTranspose_0 to an MVAU/VVAU"):
         finn_layer_shapes(model, {"ConvTranspose_0": [12]}, "xczu3eg-sbva484-1-e")
+
+
+def test_an_activation_by_activation_matmul_is_named_before_lowering():
+    """FINN makes such a MatMul an MVAU with streamed weights, which has no static cost: named, as `lower` does (it
+    was FINN's node name, 'weights are not an initializer')."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qonnx.util.basic import qonnx_make_model
+
+    from a2q_passes.transforms.allocate import finn_layer_shapes
+
+    consts = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in
+              {"s": 0.1, "z": 0.0, "b": 4.0}.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain="qonnx.custom_op.general", signed=1,
+                          narrow=0, rounding_mode="ROUND"),
+         helper.make_node("Transpose", ["xq"], ["xt"], perm=[0, 2, 1]),
+         helper.make_node("MatMul", ["xq", "xt"], ["y"], name="scores")],
+        "attention_scores", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])], consts)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(A2QError, match="scores: activation x activation MatMul"):
+        finn_layer_shapes(model, {}, "xczu3eg-sbva484-1-e")

@@ -150,12 +150,18 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     its own width only).
     """
     from a2q_passes.finn_accumulators import iterate_mac_nodes
+    from a2q_passes.layers import find_mac_layers
     from a2q_passes.finn_flow import lower_to_finn_hw
     from a2q_passes.finn_runtime import validate_fpgapart
     from a2q_passes.resources import resource_report
     from a2q_passes.transforms.lower import layer_signatures, match_layers
 
     part = validate_fpgapart(fpgapart)
+    act_x_act = [layer.node for layer in find_mac_layers(model) if layer.act_x_act]
+    if act_x_act:  # FINN makes each an MVAU with streamed (mem_mode="dynamic") weights, which have no static cost
+        raise A2QError(f"{', '.join(act_x_act)}: activation x activation MatMul; allocation's cost model lowers the "
+                       "model with FINN, which has no resource estimate for such a layer. Give per-layer widths to "
+                       "`a2q project --widths-json` instead; `a2q verify` checks these layers")
     hw, _ = lower_to_finn_hw(model)
     to_qonnx = match_layers(layer_signatures(model), layer_signatures(hw))
     to_hw = {q: h for h, q in to_qonnx.items()}
