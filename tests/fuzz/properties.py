@@ -7,11 +7,12 @@
     executed worst case overflows;
 (d) ``annotate`` never records less than the executed range;
 (e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception);
-(f) optionally (``lower=True``), ``lower --from-annotations`` of project's output: every MVAU/VVAU it writes holds
-    its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be refused by name);
-(g) optionally (``finetune="METHOD [OPTIONS]"``), ``finetune --acc-bits P --method METHOD [OPTIONS]`` (one short epoch on random inputs,
-    distilled from the model itself) exits 0 and its output executes within P bits, read at the weight scales the
-    output holds (training may change them), or it refuses (exit 1) without a traceback.
+(f) optionally (``lower=True``), ``lower --from-annotations`` of project's (and finetune's) output: every MVAU/VVAU
+    it writes holds its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be
+    refused by name);
+(g) optionally (``finetune="METHOD [OPTIONS]"``), ``finetune --acc-bits P --method METHOD [OPTIONS]`` (one short
+    epoch on random inputs, distilled from the model itself) exits 0 and its output executes within P bits, read at
+    the weight scales the output holds (training may change them), or it refuses (exit 1) without a traceback.
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
@@ -256,7 +257,7 @@ class Checker:
 
         from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range
 
-        hw = self.workdir / "lowered.onnx"
+        hw = self.workdir / f"{projected.stem}.lowered.onnx"
         result = self.cli("lower", projected, hw, "--from-annotations", "--samples", "2")
         if result.code not in (0, 3) or not hw.exists():
             return  # refusals are checked for naming by (e) only: FINN's own limits are many
@@ -271,9 +272,10 @@ class Checker:
                                   f"its accDataType {acc.name}")
 
     # (g)
-    def finetune(self, path: Path, bits: int, variant: str) -> None:
+    def finetune(self, path: Path, bits: int, variant: str) -> Path | None:
         """Fine-tune at ``bits``; where it names layers it cannot train, again with them skipped, as its message says:
-        the others must then fit ``bits`` and the skipped ones must not need more than analyze reported before."""
+        the others must then fit ``bits`` and the skipped ones must not need more than analyze reported before.
+        Returns the written model (None where finetune refused)."""
         data = self.workdir / "train.npz"
         np.savez(data, x=_random_inputs(self.case.model, FINETUNE_SAMPLES))
         out = self.workdir / f"finetuned_{bits}.onnx"
@@ -287,8 +289,10 @@ class Checker:
             skip = skip[1::2]
         else:
             skip = []
-        if result.code == 0:
-            self._check_finetuned(path, out, bits, f"finetune --acc-bits {bits} --method {variant}", set(skip))
+        if result.code != 0:
+            return None
+        self._check_finetuned(path, out, bits, f"finetune --acc-bits {bits} --method {variant}", set(skip))
+        return out
 
     def _check_finetuned(self, path: Path, out: Path, bits: int, what: str, skipped: set[str]) -> None:
         from tests.fuzz.real_files import weight_scale
@@ -361,5 +365,7 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     if lower and qonnx and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
         checker.lower(projected)
     if finetune and qonnx and not case.input_dtypes and case.zero_point == "fold":
-        checker.finetune(path, bits, finetune)
+        finetuned = checker.finetune(path, bits, finetune)
+        if lower and finetuned is not None:  # (f) on finetune's output too: its recorded widths go to FINN
+            checker.lower(finetuned)
     return outcome
