@@ -17,7 +17,11 @@ through the command line:
 2. ``a2q project`` at P = the widest exact width - 2 (``--input-ranges finn`` for QONNX files, which are lowered);
 3. ``a2q verify`` of the projected file, and the oracle on it: every promised layer's executed range fits P;
 4. for QONNX files, ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``)
-   fits the ``accDataType`` it was given.
+   fits the ``accDataType`` it was given;
+5. for files with QONNX ``Quant`` nodes, ``a2q finetune`` at the same P (one short epoch on random inputs, distilled
+   from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
+   layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
+   fits P. A clear refusal is noted (the file stays handled); a traceback or an unsafe output is a failure.
 
 Each file is *handled* (all of the above), *refused* (``a2q`` exits 1 or 3, or reports a layer it cannot read,
 with a message naming the construct and no traceback), *unchecked* (the oracle cannot read the file's grid, so
@@ -39,6 +43,7 @@ import shutil
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +108,7 @@ class Result:
     layers: int = 0
     tight: int = 0
     acc_bits: int | None = None
+    finetuned: str = ""  # the finetune method whose output was verified and executed within P ("" where none)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -557,8 +563,61 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], width) -> No
             result.status = "FAILED"
             result.detail = f"projected {name}: executed [{ex.lo}, {ex.hi}] needs {width(ex.lo, ex.hi)} bits > P={bits}"
             return
-    if entry.lower:
+    if not zp and any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path)):
+        _check_finetune(entry, work, bits, result)
+    if entry.lower and result.status == "handled":
         _check_lower(entry, work, projected, result)
+
+
+FINETUNE_METHODS = ("norm", "qat", "axe")
+
+
+def _graph_nodes(path: Path) -> list:
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None:
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from tests.fuzz.oracle import width
+    from tests.fuzz.properties import SKIP_HINT, _records
+
+    model = ModelWrapper(str(entry.path))
+    if len([i for i in model.graph.input if model.get_initializer(i.name) is None]) != 1:
+        result.notes.append("finetune: not run (the file has several inputs)")
+        return
+    shape = model.get_tensor_shape(model.graph.input[0].name)
+    data = work / f"{entry.name}.train.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal([8, *shape[1:]]).astype(np.float32))
+    method = FINETUNE_METHODS[zlib.crc32(entry.name.encode()) % len(FINETUNE_METHODS)]
+    out = work / f"{entry.name}.finetuned.onnx"
+    args = ["finetune", entry.path, out, "--acc-bits", bits, "--data", data, "--method", method, "--epochs", 1,
+            "--batch-size", 4, "--loss", "mse", "--distill", "--no-progress", "--calib-samples", 4,
+            "--held-out-samples", 4]
+    code, stdout, err = _run(*args)
+    skipped = SKIP_HINT.search(err) if code == 1 else None
+    if skipped:
+        code, stdout, err = _run(*args, *skipped.group(1).split())
+    if code != 0:
+        status, detail = _refusal(code, stdout, err, f"finetune --method {method} --acc-bits {bits}")
+        if status == "FAILED":
+            result.status, result.detail = status, detail
+        else:
+            result.notes.append(detail)
+        return
+    code, stdout, err = _run("verify", out)
+    if code != 0:
+        result.status, result.detail = "FAILED", f"verify of the fine-tuned file exit {code}: {(err or stdout)[-300:]}"
+        return
+    constrained = [name for name, layer in _records(out).items() if layer.get("acc_bits") == bits]
+    for name, ex in _oracle_ranges(out, constrained, "fold").items():
+        if width(ex.lo, ex.hi) > bits:
+            result.status = "FAILED"
+            result.detail = f"fine-tuned {name}: executed [{ex.lo}, {ex.hi}] needs {width(ex.lo, ex.hi)} bits > P={bits}"
+            return
+    result.finetuned = method
 
 
 def _check_lower(entry: Entry, work: Path, projected: Path, result: Result) -> None:
@@ -602,6 +661,18 @@ def _table(results: list[Result]) -> list[str]:
     return lines
 
 
+def _finetune_summary(results: list[Result]) -> list[str]:
+    """How many handled files `finetune` ran on, by method, and its refusals (step 5 of the module docstring)."""
+    done = [r for r in results if r.status == "handled" and r.finetuned]
+    refused = [(r.entry.name, note) for r in results if r.status == "handled" for note in r.notes
+               if note.startswith("finetune")]
+    methods = ", ".join(f"{m} {sum(r.finetuned == m for r in done)}" for m in FINETUNE_METHODS)
+    lines = [f"**`finetune` on {len(done)} of these files** ({methods}): one epoch at the same P on random inputs, "
+             "its output verified and every constrained layer's executed range within P. "
+             f"Refused by name on {len(refused)} handled files" + (":" if refused else ".")]
+    return lines + [f"- `{name}`: {note[:240]}" for name, note in refused]
+
+
 def markdown(results: list[Result], rejected: list[str], command: str, seconds: float, out: Path) -> str:
     handled = sum(r.status == "handled" for r in results)
     layers = sum(r.layers for r in results if r.status == "handled")
@@ -613,17 +684,18 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              f"quantized MAC layer read ({layers} layers; the oracle's executed worst case equals the analysed "
              f"per-channel range in {tight}, and lies inside it in all), `project` at the widest exact width - "
              f"{BELOW_WIDEST} verified and executed within P, and QONNX files lowered with every MVAU/VVAU's executed "
-             "range inside its `accDataType`.", "", *_table(results), ""]
+             "range inside its `accDataType`.", "", *_finetune_summary(results), "", *_table(results), ""]
     refused = [r for r in results if r.status != "handled"]
     lines += ["## Files not handled", ""]
     lines += [f"- `{r.entry.name}` ({r.status}): {r.detail.replace(f'{out}/', 'DIR/')}" for r in refused] or ["None."]
     if rejected:
         lines += ["", "## Combinations the producers themselves reject (not counted)", ""]
         lines += [f"- {text}" for text in rejected]
-    lines += ["", "## Every file", "", "| file | producer | status | layers (tight) | P | s |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Every file", "", "| file | producer | status | layers (tight) | P | finetune | s |",
+              "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| `{r.entry.name}` | {r.entry.producer} | {r.status} | {r.layers} ({r.tight}) | "
-                     f"{r.acc_bits if r.acc_bits is not None else '-'} | {r.seconds:.0f} |")
+                     f"{r.acc_bits if r.acc_bits is not None else '-'} | {r.finetuned or '-'} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 

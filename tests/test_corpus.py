@@ -1,7 +1,7 @@
 """The real-file corpus (``scripts/corpus.py``) in its quick form: one file per producer class, written by the
 real producer (Brevitas' two exporters, onnxruntime's four formats and its graph optimizer's output, FINN's HW
 graph), each run through
-``analyze``/``project``/``verify`` (and ``lower`` for QONNX) and checked against the oracle that executes worst-case
+``analyze``/``project``/``verify`` (and ``lower`` and ``finetune`` for QONNX) and checked against the oracle that executes worst-case
 inputs through the graph's own quantizers. The full corpus (``python -m scripts.corpus --out DIR``) is a script.
 """
 
@@ -38,6 +38,9 @@ def test_quick_corpus_has_no_failed_file_and_the_oracle_agrees(corpus, tmp_path)
     # corpus): the FINN HW graph of the residual net reads a MatMul FINN left unlowered through Shuffle ->
     # DuplicateStreams -> ElementwiseMul, once "not on an integer grid"
     assert all(r.tight == r.layers > 0 for r in results), [(r.entry.name, r.tight, r.layers) for r in results]
+    # step 5: finetune ran on every quick file with QONNX Quant nodes (refusals are notes): outputs verified, in P
+    quant_files = [r for r in results if r.entry.producer in (EXPORTERS["qonnx"], GRAPH_PTQ["qonnx"])]
+    assert quant_files and all(r.finetuned for r in quant_files), [(r.entry.name, r.notes) for r in quant_files]
 
 
 def test_oracle_sees_a_projection_that_breaks_its_promise(corpus, tmp_path):
