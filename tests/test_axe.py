@@ -406,3 +406,37 @@ def test_axe_calibrates_a_graph_that_describes_every_tensor():
     step = FinetuneAccumulators(bits, x_cal, None, FinetuneConfig(method="axe", progress=False, log=lambda line: None),
                                 held_out_samples=0)
     assert verify_model(step(model).model, bits).overflow_impossible
+
+
+@pytest.mark.parametrize("kind", ["cnn", "depthwise"])
+def test_axe_on_qonnx_channels_last_form_calibrates_the_same_layer(kind, tmp_path):
+    """qonnx's ConvertToChannelsLastAndClean stores data NHWC and Conv weights (O, kh, kw, I): AXE's calibration
+    patches follow the rows' (kh, kw, I) order and the statistics refresh the last axis (it crashed on the Gram
+    shapes and the refresh's channel axis before). The first layer sees the same inputs in both forms, so the exact
+    projection's calibration error, computed from those patches and the rows, must be the same number; AXE itself
+    walks K in row order, so its weights may differ, and both must fit P and beat the projection there."""
+    import warnings
+
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = ModelWrapper(str(build_corpus_net(tmp_path, NetSpec(kind, 4, 4, per_channel=True), "qonnx")))
+    last = original.transform(ConvertToChannelsLastAndClean())
+    assert any(n.domain == "qonnx.custom_op.channels_last" and n.op_type == "Conv" for n in last.graph.node)
+    bits = max(r.bounds["exact"] for r in analyze_model(original).layers) - 2
+    x = np.random.default_rng(0).normal(0, 1, (48, *original.get_tensor_shape(original.graph.input[0].name)[1:]))
+    first = []
+    for model in (original, last):
+        step = FinetuneAccumulators(bits, x.astype(np.float32), None,
+                                    FinetuneConfig(method="axe", loss="mse", distill=True, progress=False,
+                                                   log=lambda line: None), held_out_samples=16, refresh="on")
+        out = step(model).model
+        assert verify_model(out, bits).overflow_impossible
+        report = step.result.details["axe"][0]
+        assert report.relative_output_error < report.relative_output_error_projection
+        first.append(report.relative_output_error_projection)
+    assert first[0] == pytest.approx(first[1], rel=1e-9)

@@ -356,8 +356,13 @@ def _single_op_model(
         initializer=[numpy_helper.from_array(v, n) for n, v in initializers.items()],
     )
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("qonnx.custom_op.general", qonnx_opset)]
+    if domain == CL:  # qonnx runs a channels-last op as the standard one at this domain's opset
+        opsets.append(helper.make_opsetid(CL, opset))
     model = ModelWrapper(qonnx_make_model(graph, opset_imports=opsets)).transform(InferShapes())
     return model, inputs
+
+
+CL = "qonnx.custom_op.channels_last"
 
 
 def _f32(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
@@ -496,6 +501,15 @@ SINGLE_OP_CASES = {
     "clip": ("Clip", X4, {"lo": np.float32(-0.3), "hi": np.float32(0.6)}, {}),
     "softmax": ("Softmax", X4, {}, dict(axis=1)),
     "identity": ("Identity", X4, {}, {}),
+    # qonnx's channels-last wrappers (data NHWC; a Conv's weights (O, kh, kw, I))
+    "channels_last_conv": ("Conv", {"x": _f32(2, 7, 6, 4)}, {"w": _f32(3, 3, 2, 4, seed=1)},
+                           dict(kernel_shape=[3, 2], pads=[1, 0, 1, 1], strides=[2, 1], dilations=[1, 1], group=1,
+                                domain=CL)),
+    "channels_last_maxpool": ("MaxPool", {"x": _f32(2, 7, 6, 4)}, {},
+                              dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 0], domain=CL)),
+    "channels_last_batchnorm": ("BatchNormalization", {"x": _f32(2, 7, 6, 4)},
+                                {"g": _f32(4, seed=1), "b": _f32(4, seed=2), "m": _f32(4, seed=3),
+                                 "v": np.abs(_f32(4, seed=4)) + 0.5}, dict(domain=CL)),
 }
 
 
@@ -558,3 +572,25 @@ def test_quant_ste_gradient() -> None:
     x = torch.tensor(inputs["x"], requires_grad=True)
     QonnxModule(model)(x).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [[0, 1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize("kind", ["cnn", "depthwise", "residual", "conv1d"])
+def test_qonnx_channels_last_form_matches_qonnx_execution(kind: str, tmp_path) -> None:
+    """qonnx's ConvertToChannelsLastAndClean (NHWC Conv with (O, kh, kw, I) weights, MaxPool, BatchNormalization in
+    the channels-last domain): the bridge runs them as qonnx does, channels first in between."""
+    import warnings
+
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ModelWrapper(str(build_corpus_net(tmp_path, NetSpec(kind, 4, 4, per_channel=True), "qonnx")))
+    model = model.transform(ConvertToChannelsLastAndClean())
+    ops = {n.op_type for n in model.graph.node if n.domain == "qonnx.custom_op.channels_last"}
+    assert "Conv" in ops
+    name = model.graph.input[0].name
+    x = np.random.default_rng(0).normal(0, 1, (1, *model.get_tensor_shape(name)[1:])).astype(np.float32)
+    expected = execute_onnx(model, {name: x})[model.graph.output[0].name]
+    np.testing.assert_allclose(_bridge(QonnxModule(model), {name: x}), expected, atol=1e-5, rtol=1e-5)

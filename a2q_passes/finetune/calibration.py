@@ -43,6 +43,7 @@ from a2q_passes.layers import RowLayout, find_mac_layers
 from a2q_passes.weight_sources import WeightSource, unrounded_mac_weights, write_mac_weights
 from a2q_passes.projection import plain_round
 from a2q_passes.torch_bridge import QonnxModule
+from a2q_passes.torch_bridge.ops import CHANNELS_LAST_DOMAIN
 
 _CHUNK = 256  # calibration samples per forward pass / Gram update
 REFRESH = ("auto", "on", "off")  # run_axe: when the output statistics refresh is kept
@@ -111,7 +112,10 @@ def _groups(layer: ConstrainedLayer, node: NodeProto, value: np.ndarray) -> list
         raise _NotHandled(f"AXE handles Gemm, MatMul and 2-D Conv layers, not this {op}")
     if node_attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise _NotHandled("Conv with auto_pad")
-    kh, kw = layer.mac.layout.shape[2:]
+    channels_last = node.domain == CHANNELS_LAST_DOMAIN  # data NHWC, weights (and so rows) O, kh, kw, I
+    if channels_last:
+        value = np.ascontiguousarray(value.transpose(0, 3, 1, 2))
+    kh, kw = layer.mac.layout.shape[1:3] if channels_last else layer.mac.layout.shape[2:]
     top, left, bottom, right = list(node_attr(node, "pads", [0, 0, 0, 0]))
     strides = list(node_attr(node, "strides", [1, 1]))
     dilations = list(node_attr(node, "dilations", [1, 1]))
@@ -121,6 +125,9 @@ def _groups(layer: ConstrainedLayer, node: NodeProto, value: np.ndarray) -> list
     result = []
     for g in range(groups):
         patches = tf.unfold(padded[:, g * c_in:(g + 1) * c_in], (kh, kw), dilation=dilations, stride=strides)
+        if channels_last:  # unfold orders K as (c, kh, kw); these rows run (kh, kw, c)
+            n, _, positions = patches.shape
+            patches = patches.reshape(n, c_in, kh * kw, positions).transpose(1, 2).reshape(n, -1, positions)
         result.append((slice(g * c_out, (g + 1) * c_out), patches.transpose(1, 2).reshape(-1, patches.shape[1]).numpy()))
     return result
 
@@ -344,7 +351,8 @@ def refresh_statistics(original: ModelWrapper, model: ModelWrapper, selection: S
         if norm is None and (not bias or out.get_initializer(bias) is None or out.get_initializer(bias).size != channels):
             done[layer.node] = "nothing to refresh: no per-channel float bias and no BatchNormalization after it"
             continue
-        reference, current = (_channel_moments(graph, node.output[0], x, device) for graph in (original, out))
+        axis = -1 if node.domain == CHANNELS_LAST_DOMAIN else 1
+        reference, current = (_channel_moments(graph, node.output[0], x, device, axis) for graph in (original, out))
         shift = current[0] - reference[0]
         if norm is not None:
             eps = float(node_attr(norm, "epsilon", 1e-5))
@@ -365,12 +373,13 @@ def _node_channels(model: ModelWrapper, node: NodeProto) -> int:
     return next(m.channels for m in find_mac_layers(model) if m.node == (node.name or node.output[0]))
 
 
-def _channel_moments(model: ModelWrapper, tensor: str, x: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Per output channel (axis 1), the mean and variance of ``tensor`` over the samples and positions of ``x``."""
+def _channel_moments(model: ModelWrapper, tensor: str, x: np.ndarray, device: torch.device,
+                     axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel (``axis``), the mean and variance of ``tensor`` over the samples and positions of ``x``."""
     total = square = None
     count = 0
     for chunk in layer_inputs(model, x, [tensor], device):
-        value = np.moveaxis(chunk[tensor], 1, -1)
+        value = np.moveaxis(chunk[tensor], axis, -1)
         value = value.reshape(-1, value.shape[-1])
         total = value.sum(axis=0) + (0.0 if total is None else total)
         square = (value ** 2).sum(axis=0) + (0.0 if square is None else square)

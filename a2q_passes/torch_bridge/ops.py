@@ -30,6 +30,9 @@ Converter = Callable[["OnnxNode", list[Tensor | None]], ConverterOutput]
 # Custom ops live in these domains (qonnx's own and the older FINN one).
 QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas")
 _ONNX_DOMAINS = ("", "ai.onnx")
+# qonnx's channels-last wrappers (ConvertToChannelsLastAndClean) of these standard ops
+CHANNELS_LAST_DOMAIN = "qonnx.custom_op.channels_last"
+_CHANNELS_LAST_OPS = ("BatchNormalization", "Conv", "MaxPool")
 
 _ONNX_CONVERTERS: dict[str, Converter] = {}
 _QONNX_CONVERTERS: dict[str, Converter] = {}
@@ -84,6 +87,11 @@ def converter_for(node: OnnxNode) -> Converter:
         table = _ONNX_CONVERTERS
     elif node.domain in QONNX_DOMAINS:
         table = _QONNX_CONVERTERS
+    elif node.domain == CHANNELS_LAST_DOMAIN:
+        if node.op_type not in _CHANNELS_LAST_OPS:
+            raise NotImplementedError(f"{node.label} (domain '{node.domain}') is not supported by the torch bridge; "
+                                      f"supported: {', '.join(_CHANNELS_LAST_OPS)}")
+        return _channels_last(_ONNX_CONVERTERS[node.op_type])
     else:
         raise NotImplementedError(f"{node.label}: op domain '{node.domain}' is not supported by the torch bridge")
     if node.op_type not in table:
@@ -94,9 +102,24 @@ def converter_for(node: OnnxNode) -> Converter:
     return table[node.op_type]
 
 
+def _channels_last(convert: Converter) -> Converter:
+    """qonnx's channels-last form of ``convert``'s op: the data (and a Conv's weights) stored with the channels
+    last, run channels first and the output put back, as qonnx's ``ChannelsLastWrappedOp`` executes it."""
+
+    def run(node: OnnxNode, inputs: list[Tensor | None]) -> ConverterOutput:
+        ndim = inputs[0].dim()
+        first, last = (0, ndim - 1, *range(1, ndim - 1)), (0, *range(2, ndim), 1)
+        moved = [inputs[0].permute(first), *inputs[1:]]
+        if node.op_type == "Conv":
+            moved[1] = inputs[1].permute(first)
+        return convert(node, moved).permute(last)
+
+    return run
+
+
 def supported_ops() -> dict[str, list[str]]:
     """Supported op types, by domain group."""
-    return {"onnx": sorted(_ONNX_CONVERTERS), "qonnx": sorted(_QONNX_CONVERTERS)}
+    return {"onnx": sorted(_ONNX_CONVERTERS), "qonnx": sorted(_QONNX_CONVERTERS), "qonnx channels-last": list(_CHANNELS_LAST_OPS)}
 
 
 def _register(table: dict[str, Converter], *op_types: str) -> Callable[[Converter], Converter]:
