@@ -594,3 +594,21 @@ def test_qonnx_channels_last_form_matches_qonnx_execution(kind: str, tmp_path) -
     x = np.random.default_rng(0).normal(0, 1, (1, *model.get_tensor_shape(name)[1:])).astype(np.float32)
     expected = execute_onnx(model, {name: x})[model.graph.output[0].name]
     np.testing.assert_allclose(_bridge(QonnxModule(model), {name: x}), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_size=[3, 3], stride=[1, 1], pad_amount=[1, 1, 1, 1], pad_value=0),
+    dict(kernel_size=[3, 2], stride=[2, 1], pad_amount=[1, 0, 2, 1], pad_value=-3, dilations=[1, 2]),
+    dict(kernel_size=[1, 1], stride=[1, 1], depthwise=1),
+])
+def test_im2col_matches_qonnx_per_sample(attrs) -> None:
+    """qonnx's Im2Col (LowerConvsToMatMul): the bridge's patches equal qonnx's at batch 1, for each sample of a batch
+    (qonnx's own execution mixes samples for batch > 1)."""
+    from qonnx.core.datatype import DataType
+
+    x = np.random.default_rng(0).integers(-8, 8, (3, 7, 6, 4)).astype(np.float32)
+    model, _ = _single_op_model("Im2Col", {"x": x[:1]}, domain=Q, input_shape="(1, 7, 6, 4)", **attrs)
+    model.set_tensor_datatype("x", DataType["INT8"])
+    got = _bridge(QonnxModule(model), {"x": x})
+    for i in range(len(x)):
+        np.testing.assert_array_equal(got[i:i + 1], execute_onnx(model, {"x": x[i:i + 1]})["y"])

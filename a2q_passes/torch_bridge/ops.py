@@ -238,6 +238,27 @@ def _trunc(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     return (y - zero_point / trunc_scale) * out_scale
 
 
+@qonnx_op("Im2Col")
+def _im2col(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
+    """qonnx's Im2Col (LowerConvsToMatMul): NHWC patches, each ordered (kh, kw, C), padded with ``pad_value``.
+
+    qonnx's own execution is exact for batch 1 only (it reorders across samples); this is its batch-1 result for
+    every sample of a batch.
+    """
+    x = inputs[0]
+    k_h, k_w = (int(k) for k in node.attr("kernel_size"))
+    stride = tuple(int(s) for s in node.attr("stride"))
+    dilation = tuple(int(d) for d in node.attr("dilations", [1, 1]))
+    top, left, bottom, right = (int(p) for p in node.attr("pad_amount", [0, 0, 0, 0]))
+    n, h, w, c = x.shape
+    padded = F.pad(x.permute(0, 3, 1, 2), (left, right, top, bottom), value=float(node.attr("pad_value", 0)))
+    columns = F.unfold(padded, (k_h, k_w), dilation=dilation, stride=stride)  # (N, C * kh * kw, L), C outermost
+    out_h = (h + top + bottom - dilation[0] * (k_h - 1) - 1) // stride[0] + 1
+    out_w = (w + left + right - dilation[1] * (k_w - 1) - 1) // stride[1] + 1
+    columns = columns.reshape(n, c, k_h * k_w, out_h * out_w).permute(0, 3, 2, 1)
+    return columns.reshape(n, out_h, out_w, k_h * k_w * c)
+
+
 _DEFAULT_LAYOUT_BY_RANK = {2: "NC", 3: "NWC", 4: "NCHW"}
 
 
