@@ -311,8 +311,8 @@ def _weight_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: grouped but not depthwise, not
-    2-D, or reading a batch of more than one image.
+    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
+    grouped but not depthwise, not 2-D, or reading a batch of more than one image.
 
     Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only 2-D ``group=1`` and depthwise
     convolutions (``group`` = input channels = output channels); on any other it fails deep inside with a numpy
@@ -322,6 +322,13 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     """
     from a2q_passes.read_only_model import with_inferred_shapes
 
+    channels_last = [node.name or node.output[0] for node in model.graph.node
+                     if node.op_type == "Conv" and node.domain == "qonnx.custom_op.channels_last"]
+    if channels_last:  # its (O, kh, kw, I) weights would also be misread as grouped below
+        raise LoweringError(f"Conv {', '.join(map(repr, channels_last))} in qonnx's channels-last form "
+                            "(ConvertToChannelsLastAndClean), which FINN's flow does not take (its LowerConvsToMatMul "
+                            "fails on it); lower the model as exported, before that transformation: FINN's "
+                            "streamlining makes its own channels-last layout")
     shaped = with_inferred_shapes(model)
     grouped, not_2d, batched = [], [], []
     for node in model.graph.node:

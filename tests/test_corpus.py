@@ -74,6 +74,25 @@ def test_grouped_conv_lowering_is_refused_by_name(tmp_path):
     assert not out.exists()
 
 
+def test_channels_last_lowering_is_refused_by_name(tmp_path):
+    """Found by the corpus: ``lower`` (and ``allocate``, which lowers for its cost model) of qonnx's channels-last
+    form failed inside FINN's LowerConvsToMatMul ("cannot reshape array"), or on a depthwise file named its Convs
+    grouped (the (O, kh, kw, I) weights read as OIHW); it now names the form and the way forward."""
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec("depthwise", 4, 4, per_channel=True), "qonnx")
+    last = tmp_path / "last.onnx"
+    ModelWrapper(str(path)).transform(ConvertToChannelsLastAndClean()).save(str(last))
+    out = tmp_path / "hw.onnx"
+    code, _, err = _run("lower", last, out, "--acc-bits", 16)
+    assert code == 1 and "channels-last form" in err and "'Conv_0'" in err and "grouped" not in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_oracle_reads_gemm_alpha(alpha, tmp_path):
     """Gemm scales its product by ``alpha``: the oracle took a Gemm with alpha = 0.5 for one whose integer sums are
