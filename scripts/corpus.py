@@ -1,6 +1,6 @@
 """The real-file corpus of issue 10: files written by the real producers, run through ``a2q`` as a new user would.
 
-    .venv/bin/python -m scripts.corpus --out DIR [--quick] [--report bench/corpus.md]
+    .venv/bin/python -m scripts.corpus --out DIR [--quick] [--allocate] [--report bench/corpus.md]
 
 Generates, offline and seeded, quantized ONNX files with Brevitas (``export_qonnx``; ``export_onnx_qcdq`` with the
 TorchScript and the dynamo exporter), PyTorch's own QAT (``torch.ao.quantization``, ``tests/torch_qat_nets.py``),
@@ -21,7 +21,10 @@ through the command line:
 5. for files with QONNX ``Quant`` nodes, ``a2q finetune`` at the same P (one short epoch on random inputs, distilled
    from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
    layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
-   fits P. A clear refusal is noted (the file stays handled); a traceback or an unsafe output is a failure.
+   fits P. A clear refusal is noted (the file stays handled); a traceback or an unsafe output is a failure;
+6. with ``--allocate``, on the same files: ``a2q allocate --min-score-pct 95`` on random inputs, then ``a2q project
+   --widths-json`` of its map, ``a2q verify``, and the oracle: every layer of the map executes within its width
+   (refusals and failures as in 5).
 
 Each file is *handled* (all of the above), *refused* (``a2q`` exits 1 or 3, or reports a layer it cannot read,
 with a message naming the construct and no traceback), *unchecked* (the oracle cannot read the file's grid, so
@@ -109,6 +112,7 @@ class Result:
     tight: int = 0
     acc_bits: int | None = None
     finetuned: str = ""  # the finetune method whose output was verified and executed within P ("" where none)
+    allocated: int = 0  # layers of allocate's map, each proven by project, verify and the oracle (0 where none)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -490,7 +494,7 @@ def _unread_macs(path: Path, reported: set[str]) -> list[str]:
     return missing
 
 
-def check(entry: Entry, work: Path) -> Result:
+def check(entry: Entry, work: Path, allocate: bool = False) -> Result:
     from tests.fuzz.oracle import width
     from tests.fuzz.real_files import Undescribed
 
@@ -499,7 +503,7 @@ def check(entry: Entry, work: Path) -> Result:
     digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()
     zp = ["--zero-point", "subtract"] if entry.zero_point == "subtract" else []
     try:
-        _check(entry, work, result, zp, width)
+        _check(entry, work, result, zp, width, allocate)
     except Undescribed as err:  # the oracle cannot read the file's grid: not checked, so not handled
         result.status, result.detail = "unchecked", f"oracle: {err}"
     except Exception as err:  # the oracle or the harness: never hide it
@@ -510,7 +514,7 @@ def check(entry: Entry, work: Path) -> Result:
     return result
 
 
-def _check(entry: Entry, work: Path, result: Result, zp: list[str], width) -> None:
+def _check(entry: Entry, work: Path, result: Result, zp: list[str], width, allocate: bool = False) -> None:
     code, out, err = _run("analyze", entry.path, "--json", "--per-channel", *zp)
     if code not in (0, 3) or not out.strip().startswith("{"):
         result.status, result.detail = _refusal(code, out, err, "analyze")
@@ -565,11 +569,14 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], width) -> No
             return
     if not zp and any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path)):
         _check_finetune(entry, work, bits, result)
+        if allocate and result.status == "handled":
+            _check_allocate(entry, work, result)
     if entry.lower and result.status == "handled":
         _check_lower(entry, work, projected, result)
 
 
 FINETUNE_METHODS = ("norm", "qat", "axe")
+ALLOCATE_PCT = 95  # allocate's --min-score-pct in step 6 (random data: the score is agreement with the file itself)
 
 
 def _graph_nodes(path: Path) -> list:
@@ -578,19 +585,52 @@ def _graph_nodes(path: Path) -> list:
     return list(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None:
+def _random_data(entry: Entry, work: Path, samples: int, what: str, result: Result) -> Path | None:
+    """``samples`` random inputs for the file's one graph input (None, noted, where it has several)."""
     from qonnx.core.modelwrapper import ModelWrapper
-
-    from tests.fuzz.oracle import width
-    from tests.fuzz.properties import SKIP_HINT, _records
 
     model = ModelWrapper(str(entry.path))
     if len([i for i in model.graph.input if model.get_initializer(i.name) is None]) != 1:
-        result.notes.append("finetune: not run (the file has several inputs)")
-        return
+        result.notes.append(f"{what}: not run (the file has several inputs)")
+        return None
     shape = model.get_tensor_shape(model.graph.input[0].name)
-    data = work / f"{entry.name}.train.npz"
-    np.savez(data, x=np.random.default_rng(0).standard_normal([8, *shape[1:]]).astype(np.float32))
+    data = work / f"{entry.name}.{what}.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal([samples, *shape[1:]]).astype(np.float32))
+    return data
+
+
+def _refused_or_failed(code: int, stdout: str, err: str, what: str, result: Result) -> None:
+    """A command of step 5/6 did not exit 0: a clear refusal is noted, anything else fails the file."""
+    status, detail = _refusal(code, stdout, err, what)
+    if status == "FAILED":
+        result.status, result.detail = status, detail
+    else:
+        result.notes.append(detail)
+
+
+def _fits_when_executed(path: Path, widths: dict[str, int], what: str, result: Result) -> bool:
+    """``a2q verify`` of ``path`` passes and every layer of ``widths`` executes (the oracle) within its width."""
+    from tests.fuzz.oracle import width
+
+    code, stdout, err = _run("verify", path)
+    if code != 0:
+        result.status, result.detail = "FAILED", f"verify of the {what} file exit {code}: {(err or stdout)[-300:]}"
+        return False
+    for name, ex in _oracle_ranges(path, list(widths), "fold").items():
+        if width(ex.lo, ex.hi) > widths[name]:
+            result.status = "FAILED"
+            result.detail = (f"{what} {name}: executed [{ex.lo}, {ex.hi}] needs {width(ex.lo, ex.hi)} bits > "
+                             f"P={widths[name]}")
+            return False
+    return True
+
+
+def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None:
+    from tests.fuzz.properties import SKIP_HINT, _records
+
+    data = _random_data(entry, work, 8, "finetune", result)
+    if data is None:
+        return
     method = FINETUNE_METHODS[zlib.crc32(entry.name.encode()) % len(FINETUNE_METHODS)]
     out = work / f"{entry.name}.finetuned.onnx"
     args = ["finetune", entry.path, out, "--acc-bits", bits, "--data", data, "--method", method, "--epochs", 1,
@@ -601,23 +641,31 @@ def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None
     if skipped:
         code, stdout, err = _run(*args, *skipped.group(1).split())
     if code != 0:
-        status, detail = _refusal(code, stdout, err, f"finetune --method {method} --acc-bits {bits}")
-        if status == "FAILED":
-            result.status, result.detail = status, detail
-        else:
-            result.notes.append(detail)
+        _refused_or_failed(code, stdout, err, f"finetune --method {method} --acc-bits {bits}", result)
         return
-    code, stdout, err = _run("verify", out)
+    constrained = {name: bits for name, layer in _records(out).items() if layer.get("acc_bits") == bits}
+    if _fits_when_executed(out, constrained, "fine-tuned", result):
+        result.finetuned = method
+
+
+def _check_allocate(entry: Entry, work: Path, result: Result) -> None:
+    data = _random_data(entry, work, 16, "allocate", result)
+    if data is None:
+        return
+    widths_path = work / f"{entry.name}.widths.json"
+    code, stdout, err = _run("allocate", entry.path, "--data", data, "--min-score-pct", ALLOCATE_PCT, "-o",
+                             widths_path, "--no-progress")
     if code != 0:
-        result.status, result.detail = "FAILED", f"verify of the fine-tuned file exit {code}: {(err or stdout)[-300:]}"
+        _refused_or_failed(code, stdout, err, f"allocate --min-score-pct {ALLOCATE_PCT}", result)
         return
-    constrained = [name for name, layer in _records(out).items() if layer.get("acc_bits") == bits]
-    for name, ex in _oracle_ranges(out, constrained, "fold").items():
-        if width(ex.lo, ex.hi) > bits:
-            result.status = "FAILED"
-            result.detail = f"fine-tuned {name}: executed [{ex.lo}, {ex.hi}] needs {width(ex.lo, ex.hi)} bits > P={bits}"
-            return
-    result.finetuned = method
+    widths = {name: int(p) for name, p in json.loads(widths_path.read_text()).items()}
+    out = work / f"{entry.name}.allocated.onnx"
+    code, stdout, err = _run("project", entry.path, out, "--widths-json", widths_path)
+    if code != 0:
+        result.status, result.detail = "FAILED", f"project --widths-json of allocate's map exit {code}: {err[-300:]}"
+        return
+    if _fits_when_executed(out, widths, "allocated", result):
+        result.allocated = len(widths)
 
 
 def _check_lower(entry: Entry, work: Path, projected: Path, result: Result) -> None:
@@ -673,7 +721,20 @@ def _finetune_summary(results: list[Result]) -> list[str]:
     return lines + [f"- `{name}`: {note[:240]}" for name, note in refused]
 
 
-def markdown(results: list[Result], rejected: list[str], command: str, seconds: float, out: Path) -> str:
+def _allocate_summary(results: list[Result]) -> list[str]:
+    """How many handled files allocate's map was proven on, and its refusals (step 6 of the module docstring)."""
+    done = [r for r in results if r.status == "handled" and r.allocated]
+    refused = [(r.entry.name, note) for r in results if r.status == "handled" for note in r.notes
+               if note.startswith("allocate")]
+    lines = [f"**`allocate` on {len(done)} of these files** ({sum(r.allocated for r in done)} layers; "
+             f"`--min-score-pct {ALLOCATE_PCT}` on random inputs scored against the file itself): every width of its "
+             "map proven by `project --widths-json`, `verify` and the executed range. "
+             f"Refused by name on {len(refused)} handled files" + (":" if refused else ".")]
+    return lines + [f"- `{name}`: {note[:240]}" for name, note in refused]
+
+
+def markdown(results: list[Result], rejected: list[str], command: str, seconds: float, out: Path,
+             allocate: bool = False) -> str:
     handled = sum(r.status == "handled" for r in results)
     layers = sum(r.layers for r in results if r.status == "handled")
     tight = sum(r.tight for r in results if r.status == "handled")
@@ -684,7 +745,8 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              f"quantized MAC layer read ({layers} layers; the oracle's executed worst case equals the analysed "
              f"per-channel range in {tight}, and lies inside it in all), `project` at the widest exact width - "
              f"{BELOW_WIDEST} verified and executed within P, and QONNX files lowered with every MVAU/VVAU's executed "
-             "range inside its `accDataType`.", "", *_finetune_summary(results), "", *_table(results), ""]
+             "range inside its `accDataType`.", "", *_finetune_summary(results), "",
+             *(_allocate_summary(results) + [""] if allocate else []), *_table(results), ""]
     refused = [r for r in results if r.status != "handled"]
     lines += ["## Files not handled", ""]
     lines += [f"- `{r.entry.name}` ({r.status}): {r.detail.replace(f'{out}/', 'DIR/')}" for r in refused] or ["None."]
@@ -705,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one file per producer class")
     parser.add_argument("--report", type=Path, help="write the markdown report here (e.g. bench/corpus.md)")
     parser.add_argument("--only", help="check only files whose name contains this")
+    parser.add_argument("--allocate", action="store_true", help="also step 6: allocate on each handled QONNX Quant "
+                        "file (several seconds each: it lowers the file with FINN for its cost model)")
     args = parser.parse_args(argv)
     start = time.time()
     entries, rejected = generate(args.out / "files", args.quick)
@@ -714,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     for entry in entries:
-        result = check(entry, work)
+        result = check(entry, work, args.allocate)
         results.append(result)
         print(f"{result.status:8} {entry.name:60} {result.layers} layers ({result.tight} tight) P={result.acc_bits} "
               f"{result.seconds:.0f}s {result.detail[:200]}", flush=True)
@@ -723,8 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"handled end to end: {handled}/{len(results)} = {100 * handled / max(len(results), 1):.1f}%")
     if args.report:
         command = ".venv/bin/python -m scripts.corpus --out DIR" + (" --quick" if args.quick else "") + \
-            f" --report {args.report}"
-        args.report.write_text(markdown(results, rejected, command, time.time() - start, args.out))
+            (" --allocate" if args.allocate else "") + f" --report {args.report}"
+        args.report.write_text(markdown(results, rejected, command, time.time() - start, args.out, args.allocate))
     return 1 if any(r.status == "FAILED" for r in results) else 0
 
 

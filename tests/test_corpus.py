@@ -303,3 +303,28 @@ def test_brevitas_shifted_weights_under_both_zero_point_conventions(exporter, pe
     if exporter == "qonnx":  # FINN converts symmetric Quant nodes only: said by name, not FINN's numpy error
         lowered = check(Entry(path.stem, EXPORTERS[exporter], path, zero_point="subtract", lower=True), tmp_path)
         assert lowered.status == "refused" and "FINN converts only Quant nodes with a zero point of 0" in lowered.detail
+
+
+def test_allocate_step_proves_the_map_and_sees_an_unprojected_output(corpus, tmp_path, monkeypatch):
+    """Step 6 (``--allocate``): allocate's map on a QONNX file is proven by project, verify and the oracle; with a
+    ``project --widths-json`` that writes the input back unchanged, the check fails the file."""
+    import shutil
+
+    import scripts.corpus as corpus_script
+
+    entry = next(e for e in corpus[0] if e.producer == EXPORTERS["qonnx"])
+    (tmp_path / "honest").mkdir()
+    honest = check(entry, tmp_path / "honest", allocate=True)
+    assert honest.status == "handled" and honest.allocated > 0, (honest.detail, honest.notes)
+    real = corpus_script._run
+
+    def unprojected(*args):
+        if args[0] == "project" and "--widths-json" in args:
+            shutil.copy(args[1], args[2])
+            return 0, "", ""
+        return real(*args)
+
+    monkeypatch.setattr(corpus_script, "_run", unprojected)
+    (tmp_path / "sabotaged").mkdir()
+    sabotaged = check(entry, tmp_path / "sabotaged", allocate=True)
+    assert sabotaged.status == "FAILED" and "allocated" in sabotaged.detail, sabotaged.detail
