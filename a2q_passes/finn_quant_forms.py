@@ -4,14 +4,14 @@ Passes run before ``ConvertQONNXtoFINN`` (:func:`finn_preparation`, in that orde
 (:mod:`a2q_passes.finn_flow`) and by the FINN build step ``step_a2q_finn_preparation``
 (:mod:`a2q_passes.finn_steps`). Each rewrite computes exactly what the graph computed before (the lowering's
 equivalence check executes both), and each exists because files that Brevitas' graph-mode PTQ writes
-(``brevitas.graph.quantize`` / ``layerwise_quantize``, as ``brevitas_examples``' ``quantize_model`` runs them)
-otherwise stop the conversion.
+(``brevitas.graph.quantize`` / ``layerwise_quantize``, as ``brevitas_examples``' ``quantize_model`` runs them), or
+that leave ONNX's defaults out, otherwise stop the conversion.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from onnx import NodeProto
+from onnx import NodeProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
@@ -92,6 +92,38 @@ class FoldBiasQuantizers(Transformation):
         return model, changed
 
 
+class ConvDefaultAttributes(Transformation):
+    """A ``Conv`` gets each of ``kernel_shape``, ``strides``, ``dilations``, ``group`` and ``pads`` it leaves out, at
+    its ONNX default: the kernel the weights have (their dims after the first two), 1, 1, 1 and 0 (``pads`` only
+    without an ``auto_pad`` other than NOTSET).
+
+    Why: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) reads these attributes and fails without them
+    ("'NoneType' object has no attribute 'ints'"), though ONNX lets a writer leave the defaults out (the corpus'
+    qonnx ``QuantizeGraph`` files do). Why it is exact: each value is the one ONNX defines for the missing
+    attribute.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+                continue
+            shape = model.get_tensor_shape(node.input[1])
+            if shape is None or len(shape) < 3:
+                continue  # FINN names its own objection
+            spatial = len(shape) - 2
+            defaults = {"kernel_shape": [int(d) for d in shape[2:]], "strides": [1] * spatial,
+                        "dilations": [1] * spatial, "group": 1}
+            if node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
+                defaults["pads"] = [0] * (2 * spatial)
+            present = {a.name for a in node.attribute}
+            for name, value in defaults.items():
+                if name not in present:
+                    node.attribute.append(helper.make_attribute(name, value))
+                    changed = True
+        return model, changed
+
+
 def _reads_only_biases(model: ModelWrapper, node) -> bool:
     consumers = model.find_consumers(node.output[0]) or []
     out = node.output[0]
@@ -113,7 +145,7 @@ def _remove_if_unused(model: ModelWrapper, name: str) -> None:
 def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
-    dynamic input), then the two rewrites above."""
+    dynamic input), then the three rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
-    return [RemoveStaticGraphInputs(), UnsignedQuantAfterRelu(), FoldBiasQuantizers()]
+    return [RemoveStaticGraphInputs(), UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes()]

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.custom_op.registry import getCustomOp
@@ -191,3 +192,47 @@ def test_finn_ranges_size_graph_ptq_layers_for_the_unsigned_codes_lower_gives(tm
     for node in (n for n in model.graph.node if n.op_type.startswith("MVAU")):
         executed = executed_range(model, node.name, "fold")
         assert -(1 << 9) <= executed.lo and executed.hi < (1 << 9), (node.name, executed)
+
+
+def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_path):
+    """qonnx's QuantizeGraph over a float net whose Conv leaves every attribute at its ONNX default: FINN's
+    LowerConvsToMatMul failed ("'NoneType' object has no attribute 'ints'"). The defaults are written out (the same
+    outputs), and the file lowers with every MVAU holding its executed worst case."""
+    from qonnx.transformation.quantize_graph import QuantizeGraph
+    from qonnx.util.cleanup import cleanup_model
+
+    from a2q_passes.finn_quant_forms import ConvDefaultAttributes
+    from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS
+    from tests.ort_models import FLOAT_NETS
+
+    float_path = tmp_path / "float.onnx"
+    FLOAT_NETS["matmul_conv"](float_path, opset=13)
+    positions = [(("input", 0), (0.05, 0, 8, 0, 1, "ROUND")), (("input", 1), (0.02, 0, 8, 1, 1, "ROUND"))]
+    model = cleanup_model(ModelWrapper(str(float_path))).transform(
+        QuantizeGraph({"op_type": {op: positions for op in ("Conv", "Gemm", "MatMul")}}))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert not {a.name for a in conv.attribute} & {"kernel_shape", "strides", "pads", "dilations", "group"}
+    filled = ModelWrapper(model.model.SerializeToString()).transform(ConvDefaultAttributes())
+    conv = next(n for n in filled.graph.node if n.op_type == "Conv")
+    weights = filled.get_tensor_shape(conv.input[1])
+    assert {a.name: helper.get_attribute_value(a) for a in conv.attribute} == {
+        "kernel_shape": weights[2:], "strides": [1, 1], "dilations": [1, 1], "group": 1, "pads": [0, 0, 0, 0]}
+    name, output = model.graph.input[0].name, model.graph.output[0].name
+    x = np.random.default_rng(0).normal(0, 1, [1, *model.get_tensor_shape(name)[1:]]).astype(np.float32)
+    assert np.array_equal(execute_onnx(model, {name: x})[output], execute_onnx(filled, {name: x})[output])
+    path, out = tmp_path / "quantized.onnx", tmp_path / "hw.onnx"
+    model.save(str(path))
+    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # every MVAU's worst case over its inputDataType, summed term by term in Python ints from its integer weights
+    lowered = ModelWrapper(str(out))
+    nodes = [n for n in lowered.graph.node if n.op_type in MVAU_OPS + VVAU_OPS]
+    assert nodes and all(n.op_type in MVAU_OPS for n in nodes)
+    for node in nodes:
+        op = getCustomOp(node)
+        x = DataType[op.get_nodeattr("inputDataType")]
+        weights = lowered.get_initializer(node.input[1]).astype(np.int64)  # (MW, MH)
+        products = np.stack([weights * int(x.min()), weights * int(x.max())])
+        lo, hi = int(products.min(axis=0).sum(axis=0).min()), int(products.max(axis=0).sum(axis=0).max())
+        acc = DataType[op.get_nodeattr("accDataType")]
+        assert acc.min() <= lo and hi <= acc.max(), (node.name, lo, hi, acc.name)
