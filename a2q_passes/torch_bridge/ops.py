@@ -119,7 +119,8 @@ def _channels_last(convert: Converter) -> Converter:
 
 def supported_ops() -> dict[str, list[str]]:
     """Supported op types, by domain group."""
-    return {"onnx": sorted(_ONNX_CONVERTERS), "qonnx": sorted(_QONNX_CONVERTERS), "qonnx channels-last": list(_CHANNELS_LAST_OPS)}
+    return {"onnx": sorted(_ONNX_CONVERTERS), "qonnx": sorted(_QONNX_CONVERTERS),
+            "qonnx channels-last": list(_CHANNELS_LAST_OPS)}
 
 
 def _register(table: dict[str, Converter], *op_types: str) -> Callable[[Converter], Converter]:

@@ -150,9 +150,9 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     its own width only).
     """
     from a2q_passes.finn_accumulators import iterate_mac_nodes
-    from a2q_passes.layers import find_mac_layers
     from a2q_passes.finn_flow import lower_to_finn_hw
     from a2q_passes.finn_runtime import validate_fpgapart
+    from a2q_passes.layers import find_mac_layers
     from a2q_passes.resources import resource_report
     from a2q_passes.transforms.lower import layer_signatures, match_layers
 

@@ -291,21 +291,24 @@ class Checker:
             skip = []
         if result.code != 0:
             return None
-        self._check_finetuned(path, out, bits, f"finetune --acc-bits {bits} --method {variant}", set(skip))
+        self._check_finetuned(path, out, bits, variant, set(skip))
         return out
 
-    def _check_finetuned(self, path: Path, out: Path, bits: int, what: str, skipped: set[str]) -> None:
+    def _check_finetuned(self, path: Path, out: Path, bits: int, variant: str, skipped: set[str]) -> None:
         from tests.fuzz.real_files import weight_scale
 
+        what = f"finetune --acc-bits {bits} --method {variant}"
         model = ModelWrapper(str(out))
         layers = [info if info.weight_scale is None or info.act_x_act else
                   replace(info, weight_scale=weight_scale(model, _node(model, info.node))) for info in self.case.layers]
-        if "--train-act-scales" in what:  # the activation quantizers' scales moved too: read them from the output
+        if "--train-act-scales" in variant.split():  # the activation quantizers' scales moved too: read the output's
             layers = [_with_activation_grid(model, info) for info in layers]
         case = replace(self.case, layers=layers)
-        before = {layer["node"]: layer for layer in json.loads(run_cli("analyze", path, "--json").stdout)["layers"]}
         claimed = [info for info in layers if info.node not in skipped]
         self._check_projected(out, bits, what, replace(case, layers=claimed))
+        if not skipped:
+            return
+        before = {layer["node"]: layer for layer in json.loads(run_cli("analyze", path, "--json").stdout)["layers"]}
         for info in layers:
             old = before.get(info.node)
             if info.node not in skipped or not info.integer or old is None or old["status"] != "ok":
