@@ -14,7 +14,8 @@ from qonnx.core.onnx_exec import execute_onnx
 from a2q_passes.analysis import analyze_model
 from a2q_passes.bounds import IntRange
 from a2q_passes.finetune.axe import axe_quantize, gram_matrices
-from a2q_passes.finetune.calibration import HeldOutScore, better, no_worse, refresh_statistics, run_axe
+from a2q_passes.finetune.calibration import (HeldOutQuality, HeldOutScore, better, clearly_better, no_worse,
+                                             refresh_statistics, run_axe)
 from a2q_passes.finetune.data import Dataset, split_held_out
 from a2q_passes.finetune.selection import select_layers
 from a2q_passes.finetune.train import FinetuneConfig
@@ -206,6 +207,50 @@ def _executed_rows(model, node) -> np.ndarray:
     return np.rint(codes).reshape(codes.shape[0], -1).astype(np.int64)
 
 
+def test_clearly_better_asks_for_two_standard_errors_of_the_paired_difference():
+    """100 held-out samples, each a loss of 1 or 0: one model wins k of them, the other the rest. The paired gain's
+    mean over its standard error is 2.03 at 60/40 and 1.82 at 59/41, either side of the margin; a worse metric,
+    identical losses or a uniform gain decide as they must."""
+    def pair(wins: int) -> tuple[HeldOutQuality, HeldOutQuality]:
+        won = np.arange(100) < wins
+        return HeldOutQuality(90.0, np.where(won, 0.0, 1.0)), HeldOutQuality(90.0, np.where(won, 1.0, 0.0))
+
+    assert clearly_better(*pair(60)) and not clearly_better(*pair(59))
+    assert not clearly_better(*reversed(pair(60)))
+    lower = HeldOutQuality(89.0, pair(60)[0].losses)
+    assert not clearly_better(lower, pair(60)[1])  # the metric must be no worse
+    same = HeldOutQuality(90.0, np.linspace(0.1, 2.0, 50))
+    assert not clearly_better(same, same)
+    assert clearly_better(HeldOutQuality(90.0, same.losses - 1e-6), same)  # no spread: any gain is clear
+
+
+def _per_sample_cross_entropy(model, x, y) -> np.ndarray:
+    """Each sample's cross-entropy of qonnx's execution of ``model`` (not the torch bridge AXE scores with)."""
+    logits = qonnx_outputs(model, x).astype(np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y)), y]
+
+
+@pytest.mark.parametrize("bits,expect_axe", [(14, False), (12, True)])
+def test_axe_departs_from_the_projection_only_where_clearly_better_on_held_out(bits, expect_axe):
+    """AXE's model-level choice returns the exact projection's outputs unless its held-out gain is clear. At P=14 on
+    150 held-out digits AXE wins one more image than the projection (paired gain 1.9 standard errors): noise that a
+    test set does not repeat, so the projection is the result. At P=12 it wins by many standard errors and stays.
+    Checked on qonnx's execution, with the paired statistic computed here."""
+    model = digits_model()
+    x, y = digits_data("train", 250)
+    held_out = Dataset(x[100:], y[100:].astype(np.int64), "held-out")
+    out, _ = run_axe(model, select_layers(model, bits), x[:100], held_out=held_out, loss="ce", refresh="off")
+    projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    ours, theirs = (_per_sample_cross_entropy(m, held_out.x, held_out.y) for m in (out, projected))
+    gain = theirs - ours
+    if not expect_axe:
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+        return
+    assert _held_out_accuracy(out, held_out.x, held_out.y) >= _held_out_accuracy(projected, held_out.x, held_out.y)
+    assert gain.mean() > 2.0 * gain.std(ddof=1) / np.sqrt(len(gain))
+
+
 def test_finetune_axe_reports_its_choice_and_never_scores_below_projection_on_held_out():
     """Through the pass: the held-out split comes from the training data (seeded), the details name it, and the
     result's held-out accuracy (qonnx execution) is at least the projection's."""
@@ -318,8 +363,8 @@ def test_statistics_refresh_matches_the_original_means_and_keeps_integers_and_wi
     assert verify_model(refreshed, bits).overflow_impossible
 
 
-def test_refresh_is_kept_only_where_it_is_better_on_held_out_data():
-    """``auto`` keeps the refresh only when the held-out quality improves; the result stays no worse than the
+def test_refresh_is_kept_only_where_it_is_clearly_better_on_held_out_data():
+    """``auto`` keeps the refresh only when the held-out quality clearly improves; the result stays no worse than the
     projection there either way, and ``off`` leaves every bias as AXE's choice left it."""
     model = digits_model()
     bits = 12
@@ -330,9 +375,10 @@ def test_refresh_is_kept_only_where_it_is_better_on_held_out_data():
     auto, reports = run_axe(model, selection, x[:100], held_out=held_out, loss="ce", refresh="auto")
     quality = HeldOutScore(model, held_out, "ce", torch.device("cpu"))
     kept = all(r.refreshed for r in reports)
-    assert kept == better(quality(refresh_statistics(model, plain, selection, x[:100])[0]), quality(plain))
-    assert no_worse(quality(auto), quality(plain))
     projected = model.transform(ProjectToAccumulator(bits, method="exact"))
+    refreshed = quality(refresh_statistics(model, plain, selection, x[:100])[0])
+    assert kept == (better(refreshed, quality(plain)) and clearly_better(refreshed, quality(projected)))
+    assert no_worse(quality(auto), quality(plain))
     assert _held_out_accuracy(auto, held_out.x, held_out.y) >= _held_out_accuracy(projected, held_out.x, held_out.y)
 
 

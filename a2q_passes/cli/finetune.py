@@ -89,12 +89,13 @@ def finetune(
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="axe: calibration inputs used")] = 512,
     held_out_samples: Annotated[int, typer.Option(
         "--held-out-samples", help="axe: other --data samples that choose, per row and layer, between AXE and the "
-                                   "exact projection, so the result never scores below the projection on them "
+                                   "exact projection: the result is the projection unless clearly better on them "
                                    "(0: keep every AXE row)")] = 2048,
     refresh_stats: Annotated[str, typer.Option(
         "--refresh-stats", help="axe: re-centre each layer's output channels on the original model's from the "
                                 "calibration data (BatchNorm statistics, else the float bias; weights and widths "
-                                "unchanged): auto (kept where it is better on the held-out data), on or off")] = "auto",
+                                "unchanged): auto (kept where it is better on the held-out data, and clearly "
+                                "better than the projection), on or off")] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu or cuda")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     skip: Annotated[Optional[list[str]], typer.Option(

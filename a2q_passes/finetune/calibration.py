@@ -16,15 +16,25 @@ was above the projection's, and the model lost 6 dB. So each layer keeps, row by
 or the exact-projection row, whichever has the lower output error on the held-out inputs
 (measured through that layer's own Gram matrices, both rows fit P); then
 :func:`choose_against_projection` checks the whole model on the held-out data (metric and
-objective, :class:`HeldOutScore`): a layer goes back to the projection where that is better, and
-unless the result is no worse than the plain projection of every layer in both, that projection
-is the result. :func:`refresh_statistics` (BatchNorm statistics or bias correction after the
-choice) is kept only where it is better on the held-out data too.
+objective, :class:`HeldOutScore`): a layer goes back to the projection where that is no worse, and
+unless the result is :func:`clearly_better` than the plain projection of every layer, that
+projection is the result. :func:`refresh_statistics` (BatchNorm statistics or bias correction
+after the choice) is kept only where it is :func:`better` than that result on the held-out data and the
+refreshed model is clearly better than the projection: the result differs from the exact projection
+only where the difference is clearly better.
+
+"Clearly": no worse in the metric, and the mean per-sample objective lower by more than
+:data:`CLEAR_MARGIN` standard errors of the paired per-sample difference. A gain of a sample or
+two on the held-out split is noise that an unseen test set does not repeat: fmnist_mlp (A2Q
+papers' set-up, P=12) kept AXE for +1 held-out image in 2048 at 8 of 10 seeds and then scored
+0.03-0.16 points below the projection on the 10000 test images. Where AXE's gain is real it is
+many standard errors (fmnist_cnn at P=13: +4.4 points on the test split).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -47,6 +57,7 @@ from a2q_passes.torch_bridge.ops import CHANNELS_LAST_DOMAIN
 
 _CHUNK = 256  # calibration samples per forward pass / Gram update
 REFRESH = ("auto", "on", "off")  # run_axe: when the output statistics refresh is kept
+CLEAR_MARGIN = 2.0  # standard errors of the paired held-out difference a change must gain (clearly_better)
 
 
 class _NotHandled(Exception):
@@ -141,12 +152,12 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
     ``held_out``: inputs (and optional targets for ``loss``'s metric) disjoint from ``calibration``.
     With them every row keeps AXE's or the exact projection's weights, whichever has the lower
     held-out output error, and :func:`choose_against_projection` makes the model-level choice, so
-    the result never scores below the exact projection of every layer on the held-out data.
+    the result is the exact projection of every layer unless it is clearly better on the held-out data.
     Without them every row keeps its AXE weights.
 
     ``refresh`` (:data:`REFRESH`): :func:`refresh_statistics` on the calibration inputs after the choice;
-    ``auto`` keeps it only where it is :func:`better` on the held-out data (never without them), ``on``
-    always, ``off`` never.
+    ``auto`` keeps it only where it is :func:`better` than the choice and :func:`clearly_better` than the
+    projection on the held-out data (never without them), ``on`` always, ``off`` never.
     """
     if refresh not in REFRESH:
         raise ValueError(f"refresh must be one of {REFRESH}, got {refresh!r}")
@@ -191,16 +202,18 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
             log(_describe(report))
     quality = HeldOutScore(model, held_out, loss, device) if held_out is not None else None
     if quality is not None:
-        out = choose_against_projection(model, out, candidates, reports, quality, log)
+        out, projection_quality = choose_against_projection(model, out, candidates, reports, quality, log)
     if refresh == "on" or (refresh == "auto" and quality is not None):
         refreshed, notes = refresh_statistics(model, out, selection, calibration, device)
-        if refresh == "on" or better(quality(refreshed), quality(out)):
+        if refresh == "on" or (better(refreshed_quality := quality(refreshed), quality(out))
+                               and clearly_better(refreshed_quality, projection_quality)):
             out = refreshed
             for report in reports:
                 report.refreshed = notes[report.node]
         if log is not None:
-            log(f"output statistics refresh ({refresh}): " + ("kept" if out is refreshed else "not kept: it was not "
-                                                              "better on the held-out data"))
+            log(f"output statistics refresh ({refresh}): " + ("kept" if out is refreshed else "not kept: on the "
+                                                              "held-out data it was not better, or not clearly better "
+                                                              "than the projection"))
     return out, reports
 
 
@@ -225,8 +238,20 @@ class LayerCandidates:
     projection: np.ndarray
 
 
+@dataclass(frozen=True)
+class HeldOutQuality:
+    """A graph's quality on the held-out data: its metric and each sample's objective (lower is better)."""
+
+    metric: float
+    losses: np.ndarray
+
+    @property
+    def objective(self) -> float:
+        return float(self.losses.mean())
+
+
 class HeldOutScore:
-    """Quality of a graph on held-out data: ``(metric, -objective)`` of ``loss``, against the targets (else against
+    """Quality of a graph on held-out data (:class:`HeldOutQuality`) for ``loss``, against the targets (else against
     the original model's outputs, with the distillation objective). A graph counts as no worse than another only
     if it is no worse in both (:func:`no_worse`): on a few hundred samples top-1 moves in steps of a sample, and
     the objective, which moves with every output, keeps that noise from deciding alone."""
@@ -236,32 +261,41 @@ class HeldOutScore:
         self.reference = predict(QonnxModule(original, trainable_scales="none").to(device), held_out.x, device)
         self.targets = torch.from_numpy(held_out.y) if held_out.y is not None else self.reference
 
-    def __call__(self, graph: ModelWrapper) -> tuple[float, float]:
+    def __call__(self, graph: ModelWrapper) -> HeldOutQuality:
         outputs = predict(QonnxModule(graph, trainable_scales="none").to(self.device), self.held_out.x, self.device)
         distill = self.held_out.y is None
-        return (score(outputs, self.targets, self.loss),
-                -float(objective(outputs.double(), self.targets.double() if distill or self.loss != "ce" else self.targets,
-                                 self.loss, distill)))
+        losses = objective(outputs.double(), self.targets.double() if distill or self.loss != "ce" else self.targets,
+                           self.loss, distill, per_sample=True)
+        return HeldOutQuality(score(outputs, self.targets, self.loss), losses.numpy())
 
 
-def no_worse(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Whether held-out quality ``a`` is at least ``b`` in the metric and in the objective (:class:`HeldOutScore`)."""
-    return a[0] >= b[0] and a[1] >= b[1]
+def no_worse(a: HeldOutQuality, b: HeldOutQuality) -> bool:
+    """Whether held-out quality ``a`` is at least ``b`` in the metric and in the objective."""
+    return a.metric >= b.metric and a.objective <= b.objective
 
 
-def better(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return no_worse(a, b) and a != b
+def better(a: HeldOutQuality, b: HeldOutQuality) -> bool:
+    return no_worse(a, b) and (a.metric, a.objective) != (b.metric, b.objective)
+
+
+def clearly_better(a: HeldOutQuality, b: HeldOutQuality, margin: float = CLEAR_MARGIN) -> bool:
+    """Whether ``a`` is no worse than ``b`` in the metric and lower in the mean objective by more than ``margin``
+    standard errors of the paired per-sample difference (the same held-out samples score both)."""
+    gain = b.losses - a.losses
+    spread = gain.std(ddof=1) / math.sqrt(len(gain)) if len(gain) > 1 else 0.0
+    return a.metric >= b.metric and float(gain.mean()) > margin * spread
 
 
 def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, candidates: dict[str, LayerCandidates],
                               reports: list[AxeLayerReport], quality: HeldOutScore,
-                              log: Callable[[str], None] | None = None) -> ModelWrapper:
-    """The model-level choice on held-out data (``quality``): never below the exact projection of every layer.
+                              log: Callable[[str], None] | None = None) -> tuple[ModelWrapper, HeldOutQuality]:
+    """The model-level choice on held-out data (``quality``): the exact projection of every layer unless AXE's
+    rows are clearly better; with the projection's held-out quality.
 
     Layers in graph order: one still holding AXE rows goes back to its projection where that is
-    :func:`better` (no worse in metric and objective). If the result is not :func:`no_worse` than the
-    all-projection model, that model is returned. The
-    reports of layers put back say so (``rows_axe`` 0, ``note``).
+    :func:`no_worse` (in metric and objective). If the result is not :func:`clearly_better` than the
+    all-projection model, that model is returned. The reports of layers put back say so (``rows_axe`` 0,
+    ``note``).
     """
 
     def with_rows(base: ModelWrapper, rows: dict[str, np.ndarray]) -> ModelWrapper:
@@ -279,19 +313,20 @@ def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, c
             continue
         trial = with_rows(current, {report.node: c.projection})
         trial_quality = quality(trial)
-        if better(trial_quality, best):
+        if no_worse(trial_quality, best):
             current, best = trial, trial_quality
-            report.rows_axe, report.note = 0, "put back to the projection: its AXE rows lowered the held-out score"
-    if not no_worse(best, projection_quality):
+            report.rows_axe, report.note = 0, "put back to the projection: its AXE rows did not raise the held-out score"
+    if not clearly_better(best, projection_quality):
         current, best = projected, projection_quality
         for report in reports:
             if report.rows_axe:
-                report.rows_axe, report.note = 0, "the AXE model scored below the projection on held-out data"
+                report.rows_axe, report.note = 0, "the AXE model was not clearly better than the projection on held-out data"
     if log is not None:
         used = [r.node for r in reports if r.rows_axe]
-        log(f"held-out {metric_name(quality.loss)}: {best[0]:.2f} (projection of every layer "
-            f"{projection_quality[0]:.2f}); AXE rows kept in {', '.join(used) or 'no layer'}")
-    return current
+        log(f"held-out {metric_name(quality.loss)}: {best.metric:.2f}, objective {best.objective:.5g} (projection "
+            f"of every layer {projection_quality.metric:.2f}, {projection_quality.objective:.5g}); AXE rows kept in "
+            f"{', '.join(used) or 'no layer'}")
+    return current, projection_quality
 
 
 def _layer_grams(original: ModelWrapper, current: ModelWrapper, layer: ConstrainedLayer, node: NodeProto,

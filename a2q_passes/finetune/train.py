@@ -107,13 +107,18 @@ def score(outputs: Tensor, targets: Tensor, loss: str) -> float:
     return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
-def objective(outputs: Tensor, targets: Tensor, loss: str, distill: bool) -> Tensor:
+def objective(outputs: Tensor, targets: Tensor, loss: str, distill: bool, per_sample: bool = False) -> Tensor:
+    """The training objective over the batch, or (``per_sample``) each sample's own, whose mean it is."""
     if loss == "ce":
         if distill:
-            return F.kl_div(F.log_softmax(outputs, dim=1), F.log_softmax(targets, dim=1), reduction="batchmean",
-                            log_target=True)
-        return F.cross_entropy(outputs, targets)
-    return F.mse_loss(outputs, targets) if loss == "mse" else F.l1_loss(outputs, targets)
+            kl = F.kl_div(F.log_softmax(outputs, dim=1), F.log_softmax(targets, dim=1),
+                          reduction="none" if per_sample else "batchmean", log_target=True)
+            return kl.flatten(1).sum(dim=1) if per_sample else kl
+        return F.cross_entropy(outputs, targets, reduction="none" if per_sample else "mean")
+    distance = F.mse_loss if loss == "mse" else F.l1_loss
+    if per_sample:
+        return distance(outputs, targets, reduction="none").flatten(1).mean(dim=1)
+    return distance(outputs, targets)
 
 
 @torch.no_grad()

@@ -57,11 +57,11 @@ class FinetuneAccumulators(A2QPass):
     ``x`` or ``(x, y)`` batches. ``tile`` (``axe`` only): each run of T terms is held to P too.
     ``calibration_samples``: how many training inputs AXE calibrates on; ``held_out_samples``: how many
     other training samples (drawn with ``config.seed``, disjoint from the calibration ones) choose between
-    AXE and the exact projection, per row and per layer, so that the result never scores below the
-    projection on them (0: keep every AXE row, no check). ``refresh`` (``axe`` only): after the choice, re-centre
+    AXE and the exact projection, per row and per layer; the result is the projection unless clearly better on
+    them (0: keep every AXE row, no check). ``refresh`` (``axe`` only): after the choice, re-centre
     each constrained layer's output channels on the original model's from the calibration inputs (BatchNormalization
     statistics, else the float bias; :func:`~a2q_passes.finetune.calibration.refresh_statistics`): ``auto`` keeps it
-    where it is better on the held-out data (metric and objective), ``on`` always, ``off`` never; integer weights and widths never change. ``skip``: MAC nodes left unconstrained on
+    where it is better on the held-out data and clearly better than the projection, ``on`` always, ``off`` never; integer weights and widths never change. ``skip``: MAC nodes left unconstrained on
     purpose (with a global ``acc_bits`` every other quantized MAC layer must be constrainable). Results: ``self.selection``,
     ``self.result.details`` (``history``/``best_epoch``/``metric`` or ``axe`` layer reports, ``is_main``).
     """
