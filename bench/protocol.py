@@ -1,7 +1,7 @@
 """The benchmark protocol's figures (equal budgets, both set-ups) from saved ``bench.run_all`` results.
 
     .venv/bin/python -m bench.protocol RESULTS_JSON [RESULTS_JSON ...] --json bench/protocol.json --out bench/protocol.md \
-        [--note TEXT]
+        [--note TEXT] [--replace RESULTS_JSON ...]
 
 Each RESULTS_JSON is the ``results.json`` of one ``python -m bench.run_all ... --out DIR`` run (for
 example one model and set-up at a few widths) or an earlier ``--json`` output (its runs count as given
@@ -11,7 +11,9 @@ model and set-up at a width P may come from several runs with different training
 table, each model's table of scores, every row, and "ours vs the better anchor" per set-up and budget rule.
 Where a width has several seeds, the tables and the comparison show per method the mean over the seeds,
 their range and their number (:func:`seed_means`); ``ours best`` is chosen per seed (each run's own rule)
-and then averaged, and the better anchor is the one with the higher mean.
+and then averaged, and the better anchor is the one with the higher mean. ``--replace`` runs re-ran a method
+after a change to it: their rows take the place of the same method's at the same width and seed, and the
+``ours-best`` row there is chosen again (:func:`replace_rows`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,34 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"runs": listed, "models": models}
 
 
+def replace_rows(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``results`` (a :func:`merge`) with every row that ``runs`` ran in place of the row of the same method, width
+    and seed, the ``ours-best`` row there chosen again by its rule (:func:`bench.sweep.best_row`), and the runs
+    listed as replacing. A row with nothing to replace is refused: these runs re-run, they do not add."""
+    models = {key: {**entry, "rows": list(entry["rows"])} for key, entry in results["models"].items()}
+    listed = list(results["runs"])
+    for run in runs:
+        listed.append({**{key: run[key] for key in _RUN_FIELDS}, "replaces": True})
+        for key, entry in run["models"].items():
+            rows = models[key]["rows"]
+            for new in entry["rows"]:
+                if new["P"] is None or new.get("status") == "not run":
+                    continue
+                new = {**new, "seed": row_seed(new)}
+                where = [i for i, row in enumerate(rows) if row["P"] == new["P"] and row_seed(row) == new["seed"]
+                         and row["method"] == new["method"]]
+                if len(where) != 1:
+                    raise ValueError(f"{key}: P={new['P']} seed {new['seed']} {new['method']}: no single earlier row "
+                                     "to replace")
+                rows[where[0]] = new
+                at = [row for row in rows if row["P"] == new["P"] and row_seed(row) == new["seed"]]
+                best = best_row(at)
+                for i, row in enumerate(rows):
+                    if row in at and row["method"] == "ours-best" and best is not None:
+                        rows[i] = {**row, **best}
+    return {"runs": listed, "models": models}
+
+
 def _ran(rows: list[dict[str, Any]]) -> set[tuple[int, int, str]]:
     """(P, seed, method) of every row that ran (a run's ``not run`` rows leave the method to another run)."""
     return {(row["P"], row_seed(row), row["method"]) for row in rows
@@ -140,7 +170,9 @@ def render(results: dict[str, Any], note: str | None = None) -> str:
     lines += ["Runs (each writes one results.json; merged by `python -m bench.protocol`):", ""]
     for run in results["runs"]:
         lines.append(f"- `{run['command']}` ({run['total_seconds'] / 60:.1f} min, {run['threads']} torch thread(s); "
-                     + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ")")
+                     + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ")"
+                     + (": replaces the earlier rows of its methods at its widths and seed" if run.get("replaces")
+                        else ""))
     lines += ["", *setup_table(results), "", *PROTOCOL_TEXT]
     if any(len(entry.get("seeds", ())) > 1 for entry in results["models"].values()):
         lines.append(SEEDS_TEXT)
@@ -160,8 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the merged results here")
     parser.add_argument("--out", type=Path, required=True, help="the Markdown file to write")
     parser.add_argument("--note", help="a paragraph under the title (where and how the runs ran)")
+    parser.add_argument("--replace", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
+                        help="results.json files of runs that re-ran a method after a change: their rows replace "
+                             "that method's earlier rows at the same width and seed")
     args = parser.parse_args(argv)
-    results = merge([json.loads(path.read_text()) for path in args.results])
+    results = replace_rows(merge([json.loads(path.read_text()) for path in args.results]),
+                           [json.loads(path.read_text()) for path in args.replace])
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     args.out.write_text(render(results, args.note))

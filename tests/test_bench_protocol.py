@@ -235,3 +235,34 @@ def test_ours_best_equal_total_chooses_per_seed_among_our_rows_and_qat_from_floa
     summary = "\n".join(comparison_summary({"models": {"m": seed_means(entry)}}))
     assert ("P=12: ours [ours best] 96.50 [96.00-97.00, n=2] (qat/qat) vs A2Q, equal total 97.25 [same, n=2] "
             "(-0.75)") in summary
+
+
+def test_protocol_replace_puts_a_rerun_method_in_place_and_chooses_ours_best_again():
+    """A re-run of ``axe`` (after a change to it) replaces the earlier axe row of its width and seed; ours-best
+    there is chosen again by the benchmark's rule, the other seed keeps its rows, the run is listed as replacing,
+    and a re-run with nothing to replace is refused."""
+    from bench.protocol import merge, replace_rows
+
+    entry = _seeded_entry({
+        0: {"axe": (90.0, 99.5), "qat": (95.0, 99.0)},  # axe has the better validation score: ours best = axe
+        1: {"axe": (91.0, 98.0), "qat": (96.0, 99.0)},
+    })
+    earlier = {"runs": [{"command": "a", "threads": 1, "versions": {}, "total_seconds": 60.0}],
+               "models": {"m": entry}}
+    rerun = _run("b", (12,))
+    rerun["models"]["m"]["rows"] = [{"method": "float", "P": None, "status": "ok"},
+                                    {**entry["rows"][1], "score": 94.0, "val_score": 98.5}]  # seed 0's axe, re-run
+    replaced = replace_rows(merge([earlier]), [rerun])
+    rows = {(r["method"], r.get("seed")): r for r in replaced["models"]["m"]["rows"] if r["P"] == 12}
+    assert (rows["axe", 0]["score"], rows["axe", 1]["score"]) == (94.0, 91.0)
+    assert (rows["ours-best", 0]["selected"], rows["ours-best", 0]["score"]) == ("qat", 95.0)  # chosen again
+    assert (rows["ours-best", 1]["selected"], rows["ours-best", 1]["score"]) == ("qat", 96.0)
+    assert len(rows) == 6 and len(replaced["models"]["m"]["rows"]) == 7
+    assert [(run["command"], run.get("replaces", False)) for run in replaced["runs"]] == [("a", False), ("b", True)]
+    rerun["models"]["m"]["rows"][1] = {**rerun["models"]["m"]["rows"][1], "seed": 5}
+    try:
+        replace_rows(merge([earlier]), [rerun])
+    except ValueError as error:
+        assert "seed 5" in str(error) and "no single earlier row" in str(error)
+    else:
+        raise AssertionError("a re-run without an earlier row was added instead of refused")
