@@ -469,6 +469,8 @@ EXTRA_SECTIONS = (
      ".venv/bin/python -m bench.protocol RESULTS_JSON... --json bench/protocol.json --out bench/protocol.md "
      "(the runs are listed in the file)"),
     ("QAT variants against Brevitas A2Q+ at equal budgets", "qat.md", ".venv/bin/python -m bench.bench_qat"),
+    ("Ours best: chosen by validation score or by validation loss", "selection.md",
+     ".venv/bin/python -m bench.selection_check --seeds 10-19 --out bench/selection.md"),
 )
 
 

@@ -266,3 +266,23 @@ def test_protocol_replace_puts_a_rerun_method_in_place_and_chooses_ours_best_aga
         assert "seed 5" in str(error) and "no single earlier row" in str(error)
     else:
         raise AssertionError("a re-run without an earlier row was added instead of refused")
+
+
+def test_selection_check_compares_the_rule_with_the_lowest_validation_loss_per_seed():
+    """Seed 0: the rule takes qat (higher validation score) and the loss qat-float, 1 point better on test; seed 1:
+    both take qat; seed 2 (left out by ``seeds``): the loss's pick is 2 points worse."""
+    from bench.selection_check import compare
+    from bench.sweep import OUR_METHODS
+
+    def row(method: str, seed: int, test: float, val: float, loss: float) -> dict:
+        return {"method": method, "P": 12, "seed": seed, "status": "ok", "score": test, "val_score": val,
+                "val_loss": loss}
+
+    rows = [row("qat", 0, 90.0, 95.0, 0.30), row("qat-float", 0, 91.0, 94.0, 0.20),
+            row("qat", 1, 92.0, 95.0, 0.20), row("qat-float", 1, 91.0, 94.0, 0.30),
+            row("qat", 2, 93.0, 95.0, 0.30), row("qat-float", 2, 91.0, 94.0, 0.20)]
+    models = {"m": {"rows": [{"method": "float", "P": None}, *rows]}}
+    result = compare(models, OUR_METHODS, {0, 1})
+    assert result["counts"] == {"higher": 1, "same": 1} and result["differences"] == {("m", 12): [1.0, 0.0]}
+    result = compare(models, OUR_METHODS, None)
+    assert result["counts"] == {"higher": 1, "same": 1, "lower": 1} and sum(result["differences"]["m", 12]) == -1.0
