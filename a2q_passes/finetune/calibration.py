@@ -9,7 +9,7 @@ strides, dilations and groups; Gram matrices are accumulated in chunks of sample
 stays at ``K x K`` per group whatever the calibration size. Layers AXE does not handle
 (ConvTranspose, non-2-D convolutions) get the ``exact`` projection instead and say so.
 
-AXE is never worse than the projection on held-out data (``held_out``, disjoint from the
+AXE departs from the projection only where clearly better on held-out data (``held_out``, disjoint from the
 calibration inputs). Greedy error feedback can over-fit the calibration set: on ESPCN it matched
 128 calibration crops to 0.02 % layer output error while the same layer's error on other images
 was above the projection's, and the model lost 6 dB. So each layer keeps, row by row, the AXE row
