@@ -371,8 +371,9 @@ def refuse_zero_points(model: ModelWrapper) -> None:
                and (z := zero_point(node)) is not None and np.any(z != 0)]
     if shifted:
         raise LoweringError(f"FINN converts only Quant nodes with a zero point of 0; {', '.join(map(repr, shifted))} "
-                            "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8). Export "
-                            "the model with symmetric quantizers for FINN; a2q analyze/project/verify read it as it is.")
+                            "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8, or "
+                            "onnxruntime's default uint8 activations). Export the model with symmetric quantizers for "
+                            "FINN; a2q analyze/project/verify read it as it is.")
 
 
 def run_flow(
@@ -388,12 +389,12 @@ def run_flow(
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
     refuse_unlowerable_convs(model)
-    refuse_zero_points(model)
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
         for transformation in finn_preparation():  # exact rewrites FINN's conversion needs (see finn_quant_forms)
             runner.transform("preparation", transformation)
+        refuse_zero_points(runner.model)  # after preparation: Q/DQ chains are Quant nodes by then
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))

@@ -142,10 +142,42 @@ def _remove_if_unused(model: ModelWrapper, name: str) -> None:
         model.graph.input.remove(info)
 
 
+class QuantFromQDQ(Transformation):
+    """A graph quantized with QuantizeLinear -> [Clip] -> DequantizeLinear chains (Brevitas' QCDQ export, qonnx's
+    QuantToQCDQ) becomes one with QONNX ``Quant`` nodes, by qonnx's own ``QCDQToQuant``, where that converts every
+    Q/DQ node; any other graph is left as it is.
+
+    Why: FINN's conversion reads ``Quant`` nodes only, and ``QCDQToQuant`` is qonnx's way to them. Where it converts
+    part of a graph (a ``DequantizeLinear`` of stored integers, as the TorchScript QCDQ export writes weights;
+    onnxruntime's QOperator nodes) or fails, FINN's own steps fail later with messages that name no cause, so the
+    graph stays whole and the lowering names the Q/DQ nodes instead. The lowering's equivalence check executes the
+    graph before and after, so a conversion that changed what the graph computes is caught there.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        from qonnx.transformation.infer_shapes import InferShapes
+        from qonnx.transformation.qcdq_to_qonnx import QCDQToQuant
+
+        if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
+            return model, False
+        try:
+            converted = model.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
+        except Exception:  # qonnx raises plain numpy/ONNX errors on chains it cannot read
+            return model, False
+        return (model if any(is_qdq_node(node) for node in converted.graph.node) else converted), False
+
+
+def is_qdq_node(node: NodeProto) -> bool:
+    """An ONNX quantization node FINN does not convert: Q/DQ, onnxruntime's QLinear* and *Integer operators."""
+    return (node.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+            or node.op_type.startswith("QLinear") or node.op_type.endswith("Integer"))
+
+
 def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
-    dynamic input), then the three rewrites above."""
+    dynamic input), Q/DQ chains become ``Quant`` nodes, then the three rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
-    return [RemoveStaticGraphInputs(), UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes()]
+    return [RemoveStaticGraphInputs(), QuantFromQDQ(), UnsignedQuantAfterRelu(), FoldBiasQuantizers(),
+            ConvDefaultAttributes()]

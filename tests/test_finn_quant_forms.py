@@ -202,7 +202,6 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     from qonnx.util.cleanup import cleanup_model
 
     from a2q_passes.finn_quant_forms import ConvDefaultAttributes
-    from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS
     from tests.ort_models import FLOAT_NETS
 
     float_path = tmp_path / "float.onnx"
@@ -224,8 +223,14 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     model.save(str(path))
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
     assert result.returncode == 0, result.stderr[-2000:]
-    # every MVAU's worst case over its inputDataType, summed term by term in Python ints from its integer weights
-    lowered = ModelWrapper(str(out))
+    _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
+
+
+def _assert_every_mvau_holds_its_worst_case(lowered: ModelWrapper, bits: int | None = None) -> None:
+    """Every MVAU's worst case over its inputDataType, summed in int64 from its integer weights (far from overflow
+    at these sizes), lies in its accDataType, of at most ``bits`` bits where given."""
+    from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS
+
     nodes = [n for n in lowered.graph.node if n.op_type in MVAU_OPS + VVAU_OPS]
     assert nodes and all(n.op_type in MVAU_OPS for n in nodes)
     for node in nodes:
@@ -236,3 +241,50 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
         lo, hi = int(products.min(axis=0).sum(axis=0).min()), int(products.max(axis=0).sum(axis=0).max())
         acc = DataType[op.get_nodeattr("accDataType")]
         assert acc.min() <= lo and hi <= acc.max(), (node.name, lo, hi, acc.name)
+        assert bits is None or acc.bitwidth() <= bits, (node.name, acc.name, bits)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_brevitas_qcdq_exports_lower_through_qonnx_qcdq_to_quant(kind, tmp_path):
+    """Brevitas' dynamo QCDQ export (QuantizeLinear -> Clip -> DequantizeLinear): ``QuantFromQDQ`` makes QONNX Quant
+    nodes of every chain (qonnx executes both graphs alike), and ``a2q project --input-ranges finn`` then ``a2q lower
+    --from-annotations`` give MVAUs that hold their worst case within the projected width; before, FINN lowered no
+    layer of such a file."""
+    from a2q_passes.finn_quant_forms import QuantFromQDQ, is_qdq_node
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    path = build_corpus_net(tmp_path, NetSpec(kind), "qcdq_dynamo")
+    model = ModelWrapper(str(path))
+    converted = ModelWrapper(model.model.SerializeToString()).transform(QuantFromQDQ())
+    assert not any(is_qdq_node(n) for n in converted.graph.node)
+    assert [n.op_type for n in converted.graph.node].count("Quant") == sum(
+        n.op_type == "QuantizeLinear" for n in model.graph.node)
+    name, output = model.graph.input[0].name, model.graph.output[0].name
+    x = np.random.default_rng(0).normal(0, 2, [1, *model.get_tensor_shape(name)[1:]]).astype(np.float32)
+    np.testing.assert_allclose(execute_onnx(converted, {name: x})[output], execute_onnx(model, {name: x})[output],
+                               rtol=0, atol=1e-5)
+    widest = max(layer["bounds"]["exact"] for layer in json.loads(run_a2q("analyze", str(path), "--json").stdout)["layers"])
+    projected, lowered = tmp_path / "projected.onnx", tmp_path / "hw.onnx"
+    result = run_a2q("project", str(path), str(projected), "--acc-bits", str(widest - 2), "--input-ranges", "finn")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_a2q("lower", str(projected), str(lowered), "--from-annotations")
+    assert result.returncode == 0 and "equivalent" in result.stdout, (result.stdout + result.stderr)[-2000:]
+    _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(lowered)), widest - 2)
+
+
+def test_a_qcdq_export_qcdq_to_quant_converts_only_in_part_is_left_whole_and_named(tmp_path):
+    """The TorchScript QCDQ export stores weights as integers behind a DequantizeLinear, which QCDQToQuant does not
+    convert: the graph stays as it is (a half-converted graph fails inside FINN's steps with messages that name no
+    cause), and ``a2q lower`` refuses, naming the Q/DQ nodes and what to export instead."""
+    from a2q_passes.finn_quant_forms import QuantFromQDQ
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    path = build_corpus_net(tmp_path, NetSpec("mlp"), "qcdq_ts")
+    model = ModelWrapper(str(path))
+    kept = model.transform(QuantFromQDQ())
+    assert sorted(n.op_type for n in kept.graph.node) == sorted(n.op_type for n in model.graph.node)  # no Quant
+    result = run_a2q("lower", str(path), str(tmp_path / "hw.onnx"))
+    assert result.returncode == 1 and not (tmp_path / "hw.onnx").exists()
+    message = result.stdout + result.stderr
+    assert "FINN lowered no layer" in message and "DequantizeLinear of stored integers" in message
+    assert "export_qonnx" in message and "Traceback" not in message

@@ -244,10 +244,12 @@ def test_layers_finn_cannot_lower(tmp_path, mlp):
     assert not (tmp_path / "nothing_hw.onnx").exists()
 
 
-def test_a_qdq_model_is_told_to_lower_its_qonnx_export(tmp_path):
-    """onnxruntime's QDQ model: FINN lowers nothing; the message says why (FINN converts QONNX Quant nodes)."""
+def test_a_qdq_model_with_asymmetric_activations_is_refused_naming_its_zero_points(tmp_path):
+    """onnxruntime's QDQ model: qonnx's QCDQToQuant makes Quant nodes of its Q/DQ chains, whose uint8 activations
+    keep their zero points, which FINN does not convert; the message names them and says what to export."""
     code, out = run_cli("lower", MODELS / "digits_cnn_qdq.onnx", tmp_path / "hw.onnx")
-    assert code == 1 and "FINN lowered no layer" in out and "QDQ" in out and "export_qonnx" in out, out
+    assert code == 1 and "zero point of 0" in out and "onnxruntime's default uint8 activations" in out, out
+    assert "symmetric quantizers" in out and not (tmp_path / "hw.onnx").exists()
     assert not (tmp_path / "hw.onnx").exists()
 
 
