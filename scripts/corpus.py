@@ -14,10 +14,11 @@ through the command line:
 1. ``a2q analyze --json --per-channel``: every quantized MAC layer must be read, and each one's reported range must
    contain what the independent oracle (``tests/fuzz/oracle.py`` via ``tests/fuzz/real_files.py``: worst-case
    inputs executed through the graph's own quantizers with qonnx) executes; "tight" when they are equal;
-2. ``a2q project`` at P = the widest exact width - 2 (``--input-ranges finn`` for QONNX files, which are lowered);
+2. ``a2q project`` at P = the widest exact width - 2 (``--input-ranges finn`` for the files that are lowered);
 3. ``a2q verify`` of the projected file, and the oracle on it: every promised layer's executed range fits P;
-4. for QONNX files, ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``)
-   fits the ``accDataType`` it was given;
+4. for QONNX files, and Q/DQ files that qonnx's QCDQToQuant converts whole (``lower`` takes those),
+   ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``) fits the
+   ``accDataType`` it was given;
 5. for files with QONNX ``Quant`` nodes, ``a2q finetune`` at the same P (one short epoch on random inputs, distilled
    from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
    layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
@@ -98,7 +99,7 @@ class Entry:
     name: str
     producer: str
     path: Path
-    lower: bool = False  # a QONNX file: project for FINN's view and lower it
+    lower: bool = False  # a file `a2q lower` takes (QONNX, or Q/DQ that QCDQToQuant converts whole): project for FINN's view and lower it
     # onnxruntime's QUInt8 weights carry zero points: project needs --zero-point subtract (README)
     zero_point: str = "fold"
 
@@ -169,9 +170,22 @@ def brevitas_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
                                 f"{first_line[:120]})")
                 continue
             # weight zero points: projected as ONNX defines them (code - zero point), as for onnxruntime's QUInt8
-            entries.append(Entry(path.stem, producer, path, lower=exporter == "qonnx",
+            entries.append(Entry(path.stem, producer, path, lower=exporter == "qonnx" or _lowers_as_quant(path),
                                  zero_point="subtract" if spec.shifted else "fold"))
     return entries, rejected
+
+
+def _lowers_as_quant(path: Path) -> bool:
+    """Whether ``a2q lower`` takes a Q/DQ file as QONNX: qonnx's QCDQToQuant converts every Q/DQ node of it
+    (:class:`a2q_passes.finn_quant_forms.QuantFromQDQ`; the other Q/DQ files are refused by name, tested in
+    ``tests/test_finn_quant_forms.py``)."""
+    from a2q_passes.finn_quant_forms import QuantFromQDQ, is_qdq_node
+    from a2q_passes.model_io import load_model
+
+    with _quiet():
+        model = load_model(path)  # as the command reads it (Constant nodes become initializers)
+        return any(is_qdq_node(n) for n in model.graph.node) and not any(
+            is_qdq_node(n) for n in model.transform(QuantFromQDQ()).graph.node)
 
 
 ORT_VARIANTS = {  # format -> (weight type, activation type, per channel)
@@ -318,7 +332,7 @@ def _qonnx_transformations() -> dict[str, object]:
 
 def qonnx_files(folder: Path, sources: list[Path], transformations: dict, producer: str) -> tuple[list[Entry], list[str]]:
     """Each QONNX source after each of qonnx's ``transformations`` (name -> function of a ``ModelWrapper``); what
-    qonnx itself cannot transform is listed, not counted. QONNX results are lowered, QCDQ ones are not."""
+    qonnx itself cannot transform is listed, not counted. QONNX results are lowered, QCDQ ones where QCDQToQuant converts them whole."""
     from qonnx.core.modelwrapper import ModelWrapper
 
     entries, rejected = [], []
@@ -333,7 +347,8 @@ def qonnx_files(folder: Path, sources: list[Path], transformations: dict, produc
                 rejected.append(f"{path.stem}: qonnx refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
                 continue
             # weight zero points (Brevitas' ShiftedUint8): projected as ONNX defines them, as for the source itself
-            entries.append(Entry(path.stem, producer, path, lower=producer != CHANNELS_LAST and name != "QuantToQCDQ",
+            lower = producer != CHANNELS_LAST and (name != "QuantToQCDQ" or _lowers_as_quant(path))
+            entries.append(Entry(path.stem, producer, path, lower=lower,
                                  zero_point="subtract" if "shifted" in source.stem else "fold"))
     return entries, rejected
 
@@ -375,7 +390,7 @@ def graph_ptq_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
             first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])
             rejected.append(f"{spec.name}: Brevitas refused ({type(err).__name__}: {first_line[:120]})")
             continue
-        entries.append(Entry(path.stem, GRAPH_PTQ[exporter], path, lower=exporter == "qonnx",
+        entries.append(Entry(path.stem, GRAPH_PTQ[exporter], path, lower=exporter == "qonnx" or _lowers_as_quant(path),
                              zero_point="subtract" if spec.asymmetric_weights else "fold"))
     return entries, rejected
 
@@ -732,14 +747,16 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
     handled = sum(r.status == "handled" for r in results)
     layers = sum(r.layers for r in results if r.status == "handled")
     tight = sum(r.tight for r in results if r.status == "handled")
+    lowered_qdq = sum(r.entry.lower and r.status == "handled" and "qcdq" in r.entry.name.lower() for r in results)
     lines = ["# Real-file corpus (issue 10)", "",
              f"`{command}` ({seconds / 60:.0f} min on this machine). Every file is written offline by the real producer "
              "(seeded); see `scripts/corpus.py` for what each check executes.", "",
              f"**{handled} of {len(results)} files ({100 * handled / len(results):.1f}%) handled end to end**: every "
              f"quantized MAC layer read ({layers} layers; the oracle's executed worst case equals the analysed "
              f"per-channel range in {tight}, and lies inside it in all), `project` at the widest exact width - "
-             f"{BELOW_WIDEST} verified and executed within P, and QONNX files lowered with every MVAU/VVAU's executed "
-             "range inside its `accDataType`.", "", *_finetune_summary(results), "",
+             f"{BELOW_WIDEST} verified and executed within P, and QONNX files (and the {lowered_qdq} Q/DQ files "
+             "qonnx's QCDQToQuant converts whole) lowered with every MVAU/VVAU's executed range inside its "
+             "`accDataType`.", "", *_finetune_summary(results), "",
              *(_allocate_summary(results) + [""] if allocate else []), *_table(results), ""]
     refused = [r for r in results if r.status != "handled"]
     lines += ["## Files not handled", ""]
