@@ -99,7 +99,8 @@ class Entry:
     name: str
     producer: str
     path: Path
-    lower: bool = False  # a file `a2q lower` takes (QONNX, or Q/DQ that QCDQToQuant converts whole): project for FINN's view and lower it
+    # a file `a2q lower` takes (QONNX, or Q/DQ that QCDQToQuant converts whole): project for FINN's view and lower it
+    lower: bool = False
     # onnxruntime's QUInt8 weights carry zero points: project needs --zero-point subtract (README)
     zero_point: str = "fold"
 
@@ -332,7 +333,8 @@ def _qonnx_transformations() -> dict[str, object]:
 
 def qonnx_files(folder: Path, sources: list[Path], transformations: dict, producer: str) -> tuple[list[Entry], list[str]]:
     """Each QONNX source after each of qonnx's ``transformations`` (name -> function of a ``ModelWrapper``); what
-    qonnx itself cannot transform is listed, not counted. QONNX results are lowered, QCDQ ones where QCDQToQuant converts them whole."""
+    qonnx itself cannot transform is listed, not counted. QONNX results are lowered, QCDQ ones where qonnx's
+    QCDQToQuant converts them whole."""
     from qonnx.core.modelwrapper import ModelWrapper
 
     entries, rejected = [], []
@@ -747,7 +749,8 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
     handled = sum(r.status == "handled" for r in results)
     layers = sum(r.layers for r in results if r.status == "handled")
     tight = sum(r.tight for r in results if r.status == "handled")
-    lowered_qdq = sum(r.entry.lower and r.status == "handled" and "qcdq" in r.entry.name.lower() for r in results)
+    lowered_qdq = sum(r.entry.lower and r.status == "handled"
+                      and any(n.op_type == "QuantizeLinear" for n in _graph_nodes(r.entry.path)) for r in results)
     lines = ["# Real-file corpus (issue 10)", "",
              f"`{command}` ({seconds / 60:.0f} min on this machine). Every file is written offline by the real producer "
              "(seeded); see `scripts/corpus.py` for what each check executes.", "",
