@@ -8,8 +8,8 @@
 (d) ``annotate`` never records less than the executed range;
 (e) no command leaks a traceback (exit codes other than 0/1/3, or an uncaught exception);
 (f) optionally (``lower=True``), ``lower --from-annotations`` of project's (and finetune's) output: every MVAU/VVAU
-    it writes holds its executed worst case in its ``accDataType`` (QONNX cases FINN can lower; others must be
-    refused by name);
+    it writes holds its executed worst case in its ``accDataType`` (QONNX cases, and Q/DQ ones qonnx's QCDQToQuant
+    converts whole, that FINN can lower; others must be refused by name);
 (g) optionally (``finetune="METHOD [OPTIONS]"``), ``finetune --acc-bits P --method METHOD [OPTIONS]`` (one short
     epoch on random inputs, distilled from the model itself) exits 0 and its output executes within P bits, read at
     the weight scales the output holds (training may change them), or it refuses (exit 1) without a traceback.
@@ -349,7 +349,8 @@ def _records(path: Path) -> dict[str, dict]:
 def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False,
                finetune: str | None = None) -> Outcome:
     """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
-    QONNX cases with no --input-dtype and the fold convention (what ``lower`` takes); ``finetune`` (a variant): also
+    QONNX and Q/DQ cases with no --input-dtype and the fold convention (what ``lower`` takes, converting Q/DQ
+    chains with qonnx's QCDQToQuant where it can); ``finetune`` (a variant): also
     (g), on the same cases (finetune reads QONNX under the fold convention), at project's P."""
     outcome = Outcome()
     path = workdir / "model.onnx"
@@ -363,9 +364,10 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     bits = min(max(needed - project_delta, 2), 64)
     checker.project(path, bits)
     projected = workdir / f"projected_{bits}.onnx"
-    qonnx = any(n.op_type == "Quant" for n in case.model.graph.node) and not any(
-        n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in case.model.graph.node)
-    if lower and qonnx and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
+    qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in case.model.graph.node)
+    qonnx = any(n.op_type == "Quant" for n in case.model.graph.node) and not qdq
+    # Q/DQ cases too: lower takes those qonnx's QCDQToQuant converts whole (refusing the others)
+    if lower and (qonnx or qdq) and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
         checker.lower(projected)
     if finetune and qonnx and not case.input_dtypes and case.zero_point == "fold":
         finetuned = checker.finetune(path, bits, finetune)
