@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from bench.protocol import row_seed
 from bench.sweep import Context, ModelBench, OnnxScorer, _project, load_context
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,17 +53,12 @@ def _choice(reports: list) -> str:
     return ", ".join(f"{r.node} {r.rows_axe}/{r.rows}" for r in reports)
 
 
-def bench_key(bench: ModelBench) -> str:
-    """The key of a model and set-up in ``bench/protocol.json``."""
-    return bench.name if bench.setup == "all" else f"{bench.name}/{bench.setup}"
-
-
 def run(benches: tuple[ModelBench, ...], seeds: list[int], before: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for bench in benches:
         ctx = load_context(bench)
         scorer = OnnxScorer(ctx)
-        old = {(r["P"], r.get("seed", 0)): r["score"] for r in before.get(bench_key(bench), {}).get("rows", [])
+        old = {(r["P"], row_seed(r)): r["score"] for r in before.get(bench.key, {}).get("rows", [])
                if r["method"] == "axe"}
         for acc_bits in bench.train_widths:
             if ctx.plain_width <= acc_bits:
@@ -124,7 +120,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"{'yes' if all(r['verified'] for r in rows) else '**no**'}.")
 
 
-def _seed_list(text: str) -> list[int]:
+def seed_list(text: str) -> list[int]:
     """``0-9`` or ``0,3,5``."""
     if "-" in text:
         low, high = text.split("-")
@@ -142,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_axe", description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated subset of bench.run_all.FULL")
     parser.add_argument("--setups", help="comma-separated subset of the set-ups (all, paper; default both)")
-    parser.add_argument("--seeds", type=_seed_list, default=[0], help="seeds of AXE's data draw: 0-9 or 0,3 (default 0)")
+    parser.add_argument("--seeds", type=seed_list, default=[0], help="seeds of AXE's data draw: 0-9 or 0,3 (default 0)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "axe.md")
     parser.add_argument("--json", type=Path, help="also write the command and its rows here")
     parser.add_argument("--render", type=Path, nargs="+", metavar="RUN_JSON",

@@ -94,17 +94,16 @@ def replace_rows(results: dict[str, Any], runs: list[dict[str, Any]]) -> dict[st
                 if new["P"] is None or new.get("status") == "not run":
                     continue
                 new = {**new, "seed": row_seed(new)}
-                where = [i for i, row in enumerate(rows) if row["P"] == new["P"] and row_seed(row) == new["seed"]
-                         and row["method"] == new["method"]]
+                at = [i for i, row in enumerate(rows) if row["P"] == new["P"] and row_seed(row) == new["seed"]]
+                where = [i for i in at if rows[i]["method"] == new["method"]]
                 if len(where) != 1:
                     raise ValueError(f"{key}: P={new['P']} seed {new['seed']} {new['method']}: no single earlier row "
                                      "to replace")
                 rows[where[0]] = new
-                at = [row for row in rows if row["P"] == new["P"] and row_seed(row) == new["seed"]]
-                best = best_row(at)
-                for i, row in enumerate(rows):
-                    if row in at and row["method"] == "ours-best" and best is not None:
-                        rows[i] = {**row, **best}
+                best = best_row([rows[i] for i in at])
+                for i in at:
+                    if rows[i]["method"] == "ours-best" and best is not None:
+                        rows[i] = {**rows[i], **best}
     return {"runs": listed, "models": models}
 
 

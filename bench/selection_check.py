@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.bench_axe import _seed_list
+from bench.bench_axe import seed_list
 from bench.protocol import row_seed
 from bench.sweep import EQUAL_TOTAL_METHODS, OUR_METHODS, best_row
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> str:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m bench.selection_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=_seed_list, help="only these seeds: 10-19 or 0,3")
+    parser.add_argument("--seeds", type=seed_list, help="only these seeds: 10-19 or 0,3")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "protocol.json")
     parser.add_argument("--out", type=Path, help="write the Markdown here (else print it)")
     args = parser.parse_args(argv)

@@ -202,10 +202,11 @@ def run_axe(model: ModelWrapper, selection: Selection, calibration: np.ndarray, 
             log(_describe(report))
     quality = HeldOutScore(model, held_out, loss, device) if held_out is not None else None
     if quality is not None:
-        out, projection_quality = choose_against_projection(model, out, candidates, reports, quality, log)
+        out, chosen_quality, projection_quality = choose_against_projection(model, out, candidates, reports, quality,
+                                                                            log)
     if refresh == "on" or (refresh == "auto" and quality is not None):
         refreshed, notes = refresh_statistics(model, out, selection, calibration, device)
-        if refresh == "on" or (better(refreshed_quality := quality(refreshed), quality(out))
+        if refresh == "on" or (better(refreshed_quality := quality(refreshed), chosen_quality)
                                and clearly_better(refreshed_quality, projection_quality)):
             out = refreshed
             for report in reports:
@@ -288,9 +289,10 @@ def clearly_better(a: HeldOutQuality, b: HeldOutQuality, margin: float = CLEAR_M
 
 def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, candidates: dict[str, LayerCandidates],
                               reports: list[AxeLayerReport], quality: HeldOutScore,
-                              log: Callable[[str], None] | None = None) -> tuple[ModelWrapper, HeldOutQuality]:
+                              log: Callable[[str], None] | None = None
+                              ) -> tuple[ModelWrapper, HeldOutQuality, HeldOutQuality]:
     """The model-level choice on held-out data (``quality``): the exact projection of every layer unless AXE's
-    rows are clearly better; with the projection's held-out quality.
+    rows are clearly better; with its held-out quality and the projection's.
 
     Layers in graph order: one still holding AXE rows goes back to its projection where that is
     :func:`no_worse` (in metric and objective). If the result is not :func:`clearly_better` than the
@@ -326,7 +328,7 @@ def choose_against_projection(original: ModelWrapper, axe_model: ModelWrapper, c
         log(f"held-out {metric_name(quality.loss)}: {best.metric:.2f}, objective {best.objective:.5g} (projection "
             f"of every layer {projection_quality.metric:.2f}, {projection_quality.objective:.5g}); AXE rows kept in "
             f"{', '.join(used) or 'no layer'}")
-    return current, projection_quality
+    return current, best, projection_quality
 
 
 def _layer_grams(original: ModelWrapper, current: ModelWrapper, layer: ConstrainedLayer, node: NodeProto,
