@@ -25,7 +25,7 @@ from onnx import helper
 
 from tests.fuzz.generate import CONSTRUCTS, Case, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import CATEGORIES, FINETUNE_VARIANTS, FINETUNE_REFUSED, check_case
+from tests.fuzz.properties import CATEGORIES, FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, check_case
 
 
 def main() -> int:
@@ -42,13 +42,15 @@ def main() -> int:
     parser.add_argument("--category", choices=sorted(CATEGORIES), help="with --minimize: the violation to shrink")
     parser.add_argument("--lower", action="store_true", help="also check property (f): `lower` of project's output "
                         "(QONNX cases; several seconds each)")
+    parser.add_argument("--allocate", action="store_true", help="also check `allocate`'s map in property (h) "
+                        "(QONNX cases FINN lowers; several seconds each)")
     parser.add_argument("--finetune", action="store_true", help="also check property (g): `finetune` at project's P "
                         "with a method and options drawn per example (QONNX cases; the generator leaves out the constructs "
                         "finetune refuses by name)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.replay:
-        return replay(args.replay, args.lower, args.finetune)
+        return replay(args.replay, args.lower, args.finetune, args.allocate)
     if args.minimize:
         return minimize(args.minimize, args.category, args.examples, args.seed, args.save or Path("."))
     counts: Counter = Counter()
@@ -63,13 +65,14 @@ def main() -> int:
     @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=["generate"])
     @given(case=cases(exclude=FINETUNE_REFUSED if args.finetune else frozenset()), verify_delta=st.integers(-2, 0),
-           project_delta=st.integers(0, 3), variant=st.sampled_from(FINETUNE_VARIANTS))
-    def run(case, verify_delta, project_delta, variant):
+           project_delta=st.integers(0, 3), variant=st.sampled_from(FINETUNE_VARIANTS), layer_deltas=LAYER_DELTAS)
+    def run(case, verify_delta, project_delta, variant, layer_deltas):
         stats["examples"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 outcome = check_case(case, Path(tmp), verify_delta, project_delta, lower=args.lower,
-                                     finetune=variant if args.finetune else None)
+                                     finetune=variant if args.finetune else None, layer_deltas=tuple(layer_deltas),
+                                     allocate=args.allocate)
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
@@ -89,6 +92,7 @@ def main() -> int:
                 n = stats["saved"] = stats["saved"] + 1
                 case.save(args.save / f"case_{n:05d}", {"failures": [f.__dict__ for f in outcome.failures],
                                                         "deltas": [verify_delta, project_delta],
+                                                        "layer_deltas": list(layer_deltas),
                                                         "finetune": variant if args.finetune else None})
         if stats["examples"] % args.every == 0:
             found = ", ".join(f"{k}={v}" for k, v in sorted(examples_with.items())) or "none"
@@ -146,9 +150,10 @@ def minimize(construct: str, category: str | None, examples: int, seed_value: in
     return 0
 
 
-def replay(stem: Path, lower: bool = False, finetune: bool = False) -> int:
+def replay(stem: Path, lower: bool = False, finetune: bool = False, allocate: bool = False) -> int:
     """Print a saved case's graph, its executed ranges and the violations found now (``lower``: property (f) too;
-    ``finetune``: (g) with the variant the case was saved with)."""
+    ``finetune``: (g) with the variant the case was saved with; (h) with its saved per-layer offsets, ``allocate``
+    too)."""
     case = Case.load(stem)
     for node in case.model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -159,7 +164,8 @@ def replay(stem: Path, lower: bool = False, finetune: bool = False) -> int:
     note = json.loads(stem.with_suffix(".json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         outcome = check_case(case, Path(tmp), *note.get("deltas", (0, 1)), lower=lower,
-                             finetune=(note.get("finetune") or "norm") if finetune else None)
+                             finetune=(note.get("finetune") or "norm") if finetune else None,
+                             layer_deltas=tuple(note.get("layer_deltas", ())), allocate=allocate)
     for failure in outcome.failures:
         print(f"{failure.category}: {failure.message}")
     return 1 if outcome.failures else 0

@@ -26,7 +26,7 @@ import a2q_passes.analysis
 import a2q_passes.transforms.project
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import FINETUNE_VARIANTS, FINETUNE_REFUSED, check_case, run_cli
+from tests.fuzz.properties import FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, check_case, run_cli
 
 EXAMPLES = int(os.environ.get("A2Q_FUZZ_EXAMPLES", "300"))
 FINETUNE_EXAMPLES = int(os.environ.get("A2Q_FUZZ_FINETUNE_EXAMPLES", "100"))
@@ -34,10 +34,11 @@ FIXED = settings(derandomize=True, deadline=None, database=None, suppress_health
 
 
 @settings(FIXED, max_examples=EXAMPLES)
-@given(case=cases(), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3))
-def test_random_models_keep_every_soundness_promise(case: Case, verify_delta: int, project_delta: int) -> None:
+@given(case=cases(), verify_delta=st.integers(-2, 0), project_delta=st.integers(0, 3), layer_deltas=LAYER_DELTAS)
+def test_random_models_keep_every_soundness_promise(case: Case, verify_delta: int, project_delta: int,
+                                                    layer_deltas: list[int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = check_case(case, Path(tmp), verify_delta, project_delta)
+        outcome = check_case(case, Path(tmp), verify_delta, project_delta, layer_deltas=tuple(layer_deltas))
     assert not outcome.failures, "\n".join([f"{f.category}: {f.message}" for f in outcome.failures] + case.description)
 
 
@@ -167,4 +168,53 @@ def test_finetune_property_passes_each_variant_and_catches_an_untrained_output(
     outcome = check_case(gemm_case, tmp_path / "sabotaged", finetune=variant)
     assert outcome.exit_codes.get("finetune") == 0
     assert any(f.category == "unsafe_output" and f.message.startswith("finetune") for f in outcome.failures), \
+        outcome.failures
+
+
+def test_per_layer_property_passes_honest_commands_and_catches_a_misread_width_map(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (h): the dense layer (executed width 9) at 8 bits from a width map projects and verifies honestly; a
+    CLI that reads every width of the map 2 bits wider is caught on both commands by execution."""
+    import a2q_passes.cli.project as project_cli
+    import a2q_passes.cli.verify as verify_cli
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", layer_deltas=(1,))
+    assert honest.exit_codes.get("project") == 0 and not honest.failures, honest.failures
+    real = project_cli.parse_layer_widths
+
+    def widened(acc_bits, layer_specs, widths_json):
+        bits, overrides = real(acc_bits, layer_specs, widths_json)
+        return bits, {name: p + 2 for name, p in overrides.items()}
+
+    for module in (project_cli, verify_cli):
+        monkeypatch.setattr(module, "parse_layer_widths", widened)
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", layer_deltas=(1,))
+    found = {(f.category, f.message.split()[0]) for f in outcome.failures}
+    assert ("false_no_overflow", "verify") in found and ("unsafe_output", "project") in found, outcome.failures
+
+
+def test_allocate_property_passes_an_honest_map_and_catches_an_unproven_one(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (h) with ``allocate``: the map allocate writes for the dense layer is one project meets; a map of
+    1-bit widths written with the pass's own proof switched off is caught (project must refuse it)."""
+    from a2q_passes.transforms.allocate import AllocateAccumulators
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", allocate=True)
+    assert honest.exit_codes.get("allocate") == 0 and not honest.failures, honest.failures
+    real = AllocateAccumulators.call
+
+    def unproven(self, model):
+        result = real(self, model)
+        self.widths = {node: 1 for node in self.widths}
+        return result
+
+    monkeypatch.setattr(AllocateAccumulators, "call", unproven)
+    monkeypatch.setattr(AllocateAccumulators, "ensures", lambda self, result: None)
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", allocate=True)
+    assert outcome.exit_codes.get("allocate") == 0
+    assert any(f.category == "bad_refusal" and "allocate's map" in f.message for f in outcome.failures), \
         outcome.failures

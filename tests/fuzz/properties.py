@@ -13,6 +13,10 @@
 (g) optionally (``finetune="METHOD [OPTIONS]"``), ``finetune --acc-bits P --method METHOD [OPTIONS]`` (one short
     epoch on random inputs, distilled from the model itself) exits 0 and its output executes within P bits, read at
     the weight scales the output holds (training may change them), or it refuses (exit 1) without a traceback.
+(h) with per-layer offsets (``layer_deltas``), a width per layer ``{layer: P_layer}`` around each layer's executed
+    width: ``verify --widths-json`` never says "no overflow" where a layer executes past its own P_layer, and
+    ``project --widths-json`` exits 0 with every layer executing within its own P_layer, or refuses naming a layer;
+    optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets.
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
@@ -32,6 +36,7 @@ from pathlib import Path
 import click
 import numpy as np
 import typer
+from hypothesis import strategies as st
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.cli import app
@@ -59,6 +64,8 @@ FINETUNE_VARIANTS = ("norm", "qat", "a2q", "axe", "norm --init project", "qat --
 FINETUNE_REFUSED = frozenset({"one_bit_signed_weights", "finn_bipolar_weights", "non_integer_bits",
                               "unreadable_quantized_layers", "scale_along_k", "act_x_act_matmul", "subtract_zero_point",
                               "dq_int8_without_zero_point", "qcdq_clip"})
+# property (h): each layer's offset below its executed width (negative: wider than it needs), cycled over the layers
+LAYER_DELTAS = st.lists(st.integers(-1, 3), min_size=1, max_size=4)
 SKIP_HINT = re.compile(r"unconstrained explicitly with ((?:--skip \S+ ?)+)")
 SMALLEST_P = re.compile(r"smallest feasible target is (\d+) bits")
 
@@ -143,6 +150,9 @@ class Checker:
             self.outcome.fail("traceback", f"`a2q {command}` exited {result.code}: {result.stderr.strip()[-300:]}")
         return result
 
+    def _names_a_layer(self, message: str) -> bool:
+        return any(re.search(rf"\b{re.escape(name)}\b", message) for name in self.names)
+
     # (a)
     def analyze(self, path: Path, executed: dict[str, ExecutedRange]) -> None:
         result = self.cli("analyze", path, "--json", "--per-channel", *_common_options(self.case))
@@ -211,7 +221,7 @@ class Checker:
             self._check_projected(out, bits)
         elif result.code == 1:
             message = result.stderr
-            if not any(re.search(rf"\b{re.escape(name)}\b", message) for name in self.names):
+            if not self._names_a_layer(message):
                 self.outcome.fail("bad_refusal", f"project --acc-bits {bits} refused without naming a layer: "
                                   f"{message.strip()[-300:]}")
             smallest = SMALLEST_P.search(message)
@@ -228,9 +238,10 @@ class Checker:
             self.outcome.fail("bad_refusal", f"project --acc-bits {bits} named {p} bits as the smallest feasible "
                               f"target, but --acc-bits {p} exits {again.code}: {again.stderr.strip()[-300:]}")
 
-    def _check_projected(self, out: Path, bits: int, what: str | None = None, case: Case | None = None) -> None:
-        """``out`` (written by ``what``, default project) executes within ``bits``; ``case``: the generator's record
-        with the weight scales ``out`` holds (default: the generated case's)."""
+    def _check_projected(self, out: Path, bits: int | dict[str, int], what: str | None = None,
+                         case: Case | None = None) -> None:
+        """``out`` (written by ``what``, default project) executes within ``bits`` (one width, or one per layer);
+        ``case``: the generator's record with the weight scales ``out`` holds (default: the generated case's)."""
         what = what or f"project --acc-bits {bits}"
         model = ModelWrapper(str(out))
         for init in model.graph.initializer:  # FINN datatypes must still hold (no 0 in a BIPOLAR tensor)
@@ -245,11 +256,48 @@ class Checker:
         for node, done in executed.items():
             # a layer left without a record carries no claim: give it the accumulator its executed range needs
             signed = str(records[node]["acc_dtype"]).startswith("INT") if node in records else done.lo < 0
-            if not fits(done.lo, done.hi, bits, signed):
+            p = bits.get(node) if isinstance(bits, dict) else bits
+            if p is None:  # a layer the map leaves out carries no claim
+                continue
+            if not fits(done.lo, done.hi, p, signed):
                 kind = "INT" if signed else "UINT"
                 state = "" if node in records else " (layer left unconstrained)"
                 self.outcome.fail("unsafe_output", f"{what} exited 0, but {node}{state} executes to "
-                                  f"[{done.lo}, {done.hi}] outside {kind}{bits}")
+                                  f"[{done.lo}, {done.hi}] outside {kind}{p}")
+
+    # (h)
+    def per_layer_widths(self, path: Path, executed: dict[str, ExecutedRange], widths: dict[str, int]) -> None:
+        table = self.workdir / "widths.json"
+        table.write_text(json.dumps(widths))
+        what = f"--widths-json {json.dumps(widths, sort_keys=True)}"
+        result = self.cli("verify", path, "--widths-json", table, "--json", *_common_options(self.case))
+        if result.code == 0:
+            self._no_overflow_claim(result, executed, widths, f"verify {what}")
+        out = self.workdir / "projected_per_layer.onnx"
+        result = self.cli("project", path, out, "--widths-json", table, *_common_options(self.case))
+        if result.code == 0:
+            self._check_projected(out, widths, f"project {what}")
+        elif result.code == 1 and not self._names_a_layer(result.stderr):
+            self.outcome.fail("bad_refusal", f"project {what} refused without naming a layer: "
+                              f"{result.stderr.strip()[-300:]}")
+
+    def allocate(self, path: Path) -> None:
+        """``allocate`` proves its map on the projected model before writing it, so ``project`` must meet it."""
+        data = self.workdir / "calibration.npz"
+        np.savez(data, x=_random_inputs(self.case.model, FINETUNE_SAMPLES))
+        table = self.workdir / "allocated.json"
+        result = self.cli("allocate", path, "--data", data, "--min-score-pct", 90, "-o", table, "--no-progress")
+        if result.code != 0:
+            return  # refusals (FINN's limits: allocate costs layers from FINN's lowering) are checked by (e) only
+        widths = {node: int(p) for node, p in json.loads(table.read_text()).items()}
+        out = self.workdir / "projected_allocated.onnx"
+        what = f"project --widths-json (allocate's map {json.dumps(widths, sort_keys=True)})"
+        again = self.cli("project", path, out, "--widths-json", table)
+        if again.code == 0:
+            self._check_projected(out, widths, what)
+        elif again.code in (1, 3):
+            self.outcome.fail("bad_refusal", f"{what} exits {again.code} on the map allocate proved: "
+                              f"{again.stderr.strip()[-300:]}")
 
     # (f)
     def lower(self, projected: Path) -> None:
@@ -347,11 +395,13 @@ def _records(path: Path) -> dict[str, dict]:
 
 
 def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False,
-               finetune: str | None = None) -> Outcome:
+               finetune: str | None = None, layer_deltas: tuple[int, ...] = (), allocate: bool = False) -> Outcome:
     """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
     QONNX and Q/DQ cases with no --input-dtype and the fold convention (what ``lower`` takes, converting Q/DQ
     chains with qonnx's QCDQToQuant where it can); ``finetune`` (a variant): also
-    (g), on the same cases (finetune reads QONNX under the fold convention), at project's P."""
+    (g), on the same cases (finetune reads QONNX under the fold convention), at project's P; ``layer_deltas``: also
+    (h), layer i (by name) at its executed width minus ``layer_deltas[i % len]``; ``allocate``: (h) on ``allocate``'s
+    map too (QONNX cases with no --input-dtype and the fold convention, as for finetune)."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
@@ -369,8 +419,16 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     # Q/DQ cases too: lower takes those qonnx's QCDQToQuant converts whole (refusing the others)
     if lower and (qonnx or qdq) and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
         checker.lower(projected)
-    if finetune and qonnx and not case.input_dtypes and case.zero_point == "fold":
+    trainable = qonnx and not case.input_dtypes and case.zero_point == "fold"
+    if finetune and trainable:
         finetuned = checker.finetune(path, bits, finetune)
         if lower and finetuned is not None:  # (f) on finetune's output too: its recorded widths go to FINN
             checker.lower(finetuned)
+    if layer_deltas and executed:
+        names = sorted(executed)
+        checker.per_layer_widths(path, executed, {node: min(max(width(executed[node].lo, executed[node].hi)
+                                                                  - layer_deltas[i % len(layer_deltas)], 1), 64)
+                                                  for i, node in enumerate(names)})
+    if allocate and trainable:
+        checker.allocate(path)
     return outcome
