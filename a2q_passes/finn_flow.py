@@ -300,9 +300,10 @@ def reproducible_names(seed: int = 0) -> Iterator[None]:
         random.setstate(state)
 
 
-def _weight_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
-    """The shape of a weight tensor: annotated, or that of the constant its quantizer reads."""
-    shape = model.get_tensor_shape(tensor)
+def _weight_shape(model: ModelWrapper, shaped: ModelWrapper, tensor: str) -> list[int] | None:
+    """The shape of a weight tensor: annotated or inferred (``shaped``: ``model`` with inferred shapes; a weight
+    behind a Q/DQ chain is shaped only there), or that of the constant its quantizer reads."""
+    shape = shaped.get_tensor_shape(tensor)
     if shape is None:
         producer = model.find_producer(tensor)
         constant = model.get_initializer(producer.input[0]) if producer is not None else model.get_initializer(tensor)
@@ -333,7 +334,7 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     grouped, not_2d, batched = [], [], []
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        shape = _weight_shape(model, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        shape = _weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
         if isinstance(batch, int) and batch > 1:
             batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
