@@ -15,7 +15,8 @@
     the weight scales the output holds (training may change them), or it refuses (exit 1) without a traceback.
 (h) with per-layer offsets (``layer_deltas``), a width per layer ``{layer: P_layer}`` around each layer's executed
     width: ``verify --widths-json`` never says "no overflow" where a layer executes past its own P_layer, and
-    ``project --widths-json`` exits 0 with every layer executing within its own P_layer, or refuses naming a layer;
+    ``project --widths-json`` exits 0 with every layer executing within its own P_layer (and, with ``lower``, (f)
+    holds on that output), or refuses naming a layer;
     optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets.
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
@@ -266,7 +267,8 @@ class Checker:
                                   f"[{done.lo}, {done.hi}] outside {kind}{p}")
 
     # (h)
-    def per_layer_widths(self, path: Path, executed: dict[str, ExecutedRange], widths: dict[str, int]) -> None:
+    def per_layer_widths(self, path: Path, executed: dict[str, ExecutedRange], widths: dict[str, int]) -> Path | None:
+        """Returns project's output (None where it refused)."""
         table = self.workdir / "widths.json"
         table.write_text(json.dumps(widths))
         what = f"--widths-json {json.dumps(widths, sort_keys=True)}"
@@ -277,9 +279,11 @@ class Checker:
         result = self.cli("project", path, out, "--widths-json", table, *_common_options(self.case))
         if result.code == 0:
             self._check_projected(out, widths, f"project {what}")
-        elif result.code == 1 and not self._names_a_layer(result.stderr):
+            return out
+        if result.code == 1 and not self._names_a_layer(result.stderr):
             self.outcome.fail("bad_refusal", f"project {what} refused without naming a layer: "
                               f"{result.stderr.strip()[-300:]}")
+        return None
 
     def allocate(self, path: Path) -> None:
         """``allocate`` proves its map on the projected model before writing it, so ``project`` must meet it."""
@@ -417,7 +421,8 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in case.model.graph.node)
     qonnx = any(n.op_type == "Quant" for n in case.model.graph.node) and not qdq
     # Q/DQ cases too: lower takes those qonnx's QCDQToQuant converts whole (refusing the others)
-    if lower and (qonnx or qdq) and projected.exists() and not case.input_dtypes and case.zero_point == "fold":
+    lowerable = lower and (qonnx or qdq) and not case.input_dtypes and case.zero_point == "fold"
+    if lowerable and projected.exists():
         checker.lower(projected)
     trainable = qonnx and not case.input_dtypes and case.zero_point == "fold"
     if finetune and trainable:
@@ -426,9 +431,11 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
             checker.lower(finetuned)
     if layer_deltas and executed:
         names = sorted(executed)
-        checker.per_layer_widths(path, executed, {node: min(max(width(executed[node].lo, executed[node].hi)
-                                                                  - layer_deltas[i % len(layer_deltas)], 1), 64)
-                                                  for i, node in enumerate(names)})
+        mixed = checker.per_layer_widths(path, executed, {node: min(max(width(executed[node].lo, executed[node].hi)
+                                                                        - layer_deltas[i % len(layer_deltas)], 1), 64)
+                                                          for i, node in enumerate(names)})
+        if lowerable and mixed is not None:  # (f) on mixed widths: each MVAU gets its own layer's record
+            checker.lower(mixed)
     if allocate and trainable:
         checker.allocate(path)
     return outcome
