@@ -47,7 +47,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
-from a2q_passes.finn_quant_forms import finn_preparation
+from a2q_passes.finn_quant_forms import finn_preparation, weight_shape
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 MAX_RESIDUAL_ROUNDS = 4
@@ -300,17 +300,6 @@ def reproducible_names(seed: int = 0) -> Iterator[None]:
         random.setstate(state)
 
 
-def _weight_shape(model: ModelWrapper, shaped: ModelWrapper, tensor: str) -> list[int] | None:
-    """The shape of a weight tensor: annotated or inferred (``shaped``: ``model`` with inferred shapes; a weight
-    behind a Q/DQ chain is shaped only there), or that of the constant its quantizer reads."""
-    shape = shaped.get_tensor_shape(tensor)
-    if shape is None:
-        producer = model.find_producer(tensor)
-        constant = model.get_initializer(producer.input[0]) if producer is not None else model.get_initializer(tensor)
-        shape = None if constant is None else list(constant.shape)
-    return shape
-
-
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
     grouped but not depthwise, not 2-D, or reading a batch of more than one image.
@@ -334,7 +323,7 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     grouped, not_2d, batched = [], [], []
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        shape = _weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
         if isinstance(batch, int) and batch > 1:
             batched.append(f"{node.name or node.output[0]!r} (batch {batch})")

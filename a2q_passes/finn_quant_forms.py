@@ -104,24 +104,42 @@ class ConvDefaultAttributes(Transformation):
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        from a2q_passes.read_only_model import with_inferred_shapes
+
         changed = False
-        for node in model.graph.node:
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
-                continue
-            shape = model.get_tensor_shape(node.input[1])
+        convs = [node for node in model.graph.node if node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+                 and len({a.name for a in node.attribute} & set(_CONV_DEFAULTS)) < len(_CONV_DEFAULTS)]
+        shaped = with_inferred_shapes(model) if convs else model
+        for node in convs:
+            shape = weight_shape(model, shaped, node.input[1])
             if shape is None or len(shape) < 3:
                 continue  # FINN names its own objection
             spatial = len(shape) - 2
             defaults = {"kernel_shape": [int(d) for d in shape[2:]], "strides": [1] * spatial,
-                        "dilations": [1] * spatial, "group": 1}
-            if node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", b"NOTSET"):
-                defaults["pads"] = [0] * (2 * spatial)
+                        "dilations": [1] * spatial, "group": 1, "pads": [0] * (2 * spatial)}
+            if node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+                del defaults["pads"]
             present = {a.name for a in node.attribute}
             for name, value in defaults.items():
                 if name not in present:
                     node.attribute.append(helper.make_attribute(name, value))
                     changed = True
         return model, changed
+
+
+_CONV_DEFAULTS = ("kernel_shape", "strides", "dilations", "group", "pads")
+
+
+def weight_shape(model: ModelWrapper, shaped: ModelWrapper, tensor: str) -> list[int] | None:
+    """The shape of a MAC's weight tensor: annotated or inferred (``shaped``: ``model`` with inferred shapes; a
+    weight behind a Q/DQ chain, or behind the ``Quant`` node qonnx's QCDQToQuant made of one, is shaped only
+    there), or that of the constant its quantizer reads."""
+    shape = shaped.get_tensor_shape(tensor)
+    if shape is None:
+        producer = model.find_producer(tensor)
+        constant = model.get_initializer(producer.input[0]) if producer is not None else model.get_initializer(tensor)
+        shape = None if constant is None else list(constant.shape)
+    return shape
 
 
 def _reads_only_biases(model: ModelWrapper, node) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -198,17 +199,9 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     """qonnx's QuantizeGraph over a float net whose Conv leaves every attribute at its ONNX default: FINN's
     LowerConvsToMatMul failed ("'NoneType' object has no attribute 'ints'"). The defaults are written out (the same
     outputs), and the file lowers with every MVAU holding its executed worst case."""
-    from qonnx.transformation.quantize_graph import QuantizeGraph
-    from qonnx.util.cleanup import cleanup_model
-
     from a2q_passes.finn_quant_forms import ConvDefaultAttributes
-    from tests.ort_models import FLOAT_NETS
 
-    float_path = tmp_path / "float.onnx"
-    FLOAT_NETS["matmul_conv"](float_path, opset=13)
-    positions = [(("input", 0), (0.05, 0, 8, 0, 1, "ROUND")), (("input", 1), (0.02, 0, 8, 1, 1, "ROUND"))]
-    model = cleanup_model(ModelWrapper(str(float_path))).transform(
-        QuantizeGraph({"op_type": {op: positions for op in ("Conv", "Gemm", "MatMul")}}))
+    model = _quantize_graph_without_conv_defaults(tmp_path)
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert not {a.name for a in conv.attribute} & {"kernel_shape", "strides", "pads", "dilations", "group"}
     filled = ModelWrapper(model.model.SerializeToString()).transform(ConvDefaultAttributes())
@@ -224,6 +217,35 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
+
+
+def test_onnxruntime_qdq_with_symmetric_activations_is_refused_naming_its_qdq_nodes(tmp_path):
+    """onnxruntime's QDQ file with int8 (zero-point-free) activations and a Conv that leaves its defaults out: the
+    Q/DQ graph stays as it is (its int32 bias is a DequantizeLinear of stored integers), and `lower` refuses it
+    naming the Q/DQ nodes, where FINN's LowerConvsToMatMul used to fail ("'NoneType' object has no attribute
+    'ints'"), with nothing written."""
+    from tests.ort_models import conv_gemm_matmul, quantize
+
+    float_path, path, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "hw.onnx"
+    shape = conv_gemm_matmul(float_path)
+    quantize(float_path, path, shape, "QDQ", "QInt8", act="QInt8", per_channel=True)
+    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
+    assert result.returncode == 1 and "FINN lowered no layer" in result.stderr, result.stderr[-2000:]
+    assert "DequantizeLinear" in result.stderr and "NoneType" not in result.stderr and not out.exists()
+
+
+def _quantize_graph_without_conv_defaults(tmp_path: Path) -> ModelWrapper:
+    """qonnx's QuantizeGraph over a float net whose Conv leaves every attribute at its ONNX default."""
+    from qonnx.transformation.quantize_graph import QuantizeGraph
+    from qonnx.util.cleanup import cleanup_model
+
+    from tests.ort_models import FLOAT_NETS
+
+    float_path = tmp_path / "float.onnx"
+    FLOAT_NETS["matmul_conv"](float_path, opset=13)
+    positions = [(("input", 0), (0.05, 0, 8, 0, 1, "ROUND")), (("input", 1), (0.02, 0, 8, 1, 1, "ROUND"))]
+    return cleanup_model(ModelWrapper(str(float_path))).transform(
+        QuantizeGraph({"op_type": {op: positions for op in ("Conv", "Gemm", "MatMul")}}))
 
 
 def _assert_every_mvau_holds_its_worst_case(lowered: ModelWrapper, bits: int | None = None) -> None:
