@@ -47,7 +47,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
-from a2q_passes.finn_quant_forms import finn_preparation, weight_shape
+from a2q_passes.finn_quant_forms import finn_preparation, is_qdq_node, weight_shape
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 MAX_RESIDUAL_ROUNDS = 4
@@ -346,6 +346,34 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
                             "and lower that.")
 
 
+def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
+    """After :func:`~a2q_passes.finn_quant_forms.finn_preparation` (Q/DQ chains are Quant nodes by then): raise
+    :class:`LoweringError` naming the quantizers FINN's conversion cannot take (Q/DQ nodes left, zero points)."""
+    refuse_unconverted_qdq(model)
+    refuse_zero_points(model)
+
+
+def refuse_unconverted_qdq(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming the Q/DQ (and onnxruntime QOperator/dynamic) nodes the preparation left.
+
+    Why: FINN's conversion reads QONNX ``Quant`` nodes only, and :class:`~a2q_passes.finn_quant_forms.QuantFromQDQ`
+    converts a Q/DQ graph only whole. On what is left FINN's steps either lower nothing or fail with messages that
+    name no cause (onnxruntime's ``com.microsoft`` Q/DQ: "At least one output should be requested" from its
+    constant folding).
+    """
+    left = [node for node in model.graph.node if is_qdq_node(node)]
+    if left:
+        kinds = "/".join(sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in left}))
+        names = ", ".join(repr(n.name or n.output[0]) for n in left[:4]) + (", ..." if len(left) > 4 else "")
+        raise LoweringError(
+            f"this model quantizes with {kinds} nodes ({names}), and FINN converts QONNX Quant nodes only: qonnx's "
+            "QCDQToQuant (run first) makes them only of graphs whose every node of these is in a QuantizeLinear -> "
+            "[Clip] -> DequantizeLinear chain (Brevitas' dynamo QCDQ export, or the TorchScript one with "
+            "export_weight_q_node=True), not of a DequantizeLinear of stored integers, onnxruntime's com.microsoft "
+            "Q/DQ or its QOperator/dynamic nodes. Lower a QONNX export of the model (Brevitas `export_qonnx`); "
+            "`a2q analyze/project/verify` read it as it is")
+
+
 def refuse_zero_points(model: ModelWrapper) -> None:
     """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point.
 
@@ -384,7 +412,7 @@ def run_flow(
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)
         for transformation in finn_preparation():  # exact rewrites FINN's conversion needs (see finn_quant_forms)
             runner.transform("preparation", transformation)
-        refuse_zero_points(runner.model)  # after preparation: Q/DQ chains are Quant nodes by then
+        refuse_unconvertible_quantizers(runner.model)
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))

@@ -219,18 +219,31 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
 
 
+def test_conv_defaults_are_filled_in_where_the_weight_shape_is_only_inferred(tmp_path):
+    """The same file without its shape annotations (as a writer may leave it): the Conv's weights come out of a
+    Quant node no annotation shapes, so the defaults were left out and FINN failed as above; the weight shape now
+    comes from shape inference, and the file lowers."""
+    model = _quantize_graph_without_conv_defaults(tmp_path)
+    del model.graph.value_info[:]
+    path, out = tmp_path / "unshaped.onnx", tmp_path / "hw.onnx"
+    model.save(str(path))
+    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
+
+
 def test_onnxruntime_qdq_with_symmetric_activations_is_refused_naming_its_qdq_nodes(tmp_path):
     """onnxruntime's QDQ file with int8 (zero-point-free) activations and a Conv that leaves its defaults out: the
     Q/DQ graph stays as it is (its int32 bias is a DequantizeLinear of stored integers), and `lower` refuses it
-    naming the Q/DQ nodes, where FINN's LowerConvsToMatMul used to fail ("'NoneType' object has no attribute
-    'ints'"), with nothing written."""
+    naming the Q/DQ nodes before FINN's steps, where FINN's LowerConvsToMatMul used to fail ("'NoneType' object
+    has no attribute 'ints'"), with nothing written."""
     from tests.ort_models import conv_gemm_matmul, quantize
 
     float_path, path, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "hw.onnx"
     shape = conv_gemm_matmul(float_path)
     quantize(float_path, path, shape, "QDQ", "QInt8", act="QInt8", per_channel=True)
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
-    assert result.returncode == 1 and "FINN lowered no layer" in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 1 and "FINN converts QONNX Quant nodes only" in result.stderr, result.stderr[-2000:]
     assert "DequantizeLinear" in result.stderr and "NoneType" not in result.stderr and not out.exists()
 
 
@@ -308,5 +321,5 @@ def test_a_qcdq_export_qcdq_to_quant_converts_only_in_part_is_left_whole_and_nam
     result = run_a2q("lower", str(path), str(tmp_path / "hw.onnx"))
     assert result.returncode == 1 and not (tmp_path / "hw.onnx").exists()
     message = result.stdout + result.stderr
-    assert "FINN lowered no layer" in message and "DequantizeLinear of stored integers" in message
+    assert "FINN converts QONNX Quant nodes only" in message and "DequantizeLinear of stored integers" in message
     assert "export_qonnx" in message and "Traceback" not in message

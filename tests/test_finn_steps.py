@@ -30,7 +30,8 @@ from tests.test_finn_flow import MLP, _brute_force_range, _mac_rows, export_net
 
 torch.set_num_threads(1)
 PART = "xczu3eg-sbva484-1-e"
-DIGITS_CNN = Path(__file__).resolve().parents[1] / "models" / "digits_cnn_w4a4.onnx"  # conv, pool, conv, pool, fc
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DIGITS_CNN = MODELS / "digits_cnn_w4a4.onnx"  # conv, pool, conv, pool, fc
 QONNX_LAYERS = ["Conv_0", "Conv_1", "Gemm_0"]
 
 
@@ -93,6 +94,24 @@ def test_estimate_build_of_a_brevitas_graph_ptq_model(tmp_path):
         lo, hi = _brute_force_range(_mac_rows(final, node), int(idt.min()), int(idt.max()))
         assert adt.min() <= lo and hi <= adt.max()
     assert json.loads((tmp_path / "build" / "report" / REPORT_FILE).read_text())["overflow_impossible"]
+
+
+def test_preparation_step_refuses_quantizers_finn_cannot_convert_by_name(tmp_path):
+    """The build step refuses what `a2q lower` refuses, before FINN's conversion: onnxruntime's QDQ file (Q/DQ nodes
+    qonnx's QCDQToQuant leaves, its bias being a DequantizeLinear of stored integers) by its Q/DQ nodes, and the same
+    file once converted, with uint8 activations, by its zero points; a QONNX model passes."""
+    from a2q_passes.finn_flow import LoweringError
+    from a2q_passes.finn_steps import step_a2q_finn_preparation
+    from tests.ort_models import conv_gemm_matmul, quantize
+
+    float_path, path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    quantize(float_path, path, conv_gemm_matmul(float_path), "QDQ", "QInt8", act="QInt8", per_channel=True)
+    with pytest.raises(LoweringError, match=r"DequantizeLinear/QuantizeLinear nodes \('B1_DequantizeLinear'"):
+        step_a2q_finn_preparation(load_model(path), None)
+    with pytest.raises(LoweringError, match="zero point of 0"):
+        step_a2q_finn_preparation(load_model(MODELS / "digits_cnn_qdq.onnx"), None)
+    prepared = step_a2q_finn_preparation(load_model(DIGITS_CNN), None)
+    assert [n.op_type for n in prepared.graph.node].count("Quant") > 0
 
 
 def test_plain_steps_use_the_widths_recorded_per_layer(tmp_path):

@@ -49,7 +49,6 @@ from a2q_passes.finn_accumulators import (HW_DOMAIN_PREFIX, check_thresholds_hol
                                           iterate_mac_nodes, set_accumulator_datatypes)
 from a2q_passes.finn_execution import compare_execution
 from a2q_passes.finn_flow import LoweringError, LoweringReport, lower_to_finn_hw
-from a2q_passes.finn_quant_forms import is_qdq_node
 from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.metadata import ACCUMULATORS_KEY, read_record, record_accumulators, recorded_accumulators
@@ -415,14 +414,7 @@ class LowerToFINN(A2QPass):
         hw, self.lowering = lower_to_finn_hw(model, strict=self.strict)
         if not self.lowering.mac_nodes:
             reasons = "; ".join(f"{n.name} ({n.op_type}): {n.reason}" for n in self.lowering.blocking) or "none found"
-            qdq = sorted({n.op_type for n in model.graph.node if is_qdq_node(n)})
-            hint = (f"; this model quantizes with {'/'.join(qdq)} nodes: FINN converts QONNX Quant nodes, and "
-                    "qonnx's QCDQToQuant (run first) makes them only of graphs whose every node of these is in a "
-                    "QuantizeLinear -> [Clip] -> DequantizeLinear chain (Brevitas' dynamo QCDQ export, or the "
-                    "TorchScript one with export_weight_q_node=True), not of a DequantizeLinear of stored integers "
-                    "or onnxruntime's QOperator/dynamic nodes: lower a QONNX export of it (Brevitas `export_qonnx`); "
-                    "`a2q analyze/project/verify` read it as it is") if qdq else ""
-            raise LoweringError(f"FINN lowered no layer to an MVAU/VVAU{hint}. Nodes it could not lower: {reasons}")
+            raise LoweringError(f"FINN lowered no layer to an MVAU/VVAU. Nodes it could not lower: {reasons}")
         mapping = match_layers(qonnx_signatures, layer_signatures(hw))
         self._targets, source = hw_targets(hw, mapping, self.acc_bits, recorded)
         refuse_exact_input_targets(model, hw, mapping, self._targets)
