@@ -18,7 +18,8 @@ through the command line:
 3. ``a2q verify`` of the projected file, and the oracle on it: every promised layer's executed range fits P;
 4. for QONNX files, and Q/DQ files that qonnx's QCDQToQuant converts whole (``lower`` takes those),
    ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``) fits the
-   ``accDataType`` it was given;
+   ``accDataType`` it was given; every other Q/DQ file must be refused by ``lower`` by name before FINN's steps
+   (exit 1, nothing written, no raw FINN failure), or it FAILS;
 5. for files with QONNX ``Quant`` nodes, ``a2q finetune`` at the same P (one short epoch on random inputs, distilled
    from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
    layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
@@ -582,6 +583,8 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
             _check_allocate(entry, work, result)
     if entry.lower and result.status == "handled":
         _check_lower(entry, work, projected, result)
+    elif result.status == "handled":
+        _check_lower_refuses(entry, work, projected, result)
 
 
 FINETUNE_METHODS = ("norm", "qat", "axe")
@@ -703,6 +706,22 @@ def _check_lower(entry: Entry, work: Path, projected: Path, result: Result) -> N
             result.status = "FAILED"
             result.detail = f"lowered {name}: executed [{ex.lo}, {ex.hi}] outside accDataType {acc.name}"
             return
+
+
+def _check_lower_refuses(entry: Entry, work: Path, projected: Path, result: Result) -> None:
+    """A Q/DQ file ``lower`` does not take (QCDQToQuant leaves Q/DQ nodes in it): ``lower`` must refuse it by name
+    before FINN's steps (exit 1, nothing written, no raw FINN failure); the file stays handled."""
+    from a2q_passes.finn_quant_forms import is_qdq_node
+
+    if not any(is_qdq_node(n) for n in _graph_nodes(entry.path)):
+        return
+    hw = work / f"{entry.name}.hw.onnx"
+    code, out, err = _run("lower", projected, hw, "--from-annotations")
+    text = err.strip() or out.strip()
+    if code == 1 and text and not hw.exists() and "Traceback" not in out + err and "FINN transformation" not in text:
+        result.notes.append("lower refused by name")
+        return
+    result.status, result.detail = "FAILED", f"lower of a Q/DQ file it does not take: exit {code}: {text[-400:]}"
 
 
 # --------------------------------------------------------------------------- report
