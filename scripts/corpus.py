@@ -588,6 +588,7 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
 
 
 FINETUNE_METHODS = ("norm", "qat", "axe")
+LOWER_REFUSED = "lower refused by name"  # the note of step 4 on a Q/DQ file lower does not take
 ALLOCATE_PCT = 95  # allocate's --min-score-pct in step 6 (random data: the score is agreement with the file itself)
 
 
@@ -719,7 +720,7 @@ def _check_lower_refuses(entry: Entry, work: Path, projected: Path, result: Resu
     code, out, err = _run("lower", projected, hw, "--from-annotations")
     text = err.strip() or out.strip()
     if code == 1 and text and not hw.exists() and "Traceback" not in out + err and "FINN transformation" not in text:
-        result.notes.append("lower refused by name")
+        result.notes.append(LOWER_REFUSED)
         return
     result.status, result.detail = "FAILED", f"lower of a Q/DQ file it does not take: exit {code}: {text[-400:]}"
 
@@ -770,6 +771,7 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
     tight = sum(r.tight for r in results if r.status == "handled")
     lowered_qdq = sum(r.entry.lower and r.status == "handled"
                       and any(n.op_type == "QuantizeLinear" for n in _graph_nodes(r.entry.path)) for r in results)
+    refused_qdq = sum(r.status == "handled" and LOWER_REFUSED in r.notes for r in results)
     lines = ["# Real-file corpus (issue 10)", "",
              f"`{command}` ({seconds / 60:.0f} min on this machine). Every file is written offline by the real producer "
              "(seeded); see `scripts/corpus.py` for what each check executes.", "",
@@ -778,7 +780,8 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              f"per-channel range in {tight}, and lies inside it in all), `project` at the widest exact width - "
              f"{BELOW_WIDEST} verified and executed within P, and QONNX files (and the {lowered_qdq} Q/DQ files "
              "qonnx's QCDQToQuant converts whole) lowered with every MVAU/VVAU's executed range inside its "
-             "`accDataType`.", "", *_finetune_summary(results), "",
+             f"`accDataType`; the other {refused_qdq} handled Q/DQ files refused by `lower` by name, before FINN's "
+             "steps.", "", *_finetune_summary(results), "",
              *(_allocate_summary(results) + [""] if allocate else []), *_table(results), ""]
     refused = [r for r in results if r.status != "handled"]
     lines += ["## Files not handled", ""]
