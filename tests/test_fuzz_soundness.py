@@ -171,6 +171,30 @@ def test_finetune_property_passes_each_variant_and_catches_an_untrained_output(
         outcome.failures
 
 
+def test_finetune_property_with_per_layer_widths_passes_and_catches_an_untrained_output(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Properties (g) and (h) together: `finetune --layer Gemm0=8` (one bit below the dense layer's width) passes;
+    with training replaced by the input model and the pass's own checks off, the oracle finds the overflow of that
+    per-layer run too."""
+    import a2q_passes.transforms.finetune as finetune_module
+    from a2q_passes.finetune.train import FinetuneResult, metric_name
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", finetune="norm", layer_deltas=(1,))
+    assert honest.exit_codes.get("finetune") == 0 and not honest.failures, honest.failures
+
+    def untrained(model, selection, train, val, config, callback=None):
+        return FinetuneResult(ModelWrapper(copy.deepcopy(model.model)), [], 0, metric_name(config.loss), None, {}, True)
+
+    monkeypatch.setattr(finetune_module, "finetune", untrained)
+    monkeypatch.setattr(finetune_module, "enforce_widths", lambda model, selection: {})
+    monkeypatch.setattr(finetune_module.FinetuneAccumulators, "ensures", lambda self, result: None)
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", finetune="norm", layer_deltas=(1,))
+    assert any(f.category == "unsafe_output" and f.message.startswith('finetune --layer {"Gemm0": 8}')
+               for f in outcome.failures), outcome.failures
+
+
 def test_per_layer_property_passes_honest_commands_and_catches_a_misread_width_map(
         gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Property (h): the dense layer (executed width 9) at 8 bits from a width map projects and verifies honestly; a

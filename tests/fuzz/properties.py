@@ -16,7 +16,8 @@
 (h) with per-layer offsets (``layer_deltas``), a width per layer ``{layer: P_layer}`` around each layer's executed
     width: ``verify --widths-json`` never says "no overflow" where a layer executes past its own P_layer, and
     ``project --widths-json`` exits 0 with every layer executing within its own P_layer (and, with ``lower``, (f)
-    holds on that output), or refuses naming a layer;
+    holds on that output; with ``finetune``, (g) holds for ``finetune --layer NAME=P_layer ...``), or refuses naming
+    a layer;
     optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets.
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
@@ -324,14 +325,18 @@ class Checker:
                                   f"its accDataType {acc.name}")
 
     # (g)
-    def finetune(self, path: Path, bits: int, variant: str) -> Path | None:
-        """Fine-tune at ``bits``; where it names layers it cannot train, again with them skipped, as its message says:
-        the others must then fit ``bits`` and the skipped ones must not need more than analyze reported before.
-        Returns the written model (None where finetune refused)."""
+    def finetune(self, path: Path, bits: int | dict[str, int], variant: str) -> Path | None:
+        """Fine-tune at ``bits`` (one width, or one per layer as ``--layer NAME=P``); where it names layers it cannot
+        train, again with them skipped, as its message says: the others must then fit their widths and the skipped
+        ones must not need more than analyze reported before. Returns the written model (None where finetune
+        refused)."""
         data = self.workdir / "train.npz"
         np.savez(data, x=_random_inputs(self.case.model, FINETUNE_SAMPLES))
-        out = self.workdir / f"finetuned_{bits}.onnx"
-        options = ["--acc-bits", bits, "--data", data, "--method", *variant.split(), "--epochs", 1, "--batch-size", 4,
+        per_layer = isinstance(bits, dict)
+        out = self.workdir / ("finetuned_per_layer.onnx" if per_layer else f"finetuned_{bits}.onnx")
+        widths = [arg for node, p in bits.items() for arg in ("--layer", f"{node}={p}")] if per_layer else [
+            "--acc-bits", bits]
+        options = [*widths, "--data", data, "--method", *variant.split(), "--epochs", 1, "--batch-size", 4,
                    "--loss", "mse", "--distill", "--no-progress", "--calib-samples", 8, "--held-out-samples", 4]
         result = self.cli("finetune", path, out, *options)
         skipped = SKIP_HINT.search(result.stderr) if result.code == 1 else None
@@ -346,10 +351,12 @@ class Checker:
         self._check_finetuned(path, out, bits, variant, set(skip))
         return out
 
-    def _check_finetuned(self, path: Path, out: Path, bits: int, variant: str, skipped: set[str]) -> None:
+    def _check_finetuned(self, path: Path, out: Path, bits: int | dict[str, int], variant: str,
+                         skipped: set[str]) -> None:
         from tests.fuzz.real_files import weight_scale
 
-        what = f"finetune --acc-bits {bits} --method {variant}"
+        width_option = f"--layer {json.dumps(bits, sort_keys=True)}" if isinstance(bits, dict) else f"--acc-bits {bits}"
+        what = f"finetune {width_option} --method {variant}"
         model = ModelWrapper(str(out))
         layers = [info if info.weight_scale is None or info.act_x_act else
                   replace(info, weight_scale=weight_scale(model, _node(model, info.node))) for info in self.case.layers]
@@ -431,11 +438,13 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
             checker.lower(finetuned)
     if layer_deltas and executed:
         names = sorted(executed)
-        mixed = checker.per_layer_widths(path, executed, {node: min(max(width(executed[node].lo, executed[node].hi)
-                                                                        - layer_deltas[i % len(layer_deltas)], 1), 64)
-                                                          for i, node in enumerate(names)})
+        widths = {node: min(max(width(executed[node].lo, executed[node].hi) - layer_deltas[i % len(layer_deltas)], 1),
+                            64) for i, node in enumerate(names)}
+        mixed = checker.per_layer_widths(path, executed, widths)
         if lowerable and mixed is not None:  # (f) on mixed widths: each MVAU gets its own layer's record
             checker.lower(mixed)
+        if finetune and trainable and mixed is not None:  # (g) at the same widths, given as --layer NAME=P
+            checker.finetune(path, widths, finetune)
     if allocate and trainable:
         checker.allocate(path)
     return outcome
