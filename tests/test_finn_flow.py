@@ -325,3 +325,63 @@ def test_estimate_only_build_writes_reports(mlp, tmp_path):
     # FINN's own minimisation ran in the build: the final model's accumulators are no longer INT32
     final = ModelWrapper(str(result.final_model))
     assert all(getCustomOp(n).get_nodeattr("accDataType") != "INT32" for n in iterate_mac_nodes(final))
+
+
+def _one_quant(scale: float, rounding_mode: str = "ROUND") -> ModelWrapper:
+    """x -> Quant(scale, zero point 0, 8 bits, signed) -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = {"s": np.float32(scale), "z": np.float32(0), "b": np.float32(8)}
+    node = helper.make_node("Quant", ["x", "s", "z", "b"], ["y"], name="QuantX", domain="qonnx.custom_op.general",
+                            signed=1, narrow=0, rounding_mode=rounding_mode)
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+                              initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                 helper.make_opsetid("qonnx.custom_op.general", 1)]))
+
+
+def test_activation_ties_rounded_up_rounds_exact_ties_as_thresholds_do():
+    """The rewrite used to explain FINN's differences: a tie goes up (as ``x >= threshold``), everything else rounds
+    as before; compared with numpy's floor(x / s + 1/2) and, for the ties, with ROUND's half-to-even."""
+    from a2q_passes.finn_execution import activation_ties_rounded_up
+
+    model = _one_quant(0.5)
+    x = np.array([[0.25, 0.75, -0.25, -0.75, 1.25, 0.3]], dtype=np.float32)
+    even = execute_onnx(model, {"x": x})["y"]
+    up = execute_onnx(activation_ties_rounded_up(model), {"x": x})["y"]
+    assert np.array_equal(up, np.floor(x / 0.5 + 0.5) * 0.5)
+    assert np.array_equal(even[0, :5], [0.0, 1.0, -0.0, -1.0, 1.0]) and np.array_equal(up[0, :5], [0.5, 1.0, 0.0, -0.5, 1.5])
+    assert activation_ties_rounded_up(_one_quant(0.5, "FLOOR")) is None  # nothing rounds half to even there
+
+
+def test_equivalence_says_tie_rounding_explains_a_difference_only_where_it_does():
+    """compare_execution against the ties-up model: different outputs, all of it from ties (claimed); against a
+    model with another scale: different outputs, not explained (not claimed)."""
+    from a2q_passes.finn_execution import activation_ties_rounded_up
+
+    model = _one_quant(0.5)
+    x = np.array([[0.25, 0.75, -0.25, -0.75, 1.25, 0.3]] * 2, dtype=np.float32)
+    ties = compare_execution(model, activation_ties_rounded_up(model), x, attribute=False)
+    assert not ties["within_tolerance"] and ties["explained_by_tie_rounding"]
+    other = compare_execution(model, _one_quant(0.25), x, attribute=False)
+    assert not other["within_tolerance"] and not other["explained_by_tie_rounding"]
+
+
+def test_lower_of_a_power_of_two_model_names_tie_rounding_as_the_whole_difference(tmp_path):
+    """Brevitas' FixedPoint quantizers (power-of-two scales) make exact ties inside the net; FINN's thresholds round
+    them up where QONNX rounds to even. `lower` still exits 3 (the outputs differ) and says the difference is that
+    alone; the report records it."""
+    import json
+
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+    from tests.fuzz.properties import run_cli
+
+    spec = NetSpec("cnn", 5, 4, signed_act=True, per_channel=False, weight_quant="Int8WeightPerTensorFixedPoint",
+                   act_quant="Int8ActPerTensorFixedPoint")
+    path = build_corpus_net(tmp_path, spec, "qonnx")
+    report = tmp_path / "lower.json"
+    result = run_cli("lower", path, tmp_path / "hw.onnx", "--report-json", report)
+    assert result.code == 3 and "all of it from FINN rounding exact ties up" in result.stderr, result.stderr
+    equivalence = json.loads(report.read_text())["equivalence"]
+    assert equivalence["explained_by_tie_rounding"] and equivalence["ties_rounded_up_max_abs_diff"] == 0.0

@@ -64,6 +64,12 @@ def equivalence_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"equivalence ({result['samples']} samples): max |QONNX - FINN| = {result['max_abs_diff']:.3g} "
              f"(tolerance {result['tolerance']:.3g}): {verdict}"
              + (f"; top-1 agreement {100 * result['top1_agreement']:.1f}%" if "top1_agreement" in result else "")]
+    if result.get("explained_by_tie_rounding"):
+        lines.append("  all of it is FINN's rounding of exact ties: its thresholds round a value halfway between two "
+                     "codes up, where the QONNX Quant nodes (ROUND) round it to even; with the activation quantizers "
+                     "rounding ties up the outputs agree (max |diff| "
+                     f"{result['ties_rounded_up_max_abs_diff']:.3g}). Power-of-two scales make such ties exact; the "
+                     "accumulators are not involved")
     for row in result.get("introduced_by", []):
         lines.append(f"  introduced by {row['stage']}: max |diff| {row['max_abs_diff']:.3g}; "
                      f"removed {row['nodes_removed'][:4]}, added {row['nodes_added'][:4]}")
@@ -182,7 +188,9 @@ def lower(
     problems = [f"{len(lowering.lowering.blocking)} node(s) not lowered"] if lowering.lowering.blocking else []
     problems += [f"recorded layer(s) not mapped: {', '.join(details['unmapped'])}"] if details["unmapped"] else []
     problems += [] if equivalence["within_tolerance"] else [
-        f"outputs differ by {equivalence['max_abs_diff']:.3g} (tolerance {equivalence['tolerance']:.3g})"]
+        f"outputs differ by {equivalence['max_abs_diff']:.3g} (tolerance {equivalence['tolerance']:.3g})"
+        + (", all of it from FINN rounding exact ties up (see above)" if equivalence.get("explained_by_tie_rounding")
+           else "")]
     if problems:
         raise AnalysisProblem(f"{input_path}: written to {output_path}, but " + "; ".join(problems))
 
