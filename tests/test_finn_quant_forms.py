@@ -212,11 +212,7 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     name, output = model.graph.input[0].name, model.graph.output[0].name
     x = np.random.default_rng(0).normal(0, 1, [1, *model.get_tensor_shape(name)[1:]]).astype(np.float32)
     assert np.array_equal(execute_onnx(model, {name: x})[output], execute_onnx(filled, {name: x})[output])
-    path, out = tmp_path / "quantized.onnx", tmp_path / "hw.onnx"
-    model.save(str(path))
-    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
-    assert result.returncode == 0, result.stderr[-2000:]
-    _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
+    _assert_lowers(model, tmp_path / "quantized.onnx")
 
 
 def test_conv_defaults_are_filled_in_where_the_weight_shape_is_only_inferred(tmp_path):
@@ -225,11 +221,7 @@ def test_conv_defaults_are_filled_in_where_the_weight_shape_is_only_inferred(tmp
     comes from shape inference, and the file lowers."""
     model = _quantize_graph_without_conv_defaults(tmp_path)
     del model.graph.value_info[:]
-    path, out = tmp_path / "unshaped.onnx", tmp_path / "hw.onnx"
-    model.save(str(path))
-    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
-    assert result.returncode == 0, result.stderr[-2000:]
-    _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
+    _assert_lowers(model, tmp_path / "unshaped.onnx")
 
 
 def test_onnxruntime_qdq_with_symmetric_activations_is_refused_naming_its_qdq_nodes(tmp_path):
@@ -245,6 +237,15 @@ def test_onnxruntime_qdq_with_symmetric_activations_is_refused_naming_its_qdq_no
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
     assert result.returncode == 1 and "FINN converts QONNX Quant nodes only" in result.stderr, result.stderr[-2000:]
     assert "DequantizeLinear" in result.stderr and "NoneType" not in result.stderr and not out.exists()
+
+
+def _assert_lowers(model: ModelWrapper, path: Path) -> None:
+    """``model`` saved to ``path`` lowers (`a2q lower --acc-bits 24`) with every MVAU holding its worst case."""
+    out = path.with_suffix(".hw.onnx")
+    model.save(str(path))
+    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(out)))
 
 
 def _quantize_graph_without_conv_defaults(tmp_path: Path) -> ModelWrapper:
