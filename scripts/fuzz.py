@@ -25,7 +25,7 @@ from onnx import helper
 
 from tests.fuzz.generate import CONSTRUCTS, Case, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import CATEGORIES, FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, check_case
+from tests.fuzz.properties import CATEGORIES, FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, TILES, check_case
 
 
 def main() -> int:
@@ -44,6 +44,8 @@ def main() -> int:
                         "(QONNX cases; several seconds each)")
     parser.add_argument("--allocate", action="store_true", help="also check `allocate`'s map in property (h) "
                         "(QONNX cases FINN lowers; several seconds each)")
+    parser.add_argument("--tile", action="store_true", help="also check property (i): `project --tile T` (T drawn "
+                        "per example from 1 to 6), every K-tile and running sum executed within its recorded width")
     parser.add_argument("--finetune", action="store_true", help="also check property (g): `finetune` at project's P "
                         "with a method and options drawn per example (QONNX cases; the generator leaves out the constructs "
                         "finetune refuses by name)")
@@ -65,14 +67,15 @@ def main() -> int:
     @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=["generate"])
     @given(case=cases(exclude=FINETUNE_REFUSED if args.finetune else frozenset()), verify_delta=st.integers(-2, 0),
-           project_delta=st.integers(0, 3), variant=st.sampled_from(FINETUNE_VARIANTS), layer_deltas=LAYER_DELTAS)
-    def run(case, verify_delta, project_delta, variant, layer_deltas):
+           project_delta=st.integers(0, 3), variant=st.sampled_from(FINETUNE_VARIANTS), layer_deltas=LAYER_DELTAS,
+           tile=TILES)
+    def run(case, verify_delta, project_delta, variant, layer_deltas, tile):
         stats["examples"] += 1
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 outcome = check_case(case, Path(tmp), verify_delta, project_delta, lower=args.lower,
                                      finetune=variant if args.finetune else None, layer_deltas=tuple(layer_deltas),
-                                     allocate=args.allocate)
+                                     allocate=args.allocate, tile=tile if args.tile else None)
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
@@ -93,6 +96,7 @@ def main() -> int:
                 case.save(args.save / f"case_{n:05d}", {"failures": [f.__dict__ for f in outcome.failures],
                                                         "deltas": [verify_delta, project_delta],
                                                         "layer_deltas": list(layer_deltas),
+                                                        "tile": tile if args.tile else None,
                                                         "finetune": variant if args.finetune else None})
         if stats["examples"] % args.every == 0:
             found = ", ".join(f"{k}={v}" for k, v in sorted(examples_with.items())) or "none"
@@ -165,7 +169,8 @@ def replay(stem: Path, lower: bool = False, finetune: bool = False, allocate: bo
     with tempfile.TemporaryDirectory() as tmp:
         outcome = check_case(case, Path(tmp), *note.get("deltas", (0, 1)), lower=lower,
                              finetune=(note.get("finetune") or "norm") if finetune else None,
-                             layer_deltas=tuple(note.get("layer_deltas", ())), allocate=allocate)
+                             layer_deltas=tuple(note.get("layer_deltas", ())), allocate=allocate,
+                             tile=note.get("tile"))
     for failure in outcome.failures:
         print(f"{failure.category}: {failure.message}")
     return 1 if outcome.failures else 0

@@ -26,7 +26,7 @@ import a2q_passes.analysis
 import a2q_passes.transforms.project
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo, cases
 from tests.fuzz.oracle import executed_ranges
-from tests.fuzz.properties import FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, check_case, run_cli
+from tests.fuzz.properties import FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, TILES, check_case, run_cli
 
 EXAMPLES = int(os.environ.get("A2Q_FUZZ_EXAMPLES", "300"))
 FINETUNE_EXAMPLES = int(os.environ.get("A2Q_FUZZ_FINETUNE_EXAMPLES", "100"))
@@ -242,3 +242,32 @@ def test_allocate_property_passes_an_honest_map_and_catches_an_unproven_one(
     assert outcome.exit_codes.get("allocate") == 0
     assert any(f.category == "bad_refusal" and "allocate's map" in f.message for f in outcome.failures), \
         outcome.failures
+
+
+def test_tile_property_passes_an_honest_projection_and_catches_untiled_weights(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (i): `project --tile 2` of the dense layer keeps every executed K-tile and running sum within the
+    recorded widths; with the multi-stage projection asked for 3 bits more than its record says and the pass's own
+    checks off, the oracle (the layer executed with the weights outside a tile set to 0) finds the tile that
+    overflows."""
+    import a2q_passes.transforms.project as project_module
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", tile=2)
+    assert honest.exit_codes.get("project") == 0 and not honest.failures, honest.failures
+    real = project_module.project_multistage
+    monkeypatch.setattr(project_module, "project_multistage",
+                        lambda v, x, groups, tile, bits, *rest: real(v, x, groups, tile, bits + 3, *rest))
+    monkeypatch.setattr(project_module.ProjectToAccumulator, "ensures", lambda self, result: None)
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", tile=2)
+    assert any(f.category == "unsafe_output" and "K-tile" in f.message for f in outcome.failures), outcome.failures
+
+
+@settings(FIXED, max_examples=int(os.environ.get("A2Q_FUZZ_TILE_EXAMPLES", "150")))
+@given(case=cases(), tile=TILES)
+def test_random_models_keep_the_multistage_promise(case: Case, tile: int) -> None:
+    """Property (i) on random models: `project --tile T` (with the --skip or width its refusals name)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = check_case(case, Path(tmp), tile=tile)
+    assert not outcome.failures, "\n".join([f"{f.category}: {f.message}" for f in outcome.failures] + case.description)

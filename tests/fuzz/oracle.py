@@ -444,7 +444,45 @@ def _constants_folded(model: ModelWrapper) -> ModelWrapper:
     return model
 
 
-def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0) -> ExecutedRange:
+def tile_ranges(model: ModelWrapper, case: Case, info: LayerInfo, tile: int,
+                seed: int = 0) -> tuple[list[ExecutedRange], list[ExecutedRange]]:
+    """A multi-stage datapath's executed registers: each K-tile's partial sum (``tile`` consecutive terms of the
+    layer's K order: ``(C_in / group, *kernel)`` for a Conv, the summed axis of a MatMul/Gemm weight) and each running
+    sum of whole tiles, every one the layer's own MAC executed with the weights outside it set to 0 (the
+    adversarial inputs then attack that sum alone)."""
+    k = _k_terms(model, info)
+    starts = range(0, k, tile)
+    tiles = [layer_range(model, case, info, seed, np.arange(start, min(start + tile, k))) for start in starts]
+    running = [layer_range(model, case, info, seed, np.arange(min(start + tile, k))) for start in starts]
+    return tiles, running
+
+
+def _k_terms(model: ModelWrapper, info: LayerInfo) -> int:
+    """How many terms one output of the MAC sums (its weight's K axis)."""
+    mac = _node(model, info.node)
+    shape = model.get_tensor_shape(mac.input[1]) or list(_constants_folded(model).get_initializer(mac.input[1]).shape)
+    if mac.op_type == "Conv":
+        return int(np.prod(shape[1:]))
+    trans_b = any(a.name == "transB" and a.i for a in mac.attribute)
+    return int(shape[1] if trans_b else shape[0])
+
+
+def _keep_terms(mac, q: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    """``q`` with every weight outside the K positions ``terms`` set to 0 (K order as in :func:`tile_ranges`)."""
+    kept = np.zeros_like(q)
+    if mac.op_type == "Conv":
+        flat, out = q.reshape(q.shape[0], -1), kept.reshape(q.shape[0], -1)
+        out[:, terms] = flat[:, terms]
+    elif any(a.name == "transB" and a.i for a in mac.attribute):
+        kept[:, terms] = q[:, terms]
+    else:
+        kept[terms] = q[terms]
+    return kept
+
+
+def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
+                terms: np.ndarray | None = None) -> ExecutedRange:
+    """``terms``: only these K positions of the sum (see :func:`tile_ranges`)."""
     model = _constants_folded(model)
     if info.act_x_act:
         return act_x_act_range(model, case, info, seed)
@@ -483,6 +521,8 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0)
     q = _integers(weight, info.weight_scale, "weight", info.node)
     if info.weight_zero_point is not None and case.zero_point == "fold":
         q = q + np.round(info.weight_zero_point)  # the raw codes
+    if terms is not None:
+        q = _keep_terms(mac, q, terms)
     x_shape = tuple(model.get_tensor_shape(mac.input[0]))
     sample_shape = (x_shape[0],) if trans_a else tuple(x_shape[1:])
     n_in = int(np.prod(sample_shape))

@@ -18,7 +18,11 @@
     ``project --widths-json`` exits 0 with every layer executing within its own P_layer (and, with ``lower``, (f)
     holds on that output; with ``finetune``, (g) holds for ``finetune --layer NAME=P_layer ...``), or refuses naming
     a layer;
-    optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets.
+    optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets;
+(i) optionally (``tile=T``), ``project --tile T --acc-bits P_inner`` (one bit below the widest executed K-tile of the
+    input) exits 0 with every executed K-tile partial sum of each layer it records within ``P_inner`` and every
+    executed running sum of its tiles within the recorded outer width, or refuses naming a layer (retried with the
+    ``--skip`` it names for layers no multi-stage datapath takes).
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
@@ -68,7 +72,9 @@ FINETUNE_REFUSED = frozenset({"one_bit_signed_weights", "finn_bipolar_weights", 
                               "dq_int8_without_zero_point", "qcdq_clip"})
 # property (h): each layer's offset below its executed width (negative: wider than it needs), cycled over the layers
 LAYER_DELTAS = st.lists(st.integers(-1, 3), min_size=1, max_size=4)
+TILES = st.integers(1, 6)  # property (i): terms per K-tile
 SKIP_HINT = re.compile(r"unconstrained explicitly with ((?:--skip \S+ ?)+)")
+TILE_SKIP_HINT = re.compile(r"multi-stage datapath \(.*?\); ((?:--skip \S+ ?)+)")
 SMALLEST_P = re.compile(r"smallest feasible target is (\d+) bits")
 
 
@@ -304,6 +310,54 @@ class Checker:
             self.outcome.fail("bad_refusal", f"{what} exits {again.code} on the map allocate proved: "
                               f"{again.stderr.strip()[-300:]}")
 
+    # (i)
+    def tiled(self, path: Path, tile: int) -> None:
+        from tests.fuzz.oracle import tile_ranges
+
+        tileable = [info for info in self.case.layers
+                    if info.integer and not info.act_x_act and info.op_type != "ConvTranspose"]
+        if not tileable:
+            return
+        widest = max(width(r.lo, r.hi) for info in tileable for r in tile_ranges(self.case.model, self.case, info,
+                                                                                   tile)[0])
+        bits, skips = max(widest - 1, 2), []
+        out = self.workdir / f"projected_tile{tile}.onnx"
+        for _ in range(3):  # again with the --skip or the smallest width a refusal names, as a user would
+            result = self.cli("project", path, out, "--tile", tile, "--acc-bits", bits, *skips,
+                              *_common_options(self.case))
+            if result.code != 1:
+                break
+            if not self._names_a_layer(result.stderr):
+                self.outcome.fail("bad_refusal", f"project --tile {tile} --acc-bits {bits} refused without naming a "
+                                  f"layer: {result.stderr.strip()[-300:]}")
+                return
+            hint = TILE_SKIP_HINT.search(result.stderr) or SKIP_HINT.search(result.stderr)
+            smallest = SMALLEST_P.search(result.stderr)
+            if hint:
+                skips += hint.group(1).split()
+            elif smallest:
+                bits = int(smallest.group(1))
+            else:
+                break
+        if result.code != 0:
+            return
+        records = _records(out)
+        model = ModelWrapper(str(out))
+        for info in tileable:
+            record = records.get(info.node)
+            if record is None or record.get("tile") != tile:
+                continue
+            signed = str(record["acc_dtype"]).startswith("INT")
+            tiles, running = tile_ranges(model, self.case, info, tile)
+            for stage, ranges, p in (("K-tile", tiles, record["acc_bits"]), ("running sum", running,
+                                                                            record["outer_bits"])):
+                for index, done in enumerate(ranges):
+                    if not fits(done.lo, done.hi, p, signed):
+                        kind = "INT" if signed else "UINT"
+                        self.outcome.fail("unsafe_output", f"project --tile {tile} --acc-bits {bits} exited 0, but "
+                                          f"{info.node}'s {stage} {index} executes to [{done.lo}, {done.hi}] outside "
+                                          f"{kind}{p}")
+
     # (f)
     def lower(self, projected: Path) -> None:
         from qonnx.core.datatype import DataType
@@ -406,13 +460,14 @@ def _records(path: Path) -> dict[str, dict]:
 
 
 def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False,
-               finetune: str | None = None, layer_deltas: tuple[int, ...] = (), allocate: bool = False) -> Outcome:
+               finetune: str | None = None, layer_deltas: tuple[int, ...] = (), allocate: bool = False,
+               tile: int | None = None) -> Outcome:
     """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
     QONNX and Q/DQ cases with no --input-dtype and the fold convention (what ``lower`` takes, converting Q/DQ
     chains with qonnx's QCDQToQuant where it can); ``finetune`` (a variant): also
     (g), on the same cases (finetune reads QONNX under the fold convention), at project's P; ``layer_deltas``: also
     (h), layer i (by name) at its executed width minus ``layer_deltas[i % len]``; ``allocate``: (h) on ``allocate``'s
-    map too (QONNX cases with no --input-dtype and the fold convention, as for finetune)."""
+    map too (QONNX cases with no --input-dtype and the fold convention, as for finetune); ``tile``: also (i)."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
@@ -447,4 +502,6 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
             checker.finetune(path, widths, finetune)
     if allocate and trainable:
         checker.allocate(path)
+    if tile is not None:
+        checker.tiled(path, tile)
     return outcome
