@@ -264,6 +264,28 @@ def test_tile_property_passes_an_honest_projection_and_catches_untiled_weights(
     assert any(f.category == "unsafe_output" and "K-tile" in f.message for f in outcome.failures), outcome.failures
 
 
+def test_tile_property_catches_a_verify_that_misreads_its_inner_width(gemm_case: Case, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (i) on `verify --tile 3`: the tiles are probed one bit below what they execute to (an honest verify
+    refuses); a verify that reads --acc-bits 2 bits wider says "no overflow", which the executed K-tile contradicts."""
+    import a2q_passes.cli.verify as verify_cli
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", tile=3)
+    assert not honest.failures, honest.failures
+    real = verify_cli.parse_layer_widths
+
+    def widened(acc_bits, layer_specs, widths_json):
+        bits, overrides = real(acc_bits, layer_specs, widths_json)
+        return (None if bits is None else bits + 2), overrides
+
+    monkeypatch.setattr(verify_cli, "parse_layer_widths", widened)
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", tile=3)
+    assert any(f.category == "false_no_overflow" and f.message.startswith("verify --tile 3") and "K-tile" in f.message
+               for f in outcome.failures), outcome.failures
+
+
 @settings(FIXED, max_examples=int(os.environ.get("A2Q_FUZZ_TILE_EXAMPLES", "150")))
 @given(case=cases(), tile=TILES)
 def test_random_models_keep_the_multistage_promise(case: Case, tile: int) -> None:

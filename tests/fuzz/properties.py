@@ -19,8 +19,9 @@
     holds on that output; with ``finetune``, (g) holds for ``finetune --layer NAME=P_layer ...``), or refuses naming
     a layer;
     optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets;
-(i) optionally (``tile=T``), ``project --tile T --acc-bits P_inner`` (one bit below the widest executed K-tile of the
-    input) exits 0 with every executed K-tile partial sum of each layer it records within ``P_inner`` and every
+(i) optionally (``tile=T``), ``verify --tile T`` never says "no overflow" where an executed K-tile partial sum or
+    running sum of tiles leaves its width, and ``project --tile T --acc-bits P_inner`` (one bit below the widest
+    executed K-tile of the input) exits 0 with every executed K-tile partial sum of each layer it records within ``P_inner`` and every
     executed running sum of its tiles within the recorded outer width, or refuses naming a layer (retried with the
     ``--skip`` it names for layers no multi-stage datapath takes).
 
@@ -318,8 +319,12 @@ class Checker:
                     if info.integer and not info.act_x_act and info.op_type != "ConvTranspose"]
         if not tileable:
             return
-        widest = max(width(r.lo, r.hi) for info in tileable for r in tile_ranges(self.case.model, self.case, info,
-                                                                                   tile)[0])
+        before = {info.node: tile_ranges(self.case.model, self.case, info, tile) for info in tileable}
+        widest = max(width(r.lo, r.hi) for tiles, _ in before.values() for r in tiles)
+        running = max(width(r.lo, r.hi) for _, sums in before.values() for r in sums)
+        # one stage a bit below what the widest layer executes (odd T: the tiles, even T: the running sums), the
+        # other at it: an honest verify refuses, one that under-reports that stage claims "no overflow"
+        self._tiled_claim(path, tile, widest - tile % 2, running - 1 + tile % 2, before)
         bits, skips = max(widest - 1, 2), []
         out = self.workdir / f"projected_tile{tile}.onnx"
         for _ in range(3):  # again with the --skip or the smallest width a refusal names, as a user would
@@ -347,16 +352,32 @@ class Checker:
             record = records.get(info.node)
             if record is None or record.get("tile") != tile:
                 continue
-            signed = str(record["acc_dtype"]).startswith("INT")
-            tiles, running = tile_ranges(model, self.case, info, tile)
-            for stage, ranges, p in (("K-tile", tiles, record["acc_bits"]), ("running sum", running,
-                                                                            record["outer_bits"])):
-                for index, done in enumerate(ranges):
-                    if not fits(done.lo, done.hi, p, signed):
-                        kind = "INT" if signed else "UINT"
-                        self.outcome.fail("unsafe_output", f"project --tile {tile} --acc-bits {bits} exited 0, but "
-                                          f"{info.node}'s {stage} {index} executes to [{done.lo}, {done.hi}] outside "
-                                          f"{kind}{p}")
+            self._stages_fit(tile_ranges(model, self.case, info, tile), info.node, record["acc_bits"],
+                             record["outer_bits"], str(record["acc_dtype"]).startswith("INT"), "unsafe_output",
+                             f"project --tile {tile} --acc-bits {bits} exited 0")
+
+    def _tiled_claim(self, path: Path, tile: int, inner: int, outer: int,
+                     executed: dict[str, tuple[list[ExecutedRange], list[ExecutedRange]]]) -> None:
+        """``verify --tile`` says "no overflow" only where every executed K-tile and running sum fits."""
+        inner, outer = max(inner, 1), max(outer, 2)
+        result = self.cli("verify", path, "--tile", tile, "--acc-bits", inner, "--outer-bits", outer, "--json",
+                          *_common_options(self.case))
+        if result.code != 0:
+            return
+        verdicts = {v["node"]: v for v in json.loads(result.stdout)["layers"]}
+        for node, stages in executed.items():
+            self._stages_fit(stages, node, inner, outer, bool(verdicts.get(node, {}).get("signed", True)),
+                             "false_no_overflow", f"verify --tile {tile} --acc-bits {inner} --outer-bits {outer} "
+                             "said no overflow")
+
+    def _stages_fit(self, stages: tuple[list[ExecutedRange], list[ExecutedRange]], node: str, inner: int, outer: int,
+                    signed: bool, category: str, what: str) -> None:
+        kind = "INT" if signed else "UINT"
+        for stage, ranges, p in (("K-tile", stages[0], inner), ("running sum", stages[1], outer)):
+            for index, done in enumerate(ranges):
+                if not fits(done.lo, done.hi, p, signed):
+                    self.outcome.fail(category, f"{what}, but {node}'s {stage} {index} executes to "
+                                      f"[{done.lo}, {done.hi}] outside {kind}{p}")
 
     # (f)
     def lower(self, projected: Path) -> None:
