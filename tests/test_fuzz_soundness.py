@@ -286,6 +286,18 @@ def test_tile_property_catches_a_verify_that_misreads_its_inner_width(gemm_case:
                for f in outcome.failures), outcome.failures
 
 
+def test_tile_property_catches_an_analysis_that_halves_the_stages(gemm_case: Case, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (i) on `analyze --tile`: with the K-tile and running-sum ranges halved, the reported ranges miss what
+    executes (project is stopped by the independent certificate, exit 4)."""
+    real = a2q_passes.analysis.stage_ranges
+    monkeypatch.setattr(a2q_passes.analysis, "stage_ranges",
+                        lambda rows, x, tile: tuple((lo // 2, hi // 2) for lo, hi in real(rows, x, tile)))
+    outcome = check_case(gemm_case, tmp_path, tile=2)
+    assert any(f.category == "too_small_analysis" and f.message.startswith("analyze --tile 2") for f in outcome.failures)
+    assert any(f.category == "internal_error" and "project" in f.message for f in outcome.failures), outcome.failures
+
+
 @settings(FIXED, max_examples=int(os.environ.get("A2Q_FUZZ_TILE_EXAMPLES", "150")))
 @given(case=cases(), tile=TILES)
 def test_random_models_keep_the_multistage_promise(case: Case, tile: int) -> None:

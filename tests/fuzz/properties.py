@@ -19,7 +19,8 @@
     holds on that output; with ``finetune``, (g) holds for ``finetune --layer NAME=P_layer ...``), or refuses naming
     a layer;
     optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets;
-(i) optionally (``tile=T``), ``verify --tile T`` never says "no overflow" where an executed K-tile partial sum or
+(i) optionally (``tile=T``), ``analyze --tile T`` reports K-tile and outer ranges holding every executed K-tile
+    partial sum and running sum of tiles, ``verify --tile T`` never says "no overflow" where an executed K-tile partial sum or
     running sum of tiles leaves its width, and ``project --tile T --acc-bits P_inner`` (one bit below the widest
     executed K-tile of the input) exits 0 with every executed K-tile partial sum of each layer it records within ``P_inner`` and every
     executed running sum of its tiles within the recorded outer width, or refuses naming a layer (retried with the
@@ -325,6 +326,7 @@ class Checker:
         # one stage a bit below what the widest layer executes (odd T: the tiles, even T: the running sums), the
         # other at it: an honest verify refuses, one that under-reports that stage claims "no overflow"
         self._tiled_claim(path, tile, widest - tile % 2, running - 1 + tile % 2, before)
+        self._tiled_analysis(path, tile, before)
         bits, skips = max(widest - 1, 2), []
         out = self.workdir / f"projected_tile{tile}.onnx"
         for _ in range(3):  # again with the --skip or the smallest width a refusal names, as a user would
@@ -369,6 +371,24 @@ class Checker:
             self._stages_fit(stages, node, inner, outer, bool(verdicts.get(node, {}).get("signed", True)),
                              "false_no_overflow", f"verify --tile {tile} --acc-bits {inner} --outer-bits {outer} "
                              "said no overflow")
+
+    def _tiled_analysis(self, path: Path, tile: int,
+                        executed: dict[str, tuple[list[ExecutedRange], list[ExecutedRange]]]) -> None:
+        """``analyze --tile``'s ``tile_range`` and ``outer_range`` hold every executed K-tile and running sum."""
+        result = self.cli("analyze", path, "--tile", tile, "--json", *_common_options(self.case))
+        if result.code not in (0, 3):
+            return
+        for layer in json.loads(result.stdout)["layers"]:
+            stages = executed.get(layer["node"])
+            if stages is None or layer["status"] != "ok" or "tile_range" not in layer:
+                continue
+            for stage, ranges, key in (("K-tile", stages[0], "tile_range"), ("running sum", stages[1], "outer_range")):
+                lo, hi = layer[key]
+                for index, done in enumerate(ranges):
+                    if done.lo < lo or done.hi > hi:
+                        self.outcome.fail("too_small_analysis", f"analyze --tile {tile}: {layer['node']} reported "
+                                          f"{key} [{lo}, {hi}], but its {stage} {index} executes to "
+                                          f"[{done.lo}, {done.hi}]")
 
     def _stages_fit(self, stages: tuple[list[ExecutedRange], list[ExecutedRange]], node: str, inner: int, outer: int,
                     signed: bool, category: str, what: str) -> None:
