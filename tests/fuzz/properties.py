@@ -19,12 +19,11 @@
     holds on that output; with ``finetune``, (g) holds for ``finetune --layer NAME=P_layer ...``), or refuses naming
     a layer;
     optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets;
-(i) optionally (``tile=T``), ``analyze --tile T`` reports K-tile and outer ranges holding every executed K-tile
-    partial sum and running sum of tiles, ``verify --tile T`` never says "no overflow" where an executed K-tile partial sum or
-    running sum of tiles leaves its width, and ``project --tile T --acc-bits P_inner`` (one bit below the widest
-    executed K-tile of the input) exits 0 with every executed K-tile partial sum of each layer it records within ``P_inner`` and every
-    executed running sum of its tiles within the recorded outer width, or refuses naming a layer (retried with the
-    ``--skip`` it names for layers no multi-stage datapath takes).
+(i) optionally (``tile=T``), on the registers of a multi-stage datapath (each K-tile's partial sum, each running sum
+    of whole tiles; :func:`tests.fuzz.oracle.tile_ranges` executes them): ``analyze --tile T`` reports ranges holding
+    them, ``verify --tile T`` never says "no overflow" where one leaves its width, and ``project --tile T --acc-bits
+    P_inner`` (one bit below the widest executed K-tile of the input) exits 0 with every one within the widths it
+    records, or refuses naming a layer (retried with the ``--skip`` or the width a refusal names).
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
