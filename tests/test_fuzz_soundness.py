@@ -25,7 +25,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 import a2q_passes.analysis
 import a2q_passes.transforms.project
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo, cases
-from tests.fuzz.oracle import executed_ranges
+from tests.fuzz.oracle import executed_ranges, width
 from tests.fuzz.properties import FINETUNE_VARIANTS, FINETUNE_REFUSED, LAYER_DELTAS, TILES, check_case, run_cli
 
 EXAMPLES = int(os.environ.get("A2Q_FUZZ_EXAMPLES", "300"))
@@ -193,6 +193,24 @@ def test_finetune_property_with_per_layer_widths_passes_and_catches_an_untrained
     outcome = check_case(gemm_case, tmp_path / "sabotaged", finetune="norm", layer_deltas=(1,))
     assert any(f.category == "unsafe_output" and f.message.startswith('finetune --layer {"Gemm0": 8}')
                for f in outcome.failures), outcome.failures
+
+
+def test_finetune_tile_check_reads_every_k_tile(gemm_case: Case, tmp_path: Path) -> None:
+    """Property (g) with `axe --tile 2`: the honest run passes; the same tile check asked for a width below what a
+    K-tile of the output executes to reports that tile (the check can fail: with input codes holding 0 no tile
+    exceeds a full sum that fits, so an untiled AXE cannot show it on this layer)."""
+    from tests.fuzz.oracle import tile_ranges
+    from tests.fuzz.properties import Checker, Outcome
+
+    honest = check_case(gemm_case, tmp_path, finetune="axe --tile 2")
+    assert honest.exit_codes.get("finetune") == 0 and not honest.failures, honest.failures
+    out = tmp_path / "finetuned_8.onnx"
+    model = ModelWrapper(str(out))
+    widest = max(width(r.lo, r.hi) for r in tile_ranges(model, gemm_case, gemm_case.layers[0], 2)[0])
+    outcome = Outcome()
+    Checker(gemm_case, tmp_path, outcome)._check_tiles_within(out, model, gemm_case, gemm_case.layers, 2, widest - 1,
+                                                              "finetune (check asked for one bit less)")
+    assert any(f.category == "unsafe_output" and "K-tile" in f.message for f in outcome.failures), outcome.failures
 
 
 def test_per_layer_property_passes_honest_commands_and_catches_a_misread_width_map(

@@ -459,6 +459,9 @@ class Checker:
         case = replace(self.case, layers=layers)
         claimed = [info for info in layers if info.node not in skipped]
         self._check_projected(out, bits, what, replace(case, layers=claimed))
+        options = variant.split()
+        if "--tile" in options:  # AXE holds each run of T terms to the layer's width too
+            self._check_tiles_within(out, model, case, claimed, int(options[options.index("--tile") + 1]), bits, what)
         if not skipped:
             return
         before = {layer["node"]: layer for layer in json.loads(run_cli("analyze", path, "--json").stdout)["layers"]}
@@ -470,6 +473,24 @@ class Checker:
             if width(done.lo, done.hi) > width(old["acc_min"], old["acc_max"]):
                 self.outcome.fail("unsafe_output", f"{what} --skip {info.node}: the skipped layer grew from "
                                   f"[{old['acc_min']}, {old['acc_max']}] to executed [{done.lo}, {done.hi}]")
+
+
+    def _check_tiles_within(self, out: Path, model: ModelWrapper, case: Case, layers: list, tile: int,
+                            bits: int | dict[str, int], what: str) -> None:
+        """Every executed K-tile partial sum of the recorded layers of ``layers`` fits the layer's width."""
+        from tests.fuzz.oracle import tile_ranges
+
+        records = _records(out)
+        for info in layers:
+            p = bits.get(info.node) if isinstance(bits, dict) else bits
+            if info.node not in records or p is None or not info.integer or info.act_x_act or \
+                    info.op_type == "ConvTranspose":  # no K order to tile (AXE tiles the others)
+                continue
+            signed = str(records[info.node]["acc_dtype"]).startswith("INT")
+            for index, done in enumerate(tile_ranges(model, case, info, tile)[0]):
+                if not fits(done.lo, done.hi, p, signed):
+                    self.outcome.fail("unsafe_output", f"{what} exited 0, but {info.node}'s K-tile {index} executes "
+                                      f"to [{done.lo}, {done.hi}] outside {'INT' if signed else 'UINT'}{p}")
 
 
 def _with_activation_grid(model: ModelWrapper, info):
