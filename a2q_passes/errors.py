@@ -21,3 +21,7 @@ class PostconditionError(A2QError):
     """A pass's output broke its own promise (its ``ensures`` check failed): a bug, never written out."""
 
     exit_code = 4
+
+
+class LoweringError(A2QError):
+    """FINN could not lower (part of) the model; the message names the node or the stage."""

@@ -44,10 +44,12 @@ from typing import Any
 import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.errors import A2QError
+from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
-from a2q_passes.finn_quant_forms import finn_preparation, is_qdq_node, weight_shape
+from a2q_passes.finn_quant_forms import finn_preparation
+from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_unconvertible_quantizers,
+                                     refuse_unlowerable_convs)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 MAX_RESIDUAL_ROUNDS = 4
@@ -56,10 +58,6 @@ MAX_RESIDUAL_ROUNDS = 4
 _HOST_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
 Observer = Callable[["StageRecord", ModelWrapper], None]
-
-
-class LoweringError(A2QError):
-    """FINN could not lower (part of) the model; the message names the node or the stage."""
 
 
 @dataclass
@@ -205,7 +203,9 @@ class _Runner:
             with contextlib.redirect_stdout(io.StringIO()):  # FINN prints progress chatter
                 new_model = step(self.model)
         except Exception as exc:  # FINN raises plain Exception / FINNUserError naming the node
-            raise LoweringError(f"FINN transformation {group}/{name} failed: {exc}") from exc
+            # one line: FINN's assertion messages are triple-quoted strings with their source indentation
+            message = " ".join(str(exc).split())
+            raise LoweringError(f"FINN transformation {group}/{name} failed: {message}") from exc
         local = _local_signatures(new_model)
         fingerprint = _graph_fingerprint(new_model, local)
         changed = fingerprint != self._fingerprint
@@ -300,100 +300,6 @@ def reproducible_names(seed: int = 0) -> Iterator[None]:
         random.setstate(state)
 
 
-def refuse_unlowerable_convs(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
-    grouped but not depthwise, not 2-D, or reading a batch of more than one image.
-
-    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only 2-D ``group=1`` and depthwise
-    convolutions (``group`` = input channels = output channels); on any other it fails deep inside with a numpy
-    reshape error or "list index out of range", naming neither the node nor the construct. FINN's sliding-window
-    layers take one image at a time: a batch of 4 fails only when the lowered graph executes ("cannot reshape array
-    of size 1600 into shape (1,10,10,4)").
-    """
-    from a2q_passes.read_only_model import with_inferred_shapes
-
-    channels_last = [node.name or node.output[0] for node in model.graph.node
-                     if node.op_type == "Conv" and node.domain == "qonnx.custom_op.channels_last"]
-    if channels_last:  # its (O, kh, kw, I) weights would also be misread as grouped below
-        raise LoweringError(f"Conv {', '.join(map(repr, channels_last))} in qonnx's channels-last form "
-                            "(ConvertToChannelsLastAndClean), which FINN's flow does not take (its LowerConvsToMatMul "
-                            "fails on it); lower the model as exported, before that transformation: FINN's "
-                            "streamlining makes its own channels-last layout")
-    shaped = with_inferred_shapes(model)
-    grouped, not_2d, batched = [], [], []
-    for node in model.graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
-        if isinstance(batch, int) and batch > 1:
-            batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
-        if shape is not None and len(shape) != 4:
-            not_2d.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
-        elif group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
-            grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
-                           f"{shape[0]} output channels)")
-    if not_2d:
-        raise LoweringError(f"FINN lowers only 2-D convolutions; Conv {', '.join(not_2d)} cannot be lowered. Make a "
-                            "1-D model 2-D first (qonnx's Change3DTo4DTensors, as FINN's 1-D examples do), or keep "
-                            "the layer out of the FINN part.")
-    if grouped:
-        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
-                            f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "
-                            "(one per group, then Concat) in the model, or keep it out of the FINN part.")
-    if batched:
-        raise LoweringError(f"FINN's convolution layers take one image at a time; Conv {', '.join(batched)} cannot be "
-                            "lowered. Export the model with batch size 1 (or set it with qonnx's ChangeBatchSize(1)) "
-                            "and lower that.")
-
-
-def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
-    """After :func:`~a2q_passes.finn_quant_forms.finn_preparation` (Q/DQ chains are Quant nodes by then): raise
-    :class:`LoweringError` naming the quantizers FINN's conversion cannot take (Q/DQ nodes left, zero points)."""
-    refuse_unconverted_qdq(model)
-    refuse_zero_points(model)
-
-
-def refuse_unconverted_qdq(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming the Q/DQ (and onnxruntime QOperator/dynamic) nodes the preparation left.
-
-    Why: FINN's conversion reads QONNX ``Quant`` nodes only, and :class:`~a2q_passes.finn_quant_forms.QuantFromQDQ`
-    converts a Q/DQ graph only whole. On what is left FINN's steps either lower nothing or fail with messages that
-    name no cause (onnxruntime's ``com.microsoft`` Q/DQ: "At least one output should be requested" from its
-    constant folding).
-    """
-    left = [node for node in model.graph.node if is_qdq_node(node)]
-    if left:
-        kinds = "/".join(sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in left}))
-        names = ", ".join(repr(n.name or n.output[0]) for n in left[:4]) + (", ..." if len(left) > 4 else "")
-        raise LoweringError(
-            f"this model quantizes with {kinds} nodes ({names}), and FINN converts QONNX Quant nodes only: qonnx's "
-            "QCDQToQuant (run first) makes them only of graphs whose every node of these is in a QuantizeLinear -> "
-            "[Clip] -> DequantizeLinear chain (Brevitas' dynamo QCDQ export, or the TorchScript one with "
-            "export_weight_q_node=True), not of a DequantizeLinear of stored integers, onnxruntime's com.microsoft "
-            "Q/DQ or its QOperator/dynamic nodes. Lower a QONNX export of the model (Brevitas `export_qonnx`); "
-            "`a2q analyze/project/verify` read it as it is")
-
-
-def refuse_zero_points(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point.
-
-    Why here: FINN's ``ConvertQONNXtoFINN`` takes only zero points of 0 ("Only Quant nodes with zero-point == 0 are
-    currently supported"), and on a per-channel one it fails with numpy's "truth value of an array ... is ambiguous".
-    """
-    from a2q_passes.graph_values import get_constant
-
-    def zero_point(node) -> np.ndarray | None:
-        return get_constant(model, node.input[2]) if len(node.input) > 2 else None
-
-    shifted = [node.name or node.output[0] for node in model.graph.node if node.op_type in ("Quant", "IntQuant")
-               and (z := zero_point(node)) is not None and np.any(z != 0)]
-    if shifted:
-        raise LoweringError(f"FINN converts only Quant nodes with a zero point of 0; {', '.join(map(repr, shifted))} "
-                            "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8, or "
-                            "onnxruntime's default uint8 activations). Export the model with symmetric quantizers for "
-                            "FINN; a2q analyze/project/verify read it as it is.")
-
-
 def run_flow(
     model: ModelWrapper, fpgapart: str | None = None, observer: Observer | None = None
 ) -> tuple[ModelWrapper, list[StageRecord]]:
@@ -417,8 +323,14 @@ def run_flow(
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))
         runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
-        _run_streamline_step(runner)
-        runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
+        try:
+            _run_streamline_step(runner)
+            runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
+        except LoweringError as err:
+            cause = explain_streamline_failure(model)
+            if not cause:
+                raise
+            raise LoweringError(f"{str(err).rstrip('.')}. {cause}") from err.__cause__
         if fpgapart is not None:
             runner.apply("specialize", "step_specialize_layers", lambda m: steps.step_specialize_layers(m, cfg))
     return runner.model, runner.stages

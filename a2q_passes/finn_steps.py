@@ -126,7 +126,7 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     compute the same values (:mod:`a2q_passes.finn_quant_forms`: Q/DQ chains as Quant nodes, a signed Quant after
     Relu, bias quantizers, as Brevitas' graph-mode PTQ writes them), then refuse by name the quantizers FINN's
     conversion still cannot take (Q/DQ nodes left, zero points), as ``a2q lower`` does."""
-    from a2q_passes.finn_flow import refuse_unconvertible_quantizers
+    from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
 
     for transformation in finn_preparation():
         model = model.transform(transformation)

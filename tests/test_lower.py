@@ -253,6 +253,36 @@ def test_a_qdq_model_with_asymmetric_activations_is_refused_naming_its_zero_poin
     assert not (tmp_path / "hw.onnx").exists()
 
 
+def test_a_residual_add_of_unquantized_activations_is_named_when_finn_fails_on_it(tmp_path, cnn):
+    """qonnx's QuantizeGraph quantizes only the MAC inputs of a float residual net: its Add sums a float Conv output
+    and a float Relu, on which FINN's streamlining fails with a bare assertion naming no node. The error names the
+    Add and its unquantized inputs and says what to export; a residual FINN lowers (both Add inputs re-quantized)
+    is not called into question."""
+    from qonnx.transformation.quantize_graph import QuantizeGraph
+    from qonnx.util.cleanup import cleanup_model
+
+    from a2q_passes.finn_refusals import explain_streamline_failure
+    from tests.ort_models import residual_depthwise
+
+    residual_depthwise(tmp_path / "float.onnx")
+    positions = [(("input", 0), (0.05, 0, 8, 0, 1, "ROUND")), (("input", 1), (0.02, 0, 8, 1, 1, "ROUND"))]
+    quantized = cleanup_model(ModelWrapper(str(tmp_path / "float.onnx"))).transform(
+        QuantizeGraph({"op_type": {"Conv": positions}}))
+    quantized.save(str(tmp_path / "residual.onnx"))
+    before = (tmp_path / "residual.onnx").read_bytes()
+    code, out = run_cli("lower", tmp_path / "residual.onnx", tmp_path / "hw.onnx")
+    text = " ".join(out.split())
+    assert code == 1 and "FINN transformation step_streamline/" in text, text
+    add = next(n for n in quantized.graph.node if n.op_type == "Add")
+    conv, relu = (quantized.find_producer(t) for t in add.input)
+    assert f"Add '{add.name}' adds '{add.input[0]}' (from Conv '{conv.name}') and '{add.input[1]}' (from Relu " \
+           f"'{relu.name}')" in text, text
+    assert "QuantIdentity on each branch" in text
+    assert not (tmp_path / "hw.onnx").exists() and (tmp_path / "residual.onnx").read_bytes() == before
+    _, cnn_model, _ = cnn
+    assert explain_streamline_failure(cnn_model) == ""
+
+
 def test_cli_bad_inputs_write_nothing(tmp_path, mlp):
     _, _, _, folder = mlp
     src = folder / "mlp.onnx"

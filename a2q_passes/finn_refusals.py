@@ -1,0 +1,157 @@
+"""What FINN's flow cannot take, found before (or, for a failure inside FINN, explained after) its steps run.
+
+FINN's transformations assume their input is in the form its own exporters write; on anything else they fail deep
+inside (a numpy reshape error, a bare assertion) naming neither the node nor the construct. Each check here names the
+nodes and says what to do instead, as a :class:`~a2q_passes.errors.LoweringError`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.errors import LoweringError
+from a2q_passes.finn_quant_forms import is_qdq_node, weight_shape
+
+
+def refuse_unlowerable_convs(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
+    grouped but not depthwise, not 2-D, or reading a batch of more than one image.
+
+    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only 2-D ``group=1`` and depthwise
+    convolutions (``group`` = input channels = output channels); on any other it fails deep inside with a numpy
+    reshape error or "list index out of range", naming neither the node nor the construct. FINN's sliding-window
+    layers take one image at a time: a batch of 4 fails only when the lowered graph executes ("cannot reshape array
+    of size 1600 into shape (1,10,10,4)").
+    """
+    from a2q_passes.read_only_model import with_inferred_shapes
+
+    channels_last = [node.name or node.output[0] for node in model.graph.node
+                     if node.op_type == "Conv" and node.domain == "qonnx.custom_op.channels_last"]
+    if channels_last:  # its (O, kh, kw, I) weights would also be misread as grouped below
+        raise LoweringError(f"Conv {', '.join(map(repr, channels_last))} in qonnx's channels-last form "
+                            "(ConvertToChannelsLastAndClean), which FINN's flow does not take (its LowerConvsToMatMul "
+                            "fails on it); lower the model as exported, before that transformation: FINN's "
+                            "streamlining makes its own channels-last layout")
+    shaped = with_inferred_shapes(model)
+    grouped, not_2d, batched = [], [], []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
+        if isinstance(batch, int) and batch > 1:
+            batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
+        if shape is not None and len(shape) != 4:
+            not_2d.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
+        elif group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
+            grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
+                           f"{shape[0]} output channels)")
+    if not_2d:
+        raise LoweringError(f"FINN lowers only 2-D convolutions; Conv {', '.join(not_2d)} cannot be lowered. Make a "
+                            "1-D model 2-D first (qonnx's Change3DTo4DTensors, as FINN's 1-D examples do), or keep "
+                            "the layer out of the FINN part.")
+    if grouped:
+        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
+                            f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "
+                            "(one per group, then Concat) in the model, or keep it out of the FINN part.")
+    if batched:
+        raise LoweringError(f"FINN's convolution layers take one image at a time; Conv {', '.join(batched)} cannot be "
+                            "lowered. Export the model with batch size 1 (or set it with qonnx's ChangeBatchSize(1)) "
+                            "and lower that.")
+
+
+def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
+    """After :func:`~a2q_passes.finn_quant_forms.finn_preparation` (Q/DQ chains are Quant nodes by then): raise
+    :class:`LoweringError` naming the quantizers FINN's conversion cannot take (Q/DQ nodes left, zero points)."""
+    refuse_unconverted_qdq(model)
+    refuse_zero_points(model)
+
+
+def refuse_unconverted_qdq(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming the Q/DQ (and onnxruntime QOperator/dynamic) nodes the preparation left.
+
+    Why: FINN's conversion reads QONNX ``Quant`` nodes only, and :class:`~a2q_passes.finn_quant_forms.QuantFromQDQ`
+    converts a Q/DQ graph only whole. On what is left FINN's steps either lower nothing or fail with messages that
+    name no cause (onnxruntime's ``com.microsoft`` Q/DQ: "At least one output should be requested" from its
+    constant folding).
+    """
+    left = [node for node in model.graph.node if is_qdq_node(node)]
+    if left:
+        kinds = "/".join(sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in left}))
+        names = ", ".join(repr(n.name or n.output[0]) for n in left[:4]) + (", ..." if len(left) > 4 else "")
+        raise LoweringError(
+            f"this model quantizes with {kinds} nodes ({names}), and FINN converts QONNX Quant nodes only: qonnx's "
+            "QCDQToQuant (run first) makes them only of graphs whose every node of these is in a QuantizeLinear -> "
+            "[Clip] -> DequantizeLinear chain (Brevitas' dynamo QCDQ export, or the TorchScript one with "
+            "export_weight_q_node=True), not of a DequantizeLinear of stored integers, onnxruntime's com.microsoft "
+            "Q/DQ or its QOperator/dynamic nodes. Lower a QONNX export of the model (Brevitas `export_qonnx`); "
+            "`a2q analyze/project/verify` read it as it is")
+
+
+def refuse_zero_points(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point.
+
+    Why here: FINN's ``ConvertQONNXtoFINN`` takes only zero points of 0 ("Only Quant nodes with zero-point == 0 are
+    currently supported"), and on a per-channel one it fails with numpy's "truth value of an array ... is ambiguous".
+    """
+    from a2q_passes.graph_values import get_constant
+
+    def zero_point(node) -> np.ndarray | None:
+        return get_constant(model, node.input[2]) if len(node.input) > 2 else None
+
+    shifted = [node.name or node.output[0] for node in model.graph.node if node.op_type in ("Quant", "IntQuant")
+               and (z := zero_point(node)) is not None and np.any(z != 0)]
+    if shifted:
+        raise LoweringError(f"FINN converts only Quant nodes with a zero point of 0; {', '.join(map(repr, shifted))} "
+                            "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8, or "
+                            "onnxruntime's default uint8 activations). Export the model with symmetric quantizers for "
+                            "FINN; a2q analyze/project/verify read it as it is.")
+
+
+# Producers whose output is an activation on an integer grid FINN's conversion makes thresholds or streams of.
+_QUANTIZER_OPS = ("Quant", "IntQuant", "BipolarQuant", "MultiThreshold", "DequantizeLinear")
+# Ops that pass a quantized activation on unchanged in value (FINN streams them as they are).
+_VALUE_MOVING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
+
+
+def _unquantized_source(model: ModelWrapper, tensor: str) -> str | None:
+    """How ``tensor`` is made where that is not a quantizer (through ops that only move values), else None."""
+    producer = model.find_producer(tensor)
+    while producer is not None and producer.op_type in _VALUE_MOVING_OPS:
+        producer = model.find_producer(producer.input[0])
+    if producer is None:
+        graph_inputs = {i.name for i in model.graph.input}
+        if tensor in graph_inputs and not model.get_tensor_datatype(tensor).is_integer():
+            return f"the float graph input {tensor!r}"
+        return None
+    if producer.op_type in _QUANTIZER_OPS:
+        return None
+    return f"{tensor!r} (from {producer.op_type} {producer.name or producer.output[0]!r})"
+
+
+def explain_streamline_failure(model: ModelWrapper) -> str:
+    """A sentence naming the elementwise Adds of ``model`` (the flow's input) that add an unquantized activation,
+    or "" where there is none.
+
+    Why: FINN lowers an Add of two activations only as ``AddStreams`` of two quantized inputs. An Add with an
+    unquantized input (a residual whose skip branch or sum is left in float, as Brevitas' layerwise PTQ and qonnx's
+    ``QuantizeGraph`` leave it) reaches streamlining transformations that take every Add's second input for a
+    constant (``CollapseRepeatedAdd``, ``AbsorbAddIntoMultiThreshold``), which then fail on a bare assertion
+    ("Initializer for add weights is not set") naming no node. Only called once FINN has failed: a graph FINN
+    lowers is never refused for this.
+    """
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        if any(model.get_initializer(t) is not None for t in node.input):
+            continue
+        sources = [s for s in (_unquantized_source(model, t) for t in node.input) if s is not None]
+        if sources:
+            found.append(f"Add {node.name or node.output[0]!r} adds {' and '.join(sources)}")
+    if not found:
+        return ""
+    return (f"Likely cause: {'; '.join(found)}, which no quantizer makes. FINN lowers an Add of two activations "
+            "only as AddStreams of two quantized inputs: quantize both inputs of each such Add (Brevitas: a "
+            "QuantIdentity on each branch, one shared quantizer where the scales must match) and export again; "
+            "a2q analyze/project/verify read the model as it is.")
