@@ -12,6 +12,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_quant_forms import is_qdq_node, weight_shape
+from a2q_passes.input_grids import value_source
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
@@ -110,15 +111,11 @@ def refuse_zero_points(model: ModelWrapper) -> None:
 
 # Producers whose output is an activation on an integer grid FINN's conversion makes thresholds or streams of.
 _QUANTIZER_OPS = ("Quant", "IntQuant", "BipolarQuant", "MultiThreshold", "DequantizeLinear")
-# Ops that pass a quantized activation on unchanged in value (FINN streams them as they are).
-_VALUE_MOVING_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity")
 
 
 def _unquantized_source(model: ModelWrapper, tensor: str) -> str | None:
     """How ``tensor`` is made where that is not a quantizer (through ops that only move values), else None."""
-    producer = model.find_producer(tensor)
-    while producer is not None and producer.op_type in _VALUE_MOVING_OPS:
-        producer = model.find_producer(producer.input[0])
+    producer = value_source(model, tensor)
     if producer is None:
         graph_inputs = {i.name for i in model.graph.input}
         if tensor in graph_inputs and not model.get_tensor_datatype(tensor).is_integer():

@@ -485,13 +485,20 @@ class GridResolver:
         return InputGrid(r, dtype, first.scale, first.zero_code), ""
 
 
+def value_source(model: ModelWrapper, tensor: str) -> NodeProto | None:
+    """The node whose values ``tensor`` carries past ops that only move or select them
+    (:data:`GRID_PRESERVING_OPS`); None where they come from a graph input or a constant."""
+    producer = model.find_producer(tensor)
+    while producer is not None and producer.op_type in GRID_PRESERVING_OPS:
+        producer = model.find_producer(producer.input[0])
+    return producer
+
+
 def non_negative(model: ModelWrapper, tensor: str) -> bool:
     """Whether every value of ``tensor`` is >= 0 by construction: the output of a Relu or of a Clip whose lower
     bound is a constant >= 0 (ReLU6 exports as ``Clip(0, 6)``), passed on only by ops that move or select values
     (:data:`GRID_PRESERVING_OPS`)."""
-    producer = model.find_producer(tensor)
-    while producer is not None and producer.op_type in GRID_PRESERVING_OPS:
-        producer = model.find_producer(producer.input[0])
+    producer = value_source(model, tensor)
     if producer is None or producer.op_type not in ("Relu", "Clip"):
         return False
     if producer.op_type == "Relu":
