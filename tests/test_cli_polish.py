@@ -57,6 +57,17 @@ def test_every_command_help_ends_with_examples_that_fit_a_terminal(a2q):
             assert f"$ {line}" in tail
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    """An option listed with no help text leaves a new user to guess; checked on the Click commands typer builds."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    commands = {"a2q": group, **group.commands}
+    missing = [f"{name} {param.opts[0]}" for name, command in commands.items() for param in command.params
+               if param.param_type_name == "option" and not (getattr(param, "help", None) or "").strip()]
+    assert missing == [], missing
+
+
 @pytest.mark.slow
 def test_help_examples_run_as_written(tmp_path, a2q, monkeypatch):
     """Every example, in the documented order, from a copy of the repository root's layout.

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from a2q_passes.cli import app, err_console
-from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors, check_input_ranges, check_zero_point,
-                                   parse_input_dtypes)
+from a2q_passes.cli.common import (AllowUnknownOpsOption, InputRangesOption, check_input_dtype_tensors,
+                                   check_input_ranges, check_zero_point, parse_input_dtypes)
 from a2q_passes.errors import A2QError, AnalysisProblem
 
 
@@ -25,7 +25,7 @@ def analyze(
     zero_point: Annotated[str, typer.Option(
         "--zero-point", help="activation and weight zero points: 'fold' (FINN, MAC sees raw codes) or "
                              "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",
-    allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
+    allow_unknown_ops: AllowUnknownOpsOption = False,
     input_ranges: InputRangesOption = "exact",
     tile: Annotated[Optional[int], typer.Option(
         "--tile", help="also report a multi-stage datapath: each K-tile of T terms, and the sum of tiles")] = None,

@@ -76,6 +76,9 @@ INPUT_RANGES_HELP = (
     "signed 2-bit input [-1, 1] becomes INT2 = [-2, 1]; use it for models you will `a2q lower` or build with FINN)")
 # the one definition of --input-ranges, shared by analyze/annotate/verify/project/finetune/allocate
 InputRangesOption = Annotated[str, typer.Option("--input-ranges", help=INPUT_RANGES_HELP)]
+AllowUnknownOpsOption = Annotated[bool, typer.Option(
+    "--allow-unknown-ops", help="read a model with ops from unknown domains (refused by default): layers behind such "
+                                "an op are reported as unquantized, since a2q cannot tell how it changes the grid")]
 
 
 def check_input_ranges(input_ranges: str) -> str:

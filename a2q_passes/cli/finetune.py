@@ -72,7 +72,9 @@ def finetune(
         "--init", help="training start: scaled (per channel, the weight scale whose exact projection loses least, "
                        "then project), project (Euclidean projection at the model's scales), axe (AXE's weights) "
                        "or none")] = "scaled",
-    epochs: Annotated[int, typer.Option("--epochs")] = 5,
+    epochs: Annotated[int, typer.Option(
+        "--epochs", help="passes over the training data (norm, qat, a2q; 0: the constrained start only); the best "
+                         "epoch is written")] = 5,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (cosine decay)")] = 1e-3,
     warmup: Annotated[float, typer.Option(
         "--warmup", help="fraction of the steps with a linear learning-rate warm-up before the cosine decay")] = 0.0,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import (INPUT_RANGES_HELP, check_input_dtype_tensors,
+from a2q_passes.cli.common import (AllowUnknownOpsOption, INPUT_RANGES_HELP, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths,
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
@@ -50,7 +50,7 @@ def verify(
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="leave layer NAME out of the check (repeatable): it is listed as skipped and the verdict does "
                        "not cover it, e.g. a layer project --skip left alone")] = None,
-    allow_unknown_ops: Annotated[bool, typer.Option("--allow-unknown-ops")] = False,
+    allow_unknown_ops: AllowUnknownOpsOption = False,
     against: Annotated[Optional[Path], typer.Option(
         "--against", help="ORIGINAL.onnx: MODEL (its FINN lowering) must compute the same outputs on --data "
         "(default: 8 seeded inputs in the input quantizer's range); tolerance 1e-5 x max(1, max |output|)")] = None,
