@@ -57,6 +57,24 @@ def test_every_command_help_ends_with_examples_that_fit_a_terminal(a2q):
             assert f"$ {line}" in tail
 
 
+def test_help_text_joins_the_source_line_breaks_inside_each_paragraph():
+    from a2q_passes.cli.examples import help_paragraphs
+
+    doc = """Summary line.
+
+    First paragraph, wrapped
+    in the source at some column.
+
+    Exit 0: fine;
+    3: not."""
+    assert help_paragraphs(doc) == ("Summary line.\n\nFirst paragraph, wrapped in the source at some column.\n\n"
+                                    "Exit 0: fine; 3: not.")
+    # what typer is given: the group's and every command's help, paragraphs without inner line breaks
+    helps = [app.info.help, *(info.help for info in app.registered_commands)]
+    assert all(helps) and all("\n" not in paragraph for text in helps for paragraph in text.split("\n\n"))
+    assert any(paragraph.startswith("Exit codes: 0 success;") for paragraph in app.info.help.split("\n\n"))
+
+
 def test_every_option_of_every_command_says_what_it_does():
     """An option listed with no help text leaves a new user to guess; checked on the Click commands typer builds."""
     import typer.main

@@ -1,4 +1,13 @@
-"""The ``a2q`` command line; what it promises (exit codes, atomic writes) is its help text, :data:`HELP`."""
+"""The `a2q` command line: ONNX in, ONNX (or a report) out. Each command only composes passes.
+
+Exit codes: 0 success; 1 bad input (message names the file/node and the fix); 2 usage error;
+3 finished, but some layer could not be handled or a check failed (report still printed);
+4 internal check failed, or an unexpected internal error (a bug: no partial file is left).
+
+Every output path is checked before any work; files are written atomically (a temporary in the
+target folder, renamed), and the temporaries of runs killed with SIGKILL are removed by the next
+write of the same output.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +22,12 @@ import typer
 from rich.console import Console
 
 from a2q_passes import __version__, progress
+from a2q_passes.cli.examples import finish_help, help_paragraphs
 from a2q_passes.cli.third_party_output import captured_third_party_output
 from a2q_passes.errors import A2QError
 
-# One line per paragraph: the help renderer keeps line breaks and wraps to the terminal.
-HELP = ("The `a2q` command line: ONNX in, ONNX (or a report) out. Each command only composes passes.\n\n"
-        "Exit codes: 0 success; 1 bad input (message names the file/node and the fix); 2 usage error; 3 finished, but "
-        "some layer could not be handled or a check failed (report still printed); 4 internal check failed, or an "
-        "unexpected internal error (a bug: no partial file is left).\n\n"
-        "Every output path is checked before any work; files are written atomically (a temporary in the target folder, "
-        "renamed), and the temporaries of runs killed with SIGKILL are removed by the next write of the same output.")
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=help_paragraphs(__doc__),
+                  pretty_exceptions_enable=False)
 err_console = Console(stderr=True)
 
 
@@ -60,9 +64,8 @@ def _root(
 
 # Importing a command module registers its command on ``app``.
 from a2q_passes.cli import allocate, analyze, annotate, finetune, lower, project, verify  # noqa: E402,F401
-from a2q_passes.cli.examples import add_examples  # noqa: E402
 
-add_examples(app)
+finish_help(app)
 
 
 TRACEBACK_ENV = "A2Q_TRACEBACK"  # set to 1 to see the Python traceback of an internal error

@@ -1,10 +1,12 @@
-"""Copy-paste examples that end each command's ``--help``, all on models bundled in ``models/``.
+"""Each command's ``--help`` text: its docstring as paragraphs, then copy-paste examples on models bundled in ``models/``.
 
 Run from the repository root; each line works as written, in order (later examples read the
 files earlier ones write). ``tests/test_cli_polish.py`` runs them.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import typer
 
@@ -43,10 +45,18 @@ EXAMPLES: dict[str, list[str]] = {
 }
 
 
-def add_examples(app: typer.Typer) -> None:
-    """Append each command's examples to the end of its ``--help``."""
+def help_paragraphs(text: str) -> str:
+    """``text`` (a docstring) with the line breaks inside each paragraph joined: typer's help keeps every line break
+    and wraps each line to the terminal again, which leaves ragged half-lines where the source wrapped."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
+
+
+def finish_help(app: typer.Typer) -> None:
+    """Give each command its docstring as paragraphs and append its examples to the end of its ``--help``."""
     for info in app.registered_commands:
         name = info.name or info.callback.__name__.replace("_", "-")
+        info.help = help_paragraphs(info.callback.__doc__ or "")
         lines = EXAMPLES.get(name, [])
         if lines:
             info.epilog = "Examples (from the repository root):\n\n" + "\n\n".join(f"$ {line}" for line in lines)

@@ -141,6 +141,7 @@ def lower(
     The output is the non-specialised HW graph (executes in numpy; FINN's build continues from it
     with step_specialize_layers). Equivalence with IN.onnx is checked on --data or on --samples
     random inputs inside the input quantizer's range; tolerance 1e-5 x max(1, max |output|).
+
     Exit 0: written and equivalent; 3: written, but a layer was not lowered or the outputs differ;
     1: bad input, nothing written.
     """

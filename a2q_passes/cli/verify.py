@@ -64,9 +64,9 @@ def verify(
     checked; a layer the record leaves out is checked at its own exact width (or the accDataType its node
     declares), marked "no target", and one that cannot be read fails. With --layer / --widths-json alone,
     only the named layers are checked.
+
     Exit 0: no overflow possible in any quantized layer (but those left out with --skip); 3: overflow possible
-    or not proven.
-    With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
+    or not proven. With --against, also exit 3 when the outputs differ (the stages that introduced it are listed);
     without widths given or recorded, --against checks equivalence only.
     """
     from a2q_passes.metadata import recorded_input_ranges, recorded_widths
