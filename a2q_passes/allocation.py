@@ -15,7 +15,12 @@ with ``name``, ``description`` and ``cost(layer: LayerShape, acc_bits) -> int``.
   thresholds of ``P + 1`` bits (FINN's ``RoundAndClipThresholds`` gives thresholds one bit more
   than the accumulator) for a layer whose output activation of ``B`` bits becomes thresholds;
 - ``finn-lut``: FINN's own LUT estimate of the layer at ``P`` (``MVAU_hls.lut_estimation``),
-  tabulated per width by the graph side through :func:`a2q_passes.resources.resource_report`.
+  tabulated per width by the graph side through :func:`a2q_passes.resources.resource_report`;
+- ``acc-bits``: accumulator registers only (``PE x P`` bits, one accumulator per layer), from the layer
+  shapes the analysis gives: no FINN lowering, so it serves models FINN does not take (QDQ files).
+
+A cost model that reads no FINN facts says so with ``needs_finn = False`` (default ``True``: the
+graph side lowers the model with FINN to fill :class:`LayerShape`).
 
 Third-party cost models register through the entry-point group ``a2q_passes.cost_models``.
 """
@@ -66,17 +71,28 @@ class FunctionCost:
     name: str
     description: str
     function: Callable[[LayerShape, int], int]
+    needs_finn: bool = True  # whether ``function`` reads facts only FINN's lowering gives (MH, thresholds, LUTs)
 
     def cost(self, layer: LayerShape, acc_bits: int) -> int:
         return self.function(layer, acc_bits)
 
 
+def accumulator_register_cost(layer: LayerShape, acc_bits: int) -> int:
+    """The accumulator registers of one layer at ``acc_bits``, in bits (``PE`` of them)."""
+    return layer.pe * acc_bits
+
+
 def accumulator_bits_cost(layer: LayerShape, acc_bits: int) -> int:
     """Accumulator registers plus threshold storage of one layer at ``acc_bits``, in bits."""
-    registers = layer.pe * acc_bits
+    registers = accumulator_register_cost(layer, acc_bits)
     if layer.output_bits is None:
         return registers
     return registers + layer.channels * ((1 << layer.output_bits) - 1) * (acc_bits + 1)
+
+
+def needs_finn(model: CostModel) -> bool:
+    """Whether ``model`` costs layers from FINN's lowering (plugins without the attribute are taken to)."""
+    return bool(getattr(model, "needs_finn", True))
 
 
 def finn_lut_cost(layer: LayerShape, acc_bits: int) -> int:
@@ -118,6 +134,8 @@ for _builtin in (
     FunctionCost("bits", "accumulator registers (PE x P) + threshold storage (MH x (2^B - 1) x (P + 1)) in bits",
                  accumulator_bits_cost),
     FunctionCost("finn-lut", "FINN's LUT estimate (MVAU_hls/VVAU_hls lut_estimation) at P", finn_lut_cost),
+    FunctionCost("acc-bits", "accumulator registers (PE x P, PE = 1) in bits, without FINN: for models FINN does not "
+                 "lower (QDQ)", accumulator_register_cost, needs_finn=False),
 ):
     register_cost_model(_builtin.name, _builtin)
 

@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--lower", action="store_true", help="also check property (f): `lower` of project's output "
                         "(QONNX cases; several seconds each)")
     parser.add_argument("--allocate", action="store_true", help="also check `allocate`'s map in property (h) "
-                        "(QONNX cases FINN lowers; several seconds each)")
+                        "(QONNX cases FINN lowers, Q/DQ cases under --cost acc-bits; several seconds each)")
     parser.add_argument("--tile", action="store_true", help="also check property (i): `project --tile T` (T drawn "
                         "per example from 1 to 6), every K-tile and running sum executed within its recorded width")
     parser.add_argument("--finetune", action="store_true", help="also check property (g): `finetune` at project's P "

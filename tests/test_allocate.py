@@ -320,14 +320,48 @@ def test_bad_data_is_a_clear_error(a2q, tmp_path):
     assert result.returncode == 1 and "no_dir" in result.stderr
 
 
-def test_qdq_model_is_refused_with_the_way_forward(data, a2q, tmp_path):
-    """allocate scores through the torch bridge (QONNX Quant weights): a QDQ file is refused, naming its layers."""
+def test_qdq_model_under_a_finn_cost_model_is_refused_with_the_way_forward(data, a2q, tmp_path):
+    """The default cost model costs FINN's lowering, which refuses this QDQ file (uint8 activations with zero points):
+    the message gives FINN's reason and the cost model that needs no FINN."""
     out = tmp_path / "w.json"
     qdq = MODEL.with_name("digits_cnn_qdq.onnx")
     result = a2q("allocate", qdq, "--data", data.calib, "--min-score-pct", "99", "-o", out, "--no-progress")
-    message = result.stderr.replace("\n", " ")
+    message = " ".join(result.stderr.split())
     assert result.returncode == 1 and not out.exists(), message
-    assert "QONNX Quant" in message and "--widths-json" in message and "/conv1/Conv" in message
+    assert "zero point of 0" in message and "--cost acc-bits needs no FINN lowering" in message
+
+
+def test_qdq_model_is_allocated_with_the_register_cost(data, a2q, tmp_path):
+    """onnxruntime's QDQ file (DequantizeLinear weights, uint8 activations): ``--cost acc-bits`` needs no FINN. The
+    map is met by ``project --widths-json``, proven by ``verify``, executed within its widths by the real-file oracle
+    (qonnx's executor, not a2q's reader), and the projected file, run in onnxruntime, keeps the target; a budget in
+    register bits is respected (the cost is P per layer, counted here from the map)."""
+    from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import executed_range
+
+    qdq = MODEL.with_name("digits_cnn_qdq.onnx")
+    base = accuracy(predict_onnx(qdq, data.x_val), data.y_val)
+    exact = {layer: executed_range(ModelWrapper(str(qdq)), layer) for layer in ("/conv1/Conv", "/conv2/Conv", "/fc/Gemm")}
+    exact_bits = {name: width(r.lo, r.hi) for name, r in exact.items()}
+    budget = sum(exact_bits.values()) - 6
+    for objective in (["--min-score-pct", "99"], ["--budget-bits", str(budget)]):
+        out, projected = tmp_path / "w.json", tmp_path / "projected.onnx"
+        result = a2q("allocate", qdq, "--data", data.calib, "--val", data.val, *objective, "--cost", "acc-bits",
+                     "-o", out, "--no-progress")
+        assert result.returncode == 0, result.stderr
+        widths = json.loads(out.read_text())
+        assert set(widths) == set(exact_bits) and all(widths[n] <= exact_bits[n] for n in widths), widths
+        assert a2q("project", qdq, projected, "--widths-json", out).returncode == 0
+        verified = a2q("verify", projected, "--widths-json", out)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        model = ModelWrapper(str(projected))
+        for name, bits in widths.items():
+            ran = executed_range(model, name)
+            assert width(ran.lo, ran.hi) <= bits, (name, ran.lo, ran.hi, bits)
+        if objective[0] == "--min-score-pct":
+            assert accuracy(predict_onnx(projected, data.x_val), data.y_val) >= 0.99 * base
+        else:
+            assert sum(widths.values()) <= budget
 
 
 def test_a_graph_the_torch_bridge_cannot_run_is_refused_naming_the_node(data, a2q, tmp_path):

@@ -35,10 +35,12 @@ def _objective(min_score_pct: float | None, budget_bits: int | None, budget_lut:
     if len(given) != 1:
         raise A2QError(f"give exactly one of --min-score-pct, --budget-bits, --budget-lut (got {', '.join(given) or 'none'})")
     if budget_bits is not None or budget_lut is not None:
-        implied = "bits" if budget_bits is not None else "finn-lut"
-        if cost is not None and cost != implied:
-            raise A2QError(f"{given[0]} counts cost with the '{implied}' cost model; drop --cost {cost}")
-        return None, budget_bits if budget_bits is not None else budget_lut, implied
+        # a bit budget counts with either cost model in bits: with thresholds (FINN) or registers only
+        allowed = ("bits", "acc-bits") if budget_bits is not None else ("finn-lut",)
+        if cost is not None and cost not in allowed:
+            raise A2QError(f"{given[0]} counts cost with the {' or '.join(map(repr, allowed))} cost model; "
+                           f"drop --cost {cost}")
+        return None, budget_bits if budget_bits is not None else budget_lut, cost or allowed[0]
     return min_score_pct, None, cost or "bits"
 
 
@@ -118,7 +120,7 @@ def plot_pareto(curves: dict[str, Any], path: Path, title: str, chosen: dict[str
 
 @app.command()
 def allocate(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="QONNX model (weights behind Quant nodes)")],
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="QONNX or QDQ model (--method finetune: QONNX Quant weights)")],
     data: Annotated[Path, typer.Option("--data", help="calibration .npz: 'x' and optional 'y' (labels or targets)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="widths JSON to write ({layer: P}, for --widths-json)")],
     val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz for the end-to-end checks")] = None,
@@ -128,11 +130,13 @@ def allocate(
     min_score_pct: Annotated[Optional[float], typer.Option(
         "--min-score-pct", help="least cost keeping this % of the model's own score on the validation data")] = None,
     budget_bits: Annotated[Optional[int], typer.Option(
-        "--budget-bits", help="best score within N accumulator + threshold bits")] = None,
+        "--budget-bits", help="best score within N accumulator + threshold bits (--cost acc-bits: register bits)")] = None,
     budget_lut: Annotated[Optional[int], typer.Option(
         "--budget-lut", help="best score within N LUTs of FINN's estimate (MVAU_hls lut_estimation)")] = None,
     cost: Annotated[Optional[str], typer.Option(
-        "--cost", help="cost model for --min-score-pct: bits (default), finn-lut, or a plugin")] = None,
+        "--cost", help="cost model: bits (default: accumulator registers + threshold storage of FINN's lowering), "
+                        "finn-lut (FINN's LUT estimate), acc-bits (accumulator registers only, no FINN: for models "
+                        "FINN does not lower, such as QDQ files), or a plugin")] = None,
     method: Annotated[str, typer.Option(
         "--method", help="project (PTQ) or finetune (QAT at the candidate allocations in the end-to-end checks)")] = "project",
     projection_method: Annotated[str, typer.Option(

@@ -103,8 +103,9 @@ class ModelIO:
     def of(cls, model: ModelWrapper) -> "ModelIO":
         inputs = data_inputs(model.graph)
         if len(inputs) != 1 or len(model.graph.output) != 1:
-            raise A2QError(f"fine-tuning needs a model with one input and one output; this one has inputs "
-                           f"{[i.name for i in inputs]} and outputs {[o.name for o in model.graph.output]}")
+            raise A2QError(f"fine-tuning and allocation (which scores on data) need a model with one input and one "
+                           f"output; this one has inputs {[i.name for i in inputs]} and outputs "
+                           f"{[o.name for o in model.graph.output]}")
         output = model.graph.output[0]
         if _sample_shape(output) is None:  # not declared: let qonnx infer it
             output = model.transform(InferShapes()).graph.output[0]

@@ -40,14 +40,15 @@ from qonnx.core.modelwrapper import ModelWrapper
 from tqdm import tqdm
 
 from a2q_passes.allocation import (
-    DEFAULT_COST_MODEL, Choice, CostModel, LayerShape, get_cost_model, layer_cost, minimum_cost, pareto_front,
-    solve_max_score, solve_min_cost,
+    DEFAULT_COST_MODEL, Choice, CostModel, LayerShape, get_cost_model, layer_cost, minimum_cost, needs_finn,
+    pareto_front, solve_max_score, solve_min_cost,
 )
 from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
-from a2q_passes.finetune.selection import select_layers
+from a2q_passes.finetune.selection import ACT_X_ACT_REASON, select_layers
 from a2q_passes.finetune.train import FinetuneConfig, evaluate_graph, predict
+from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.methods import DEFAULT_METHOD, get_method
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import accumulator_is_signed, min_feasible_acc_bits
@@ -123,24 +124,52 @@ class LayerCandidates:
                 "scores": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
-def allocatable_layers(model: ModelWrapper, input_ranges: str = "exact") -> list[tuple[str, int, int]]:
+def allocatable_layers(model: ModelWrapper, input_ranges: str = "exact",
+                       method: str = "project") -> list[tuple[str, int, int]]:
     """``(node, exact bits, smallest feasible bits)`` of every layer the allocation may narrow.
 
-    The layers fine-tuning can constrain (QONNX ``Quant`` weights on a quantized input), less
-    bipolar ones (no zero weight: projection cannot shrink them); widths for ``input_ranges``.
+    ``method="project"``: every layer ``a2q project`` narrows under its defaults (quantized weights of any
+    format on a quantized input, without a weight zero point); ``"finetune"``: the layers fine-tuning can
+    constrain (QONNX ``Quant`` weights). Bipolar weights (no zero weight: projection cannot shrink them) and
+    activation x activation products are never candidates; widths for ``input_ranges``.
     """
-    selection = select_layers(model, 64, input_ranges=input_ranges)
+    if method == "finetune":
+        macs = [layer.mac for layer in select_layers(model, 64, input_ranges=input_ranges).layers]
+    else:
+        found = find_mac_layers(model, input_ranges=input_ranges)
+        why = {mac.node: _not_projectable(mac) for mac in found}
+        macs = [mac for mac in found if not why[mac.node]]
+        if not macs:
+            reasons = "; ".join(f"{node}: {reason}" for node, reason in why.items())
+            raise A2QError(f"no layer project can narrow ({reasons or 'no MAC layer found'})")
     reports = analyze_model(model, input_ranges=input_ranges).by_node()
     layers = []
-    for layer in selection.layers:
-        mac = layer.mac
-        if mac.binary_xnor or mac.source.kind == "bipolar_quant":
+    for mac in macs:
+        if mac.binary_xnor or mac.source.bipolar:
             continue
         exact = reports[mac.node].bounds["exact"]
         signed = accumulator_is_signed(mac.integer_rows(model), mac.grid.range)
         smallest = min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed))
         layers.append((mac.node, int(exact), int(smallest)))
     return layers
+
+
+def _not_projectable(mac: MacLayer) -> str:
+    """Why ``project`` (its default ``--zero-point fold``) cannot narrow ``mac``; "" where it can."""
+    if not mac.ok:
+        return mac.status
+    if mac.act_x_act:
+        return ACT_X_ACT_REASON
+    if mac.source.raw_zero_point:
+        return ("weights with a zero point, which project narrows only under --zero-point subtract (not an allocate "
+                "option): give per-layer widths to `a2q project --zero-point subtract --widths-json`")
+    return ""
+
+
+def analysis_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]]) -> dict[str, LayerShape]:
+    """Cost-model facts without FINN: each layer's output channels, one accumulator (PE = 1), no thresholds."""
+    channels = {mac.node: mac.channels for mac in find_mac_layers(model)}
+    return {name: LayerShape(name, int(channels[name])) for name in widths}
 
 
 def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapart: str) -> dict[str, LayerShape]:
@@ -152,24 +181,28 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     from a2q_passes.finn_accumulators import iterate_mac_nodes
     from a2q_passes.finn_flow import lower_to_finn_hw
     from a2q_passes.finn_runtime import validate_fpgapart
-    from a2q_passes.layers import find_mac_layers
     from a2q_passes.resources import resource_report
     from a2q_passes.transforms.lower import layer_signatures, match_layers
 
     part = validate_fpgapart(fpgapart)
     act_x_act = [layer.node for layer in find_mac_layers(model) if layer.act_x_act]
     if act_x_act:  # FINN makes each an MVAU with streamed (mem_mode="dynamic") weights, which have no static cost
-        raise A2QError(f"{', '.join(act_x_act)}: activation x activation MatMul; allocation's cost model lowers the "
-                       "model with FINN, which has no resource estimate for such a layer. Give per-layer widths to "
-                       "`a2q project --widths-json` instead; `a2q verify` checks these layers")
-    hw, _ = lower_to_finn_hw(model)
+        raise A2QError(f"{', '.join(act_x_act)}: activation x activation MatMul; this cost model lowers the "
+                       "model with FINN, which has no resource estimate for such a layer. Use --cost acc-bits (no "
+                       "FINN), or give per-layer widths to `a2q project --widths-json`; `a2q verify` checks these layers")
+    try:
+        hw, _ = lower_to_finn_hw(model)
+    except A2QError as err:
+        raise A2QError(f"{str(err).rstrip('.')}. This cost model costs the layers FINN's lowering makes; --cost acc-bits needs no "
+                       "FINN lowering") from err
     to_qonnx = match_layers(layer_signatures(model), layer_signatures(hw))
     to_hw = {q: h for h, q in to_qonnx.items()}
     lowered = {node.name for node in iterate_mac_nodes(hw)}  # a layer FINN left as it was still matches itself
     missing = [name for name in widths if to_hw.get(name) not in lowered]
     if missing:
         raise A2QError(f"FINN did not lower layer(s) {', '.join(missing)} to an MVAU/VVAU, so their hardware cost is "
-                       f"unknown; `a2q lower MODEL OUT` shows why. Allocation needs a model FINN can lower")
+                       f"unknown; `a2q lower MODEL OUT` shows why. This cost model needs a model FINN can lower; "
+                       f"--cost acc-bits does not")
     facts = {layer["node"]: layer for layer in resource_report(hw, part)["layers"]}
     luts: dict[str, dict[int, int]] = {name: {} for name in widths}
     for bits in sorted({p for ps in widths.values() for p in ps}):
@@ -251,19 +284,21 @@ class AllocateAccumulators(A2QPass):
         self.projection_method, self.metric, self.fpgapart, self.refine = projection_method, metric, fpgapart, refine
         self.finetune_config = finetune_config or FinetuneConfig(epochs=1, progress=False, log=lambda line: None)
         self.progress, self.early_stop = progress, early_stop
-        self._shapes = shapes or (lambda model, widths: finn_layer_shapes(model, widths, fpgapart))
+        if shapes is None:
+            shapes = ((lambda model, widths: finn_layer_shapes(model, widths, fpgapart))
+                      if needs_finn(self.cost_model) else analysis_layer_shapes)
+        self._shapes = shapes
         self._data_source, self._val_source, self._train_source = data, val, train
         self.widths: dict[str, int] = {}
         self._scores: dict[tuple[tuple[str, int], ...], float] = {}  # allocation -> end-to-end validation score
 
     def requires(self, model: ModelWrapper) -> None:
         try:
-            self._layers = allocatable_layers(model, self.input_ranges)
+            self._layers = allocatable_layers(model, self.input_ranges, self.method)
         except A2QError as err:
-            # the end-to-end scoring runs the graph through the torch bridge, which holds QONNX Quant weights only
-            raise PreconditionError(f"nothing to allocate (allocate scores candidates with QONNX Quant weights; for "
-                                    f"QDQ/QOperator files give per-layer widths to project with --layer or "
-                                    f"--widths-json): {err}") from err
+            hint = " (--method finetune trains QONNX Quant weights only; --method project takes every format)" \
+                if self.method == "finetune" else ""
+            raise PreconditionError(f"nothing to allocate{hint}: {err}") from err
         if not self._layers:
             raise PreconditionError("nothing to allocate: every constrainable layer has bipolar weights")
         self.scorer = Scorer(model, self._data_source, self.metric, "calibration data")

@@ -18,7 +18,8 @@
     ``project --widths-json`` exits 0 with every layer executing within its own P_layer (and, with ``lower``, (f)
     holds on that output; with ``finetune``, (g) holds for ``finetune --layer NAME=P_layer ...``), or refuses naming
     a layer;
-    optionally (``allocate=True``, QONNX cases), the map ``allocate`` writes is one ``project --widths-json`` meets;
+    optionally (``allocate=True``, QONNX cases under the FINN cost model, Q/DQ ones under ``--cost acc-bits``), the
+    map ``allocate`` writes is one ``project --widths-json`` meets;
 (i) optionally (``tile=T``), on the registers of a multi-stage datapath (each K-tile's partial sum, each running sum
     of whole tiles; :func:`tests.fuzz.oracle.tile_ranges` executes them): ``analyze --tile T`` reports ranges holding
     them, ``verify --tile T`` never says "no overflow" where one leaves its width, and ``project --tile T --acc-bits
@@ -293,14 +294,15 @@ class Checker:
                               f"{result.stderr.strip()[-300:]}")
         return None
 
-    def allocate(self, path: Path) -> None:
+    def allocate(self, path: Path, cost: str) -> None:
         """``allocate`` proves its map on the projected model before writing it, so ``project`` must meet it."""
         data = self.workdir / "calibration.npz"
         np.savez(data, x=_random_inputs(self.case.model, FINETUNE_SAMPLES))
         table = self.workdir / "allocated.json"
-        result = self.cli("allocate", path, "--data", data, "--min-score-pct", 90, "-o", table, "--no-progress")
+        result = self.cli("allocate", path, "--data", data, "--min-score-pct", 90, "--cost", cost, "-o", table,
+                          "--no-progress")
         if result.code != 0:
-            return  # refusals (FINN's limits: allocate costs layers from FINN's lowering) are checked by (e) only
+            return  # refusals (FINN's limits under a FINN cost, the torch bridge's ops) are checked by (e) only
         widths = {node: int(p) for node, p in json.loads(table.read_text()).items()}
         out = self.workdir / "projected_allocated.onnx"
         what = f"project --widths-json (allocate's map {json.dumps(widths, sort_keys=True)})"
@@ -526,7 +528,7 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     chains with qonnx's QCDQToQuant where it can); ``finetune`` (a variant): also
     (g), on the same cases (finetune reads QONNX under the fold convention), at project's P; ``layer_deltas``: also
     (h), layer i (by name) at its executed width minus ``layer_deltas[i % len]``; ``allocate``: (h) on ``allocate``'s
-    map too (QONNX cases with no --input-dtype and the fold convention, as for finetune); ``tile``: also (i)."""
+    map too (QONNX and Q/DQ cases with no --input-dtype and the fold convention); ``tile``: also (i)."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
@@ -559,8 +561,8 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
             checker.lower(mixed)
         if finetune and trainable and mixed is not None:  # (g) at the same widths, given as --layer NAME=P
             checker.finetune(path, widths, finetune)
-    if allocate and trainable:
-        checker.allocate(path)
+    if allocate and (qonnx or qdq) and not case.input_dtypes and case.zero_point == "fold":
+        checker.allocate(path, "bits" if qonnx else "acc-bits")  # Q/DQ: FINN lowers few, acc-bits needs no FINN
     if tile is not None:
         checker.tiled(path, tile)
     return outcome
