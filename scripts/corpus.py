@@ -24,7 +24,8 @@ through the command line:
    from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
    layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
    fits P. A clear refusal is noted (the file stays handled); a traceback or an unsafe output is a failure;
-6. with ``--allocate``, on the same files: ``a2q allocate --min-score-pct 95`` on random inputs, then ``a2q project
+6. with ``--allocate``, on the files of 5 (``--cost bits``: FINN's lowering) and the Q/DQ files read under the fold
+   convention (``--cost acc-bits``: no FINN): ``a2q allocate --min-score-pct 95`` on random inputs, then ``a2q project
    --widths-json`` of its map, ``a2q verify``, and the oracle: every layer of the map executes within its width
    (refusals and failures as in 5).
 
@@ -577,10 +578,11 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
     promised = [layer["node"] for layer in json.loads(out)["layers"] if not layer["status"].startswith("skipped")]
     if not _fits_when_executed(projected, dict.fromkeys(promised, bits), "projected", result, entry.zero_point):
         return
-    if not zp and any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path)):
+    qonnx_weights = any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path))
+    if not zp and qonnx_weights:
         _check_finetune(entry, work, bits, result)
-        if allocate and result.status == "handled":
-            _check_allocate(entry, work, result)
+    if allocate and not zp and result.status == "handled":  # Q/DQ: FINN lowers few of them, acc-bits needs no FINN
+        _check_allocate(entry, work, result, "bits" if qonnx_weights else "acc-bits")
     if entry.lower and result.status == "handled":
         _check_lower(entry, work, projected, result)
     elif result.status == "handled":
@@ -663,15 +665,15 @@ def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None
         result.finetuned = method
 
 
-def _check_allocate(entry: Entry, work: Path, result: Result) -> None:
+def _check_allocate(entry: Entry, work: Path, result: Result, cost: str) -> None:
     data = _random_data(entry, work, 16, "allocate", result)
     if data is None:
         return
     widths_path = work / f"{entry.name}.widths.json"
-    code, stdout, err = _run("allocate", entry.path, "--data", data, "--min-score-pct", ALLOCATE_PCT, "-o",
-                             widths_path, "--no-progress")
+    code, stdout, err = _run("allocate", entry.path, "--data", data, "--min-score-pct", ALLOCATE_PCT, "--cost", cost,
+                             "-o", widths_path, "--no-progress")
     if code != 0:
-        _refused_or_failed(code, stdout, err, f"allocate --min-score-pct {ALLOCATE_PCT}", result)
+        _refused_or_failed(code, stdout, err, f"allocate --min-score-pct {ALLOCATE_PCT} --cost {cost}", result)
         return
     widths = {name: int(p) for name, p in json.loads(widths_path.read_text()).items()}
     out = work / f"{entry.name}.allocated.onnx"
@@ -758,7 +760,8 @@ def _allocate_summary(results: list[Result]) -> list[str]:
     refused = [(r.entry.name, note) for r in results if r.status == "handled" for note in r.notes
                if note.startswith("allocate")]
     lines = [f"**`allocate` on {len(done)} of these files** ({sum(r.allocated for r in done)} layers; "
-             f"`--min-score-pct {ALLOCATE_PCT}` on random inputs scored against the file itself): every width of its "
+             f"`--min-score-pct {ALLOCATE_PCT}` on random inputs scored against the file itself; `--cost bits` on "
+             "QONNX files, `--cost acc-bits` on Q/DQ ones): every width of its "
              "map proven by `project --widths-json`, `verify` and the executed range. "
              f"Refused by name on {len(refused)} handled files" + (":" if refused else ".")]
     return lines + [f"- `{name}`: {note[:240]}" for name, note in refused]

@@ -320,6 +320,11 @@ def test_allocate_step_proves_the_map_and_sees_an_unprojected_output(corpus, tmp
     (tmp_path / "honest").mkdir()
     honest = check(entry, tmp_path / "honest", allocate=True)
     assert honest.status == "handled" and honest.allocated > 0, (honest.detail, honest.notes)
+    # an onnxruntime QDQ file: allocated under --cost acc-bits (no FINN), its map proven the same way
+    qdq = next(e for e in corpus[0] if e.producer == ORT_FORMATS["QDQ"] and e.zero_point == "fold")
+    (tmp_path / "qdq").mkdir()
+    allocated = check(qdq, tmp_path / "qdq", allocate=True)
+    assert allocated.status == "handled" and allocated.allocated > 0, (qdq.name, allocated.detail, allocated.notes)
     real = corpus_script._run
 
     def unprojected(*args):
