@@ -341,8 +341,9 @@ def test_qdq_model_is_allocated_with_the_register_cost(data, a2q, tmp_path):
 
     qdq = MODEL.with_name("digits_cnn_qdq.onnx")
     base = accuracy(predict_onnx(qdq, data.x_val), data.y_val)
-    exact = {layer: executed_range(ModelWrapper(str(qdq)), layer) for layer in ("/conv1/Conv", "/conv2/Conv", "/fc/Gemm")}
-    exact_bits = {name: width(r.lo, r.hi) for name, r in exact.items()}
+    original = ModelWrapper(str(qdq))
+    exact_bits = {name: width(ran.lo, ran.hi) for name in ("/conv1/Conv", "/conv2/Conv", "/fc/Gemm")
+                  for ran in [executed_range(original, name)]}
     budget = sum(exact_bits.values()) - 6
     for objective in (["--min-score-pct", "99"], ["--budget-bits", str(budget)]):
         out, projected = tmp_path / "w.json", tmp_path / "projected.onnx"

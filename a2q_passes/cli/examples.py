@@ -1,4 +1,4 @@
-"""Each command's ``--help`` text: its docstring as paragraphs, then copy-paste examples on models bundled in ``models/``.
+"""Each command's ``--help``: its docstring as paragraphs, then copy-paste examples on the bundled models.
 
 Run from the repository root; each line works as written, in order (later examples read the
 files earlier ones write). ``tests/test_cli_polish.py`` runs them.

@@ -1,12 +1,13 @@
 """``AllocateAccumulators``: choose an accumulator width per layer (mixed allocation), graph side.
 
-1. **Candidates**: every constrainable layer (quantized weights behind a QONNX ``Quant``, quantized
-   input, not bipolar) from its exact width down to its smallest feasible width
-   (:func:`a2q_passes.projection.min_feasible_acc_bits`).
+1. **Candidates**: every layer ``project`` narrows (quantized weights on a quantized input, not bipolar, no weight
+   zero point; ``method="finetune"``: QONNX ``Quant`` weights) from its exact width down to its smallest feasible
+   width (:func:`a2q_passes.projection.min_feasible_acc_bits`).
 2. **Cost** of each candidate from a cost model of :mod:`a2q_passes.allocation`. The layer shapes
    it needs (MH, PE, output bits, thresholds or not, FINN's LUT estimate per width) come from
    FINN's own lowering of the model and :func:`a2q_passes.resources.resource_report`, matched to
-   the QONNX layers by weight signature.
+   the QONNX layers by weight signature; a cost model that needs no FINN (``acc-bits``) gets them from the
+   analysis (:func:`analysis_layer_shapes`: PE = 1, no thresholds).
 3. **Sensitivity**: the score on the calibration data when only that layer is projected
    (:class:`~a2q_passes.transforms.project.ProjectToAccumulator`) to the candidate width. The score
    is the fine-tuning validation metric (:func:`a2q_passes.finetune.train.evaluate_graph`): top-1 %
@@ -193,8 +194,8 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     try:
         hw, _ = lower_to_finn_hw(model)
     except A2QError as err:
-        raise A2QError(f"{str(err).rstrip('.')}. This cost model costs the layers FINN's lowering makes; --cost acc-bits needs no "
-                       "FINN lowering") from err
+        raise A2QError(f"{str(err).rstrip('.')}. This cost model costs the layers FINN's lowering makes; --cost "
+                       "acc-bits needs no FINN lowering") from err
     to_qonnx = match_layers(layer_signatures(model), layer_signatures(hw))
     to_hw = {q: h for h, q in to_qonnx.items()}
     lowered = {node.name for node in iterate_mac_nodes(hw)}  # a layer FINN left as it was still matches itself
