@@ -95,7 +95,11 @@ def draw_pareto(ax: Any, curves: dict[str, Any], title: str, chosen: dict[str, A
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(5))  # five-digit bit counts collide at the default density
-    ax.set_xlabel("accumulator + threshold bits")
+    from a2q_passes.allocation import get_cost_model, needs_finn
+
+    # without FINN's lowering (acc-bits) no layer has thresholds: the same count is registers only
+    ax.set_xlabel("accumulator + threshold bits" if needs_finn(get_cost_model(curves["cost_model"]))
+                  else "accumulator register bits")
     ax.set_ylabel(curves["metric"])
     ax.set_title(title)
     ax.grid(alpha=0.3)
