@@ -365,6 +365,42 @@ def test_qdq_model_is_allocated_with_the_register_cost(data, a2q, tmp_path):
             assert sum(widths.values()) <= budget
 
 
+@pytest.mark.parametrize("fmt", ["QOperator", "dynamic"])
+def test_onnxruntime_operator_files_are_allocated_scoring_in_onnxruntime(fmt, a2q, tmp_path):
+    """QOperator (QLinearConv, QLinearMatMul) and dynamic (MatMulInteger/ConvInteger) files hold ops the torch bridge
+    lacks: allocate scores them in onnxruntime (no y: agreement with the file's own outputs). The map is met by
+    project, proven by verify and executed within its widths by the oracle; at 100 % of the file's own score the
+    projected file, run in onnxruntime, still gives the file's own top-1 on every sample."""
+    from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import executed_range
+    from tests.ort_models import conv_gemm_matmul, quantize
+
+    shape = conv_gemm_matmul(tmp_path / "float.onnx")
+    source = tmp_path / f"{fmt}.onnx"
+    quantize(tmp_path / "float.onnx", source, shape, fmt, "QInt8")
+    x = np.random.default_rng(0).normal(size=(64, *shape[1:])).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out, projected = tmp_path / "w.json", tmp_path / "projected.onnx"
+    result = a2q("allocate", source, "--data", tmp_path / "calib.npz", "--min-score-pct", "100", "--cost", "acc-bits",
+                 "-o", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    widths = json.loads(out.read_text())
+    assert widths, result.stdout
+    assert a2q("project", source, projected, "--widths-json", out).returncode == 0
+    assert a2q("verify", projected, "--widths-json", out).returncode == 0
+    model = ModelWrapper(str(projected))
+    for name, bits in widths.items():
+        ran = executed_range(model, name)
+        assert width(ran.lo, ran.hi) <= bits, (name, ran.lo, ran.hi, bits)
+    import onnxruntime as ort
+
+    def top1(path: Path) -> np.ndarray:  # one sample per run: the file fixes a batch of 1
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.array([session.run(None, {"x": x[i:i + 1]})[0].argmax() for i in range(len(x))])
+
+    assert (top1(projected) == top1(source)).all()
+
+
 def test_a_graph_the_torch_bridge_cannot_run_is_refused_naming_the_node(data, a2q, tmp_path):
     """allocate scores every candidate in PyTorch: an op the bridge lacks (here Erf after the logits; in the corpus,
     qonnx's channels-last Conv) is refused by name before any work. Before, a traceback."""

@@ -10,7 +10,7 @@
    analysis (:func:`analysis_layer_shapes`: PE = 1, no thresholds).
 3. **Sensitivity**: the score on the calibration data when only that layer is projected
    (:class:`~a2q_passes.transforms.project.ProjectToAccumulator`) to the candidate width. The score
-   is the fine-tuning validation metric (:func:`a2q_passes.finetune.train.evaluate_graph`): top-1 %
+   is the fine-tuning validation metric (:func:`a2q_passes.finetune.train.score`): top-1 %
    or PSNR dB, against the data's ``y`` or, without it, against the original model's outputs.
    With a score target, a layer's descent stops at the first width whose score alone misses it
    (``method="project"`` only: fine-tuning wins back much of what projection alone loses, so with
@@ -48,7 +48,7 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
 from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
 from a2q_passes.finetune.selection import ACT_X_ACT_REASON, select_layers
-from a2q_passes.finetune.train import FinetuneConfig, evaluate_graph, predict
+from a2q_passes.finetune.train import FinetuneConfig, predict, score
 from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.methods import DEFAULT_METHOD, get_method
 from a2q_passes.passes import A2QPass, PassResult
@@ -68,14 +68,57 @@ _CPU = torch.device("cpu")
 # --------------------------------------------------------------------------- scoring
 
 
+Outputs = Callable[[ModelWrapper, np.ndarray], torch.Tensor]
+
+
+def bridge_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
+    """``model``'s outputs on ``x`` from a2q's torch bridge (the executor fine-tuning trains with)."""
+    return predict(QonnxModule(model, trainable_scales="none"), x, _CPU)
+
+
+def onnxruntime_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
+    """``model``'s outputs on ``x`` from onnxruntime, for graphs of standard and ``com.microsoft`` ops the bridge
+    lacks (QLinearConv, MatMulInteger, ...); one sample per run where the graph fixes a batch of 1."""
+    import onnxruntime as ort
+
+    from a2q_passes.model_io import data_inputs
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # its shape-merge warnings on every run say nothing about the result
+    session = ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = data_inputs(model.graph)[0].name
+    batch = session.get_inputs()[0].shape[0]
+    step = 1 if batch == 1 else 256
+    outputs = [session.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)]
+    return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
+
+
+def scoring_executor(reference: ModelWrapper, sample: np.ndarray, onnxruntime_fallback: bool) -> Outputs:
+    """The torch bridge where it runs ``reference`` on ``sample``; else, with ``onnxruntime_fallback`` (scoring only,
+    no training), onnxruntime where that runs it. Refused naming the node either cannot run."""
+    try:
+        check_runs(reference, sample, "allocation (it scores every candidate)")
+        return bridge_outputs
+    except A2QError as bridge_error:
+        if not onnxruntime_fallback:
+            raise
+        try:
+            onnxruntime_outputs(reference, sample)
+        except Exception as err:  # onnxruntime's own exception types: its message names the node
+            raise A2QError(f"{bridge_error}; onnxruntime cannot run it either: {err}") from err
+        return onnxruntime_outputs
+
+
 class Scorer:
     """Scores graphs on one data set with the fine-tuning metric (top-1 % or PSNR dB).
 
     Data without ``y`` is scored against ``reference``'s outputs (its argmax for top-1), computed
-    once here.
+    once here. Graphs run in the torch bridge, or (``onnxruntime_fallback``) in onnxruntime where the bridge
+    cannot run ``reference`` (:func:`scoring_executor`).
     """
 
-    def __init__(self, reference: ModelWrapper, data: DataLike, metric: str = "auto", name: str = "data") -> None:
+    def __init__(self, reference: ModelWrapper, data: DataLike, metric: str = "auto", name: str = "data",
+                 onnxruntime_fallback: bool = False) -> None:
         io = ModelIO.of(reference)
         if metric not in METRICS:
             raise A2QError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
@@ -84,9 +127,9 @@ class Scorer:
         self.metric = metric
         self.loss = "ce" if metric == "top1" else "mse"
         dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
-        check_runs(reference, dataset.x[:1], "allocation (it scores every candidate)")
+        self.outputs = scoring_executor(reference, dataset.x[:1], onnxruntime_fallback)
         if dataset.y is None:
-            outputs = predict(QonnxModule(reference, trainable_scales="none"), dataset.x, _CPU)
+            outputs = self.outputs(reference, dataset.x)
             targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs
             dataset = Dataset(dataset.x, targets.numpy(), dataset.name)
         self.data = dataset
@@ -96,7 +139,7 @@ class Scorer:
         return "top-1 %" if self.metric == "top1" else "PSNR dB"
 
     def __call__(self, model: ModelWrapper) -> float:
-        return float(evaluate_graph(model, self.data, self.loss, _CPU))
+        return score(self.outputs(model, self.data.x), torch.from_numpy(self.data.y), self.loss)
 
 
 # --------------------------------------------------------------------------- layer facts
@@ -302,8 +345,9 @@ class AllocateAccumulators(A2QPass):
             raise PreconditionError(f"nothing to allocate{hint}: {err}") from err
         if not self._layers:
             raise PreconditionError("nothing to allocate: every constrainable layer has bipolar weights")
-        self.scorer = Scorer(model, self._data_source, self.metric, "calibration data")
-        self.val_scorer = (Scorer(model, self._val_source, self.scorer.metric, "validation data")
+        fallback = self.method == "project"  # scoring only: onnxruntime runs what the bridge cannot
+        self.scorer = Scorer(model, self._data_source, self.metric, "calibration data", fallback)
+        self.val_scorer = (Scorer(model, self._val_source, self.scorer.metric, "validation data", fallback)
                            if self._val_source is not None else self.scorer)
         # without y, training targets are the original model's outputs, as for scoring
         self.train_data = (Scorer(model, self._train_source, self.scorer.metric, "fine-tuning data").data
