@@ -12,6 +12,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_quant_forms import is_qdq_node, weight_shape
+from a2q_passes.graph_values import get_constant
 from a2q_passes.input_grids import value_source
 
 
@@ -95,7 +96,6 @@ def refuse_zero_points(model: ModelWrapper) -> None:
     Why here: FINN's ``ConvertQONNXtoFINN`` takes only zero points of 0 ("Only Quant nodes with zero-point == 0 are
     currently supported"), and on a per-channel one it fails with numpy's "truth value of an array ... is ambiguous".
     """
-    from a2q_passes.graph_values import get_constant
 
     def zero_point(node) -> np.ndarray | None:
         return get_constant(model, node.input[2]) if len(node.input) > 2 else None
@@ -141,7 +141,7 @@ def explain_streamline_failure(model: ModelWrapper) -> str:
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        if any(model.get_initializer(t) is not None for t in node.input):
+        if any(get_constant(model, t) is not None for t in node.input):  # a bias (initializer or Constant node)
             continue
         sources = [s for s in (_unquantized_source(model, t) for t in node.input) if s is not None]
         if sources:
