@@ -9,7 +9,7 @@ batch-leading constant shapes copy dimension 0 instead; the written model is nev
 from __future__ import annotations
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.graph_values import get_constant, node_attr
@@ -29,11 +29,15 @@ def batch_free_reshapes(model: ModelWrapper) -> ModelWrapper:
         return model
     batch = declared[0]
     copy: ModelWrapper | None = None
+    inferred = None  # shapes the graph does not annotate (a Q/DQ chain's outputs), inferred once when needed
     for index, node in enumerate(model.graph.node):
-        if node.op_type != "Reshape":
+        if node.op_type != "Reshape" or len(node.input) < 2:  # opset < 5: the shape is an attribute, left as is
             continue
         target = get_constant(model, node.input[1])
         data_shape = model.get_tensor_shape(node.input[0])
+        if not data_shape and target is not None and target.size and target[0] == batch:
+            inferred = inferred or _inferred_shapes(model)
+            data_shape = inferred.get_tensor_shape(node.input[0]) if inferred is not None else None
         if target is None or target.size == 0 or target[0] != batch or not data_shape or data_shape[0] != batch:
             continue
         if node_attr(node, "allowzero", 0) and np.any(target[1:] == 0):
@@ -45,7 +49,17 @@ def batch_free_reshapes(model: ModelWrapper) -> ModelWrapper:
         copy.graph.initializer.append(numpy_helper.from_array(fixed, name))
         rewritten = copy.graph.node[index]
         rewritten.input[1] = name
-        kept = [a for a in rewritten.attribute if a.name != "allowzero"]
+        kept = [a for a in rewritten.attribute if a.name != "allowzero"]  # its default, 0; opset < 14 has none
         del rewritten.attribute[:]
-        rewritten.attribute.extend(kept + [helper.make_attribute("allowzero", 0)])
+        rewritten.attribute.extend(kept)
     return copy or model
+
+
+def _inferred_shapes(model: ModelWrapper):
+    """``model`` with inferred shapes (a read-only copy), or None where shape inference fails on it."""
+    from a2q_passes.read_only_model import with_inferred_shapes
+
+    try:
+        return with_inferred_shapes(model)
+    except Exception:  # onnx's and qonnx's inference raise their own types; no shape then means no rewrite
+        return None

@@ -365,6 +365,52 @@ def test_qdq_model_is_allocated_with_the_register_cost(data, a2q, tmp_path):
             assert sum(widths.values()) <= budget
 
 
+@pytest.mark.parametrize("net, weight, act", [("matmul_conv", "QInt8", "QUInt8"), ("conv_gemm_matmul", "QInt4", "QUInt4")])
+def test_qdq_files_the_corpus_found_failing_are_allocated(net, weight, act, a2q, tmp_path):
+    """Found by the corpus: onnxruntime's QDQ ``matmul_conv`` reshapes a Q/DQ output (no shape annotation) to a
+    constant ``[1, 1, 4, 4]``, and the int4 files store initializers torch cannot convert; allocate stopped with an
+    internal error on both. The batch-1 Reshape now runs on batches (its input's shape is inferred), an int4 graph
+    is scored in onnxruntime; each map is met by project and executed within its widths by the oracle."""
+    from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import executed_range
+    from tests.ort_models import FLOAT_NETS, quantize
+
+    opset = 21 if weight == "QInt4" else 13
+    shape = FLOAT_NETS[net](tmp_path / "float.onnx", opset=opset)
+    source = tmp_path / "qdq.onnx"
+    quantize(tmp_path / "float.onnx", source, shape, "QDQ", weight, act)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, *shape[1:])).astype(np.float32))
+    out, projected = tmp_path / "w.json", tmp_path / "projected.onnx"
+    result = a2q("allocate", source, "--data", tmp_path / "calib.npz", "--min-score-pct", "95", "--cost", "acc-bits",
+                 "-o", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    widths = json.loads(out.read_text())
+    assert widths and a2q("project", source, projected, "--widths-json", out).returncode == 0
+    model = ModelWrapper(str(projected))
+    for name, bits in widths.items():
+        ran = executed_range(model, name)
+        assert width(ran.lo, ran.hi) <= bits, (name, ran.lo, ran.hi, bits)
+
+
+def test_a_batch_one_reshape_of_a_qdq_output_runs_on_a_batch_in_the_torch_bridge(tmp_path):
+    """The bridge's batch-free copy infers the shape the Q/DQ chain leaves unannotated: on a batch of 4 the bridge
+    gives what onnxruntime gives one sample at a time."""
+    import onnxruntime as ort
+    import torch
+
+    from a2q_passes.torch_bridge import QonnxModule
+    from tests.ort_models import matmul_conv, quantize
+
+    shape = matmul_conv(tmp_path / "float.onnx", opset=13)
+    quantize(tmp_path / "float.onnx", tmp_path / "qdq.onnx", shape, "QDQ", "QInt8", "QUInt8")
+    x = np.random.default_rng(1).normal(size=(4, *shape[1:])).astype(np.float32)
+    with torch.no_grad():
+        batched = QonnxModule(ModelWrapper(str(tmp_path / "qdq.onnx")), trainable_scales="none")(torch.from_numpy(x))
+    session = ort.InferenceSession(str(tmp_path / "qdq.onnx"), providers=["CPUExecutionProvider"])
+    one_by_one = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(batched.numpy(), one_by_one, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["QOperator", "dynamic"])
 def test_onnxruntime_operator_files_are_allocated_scoring_in_onnxruntime(fmt, a2q, tmp_path):
     """QOperator (QLinearConv, QLinearMatMul) and dynamic (MatMulInteger/ConvInteger) files hold ops the torch bridge

@@ -30,6 +30,8 @@ SCALE_FLOOR = 2.0 ** -10  # the smallest fraction of its starting value a traine
 # fn(weight_parameter, scale) -> the tensor the weight Quant quantizes (same shape as the weight).
 WeightFn = Callable[[Tensor, Tensor], Tensor]
 
+# numpy (ml_dtypes) storage types below a byte, which torch.from_numpy cannot convert
+_SUB_BYTE_TYPES = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 _INT_QUANT_OPS = ("Quant", "IntQuant")
 _QUANT_OPS = (*_INT_QUANT_OPS, "BipolarQuant")
 _MAC_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
@@ -148,6 +150,9 @@ class QonnxModule(nn.Module):
         used_keys: set[str] = set()
         for name, value in initializers.items():
             key = _attribute_key(name, used_keys)
+            if np.asarray(value).dtype.name in _SUB_BYTE_TYPES:  # ml_dtypes' int4/uint4: torch has no such type
+                raise NotImplementedError(f"initializer {name!r} is stored as {np.asarray(value).dtype.name}, which "
+                                          "the torch bridge does not hold")
             tensor = torch.from_numpy(np.array(value))
             if name in trainable:
                 self.trainable[key] = nn.Parameter(tensor)
@@ -405,7 +410,8 @@ def write_back(module: QonnxModule, model: ModelWrapper) -> ModelWrapper:
 
 def check_runs(model: ModelWrapper, sample: np.ndarray, purpose: str) -> None:
     """Refuse, before any work, a graph the bridge cannot run on ``sample`` (an op it lacks, or one that fails there;
-    the error names the node): ``purpose`` says which command needs it."""
+    the error names the node): ``purpose`` says which command needs it. Callers pass two samples where they have
+    them, so a graph that runs only on a batch of one fails here, not in the middle of the work."""
     try:
         with torch.no_grad():
             QonnxModule(model, trainable_scales="none")(torch.from_numpy(sample))

@@ -127,7 +127,7 @@ class Scorer:
         self.metric = metric
         self.loss = "ce" if metric == "top1" else "mse"
         dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
-        self.outputs = scoring_executor(reference, dataset.x[:1], onnxruntime_fallback)
+        self.outputs = scoring_executor(reference, dataset.x[:2], onnxruntime_fallback)
         if dataset.y is None:
             outputs = self.outputs(reference, dataset.x)
             targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs

@@ -110,7 +110,7 @@ class FinetuneAccumulators(A2QPass):
                                                        self.config.seed)
         if self._val_source is not None:
             self.val = validate(as_dataset(self._val_source, "validation data"), io, self.config.loss, False)
-        check_runs(model, self.train.x[:1], "fine-tuning")
+        check_runs(model, self.train.x[:2], "fine-tuning")
         self._structure_before = _structure(model)
 
     def call(self, model: ModelWrapper) -> PassResult:
