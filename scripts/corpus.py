@@ -24,10 +24,10 @@ through the command line:
    from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
    layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
    fits P. A clear refusal is noted (the file stays handled); a traceback or an unsafe output is a failure;
-6. with ``--allocate``, on the files of 5 (``--cost bits``: FINN's lowering) and the Q/DQ files read under the fold
-   convention (``--cost acc-bits``: no FINN): ``a2q allocate --min-score-pct 95`` on random inputs, then ``a2q project
-   --widths-json`` of its map, ``a2q verify``, and the oracle: every layer of the map executes within its width
-   (refusals and failures as in 5).
+6. with ``--allocate``, on the files of 5 (``--cost bits``: FINN's lowering) and the other files read under the
+   fold convention (Q/DQ, FINN-ONNX; ``--cost acc-bits``: no FINN): ``a2q allocate --min-score-pct 95`` on random
+   inputs, then ``a2q project --widths-json`` of its map, ``a2q verify``, and the oracle: every layer of the map
+   executes within its width (refusals and failures as in 5).
 
 Each file is *handled* (all of the above), *refused* (``a2q`` exits 1 or 3, or reports a layer it cannot read,
 with a message naming the construct and no traceback), *unchecked* (the oracle cannot read the file's grid, so
@@ -581,7 +581,7 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
     qonnx_weights = any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path))
     if not zp and qonnx_weights:
         _check_finetune(entry, work, bits, result)
-    if allocate and not zp and result.status == "handled":  # Q/DQ: FINN lowers few of them, acc-bits needs no FINN
+    if allocate and not zp and result.status == "handled":  # Q/DQ, FINN-ONNX: FINN lowers few, acc-bits needs none
         _check_allocate(entry, work, result, "bits" if qonnx_weights else "acc-bits")
     if entry.lower and result.status == "handled":
         _check_lower(entry, work, projected, result)
@@ -761,7 +761,7 @@ def _allocate_summary(results: list[Result]) -> list[str]:
                if note.startswith("allocate")]
     lines = [f"**`allocate` on {len(done)} of these files** ({sum(r.allocated for r in done)} layers; "
              f"`--min-score-pct {ALLOCATE_PCT}` on random inputs scored against the file itself; `--cost bits` on "
-             "QONNX files, `--cost acc-bits` on Q/DQ ones): every width of its "
+             "QONNX `Quant` files, `--cost acc-bits` on the others (Q/DQ, FINN-ONNX)): every width of its "
              "map proven by `project --widths-json`, `verify` and the executed range. "
              f"Refused by name on {len(refused)} handled files" + (":" if refused else ".")]
     return lines + [f"- `{name}`: {note[:240]}" for name, note in refused]
