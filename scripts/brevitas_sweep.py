@@ -41,7 +41,7 @@ def draw(rng: random.Random):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts.corpus import EXPORTERS, Entry, _quiet, check
+    from scripts.corpus import EXPORTERS, _quiet, brevitas_entry, check
     from tests.brevitas_nets import build_corpus_net
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 refused_by_brevitas.append(f"{exporter} {spec.name}: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
                 continue
             zero_point = "subtract" if spec.weight_quant.startswith("Shifted") else "fold"
-            result = check(Entry(path.stem, producer, path, lower=exporter == "qonnx", zero_point=zero_point), args.out)
+            result = check(brevitas_entry(path, producer, exporter, zero_point), args.out)
             counts[result.status] = counts.get(result.status, 0) + 1
             print(f"{result.status:8} {path.stem:90} {result.layers} layers ({result.tight} tight) "
                   f"P={result.acc_bits} {result.detail[:160]}", flush=True)

@@ -173,9 +173,13 @@ def brevitas_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
                                 f"{first_line[:120]})")
                 continue
             # weight zero points: projected as ONNX defines them (code - zero point), as for onnxruntime's QUInt8
-            entries.append(Entry(path.stem, producer, path, lower=exporter == "qonnx" or _lowers_as_quant(path),
-                                 zero_point="subtract" if spec.shifted else "fold"))
+            entries.append(brevitas_entry(path, producer, exporter, "subtract" if spec.shifted else "fold"))
     return entries, rejected
+
+
+def brevitas_entry(path: Path, producer: str, exporter: str, zero_point: str) -> Entry:
+    """A Brevitas export as a corpus entry: QONNX files are lowered, Q/DQ ones where ``lower`` takes them whole."""
+    return Entry(path.stem, producer, path, lower=exporter == "qonnx" or _lowers_as_quant(path), zero_point=zero_point)
 
 
 def _lowers_as_quant(path: Path) -> bool:
@@ -394,8 +398,8 @@ def graph_ptq_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
             first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])
             rejected.append(f"{spec.name}: Brevitas refused ({type(err).__name__}: {first_line[:120]})")
             continue
-        entries.append(Entry(path.stem, GRAPH_PTQ[exporter], path, lower=exporter == "qonnx" or _lowers_as_quant(path),
-                             zero_point="subtract" if spec.asymmetric_weights else "fold"))
+        entries.append(brevitas_entry(path, GRAPH_PTQ[exporter], exporter,
+                                      "subtract" if spec.asymmetric_weights else "fold"))
     return entries, rejected
 
 
