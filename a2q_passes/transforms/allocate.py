@@ -83,13 +83,15 @@ def onnxruntime_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
 
     from a2q_passes.model_io import data_inputs
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # its shape-merge warnings on every run say nothing about the result
+    # fatal only: its shape-merge warnings say nothing about the result, and a failing node's error log repeats the
+    # exception the caller turns into a message naming the node
+    options, quiet = ort.SessionOptions(), ort.RunOptions()
+    options.log_severity_level = quiet.log_severity_level = 4
     session = ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     name = data_inputs(model.graph)[0].name
     batch = session.get_inputs()[0].shape[0]
     step = 1 if batch == 1 else 256
-    outputs = [session.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)]
+    outputs = [session.run(None, {name: x[i:i + step]}, quiet)[0] for i in range(0, len(x), step)]
     return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
 
 
