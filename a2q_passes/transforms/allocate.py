@@ -235,7 +235,8 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     if act_x_act:  # FINN makes each an MVAU with streamed (mem_mode="dynamic") weights, which have no static cost
         raise A2QError(f"{', '.join(act_x_act)}: activation x activation MatMul; this cost model lowers the "
                        "model with FINN, which has no resource estimate for such a layer. Use --cost acc-bits (no "
-                       "FINN), or give per-layer widths to `a2q project --widths-json`; `a2q verify` checks these layers")
+                       "FINN), or give per-layer widths to `a2q project --widths-json`; `a2q verify` checks these "
+                       "layers")
     try:
         hw, _ = lower_to_finn_hw(model)
     except A2QError as err:
