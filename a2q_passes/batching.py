@@ -29,16 +29,18 @@ def batch_free_reshapes(model: ModelWrapper) -> ModelWrapper:
         return model
     batch = declared[0]
     copy: ModelWrapper | None = None
-    inferred = None  # shapes the graph does not annotate (a Q/DQ chain's outputs), inferred once when needed
+    inferred: list = []  # shapes the graph does not annotate (a Q/DQ chain's outputs): inferred once, when needed
     for index, node in enumerate(model.graph.node):
         if node.op_type != "Reshape" or len(node.input) < 2:  # opset < 5: the shape is an attribute, left as is
             continue
         target = get_constant(model, node.input[1])
+        if target is None or target.size == 0 or target[0] != batch:
+            continue
         data_shape = model.get_tensor_shape(node.input[0])
-        if not data_shape and target is not None and target.size and target[0] == batch:
-            inferred = inferred or _inferred_shapes(model)
-            data_shape = inferred.get_tensor_shape(node.input[0]) if inferred is not None else None
-        if target is None or target.size == 0 or target[0] != batch or not data_shape or data_shape[0] != batch:
+        if not data_shape:
+            inferred = inferred or [_inferred_shapes(model)]
+            data_shape = inferred[0].get_tensor_shape(node.input[0]) if inferred[0] is not None else None
+        if not data_shape or data_shape[0] != batch:
             continue
         if node_attr(node, "allowzero", 0) and np.any(target[1:] == 0):
             continue

@@ -124,7 +124,8 @@ def plot_pareto(curves: dict[str, Any], path: Path, title: str, chosen: dict[str
 
 @app.command()
 def allocate(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL.onnx", help="QONNX or QDQ model (--method finetune: QONNX Quant weights)")],
+    model_path: Annotated[Path, typer.Argument(
+        metavar="MODEL.onnx", help="QONNX or QDQ model (--method finetune: QONNX Quant weights)")],
     data: Annotated[Path, typer.Option("--data", help="calibration .npz: 'x' and optional 'y' (labels or targets)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="widths JSON to write ({layer: P}, for --widths-json)")],
     val: Annotated[Optional[Path], typer.Option("--val", help="validation .npz for the end-to-end checks")] = None,
@@ -134,7 +135,8 @@ def allocate(
     min_score_pct: Annotated[Optional[float], typer.Option(
         "--min-score-pct", help="least cost keeping this % of the model's own score on the validation data")] = None,
     budget_bits: Annotated[Optional[int], typer.Option(
-        "--budget-bits", help="best score within N accumulator + threshold bits (--cost acc-bits: register bits)")] = None,
+        "--budget-bits",
+        help="best score within N accumulator + threshold bits (--cost acc-bits: register bits)")] = None,
     budget_lut: Annotated[Optional[int], typer.Option(
         "--budget-lut", help="best score within N LUTs of FINN's estimate (MVAU_hls lut_estimation)")] = None,
     cost: Annotated[Optional[str], typer.Option(

@@ -150,9 +150,10 @@ class QonnxModule(nn.Module):
         used_keys: set[str] = set()
         for name, value in initializers.items():
             key = _attribute_key(name, used_keys)
-            if np.asarray(value).dtype.name in _SUB_BYTE_TYPES:  # ml_dtypes' int4/uint4: torch has no such type
-                raise NotImplementedError(f"initializer {name!r} is stored as {np.asarray(value).dtype.name}, which "
-                                          "the torch bridge does not hold")
+            stored = np.asarray(value).dtype.name
+            if stored in _SUB_BYTE_TYPES:  # ml_dtypes' int4/uint4: torch has no such type
+                raise NotImplementedError(f"initializer {name!r} is stored as {stored}, which the torch bridge does "
+                                          "not hold")
             tensor = torch.from_numpy(np.array(value))
             if name in trainable:
                 self.trainable[key] = nn.Parameter(tensor)
