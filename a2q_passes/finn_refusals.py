@@ -13,7 +13,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_quant_forms import is_qdq_node, weight_shape
 from a2q_passes.graph_values import get_constant
-from a2q_passes.input_grids import value_source
+from a2q_passes.input_grids import value_origin
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
@@ -115,11 +115,12 @@ _QUANTIZER_OPS = ("Quant", "IntQuant", "BipolarQuant", "MultiThreshold", "Dequan
 
 def _unquantized_source(model: ModelWrapper, tensor: str) -> str | None:
     """How ``tensor`` is made where that is not a quantizer (through ops that only move values), else None."""
-    producer = value_source(model, tensor)
+    origin = value_origin(model, tensor)
+    producer = model.find_producer(origin)
     if producer is None:
         graph_inputs = {i.name for i in model.graph.input}
-        if tensor in graph_inputs and not model.get_tensor_datatype(tensor).is_integer():
-            return f"the float graph input {tensor!r}"
+        if origin in graph_inputs and not model.get_tensor_datatype(origin).is_integer():
+            return f"the float graph input {origin!r}" + (f" (through {tensor!r})" if origin != tensor else "")
         return None
     if producer.op_type in _QUANTIZER_OPS:
         return None

@@ -485,13 +485,19 @@ class GridResolver:
         return InputGrid(r, dtype, first.scale, first.zero_code), ""
 
 
-def value_source(model: ModelWrapper, tensor: str) -> NodeProto | None:
-    """The node whose values ``tensor`` carries past ops that only move or select them
-    (:data:`GRID_PRESERVING_OPS`); None where they come from a graph input or a constant."""
+def value_origin(model: ModelWrapper, tensor: str) -> str:
+    """The tensor whose values ``tensor`` carries past ops that only move or select them
+    (:data:`GRID_PRESERVING_OPS`): the output of another node, a graph input or a constant."""
     producer = model.find_producer(tensor)
     while producer is not None and producer.op_type in GRID_PRESERVING_OPS:
-        producer = model.find_producer(producer.input[0])
-    return producer
+        tensor = producer.input[0]
+        producer = model.find_producer(tensor)
+    return tensor
+
+
+def value_source(model: ModelWrapper, tensor: str) -> NodeProto | None:
+    """The node that makes :func:`value_origin` of ``tensor``; None where it is a graph input or a constant."""
+    return model.find_producer(value_origin(model, tensor))
 
 
 def non_negative(model: ModelWrapper, tensor: str) -> bool:

@@ -283,6 +283,32 @@ def test_a_residual_add_of_unquantized_activations_is_named_when_finn_fails_on_i
     assert explain_streamline_failure(cnn_model) == ""
 
 
+def test_the_streamline_hint_follows_a_float_graph_input_through_ops_that_move_values():
+    """An Add whose operand is a float graph input reshaped on the way is named with that input, as one that reads
+    the input directly is; a quantized input reshaped the same way is not named."""
+    from onnx import TensorProto, helper
+    from qonnx.util.basic import qonnx_make_model
+
+    from a2q_passes.finn_refusals import explain_streamline_failure
+
+    def model_with(input_type: DataType) -> ModelWrapper:
+        nodes = [helper.make_node("Reshape", ["x", "shape"], ["x_flat"], name="Reshape_0"),
+                 helper.make_node("Relu", ["y"], ["y_relu"], name="Relu_0"),
+                 helper.make_node("Add", ["x_flat", "y_relu"], ["out"], name="Add_0")]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", [1, 2, 2]),
+                                                                                          ("y", [1, 4]))],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4])])
+        model = ModelWrapper(qonnx_make_model(graph))
+        model.set_tensor_datatype("x", input_type)
+        return model
+
+    text = explain_streamline_failure(model_with(DataType["FLOAT32"]))
+    assert "Add 'Add_0' adds the float graph input 'x' (through 'x_flat') and 'y_relu' (from Relu 'Relu_0')" in text
+    assert "'x'" not in explain_streamline_failure(model_with(DataType["UINT4"]))
+
+
 def test_cli_bad_inputs_write_nothing(tmp_path, mlp):
     _, _, _, folder = mlp
     src = folder / "mlp.onnx"
