@@ -55,6 +55,7 @@ from a2q_passes.verification import verify_model
 
 Step = Callable[[ModelWrapper, Any], ModelWrapper]
 REPORT_FILE = "a2q_accumulators.json"
+ALLOCATION_REPORT_FILE = "a2q_allocation.json"
 # FINN steps that (re)set accDataType: ours must run after the last of them
 _ACCUMULATOR_STEPS = ("step_convert_to_hw", "step_minimize_bit_width_initial",
                       "step_minimize_bit_width_datatype_only", "step_minimize_bit_width")
@@ -94,18 +95,22 @@ def _set_accumulators(model: ModelWrapper, acc_bits: int | None) -> ModelWrapper
     return model
 
 
+def _write_report(cfg: Any, file_name: str, payload: dict[str, Any]) -> None:
+    """``payload`` as ``report/FILE_NAME`` under ``cfg.output_dir`` (FINN's report folder), where it is set."""
+    output_dir = getattr(cfg, "output_dir", None)
+    if output_dir is not None:
+        report_dir = Path(output_dir) / "report"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(report_dir / file_name, json.dumps(payload, indent=2))
+
+
 def _verify(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     record = recorded_accumulators(model)
     targets = {name: info["target_bits"] for name, info in record.items() if info.get("target_bits") is not None}
     check_hw_accumulators(model, targets)
     # each node at the width recorded by step_a2q_set_accumulators (its accDataType), over its inputDataType
     report = verify_model(model, input_ranges="finn")
-    output_dir = getattr(cfg, "output_dir", None)
-    if output_dir is not None:
-        report_dir = Path(output_dir) / "report"
-        report_dir.mkdir(parents=True, exist_ok=True)
-        payload = {**report.to_json(), "accumulators": record}
-        atomic_write_text(report_dir / REPORT_FILE, json.dumps(payload, indent=2))
+    _write_report(cfg, REPORT_FILE, {**report.to_json(), "accumulators": record})
     if not report.overflow_impossible:
         names = ", ".join(f"{v.node} ({v.proof})" for v in report.blocking)
         raise AnalysisProblem(f"step_a2q_verify: overflow possible or not proven in {names}")
@@ -141,9 +146,27 @@ def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     one of ``cfg.a2q_min_score_pct`` (default 99) / ``cfg.a2q_budget_bits`` / ``cfg.a2q_budget_lut``,
     ``cfg.a2q_method`` and ``cfg.fpga_part``; writes ``report/a2q_allocation.json`` under ``cfg.output_dir``.
     """
-    from a2q_passes.transforms.allocate import allocate_for_finn
+    from a2q_passes.transforms.allocate import DEFAULT_FPGAPART, AllocateAccumulators  # torch: imported on use
 
-    return allocate_for_finn(model, cfg)
+    data = getattr(cfg, "a2q_allocate_data", None)
+    if data is None:
+        raise A2QError("step_a2q_allocate: no calibration data. Set cfg.a2q_allocate_data = 'calib.npz' "
+                       "(arrays x and optional y)")
+    budgets = {name: getattr(cfg, f"a2q_budget_{name}", None) for name in ("bits", "lut")}
+    given = [name for name, value in budgets.items() if value is not None]
+    if len(given) > 1 or (given and getattr(cfg, "a2q_min_score_pct", None) is not None):
+        raise A2QError("step_a2q_allocate: set only one of cfg.a2q_min_score_pct, cfg.a2q_budget_bits, cfg.a2q_budget_lut")
+    step = AllocateAccumulators(
+        data, getattr(cfg, "a2q_allocate_val", None),
+        min_score_pct=None if given else getattr(cfg, "a2q_min_score_pct", None) or 99.0,
+        budget=budgets[given[0]] if given else None, cost_model="finn-lut" if given == ["lut"] else "bits",
+        projection_method=getattr(cfg, "a2q_method", DEFAULT_METHOD),
+        fpgapart=getattr(cfg, "fpga_part", None) or DEFAULT_FPGAPART, progress=False,
+        input_ranges="finn")  # the output is built by FINN, which sizes each MAC from its input DataType
+    result = step(model)
+    record_weight_signatures(result.model)
+    _write_report(cfg, ALLOCATION_REPORT_FILE, result.details)
+    return result.model
 
 
 def step_a2q_set_accumulators(model: ModelWrapper, cfg: Any) -> ModelWrapper:

@@ -28,7 +28,8 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.output_files import atomic_write_text
 from a2q_passes.finetune.train import FinetuneConfig
-from a2q_passes.transforms.allocate import AllocateAccumulators, Scorer, allocation_costs, pareto_curves
+from a2q_passes.scoring import Scorer
+from a2q_passes.transforms.allocate import AllocateAccumulators, allocation_costs, pareto_curves
 from a2q_passes.verification import verify_model
 from models.data import load_dataset
 

@@ -17,12 +17,13 @@ from a2q_passes.allocation import (
     Choice, FunctionCost, LayerShape, get_cost_model, layer_cost, pareto_front, register_cost_model, solve_max_score,
     solve_min_cost,
 )
+from a2q_passes.allocation_layers import LayerCandidates
 from a2q_passes.cli import main
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_steps import step_a2q_allocate
 from a2q_passes.metadata import recorded_widths
 from a2q_passes.finetune.train import FinetuneConfig
-from a2q_passes.transforms.allocate import AllocateAccumulators, LayerCandidates
+from a2q_passes.transforms.allocate import AllocateAccumulators
 from models.data import load_dataset
 from models.evaluate import accuracy, predict_onnx
 
@@ -469,7 +470,7 @@ def test_a_layer_finn_leaves_unlowered_is_named(tmp_path):
     itself by its weights) is named as not lowered, not reported as an unknown MVAU name."""
     import warnings
 
-    from a2q_passes.transforms.allocate import finn_layer_shapes
+    from a2q_passes.allocation_layers import finn_layer_shapes
     from tests.brevitas_nets import NetSpec, build_corpus_net
 
     with warnings.catch_warnings():
@@ -486,7 +487,7 @@ def test_an_activation_by_activation_matmul_is_named_before_lowering():
     from onnx import TensorProto, helper, numpy_helper
     from qonnx.util.basic import qonnx_make_model
 
-    from a2q_passes.transforms.allocate import finn_layer_shapes
+    from a2q_passes.allocation_layers import finn_layer_shapes
 
     consts = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in
               {"s": 0.1, "z": 0.0, "b": 4.0}.items()]

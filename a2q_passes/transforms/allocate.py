@@ -2,15 +2,15 @@
 
 1. **Candidates**: every layer ``project`` narrows (quantized weights on a quantized input, not bipolar, no weight
    zero point; ``method="finetune"``: QONNX ``Quant`` weights) from its exact width down to its smallest feasible
-   width (:func:`a2q_passes.projection.min_feasible_acc_bits`).
+   width (:func:`a2q_passes.projection.min_feasible_acc_bits`; :mod:`a2q_passes.allocation_layers`).
 2. **Cost** of each candidate from a cost model of :mod:`a2q_passes.allocation`. The layer shapes
    it needs (MH, PE, output bits, thresholds or not, FINN's LUT estimate per width) come from
    FINN's own lowering of the model and :func:`a2q_passes.resources.resource_report`, matched to
    the QONNX layers by weight signature; a cost model that needs no FINN (``acc-bits``) gets them from the
-   analysis (:func:`analysis_layer_shapes`: PE = 1, no thresholds).
+   analysis (:func:`a2q_passes.allocation_layers.analysis_layer_shapes`: PE = 1, no thresholds).
 3. **Sensitivity**: the score on the calibration data when only that layer is projected
    (:class:`~a2q_passes.transforms.project.ProjectToAccumulator`) to the candidate width. The score
-   is the fine-tuning validation metric (:func:`a2q_passes.finetune.train.score`): top-1 %
+   is the fine-tuning validation metric (:class:`a2q_passes.scoring.Scorer`): top-1 %
    or PSNR dB, against the data's ``y`` or, without it, against the original model's outputs.
    With a score target, a layer's descent stops at the first width whose score alone misses it
    (``method="project"`` only: fine-tuning wins back much of what projection alone loses, so with
@@ -32,11 +32,10 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from qonnx.core.modelwrapper import ModelWrapper
 from tqdm import tqdm
 
@@ -44,224 +43,18 @@ from a2q_passes.allocation import (
     DEFAULT_COST_MODEL, Choice, CostModel, LayerShape, get_cost_model, layer_cost, minimum_cost, needs_finn,
     pareto_front, solve_max_score, solve_min_cost,
 )
-from a2q_passes.analysis import analyze_model
+from a2q_passes.allocation_layers import LayerCandidates, allocatable_layers, analysis_layer_shapes, finn_layer_shapes
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
-from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
-from a2q_passes.finetune.selection import ACT_X_ACT_REASON, select_layers
-from a2q_passes.finetune.train import FinetuneConfig, predict, score
-from a2q_passes.layers import MacLayer, find_mac_layers
+from a2q_passes.finetune.train import FinetuneConfig
 from a2q_passes.methods import DEFAULT_METHOD, get_method
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.projection import accumulator_is_signed, min_feasible_acc_bits
-from a2q_passes.torch_bridge import QonnxModule, check_runs
+from a2q_passes.scoring import DataLike, Scorer
 from a2q_passes.transforms.finetune import FinetuneAccumulators
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 
-METRICS = ("auto", "top1", "psnr")
 ALLOCATION_METHODS = ("project", "finetune")
 DEFAULT_FPGAPART = "xczu3eg-sbva484-1-e"  # the part of the FINN resource benchmark
-DataLike = Dataset | str | tuple | np.ndarray
-_CPU = torch.device("cpu")
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-Outputs = Callable[[ModelWrapper, np.ndarray], torch.Tensor]
-
-
-def bridge_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
-    """``model``'s outputs on ``x`` from a2q's torch bridge (the executor fine-tuning trains with)."""
-    return predict(QonnxModule(model, trainable_scales="none"), x, _CPU)
-
-
-def onnxruntime_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
-    """``model``'s outputs on ``x`` from onnxruntime, for graphs of standard and ``com.microsoft`` ops the bridge
-    lacks (QLinearConv, MatMulInteger, ...); one sample per run where the graph fixes a batch of 1."""
-    import onnxruntime as ort
-
-    from a2q_passes.model_io import data_inputs
-
-    # fatal only: its shape-merge warnings say nothing about the result, and a failing node's error log repeats the
-    # exception the caller turns into a message naming the node
-    options, quiet = ort.SessionOptions(), ort.RunOptions()
-    options.log_severity_level = quiet.log_severity_level = 4
-    session = ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = data_inputs(model.graph)[0].name
-    batch = session.get_inputs()[0].shape[0]
-    step = 1 if batch == 1 else 256
-    outputs = [session.run(None, {name: x[i:i + step]}, quiet)[0] for i in range(0, len(x), step)]
-    return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
-
-
-def scoring_executor(reference: ModelWrapper, sample: np.ndarray, onnxruntime_fallback: bool) -> Outputs:
-    """The torch bridge where it runs ``reference`` on ``sample``; else, with ``onnxruntime_fallback`` (scoring only,
-    no training), onnxruntime where that runs it. Refused naming the node either cannot run."""
-    try:
-        check_runs(reference, sample, "allocation (it scores every candidate)")
-        return bridge_outputs
-    except A2QError as bridge_error:
-        if not onnxruntime_fallback:
-            raise
-        try:
-            onnxruntime_outputs(reference, sample)
-        except Exception as err:  # onnxruntime's own exception types: its message names the node
-            raise A2QError(f"{bridge_error}; onnxruntime cannot run it either: {err}") from err
-        return onnxruntime_outputs
-
-
-class Scorer:
-    """Scores graphs on one data set with the fine-tuning metric (top-1 % or PSNR dB).
-
-    Data without ``y`` is scored against ``reference``'s outputs (its argmax for top-1), computed
-    once here. Graphs run in the torch bridge, or (``onnxruntime_fallback``) in onnxruntime where the bridge
-    cannot run ``reference`` (:func:`scoring_executor`).
-    """
-
-    def __init__(self, reference: ModelWrapper, data: DataLike, metric: str = "auto", name: str = "data",
-                 onnxruntime_fallback: bool = False) -> None:
-        io = ModelIO.of(reference)
-        if metric not in METRICS:
-            raise A2QError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
-        if metric == "auto":
-            metric = "top1" if io.output_shape is not None and len(io.output_shape) == 1 else "psnr"
-        self.metric = metric
-        self.loss = "ce" if metric == "top1" else "mse"
-        dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
-        self.outputs = scoring_executor(reference, dataset.x[:2], onnxruntime_fallback)
-        if dataset.y is None:
-            outputs = self.outputs(reference, dataset.x)
-            targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs
-            dataset = Dataset(dataset.x, targets.numpy(), dataset.name)
-        self.data = dataset
-
-    @property
-    def unit(self) -> str:
-        return "top-1 %" if self.metric == "top1" else "PSNR dB"
-
-    def __call__(self, model: ModelWrapper) -> float:
-        return score(self.outputs(model, self.data.x), torch.from_numpy(self.data.y), self.loss)
-
-
-# --------------------------------------------------------------------------- layer facts
-
-
-@dataclass
-class LayerCandidates:
-    """One allocatable layer: its widths, their costs and single-layer scores (JSON-ready)."""
-
-    node: str
-    exact_bits: int
-    min_feasible_bits: int
-    shape: LayerShape
-    costs: dict[int, int] = field(default_factory=dict)  # P -> cost (chosen cost model)
-    scores: dict[int, float] = field(default_factory=dict)  # P -> calibration score, only this layer at P
-
-    def widths(self) -> list[int]:
-        """Evaluated widths, widest first."""
-        return sorted(self.scores, reverse=True)
-
-    def to_json(self) -> dict[str, Any]:
-        shape = asdict(self.shape)
-        shape["finn_lut"] = {str(k): v for k, v in sorted(shape["finn_lut"].items())}
-        return {"node": self.node, "exact_bits": self.exact_bits, "min_feasible_bits": self.min_feasible_bits,
-                "shape": shape, "costs": {str(k): v for k, v in sorted(self.costs.items())},
-                "scores": {str(k): v for k, v in sorted(self.scores.items())}}
-
-
-def allocatable_layers(model: ModelWrapper, input_ranges: str = "exact",
-                       method: str = "project") -> list[tuple[str, int, int]]:
-    """``(node, exact bits, smallest feasible bits)`` of every layer the allocation may narrow.
-
-    ``method="project"``: every layer ``a2q project`` narrows under its defaults (quantized weights of any
-    format on a quantized input, without a weight zero point); ``"finetune"``: the layers fine-tuning can
-    constrain (QONNX ``Quant`` weights). Bipolar weights (no zero weight: projection cannot shrink them) and
-    activation x activation products are never candidates; widths for ``input_ranges``.
-    """
-    if method == "finetune":
-        macs = [layer.mac for layer in select_layers(model, 64, input_ranges=input_ranges).layers]
-    else:
-        found = find_mac_layers(model, input_ranges=input_ranges)
-        why = {mac.node: _not_projectable(mac) for mac in found}
-        macs = [mac for mac in found if not why[mac.node]]
-        if not macs:
-            reasons = "; ".join(f"{node}: {reason}" for node, reason in why.items())
-            raise A2QError(f"no layer project can narrow ({reasons or 'no MAC layer found'})")
-    reports = analyze_model(model, input_ranges=input_ranges).by_node()
-    layers = []
-    for mac in macs:
-        if mac.binary_xnor or mac.source.bipolar:
-            continue
-        exact = reports[mac.node].bounds["exact"]
-        signed = accumulator_is_signed(mac.integer_rows(model), mac.grid.range)
-        smallest = min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed))
-        layers.append((mac.node, int(exact), int(smallest)))
-    return layers
-
-
-def _not_projectable(mac: MacLayer) -> str:
-    """Why ``project`` (its default ``--zero-point fold``) cannot narrow ``mac``; "" where it can."""
-    if not mac.ok:
-        return mac.status
-    if mac.act_x_act:
-        return ACT_X_ACT_REASON
-    if mac.source.raw_zero_point:
-        return ("weights with a zero point, which project narrows only under --zero-point subtract (not an allocate "
-                "option): give per-layer widths to `a2q project --zero-point subtract --widths-json`")
-    return ""
-
-
-def analysis_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]]) -> dict[str, LayerShape]:
-    """Cost-model facts without FINN: each layer's output channels, one accumulator (PE = 1), no thresholds."""
-    channels = {mac.node: mac.channels for mac in find_mac_layers(model)}
-    return {name: LayerShape(name, int(channels[name])) for name in widths}
-
-
-def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapart: str) -> dict[str, LayerShape]:
-    """Cost-model facts per QONNX layer from FINN's lowering, with FINN's LUT estimate at each width in ``widths``.
-
-    Each width needs one :func:`resource_report` (all layers at once: a layer's estimate depends on
-    its own width only).
-    """
-    from a2q_passes.finn_accumulators import iterate_mac_nodes
-    from a2q_passes.finn_flow import lower_to_finn_hw
-    from a2q_passes.finn_runtime import validate_fpgapart
-    from a2q_passes.resources import resource_report
-    from a2q_passes.transforms.lower import layer_signatures, match_layers
-
-    part = validate_fpgapart(fpgapart)
-    act_x_act = [layer.node for layer in find_mac_layers(model) if layer.act_x_act]
-    if act_x_act:  # FINN makes each an MVAU with streamed (mem_mode="dynamic") weights, which have no static cost
-        raise A2QError(f"{', '.join(act_x_act)}: activation x activation MatMul; this cost model lowers the "
-                       "model with FINN, which has no resource estimate for such a layer. Use --cost acc-bits (no "
-                       "FINN), or give per-layer widths to `a2q project --widths-json`; `a2q verify` checks these "
-                       "layers")
-    try:
-        hw, _ = lower_to_finn_hw(model)
-    except A2QError as err:
-        raise A2QError(f"{str(err).rstrip('.')}. This cost model costs the layers FINN's lowering makes; --cost "
-                       "acc-bits needs no FINN lowering") from err
-    to_qonnx = match_layers(layer_signatures(model), layer_signatures(hw))
-    to_hw = {q: h for h, q in to_qonnx.items()}
-    lowered = {node.name for node in iterate_mac_nodes(hw)}  # a layer FINN left as it was still matches itself
-    missing = [name for name in widths if to_hw.get(name) not in lowered]
-    if missing:
-        raise A2QError(f"FINN did not lower layer(s) {', '.join(missing)} to an MVAU/VVAU, so their hardware cost is "
-                       f"unknown; `a2q lower MODEL OUT` shows why. This cost model needs a model FINN can lower; "
-                       f"--cost acc-bits does not")
-    facts = {layer["node"]: layer for layer in resource_report(hw, part)["layers"]}
-    luts: dict[str, dict[int, int]] = {name: {} for name in widths}
-    for bits in sorted({p for ps in widths.values() for p in ps}):
-        chosen = {to_hw[name]: bits for name, ps in widths.items() if bits in ps}
-        for layer in resource_report(hw, part, chosen)["layers"]:
-            name = to_qonnx.get(layer["node"])
-            if layer["node"] in chosen:
-                luts[name][bits] = int(layer["target"]["LUT"])
-    return {name: LayerShape(name, int(facts[to_hw[name]]["channels"]), int(facts[to_hw[name]]["PE"]),
-                             int(facts[to_hw[name]]["output_bits"]) if facts[to_hw[name]]["has_thresholds"] else None,
-                             luts[name])
-            for name in widths}
 
 
 # --------------------------------------------------------------------------- end-to-end
@@ -599,47 +392,3 @@ def pareto_curves(model: ModelWrapper, step: AllocateAccumulators, points: int =
                               **allocation_costs(layers, widths), "score": score})
             bar.update(1)
     return {"cost_model": cost.name, "metric": step.scorer.unit, "uniform": uniform, "allocation": allocated}
-
-
-# --------------------------------------------------------------------------- FINN build step
-
-
-ALLOCATION_REPORT_FILE = "a2q_allocation.json"
-
-
-def allocate_for_finn(model: ModelWrapper, cfg: Any) -> ModelWrapper:
-    """The work of :func:`a2q_passes.finn_steps.step_a2q_allocate` (settings as attributes of ``cfg``).
-
-    The returned QONNX model is projected to the allocation, records its widths (as ``a2q project``
-    does) and the weight signatures ``step_a2q_set_accumulators`` maps them to MVAU/VVAU nodes with.
-    """
-    import json
-    from pathlib import Path
-
-    from a2q_passes.output_files import atomic_write_text
-    from a2q_passes.transforms.lower import record_weight_signatures
-
-    data = getattr(cfg, "a2q_allocate_data", None)
-    if data is None:
-        raise A2QError("step_a2q_allocate: no calibration data. Set cfg.a2q_allocate_data = 'calib.npz' "
-                       "(arrays x and optional y)")
-    budgets = {name: getattr(cfg, f"a2q_budget_{name}", None) for name in ("bits", "lut")}
-    given = [name for name, value in budgets.items() if value is not None]
-    if len(given) > 1 or (given and getattr(cfg, "a2q_min_score_pct", None) is not None):
-        raise A2QError("step_a2q_allocate: set only one of cfg.a2q_min_score_pct, cfg.a2q_budget_bits, cfg.a2q_budget_lut")
-    step = AllocateAccumulators(
-        data, getattr(cfg, "a2q_allocate_val", None),
-        min_score_pct=None if given else getattr(cfg, "a2q_min_score_pct", None) or 99.0,
-        budget=budgets[given[0]] if given else None, cost_model="finn-lut" if given == ["lut"] else "bits",
-        projection_method=getattr(cfg, "a2q_method", DEFAULT_METHOD),
-        fpgapart=getattr(cfg, "fpga_part", None) or DEFAULT_FPGAPART, progress=False,
-        input_ranges="finn")  # the output is built by FINN, which sizes each MAC from its input DataType
-    result = step(model)
-    out = result.model
-    record_weight_signatures(out)
-    output_dir = getattr(cfg, "output_dir", None)
-    if output_dir is not None:
-        report_dir = Path(output_dir) / "report"
-        report_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(report_dir / ALLOCATION_REPORT_FILE, json.dumps(result.details, indent=2))
-    return out
