@@ -97,7 +97,7 @@ def finn_layer_shapes(model: ModelWrapper, widths: dict[str, list[int]], fpgapar
     from a2q_passes.finn_flow import lower_to_finn_hw
     from a2q_passes.finn_runtime import validate_fpgapart
     from a2q_passes.resources import resource_report
-    from a2q_passes.transforms.lower import layer_signatures, match_layers
+    from a2q_passes.layer_mapping import layer_signatures, match_layers
 
     part = validate_fpgapart(fpgapart)
     act_x_act = [layer.node for layer in find_mac_layers(model) if layer.act_x_act]

@@ -1,7 +1,8 @@
 """Executing FINN graphs on data and comparing them with the QONNX model they were lowered from.
 
 :func:`compare_execution` also attributes any output difference to the flow stage that introduced
-it, by replaying :func:`a2q_passes.finn_flow.run_flow` with an observer.
+it, by replaying :func:`a2q_passes.finn_flow.run_flow` with an observer; :func:`equivalence_inputs` draws
+inputs on the model input's grid and :func:`check_equivalence` compares end to end.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.errors import A2QError
+from a2q_passes.errors import A2QError, PreconditionError
 from a2q_passes.finn_flow import StageRecord, run_flow
 from a2q_passes.model_io import data_inputs
 
@@ -212,3 +214,51 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
                            "nodes_removed": r["nodes_removed"], "nodes_added": r["nodes_added"]}
                           for r in introduced],
     }
+
+
+def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> np.ndarray:
+    """Deterministic inputs ``(samples, *input_shape[1:])`` for :func:`compare_execution`, on the input's grid.
+
+    * Graph input annotated with an integer datatype (``INTn``/``UINTn``/``BIPOLAR``...): its
+      allowed values only, drawn uniformly (qonnx refuses any other value of an annotated input).
+    * Graph input read by a ``Quant``: reals drawn uniformly from the quantizer's real range
+      ``[(lo - z) s, (hi - z) s]``; every second sample is snapped onto the grid ``(code - z) s``,
+      because grid-valued data (images as k/255 ...) sit on the float32 decision boundaries where
+      a wrongly rounded threshold flips a code (see :func:`a2q_passes.finn_input_thresholds.exact_input_thresholds`).
+    * Otherwise (a float input with no quantizer): a standard normal.
+    """
+    from a2q_passes.input_grids import GridResolver
+
+    names = [i.name for i in data_inputs(model.graph)]
+    if len(names) != 1:
+        raise PreconditionError(f"the equivalence check needs a single-input model, got inputs {names}; pass --data")
+    shape = (samples, *model.get_tensor_shape(names[0])[1:])
+    rng = np.random.default_rng(seed)
+    annotated = model.get_tensor_datatype(names[0])
+    if annotated.is_integer():
+        if annotated == DataType["BIPOLAR"]:
+            return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
+        return rng.integers(int(annotated.min()), int(annotated.max()), size=shape, endpoint=True).astype(np.float32)
+    quant = next((n for n in model.find_consumers(names[0]) or [] if n.op_type in ("Quant", "IntQuant")), None)
+    grid, _ = GridResolver(model).resolve(quant.output[0]) if quant is not None else (None, "")
+    if grid is None or grid.scale is None:
+        return rng.standard_normal(shape).astype(np.float32)
+    ends = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
+    inputs = rng.uniform(min(ends), max(ends), size=shape).astype(np.float32)  # a negative scale reverses them
+    codes = rng.integers(grid.range.lo, grid.range.hi, size=inputs[1::2].shape, endpoint=True)
+    inputs[1::2] = ((codes - grid.zero_code) * np.float32(grid.scale)).astype(np.float32)
+    return inputs
+
+
+def check_equivalence(original: ModelWrapper, lowered: ModelWrapper, inputs: np.ndarray,
+                      attribution_samples: int = 4) -> dict[str, Any]:
+    """:func:`compare_execution` end to end; the per-stage replay runs only when a difference appears.
+
+    Tolerance (that of :func:`compare_execution`): ``1e-5 * max(1, max |original output|)``.
+    A correct lowering differs only by float reassociation of the folded scales (about 1e-7
+    relative); one flipped quantization step moves an output by a whole output scale step.
+    """
+    result = compare_execution(original, lowered, inputs, attribute=False)
+    if not result["within_tolerance"]:
+        result = compare_execution(original, lowered, inputs, attribution_samples=attribution_samples)
+    return result

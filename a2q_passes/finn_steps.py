@@ -25,7 +25,7 @@ the widths recorded in the model are used (``a2q project`` / ``a2q annotate``, p
 extra attributes: a config read from YAML refuses unknown keys.
 
 Mapping to HW nodes: ``step_a2q_project`` stores each QONNX layer's weight signature in the
-model metadata (:func:`a2q_passes.transforms.lower.record_weight_signatures`).
+model metadata (:func:`a2q_passes.layer_mapping.record_weight_signatures`).
 ``step_a2q_set_accumulators`` matches those signatures against the MVAU/VVAU weights, so the
 mapping survives FINN's renaming, dataflow partitioning and specialisation. FINN's partition
 step deep-copies the model, metadata included.
@@ -44,12 +44,12 @@ from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
+from a2q_passes.hw_accumulators import (check_hw_accumulators, describe_hw_layers, hw_targets, qonnx_recorded_widths,
+                                        rekey_accumulator_record)
+from a2q_passes.layer_mapping import layer_signatures, match_layers, record_weight_signatures, recorded_signatures
 from a2q_passes.metadata import recorded_accumulators
 from a2q_passes.methods import DEFAULT_METHOD
 from a2q_passes.output_files import atomic_write_text
-from a2q_passes.transforms.lower import (check_hw_accumulators, describe_hw_layers, hw_targets, layer_signatures,
-                                         match_layers, qonnx_recorded_widths, record_weight_signatures,
-                                         recorded_signatures, rekey_accumulator_record)
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 

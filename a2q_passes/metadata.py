@@ -15,18 +15,23 @@ from a2q_passes.errors import A2QError
 ACCUMULATORS_KEY = "a2q.accumulators"
 
 
-def _entry(model: ModelWrapper, key: str):
-    return next((p for p in model.model.metadata_props if p.key == key), None)
+def metadata_value(model: ModelWrapper, key: str) -> str | None:
+    """The value of the ``metadata_props`` entry ``key``, or ``None`` without one."""
+    return next((p.value for p in model.model.metadata_props if p.key == key), None)
+
+
+def set_metadata_value(model: ModelWrapper, key: str, value: str) -> None:
+    """Set the ``metadata_props`` entry ``key`` (added after the others where there is none)."""
+    entry = next((p for p in model.model.metadata_props if p.key == key), None)
+    if entry is None:
+        entry = model.model.metadata_props.add()
+        entry.key = key
+    entry.value = value
 
 
 def record_accumulators(model: ModelWrapper, layers: dict[str, dict], source: str) -> None:
     """Store per-layer accumulator facts (``acc_bits`` at least) under :data:`ACCUMULATORS_KEY`."""
-    payload = json.dumps({"source": source, "layers": layers}, sort_keys=True)
-    entry = _entry(model, ACCUMULATORS_KEY)
-    if entry is None:
-        entry = model.model.metadata_props.add()
-        entry.key = ACCUMULATORS_KEY
-    entry.value = payload
+    set_metadata_value(model, ACCUMULATORS_KEY, json.dumps({"source": source, "layers": layers}, sort_keys=True))
 
 
 def parse_record(value: str) -> dict:
@@ -50,11 +55,11 @@ def record_error(key: str, problem: ValueError, where: str = "the model") -> A2Q
 
 def read_record(model: ModelWrapper, key: str = ACCUMULATORS_KEY) -> dict | None:
     """The accumulator record stored under ``key``, or ``None`` without one (see :func:`parse_record`)."""
-    entry = _entry(model, key)
-    if entry is None:
+    value = metadata_value(model, key)
+    if value is None:
         return None
     try:
-        return parse_record(entry.value)
+        return parse_record(value)
     except ValueError as err:
         raise record_error(key, err) from err
 

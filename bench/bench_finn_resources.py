@@ -54,7 +54,7 @@ def run(model_path: Path, dataset: str, fpgapart: str, widths: list[int], max_dr
     from a2q_passes.analysis import analyze_model
     from a2q_passes.model_io import load_model
     from a2q_passes.resources import resource_report
-    from a2q_passes.transforms.lower import check_equivalence
+    from a2q_passes.finn_execution import check_equivalence
     from a2q_passes.transforms.project import ProjectToAccumulator
     from models.data import load_dataset
 

@@ -23,13 +23,15 @@ from typer.testing import CliRunner
 
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import iterate_mac_nodes
+from a2q_passes.finn_execution import check_equivalence, equivalence_inputs
 from a2q_passes.finn_flow import LoweringError
+from a2q_passes.hw_accumulators import QONNX_ACCUMULATORS_KEY
+from a2q_passes.layer_mapping import match_layers, weight_signature
 from a2q_passes.layers import find_mac_layers
 from a2q_passes.metadata import ACCUMULATORS_KEY, recorded_accumulators
 from a2q_passes.model_io import load_model
 from a2q_passes.transforms import AnnotateAccumulators
-from a2q_passes.transforms.lower import (QONNX_ACCUMULATORS_KEY, LowerToFINN, check_equivalence, equivalence_inputs,
-                                         match_layers, weight_signature)
+from a2q_passes.transforms.lower import LowerToFINN
 from a2q_passes.transforms.project import ProjectToAccumulator
 from a2q_passes.verification import verify_model
 from models.export import export_float_onnx

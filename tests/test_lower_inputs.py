@@ -20,7 +20,8 @@ from qonnx.custom_op.general.intquant import int_quant
 from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes.model_io import load_model
-from a2q_passes.transforms.lower import LowerToFINN, check_equivalence, equivalence_inputs
+from a2q_passes.finn_execution import check_equivalence, equivalence_inputs
+from a2q_passes.transforms.lower import LowerToFINN
 from tests.test_lower import MODELS, run_cli
 
 torch.set_num_threads(1)

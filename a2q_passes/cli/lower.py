@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     from qonnx.core.modelwrapper import ModelWrapper
 
-    from a2q_passes.transforms.lower import HWLayer
+    from a2q_passes.hw_accumulators import HWLayer
 
 # Why lower and report refuse models over 2 GiB, and what to do instead
 FINN_NEEDS_WHOLE = "FINN's transformations read, copy and serialise the whole model"
@@ -35,7 +35,7 @@ def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed
     """The ``--data`` array of a single-input model, else :func:`equivalence_inputs`."""
     import numpy as np
 
-    from a2q_passes.transforms.lower import equivalence_inputs
+    from a2q_passes.finn_execution import equivalence_inputs
 
     if data is None:
         return equivalence_inputs(model, samples, seed)
@@ -149,7 +149,8 @@ def lower(
     from a2q_passes.model_io import check_whole_model_fits, has_external_data, load_model, save_model
     from a2q_passes.output_files import atomic_write_text, check_output_paths
     from a2q_passes.resources import plot_resources, render_table, resource_report
-    from a2q_passes.transforms.lower import LowerToFINN, check_equivalence
+    from a2q_passes.finn_execution import check_equivalence
+    from a2q_passes.transforms.lower import LowerToFINN
 
     if plot is not None and fpgapart is None:
         raise A2QError("--plot draws the resource report: give --fpgapart too")

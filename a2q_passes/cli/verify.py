@@ -128,7 +128,7 @@ def check_against(model: ModelWrapper, model_path: Path, original_path: Path, da
     import numpy as np
 
     from a2q_passes.model_io import load_model
-    from a2q_passes.transforms.lower import check_equivalence
+    from a2q_passes.finn_execution import check_equivalence
 
     original = load_model(original_path, stream=False)
     for path, graph in ((original_path, original), (model_path, model)):
