@@ -25,7 +25,10 @@ def _graph_io_shapes(model: ModelWrapper) -> tuple[list[str], list[tuple[int, ..
 
 
 def _to_layout(x: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """``x`` in the layout of ``shape``: as is, or NCHW -> NHWC when that is what the graph expects."""
+    """``x`` in the layout of ``shape``: as is, or NCHW -> NHWC when that is what the graph expects; a 1-D
+    ``[N, C, L]`` becomes ``[N, C, L, 1]`` first, as FINN's 1-D flow makes it."""
+    if x.ndim == 3 and len(shape) == 4:
+        x = x[..., None]
     if x.shape == shape:
         return x
     if x.ndim == 4 and x.transpose(0, 2, 3, 1).shape == shape:
@@ -34,11 +37,16 @@ def _to_layout(x: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
 
 
 def _from_layout(y: np.ndarray, ref_shape: tuple[int, ...], what: str) -> np.ndarray:
-    """FINN output ``y`` back in the QONNX model's layout (NHWC -> NCHW if needed)."""
+    """FINN output ``y`` back in the QONNX model's layout (NHWC -> NCHW if needed; ``[N, C, L, 1]`` -> ``[N, C, L]``
+    after FINN's 1-D flow)."""
     if y.shape == ref_shape:
         return y
-    if y.ndim == 4 and y.transpose(0, 3, 1, 2).shape == ref_shape:
-        return y.transpose(0, 3, 1, 2)
+    if y.ndim == 4 and y.transpose(0, 3, 1, 2).shape in (ref_shape, (*ref_shape, 1)):
+        y = y.transpose(0, 3, 1, 2)
+    if y.ndim == 4 and y.shape == (*ref_shape, 1):
+        return y[..., 0]
+    if y.shape == ref_shape:
+        return y
     raise ValueError(f"{what}: output shape {y.shape} does not match the original model's {ref_shape}")
 
 

@@ -8,6 +8,9 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
 1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
 2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
                              GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
+   1-D convolutions only: FINN's 1-D ``step_pre_streamline`` (``finn.builder.custom_step_library.conv1d``, as is):
+                             qonnx's ``Change3DTo4DTensors`` makes every ``[N, C, L]`` tensor ``[N, C, L, 1]``, so
+                             the rest of the flow lowers them as 2-D (the lowered model takes ``[N, C, L, 1]``)
 3. ``step_streamline``     - decomposed into its individual transformations so that each one can be
                              checked on its own (see :data:`STREAMLINE_TRANSFORMATIONS`), with one
                              addition for residual graphs (below)
@@ -277,6 +280,40 @@ def _run_streamline_step(runner: _Runner) -> None:
     runner.transform(group, RemoveUnusedTensors())
 
 
+def _one_d_convs(model: ModelWrapper) -> list[str]:
+    """The Conv nodes of ``model`` with 1-D (``[O, I, k]``) weights."""
+    return [node.name for node in model.get_nodes_by_op_type("Conv")
+            if len(model.get_tensor_shape(node.input[1]) or ()) == 3]
+
+
+def _run_one_d_step(runner: _Runner, cfg) -> None:
+    """FINN's 1-D ``step_pre_streamline``; raises naming its reason where qonnx's ``Change3DTo4DTensors`` in it
+    left a 1-D convolution (it changes nothing on a graph holding an op it does not know, and only warns)."""
+    import warnings
+
+    from finn.builder.custom_step_library.conv1d import step_pre_streamline
+
+    def step(model: ModelWrapper) -> ModelWrapper:
+        model = ModelWrapper(model.model.SerializeToString())
+        for node in model.get_nodes_by_op_type("MaxPool"):
+            # Change3DTo4DTensors extends a MaxPool's kernel_shape, strides and pads but not its dilations, which
+            # then no longer match (onnxruntime refuses the node); all ones is the default, so leave them out
+            dilations = next((a for a in node.attribute if a.name == "dilations"), None)
+            if dilations is not None and all(d == 1 for d in dilations.ints):
+                node.attribute.remove(dilations)
+        return step_pre_streamline(model, cfg)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner.apply("conv1d", "step_pre_streamline", step)
+    left = _one_d_convs(runner.model)
+    if left:
+        said = " ".join(" ".join(str(w.message).split()).rstrip(".") for w in caught if "not applied" in str(w.message))
+        raise LoweringError(f"FINN lowers a 1-D convolution ({', '.join(left)}) only once qonnx's Change3DTo4DTensors "
+                            f"has made its tensors 2-D, which it did not: {said or 'no reason given'}. Export the "
+                            "model with 2-D layers (kernel k x 1), or keep these layers out of the FINN part.")
+
+
 def _build_config(fpgapart: str | None):
     from finn.builder.build_dataflow_config import DataflowBuildConfig
 
@@ -323,6 +360,8 @@ def run_flow(
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))
         runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
+        if _one_d_convs(runner.model):
+            _run_one_d_step(runner, cfg)
         try:
             _run_streamline_step(runner)
             runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))

@@ -36,22 +36,21 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
                             "fails on it); lower the model as exported, before that transformation: FINN's "
                             "streamlining makes its own channels-last layout")
     shaped = with_inferred_shapes(model)
-    grouped, not_2d, batched = [], [], []
+    grouped, other_dims, batched = [], [], []
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
         if isinstance(batch, int) and batch > 1:
             batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
-        if shape is not None and len(shape) != 4:
-            not_2d.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
+        if shape is not None and len(shape) not in (3, 4):  # 1-D ones go through FINN's 1-D flow (finn_flow)
+            other_dims.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
         elif group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
             grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
                            f"{shape[0]} output channels)")
-    if not_2d:
-        raise LoweringError(f"FINN lowers only 2-D convolutions; Conv {', '.join(not_2d)} cannot be lowered. Make a "
-                            "1-D model 2-D first (qonnx's Change3DTo4DTensors, as FINN's 1-D examples do), or keep "
-                            "the layer out of the FINN part.")
+    if other_dims:
+        raise LoweringError(f"FINN lowers only 1-D and 2-D convolutions; Conv {', '.join(other_dims)} cannot be lowered. "
+                            "Keep the layer out of the FINN part.")
     if grouped:
         raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
                             f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "

@@ -203,9 +203,11 @@ def test_1d_and_3d_convolutions_are_handled_and_their_lowering_refused_by_name(k
     """Brevitas' QuantConv1d, strided and dilated QuantConvTranspose1d (read as 2-D only before: "could not read
     this layer (ValueError: not enough values to unpack)") and QuantConv3d with a depthwise layer: every layer
     read, projected and executed within P, each range tight (the oracle attacks an interior output of every stride
-    phase); FINN's flow lowers 2-D convolutions only, which `lower` says by name instead of qonnx's
-    "list index out of range", also where the weights come through Q/DQ nodes (``export_weight_q_node=True``,
-    converted to Quant nodes for FINN: that refusal used to miss them, their shape known only after inference)."""
+    phase); FINN's flow lowers 1-D convolutions (through its 1-D step, qonnx's Change3DTo4DTensors) and 2-D ones
+    only, which `lower` says by name instead of qonnx's "list index out of range", also where the weights come
+    through Q/DQ nodes (``export_weight_q_node=True``, converted to Quant nodes for FINN: that refusal used to miss
+    them, their shape known only after inference). The 1-D net's ConvTranspose1d is an op Change3DTo4DTensors does
+    not take, which `lower` names (it would otherwise leave the graph 1-D and only warn)."""
     from scripts.corpus import EXPORTERS, Entry
     from tests.brevitas_nets import NetSpec, build_corpus_net
 
@@ -219,7 +221,9 @@ def test_1d_and_3d_convolutions_are_handled_and_their_lowering_refused_by_name(k
     for path, exporter in ((qonnx, "qonnx"), (qcdq_wq, "qcdq_ts_wq")):
         result = check(Entry(path.stem, EXPORTERS[exporter], path, lower=True), tmp_path)
         assert result.status == "refused" and result.tight == 3, (exporter, result)
-        assert "FINN lowers only 2-D convolutions" in result.detail, (exporter, result.detail)
+        expected = (("Change3DTo4DTensors", "['ConvTranspose']", "(kernel k x 1)") if kind == "conv1d"
+                    else ("FINN lowers only 1-D and 2-D convolutions", "(3-D)"))
+        assert all(text in result.detail for text in expected), (exporter, result.detail)
 
 
 def test_finn_dataflow_partition_is_reported_not_passed_over(tmp_path):

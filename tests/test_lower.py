@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import brevitas.nn as qnn
 import numpy as np
 import onnx
 import pytest
 import torch
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
@@ -395,3 +397,62 @@ def test_committed_residual_model_lowers_within_target(tmp_path):
     result = check_equivalence(projected, hw, images[:8].astype(np.float32))
     assert result["within_tolerance"] and result["top1_agreement"] == 1.0
 
+
+
+class Conv1dNet(nn.Module):
+    """Brevitas' QuantConv1d (with BatchNorm1d, a strided one, a depthwise one), MaxPool1d and a QuantLinear on
+    ``[C, L]`` inputs: a 1-D model as FINN's 1-D examples build them. ``head="conv"``: a QuantConv1d instead of the
+    QuantLinear, so the output is ``[N, C, L]`` too."""
+
+    input_shape = (4, 16)
+
+    def __init__(self, head: str = "linear") -> None:
+        super().__init__()
+        self.head = head
+        weights = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4)
+        self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, bit_width=4, return_quant_tensor=True)
+        self.conv1 = qnn.QuantConv1d(4, 8, 3, padding=1, bias=False, **weights)
+        self.bn1, self.relu1 = nn.BatchNorm1d(8), qnn.QuantReLU(bit_width=4, return_quant_tensor=True)
+        self.conv2 = qnn.QuantConv1d(8, 8, 3, stride=2, padding=1, bias=True, **weights)
+        self.relu2 = qnn.QuantReLU(bit_width=4, return_quant_tensor=True)
+        self.dw = qnn.QuantConv1d(8, 8, 3, padding=1, groups=8, bias=False, **weights)
+        self.relu3, self.pool = qnn.QuantReLU(bit_width=4, return_quant_tensor=True), nn.MaxPool1d(2)
+        self.fc = _linear(8 * 4, 5) if head == "linear" else qnn.QuantConv1d(8, 3, 3, padding=1, bias=True, **weights)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(self.inp(x))))
+        x = self.pool(self.relu3(self.dw(self.relu2(self.conv2(x)))))
+        return self.fc(x.flatten(1) if self.head == "linear" else x)
+
+
+@pytest.mark.parametrize("head", ["linear", "conv"])
+def test_a_1d_model_lowers_through_finns_1d_step_within_its_projected_widths(tmp_path, head):
+    """FINN lowers 1-D convolutions once its 1-D step (qonnx's Change3DTo4DTensors) has made every ``[N, C, L]``
+    tensor ``[N, C, L, 1]``; `lower` runs that step, so a Brevitas 1-D model projected to P lowers to MVAUs and a
+    VVAU whose accumulators hold every reachable value within P, and the lowered graph, fed ``[N, C, L, 1]``,
+    computes what the QONNX model computes (qonnx's executor on both). Before, `lower` refused it (2-D only)."""
+    torch.manual_seed(0)
+    net = Conv1dNet(head)
+    export_net(net, tmp_path / "conv1d.onnx")
+    widest = max(r["acc_bits"] for r in recorded_accumulators(
+        load_model(tmp_path / "conv1d.onnx").transform(AnnotateAccumulators())).values())
+    target = widest - 2
+    assert run_cli("project", tmp_path / "conv1d.onnx", tmp_path / "p.onnx", "--acc-bits", target)[0] == 0
+    code, out = run_cli("lower", tmp_path / "p.onnx", tmp_path / "hw.onnx")
+    assert code == 0 and "equivalent" in out, out
+    hw, projected = load_model(tmp_path / "hw.onnx"), load_model(tmp_path / "p.onnx")
+    nodes = list(iterate_mac_nodes(hw))
+    assert sorted(n.op_type for n in nodes) == ["MVAU", "MVAU", "MVAU", "VVAU"]
+    for node in nodes:
+        inst = getCustomOp(node)
+        adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(hw, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= target, (node.name, adt.name, lo, hi)
+    x = np.random.default_rng(3).normal(size=(4, *net.input_shape)).astype(np.float32)
+    assert hw.get_tensor_shape(hw.graph.input[0].name) == [1, 4, 16, 1]
+    for sample in x:
+        want = execute_onnx(projected, {projected.graph.input[0].name: sample[None]})[projected.graph.output[0].name]
+        got = execute_onnx(hw, {hw.graph.input[0].name: sample[None, :, :, None]})[hw.graph.output[0].name]
+        got = got[..., 0] if head == "conv" else got  # [N, C, L, 1], as FINN's 1-D flow leaves it
+        assert got.shape == want.shape and np.allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max())), (got, want)
+    assert run_cli("verify", tmp_path / "hw.onnx")[0] == 0
