@@ -105,10 +105,11 @@ def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray,
 # --------------------------------------------------------------------------- the corpus' varied nets
 
 CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor",
-                "conv1d", "conv3d", "attention")
-# spatial dimensions of a kind's convolutions: conv1d (Conv1d, strided and dilated ConvTranspose1d, Conv1d) and conv3d
-# (Conv3d, depthwise Conv3d, Conv3d); the others are 2-D
-_SPATIAL = {"conv1d": 1, "conv3d": 3}
+                "conv1d", "conv1d_dw", "conv3d", "attention")
+# spatial dimensions of a kind's convolutions: conv1d (Conv1d, strided and dilated ConvTranspose1d, Conv1d), conv1d_dw
+# (Conv1d, depthwise Conv1d, Conv1d: what FINN's 1-D flow lowers) and conv3d (Conv3d, depthwise Conv3d, Conv3d); the
+# others are 2-D
+_SPATIAL = {"conv1d": 1, "conv1d_dw": 1, "conv3d": 3}
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,22 @@ def test_1d_and_3d_convolutions_are_handled_and_their_lowering_refused_by_name(k
         assert all(text in result.detail for text in expected), (exporter, result.detail)
 
 
+def test_a_1d_net_finn_lowers_is_lowered_within_its_widths(tmp_path):
+    """Brevitas' QuantConv1d with a depthwise QuantConv1d, through the QONNX exporter and as QCDQ with weight Q/DQ
+    nodes: `lower` (FINN's 1-D step) lowers both, and the real-file oracle executes every MVAU/VVAU of the result
+    within the accDataType it was given (step 4 of the corpus), where `lower` refused 1-D convolutions before."""
+    from scripts.corpus import Entry
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    spec = NetSpec("conv1d_dw", 4, 4)
+    for exporter in ("qonnx", "qcdq_ts_wq"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = build_corpus_net(tmp_path, spec, exporter)
+        result = check(Entry(path.stem, EXPORTERS[exporter], path, lower=True), tmp_path)
+        assert (result.status, result.detail, result.layers, result.tight) == ("handled", "", 3, 3), (exporter, result)
+
+
 def test_finn_dataflow_partition_is_reported_not_passed_over(tmp_path):
     """FINN's step_create_dataflow_partition moves the HW layers into a child model file behind a
     StreamingDataflowPartition node; the parent graph holds none of them. The partition is reported (verify
