@@ -7,13 +7,14 @@ inputs on the model input's grid and :func:`check_equivalence` compares end to e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
-from a2q_passes.errors import A2QError, PreconditionError
+from a2q_passes.errors import A2QError
 from a2q_passes.finn_flow import StageRecord, run_flow
 from a2q_passes.model_io import data_inputs
 
@@ -65,22 +66,38 @@ def _execution_hint(message: str) -> str:
     return "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
 
 
-def execute_batch(model: ModelWrapper, inputs: np.ndarray, what: str = "model") -> list[np.ndarray]:
+Inputs = np.ndarray | Sequence[np.ndarray]  # one array per data input in graph order (the array itself for one input)
+
+
+def input_arrays(inputs: Inputs) -> list[np.ndarray]:
+    """``inputs`` as a list of float32 arrays, one per data input."""
+    arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
+    return [np.asarray(a, dtype=np.float32) for a in arrays]
+
+
+def _first(inputs: Inputs, count: int) -> list[np.ndarray]:
+    return [a[:count] for a in input_arrays(inputs)]
+
+
+def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model") -> list[np.ndarray]:
     """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked.
 
-    A failure inside execution raises :class:`ExecutionError` naming ``what``, the sample and a fix.
+    ``inputs`` go to the model's data inputs in graph order (FINN renames them, and keeps their order). A failure
+    inside execution raises :class:`ExecutionError` naming ``what``, the sample and a fix.
     """
     from qonnx.core.onnx_exec import execute_onnx
 
     names, shapes, outputs = _graph_io_shapes(model)
-    if len(names) != 1:
-        raise ValueError(f"expected a single-input model, got inputs {names}")
-    per_sample = max(shapes[0][0], 1)
+    arrays = input_arrays(inputs)
+    if len(arrays) != len(names):
+        raise ValueError(f"{what}: {len(arrays)} input array(s) for the inputs {names}")
+    per_sample = max(min(shape[0] for shape in shapes), 1)
     results: list[list[np.ndarray]] = [[] for _ in outputs]
-    for start in range(0, inputs.shape[0], per_sample):
-        x = _to_layout(np.asarray(inputs[start:start + per_sample], dtype=np.float32), shapes[0], "input")
+    for start in range(0, arrays[0].shape[0], per_sample):
+        feed = {name: _to_layout(a[start:start + per_sample], shape, f"input {name}")
+                for name, shape, a in zip(names, shapes, arrays)}
         try:
-            out = execute_onnx(model, {names[0]: x})
+            out = execute_onnx(model, feed)
         except Exception as exc:  # qonnx/onnxruntime raise plain exceptions naming the node in their text
             message = " ".join(str(exc).split())
             raise ExecutionError(f"executing the {what} failed on input sample {start}: {message}. "
@@ -98,7 +115,7 @@ def _max_abs_diff(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> fl
 def compare_execution(
     original: ModelWrapper,
     lowered: ModelWrapper,
-    inputs: np.ndarray,
+    inputs: Inputs,
     atol: float = 1e-5,
     attribution_samples: int = 8,
     attribute: bool = True,
@@ -110,7 +127,8 @@ def compare_execution(
     finn-plus keeps the final scale/bias as ElementwiseMul/Add HW nodes, so the values are comparable
     directly; a graph whose output shape FINN changed otherwise (e.g. a TopK absorbing the final Mul)
     raises instead of being compared loosely. Inputs are fed in the original layout and transposed
-    when the lowered graph expects NHWC. ``inputs`` carries a leading batch axis.
+    when the lowered graph expects NHWC. ``inputs``: one array per data input (the array itself for a single-input
+    model), each with a leading batch axis.
 
     Attribution: the flow of :func:`lower_to_finn_hw` is replayed on ``original`` and the model
     after every transformation that changed the graph is executed on the first
@@ -126,7 +144,7 @@ def compare_execution(
     # static inputs first: cleanup_model drops an unused initializer before its graph input entry, which would
     # leave that entry as a second, dynamic input
     reference_model = cleanup_model(ModelWrapper(original.model.SerializeToString()).transform(RemoveStaticGraphInputs()))
-    inputs = np.asarray(inputs, dtype=np.float32)
+    inputs = input_arrays(inputs)
     reference = execute_batch(reference_model, inputs, "QONNX model")
     final = execute_batch(lowered, inputs, "lowered FINN graph")
     max_diff = _max_abs_diff(reference, final, "lowered model")
@@ -135,7 +153,7 @@ def compare_execution(
     tolerance = atol * scale
     result: dict[str, Any] = {
         "compared": "all graph outputs of the QONNX model vs the FINN graph, original (NCHW) layout",
-        "samples": int(inputs.shape[0]),
+        "samples": int(inputs[0].shape[0]),
         "max_abs_diff": max_diff,
         "tolerance": tolerance,
         "within_tolerance": max_diff <= tolerance,
@@ -150,7 +168,8 @@ def compare_execution(
         result["ties_rounded_up_max_abs_diff"] = diff
         result["explained_by_tie_rounding"] = diff <= tolerance
     if attribute:
-        result.update(_attribute_differences(original, final, reference, inputs[:attribution_samples], tolerance))
+        result.update(_attribute_differences(original, final, reference, _first(inputs, attribution_samples),
+                                             tolerance))
     return result
 
 
@@ -183,9 +202,9 @@ def activation_ties_rounded_up(model: ModelWrapper) -> ModelWrapper | None:
 
 
 def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], reference: list[np.ndarray],
-                           sample: np.ndarray, tolerance: float) -> dict[str, Any]:
+                           sample: list[np.ndarray], tolerance: float) -> dict[str, Any]:
     """Replay the flow on ``original``, executing ``sample`` after every stage that changed the graph."""
-    sample_ref = [r[: len(sample)] for r in reference]
+    sample_ref = [r[: len(sample[0])] for r in reference]
     stage_rows: list[dict[str, Any]] = []
     previous = sample_ref
 
@@ -205,7 +224,7 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
         previous = aligned
 
     _, replay_stages = run_flow(original, observer=observe)
-    lowered_sample = [_from_layout(f[: len(sample)], r.shape, "lowered") for f, r in zip(final, sample_ref)]
+    lowered_sample = [_from_layout(f[: len(sample[0])], r.shape, "lowered") for f, r in zip(final, sample_ref)]
     after_lowering = _max_abs_diff(previous, lowered_sample, "lowered vs replay")  # previous: replay's result
     if after_lowering > 0:
         stage_rows.append({
@@ -224,8 +243,9 @@ def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], refe
     }
 
 
-def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> np.ndarray:
-    """Deterministic inputs ``(samples, *input_shape[1:])`` for :func:`compare_execution`, on the input's grid.
+def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> Inputs:
+    """Deterministic inputs for :func:`compare_execution`, on each data input's grid: one array
+    ``(samples, *input_shape[1:])`` per data input in graph order (the array itself for a single-input model).
 
     * Graph input annotated with an integer datatype (``INTn``/``UINTn``/``BIPOLAR``...): its
       allowed values only, drawn uniformly (qonnx refuses any other value of an annotated input).
@@ -237,18 +257,22 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
     """
     from a2q_passes.input_grids import GridResolver
 
-    names = [i.name for i in data_inputs(model.graph)]
-    if len(names) != 1:
-        raise PreconditionError(f"the equivalence check needs a single-input model, got inputs {names}; pass --data")
-    shape = (samples, *model.get_tensor_shape(names[0])[1:])
     rng = np.random.default_rng(seed)
-    annotated = model.get_tensor_datatype(names[0])
+    resolver = GridResolver(model)
+    arrays = [_input_samples(model, resolver, name, samples, rng) for name in (i.name for i in data_inputs(model.graph))]
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def _input_samples(model: ModelWrapper, resolver: Any, name: str, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """:func:`equivalence_inputs` of the data input ``name``."""
+    shape = (samples, *model.get_tensor_shape(name)[1:])
+    annotated = model.get_tensor_datatype(name)
     if annotated.is_integer():
         if annotated == DataType["BIPOLAR"]:
             return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
         return rng.integers(int(annotated.min()), int(annotated.max()), size=shape, endpoint=True).astype(np.float32)
-    quant = next((n for n in model.find_consumers(names[0]) or [] if n.op_type in ("Quant", "IntQuant")), None)
-    grid, _ = GridResolver(model).resolve(quant.output[0]) if quant is not None else (None, "")
+    quant = next((n for n in model.find_consumers(name) or [] if n.op_type in ("Quant", "IntQuant")), None)
+    grid, _ = resolver.resolve(quant.output[0]) if quant is not None else (None, "")
     if grid is None or grid.scale is None:
         return rng.standard_normal(shape).astype(np.float32)
     ends = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
@@ -258,7 +282,7 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
     return inputs
 
 
-def check_equivalence(original: ModelWrapper, lowered: ModelWrapper, inputs: np.ndarray,
+def check_equivalence(original: ModelWrapper, lowered: ModelWrapper, inputs: Inputs,
                       attribution_samples: int = 4) -> dict[str, Any]:
     """:func:`compare_execution` end to end; the per-stage replay runs only when a difference appears.
 

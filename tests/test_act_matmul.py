@@ -372,6 +372,6 @@ def test_finetune_checks_the_layer_and_refuses_a_target_below_it() -> None:
 
 
 def test_lower_refuses_by_name() -> None:
-    # the pass's own check (the CLI's equivalence check wants a single-input model first)
+    # the pass's own check, before FINN's flow
     with pytest.raises(PreconditionError, match="Attention: activation x activation MatMul"):
         LowerToFINN(acc_bits=16).requires(_attention_then_dense())

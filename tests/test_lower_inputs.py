@@ -16,7 +16,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
 from qonnx.custom_op.general.intquant import int_quant
+from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes.model_io import load_model
@@ -239,3 +241,50 @@ def test_digits_cnn_with_its_own_pixels(tmp_path):
     hw = model.transform(LowerToFINN(), cleanup=False)
     result = check_equivalence(model, hw, images)
     assert result["within_tolerance"] and result["top1_agreement"] == 1.0, result
+
+
+def two_input_model(path: Path) -> Path:
+    """Two graph inputs, each through its own 8-bit Quant into its own MatMul (INT4 weights, different in each) and
+    Mul: ``x1 -> y1``, ``x2 -> y2``."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [numpy_helper.from_array(np.array(0.0, np.float32), "zero")], []
+    for i in (1, 2):
+        inits += [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array(np.array(0.25, np.float32), f"w_scale{i}"),
+                  numpy_helper.from_array(np.array(4.0, np.float32), f"w_bits{i}"),
+                  numpy_helper.from_array(np.array(0.1 * i, np.float32), f"x_scale{i}"),
+                  numpy_helper.from_array(np.array(8.0, np.float32), f"x_bits{i}"),
+                  numpy_helper.from_array(np.array(0.5, np.float32), f"out_scale{i}")]
+        nodes += [_quant(f"W{i}", f"Wq{i}", f"w_scale{i}", f"w_bits{i}", 1, 1),
+                  _quant(f"x{i}", f"xq{i}", f"x_scale{i}", f"x_bits{i}", 0, 0),
+                  helper.make_node("MatMul", [f"xq{i}", f"Wq{i}"], [f"m{i}"], name=f"MatMul_{i}"),
+                  helper.make_node("Mul", [f"m{i}", f"out_scale{i}"], [f"y{i}"], name=f"Mul_out{i}")]
+    graph = helper.make_graph(
+        nodes, path.stem, [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, 8]) for i in (1, 2)],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 4]) for i in (1, 2)], inits)
+    ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                        helper.make_opsetid(QONNX_DOMAIN, 1)])).save(str(path))
+    return path
+
+
+def test_a_model_with_two_inputs_is_lowered_and_checked_on_both(tmp_path):
+    """Each data input gets its own inputs on its own grid (and --data one array per input), fed to the FINN graph
+    by position (different weights and scales behind each input: a swap would not be equivalent). Before: refused ("the equivalence check needs a single-input model ...; pass --data"), and --data with two
+    arrays was refused too."""
+    path = two_input_model(tmp_path / "two.onnx")
+    model = load_model(path)
+    x1, x2 = equivalence_inputs(model, samples=6, seed=2)
+    assert x1.shape == x2.shape == (6, 8) and x1.max() <= 25.5 + 1e-5 and x2.max() > 25.5  # each on its own scale
+    code, output = run_cli("lower", path, tmp_path / "hw.onnx", "--samples", "6")
+    assert code == 0 and "equivalent" in output and "NOT equivalent" not in output, output
+    hw = load_model(tmp_path / "hw.onnx")
+    assert [n.op_type for n in hw.graph.node if n.op_type.startswith("MVAU")] == ["MVAU", "MVAU"]
+    hw_inputs, shaped = [i.name for i in hw.graph.input], model.transform(InferShapes())
+    for sample in range(len(x1)):  # qonnx's executor on both, by position: y1 comes from x1 alone, y2 from x2
+        want = execute_onnx(shaped, {"x1": x1[sample:sample + 1], "x2": x2[sample:sample + 1]})
+        got = execute_onnx(hw, {hw_inputs[0]: x1[sample:sample + 1], hw_inputs[1]: x2[sample:sample + 1]})
+        for mine, theirs in zip(("y1", "y2"), (o.name for o in hw.graph.output)):
+            assert np.allclose(got[theirs], want[mine], atol=1e-4), (mine, got[theirs], want[mine])
+    np.savez(tmp_path / "data.npz", x1=x1, x2=x2)
+    code, output = run_cli("lower", path, tmp_path / "hw2.onnx", "--data", tmp_path / "data.npz")
+    assert code == 0 and "equivalent" in output and "NOT equivalent" not in output, output

@@ -18,8 +18,9 @@ from a2q_passes.errors import A2QError, AnalysisProblem
 # numpy, onnx, qonnx and the FINN flow are imported inside the functions: every `a2q` command
 # imports this module to register `lower` and `report`, and they would add seconds to each start-up.
 if TYPE_CHECKING:
-    import numpy as np
     from qonnx.core.modelwrapper import ModelWrapper
+
+    from a2q_passes.finn_execution import Inputs
 
     from a2q_passes.hw_accumulators import HWLayer
 
@@ -31,18 +32,13 @@ ACC_BITS_HELP = "one target accumulator width P for every MVAU/VVAU (default: th
 FROM_ANNOTATIONS_HELP = "use the widths recorded by `a2q project`/`a2q annotate`; error if there are none"
 
 
-def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed: int) -> np.ndarray:
-    """The ``--data`` array of a single-input model, else :func:`equivalence_inputs`."""
-    import numpy as np
-
-    from a2q_passes.finn_execution import equivalence_inputs
+def comparison_inputs(model: ModelWrapper, data: Path | None, samples: int, seed: int) -> Inputs:
+    """The ``--data`` arrays (one per data input, in graph order), else :func:`equivalence_inputs`."""
+    from a2q_passes.finn_execution import equivalence_inputs, input_arrays
 
     if data is None:
         return equivalence_inputs(model, samples, seed)
-    arrays = read_data(data, model)
-    if len(arrays) != 1:
-        raise A2QError(f"{data}: the equivalence check needs one input array, got {sorted(arrays)}")
-    return np.asarray(next(iter(arrays.values())), dtype=np.float32)
+    return input_arrays(list(read_data(data, model).values()))
 
 
 def layers_table(layers: list[HWLayer]) -> Table:
