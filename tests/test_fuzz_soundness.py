@@ -124,6 +124,8 @@ def test_lower_property_passes_an_honest_lowering_and_catches_a_too_narrow_accum
     import a2q_passes.transforms.lower as lower_module
     from qonnx.custom_op.registry import getCustomOp
 
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+
     (tmp_path / "honest").mkdir()
     honest = check_case(gemm_case, tmp_path / "honest", lower=True)
     assert honest.exit_codes.get("lower") == 0 and not honest.failures, honest.failures
@@ -131,7 +133,7 @@ def test_lower_property_passes_an_honest_lowering_and_catches_a_too_narrow_accum
 
     def too_narrow(hw, **kwargs):
         hw = real(hw, **kwargs)
-        for node in lower_module.iterate_mac_nodes(hw):
+        for node in iterate_mac_nodes(hw):
             getCustomOp(node).set_nodeattr("accDataType", "INT2")
         return hw
 
