@@ -162,14 +162,16 @@ def _remove_if_unused(model: ModelWrapper, name: str) -> None:
 
 class QuantFromQDQ(Transformation):
     """A graph quantized with QuantizeLinear -> [Clip] -> DequantizeLinear chains (Brevitas' QCDQ export, qonnx's
-    QuantToQCDQ) becomes one with QONNX ``Quant`` nodes, by qonnx's own ``QCDQToQuant``, where that converts every
-    Q/DQ node; any other graph is left as it is.
+    QuantToQCDQ, onnxruntime's QDQ format) becomes one with QONNX ``Quant`` nodes, by qonnx's own ``QCDQToQuant``,
+    where that converts every Q/DQ node; any other graph is left as it is. A ``DequantizeLinear`` of stored integers
+    (weights, as the TorchScript QCDQ export and onnxruntime write them) first gets the ``QuantizeLinear`` that gives
+    them back (:func:`quantize_stored_integers`).
 
     Why: FINN's conversion reads ``Quant`` nodes only, and ``QCDQToQuant`` is qonnx's way to them. Where it converts
-    part of a graph (a ``DequantizeLinear`` of stored integers, as the TorchScript QCDQ export writes weights;
-    onnxruntime's QOperator nodes) or fails, FINN's own steps fail later with messages that name no cause, so the
-    graph stays whole and the lowering names the Q/DQ nodes instead. The lowering's equivalence check executes the
-    graph before and after, so a conversion that changed what the graph computes is caught there.
+    part of a graph (4-bit storage, block-wise ``DequantizeLinear``, onnxruntime's QOperator nodes) or fails, FINN's
+    own steps fail later with messages that name no cause, so the graph stays whole and the lowering names the Q/DQ
+    nodes instead. The lowering's equivalence check executes the graph before and after, so a conversion that
+    changed what the graph computes is caught there.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
@@ -179,10 +181,56 @@ class QuantFromQDQ(Transformation):
         if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
             return model, False
         try:
-            converted = model.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
+            chains = quantize_stored_integers(ModelWrapper(model.model.SerializeToString()))
+            converted = chains.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
         except Exception:  # qonnx raises plain numpy/ONNX errors on chains it cannot read
             return model, False
         return (model if any(is_qdq_node(node) for node in converted.graph.node) else converted), False
+
+
+# the storage types qonnx's QCDQToQuant converts (extract_elem_type)
+_STORED_INTEGERS = (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32)
+
+
+def quantize_stored_integers(model: ModelWrapper) -> ModelWrapper:
+    """Each ``DequantizeLinear`` of a stored integer tensor ``q`` (scale ``s``, zero point ``z``), directly or through
+    a ``Clip`` (as onnxruntime's QDQ quantizer and Brevitas' TorchScript QCDQ export write weights), reads instead the
+    ``QuantizeLinear`` of the reals ``(q - z) s``, which gives back ``q`` exactly (checked here, else the node is left
+    as it is): a QuantizeLinear -> [Clip] -> DequantizeLinear chain, the form ``QCDQToQuant`` converts. Block-wise
+    ones are left as they are. ``model`` is changed in place and returned."""
+    for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not n.domain]:
+        clip = model.find_producer(node.input[0])
+        reader = clip if clip is not None and clip.op_type == "Clip" else node  # the node that reads the codes
+        codes, scale = model.get_initializer(reader.input[0]), get_constant(model, node.input[1])
+        zero_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        zero = get_constant(model, zero_name) if zero_name else np.zeros((), codes.dtype if codes is not None else None)
+        if (codes is None or codes.dtype.type not in _STORED_INTEGERS or scale is None or zero is None
+                or node_attr(node, "block_size")):
+            continue
+        axis = node_attr(node, "axis", 1) % max(codes.ndim, 1)
+        along = [1] * codes.ndim
+        if np.ndim(scale) == 1 and codes.ndim:
+            along[axis] = -1
+        s = np.asarray(scale, np.float32).reshape(along if np.ndim(scale) == 1 else ())
+        z = np.asarray(zero).astype(np.float32).reshape(along if np.ndim(zero) == 1 else ())
+        reals = ((codes.astype(np.float32) - z) * s).astype(np.float32)
+        info = np.iinfo(codes.dtype)
+        if not np.array_equal(np.clip(np.rint(reals / s) + z, info.min, info.max), codes.astype(np.float32)):
+            continue
+        base = node.name or node.output[0]
+        real_name, quantized = model.make_new_valueinfo_name(), f"{base}_stored_codes"
+        model.set_initializer(real_name, reals)
+        if zero_name is None:  # QuantizeLinear's output type is its zero point's (uint8 without one)
+            zero_name = model.make_new_valueinfo_name()
+            model.set_initializer(zero_name, np.zeros((), codes.dtype))
+            node.input.append(zero_name) if len(node.input) == 2 else node.input.__setitem__(2, zero_name)
+        stored = reader.input[0]
+        quantize = helper.make_node("QuantizeLinear", [real_name, node.input[1], zero_name], [quantized],
+                                    name=f"{base}_quantize", axis=node_attr(node, "axis", 1))
+        model.graph.node.insert(list(model.graph.node).index(reader), quantize)
+        reader.input[0] = quantized
+        _remove_if_unused(model, stored)
+    return model
 
 
 def is_qdq_node(node: NodeProto) -> bool:

@@ -83,10 +83,10 @@ def refuse_unconverted_qdq(model: ModelWrapper) -> None:
         raise LoweringError(
             f"this model quantizes with {kinds} nodes ({names}), and FINN converts QONNX Quant nodes only: qonnx's "
             "QCDQToQuant (run first) makes them only of graphs whose every node of these is in a QuantizeLinear -> "
-            "[Clip] -> DequantizeLinear chain (Brevitas' dynamo QCDQ export, or the TorchScript one with "
-            "export_weight_q_node=True), not of a DequantizeLinear of stored integers, onnxruntime's com.microsoft "
-            "Q/DQ or its QOperator/dynamic nodes. Lower a QONNX export of the model (Brevitas `export_qonnx`); "
-            "`a2q analyze/project/verify` read it as it is")
+            "[Clip] -> DequantizeLinear chain (Brevitas' QCDQ exports; a DequantizeLinear of stored 8, 16 or 32-bit "
+            "integers gets its QuantizeLinear first, as onnxruntime's QDQ weights), not of 4-bit storage, block-wise "
+            "DequantizeLinear, onnxruntime's com.microsoft Q/DQ or its QOperator/dynamic nodes. Lower a QONNX export "
+            "of the model (Brevitas `export_qonnx`); `a2q analyze/project/verify` read it as it is")
 
 
 def refuse_zero_points(model: ModelWrapper) -> None:

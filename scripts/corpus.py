@@ -185,15 +185,22 @@ def brevitas_entry(path: Path, producer: str, exporter: str, zero_point: str) ->
 
 def _lowers_as_quant(path: Path) -> bool:
     """Whether ``a2q lower`` takes a Q/DQ file as QONNX: qonnx's QCDQToQuant converts every Q/DQ node of it
-    (:class:`a2q_passes.finn_quant_forms.QuantFromQDQ`; the other Q/DQ files are refused by name, tested in
-    ``tests/test_finn_quant_forms.py``)."""
+    (:class:`a2q_passes.finn_quant_forms.QuantFromQDQ`, stored integers included) into quantizers FINN's conversion
+    takes (zero points of 0); the other Q/DQ files are refused by name, tested in ``tests/test_finn_quant_forms.py``."""
+    from a2q_passes.errors import LoweringError
     from a2q_passes.finn_quant_forms import QuantFromQDQ, is_qdq_node
+    from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
     from a2q_passes.model_io import load_model
 
     with _quiet():
         model = load_model(path)  # as the command reads it (Constant nodes become initializers)
-        return any(is_qdq_node(n) for n in model.graph.node) and not any(
-            is_qdq_node(n) for n in model.transform(QuantFromQDQ()).graph.node)
+        if not any(is_qdq_node(n) for n in model.graph.node):
+            return False
+        try:
+            refuse_unconvertible_quantizers(model.transform(QuantFromQDQ()))
+        except LoweringError:
+            return False
+        return True
 
 
 ORT_VARIANTS = {  # format -> (weight type, activation type, per channel)

@@ -27,6 +27,7 @@ from qonnx.util.basic import qonnx_make_model
 from a2q_passes.finn_quant_forms import FoldBiasQuantizers, UnsignedQuantAfterRelu
 from tests.brevitas_graph_ptq import GraphPtqSpec, export_graph_ptq
 from tests.cli_helpers import run_a2q
+from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range
 
 QONNX = "qonnx.custom_op.general"
 ROUNDING = ("ROUND", "HALF_EVEN", "CEIL", "FLOOR", "UP", "DOWN", "HALF_UP", "HALF_DOWN")
@@ -224,19 +225,30 @@ def test_conv_defaults_are_filled_in_where_the_weight_shape_is_only_inferred(tmp
     _assert_lowers(model, tmp_path / "unshaped.onnx")
 
 
-def test_onnxruntime_qdq_with_symmetric_activations_is_refused_naming_its_qdq_nodes(tmp_path):
-    """onnxruntime's QDQ file with int8 (zero-point-free) activations and a Conv that leaves its defaults out: the
-    Q/DQ graph stays as it is (its int32 bias is a DequantizeLinear of stored integers), and `lower` refuses it
-    naming the Q/DQ nodes before FINN's steps, where FINN's LowerConvsToMatMul used to fail ("'NoneType' object
-    has no attribute 'ints'"), with nothing written."""
-    from tests.ort_models import conv_gemm_matmul, quantize
+@pytest.mark.parametrize("net", ["conv_gemm_matmul", "residual_depthwise"])
+def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, tmp_path):
+    """onnxruntime's QDQ file with symmetric int8 (zero-point-free) activations, per-channel int8 weights stored as integers
+    behind DequantizeLinear (and an int32 bias so stored), and a Conv that leaves its defaults out: every Q/DQ node
+    becomes a QONNX Quant (the stored integers get their QuantizeLinear first), and `lower` gives MVAUs that hold
+    their worst case, the lowered graph computing what the file computes. Before, `lower` refused the file naming
+    its Q/DQ nodes (and earlier still, FINN's LowerConvsToMatMul failed: "'NoneType' object has no attribute
+    'ints'"). conv_gemm_matmul's Flatten has no FINN HW layer: named, exit 3."""
+    from tests.ort_models import FLOAT_NETS, quantize
 
     float_path, path, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "hw.onnx"
-    shape = conv_gemm_matmul(float_path)
-    quantize(float_path, path, shape, "QDQ", "QInt8", act="QInt8", per_channel=True)
+    shape = FLOAT_NETS[net](float_path)
+    quantize(float_path, path, shape, "QDQ", "QInt8", act="QInt8", per_channel=True,
+             extra_options={"ActivationSymmetric": True})
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
-    assert result.returncode == 1 and "FINN converts QONNX Quant nodes only" in result.stderr, result.stderr[-2000:]
-    assert "DequantizeLinear" in result.stderr and "NoneType" not in result.stderr and not out.exists()
+    assert result.returncode == (3 if net == "conv_gemm_matmul" else 0), (result.stdout + result.stderr)[-2000:]
+    assert "equivalent" in result.stdout and "NOT equivalent" not in result.stdout, result.stdout[-2000:]
+    assert net == "residual_depthwise" or "not lowered: Flatten" in result.stdout + result.stderr
+    lowered = ModelWrapper(str(out))
+    nodes = [n for n in lowered.graph.node if n.op_type in MVAU_OPS + VVAU_OPS]
+    assert len(nodes) == 3 and ("VVAU" in {n.op_type for n in nodes}) == (net == "residual_depthwise")
+    for node in nodes:  # the worst case driven through the node in qonnx's executor, against its accDataType
+        done, acc = executed_range(lowered, node.name, "fold"), DataType[getCustomOp(node).get_nodeattr("accDataType")]
+        assert acc.min() <= done.lo and done.hi <= acc.max() and acc.bitwidth() <= 24, (node.name, done, acc.name)
 
 
 def _assert_lowers(model: ModelWrapper, path: Path) -> None:
@@ -280,21 +292,25 @@ def _assert_every_mvau_holds_its_worst_case(lowered: ModelWrapper, bits: int | N
         assert bits is None or acc.bitwidth() <= bits, (node.name, acc.name, bits)
 
 
+@pytest.mark.parametrize("exporter", ["qcdq_dynamo", "qcdq_ts"])
 @pytest.mark.parametrize("kind", ["cnn", "mlp"])
-def test_brevitas_qcdq_exports_lower_through_qonnx_qcdq_to_quant(kind, tmp_path):
-    """Brevitas' dynamo QCDQ export (QuantizeLinear -> Clip -> DequantizeLinear): ``QuantFromQDQ`` makes QONNX Quant
-    nodes of every chain (qonnx executes both graphs alike), and ``a2q project --input-ranges finn`` then ``a2q lower
-    --from-annotations`` give MVAUs that hold their worst case within the projected width; before, FINN lowered no
-    layer of such a file."""
+def test_brevitas_qcdq_exports_lower_through_qonnx_qcdq_to_quant(kind, exporter, tmp_path):
+    """Brevitas' QCDQ exports, dynamo (QuantizeLinear -> Clip -> DequantizeLinear everywhere) and TorchScript (weights
+    stored as integers behind Clip -> DequantizeLinear, which first get their QuantizeLinear): ``QuantFromQDQ`` makes
+    QONNX Quant nodes of every chain (qonnx executes both graphs alike), and ``a2q project --input-ranges finn`` then
+    ``a2q lower --from-annotations`` give MVAUs that hold their worst case within the projected width; before, FINN
+    lowered no layer of the dynamo files, and `lower` refused the TorchScript ones."""
     from a2q_passes.finn_quant_forms import QuantFromQDQ, is_qdq_node
+    from a2q_passes.model_io import load_model
     from tests.brevitas_nets import NetSpec, build_corpus_net
 
-    path = build_corpus_net(tmp_path, NetSpec(kind), "qcdq_dynamo")
-    model = ModelWrapper(str(path))
+    path = build_corpus_net(tmp_path, NetSpec(kind), exporter)
+    model = load_model(path)  # as the commands read it (the TorchScript export's Constant nodes become initializers)
     converted = ModelWrapper(model.model.SerializeToString()).transform(QuantFromQDQ())
     assert not any(is_qdq_node(n) for n in converted.graph.node)
     assert [n.op_type for n in converted.graph.node].count("Quant") == sum(
-        n.op_type == "QuantizeLinear" for n in model.graph.node)
+        n.op_type == "DequantizeLinear" for n in model.graph.node)
+    model = model.transform(InferShapes())
     name, output = model.graph.input[0].name, model.graph.output[0].name
     x = np.random.default_rng(0).normal(0, 2, [1, *model.get_tensor_shape(name)[1:]]).astype(np.float32)
     np.testing.assert_allclose(execute_onnx(converted, {name: x})[output], execute_onnx(model, {name: x})[output],
@@ -308,19 +324,22 @@ def test_brevitas_qcdq_exports_lower_through_qonnx_qcdq_to_quant(kind, tmp_path)
     _assert_every_mvau_holds_its_worst_case(ModelWrapper(str(lowered)), widest - 2)
 
 
-def test_a_qcdq_export_qcdq_to_quant_converts_only_in_part_is_left_whole_and_named(tmp_path):
-    """The TorchScript QCDQ export stores weights as integers behind a DequantizeLinear, which QCDQToQuant does not
-    convert: the graph stays as it is (a half-converted graph fails inside FINN's steps with messages that name no
-    cause), and ``a2q lower`` refuses, naming the Q/DQ nodes and what to export instead."""
+def test_a_qdq_file_qcdq_to_quant_converts_only_in_part_is_left_whole_and_named(tmp_path):
+    """onnxruntime's QDQ file with 4-bit weights (opset 21 int4 storage, which QCDQToQuant does not convert) and int8
+    activations: the graph stays as it is (a half-converted graph fails inside FINN's steps with messages that name
+    no cause), and ``a2q lower`` refuses, naming the Q/DQ nodes and what to export instead."""
     from a2q_passes.finn_quant_forms import QuantFromQDQ
-    from tests.brevitas_nets import NetSpec, build_corpus_net
+    from tests.ort_models import matmul_conv, quantize
 
-    path = build_corpus_net(tmp_path, NetSpec("mlp"), "qcdq_ts")
+    float_path, path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    shape = matmul_conv(float_path)
+    quantize(float_path, path, shape, "QDQ", "QInt4", act="QInt8", per_channel=True,
+             extra_options={"ActivationSymmetric": True})
     model = ModelWrapper(str(path))
     kept = model.transform(QuantFromQDQ())
     assert sorted(n.op_type for n in kept.graph.node) == sorted(n.op_type for n in model.graph.node)  # no Quant
     result = run_a2q("lower", str(path), str(tmp_path / "hw.onnx"))
     assert result.returncode == 1 and not (tmp_path / "hw.onnx").exists()
     message = result.stdout + result.stderr
-    assert "FINN converts QONNX Quant nodes only" in message and "DequantizeLinear of stored integers" in message
-    assert "export_qonnx" in message and "Traceback" not in message
+    assert "FINN converts QONNX Quant nodes only" in message and "not of 4-bit storage" in message
+    assert "W1_DequantizeLinear" in message and "export_qonnx" in message and "Traceback" not in message
