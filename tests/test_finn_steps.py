@@ -97,19 +97,22 @@ def test_estimate_build_of_a_brevitas_graph_ptq_model(tmp_path):
 
 
 def test_preparation_step_refuses_quantizers_finn_cannot_convert_by_name(tmp_path):
-    """The build step refuses what `a2q lower` refuses, before FINN's conversion: onnxruntime's QDQ file (Q/DQ nodes
-    qonnx's QCDQToQuant leaves, its bias being a DequantizeLinear of stored integers) by its Q/DQ nodes, and the same
-    file once converted, with uint8 activations, by its zero points; a QONNX model passes."""
+    """The build step refuses what `a2q lower` refuses, before FINN's conversion: onnxruntime's QDQ file with int4
+    weights (Q/DQ nodes qonnx's QCDQToQuant leaves) by its Q/DQ nodes, and QDQ files it converts whole (their stored
+    integer weights and biases given their QuantizeLinear first) whose int8 or uint8 activations have zero points, by
+    those zero points; a QONNX model passes."""
     from a2q_passes.finn_flow import LoweringError
     from a2q_passes.finn_steps import step_a2q_finn_preparation
-    from tests.ort_models import conv_gemm_matmul, quantize
+    from tests.ort_models import conv_gemm_matmul, matmul_conv, quantize
 
     float_path, path = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
-    quantize(float_path, path, conv_gemm_matmul(float_path), "QDQ", "QInt8", act="QInt8", per_channel=True)
-    with pytest.raises(LoweringError, match=r"DequantizeLinear/QuantizeLinear nodes \('B1_DequantizeLinear'"):
+    quantize(float_path, path, matmul_conv(float_path), "QDQ", "QInt4", act="QInt8", per_channel=True)
+    with pytest.raises(LoweringError, match=r"DequantizeLinear/QuantizeLinear nodes \('W1_DequantizeLinear'"):
         step_a2q_finn_preparation(load_model(path), None)
-    with pytest.raises(LoweringError, match="zero point of 0"):
-        step_a2q_finn_preparation(load_model(MODELS / "digits_cnn_qdq.onnx"), None)
+    quantize(float_path, path, conv_gemm_matmul(float_path), "QDQ", "QInt8", act="QInt8", per_channel=True)
+    for qdq in (path, MODELS / "digits_cnn_qdq.onnx"):
+        with pytest.raises(LoweringError, match="zero point of 0"):
+            step_a2q_finn_preparation(load_model(qdq), None)
     prepared = step_a2q_finn_preparation(load_model(DIGITS_CNN), None)
     assert [n.op_type for n in prepared.graph.node].count("Quant") > 0
 
