@@ -201,34 +201,35 @@ def quantize_stored_integers(model: ModelWrapper) -> ModelWrapper:
     for node in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not n.domain]:
         clip = model.find_producer(node.input[0])
         reader = clip if clip is not None and clip.op_type == "Clip" else node  # the node that reads the codes
-        codes, scale = model.get_initializer(reader.input[0]), get_constant(model, node.input[1])
-        zero_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        zero = get_constant(model, zero_name) if zero_name else np.zeros((), codes.dtype if codes is not None else None)
-        if (codes is None or codes.dtype.type not in _STORED_INTEGERS or scale is None or zero is None
-                or node_attr(node, "block_size")):
+        codes = model.get_initializer(reader.input[0])
+        if codes is None or codes.dtype.type not in _STORED_INTEGERS or node_attr(node, "block_size"):
             continue
-        axis = node_attr(node, "axis", 1) % max(codes.ndim, 1)
-        along = [1] * codes.ndim
-        if np.ndim(scale) == 1 and codes.ndim:
-            along[axis] = -1
-        s = np.asarray(scale, np.float32).reshape(along if np.ndim(scale) == 1 else ())
-        z = np.asarray(zero).astype(np.float32).reshape(along if np.ndim(zero) == 1 else ())
+        zero_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        scale = get_constant(model, node.input[1])
+        zero = get_constant(model, zero_name) if zero_name else np.zeros((), codes.dtype)
+        if scale is None or zero is None:
+            continue
+        along = [1] * codes.ndim  # a per-channel scale and zero point run along the node's axis
+        if codes.ndim:
+            along[node_attr(node, "axis", 1) % codes.ndim] = -1
+        s, z = (np.asarray(v, np.float32).reshape(along if np.ndim(v) == 1 else ()) for v in (scale, zero))
         reals = ((codes.astype(np.float32) - z) * s).astype(np.float32)
-        info = np.iinfo(codes.dtype)
-        if not np.array_equal(np.clip(np.rint(reals / s) + z, info.min, info.max), codes.astype(np.float32)):
+        if not np.array_equal(np.rint(reals / s) + z, codes.astype(np.float32)):  # what QuantizeLinear computes
             continue
         base = node.name or node.output[0]
-        real_name, quantized = model.make_new_valueinfo_name(), f"{base}_stored_codes"
-        model.set_initializer(real_name, reals)
+        model.set_initializer(f"{base}_stored_reals", reals)
         if zero_name is None:  # QuantizeLinear's output type is its zero point's (uint8 without one)
-            zero_name = model.make_new_valueinfo_name()
+            zero_name = f"{base}_stored_zero"
             model.set_initializer(zero_name, np.zeros((), codes.dtype))
-            node.input.append(zero_name) if len(node.input) == 2 else node.input.__setitem__(2, zero_name)
+            if len(node.input) == 2:
+                node.input.append(zero_name)
+            else:
+                node.input[2] = zero_name
         stored = reader.input[0]
-        quantize = helper.make_node("QuantizeLinear", [real_name, node.input[1], zero_name], [quantized],
-                                    name=f"{base}_quantize", axis=node_attr(node, "axis", 1))
+        quantize = helper.make_node("QuantizeLinear", [f"{base}_stored_reals", node.input[1], zero_name],
+                                    [f"{base}_stored_codes"], name=f"{base}_quantize", axis=node_attr(node, "axis", 1))
         model.graph.node.insert(list(model.graph.node).index(reader), quantize)
-        reader.input[0] = quantized
+        reader.input[0] = quantize.output[0]
         _remove_if_unused(model, stored)
     return model
 
