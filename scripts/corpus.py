@@ -16,7 +16,8 @@ through the command line:
    inputs executed through the graph's own quantizers with qonnx) executes; "tight" when they are equal;
 2. ``a2q project`` at P = the widest exact width - 2 (``--input-ranges finn`` for the files that are lowered);
 3. ``a2q verify`` of the projected file, and the oracle on it: every promised layer's executed range fits P;
-4. for QONNX files, and Q/DQ files that qonnx's QCDQToQuant converts whole (``lower`` takes those),
+4. for QONNX files, and Q/DQ files ``lower`` takes (qonnx's QCDQToQuant converts them whole, stored integer weights
+   given their QuantizeLinear first, into quantizers with zero points of 0),
    ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``) fits the
    ``accDataType`` it was given; every other Q/DQ file must be refused by ``lower`` by name before FINN's steps
    (exit 1, nothing written, no raw FINN failure), or it FAILS;
@@ -101,7 +102,7 @@ class Entry:
     name: str
     producer: str
     path: Path
-    # a file `a2q lower` takes (QONNX, or Q/DQ that QCDQToQuant converts whole): project for FINN's view and lower it
+    # a file `a2q lower` takes (QONNX, or Q/DQ it converts whole to Quant): project for FINN's view and lower it
     lower: bool = False
     # onnxruntime's QUInt8 weights carry zero points: project needs --zero-point subtract (README)
     zero_point: str = "fold"
@@ -794,7 +795,8 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              f"quantized MAC layer read ({layers} layers; the oracle's executed worst case equals the analysed "
              f"per-channel range in {tight}, and lies inside it in all), `project` at the widest exact width - "
              f"{BELOW_WIDEST} verified and executed within P, and QONNX files (and the {lowered_qdq} Q/DQ files "
-             "qonnx's QCDQToQuant converts whole) lowered with every MVAU/VVAU's executed range inside its "
+             "`lower` takes: qonnx's QCDQToQuant converts them whole, zero points of 0) lowered with every "
+             "MVAU/VVAU's executed range inside its "
              f"`accDataType`; the other {refused_qdq} handled Q/DQ files refused by `lower` by name, before FINN's "
              "steps.", "", *_finetune_summary(results), "",
              *(_allocate_summary(results) + [""] if allocate else []), *_table(results), ""]

@@ -543,7 +543,7 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     projected = workdir / f"projected_{bits}.onnx"
     qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in case.model.graph.node)
     qonnx = any(n.op_type == "Quant" for n in case.model.graph.node) and not qdq
-    # Q/DQ cases too: lower takes those qonnx's QCDQToQuant converts whole (refusing the others)
+    # Q/DQ cases too: lower takes those it converts whole to Quant nodes (refusing the others)
     lowerable = lower and (qonnx or qdq) and not case.input_dtypes and case.zero_point == "fold"
     if lowerable and projected.exists():
         checker.lower(projected)
