@@ -125,7 +125,9 @@ def lower(
     fpgapart: Annotated[Optional[str], typer.Option(
         "--fpgapart", help="FPGA part or board name: add FINN's resource estimates at INT32 vs these widths")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="a layer FINN cannot lower is an error (exit 1)")] = False,
-    data: Annotated[Optional[Path], typer.Option("--data", help=".npz inputs for the equivalence check")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help=(
+        ".npz inputs for the equivalence check (one array per graph input, named as the input, where the model has "
+        "several)"))] = None,
     samples: Annotated[int, typer.Option("--samples", help="random inputs for the check when --data is absent")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="seed of those random inputs")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -136,7 +138,10 @@ def lower(
 
     The output is the non-specialised HW graph (executes in numpy; FINN's build continues from it
     with step_specialize_layers). Equivalence with IN.onnx is checked on --data or on --samples
-    random inputs inside the input quantizer's range; tolerance 1e-5 x max(1, max |output|).
+    random inputs inside each input quantizer's range; tolerance 1e-5 x max(1, max |output|).
+
+    A model with 1-D convolutions goes through FINN's own 1-D step (qonnx's Change3DTo4DTensors):
+    OUT.onnx takes and gives [N, C, L, 1] where IN.onnx has [N, C, L].
 
     Exit 0: written and equivalent; 3: written, but a layer was not lowered or the outputs differ;
     1: bad input, nothing written.
