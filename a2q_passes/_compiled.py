@@ -189,7 +189,7 @@ def contract_rows(v: np.ndarray, q: np.ndarray, lo: float,
 
 @numba.njit(cache=True, nogil=True)
 def change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """For ``projection.projection_stats`` when ``v`` holds integers: the five sums of squares (change, before,
+    """For ``projection_stats.projection_stats`` when ``v`` holds integers: the five sums of squares (change, before,
     before - v, after - v, v) as exact int64 integers, then zeros before, zeros after and rows changed.
 
     ``False`` (the caller then sums in float64) where a value of ``v`` is no integer, a magnitude exceeds 2^20 or

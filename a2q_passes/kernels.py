@@ -20,7 +20,7 @@ import numpy as np
 from a2q_passes.numba_cache import choose_cache_folder
 
 # Smallest block (weights) handed to the compiled kernels. The projection's row blocks hold about 2^20 weights
-# (projection.rows_per_block), so a layer of at least this many weights uses them; the bundled models' largest
+# (row_blocks.rows_per_block), so a layer of at least this many weights uses them; the bundled models' largest
 # layer holds 75264.
 MIN_ELEMENTS = 1 << 18
 
@@ -74,7 +74,7 @@ def contract_rows(v: np.ndarray, q: np.ndarray, lo: int, hi: int) -> tuple[np.nd
 
 
 def change_sums(before: np.ndarray, after: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``projection.projection_stats``'s five sums of squares (float64, exact integers) and its three counts
+    """``projection_stats.projection_stats``'s five sums of squares (float64, exact integers) and its three counts
     (zeros before, zeros after, rows changed) where ``v`` holds small integers, else ``None``."""
     if before.shape[1] > 1 << 20:
         return None

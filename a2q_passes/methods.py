@@ -26,6 +26,7 @@ from a2q_passes.bounds import IntRange
 from a2q_passes.conventions import DEFAULT_METHOD  # noqa: F401 (re-exported: the CLI reads it from there)
 from a2q_passes.plugins import Registry
 from a2q_passes.projection import ProjectionResult
+from a2q_passes.row_blocks import rows_per_block
 
 ENTRY_POINT_GROUP = "a2q_passes.methods"
 
@@ -114,7 +115,7 @@ def _contract_rows(v: np.ndarray, q: np.ndarray, x: IntRange, acc_bits: int,
         none = np.zeros(0, dtype=bool)
         return none, none, projection.layer_accumulator_limits(q, x, acc_bits)
     plain_ranges, q_ranges, differs = [], [], []
-    step = projection.rows_per_block(v.shape[1])
+    step = rows_per_block(v.shape[1])
     for start in range(0, v.shape[0], step):
         v_block, q_block = np.asarray(v[start:start + step], dtype=np.float64), q[start:start + step]
         sums = kernels.contract_rows(v_block, q_block, weight_range.lo, weight_range.hi) if kernels.wanted(

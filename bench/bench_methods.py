@@ -20,7 +20,7 @@ from a2q_passes import bounds
 from a2q_passes.analysis import analyze_layer
 from a2q_passes.layers import find_mac_layers
 from a2q_passes.methods import project_weights
-from a2q_passes.projection import projection_stats
+from a2q_passes.projection_stats import projection_stats
 
 METHODS = ("a2q", "a2q+", "exact")
 

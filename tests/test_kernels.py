@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from a2q_passes import kernels, methods, projection
+from a2q_passes import kernels, methods, projection, projection_stats
 from a2q_passes.bounds import IntRange
 
 NUMPY, COMPILED = 1 << 62, 0  # kernels.MIN_ELEMENTS forcing one path or the other
@@ -93,7 +93,7 @@ def test_methods_give_the_same_bits_through_the_kernels(monkeypatch, codes, x):
                 assert_same_result(numpy_result, compiled_result)
                 assert brute_fits(compiled_result.weights, x, compiled_result.acc_limits)
                 plain = projection.plain_round(v, weight_range)
-                stats = both_paths(monkeypatch, projection.projection_stats, plain, compiled_result.weights, v)
+                stats = both_paths(monkeypatch, projection_stats.projection_stats, plain, compiled_result.weights, v)
                 assert stats[0] == stats[1]
 
 
@@ -165,7 +165,7 @@ def test_stats_fall_back_to_float_sums_where_they_would_not_be_exact(monkeypatch
     assert kernels.change_sums(before, after, v + 0.25) is None
     huge = np.full((2, 3), float(1 << 30))
     assert kernels.change_sums(huge.astype(np.int64), huge.astype(np.int64), huge) is None
-    stats = both_paths(monkeypatch, projection.projection_stats, before, after, v + 0.25)
+    stats = both_paths(monkeypatch, projection_stats.projection_stats, before, after, v + 0.25)
     assert stats[0] == stats[1]
 
 

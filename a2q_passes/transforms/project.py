@@ -29,8 +29,9 @@ from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
 from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
-                                   plain_round, project_in_parts, project_multistage, projection_stats,
-                                   projection_threads, rows_per_block)
+                                   plain_round, project_in_parts, project_multistage)
+from a2q_passes.projection_stats import projection_stats
+from a2q_passes.row_blocks import projection_threads, rows_per_block
 from a2q_passes.width_resolution import check_skips
 
 
