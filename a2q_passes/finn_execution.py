@@ -15,6 +15,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
+from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_flow import StageRecord, run_flow
 from a2q_passes.model_io import data_inputs
 
@@ -55,7 +56,16 @@ class ExecutionError(A2QError):
     """Executing a model for the equivalence check failed; the message names the model and the fix."""
 
 
-def _execution_hint(message: str) -> str:
+def _execution_hint(message: str, model: ModelWrapper) -> str:
+    odd = [(node.name, shape) for node in model.graph.node if node.domain.startswith(HW_DOMAIN_PREFIX)
+           and len(shape := model.get_tensor_shape(node.input[0]) or [0, 0]) not in (2, 4)]
+    if odd:
+        ranks = "/".join(sorted({f"{len(shape)}-D" for _, shape in odd}))
+        return (f"FINN's HW layers here take {ranks} tensors ({', '.join(f'{n} {s}' for n, s in odd[:4])}; a sequence "
+                "model's [N, T, C] activations are 3-D), and FINN's own execution of them fails, so the lowering "
+                "cannot be checked and nothing is written. Lower a model whose MAC layers see 2-D [N, C] or 4-D "
+                "[N, C, H, W] activations (e.g. fold the sequence axis into the batch), or keep these layers out of "
+                "the FINN part")
     if "double" in message:
         return ("a float64 (double) tensor meets float32 ones, which onnxruntime refuses; FINN computes in "
                 "float32: re-export the model with float32 tensors (`a2q lower` casts float64 initializers itself, "
@@ -101,7 +111,7 @@ def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model") -> l
         except Exception as exc:  # qonnx/onnxruntime raise plain exceptions naming the node in their text
             message = " ".join(str(exc).split())
             raise ExecutionError(f"executing the {what} failed on input sample {start}: {message}. "
-                                 f"Fix: {_execution_hint(message)}") from exc
+                                 f"Fix: {_execution_hint(message, model)}") from exc
         for index, name in enumerate(outputs):
             results[index].append(out[name])
     return [np.concatenate(r, axis=0) for r in results]
@@ -259,7 +269,7 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
 
     rng = np.random.default_rng(seed)
     resolver = GridResolver(model)
-    arrays = [_input_samples(model, resolver, name, samples, rng) for name in (i.name for i in data_inputs(model.graph))]
+    arrays = [_input_samples(model, resolver, info.name, samples, rng) for info in data_inputs(model.graph)]
     return arrays[0] if len(arrays) == 1 else arrays
 
 

@@ -456,3 +456,33 @@ def test_a_1d_model_lowers_through_finns_1d_step_within_its_projected_widths(tmp
         got = got[..., 0] if head == "conv" else got  # [N, C, L, 1], as FINN's 1-D flow leaves it
         assert got.shape == want.shape and np.allclose(got, want, atol=1e-5 * max(1.0, np.abs(want).max())), (got, want)
     assert run_cli("verify", tmp_path / "hw.onnx")[0] == 0
+
+
+class SequenceMLP(nn.Module):
+    """Two QuantLinear layers on ``[N, T, C]`` activations, as a sequence model applies them."""
+
+    input_shape = (5, 16)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, bit_width=4, return_quant_tensor=True)
+        self.fc1, self.fc2 = _linear(16, 8), _linear(8, 4)
+        self.relu = qnn.QuantReLU(bit_width=4, return_quant_tensor=True)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(self.inp(x))))
+
+
+def test_a_lowering_finns_execution_rejects_is_refused_naming_the_3d_layers(tmp_path):
+    """FINN lowers linear layers on [N, T, C] activations into HW layers of 3-D tensors that its own execution rejects
+    ("Threshold shape incorrect"), so the lowering cannot be checked: `lower` writes nothing and says which HW layers
+    take 3-D tensors and what to lower instead, where it said to check that the model executes with qonnx (it
+    does)."""
+    torch.manual_seed(0)
+    export_net(SequenceMLP(), tmp_path / "seq.onnx")
+    before = (tmp_path / "seq.onnx").read_bytes()
+    code, out = run_cli("lower", tmp_path / "seq.onnx", tmp_path / "hw.onnx")
+    text = " ".join(out.split())
+    assert code == 1 and "FINN's HW layers here take 3-D tensors" in text and "MVAU_0 [1, 5, 16]" in text, text
+    assert "fold the sequence axis into the batch" in text and "check that the model executes" not in text
+    assert not (tmp_path / "hw.onnx").exists() and (tmp_path / "seq.onnx").read_bytes() == before
