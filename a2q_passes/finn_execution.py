@@ -171,7 +171,8 @@ def compare_execution(
     if reference[0].ndim == 2 and reference[0].shape[1] > 1:
         agree = np.argmax(reference[0], axis=1) == np.argmax(_from_layout(final[0], reference[0].shape, "top-1"), axis=1)
         result["top1_agreement"] = float(np.mean(agree))
-    ties_up = activation_ties_rounded_up(reference_model) if max_diff > tolerance else None
+    # on the file as FINN's preparation gives it (Q/DQ chains as Quant nodes: exact rewrites), so Q/DQ files too
+    ties_up = activation_ties_rounded_up(_prepared(reference_model)) if max_diff > tolerance else None
     if ties_up is not None:
         # FINN's thresholds (x >= t) round an exact tie up, QONNX's ROUND to even: say so where that is the whole story
         diff = _max_abs_diff(execute_batch(ties_up, inputs, "QONNX model, ties rounded up"), final, "lowered model")
@@ -181,6 +182,18 @@ def compare_execution(
         result.update(_attribute_differences(original, final, reference, _first(inputs, attribution_samples),
                                              tolerance))
     return result
+
+
+def _prepared(model: ModelWrapper) -> ModelWrapper:
+    """``model`` after :func:`a2q_passes.finn_quant_forms.finn_preparation` (exact rewrites), on a copy."""
+    from a2q_passes.finn_flow import reproducible_names
+    from a2q_passes.finn_quant_forms import finn_preparation
+
+    prepared = ModelWrapper(model.model.SerializeToString())
+    with reproducible_names():
+        for transformation in finn_preparation():
+            prepared = prepared.transform(transformation)
+    return prepared
 
 
 def activation_ties_rounded_up(model: ModelWrapper) -> ModelWrapper | None:

@@ -165,7 +165,8 @@ class QuantFromQDQ(Transformation):
     QuantToQCDQ, onnxruntime's QDQ format) becomes one with QONNX ``Quant`` nodes, by qonnx's own ``QCDQToQuant``,
     where that converts every Q/DQ node; any other graph is left as it is. A ``DequantizeLinear`` of stored integers
     (weights, as the TorchScript QCDQ export and onnxruntime write them) first gets the ``QuantizeLinear`` that gives
-    them back (:func:`quantize_stored_integers`).
+    them back (:func:`quantize_stored_integers`), and symmetric unsigned pairs become signed ones with zero point 0
+    (:func:`signed_mid_zero_points`).
 
     Why: FINN's conversion reads ``Quant`` nodes only, and ``QCDQToQuant`` is qonnx's way to them. Where it converts
     part of a graph (4-bit storage, block-wise ``DequantizeLinear``, onnxruntime's QOperator nodes) or fails, FINN's
@@ -181,7 +182,7 @@ class QuantFromQDQ(Transformation):
         if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
             return model, False
         try:
-            chains = quantize_stored_integers(ModelWrapper(model.model.SerializeToString()))
+            chains = signed_mid_zero_points(quantize_stored_integers(ModelWrapper(model.model.SerializeToString())))
             converted = chains.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
         except Exception:  # qonnx raises plain numpy/ONNX errors on chains it cannot read
             return model, False
@@ -231,6 +232,39 @@ def quantize_stored_integers(model: ModelWrapper) -> ModelWrapper:
         model.graph.node.insert(list(model.graph.node).index(reader), quantize)
         reader.input[0] = quantize.output[0]
         _remove_if_unused(model, stored)
+    return model
+
+
+def signed_mid_zero_points(model: ModelWrapper) -> ModelWrapper:
+    """Each QuantizeLinear -> DequantizeLinear pair of unsigned b-bit codes with zero point ``2^(b-1)`` everywhere
+    (onnxruntime's symmetric ``QUInt8`` quantizers: zero point 128) uses the signed b-bit type with zero point 0
+    instead. ``model`` is changed in place and returned.
+
+    Why: FINN converts only zero points of 0. Why it is exact: ONNX's QuantizeLinear rounds ``x / s`` first and then
+    adds the zero point and saturates, so ``round(x / s) + 2^(b-1)`` clamped to ``[0, 2^b - 1]``, less the zero point,
+    is ``round(x / s)`` clamped to ``[-2^(b-1), 2^(b-1) - 1]``: the signed codes. (A QONNX ``Quant`` adds its zero point
+    before rounding, which in float arithmetic can move a value next to a tie, so the rewrite is made here, on the
+    Q/DQ nodes.) A pair with anything between the two nodes, or another consumer, is left as it is.
+    """
+    signed_types = {np.dtype(np.uint8): np.int8, np.dtype(np.uint16): np.int16}
+    for quantize in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and not n.domain]:
+        zero = model.get_initializer(quantize.input[2]) if len(quantize.input) > 2 and quantize.input[2] else None
+        if zero is None or zero.dtype not in signed_types or not np.all(zero == 1 << (8 * zero.itemsize - 1)):
+            continue
+        readers = model.find_consumers(quantize.output[0]) or []
+        if not readers or quantize.output[0] in {o.name for o in model.graph.output} or any(
+                r.op_type != "DequantizeLinear" or r.domain or len(r.input) < 3
+                or not np.array_equal(model.get_initializer(r.input[2]), zero) for r in readers):
+            continue
+        unsigned, name = quantize.input[2], f"{quantize.name or quantize.output[0]}_signed_zero"
+        model.set_initializer(name, np.zeros(zero.shape, signed_types[zero.dtype]))
+        for node in (quantize, *readers):
+            node.input[2] = name
+        _remove_if_unused(model, unsigned)
+        # the codes' type changes: a value_info naming the unsigned one would win over shape inference (QCDQToQuant
+        # reads the signedness from it)
+        for info in [i for i in model.graph.value_info if i.name == quantize.output[0]]:
+            model.graph.value_info.remove(info)
     return model
 
 

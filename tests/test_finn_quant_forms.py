@@ -25,6 +25,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes.finn_quant_forms import FoldBiasQuantizers, UnsignedQuantAfterRelu
+from a2q_passes.graph_values import node_attr
 from tests.brevitas_graph_ptq import GraphPtqSpec, export_graph_ptq
 from tests.cli_helpers import run_a2q
 from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range
@@ -225,19 +226,21 @@ def test_conv_defaults_are_filled_in_where_the_weight_shape_is_only_inferred(tmp
     _assert_lowers(model, tmp_path / "unshaped.onnx")
 
 
-@pytest.mark.parametrize("net", ["conv_gemm_matmul", "residual_depthwise"])
-def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, tmp_path):
-    """onnxruntime's QDQ file with symmetric int8 (zero-point-free) activations, per-channel int8 weights stored as integers
-    behind DequantizeLinear (and an int32 bias so stored), and a Conv that leaves its defaults out: every Q/DQ node
-    becomes a QONNX Quant (the stored integers get their QuantizeLinear first), and `lower` gives MVAUs that hold
-    their worst case, the lowered graph computing what the file computes. Before, `lower` refused the file naming
-    its Q/DQ nodes (and earlier still, FINN's LowerConvsToMatMul failed: "'NoneType' object has no attribute
-    'ints'"). conv_gemm_matmul's Flatten has no FINN HW layer: named, exit 3."""
+@pytest.mark.parametrize("net,act", [("conv_gemm_matmul", "QInt8"), ("residual_depthwise", "QInt8"),
+                                     ("residual_depthwise", "QUInt8")])
+def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, act, tmp_path):
+    """onnxruntime's QDQ file with symmetric activations (int8 with zero point 0, or uint8 with zero point 128, which
+    becomes int8 with zero point 0), per-channel int8 weights stored as integers behind DequantizeLinear (and an int32
+    bias so stored), and a Conv that leaves its defaults out: every Q/DQ node becomes a QONNX Quant (the stored
+    integers get their QuantizeLinear first), and `lower` gives MVAUs that hold their worst case, the lowered graph
+    computing what the file computes. Before, `lower` refused the file naming its Q/DQ nodes or zero points (and
+    earlier still, FINN's LowerConvsToMatMul failed: "'NoneType' object has no attribute 'ints'"). conv_gemm_matmul's
+    Flatten has no FINN HW layer: named, exit 3."""
     from tests.ort_models import FLOAT_NETS, quantize
 
     float_path, path, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "hw.onnx"
     shape = FLOAT_NETS[net](float_path)
-    quantize(float_path, path, shape, "QDQ", "QInt8", act="QInt8", per_channel=True,
+    quantize(float_path, path, shape, "QDQ", "QInt8", act=act, per_channel=True,
              extra_options={"ActivationSymmetric": True})
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
     assert result.returncode == (3 if net == "conv_gemm_matmul" else 0), (result.stdout + result.stderr)[-2000:]
@@ -249,6 +252,62 @@ def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, tmp_path):
     for node in nodes:  # the worst case driven through the node in qonnx's executor, against its accDataType
         done, acc = executed_range(lowered, node.name, "fold"), DataType[getCustomOp(node).get_nodeattr("accDataType")]
         assert acc.min() <= done.lo and done.hi <= acc.max() and acc.bitwidth() <= 24, (node.name, done, acc.name)
+
+
+def test_ties_explain_a_qdq_files_difference_from_finn(tmp_path):
+    """onnxruntime's symmetric uint8 QDQ file with per-tensor weights: FINN's graph differs from the file on exact
+    ties, which `lower` now says for Q/DQ files too (the ties are checked on the file as FINN's preparation makes
+    it, Q/DQ chains as Quant nodes); before, it said only that the outputs differ."""
+    from tests.ort_models import residual_depthwise, quantize
+
+    float_path, path, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "hw.onnx"
+    quantize(float_path, path, residual_depthwise(float_path), "QDQ", "QInt8", act="QUInt8",
+             extra_options={"ActivationSymmetric": True})
+    result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
+    message = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 3 and "NOT equivalent" in message, message[-2000:]
+    assert "all of it from FINN rounding exact ties up" in message
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("stale_type", [False, True])
+def test_a_symmetric_uint8_qdq_pair_becomes_signed_with_the_same_outputs(per_channel, stale_type):
+    """QuantizeLinear -> DequantizeLinear with uint8 zero point 128 (per tensor or per channel), executed in
+    onnxruntime before and after ``signed_mid_zero_points``: equal on exact ties, past both clamps and at zero, and
+    ``QuantFromQDQ`` then makes a signed Quant that qonnx executes alike, also where the file states the codes'
+    uint8 type in a value_info (which would otherwise win over shape inference and make the Quant unsigned)."""
+    import onnxruntime as ort
+
+    from a2q_passes.finn_quant_forms import QuantFromQDQ, signed_mid_zero_points
+
+    scale = np.array([0.1, 0.25, 3.0, 1 / 7], np.float32) if per_channel else np.float32(1 / 7)
+    zero = np.full(4, 128, np.uint8) if per_channel else np.uint8(128)
+    axis = {"axis": 1} if per_channel else {}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="Q", **axis),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="DQ", **axis)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])],
+                              [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")])
+    if stale_type:
+        graph.value_info.append(helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 4, 64]))
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    inputs = _adversarial_inputs(scale.reshape(1, 4, 1) if per_channel else scale, 8, np.random.default_rng(0))
+
+    def run(m: ModelWrapper) -> list[np.ndarray]:
+        session = ort.InferenceSession(m.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [session.run(None, {"x": x})[0] for x in inputs]
+
+    before = run(model)
+    signed = signed_mid_zero_points(ModelWrapper(model.model.SerializeToString()))
+    assert signed.get_initializer(signed.graph.node[0].input[2]).dtype == np.int8
+    for b, a in zip(before, run(signed)):
+        assert np.array_equal(b, a)
+    assert any(np.any(b < 0) for b in before) and any(np.any(b > 0) for b in before)
+    quant = model.transform(QuantFromQDQ()).graph.node[0]
+    assert quant.op_type == "Quant" and node_attr(quant, "signed") == 1
+    converted = model.transform(QuantFromQDQ())
+    for b, x in zip(before, inputs):
+        assert np.array_equal(b, _execute(converted, x)), "QCDQToQuant's Quant differs from the Q/DQ pair"
 
 
 def _assert_lowers(model: ModelWrapper, path: Path) -> None:
