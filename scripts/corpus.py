@@ -245,7 +245,8 @@ def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
                 except Exception as err:  # the producer's own limitation, not a corpus file
                     rejected.append(f"{name}: onnxruntime refused ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
                     continue
-                entries.append(Entry(name, ORT_FORMATS[fmt], path, zero_point="subtract" if weight == "QUInt8" else "fold"))
+                entries.append(Entry(name, ORT_FORMATS[fmt], path, lower=_lowers_as_quant(path),
+                                     zero_point="subtract" if weight == "QUInt8" else "fold"))
                 if fmt in ORT_OPTIMIZED_FORMATS and (weight, act, per_channel) == variants[1]:
                     entries += _optimized_files(entries[-1], quick)
         for option, extra in {} if quick else ORT_OPTIONS.items():
@@ -255,7 +256,7 @@ def ort_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
             with _quiet():
                 quantize(float_path, path, x_shape, "QDQ", "QInt8", "QUInt8", True, extra_options=extra)
             # asymmetric int8 weights carry zero points: projected as ONNX defines them
-            entries.append(Entry(path.stem, ORT_WITH_OPTIONS, path,
+            entries.append(Entry(path.stem, ORT_WITH_OPTIONS, path, lower=_lowers_as_quant(path),
                                  zero_point="subtract" if option == "WeightAsymmetric" else "fold"))
     return entries, rejected
 
@@ -272,7 +273,7 @@ def _optimized_files(source: Entry, quick: bool) -> list[Entry]:
         path = source.path.with_name(f"{source.name}_opt_{level}.onnx")
         with _quiet():
             optimized(source.path, path, level)
-        entries.append(Entry(path.stem, ORT_OPTIMIZED, path, zero_point=source.zero_point))
+        entries.append(Entry(path.stem, ORT_OPTIMIZED, path, lower=_lowers_as_quant(path), zero_point=source.zero_point))
     return entries
 
 

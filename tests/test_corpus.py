@@ -242,6 +242,25 @@ def test_a_1d_net_finn_lowers_is_lowered_within_its_widths(tmp_path):
         assert (result.status, result.detail, result.layers, result.tight) == ("handled", "", 3, 3), (exporter, result)
 
 
+def test_onnxruntime_files_lower_takes_are_lowered_and_the_others_refused_by_name(tmp_path):
+    """The corpus asks `lower` of an onnxruntime file what it does: its symmetric uint8 QDQ file (zero point 128,
+    int8 for FINN) is lowered, every MVAU/VVAU executed within its accDataType; its default asymmetric one is refused
+    by name before FINN's steps. Before, every onnxruntime file was expected to be refused, and the symmetric ones
+    failed the corpus once `lower` took them."""
+    from scripts.corpus import ORT_WITH_OPTIONS, Entry, _lowers_as_quant
+    from tests.ort_models import quantize, residual_depthwise
+
+    float_path = tmp_path / "float.onnx"
+    shape = residual_depthwise(float_path)
+    for name, extra, lowered in (("symmetric", {"ActivationSymmetric": True}, True), ("default", {}, False)):
+        path = tmp_path / f"ort_QDQ_residual_{name}.onnx"
+        quantize(float_path, path, shape, "QDQ", "QInt8", "QUInt8", True, extra_options=extra)
+        assert _lowers_as_quant(path) == lowered
+        result = check(Entry(path.stem, ORT_WITH_OPTIONS, path, lower=lowered), tmp_path)
+        assert result.status == "handled" and result.detail == "", (name, result)
+        assert ("lower refused by name" in result.notes) != lowered, (name, result.notes)
+
+
 def test_finn_dataflow_partition_is_reported_not_passed_over(tmp_path):
     """FINN's step_create_dataflow_partition moves the HW layers into a child model file behind a
     StreamingDataflowPartition node; the parent graph holds none of them. The partition is reported (verify
