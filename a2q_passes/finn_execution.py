@@ -17,6 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_flow import StageRecord, run_flow
+from a2q_passes.finn_quant_forms import prepare_for_finn
 from a2q_passes.model_io import data_inputs
 
 
@@ -41,12 +42,10 @@ def _to_layout(x: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
 def _from_layout(y: np.ndarray, ref_shape: tuple[int, ...], what: str) -> np.ndarray:
     """FINN output ``y`` back in the QONNX model's layout (NHWC -> NCHW if needed; ``[N, C, L, 1]`` -> ``[N, C, L]``
     after FINN's 1-D flow)."""
-    if y.shape == ref_shape:
-        return y
-    if y.ndim == 4 and y.transpose(0, 3, 1, 2).shape in (ref_shape, (*ref_shape, 1)):
+    if y.shape != ref_shape and y.ndim == 4 and y.transpose(0, 3, 1, 2).shape in (ref_shape, (*ref_shape, 1)):
         y = y.transpose(0, 3, 1, 2)
-    if y.ndim == 4 and y.shape == (*ref_shape, 1):
-        return y[..., 0]
+    if y.shape == (*ref_shape, 1):
+        y = y[..., 0]
     if y.shape == ref_shape:
         return y
     raise ValueError(f"{what}: output shape {y.shape} does not match the original model's {ref_shape}")
@@ -83,10 +82,6 @@ def input_arrays(inputs: Inputs) -> list[np.ndarray]:
     """``inputs`` as a list of float32 arrays, one per data input."""
     arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
     return [np.asarray(a, dtype=np.float32) for a in arrays]
-
-
-def _first(inputs: Inputs, count: int) -> list[np.ndarray]:
-    return [a[:count] for a in input_arrays(inputs)]
 
 
 def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model") -> list[np.ndarray]:
@@ -172,28 +167,16 @@ def compare_execution(
         agree = np.argmax(reference[0], axis=1) == np.argmax(_from_layout(final[0], reference[0].shape, "top-1"), axis=1)
         result["top1_agreement"] = float(np.mean(agree))
     # on the file as FINN's preparation gives it (Q/DQ chains as Quant nodes: exact rewrites), so Q/DQ files too
-    ties_up = activation_ties_rounded_up(_prepared(reference_model)) if max_diff > tolerance else None
+    ties_up = activation_ties_rounded_up(prepare_for_finn(reference_model)) if max_diff > tolerance else None
     if ties_up is not None:
         # FINN's thresholds (x >= t) round an exact tie up, QONNX's ROUND to even: say so where that is the whole story
         diff = _max_abs_diff(execute_batch(ties_up, inputs, "QONNX model, ties rounded up"), final, "lowered model")
         result["ties_rounded_up_max_abs_diff"] = diff
         result["explained_by_tie_rounding"] = diff <= tolerance
     if attribute:
-        result.update(_attribute_differences(original, final, reference, _first(inputs, attribution_samples),
+        result.update(_attribute_differences(original, final, reference, [a[:attribution_samples] for a in inputs],
                                              tolerance))
     return result
-
-
-def _prepared(model: ModelWrapper) -> ModelWrapper:
-    """``model`` after :func:`a2q_passes.finn_quant_forms.finn_preparation` (exact rewrites), on a copy."""
-    from a2q_passes.finn_flow import reproducible_names
-    from a2q_passes.finn_quant_forms import finn_preparation
-
-    prepared = ModelWrapper(model.model.SerializeToString())
-    with reproducible_names():
-        for transformation in finn_preparation():
-            prepared = prepared.transform(transformation)
-    return prepared
 
 
 def activation_ties_rounded_up(model: ModelWrapper) -> ModelWrapper | None:

@@ -282,3 +282,10 @@ def finn_preparation() -> list[Transformation]:
 
     return [RemoveStaticGraphInputs(), QuantFromQDQ(), UnsignedQuantAfterRelu(), FoldBiasQuantizers(),
             ConvDefaultAttributes()]
+
+
+def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:
+    """``model`` after every pass of :func:`finn_preparation`, in order (a new model: ``transform`` copies)."""
+    for transformation in finn_preparation():
+        model = model.transform(transformation)
+    return model

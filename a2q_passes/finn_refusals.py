@@ -49,8 +49,8 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
             grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
                            f"{shape[0]} output channels)")
     if other_dims:
-        raise LoweringError(f"FINN lowers only 1-D and 2-D convolutions; Conv {', '.join(other_dims)} cannot be lowered. "
-                            "Keep the layer out of the FINN part.")
+        raise LoweringError(f"FINN lowers only 1-D and 2-D convolutions; Conv {', '.join(other_dims)} cannot be "
+                            "lowered. Keep the layer out of the FINN part.")
     if grouped:
         raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
                             f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "

@@ -42,7 +42,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
-from a2q_passes.finn_quant_forms import finn_preparation
+from a2q_passes.finn_quant_forms import prepare_for_finn
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.hw_accumulators import (check_hw_accumulators, describe_hw_layers, hw_targets, qonnx_recorded_widths,
                                         rekey_accumulator_record)
@@ -133,8 +133,7 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     conversion still cannot take (Q/DQ nodes left, zero points), as ``a2q lower`` does."""
     from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
 
-    for transformation in finn_preparation():
-        model = model.transform(transformation)
+    model = prepare_for_finn(model)
     refuse_unconvertible_quantizers(model)
     return model
 
@@ -155,7 +154,8 @@ def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     budgets = {name: getattr(cfg, f"a2q_budget_{name}", None) for name in ("bits", "lut")}
     given = [name for name, value in budgets.items() if value is not None]
     if len(given) > 1 or (given and getattr(cfg, "a2q_min_score_pct", None) is not None):
-        raise A2QError("step_a2q_allocate: set only one of cfg.a2q_min_score_pct, cfg.a2q_budget_bits, cfg.a2q_budget_lut")
+        raise A2QError("step_a2q_allocate: set only one of cfg.a2q_min_score_pct, cfg.a2q_budget_bits, "
+                       "cfg.a2q_budget_lut")
     step = AllocateAccumulators(
         data, getattr(cfg, "a2q_allocate_val", None),
         min_score_pct=None if given else getattr(cfg, "a2q_min_score_pct", None) or 99.0,
