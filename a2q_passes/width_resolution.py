@@ -14,8 +14,22 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer
 from a2q_passes.metadata import recorded_widths
+from a2q_passes.projection import MAX_ACC_BITS
 
 WIDTHS_GLOBAL, WIDTHS_SELECTED, WIDTHS_RECORDED = "global", "selected layers", "model metadata"
+EVERY_LAYER = "--acc-bits"  # what a width given for every layer is called in messages
+
+
+def check_width(bits: object, lowest: int, given_for: str) -> None:
+    """Refuse an accumulator width that is no integer from ``lowest`` to :data:`MAX_ACC_BITS` bits.
+
+    ``given_for`` names where it came from: :data:`EVERY_LAYER` for one width for the whole model (so the message
+    names the option, not the first layer it was applied to), else a layer name.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lowest <= int(bits) <= MAX_ACC_BITS:
+        where = given_for if given_for == EVERY_LAYER else f"layer '{given_for}'"
+        raise A2QError(f"{where}: accumulator width {bits!r} is out of range; use an integer from {lowest} to "
+                       f"{MAX_ACC_BITS} bits")
 
 
 def check_skips(layers: list[MacLayer], skip: frozenset[str], given: dict[str, int]) -> None:
@@ -33,6 +47,7 @@ def resolve_widths(model: ModelWrapper, layers: list[MacLayer], widths: int | di
     """Per-layer widths and where they came from (one of ``WIDTHS_*``); errors name the bad layer."""
     quantized = {layer.node: layer for layer in layers if layer.status != STATUS_WEIGHTS_NOT_QUANTIZED}
     if isinstance(widths, (int, np.integer)):
+        check_width(widths, 1, EVERY_LAYER)
         resolved, source = {name: int(widths) for name in quantized}, WIDTHS_GLOBAL
     elif isinstance(widths, dict):
         resolved, source = dict(widths), WIDTHS_SELECTED
@@ -55,6 +70,5 @@ def resolve_widths(model: ModelWrapper, layers: list[MacLayer], widths: int | di
             node = names[name]
             what = "has float weights" if any(layer.node == name for layer in layers) else f"is a {node.op_type} node"
             raise A2QError(f"a width is {where} for '{name}', which {what}, not a quantized MAC layer")
-        if not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 64:
-            raise A2QError(f"layer '{name}': accumulator width must be an integer between 1 and 64, got {bits!r}")
+        check_width(bits, 1, name)
     return {name: int(bits) for name, bits in resolved.items()}, source

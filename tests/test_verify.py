@@ -402,7 +402,7 @@ def test_bad_data_is_a_clear_error(small_net, tmp_path, case, a2q):
 @pytest.mark.parametrize("args,expect", [
     (["--layer", "nosuch=12"], "'nosuch'"),
     (["--acc-bits", "12", "--layer", "Quant_0=12"], "not a quantized MAC layer"),
-    (["--acc-bits", "0"], "between 1 and 64"),
+    (["--acc-bits", "0"], "--acc-bits: accumulator width 0 is out of range"),
     (["--acc-bits", "12", "--mode", "round"], "mode"),
     (["--acc-bits", "12", "--tile", "0"], "--tile"),
 ])

@@ -48,6 +48,8 @@ from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.metadata import recorded_accumulators, set_metadata_value
 from a2q_passes.model_io import declare_custom_domains
 from a2q_passes.passes import A2QPass, PassResult
+from a2q_passes.projection import MIN_ACC_BITS
+from a2q_passes.width_resolution import EVERY_LAYER, check_width
 
 
 class LowerToFINN(A2QPass):
@@ -67,8 +69,8 @@ class LowerToFINN(A2QPass):
         super().__init__()
         if acc_bits is not None and from_annotations:
             raise PreconditionError("give either one accumulator width (--acc-bits) or --from-annotations, not both")
-        if acc_bits is not None and not 2 <= acc_bits <= 64:
-            raise PreconditionError(f"accumulator width {acc_bits} is out of range; use 2 to 64 bits")
+        if acc_bits is not None:
+            check_width(acc_bits, MIN_ACC_BITS, EVERY_LAYER)
         self.acc_bits, self.from_annotations, self.strict = acc_bits, from_annotations, strict
         self.layers: list[HWLayer] = []
         self.lowering: LoweringReport | None = None

@@ -28,11 +28,11 @@ from a2q_passes.read_only_model import ReadOnlyModel
 from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.methods import get_method, project_weights
 from a2q_passes.passes import A2QPass, PassResult
-from a2q_passes.projection import (ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
+from a2q_passes.projection import (MIN_ACC_BITS, ProjectionResult, accumulator_is_signed, min_feasible_acc_bits,
                                    plain_round, project_in_parts, project_multistage)
 from a2q_passes.projection_stats import projection_stats
 from a2q_passes.row_blocks import projection_threads, rows_per_block
-from a2q_passes.width_resolution import check_skips
+from a2q_passes.width_resolution import EVERY_LAYER, check_skips, check_width
 
 
 # an activation x activation MatMul that fits its target: reported and promised, never rewritten
@@ -75,6 +75,10 @@ def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dic
     """
     by_name = {layer.node: layer for layer in layers}
     known = ", ".join(sorted(by_name)) or "none"
+    if acc_bits is not None:
+        check_width(acc_bits, MIN_ACC_BITS, EVERY_LAYER)
+    for name, bits in overrides.items():
+        check_width(bits, MIN_ACC_BITS, name)
     check_skips(layers, skip, overrides)
     if acc_bits is not None:
         unreadable = [layer for layer in layers
@@ -91,9 +95,6 @@ def resolve_targets(layers: list[MacLayer], acc_bits: int | None, overrides: dic
             raise A2QError(f"--layer {name}={bits}: layer '{name}' cannot be constrained ({by_name[name].status})")
     targets = {layer.node: acc_bits for layer in layers if layer.ok and acc_bits is not None and layer.node not in skip}
     targets.update(overrides)
-    for name, bits in targets.items():
-        if not isinstance(bits, int) or not 2 <= bits <= 64:
-            raise A2QError(f"layer '{name}': accumulator width {bits} is out of range; use 2 to 64 bits")
     return targets
 
 
