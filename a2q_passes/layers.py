@@ -35,7 +35,7 @@ from a2q_passes.graph_values import get_constant, node_attr, node_label, node_st
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, QUANT_OP_TYPES, UNROUNDED_KINDS, UnsupportedLayer, WeightSource,
                                        apply_perms, check_integer_values, codes_as_stored, contiguous_copy,
                                        integer_operand_source, is_integer_mac, mac_weight_shape, read_mac_weights,
-                                       resolve_weight_source, transposed_copy, unrounded_mac_weights, write_mac_weights)
+                                       resolve_weight_source, unrounded_mac_weights, write_mac_weights)
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -114,8 +114,8 @@ class RowLayout:
     def from_rows(self, rows: np.ndarray) -> np.ndarray:
         if self.kind == "reshape":
             return rows.reshape(self.shape)
-        if self.kind == "transpose":
-            return transposed_copy(rows)
+        if self.kind == "transpose":  # a view: the writer copies it once into the stored layout (no copy if that is rows)
+            return rows.T
         if self.kind == "identity":
             return rows
         flat = np.zeros(int(np.prod(self.shape)), dtype=rows.dtype)
