@@ -17,7 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_flow import StageRecord, run_flow
-from a2q_passes.finn_quant_forms import prepare_for_finn
+from a2q_passes.finn_quant_forms import DefaultDomainFirst, prepare_for_finn
 from a2q_passes.model_io import data_inputs
 
 
@@ -148,7 +148,8 @@ def compare_execution(
 
     # static inputs first: cleanup_model drops an unused initializer before its graph input entry, which would
     # leave that entry as a second, dynamic input
-    reference_model = cleanup_model(ModelWrapper(original.model.SerializeToString()).transform(RemoveStaticGraphInputs()))
+    reference_model = ModelWrapper(original.model.SerializeToString()).transform(RemoveStaticGraphInputs())
+    reference_model = cleanup_model(reference_model.transform(DefaultDomainFirst()))  # see DefaultDomainFirst
     inputs = input_arrays(inputs)
     reference = execute_batch(reference_model, inputs, "QONNX model")
     final = execute_batch(lowered, inputs, "lowered FINN graph")

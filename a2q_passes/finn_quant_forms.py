@@ -63,6 +63,78 @@ def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None
     return int(b) - 1 if b == int(b) and b >= 2 else None
 
 
+class DefaultDomainFirst(Transformation):
+    """The ONNX default domain becomes the model's first opset import.
+
+    Why: qonnx's ``FoldConstants`` (inside ``cleanup_model`` and FINN's tidy-up) executes every constant node at the
+    version of the *first* opset import; a QONNX export that lists ``qonnx.custom_op.general`` (version 2) first
+    then runs a constant ``Div`` as ``Div``-1, which onnxruntime does not implement. Why it is exact: the order of
+    opset imports carries no meaning in ONNX.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        imports = list(model.model.opset_import)
+        default = [i for i in imports if i.domain in ("", "ai.onnx")]
+        if not default or imports[0].domain in ("", "ai.onnx"):
+            return model, False
+        ordered = default + [i for i in imports if i.domain not in ("", "ai.onnx")]
+        copies = [type(i)(domain=i.domain, version=i.version) for i in ordered]
+        del model.model.opset_import[:]
+        model.model.opset_import.extend(copies)
+        return model, True
+
+
+class ScaleIntoQuant(Transformation):
+    """``Mul(Quant(Div(x, s), 1, 0, b), s)``, the form qonnx's ``ExtractQuantScaleZeroPt`` writes, becomes
+    ``Quant(x, s, 0, b)`` again.
+
+    Why: FINN's conversion fails on the extracted form (its ``FoldQuantWeights`` executes the weights' ``Div`` as a
+    node of ONNX opset 1, which onnxruntime does not implement). Why it is exact: qonnx's ``Quant`` computes
+    ``x / s`` in float32, adds the zero point 0, rounds, clamps and multiplies by ``s``: the same float32 steps as
+    ``Div``, the unit-scale ``Quant`` and ``Mul``. Only that form is folded: the same ``s`` (values and shape) on
+    both sides, the ``Quant``'s own scale 1 and zero point 0, and nothing else reading the ``Div`` or ``Quant``
+    outputs.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for mul in list(model.graph.node):
+            chain = _extracted_scale(model, mul)
+            if chain is None:
+                continue
+            div, quant = chain
+            dropped = (quant.input[1], div.output[0], *mul.input)  # the unit scale, the scaled input, Mul's operands
+            quant.input[0], quant.input[1] = div.input[0], div.input[1]
+            quant.output[0] = mul.output[0]
+            for node in (div, mul):
+                model.graph.node.remove(node)
+            for name in dropped:
+                _remove_if_unused(model, name)
+                for info in [i for i in model.graph.value_info if i.name == name]:
+                    model.graph.value_info.remove(info)
+            changed = True
+        return model, changed
+
+
+def _extracted_scale(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, NodeProto] | None:
+    """``(div, quant)`` where ``mul`` ends :class:`ScaleIntoQuant`'s form, else ``None``."""
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    quant = model.find_producer(mul.input[0])
+    if quant is None or quant.op_type not in ("Quant", "IntQuant") or len(model.find_consumers(quant.output[0])) != 1:
+        return None
+    div = model.find_producer(quant.input[0])
+    if div is None or div.op_type != "Div" or len(model.find_consumers(div.output[0])) != 1:
+        return None
+    before, after = get_constant(model, div.input[1]), get_constant(model, mul.input[1])
+    unit_scale, unit_zero = get_constant(model, quant.input[1]), get_constant(model, quant.input[2])
+    if before is None or after is None or unit_scale is None or unit_zero is None:
+        return None
+    if np.any(unit_scale != 1) or np.any(unit_zero != 0) or np.shape(before) != np.shape(after):
+        return None
+    return (div, quant) if np.array_equal(before, after) else None
+
+
 class FoldBiasQuantizers(Transformation):
     """A quantizer of a constant bias (``Quant``/``IntQuant``/``BipolarQuant`` on initializers, read only as the
     bias of ``Conv``/``Gemm``) is replaced by the constant it computes.
@@ -277,11 +349,12 @@ def is_qdq_node(node: NodeProto) -> bool:
 def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
-    dynamic input), Q/DQ chains become ``Quant`` nodes, then the three rewrites above."""
+    dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of ``Quant`` nodes go back in, Q/DQ chains
+    become ``Quant`` nodes, then the three rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
-    return [RemoveStaticGraphInputs(), QuantFromQDQ(), UnsignedQuantAfterRelu(), FoldBiasQuantizers(),
-            ConvDefaultAttributes()]
+    return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
+            UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

@@ -240,39 +240,8 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
         return resolve_weight_source(model, producer.input[0], ([perm] if perm else []) + perms, zero_point)
     if op in QUANT_OP_TYPES:
         _require_stored_weights(model, producer)
-        scale = _require_constant(model, producer, 1, "scale")
-        z = _require_constant(model, producer, 2, "zero point")
-        bits = _require_constant(model, producer, 3, "bit width")
-        if np.any(z != np.rint(z)):
-            raise UnsupportedLayer(f"{node_label(producer)} has a non-integer weight zero point: its weights are no "
-                                   "integers a MAC multiplies")
-        bits = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else None
-        if bits is None or not np.isfinite(bits) or bits != int(bits) or bits < 1:
-            # a bit width <= 0 makes qonnx clamp every weight to one value; non-integer widths clamp
-            # to fractional limits: neither is a weight quantizer this tool reads
-            raise UnsupportedLayer(f"{node_label(producer)} has weight bit width "
-                                   f"{'per channel' if bits is None else bits}; weights are read only with one "
-                                   "integer bit width >= 1: re-export the weight quantizer with such a bit width")
-        bits = int(bits)
-        signed, narrow = bool(node_attr(producer, "signed", 1)), bool(node_attr(producer, "narrow", 0))
-        if bits == 1 and signed:
-            if np.any(z != 0):  # qonnx's bipolar codes +-1 less a zero point: neither a weight range nor bipolar
-                raise UnsupportedLayer(f"{node_label(producer)} is a 1-bit signed weight quantizer with a non-zero "
-                                       "zero point, which a2q does not read; re-export it without a zero point")
-            weight_range = BIPOLAR
-        else:
-            from qonnx.custom_op.general.intquant import max_int, min_int  # see quant_code_range
-
-            weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
-        source = WeightSource(
-            "quant", producer.input[0], producer.name, weight_range, quant_dtype(bits, signed),
-            scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(z, dtype=np.float32),
-            rounding_mode=node_str_attr(producer, "rounding_mode", "ROUND"), perms=perms,
-        )
-        # qonnx's Quant: codes round(clip(w / s + z)), real weight (code - z) * s, as DequantizeLinear's
-        if not np.any(z != 0):
-            return source
-        return _zero_point_source(source, np.rint(z).astype(np.int64), zero_point, node_label(producer))
+        return _quant_source(model, producer, perms, zero_point, producer.input[0],
+                             _require_constant(model, producer, 1, "scale"))
     if op == "BipolarQuant":
         _require_stored_weights(model, producer)
         scale = _require_constant(model, producer, 1, "scale")
@@ -283,16 +252,82 @@ def resolve_weight_source(model: ModelWrapper, tensor: str, perms: list[list[int
     if op == "FloatQuant":
         raise UnsupportedLayer(f"weights are produced by {node_label(producer)}: minifloat weights multiply in floating "
                                "point, so the layer has no integer accumulator for a2q to bound")
-    if op in ("Mul", "Div") and any(initializer_proto(model, t) is not None for t in producer.input):
-        # qonnx's ExtractQuantScaleZeroPt writes Quant(w / s, 1, 0, b) * s: the codes a2q would rewrite lie behind a
-        # rescaling it does not carry through project and verify
-        raise UnsupportedLayer(f"weights are produced by {node_label(producer)}, a rescaling after the weight "
-                               "quantizer (as qonnx's ExtractQuantScaleZeroPt writes): a2q reads weights whose "
-                               "quantizer (Quant, BipolarQuant, DequantizeLinear) feeds the layer directly or through "
-                               "Transpose/Identity; run a2q on the model before that transformation")
+    if op == "Mul" and any(get_constant(model, t) is not None for t in producer.input):
+        return _extracted_scale_source(model, producer, perms, zero_point)
     raise UnsupportedLayer(f"weights are produced by {node_label(producer)}, which this tool does not read; a2q "
                            "reads weights from a quantizer (Quant, BipolarQuant, DequantizeLinear) or an integer "
                            "initializer, directly or through Transpose/Identity")
+
+
+def _quant_source(model: ModelWrapper, quant: NodeProto, perms: list[list[int]], zero_point: str, tensor: str,
+                  scale: np.ndarray) -> WeightSource:
+    """The weights a QONNX ``Quant`` makes of the stored ``tensor`` divided by ``scale``: its own input and scale, or
+    those qonnx's ExtractQuantScaleZeroPt moved out of it (:func:`_extracted_scale_source`)."""
+    z = _require_constant(model, quant, 2, "zero point")
+    bits = _require_constant(model, quant, 3, "bit width")
+    if np.any(z != np.rint(z)):
+        raise UnsupportedLayer(f"{node_label(quant)} has a non-integer weight zero point: its weights are no "
+                               "integers a MAC multiplies")
+    bits = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else None
+    if bits is None or not np.isfinite(bits) or bits != int(bits) or bits < 1:
+        # a bit width <= 0 makes qonnx clamp every weight to one value; non-integer widths clamp
+        # to fractional limits: neither is a weight quantizer this tool reads
+        raise UnsupportedLayer(f"{node_label(quant)} has weight bit width "
+                               f"{'per channel' if bits is None else bits}; weights are read only with one "
+                               "integer bit width >= 1: re-export the weight quantizer with such a bit width")
+    bits = int(bits)
+    signed, narrow = bool(node_attr(quant, "signed", 1)), bool(node_attr(quant, "narrow", 0))
+    if bits == 1 and signed:
+        if np.any(z != 0):  # qonnx's bipolar codes +-1 less a zero point: neither a weight range nor bipolar
+            raise UnsupportedLayer(f"{node_label(quant)} is a 1-bit signed weight quantizer with a non-zero "
+                                   "zero point, which a2q does not read; re-export it without a zero point")
+        weight_range = BIPOLAR
+    else:
+        from qonnx.custom_op.general.intquant import max_int, min_int  # see quant_code_range
+
+        weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
+    source = WeightSource(
+        "quant", tensor, quant.name, weight_range, quant_dtype(bits, signed),
+        scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(z, dtype=np.float32),
+        rounding_mode=node_str_attr(quant, "rounding_mode", "ROUND"), perms=perms,
+    )
+    # qonnx's Quant: codes round(clip(w / s + z)), real weight (code - z) * s, as DequantizeLinear's
+    if not np.any(z != 0):
+        return source
+    return _zero_point_source(source, np.rint(z).astype(np.int64), zero_point, node_label(quant))
+
+
+def _extracted_scale_source(model: ModelWrapper, mul: NodeProto, perms: list[list[int]], zero_point: str) -> WeightSource:
+    """Weights as qonnx's ExtractQuantScaleZeroPt writes a weight ``Quant(w, s, 0, b)``: ``Quant(w / s, 1, 0, b) * s``.
+
+    The same codes ``round(clip(w / s))`` in the same float32 steps (``Div`` then a unit-scale ``Quant``), scaled back
+    by the same ``s``: read and written as that ``Quant`` (new weights are stored into ``w``). Only that exact form is
+    read: any other factor after a quantizer would change the grid the MAC's products lie on.
+    """
+    data = 0 if get_constant(model, mul.input[1]) is not None else 1
+    after = get_constant(model, mul.input[1 - data])
+    quant = model.find_producer(mul.input[data])
+    refusal = (f"weights are produced by {node_label(mul)}, a rescaling after the weight quantizer; a2q reads one "
+               "there only in the form qonnx's ExtractQuantScaleZeroPt writes, Quant(w / s, scale 1, zero point 0) "
+               "* s with w an initializer, and ")
+    if quant is None or quant.op_type not in QUANT_OP_TYPES:
+        raise UnsupportedLayer(refusal + f"here the Mul multiplies {node_label(quant) if quant else 'no node'}'s "
+                               "output; run a2q on the model before that transformation")
+    unit_scale = _require_constant(model, quant, 1, "scale")
+    unit_zero = _require_constant(model, quant, 2, "zero point")
+    if np.any(unit_scale != 1) or np.any(unit_zero != 0):
+        raise UnsupportedLayer(refusal + f"here {node_label(quant)} has its own scale or zero point (not 1 and 0)")
+    div = model.find_producer(quant.input[0])
+    before = get_constant(model, div.input[1]) if div is not None and div.op_type == "Div" else None
+    if before is None or initializer_proto(model, div.input[0]) is None:
+        what = f"{node_label(div)}" if div is not None else "no node"
+        raise UnsupportedLayer(refusal + f"here {node_label(quant)} quantizes the output of {what}, not an "
+                               "initializer divided by a constant (a zero point moved out as Add/Sub is not read); "
+                               "run a2q on the model before that transformation")
+    if np.shape(before) != np.shape(after) or not np.array_equal(before, after):
+        raise UnsupportedLayer(refusal + f"here {node_label(div)} divides by another scale than {node_label(mul)} "
+                               "multiplies by")
+    return _quant_source(model, quant, perms, zero_point, div.input[0], before)
 
 
 def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:

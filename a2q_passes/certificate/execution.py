@@ -16,8 +16,9 @@ from a2q_passes.tensor_store import is_streamed, tensor_value
 
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "Trunc", "DequantizeLinear")
-# Ops the certificate executes on constants (nothing else may feed a weight quantizer).
-_CONSTANT_OPS = (*LAYOUT_OPS, *WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant", "Cast")
+# Ops the certificate executes on constants (nothing else may feed a weight quantizer); Div and Mul: the scale qonnx's
+# ExtractQuantScaleZeroPt moves out of a weight Quant (Quant(w / s, 1, 0, b) * s)
+_CONSTANT_OPS = (*LAYOUT_OPS, *WEIGHT_QUANTIZERS, "QuantizeLinear", "Clip", "Constant", "Cast", "Div", "Mul")
 # |value / scale - q| allowed: float32 q * s / s lands within a few ulps (2^-24 |q| each) of q
 _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE = 1e-3, 2.0 ** -16
 # tensors from this many values up are checked by the compiled kernel: below it, importing numba (and compiling

@@ -83,16 +83,23 @@ def weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.n
         producer = model.find_producer(t)
     if producer is None or producer.op_type == "Constant":
         return _annotated_integers(model, t, execute_constants(model, [tensor])[tensor]), None
+    rescale, factor_name = None, ""  # a constant factor after a Quant (qonnx's ExtractQuantScaleZeroPt writes one)
+    if producer.op_type == "Mul":
+        rescale, producer, factor_name = _rescaled_quant(model, producer)
     if producer.op_type not in WEIGHT_QUANTIZERS:
         raise CannotCertify(f"weights come from {node_label(producer)}, which is not a weight quantizer")
     scale_name = _scale_input(producer)
-    values = execute_constants(model, [tensor, producer.output[0], scale_name])
-    out_shape = values[producer.output[0]].shape
-    if producer.output[0] != tensor:  # only its shape is used: a large layer's weights are then held once, not twice
-        del values[producer.output[0]]
+    grid_out = (rescale or producer).output[0]  # where the weights lie on the grid: (code - z) * step
+    values = execute_constants(model, [tensor, grid_out, scale_name, *([factor_name] if rescale else [])])
+    out_shape = values[grid_out].shape
+    if grid_out != tensor:  # only its shape is used: a large layer's weights are then held once, not twice
+        del values[grid_out]
     grid_step = _scale_in_rank(producer, values[scale_name], out_shape)
+    if rescale is not None:
+        grid_step = grid_step * _scale_in_rank(rescale, values[factor_name], out_shape)
     if not np.all(np.isfinite(grid_step)) or np.any(grid_step == 0):
-        raise CannotCertify(f"{node_label(producer)} has a zero or non-finite scale")
+        raise CannotCertify(f"{node_label(producer)} has a zero or non-finite scale"
+                            + (f" times the factor of {node_label(rescale)}" if rescale is not None else ""))
     # Transpose permutes axes and Identity (and a Clip, passed as one) keeps values: both act on a tensor of the
     # output's rank that broadcasts to it as on the broadcast tensor, so a scale travels in its own shape
     # (a per-channel vector, not one value per weight); Reshape-like ops need every element
@@ -104,8 +111,7 @@ def weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.n
             return param
         sent = param if own_shape else np.broadcast_to(param, out_shape)
         # float32, what the executed ops take: exact for the float32 scales and the integers (< 2^24) sent here
-        return execute_constants(model, [tensor], {producer.output[0]: sent.astype(np.float32)},
-                                 clip_as_identity=True)[tensor]
+        return execute_constants(model, [tensor], {grid_out: sent.astype(np.float32)}, clip_as_identity=True)[tensor]
 
     q = as_integers(values[tensor], f"the executed weights of {node_label(producer)} divided by its scale",
                     divisor=carried(grid_step))
@@ -127,6 +133,22 @@ def weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.n
     if number.size and number.max() >= 1 << 24:
         raise CannotCertify(f"{node_label(producer)} has more block scales than this check numbers exactly")
     return q, np.rint(carried(number)).astype(np.int64)
+
+
+def _rescaled_quant(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, NodeProto, str]:
+    """``(mul, quant, factor)`` for weights ``Quant(...) * factor`` with a constant factor: the products lie on the
+    grid of the Quant's step times the factor; any other Mul on the weight path is refused."""
+    for data, factor in ((0, 1), (1, 0)):
+        quant = model.find_producer(mul.input[data])
+        if quant is not None and quant.op_type in ("Quant", "IntQuant") and _is_constant(model, mul.input[factor]):
+            return mul, quant, mul.input[factor]
+    raise CannotCertify(f"weights come from {node_label(mul)}, which is no constant factor after a weight Quant")
+
+
+def _is_constant(model: ModelWrapper, name: str) -> bool:
+    """Whether ``name`` is an initializer or made by a Constant node (the factors the graph's exporters write)."""
+    producer = model.find_producer(name)
+    return producer.op_type == "Constant" if producer is not None else model.get_initializer(name) is not None
 
 
 def _plus_widened(q: np.ndarray, z: np.ndarray) -> np.ndarray:

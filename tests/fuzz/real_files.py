@@ -136,7 +136,7 @@ def weight_scale(model: ModelWrapper, mac, parameter: int = 1) -> np.ndarray:
     """The weight quantizer's scale broadcast to the weight as the MAC consumes it (executed through the moves);
     ``parameter`` 2: its zero point (0 where it has none)."""
     tensor = mac.input[1]
-    moves = []
+    moves, factor = [], None  # factor: a constant Mul right after the quantizer (qonnx's ExtractQuantScaleZeroPt)
     while True:
         producer = model.find_producer(tensor)
         if producer is None:
@@ -146,7 +146,13 @@ def weight_scale(model: ModelWrapper, mac, parameter: int = 1) -> np.ndarray:
             return np.full(1, 1.0 if parameter == 1 else 0.0, np.float32)  # FINN: integer weights, the scale behind
         if producer.op_type in WEIGHT_QUANTIZERS:
             break
-        if producer.op_type not in WEIGHT_MOVES:
+        before = model.find_producer(producer.input[0])
+        if (producer.op_type == "Mul" and factor is None and _const(model, producer.input[1]) is not None
+                and before is not None and before.op_type in ("Quant", "IntQuant")):
+            factor, grid_out = np.asarray(_const(model, producer.input[1]), np.float32), producer.output[0]
+            tensor = producer.input[0]
+            continue
+        if producer.op_type not in WEIGHT_MOVES or factor is not None:
             raise Undescribed(f"weight {mac.input[1]!r} comes from {producer.op_type} {producer.name!r}")
         moves.append(producer)
         tensor = producer.input[0]
@@ -158,11 +164,15 @@ def weight_scale(model: ModelWrapper, mac, parameter: int = 1) -> np.ndarray:
     if producer.op_type == "DequantizeLinear" and scale.ndim == 1 and scale.size > 1:
         axis = _attr(producer, "axis", 1) % codes.ndim
         scale = scale.reshape([-1 if d == axis else 1 for d in range(codes.ndim)])
-    image = np.broadcast_to(scale, codes.shape).astype(np.float32)
+    if factor is None:
+        grid_out, shape = producer.output[0], codes.shape
+    else:  # the products lie on the quantizer's step times the factor; the zero point stays in codes
+        shape = np.broadcast_shapes(codes.shape, factor.shape)
+        scale = scale * factor if parameter == 1 else scale
+    image = np.broadcast_to(scale, shape).astype(np.float32)
     if not moves:
         return image
-    return execute(_subgraph(model, moves, [producer.output[0]], [mac.input[1]], codes.shape[0]),
-                        {producer.output[0]: image})[mac.input[1]]
+    return execute(_subgraph(model, moves, [grid_out], [mac.input[1]], shape[0]), {grid_out: image})[mac.input[1]]
 
 
 def describe_layer(model: ModelWrapper, name: str) -> LayerInfo:
