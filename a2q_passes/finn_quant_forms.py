@@ -164,6 +164,53 @@ class FoldBiasQuantizers(Transformation):
         return model, changed
 
 
+class GemmFactorsAsFloat32(Transformation):
+    """A ``Gemm`` with ``alpha`` or ``beta`` other than 1 becomes ``Gemm(A, B)`` (alpha = beta = 1, no C), a ``Mul`` by
+    alpha, and the ``Add`` of C times beta: the nodes qonnx's ``GemmToMatMul`` makes of it, with float32 factors.
+
+    Why: FINN's conversion runs ``GemmToMatMul``, which stores the float32 attributes alpha and beta as float64
+    initializers of those ``Mul`` nodes; onnxruntime then refuses the graph ("Mul bound to different types
+    (tensor(float) and tensor(double))"). Why it is exact: the factors are the same float32 numbers, applied by the
+    same float32 ops FINN's own rewrite would add (a ``Gemm`` without C gets FINN's zero bias, which adds nothing).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for gemm in [n for n in model.graph.node if n.op_type == "Gemm" and n.domain in ("", "ai.onnx")]:
+            alpha, beta = float(node_attr(gemm, "alpha", 1.0)), float(node_attr(gemm, "beta", 1.0))
+            bias = gemm.input[2] if len(gemm.input) > 2 else ""
+            if alpha == 1.0 and (beta == 1.0 or not bias):
+                continue
+            label, out = gemm.name or gemm.output[0], gemm.output[0]
+            product = f"{label}_product"
+            del gemm.input[2:]
+            gemm.output[0] = product
+            for attribute in [a for a in gemm.attribute if a.name in ("alpha", "beta")]:
+                gemm.attribute.remove(attribute)
+            index = list(model.graph.node).index(gemm) + 1
+            after = []
+            if alpha != 1.0:
+                model.set_initializer(f"{label}_alpha", np.asarray(alpha, dtype=np.float32))
+                scaled = f"{label}_scaled" if bias else out
+                after.append(helper.make_node("Mul", [product, f"{label}_alpha"], [scaled], name=f"{label}_alpha_mul"))
+                product = scaled
+            if bias:
+                if beta != 1.0:
+                    model.set_initializer(f"{label}_beta", np.asarray(beta, dtype=np.float32))
+                    after.append(helper.make_node("Mul", [bias, f"{label}_beta"], [f"{label}_bias"],
+                                                  name=f"{label}_beta_mul"))
+                    bias = f"{label}_bias"
+                after.append(helper.make_node("Add", [product, bias], [out], name=f"{label}_bias_add"))
+            for offset, node in enumerate(after):
+                model.graph.node.insert(index + offset, node)
+            changed = True
+        if changed:  # qonnx executes only fully shaped graphs
+            from qonnx.transformation.infer_shapes import InferShapes
+
+            model = model.transform(InferShapes())
+        return model, changed
+
+
 class ConvDefaultAttributes(Transformation):
     """A ``Conv`` gets each of ``kernel_shape``, ``strides``, ``dilations``, ``group`` and ``pads`` it leaves out, at
     its ONNX default: the kernel the weights have (their dims after the first two), 1, 1, 1 and 0 (``pads`` only
@@ -350,11 +397,11 @@ def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
     dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of ``Quant`` nodes go back in, Q/DQ chains
-    become ``Quant`` nodes, then the three rewrites above."""
+    become ``Quant`` nodes, then the four rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
-            UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes()]
+            UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes(), GemmFactorsAsFloat32()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

@@ -24,7 +24,7 @@ from qonnx.transformation.extract_conv_bias import ExtractBiasFromConv
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
-from a2q_passes.finn_quant_forms import FoldBiasQuantizers, UnsignedQuantAfterRelu
+from a2q_passes.finn_quant_forms import FoldBiasQuantizers, GemmFactorsAsFloat32, UnsignedQuantAfterRelu
 from a2q_passes.graph_values import node_attr
 from tests.brevitas_graph_ptq import GraphPtqSpec, export_graph_ptq
 from tests.cli_helpers import run_a2q
@@ -402,3 +402,43 @@ def test_a_qdq_file_qcdq_to_quant_converts_only_in_part_is_left_whole_and_named(
     message = result.stdout + result.stderr
     assert "FINN converts QONNX Quant nodes only" in message and "not of 4-bit storage" in message
     assert "W1_DequantizeLinear" in message and "export_qonnx" in message and "Traceback" not in message
+
+def _gemm_model(alpha: float, beta: float, bias: bool, trans_b: int) -> ModelWrapper:
+    """A 4-bit activation Quant into a Gemm with 4-bit per-channel Quant weights, alpha, beta and a bias C."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 1, (6, 10) if trans_b else (10, 6)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.float32(0.125), "xs"), numpy_helper.from_array(np.float32(0), "z"),
+             numpy_helper.from_array(np.float32(4), "b"), numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.full((6, 1) if trans_b else (1, 6), 0.25, np.float32), "ws"),
+             numpy_helper.from_array(rng.normal(0, 1, 6).astype(np.float32), "c")]
+    nodes = [helper.make_node("Quant", ["x", "xs", "z", "b"], ["xq"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w", "ws", "z", "b"], ["wq"], domain=QONNX, signed=1, narrow=1,
+                              rounding_mode="ROUND"),
+             helper.make_node("Gemm", ["xq", "wq", *(["c"] if bias else [])], ["y"], name="fc", alpha=alpha,
+                              beta=beta, transB=trans_b)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], inits)
+    return ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                               helper.make_opsetid(QONNX, 1)])).transform(InferShapes())
+
+
+@pytest.mark.parametrize("alpha,beta,bias,trans_b", [(0.5, 2.0, True, 1), (3.0, 1.0, True, 0), (0.75, 1.0, False, 1),
+                                                     (1.0, -0.5, True, 0)])
+def test_gemm_factors_become_float32_muls_and_lower_takes_them(alpha, beta, bias, trans_b, tmp_path):
+    """qonnx's GemmToMatMul (inside FINN's conversion) stores alpha/beta as float64: onnxruntime then refuses
+    the converted graph (Mul of float and double), so lower failed on any Gemm with alpha or beta other than 1."""
+    model = _gemm_model(alpha, beta, bias, trans_b)
+    rewritten = model.transform(GemmFactorsAsFloat32())
+    gemm = next(n for n in rewritten.graph.node if n.op_type == "Gemm")
+    assert node_attr(gemm, "alpha", 1.0) == 1.0 and node_attr(gemm, "beta", 1.0) == 1.0 and len(gemm.input) == 2
+    assert all(i.data_type == TensorProto.FLOAT for i in rewritten.graph.initializer)
+    rng = np.random.default_rng(0)
+    for x in (rng.normal(0, 1, (1, 10)), np.full((1, 10), 0.0625), np.full((1, 10), 1e3)):
+        x = x.astype(np.float32)
+        want, got = execute_onnx(model, {"x": x})["y"], execute_onnx(rewritten, {"x": x})["y"]
+        assert np.allclose(got, want, rtol=1e-6, atol=1e-6), (got, want)
+    path = tmp_path / "gemm.onnx"
+    model.save(str(path))
+    out = run_a2q("lower", path, tmp_path / "hw.onnx", "--acc-bits", "16")
+    assert out.returncode == 0 and "equivalent" in out.stdout, out.stdout[-800:] + out.stderr
