@@ -12,7 +12,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_quant_forms import is_qdq_node, weight_shape
-from a2q_passes.graph_values import get_constant
+from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.input_grids import value_origin
 
 
@@ -66,6 +66,7 @@ def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
     :class:`LoweringError` naming the quantizers FINN's conversion cannot take (Q/DQ nodes left, zero points)."""
     refuse_unconverted_qdq(model)
     refuse_zero_points(model)
+    refuse_rounding_modes(model)
 
 
 def refuse_unconverted_qdq(model: ModelWrapper) -> None:
@@ -106,6 +107,37 @@ def refuse_zero_points(model: ModelWrapper) -> None:
                             "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8, or "
                             "onnxruntime's default uint8 activations). Export the model with symmetric quantizers for "
                             "FINN; a2q analyze/project/verify read it as it is.")
+
+
+# rounding modes FINN's thresholds at the midpoints between codes (x >= t: ties go up) compute exactly, or up to
+# exact ties (ROUND and HALF_EVEN round ties to even, HALF_DOWN down; lower names and explains that difference when
+# it shows)
+_MIDPOINT_ROUNDING = ("ROUND", "HALF_EVEN", "HALF_UP", "HALF_DOWN")
+
+
+def refuse_rounding_modes(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each activation ``Quant`` that rounds other than to the nearest code.
+
+    Why: FINN's ``ConvertQONNXtoFINN`` makes an activation ``Quant`` into thresholds at the midpoints between codes
+    whatever its ``rounding_mode``: a ``CEIL``, ``FLOOR``, ``UP`` or ``DOWN`` quantizer is lowered half a step off,
+    and the lowered graph differs from the model. Weight quantizers are folded into their values
+    (executed), and a 1-bit signed ``Quant`` is executed as bipolar (its sign): neither depends on the mode here.
+    """
+    off = []
+    for node in model.graph.node:
+        if node.op_type not in ("Quant", "IntQuant") or get_constant(model, node.input[0]) is not None:
+            continue
+        mode = node_str_attr(node, "rounding_mode", "ROUND").upper()
+        bits = get_constant(model, node.input[3]) if len(node.input) > 3 else None
+        bipolar = bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
+            and node_attr(node, "signed", 1)
+        if mode not in _MIDPOINT_ROUNDING and not bipolar:
+            off.append(f"{node.name or node.output[0]!r} ({mode})")
+    if off:
+        raise LoweringError(f"FINN makes an activation Quant into thresholds halfway between codes whatever its "
+                            f"rounding_mode, so {', '.join(off)} would be lowered half a step off. Export those "
+                            "quantizers with rounding_mode ROUND for FINN; a2q analyze/project/verify read the model "
+                            "as it is.")
 
 
 # Producers whose output is an activation on an integer grid FINN's conversion makes thresholds or streams of.

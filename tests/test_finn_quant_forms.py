@@ -403,7 +403,7 @@ def test_a_qdq_file_qcdq_to_quant_converts_only_in_part_is_left_whole_and_named(
     assert "FINN converts QONNX Quant nodes only" in message and "not of 4-bit storage" in message
     assert "W1_DequantizeLinear" in message and "export_qonnx" in message and "Traceback" not in message
 
-def _gemm_model(alpha: float, beta: float, bias: bool, trans_b: int) -> ModelWrapper:
+def _gemm_model(alpha: float, beta: float, bias: bool, trans_b: int, mode: str = "ROUND") -> ModelWrapper:
     """A 4-bit activation Quant into a Gemm with 4-bit per-channel Quant weights, alpha, beta and a bias C."""
     rng = np.random.default_rng(7)
     w = rng.normal(0, 1, (6, 10) if trans_b else (10, 6)).astype(np.float32)
@@ -411,8 +411,8 @@ def _gemm_model(alpha: float, beta: float, bias: bool, trans_b: int) -> ModelWra
              numpy_helper.from_array(np.float32(4), "b"), numpy_helper.from_array(w, "w"),
              numpy_helper.from_array(np.full((6, 1) if trans_b else (1, 6), 0.25, np.float32), "ws"),
              numpy_helper.from_array(rng.normal(0, 1, 6).astype(np.float32), "c")]
-    nodes = [helper.make_node("Quant", ["x", "xs", "z", "b"], ["xq"], domain=QONNX, signed=1, narrow=0,
-                              rounding_mode="ROUND"),
+    nodes = [helper.make_node("Quant", ["x", "xs", "z", "b"], ["xq"], name="act", domain=QONNX, signed=1, narrow=0,
+                              rounding_mode=mode),
              helper.make_node("Quant", ["w", "ws", "z", "b"], ["wq"], domain=QONNX, signed=1, narrow=1,
                               rounding_mode="ROUND"),
              helper.make_node("Gemm", ["xq", "wq", *(["c"] if bias else [])], ["y"], name="fc", alpha=alpha,
@@ -442,3 +442,20 @@ def test_gemm_factors_become_float32_muls_and_lower_takes_them(alpha, beta, bias
     model.save(str(path))
     out = run_a2q("lower", path, tmp_path / "hw.onnx", "--acc-bits", "16")
     assert out.returncode == 0 and "equivalent" in out.stdout, out.stdout[-800:] + out.stderr
+
+
+@pytest.mark.parametrize("mode", ["CEIL", "FLOOR", "UP", "DOWN"])
+def test_activation_quantizers_finn_would_round_wrongly_are_refused_by_name(mode, tmp_path, monkeypatch):
+    """FINN thresholds every activation Quant halfway between codes, whatever its rounding_mode."""
+    from a2q_passes import finn_refusals
+    from tests.cli_helpers import run_cli
+
+    path = tmp_path / "act.onnx"
+    _gemm_model(1.0, 1.0, True, 1, mode).save(str(path))
+    code, out, err = run_cli("lower", path, tmp_path / "hw.onnx", "--acc-bits", "16")
+    assert code == 1 and "'act'" in err and mode in err and "ROUND" in err, err
+    assert not (tmp_path / "hw.onnx").exists()
+    # the refusal is what stands between the user and a graph that differs: without it, the equivalence check fails
+    monkeypatch.setattr(finn_refusals, "refuse_rounding_modes", lambda model: None)
+    code, out, err = run_cli("lower", path, tmp_path / "hw.onnx", "--acc-bits", "16")
+    assert code == 3 and "NOT equivalent" in out, out[-600:] + err
