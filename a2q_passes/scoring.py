@@ -1,6 +1,6 @@
 """Scoring a graph on a data set with the fine-tuning metric (top-1 % or PSNR dB), in a2q's torch bridge or, where
-that cannot run the graph and no training is needed, in onnxruntime. ``a2q allocate`` scores every candidate width
-with it."""
+that cannot run the graph and no training is needed, in onnxruntime or qonnx's executor. ``a2q allocate`` scores
+every candidate width with it."""
 
 from __future__ import annotations
 
@@ -46,32 +46,55 @@ def onnxruntime_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
 
 
-def scoring_executor(reference: ModelWrapper, sample: np.ndarray, onnxruntime_fallback: bool) -> Outputs:
-    """The torch bridge where it runs ``reference`` on ``sample``; else, with ``onnxruntime_fallback`` (scoring only,
-    no training), onnxruntime where that runs it. Refused naming the node either cannot run."""
+def qonnx_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
+    """``model``'s outputs on ``x`` from qonnx's executor, one sample per run: the graphs of FINN's custom ops
+    (``MultiThreshold``, HW layers such as MVAU/VVAU/``Thresholding``, executed in Python) that neither the bridge
+    nor onnxruntime runs. Slow, and only chosen where those cannot run the graph."""
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    from a2q_passes.model_io import data_inputs
+
+    from a2q_passes.finn_quant_forms import DefaultDomainFirst
+
+    # qonnx executes only fully shaped graphs, and each standard node at the first opset import's version
+    model = model.transform(DefaultDomainFirst())
+    if not model.check_all_tensor_shapes_specified():
+        model = model.transform(InferShapes())
+    name, out = data_inputs(model.graph)[0].name, model.graph.output[0].name
+    outputs = [execute_onnx(model, {name: x[i:i + 1]})[out] for i in range(len(x))]
+    return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
+
+
+def scoring_executor(reference: ModelWrapper, sample: np.ndarray, fallback: bool) -> Outputs:
+    """The torch bridge where it runs ``reference`` on ``sample``; else, with ``fallback`` (scoring only, no
+    training), onnxruntime where that runs it, then qonnx's executor. Refused naming the node none can run."""
     try:
         check_runs(reference, sample, "allocation (it scores every candidate)")
         return bridge_outputs
     except A2QError as bridge_error:
-        if not onnxruntime_fallback:
+        if not fallback:
             raise
-        try:
-            onnxruntime_outputs(reference, sample)
-        except Exception as err:  # onnxruntime's own exception types: its message names the node
-            raise A2QError(f"{bridge_error}; onnxruntime cannot run it either: {err}") from err
-        return onnxruntime_outputs
+        failures = []
+        for name, outputs in (("onnxruntime", onnxruntime_outputs), ("qonnx's executor", qonnx_outputs)):
+            try:
+                outputs(reference, sample)
+                return outputs
+            except Exception as err:  # each executor's own exception types: its message names the node
+                failures.append(f"{name} cannot run it either: {err}")
+        raise A2QError(f"{bridge_error}; {'; '.join(failures)}")
 
 
 class Scorer:
     """Scores graphs on one data set with the fine-tuning metric (top-1 % or PSNR dB).
 
     Data without ``y`` is scored against ``reference``'s outputs (its argmax for top-1), computed
-    once here. Graphs run in the torch bridge, or (``onnxruntime_fallback``) in onnxruntime where the bridge
+    once here. Graphs run in the torch bridge, or (``fallback``) in onnxruntime or qonnx's executor where the bridge
     cannot run ``reference`` (:func:`scoring_executor`).
     """
 
     def __init__(self, reference: ModelWrapper, data: DataLike, metric: str = "auto", name: str = "data",
-                 onnxruntime_fallback: bool = False) -> None:
+                 fallback: bool = False) -> None:
         io = ModelIO.of(reference)
         if metric not in METRICS:
             raise A2QError(f"--metric must be one of {', '.join(METRICS)}, got '{metric}'")
@@ -80,7 +103,7 @@ class Scorer:
         self.metric = metric
         self.loss = "ce" if metric == "top1" else "mse"
         dataset = validate(as_dataset(data, name), io, self.loss, needs_labels=False)
-        self.outputs = scoring_executor(reference, dataset.x[:2], onnxruntime_fallback)
+        self.outputs = scoring_executor(reference, dataset.x[:2], fallback)
         if dataset.y is None:
             outputs = self.outputs(reference, dataset.x)
             targets = outputs.argmax(dim=1) if self.loss == "ce" else outputs

@@ -418,8 +418,6 @@ def test_onnxruntime_operator_files_are_allocated_scoring_in_onnxruntime(fmt, a2
     lacks: allocate scores them in onnxruntime (no y: agreement with the file's own outputs). The map is met by
     project, proven by verify and executed within its widths by the oracle; at 100 % of the file's own score the
     projected file, run in onnxruntime, still gives the file's own top-1 on every sample."""
-    from tests.fuzz.oracle import width
-    from tests.fuzz.real_files import executed_range
     from tests.ort_models import conv_gemm_matmul, quantize
 
     shape = conv_gemm_matmul(tmp_path / "float.onnx")
@@ -427,18 +425,8 @@ def test_onnxruntime_operator_files_are_allocated_scoring_in_onnxruntime(fmt, a2
     quantize(tmp_path / "float.onnx", source, shape, fmt, "QInt8")
     x = np.random.default_rng(0).normal(size=(64, *shape[1:])).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x)
-    out, projected = tmp_path / "w.json", tmp_path / "projected.onnx"
-    result = a2q("allocate", source, "--data", tmp_path / "calib.npz", "--min-score-pct", "100", "--cost", "acc-bits",
-                 "-o", out, "--no-progress")
-    assert result.returncode == 0, result.stderr
-    widths = json.loads(out.read_text())
-    assert widths, result.stdout
-    assert a2q("project", source, projected, "--widths-json", out).returncode == 0
-    assert a2q("verify", projected, "--widths-json", out).returncode == 0
-    model = ModelWrapper(str(projected))
-    for name, bits in widths.items():
-        ran = executed_range(model, name)
-        assert width(ran.lo, ran.hi) <= bits, (name, ran.lo, ran.hi, bits)
+    projected = tmp_path / "projected.onnx"
+    assert _allocated_and_proven(a2q, source, tmp_path / "calib.npz", "100", projected)
     import onnxruntime as ort
 
     def top1(path: Path) -> np.ndarray:  # one sample per run: the file fixes a batch of 1
@@ -449,20 +437,24 @@ def test_onnxruntime_operator_files_are_allocated_scoring_in_onnxruntime(fmt, a2
 
 
 def test_a_graph_the_torch_bridge_cannot_run_is_refused_naming_the_node(data, a2q, tmp_path):
-    """allocate scores every candidate in PyTorch: an op the bridge lacks (here Erf after the logits; in the corpus,
-    qonnx's channels-last Conv) is refused by name before any work. Before, a traceback."""
+    """allocate scores every candidate in PyTorch, else in onnxruntime or qonnx's executor: an op none of them runs
+    (here onnxruntime's contrib Rfft, which its CPU build lacks, after the logits) is refused by name before any
+    work, each executor's reason given. Before, a traceback."""
     from onnx import helper
 
     model = ModelWrapper(str(MODEL))
     logits = model.graph.output[0].name
-    model.graph.node.append(helper.make_node("Erf", [logits], ["erf_out"], name="Erf_after_logits"))
+    model.graph.node.append(helper.make_node("Rfft", [logits], ["erf_out"], name="Rfft_after_logits",
+                                             domain="com.microsoft"))
+    model.model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     model.graph.output[0].name = "erf_out"
     path, out = tmp_path / "erf.onnx", tmp_path / "w.json"
     model.save(str(path))
     result = a2q("allocate", path, "--data", data.calib, "--min-score-pct", "99", "-o", out, "--no-progress")
     message = result.stderr.replace("\n", " ")
     assert result.returncode == 1 and not out.exists(), message
-    assert "torch bridge" in message and "Erf_after_logits" in message and "a2q project" in message
+    assert "torch bridge" in message and "Rfft_after_logits" in message and "a2q project" in message
+    assert "onnxruntime cannot run it" in message and "qonnx's executor cannot run it" in message
 
 
 def test_a_layer_finn_leaves_unlowered_is_named(tmp_path):
@@ -501,3 +493,43 @@ def test_an_activation_by_activation_matmul_is_named_before_lowering():
     model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     with pytest.raises(A2QError, match="scores: activation x activation MatMul"):
         finn_layer_shapes(model, {}, "xczu3eg-sbva484-1-e")
+
+
+def test_a_finn_hw_graph_is_allocated_scoring_in_qonnx(a2q, tmp_path):
+    """A graph of FINN's HW layers (here `a2q lower`'s output: MVAU, Thresholding) runs neither in the torch bridge
+    nor in onnxruntime: allocate scores it with qonnx's executor (the corpus' 33 FINN HW files were refused). The map
+    is met by project, proven by verify and executed within its widths by the oracle, and the projected graph keeps
+    the target score when qonnx executes it."""
+    from a2q_passes.scoring import Scorer, qonnx_outputs
+
+    x, y = load_dataset("digits", "train")
+    np.savez(tmp_path / "calib.npz", x=x[:60], y=y[:60])
+    hw, projected = tmp_path / "hw.onnx", tmp_path / "projected.onnx"
+    source = Path(__file__).resolve().parent.parent / "models" / "digits_mlp_w4a4.onnx"
+    assert a2q("lower", source, hw, "--acc-bits", "20").returncode == 0
+    scorer = Scorer(ModelWrapper(str(hw)), (x[:60], y[:60]), fallback=True)
+    assert scorer.outputs is qonnx_outputs
+    widths = _allocated_and_proven(a2q, hw, tmp_path / "calib.npz", "99", projected)
+    assert set(widths) == {"MVAU_0", "MVAU_1", "MVAU_2"}, widths
+    assert scorer(ModelWrapper(str(projected))) >= 0.99 * scorer(ModelWrapper(str(hw)))
+
+
+def _allocated_and_proven(a2q, source: Path, calib: Path, pct: str, projected: Path) -> dict[str, int]:
+    """``allocate --cost acc-bits`` on ``source``; its map met by project (written to ``projected``), proven by verify
+    and executed within its widths by the oracle. Returns the map."""
+    from tests.fuzz.oracle import width
+    from tests.fuzz.real_files import executed_range
+
+    out = projected.with_name("widths.json")
+    result = a2q("allocate", source, "--data", calib, "--min-score-pct", pct, "--cost", "acc-bits", "-o", out,
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    widths = json.loads(out.read_text())
+    assert widths, result.stdout
+    assert a2q("project", source, projected, "--widths-json", out).returncode == 0
+    assert a2q("verify", projected, "--widths-json", out).returncode == 0
+    model = ModelWrapper(str(projected))
+    for name, bits in widths.items():
+        ran = executed_range(model, name)
+        assert width(ran.lo, ran.hi) <= bits, (name, ran.lo, ran.hi, bits)
+    return widths

@@ -141,7 +141,7 @@ class AllocateAccumulators(A2QPass):
             raise PreconditionError(f"nothing to allocate{hint}: {err}") from err
         if not self._layers:
             raise PreconditionError("nothing to allocate: every constrainable layer has bipolar weights")
-        fallback = self.method == "project"  # scoring only: onnxruntime runs what the bridge cannot
+        fallback = self.method == "project"  # scoring only: onnxruntime or qonnx runs what the bridge cannot
         self.scorer = Scorer(model, self._data_source, self.metric, "calibration data", fallback)
         self.val_scorer = (Scorer(model, self._val_source, self.scorer.metric, "validation data", fallback)
                            if self._val_source is not None else self.scorer)
