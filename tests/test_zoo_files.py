@@ -20,7 +20,7 @@ from tests.fuzz.generate import Case, LayerInfo
 from tests.fuzz.oracle import fits, layer_range, width
 
 DATA = Path(__file__).resolve().parent / "data"
-FILES = ["TFC_2W2A.onnx", "TFC_1W2A.onnx"]
+FILES = ["TFC_2W2A.onnx", "TFC_1W2A.onnx", "TFC_1W1A.onnx"]
 MAC_OPS = ("MatMul", "Gemm", "Conv")
 BITS_BELOW_WIDEST = 2
 
@@ -54,7 +54,8 @@ def _oracle_case(model: ModelWrapper) -> Case:
         weight_scale, weight_zero = _quant_grid(model, node.input[1])
         assert act_scale.size == 1 and act_zero.size == 1 and not np.any(weight_zero), node.name
         # a Quant feeding the MAC directly: its scale broadcasts to the weight as the MAC consumes it
-        layers.append(LayerInfo(node.name, node.op_type, weight_scale, float(act_scale), int(act_zero)))
+        layers.append(LayerInfo(node.name, node.op_type, weight_scale, float(np.ravel(act_scale)[0]),
+                                int(np.ravel(act_zero)[0])))
     return Case(model, layers)
 
 
@@ -154,3 +155,40 @@ def test_zoo_file_as_published_is_read_without_cleanup(a2q, cleaned, tmp_path):
     assert a2q("project", raw, out, "--acc-bits", 9).returncode == 0
     assert a2q("verify", out).returncode == 0
     assert raw.read_bytes() == before
+
+
+def test_zoo_tfc_1w1a_lowers_to_xnor_popcount_layers_that_hold_their_sums(a2q, cleaned, tmp_path):
+    """Bipolar weights and activations: FINN's MVAU counts XNOR matches (0..MW), an unsigned accumulator. Each MVAU
+    lower writes is executed (qonnx, without its thresholds) on the inputs that match every weight of a column and
+    on their complement: every such popcount lies inside the node's accDataType."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qonnx.core.datatype import DataType
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.custom_op.registry import getCustomOp
+    from qonnx.util.basic import qonnx_make_model
+
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+
+    hw_path = tmp_path / "hw.onnx"
+    run = a2q("lower", cleaned["TFC_1W1A.onnx"], hw_path, "--acc-bits", 12)
+    assert run.returncode == 0 and "equivalent" in run.stdout, run.stdout[-600:] + run.stderr
+    hw = ModelWrapper(str(hw_path))
+    nodes = list(iterate_mac_nodes(hw))
+    assert len(nodes) == 4
+    for node in nodes:
+        inst = getCustomOp(node)
+        assert inst.get_nodeattr("binaryXnorMode") == 1, node.name
+        acc = DataType[inst.get_nodeattr("accDataType")]
+        w = hw.get_initializer(node.input[1])  # (MW, MH) bits
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs.update(noActivation=1, outputDataType=acc.name)
+        bare = helper.make_node(node.op_type, ["x", "w"], ["acc"], domain=node.domain, **attrs)
+        graph = helper.make_graph([bare], "mvau",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, w.shape[0]])],
+                                  [helper.make_tensor_value_info("acc", TensorProto.FLOAT, [1, w.shape[1]])],
+                                  [numpy_helper.from_array(w.astype(np.float32), "w")])
+        one = ModelWrapper(qonnx_make_model(graph))
+        for column in range(w.shape[1]):
+            for x, expected in ((w[:, column], w.shape[0]), (1 - w[:, column], 0)):
+                out = execute_onnx(one, {"x": x[None].astype(np.float32)})["acc"][0, column]
+                assert out == expected and acc.allowed(out), (node.name, column, out, acc.name)
