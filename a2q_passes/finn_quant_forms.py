@@ -3,9 +3,10 @@
 Passes run before ``ConvertQONNXtoFINN`` (:func:`finn_preparation`, in that order): by the lowering flow
 (:mod:`a2q_passes.finn_flow`) and by the FINN build step ``step_a2q_finn_preparation``
 (:mod:`a2q_passes.finn_steps`). Each rewrite computes exactly what the graph computed before (the lowering's
-equivalence check executes both), and each exists because files that Brevitas' graph-mode PTQ writes
-(``brevitas.graph.quantize`` / ``layerwise_quantize``, as ``brevitas_examples``' ``quantize_model`` runs them), or
-that leave ONNX's defaults out, otherwise stop the conversion.
+equivalence check executes both), and each exists because real files otherwise stop the conversion: what
+Brevitas' graph-mode PTQ writes (``brevitas.graph.quantize`` / ``layerwise_quantize``, as ``brevitas_examples``'
+``quantize_model`` runs them), files that leave ONNX's defaults out, Q/DQ exports, qonnx's ExtractQuantScaleZeroPt
+output, and Gemm nodes with alpha or beta other than 1.
 """
 
 from __future__ import annotations
@@ -396,8 +397,8 @@ def is_qdq_node(node: NodeProto) -> bool:
 def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
-    dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of ``Quant`` nodes go back in, Q/DQ chains
-    become ``Quant`` nodes, then the four rewrites above."""
+    dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of
+    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the four rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
