@@ -54,6 +54,8 @@ CONSTRUCTS = {
                       "as int32 and cast to their type (PyTorch's exporters)",
     "scale_along_k": "a per-channel weight scale along an axis the MAC sums over (no single integer accumulation: "
                      "must never be analysed as one)",
+    "extracted_scales": "qonnx's ExtractQuantScaleZeroPt applied to the model: each Quant's scale (and zero point) "
+                        "moved into Div/Mul (and Add/Sub) nodes around a unit-scale Quant",
 }
 
 
@@ -600,7 +602,33 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         if mac.op_type == "Conv" and zero and (any(attrs.get("pads", [])) or attrs.get("auto_pad", b"").startswith(b"SAME")):
             case.used.add("conv_pads_with_zero_point")
         case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node} {attrs}, weights {wspec}")
-    return _finish(b, case, x, draw(_constant_plan(b, case, allowed)))
+    case = _finish(b, case, x, draw(_constant_plan(b, case, allowed)))
+    if "extracted_scales" in allowed and draw(st.integers(0, 5)) == 0:
+        _extract_scales(case)
+    return case
+
+
+def _extract_scales(case: Case) -> None:
+    """qonnx's ExtractQuantScaleZeroPt on ``case.model`` (the same values at every MAC input: the layers' grids hold);
+    a model it cannot transform is left as it is.
+
+    Under ``--zero-point fold`` only models whose Quant zero points are all 0: an extracted zero point is an Add
+    before and a Sub after a zero-point-free Quant, whose values a2q reads as codes ``q - z`` with zero code 0 (an
+    Add shifts the codes), where the generated grid says raw codes ``q`` with zero code ``z`` (the two agree under
+    ``subtract``)."""
+    from qonnx.transformation.extract_quant_scale_zeropt import ExtractQuantScaleZeroPt
+
+    if case.zero_point == "fold" and any(
+            np.any(case.model.get_initializer(n.input[2]) != 0) for n in case.model.graph.node
+            if n.op_type in ("Quant", "IntQuant") and case.model.get_initializer(n.input[2]) is not None):
+        return
+    try:
+        extracted = case.model.transform(ExtractQuantScaleZeroPt())
+    except Exception:  # noqa: BLE001 - qonnx's own limits (e.g. unshaped tensors): not this construct's case
+        return
+    if any(n.op_type == "Div" for n in extracted.graph.node) and not any(n.op_type == "Div" for n in case.model.graph.node):
+        case.model = extracted
+        case.used.add("extracted_scales")
 
 
 @st.composite

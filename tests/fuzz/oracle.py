@@ -39,14 +39,15 @@ from tests.fuzz.generate import OPSET, Case, LayerInfo
 QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "MultiThreshold", "Trunc")
 # Clip: Brevitas' QCDQ integer Clip between QuantizeLinear and DequantizeLinear (executed, so the cut
 # starts at the quantizer's float input and never feeds the Clip's output codes directly)
-# Mul/Div/Add by one constant: FINN's scale and offset after a MultiThreshold (only with a scalar constant operand)
+# Mul/Div/Add/Sub by one constant: FINN's scale and offset after a MultiThreshold, and the scale and zero point
+# qonnx's ExtractQuantScaleZeroPt moves out of a Quant (only with a scalar constant operand)
 GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity",
-            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "QuantAvgPool2d")
+            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "Sub", "QuantAvgPool2d")
 # ops that sum several source elements into one: traced by influence (AveragePool), not by index
 POOLING_OPS = ("QuantAvgPool2d",)
 # ops between a Relu and a quantizer that only move its values (executed with it, see _relu_source)
 RELU_PASS_THROUGH = ("MaxPool", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
-SCALAR_OPS = ("Mul", "Div", "Add")
+SCALAR_OPS = ("Mul", "Div", "Add", "Sub")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
 EXACT_FLOAT32 = 1 << 24
 RANDOM_SAMPLES = 8

@@ -71,7 +71,7 @@ FINETUNE_VARIANTS = ("norm", "qat", "a2q", "axe", "norm --init project", "qat --
 # out of (g)'s cases makes most examples train
 FINETUNE_REFUSED = frozenset({"one_bit_signed_weights", "finn_bipolar_weights", "non_integer_bits",
                               "unreadable_quantized_layers", "scale_along_k", "act_x_act_matmul", "subtract_zero_point",
-                              "dq_int8_without_zero_point", "qcdq_clip"})
+                              "dq_int8_without_zero_point", "qcdq_clip", "extracted_scales"})
 # property (h): each layer's offset below its executed width (negative: wider than it needs), cycled over the layers
 LAYER_DELTAS = st.lists(st.integers(-1, 3), min_size=1, max_size=4)
 TILES = st.integers(1, 6)  # property (i): terms per K-tile
