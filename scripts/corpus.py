@@ -443,7 +443,7 @@ def quantize_graph_files(folder: Path) -> tuple[list[Entry], list[str]]:
 
 def zoo_files(folder: Path) -> list[Entry]:
     entries = []
-    for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx"):
+    for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx", "TFC_1W1A.onnx"):  # the first is also run through FINN
         path = folder / f"zoo_{name}"
         shutil.copyfile(DATA / name, path)
         entries.append(Entry(path.stem, ZOO, path, lower=True))
