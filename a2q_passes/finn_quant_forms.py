@@ -17,7 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
-from a2q_passes.graph_values import get_constant, node_attr
+from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr
 
 _BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -118,22 +118,13 @@ class ScaleIntoQuant(Transformation):
 
 
 def _extracted_scale(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, NodeProto] | None:
-    """``(div, quant)`` where ``mul`` ends :class:`ScaleIntoQuant`'s form, else ``None``."""
-    if mul.op_type != "Mul" or len(mul.input) != 2:
+    """``(div, quant)`` where ``mul`` ends :class:`ScaleIntoQuant`'s form and nothing else reads the ``Div`` or
+    ``Quant`` outputs, else ``None``."""
+    match = extracted_quant_scale(model, mul) if mul.op_type == "Mul" else None
+    if not isinstance(match, tuple):
         return None
-    quant = model.find_producer(mul.input[0])
-    if quant is None or quant.op_type not in ("Quant", "IntQuant") or len(model.find_consumers(quant.output[0])) != 1:
-        return None
-    div = model.find_producer(quant.input[0])
-    if div is None or div.op_type != "Div" or len(model.find_consumers(div.output[0])) != 1:
-        return None
-    before, after = get_constant(model, div.input[1]), get_constant(model, mul.input[1])
-    unit_scale, unit_zero = get_constant(model, quant.input[1]), get_constant(model, quant.input[2])
-    if before is None or after is None or unit_scale is None or unit_zero is None:
-        return None
-    if np.any(unit_scale != 1) or np.any(unit_zero != 0) or np.shape(before) != np.shape(after):
-        return None
-    return (div, quant) if np.array_equal(before, after) else None
+    sole = all(len(model.find_consumers(node.output[0])) == 1 for node in match)
+    return match if sole else None
 
 
 class FoldBiasQuantizers(Transformation):

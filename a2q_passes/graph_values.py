@@ -53,3 +53,33 @@ def node_str_attr(node: NodeProto, name: str, default: str) -> str:
 
 def node_label(node: NodeProto) -> str:
     return f"{node.op_type} node '{node.name or node.output[0]}'"
+
+
+def extracted_quant_scale(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, NodeProto] | str:
+    """``(div, quant)`` where ``mul`` ends ``Mul(Quant(Div(x, s), 1, 0, b), s)``, the form qonnx's
+    ExtractQuantScaleZeroPt writes for a ``Quant(x, s, 0, b)``; else why not (a phrase naming the node that differs).
+
+    Only that exact form: the ``Quant``'s own scale 1 and zero point 0, and the same ``s`` (values and shape) as the
+    ``Div``'s divisor and the ``Mul``'s factor; any other factor after a quantizer changes the grid it outputs.
+    """
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return f"{node_label(mul)} is no Mul of two inputs"
+    data = 0 if get_constant(model, mul.input[1]) is not None else 1
+    after = get_constant(model, mul.input[1 - data])
+    quant = model.find_producer(mul.input[data])
+    if after is None:
+        return f"{node_label(mul)} multiplies by no constant factor"
+    if quant is None or quant.op_type not in ("Quant", "IntQuant"):
+        return f"{node_label(mul)} multiplies {node_label(quant) if quant is not None else 'a constant'}'s output"
+    unit_scale = get_constant(model, quant.input[1]) if len(quant.input) > 1 else None
+    unit_zero = get_constant(model, quant.input[2]) if len(quant.input) > 2 else None
+    if unit_scale is None or unit_zero is None or np.any(unit_scale != 1) or np.any(unit_zero != 0):
+        return f"{node_label(quant)} has its own scale or zero point (not the constants 1 and 0)"
+    div = model.find_producer(quant.input[0])
+    before = get_constant(model, div.input[1]) if div is not None and div.op_type == "Div" else None
+    if before is None:
+        return (f"{node_label(quant)} quantizes the output of {node_label(div) if div is not None else 'no node'}, not "
+                "a tensor divided by a constant (a zero point moved out as Add/Sub is not read)")
+    if np.shape(before) != np.shape(after) or not np.array_equal(before, after):
+        return f"{node_label(div)} divides by another scale than {node_label(mul)} multiplies by"
+    return div, quant

@@ -23,7 +23,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import BIPOLAR, IntRange, integer_format, narrowest_integers, stored_as_columns
-from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
+from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.tensor_store import initializer_proto, initializer_value, set_initializer_value
 
 
@@ -302,32 +302,18 @@ def _extracted_scale_source(model: ModelWrapper, mul: NodeProto, perms: list[lis
 
     The same codes ``round(clip(w / s))`` in the same float32 steps (``Div`` then a unit-scale ``Quant``), scaled back
     by the same ``s``: read and written as that ``Quant`` (new weights are stored into ``w``). Only that exact form is
-    read: any other factor after a quantizer would change the grid the MAC's products lie on.
+    read (:func:`~a2q_passes.graph_values.extracted_quant_scale`), with ``w`` an initializer.
     """
-    data = 0 if get_constant(model, mul.input[1]) is not None else 1
-    after = get_constant(model, mul.input[1 - data])
-    quant = model.find_producer(mul.input[data])
-    refusal = (f"weights are produced by {node_label(mul)}, a rescaling after the weight quantizer; a2q reads one "
-               "there only in the form qonnx's ExtractQuantScaleZeroPt writes, Quant(w / s, scale 1, zero point 0) "
-               "* s with w an initializer, and ")
-    if quant is None or quant.op_type not in QUANT_OP_TYPES:
-        raise UnsupportedLayer(refusal + f"here the Mul multiplies {node_label(quant) if quant else 'no node'}'s "
-                               "output; run a2q on the model before that transformation")
-    unit_scale = _require_constant(model, quant, 1, "scale")
-    unit_zero = _require_constant(model, quant, 2, "zero point")
-    if np.any(unit_scale != 1) or np.any(unit_zero != 0):
-        raise UnsupportedLayer(refusal + f"here {node_label(quant)} has its own scale or zero point (not 1 and 0)")
-    div = model.find_producer(quant.input[0])
-    before = get_constant(model, div.input[1]) if div is not None and div.op_type == "Div" else None
-    if before is None or initializer_proto(model, div.input[0]) is None:
-        what = f"{node_label(div)}" if div is not None else "no node"
-        raise UnsupportedLayer(refusal + f"here {node_label(quant)} quantizes the output of {what}, not an "
-                               "initializer divided by a constant (a zero point moved out as Add/Sub is not read); "
+    match = extracted_quant_scale(model, mul)
+    if isinstance(match, tuple) and initializer_proto(model, match[0].input[0]) is None:
+        match = f"{node_label(match[0])} divides '{match[0].input[0]}', which is no initializer"
+    if isinstance(match, str):
+        raise UnsupportedLayer(f"weights are produced by {node_label(mul)}, a rescaling after the weight quantizer; "
+                               "a2q reads one there only in the form qonnx's ExtractQuantScaleZeroPt writes, "
+                               f"Quant(w / s, scale 1, zero point 0) * s with w an initializer, and here {match}; "
                                "run a2q on the model before that transformation")
-    if np.shape(before) != np.shape(after) or not np.array_equal(before, after):
-        raise UnsupportedLayer(refusal + f"here {node_label(div)} divides by another scale than {node_label(mul)} "
-                               "multiplies by")
-    return _quant_source(model, quant, perms, zero_point, div.input[0], before)
+    div, quant = match
+    return _quant_source(model, quant, perms, zero_point, div.input[0], get_constant(model, div.input[1]))
 
 
 def _per_axis(value: np.ndarray, axis: int, ndim: int) -> np.ndarray:
