@@ -85,7 +85,8 @@ def weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.n
         return _annotated_integers(model, t, execute_constants(model, [tensor])[tensor]), None
     rescale, factor_name = None, ""  # a constant factor after a Quant (qonnx's ExtractQuantScaleZeroPt writes one)
     if producer.op_type == "Mul":
-        rescale, producer, factor_name = _rescaled_quant(model, producer)
+        rescale = producer
+        producer, factor_name = _rescaled_quant(model, rescale)
     if producer.op_type not in WEIGHT_QUANTIZERS:
         raise CannotCertify(f"weights come from {node_label(producer)}, which is not a weight quantizer")
     scale_name = _scale_input(producer)
@@ -135,13 +136,13 @@ def weight_view(model: ModelWrapper, tensor: str, zero_point: str) -> tuple[np.n
     return q, np.rint(carried(number)).astype(np.int64)
 
 
-def _rescaled_quant(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, NodeProto, str]:
-    """``(mul, quant, factor)`` for weights ``Quant(...) * factor`` with a constant factor: the products lie on the
+def _rescaled_quant(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, str]:
+    """``(quant, factor)`` for weights ``mul = Quant(...) * factor`` with a constant factor: the products lie on the
     grid of the Quant's step times the factor; any other Mul on the weight path is refused."""
     for data, factor in ((0, 1), (1, 0)):
         quant = model.find_producer(mul.input[data])
         if quant is not None and quant.op_type in ("Quant", "IntQuant") and _is_constant(model, mul.input[factor]):
-            return mul, quant, mul.input[factor]
+            return quant, mul.input[factor]
     raise CannotCertify(f"weights come from {node_label(mul)}, which is no constant factor after a weight Quant")
 
 
