@@ -53,9 +53,8 @@ def qonnx_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.infer_shapes import InferShapes
 
-    from a2q_passes.model_io import data_inputs
-
     from a2q_passes.finn_quant_forms import DefaultDomainFirst
+    from a2q_passes.model_io import data_inputs
 
     # qonnx executes only fully shaped graphs, and each standard node at the first opset import's version
     model = model.transform(DefaultDomainFirst())
