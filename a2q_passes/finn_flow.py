@@ -51,8 +51,8 @@ from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
-from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_unconvertible_quantizers,
-                                     refuse_unlowerable_convs)
+from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
+                                     refuse_unconvertible_quantizers, refuse_unlowerable_convs)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 
 MAX_RESIDUAL_ROUNDS = 4
@@ -356,6 +356,7 @@ def run_flow(
         for transformation in finn_preparation():  # exact rewrites FINN's conversion needs (see finn_quant_forms)
             runner.transform("preparation", transformation)
         refuse_unconvertible_quantizers(runner.model)
+        refuse_grouped_convs(runner.model)
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))

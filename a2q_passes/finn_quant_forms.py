@@ -6,7 +6,7 @@ Passes run before ``ConvertQONNXtoFINN`` (:func:`finn_preparation`, in that orde
 equivalence check executes both), and each exists because real files otherwise stop the conversion: what
 Brevitas' graph-mode PTQ writes (``brevitas.graph.quantize`` / ``layerwise_quantize``, as ``brevitas_examples``'
 ``quantize_model`` runs them), files that leave ONNX's defaults out, Q/DQ exports, qonnx's ExtractQuantScaleZeroPt
-output, and Gemm nodes with alpha or beta other than 1.
+output, Gemm nodes with alpha or beta other than 1, and grouped convolutions (FINN has no grouped MVAU).
 """
 
 from __future__ import annotations
@@ -241,6 +241,93 @@ class ConvDefaultAttributes(Transformation):
 _CONV_DEFAULTS = ("kernel_shape", "strides", "dilations", "group", "pads")
 
 
+class GroupedConvAsDense(Transformation):
+    """A grouped ``Conv`` that is not depthwise becomes a ``group=1`` ``Conv`` with block-diagonal weights: each output
+    channel keeps its weights at its own group's input channels and has zeros at all others.
+
+    Why: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only ``group=1`` and depthwise
+    convolutions, and FINN has no grouped MVAU. Why it is exact: a zero weight adds nothing to any sum (a ``Quant``
+    with zero point 0 keeps 0 at 0), so every output channel accumulates the same products and its accumulator range
+    is unchanged. The cost: the MVAU stores and multiplies ``group`` times as many weights. Weights in any other form
+    than those :func:`grouped_conv_obstacle` accepts are left; the lowering refuses them by name
+    (:func:`~a2q_passes.finn_refusals.refuse_grouped_convs`).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            if not is_grouped_conv(model, node) or grouped_conv_obstacle(model, node) is not None:
+                continue
+            producer = model.find_producer(node.input[1])
+            stored = node.input[1] if producer is None else producer.input[0]
+            group = int(node_attr(node, "group", 1))
+            dense = _block_diagonal(model.get_initializer(stored), group)
+            model.set_initializer(stored, dense)
+            if producer is not None:
+                model.set_tensor_shape(node.input[1], list(dense.shape))
+            next(a for a in node.attribute if a.name == "group").i = 1
+            changed = True
+        return model, changed
+
+
+def is_grouped_conv(model: ModelWrapper, node: NodeProto) -> bool:
+    """A default-domain ``Conv`` with ``group`` > 1 that is not depthwise (FINN's VVAU takes ``group`` = input
+    channels = output channels, weights of one input channel each)."""
+    group = int(node_attr(node, "group", 1))
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or group == 1 or len(node.input) < 2:
+        return False
+    shape = _conv_weight_constant_shape(model, node)
+    return shape is None or not (shape[1] == 1 and shape[0] == group)
+
+
+def grouped_conv_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
+    """Why :class:`GroupedConvAsDense` cannot make grouped ``node`` dense, or ``None``: its weights must be a
+    constant that holds 0 (not bipolar), or a QONNX ``Quant`` of one with zero point 0 and a scale per tensor or per
+    output channel, read by this ``Conv`` alone."""
+    weight = node.input[1]
+    producer = model.find_producer(weight)
+    if producer is None:
+        if model.get_initializer(weight) is None:
+            return f"its weights {weight!r} are not a constant"
+        if not model.get_tensor_datatype(weight).allowed(0):
+            return f"its weights {weight!r} are {model.get_tensor_datatype(weight).name}, which has no 0"
+        return _shared(model, weight)
+    if producer.op_type != "Quant" or not producer.domain.startswith("qonnx"):
+        return f"its weights come from {producer.op_type} {producer.name or producer.output[0]!r}, not from a QONNX Quant"
+    values, scale, zero_point = (model.get_initializer(name) for name in producer.input[:3])
+    if values is None or scale is None or zero_point is None:
+        return f"its weight Quant {producer.name or weight!r} does not quantize constants"
+    if np.any(zero_point != 0):
+        return f"its weight Quant {producer.name or weight!r} has a zero point other than 0"
+    if any(dim != 1 for dim in np.shape(scale)[1:]):
+        return f"its weight Quant {producer.name or weight!r} has a scale per weight, not per output channel"
+    return _shared(model, weight) or _shared(model, producer.input[0])
+
+
+def _shared(model: ModelWrapper, tensor: str) -> str | None:
+    readers = model.find_consumers(tensor) or []
+    return f"its weights {tensor!r} are also read by other nodes" if len(readers) > 1 else None
+
+
+def _conv_weight_constant_shape(model: ModelWrapper, node: NodeProto) -> list[int] | None:
+    """The shape of the constant behind a ``Conv``'s weights (the initializer, or the one its quantizer reads)."""
+    producer = model.find_producer(node.input[1])
+    constant = model.get_initializer(node.input[1] if producer is None else producer.input[0])
+    return None if constant is None else list(constant.shape)
+
+
+def _block_diagonal(weights: np.ndarray, group: int) -> np.ndarray:
+    """Grouped ``Conv`` weights ``(O, I / group, *kernel)`` as dense ``(O, I, *kernel)`` weights: output channel ``o``
+    of group ``g = o // (O / group)`` keeps its weights at input channels ``g * I / group ...``, zeros elsewhere."""
+    out_channels, group_inputs = weights.shape[:2]
+    dense = np.zeros((out_channels, group_inputs * group, *weights.shape[2:]), dtype=weights.dtype)
+    per_group = out_channels // group
+    for g in range(group):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        dense[rows, g * group_inputs:(g + 1) * group_inputs] = weights[rows]
+    return dense
+
+
 def weight_shape(model: ModelWrapper, shaped: ModelWrapper, tensor: str) -> list[int] | None:
     """The shape of a MAC's weight tensor: annotated or inferred (``shaped``: ``model`` with inferred shapes; a
     weight behind a Q/DQ chain, or behind the ``Quant`` node qonnx's QCDQToQuant made of one, is shaped only
@@ -389,11 +476,12 @@ def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
     dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of
-    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the four rewrites above."""
+    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
-            UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes(), GemmFactorsAsFloat32()]
+            UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes(), GroupedConvAsDense(),
+            GemmFactorsAsFloat32()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

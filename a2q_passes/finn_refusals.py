@@ -11,18 +11,17 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
-from a2q_passes.finn_quant_forms import is_qdq_node, weight_shape
+from a2q_passes.finn_quant_forms import grouped_conv_obstacle, is_grouped_conv, is_qdq_node, weight_shape
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.input_grids import value_origin
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
-    grouped but not depthwise, not 2-D, or reading a batch of more than one image.
+    not 1-D or 2-D, or reading a batch of more than one image (grouped ones: :func:`refuse_grouped_convs`).
 
-    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) lowers only 2-D ``group=1`` and depthwise
-    convolutions (``group`` = input channels = output channels); on any other it fails deep inside with a numpy
-    reshape error or "list index out of range", naming neither the node nor the construct. FINN's sliding-window
+    Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) fails on any other with a numpy reshape
+    error or "list index out of range", naming neither the node nor the construct. FINN's sliding-window
     layers take one image at a time: a batch of 4 fails only when the lowered graph executes ("cannot reshape array
     of size 1600 into shape (1,10,10,4)").
     """
@@ -30,35 +29,43 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
 
     channels_last = [node.name or node.output[0] for node in model.graph.node
                      if node.op_type == "Conv" and node.domain == "qonnx.custom_op.channels_last"]
-    if channels_last:  # its (O, kh, kw, I) weights would also be misread as grouped below
+    if channels_last:
         raise LoweringError(f"Conv {', '.join(map(repr, channels_last))} in qonnx's channels-last form "
                             "(ConvertToChannelsLastAndClean), which FINN's flow does not take (its LowerConvsToMatMul "
                             "fails on it); lower the model as exported, before that transformation: FINN's "
                             "streamlining makes its own channels-last layout")
     shaped = with_inferred_shapes(model)
-    grouped, other_dims, batched = [], [], []
+    other_dims, batched = [], []
     for node in model.graph.node:
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
         shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
         if isinstance(batch, int) and batch > 1:
             batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
         if shape is not None and len(shape) not in (3, 4):  # 1-D ones go through FINN's 1-D flow (finn_flow)
             other_dims.append(f"{node.name or node.output[0]!r} ({len(shape) - 2}-D)")
-        elif group > 1 and shape is not None and not (shape[1] == 1 and shape[0] == group):
-            grouped.append(f"{node.name or node.output[0]!r} (group={group}, {shape[1] * group} input and "
-                           f"{shape[0]} output channels)")
     if other_dims:
         raise LoweringError(f"FINN lowers only 1-D and 2-D convolutions; Conv {', '.join(other_dims)} cannot be "
                             "lowered. Keep the layer out of the FINN part.")
-    if grouped:
-        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions; grouped Conv "
-                            f"{', '.join(grouped)} cannot be lowered. Split each into group=1 convolutions "
-                            "(one per group, then Concat) in the model, or keep it out of the FINN part.")
     if batched:
         raise LoweringError(f"FINN's convolution layers take one image at a time; Conv {', '.join(batched)} cannot be "
                             "lowered. Export the model with batch size 1 (or set it with qonnx's ChangeBatchSize(1)) "
                             "and lower that.")
+
+
+def refuse_grouped_convs(model: ModelWrapper) -> None:
+    """After :func:`~a2q_passes.finn_quant_forms.finn_preparation`: raise :class:`LoweringError` naming each grouped,
+    not depthwise, ``Conv`` its ``GroupedConvAsDense`` left (its weights in a form that rewrite does not take), and why.
+
+    Why: FINN lowers only ``group=1`` and depthwise convolutions; on a grouped one qonnx's ``LowerConvsToMatMul``
+    fails with "cannot reshape array", naming neither the node nor the construct.
+    """
+    left = [f"{node.name or node.output[0]!r} ({grouped_conv_obstacle(model, node)})" for node in model.graph.node
+            if is_grouped_conv(model, node)]
+    if left:
+        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions, and a2q lowers a grouped one "
+                            f"as a group=1 Conv with block-diagonal weights only where it can rewrite them; grouped "
+                            f"Conv {', '.join(left)} cannot be. Quantize its weights with a QONNX Quant (zero point 0, "
+                            "scale per tensor or per output channel) or keep the layer out of the FINN part.")
 
 
 def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:

@@ -129,12 +129,14 @@ def step_a2q_project(model: ModelWrapper, cfg: Any) -> ModelWrapper:
 def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Before ``step_qonnx_to_finn``: rewrite the quantizer forms FINN's conversion refuses or fails on into forms that
     compute the same values (:mod:`a2q_passes.finn_quant_forms`: Q/DQ chains as Quant nodes, a signed Quant after
-    Relu, bias quantizers, as Brevitas' graph-mode PTQ writes them), then refuse by name the quantizers FINN's
-    conversion still cannot take (Q/DQ nodes left, zero points), as ``a2q lower`` does."""
-    from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
+    Relu, bias quantizers, as Brevitas' graph-mode PTQ writes them, grouped convolutions as dense ones), then refuse
+    by name what FINN's conversion still cannot take (Q/DQ nodes left, zero points, grouped convolutions left), as
+    ``a2q lower`` does."""
+    from a2q_passes.finn_refusals import refuse_grouped_convs, refuse_unconvertible_quantizers
 
     model = prepare_for_finn(model)
     refuse_unconvertible_quantizers(model)
+    refuse_grouped_convs(model)
     return model
 
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
+from a2q_passes.graph_values import node_attr
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
 from a2q_passes.metadata import metadata_value, set_metadata_value
 
@@ -43,13 +44,21 @@ def layer_signatures(model: ModelWrapper) -> dict[str, str]:
     """Signature per MAC layer with readable integer weights (QONNX layers or MVAU/VVAU), in graph order.
 
     FINN stores binary xnor weights as ``{0, 1}`` for ``{-1, +1}``; they are mapped back first so
-    a bipolar QONNX layer and its xnor MVAU get the same signature.
+    a bipolar QONNX layer and its xnor MVAU get the same signature. A grouped ``Conv`` that is not depthwise is
+    signed as the dense MVAU it is lowered to (:class:`~a2q_passes.finn_quant_forms.GroupedConvAsDense`): each row
+    with the zeros of the other groups' input channels.
     """
+    from a2q_passes.finn_quant_forms import is_grouped_conv
+
+    grouped = {node.name or node.output[0]: int(node_attr(node, "group", 1)) for node in model.graph.node
+               if is_grouped_conv(model, node)}
     signatures = {}
     for layer in find_mac_layers(model):
         if layer.source is None or layer.status == STATUS_WEIGHTS_NOT_QUANTIZED or layer.status.startswith("unsupported"):
             continue
         rows = layer.integer_rows(model)
+        if layer.node in grouped:
+            rows = np.pad(rows, ((0, 0), (0, (grouped[layer.node] - 1) * rows.shape[1])))
         signatures[layer.node] = weight_signature(2 * rows - 1 if layer.binary_xnor else rows)
     return signatures
 

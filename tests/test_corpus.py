@@ -60,20 +60,6 @@ def test_oracle_sees_a_projection_that_breaks_its_promise(corpus, tmp_path):
     assert width(broken.lo, broken.hi) > bits
 
 
-def test_grouped_conv_lowering_is_refused_by_name(tmp_path):
-    """Found by the corpus: ``lower`` of a Brevitas grouped (not depthwise) Conv leaked qonnx's LowerConvsToMatMul
-    error "cannot reshape array of size 288 into shape (8,72)"; it now names the layer and the construct."""
-    from tests.brevitas_nets import NetSpec, build_corpus_net
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = build_corpus_net(tmp_path, NetSpec("grouped", 5, 4, per_channel=False), "qonnx")
-    out = tmp_path / "hw.onnx"
-    code, _, err = _run("lower", path, out, "--acc-bits", 16)
-    assert code == 1 and "grouped Conv 'Conv_1' (group=2" in err and "reshape" not in err, err
-    assert not out.exists()
-
-
 def test_channels_last_lowering_is_refused_by_name(tmp_path):
     """Found by the corpus: ``lower`` (and ``allocate``, which lowers for its cost model) of qonnx's channels-last
     form failed inside FINN's LowerConvsToMatMul ("cannot reshape array"), or on a depthwise file named its Convs
