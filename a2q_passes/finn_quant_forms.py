@@ -256,7 +256,8 @@ class GroupedConvAsDense(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
         for node in model.graph.node:
-            if not is_grouped_conv(model, node) or grouped_conv_obstacle(model, node) is not None:
+            grouped = is_grouped_conv(node, _conv_weight_constant_shape(model, node))
+            if not grouped or grouped_conv_obstacle(model, node) is not None:
                 continue
             producer = model.find_producer(node.input[1])
             stored = node.input[1] if producer is None else producer.input[0]
@@ -270,14 +271,13 @@ class GroupedConvAsDense(Transformation):
         return model, changed
 
 
-def is_grouped_conv(model: ModelWrapper, node: NodeProto) -> bool:
-    """A default-domain ``Conv`` with ``group`` > 1 that is not depthwise (FINN's VVAU takes ``group`` = input
-    channels = output channels, weights of one input channel each)."""
+def is_grouped_conv(node: NodeProto, shape: list[int] | tuple[int, ...] | None) -> bool:
+    """Whether ``node`` is a default-domain ``Conv`` with ``group`` > 1 that is not depthwise (FINN's VVAU takes
+    ``group`` = input channels = output channels, weights of one input channel each), given its weight ``shape``
+    (``None``: unknown, and then not taken for grouped)."""
     group = int(node_attr(node, "group", 1))
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or group == 1 or len(node.input) < 2:
-        return False
-    shape = _conv_weight_constant_shape(model, node)
-    return shape is None or not (shape[1] == 1 and shape[0] == group)
+    return (node.op_type == "Conv" and node.domain in ("", "ai.onnx") and group > 1 and shape is not None
+            and not (shape[1] == 1 and shape[0] == group))
 
 
 def grouped_conv_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
@@ -311,6 +311,8 @@ def _shared(model: ModelWrapper, tensor: str) -> str | None:
 
 def _conv_weight_constant_shape(model: ModelWrapper, node: NodeProto) -> list[int] | None:
     """The shape of the constant behind a ``Conv``'s weights (the initializer, or the one its quantizer reads)."""
+    if node.op_type != "Conv" or len(node.input) < 2:
+        return None
     producer = model.find_producer(node.input[1])
     constant = model.get_initializer(node.input[1] if producer is None else producer.input[0])
     return None if constant is None else list(constant.shape)

@@ -59,8 +59,12 @@ def refuse_grouped_convs(model: ModelWrapper) -> None:
     Why: FINN lowers only ``group=1`` and depthwise convolutions; on a grouped one qonnx's ``LowerConvsToMatMul``
     fails with "cannot reshape array", naming neither the node nor the construct.
     """
+    from a2q_passes.read_only_model import with_inferred_shapes
+
+    shaped = with_inferred_shapes(model)
     left = [f"{node.name or node.output[0]!r} ({grouped_conv_obstacle(model, node)})" for node in model.graph.node
-            if is_grouped_conv(model, node)]
+            if node.op_type == "Conv" and len(node.input) > 1
+            and is_grouped_conv(node, weight_shape(model, shaped, node.input[1]))]
     if left:
         raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions, and a2q lowers a grouped one "
                             f"as a group=1 Conv with block-diagonal weights only where it can rewrite them; grouped "

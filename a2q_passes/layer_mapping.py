@@ -17,7 +17,7 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.graph_values import node_attr
-from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, find_mac_layers
+from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, RowLayout, find_mac_layers
 from a2q_passes.metadata import metadata_value, set_metadata_value
 
 WEIGHT_SIGNATURES_KEY = "a2q.weight_signatures"  # {qonnx node: signature}, for mapping after the model is gone
@@ -50,15 +50,15 @@ def layer_signatures(model: ModelWrapper) -> dict[str, str]:
     """
     from a2q_passes.finn_quant_forms import is_grouped_conv
 
-    grouped = {node.name or node.output[0]: int(node_attr(node, "group", 1)) for node in model.graph.node
-               if is_grouped_conv(model, node)}
+    convs = {node.name or node.output[0]: node for node in model.graph.node if node.op_type == "Conv"}
     signatures = {}
     for layer in find_mac_layers(model):
         if layer.source is None or layer.status == STATUS_WEIGHTS_NOT_QUANTIZED or layer.status.startswith("unsupported"):
             continue
         rows = layer.integer_rows(model)
-        if layer.node in grouped:
-            rows = np.pad(rows, ((0, 0), (0, (grouped[layer.node] - 1) * rows.shape[1])))
+        conv = convs.get(layer.node)
+        if conv is not None and is_grouped_conv(conv, layer.layout.shape if isinstance(layer.layout, RowLayout) else None):
+            rows = np.pad(rows, ((0, 0), (0, (int(node_attr(conv, "group", 1)) - 1) * rows.shape[1])))
         signatures[layer.node] = weight_signature(2 * rows - 1 if layer.binary_xnor else rows)
     return signatures
 
