@@ -4,7 +4,7 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
 
 0. preparation             - initializers listed as graph inputs become plain constants; exact rewrites of
                              quantizer forms FINN's conversion refuses or fails on (:mod:`a2q_passes.finn_quant_forms`:
-                             a signed ``Quant`` after ``Relu``, a bias quantizer)
+                             a signed ``Quant`` after ``Relu``, a bias quantizer, a grouped Conv made dense)
 1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
 2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
                              GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
@@ -17,6 +17,9 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
 4. ``step_convert_to_hw``  - InferQuantizedMatrixVectorActivation, InferVectorVectorActivation,
                              InferThresholdingLayer, InferPool, InferConvInpGen,
                              InferElementwiseBinaryOperation, InferDuplicateStreamsLayer, ... (as is)
+   then ties: thresholds on integer inputs that are integers move one up where the activation ``Quant`` nodes
+                             round that tie down, as ``ROUND`` (half to even) does for odd codes
+                             (:mod:`a2q_passes.finn_tie_thresholds`; FINN's ``x >= t`` rounds every tie up)
 5. optional ``SpecializeLayers(fpgapart)`` (``step_specialize_layers``, as is)
 
 Residual graphs: FINN's ``Streamline`` stops at a fork (its ``MoveScalarLinearPastInvariants``
@@ -51,6 +54,7 @@ from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
+from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
                                      refuse_unconvertible_quantizers, refuse_unlowerable_convs)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
@@ -357,6 +361,7 @@ def run_flow(
             runner.transform("preparation", transformation)
         refuse_unconvertible_quantizers(runner.model)
         refuse_grouped_convs(runner.model)
+        tie_rule = activation_tie_rule(runner.model)
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))
@@ -366,6 +371,7 @@ def run_flow(
         try:
             _run_streamline_step(runner)
             runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
+            runner.apply("convert_to_hw", "round_ties_as_quantized", lambda m: round_ties_as_quantized(m, tie_rule))
         except LoweringError as err:
             cause = explain_streamline_failure(model)
             if not cause:

@@ -120,9 +120,8 @@ def refuse_zero_points(model: ModelWrapper) -> None:
                             "FINN; a2q analyze/project/verify read it as it is.")
 
 
-# rounding modes FINN's thresholds at the midpoints between codes (x >= t: ties go up) compute exactly, or up to
-# exact ties (ROUND and HALF_EVEN round ties to even, HALF_DOWN down; lower names and explains that difference when
-# it shows)
+# rounding modes FINN's thresholds at the midpoints between codes compute up to exact ties (x >= t sends every tie
+# up); the lowering sends ties on integer accumulators where the mode does (finn_tie_thresholds)
 _MIDPOINT_ROUNDING = ("ROUND", "HALF_EVEN", "HALF_UP", "HALF_DOWN")
 
 

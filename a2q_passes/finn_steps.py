@@ -6,6 +6,7 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
         step_a2q_project,              # on the QONNX model: weights fit P bits
         step_a2q_finn_preparation,     # exact rewrites of quantizer forms FINN's conversion refuses
         "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+        step_a2q_round_ties,           # exact ties on integer accumulators rounded as the Quant nodes round them
         "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
         "step_target_fps_parallelization", "step_apply_folding_config", "step_minimize_bit_width",
         step_a2q_set_accumulators,     # after FINN's last minimisation, which would reset accDataType
@@ -43,11 +44,12 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_quant_forms import prepare_for_finn
+from a2q_passes.finn_tie_thresholds import TIE_RULE_KEY, activation_tie_rule, round_ties_as_quantized
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.hw_accumulators import (check_hw_accumulators, describe_hw_layers, hw_targets, qonnx_recorded_widths,
                                         rekey_accumulator_record)
 from a2q_passes.layer_mapping import layer_signatures, match_layers, record_weight_signatures, recorded_signatures
-from a2q_passes.metadata import recorded_accumulators
+from a2q_passes.metadata import metadata_value, recorded_accumulators, set_metadata_value
 from a2q_passes.methods import DEFAULT_METHOD
 from a2q_passes.output_files import atomic_write_text
 from a2q_passes.transforms.project import ProjectToAccumulator
@@ -137,7 +139,16 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     model = prepare_for_finn(model)
     refuse_unconvertible_quantizers(model)
     refuse_grouped_convs(model)
+    set_metadata_value(model, TIE_RULE_KEY, activation_tie_rule(model) or "")  # for step_a2q_round_ties
     return model
+
+
+def step_a2q_round_ties(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Right after ``step_convert_to_hw``: thresholds on integer accumulators that are exact ties go to the code the
+    activation ``Quant`` nodes round them to (:mod:`a2q_passes.finn_tie_thresholds`), where FINN's ``x >= t``
+    rounds every tie up. Uses the rounding rule ``step_a2q_finn_preparation`` recorded; without one (or with mixed
+    rounding modes) FINN's thresholds are kept."""
+    return round_ties_as_quantized(model, metadata_value(model, TIE_RULE_KEY) or None)
 
 
 def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
@@ -209,9 +220,10 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
                                          else [step_a2q_project, step_a2q_set_accumulators, step_a2q_verify])
     last = max(index for index, name in enumerate(names) if name in _ACCUMULATOR_STEPS)
     first = names.index("step_qonnx_to_finn")
-    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:last + 1], set_accumulators, verify,
-            *steps[last + 1:]]
+    hw = names.index("step_convert_to_hw")
+    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:hw + 1], step_a2q_round_ties,
+            *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
 __all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation", "step_a2q_project",
-           "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
+           "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

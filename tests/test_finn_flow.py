@@ -368,14 +368,18 @@ def test_equivalence_says_tie_rounding_explains_a_difference_only_where_it_does(
     assert not other["within_tolerance"] and not other["explained_by_tie_rounding"]
 
 
-def test_lower_of_a_power_of_two_model_names_tie_rounding_as_the_whole_difference(tmp_path):
+def test_lower_of_a_power_of_two_model_names_tie_rounding_as_the_whole_difference(tmp_path, monkeypatch):
     """Brevitas' FixedPoint quantizers (power-of-two scales) make exact ties inside the net; FINN's thresholds round
-    them up where QONNX rounds to even. `lower` still exits 3 (the outputs differ) and says the difference is that
-    alone; the report records it."""
+    them up where QONNX rounds to even. Where `lower` keeps FINN's thresholds (as it does for mixed rounding modes:
+    simulated here, ``tests/test_tie_thresholds.py`` has the real rule) it exits 3 (the outputs differ) and says the
+    difference is that alone; the report records it."""
     import json
 
+    import a2q_passes.finn_flow as finn_flow
     from tests.brevitas_nets import NetSpec, build_corpus_net
     from tests.fuzz.properties import run_cli
+
+    monkeypatch.setattr(finn_flow, "activation_tie_rule", lambda model: None)
 
     spec = NetSpec("cnn", 5, 4, signed_act=True, per_channel=False, weight_quant="Int8WeightPerTensorFixedPoint",
                    act_quant="Int8ActPerTensorFixedPoint")

@@ -1,0 +1,76 @@
+"""FINN's thresholds on integer inputs made to round exact ties as the QONNX ``Quant`` nodes they replace.
+
+A FINN threshold counts ``x >= t``: a value exactly halfway between two codes goes to the upper code. A QONNX
+``Quant`` with ``rounding_mode=ROUND`` (Brevitas' default; what ``QuantizeLinear`` does) rounds it to the even code,
+``HALF_UP`` away from zero and ``HALF_DOWN`` toward zero (qonnx's ``resolve_rounding_mode``), so FINN agrees with
+``HALF_UP`` on positive ties only. Inside the network FINN compares integer accumulators with
+thresholds that streamlining computed in float and ``RoundAndClipThresholds`` later rounds up, so a tie is
+reachable exactly where a threshold is an integer. Power-of-two scales (Brevitas' ``*FixedPoint`` quantizers) make
+every threshold a dyadic number that streamlining computes exactly, and such ties common; with other scales an
+integer threshold is a coincidence. The lowering flow (:mod:`a2q_passes.finn_flow`) applies
+:func:`round_ties_as_quantized` after FINN's conversion to HW layers, while the thresholds are still FINN's
+unrounded values (its equivalence check executes the result against the file as given); so does the FINN build step
+``step_a2q_round_ties`` (:mod:`a2q_passes.finn_steps`), before FINN's ``step_minimize_bit_width_initial`` rounds them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+
+# where step_a2q_finn_preparation leaves the rule for step_a2q_round_ties (FINN's build steps keep model metadata)
+TIE_RULE_KEY = "a2q.activation_tie_rule"
+# a Quant's rounding_mode -> where it sends a tie: to the even code, away from zero, toward zero
+TIE_RULES = {"ROUND": "even", "HALF_EVEN": "even", "HALF_UP": "away", "HALF_DOWN": "toward"}
+
+
+def activation_tie_rule(model: ModelWrapper) -> str | None:
+    """Where the activation ``Quant`` nodes of ``model`` send an exact tie (a value of :data:`TIE_RULES`), or
+    ``None`` when they differ among themselves, use another mode, or there is no such node: FINN's graph keeps no
+    link from a threshold back to its ``Quant``, so only one rule for the whole graph can be applied."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    modes = {getCustomOp(node).get_nodeattr("rounding_mode").upper() for node in model.graph.node
+             if node.op_type == "Quant" and model.get_initializer(node.input[0]) is None}
+    rules = {TIE_RULES.get(mode) for mode in modes}
+    return rules.pop() if len(rules) == 1 and None not in rules else None
+
+
+def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapper:
+    """A copy of HW graph ``model`` in which every threshold of an MVAU/VVAU (with activation) or ``Thresholding``
+    node on integer inputs that is an integer ``t`` becomes ``t + 1`` where ``rule`` sends the tie at ``t`` to the
+    lower code (``x >= t + 1`` is ``x > t`` on integers); unchanged for ``rule`` ``None``.
+
+    The output code after threshold ``j`` (0-based) of a row is ``c = ActVal + j + 1`` (zero point 0: FINN takes no
+    other), and the tie at it lies at ``c - 1/2``. It goes to the lower code ``c - 1`` under ``"even"`` where ``c`` is
+    odd, under ``"away"`` (from zero) where ``c <= 0``, and under ``"toward"`` (zero) where ``c >= 1``. Bipolar outputs
+    (codes -1, +1: no tie between integers) and float inputs (FINN's graph-input thresholds, which
+    :mod:`a2q_passes.finn_input_thresholds` places) are left as they are.
+    """
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.finn_accumulators import is_mac_node
+
+    model = ModelWrapper(model.model.SerializeToString())
+    if rule is None:
+        return model
+    for node in model.graph.node:
+        thresholding = node.op_type.startswith("Thresholding")
+        if not (thresholding or is_mac_node(node)):
+            continue
+        inst = getCustomOp(node)
+        if not thresholding and (inst.get_nodeattr("noActivation") or len(node.input) < 3):
+            continue
+        if inst.get_nodeattr("outputDataType") == "BIPOLAR" or not DataType[inst.get_nodeattr("inputDataType")].is_integer():
+            continue
+        tensor = node.input[1] if thresholding else node.input[2]
+        thresholds = model.get_initializer(tensor)
+        if thresholds is None:
+            continue
+        codes = np.arange(1, thresholds.shape[-1] + 1) + int(inst.get_nodeattr("ActVal"))  # the code each reaches
+        goes_down = {"even": codes % 2 == 1, "away": codes <= 0, "toward": codes >= 1}[rule]
+        ties = (thresholds == np.floor(thresholds)) & goes_down
+        if ties.any():
+            model.set_initializer(tensor, np.where(ties, thresholds + 1, thresholds).astype(thresholds.dtype))
+    return model
