@@ -6,8 +6,10 @@ A FINN threshold counts ``x >= t``: a value exactly halfway between two codes go
 ``HALF_UP`` on positive ties only. Inside the network FINN compares integer accumulators with
 thresholds that streamlining computed in float and ``RoundAndClipThresholds`` later rounds up, so a tie is
 reachable exactly where a threshold is an integer. Power-of-two scales (Brevitas' ``*FixedPoint`` quantizers) make
-every threshold a dyadic number that streamlining computes exactly, and such ties common; with other scales an
-integer threshold is a coincidence. The lowering flow (:mod:`a2q_passes.finn_flow`) applies
+every threshold a dyadic number that streamlining computes exactly, and such ties common. With other scales the
+float32 thresholds are rounded (above 2^18 one in 32 float32 values is an integer): an integer there says nothing,
+and the file's own float32 arithmetic decides its ties. Only rows computed exactly are therefore changed: a row
+whose thresholds step by one power of two, exactly, and stay below 2^22 (:func:`exact_rows`). The lowering flow (:mod:`a2q_passes.finn_flow`) applies
 :func:`round_ties_as_quantized` after FINN's conversion to HW layers, while the thresholds are still FINN's
 unrounded values (its equivalence check executes the result against the file as given); so does the FINN build step
 ``step_a2q_round_ties`` (:mod:`a2q_passes.finn_steps`), before FINN's ``step_minimize_bit_width_initial`` rounds them.
@@ -38,8 +40,8 @@ def activation_tie_rule(model: ModelWrapper) -> str | None:
 
 def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapper:
     """A copy of HW graph ``model`` in which every threshold of an MVAU/VVAU (with activation) or ``Thresholding``
-    node on integer inputs that is an integer ``t`` becomes ``t + 1`` where ``rule`` sends the tie at ``t`` to the
-    lower code (``x >= t + 1`` is ``x > t`` on integers); unchanged for ``rule`` ``None``.
+    node on integer inputs that is an integer ``t``, in a row :func:`exact_rows` takes, becomes ``t + 1`` where
+    ``rule`` sends the tie at ``t`` to the lower code (``x >= t + 1`` is ``x > t`` on integers); unchanged for ``rule`` ``None``.
 
     The output code after threshold ``j`` (0-based) of a row is ``c = ActVal + j + 1`` (zero point 0: FINN takes no
     other), and the tie at it lies at ``c - 1/2``. It goes to the lower code ``c - 1`` under ``"even"`` where ``c`` is
@@ -70,7 +72,20 @@ def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapp
             continue
         codes = np.arange(1, thresholds.shape[-1] + 1) + int(inst.get_nodeattr("ActVal"))  # the code each reaches
         goes_down = {"even": codes % 2 == 1, "away": codes <= 0, "toward": codes >= 1}[rule]
-        ties = (thresholds == np.floor(thresholds)) & goes_down
+        ties = (thresholds == np.floor(thresholds)) & goes_down & exact_rows(thresholds)[..., None]
         if ties.any():
             model.set_initializer(tensor, np.where(ties, thresholds + 1, thresholds).astype(thresholds.dtype))
     return model
+
+
+def exact_rows(thresholds: np.ndarray) -> np.ndarray:
+    """Per row of ``thresholds`` (last axis: one row's thresholds, ascending), whether its values are an arithmetic
+    progression whose step is exactly a power of two, all of magnitude below 2^22 (float32 keeps half-integers
+    there): the form of FINN's thresholds for a ``Quant`` whose scale is a power of two times the accumulator's,
+    in which a float32 threshold that is an integer is the exact one. A row of one threshold has no step to check."""
+    steps = np.diff(thresholds.astype(np.float64), axis=-1)
+    if steps.shape[-1] == 0:
+        return np.zeros(thresholds.shape[:-1], dtype=bool)
+    mantissa, _ = np.frexp(steps[..., :1])
+    return (np.all(steps == steps[..., :1], axis=-1) & (mantissa[..., 0] == 0.5)
+            & np.all(np.abs(thresholds) < 2.0 ** 22, axis=-1))

@@ -107,3 +107,35 @@ def test_build_steps_round_ties_as_the_file(fixed_point, round_ties, tmp_path):
         got = execute_onnx(model, {model.graph.input[0].name: x[i:i + 1]})[model.graph.output[0].name]
         worst = max(worst, float(np.max(np.abs(ref - got.reshape(ref.shape)))))
     assert (worst == 0.0) if round_ties else (worst > 0.01)
+
+
+def test_float_scales_keep_finns_thresholds(monkeypatch):
+    """With float (not power-of-two) scales an integer float32 threshold is a rounding accident, not a tie: FINN's
+    thresholds stay as they are. Regression: the bundled fmnist_mlp had 7 thresholds above 2^14 moved."""
+    from pathlib import Path
+
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+    from a2q_passes.model_io import load_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "fmnist_mlp_w4a4.onnx")
+    assert activation_tie_rule(model) == "even"
+    with_rule, _ = lower_to_finn_hw(model)
+    monkeypatch.setattr(finn_flow, "activation_tie_rule", lambda model: None)
+    without, _ = lower_to_finn_hw(model)
+    thresholds = [(with_rule.get_initializer(a.input[2]), without.get_initializer(b.input[2]))
+                  for a, b in zip(iterate_mac_nodes(with_rule), iterate_mac_nodes(without)) if len(a.input) > 2]
+    assert thresholds and all(np.array_equal(a, b) for a, b in thresholds)
+    assert any(np.any(a == np.floor(a)) for a, _ in thresholds)  # integer thresholds are there
+
+
+def test_exact_rows_take_power_of_two_progressions_only():
+    from a2q_passes.finn_tie_thresholds import exact_rows
+
+    rows = np.array([[-12.0, -4.0, 4.0, 12.0],       # step 8: exact
+                     [-1.5, -1.25, -1.0, -0.75],     # step 1/4: exact
+                     [3.0, 6.0, 9.0, 12.0],          # step 3: not a power of two
+                     [1.0, 2.0, 4.0, 5.0],           # steps differ
+                     [2.0 ** 22, 2.0 ** 22 + 2, 2.0 ** 22 + 4, 2.0 ** 22 + 6]],  # too large
+                    dtype=np.float32)
+    assert exact_rows(rows).tolist() == [True, True, False, False, False]
+    assert exact_rows(np.array([[3.0]], dtype=np.float32)).tolist() == [False]
