@@ -495,11 +495,14 @@ def test_an_activation_by_activation_matmul_is_named_before_lowering():
         finn_layer_shapes(model, {}, "xczu3eg-sbva484-1-e")
 
 
-def test_a_finn_hw_graph_is_allocated_scoring_in_qonnx(a2q, tmp_path):
+@pytest.mark.parametrize("fpgapart", [None, "xczu3eg-sbva484-1-e"])
+def test_a_finn_hw_graph_is_allocated_scoring_in_qonnx(a2q, tmp_path, fpgapart):
     """A graph of FINN's HW layers (here `a2q lower`'s output: MVAU, Thresholding) runs neither in the torch bridge
     nor in onnxruntime: allocate scores it with qonnx's executor (the corpus' 33 FINN HW files were refused). The map
     is met by project, proven by verify and executed within its widths by the oracle, and the projected graph keeps
-    the target score when qonnx executes it."""
+    the target score when qonnx executes it. After FINN's specialisation (MVAU_hls, Thresholding_rtl, which execute
+    only in cppsim/rtlsim: 18 corpus files were refused) each layer is scored as the HW layer it was specialised
+    from."""
     from a2q_passes.scoring import Scorer, qonnx_outputs
 
     x, y = load_dataset("digits", "train")
@@ -507,10 +510,19 @@ def test_a_finn_hw_graph_is_allocated_scoring_in_qonnx(a2q, tmp_path):
     hw, projected = tmp_path / "hw.onnx", tmp_path / "projected.onnx"
     source = Path(__file__).resolve().parent.parent / "models" / "digits_mlp_w4a4.onnx"
     assert a2q("lower", source, hw, "--acc-bits", "20").returncode == 0
+    if fpgapart:  # FINN's step_specialize_layers, as a FINN build runs it
+        from a2q_passes.finn_runtime import ensure_finn_importable
+
+        ensure_finn_importable()
+        from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
+
+        ModelWrapper(str(hw)).transform(SpecializeLayers(fpgapart)).save(str(hw))
     scorer = Scorer(ModelWrapper(str(hw)), (x[:60], y[:60]), fallback=True)
     assert scorer.outputs is qonnx_outputs
     widths = _allocated_and_proven(a2q, hw, tmp_path / "calib.npz", "99", projected)
-    assert set(widths) == {"MVAU_0", "MVAU_1", "MVAU_2"}, widths
+    macs = {node.name: node.op_type for node in ModelWrapper(str(hw)).graph.node if node.op_type.startswith("MVAU")}
+    assert set(widths) == set(macs) and len(macs) == 3, (widths, macs)
+    assert all(kind.endswith(("_hls", "_rtl")) if fpgapart else kind == "MVAU" for kind in macs.values()), macs
     assert scorer(ModelWrapper(str(projected))) >= 0.99 * scorer(ModelWrapper(str(hw)))
 
 
