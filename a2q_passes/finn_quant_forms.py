@@ -293,7 +293,8 @@ def grouped_conv_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
             return f"its weights {weight!r} are {model.get_tensor_datatype(weight).name}, which has no 0"
         return _shared(model, weight)
     if producer.op_type != "Quant" or not producer.domain.startswith("qonnx"):
-        return f"its weights come from {producer.op_type} {producer.name or producer.output[0]!r}, not from a QONNX Quant"
+        label = producer.name or producer.output[0]
+        return f"its weights come from {producer.op_type} {label!r}, not from a QONNX Quant"
     values, scale, zero_point = (model.get_initializer(name) for name in producer.input[:3])
     if values is None or scale is None or zero_point is None:
         return f"its weight Quant {producer.name or weight!r} does not quantize constants"

@@ -66,10 +66,10 @@ def refuse_grouped_convs(model: ModelWrapper) -> None:
             if node.op_type == "Conv" and len(node.input) > 1
             and is_grouped_conv(node, weight_shape(model, shaped, node.input[1]))]
     if left:
-        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions, and a2q lowers a grouped one "
-                            f"as a group=1 Conv with block-diagonal weights only where it can rewrite them; grouped "
-                            f"Conv {', '.join(left)} cannot be. Quantize its weights with a QONNX Quant (zero point 0, "
-                            "scale per tensor or per output channel) or keep the layer out of the FINN part.")
+        raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions, and a2q lowers a grouped "
+                            f"one as a group=1 Conv with block-diagonal weights only where it can rewrite them; "
+                            f"grouped Conv {', '.join(left)} cannot be. Quantize its weights with a QONNX Quant (zero "
+                            "point 0, scale per tensor or per output channel) or keep the layer out of the FINN part.")
 
 
 def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:

@@ -3,16 +3,18 @@
 A FINN threshold counts ``x >= t``: a value exactly halfway between two codes goes to the upper code. A QONNX
 ``Quant`` with ``rounding_mode=ROUND`` (Brevitas' default; what ``QuantizeLinear`` does) rounds it to the even code,
 ``HALF_UP`` away from zero and ``HALF_DOWN`` toward zero (qonnx's ``resolve_rounding_mode``), so FINN agrees with
-``HALF_UP`` on positive ties only. Inside the network FINN compares integer accumulators with
-thresholds that streamlining computed in float and ``RoundAndClipThresholds`` later rounds up, so a tie is
-reachable exactly where a threshold is an integer. Power-of-two scales (Brevitas' ``*FixedPoint`` quantizers) make
-every threshold a dyadic number that streamlining computes exactly, and such ties common. With other scales the
-float32 thresholds are rounded (above 2^18 one in 32 float32 values is an integer): an integer there says nothing,
-and the file's own float32 arithmetic decides its ties. Only rows computed exactly are therefore changed: a row
-whose thresholds step by one power of two, exactly, and stay below 2^22 (:func:`exact_rows`). The lowering flow (:mod:`a2q_passes.finn_flow`) applies
-:func:`round_ties_as_quantized` after FINN's conversion to HW layers, while the thresholds are still FINN's
-unrounded values (its equivalence check executes the result against the file as given); so does the FINN build step
-``step_a2q_round_ties`` (:mod:`a2q_passes.finn_steps`), before FINN's ``step_minimize_bit_width_initial`` rounds them.
+``HALF_UP`` on positive ties only. Inside the network FINN compares integer accumulators with thresholds that
+streamlining computed in float and ``RoundAndClipThresholds`` later rounds up, so a tie is reachable exactly where a
+threshold is an integer. Power-of-two scales (Brevitas' ``*FixedPoint`` quantizers) make every threshold a dyadic
+number that streamlining computes exactly, and such ties common. With other scales the float32 thresholds are
+rounded (above 2^18 one in 32 float32 values is an integer): an integer there says nothing, and the file's own
+float32 arithmetic decides its ties. Only rows computed exactly are therefore changed: a row whose thresholds step
+by one power of two, exactly, and stay below 2^22 (:func:`exact_rows`).
+
+The lowering flow (:mod:`a2q_passes.finn_flow`) applies :func:`round_ties_as_quantized` after FINN's conversion to
+HW layers, while the thresholds are still FINN's unrounded values (its equivalence check executes the result
+against the file as given); so does the FINN build step ``step_a2q_round_ties`` (:mod:`a2q_passes.finn_steps`),
+before FINN's ``step_minimize_bit_width_initial`` rounds them.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def activation_tie_rule(model: ModelWrapper) -> str | None:
 def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapper:
     """A copy of HW graph ``model`` in which every threshold of an MVAU/VVAU (with activation) or ``Thresholding``
     node on integer inputs that is an integer ``t``, in a row :func:`exact_rows` takes, becomes ``t + 1`` where
-    ``rule`` sends the tie at ``t`` to the lower code (``x >= t + 1`` is ``x > t`` on integers); unchanged for ``rule`` ``None``.
+    ``rule`` sends the tie at ``t`` to the lower code (``x >= t + 1`` is ``x > t`` on integers); unchanged for
+    ``rule`` ``None``.
 
     The output code after threshold ``j`` (0-based) of a row is ``c = ActVal + j + 1`` (zero point 0: FINN takes no
     other), and the tie at it lies at ``c - 1/2``. It goes to the lower code ``c - 1`` under ``"even"`` where ``c`` is
@@ -64,7 +67,8 @@ def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapp
         inst = getCustomOp(node)
         if not thresholding and (inst.get_nodeattr("noActivation") or len(node.input) < 3):
             continue
-        if inst.get_nodeattr("outputDataType") == "BIPOLAR" or not DataType[inst.get_nodeattr("inputDataType")].is_integer():
+        integer_inputs = DataType[inst.get_nodeattr("inputDataType")].is_integer()
+        if inst.get_nodeattr("outputDataType") == "BIPOLAR" or not integer_inputs:
             continue
         tensor = node.input[1] if thresholding else node.input[2]
         thresholds = model.get_initializer(tensor)

@@ -57,7 +57,8 @@ def layer_signatures(model: ModelWrapper) -> dict[str, str]:
             continue
         rows = layer.integer_rows(model)
         conv = convs.get(layer.node)
-        if conv is not None and is_grouped_conv(conv, layer.layout.shape if isinstance(layer.layout, RowLayout) else None):
+        shape = layer.layout.shape if isinstance(layer.layout, RowLayout) else None
+        if conv is not None and is_grouped_conv(conv, shape):
             rows = np.pad(rows, ((0, 0), (0, (int(node_attr(conv, "group", 1)) - 1) * rows.shape[1])))
         signatures[layer.node] = weight_signature(2 * rows - 1 if layer.binary_xnor else rows)
     return signatures

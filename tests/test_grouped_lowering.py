@@ -57,7 +57,8 @@ def test_block_diagonal_weights_compute_the_grouped_convolution():
         x = rng.normal(size=(1, c_in, 7, 7)).astype(np.float32)
         node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=groups, kernel_shape=[3, 3])
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, list(x.shape))],
-                                  [helper.make_tensor_value_info("y", 1, [1, c_out, 5, 5])], [numpy_helper.from_array(w, "w")])
+                                  [helper.make_tensor_value_info("y", 1, [1, c_out, 5, 5])],
+                                  [numpy_helper.from_array(w, "w")])
         model = ModelWrapper(helper.make_model(graph))
         dense, changed = GroupedConvAsDense().apply(model)
         assert changed and dense.get_initializer("w").shape == (c_out, c_in, 3, 3)
