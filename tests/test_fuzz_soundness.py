@@ -325,3 +325,32 @@ def test_random_models_keep_the_multistage_promise(case: Case, tile: int) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         outcome = check_case(case, Path(tmp), tile=tile)
     assert not outcome.failures, "\n".join([f"{f.category}: {f.message}" for f in outcome.failures] + case.description)
+
+
+def test_extracted_scales_switch_leaves_fold_cases_with_a_zero_point_behind_an_identity() -> None:
+    """Found by the fuzzer (seed 206): under ``--zero-point fold`` the ``extracted_scales`` switch must leave a model
+    whose activation zero point is not 0, also where the zero point reaches its ``Quant`` through an ``Identity``
+    (switch ``constant_forms``): qonnx extracts it all the same, into an Add/Sub pair whose values a2q reads as codes
+    ``q - z``, where the generated grid says raw codes ``q``. Without zero point the model is extracted."""
+    from tests.fuzz.generate import _extract_scales
+
+    def case(zero: float) -> Case:
+        nodes = [helper.make_node("Identity", ["z_init"], ["z"]),
+                 helper.make_node("Quant", ["x", "s", "z", "bits"], ["q"], domain=QONNX_DOMAIN, signed=0, narrow=0,
+                                  rounding_mode="ROUND"),
+                 helper.make_node("Quant", ["w", "ws", "wz", "bits"], ["wq"], domain=QONNX_DOMAIN, signed=1, narrow=0,
+                                  rounding_mode="ROUND"),
+                 helper.make_node("MatMul", ["q", "wq"], ["y"], name="mm")]
+        inits = [numpy_helper.from_array(np.asarray(v, dtype=np.float32), n) for n, v in (
+            ("z_init", zero), ("s", 0.5), ("bits", 4.0), ("w", np.ones((3, 2))), ("ws", 0.25), ("wz", 0.0))]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+        model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                                     helper.make_opsetid(QONNX_DOMAIN, 1)]))
+        return Case(model, [])
+
+    shifted, plain = case(-6.0), case(0.0)
+    _extract_scales(shifted)
+    _extract_scales(plain)
+    assert "extracted_scales" not in shifted.used and not any(n.op_type == "Div" for n in shifted.model.graph.node)
+    assert "extracted_scales" in plain.used
