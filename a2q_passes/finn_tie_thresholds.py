@@ -8,8 +8,9 @@ streamlining computed in float and ``RoundAndClipThresholds`` later rounds up, s
 threshold is an integer. Power-of-two scales (Brevitas' ``*FixedPoint`` quantizers) make every threshold a dyadic
 number that streamlining computes exactly, and such ties common. With other scales the float32 thresholds are
 rounded (above 2^18 one in 32 float32 values is an integer): an integer there says nothing, and the file's own
-float32 arithmetic decides its ties. Only rows computed exactly are therefore changed: a row whose thresholds step
-by one power of two, exactly, and stay below 2^22 (:func:`exact_rows`).
+float32 arithmetic decides its ties. Only rows whose integer thresholds are exact ties are therefore changed
+(:func:`exact_rows`): thresholds stepping by one power of two, or all integers, in a range where float32 resolves
+them.
 
 The lowering flow (:mod:`a2q_passes.finn_flow`) applies :func:`round_ties_as_quantized` after FINN's conversion to
 HW layers, while the thresholds are still FINN's unrounded values (its equivalence check executes the result
@@ -83,13 +84,23 @@ def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapp
 
 
 def exact_rows(thresholds: np.ndarray) -> np.ndarray:
-    """Per row of ``thresholds`` (last axis: one row's thresholds, ascending), whether its values are an arithmetic
-    progression whose step is exactly a power of two, all of magnitude below 2^22 (float32 keeps half-integers
-    there): the form of FINN's thresholds for a ``Quant`` whose scale is a power of two times the accumulator's,
-    in which a float32 threshold that is an integer is the exact one. A row of one threshold has no step to check."""
+    """Per row of ``thresholds`` (last axis: one row's thresholds, ascending), whether its integer thresholds are
+    exact ties: its values are an arithmetic progression (FINN's thresholds for one ``Quant``: one step per code)
+    and either
+
+    * the step is exactly a power of two and every value lies below 2^22 (float32 keeps half-integers there): a
+      ``Quant`` scale that is a power of two times the accumulator's, which streamlining computes exactly; or
+    * every value is an integer, there are at least three, and all lie below 2^16: a scale that is a whole multiple
+      of the accumulator's (Brevitas' constant scales such as 0.025 with a power-of-two activation scale). Below
+      2^16 a float32 value is an integer by accident with odds of 2^-7, so three or more together are no accident.
+
+    A row of one threshold has no step to check."""
     steps = np.diff(thresholds.astype(np.float64), axis=-1)
     if steps.shape[-1] == 0:
         return np.zeros(thresholds.shape[:-1], dtype=bool)
-    mantissa, _ = np.frexp(steps[..., :1])
-    return (np.all(steps == steps[..., :1], axis=-1) & (mantissa[..., 0] == 0.5)
-            & np.all(np.abs(thresholds) < 2.0 ** 22, axis=-1))
+    progression = np.all(steps == steps[..., :1], axis=-1)
+    mantissa, _ = np.frexp(steps[..., 0])
+    dyadic = (mantissa == 0.5) & np.all(np.abs(thresholds) < 2.0 ** 22, axis=-1)
+    integers = (thresholds == np.floor(thresholds)) & (np.abs(thresholds) < 2.0 ** 16)
+    whole = (thresholds.shape[-1] >= 3) & np.all(integers, axis=-1)
+    return progression & (dyadic | whole)

@@ -133,9 +133,12 @@ def test_exact_rows_take_power_of_two_progressions_only():
 
     rows = np.array([[-12.0, -4.0, 4.0, 12.0],       # step 8: exact
                      [-1.5, -1.25, -1.0, -0.75],     # step 1/4: exact
-                     [3.0, 6.0, 9.0, 12.0],          # step 3: not a power of two
+                     [3.0, 6.0, 9.0, 12.0],          # integers, step 3 (a scale 3 x the accumulator's)
+                     [3.5, 6.5, 9.5, 12.5],          # step 3, no integer: no tie either way
                      [1.0, 2.0, 4.0, 5.0],           # steps differ
-                     [2.0 ** 22, 2.0 ** 22 + 2, 2.0 ** 22 + 4, 2.0 ** 22 + 6]],  # too large
+                     [2.0 ** 22, 2.0 ** 22 + 2, 2.0 ** 22 + 4, 2.0 ** 22 + 6],   # too large for float32 halves
+                     [2.0 ** 16, 2.0 ** 16 + 3, 2.0 ** 16 + 6, 2.0 ** 16 + 9]],  # integers where float32 has few
                     dtype=np.float32)
-    assert exact_rows(rows).tolist() == [True, True, False, False, False]
+    assert exact_rows(rows).tolist() == [True, True, True, False, False, False, False]
     assert exact_rows(np.array([[3.0]], dtype=np.float32)).tolist() == [False]
+    assert exact_rows(np.array([[3.0, 6.0]], dtype=np.float32)).tolist() == [False]  # two integers may be chance
