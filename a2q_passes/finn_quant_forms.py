@@ -256,8 +256,8 @@ class GroupedConvAsDense(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
         for node in model.graph.node:
-            grouped = is_grouped_conv(node, _conv_weight_constant_shape(model, node))
-            if not grouped or grouped_conv_obstacle(model, node) is not None:
+            shape = _constant_shape(model, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+            if not is_grouped_conv(node, shape) or grouped_conv_obstacle(model, node) is not None:
                 continue
             producer = model.find_producer(node.input[1])
             stored = node.input[1] if producer is None else producer.input[0]
@@ -310,15 +310,6 @@ def _shared(model: ModelWrapper, tensor: str) -> str | None:
     return f"its weights {tensor!r} are also read by other nodes" if len(readers) > 1 else None
 
 
-def _conv_weight_constant_shape(model: ModelWrapper, node: NodeProto) -> list[int] | None:
-    """The shape of the constant behind a ``Conv``'s weights (the initializer, or the one its quantizer reads)."""
-    if node.op_type != "Conv" or len(node.input) < 2:
-        return None
-    producer = model.find_producer(node.input[1])
-    constant = model.get_initializer(node.input[1] if producer is None else producer.input[0])
-    return None if constant is None else list(constant.shape)
-
-
 def _block_diagonal(weights: np.ndarray, group: int) -> np.ndarray:
     """Grouped ``Conv`` weights ``(O, I / group, *kernel)`` as dense ``(O, I, *kernel)`` weights: output channel ``o``
     of group ``g = o // (O / group)`` keeps its weights at input channels ``g * I / group ...``, zeros elsewhere."""
@@ -336,11 +327,14 @@ def weight_shape(model: ModelWrapper, shaped: ModelWrapper, tensor: str) -> list
     weight behind a Q/DQ chain, or behind the ``Quant`` node qonnx's QCDQToQuant made of one, is shaped only
     there), or that of the constant its quantizer reads."""
     shape = shaped.get_tensor_shape(tensor)
-    if shape is None:
-        producer = model.find_producer(tensor)
-        constant = model.get_initializer(producer.input[0]) if producer is not None else model.get_initializer(tensor)
-        shape = None if constant is None else list(constant.shape)
-    return shape
+    return shape if shape is not None else _constant_shape(model, tensor)
+
+
+def _constant_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
+    """The shape of the constant behind weight ``tensor``: the initializer, or the one its quantizer reads."""
+    producer = model.find_producer(tensor)
+    constant = model.get_initializer(producer.input[0]) if producer is not None else model.get_initializer(tensor)
+    return None if constant is None else list(constant.shape)
 
 
 def _reads_only_biases(model: ModelWrapper, node) -> bool:
