@@ -54,10 +54,10 @@ from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
-from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
                                      refuse_unconvertible_quantizers, refuse_unlowerable_convs)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
+from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
 
 MAX_RESIDUAL_ROUNDS = 4
 # Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
