@@ -32,12 +32,17 @@ TIE_RULES = {"ROUND": "even", "HALF_EVEN": "even", "HALF_UP": "away", "HALF_DOWN
 def activation_tie_rule(model: ModelWrapper) -> str | None:
     """Where the activation ``Quant`` nodes of ``model`` send an exact tie (a value of :data:`TIE_RULES`), or
     ``None`` when they differ among themselves, use another mode, or there is no such node: FINN's graph keeps no
-    link from a threshold back to its ``Quant``, so only one rule for the whole graph can be applied."""
+    link from a threshold back to its ``Quant``, so only one rule for the whole graph can be applied. Also ``None``
+    where a scale is not a positive constant: the rules read a code's sign and order from FINN's thresholds, which
+    hold for positive scales only."""
     from qonnx.custom_op.registry import getCustomOp
 
-    modes = {getCustomOp(node).get_nodeattr("rounding_mode").upper() for node in model.graph.node
-             if node.op_type == "Quant" and model.get_initializer(node.input[0]) is None}
-    rules = {TIE_RULES.get(mode) for mode in modes}
+    quants = [node for node in model.graph.node
+              if node.op_type == "Quant" and model.get_initializer(node.input[0]) is None]
+    scales = [model.get_initializer(node.input[1]) for node in quants]
+    if any(scale is None or np.any(scale <= 0) for scale in scales):
+        return None
+    rules = {TIE_RULES.get(getCustomOp(node).get_nodeattr("rounding_mode").upper()) for node in quants}
     return rules.pop() if len(rules) == 1 and None not in rules else None
 
 

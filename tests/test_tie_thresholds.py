@@ -81,6 +81,14 @@ def test_mixed_rounding_modes_get_no_rule(fixed_point):
     assert activation_tie_rule(model) is None
 
 
+def test_a_negative_activation_scale_gets_no_rule(fixed_point):
+    model = _with_rounding(fixed_point, "ROUND")
+    assert activation_tie_rule(model) == "even"
+    quant = next(n for n in model.graph.node if n.op_type == "Quant" and model.get_initializer(n.input[0]) is None)
+    model.set_initializer(quant.input[1], -model.get_initializer(quant.input[1]))
+    assert activation_tie_rule(model) is None
+
+
 @pytest.mark.parametrize("round_ties", [True, False])
 def test_build_steps_round_ties_as_the_file(fixed_point, round_ties, tmp_path):
     """FINN's own builder steps with a2q's preparation and ``step_a2q_round_ties`` after ``step_convert_to_hw``: the
