@@ -618,10 +618,10 @@ def _extract_scales(case: Case) -> None:
     ``subtract``)."""
     from qonnx.transformation.extract_quant_scale_zeropt import ExtractQuantScaleZeroPt
 
-    from tests.fuzz.oracle import _constants_folded
+    from tests.fuzz.oracle import constants_folded
 
     # zero points behind Identity/Constant/Cast nodes (switch constant_forms) count too: qonnx extracts those as well
-    folded = _constants_folded(case.model)
+    folded = constants_folded(case.model)
     if case.zero_point == "fold" and any(
             np.any(folded.get_initializer(n.input[2]) != 0) for n in folded.graph.node
             if n.op_type in ("Quant", "IntQuant") and folded.get_initializer(n.input[2]) is not None):

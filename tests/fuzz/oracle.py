@@ -427,7 +427,7 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
 HOLDERS = ("Constant", "Identity", "Cast")
 
 
-def _constants_folded(model: ModelWrapper) -> ModelWrapper:
+def constants_folded(model: ModelWrapper) -> ModelWrapper:
     """``model`` with each ``Constant``, and each ``Identity``/``Cast`` of constants, executed into an initializer:
     the forms PyTorch's exporters give weights and quantizer parameters. The rest of the oracle reads initializers."""
     def foldable(node) -> bool:
@@ -461,7 +461,7 @@ def tile_ranges(model: ModelWrapper, case: Case, info: LayerInfo, tile: int,
 def _k_terms(model: ModelWrapper, info: LayerInfo) -> int:
     """How many terms one output of the MAC sums (its weight's K axis)."""
     mac = _node(model, info.node)
-    shape = model.get_tensor_shape(mac.input[1]) or list(_constants_folded(model).get_initializer(mac.input[1]).shape)
+    shape = model.get_tensor_shape(mac.input[1]) or list(constants_folded(model).get_initializer(mac.input[1]).shape)
     if mac.op_type == "Conv":
         return int(np.prod(shape[1:]))
     trans_b = any(a.name == "transB" and a.i for a in mac.attribute)
@@ -484,7 +484,7 @@ def _keep_terms(mac, q: np.ndarray, terms: np.ndarray) -> np.ndarray:
 def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
                 terms: np.ndarray | None = None) -> ExecutedRange:
     """``terms``: only these K positions of the sum (see :func:`tile_ranges`)."""
-    model = _constants_folded(model)
+    model = constants_folded(model)
     if info.act_x_act:
         return act_x_act_range(model, case, info, seed)
     rng = np.random.default_rng(seed)
