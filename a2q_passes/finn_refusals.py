@@ -12,6 +12,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_quant_forms import grouped_conv_obstacle, is_grouped_conv, is_qdq_node, weight_shape
+from a2q_passes.finn_zero_points import MIDPOINT_ROUNDING, zero_point_refusals
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.input_grids import value_origin
 
@@ -102,27 +103,19 @@ def refuse_unconverted_qdq(model: ModelWrapper) -> None:
 
 
 def refuse_zero_points(model: ModelWrapper) -> None:
-    """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point.
+    """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point that
+    :class:`~a2q_passes.finn_zero_points.ZeroPointActivationsAsThresholds` does not make into thresholds, with why.
 
     Why here: FINN's ``ConvertQONNXtoFINN`` takes only zero points of 0 ("Only Quant nodes with zero-point == 0 are
     currently supported"), and on a per-channel one it fails with numpy's "truth value of an array ... is ambiguous".
     """
-
-    def zero_point(node) -> np.ndarray | None:
-        return get_constant(model, node.input[2]) if len(node.input) > 2 else None
-
-    shifted = [node.name or node.output[0] for node in model.graph.node if node.op_type in ("Quant", "IntQuant")
-               and (z := zero_point(node)) is not None and np.any(z != 0)]
-    if shifted:
-        raise LoweringError(f"FINN converts only Quant nodes with a zero point of 0; {', '.join(map(repr, shifted))} "
-                            "have other zero points (asymmetric quantizers such as Brevitas' ShiftedUint8, or "
-                            "onnxruntime's default uint8 activations). Export the model with symmetric quantizers for "
-                            "FINN; a2q analyze/project/verify read it as it is.")
-
-
-# rounding modes FINN's thresholds at the midpoints between codes compute up to exact ties (x >= t sends every tie
-# up); the lowering sends ties on integer accumulators where the mode does (finn_tie_thresholds)
-_MIDPOINT_ROUNDING = ("ROUND", "HALF_EVEN", "HALF_UP", "HALF_DOWN")
+    left = zero_point_refusals(model)
+    if left:
+        raise LoweringError("FINN converts only Quant nodes with a zero point of 0, and a2q lowers other activation "
+                            "quantizers (one positive scale and integer zero point per tensor, 2 to 8 bits, ROUND) as "
+                            f"thresholds with an output bias; not these: {'; '.join(left)}. Export the model with "
+                            "symmetric weight quantizers (and such activation quantizers) for FINN; a2q "
+                            "analyze/project/verify read it as it is.")
 
 
 def refuse_rounding_modes(model: ModelWrapper) -> None:
@@ -141,7 +134,7 @@ def refuse_rounding_modes(model: ModelWrapper) -> None:
         bits = get_constant(model, node.input[3]) if len(node.input) > 3 else None
         bipolar = bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
             and node_attr(node, "signed", 1)
-        if mode not in _MIDPOINT_ROUNDING and not bipolar:
+        if mode not in MIDPOINT_ROUNDING and not bipolar:
             off.append(f"{node.name or node.output[0]!r} ({mode})")
     if off:
         raise LoweringError(f"FINN makes an activation Quant into thresholds halfway between codes whatever its "

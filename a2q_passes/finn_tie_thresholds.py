@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
+from a2q_passes.graph_values import get_constant
+
 # where step_a2q_finn_preparation leaves the rule for step_a2q_round_ties (FINN's build steps keep model metadata)
 TIE_RULE_KEY = "a2q.activation_tie_rule"
 # a Quant's rounding_mode -> where it sends a tie: to the even code, away from zero, toward zero
@@ -34,7 +36,9 @@ def activation_tie_rule(model: ModelWrapper) -> str | None:
     ``None`` when they differ among themselves, use another mode, or there is no such node: FINN's graph keeps no
     link from a threshold back to its ``Quant``, so only one rule for the whole graph can be applied. Also ``None``
     where a scale is not a positive constant: the rules read a code's sign and order from FINN's thresholds, which
-    hold for positive scales only."""
+    hold for positive scales only. A zero point ``z`` (:mod:`a2q_passes.finn_zero_points`) makes FINN's codes
+    ``q - z``: the even rule still holds for even ``z`` (``q`` and ``q - z`` have one parity), no rule otherwise (a
+    code's parity or sign is then ``q``'s, which FINN's graph does not show)."""
     from qonnx.custom_op.registry import getCustomOp
 
     quants = [node for node in model.graph.node
@@ -43,7 +47,11 @@ def activation_tie_rule(model: ModelWrapper) -> str | None:
     if any(scale is None or np.any(scale <= 0) for scale in scales):
         return None
     rules = {TIE_RULES.get(getCustomOp(node).get_nodeattr("rounding_mode").upper()) for node in quants}
-    return rules.pop() if len(rules) == 1 and None not in rules else None
+    rule = rules.pop() if len(rules) == 1 and None not in rules else None
+    zeros = [get_constant(model, node.input[2]) for node in quants]
+    if any(zero is None or np.any(zero % 2 != 0 if rule == "even" else zero != 0) for zero in zeros):
+        return None
+    return rule
 
 
 def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapper:

@@ -16,8 +16,8 @@ from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
 from a2q_passes.finn_quant_forms import unsigned_bits_after_relu
 from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
-from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, dtype_for_range, quant_dtype,
-                                       skip_clips, storage_code_range, storage_dtype)
+from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, codes_less_zero_point,
+                                       dtype_for_range, quant_dtype, skip_clips, storage_code_range, storage_dtype)
 
 # Ops whose output codes are a subset of their input codes on the same grid.
 GRID_PRESERVING_OPS = (
@@ -218,15 +218,18 @@ class GridResolver:
         except ValueError as err:
             return None, f"{node_label(node)}: {err}"
         dtype = quant_dtype(int(bits), signed) if bits == int(bits) else dtype_for_range(codes)
-        if scale > 0 and non_negative(self.model, node.input[0]):
-            codes = at_or_above(codes, int(zp))
+        if scale > 0 and non_negative(self.model, node.input[0]) and not (self.finn_ranges and zp):
+            codes = at_or_above(codes, int(zp))  # (a zero point's thresholds under finn: for all codes, below)
         if self.finn_ranges:
-            codes, dtype, reason = self._finn_codes(node, codes, bits, signed)
+            codes, dtype, reason = self._finn_codes(node, codes, bits, signed, int(zp))
             if codes is None:
                 return None, reason
+            if zp:  # lowered as thresholds with an output bias: FINN's MAC reads q - z, real 0 is code 0
+                return InputGrid(codes, dtype, scale, 0), ""
         return self._with_zero_point(codes, dtype, scale, int(zp)), ""
 
-    def _finn_codes(self, node: NodeProto, codes: IntRange, bits: float, signed: bool) -> tuple[IntRange | None, str, str]:
+    def _finn_codes(self, node: NodeProto, codes: IntRange, bits: float, signed: bool,
+                    zero: int = 0) -> tuple[IntRange | None, str, str]:
         """The codes FINN's MAC is sized for: ``codes`` joined with the DataType ConvertQONNXtoFINN gives them.
 
         FINN (qonnx ``Quant.get_integer_datatype``) annotates ``INT{b}``/``UINT{b}`` for an integer bit
@@ -234,12 +237,15 @@ class GridResolver:
         ``Quant`` of a ``Relu`` output is ``UINT{b-1}`` there: FINN converts it only after the rewrite
         into that form (:class:`~a2q_passes.finn_quant_forms.UnsignedQuantAfterRelu`), which ``lower`` and
         the FINN build steps run first. A fractional bit width is truncated there to a type narrower than
-        the codes: refused.
+        the codes: refused. With a zero point ``zero``, all values of the DataType of ``q - z``: ``lower`` makes
+        the quantizer into thresholds with an output bias (:mod:`a2q_passes.finn_zero_points`).
         """
         if bits != int(bits):
             return None, "", (f"{node_label(node)} has bit width {bits}: FINN's conversion annotates its output "
                               f"{quant_dtype(int(bits), signed)}, narrower than its codes [{codes.lo}, {codes.hi}]; "
                               "re-export with an integer bit width, or use --input-ranges exact")
+        if zero:
+            return *_finn_type_less_zero_point(codes, zero), ""
         unsigned_bits = unsigned_bits_after_relu(self.model, node)
         dtype = quant_dtype(int(bits), signed) if unsigned_bits is None else quant_dtype(unsigned_bits, False)
         return _hull(codes, dtype_grid(dtype).range), dtype, ""
@@ -281,6 +287,8 @@ class GridResolver:
         if not self.finn_ranges:
             codes = self._quantized_non_negative(node, codes)
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
+        if self.finn_ranges and zp:  # lowered as thresholds with an output bias, as a Quant's (see _finn_codes)
+            return InputGrid(*_finn_type_less_zero_point(codes, zp), scale, 0), ""
         return self._with_zero_point(codes, dtype, scale, zp), ""
 
     def _quantized_non_negative(self, dq: NodeProto, codes: IntRange) -> IntRange:
@@ -518,6 +526,12 @@ def at_or_above(codes: IntRange, zero: int) -> IntRange:
     """The codes a monotone quantizer gives reals >= 0: those from the code of real 0 (``zero``, clamped into
     ``codes``) up."""
     return IntRange(min(max(codes.lo, zero), codes.hi), codes.hi)
+
+
+def _finn_type_less_zero_point(codes: IntRange, zero: int) -> tuple[IntRange, str]:
+    """The range and name of the DataType FINN's MAC reads ``q - z`` in, for codes ``q`` in ``codes``."""
+    dtype = codes_less_zero_point(codes, zero)[1]
+    return dtype_grid(dtype).range, dtype
 
 
 def _hull(a: IntRange, b: IntRange) -> IntRange:

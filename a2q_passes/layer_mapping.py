@@ -52,7 +52,7 @@ def layer_signatures(model: ModelWrapper) -> dict[str, str]:
 
     convs = {node.name or node.output[0]: node for node in model.graph.node if node.op_type == "Conv"}
     signatures = {}
-    for layer in find_mac_layers(model):
+    for layer in find_mac_layers(model, zero_point="subtract"):  # weights q - z, as FINN's MVAU holds them
         if layer.source is None or layer.status == STATUS_WEIGHTS_NOT_QUANTIZED or layer.status.startswith("unsupported"):
             continue
         rows = layer.integer_rows(model)

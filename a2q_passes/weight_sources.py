@@ -137,6 +137,14 @@ def dtype_for_range(r: IntRange) -> str:
     return int_dtype_name(*integer_format(r))
 
 
+def codes_less_zero_point(codes: IntRange, zero: int) -> tuple[IntRange, str]:
+    """The values ``q - z`` of a quantizer's codes ``q`` in ``codes`` less its zero point ``zero``, and the smallest
+    DataType holding them (``INT9`` for uint8 codes with ``z`` in 1..255): what FINN's MAC reads once ``a2q lower``
+    makes the quantizer into thresholds with an output bias (:mod:`a2q_passes.finn_zero_points`)."""
+    shifted = codes.shifted(zero)
+    return shifted, dtype_for_range(shifted)
+
+
 def quant_dtype(bits: int, signed: bool) -> str:
     if bits == 1:
         return "BIPOLAR" if signed else "BINARY"

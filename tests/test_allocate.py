@@ -321,15 +321,20 @@ def test_bad_data_is_a_clear_error(a2q, tmp_path):
     assert result.returncode == 1 and "no_dir" in result.stderr
 
 
-def test_qdq_model_under_a_finn_cost_model_is_refused_with_the_way_forward(data, a2q, tmp_path):
-    """The default cost model costs FINN's lowering, which refuses this QDQ file (uint8 activations with zero points):
-    the message gives FINN's reason and the cost model that needs no FINN."""
-    out = tmp_path / "w.json"
+def test_qdq_model_is_allocated_under_the_finn_cost_model(data, a2q, tmp_path):
+    """The default cost model costs FINN's lowering: of this QDQ file (uint8 activations, the output's with a zero
+    point, which FINN's conversion refuses and a2q lowers as thresholds with an output bias) every layer becomes an
+    MVAU and is costed; the map covers the three layers, is met by ``project --widths-json`` and proven by
+    ``verify``. Before, allocate refused the file with FINN's reason (the zero point)."""
+    out, projected = tmp_path / "w.json", tmp_path / "projected.onnx"
     qdq = MODEL.with_name("digits_cnn_qdq.onnx")
     result = a2q("allocate", qdq, "--data", data.calib, "--min-score-pct", "99", "-o", out, "--no-progress")
-    message = " ".join(result.stderr.split())
-    assert result.returncode == 1 and not out.exists(), message
-    assert "zero point of 0" in message and "--cost acc-bits needs no FINN lowering" in message
+    assert result.returncode == 0 and out.exists(), result.stderr
+    widths = json.loads(out.read_text())
+    assert set(widths) == {"/conv1/Conv", "/conv2/Conv", "/fc/Gemm"}, widths
+    assert a2q("project", qdq, projected, "--widths-json", out).returncode == 0
+    verified = a2q("verify", projected, "--widths-json", out)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_qdq_model_is_allocated_with_the_register_cost(data, a2q, tmp_path):

@@ -98,9 +98,11 @@ def test_estimate_build_of_a_brevitas_graph_ptq_model(tmp_path):
 
 def test_preparation_step_refuses_quantizers_finn_cannot_convert_by_name(tmp_path):
     """The build step refuses what `a2q lower` refuses, before FINN's conversion: onnxruntime's QDQ file with int4
-    weights (Q/DQ nodes qonnx's QCDQToQuant leaves) by its Q/DQ nodes, and QDQ files it converts whole (their stored
-    integer weights and biases given their QuantizeLinear first) whose int8 or uint8 activations have zero points, by
-    those zero points; a QONNX model passes."""
+    weights (Q/DQ nodes qonnx's QCDQToQuant leaves) by its Q/DQ nodes. QDQ files it converts whole (their stored
+    integer weights and biases given their QuantizeLinear first) whose int8 or uint8 activations have zero points
+    get those as thresholds, INT9 ones: with FINN's default requant_bitwidth_threshold (9) the step names the setting
+    that keeps them Thresholding layers, and with it the thresholds are there; a QONNX model passes."""
+    from a2q_passes.errors import A2QError
     from a2q_passes.finn_flow import LoweringError
     from a2q_passes.finn_steps import step_a2q_finn_preparation
     from tests.ort_models import conv_gemm_matmul, matmul_conv, quantize
@@ -111,8 +113,10 @@ def test_preparation_step_refuses_quantizers_finn_cannot_convert_by_name(tmp_pat
         step_a2q_finn_preparation(load_model(path), None)
     quantize(float_path, path, conv_gemm_matmul(float_path), "QDQ", "QInt8", act="QInt8", per_channel=True)
     for qdq in (path, MODELS / "digits_cnn_qdq.onnx"):
-        with pytest.raises(LoweringError, match="zero point of 0"):
+        with pytest.raises(A2QError, match="requant_bitwidth_threshold=10"):
             step_a2q_finn_preparation(load_model(qdq), None)
+        prepared = step_a2q_finn_preparation(load_model(qdq), SimpleNamespace(requant_bitwidth_threshold=10))
+        assert "MultiThreshold" in {n.op_type for n in prepared.graph.node}
     prepared = step_a2q_finn_preparation(load_model(DIGITS_CNN), None)
     assert [n.op_type for n in prepared.graph.node].count("Quant") > 0
 

@@ -248,13 +248,35 @@ def test_layers_finn_cannot_lower(tmp_path, mlp):
     assert not (tmp_path / "nothing_hw.onnx").exists()
 
 
-def test_a_qdq_model_with_asymmetric_activations_is_refused_naming_its_zero_points(tmp_path):
-    """onnxruntime's QDQ model: qonnx's QCDQToQuant makes Quant nodes of its Q/DQ chains, whose uint8 activations
-    keep their zero points, which FINN does not convert; the message names them and says what to export."""
+def test_the_bundled_qdq_model_with_asymmetric_activations_lowers_its_layers(tmp_path):
+    """onnxruntime's QDQ model trained on real data (uint8 activations; the output's with a calibrated zero point):
+    its three layers become MVAUs whose exact ranges, from their lowered weights and input types, lie within their
+    accDataType, the output quantizer becomes the last MVAU's thresholds with output bias -z, and the lowered graph
+    computes what the file computes; the Flatten between the convs and the classifier has no FINN HW layer, so
+    `lower` names it and exits 3. Before, `lower` refused the file naming the output's zero point."""
+    from a2q_passes import bounds
+
     code, out = run_cli("lower", MODELS / "digits_cnn_qdq.onnx", tmp_path / "hw.onnx")
-    assert code == 1 and "zero point of 0" in out and "onnxruntime's default uint8 activations" in out, out
-    assert "symmetric quantizers" in out and not (tmp_path / "hw.onnx").exists()
-    assert not (tmp_path / "hw.onnx").exists()
+    text = " ".join(out.split())
+    assert code == 3 and "not lowered: Flatten" in text and "NOT equivalent" not in text, text[-2000:]
+    assert "max |QONNX - FINN| = 0 " in text, text[-2000:]
+    lowered = ModelWrapper(str(tmp_path / "hw.onnx"))
+    nodes = list(iterate_mac_nodes(lowered))
+    assert len(nodes) == 3
+    for node in nodes:  # brute-force range of the lowered integer weights over the node's input type
+        inst = getCustomOp(node)
+        idt, adt = (DataType[inst.get_nodeattr(a)] for a in ("inputDataType", "accDataType"))
+        weights = lowered.get_initializer(node.input[1]).T.astype(np.int64)
+        low = np.where(weights > 0, weights * int(idt.min()), weights * int(idt.max())).sum(axis=1)
+        high = np.where(weights > 0, weights * int(idt.max()), weights * int(idt.min())).sum(axis=1)
+        assert adt.min() <= low.min() and high.max() <= adt.max(), (node.name, adt.name)
+        assert adt.bitwidth() == bounds.accumulator_width(int(low.min()), int(high.max()))
+    # the output quantizer (uint8, zero point z) became the last MVAU's thresholds, giving q - z in INT9
+    source = onnx.load(str(MODELS / "digits_cnn_qdq.onnx"))
+    last_quantize = [n for n in source.graph.node if n.op_type == "QuantizeLinear"][-1]
+    zero = int(next(onnx.numpy_helper.to_array(t) for t in source.graph.initializer if t.name == last_quantize.input[2]))
+    last = getCustomOp(nodes[-1])
+    assert zero != 0 and last.get_nodeattr("ActVal") == -zero and last.get_nodeattr("outputDataType") == "INT9"
 
 
 def test_a_residual_add_of_unquantized_activations_is_named_when_finn_fails_on_it(tmp_path, cnn):

@@ -120,6 +120,8 @@ class InputCodes:
 
     def _finn_view(self, grid: Grid, producer: NodeProto, annotation: DataType | None) -> Grid:
         """``grid`` joined with the DataType FINN gives the tensor (see the module docstring)."""
+        if annotation is None and grid.zero != 0 and producer.op_type in ("Quant", "IntQuant", "DequantizeLinear"):
+            return self._finn_less_zero_point(grid, producer)
         dt = annotation if annotation is not None else self._finn_datatype(producer)
         if dt is None:
             return grid
@@ -128,6 +130,19 @@ class InputCodes:
                                 f"codes [{grid.lo}, {grid.hi}]")
         lo, hi = min(grid.lo, int(dt.min())), max(grid.hi, int(dt.max()))
         return grid if (lo, hi) == (grid.lo, grid.hi) else Grid(lo, hi, grid.zero, grid.scale)
+
+    def _finn_less_zero_point(self, grid: Grid, node: NodeProto) -> Grid:
+        """A quantizer with a zero point z as ``a2q lower`` gives it to FINN: thresholds with output bias
+        ``qmin - z``, so the MAC reads ``q - z`` (zero point 0) in the DataType FINN's streamlining gives such codes
+        (its ``AbsorbScalarBiasIntoMultiThreshold`` rule), over the quantizer's whole code type."""
+        dt = self._finn_datatype(node)
+        if dt is None:  # a DequantizeLinear straight from its storage type
+            lo, hi = STORAGE_RANGES[self._storage_type(node)]
+        else:
+            lo, hi = int(dt.min()), int(dt.max())
+        lo, hi = lo - grid.zero, hi - grid.zero
+        finn_type = DataType.get_smallest_possible(hi) if lo >= 0 else DataType.get_smallest_possible(min(lo, -(hi + 1)))
+        return Grid(int(finn_type.min()), int(finn_type.max()), 0, grid.scale)
 
     def _finn_datatype(self, node: NodeProto) -> DataType | None:
         """What FINN's conversion annotates a quantizer's output with (``None``: the codes themselves)."""

@@ -322,6 +322,8 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
             node.domain = QONNX_DOMAIN
     if QONNX_DOMAIN not in model.get_opset_imports():
         model.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, 1))
+    if all(model.get_tensor_shape(t) is not None for n in model.graph.node for t in n.output if t):
+        return model  # shaped already (a lowered FINN graph: qonnx cannot infer the shape of FINN's HW Reshape)
     try:  # constant shape computations folded (Brevitas' old Flatten exports: Shape -> Gather -> ... -> Reshape)
         model = model.transform(InferShapes()).transform(FoldConstants(exclude_op_types=QUANTIZER_OPS))
         model = model.transform(InferShapes())
@@ -347,7 +349,7 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
 def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
     """A copy with FINN's HW data-movement layers as the standard ops they are defined by (``convert_to_hw`` made
     them from these): ``Shuffle`` = Reshape -> Transpose -> Reshape, ``DuplicateStreams`` = one Identity per output,
-    ``ElementwiseMul`` = Mul. Their own attributes fix the batch to 1; the standard ops run any batch."""
+    ``ElementwiseMul`` = Mul, FINN's ``Reshape`` = Reshape. Their own attributes fix the batch to 1; the standard ops run any batch."""
     model = ModelWrapper(copy.deepcopy(model.model))
     for index, node in reversed(list(enumerate(model.graph.node))):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -364,6 +366,10 @@ def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
             standard = [helper.make_node("Identity", [node.input[0]], [out]) for out in node.output]
         elif node.op_type == "ElementwiseMul":
             standard = [helper.make_node("Mul", list(node.input), list(node.output), name=node.name)]
+        elif node.op_type == "Reshape" and node.domain.startswith("finn."):
+            model.set_initializer(f"{node.name}_out_shape", np.array([-1, *attrs["out_shape"][1:]], np.int64))
+            standard = [helper.make_node("Reshape", [node.input[0], f"{node.name}_out_shape"], list(node.output),
+                                         name=node.name)]
         else:
             continue
         model.graph.node.remove(node)

@@ -1,0 +1,145 @@
+"""Activation quantizers with a zero point, made into FINN thresholds with an output bias before FINN's conversion.
+
+FINN's ``ConvertQONNXtoFINN`` takes only ``Quant`` nodes whose zero point is 0 ("Only Quant nodes with zero-point == 0
+are currently supported"), yet asymmetric activations are what onnxruntime's static quantizer writes by default
+(uint8, a zero point per tensor from calibration) and what Brevitas' ``ShiftedUint8`` quantizers export. A QONNX
+``Quant`` computes ``q = clip(round(x / s + z), qmin, qmax)`` and outputs ``(q - z) s``. Its code steps from
+``qmin + k`` to ``qmin + k + 1`` at ``x = s (qmin + k + 1/2 - z)``, so a ``MultiThreshold`` with these thresholds
+counts the steps, an output bias ``qmin - z`` makes the count the integer ``q - z``, and a ``Mul`` by ``s`` gives the
+Quant's output. That is the form FINN's own conversion gives a zero-point-0 ``Quant`` once streamlining has absorbed
+its bias into ``out_bias``, so FINN's streamlining and ``convert_to_hw`` take it as any other activation: the next
+MVAU/VVAU reads ``q - z`` in the FINN DataType of ``[qmin - z, qmax - z]`` (``INT9`` for uint8 codes with ``z`` in
+1..255), and a padded input reads 0, real 0. ``--input-ranges finn`` sizes layers for that type
+(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import NodeProto, helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.base import Transformation
+
+from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
+from a2q_passes.input_grids import quant_code_range
+from a2q_passes.read_only_model import with_inferred_shapes
+from a2q_passes.weight_sources import codes_less_zero_point
+
+# rounding modes FINN's thresholds halfway between codes compute, up to exact ties (x >= t sends every tie up;
+# finn_tie_thresholds sends ties on integer accumulators where the mode does); refuse_rounding_modes names the others
+MIDPOINT_ROUNDING = ("ROUND", "HALF_EVEN", "HALF_UP", "HALF_DOWN")
+# MultiThreshold's data_layout by rank; FINN's streamlining reads it (an unset one is an unknown layout there)
+_CHANNELS_FIRST = {2: "NC", 3: "NCW", 4: "NCHW"}
+# FINN's ConvertQuantActToMultiThreshold converts activation quantizers of at most 8 bits (its default filter)
+MAX_THRESHOLD_BITS = 8
+
+
+def has_zero_point(model: ModelWrapper, node: NodeProto) -> bool:
+    """Whether ``node`` is a ``Quant`` whose zero point is not known to be 0 everywhere."""
+    if node.op_type not in ("Quant", "IntQuant") or len(node.input) < 3:
+        return False
+    zero = get_constant(model, node.input[2])
+    return zero is None or bool(np.any(zero != 0))
+
+
+def zero_point_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
+    """Why :class:`ZeroPointActivationsAsThresholds` leaves ``Quant`` ``node`` (with a zero point) as it is, or
+    ``None`` where it rewrites it."""
+    if get_constant(model, node.input[0]) is not None:
+        return "quantizes a constant (weights): FINN folds weight quantizers and takes only zero point 0 there"
+    scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
+    if scale is None or zero is None or bits is None:
+        return "has a scale, zero point or bit width that is not a constant"
+    if np.size(scale) != 1 or np.size(zero) != 1 or np.size(bits) != 1:
+        return "has a per-channel scale or zero point (lowered here: one per tensor)"
+    s, z, b = (float(np.asarray(v).reshape(-1)[0]) for v in (scale, zero, bits))
+    if not (np.isfinite(s) and s > 0):
+        return f"has scale {s} (lowered here: a positive one)"
+    if z != round(z):
+        return f"has the non-integer zero point {z}"
+    if b != int(b) or not 2 <= b <= MAX_THRESHOLD_BITS:
+        return f"has bit width {b:g} (FINN makes thresholds of 2 to {MAX_THRESHOLD_BITS}-bit activations)"
+    if node_str_attr(node, "rounding_mode", "ROUND").upper() not in MIDPOINT_ROUNDING:
+        return f"rounds with {node_str_attr(node, 'rounding_mode', 'ROUND')} (thresholds halfway between codes need ROUND)"
+    producer = model.find_producer(node.input[0])
+    if producer is not None and producer.op_type == "Relu":
+        return "quantizes a Relu output (FINN removes a Relu only in front of a zero-point-0 quantizer)"
+    return None
+
+
+def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool) -> tuple[np.ndarray, int, str]:
+    """``(thresholds, out_bias, out_dtype)`` of the ``MultiThreshold`` that computes ``q - z`` of a per-tensor
+    ``Quant``: one row of float32 thresholds ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own."""
+    codes = quant_code_range(bits, signed, narrow, "ROUND")
+    shifted, dtype = codes_less_zero_point(codes, zero)
+    steps = np.arange(codes.hi - codes.lo, dtype=np.float64)
+    thresholds = (np.float64(scale) * (shifted.lo + steps + 0.5)).astype(np.float32).reshape(1, -1)
+    return thresholds, shifted.lo, dtype
+
+
+class ZeroPointActivationsAsThresholds(Transformation):
+    """Each activation ``Quant`` with a non-zero zero point that :func:`zero_point_obstacle` passes becomes
+    ``MultiThreshold`` (output bias ``qmin - z``) -> ``Mul`` by its scale (see the module docstring).
+
+    Run after :func:`~a2q_passes.finn_tie_thresholds.activation_tie_rule` has read the quantizers' rounding modes and
+    zero points, right before FINN's conversion: the thresholds are FINN's form, which qonnx's own analysis reads as
+    a grid, not a quantizer.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed, shaped = False, with_inferred_shapes(model)
+        for node in [n for n in model.graph.node if has_zero_point(model, n) and zero_point_obstacle(model, n) is None]:
+            scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
+            thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
+                                                            bool(node_attr(node, "narrow", 0)))
+            base = node.name or node.output[0]
+            model.set_initializer(f"{base}_thresholds", thresholds)
+            model.set_initializer(f"{base}_threshold_scale", np.asarray(scale, dtype=np.float32))
+            counted = helper.make_node("MultiThreshold", [node.input[0], f"{base}_thresholds"], [f"{base}_codes"],
+                                       name=f"{base}_thresholds", domain="qonnx.custom_op.general",
+                                       out_dtype=dtype, out_bias=float(bias))
+            layout = _CHANNELS_FIRST.get(len(shaped.get_tensor_shape(node.input[0]) or ()))
+            if layout is not None:  # as FINN's own conversion gives a per-tensor row: the input's (ONNX) layout
+                counted.attribute.append(helper.make_attribute("data_layout", layout))
+            scaled = helper.make_node("Mul", [f"{base}_codes", f"{base}_threshold_scale"], [node.output[0]],
+                                      name=f"{base}_scale")
+            index = list(model.graph.node).index(node)
+            model.graph.node.remove(node)
+            model.graph.node.insert(index, scaled)
+            model.graph.node.insert(index, counted)
+            model.set_tensor_datatype(f"{base}_codes", DataType[dtype])
+            model.set_tensor_datatype(node.output[0], DataType["FLOAT32"])
+            changed = True
+        if changed:  # qonnx's executor needs every tensor's shape
+            from qonnx.transformation.infer_shapes import InferShapes
+
+            model = model.transform(InferShapes())
+        return model, changed
+
+
+def zero_point_refusals(model: ModelWrapper) -> list[str]:
+    """One line per ``Quant`` with a zero point that FINN's conversion will meet: each one
+    :class:`ZeroPointActivationsAsThresholds` leaves, with why."""
+    return [f"{node_label(node)} {reason}" for node in model.graph.node
+            if has_zero_point(model, node) and (reason := zero_point_obstacle(model, node)) is not None]
+
+
+def partial_range_threshold_bits(model: ModelWrapper) -> int | None:
+    """The widest output DataType (in bits) among the ``MultiThreshold`` nodes of ``model`` whose codes
+    ``[out_bias, out_bias + steps]`` are not their type's whole range, as those this module makes (``INT9`` for
+    ``[-143, 112]``); ``None`` where there is none. FINN's ``InferRequantLayer`` makes a standalone ``MultiThreshold`` of
+    ``requant_bitwidth_threshold`` bits or more into a ``Requant``, which clamps to the whole type: such nodes must
+    stay ``Thresholding`` (a ``requant_bitwidth_threshold`` above this width)."""
+    widths = []
+    for node in model.graph.node:
+        if node.op_type != "MultiThreshold":
+            continue
+        thresholds = model.get_initializer(node.input[1])
+        dtype = DataType[node_str_attr(node, "out_dtype", "FLOAT32")]
+        if thresholds is None or not dtype.is_integer() or dtype.bitwidth() < 2:
+            continue
+        lowest = float(node_attr(node, "out_bias", 0.0))
+        if (lowest, lowest + thresholds.shape[-1]) != (dtype.min(), dtype.max()):
+            widths.append(dtype.bitwidth())
+    return max(widths, default=None)
