@@ -476,7 +476,9 @@ def finn_preparation() -> list[Transformation]:
     ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the rewrites above."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
-    return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
+    from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
+
+    return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes(), GroupedConvAsDense(),
             GemmFactorsAsFloat32()]
 
