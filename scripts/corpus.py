@@ -17,7 +17,8 @@ through the command line:
 2. ``a2q project`` at P = the widest exact width - 2 (``--input-ranges finn`` for the files that are lowered);
 3. ``a2q verify`` of the projected file, and the oracle on it: every promised layer's executed range fits P;
 4. for QONNX files, and Q/DQ files ``lower`` takes (qonnx's QCDQToQuant converts them whole, stored integer weights
-   given their QuantizeLinear first, into quantizers with zero points of 0),
+   given their QuantizeLinear first, into quantizers with zero points of 0 or activation zero points a2q makes
+   thresholds of; no product of two activations),
    ``a2q lower --from-annotations``: every MVAU/VVAU's executed range (its ``inputDataType``) fits the
    ``accDataType`` it was given; every other Q/DQ file must be refused by ``lower`` by name before FINN's steps
    (exit 1, nothing written, no raw FINN failure), or it FAILS;
@@ -187,10 +188,12 @@ def brevitas_entry(path: Path, producer: str, exporter: str, zero_point: str) ->
 def _lowers_as_quant(path: Path) -> bool:
     """Whether ``a2q lower`` takes a Q/DQ file as QONNX: qonnx's QCDQToQuant converts every Q/DQ node of it
     (:class:`a2q_passes.finn_quant_forms.QuantFromQDQ`, stored integers included) into quantizers FINN's conversion
-    takes (zero points of 0); the other Q/DQ files are refused by name, tested in ``tests/test_finn_quant_forms.py``."""
+    takes (zero points of 0, or activation zero points a2q makes thresholds of) and it has no product of two
+    activations; the other Q/DQ files are refused by name, tested in ``tests/test_finn_quant_forms.py``."""
     from a2q_passes.errors import LoweringError
     from a2q_passes.finn_quant_forms import QuantFromQDQ, is_qdq_node
     from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
+    from a2q_passes.layers import find_mac_layers
     from a2q_passes.model_io import load_model
 
     with _quiet():
@@ -201,7 +204,7 @@ def _lowers_as_quant(path: Path) -> bool:
             refuse_unconvertible_quantizers(model.transform(QuantFromQDQ()))
         except LoweringError:
             return False
-        return True
+        return not any(layer.act_x_act for layer in find_mac_layers(model))  # lower refuses these by name
 
 
 ORT_VARIANTS = {  # format -> (weight type, activation type, per channel)
@@ -572,6 +575,12 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
             return
         result.tight += int(ex.acc_min.tolist() == pc["acc_min"] and ex.acc_max.tolist() == pc["acc_max"])
 
+    if entry.lower:  # sized for FINN's input types (a zero point's codes q - z widen to INT9): P from those widths
+        code, out, err = _run("analyze", entry.path, "--json", *zp, "--input-ranges", "finn")
+        if code not in (0, 3) or not out.strip().startswith("{"):
+            result.status, result.detail = _refusal(code, out, err, "analyze --input-ranges finn")
+            return
+        layers = json.loads(out)["layers"]
     # products of two activations cannot shrink: P stays at least their width
     widest = max(layer["bounds"]["exact"] for layer in layers if layer["kind"] == "weights") if any(
         layer["kind"] == "weights" for layer in layers) else 2 + BELOW_WIDEST
@@ -590,7 +599,9 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
         return
     result.acc_bits = bits
     promised = [layer["node"] for layer in json.loads(out)["layers"] if not layer["status"].startswith("skipped")]
-    if not _fits_when_executed(projected, dict.fromkeys(promised, bits), "projected", result, entry.zero_point):
+    # sized for FINN's view, a zero point's codes are q - z (lower's thresholds): the oracle runs the same convention
+    convention = "subtract" if entry.lower else entry.zero_point
+    if not _fits_when_executed(projected, dict.fromkeys(promised, bits), "projected", result, convention):
         return
     qonnx_weights = any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path))
     if not zp and qonnx_weights:
@@ -796,7 +807,8 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              f"quantized MAC layer read ({layers} layers; the oracle's executed worst case equals the analysed "
              f"per-channel range in {tight}, and lies inside it in all), `project` at the widest exact width - "
              f"{BELOW_WIDEST} verified and executed within P, and QONNX files (and the {lowered_qdq} Q/DQ files "
-             "`lower` takes: qonnx's QCDQToQuant converts them whole, zero points of 0) lowered with every "
+             "`lower` takes: qonnx's QCDQToQuant converts them whole, activation zero points as thresholds) "
+             "lowered with every "
              "MVAU/VVAU's executed range inside its "
              f"`accDataType`; the other {refused_qdq} handled Q/DQ files refused by `lower` by name, before FINN's "
              "steps.", "", *_finetune_summary(results), "",

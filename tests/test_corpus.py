@@ -230,17 +230,21 @@ def test_a_1d_net_finn_lowers_is_lowered_within_its_widths(tmp_path):
 
 def test_onnxruntime_files_lower_takes_are_lowered_and_the_others_refused_by_name(tmp_path):
     """The corpus asks `lower` of an onnxruntime file what it does: its symmetric uint8 QDQ file (zero point 128,
-    int8 for FINN) is lowered, every MVAU/VVAU executed within its accDataType; its default asymmetric one is refused
-    by name before FINN's steps. Before, every onnxruntime file was expected to be refused, and the symmetric ones
-    failed the corpus once `lower` took them."""
+    int8 for FINN) and its default asymmetric one (activation zero points as thresholds) are lowered, every MVAU/VVAU
+    executed within its accDataType; its int4 one (Q/DQ nodes qonnx's QCDQToQuant leaves) is refused by name before
+    FINN's steps. Before, every onnxruntime file was expected to be refused, and the symmetric ones failed the
+    corpus once `lower` took them."""
     from scripts.corpus import ORT_WITH_OPTIONS, Entry, _lowers_as_quant
-    from tests.ort_models import quantize, residual_depthwise
+    from tests.ort_models import matmul_conv, quantize
 
-    float_path = tmp_path / "float.onnx"
-    shape = residual_depthwise(float_path)
-    for name, extra, lowered in (("symmetric", {"ActivationSymmetric": True}, True), ("default", {}, False)):
-        path = tmp_path / f"ort_QDQ_residual_{name}.onnx"
-        quantize(float_path, path, shape, "QDQ", "QInt8", "QUInt8", True, extra_options=extra)
+    # (matmul_conv: the residual net's float thresholds can meet exact ties, which `lower` reports as a difference;
+    # tests/test_finn_quant_forms.py covers that)
+    for name, types, extra, lowered in (("symmetric", ("QInt8", "QUInt8"), {"ActivationSymmetric": True}, True),
+                                        ("default", ("QInt8", "QUInt8"), {}, True),
+                                        ("int4", ("QInt4", "QUInt4"), {}, False)):
+        float_path, path = tmp_path / f"float_{name}.onnx", tmp_path / f"ort_QDQ_matmul_conv_{name}.onnx"
+        shape = matmul_conv(float_path, opset=21 if name == "int4" else 13)
+        quantize(float_path, path, shape, "QDQ", *types, True, extra_options=extra)
         assert _lowers_as_quant(path) == lowered
         result = check(Entry(path.stem, ORT_WITH_OPTIONS, path, lower=lowered), tmp_path)
         assert result.status == "handled" and result.detail == "", (name, result)

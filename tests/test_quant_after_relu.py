@@ -152,7 +152,7 @@ def test_other_inputs_keep_the_quantizers_whole_range(before, scale, clip_low):
 
 @pytest.mark.parametrize("zero_point,between,expected", [
     (0, "", (0, 7, "UINT3")),  # lower's rewrite makes it FINN's unsigned 3-bit Quant
-    (2, "", (-8, 7, "INT4")),  # not rewritten (zero point): FINN's INT4 is joined in
+    (2, "", (-16, 15, "INT5")),  # a zero point: codes q - z = [-10, 5] as lower makes them, in their INT5
     (0, "Identity", (-8, 7, "INT4")),  # not right after the Relu: not rewritten either
 ])
 def test_finn_ranges_hold_the_datatype_finn_sizes_for(zero_point, between, expected):
