@@ -189,3 +189,21 @@ def test_finn_build_steps_take_zero_points_and_name_the_requant_setting(tmp_path
         ref = execute_onnx(source, {"x": sample[None]})["y"]
         got = execute_onnx(model, {model.graph.input[0].name: sample[None]})[model.graph.output[0].name]
         assert np.allclose(ref, got.reshape(ref.shape), atol=1e-4), np.abs(ref - got.reshape(ref.shape)).max()
+
+
+@pytest.mark.parametrize("zero,bits,signed,narrow", [(1, 8, 1, 1), (3, 8, 0, 0), (-5, 4, 1, 0)])
+def test_a_qonnx_model_with_a_zero_point_is_projected_for_finn_and_lowered_within_its_widths(zero, bits, signed, narrow,
+                                                                                           tmp_path):
+    """A QONNX activation quantizer with a zero point (narrow and signed ones too) in front of a MatMul: `project
+    --input-ranges finn` at one bit below its widest width passes its own certificate (which derives the codes q - z
+    from qonnx's clamp, not from the reader), `lower --from-annotations` meets the width, and the lowered MVAU holds
+    its executed worst case."""
+    path, projected, lowered = tmp_path / "zp.onnx", tmp_path / "projected.onnx", tmp_path / "hw.onnx"
+    _quant_model(0.05, zero, bits, signed, narrow).save(str(path))
+    report = json.loads(run_a2q("analyze", str(path), "--input-ranges", "finn", "--json").stdout)
+    target = report["layers"][0]["bounds"]["exact"] - 1
+    done = run_a2q("project", str(path), str(projected), "--acc-bits", str(target), "--input-ranges", "finn")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    result = run_a2q("lower", str(projected), str(lowered), "--from-annotations")
+    assert result.returncode == 0 and "NOT equivalent" not in result.stdout, (result.stdout + result.stderr)[-2000:]
+    assert _assert_holds_worst_case(ModelWrapper(str(lowered)), target) == 1

@@ -134,12 +134,17 @@ class InputCodes:
     def _finn_less_zero_point(self, grid: Grid, node: NodeProto) -> Grid:
         """A quantizer with a zero point z as ``a2q lower`` gives it to FINN: thresholds with output bias
         ``qmin - z``, so the MAC reads ``q - z`` (zero point 0) in the DataType FINN's streamlining gives such codes
-        (its ``AbsorbScalarBiasIntoMultiThreshold`` rule), over the quantizer's whole code type."""
-        dt = self._finn_datatype(node)
-        if dt is None:  # a DequantizeLinear straight from its storage type
-            lo, hi = STORAGE_RANGES[self._storage_type(node)]
+        (its ``AbsorbScalarBiasIntoMultiThreshold`` rule), over all the quantizer's codes: qonnx's clamp of a
+        ``Quant`` (narrow ones included), a ``DequantizeLinear``'s storage type through its ``Clip`` nodes."""
+        if node.op_type == "DequantizeLinear":
+            storage = self._storage_type(node)
+            lo, hi = self._through_clips(node, storage, *STORAGE_RANGES[storage])
         else:
-            lo, hi = int(dt.min()), int(dt.max())
+            from qonnx.custom_op.general.intquant import max_int, min_int
+
+            bits = self._constant(node.input[3], f"the bit width of {node_label(node)}")
+            signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
+            lo, hi = int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits))
         lo, hi = lo - grid.zero, hi - grid.zero
         finn_type = DataType.get_smallest_possible(hi) if lo >= 0 else DataType.get_smallest_possible(min(lo, -(hi + 1)))
         return Grid(int(finn_type.min()), int(finn_type.max()), 0, grid.scale)
