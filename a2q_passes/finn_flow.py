@@ -58,7 +58,7 @@ from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped
                                      refuse_unconvertible_quantizers, refuse_unlowerable_convs)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
-from a2q_passes.finn_zero_points import ZeroPointActivationsAsThresholds, partial_range_threshold_bits
+from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 
 MAX_RESIDUAL_ROUNDS = 4
 # Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
@@ -363,7 +363,8 @@ def run_flow(
         refuse_unconvertible_quantizers(runner.model)
         refuse_grouped_convs(runner.model)
         tie_rule = activation_tie_rule(runner.model)
-        runner.transform("preparation", ZeroPointActivationsAsThresholds())  # after the tie rule read the zero points
+        for transformation in zero_point_passes():  # after the tie rule read the zero points
+            runner.transform("preparation", transformation)
         partial_bits = partial_range_threshold_bits(runner.model)
         if partial_bits is not None:  # those thresholds stay Thresholding layers (FINN's Requant clamps to the type)
             cfg.requant_bitwidth_threshold = max(cfg.requant_bitwidth_threshold or 0, partial_bits + 1)

@@ -104,18 +104,18 @@ def refuse_unconverted_qdq(model: ModelWrapper) -> None:
 
 def refuse_zero_points(model: ModelWrapper) -> None:
     """Raise :class:`LoweringError` naming each ``Quant`` with a non-zero zero point that
-    :class:`~a2q_passes.finn_zero_points.ZeroPointActivationsAsThresholds` does not make into thresholds, with why.
+    :mod:`a2q_passes.finn_zero_points` does not rewrite into a form FINN takes, with why.
 
     Why here: FINN's ``ConvertQONNXtoFINN`` takes only zero points of 0 ("Only Quant nodes with zero-point == 0 are
     currently supported"), and on a per-channel one it fails with numpy's "truth value of an array ... is ambiguous".
     """
     left = zero_point_refusals(model)
     if left:
-        raise LoweringError("FINN converts only Quant nodes with a zero point of 0, and a2q lowers other activation "
+        raise LoweringError("FINN converts only Quant nodes with a zero point of 0; a2q lowers other activation "
                             "quantizers (one positive scale and integer zero point per tensor, 2 to 8 bits, ROUND) as "
-                            f"thresholds with an output bias; not these: {'; '.join(left)}. Export the model with "
-                            "symmetric weight quantizers (and such activation quantizers) for FINN; a2q "
-                            "analyze/project/verify read it as it is.")
+                            "thresholds with an output bias and weight quantizers with integer zero points as their "
+                            f"codes q - z, but not these: {'; '.join(left)}. Export the model with such quantizers "
+                            "(or symmetric ones) for FINN; a2q analyze/project/verify read it as it is.")
 
 
 def refuse_rounding_modes(model: ModelWrapper) -> None:

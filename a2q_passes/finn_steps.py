@@ -45,7 +45,7 @@ from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_quant_forms import prepare_for_finn
 from a2q_passes.finn_tie_thresholds import TIE_RULE_KEY, activation_tie_rule, round_ties_as_quantized
-from a2q_passes.finn_zero_points import ZeroPointActivationsAsThresholds, partial_range_threshold_bits
+from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.hw_accumulators import (check_hw_accumulators, describe_hw_layers, hw_targets, qonnx_recorded_widths,
                                         rekey_accumulator_record)
@@ -134,15 +134,16 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     compute the same values (:mod:`a2q_passes.finn_quant_forms`: Q/DQ chains as Quant nodes, a signed Quant after
     Relu, bias quantizers, as Brevitas' graph-mode PTQ writes them, grouped convolutions as dense ones), then refuse
     by name what FINN's conversion still cannot take (Q/DQ nodes left, zero points, grouped convolutions left), as
-    ``a2q lower`` does, and last make activation quantizers with a zero point into thresholds with an output bias
-    (:mod:`a2q_passes.finn_zero_points`)."""
+    ``a2q lower`` does, and last make quantizers with a zero point into forms FINN takes (activations: thresholds
+    with an output bias; weights: their codes q - z; :mod:`a2q_passes.finn_zero_points`)."""
     from a2q_passes.finn_refusals import refuse_grouped_convs, refuse_unconvertible_quantizers
 
     model = prepare_for_finn(model)
     refuse_unconvertible_quantizers(model)
     refuse_grouped_convs(model)
     set_metadata_value(model, TIE_RULE_KEY, activation_tie_rule(model) or "")  # for step_a2q_round_ties
-    model = model.transform(ZeroPointActivationsAsThresholds())  # after the tie rule read the zero points
+    for transformation in zero_point_passes():  # after the tie rule read the zero points
+        model = model.transform(transformation)
     partial_bits = partial_range_threshold_bits(model)
     threshold = getattr(cfg, "requant_bitwidth_threshold", 9)  # FINN's default
     if partial_bits is not None and (threshold is None or threshold <= partial_bits):

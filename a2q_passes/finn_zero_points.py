@@ -10,7 +10,8 @@ Quant's output. That is the form FINN's own conversion gives a zero-point-0 ``Qu
 its bias into ``out_bias``, so FINN's streamlining and ``convert_to_hw`` take it as any other activation: the next
 MVAU/VVAU reads ``q - z`` in the FINN DataType of ``[qmin - z, qmax - z]`` (``INT9`` for uint8 codes with ``z`` in
 1..255), and a padded input reads 0, real 0. ``--input-ranges finn`` sizes layers for that type
-(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both).
+(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both). A weight quantizer with a zero point becomes a
+zero-point-0 quantizer of the values ``(q - z) s`` it gives, which FINN folds into integer weights ``q - z``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import numpy as np
 from onnx import NodeProto, helper
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
+from a2q_passes.bounds import IntRange
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.input_grids import quant_code_range
 from a2q_passes.read_only_model import with_inferred_shapes
-from a2q_passes.weight_sources import codes_less_zero_point
+from a2q_passes.weight_sources import codes_less_zero_point, dtype_for_range
 
 # rounding modes FINN's thresholds halfway between codes compute, up to exact ties (x >= t sends every tie up;
 # finn_tie_thresholds sends ties on integer accumulators where the mode does); refuse_rounding_modes names the others
@@ -44,13 +47,15 @@ def has_zero_point(model: ModelWrapper, node: NodeProto) -> bool:
 
 
 def zero_point_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
-    """Why :class:`ZeroPointActivationsAsThresholds` leaves ``Quant`` ``node`` (with a zero point) as it is, or
-    ``None`` where it rewrites it."""
-    if get_constant(model, node.input[0]) is not None:
-        return "quantizes a constant (weights): FINN folds weight quantizers and takes only zero point 0 there"
+    """Why :class:`ZeroPointActivationsAsThresholds` (or, for weights, :class:`ZeroPointWeightsAsCodes`) leaves
+    ``Quant`` ``node`` (with a zero point) as it is, or ``None`` where it rewrites it."""
     scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
     if scale is None or zero is None or bits is None:
         return "has a scale, zero point or bit width that is not a constant"
+    if get_constant(model, node.input[0]) is not None:
+        if np.any(zero != np.round(zero)) or np.size(bits) != 1 or float(np.asarray(bits).reshape(-1)[0]) < 2:
+            return "quantizes weights with a non-integer zero point or a bit width below 2"
+        return None
     if np.size(scale) != 1 or np.size(zero) != 1 or np.size(bits) != 1:
         return "has a per-channel scale or zero point (lowered here: one per tensor)"
     s, z, b = (float(np.asarray(v).reshape(-1)[0]) for v in (scale, zero, bits))
@@ -80,16 +85,12 @@ def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narr
 
 class ZeroPointActivationsAsThresholds(Transformation):
     """Each activation ``Quant`` with a non-zero zero point that :func:`zero_point_obstacle` passes becomes
-    ``MultiThreshold`` (output bias ``qmin - z``) -> ``Mul`` by its scale (see the module docstring).
-
-    Run after :func:`~a2q_passes.finn_tie_thresholds.activation_tie_rule` has read the quantizers' rounding modes and
-    zero points, right before FINN's conversion: the thresholds are FINN's form, which qonnx's own analysis reads as
-    a grid, not a quantizer.
-    """
+    ``MultiThreshold`` (output bias ``qmin - z``) -> ``Mul`` by its scale (see the module docstring)."""
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed, shaped = False, with_inferred_shapes(model)
-        for node in [n for n in model.graph.node if has_zero_point(model, n) and zero_point_obstacle(model, n) is None]:
+        for node in [n for n in model.graph.node if has_zero_point(model, n) and zero_point_obstacle(model, n) is None
+                     and get_constant(model, n.input[0]) is None]:
             scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
             thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
                                                             bool(node_attr(node, "narrow", 0)))
@@ -118,9 +119,47 @@ class ZeroPointActivationsAsThresholds(Transformation):
         return model, changed
 
 
+class ZeroPointWeightsAsCodes(Transformation):
+    """Each weight ``Quant`` with a zero point (per tensor or per channel; Brevitas' ``ShiftedUint8`` weights) that
+    :func:`zero_point_obstacle` passes becomes a zero-point-0 ``Quant`` of the values it gives, ``(q - z) s``, of the
+    bit width and signedness that hold every ``q - z``: FINN folds it into the integer weights ``q - z`` (its
+    ``FoldQuantWeights`` takes zero point 0 only), the weights ``--zero-point subtract`` sizes layers for. Exact:
+    ``(q - z) s / s`` lies within float32 rounding of the integer ``q - z``, which rounds back to it inside the clamp.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        from qonnx.custom_op.general.intquant import int_quant
+
+        changed = False
+        for node in [n for n in model.graph.node if has_zero_point(model, n) and zero_point_obstacle(model, n) is None
+                     and get_constant(model, n.input[0]) is not None]:
+            weights, scale, zero, bits = (get_constant(model, name) for name in node.input[:4])
+            signed, narrow = node_attr(node, "signed", 1), node_attr(node, "narrow", 0)
+            mode = node_str_attr(node, "rounding_mode", "ROUND")
+            values = int_quant(np.asarray(weights, np.float32), scale, zero, bits, signed, narrow, mode)
+            codes = quant_code_range(float(np.asarray(bits).reshape(-1)[0]), bool(signed), bool(narrow), mode)
+            every = IntRange(codes.lo - int(np.max(zero)), codes.hi - int(np.min(zero)))  # q - z over all channels
+            dtype = DataType[dtype_for_range(every)]
+            base = node.name or node.output[0]
+            for suffix, value in (("values", values), ("zero", 0.0), ("bits", dtype.bitwidth())):  # FINN reads one 0
+                model.set_initializer(f"{base}_{suffix}", np.asarray(value, dtype=np.float32))
+            node.input[0], node.input[2], node.input[3] = f"{base}_values", f"{base}_zero", f"{base}_bits"
+            quant = getCustomOp(node)
+            for name, value in (("signed", int(dtype.signed())), ("narrow", 0), ("rounding_mode", "ROUND")):
+                quant.set_nodeattr(name, value)
+            changed = True
+        return model, changed
+
+
+def zero_point_passes() -> list[Transformation]:
+    """The rewrites of this module, in order: run after :func:`~a2q_passes.finn_tie_thresholds.activation_tie_rule`
+    has read the quantizers' rounding modes and zero points, right before FINN's conversion."""
+    return [ZeroPointWeightsAsCodes(), ZeroPointActivationsAsThresholds()]
+
+
 def zero_point_refusals(model: ModelWrapper) -> list[str]:
-    """One line per ``Quant`` with a zero point that FINN's conversion will meet: each one
-    :class:`ZeroPointActivationsAsThresholds` leaves, with why."""
+    """One line per ``Quant`` with a zero point that FINN's conversion will meet: each one the passes of
+    :func:`zero_point_passes` leave, with why."""
     return [f"{node_label(node)} {reason}" for node in model.graph.node
             if has_zero_point(model, node) and (reason := zero_point_obstacle(model, node)) is not None]
 

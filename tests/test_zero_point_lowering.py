@@ -30,7 +30,7 @@ QONNX = "qonnx.custom_op.general"
 
 
 def _quant_model(scale: float, zero: float, bits: int, signed: int, narrow: int, producer: str | None = None,
-                 mode: str = "ROUND", weight_zero: float = 0.0) -> ModelWrapper:
+                 mode: str = "ROUND", weight_zero: float | np.ndarray = 0.0) -> ModelWrapper:
     """x (1, 4, 256) -> [producer] -> Quant(scale, zero, bits) -> q -> MatMul with 4-bit Quant weights
     (zero point ``weight_zero``) -> y."""
     nodes = [helper.make_node(producer, ["x"], ["p"])] if producer else []
@@ -75,14 +75,14 @@ def test_the_thresholds_compute_the_quantizer_off_exact_ties(scale, zero, bits, 
 
 
 @pytest.mark.parametrize("case,reason", [("relu", "quantizes a Relu output"), ("per channel", "per-channel"),
-                                         ("16 bits", "bit width 16"), ("weights", "quantizes a constant")])
-def test_quantizers_the_rewrite_does_not_take_are_refused_by_name(case, reason, tmp_path):
-    """A zero-point quantizer of a Relu output (FINN removes a Relu only in front of a zero-point-0 quantizer), with a
-    per-channel zero point, of more than 8 bits, or of weights: `lower` exits 1 naming the node and why, and writes
-    nothing."""
+                                         ("16 bits", "bit width 16"), ("weights", "non-integer zero point")])
+def test_quantizers_the_rewrites_do_not_take_are_refused_by_name(case, reason, tmp_path):
+    """An activation quantizer with a zero point of a Relu output (FINN removes a Relu only in front of a
+    zero-point-0 quantizer), with a per-channel zero point or of more than 8 bits, and a weight quantizer with a
+    zero point that is no integer: `lower` exits 1 naming the node and why, and writes nothing."""
     model = _quant_model(np.full((1, 4, 1), 0.05) if case == "per channel" else 0.05, 0 if case == "weights" else 3,
                          16 if case == "16 bits" else 8, 0, 0, producer="Relu" if case == "relu" else None,
-                         weight_zero=2.0 if case == "weights" else 0.0)
+                         weight_zero=2.5 if case == "weights" else 0.0)
     path, out = tmp_path / "zp.onnx", tmp_path / "hw.onnx"
     model.save(str(path))
     result = run_a2q("lower", str(path), str(out))
@@ -203,6 +203,32 @@ def test_a_qonnx_model_with_a_zero_point_is_projected_for_finn_and_lowered_withi
     report = json.loads(run_a2q("analyze", str(path), "--input-ranges", "finn", "--json").stdout)
     target = report["layers"][0]["bounds"]["exact"] - 1
     done = run_a2q("project", str(path), str(projected), "--acc-bits", str(target), "--input-ranges", "finn")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    result = run_a2q("lower", str(projected), str(lowered), "--from-annotations")
+    assert result.returncode == 0 and "NOT equivalent" not in result.stdout, (result.stdout + result.stderr)[-2000:]
+    assert _assert_holds_worst_case(ModelWrapper(str(lowered)), target) == 1
+
+
+@pytest.mark.parametrize("weight_zero", [2.0, np.arange(-3, 5, dtype=np.float32).reshape(1, 8)])
+def test_weights_with_a_zero_point_are_lowered_as_their_codes_less_it(weight_zero, tmp_path):
+    """A 4-bit weight quantizer with a zero point per tensor or per output channel (Brevitas' ShiftedUint8 weights):
+    `project --zero-point subtract --input-ranges finn` sizes the MatMul for the weights q - z, and `lower` gives
+    FINN a zero-point-0 quantizer of the same values (FINN's FoldQuantWeights takes no other), so the MVAU holds
+    q - z, meets the width and holds its executed worst case; the lowered graph computes what the file computes."""
+    from a2q_passes.finn_zero_points import ZeroPointWeightsAsCodes
+
+    model = _quant_model(0.05, 3, 8, 0, 0, weight_zero=weight_zero).transform(InferShapes())
+    rewritten = ModelWrapper(model.model.SerializeToString()).transform(ZeroPointWeightsAsCodes())
+    weights = next(n for n in rewritten.graph.node if n.name == "weight_quant")
+    assert not np.any(rewritten.get_initializer(weights.input[2]))
+    x = {"x": np.random.default_rng(1).normal(size=(1, 4, 256)).astype(np.float32) * 4}
+    assert np.array_equal(execute_onnx(rewritten, x)["y"], execute_onnx(model, x)["y"])
+    path, projected, lowered = tmp_path / "zp.onnx", tmp_path / "projected.onnx", tmp_path / "hw.onnx"
+    model.save(str(path))
+    options = ["--input-ranges", "finn", "--zero-point", "subtract"]
+    report = json.loads(run_a2q("analyze", str(path), "--json", *options).stdout)
+    target = report["layers"][0]["bounds"]["exact"] - 1
+    done = run_a2q("project", str(path), str(projected), "--acc-bits", str(target), *options)
     assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
     result = run_a2q("lower", str(projected), str(lowered), "--from-annotations")
     assert result.returncode == 0 and "NOT equivalent" not in result.stdout, (result.stdout + result.stderr)[-2000:]
