@@ -42,7 +42,8 @@ class RedundantRequantization(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         outputs = {o.name for o in model.graph.output}
-        for node in model.graph.node:
+        changed = False
+        for node in list(model.graph.node):  # one pass: a removed requantizer's readers read its input from then on
             if node.op_type != "Quant" or node.output[0] in outputs or \
                     node_str_attr(node, "rounding_mode", "ROUND").upper() not in MIDPOINT_ROUNDING:
                 continue
@@ -57,5 +58,5 @@ class RedundantRequantization(Transformation):
                     if name == node.output[0]:
                         reader.input[index] = node.input[0]
             model.graph.node.remove(node)
-            return model, True  # the graph changed under the loop: qonnx applies the pass again
-        return model, False
+            changed = True
+        return model, changed
