@@ -73,6 +73,13 @@ def zero_point_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
     return None
 
 
+def _rewritten(model: ModelWrapper, weights: bool) -> list[NodeProto]:
+    """The ``Quant`` nodes with a zero point that :func:`zero_point_obstacle` passes, of weights (a constant input)
+    or of activations."""
+    return [node for node in model.graph.node if has_zero_point(model, node) and zero_point_obstacle(model, node) is None
+            and (get_constant(model, node.input[0]) is not None) == weights]
+
+
 def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool) -> tuple[np.ndarray, int, str]:
     """``(thresholds, out_bias, out_dtype)`` of the ``MultiThreshold`` that computes ``q - z`` of a per-tensor
     ``Quant``: one row of float32 thresholds ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own."""
@@ -89,8 +96,7 @@ class ZeroPointActivationsAsThresholds(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed, shaped = False, with_inferred_shapes(model)
-        for node in [n for n in model.graph.node if has_zero_point(model, n) and zero_point_obstacle(model, n) is None
-                     and get_constant(model, n.input[0]) is None]:
+        for node in _rewritten(model, weights=False):
             scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
             thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
                                                             bool(node_attr(node, "narrow", 0)))
@@ -131,8 +137,7 @@ class ZeroPointWeightsAsCodes(Transformation):
         from qonnx.custom_op.general.intquant import int_quant
 
         changed = False
-        for node in [n for n in model.graph.node if has_zero_point(model, n) and zero_point_obstacle(model, n) is None
-                     and get_constant(model, n.input[0]) is not None]:
+        for node in _rewritten(model, weights=True):
             weights, scale, zero, bits = (get_constant(model, name) for name in node.input[:4])
             signed, narrow = node_attr(node, "signed", 1), node_attr(node, "narrow", 0)
             mode = node_str_attr(node, "rounding_mode", "ROUND")
