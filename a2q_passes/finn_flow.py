@@ -52,6 +52,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
+from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
@@ -252,6 +253,7 @@ def _run_streamline_step(runner: _Runner) -> None:
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
     from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
 
+    from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
     from finn.transformation.streamline import absorb, reorder
 
     group = "step_streamline"
@@ -280,6 +282,9 @@ def _run_streamline_step(runner: _Runner) -> None:
         runner.transform(group, absorb.AbsorbConsecutiveTransposes())
     runner.transform(group, ConvertBipolarMatMulToXnorPopcount())
     _streamline_all(runner, group)
+    if integer_global_pools(runner.model):  # its Mul by 1 / (H W) then streamlines into the thresholds behind it
+        runner.transform(group, InferGlobalAccPoolLayer())
+        _streamline_all(runner, group)
     runner.transform(group, absorb.AbsorbScalarMulAddIntoTopK())
     runner.transform(group, InferDataLayouts())
     runner.transform(group, RemoveUnusedTensors())

@@ -17,6 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
+from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
 from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr
 
 _BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
@@ -39,14 +40,19 @@ class UnsignedQuantAfterRelu(Transformation):
             bits = unsigned_bits_after_relu(model, node)
             if bits is None:
                 continue
-            name = f"{node.name or node.output[0]}_unsigned_bit_width"
-            model.set_initializer(name, np.asarray(bits, dtype=np.float32))
-            node.input[3] = name  # a bit width initializer of its own: Brevitas shares one among many quantizers
-            quant = getCustomOp(node)
-            quant.set_nodeattr("signed", 0)
-            quant.set_nodeattr("narrow", 0)
+            _make_unsigned(model, node, bits)
             changed = True
         return model, changed
+
+
+def _make_unsigned(model: ModelWrapper, quant: NodeProto, bits: int) -> None:
+    """Make ``quant`` the unsigned, non-narrow ``Quant`` of ``bits`` bits."""
+    name = f"{quant.name or quant.output[0]}_unsigned_bit_width"
+    model.set_initializer(name, np.asarray(bits, dtype=np.float32))
+    quant.input[3] = name  # a bit width initializer of its own: Brevitas shares one among many quantizers
+    custom = getCustomOp(quant)
+    custom.set_nodeattr("signed", 0)
+    custom.set_nodeattr("narrow", 0)
 
 
 def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None:
@@ -55,13 +61,63 @@ def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None
     producer = model.find_producer(node.input[0])
     if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
         return None
-    scale, zero, bits = (get_constant(model, name) for name in node.input[1:4])
+    return _signed_codes_at_or_above_zero_bits(model, node)
+
+
+def _signed_codes_at_or_above_zero_bits(model: ModelWrapper, quant: NodeProto) -> int | None:
+    """b - 1 where signed ``quant`` has an integer bit width b >= 2, zero point 0 and positive scales: its codes >= 0
+    (those of its reals >= 0) are then exactly the codes of an unsigned, non-narrow (b - 1)-bit ``Quant``."""
+    bits = _zero_point_free_bits(model, quant)
+    return int(bits) - 1 if bits is not None and bits == int(bits) and bits >= 2 else None
+
+
+def _zero_point_free_bits(model: ModelWrapper, quant: NodeProto) -> float | None:
+    """The one bit width of ``quant`` where its scales are constants > 0 and its zero points constant 0, else
+    ``None``."""
+    scale, zero, bits = (get_constant(model, name) for name in quant.input[1:4])
     if scale is None or zero is None or bits is None or np.size(bits) != 1:
         return None
     if not np.all(scale > 0) or np.any(zero != 0):
         return None
-    b = float(np.asarray(bits).reshape(-1)[0])
-    return int(b) - 1 if b == int(b) and b >= 2 else None
+    return float(np.asarray(bits).reshape(-1)[0])
+
+
+class ReluAfterQuantIntoQuant(Transformation):
+    """A ``Relu`` right after a ``Quant`` with zero point 0 and positive scales folds into that ``Quant``: a signed
+    b-bit one becomes the unsigned, non-narrow ``Quant`` of b - 1 bits; an unsigned one stays as it is.
+
+    Why: FINN's conversion makes the ``Quant`` thresholds and a float ``Mul``, and leaves the ``Relu`` behind them a
+    float ``ElementwiseMax`` that stops the lowering of what follows (Brevitas' graph-mode PTQ writes this form in
+    front of its global pooling). A ``Relu`` read only by ``Quant`` nodes is left: FINN's conversion takes that form
+    (after :class:`UnsignedQuantAfterRelu`). Why it is exact: with codes ``k = clamp(round(x / s), lo, hi)`` and
+    ``s > 0``, ``Relu(s k) = s clamp(round(x / s), max(lo, 0), hi)`` in every rounding mode; for a signed ``Quant``
+    ``max(lo, 0) = 0`` and ``hi = 2^(b-1) - 1`` (narrow or not) are the ends of the unsigned (b - 1)-bit clamp, and an
+    unsigned one's codes are >= 0 already. Only a ``Quant`` the ``Relu`` alone reads is folded.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        outputs = {o.name for o in model.graph.output}
+        for relu in [n for n in model.graph.node if n.op_type == "Relu" and n.domain in ("", "ai.onnx")]:
+            quant = model.find_producer(relu.input[0])
+            readers = model.find_consumers(relu.output[0]) or []
+            if (quant is None or quant.op_type != "Quant" or quant.output[0] in outputs
+                    or len(model.find_consumers(quant.output[0]) or []) != 1
+                    or (readers and all(r.op_type == "Quant" for r in readers))):
+                continue
+            if node_attr(quant, "signed", 1):
+                bits = _signed_codes_at_or_above_zero_bits(model, quant)
+                if bits is None:
+                    continue
+                _make_unsigned(model, quant, bits)
+            elif _zero_point_free_bits(model, quant) is None:
+                continue
+            for info in [i for i in model.graph.value_info if i.name == quant.output[0]]:
+                model.graph.value_info.remove(info)
+            quant.output[0] = relu.output[0]
+            model.graph.node.remove(relu)
+            changed = True
+        return model, changed
 
 
 class DefaultDomainFirst(Transformation):
@@ -473,14 +529,15 @@ def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
     dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of
-    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the rewrites above."""
+    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the rewrites above, a ``ReduceMean`` over
+    the spatial axes among them (:mod:`a2q_passes.finn_global_pooling`)."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
     from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
-            UnsignedQuantAfterRelu(), FoldBiasQuantizers(), ConvDefaultAttributes(), GroupedConvAsDense(),
-            GemmFactorsAsFloat32()]
+            UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(), FoldBiasQuantizers(),
+            ConvDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

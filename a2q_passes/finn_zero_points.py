@@ -10,7 +10,9 @@ Quant's output. That is the form FINN's own conversion gives a zero-point-0 ``Qu
 its bias into ``out_bias``, so FINN's streamlining and ``convert_to_hw`` take it as any other activation: the next
 MVAU/VVAU reads ``q - z`` in the FINN DataType of ``[qmin - z, qmax - z]`` (``INT9`` for uint8 codes with ``z`` in
 1..255), and a padded input reads 0, real 0. ``--input-ranges finn`` sizes layers for that type
-(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both). A weight quantizer with a zero point becomes a
+(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both). A ``Relu`` that alone reads the quantizer folds
+into its thresholds (the count becomes ``max(q - z, 0)``; FINN would leave it a float ``ElementwiseMax``, which Brevitas'
+asymmetric graph-mode PTQ puts in front of its global pooling). A weight quantizer with a zero point becomes a
 zero-point-0 quantizer of the values ``(q - z) s`` it gives, which FINN folds into integer weights ``q - z``.
 """
 
@@ -80,14 +82,33 @@ def _rewritten(model: ModelWrapper, weights: bool) -> list[NodeProto]:
             and (get_constant(model, node.input[0]) is not None) == weights]
 
 
-def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool) -> tuple[np.ndarray, int, str]:
+def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool,
+                          relu: bool = False) -> tuple[np.ndarray, int, str]:
     """``(thresholds, out_bias, out_dtype)`` of the ``MultiThreshold`` that computes ``q - z`` of a per-tensor
-    ``Quant``: one row of float32 thresholds ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own."""
+    ``Quant`` (``relu``: ``max(q - z, 0)``, a ``Relu`` behind it folded in): one row of float32 thresholds
+    ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own.
+
+    Why the fold is exact: the count ``c`` of thresholds at or below ``x`` is ``q - qmin``, and ``max(qmin - z + c,
+    0)`` counts only the thresholds from the ``(z - qmin)``-th on (they increase); ``s > 0`` keeps the sign."""
     codes = quant_code_range(bits, signed, narrow, "ROUND")
     shifted, dtype = codes_less_zero_point(codes, zero)
     steps = np.arange(codes.hi - codes.lo, dtype=np.float64)
     thresholds = (np.float64(scale) * (shifted.lo + steps + 0.5)).astype(np.float32).reshape(1, -1)
+    if relu and shifted.lo < 0:
+        return thresholds[:, -shifted.lo:], 0, dtype_for_range(IntRange(0, shifted.hi))
     return thresholds, shifted.lo, dtype
+
+
+def _sole_relu_reader(model: ModelWrapper, node: NodeProto) -> NodeProto | None:
+    """The ``Relu`` that alone reads ``node``'s output (not a graph output) where some code lies above the zero
+    point (else the ``Relu`` outputs 0 only: left as it is), else ``None``."""
+    readers = model.find_consumers(node.output[0]) or []
+    if len(readers) != 1 or readers[0].op_type != "Relu" or node.output[0] in {o.name for o in model.graph.output}:
+        return None
+    codes = quant_code_range(float(np.asarray(get_constant(model, node.input[3])).reshape(-1)[0]),
+                             bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0)), "ROUND")
+    zero = float(np.asarray(get_constant(model, node.input[2])).reshape(-1)[0])
+    return readers[0] if codes.hi > zero else None
 
 
 class ZeroPointActivationsAsThresholds(Transformation):
@@ -98,8 +119,9 @@ class ZeroPointActivationsAsThresholds(Transformation):
         changed, shaped = False, with_inferred_shapes(model)
         for node in _rewritten(model, weights=False):
             scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
+            relu = _sole_relu_reader(model, node)  # folded in: FINN would leave it a float ElementwiseMax
             thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
-                                                            bool(node_attr(node, "narrow", 0)))
+                                                            bool(node_attr(node, "narrow", 0)), relu is not None)
             base = node.name or node.output[0]
             model.set_initializer(f"{base}_thresholds", thresholds)
             model.set_initializer(f"{base}_threshold_scale", np.asarray(scale, dtype=np.float32))
@@ -109,14 +131,17 @@ class ZeroPointActivationsAsThresholds(Transformation):
             layout = _CHANNELS_FIRST.get(len(shaped.get_tensor_shape(node.input[0]) or ()))
             if layout is not None:  # as FINN's own conversion gives a per-tensor row: the input's (ONNX) layout
                 counted.attribute.append(helper.make_attribute("data_layout", layout))
-            scaled = helper.make_node("Mul", [f"{base}_codes", f"{base}_threshold_scale"], [node.output[0]],
+            output = node.output[0] if relu is None else relu.output[0]
+            scaled = helper.make_node("Mul", [f"{base}_codes", f"{base}_threshold_scale"], [output],
                                       name=f"{base}_scale")
             index = list(model.graph.node).index(node)
             model.graph.node.remove(node)
+            if relu is not None:
+                model.graph.node.remove(relu)
             model.graph.node.insert(index, scaled)
             model.graph.node.insert(index, counted)
             model.set_tensor_datatype(f"{base}_codes", DataType[dtype])
-            model.set_tensor_datatype(node.output[0], DataType["FLOAT32"])
+            model.set_tensor_datatype(output, DataType["FLOAT32"])
             changed = True
         if changed:  # qonnx's executor needs every tensor's shape
             from qonnx.transformation.infer_shapes import InferShapes

@@ -24,7 +24,8 @@ from qonnx.transformation.extract_conv_bias import ExtractBiasFromConv
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
-from a2q_passes.finn_quant_forms import FoldBiasQuantizers, GemmFactorsAsFloat32, UnsignedQuantAfterRelu
+from a2q_passes.finn_quant_forms import (FoldBiasQuantizers, GemmFactorsAsFloat32, ReluAfterQuantIntoQuant,
+                                         UnsignedQuantAfterRelu)
 from a2q_passes.graph_values import node_attr
 from tests.brevitas_graph_ptq import GraphPtqSpec, export_graph_ptq
 from tests.cli_helpers import run_a2q
@@ -93,6 +94,57 @@ def test_other_quant_forms_are_left_alone(case):
     assert not changed and rewritten.model.SerializeToString() == before
 
 
+def _quant_relu(scale: np.ndarray, zero: float, bits: float, signed: int, narrow: int, mode: str,
+                reader: str = "Sigmoid") -> ModelWrapper:
+    """x -> Quant -> q -> Relu -> r -> ``reader`` -> y (``reader`` "Quant": a 4-bit unsigned Quant of scale 0.5)."""
+    nodes = [helper.make_node("Quant", ["x", "s", "z", "b"], ["q"], domain=QONNX, signed=signed, narrow=narrow,
+                              rounding_mode=mode),
+             helper.make_node("Relu", ["q"], ["r"])]
+    nodes.append(helper.make_node("Quant", ["r", "half", "zero", "four"], ["y"], domain=QONNX, signed=0, narrow=0,
+                                  rounding_mode="ROUND") if reader == "Quant" else helper.make_node(reader, ["r"], ["y"]))
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for v, n in
+             ((scale, "s"), (zero, "z"), (bits, "b"), (0.5, "half"), (0.0, "zero"), (4.0, "four"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 64])], inits)
+    return ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                               helper.make_opsetid(QONNX, 1)]))
+
+
+@pytest.mark.parametrize("mode,narrow,bits,signed", [
+    (m, n, b, s) for m, n, b, s in itertools.product(("ROUND", "FLOOR", "CEIL", "HALF_UP"), (0, 1), (2, 4, 8), (0, 1))])
+def test_a_relu_behind_a_quantizer_folds_into_it_with_the_same_outputs(mode, narrow, bits, signed):
+    """Quant -> Relu (Brevitas' graph-mode PTQ in front of its global pooling): the Relu goes, a signed Quant becomes
+    the unsigned non-narrow one of a bit less, and qonnx executes the same values on ties, past the clamp and below 0."""
+    rng = np.random.default_rng(bits + 10 * signed)
+    scale = np.array([0.1, 0.25, 3.0, 1 / 7], np.float32).reshape(1, 4, 1)
+    model = _quant_relu(scale, 0.0, bits, signed, narrow, mode)
+    inputs = _adversarial_inputs(scale, bits, rng)
+    before = _outputs(model, inputs)
+    rewritten, changed = ReluAfterQuantIntoQuant().apply(ModelWrapper(model.model.SerializeToString()))
+    assert changed and [n.op_type for n in rewritten.graph.node] == ["Quant", "Sigmoid"]
+    quant = getCustomOp(rewritten.graph.node[0])
+    assert quant.get_nodeattr("signed") == 0 and quant.get_nodeattr("narrow") == (0 if signed else narrow)
+    assert float(rewritten.get_initializer(rewritten.graph.node[0].input[3])) == bits - signed
+    after = _outputs(rewritten, inputs)
+    for b, a in zip(before, after):
+        assert np.array_equal(b, a)
+    assert any(np.any(b > 0.5) for b in before)  # the inputs reach positive codes (Sigmoid(0) = 0.5)
+
+
+@pytest.mark.parametrize("case", ["negative scale", "zero point", "read twice", "read by a Quant", "one bit"])
+def test_relus_the_fold_does_not_take_are_left(case):
+    """A negative scale or a zero point (the Relu then cuts inside the codes), a Quant also read by another node, a
+    one-bit Quant (bipolar), and a Relu only Quant nodes read (FINN's own conversion takes that form) stay."""
+    model = _quant_relu(np.float32(-0.5 if case == "negative scale" else 0.5), 1.0 if case == "zero point" else 0.0,
+                        1 if case == "one bit" else 4, 1, 0, "ROUND", "Quant" if case == "read by a Quant" else "Sigmoid")
+    if case == "read twice":
+        model.graph.node.append(helper.make_node("Neg", ["q"], ["n"]))
+        model.graph.output.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, [1, 4, 64]))
+    before = model.model.SerializeToString()
+    rewritten, changed = ReluAfterQuantIntoQuant().apply(model)
+    assert not changed and rewritten.model.SerializeToString() == before
+
+
 def _conv_with_quantized_bias(listed_as_input: bool) -> ModelWrapper:
     rng = np.random.default_rng(3)
     w = rng.integers(-7, 8, size=(8, 3, 3, 3)).astype(np.float32) * 0.05
@@ -156,20 +208,6 @@ def test_lower_takes_brevitas_graph_ptq_mlps(tmp_path, spec):
     assert [getCustomOp(n).get_nodeattr("inputDataType") for n in mvaus[1:]] == [f"UINT{spec.act_bits - 1}"] * 2
     equivalence = json.loads(result.stdout)["equivalence"]
     assert equivalence["within_tolerance"] and equivalence["samples"] > 0
-
-
-def test_lower_takes_the_residual_block_of_brevitas_graph_ptq(tmp_path):
-    """A residual Add whose first branch also feeds the next Conv (its Mul forks): FINN's MoveLinearPastEltwiseAdd
-    alone rewired that Mul and left the Conv unfed ("Circular dependencies exist among these items"); moved past
-    the fork first, every MAC layer is lowered and the graph executes as the QONNX model. The float average pool
-    Brevitas left unquantized is the one node FINN has no layer for (exit 3, named)."""
-    path = export_graph_ptq(tmp_path, GraphPtqSpec("residual", "fx", 8, 8, (("weight_quant_granularity", "per_tensor"),)))
-    result = run_a2q("lower", str(path), str(tmp_path / "hw.onnx"), "--json")
-    assert result.returncode == 3, result.stderr[-2000:]
-    report = json.loads(result.stdout)
-    assert [n["op_type"] for n in report["lowering"]["mac_nodes"]] == ["MVAU", "MVAU", "VVAU", "MVAU"]
-    assert [n["op_type"] for n in report["lowering"]["unlowered"] if n["blocking"]] == ["ReduceMean"]
-    assert report["equivalence"]["within_tolerance"] and report["equivalence"]["samples"] > 0
 
 
 def test_finn_ranges_size_graph_ptq_layers_for_the_unsigned_codes_lower_gives(tmp_path):

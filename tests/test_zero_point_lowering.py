@@ -30,15 +30,16 @@ QONNX = "qonnx.custom_op.general"
 
 
 def _quant_model(scale: float, zero: float, bits: int, signed: int, narrow: int, producer: str | None = None,
-                 mode: str = "ROUND", weight_zero: float | np.ndarray = 0.0) -> ModelWrapper:
-    """x (1, 4, 256) -> [producer] -> Quant(scale, zero, bits) -> q -> MatMul with 4-bit Quant weights
-    (zero point ``weight_zero``) -> y."""
+                 mode: str = "ROUND", weight_zero: float | np.ndarray = 0.0, relu_after: bool = False) -> ModelWrapper:
+    """x (1, 4, 256) -> [producer] -> Quant(scale, zero, bits) -> q -> [Relu -> r] -> MatMul with 4-bit Quant
+    weights (zero point ``weight_zero``) -> y."""
     nodes = [helper.make_node(producer, ["x"], ["p"])] if producer else []
     nodes += [helper.make_node("Quant", ["p" if producer else "x", "s", "z", "b"], ["q"], domain=QONNX, signed=signed,
                                narrow=narrow, rounding_mode=mode, name="act_quant"),
               helper.make_node("Quant", ["w", "ws", "wz", "wb"], ["wq"], domain=QONNX, signed=1, narrow=0,
-                               rounding_mode="ROUND", name="weight_quant"),
-              helper.make_node("MatMul", ["q", "wq"], ["y"], name="matmul")]
+                               rounding_mode="ROUND", name="weight_quant")]
+    nodes += [helper.make_node("Relu", ["q"], ["r"], name="relu")] if relu_after else []
+    nodes += [helper.make_node("MatMul", ["r" if relu_after else "q", "wq"], ["y"], name="matmul")]
     weights = np.random.default_rng(0).integers(-8, 8, size=(256, 8)).astype(np.float32) * 0.1
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for v, n in
              ((scale, "s"), (zero, "z"), (bits, "b"), (weights, "w"), (0.1, "ws"), (weight_zero, "wz"), (4, "wb"))]
@@ -48,30 +49,36 @@ def _quant_model(scale: float, zero: float, bits: int, signed: int, narrow: int,
                                                                helper.make_opsetid(QONNX, 1)]))
 
 
+@pytest.mark.parametrize("relu_after", [False, True], ids=["quant", "quant_relu"])
 @pytest.mark.parametrize("scale,zero,bits,signed,narrow", [
-    (0.05, 141, 8, 0, 0), (0.0173, 3, 8, 0, 0), (0.02, 255, 8, 0, 0), (0.1, -17, 8, 1, 0), (0.25, 7, 4, 0, 0),
-    (0.3, -128, 8, 1, 0), (0.125, 2, 3, 1, 1), (1 / 3, 6, 4, 0, 1)])
-def test_the_thresholds_compute_the_quantizer_off_exact_ties(scale, zero, bits, signed, narrow):
+    (0.05, 141, 8, 0, 0), (0.0173, 3, 8, 0, 0), (0.02, 255, 8, 0, 0), (0.02, 254, 8, 0, 0), (0.1, -17, 8, 1, 0),
+    (0.25, 7, 4, 0, 0), (0.3, -128, 8, 1, 0), (0.125, 2, 3, 1, 1), (1 / 3, 6, 4, 0, 1), (0.2, -3, 4, 0, 0)])
+def test_the_thresholds_compute_the_quantizer_off_exact_ties(scale, zero, bits, signed, narrow, relu_after):
     """The rewrite (MultiThreshold with output bias qmin - z, then Mul by s) against the Quant it replaces, both
     executed by qonnx: equal on inputs a little either side of every step and far past both clamps; the thresholds'
-    integer outputs q - z fill exactly the range of codes less the zero point, inside their DataType."""
-    model = _quant_model(scale, zero, bits, signed, narrow).transform(InferShapes())
+    integer outputs q - z fill exactly the range of codes less the zero point, inside their DataType. With a Relu
+    behind the Quant (Brevitas' asymmetric graph-mode PTQ in front of its global pooling) the Relu folds in: the
+    thresholds below the zero point go, and the codes max(q - z, 0) fill [max(qmin - z, 0), qmax - z] inside an
+    unsigned DataType, the Relu's output equal to the bit (where no code lies above z the Relu is left)."""
+    model = _quant_model(scale, zero, bits, signed, narrow, relu_after=relu_after).transform(InferShapes())
     rewritten = model.transform(ZeroPointActivationsAsThresholds())
-    assert sorted(n.op_type for n in rewritten.graph.node) == ["MatMul", "Mul", "MultiThreshold", "Quant"]
-    counted = next(n for n in rewritten.graph.node if n.op_type == "MultiThreshold")
     lo = -(2 ** (bits - 1)) + narrow if signed else 0
     hi = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1 - narrow
+    folded = relu_after and hi > zero
+    assert sorted(n.op_type for n in rewritten.graph.node) == sorted(
+        ["MatMul", "Mul", "MultiThreshold", "Quant"] + (["Relu"] if relu_after and not folded else []))
+    counted = next(n for n in rewritten.graph.node if n.op_type == "MultiThreshold")
     steps = (np.arange(lo - zero - 2, hi - zero + 2) + 0.5) * scale  # every step of q - z, and past both ends
     near = np.concatenate([steps - 1e-3 * scale, steps + 1e-3 * scale, [-1e6, 1e6, 0.0]])
     x = np.resize(near, 4 * 256).reshape(1, 4, 256).astype(np.float32)
     expected = execute_onnx(model, {"x": x}, return_full_exec_context=True)
     context = execute_onnx(rewritten, {"x": x}, return_full_exec_context=True)
-    for tensor in ("q", "y"):
+    for tensor in ("r" if relu_after else "q", "y"):
         assert np.array_equal(context[tensor], expected[tensor]), np.abs(context[tensor] - expected[tensor]).max()
     codes = context[counted.output[0]]
-    assert codes.min() == lo - zero and codes.max() == hi - zero  # every code reached, none beyond
+    assert codes.min() == (max(lo - zero, 0) if folded else lo - zero) and codes.max() == hi - zero
     dtype = DataType[getCustomOp(counted).get_nodeattr("out_dtype")]
-    assert dtype.min() <= codes.min() and codes.max() <= dtype.max()
+    assert dtype.min() <= codes.min() and codes.max() <= dtype.max() and (not folded or not dtype.signed())
 
 
 @pytest.mark.parametrize("case,reason", [("relu", "quantizes a Relu output"), ("per channel", "per-channel"),
