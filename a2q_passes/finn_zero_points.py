@@ -12,7 +12,8 @@ MVAU/VVAU reads ``q - z`` in the FINN DataType of ``[qmin - z, qmax - z]`` (``IN
 1..255), and a padded input reads 0, real 0. ``--input-ranges finn`` sizes layers for that type
 (:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both). A ``Relu`` that alone reads the quantizer folds
 into its thresholds (the count becomes ``max(q - z, 0)``; FINN would leave it a float ``ElementwiseMax``, which Brevitas'
-asymmetric graph-mode PTQ puts in front of its global pooling). A weight quantizer with a zero point becomes a
+asymmetric graph-mode PTQ puts in front of its global pooling), and so does a ``Relu`` in front of it (FINN removes a
+``Relu`` only in front of a zero-point-0 quantizer): the thresholds at or below 0 go into the output bias. A weight quantizer with a zero point becomes a
 zero-point-0 quantizer of the values ``(q - z) s`` it gives, which FINN folds into integer weights ``q - z``.
 """
 
@@ -70,9 +71,17 @@ def zero_point_obstacle(model: ModelWrapper, node: NodeProto) -> str | None:
     if node_str_attr(node, "rounding_mode", "ROUND").upper() not in MIDPOINT_ROUNDING:
         return f"rounds with {node_str_attr(node, 'rounding_mode', 'ROUND')} (thresholds halfway between codes need ROUND)"
     producer = model.find_producer(node.input[0])
-    if producer is not None and producer.op_type == "Relu":
-        return "quantizes a Relu output (FINN removes a Relu only in front of a zero-point-0 quantizer)"
+    if producer is not None and producer.op_type == "Relu" and not _codes_above_zero_point(model, node):
+        return "quantizes a Relu output and has no code above its zero point (its output would be one constant)"
     return None
+
+
+def _codes_above_zero_point(model: ModelWrapper, node: NodeProto) -> bool:
+    """Whether some code of the activation ``Quant`` ``node`` (constant parameters) lies above its zero point: real
+    values > 0 then reach more than one code, and a ``Relu`` next to it can fold into its thresholds."""
+    bits, zero = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in (node.input[3], node.input[2]))
+    codes = quant_code_range(bits, bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0)), "ROUND")
+    return codes.hi > zero
 
 
 def _rewritten(model: ModelWrapper, weights: bool) -> list[NodeProto]:
@@ -82,21 +91,30 @@ def _rewritten(model: ModelWrapper, weights: bool) -> list[NodeProto]:
             and (get_constant(model, node.input[0]) is not None) == weights]
 
 
-def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool,
-                          relu: bool = False) -> tuple[np.ndarray, int, str]:
+def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool, relu_before: bool = False,
+                          relu_after: bool = False) -> tuple[np.ndarray, int, str]:
     """``(thresholds, out_bias, out_dtype)`` of the ``MultiThreshold`` that computes ``q - z`` of a per-tensor
-    ``Quant`` (``relu``: ``max(q - z, 0)``, a ``Relu`` behind it folded in): one row of float32 thresholds
-    ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own.
+    ``Quant``: one row of float32 thresholds ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own.
+    ``relu_before``: of ``Relu(x)`` where it reads ``x``; ``relu_after``: ``max(q - z, 0)``, a ``Relu`` behind it.
 
-    Why the fold is exact: the count ``c`` of thresholds at or below ``x`` is ``q - qmin``, and ``max(qmin - z + c,
-    0)`` counts only the thresholds from the ``(z - qmin)``-th on (they increase); ``s > 0`` keeps the sign."""
+    Why both folds are exact (the thresholds increase and count ``c = q - qmin`` of them lie at or below ``x``): a
+    ``Relu`` in front makes ``x < 0`` into 0, which passes exactly the thresholds at or below 0, as every ``x >= 0``
+    does, so those go into the output bias; ``max(qmin - z + c, 0)`` behind counts only the thresholds from the
+    ``(z - qmin)``-th on (``s > 0`` keeps the sign). The type is then that of the codes left, within the unfolded
+    one (which ``--input-ranges finn`` sizes the next layer for)."""
     codes = quant_code_range(bits, signed, narrow, "ROUND")
     shifted, dtype = codes_less_zero_point(codes, zero)
     steps = np.arange(codes.hi - codes.lo, dtype=np.float64)
     thresholds = (np.float64(scale) * (shifted.lo + steps + 0.5)).astype(np.float32).reshape(1, -1)
-    if relu and shifted.lo < 0:
-        return thresholds[:, -shifted.lo:], 0, dtype_for_range(IntRange(0, shifted.hi))
-    return thresholds, shifted.lo, dtype
+    bias = shifted.lo
+    if relu_before:
+        passed = int(np.count_nonzero(thresholds <= 0))
+        thresholds, bias = thresholds[:, passed:], bias + passed
+    if relu_after and bias < 0:
+        thresholds, bias = thresholds[:, -bias:], 0
+    if bias != shifted.lo:  # FINN wants an unsigned type where the codes start at 0 or above
+        dtype = dtype_for_range(IntRange(bias, shifted.hi))
+    return thresholds, bias, dtype
 
 
 def _sole_relu_reader(model: ModelWrapper, node: NodeProto) -> NodeProto | None:
@@ -105,10 +123,7 @@ def _sole_relu_reader(model: ModelWrapper, node: NodeProto) -> NodeProto | None:
     readers = model.find_consumers(node.output[0]) or []
     if len(readers) != 1 or readers[0].op_type != "Relu" or node.output[0] in {o.name for o in model.graph.output}:
         return None
-    codes = quant_code_range(float(np.asarray(get_constant(model, node.input[3])).reshape(-1)[0]),
-                             bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0)), "ROUND")
-    zero = float(np.asarray(get_constant(model, node.input[2])).reshape(-1)[0])
-    return readers[0] if codes.hi > zero else None
+    return readers[0] if _codes_above_zero_point(model, node) else None
 
 
 class ZeroPointActivationsAsThresholds(Transformation):
@@ -119,13 +134,17 @@ class ZeroPointActivationsAsThresholds(Transformation):
         changed, shaped = False, with_inferred_shapes(model)
         for node in _rewritten(model, weights=False):
             scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
+            producer = model.find_producer(node.input[0])
+            before = producer if producer is not None and producer.op_type == "Relu" else None
             relu = _sole_relu_reader(model, node)  # folded in: FINN would leave it a float ElementwiseMax
             thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
-                                                            bool(node_attr(node, "narrow", 0)), relu is not None)
+                                                            bool(node_attr(node, "narrow", 0)), before is not None,
+                                                            relu is not None)
             base = node.name or node.output[0]
             model.set_initializer(f"{base}_thresholds", thresholds)
             model.set_initializer(f"{base}_threshold_scale", np.asarray(scale, dtype=np.float32))
-            counted = helper.make_node("MultiThreshold", [node.input[0], f"{base}_thresholds"], [f"{base}_codes"],
+            source = node.input[0] if before is None else before.input[0]
+            counted = helper.make_node("MultiThreshold", [source, f"{base}_thresholds"], [f"{base}_codes"],
                                        name=f"{base}_thresholds", domain="qonnx.custom_op.general",
                                        out_dtype=dtype, out_bias=float(bias))
             layout = _CHANNELS_FIRST.get(len(shaped.get_tensor_shape(node.input[0]) or ()))
@@ -138,6 +157,9 @@ class ZeroPointActivationsAsThresholds(Transformation):
             model.graph.node.remove(node)
             if relu is not None:
                 model.graph.node.remove(relu)
+            if before is not None and not model.find_consumers(before.output[0]) and before.output[0] not in {
+                    o.name for o in model.graph.output}:
+                model.graph.node.remove(before)
             model.graph.node.insert(index, scaled)
             model.graph.node.insert(index, counted)
             model.set_tensor_datatype(f"{base}_codes", DataType[dtype])

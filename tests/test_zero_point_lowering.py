@@ -22,7 +22,8 @@ from qonnx.util.basic import qonnx_make_model
 
 from a2q_passes.finn_runtime import ensure_finn_importable
 from a2q_passes.finn_tie_thresholds import activation_tie_rule
-from a2q_passes.finn_zero_points import ZeroPointActivationsAsThresholds, partial_range_threshold_bits
+from a2q_passes.finn_zero_points import (ZeroPointActivationsAsThresholds, partial_range_threshold_bits,
+                                        zero_point_obstacle)
 from tests.cli_helpers import run_a2q
 from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range
 
@@ -49,47 +50,60 @@ def _quant_model(scale: float, zero: float, bits: int, signed: int, narrow: int,
                                                                helper.make_opsetid(QONNX, 1)]))
 
 
-@pytest.mark.parametrize("relu_after", [False, True], ids=["quant", "quant_relu"])
+@pytest.mark.parametrize("relu", ["none", "after", "before"])
 @pytest.mark.parametrize("scale,zero,bits,signed,narrow", [
     (0.05, 141, 8, 0, 0), (0.0173, 3, 8, 0, 0), (0.02, 255, 8, 0, 0), (0.02, 254, 8, 0, 0), (0.1, -17, 8, 1, 0),
-    (0.25, 7, 4, 0, 0), (0.3, -128, 8, 1, 0), (0.125, 2, 3, 1, 1), (1 / 3, 6, 4, 0, 1), (0.2, -3, 4, 0, 0)])
-def test_the_thresholds_compute_the_quantizer_off_exact_ties(scale, zero, bits, signed, narrow, relu_after):
+    (0.25, 7, 4, 0, 0), (0.3, -128, 8, 1, 0), (0.125, 2, 3, 1, 1), (1 / 3, 6, 4, 0, 1), (0.2, -3, 4, 0, 0),
+    (0.25, 20, 4, 0, 0)])
+def test_the_thresholds_compute_the_quantizer_off_exact_ties(scale, zero, bits, signed, narrow, relu):
     """The rewrite (MultiThreshold with output bias qmin - z, then Mul by s) against the Quant it replaces, both
     executed by qonnx: equal on inputs a little either side of every step and far past both clamps; the thresholds'
-    integer outputs q - z fill exactly the range of codes less the zero point, inside their DataType. With a Relu
-    behind the Quant (Brevitas' asymmetric graph-mode PTQ in front of its global pooling) the Relu folds in: the
-    thresholds below the zero point go, and the codes max(q - z, 0) fill [max(qmin - z, 0), qmax - z] inside an
-    unsigned DataType, the Relu's output equal to the bit (where no code lies above z the Relu is left)."""
-    model = _quant_model(scale, zero, bits, signed, narrow, relu_after=relu_after).transform(InferShapes())
+    integer outputs are the executed codes q - z, fill exactly the range they can take, inside their DataType.
+
+    A Relu behind the Quant (Brevitas' asymmetric graph-mode PTQ in front of its global pooling) folds in: the
+    thresholds below the zero point go, the codes are max(q - z, 0) in an unsigned DataType (where no code lies above
+    z the Relu is left). A Relu in front of it (FINN removes a Relu only before a zero-point-0 quantizer) folds in too:
+    the thresholds at or below real 0 are always passed, so they go into the output bias, and the codes start at
+    that of real 0 (where no code lies above z the quantizer's output is one constant: left, and refused by name)."""
+    model = _quant_model(scale, zero, bits, signed, narrow, producer="Relu" if relu == "before" else None,
+                         relu_after=relu == "after").transform(InferShapes())
     rewritten = model.transform(ZeroPointActivationsAsThresholds())
     lo = -(2 ** (bits - 1)) + narrow if signed else 0
     hi = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1 - narrow
-    folded = relu_after and hi > zero
+    if relu == "before" and hi <= zero:
+        assert rewritten.model.SerializeToString() == model.model.SerializeToString()
+        assert "no code above its zero point" in zero_point_obstacle(model, model.get_node_from_name("act_quant"))
+        return
+    kept_relu = relu == "after" and hi <= zero
     assert sorted(n.op_type for n in rewritten.graph.node) == sorted(
-        ["MatMul", "Mul", "MultiThreshold", "Quant"] + (["Relu"] if relu_after and not folded else []))
+        ["MatMul", "Mul", "MultiThreshold", "Quant"] + (["Relu"] if kept_relu else []))
     counted = next(n for n in rewritten.graph.node if n.op_type == "MultiThreshold")
     steps = (np.arange(lo - zero - 2, hi - zero + 2) + 0.5) * scale  # every step of q - z, and past both ends
     near = np.concatenate([steps - 1e-3 * scale, steps + 1e-3 * scale, [-1e6, 1e6, 0.0]])
     x = np.resize(near, 4 * 256).reshape(1, 4, 256).astype(np.float32)
     expected = execute_onnx(model, {"x": x}, return_full_exec_context=True)
     context = execute_onnx(rewritten, {"x": x}, return_full_exec_context=True)
-    for tensor in ("r" if relu_after else "q", "y"):
+    seen = "r" if relu == "after" else "q"
+    for tensor in (seen, "y"):
         assert np.array_equal(context[tensor], expected[tensor]), np.abs(context[tensor] - expected[tensor]).max()
     codes = context[counted.output[0]]
-    assert codes.min() == (max(lo - zero, 0) if folded else lo - zero) and codes.max() == hi - zero
+    if not kept_relu:  # the counted codes are the executed ones (q - z, or max(q - z, 0)) themselves
+        assert np.array_equal(codes * np.float32(scale), expected[seen])
+    real_zero = min(max(zero, lo), hi)  # the code of real 0
+    low = {"none": lo - zero, "after": max(lo - zero, 0), "before": real_zero - zero}[relu]
+    assert codes.min() == (lo - zero if kept_relu else low) and codes.max() == hi - zero  # every code, none beyond
     dtype = DataType[getCustomOp(counted).get_nodeattr("out_dtype")]
-    assert dtype.min() <= codes.min() and codes.max() <= dtype.max() and (not folded or not dtype.signed())
+    assert dtype.min() <= codes.min() and codes.max() <= dtype.max()
+    assert relu != "after" or kept_relu or not dtype.signed()
 
 
-@pytest.mark.parametrize("case,reason", [("relu", "quantizes a Relu output"), ("per channel", "per-channel"),
-                                         ("16 bits", "bit width 16"), ("weights", "non-integer zero point")])
+@pytest.mark.parametrize("case,reason", [("per channel", "per-channel"), ("16 bits", "bit width 16"),
+                                         ("weights", "non-integer zero point")])
 def test_quantizers_the_rewrites_do_not_take_are_refused_by_name(case, reason, tmp_path):
-    """An activation quantizer with a zero point of a Relu output (FINN removes a Relu only in front of a
-    zero-point-0 quantizer), with a per-channel zero point or of more than 8 bits, and a weight quantizer with a
+    """An activation quantizer with a per-channel zero point or of more than 8 bits, and a weight quantizer with a
     zero point that is no integer: `lower` exits 1 naming the node and why, and writes nothing."""
     model = _quant_model(np.full((1, 4, 1), 0.05) if case == "per channel" else 0.05, 0 if case == "weights" else 3,
-                         16 if case == "16 bits" else 8, 0, 0, producer="Relu" if case == "relu" else None,
-                         weight_zero=2.5 if case == "weights" else 0.0)
+                         16 if case == "16 bits" else 8, 0, 0, weight_zero=2.5 if case == "weights" else 0.0)
     path, out = tmp_path / "zp.onnx", tmp_path / "hw.onnx"
     model.save(str(path))
     result = run_a2q("lower", str(path), str(out))
@@ -198,15 +212,18 @@ def test_finn_build_steps_take_zero_points_and_name_the_requant_setting(tmp_path
         assert np.allclose(ref, got.reshape(ref.shape), atol=1e-4), np.abs(ref - got.reshape(ref.shape)).max()
 
 
-@pytest.mark.parametrize("zero,bits,signed,narrow", [(1, 8, 1, 1), (3, 8, 0, 0), (-5, 4, 1, 0)])
+@pytest.mark.parametrize("zero,bits,signed,narrow,relu", [
+    (1, 8, 1, 1, None), (3, 8, 0, 0, None), (-5, 4, 1, 0, None), (3, 8, 0, 0, "before"), (-5, 4, 1, 0, "before"),
+    (3, 8, 0, 0, "after"), (4, 4, 1, 1, "after")])
 def test_a_qonnx_model_with_a_zero_point_is_projected_for_finn_and_lowered_within_its_widths(zero, bits, signed, narrow,
-                                                                                           tmp_path):
-    """A QONNX activation quantizer with a zero point (narrow and signed ones too) in front of a MatMul: `project
-    --input-ranges finn` at one bit below its widest width passes its own certificate (which derives the codes q - z
-    from qonnx's clamp, not from the reader), `lower --from-annotations` meets the width, and the lowered MVAU holds
-    its executed worst case."""
+                                                                                           relu, tmp_path):
+    """A QONNX activation quantizer with a zero point (narrow and signed ones too, with a Relu in front or behind) in
+    front of a MatMul: `project --input-ranges finn` at one bit below its widest width passes its own certificate
+    (which derives the codes q - z from qonnx's clamp, not from the reader), `lower --from-annotations` meets the
+    width, and the lowered MVAU holds its executed worst case."""
     path, projected, lowered = tmp_path / "zp.onnx", tmp_path / "projected.onnx", tmp_path / "hw.onnx"
-    _quant_model(0.05, zero, bits, signed, narrow).save(str(path))
+    _quant_model(0.05, zero, bits, signed, narrow, producer="Relu" if relu == "before" else None,
+                 relu_after=relu == "after").save(str(path))
     report = json.loads(run_a2q("analyze", str(path), "--input-ranges", "finn", "--json").stdout)
     target = report["layers"][0]["bounds"]["exact"] - 1
     done = run_a2q("project", str(path), str(projected), "--acc-bits", str(target), "--input-ranges", "finn")
