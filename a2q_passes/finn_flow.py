@@ -56,7 +56,8 @@ from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
-                                     refuse_unconvertible_quantizers, refuse_unlowerable_convs)
+                                     refuse_unconvertible_quantizers, refuse_unlowerable_convs,
+                                     refuse_weight_scales_along_summed_axes)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
@@ -360,6 +361,7 @@ def run_flow(
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
     refuse_unlowerable_convs(model)
+    refuse_weight_scales_along_summed_axes(model)
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)

@@ -53,6 +53,22 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
                             "and lower that.")
 
 
+def refuse_weight_scales_along_summed_axes(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each MAC layer whose weight scale varies along an axis it sums over.
+
+    Why: no integer MVAU computes such a layer (each product has its own step), and FINN's ``FoldQuantWeights`` moves
+    the scale behind the layer as one ``Mul`` all the same, which broadcasts to another shape ("Shape broadcast
+    mismatch" deep in ``step_convert_to_hw``) or computes other values.
+    """
+    from a2q_passes.layers import SCALE_ALONG_SUMMED_AXIS, find_mac_layers
+
+    along = [repr(layer.node) for layer in find_mac_layers(model) if SCALE_ALONG_SUMMED_AXIS in layer.status]
+    if along:
+        raise LoweringError(f"the weight scale of layer {', '.join(along)} varies along an axis the layer sums over, "
+                            "so its products are no single integer accumulation and no MVAU computes it; quantize "
+                            "its weights per output channel or per tensor, or keep the layer out of the FINN part")
+
+
 def refuse_grouped_convs(model: ModelWrapper) -> None:
     """After :func:`~a2q_passes.finn_quant_forms.finn_preparation`: raise :class:`LoweringError` naming each grouped,
     not depthwise, ``Conv`` its ``GroupedConvAsDense`` left (its weights in a form that rewrite does not take), and why.

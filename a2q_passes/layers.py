@@ -78,6 +78,8 @@ VVAU_OP_TYPES = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
 STATUS_WEIGHTS_NOT_QUANTIZED = "weights not quantized"
+# in the status of a layer whose weight scale varies along an axis it sums over (no single integer accumulation)
+SCALE_ALONG_SUMMED_AXIS = "which the MAC sums over"
 
 
 @dataclass
@@ -482,7 +484,7 @@ def _check_scale_per_output_channel(node: NodeProto, source: WeightSource, ndim:
     for axis, size in enumerate(scale.shape):
         if axis != channel_axis and size > 1 and np.ptp(scale, axis=axis).max() > 0:
             raise UnsupportedLayer(f"the weight scale of {node_label(node)} varies along axis {axis} of its "
-                                   "weights, which the MAC sums over: its products are no single integer "
+                                   f"weights, {SCALE_ALONG_SUMMED_AXIS}: its products are no single integer "
                                    "accumulation; quantize the weights per output channel or per tensor")
 
 

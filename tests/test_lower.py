@@ -509,3 +509,38 @@ def test_a_lowering_finns_execution_rejects_is_refused_naming_the_3d_layers(tmp_
     assert code == 1 and "FINN's HW layers here take 3-D tensors" in text and "MVAU_0 [1, 5, 16]" in text, text
     assert "fold the sequence axis into the batch" in text and "check that the model executes" not in text
     assert not (tmp_path / "hw.onnx").exists() and (tmp_path / "seq.onnx").read_bytes() == before
+
+
+@pytest.mark.parametrize("scale_axis", [0, 1])
+def test_a_weight_scale_along_the_summed_axis_is_refused_by_name(scale_axis, tmp_path):
+    """A MatMul whose weight Quant has one scale per row of its [K, N] weights varies along the axis it sums over: no
+    MVAU computes it, and FINN moved the scale behind the layer as a Mul that broadcast [1, N] to [N, N] ("Shape
+    broadcast mismatch" deep in step_convert_to_hw; found by the fuzzer). `lower` names the layer and writes nothing;
+    the same layer with one scale per output column (axis 1) lowers."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qonnx.util.basic import qonnx_make_model
+
+    rng = np.random.default_rng(scale_axis)
+    weights = rng.integers(-3, 4, size=(6, 4)).astype(np.float32)
+    scale = (0.1 * (1 + np.arange(weights.shape[scale_axis]))).astype(np.float32)
+    scale = scale.reshape(-1, 1) if scale_axis == 0 else scale.reshape(1, -1)
+    qonnx = "qonnx.custom_op.general"
+    nodes = [helper.make_node("Quant", ["x", "s", "zero", "bits"], ["xq"], domain=qonnx, signed=0, narrow=0,
+                              rounding_mode="ROUND", name="act_quant"),
+             helper.make_node("Quant", ["w", "ws", "zero", "bits"], ["wq"], domain=qonnx, signed=1, narrow=0,
+                              rounding_mode="ROUND", name="weight_quant"),
+             helper.make_node("MatMul", ["xq", "wq"], ["y"], name="mm")]
+    inits = [numpy_helper.from_array(v, n) for v, n in ((weights * scale, "w"), (scale, "ws"), (np.float32(0.5), "s"),
+                                                        (np.float32(0), "zero"), (np.float32(4), "bits"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    path, out = tmp_path / "along.onnx", tmp_path / "hw.onnx"
+    ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                        helper.make_opsetid(qonnx, 1)])).save(str(path))
+    result = run_a2q("lower", str(path), str(out))
+    text = " ".join((result.stdout + result.stderr).split())
+    if scale_axis == 1:
+        assert result.returncode == 0 and out.is_file(), text[-1500:]
+        return
+    assert result.returncode == 1 and "'mm' varies along an axis the layer sums over" in text, text[-1500:]
+    assert not out.exists()
