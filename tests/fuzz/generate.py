@@ -56,6 +56,8 @@ CONSTRUCTS = {
                      "must never be analysed as one)",
     "extracted_scales": "qonnx's ExtractQuantScaleZeroPt applied to the model: each Quant's scale (and zero point) "
                         "moved into Div/Mul (and Add/Sub) nodes around a unit-scale Quant",
+    "global_pool": "ReduceMean over the spatial axes between two blocks, behind a quantizer and a Relu or not "
+                   "(Brevitas' graph-mode PTQ exports AdaptiveAvgPool2d(1) so)",
 }
 
 
@@ -554,6 +556,9 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
             src, s, z = _fresh_source(b, spec, shape, case)
         else:
             x_in = x if x is not None else b.graph_input(shape)
+            if x is not None and len(shape) == 4 and "global_pool" in allowed and draw(st.integers(0, 3)) == 0:
+                x_in = draw(_global_pool(b, x_in, allowed))
+                case.used.add("global_pool")
             if spec["kind"] in ("quant", "qdq") and draw(st.integers(0, 3)) == 0:
                 # the usual real form: a Relu (or ReLU6's Clip from 0) in front of the quantizer (its negative codes
                 # then never occur)
@@ -606,6 +611,17 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
     if "extracted_scales" in allowed and draw(st.integers(0, 5)) == 0:
         _extract_scales(case)
     return case
+
+
+@st.composite
+def _global_pool(draw, b: _Builder, x: str, allowed: frozenset[str]) -> str:
+    """``ReduceMean`` of the 4-D ``x`` over axes 2 and 3 (the axes kept or dropped), first through a quantizer and a
+    ``Relu`` half of the time, as Brevitas' graph-mode PTQ writes global average pooling."""
+    if draw(st.booleans()):
+        x = b.node("Relu", [_apply_source(b, draw(act_specs(allowed, False)), x)[0]], b.shapes[x])
+    keep = draw(st.booleans())
+    shape = b.shapes[x][:2] + ((1, 1) if keep else ())
+    return b.node("ReduceMean", [x], shape, axes=draw(st.sampled_from([[2, 3], [-1, -2]])), keepdims=int(keep))
 
 
 def _extract_scales(case: Case) -> None:
