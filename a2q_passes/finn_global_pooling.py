@@ -6,14 +6,16 @@ average pooling only as ``GlobalAveragePool`` (its ``InferGlobalAccPoolLayer``: 
 and a scalar ``Mul`` by 1 / (H W)); its ``InferPoolFromReduce`` takes a ``ReduceMean`` only behind an
 ``Im2Col``, so such a ``ReduceMean`` stayed a float node and everything behind it unlowered.
 
-Two steps, used by the lowering flow (:mod:`a2q_passes.finn_flow`) and the FINN build steps:
+Two steps, used by the lowering flow (:mod:`a2q_passes.finn_flow`) and the FINN build steps
+(``step_a2q_finn_preparation``, ``step_a2q_global_pools``):
 
 - :class:`ReduceMeanAsGlobalAveragePool`, before FINN's conversion, makes that ``ReduceMean`` a
   ``GlobalAveragePool`` (and a ``Flatten`` where it drops the reduced axes);
-- :func:`integer_global_pools`, inside streamlining: FINN's builder infers the ``GlobalAccPool`` only in
-  ``step_convert_to_hw``, after the thresholds behind it were made hardware, so the ``Mul`` by 1 / (H W) would
-  stay a float ``ElementwiseMul`` in front of them. Inferring it once the pool reads integers, and streamlining
-  again, moves that ``Mul`` into the thresholds as FINN moves every other scale.
+- :func:`integer_global_pools` (the flow) / :func:`accumulate_global_pools` (the build step), after
+  streamlining: FINN's builder infers the ``GlobalAccPool`` only in ``step_convert_to_hw``, after the thresholds
+  behind it were made hardware, so the ``Mul`` by 1 / (H W) would stay a float multiply in front of them.
+  Inferring it once the pool reads integers, and streamlining again, moves that ``Mul`` into the thresholds as FINN
+  moves every other scale.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ def _reduced_axes(model: ModelWrapper, node: NodeProto) -> set[int] | None:
     if axes is None:
         return None
     return {int(a) % 4 for a in np.asarray(axes).reshape(-1)}
+
+
+def accumulate_global_pools(model: ModelWrapper) -> ModelWrapper:
+    """``model`` with each ``GlobalAveragePool`` on integers a ``GlobalAccPool`` and a scalar ``Mul``, streamlined
+    again (FINN's ``Streamline``) so that ``Mul`` moves into the thresholds behind it: the build step
+    ``step_a2q_global_pools`` between FINN's ``step_streamline`` and ``step_convert_to_hw``."""
+    from finn.transformation.fpgadataflow.convert_to_hw.global_acc_pool import InferGlobalAccPoolLayer
+    from finn.transformation.streamline import Streamline
+
+    if not integer_global_pools(model):
+        return model
+    return model.transform(InferGlobalAccPoolLayer()).transform(Streamline())
 
 
 def integer_global_pools(model: ModelWrapper) -> bool:

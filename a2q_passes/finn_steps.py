@@ -5,7 +5,9 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
     steps = [
         step_a2q_project,              # on the QONNX model: weights fit P bits
         step_a2q_finn_preparation,     # exact rewrites of quantizer forms FINN's conversion refuses
-        "step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw",
+        "step_qonnx_to_finn", "step_tidy_up", "step_streamline",
+        step_a2q_global_pools,         # global average pools on integers as GlobalAccPool, their 1/(HW) into thresholds
+        "step_convert_to_hw",
         step_a2q_round_ties,           # exact ties on integer accumulators rounded as the Quant nodes round them
         "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
         "step_target_fps_parallelization", "step_apply_folding_config", "step_minimize_bit_width",
@@ -43,8 +45,10 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_global_pooling import accumulate_global_pools
 from a2q_passes.finn_quant_forms import prepare_for_finn
-from a2q_passes.finn_tie_thresholds import TIE_RULE_KEY, activation_tie_rule, round_ties_as_quantized
+from a2q_passes.finn_tie_thresholds import (TIE_RULE_KEY, activation_tie_rule, raise_thresholds_below_unsigned_inputs,
+                                            round_ties_as_quantized)
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.hw_accumulators import (check_hw_accumulators, describe_hw_layers, hw_targets, qonnx_recorded_widths,
@@ -154,12 +158,22 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return model
 
 
+def step_a2q_global_pools(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Right before ``step_convert_to_hw``: each global average pool on integers becomes a ``GlobalAccPool`` whose
+    ``Mul`` by 1 / (H W) streamlines into the thresholds behind it (:mod:`a2q_passes.finn_global_pooling`); FINN's
+    ``step_convert_to_hw`` infers that layer only after the thresholds, and its plain ``Mul`` then stops the dataflow
+    partition. Models without one are returned as they are."""
+    return accumulate_global_pools(model)
+
+
 def step_a2q_round_ties(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Right after ``step_convert_to_hw``: thresholds on integer accumulators that are exact ties go to the code the
     activation ``Quant`` nodes round them to (:mod:`a2q_passes.finn_tie_thresholds`), where FINN's ``x >= t``
     rounds every tie up. Uses the rounding rule ``step_a2q_finn_preparation`` recorded; without one (or with mixed
-    rounding modes) FINN's thresholds are kept."""
-    return round_ties_as_quantized(model, metadata_value(model, TIE_RULE_KEY) or None)
+    rounding modes) FINN's thresholds are kept. Then thresholds below 0 on unsigned inputs go to 0, which FINN's
+    ``step_minimize_bit_width_initial`` asserts (``finn_tie_thresholds.raise_thresholds_below_unsigned_inputs``)."""
+    rule = metadata_value(model, TIE_RULE_KEY) or None
+    return raise_thresholds_below_unsigned_inputs(round_ties_as_quantized(model, rule))
 
 
 def step_a2q_allocate(model: ModelWrapper, cfg: Any) -> ModelWrapper:
@@ -232,9 +246,9 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     last = max(index for index, name in enumerate(names) if name in _ACCUMULATOR_STEPS)
     first = names.index("step_qonnx_to_finn")
     hw = names.index("step_convert_to_hw")
-    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:hw + 1], step_a2q_round_ties,
-            *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
+    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:hw], step_a2q_global_pools, steps[hw],
+            step_a2q_round_ties, *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation", "step_a2q_project",
-           "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation",
+           "step_a2q_global_pools", "step_a2q_project", "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

@@ -96,6 +96,29 @@ def round_ties_as_quantized(model: ModelWrapper, rule: str | None) -> ModelWrapp
     return model
 
 
+def raise_thresholds_below_unsigned_inputs(model: ModelWrapper) -> ModelWrapper:
+    """``model`` with the thresholds below 0 of each ``Thresholding`` layer on unsigned integers raised to 0.
+
+    Why: FINN's ``MinimizeWeightBitWidth`` (``step_minimize_bit_width_initial``) asserts that such a layer's thresholds
+    are not negative, before its ``RoundAndClipThresholds`` would clip them; a signed quantizer of unsigned values
+    (the input quantizer of a classifier behind global pooling's ``GlobalAccPool``) has negative ones. Why it is
+    exact: every unsigned ``x`` passes ``x >= 0`` as it passes ``x >= t`` for ``t < 0``. Run after
+    :func:`round_ties_as_quantized`, whose rows must still be FINN's progressions.
+    """
+    from qonnx.core.datatype import DataType
+    from qonnx.custom_op.registry import getCustomOp
+
+    model = ModelWrapper(model.model.SerializeToString())
+    for node in model.graph.node:
+        if not node.op_type.startswith("Thresholding"):
+            continue
+        thresholds = model.get_initializer(node.input[1])
+        dtype = DataType[getCustomOp(node).get_nodeattr("inputDataType")]
+        if thresholds is not None and dtype.is_integer() and not dtype.signed() and np.any(thresholds < 0):
+            model.set_initializer(node.input[1], np.maximum(thresholds, 0).astype(thresholds.dtype))
+    return model
+
+
 def exact_rows(thresholds: np.ndarray) -> np.ndarray:
     """Per row of ``thresholds`` (last axis: one row's thresholds, ascending), whether its integer thresholds are
     exact ties: its values are an arithmetic progression (FINN's thresholds for one ``Quant``: one step per code)

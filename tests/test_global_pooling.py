@@ -100,3 +100,78 @@ def test_lower_takes_the_global_pooling_of_brevitas_graph_ptq(options, tmp_path)
     assert floats == ["ElementwiseMul"] and lowered.find_consumer(lowered.graph.node[-1].output[0]) is None
     assert lowered.graph.node[-1].op_type == "ElementwiseMul"  # only the output scale stays a float multiply
     assert _assert_holds_worst_case(lowered) == 4
+
+
+def _cnn_with_global_pool(path) -> None:
+    """Quant(uint8) -> Conv (4-bit weights) -> Quant(int4) -> Relu -> ReduceMean(H, W) -> Reshape -> Quant(int4) -> Gemm,
+    the form of a Brevitas graph-mode PTQ classifier head, saved to ``path``."""
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    qonnx = "qonnx.custom_op.general"
+    rng = np.random.default_rng(0)
+    quant = {"domain": qonnx, "narrow": 0, "rounding_mode": "ROUND"}
+    nodes = [helper.make_node("Quant", ["x", "s_in", "z", "b8"], ["xq"], signed=0, **quant),
+             helper.make_node("Quant", ["w1", "s_w", "z", "b4"], ["w1q"], signed=1, **quant),
+             helper.make_node("Conv", ["xq", "w1q"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Quant", ["c1", "s_a", "z", "b4"], ["a1"], signed=1, **quant),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("ReduceMean", ["r1"], ["m"], axes=[2, 3], keepdims=1),
+             helper.make_node("Reshape", ["m", "shape"], ["f"]),
+             helper.make_node("Quant", ["f", "s_f", "z", "b4"], ["fq"], signed=1, **quant),
+             helper.make_node("Quant", ["w2", "s_w", "z", "b4"], ["w2q"], signed=1, **quant),
+             helper.make_node("Gemm", ["fq", "w2q"], ["y"], transB=1)]
+    values = {"s_in": 1 / 255, "z": 0, "b8": 8, "b4": 4, "s_w": 0.05, "s_a": 0.1, "s_f": 0.05,
+              "w1": rng.integers(-7, 8, size=(8, 3, 3, 3)) * 0.05, "w2": rng.integers(-7, 8, size=(10, 8)) * 0.05}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in values.items()]
+    inits.append(numpy_helper.from_array(np.array([1, 8], np.int64), "shape"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(qonnx, 1)]))
+    model.transform(InferShapes()).save(str(path))
+
+
+def test_finn_build_steps_take_global_pooling(tmp_path):
+    """FINN's own builder with the a2q steps on a classifier head with global pooling: step_a2q_global_pools makes
+    the pool a GlobalAccPool before step_convert_to_hw (FINN infers it only after the thresholds behind it, and its
+    plain Mul by 1 / (H W) stopped the dataflow partition: "Unsupported/unmapped layer(s)"), and the thresholds of
+    the signed quantizer behind it, on the pool's unsigned sums, are raised from below 0 to 0 (FINN's
+    step_minimize_bit_width_initial asserted they are not negative). Every step runs, and each MVAU's accDataType
+    holds the brute-force range of its weights over its input type within the target."""
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+    from a2q_passes.finn_runtime import run_estimate_build
+    from a2q_passes.finn_steps import with_a2q_steps
+    from tests.test_finn_flow import _brute_force_range, _mac_rows
+
+    _cnn_with_global_pool(tmp_path / "gap.onnx")
+    steps = with_a2q_steps(acc_bits=14)
+    result = run_estimate_build(tmp_path / "gap.onnx", tmp_path / "build", "xczu3eg-sbva484-1-e", steps=steps)
+    assert result.steps_completed == [s if isinstance(s, str) else s.__name__ for s in steps]
+    final = ModelWrapper(str(result.final_model))
+    assert [n.op_type for n in final.graph.node if n.op_type.startswith("GlobalAccPool")]
+    nodes = list(iterate_mac_nodes(final))
+    assert len(nodes) == 2
+    for node in nodes:
+        inst = getCustomOp(node)
+        adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(final, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= 14
+
+
+def test_lower_takes_global_pooling_and_its_output_meets_finns_threshold_checks(tmp_path):
+    """`lower` on the same head: lowered whole and executed equal; FINN's MinimizeWeightBitWidth (what its
+    step_minimize_bit_width_initial runs on a lowered graph) accepts every Thresholding layer of the output."""
+    from finn.transformation.fpgadataflow.minimize_weight_bit_width import MinimizeWeightBitWidth
+
+    _cnn_with_global_pool(tmp_path / "gap.onnx")
+    result = run_a2q("lower", str(tmp_path / "gap.onnx"), str(tmp_path / "hw.onnx"), "--json")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    report = json.loads(result.stdout)
+    assert report["equivalence"]["within_tolerance"] and not [n for n in report["lowering"]["unlowered"] if n["blocking"]]
+    lowered = ModelWrapper(str(tmp_path / "hw.onnx"))
+    assert lowered.get_nodes_by_op_type("GlobalAccPool")
+    unsigned = [n for n in lowered.graph.node if n.op_type == "Thresholding"
+                and not DataType[getCustomOp(n).get_nodeattr("inputDataType")].signed()]
+    assert unsigned and all(np.all(lowered.get_initializer(n.input[1]) >= 0) for n in unsigned)
+    lowered.transform(MinimizeWeightBitWidth())
+    assert _assert_holds_worst_case(lowered) == 2
