@@ -59,8 +59,7 @@ from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped
                                      refuse_unconvertible_quantizers, refuse_unlowerable_convs,
                                      refuse_weight_scales_along_summed_axes)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
-from a2q_passes.finn_tie_thresholds import (activation_tie_rule, raise_thresholds_below_unsigned_inputs,
-                                            round_ties_as_quantized)
+from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 
 MAX_RESIDUAL_ROUNDS = 4
@@ -386,8 +385,6 @@ def run_flow(
             _run_streamline_step(runner)
             runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
             runner.apply("convert_to_hw", "round_ties_as_quantized", lambda m: round_ties_as_quantized(m, tie_rule))
-            runner.apply("convert_to_hw", "raise_thresholds_below_unsigned_inputs",
-                         raise_thresholds_below_unsigned_inputs)
         except LoweringError as err:
             cause = explain_streamline_failure(model)
             if not cause:

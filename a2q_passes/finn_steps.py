@@ -250,5 +250,5 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
             step_a2q_round_ties, *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation",
-           "step_a2q_global_pools", "step_a2q_project", "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation", "step_a2q_global_pools",
+           "step_a2q_project", "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

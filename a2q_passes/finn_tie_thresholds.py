@@ -103,7 +103,8 @@ def raise_thresholds_below_unsigned_inputs(model: ModelWrapper) -> ModelWrapper:
     are not negative, before its ``RoundAndClipThresholds`` would clip them; a signed quantizer of unsigned values
     (the input quantizer of a classifier behind global pooling's ``GlobalAccPool``) has negative ones. Why it is
     exact: every unsigned ``x`` passes ``x >= 0`` as it passes ``x >= t`` for ``t < 0``. Run after
-    :func:`round_ties_as_quantized`, whose rows must still be FINN's progressions.
+    :func:`round_ties_as_quantized`, whose rows must still be FINN's progressions. (``lower`` needs no such step: its
+    :func:`~a2q_passes.finn_accumulators.set_accumulator_datatypes` runs FINN's ``RoundAndClipThresholds``.)
     """
     from qonnx.core.datatype import DataType
     from qonnx.custom_op.registry import getCustomOp

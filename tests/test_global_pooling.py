@@ -159,8 +159,10 @@ def test_finn_build_steps_take_global_pooling(tmp_path):
 
 
 def test_lower_takes_global_pooling_and_its_output_meets_finns_threshold_checks(tmp_path):
-    """`lower` on the same head: lowered whole and executed equal; FINN's MinimizeWeightBitWidth (what its
-    step_minimize_bit_width_initial runs on a lowered graph) accepts every Thresholding layer of the output."""
+    """`lower` on the same head: lowered whole and executed equal, every MVAU holding its executed worst case; FINN's
+    MinimizeWeightBitWidth (what its step_minimize_bit_width_initial runs on a lowered graph) accepts every
+    Thresholding layer of the output (lower's own RoundAndClipThresholds already raised the signed quantizer's
+    thresholds on the pool's unsigned sums to 0)."""
     from finn.transformation.fpgadataflow.minimize_weight_bit_width import MinimizeWeightBitWidth
 
     _cnn_with_global_pool(tmp_path / "gap.onnx")
