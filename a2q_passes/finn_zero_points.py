@@ -10,11 +10,12 @@ Quant's output. That is the form FINN's own conversion gives a zero-point-0 ``Qu
 its bias into ``out_bias``, so FINN's streamlining and ``convert_to_hw`` take it as any other activation: the next
 MVAU/VVAU reads ``q - z`` in the FINN DataType of ``[qmin - z, qmax - z]`` (``INT9`` for uint8 codes with ``z`` in
 1..255), and a padded input reads 0, real 0. ``--input-ranges finn`` sizes layers for that type
-(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both). A ``Relu`` that alone reads the quantizer folds
-into its thresholds (the count becomes ``max(q - z, 0)``; FINN would leave it a float ``ElementwiseMax``, which Brevitas'
-asymmetric graph-mode PTQ puts in front of its global pooling), and so does a ``Relu`` in front of it (FINN removes a
-``Relu`` only in front of a zero-point-0 quantizer): the thresholds at or below 0 go into the output bias. A weight quantizer with a zero point becomes a
-zero-point-0 quantizer of the values ``(q - z) s`` it gives, which FINN folds into integer weights ``q - z``.
+(:func:`a2q_passes.weight_sources.codes_less_zero_point` serves both). A ``Relu`` that alone reads the quantizer
+folds into its thresholds (the count becomes ``max(q - z, 0)``; FINN would leave it a float ``ElementwiseMax``, which
+Brevitas' asymmetric graph-mode PTQ puts in front of its global pooling), and so does a ``Relu`` in front of it (FINN
+removes a ``Relu`` only in front of a zero-point-0 quantizer): the thresholds at or below 0 go into the output bias.
+A weight quantizer with a zero point becomes a zero-point-0 quantizer of the values ``(q - z) s`` it gives, which FINN
+folds into integer weights ``q - z``.
 """
 
 from __future__ import annotations

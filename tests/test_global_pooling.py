@@ -81,8 +81,9 @@ def test_lower_takes_the_global_pooling_of_brevitas_graph_ptq(options, tmp_path)
     """The residual net of Brevitas' graph-mode PTQ (Conv/BN/ReLU, a residual Add whose first branch also feeds the
     next Conv, a depthwise Conv, global average pooling, Linear), symmetric activations and asymmetric ones (a zero
     point in front of each Relu): lowered whole (exit 0, nothing unlowered; the fork's Mul moved past the fork
-    before FINN's MoveLinearPastEltwiseAdd, which alone left the Conv unfed), the pooling a GlobalAccPool on integers whose 1 / (H W) went into the thresholds
-    behind it, executed equal to the QONNX model, and every MVAU/VVAU holding its executed worst case."""
+    before FINN's MoveLinearPastEltwiseAdd, which alone left the Conv unfed), the pooling a GlobalAccPool on integers
+    whose 1 / (H W) went into the thresholds behind it, executed equal to the QONNX model, and every MVAU/VVAU
+    holding its executed worst case."""
     path = export_graph_ptq(tmp_path, GraphPtqSpec("residual", "fx", 8, 8, options))
     ops = [n.op_type for n in onnx.load(path).graph.node]
     assert "ReduceMean" in ops and "GlobalAveragePool" not in ops  # the form Brevitas writes
@@ -103,8 +104,8 @@ def test_lower_takes_the_global_pooling_of_brevitas_graph_ptq(options, tmp_path)
 
 
 def _cnn_with_global_pool(path) -> None:
-    """Quant(uint8) -> Conv (4-bit weights) -> Quant(int4) -> Relu -> ReduceMean(H, W) -> Reshape -> Quant(int4) -> Gemm,
-    the form of a Brevitas graph-mode PTQ classifier head, saved to ``path``."""
+    """Quant(uint8) -> Conv (4-bit weights) -> Quant(int4) -> Relu -> ReduceMean(H, W) -> Reshape -> Quant(int4)
+    -> Gemm, the form of a Brevitas graph-mode PTQ classifier head, saved to ``path``."""
     from qonnx.transformation.infer_shapes import InferShapes
 
     qonnx = "qonnx.custom_op.general"
@@ -169,7 +170,8 @@ def test_lower_takes_global_pooling_and_its_output_meets_finns_threshold_checks(
     result = run_a2q("lower", str(tmp_path / "gap.onnx"), str(tmp_path / "hw.onnx"), "--json")
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     report = json.loads(result.stdout)
-    assert report["equivalence"]["within_tolerance"] and not [n for n in report["lowering"]["unlowered"] if n["blocking"]]
+    blocking = [n for n in report["lowering"]["unlowered"] if n["blocking"]]
+    assert report["equivalence"]["within_tolerance"] and not blocking
     lowered = ModelWrapper(str(tmp_path / "hw.onnx"))
     assert lowered.get_nodes_by_op_type("GlobalAccPool")
     unsigned = [n for n in lowered.graph.node if n.op_type == "Thresholding"
