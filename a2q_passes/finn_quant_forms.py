@@ -18,7 +18,7 @@ from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
-from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr
+from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, sole_relu_reader
 
 _BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -97,13 +97,12 @@ class ReluAfterQuantIntoQuant(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
-        outputs = {o.name for o in model.graph.output}
-        for relu in [n for n in model.graph.node if n.op_type == "Relu" and n.domain in ("", "ai.onnx")]:
-            quant = model.find_producer(relu.input[0])
+        for quant in model.get_nodes_by_op_type("Quant"):
+            relu = sole_relu_reader(model, quant)
+            if relu is None:
+                continue
             readers = model.find_consumers(relu.output[0]) or []
-            if (quant is None or quant.op_type != "Quant" or quant.output[0] in outputs
-                    or len(model.find_consumers(quant.output[0]) or []) != 1
-                    or (readers and all(r.op_type == "Quant" for r in readers))):
+            if readers and all(r.op_type == "Quant" for r in readers):  # FINN's conversion takes that form
                 continue
             if node_attr(quant, "signed", 1):
                 bits = _signed_codes_at_or_above_zero_bits(model, quant)

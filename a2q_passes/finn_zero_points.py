@@ -28,7 +28,7 @@ from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
 from a2q_passes.bounds import IntRange
-from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
+from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr, sole_relu_reader
 from a2q_passes.input_grids import quant_code_range
 from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.weight_sources import codes_less_zero_point, dtype_for_range
@@ -118,15 +118,6 @@ def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narr
     return thresholds, bias, dtype
 
 
-def _sole_relu_reader(model: ModelWrapper, node: NodeProto) -> NodeProto | None:
-    """The ``Relu`` that alone reads ``node``'s output (not a graph output) where some code lies above the zero
-    point (else the ``Relu`` outputs 0 only: left as it is), else ``None``."""
-    readers = model.find_consumers(node.output[0]) or []
-    if len(readers) != 1 or readers[0].op_type != "Relu" or node.output[0] in {o.name for o in model.graph.output}:
-        return None
-    return readers[0] if _codes_above_zero_point(model, node) else None
-
-
 class ZeroPointActivationsAsThresholds(Transformation):
     """Each activation ``Quant`` with a non-zero zero point that :func:`zero_point_obstacle` passes becomes
     ``MultiThreshold`` (output bias ``qmin - z``) -> ``Mul`` by its scale (see the module docstring)."""
@@ -137,7 +128,9 @@ class ZeroPointActivationsAsThresholds(Transformation):
             scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
             producer = model.find_producer(node.input[0])
             before = producer if producer is not None and producer.op_type == "Relu" else None
-            relu = _sole_relu_reader(model, node)  # folded in: FINN would leave it a float ElementwiseMax
+            relu = sole_relu_reader(model, node)  # folded in: FINN would leave it a float ElementwiseMax
+            if relu is not None and not _codes_above_zero_point(model, node):
+                relu = None  # the Relu outputs 0 only: left as it is
             thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
                                                             bool(node_attr(node, "narrow", 0)), before is not None,
                                                             relu is not None)

@@ -51,6 +51,15 @@ def node_str_attr(node: NodeProto, name: str, default: str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def sole_relu_reader(model: ModelWrapper, node: NodeProto) -> NodeProto | None:
+    """The ``Relu`` that alone reads ``node``'s output, where that output is no graph output (so a rewrite may fold
+    the ``Relu`` into ``node``), else ``None``."""
+    readers = model.find_consumers(node.output[0]) or []
+    if len(readers) != 1 or (readers[0].op_type, readers[0].domain) not in (("Relu", ""), ("Relu", "ai.onnx")):
+        return None
+    return None if node.output[0] in {o.name for o in model.graph.output} else readers[0]
+
+
 def node_label(node: NodeProto) -> str:
     return f"{node.op_type} node '{node.name or node.output[0]}'"
 
