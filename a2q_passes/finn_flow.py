@@ -4,7 +4,8 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
 
 0. preparation             - initializers listed as graph inputs become plain constants; exact rewrites of
                              quantizer forms FINN's conversion refuses or fails on (:mod:`a2q_passes.finn_quant_forms`:
-                             a signed ``Quant`` after ``Relu``, a bias quantizer, a grouped Conv made dense)
+                             a signed ``Quant`` after ``Relu``, a ``Relu`` after a ``Quant``, a bias quantizer, a
+                             grouped Conv made dense, a spatial ``ReduceMean`` as ``GlobalAveragePool``)
 1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
 2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
                              GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
@@ -13,7 +14,9 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
                              the rest of the flow lowers them as 2-D (the lowered model takes ``[N, C, L, 1]``)
 3. ``step_streamline``     - decomposed into its individual transformations so that each one can be
                              checked on its own (see :data:`STREAMLINE_TRANSFORMATIONS`), with one
-                             addition for residual graphs (below)
+                             addition for residual graphs (below), and, where a ``GlobalAveragePool`` reads
+                             integers, FINN's ``InferGlobalAccPoolLayer`` and streamlining again
+                             (:mod:`a2q_passes.finn_global_pooling`)
 4. ``step_convert_to_hw``  - InferQuantizedMatrixVectorActivation, InferVectorVectorActivation,
                              InferThresholdingLayer, InferPool, InferConvInpGen,
                              InferElementwiseBinaryOperation, InferDuplicateStreamsLayer, ... (as is)
