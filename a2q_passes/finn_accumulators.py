@@ -26,20 +26,15 @@ def iterate_mac_nodes(model: ModelWrapper) -> Iterator[NodeProto]:
 
 
 def _mac_integer_rows(model: ModelWrapper, node) -> np.ndarray:
-    """Integer weights of an MVAU/VVAU node as ``(channels, K)`` rows, as FINN's own minimiser sees them."""
-    from qonnx.custom_op.registry import getCustomOp
+    """Integer weights of an MVAU/VVAU node as the project's reader makes them rows (:func:`a2q_passes.layers.
+    finn_mac_layer`): ``(channels, K)``, or one row per channel and tap pattern where the MVAU reads pixel-padded
+    input (:mod:`a2q_passes.pixel_padding`)."""
+    from a2q_passes.layers import STATUS_OK, finn_mac_layer
 
-    inst = getCustomOp(node)
-    weights = model.get_initializer(node.input[1])
-    if weights is None:
-        raise A2QError(f"{node.name}: weights are not an initializer (runtime-writeable or external weights); "
-                       "its accumulator range cannot be computed from the graph")
-    if node.op_type.startswith("VVAU"):
-        k_h, k_w = inst.get_nodeattr("Kernel")
-        rows = weights.reshape(inst.get_nodeattr("Channels"), k_h * k_w)  # (Channels, 1, kh, kw)
-    else:
-        rows = weights.T  # MVAU weights are (MW, MH)
-    return rows
+    layer = finn_mac_layer(model, node)
+    if layer.status != STATUS_OK:
+        raise A2QError(f"{node.name}: {layer.status}; its accumulator range cannot be computed from the graph")
+    return layer.integer_rows(model)
 
 
 def hw_accumulator_ranges(hw_model: ModelWrapper) -> dict[str, tuple[int, int]]:

@@ -14,9 +14,10 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
                              the rest of the flow lowers them as 2-D (the lowered model takes ``[N, C, L, 1]``)
 3. ``step_streamline``     - decomposed into its individual transformations so that each one can be
                              checked on its own (see :data:`STREAMLINE_TRANSFORMATIONS`), with one
-                             addition for residual graphs (below), and, where a ``GlobalAveragePool`` reads
-                             integers, FINN's ``InferGlobalAccPoolLayer`` and streamlining again
-                             (:mod:`a2q_passes.finn_global_pooling`)
+                             addition for residual graphs (below), FINN's pixel-padding lowering of a
+                             ``ConvTranspose`` (:mod:`a2q_passes.finn_deconv`) and, where a
+                             ``GlobalAveragePool`` reads integers, FINN's ``InferGlobalAccPoolLayer`` and
+                             streamlining again (:mod:`a2q_passes.finn_global_pooling`)
 4. ``step_convert_to_hw``  - InferQuantizedMatrixVectorActivation, InferVectorVectorActivation,
                              InferThresholdingLayer, InferPool, InferConvInpGen,
                              InferElementwiseBinaryOperation, InferDuplicateStreamsLayer, ... (as is)
@@ -55,6 +56,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
+from a2q_passes.finn_deconv import as_two_d, explicit_conv_attributes, lower_conv_transposes
 from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
@@ -272,7 +274,11 @@ def _run_streamline_step(runner: _Runner) -> None:
             if not moved:
                 break
             _streamline_all(runner, "residual")
-    if runner.model.get_nodes_by_op_type("Conv"):
+    if runner.model.get_nodes_by_op_type("ConvTranspose"):  # see a2q_passes.finn_deconv
+        runner.transform(group, reorder.MoveScalarMulPastConvTranspose(), _streamline_cleanup)
+        _streamline_all(runner, group)
+        runner.apply(group, "InferPixelPaddingDeconv", lower_conv_transposes)
+    if runner.model.get_nodes_by_op_type("Conv") or runner.model.get_nodes_by_op_type("Im2Col"):
         if any(runner.model.is_fork_node(n) for n in runner.model.get_nodes_by_op_type("MaxPool")):
             # FINN bug (finn-plus 1.6.1): MakeMaxPoolNHWC's (MaxPool, Transpose) branch uses
             # find_consumer() and rewires only the first consumer of a forking MaxPool, so the
@@ -295,9 +301,9 @@ def _run_streamline_step(runner: _Runner) -> None:
 
 
 def _one_d_convs(model: ModelWrapper) -> list[str]:
-    """The Conv nodes of ``model`` with 1-D (``[O, I, k]``) weights."""
-    return [node.name for node in model.get_nodes_by_op_type("Conv")
-            if len(model.get_tensor_shape(node.input[1]) or ()) == 3]
+    """The Conv and ConvTranspose nodes of ``model`` with 1-D (``[O, I, k]``, ``[I, O, k]``) weights."""
+    return [node.name for node in model.graph.node if node.op_type in ("Conv", "ConvTranspose")
+            and len(model.get_tensor_shape(node.input[1]) or ()) == 3]
 
 
 def _run_one_d_step(runner: _Runner, cfg) -> None:
@@ -315,7 +321,7 @@ def _run_one_d_step(runner: _Runner, cfg) -> None:
             dilations = next((a for a in node.attribute if a.name == "dilations"), None)
             if dilations is not None and all(d == 1 for d in dilations.ints):
                 node.attribute.remove(dilations)
-        return step_pre_streamline(model, cfg)
+        return as_two_d(lambda m: step_pre_streamline(m, cfg), explicit_conv_attributes(model))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

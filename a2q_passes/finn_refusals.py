@@ -11,6 +11,7 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
+from a2q_passes.finn_deconv import conv_transpose_obstacles
 from a2q_passes.finn_quant_forms import grouped_conv_obstacle, is_grouped_conv, is_qdq_node, weight_shape
 from a2q_passes.finn_zero_points import MIDPOINT_ROUNDING, zero_point_refusals
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
@@ -19,7 +20,9 @@ from a2q_passes.input_grids import value_origin
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
-    not 1-D or 2-D, or reading a batch of more than one image (grouped ones: :func:`refuse_grouped_convs`).
+    not 1-D or 2-D, or reading a batch of more than one image (grouped ones: :func:`refuse_grouped_convs`), and each
+    ``ConvTranspose`` FINN's pixel-padding lowering cannot compute
+    (:func:`~a2q_passes.finn_deconv.conv_transpose_obstacles`).
 
     Why here: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) fails on any other with a numpy reshape
     error or "list index out of range", naming neither the node nor the construct. FINN's sliding-window
@@ -36,10 +39,16 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
                             "fails on it); lower the model as exported, before that transformation: FINN's "
                             "streamlining makes its own channels-last layout")
     shaped = with_inferred_shapes(model)
+    deconvs = conv_transpose_obstacles(model, shaped)
+    if deconvs:
+        raise LoweringError(f"FINN lowers a ConvTranspose as pixel padding, a sliding window and an MVAU "
+                            f"(InferPixelPaddingDeconv), which does not compute ConvTranspose {', '.join(deconvs)}. "
+                            "Keep the layer out of the FINN part.")
     other_dims, batched = [], []
     for node in model.graph.node:
+        convs = ("Conv", "ConvTranspose")
         shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type == "Conv" else 1
+        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type in convs else 1
         if isinstance(batch, int) and batch > 1:
             batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
         if shape is not None and len(shape) not in (3, 4):  # 1-D ones go through FINN's 1-D flow (finn_flow)

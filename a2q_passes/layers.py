@@ -30,6 +30,7 @@ from a2q_passes.bounds import BINARY, IntRange, act_x_act_range, narrowest_integ
 from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
                                   KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
 from a2q_passes.input_grids import GridResolver, InputGrid, dtype_grid, with_zero_tap
+from a2q_passes.pixel_padding import pixel_padding_masks
 from a2q_passes.tensor_store import initializer_proto, initializer_shape, initializer_value
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, QUANT_OP_TYPES, UNROUNDED_KINDS, UnsupportedLayer, WeightSource,
@@ -297,8 +298,8 @@ class MacLayer:
 
 
 def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...]) -> RowLayout:
-    """One row per (output channel, stride phase): the taps that reach one output pixel (any number of spatial
-    dimensions: 1-D, 2-D, 3-D)."""
+    """One row per (output channel, stride phase that taps reach): the taps that reach one output pixel (any
+    number of spatial dimensions: 1-D, 2-D, 3-D)."""
     c_in, c_out_g, *kernel = shape
     n = len(kernel)
     groups = int(node_attr(node, "group", 1))
@@ -314,6 +315,8 @@ def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[in
             taps = block
             for axis, (k, s, d, p) in enumerate(zip(kernel, strides, dilations, phase), start=1):
                 taps = np.take(taps, [i for i in range(k) if (i * d) % s == p], axis=axis)
+            if taps.size == 0:  # a phase no tap reaches (dilation a multiple of the stride): its outputs sum nothing
+                continue
             rows.append(taps.reshape(-1))
             row_channel.append(co)
     k = max(len(r) for r in rows)
@@ -321,6 +324,24 @@ def _conv_transpose_layout(model: ModelWrapper, node: NodeProto, shape: tuple[in
     for i, r in enumerate(rows):
         index[i, :len(r)] = r
     return RowLayout("gather", shape, index, np.asarray(row_channel))
+
+
+def _pixel_padding_layout(node: NodeProto, shape: tuple[int, ...], masks: np.ndarray,
+                          no_zero_code: bool) -> tuple[RowLayout, int]:
+    """An MVAU reading a window over pixel-padded input (:mod:`a2q_passes.pixel_padding`): one row per (output
+    channel, tap pattern), as a ``ConvTranspose``'s per stride phase, each with the inputs that hold pixels."""
+    if no_zero_code:
+        raise UnsupportedLayer(f"{node_label(node)} reads pixel-padded input whose codes exclude 0, the code of the "
+                               "inserted zeros (a bipolar or xnor input)")
+    if np.any(masks.sum(axis=0) > 1):
+        raise UnsupportedLayer(f"{node_label(node)} reads pixel-padded input whose output positions reach no stride "
+                               "phase whole (an image smaller than the kernel), which its rows do not split into")
+    mw, mh = shape
+    taps = [np.flatnonzero(mask) for mask in masks]
+    index = np.full((mh * len(taps), max(len(t) for t in taps)), -1, dtype=np.int64)
+    for row, (channel, inputs) in enumerate(itertools.product(range(mh), taps)):
+        index[row, :len(inputs)] = inputs * mh + channel  # weights (MW, MH), row-major
+    return RowLayout("gather", shape, index, np.repeat(np.arange(mh), len(taps))), index.shape[1]
 
 
 def _layout_for(model: ModelWrapper, node: NodeProto, shape: tuple[int, ...], op: str | None = None) -> tuple[RowLayout, int, int]:
@@ -398,7 +419,7 @@ def find_mac_layers(
         elif is_integer_mac(node):
             read = _integer_op_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
-            read = _finn_layer
+            read = finn_mac_layer
         elif unread_mac(node):
             read = _unread_layer
         elif node.op_type == "StreamingDataflowPartition":
@@ -664,7 +685,7 @@ def _reads_implicit_zeros(node: NodeProto, op: str | None = None) -> bool:
     return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(int(p) != 0 for p in node_attr(node, "pads", []))
 
 
-def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
+def finn_mac_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
     name = node.name or node.output[0]
     weights = initializer_value(model, node.input[1])
     idt, wdt = node_str_attr(node, "inputDataType", ""), node_str_attr(node, "weightDataType", "")
@@ -686,6 +707,13 @@ def _finn_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | N
     layout, K, channels = _layout_for(model, node, tuple(weights.shape))
     wrange = BINARY if xnor else IntRange(int(wdtype.min()), int(wdtype.max()))
     source = WeightSource("initializer", node.input[1], None, wrange, wdt)
+    masks = pixel_padding_masks(model, node) if node.op_type in MVAU_OP_TYPES else None
+    if masks is not None:
+        try:
+            layout, K = _pixel_padding_layout(node, tuple(weights.shape), masks, xnor or grid.two_point
+                                               or not grid.range.lo <= 0 <= grid.range.hi)
+        except UnsupportedLayer as err:
+            return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
     if xnor:
         grid = InputGrid(BINARY, "BINARY", 1.0)
     return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_OK, grid, source, layout, binary_xnor=xnor)

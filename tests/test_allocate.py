@@ -462,9 +462,32 @@ def test_a_graph_the_torch_bridge_cannot_run_is_refused_naming_the_node(data, a2
     assert "onnxruntime cannot run it" in message and "qonnx's executor cannot run it" in message
 
 
-def test_a_layer_finn_leaves_unlowered_is_named(tmp_path):
-    """The cost model needs FINN's MVAU/VVAU for each layer: a ConvTranspose FINN keeps as it is (it still matches
-    itself by its weights) is named as not lowered, not reported as an unknown MVAU name."""
+def test_a_layer_finn_leaves_unlowered_is_named():
+    """The cost model needs FINN's MVAU/VVAU for each layer: a Conv FINN leaves as a float MatMul (its input scale
+    is per channel, which streamlining cannot move behind it) is named as not lowered, not reported as an unknown
+    MVAU name."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qonnx.util.basic import qonnx_make_model
+
+    from a2q_passes.allocation_layers import finn_layer_shapes
+
+    consts = {"s_in": np.array([0.1, 0.2, 0.3, 0.4], np.float32).reshape(1, 4, 1, 1), "z": np.float32(0),
+              "b": np.float32(4), "w": np.random.default_rng(0).normal(size=(3, 4, 3, 3)).astype(np.float32),
+              "s_w": np.float32(0.1)}
+    quant = dict(domain="qonnx.custom_op.general", signed=1, narrow=0, rounding_mode="ROUND")
+    nodes = [helper.make_node("Quant", ["x", "s_in", "z", "b"], ["qx"], **quant),
+             helper.make_node("Quant", ["w", "s_w", "z", "b"], ["qw"], **quant),
+             helper.make_node("Conv", ["qx", "qw"], ["y"], name="conv", kernel_shape=[3, 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    with pytest.raises(A2QError, match="FINN did not lower layer.s. conv to an MVAU/VVAU"):
+        finn_layer_shapes(ModelWrapper(qonnx_make_model(graph)), {"conv": [12]}, "xczu3eg-sbva484-1-e")
+
+
+def test_a_conv_transpose_is_costed_as_the_mvau_finn_makes(tmp_path):
+    """A ConvTranspose is lowered to pixel padding, a sliding window and an MVAU (it was named as not lowered):
+    the cost model gets that MVAU's channels and a LUT estimate at each width."""
     import warnings
 
     from a2q_passes.allocation_layers import finn_layer_shapes
@@ -473,9 +496,9 @@ def test_a_layer_finn_leaves_unlowered_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = build_corpus_net(tmp_path, NetSpec("convtranspose", 4, 4, per_channel=True), "qonnx")
-    model = ModelWrapper(str(path))
-    with pytest.raises(A2QError, match="FINN did not lower layer.s. ConvTranspose_0 to an MVAU/VVAU"):
-        finn_layer_shapes(model, {"ConvTranspose_0": [12]}, "xczu3eg-sbva484-1-e")
+        shapes = finn_layer_shapes(ModelWrapper(str(path)), {"ConvTranspose_0": [10, 16]}, "xczu3eg-sbva484-1-e")
+    shape = shapes["ConvTranspose_0"]
+    assert shape.channels == 4 and sorted(shape.finn_lut) == [10, 16] and min(shape.finn_lut.values()) > 0, shape
 
 
 def test_an_activation_by_activation_matmul_is_named_before_lowering():

@@ -14,7 +14,9 @@ from a2q_passes.certificate.execution import CannotCertify, node_attr, node_labe
 from a2q_passes.certificate.input_codes import InputCodes, dtype_grid, mac_codes
 from a2q_passes.certificate.integer_ops import (DATA_ZERO_POINT, INTEGER_MAC_DOMAINS, INTEGER_MACS, elem_types,
                                                 integer_act_x_act, integer_codes, integer_operands)
-from a2q_passes.certificate.ranges import accumulations, conv_ranges, conv_transpose_ranges, row_ranges, stage_ranges
+from a2q_passes.certificate.pixel_windows import pixel_masks
+from a2q_passes.certificate.ranges import (accumulations, conv_ranges, conv_transpose_ranges, masked_row_ranges,
+                                           row_ranges, stage_ranges)
 from a2q_passes.certificate.shapes import inferred_shapes
 from a2q_passes.certificate.weights import finn_weights, weight_view
 from a2q_passes.read_only_model import ReadOnlyModel
@@ -102,8 +104,15 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
         else:
             lo, hi, _ = mac_codes(dtype_grid(node_attr(node, "inputDataType", ""), f"inputDataType of {node_label(node)}"),
                                   zero_point)
-            parts = [rows]
-            acc_min, acc_max = row_ranges(rows, lo, hi)
+            masks = pixel_masks(model, node) if op in _MVAU else None
+            if masks is None:
+                parts = [rows]
+                acc_min, acc_max = row_ranges(rows, lo, hi)
+            elif masks.shape[1] != rows.shape[1]:
+                raise CannotCertify(f"{node_label(node)} reads {masks.shape[1]} pixel-padded inputs, not its "
+                                    f"{rows.shape[1]}")
+            else:
+                acc_min, acc_max = masked_row_ranges(rows, lo, hi, masks)
     elif op == "MatMul" and reads_graph_input(model, node.input[1]) or integer_act_x_act(model, node):
         if tile is not None:
             raise CannotCertify(f"{node_label(node)} multiplies two activations; tiled ranges are not certified for it")

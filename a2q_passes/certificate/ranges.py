@@ -129,6 +129,16 @@ def row_ranges(rows: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarr
     return np.asarray(acc_min), np.asarray(acc_max)
 
 
+def masked_row_ranges(rows: np.ndarray, lo: int, hi: int, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``(C, K)`` of which each accumulation sums only the inputs of one mask ``(patterns, K)``; the others
+    hold code 0 (pixel padding's inserted zeros) and add nothing."""
+    if not lo <= 0 <= hi:
+        raise CannotCertify(f"inputs that hold the inserted zeros need code 0 among the codes [{lo}, {hi}]")
+    t_min, t_max = _term_extremes(_exact(rows, lo, hi), lo, hi)
+    chosen = masks.T.astype(t_min.dtype)
+    return t_min.dot(chosen).min(axis=1), t_max.dot(chosen).max(axis=1)
+
+
 def accumulations(rows: np.ndarray, blocks: np.ndarray | None, node: NodeProto) -> list[np.ndarray]:
     """The integer accumulations of MAC rows ``(C, K)``: the rows, or with block-wise weight scales each block's
     terms of every row (in K order), since blocks with different scales are added only after scaling."""

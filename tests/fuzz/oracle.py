@@ -41,8 +41,12 @@ QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "MultiThres
 # starts at the quantizer's float input and never feeds the Clip's output codes directly)
 # Mul/Div/Add/Sub by one constant: FINN's scale and offset after a MultiThreshold, and the scale and zero point
 # qonnx's ExtractQuantScaleZeroPt moves out of a Quant (only with a scalar constant operand)
+# FINN's own padding and sliding-window layers (a lowered ConvTranspose's MVAU reads through them); each
+# executes one image at a time
+FINN_WINDOW_OPS = ("FMPadding_Pixel", "FMPadding", "ConvolutionInputGenerator")
 GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity",
-            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "Sub", "QuantAvgPool2d")
+            "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "Sub", "QuantAvgPool2d",
+            *FINN_WINDOW_OPS)
 # ops that sum several source elements into one: traced by influence (AveragePool), not by index
 POOLING_OPS = ("QuantAvgPool2d",)
 # ops between a Relu and a quantizer that only move its values (executed with it, see _relu_source)
@@ -259,7 +263,7 @@ def _execute_chain(model: ModelWrapper, chain: list, sources: list[str], output:
 
 
 def _fixes_batch(model: ModelWrapper, node) -> bool:
-    if node.op_type == "Im2Col":
+    if node.op_type in ("Im2Col", *FINN_WINDOW_OPS):
         return True
     shape = model.get_initializer(node.input[1]) if node.op_type == "Reshape" else None
     return shape is not None and shape.size > 0 and int(shape.reshape(-1)[0]) not in (0, -1)
@@ -343,16 +347,17 @@ def _channel_axis(mac, out_shape: tuple[int, ...]) -> int:
 
 
 def _targets(out_shape: tuple[int, ...], rng: np.random.Generator, channel_axis: int = 0) -> list[int]:
-    """Flat output elements (per sample) to attack: corners, the centre and its next position in every dimension
-    (an interior output of each stride phase, for 1-D and 3-D layers too) and one random position of every channel."""
+    """Flat output elements (per sample) to attack: corners, the centre and every position one step from it (an
+    interior output of each stride phase up to stride 3, for 1-D and 3-D layers too: a phase per dimension) and one
+    random position of every channel."""
     flat = np.moveaxis(np.arange(int(np.prod(out_shape))).reshape(out_shape), channel_axis, 0)
     channels = flat.shape[0]
     spatial = flat.shape[1:]
     per = int(np.prod(spatial)) if spatial else 1
     if spatial:
         centre = [d // 2 for d in spatial]
-        centres = {int(np.ravel_multi_index(centre, spatial)),
-                   int(np.ravel_multi_index([min(c + 1, d - 1) for c, d in zip(centre, spatial)], spatial))}
+        centres = {int(np.ravel_multi_index([min(max(c + o, 0), d - 1) for c, o, d in zip(centre, step, spatial)],
+                                            spatial)) for step in itertools.product((-1, 0, 1), repeat=len(spatial))}
         corners = {int(np.ravel_multi_index(corner, spatial))
                    for corner in itertools.product(*[(0, d - 1) for d in spatial])}
         positions = sorted(corners | centres | {int(rng.integers(per))})

@@ -28,7 +28,8 @@ from qonnx.transformation.fold_constants import FoldConstants
 from qonnx.transformation.infer_shapes import InferShapes
 
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo
-from tests.fuzz.oracle import ExecutedRange, _ancestors, _infer_shapes, _node, _subgraph, execute, layer_range
+from tests.fuzz.oracle import (FINN_WINDOW_OPS, ExecutedRange, _ancestors, _infer_shapes, _node, _subgraph, execute,
+                               layer_range)
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
@@ -206,7 +207,7 @@ def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[Mod
     if _attr(mac, "channels_last", 0):  # onnxruntime's com.microsoft QLinearConv reads NHWC; ONNX's Conv NCHW
         x_shape = [1, x_shape[-1], *x_shape[1:-1]]
     # the MAC reads t = codes - zero point (the oracle adds the zero point back under fold, padded taps included)
-    layer = _one_layer(helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs), x_shape, q)
+    layer = _one_layer([helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs)], x_shape, q)
     return layer, LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero), {"t": (lo - zero, hi - zero)}
 
 
@@ -280,28 +281,57 @@ def _act_x_act_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo,
     return model, info, {}
 
 
-def _one_layer(node, x_shape: list[int], weights: np.ndarray) -> ModelWrapper:
-    """``node`` alone, reading graph input ``t`` and the constant weights ``w``."""
-    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("t", TensorProto.FLOAT, x_shape)],
+def _one_layer(nodes: list, x_shape: list[int], weights: np.ndarray) -> ModelWrapper:
+    """``nodes`` alone, reading graph input ``t`` and the constant weights ``w``."""
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("t", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(np.asarray(weights, np.float32), "w")])
     return _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])))
 
 
+def _pixel_padding_chain(model: ModelWrapper, mac) -> list:
+    """The FINN nodes from an ``FMPadding_Pixel`` to the MVAU's input (padding, sliding window), copied as the
+    abstract ops that execute in Python; empty where the MVAU reads no pixel-padded input."""
+    chain, tensor = [], mac.input[0]
+    while (producer := model.find_producer(tensor)) is not None:
+        node = copy.deepcopy(producer)
+        for suffix in ("_hls", "_rtl"):
+            node.op_type, node.domain = node.op_type.removesuffix(suffix), "finn.custom_op.fpgadataflow"
+        if node.op_type not in FINN_WINDOW_OPS:
+            return []
+        chain.insert(0, node)
+        if node.op_type == "FMPadding_Pixel":
+            return chain
+        tensor = producer.input[0]
+    return []
+
+
 def _finn_layer_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo, dict]:
-    """An MVAU as MatMul, a VVAU as one depthwise window (every window tap free): inputs of ``inputDataType``."""
+    """An MVAU as MatMul, a VVAU as one depthwise window (every window tap free): inputs of ``inputDataType``.
+    An MVAU reading a window over pixel-padded input (a lowered ConvTranspose) keeps that padding and window in
+    front of its MatMul, so the inserted zeros stay zeros: the input codes are those of the pixels."""
     dtype = DataType[_attr(mac, "inputDataType", b"").decode() if isinstance(_attr(mac, "inputDataType", ""), bytes)
                      else _attr(mac, "inputDataType", "")]
     if _attr(mac, "binaryXnorMode", 0):
         raise Undescribed(f"{mac.name}: binaryXnorMode counts matches, not products")
     w = np.asarray(model.get_initializer(mac.input[1]), dtype=np.float32)
+    chain = _pixel_padding_chain(model, mac) if mac.op_type in MVAU_OPS else []
+    if chain:
+        x_shape = list(model.get_tensor_shape(chain[0].input[0]))
+        chain[0].input[0] = "t"
+        node = helper.make_node("MatMul", [chain[-1].output[0], "w"], ["acc"], name=mac.name)
+        layer = _one_layer([*chain, node], x_shape, w)
+        for tensor in (n.output[0] for n in chain):
+            layer.set_tensor_shape(tensor, list(model.get_tensor_shape(tensor)))
+        return layer, LayerInfo(mac.name, "MatMul", np.ones(1, np.float32), 1.0, 0), \
+            {"t": (int(dtype.min()), int(dtype.max()))}
     if mac.op_type in MVAU_OPS:
         x_shape, node = [1, w.shape[0]], helper.make_node("MatMul", ["t", "w"], ["acc"], name=mac.name)
     else:
         channels, k = w.shape[0], list(w.shape[2:])
         x_shape = [1, channels, *k]
         node = helper.make_node("Conv", ["t", "w"], ["acc"], name=mac.name, group=channels, kernel_shape=k)
-    layer = _one_layer(node, x_shape, w)
+    layer = _one_layer([node], x_shape, w)
     op = "MatMul" if mac.op_type in MVAU_OPS else "Conv"
     return layer, LayerInfo(mac.name, op, np.ones(1, np.float32), 1.0, 0), {"t": (int(dtype.min()), int(dtype.max()))}
 

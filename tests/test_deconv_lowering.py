@@ -1,0 +1,142 @@
+"""``ConvTranspose`` in ``a2q lower`` (:mod:`a2q_passes.finn_deconv`, :mod:`a2q_passes.pixel_padding`).
+
+FINN lowers a transposed convolution to pixel padding, a sliding window and an MVAU whose row holds the whole
+kernel; the inserted zeros leave one stride phase's taps in each sum, the range a2q sizes a ``ConvTranspose`` for.
+Each lowered model is executed against the QONNX model, and each MVAU's worst case is driven through FINN's own
+padding and window layers by the oracle (tests/fuzz), which must reach the analysed range exactly and stay inside the
+``accDataType``. Before, every ``ConvTranspose`` stayed a float node (2-D) or stopped FINN's 1-D step (1-D).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.infer_shapes import InferShapes
+from qonnx.util.basic import qonnx_make_model
+
+from a2q_passes.analysis import analyze_model
+from a2q_passes.certificate import certify_layer
+from tests.cli_helpers import run_a2q
+from tests.fuzz.real_files import executed_range
+from tests.test_zero_point_lowering import _assert_holds_worst_case
+
+QONNX = "qonnx.custom_op.general"
+
+
+def _deconv_model(path, kernel: list[int], size: list[int], seed: int = 0, **attrs) -> None:
+    """Quant(uint4) -> ConvTranspose (int4 weights, 3 -> 4 channels, ``attrs``) -> Quant(int4) -> Relu ->
+    Quant(uint4) -> Conv 1 x 1 (int4), saved to ``path``; 1-D where ``kernel`` has one entry."""
+    rng = np.random.default_rng(seed)
+    quant = {"domain": QONNX, "narrow": 0, "rounding_mode": "ROUND"}
+    ones = [1] * len(kernel)
+    nodes = [helper.make_node("Quant", ["x", "s_in", "z", "b4"], ["xq"], signed=0, **quant),
+             helper.make_node("Quant", ["w1", "s_w", "z", "b4"], ["w1q"], signed=1, **quant),
+             helper.make_node("ConvTranspose", ["xq", "w1q"], ["d"], name="deconv", kernel_shape=kernel, **attrs),
+             helper.make_node("Quant", ["d", "s_a", "z", "b4"], ["a"], signed=1, **quant),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Quant", ["r", "s_a", "z", "b4"], ["rq"], signed=0, **quant),
+             helper.make_node("Quant", ["w2", "s_w", "z", "b4"], ["w2q"], signed=1, **quant),
+             helper.make_node("Conv", ["rq", "w2q"], ["y"], name="head", kernel_shape=ones)]
+    values = {"s_in": 1 / 15, "z": 0, "b4": 4, "s_w": 0.05, "s_a": 0.23,
+              "w1": rng.integers(-8, 8, size=(3, 4, *kernel)) * 0.05,
+              "w2": rng.integers(-8, 8, size=(2, 4, *ones)) * 0.05}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in values.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, *size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX, 1)]))
+    model.transform(InferShapes()).save(str(path))
+
+
+# (kernel, input size, ConvTranspose attributes): FINN's InferPixelPaddingDeconv pads by kernel[0] and pads[0] on all
+# four sides, which computed other shapes or values for a non-square kernel, unequal pads or output_padding
+CASES = {
+    "k2_s2": ([2, 2], [5, 5], dict(strides=[2, 2])),
+    "k3_s2_same": ([3, 3], [4, 4], dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])),
+    "k4_s2_p1": ([4, 4], [4, 4], dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    "k3x2_s2x1_asymmetric": ([3, 2], [4, 5], dict(strides=[2, 1], pads=[1, 0, 0, 1])),
+    "k3_s2_dilated": ([3, 3], [4, 4], dict(strides=[2, 2], dilations=[2, 2])),
+    "k3_s3_1d": ([3], [6], dict(strides=[3], pads=[1, 0], output_padding=[1])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv_transpose_is_lowered_to_an_mvau_sized_per_stride_phase(case, tmp_path):
+    """Lowered whole (exit 0, nothing unlowered, equal outputs), the ConvTranspose an MVAU behind FMPadding_Pixel
+    and mapped back to it; the reader, the certificate and the oracle (worst cases driven through FINN's own
+    padding and window layers) all give the MVAU the ConvTranspose's per-phase range, the oracle reaching it
+    exactly; its accDataType holds it and is never wider than FINN's own pick from the whole kernel row."""
+    kernel, size, attrs = CASES[case]
+    source, out = tmp_path / "deconv.onnx", tmp_path / "hw.onnx"
+    _deconv_model(source, kernel, size, **attrs)
+    result = run_a2q("lower", str(source), str(out), "--json")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    report = json.loads(result.stdout)
+    assert report["equivalence"]["within_tolerance"] and report["equivalence"]["samples"] > 0
+    assert not [n for n in report["lowering"]["unlowered"] if n["blocking"]], report["lowering"]["unlowered"]
+    assert report["lowering"]["hw_op_counts"].get("FMPadding_Pixel") == 1
+    deconv = next(layer for layer in report["layers"] if layer["qonnx_node"] == "deconv")
+    assert DataType[deconv["acc_dtype"]].bitwidth() <= DataType[deconv["finn_acc_dtype"]].bitwidth(), deconv
+
+    lowered = ModelWrapper(str(out))
+    qonnx_range = analyze_model(ModelWrapper(str(source)), input_ranges="finn").by_node()["deconv"]
+    hw_range = analyze_model(lowered).by_node()[deconv["node"]]
+    certificate = certify_layer(lowered, deconv["node"])
+    executed = executed_range(lowered, deconv["node"], "fold")
+    ranges = {(qonnx_range.acc_min, qonnx_range.acc_max), (hw_range.acc_min, hw_range.acc_max),
+              (certificate.acc_min, certificate.acc_max), (int(executed.lo), int(executed.hi)),
+              (deconv["acc_min"], deconv["acc_max"])}
+    assert len(ranges) == 1, ranges
+    assert _assert_holds_worst_case(lowered) == 2
+
+
+def test_projected_conv_transpose_keeps_its_width_in_the_mvau(tmp_path):
+    """`a2q project --acc-bits P --input-ranges finn` then `a2q lower --from-annotations`: the MVAU FINN makes of the
+    ConvTranspose gets P, two bits below what FINN's MinimizeAccumulatorWidth picks from its whole kernel row (four
+    phases of one tap each), and holds its executed worst case. An MVAU sized from its row could not meet P."""
+    source, projected, out = tmp_path / "deconv.onnx", tmp_path / "p.onnx", tmp_path / "hw.onnx"
+    _deconv_model(source, [2, 2], [5, 5], seed=3, strides=[2, 2])
+    exact = analyze_model(ModelWrapper(str(source)), input_ranges="finn").by_node()["deconv"]
+    bits = DataType[exact.acc_dtype].bitwidth() - 1
+    result = run_a2q("project", str(source), str(projected), "--acc-bits", str(bits), "--input-ranges", "finn")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    result = run_a2q("lower", str(projected), str(out), "--from-annotations", "--json")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    deconv = next(layer for layer in json.loads(result.stdout)["layers"] if layer["qonnx_node"] == "deconv")
+    assert deconv["target_bits"] == bits and DataType[deconv["acc_dtype"]].bitwidth() <= bits, deconv
+    assert DataType[deconv["finn_acc_dtype"]].bitwidth() >= bits + 2, deconv
+    assert _assert_holds_worst_case(ModelWrapper(str(out))) == 2
+
+
+@pytest.mark.parametrize("attrs,why", [
+    (dict(strides=[2, 2], group=3), "grouped"),
+    (dict(strides=[2, 2], pads=[2, 2, 2, 2]), "pads wider than dilation"),
+    (dict(strides=[2, 2], auto_pad="SAME_UPPER"), "auto_pad SAME"),
+], ids=["grouped", "pads_past_the_kernel", "same_padding"])
+def test_conv_transposes_finn_cannot_compute_are_refused_by_name(attrs, why, tmp_path):
+    """What FINN's InferPixelPaddingDeconv skips (group > 1) or computes wrongly (pads beyond the kernel's reach,
+    SAME padding taken as a Conv's) is refused before FINN's steps, naming the layer; nothing is written."""
+    source, out = tmp_path / "deconv.onnx", tmp_path / "hw.onnx"
+    kernel = [2, 2]
+    _deconv_model(source, kernel, [4, 4], **attrs) if "group" not in attrs else _grouped(source)
+    result = run_a2q("lower", str(source), str(out))
+    message = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0 and not out.exists(), message[-1500:]
+    assert "ConvTranspose 'deconv'" in message and why in message, message[-1500:]
+
+
+def _grouped(path) -> None:
+    """The model of :func:`_deconv_model` with a depthwise (group 3) ConvTranspose of 3 channels."""
+    _deconv_model(path, [2, 2], [4, 4], strides=[2, 2])
+    model = ModelWrapper(str(path))
+    deconv = model.get_node_from_name("deconv")
+    deconv.attribute.append(helper.make_attribute("group", 3))
+    model.set_initializer("w1", model.get_initializer("w1")[:, :1])
+    model.set_initializer("w2", model.get_initializer("w2")[:, :3])
+    model.graph.value_info.clear()
+    model.transform(InferShapes()).save(str(path))
