@@ -11,7 +11,8 @@ sum of one phase, the range a2q sizes a ``ConvTranspose`` for (:mod:`a2q_passes.
 for a square kernel with equal pads only. :func:`lower_conv_transposes` sets each side from the layer's own
 attributes afterwards (begin/end pads per axis, ``output_padding`` at the end), and
 :func:`conv_transpose_obstacles` names the layers FINN's transformation cannot take at all. A 1-D ``ConvTranspose``
-is made 2-D (kernel ``k x 1``) with the rest of a 1-D graph by :func:`as_two_d`.
+is made 2-D (kernel ``k x 1``) with the rest of a 1-D graph by :func:`as_two_d`. :func:`streamline_conv_transposes`
+runs the whole lowering after FINN's streamlining (``lower``'s flow and the build step ``step_a2q_conv_transposes``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from onnx import NodeProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 
+from a2q_passes.errors import LoweringError
 from a2q_passes.graph_values import node_attr, node_str_attr
 
 
@@ -59,6 +61,14 @@ def conv_transpose_obstacles(model: ModelWrapper, shaped: ModelWrapper) -> list[
         if why:
             found.append(f"{node.name or node.output[0]!r} ({why})")
     return found
+
+
+def refuse_conv_transposes(obstacles: list[str]) -> None:
+    """Raise :class:`LoweringError` naming the ``ConvTranspose`` layers of ``obstacles`` (``'name' (why)``), if any."""
+    if obstacles:
+        raise LoweringError(f"FINN lowers a ConvTranspose as pixel padding, a sliding window and an MVAU "
+                            f"(InferPixelPaddingDeconv), which does not compute ConvTranspose {', '.join(obstacles)}. "
+                            "Keep the layer out of the FINN part.")
 
 
 def explicit_conv_attributes(model: ModelWrapper) -> ModelWrapper:
@@ -124,4 +134,30 @@ def as_two_d(change: Callable[[ModelWrapper], ModelWrapper], model: ModelWrapper
             extra = next((a for a in node.attribute if a.name == "output_padding"), None)
             if extra is not None and len(extra.ints) == 1:
                 extra.ints.append(0)
+    return model
+
+
+def streamline_conv_transposes(model: ModelWrapper) -> ModelWrapper:
+    """After FINN's streamlining: each ``ConvTranspose`` made pixel padding, a sliding window and a ``MatMul`` on
+    integers, its input scale moved behind it into the thresholds there and the layout ``Transpose`` nodes around it
+    absorbed, as FINN's ``step_streamline`` does for a lowered ``Conv`` (FINN's transformations, in that order).
+    A model without one is returned as it is."""
+    from qonnx.transformation.general import RemoveUnusedTensors
+    from qonnx.transformation.infer_data_layouts import InferDataLayouts
+
+    from finn.transformation.streamline import Streamline, absorb
+    from finn.transformation.streamline.reorder import MoveScalarMulPastConvTranspose
+
+    layers = model.get_nodes_by_op_type("ConvTranspose")
+    if not layers:
+        return model
+    left = conv_transpose_obstacles(model, model) + [
+        f"{node.name or node.output[0]!r} (1-D: FINN's 1-D step_pre_streamline leaves it 1-D; `a2q lower` makes it 2-D)"
+        for node in layers if len(model.get_tensor_shape(node.input[1])) != 4]
+    refuse_conv_transposes(left)
+    model = model.transform(MoveScalarMulPastConvTranspose()).transform(Streamline())
+    model = lower_conv_transposes(model)
+    for transformation in (absorb.AbsorbTransposeIntoMultiThreshold(), absorb.AbsorbConsecutiveTransposes(),
+                           Streamline(), InferDataLayouts(), RemoveUnusedTensors()):
+        model = model.transform(transformation)
     return model

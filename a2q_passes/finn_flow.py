@@ -56,7 +56,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
-from a2q_passes.finn_deconv import as_two_d, explicit_conv_attributes, lower_conv_transposes
+from a2q_passes.finn_deconv import as_two_d, explicit_conv_attributes, streamline_conv_transposes
 from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
@@ -274,10 +274,7 @@ def _run_streamline_step(runner: _Runner) -> None:
             if not moved:
                 break
             _streamline_all(runner, "residual")
-    if runner.model.get_nodes_by_op_type("ConvTranspose"):  # see a2q_passes.finn_deconv
-        runner.transform(group, reorder.MoveScalarMulPastConvTranspose(), _streamline_cleanup)
-        _streamline_all(runner, group)
-        runner.apply(group, "InferPixelPaddingDeconv", lower_conv_transposes)
+    runner.apply(group, "streamline_conv_transposes", streamline_conv_transposes)  # see a2q_passes.finn_deconv
     if runner.model.get_nodes_by_op_type("Conv") or runner.model.get_nodes_by_op_type("Im2Col"):
         if any(runner.model.is_fork_node(n) for n in runner.model.get_nodes_by_op_type("MaxPool")):
             # FINN bug (finn-plus 1.6.1): MakeMaxPoolNHWC's (MaxPool, Transpose) branch uses

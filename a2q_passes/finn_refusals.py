@@ -11,7 +11,7 @@ import numpy as np
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
-from a2q_passes.finn_deconv import conv_transpose_obstacles
+from a2q_passes.finn_deconv import conv_transpose_obstacles, refuse_conv_transposes
 from a2q_passes.finn_quant_forms import grouped_conv_obstacle, is_grouped_conv, is_qdq_node, weight_shape
 from a2q_passes.finn_zero_points import MIDPOINT_ROUNDING, zero_point_refusals
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
@@ -39,11 +39,7 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
                             "fails on it); lower the model as exported, before that transformation: FINN's "
                             "streamlining makes its own channels-last layout")
     shaped = with_inferred_shapes(model)
-    deconvs = conv_transpose_obstacles(model, shaped)
-    if deconvs:
-        raise LoweringError(f"FINN lowers a ConvTranspose as pixel padding, a sliding window and an MVAU "
-                            f"(InferPixelPaddingDeconv), which does not compute ConvTranspose {', '.join(deconvs)}. "
-                            "Keep the layer out of the FINN part.")
+    refuse_conv_transposes(conv_transpose_obstacles(model, shaped))
     other_dims, batched = [], []
     for node in model.graph.node:
         convs = ("Conv", "ConvTranspose")

@@ -6,6 +6,7 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
         step_a2q_project,              # on the QONNX model: weights fit P bits
         step_a2q_finn_preparation,     # exact rewrites of quantizer forms FINN's conversion refuses
         "step_qonnx_to_finn", "step_tidy_up", "step_streamline",
+        step_a2q_conv_transposes,      # ConvTranspose as pixel padding, sliding window and MVAU (FINN has no step)
         step_a2q_global_pools,         # global average pools on integers as GlobalAccPool, their 1/(HW) into thresholds
         "step_convert_to_hw",
         step_a2q_round_ties,           # exact ties on integer accumulators rounded as the Quant nodes round them
@@ -45,6 +46,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_deconv import streamline_conv_transposes
 from a2q_passes.finn_global_pooling import accumulate_global_pools
 from a2q_passes.finn_quant_forms import prepare_for_finn
 from a2q_passes.finn_tie_thresholds import (TIE_RULE_KEY, activation_tie_rule, raise_thresholds_below_unsigned_inputs,
@@ -158,6 +160,15 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return model
 
 
+def step_a2q_conv_transposes(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Right after ``step_streamline``: each 2-D ``ConvTranspose`` becomes pixel padding, a sliding window and an
+    integer ``MatMul`` that ``step_convert_to_hw`` makes an MVAU (:mod:`a2q_passes.finn_deconv`); FINN's builder has
+    no step for it, and left it a float node that stopped the dataflow partition. A 1-D one would need FINN's 1-D
+    ``step_pre_streamline`` to take it, which it does not: ``a2q lower`` lowers those. Models without one are returned
+    as they are."""
+    return streamline_conv_transposes(model)
+
+
 def step_a2q_global_pools(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Right before ``step_convert_to_hw``: each global average pool on integers becomes a ``GlobalAccPool`` whose
     ``Mul`` by 1 / (H W) streamlines into the thresholds behind it (:mod:`a2q_passes.finn_global_pooling`); FINN's
@@ -246,9 +257,11 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     last = max(index for index, name in enumerate(names) if name in _ACCUMULATOR_STEPS)
     first = names.index("step_qonnx_to_finn")
     hw = names.index("step_convert_to_hw")
-    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:hw], step_a2q_global_pools, steps[hw],
+    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:hw], step_a2q_conv_transposes,
+            step_a2q_global_pools, steps[hw],
             step_a2q_round_ties, *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_finn_preparation", "step_a2q_global_pools",
-           "step_a2q_project", "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_conv_transposes",
+           "step_a2q_finn_preparation", "step_a2q_global_pools", "step_a2q_project", "step_a2q_round_ties",
+           "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

@@ -140,3 +140,36 @@ def _grouped(path) -> None:
     model.set_initializer("w2", model.get_initializer("w2")[:, :3])
     model.graph.value_info.clear()
     model.transform(InferShapes()).save(str(path))
+
+
+def test_finn_build_steps_take_a_conv_transpose(tmp_path):
+    """FINN's own builder with the a2q steps: step_a2q_conv_transposes makes the ConvTranspose pixel padding, a
+    sliding window and an MVAU before step_convert_to_hw (FINN's builder has no step for it: a float ConvTranspose
+    stopped the dataflow partition). Every step runs, and the MVAU's accDataType is the per-phase width, narrower
+    than its whole kernel row needs, and holds the brute-force range of every tap pattern the padding leaves."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+    from a2q_passes.finn_runtime import run_estimate_build
+    from a2q_passes.finn_steps import with_a2q_steps
+    from tests.test_finn_flow import _brute_force_range, _mac_rows
+
+    source = tmp_path / "deconv.onnx"
+    _deconv_model(source, [2, 2], [5, 5], seed=3, strides=[2, 2])
+    exact = analyze_model(ModelWrapper(str(source)), input_ranges="finn").by_node()["deconv"]
+    bits = DataType[exact.acc_dtype].bitwidth()
+    steps = with_a2q_steps(acc_bits=bits)
+    result = run_estimate_build(source, tmp_path / "build", "xczu3eg-sbva484-1-e", steps=steps)
+    assert result.steps_completed == [s if isinstance(s, str) else s.__name__ for s in steps]
+    final = ModelWrapper(str(result.final_model))
+    assert [n for n in final.graph.node if n.op_type.startswith("FMPadding_Pixel")]
+    deconv = next(node for node in iterate_mac_nodes(final) if node.op_type.startswith("MVAU")
+                  and getCustomOp(node).get_nodeattr("MW") == 4 * 3)  # the whole 2 x 2 x 3 kernel row
+    inst = getCustomOp(deconv)
+    adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+    rows = _mac_rows(final, deconv)  # (channels, 12): the row the MVAU holds, one tap per phase of each (kh, kw)
+    phases = [rows[:, [k * 3 + c for c in range(3)]] for k in range(4)]
+    ranges = [_brute_force_range(phase, int(idt.min()), int(idt.max())) for phase in phases]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= bits, (adt.name, lo, hi)
+    assert _brute_force_range(rows, int(idt.min()), int(idt.max()))[1] > adt.max()  # the whole row would not fit

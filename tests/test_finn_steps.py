@@ -174,13 +174,15 @@ def test_step_placement():
     names = _step_names(with_a2q_steps(finn_steps))
     assert names[:3] == ["step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn"]
     assert names[names.index("step_convert_to_hw") + 1] == "step_a2q_round_ties"
-    assert names[names.index("step_convert_to_hw") - 1] == "step_a2q_global_pools"
+    assert names[names.index("step_convert_to_hw") - 2:names.index("step_convert_to_hw")] == [
+        "step_a2q_conv_transposes", "step_a2q_global_pools"]
     at = names.index("step_a2q_set_accumulators")
     assert names[at - 1] == "step_minimize_bit_width" and names[at + 1] == "step_a2q_verify"
     assert [n for n in names if not n.startswith("step_a2q")] == finn_steps
     short = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw", "step_hw_codegen"]
     assert _step_names(with_a2q_steps(short, acc_bits=10)) == [
         "step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn", "step_tidy_up", "step_streamline",
-        "step_a2q_global_pools", "step_convert_to_hw", "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
+        "step_a2q_conv_transposes", "step_a2q_global_pools", "step_convert_to_hw", "step_a2q_round_ties",
+        "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
     with pytest.raises(A2QError, match="needs step_qonnx_to_finn and step_convert_to_hw"):
         with_a2q_steps(["step_tidy_up"])
