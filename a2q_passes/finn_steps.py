@@ -139,11 +139,14 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Before ``step_qonnx_to_finn``: rewrite the quantizer forms FINN's conversion refuses or fails on into forms that
     compute the same values (:mod:`a2q_passes.finn_quant_forms`: Q/DQ chains as Quant nodes, a signed Quant after
     Relu, bias quantizers, as Brevitas' graph-mode PTQ writes them, grouped convolutions as dense ones), then refuse
-    by name what FINN's conversion still cannot take (Q/DQ nodes left, zero points, grouped convolutions left), as
-    ``a2q lower`` does, and last make quantizers with a zero point into forms FINN takes (activations: thresholds
+    by name what FINN's conversion still cannot take (Q/DQ nodes left, zero points, grouped convolutions left; and,
+    first, convolutions FINN's flow cannot lower: 3-D, channels-last, a batch of several images, ConvTranspose forms
+    its pixel padding does not compute), as ``a2q lower`` does, and last make quantizers with a zero point into forms FINN takes (activations: thresholds
     with an output bias; weights: their codes q - z; :mod:`a2q_passes.finn_zero_points`)."""
-    from a2q_passes.finn_refusals import refuse_grouped_convs, refuse_unconvertible_quantizers
+    from a2q_passes.finn_refusals import (refuse_grouped_convs, refuse_unconvertible_quantizers,
+                                         refuse_unlowerable_convs)
 
+    refuse_unlowerable_convs(model)
     model = prepare_for_finn(model)
     refuse_unconvertible_quantizers(model)
     refuse_grouped_convs(model)

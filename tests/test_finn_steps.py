@@ -101,7 +101,8 @@ def test_preparation_step_refuses_quantizers_finn_cannot_convert_by_name(tmp_pat
     weights (Q/DQ nodes qonnx's QCDQToQuant leaves) by its Q/DQ nodes. QDQ files it converts whole (their stored
     integer weights and biases given their QuantizeLinear first) whose int8 or uint8 activations have zero points
     get those as thresholds, INT9 ones: with FINN's default requant_bitwidth_threshold (9) the step names the setting
-    that keeps them Thresholding layers, and with it the thresholds are there; a QONNX model passes."""
+    that keeps them Thresholding layers, and with it the thresholds are there; a QONNX model passes, and the same
+    model with a batch of 4 images is refused by name (FINN's sliding windows take one image)."""
     from a2q_passes.errors import A2QError
     from a2q_passes.finn_flow import LoweringError
     from a2q_passes.finn_steps import step_a2q_finn_preparation
@@ -119,6 +120,11 @@ def test_preparation_step_refuses_quantizers_finn_cannot_convert_by_name(tmp_pat
         assert "MultiThreshold" in {n.op_type for n in prepared.graph.node}
     prepared = step_a2q_finn_preparation(load_model(DIGITS_CNN), None)
     assert [n.op_type for n in prepared.graph.node].count("Quant") > 0
+    batched = load_model(DIGITS_CNN)  # FINN's sliding windows take one image at a time: named, as `lower` does
+    batched.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    batched.graph.value_info.clear()
+    with pytest.raises(LoweringError, match=r"one image at a time; Conv 'Conv_0' \(batch 4\)"):
+        step_a2q_finn_preparation(batched, None)
 
 
 def test_plain_steps_use_the_widths_recorded_per_layer(tmp_path):
