@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from onnx import NodeProto, helper
+from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
@@ -71,28 +71,6 @@ def refuse_conv_transposes(obstacles: list[str]) -> None:
                             "Keep the layer out of the FINN part.")
 
 
-def explicit_conv_attributes(model: ModelWrapper) -> ModelWrapper:
-    """Every ``Conv`` / ``ConvTranspose`` with ``group``, ``strides``, ``dilations``, ``pads`` (where ``auto_pad`` does
-    not replace them) and ``output_padding`` written out at their ONNX defaults where absent (the same graph).
-
-    Why: FINN's ``InferPixelPaddingDeconv`` and qonnx's ``Change3DTo4DTensors`` read these attributes without
-    defaults and fail with "'NoneType' object has no attribute 'i'" on a node that leaves them out, as ONNX allows.
-    """
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose"):
-            continue
-        n = len(node_attr(node, "kernel_shape", None) or model.get_tensor_shape(node.input[1])[2:])
-        defaults = {"group": 1, "strides": [1] * n, "dilations": [1] * n}
-        if node_str_attr(node, "auto_pad", "NOTSET") == "NOTSET":
-            defaults["pads"] = [0] * 2 * n
-        if node.op_type == "ConvTranspose":
-            defaults["output_padding"] = [0] * n
-        present = {a.name for a in node.attribute}
-        node.attribute.extend(helper.make_attribute(name, value) for name, value in defaults.items()
-                              if name not in present)
-    return model
-
-
 def lower_conv_transposes(model: ModelWrapper) -> ModelWrapper:
     """FINN's ``InferPixelPaddingDeconv`` on a graph whose ``ConvTranspose`` nodes all read integers, with every
     ``Im2Col`` padded as its layer's attributes say (see the module docstring); else ``model`` unchanged (a layer
@@ -103,7 +81,7 @@ def lower_conv_transposes(model: ModelWrapper) -> ModelWrapper:
     if not layers or not all(model.get_tensor_datatype(node.input[0]).is_integer() for node in layers):
         return model
     window_pads = {node.output[0]: _window_pads(node, model.get_tensor_shape(node.input[1])) for node in layers}
-    model = explicit_conv_attributes(model).transform(InferPixelPaddingDeconv())
+    model = model.transform(InferPixelPaddingDeconv())  # attributes written out (finn_quant_forms.ConvDefaultAttributes)
     for output, pads in window_pads.items():
         # the layer's output tensor is now made by Transpose <- MatMul <- Im2Col (absent for a 1 x 1 stride-1 kernel)
         matmul = model.find_producer(model.find_producer(output).input[0])

@@ -56,7 +56,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
-from a2q_passes.finn_deconv import as_two_d, explicit_conv_attributes, streamline_conv_transposes
+from a2q_passes.finn_deconv import as_two_d, streamline_conv_transposes
 from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
@@ -318,7 +318,7 @@ def _run_one_d_step(runner: _Runner, cfg) -> None:
             dilations = next((a for a in node.attribute if a.name == "dilations"), None)
             if dilations is not None and all(d == 1 for d in dilations.ints):
                 node.attribute.remove(dilations)
-        return as_two_d(lambda m: step_pre_streamline(m, cfg), explicit_conv_attributes(model))
+        return as_two_d(lambda m: step_pre_streamline(m, cfg), model)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

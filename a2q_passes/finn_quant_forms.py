@@ -259,22 +259,22 @@ class GemmFactorsAsFloat32(Transformation):
 
 
 class ConvDefaultAttributes(Transformation):
-    """A ``Conv`` gets each of ``kernel_shape``, ``strides``, ``dilations``, ``group`` and ``pads`` it leaves out, at
-    its ONNX default: the kernel the weights have (their dims after the first two), 1, 1, 1 and 0 (``pads`` only
-    without an ``auto_pad`` other than NOTSET).
+    """A ``Conv`` or ``ConvTranspose`` gets each of ``kernel_shape``, ``strides``, ``dilations``, ``group`` and
+    ``pads`` (and a ``ConvTranspose`` ``output_padding``) it leaves out, at its ONNX default: the kernel the weights
+    have (their dims after the first two), 1, 1, 1 and 0 (``pads`` only without an ``auto_pad`` other than NOTSET).
 
-    Why: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) reads these attributes and fails without them
-    ("'NoneType' object has no attribute 'ints'"), though ONNX lets a writer leave the defaults out (the corpus'
-    qonnx ``QuantizeGraph`` files do). Why it is exact: each value is the one ONNX defines for the missing
-    attribute.
+    Why: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining), its ``Change3DTo4DTensors`` (FINN's 1-D step)
+    and FINN's ``InferPixelPaddingDeconv`` read these attributes and fail without them ("'NoneType' object has no
+    attribute 'ints'"), though ONNX lets a writer leave the defaults out (the corpus' qonnx ``QuantizeGraph`` files
+    do). Why it is exact: each value is the one ONNX defines for the missing attribute.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         from a2q_passes.read_only_model import with_inferred_shapes
 
         changed = False
-        convs = [node for node in model.graph.node if node.op_type == "Conv" and node.domain in ("", "ai.onnx")
-                 and len({a.name for a in node.attribute} & set(_CONV_DEFAULTS)) < len(_CONV_DEFAULTS)]
+        convs = [node for node in model.graph.node if node.op_type in _CONV_DEFAULTS and node.domain in ("", "ai.onnx")
+                 and not {a.name for a in node.attribute} >= set(_CONV_DEFAULTS[node.op_type])]
         shaped = with_inferred_shapes(model) if convs else model
         for node in convs:
             shape = weight_shape(model, shaped, node.input[1])
@@ -282,7 +282,9 @@ class ConvDefaultAttributes(Transformation):
                 continue  # FINN names its own objection
             spatial = len(shape) - 2
             defaults = {"kernel_shape": [int(d) for d in shape[2:]], "strides": [1] * spatial,
-                        "dilations": [1] * spatial, "group": 1, "pads": [0] * (2 * spatial)}
+                        "dilations": [1] * spatial, "group": 1, "pads": [0] * (2 * spatial),
+                        "output_padding": [0] * spatial}
+            defaults = {name: defaults[name] for name in _CONV_DEFAULTS[node.op_type]}
             if node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
                 del defaults["pads"]
             present = {a.name for a in node.attribute}
@@ -293,7 +295,8 @@ class ConvDefaultAttributes(Transformation):
         return model, changed
 
 
-_CONV_DEFAULTS = ("kernel_shape", "strides", "dilations", "group", "pads")
+_CONV_DEFAULTS = {"Conv": ("kernel_shape", "strides", "dilations", "group", "pads"),
+                  "ConvTranspose": ("kernel_shape", "strides", "dilations", "group", "pads", "output_padding")}
 
 
 class GroupedConvAsDense(Transformation):

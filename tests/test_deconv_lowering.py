@@ -173,3 +173,24 @@ def test_finn_build_steps_take_a_conv_transpose(tmp_path):
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= bits, (adt.name, lo, hi)
     assert _brute_force_range(rows, int(idt.min()), int(idt.max()))[1] > adt.max()  # the whole row would not fit
+
+
+def test_conv_transpose_defaults_are_written_out(tmp_path):
+    """FINN's InferPixelPaddingDeconv reads group, pads, strides and kernel_shape without defaults ("'NoneType'
+    object has no attribute 'i'" on a ConvTranspose that leaves them out, as ONNX allows): the preparation writes
+    each out at its ONNX default, output_padding too, and the model computes the same."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from a2q_passes.finn_quant_forms import ConvDefaultAttributes
+
+    _deconv_model(tmp_path / "deconv.onnx", [2, 2], [4, 4], strides=[2, 2])
+    model = ModelWrapper(str(tmp_path / "deconv.onnx"))
+    deconv = model.get_node_from_name("deconv")
+    del deconv.attribute[:]
+    deconv.attribute.append(helper.make_attribute("strides", [2, 2]))
+    filled = ModelWrapper(model.model.SerializeToString()).transform(ConvDefaultAttributes())
+    attrs = {a.name: helper.get_attribute_value(a) for a in filled.get_node_from_name("deconv").attribute}
+    assert attrs == {"strides": [2, 2], "kernel_shape": [2, 2], "dilations": [1, 1], "group": 1, "pads": [0, 0, 0, 0],
+                     "output_padding": [0, 0]}
+    x = np.random.default_rng(0).uniform(0, 1, (1, 3, 4, 4)).astype(np.float32)
+    assert np.array_equal(execute_onnx(model, {"x": x})["y"], execute_onnx(filled, {"x": x})["y"])
