@@ -284,7 +284,7 @@ class MacLayer:
         offsets = self.layout.to_rows(apply_perms(np.broadcast_to(source.zero_offset, stored_shape), source.perms))
         # positions a row pads (a short last weight block) hold no weight and no zero point
         weights_at = self.layout.to_rows(apply_perms(np.ones(stored_shape, dtype=bool), source.perms))
-        if self.layout.kind == "gather" or np.any((offsets != offsets[:, :1]) & weights_at):
+        if np.any((offsets != offsets[:, :1]) & weights_at):
             raise UnsupportedLayer(f"the weight zero point of layer '{self.node}' varies along its accumulation axis; "
                                    "project needs one zero point per output channel")
         groups = []

@@ -231,6 +231,38 @@ def test_conv_transpose_border_pixels_count_the_code_of_real_zero():
         model.transform(ProjectToAccumulator(report.bounds["exact"]))
 
 
+@pytest.mark.parametrize("zp_shape", [(), (1, 2, 1, 1)], ids=["per_tensor", "per_output_channel"])
+def test_conv_transpose_with_a_weight_zero_point_projects_within_p(zp_shape):
+    """A ConvTranspose whose weights carry a zero point (Brevitas' Shifted weight quantizers), per tensor or per
+    output channel (axis 1 of its [C_in, C_out, k, k] weights), under subtract: each of its rows (one per output
+    channel and stride phase, the phases of a 3 x 3 kernel at stride 2 holding 4, 2, 2 and 1 taps) holds one zero
+    point, so project takes it (before, every ConvTranspose with a weight zero point was refused as if the zero point
+    varied along its rows), and every input's executed accumulator of the result fits the target. A zero point per
+    input channel does vary along the rows and is refused by name."""
+    rng = np.random.default_rng(len(zp_shape))
+    codes_w = rng.integers(0, 16, size=(1, 2, 3, 3))
+    zero = np.full(zp_shape, 8.0) if not zp_shape else np.array([7.0, 9.0]).reshape(zp_shape)
+    codes = box_vertices(0, 15, (1, 2, 3))
+    qx, ix = _quant("qx", "x", X_SCALE, 0, 4, False)
+    qw, iw = _quant("qw", "w", W_SCALE, zero, 4, False)
+    ct = helper.make_node("ConvTranspose", ["qx_out", "qw_out"], ["y"], name="ct", kernel_shape=[3, 3], strides=[2, 2])
+    weights = numpy_helper.from_array(((codes_w - zero) * W_SCALE).astype(np.float32), "w")
+    model = qonnx_model([qx, qw, ct], [weights, *ix, *iw], [len(codes), 1, 2, 3], "y")
+    report = analyze_model(model, zero_point="subtract", per_channel=True).layers[0]
+    assert_range_holds(report, executed_accumulators(model, codes, 0, "subtract", mac_axis=1), mac_axis=1)
+    target = report.bounds["exact"] - 2
+    projection = ProjectToAccumulator(target, zero_point="subtract")
+    projected = model.transform(projection)
+    after = executed_accumulators(projected, codes, 0, "subtract", mac_axis=1)
+    assert_fits(after, target, projection.projections[0].acc_dtype_after)
+    assert int(np.abs(after).max()) < int(np.abs(executed_accumulators(model, codes, 0, "subtract", mac_axis=1)).max())
+    per_input = qonnx_model([qx, qw, ct], [numpy_helper.from_array(np.zeros((2, 2, 3, 3), np.float32), "w"), *ix,
+                                           *_quant("qw", "w", W_SCALE, np.array([7.0, 9.0]).reshape(2, 1, 1, 1), 4,
+                                                   False)[1]], [1, 2, 2, 3], "y")
+    with pytest.raises(A2QError, match="varies along its accumulation axis"):
+        per_input.transform(ProjectToAccumulator(target, zero_point="subtract"))
+
+
 # --------------------------------------------------------------------------- root cause 3
 
 
