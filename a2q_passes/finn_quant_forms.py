@@ -17,6 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
+from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
 from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, sole_relu_reader
 
@@ -532,13 +533,15 @@ def finn_preparation() -> list[Transformation]:
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
     dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of
     ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the rewrites above, a ``ReduceMean`` over
-    the spatial axes among them (:mod:`a2q_passes.finn_global_pooling`)."""
+    the spatial axes (:mod:`a2q_passes.finn_global_pooling`) and an ``AveragePool`` as a depthwise ``Conv``
+    (:mod:`a2q_passes.finn_average_pooling`) among them."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
     from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
-            UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(), FoldBiasQuantizers(),
+            UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
+            AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(),
             ConvDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32()]
 
 

@@ -1,0 +1,87 @@
+"""Average pooling in ``a2q lower`` (:mod:`a2q_passes.finn_average_pooling`).
+
+Brevitas' QCDQ export writes ``TruncAvgPool2d`` as ``AveragePool`` followed by an activation quantizer, which FINN
+has no layer for: ``lower`` left it a float node (exit 3). The rewrite into a depthwise convolution with unit
+weights is checked by executing the graph before and after, and end to end on the files Brevitas writes: lowered
+whole, executed equal to the file, every MVAU/VVAU holding its executed worst case.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.core.onnx_exec import execute_onnx
+from qonnx.util.basic import qonnx_make_model
+
+from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
+
+
+def _pool(shape: list[int], reader: str | None = None, **attrs) -> ModelWrapper:
+    """x -> AveragePool(attrs) -> y [-> reader]."""
+    nodes = [helper.make_node("AveragePool", ["x"], ["y"], name="pool", **attrs)]
+    output = "y"
+    if reader is not None:
+        nodes.append(helper.make_node(reader, ["y"], ["z"]))
+        output = "z"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)])
+    return ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[2, 2], strides=[2, 2]), dict(kernel_shape=[3, 3]), dict(kernel_shape=[3, 2], strides=[1, 2]),
+    dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), dict(kernel_shape=[2, 2], auto_pad="VALID"),
+], ids=["k2_s2", "k3", "k3x2_s1x2", "padded_counted", "valid"])
+def test_average_pool_becomes_a_depthwise_conv_of_unit_weights(attrs):
+    """Every 2-D average over a fixed window count: the same values (up to the float sum's order) and shape, from a
+    depthwise Conv whose weights are a Quant of 1 / (kh kw) at that step (codes 1)."""
+    model = _pool([2, 3, 6, 7], **attrs)
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 7)).astype(np.float32)
+    before = execute_onnx(model, {"x": x})["y"]
+    rewritten, changed = AveragePoolAsDepthwiseConv().apply(ModelWrapper(model.model.SerializeToString()))
+    assert changed and [n.op_type for n in rewritten.graph.node] == ["Quant", "Conv"]
+    conv = rewritten.graph.node[1]
+    assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}["group"] == 3
+    after = execute_onnx(rewritten, {"x": x})["y"]
+    assert before.shape == after.shape
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,attrs,reader", [
+    ([2, 3, 6, 7], dict(kernel_shape=[2, 2], ceil_mode=1, strides=[2, 2]), None),
+    ([2, 3, 6, 7], dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), None),
+    ([2, 3, 6, 7], dict(kernel_shape=[3, 3], auto_pad="SAME_UPPER"), None),
+    ([2, 3, 7], dict(kernel_shape=[2]), None),
+    ([2, 3, 6, 7], dict(kernel_shape=[2, 2]), "Trunc"),
+], ids=["ceil_mode", "pads_not_counted", "same", "1d", "trunc_reader"])
+def test_other_average_pools_are_left(shape, attrs, reader):
+    """A border count that differs (pads not counted, SAME, ceil_mode), another rank, and Brevitas' QONNX
+    TruncAvgPool2d (a Trunc reads the pool: FINN's own QuantAvgPool2d form) are left as they are."""
+    model = _pool(shape, "Identity" if reader == "Trunc" else reader, **attrs)
+    if reader == "Trunc":  # only its op type matters here
+        model.graph.node[1].op_type = "Trunc"
+    before = model.model.SerializeToString()
+    rewritten, changed = AveragePoolAsDepthwiseConv().apply(model)
+    assert not changed and rewritten.model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("kind", ["avgpool", "avgpool_floor"])
+@pytest.mark.parametrize("exporter", ["qcdq_ts", "qcdq_dynamo", "qcdq_ts_wq"])
+def test_lower_takes_brevitas_qcdq_average_pooling(kind, exporter, tmp_path):
+    """Brevitas' TruncAvgPool2d (ROUND and FLOOR: its QCDQ export rounds with QuantizeLinear either way) through
+    every QCDQ exporter: the corpus check projects the file, lowers it whole and executes every MVAU/VVAU (the pool's
+    VVAU of unit weights among them) within its accDataType. Before, `lower` left the AveragePool a float node."""
+    from scripts.corpus import EXPORTERS, brevitas_entry, check
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec(kind, 4, 4), exporter)
+    entry = brevitas_entry(path, EXPORTERS[exporter], exporter, "fold")
+    assert entry.lower  # a Q/DQ file lower takes whole
+    result = check(entry, tmp_path)
+    assert (result.status, result.detail) == ("handled", ""), result
