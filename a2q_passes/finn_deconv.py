@@ -38,6 +38,15 @@ def _window_pads(node: NodeProto, weight_shape: list[int]) -> list[int]:
     return [r - p for r, p in zip(reach, pads[:n])] + [r - p + e for r, p, e in zip(reach, pads[n:], extra)]
 
 
+def _producers(model: ModelWrapper, tensor: str, count: int) -> list[NodeProto]:
+    """The ``count`` nodes that make ``tensor`` through their first inputs, nearest first (fewer at a graph input)."""
+    nodes = []
+    while len(nodes) < count and (node := model.find_producer(tensor)) is not None:
+        nodes.append(node)
+        tensor = node.input[0]
+    return nodes
+
+
 def conv_transpose_obstacles(model: ModelWrapper, shaped: ModelWrapper) -> list[str]:
     """Per ``ConvTranspose`` that FINN's pixel-padding lowering cannot compute, ``'name' (why)`` (``shaped``:
     ``model`` with inferred shapes)."""
@@ -83,11 +92,10 @@ def lower_conv_transposes(model: ModelWrapper) -> ModelWrapper:
     window_pads = {node.output[0]: _window_pads(node, model.get_tensor_shape(node.input[1])) for node in layers}
     model = model.transform(InferPixelPaddingDeconv())  # attributes written out: ConvDefaultAttributes
     for output, pads in window_pads.items():
-        # the layer's output tensor is now made by Transpose <- MatMul <- Im2Col (absent for a 1 x 1 stride-1 kernel)
-        matmul = model.find_producer(model.find_producer(output).input[0])
-        im2col = model.find_producer(matmul.input[0])
-        if im2col is not None and im2col.op_type == "Im2Col":
-            next(a for a in im2col.attribute if a.name == "pad_amount").ints[:] = pads
+        # the layer's output tensor is now made by Transpose <- MatMul <- Im2Col (no Im2Col: a 1 x 1 stride-1 kernel)
+        made_by = _producers(model, output, 3)
+        if [node.op_type for node in made_by] == ["Transpose", "MatMul", "Im2Col"]:
+            next(a for a in made_by[2].attribute if a.name == "pad_amount").ints[:] = pads
     return model
 
 
@@ -131,7 +139,7 @@ def streamline_conv_transposes(model: ModelWrapper) -> ModelWrapper:
         return model
     left = conv_transpose_obstacles(model, model) + [
         f"{node.name or node.output[0]!r} (1-D: FINN's 1-D step_pre_streamline leaves it 1-D; `a2q lower` makes it 2-D)"
-        for node in layers if len(model.get_tensor_shape(node.input[1])) != 4]
+        for node in layers if len(model.get_tensor_shape(node.input[1]) or ()) == 3]
     refuse_conv_transposes(left)
     model = model.transform(MoveScalarMulPastConvTranspose()).transform(Streamline())
     model = lower_conv_transposes(model)
