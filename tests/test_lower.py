@@ -515,10 +515,13 @@ def test_a_lowering_finns_execution_rejects_is_refused_naming_the_3d_layers(tmp_
 def test_a_weight_scale_along_the_summed_axis_is_refused_by_name(scale_axis, tmp_path):
     """A MatMul whose weight Quant has one scale per row of its [K, N] weights varies along the axis it sums over: no
     MVAU computes it, and FINN moved the scale behind the layer as a Mul that broadcast [1, N] to [N, N] ("Shape
-    broadcast mismatch" deep in step_convert_to_hw; found by the fuzzer). `lower` names the layer and writes nothing;
-    the same layer with one scale per output column (axis 1) lowers."""
+    broadcast mismatch" deep in step_convert_to_hw; found by the fuzzer). `lower` names the layer and writes nothing,
+    and so does the FINN build step in front of FINN's conversion; the same layer with one scale per output column
+    (axis 1) lowers."""
     from onnx import TensorProto, helper, numpy_helper
     from qonnx.util.basic import qonnx_make_model
+
+    from a2q_passes.finn_steps import step_a2q_finn_preparation
 
     rng = np.random.default_rng(scale_axis)
     weights = rng.integers(-3, 4, size=(6, 4)).astype(np.float32)
@@ -541,6 +544,9 @@ def test_a_weight_scale_along_the_summed_axis_is_refused_by_name(scale_axis, tmp
     text = " ".join((result.stdout + result.stderr).split())
     if scale_axis == 1:
         assert result.returncode == 0 and out.is_file(), text[-1500:]
+        step_a2q_finn_preparation(ModelWrapper(str(path)), None)
         return
     assert result.returncode == 1 and "'mm' varies along an axis the layer sums over" in text, text[-1500:]
     assert not out.exists()
+    with pytest.raises(LoweringError, match="'mm' varies along an axis the layer sums over"):
+        step_a2q_finn_preparation(ModelWrapper(str(path)), None)
