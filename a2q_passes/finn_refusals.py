@@ -42,9 +42,8 @@ def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     refuse_conv_transposes(conv_transpose_obstacles(model, shaped))
     other_dims, batched = [], []
     for node in model.graph.node:
-        convs = ("Conv", "ConvTranspose")
         shape = weight_shape(model, shaped, node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
-        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type in convs else 1
+        batch = (shaped.get_tensor_shape(node.input[0]) or [1])[0] if node.op_type in ("Conv", "ConvTranspose") else 1
         if isinstance(batch, int) and batch > 1:
             batched.append(f"{node.name or node.output[0]!r} (batch {batch})")
         if shape is not None and len(shape) not in (3, 4):  # 1-D ones go through FINN's 1-D flow (finn_flow)
