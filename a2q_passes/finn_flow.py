@@ -274,7 +274,8 @@ def _run_streamline_step(runner: _Runner) -> None:
             if not moved:
                 break
             _streamline_all(runner, "residual")
-    runner.apply(group, "streamline_conv_transposes", streamline_conv_transposes)  # see a2q_passes.finn_deconv
+    if runner.model.get_nodes_by_op_type("ConvTranspose"):  # see a2q_passes.finn_deconv
+        runner.apply(group, "streamline_conv_transposes", streamline_conv_transposes)
     if runner.model.get_nodes_by_op_type("Conv") or runner.model.get_nodes_by_op_type("Im2Col"):
         if any(runner.model.is_fork_node(n) for n in runner.model.get_nodes_by_op_type("MaxPool")):
             # FINN bug (finn-plus 1.6.1): MakeMaxPoolNHWC's (MaxPool, Transpose) branch uses
