@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import InputRangesOption, check_input_ranges
+from a2q_passes.cli.common import (InputDtypeOption, InputRangesOption, check_input_ranges, declare_input_dtypes,
+                                   parse_input_dtypes)
 from a2q_passes.conventions import DEFAULT_METHOD, INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
 
@@ -159,11 +160,12 @@ def allocate(
         "--plot", help="PNG: score vs accumulator + threshold bits, allocation vs uniform P")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
     input_ranges: InputRangesOption = "exact",
+    input_dtype: InputDtypeOption = None,
 ) -> None:
     """Pick each layer's accumulator width: sensitivity per layer, exact knapsack, end-to-end refinement.
 
     Flow: `a2q allocate M.onnx --data c.npz --min-score-pct 99 -o w.json`, then
-    `a2q project M.onnx OUT.onnx --widths-json w.json` (with the same --input-ranges).
+    `a2q project M.onnx OUT.onnx --widths-json w.json` (with the same --input-ranges and --input-dtype).
 
     Every width in the map is proven on the projected model before the map is written.
     """
@@ -181,11 +183,13 @@ def allocate(
     if epochs < 1:
         raise A2QError(f"--epochs must be at least 1, got {epochs}")
     target_pct, budget, cost_name = _objective(min_score_pct, budget_bits, budget_lut, cost)
+    input_dtypes = parse_input_dtypes(input_dtype)
     check_whole_model_fits(model_path, "`a2q allocate` needs the whole model in one (its calibration and end-to-end "
                            "checks execute it in torch and qonnx)", "Choose one width with `a2q analyze` and `a2q "
                            "project --acc-bits P` (they stream models of any size), or allocate on a part of the "
                            "model under 2 GiB.")
     model = load_model(model_path, stream=False)  # calibration executes the whole graph
+    declare_input_dtypes(input_dtypes, model, model_path)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = FinetuneConfig(epochs=epochs, seed=seed, progress=False, log=lambda line: None)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from a2q_passes.cli import app, err_console
-from a2q_passes.cli.common import (AllowUnknownOpsOption, InputRangesOption, check_input_dtype_tensors,
+from a2q_passes.cli.common import (InputDtypeOption, AllowUnknownOpsOption, InputRangesOption, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes)
 from a2q_passes.errors import A2QError, AnalysisProblem
 
@@ -18,8 +18,7 @@ from a2q_passes.errors import A2QError, AnalysisProblem
 def analyze(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="QONNX, FINN-ONNX or QDQ ONNX model")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with a 'layers' list")] = False,
-    input_dtype: Annotated[Optional[list[str]], typer.Option(
-        "--input-dtype", help="datatype of a float input: UINT8 (all graph inputs) or TENSOR=UINT8; repeatable")] = None,
+    input_dtype: InputDtypeOption = None,
     per_channel: Annotated[bool, typer.Option("--per-channel", help="also report every output channel")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG of per-layer widths per bound")] = None,
     zero_point: Annotated[str, typer.Option(

@@ -1,15 +1,16 @@
-"""``a2q annotate``: record each layer's minimal accumulator in the model metadata (graph unchanged)."""
+"""``a2q annotate``: record each layer's minimal accumulator in the model metadata (graph unchanged but for the
+``--input-dtype`` annotations the widths rest on)."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
+from a2q_passes.cli.common import (InputDtypeOption, InputRangesOption, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes)
 from a2q_passes.conventions import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
@@ -19,7 +20,7 @@ from a2q_passes.errors import A2QError
 def annotate(
     input_path: Annotated[Path, typer.Argument(metavar="IN.onnx")],
     output_path: Annotated[Path, typer.Argument(metavar="OUT.onnx")],
-    input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
+    input_dtype: InputDtypeOption = None,
     zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' (raw codes) or 'subtract' (code - zero point)")] = "fold",
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
     input_ranges: InputRangesOption = "exact",
@@ -41,9 +42,12 @@ def annotate(
     layers = annotation.result.details["layers"]
     if not layers:
         raise A2QError(f"{input_path}: no layer with quantized weights and a quantized input to annotate")
-    # the file's own graph with the new metadata: ModelWrapper also adds value_info for initializers
+    # the file's own graph with the new metadata and the --input-dtype annotations (the pass changes no other
+    # annotation): ModelWrapper also adds value_info for initializers
     del proto.metadata_props[:]
     proto.metadata_props.extend(annotated.model.metadata_props)
+    del proto.graph.quantization_annotation[:]
+    proto.graph.quantization_annotation.extend(annotated.graph.quantization_annotation)
     save_model(proto, output_path, keep_external=has_external_data(input_path))
     typer.echo(f"{INPUT_RANGES_TITLE[input_ranges]}:")
     for node, info in layers.items():

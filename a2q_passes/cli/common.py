@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -39,6 +39,21 @@ def parse_input_dtypes(specs: list[str] | None) -> dict[str, str]:
                            f"{MAX_INPUT_BITS} bits (e.g. UINT8, INT4, BIPOLAR)")
         result[name.strip() or "*"] = DataType[dtype].name
     return result
+
+
+# the one definition of --input-dtype, shared by every command that reads layers
+InputDtypeOption = Annotated[Optional[list[str]], typer.Option(
+    "--input-dtype", help="datatype of a float input: UINT8 (all graph inputs) or TENSOR=UINT8; repeatable; a written "
+                          "model carries it as that input's DataType (FINN's annotation)")]
+
+
+def declare_input_dtypes(dtypes: dict[str, str], model: ModelWrapper, model_path: Path) -> None:
+    """``--input-dtype`` of a command that hands the whole model to its passes: checked, then written on the model
+    as each input's DataType, which every reader (and FINN) takes as that input's grid."""
+    from a2q_passes.input_annotations import annotate_input_dtypes
+
+    check_input_dtype_tensors(dtypes, model, model_path)
+    annotate_input_dtypes(model, dtypes)
 
 
 def check_input_dtype_tensors(dtypes: dict[str, str], model: ModelWrapper, model_path: Path) -> None:

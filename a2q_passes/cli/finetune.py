@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import InputRangesOption, check_input_ranges, parse_layer_widths
+from a2q_passes.cli.common import (InputDtypeOption, InputRangesOption, check_input_ranges, declare_input_dtypes,
+                                   parse_input_dtypes, parse_layer_widths)
 from a2q_passes.conventions import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
 
@@ -103,6 +104,7 @@ def finetune(
     skip: Annotated[Optional[list[str]], typer.Option(
         "--skip", help="leave layer NAME unconstrained (repeatable); needed for quantized layers it cannot train")] = None,
     input_ranges: InputRangesOption = "exact",
+    input_dtype: InputDtypeOption = None,
 ) -> None:
     """Train (or AXE-quantize) so every constrained layer fits P bits; writes the best checkpoint.
 
@@ -120,11 +122,13 @@ def finetune(
     _check_options(input_path, output_path, method, loss, epochs, lr, batch_size, device, refresh_stats, init, warmup)
     check_input_ranges(input_ranges)
     global_bits, overrides = parse_layer_widths(acc_bits, layer, None)
+    input_dtypes = parse_input_dtypes(input_dtype)
     check_whole_model_fits(input_path, "`a2q finetune` needs the whole model in one (its torch bridge and qonnx's "
                            "passes copy and serialise it)", "Project it instead with `a2q project IN.onnx OUT.onnx "
                            "--acc-bits P` (it streams models of any size), or fine-tune in the framework that "
                            "exported it (e.g. Brevitas) and export it again.")
     model = load_model(input_path, stream=False)  # training executes the whole graph
+    declare_input_dtypes(input_dtypes, model, input_path)
     torch.use_deterministic_algorithms(True, warn_only=True)
     config = FinetuneConfig(method=method, init=init, warmup=warmup, loss=loss, distill=distill, epochs=epochs,
                             lr=lr, batch_size=batch_size, seed=seed, train_act_scales=train_act_scales,

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app, err_console
-from a2q_passes.cli.common import read_data
+from a2q_passes.cli.common import InputDtypeOption, declare_input_dtypes, parse_input_dtypes, read_data
 from a2q_passes.conventions import INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError, AnalysisProblem
 
@@ -133,6 +133,7 @@ def lower(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     report_json: Annotated[Optional[Path], typer.Option("--report-json", help="also write that JSON to a file")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of resources vs INT32 (needs --fpgapart)")] = None,
+    input_dtype: InputDtypeOption = None,
 ) -> None:
     """Lower to FINN HW layers; every MVAU/VVAU accDataType holds its exact range and is <= its target P.
 
@@ -160,8 +161,10 @@ def lower(
     check_output_paths([("OUT.onnx", output_path), ("--report-json", report_json), ("--plot", plot)],
                        inputs=[input_path] + ([data] if data is not None else []))
     part = validate_fpgapart(fpgapart) if fpgapart is not None else None
+    input_dtypes = parse_input_dtypes(input_dtype)
     check_whole_model_fits(input_path, f"`a2q lower` needs it in one: {FINN_NEEDS_WHOLE}", FINN_ADVICE)
     model = load_model(input_path, stream=False)  # FINN's transformations read every initializer
+    declare_input_dtypes(input_dtypes, model, input_path)
     _cast_float64(model, input_path)
     _one_sample_batch(model, input_path)
     inputs = comparison_inputs(model, data, samples, seed)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import (InputRangesOption, check_input_dtype_tensors,
+from a2q_passes.cli.common import (InputDtypeOption, InputRangesOption, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths)
 from a2q_passes.conventions import DEFAULT_METHOD, INPUT_RANGES_TITLE
 from a2q_passes.errors import A2QError
@@ -61,7 +61,7 @@ def project(
     as_json: Annotated[bool, typer.Option("--json", help="print the per-layer report as JSON")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of widths before/after per layer")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="allow OUT.onnx to be IN.onnx")] = False,
-    input_dtype: Annotated[Optional[list[str]], typer.Option("--input-dtype", help="as for analyze")] = None,
+    input_dtype: InputDtypeOption = None,
     zero_point: Annotated[str, typer.Option("--zero-point", help="'fold' (raw codes) or 'subtract' (code - zero point; "
                                                               "needed to project weights with a zero point)")] = "fold",
     skip: Annotated[Optional[list[str]], typer.Option(

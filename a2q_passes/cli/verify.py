@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from a2q_passes.cli import app
-from a2q_passes.cli.common import (AllowUnknownOpsOption, INPUT_RANGES_HELP, check_input_dtype_tensors,
+from a2q_passes.cli.common import (InputDtypeOption, AllowUnknownOpsOption, INPUT_RANGES_HELP, check_input_dtype_tensors,
                                    check_input_ranges, check_zero_point, parse_input_dtypes, parse_layer_widths,
                                    read_data)
 from a2q_passes.cli.lower import comparison_inputs, equivalence_lines
@@ -42,8 +42,7 @@ def verify(
         "--outer-bits", help="with --tile: width of the accumulator summing the tile results (default: P)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="write a PNG: required width vs P per layer")] = None,
-    input_dtype: Annotated[Optional[list[str]], typer.Option(
-        "--input-dtype", help="datatype of a float input: UINT8 (all graph inputs) or TENSOR=UINT8; repeatable")] = None,
+    input_dtype: InputDtypeOption = None,
     zero_point: Annotated[str, typer.Option(
         "--zero-point", help="activation and weight zero points: 'fold' (FINN, MAC sees raw codes) or "
                              "'subtract' (code - zero point, the ONNX definition of QLinear*/*Integer ops)")] = "fold",

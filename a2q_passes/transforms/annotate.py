@@ -9,6 +9,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.analysis import analyze_model
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import PostconditionError
+from a2q_passes.input_annotations import annotate_input_dtypes
 from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.metadata import record_accumulators, recorded_widths
 from a2q_passes.passes import A2QPass, PassResult
@@ -17,7 +18,8 @@ from a2q_passes.passes import A2QPass, PassResult
 class AnnotateAccumulators(A2QPass):
     """Writes ``{node: {acc_bits, acc_dtype, acc_min, acc_max}}`` to ``metadata_props``.
 
-    Only metadata changes: the graph, and so its execution, stay exactly as they were.
+    Only metadata changes: the graph, and so its execution, stay exactly as they were, but for the DataType
+    annotations of the inputs given ``input_dtypes`` (:mod:`a2q_passes.input_annotations`), on which the widths rest.
     """
 
     def __init__(self, input_dtypes: dict[str, str] | None = None, zero_point: str = "fold",
@@ -28,6 +30,7 @@ class AnnotateAccumulators(A2QPass):
         self.input_ranges = input_ranges
 
     def call(self, model: ModelWrapper) -> PassResult:
+        annotated = annotate_input_dtypes(model, self.input_dtypes)
         self._graph_before = copy.deepcopy(model.graph)
         report = analyze_model(model, self.input_dtypes, self.zero_point, input_ranges=self.input_ranges)
         layers = {
@@ -37,7 +40,7 @@ class AnnotateAccumulators(A2QPass):
         }
         before = recorded_widths(model)
         record_accumulators(model, layers, source="annotate")
-        return PassResult(model, before != recorded_widths(model), {"report": report, "layers": layers})
+        return PassResult(model, annotated or before != recorded_widths(model), {"report": report, "layers": layers})
 
     def ensures(self, result: PassResult) -> None:
         if result.model.graph != self._graph_before:

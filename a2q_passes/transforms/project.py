@@ -21,6 +21,7 @@ from a2q_passes import bounds, progress
 from a2q_passes.analysis import analyze_model, channel_ranges, stage_ranges
 from a2q_passes.certificate import Claim, certify_claims
 from a2q_passes.errors import A2QError, PostconditionError, PreconditionError
+from a2q_passes.input_annotations import annotate_input_dtypes
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.weight_sources import UnsupportedLayer
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
@@ -152,6 +153,7 @@ class ProjectToAccumulator(A2QPass):
 
     def call(self, model: ModelWrapper) -> PassResult:
         self._check_feasible(model)
+        annotated = annotate_input_dtypes(model, self.input_dtypes)
         with projection_threads(self.threads) if self.threads is not None else nullcontext():
             self.projections = [self._project(model, layer, self._targets[layer.node])
                                 for layer in progress.over_layers(self._layers, "project")]
@@ -165,7 +167,7 @@ class ProjectToAccumulator(A2QPass):
                 if p.tile is not None:
                     recorded[p.node].update(tile=p.tile, outer_bits=p.outer_bits)
         record_accumulators(model, recorded, source="project")
-        modified = any(p.status == "projected" for p in self.projections)
+        modified = annotated or any(p.status == "projected" for p in self.projections)
         return PassResult(model, modified, {"layers": [asdict(p) for p in self.projections]})
 
     def _check_feasible(self, model: ModelWrapper) -> None:
