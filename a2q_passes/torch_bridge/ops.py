@@ -351,12 +351,22 @@ def _drop_windows_in_end_padding(
 # ---------------------------------------------------------------- MAC ops
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _promoted(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The operands in their common type: qonnx's executor multiplies a float32 input by float64 weights (a QKeras
+    export's float64 scales) in float64, as numpy promotes, where torch's MAC kernels refuse mixed types."""
+    present = [t for t in tensors if t is not None]
+    common = present[0].dtype
+    for t in present[1:]:
+        common = torch.promote_types(common, t.dtype)
+    return [t if t is None or t.dtype == common else t.to(common) for t in tensors]
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @onnx_op("Conv")
 def _conv(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    x, w, b = (inputs + [None])[:3]
+    x, w, b = _promoted(*(inputs + [None])[:3])
     kernel = list(w.shape[2:])
     n = len(kernel)
     strides = list(node.attr("strides", [1] * n))
@@ -369,7 +379,7 @@ def _conv(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("ConvTranspose")
 def _conv_transpose(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    x, w, b = (inputs + [None])[:3]
+    x, w, b = _promoted(*(inputs + [None])[:3])
     kernel = list(w.shape[2:])
     n = len(kernel)
     if node.attr("output_shape") is not None or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
@@ -395,7 +405,7 @@ def _conv_transpose(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("Gemm")
 def _gemm(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    a, b, c = (inputs + [None])[:3]
+    a, b, c = _promoted(*(inputs + [None])[:3])
     a = a.t() if node.attr("transA", 0) else a
     b = b.t() if node.attr("transB", 0) else b
     y = float(node.attr("alpha", 1.0)) * (a @ b)
@@ -406,7 +416,7 @@ def _gemm(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("MatMul")
 def _matmul(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    return torch.matmul(inputs[0], inputs[1])
+    return torch.matmul(*_promoted(inputs[0], inputs[1]))
 
 
 # ---------------------------------------------------------------- elementwise
