@@ -90,7 +90,7 @@ def lower_conv_transposes(model: ModelWrapper) -> ModelWrapper:
     if not layers or not all(model.get_tensor_datatype(node.input[0]).is_integer() for node in layers):
         return model
     window_pads = {node.output[0]: _window_pads(node, model.get_tensor_shape(node.input[1])) for node in layers}
-    model = model.transform(InferPixelPaddingDeconv())  # attributes written out: ConvDefaultAttributes
+    model = model.transform(InferPixelPaddingDeconv())  # attributes written out: WindowDefaultAttributes
     for output, pads in window_pads.items():
         # the layer's output tensor is now made by Transpose <- MatMul <- Im2Col (no Im2Col: a 1 x 1 stride-1 kernel)
         made_by = _producers(model, output, 3)

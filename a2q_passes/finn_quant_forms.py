@@ -185,13 +185,16 @@ def _extracted_scale(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, No
 
 class FoldBiasQuantizers(Transformation):
     """A quantizer of a constant bias (``Quant``/``IntQuant``/``BipolarQuant`` on initializers, read only as the
-    bias of ``Conv``/``Gemm``) is replaced by the constant it computes.
+    bias of ``Conv``/``Gemm``, or only through shape ops by nodes that are no MAC) is replaced by the constant it
+    computes.
 
     Why: qonnx's ``ExtractBiasFromConv`` (inside ``ConvertQONNXtoFINN``) reshapes such a quantizer's zero point to
     the bias' shape and fails on a per-channel scale with a per-tensor zero point ("cannot reshape array of size 1
-    into shape (1,C,1,1)"), as Brevitas writes for ``Int32Bias``. FINN folds a quantizer of constants into its
-    value anyway (``FoldQuantWeights``); executing it here with qonnx gives the same value. The initializers and
-    graph inputs only it read are removed with it.
+    into shape (1,C,1,1)"), as Brevitas writes for ``Int32Bias``; FINN's ``FoldQuantWeights`` cannot fold a
+    quantizer into a ``Reshape`` ("Can't constant fold Quant weight node into node type Reshape"), as tf2onnx writes
+    a QKeras ``QConv1D``'s bias (``Quant -> Reshape -> Transpose -> Add``). FINN folds a quantizer of constants into
+    its value anyway; executing it here with qonnx gives the same value (the shape ops behind it are left to FINN's
+    constant folding). The initializers and graph inputs only it read are removed with it.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
@@ -259,33 +262,40 @@ class GemmFactorsAsFloat32(Transformation):
         return model, changed
 
 
-class ConvDefaultAttributes(Transformation):
-    """A ``Conv`` or ``ConvTranspose`` gets each of ``kernel_shape``, ``strides``, ``dilations``, ``group`` and
-    ``pads`` (and a ``ConvTranspose`` ``output_padding``) it leaves out, at its ONNX default: the kernel the weights
-    have (their dims after the first two), 1, 1, 1 and 0 (``pads`` only without an ``auto_pad`` other than NOTSET).
+class WindowDefaultAttributes(Transformation):
+    """A ``Conv``, ``ConvTranspose`` or ``MaxPool`` gets each attribute FINN reads that it leaves out, at its ONNX
+    default: ``kernel_shape`` (a convolution's: the dims of its weights after the first two), ``strides`` 1,
+    ``dilations`` 1, ``group`` 1 and ``pads`` 0 (``pads`` only without an ``auto_pad`` other than NOTSET), and a
+    ``ConvTranspose``'s ``output_padding`` 0.
 
     Why: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining), its ``Change3DTo4DTensors`` (FINN's 1-D step)
     and FINN's ``InferPixelPaddingDeconv`` read these attributes and fail without them ("'NoneType' object has no
-    attribute 'ints'"), though ONNX lets a writer leave the defaults out (the corpus' qonnx ``QuantizeGraph`` files
-    do). Why it is exact: each value is the one ONNX defines for the missing attribute.
+    attribute 'ints'"), as does FINN's ``MaxPoolNHWC`` ("Required attribute pads unspecified"), though ONNX lets a
+    writer leave the defaults out (the corpus' qonnx ``QuantizeGraph`` files do, and tf2onnx's ``MaxPool`` in QKeras
+    exports). Why it is exact: each value is the one ONNX defines for the missing attribute.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         from a2q_passes.read_only_model import with_inferred_shapes
 
         changed = False
-        convs = [node for node in model.graph.node if node.op_type in _CONV_DEFAULTS and node.domain in ("", "ai.onnx")
-                 and not {a.name for a in node.attribute} >= set(_CONV_DEFAULTS[node.op_type])]
-        shaped = with_inferred_shapes(model) if convs else model
-        for node in convs:
-            shape = weight_shape(model, shaped, node.input[1])
-            if shape is None or len(shape) < 3:
+        nodes = [node for node in model.graph.node if node.op_type in _WINDOW_DEFAULTS
+                 and node.domain in ("", "ai.onnx")
+                 and not {a.name for a in node.attribute} >= set(_WINDOW_DEFAULTS[node.op_type])]
+        shaped = with_inferred_shapes(model) if any(node.op_type != "MaxPool" for node in nodes) else model
+        for node in nodes:
+            if node.op_type == "MaxPool":  # kernel_shape is required there
+                kernel = node_attr(node, "kernel_shape", None)
+            else:
+                shape = weight_shape(model, shaped, node.input[1])
+                kernel = None if shape is None or len(shape) < 3 else shape[2:]
+            if not kernel:
                 continue  # FINN names its own objection
-            spatial = len(shape) - 2
-            defaults = {"kernel_shape": [int(d) for d in shape[2:]], "strides": [1] * spatial,
+            spatial = len(kernel)
+            defaults = {"kernel_shape": [int(d) for d in kernel], "strides": [1] * spatial,
                         "dilations": [1] * spatial, "group": 1, "pads": [0] * (2 * spatial),
                         "output_padding": [0] * spatial}
-            defaults = {name: defaults[name] for name in _CONV_DEFAULTS[node.op_type]}
+            defaults = {name: defaults[name] for name in _WINDOW_DEFAULTS[node.op_type]}
             if node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
                 del defaults["pads"]
             present = {a.name for a in node.attribute}
@@ -296,8 +306,9 @@ class ConvDefaultAttributes(Transformation):
         return model, changed
 
 
-_CONV_DEFAULTS = {"Conv": ("kernel_shape", "strides", "dilations", "group", "pads"),
-                  "ConvTranspose": ("kernel_shape", "strides", "dilations", "group", "pads", "output_padding")}
+_WINDOW_DEFAULTS = {"Conv": ("kernel_shape", "strides", "dilations", "group", "pads"),
+                    "ConvTranspose": ("kernel_shape", "strides", "dilations", "group", "pads", "output_padding"),
+                    "MaxPool": ("strides", "pads")}
 
 
 class GroupedConvAsDense(Transformation):
@@ -399,9 +410,35 @@ def _constant_shape(model: ModelWrapper, tensor: str) -> list[int] | None:
 def _reads_only_biases(model: ModelWrapper, node) -> bool:
     consumers = model.find_consumers(node.output[0]) or []
     out = node.output[0]
-    return bool(consumers) and out not in {o.name for o in model.graph.output} and all(
+    return bool(consumers) and out not in {o.name for o in model.graph.output} and (all(
         c.op_type in _BIASED_MACS and list(c.input).index(out) == 2 and list(c.input).count(out) == 1
-        for c in consumers)
+        for c in consumers) or _reaches_no_mac_through_shape_ops(model, consumers, out))
+
+
+_SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
+
+
+def _reaches_no_mac_through_shape_ops(model: ModelWrapper, consumers: list, tensor: str) -> bool:
+    """Whether ``tensor`` is read only by shape ops (their other inputs constant), and their outputs in turn, ending
+    at nodes that are no MAC: a constant those nodes add or scale by, never a layer's weights."""
+    outputs = {o.name for o in model.graph.output}
+    pending, shaped = [(c, tensor) for c in consumers], False
+    while pending:
+        node, read = pending.pop()
+        if node.op_type not in _SHAPE_OPS:
+            if node.op_type in _MAC_OPS:
+                return False
+            continue
+        if list(node.input).index(read) != 0 or any(model.get_initializer(t) is None for t in node.input[1:] if t):
+            return False
+        if node.output[0] in outputs:
+            return False
+        shaped = True
+        pending += [(c, node.output[0]) for c in model.find_consumers(node.output[0]) or []]
+    return shaped
+
+
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _remove_if_unused(model: ModelWrapper, name: str) -> None:
@@ -542,7 +579,7 @@ def finn_preparation() -> list[Transformation]:
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
             AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(),
-            ConvDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32()]
+            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

@@ -16,6 +16,7 @@ from a2q_passes.finn_quant_forms import grouped_conv_obstacle, is_grouped_conv, 
 from a2q_passes.finn_zero_points import MIDPOINT_ROUNDING, zero_point_refusals
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.input_grids import value_origin
+from a2q_passes.layers import computed_from_constants
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
@@ -192,11 +193,12 @@ def explain_streamline_failure(model: ModelWrapper) -> str:
     ("Initializer for add weights is not set") naming no node. Only called once FINN has failed: a graph FINN
     lowers is never refused for this.
     """
-    found = []
+    found, known = [], {}
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        if any(get_constant(model, t) is not None for t in node.input):  # a bias (initializer or Constant node)
+        # a bias: an initializer, a Constant node, or computed from them (a Quant of one, as QKeras exports write it)
+        if any(computed_from_constants(model, t, known) for t in node.input):
             continue
         sources = [s for s in (_unquantized_source(model, t) for t in node.input) if s is not None]
         if sources:

@@ -183,14 +183,14 @@ def test_conv_transpose_defaults_are_written_out(tmp_path):
     each out at its ONNX default, output_padding too, and the model computes the same."""
     from qonnx.core.onnx_exec import execute_onnx
 
-    from a2q_passes.finn_quant_forms import ConvDefaultAttributes
+    from a2q_passes.finn_quant_forms import WindowDefaultAttributes
 
     _deconv_model(tmp_path / "deconv.onnx", [2, 2], [4, 4], strides=[2, 2])
     model = ModelWrapper(str(tmp_path / "deconv.onnx"))
     deconv = model.get_node_from_name("deconv")
     del deconv.attribute[:]
     deconv.attribute.append(helper.make_attribute("strides", [2, 2]))
-    filled = ModelWrapper(model.model.SerializeToString()).transform(ConvDefaultAttributes())
+    filled = ModelWrapper(model.model.SerializeToString()).transform(WindowDefaultAttributes())
     attrs = {a.name: helper.get_attribute_value(a) for a in filled.get_node_from_name("deconv").attribute}
     assert attrs == {"strides": [2, 2], "kernel_shape": [2, 2], "dilations": [1, 1], "group": 1, "pads": [0, 0, 0, 0],
                      "output_padding": [0, 0]}

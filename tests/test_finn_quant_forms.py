@@ -239,12 +239,12 @@ def test_conv_defaults_are_filled_in_and_lower_takes_quantize_graph_files(tmp_pa
     """qonnx's QuantizeGraph over a float net whose Conv leaves every attribute at its ONNX default: FINN's
     LowerConvsToMatMul failed ("'NoneType' object has no attribute 'ints'"). The defaults are written out (the same
     outputs), and the file lowers with every MVAU holding its executed worst case."""
-    from a2q_passes.finn_quant_forms import ConvDefaultAttributes
+    from a2q_passes.finn_quant_forms import WindowDefaultAttributes
 
     model = _quantize_graph_without_conv_defaults(tmp_path)
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert not {a.name for a in conv.attribute} & {"kernel_shape", "strides", "pads", "dilations", "group"}
-    filled = ModelWrapper(model.model.SerializeToString()).transform(ConvDefaultAttributes())
+    filled = ModelWrapper(model.model.SerializeToString()).transform(WindowDefaultAttributes())
     conv = next(n for n in filled.graph.node if n.op_type == "Conv")
     weights = filled.get_tensor_shape(conv.input[1])
     assert {a.name: helper.get_attribute_value(a) for a in conv.attribute} == {
@@ -548,3 +548,21 @@ def test_a_requantizer_of_its_own_grid_is_dropped_with_the_same_outputs(between,
     for sample in (steps[:256], steps[256:512], np.concatenate([steps[512:], [1e6, -1e6] * 84])):
         x = {"x": sample.reshape(1, 4, 8, 8).astype(np.float32)}
         assert np.array_equal(execute_onnx(dropped, x)["y"], execute_onnx(model, x)["y"])
+
+
+def test_maxpool_defaults_are_filled_in_as_onnx_defines_them():
+    """tf2onnx writes a QKeras model's MaxPool with kernel_shape and strides only: FINN's MaxPoolNHWC requires
+    pads ("Required attribute pads unspecified"). The missing attributes get their ONNX defaults, which compute the
+    same outputs (executed with onnxruntime before and after)."""
+    from a2q_passes.finn_quant_forms import WindowDefaultAttributes
+
+    pool = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2])
+    graph = helper.make_graph([pool], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    filled = ModelWrapper(model.model.SerializeToString()).transform(WindowDefaultAttributes())
+    node = filled.graph.node[0]
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {
+        "kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 0, 0]}
+    x = np.random.default_rng(0).normal(0, 1, [1, 2, 5, 5]).astype(np.float32)
+    assert np.array_equal(execute_onnx(model, {"x": x})["y"], execute_onnx(filled, {"x": x})["y"])
