@@ -76,6 +76,7 @@ FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline
                "step_target_fps_parallelization": "FINN target_fps_parallelization (PE/SIMD)",
                "step_minimize_bit_width": "FINN minimize_bit_width (weight and accumulator types)"}
 ZOO = "QONNX model zoo"
+QKERAS = "QKeras (qonnx.converters.from_keras)"
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
 GRAPH_PTQ = {"qonnx": "Brevitas graph-mode PTQ (brevitas_examples quantize_model), export_qonnx",
@@ -107,6 +108,8 @@ class Entry:
     lower: bool = False
     # onnxruntime's QUInt8 weights carry zero points: project needs --zero-point subtract (README)
     zero_point: str = "fold"
+    # a float graph input the user declares (--input-dtype) to the commands reading the file; their outputs carry it
+    input_dtype: str | None = None
 
 
 @dataclass
@@ -444,6 +447,17 @@ def quantize_graph_files(folder: Path) -> tuple[list[Entry], list[str]]:
     return entries, rejected
 
 
+def qkeras_files(folder: Path) -> list[Entry]:
+    """The committed QKeras files (``scripts/qkeras_files.py``): qonnx's converter drops the input quantizer, so
+    each is run as a user declaring its 8-bit input (``quantized_bits(8, 0)``'s codes) with ``--input-dtype``."""
+    entries = []
+    for source in sorted((DATA / "qkeras").glob("*.onnx")):
+        path = folder / source.name
+        shutil.copyfile(source, path)
+        entries.append(Entry(path.stem, QKERAS, path, lower=True, input_dtype="INT8"))
+    return entries
+
+
 def zoo_files(folder: Path) -> list[Entry]:
     entries = []
     for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx", "TFC_1W1A.onnx"):  # the first is also run through FINN
@@ -474,8 +488,9 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
         folder, list(kinds.values()), _qonnx_transformations(), QONNX_TRANSFORMED)
     quantized, quantized_rejected = ([], []) if quick else quantize_graph_files(folder)
     graph_ptq, graph_ptq_rejected = graph_ptq_files(folder, quick)
+    qkeras = qkeras_files(folder)
     return (entries + graph_ptq + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
-            + ([] if quick else zoo),
+            + ([] if quick else zoo) + (qkeras[:1] if quick else qkeras),
             rejected + graph_ptq_rejected + finn_rejected + channels_last_rejected + transformed_rejected
             + quantized_rejected)
 
@@ -500,12 +515,18 @@ def _refusal(code: int, out: str, err: str, what: str) -> tuple[str, str]:
     return "FAILED", f"{what} exit {code}: {text[-400:]}"
 
 
-def _oracle_ranges(path: Path, names: list[str], zero_point: str) -> dict:
+def _oracle_ranges(path: Path, names: list[str], zero_point: str, input_dtype: str | None = None) -> dict:
+    """The oracle's executed range of each layer of ``names``; ``input_dtype``: the user's claim for every float
+    graph input, given the oracle here (not read from what ``a2q`` wrote into an output)."""
+    from qonnx.core.datatype import DataType
     from qonnx.core.modelwrapper import ModelWrapper
 
     from tests.fuzz.real_files import executed_range
 
     model = ModelWrapper(str(path))
+    for vi in model.graph.input if input_dtype else []:
+        if model.get_initializer(vi.name) is None:
+            model.set_tensor_datatype(vi.name, DataType[input_dtype])
     with _quiet():
         return {name: executed_range(model, name, zero_point) for name in names}
 
@@ -530,6 +551,11 @@ def _unread_macs(path: Path, reported: set[str]) -> list[str]:
     return missing
 
 
+def _declared(entry: Entry) -> list[str]:
+    """The ``--input-dtype`` a user gives every command reading the file itself."""
+    return ["--input-dtype", entry.input_dtype] if entry.input_dtype else []
+
+
 def check(entry: Entry, work: Path, allocate: bool = False) -> Result:
     from tests.fuzz.real_files import Undescribed
 
@@ -537,6 +563,7 @@ def check(entry: Entry, work: Path, allocate: bool = False) -> Result:
     start = time.time()
     digest = hashlib.sha256(entry.path.read_bytes()).hexdigest()
     zp = ["--zero-point", "subtract"] if entry.zero_point == "subtract" else []
+    zp += _declared(entry)
     try:
         _check(entry, work, result, zp, allocate)
     except Undescribed as err:  # the oracle cannot read the file's grid: not checked, so not handled
@@ -565,7 +592,7 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
         result.status, result.detail = "refused", f"analyze: {statuses}"
         return
     result.layers = len(layers)
-    executed = _oracle_ranges(entry.path, [layer["node"] for layer in layers], entry.zero_point)
+    executed = _oracle_ranges(entry.path, [layer["node"] for layer in layers], entry.zero_point, entry.input_dtype)
     for layer in layers:
         ex, pc = executed[layer["node"]], layer["per_channel"]
         if (ex.acc_min < np.array(pc["acc_min"])).any() or (ex.acc_max > np.array(pc["acc_max"])).any():
@@ -601,12 +628,13 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
     promised = [layer["node"] for layer in json.loads(out)["layers"] if not layer["status"].startswith("skipped")]
     # sized for FINN's view, a zero point's codes are q - z (lower's thresholds): the oracle runs the same convention
     convention = "subtract" if entry.lower else entry.zero_point
-    if not _fits_when_executed(projected, dict.fromkeys(promised, bits), "projected", result, convention):
+    if not _fits_when_executed(projected, dict.fromkeys(promised, bits), "projected", result, convention,
+                               entry.input_dtype):
         return
     qonnx_weights = any(n.op_type in ("Quant", "IntQuant") for n in _graph_nodes(entry.path))
-    if not zp and qonnx_weights:
+    if entry.zero_point == "fold" and qonnx_weights:
         _check_finetune(entry, work, bits, result)
-    if allocate and not zp and result.status == "handled":  # Q/DQ, FINN-ONNX: FINN lowers few, acc-bits needs none
+    if allocate and entry.zero_point == "fold" and result.status == "handled":  # Q/DQ, FINN-ONNX: FINN lowers few, acc-bits needs none
         _check_allocate(entry, work, result, "bits" if qonnx_weights else "acc-bits")
     if entry.lower and result.status == "handled":
         _check_lower(entry, work, projected, result)
@@ -627,6 +655,7 @@ def _graph_nodes(path: Path) -> list:
 
 def _random_data(entry: Entry, work: Path, samples: int, what: str, result: Result) -> Path | None:
     """``samples`` random inputs for the file's one graph input (None, noted, where it has several)."""
+    from qonnx.core.datatype import DataType
     from qonnx.core.modelwrapper import ModelWrapper
 
     model = ModelWrapper(str(entry.path))
@@ -635,7 +664,13 @@ def _random_data(entry: Entry, work: Path, samples: int, what: str, result: Resu
         return None
     shape = model.get_tensor_shape(model.graph.input[0].name)
     data = work / f"{entry.name}.{what}.npz"
-    np.savez(data, x=np.random.default_rng(0).standard_normal([samples, *shape[1:]]).astype(np.float32))
+    rng, shape = np.random.default_rng(0), [samples, *shape[1:]]
+    if entry.input_dtype:  # the integer codes the user declared the input to take
+        dtype = DataType[entry.input_dtype]
+        x = rng.integers(int(dtype.min()), int(dtype.max()), shape, endpoint=True)
+    else:
+        x = rng.standard_normal(shape)
+    np.savez(data, x=x.astype(np.float32))
     return data
 
 
@@ -649,16 +684,16 @@ def _refused_or_failed(code: int, stdout: str, err: str, what: str, result: Resu
 
 
 def _fits_when_executed(path: Path, widths: dict[str, int], what: str, result: Result,
-                        zero_point: str = "fold") -> bool:
-    """``a2q verify`` of ``path`` passes and every layer of ``widths`` executes (the oracle) within its width, under
-    the ``zero_point`` convention."""
+                        zero_point: str = "fold", input_dtype: str | None = None) -> bool:
+    """``a2q verify`` of ``path`` passes (an ``--input-dtype`` claim read from the file) and every layer of ``widths``
+    executes (the oracle, told ``input_dtype``) within its width, under the ``zero_point`` convention."""
     from tests.fuzz.oracle import width
 
     code, stdout, err = _run("verify", path, *(["--zero-point", zero_point] if zero_point == "subtract" else []))
     if code != 0:
         result.status, result.detail = "FAILED", f"verify of the {what} file exit {code}: {(err or stdout)[-300:]}"
         return False
-    for name, ex in _oracle_ranges(path, list(widths), zero_point).items():
+    for name, ex in _oracle_ranges(path, list(widths), zero_point, input_dtype).items():
         if width(ex.lo, ex.hi) > widths[name]:
             result.status = "FAILED"
             result.detail = (f"{what} {name}: executed [{ex.lo}, {ex.hi}] needs {width(ex.lo, ex.hi)} bits > "
@@ -677,7 +712,7 @@ def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None
     out = work / f"{entry.name}.finetuned.onnx"
     args = ["finetune", entry.path, out, "--acc-bits", bits, "--data", data, "--method", method, "--epochs", 1,
             "--batch-size", 4, "--loss", "mse", "--distill", "--no-progress", "--calib-samples", 4,
-            "--held-out-samples", 4]
+            "--held-out-samples", 4, *_declared(entry)]
     code, stdout, err = _run(*args)
     skipped = SKIP_HINT.search(err) if code == 1 else None
     if skipped:
@@ -686,7 +721,7 @@ def _check_finetune(entry: Entry, work: Path, bits: int, result: Result) -> None
         _refused_or_failed(code, stdout, err, f"finetune --method {method} --acc-bits {bits}", result)
         return
     constrained = {name: bits for name, layer in _records(out).items() if layer.get("acc_bits") == bits}
-    if _fits_when_executed(out, constrained, "fine-tuned", result):
+    if _fits_when_executed(out, constrained, "fine-tuned", result, input_dtype=entry.input_dtype):
         result.finetuned = method
 
 
@@ -696,17 +731,17 @@ def _check_allocate(entry: Entry, work: Path, result: Result, cost: str) -> None
         return
     widths_path = work / f"{entry.name}.widths.json"
     code, stdout, err = _run("allocate", entry.path, "--data", data, "--min-score-pct", ALLOCATE_PCT, "--cost", cost,
-                             "-o", widths_path, "--no-progress")
+                             "-o", widths_path, "--no-progress", *_declared(entry))
     if code != 0:
         _refused_or_failed(code, stdout, err, f"allocate --min-score-pct {ALLOCATE_PCT} --cost {cost}", result)
         return
     widths = {name: int(p) for name, p in json.loads(widths_path.read_text()).items()}
     out = work / f"{entry.name}.allocated.onnx"
-    code, stdout, err = _run("project", entry.path, out, "--widths-json", widths_path)
+    code, stdout, err = _run("project", entry.path, out, "--widths-json", widths_path, *_declared(entry))
     if code != 0:
         result.status, result.detail = "FAILED", f"project --widths-json of allocate's map exit {code}: {err[-300:]}"
         return
-    if _fits_when_executed(out, widths, "allocated", result):
+    if _fits_when_executed(out, widths, "allocated", result, input_dtype=entry.input_dtype):
         result.allocated = len(widths)
 
 

@@ -1,0 +1,114 @@
+"""QKeras models converted to QONNX by qonnx's own converter (``qonnx.converters.from_keras``), for the corpus.
+
+    TFVENV/bin/python -m scripts.qkeras_files --out tests/data/qkeras
+
+QKeras and its converter need TensorFlow 2 with Keras 2, which the project's environment does not hold (and CI
+never installs): the files are written once, in a separate environment, and committed (``tests/data/qkeras``,
+each a few kB). That environment, with Python 3.11::
+
+    python3.11 -m venv TFVENV
+    TFVENV/bin/pip install tensorflow-cpu==2.15.1 qkeras==0.9.0 tf2onnx==1.16.1 qonnx==0.4.0 protobuf==3.20.3 pyparsing
+
+(qonnx 1.0 dropped ``qonnx.converters``; tf2onnx 1.17 no longer exposes the optimizer module the converter edits.)
+The models are untrained: every weight and bias is drawn with a fixed seed (the same files on every run), wide
+enough that each quantizer's grid is used. The converter drops a ``QActivation`` on the graph input, so the first
+layer always reads a float input (``a2q ... --input-dtype``, as a QKeras user gives hls4ml its input precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _models():
+    """(name, keras model) for every file; names carry the weight and activation bits."""
+    from qkeras import QActivation, QConv1D, QConv2D, QDense, binary, quantized_bits, quantized_relu, ternary
+    from tensorflow.keras.layers import BatchNormalization, Flatten, Input, MaxPooling2D, Softmax
+    from tensorflow.keras.models import Model
+
+    def dense(units, bits, integer=0, bias=True, symmetric=0, name=None, quantizer=None):
+        return QDense(units, kernel_quantizer=quantizer or quantized_bits(bits, integer, symmetric=symmetric, alpha=1),
+                      bias_quantizer=quantized_bits(bits, integer, alpha=1) if bias else None, use_bias=bias,
+                      name=name)
+
+    def conv(filters, kernel, bits, name, **kwargs):
+        return QConv2D(filters, kernel, kernel_quantizer=quantized_bits(bits, 0, alpha=1),
+                       bias_quantizer=quantized_bits(bits, 0, alpha=1), name=name, **kwargs)
+
+    models = []
+    # the hls4ml tutorial's jet-tagging MLP (the QONNX zoo's qkeras_jettagging.onnx): 6-bit everything, softmax
+    x = Input((16,), name="x")
+    h = x
+    for i, units in enumerate((64, 32, 32)):
+        h = QActivation(quantized_relu(6), name=f"relu{i}")(dense(units, 6, name=f"fc{i}")(h))
+    h = Softmax(name="softmax")(dense(5, 6, name="out")(h))
+    models.append(("mlp_w6a6", Model(x, h)))
+    # integer bits in the weights and activations (scales 2^-2 and 2^-1), symmetric (narrow) weights, no bias
+    x = Input((20,), name="x")
+    h = QActivation(quantized_relu(4, 2), name="relu0")(dense(24, 4, integer=1, symmetric=1, bias=False, name="fc0")(x))
+    h = QActivation(quantized_relu(3, 1), name="relu1")(dense(12, 4, integer=1, symmetric=1, name="fc1")(h))
+    models.append(("mlp_w4a4_integer", Model(x, dense(3, 4, integer=1, symmetric=1, name="out")(h))))
+    # ternary and binary weights (the converter writes binary() as a 1-bit narrow signed Quant)
+    x = Input((12,), name="x")
+    h = QActivation(quantized_relu(2), name="relu0")(dense(16, 2, bias=False, name="fc0", quantizer=ternary(alpha=1, threshold=0.5))(x))
+    h = QActivation(quantized_relu(2), name="relu1")(dense(8, 1, bias=False, name="fc1", quantizer=binary(alpha=1))(h))
+    models.append(("mlp_ternary_binary", Model(x, dense(4, 4, name="out")(h))))
+    # a CNN in channels-last Keras: the converter puts Transposes around the Convs
+    x = Input((10, 10, 3), name="x")
+    h = QActivation(quantized_relu(4), name="relu0")(conv(8, 3, 4, "conv0")(x))
+    h = MaxPooling2D(2, name="pool")(h)
+    h = QActivation(quantized_relu(4), name="relu1")(conv(8, 3, 4, "conv1", strides=2, padding="same")(h))
+    models.append(("cnn_w4a4", Model(x, dense(4, 4, name="out")(Flatten(name="flatten")(h)))))
+    # a float BatchNormalization between a QConv2D and its activation quantizer
+    x = Input((8, 8, 2), name="x")
+    h = BatchNormalization(name="bn")(conv(6, 3, 6, "conv0")(x))
+    h = QActivation(quantized_relu(6), name="relu0")(h)
+    models.append(("cnn_bn_w6a6", Model(x, dense(3, 6, name="out")(Flatten(name="flatten")(h)))))
+    # QConv1D (TensorFlow runs it as a 2-D convolution on an expanded axis)
+    x = Input((16, 4), name="x")
+    h = QConv1D(6, 3, kernel_quantizer=quantized_bits(5, 0, alpha=1), bias_quantizer=quantized_bits(5, 0, alpha=1),
+                name="conv0")(x)
+    h = QActivation(quantized_relu(5), name="relu0")(h)
+    models.append(("conv1d_w5a5", Model(x, dense(2, 5, name="out")(Flatten(name="flatten")(h)))))
+    return models
+
+
+def _randomize(model, rng) -> None:
+    """Weights spread over [-1, 1) (the quantizers' range at integer=0) and biases away from 0: tf2onnx removes
+    an all-zero bias, and untrained BatchNormalization statistics would be the identity."""
+    for layer in model.layers:
+        weights = layer.get_weights()
+        if weights:
+            layer.set_weights([rng.uniform(-1, 1, w.shape).astype(w.dtype) if w.ndim > 1 or "bn" not in layer.name
+                               else rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) for w in weights])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    import numpy as np
+    import onnx
+    import tensorflow as tf
+    from qonnx.converters import from_keras
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, model in _models():
+        tf.random.set_seed(0)
+        _randomize(model, np.random.default_rng(sum(map(ord, name))))
+        onnx_model, _ = from_keras(model, f"qkeras_{name}")
+        # the converter lists initializers in a set's order, which varies between runs: sorted, the files repeat
+        initializers = sorted(onnx_model.graph.initializer, key=lambda t: t.name)
+        del onnx_model.graph.initializer[:]
+        onnx_model.graph.initializer.extend(initializers)
+        path = args.out / f"qkeras_{name}.onnx"
+        onnx.save(onnx_model, path)
+        print(path, [node.op_type for node in onnx_model.graph.node])
+
+
+if __name__ == "__main__":
+    main()
