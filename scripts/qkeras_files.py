@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def _models():
     """(name, keras model) for every file; names carry the weight and activation bits."""
     from qkeras import QActivation, QConv1D, QConv2D, QDense, binary, quantized_bits, quantized_relu, ternary
-    from tensorflow.keras.layers import BatchNormalization, Flatten, Input, MaxPooling2D, Softmax
+    from tensorflow.keras.layers import AveragePooling2D, BatchNormalization, Flatten, Input, MaxPooling2D, Softmax
     from tensorflow.keras.models import Model
 
     def dense(units, bits, integer=0, bias=True, symmetric=0, name=None, quantizer=None):
@@ -74,6 +74,25 @@ def _models():
                 name="conv0")(x)
     h = QActivation(quantized_relu(5), name="relu0")(h)
     models.append(("conv1d_w5a5", Model(x, dense(2, 5, name="out")(Flatten(name="flatten")(h)))))
+    # a float BatchNormalization behind a QDense (tf2onnx writes it as Mul and Add), a leaky quantized_relu
+    x = Input((12,), name="x")
+    h = BatchNormalization(name="bn")(dense(16, 4, bias=False, name="fc0")(x))
+    h = QActivation(quantized_relu(4, negative_slope=0.25), name="leaky0")(h)
+    models.append(("mlp_bn_leaky_w4a4", Model(x, dense(3, 4, name="out")(h))))
+    # a strided "same" QConv2D and an AveragePooling2D with its own activation quantizer
+    x = Input((8, 8, 3), name="x")
+    h = QActivation(quantized_relu(4), name="relu0")(conv(4, 3, 4, "conv0", strides=2, padding="same")(x))
+    h = QActivation(quantized_relu(4), name="relu1")(AveragePooling2D(2, name="pool")(h))
+    models.append(("cnn_avgpool_w4a4", Model(x, dense(3, 4, name="out")(Flatten(name="flatten")(h)))))
+    # what the converter cannot express, kept to show the refusals: a quantized_bits QActivation between layers is
+    # dropped (the next layer reads a float sum), alpha="auto_po2" weights get no Quant at all (float weights)
+    x = Input((12,), name="x")
+    h = QActivation(quantized_bits(6, 2, alpha=1), name="act0")(dense(16, 4, name="fc0")(x))
+    models.append(("mlp_signed_act_w4a6", Model(x, dense(3, 4, name="out")(h))))
+    x = Input((12,), name="x")
+    h = QActivation(quantized_relu(4), name="relu0")(
+        dense(16, 4, bias=False, name="fc0", quantizer=quantized_bits(4, 0, alpha="auto_po2"))(x))
+    models.append(("mlp_auto_po2_w4a4", Model(x, dense(3, 4, name="out")(h))))
     return models
 
 
