@@ -56,7 +56,8 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
-from a2q_passes.finn_deconv import as_two_d, streamline_conv_transposes
+from a2q_passes.finn_deconv import streamline_conv_transposes
+from a2q_passes.finn_one_d import one_d_convs, pre_streamline_one_d, refuse_one_d_convs_left
 from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
@@ -298,38 +299,18 @@ def _run_streamline_step(runner: _Runner) -> None:
     runner.transform(group, RemoveUnusedTensors())
 
 
-def _one_d_convs(model: ModelWrapper) -> list[str]:
-    """The Conv and ConvTranspose nodes of ``model`` with 1-D (``[O, I, k]``, ``[I, O, k]``) weights."""
-    return [node.name for node in model.graph.node if node.op_type in ("Conv", "ConvTranspose")
-            and len(model.get_tensor_shape(node.input[1]) or ()) == 3]
-
-
 def _run_one_d_step(runner: _Runner, cfg) -> None:
-    """FINN's 1-D ``step_pre_streamline``; raises naming its reason where qonnx's ``Change3DTo4DTensors`` in it
-    left a 1-D convolution (it changes nothing on a graph holding an op it does not know, and only warns)."""
-    import warnings
-
-    from finn.builder.custom_step_library.conv1d import step_pre_streamline
+    """FINN's 1-D ``step_pre_streamline`` (:mod:`a2q_passes.finn_one_d`); raises naming the 1-D convolutions it
+    left, and why."""
+    reasons: list[str] = []
 
     def step(model: ModelWrapper) -> ModelWrapper:
-        model = ModelWrapper(model.model.SerializeToString())
-        for node in model.get_nodes_by_op_type("MaxPool"):
-            # Change3DTo4DTensors extends a MaxPool's kernel_shape, strides and pads but not its dilations, which
-            # then no longer match (onnxruntime refuses the node); all ones is the default, so leave them out
-            dilations = next((a for a in node.attribute if a.name == "dilations"), None)
-            if dilations is not None and all(d == 1 for d in dilations.ints):
-                node.attribute.remove(dilations)
-        return as_two_d(lambda m: step_pre_streamline(m, cfg), model)
+        model, said = pre_streamline_one_d(model, cfg)
+        reasons.extend(said)
+        return model
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runner.apply("conv1d", "step_pre_streamline", step)
-    left = _one_d_convs(runner.model)
-    if left:
-        said = " ".join(" ".join(str(w.message).split()).rstrip(".") for w in caught if "not applied" in str(w.message))
-        raise LoweringError(f"FINN lowers a 1-D convolution ({', '.join(left)}) only once qonnx's Change3DTo4DTensors "
-                            f"has made its tensors 2-D, which it did not: {said or 'no reason given'}. Export the "
-                            "model with 2-D layers (kernel k x 1), or keep these layers out of the FINN part.")
+    runner.apply("conv1d", "step_pre_streamline", step)
+    refuse_one_d_convs_left(runner.model, reasons)
 
 
 def _build_config(fpgapart: str | None):
@@ -386,7 +367,7 @@ def run_flow(
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))
         runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
-        if _one_d_convs(runner.model):
+        if one_d_convs(runner.model):
             _run_one_d_step(runner, cfg)
         try:
             _run_streamline_step(runner)

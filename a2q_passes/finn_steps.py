@@ -17,7 +17,9 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
         "step_generate_estimate_reports",
     ]
 
-:func:`with_a2q_steps` inserts them into any FINN step list that way. In a YAML/JSON build
+:func:`with_a2q_steps` inserts them into any FINN step list that way, and puts ``step_a2q_pre_streamline`` in place
+of FINN's 1-D ``step_pre_streamline`` (``finn.builder.custom_step_library.conv1d``) where the list holds it. In a
+YAML/JSON build
 config they can be named as ``a2q_passes.finn_steps.step_a2q_project`` (FINN imports dotted names).
 
 Settings: ``DataflowBuildConfig`` has no field for them. The steps read two optional
@@ -48,6 +50,7 @@ from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
 from a2q_passes.finn_deconv import streamline_conv_transposes
 from a2q_passes.finn_global_pooling import accumulate_global_pools
+from a2q_passes.finn_one_d import pre_streamline_one_d, refuse_one_d_convs_left
 from a2q_passes.finn_quant_forms import prepare_for_finn
 from a2q_passes.finn_tie_thresholds import (TIE_RULE_KEY, activation_tie_rule, raise_thresholds_below_unsigned_inputs,
                                             round_ties_as_quantized)
@@ -168,10 +171,18 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
 def step_a2q_conv_transposes(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Right after ``step_streamline``: each 2-D ``ConvTranspose`` becomes pixel padding, a sliding window and an
     integer ``MatMul`` that ``step_convert_to_hw`` makes an MVAU (:mod:`a2q_passes.finn_deconv`); FINN's builder has
-    no step for it, and left it a float node that stopped the dataflow partition. A 1-D one would need FINN's 1-D
-    ``step_pre_streamline`` to take it, which it does not: ``a2q lower`` lowers those. Models without one are returned
-    as they are."""
+    no step for it, and left it a float node that stopped the dataflow partition. A 1-D one is made 2-D before, by
+    ``step_a2q_pre_streamline``. Models without one are returned as they are."""
     return streamline_conv_transposes(model)
+
+
+def step_a2q_pre_streamline(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """In place of FINN's 1-D ``step_pre_streamline``: that step with every 1-D ``ConvTranspose`` made 2-D too (it
+    skipped a graph holding one, and FINN's streamlining then stopped on an ``IndexError``), and a 1-D convolution
+    it still leaves refused by name (:mod:`a2q_passes.finn_one_d`)."""
+    model, reasons = pre_streamline_one_d(model, cfg)
+    refuse_one_d_convs_left(model, reasons)
+    return model
 
 
 def step_a2q_global_pools(model: ModelWrapper, cfg: Any) -> ModelWrapper:
@@ -255,6 +266,7 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     """
     steps = list(steps) if steps is not None else estimate_only_steps()
     names = [step if isinstance(step, str) else step.__name__ for step in steps]
+    steps = [step_a2q_pre_streamline if name == "step_pre_streamline" else step for step, name in zip(steps, names)]
     if "step_qonnx_to_finn" not in names or "step_convert_to_hw" not in names:
         raise A2QError(f"with_a2q_steps needs step_qonnx_to_finn and step_convert_to_hw in the step list, got {names}")
     project, set_accumulators, verify = (make_a2q_steps(acc_bits, method) if acc_bits is not None
@@ -268,5 +280,5 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
 
 
 __all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_conv_transposes",
-           "step_a2q_finn_preparation", "step_a2q_global_pools", "step_a2q_project", "step_a2q_round_ties",
-           "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
+           "step_a2q_finn_preparation", "step_a2q_global_pools", "step_a2q_pre_streamline", "step_a2q_project",
+           "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

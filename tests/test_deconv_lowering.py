@@ -177,6 +177,36 @@ def test_finn_build_steps_take_a_conv_transpose(tmp_path):
     assert _brute_force_range(rows, int(idt.min()), int(idt.max()))[1] > adt.max()  # the whole row would not fit
 
 
+def test_finn_build_steps_take_a_1d_conv_transpose_through_finns_1d_step(tmp_path):
+    """A 1-D model's FINN build lists FINN's custom 1-D step_pre_streamline, whose Change3DTo4DTensors skips a graph
+    holding a ConvTranspose: FINN's streamlining then stopped on an IndexError. with_a2q_steps puts
+    step_a2q_pre_streamline in its place, every step runs, and each MVAU holds its executed worst case."""
+    from finn.builder.custom_step_library.conv1d import step_pre_streamline
+    from qonnx.custom_op.registry import getCustomOp
+
+    from a2q_passes.finn_accumulators import iterate_mac_nodes
+    from a2q_passes.finn_runtime import estimate_only_steps, run_estimate_build
+    from a2q_passes.finn_steps import step_a2q_pre_streamline, with_a2q_steps
+
+    kernel, size, attrs = CASES["k3_s3_1d"]
+    source = tmp_path / "deconv1d.onnx"
+    _deconv_model(source, kernel, size, seed=5, **attrs)
+    finn_steps = estimate_only_steps()
+    at = finn_steps.index("step_tidy_up") + 1
+    steps = with_a2q_steps([*finn_steps[:at], step_pre_streamline, *finn_steps[at:]], acc_bits=12)
+    assert step_a2q_pre_streamline in steps and step_pre_streamline not in steps
+    result = run_estimate_build(source, tmp_path / "build", "xczu3eg-sbva484-1-e", steps=steps)
+    assert result.steps_completed == [s if isinstance(s, str) else s.__name__ for s in steps]
+    final = ModelWrapper(str(result.final_model))
+    assert [n for n in final.graph.node if n.op_type.startswith("FMPadding_Pixel")]
+    mvaus = [node for node in iterate_mac_nodes(final) if node.op_type.startswith("MVAU")]
+    assert len(mvaus) == 2
+    for node in mvaus:
+        adt = DataType[getCustomOp(node).get_nodeattr("accDataType")]
+        executed = executed_range(final, node.name)
+        assert adt.min() <= executed.lo and executed.hi <= adt.max() and adt.bitwidth() <= 12, (node.name, adt.name)
+
+
 def test_conv_transpose_defaults_are_written_out(tmp_path):
     """FINN's InferPixelPaddingDeconv reads group, pads, strides and kernel_shape without defaults ("'NoneType'
     object has no attribute 'i'" on a ConvTranspose that leaves them out, as ONNX allows): the preparation writes
