@@ -106,8 +106,9 @@ def test_lower_reads_the_claim_from_the_projected_file_or_the_option(entries, tm
 
 
 def test_finetune_trains_through_float64_scales(entries, tmp_path):
-    """The converter stores every scale as float64: the torch bridge multiplies in their common type, as qonnx's
-    executor does, and the fine-tuned model computes what qonnx executes."""
+    """The converter stores every scale as float64: qonnx's executor computes each Quant in float64 and stores its
+    output as float32, and so does the torch bridge (it multiplied float32 activations by float64 weights, which
+    torch refuses), and the fine-tuned model computes what qonnx executes."""
     from qonnx.core.onnx_exec import execute_onnx
 
     from a2q_passes.torch_bridge import QonnxModule

@@ -213,7 +213,10 @@ def quant_attributes(node: OnnxNode) -> tuple[bool, bool, str]:
 def _quant(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     x, scale, zero_point, bit_width = inputs
     signed, narrow, rounding_mode = quant_attributes(node)
-    return int_quant(x, scale, zero_point, _const_int(bit_width, "bit width", node), signed, narrow, rounding_mode)
+    y = int_quant(x, scale, zero_point, _const_int(bit_width, "bit width", node), signed, narrow, rounding_mode)
+    # qonnx's executor stores every Quant output as float32, also one computed in float64 from float64 scales (as
+    # qonnx's QKeras converter writes them): the MACs behind it multiply float32 values
+    return y if y.dtype == torch.float32 else y.to(torch.float32)
 
 
 @qonnx_op("BipolarQuant")
@@ -351,22 +354,12 @@ def _drop_windows_in_end_padding(
 # ---------------------------------------------------------------- MAC ops
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _promoted(*tensors: Tensor | None) -> list[Tensor | None]:
-    """The operands in their common type: qonnx's executor multiplies a float32 input by float64 weights (a QKeras
-    export's float64 scales) in float64, as numpy promotes, where torch's MAC kernels refuse mixed types."""
-    present = [t for t in tensors if t is not None]
-    common = present[0].dtype
-    for t in present[1:]:
-        common = torch.promote_types(common, t.dtype)
-    return [t if t is None or t.dtype == common else t.to(common) for t in tensors]
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @onnx_op("Conv")
 def _conv(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    x, w, b = _promoted(*(inputs + [None])[:3])
+    x, w, b = (inputs + [None])[:3]
     kernel = list(w.shape[2:])
     n = len(kernel)
     strides = list(node.attr("strides", [1] * n))
@@ -379,7 +372,7 @@ def _conv(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("ConvTranspose")
 def _conv_transpose(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    x, w, b = _promoted(*(inputs + [None])[:3])
+    x, w, b = (inputs + [None])[:3]
     kernel = list(w.shape[2:])
     n = len(kernel)
     if node.attr("output_shape") is not None or node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID", ""):
@@ -405,7 +398,7 @@ def _conv_transpose(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("Gemm")
 def _gemm(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    a, b, c = _promoted(*(inputs + [None])[:3])
+    a, b, c = (inputs + [None])[:3]
     a = a.t() if node.attr("transA", 0) else a
     b = b.t() if node.attr("transB", 0) else b
     y = float(node.attr("alpha", 1.0)) * (a @ b)
@@ -416,7 +409,7 @@ def _gemm(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
 
 @onnx_op("MatMul")
 def _matmul(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
-    return torch.matmul(*_promoted(inputs[0], inputs[1]))
+    return torch.matmul(inputs[0], inputs[1])
 
 
 # ---------------------------------------------------------------- elementwise
