@@ -58,6 +58,8 @@ CONSTRUCTS = {
                         "moved into Div/Mul (and Add/Sub) nodes around a unit-scale Quant",
     "global_pool": "ReduceMean over the spatial axes between two blocks, behind a quantizer and a Relu or not "
                    "(Brevitas' graph-mode PTQ exports AdaptiveAvgPool2d(1) so)",
+    "float64_scales": "every Quant scale stored as float64, as qonnx's QKeras converter writes them (qonnx then "
+                      "executes the quantized values, and the MACs on them, in float64)",
 }
 
 
@@ -610,7 +612,26 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
     case = _finish(b, case, x, draw(_constant_plan(b, case, allowed)))
     if "extracted_scales" in allowed and draw(st.integers(0, 5)) == 0:
         _extract_scales(case)
+    if "float64_scales" in allowed and draw(st.integers(0, 5)) == 0:
+        _float64_scales(case)
     return case
+
+
+def _float64_scales(case: Case) -> None:
+    """Every float32 scale initializer of a ``Quant``/``IntQuant`` of ``case.model`` as float64 (the same values),
+    its ValueInfo with it. Not a ``BipolarQuant``'s: qonnx executes it without casting its output back to float32,
+    so a float64 scale there makes a graph qonnx's own executor refuses (onnxruntime's MatMul gets float64)."""
+    model = case.model
+    for node in model.graph.node:
+        if node.op_type not in ("Quant", "IntQuant"):
+            continue
+        scale = model.get_initializer(node.input[1])
+        if scale is None or scale.dtype != np.float32:
+            continue
+        model.set_initializer(node.input[1], scale.astype(np.float64))
+        for info in (i for i in model.graph.value_info if i.name == node.input[1]):
+            info.type.tensor_type.elem_type = TensorProto.DOUBLE
+        case.used.add("float64_scales")
 
 
 @st.composite
