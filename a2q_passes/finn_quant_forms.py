@@ -12,6 +12,7 @@ output, Gemm nodes with alpha or beta other than 1, and grouped convolutions (FI
 from __future__ import annotations
 
 import numpy as np
+import qonnx.core.data_layout as DataLayout
 from onnx import NodeProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
@@ -311,6 +312,31 @@ _WINDOW_DEFAULTS = {"Conv": ("kernel_shape", "strides", "dilations", "group", "p
                     "MaxPool": ("strides", "pads")}
 
 
+class ChannelsLastInputLayout(Transformation):
+    """A 4-D graph input read only by ``Transpose(perm=[0, 3, 1, 2])`` nodes (tf2onnx's channels-last input, as a
+    Keras model has it) gets the data layout NHWC, where it has none.
+
+    Why: FINN's streamlining absorbs that ``Transpose`` into the layers behind it, so an input quantizer's
+    ``MultiThreshold`` ends up reading the graph input in NHWC, while qonnx's ``InferDataLayouts`` takes an
+    unannotated 4-D input for NCHW; FINN's ``step_convert_to_hw`` then stops ("MultiThreshold input (NCHW) and
+    output (NHWC) layout mismatch"), as on a tf2onnx CNN quantized by onnxruntime. Only an annotation: nothing that
+    executes changes.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for graph_input in model.graph.input:
+            name = graph_input.name
+            readers = model.find_consumers(name) or []
+            if (model.get_initializer(name) is not None or len(model.get_tensor_shape(name) or ()) != 4
+                    or model.get_tensor_layout(name) is not None or not readers):
+                continue
+            if all(r.op_type == "Transpose" and list(node_attr(r, "perm", [])) == [0, 3, 1, 2] for r in readers):
+                model.set_tensor_layout(name, DataLayout.NHWC)
+                changed = True
+        return model, changed
+
+
 class GroupedConvAsDense(Transformation):
     """A grouped ``Conv`` that is not depthwise becomes a ``group=1`` ``Conv`` with block-diagonal weights: each output
     channel keeps its weights at its own group's input channels and has zeros at all others.
@@ -579,7 +605,7 @@ def finn_preparation() -> list[Transformation]:
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
             AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(),
-            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32()]
+            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(), ChannelsLastInputLayout()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:
