@@ -8,7 +8,9 @@ onnxruntime (``quantize_static`` QDQ, also in its com.microsoft Q/DQ, and QOpera
 an ``InferenceSession``'s graph optimizer saves from them), qonnx's channels-last form of the QONNX convolutions
 (``ConvertToChannelsLastAndClean``), qonnx's cleanup and the transformations FINN's and hls4ml's preparation run on
 QONNX files (``_qonnx_transformations``), FINN's own pipeline (``step_qonnx_to_finn`` to ``step_minimize_bit_width``,
-as far as it runs without Vivado) and the committed QONNX model-zoo files (``tests/data``). Each file then goes
+as far as it runs without Vivado), the committed QONNX model-zoo files (``tests/data``) and Keras files
+(``tests/data/keras``: QKeras models as qonnx's converter writes them, and onnxruntime's quantizer over tf2onnx
+float models). Each file then goes
 through the command line:
 
 1. ``a2q analyze --json --per-channel``: every quantized MAC layer must be read, and each one's reported range must
@@ -77,6 +79,10 @@ FINN_STAGES = {"step_qonnx_to_finn": "FINN ConvertQONNXtoFINN", "step_streamline
                "step_minimize_bit_width": "FINN minimize_bit_width (weight and accumulator types)"}
 ZOO = "QONNX model zoo"
 QKERAS = "QKeras (qonnx.converters.from_keras)"
+TF2ONNX_ORT = "onnxruntime quantize_static / quantize_dynamic of tf2onnx (Keras) models"
+# (format, weight type, activation type, per channel) of onnxruntime's quantizer over the tf2onnx float models
+TF2ONNX_ORT_VARIANTS = [("QDQ", "QInt8", "QUInt8", True), ("QDQ", "QInt8", "QInt8", False),
+                        ("QOperator", "QInt8", "QUInt8", True), ("dynamic", "QInt8", "QUInt8", True)]
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
 GRAPH_PTQ = {"qonnx": "Brevitas graph-mode PTQ (brevitas_examples quantize_model), export_qonnx",
@@ -447,15 +453,35 @@ def quantize_graph_files(folder: Path) -> tuple[list[Entry], list[str]]:
     return entries, rejected
 
 
-def qkeras_files(folder: Path) -> list[Entry]:
-    """The committed QKeras files (``scripts/qkeras_files.py``): qonnx's converter drops the input quantizer, so
-    each is run as a user declaring its 8-bit input (``quantized_bits(8, 0)``'s codes) with ``--input-dtype``."""
-    entries = []
-    for source in sorted((DATA / "qkeras").glob("*.onnx")):
+def keras_files(folder: Path, quick: bool) -> tuple[list[Entry], list[Entry]]:
+    """The committed Keras files (``scripts/keras_files.py``, ``tests/data/keras``): the QKeras ones as qonnx's
+    converter wrote them, run as a user declaring the 8-bit input the converter leaves unquantized
+    (``--input-dtype``); and onnxruntime's quantizer over the tf2onnx float ones (quick: the QDQ CNN only)."""
+    from tests.ort_models import quantize
+
+    qkeras = []
+    for source in sorted((DATA / "keras").glob("qkeras_*.onnx")):
         path = folder / source.name
         shutil.copyfile(source, path)
-        entries.append(Entry(path.stem, QKERAS, path, lower=True, input_dtype="INT8"))
-    return entries
+        qkeras.append(Entry(path.stem, QKERAS, path, lower=True, input_dtype="INT8"))
+    quantized = []
+    for source in sorted((DATA / "keras").glob("tf2onnx_*.onnx")):
+        shape = [int(d.dim_value) for d in _graph_input(source).type.tensor_type.shape.dim]
+        for fmt, weight, act, per_channel in TF2ONNX_ORT_VARIANTS[:1] if quick else TF2ONNX_ORT_VARIANTS:
+            name = f"ort_{fmt}_{source.stem}_w{weight}_a{act}_{'pc' if per_channel else 'pt'}"
+            path = folder / f"{name}.onnx"
+            with _quiet():
+                quantize(source, path, shape, fmt, weight, act, per_channel)
+            quantized.append(Entry(name, TF2ONNX_ORT, path, lower=_lowers_as_quant(path)))
+        if quick:
+            break
+    return qkeras, quantized
+
+
+def _graph_input(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.input[0]
 
 
 def zoo_files(folder: Path) -> list[Entry]:
@@ -488,9 +514,9 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
         folder, list(kinds.values()), _qonnx_transformations(), QONNX_TRANSFORMED)
     quantized, quantized_rejected = ([], []) if quick else quantize_graph_files(folder)
     graph_ptq, graph_ptq_rejected = graph_ptq_files(folder, quick)
-    qkeras = qkeras_files(folder)
+    qkeras, keras_quantized = keras_files(folder, quick)
     return (entries + graph_ptq + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
-            + ([] if quick else zoo) + (qkeras[:1] if quick else qkeras),
+            + ([] if quick else zoo) + (qkeras[:1] if quick else qkeras) + keras_quantized,
             rejected + graph_ptq_rejected + finn_rejected + channels_last_rejected + transformed_rejected
             + quantized_rejected)
 

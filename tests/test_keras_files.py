@@ -1,13 +1,15 @@
-"""QKeras models as qonnx's converter writes them (``tests/data/qkeras``, see its README), run as a QKeras user
-would: the converter drops the input quantizer, so the first layer's input is declared with ``--input-dtype`` and
-every output carries that claim.
+"""Keras models as their converters write them (``tests/data/keras``, see its README). QKeras models from qonnx's
+converter, run as a QKeras user would: the converter drops the input quantizer, so the first layer's input is
+declared with ``--input-dtype`` and every output carries that claim. Keras float models from tf2onnx, quantized by
+onnxruntime.
 
 Each file goes through the corpus' whole check (``scripts.corpus.check``: analyze against the oracle that executes
 worst-case inputs through the graph's own quantizers, project, verify, finetune, allocate and lower, each output
 executed again). Before: ``finetune`` died on the converter's float64 scales (torch's MatMul refused float32 x
 float64), ``lower`` stopped in FINN on tf2onnx's ``MaxPool`` without ``pads`` and on a ``Conv1D`` bias behind a
 ``Reshape``, and an ``--input-dtype`` given to ``project`` or ``annotate`` was not in their output, so ``verify``
-and ``lower`` of it could not read the first layer.
+and ``lower`` of it could not read the first layer. ``lower`` of the tf2onnx CNN's QDQ files stopped in FINN
+("MultiThreshold input (NCHW) and output (NHWC) layout mismatch"): its graph input is channels-last.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import pytest
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
-from scripts.corpus import _oracle_ranges, _run, check, qkeras_files
+from scripts.corpus import TF2ONNX_ORT_VARIANTS, _oracle_ranges, _run, check, keras_files
 from tests.fuzz.oracle import width
 
-FILES = sorted(p.stem for p in (Path(__file__).resolve().parent / "data" / "qkeras").glob("*.onnx"))
+FILES = sorted(p.stem for p in (Path(__file__).resolve().parent / "data" / "keras").glob("qkeras_*.onnx"))
 # the one file whose lowering FINN leaves incomplete: TensorFlow's Conv1D squeezes its 2-D Conv's output, and FINN
 # has no streaming layer for that Squeeze (lower writes the graph, exit 3, naming it)
 NOT_LOWERED = {"qkeras_conv1d_w5a5": "Squeeze_0 (Squeeze)"}
@@ -34,12 +36,34 @@ UNREAD = {"qkeras_mlp_signed_act_w4a6": "MatMul_1: input not quantized",
 
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    return {e.name: e for e in qkeras_files(tmp_path_factory.mktemp("qkeras"))}
+def keras(tmp_path_factory):
+    qkeras, quantized = keras_files(tmp_path_factory.mktemp("keras"), quick=False)
+    return {e.name: e for e in qkeras}, {e.name: e for e in quantized}
 
 
-def test_every_converter_file_is_committed():
+@pytest.fixture(scope="module")
+def entries(keras):
+    return keras[0]
+
+
+def test_every_converter_file_is_committed(keras):
     assert len(FILES) == 10
+    assert len(keras[1]) == 2 * len(TF2ONNX_ORT_VARIANTS)
+
+
+@pytest.mark.parametrize("variant", range(2 * len(TF2ONNX_ORT_VARIANTS)))
+def test_onnxruntime_quantized_tf2onnx_file_end_to_end(variant, keras, tmp_path):
+    """Each onnxruntime format over each tf2onnx float model: every layer read exactly, projected, verified and
+    executed within P; the Q/DQ ones lowered whole (the CNN's channels-last input included), the others refused by
+    lower by name."""
+    entry = sorted(keras[1].values(), key=lambda e: e.name)[variant]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = check(entry, tmp_path, allocate=True)
+    assert result.status == "handled", (entry.name, result.detail, result.notes)
+    assert result.layers > 0 and result.tight == result.layers, (result.tight, result.layers)
+    assert entry.lower == ("_QDQ_" in entry.name), entry.name
+    assert result.allocated > 0, result.notes
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -1,9 +1,11 @@
-"""QKeras models converted to QONNX by qonnx's own converter (``qonnx.converters.from_keras``), for the corpus.
+"""Keras models as their converters write them, for the corpus: QKeras models converted to QONNX by qonnx's own
+converter (``qonnx.converters.from_keras``), and plain Keras float models converted by tf2onnx, which the corpus
+quantizes with onnxruntime (a TensorFlow user's route to Q/DQ files).
 
-    TFVENV/bin/python -m scripts.qkeras_files --out tests/data/qkeras
+    TFVENV/bin/python -m scripts.keras_files --out tests/data/keras
 
-QKeras and its converter need TensorFlow 2 with Keras 2, which the project's environment does not hold (and CI
-never installs): the files are written once, in a separate environment, and committed (``tests/data/qkeras``,
+QKeras, tf2onnx and the converter need TensorFlow 2 with Keras 2, which the project's environment does not hold (and
+CI never installs): the files are written once, in a separate environment, and committed (``tests/data/keras``,
 each a few kB). That environment, with Python 3.11::
 
     python3.11 -m venv TFVENV
@@ -24,8 +26,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _models():
-    """(name, keras model) for every file; names carry the weight and activation bits."""
+def _qkeras_models():
+    """(name, QKeras model) for every ``qkeras_*`` file; names carry the weight and activation bits."""
     from qkeras import QActivation, QConv1D, QConv2D, QDense, binary, quantized_bits, quantized_relu, ternary
     from tensorflow.keras.layers import AveragePooling2D, BatchNormalization, Flatten, Input, MaxPooling2D, Softmax
     from tensorflow.keras.models import Model
@@ -96,6 +98,26 @@ def _models():
     return models
 
 
+def _float_models():
+    """(name, Keras float model, input shape) for every ``tf2onnx_*`` file: channels-last convolutions (tf2onnx puts
+    a Transpose at the input and before the Flatten), max pooling, a depthwise convolution, dense layers."""
+    from tensorflow.keras import layers
+    from tensorflow.keras.models import Model
+
+    x = layers.Input((10, 10, 3), name="x")
+    h = layers.Conv2D(8, 3, activation="relu", name="conv0")(x)
+    h = layers.MaxPooling2D(2, name="pool")(h)
+    h = layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(h)
+    h = layers.Conv2D(6, 1, activation="relu", name="pw")(h)
+    h = layers.Dense(16, activation="relu", name="fc0")(layers.Flatten(name="flatten")(h))
+    cnn = Model(x, layers.Dense(4, name="out")(h))
+    x = layers.Input((20,), name="x")
+    h = layers.Dense(32, activation="relu", name="fc0")(x)
+    h = layers.Dense(16, activation="relu", name="fc1")(h)
+    mlp = Model(x, layers.Dense(3, name="out")(h))
+    return [("cnn", cnn, (1, 10, 10, 3)), ("mlp", mlp, (1, 20))]
+
+
 def _randomize(model, rng) -> None:
     """Weights spread over [-1, 1) (the quantizers' range at integer=0) and biases away from 0: tf2onnx removes
     an all-zero bias, and untrained BatchNormalization statistics would be the identity."""
@@ -106,27 +128,36 @@ def _randomize(model, rng) -> None:
                                else rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) for w in weights])
 
 
+def _save(onnx_model, path: Path) -> None:
+    import onnx
+
+    # qonnx's converter lists initializers in a set's order, which varies between runs: sorted, the files repeat
+    initializers = sorted(onnx_model.graph.initializer, key=lambda t: t.name)
+    del onnx_model.graph.initializer[:]
+    onnx_model.graph.initializer.extend(initializers)
+    onnx.save(onnx_model, path)
+    print(path, [node.op_type for node in onnx_model.graph.node])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     import numpy as np
-    import onnx
     import tensorflow as tf
+    import tf2onnx
     from qonnx.converters import from_keras
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, model in _models():
+    for name, model in _qkeras_models():
         tf.random.set_seed(0)
         _randomize(model, np.random.default_rng(sum(map(ord, name))))
-        onnx_model, _ = from_keras(model, f"qkeras_{name}")
-        # the converter lists initializers in a set's order, which varies between runs: sorted, the files repeat
-        initializers = sorted(onnx_model.graph.initializer, key=lambda t: t.name)
-        del onnx_model.graph.initializer[:]
-        onnx_model.graph.initializer.extend(initializers)
-        path = args.out / f"qkeras_{name}.onnx"
-        onnx.save(onnx_model, path)
-        print(path, [node.op_type for node in onnx_model.graph.node])
+        _save(from_keras(model, f"qkeras_{name}")[0], args.out / f"qkeras_{name}.onnx")
+    for name, model, shape in _float_models():
+        _randomize(model, np.random.default_rng(sum(map(ord, name))))
+        signature = (tf.TensorSpec(shape, tf.float32, name="x"),)
+        _save(tf2onnx.convert.from_keras(model, input_signature=signature, opset=13)[0],
+              args.out / f"tf2onnx_{name}.onnx")
 
 
 if __name__ == "__main__":
