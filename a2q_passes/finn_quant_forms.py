@@ -337,6 +337,35 @@ class ChannelsLastInputLayout(Transformation):
         return model, changed
 
 
+class SpatialSqueezeAsFlatten(Transformation):
+    """A ``Squeeze`` of both spatial axes of a ``[N, C, 1, 1]`` tensor (tf2onnx writes a Keras
+    ``GlobalAveragePooling2D`` as ``GlobalAveragePool`` + ``Squeeze``) becomes ``Flatten(axis=1)``: the same
+    ``[N, C]`` values in the same order.
+
+    Why: FINN has no layer for a ``Squeeze`` (``step_convert_to_hw`` leaves it, and the lowering stops there), while
+    its ``RemoveCNVtoFCFlatten`` takes the ``Flatten`` in front of a classifier, as after a Brevitas global pool.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type != "Squeeze" or node.domain not in ("", "ai.onnx"):
+                continue
+            shape = model.get_tensor_shape(node.input[0])
+            axes = get_constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else \
+                node_attr(node, "axes", None)
+            if shape is None or len(shape) != 4 or list(shape[2:]) != [1, 1] or axes is None:
+                continue
+            if sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [2, 3]:
+                continue
+            node.op_type = "Flatten"
+            del node.input[1:]
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("axis", 1))
+            changed = True
+        return model, changed
+
+
 class GroupedConvAsDense(Transformation):
     """A grouped ``Conv`` that is not depthwise becomes a ``group=1`` ``Conv`` with block-diagonal weights: each output
     channel keeps its weights at its own group's input channels and has zeros at all others.
@@ -605,7 +634,8 @@ def finn_preparation() -> list[Transformation]:
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
             AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(),
-            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(), ChannelsLastInputLayout()]
+            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(), ChannelsLastInputLayout(),
+            SpatialSqueezeAsFlatten()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:
