@@ -100,7 +100,8 @@ def _qkeras_models():
 
 def _float_models():
     """(name, Keras float model, input shape) for every ``tf2onnx_*`` file: channels-last convolutions (tf2onnx puts
-    a Transpose at the input and before the Flatten), max pooling, a depthwise convolution, dense layers."""
+    a Transpose at the input and before the Flatten), max pooling, a depthwise convolution, dense layers, a residual
+    block and global average pooling."""
     from tensorflow.keras import layers
     from tensorflow.keras.models import Model
 
@@ -115,7 +116,14 @@ def _float_models():
     h = layers.Dense(32, activation="relu", name="fc0")(x)
     h = layers.Dense(16, activation="relu", name="fc1")(h)
     mlp = Model(x, layers.Dense(3, name="out")(h))
-    return [("cnn", cnn, (1, 10, 10, 3)), ("mlp", mlp, (1, 20))]
+    # a residual block and global average pooling (tf2onnx: GlobalAveragePool + Squeeze)
+    x = layers.Input((12, 12, 3), name="x")
+    h = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv0")(x)
+    r = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(h)
+    r = layers.Conv2D(8, 3, padding="same", name="conv2")(r)
+    h = layers.GlobalAveragePooling2D(name="gap")(layers.ReLU(name="relu")(layers.Add(name="add")([h, r])))
+    residual = Model(x, layers.Dense(4, name="out")(h))
+    return [("cnn", cnn, (1, 10, 10, 3)), ("mlp", mlp, (1, 20)), ("residual_gap", residual, (1, 12, 12, 3))]
 
 
 def _randomize(model, rng) -> None:
