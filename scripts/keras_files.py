@@ -101,7 +101,7 @@ def _qkeras_models():
 def _float_models():
     """(name, Keras float model, input shape) for every ``tf2onnx_*`` file: channels-last convolutions (tf2onnx puts
     a Transpose at the input and before the Flatten), max pooling, a depthwise convolution, dense layers, a residual
-    block and global average pooling."""
+    block and global average pooling, a 1-D convolution."""
     from tensorflow.keras import layers
     from tensorflow.keras.models import Model
 
@@ -123,7 +123,12 @@ def _float_models():
     r = layers.Conv2D(8, 3, padding="same", name="conv2")(r)
     h = layers.GlobalAveragePooling2D(name="gap")(layers.ReLU(name="relu")(layers.Add(name="add")([h, r])))
     residual = Model(x, layers.Dense(4, name="out")(h))
-    return [("cnn", cnn, (1, 10, 10, 3)), ("mlp", mlp, (1, 20)), ("residual_gap", residual, (1, 12, 12, 3))]
+    # TensorFlow's conv1d: a 2-D convolution on an inserted axis (Unsqueeze, Conv 1 x k, Squeeze)
+    x = layers.Input((16, 4), name="x")
+    h = layers.Conv1D(6, 3, strides=2, padding="same", activation="relu", name="conv0")(x)
+    conv1d = Model(x, layers.Dense(2, name="out")(layers.Flatten(name="flatten")(h)))
+    return [("cnn", cnn, (1, 10, 10, 3)), ("mlp", mlp, (1, 20)), ("residual_gap", residual, (1, 12, 12, 3)),
+            ("conv1d", conv1d, (1, 16, 4))]
 
 
 def _randomize(model, rng) -> None:

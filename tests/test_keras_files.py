@@ -10,7 +10,8 @@ float64), ``lower`` stopped in FINN on tf2onnx's ``MaxPool`` without ``pads`` an
 ``Reshape``, and an ``--input-dtype`` given to ``project`` or ``annotate`` was not in their output, so ``verify``
 and ``lower`` of it could not read the first layer. ``lower`` of the tf2onnx CNN's QDQ files stopped in FINN
 ("MultiThreshold input (NCHW) and output (NHWC) layout mismatch"): its graph input is channels-last; and at
-the residual net's ``Squeeze`` after its global pool, which FINN has no layer for.
+the residual net's ``Squeeze`` after its global pool and at TensorFlow's 1-D convolution (a 2-D ``Conv`` between
+``Unsqueeze`` and ``Squeeze``), which FINN has no layer for.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from tests.fuzz.oracle import width
 
 FILES = sorted(p.stem for p in (Path(__file__).resolve().parent / "data" / "keras").glob("qkeras_*.onnx"))
 FLOAT_FILES = sorted(p.stem for p in (Path(__file__).resolve().parent / "data" / "keras").glob("tf2onnx_*.onnx"))
-# the one file whose lowering FINN leaves incomplete: TensorFlow's Conv1D squeezes its 2-D Conv's output, and FINN
-# has no streaming layer for that Squeeze (lower writes the graph, exit 3, naming it)
-NOT_LOWERED = {"qkeras_conv1d_w5a5": "Squeeze_0 (Squeeze)"}
 # what the converter leaves unquantized, named by analyze: the QActivation between the layers dropped, the
 # alpha="auto_po2" weights without a Quant
 UNREAD = {"qkeras_mlp_signed_act_w4a6": "MatMul_1: input not quantized",
@@ -50,10 +48,10 @@ def entries(keras):
 
 def test_every_converter_file_is_committed(keras):
     assert len(FILES) == 10
-    assert len(keras[1]) == len(FLOAT_FILES) * len(TF2ONNX_ORT_VARIANTS) and len(FLOAT_FILES) == 3
+    assert len(keras[1]) == len(FLOAT_FILES) * len(TF2ONNX_ORT_VARIANTS) and len(FLOAT_FILES) == 4
 
 
-@pytest.mark.parametrize("variant", range(3 * len(TF2ONNX_ORT_VARIANTS)))
+@pytest.mark.parametrize("variant", range(4 * len(TF2ONNX_ORT_VARIANTS)))
 def test_onnxruntime_quantized_tf2onnx_file_end_to_end(variant, keras, tmp_path):
     """Each onnxruntime format over each tf2onnx float model: every layer read exactly, projected, verified and
     executed within P; the Q/DQ ones lowered whole (the CNN's channels-last input included), the others refused by
@@ -80,10 +78,7 @@ def test_qkeras_file_end_to_end(name, entries, tmp_path):
     assert result.layers > 0 and result.tight == result.layers, (result.detail, result.tight, result.layers)
     assert result.finetuned, (result.status, result.detail, result.notes)
     assert result.allocated > 0, (result.status, result.detail, result.notes)
-    if name in NOT_LOWERED:
-        assert result.status == "refused" and NOT_LOWERED[name] in result.detail, result.detail
-    else:
-        assert result.status == "handled", (result.detail, result.notes)
+    assert result.status == "handled", (result.detail, result.notes)
 
 
 def _first_layer_width(path: Path, input_dtype: str) -> int:
@@ -152,3 +147,27 @@ def test_finetune_trains_through_float64_scales(entries, tmp_path):
     name, output = model.graph.input[0].name, model.graph.output[0].name
     expected = execute_onnx(model, {name: x[:1]})[output]
     assert np.allclose(module(x[:1]).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tf2onnx_conv1d", "qkeras_conv1d_w5a5"])
+def test_tensorflow_conv1d_becomes_a_1d_conv_computing_the_same(name):
+    """TensorFlow's conv1d (Unsqueeze, Transpose, Conv 1 x k, Squeeze) as one Transpose and a 1-D Conv with 3-D
+    weights: qonnx executes the same outputs on random inputs, and no Squeeze is left for FINN."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D
+
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    model = ModelWrapper(str(Path(__file__).resolve().parent / "data" / "keras" / f"{name}.onnx"))
+    model = model.transform(InferShapes())  # tf2onnx leaves most shapes out; qonnx's executor wants them
+    rewritten = ModelWrapper(model.model.SerializeToString()).transform(ExpandedConv2DAsConv1D())
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "Squeeze" not in ops and "Unsqueeze" not in ops, ops
+    conv = next(n for n in rewritten.graph.node if n.op_type == "Conv")
+    assert len(rewritten.get_tensor_shape(conv.input[1])) == 3
+    x = np.random.default_rng(2).integers(-128, 128, (4, 1, 16, 4)).astype(np.float32)
+    for sample in x:
+        inputs = {model.graph.input[0].name: sample}
+        assert np.array_equal(execute_onnx(model, inputs)[model.graph.output[0].name],
+                              execute_onnx(rewritten, inputs)[rewritten.graph.output[0].name])
