@@ -1,11 +1,14 @@
-"""TensorFlow's 1-D convolution made the 1-D ``Conv`` FINN's 1-D step lowers.
+"""TensorFlow's 1-D convolution and max pooling made the 1-D ``Conv`` and ``MaxPool`` FINN's 1-D step lowers.
 
 TensorFlow computes ``conv1d`` as a 2-D convolution on an inserted axis, and tf2onnx (so qonnx's QKeras converter)
 writes it so: ``x [N, W, C] -> Unsqueeze(axis 1) -> Transpose(0, 3, 1, 2) -> Conv (kernel 1 x k) -> Squeeze(axis
 2)``. FINN lowers the ``Conv`` but has no layer for the ``Squeeze`` (its ``InferSqueeze`` fails on the axes
 input), so the lowering stopped there. :class:`ExpandedConv2DAsConv1D` rewrites the chain as ``Transpose(0, 2, 1)
 -> Conv (kernel k)`` with the weights' unit axis dropped, which computes the same values in the same layout, and
-which FINN's 1-D step (``Change3DTo4DTensors``) lowers like a Brevitas ``QuantConv1d``.
+which FINN's 1-D step (``Change3DTo4DTensors``) lowers like a Brevitas ``QuantConv1d``. tf2onnx writes a
+``MaxPooling1D`` behind it as ``Unsqueeze -> Reshape [N, C, W, 1] -> MaxPool (k x 1) -> Squeeze``, which that step
+refuses (it knows neither ``Unsqueeze`` nor ``Squeeze``): :class:`ExpandedMaxPoolAsMaxPool1D` makes it the 1-D
+``MaxPool`` it computes.
 """
 
 from __future__ import annotations
@@ -134,4 +137,53 @@ class ExpandedConv2DAsConv1D(Transformation):
             from qonnx.transformation.infer_shapes import InferShapes
 
             model = model.transform(InferShapes())
+        return model, changed
+
+
+def _pool_chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodeProto, NodeProto] | None:
+    """(Reshape, MaxPool, Squeeze) behind ``unsqueeze`` when they pool a ``[N, C, W]`` tensor along W, else None."""
+    shape = model.get_tensor_shape(unsqueeze.input[0])
+    if shape is None or len(shape) != 3 or _axes(model, unsqueeze) not in ([1], [-3]):
+        return None
+    reshape = _sole_reader(model, unsqueeze.output[0], "Reshape")
+    if reshape is None or model.get_tensor_shape(reshape.output[0]) != [*shape, 1]:
+        return None
+    pool = _sole_reader(model, reshape.output[0], "MaxPool")
+    squeeze = None if pool is None else _sole_reader(model, pool.output[0], "Squeeze")
+    if squeeze is None or _axes(model, squeeze) not in ([3], [-1]):
+        return None
+    kernel = list(node_attr(pool, "kernel_shape", []))
+    strides, dilations = list(node_attr(pool, "strides", [1, 1])), list(node_attr(pool, "dilations", [1, 1]))
+    pads = list(node_attr(pool, "pads", [0, 0, 0, 0]))
+    if (node_attr(pool, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET") or len(kernel) != 2 or kernel[1] != 1
+            or strides[1] != 1 or dilations[1] != 1 or pads[1] != 0 or pads[3] != 0 or len(pool.output) != 1):
+        return None
+    return reshape, pool, squeeze
+
+
+class ExpandedMaxPoolAsMaxPool1D(Transformation):
+    """``Unsqueeze(axis 1) -> Reshape [N, C, W, 1] -> MaxPool (k x 1) -> Squeeze(axis 3)`` on ``[N, C, W]`` becomes
+    ``MaxPool (k)`` on it: the same windows over W, so the same values (see the module docstring)."""
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for unsqueeze in [n for n in model.graph.node if n.op_type == "Unsqueeze"]:
+            chain = _pool_chain(model, unsqueeze)
+            if chain is None:
+                continue
+            reshape, pool, squeeze = chain
+            attributes = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
+            one_d = {"kernel_shape": attributes["kernel_shape"][:1], "strides": attributes.get("strides", [1, 1])[:1]}
+            if "dilations" in attributes:
+                one_d["dilations"] = attributes["dilations"][:1]
+            pads = attributes.get("pads", [0, 0, 0, 0])
+            one_d["pads"] = [pads[0], pads[2]]
+            del pool.attribute[:]
+            for name, value in {**attributes, **one_d}.items():
+                pool.attribute.append(helper.make_attribute(name, value))
+            pool.input[0] = unsqueeze.input[0]
+            pool.output[0] = squeeze.output[0]
+            for node in (unsqueeze, reshape, squeeze):
+                model.graph.node.remove(node)
+            changed = True
         return model, changed

@@ -631,11 +631,11 @@ def finn_preparation() -> list[Transformation]:
 
     from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
-    from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D
+    from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D, ExpandedMaxPoolAsMaxPool1D
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
-            AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExpandedConv2DAsConv1D(),
+            AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(),
             WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(), ChannelsLastInputLayout(),
             SpatialSqueezeAsFlatten()]
 
