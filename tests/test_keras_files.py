@@ -47,11 +47,11 @@ def entries(keras):
 
 
 def test_every_converter_file_is_committed(keras):
-    assert len(FILES) == 10
-    assert len(keras[1]) == len(FLOAT_FILES) * len(TF2ONNX_ORT_VARIANTS) and len(FLOAT_FILES) == 4
+    assert len(FILES) == 11
+    assert len(keras[1]) == len(FLOAT_FILES) * len(TF2ONNX_ORT_VARIANTS) and len(FLOAT_FILES) == 5
 
 
-@pytest.mark.parametrize("variant", range(4 * len(TF2ONNX_ORT_VARIANTS)))
+@pytest.mark.parametrize("variant", range(5 * len(TF2ONNX_ORT_VARIANTS)))
 def test_onnxruntime_quantized_tf2onnx_file_end_to_end(variant, keras, tmp_path):
     """Each onnxruntime format over each tf2onnx float model: every layer read exactly, projected, verified and
     executed within P; the Q/DQ ones lowered whole (the CNN's channels-last input included), the others refused by
@@ -149,19 +149,22 @@ def test_finetune_trains_through_float64_scales(entries, tmp_path):
     assert np.allclose(module(x[:1]).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["tf2onnx_conv1d", "qkeras_conv1d_w5a5"])
+@pytest.mark.parametrize("name", ["tf2onnx_conv1d", "qkeras_conv1d_w5a5", "tf2onnx_conv1d_pool",
+                                  "qkeras_conv1d_pool_w4a4"])
 def test_tensorflow_conv1d_becomes_a_1d_conv_computing_the_same(name):
     """TensorFlow's conv1d (Unsqueeze, Transpose, Conv 1 x k, Squeeze) as one Transpose and a 1-D Conv with 3-D
-    weights: qonnx executes the same outputs on random inputs, and no Squeeze is left for FINN."""
+    weights, and its 1-D max pooling (Unsqueeze, Reshape, MaxPool k x 1, Squeeze) as a 1-D MaxPool: qonnx executes
+    the same outputs on random inputs, and no Squeeze or Unsqueeze is left for FINN's 1-D step."""
     from qonnx.core.onnx_exec import execute_onnx
 
-    from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D
+    from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D, ExpandedMaxPoolAsMaxPool1D
 
     from qonnx.transformation.infer_shapes import InferShapes
 
     model = ModelWrapper(str(Path(__file__).resolve().parent / "data" / "keras" / f"{name}.onnx"))
     model = model.transform(InferShapes())  # tf2onnx leaves most shapes out; qonnx's executor wants them
     rewritten = ModelWrapper(model.model.SerializeToString()).transform(ExpandedConv2DAsConv1D())
+    rewritten = rewritten.transform(ExpandedMaxPoolAsMaxPool1D())
     ops = [n.op_type for n in rewritten.graph.node]
     assert "Squeeze" not in ops and "Unsqueeze" not in ops, ops
     conv = next(n for n in rewritten.graph.node if n.op_type == "Conv")
