@@ -47,9 +47,9 @@ def _past_tensor_quantizers(model: ModelWrapper, tensor: str, op_type: str) -> t
     return _sole_reader(model, tensor, op_type), between
 
 
-def _chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodeProto, NodeProto, int, list[str]] | None:
-    """(Transpose, Conv, Squeeze, kernel size, the quantized tensors between them) behind ``unsqueeze`` when they
-    form TensorFlow's conv1d, else None."""
+def _chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodeProto, NodeProto, list[str]] | None:
+    """(Transpose, Conv, Squeeze, the quantized tensors between them) behind ``unsqueeze`` when they form
+    TensorFlow's conv1d, else None."""
     shape = model.get_tensor_shape(unsqueeze.input[0])
     if shape is None or len(shape) != 3 or _axes(model, unsqueeze) not in ([1], [-3]):
         return None
@@ -70,7 +70,7 @@ def _chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodePr
             list(node_attr(conv, name, default))[i] != default[i] for name, default in ones.items()
             for i in ((0,) if name != "pads" else (0, 2))):
         return None
-    return transpose, conv, squeeze, int(weights[3]), before + after
+    return transpose, conv, squeeze, before + after
 
 
 def _unit_axis_dropped(model: ModelWrapper, conv: NodeProto) -> bool:
@@ -97,6 +97,20 @@ def _unit_axis_dropped(model: ModelWrapper, conv: NodeProto) -> bool:
     return True
 
 
+def _keep_spatial_axis(node: NodeProto, axis: int) -> None:
+    """A 2-D window node's ``kernel_shape``, ``strides``, ``dilations`` and ``pads`` reduced to their entries for
+    spatial ``axis`` (a 1-D node; the other axis has a unit kernel, stride and dilation and no pads, as the chains
+    checked); ``auto_pad`` (checked NOTSET) dropped, every other attribute kept."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "auto_pad"}
+    for name in ("kernel_shape", "strides", "dilations"):
+        if name in attributes:
+            attributes[name] = [attributes[name][axis]]
+    if "pads" in attributes:
+        attributes["pads"] = [attributes["pads"][axis], attributes["pads"][2 + axis]]
+    del node.attribute[:]
+    node.attribute.extend(helper.make_attribute(name, value) for name, value in attributes.items())
+
+
 class ExpandedConv2DAsConv1D(Transformation):
     """``Unsqueeze(axis 1) -> Transpose(0, 3, 1, 2) -> Conv (1 x k) -> Squeeze(axis 2)`` on ``[N, W, C]`` becomes
     ``Transpose(0, 2, 1) -> Conv (k)``: the same values, the Conv's weights without their unit axis (see the module
@@ -109,21 +123,13 @@ class ExpandedConv2DAsConv1D(Transformation):
             chain = _chain(model, unsqueeze)
             if chain is None:
                 continue
-            transpose, conv, squeeze, kernel, quantized = chain
+            transpose, conv, squeeze, quantized = chain
             if not _unit_axis_dropped(model, conv):
                 continue
             transpose.input[0] = unsqueeze.input[0]
             del transpose.attribute[:]
             transpose.attribute.append(helper.make_attribute("perm", [0, 2, 1]))
-            attributes = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-            one_d = {"kernel_shape": [kernel], "strides": [attributes.get("strides", [1, 1])[1]],
-                     "dilations": [attributes.get("dilations", [1, 1])[1]]}
-            pads = attributes.get("pads", [0, 0, 0, 0])
-            one_d["pads"] = [pads[1], pads[3]]
-            del conv.attribute[:]
-            for name, value in {**attributes, **one_d}.items():
-                if name != "auto_pad":
-                    conv.attribute.append(helper.make_attribute(name, value))
+            _keep_spatial_axis(conv, 1)
             # the Conv, or the last quantizer behind it, writes what the Squeeze wrote
             model.find_producer(squeeze.input[0]).output[0] = squeeze.output[0]
             model.graph.node.remove(unsqueeze)
@@ -172,15 +178,7 @@ class ExpandedMaxPoolAsMaxPool1D(Transformation):
             if chain is None:
                 continue
             reshape, pool, squeeze = chain
-            attributes = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
-            one_d = {"kernel_shape": attributes["kernel_shape"][:1], "strides": attributes.get("strides", [1, 1])[:1]}
-            if "dilations" in attributes:
-                one_d["dilations"] = attributes["dilations"][:1]
-            pads = attributes.get("pads", [0, 0, 0, 0])
-            one_d["pads"] = [pads[0], pads[2]]
-            del pool.attribute[:]
-            for name, value in {**attributes, **one_d}.items():
-                pool.attribute.append(helper.make_attribute(name, value))
+            _keep_spatial_axis(pool, 0)
             pool.input[0] = unsqueeze.input[0]
             pool.output[0] = squeeze.output[0]
             for node in (unsqueeze, reshape, squeeze):
