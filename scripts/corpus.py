@@ -465,7 +465,10 @@ def keras_files(folder: Path, quick: bool) -> tuple[list[Entry], list[Entry]]:
         shutil.copyfile(source, path)
         qkeras.append(Entry(path.stem, QKERAS, path, lower=True, input_dtype="INT8"))
     quantized = []
-    for source in sorted((DATA / "keras").glob("tf2onnx_*.onnx")):
+    for committed in sorted((DATA / "keras").glob("tf2onnx_*.onnx")):
+        # onnxruntime's quantizer writes a shape-inferred copy beside its input: quantize a copy in the work folder
+        source = folder / committed.name
+        shutil.copyfile(committed, source)
         shape = [int(d.dim_value) for d in _graph_input(source).type.tensor_type.shape.dim]
         for fmt, weight, act, per_channel in TF2ONNX_ORT_VARIANTS[:1] if quick else TF2ONNX_ORT_VARIANTS:
             name = f"ort_{fmt}_{source.stem}_w{weight}_a{act}_{'pc' if per_channel else 'pt'}"
