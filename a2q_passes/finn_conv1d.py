@@ -18,13 +18,7 @@ from onnx import NodeProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
-from a2q_passes.graph_values import get_constant, node_attr
-
-
-def _axes(model: ModelWrapper, node: NodeProto) -> list[int] | None:
-    """A ``Squeeze``/``Unsqueeze``'s axes (an input from opset 13, an attribute before), or None."""
-    axes = get_constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else node_attr(node, "axes")
-    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+from a2q_passes.graph_values import get_constant, node_attr, node_axes
 
 
 def _sole_reader(model: ModelWrapper, tensor: str, op_type: str) -> NodeProto | None:
@@ -51,7 +45,7 @@ def _chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodePr
     """(Transpose, Conv, Squeeze, the quantized tensors between them) behind ``unsqueeze`` when they form
     TensorFlow's conv1d, else None."""
     shape = model.get_tensor_shape(unsqueeze.input[0])
-    if shape is None or len(shape) != 3 or _axes(model, unsqueeze) not in ([1], [-3]):
+    if shape is None or len(shape) != 3 or node_axes(model, unsqueeze) not in ([1], [-3]):
         return None
     transpose = _sole_reader(model, unsqueeze.output[0], "Transpose")
     if transpose is None or list(node_attr(transpose, "perm", [])) != [0, 3, 1, 2]:
@@ -60,7 +54,7 @@ def _chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodePr
     if conv is None or conv.input[0] != (before[-1] if before else transpose.output[0]):
         return None
     squeeze, after = _past_tensor_quantizers(model, conv.output[0], "Squeeze")
-    if squeeze is None or _axes(model, squeeze) not in ([2], [-2]):
+    if squeeze is None or node_axes(model, squeeze) not in ([2], [-2]):
         return None
     weights = model.get_tensor_shape(conv.input[1])
     if weights is None or len(weights) != 4 or weights[2] != 1:
@@ -149,14 +143,14 @@ class ExpandedConv2DAsConv1D(Transformation):
 def _pool_chain(model: ModelWrapper, unsqueeze: NodeProto) -> tuple[NodeProto, NodeProto, NodeProto] | None:
     """(Reshape, MaxPool, Squeeze) behind ``unsqueeze`` when they pool a ``[N, C, W]`` tensor along W, else None."""
     shape = model.get_tensor_shape(unsqueeze.input[0])
-    if shape is None or len(shape) != 3 or _axes(model, unsqueeze) not in ([1], [-3]):
+    if shape is None or len(shape) != 3 or node_axes(model, unsqueeze) not in ([1], [-3]):
         return None
     reshape = _sole_reader(model, unsqueeze.output[0], "Reshape")
     if reshape is None or model.get_tensor_shape(reshape.output[0]) != [*shape, 1]:
         return None
     pool = _sole_reader(model, reshape.output[0], "MaxPool")
     squeeze = None if pool is None else _sole_reader(model, pool.output[0], "Squeeze")
-    if squeeze is None or _axes(model, squeeze) not in ([3], [-1]):
+    if squeeze is None or node_axes(model, squeeze) not in ([3], [-1]):
         return None
     kernel = list(node_attr(pool, "kernel_shape", []))
     strides, dilations = list(node_attr(pool, "strides", [1, 1])), list(node_attr(pool, "dilations", [1, 1]))

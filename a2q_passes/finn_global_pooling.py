@@ -20,13 +20,12 @@ Two steps, used by the lowering flow (:mod:`a2q_passes.finn_flow`) and the FINN 
 
 from __future__ import annotations
 
-import numpy as np
 from onnx import NodeProto, helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 from qonnx.transformation.infer_shapes import InferShapes
 
-from a2q_passes.graph_values import get_constant, node_attr
+from a2q_passes.graph_values import node_attr, node_axes
 
 _SPATIAL_AXES = {2, 3}  # of a 4-D NCHW tensor, ONNX's layout for GlobalAveragePool
 
@@ -69,13 +68,8 @@ class ReduceMeanAsGlobalAveragePool(Transformation):
 def _reduced_axes(model: ModelWrapper, node: NodeProto) -> set[int] | None:
     """The axes ``node`` reduces, non-negative for a 4-D input: the ``axes`` input (opset 18) or attribute; ``None``
     where they are not constant or not given (all axes)."""
-    if len(node.input) > 1 and node.input[1]:
-        axes = get_constant(model, node.input[1])
-    else:
-        axes = node_attr(node, "axes")
-    if axes is None:
-        return None
-    return {int(a) % 4 for a in np.asarray(axes).reshape(-1)}
+    axes = node_axes(model, node)
+    return None if axes is None else {a % 4 for a in axes}
 
 
 def accumulate_global_pools(model: ModelWrapper) -> ModelWrapper:

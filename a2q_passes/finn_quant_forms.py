@@ -20,7 +20,7 @@ from qonnx.transformation.base import Transformation
 
 from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
-from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, sole_relu_reader
+from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, node_axes, sole_relu_reader
 
 _BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -352,11 +352,10 @@ class SpatialSqueezeAsFlatten(Transformation):
             if node.op_type != "Squeeze" or node.domain not in ("", "ai.onnx"):
                 continue
             shape = model.get_tensor_shape(node.input[0])
-            axes = get_constant(model, node.input[1]) if len(node.input) > 1 and node.input[1] else \
-                node_attr(node, "axes", None)
+            axes = node_axes(model, node)
             if shape is None or len(shape) != 4 or list(shape[2:]) != [1, 1] or axes is None:
                 continue
-            if sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [2, 3]:
+            if sorted(a % 4 for a in axes) != [2, 3]:
                 continue
             node.op_type = "Flatten"
             del node.input[1:]
@@ -476,12 +475,14 @@ _SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")
 def _reaches_no_mac_through_shape_ops(model: ModelWrapper, consumers: list, tensor: str) -> bool:
     """Whether ``tensor`` is read only by shape ops (their other inputs constant), and their outputs in turn, ending
     at nodes that are no MAC: a constant those nodes add or scale by, never a layer's weights."""
+    from a2q_passes.layers import MAC_OP_TYPES  # layers reads grids through input_grids, which imports this module
+
     outputs = {o.name for o in model.graph.output}
     pending, shaped = [(c, tensor) for c in consumers], False
     while pending:
         node, read = pending.pop()
         if node.op_type not in _SHAPE_OPS:
-            if node.op_type in _MAC_OPS:
+            if node.op_type in MAC_OP_TYPES:
                 return False
             continue
         if list(node.input).index(read) != 0 or any(model.get_initializer(t) is None for t in node.input[1:] if t):
@@ -491,9 +492,6 @@ def _reaches_no_mac_through_shape_ops(model: ModelWrapper, consumers: list, tens
         shaped = True
         pending += [(c, node.output[0]) for c in model.find_consumers(node.output[0]) or []]
     return shaped
-
-
-_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _remove_if_unused(model: ModelWrapper, name: str) -> None:
@@ -629,9 +627,8 @@ def finn_preparation() -> list[Transformation]:
     (:mod:`a2q_passes.finn_average_pooling`) among them."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
-    from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
-
     from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D, ExpandedMaxPoolAsMaxPool1D
+    from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),

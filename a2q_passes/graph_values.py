@@ -45,6 +45,16 @@ def node_attr(node: NodeProto, name: str, default=None):
     return default
 
 
+def node_axes(model: ModelWrapper, node: NodeProto) -> list[int] | None:
+    """The axes of a ``Squeeze``/``Unsqueeze``/``Reduce*`` node as given: its ``axes`` input (opset 13, for the
+    reductions 18) or attribute; ``None`` where neither is a constant."""
+    if len(node.input) > 1 and node.input[1]:
+        axes = get_constant(model, node.input[1])
+    else:
+        axes = node_attr(node, "axes")
+    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+
+
 def node_str_attr(node: NodeProto, name: str, default: str) -> str:
     """A string attribute, decoded."""
     value = node_attr(node, name, default)
