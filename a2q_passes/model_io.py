@@ -249,7 +249,8 @@ def declare_custom_domains(proto: onnx.ModelProto) -> bool:
 
 def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
     """A tensor described twice, differently (the checker lets it pass), makes qonnx's shape and datatype lookups fail;
-    a value_info entry that only repeats another is dropped, in memory.
+    a value_info entry that only repeats another is dropped, in memory, as is one without a shape (its tensor is
+    not a scalar: its rank is unknown).
 
     An initializer described as another type or shape than it holds (the checker lets it pass too) gets its entry
     corrected to what it holds, in memory: the initializer is what executes (onnxruntime runs such a file), and
@@ -261,6 +262,9 @@ def _check_value_info(proto: onnx.ModelProto, path: Path) -> None:
     kept = []  # value_info without the entries that only repeat an earlier one (a graph output kept in value_info)
     for position, info in enumerate([*graph.input, *graph.output, *graph.value_info]):
         in_value_info = position >= len(graph.input) + len(graph.output)
+        if in_value_info and info.type.WhichOneof("value") == "tensor_type" and not info.type.tensor_type.HasField(
+                "shape"):
+            continue  # no shape at all (older QKeras converters): qonnx and FINN would read it as rank 0
         if info.name in seen:
             if in_value_info and info.type == seen[info.name]:
                 continue

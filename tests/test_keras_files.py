@@ -81,6 +81,28 @@ def test_qkeras_file_end_to_end(name, entries, tmp_path):
     assert result.status == "handled", (result.detail, result.notes)
 
 
+def test_value_info_without_shapes_as_older_converters_write(entries, tmp_path):
+    """The QONNX zoo's jet-tagging file (qonnx's QKeras converter of 2022) declares every intermediate tensor with
+    an element type and no shape; qonnx reads such a tensor as rank 0. The corpus' oracle took those for known
+    shapes and died executing the first MatMul; every a2q command reads the file, and the oracle now checks it."""
+    import onnx
+
+    source = entries["qkeras_mlp_w6a6"]
+    proto = onnx.load(str(source.path))
+    assert len(proto.graph.value_info) > 0
+    for vi in proto.graph.value_info:
+        vi.type.tensor_type.ClearField("shape")
+    path = tmp_path / "shapeless.onnx"
+    onnx.save(proto, str(path))
+    entry = type(source)("shapeless", source.producer, path, lower=True, input_dtype=source.input_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = check(entry, tmp_path)
+    assert result.status == "handled", (result.detail, result.notes)
+    assert result.layers > 0 and result.tight == result.layers, (result.tight, result.layers)
+    assert result.finetuned, result.notes
+
+
 def _first_layer_width(path: Path, input_dtype: str) -> int:
     model = ModelWrapper(str(path))
     first = next(n for n in model.graph.node if n.op_type == "MatMul")

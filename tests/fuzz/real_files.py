@@ -352,6 +352,10 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
             node.domain = QONNX_DOMAIN
     if QONNX_DOMAIN not in model.get_opset_imports():
         model.model.opset_import.append(helper.make_opsetid(QONNX_DOMAIN, 1))
+    # a value_info without a shape (qonnx's QKeras converter writes them) reads as rank 0 in qonnx: drop it
+    shapeless = [vi for vi in model.graph.value_info if not vi.type.tensor_type.HasField("shape")]
+    for vi in shapeless:
+        model.graph.value_info.remove(vi)
     if all(model.get_tensor_shape(t) is not None for n in model.graph.node for t in n.output if t):
         return model  # shaped already (a lowered FINN graph: qonnx cannot infer the shape of FINN's HW Reshape)
     try:  # constant shape computations folded (Brevitas' old Flatten exports: Shape -> Gather -> ... -> Reshape)
