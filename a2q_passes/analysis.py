@@ -15,6 +15,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes import bounds
 from a2q_passes.layers import KIND_WEIGHTS, MacLayer, find_mac_layers
 from a2q_passes.read_only_model import ReadOnlyModel
+from a2q_passes.weight_sources import UNROUNDED_KINDS, saturated_weights
 
 BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
 
@@ -247,7 +248,39 @@ def analyze_model(
                         "constant weights, QLinearConv/QLinearMatMul/QGemm/ConvInteger/MatMulInteger, "
                         "a MatMul of two quantized activations, or FINN MVAU/VVAU)")
     warnings.extend(f"{r.node}: {r.status}" for r in reports if r.status.startswith("unsupported"))
+    warnings.extend(saturation_warnings(model, layers))
     return ModelReport(reports, warnings, zero_point, input_ranges)
+
+
+# Share of a layer's weights its quantizer may saturate before analyze says so: a weight quantizer whose scale was
+# computed from the weights saturates none (Brevitas, onnxruntime) or a few outliers (QKeras' quantized_bits)
+SATURATED_WARNING_FRACTION = 0.01
+
+
+def saturation_warnings(model: ModelWrapper, layers: list[MacLayer]) -> list[str]:
+    """A warning for each layer whose weight quantizer saturates many of the weights it is given.
+
+    Why: Brevitas (0.13, both exporters) writes an accumulator-aware weight quantizer (A2Q, A2Q+) as its latent,
+    unnormalised weights under the scale of the normalised ones, so the file's quantizer clips most of them to the
+    largest codes: the file then computes other weights than the trained model, and the width Brevitas promised
+    does not hold for it. The widths reported are the file's, which is what runs; the user should know why.
+    """
+    warnings = []
+    for layer in layers:
+        if not layer.ok or layer.act_x_act or layer.source is None or layer.source.kind not in UNROUNDED_KINDS:
+            continue
+        saturated, total, peak = saturated_weights(model, layer.source)
+        if saturated > SATURATED_WARNING_FRACTION * total:
+            codes = layer.source.storage_range or layer.source.weight_range
+            warnings.append(
+                f"{layer.node}: its weight quantizer saturates {saturated} of {total} weights "
+                f"({100 * saturated / total:.1f}%; |weight / scale| reaches {peak:.1f} for codes in [{codes.lo}, "
+                f"{codes.hi}]); the widths above are those of the saturated weights this file computes. Brevitas "
+                "exports accumulator-aware weight quantizers (A2Q, A2Q+) this way, latent weights under the scale "
+                "of the normalised ones: such a file does not compute the trained model's weights, and the "
+                "accumulator width Brevitas trained for does not hold for it; compare the file's outputs with the "
+                "torch model's")
+    return warnings
 
 
 INNER_REGISTER = "partial sum within a tile"  # the inner stage of a tiled datapath; every other register is outer

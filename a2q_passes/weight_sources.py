@@ -576,6 +576,22 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
 
 
+def saturated_weights(model: ModelWrapper, source: WeightSource) -> tuple[int, int, float]:
+    """How many stored weights the graph's quantizer saturates by more than a code: ``w / s + z`` more than a code
+    and a half outside the code range (a symmetric quantizer's largest weight one code past a two's-complement
+    range, as QKeras' ``quantized_bits`` gives, is not counted). Returns (saturated, total, largest
+    ``|w / s + z|``); (0, total, 0.0) for sources that store integers."""
+    stored = initializer_value(model, source.tensor)
+    if source.kind not in UNROUNDED_KINDS or source.bipolar:
+        return 0, int(np.size(stored)), 0.0
+    codes = source.storage_range or source.weight_range
+    y = np.asarray(stored).astype(np.float32) / source.scale.astype(np.float32)
+    if _has_zero_point(source):
+        y += source.zero_point.astype(np.float32)
+    outside = int(np.count_nonzero((y < codes.lo - 1.5) | (y > codes.hi + 1.5)))
+    return outside, int(y.size), float(np.abs(y).max(initial=0.0))
+
+
 def _has_zero_point(source: WeightSource) -> bool:
     return source.zero_point is not None and bool(np.any(source.zero_point != 0))
 
