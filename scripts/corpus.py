@@ -96,6 +96,8 @@ GRAPH_PTQ_CONFIGS = [("fx", 8, 8, (("weight_quant_granularity", "per_tensor"),))
                      ("fx", 6, 6, (("weight_param_method", "mse"),)),
                      ("layerwise", 4, 4, ()),
                      ("flexml", 8, 8, (("weight_quant_granularity", "per_tensor"), ("scale_factor_type", "po2_scale")))]
+BREVITAS_EXAMPLES = {"qonnx": "Brevitas examples' models (bnn_pynq, ESPCN A2Q/A2Q+, MobileNet-v1), export_qonnx",
+                     "qcdq": "Brevitas examples' models (bnn_pynq, ESPCN A2Q/A2Q+, MobileNet-v1), export_onnx_qcdq"}
 QUANTIZE_GRAPH = "qonnx QuantizeGraph (Quant nodes inserted into a float model)"
 # QuantizeGraph's (scale, zero point, bit width, narrow, signed, rounding) for MAC inputs 0 (data) and 1 (weights)
 QUANTIZE_GRAPH_SPECS = {"w8a8": ((0.05, 0, 8, 0, 1, "ROUND"), (0.02, 0, 8, 1, 1, "ROUND")),
@@ -425,6 +427,24 @@ def graph_ptq_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     return entries, rejected
 
 
+def brevitas_example_files(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
+    """Brevitas' published model definitions (``tests/brevitas_example_models.py``), untrained, through both exporters."""
+    from tests.brevitas_example_models import EXAMPLES, export_example
+
+    entries, rejected = [], []
+    for spec, exporter in itertools.product(EXAMPLES[:1] if quick else EXAMPLES, ("qonnx",) if quick else BREVITAS_EXAMPLES):
+        try:
+            with _quiet():
+                path = export_example(folder, spec, exporter)
+        except Exception as err:  # the producer's own limitation, not a corpus file
+            first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0])
+            rejected.append(f"brevitas_examples_{exporter}_{spec.name}: Brevitas refused ({type(err).__name__}: "
+                            f"{first_line[:120]})")
+            continue
+        entries.append(brevitas_entry(path, BREVITAS_EXAMPLES[exporter], exporter, "fold"))
+    return entries, rejected
+
+
 def quantize_graph_files(folder: Path) -> tuple[list[Entry], list[str]]:
     """qonnx's ``QuantizeGraph`` over each float net of ``tests/ort_models.py``: a Quant node on both inputs of every
     Conv, Gemm and MatMul (attention's products of two activations included)."""
@@ -518,10 +538,11 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     quantized, quantized_rejected = ([], []) if quick else quantize_graph_files(folder)
     graph_ptq, graph_ptq_rejected = graph_ptq_files(folder, quick)
     qkeras, keras_quantized = keras_files(folder, quick)
-    return (entries + graph_ptq + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
+    examples, examples_rejected = brevitas_example_files(folder, quick)
+    return (entries + graph_ptq + examples + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
             + ([] if quick else zoo) + (qkeras[:1] if quick else qkeras) + keras_quantized,
             rejected + graph_ptq_rejected + finn_rejected + channels_last_rejected + transformed_rejected
-            + quantized_rejected)
+            + quantized_rejected + examples_rejected)
 
 
 # --------------------------------------------------------------------------- checking one file

@@ -1,0 +1,46 @@
+"""Brevitas' published model definitions (``tests/brevitas_example_models.py``) through the corpus' whole check, as their
+users export them: FINN's BNN-PYNQ MLPs and the A2Q papers' ESPCN super-resolution models.
+
+The ESPCN exports of an accumulator-aware quantizer saturate their weights (Brevitas writes the latent weights under
+the normalised scale), which ``analyze`` names; their last convolution's unquantized output feeds a float
+``DepthToSpace`` (the sub-pixel shuffle), which FINN has no layer for: ``lower`` names it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from scripts.corpus import BREVITAS_EXAMPLES, brevitas_entry, check
+from tests.brevitas_example_models import EXAMPLES, export_example
+from tests.cli_helpers import run_cli
+
+SPECS = {spec.name: spec for spec in EXAMPLES}
+
+
+@pytest.mark.parametrize("name, exporter", [("tfc_2w2a", "qcdq"), ("sfc_2w2a", "qonnx")])
+def test_bnn_pynq_mlp_end_to_end(name, exporter, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_example(tmp_path, SPECS[name], exporter)
+        result = check(brevitas_entry(path, BREVITAS_EXAMPLES[exporter], exporter, "fold"), tmp_path, allocate=True)
+    assert result.status == "handled", (result.detail, result.notes)
+    assert result.layers == 4 and result.tight == 4, (result.layers, result.tight)
+    assert result.allocated == 4, result.notes
+
+
+def test_a2q_espcn_analysed_projected_and_refused_by_lower_by_name(tmp_path):
+    spec = SPECS["quant_espcn_x2_w4a4_a2q_13b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_example(tmp_path, spec, "qonnx")
+        result = check(brevitas_entry(path, BREVITAS_EXAMPLES["qonnx"], "qonnx", "fold"), tmp_path)
+    # every step before lower: each layer's analysed range is the executed one; projected, verified, fine-tuned
+    assert result.layers == 4 and result.tight == 4, (result.layers, result.tight, result.detail)
+    assert result.finetuned, result.notes
+    assert result.status == "refused" and "DepthToSpace" in result.detail and "FINN" in result.detail, result.detail
+    code, out, _ = run_cli("analyze", path, "--json")
+    saturated = [w for w in json.loads(out)["warnings"] if "saturates" in w]
+    assert code == 0 and len(saturated) >= 2, saturated  # the two A2Q hidden layers at least
