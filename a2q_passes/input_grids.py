@@ -112,6 +112,20 @@ def _scalar_constant(model: ModelWrapper, name: str) -> float | None:
     return float(np.asarray(value).reshape(()))
 
 
+def _not_per_tensor(model: ModelWrapper, node: NodeProto, names: tuple[str, ...]) -> str:
+    """Why a quantizer's parameters (inputs 1.. named ``names``) give no per-tensor grid: which is computed, which
+    varies along an axis (a per-channel activation scale, as MobileNet-v1's before each depthwise convolution)."""
+    problems = []
+    for name, tensor in zip(names, node.input[1:]):
+        value = get_constant(model, tensor)
+        if value is None:
+            problems.append(f"a non-constant {name} '{tensor}'")
+        elif np.size(value) != 1:
+            problems.append(f"a {name} of shape {list(np.shape(value))} (per channel)")
+    return (f"{node_label(node)} has {' and '.join(problems)}; a2q reads an input quantizer with one scale, zero point "
+            "and bit width for the whole tensor (the accumulator sums codes of one step)")
+
+
 def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str) -> IntRange:
     """The integer codes a qonnx ``Quant`` outputs, for any bit width >= 1 (4.5 included).
 
@@ -204,8 +218,7 @@ class GridResolver:
         zp = _scalar_constant(self.model, node.input[2])
         bits = _scalar_constant(self.model, node.input[3])
         if scale is None or zp is None or bits is None:
-            return None, (f"{node_label(node)} has a non-constant or per-channel scale/zero point/bit width; "
-                          "the accumulator needs one per-tensor input scale")
+            return None, _not_per_tensor(self.model, node, ("scale", "zero point", "bit width"))
         signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
         if zp != round(zp):
             return None, f"{node_label(node)} has a non-integer zero point {zp}"
@@ -393,7 +406,8 @@ class GridResolver:
                           "only Trunc v2 (6 inputs, clamped to its output bit width) has input-independent codes")
         values = [_scalar_constant(self.model, name) for name in node.input[1:]]
         if any(v is None for v in values):
-            return None, f"{node_label(node)} has a non-constant or per-channel scale/zero point/bit width"
+            return None, _not_per_tensor(self.model, node, ("scale", "zero point", "input bit width", "output scale",
+                                                            "output bit width"))
         scale, zp, _, out_scale, out_bits = values
         if scale == 0 or out_scale == 0 or not np.isfinite(out_bits) or out_bits < 1 or out_bits != round(out_bits):
             return None, f"{node_label(node)} has scale {scale}, output scale {out_scale}, output bit width {out_bits}"

@@ -292,3 +292,23 @@ def test_gemm_with_the_weight_as_first_operand_is_refused_by_name():
     model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
     (layer,) = analyze_model(model).layers
     assert layer.status.startswith("unsupported: constant first operand times an activation (Gemm W @ X)")
+
+
+def test_per_channel_activation_scale_is_refused_naming_its_shape():
+    """Brevitas' MobileNet-v1 (brevitas_examples, FINN's MobileNet) quantizes the input of each depthwise convolution
+    with one scale per channel: the layer is refused, and the message says the scale is per channel, with its shape,
+    where it said "non-constant or per-channel scale/zero point/bit width"."""
+    q = "qonnx.custom_op.general"
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w", rng.integers(-7, 8, size=(4, 1, 3, 3))), ("sx", rng.uniform(0.1, 0.2, size=(1, 4, 1, 1))),
+        ("sw", np.array(0.5)), ("z", np.array(0.0)), ("b", np.array(4.0)))]
+    nodes = [helper.make_node("Quant", ["x", "sx", "z", "b"], ["xq"], domain=q, signed=0),
+             helper.make_node("Quant", ["w", "sw", "z", "b"], ["wq"], domain=q, signed=1),
+             helper.make_node("Conv", ["xq", "wq"], ["y"], name="dw", group=4, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
+    (layer,) = analyze_model(model).layers
+    assert layer.status.startswith("input not quantized") and "a scale of shape [1, 4, 1, 1] (per channel)" in \
+        layer.status, layer.status
