@@ -161,6 +161,9 @@ class _MacKernel:
             self.signed = registers.get(INNER_REGISTER, registers["final sum"])[0] < 0
             self.outer = (outer_bits, min(lo for name, (lo, _) in registers.items() if name != INNER_REGISTER) < 0)
         grid = layer.grid
+        if grid.scale_axis is not None:
+            raise _NotSimulated("its input has one scale per channel; the data simulation converts an input with one "
+                                "scale")
         self.input_scale = float(grid.scale) if grid.scale is not None else 1.0
         self.output_scale = self._weight_scales(model) * self.input_scale * float(node_attr(node, "alpha", 1.0))
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)

@@ -17,7 +17,9 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
                              addition for residual graphs (below), FINN's pixel-padding lowering of a
                              ``ConvTranspose`` (:mod:`a2q_passes.finn_deconv`) and, where a
                              ``GlobalAveragePool`` reads integers, FINN's ``InferGlobalAccPoolLayer`` and
-                             streamlining again (:mod:`a2q_passes.finn_global_pooling`)
+                             streamlining again (:mod:`a2q_passes.finn_global_pooling`); where a depthwise
+                             Conv reads a per-channel scale (MobileNet-v1), FINN's ``MoveMulPastDWConv`` and
+                             streamlining again, as finn-examples' MobileNet build does
 4. ``step_convert_to_hw``  - InferQuantizedMatrixVectorActivation, InferVectorVectorActivation,
                              InferThresholdingLayer, InferPool, InferConvInpGen,
                              InferElementwiseBinaryOperation, InferDuplicateStreamsLayer, ... (as is)
@@ -277,6 +279,12 @@ def _run_streamline_step(runner: _Runner) -> None:
             _streamline_all(runner, "residual")
     if runner.model.get_nodes_by_op_type("ConvTranspose"):  # see a2q_passes.finn_deconv
         runner.apply(group, "streamline_conv_transposes", streamline_conv_transposes)
+    if _depthwise_after_mul(runner.model):
+        # FINN's MobileNet flow (finn-examples' streamline step): a per-channel activation scale in front of a
+        # depthwise Conv moves behind it (each output channel reads one input channel), where streamlining absorbs
+        # it into the next thresholds
+        runner.transform(group, reorder.MoveMulPastDWConv())
+        _streamline_all(runner, group)
     if runner.model.get_nodes_by_op_type("Conv") or runner.model.get_nodes_by_op_type("Im2Col"):
         if any(runner.model.is_fork_node(n) for n in runner.model.get_nodes_by_op_type("MaxPool")):
             # FINN bug (finn-plus 1.6.1): MakeMaxPoolNHWC's (MaxPool, Transpose) branch uses
@@ -297,6 +305,17 @@ def _run_streamline_step(runner: _Runner) -> None:
     runner.transform(group, absorb.AbsorbScalarMulAddIntoTopK())
     runner.transform(group, InferDataLayouts())
     runner.transform(group, RemoveUnusedTensors())
+
+
+def _depthwise_after_mul(model: ModelWrapper) -> bool:
+    """A grouped Conv without a bias input reading a Mul (FINN's MoveMulPastDWConv moves no bias: with one, the move
+    would scale it too)."""
+    for conv in model.get_nodes_by_op_type("Conv"):
+        producer = model.find_producer(conv.input[0])
+        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+        if producer is not None and producer.op_type == "Mul" and group > 1 and len(conv.input) == 2:
+            return True
+    return False
 
 
 def _run_one_d_step(runner: _Runner, cfg) -> None:

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import NodeProto
@@ -39,6 +39,9 @@ class InputGrid:
     scale: float | None = None
     zero_code: int = 0
     two_point: bool = False  # the codes are exactly {lo, hi} (BIPOLAR and its affine images), not every integer between
+    # one scale per index of this axis of the tensor (``scale`` is then None): codes of different steps, which only
+    # a MAC summing each output over one index of that axis accumulates (a depthwise convolution over channels)
+    scale_axis: int | None = None
 
 
 # --------------------------------------------------------------------------- input grids
@@ -179,11 +182,21 @@ class GridResolver:
             shape = self._inferred.get_tensor_shape(tensor)
         return None if shape is None else [int(d) for d in shape]
 
-    def resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
-        """``(grid, "")`` or ``(None, reason)``."""
+    def resolve(self, tensor: str, per_channel_scale: bool = False) -> tuple[InputGrid | None, str]:
+        """``(grid, "")`` or ``(None, reason)``.
+
+        ``per_channel_scale``: the caller sums each output over one channel only (a depthwise convolution), so a
+        grid with one scale per channel (:attr:`InputGrid.scale_axis`) is an integer accumulation for it; every
+        other caller, the ops between a quantizer and a MAC included, gets such a grid refused.
+        """
         if tensor not in self._cache:
             self._cache[tensor] = self._resolve(tensor)
-        return self._cache[tensor]
+        grid, reason = self._cache[tensor]
+        if grid is not None and grid.scale_axis is not None and not per_channel_scale:
+            return None, (f"'{tensor}' has one scale per index of axis {grid.scale_axis} (per-channel activation "
+                          "scales); a2q reads such codes only as the direct input of a depthwise convolution (each "
+                          "output summing one channel, whose codes share one step)")
+        return grid, reason
 
     def _resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
         if tensor in self.input_dtypes:
@@ -217,6 +230,9 @@ class GridResolver:
         scale = _scalar_constant(self.model, node.input[1])
         zp = _scalar_constant(self.model, node.input[2])
         bits = _scalar_constant(self.model, node.input[3])
+        scale_axis = None
+        if scale is None and zp == 0 and bits is not None:
+            scale, scale_axis = self._per_axis_scale(node)
         if scale is None or zp is None or bits is None:
             return None, _not_per_tensor(self.model, node, ("scale", "zero point", "bit width"))
         signed, narrow = bool(node_attr(node, "signed", 1)), bool(node_attr(node, "narrow", 0))
@@ -225,6 +241,8 @@ class GridResolver:
         if not np.isfinite(bits) or bits < 1:
             return None, f"{node_label(node)} has bit width {bits}; a quantizer needs a bit width >= 1"
         if bits == 1 and signed:  # qonnx executes it as bipolar: codes {-1, +1}, real (code - z) * s
+            if scale_axis is not None:
+                return InputGrid(BIPOLAR, "BIPOLAR", None, 0, True, scale_axis), ""
             return self._with_zero_point(BIPOLAR, "BIPOLAR", scale, int(zp)), ""
         try:
             codes = quant_code_range(bits, signed, narrow, node_str_attr(node, "rounding_mode", "ROUND"))
@@ -239,7 +257,24 @@ class GridResolver:
                 return None, reason
             if zp:  # lowered as thresholds with an output bias: FINN's MAC reads q - z, real 0 is code 0
                 return InputGrid(codes, dtype, scale, 0), ""
+        if scale_axis is not None:  # zero point 0: the codes of every channel, each on its own step
+            return InputGrid(codes, dtype, None, 0, False, scale_axis), ""
         return self._with_zero_point(codes, dtype, scale, int(zp)), ""
+
+    def _per_axis_scale(self, node: NodeProto) -> tuple[float | None, int | None]:
+        """A Quant scale that varies along one axis of its output only, every value finite and nonzero and all of
+        one sign: (that sign, the axis); else (None, None). The sign decides which codes reals >= 0 take."""
+        scale = get_constant(self.model, node.input[1])
+        shape = self.shape(node.output[0])
+        if scale is None or shape is None or np.ndim(scale) > len(shape):
+            return None, None
+        scale = np.asarray(scale, dtype=np.float64).reshape((1,) * (len(shape) - np.ndim(scale)) + np.shape(scale))
+        axes = [axis for axis, size in enumerate(scale.shape) if size > 1]
+        if len(axes) != 1 or scale.shape[axes[0]] != shape[axes[0]] or not np.all(np.isfinite(scale)):
+            return None, None
+        if not (np.all(scale > 0) or np.all(scale < 0)):
+            return None, None
+        return float(np.sign(scale.flat[0])), axes[0]
 
     def _finn_codes(self, node: NodeProto, codes: IntRange, bits: float, signed: bool,
                     zero: int = 0) -> tuple[IntRange | None, str, str]:
@@ -557,7 +592,7 @@ def _widened(grid: InputGrid, codes: IntRange, dtype: str) -> InputGrid:
     joined = _hull(grid.range, codes)
     if joined == grid.range:
         return grid
-    return InputGrid(joined, dtype, grid.scale, grid.zero_code, False)
+    return replace(grid, range=joined, dtype=dtype, two_point=False)
 
 
 def _qcdq_finn_dtype(codes: IntRange, storage: np.dtype, node: NodeProto) -> str:
@@ -580,6 +615,6 @@ def with_zero_tap(grid: InputGrid) -> InputGrid:
     outside the quantizer's codes (e.g. UINT4 with z = 30, or codes behind a Relu).
     """
     r = IntRange(min(grid.range.lo, grid.zero_code), max(grid.range.hi, grid.zero_code))
-    return InputGrid(r, grid.dtype, grid.scale, grid.zero_code)
+    return replace(grid, range=r, two_point=False)
 
 

@@ -473,7 +473,12 @@ def _standard_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver
             _check_scale_per_output_channel(node, source, len(shape))
     except UnsupportedLayer as err:
         return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
-    grid, reason = resolver.resolve(node.input[0])
+    # a depthwise Conv sums each output over one input channel: per-channel input scales keep it one accumulation
+    depthwise = node.op_type == "Conv" and node.domain in ("", "ai.onnx") and shape[1] == 1
+    grid, reason = resolver.resolve(node.input[0], per_channel_scale=depthwise)
+    if grid is not None and grid.scale_axis not in (None, 1):
+        grid, reason = None, (f"its input '{node.input[0]}' has one scale per index of axis {grid.scale_axis}, "
+                              "not of its channel axis 1")
     if grid is not None and node.op_type == "ConvTranspose" and grid.zero_code != 0:
         # a border output sums fewer taps: the missing ones add real 0, which under fold is neither
         # a code the hardware sums (as padding would be) nor nothing; do not guess

@@ -54,7 +54,7 @@ import sys
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -441,7 +441,8 @@ def brevitas_example_files(folder: Path, quick: bool) -> tuple[list[Entry], list
             rejected.append(f"brevitas_examples_{exporter}_{spec.name}: Brevitas refused ({type(err).__name__}: "
                             f"{first_line[:120]})")
             continue
-        entries.append(brevitas_entry(path, BREVITAS_EXAMPLES[exporter], exporter, "fold"))
+        entry = brevitas_entry(path, BREVITAS_EXAMPLES[exporter], exporter, "fold")
+        entries.append(replace(entry, input_dtype=spec.input_dtype))
     return entries, rejected
 
 

@@ -18,9 +18,11 @@ import torch
 
 @dataclass(frozen=True)
 class ExampleSpec:
-    family: str  # "bnn_pynq", "super_resolution" or "imagenet_classification"
+    family: str  # "bnn_pynq", "super_resolution", "imagenet_classification" or "mobilenet_v1" (a small MobileNet)
     model: str  # the name Brevitas' model factory of that family takes
     input_shape: tuple[int, ...]
+    # the first layer reads the float image (no input quantizer): the integer grid a user declares for it
+    input_dtype: str | None = None
 
     @property
     def name(self) -> str:
@@ -29,13 +31,17 @@ class ExampleSpec:
 
 # ESPCN is fully convolutional: a small image keeps the corpus' oracle (one-hot inputs per MAC input element) within
 # memory; CNV's dense head fixes its input at 32 x 32, too large for it; MobileNet's final 7 x 7 pool fixes 224 x 224
-# (analyze refuses its depthwise layers before the oracle runs: per-channel activation scales)
+# (the oracle's inputs of its first layer alone take 90 GB: the corpus runs it only through the small one below)
 EXAMPLES = [ExampleSpec("bnn_pynq", name, (1, 1, 28, 28)) for name in
             ("tfc_2w2a", "tfc_1w2a", "tfc_1w1a", "sfc_2w2a", "lfc_1w2a")] + [
     ExampleSpec("super_resolution", name, (1, 3, 8, 8)) for name in
     ("quant_espcn_x2_w8a8_base", "quant_espcn_x2_w4a4_base", "quant_espcn_x2_w8a8_a2q_16b",
      "quant_espcn_x2_w4a4_a2q_13b", "quant_espcn_x2_w4a4_a2q_plus_13b", "quant_espcn_x2_w8a8_a2q_plus_16b")] + [
-    ExampleSpec("imagenet_classification", "quant_mobilenet_v1_4b", (1, 3, 224, 224))]
+    ExampleSpec("imagenet_classification", "quant_mobilenet_v1_4b", (1, 3, 224, 224), "INT8"),
+    # the same MobileNet class, narrow and shallow (4 to 16 channels, 20 x 20 images, a 5 x 5 final pool of 4-bit
+    # codes truncated to 8 bits as in the full model): small enough for the oracle,
+    # with a per-channel activation scale before each depthwise convolution as in the full model
+    ExampleSpec("mobilenet_v1", "mobilenet_v1_tiny_4b", (1, 3, 20, 20), "INT8")]
 
 
 def build_example(spec: ExampleSpec) -> torch.nn.Module:
@@ -47,6 +53,11 @@ def build_example(spec: ExampleSpec) -> torch.nn.Module:
         from brevitas_examples.super_resolution.models import get_model_by_name
 
         return get_model_by_name(spec.model, pretrained=False)
+    if spec.family == "mobilenet_v1":
+        from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
+
+        return MobileNet(channels=[[4], [8], [8, 16]], first_stage_stride=False, act_bit_width=4, weight_bit_width=4,
+                         avg_pool_kernel_size=5, num_classes=5, round_average_pool=False)  # as its 4-bit cfg
     from brevitas_examples.imagenet_classification.models import model_with_cfg
 
     return model_with_cfg(spec.model)[0]

@@ -294,21 +294,52 @@ def test_gemm_with_the_weight_as_first_operand_is_refused_by_name():
     assert layer.status.startswith("unsupported: constant first operand times an activation (Gemm W @ X)")
 
 
-def test_per_channel_activation_scale_is_refused_naming_its_shape():
-    """Brevitas' MobileNet-v1 (brevitas_examples, FINN's MobileNet) quantizes the input of each depthwise convolution
-    with one scale per channel: the layer is refused, and the message says the scale is per channel, with its shape,
-    where it said "non-constant or per-channel scale/zero point/bit width"."""
+def _per_channel_scaled_conv(groups: int, scale_shape: tuple[int, ...] = (1, 4, 1, 1)) -> ModelWrapper:
+    """An unsigned 4-bit input quantizer with one scale per channel (``scale_shape``) feeding a 3 x 3 Conv of 4
+    channels with ``groups`` groups; signed 4-bit weights with one scale."""
     q = "qonnx.custom_op.general"
     rng = np.random.default_rng(0)
-    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
-        ("w", rng.integers(-7, 8, size=(4, 1, 3, 3))), ("sx", rng.uniform(0.1, 0.2, size=(1, 4, 1, 1))),
-        ("sw", np.array(0.5)), ("z", np.array(0.0)), ("b", np.array(4.0)))]
-    nodes = [helper.make_node("Quant", ["x", "sx", "z", "b"], ["xq"], domain=q, signed=0),
-             helper.make_node("Quant", ["w", "sw", "z", "b"], ["wq"], domain=q, signed=1),
-             helper.make_node("Conv", ["xq", "wq"], ["y"], name="dw", group=4, pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+    inits = [onnx.numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in (
+        ("w", rng.integers(-7, 8, size=(4, 4 // groups, 3, 3))), ("sx", rng.uniform(0.1, 0.2, size=scale_shape)),
+        ("sw", 1.0), ("z", 0.0), ("b", 4.0))]
+    nodes = [helper.make_node("Quant", ["x", "sx", "z", "b"], ["xq"], domain=q, signed=0, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w", "sw", "z", "b"], ["wq"], domain=q, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Conv", ["xq", "wq"], ["y"], name="conv", group=groups, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
-    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
+    return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
+
+
+def test_per_channel_activation_scales_into_a_depthwise_conv_are_one_accumulation_per_channel():
+    """Brevitas' MobileNet-v1 (brevitas_examples; FINN's MobileNet) quantizes the input of each depthwise convolution
+    with one scale per channel. Each output of a depthwise Conv sums one channel, whose codes share one step: an
+    integer accumulation, read (before: refused as a "per-channel scale"). Its range is checked against the sums
+    of the executed integer weights over the input box [0, 15], and the independent certificate derives the same."""
+    from a2q_passes.certificate import certify_layer
+
+    model = _per_channel_scaled_conv(groups=4)
+    (layer,) = analyze_model(model, per_channel=True).layers
+    assert layer.status == "ok" and layer.input_range == [0, 15], layer.status
+    w = model.get_initializer("w").reshape(4, -1)
+    assert layer.per_channel["acc_max"] == [int(15 * w[c][w[c] > 0].sum()) for c in range(4)]
+    assert layer.per_channel["acc_min"] == [int(15 * w[c][w[c] < 0].sum()) for c in range(4)]
+    cert = certify_layer(model, "conv")
+    assert list(cert.channel_max) == layer.per_channel["acc_max"] and list(cert.channel_min) == layer.per_channel["acc_min"]
+
+
+@pytest.mark.parametrize("groups, scale_shape, says", [
+    (1, (1, 4, 1, 1), "one scale per index of axis 1 (per-channel activation scales)"),  # 4 steps in one sum
+    (4, (1, 1, 6, 1), "one scale per index of axis 2, not of its channel axis 1"),  # one per row of the image
+])
+def test_per_channel_activation_scales_into_other_layers_are_refused(groups, scale_shape, says):
+    """Where one output sums codes of several steps (a dense Conv), or the scale varies along another axis than the
+    channels, the products are no single integer accumulation: refused by both readers, naming the scale."""
+    from a2q_passes.certificate import CannotCertify, certify_layer
+
+    model = _per_channel_scaled_conv(groups, scale_shape)
     (layer,) = analyze_model(model).layers
-    assert layer.status.startswith("input not quantized") and "a scale of shape [1, 4, 1, 1] (per channel)" in \
-        layer.status, layer.status
+    assert layer.status.startswith("input not quantized") and says in layer.status, layer.status
+    with pytest.raises(CannotCertify):
+        certify_layer(model, "conv")

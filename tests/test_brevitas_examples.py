@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from scripts.corpus import BREVITAS_EXAMPLES, brevitas_entry, check
@@ -44,3 +46,28 @@ def test_a2q_espcn_analysed_projected_and_refused_by_lower_by_name(tmp_path):
     code, out, _ = run_cli("analyze", path, "--json")
     saturated = [w for w in json.loads(out)["warnings"] if "saturates" in w]
     assert code == 0 and len(saturated) >= 2, saturated  # the two A2Q hidden layers at least
+
+
+def test_mobilenet_depthwise_layers_with_per_channel_scales_end_to_end(tmp_path):
+    """Brevitas' MobileNet-v1 class (small): each depthwise Conv reads an activation with one scale per channel, the
+    scales differing. Every layer is read (the depthwise ones were refused), its analysed range is what executes,
+    and the model is projected, verified, fine-tuned, allocated and lowered (FINN's MoveMulPastDWConv, as
+    finn-examples' MobileNet build runs it, moves the per-channel scale behind each depthwise Conv) with each
+    MVAU/VVAU's executed range inside its accDataType."""
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    spec = SPECS["mobilenet_v1_tiny_4b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_example(tmp_path, spec, "qonnx")
+        model = ModelWrapper(str(path))
+        depthwise = [n for n in model.graph.node if n.op_type == "Conv"
+                     and next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
+        scales = [model.get_initializer(model.find_producer(n.input[0]).input[1]) for n in depthwise]
+        # per channel where the MobileNet class asks for it: before every depthwise Conv but that of the last stage
+        assert len(depthwise) == 3 and [s.size > 1 and np.ptp(s) > 0 for s in scales] == [True, True, False], scales
+        entry = replace(brevitas_entry(path, BREVITAS_EXAMPLES["qonnx"], "qonnx", "fold"), input_dtype=spec.input_dtype)
+        result = check(entry, tmp_path, allocate=True)
+    assert result.status == "handled", (result.detail, result.notes)
+    assert result.layers == 8 and result.tight == 8 and result.allocated == 8, (result.tight, result.allocated)
+    assert result.finetuned, result.notes

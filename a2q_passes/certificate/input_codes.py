@@ -37,6 +37,9 @@ class Grid:
     zero: int
     scale: float
     pair: bool = False  # only the two codes lo and hi occur (BIPOLAR and what constants make of it)
+    # the scale varies along this axis of the tensor (``scale`` is then its sign): only a MAC that sums each output
+    # over one index of that axis, a depthwise Conv over channels, accumulates such codes
+    scale_axis: int | None = None
 
 
 def dtype_grid(name: str, where: str) -> Grid:
@@ -87,10 +90,16 @@ class InputCodes:
         self.graph_inputs = {vi.name for vi in model.graph.input}
         self.cache: dict[str, Grid] = {}
 
-    def grid(self, tensor: str) -> Grid:
+    def grid(self, tensor: str, per_channel_scale: bool = False) -> Grid:
+        """``per_channel_scale``: the caller sums each output over one channel (a depthwise Conv); every other caller,
+        the ops between a quantizer and a MAC included, is refused a grid whose scale varies along an axis."""
         if tensor not in self.cache:
             self.cache[tensor] = self._grid(tensor)
-        return self.cache[tensor]
+        grid = self.cache[tensor]
+        if grid.scale_axis is not None and not per_channel_scale:
+            raise CannotCertify(f"'{tensor}' has one scale per index of axis {grid.scale_axis}: certified only as the "
+                                "direct input of a depthwise Conv")
+        return grid
 
     def _grid(self, tensor: str) -> Grid:
         if tensor in self.input_dtypes:
@@ -129,7 +138,7 @@ class InputCodes:
             raise CannotCertify(f"FINN annotates the output of {node_label(producer)} {dt.name}, which does not hold its "
                                 f"codes [{grid.lo}, {grid.hi}]")
         lo, hi = min(grid.lo, int(dt.min())), max(grid.hi, int(dt.max()))
-        return grid if (lo, hi) == (grid.lo, grid.hi) else Grid(lo, hi, grid.zero, grid.scale)
+        return replace(grid, lo=lo, hi=hi, pair=grid.pair and (lo, hi) == (grid.lo, grid.hi))
 
     def _finn_less_zero_point(self, grid: Grid, node: NodeProto) -> Grid:
         """A quantizer with a zero point z as ``a2q lower`` gives it to FINN: thresholds with output bias
@@ -212,7 +221,7 @@ class InputCodes:
         b = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else 0.0
         return bool(np.all(scale > 0) and np.all(zero == 0) and b == int(b) and b >= 2)
 
-    def _probe(self, node: NodeProto, scale: float, zero: float, version: int | None = None) -> Grid:
+    def _probe(self, node: NodeProto, scale: float | np.ndarray, zero: float, version: int | None = None) -> Grid:
         """Execute a qonnx quantizer on its lowest and highest possible input, -inf (0 where it holds only reals >= 0) and +inf: it
         is monotone, and its clamp yields the extreme codes."""
         params = execute_constants(self.model, [n for n in node.input[1:] if n])
@@ -229,12 +238,33 @@ class InputCodes:
             raise CannotCertify(f"executing {node_label(node)} on -inf/+inf failed ({type(err).__name__}: {err})") from err
         out = np.asarray(context[y], dtype=np.float64)
         codes = as_integers(out / scale + zero, f"the extreme outputs of {node_label(node)} (scale {scale}, zero point {zero})")
+        if np.ndim(scale):  # one scale per index of one axis, all of one sign (_axis_scale)
+            return Grid(int(codes.min()), int(codes.max()), int(zero), float(np.sign(scale).flat[0]),
+                        scale_axis=int(np.flatnonzero(np.array(np.shape(scale)) > 1)[0]))
         return Grid(int(codes.min()), int(codes.max()), int(zero), scale)
 
+    def _axis_scale(self, node: NodeProto) -> np.ndarray:
+        """A Quant's scale that varies along one axis of its output, all nonzero and finite, of one sign, with a zero
+        point 0: the scale, shaped to the output's rank (else CannotCertify)."""
+        scale = np.asarray(execute_constants(self.model, [node.input[1]])[node.input[1]], dtype=np.float64)
+        zero = execute_constants(self.model, [node.input[2]])[node.input[2]]
+        # the Quant's output has its input's rank (a scale of higher rank would broadcast it: refused below)
+        shape = self.model.get_tensor_shape(node.input[0]) or self.model.get_tensor_shape(node.output[0])
+        rank = scale.ndim if shape is None else len(shape)
+        varying = [axis for axis, size in enumerate(scale.shape) if size > 1]
+        if (np.any(np.asarray(zero) != 0) or scale.ndim > rank or len(varying) != 1 or not np.all(np.isfinite(scale))
+                or not (np.all(scale > 0) or np.all(scale < 0))):
+            raise CannotCertify(f"the scale of {node_label(node)} is neither one per-tensor value nor one nonzero value "
+                                "of one sign per index of one axis with a zero point 0")
+        return scale.reshape((1,) * (rank - scale.ndim) + scale.shape)
+
     def _Quant(self, node: NodeProto) -> Grid:
-        scale = self._constant(node.input[1], f"the scale of {node_label(node)}")
+        try:
+            scale = self._constant(node.input[1], f"the scale of {node_label(node)}")
+        except CannotCertify:
+            scale = self._axis_scale(node)
         zero = self._constant(node.input[2], f"the zero point of {node_label(node)}")
-        if scale == 0 or zero != round(zero):
+        if np.any(scale == 0) or zero != round(zero):
             raise CannotCertify(f"{node_label(node)} has scale {scale} and zero point {zero}")
         grid = self._probe(node, scale, zero)
         bits = self._constant(node.input[3], f"the bit width of {node_label(node)}")

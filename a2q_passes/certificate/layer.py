@@ -128,7 +128,13 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
         else:
             w, blocks = weight_view(model, node.input[1], zero_point)
             codes = InputCodes(model, input_dtypes, zero_point, input_ranges)
-            lo, hi, pad = mac_codes(codes.grid(node.input[0]), zero_point)
+            # a depthwise Conv (one input channel per output channel) sums codes of one step with per-channel scales
+            depthwise = op == "Conv" and node.domain in ("", "ai.onnx") and w.ndim > 2 and w.shape[1] == 1
+            grid = codes.grid(node.input[0], per_channel_scale=depthwise)
+            if grid.scale_axis not in (None, 1):
+                raise CannotCertify(f"the input of {node_label(node)} has one scale per index of axis "
+                                    f"{grid.scale_axis}, not of its channels")
+            lo, hi, pad = mac_codes(grid, zero_point)
         if op == "Gemm" and node_attr(node, "transA", 0):
             raise CannotCertify(f"{node_label(node)} transposes its data input")
         if blocks is not None and op in ("Conv", "ConvTranspose") and not np.all(

@@ -242,7 +242,9 @@ def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: s
         initializer=[numpy_helper.from_array(model.get_initializer(t), t)
                      for n in chain for t in n.input if t and _is_constant(model, t)],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    # the chain's own nodes, as the file's opset defines them (the dynamo exporter's opset-20 Reshape has allowzero)
+    opset = max([OPSET] + [o.version for o in model.model.opset_import if o.domain in ("", "ai.onnx")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     trace = ModelWrapper(proto)
     for n in trace.graph.node:  # qonnx's Im2Col reads its input's FINN datatype annotation
         for t in n.input:
@@ -540,7 +542,10 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
     total = int(offsets[-1])
     lo = np.concatenate([np.full(n, d.lo) for d, n in zip(domains, sizes)])
     hi = np.concatenate([np.full(n, d.hi) for d, n in zip(domains, sizes)])
-    direction = np.sign(info.act_scale)
+    signs = np.unique(np.sign(np.asarray(info.act_scale, dtype=np.float64)))  # per-channel scales: of one sign
+    if signs.size != 1:
+        raise OracleError(f"{info.node}: activation scales of both signs")
+    direction = float(signs[0])
     samples = []
     axis = _channel_axis(mac, out_shape)
     for o in _targets(out_shape, rng, axis):

@@ -89,7 +89,7 @@ def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
 
 def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, object]:
     """:func:`activation_grid` and the node it read the grid from (``None``: an integer graph input)."""
-    ops = []
+    ops, start = [], tensor
     while True:
         producer = model.find_producer(tensor)
         if producer is None:
@@ -107,7 +107,15 @@ def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, ob
             ops.append((op, _scalar(model, producer.input[1], f"{producer.name} constant")))
             tensor = producer.input[0]
             continue
-        if op in ("Quant", "IntQuant", "DequantizeLinear"):
+        per_channel = _const(model, producer.input[1]) if op in ("Quant", "IntQuant") and tensor == start else None
+        if per_channel is not None and np.size(per_channel) > 1:
+            # one scale per channel, straight into the MAC (MobileNet-v1's depthwise convolutions): the codes are
+            # the executed input divided by the scale broadcast as the Quant broadcasts it
+            scale = np.asarray(per_channel, dtype=np.float64)
+            if not (np.all(scale > 0) or np.all(scale < 0)):
+                raise Undescribed(f"{producer.name}: per-channel scales of both signs")
+            zero = round(_scalar(model, producer.input[2], "zero point"))
+        elif op in ("Quant", "IntQuant", "DequantizeLinear"):
             scale = _scalar(model, producer.input[1], f"{producer.name} scale")
             zero = round(_scalar(model, producer.input[2], "zero point")) if len(producer.input) > 2 and producer.input[2] else 0
         elif op == "BipolarQuant":
