@@ -296,7 +296,9 @@ def _quant_source(model: ModelWrapper, quant: NodeProto, perms: list[list[int]],
         weight_range = IntRange(int(min_int(signed, narrow, bits)), int(max_int(signed, narrow, bits)))
     source = WeightSource(
         "quant", tensor, quant.name, weight_range, quant_dtype(bits, signed),
-        scale=np.asarray(scale, dtype=np.float32), zero_point=np.asarray(z, dtype=np.float32),
+        # in their stored types: qonnx divides and adds in numpy's promotion of the weights' and these types (a
+        # float64 scale over float32 weights divides in float64, as qonnx's converter of QKeras models stores them)
+        scale=np.asarray(scale), zero_point=np.asarray(z),
         rounding_mode=node_str_attr(quant, "rounding_mode", "ROUND"), perms=perms,
     )
     # qonnx's Quant: codes round(clip(w / s + z)), real weight (code - z) * s, as DequantizeLinear's
@@ -566,14 +568,20 @@ def _stored_codes(model: ModelWrapper, source: WeightSource) -> np.ndarray:
         # the code range does both
         q = np.round(stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)) + source.zero_point.astype(np.int64)
         return np.clip(q, codes.lo, codes.hi, out=q).astype(np.int64, copy=False)
-    # qonnx int_quant: the codes round(clip(x / s + z)), in float32 like qonnx executes it
+    # qonnx int_quant: the codes round(clip(x / s + z))
     from qonnx.custom_op.general.intquant import resolve_rounding_mode  # see quant_code_range
 
-    y = stored.astype(np.float32, copy=False) / source.scale.astype(np.float32)
-    if _has_zero_point(source):
-        y += source.zero_point.astype(np.float32)
+    y = _quant_unclamped(stored, source)
     y = np.clip(y, codes.lo, codes.hi, out=y)
     return resolve_rounding_mode(source.rounding_mode)(y).astype(np.int64)
+
+
+def _quant_unclamped(stored: np.ndarray, source: WeightSource) -> np.ndarray:
+    """``x / s + z`` of a qonnx ``Quant`` in the types qonnx computes it in: numpy's promotion of the stored weights'
+    type and the scale's, then of that and the zero point's (a float32 sum would round where a float64 one does
+    not). A new array."""
+    y = np.asarray(stored) / source.scale
+    return y + source.zero_point if _has_zero_point(source) else y
 
 
 def saturated_weights(model: ModelWrapper, source: WeightSource) -> tuple[int, int, float]:
@@ -585,9 +593,12 @@ def saturated_weights(model: ModelWrapper, source: WeightSource) -> tuple[int, i
     if source.kind not in UNROUNDED_KINDS or source.bipolar:
         return 0, int(np.size(stored)), 0.0
     codes = source.storage_range or source.weight_range
-    y = np.asarray(stored).astype(np.float32) / source.scale.astype(np.float32)
-    if _has_zero_point(source):
-        y += source.zero_point.astype(np.float32)
+    if source.kind == "quant":
+        y = _quant_unclamped(stored, source)
+    else:  # QuantizeLinear: float32
+        y = np.asarray(stored).astype(np.float32) / source.scale.astype(np.float32)
+        if _has_zero_point(source):
+            y = y + source.zero_point.astype(np.float32)
     outside = int(np.count_nonzero((y < codes.lo - 1.5) | (y > codes.hi + 1.5)))
     return outside, int(y.size), float(np.abs(y).max(initial=0.0))
 

@@ -343,3 +343,35 @@ def test_per_channel_activation_scales_into_other_layers_are_refused(groups, sca
     assert layer.status.startswith("input not quantized") and says in layer.status, layer.status
     with pytest.raises(CannotCertify):
         certify_layer(model, "conv")
+
+
+@pytest.mark.parametrize("rounding", ["UP", "ROUND"])
+def test_quant_with_a_float64_scale_reads_the_codes_qonnx_executes(rounding):
+    """qonnx's ``Quant`` divides float32 weights by a float64 scale in float64 (numpy's promotion). Over the scale 0.1
+    (float64) the float32 weights 0.1, 0.2, 0.3, 0.4 lie just above 1, 2, 3, 4, which rounding UP makes 2 to 5; in
+    float32 they divide to exactly 1 to 4, which the reader took: its range fell below the executed one (found by the
+    fuzzer through finetune's own check on its output, float64 scales as qonnx's QKeras converter writes them). With
+    ROUND the float32 weight 0.35 lies below 3.5 in float64 and on it in float32 (rounded to the even 4)."""
+    from qonnx.core.onnx_exec import execute_onnx as run
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    q = "qonnx.custom_op.general"
+    values = [0.1, 0.2, 0.3, 0.4] if rounding == "UP" else [0.35, 0.1, 0.2, 0.3]
+    w = np.array(values, np.float32).reshape(4, 1)
+    inits = [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.array(0.1, np.float64), "sw"),
+             *(onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("one", 1.0), ("z", 0.0),
+                                                                                       ("b4", 4.0), ("b5", 5.0)))]
+    nodes = [helper.make_node("Quant", ["x", "one", "z", "b4"], ["xq"], domain=q, signed=0, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w", "sw", "z", "b5"], ["wq"], domain=q, signed=1, narrow=0,
+                              rounding_mode=rounding),
+             helper.make_node("MatMul", ["xq", "wq"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "f64", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
+    model = model.transform(InferShapes())
+    codes = np.rint(run(model, {"x": np.zeros((1, 4), np.float32)}, return_full_exec_context=True)["wq"] / 0.1)
+    (layer,) = analyze_model(model).layers
+    assert [layer.acc_min, layer.acc_max] == [int(15 * codes[codes < 0].sum()), int(15 * codes[codes > 0].sum())]
+    executed = run(model, {"x": np.full((1, 4), 15.0, np.float32)})["y"].item() / 0.1
+    assert round(executed) == layer.acc_max
