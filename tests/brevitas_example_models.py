@@ -2,7 +2,7 @@
 
 FINN's end-to-end flows start from these: the BNN-PYNQ networks (TFC, SFC, LFC, CNV; ``bnn_pynq.models``), the
 accumulator-aware ESPCN super-resolution models of the A2Q papers (``super_resolution.models``), and MobileNet-v1
-(``imagenet_classification.models``). Their pretrained weights are downloaded by Brevitas, which this project never
+(the ``imagenet_classification.models`` class, narrow and shallow). Their pretrained weights are downloaded by Brevitas, which this project never
 does: each model is built with its initial weights (seeded), its activation quantizers calibrated on a few
 training-mode forward passes of seeded data, as :func:`tests.brevitas_nets.build_corpus_net` does, then exported.
 """
@@ -18,7 +18,7 @@ import torch
 
 @dataclass(frozen=True)
 class ExampleSpec:
-    family: str  # "bnn_pynq", "super_resolution", "imagenet_classification" or "mobilenet_v1" (a small MobileNet)
+    family: str  # "bnn_pynq", "super_resolution" or "mobilenet_v1" (Brevitas' MobileNet-v1 class, small)
     model: str  # the name Brevitas' model factory of that family takes
     input_shape: tuple[int, ...]
     # the first layer reads the float image (no input quantizer): the integer grid a user declares for it
@@ -30,14 +30,13 @@ class ExampleSpec:
 
 
 # ESPCN is fully convolutional: a small image keeps the corpus' oracle (one-hot inputs per MAC input element) within
-# memory; CNV's dense head fixes its input at 32 x 32, too large for it; MobileNet's final 7 x 7 pool fixes 224 x 224
-# (the oracle's inputs of its first layer alone take 90 GB: the corpus runs it only through the small one below)
+# memory; CNV's dense head fixes its input at 32 x 32, and the full MobileNet's final 7 x 7 pool 224 x 224, too large
+# for it (one-hot inputs of MobileNet's first layer alone would take 90 GB): MobileNet runs in the small form below
 EXAMPLES = [ExampleSpec("bnn_pynq", name, (1, 1, 28, 28)) for name in
             ("tfc_2w2a", "tfc_1w2a", "tfc_1w1a", "sfc_2w2a", "lfc_1w2a")] + [
     ExampleSpec("super_resolution", name, (1, 3, 8, 8)) for name in
     ("quant_espcn_x2_w8a8_base", "quant_espcn_x2_w4a4_base", "quant_espcn_x2_w8a8_a2q_16b",
      "quant_espcn_x2_w4a4_a2q_13b", "quant_espcn_x2_w4a4_a2q_plus_13b", "quant_espcn_x2_w8a8_a2q_plus_16b")] + [
-    ExampleSpec("imagenet_classification", "quant_mobilenet_v1_4b", (1, 3, 224, 224), "INT8"),
     # the same MobileNet class, narrow and shallow (4 to 16 channels, 20 x 20 images, a 5 x 5 final pool of 4-bit
     # codes truncated to 8 bits as in the full model): small enough for the oracle,
     # with a per-channel activation scale before each depthwise convolution as in the full model
@@ -53,14 +52,10 @@ def build_example(spec: ExampleSpec) -> torch.nn.Module:
         from brevitas_examples.super_resolution.models import get_model_by_name
 
         return get_model_by_name(spec.model, pretrained=False)
-    if spec.family == "mobilenet_v1":
-        from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
+    from brevitas_examples.imagenet_classification.models.mobilenetv1 import MobileNet
 
-        return MobileNet(channels=[[4], [8], [8, 16]], first_stage_stride=False, act_bit_width=4, weight_bit_width=4,
-                         avg_pool_kernel_size=5, num_classes=5, round_average_pool=False)  # as its 4-bit cfg
-    from brevitas_examples.imagenet_classification.models import model_with_cfg
-
-    return model_with_cfg(spec.model)[0]
+    return MobileNet(channels=[[4], [8], [8, 16]], first_stage_stride=False, act_bit_width=4, weight_bit_width=4,
+                     avg_pool_kernel_size=5, num_classes=5, round_average_pool=False)  # as its 4-bit cfg
 
 
 def export_example(folder: Path, spec: ExampleSpec, exporter: str, seed: int = 0) -> Path:
