@@ -15,7 +15,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes import bounds
 from a2q_passes.layers import KIND_WEIGHTS, MacLayer, find_mac_layers
 from a2q_passes.read_only_model import ReadOnlyModel
-from a2q_passes.weight_sources import UNROUNDED_KINDS, saturated_weights
+from a2q_passes.weight_sources import saturated_weights
 
 BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
 
@@ -267,7 +267,7 @@ def saturation_warnings(model: ModelWrapper, layers: list[MacLayer]) -> list[str
     """
     warnings = []
     for layer in layers:
-        if not layer.ok or layer.act_x_act or layer.source is None or layer.source.kind not in UNROUNDED_KINDS:
+        if not layer.ok or layer.act_x_act or layer.source is None:
             continue
         saturated, total, peak = saturated_weights(model, layer.source)
         if saturated > SATURATED_WARNING_FRACTION * total:

@@ -588,17 +588,33 @@ def saturated_weights(model: ModelWrapper, source: WeightSource) -> tuple[int, i
     """How many stored weights the graph's quantizer saturates by more than a code: ``w / s + z`` more than a code
     and a half outside the code range (a symmetric quantizer's largest weight one code past a two's-complement
     range, as QKeras' ``quantized_bits`` gives, is not counted). Returns (saturated, total, largest
-    ``|w / s + z|``); (0, total, 0.0) for sources that store integers."""
-    stored = initializer_value(model, source.tensor)
-    if source.kind not in UNROUNDED_KINDS or source.bipolar:
-        return 0, int(np.size(stored)), 0.0
+    ``|w / s + z|``); (0, total, 0.0) for sources that store integers.
+
+    Dividing by one scale and adding one zero point are monotone (correctly rounded), so the extremes of ``w / s + z``
+    over the weights sharing a scale are those of their extreme weights: two reductions of the stored tensor decide
+    whether any weight saturates, and only then is every weight divided (``analyze`` reads the weights once more here).
+    """
+    stored = np.asarray(initializer_value(model, source.tensor))
+    if source.kind not in UNROUNDED_KINDS or source.bipolar or stored.size == 0:
+        return 0, int(stored.size), 0.0
     codes = source.storage_range or source.weight_range
-    if source.kind == "quant":
-        y = _quant_unclamped(stored, source)
-    else:  # QuantizeLinear: float32
-        y = np.asarray(stored).astype(np.float32) / source.scale.astype(np.float32)
-        if _has_zero_point(source):
-            y = y + source.zero_point.astype(np.float32)
+
+    def unclamped(w: np.ndarray) -> np.ndarray:
+        if source.kind == "quant":
+            return _quant_unclamped(w, source)
+        y = w.astype(np.float32) / source.scale.astype(np.float32)  # QuantizeLinear: float32
+        return y + source.zero_point.astype(np.float32) if _has_zero_point(source) else y
+
+    params = np.shape(source.scale) if source.zero_point is None else np.broadcast_shapes(
+        np.shape(source.scale), np.shape(source.zero_point))
+    if len(params) <= stored.ndim:
+        params = (1,) * (stored.ndim - len(params)) + tuple(params)
+        shared = tuple(axis for axis, size in enumerate(params) if size == 1)  # axes along which one scale applies
+        ends = unclamped(stored.min(axis=shared, keepdims=True)), unclamped(stored.max(axis=shared, keepdims=True))
+        low, high = float(np.minimum(*ends).min()), float(np.maximum(*ends).max())
+        if codes.lo - 1.5 <= low and high <= codes.hi + 1.5:  # (False for NaN: counted below)
+            return 0, int(stored.size), max(abs(low), abs(high))
+    y = unclamped(stored)
     outside = int(np.count_nonzero((y < codes.lo - 1.5) | (y > codes.hi + 1.5)))
     return outside, int(y.size), float(np.abs(y).max(initial=0.0))
 
