@@ -61,6 +61,7 @@ from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_deconv import streamline_conv_transposes
 from a2q_passes.finn_one_d import one_d_convs, pre_streamline_one_d, refuse_one_d_convs_left
 from a2q_passes.finn_global_pooling import integer_global_pools
+from a2q_passes.graph_values import node_attr
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
@@ -312,8 +313,8 @@ def _depthwise_after_mul(model: ModelWrapper) -> bool:
     would scale it too)."""
     for conv in model.get_nodes_by_op_type("Conv"):
         producer = model.find_producer(conv.input[0])
-        group = next((a.i for a in conv.attribute if a.name == "group"), 1)
-        if producer is not None and producer.op_type == "Mul" and group > 1 and len(conv.input) == 2:
+        grouped = node_attr(conv, "group", 1) > 1
+        if producer is not None and producer.op_type == "Mul" and grouped and len(conv.input) == 2:
             return True
     return False
 
