@@ -262,12 +262,19 @@ class GridResolver:
         return self._with_zero_point(codes, dtype, scale, int(zp)), ""
 
     def _per_axis_scale(self, node: NodeProto) -> tuple[float | None, int | None]:
-        """A Quant scale that varies along one axis of its output only, every value finite and nonzero and all of
-        one sign: (that sign, the axis); else (None, None). The sign decides which codes reals >= 0 take."""
+        """A Quant scale (broadcast to its output) or a DequantizeLinear's 1-D scale along its ``axis`` that varies
+        along one axis of the output only, every value finite and nonzero and all of one sign: (that sign, the
+        axis); else (None, None). The sign decides which codes reals >= 0 take."""
         scale = get_constant(self.model, node.input[1])
         shape = self.shape(node.output[0])
         if scale is None or shape is None or np.ndim(scale) > len(shape):
             return None, None
+        if node.op_type == "DequantizeLinear":  # ONNX: a 1-D scale along the attribute axis (not block-wise)
+            axis = int(node_attr(node, "axis", 1))
+            axis = axis + len(shape) if axis < 0 else axis
+            if np.ndim(scale) != 1 or node_attr(node, "block_size", 0) or not 0 <= axis < len(shape):
+                return None, None
+            scale = np.reshape(scale, [np.size(scale) if a == axis else 1 for a in range(len(shape))])
         scale = np.asarray(scale, dtype=np.float64).reshape((1,) * (len(shape) - np.ndim(scale)) + np.shape(scale))
         axes = [axis for axis, size in enumerate(scale.shape) if size > 1]
         if len(axes) != 1 or scale.shape[axes[0]] != shape[axes[0]] or not np.all(np.isfinite(scale)):
@@ -311,11 +318,15 @@ class GridResolver:
 
     def _from_DequantizeLinear(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         scale = _scalar_constant(self.model, node.input[1])
-        if scale is None:
-            return None, f"{node_label(node)} has a per-channel or non-constant activation scale"
         has_zp = len(node.input) > 2 and bool(node.input[2])
         zp_value = get_constant(self.model, node.input[2]) if has_zp else None
-        if has_zp and (zp_value is None or np.size(zp_value) != 1):
+        scale_axis = None
+        if scale is None and (not has_zp or (zp_value is not None and np.all(zp_value == 0))):
+            scale, scale_axis = self._per_axis_scale(node)  # Brevitas' QCDQ per-channel activations, zero points 0
+            zp_value = None
+        if scale is None:
+            return None, _not_per_tensor(self.model, node, ("scale", "zero point"))
+        if has_zp and scale_axis is None and (zp_value is None or np.size(zp_value) != 1):
             return None, f"{node_label(node)} has a per-channel or non-constant activation zero point"
         storage = storage_dtype(self.model, node)
         if storage is None:
@@ -334,6 +345,8 @@ class GridResolver:
             return None, str(err)
         if not self.finn_ranges:
             codes = self._quantized_non_negative(node, codes)
+        if scale_axis is not None:  # zero point 0: the codes of every channel, each on its own step
+            return InputGrid(codes, dtype, None, 0, False, scale_axis), ""
         zp = int(np.asarray(zp_value).reshape(-1)[0]) if zp_value is not None else 0
         if self.finn_ranges and zp:  # lowered as thresholds with an output bias, as a Quant's (see _finn_codes)
             return InputGrid(*_finn_type_less_zero_point(codes, zp), scale, 0), ""
@@ -348,7 +361,8 @@ class GridResolver:
         scale = get_constant(self.model, quantize.input[1])
         has_zp = len(quantize.input) > 2 and bool(quantize.input[2])
         zp = get_constant(self.model, quantize.input[2]) if has_zp else np.zeros(1)
-        if scale is None or zp is None or np.size(zp) != 1 or not np.all(np.asarray(scale) > 0):
+        # one zero point (a per-channel QuantizeLinear's may repeat it per channel)
+        if scale is None or zp is None or np.ptp(np.asarray(zp)) != 0 or not np.all(np.asarray(scale) > 0):
             return codes
         return at_or_above(codes, int(np.asarray(zp).reshape(-1)[0]))
 

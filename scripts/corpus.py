@@ -97,7 +97,9 @@ GRAPH_PTQ_CONFIGS = [("fx", 8, 8, (("weight_quant_granularity", "per_tensor"),))
                      ("layerwise", 4, 4, ()),
                      ("flexml", 8, 8, (("weight_quant_granularity", "per_tensor"), ("scale_factor_type", "po2_scale")))]
 BREVITAS_EXAMPLES = {"qonnx": "Brevitas examples' models (bnn_pynq, ESPCN A2Q/A2Q+, MobileNet-v1), export_qonnx",
-                     "qcdq": "Brevitas examples' models (bnn_pynq, ESPCN A2Q/A2Q+, MobileNet-v1), export_onnx_qcdq"}
+                     "qcdq": "Brevitas examples' models (bnn_pynq, ESPCN A2Q/A2Q+, MobileNet-v1), export_onnx_qcdq",
+                     "qcdq_ts": "Brevitas examples' models (bnn_pynq, ESPCN A2Q/A2Q+, MobileNet-v1), export_onnx_qcdq "
+                                "(TorchScript)"}
 QUANTIZE_GRAPH = "qonnx QuantizeGraph (Quant nodes inserted into a float model)"
 # QuantizeGraph's (scale, zero point, bit width, narrow, signed, rounding) for MAC inputs 0 (data) and 1 (weights)
 QUANTIZE_GRAPH_SPECS = {"w8a8": ((0.05, 0, 8, 0, 1, "ROUND"), (0.02, 0, 8, 1, 1, "ROUND")),

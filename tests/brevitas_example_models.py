@@ -59,8 +59,9 @@ def build_example(spec: ExampleSpec) -> torch.nn.Module:
 
 
 def export_example(folder: Path, spec: ExampleSpec, exporter: str, seed: int = 0) -> Path:
-    """``spec`` built, calibrated and exported: ``exporter`` is ``qonnx`` (``export_qonnx``, as exported) or
-    ``qcdq`` (``export_onnx_qcdq``); both with Brevitas' default torch exporter (dynamo under torch 2.13)."""
+    """``spec`` built, calibrated and exported: ``exporter`` is ``qonnx`` (``export_qonnx``, as exported), ``qcdq``
+    (``export_onnx_qcdq``), both with Brevitas' default torch exporter (dynamo under torch 2.13), or ``qcdq_ts``
+    (``export_onnx_qcdq`` through the TorchScript exporter, which exports the quantized biases dynamo refuses)."""
     from brevitas.export import export_onnx_qcdq, export_qonnx
 
     torch.manual_seed(seed)
@@ -73,5 +74,8 @@ def export_example(folder: Path, spec: ExampleSpec, exporter: str, seed: int = 0
     path = folder / f"brevitas_examples_{exporter}_{spec.name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (export_qonnx if exporter == "qonnx" else export_onnx_qcdq)(net, torch.rand(*spec.input_shape), str(path))
+        if exporter == "qonnx":
+            export_qonnx(net, torch.rand(*spec.input_shape), str(path))
+        else:
+            export_onnx_qcdq(net, torch.rand(*spec.input_shape), str(path), dynamo=exporter == "qcdq")
     return path

@@ -294,32 +294,48 @@ def test_gemm_with_the_weight_as_first_operand_is_refused_by_name():
     assert layer.status.startswith("unsupported: constant first operand times an activation (Gemm W @ X)")
 
 
-def _per_channel_scaled_conv(groups: int, scale_shape: tuple[int, ...] = (1, 4, 1, 1)) -> ModelWrapper:
+def _per_channel_scaled_conv(groups: int, scale_shape: tuple[int, ...] = (1, 4, 1, 1), form: str = "quant",
+                             zero_point: int = 0) -> ModelWrapper:
     """An unsigned 4-bit input quantizer with one scale per channel (``scale_shape``) feeding a 3 x 3 Conv of 4
-    channels with ``groups`` groups; signed 4-bit weights with one scale."""
+    channels with ``groups`` groups; signed 4-bit weights with one scale. ``form``: a qonnx ``Quant``, or ``qdq``
+    as Brevitas' QCDQ export writes it (``QuantizeLinear`` -> ``Clip`` to [0, 15] -> ``DequantizeLinear``, a 1-D
+    scale and uint8 zero points ``zero_point`` along the scale's axis)."""
     q = "qonnx.custom_op.general"
     rng = np.random.default_rng(0)
+    scale = rng.uniform(0.1, 0.2, size=scale_shape)
     inits = [onnx.numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in (
-        ("w", rng.integers(-7, 8, size=(4, 4 // groups, 3, 3))), ("sx", rng.uniform(0.1, 0.2, size=scale_shape)),
+        ("w", rng.integers(-7, 8, size=(4, 4 // groups, 3, 3))), ("sx", scale),
         ("sw", 1.0), ("z", 0.0), ("b", 4.0))]
-    nodes = [helper.make_node("Quant", ["x", "sx", "z", "b"], ["xq"], domain=q, signed=0, narrow=0,
-                              rounding_mode="ROUND"),
-             helper.make_node("Quant", ["w", "sw", "z", "b"], ["wq"], domain=q, signed=1, narrow=0,
-                              rounding_mode="ROUND"),
-             helper.make_node("Conv", ["xq", "wq"], ["y"], name="conv", group=groups, pads=[1, 1, 1, 1])]
+    if form == "quant":
+        source = [helper.make_node("Quant", ["x", "sx", "z", "b"], ["xq"], domain=q, signed=0, narrow=0,
+                                   rounding_mode="ROUND")]
+    else:
+        axis = int(np.flatnonzero(np.array(scale_shape) > 1)[0])
+        inits = [i for i in inits if i.name != "sx"] + [
+            onnx.numpy_helper.from_array(scale.reshape(-1).astype(np.float32), "sx"),
+            onnx.numpy_helper.from_array(np.full(scale.size, zero_point, np.uint8), "zx"),
+            onnx.numpy_helper.from_array(np.array(0, np.uint8), "lo"), onnx.numpy_helper.from_array(np.array(15, np.uint8), "hi")]
+        source = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xc"], axis=axis),
+                  helper.make_node("Clip", ["xc", "lo", "hi"], ["xk"]),
+                  helper.make_node("DequantizeLinear", ["xk", "sx", "zx"], ["xq"], axis=axis)]
+    nodes = source + [helper.make_node("Quant", ["w", "sw", "z", "b"], ["wq"], domain=q, signed=1, narrow=0,
+                                       rounding_mode="ROUND"),
+                      helper.make_node("Conv", ["xq", "wq"], ["y"], name="conv", group=groups, pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
     return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
 
 
-def test_per_channel_activation_scales_into_a_depthwise_conv_are_one_accumulation_per_channel():
+@pytest.mark.parametrize("form", ["quant", "qdq"])
+def test_per_channel_activation_scales_into_a_depthwise_conv_are_one_accumulation_per_channel(form):
     """Brevitas' MobileNet-v1 (brevitas_examples; FINN's MobileNet) quantizes the input of each depthwise convolution
-    with one scale per channel. Each output of a depthwise Conv sums one channel, whose codes share one step: an
-    integer accumulation, read (before: refused as a "per-channel scale"). Its range is checked against the sums
-    of the executed integer weights over the input box [0, 15], and the independent certificate derives the same."""
+    with one scale per channel (a ``Quant``, or in its QCDQ export a per-axis ``DequantizeLinear``). Each output of
+    a depthwise Conv sums one channel, whose codes share one step: an integer accumulation, read (before: refused
+    as a "per-channel scale"). Its range is checked against the sums of the executed integer weights over the input
+    box [0, 15], and the independent certificate derives the same."""
     from a2q_passes.certificate import certify_layer
 
-    model = _per_channel_scaled_conv(groups=4)
+    model = _per_channel_scaled_conv(groups=4, form=form)
     (layer,) = analyze_model(model, per_channel=True).layers
     assert layer.status == "ok" and layer.input_range == [0, 15], layer.status
     w = model.get_initializer("w").reshape(4, -1)
@@ -329,16 +345,49 @@ def test_per_channel_activation_scales_into_a_depthwise_conv_are_one_accumulatio
     assert list(cert.channel_max) == layer.per_channel["acc_max"] and list(cert.channel_min) == layer.per_channel["acc_min"]
 
 
-@pytest.mark.parametrize("groups, scale_shape, says", [
-    (1, (1, 4, 1, 1), "one scale per index of axis 1 (per-channel activation scales)"),  # 4 steps in one sum
-    (4, (1, 1, 6, 1), "one scale per index of axis 2, not of its channel axis 1"),  # one per row of the image
+def test_per_axis_int8_codes_of_a_relu_output_start_at_zero_in_both_readers():
+    """``Relu -> QuantizeLinear(int8, per-axis) -> DequantizeLinear -> depthwise Conv``: reals >= 0 take the codes
+    [0, 127] only. The certificate finds that by executing the graph's QuantizeLinear on 0 and on a real past
+    saturation, which for a per-axis quantizer needs a probe with one value per channel (a 1-D probe failed in
+    onnxruntime, with its error log on stderr, and left the codes at [-128, 127])."""
+    from a2q_passes.certificate import certify_layer
+
+    q = "qonnx.custom_op.general"
+    rng = np.random.default_rng(0)
+    w = rng.integers(-7, 8, size=(4, 1, 3, 3)).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in (
+        ("w", w), ("sw", 1.0), ("z", 0.0), ("b", 4.0), ("sx", rng.uniform(0.1, 0.2, 4)))]
+    inits.append(onnx.numpy_helper.from_array(np.zeros(4, np.int8), "zx"))
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "sx", "zx"], ["xc"], axis=1),
+             helper.make_node("DequantizeLinear", ["xc", "sx", "zx"], ["xq"], axis=1),
+             helper.make_node("Quant", ["w", "sw", "z", "b"], ["wq"], domain=q, signed=1, narrow=0, rounding_mode="ROUND"),
+             helper.make_node("Conv", ["xq", "wq"], ["y"], name="conv", group=4, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
+    (layer,) = analyze_model(model, per_channel=True).layers
+    w = w.reshape(4, -1)
+    assert layer.status == "ok" and layer.input_range == [0, 127], layer.status
+    assert layer.per_channel["acc_min"] == [int(127 * w[c][w[c] < 0].sum()) for c in range(4)]
+    cert = certify_layer(model, "conv")
+    assert list(cert.channel_min) == layer.per_channel["acc_min"] and list(cert.channel_max) == layer.per_channel["acc_max"]
+
+
+@pytest.mark.parametrize("groups, scale_shape, form, zero_point, says", [
+    (1, (1, 4, 1, 1), "quant", 0, "one scale per index of axis 1 (per-channel activation scales)"),  # 4 steps, 1 sum
+    (4, (1, 1, 6, 1), "quant", 0, "one scale per index of axis 2, not of its channel axis 1"),  # one per image row
+    (1, (1, 4, 1, 1), "qdq", 0, "one scale per index of axis 1 (per-channel activation scales)"),
+    (4, (1, 1, 6, 1), "qdq", 0, "one scale per index of axis 2, not of its channel axis 1"),
+    (4, (1, 4, 1, 1), "qdq", 3, "a zero point of shape [4] (per channel)"),  # each channel shifted: not read
 ])
-def test_per_channel_activation_scales_into_other_layers_are_refused(groups, scale_shape, says):
-    """Where one output sums codes of several steps (a dense Conv), or the scale varies along another axis than the
-    channels, the products are no single integer accumulation: refused by both readers, naming the scale."""
+def test_per_channel_activation_scales_into_other_layers_are_refused(groups, scale_shape, form, zero_point, says):
+    """Where one output sums codes of several steps (a dense Conv), the scale varies along another axis than the
+    channels, or each channel has its own zero point, the products are no single integer accumulation a2q reads:
+    refused by both readers, naming the scale."""
     from a2q_passes.certificate import CannotCertify, certify_layer
 
-    model = _per_channel_scaled_conv(groups, scale_shape)
+    model = _per_channel_scaled_conv(groups, scale_shape, form, zero_point)
     (layer,) = analyze_model(model).layers
     assert layer.status.startswith("input not quantized") and says in layer.status, layer.status
     with pytest.raises(CannotCertify):

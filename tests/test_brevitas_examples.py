@@ -71,3 +71,25 @@ def test_mobilenet_depthwise_layers_with_per_channel_scales_end_to_end(tmp_path)
     assert result.status == "handled", (result.detail, result.notes)
     assert result.layers == 8 and result.tight == 8 and result.allocated == 8, (result.tight, result.allocated)
     assert result.finetuned, result.notes
+
+
+def test_mobilenet_qcdq_per_axis_dequantize_into_depthwise_layers_end_to_end(tmp_path):
+    """The same MobileNet as Brevitas' QCDQ export writes it (TorchScript: dynamo refuses its quantized biases): the
+    input of each depthwise Conv is a ``DequantizeLinear`` with a 1-D scale along axis 1 and uint8 zero points of 0.
+    Every layer is read (the depthwise ones were refused), its analysed range is what executes, and the model is
+    projected, verified, allocated and lowered (qonnx's QCDQToQuant makes the pair a per-channel Quant)."""
+    from a2q_passes.model_io import load_model
+
+    spec = SPECS["mobilenet_v1_tiny_4b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_example(tmp_path, spec, "qcdq_ts")
+        model = load_model(path)  # Brevitas' Constant nodes as initializers
+        per_axis = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "act_quant" in n.name
+                    and model.get_initializer(n.input[1]).size > 1]
+        assert len(per_axis) == 2 and all(np.ptp(model.get_initializer(n.input[1])) > 0 for n in per_axis)
+        entry = replace(brevitas_entry(path, BREVITAS_EXAMPLES["qcdq_ts"], "qcdq_ts", "fold"), input_dtype=spec.input_dtype)
+        assert entry.lower  # lower takes the file whole
+        result = check(entry, tmp_path, allocate=True)
+    assert result.status == "handled", (result.detail, result.notes)
+    assert result.layers == 8 and result.tight == 8 and result.allocated == 8, (result.tight, result.allocated)

@@ -15,6 +15,7 @@ from qonnx.custom_op.registry import getCustomOp
 
 from a2q_passes.certificate.execution import CannotCertify, as_integers, execute_constants, node_attr, node_label, \
     uniform_value
+from a2q_passes.certificate.shapes import inferred_shapes
 from a2q_passes.tensor_store import initializer_proto
 
 # Ops whose every output value is one of their (first) input's values.
@@ -244,13 +245,23 @@ class InputCodes:
         return Grid(int(codes.min()), int(codes.max()), int(zero), scale)
 
     def _axis_scale(self, node: NodeProto) -> np.ndarray:
-        """A Quant's scale that varies along one axis of its output, all nonzero and finite, of one sign, with a zero
-        point 0: the scale, shaped to the output's rank (else CannotCertify)."""
+        """A Quant's scale, or a DequantizeLinear's 1-D scale along its ``axis``, that varies along one axis of the
+        output, all nonzero and finite, of one sign, with zero points 0: the scale, shaped to the output's rank
+        (else CannotCertify)."""
         scale = np.asarray(execute_constants(self.model, [node.input[1]])[node.input[1]], dtype=np.float64)
-        zero = execute_constants(self.model, [node.input[2]])[node.input[2]]
-        # the Quant's output has its input's rank (a scale of higher rank would broadcast it: refused below)
-        shape = self.model.get_tensor_shape(node.input[0]) or self.model.get_tensor_shape(node.output[0])
+        has_zero = len(node.input) > 2 and bool(node.input[2])
+        zero = execute_constants(self.model, [node.input[2]])[node.input[2]] if has_zero else 0
+        # the output has its input's rank (a Quant scale of higher rank would broadcast it: refused below)
+        shape = self.model.get_tensor_shape(node.input[0]) or self.model.get_tensor_shape(node.output[0]) or \
+            inferred_shapes(self.model).get_tensor_shape(node.output[0])
         rank = scale.ndim if shape is None else len(shape)
+        if node.op_type == "DequantizeLinear":
+            axis = int(node_attr(node, "axis", 1))
+            axis = axis + rank if axis < 0 else axis
+            if scale.ndim != 1 or node_attr(node, "block_size", 0) or not 0 <= axis < rank:
+                raise CannotCertify(f"the scale of {node_label(node)} is neither one value nor one per index of its "
+                                    "axis")
+            scale = scale.reshape([scale.size if a == axis else 1 for a in range(rank)])
         varying = [axis for axis, size in enumerate(scale.shape) if size > 1]
         if (np.any(np.asarray(zero) != 0) or scale.ndim > rank or len(varying) != 1 or not np.all(np.isfinite(scale))
                 or not (np.all(scale > 0) or np.all(scale < 0))):
@@ -280,8 +291,14 @@ class InputCodes:
         return replace(self._probe(node, scale, 0.0), pair=True)
 
     def _DequantizeLinear(self, node: NodeProto) -> Grid:
-        scale = self._constant(node.input[1], f"the scale of {node_label(node)}")
-        zero = self._constant(node.input[2], f"the zero point of {node_label(node)}") if len(node.input) > 2 and node.input[2] else 0.0
+        scale_axis = None
+        try:
+            scale = self._constant(node.input[1], f"the scale of {node_label(node)}")
+            zero = self._constant(node.input[2], f"the zero point of {node_label(node)}") if len(node.input) > 2 and node.input[2] else 0.0
+        except CannotCertify:
+            axis_scale = self._axis_scale(node)  # one scale per channel (Brevitas' QCDQ), zero points 0
+            scale, zero = float(np.sign(axis_scale).flat[0]), 0.0
+            scale_axis = int(np.flatnonzero(np.array(axis_scale.shape) > 1)[0])
         storage = self._storage_type(node)
         if storage not in STORAGE_RANGES or scale == 0:
             raise CannotCertify(f"{node_label(node)} dequantizes storage type {TensorProto.DataType.Name(storage)} "
@@ -289,7 +306,7 @@ class InputCodes:
         lo, hi = STORAGE_RANGES[storage]
         lo, hi = self._through_clips(node, storage, lo, hi)
         lo, hi = self._quantized_non_negative(node, lo, hi)
-        return Grid(lo, hi, int(zero), scale)
+        return Grid(lo, hi, int(zero), scale, scale_axis=scale_axis)
 
     def _quantized_non_negative(self, dq: NodeProto, lo: int, hi: int) -> tuple[int, int]:
         """``[lo, hi]`` cut to the codes the graph's own QuantizeLinear (and Clips) give reals >= 0, where it
@@ -299,10 +316,21 @@ class InputCodes:
         quantize = self.model.find_producer(start)
         if quantize is None or quantize.op_type != "QuantizeLinear" or not self._holds_non_negative(quantize.input[0]):
             return lo, hi
+        shape = [2]  # 0 and a real past saturation; a per-axis quantizer takes them per index of its axis
+        scale = execute_constants(self.model, [quantize.input[1]])[quantize.input[1]]
+        if np.ndim(scale) == 1 and np.size(scale) > 1:
+            input_shape = self.model.get_tensor_shape(quantize.input[0]) or \
+                inferred_shapes(self.model).get_tensor_shape(quantize.input[0])
+            axis = int(node_attr(quantize, "axis", 1))
+            if input_shape is None or not -len(input_shape) <= axis < len(input_shape):
+                return lo, hi  # the codes stay as read
+            shape = [2] + [np.size(scale) if a == axis % len(input_shape) else 1 for a in range(1, len(input_shape))]
+            if axis % len(input_shape) == 0:
+                return lo, hi
+        probe = np.array([0.0, 1e30], dtype=np.float32).reshape([2] + [1] * (len(shape) - 1)) * np.ones(shape, np.float32)
         try:
-            out = execute_constants(self.model, [dq.input[0]],
-                                    {quantize.input[0]: np.array([0.0, 1e30], dtype=np.float32)})[dq.input[0]]
-        except Exception:  # e.g. a per-axis scale that a 1-D probe cannot take: the codes stay as read
+            out = execute_constants(self.model, [dq.input[0]], {quantize.input[0]: probe})[dq.input[0]]
+        except Exception:  # a quantizer the probe cannot run: the codes stay as read
             return lo, hi
         codes = as_integers(np.asarray(out, dtype=np.float64), f"the codes {node_label(dq)} dequantizes")
         return max(lo, int(codes.min())), min(hi, int(codes.max()))

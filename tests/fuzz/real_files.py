@@ -107,14 +107,24 @@ def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, ob
             ops.append((op, _scalar(model, producer.input[1], f"{producer.name} constant")))
             tensor = producer.input[0]
             continue
-        per_channel = _const(model, producer.input[1]) if op in ("Quant", "IntQuant") and tensor == start else None
+        quantizer = op in ("Quant", "IntQuant", "DequantizeLinear")
+        per_channel = _const(model, producer.input[1]) if quantizer and tensor == start else None
         if per_channel is not None and np.size(per_channel) > 1:
             # one scale per channel, straight into the MAC (MobileNet-v1's depthwise convolutions): the codes are
-            # the executed input divided by the scale broadcast as the Quant broadcasts it
+            # the executed input divided by the scale broadcast as the quantizer broadcasts it (a
+            # DequantizeLinear's 1-D scale along its axis attribute)
             scale = np.asarray(per_channel, dtype=np.float64)
+            if op == "DequantizeLinear":
+                rank = len(model.get_tensor_shape(tensor) or with_shapes(model).get_tensor_shape(tensor))
+                axis = int(_attr(producer, "axis", 1)) % rank
+                scale = scale.reshape([scale.size if a == axis else 1 for a in range(rank)])
             if not (np.all(scale > 0) or np.all(scale < 0)):
                 raise Undescribed(f"{producer.name}: per-channel scales of both signs")
-            zero = round(_scalar(model, producer.input[2], "zero point"))
+            has_zero = len(producer.input) > 2 and producer.input[2]
+            zeros = np.unique(_const(model, producer.input[2])) if has_zero else np.zeros(1)
+            if zeros.size != 1:
+                raise Undescribed(f"{producer.name}: per-channel zero points")
+            zero = round(float(zeros[0]))
         elif op in ("Quant", "IntQuant", "DequantizeLinear"):
             scale = _scalar(model, producer.input[1], f"{producer.name} scale")
             zero = round(_scalar(model, producer.input[2], "zero point")) if len(producer.input) > 2 and producer.input[2] else 0
