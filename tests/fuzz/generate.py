@@ -18,7 +18,7 @@ leaves some out, which ``scripts/fuzz.py --minimize`` uses to attribute a findin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,9 @@ CONSTRUCTS = {
                    "(Brevitas' graph-mode PTQ exports AdaptiveAvgPool2d(1) so)",
     "float64_scales": "every Quant scale stored as float64, as qonnx's QKeras converter writes them (qonnx then "
                       "executes the quantized values, and the MACs on them, in float64)",
+    "per_channel_act_depthwise": "a Quant with one activation scale per channel feeding a depthwise Conv (or "
+                                 "ConvTranspose) directly, as Brevitas' MobileNet-v1 exports it: each output sums "
+                                 "one channel, so the layer has an integer accumulator",
 }
 
 
@@ -71,8 +74,9 @@ class LayerInfo:
     op_type: str
     # weight scale broadcastable to the weight tensor as the MAC node consumes it; None: float weights
     weight_scale: np.ndarray | None
-    # activation (scale, zero point) shared by every source of the MAC input; None: no single integer grid
-    act_scale: float | None
+    # activation (scale, zero point) shared by every source of the MAC input (an array broadcastable to the MAC
+    # input: one scale per channel, read only by a depthwise layer); None: no single integer grid
+    act_scale: float | np.ndarray | None
     act_zero_point: int = 0
     # an activation x activation MatMul: (scale, zero point) of its second operand, in place of weights
     operand_scale: float | None = None
@@ -104,7 +108,8 @@ class Case:
     def save(self, stem: Path, note: dict | None = None) -> None:
         """``STEM.onnx`` and ``STEM.json`` (what :meth:`load` needs, plus ``note``)."""
         self.model.save(str(stem.with_suffix(".onnx")))
-        layers = [{"node": i.node, "op_type": i.op_type, "act_scale": i.act_scale, "act_zero_point": i.act_zero_point,
+        layers = [{"node": i.node, "op_type": i.op_type, "act_scale": np.asarray(i.act_scale).tolist()
+                   if isinstance(i.act_scale, np.ndarray) else i.act_scale, "act_zero_point": i.act_zero_point,
                    "weight_scale": None if i.weight_scale is None else i.weight_scale.tolist(),
                    "operand_scale": i.operand_scale, "operand_zero_point": i.operand_zero_point, "act_x_act": i.act_x_act,
                    "scale_along_k": i.scale_along_k}
@@ -118,7 +123,8 @@ class Case:
         payload = json.loads(stem.with_suffix(".json").read_text())
         layers = [LayerInfo(i["node"], i["op_type"],
                             None if i["weight_scale"] is None else np.asarray(i["weight_scale"], np.float32),
-                            i["act_scale"], i["act_zero_point"], i.get("operand_scale"), i.get("operand_zero_point", 0),
+                            np.asarray(i["act_scale"], np.float32) if isinstance(i["act_scale"], list) else i["act_scale"],
+                            i["act_zero_point"], i.get("operand_scale"), i.get("operand_zero_point", 0),
                             i.get("act_x_act", False), scale_along_k=i.get("scale_along_k", False))
                   for i in payload["layers"]]
         return cls(ModelWrapper(str(stem.with_suffix(".onnx"))), layers, payload["zero_point"], payload["input_dtypes"],
@@ -244,13 +250,16 @@ def _source_uses(spec: dict) -> set[str]:
 def _source_switches(spec: dict) -> set[str]:
     if spec["kind"] == "dq_int8_input":
         return {"dq_int8_without_zero_point"}
+    if spec["kind"] == "qdq":
+        return {"per_channel_act_depthwise"} if spec.get("per_channel") and spec.get("depthwise") else set()
     if spec["kind"] != "quant":
         return set()
     bits = spec["bits"]
     return {name for name, used in (
         ("non_integer_bits", bits != int(bits)),
         ("negative_scale", spec["scale"] < 0),
-        ("unreadable_quantized_layers", spec["per_channel"]),
+        ("unreadable_quantized_layers", spec["per_channel"] and not spec.get("depthwise")),
+        ("per_channel_act_depthwise", spec["per_channel"] and spec.get("depthwise", False)),
         ("one_bit_activation_zero_point", bits == 1 and spec["signed"] and spec["zero_point"] != 0),
     ) if used}
 
@@ -280,24 +289,32 @@ def _apply_source(b: _Builder, spec: dict, x: str) -> tuple[str, float | None, i
     if kind == "quant":
         channels = shape[1]
         scale = spec["scale"]
-        if spec["per_channel"]:
+        if spec["per_channel"]:  # of the spec's sign: a negative scale flips which codes reals >= 0 take
             sshape = [1, channels] + [1] * (len(shape) - 2)
-            svalue = (np.abs(scale) * (1.0 + 0.5 * np.arange(channels))).astype(np.float32).reshape(sshape)
+            svalue = (scale * (1.0 + 0.5 * np.arange(channels))).astype(np.float32).reshape(sshape)
         else:
             svalue = np.float32(scale)
         out = b.node(spec["op"], [x, b.const("s", svalue), b.const("z", np.float32(spec["zero_point"])),
                                b.const("bits", np.float32(spec["bits"]))], shape, domain=QONNX_DOMAIN,
                      signed=int(spec["signed"]), narrow=int(spec["narrow"]), rounding_mode=spec["rounding"])
-        return out, (None if spec["per_channel"] else float(scale)), int(spec["zero_point"])
+        one = not spec["per_channel"] or svalue.size == 1  # one channel: one scale
+        return out, (float(np.reshape(svalue, -1)[0]) if one else svalue), int(spec["zero_point"])
     if kind == "bipolar":
         return b.node("BipolarQuant", [x, b.const("s", np.float32(spec["scale"]))], shape, domain=QONNX_DOMAIN), spec["scale"], 0
     if kind == "qdq":
         zp = np.array(spec["zero_point"], dtype=spec["dtype"])
-        s = b.const("s", np.float32(spec["scale"]))
+        channels = shape[1] if spec.get("per_channel") else 1
+        if channels > 1:  # a 1-D scale (and zero point) along axis 1, as Brevitas' QCDQ export writes them
+            svalue = (spec["scale"] * (1.0 + 0.5 * np.arange(channels))).astype(np.float32)
+            s, zp, axis = b.const("s", svalue), np.full(channels, zp, dtype=spec["dtype"]), {"axis": 1}
+            act_scale = svalue.reshape([1, channels] + [1] * (len(shape) - 2))
+        else:
+            s, axis, act_scale = b.const("s", np.float32(spec["scale"])), {}, spec["scale"]
         zname = b.const("zp", zp) if spec["explicit_zero_point"] else None
-        q = b.node("QuantizeLinear", [x, s] + ([zname] if zname else []), shape)
+        q = b.node("QuantizeLinear", [x, s] + ([zname] if zname else []), shape, **axis)
         q = _clip(b, q, spec.get("clip"), spec["dtype"] if zname else "uint8")
-        return b.node("DequantizeLinear", [q, s] + ([zname] if zname else []), shape), spec["scale"], int(zp) if zname else 0
+        zero = int(zp.reshape(-1)[0]) if zname else 0
+        return b.node("DequantizeLinear", [q, s] + ([zname] if zname else []), shape, **axis), act_scale, zero
     if kind == "float":
         return x, None, 0
     raise ValueError(kind)
@@ -359,7 +376,8 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
         case.used |= _source_uses(spec)
         # the branch went through the same kind of source, but its between-ops differ; the grid is shared
         # only if scale and zero point agree
-        new_grid = grid if (s2 == grid[0] and z2 == grid[1]) else (None, 0)
+        shared = not isinstance(s2, np.ndarray) and s2 == grid[0] and z2 == grid[1]
+        new_grid = grid if shared else (None, 0)
         out_shape = (shape[0], shape[1] + branch_shape[1]) + tuple(shape[2:])
         return b.node("Concat", [x, other], out_shape, axis=1), new_grid
     raise ValueError(op)
@@ -470,14 +488,16 @@ def _conv_out(n: int, k: int, s: int, d: int, pads: tuple[int, int], auto_pad: s
 
 
 @st.composite
-def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wspec: dict) -> tuple[str, str, np.ndarray | None]:
-    """Append a MAC node reading ``x`` with weights per ``wspec``; returns (output, node name, weight scale)."""
+def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wspec: dict,
+         depthwise: bool = False) -> tuple[str, str, np.ndarray | None]:
+    """Append a MAC node reading ``x`` with weights per ``wspec`` (``depthwise``: a convolution with one group per
+    input channel); returns (output, node name, weight scale)."""
     shape = b.shapes[x]
     if len(shape) >= 3:  # 1-D, 2-D or 3-D convolution: the same draws in every spatial dimension
         spatial, n = list(shape[2:]), len(shape) - 2
         op = draw(st.sampled_from(["Conv", "Conv", "Conv", "ConvTranspose"]))
         c_in = shape[1]
-        groups = draw(st.sampled_from([g for g in (1, 2, c_in) if c_in % g == 0]))
+        groups = c_in if depthwise else draw(st.sampled_from([g for g in (1, 2, c_in) if c_in % g == 0]))
         c_out = groups * draw(st.integers(1, 2))
         k = draw(st.integers(1, 3))
         s = draw(st.integers(1, 2))
@@ -570,12 +590,17 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
                     high = draw(st.sampled_from([0.5, 6.0, 1000.0]))
                     x_in = b.node("Clip", [x_in, b.const("clo", np.float32(0.0)), b.const("chi", np.float32(high))],
                                   b.shapes[x_in])
+            depthwise = (spec["kind"] in ("quant", "qdq") and "per_channel_act_depthwise" in allowed
+                         and len(b.shapes[x_in]) >= 3 and draw(st.integers(0, 4)) == 0)
+            if depthwise:  # as Brevitas exports MobileNet: zero point 0 (now and then not, which a2q refuses)
+                spec.update(per_channel=True, depthwise=True,
+                            zero_point=spec["zero_point"] if draw(st.integers(0, 4)) == 0 else 0)
             src, s, z = _apply_source(b, spec, x_in)
-        grid = (s, z)
-        case.used |= _source_uses(spec)
-        ops = draw(between_ops(len(b.shapes[src])))
-        if i == blocks - 1 and len(b.shapes[src]) >= 3 and draw(st.integers(0, 2)) == 0:
+        ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src])))
+        if i == blocks - 1 and len(b.shapes[src]) >= 3 and not spec.get("depthwise") and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
+        # one scale per channel: an integer accumulation only where each output sums one channel (below)
+        grid = (None, 0) if isinstance(s, np.ndarray) and ops else (s, z)
         t = src
         if grid[1] > 0 and "relu_after_zero_point" not in allowed:
             ops = [op for op in ops if op != "relu"]
@@ -589,7 +614,12 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
             case.used.add("relu_after_zero_point")
         wspec = draw(weight_specs(allowed))
         case.used |= _weight_uses(wspec)
-        out, node, wscale = draw(_mac(b, t, allowed, zero, wspec))
+        out, node, wscale = draw(_mac(b, t, allowed, zero, wspec, depthwise=bool(spec.get("depthwise"))))
+        if isinstance(grid[0], np.ndarray):
+            group = next((a.i for a in b.nodes[-1].attribute if a.name == "group"), 1)
+            spec["depthwise"] = b.nodes[-1].op_type in ("Conv", "ConvTranspose") and group == b.shapes[t][1]
+            grid = grid if spec["depthwise"] else (None, 0)
+        case.used |= _source_uses(spec)
         along_k = bool(wspec.get("scale_along_k")) and wscale is not None and np.unique(wscale).size > 1
         # a Quant weight zero point: under fold the MAC multiplies the raw codes (the oracle adds it back)
         weight_zero = np.float32(wspec["zero_point"]) if wspec["kind"] == "quant" and wspec["zero_point"] else None
@@ -670,6 +700,8 @@ def _extract_scales(case: Case) -> None:
     if any(n.op_type == "Div" for n in extracted.graph.node) and not any(n.op_type == "Div" for n in case.model.graph.node):
         case.model = extracted
         case.used.add("extracted_scales")
+        # a per-channel scale becomes a Mul by a tensor, which neither a2q nor the oracle reads as a grid
+        case.layers = [replace(i, act_scale=None) if isinstance(i.act_scale, np.ndarray) else i for i in case.layers]
 
 
 @st.composite
@@ -699,6 +731,8 @@ def _act_x_act(draw, b: _Builder, case: Case, allowed: frozenset[str]) -> str:
         spec = draw(act_specs(allowed, first=True))
         transposed = draw(st.booleans())
         src, scale, zero = _fresh_source(b, spec, (1, cols, rows) if transposed else (1, rows, cols), case)
+        if isinstance(scale, np.ndarray):  # one scale per row or column: no integer product of the operands
+            scale = None
         case.used |= _source_uses(spec)
         if transposed:
             src = b.node("Transpose", [src], (1, rows, cols), perm=[0, 2, 1])
