@@ -25,6 +25,7 @@ from a2q_passes import model_io
 from a2q_passes.analysis import INNER_REGISTER, register_ranges
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.errors import A2QError
+from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
 from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
@@ -53,7 +54,8 @@ class _GraphRunner:
     """Runs a graph node by node on batched tensors of any batch size.
 
     qonnx/FINN custom ops run through their numpy ``execute_node``; every other node runs in
-    onnxruntime as a single-node model (one cached session per node), like
+    onnxruntime as a single-node model (one cached session per node; integer MAC ops in ONNX's reference
+    implementation where onnxruntime's kernels saturate on this CPU, :mod:`a2q_passes.exact_integer_ops`), like
     ``qonnx.core.onnx_exec.execute_node`` does, but with untyped shapes so the batch may differ
     from the one the model declares. Nodes whose inputs are all constant run once up front.
     """
@@ -69,7 +71,7 @@ class _GraphRunner:
         self.data_inputs = [vi.name for vi in data_inputs(model.graph)]
         first = self.shapes.get(self.data_inputs[0]) if self.data_inputs else None
         self.declared_batch = first[0] if first else 0
-        self.sessions: dict[int, rt.InferenceSession] = {}
+        self.sessions: dict[int, rt.InferenceSession | ReferenceSession] = {}
         self.pending: list[tuple[int, NodeProto]] = []
         for index, node in enumerate(model.graph.node):
             if all(name in self.constants for name in node.input if name):
@@ -99,7 +101,8 @@ class _GraphRunner:
             raise A2QError(f"executing {node.op_type} node '{node.name}' on a batch of {batch} failed: {err}") from err
         context.update(zip(outputs, values))
 
-    def _session(self, index: int, node: NodeProto, context: dict[str, np.ndarray]) -> rt.InferenceSession:
+    def _session(self, index: int, node: NodeProto,
+                 context: dict[str, np.ndarray]) -> rt.InferenceSession | ReferenceSession:
         initializers, inputs = [], []
         for name in dict.fromkeys(n for n in node.input if n):
             if name in self.constants:
@@ -117,6 +120,9 @@ class _GraphRunner:
         opsets = [helper.make_opsetid(domain, version) for domain, version in self.opsets.items()]
         proto = helper.make_model(graph, opset_imports=opsets)
         proto.ir_version = min(self.model.model.ir_version or 10, 10)
+        if needs_reference(node.domain, node.op_type):  # onnxruntime's integer kernels are not exact on this CPU
+            self.sessions[index] = ReferenceSession(proto)
+            return self.sessions[index]
         options = rt.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         options.log_severity_level = 3

@@ -541,3 +541,32 @@ def test_skip_leaves_a_layer_out_of_the_verdict_and_says_so(a2q):
 def test_skip_refuses_unknown_and_contradicting_names(a2q, args, message):
     result = a2q("verify", MLP, *args)
     assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("op", ["MatMulInteger", "QLinearMatMul"])
+def test_data_simulation_exact_outputs_of_integer_ops_are_exact_on_any_cpu(op):
+    """The "exact" outputs of ``verify --data`` for onnxruntime's integer MAC ops: on AVX2 CPUs without VNNI,
+    onnxruntime's uint8 x int8 kernels add pairs of products in int16 with saturation (255 * 127 * 2 = 64770 comes
+    out as 32767), so its outputs were no exact reference there; the simulation then runs these ops in ONNX's
+    reference implementation. Checked against int64 products of the same codes (the simulation runs these layers
+    exactly)."""
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([np.full((2, 8), 255), rng.integers(0, 256, size=(30, 8))]).astype(np.uint8)
+    w = np.concatenate([np.full((8, 1), 127), rng.integers(-128, 128, size=(8, 3))], axis=1).astype(np.int8)
+    exact = codes.astype(np.int64) @ w.astype(np.int64)
+    inits = [numpy_helper.from_array(w, "w")]
+    if op == "MatMulInteger":
+        node = helper.make_node(op, ["x", "w"], ["y"], name="mm")
+        out_type, expected = TensorProto.INT32, exact
+    else:  # y = saturate(round(acc * s_x * s_w / s_y)): s_y = s_x * s_w * 2^10 keeps every output inside int8
+        inits += [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in (
+            ("sx", 1.0, np.float32), ("zx", 0, np.uint8), ("sw", 1.0, np.float32), ("zw", 0, np.int8),
+            ("sy", 1024.0, np.float32), ("zy", 0, np.int8))]
+        node = helper.make_node(op, ["x", "sx", "zx", "w", "sw", "zw", "sy", "zy"], ["y"], name="mm")
+        out_type, expected = TensorProto.INT8, np.clip(np.round(exact / 1024.0), -128, 127)
+    graph = helper.make_graph([node], "int", [helper.make_tensor_value_info("x", TensorProto.UINT8, [32, 8])],
+                              [helper.make_tensor_value_info("y", out_type, [32, 4])], inits)
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    result = simulate_model(model, codes, 32)
+    np.testing.assert_array_equal(result.exact_outputs["y"].astype(np.int64), expected)
+    np.testing.assert_array_equal(result.outputs["y"].astype(np.int64), expected)
