@@ -104,8 +104,8 @@ def _expected(net: _Net, abits: int, signed_act: bool) -> list[tuple[np.ndarray,
 
 # --------------------------------------------------------------------------- the corpus' varied nets
 
-CORPUS_KINDS = ("mlp", "cnn", "depthwise", "grouped", "convtranspose", "residual", "avgpool", "avgpool_floor",
-                "conv1d", "conv1d_dw", "conv3d", "attention")
+CORPUS_KINDS = ("mlp", "cnn", "depthwise", "depthwise_pc", "grouped", "convtranspose", "residual", "avgpool",
+                "avgpool_floor", "conv1d", "conv1d_dw", "conv3d", "attention")
 # spatial dimensions of a kind's convolutions: conv1d (Conv1d, strided and dilated ConvTranspose1d, Conv1d), conv1d_dw
 # (Conv1d, depthwise Conv1d, Conv1d: what FINN's 1-D flow lowers) and conv3d (Conv3d, depthwise Conv3d, Conv3d); the
 # others are 2-D
@@ -161,16 +161,20 @@ class _CorpusNet(torch.nn.Module):
         if spec.accumulator is not None:
             weight["weight_accumulator_bit_width"] = spec.accumulator
 
-        def act():  # signed activations: identity quantizers; unsigned ones: QuantReLU
+        def act(channels: int | None = None):  # signed activations: identity quantizers; unsigned ones: QuantReLU
+            # channels: one scale per channel, as Brevitas' MobileNet-v1 quantizes each depthwise Conv's input
+            per_channel = {} if channels is None else dict(
+                per_channel_broadcastable_shape=(1, channels, 1, 1), scaling_stats_permute_dims=(1, 0, 2, 3),
+                scaling_per_output_channel=True)
             if spec.signed_act:
                 return qnn.QuantIdentity(act_quant=aq, bit_width=spec.abits, narrow_range=spec.narrow,
-                                         return_quant_tensor=True)
-            return qnn.QuantReLU(bit_width=spec.abits, return_quant_tensor=True)
+                                         return_quant_tensor=True, **per_channel)
+            return qnn.QuantReLU(bit_width=spec.abits, return_quant_tensor=True, **per_channel)
 
         self.kind = spec.kind
         self.inp = qnn.QuantIdentity(act_quant=aq, bit_width=spec.abits, narrow_range=spec.narrow and spec.signed_act,
                                      return_quant_tensor=True)
-        self.act1, self.act2 = act(), act()
+        self.act1, self.act2 = act(8 if spec.kind == "depthwise_pc" else None), act()
         if spec.kind == "mlp":
             self.mac1 = qnn.QuantLinear(24, 16, bias=True, **weight)
             self.mac2 = qnn.QuantLinear(16, 8, bias=False, **weight)
@@ -187,7 +191,7 @@ class _CorpusNet(torch.nn.Module):
             self.mac3 = conv(4 if spec.kind == "conv1d" else 8, 4, 1, bias=True, **weight)
             return
         self.mac1 = qnn.QuantConv2d(4, 8, 3, padding=1, bias=True, **weight)
-        if spec.kind == "depthwise":
+        if spec.kind in ("depthwise", "depthwise_pc"):
             self.mac2 = qnn.QuantConv2d(8, 8, 3, padding=1, groups=8, bias=False, **weight)
         elif spec.kind == "grouped":
             self.mac2 = qnn.QuantConv2d(8, 8, 3, stride=2, groups=2, bias=False, **weight)

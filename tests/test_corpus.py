@@ -16,7 +16,7 @@ import pytest
 from qonnx.core.modelwrapper import ModelWrapper
 
 from scripts.corpus import (BREVITAS_EXAMPLES, EXPORTERS, FINN_STAGES, GRAPH_PTQ, ORT_FORMATS, ORT_OPTIMIZED, QKERAS,
-                            TF2ONNX_ORT, TORCH_QAT, _run, check, generate)
+                            TF2ONNX_ORT, TORCH_QAT, _run, brevitas_entry, check, generate)
 from tests.fuzz.oracle import width
 from tests.fuzz.real_files import executed_range
 
@@ -370,3 +370,25 @@ def test_allocate_step_proves_the_map_and_sees_an_unprojected_output(corpus, tmp
     (tmp_path / "sabotaged").mkdir()
     sabotaged = check(entry, tmp_path / "sabotaged", allocate=True)
     assert sabotaged.status == "FAILED" and "allocated" in sabotaged.detail, sabotaged.detail
+
+
+@pytest.mark.parametrize("exporter", ["qonnx", "qcdq_dynamo"])
+def test_brevitas_per_channel_activation_into_a_depthwise_conv_through_the_corpus_check(exporter, tmp_path):
+    """A Brevitas net whose depthwise Conv reads a ``QuantReLU`` with one scale per channel (``scaling_per_output_channel``
+    with ``per_channel_broadcastable_shape``, as Brevitas' MobileNet-v1 writes it), exported as QONNX (a ``Quant``
+    with a (1, 8, 1, 1) scale) and as Brevitas' default QCDQ (a ``DequantizeLinear`` with a 1-D scale along axis 1):
+    every layer read, each analysed range the executed one, projected, verified, allocated and lowered."""
+    from a2q_passes.model_io import load_model
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec("depthwise_pc", 4, 4), exporter)
+        model = load_model(path)
+        depthwise = next(n for n in model.graph.node if n.op_type == "Conv" and n.attribute and
+                         any(a.name == "group" and a.i == 8 for a in n.attribute))
+        scale = model.get_initializer(model.find_producer(depthwise.input[0]).input[1])
+        assert scale.size == 8 and np.ptp(scale) > 0, scale  # one scale per channel, differing
+        result = check(brevitas_entry(path, EXPORTERS[exporter], exporter, "fold"), tmp_path, allocate=True)
+    assert result.entry.lower and result.status == "handled", (result.detail, result.notes)
+    assert result.layers == 3 and result.tight == 3 and result.allocated == 3, (result.tight, result.allocated)
