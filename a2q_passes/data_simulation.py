@@ -27,6 +27,7 @@ from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
 from a2q_passes.graph_values import node_attr, node_str_attr
+from a2q_passes.input_grids import axis_scale
 from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
 from a2q_passes.tensor_store import initializer_shape, tensor_value
@@ -167,17 +168,31 @@ class _MacKernel:
             self.signed = registers.get(INNER_REGISTER, registers["final sum"])[0] < 0
             self.outer = (outer_bits, min(lo for name, (lo, _) in registers.items() if name != INNER_REGISTER) < 0)
         grid = layer.grid
-        if grid.scale_axis is not None:
-            raise _NotSimulated("its input has one scale per channel; the data simulation converts an input with one "
-                                "scale")
-        self.input_scale = float(grid.scale) if grid.scale is not None else 1.0
-        self.output_scale = self._weight_scales(model) * self.input_scale * float(node_attr(node, "alpha", 1.0))
+        # the input's step: one, or one per channel (a depthwise Conv: output row o reads input channel o // m)
+        self.input_scale, row_input_scale = self._input_scales(model)
+        self.output_scale = self._weight_scales(model) * row_input_scale * float(node_attr(node, "alpha", 1.0))
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)
         self.bound = grid.range.magnitude * int(np.abs(self.rows).sum(axis=1).max(initial=0))
         if node.op_type == "Conv":
             if node.domain == CHANNELS_LAST_DOMAIN:  # qonnx's channels-last Conv (ConvertToChannelsLastAndClean)
                 raise _NotSimulated("a channels-last (NHWC) Conv; the simulator convolves NCHW data")
             self._conv_setup()
+
+    def _input_scales(self, model: ModelWrapper) -> tuple[float | np.ndarray, float | np.ndarray]:
+        """The input's step, broadcast to the input (one scale, or one per channel shaped ``(1, C, 1, ...)``), and
+        the step each accumulator row's codes have."""
+        grid = self.layer.grid
+        if grid.scale_axis is None:
+            scale = float(grid.scale) if grid.scale is not None else 1.0
+            return scale, scale
+        # the reader takes one scale per channel only as the direct input of a depthwise Conv (weights (C_out, 1, ...))
+        shape = self.layer.layout.shape
+        channels = int(node_attr(self.node, "group", 1))
+        quantizer = model.find_producer(self.layer.input_tensor)
+        scale = axis_scale(model, quantizer, [1, channels] + [1] * (len(shape) - 2)) if quantizer is not None else None
+        if scale is None or grid.scale_axis != 1 or shape[1] != 1:
+            raise _NotSimulated("its input has one scale per index of an axis the simulator does not convert")
+        return scale, np.repeat(scale.reshape(-1), shape[0] // channels)
 
     def _weight_scales(self, model: ModelWrapper) -> np.ndarray:
         """Per-row weight scale ``s_w`` (rows of the accumulator), checked constant along K."""
@@ -207,13 +222,14 @@ class _MacKernel:
         """Integer codes of the layer input (integer-valued float64), checked to lie on the layer's grid."""
         grid = self.layer.grid
         scaled = np.asarray(x, dtype=np.float64) / self.input_scale + grid.zero_code
+        step = f"{self.input_scale:g}" if np.ndim(self.input_scale) == 0 else "one per channel"
         codes = np.rint(scaled)
         off = float(np.max(np.abs(scaled - codes))) if codes.size else 0.0
         lo, hi = (float(codes.min()), float(codes.max())) if codes.size else (grid.range.lo, grid.range.hi)
         if not off <= _GRID_TOLERANCE or lo < grid.range.lo or hi > grid.range.hi:
             raise A2QError(
                 f"layer '{self.layer.node}': its input '{self.layer.input_tensor}' is not on the integer grid "
-                f"{grid.dtype} (scale {self.input_scale:g}, zero point {grid.zero_code}, codes "
+                f"{grid.dtype} (scale {step}, zero point {grid.zero_code}, codes "
                 f"[{grid.range.lo}, {grid.range.hi}]): codes span [{lo:g}, {hi:g}], up to {off:.3g} off an integer. "
                 "Feed data in the range the model expects (for an --input-dtype input: the integer codes)")
         return codes

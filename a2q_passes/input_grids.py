@@ -129,6 +129,26 @@ def _not_per_tensor(model: ModelWrapper, node: NodeProto, names: tuple[str, ...]
             "and bit width for the whole tensor (the accumulator sums codes of one step)")
 
 
+def axis_scale(model: ModelWrapper, node: NodeProto, shape: list[int] | None) -> np.ndarray | None:
+    """A ``Quant``'s scale, or a ``DequantizeLinear``'s 1-D scale along its ``axis`` attribute (not block-wise),
+    broadcast to the rank of the quantizer's output of ``shape``, where it varies along exactly one axis, over that
+    axis' whole length, every value finite and nonzero; else None (one scale, or none this reader takes)."""
+    scale = get_constant(model, node.input[1])
+    if scale is None or shape is None or np.ndim(scale) > len(shape):
+        return None
+    if node.op_type == "DequantizeLinear":  # ONNX: a 1-D scale along the attribute axis
+        axis = int(node_attr(node, "axis", 1))
+        axis = axis + len(shape) if axis < 0 else axis
+        if np.ndim(scale) != 1 or node_attr(node, "block_size", 0) or not 0 <= axis < len(shape):
+            return None
+        scale = np.reshape(scale, [np.size(scale) if a == axis else 1 for a in range(len(shape))])
+    scale = np.asarray(scale, dtype=np.float64).reshape((1,) * (len(shape) - np.ndim(scale)) + np.shape(scale))
+    axes = [axis for axis, size in enumerate(scale.shape) if size > 1]
+    if len(axes) != 1 or scale.shape[axes[0]] != shape[axes[0]] or not np.all(np.isfinite(scale)) or np.any(scale == 0):
+        return None
+    return scale
+
+
 def quant_code_range(bits: float, signed: bool, narrow: bool, rounding_mode: str) -> IntRange:
     """The integer codes a qonnx ``Quant`` outputs, for any bit width >= 1 (4.5 included).
 
@@ -262,26 +282,12 @@ class GridResolver:
         return self._with_zero_point(codes, dtype, scale, int(zp)), ""
 
     def _per_axis_scale(self, node: NodeProto) -> tuple[float | None, int | None]:
-        """A Quant scale (broadcast to its output) or a DequantizeLinear's 1-D scale along its ``axis`` that varies
-        along one axis of the output only, every value finite and nonzero and all of one sign: (that sign, the
-        axis); else (None, None). The sign decides which codes reals >= 0 take."""
-        scale = get_constant(self.model, node.input[1])
-        shape = self.shape(node.output[0])
-        if scale is None or shape is None or np.ndim(scale) > len(shape):
+        """(sign, axis) of a quantizer scale that varies along one axis of its output only (:func:`axis_scale`), all
+        of one sign; else (None, None). The sign decides which codes reals >= 0 take."""
+        scale = axis_scale(self.model, node, self.shape(node.output[0]))
+        if scale is None or not (np.all(scale > 0) or np.all(scale < 0)):
             return None, None
-        if node.op_type == "DequantizeLinear":  # ONNX: a 1-D scale along the attribute axis (not block-wise)
-            axis = int(node_attr(node, "axis", 1))
-            axis = axis + len(shape) if axis < 0 else axis
-            if np.ndim(scale) != 1 or node_attr(node, "block_size", 0) or not 0 <= axis < len(shape):
-                return None, None
-            scale = np.reshape(scale, [np.size(scale) if a == axis else 1 for a in range(len(shape))])
-        scale = np.asarray(scale, dtype=np.float64).reshape((1,) * (len(shape) - np.ndim(scale)) + np.shape(scale))
-        axes = [axis for axis, size in enumerate(scale.shape) if size > 1]
-        if len(axes) != 1 or scale.shape[axes[0]] != shape[axes[0]] or not np.all(np.isfinite(scale)):
-            return None, None
-        if not (np.all(scale > 0) or np.all(scale < 0)):
-            return None, None
-        return float(np.sign(scale.flat[0])), axes[0]
+        return float(np.sign(scale.flat[0])), int(np.flatnonzero(np.array(scale.shape) > 1)[0])
 
     def _finn_codes(self, node: NodeProto, codes: IntRange, bits: float, signed: bool,
                     zero: int = 0) -> tuple[IntRange | None, str, str]:

@@ -570,3 +570,29 @@ def test_data_simulation_exact_outputs_of_integer_ops_are_exact_on_any_cpu(op):
     result = simulate_model(model, codes, 32)
     np.testing.assert_array_equal(result.exact_outputs["y"].astype(np.int64), expected)
     np.testing.assert_array_equal(result.outputs["y"].astype(np.int64), expected)
+
+
+@pytest.mark.parametrize("form", ["quant", "qdq"])
+def test_data_simulation_of_a_depthwise_conv_with_one_input_scale_per_channel(form):
+    """``verify --data`` on a depthwise Conv whose input has one scale per channel (Brevitas' MobileNet-v1): each
+    channel's codes are its values over its own step, and a P-bit wrap-around result reaches the output times that
+    channel's step. Checked against int64 convolutions of the codes wrapped to P bits (modular: the order of the
+    additions does not matter), with inputs that overflow 7 bits."""
+    from tests.test_analysis import _per_channel_scaled_conv
+
+    model = _per_channel_scaled_conv(groups=4, form=form)
+    step = model.get_initializer("sx").reshape(1, 4, 1, 1).astype(np.float64)
+    codes = np.random.default_rng(1).integers(0, 16, size=(6, 4, 6, 6))
+    codes[0] = 15  # every tap at the top code: the largest sums
+    x = (codes * step).astype(np.float32)
+    w = model.get_initializer("w").astype(np.int64)
+    acc = torch.nn.functional.conv2d(torch.from_numpy(codes.astype(np.float64)), torch.from_numpy(w.astype(np.float64)),
+                                     padding=1, groups=4).numpy().round().astype(np.int64)
+    bits = 7
+    wrapped = (acc + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1)
+    assert np.any(wrapped != acc)  # the data overflows P
+    result = simulate_model(model, x, bits)
+    assert result.widths == {"conv": bits} and not result.skipped
+    assert result.overflows["conv"] == int(np.count_nonzero(wrapped != acc))
+    np.testing.assert_allclose(result.exact_outputs["y"], acc * step, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.outputs["y"], wrapped * step, rtol=1e-5, atol=1e-5)
