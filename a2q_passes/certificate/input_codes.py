@@ -316,17 +316,17 @@ class InputCodes:
         quantize = self.model.find_producer(start)
         if quantize is None or quantize.op_type != "QuantizeLinear" or not self._holds_non_negative(quantize.input[0]):
             return lo, hi
-        shape = [2]  # 0 and a real past saturation; a per-axis quantizer takes them per index of its axis
+        # 0 and a real past saturation, along the first axis; a per-axis quantizer takes them at every index of its
+        # axis (another than the first), so the probe spans that axis
+        shape = [2]
         scale = execute_constants(self.model, [quantize.input[1]])[quantize.input[1]]
-        if np.ndim(scale) == 1 and np.size(scale) > 1:
-            input_shape = self.model.get_tensor_shape(quantize.input[0]) or \
-                inferred_shapes(self.model).get_tensor_shape(quantize.input[0])
+        if np.size(scale) > 1:
+            rank = len(self.model.get_tensor_shape(quantize.input[0]) or
+                       inferred_shapes(self.model).get_tensor_shape(quantize.input[0]) or [])
             axis = int(node_attr(quantize, "axis", 1))
-            if input_shape is None or not -len(input_shape) <= axis < len(input_shape):
+            if np.ndim(scale) != 1 or not -rank <= axis < rank or axis % rank == 0:
                 return lo, hi  # the codes stay as read
-            shape = [2] + [np.size(scale) if a == axis % len(input_shape) else 1 for a in range(1, len(input_shape))]
-            if axis % len(input_shape) == 0:
-                return lo, hi
+            shape = [2] + [np.size(scale) if a == axis % rank else 1 for a in range(1, rank)]
         probe = np.array([0.0, 1e30], dtype=np.float32).reshape([2] + [1] * (len(shape) - 1)) * np.ones(shape, np.float32)
         try:
             out = execute_constants(self.model, [dq.input[0]], {quantize.input[0]: probe})[dq.input[0]]
