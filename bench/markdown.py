@@ -464,6 +464,8 @@ EXTRA_SECTIONS = (
     ("Scale", "scale.md", ".venv/bin/python -m bench.bench_llm --layers 2 --repeats 3 --project-repeats 1 "
      "--large-layers 12 --markdown bench/scale.md"),
     ("Real-file corpus", "corpus.md", ".venv/bin/python -m scripts.corpus --out DIR --report bench/corpus.md"),
+    ("Full-size MobileNet-v1 through the command line", "mobilenet.md",
+     ".venv/bin/python -m bench.bench_mobilenet --out DIR --markdown bench/mobilenet.md"),
     ("AXE against the projection on every benchmark row", "axe.md", ".venv/bin/python -m bench.bench_axe"),
     ("Benchmark protocol: equal budgets and the A2Q papers' set-up", "protocol.md",
      ".venv/bin/python -m bench.protocol RESULTS_JSON... --json bench/protocol.json --out bench/protocol.md "
