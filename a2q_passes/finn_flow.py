@@ -280,7 +280,7 @@ def _run_streamline_step(runner: _Runner) -> None:
             _streamline_all(runner, "residual")
     if runner.model.get_nodes_by_op_type("ConvTranspose"):  # see a2q_passes.finn_deconv
         runner.apply(group, "streamline_conv_transposes", streamline_conv_transposes)
-    if _depthwise_after_mul(runner.model):
+    if depthwise_after_mul(runner.model):
         # FINN's MobileNet flow (finn-examples' streamline step): a per-channel activation scale in front of a
         # depthwise Conv moves behind it (each output channel reads one input channel), where streamlining absorbs
         # it into the next thresholds
@@ -308,7 +308,7 @@ def _run_streamline_step(runner: _Runner) -> None:
     runner.transform(group, RemoveUnusedTensors())
 
 
-def _depthwise_after_mul(model: ModelWrapper) -> bool:
+def depthwise_after_mul(model: ModelWrapper) -> bool:
     """A grouped Conv without a bias input reading a Mul (FINN's MoveMulPastDWConv moves no bias: with one, the move
     would scale it too)."""
     for conv in model.get_nodes_by_op_type("Conv"):

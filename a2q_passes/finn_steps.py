@@ -5,7 +5,9 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
     steps = [
         step_a2q_project,              # on the QONNX model: weights fit P bits
         step_a2q_finn_preparation,     # exact rewrites of quantizer forms FINN's conversion refuses
-        "step_qonnx_to_finn", "step_tidy_up", "step_streamline",
+        "step_qonnx_to_finn", "step_tidy_up",
+        step_a2q_depthwise_scales,     # per-channel scales behind depthwise Convs (MobileNet-v1), as finn-examples does
+        "step_streamline",
         step_a2q_conv_transposes,      # ConvTranspose as pixel padding, sliding window and MVAU (FINN has no step)
         step_a2q_global_pools,         # global average pools on integers as GlobalAccPool, their 1/(HW) into thresholds
         "step_convert_to_hw",
@@ -168,6 +170,19 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return model
 
 
+def step_a2q_depthwise_scales(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Right before ``step_streamline``: a per-channel activation scale (a ``Mul`` after FINN's conversion) in front of
+    a depthwise Conv moves behind it with FINN's ``MoveMulPastDWConv``, as finn-examples' MobileNet streamline step
+    and ``a2q lower`` do; ``step_streamline`` then absorbs it into the thresholds behind (FINN's plain step lowers
+    the Conv first, and the Mul stayed a float node that stopped the dataflow partition). Brevitas' MobileNet-v1
+    quantizes each depthwise input so. Models without one are returned as they are."""
+    from finn.transformation.streamline.reorder import MoveMulPastDWConv
+
+    from a2q_passes.finn_flow import depthwise_after_mul
+
+    return model.transform(MoveMulPastDWConv()) if depthwise_after_mul(model) else model
+
+
 def step_a2q_conv_transposes(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Right after ``step_streamline``: each 2-D ``ConvTranspose`` becomes pixel padding, a sliding window and an
     integer ``MatMul`` that ``step_convert_to_hw`` makes an MVAU (:mod:`a2q_passes.finn_deconv`); FINN's builder has
@@ -274,11 +289,14 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     last = max(index for index, name in enumerate(names) if name in _ACCUMULATOR_STEPS)
     first = names.index("step_qonnx_to_finn")
     hw = names.index("step_convert_to_hw")
-    return [*steps[:first], project, step_a2q_finn_preparation, *steps[first:hw], step_a2q_conv_transposes,
+    before_hw = [*steps[first:hw]]
+    if "step_streamline" in names[first:hw]:
+        before_hw.insert(names.index("step_streamline") - first, step_a2q_depthwise_scales)
+    return [*steps[:first], project, step_a2q_finn_preparation, *before_hw, step_a2q_conv_transposes,
             step_a2q_global_pools, steps[hw],
             step_a2q_round_ties, *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
 __all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_conv_transposes",
-           "step_a2q_finn_preparation", "step_a2q_global_pools", "step_a2q_pre_streamline", "step_a2q_project",
+           "step_a2q_depthwise_scales", "step_a2q_finn_preparation", "step_a2q_global_pools", "step_a2q_pre_streamline", "step_a2q_project",
            "step_a2q_round_ties", "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]

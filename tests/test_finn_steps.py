@@ -180,6 +180,7 @@ def test_step_placement():
     names = _step_names(with_a2q_steps(finn_steps))
     assert names[:3] == ["step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn"]
     assert names[names.index("step_convert_to_hw") + 1] == "step_a2q_round_ties"
+    assert names[names.index("step_streamline") - 1] == "step_a2q_depthwise_scales"
     assert names[names.index("step_convert_to_hw") - 2:names.index("step_convert_to_hw")] == [
         "step_a2q_conv_transposes", "step_a2q_global_pools"]
     at = names.index("step_a2q_set_accumulators")
@@ -187,8 +188,40 @@ def test_step_placement():
     assert [n for n in names if not n.startswith("step_a2q")] == finn_steps
     short = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw", "step_hw_codegen"]
     assert _step_names(with_a2q_steps(short, acc_bits=10)) == [
-        "step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn", "step_tidy_up", "step_streamline",
+        "step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn", "step_tidy_up",
+        "step_a2q_depthwise_scales", "step_streamline",
         "step_a2q_conv_transposes", "step_a2q_global_pools", "step_convert_to_hw", "step_a2q_round_ties",
         "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
     with pytest.raises(A2QError, match="needs step_qonnx_to_finn and step_convert_to_hw"):
         with_a2q_steps(["step_tidy_up"])
+
+
+@pytest.mark.parametrize("exporter", ["qonnx", "qcdq_ts"])
+def test_estimate_build_of_brevitas_mobilenet_with_per_channel_depthwise_inputs(exporter, tmp_path):
+    """Brevitas' MobileNet-v1 class (small) quantizes each depthwise Conv's input with one scale per channel, a Mul
+    in front of the Conv after FINN's conversion. FINN's plain step_streamline lowers the Conv first and the Mul
+    stopped the dataflow partition ("Unsupported/unmapped layer(s)"); step_a2q_depthwise_scales moves it behind the
+    depthwise Conv first, as finn-examples' MobileNet build and `a2q lower` do. The whole build runs, and every
+    MVAU/VVAU holds the brute-force range of its weights over its input type within 16 bits."""
+    import warnings
+
+    from tests.brevitas_example_models import EXAMPLES, export_example
+
+    spec = next(e for e in EXAMPLES if e.family == "mobilenet_v1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = export_example(tmp_path, spec, exporter)
+    model = ModelWrapper(str(path))
+    model.set_tensor_datatype(model.graph.input[0].name, DataType[spec.input_dtype])  # the image's declared type
+    model.save(str(path))
+    steps = with_a2q_steps(acc_bits=16)
+    result = run_estimate_build(path, tmp_path / "build", PART, steps=steps)
+    assert result.steps_completed == _step_names(steps)
+    final = ModelWrapper(str(result.final_model))
+    nodes = list(iterate_mac_nodes(final))
+    assert sum(n.op_type.startswith("VVAU") for n in nodes) >= 3 and len(nodes) >= 8
+    for node in nodes:
+        inst = getCustomOp(node)
+        adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
+        lo, hi = _brute_force_range(_mac_rows(final, node), int(idt.min()), int(idt.max()))
+        assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= 16
