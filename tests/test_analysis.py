@@ -299,7 +299,8 @@ def _per_channel_scaled_conv(groups: int, scale_shape: tuple[int, ...] = (1, 4, 
     """An unsigned 4-bit input quantizer with one scale per channel (``scale_shape``) feeding a 3 x 3 Conv of 4
     channels with ``groups`` groups; signed 4-bit weights with one scale. ``form``: a qonnx ``Quant``, or ``qdq``
     as Brevitas' QCDQ export writes it (``QuantizeLinear`` -> ``Clip`` to [0, 15] -> ``DequantizeLinear``, a 1-D
-    scale and uint8 zero points ``zero_point`` along the scale's axis)."""
+    scale and uint8 zero points ``zero_point`` along the scale's axis), or ``qdq_negative_axis``, the same with that
+    axis counted from the end (ONNX allows -rank..rank-1)."""
     q = "qonnx.custom_op.general"
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.1, 0.2, size=scale_shape)
@@ -310,7 +311,7 @@ def _per_channel_scaled_conv(groups: int, scale_shape: tuple[int, ...] = (1, 4, 
         source = [helper.make_node("Quant", ["x", "sx", "z", "b"], ["xq"], domain=q, signed=0, narrow=0,
                                    rounding_mode="ROUND")]
     else:
-        axis = int(np.flatnonzero(np.array(scale_shape) > 1)[0])
+        axis = int(np.flatnonzero(np.array(scale_shape) > 1)[0]) - (len(scale_shape) if form == "qdq_negative_axis" else 0)
         inits = [i for i in inits if i.name != "sx"] + [
             onnx.numpy_helper.from_array(scale.reshape(-1).astype(np.float32), "sx"),
             onnx.numpy_helper.from_array(np.full(scale.size, zero_point, np.uint8), "zx"),
@@ -326,7 +327,7 @@ def _per_channel_scaled_conv(groups: int, scale_shape: tuple[int, ...] = (1, 4, 
     return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(q, 1)]))
 
 
-@pytest.mark.parametrize("form", ["quant", "qdq"])
+@pytest.mark.parametrize("form", ["quant", "qdq", "qdq_negative_axis"])
 def test_per_channel_activation_scales_into_a_depthwise_conv_are_one_accumulation_per_channel(form):
     """Brevitas' MobileNet-v1 (brevitas_examples; FINN's MobileNet) quantizes the input of each depthwise convolution
     with one scale per channel (a ``Quant``, or in its QCDQ export a per-axis ``DequantizeLinear``). Each output of

@@ -210,7 +210,8 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
         info = np.iinfo(dtype)
         spec.update(dtype=dtype, scale=draw(st.sampled_from([0.5, 0.25, 0.1])),
                     zero_point=draw(st.integers(int(info.min), int(info.max))) if draw(st.booleans()) else 0,
-                    explicit_zero_point=draw(st.booleans()) or dtype == "int8")
+                    explicit_zero_point=draw(st.booleans()) or dtype == "int8",
+                    negative_axis=draw(st.booleans()))  # a per-channel pair's axis as 1 or as 1 - rank
         spec["clip"] = _clip_bounds(draw, int(info.min), int(info.max), allowed)
     elif kind == "int_input":
         spec["dtype"] = draw(st.sampled_from(["UINT2", "UINT4", "UINT8", "INT2", "INT4", "INT8", "BIPOLAR", "BINARY"]))
@@ -306,7 +307,8 @@ def _apply_source(b: _Builder, spec: dict, x: str) -> tuple[str, float | None, i
         channels = shape[1] if spec.get("per_channel") else 1
         if channels > 1:  # a 1-D scale (and zero point) along axis 1, as Brevitas' QCDQ export writes them
             svalue = (spec["scale"] * (1.0 + 0.5 * np.arange(channels))).astype(np.float32)
-            s, zp, axis = b.const("s", svalue), np.full(channels, zp, dtype=spec["dtype"]), {"axis": 1}
+            axis = {"axis": 1 - len(shape) if spec.get("negative_axis") else 1}
+            s, zp = b.const("s", svalue), np.full(channels, zp, dtype=spec["dtype"])
             act_scale = svalue.reshape([1, channels] + [1] * (len(shape) - 2))
         else:
             s, axis, act_scale = b.const("s", np.float32(spec["scale"])), {}, spec["scale"]
