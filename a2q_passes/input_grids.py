@@ -126,7 +126,8 @@ def _not_per_tensor(model: ModelWrapper, node: NodeProto, names: tuple[str, ...]
         elif np.size(value) != 1:
             problems.append(f"a {name} of shape {list(np.shape(value))} (per channel)")
     return (f"{node_label(node)} has {' and '.join(problems)}; a2q reads an input quantizer with one scale, zero point "
-            "and bit width for the whole tensor (the accumulator sums codes of one step)")
+            "and bit width for the whole tensor (the accumulator sums codes of one step), or, as the direct input of "
+            "a depthwise Conv, one scale per channel with zero points 0")
 
 
 def axis_scale(model: ModelWrapper, node: NodeProto, shape: list[int] | None) -> np.ndarray | None:
