@@ -60,9 +60,10 @@ CONSTRUCTS = {
                    "(Brevitas' graph-mode PTQ exports AdaptiveAvgPool2d(1) so)",
     "float64_scales": "every Quant scale stored as float64, as qonnx's QKeras converter writes them (qonnx then "
                       "executes the quantized values, and the MACs on them, in float64)",
-    "per_channel_act_depthwise": "a Quant with one activation scale per channel feeding a depthwise Conv (or "
-                                 "ConvTranspose) directly, as Brevitas' MobileNet-v1 exports it: each output sums "
-                                 "one channel, so the layer has an integer accumulator",
+    "per_channel_act_depthwise": "a Quant or QuantizeLinear/DequantizeLinear pair (axis 1 or 1 - rank) with one "
+                                 "activation scale per channel feeding a depthwise Conv (or ConvTranspose) directly, "
+                                 "as Brevitas' MobileNet-v1 exports it: each output sums one channel, so the layer "
+                                 "has an integer accumulator",
 }
 
 
