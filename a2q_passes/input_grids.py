@@ -215,7 +215,7 @@ class GridResolver:
         grid, reason = self._cache[tensor]
         if grid is not None and grid.scale_axis is not None and not per_channel_scale:
             return None, (f"'{tensor}' has one scale per index of axis {grid.scale_axis} (per-channel activation "
-                          "scales); a2q reads such codes only as the direct input of a depthwise convolution (each "
+                          "scales); a2q reads such codes only as the direct input of a depthwise ONNX Conv (NCHW; each "
                           "output summing one channel, whose codes share one step)")
         return grid, reason
 
