@@ -49,6 +49,8 @@ def main() -> int:
     parser.add_argument("--finetune", action="store_true", help="also check property (g): `finetune` at project's P "
                         "with a method and options drawn per example (QONNX cases; the generator leaves out the constructs "
                         "finetune refuses by name)")
+    parser.add_argument("--data", action="store_true", help="also check property (j): `verify --data` on random "
+                        "inputs counts exactly the overflows the executed accumulators on them have")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.replay:
@@ -59,6 +61,7 @@ def main() -> int:
     examples_with: Counter = Counter()
     by_switch: Counter = Counter()  # failing examples per generator switch they exercise
     stats = Counter()
+    checked: Counter = Counter()  # what the properties compared
     start = time.time()
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
@@ -75,12 +78,13 @@ def main() -> int:
             try:
                 outcome = check_case(case, Path(tmp), verify_delta, project_delta, lower=args.lower,
                                      finetune=variant if args.finetune else None, layer_deltas=tuple(layer_deltas),
-                                     allocate=args.allocate, tile=tile if args.tile else None)
+                                     allocate=args.allocate, tile=tile if args.tile else None, data=args.data)
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
                 return
             stats["commands"] += outcome.commands
+            checked.update(outcome.checked)
             for switch in case.used:
                 stats[f"uses {switch}"] += 1
             stats["integer_layers"] += sum(info.integer for info in case.layers)
@@ -108,6 +112,8 @@ def main() -> int:
     report = [f"{stats['examples']} random models, {stats['integer_layers']} integer MAC layers, "
               f"{stats['commands']} commands in {elapsed:.0f}s (seed {args.seed})",
               "exit codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if " exit " in k)]
+    if checked:
+        report.append("compared: " + ", ".join(f"{k} {v}" for k, v in sorted(checked.items())))
     used = sorted((k[5:], v) for k, v in stats.items() if k.startswith("uses "))
     if used:  # coverage: a switch no example used was not tested
         report.append("examples using each generator switch: " + ", ".join(f"{k} {v}" for k, v in used))

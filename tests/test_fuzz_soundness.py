@@ -38,7 +38,7 @@ FIXED = settings(derandomize=True, deadline=None, database=None, suppress_health
 def test_random_models_keep_every_soundness_promise(case: Case, verify_delta: int, project_delta: int,
                                                     layer_deltas: list[int]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = check_case(case, Path(tmp), verify_delta, project_delta, layer_deltas=tuple(layer_deltas))
+        outcome = check_case(case, Path(tmp), verify_delta, project_delta, layer_deltas=tuple(layer_deltas), data=True)
     assert not outcome.failures, "\n".join([f"{f.category}: {f.message}" for f in outcome.failures] + case.description)
 
 
@@ -316,6 +316,27 @@ def test_tile_property_catches_an_analysis_that_halves_the_stages(gemm_case: Cas
     outcome = check_case(gemm_case, tmp_path, tile=2)
     assert any(f.category == "too_small_analysis" and f.message.startswith("analyze --tile 2") for f in outcome.failures)
     assert any(f.category == "internal_error" and "project" in f.message for f in outcome.failures), outcome.failures
+
+
+def test_data_property_passes_an_honest_simulation_and_catches_a_wider_register(
+        gemm_case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Property (j): `verify --data --layer Gemm0=P` counts exactly the accumulations the executed model has outside
+    P bits (at its width on the data, none; one bit below, some); a simulator whose register is one bit wider than
+    asked misses them."""
+    import a2q_passes.data_simulation as data_simulation
+
+    (tmp_path / "honest").mkdir()
+    honest = check_case(gemm_case, tmp_path / "honest", data=True)
+    assert not honest.failures, honest.failures
+    assert honest.checked["data simulations (wrap)"] == 2 and honest.checked["data simulations (saturate)"] == 1
+    assert honest.checked["data simulations with overflows"] >= 2  # one bit below the data's width, both modes
+    real = data_simulation.accumulate_dot
+    monkeypatch.setattr(data_simulation, "accumulate_dot",
+                        lambda x, q, bits, *rest, **kwargs: real(x, q, bits + 1, *rest, **kwargs))
+    (tmp_path / "sabotaged").mkdir()
+    outcome = check_case(gemm_case, tmp_path / "sabotaged", data=True)
+    assert any(f.category == "wrong_simulation" and "Gemm0" in f.message and "--mode wrap" in f.message
+               for f in outcome.failures), outcome.failures
 
 
 @settings(FIXED, max_examples=int(os.environ.get("A2Q_FUZZ_TILE_EXAMPLES", "150")))

@@ -434,6 +434,40 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
 HOLDERS = ("Constant", "Identity", "Cast")
 
 
+def random_data(model: ModelWrapper, case: Case, samples: int, seed: int = 0) -> np.ndarray:
+    """``samples`` random values of the model's one graph input, from its domain (float inputs: spread far past
+    every quantizer's range; integer ones: their datatype's values)."""
+    source = model.graph.input[0].name
+    shape = [samples, *model.get_tensor_shape(source)[1:]]
+    return _domain(model, case, source).random(np.random.default_rng(seed), shape)
+
+
+def data_accumulators(model: ModelWrapper, case: Case, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact accumulators (int64, ``(samples, *outputs)``) of each integer weight layer when the whole model runs
+    on ``inputs`` (its one graph input, one sample at a time: exporters fix the batch in Reshapes), read from the
+    executed MAC inputs as the worst cases are."""
+    model = constants_folded(model)
+    infos = [info for info in case.layers if info.integer and not info.act_x_act]
+    macs = {info.node: _node(model, info.node) for info in infos}
+    probe = ModelWrapper(copy.deepcopy(model.model))
+    source = probe.graph.input[0].name
+    outputs = {o.name for o in probe.graph.output}
+    for name in sorted({mac.input[0] for mac in macs.values()} - outputs - {source}):
+        declared = next((vi for vi in probe.graph.value_info if vi.name == name), None)
+        if declared is not None:  # a tensor is declared once: as an output now
+            probe.graph.value_info.remove(declared)
+            probe.graph.output.append(declared)
+        else:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, probe.get_tensor_shape(name)))
+    runs = [{source: inputs[i:i + 1], **execute(probe, {source: inputs[i:i + 1]})} for i in range(inputs.shape[0])]
+    accumulators = {}
+    for info in infos:
+        mac = macs[info.node]
+        executed = np.concatenate([run[mac.input[0]] for run in runs], axis=1 if _trans_a(mac) else 0)
+        accumulators[info.node] = _IntegerMac.of(model, case, info, mac).accumulators(executed)
+    return accumulators
+
+
 def constants_folded(model: ModelWrapper) -> ModelWrapper:
     """``model`` with each ``Constant``, and each ``Identity``/``Cast`` of constants, executed into an initializer:
     the forms PyTorch's exporters give weights and quantizer parameters. The rest of the oracle reads initializers."""
@@ -488,6 +522,67 @@ def _keep_terms(mac, q: np.ndarray, terms: np.ndarray) -> np.ndarray:
     return kept
 
 
+@dataclass
+class _IntegerMac:
+    """A layer's MAC node on its executed integer weights: what turns an executed MAC input into accumulators."""
+
+    mac: object
+    info: LayerInfo
+    zero_point: str  # the case's convention
+    q: np.ndarray  # the executed integer weights (raw codes under the fold convention)
+    jac: np.ndarray  # (inputs, outputs) per sample: the weight of every tap
+    sample_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: ModelWrapper, case: Case, info: LayerInfo, mac, terms: np.ndarray | None = None) -> "_IntegerMac":
+        """The executed integer weights (the weight quantizer's constant subgraph) and the MAC's Jacobian, by
+        executing the MAC on one-hot inputs; ``terms``: only these K positions of the sum."""
+        weight = model.get_initializer(mac.input[1])
+        if weight is None:
+            weight_nodes = []
+            _ancestors(model, mac.input[1], weight_nodes)
+            weight = execute(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
+        q = _integers(weight, info.weight_scale, "weight", info.node)
+        if info.weight_zero_point is not None and case.zero_point == "fold":
+            q = q + np.round(info.weight_zero_point)  # the raw codes
+        if terms is not None:
+            q = _keep_terms(mac, q, terms)
+        x_shape = tuple(model.get_tensor_shape(mac.input[0]))
+        sample_shape = (x_shape[0],) if _trans_a(mac) else tuple(x_shape[1:])
+        n_in = int(np.prod(sample_shape))
+        jac = _run_mac(mac, q, np.eye(n_in, dtype=np.float32).reshape((n_in,) + sample_shape))
+        return cls(mac, info, case.zero_point, q, jac.reshape(n_in, -1), sample_shape, tuple(jac.shape[1:]))
+
+    def accumulators(self, x: np.ndarray) -> np.ndarray:
+        """Exact integer accumulators (int64, ``(batch, *out_shape)``) of the MAC on its executed input ``x``."""
+        mac, info, q, jac = self.mac, self.info, self.q, self.jac
+        if _trans_a(mac):
+            x = x.T
+        t = _integers(x, info.act_scale, "activation", info.node)
+        if np.abs(jac).sum(axis=0).max(initial=0) * max(np.abs(t).max(initial=0), 1) < EXACT_FLOAT32:
+            acc = _run_mac(mac, q, t).astype(np.float64)
+        else:  # beyond float32's integers (16-bit codes): the executed MAC's taps (its Jacobian), summed in int64
+            if np.abs(jac).max(initial=0) >= EXACT_FLOAT32:
+                raise OracleError(f"{info.node}: weights too large for exact float32 execution")
+            taps = np.round(jac).astype(np.int64)
+            acc = (t.reshape(t.shape[0], -1).astype(np.int64) @ taps).reshape((t.shape[0],) + self.out_shape)
+            acc = acc.astype(np.float64)
+        if self.zero_point == "fold" and info.act_zero_point:
+            if mac.op_type == "Conv":  # padded taps carry the zero-point code: the whole kernel counts
+                shape = [1] * acc.ndim
+                shape[1 + _channel_axis(mac, self.out_shape)] = -1  # the output channels (last in qonnx's NHWC Conv)
+                ones = q.reshape(q.shape[0], -1).sum(axis=1).reshape(shape)
+            else:
+                ones = _run_mac(mac, q, np.ones((1,) + self.sample_shape, dtype=np.float32))
+            acc = acc + info.act_zero_point * ones.astype(np.float64)  # float32 * z would round beyond 2^24
+        return np.round(acc).astype(np.int64)
+
+
+def _trans_a(mac) -> bool:
+    return any(a.name == "transA" and a.i for a in mac.attribute)
+
+
 def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
                 terms: np.ndarray | None = None) -> ExecutedRange:
     """``terms``: only these K positions of the sum (see :func:`tile_ranges`)."""
@@ -498,11 +593,9 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
     mac = _node(model, info.node)
     chain, sources = [], []
     _act_chain(model, mac.input[0], chain, sources)
-    weight_nodes = []
-    _ancestors(model, mac.input[1], weight_nodes)
     domains = [_domain(model, case, s) for s in sources]
     sizes = [int(np.prod(model.get_tensor_shape(s)[1:])) for s in sources]
-    trans_a = any(a.name == "transA" and a.i for a in mac.attribute)
+    trans_a = _trans_a(mac)
 
     # 1. index tracing: which source element (1-based over all sources, 0 = padding) feeds each MAC input element
     offsets = np.cumsum([0] + sizes)
@@ -521,22 +614,9 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
         traced = execute(_trace_model(model, chain, sources, mac.input[0], int(offsets[-1])), feed)[mac.input[0]]
         influence = traced.reshape(int(offsets[-1]), -1).astype(np.float64)
 
-    # 2. the executed integer weights (the weight quantizer's constant subgraph), and the MAC's Jacobian
-    #    (the weight of every tap) by executing the MAC on one-hot inputs
-    weight = model.get_initializer(mac.input[1])
-    if weight is None:
-        weight = execute(_subgraph(model, weight_nodes, [], [mac.input[1]], 1), {})[mac.input[1]]
-    q = _integers(weight, info.weight_scale, "weight", info.node)
-    if info.weight_zero_point is not None and case.zero_point == "fold":
-        q = q + np.round(info.weight_zero_point)  # the raw codes
-    if terms is not None:
-        q = _keep_terms(mac, q, terms)
-    x_shape = tuple(model.get_tensor_shape(mac.input[0]))
-    sample_shape = (x_shape[0],) if trans_a else tuple(x_shape[1:])
-    n_in = int(np.prod(sample_shape))
-    jac = _run_mac(mac, q, np.eye(n_in, dtype=np.float32).reshape((n_in,) + sample_shape))
-    out_shape = jac.shape[1:]
-    jac = jac.reshape(n_in, -1)
+    # 2. the executed integer weights and the MAC's Jacobian
+    integer_mac = _IntegerMac.of(model, case, info, mac, terms)
+    jac, out_shape = integer_mac.jac, integer_mac.out_shape
 
     # 3. adversarial and random inputs for the sources
     total = int(offsets[-1])
@@ -577,24 +657,6 @@ def layer_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int = 0,
         x = _execute_chain(model, chain, sources, mac.input[0], feed, batch)
     else:  # the MAC reads a graph input directly
         x = feed[mac.input[0]].astype(np.float32)
-    if trans_a:
-        x = x.T
-    t = _integers(x, info.act_scale, "activation", info.node)
-    if np.abs(jac).sum(axis=0).max(initial=0) * max(np.abs(t).max(initial=0), 1) < EXACT_FLOAT32:
-        acc = _run_mac(mac, q, t).astype(np.float64)
-    else:  # beyond float32's integers (16-bit codes): the executed MAC's taps (its Jacobian), summed in int64
-        if np.abs(jac).max(initial=0) >= EXACT_FLOAT32:
-            raise OracleError(f"{info.node}: weights too large for exact float32 execution")
-        taps = np.round(jac).astype(np.int64)
-        acc = (t.reshape(t.shape[0], -1).astype(np.int64) @ taps).reshape((t.shape[0],) + out_shape).astype(np.float64)
-    if case.zero_point == "fold" and info.act_zero_point:
-        if mac.op_type == "Conv":  # padded taps carry the zero-point code: the whole kernel counts
-            shape = [1] * acc.ndim
-            shape[1 + axis] = -1  # the output channels (last in qonnx's channels-last Conv)
-            ones = q.reshape(q.shape[0], -1).sum(axis=1).reshape(shape)
-        else:
-            ones = _run_mac(mac, q, np.ones((1,) + sample_shape, dtype=np.float32))
-        acc = acc + info.act_zero_point * ones.astype(np.float64)  # float32 * z would round beyond 2^24
-    acc = np.round(acc).astype(np.int64)
+    acc = integer_mac.accumulators(x)
     per_channel = np.moveaxis(acc, 1 + axis, 0).reshape(acc.shape[1 + axis], -1)
     return ExecutedRange(per_channel.min(axis=1), per_channel.max(axis=1))

@@ -24,7 +24,12 @@
     of whole tiles; :func:`tests.fuzz.oracle.tile_ranges` executes them): ``analyze --tile T`` reports ranges holding
     them, ``verify --tile T`` never says "no overflow" where one leaves its width, and ``project --tile T --acc-bits
     P_inner`` (one bit below the widest executed K-tile of the input) exits 0 with every one within the widths it
-    records, or refuses naming a layer (retried with the ``--skip`` or the width a refusal names).
+    records, or refuses naming a layer (retried with the ``--skip`` or the width a refusal names);
+(j) optionally (``data=True``, cases with one graph input), ``verify --data X --layer NAME=P`` on random inputs ``X``
+    (the whole model executed by qonnx on them gives each layer's exact accumulators, :func:`data_accumulators`):
+    at P = the layer's width on that data and one bit less, with wrap-around, it counts exactly the accumulations
+    outside P bits as overflows (and every accumulation), the outputs differ from exact execution only where some
+    did; with saturation, at least those differ.
 
 Each violation is a :class:`Failure` with one of :data:`CATEGORIES`.
 """
@@ -38,6 +43,7 @@ import json
 import re
 import sys
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,7 +56,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.cli import app
 from a2q_passes.errors import A2QError
 from tests.fuzz.generate import Case
-from tests.fuzz.oracle import ExecutedRange, _node, executed_ranges, fits, width
+from tests.fuzz.oracle import ExecutedRange, OracleError, _node, data_accumulators, executed_ranges, fits, random_data, width
 
 CATEGORIES = {
     "unsafe_output": "project or finetune wrote a model that overflows P (or is invalid)",
@@ -60,6 +66,7 @@ CATEGORIES = {
     "non_integer_read": "analyze read a layer whose weight scale varies along the summed axis as one integer accumulation",
     "bad_refusal": "project refused without naming a layer, or named an infeasible smallest P",
     "unsafe_lowering": "lower wrote an MVAU/VVAU whose executed worst case leaves its accDataType",
+    "wrong_simulation": "verify --data counted other overflows than the executed accumulators on that data have",
     "internal_error": "a command exited 4 (self-check failed)",
     "traceback": "a command leaked a traceback / unexpected exit code",
 }
@@ -78,6 +85,7 @@ TILES = st.integers(1, 6)  # property (i): terms per K-tile
 SKIP_HINT = re.compile(r"unconstrained explicitly with ((?:--skip \S+ ?)+)")
 TILE_SKIP_HINT = re.compile(r"multi-stage datapath \(.*?\); ((?:--skip \S+ ?)+)")
 SMALLEST_P = re.compile(r"smallest feasible target is (\d+) bits")
+DATA_SAMPLES = 6  # property (j): random inputs per case
 
 
 @dataclass
@@ -99,6 +107,7 @@ class Outcome:
     failures: list[Failure] = field(default_factory=list)
     commands: int = 0
     exit_codes: dict[str, int] = field(default_factory=dict)
+    checked: Counter = field(default_factory=Counter)  # what a property compared, e.g. simulated layers
 
     def fail(self, category: str, message: str) -> None:
         self.failures.append(Failure(category, message))
@@ -493,6 +502,48 @@ class Checker:
                              "unsafe_output", f"{what} exited 0")
 
 
+    # (j)
+    def simulated(self, path: Path) -> None:
+        inputs = random_data(self.case.model, self.case, DATA_SAMPLES)
+        try:
+            accumulated = data_accumulators(self.case.model, self.case, inputs)
+        except OracleError:
+            return
+        data = self.workdir / "data.npz"
+        np.savez(data, x=inputs)
+        for node, acc in sorted(accumulated.items()):
+            needed = width(int(acc.min()), int(acc.max()))
+            for bits, mode in ((needed, "wrap"), (needed - 1, "wrap"), (needed - 1, "saturate")):
+                if bits < 1:
+                    continue
+                what = f"verify --data --layer {node}={bits} --mode {mode}"
+                result = self.cli("verify", path, "--layer", f"{node}={bits}", "--data", data, "--mode", mode,
+                                  "--json", *_common_options(self.case))
+                if result.code not in (0, 3):
+                    continue
+                report = json.loads(result.stdout)
+                verdict = next(v for v in report["layers"] if v["node"] == node)
+                if verdict["data_accumulations"] is None:  # "not simulated", with its reason
+                    continue
+                lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if verdict["signed"] else (0, (1 << bits) - 1)
+                outside = int(np.count_nonzero((acc < lo) | (acc > hi)))
+                counted, registers = verdict["data_overflows"], verdict["data_register_overflows"]
+                deviation = report["data"]["max_abs_output_deviation"]
+                wrong = []
+                if verdict["data_accumulations"] != acc.size:
+                    wrong.append(f"{verdict['data_accumulations']} accumulations, executed {acc.size}")
+                if (counted != outside) if mode == "wrap" else (counted < outside):
+                    wrong.append(f"{counted} overflows, {outside} executed accumulations outside {bits} bits")
+                if registers < counted:
+                    wrong.append(f"{registers} register overflows below {counted} results that differ")
+                if counted == 0 and deviation != 0:
+                    wrong.append(f"outputs differ by {deviation} with no overflow")
+                self.outcome.checked[f"data simulations ({mode})"] += 1
+                self.outcome.checked["data simulations with overflows"] += counted > 0
+                if wrong:
+                    self.outcome.fail("wrong_simulation", f"{what}: " + "; ".join(wrong))
+
+
 def _with_activation_grid(model: ModelWrapper, info):
     """``info`` with the activation scale and zero point ``model`` holds for its MAC input (as generated where the
     real-file reader cannot describe that input)."""
@@ -522,13 +573,14 @@ def _records(path: Path) -> dict[str, dict]:
 
 def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: int = 1, lower: bool = False,
                finetune: str | None = None, layer_deltas: tuple[int, ...] = (), allocate: bool = False,
-               tile: int | None = None) -> Outcome:
+               tile: int | None = None, data: bool = False) -> Outcome:
     """Run every property on ``case``; the deltas choose P relative to the executed width; ``lower``: also (f), on
     QONNX and Q/DQ cases with no --input-dtype and the fold convention (what ``lower`` takes, converting Q/DQ
     chains with qonnx's QCDQToQuant where it can); ``finetune`` (a variant): also
     (g), on the same cases (finetune reads QONNX under the fold convention), at project's P; ``layer_deltas``: also
     (h), layer i (by name) at its executed width minus ``layer_deltas[i % len]``; ``allocate``: (h) on ``allocate``'s
-    map too (QONNX and Q/DQ cases with no --input-dtype and the fold convention); ``tile``: also (i)."""
+    map too (QONNX and Q/DQ cases with no --input-dtype and the fold convention); ``tile``: also (i); ``data``: also
+    (j)."""
     outcome = Outcome()
     path = workdir / "model.onnx"
     case.model.save(str(path))
@@ -565,4 +617,6 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
         checker.allocate(path, "bits" if qonnx else "acc-bits")  # Q/DQ: FINN lowers few, acc-bits needs no FINN
     if tile is not None:
         checker.tiled(path, tile)
+    if data and len(case.model.graph.input) == 1:
+        checker.simulated(path)
     return outcome
