@@ -24,6 +24,7 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 from a2q_passes import model_io
 from a2q_passes.analysis import INNER_REGISTER, register_ranges
 from a2q_passes.batching import batch_free_reshapes
+from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
 from a2q_passes.graph_values import node_attr, node_str_attr
@@ -152,7 +153,7 @@ class _MacKernel:
         if layer.layout.kind == "blocks":
             raise _NotSimulated("data simulation of block-wise weight scales (one accumulator per block) is not "
                                 "implemented (the static proof and the worst-case simulation still apply)")
-        if layer.op_type not in ("Conv", "Gemm", "MatMul"):
+        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
         if bits > MAX_SIMULATED_BITS:
@@ -177,6 +178,11 @@ class _MacKernel:
             if node.domain == CHANNELS_LAST_DOMAIN:  # qonnx's channels-last Conv (ConvertToChannelsLastAndClean)
                 raise _NotSimulated("a channels-last (NHWC) Conv; the simulator convolves NCHW data")
             self._conv_setup()
+        elif node.op_type == "ConvTranspose":
+            if (why := unsimulated_attributes(node)) is not None:
+                raise _NotSimulated(why)
+            # one output scale per channel, not per (channel, stride phase) row
+            self.output_scale = self.output_scale[np.unique(layer.layout.row_channel, return_index=True)[1]]
 
     def _input_scales(self, model: ModelWrapper) -> tuple[float | np.ndarray, float | np.ndarray]:
         """The input's step, broadcast to the input (one scale, or one per channel shaped ``(1, C, 1, ...)``), and
@@ -190,7 +196,7 @@ class _MacKernel:
         channels = int(node_attr(self.node, "group", 1))
         quantizer = model.find_producer(self.layer.input_tensor)
         scale = axis_scale(model, quantizer, [1, channels] + [1] * (len(shape) - 2)) if quantizer is not None else None
-        if scale is None or grid.scale_axis != 1 or shape[1] != 1:
+        if scale is None or grid.scale_axis != 1 or shape[1] != 1 or self.node.op_type != "Conv":
             raise _NotSimulated("its input has one scale per index of an axis the simulator does not convert")
         return scale, np.repeat(scale.reshape(-1), shape[0] // channels)
 
@@ -202,8 +208,10 @@ class _MacKernel:
         scale = np.broadcast_to(np.asarray(source.scale, dtype=np.float64), initializer_shape(model, source.tensor))
         for perm in source.perms:
             scale = np.transpose(scale, perm)
-        per_term = self.layer.layout.to_rows(scale)
-        if not np.all(per_term == per_term[:, :1]):
+        layout = self.layer.layout
+        per_term = layout.to_rows(scale)
+        taps = layout.index >= 0 if layout.kind == "gather" else True  # a ConvTranspose row's padding is no term
+        if not np.all((per_term == per_term[:, :1]) | ~np.asarray(taps)):
             raise _NotSimulated("the weight scale varies along the accumulation axis, so the float layer "
                                 "is not a scaled integer dot product")
         return per_term[:, 0].copy()
@@ -237,6 +245,10 @@ class _MacKernel:
     def accumulate(self, x: np.ndarray) -> tuple[Accumulation, int]:
         """P-bit accumulation of the node on input ``x``, in the node's output layout, and its channel axis."""
         codes = self.codes(x)
+        if self.node.op_type == "ConvTranspose":
+            weights = self.layer.layout.from_rows(self.rows)
+            return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,
+                                             self.outer), 1
         if self.node.op_type != "Conv":
             return accumulate_dot(codes, self.rows, self.bits, self.signed, self.mode, self.tile, self.outer), -1
         padded = self._padded(codes)  # float64 holding integers
@@ -465,6 +477,9 @@ def simulate_model(
             if kernel is None:
                 continue
             acc, channel_axis = kernel.accumulate(sim[node.input[0]])
+            if acc.values.shape != sim[node.output[0]].shape:  # the simulated geometry must be the executed one
+                raise A2QError(f"layer '{kernel.layer.node}': simulated accumulators of shape {acc.values.shape} for "
+                               f"an output of shape {sim[node.output[0]].shape}; please report this model")
             counts["accumulations"][kernel.layer.node] += acc.values.size
             counts["overflows"][kernel.layer.node] += acc.overflow_count
             counts["register_overflows"][kernel.layer.node] += acc.register_overflow_count

@@ -273,6 +273,55 @@ def test_conv_data_simulation_matches_brute_force_im2col(groups, strides, pads, 
     assert overflows > 0 and result.overflows == {"conv": overflows}
 
 
+DECONV_CASES = [  # groups, strides, pads, dilations, output_padding, mode, tile
+    (1, [2, 2], [0, 0, 0, 0], [1, 1], [0, 0], "saturate", None),
+    (1, [2, 3], [1, 0, 2, 1], [1, 2], [1, 0], "wrap", None),
+    (2, [3, 1], [0, 1, 1, 0], [2, 1], [1, 0], "saturate", 4),
+    (2, [1, 2], [1, 1, 0, 0], [1, 1], [0, 1], "wrap", 3),
+]
+
+
+@pytest.mark.parametrize("groups,strides,pads,dilations,output_padding,mode,tile", DECONV_CASES)
+def test_conv_transpose_data_simulation_matches_brute_force_scatter(groups, strides, pads, dilations, output_padding,
+                                                                    mode, tile):
+    """Each output pixel's terms from ONNX's definition of ConvTranspose (input pixel i and tap t add to output
+    i * stride + t * dilation - pad), input channel first and then the taps in order, accumulated sequentially."""
+    rng = np.random.default_rng(groups * 7 + strides[0])
+    B, cin, cout_g, H, W, kh, kw = 2, 4, 3, 4, 3, 3, 2
+    q = rng.integers(-8, 8, size=(cin, cout_g, kh, kw))
+    weights = numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w")
+    qx, ix = _quant("qx", "x", X_SCALE, 0, 3, False)
+    qw, iw = _quant("qw", "w", np.float32(W_SCALE), 0, 4, True)
+    deconv = helper.make_node("ConvTranspose", ["qx_out", "qw_out"], ["y"], name="deconv", group=groups,
+                              strides=strides, pads=pads, dilations=dilations, output_padding=output_padding,
+                              kernel_shape=[kh, kw])
+    model = _model([qx, qw, deconv], [weights, *ix, *iw], [1, cin, H, W], "y")
+    codes = rng.integers(0, 8, size=(B, cin, H, W))
+    bits = 6
+    result = simulate_model(model, (codes * X_SCALE).astype(np.float32), bits, mode, tile)
+    signed = verify_model(model, bits, mode, tile).layers[0].signed
+    out = result.exact_outputs["y"]
+    cout, cin_g = cout_g * groups, cin // groups
+    terms: dict[tuple, list[int]] = {}
+    for b, co in itertools.product(range(B), range(cout)):
+        g, local = divmod(co, cout_g)
+        for ci, ky, kx, iy, ix_ in itertools.product(range(cin_g), range(kh), range(kw), range(H), range(W)):
+            oy = iy * strides[0] + ky * dilations[0] - pads[0]
+            ox = ix_ * strides[1] + kx * dilations[1] - pads[1]
+            if 0 <= oy < out.shape[2] and 0 <= ox < out.shape[3]:
+                term = int(codes[b, g * cin_g + ci, iy, ix_]) * int(q[g * cin_g + ci, local, ky, kx])
+                terms.setdefault((b, co, oy, ox), []).append(term)
+    recovered = result.outputs["y"].astype(np.float64) / (X_SCALE * W_SCALE)
+    overflows = 0
+    for index in itertools.product(*(range(s) for s in out.shape)):
+        pixel = terms.get(index, [])
+        sim = sequential_accumulation(pixel, bits, signed, mode, tile)[0] if pixel else 0
+        overflows += sim != sum(pixel)
+        assert recovered[index] == pytest.approx(sim, abs=1e-3), index
+    assert overflows > 0 and result.overflows == {"deconv": overflows}
+    assert result.accumulations == {"deconv": out.size}
+
+
 # --------------------------------------------------------------------------- Brevitas exports, CLI
 
 
