@@ -22,13 +22,13 @@ from qonnx.custom_op.registry import getCustomOp, is_custom_op
 from qonnx.util.basic import get_preferred_qonnx_opset
 
 from a2q_passes import model_io
-from a2q_passes.analysis import INNER_REGISTER, register_ranges
+from a2q_passes.analysis import INNER_REGISTER, integer_view, register_ranges
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
 from a2q_passes.graph_values import node_attr, node_str_attr
-from a2q_passes.input_grids import axis_scale
+from a2q_passes.input_grids import InputGrid, axis_scale
 from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
 from a2q_passes.tensor_store import initializer_shape, tensor_value
@@ -140,34 +140,93 @@ class _NotSimulated(Exception):
     """This layer's data simulation is not supported; the message says why."""
 
 
+def grid_codes(x: np.ndarray, grid: InputGrid, scale: float | np.ndarray, layer: str, tensor: str) -> np.ndarray:
+    """Integer codes of ``tensor``, the input of ``layer`` (integer-valued float64), checked to lie on its grid."""
+    scaled = np.asarray(x, dtype=np.float64) / scale + grid.zero_code
+    step = f"{scale:g}" if np.ndim(scale) == 0 else "one per channel"
+    codes = np.rint(scaled)
+    off = float(np.max(np.abs(scaled - codes))) if codes.size else 0.0
+    lo, hi = (float(codes.min()), float(codes.max())) if codes.size else (grid.range.lo, grid.range.hi)
+    if not off <= _GRID_TOLERANCE or lo < grid.range.lo or hi > grid.range.hi:
+        raise A2QError(
+            f"layer '{layer}': its input '{tensor}' is not on the integer grid {grid.dtype} (scale {step}, zero point "
+            f"{grid.zero_code}, codes [{grid.range.lo}, {grid.range.hi}]): codes span [{lo:g}, {hi:g}], up to "
+            f"{off:.3g} off an integer. Feed data in the range the model expects (for an --input-dtype input: the "
+            "integer codes)")
+    return codes
+
+
+def _signedness(registers: dict[str, tuple[int, int]],
+                outer_bits: int | None) -> tuple[bool, tuple[int, bool] | None]:
+    """Whether the accumulator is signed (some register can go negative, as in the static proof), and the
+    ``(bits, signed)`` of a tiled datapath's outer stage with its own width."""
+    if outer_bits is None:
+        return min(lo for lo, _ in registers.values()) < 0, None
+    outer_signed = min(lo for name, (lo, _) in registers.items() if name != INNER_REGISTER) < 0
+    return registers.get(INNER_REGISTER, registers["final sum"])[0] < 0, (outer_bits, outer_signed)
+
+
+def _check_simulated(layer: MacLayer, bits: int) -> None:
+    if not layer.ok:
+        raise _NotSimulated(layer.status)
+    if bits > MAX_SIMULATED_BITS:
+        raise _NotSimulated(f"P = {bits} > {MAX_SIMULATED_BITS} bits")
+
+
+class _ActXActKernel:
+    """A MatMul of two quantized activations on real data: both operands -> codes -> P-bit accumulator values."""
+
+    def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
+                 tile: int | None, outer_bits: int | None = None) -> None:
+        _check_simulated(layer, bits)
+        if layer.op_type != "MatMul":
+            raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
+                                "(the static proof and adversarial simulation still apply)")
+        if layer.grid.scale_axis is not None or layer.operand_grid.scale_axis is not None:
+            raise _NotSimulated("an operand has one scale per index of an axis")
+        self.layer, self.node = layer, node
+        self.bits, self.mode, self.tile = bits, mode, tile
+        self.signed, self.outer = _signedness(register_ranges(layer, *integer_view(model, layer), mode, tile),
+                                              outer_bits)
+        self.scales = [float(g.scale) if g.scale is not None else 1.0 for g in (layer.grid, layer.operand_grid)]
+        self.output_scale = np.array([self.scales[0] * self.scales[1]])
+
+    def accumulate(self, context: dict[str, np.ndarray]) -> tuple[Accumulation, int]:
+        """P-bit accumulation of ``A @ B`` (numpy's matmul: 1-D operands promoted, batch axes broadcast)."""
+        a, b = (grid_codes(context[tensor], grid, scale, self.layer.node, tensor).astype(np.int64)
+                for tensor, grid, scale in zip(self.node.input[:2], (self.layer.grid, self.layer.operand_grid),
+                                               self.scales))
+        a2, b2 = (a[None, :] if a.ndim == 1 else a), (b[:, None] if b.ndim == 1 else b)
+        exact = np.matmul(a2, b2)  # int64: every partial sum is bounded by the static range, far below 2^62
+        acc = accumulate(lambda k: a2[..., :, k, None] * b2[..., None, k, :], a2.shape[-1], self.bits, self.signed,
+                         self.mode, self.tile, exact, self.outer)
+        if a.ndim == 1 or b.ndim == 1:  # numpy drops the promoted axes again
+            axes = tuple(axis for axis, promoted in ((-2, a.ndim == 1), (-1, b.ndim == 1)) if promoted)
+            acc = Accumulation(*(np.squeeze(v, axis=axes) for v in (acc.values, acc.exact, acc.register_overflow)))
+        return acc, -1
+
+    def corrected(self, y: np.ndarray, delta: np.ndarray, channel_axis: int) -> np.ndarray:
+        """``y + delta * s_a * s_b`` in the node output's dtype."""
+        return (y.astype(np.float64) + delta * self.output_scale[0]).astype(y.dtype)
+
+
 class _MacKernel:
     """Integer view of one MAC node on real data: float input -> codes -> P-bit accumulator values."""
 
     def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
                  tile: int | None, outer_bits: int | None = None) -> None:
-        if not layer.ok:
-            raise _NotSimulated(layer.status)
-        if layer.act_x_act:
-            raise _NotSimulated("data simulation of an activation x activation MatMul is not implemented "
-                                "(the static proof and the worst-case simulation still apply)")
+        _check_simulated(layer, bits)
         if layer.layout.kind == "blocks":
             raise _NotSimulated("data simulation of block-wise weight scales (one accumulator per block) is not "
                                 "implemented (the static proof and the worst-case simulation still apply)")
         if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
-        if bits > MAX_SIMULATED_BITS:
-            raise _NotSimulated(f"P = {bits} > {MAX_SIMULATED_BITS} bits")
         self.layer, self.node = layer, node
         self.bits, self.mode, self.tile = bits, mode, tile
         self.rows = layer.integer_rows(model)
-        # the accumulator is signed when some register can go negative, as in the static proof
-        registers = register_ranges(layer, self.rows, layer.grid.range, mode, tile)
-        self.signed = min(lo for lo, _ in registers.values()) < 0
-        self.outer = None  # the outer stage of a tiled datapath with its own width: (bits, signed)
-        if outer_bits is not None:
-            self.signed = registers.get(INNER_REGISTER, registers["final sum"])[0] < 0
-            self.outer = (outer_bits, min(lo for name, (lo, _) in registers.items() if name != INNER_REGISTER) < 0)
+        self.signed, self.outer = _signedness(register_ranges(layer, self.rows, layer.grid.range, mode, tile),
+                                              outer_bits)
         grid = layer.grid
         # the input's step: one, or one per channel (a depthwise Conv: output row o reads input channel o // m)
         self.input_scale, row_input_scale = self._input_scales(model)
@@ -226,25 +285,11 @@ class _MacKernel:
         self.auto_pad = node_str_attr(self.node, "auto_pad", "NOTSET")
         self.pads = list(node_attr(self.node, "pads", [0] * 2 * n))
 
-    def codes(self, x: np.ndarray) -> np.ndarray:
-        """Integer codes of the layer input (integer-valued float64), checked to lie on the layer's grid."""
-        grid = self.layer.grid
-        scaled = np.asarray(x, dtype=np.float64) / self.input_scale + grid.zero_code
-        step = f"{self.input_scale:g}" if np.ndim(self.input_scale) == 0 else "one per channel"
-        codes = np.rint(scaled)
-        off = float(np.max(np.abs(scaled - codes))) if codes.size else 0.0
-        lo, hi = (float(codes.min()), float(codes.max())) if codes.size else (grid.range.lo, grid.range.hi)
-        if not off <= _GRID_TOLERANCE or lo < grid.range.lo or hi > grid.range.hi:
-            raise A2QError(
-                f"layer '{self.layer.node}': its input '{self.layer.input_tensor}' is not on the integer grid "
-                f"{grid.dtype} (scale {step}, zero point {grid.zero_code}, codes "
-                f"[{grid.range.lo}, {grid.range.hi}]): codes span [{lo:g}, {hi:g}], up to {off:.3g} off an integer. "
-                "Feed data in the range the model expects (for an --input-dtype input: the integer codes)")
-        return codes
-
-    def accumulate(self, x: np.ndarray) -> tuple[Accumulation, int]:
-        """P-bit accumulation of the node on input ``x``, in the node's output layout, and its channel axis."""
-        codes = self.codes(x)
+    def accumulate(self, context: dict[str, np.ndarray]) -> tuple[Accumulation, int]:
+        """P-bit accumulation of the node on its input in ``context``, in the node's output layout, and its channel
+        axis."""
+        codes = grid_codes(context[self.node.input[0]], self.layer.grid, self.input_scale, self.layer.node,
+                           self.layer.input_tensor)
         if self.node.op_type == "ConvTranspose":
             weights = self.layer.layout.from_rows(self.rows)
             return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,
@@ -446,12 +491,13 @@ def simulate_model(
     feeds = graph_feeds(model, inputs)
     by_name = {layer.node: layer for layer in layers}
     nodes = {node.name or node.output[0]: node for node in model.graph.node}
-    kernels: dict[str, _MacKernel] = {}
+    kernels: dict[str, _MacKernel | _ActXActKernel] = {}
     skipped: dict[str, str] = {}
     for name, bits in chosen.items():
         layer = by_name[name]
         try:
-            kernels[name] = _MacKernel(model, layer, nodes[name], bits, mode, *(stages or {}).get(name, (tile, None)))
+            kind = _ActXActKernel if layer.act_x_act else _MacKernel
+            kernels[name] = kind(model, layer, nodes[name], bits, mode, *(stages or {}).get(name, (tile, None)))
         except _NotSimulated as why:
             skipped[name] = str(why)
     runner = _GraphRunner(model)
@@ -476,7 +522,7 @@ def simulate_model(
             kernel = kernels.get(node.name or node.output[0])
             if kernel is None:
                 continue
-            acc, channel_axis = kernel.accumulate(sim[node.input[0]])
+            acc, channel_axis = kernel.accumulate(sim)
             if acc.values.shape != sim[node.output[0]].shape:  # the simulated geometry must be the executed one
                 raise A2QError(f"layer '{kernel.layer.node}': simulated accumulators of shape {acc.values.shape} for "
                                f"an output of shape {sim[node.output[0]].shape}; please report this model")

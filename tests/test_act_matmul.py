@@ -217,16 +217,42 @@ def test_annotate_records_the_exact_width(a2q, case, tmp_path: Path) -> None:
     assert recorded_widths(ModelWrapper(str(out))) == {"Attention": _exact_width(model, a, b)}
 
 
-def test_verify_data_says_the_layer_is_not_simulated(a2q, case, tmp_path: Path) -> None:
-    path, model, a, b = case
-    data = tmp_path / "data.npz"
-    rng = np.random.default_rng(0)
-    np.savez(data, a=rng.normal(size=(4, M, K)).astype(np.float32),
-             b=rng.normal(size=tuple([4] + model.get_tensor_shape("b")[1:])).astype(np.float32))
-    result = a2q("verify", path, "--acc-bits", _exact_width(model, a, b), "--data", data, "--json")
-    assert result.returncode == 0, result.stderr
-    (verdict,) = json.loads(result.stdout)["layers"]
-    assert "activation x activation" in verdict["data_note"]
+@pytest.mark.parametrize("mode,tile", [("wrap", None), ("saturate", None), ("saturate", 2)])
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_verify_data_simulates_the_product_as_sequential_accumulation(case, mode: str, tile: int | None,
+                                                                      zero_point: str) -> None:
+    """``verify --data``'s simulation against each output's products of the executed codes (qonnx), added one at a
+    time in K order, two bits below the exact width: overflow counts and every simulated output."""
+    from a2q_passes.data_simulation import simulate_model
+    from a2q_passes.verification import verify_model
+    from tests.test_simulate import sequential_accumulation
+
+    _, model, a, b = case
+    rng = np.random.default_rng(3)
+    feeds = {}
+    for name in ("a", "b"):  # mostly saturating values, so that sums reach their extremes
+        shape = (6, *model.get_tensor_shape(name)[1:])
+        feeds[name] = (rng.choice([-SATURATE, SATURATE], size=shape) * (rng.random(shape) < 0.7)
+                       + rng.normal(size=shape)).astype(np.float32)
+    bits = int(bounds.accumulator_width(*executed_range(model, a, b, zero_point))) - 2
+    result = simulate_model(model, feeds, bits, mode, tile, zero_point=zero_point)
+    signed = verify_model(model, bits, mode, tile, zero_point=zero_point).layers[0].signed
+    shaped = model.transform(InferShapes())
+    matmul = next(n for n in shaped.graph.node if n.op_type == "MatMul")
+    overflows = 0
+    for i in range(6):
+        context = execute_onnx(shaped, {name: feeds[name][i:i + 1] for name in feeds}, return_full_exec_context=True)
+        codes = [np.round(context[tensor].astype(np.float64) / np.float32(spec["scale"])).astype(np.int64)
+                 + (spec["zero_point"] if zero_point == "fold" else 0)
+                 for tensor, spec in ((matmul.input[0], a), (matmul.input[1], b))]
+        for m, n in itertools.product(range(M), range(N)):
+            terms = [int(codes[0][0, m, k]) * int(codes[1][0, k, n]) for k in range(K)]
+            sim, _ = sequential_accumulation(terms, bits, signed, mode, tile)
+            overflows += sim != sum(terms)
+            expected = result.exact_outputs["y"][i, m, n] + (sim - sum(terms)) * np.float32(a["scale"]) * np.float32(b["scale"])
+            assert result.outputs["y"][i, m, n] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert overflows > 0 and result.overflows == {"Attention": overflows}
+    assert result.accumulations == {"Attention": 6 * M * N}
 
 
 def test_a_float_second_operand_is_named_and_blocks_project(a2q, tmp_path: Path) -> None:

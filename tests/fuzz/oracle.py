@@ -81,7 +81,7 @@ def width(lo: int, hi: int) -> int:
     """Smallest accumulator holding [lo, hi]: unsigned when lo >= 0, else two's complement."""
     if lo >= 0:
         return max(int(hi).bit_length(), 1)
-    return max((-int(lo) - 1).bit_length(), int(hi).bit_length()) + 1
+    return max((-int(lo) - 1).bit_length(), max(int(hi), 0).bit_length()) + 1  # bit_length() of -2 is 2
 
 
 def fits(lo: int, hi: int, bits: int, signed: bool) -> bool:
@@ -434,37 +434,47 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
 HOLDERS = ("Constant", "Identity", "Cast")
 
 
-def random_data(model: ModelWrapper, case: Case, samples: int, seed: int = 0) -> np.ndarray:
-    """``samples`` random values of the model's one graph input, from its domain (float inputs: spread far past
-    every quantizer's range; integer ones: their datatype's values)."""
-    source = model.graph.input[0].name
-    shape = [samples, *model.get_tensor_shape(source)[1:]]
-    return _domain(model, case, source).random(np.random.default_rng(seed), shape)
+def random_data(model: ModelWrapper, case: Case, samples: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``samples`` random values of each graph input, from its domain (float inputs: spread far past every
+    quantizer's range; integer ones: their datatype's values)."""
+    rng = np.random.default_rng(seed)
+    return {vi.name: _domain(model, case, vi.name).random(rng, [samples, *model.get_tensor_shape(vi.name)[1:]])
+            for vi in model.graph.input}
 
 
-def data_accumulators(model: ModelWrapper, case: Case, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Exact accumulators (int64, ``(samples, *outputs)``) of each integer weight layer when the whole model runs
-    on ``inputs`` (its one graph input, one sample at a time: exporters fix the batch in Reshapes), read from the
-    executed MAC inputs as the worst cases are."""
+def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Exact accumulators (int64, ``(samples, *outputs)``) of each integer MAC layer when the whole model runs on
+    ``inputs`` (one sample at a time: exporters fix the batch in Reshapes), read from the executed MAC inputs as the
+    worst cases are."""
     model = constants_folded(model)
-    infos = [info for info in case.layers if info.integer and not info.act_x_act]
+    infos = [info for info in case.layers if info.integer]
     macs = {info.node: _node(model, info.node) for info in infos}
     probe = ModelWrapper(copy.deepcopy(model.model))
-    source = probe.graph.input[0].name
-    outputs = {o.name for o in probe.graph.output}
-    for name in sorted({mac.input[0] for mac in macs.values()} - outputs - {source}):
+    read = {t for info in infos for t in macs[info.node].input[:2 if info.act_x_act else 1]}
+    for name in sorted(read - {o.name for o in probe.graph.output} - set(inputs)):
         declared = next((vi for vi in probe.graph.value_info if vi.name == name), None)
         if declared is not None:  # a tensor is declared once: as an output now
             probe.graph.value_info.remove(declared)
             probe.graph.output.append(declared)
         else:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, probe.get_tensor_shape(name)))
-    runs = [{source: inputs[i:i + 1], **execute(probe, {source: inputs[i:i + 1]})} for i in range(inputs.shape[0])]
+    samples = next(iter(inputs.values())).shape[0]
+    runs = []
+    for i in range(samples):
+        feed = {name: values[i:i + 1] for name, values in inputs.items()}
+        runs.append({**feed, **execute(probe, feed)})
     accumulators = {}
     for info in infos:
         mac = macs[info.node]
-        executed = np.concatenate([run[mac.input[0]] for run in runs], axis=1 if _trans_a(mac) else 0)
-        accumulators[info.node] = _IntegerMac.of(model, case, info, mac).accumulators(executed)
+        executed = [np.concatenate([run[t] for run in runs], axis=1 if _trans_a(mac) and t == mac.input[0] else 0)
+                    for t in mac.input[:2 if info.act_x_act else 1]]
+        if info.act_x_act:  # the codes of both operands (plus the zero points under fold), multiplied in int64
+            codes = [_integers(x, scale, "operand", info.node).astype(np.int64) + (zero if case.zero_point == "fold" else 0)
+                     for x, scale, zero in zip(executed, (info.act_scale, info.operand_scale),
+                                               (info.act_zero_point, info.operand_zero_point))]
+            accumulators[info.node] = np.matmul(*codes)
+        else:
+            accumulators[info.node] = _IntegerMac.of(model, case, info, mac).accumulators(executed[0])
     return accumulators
 
 

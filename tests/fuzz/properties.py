@@ -25,7 +25,7 @@
     them, ``verify --tile T`` never says "no overflow" where one leaves its width, and ``project --tile T --acc-bits
     P_inner`` (one bit below the widest executed K-tile of the input) exits 0 with every one within the widths it
     records, or refuses naming a layer (retried with the ``--skip`` or the width a refusal names);
-(j) optionally (``data=True``, cases with one graph input), ``verify --data X --layer NAME=P`` on random inputs ``X``
+(j) optionally (``data=True``), ``verify --data X --layer NAME=P`` on random inputs ``X``
     (the whole model executed by qonnx on them gives each layer's exact accumulators, :func:`data_accumulators`):
     at P = the layer's width on that data and one bit less, with wrap-around, it counts exactly the accumulations
     outside P bits as overflows (and every accumulation), the outputs differ from exact execution only where some
@@ -510,7 +510,7 @@ class Checker:
         except OracleError:
             return
         data = self.workdir / "data.npz"
-        np.savez(data, x=inputs)
+        np.savez(data, **inputs)
         for node, acc in sorted(accumulated.items()):
             needed = width(int(acc.min()), int(acc.max()))
             for bits, mode in ((needed, "wrap"), (needed - 1, "wrap"), (needed - 1, "saturate")):
@@ -617,6 +617,6 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
         checker.allocate(path, "bits" if qonnx else "acc-bits")  # Q/DQ: FINN lowers few, acc-bits needs no FINN
     if tile is not None:
         checker.tiled(path, tile)
-    if data and len(case.model.graph.input) == 1:
+    if data:
         checker.simulated(path)
     return outcome
