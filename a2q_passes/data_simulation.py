@@ -216,9 +216,6 @@ class _MacKernel:
     def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
                  tile: int | None, outer_bits: int | None = None) -> None:
         _check_simulated(layer, bits)
-        if layer.layout.kind == "blocks":
-            raise _NotSimulated("data simulation of block-wise weight scales (one accumulator per block) is not "
-                                "implemented (the static proof and the worst-case simulation still apply)")
         if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
@@ -269,8 +266,8 @@ class _MacKernel:
             scale = np.transpose(scale, perm)
         layout = self.layer.layout
         per_term = layout.to_rows(scale)
-        taps = layout.index >= 0 if layout.kind == "gather" else True  # a ConvTranspose row's padding is no term
-        if not np.all((per_term == per_term[:, :1]) | ~np.asarray(taps)):
+        taps = layout.to_rows(np.ones(scale.shape, dtype=bool))  # a row's padding (ConvTranspose, last block) is no term
+        if not np.all((per_term == per_term[:, :1]) | ~taps):
             raise _NotSimulated("the weight scale varies along the accumulation axis, so the float layer "
                                 "is not a scaled integer dot product")
         return per_term[:, 0].copy()
@@ -294,6 +291,8 @@ class _MacKernel:
             weights = self.layer.layout.from_rows(self.rows)
             return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,
                                              self.outer), 1
+        if self.layer.layout.kind == "blocks":
+            return self._accumulate_blocks(codes), -2
         if self.node.op_type != "Conv":
             return accumulate_dot(codes, self.rows, self.bits, self.signed, self.mode, self.tile, self.outer), -1
         padded = self._padded(codes)  # float64 holding integers
@@ -318,6 +317,19 @@ class _MacKernel:
 
         exact = self._exact_conv(padded)
         return accumulate(term_at, self.rows.shape[1], self.bits, self.signed, self.mode, self.tile, exact, self.outer), 1
+
+    def _accumulate_blocks(self, codes: np.ndarray) -> Accumulation:
+        """Block-wise weight scales: each K-block of each output is its own accumulator; results ``(..., C, blocks)``
+        (the rows are ordered output-major, block-minor)."""
+        layout = self.layer.layout
+        pad = layout.blocks * layout.block - layout.K
+        codes = np.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)]).reshape(*codes.shape[:-1], layout.blocks,
+                                                                                  layout.block)
+        rows = self.rows.reshape(-1, layout.blocks, layout.block)
+        per_block = [accumulate_dot(codes[..., b, :], rows[:, b], self.bits, self.signed, self.mode, self.tile,
+                                    self.outer) for b in range(layout.blocks)]
+        return Accumulation(*(np.stack([getattr(acc, field) for acc in per_block], axis=-1)
+                              for field in ("values", "exact", "register_overflow")))
 
     def _padded(self, codes: np.ndarray) -> np.ndarray:
         n = codes.ndim - 2
@@ -355,7 +367,10 @@ class _MacKernel:
         return None
 
     def corrected(self, y: np.ndarray, delta: np.ndarray, channel_axis: int) -> np.ndarray:
-        """``y + delta * s_w[channel] * s_x`` in the node output's dtype."""
+        """``y + delta * s_w[channel] * s_x`` in the node output's dtype (block-wise: summed over the blocks)."""
+        if self.layer.layout.kind == "blocks":
+            change = (delta * self.output_scale.reshape(-1, self.layer.layout.blocks)).sum(axis=-1)
+            return (y.astype(np.float64) + change).astype(y.dtype)
         shape = [1] * delta.ndim
         shape[channel_axis] = -1
         return (y.astype(np.float64) + delta * self.output_scale.reshape(shape)).astype(y.dtype)
@@ -523,7 +538,8 @@ def simulate_model(
             if kernel is None:
                 continue
             acc, channel_axis = kernel.accumulate(sim)
-            if acc.values.shape != sim[node.output[0]].shape:  # the simulated geometry must be the executed one
+            # the simulated geometry must be the executed one (block-wise: a last axis of blocks)
+            if acc.values.shape[:sim[node.output[0]].ndim] != sim[node.output[0]].shape:
                 raise A2QError(f"layer '{kernel.layer.node}': simulated accumulators of shape {acc.values.shape} for "
                                f"an output of shape {sim[node.output[0]].shape}; please report this model")
             counts["accumulations"][kernel.layer.node] += acc.values.size

@@ -12,6 +12,8 @@ output must be exactly the analysed range, and after ``project`` they must fit t
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -219,6 +221,50 @@ def test_blockwise_range_is_the_executed_one_and_project_fits(case, tmp_path, a2
     assert {i.name: (i.data_type, list(i.dims)) for i in projected.graph.initializer} == before  # same block-wise form
     assert [n.attribute for n in projected.graph.node] == [n.attribute for n in model.graph.node]
     assert a2q("verify", out, "--zero-point", zero_point).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["wrap", "saturate"])
+@pytest.mark.parametrize("case", ["ort uint4 block zero points", "quantize_static int8 BlockSize",
+                                  "int4 behind Transpose, short last block", "uint4 with zero points, short last block"])
+def test_data_simulation_accumulates_each_block_on_its_own(case, mode, tmp_path):
+    """``verify --data``'s simulation against each (sample, output, block) sum of the executed weights' integers
+    (onnxruntime) times the input codes, added one at a time, two bits below the exact width: overflow counts and
+    every output (the error of each block scaled by its own scale)."""
+    from a2q_passes.data_simulation import simulate_model
+    from a2q_passes.verification import verify_model
+    from tests.test_simulate import sequential_accumulation
+
+    model, zero_point = CASES[case](tmp_path)
+    weights, scales, run = _mac_weights_and_scales(model)
+    mm = next(n for n in model.graph.node if n.op_type == "MatMul")
+    dq_x = next(n for n in model.graph.node if mm.input[0] in n.output)
+    x_scale = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == dq_x.input[1])))
+    q = np.rint(weights / scales).astype(np.int64)
+    K, N = weights.shape
+    rng = np.random.default_rng(2)
+    # each output's largest sums (the codes following its weights' signs), then random codes
+    codes = np.concatenate([np.where(q.T > 0, X_HI, X_LO), rng.choice([X_LO, X_HI], size=(3, K)) * (rng.random((3, K)) < 0.8)])
+    samples = codes.shape[0]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())  # the MatMul's own output, before any output QDQ
+    if mm.output[0] not in [o.name for o in probe.graph.output]:
+        probe.graph.output.append(helper.make_empty_tensor_value_info(mm.output[0]))
+    wrapped = ModelWrapper(probe)
+    bits = int(analyze_model(wrapped, zero_point=zero_point).layers[0].bounds["exact"]) - 2
+    result = simulate_model(wrapped, (codes * np.float32(x_scale)).astype(np.float32), bits, mode,
+                            zero_point=zero_point)
+    signed = verify_model(wrapped, bits, mode, zero_point=zero_point).layers[0].signed
+    overflows = 0
+    for sample, n in itertools.product(range(samples), range(N)):
+        change = 0.0
+        for start in range(0, K, run):
+            terms = [int(codes[sample, k]) * int(q[k, n]) for k in range(start, min(start + run, K))]
+            sim, _ = sequential_accumulation(terms, bits, signed, mode, None)
+            overflows += sim != sum(terms)
+            change += (sim - sum(terms)) * scales[start, n] * x_scale
+        expected = result.exact_outputs[mm.output[0]][sample, n] + change
+        assert result.outputs[mm.output[0]][sample, n] == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    assert overflows > 0 and result.overflows == {mm.name: overflows}
+    assert result.accumulations == {mm.name: samples * N * -(-K // run)}
 
 
 def test_tiles_within_blocks(tmp_path, a2q):
