@@ -28,6 +28,9 @@ through the command line:
    from the file itself; the methods ``norm``, ``qat`` and ``axe`` in turn), again with ``--skip`` where it names
    layers it cannot train: ``a2q verify`` of its output, and the oracle's executed range of every layer it constrained
    fits P. A clear refusal is noted (the file stays handled); a traceback or an unsafe output is a failure;
+7. (run after 1) ``a2q verify --data --layer NAME=P`` on random inputs for up to four layers it simulates (the
+   fuzzer's property (j)): the overflows it counts are exactly those of the accumulators the whole file executes to
+   on that data (qonnx), at each layer's width on the data and one bit less;
 6. with ``--allocate``, on the files of 5 (``--cost bits``: FINN's lowering) and the other files read under the
    fold convention (Q/DQ, FINN-ONNX; ``--cost acc-bits``: no FINN): ``a2q allocate --min-score-pct 95`` on random
    inputs, then ``a2q project --widths-json`` of its map, ``a2q verify``, and the oracle: every layer of the map
@@ -132,6 +135,7 @@ class Result:
     acc_bits: int | None = None
     finetuned: str = ""  # the finetune method whose output was verified and executed within P ("" where none)
     allocated: int = 0  # layers of allocate's map, each proven by project, verify and the oracle (0 where none)
+    simulated: int = 0  # verify --data runs (step 7) whose counts matched the executed accumulators
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -656,6 +660,8 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
                              f"[{layer['acc_min']}, {layer['acc_max']}]")
             return
         result.tight += int(ex.acc_min.tolist() == pc["acc_min"] and ex.acc_max.tolist() == pc["acc_max"])
+    if not _simulates_exactly(entry, work, [layer["node"] for layer in layers], result):
+        return
 
     if entry.lower:  # sized for FINN's input types (a zero point's codes q - z widen to INT9): P from those widths
         code, out, err = _run("analyze", entry.path, "--json", *zp, "--input-ranges", "finn")
@@ -695,6 +701,30 @@ def _check(entry: Entry, work: Path, result: Result, zp: list[str], allocate: bo
         _check_lower(entry, work, projected, result)
     elif result.status == "handled":
         _check_lower_refuses(entry, work, projected, result)
+
+
+SIMULATED_LAYERS = 4  # step 7: at most this many layers per file, spread over the model
+
+
+def _simulates_exactly(entry: Entry, work: Path, names: list[str], result: Result) -> bool:
+    """Step 7, the fuzzer's property (j) on the file: ``verify --data`` on random inputs counts exactly the
+    overflows of the accumulators the whole file executes to on them (qonnx)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from tests.fuzz.properties import Checker, Outcome
+    from tests.fuzz.real_files import simulation_case
+
+    outcome = Outcome()
+    folder = work / f"{entry.name}.data"
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet():
+        case = simulation_case(ModelWrapper(str(entry.path)), names, entry.zero_point, entry.input_dtype)
+        Checker(case, folder, outcome).simulated(entry.path, SIMULATED_LAYERS)
+    result.simulated = sum(n for key, n in outcome.checked.items() if key.startswith("data simulations ("))
+    if outcome.failures:
+        result.status, result.detail = "FAILED", "; ".join(f"{f.category}: {f.message}" for f in outcome.failures)[:600]
+        return False
+    return True
 
 
 FINETUNE_METHODS = ("norm", "qat", "axe")
@@ -869,6 +899,15 @@ def _finetune_summary(results: list[Result]) -> list[str]:
     return lines + [f"- `{name}`: {note[:240]}" for name, note in refused]
 
 
+def _simulation_summary(results: list[Result]) -> str:
+    """How many `verify --data` runs step 7 compared with the executed accumulators."""
+    done = [r for r in results if r.status == "handled" and r.simulated]
+    return (f"**`verify --data` on {len(done)} of these files** ({sum(r.simulated for r in done)} runs; at most "
+            f"{SIMULATED_LAYERS} layers a file, each at its width on random inputs and one bit less, wrap-around "
+            "and saturation): every count of overflows equal to (saturation: at least) the accumulations the whole "
+            "file executes to outside P, the outputs exact where none.")
+
+
 def _allocate_summary(results: list[Result]) -> list[str]:
     """How many handled files allocate's map was proven on, and its refusals (step 6 of the module docstring)."""
     done = [r for r in results if r.status == "handled" and r.allocated]
@@ -901,7 +940,7 @@ def markdown(results: list[Result], rejected: list[str], command: str, seconds: 
              "lowered with every "
              "MVAU/VVAU's executed range inside its "
              f"`accDataType`; the other {refused_qdq} handled Q/DQ files refused by `lower` by name, before FINN's "
-             "steps.", "", *_finetune_summary(results), "",
+             "steps.", "", _simulation_summary(results), "", *_finetune_summary(results), "",
              *(_allocate_summary(results) + [""] if allocate else []), *_table(results), ""]
     refused = [r for r in results if r.status != "handled"]
     lines += ["## Files not handled", ""]

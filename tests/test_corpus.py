@@ -41,6 +41,9 @@ def test_quick_corpus_has_no_failed_file_and_the_oracle_agrees(corpus, tmp_path)
     # step 5: finetune ran on every quick file with QONNX Quant nodes (refusals are notes): outputs verified, in P
     quant_files = [r for r in results if r.entry.producer in (EXPORTERS["qonnx"], GRAPH_PTQ["qonnx"], QKERAS)]
     assert quant_files and all(r.finetuned for r in quant_files), [(r.entry.name, r.notes) for r in quant_files]
+    # step 7: verify --data compared with the executed accumulators on every file with float MAC layers (QONNX, Q/DQ)
+    float_macs = [r for r in results if r.entry.producer in (*EXPORTERS.values(), ORT_FORMATS["QDQ"], TORCH_QAT)]
+    assert float_macs and all(r.simulated for r in float_macs), [(r.entry.name, r.simulated) for r in float_macs]
 
 
 def test_oracle_sees_a_projection_that_breaks_its_promise(corpus, tmp_path):

@@ -23,6 +23,7 @@ None of this reads the project's own readers.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -439,7 +440,7 @@ def random_data(model: ModelWrapper, case: Case, samples: int, seed: int = 0) ->
     quantizer's range; integer ones: their datatype's values)."""
     rng = np.random.default_rng(seed)
     return {vi.name: _domain(model, case, vi.name).random(rng, [samples, *model.get_tensor_shape(vi.name)[1:]])
-            for vi in model.graph.input}
+            for vi in model.graph.input if model.get_initializer(vi.name) is None}  # older files list weights too
 
 
 def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -540,14 +541,13 @@ class _IntegerMac:
     info: LayerInfo
     zero_point: str  # the case's convention
     q: np.ndarray  # the executed integer weights (raw codes under the fold convention)
-    jac: np.ndarray  # (inputs, outputs) per sample: the weight of every tap
     sample_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
 
     @classmethod
     def of(cls, model: ModelWrapper, case: Case, info: LayerInfo, mac, terms: np.ndarray | None = None) -> "_IntegerMac":
-        """The executed integer weights (the weight quantizer's constant subgraph) and the MAC's Jacobian, by
-        executing the MAC on one-hot inputs; ``terms``: only these K positions of the sum."""
+        """The executed integer weights (the weight quantizer's constant subgraph); ``terms``: only these K positions
+        of the sum."""
         weight = model.get_initializer(mac.input[1])
         if weight is None:
             weight_nodes = []
@@ -560,19 +560,28 @@ class _IntegerMac:
             q = _keep_terms(mac, q, terms)
         x_shape = tuple(model.get_tensor_shape(mac.input[0]))
         sample_shape = (x_shape[0],) if _trans_a(mac) else tuple(x_shape[1:])
-        n_in = int(np.prod(sample_shape))
-        jac = _run_mac(mac, q, np.eye(n_in, dtype=np.float32).reshape((n_in,) + sample_shape))
-        return cls(mac, info, case.zero_point, q, jac.reshape(n_in, -1), sample_shape, tuple(jac.shape[1:]))
+        out_shape = _run_mac(mac, q, np.zeros((1,) + sample_shape, dtype=np.float32)).shape[1:]
+        return cls(mac, info, case.zero_point, q, sample_shape, tuple(out_shape))
+
+    @functools.cached_property
+    def jac(self) -> np.ndarray:
+        """``(inputs, outputs)`` per sample: the weight of every tap, by executing the MAC on one-hot inputs."""
+        n_in = int(np.prod(self.sample_shape))
+        jac = _run_mac(self.mac, self.q, np.eye(n_in, dtype=np.float32).reshape((n_in,) + self.sample_shape))
+        return jac.reshape(n_in, -1)
 
     def accumulators(self, x: np.ndarray) -> np.ndarray:
         """Exact integer accumulators (int64, ``(batch, *out_shape)``) of the MAC on its executed input ``x``."""
-        mac, info, q, jac = self.mac, self.info, self.q, self.jac
+        mac, info, q = self.mac, self.info, self.q
         if _trans_a(mac):
             x = x.T
         t = _integers(x, info.act_scale, "activation", info.node)
-        if np.abs(jac).sum(axis=0).max(initial=0) * max(np.abs(t).max(initial=0), 1) < EXACT_FLOAT32:
+        # every tap of an output is a weight: the sum of all |weights| bounds it without the Jacobian
+        reach = max(np.abs(t).max(initial=0), 1)
+        if np.abs(q).sum() * reach < EXACT_FLOAT32 or np.abs(self.jac).sum(axis=0).max(initial=0) * reach < EXACT_FLOAT32:
             acc = _run_mac(mac, q, t).astype(np.float64)
         else:  # beyond float32's integers (16-bit codes): the executed MAC's taps (its Jacobian), summed in int64
+            jac = self.jac
             if np.abs(jac).max(initial=0) >= EXACT_FLOAT32:
                 raise OracleError(f"{info.node}: weights too large for exact float32 execution")
             taps = np.round(jac).astype(np.int64)

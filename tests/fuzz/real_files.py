@@ -443,3 +443,23 @@ def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", see
     else:
         layer, info, ranges = model, describe_layer(model, name), {}
     return layer_range(layer, Case(layer, [info], zero_point, source_ranges=ranges), info, seed)
+
+
+def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fold",
+                    input_dtype: str | None = None) -> Case:
+    """A :class:`Case` of the layers of ``names`` that ``verify --data`` simulates and the oracle describes (float
+    weight layers, float MatMuls of two activations) for property (j) on a real file: the whole file then runs on
+    data; ``input_dtype``: the user's claim for every float graph input."""
+    model = with_shapes(standard_data_ops(model))
+    infos = []
+    for name in names:
+        mac = _node(model, name)
+        try:
+            if mac.op_type == "MatMul" and _reads_activations(model, mac.input[1]):
+                infos.append(_act_x_act_model(model, mac)[1])
+            elif mac.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and mac.domain == "":
+                infos.append(describe_layer(model, name))
+        except Undescribed:
+            continue  # not claimed either way
+    sources = [vi.name for vi in model.graph.input if model.get_initializer(vi.name) is None]
+    return Case(model, infos, zero_point, input_dtypes=[f"{s}={input_dtype}" for s in sources] if input_dtype else [])
