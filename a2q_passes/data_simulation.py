@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as rt
 from onnx import NodeProto, helper, numpy_helper
@@ -142,12 +143,20 @@ class _NotSimulated(Exception):
 
 def grid_codes(x: np.ndarray, grid: InputGrid, scale: float | np.ndarray, layer: str, tensor: str) -> np.ndarray:
     """Integer codes of ``tensor``, the input of ``layer`` (integer-valued float64), checked to lie on its grid."""
-    scaled = np.asarray(x, dtype=np.float64) / scale + grid.zero_code
+    x = np.asarray(x)
+    scaled = x.astype(np.float64) / scale + grid.zero_code
     step = f"{scale:g}" if np.ndim(scale) == 0 else "one per channel"
     codes = np.rint(scaled)
-    off = float(np.max(np.abs(scaled - codes))) if codes.size else 0.0
+    off = np.abs(scaled - codes)
     lo, hi = (float(codes.min()), float(codes.max())) if codes.size else (grid.range.lo, grid.range.hi)
-    if not off <= _GRID_TOLERANCE or lo < grid.range.lo or hi > grid.range.hi:
+    # a float16 graph's dequantized values carry half a unit in their last place (relative to the code)
+    precision = float(ml_dtypes.finfo(x.dtype).eps) if x.dtype.name in ("float16", "bfloat16") else 0.0
+    magnitude = max(abs(lo), abs(hi))
+    if magnitude * precision + _GRID_TOLERANCE >= 0.5:
+        raise A2QError(f"layer '{layer}': its input '{tensor}' is {x.dtype}, which cannot tell codes as large as "
+                       f"{magnitude:g} apart; simulate a float32 copy of the model")
+    if not np.all(off <= _GRID_TOLERANCE + np.abs(codes) * precision) or lo < grid.range.lo or hi > grid.range.hi:
+        off = float(off.max()) if off.size else 0.0
         raise A2QError(
             f"layer '{layer}': its input '{tensor}' is not on the integer grid {grid.dtype} (scale {step}, zero point "
             f"{grid.zero_code}, codes [{grid.range.lo}, {grid.range.hi}]): codes span [{lo:g}, {hi:g}], up to "

@@ -64,7 +64,7 @@ from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.graph_values import node_attr
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
-from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs,
+from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs, refuse_low_precision_floats,
                                      refuse_unconvertible_quantizers, refuse_unlowerable_convs,
                                      refuse_weight_scales_along_summed_axes)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
@@ -368,6 +368,7 @@ def run_flow(
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
+    refuse_low_precision_floats(model)
     refuse_unlowerable_convs(model)
     refuse_weight_scales_along_summed_axes(model)
     cfg = _build_config(fpgapart)

@@ -8,6 +8,7 @@ nodes and says what to do instead, as a :class:`~a2q_passes.errors.LoweringError
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
@@ -17,6 +18,23 @@ from a2q_passes.finn_zero_points import MIDPOINT_ROUNDING, zero_point_refusals
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.input_grids import value_origin
 from a2q_passes.layers import computed_from_constants
+
+
+LOW_PRECISION_FLOATS = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+
+
+def refuse_low_precision_floats(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming the float16/bfloat16 tensors of a graph: FINN's conversion, its thresholds
+    and its execution compute in float32 (one fails deep inside with "Shape broadcast mismatch")."""
+    typed = [(vi.name, vi.type.tensor_type.elem_type)
+             for vi in (*model.graph.input, *model.graph.output, *model.graph.value_info)]
+    typed += [(init.name, init.data_type) for init in model.graph.initializer]
+    found = sorted({name for name, elem in typed if elem in LOW_PRECISION_FLOATS})
+    if found:
+        kinds = sorted({LOW_PRECISION_FLOATS[elem] for _, elem in typed if elem in LOW_PRECISION_FLOATS})
+        raise LoweringError(f"the graph holds {' and '.join(kinds)} tensors ({', '.join(map(repr, found[:6]))}"
+                            f"{', ...' if len(found) > 6 else ''}); FINN's conversion and thresholds compute in "
+                            "float32. Lower a float32 copy of the model (its integer codes and scales are the same)")
 
 
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:

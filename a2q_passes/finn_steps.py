@@ -145,13 +145,15 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     compute the same values (:mod:`a2q_passes.finn_quant_forms`: Q/DQ chains as Quant nodes, a signed Quant after
     Relu, bias quantizers, as Brevitas' graph-mode PTQ writes them, grouped convolutions as dense ones), then refuse
     by name what FINN's conversion still cannot take (Q/DQ nodes left, zero points, grouped convolutions left; and,
-    first, convolutions FINN's flow cannot lower: 3-D, channels-last, a batch of several images, ConvTranspose forms
+    first, float16/bfloat16 tensors and convolutions FINN's flow cannot lower: 3-D, channels-last, a batch of several images, ConvTranspose forms
     its pixel padding does not compute, and layers whose weight scale varies along the axis they sum over), as
     ``a2q lower`` does, and last make quantizers with a zero point into forms FINN takes (activations: thresholds
     with an output bias; weights: their codes q - z; :mod:`a2q_passes.finn_zero_points`)."""
-    from a2q_passes.finn_refusals import (refuse_grouped_convs, refuse_unconvertible_quantizers,
-                                         refuse_unlowerable_convs, refuse_weight_scales_along_summed_axes)
+    from a2q_passes.finn_refusals import (refuse_grouped_convs, refuse_low_precision_floats,
+                                         refuse_unconvertible_quantizers, refuse_unlowerable_convs,
+                                         refuse_weight_scales_along_summed_axes)
 
+    refuse_low_precision_floats(model)
     refuse_unlowerable_convs(model)
     refuse_weight_scales_along_summed_axes(model)
     model = prepare_for_finn(model)

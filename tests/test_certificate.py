@@ -333,6 +333,27 @@ def test_compiled_integer_check_gives_the_numpy_check_or_its_refusal(shape, divi
             assert got.dtype == (narrowest if got.ndim else np.int64)  # a 0-d value: the numpy check
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_weights_give_their_codes_or_a_refusal_never_a_wrong_integer(dtype):
+    """float16/bfloat16 dequantized weights carry half a unit in their last place: the codes come back wherever that
+    cannot reach half an integer (int8 codes in float16), and the check refuses, naming the precision, where it can
+    (int8 codes in bfloat16, whose 8-bit mantissa rounds 127 * 0.01; int16 codes in float16)."""
+    import ml_dtypes
+
+    from a2q_passes.certificate import execution
+
+    low = np.dtype(getattr(ml_dtypes, dtype) if dtype == "bfloat16" else dtype)
+    scale = np.float64(0.0123)
+    for codes in (np.arange(-128, 128), np.arange(-3000, 3000, 7)):
+        values = (codes * scale).astype(low)  # what a low-precision DequantizeLinear returns
+        tellable = np.abs(codes).max() * float(ml_dtypes.finfo(low).eps) + 1e-3 < 0.5
+        if tellable:
+            assert np.array_equal(execution.as_integers(values, "w", divisor=np.asarray(scale).astype(low)), codes)
+        else:
+            with pytest.raises(CannotCertify, match=f"{dtype} values cannot tell integers|is not integer"):
+                execution.as_integers(values, "w", divisor=np.asarray(scale).astype(low))
+
+
 def test_imports_nothing_from_the_reader():
     """The certificate's independence is structural: none of its modules imports the reader (layer discovery,
     weight sources, input grids, graph values, the analysis) or anything that does; only pure math, progress,

@@ -167,6 +167,17 @@ def _execute_with_onnxruntime(sub: ModelWrapper, targets: list[str], first_error
     return {**initializers, **values}
 
 
+def _relative_tolerance(dtype: np.dtype) -> float:
+    """How far from an integer a quotient of ``dtype`` values may be, relative to it: float16 and bfloat16 values
+    (a float16 graph's ``DequantizeLinear`` output) carry half a unit in their last place, and the quotient by the
+    scale about as much again; float32 and wider, :data:`_RELATIVE_TOLERANCE`."""
+    if dtype.name in ("float16", "bfloat16"):
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).eps)
+    return _RELATIVE_TOLERANCE
+
+
 def as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: np.ndarray | None = None) -> np.ndarray:
     """``values`` (divided by ``divisor``, broadcast to their shape) as integers, each within the tolerance of one.
 
@@ -179,7 +190,9 @@ def as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: np
     """
     values = np.asarray(values)
     shape = values.shape
-    if values.ndim and values.size and values.size >= _KERNEL_VALUES and values.flags.c_contiguous:
+    relative = _relative_tolerance(values.dtype)
+    if values.ndim and values.size and values.size >= _KERNEL_VALUES and values.flags.c_contiguous \
+            and relative == _RELATIVE_TOLERANCE:
         from a2q_passes.certificate.kernels import integer_quotients
 
         fast = integer_quotients(values, divisor, _INTEGER_TOLERANCE, _RELATIVE_TOLERANCE)
@@ -200,10 +213,13 @@ def as_integers(values: np.ndarray, what: str, block: int = 1 << 16, divisor: np
         # allowance is computed only when some element needs it; NaN and infinities (offset NaN, never <= anything)
         # fail both comparisons, and rint keeps them, so the rounded values tell which complaint applies
         if not np.all(off <= _INTEGER_TOLERANCE) and not np.all(
-                off <= np.abs(rounded) * _RELATIVE_TOLERANCE + _INTEGER_TOLERANCE):
+                off <= np.abs(rounded) * relative + _INTEGER_TOLERANCE):
             if not np.all(np.isfinite(rounded)):
                 raise CannotCertify(f"{what} holds NaN or infinite values")
             raise CannotCertify(f"{what} is not integer (off by up to {float(off.max()):.3g})")
+        if relative != _RELATIVE_TOLERANCE and rounded.size and np.abs(rounded).max() * relative + _INTEGER_TOLERANCE >= 0.5:
+            raise CannotCertify(f"{what}: {values.dtype} values cannot tell integers as large as "
+                                f"{int(np.abs(rounded).max())} apart (their precision); use float32 for this tensor")
         out[start:start + step] = rounded
     return out.reshape(shape)
 
