@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
@@ -154,35 +155,70 @@ def _transformation(name: str):
 
 def _streamline_cleanup(model: ModelWrapper) -> ModelWrapper:
     """What FINN's Streamline runs after each of its transformations."""
-    from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames
+    from qonnx.transformation.general import GiveUniqueNodeNames
     from qonnx.transformation.infer_data_layouts import InferDataLayouts
     from qonnx.transformation.infer_datatypes import InferDataTypes
     from qonnx.transformation.remove import RemoveIdentityOps
 
-    for cleanup in (RemoveIdentityOps(), GiveUniqueNodeNames(), GiveReadableTensorNames(),
+    for cleanup in (RemoveIdentityOps(), GiveUniqueNodeNames(), _readable_tensor_names(),
                     InferDataTypes(), InferDataLayouts()):
         model = model.transform(cleanup)
     return model
+
+
+def _readable_tensor_names():
+    """qonnx's ``GiveReadableTensorNames``, the same names in the same order, but learning that a tensor is an
+    initializer from a set of names: qonnx's asks ``get_initializer``, which converts the tensor to numpy, for every
+    input of every node, a fifth of a full MobileNet's ``lower`` (FINN's Streamline runs it after every step)."""
+    from qonnx.transformation.base import Transformation
+    from qonnx.transformation.general import GiveUniqueTensorNames
+
+    class ReadableTensorNames(Transformation):
+        def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+            model = model.transform(GiveUniqueTensorNames())
+            initializers = {init.name for init in model.graph.initializer}
+            for node in model.graph.node:
+                assert node.name != "", "Found empty node name"
+                for index, output in enumerate(node.output):
+                    model.rename_tensor(output, f"{node.name}_out{index}")
+                params = 0
+                for tensor in node.input:
+                    if tensor in initializers:
+                        renamed = f"{node.name}_param{params}"
+                        model.rename_tensor(tensor, renamed)
+                        initializers.discard(tensor)
+                        initializers.add(renamed)
+                        params += 1
+            for index, graph_input in enumerate(model.graph.input):
+                model.rename_tensor(graph_input.name, "global_in" if index == 0 else f"global_in_{index}")
+            for index, graph_output in enumerate(model.graph.output):
+                model.rename_tensor(graph_output.name, "global_out" if index == 0 else f"global_out_{index}")
+            return model, False
+
+    return ReadableTensorNames()
 
 
 # ---------------------------------------------------------------------------------------------
 # Graph fingerprints: name-independent, so FINN's constant renaming does not count as a change.
 
 
-def _array_digest(model: ModelWrapper, tensor: str) -> str | None:
-    value = model.get_initializer(tensor)
-    if value is None:
+def _array_digest(model: ModelWrapper, tensor: str, initializers: dict[str, TensorProto]) -> str | None:
+    init = initializers.get(tensor)
+    if init is None:
         return None
-    digest = hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()[:12]
-    return f"{value.shape}:{value.dtype}:{digest}:{model.get_tensor_datatype(tensor).name}"
+    # the stored bytes where they are raw (as numpy_helper.from_array, hence FINN and qonnx, store them): no copy
+    data = init.raw_data or np.ascontiguousarray(numpy_helper.to_array(init)).tobytes()
+    digest = hashlib.sha1(data).hexdigest()[:12]
+    return f"{tuple(init.dims)}:{init.data_type}:{digest}:{model.get_tensor_datatype(tensor).name}"
 
 
 def _local_signatures(model: ModelWrapper) -> list[tuple[str, str]]:
     """Per node ``(signature, "op_type name")``; the signature covers op, attributes, constants, types."""
+    initializers = {init.name: init for init in model.graph.initializer}
     out = []
     for node in model.graph.node:
         attrs = sorted((a.name, a.SerializeToString()) for a in node.attribute)
-        consts = tuple(_array_digest(model, t) for t in node.input)
+        consts = tuple(_array_digest(model, t, initializers) for t in node.input)
         dtypes = tuple(model.get_tensor_datatype(t).name for t in node.output)
         sig = hashlib.sha1(repr((node.op_type, node.domain, attrs, consts, dtypes)).encode()).hexdigest()
         out.append((sig, f"{node.op_type} {node.name or '-> ' + node.output[0]}"))
@@ -193,9 +229,9 @@ def _graph_fingerprint(model: ModelWrapper, local: list[tuple[str, str]]) -> Cou
     """Multiset of Merkle hashes (a node's hash covers everything upstream): equal iff same dataflow."""
     producer_hash: dict[str, str] = {}
     hashes: Counter = Counter()
+    initializers = {init.name for init in model.graph.initializer}
     for node, (sig, _) in zip(model.graph.node, local):
-        parts = [sig] + [producer_hash.get(t, "graph-input" if model.get_initializer(t) is None else "const")
-                         for t in node.input]
+        parts = [sig] + [producer_hash.get(t, "const" if t in initializers else "graph-input") for t in node.input]
         node_hash = hashlib.sha1("|".join(parts).encode()).hexdigest()
         for index, tensor in enumerate(node.output):
             producer_hash[tensor] = f"{node_hash}:{index}"
