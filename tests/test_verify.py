@@ -273,6 +273,23 @@ def test_conv_data_simulation_matches_brute_force_im2col(groups, strides, pads, 
     assert overflows > 0 and result.overflows == {"conv": overflows}
 
 
+def test_batched_simulation_through_qonnx_im2col_runs_each_sample_as_executed(tmp_path):
+    """qonnx's Im2Col (LowerConvsToMatMul, FINN's streamlined convolutions) windows the input_shape it records, so a
+    batch of several images gave other windows, without an error: `verify --data` simulated accumulators and outputs
+    no execution computes (found by the corpus' step 7). Against qonnx executing the graph one image at a time."""
+    from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
+
+    model = ModelWrapper("models/digits_cnn_w4a4.onnx").transform(InferShapes()).transform(LowerConvsToMatMul())
+    assert model.get_nodes_by_op_type("Im2Col")
+    x = np.random.default_rng(0).uniform(0, 1, size=(5, *model.get_tensor_shape(model.graph.input[0].name)[1:]))
+    x = x.astype(np.float32)
+    result = simulate_model(model, x, 32)
+    name = model.graph.output[0].name
+    expected = np.concatenate([execute_onnx(model, {model.graph.input[0].name: x[i:i + 1]})[name] for i in range(5)])
+    np.testing.assert_allclose(result.exact_outputs[name], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.outputs[name], expected, rtol=1e-5, atol=1e-5)
+
+
 DECONV_CASES = [  # groups, strides, pads, dilations, output_padding, mode, tile
     (1, [2, 2], [0, 0, 0, 0], [1, 1], [0, 0], "saturate", None),
     (1, [2, 3], [1, 0, 2, 1], [1, 2], [1, 0], "wrap", None),

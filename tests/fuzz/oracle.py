@@ -443,16 +443,26 @@ def random_data(model: ModelWrapper, case: Case, samples: int, seed: int = 0) ->
     """``samples`` random values of each graph input, from its domain (float inputs: spread far past every
     quantizer's range; integer ones: their datatype's values)."""
     rng = np.random.default_rng(seed)
+    batch = _declared_batch(model)
+    samples = -(-samples // batch) * batch  # whole batches: qonnx executes the batch the graph declares
     return {vi.name: _domain(model, case, vi.name).random(rng, [samples, *model.get_tensor_shape(vi.name)[1:]])
             for vi in model.graph.input if model.get_initializer(vi.name) is None}  # older files list weights too
 
 
+def _declared_batch(model: ModelWrapper) -> int:
+    sources = [vi.name for vi in model.graph.input if model.get_initializer(vi.name) is None]
+    shape = model.get_tensor_shape(sources[0]) if sources else None
+    return max(int(shape[0]), 1) if shape else 1
+
+
 def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Exact accumulators (int64, ``(samples, *outputs)``) of each integer MAC layer when the whole model runs on
-    ``inputs`` (one sample at a time: exporters fix the batch in Reshapes), read from the executed MAC inputs as the
-    worst cases are."""
-    model = constants_folded(model)
+    ``inputs`` (the batch the graph declares at a time: exporters fix it in Reshapes), read from the executed MAC
+    inputs as the worst cases are."""
     infos = [info for info in case.layers if info.integer]
+    if not infos:
+        return {}
+    model = constants_folded(model)
     macs = {info.node: _node(model, info.node) for info in infos}
     probe = ModelWrapper(copy.deepcopy(model.model))
     read = {t for info in infos for t in macs[info.node].input[:2 if info.act_x_act else 1]}
@@ -463,10 +473,10 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
             probe.graph.output.append(declared)
         else:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, probe.get_tensor_shape(name)))
-    samples = next(iter(inputs.values())).shape[0]
+    samples, batch = next(iter(inputs.values())).shape[0], _declared_batch(model)
     runs = []
-    for i in range(samples):
-        feed = {name: values[i:i + 1] for name, values in inputs.items()}
+    for start in range(0, samples, batch):
+        feed = {name: values[start:start + batch] for name, values in inputs.items()}
         runs.append({**feed, **execute(probe, feed)})
     accumulators = {}
     for info in infos:
