@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.base import Transformation
 
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
@@ -65,9 +66,8 @@ from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.graph_values import node_attr
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
-from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_grouped_convs, refuse_low_precision_floats,
-                                     refuse_unconvertible_quantizers, refuse_unlowerable_convs,
-                                     refuse_weight_scales_along_summed_axes)
+from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_before_preparation, refuse_grouped_convs,
+                                     refuse_unconvertible_quantizers)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
@@ -160,42 +160,39 @@ def _streamline_cleanup(model: ModelWrapper) -> ModelWrapper:
     from qonnx.transformation.infer_datatypes import InferDataTypes
     from qonnx.transformation.remove import RemoveIdentityOps
 
-    for cleanup in (RemoveIdentityOps(), GiveUniqueNodeNames(), _readable_tensor_names(),
+    for cleanup in (RemoveIdentityOps(), GiveUniqueNodeNames(), _ReadableTensorNames(),
                     InferDataTypes(), InferDataLayouts()):
         model = model.transform(cleanup)
     return model
 
 
-def _readable_tensor_names():
+class _ReadableTensorNames(Transformation):
     """qonnx's ``GiveReadableTensorNames``, the same names in the same order, but learning that a tensor is an
     initializer from a set of names: qonnx's asks ``get_initializer``, which converts the tensor to numpy, for every
     input of every node, a fifth of a full MobileNet's ``lower`` (FINN's Streamline runs it after every step)."""
-    from qonnx.transformation.base import Transformation
-    from qonnx.transformation.general import GiveUniqueTensorNames
 
-    class ReadableTensorNames(Transformation):
-        def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
-            model = model.transform(GiveUniqueTensorNames())
-            initializers = {init.name for init in model.graph.initializer}
-            for node in model.graph.node:
-                assert node.name != "", "Found empty node name"
-                for index, output in enumerate(node.output):
-                    model.rename_tensor(output, f"{node.name}_out{index}")
-                params = 0
-                for tensor in node.input:
-                    if tensor in initializers:
-                        renamed = f"{node.name}_param{params}"
-                        model.rename_tensor(tensor, renamed)
-                        initializers.discard(tensor)
-                        initializers.add(renamed)
-                        params += 1
-            for index, graph_input in enumerate(model.graph.input):
-                model.rename_tensor(graph_input.name, "global_in" if index == 0 else f"global_in_{index}")
-            for index, graph_output in enumerate(model.graph.output):
-                model.rename_tensor(graph_output.name, "global_out" if index == 0 else f"global_out_{index}")
-            return model, False
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        from qonnx.transformation.general import GiveUniqueTensorNames
 
-    return ReadableTensorNames()
+        model = model.transform(GiveUniqueTensorNames())
+        initializers = {init.name for init in model.graph.initializer}
+        for node in model.graph.node:
+            assert node.name != "", "Found empty node name"
+            for index, output in enumerate(node.output):
+                model.rename_tensor(output, f"{node.name}_out{index}")
+            params = 0
+            for tensor in node.input:
+                if tensor in initializers:
+                    renamed = f"{node.name}_param{params}"
+                    model.rename_tensor(tensor, renamed)
+                    initializers.discard(tensor)
+                    initializers.add(renamed)
+                    params += 1
+        for index, graph_input in enumerate(model.graph.input):
+            model.rename_tensor(graph_input.name, "global_in" if index == 0 else f"global_in_{index}")
+        for index, graph_output in enumerate(model.graph.output):
+            model.rename_tensor(graph_output.name, "global_out" if index == 0 else f"global_out_{index}")
+        return model, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,9 +401,7 @@ def run_flow(
 
     if fpgapart is not None:
         fpgapart = validate_fpgapart(fpgapart)
-    refuse_low_precision_floats(model)
-    refuse_unlowerable_convs(model)
-    refuse_weight_scales_along_summed_axes(model)
+    refuse_before_preparation(model)
     cfg = _build_config(fpgapart)
     with reproducible_names():
         runner = _Runner(ModelWrapper(model.model.SerializeToString()), observer)

@@ -37,6 +37,14 @@ def refuse_low_precision_floats(model: ModelWrapper) -> None:
                             "float32. Lower a float32 copy of the model (its integer codes and scales are the same)")
 
 
+def refuse_before_preparation(model: ModelWrapper) -> None:
+    """What ``lower`` and the FINN build steps refuse before FINN's preparation runs: float16/bfloat16 graphs,
+    convolutions FINN's flow cannot lower and weight scales along a summed axis."""
+    refuse_low_precision_floats(model)
+    refuse_unlowerable_convs(model)
+    refuse_weight_scales_along_summed_axes(model)
+
+
 def refuse_unlowerable_convs(model: ModelWrapper) -> None:
     """Raise :class:`LoweringError` naming each convolution FINN's flow cannot lower: in qonnx's channels-last form,
     not 1-D or 2-D, or reading a batch of more than one image (grouped ones: :func:`refuse_grouped_convs`), and each

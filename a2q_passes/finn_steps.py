@@ -149,13 +149,9 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     its pixel padding does not compute, and layers whose weight scale varies along the axis they sum over), as
     ``a2q lower`` does, and last make quantizers with a zero point into forms FINN takes (activations: thresholds
     with an output bias; weights: their codes q - z; :mod:`a2q_passes.finn_zero_points`)."""
-    from a2q_passes.finn_refusals import (refuse_grouped_convs, refuse_low_precision_floats,
-                                         refuse_unconvertible_quantizers, refuse_unlowerable_convs,
-                                         refuse_weight_scales_along_summed_axes)
+    from a2q_passes.finn_refusals import refuse_before_preparation, refuse_grouped_convs, refuse_unconvertible_quantizers
 
-    refuse_low_precision_floats(model)
-    refuse_unlowerable_convs(model)
-    refuse_weight_scales_along_summed_axes(model)
+    refuse_before_preparation(model)
     model = prepare_for_finn(model)
     refuse_unconvertible_quantizers(model)
     refuse_grouped_convs(model)
