@@ -30,9 +30,12 @@ from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
 from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.input_grids import InputGrid, axis_scale
+from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable, Requantization, operand_codes,
+                                              unsimulated_integer_op)
 from a2q_passes.layers import MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
 from a2q_passes.tensor_store import initializer_shape, tensor_value
+from a2q_passes.weight_sources import INTEGER_MAC_OPS
 from a2q_passes.simulate import MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, exact_float_dtype
 from a2q_passes.width_resolution import resolve_widths
 
@@ -186,50 +189,84 @@ class _ActXActKernel:
     """A MatMul of two quantized activations on real data: both operands -> codes -> P-bit accumulator values."""
 
     def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
-                 tile: int | None, outer_bits: int | None = None) -> None:
+                 tile: int | None, outer_bits: int | None = None, zero_point: str = "fold") -> None:
         _check_simulated(layer, bits)
-        if layer.op_type != "MatMul":
+        self.integer_op = layer.op_type in INTEGER_MAC_OPS
+        if self.integer_op and (why := unsimulated_integer_op(node)) is not None:
+            raise _NotSimulated(why)
+        if (INTEGER_MAC_OPS[layer.op_type].mac_op if self.integer_op else layer.op_type) != "MatMul":
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
         if layer.grid.scale_axis is not None or layer.operand_grid.scale_axis is not None:
             raise _NotSimulated("an operand has one scale per index of an axis")
         self.layer, self.node = layer, node
-        self.bits, self.mode, self.tile = bits, mode, tile
+        self.bits, self.mode, self.tile, self.zero_point = bits, mode, tile, zero_point
         self.signed, self.outer = _signedness(register_ranges(layer, *integer_view(model, layer), mode, tile),
                                               outer_bits)
         self.scales = [float(g.scale) if g.scale is not None else 1.0 for g in (layer.grid, layer.operand_grid)]
-        self.output_scale = np.array([self.scales[0] * self.scales[1]])
+        # an integer op's output is its accumulator (MatMulInteger) or requantizes it (QLinearMatMul)
+        self.output_scale = np.array([1.0 if self.integer_op else self.scales[0] * self.scales[1]])
+        self.requantization = _requantization(model, node)
+        self.requantized: np.ndarray | None = None  # set by accumulate() for corrected() on the same batch
 
     def accumulate(self, context: dict[str, np.ndarray]) -> tuple[Accumulation, int]:
         """P-bit accumulation of ``A @ B`` (numpy's matmul: 1-D operands promoted, batch axes broadcast)."""
-        a, b = (grid_codes(context[tensor], grid, scale, self.layer.node, tensor).astype(np.int64)
-                for tensor, grid, scale in zip(self.node.input[:2], (self.layer.grid, self.layer.operand_grid),
-                                               self.scales))
+        if self.integer_op:  # the codes multiplied, and the zero points a requantizing op subtracts under fold
+            (a, a_zero), (b, b_zero) = (operand_codes(self.node, context, self.zero_point, second)
+                                        for second in (False, True))
+        else:
+            a, b = (grid_codes(context[tensor], grid, scale, self.layer.node, tensor).astype(np.int64)
+                    for tensor, grid, scale in zip(self.node.input[:2], (self.layer.grid, self.layer.operand_grid),
+                                                   self.scales))
+            a_zero = b_zero = 0
         a2, b2 = (a[None, :] if a.ndim == 1 else a), (b[:, None] if b.ndim == 1 else b)
         exact = np.matmul(a2, b2)  # int64: every partial sum is bounded by the static range, far below 2^62
         acc = accumulate(lambda k: a2[..., :, k, None] * b2[..., None, k, :], a2.shape[-1], self.bits, self.signed,
                          self.mode, self.tile, exact, self.outer)
+        self.requantized = None
+        if self.requantization is not None and acc.overflow_count:
+            of_op = exact if a_zero == b_zero == 0 else np.matmul(a2 - a_zero, b2 - b_zero)
+            self.requantized = self.requantization.output(of_op + (acc.values - acc.exact), -1)
         if a.ndim == 1 or b.ndim == 1:  # numpy drops the promoted axes again
             axes = tuple(axis for axis, promoted in ((-2, a.ndim == 1), (-1, b.ndim == 1)) if promoted)
             acc = Accumulation(*(np.squeeze(v, axis=axes) for v in (acc.values, acc.exact, acc.register_overflow)))
+            if self.requantized is not None:
+                self.requantized = np.squeeze(self.requantized, axis=axes)
         return acc, -1
 
     def corrected(self, y: np.ndarray, delta: np.ndarray, channel_axis: int) -> np.ndarray:
-        """``y + delta * s_a * s_b`` in the node output's dtype."""
+        """``y + delta * s_a * s_b`` in the node output's dtype (a requantizing op: its outputs whose accumulator
+        overflowed requantized from the P-bit one)."""
+        if self.requantized is not None:
+            return np.where(delta != 0, self.requantized, y)
         return (y.astype(np.float64) + delta * self.output_scale[0]).astype(y.dtype)
+
+
+def _requantization(model: ModelWrapper, node: NodeProto) -> Requantization | None:
+    """How ``node`` requantizes its accumulator, None where its output is the accumulator (or not an integer op)."""
+    if node.op_type not in REQUANTIZING_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        return Requantization(model, node)
+    except NotRequantizable as why:
+        raise _NotSimulated(str(why)) from None
 
 
 class _MacKernel:
     """Integer view of one MAC node on real data: float input -> codes -> P-bit accumulator values."""
 
     def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
-                 tile: int | None, outer_bits: int | None = None) -> None:
+                 tile: int | None, outer_bits: int | None = None, zero_point: str = "fold") -> None:
         _check_simulated(layer, bits)
-        if layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        integer_op = layer.op_type in INTEGER_MAC_OPS
+        if integer_op and (why := unsimulated_integer_op(node)) is not None:
+            raise _NotSimulated(why)
+        self.mac_op = INTEGER_MAC_OPS[layer.op_type].mac_op if integer_op else layer.op_type
+        if self.mac_op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
         self.layer, self.node = layer, node
-        self.bits, self.mode, self.tile = bits, mode, tile
+        self.bits, self.mode, self.tile, self.zero_point = bits, mode, tile, zero_point
         self.rows = layer.integer_rows(model)
         self.signed, self.outer = _signedness(register_ranges(layer, self.rows, layer.grid.range, mode, tile),
                                               outer_bits)
@@ -237,9 +274,15 @@ class _MacKernel:
         # the input's step: one, or one per channel (a depthwise Conv: output row o reads input channel o // m)
         self.input_scale, row_input_scale = self._input_scales(model)
         self.output_scale = self._weight_scales(model) * row_input_scale * float(node_attr(node, "alpha", 1.0))
+        # an integer op's output is its accumulator (ConvInteger, MatMulInteger) or requantizes it (QLinear*)
+        if integer_op:
+            self.output_scale = np.ones(self.rows.shape[0])
+        self.requantization = _requantization(model, node)
+        self.requantized: np.ndarray | None = None  # set by accumulate() for corrected() on the same batch
+        self.weight_zero_rows = self._weight_zero_rows(model) if integer_op and zero_point == "fold" else 0
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)
         self.bound = grid.range.magnitude * int(np.abs(self.rows).sum(axis=1).max(initial=0))
-        if node.op_type == "Conv":
+        if self.mac_op == "Conv":
             if node.domain == CHANNELS_LAST_DOMAIN:  # qonnx's channels-last Conv (ConvertToChannelsLastAndClean)
                 raise _NotSimulated("a channels-last (NHWC) Conv; the simulator convolves NCHW data")
             self._conv_setup()
@@ -248,6 +291,14 @@ class _MacKernel:
                 raise _NotSimulated(why)
             # one output scale per channel, not per (channel, stride phase) row
             self.output_scale = self.output_scale[np.unique(layer.layout.row_channel, return_index=True)[1]]
+
+    def _weight_zero_rows(self, model: ModelWrapper) -> np.ndarray | int:
+        """The weight zero point at every term of the rows (the fold convention's rows are the raw codes)."""
+        source = self.layer.source
+        if source.zero_point is None or not np.any(source.zero_point != 0):
+            return 0
+        shape = initializer_shape(model, source.tensor)
+        return self.layer.layout.to_rows(np.broadcast_to(source.zero_point, shape)).astype(np.int64)
 
     def _input_scales(self, model: ModelWrapper) -> tuple[float | np.ndarray, float | np.ndarray]:
         """The input's step, broadcast to the input (one scale, or one per channel shaped ``(1, C, 1, ...)``), and
@@ -294,17 +345,30 @@ class _MacKernel:
     def accumulate(self, context: dict[str, np.ndarray]) -> tuple[Accumulation, int]:
         """P-bit accumulation of the node on its input in ``context``, in the node's output layout, and its channel
         axis."""
-        codes = grid_codes(context[self.node.input[0]], self.layer.grid, self.input_scale, self.layer.node,
-                           self.layer.input_tensor)
+        if self.mac_op == self.layer.op_type:  # a float MAC: its input's codes on the layer's grid
+            codes = grid_codes(context[self.node.input[0]], self.layer.grid, self.input_scale, self.layer.node,
+                               self.layer.input_tensor)
+            padding = self.layer.grid.zero_code
+        else:
+            codes, padding = operand_codes(self.node, context, self.zero_point)
         if self.node.op_type == "ConvTranspose":
             weights = self.layer.layout.from_rows(self.rows)
             return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,
                                              self.outer), 1
         if self.layer.layout.kind == "blocks":
             return self._accumulate_blocks(codes), -2
-        if self.node.op_type != "Conv":
+        acc, channel_axis = self._accumulate(codes, padding)
+        self.requantized = None
+        if self.requantization is not None and acc.overflow_count:
+            self.requantized = self.requantization.output(self._accumulator_of_op(codes, padding, acc) +
+                                                          (acc.values - acc.exact), channel_axis)
+        return acc, channel_axis
+
+    def _accumulate(self, codes: np.ndarray, padding: int) -> tuple[Accumulation, int]:
+        """Dense and convolutional layers on ``codes``; a Conv pads with code ``padding``."""
+        if self.mac_op != "Conv":
             return accumulate_dot(codes, self.rows, self.bits, self.signed, self.mode, self.tile, self.outer), -1
-        padded = self._padded(codes)  # float64 holding integers
+        padded = self._padded(codes, padding)  # float64 holding integers
         padded_int: list[np.ndarray] = []  # the int64 copy, made only if terms are needed
         n = codes.ndim - 2
         spatial = tuple((p - w) // s + 1 for p, w, s in zip(padded.shape[2:], self.window, self.strides))
@@ -324,8 +388,24 @@ class _MacKernel:
                 x_k = np.repeat(x_k, per_group_out, axis=1)
             return x_k * self.rows[:, k].reshape(weight_shape)
 
-        exact = self._exact_conv(padded)
+        exact = self._exact_conv(padded, self.rows, self.bound)
         return accumulate(term_at, self.rows.shape[1], self.bits, self.signed, self.mode, self.tile, exact, self.outer), 1
+
+    def _accumulator_of_op(self, codes: np.ndarray, padding: int, acc: Accumulation) -> np.ndarray:
+        """The accumulator a requantizing op defines, ``sum (x - z_x)(w - z_w)``: under ``subtract`` the exact sums;
+        under ``fold`` (raw codes, ``z_x`` in padded taps) the sums of the codes less both zero points."""
+        if self.zero_point == "subtract":
+            return acc.exact
+        rows = self.rows - self.weight_zero_rows
+        if self.mac_op != "Conv":
+            return np.matmul(codes - padding, rows.T)  # int64; the codes are at most 16-bit integers
+        shifted = self._padded(codes - padding, 0)
+        bound = int(np.abs(shifted).max(initial=0)) * int(np.abs(rows).sum(axis=1).max(initial=0))
+        exact = self._exact_conv(shifted, rows, bound)
+        if exact is None:
+            raise A2QError(f"layer '{self.layer.node}': its accumulator exceeds float64's integers; please report "
+                           "this model")
+        return exact
 
     def _accumulate_blocks(self, codes: np.ndarray) -> Accumulation:
         """Block-wise weight scales: each K-block of each output is its own accumulator; results ``(..., C, blocks)``
@@ -340,7 +420,7 @@ class _MacKernel:
         return Accumulation(*(np.stack([getattr(acc, field) for acc in per_block], axis=-1)
                               for field in ("values", "exact", "register_overflow")))
 
-    def _padded(self, codes: np.ndarray) -> np.ndarray:
+    def _padded(self, codes: np.ndarray, padding: int) -> np.ndarray:
         n = codes.ndim - 2
         if self.auto_pad in ("NOTSET", ""):
             begin, end = self.pads[:n], self.pads[n:]
@@ -353,19 +433,20 @@ class _MacKernel:
             begin = small if self.auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
             end = [t - b for t, b in zip(total, begin)]
         # padding holds real 0, i.e. the zero-point code
-        return np.pad(codes, [(0, 0), (0, 0), *zip(begin, end)], constant_values=self.layer.grid.zero_code)
+        return np.pad(codes, [(0, 0), (0, 0), *zip(begin, end)], constant_values=padding)
 
-    def _exact_conv(self, padded: np.ndarray) -> np.ndarray | None:
-        """Exact integer convolution in float (see ``simulate.exact_float_dtype``); None if too wide."""
+    def _exact_conv(self, padded: np.ndarray, rows: np.ndarray, bound: int) -> np.ndarray | None:
+        """Exact integer convolution of ``padded`` codes with weight ``rows``, whose partial sums ``bound`` bounds, in
+        float (see ``simulate.exact_float_dtype``); None if too wide."""
         import torch
 
-        dtype = exact_float_dtype(self.bound)
+        dtype = exact_float_dtype(bound)
         n = padded.ndim - 2
         conv = getattr(torch.nn.functional, f"conv{n}d")
         for candidate in ((dtype, np.float64) if dtype is np.float32 else (dtype,)):
             if candidate is None:
                 return None  # summed term by term in int64
-            weights = self.rows.reshape(self.layer.layout.shape).astype(candidate)
+            weights = rows.reshape(self.layer.layout.shape).astype(candidate)
             with torch.no_grad():
                 y = conv(torch.from_numpy(padded.astype(candidate)), torch.from_numpy(weights),
                          stride=self.strides, dilation=self.dilations, groups=self.groups).numpy()
@@ -376,7 +457,11 @@ class _MacKernel:
         return None
 
     def corrected(self, y: np.ndarray, delta: np.ndarray, channel_axis: int) -> np.ndarray:
-        """``y + delta * s_w[channel] * s_x`` in the node output's dtype (block-wise: summed over the blocks)."""
+        """``y + delta * s_w[channel] * s_x`` in the node output's dtype (block-wise: summed over the blocks; a
+        requantizing op: its outputs whose accumulator overflowed requantized from the P-bit one, see
+        :meth:`accumulate`)."""
+        if self.requantized is not None:
+            return np.where(delta != 0, self.requantized, y)
         if self.layer.layout.kind == "blocks":
             change = (delta * self.output_scale.reshape(-1, self.layer.layout.blocks)).sum(axis=-1)
             return (y.astype(np.float64) + change).astype(y.dtype)
@@ -488,10 +573,16 @@ def load_inputs(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
 
 
 def _fixes_batch(node: NodeProto) -> bool:
-    """Whether ``node`` computes for the declared batch only: FINN's dataflow kernels reshape to it, and qonnx's
+    """Whether ``node`` computes for the declared batch only: FINN's dataflow kernels reshape to it; qonnx's
     ``Im2Col`` (``LowerConvsToMatMul``, FINN's streamlined convolutions) windows the ``input_shape`` it records, so on
-    a larger batch it returns other windows without an error."""
-    return node.domain.startswith("finn") or (node.op_type == "Im2Col" and node.domain.startswith("qonnx"))
+    a larger batch it returns other windows without an error; dynamic quantization (onnxruntime's
+    ``quantize_dynamic``) takes its scale and zero point from the whole tensor, so other samples in a batch change a
+    sample's codes (a symbolic batch runs one sample at a time)."""
+    return (node.domain.startswith("finn") or (node.op_type == "Im2Col" and node.domain.startswith("qonnx"))
+            or node.op_type in _DYNAMIC_QUANTIZERS)
+
+
+_DYNAMIC_QUANTIZERS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
 
 
 def simulate_model(
@@ -528,7 +619,8 @@ def simulate_model(
         layer = by_name[name]
         try:
             kind = _ActXActKernel if layer.act_x_act else _MacKernel
-            kernels[name] = kind(model, layer, nodes[name], bits, mode, *(stages or {}).get(name, (tile, None)))
+            kernels[name] = kind(model, layer, nodes[name], bits, mode, *(stages or {}).get(name, (tile, None)),
+                                 zero_point=zero_point)
         except _NotSimulated as why:
             skipped[name] = str(why)
     runner = _GraphRunner(model)

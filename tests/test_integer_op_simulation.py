@@ -1,0 +1,182 @@
+"""``verify --data`` on onnxruntime's integer MAC ops (ConvInteger, MatMulInteger, QLinearConv, QLinearMatMul).
+
+Each simulation is checked against accumulators computed here from the op's definition by brute force (loops over
+output pixels, int64 products of the codes as the op reads them: raw codes with the zero point in padded taps under
+``fold``, ``code - z`` under ``subtract``), wrapped to P bits, and against the outputs ONNX's reference
+implementation executes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from qonnx.core.modelwrapper import ModelWrapper
+
+from a2q_passes.data_simulation import simulate_model
+
+
+def _model(nodes, inputs, output, initializers, opset: int = 13) -> ModelWrapper:
+    graph = helper.make_graph(nodes, "integer_ops", inputs, [output],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()])
+    return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _wrap(acc: np.ndarray, bits: int, signed: bool = True) -> np.ndarray:
+    """``acc`` wrapped into a P-bit register (two's complement, or unsigned where no sum can be negative)."""
+    offset = 2 ** (bits - 1) if signed else 0
+    return (acc + offset) % 2 ** bits - offset
+
+
+def _conv_by_loops(x: np.ndarray, w: np.ndarray, padding: int, pad: int) -> np.ndarray:
+    """``sum x * w`` over each 3x3 window of ``x`` padded by ``pad`` pixels holding ``padding``, stride 1, int64."""
+    x = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (pad, pad), (pad, pad)], constant_values=padding)
+    n, _, h, v = x.shape
+    k = w.shape[-1]
+    out = np.zeros((n, w.shape[0], h - k + 1, v - k + 1), dtype=np.int64)
+    for i in range(h - k + 1):
+        for j in range(v - k + 1):
+            out[:, :, i, j] = np.einsum("bchw,ochw->bo", x[:, :, i:i + k, j:j + k], w.astype(np.int64))
+    return out
+
+
+def _requantized(acc: np.ndarray, multiplier: np.ndarray, zero: int, dtype) -> np.ndarray:
+    scaled = np.rint(acc.astype(np.float32) * multiplier.astype(np.float32))
+    return np.clip(scaled.astype(np.float64) + zero, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+
+
+RNG = np.random.default_rng(7)
+X = RNG.integers(0, 256, size=(3, 3, 5, 5)).astype(np.uint8)
+X[0] = 255  # the largest sums
+W = RNG.integers(-128, 128, size=(4, 3, 3, 3)).astype(np.int8)
+W[0] = 127
+WZ = np.array([0, 3, -2, 5], np.int8)  # one weight zero point per output channel
+XZ = np.uint8(17)
+
+
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_conv_integer_wraps_as_its_codes_accumulate(zero_point):
+    model = _model([helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                   [helper.make_tensor_value_info("x", TensorProto.UINT8, [3, 3, 5, 5])],
+                   helper.make_tensor_value_info("y", TensorProto.INT32, [3, 4, 5, 5]),
+                   {"w": W, "xz": XZ, "wz": WZ})
+    of_op = _conv_by_loops(X.astype(np.int64) - XZ, W.astype(np.int64) - WZ.reshape(4, 1, 1, 1), 0, 1)
+    np.testing.assert_array_equal(ReferenceEvaluator(model.model).run(None, {"x": X})[0], of_op)
+    acc = _conv_by_loops(X, W, XZ, 1) if zero_point == "fold" else of_op
+    for bits in (16, 14):
+        wrapped = _wrap(acc, bits)
+        assert np.any(wrapped != acc)
+        result = simulate_model(model, X, {"conv": bits}, zero_point=zero_point)
+        assert not result.skipped and result.accumulations["conv"] == acc.size
+        assert result.overflows["conv"] == int(np.count_nonzero(wrapped != acc))
+        np.testing.assert_array_equal(result.exact_outputs["y"], of_op)
+        np.testing.assert_array_equal(result.outputs["y"], of_op + (wrapped - acc))
+
+
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_matmul_integer_after_dynamic_quantization_uses_each_runs_zero_point(zero_point):
+    """``DynamicQuantizeLinear`` picks the scale and zero point per run from the whole tensor: the codes (and the
+    fold convention's zero point) are those of each run of the declared batch of one sample, not of a batch."""
+    x = np.random.default_rng(3).standard_normal((6, 1, 16)).astype(np.float32) * 3 + 2
+    x *= np.arange(1, 7, dtype=np.float32).reshape(6, 1, 1)  # each sample its own range, so its own codes
+    w = np.random.default_rng(4).integers(-128, 128, size=(16, 5)).astype(np.int8)
+    model = _model([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+                    helper.make_node("MatMulInteger", ["q", "w", "z"], ["y"], name="mm")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                   helper.make_tensor_value_info("y", TensorProto.INT32, [1, 5]), {"w": w})
+    runs = [ReferenceEvaluator(model.model).run(["q", "z"], {"x": sample}) for sample in x]
+    assert len({int(z) for _, z in runs}) > 1
+    q = np.concatenate([q for q, _ in runs]).astype(np.int64)
+    z = np.array([int(z) for _, z in runs]).reshape(6, 1)
+    of_op = (q - z) @ w.astype(np.int64)
+    acc = q @ w.astype(np.int64) if zero_point == "fold" else of_op
+    bits = 15
+    wrapped = _wrap(acc, bits)
+    assert np.any(wrapped != acc)
+    result = simulate_model(model, x[:, 0], {"mm": bits}, zero_point=zero_point)
+    assert result.overflows["mm"] == int(np.count_nonzero(wrapped != acc))
+    np.testing.assert_array_equal(result.exact_outputs["y"], of_op)
+    np.testing.assert_array_equal(result.outputs["y"], of_op + (wrapped - acc))
+
+
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_qlinear_conv_requantizes_the_overflowed_accumulators(zero_point):
+    """Outputs whose accumulator overflowed are the P-bit accumulator (plus the int32 bias) requantized; the others
+    are what the op executes."""
+    sx, sw, sy = np.float32(0.02), np.array([0.01, 0.02, 0.005, 0.03], np.float32), np.float32(0.05)
+    bias = np.array([1000, -2000, 0, 700], np.int32)  # several output steps
+    zy = np.int8(-3)
+    model = _model([helper.make_node("QLinearConv", ["x", "sx", "xz", "w", "sw", "wz", "sy", "zy", "b"], ["y"],
+                                     name="conv", pads=[1, 1, 1, 1])],
+                   [helper.make_tensor_value_info("x", TensorProto.UINT8, [3, 3, 5, 5])],
+                   helper.make_tensor_value_info("y", TensorProto.INT8, [3, 4, 5, 5]),
+                   {"w": W, "xz": XZ, "wz": WZ, "sx": sx, "sw": sw, "sy": sy, "zy": zy, "b": bias})
+    executed = ReferenceEvaluator(model.model).run(None, {"x": X})[0]
+    of_op = _conv_by_loops(X.astype(np.int64) - XZ, W.astype(np.int64) - WZ.reshape(4, 1, 1, 1), 0, 1)
+    acc = _conv_by_loops(X, W, XZ, 1) if zero_point == "fold" else of_op
+    bits = 15
+    wrapped = _wrap(acc, bits)
+    overflowed = wrapped != acc
+    assert np.any(overflowed) and not np.all(overflowed)
+    multiplier = (sx * sw / sy).reshape(1, 4, 1, 1)
+    expected = np.where(overflowed, _requantized(of_op + (wrapped - acc) + bias.reshape(1, 4, 1, 1), multiplier, -3,
+                                                 np.int8), executed)
+    assert np.any(expected != executed)
+    result = simulate_model(model, X, {"conv": bits}, zero_point=zero_point)
+    assert result.overflows["conv"] == int(np.count_nonzero(overflowed))
+    np.testing.assert_array_equal(result.exact_outputs["y"], executed)
+    np.testing.assert_array_equal(result.outputs["y"], expected)
+
+
+@pytest.mark.parametrize("op", ["MatMulInteger", "QLinearMatMul"])
+def test_integer_matmul_of_two_activations(op):
+    """Attention's integer MatMul: both operands are executed codes with their own zero points."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, size=(2, 4, 32)).astype(np.uint8)
+    b = rng.integers(0, 256, size=(2, 32, 3)).astype(np.uint8)
+    a[0] = 250
+    b[0] = 240
+    za, zb = np.uint8(128), np.uint8(7)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.UINT8, list(v.shape)) for n, v in (("a", a), ("b", b))]
+    if op == "MatMulInteger":
+        node = helper.make_node(op, ["a", "b", "za", "zb"], ["y"], name="mm")
+        inits, out_type = {"za": za, "zb": zb}, TensorProto.INT32
+    else:
+        node = helper.make_node(op, ["a", "sa", "za", "b", "sb", "zb", "sy", "zy"], ["y"], name="mm")
+        inits = {"za": za, "zb": zb, "sa": np.float32(0.1), "sb": np.float32(0.05), "sy": np.float32(8.0),
+                 "zy": np.uint8(100)}
+        out_type = TensorProto.UINT8
+    model = _model([node], inputs, helper.make_tensor_value_info("y", out_type, [2, 4, 3]), inits)
+    executed = ReferenceEvaluator(model.model).run(None, {"a": a, "b": b})[0]
+    of_op = (a.astype(np.int64) - za) @ (b.astype(np.int64) - zb)
+    for zero_point in ("fold", "subtract"):
+        acc = a.astype(np.int64) @ b.astype(np.int64) if zero_point == "fold" else of_op
+        bits = 20 if zero_point == "fold" else 18
+        wrapped = _wrap(acc, bits, signed=zero_point == "subtract")  # raw uint8 codes: an unsigned register
+        overflowed = wrapped != acc
+        assert np.any(overflowed) and not np.all(overflowed)
+        result = simulate_model(model, {"a": a, "b": b}, {"mm": bits}, zero_point=zero_point)
+        assert result.overflows["mm"] == int(np.count_nonzero(overflowed))
+        np.testing.assert_array_equal(result.exact_outputs["y"], executed)
+        if op == "MatMulInteger":
+            expected = of_op + (wrapped - acc)
+        else:
+            expected = np.where(overflowed, _requantized(of_op + (wrapped - acc), np.float32(0.1 * 0.05 / 8.0), 100,
+                                                         np.uint8), executed)
+        np.testing.assert_array_equal(result.outputs["y"], expected)
+
+
+def test_channels_last_qlinear_conv_is_not_simulated_and_says_why():
+    """onnxruntime's com.microsoft QLinearConv reads NHWC data: named, never simulated as NCHW."""
+    node = helper.make_node("QLinearConv", ["x", "sx", "xz", "w", "sw", "wz", "sy", "zy"], ["y"], name="conv",
+                            domain="com.microsoft", channels_last=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 5, 5, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 3, 3, 4])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in {
+                                  "w": W, "xz": XZ, "wz": np.int8(0), "sx": np.float32(1), "sw": np.float32(1),
+                                  "sy": np.float32(1), "zy": np.uint8(0)}.items()])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                 helper.make_opsetid("com.microsoft", 1)]))
+    result = simulate_model(model, X[:1].transpose(0, 2, 3, 1), {"conv": 12})
+    assert "channels-last" in result.skipped["conv"]
