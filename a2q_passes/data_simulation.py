@@ -282,9 +282,12 @@ class _MacKernel:
         self.weight_zero_rows = self._weight_zero_rows(model) if integer_op and zero_point == "fold" else 0
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)
         self.bound = grid.range.magnitude * int(np.abs(self.rows).sum(axis=1).max(initial=0))
+        # qonnx's channels-last Conv (ConvertToChannelsLastAndClean): NHWC data, weights (C_out, *kernel, C_in / g),
+        # so its rows sum the taps kernel position first, then input channel
+        self.channels_last = node.domain == CHANNELS_LAST_DOMAIN
+        if self.channels_last and grid.scale_axis is not None:
+            raise _NotSimulated("a channels-last Conv whose input has one scale per channel")
         if self.mac_op == "Conv":
-            if node.domain == CHANNELS_LAST_DOMAIN:  # qonnx's channels-last Conv (ConvertToChannelsLastAndClean)
-                raise _NotSimulated("a channels-last (NHWC) Conv; the simulator convolves NCHW data")
             self._conv_setup()
         elif node.op_type == "ConvTranspose":
             if (why := unsimulated_attributes(node)) is not None:
@@ -333,7 +336,10 @@ class _MacKernel:
         return per_term[:, 0].copy()
 
     def _conv_setup(self) -> None:
-        kernel = tuple(self.layer.layout.shape[2:])  # Conv weights: (C_out, C_in / groups, *kernel)
+        # Conv weights: (C_out, C_in / groups, *kernel); channels-last (C_out, *kernel, C_in / groups)
+        shape = self.layer.layout.shape
+        kernel = tuple(shape[1:-1] if self.channels_last else shape[2:])
+        self.taps = (*kernel, shape[-1]) if self.channels_last else (shape[1], *kernel)  # a row's terms, in order
         n = len(kernel)
         self.groups = int(node_attr(self.node, "group", 1))
         self.strides = list(node_attr(self.node, "strides", [1] * n))
@@ -351,6 +357,9 @@ class _MacKernel:
             padding = self.layer.grid.zero_code
         else:
             codes, padding = operand_codes(self.node, context, self.zero_point)
+        if self.channels_last:  # convolved channels-first; the accumulators go back to the node's NHWC layout
+            acc, _ = self._accumulate(np.moveaxis(codes, -1, 1), padding)
+            return Accumulation(*(np.moveaxis(v, 1, -1) for v in (acc.values, acc.exact, acc.register_overflow))), -1
         if self.node.op_type == "ConvTranspose":
             weights = self.layer.layout.from_rows(self.rows)
             return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,
@@ -372,13 +381,13 @@ class _MacKernel:
         padded_int: list[np.ndarray] = []  # the int64 copy, made only if terms are needed
         n = codes.ndim - 2
         spatial = tuple((p - w) // s + 1 for p, w, s in zip(padded.shape[2:], self.window, self.strides))
-        kernel = tuple(self.layer.layout.shape[2:])
         per_group_in = codes.shape[1] // self.groups
         per_group_out = self.rows.shape[0] // self.groups
         weight_shape = (1, self.rows.shape[0]) + (1,) * n
 
         def term_at(k: int) -> np.ndarray:  # input code of term k at every output pixel, times its weight
-            channel, *tap = np.unravel_index(k, (per_group_in, *kernel))
+            index = np.unravel_index(k, self.taps)
+            channel, tap = (index[-1], index[:-1]) if self.channels_last else (index[0], index[1:])
             window = tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
                            for t, d, o, s in zip(tap, self.dilations, spatial, self.strides))
             if not padded_int:
@@ -447,6 +456,8 @@ class _MacKernel:
             if candidate is None:
                 return None  # summed term by term in int64
             weights = rows.reshape(self.layer.layout.shape).astype(candidate)
+            if self.channels_last:
+                weights = np.moveaxis(weights, -1, 1)
             with torch.no_grad():
                 y = conv(torch.from_numpy(padded.astype(candidate)), torch.from_numpy(weights),
                          stride=self.strides, dilation=self.dilations, groups=self.groups).numpy()

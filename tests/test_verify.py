@@ -662,3 +662,54 @@ def test_data_simulation_of_a_depthwise_conv_with_one_input_scale_per_channel(fo
     assert result.overflows["conv"] == int(np.count_nonzero(wrapped != acc))
     np.testing.assert_allclose(result.exact_outputs["y"], acc * step, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.outputs["y"], wrapped * step, rtol=1e-5, atol=1e-5)
+
+
+def _channels_last_pair() -> tuple[ModelWrapper, ModelWrapper]:
+    """A QONNX Conv (uint4 input of step 0.5, int4 weights) and qonnx's channels-last form of it."""
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+
+    w = np.random.default_rng(0).integers(-7, 8, size=(4, 3, 3, 3)).astype(np.float32)
+    w[0] = 7  # the largest sums
+    quant = {"domain": "qonnx.custom_op.general", "narrow": 0, "rounding_mode": "ROUND"}
+    nodes = [helper.make_node("Quant", ["x", "sx", "z", "bits"], ["xq"], signed=0, **quant),
+             helper.make_node("Quant", ["w", "sw", "z", "bits"], ["wq"], signed=1, **quant),
+             helper.make_node("Conv", ["xq", "wq"], ["y"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3],
+                              strides=[1, 1], dilations=[1, 1], group=1)]
+    inits = {"sx": 0.5, "z": 0.0, "bits": 4.0, "w": w, "sw": 1.0}
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6, 6])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                 helper.make_opsetid("qonnx.custom_op.general", 1)]))
+    model = model.transform(InferShapes())
+    channels_last = model.transform(ConvertToChannelsLastAndClean())
+    assert any(n.domain == "qonnx.custom_op.channels_last" for n in channels_last.graph.node)
+    return model, channels_last
+
+
+def test_data_simulation_of_a_channels_last_conv():
+    """qonnx's channels-last Conv (NHWC data, weights (C_out, kh, kw, C_in)): under wrap-around the same results as
+    the channels-first Conv it came from; under saturation each output's taps are added in its rows' order, kernel
+    position first, then input channel, checked one Python-int addition at a time."""
+    model, channels_last = _channels_last_pair()
+    x = np.random.default_rng(1).uniform(0, 8, size=(4, 3, 6, 6)).astype(np.float32)
+    x[0] = 8.0  # every code at 15
+    bits = 8
+    first = simulate_model(model, x, {"conv": bits})
+    last = simulate_model(channels_last, x, {"conv": bits})
+    assert not last.skipped and first.overflows["conv"] > 0
+    assert last.overflows == first.overflows and last.accumulations == first.accumulations
+    np.testing.assert_array_equal(last.outputs["y"], first.outputs["y"])
+
+    codes = np.pad(np.clip(np.rint(x / 0.5), 0, 15).astype(np.int64), [(0, 0), (0, 0), (1, 1), (1, 1)])
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w")).astype(np.int64)
+    expected = np.zeros((4, 4, 6, 6), dtype=np.int64)
+    for b, o, i, j in itertools.product(range(4), range(4), range(6), range(6)):
+        terms = [int(codes[b, c, i + p, j + q] * w[o, c, p, q]) for p, q, c in itertools.product(range(3), range(3), range(3))]
+        expected[b, o, i, j] = sequential_accumulation(terms, bits, True, "saturate", None)[0]
+    exact = np.rint(first.exact_outputs["y"] / 0.5).astype(np.int64)
+    saturated = simulate_model(channels_last, x, {"conv": bits}, mode="saturate")
+    assert saturated.overflows["conv"] == int(np.count_nonzero(expected != exact))
+    np.testing.assert_allclose(saturated.outputs["y"], expected * 0.5)
+    # the channels-first order gives other saturated results on these inputs: the order is what is tested
+    assert simulate_model(model, x, {"conv": bits}, mode="saturate").overflows != saturated.overflows

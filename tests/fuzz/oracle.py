@@ -55,6 +55,11 @@ RELU_PASS_THROUGH = ("MaxPool", "Transpose", "Reshape", "Flatten", "Identity", "
 SCALAR_OPS = ("Mul", "Div", "Add", "Sub")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
 EXACT_FLOAT32 = 1 << 24
+# integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
+# (com.microsoft's DynamicQuantizeMatMul quantizes its float data itself, as DynamicQuantizeLinear does: -1)
+INTEGER_MACS = {"QLinearConv": ("Conv", 2, 3, 5), "QLinearMatMul": ("MatMul", 2, 3, 5), "QGemm": ("Gemm", 2, 3, 5),
+                "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3),
+                "DynamicQuantizeMatMul": ("MatMul", -1, 1, 3), "MatMulIntegerToFloat": ("MatMul", 4, 1, 5)}
 RANDOM_SAMPLES = 8
 
 
@@ -108,6 +113,8 @@ def execute(model: ModelWrapper, feed: dict) -> dict:
     com.microsoft ops (qonnx needs every shape, which ONNX's shape inference cannot give them), without graph
     rewrites: onnxruntime fuses Q/DQ groups into integer kernels that, on CPUs without VNNI, saturate pairs of
     products in int16, which is not what the graph defines."""
+    if any(_exact_only_in_reference(n) for n in model.graph.node):
+        return _execute_by_node(model, feed)
     typed = [i.data_type for i in model.graph.initializer]
     typed += [v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)]
     if not any(t in FOUR_BIT for t in typed) and all(n.domain != "com.microsoft" for n in model.graph.node):
@@ -119,6 +126,40 @@ def execute(model: ModelWrapper, feed: dict) -> dict:
     session = ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed)))
+
+
+def _exact_only_in_reference(node) -> bool:
+    """ONNX's integer MAC ops: onnxruntime's uint8 x int8 kernels saturate pairs of products in int16 on CPUs
+    without VNNI, so they run in ONNX's reference implementation, as ONNX defines them."""
+    return node.op_type in INTEGER_MACS and node.domain in ("", "ai.onnx")
+
+
+def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
+    """The graph one node at a time: ONNX's integer MAC ops in ONNX's reference implementation, every other node
+    (onnxruntime's com.microsoft QLinearAdd and the like included) in onnxruntime."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values.update(feed)
+    for node in model.graph.node:
+        inputs = [n for n in dict.fromkeys(node.input) if n]
+        outputs = [o for o in node.output if o]
+        graph = helper.make_graph([node], "node", [helper.make_tensor_value_info(
+            n, helper.np_dtype_to_tensor_dtype(np.asarray(values[n]).dtype), None) for n in inputs],
+            [helper.make_empty_tensor_value_info(o) for o in outputs])
+        single = helper.make_model(graph, opset_imports=list(model.model.opset_import))
+        single.ir_version = min(model.model.ir_version or 10, 10)
+        feeds = {n: np.asarray(values[n]) for n in inputs}
+        if _exact_only_in_reference(node):
+            results = ReferenceEvaluator(single).run(outputs, feeds)
+        else:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            results = session.run(outputs, feeds)
+        values.update(zip(outputs, results))
+    return {o.name: values[o.name] for o in model.graph.output}
 
 
 def _is_constant(model: ModelWrapper, tensor: str) -> bool:
@@ -465,7 +506,7 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
     model = constants_folded(model)
     macs = {info.node: _node(model, info.node) for info in infos}
     probe = ModelWrapper(copy.deepcopy(model.model))
-    read = {t for info in infos for t in macs[info.node].input[:2 if info.act_x_act else 1]}
+    read = {t for info in infos for t in _executed_operands(model, info, macs[info.node])}
     for name in sorted(read - {o.name for o in probe.graph.output} - set(inputs)):
         declared = next((vi for vi in probe.graph.value_info if vi.name == name), None)
         if declared is not None:  # a tensor is declared once: as an output now
@@ -481,6 +522,10 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
     accumulators = {}
     for info in infos:
         mac = macs[info.node]
+        if mac.op_type in INTEGER_MACS:  # each run its own zero point (DynamicQuantizeLinear)
+            accumulators[info.node] = np.concatenate([_integer_op_accumulators(model, case.zero_point, mac, run)
+                                                      for run in runs])
+            continue
         executed = [np.concatenate([run[t] for run in runs], axis=1 if _trans_a(mac) and t == mac.input[0] else 0)
                     for t in mac.input[:2 if info.act_x_act else 1]]
         if info.act_x_act:  # the codes of both operands (plus the zero points under fold), multiplied in int64
@@ -491,6 +536,47 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
         else:
             accumulators[info.node] = _IntegerMac.of(model, case, info, mac).accumulators(executed[0])
     return accumulators
+
+
+def _executed_operands(model: ModelWrapper, info: LayerInfo, mac) -> list[str]:
+    """The tensors of ``mac`` whose executed values give its accumulators: the MAC inputs, and an integer op's
+    operands and zero points that are not constants."""
+    if mac.op_type not in INTEGER_MACS:
+        return list(mac.input[:2 if info.act_x_act else 1])
+    _, x_zp, w, w_zp = INTEGER_MACS[mac.op_type]
+    used = [0, x_zp] + ([w, w_zp] if info.act_x_act else [])
+    return [mac.input[i] for i in used if len(mac.input) > i and mac.input[i] and model.get_initializer(mac.input[i]) is None]
+
+
+def _executed_codes(model: ModelWrapper, mac, run: dict[str, np.ndarray], data: int, zp_input: int) -> tuple[np.ndarray, int]:
+    """An integer op's executed codes at input ``data`` (int64) and their zero point (one per tensor; 0 if absent)."""
+    name = mac.input[zp_input] if len(mac.input) > zp_input else ""
+    zero = run[name] if name in run else model.get_initializer(name) if name else 0
+    return run[mac.input[data]].astype(np.int64), int(np.asarray(zero).reshape(-1)[0])
+
+
+def _integer_op_accumulators(model: ModelWrapper, zero_point: str, mac, run: dict[str, np.ndarray]) -> np.ndarray:
+    """Exact accumulators of an ONNX integer MAC op on one run's executed tensors: the float op ONNX defines it by
+    on ``code - z``, times the weights less their zero point (subtract) or the raw weights plus ``z`` times every
+    weight of the output's kernel (fold: the MAC sums raw codes, padded taps holding z)."""
+    float_op, x_zp, w_input, w_zp = INTEGER_MACS[mac.op_type]
+    x, zero = _executed_codes(model, mac, run, 0, x_zp)
+    weights = model.get_initializer(mac.input[w_input])
+    if weights is None:  # two activations
+        b, b_zero = _executed_codes(model, mac, run, w_input, w_zp)
+        return np.matmul(x - zero, b - b_zero) if zero_point == "subtract" else np.matmul(x, b)
+    q = weights.astype(np.int64)
+    w_zero = model.get_initializer(mac.input[w_zp]) if len(mac.input) > w_zp and mac.input[w_zp] else None
+    if zero_point == "subtract" and w_zero is not None:  # one per tensor, or per output channel (Conv: axis 0)
+        axis = 0 if float_op == "Conv" else 1
+        q = q - np.asarray(w_zero, np.int64).reshape([-1 if d == axis else 1 for d in range(q.ndim)])
+    attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute
+             if a.name in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")}
+    twin = helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs)
+    info = LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero if zero_point == "fold" else 0)
+    sample_shape = tuple(x.shape[1:])
+    out_shape = tuple(_run_mac(twin, q, np.zeros((1, *sample_shape), np.float32)).shape[1:])
+    return _IntegerMac(twin, info, zero_point, q, sample_shape, out_shape).accumulators((x - zero).astype(np.float32))
 
 
 def constants_folded(model: ModelWrapper) -> ModelWrapper:

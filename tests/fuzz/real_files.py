@@ -28,15 +28,12 @@ from qonnx.transformation.fold_constants import FoldConstants
 from qonnx.transformation.infer_shapes import InferShapes
 
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo
-from tests.fuzz.oracle import (FINN_WINDOW_OPS, ExecutedRange, _ancestors, _infer_shapes, _node, _subgraph, execute,
-                               layer_range)
+from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_MACS, ExecutedRange, _ancestors, _infer_shapes, _node,
+                               _subgraph, execute, layer_range)
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
-# (com.microsoft's DynamicQuantizeMatMul quantizes its float data itself, as DynamicQuantizeLinear does: -1)
-INTEGER_MACS = {"QLinearConv": ("Conv", 2, 3, 5), "QLinearMatMul": ("MatMul", 2, 3, 5), "QGemm": ("Gemm", 2, 3, 5),
-                "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3),
-                "DynamicQuantizeMatMul": ("MatMul", -1, 1, 3), "MatMulIntegerToFloat": ("MatMul", 4, 1, 5)}
+# ONNX integer ops whose accumulators the oracle reads from a whole file's executed tensors (property (j))
+DATA_INTEGER_MACS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 # onnxruntime contrib ops that multiply-accumulate, as its graph optimizer and MatMulNBitsQuantizer write them: the
 # oracle cannot execute them, but a reader that passes one over silently has missed a layer
 CONTRIB_MACS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "FusedConv", "FusedGemm",
@@ -227,6 +224,14 @@ def _integer_layer_model(model: ModelWrapper, mac, zero_point: str) -> tuple[Mod
     # the MAC reads t = codes - zero point (the oracle adds the zero point back under fold, padded taps included)
     layer = _one_layer([helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs)], x_shape, q)
     return layer, LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero), {"t": (lo - zero, hi - zero)}
+
+
+def _integer_data_info(model: ModelWrapper, mac) -> LayerInfo:
+    """An integer op for property (j): its codes are the executed integer tensors themselves (scale 1), read with
+    their executed zero points by ``oracle.data_accumulators``."""
+    act_x_act = _const(model, mac.input[INTEGER_MACS[mac.op_type][2]]) is None
+    return LayerInfo(mac.name, mac.op_type, None if act_x_act else np.ones(1, np.float32), 1.0,
+                     operand_scale=1.0 if act_x_act else None, act_x_act=act_x_act)
 
 
 def _integer_codes(model: ModelWrapper, mac, data: int, zp_input: int, zero_point: str) -> tuple[int, int, int]:
@@ -448,8 +453,8 @@ def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", see
 def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fold",
                     input_dtype: str | None = None) -> Case:
     """A :class:`Case` of the layers of ``names`` that ``verify --data`` simulates and the oracle describes (float
-    weight layers, float MatMuls of two activations) for property (j) on a real file: the whole file then runs on
-    data; ``input_dtype``: the user's claim for every float graph input."""
+    weight layers, float MatMuls of two activations, ONNX's integer MAC ops) for property (j) on a real file: the
+    whole file then runs on data; ``input_dtype``: the user's claim for every float graph input."""
     model = with_shapes(standard_data_ops(model))
     infos = []
     for name in names:
@@ -459,6 +464,8 @@ def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fo
                 infos.append(_act_x_act_model(model, mac)[1])
             elif mac.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and mac.domain == "":
                 infos.append(describe_layer(model, name))
+            elif mac.op_type in DATA_INTEGER_MACS and mac.domain in ("", "ai.onnx"):
+                infos.append(_integer_data_info(model, mac))
         except Undescribed:
             continue  # not claimed either way
     sources = [vi.name for vi in model.graph.input if model.get_initializer(vi.name) is None]
