@@ -7,6 +7,9 @@ these constants here lets that start-up skip the seconds of imports the readers 
 KIND_WEIGHTS = "weights"  # activations times constant integer weights
 KIND_ACT_X_ACT = "act x act"  # MatMul of two quantized activations (attention's Q.K^T, softmax(.).V): no weights
 ZERO_POINT_CONVENTIONS = ("fold", "subtract")
+# ops that quantize with a scale and zero point taken from the whole tensor (onnxruntime's quantize_dynamic): the
+# samples of a batch change each other's codes, so data runs the batch a graph declares (one sample if symbolic)
+DYNAMIC_QUANTIZER_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
 # Which input codes a MAC layer is sized for: ``exact`` = the codes the graph's quantizers produce;
 # ``finn`` = those widened to the FINN DataType the input carries after ConvertQONNXtoFINN (a narrow
 # signed n-bit quantizer's codes [-2^(n-1)+1, 2^(n-1)-1] become INTn = [-2^(n-1), 2^(n-1)-1]).

@@ -25,6 +25,7 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 from a2q_passes import model_io
 from a2q_passes.analysis import INNER_REGISTER, integer_view, register_ranges
 from a2q_passes.batching import batch_free_reshapes
+from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
@@ -590,10 +591,7 @@ def _fixes_batch(node: NodeProto) -> bool:
     ``quantize_dynamic``) takes its scale and zero point from the whole tensor, so other samples in a batch change a
     sample's codes (a symbolic batch runs one sample at a time)."""
     return (node.domain.startswith("finn") or (node.op_type == "Im2Col" and node.domain.startswith("qonnx"))
-            or node.op_type in _DYNAMIC_QUANTIZERS)
-
-
-_DYNAMIC_QUANTIZERS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
+            or node.op_type in DYNAMIC_QUANTIZER_OPS)
 
 
 def simulate_model(

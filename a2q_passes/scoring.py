@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from qonnx.core.modelwrapper import ModelWrapper
 
+from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
 from a2q_passes.finetune.train import predict, score
@@ -31,7 +32,8 @@ def bridge_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
 
 def onnxruntime_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
     """``model``'s outputs on ``x`` from onnxruntime, for graphs of standard and ``com.microsoft`` ops the bridge
-    lacks (QLinearConv, MatMulInteger, ...); one sample per run where the graph fixes a batch of 1."""
+    lacks (QLinearConv, MatMulInteger, ...); one sample per run where the graph fixes a batch of 1 or quantizes
+    dynamically (each sample's codes from its own range, as one-sample inference computes them)."""
     import onnxruntime as ort
 
     from a2q_passes.model_io import data_inputs
@@ -43,7 +45,7 @@ def onnxruntime_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
     session = ort.InferenceSession(model.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     name = data_inputs(model.graph)[0].name
     batch = session.get_inputs()[0].shape[0]
-    step = 1 if batch == 1 else 256
+    step = 1 if batch == 1 or any(node.op_type in DYNAMIC_QUANTIZER_OPS for node in model.graph.node) else 256
     outputs = [session.run(None, {name: x[i:i + step]}, quiet)[0] for i in range(0, len(x), step)]
     return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
 

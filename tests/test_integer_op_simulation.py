@@ -180,3 +180,26 @@ def test_channels_last_qlinear_conv_is_not_simulated_and_says_why():
                                                                  helper.make_opsetid("com.microsoft", 1)]))
     result = simulate_model(model, X[:1].transpose(0, 2, 3, 1), {"conv": 12})
     assert "channels-last" in result.skipped["conv"]
+
+
+def test_allocate_scores_a_dynamically_quantized_graph_one_sample_at_a_time(tmp_path):
+    """onnxruntime's ``quantize_dynamic`` output with a symbolic batch: ``allocate``'s onnxruntime scoring gives each
+    sample the outputs one-sample inference gives it (a batch would quantize every sample with the batch's range)."""
+    import onnx
+    import onnxruntime as ort
+
+    from a2q_passes.scoring import onnxruntime_outputs
+    from tests.ort_models import conv_gemm_matmul, quantize
+
+    float_path, dynamic = tmp_path / "float.onnx", tmp_path / "dynamic.onnx"
+    conv_gemm_matmul(float_path)
+    proto = onnx.load(str(float_path))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"  # a symbolic batch, as exporters write it
+    onnx.save(proto, str(float_path))
+    quantize(float_path, dynamic, [1, 2, 4, 4], "dynamic", "QInt8")
+    x = np.random.default_rng(2).normal(size=(12, 2, 4, 4)).astype(np.float32)
+    x *= np.linspace(0.1, 10, 12, dtype=np.float32).reshape(12, 1, 1, 1)  # each sample its own range
+    session = ort.InferenceSession(str(dynamic), providers=["CPUExecutionProvider"])
+    one_at_a_time = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert not np.allclose(session.run(None, {"x": x})[0], one_at_a_time)  # batching changes the results
+    np.testing.assert_array_equal(onnxruntime_outputs(ModelWrapper(str(dynamic)), x).numpy(), one_at_a_time)
