@@ -22,7 +22,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp, is_custom_op
 from qonnx.util.basic import get_preferred_qonnx_opset
 
-from a2q_passes import model_io
+from a2q_passes import model_io, progress
 from a2q_passes.analysis import INNER_REGISTER, integer_view, register_ranges
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
@@ -639,7 +639,7 @@ def simulate_model(
     outputs_exact: dict[str, list[np.ndarray]] = {vi.name: [] for vi in model.graph.output}
     outputs_sim: dict[str, list[np.ndarray]] = {vi.name: [] for vi in model.graph.output}
     counts = {key: dict.fromkeys(kernels, 0) for key in ("accumulations", "overflows", "register_overflows")}
-    for start in range(0, total, batch_size):
+    for start in progress.over_layers(range(0, total, batch_size), "verify --data", unit="batch"):
         exact = dict(runner.constants)
         exact.update({name: arr[start:start + batch_size] for name, arr in feeds.items()})
         sim = dict(exact)

@@ -1,4 +1,4 @@
-"""Progress bars for the per-layer work of large models (projection, proof, certificate).
+"""Progress bars for the per-layer work of large models (projection, proof, certificate) and long data runs.
 
 The library shows none unless asked: a caller turns them on with :func:`shown` (the ``a2q`` command line does,
 for every command). A bar goes to stderr, only where stderr is a terminal, and only once its loop has run for
@@ -28,13 +28,13 @@ def shown(enabled: bool = True) -> Iterator[None]:
         _SHOWN.reset(token)
 
 
-def over_layers(items: Iterable[_Item], desc: str) -> Iterable[_Item]:
-    """``items`` (one per layer), with a bar labelled ``desc`` when :func:`shown` is on."""
+def over_layers(items: Iterable[_Item], desc: str, unit: str = "layer") -> Iterable[_Item]:
+    """``items`` (one per layer, or per ``unit``), with a bar labelled ``desc`` when :func:`shown` is on."""
     if not _SHOWN.get():
         return items
     from tqdm import tqdm  # here, not at start-up: `a2q --version` and `--help` never draw a bar
 
     items = list(items)
     # disable=None: tqdm turns itself off where stderr is not a terminal
-    return tqdm(items, desc=desc, unit="layer", total=len(items), leave=False, file=sys.stderr, delay=DELAY_S,
+    return tqdm(items, desc=desc, unit=unit, total=len(items), leave=False, file=sys.stderr, delay=DELAY_S,
                 disable=None)

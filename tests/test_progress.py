@@ -98,3 +98,15 @@ def test_shown_restores_the_setting(enabled):
             pass
         assert progress._SHOWN.get() is enabled
     assert progress._SHOWN.get() is False
+
+
+def test_verify_data_shows_a_bar_over_its_batches(tmp_path):
+    """``verify --data`` runs the graph a batch at a time (one sample at a time where the graph fixes its batch):
+    long data shows its progress."""
+    import numpy as np
+
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).uniform(0, 1, size=(1030, 1, 28, 28)).astype(np.float32))
+    code, stderr, _ = _stderr_of(["verify", str(MODEL), "--acc-bits", "32", "--data", str(data)], True)
+    assert code == 0, stderr
+    assert re.search(r"verify --data:\s+\d+%\|.*\| \d/3 \[", stderr)  # 1030 samples: 3 batches of up to 512
