@@ -28,7 +28,7 @@ from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
-from a2q_passes.exact_integer_ops import ReferenceSession, needs_reference
+from a2q_passes.exact_integer_ops import ExactQGemm, ReferenceSession, exact_session, needs_reference
 from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.input_grids import InputGrid, axis_scale
 from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable, Requantization, operand_codes,
@@ -78,7 +78,7 @@ class _GraphRunner:
         self.data_inputs = [vi.name for vi in data_inputs(model.graph)]
         first = self.shapes.get(self.data_inputs[0]) if self.data_inputs else None
         self.declared_batch = first[0] if first else 0
-        self.sessions: dict[int, rt.InferenceSession | ReferenceSession] = {}
+        self.sessions: dict[int, rt.InferenceSession | ReferenceSession | ExactQGemm] = {}
         self.pending: list[tuple[int, NodeProto]] = []
         for index, node in enumerate(model.graph.node):
             if all(name in self.constants for name in node.input if name):
@@ -109,7 +109,7 @@ class _GraphRunner:
         context.update(zip(outputs, values))
 
     def _session(self, index: int, node: NodeProto,
-                 context: dict[str, np.ndarray]) -> rt.InferenceSession | ReferenceSession:
+                 context: dict[str, np.ndarray]) -> rt.InferenceSession | ReferenceSession | ExactQGemm:
         initializers, inputs = [], []
         for name in dict.fromkeys(n for n in node.input if n):
             if name in self.constants:
@@ -128,7 +128,7 @@ class _GraphRunner:
         proto = helper.make_model(graph, opset_imports=opsets)
         proto.ir_version = min(self.model.model.ir_version or 10, 10)
         if needs_reference(node.domain, node.op_type):  # onnxruntime's integer kernels are not exact on this CPU
-            self.sessions[index] = ReferenceSession(proto)
+            self.sessions[index] = exact_session(proto)
             return self.sessions[index]
         options = rt.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
@@ -245,7 +245,7 @@ class _ActXActKernel:
 
 def _requantization(model: ModelWrapper, node: NodeProto) -> Requantization | None:
     """How ``node`` requantizes its accumulator, None where its output is the accumulator (or not an integer op)."""
-    if node.op_type not in REQUANTIZING_OPS or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in REQUANTIZING_OPS:
         return None
     try:
         return Requantization(model, node)

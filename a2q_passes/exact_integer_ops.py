@@ -4,7 +4,8 @@ onnxruntime multiplies uint8 by int8 with AVX2's ``vpmaddubsw`` on CPUs without 
 adds each pair of products in int16 with saturation: ``255 * 127 + 255 * 127`` gives 32767, not 64770
 (onnxruntime's documented reason for ``reduce_range``). That is an overflow inside the runtime, below any accumulator
 a2q reasons about, so an "exact" reference computed by those kernels is not exact. A one-node probe tells whether
-this CPU does it; where it does, these ops run in ONNX's reference implementation (exact integer arithmetic, slower).
+this CPU does it; where it does, these ops run in ONNX's reference implementation (exact integer arithmetic, slower),
+and onnxruntime's ``com.microsoft`` ``QGemm``, which has none, in :class:`ExactQGemm`.
 """
 
 from __future__ import annotations
@@ -59,5 +60,59 @@ class ReferenceSession:
 
 
 def needs_reference(domain: str, op_type: str) -> bool:
-    """Whether a node of this op must run in the reference implementation to be exact on this CPU."""
-    return domain in ("", "ai.onnx") and op_type in INTEGER_MAC_OPS and onnxruntime_saturates_integer_products()
+    """Whether a node of this op must run in :func:`exact_session` to be exact on this CPU."""
+    integer_mac = (domain in ("", "ai.onnx") and op_type in INTEGER_MAC_OPS) or (domain, op_type) == QGEMM
+    return integer_mac and onnxruntime_saturates_integer_products()
+
+
+QGEMM = ("com.microsoft", "QGemm")
+
+
+def exact_session(model: ModelProto) -> "ReferenceSession | ExactQGemm":
+    """An exact session for a one-node model of an op :func:`needs_reference` names."""
+    node = model.graph.node[0]
+    return ExactQGemm(model) if (node.domain, node.op_type) == QGEMM else ReferenceSession(model)
+
+
+class ExactQGemm:
+    """onnxruntime's ``com.microsoft`` ``QGemm`` in exact integer arithmetic, then scaled as its kernel scales.
+
+    The accumulator is ``C + (A - z_a)(B - z_b)`` (int64; ``transA``/``transB`` applied, ``z_b`` and ``s_b`` per
+    tensor or per column). With ``y_zero_point`` the output is ``saturate(round(acc * s) + z_y)``, else the float
+    ``acc * s``, where ``s = alpha * s_a * s_b[n] (/ s_y)`` in float32 and rounding is half to even, as onnxruntime's
+    requantizing and scaling output processors compute them.
+    """
+
+    def __init__(self, model: ModelProto) -> None:
+        self.node = model.graph.node[0]
+        self.inputs = [_Input(vi.name) for vi in model.graph.input]
+        self.constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+        self.attributes = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+
+    def get_inputs(self) -> list[_Input]:
+        return self.inputs
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        def value(index: int) -> np.ndarray | None:
+            name = self.node.input[index] if len(self.node.input) > index else ""
+            return None if not name else np.asarray(feeds[name] if name in feeds else self.constants[name])
+
+        a, b = value(0).astype(np.int64), value(3).astype(np.int64)
+        a = a.T if self.attributes.get("transA", 0) else a
+        b = b.T if self.attributes.get("transB", 0) else b
+        z_a, z_b = value(2), value(5)
+        acc = (a - (0 if z_a is None else int(z_a.reshape(-1)[0]))) @ \
+            (b - (0 if z_b is None else z_b.astype(np.int64).reshape(-1)))
+        bias = value(6)
+        if bias is not None:
+            acc = acc + bias.astype(np.int64)
+        scale = np.float32(self.attributes.get("alpha", 1.0)) * value(1).astype(np.float32).reshape(-1)[0] * \
+            value(4).astype(np.float32).reshape(-1)
+        s_y, z_y = value(7), value(8)
+        if s_y is not None:
+            scale = scale / s_y.astype(np.float32).reshape(-1)[0]
+        y = acc.astype(np.float32) * scale.astype(np.float32)
+        if z_y is not None:
+            limits = np.iinfo(z_y.dtype)
+            y = np.clip(np.rint(y).astype(np.float64) + int(z_y.reshape(-1)[0]), limits.min, limits.max).astype(z_y.dtype)
+        return [y]

@@ -1,12 +1,12 @@
-"""Data simulation of onnxruntime's integer MAC ops: ``ConvInteger``/``MatMulInteger`` and ``QLinearConv``/
-``QLinearMatMul`` (ONNX domain).
+"""Data simulation of onnxruntime's integer MAC ops: ``ConvInteger``/``MatMulInteger``, ``QLinearConv``/
+``QLinearMatMul`` (ONNX domain) and ``com.microsoft`` ``QGemm``.
 
 Their inputs are already integer codes. The accumulator multiplies ``code - z`` (``subtract``) or the raw codes
 with ``z`` in padded taps (``fold``: the zero point's share is a bias added after the accumulator), so the codes
 come straight from the executed input tensor and its zero point, which may be computed per run
 (``DynamicQuantizeLinear``). ``ConvInteger``/``MatMulInteger`` output the exact accumulator, so a P-bit error
-reaches the output unscaled; ``QLinearConv``/``QLinearMatMul`` requantize it, and an output whose accumulator
-overflowed is requantized here from the P-bit result (:class:`Requantization`).
+reaches the output unscaled; ``QLinearConv``/``QLinearMatMul``/``QGemm`` requantize (or scale) it, and an output
+whose accumulator overflowed is recomputed here from the P-bit result (:class:`Requantization`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
-from a2q_passes.graph_values import get_constant
+from a2q_passes.graph_values import get_constant, node_attr
 from a2q_passes.weight_sources import INTEGER_MAC_OPS
 
-SIMULATED_INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
-REQUANTIZING_OPS = ("QLinearConv", "QLinearMatMul")
+SIMULATED_INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
+REQUANTIZING_OPS = ("QLinearConv", "QLinearMatMul", "QGemm")
+# where a requantizing op keeps (input scale, weight scale, bias, output scale, output zero point)
+_REQUANTIZATION_INPUTS = {"QLinearConv": (1, 4, 8, 6, 7), "QLinearMatMul": (1, 4, None, 6, 7), "QGemm": (1, 4, 6, 7, 8)}
 
 
 def unsimulated_integer_op(node: NodeProto) -> str | None:
@@ -28,7 +30,7 @@ def unsimulated_integer_op(node: NodeProto) -> str | None:
     if node.op_type not in SIMULATED_INTEGER_OPS:
         return (f"data simulation of {node.domain or 'ONNX'} {node.op_type} nodes is not implemented (the static proof "
                 "and adversarial simulation still apply)")
-    if node.domain not in ("", "ai.onnx"):  # com.microsoft QLinearConv: onnxruntime's optimizer writes it NHWC
+    if node.op_type == "QLinearConv" and node.domain not in ("", "ai.onnx"):  # onnxruntime's optimizer writes it NHWC
         return f"a {node.domain} {node.op_type} reads channels-last (NHWC) data; the simulator convolves NCHW data"
     return None
 
@@ -59,9 +61,10 @@ class NotRequantizable(Exception):
 
 
 class Requantization:
-    """``QLinearConv``/``QLinearMatMul``'s output from its accumulator ``acc`` (``sum (x - z_x)(w - z_w)``, plus
-    ``QLinearConv``'s int32 bias): ``saturate(round(acc * (s_x * s_w / s_y)) + z_y)``, the multiplier in float32
-    and rounding half to even, as onnxruntime requantizes."""
+    """A requantizing op's output from its accumulator ``acc = sum (x - z_x)(w - z_w)``: ``QLinearConv``'s and
+    ``QGemm``'s int32 bias added, times ``alpha * s_x * s_w / s_y`` (``QGemm``'s ``alpha``; float32, in that order),
+    rounded half to even, plus ``z_y`` and saturated, as onnxruntime requantizes; a ``QGemm`` without ``y_zero_point``
+    outputs the float ``acc * alpha * s_x * s_w (/ s_y)``."""
 
     def __init__(self, model: ModelWrapper, node: NodeProto) -> None:
         def constant(index: int, what: str) -> np.ndarray:
@@ -71,19 +74,30 @@ class Requantization:
                                        "accumulator could not be requantized")
             return np.asarray(value)
 
-        s_x, s_w, s_y = (constant(i, what).astype(np.float32) for i, what in ((1, "input scale"), (4, "weight scale"),
-                                                                              (6, "output scale")))
-        self.multiplier = (s_x.reshape(()) * s_w.reshape(-1) / s_y.reshape(())).astype(np.float32)
-        z_y = constant(7, "output zero point") if _input(node, 7) else np.zeros((), np.uint8)
+        x_scale, w_scale, bias, y_scale, y_zero = _REQUANTIZATION_INPUTS[node.op_type]
+        multiplier = np.float32(node_attr(node, "alpha", 1.0)) * constant(x_scale, "input scale").astype(np.float32).reshape(()) \
+            * constant(w_scale, "weight scale").astype(np.float32).reshape(-1)
+        if _input(node, y_scale):
+            multiplier = multiplier / constant(y_scale, "output scale").astype(np.float32).reshape(())
+        self.multiplier = multiplier.astype(np.float32)
+        # QGemm without y_zero_point outputs floats; the QLinear ops' output zero point defaults to uint8 0
+        self.float_output = node.op_type == "QGemm" and not _input(node, y_zero)
+        z_y = constant(y_zero, "output zero point") if _input(node, y_zero) else np.zeros((), np.uint8)
         self.zero_point, self.dtype = int(z_y.reshape(-1)[0]), z_y.dtype
-        bias = _input(node, 8) if node.op_type == "QLinearConv" else ""
-        self.bias = constant(8, "bias").astype(np.int64).reshape(-1) if bias else np.zeros(1, np.int64)
+        self.bias = np.zeros(1, np.int64)
+        if bias is not None and _input(node, bias):
+            self.bias = constant(bias, "bias").astype(np.int64)
+            if self.bias.ndim > 1 and self.bias.shape[0] != 1:  # QGemm's C of shape (M, 1) or (M, N)
+                raise NotRequantizable(f"its bias '{_input(node, bias)}' of shape {list(self.bias.shape)} differs "
+                                       "between rows; only one per tensor or per output channel is requantized")
+            self.bias = self.bias.reshape(-1)
 
     def output(self, acc: np.ndarray, channel_axis: int) -> np.ndarray:
         """The op's output for accumulators ``acc`` (int64), channels along ``channel_axis``."""
         shape = [1] * acc.ndim
         shape[channel_axis] = -1
-        total = acc + self.bias.reshape(shape)
-        scaled = np.rint(total.astype(np.float32) * self.multiplier.reshape(shape)).astype(np.float64)
+        scaled = (acc + self.bias.reshape(shape)).astype(np.float32) * self.multiplier.reshape(shape)
+        if self.float_output:
+            return scaled
         info = np.iinfo(self.dtype)
-        return np.clip(scaled + self.zero_point, info.min, info.max).astype(self.dtype)
+        return np.clip(np.rint(scaled).astype(np.float64) + self.zero_point, info.min, info.max).astype(self.dtype)

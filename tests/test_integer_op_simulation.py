@@ -203,3 +203,75 @@ def test_allocate_scores_a_dynamically_quantized_graph_one_sample_at_a_time(tmp_
     one_at_a_time = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
     assert not np.allclose(session.run(None, {"x": x})[0], one_at_a_time)  # batching changes the results
     np.testing.assert_array_equal(onnxruntime_outputs(ModelWrapper(str(dynamic)), x).numpy(), one_at_a_time)
+
+
+def _qgemm_model(b: np.ndarray, requantized: bool, a_type=TensorProto.UINT8, m: int = 8) -> ModelWrapper:
+    """onnxruntime's com.microsoft QGemm (transB, per-column weight scales, int32 bias), output requantized to uint8
+    or (no y_scale, no y_zero_point) float."""
+    inits = {"sa": np.float32(0.05), "za": np.uint8(11), "b": b, "sb": np.linspace(0.01, 0.04, b.shape[0], dtype=np.float32),
+             "zb": np.zeros(b.shape[0], np.int8), "c": np.arange(b.shape[0], dtype=np.int32) * 300 - 600}
+    inputs = ["a", "sa", "za", "b", "sb", "zb", "c"]
+    out_type = TensorProto.FLOAT
+    if requantized:
+        inits.update(sy=np.float32(3.0), zy=np.uint8(128))
+        inputs += ["sy", "zy"]
+        out_type = TensorProto.UINT8
+    node = helper.make_node("QGemm", inputs, ["y"], name="gemm", domain="com.microsoft", transB=1, alpha=0.5)
+    graph = helper.make_graph([node], "qgemm", [helper.make_tensor_value_info("a", a_type, [m, b.shape[1]])],
+                              [helper.make_tensor_value_info("y", out_type, [m, b.shape[0]])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid("com.microsoft", 1)]))
+
+
+def _qgemm_outputs(acc: np.ndarray, requantized: bool, n: int) -> np.ndarray:
+    """QGemm's output for accumulators ``acc`` (bias not included) of ``_qgemm_model``: as onnxruntime's kernel
+    scales them (float32: ``alpha * s_a * s_b / s_y``, rounding half to even)."""
+    scale = np.float32(0.5) * np.float32(0.05) * np.linspace(0.01, 0.04, n, dtype=np.float32)
+    total = (acc + np.arange(n) * 300 - 600).astype(np.float32)
+    if not requantized:
+        return total * scale
+    return np.clip(np.rint(total * (scale / np.float32(3.0))).astype(np.float64) + 128, 0, 255).astype(np.uint8)
+
+
+def test_exact_qgemm_is_onnxruntimes_kernel_without_its_int16_saturation():
+    """Where onnxruntime's kernel is exact (small codes) the exact QGemm gives its outputs bit for bit, requantized
+    and float; on codes whose pairs of products pass int16 it gives the exact sums, which the kernel on AVX2 CPUs
+    without VNNI does not."""
+    import onnxruntime as ort
+
+    from a2q_passes.exact_integer_ops import ExactQGemm
+
+    rng = np.random.default_rng(11)
+    b = rng.integers(-60, 61, size=(5, 24)).astype(np.int8)
+    small = rng.integers(0, 50, size=(8, 24)).astype(np.uint8)
+    for requantized in (False, True):
+        model = _qgemm_model(b, requantized).model
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        expected = session.run(None, {"a": small})[0]
+        np.testing.assert_array_equal(ExactQGemm(model).run(None, {"a": small})[0], expected)
+    big = np.full((8, 24), 255, np.uint8)
+    wide = np.full((5, 24), 127, np.int8)
+    exact = (big.astype(np.int64) - 11) @ wide.astype(np.int64).T
+    np.testing.assert_array_equal(ExactQGemm(_qgemm_model(wide, False).model).run(None, {"a": big})[0],
+                                  _qgemm_outputs(exact, False, 5))
+
+
+@pytest.mark.parametrize("requantized", [False, True])
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_qgemm_overflowed_outputs_come_from_the_p_bit_accumulator(requantized, zero_point):
+    rng = np.random.default_rng(12)
+    b = rng.integers(-128, 128, size=(5, 24)).astype(np.int8)
+    a = rng.integers(0, 256, size=(8, 24)).astype(np.uint8)
+    a[0] = 255
+    model = _qgemm_model(b, requantized)
+    of_op = (a.astype(np.int64) - 11) @ b.astype(np.int64).T
+    acc = a.astype(np.int64) @ b.astype(np.int64).T if zero_point == "fold" else of_op
+    bits = 17
+    wrapped = _wrap(acc, bits)
+    overflowed = wrapped != acc
+    assert np.any(overflowed) and not np.all(overflowed)
+    result = simulate_model(model, a, {"gemm": bits}, zero_point=zero_point)
+    assert not result.skipped and result.overflows["gemm"] == int(np.count_nonzero(overflowed))
+    np.testing.assert_array_equal(result.exact_outputs["y"], _qgemm_outputs(of_op, requantized, 5))
+    np.testing.assert_array_equal(result.outputs["y"], _qgemm_outputs(of_op + (wrapped - acc), requantized, 5))

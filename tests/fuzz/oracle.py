@@ -129,9 +129,32 @@ def execute(model: ModelWrapper, feed: dict) -> dict:
 
 
 def _exact_only_in_reference(node) -> bool:
-    """ONNX's integer MAC ops: onnxruntime's uint8 x int8 kernels saturate pairs of products in int16 on CPUs
-    without VNNI, so they run in ONNX's reference implementation, as ONNX defines them."""
-    return node.op_type in INTEGER_MACS and node.domain in ("", "ai.onnx")
+    """ONNX's integer MAC ops and onnxruntime's QGemm: its uint8 x int8 kernels saturate pairs of products in int16
+    on CPUs without VNNI, so they run in ONNX's reference implementation (QGemm: :func:`_qgemm`)."""
+    return (node.op_type in INTEGER_MACS and node.domain in ("", "ai.onnx")) or \
+        (node.op_type, node.domain) == ("QGemm", "com.microsoft")
+
+
+def _qgemm(node, values: dict) -> np.ndarray:
+    """onnxruntime's com.microsoft QGemm by its contract, in int64: ``C + (A - z_a)(B - z_b)``, times
+    ``alpha * s_a * s_b`` (over ``s_y``) in float32, then (with ``y_zero_point``) rounded half to even, shifted and
+    saturated."""
+    def get(i):
+        return np.asarray(values[node.input[i]]) if len(node.input) > i and node.input[i] else None
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    a, b = get(0).astype(np.int64), get(3).astype(np.int64)
+    a, b = (a.T if attrs.get("transA") else a), (b.T if attrs.get("transB") else b)
+    acc = (a - (get(2).reshape(-1)[0] if get(2) is not None else 0)) @ (b - (get(5).reshape(-1) if get(5) is not None else 0))
+    acc = acc + (get(6) if get(6) is not None else 0)
+    scale = np.float32(attrs.get("alpha", 1.0)) * np.float32(get(1).reshape(-1)[0]) * get(4).astype(np.float32).reshape(-1)
+    if get(7) is not None:
+        scale = scale / np.float32(get(7).reshape(-1)[0])
+    y = acc.astype(np.float32) * scale
+    if get(8) is None:
+        return y
+    info = np.iinfo(get(8).dtype)
+    return np.clip(np.rint(y) + float(get(8).reshape(-1)[0]), info.min, info.max).astype(get(8).dtype)
 
 
 def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
@@ -151,7 +174,9 @@ def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
         single = helper.make_model(graph, opset_imports=list(model.model.opset_import))
         single.ir_version = min(model.model.ir_version or 10, 10)
         feeds = {n: np.asarray(values[n]) for n in inputs}
-        if _exact_only_in_reference(node):
+        if node.op_type == "QGemm":
+            results = [_qgemm(node, values)]
+        elif _exact_only_in_reference(node):
             results = ReferenceEvaluator(single).run(outputs, feeds)
         else:
             options = ort.SessionOptions()
@@ -567,11 +592,12 @@ def _integer_op_accumulators(model: ModelWrapper, zero_point: str, mac, run: dic
         return np.matmul(x - zero, b - b_zero) if zero_point == "subtract" else np.matmul(x, b)
     q = weights.astype(np.int64)
     w_zero = model.get_initializer(mac.input[w_zp]) if len(mac.input) > w_zp and mac.input[w_zp] else None
-    if zero_point == "subtract" and w_zero is not None:  # one per tensor, or per output channel (Conv: axis 0)
-        axis = 0 if float_op == "Conv" else 1
+    trans_b = any(a.name == "transB" and a.i for a in mac.attribute)
+    if zero_point == "subtract" and w_zero is not None:  # one per tensor, or per output channel (Conv, Gemm transB: 0)
+        axis = 0 if float_op == "Conv" or trans_b else 1
         q = q - np.asarray(w_zero, np.int64).reshape([-1 if d == axis else 1 for d in range(q.ndim)])
     attrs = {a.name: helper.get_attribute_value(a) for a in mac.attribute
-             if a.name in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad")}
+             if a.name in ("pads", "strides", "dilations", "group", "kernel_shape", "auto_pad", "transB")}
     twin = helper.make_node(float_op, ["t", "w"], ["acc"], name=mac.name, **attrs)
     info = LayerInfo(mac.name, float_op, np.ones(1, np.float32), 1.0, zero if zero_point == "fold" else 0)
     sample_shape = tuple(x.shape[1:])
