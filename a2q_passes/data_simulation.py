@@ -284,9 +284,11 @@ class _MacKernel:
         # bounds every partial sum (padding holds the zero-point code, which lies inside the range)
         self.bound = grid.range.magnitude * int(np.abs(self.rows).sum(axis=1).max(initial=0))
         # qonnx's channels-last Conv (ConvertToChannelsLastAndClean): NHWC data, weights (C_out, *kernel, C_in / g),
-        # so its rows sum the taps kernel position first, then input channel
+        # so its rows sum the taps kernel position first, then input channel; onnxruntime's com.microsoft QLinearConv
+        # with channels_last: NHWC data, weights (C_out, C_in / g, *kernel) as ONNX's
         self.channels_last = node.domain == CHANNELS_LAST_DOMAIN
-        if self.channels_last and grid.scale_axis is not None:
+        self.nhwc = self.channels_last or (integer_op and bool(node_attr(node, "channels_last", 0)))
+        if self.nhwc and grid.scale_axis is not None:
             raise _NotSimulated("a channels-last Conv whose input has one scale per channel")
         if self.mac_op == "Conv":
             self._conv_setup()
@@ -358,20 +360,24 @@ class _MacKernel:
             padding = self.layer.grid.zero_code
         else:
             codes, padding = operand_codes(self.node, context, self.zero_point)
-        if self.channels_last:  # convolved channels-first; the accumulators go back to the node's NHWC layout
-            acc, _ = self._accumulate(np.moveaxis(codes, -1, 1), padding)
-            return Accumulation(*(np.moveaxis(v, 1, -1) for v in (acc.values, acc.exact, acc.register_overflow))), -1
         if self.node.op_type == "ConvTranspose":
             weights = self.layer.layout.from_rows(self.rows)
             return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,
                                              self.outer), 1
         if self.layer.layout.kind == "blocks":
             return self._accumulate_blocks(codes), -2
+        if self.nhwc:  # convolved channels-first; the results go back to the node's NHWC layout below
+            codes = np.moveaxis(codes, -1, 1)
         acc, channel_axis = self._accumulate(codes, padding)
         self.requantized = None
         if self.requantization is not None and acc.overflow_count:
             self.requantized = self.requantization.output(self._accumulator_of_op(codes, padding, acc) +
                                                           (acc.values - acc.exact), channel_axis)
+        if self.nhwc:
+            acc = Accumulation(*(np.moveaxis(v, 1, -1) for v in (acc.values, acc.exact, acc.register_overflow)))
+            channel_axis = -1
+            if self.requantized is not None:
+                self.requantized = np.moveaxis(self.requantized, 1, -1)
         return acc, channel_axis
 
     def _accumulate(self, codes: np.ndarray, padding: int) -> tuple[Accumulation, int]:

@@ -10,6 +10,7 @@ and onnxruntime's ``com.microsoft`` ``QGemm``, which has none, in :class:`ExactQ
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -61,17 +62,48 @@ class ReferenceSession:
 
 def needs_reference(domain: str, op_type: str) -> bool:
     """Whether a node of this op must run in :func:`exact_session` to be exact on this CPU."""
-    integer_mac = (domain in ("", "ai.onnx") and op_type in INTEGER_MAC_OPS) or (domain, op_type) == QGEMM
+    integer_mac = (domain in ("", "ai.onnx") and op_type in INTEGER_MAC_OPS) or (domain, op_type) in CONTRIB_MACS
     return integer_mac and onnxruntime_saturates_integer_products()
 
 
 QGEMM = ("com.microsoft", "QGemm")
+CONTRIB_MACS = (QGEMM, ("com.microsoft", "QLinearConv"))
 
 
 def exact_session(model: ModelProto) -> "ReferenceSession | ExactQGemm":
     """An exact session for a one-node model of an op :func:`needs_reference` names."""
     node = model.graph.node[0]
-    return ExactQGemm(model) if (node.domain, node.op_type) == QGEMM else ReferenceSession(model)
+    if (node.domain, node.op_type) == QGEMM:
+        return ExactQGemm(model)
+    if node.domain == "com.microsoft":  # QLinearConv: ONNX's op, on NHWC data where channels_last is set
+        return ReferenceSession(_onnx_qlinear_conv(model))
+    return ReferenceSession(model)
+
+
+def _onnx_qlinear_conv(model: ModelProto) -> ModelProto:
+    """onnxruntime's com.microsoft ``QLinearConv`` as ONNX's (its weights are OIHW either way), between transposes
+    of its NHWC input and output where ``channels_last`` is set."""
+    model = copy.deepcopy(model)
+    node = model.graph.node[0]
+    node.domain = ""
+    channels_last = next((a.i for a in node.attribute if a.name == "channels_last"), 0)
+    kept = [a for a in node.attribute if a.name != "channels_last"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    if channels_last:
+        # the data's rank is the weights' (C_out, C_in / group, *kernel)
+        weights = next((init for init in model.graph.initializer if init.name == node.input[3]), None)
+        rank = len(weights.dims) if weights is not None else 4
+        first = [0, rank - 1, *range(1, rank - 1)]
+        last = [0, *range(2, rank), 1]
+        x, y = node.input[0], node.output[0]
+        node.input[0], node.output[0] = f"{x}__nchw", f"{y}__nchw"
+        model.graph.node.insert(0, helper.make_node("Transpose", [x], [node.input[0]], perm=first))
+        model.graph.node.append(helper.make_node("Transpose", [node.output[0]], [y], perm=last))
+    kept = [o for o in model.opset_import if o.domain != "com.microsoft"]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    return model
 
 
 class ExactQGemm:

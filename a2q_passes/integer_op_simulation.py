@@ -1,5 +1,6 @@
 """Data simulation of onnxruntime's integer MAC ops: ``ConvInteger``/``MatMulInteger``, ``QLinearConv``/
-``QLinearMatMul`` (ONNX domain) and ``com.microsoft`` ``QGemm``.
+``QLinearMatMul`` and onnxruntime's ``com.microsoft`` ``QGemm`` and ``QLinearConv`` (channels-last, as its optimizer
+writes it).
 
 Their inputs are already integer codes. The accumulator multiplies ``code - z`` (``subtract``) or the raw codes
 with ``z`` in padded taps (``fold``: the zero point's share is a bias added after the accumulator), so the codes
@@ -30,8 +31,6 @@ def unsimulated_integer_op(node: NodeProto) -> str | None:
     if node.op_type not in SIMULATED_INTEGER_OPS:
         return (f"data simulation of {node.domain or 'ONNX'} {node.op_type} nodes is not implemented (the static proof "
                 "and adversarial simulation still apply)")
-    if node.op_type == "QLinearConv" and node.domain not in ("", "ai.onnx"):  # onnxruntime's optimizer writes it NHWC
-        return f"a {node.domain} {node.op_type} reads channels-last (NHWC) data; the simulator convolves NCHW data"
     return None
 
 

@@ -167,19 +167,39 @@ def test_integer_matmul_of_two_activations(op):
         np.testing.assert_array_equal(result.outputs["y"], expected)
 
 
-def test_channels_last_qlinear_conv_is_not_simulated_and_says_why():
-    """onnxruntime's com.microsoft QLinearConv reads NHWC data: named, never simulated as NCHW."""
-    node = helper.make_node("QLinearConv", ["x", "sx", "xz", "w", "sw", "wz", "sy", "zy"], ["y"], name="conv",
-                            domain="com.microsoft", channels_last=1)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 5, 5, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 3, 3, 4])],
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in {
-                                  "w": W, "xz": XZ, "wz": np.int8(0), "sx": np.float32(1), "sw": np.float32(1),
-                                  "sy": np.float32(1), "zy": np.uint8(0)}.items()])
-    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
-                                                                 helper.make_opsetid("com.microsoft", 1)]))
-    result = simulate_model(model, X[:1].transpose(0, 2, 3, 1), {"conv": 12})
-    assert "channels-last" in result.skipped["conv"]
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_channels_last_qlinear_conv_of_onnxruntimes_optimizer(zero_point):
+    """onnxruntime's com.microsoft QLinearConv (``ORT_ENABLE_ALL``) reads NHWC data with OIHW weights: executed
+    exactly and simulated as the ONNX QLinearConv on the same data transposed to NCHW, its outputs transposed
+    back."""
+    sx, sw, sy = np.float32(0.02), np.array([0.01, 0.02, 0.005, 0.03], np.float32), np.float32(0.05)
+    inits = {"w": W, "xz": XZ, "wz": np.zeros(4, np.int8), "sx": sx, "sw": sw, "sy": sy, "zy": np.int8(-3),
+             "b": np.array([1000, -2000, 0, 700], np.int32)}
+    inputs = ["x", "sx", "xz", "w", "sw", "wz", "sy", "zy", "b"]
+
+    def model(domain: str, shape: list[int], out: list[int], **attrs) -> ModelWrapper:
+        node = helper.make_node("QLinearConv", inputs, ["y"], name="conv", domain=domain, pads=[1, 1, 1, 1], **attrs)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT8, out)],
+                                  [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+        opsets = [helper.make_opsetid("", 13)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+        return ModelWrapper(helper.make_model(graph, opset_imports=opsets))
+
+    nchw = model("", [3, 3, 5, 5], [3, 4, 5, 5])
+    nhwc = model("com.microsoft", [3, 5, 5, 3], [3, 5, 5, 4], channels_last=1)
+    executed = ReferenceEvaluator(nchw.model).run(None, {"x": X})[0]
+    of_op = _conv_by_loops(X.astype(np.int64) - XZ, W, 0, 1)
+    acc = _conv_by_loops(X, W, XZ, 1) if zero_point == "fold" else of_op
+    bits = 15
+    wrapped = _wrap(acc, bits)
+    overflowed = wrapped != acc
+    assert np.any(overflowed) and not np.all(overflowed)
+    expected = np.where(overflowed, _requantized(of_op + (wrapped - acc) + inits["b"].reshape(1, 4, 1, 1),
+                                                 (sx * sw / sy).reshape(1, 4, 1, 1), -3, np.int8), executed)
+    result = simulate_model(nhwc, X.transpose(0, 2, 3, 1), {"conv": bits}, zero_point=zero_point)
+    assert not result.skipped and result.overflows["conv"] == int(np.count_nonzero(overflowed))
+    np.testing.assert_array_equal(result.exact_outputs["y"], executed.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(result.outputs["y"], expected.transpose(0, 2, 3, 1))
 
 
 def test_allocate_scores_a_dynamically_quantized_graph_one_sample_at_a_time(tmp_path):

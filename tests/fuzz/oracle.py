@@ -132,7 +132,12 @@ def _exact_only_in_reference(node) -> bool:
     """ONNX's integer MAC ops and onnxruntime's QGemm: its uint8 x int8 kernels saturate pairs of products in int16
     on CPUs without VNNI, so they run in ONNX's reference implementation (QGemm: :func:`_qgemm`)."""
     return (node.op_type in INTEGER_MACS and node.domain in ("", "ai.onnx")) or \
-        (node.op_type, node.domain) == ("QGemm", "com.microsoft")
+        (node.op_type in ("QGemm", "QLinearConv") and node.domain == "com.microsoft")
+
+
+def _channels_last(node) -> bool:
+    """onnxruntime's com.microsoft QLinearConv with ``channels_last``: NHWC data (its weights stay OIHW)."""
+    return node.domain == "com.microsoft" and any(a.name == "channels_last" and a.i for a in node.attribute)
 
 
 def _qgemm(node, values: dict) -> np.ndarray:
@@ -176,6 +181,19 @@ def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
         feeds = {n: np.asarray(values[n]) for n in inputs}
         if node.op_type == "QGemm":
             results = [_qgemm(node, values)]
+        elif node.op_type == "QLinearConv" and node.domain == "com.microsoft":  # ONNX's QLinearConv, NCHW
+            from onnx.reference import ReferenceEvaluator
+
+            onnx_node = helper.make_node("QLinearConv", list(node.input), outputs, **{
+                a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "channels_last"})
+            graph.node[0].CopyFrom(onnx_node)
+            single = helper.make_model(graph, opset_imports=[o for o in model.model.opset_import if o.domain != "com.microsoft"])
+            x = feeds[node.input[0]]
+            nhwc = _channels_last(node)
+            if nhwc:
+                feeds = {**feeds, node.input[0]: np.moveaxis(x, -1, 1)}
+            (y,) = ReferenceEvaluator(single).run(outputs, feeds)
+            results = [np.moveaxis(y, 1, -1) if nhwc else y]
         elif _exact_only_in_reference(node):
             results = ReferenceEvaluator(single).run(outputs, feeds)
         else:
@@ -586,6 +604,8 @@ def _integer_op_accumulators(model: ModelWrapper, zero_point: str, mac, run: dic
     weight of the output's kernel (fold: the MAC sums raw codes, padded taps holding z)."""
     float_op, x_zp, w_input, w_zp = INTEGER_MACS[mac.op_type]
     x, zero = _executed_codes(model, mac, run, 0, x_zp)
+    if _channels_last(mac):  # counted, not placed: the accumulators stay channels-first
+        x = np.moveaxis(x, -1, 1)
     weights = model.get_initializer(mac.input[w_input])
     if weights is None:  # two activations
         b, b_zero = _executed_codes(model, mac, run, w_input, w_zp)

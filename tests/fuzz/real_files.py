@@ -32,7 +32,7 @@ from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_MACS, ExecutedRange, _an
                                _subgraph, execute, layer_range)
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# integer MAC ops (ONNX's, and com.microsoft QGemm) whose accumulators the oracle reads from a whole file's executed
+# integer MAC ops (ONNX's, and com.microsoft QGemm and channels-last QLinearConv) whose accumulators the oracle reads from a whole file's executed
 # tensors (property (j))
 DATA_INTEGER_MACS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm")
 # onnxruntime contrib ops that multiply-accumulate, as its graph optimizer and MatMulNBitsQuantizer write them: the
@@ -465,7 +465,7 @@ def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fo
                 infos.append(_act_x_act_model(model, mac)[1])
             elif mac.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and mac.domain == "":
                 infos.append(describe_layer(model, name))
-            elif mac.op_type in DATA_INTEGER_MACS and (mac.domain in ("", "ai.onnx") or mac.op_type == "QGemm"):
+            elif mac.op_type in DATA_INTEGER_MACS and mac.domain in ("", "ai.onnx", "com.microsoft"):
                 infos.append(_integer_data_info(model, mac))
         except Undescribed:
             continue  # not claimed either way
