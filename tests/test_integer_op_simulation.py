@@ -8,6 +8,8 @@ implementation executes.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -295,3 +297,82 @@ def test_qgemm_overflowed_outputs_come_from_the_p_bit_accumulator(requantized, z
     assert not result.skipped and result.overflows["gemm"] == int(np.count_nonzero(overflowed))
     np.testing.assert_array_equal(result.exact_outputs["y"], _qgemm_outputs(of_op, requantized, 5))
     np.testing.assert_array_equal(result.outputs["y"], _qgemm_outputs(of_op + (wrapped - acc), requantized, 5))
+
+
+def _padding(size: list[int], kernel: list[int], strides: list[int], dilations: list[int], auto_pad: str,
+             pads: list[int]) -> tuple[list[int], list[int]]:
+    """Begin and end padding per spatial axis, as ONNX's Conv defines ``auto_pad``."""
+    n = len(size)
+    if auto_pad == "NOTSET":
+        return pads[:n], pads[n:]
+    if auto_pad == "VALID":
+        return [0] * n, [0] * n
+    total = [max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0) for s, k, st, d in zip(size, kernel, strides, dilations)]
+    small = [t // 2 for t in total]
+    begin = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+    return begin, [t - b for t, b in zip(total, begin)]
+
+
+def _grouped_conv_by_loops(x: np.ndarray, w: np.ndarray, padding: int, begin, end, strides, dilations,
+                           group: int) -> np.ndarray:
+    """ONNX's Conv on integer codes, one output element at a time (any spatial rank), in int64."""
+    x = np.pad(x.astype(np.int64), [(0, 0), (0, 0), *zip(begin, end)], constant_values=padding)
+    w = w.astype(np.int64)
+    per_in, per_out = w.shape[1], w.shape[0] // group
+    kernel = w.shape[2:]
+    spatial = [(s - ((k - 1) * d + 1)) // st + 1 for s, k, d, st in zip(x.shape[2:], kernel, dilations, strides)]
+    out = np.zeros((x.shape[0], w.shape[0], *spatial), dtype=np.int64)
+    for o in range(w.shape[0]):
+        g = o // per_out
+        for position in itertools.product(*(range(s) for s in spatial)):
+            window = tuple(slice(p * st, p * st + (k - 1) * d + 1, d)
+                           for p, st, k, d in zip(position, strides, kernel, dilations))
+            patch = x[(slice(None), slice(g * per_in, (g + 1) * per_in), *window)]
+            out[(slice(None), o, *position)] = (patch * w[o]).reshape(len(x), -1).sum(axis=1)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_conv_integer_geometries_against_brute_force(seed):
+    """Random ConvInteger layers (1-D and 2-D, strides, dilations, explicit or automatic padding, groups, per-tensor
+    or per-channel weight zero points, both conventions): P-bit wrap-around counts and outputs against ONNX's Conv
+    computed one output at a time, and the exact outputs against ONNX's reference implementation."""
+    rng = np.random.default_rng(100 + seed)
+    rank = int(rng.integers(1, 3))
+    group = int(rng.choice([1, 2]))
+    c_in, c_out = 2 * group, 2 * group
+    kernel = [int(k) for k in rng.integers(1, 4, size=rank)]
+    strides = [int(s) for s in rng.integers(1, 3, size=rank)]
+    dilations = [int(d) for d in rng.integers(1, 3, size=rank)]
+    auto_pad = str(rng.choice(["NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = [int(p) for p in rng.integers(0, 3, size=2 * rank)]
+    size = [int(s) for s in rng.integers(5, 9, size=rank)]
+    x = rng.integers(0, 256, size=(3, c_in, *size)).astype(np.uint8)
+    w = rng.integers(-128, 128, size=(c_out, c_in // group, *kernel)).astype(np.int8)
+    # per-channel weight zero points on 2-D convolutions only: ONNX's reference ConvInteger expands them to 4-D
+    # weights (and onnxruntime's takes one per tensor), so nothing executes a 1-D one
+    per_channel = rank == 2 and rng.integers(0, 2)
+    wz = (rng.integers(-5, 6, size=c_out) if per_channel else np.array(int(rng.integers(-5, 6)))).astype(np.int8)
+    xz = np.uint8(rng.integers(0, 256))
+    attrs = {"kernel_shape": kernel, "strides": strides, "dilations": dilations, "group": group}
+    attrs.update(auto_pad=auto_pad) if auto_pad != "NOTSET" else attrs.update(pads=pads)
+    begin, end = _padding(size, kernel, strides, dilations, auto_pad, pads)
+    spatial = [(s + b + e - ((k - 1) * d + 1)) // st + 1
+               for s, b, e, k, d, st in zip(size, begin, end, kernel, dilations, strides)]
+    model = _model([helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], name="conv", **attrs)],
+                   [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+                   helper.make_tensor_value_info("y", TensorProto.INT32, [3, c_out, *spatial]),
+                   {"w": w, "xz": xz, "wz": wz})
+    shifted = w.astype(np.int64) - wz.astype(np.int64).reshape(-1, *[1] * (w.ndim - 1))
+    of_op = _grouped_conv_by_loops(x.astype(np.int64) - int(xz), shifted, 0, begin, end, strides, dilations, group)
+    np.testing.assert_array_equal(ReferenceEvaluator(model.model).run(None, {"x": x})[0], of_op)
+    for zero_point in ("fold", "subtract"):
+        acc = _grouped_conv_by_loops(x, w, int(xz), begin, end, strides, dilations, group) if zero_point == "fold" \
+            else of_op
+        bits = max(int(np.abs(acc).max()).bit_length() - 1, 2)  # below the widest result: some overflow
+        wrapped = _wrap(acc, bits)
+        result = simulate_model(model, x, {"conv": bits}, zero_point=zero_point)
+        assert not result.skipped and result.accumulations["conv"] == acc.size
+        assert result.overflows["conv"] == int(np.count_nonzero(wrapped != acc)) > 0
+        np.testing.assert_array_equal(result.exact_outputs["y"], of_op)
+        np.testing.assert_array_equal(result.outputs["y"], of_op + (wrapped - acc))
