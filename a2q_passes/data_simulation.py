@@ -29,12 +29,14 @@ from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ExactQGemm, ReferenceSession, exact_session, needs_reference
+from a2q_passes.finn_runtime import register_finn_hw_ops
 from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.input_grids import InputGrid, axis_scale
 from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable, Requantization, operand_codes,
                                               unsimulated_integer_op)
-from a2q_passes.layers import MacLayer, find_mac_layers
+from a2q_passes.layers import MVAU_OP_TYPES, VVAU_OP_TYPES, MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
+from a2q_passes.mvau_simulation import SIMULATED_MVAU, MvauActivation, unsimulated_mvau
 from a2q_passes.tensor_store import initializer_shape, tensor_value
 from a2q_passes.weight_sources import INTEGER_MAC_OPS
 from a2q_passes.simulate import MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, exact_float_dtype
@@ -79,6 +81,8 @@ class _GraphRunner:
         first = self.shapes.get(self.data_inputs[0]) if self.data_inputs else None
         self.declared_batch = first[0] if first else 0
         self.sessions: dict[int, rt.InferenceSession | ReferenceSession | ExactQGemm] = {}
+        if any(node.domain.startswith("finn") for node in model.graph.node):
+            register_finn_hw_ops()
         self.pending: list[tuple[int, NodeProto]] = []
         for index, node in enumerate(model.graph.node):
             if all(name in self.constants for name in node.input if name):
@@ -99,11 +103,10 @@ class _GraphRunner:
             except Exception as err:  # third-party kernels raise anything; say which node failed
                 raise A2QError(f"executing {node.op_type} node '{node.name}' on a batch of {batch} failed: {err}") from err
             return
-        session = self.sessions.get(index) or self._session(index, node, context)
-        feeds = {i.name: context[i.name] for i in session.get_inputs()}
         outputs = [name for name in node.output if name]
         try:
-            values = session.run(outputs, feeds)
+            session = self.sessions.get(index) or self._session(index, node, context)
+            values = session.run(outputs, {i.name: context[i.name] for i in session.get_inputs()})
         except Exception as err:
             raise A2QError(f"executing {node.op_type} node '{node.name}' on a batch of {batch} failed: {err}") from err
         context.update(zip(outputs, values))
@@ -243,14 +246,17 @@ class _ActXActKernel:
         return (y.astype(np.float64) + delta * self.output_scale[0]).astype(y.dtype)
 
 
-def _requantization(model: ModelWrapper, node: NodeProto) -> Requantization | None:
-    """How ``node`` requantizes its accumulator, None where its output is the accumulator (or not an integer op)."""
-    if node.op_type not in REQUANTIZING_OPS:
-        return None
+def _requantization(model: ModelWrapper, node: NodeProto) -> Requantization | MvauActivation | None:
+    """How ``node`` requantizes (an MVAU: thresholds) its accumulator, None where its output is the accumulator (or
+    not an integer op)."""
     try:
-        return Requantization(model, node)
+        if node.op_type in REQUANTIZING_OPS:
+            return Requantization(model, node)
+        if node.op_type == SIMULATED_MVAU and not node_attr(node, "noActivation", 0):
+            return MvauActivation(model, node)
     except NotRequantizable as why:
         raise _NotSimulated(str(why)) from None
+    return None
 
 
 class _MacKernel:
@@ -259,10 +265,14 @@ class _MacKernel:
     def __init__(self, model: ModelWrapper, layer: MacLayer, node: NodeProto, bits: int, mode: str,
                  tile: int | None, outer_bits: int | None = None, zero_point: str = "fold") -> None:
         _check_simulated(layer, bits)
-        integer_op = layer.op_type in INTEGER_MAC_OPS
-        if integer_op and (why := unsimulated_integer_op(node)) is not None:
+        integer_op = self.integer_op = layer.op_type in INTEGER_MAC_OPS
+        finn_op = layer.op_type in MVAU_OP_TYPES + VVAU_OP_TYPES
+        if (why := unsimulated_integer_op(node) if integer_op else unsimulated_mvau(layer, node) if finn_op
+                else None) is not None:
             raise _NotSimulated(why)
-        self.mac_op = INTEGER_MAC_OPS[layer.op_type].mac_op if integer_op else layer.op_type
+        # an MVAU multiplies its input vectors by its (MW, MH) weights: a MatMul
+        self.mac_op = INTEGER_MAC_OPS[layer.op_type].mac_op if integer_op else "MatMul" if finn_op else layer.op_type
+        self.vectors = list(node_attr(node, "numInputVectors", [1]))[1:] if finn_op else None  # less the batch
         if self.mac_op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
@@ -275,8 +285,9 @@ class _MacKernel:
         # the input's step: one, or one per channel (a depthwise Conv: output row o reads input channel o // m)
         self.input_scale, row_input_scale = self._input_scales(model)
         self.output_scale = self._weight_scales(model) * row_input_scale * float(node_attr(node, "alpha", 1.0))
-        # an integer op's output is its accumulator (ConvInteger, MatMulInteger) or requantizes it (QLinear*)
-        if integer_op:
+        # an integer op's (FINN node's) output is its accumulator (ConvInteger, MatMulInteger, an MVAU without
+        # activation) or requantizes (thresholds) it
+        if integer_op or finn_op:
             self.output_scale = np.ones(self.rows.shape[0])
         self.requantization = _requantization(model, node)
         self.requantized: np.ndarray | None = None  # set by accumulate() for corrected() on the same batch
@@ -354,12 +365,14 @@ class _MacKernel:
     def accumulate(self, context: dict[str, np.ndarray]) -> tuple[Accumulation, int]:
         """P-bit accumulation of the node on its input in ``context``, in the node's output layout, and its channel
         axis."""
-        if self.mac_op == self.layer.op_type:  # a float MAC: its input's codes on the layer's grid
+        if self.integer_op:
+            codes, padding = operand_codes(self.node, context, self.zero_point)
+        else:  # its input's codes on the layer's grid
             codes = grid_codes(context[self.node.input[0]], self.layer.grid, self.input_scale, self.layer.node,
                                self.layer.input_tensor)
             padding = self.layer.grid.zero_code
-        else:
-            codes, padding = operand_codes(self.node, context, self.zero_point)
+            if self.vectors is not None:  # an MVAU reads its input as vectors of MW codes (FINN's normal shape)
+                codes = codes.reshape(len(codes), *self.vectors, self.rows.shape[1])
         if self.node.op_type == "ConvTranspose":
             weights = self.layer.layout.from_rows(self.rows)
             return conv_transpose_accumulate(codes, weights, self.node, self.bits, self.signed, self.mode, self.tile,

@@ -24,10 +24,13 @@ Everything here is idempotent and happens inside the project, never in user code
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import json
 import logging
 import os
+import pkgutil
 import sys
 import tempfile
 import time
@@ -91,6 +94,19 @@ def ensure_finn_importable() -> None:
     if "SimEngine" not in vars(finn.xsi) and not os.environ.get("XILINX_VIVADO"):
         finn.xsi.SimEngine = _SimEngineUnavailable  # type: ignore[attr-defined]
     _READY = True
+
+
+@functools.cache
+def register_finn_hw_ops() -> None:
+    """Import every module of FINN's HW layer package. finn-plus registers some layers (its ``Reshape``,
+    ``Squeeze``, ``Split``, ...) only when their module is imported (``register_custom_op``), which its own
+    transformations do before writing them; a graph holding them is executable only after that."""
+    ensure_finn_importable()
+    import finn.custom_op.fpgadataflow as hw
+
+    for module in pkgutil.iter_modules(hw.__path__):
+        if not module.ispkg:  # hls/ and rtl/ hold the specialised variants, registered by the package itself
+            importlib.import_module(f"{hw.__name__}.{module.name}")
 
 
 def _written_since(path: Path, started: float) -> bool:

@@ -15,7 +15,7 @@ from a2q_passes.errors import A2QError
 from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
 from a2q_passes.finetune.train import predict, score
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
-from a2q_passes.finn_runtime import ensure_finn_importable
+from a2q_passes.finn_runtime import ensure_finn_importable, register_finn_hw_ops
 from a2q_passes.torch_bridge import QonnxModule, check_runs
 
 METRICS = ("auto", "top1", "psnr")
@@ -64,6 +64,8 @@ def qonnx_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
 
     # qonnx executes only fully shaped graphs, and each standard node at the first opset import's version
     model = as_generic_hw_layers(model).transform(DefaultDomainFirst())
+    if any(node.domain.startswith("finn") for node in model.graph.node):
+        register_finn_hw_ops()
     if not model.check_all_tensor_shapes_specified():
         model = model.transform(InferShapes())
     name, out = data_inputs(model.graph)[0].name, model.graph.output[0].name

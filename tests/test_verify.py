@@ -713,3 +713,70 @@ def test_data_simulation_of_a_channels_last_conv():
     np.testing.assert_allclose(saturated.outputs["y"], expected * 0.5)
     # the channels-first order gives other saturated results on these inputs: the order is what is tested
     assert simulate_model(model, x, {"conv": bits}, mode="saturate").overflows != saturated.overflows
+
+
+@pytest.mark.parametrize("thresholded", [False, True])
+def test_data_simulation_of_a_finn_mvau(thresholded):
+    """A FINN MVAU (what `a2q lower` writes): ``x @ W`` on its input codes in P bits, then, where it thresholds, its
+    own thresholds applied to the P-bit accumulator. Checked against int64 products wrapped to P and qonnx's
+    multithreshold, the function FINN's execution of the node calls."""
+    from qonnx.custom_op.general.multithreshold import multithreshold
+
+    rng = np.random.default_rng(3)
+    mw, mh = 24, 6
+    w = rng.integers(-8, 8, size=(mw, mh)).astype(np.float32)
+    w[:, 0] = 7
+    thresholds = np.sort(rng.integers(-600, 600, size=(mh, 3)), axis=1).astype(np.float32)
+    attrs = dict(MW=mw, MH=mh, SIMD=1, PE=1, inputDataType="UINT4", weightDataType="INT4", ActVal=0,
+                 outputDataType="UINT2" if thresholded else "INT32", accDataType="INT32",
+                 noActivation=0 if thresholded else 1, numInputVectors=[1], binaryXnorMode=0,
+                 backend="fpgadataflow")
+    inputs = ["x", "w", "t"] if thresholded else ["x", "w"]
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(thresholds, "t")] if thresholded else [])
+    node = helper.make_node("MVAU", inputs, ["y"], name="mvau", domain="finn.custom_op.fpgadataflow", **attrs)
+    graph = helper.make_graph([node], "mvau", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, mw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, mh])], inits)
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.set_tensor_datatype("x", DataType["UINT4"])
+    x = rng.integers(0, 16, size=(20, mw)).astype(np.float32)
+    x[0] = 15
+    acc = x.astype(np.int64) @ w.astype(np.int64)
+    bits = 10
+    wrapped = (acc + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1)
+    assert np.any(wrapped != acc) and not np.all(wrapped != acc)
+
+    def activation(a: np.ndarray) -> np.ndarray:
+        return multithreshold(a.astype(np.float32), thresholds) if thresholded else a.astype(np.float32)
+
+    result = simulate_model(model, x, {"mvau": bits})
+    assert not result.skipped and result.accumulations["mvau"] == acc.size
+    assert result.overflows["mvau"] == int(np.count_nonzero(wrapped != acc))
+    np.testing.assert_array_equal(result.exact_outputs["y"], activation(acc))
+    np.testing.assert_array_equal(result.outputs["y"], activation(wrapped))
+    assert not np.array_equal(activation(wrapped), activation(acc))
+
+
+def test_data_simulation_runs_finn_layers_registered_on_import():
+    """finn-plus registers some HW layers (its ``Reshape``, as ``convert_to_hw`` writes in front of the zoo's TFC)
+    only when their module is imported: `verify --data` imports them, where it raised onnxruntime's "not a registered
+    function/op" as an internal error."""
+    rng = np.random.default_rng(4)
+    w = rng.integers(-8, 8, size=(24, 5)).astype(np.float32)
+    reshape = helper.make_node("Reshape", ["x"], ["v"], name="reshape", domain="finn.custom_op.fpgadataflow",
+                               inp_shape=[1, 4, 6], out_shape=[1, 24], dtype="UINT4", backend="fpgadataflow")
+    mvau = helper.make_node("MVAU", ["v", "w"], ["y"], name="mvau", domain="finn.custom_op.fpgadataflow", MW=24, MH=5,
+                            SIMD=1, PE=1, inputDataType="UINT4", weightDataType="INT4", outputDataType="INT32",
+                            accDataType="INT32", noActivation=1, numInputVectors=[1], binaryXnorMode=0, ActVal=0,
+                            backend="fpgadataflow")
+    graph = helper.make_graph([reshape, mvau], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+                              [numpy_helper.from_array(w, "w")],
+                              value_info=[helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 24])])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.set_tensor_datatype("x", DataType["UINT4"])
+    model.set_tensor_datatype("v", DataType["UINT4"])
+    x = rng.integers(0, 16, size=(3, 4, 6)).astype(np.float32)
+    acc = x.reshape(3, 24).astype(np.int64) @ w.astype(np.int64)
+    result = simulate_model(model, x, {"mvau": 32})
+    assert result.overflows["mvau"] == 0 and result.accumulations["mvau"] == acc.size
+    np.testing.assert_array_equal(result.outputs["y"], acc.astype(np.float32))

@@ -565,6 +565,13 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
     accumulators = {}
     for info in infos:
         mac = macs[info.node]
+        if mac.op_type == "MVAU":  # FINN's: its input vectors of MW codes times its (MW, MH) integer weights
+            weights = model.get_initializer(mac.input[1]).astype(np.int64)
+            vectors = [a.ints for a in mac.attribute if a.name == "numInputVectors"]
+            accumulators[info.node] = np.concatenate([
+                run[mac.input[0]].astype(np.int64).reshape(-1, *(list(vectors[0])[1:] if vectors else []),
+                                                          weights.shape[0]) @ weights for run in runs])
+            continue
         if mac.op_type in INTEGER_MACS:  # each run its own zero point (DynamicQuantizeLinear)
             accumulators[info.node] = np.concatenate([_integer_op_accumulators(model, case.zero_point, mac, run)
                                                       for run in runs])
