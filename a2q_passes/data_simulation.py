@@ -36,7 +36,8 @@ from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable
                                               unsimulated_integer_op)
 from a2q_passes.layers import MVAU_OP_TYPES, VVAU_OP_TYPES, MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
-from a2q_passes.mvau_simulation import SIMULATED_MVAU, MvauActivation, unsimulated_mvau
+from a2q_passes.mvau_simulation import (SIMULATED_MVAU, SIMULATED_VVAU, MvauActivation, unsimulated_mvau,
+                                        vvau_interleave, vvau_taps)
 from a2q_passes.tensor_store import initializer_shape, tensor_value
 from a2q_passes.weight_sources import INTEGER_MAC_OPS
 from a2q_passes.simulate import MAX_SIMULATED_BITS, MODES, Accumulation, accumulate, accumulate_dot, exact_float_dtype
@@ -252,7 +253,7 @@ def _requantization(model: ModelWrapper, node: NodeProto) -> Requantization | Mv
     try:
         if node.op_type in REQUANTIZING_OPS:
             return Requantization(model, node)
-        if node.op_type == SIMULATED_MVAU and not node_attr(node, "noActivation", 0):
+        if node.op_type in (SIMULATED_MVAU, SIMULATED_VVAU) and not node_attr(node, "noActivation", 0):
             return MvauActivation(model, node)
     except NotRequantizable as why:
         raise _NotSimulated(str(why)) from None
@@ -273,6 +274,7 @@ class _MacKernel:
         # an MVAU multiplies its input vectors by its (MW, MH) weights: a MatMul
         self.mac_op = INTEGER_MAC_OPS[layer.op_type].mac_op if integer_op else "MatMul" if finn_op else layer.op_type
         self.vectors = list(node_attr(node, "numInputVectors", [1]))[1:] if finn_op else None  # less the batch
+        self.interleave = vvau_interleave(model, node) if node.op_type == SIMULATED_VVAU else 1
         if self.mac_op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "
                                 "(the static proof and adversarial simulation still apply)")
@@ -371,6 +373,8 @@ class _MacKernel:
             codes = grid_codes(context[self.node.input[0]], self.layer.grid, self.input_scale, self.layer.node,
                                self.layer.input_tensor)
             padding = self.layer.grid.zero_code
+            if self.node.op_type == SIMULATED_VVAU:  # each channel's window taps times its own kernel
+                return self._accumulate_vvau(vvau_taps(codes, self.rows.shape[1], self.rows.shape[0], self.interleave))
             if self.vectors is not None:  # an MVAU reads its input as vectors of MW codes (FINN's normal shape)
                 codes = codes.reshape(len(codes), *self.vectors, self.rows.shape[1])
         if self.node.op_type == "ConvTranspose":
@@ -392,6 +396,16 @@ class _MacKernel:
             if self.requantized is not None:
                 self.requantized = np.moveaxis(self.requantized, 1, -1)
         return acc, channel_axis
+
+    def _accumulate_vvau(self, taps: np.ndarray) -> tuple[Accumulation, int]:
+        """A VVAU on its input codes ``(B, H, W, taps, C)``: channel c sums its taps times row c, output NHWC."""
+        exact = np.einsum("bhwtc,ct->bhwc", taps.astype(np.int64), self.rows)
+        acc = accumulate(lambda k: taps[..., k, :].astype(np.int64) * self.rows[:, k], self.rows.shape[1], self.bits,
+                         self.signed, self.mode, self.tile, exact, self.outer)
+        self.requantized = None
+        if self.requantization is not None and acc.overflow_count:
+            self.requantized = self.requantization.output(acc.values, -1)
+        return acc, -1
 
     def _accumulate(self, codes: np.ndarray, padding: int) -> tuple[Accumulation, int]:
         """Dense and convolutional layers on ``codes``; a Conv pads with code ``padding``."""

@@ -1,10 +1,10 @@
-"""Data simulation of FINN's ``MVAU`` nodes (what ``a2q lower`` and FINN's ``InferQuantizedMatrixVectorActivation``
-write), as FINN's Python execution of the node defines it: ``acc = x @ W`` on the integer input codes, then, where
-the node thresholds (``noActivation`` 0), ``multithreshold(acc, T) * out_scale + out_bias``.
+"""Data simulation of FINN's ``MVAU`` and ``VVAU`` nodes (what ``a2q lower`` and FINN's ``convert_to_hw`` write), as
+FINN's Python execution of the nodes defines them: ``acc = x @ W`` on the integer input codes (a ``VVAU``: each
+channel's window taps times its own kernel), then, where the node thresholds (``noActivation`` 0),
+``multithreshold(acc, T) * out_scale + out_bias``.
 
-The accumulator is a plain dot product per output channel (the rows of a ``transpose`` layout); an output whose
-P-bit accumulator differs from the exact one is recomputed from the P-bit value through the node's own
-thresholds (qonnx's ``multithreshold``, which FINN's execution calls).
+An output whose P-bit accumulator differs from the exact one is recomputed from the P-bit value through the node's
+own thresholds (qonnx's ``multithreshold``, which FINN's execution calls).
 """
 
 from __future__ import annotations
@@ -17,24 +17,42 @@ from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.integer_op_simulation import NotRequantizable
 from a2q_passes.layers import MacLayer
 
-SIMULATED_MVAU = "MVAU"  # FINN's generic HW layer; MVAU_hls/MVAU_rtl execute only in C++ or RTL simulation
+SIMULATED_MVAU = "MVAU"  # FINN's generic HW layers; the _hls/_rtl variants execute only in C++ or RTL simulation
+SIMULATED_VVAU = "VVAU"
 
 
 def unsimulated_mvau(layer: MacLayer, node: NodeProto) -> str | None:
     """Why the FINN ``MVAU``/``VVAU`` ``node`` is not simulated on data, or None."""
-    if node.op_type != SIMULATED_MVAU:
+    if node.op_type not in (SIMULATED_MVAU, SIMULATED_VVAU):
         return (f"data simulation of FINN {node.op_type} nodes is not implemented (the static proof and adversarial "
                 "simulation still apply)")
     if layer.binary_xnor or (node_str_attr(node, "inputDataType", "") == "BIPOLAR"
                              and node_str_attr(node, "weightDataType", "") == "BIPOLAR"):
-        return "an MVAU in binary xnor-popcount mode (its codes are not the accumulated values)"
-    if layer.layout.kind != "transpose":
+        return f"an {node.op_type} in binary xnor-popcount mode (its codes are not the accumulated values)"
+    if layer.layout.kind != ("transpose" if node.op_type == SIMULATED_MVAU else "reshape"):
         return "an MVAU reading pixel-padded input (its accumulator rows are stride phases of a window)"
     return None
 
 
+def vvau_interleave(model: ModelWrapper, node: NodeProto) -> int:
+    """How many channels a ``VVAU``'s input interleaves per window tap (FINN's execution: all of them behind an
+    ``Im2Col`` or generic ``ConvolutionInputGenerator``, else its ``PE``)."""
+    producer = model.find_producer(node.input[0])
+    if producer is not None and producer.op_type in ("Im2Col", "ConvolutionInputGenerator"):
+        return int(node_attr(node, "Channels", 1))
+    return int(node_attr(node, "PE", 1))
+
+
+def vvau_taps(codes: np.ndarray, taps: int, channels: int, interleave: int) -> np.ndarray:
+    """A ``VVAU``'s input ``(B, H, W, C * taps)`` as ``(B, H, W, taps, C)``, untangled as FINN's execution does
+    (``interleave`` channels per tap): tap ``t`` of channel ``c`` is then element ``t * C + c``."""
+    b, h, w = codes.shape[:3]
+    untangled = codes.reshape(b, h, w, channels // interleave, taps, interleave).transpose(0, 1, 2, 4, 3, 5)
+    return untangled.reshape(b, h, w, taps, channels)
+
+
 class MvauActivation:
-    """The thresholds an ``MVAU`` applies to its accumulators (FINN's ``execute_node``)."""
+    """The thresholds an ``MVAU``/``VVAU`` applies to its accumulators (FINN's ``execute_node``)."""
 
     def __init__(self, model: ModelWrapper, node: NodeProto) -> None:
         thresholds = get_constant(model, node.input[2]) if len(node.input) > 2 else None

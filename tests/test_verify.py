@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 from pathlib import Path
@@ -780,3 +781,50 @@ def test_data_simulation_runs_finn_layers_registered_on_import():
     result = simulate_model(model, x, {"mvau": 32})
     assert result.overflows["mvau"] == 0 and result.accumulations["mvau"] == acc.size
     np.testing.assert_array_equal(result.outputs["y"], acc.astype(np.float32))
+
+
+@pytest.mark.parametrize("pe", [1, 2, 4])
+def test_data_simulation_of_a_finn_vvau(pe):
+    """A FINN VVAU (depthwise layers after convert_to_hw): each channel's window taps, as FINN's execution untangles
+    the input (``PE`` channels interleaved per tap), times its own kernel, in P bits, then its thresholds. The exact
+    accumulators come from FINN's own execution of the node without thresholds."""
+    from qonnx.custom_op.general.multithreshold import multithreshold
+    from qonnx.custom_op.registry import getCustomOp
+
+    rng = np.random.default_rng(5)
+    channels, k = 4, 3
+    w = rng.integers(-8, 8, size=(channels, 1, k, k)).astype(np.float32)
+    w[0] = 7
+    thresholds = np.sort(rng.integers(-100, 100, size=(channels, 3)), axis=1).astype(np.float32)
+    attrs = dict(PE=pe, Channels=channels, Kernel=[k, k], Dim=[2, 2], inputDataType="UINT4", weightDataType="INT4",
+                 outputDataType="UINT2", accDataType="INT32", ActVal=0, noActivation=0, backend="fpgadataflow")
+    node = helper.make_node("VVAU", ["x", "w", "t"], ["y"], name="vvau", domain="finn.custom_op.fpgadataflow", **attrs)
+    graph = helper.make_graph([node], "vvau", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 36])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, channels])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(thresholds, "t")])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model.set_tensor_datatype("x", DataType["UINT4"])
+    x = rng.integers(0, 16, size=(5, 2, 2, 36)).astype(np.float32)
+    x[0] = 15
+
+    plain = ModelWrapper(copy.deepcopy(model.model))
+    plain.graph.node[0].CopyFrom(helper.make_node("VVAU", ["x", "w"], ["y"], name="vvau",
+                                                  domain="finn.custom_op.fpgadataflow", **{**attrs, "noActivation": 1}))
+    acc = []
+    for sample in x:  # FINN's execution takes one image at a time
+        context = {"x": sample[None], "w": w, "y": np.zeros((1, 2, 2, channels), np.float32)}
+        getCustomOp(plain.graph.node[0]).execute_node(context, plain.graph)
+        acc.append(context["y"])
+    acc = np.rint(np.concatenate(acc)).astype(np.int64)
+    bits = 7
+    wrapped = (acc + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1)
+    assert np.any(wrapped != acc) and not np.all(wrapped != acc)
+
+    def activation(a: np.ndarray) -> np.ndarray:
+        return multithreshold(a.astype(np.float32).transpose(0, 3, 1, 2), thresholds).transpose(0, 2, 3, 1)
+
+    result = simulate_model(model, x, {"vvau": bits})
+    assert not result.skipped and result.accumulations["vvau"] == acc.size
+    assert result.overflows["vvau"] == int(np.count_nonzero(wrapped != acc))
+    np.testing.assert_array_equal(result.exact_outputs["y"], activation(acc))
+    np.testing.assert_array_equal(result.outputs["y"], activation(wrapped))

@@ -565,12 +565,8 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
     accumulators = {}
     for info in infos:
         mac = macs[info.node]
-        if mac.op_type == "MVAU":  # FINN's: its input vectors of MW codes times its (MW, MH) integer weights
-            weights = model.get_initializer(mac.input[1]).astype(np.int64)
-            vectors = [a.ints for a in mac.attribute if a.name == "numInputVectors"]
-            accumulators[info.node] = np.concatenate([
-                run[mac.input[0]].astype(np.int64).reshape(-1, *(list(vectors[0])[1:] if vectors else []),
-                                                          weights.shape[0]) @ weights for run in runs])
+        if mac.op_type in ("MVAU", "VVAU"):
+            accumulators[info.node] = np.concatenate([_finn_accumulators(model, mac, run) for run in runs])
             continue
         if mac.op_type in INTEGER_MACS:  # each run its own zero point (DynamicQuantizeLinear)
             accumulators[info.node] = np.concatenate([_integer_op_accumulators(model, case.zero_point, mac, run)
@@ -586,6 +582,28 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
         else:
             accumulators[info.node] = _IntegerMac.of(model, case, info, mac).accumulators(executed[0])
     return accumulators
+
+
+def _finn_accumulators(model: ModelWrapper, mac, run: dict[str, np.ndarray]) -> np.ndarray:
+    """A FINN MVAU/VVAU's exact accumulators on one run's executed input: FINN's own execution of the node without
+    its thresholds (``noActivation`` 1), whose float32 products of small codes are exact below 2^24."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    node = copy.deepcopy(mac)
+    for attribute in node.attribute:
+        if attribute.name == "noActivation":
+            attribute.i = 1
+    del node.input[2:]
+    weights = model.get_initializer(mac.input[1])
+    x = run[mac.input[0]]
+    if np.abs(weights).sum() * max(np.abs(x).max(initial=0), 1) >= EXACT_FLOAT32:
+        raise OracleError(f"{mac.name}: accumulators beyond float32's integers")
+    vectors = next((list(a.ints) for a in mac.attribute if a.name == "numInputVectors"), [1])
+    mh = next((a.i for a in mac.attribute if a.name == "MH"), 0)
+    context = {mac.input[0]: x.astype(np.float32), mac.input[1]: weights,
+               node.output[0]: np.zeros((len(x), *vectors[1:], mh), np.float32)}  # the MVAU's output shape
+    getCustomOp(node).execute_node(context, model.graph)
+    return np.rint(context[node.output[0]]).astype(np.int64)
 
 
 def _executed_operands(model: ModelWrapper, info: LayerInfo, mac) -> list[str]:

@@ -454,7 +454,7 @@ def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", see
 def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fold",
                     input_dtype: str | None = None) -> Case:
     """A :class:`Case` of the layers of ``names`` that ``verify --data`` simulates and the oracle describes (float
-    weight layers, float MatMuls of two activations, integer MAC ops, FINN's MVAU) for property (j) on a real file: the
+    weight layers, float MatMuls of two activations, integer MAC ops, FINN's MVAU/VVAU) for property (j) on a real file: the
     whole file then runs on data; ``input_dtype``: the user's claim for every float graph input."""
     model = with_shapes(standard_data_ops(model))
     infos = []
@@ -467,7 +467,7 @@ def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fo
                 infos.append(describe_layer(model, name))
             elif mac.op_type in DATA_INTEGER_MACS and mac.domain in ("", "ai.onnx", "com.microsoft"):
                 infos.append(_integer_data_info(model, mac))
-            elif mac.op_type == "MVAU" and not _attr(mac, "binaryXnorMode", 0):  # FINN's generic node: integer codes
+            elif mac.op_type in ("MVAU", "VVAU") and not _attr(mac, "binaryXnorMode", 0):  # FINN's: integer codes
                 infos.append(LayerInfo(name, mac.op_type, np.ones(1, np.float32), 1.0))
         except Undescribed:
             continue  # not claimed either way
