@@ -409,6 +409,11 @@ class _MacKernel:
 
     def _accumulate(self, codes: np.ndarray, padding: int) -> tuple[Accumulation, int]:
         """Dense and convolutional layers on ``codes``; a Conv pads with code ``padding``."""
+        if self.layer.binary_xnor:  # FINN's xnor-popcount MVAU: each term counts a match of input and weight bit
+            bits, rows = codes.astype(np.int64), self.rows
+            exact = bits @ rows.T + (1 - bits) @ (1 - rows).T
+            return accumulate(lambda k: (bits[..., k, None] == rows[:, k]).astype(np.int64), rows.shape[1], self.bits,
+                              self.signed, self.mode, self.tile, exact, self.outer), -1
         if self.mac_op != "Conv":
             return accumulate_dot(codes, self.rows, self.bits, self.signed, self.mode, self.tile, self.outer), -1
         padded = self._padded(codes, padding)  # float64 holding integers

@@ -1,6 +1,7 @@
 """Data simulation of FINN's ``MVAU`` and ``VVAU`` nodes (what ``a2q lower`` and FINN's ``convert_to_hw`` write), as
 FINN's Python execution of the nodes defines them: ``acc = x @ W`` on the integer input codes (a ``VVAU``: each
-channel's window taps times its own kernel), then, where the node thresholds (``noActivation`` 0),
+channel's window taps times its own kernel; an xnor-popcount ``MVAU``: the count of input bits equal to their
+weight bits), then, where the node thresholds (``noActivation`` 0),
 ``multithreshold(acc, T) * out_scale + out_bias``.
 
 An output whose P-bit accumulator differs from the exact one is recomputed from the P-bit value through the node's
@@ -26,9 +27,12 @@ def unsimulated_mvau(layer: MacLayer, node: NodeProto) -> str | None:
     if node.op_type not in (SIMULATED_MVAU, SIMULATED_VVAU):
         return (f"data simulation of FINN {node.op_type} nodes is not implemented (the static proof and adversarial "
                 "simulation still apply)")
-    if layer.binary_xnor or (node_str_attr(node, "inputDataType", "") == "BIPOLAR"
-                             and node_str_attr(node, "weightDataType", "") == "BIPOLAR"):
-        return f"an {node.op_type} in binary xnor-popcount mode (its codes are not the accumulated values)"
+    if layer.binary_xnor and node.op_type != SIMULATED_MVAU:
+        return f"a {node.op_type} in binary xnor-popcount mode"
+    if not layer.binary_xnor and (node_str_attr(node, "inputDataType", "") == "BIPOLAR"
+                                  and node_str_attr(node, "weightDataType", "") == "BIPOLAR"):
+        # FINN executes it as xnor-popcount of (x + 1) / 2, which the layer's +-1 products do not describe
+        return f"a {node.op_type} of BIPOLAR inputs and weights without binaryXnorMode"
     if layer.layout.kind != ("transpose" if node.op_type == SIMULATED_MVAU else "reshape"):
         return "an MVAU reading pixel-padded input (its accumulator rows are stride phases of a window)"
     return None

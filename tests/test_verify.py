@@ -828,3 +828,47 @@ def test_data_simulation_of_a_finn_vvau(pe):
     assert result.overflows["vvau"] == int(np.count_nonzero(wrapped != acc))
     np.testing.assert_array_equal(result.exact_outputs["y"], activation(acc))
     np.testing.assert_array_equal(result.outputs["y"], activation(wrapped))
+
+
+def test_data_simulation_of_a_finn_xnor_popcount_mvau():
+    """A binarized MVAU (``binaryXnorMode``, BINARY input and weights, as FINN infers for BNNs such as the zoo's
+    TFC_1W1A): each term is 1 where the input bit equals the weight bit, accumulated in P bits (an unsigned count),
+    then thresholded. The exact counts come from FINN's own execution of the node without thresholds."""
+    from qonnx.custom_op.general.multithreshold import multithreshold
+    from qonnx.custom_op.registry import getCustomOp
+
+    rng = np.random.default_rng(6)
+    mw, mh = 40, 5
+    w = rng.integers(0, 2, size=(mw, mh)).astype(np.float32)
+    thresholds = np.sort(rng.integers(0, 40, size=(mh, 1)), axis=1).astype(np.float32)
+    attrs = dict(MW=mw, MH=mh, SIMD=1, PE=1, inputDataType="BINARY", weightDataType="BINARY", ActVal=0,
+                 outputDataType="BINARY", accDataType="UINT32", numInputVectors=[1], binaryXnorMode=1,
+                 backend="fpgadataflow")
+
+    def mvau(**extra) -> ModelWrapper:
+        inputs = ["x", "w", "t"] if not extra.get("noActivation") else ["x", "w"]
+        node = helper.make_node("MVAU", inputs, ["y"], name="mvau", domain="finn.custom_op.fpgadataflow",
+                                **{"noActivation": 0, **attrs, **extra})
+        inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(thresholds, "t")] if len(inputs) > 2 else [])
+        graph = helper.make_graph([node], "mvau", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, mw])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, mh])], inits)
+        model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+        model.set_tensor_datatype("x", DataType["BINARY"])
+        return model
+
+    x = rng.integers(0, 2, size=(30, mw)).astype(np.float32)
+    x[0] = w[:, 0]  # every bit of output 0 matches: the largest count
+    plain = mvau(noActivation=1)
+    counts = []
+    for sample in x:  # FINN's execution takes one vector at a time
+        context = {"x": sample[None], "w": w, "y": np.zeros((1, mh), np.float32)}
+        getCustomOp(plain.graph.node[0]).execute_node(context, plain.graph)
+        counts.append(context["y"])
+    acc = np.rint(np.concatenate(counts)).astype(np.int64)
+    bits = 5  # an unsigned register of 0..31: counts above 31 wrap
+    wrapped = acc % 2 ** bits
+    assert np.any(wrapped != acc) and not np.all(wrapped != acc)
+    result = simulate_model(mvau(), x, {"mvau": bits})
+    assert not result.skipped and result.overflows["mvau"] == int(np.count_nonzero(wrapped != acc))
+    np.testing.assert_array_equal(result.exact_outputs["y"], multithreshold(acc.astype(np.float32), thresholds))
+    np.testing.assert_array_equal(result.outputs["y"], multithreshold(wrapped.astype(np.float32), thresholds))
