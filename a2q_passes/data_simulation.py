@@ -29,7 +29,8 @@ from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ExactQGemm, ReferenceSession, exact_session, needs_reference
-from a2q_passes.finn_runtime import register_finn_hw_ops
+from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
+from a2q_passes.finn_runtime import as_generic_hw_layers, register_finn_hw_ops
 from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.input_grids import InputGrid, axis_scale
 from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable, Requantization, operand_codes,
@@ -655,6 +656,10 @@ def simulate_model(
     check_datapath(mode, tile)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if any(node.domain.startswith(f"{HW_DOMAIN_PREFIX}.") for node in model.graph.node):
+        # FINN's specialised layers (MVAU_hls, Thresholding_rtl, ...) execute only in C++ or RTL simulation: they run,
+        # and are simulated, as the HW layers they compute
+        model = as_generic_hw_layers(model)
     layers = find_mac_layers(model, input_dtypes, zero_point)
     chosen, _ = resolve_widths(model, layers, widths)
     feeds = graph_feeds(model, inputs)

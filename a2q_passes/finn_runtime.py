@@ -38,9 +38,12 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from a2q_passes.errors import A2QError
+
+if TYPE_CHECKING:
+    from qonnx.core.modelwrapper import ModelWrapper
 
 _READY = False
 
@@ -107,6 +110,30 @@ def register_finn_hw_ops() -> None:
     for module in pkgutil.iter_modules(hw.__path__):
         if not module.ispkg:  # hls/ and rtl/ hold the specialised variants, registered by the package itself
             importlib.import_module(f"{hw.__name__}.{module.name}")
+
+
+def as_generic_hw_layers(model: ModelWrapper) -> ModelWrapper:
+    """A copy of ``model`` in which each of FINN's specialised HW layers (domain ``...fpgadataflow.hls`` or ``.rtl``,
+    op ``X_hls``/``X_rtl``) is the HW layer ``X`` it was specialised from, with the same inputs and attributes.
+
+    Why: FINN's ``SpecializeLayers`` only picks an implementation; the HLS/RTL classes subclass the HW layer and
+    compute what it computes, but execute only in cppsim/rtlsim (Vivado), while the HW layer executes in Python.
+    Used to execute (scoring, ``verify --data``): no width and no guarantee is read from the outputs. A layer whose
+    HW layer FINN does not register is left as it is."""
+    from finn.custom_op.fpgadataflow import custom_op as hw_layers
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
+
+    register_finn_hw_ops()
+    generic_model = ModelWrapper(model.model.SerializeToString())
+    for node in generic_model.graph.node:
+        for backend in ("hls", "rtl"):
+            generic = node.op_type[:-len(backend) - 1]
+            if (node.domain == f"{HW_DOMAIN_PREFIX}.{backend}" and node.op_type.endswith(f"_{backend}")
+                    and generic in hw_layers):
+                node.domain, node.op_type = HW_DOMAIN_PREFIX, generic
+    return generic_model
 
 
 def _written_since(path: Path, started: float) -> bool:

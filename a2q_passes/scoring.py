@@ -14,8 +14,7 @@ from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.data import Dataset, ModelIO, as_dataset, validate
 from a2q_passes.finetune.train import predict, score
-from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
-from a2q_passes.finn_runtime import ensure_finn_importable, register_finn_hw_ops
+from a2q_passes.finn_runtime import as_generic_hw_layers, register_finn_hw_ops
 from a2q_passes.torch_bridge import QonnxModule, check_runs
 
 METRICS = ("auto", "top1", "psnr")
@@ -71,27 +70,6 @@ def qonnx_outputs(model: ModelWrapper, x: np.ndarray) -> torch.Tensor:
     name, out = data_inputs(model.graph)[0].name, model.graph.output[0].name
     outputs = [execute_onnx(model, {name: x[i:i + 1]})[out] for i in range(len(x))]
     return torch.from_numpy(np.concatenate(outputs).astype(np.float32))
-
-
-def as_generic_hw_layers(model: ModelWrapper) -> ModelWrapper:
-    """A copy of ``model`` in which each of FINN's specialised HW layers (domain ``...fpgadataflow.hls`` or ``.rtl``,
-    op ``X_hls``/``X_rtl``) is the HW layer ``X`` it was specialised from, with the same inputs and attributes.
-
-    Why: FINN's ``SpecializeLayers`` only picks an implementation; the HLS/RTL classes subclass the HW layer and
-    compute what it computes, but execute only in cppsim/rtlsim (Vivado), while the HW layer executes in Python.
-    Used for scoring only: no width and no guarantee is read from the outputs. A layer whose HW layer FINN does not
-    register (finn-plus' ``Reshape_rtl``) is left as it is."""
-    ensure_finn_importable()
-    from finn.custom_op.fpgadataflow import custom_op as hw_layers
-
-    copy = ModelWrapper(model.model.SerializeToString())
-    for node in copy.graph.node:
-        for backend in ("hls", "rtl"):
-            generic = node.op_type[:-len(backend) - 1]
-            if (node.domain == f"{HW_DOMAIN_PREFIX}.{backend}" and node.op_type.endswith(f"_{backend}")
-                    and generic in hw_layers):
-                node.domain, node.op_type = HW_DOMAIN_PREFIX, generic
-    return copy
 
 
 def scoring_executor(reference: ModelWrapper, sample: np.ndarray, fallback: bool) -> Outputs:

@@ -716,11 +716,12 @@ def test_data_simulation_of_a_channels_last_conv():
     assert simulate_model(model, x, {"conv": bits}, mode="saturate").overflows != saturated.overflows
 
 
-@pytest.mark.parametrize("thresholded", [False, True])
-def test_data_simulation_of_a_finn_mvau(thresholded):
+@pytest.mark.parametrize("thresholded, specialised", [(False, False), (True, False), (True, True)])
+def test_data_simulation_of_a_finn_mvau(thresholded, specialised):
     """A FINN MVAU (what `a2q lower` writes): ``x @ W`` on its input codes in P bits, then, where it thresholds, its
     own thresholds applied to the P-bit accumulator. Checked against int64 products wrapped to P and qonnx's
-    multithreshold, the function FINN's execution of the node calls."""
+    multithreshold, the function FINN's execution of the node calls. ``specialised``: the MVAU_hls FINN's
+    SpecializeLayers makes of it, which executes only in C++ simulation, runs as the MVAU it computes."""
     from qonnx.custom_op.general.multithreshold import multithreshold
 
     rng = np.random.default_rng(3)
@@ -734,7 +735,8 @@ def test_data_simulation_of_a_finn_mvau(thresholded):
                  backend="fpgadataflow")
     inputs = ["x", "w", "t"] if thresholded else ["x", "w"]
     inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(thresholds, "t")] if thresholded else [])
-    node = helper.make_node("MVAU", inputs, ["y"], name="mvau", domain="finn.custom_op.fpgadataflow", **attrs)
+    node = helper.make_node("MVAU_hls" if specialised else "MVAU", inputs, ["y"], name="mvau",
+                            domain="finn.custom_op.fpgadataflow" + (".hls" if specialised else ""), **attrs)
     graph = helper.make_graph([node], "mvau", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, mw])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, mh])], inits)
     model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
