@@ -405,10 +405,14 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
 
 
 def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
-    """A copy with FINN's HW data-movement layers as the standard ops they are defined by (``convert_to_hw`` made
-    them from these): ``Shuffle`` = Reshape -> Transpose -> Reshape, ``DuplicateStreams`` = one Identity per output,
+    """A copy with FINN's specialised layers as the HW layers they implement, and its HW data-movement layers as the
+    standard ops they are defined by (``convert_to_hw`` made them from these): ``Shuffle`` = Reshape -> Transpose -> Reshape, ``DuplicateStreams`` = one Identity per output,
     ``ElementwiseMul`` = Mul, FINN's ``Reshape`` = Reshape. Their own attributes fix the batch to 1; the standard ops run any batch."""
     model = ModelWrapper(copy.deepcopy(model.model))
+    for node in model.graph.node:  # SpecializeLayers picks an implementation (X_hls, X_rtl) of the HW layer X
+        for backend in ("hls", "rtl"):
+            if node.domain == f"finn.custom_op.fpgadataflow.{backend}" and node.op_type.endswith(f"_{backend}"):
+                node.domain, node.op_type = "finn.custom_op.fpgadataflow", node.op_type[:-len(backend) - 1]
     for index, node in reversed(list(enumerate(model.graph.node))):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Shuffle":
