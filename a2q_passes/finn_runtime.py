@@ -109,7 +109,10 @@ def register_finn_hw_ops() -> None:
 
     for module in pkgutil.iter_modules(hw.__path__):
         if not module.ispkg:  # hls/ and rtl/ hold the specialised variants, registered by the package itself
-            importlib.import_module(f"{hw.__name__}.{module.name}")
+            try:
+                importlib.import_module(f"{hw.__name__}.{module.name}")
+            except ImportError:  # a layer needing an optional dependency: not registered, as in FINN without it
+                continue
 
 
 def as_generic_hw_layers(model: ModelWrapper) -> ModelWrapper:
