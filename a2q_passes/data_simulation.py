@@ -375,8 +375,8 @@ class _MacKernel:
                                self.layer.input_tensor)
             padding = self.layer.grid.zero_code
             if self.node.op_type == SIMULATED_VVAU:  # each channel's window taps times its own kernel
-                return self._accumulate_vvau(vvau_taps(codes, self.rows.shape[1], self.rows.shape[0], self.interleave))
-            if self.vectors is not None:  # an MVAU reads its input as vectors of MW codes (FINN's normal shape)
+                codes = vvau_taps(codes, self.rows.shape[1], self.rows.shape[0], self.interleave)
+            elif self.vectors is not None:  # an MVAU reads its input as vectors of MW codes (FINN's normal shape)
                 codes = codes.reshape(len(codes), *self.vectors, self.rows.shape[1])
         if self.node.op_type == "ConvTranspose":
             weights = self.layer.layout.from_rows(self.rows)
@@ -398,18 +398,13 @@ class _MacKernel:
                 self.requantized = np.moveaxis(self.requantized, 1, -1)
         return acc, channel_axis
 
-    def _accumulate_vvau(self, taps: np.ndarray) -> tuple[Accumulation, int]:
-        """A VVAU on its input codes ``(B, H, W, taps, C)``: channel c sums its taps times row c, output NHWC."""
-        exact = np.einsum("bhwtc,ct->bhwc", taps.astype(np.int64), self.rows)
-        acc = accumulate(lambda k: taps[..., k, :].astype(np.int64) * self.rows[:, k], self.rows.shape[1], self.bits,
-                         self.signed, self.mode, self.tile, exact, self.outer)
-        self.requantized = None
-        if self.requantization is not None and acc.overflow_count:
-            self.requantized = self.requantization.output(acc.values, -1)
-        return acc, -1
-
     def _accumulate(self, codes: np.ndarray, padding: int) -> tuple[Accumulation, int]:
         """Dense and convolutional layers on ``codes``; a Conv pads with code ``padding``."""
+        if self.node.op_type == SIMULATED_VVAU:  # codes (B, H, W, taps, C): channel c sums its taps times row c
+            taps = codes.astype(np.int64)
+            exact = np.einsum("bhwtc,ct->bhwc", taps, self.rows)
+            return accumulate(lambda k: taps[..., k, :] * self.rows[:, k], self.rows.shape[1], self.bits, self.signed,
+                              self.mode, self.tile, exact, self.outer), -1
         if self.layer.binary_xnor:  # FINN's xnor-popcount MVAU: each term counts a match of input and weight bit
             bits, rows = codes.astype(np.int64), self.rows
             exact = bits @ rows.T + (1 - bits) @ (1 - rows).T
@@ -443,7 +438,7 @@ class _MacKernel:
     def _accumulator_of_op(self, codes: np.ndarray, padding: int, acc: Accumulation) -> np.ndarray:
         """The accumulator a requantizing op defines, ``sum (x - z_x)(w - z_w)``: under ``subtract`` the exact sums;
         under ``fold`` (raw codes, ``z_x`` in padded taps) the sums of the codes less both zero points."""
-        if self.zero_point == "subtract":
+        if self.zero_point == "subtract" or not self.integer_op:  # no zero point is subtracted after the sums
             return acc.exact
         rows = self.rows - self.weight_zero_rows
         if self.mac_op != "Conv":
