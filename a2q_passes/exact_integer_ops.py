@@ -106,6 +106,28 @@ def _onnx_qlinear_conv(model: ModelProto) -> ModelProto:
     return model
 
 
+def output_multiplier(alpha: float, x_scale: np.ndarray, w_scale: np.ndarray,
+                      y_scale: np.ndarray | None) -> np.ndarray:
+    """A requantizing op's float32 multiplier ``alpha * s_x * s_w (/ s_y)`` (``s_w`` per tensor or per output
+    channel), multiplied in that order in float32, as onnxruntime's output processors compute it."""
+    multiplier = np.float32(alpha) * np.asarray(x_scale).astype(np.float32).reshape(-1)[0] * \
+        np.asarray(w_scale).astype(np.float32).reshape(-1)
+    if y_scale is not None:
+        multiplier = multiplier / np.asarray(y_scale).astype(np.float32).reshape(-1)[0]
+    return multiplier.astype(np.float32)
+
+
+def scale_accumulator(acc: np.ndarray, multiplier: np.ndarray, zero_point: np.ndarray | None) -> np.ndarray:
+    """An int64 accumulator (bias included) times ``multiplier`` in float32; with an output ``zero_point``, rounded
+    half to even, plus it, saturated to its type (onnxruntime's requantization); without, the float product."""
+    scaled = acc.astype(np.float32) * multiplier
+    if zero_point is None:
+        return scaled
+    info = np.iinfo(zero_point.dtype)
+    return np.clip(np.rint(scaled).astype(np.float64) + int(zero_point.reshape(-1)[0]), info.min,
+                   info.max).astype(zero_point.dtype)
+
+
 class ExactQGemm:
     """onnxruntime's ``com.microsoft`` ``QGemm`` in exact integer arithmetic, then scaled as its kernel scales.
 
@@ -138,13 +160,5 @@ class ExactQGemm:
         bias = value(6)
         if bias is not None:
             acc = acc + bias.astype(np.int64)
-        scale = np.float32(self.attributes.get("alpha", 1.0)) * value(1).astype(np.float32).reshape(-1)[0] * \
-            value(4).astype(np.float32).reshape(-1)
-        s_y, z_y = value(7), value(8)
-        if s_y is not None:
-            scale = scale / s_y.astype(np.float32).reshape(-1)[0]
-        y = acc.astype(np.float32) * scale.astype(np.float32)
-        if z_y is not None:
-            limits = np.iinfo(z_y.dtype)
-            y = np.clip(np.rint(y).astype(np.float64) + int(z_y.reshape(-1)[0]), limits.min, limits.max).astype(z_y.dtype)
-        return [y]
+        multiplier = output_multiplier(self.attributes.get("alpha", 1.0), value(1), value(4), value(7))
+        return [scale_accumulator(acc, multiplier, value(8))]

@@ -17,6 +17,7 @@ from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
+from a2q_passes.exact_integer_ops import output_multiplier, scale_accumulator
 from a2q_passes.graph_values import get_constant, node_attr
 from a2q_passes.weight_sources import INTEGER_MAC_OPS
 
@@ -74,15 +75,12 @@ class Requantization:
             return np.asarray(value)
 
         x_scale, w_scale, bias, y_scale, y_zero = _REQUANTIZATION_INPUTS[node.op_type]
-        multiplier = np.float32(node_attr(node, "alpha", 1.0)) * constant(x_scale, "input scale").astype(np.float32).reshape(()) \
-            * constant(w_scale, "weight scale").astype(np.float32).reshape(-1)
-        if _input(node, y_scale):
-            multiplier = multiplier / constant(y_scale, "output scale").astype(np.float32).reshape(())
-        self.multiplier = multiplier.astype(np.float32)
+        self.multiplier = output_multiplier(
+            node_attr(node, "alpha", 1.0), constant(x_scale, "input scale"), constant(w_scale, "weight scale"),
+            constant(y_scale, "output scale") if _input(node, y_scale) else None)
         # QGemm without y_zero_point outputs floats; the QLinear ops' output zero point defaults to uint8 0
-        self.float_output = node.op_type == "QGemm" and not _input(node, y_zero)
-        z_y = constant(y_zero, "output zero point") if _input(node, y_zero) else np.zeros((), np.uint8)
-        self.zero_point, self.dtype = int(z_y.reshape(-1)[0]), z_y.dtype
+        self.zero_point: np.ndarray | None = constant(y_zero, "output zero point") if _input(node, y_zero) else (
+            None if node.op_type == "QGemm" else np.zeros((), np.uint8))
         self.bias = np.zeros(1, np.int64)
         if bias is not None and _input(node, bias):
             self.bias = constant(bias, "bias").astype(np.int64)
@@ -95,8 +93,4 @@ class Requantization:
         """The op's output for accumulators ``acc`` (int64), channels along ``channel_axis``."""
         shape = [1] * acc.ndim
         shape[channel_axis] = -1
-        scaled = (acc + self.bias.reshape(shape)).astype(np.float32) * self.multiplier.reshape(shape)
-        if self.float_output:
-            return scaled
-        info = np.iinfo(self.dtype)
-        return np.clip(np.rint(scaled).astype(np.float64) + self.zero_point, info.min, info.max).astype(self.dtype)
+        return scale_accumulator(acc + self.bias.reshape(shape), self.multiplier.reshape(shape), self.zero_point)
