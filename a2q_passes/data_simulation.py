@@ -28,7 +28,7 @@ from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
-from a2q_passes.exact_integer_ops import ExactQGemm, ReferenceSession, exact_session, needs_reference
+from a2q_passes.exact_integer_ops import ExactSession, exact_session, needs_reference
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_runtime import as_generic_hw_layers, register_finn_hw_ops
 from a2q_passes.graph_values import node_attr, node_str_attr
@@ -82,7 +82,7 @@ class _GraphRunner:
         self.data_inputs = [vi.name for vi in data_inputs(model.graph)]
         first = self.shapes.get(self.data_inputs[0]) if self.data_inputs else None
         self.declared_batch = first[0] if first else 0
-        self.sessions: dict[int, rt.InferenceSession | ReferenceSession | ExactQGemm] = {}
+        self.sessions: dict[int, rt.InferenceSession | ExactSession] = {}
         if any(node.domain.startswith("finn") for node in model.graph.node):
             register_finn_hw_ops()
         self.pending: list[tuple[int, NodeProto]] = []
@@ -114,7 +114,7 @@ class _GraphRunner:
         context.update(zip(outputs, values))
 
     def _session(self, index: int, node: NodeProto,
-                 context: dict[str, np.ndarray]) -> rt.InferenceSession | ReferenceSession | ExactQGemm:
+                 context: dict[str, np.ndarray]) -> rt.InferenceSession | ExactSession:
         initializers, inputs = [], []
         for name in dict.fromkeys(n for n in node.input if n):
             if name in self.constants:
@@ -232,7 +232,7 @@ class _ActXActKernel:
         self.requantized = None
         if self.requantization is not None and acc.overflow_count:
             of_op = exact if a_zero == b_zero == 0 else np.matmul(a2 - a_zero, b2 - b_zero)
-            self.requantized = self.requantization.output(of_op + (acc.values - acc.exact), -1)
+            self.requantized = self.requantization.output(of_op + (acc.values - acc.exact), -1, context)
         if a.ndim == 1 or b.ndim == 1:  # numpy drops the promoted axes again
             axes = tuple(axis for axis, promoted in ((-2, a.ndim == 1), (-1, b.ndim == 1)) if promoted)
             acc = Accumulation(*(np.squeeze(v, axis=axes) for v in (acc.values, acc.exact, acc.register_overflow)))
@@ -390,7 +390,7 @@ class _MacKernel:
         self.requantized = None
         if self.requantization is not None and acc.overflow_count:
             self.requantized = self.requantization.output(self._accumulator_of_op(codes, padding, acc) +
-                                                          (acc.values - acc.exact), channel_axis)
+                                                          (acc.values - acc.exact), channel_axis, context)
         if self.nhwc:
             acc = Accumulation(*(np.moveaxis(v, 1, -1) for v in (acc.values, acc.exact, acc.register_overflow)))
             channel_axis = -1

@@ -5,7 +5,8 @@ adds each pair of products in int16 with saturation: ``255 * 127 + 255 * 127`` g
 (onnxruntime's documented reason for ``reduce_range``). That is an overflow inside the runtime, below any accumulator
 a2q reasons about, so an "exact" reference computed by those kernels is not exact. A one-node probe tells whether
 this CPU does it; where it does, these ops run in ONNX's reference implementation (exact integer arithmetic, slower),
-and onnxruntime's ``com.microsoft`` ``QGemm``, which has none, in :class:`ExactQGemm`.
+and onnxruntime's ``com.microsoft`` ``QGemm``, ``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``, which have
+none, in :class:`ExactQGemm` and :class:`ExactMatMulToFloat`.
 """
 
 from __future__ import annotations
@@ -67,14 +68,18 @@ def needs_reference(domain: str, op_type: str) -> bool:
 
 
 QGEMM = ("com.microsoft", "QGemm")
-CONTRIB_MACS = (QGEMM, ("com.microsoft", "QLinearConv"))
+# the dynamic quantizer's fused MatMuls (onnxruntime's optimizer): float output, float bias
+MATMUL_TO_FLOAT = (("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", "DynamicQuantizeMatMul"))
+CONTRIB_MACS = (QGEMM, ("com.microsoft", "QLinearConv"), *MATMUL_TO_FLOAT)
 
 
-def exact_session(model: ModelProto) -> "ReferenceSession | ExactQGemm":
+def exact_session(model: ModelProto) -> "ExactSession":
     """An exact session for a one-node model of an op :func:`needs_reference` names."""
     node = model.graph.node[0]
     if (node.domain, node.op_type) == QGEMM:
         return ExactQGemm(model)
+    if (node.domain, node.op_type) in MATMUL_TO_FLOAT:
+        return ExactMatMulToFloat(model)
     if node.domain == "com.microsoft":  # QLinearConv: ONNX's op, on NHWC data where channels_last is set
         return ReferenceSession(_onnx_qlinear_conv(model))
     return ReferenceSession(model)
@@ -128,14 +133,20 @@ def scale_accumulator(acc: np.ndarray, multiplier: np.ndarray, zero_point: np.nd
                    info.max).astype(zero_point.dtype)
 
 
-class ExactQGemm:
-    """onnxruntime's ``com.microsoft`` ``QGemm`` in exact integer arithmetic, then scaled as its kernel scales.
+def dynamic_quantization(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
+    """The uint8 codes (int64), scale and zero point onnxruntime quantizes a float tensor to inside ``com.microsoft``
+    ``DynamicQuantizeMatMul``, as ``DynamicQuantizeLinear`` does: the whole tensor's range widened to hold 0 spans
+    0..255 (``scale = (max - min) / 255`` in float32, 1 for an all-zero tensor), ``z = round(-min / scale)``, codes
+    ``round(x / scale) + z`` saturated (float32 division, rounding half to even)."""
+    x = np.asarray(x, np.float32)
+    low, high = min(np.float32(x.min(initial=0)), np.float32(0)), max(np.float32(x.max(initial=0)), np.float32(0))
+    scale = np.float32(1) if high == low else np.float32((high - low) / np.float32(255))
+    zero_point = int(np.rint(np.clip(np.float32(0) - low / scale, 0, 255)))
+    return np.clip(np.rint(x / scale) + zero_point, 0, 255).astype(np.int64), scale, zero_point
 
-    The accumulator is ``C + (A - z_a)(B - z_b)`` (int64; ``transA``/``transB`` applied, ``z_b`` and ``s_b`` per
-    tensor or per column). With ``y_zero_point`` the output is ``saturate(round(acc * s) + z_y)``, else the float
-    ``acc * s``, where ``s = alpha * s_a * s_b[n] (/ s_y)`` in float32 and rounding is half to even, as onnxruntime's
-    requantizing and scaling output processors compute them.
-    """
+
+class _ExactContribOp:
+    """A one-node model of an onnxruntime ``com.microsoft`` integer op, run here in exact integer arithmetic."""
 
     def __init__(self, model: ModelProto) -> None:
         self.node = model.graph.node[0]
@@ -146,10 +157,23 @@ class ExactQGemm:
     def get_inputs(self) -> list[_Input]:
         return self.inputs
 
+    def _value(self, feeds: dict[str, np.ndarray], index: int) -> np.ndarray | None:
+        name = self.node.input[index] if len(self.node.input) > index else ""
+        return None if not name else np.asarray(feeds[name] if name in feeds else self.constants[name])
+
+
+class ExactQGemm(_ExactContribOp):
+    """onnxruntime's ``com.microsoft`` ``QGemm`` in exact integer arithmetic, then scaled as its kernel scales.
+
+    The accumulator is ``C + (A - z_a)(B - z_b)`` (int64; ``transA``/``transB`` applied, ``z_b`` and ``s_b`` per
+    tensor or per column). With ``y_zero_point`` the output is ``saturate(round(acc * s) + z_y)``, else the float
+    ``acc * s``, where ``s = alpha * s_a * s_b[n] (/ s_y)`` in float32 and rounding is half to even, as onnxruntime's
+    requantizing and scaling output processors compute them.
+    """
+
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         def value(index: int) -> np.ndarray | None:
-            name = self.node.input[index] if len(self.node.input) > index else ""
-            return None if not name else np.asarray(feeds[name] if name in feeds else self.constants[name])
+            return self._value(feeds, index)
 
         a, b = value(0).astype(np.int64), value(3).astype(np.int64)
         a = a.T if self.attributes.get("transA", 0) else a
@@ -162,3 +186,25 @@ class ExactQGemm:
             acc = acc + bias.astype(np.int64)
         multiplier = output_multiplier(self.attributes.get("alpha", 1.0), value(1), value(4), value(7))
         return [scale_accumulator(acc, multiplier, value(8))]
+
+
+class ExactMatMulToFloat(_ExactContribOp):
+    """onnxruntime's ``com.microsoft`` ``MatMulIntegerToFloat`` (``A, B, s_a, s_b, z_a, z_b, bias``) and
+    ``DynamicQuantizeMatMul`` (``A, B, s_b, z_b, bias``; ``A`` float, quantized by :func:`dynamic_quantization`) in
+    exact integer arithmetic: ``(A - z_a) @ (B - z_b)`` in int64 (numpy's matmul broadcasting; ``z_b``, ``s_b`` per
+    tensor or per column), times ``s_a * s_b`` in float32, plus the float bias, as onnxruntime's scaling output
+    processor computes it."""
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.node.op_type == "DynamicQuantizeMatMul":
+            a, a_scale, a_zero = dynamic_quantization(self._value(feeds, 0))
+            b_scale, b_zero, bias = (self._value(feeds, i) for i in (2, 3, 4))
+        else:
+            a, a_scale, b_scale, a_zero, b_zero, bias = (self._value(feeds, i) for i in (0, 2, 3, 4, 5, 6))
+            a, a_zero = a.astype(np.int64), 0 if a_zero is None else int(a_zero.reshape(-1)[0])
+        b = self._value(feeds, 1).astype(np.int64) - (0 if b_zero is None else b_zero.astype(np.int64).reshape(-1))
+        y = scale_accumulator(np.matmul(a - a_zero, b), output_multiplier(1.0, a_scale, b_scale, None), None)
+        return [y if bias is None else y + bias.astype(np.float32)]
+
+
+ExactSession = ReferenceSession | ExactQGemm | ExactMatMulToFloat

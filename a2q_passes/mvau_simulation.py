@@ -67,8 +67,9 @@ class MvauActivation:
         bipolar = node_str_attr(node, "outputDataType", "") == "BIPOLAR"
         self.out_scale, self.out_bias = (2.0, -1.0) if bipolar else (1.0, float(node_attr(node, "ActVal", 0)))
 
-    def output(self, acc: np.ndarray, channel_axis: int) -> np.ndarray:
-        """The node's output for accumulators ``acc`` (channels last, as FINN's NHWC data)."""
+    def output(self, acc: np.ndarray, channel_axis: int, context: dict[str, np.ndarray]) -> np.ndarray:
+        """The node's output for accumulators ``acc`` (channels last, as FINN's NHWC data); its thresholds are
+        constants, so the run's ``context`` (the requantizing ops' interface) is not read."""
         from qonnx.custom_op.general.multithreshold import multithreshold
 
         values = acc.astype(np.float32)

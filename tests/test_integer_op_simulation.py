@@ -376,3 +376,110 @@ def test_random_conv_integer_geometries_against_brute_force(seed):
         assert result.overflows["conv"] == int(np.count_nonzero(wrapped != acc)) > 0
         np.testing.assert_array_equal(result.exact_outputs["y"], of_op)
         np.testing.assert_array_equal(result.outputs["y"], of_op + (wrapped - acc))
+
+
+def _dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
+    """``x`` through onnxruntime's own DynamicQuantizeLinear op: codes, scale, zero point."""
+    import onnxruntime as ort
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
+    graph = helper.make_graph([node], "dql", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_empty_tensor_value_info(n) for n in ("y", "s", "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    y, s, z = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    return y.astype(np.int64), np.float32(s), int(z)
+
+
+def test_dynamic_quantization_is_onnxruntimes():
+    """The codes DynamicQuantizeMatMul multiplies (computed inside the op) are DynamicQuantizeLinear's, bit for bit:
+    mixed, all-positive, all-negative, all-zero tensors, values on half steps, tiny and huge ranges."""
+    from a2q_passes.exact_integer_ops import dynamic_quantization
+
+    rng = np.random.default_rng(21)
+    cases = [np.zeros(7, np.float32), np.full(5, -3.0, np.float32), np.array([0.5, 1.5, 2.5, -0.5], np.float32)]
+    for i in range(400):
+        x = rng.normal(size=int(rng.integers(1, 300))) * 10.0 ** rng.uniform(-4, 4)
+        x = [x, np.abs(x), -np.abs(x), np.round(x * 2) / 2][i % 4]
+        cases.append(x.astype(np.float32))
+    for x in cases:
+        codes, scale, zero = dynamic_quantization(x)
+        expected = _dynamic_quantize_linear(x)
+        np.testing.assert_array_equal(codes, expected[0])
+        assert (scale, zero) == expected[1:], x
+
+
+def _matmul_to_float_model(op: str, b: np.ndarray, m: int) -> ModelWrapper:
+    """onnxruntime's com.microsoft DynamicQuantizeMatMul, or MatMulIntegerToFloat fed by DynamicQuantizeLinear (the
+    two forms its optimizer fuses a dynamically quantized MatMul into), weight zero point 3, float bias."""
+    inits = {"b": b, "sb": np.float32(0.02), "zb": np.int8(3), "bias": np.linspace(-2, 2, b.shape[1], dtype=np.float32)}
+    if op == "DynamicQuantizeMatMul":
+        nodes = [helper.make_node(op, ["x", "b", "sb", "zb", "bias"], ["y"], name="mm", domain="com.microsoft")]
+    else:
+        nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "sx", "zx"]),
+                 helper.make_node(op, ["q", "b", "sx", "sb", "zx", "zb", "bias"], ["y"], name="mm", domain="com.microsoft")]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, b.shape[0]])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, b.shape[1]])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid("com.microsoft", 1)]))
+
+
+def _matmul_to_float_outputs(acc: np.ndarray, scale: np.float32, n: int) -> np.ndarray:
+    """The fused op's float output for accumulators ``acc``: ``acc * (s_x * s_b) + bias`` in float32."""
+    return acc.astype(np.float32) * (scale * np.float32(0.02)) + np.linspace(-2, 2, n, dtype=np.float32)
+
+
+@pytest.mark.parametrize("op", ["DynamicQuantizeMatMul", "MatMulIntegerToFloat"])
+def test_exact_matmul_to_float_is_onnxruntimes_kernel_without_its_int16_saturation(op):
+    """Where onnxruntime's kernel is exact (weights small enough that no pair of uint8 x int8 products passes
+    int16) the exact fused op gives its outputs bit for bit; with full-range weights it gives the exact sums."""
+    import onnxruntime as ort
+
+    from a2q_passes.exact_integer_ops import ExactMatMulToFloat
+
+    rng = np.random.default_rng(22)
+    for trial in range(20):
+        k, n, m = (int(v) for v in rng.integers(1, 40, size=3))
+        x = (rng.normal(size=(m, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+        model = _matmul_to_float_model(op, rng.integers(-60, 61, size=(k, n)).astype(np.int8), m).model
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        single = helper.make_model(helper.make_graph([model.graph.node[-1]], "one", [
+            helper.make_tensor_value_info(name, elem, None) for name, elem in (
+                (("x", TensorProto.FLOAT),) if op == "DynamicQuantizeMatMul" else
+                (("q", TensorProto.UINT8), ("sx", TensorProto.FLOAT), ("zx", TensorProto.UINT8)))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(model.graph.initializer)),
+            opset_imports=list(model.opset_import))
+        codes, scale, zero = _dynamic_quantize_linear(x)
+        feeds = {"x": x} if op == "DynamicQuantizeMatMul" else {"q": codes.astype(np.uint8), "sx": np.array(scale),
+                                                                  "zx": np.array(zero, np.uint8)}
+        np.testing.assert_array_equal(ExactMatMulToFloat(single).run(None, feeds)[0], session.run(None, {"x": x})[0])
+    wide = np.full((24, 5), 127, np.int8)
+    x = np.tile(np.linspace(-1, 4, 24, dtype=np.float32), (8, 1))
+    codes, scale, zero = _dynamic_quantize_linear(x)
+    single = _matmul_to_float_model("DynamicQuantizeMatMul", wide, 8).model
+    exact = (codes - zero) @ (wide.astype(np.int64) - 3)
+    np.testing.assert_array_equal(ExactMatMulToFloat(single).run(None, {"x": x})[0],
+                                  _matmul_to_float_outputs(exact, scale, 5))
+
+
+@pytest.mark.parametrize("op", ["DynamicQuantizeMatMul", "MatMulIntegerToFloat"])
+@pytest.mark.parametrize("zero_point", ["fold", "subtract"])
+def test_fused_dynamic_matmul_overflowed_outputs_come_from_the_p_bit_accumulator(op, zero_point):
+    """onnxruntime's fused dynamic MatMuls: the codes (DynamicQuantizeLinear's, computed inside the op for
+    DynamicQuantizeMatMul) wrap in a P-bit accumulator, and each overflowed output is the P-bit accumulator scaled by
+    ``s_x * s_b`` plus the bias."""
+    rng = np.random.default_rng(23)
+    b = rng.integers(-128, 128, size=(24, 5)).astype(np.int8)
+    x = rng.normal(size=(8, 24)).astype(np.float32) * 3
+    x[0] = x.max()  # the largest sums
+    codes, scale, zero = _dynamic_quantize_linear(x)
+    of_op = (codes - zero) @ (b.astype(np.int64) - 3)
+    acc = codes @ b.astype(np.int64) if zero_point == "fold" else of_op
+    bits = 16
+    wrapped = _wrap(acc, bits)
+    overflowed = wrapped != acc
+    assert np.any(overflowed) and not np.all(overflowed)
+    result = simulate_model(_matmul_to_float_model(op, b, 8), x, {"mm": bits}, zero_point=zero_point)
+    assert not result.skipped and result.overflows["mm"] == int(np.count_nonzero(overflowed))
+    np.testing.assert_array_equal(result.exact_outputs["y"], _matmul_to_float_outputs(of_op, scale, 5))
+    np.testing.assert_array_equal(result.outputs["y"], _matmul_to_float_outputs(of_op + (wrapped - acc), scale, 5))

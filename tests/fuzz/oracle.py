@@ -60,6 +60,7 @@ EXACT_FLOAT32 = 1 << 24
 INTEGER_MACS = {"QLinearConv": ("Conv", 2, 3, 5), "QLinearMatMul": ("MatMul", 2, 3, 5), "QGemm": ("Gemm", 2, 3, 5),
                 "ConvInteger": ("Conv", 2, 1, 3), "MatMulInteger": ("MatMul", 2, 1, 3),
                 "DynamicQuantizeMatMul": ("MatMul", -1, 1, 3), "MatMulIntegerToFloat": ("MatMul", 4, 1, 5)}
+MATMULS_TO_FLOAT = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 RANDOM_SAMPLES = 8
 
 
@@ -129,10 +130,42 @@ def execute(model: ModelWrapper, feed: dict) -> dict:
 
 
 def _exact_only_in_reference(node) -> bool:
-    """ONNX's integer MAC ops and onnxruntime's QGemm: its uint8 x int8 kernels saturate pairs of products in int16
-    on CPUs without VNNI, so they run in ONNX's reference implementation (QGemm: :func:`_qgemm`)."""
+    """ONNX's integer MAC ops and onnxruntime's com.microsoft ones: its uint8 x int8 kernels saturate pairs of
+    products in int16 on CPUs without VNNI, so they run in ONNX's reference implementation (QGemm: :func:`_qgemm`,
+    the dynamic quantizer's fused MatMuls: :func:`_matmul_to_float`)."""
     return (node.op_type in INTEGER_MACS and node.domain in ("", "ai.onnx")) or \
-        (node.op_type in ("QGemm", "QLinearConv") and node.domain == "com.microsoft")
+        (node.op_type in ("QGemm", "QLinearConv", *MATMULS_TO_FLOAT) and node.domain == "com.microsoft")
+
+
+def _dynamic_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``x`` quantized by ONNX's reference ``DynamicQuantizeLinear`` (what com.microsoft's DynamicQuantizeMatMul does
+    to its float input): uint8 codes, scale, zero point."""
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
+    graph = helper.make_graph([node], "dql", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_empty_tensor_value_info(n) for n in ("y", "s", "z")])
+    return tuple(ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).run(
+        None, {"x": np.asarray(x, np.float32)}))
+
+
+def _matmul_to_float(node, values: dict) -> np.ndarray:
+    """onnxruntime's com.microsoft MatMulIntegerToFloat (A, B, s_a, s_b, z_a, z_b, bias) and DynamicQuantizeMatMul
+    (A float, B, s_b, z_b, bias) by their contract, in int64: ``(A - z_a) @ (B - z_b)`` times ``s_a * s_b`` in
+    float32, plus the bias."""
+    def get(i):
+        return np.asarray(values[node.input[i]]) if len(node.input) > i and node.input[i] else None
+
+    if node.op_type == "DynamicQuantizeMatMul":
+        a, s_a, z_a = _dynamic_codes(get(0))
+        s_b, z_b, bias = get(2), get(3), get(4)
+    else:
+        a, s_b, z_b, bias = get(0), get(3), get(5), get(6)
+        s_a, z_a = get(2), get(4) if get(4) is not None else np.zeros(1, np.int64)
+    b = get(1).astype(np.int64) - (z_b.astype(np.int64).reshape(-1) if z_b is not None else 0)
+    acc = np.matmul(a.astype(np.int64) - int(np.asarray(z_a).reshape(-1)[0]), b)
+    y = acc.astype(np.float32) * (np.float32(np.asarray(s_a).reshape(-1)[0]) * s_b.astype(np.float32).reshape(-1))
+    return y if bias is None else y + bias.astype(np.float32)
 
 
 def _channels_last(node) -> bool:
@@ -181,6 +214,8 @@ def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
         feeds = {n: np.asarray(values[n]) for n in inputs}
         if node.op_type == "QGemm":
             results = [_qgemm(node, values)]
+        elif node.op_type in MATMULS_TO_FLOAT:
+            results = [_matmul_to_float(node, values)]
         elif node.op_type == "QLinearConv" and node.domain == "com.microsoft":  # ONNX's QLinearConv, NCHW
             from onnx.reference import ReferenceEvaluator
 
@@ -612,12 +647,16 @@ def _executed_operands(model: ModelWrapper, info: LayerInfo, mac) -> list[str]:
     if mac.op_type not in INTEGER_MACS:
         return list(mac.input[:2 if info.act_x_act else 1])
     _, x_zp, w, w_zp = INTEGER_MACS[mac.op_type]
-    used = [0, x_zp] + ([w, w_zp] if info.act_x_act else [])
+    used = [0] + ([x_zp] if x_zp >= 0 else []) + ([w, w_zp] if info.act_x_act else [])
     return [mac.input[i] for i in used if len(mac.input) > i and mac.input[i] and model.get_initializer(mac.input[i]) is None]
 
 
 def _executed_codes(model: ModelWrapper, mac, run: dict[str, np.ndarray], data: int, zp_input: int) -> tuple[np.ndarray, int]:
-    """An integer op's executed codes at input ``data`` (int64) and their zero point (one per tensor; 0 if absent)."""
+    """An integer op's executed codes at input ``data`` (int64) and their zero point (one per tensor; 0 if absent;
+    ``zp_input`` -1: the op quantizes its float input itself, as DynamicQuantizeLinear does)."""
+    if zp_input < 0:
+        codes, _, zero = _dynamic_codes(run[mac.input[data]])
+        return codes.astype(np.int64), int(zero)
     name = mac.input[zp_input] if len(mac.input) > zp_input else ""
     zero = run[name] if name in run else model.get_initializer(name) if name else 0
     return run[mac.input[data]].astype(np.int64), int(np.asarray(zero).reshape(-1)[0])

@@ -32,9 +32,11 @@ from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_MACS, ExecutedRange, _an
                                _subgraph, execute, layer_range)
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# integer MAC ops (ONNX's, and com.microsoft QGemm and channels-last QLinearConv) whose accumulators the oracle reads from a whole file's executed
+# integer MAC ops (ONNX's, and com.microsoft QGemm, channels-last QLinearConv and the dynamic quantizer's fused MatMuls)
+# whose accumulators the oracle reads from a whole file's executed
 # tensors (property (j))
-DATA_INTEGER_MACS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm")
+DATA_INTEGER_MACS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "MatMulIntegerToFloat",
+                     "DynamicQuantizeMatMul")
 # onnxruntime contrib ops that multiply-accumulate, as its graph optimizer and MatMulNBitsQuantizer write them: the
 # oracle cannot execute them, but a reader that passes one over silently has missed a layer
 CONTRIB_MACS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "FusedConv", "FusedGemm",
