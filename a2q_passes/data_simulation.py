@@ -37,7 +37,7 @@ from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable
                                               unsimulated_integer_op)
 from a2q_passes.layers import MVAU_OP_TYPES, VVAU_OP_TYPES, MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
-from a2q_passes.mvau_simulation import (SIMULATED_MVAU, SIMULATED_VVAU, MvauActivation, unsimulated_mvau,
+from a2q_passes.mvau_simulation import (SIMULATED_MVAU, SIMULATED_VVAU, MvauActivation, mvau_rows, unsimulated_mvau,
                                         vvau_interleave, vvau_taps)
 from a2q_passes.tensor_store import initializer_shape, tensor_value
 from a2q_passes.weight_sources import INTEGER_MAC_OPS
@@ -269,7 +269,8 @@ class _MacKernel:
         _check_simulated(layer, bits)
         integer_op = self.integer_op = layer.op_type in INTEGER_MAC_OPS
         finn_op = layer.op_type in MVAU_OP_TYPES + VVAU_OP_TYPES
-        if (why := unsimulated_integer_op(node) if integer_op else unsimulated_mvau(layer, node) if finn_op
+        tiled = tile is not None or outer_bits is not None
+        if (why := unsimulated_integer_op(node) if integer_op else unsimulated_mvau(layer, node, tiled) if finn_op
                 else None) is not None:
             raise _NotSimulated(why)
         # an MVAU multiplies its input vectors by its (MW, MH) weights: a MatMul
@@ -284,6 +285,8 @@ class _MacKernel:
         self.rows = layer.integer_rows(model)
         self.signed, self.outer = _signedness(register_ranges(layer, self.rows, layer.grid.range, mode, tile),
                                               outer_bits)
+        if finn_op:  # the register is the reader's; the products are the node's (over pixel padding: whole rows)
+            self.rows = mvau_rows(model, layer, self.rows)
         grid = layer.grid
         # the input's step: one, or one per channel (a depthwise Conv: output row o reads input channel o // m)
         self.input_scale, row_input_scale = self._input_scales(model)

@@ -10,20 +10,24 @@ own thresholds (qonnx's ``multithreshold``, which FINN's execution calls).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.integer_op_simulation import NotRequantizable
-from a2q_passes.layers import MacLayer
+from a2q_passes.layers import MacLayer, RowLayout
 
 SIMULATED_MVAU = "MVAU"  # FINN's generic HW layers; the _hls/_rtl variants execute only in C++ or RTL simulation
 SIMULATED_VVAU = "VVAU"
+PIXEL_PADDED = "gather"  # the row layout of an MVAU over pixel-padded input (one row per channel and tap pattern)
 
 
-def unsimulated_mvau(layer: MacLayer, node: NodeProto) -> str | None:
-    """Why the FINN ``MVAU``/``VVAU`` ``node`` is not simulated on data, or None."""
+def unsimulated_mvau(layer: MacLayer, node: NodeProto, tiled: bool = False) -> str | None:
+    """Why the FINN ``MVAU``/``VVAU`` ``node`` is not simulated on data (``tiled``: in a multi-stage datapath), or
+    None."""
     if node.op_type not in (SIMULATED_MVAU, SIMULATED_VVAU):
         return (f"data simulation of FINN {node.op_type} nodes is not implemented (the static proof and adversarial "
                 "simulation still apply)")
@@ -33,9 +37,19 @@ def unsimulated_mvau(layer: MacLayer, node: NodeProto) -> str | None:
                                   and node_str_attr(node, "weightDataType", "") == "BIPOLAR"):
         # FINN executes it as xnor-popcount of (x + 1) / 2, which the layer's +-1 products do not describe
         return f"a {node.op_type} of BIPOLAR inputs and weights without binaryXnorMode"
-    if layer.layout.kind != ("transpose" if node.op_type == SIMULATED_MVAU else "reshape"):
-        return "an MVAU reading pixel-padded input (its accumulator rows are stride phases of a window)"
+    if layer.layout.kind == PIXEL_PADDED and tiled:
+        return ("a multi-stage datapath of an MVAU reading pixel-padded input (its accumulator rows hold a stride "
+                "phase's taps, not the MVAU's K inputs its tiles would split)")
     return None
+
+
+def mvau_rows(model: ModelWrapper, layer: MacLayer, rows: np.ndarray) -> np.ndarray:
+    """The integer rows a FINN node multiplies its input by: the reader's ``rows``, except over pixel-padded input,
+    where those are an MVAU's stride phases' taps (:mod:`a2q_passes.pixel_padding`) and the MVAU multiplies its
+    whole ``(MH, MW)`` rows; the inserted zeros add nothing, so each partial sum on data is its phase's, in order."""
+    if layer.layout.kind != PIXEL_PADDED:
+        return rows
+    return dataclasses.replace(layer, layout=RowLayout("transpose", layer.layout.shape)).integer_rows(model)
 
 
 def vvau_interleave(model: ModelWrapper, node: NodeProto) -> int:

@@ -226,3 +226,37 @@ def test_conv_transpose_defaults_are_written_out(tmp_path):
                      "output_padding": [0, 0]}
     x = np.random.default_rng(0).uniform(0, 1, (1, 3, 4, 4)).astype(np.float32)
     assert np.array_equal(execute_onnx(model, {"x": x})["y"], execute_onnx(filled, {"x": x})["y"])
+
+
+@pytest.mark.parametrize("case", ["k2_s2", "k3_s2_same"])
+def test_data_simulation_of_the_pixel_padded_mvau(case, tmp_path):
+    """`verify --data` simulates the MVAU FINN makes of a ConvTranspose (before, "not simulated"): on data the MVAU
+    multiplies its whole kernel rows, the inserted zeros adding nothing, so its P-bit sums are each stride phase's.
+    Its exact accumulators come from FINN's own execution of the node (the oracle); wrapped to P they give the
+    overflow count `verify --data` reports."""
+    from a2q_passes.data_simulation import simulate_model
+    from tests.fuzz.oracle import data_accumulators
+    from tests.fuzz.real_files import simulation_case
+
+    kernel, size, attrs = CASES[case]
+    source, out = tmp_path / "deconv.onnx", tmp_path / "hw.onnx"
+    _deconv_model(source, kernel, size, **attrs)
+    assert run_a2q("lower", str(source), str(out)).returncode == 0
+    lowered = ModelWrapper(str(out))
+    node = next(n.name for n in lowered.graph.node if n.op_type == "MVAU" and
+                lowered.find_producer(lowered.find_producer(lowered.find_producer(n.input[0]).input[0]).input[0])
+                .op_type == "FMPadding_Pixel")
+    x = np.random.default_rng(8).uniform(0, 1, size=(24, 3, *size)).astype(np.float32)
+    x[0] = 1.0  # every input code at its largest
+    exact = data_accumulators(lowered, simulation_case(lowered, [node]), {lowered.graph.input[0].name: x})[node]
+    width = max(int(exact.max()).bit_length(), int(-exact.min() - 1).bit_length()) + 1  # signed: the sums reach both signs
+    bits = width - 1
+    wrapped = (exact + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1)
+    assert np.any(wrapped != exact) and not np.all(wrapped != exact)
+    result = simulate_model(lowered, x, {node: bits})
+    assert not result.skipped, result.skipped
+    assert result.accumulations[node] == exact.size
+    assert result.overflows[node] == int(np.count_nonzero(wrapped != exact))
+    assert simulate_model(lowered, x, {node: width}).overflows[node] == 0
+    # tiles would split the MVAU's K inputs, which its rows (a phase's taps) do not hold: named, not simulated
+    assert "pixel-padded" in simulate_model(lowered, x, {node: width}, tile=2).skipped[node]
