@@ -89,16 +89,18 @@ FLOAT_NETS = {"conv_gemm_matmul": conv_gemm_matmul, "matmul_conv": matmul_conv, 
 
 
 def quantize(float_path: Path, out_path: Path, x_shape: list[int], fmt: str, weight: str, act: str = "QUInt8",
-             per_channel: bool = False, extra_options: dict | None = None, seed: int = 0) -> None:
+             per_channel: bool = False, extra_options: dict | None = None, seed: int = 0,
+             reduce_range: bool = False) -> None:
     """onnxruntime's quantizer: ``fmt`` is ``QDQ`` or ``QOperator`` (``quantize_static``) or ``dynamic``
     (``quantize_dynamic``); ``weight``/``act`` are ``QuantType`` names. ``QDQ_contrib``: QDQ in onnxruntime's own
-    ``com.microsoft`` QuantizeLinear/DequantizeLinear (``extra_options={"UseQDQContribOps": True}``)."""
+    ``com.microsoft`` QuantizeLinear/DequantizeLinear (``extra_options={"UseQDQContribOps": True}``);
+    ``reduce_range``: 7-bit weights, onnxruntime's remedy for the int16 saturation of its kernels on CPUs without VNNI."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
 
     if fmt == "dynamic":
         quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType[weight], per_channel=per_channel,
-                         op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+                         op_types_to_quantize=["Conv", "Gemm", "MatMul"], reduce_range=reduce_range)
         return
 
     class Reader(CalibrationDataReader):
@@ -112,7 +114,8 @@ def quantize(float_path: Path, out_path: Path, x_shape: list[int], fmt: str, wei
     if fmt == "QDQ_contrib":
         fmt, extra_options = "QDQ", {**(extra_options or {}), "UseQDQContribOps": True}
     quantize_static(str(float_path), str(out_path), Reader(), quant_format=QuantFormat[fmt], per_channel=per_channel,
-                    weight_type=QuantType[weight], activation_type=QuantType[act], extra_options=extra_options)
+                    weight_type=QuantType[weight], activation_type=QuantType[act], extra_options=extra_options,
+                    reduce_range=reduce_range)
 
 
 OPTIMIZATION_LEVELS = ("basic", "extended", "all")
