@@ -10,7 +10,16 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 
-def run_a2q(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_a2q(*args: str | Path) -> subprocess.CompletedProcess:
+    """``a2q ARGS`` through the console script's entry point in this process, as :func:`run_cli`, returned as a
+    finished process: the CLI's imports (FINN's builder, about 5 s) load once per test worker, not once per command.
+    :func:`run_a2q_process` where a test needs the command's own process (what it prints at import, its signals)."""
+    code, out, err = run_cli(*args)
+    return subprocess.CompletedProcess(["a2q", *map(str, args)], code, out, err)
+
+
+def run_a2q_process(*args: str | Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m a2q_passes ARGS`` in a subprocess."""
     return subprocess.run([sys.executable, "-m", "a2q_passes", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 

@@ -19,7 +19,7 @@ import torch
 import a2q_passes
 from a2q_passes.cli import app
 from a2q_passes.cli.examples import EXAMPLES
-from tests.cli_helpers import run_a2q
+from tests.cli_helpers import run_a2q_process
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -112,10 +112,10 @@ def test_help_examples_run_as_written(tmp_path, a2q, monkeypatch):
 @pytest.mark.slow
 def test_lower_and_report_show_only_our_output_unless_verbose(tmp_path):
     projected = tmp_path / "p14.onnx"
-    assert run_a2q("project", ROOT / "models/digits_cnn_w4a4.onnx", projected, "--acc-bits", "14").returncode == 0
-    quiet = run_a2q("lower", projected, tmp_path / "hw.onnx", "--from-annotations")
+    assert run_a2q_process("project", ROOT / "models/digits_cnn_w4a4.onnx", projected, "--acc-bits", "14").returncode == 0
+    quiet = run_a2q_process("lower", projected, tmp_path / "hw.onnx", "--from-annotations")
     assert quiet.returncode == 0, quiet.stderr
-    report = run_a2q("report", tmp_path / "hw.onnx", "--fpgapart", "xczu3eg-sbva484-1-e")
+    report = run_a2q_process("report", tmp_path / "hw.onnx", "--fpgapart", "xczu3eg-sbva484-1-e")
     assert report.returncode == 0, report.stderr
     for done in (quiet, report):
         output = done.stdout + done.stderr
@@ -125,7 +125,7 @@ def test_lower_and_report_show_only_our_output_unless_verbose(tmp_path):
     assert report.stdout.count("Accumulator resources") == 1
 
     log = tmp_path / "a2q.log"
-    verbose = run_a2q("--verbose", "--log-file", log, "lower", projected, tmp_path / "hw_v.onnx", "--from-annotations")
+    verbose = run_a2q_process("--verbose", "--log-file", log, "lower", projected, tmp_path / "hw_v.onnx", "--from-annotations")
     assert verbose.returncode == 0, verbose.stderr
     assert any(n in verbose.stderr for n in THIRD_PARTY_NOISE), verbose.stderr
     assert any(n in log.read_text() for n in THIRD_PARTY_NOISE)
@@ -134,7 +134,7 @@ def test_lower_and_report_show_only_our_output_unless_verbose(tmp_path):
 
 
 def test_log_file_in_a_missing_folder_is_a_clear_error(tmp_path):
-    done = run_a2q("--log-file", tmp_path / "missing" / "a2q.log", "analyze", ROOT / "models/digits_cnn_w4a4.onnx")
+    done = run_a2q_process("--log-file", tmp_path / "missing" / "a2q.log", "analyze", ROOT / "models/digits_cnn_w4a4.onnx")
     assert done.returncode == 1
     assert "--log-file" in done.stderr and "Traceback" not in done.stderr
 
