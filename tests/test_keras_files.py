@@ -51,12 +51,20 @@ def test_every_converter_file_is_committed(keras):
     assert len(keras[1]) == len(FLOAT_FILES) * len(TF2ONNX_ORT_VARIANTS) and len(FLOAT_FILES) == 5
 
 
-@pytest.mark.parametrize("variant", range(5 * len(TF2ONNX_ORT_VARIANTS)))
-def test_onnxruntime_quantized_tf2onnx_file_end_to_end(variant, keras, tmp_path):
-    """Each onnxruntime format over each tf2onnx float model: every layer read exactly, projected, verified and
-    executed within P; the Q/DQ ones lowered whole (the CNN's channels-last input included), the others refused by
-    lower by name."""
-    entry = sorted(keras[1].values(), key=lambda e: e.name)[variant]
+# each tf2onnx float model under the QDQ variant `lower` takes whole (the model decides how: a channels-last input,
+# a Squeeze after the global pool, TensorFlow's 1-D convolution), and the CNN under every onnxruntime variant; the
+# full corpus (scripts/corpus.py, bench/corpus.md) checks all of them
+TF2ONNX_CASES = [(*TF2ONNX_ORT_VARIANTS[0], model) for model in FLOAT_FILES] + \
+    [(*variant, "tf2onnx_cnn") for variant in TF2ONNX_ORT_VARIANTS[1:]]
+
+
+@pytest.mark.parametrize("case", TF2ONNX_CASES, ids=lambda case: f"{case[4]}-{case[0]}-{case[2]}")
+def test_onnxruntime_quantized_tf2onnx_file_end_to_end(case, keras, tmp_path):
+    """onnxruntime's formats over tf2onnx float models: every layer read exactly, projected, verified and executed
+    within P; the Q/DQ ones lowered whole (the CNN's channels-last input included), the others refused by lower by
+    name."""
+    fmt, weight, act, per_channel, model = case
+    entry = keras[1][f"ort_{fmt}_{model}_w{weight}_a{act}_{'pc' if per_channel else 'pt'}"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = check(entry, tmp_path, allocate=True)
