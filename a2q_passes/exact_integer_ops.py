@@ -73,24 +73,54 @@ MATMUL_TO_FLOAT = (("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", 
 CONTRIB_MACS = (QGEMM, ("com.microsoft", "QLinearConv"), *MATMUL_TO_FLOAT)
 
 
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def moves_four_bit_codes(model: ModelProto) -> bool:
+    """Whether a one-node model quantizes to or dequantizes from 4-bit codes (ONNX's or onnxruntime's
+    ``com.microsoft`` Q/DQ): onnxruntime's Python binding neither returns nor takes a 4-bit array, so such a node
+    runs in ONNX's reference implementation (:func:`exact_session`), which computes the same codes."""
+    node = model.graph.node[0]
+    if node.op_type not in QUANTIZERS:
+        return False
+    types = [vi.type.tensor_type.elem_type for vi in model.graph.input] + [i.data_type for i in model.graph.initializer]
+    output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+    return output_dtype in FOUR_BIT or any(t in FOUR_BIT for t in types)
+
+
 def exact_session(model: ModelProto) -> "ExactSession":
-    """An exact session for a one-node model of an op :func:`needs_reference` names."""
+    """An exact session for a one-node model of an op :func:`needs_reference` names, or one that
+    :func:`moves_four_bit_codes`."""
     node = model.graph.node[0]
     if (node.domain, node.op_type) == QGEMM:
         return ExactQGemm(model)
     if (node.domain, node.op_type) in MATMUL_TO_FLOAT:
         return ExactMatMulToFloat(model)
+    if node.op_type in QUANTIZERS:  # 4-bit codes: ONNX's op, at the opset that has them
+        return ReferenceSession(_as_onnx_op(model, min_opset=21))
     if node.domain == "com.microsoft":  # QLinearConv: ONNX's op, on NHWC data where channels_last is set
         return ReferenceSession(_onnx_qlinear_conv(model))
     return ReferenceSession(model)
 
 
+def _as_onnx_op(model: ModelProto, min_opset: int = 1) -> ModelProto:
+    """A copy of a one-node model whose ``com.microsoft`` node is ONNX's op of the same name, at an ONNX opset of at
+    least ``min_opset``."""
+    model = copy.deepcopy(model)
+    model.graph.node[0].domain = ""
+    kept = [o for o in model.opset_import if o.domain not in ("com.microsoft", "", "ai.onnx")]
+    version = max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] + [min_opset])
+    del model.opset_import[:]
+    model.opset_import.extend([*kept, helper.make_opsetid("", version)])
+    return model
+
+
 def _onnx_qlinear_conv(model: ModelProto) -> ModelProto:
     """onnxruntime's com.microsoft ``QLinearConv`` as ONNX's (its weights are OIHW either way), between transposes
     of its NHWC input and output where ``channels_last`` is set."""
-    model = copy.deepcopy(model)
+    model = _as_onnx_op(model)
     node = model.graph.node[0]
-    node.domain = ""
     channels_last = next((a.i for a in node.attribute if a.name == "channels_last"), 0)
     kept = [a for a in node.attribute if a.name != "channels_last"]
     del node.attribute[:]
@@ -105,9 +135,6 @@ def _onnx_qlinear_conv(model: ModelProto) -> ModelProto:
         node.input[0], node.output[0] = f"{x}__nchw", f"{y}__nchw"
         model.graph.node.insert(0, helper.make_node("Transpose", [x], [node.input[0]], perm=first))
         model.graph.node.append(helper.make_node("Transpose", [node.output[0]], [y], perm=last))
-    kept = [o for o in model.opset_import if o.domain != "com.microsoft"]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
     return model
 
 

@@ -874,3 +874,42 @@ def test_data_simulation_of_a_finn_xnor_popcount_mvau():
     assert not result.skipped and result.overflows["mvau"] == int(np.count_nonzero(wrapped != acc))
     np.testing.assert_array_equal(result.exact_outputs["y"], multithreshold(acc.astype(np.float32), thresholds))
     np.testing.assert_array_equal(result.outputs["y"], multithreshold(wrapped.astype(np.float32), thresholds))
+
+
+@pytest.mark.parametrize("domain", ["", "com.microsoft"])
+def test_data_simulation_of_4_bit_activation_codes(domain):
+    """Q/DQ with 4-bit activations (onnxruntime's QUInt4 QDQ, ONNX's or its own com.microsoft Q/DQ): onnxruntime's
+    Python binding returns no 4-bit array, so `verify --data` stopped at the first QuantizeLinear; its 4-bit Q/DQ
+    nodes now run in ONNX's reference implementation. The P-bit overflows are those of the codes ONNX's
+    QuantizeLinear gives, multiplied by the int4 weight codes in int64."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(9)
+    w = rng.integers(-8, 8, size=(12, 5)).astype(ml_dtypes.int4)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], domain=domain),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["xd"], domain=domain),
+             helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"], domain=domain),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.array(3, ml_dtypes.uint4), "zp"),
+             numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0.05), "sw")]
+    graph = helper.make_graph(nodes, "qdq4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    opsets = [helper.make_opsetid("", 21)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=opsets))
+    x = rng.uniform(-0.5, 1.5, size=(16, 12)).astype(np.float32)
+    x[0] = 1.5  # every code at 15
+    reference = ReferenceEvaluator(helper.make_model(helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"])], "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_empty_tensor_value_info("q")], inits[:2]), opset_imports=[helper.make_opsetid("", 21)]))
+    codes = reference.run(None, {"x": x})[0].astype(np.int64)
+    acc = codes @ w.astype(np.int64)  # fold: the raw codes, the zero point's share added after the sum
+    bits = 9
+    wrapped = (acc + 2 ** (bits - 1)) % 2 ** bits - 2 ** (bits - 1)
+    assert np.any(wrapped != acc) and not np.all(wrapped != acc)
+    result = simulate_model(model, x, {"mm": bits})
+    assert not result.skipped and result.accumulations["mm"] == acc.size
+    assert result.overflows["mm"] == int(np.count_nonzero(wrapped != acc))
+    exact = (codes - 3) @ w.astype(np.int64) * np.float32(0.1 * 0.05)
+    np.testing.assert_allclose(result.exact_outputs["y"], exact, rtol=1e-5, atol=1e-6)
