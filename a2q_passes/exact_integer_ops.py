@@ -6,7 +6,8 @@ adds each pair of products in int16 with saturation: ``255 * 127 + 255 * 127`` g
 a2q reasons about, so an "exact" reference computed by those kernels is not exact. A one-node probe tells whether
 this CPU does it; where it does, these ops run in ONNX's reference implementation (exact integer arithmetic, slower),
 and onnxruntime's ``com.microsoft`` ``QGemm``, ``MatMulIntegerToFloat`` and ``DynamicQuantizeMatMul``, which have
-none, in :class:`ExactQGemm` and :class:`ExactMatMulToFloat`.
+none, in :class:`ExactQGemm` and :class:`ExactMatMulToFloat`. Q/DQ nodes of 4-bit codes run in the reference
+implementation too, for another reason: onnxruntime's Python binding neither returns nor takes 4-bit arrays.
 """
 
 from __future__ import annotations
