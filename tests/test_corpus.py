@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from qonnx.core.modelwrapper import ModelWrapper
 
@@ -398,3 +399,23 @@ def test_brevitas_per_channel_activation_into_a_depthwise_conv_through_the_corpu
         result = check(brevitas_entry(path, EXPORTERS[exporter], exporter, "fold"), tmp_path, allocate=True)
     assert result.entry.lower and result.status == "handled", (result.detail, result.notes)
     assert result.layers == 3 and result.tight == 3 and result.allocated == 3, (result.tight, result.allocated)
+
+
+def test_oracle_reads_codes_a_qlinear_op_outputs_and_runs_four_bit_weights(tmp_path):
+    """onnxruntime's attention block with int4 weights and uint8 activations, saved by its optimizer at level ``all``:
+    the attention MatMuls become ``QLinearMatMul`` nodes whose uint8 output the last MatMul reads through a
+    ``DequantizeLinear``. The corpus check (found by ``scripts.fuzz_ort``, seed 6) failed in the oracle, not in a2q:
+    it fed that cut source float32 ("Unexpected input data type ... expected: (tensor(uint8))"), and then ran the
+    int4 weights' ``DequantizeLinear`` in onnxruntime, whose Python binding takes no 4-bit array."""
+    from scripts.corpus import ORT_OPTIMIZED, Entry
+    from tests.ort_models import attention, optimized, quantize
+
+    float_path, path, saved = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "ort_attention_int4_all.onnx"
+    quantize(float_path, path, attention(float_path, opset=21), "QDQ", "QInt4", act="QUInt8", per_channel=False)
+    optimized(path, saved, "all")
+    graph = onnx.load(str(saved)).graph
+    qlinear = {n.output[0] for n in graph.node if n.op_type == "QLinearMatMul"}
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] in qlinear for n in graph.node)
+    assert any(i.data_type == onnx.TensorProto.INT4 for i in graph.initializer)
+    result = check(Entry(saved.stem, ORT_OPTIMIZED, saved), tmp_path)
+    assert result.status == "handled" and result.simulated > 0, (result.detail, result.notes)

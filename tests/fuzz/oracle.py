@@ -54,6 +54,8 @@ POOLING_OPS = ("QuantAvgPool2d",)
 RELU_PASS_THROUGH = ("MaxPool", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
 SCALAR_OPS = ("Mul", "Div", "Add", "Sub")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
+# integer tensor types a cut source may hold as codes (a QLinear op's output; 4-bit types have no numpy dtype)
+INTEGER_TENSORS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16)
 EXACT_FLOAT32 = 1 << 24
 # integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
 # (com.microsoft's DynamicQuantizeMatMul quantizes its float data itself, as DynamicQuantizeLinear does: -1)
@@ -196,8 +198,8 @@ def _qgemm(node, values: dict) -> np.ndarray:
 
 
 def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
-    """The graph one node at a time: ONNX's integer MAC ops in ONNX's reference implementation, every other node
-    (onnxruntime's com.microsoft QLinearAdd and the like included) in onnxruntime."""
+    """The graph one node at a time: ONNX's integer MAC ops and nodes reading 4-bit tensors in ONNX's reference
+    implementation, every other node (onnxruntime's com.microsoft QLinearAdd and the like included) in onnxruntime."""
     import onnxruntime as ort
     from onnx.reference import ReferenceEvaluator
 
@@ -229,7 +231,8 @@ def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
                 feeds = {**feeds, node.input[0]: np.moveaxis(x, -1, 1)}
             (y,) = ReferenceEvaluator(single).run(outputs, feeds)
             results = [np.moveaxis(y, 1, -1) if nhwc else y]
-        elif _exact_only_in_reference(node):
+        elif _exact_only_in_reference(node) or any(  # 4-bit arrays: onnxruntime's Python binding takes none
+                helper.np_dtype_to_tensor_dtype(v.dtype) in FOUR_BIT for v in feeds.values()):
             results = ReferenceEvaluator(single).run(outputs, feeds)
         else:
             options = ort.SessionOptions()
@@ -444,8 +447,9 @@ def _domain(model: ModelWrapper, case: Case, name: str) -> SourceDomain:
         lo, hi = case.source_ranges[name]
         return SourceDomain(lo, hi, True, np.dtype(np.float32))
     vi = model.get_tensor_valueinfo(name)
-    if vi is not None and vi.type.tensor_type.elem_type == TensorProto.INT8:
-        return SourceDomain(-128, 127, True, np.dtype(np.int8))
+    if vi is not None and vi.type.tensor_type.elem_type in INTEGER_TENSORS:  # codes, e.g. a QLinear op's output
+        info = np.iinfo(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        return SourceDomain(info.min, info.max, True, np.dtype(info.dtype))
     dtype_name = next((spec.split("=", 1)[1] for spec in case.input_dtypes if spec.split("=", 1)[0] == name), None)
     dt = DataType[dtype_name] if dtype_name else model.get_tensor_datatype(name)
     if dt.is_integer():
