@@ -527,10 +527,64 @@ class QuantFromQDQ(Transformation):
             return model, False
         try:
             chains = signed_mid_zero_points(quantize_stored_integers(ModelWrapper(model.model.SerializeToString())))
+            copies = _one_quantizer_per_tensor(chains)
             converted = chains.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
         except Exception:  # qonnx raises plain numpy/ONNX errors on chains it cannot read
             return model, False
-        return (model if any(is_qdq_node(node) for node in converted.graph.node) else converted), False
+        if any(is_qdq_node(node) for node in converted.graph.node):
+            return model, False
+        for node in list(converted.graph.node):  # each Quant reads the tensor itself again
+            if node.op_type == "Identity" and node.output[0] in copies:
+                converted.graph.node.remove(node)
+            elif node.input and node.input[0] in copies:
+                node.input[0] = copies[node.input[0]]
+        return _merge_equal_quants(converted), False
+
+
+def _merge_equal_quants(model: ModelWrapper) -> ModelWrapper:
+    """Quant nodes reading one tensor with equal constants and attributes (a tensor onnxruntime's
+    ``DedicatedQDQPair`` quantized once per reader) become the first of them, its output read in their place.
+
+    Why: they compute the same values, and FINN's conversion folds a ``Relu`` into the ``Quant`` behind it, removing
+    the ``Relu`` that another ``Quant`` still reads (its graph then fails the checker). ``model`` is changed in place."""
+    kept: dict[str, list] = {}
+    outputs = {o.name for o in model.graph.output}
+    for node in [n for n in model.graph.node if n.op_type == "Quant"]:
+        params = [get_constant(model, name) for name in node.input[1:4]]
+        if any(p is None for p in params) or node.output[0] in outputs:
+            continue
+        same = next((first for first, first_params in kept.get(node.input[0], [])
+                     if sorted(map(str, first.attribute)) == sorted(map(str, node.attribute))
+                     and all(np.array_equal(a, b) for a, b in zip(params, first_params))), None)
+        if same is None:
+            kept.setdefault(node.input[0], []).append((node, params))
+            continue
+        for reader in model.graph.node:
+            reader.input[:] = [same.output[0] if name == node.output[0] else name for name in reader.input]
+        model.graph.node.remove(node)
+        for name in node.input[1:4]:
+            _remove_if_unused(model, name)
+    return model
+
+
+def _one_quantizer_per_tensor(model: ModelWrapper) -> dict[str, str]:
+    """Each tensor more than one ``QuantizeLinear`` reads (onnxruntime's ``DedicatedQDQPair`` option writes such)
+    reaches all but the first through an ``Identity`` of its own; returns each copy's name -> the tensor.
+
+    Why: qonnx's ``QCDQToQuant`` names a ``Quant`` node and its bit-width initializer after the tensor it reads, so
+    two of them would share a node name (the layers and the lowering's tensors are named after nodes) and one
+    bit-width initializer (the last written: wrong for a quantizer of another width). ``model`` is changed in place."""
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and not node.domain:
+            readers.setdefault(node.input[0], []).append(node)
+    copies = {}
+    for tensor, nodes in readers.items():
+        for node in nodes[1:]:
+            copy = f"{node.output[0]}_input"
+            model.graph.node.insert(list(model.graph.node).index(node), helper.make_node("Identity", [tensor], [copy]))
+            node.input[0], copies[copy] = copy, tensor
+    return copies
 
 
 # the storage types qonnx's QCDQToQuant converts (extract_elem_type)

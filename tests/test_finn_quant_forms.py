@@ -264,9 +264,10 @@ def test_conv_defaults_are_filled_in_where_the_weight_shape_is_only_inferred(tmp
     _assert_lowers(model, tmp_path / "unshaped.onnx")
 
 
-@pytest.mark.parametrize("net,act", [("conv_gemm_matmul", "QInt8"), ("residual_depthwise", "QInt8"),
-                                     ("residual_depthwise", "QUInt8")])
-def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, act, tmp_path):
+@pytest.mark.parametrize("net,act,dedicated", [("conv_gemm_matmul", "QInt8", False), ("residual_depthwise", "QInt8", False),
+                                               ("residual_depthwise", "QUInt8", False),
+                                               ("residual_depthwise", "QInt8", True)])
+def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, act, dedicated, tmp_path):
     """onnxruntime's QDQ file with symmetric activations (int8 with zero point 0, or uint8 with zero point 128, which
     becomes int8 with zero point 0), per-channel int8 weights stored as integers behind DequantizeLinear (and an int32
     bias so stored), and a Conv that leaves its defaults out: every Q/DQ node becomes a QONNX Quant (the stored
@@ -274,13 +275,17 @@ def test_onnxruntime_qdq_with_symmetric_activations_lowers(net, act, tmp_path):
     computing what the file computes. Before, `lower` refused the file naming its Q/DQ nodes or zero points (and
     earlier still, FINN's LowerConvsToMatMul failed: "'NoneType' object has no attribute 'ints'"). conv_gemm_matmul's
     Flatten had no FINN HW layer (exit 3) until the requantizer onnxruntime puts after it was dropped
-    (:class:`~a2q_passes.finn_requantization.RedundantRequantization`)."""
+    (:class:`~a2q_passes.finn_requantization.RedundantRequantization`). With ``DedicatedQDQPair`` the residual's fork
+    is quantized twice, one QuantizeLinear per reader: `lower` failed with "lowered model fails onnx.checker: Graph
+    must be in single static assignment (SSA) form" (qonnx's QCDQToQuant named both Quant nodes after their input)."""
     from tests.ort_models import FLOAT_NETS, quantize
 
     float_path, path, out = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "hw.onnx"
     shape = FLOAT_NETS[net](float_path)
     quantize(float_path, path, shape, "QDQ", "QInt8", act=act, per_channel=True,
-             extra_options={"ActivationSymmetric": True})
+             extra_options={"ActivationSymmetric": True, "DedicatedQDQPair": dedicated})
+    quantized = [n.input[0] for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"]
+    assert (len(quantized) > len(set(quantized))) == dedicated  # a tensor two QuantizeLinear nodes read
     result = run_a2q("lower", str(path), str(out), "--acc-bits", "24")
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     assert "equivalent" in result.stdout and "NOT equivalent" not in result.stdout, result.stdout[-2000:]
@@ -346,6 +351,37 @@ def test_a_symmetric_uint8_qdq_pair_becomes_signed_with_the_same_outputs(per_cha
     converted = model.transform(QuantFromQDQ())
     for b, x in zip(before, inputs):
         assert np.array_equal(b, _execute(converted, x)), "QCDQToQuant's Quant differs from the Q/DQ pair"
+
+
+def test_two_quantizers_of_one_tensor_become_two_quant_nodes_with_the_same_outputs():
+    """One tensor read by an 8-bit QuantizeLinear -> DequantizeLinear and by a 4-bit one (QuantizeLinear -> Clip ->
+    DequantizeLinear): after ``QuantFromQDQ`` two Quant nodes of distinct names and bit widths that qonnx executes as
+    onnxruntime executes the pairs. qonnx's QCDQToQuant alone names both after the tensor and gives both the bit-width
+    initializer written last."""
+    import onnxruntime as ort
+
+    from a2q_passes.finn_quant_forms import QuantFromQDQ
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s8", "z"], ["q8"], name="Q8"),
+             helper.make_node("DequantizeLinear", ["q8", "s8", "z"], ["y8"], name="DQ8"),
+             helper.make_node("QuantizeLinear", ["x", "s4", "z"], ["q4"], name="Q4"),
+             helper.make_node("Clip", ["q4", "lo", "hi"], ["c4"], name="Clip4"),
+             helper.make_node("DequantizeLinear", ["c4", "s4", "z"], ["y4"], name="DQ4")]
+    consts = {"s8": np.float32(0.05), "s4": np.float32(0.3), "z": np.int8(0), "lo": np.int8(-8), "hi": np.int8(7)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 64]) for y in ("y8", "y4")],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    x = np.linspace(-4, 4, 64, dtype=np.float32).reshape(1, 64)
+    session = ort.InferenceSession(model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    before = session.run(["y8", "y4"], {"x": x})
+    converted = model.transform(QuantFromQDQ())
+    quants = [n for n in converted.graph.node if n.op_type == "Quant"]
+    assert len(quants) == 2 and len({n.name for n in quants}) == 2 and len(converted.graph.node) == 2
+    assert sorted(float(converted.get_initializer(n.input[3])) for n in quants) == [4.0, 8.0]
+    after = execute_onnx(converted, {"x": x})
+    assert np.array_equal(before[0], after["y8"]) and np.array_equal(before[1], after["y4"])
+    assert not np.array_equal(before[0], before[1])
 
 
 def _assert_lowers(model: ModelWrapper, path: Path) -> None:
