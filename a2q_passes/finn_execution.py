@@ -182,8 +182,13 @@ def compare_execution(
 
 def activation_ties_rounded_up(model: ModelWrapper) -> ModelWrapper | None:
     """A copy of ``model`` whose activation ``Quant`` nodes with ``rounding_mode=ROUND`` (half to even) round exact
-    ties up instead, as FINN's ``MultiThreshold`` does (``x >= threshold``): ``FLOOR(x / s + z + 1/2)``, computed as the
-    ``FLOOR`` of ``x + s/2``. None where the model has no such node (or one whose scale is not a constant)."""
+    ties up instead, as FINN's ``MultiThreshold`` does (``x >= threshold``): ``FLOOR(x / s + 1/2 + z)``, computed as
+    ``Quant(x / s + 1/2, 1, z, b, FLOOR) * s``. None where the model has no such node (or one whose scale is not a
+    constant).
+
+    Why ``x / s`` first: a tie is a value whose ``x / s`` the ``Quant`` computes as half an odd integer; the ``FLOOR``
+    of ``(x + s/2) / s`` rounds differently and missed a sixth of them for a scale of 0.1. ``(q - z) * s`` is the
+    float32 product the original node returns."""
     from onnx import helper, numpy_helper
     from qonnx.transformation.infer_shapes import InferShapes
 
@@ -191,20 +196,21 @@ def activation_ties_rounded_up(model: ModelWrapper) -> ModelWrapper | None:
     quants = [node for node in copy.graph.node if node.op_type == "Quant" and copy.get_initializer(node.input[0]) is None
               and next((a.s for a in node.attribute if a.name == "rounding_mode"), b"ROUND").upper() in (b"ROUND",
                                                                                                        b"HALF_EVEN")]
-    scales = [copy.get_initializer(node.input[1]) for node in quants]
-    if not quants or any(scale is None for scale in scales):
+    if not quants or any(copy.get_initializer(node.input[1]) is None for node in quants):
         return None
-    for index, (node, scale) in enumerate(zip(quants, scales)):
-        half, shifted = f"{node.name}_tie_half_{index}", f"{node.name}_tie_shifted_{index}"
-        copy.graph.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float32) / 2, half))
-        copy.graph.node.insert(list(copy.graph.node).index(node), helper.make_node("Add", [node.input[0], half],
-                                                                                  [shifted]))
-        node.input[0] = shifted
-        for attribute in node.attribute:
-            if attribute.name == "rounding_mode":
-                attribute.s = b"FLOOR"
-        if not any(a.name == "rounding_mode" for a in node.attribute):
-            node.attribute.append(helper.make_attribute("rounding_mode", "FLOOR"))
+    for index, node in enumerate(quants):
+        name = f"{node.name}_tie_{index}"
+        copy.graph.initializer.extend([numpy_helper.from_array(np.float32(0.5), f"{name}_half"),
+                                       numpy_helper.from_array(np.float32(1), f"{name}_one")])
+        x, scale, output = node.input[0], node.input[1], node.output[0]
+        position = list(copy.graph.node).index(node)
+        copy.graph.node.insert(position, helper.make_node("Div", [x, scale], [f"{name}_t"]))
+        copy.graph.node.insert(position + 1, helper.make_node("Add", [f"{name}_t", f"{name}_half"], [f"{name}_up"]))
+        node.input[0], node.input[1], node.output[0] = f"{name}_up", f"{name}_one", f"{name}_codes"
+        attributes = [a for a in node.attribute if a.name != "rounding_mode"]
+        del node.attribute[:]
+        node.attribute.extend([*attributes, helper.make_attribute("rounding_mode", "FLOOR")])
+        copy.graph.node.insert(position + 3, helper.make_node("Mul", [node.output[0], scale], [output]))
     return copy.transform(InferShapes())  # qonnx's executor wants every tensor shaped
 
 

@@ -327,15 +327,15 @@ def test_estimate_only_build_writes_reports(mlp, tmp_path):
     assert all(getCustomOp(n).get_nodeattr("accDataType") != "INT32" for n in iterate_mac_nodes(final))
 
 
-def _one_quant(scale: float, rounding_mode: str = "ROUND") -> ModelWrapper:
-    """x -> Quant(scale, zero point 0, 8 bits, signed) -> y."""
+def _one_quant(scale: float, rounding_mode: str = "ROUND", width: int = 6) -> ModelWrapper:
+    """x -> Quant(scale, zero point 0, 8 bits, signed) -> y, of shape (1, width)."""
     from onnx import TensorProto, helper, numpy_helper
 
     consts = {"s": np.float32(scale), "z": np.float32(0), "b": np.float32(8)}
     node = helper.make_node("Quant", ["x", "s", "z", "b"], ["y"], name="QuantX", domain="qonnx.custom_op.general",
                             signed=1, narrow=0, rounding_mode=rounding_mode)
-    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
                               initializer=[numpy_helper.from_array(v, k) for k, v in consts.items()])
     return ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
                                                                  helper.make_opsetid("qonnx.custom_op.general", 1)]))
@@ -353,6 +353,25 @@ def test_activation_ties_rounded_up_rounds_exact_ties_as_thresholds_do():
     assert np.array_equal(up, np.floor(x / 0.5 + 0.5) * 0.5)
     assert np.array_equal(even[0, :5], [0.0, 1.0, -0.0, -1.0, 1.0]) and np.array_equal(up[0, :5], [0.5, 1.0, 0.0, -0.5, 1.5])
     assert activation_ties_rounded_up(_one_quant(0.5, "FLOOR")) is None  # nothing rounds half to even there
+
+
+def test_activation_ties_rounded_up_finds_the_ties_the_quant_itself_computes():
+    """With a scale of 0.1 the ties are the values whose ``x / s`` float32 computes as half an odd integer, as the
+    Quant node sees them: all go up, everything else rounds as before (numpy, float32). Before, the rewrite took the
+    FLOOR of ``(x + s/2) / s``, which rounds differently and sent some of those ties down."""
+    from a2q_passes.finn_execution import activation_ties_rounded_up
+
+    s = np.float32(0.1)
+    x = ((np.arange(-40, 40, dtype=np.float32) + np.float32(0.5)) * s)[None, :]
+    t = x / s
+    ties = t == np.floor(t) + np.float32(0.5)
+    old = np.floor((x + s / np.float32(2)) / s)
+    assert ties.sum() > 10 and np.any(ties & (old != np.floor(t + np.float32(0.5))))  # where the old form erred
+    model = _one_quant(float(s), width=80)
+    up = execute_onnx(activation_ties_rounded_up(model), {"x": x})["y"]
+    assert np.array_equal(up, np.clip(np.floor(t + np.float32(0.5)), -128, 127) * s)
+    even = execute_onnx(model, {"x": x})["y"]
+    assert np.array_equal(up[~ties], even[~ties]) and np.all(up[ties] > even[ties] - s / 2)
 
 
 def test_equivalence_says_tie_rounding_explains_a_difference_only_where_it_does():

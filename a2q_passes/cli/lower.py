@@ -64,8 +64,8 @@ def equivalence_lines(result: dict[str, Any]) -> list[str]:
         lines.append("  all of it is FINN's rounding of exact ties: its thresholds round a value halfway between two "
                      "codes up, where the QONNX Quant nodes (ROUND) round it to even; with the activation quantizers "
                      "rounding ties up the outputs agree (max |diff| "
-                     f"{result['ties_rounded_up_max_abs_diff']:.3g}). Power-of-two scales make such ties exact; the "
-                     "accumulators are not involved")
+                     f"{result['ties_rounded_up_max_abs_diff']:.3g}). Power-of-two scales (or a pool averaging onto "
+                     "its input's own scale) make such ties exact; the accumulators are not involved")
     for row in result.get("introduced_by", []):
         lines.append(f"  introduced by {row['stage']}: max |diff| {row['max_abs_diff']:.3g}; "
                      f"removed {row['nodes_removed'][:4]}, added {row['nodes_added'][:4]}")
