@@ -419,3 +419,21 @@ def test_oracle_reads_codes_a_qlinear_op_outputs_and_runs_four_bit_weights(tmp_p
     assert any(i.data_type == onnx.TensorProto.INT4 for i in graph.initializer)
     result = check(Entry(saved.stem, ORT_OPTIMIZED, saved), tmp_path)
     assert result.status == "handled" and result.simulated > 0, (result.detail, result.notes)
+
+
+def test_oracle_reads_an_attention_operand_whose_codes_are_transposed(tmp_path):
+    """onnxruntime's optimizer moves the Transpose of attention's k between its QuantizeLinear and DequantizeLinear
+    (int16 QDQ, level ``extended``): the oracle follows the codes through that move to the quantizer it frees, so the
+    file is checked (before: "unchecked: operand ... is dequantized from codes no QuantizeLinear computes",
+    three of 150 files of ``scripts.fuzz_ort --seed 7``)."""
+    from scripts.corpus import ORT_OPTIMIZED, Entry
+    from tests.ort_models import attention, optimized, quantize
+
+    float_path, path, saved = tmp_path / "float.onnx", tmp_path / "qdq.onnx", tmp_path / "ort_attention_int16_ext.onnx"
+    quantize(float_path, path, attention(float_path, opset=21), "QDQ", "QInt16", act="QInt16", per_channel=False)
+    optimized(path, saved, "extended")
+    graph = onnx.load(str(saved)).graph
+    moved = {n.output[0] for n in graph.node if n.op_type == "Transpose"}
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] in moved for n in graph.node)  # codes transposed
+    result = check(Entry(saved.stem, ORT_OPTIMIZED, saved), tmp_path)
+    assert result.status == "handled" and result.layers == result.tight, (result.status, result.detail, result.tight)

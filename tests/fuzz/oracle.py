@@ -54,8 +54,9 @@ POOLING_OPS = ("QuantAvgPool2d",)
 RELU_PASS_THROUGH = ("MaxPool", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze")
 SCALAR_OPS = ("Mul", "Div", "Add", "Sub")
 FLOAT_EXTREME = 1.0e5  # saturates every generated quantizer (|x / scale| far beyond 2^8 + |zero point|)
-# integer tensor types a cut source may hold as codes (a QLinear op's output; 4-bit types have no numpy dtype)
-INTEGER_TENSORS = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16)
+# integer tensor types that hold codes (a graph input, a QLinear op's output; 4-bit types have no numpy dtype)
+INTEGER_ELEM = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+                TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
 EXACT_FLOAT32 = 1 << 24
 # integer op -> (float op it is defined by, data zero point input, weight input, weight zero point input)
 # (com.microsoft's DynamicQuantizeMatMul quantizes its float data itself, as DynamicQuantizeLinear does: -1)
@@ -447,8 +448,8 @@ def _domain(model: ModelWrapper, case: Case, name: str) -> SourceDomain:
         lo, hi = case.source_ranges[name]
         return SourceDomain(lo, hi, True, np.dtype(np.float32))
     vi = model.get_tensor_valueinfo(name)
-    if vi is not None and vi.type.tensor_type.elem_type in INTEGER_TENSORS:  # codes, e.g. a QLinear op's output
-        info = np.iinfo(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    if vi is not None and vi.type.tensor_type.elem_type in INTEGER_ELEM:  # codes, e.g. a QLinear op's output
+        info = np.iinfo(INTEGER_ELEM[vi.type.tensor_type.elem_type])
         return SourceDomain(info.min, info.max, True, np.dtype(info.dtype))
     dtype_name = next((spec.split("=", 1)[1] for spec in case.input_dtypes if spec.split("=", 1)[0] == name), None)
     dt = DataType[dtype_name] if dtype_name else model.get_tensor_datatype(name)

@@ -28,8 +28,8 @@ from qonnx.transformation.fold_constants import FoldConstants
 from qonnx.transformation.infer_shapes import InferShapes
 
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo
-from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_MACS, ExecutedRange, _ancestors, _infer_shapes, _node,
-                               _subgraph, execute, layer_range)
+from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_ELEM, INTEGER_MACS, ExecutedRange, _ancestors, _infer_shapes,
+                               _node, _subgraph, execute, layer_range)
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # integer MAC ops (ONNX's, and com.microsoft QGemm, channels-last QLinearConv and the dynamic quantizer's fused MatMuls)
@@ -50,8 +50,6 @@ WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "DequantizeLinear")
 WEIGHT_MOVES = ("Transpose", "Reshape", "Identity", "Clip", "Flatten", "Squeeze", "Unsqueeze")
 # never folded into constants: the oracle reads the weight quantizers themselves
 QUANTIZER_OPS = ["Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "DequantizeLinear", "Clip", "MultiThreshold", "Trunc"]
-INTEGER_ELEM = {TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-                TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32}
 
 
 class Undescribed(Exception):
@@ -291,7 +289,7 @@ def _act_x_act_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo,
         quantizer = node
         if node.op_type == "DequantizeLinear":  # QDQ: free the QuantizeLinear's float input (Clips kept)
             upstream = model.find_producer(node.input[0])
-            while upstream is not None and upstream.op_type == "Clip":
+            while upstream is not None and upstream.op_type in WEIGHT_MOVES:  # Clip, and moves of the codes
                 upstream = model.find_producer(upstream.input[0])
             if upstream is None or upstream.op_type != "QuantizeLinear":
                 raise Undescribed(f"{mac.name}: operand {tensor!r} is dequantized from codes no QuantizeLinear computes")
