@@ -65,6 +65,13 @@ UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
         "SparseAttention", "PagedAttention", "MoE")},
     **{("", op): (False, "only Conv, ConvTranspose, Gemm and MatMul are read; express it with those")
        for op in ("Einsum", "LSTM", "GRU", "RNN", "DeformConv", "Attention")},
+    # Brevitas' QONNX export of QuantLSTM (an op qonnx does not define), and FINN's binary MatMul
+    **{(domain, "QuantLSTMCell"): (True, "a quantized LSTM cell (Brevitas' QuantLSTM); recurrent cells are not read")
+       for domain in ("qonnx.custom_op.general", "onnx.brevitas")},
+    **{(domain, "XnorPopcountMatMul"): (True, "FINN's binary MatMul; analyse the model before FINN's "
+                                              "ConvertBipolarMatMulToXnorPopcount, or its MVAU (binaryXnorMode) after "
+                                              "the conversion to HW layers")
+       for domain in ("qonnx.custom_op.general", "onnx.brevitas")},
 }
 
 

@@ -366,6 +366,13 @@ def _check_static_shapes(model: ModelWrapper, path: Path) -> None:
 def _check_known_ops(model: ModelWrapper, path: Path) -> None:
     for node in model.graph.node:
         domain = node.domain or ""
+        if _undefined_qonnx_op(node):
+            raise A2QError(
+                f"{path}: node '{node.name or node.output[0]}' is op '{node.op_type}' of domain '{domain}', which "
+                "qonnx does not define (Brevitas' QONNX export of QuantLSTM writes QuantLSTMCell): a2q cannot tell "
+                "what it computes or whether it accumulates. Replace it, or pass --allow-unknown-ops to treat layers "
+                "behind it as unquantized"
+            )
         if domain in KNOWN_DOMAINS or domain.startswith(KNOWN_DOMAIN_PREFIXES):
             continue
         raise A2QError(
@@ -373,6 +380,19 @@ def _check_known_ops(model: ModelWrapper, path: Path) -> None:
             "a2q cannot tell how it changes the integer grid. Replace it, or pass --allow-unknown-ops to treat "
             "layers behind it as unquantized"
         )
+
+
+def _undefined_qonnx_op(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` claims qonnx's (or old Brevitas') domain with an op qonnx's registry does not hold."""
+    from qonnx.custom_op.registry import get_supported_versions
+
+    if not (node.domain.startswith("qonnx.custom_op") or node.domain == BREVITAS_DOMAIN):
+        return False
+    try:
+        get_supported_versions(node.domain, node.op_type)
+    except KeyError:
+        return True
+    return False
 
 
 def model_bytes(model: ModelWrapper | onnx.ModelProto) -> bytes:

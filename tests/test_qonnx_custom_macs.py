@@ -1,0 +1,81 @@
+"""MACs in qonnx's own domain that a2q does not read: never passed over.
+
+Regression: Brevitas' QONNX export of ``QuantLSTM`` writes a ``QuantLSTMCell`` node in qonnx's domain, an op qonnx
+does not define; a2q loaded the file, found only the ``QuantLinear`` behind it, and ``verify`` said "no overflow
+possible in any checked layer" (exit 0) with the cell's accumulators never read. FINN's ``XnorPopcountMatMul`` (its
+binary MatMul, after ``ConvertBipolarMatMulToXnorPopcount``) was passed over the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.cli_helpers import digest, run_cli
+
+
+def _brevitas_lstm(path):
+    """QuantIdentity -> QuantLSTM -> QuantIdentity -> QuantLinear, exported by Brevitas' QONNX TorchScript exporter."""
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.export import export_qonnx
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = qnn.QuantIdentity(return_quant_tensor=True)
+            self.lstm = qnn.QuantLSTM(8, 6, batch_first=True, return_quant_tensor=True)
+            self.out = qnn.QuantIdentity(return_quant_tensor=True)
+            self.fc = qnn.QuantLinear(6, 3, bias=False)
+
+        def forward(self, x):
+            return self.fc(self.out(self.lstm(self.inp(x))[0]))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_qonnx(Net().eval(), torch.randn(1, 5, 8), export_path=str(path), dynamo=False)
+
+
+def test_brevitas_quant_lstm_is_refused_and_never_passed_over(tmp_path):
+    """The file is refused at load, naming the node and the op (project writes nothing); with --allow-unknown-ops
+    (analyze, verify) the cell is an unsupported layer, so both exit 3 naming it."""
+    path = tmp_path / "lstm.onnx"
+    _brevitas_lstm(path)
+    cells = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "QuantLSTMCell"]
+    assert len(cells) == 1  # the precondition: Brevitas wrote the cell as one node
+    before = digest(path)
+
+    code, out, err = run_cli("analyze", path)
+    assert code == 1 and cells[0] in err and "QuantLSTMCell" in err and "qonnx does not define" in err, err
+    for command in (("analyze",), ("verify", "--acc-bits", "32")):
+        code, out, err = run_cli(command[0], path, *command[1:], "--allow-unknown-ops")
+        assert code == 3 and cells[0] in out + err, (command, code, out, err)
+    out_path = tmp_path / "out.onnx"
+    code, out, err = run_cli("project", path, out_path, "--acc-bits", "16")
+    assert code == 1 and cells[0] in err and not out_path.exists(), (code, err)
+    assert digest(path) == before
+
+
+def test_finn_xnor_popcount_matmul_is_an_unsupported_layer(tmp_path):
+    """A bipolar input times 0/1 weights in FINN's XnorPopcountMatMul: reported unsupported with what to do, so
+    verify at a width below its popcount (K = 64 needs 7 bits) never passes."""
+    rng = np.random.default_rng(0)
+    weights = rng.integers(0, 2, (64, 4)).astype(np.float32)
+    node = helper.make_node("XnorPopcountMatMul", ["x", "w"], ["y"], name="xnor", domain="qonnx.custom_op.general")
+    graph = helper.make_graph([node], "bnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(weights, "w")])
+    graph.quantization_annotation.append(onnx.TensorAnnotation(tensor_name="x", quant_parameter_tensor_names=[
+        onnx.StringStringEntryProto(key="finn_datatype", value="BINARY")]))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                    helper.make_opsetid("qonnx.custom_op.general", 1)])
+    path = tmp_path / "xnor.onnx"
+    onnx.save(model, str(path))
+    code, out, err = run_cli("analyze", path)
+    assert code == 3 and "XnorPopcountMatMul is a MAC a2q does not read" in out + err, (code, out, err)
+    code, out, err = run_cli("verify", path, "--acc-bits", "4")
+    assert code == 3 and "xnor" in err, (code, out, err)
