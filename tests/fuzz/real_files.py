@@ -41,6 +41,8 @@ DATA_INTEGER_MACS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteg
 # oracle cannot execute them, but a reader that passes one over silently has missed a layer
 CONTRIB_MACS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "FusedConv", "FusedGemm",
                 "FusedMatMul", "NhwcConv", "NhwcFusedConv", "QAttention", "Attention")
+# MACs in qonnx's domain: FINN's binary MatMul, and the LSTM cell of Brevitas' QONNX export (qonnx defines no such op)
+QONNX_MACS = ("XnorPopcountMatMul", "QuantLSTMCell")
 MVAU_OPS = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 VVAU_OPS = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ops that move or select codes without changing their grid
@@ -362,7 +364,8 @@ def _finn_layer_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo
 
 def is_mac(node) -> bool:
     return node.op_type in FLOAT_MACS or node.op_type in INTEGER_MACS or node.op_type in MVAU_OPS + VVAU_OPS or \
-        (node.domain == "com.microsoft" and node.op_type in CONTRIB_MACS)
+        (node.domain == "com.microsoft" and node.op_type in CONTRIB_MACS) or \
+        (node.domain in ("qonnx.custom_op.general", "onnx.brevitas") and node.op_type in QONNX_MACS)
 
 
 def with_shapes(model: ModelWrapper) -> ModelWrapper:
