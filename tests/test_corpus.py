@@ -437,3 +437,40 @@ def test_oracle_reads_an_attention_operand_whose_codes_are_transposed(tmp_path):
     assert any(n.op_type == "DequantizeLinear" and n.input[0] in moved for n in graph.node)  # codes transposed
     result = check(Entry(saved.stem, ORT_OPTIMIZED, saved), tmp_path)
     assert result.status == "handled" and result.layers == result.tight, (result.status, result.detail, result.tight)
+
+
+def test_brevitas_scaled_dot_product_attention_through_the_corpus_check(tmp_path):
+    """Brevitas' QuantScaledDotProductAttention after three QuantLinear projections, exported as QONNX by the dynamo
+    exporter: every layer read, the scores and the weighted sum (two products of activations) within their analysed
+    ranges, projected, simulated and fine-tuned. Before, the oracle stopped ("both operands read the same graph
+    input": the export lists its shared quantizer constants as graph inputs) and fine-tuning refused the file (the
+    torch bridge had no ``Where``, which masks the scores)."""
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.export import export_qonnx
+
+    from scripts.corpus import Entry
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = qnn.QuantIdentity()
+            self.q, self.k, self.v = (qnn.QuantLinear(8, 8, bias=False) for _ in range(3))
+            self.attention = qnn.QuantScaledDotProductAttention()
+
+        def forward(self, x):
+            x = self.inp(x)
+            return self.attention(self.q(x), self.k(x), self.v(x))
+
+    torch.manual_seed(0)
+    path = tmp_path / "brevitas_sdpa.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_qonnx(Attention().eval(), torch.randn(1, 5, 8), export_path=str(path), dynamo=True)
+    graph = onnx.load(str(path)).graph
+    assert {"Where", "Softmax"} <= {n.op_type for n in graph.node}
+    assert {i.name for i in graph.input} & {i.name for i in graph.initializer}  # constants listed as inputs
+    # not lowered: `lower` refuses products of two activations by name
+    result = check(Entry(path.stem, EXPORTERS["qonnx"], path, lower=False), tmp_path)
+    assert result.status == "handled" and result.layers == 5 and result.tight == 5, (result.detail, result.notes)
+    assert result.notes == [], result.notes  # fine-tuning ran (a refusal would be noted)

@@ -494,6 +494,8 @@ SINGLE_OP_CASES = {
     "div": ("Div", X4, {"c": np.abs(_f32(6, seed=1)) + 0.5}, {}),
     "pow_scalar": ("Pow", X4, {"e": np.float32(2.0)}, {}),
     "pow_broadcast": ("Pow", {"x": np.abs(_f32(2, 4, 7, 6)) + 0.1}, {"e": _f32(6, seed=1)}, {}),
+    "where_broadcast": ("Where", X4, {"c": np.random.default_rng(2).random((7, 6)) < 0.5, "f": np.float32(-1e4)},
+                        dict(input_order=["c", "x", "f"])),
     "relu": ("Relu", X4, {}, {}),
     "leaky_relu": ("LeakyRelu", X4, {}, dict(alpha=0.2)),
     "sigmoid": ("Sigmoid", X4, {}, {}),

@@ -438,6 +438,12 @@ def _div(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     return torch.div(a, b, rounding_mode="trunc")  # ONNX integer division truncates
 
 
+@onnx_op("Where")
+def _where(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
+    # Brevitas' QuantScaledDotProductAttention export masks its scores with one
+    return torch.where(inputs[0].bool(), inputs[1], inputs[2])
+
+
 @onnx_op("Pow")
 def _pow(node: OnnxNode, inputs: list[Tensor | None]) -> Tensor:
     # ONNX: the result has the base's type (the QONNX model zoo's TFC normalises its input with one)

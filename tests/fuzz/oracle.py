@@ -523,11 +523,12 @@ def act_x_act_range(model: ModelWrapper, case: Case, info: LayerInfo, seed: int 
     rng = np.random.default_rng(seed)
     mac = _node(model, info.node)
     nodes, groups = [], []
+    # data inputs only: exporters also list initializers (shared quantizer scales) as graph inputs
+    inputs = {vi.name for vi in model.graph.input} - {init.name for init in model.graph.initializer}
     for tensor in mac.input[:2]:
         kept: list = []
         _ancestors(model, tensor, kept)
         nodes += [n for n in kept if n not in nodes]
-        inputs = {vi.name for vi in model.graph.input}
         groups.append(sorted({t for n in kept for t in n.input if t in inputs} | ({tensor} & inputs)))
     sources = sorted(set(groups[0]) | set(groups[1]))
     if set(groups[0]) & set(groups[1]):
