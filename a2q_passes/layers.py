@@ -63,6 +63,10 @@ UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
         "MultiHeadAttention", "GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention",
         "DecoderAttention", "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention", "LongformerAttention",
         "SparseAttention", "PagedAttention", "MoE")},
+    **{("com.microsoft", op): (False, "only Conv, ConvTranspose, Gemm and MatMul are read; express it with those")
+       for op in ("AttnLSTM", "CDist", "CausalConvWithState", "VarlenCausalConvWithState", "WordConvEmbedding",
+                  "LinearAttention", "LinearAttentionGate", "GatedDeltaNet", "HyperConnectionPreMix",
+                  "HyperConnectionPostMix")},
     **{("", op): (False, "only Conv, ConvTranspose, Gemm and MatMul are read; express it with those")
        for op in ("Einsum", "LSTM", "GRU", "RNN", "DeformConv", "Attention")},
     # Brevitas' QONNX export of QuantLSTM (an op qonnx does not define), and FINN's binary MatMul

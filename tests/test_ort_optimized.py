@@ -203,9 +203,13 @@ def test_contrib_qdq_is_verified_by_the_certificate(tmp_path):
     assert code == 3, (out, err)
 
 
-def test_standard_einsum_on_dequantized_weights_is_reported(tmp_path):
-    """An ONNX Einsum (as torch exports some attention and linear layers) of a quantized activation and
-    DequantizeLinear weights multiply-accumulates like a MatMul; it is reported, not passed over."""
+@pytest.mark.parametrize("op,domain,attrs", [("Einsum", "", {"equation": "bk,kn->bn"}),
+                                             ("CDist", "com.microsoft", {}),
+                                             ("CausalConvWithState", "com.microsoft", {})])
+def test_other_macs_on_dequantized_weights_are_reported(op, domain, attrs, tmp_path):
+    """An ONNX Einsum (as torch exports some attention and linear layers), or an onnxruntime contrib op that
+    multiply-accumulates (a distance matrix, a causal convolution), of a quantized activation and DequantizeLinear
+    weights: reported, not passed over (the contrib ops were, until they were listed)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.uint8(128), "xz"),
              numpy_helper.from_array(rng.integers(-128, 128, (8, 4)).astype(np.int8), "Wq"),
@@ -213,16 +217,16 @@ def test_standard_einsum_on_dequantized_weights_is_reported(tmp_path):
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
              helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["W"]),
-             helper.make_node("Einsum", ["xd", "W"], ["y"], name="einsum", equation="bk,kn->bn")]
+             helper.make_node(op, ["xd", "W"], ["y"], name="mac", domain=domain, **attrs)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
-    onnx.save(model, str(tmp_path / "einsum.onnx"))
-    layer = _layers(tmp_path / "einsum.onnx")["einsum"]
-    assert layer["status"].startswith("unsupported: ONNX Einsum on quantized 'xd', 'W'"), layer
-    code, out, err = run_cli("verify", tmp_path / "einsum.onnx", "--acc-bits", 32)
-    assert code == 3 and "einsum" in err, (out, err)
+    onnx.save(model, str(tmp_path / "mac.onnx"))
+    layer = _layers(tmp_path / "mac.onnx")["mac"]
+    assert layer["status"].startswith(f"unsupported: {domain or 'ONNX'} {op} on quantized 'xd', 'W'"), layer
+    code, out, err = run_cli("verify", tmp_path / "mac.onnx", "--acc-bits", 32)
+    assert code == 3 and "mac" in err, (out, err)
 
 
 def test_weight_scales_along_the_summed_axis_are_refused(tmp_path):
