@@ -37,7 +37,10 @@ WEIGHT_TYPES = {"QDQ": ["QInt8", "QInt8", "QUInt8", "QInt4", "QInt16"], "QOperat
 ACT_TYPES = {"QInt8": ["QUInt8", "QInt8"], "QUInt8": ["QUInt8"], "QInt4": ["QUInt4", "QInt4", "QUInt8"],
              "QInt16": ["QUInt16", "QInt16"]}
 QDQ_OPTIONS = [{"AddQDQPairToWeight": True}, {"WeightSymmetric": False}, {"ActivationSymmetric": True},
-               {"DedicatedQDQPair": True}, {"QDQKeepRemovableActivations": True}, {"QuantizeBias": False}]
+               {"DedicatedQDQPair": True}, {"QDQKeepRemovableActivations": True}, {"QuantizeBias": False},
+               {"MatMulConstBOnly": True}, {"OpTypesToExcludeOutputQuantization": ["Conv"]},
+               {"QDQDisableWeightAdjustForInt32Bias": True}, {"MinimumRealRange": 0.5},
+               {"ActivationRestrictedAsymmetric": True}, {"ForceQuantizeNoInputCheck": True}]
 
 
 class _Net:
