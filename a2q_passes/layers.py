@@ -76,6 +76,11 @@ UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
                                               "ConvertBipolarMatMulToXnorPopcount, or its MVAU (binaryXnorMode) after "
                                               "the conversion to HW layers")
        for domain in ("qonnx.custom_op.general", "onnx.brevitas")},
+    # finn-plus' attention HW layer: two products of activations (its AccQKMatMul and AccAVMatMul accumulators)
+    **{(domain, op): (True, "FINN's attention layer; analyse the model before FINN's conversion to HW layers, where "
+                            "its two products of activations are MatMul nodes a2q reads")
+       for domain, op in (("finn.custom_op.fpgadataflow", "ScaledDotProductAttention"),
+                          ("finn.custom_op.fpgadataflow.hls", "ScaledDotProductAttention_hls"))},
 }
 
 

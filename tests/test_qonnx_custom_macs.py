@@ -1,4 +1,4 @@
-"""MACs in qonnx's own domain that a2q does not read: never passed over.
+"""MACs in qonnx's and FINN's own domains that a2q does not read: never passed over.
 
 Regression: Brevitas' QONNX export of ``QuantLSTM`` writes a ``QuantLSTMCell`` node in qonnx's domain, an op qonnx
 does not define; a2q loaded the file, found only the ``QuantLinear`` behind it, and ``verify`` said "no overflow
@@ -79,3 +79,25 @@ def test_finn_xnor_popcount_matmul_is_an_unsupported_layer(tmp_path):
     assert code == 3 and "XnorPopcountMatMul is a MAC a2q does not read" in out + err, (code, out, err)
     code, out, err = run_cli("verify", path, "--acc-bits", "4")
     assert code == 3 and "xnor" in err, (code, out, err)
+
+
+def test_finn_attention_layer_is_an_unsupported_layer(tmp_path):
+    """finn-plus' ScaledDotProductAttention HW layer (and its HLS variant) multiplies two pairs of activations into
+    its AccQKMatMul and AccAVMatMul accumulators: reported unsupported, naming the node, and never verified."""
+    for op, domain in (("ScaledDotProductAttention", "finn.custom_op.fpgadataflow"),
+                       ("ScaledDotProductAttention_hls", "finn.custom_op.fpgadataflow.hls")):
+        node = helper.make_node(op, ["q", "k", "v"], ["y"], name="sdpa", domain=domain, QKDim=4, QLen=3, VDim=4,
+                                KVLen=3, QType="INT8", KType="INT8", VType="INT8", OType="INT8")
+        graph = helper.make_graph([node], "attention", [helper.make_tensor_value_info(t, TensorProto.FLOAT, [3, 4])
+                                                        for t in "qkv"],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])])
+        for t in "qkv":
+            graph.quantization_annotation.append(onnx.TensorAnnotation(tensor_name=t, quant_parameter_tensor_names=[
+                onnx.StringStringEntryProto(key="finn_datatype", value="INT8")]))
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(domain, 1)]),
+                  str(path))
+        code, out, err = run_cli("analyze", path)
+        assert code == 3 and f"{op} is a MAC a2q does not read" in out + err, (op, code, out, err)
+        code, out, err = run_cli("verify", path, "--acc-bits", "32")
+        assert code == 3 and "sdpa" in err, (op, code, out, err)

@@ -43,6 +43,7 @@ CONTRIB_MACS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", 
                 "FusedMatMul", "NhwcConv", "NhwcFusedConv", "QAttention", "Attention")
 # MACs in qonnx's domain: FINN's binary MatMul, and the LSTM cell of Brevitas' QONNX export (qonnx defines no such op)
 QONNX_MACS = ("XnorPopcountMatMul", "QuantLSTMCell")
+FINN_ATTENTION = ("ScaledDotProductAttention", "ScaledDotProductAttention_hls")  # two products of activations
 MVAU_OPS = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 VVAU_OPS = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ops that move or select codes without changing their grid
@@ -363,7 +364,8 @@ def _finn_layer_model(model: ModelWrapper, mac) -> tuple[ModelWrapper, LayerInfo
 
 
 def is_mac(node) -> bool:
-    return node.op_type in FLOAT_MACS or node.op_type in INTEGER_MACS or node.op_type in MVAU_OPS + VVAU_OPS or \
+    return node.op_type in FLOAT_MACS or node.op_type in INTEGER_MACS or node.op_type in MVAU_OPS + VVAU_OPS + \
+        FINN_ATTENTION or \
         (node.domain == "com.microsoft" and node.op_type in CONTRIB_MACS) or \
         (node.domain in ("qonnx.custom_op.general", "onnx.brevitas") and node.op_type in QONNX_MACS)
 
