@@ -363,6 +363,12 @@ def _check_static_shapes(model: ModelWrapper, path: Path) -> None:
             )
 
 
+# what to do about an op a2q cannot read the grid through (only the reading commands take the option: a command that
+# rewrites or lowers the model promises every layer of it)
+_UNKNOWN_OP_FIX = ("Replace it; `a2q analyze` and `a2q verify` read the model anyway with --allow-unknown-ops, "
+                   "reporting the layers behind such an op as unquantized")
+
+
 def _check_known_ops(model: ModelWrapper, path: Path) -> None:
     for node in model.graph.node:
         domain = node.domain or ""
@@ -370,15 +376,13 @@ def _check_known_ops(model: ModelWrapper, path: Path) -> None:
             raise A2QError(
                 f"{path}: node '{node.name or node.output[0]}' is op '{node.op_type}' of domain '{domain}', which "
                 "qonnx does not define (Brevitas' QONNX export of QuantLSTM writes QuantLSTMCell): a2q cannot tell "
-                "what it computes or whether it accumulates. Replace it, or pass --allow-unknown-ops to treat layers "
-                "behind it as unquantized"
+                f"what it computes or whether it accumulates. {_UNKNOWN_OP_FIX}"
             )
         if domain in KNOWN_DOMAINS or domain.startswith(KNOWN_DOMAIN_PREFIXES):
             continue
         raise A2QError(
             f"{path}: node '{node.name or node.output[0]}' is op '{node.op_type}' from unknown domain '{domain}'; "
-            "a2q cannot tell how it changes the integer grid. Replace it, or pass --allow-unknown-ops to treat "
-            "layers behind it as unquantized"
+            f"a2q cannot tell how it changes the integer grid. {_UNKNOWN_OP_FIX}"
         )
 
 
