@@ -69,12 +69,8 @@ UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
                   "HyperConnectionPostMix")},
     **{("", op): (False, "only Conv, ConvTranspose, Gemm and MatMul are read; express it with those")
        for op in ("Einsum", "LSTM", "GRU", "RNN", "DeformConv", "Attention")},
-    # Brevitas' QONNX export of QuantLSTM (an op qonnx does not define), and FINN's binary MatMul
+    # Brevitas' QONNX export of QuantLSTM (an op qonnx does not define)
     **{(domain, "QuantLSTMCell"): (True, "a quantized LSTM cell (Brevitas' QuantLSTM); recurrent cells are not read")
-       for domain in ("qonnx.custom_op.general", "onnx.brevitas")},
-    **{(domain, "XnorPopcountMatMul"): (True, "FINN's binary MatMul; analyse the model before FINN's "
-                                              "ConvertBipolarMatMulToXnorPopcount, or its MVAU (binaryXnorMode) after "
-                                              "the conversion to HW layers")
        for domain in ("qonnx.custom_op.general", "onnx.brevitas")},
     # finn-plus' attention HW layer: two products of activations (its AccQKMatMul and AccAVMatMul accumulators)
     **{(domain, op): (True, "FINN's attention layer; analyse the model before FINN's conversion to HW layers, where "
@@ -91,6 +87,9 @@ def unread_mac(node: NodeProto) -> tuple[bool, str] | None:
 
 
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
+# qonnx's binary MatMul (FINN's streamlining makes it of a bipolar one): an MVAU in binaryXnorMode before HW conversion
+XNOR_POPCOUNT = "XnorPopcountMatMul"
+QONNX_DOMAINS = ("qonnx.custom_op.general", "onnx.brevitas")
 VVAU_OP_TYPES = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
@@ -436,6 +435,8 @@ def find_mac_layers(
             read = _integer_op_layer
         elif node.op_type in MVAU_OP_TYPES or node.op_type in VVAU_OP_TYPES:
             read = finn_mac_layer
+        elif node.op_type == XNOR_POPCOUNT and node.domain in QONNX_DOMAINS:
+            read = _xnor_popcount_layer
         elif unread_mac(node):
             read = _unread_layer
         elif node.op_type == "StreamingDataflowPartition":
@@ -704,6 +705,28 @@ def _reads_implicit_zeros(node: NodeProto, op: str | None = None) -> bool:
         return False
     auto_pad = node_str_attr(node, "auto_pad", "NOTSET")
     return auto_pad in ("SAME_UPPER", "SAME_LOWER") or any(int(p) != 0 for p in node_attr(node, "pads", []))
+
+
+def _xnor_popcount_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver) -> MacLayer:
+    """qonnx's ``XnorPopcountMatMul``: ``(bipolar(x) @ bipolar(W) + K) / 2`` of 0/1 inputs and weights, the count of
+    input bits equal to their weight bits (what FINN's MVAU in binaryXnorMode computes): an accumulator in [0, K]."""
+    name = node.name or node.output[0]
+    weights = initializer_value(model, node.input[1])
+    if weights is None:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, "unsupported: weights are not an initializer")
+    grid, reason = resolver.resolve(node.input[0])
+    if grid is None or not (0 <= grid.range.lo and grid.range.hi <= 1):
+        why = reason or f"its codes span [{grid.range.lo}, {grid.range.hi}]"
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"{STATUS_INPUT_NOT_QUANTIZED}: a 0/1 input is "
+                        f"counted; {why}")
+    try:
+        check_integer_values(weights, DataType["BINARY"], f"weights of {node_label(node)}")
+        layout, K, channels = _layout_for(model, node, tuple(weights.shape), "MatMul")
+    except UnsupportedLayer as err:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: {err}")
+    source = WeightSource("initializer", node.input[1], None, BINARY, "BINARY")
+    return MacLayer(name, node.op_type, node.input[0], K, channels, STATUS_OK, InputGrid(BINARY, "BINARY", 1.0),
+                    source, layout, binary_xnor=True)
 
 
 def finn_mac_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:

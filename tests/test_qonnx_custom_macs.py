@@ -3,12 +3,14 @@
 Regression: Brevitas' QONNX export of ``QuantLSTM`` writes a ``QuantLSTMCell`` node in qonnx's domain, an op qonnx
 does not define; a2q loaded the file, found only the ``QuantLinear`` behind it, and ``verify`` said "no overflow
 possible in any checked layer" (exit 0) with the cell's accumulators never read. FINN's ``XnorPopcountMatMul`` (its
-binary MatMul, after ``ConvertBipolarMatMulToXnorPopcount``) was passed over the same way.
+binary MatMul, after ``ConvertBipolarMatMulToXnorPopcount``) was passed over the same way; it is now read.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -60,9 +62,46 @@ def test_brevitas_quant_lstm_is_refused_and_never_passed_over(tmp_path):
     assert digest(path) == before
 
 
-def test_finn_xnor_popcount_matmul_is_an_unsupported_layer(tmp_path):
-    """A bipolar input times 0/1 weights in FINN's XnorPopcountMatMul: reported unsupported with what to do, so
-    verify at a width below its popcount (K = 64 needs 7 bits) never passes."""
+def test_finn_streamlined_binary_mlp_is_read_as_xnor_popcounts(tmp_path):
+    """FINN's streamlining of the zoo's TFC-w1a1 (the model FINN's build saves as step_streamline.onnx) multiplies
+    with qonnx's XnorPopcountMatMul: each is read as the count it is, its range exactly the one qonnx executes on
+    every weight column and its complement; verify passes at the width of K and fails one bit below, naming the
+    layer that needs it, without touching the file. Before, the layers were passed over (then refused by name)."""
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.util.cleanup import cleanup_model
+
+    from scripts.corpus import _finn_stage_models
+    from tests.fuzz.real_files import executed_range
+
+    source = cleanup_model(ModelWrapper(str(Path(__file__).parent / "data" / "TFC_1W1A.onnx")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (_, model), = _finn_stage_models(source, ["step_streamline"], tmp_path / "finn")
+    path = tmp_path / "step_streamline.onnx"
+    model.save(str(path))
+    xnor = [n.name for n in model.graph.node if n.op_type == "XnorPopcountMatMul"]
+    assert len(xnor) == 4  # the precondition: FINN made every MatMul an xnor popcount
+    before = digest(path)
+
+    code, out, err = run_cli("analyze", path, "--json", "--per-channel")
+    layers = {layer["node"]: layer for layer in json.loads(out)["layers"]}
+    assert code == 0 and set(layers) == set(xnor), (code, err)
+    for name in xnor:
+        executed = executed_range(model, name)
+        assert layers[name]["status"] == "ok"
+        assert (layers[name]["per_channel"]["acc_min"], layers[name]["per_channel"]["acc_max"]) == (
+            executed.acc_min.tolist(), executed.acc_max.tolist()), name
+    assert executed_range(model, xnor[0]).hi == 784  # K = 28 x 28 input bits: 10 unsigned bits
+    code, out, err = run_cli("verify", path, "--acc-bits", "10")
+    assert code == 0, err
+    code, out, err = run_cli("verify", path, "--acc-bits", "9")
+    assert code == 3 and xnor[0] in err and not any(name in err for name in xnor[1:]), err
+    assert digest(path) == before
+
+
+def test_xnor_popcount_of_an_input_that_is_not_binary_is_not_read(tmp_path):
+    """qonnx's XnorPopcountMatMul counts matching bits only for inputs of 0 and 1: one reading an INT2 input is no
+    count, so it is not read and verify does not pass it."""
     rng = np.random.default_rng(0)
     weights = rng.integers(0, 2, (64, 4)).astype(np.float32)
     node = helper.make_node("XnorPopcountMatMul", ["x", "w"], ["y"], name="xnor", domain="qonnx.custom_op.general")
@@ -70,14 +109,15 @@ def test_finn_xnor_popcount_matmul_is_an_unsupported_layer(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
                               [numpy_helper.from_array(weights, "w")])
     graph.quantization_annotation.append(onnx.TensorAnnotation(tensor_name="x", quant_parameter_tensor_names=[
-        onnx.StringStringEntryProto(key="finn_datatype", value="BINARY")]))
+        onnx.StringStringEntryProto(key="finn_datatype", value="INT2")]))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
                                                     helper.make_opsetid("qonnx.custom_op.general", 1)])
     path = tmp_path / "xnor.onnx"
     onnx.save(model, str(path))
-    code, out, err = run_cli("analyze", path)
-    assert code == 3 and "XnorPopcountMatMul is a MAC a2q does not read" in out + err, (code, out, err)
-    code, out, err = run_cli("verify", path, "--acc-bits", "4")
+    code, out, err = run_cli("analyze", path, "--json")
+    (layer,) = json.loads(out)["layers"]
+    assert layer["status"].startswith("input not quantized: a 0/1 input is counted"), layer
+    code, out, err = run_cli("verify", path, "--acc-bits", "16")
     assert code == 3 and "xnor" in err, (code, out, err)
 
 

@@ -113,6 +113,14 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
                                     f"{rows.shape[1]}")
             else:
                 acc_min, acc_max = masked_row_ranges(rows, lo, hi, masks)
+    elif op == "XnorPopcountMatMul" and node.domain in ("qonnx.custom_op.general", "onnx.brevitas"):
+        # qonnx computes (bipolar(x) @ bipolar(W) + K) / 2: a count of matching bits only for inputs of 0 and 1
+        lo, hi, _ = mac_codes(InputCodes(model, input_dtypes, zero_point, input_ranges).grid(node.input[0]), zero_point)
+        if lo < 0 or hi > 1:
+            raise CannotCertify(f"{node_label(node)} counts 0/1 inputs; its input's codes span [{lo}, {hi}]")
+        rows = finn_weights(model, node, True).T
+        parts = [rows]
+        acc_min, acc_max = np.zeros(rows.shape[0], dtype=np.int64), np.full(rows.shape[0], rows.shape[1])
     elif op == "MatMul" and reads_graph_input(model, node.input[1]) or integer_act_x_act(model, node):
         if tile is not None:
             raise CannotCertify(f"{node_label(node)} multiplies two activations; tiled ranges are not certified for it")

@@ -456,10 +456,31 @@ def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
     return model
 
 
+def _xnor_popcount_range(model: ModelWrapper, mac, seed: int) -> ExecutedRange:
+    """qonnx's XnorPopcountMatMul executed alone on 0/1 inputs (the only ones it counts): each weight column, its
+    complement (every bit matching, none matching) and random bits; the node's output is its accumulator."""
+    weights = model.get_initializer(mac.input[1])
+    if weights is None:
+        raise Undescribed(f"{mac.name}: weights are not an initializer")
+    columns = weights.T.astype(np.float32)
+    x = np.concatenate([columns, 1 - columns, np.random.default_rng(seed).integers(0, 2, (16, weights.shape[0]))])
+    node = helper.make_node("XnorPopcountMatMul", ["x", "w"], ["acc"], domain=QONNX_DOMAIN)
+    graph = helper.make_graph([node], "xnor", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weights.astype(np.float32), "w")])
+    layer = _infer_shapes(ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                                               helper.make_opsetid(QONNX_DOMAIN, 1)])))
+    layer.set_tensor_datatype("x", DataType["BINARY"])
+    acc = np.round(execute(layer, {"x": x.astype(np.float32)})["acc"]).astype(np.int64)
+    return ExecutedRange(acc.min(axis=0), acc.max(axis=0))
+
+
 def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", seed: int = 0) -> ExecutedRange:
     """Executed worst-case accumulator range of MAC node ``name`` of a real file (raises :class:`Undescribed`)."""
     model = with_shapes(standard_data_ops(model))
     mac = _node(model, name)
+    if mac.op_type == "XnorPopcountMatMul":
+        return _xnor_popcount_range(model, mac, seed)
     if mac.op_type in INTEGER_MACS:
         layer, info, ranges = _integer_layer_model(model, mac, zero_point)
     elif mac.op_type in MVAU_OPS + VVAU_OPS:
