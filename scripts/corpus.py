@@ -518,7 +518,7 @@ def _graph_input(path: Path):
 
 def zoo_files(folder: Path) -> list[Entry]:
     entries = []
-    for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx", "TFC_1W1A.onnx"):  # the first is also run through FINN
+    for name in ("TFC_2W2A.onnx", "TFC_1W2A.onnx", "TFC_1W1A.onnx"):  # the first and last also run through FINN
         path = folder / f"zoo_{name}"
         shutil.copyfile(DATA / name, path)
         entries.append(Entry(path.stem, ZOO, path, lower=True))
@@ -532,12 +532,13 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     rejected += ort_rejected
     zoo = zoo_files(folder)
     # FINN's pipeline on one QONNX export of each kind it lowers (plus the TFC-like narrow 2-bit MLP) and the zoo's TFC
+    # (2W2A, and the binary 1W1A: streamlining makes its MatMuls XnorPopcountMatMul, HW conversion xnor MVAUs)
     kinds = {}
     for e in entries:
         kind = e.name.removeprefix("brevitas_qonnx_").split("_w")[0]
         if e.producer == EXPORTERS["qonnx"] and kind in ("mlp", "cnn", "depthwise", "residual", "avgpool_floor"):
             kinds.setdefault(kind if "narrow" not in e.name else "mlp_narrow", e.path)
-    finn_sources = list(kinds.values())[:1] if quick else [*kinds.values(), zoo[0].path]
+    finn_sources = list(kinds.values())[:1] if quick else [*kinds.values(), zoo[0].path, zoo[2].path]
     finn, finn_rejected = finn_files(folder, finn_sources, quick)
     convs = [e.path for e in entries if e.producer == EXPORTERS["qonnx"] and e.name.split("_")[2] in
              ("cnn", "depthwise", "residual", "conv1d")]

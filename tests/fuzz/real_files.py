@@ -457,8 +457,9 @@ def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
 
 
 def _xnor_popcount_range(model: ModelWrapper, mac, seed: int) -> ExecutedRange:
-    """qonnx's XnorPopcountMatMul executed alone on 0/1 inputs (the only ones it counts): each weight column, its
-    complement (every bit matching, none matching) and random bits; the node's output is its accumulator."""
+    """qonnx's XnorPopcountMatMul executed alone on 0/1 inputs (the only ones it counts) with the weights of ``mac``
+    (one, or FINN's MVAU in binaryXnorMode, which executes the same function): each weight column, its complement
+    (every bit matching, none matching) and random bits; the node's output is its accumulator."""
     weights = model.get_initializer(mac.input[1])
     if weights is None:
         raise Undescribed(f"{mac.name}: weights are not an initializer")
@@ -479,8 +480,8 @@ def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", see
     """Executed worst-case accumulator range of MAC node ``name`` of a real file (raises :class:`Undescribed`)."""
     model = with_shapes(standard_data_ops(model))
     mac = _node(model, name)
-    if mac.op_type == "XnorPopcountMatMul":
-        return _xnor_popcount_range(model, mac, seed)
+    if mac.op_type == "XnorPopcountMatMul" or (mac.op_type in MVAU_OPS and _attr(mac, "binaryXnorMode", 0)):
+        return _xnor_popcount_range(model, mac, seed)  # (an MVAU's (MW, MH) weights: a MatMul's)
     if mac.op_type in INTEGER_MACS:
         layer, info, ranges = _integer_layer_model(model, mac, zero_point)
     elif mac.op_type in MVAU_OPS + VVAU_OPS:
