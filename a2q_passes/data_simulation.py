@@ -35,7 +35,7 @@ from a2q_passes.graph_values import node_attr, node_str_attr
 from a2q_passes.input_grids import InputGrid, axis_scale
 from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable, Requantization, operand_codes,
                                               unsimulated_integer_op)
-from a2q_passes.layers import MVAU_OP_TYPES, VVAU_OP_TYPES, MacLayer, find_mac_layers
+from a2q_passes.layers import MVAU_OP_TYPES, VVAU_OP_TYPES, XNOR_POPCOUNT, MacLayer, find_mac_layers
 from a2q_passes.model_io import CHANNELS_LAST_DOMAIN, data_inputs
 from a2q_passes.mvau_simulation import (SIMULATED_MVAU, SIMULATED_VVAU, MvauActivation, mvau_rows, unsimulated_mvau,
                                         vvau_interleave, vvau_taps)
@@ -269,7 +269,7 @@ class _MacKernel:
                  tile: int | None, outer_bits: int | None = None, zero_point: str = "fold") -> None:
         _check_simulated(layer, bits)
         integer_op = self.integer_op = layer.op_type in INTEGER_MAC_OPS
-        finn_op = layer.op_type in MVAU_OP_TYPES + VVAU_OP_TYPES
+        finn_op = layer.op_type in MVAU_OP_TYPES + VVAU_OP_TYPES + (XNOR_POPCOUNT,)  # an XnorPopcountMatMul: an MVAU
         tiled = tile is not None or outer_bits is not None
         if (why := unsimulated_integer_op(node) if integer_op else unsimulated_mvau(layer, node, tiled) if finn_op
                 else None) is not None:

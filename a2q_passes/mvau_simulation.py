@@ -1,4 +1,5 @@
-"""Data simulation of FINN's ``MVAU`` and ``VVAU`` nodes (what ``a2q lower`` and FINN's ``convert_to_hw`` write), as
+"""Data simulation of FINN's ``MVAU`` and ``VVAU`` nodes (what ``a2q lower`` and FINN's ``convert_to_hw`` write), and of
+qonnx's ``XnorPopcountMatMul`` (FINN's streamlining of a binary MatMul, an xnor-popcount MVAU whose output is its count), as
 FINN's Python execution of the nodes defines them: ``acc = x @ W`` on the integer input codes (a ``VVAU``: each
 channel's window taps times its own kernel; an xnor-popcount ``MVAU``: the count of input bits equal to their
 weight bits), then, where the node thresholds (``noActivation`` 0),
@@ -18,7 +19,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 from a2q_passes.integer_op_simulation import NotRequantizable
-from a2q_passes.layers import MacLayer, RowLayout
+from a2q_passes.layers import XNOR_POPCOUNT, MacLayer, RowLayout
 
 SIMULATED_MVAU = "MVAU"  # FINN's generic HW layers; the _hls/_rtl variants execute only in C++ or RTL simulation
 SIMULATED_VVAU = "VVAU"
@@ -28,10 +29,10 @@ PIXEL_PADDED = "gather"  # the row layout of an MVAU over pixel-padded input (on
 def unsimulated_mvau(layer: MacLayer, node: NodeProto, tiled: bool = False) -> str | None:
     """Why the FINN ``MVAU``/``VVAU`` ``node`` is not simulated on data (``tiled``: in a multi-stage datapath), or
     None."""
-    if node.op_type not in (SIMULATED_MVAU, SIMULATED_VVAU):
+    if node.op_type not in (SIMULATED_MVAU, SIMULATED_VVAU, XNOR_POPCOUNT):
         return (f"data simulation of FINN {node.op_type} nodes is not implemented (the static proof and adversarial "
                 "simulation still apply)")
-    if layer.binary_xnor and node.op_type != SIMULATED_MVAU:
+    if layer.binary_xnor and node.op_type not in (SIMULATED_MVAU, XNOR_POPCOUNT):
         return f"a {node.op_type} in binary xnor-popcount mode"
     if not layer.binary_xnor and (node_str_attr(node, "inputDataType", "") == "BIPOLAR"
                                   and node_str_attr(node, "weightDataType", "") == "BIPOLAR"):

@@ -70,7 +70,7 @@ def test_finn_streamlined_binary_mlp_is_read_as_xnor_popcounts(tmp_path):
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.util.cleanup import cleanup_model
 
-    from scripts.corpus import _finn_stage_models
+    from scripts.corpus import FINN_STAGES, Entry, _finn_stage_models, check
     from tests.fuzz.real_files import executed_range
 
     source = cleanup_model(ModelWrapper(str(Path(__file__).parent / "data" / "TFC_1W1A.onnx")))
@@ -97,6 +97,10 @@ def test_finn_streamlined_binary_mlp_is_read_as_xnor_popcounts(tmp_path):
     code, out, err = run_cli("verify", path, "--acc-bits", "9")
     assert code == 3 and xnor[0] in err and not any(name in err for name in xnor[1:]), err
     assert digest(path) == before
+    # the corpus' whole check: every range against qonnx's execution, and `verify --data`'s overflow counts against
+    # the counts the whole file executes to
+    result = check(Entry(path.stem, FINN_STAGES["step_streamline"], path), tmp_path / "check")
+    assert result.status == "handled" and result.tight == 4 and result.simulated > 0, (result.detail, result.notes)
 
 
 def test_xnor_popcount_of_an_input_that_is_not_binary_is_not_read(tmp_path):

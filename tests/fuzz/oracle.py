@@ -606,7 +606,7 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
     accumulators = {}
     for info in infos:
         mac = macs[info.node]
-        if mac.op_type in ("MVAU", "VVAU"):
+        if mac.op_type in ("MVAU", "VVAU", "XnorPopcountMatMul"):
             accumulators[info.node] = np.concatenate([_finn_accumulators(model, mac, run) for run in runs])
             continue
         if mac.op_type in INTEGER_MACS:  # each run its own zero point (DynamicQuantizeLinear)
@@ -627,7 +627,8 @@ def data_accumulators(model: ModelWrapper, case: Case, inputs: dict[str, np.ndar
 
 def _finn_accumulators(model: ModelWrapper, mac, run: dict[str, np.ndarray]) -> np.ndarray:
     """A FINN MVAU/VVAU's exact accumulators on one run's executed input: FINN's own execution of the node without
-    its thresholds (``noActivation`` 1), whose float32 products of small codes are exact below 2^24."""
+    its thresholds (``noActivation`` 1), whose float32 products of small codes are exact below 2^24; qonnx's
+    XnorPopcountMatMul's output (qonnx's execution), which is its count."""
     from qonnx.custom_op.registry import getCustomOp
 
     node = copy.deepcopy(mac)
@@ -641,8 +642,9 @@ def _finn_accumulators(model: ModelWrapper, mac, run: dict[str, np.ndarray]) -> 
         raise OracleError(f"{mac.name}: accumulators beyond float32's integers")
     vectors = next((list(a.ints) for a in mac.attribute if a.name == "numInputVectors"), [1])
     mh = next((a.i for a in mac.attribute if a.name == "MH"), 0)
+    shape = (*x.shape[:-1], weights.shape[1]) if mac.op_type == "XnorPopcountMatMul" else (len(x), *vectors[1:], mh)
     context = {mac.input[0]: x.astype(np.float32), mac.input[1]: weights,
-               node.output[0]: np.zeros((len(x), *vectors[1:], mh), np.float32)}  # the MVAU's output shape
+               node.output[0]: np.zeros(shape, np.float32)}  # the node's output shape
     getCustomOp(node).execute_node(context, model.graph)
     return np.rint(context[node.output[0]]).astype(np.int64)
 

@@ -509,7 +509,7 @@ def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fo
                 infos.append(describe_layer(model, name))
             elif mac.op_type in DATA_INTEGER_MACS and mac.domain in ("", "ai.onnx", "com.microsoft"):
                 infos.append(_integer_data_info(model, mac))
-            elif mac.op_type in ("MVAU", "VVAU"):  # FINN's: integer (or xnor-popcount) codes
+            elif mac.op_type in ("MVAU", "VVAU", "XnorPopcountMatMul"):  # FINN's, qonnx's: integer (or 0/1) codes
                 infos.append(LayerInfo(name, mac.op_type, np.ones(1, np.float32), 1.0))
         except Undescribed:
             continue  # not claimed either way
