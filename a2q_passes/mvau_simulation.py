@@ -1,8 +1,8 @@
 """Data simulation of FINN's ``MVAU`` and ``VVAU`` nodes (what ``a2q lower`` and FINN's ``convert_to_hw`` write), and
 of qonnx's ``XnorPopcountMatMul`` (FINN's streamlining of a binary MatMul: an xnor-popcount MVAU whose output is its
-count), as FINN's Python execution of the nodes defines them: ``acc = x @ W`` on the integer input codes (a ``VVAU``: each
-channel's window taps times its own kernel; an xnor-popcount ``MVAU``: the count of input bits equal to their
-weight bits), then, where the node thresholds (``noActivation`` 0),
+count), as FINN's Python execution of the nodes defines them: ``acc = x @ W`` on the integer input codes (a
+``VVAU``: each channel's window taps times its own kernel; an xnor-popcount ``MVAU``: the count of input bits equal
+to their weight bits), then, where the node thresholds (``noActivation`` 0),
 ``multithreshold(acc, T) * out_scale + out_bias``.
 
 An output whose P-bit accumulator differs from the exact one is recomputed from the P-bit value through the node's
