@@ -276,7 +276,9 @@ class _MacKernel:
             raise _NotSimulated(why)
         # an MVAU multiplies its input vectors by its (MW, MH) weights: a MatMul
         self.mac_op = INTEGER_MAC_OPS[layer.op_type].mac_op if integer_op else "MatMul" if finn_op else layer.op_type
-        self.vectors = list(node_attr(node, "numInputVectors", [1]))[1:] if finn_op else None  # less the batch
+        # an MVAU's input vectors, less the batch (an XnorPopcountMatMul multiplies its input's last axis, as MatMul)
+        self.vectors = list(node_attr(node, "numInputVectors", [1]))[1:] if node.op_type != XNOR_POPCOUNT and finn_op \
+            else None
         self.interleave = vvau_interleave(model, node) if node.op_type == SIMULATED_VVAU else 1
         if self.mac_op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             raise _NotSimulated(f"data simulation of {layer.op_type} nodes is not implemented "

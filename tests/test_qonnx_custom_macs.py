@@ -145,3 +145,31 @@ def test_finn_attention_layer_is_an_unsupported_layer(tmp_path):
         assert code == 3 and f"{op} is a MAC a2q does not read" in out + err, (op, code, out, err)
         code, out, err = run_cli("verify", path, "--acc-bits", "32")
         assert code == 3 and "sdpa" in err, (op, code, out, err)
+
+
+def test_xnor_popcount_over_image_windows_is_simulated_on_data(tmp_path):
+    """A binary CNN after FINN's streamlining counts matches over Im2Col windows: its XnorPopcountMatMul reads a 4-D
+    (N, H, W, taps) input. verify --data simulates it over the leading axes (before, it stopped with a traceback,
+    "cannot reshape array of size 115200 into shape (1,1152)", on Brevitas' CNV-w1a1), and the corpus check finds
+    its counts those qonnx executes."""
+    from scripts.corpus import FINN_STAGES, Entry, check
+
+    rng = np.random.default_rng(0)
+    weights = rng.integers(0, 2, (9, 3)).astype(np.float32)
+    node = helper.make_node("XnorPopcountMatMul", ["x", "w"], ["y"], name="xnor", domain="qonnx.custom_op.general")
+    graph = helper.make_graph([node], "bcnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 3])],
+                              [numpy_helper.from_array(weights, "w")])
+    graph.quantization_annotation.append(onnx.TensorAnnotation(tensor_name="x", quant_parameter_tensor_names=[
+        onnx.StringStringEntryProto(key="finn_datatype", value="BINARY")]))
+    path = tmp_path / "xnor_windows.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                      helper.make_opsetid("qonnx.custom_op.general", 1)]), str(path))
+    np.savez(tmp_path / "x.npz", x=rng.integers(0, 2, (8, 4, 4, 9)).astype(np.float32))
+    code, out, err = run_cli("verify", path, "--acc-bits", "3", "--data", tmp_path / "x.npz", "--json")
+    assert code == 3 and "Traceback" not in err, err
+    (layer,) = json.loads(out)["layers"]
+    # every output of every window counted (8 samples x 4 x 4 windows x 3 channels), some past 3 bits
+    assert layer["data_accumulations"] == 8 * 16 * 3 and layer["data_overflows"] > 0 and not layer["data_note"], layer
+    result = check(Entry(path.stem, FINN_STAGES["step_streamline"], path, input_dtype="BINARY"), tmp_path / "check")
+    assert result.status == "handled" and result.tight == 1 and result.simulated > 0, (result.detail, result.notes)
