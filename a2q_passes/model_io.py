@@ -233,7 +233,9 @@ def declare_custom_domains(proto: onnx.ModelProto) -> bool:
     for node in proto.graph.node:
         if node.domain in LEGACY_GENERAL_DOMAINS:
             backend = next((a.s.decode() for a in node.attribute if a.name == "backend"), None)
-            node.domain = "finn.custom_op.fpgadataflow" if backend == "fpgadataflow" else QONNX_GENERAL_DOMAIN
+            # (old FINN kept its dataflow partition among its general ops; it is a fpgadataflow op now)
+            fpgadataflow = backend == "fpgadataflow" or node.op_type == "StreamingDataflowPartition"
+            node.domain = "finn.custom_op.fpgadataflow" if fpgadataflow else QONNX_GENERAL_DOMAIN
     declared = {opset.domain for opset in proto.opset_import}
     used = {node.domain for node in proto.graph.node}
     for opset in proto.opset_import:  # a legacy import nothing uses any more becomes qonnx's
