@@ -40,6 +40,7 @@ from a2q_passes.weight_sources import (INTEGER_MAC_OPS, QUANT_OP_TYPES, UNROUNDE
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
+QONNX_DOMAINS = ("qonnx.custom_op.general", "onnx.brevitas")  # qonnx's general ops, and old Brevitas exports' domain
 _BEFORE_OPTIMISATION = ("a fusion by onnxruntime's graph optimizer: analyse the model as the quantizer wrote it, or "
                         "save the optimized model at ORT_ENABLE_BASIC")
 _PACKED = ("packed block-wise weights; onnxruntime's MatMulNBitsQuantizer(quant_format=QuantFormat.QDQ) writes them "
@@ -71,7 +72,7 @@ UNREAD_MACS: dict[tuple[str, str], tuple[bool, str]] = {
        for op in ("Einsum", "LSTM", "GRU", "RNN", "DeformConv", "Attention")},
     # Brevitas' QONNX export of QuantLSTM (an op qonnx does not define)
     **{(domain, "QuantLSTMCell"): (True, "a quantized LSTM cell (Brevitas' QuantLSTM); recurrent cells are not read")
-       for domain in ("qonnx.custom_op.general", "onnx.brevitas")},
+       for domain in QONNX_DOMAINS},
     # finn-plus' attention HW layer: two products of activations (its AccQKMatMul and AccAVMatMul accumulators)
     **{(domain, op): (True, "FINN's attention layer; analyse the model before FINN's conversion to HW layers, where "
                             "its two products of activations are MatMul nodes a2q reads")
@@ -89,7 +90,6 @@ def unread_mac(node: NodeProto) -> tuple[bool, str] | None:
 MVAU_OP_TYPES = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 # qonnx's binary MatMul (FINN's streamlining makes it of a bipolar one): an MVAU in binaryXnorMode before HW conversion
 XNOR_POPCOUNT = "XnorPopcountMatMul"
-QONNX_DOMAINS = ("qonnx.custom_op.general", "onnx.brevitas")
 VVAU_OP_TYPES = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 STATUS_OK = "ok"
 STATUS_INPUT_NOT_QUANTIZED = "input not quantized"
