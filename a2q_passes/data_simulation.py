@@ -28,7 +28,7 @@ from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
-from a2q_passes.exact_integer_ops import ExactSession, exact_session, moves_four_bit_codes, needs_reference
+from a2q_passes.exact_integer_ops import ExactSession, exact_session, moves_sub_byte_codes, needs_reference
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_runtime import as_generic_hw_layers, register_finn_hw_ops
 from a2q_passes.graph_values import node_attr, node_str_attr
@@ -133,7 +133,7 @@ class _GraphRunner:
         proto = helper.make_model(graph, opset_imports=opsets)
         proto.ir_version = min(self.model.model.ir_version or 10, 10)
         # onnxruntime's integer kernels are not exact on this CPU; its binding has no 4-bit arrays
-        if needs_reference(node.domain, node.op_type) or moves_four_bit_codes(proto):
+        if needs_reference(node.domain, node.op_type) or moves_sub_byte_codes(proto):
             self.sessions[index] = exact_session(proto)
             return self.sessions[index]
         options = rt.SessionOptions()

@@ -74,25 +74,26 @@ MATMUL_TO_FLOAT = (("com.microsoft", "MatMulIntegerToFloat"), ("com.microsoft", 
 CONTRIB_MACS = (QGEMM, ("com.microsoft", "QLinearConv"), *MATMUL_TO_FLOAT)
 
 
-FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+# codes narrower than a byte (opset 21's 4-bit, opset 25's 2-bit types): no numpy type onnxruntime's binding takes
+SUB_BYTE = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2)
 QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def moves_four_bit_codes(model: ModelProto) -> bool:
-    """Whether a one-node model quantizes to or dequantizes from 4-bit codes (ONNX's or onnxruntime's
-    ``com.microsoft`` Q/DQ): onnxruntime's Python binding neither returns nor takes a 4-bit array, so such a node
+def moves_sub_byte_codes(model: ModelProto) -> bool:
+    """Whether a one-node model quantizes to or dequantizes from 4-bit or 2-bit codes (ONNX's or onnxruntime's
+    ``com.microsoft`` Q/DQ): onnxruntime's Python binding neither returns nor takes such an array, so such a node
     runs in ONNX's reference implementation (:func:`exact_session`), which computes the same codes."""
     node = model.graph.node[0]
     if node.op_type not in QUANTIZERS:
         return False
     types = [vi.type.tensor_type.elem_type for vi in model.graph.input] + [i.data_type for i in model.graph.initializer]
     output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
-    return output_dtype in FOUR_BIT or any(t in FOUR_BIT for t in types)
+    return output_dtype in SUB_BYTE or any(t in SUB_BYTE for t in types)
 
 
 def exact_session(model: ModelProto) -> "ExactSession":
     """An exact session for a one-node model of an op :func:`needs_reference` names, or one that
-    :func:`moves_four_bit_codes`."""
+    :func:`moves_sub_byte_codes`."""
     node = model.graph.node[0]
     if (node.domain, node.op_type) == QGEMM:
         return ExactQGemm(model)

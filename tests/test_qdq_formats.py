@@ -304,3 +304,34 @@ def test_onnxruntime_int4_int16_qdq(tmp_path, weight_type, activation_type, wdty
     before = _structure(model)
     projected = check_project(model, margin=2, exact=exact)
     assert _structure(projected) == before  # weights written back as int4 / int16 initializers
+
+
+@pytest.mark.parametrize("act_type,weight_type,act_zero", [(onnx.TensorProto.INT2, onnx.TensorProto.INT2, 0),
+                                                           (onnx.TensorProto.UINT2, onnx.TensorProto.INT4, 1),
+                                                           (onnx.TensorProto.UINT8, onnx.TensorProto.INT2, 128)])
+def test_two_bit_qdq_codes_are_read_proven_and_simulated(act_type, weight_type, act_zero, tmp_path):
+    """Opset 25's 2-bit Q/DQ types (onnxruntime executes them): every range the worst case executes to (the corpus'
+    oracle, on the file's own quantizers), `project`'s output executed at P, `verify --data`'s overflow counts
+    against the executed accumulators, under both zero-point conventions. Before, `analyze` read 2-bit activations
+    but `verify` and `project` could not certify them ("dequantizes storage type INT2"), and `verify --data` could
+    not run them (onnxruntime's binding takes no 2-bit array)."""
+    from scripts.corpus import Entry, check
+
+    rng = np.random.default_rng(0)
+    lo = -2 if weight_type == onnx.TensorProto.INT2 else -8
+    codes = rng.integers(lo, -lo, (16, 4))
+    inits = [helper.make_tensor("Wq", weight_type, [16, 4], codes.flatten().tolist()),
+             helper.make_tensor("wz", weight_type, [], [0]), helper.make_tensor("xz", act_type, [], [act_zero]),
+             numpy_helper.from_array(np.float32(0.3), "xs"), numpy_helper.from_array(np.float32(0.05), "ws")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["W"]),
+             helper.make_node("MatMul", ["xd", "W"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], inits)
+    path = tmp_path / "two_bit.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)]), str(path))
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # the precondition: onnxruntime runs it
+    for convention in ("fold", "subtract"):
+        result = check(Entry(path.stem, "2-bit QDQ", path, zero_point=convention), tmp_path / convention)
+        assert result.status == "handled" and result.tight == 1 and result.simulated > 0, (result.detail, result.notes)

@@ -137,7 +137,8 @@ def _in_execution_order(model: ModelWrapper, chosen: Mapping[str, NodeProto], ta
 def _fed(tensor: TensorProto) -> bool:
     """Whether ``tensor`` is streamed and of a type numpy holds natively (int4/uint4 and the like go inline: their
     ml_dtypes arrays cannot be fed to onnxruntime)."""
-    return is_streamed(tensor) and tensor.data_type not in (TensorProto.INT4, TensorProto.UINT4) and \
+    return is_streamed(tensor) and tensor.data_type not in (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2,
+                                                             TensorProto.UINT2) and \
         helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "biuf"
 
 

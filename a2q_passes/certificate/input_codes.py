@@ -26,6 +26,7 @@ STORAGE_RANGES = {
     TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255), TensorProto.INT16: (-(1 << 15), (1 << 15) - 1),
     TensorProto.UINT16: (0, (1 << 16) - 1), TensorProto.INT32: (-(1 << 31), (1 << 31) - 1),
     TensorProto.UINT32: (0, (1 << 32) - 1), TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15),
+    TensorProto.INT2: (-2, 1), TensorProto.UINT2: (0, 3),
 }
 
 

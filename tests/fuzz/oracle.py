@@ -108,7 +108,7 @@ def _node(model: ModelWrapper, name: str):
     return next(n for n in model.graph.node if (n.name or n.output[0]) == name)
 
 
-FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+SUB_BYTE = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2)  # no numpy type ORT takes
 
 
 def execute(model: ModelWrapper, feed: dict) -> dict:
@@ -121,7 +121,7 @@ def execute(model: ModelWrapper, feed: dict) -> dict:
         return _execute_by_node(model, feed)
     typed = [i.data_type for i in model.graph.initializer]
     typed += [v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)]
-    if not any(t in FOUR_BIT for t in typed) and all(n.domain != "com.microsoft" for n in model.graph.node):
+    if not any(t in SUB_BYTE for t in typed) and all(n.domain != "com.microsoft" for n in model.graph.node):
         return execute_onnx(model, feed)
     import onnxruntime as ort
 
@@ -233,7 +233,7 @@ def _execute_by_node(model: ModelWrapper, feed: dict) -> dict:
             (y,) = ReferenceEvaluator(single).run(outputs, feeds)
             results = [np.moveaxis(y, 1, -1) if nhwc else y]
         elif _exact_only_in_reference(node) or any(  # 4-bit arrays: onnxruntime's Python binding takes none
-                helper.np_dtype_to_tensor_dtype(v.dtype) in FOUR_BIT for v in feeds.values()):
+                helper.np_dtype_to_tensor_dtype(v.dtype) in SUB_BYTE for v in feeds.values()):
             results = ReferenceEvaluator(single).run(outputs, feeds)
         else:
             options = ort.SessionOptions()

@@ -402,22 +402,23 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
     feed = {i.name: np.zeros([d.dim_value or 1 for d in i.type.tensor_type.shape.dim],
                              helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in session.get_inputs()
             for i in [model.get_tensor_valueinfo(i.name)]}
-    # onnxruntime's Python binding returns no 4-bit tensor (a com.microsoft QuantizeLinear's int4 codes): those
+    # onnxruntime's Python binding returns no 4-bit or 2-bit tensor (a QuantizeLinear's int4 codes): those
     # elementwise outputs take their input's shape
-    four_bit = {o.name: FOUR_BIT_TYPES[o.type] for o in session.get_outputs() if o.type in FOUR_BIT_TYPES}
-    fetched = [o.name for o in session.get_outputs() if o.name not in four_bit]
+    sub_byte = {o.name: SUB_BYTE_TYPES[o.type] for o in session.get_outputs() if o.type in SUB_BYTE_TYPES}
+    fetched = [o.name for o in session.get_outputs() if o.name not in sub_byte]
     values = dict(zip(fetched, session.run(fetched, feed)))
     for name, value in values.items():
         if name not in known and model.get_initializer(name) is None:
             model.set_tensor_shape(name, list(value.shape), helper.np_dtype_to_tensor_dtype(value.dtype))
-    for name, elem_type in four_bit.items():
+    for name, elem_type in sub_byte.items():
         producer = model.find_producer(name)
         if producer.op_type in ("QuantizeLinear", "Cast", "Identity") and producer.input[0] in values:
             model.set_tensor_shape(name, list(values[producer.input[0]].shape), elem_type)
     return model
 
 
-FOUR_BIT_TYPES = {"tensor(int4)": TensorProto.INT4, "tensor(uint4)": TensorProto.UINT4}
+SUB_BYTE_TYPES = {"tensor(int4)": TensorProto.INT4, "tensor(uint4)": TensorProto.UINT4,
+                  "tensor(int2)": TensorProto.INT2, "tensor(uint2)": TensorProto.UINT2}
 
 
 def standard_data_ops(model: ModelWrapper) -> ModelWrapper:
