@@ -22,7 +22,7 @@ from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
 from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, node_axes, sole_relu_reader
 
-_BIASED_MACS = ("Conv", "Gemm")  # their input 2 is a bias added to the accumulator
+_BIASED_MACS = ("Conv", "ConvTranspose", "Gemm")  # their input 2 is a bias added to the accumulator
 
 
 class UnsignedQuantAfterRelu(Transformation):
@@ -186,8 +186,8 @@ def _extracted_scale(model: ModelWrapper, mul: NodeProto) -> tuple[NodeProto, No
 
 class FoldBiasQuantizers(Transformation):
     """A quantizer of a constant bias (``Quant``/``IntQuant``/``BipolarQuant`` on initializers, read only as the
-    bias of ``Conv``/``Gemm``, or only through shape ops by nodes that are no MAC) is replaced by the constant it
-    computes.
+    bias of ``Conv``/``ConvTranspose``/``Gemm``, or only through shape ops by nodes that are no MAC) is replaced by
+    the constant it computes.
 
     Why: qonnx's ``ExtractBiasFromConv`` (inside ``ConvertQONNXtoFINN``) reshapes such a quantizer's zero point to
     the bias' shape and fails on a per-channel scale with a per-tensor zero point ("cannot reshape array of size 1

@@ -260,3 +260,32 @@ def test_data_simulation_of_the_pixel_padded_mvau(case, tmp_path):
     assert simulate_model(lowered, x, {node: width}).overflows[node] == 0
     # tiles would split the MVAU's K inputs, which its rows (a phase's taps) do not hold: named, not simulated
     assert "pixel-padded" in simulate_model(lowered, x, {node: width}, tile=2).skipped[node]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_onnxruntime_qdq_conv_transpose_is_lowered(per_channel, tmp_path):
+    """onnxruntime's QDQ file of a strided ConvTranspose with padding and output padding (uint8 activations with
+    zero points, int8 weights, its bias stored as int32 codes behind a DequantizeLinear) through the corpus' whole
+    check: read, projected, simulated and lowered, every MVAU executed within its accDataType. Before, `lower`
+    stopped in FINN's conversion ("cannot reshape array of size 1 into shape (1,4,1,1)": qonnx's
+    ExtractBiasFromConv reshaped the zero point of the bias' quantizer, which was folded for Conv and Gemm only)."""
+    import onnx
+
+    from scripts.corpus import ORT_FORMATS, Entry, check
+    from tests.ort_models import quantize
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ConvTranspose", ["x", "W", "B"], ["c"], name="deconv", strides=[2, 2],
+                              pads=[1, 1, 1, 1], output_padding=[1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 4, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "B")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    path = tmp_path / "ort_deconv.onnx"
+    quantize(tmp_path / "float.onnx", path, [1, 3, 5, 5], "QDQ", "QInt8", act="QUInt8", per_channel=per_channel)
+    assert any(i.name.startswith("B") and i.data_type == TensorProto.INT32 for i in onnx.load(str(path)).graph.initializer)
+    result = check(Entry(path.stem, ORT_FORMATS["QDQ"], path, lower=True, zero_point="subtract"), tmp_path / "check")
+    assert result.status == "handled" and result.tight == 1 and result.notes == [], (result.detail, result.notes)
