@@ -4,7 +4,8 @@
 
 The corpus (``scripts/corpus.py``) quantizes four fixed float nets; this draws new ones: a convolutional net (1 to 3
 Conv layers of random kernel, stride, padding, dilation and groups, depthwise among them, activations, pooling, a
-residual Add where shapes allow, then Flatten -> Gemm -> MatMul) or an attention block (projections, the two
+residual Add where shapes allow, now and then a strided ConvTranspose, then Flatten -> Gemm -> MatMul; files with a
+ConvTranspose are read under ``--zero-point subtract``, as a user is told to) or an attention block (projections, the two
 products of activations, softmax, an output projection, a residual Add), weights of random spread with a large
 channel now and then. Each net goes through ``quantize_static`` (QDQ, QOperator, QDQ in onnxruntime's own
 ``com.microsoft`` ops) or ``quantize_dynamic`` with drawn weight and activation types, per-channel weights,
@@ -103,6 +104,15 @@ def conv_net(rng: np.random.Generator) -> tuple[_Net, str]:
         if rng.random() < 0.2 and min(out[2:]) >= 4:
             t = net.node(str(rng.choice(["MaxPool", "AveragePool"])), [t], [*out[:2], out[2] // 2, out[3] // 2],
                          kernel_shape=[2, 2], strides=[2, 2])
+    if rng.random() < 0.2:  # a strided, padded ConvTranspose (weights (C_in, C_out, k, k): per channel along axis 1)
+        c_in, h, w = net.shapes[t][1:]
+        c_out, k, stride = int(rng.integers(2, 5)), int(rng.integers(1, 4)), int(rng.choice([1, 2]))
+        pad, extra = int(rng.integers(0, k)), int(rng.integers(0, stride))
+        out = [1, c_out, (h - 1) * stride - 2 * pad + k + extra, (w - 1) * stride - 2 * pad + k + extra]
+        inputs = [t, net.weight("Wt", (c_in, c_out, k, k), 1)] + ([net.weight("Bt", (c_out,), 0)] if rng.random() < 0.7
+                                                                   else [])
+        t = net.activation(net.node("ConvTranspose", inputs, out, kernel_shape=[k, k], strides=[stride] * 2,
+                                    pads=[pad] * 4, output_padding=[extra] * 2))
     flat = int(np.prod(net.shapes[t][1:]))
     t = net.node("Flatten", [t], [1, flat])
     hidden = int(rng.integers(3, 9))
@@ -170,7 +180,9 @@ def draw_file(rng: np.random.Generator, folder: Path, index: int) -> tuple[corpu
         except Exception as err:
             return None, f"{optimized_path.stem}: onnxruntime's optimizer refused ({type(err).__name__})"
         path, producer = optimized_path, corpus.ORT_OPTIMIZED
-    subtract = weight == "QUInt8" or extra.get("WeightSymmetric") is False  # weights with zero points (README)
+    # weights with zero points, or a ConvTranspose (its border outputs sum fewer taps): read as a user is told (README)
+    deconv = any(n.op_type == "ConvTranspose" for n in onnx.load(str(float_path)).graph.node)
+    subtract = weight == "QUInt8" or extra.get("WeightSymmetric") is False or deconv
     return corpus.Entry(path.stem, producer, path, lower=corpus._lowers_as_quant(path),
                         zero_point="subtract" if subtract else "fold"), ""
 
