@@ -109,10 +109,11 @@ def conv_net(rng: np.random.Generator) -> tuple[_Net, str]:
         c_out, k, stride = int(rng.integers(2, 5)), int(rng.integers(1, 4)), int(rng.choice([1, 2]))
         pad, extra = int(rng.integers(0, k)), int(rng.integers(0, stride))
         out = [1, c_out, (h - 1) * stride - 2 * pad + k + extra, (w - 1) * stride - 2 * pad + k + extra]
-        inputs = [t, net.weight("Wt", (c_in, c_out, k, k), 1)] + ([net.weight("Bt", (c_out,), 0)] if rng.random() < 0.7
-                                                                   else [])
-        t = net.activation(net.node("ConvTranspose", inputs, out, kernel_shape=[k, k], strides=[stride] * 2,
-                                    pads=[pad] * 4, output_padding=[extra] * 2))
+        if min(out[2:]) >= 1:  # (padding can crop a small input away)
+            inputs = [t, net.weight("Wt", (c_in, c_out, k, k), 1)] + (
+                [net.weight("Bt", (c_out,), 0)] if rng.random() < 0.7 else [])
+            t = net.activation(net.node("ConvTranspose", inputs, out, kernel_shape=[k, k], strides=[stride] * 2,
+                                        pads=[pad] * 4, output_padding=[extra] * 2))
     flat = int(np.prod(net.shapes[t][1:]))
     t = net.node("Flatten", [t], [1, flat])
     hidden = int(rng.integers(3, 9))
