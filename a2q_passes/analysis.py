@@ -121,11 +121,18 @@ def stage_ranges(rows: np.ndarray, x: bounds.IntRange, tile: int) -> tuple[tuple
             (int(np.min(outer_min, initial=0)), int(np.max(outer_max, initial=0))))
 
 
+def xnor_stage_ranges(K: int, tile: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(inner, outer)`` ranges of an xnor popcount's tiled datapath: a tile counts up to its own ``tile`` matches,
+    the running sum up to all ``K`` (each reachable: every input bit equal to its weight bit)."""
+    return (0, min(tile, K)), (0, K)
+
+
 def _analyze_stages(model: ModelWrapper, layer: MacLayer, report: LayerReport, tile: int) -> None:
     """Both stages of a tiled datapath: ``tile_*`` for the inner accumulators, ``outer_*`` for the one summing them."""
     if layer.binary_xnor:
-        return  # popcount: every partial count lies between 0 and the final count
-    inner, outer = stage_ranges(*integer_view(model, layer), tile)
+        inner, outer = xnor_stage_ranges(layer.K, tile)
+    else:
+        inner, outer = stage_ranges(*integer_view(model, layer), tile)
     report.tile, report.tile_range, report.outer_range = tile, list(inner), list(outer)
     report.tile_bits = int(bounds.accumulator_width(*inner))
     report.outer_bits = int(bounds.accumulator_width(*outer))
@@ -291,10 +298,11 @@ def register_ranges(layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, mode:
     """Layer-wide extremes of every accumulator register the datapath holds, over the input box ``x``."""
     acc_min, acc_max = bounds.exact_accumulator_range(rows, x) if layer.act_x_act else channel_ranges(layer, rows)
     ranges = {"final sum": (int(acc_min.min()), int(acc_max.max()))}
-    if layer.binary_xnor:
-        return ranges  # popcount: every partial count lies between 0 and the final count
     if tile is not None:
-        ranges[INNER_REGISTER], ranges["running sum of tile results"] = stage_ranges(rows, x, tile)
+        ranges[INNER_REGISTER], ranges["running sum of tile results"] = (
+            xnor_stage_ranges(rows.shape[1], tile) if layer.binary_xnor else stage_ranges(rows, x, tile))
+    if layer.binary_xnor:
+        return ranges  # popcount: every prefix count lies between 0 and the final count
     elif mode == "saturate":
         lo, hi = bounds.partial_sum_range(rows, x)
         ranges["prefix of the sum"] = (int(lo.min()), int(hi.max()))

@@ -67,7 +67,9 @@ def test_finn_streamlined_binary_mlp_is_read_as_xnor_popcounts(tmp_path):
     with qonnx's XnorPopcountMatMul: each is read as the count it is, its range exactly the one qonnx executes on
     every weight column and its complement; verify passes at the width of K and fails one bit below, naming the
     layer that needs it, without touching the file. Before, the layers were passed over (then refused by name)."""
+    from qonnx.core.datatype import DataType
     from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
     from qonnx.util.cleanup import cleanup_model
 
     from scripts.corpus import FINN_STAGES, Entry, _finn_stage_models, check
@@ -76,9 +78,10 @@ def test_finn_streamlined_binary_mlp_is_read_as_xnor_popcounts(tmp_path):
     source = cleanup_model(ModelWrapper(str(Path(__file__).parent / "data" / "TFC_1W1A.onnx")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (_, model), = _finn_stage_models(source, ["step_streamline"], tmp_path / "finn")
+        (_, model), (_, hw) = _finn_stage_models(source, ["step_streamline", "step_convert_to_hw"], tmp_path / "finn")
     path = tmp_path / "step_streamline.onnx"
     model.save(str(path))
+    hw.save(str(tmp_path / "step_convert_to_hw.onnx"))
     xnor = [n.name for n in model.graph.node if n.op_type == "XnorPopcountMatMul"]
     assert len(xnor) == 4  # the precondition: FINN made every MatMul an xnor popcount
     before = digest(path)
@@ -97,6 +100,26 @@ def test_finn_streamlined_binary_mlp_is_read_as_xnor_popcounts(tmp_path):
     code, out, err = run_cli("verify", path, "--acc-bits", "9")
     assert code == 3 and xnor[0] in err and not any(name in err for name in xnor[1:]), err
     assert digest(path) == before
+    # a multi-stage datapath of 16-term tiles: a tile counts up to 16 matches (qonnx executes the first layer on an
+    # input whose first 16 bits are those of a weight column and whose others are not: 16), so 4 inner bits fail and
+    # 5 pass; before, the tiles of a popcount were not checked and the self-check caught the simulation (exit 4)
+    weights = model.get_initializer(model.graph.node[[n.name for n in model.graph.node].index(xnor[0])].input[1])
+    column = weights[:, 0]
+    witness = np.where(np.arange(len(column)) < 16, column, 1 - column).astype(np.float32)[None]
+    probe = helper.make_model(helper.make_graph(
+        [helper.make_node("XnorPopcountMatMul", ["x", "w"], ["y"], domain="qonnx.custom_op.general")], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, len(column)])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, weights.shape[1]])],
+        [numpy_helper.from_array(weights, "w")]), opset_imports=[helper.make_opsetid("", 13),
+                                                                  helper.make_opsetid("qonnx.custom_op.general", 1)])
+    probe = ModelWrapper(probe)
+    probe.set_tensor_datatype("x", DataType["BINARY"])
+    assert execute_onnx(probe, {"x": witness})["y"][0, 0] == 16
+    for stage in (path, tmp_path / "step_convert_to_hw.onnx"):  # and FINN's xnor MVAUs alike
+        code, out, err = run_cli("verify", stage, "--acc-bits", "4", "--tile", "16", "--outer-bits", "10")
+        assert code == 3 and "partial sum within a tile reaches [0, 16]" in out, (stage.name, code, err)
+        code, out, err = run_cli("verify", stage, "--acc-bits", "5", "--tile", "16", "--outer-bits", "10")
+        assert code == 0, (stage.name, code, err)
     # the corpus' whole check: every range against qonnx's execution, and `verify --data`'s overflow counts against
     # the counts the whole file executes to
     result = check(Entry(path.stem, FINN_STAGES["step_streamline"], path), tmp_path / "check")

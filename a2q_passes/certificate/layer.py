@@ -94,12 +94,13 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
     op = node.op_type
     pad_code = None
     parts = None  # accumulation rows (C, terms) whose K order a tiled datapath follows
+    counted = None  # an xnor popcount's K: each of its terms is a match (0 or 1), whatever the weight
     if op in _MVAU or op in _VVAU:
         xnor = bool(node_attr(node, "binaryXnorMode", 0))
         w = finn_weights(model, node, xnor)
         rows = w.T if op in _MVAU else w.reshape(w.shape[0], -1)
         if xnor:  # popcount of K xnor matches
-            lo, hi = 0, 1
+            lo, hi, counted = 0, 1, rows.shape[1]
             acc_min, acc_max = np.zeros(rows.shape[0], dtype=np.int64), np.full(rows.shape[0], rows.shape[1])
         else:
             lo, hi, _ = mac_codes(dtype_grid(node_attr(node, "inputDataType", ""), f"inputDataType of {node_label(node)}"),
@@ -119,7 +120,7 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
         if lo < 0 or hi > 1:
             raise CannotCertify(f"{node_label(node)} counts 0/1 inputs; its input's codes span [{lo}, {hi}]")
         rows = finn_weights(model, node, True).T
-        parts = [rows]
+        counted = rows.shape[1]
         acc_min, acc_max = np.zeros(rows.shape[0], dtype=np.int64), np.full(rows.shape[0], rows.shape[1])
     elif op == "MatMul" and reads_graph_input(model, node.input[1]) or integer_act_x_act(model, node):
         if tile is not None:
@@ -165,7 +166,9 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
     else:
         raise CannotCertify(f"{node_label(node)} is not a MAC layer")
     tile_range = running_range = None
-    if tile is not None:
+    if tile is not None and counted is not None:  # a tile counts at most its own terms, the running sum all K
+        tile_range, running_range = (0, min(tile, counted)), (0, counted)
+    elif tile is not None:
         if parts is None:
             raise CannotCertify(f"{node_label(node)}: tiled partial sums are certified for MatMul, Gemm, Conv and FINN "
                                 "MVAU/VVAU only")
