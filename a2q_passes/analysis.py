@@ -301,9 +301,7 @@ def register_ranges(layer: MacLayer, rows: np.ndarray, x: bounds.IntRange, mode:
     if tile is not None:
         ranges[INNER_REGISTER], ranges["running sum of tile results"] = (
             xnor_stage_ranges(rows.shape[1], tile) if layer.binary_xnor else stage_ranges(rows, x, tile))
-    if layer.binary_xnor:
-        return ranges  # popcount: every prefix count lies between 0 and the final count
-    elif mode == "saturate":
+    elif mode == "saturate" and not layer.binary_xnor:  # a popcount's every prefix lies between 0 and the final count
         lo, hi = bounds.partial_sum_range(rows, x)
         ranges["prefix of the sum"] = (int(lo.min()), int(hi.max()))
     return ranges
