@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import os
 
-import pytest
+# `make test` runs two pytest workers on CI's two cores: one thread each for OpenMP (torch) and OpenBLAS
+# (numpy), set before either is imported. Their default, a thread per core in both workers, oversubscribes
+# the cores (measured: a tenth of the suite's time).
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-from a2q_passes.cli import main
+from types import SimpleNamespace  # noqa: E402
+
+import onnxruntime  # noqa: E402
+import pytest  # noqa: E402
+
+from a2q_passes.cli import main  # noqa: E402
+
+
+def _one_thread_onnxruntime_sessions() -> None:
+    """onnxruntime's sessions on one thread unless their caller chose: qonnx's executor makes a session per node
+    it executes, and each default session starts a spinning pool of a thread per core (measured: a fifth of the
+    fuzz and lowering tests' time with two workers). Results do not depend on the thread count."""
+    create = onnxruntime.InferenceSession.__init__
+
+    def init(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        options = sess_options if sess_options is not None else onnxruntime.SessionOptions()
+        if options.intra_op_num_threads == 0:
+            options.intra_op_num_threads = 1
+        if options.inter_op_num_threads == 0:
+            options.inter_op_num_threads = 1
+        create(self, path_or_bytes, options, *args, **kwargs)
+
+    onnxruntime.InferenceSession.__init__ = init
+
+
+_one_thread_onnxruntime_sessions()
 
 
 @pytest.fixture
