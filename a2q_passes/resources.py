@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from onnx import NodeProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
@@ -39,13 +40,18 @@ def _specialised_copy(hw_model: ModelWrapper, fpgapart: str) -> tuple[ModelWrapp
     """Specialised copy and a map original node name -> specialised node name.
 
     SpecializeLayers renames nodes (``MVAU_0`` -> ``MVAU_hls_0``); the output tensor is kept,
-    so it links the two.
+    so it links the two. FINN estimates each MVAU/VVAU from its own attributes and tensors, so the copy
+    holds those nodes alone: another HW layer the part cannot implement (finn-plus' float ``PWPolyF``
+    outside Versal parts) does not stop the report of the MAC layers.
     """
     from qonnx.custom_op.registry import getCustomOp
 
     from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
 
     model = ModelWrapper(hw_model.model.SerializeToString())
+    macs = [NodeProto.FromString(node.SerializeToString()) for node in iterate_mac_nodes(model)]
+    model.graph.ClearField("node")
+    model.graph.node.extend(macs)
     by_output = {}
     for node in iterate_mac_nodes(model):
         by_output[node.output[0]] = node.name

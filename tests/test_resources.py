@@ -115,3 +115,37 @@ def test_table_and_plot(lowered, tmp_path):
     png = plot_resources(report, tmp_path / "resources.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert np.isfinite(report["ratio_int32_over_target"]["LUT"])
+
+
+class _SigmoidBetweenMacs(torch.nn.Module):
+    """A float Sigmoid between two quantized layers: finn-plus makes it a ``PWPolyF`` HW layer, which its
+    SpecializeLayers implements on Versal parts only."""
+
+    input_shape = (3, 6, 6)
+
+    def __init__(self) -> None:
+        import brevitas.nn as qnn
+
+        super().__init__()
+        self.inp = qnn.QuantIdentity(bit_width=4, return_quant_tensor=True)
+        self.conv = qnn.QuantConv2d(3, 4, 3, weight_bit_width=4, bias=False)
+        self.mid = qnn.QuantIdentity(bit_width=4, return_quant_tensor=True)
+        self.fc = qnn.QuantLinear(4 * 4 * 4, 5, weight_bit_width=4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mid(torch.sigmoid(self.conv(self.inp(x)))).flatten(1))
+
+
+def test_a_hw_layer_the_part_cannot_implement_leaves_the_mac_report(tmp_path, a2q):
+    """Found by probing Brevitas layers: `report` (and `allocate --cost bits`, which costs with it) stopped with
+    an internal error, FINN's SpecializeLayers refusing the PWPolyF of a float Sigmoid on a non-Versal part; each
+    MVAU's estimate reads that node alone, so the report now covers every MAC and nothing else is specialised."""
+    hw, _ = lower_to_finn_hw(export_net(_SigmoidBetweenMacs(), tmp_path / "sigmoid.onnx"))
+    assert "PWPolyF" in {node.op_type for node in hw.graph.node}
+    hw = set_accumulator_datatypes(hw)
+    hw.save(str(tmp_path / "hw.onnx"))
+    done = a2q("report", tmp_path / "hw.onnx", "--fpgapart", PART, "--json")
+    assert done.returncode == 0, done.stderr
+    layers = json.loads(done.stdout)["layers"]
+    assert sorted(layer["node"] for layer in layers) == sorted(n.name for n in iterate_mac_nodes(hw))
+    assert len(layers) == 2 and all(layer["target"]["LUT"] > 0 for layer in layers)
