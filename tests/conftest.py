@@ -6,7 +6,7 @@ import os
 
 # `make test` runs two pytest workers on CI's two cores: one thread each for OpenMP (torch) and OpenBLAS
 # (numpy), set before either is imported. Their default, a thread per core in both workers, oversubscribes
-# the cores (measured: a tenth of the suite's time).
+# the cores (with the onnxruntime change below: 8-14% of the fuzz and lowering tests' time, bench/reliability.md).
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
@@ -20,8 +20,8 @@ from a2q_passes.cli import main  # noqa: E402
 
 def _one_thread_onnxruntime_sessions() -> None:
     """onnxruntime's sessions on one thread unless their caller chose: qonnx's executor makes a session per node
-    it executes, and each default session starts a spinning pool of a thread per core (measured: a fifth of the
-    fuzz and lowering tests' time with two workers). Results do not depend on the thread count."""
+    it executes, and each default session starts a spinning pool of a thread per core in both workers. Results
+    do not depend on the thread count."""
     create = onnxruntime.InferenceSession.__init__
 
     def init(self, path_or_bytes, sess_options=None, *args, **kwargs):
