@@ -137,8 +137,8 @@ class _SigmoidBetweenMacs(torch.nn.Module):
 
 
 def test_a_hw_layer_the_part_cannot_implement_leaves_the_mac_report(tmp_path, a2q):
-    """Found by probing Brevitas layers: `report` (and `allocate --cost bits`, which costs with it) stopped with
-    an internal error, FINN's SpecializeLayers refusing the PWPolyF of a float Sigmoid on a non-Versal part; each
+    """Found by probing Brevitas layers: `report` (and `lower --fpgapart` and `allocate --cost bits`, which cost
+    with it) stopped with an internal error, FINN's SpecializeLayers refusing the PWPolyF of a float Sigmoid on a non-Versal part; each
     MVAU's estimate reads that node alone, so the report now covers every MAC and nothing else is specialised."""
     hw, _ = lower_to_finn_hw(export_net(_SigmoidBetweenMacs(), tmp_path / "sigmoid.onnx"))
     assert "PWPolyF" in {node.op_type for node in hw.graph.node}
