@@ -65,8 +65,8 @@ class _GraphRunner:
     """Runs a graph node by node on batched tensors of any batch size.
 
     qonnx/FINN custom ops run through their numpy ``execute_node``; every other node runs in
-    onnxruntime as a single-node model (one cached session per node; integer MAC ops in ONNX's reference
-    implementation where onnxruntime's kernels saturate on this CPU, :mod:`a2q_passes.exact_integer_ops`), like
+    onnxruntime as a single-node model (one cached session per node; integer MAC ops exactly, in ONNX's reference
+    implementation or :mod:`a2q_passes.exact_integer_ops`), like
     ``qonnx.core.onnx_exec.execute_node`` does, but with untyped shapes so the batch may differ
     from the one the model declares. Nodes whose inputs are all constant run once up front.
     """
@@ -132,7 +132,7 @@ class _GraphRunner:
         opsets = [helper.make_opsetid(domain, version) for domain, version in self.opsets.items()]
         proto = helper.make_model(graph, opset_imports=opsets)
         proto.ir_version = min(self.model.model.ir_version or 10, 10)
-        # onnxruntime's integer kernels are not exact on this CPU; its binding has no 4-bit arrays
+        # onnxruntime's integer kernels are not exact (or lack forms ONNX allows) on some CPUs; no 4-bit arrays
         if needs_reference(node.domain, node.op_type) or moves_sub_byte_codes(proto):
             self.sessions[index] = exact_session(proto)
             return self.sessions[index]
