@@ -31,7 +31,7 @@ from a2q_passes.errors import A2QError
 from a2q_passes.exact_integer_ops import ExactSession, exact_session, moves_sub_byte_codes, needs_reference
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_runtime import as_generic_hw_layers, register_finn_hw_ops
-from a2q_passes.graph_values import node_attr, node_str_attr
+from a2q_passes.graph_values import auto_pads, node_attr, node_str_attr
 from a2q_passes.input_grids import InputGrid, axis_scale
 from a2q_passes.integer_op_simulation import (REQUANTIZING_OPS, NotRequantizable, Requantization, operand_codes,
                                               unsimulated_integer_op)
@@ -474,14 +474,8 @@ class _MacKernel:
         n = codes.ndim - 2
         if self.auto_pad in ("NOTSET", ""):
             begin, end = self.pads[:n], self.pads[n:]
-        elif self.auto_pad == "VALID":
-            begin, end = [0] * n, [0] * n
-        else:  # SAME_UPPER / SAME_LOWER
-            total = [max((-(-size // s) - 1) * s + w - size, 0)
-                     for size, s, w in zip(codes.shape[2:], self.strides, self.window)]
-            small = [t // 2 for t in total]
-            begin = small if self.auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
-            end = [t - b for t, b in zip(total, begin)]
+        else:  # the window's extent stands for its kernel at dilation 1
+            begin, end = auto_pads(self.auto_pad, list(codes.shape[2:]), self.window, self.strides, [1] * n)
         # padding holds real 0, i.e. the zero-point code
         return np.pad(codes, [(0, 0), (0, 0), *zip(begin, end)], constant_values=padding)
 

@@ -20,7 +20,7 @@ from qonnx.transformation.base import Transformation
 
 from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
-from a2q_passes.graph_values import extracted_quant_scale, get_constant, node_attr, node_axes, sole_relu_reader
+from a2q_passes.graph_values import auto_pads, extracted_quant_scale, get_constant, node_attr, node_axes, sole_relu_reader
 
 _BIASED_MACS = ("Conv", "ConvTranspose", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -304,6 +304,40 @@ class WindowDefaultAttributes(Transformation):
                 if name not in present:
                     node.attribute.append(helper.make_attribute(name, value))
                     changed = True
+        return model, changed
+
+
+class ExplicitAutoPads(Transformation):
+    """A ``Conv`` or ``MaxPool`` with ``auto_pad`` VALID or SAME_* gets the explicit ``pads`` ONNX defines for it.
+
+    Why: qonnx's ``LowerConvsToMatMul`` (inside FINN's streamlining) pads SAME_* by ``(stride - 1) * size - stride +
+    kernel`` in total, the spec's ``(ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size`` only at
+    stride 1 and dilation 1: at stride 2 FINN's sliding window then reads a padded input its output shape does not
+    fit ("cannot reshape array"). Why it is exact: the pads are the ones ONNX defines for that ``auto_pad`` (zeros for
+    a Conv, and the same -inf a MaxPool pads with). Inputs of unknown size are left as they are.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            auto_pad = node_attr(node, "auto_pad", b"NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+            if node.op_type not in ("Conv", "MaxPool") or node.domain not in ("", "ai.onnx") or auto_pad == "NOTSET":
+                continue
+            shape = model.get_tensor_shape(node.input[0])
+            kernel = node_attr(node, "kernel_shape", None)
+            if node.op_type == "Conv" and kernel is None:
+                weights = model.get_tensor_shape(node.input[1])
+                kernel = None if weights is None else weights[2:]
+            if not shape or not kernel or len(shape) != len(kernel) + 2 or not all(shape[2:]):
+                continue
+            n = len(kernel)
+            begin, end = auto_pads(auto_pad, list(shape[2:]), list(kernel), list(node_attr(node, "strides", [1] * n)),
+                                   list(node_attr(node, "dilations", [1] * n)))
+            kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("pads", begin + end)])
+            changed = True
         return model, changed
 
 
@@ -686,9 +720,9 @@ def finn_preparation() -> list[Transformation]:
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
-            AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(),
-            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(), ChannelsLastInputLayout(),
-            SpatialSqueezeAsFlatten()]
+            AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(), ExpandedConv2DAsConv1D(),
+            ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(),
+            ChannelsLastInputLayout(), SpatialSqueezeAsFlatten()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

@@ -45,6 +45,22 @@ def node_attr(node: NodeProto, name: str, default=None):
     return default
 
 
+def auto_pads(auto_pad: str, sizes: list[int], kernel: list[int], strides: list[int],
+              dilations: list[int]) -> tuple[list[int], list[int]]:
+    """Begin and end padding per spatial dim that ONNX defines for ``auto_pad`` VALID or SAME_UPPER/SAME_LOWER of a
+    window over inputs of ``sizes``: SAME makes ``ceil(size / stride)`` outputs, the odd pad at the end (UPPER) or the
+    beginning (LOWER)."""
+    if auto_pad == "VALID":
+        return [0] * len(sizes), [0] * len(sizes)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ValueError(f"unknown auto_pad '{auto_pad}'")
+    total = [max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+             for size, k, s, d in zip(sizes, kernel, strides, dilations)]
+    small = [t // 2 for t in total]
+    begin = small if auto_pad == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+    return begin, [t - b for t, b in zip(total, begin)]
+
+
 def node_axes(model: ModelWrapper, node: NodeProto) -> list[int] | None:
     """The axes of a ``Squeeze``/``Unsqueeze``/``Reduce*`` node as given: its ``axes`` input (opset 13, for the
     reductions 18) or attribute; ``None`` where neither is a constant."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from a2q_passes.bounds import integer_range
+from a2q_passes.graph_values import auto_pads
 
 ConverterOutput = Tensor | tuple[Tensor, ...]
 Converter = Callable[["OnnxNode", list[Tensor | None]], ConverterOutput]
@@ -304,17 +305,10 @@ def _spatial_pads(
     auto_pad = node.attr("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
         return list(node.attr("pads", [0] * (2 * n)))
-    if auto_pad == "VALID":
-        return [0] * (2 * n)
-    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-        raise ValueError(f"{node.label}: unknown auto_pad '{auto_pad}'")
-    begins, ends = [], []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations):
-        out = math.ceil(size / s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    try:
+        begins, ends = auto_pads(auto_pad, list(spatial), list(kernel), list(strides), list(dilations))
+    except ValueError as err:
+        raise ValueError(f"{node.label}: {err}") from None
     return begins + ends
 
 
