@@ -7,6 +7,7 @@ inputs on the model input's grid and :func:`check_equivalence` compares end to e
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,6 +71,13 @@ def _execution_hint(message: str, model: ModelWrapper) -> str:
                 "float32: re-export the model with float32 tensors (`a2q lower` casts float64 initializers itself, "
                 "so this one is a graph input, a Cast or a Constant)")
     if "Rounding error is too high" in message or "Values can't be represented" in message:
+        tensor = re.search(r"for input (\S+)", message)
+        producer = model.find_producer(tensor.group(1)) if tensor else None
+        if producer is not None:  # an inner tensor: FINN's own annotation is wrong, not the data
+            return (f"FINN annotates {tensor.group(1)}, the output of {producer.name} ({producer.op_type}), as an "
+                    "integer datatype its values do not have (its datatype inference passes the input's type "
+                    f"through that node, e.g. a Clip with non-integer bounds), so FINN's graph cannot execute and "
+                    "nothing is written. Quantize before such a node, or give it integer bounds")
         return ("the input values are not on the graph input's annotated datatype; give --data with values "
                 "that datatype allows, or remove the annotation")
     return "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
