@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--category", choices=sorted(CATEGORIES), help="with --minimize: the violation to shrink")
     parser.add_argument("--lower", action="store_true", help="also check property (f): `lower` of project's output "
                         "(QONNX cases; several seconds each)")
+    parser.add_argument("--finn-lowerable", action="store_true", help="draw only models FINN's lowering takes (no "
+                        "generator switch, QONNX activations with zero point 0 and ROUND, no ConvTranspose) and check "
+                        "property (f) on each (implies --lower): most of them lower, so (f) executes many MVAU/VVAUs")
     parser.add_argument("--allocate", action="store_true", help="also check `allocate`'s map in property (h) "
                         "(QONNX cases FINN lowers, Q/DQ cases under --cost acc-bits; several seconds each)")
     parser.add_argument("--tile", action="store_true", help="also check property (i): `project --tile T` (T drawn "
@@ -52,6 +55,7 @@ def main() -> int:
     parser.add_argument("--data", action="store_true", help="also check property (j): `verify --data` on random "
                         "inputs counts exactly the overflows the executed accumulators on them have")
     args = parser.parse_args()
+    args.lower = args.lower or args.finn_lowerable
     warnings.filterwarnings("ignore")
     if args.replay:
         return replay(args.replay, args.lower, args.finetune, args.allocate)
@@ -69,7 +73,8 @@ def main() -> int:
     @seed(args.seed)
     @settings(max_examples=args.examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck), phases=["generate"])
-    @given(case=cases(exclude=FINETUNE_REFUSED if args.finetune else frozenset()), verify_delta=st.integers(-2, 0),
+    @given(case=cases(exclude=FINETUNE_REFUSED if args.finetune else frozenset(), finn_lowerable=args.finn_lowerable),
+           verify_delta=st.integers(-2, 0),
            project_delta=st.integers(0, 3), variant=st.sampled_from(FINETUNE_VARIANTS), layer_deltas=LAYER_DELTAS,
            tile=TILES)
     def run(case, verify_delta, project_delta, variant, layer_deltas, tile):

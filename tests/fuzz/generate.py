@@ -183,8 +183,11 @@ class _Builder:
 
 
 @st.composite
-def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
-    kinds = ["quant"] * 6 + ["bipolar", "qdq"] + (["int_input"] * 2 if first else []) + ["float"]
+def act_specs(draw, allowed: frozenset[str], first: bool, finn: bool = False) -> dict:
+    """``finn``: only the activation forms FINN lowers (a per-tensor ``Quant`` with zero point 0 and ROUND, bipolar,
+    an annotated integer input); the others FINN refuses, which `lower` must then name instead."""
+    kinds = ["quant"] * 6 + ["bipolar"] + ([] if finn else ["qdq"]) + (["int_input"] * 2 if first else []) \
+        + ([] if finn else ["float"])
     if first and "dq_int8_without_zero_point" in allowed:
         kinds.append("dq_int8_input")
     kind = draw(st.sampled_from(kinds))
@@ -199,13 +202,15 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
                     rounding=draw(st.sampled_from(ROUNDING_MODES)),
                     scale=draw(st.sampled_from([0.5, 0.25, 1.0, 0.125, 2.0, 0.1])),
                     zero_point=draw(st.integers(-zmax, zmax)) if draw(st.integers(0, 2)) == 0 else 0)
+        if finn:
+            spec.update(op="Quant", rounding="ROUND", zero_point=0, bits=max(bits, 2))
         if bits == 1 and signed and "one_bit_activation_zero_point" not in allowed:
             spec["zero_point"] = 0
         if "negative_scale" in allowed and draw(st.integers(0, 7)) == 0:
             spec["scale"] = -spec["scale"]
         spec["per_channel"] = "unreadable_quantized_layers" in allowed and draw(st.integers(0, 9)) == 0
     elif kind == "bipolar":
-        spec["scale"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        spec["scale"] = 1.0 if finn else draw(st.sampled_from([0.5, 1.0, 2.0]))  # FINN: scale 1 only
     elif kind == "qdq":
         dtype = draw(st.sampled_from(["uint8", "int8"]))
         info = np.iinfo(dtype)
@@ -216,7 +221,7 @@ def act_specs(draw, allowed: frozenset[str], first: bool) -> dict:
         spec["clip"] = _clip_bounds(draw, int(info.min), int(info.max), allowed)
     elif kind == "int_input":
         spec["dtype"] = draw(st.sampled_from(["UINT2", "UINT4", "UINT8", "INT2", "INT4", "INT8", "BIPOLAR", "BINARY"]))
-        spec["cli"] = draw(st.booleans())  # declare with --input-dtype instead of a datatype annotation
+        spec["cli"] = not finn and draw(st.booleans())  # declare with --input-dtype instead of a datatype annotation
     elif kind == "dq_int8_input":
         spec["scale"] = draw(st.sampled_from([0.5, 0.25]))
     return spec
@@ -342,9 +347,12 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
 
 
 @st.composite
-def between_ops(draw, rank: int) -> list[str]:
-    options = ["relu", "concat"] + (["reshape"] if rank in (2, 4) else []) + \
-        (["maxpool", "pad", "transpose"] if rank == 4 else [])
+def between_ops(draw, rank: int, finn: bool = False) -> list[str]:
+    if finn:  # what FINN's streamlining moves past or lowers itself
+        options = ["relu"] + (["maxpool"] if rank == 4 else [])
+    else:
+        options = ["relu", "concat"] + (["reshape"] if rank in (2, 4) else []) + \
+            (["maxpool", "pad", "transpose"] if rank == 4 else [])
     return draw(st.lists(st.sampled_from(options), max_size=2))
 
 
@@ -390,8 +398,10 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
 
 
 @st.composite
-def weight_specs(draw, allowed: frozenset[str]) -> dict:
-    kind = draw(st.sampled_from(["quant"] * 5 + ["bipolar", "finn", "finn", "dq", "qdq", "float"]))
+def weight_specs(draw, allowed: frozenset[str], finn: bool = False) -> dict:
+    """``finn``: only weights FINN lowers (a ``Quant`` of any rounding, FINN's own integer annotations)."""
+    kind = draw(st.sampled_from(["quant"] * 5 + (["finn", "finn"] if finn else
+                                                  ["bipolar", "finn", "finn", "dq", "qdq", "float"])))
     spec = {"kind": kind, "per_channel": draw(st.booleans()), "transposed": draw(st.integers(0, 4)) == 0}
     if kind == "quant":
         signed = draw(st.integers(0, 5)) > 0
@@ -401,6 +411,8 @@ def weight_specs(draw, allowed: frozenset[str]) -> dict:
         spec.update(op=draw(QUANT_OPS), bits=bits, signed=signed, narrow=draw(st.booleans()),
                     rounding=draw(st.sampled_from(ROUNDING_MODES)),
                     zero_point=1 if "unreadable_quantized_layers" in allowed and draw(st.integers(0, 14)) == 0 else 0)
+        if finn:
+            spec["op"] = "Quant"
     elif kind == "finn":
         spec["dtype"] = draw(st.sampled_from(["INT2", "INT4", "INT8", "TERNARY", "UINT3", "BINARY"]
                                              + (["BIPOLAR"] if "finn_bipolar_weights" in allowed else [])))
@@ -492,16 +504,18 @@ def _conv_out(n: int, k: int, s: int, d: int, pads: tuple[int, int], auto_pad: s
 
 @st.composite
 def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wspec: dict,
-         depthwise: bool = False) -> tuple[str, str, np.ndarray | None]:
+         depthwise: bool = False, finn: bool = False) -> tuple[str, str, np.ndarray | None]:
     """Append a MAC node reading ``x`` with weights per ``wspec`` (``depthwise``: a convolution with one group per
-    input channel); returns (output, node name, weight scale)."""
+    input channel; ``finn``: only what FINN lowers: no ConvTranspose, one group or one per channel); returns
+    (output, node name, weight scale)."""
     shape = b.shapes[x]
     if len(shape) >= 3:  # 1-D, 2-D or 3-D convolution: the same draws in every spatial dimension
         spatial, n = list(shape[2:]), len(shape) - 2
-        op = draw(st.sampled_from(["Conv", "Conv", "Conv", "ConvTranspose"]))
+        op = "Conv" if finn else draw(st.sampled_from(["Conv", "Conv", "Conv", "ConvTranspose"]))
         c_in = shape[1]
-        groups = c_in if depthwise else draw(st.sampled_from([g for g in (1, 2, c_in) if c_in % g == 0]))
-        c_out = groups * draw(st.integers(1, 2))
+        group_options = (1, c_in) if finn else (1, 2, c_in)
+        groups = c_in if depthwise else draw(st.sampled_from([g for g in group_options if c_in % g == 0]))
+        c_out = groups * (1 if finn and groups > 1 else draw(st.integers(1, 2)))  # FINN: no depth multiplier
         k = draw(st.integers(1, 3))
         s = draw(st.integers(1, 2))
         d = draw(st.integers(1, 2))
@@ -553,9 +567,12 @@ def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wsp
 
 
 @st.composite
-def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
-    """A random model with one or two MAC blocks (see the module docstring)."""
-    allowed = frozenset(CONSTRUCTS) - frozenset(exclude)
+def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = False) -> Case:
+    """A random model with one or two MAC blocks (see the module docstring). ``finn_lowerable``: only constructs
+    FINN's lowering takes (no generator switch, QONNX activations with zero point 0 and ROUND, no ConvTranspose),
+    so that `lower` gets models it can write, whose MVAU/VVAU accumulators the oracle then executes."""
+    allowed = frozenset() if finn_lowerable else frozenset(CONSTRUCTS) - frozenset(exclude)
+    finn = finn_lowerable
     b = _Builder()
     case = Case(None, [])
     case.zero_point = "subtract" if "subtract_zero_point" in allowed and draw(st.integers(0, 5)) == 0 else "fold"
@@ -576,7 +593,7 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         shape = (1, draw(st.integers(1, 10)))
     x = None
     for i in range(blocks):
-        spec = draw(act_specs(allowed, first=i == 0))
+        spec = draw(act_specs(allowed, first=i == 0, finn=finn))
         if spec["kind"] in ("int_input", "dq_int8_input"):
             src, s, z = _fresh_source(b, spec, shape, case)
         else:
@@ -599,7 +616,7 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
                 spec.update(per_channel=True, depthwise=True,
                             zero_point=spec["zero_point"] if draw(st.integers(0, 4)) == 0 else 0)
             src, s, z = _apply_source(b, spec, x_in)
-        ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src])))
+        ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src]), finn))
         if i == blocks - 1 and len(b.shapes[src]) >= 3 and not spec.get("depthwise") and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
         # one scale per channel: an integer accumulation only where each output sums one channel (below)
@@ -615,9 +632,9 @@ def cases(draw, exclude: frozenset[str] = frozenset()) -> Case:
         zero = grid[1]
         if "relu" in ops and grid[1] > 0:
             case.used.add("relu_after_zero_point")
-        wspec = draw(weight_specs(allowed))
+        wspec = draw(weight_specs(allowed, finn))
         case.used |= _weight_uses(wspec)
-        out, node, wscale = draw(_mac(b, t, allowed, zero, wspec, depthwise=bool(spec.get("depthwise"))))
+        out, node, wscale = draw(_mac(b, t, allowed, zero, wspec, depthwise=bool(spec.get("depthwise")), finn=finn))
         if isinstance(grid[0], np.ndarray):
             group = next((a.i for a in b.nodes[-1].attribute if a.name == "group"), 1)
             spec["depthwise"] = b.nodes[-1].op_type in ("Conv", "ConvTranspose") and group == b.shapes[t][1]
