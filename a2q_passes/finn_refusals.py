@@ -126,6 +126,7 @@ def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
     refuse_unconverted_qdq(model)
     refuse_zero_points(model)
     refuse_rounding_modes(model)
+    refuse_unsigned_one_bit_activations(model)
 
 
 def refuse_unconverted_qdq(model: ModelWrapper) -> None:
@@ -188,6 +189,29 @@ def refuse_rounding_modes(model: ModelWrapper) -> None:
                             f"rounding_mode, so {', '.join(off)} would be lowered half a step off. Export those "
                             "quantizers with rounding_mode ROUND for FINN; a2q analyze/project/verify read the model "
                             "as it is.")
+
+
+def refuse_unsigned_one_bit_activations(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each activation ``Quant`` of 1 unsigned bit (codes 0 and 1).
+
+    Why: FINN's ``ConvertQONNXtoFINN`` lowers every 1-bit activation ``Quant`` as bipolar (one threshold at 0, outputs
+    -1 and +1 times twice the scale) whatever its ``signed`` attribute, so an unsigned one (Brevitas' 1-bit
+    ``QuantReLU``, or a 2-bit signed narrow ``Quant`` behind a ``Relu`` once merged) would be lowered to other
+    values. Found by the property fuzzer: `lower` wrote a graph whose outputs differed by 32.
+    """
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("Quant", "IntQuant") or get_constant(model, node.input[0]) is not None:
+            continue
+        bits = get_constant(model, node.input[3]) if len(node.input) > 3 else None
+        if bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
+                and not node_attr(node, "signed", 1):
+            found.append(repr(node.name or node.output[0]))
+    if found:
+        raise LoweringError(f"FINN lowers every 1-bit activation Quant as bipolar (-1/+1), so {', '.join(found)} "
+                            "(1 unsigned bit: codes 0 and 1) would be lowered to other values. Quantize that "
+                            "activation to 2 or more unsigned bits, or bipolar, for FINN; a2q analyze/project/verify "
+                            "read the model as it is.")
 
 
 # Producers whose output is an activation on an integer grid FINN's conversion makes thresholds or streams of.

@@ -121,6 +121,30 @@ def test_an_inner_tensor_finn_misannotates_is_named_not_blamed_on_the_data(tmp_p
     assert "graph input" not in message and not (tmp_path / "out.onnx").exists()
 
 
+def test_a_one_bit_unsigned_activation_is_refused_by_name(tmp_path, monkeypatch):
+    """x -> Quant (1 unsigned bit: codes 0 and 1) -> MatMul: FINN lowers the Quant as bipolar (-1/+1), so `lower`
+    refuses it by name and writes nothing; with the refusal switched off, FINN's graph differs from the model."""
+    import a2q_passes.finn_refusals as refusals
+
+    inits = [numpy_helper.from_array(np.random.default_rng(0).integers(-8, 8, size=(8, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "x_bits")]
+    nodes = [_quant("x", "xq", "x_scale", "x_bits", 0, 0), helper.make_node("MatMul", ["xq", "W"], ["y"], name="MatMul_0")]
+    path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 8], [1, 4])
+    model = ModelWrapper(str(path))
+    model.set_tensor_datatype("W", DataType["INT4"])
+    model.save(str(path))
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--acc-bits", "16")
+    assert code == 1 and "'Quant_xq' (1 unsigned bit" in " ".join(output.split()), output
+    assert not (tmp_path / "out.onnx").exists()
+    monkeypatch.setattr(refusals, "refuse_unsigned_one_bit_activations", lambda model: None)
+    model = load_model(path)
+    inputs = np.random.default_rng(1).uniform(-1, 2, size=(8, 8)).astype(np.float32)
+    hw = model.transform(LowerToFINN(acc_bits=16), cleanup=False)
+    assert not check_equivalence(model, hw, inputs)["within_tolerance"]
+
+
 def test_float64_scales_are_cast_and_said_so(tmp_path):
     """Before: onnxruntime "Mul bound to different types (float and double)", an internal error (exit 4)."""
     path = tiny_model(tmp_path / "m.onnx", input_scale=0.1, scale_dtype=np.float64)
