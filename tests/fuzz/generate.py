@@ -66,6 +66,9 @@ CONSTRUCTS = {
                                  "has an integer accumulator",
 }
 
+# the switches whose constructs `lower` takes (finn_lowerable cases draw these and no other)
+FINN_LOWERABLE = frozenset({"global_pool", "per_channel_act_depthwise", "constant_forms", "float64_scales",
+                            "extracted_scales"})
 
 @dataclass
 class LayerInfo:
@@ -569,9 +572,10 @@ def _mac(draw, b: _Builder, x: str, allowed: frozenset[str], grid_zero: int, wsp
 @st.composite
 def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = False) -> Case:
     """A random model with one or two MAC blocks (see the module docstring). ``finn_lowerable``: only constructs
-    FINN's lowering takes (no generator switch, QONNX activations with zero point 0 and ROUND, no ConvTranspose),
+    FINN's lowering takes (the switches in ``FINN_LOWERABLE``, QONNX activations with zero point 0 and ROUND, no
+    ConvTranspose),
     so that `lower` gets models it can write, whose MVAU/VVAU accumulators the oracle then executes."""
-    allowed = frozenset() if finn_lowerable else frozenset(CONSTRUCTS) - frozenset(exclude)
+    allowed = (FINN_LOWERABLE if finn_lowerable else frozenset(CONSTRUCTS)) - frozenset(exclude)
     finn = finn_lowerable
     b = _Builder()
     case = Case(None, [])
