@@ -402,8 +402,9 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
 
 @st.composite
 def weight_specs(draw, allowed: frozenset[str], finn: bool = False) -> dict:
-    """``finn``: only weights FINN lowers (a ``Quant`` of any rounding, FINN's own integer annotations)."""
-    kind = draw(st.sampled_from(["quant"] * 5 + (["finn", "finn"] if finn else
+    """``finn``: only weights FINN lowers (a ``Quant`` of any rounding, ``BipolarQuant``, FINN's own integer
+    annotations)."""
+    kind = draw(st.sampled_from(["quant"] * 5 + (["finn", "finn", "bipolar"] if finn else
                                                   ["bipolar", "finn", "finn", "dq", "qdq", "float"])))
     spec = {"kind": kind, "per_channel": draw(st.booleans()), "transposed": draw(st.integers(0, 4)) == 0}
     if kind == "quant":
