@@ -102,10 +102,14 @@ def refuse_weight_scales_along_summed_axes(model: ModelWrapper) -> None:
 
 def refuse_grouped_convs(model: ModelWrapper) -> None:
     """After :func:`~a2q_passes.finn_quant_forms.finn_preparation`: raise :class:`LoweringError` naming each grouped,
-    not depthwise, ``Conv`` its ``GroupedConvAsDense`` left (its weights in a form that rewrite does not take), and why.
+    not depthwise, ``Conv`` its ``GroupedConvAsDense`` left (its weights in a form that rewrite does not take), and why;
+    and each depthwise ``Conv`` of bipolar weights on bipolar inputs.
 
     Why: FINN lowers only ``group=1`` and depthwise convolutions; on a grouped one qonnx's ``LowerConvsToMatMul``
-    fails with "cannot reshape array", naming neither the node nor the construct.
+    fails with "cannot reshape array", naming neither the node nor the construct. A depthwise one becomes a MatMul
+    with zeros between the channels, which FINN's ``ConvertBipolarMatMulToXnorPopcount`` (weights ``(w + 1) / 2``)
+    turns into weights of 0.5 where both operands are bipolar (found by the property fuzzer: the lowering then
+    failed reading an MVAU "annotated BINARY but holds non-integers").
     """
     from a2q_passes.read_only_model import with_inferred_shapes
 
@@ -113,11 +117,35 @@ def refuse_grouped_convs(model: ModelWrapper) -> None:
     left = [f"{node.name or node.output[0]!r} ({grouped_conv_obstacle(model, node)})" for node in model.graph.node
             if node.op_type == "Conv" and len(node.input) > 1
             and is_grouped_conv(node, weight_shape(model, shaped, node.input[1]))]
+    bipolar = [repr(node.name or node.output[0]) for node in model.graph.node
+               if node.op_type == "Conv" and len(node.input) > 1 and int(node_attr(node, "group", 1)) > 1
+               and not is_grouped_conv(node, weight_shape(model, shaped, node.input[1]))
+               and _bipolar(model, node.input[0]) and _bipolar(model, node.input[1])]
+    if bipolar:
+        raise LoweringError(f"depthwise Conv {', '.join(bipolar)} multiplies bipolar weights with bipolar inputs: "
+                            "FINN lowers it as a MatMul with zeros between the channels, which its XNOR-popcount "
+                            "conversion turns into weights of 0.5, so FINN has no correct layer for it. Give its "
+                            "weights 2 or more bits, or its input other codes; a2q analyze/project/verify read it as "
+                            "it is.")
     if left:
         raise LoweringError(f"FINN lowers only plain (group=1) and depthwise convolutions, and a2q lowers a grouped "
                             f"one as a group=1 Conv with block-diagonal weights only where it can rewrite them; "
                             f"grouped Conv {', '.join(left)} cannot be. Quantize its weights with a QONNX Quant (zero "
                             "point 0, scale per tensor or per output channel) or keep the layer out of the FINN part.")
+
+
+def _bipolar(model: ModelWrapper, tensor: str) -> bool:
+    """Whether ``tensor`` carries bipolar values (-1/+1 times a scale) past ops that only move them: a
+    ``BipolarQuant``'s, a 1-bit signed ``Quant``'s (qonnx executes it as bipolar) or a tensor annotated BIPOLAR."""
+    origin = value_origin(model, tensor)
+    producer = model.find_producer(origin)
+    if producer is None:
+        return model.get_tensor_datatype(origin).name == "BIPOLAR"
+    if producer.op_type == "BipolarQuant":
+        return True
+    bits = get_constant(model, producer.input[3]) if producer.op_type in ("Quant", "IntQuant") else None
+    return bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
+        and bool(node_attr(producer, "signed", 1))
 
 
 def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:

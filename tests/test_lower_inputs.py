@@ -145,6 +145,26 @@ def test_a_one_bit_unsigned_activation_is_refused_by_name(tmp_path, monkeypatch)
     assert not check_equivalence(model, hw, inputs)["within_tolerance"]
 
 
+def test_a_bipolar_depthwise_conv_on_bipolar_inputs_is_refused_by_name(tmp_path, monkeypatch):
+    """BipolarQuant -> depthwise Conv with BipolarQuant weights: qonnx lowers the Conv to a MatMul with zeros between
+    the channels and FINN's XNOR-popcount conversion makes those zeros 0.5, so `lower` names the layer and writes
+    nothing; with the refusal off, the lowering fails on FINN's own graph instead."""
+    import a2q_passes.finn_refusals as refusals
+
+    inits = [numpy_helper.from_array(np.random.default_rng(0).normal(size=(2, 1, 2, 2)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [helper.make_node("BipolarQuant", ["x", "one"], ["xq"], domain=QONNX_DOMAIN, name="BipolarX"),
+             helper.make_node("BipolarQuant", ["W", "one"], ["Wq"], domain=QONNX_DOMAIN, name="BipolarW"),
+             helper.make_node("Conv", ["xq", "Wq"], ["y"], name="DepthwiseConv", group=2, kernel_shape=[2, 2])]
+    path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 2, 3, 3], [1, 2, 2, 2])
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--acc-bits", "8")
+    assert code == 1 and "depthwise Conv 'DepthwiseConv' multiplies bipolar weights" in " ".join(output.split())
+    assert not (tmp_path / "out.onnx").exists()
+    monkeypatch.setattr(refusals, "_bipolar", lambda model, tensor: False)
+    with pytest.raises(Exception, match="BINARY but holds non-integers"):
+        load_model(path).transform(LowerToFINN(acc_bits=8), cleanup=False)
+
+
 def test_float64_scales_are_cast_and_said_so(tmp_path):
     """Before: onnxruntime "Mul bound to different types (float and double)", an internal error (exit 4)."""
     path = tiny_model(tmp_path / "m.onnx", input_scale=0.1, scale_dtype=np.float64)

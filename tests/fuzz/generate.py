@@ -205,8 +205,8 @@ def act_specs(draw, allowed: frozenset[str], first: bool, finn: bool = False) ->
                     rounding=draw(st.sampled_from(ROUNDING_MODES)),
                     scale=draw(st.sampled_from([0.5, 0.25, 1.0, 0.125, 2.0, 0.1])),
                     zero_point=draw(st.integers(-zmax, zmax)) if draw(st.integers(0, 2)) == 0 else 0)
-        if finn:
-            spec.update(op="Quant", rounding="ROUND", zero_point=0, bits=max(bits, 2))
+        if finn:  # as Brevitas' activation quantizers (FINN annotates a narrow one with its full type: wider)
+            spec.update(op="Quant", rounding="ROUND", zero_point=0, bits=max(bits, 2), narrow=False)
         if bits == 1 and signed and "one_bit_activation_zero_point" not in allowed:
             spec["zero_point"] = 0
         if "negative_scale" in allowed and draw(st.integers(0, 7)) == 0:
@@ -401,11 +401,14 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
 
 
 @st.composite
-def weight_specs(draw, allowed: frozenset[str], finn: bool = False) -> dict:
+def weight_specs(draw, allowed: frozenset[str], finn: bool = False, bipolar_input: bool = False) -> dict:
     """``finn``: only weights FINN lowers (a ``Quant`` of any rounding, ``BipolarQuant``, FINN's own integer
-    annotations)."""
-    kind = draw(st.sampled_from(["quant"] * 5 + (["finn", "finn", "bipolar"] if finn else
-                                                  ["bipolar", "finn", "finn", "dq", "qdq", "float"])))
+    annotations); behind a bipolar input half of them bipolar, as in binary nets (FINN's XNOR-popcount MVAU)."""
+    if finn and bipolar_input and draw(st.booleans()):
+        kind = "bipolar"
+    else:
+        kind = draw(st.sampled_from(["quant"] * 5 + (["finn", "finn", "bipolar"] if finn else
+                                                      ["bipolar", "finn", "finn", "dq", "qdq", "float"])))
     spec = {"kind": kind, "per_channel": draw(st.booleans()), "transposed": draw(st.integers(0, 4)) == 0}
     if kind == "quant":
         signed = draw(st.integers(0, 5)) > 0
@@ -604,7 +607,7 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
         else:
             x_in = x if x is not None else b.graph_input(shape)
             if x is not None and len(shape) == 4 and "global_pool" in allowed and draw(st.integers(0, 3)) == 0:
-                x_in = draw(_global_pool(b, x_in, allowed))
+                x_in = draw(_global_pool(b, x_in, allowed, finn))
                 case.used.add("global_pool")
             if spec["kind"] in ("quant", "qdq") and draw(st.integers(0, 3)) == 0:
                 # the usual real form: a Relu (or ReLU6's Clip from 0) in front of the quantizer (its negative codes
@@ -637,7 +640,7 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
         zero = grid[1]
         if "relu" in ops and grid[1] > 0:
             case.used.add("relu_after_zero_point")
-        wspec = draw(weight_specs(allowed, finn))
+        wspec = draw(weight_specs(allowed, finn, bipolar_input=spec["kind"] == "bipolar"))
         case.used |= _weight_uses(wspec)
         out, node, wscale = draw(_mac(b, t, allowed, zero, wspec, depthwise=bool(spec.get("depthwise")), finn=finn))
         if isinstance(grid[0], np.ndarray):
@@ -690,11 +693,12 @@ def _float64_scales(case: Case) -> None:
 
 
 @st.composite
-def _global_pool(draw, b: _Builder, x: str, allowed: frozenset[str]) -> str:
+def _global_pool(draw, b: _Builder, x: str, allowed: frozenset[str], finn: bool = False) -> str:
     """``ReduceMean`` of the 4-D ``x`` over axes 2 and 3 (the axes kept or dropped), first through a quantizer and a
-    ``Relu`` half of the time, as Brevitas' graph-mode PTQ writes global average pooling."""
+    ``Relu`` half of the time, as Brevitas' graph-mode PTQ writes global average pooling (``finn``: a quantizer
+    FINN lowers)."""
     if draw(st.booleans()):
-        x = b.node("Relu", [_apply_source(b, draw(act_specs(allowed, False)), x)[0]], b.shapes[x])
+        x = b.node("Relu", [_apply_source(b, draw(act_specs(allowed, False, finn)), x)[0]], b.shapes[x])
     keep = draw(st.booleans())
     shape = b.shapes[x][:2] + ((1, 1) if keep else ())
     return b.node("ReduceMean", [x], shape, axes=draw(st.sampled_from([[2, 3], [-1, -2]])), keepdims=int(keep))

@@ -421,7 +421,7 @@ class Checker:
             return  # refusals are checked for naming by (e) only: FINN's own limits are many
         model = ModelWrapper(str(hw))
         for node in model.graph.node:
-            if node.op_type not in MVAU_OPS + VVAU_OPS or any(a.name == "binaryXnorMode" and a.i for a in node.attribute):
+            if node.op_type not in MVAU_OPS + VVAU_OPS:
                 continue
             done = executed_range(model, node.name, "fold")
             acc = DataType[next(a.s.decode() for a in node.attribute if a.name == "accDataType")]
