@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from brevitas.export import export_qonnx
 from brevitas.core.scaling import ScalingImplType
 from brevitas.quant import Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.transformation.change_batchsize import ChangeBatchSize
@@ -437,3 +438,24 @@ def test_cli_refuses_a_graph_the_torch_bridge_cannot_run_before_training(files, 
                             "--data", tmp_path / "train.npz", "--method", method, "--no-progress")
         assert code == 1 and "torch bridge" in err and "Erf_after_logits" in err and "a2q project" in err, err
     assert not (tmp_path / "o.onnx").exists() and digest(path) == before
+
+
+def test_weights_finetune_cannot_train_are_named_with_what_they_are(tmp_path, monkeypatch, capsys):
+    """A FINN-style layer (weights: a constant annotated INT4) cannot be trained: the refusal names the layer, says what
+    its weights are in words (it said "weights come from a initializer source") and how to go on (--skip)."""
+    from tests.test_lower_inputs import tiny_model
+
+    path = tiny_model(tmp_path / "finn_style.onnx", input_scale=0.5)
+    model = ModelWrapper(str(path))
+    model.graph.node.remove(next(n for n in model.graph.node if n.output[0] == "Wq"))
+    next(n for n in model.graph.node if n.op_type == "MatMul").input[1] = "W"
+    model.set_initializer("W", np.round(model.get_initializer("W") * 4).clip(-8, 7).astype(np.float32))
+    model.set_tensor_datatype("W", DataType["INT4"])
+    model.save(str(path))
+    np.savez(tmp_path / "train.npz", x=np.random.default_rng(0).uniform(0, 100, size=(16, 8)).astype(np.float32))
+    code, err = run_cli(monkeypatch, capsys, "finetune", path, tmp_path / "out.onnx", "--acc-bits", 12,
+                        "--data", tmp_path / "train.npz", "--distill", "--no-progress")
+    message = " ".join(err.split())
+    assert code == 1 and "MatMul_0" in message, err
+    assert "its weights are a constant (integers annotated with a FINN DataType), not a trainable QONNX Quant" in message
+    assert not (tmp_path / "out.onnx").exists()

@@ -108,6 +108,11 @@ class Selection:
 
 
 ACT_X_ACT_REASON = "activation x activation MatMul: no weights to train (its range is checked, not changed)"
+# what each weight source (a2q_passes.weight_sources.WeightSource.kind) is, in a refusal's words
+_WEIGHT_SOURCE_WORDS = {"initializer": "a constant (integers annotated with a FINN DataType)",
+                        "bipolar_quant": "a BipolarQuant's", "dequantize_linear": "a DequantizeLinear of stored integers",
+                        "quantize_dequantize": "a QuantizeLinear/DequantizeLinear pair's",
+                        "integer_operand": "an integer op's operand"}
 
 
 def _constrainable(layer: MacLayer) -> str:
@@ -119,7 +124,8 @@ def _constrainable(layer: MacLayer) -> str:
     if layer.act_x_act:
         return ACT_X_ACT_REASON
     if layer.source.kind != "quant":
-        return f"weights come from a {layer.source.kind} source, not a trainable QONNX Quant"
+        what = _WEIGHT_SOURCE_WORDS.get(layer.source.kind, f"a {layer.source.kind} source")
+        return f"its weights are {what}, not a trainable QONNX Quant"
     if layer.source.bipolar:
         return "bipolar weights (1-bit signed Quant) cannot be shrunk: they hold no zero weight"
     if layer.source.zero_offset is not None or layer.source.raw_zero_point:
