@@ -93,3 +93,36 @@ def test_mobilenet_qcdq_per_axis_dequantize_into_depthwise_layers_end_to_end(tmp
         result = check(entry, tmp_path, allocate=True)
     assert result.status == "handled", (result.detail, result.notes)
     assert result.layers == 8 and result.tight == 8 and result.allocated == 8, (result.tight, result.allocated)
+
+
+@pytest.mark.parametrize("name", ["cnv_1w1a", "cnv_2w2a"])
+def test_bnn_pynq_cnv_lowers_with_every_mvau_holding_its_executed_range(name, tmp_path):
+    """FINN's flagship CNV (BNN-PYNQ, 32 x 32 images; too large for the corpus' whole-model oracle): the binary one
+    annotated at its own widths (XNOR-popcount MVAUs), the 2-bit one projected two bits below its widest layer with
+    FINN's input ranges and verified; both lowered, equivalent to the QONNX model, with every MVAU's executed worst
+    case (the oracle drives it through FINN's own node) inside its accDataType, of at most the target width."""
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    from tests.brevitas_example_models import ExampleSpec
+    from tests.fuzz.real_files import MVAU_OPS, executed_range
+
+    path = export_example(tmp_path, ExampleSpec("bnn_pynq", name, (1, 3, 32, 32)), "qonnx")
+    widest = max(layer["bounds"]["exact"] for layer in json.loads(run_cli("analyze", path, "--json")[1])["layers"])
+    target, written = tmp_path / "target.onnx", tmp_path / "hw.onnx"
+    if name == "cnv_1w1a":
+        assert run_cli("annotate", path, target)[0] == 0
+    else:
+        widest -= 2
+        assert run_cli("project", path, target, "--acc-bits", widest, "--input-ranges", "finn")[0] == 0
+        assert run_cli("verify", target)[0] == 0
+    code, out, err = run_cli("lower", target, written, "--from-annotations", "--samples", "2")
+    assert code == 0 and "equivalent" in out, (out + err)[-2000:]
+    model = ModelWrapper(str(written))
+    mvaus = [n for n in model.graph.node if n.op_type in MVAU_OPS]
+    xnor = [n for n in mvaus if any(a.name == "binaryXnorMode" and a.i for a in n.attribute)]
+    assert len(mvaus) == 9 and (len(xnor) == 8 if name == "cnv_1w1a" else not xnor)
+    for node in mvaus:
+        done = executed_range(model, node.name)
+        acc = DataType[next(a.s.decode() for a in node.attribute if a.name == "accDataType")]
+        assert acc.min() <= done.lo and done.hi <= acc.max() and acc.bitwidth() <= widest, (node.name, done, acc)
