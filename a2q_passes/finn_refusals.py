@@ -261,8 +261,9 @@ def _unquantized_source(model: ModelWrapper, tensor: str) -> str | None:
 
 
 def explain_streamline_failure(model: ModelWrapper) -> str:
-    """A sentence naming the elementwise Adds of ``model`` (the flow's input) that add an unquantized activation,
-    or "" where there is none.
+    """Sentences naming the elementwise Adds of ``model`` (the flow's input) that add an unquantized activation and
+    the bipolar activations FINN cannot fold into the layer that reads them (:func:`_unfolded_bipolar_activations`),
+    or "" where there is neither.
 
     Why: FINN lowers an Add of two activations only as ``AddStreams`` of two quantized inputs. An Add with an
     unquantized input (a residual whose skip branch or sum is left in float, as Brevitas' layerwise PTQ and qonnx's
@@ -271,6 +272,11 @@ def explain_streamline_failure(model: ModelWrapper) -> str:
     ("Initializer for add weights is not set") naming no node. Only called once FINN has failed: a graph FINN
     lowers is never refused for this.
     """
+    return " ".join(cause for cause in (_unquantized_adds(model), _unfolded_bipolar_activations(model)) if cause)
+
+
+def _unquantized_adds(model: ModelWrapper) -> str:
+    """The sentence of :func:`explain_streamline_failure` on Adds of unquantized activations, or ""."""
     found, known = [], {}
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
@@ -287,3 +293,30 @@ def explain_streamline_failure(model: ModelWrapper) -> str:
             "only as AddStreams of two quantized inputs: quantize both inputs of each such Add (Brevitas: a "
             "QuantIdentity on each branch, one shared quantizer where the scales must match) and export again; "
             "a2q analyze/project/verify read the model as it is.")
+
+
+def _unfolded_bipolar_activations(model: ModelWrapper) -> str:
+    """The sentence of :func:`explain_streamline_failure` on bipolar activations read by a node FINN's streamlining
+    cannot fold their ``2 q - 1`` into (a ``Relu``, a pooling, a ``Clip``, a padded ``Conv``), or "".
+
+    Why: FINN lowers a bipolar activation quantizer as thresholds giving 0/1 followed by ``x 2 - 1``, and folds that
+    affine map only into a MAC layer that reads it directly without padding (a padded tap adds 0, not -1 or +1);
+    otherwise it stays and FINN's HW conversion fails with "MultiThreshold out_scale must be 1", naming its own node.
+    """
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("BipolarQuant", "Quant", "IntQuant") or not _bipolar(model, node.output[0]) \
+                or computed_from_constants(model, node.output[0], {}):
+            continue
+        for reader in model.find_consumers(node.output[0]):
+            padded = reader.op_type == "Conv" and (any(node_attr(reader, "pads", [])) or node_str_attr(
+                reader, "auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"))
+            if padded or reader.op_type in ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool"):
+                found.append(f"{node.name or node.output[0]!r} is read by {reader.op_type} "
+                             f"{reader.name or reader.output[0]!r}" + (" with zero padding" if padded else ""))
+    if not found:
+        return ""
+    return (f"Likely cause: the bipolar activation {'; '.join(found)}. FINN lowers a bipolar quantizer as thresholds "
+            "giving 0 or 1 followed by x 2 - 1, and folds that only into a MAC layer that reads it directly without "
+            "padding: quantize that activation with 2 or more bits, or place it right before such a layer; a2q "
+            "analyze/project/verify read the model as it is.")

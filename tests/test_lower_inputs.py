@@ -165,6 +165,27 @@ def test_a_bipolar_depthwise_conv_on_bipolar_inputs_is_refused_by_name(tmp_path,
         load_model(path).transform(LowerToFINN(acc_bits=8), cleanup=False)
 
 
+def test_a_bipolar_activation_finn_cannot_fold_is_named_when_finn_fails(tmp_path):
+    """BipolarQuant -> Conv with zero padding (2-bit weights): FINN's HW conversion fails on its own node
+    ("MultiThreshold_0: MultiThreshold out_scale must be 1"); `lower` adds which quantizer and which reader are the
+    likely cause, by their names in the model."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.integers(-2, 2, size=(3, 2, 3, 3)) * 0.5).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "w_bits")]
+    nodes = [helper.make_node("BipolarQuant", ["x", "one"], ["xq"], domain=QONNX_DOMAIN, name="BipolarX"),
+             _quant("W", "Wq", "w_scale", "w_bits", 1, 0),
+             helper.make_node("Conv", ["xq", "Wq"], ["y"], name="PaddedConv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 2, 4, 4], [1, 3, 4, 4])
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--acc-bits", "12")
+    message = " ".join(output.split())
+    assert code == 1 and "out_scale" in message, output
+    assert "the bipolar activation 'BipolarX' is read by Conv 'PaddedConv' with zero padding" in message, output
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_float64_scales_are_cast_and_said_so(tmp_path):
     """Before: onnxruntime "Mul bound to different types (float and double)", an internal error (exit 4)."""
     path = tiny_model(tmp_path / "m.onnx", input_scale=0.1, scale_dtype=np.float64)
