@@ -20,7 +20,8 @@ from qonnx.transformation.base import Transformation
 
 from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
-from a2q_passes.graph_values import auto_pads, extracted_quant_scale, get_constant, node_attr, node_axes, sole_relu_reader
+from a2q_passes.graph_values import (auto_pads, extracted_quant_scale, get_constant, node_attr, node_axes, node_str_attr,
+                                     sole_relu_reader)
 
 _BIASED_MACS = ("Conv", "ConvTranspose", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -320,8 +321,7 @@ class ExplicitAutoPads(Transformation):
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
         for node in model.graph.node:
-            auto_pad = node_attr(node, "auto_pad", b"NOTSET")
-            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+            auto_pad = node_str_attr(node, "auto_pad", "NOTSET")
             if node.op_type not in ("Conv", "MaxPool") or node.domain not in ("", "ai.onnx") or auto_pad == "NOTSET":
                 continue
             shape = model.get_tensor_shape(node.input[0])

@@ -8,7 +8,7 @@ nodes and says what to do instead, as a :class:`~a2q_passes.errors.LoweringError
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import NodeProto, TensorProto
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import LoweringError
@@ -134,6 +134,12 @@ def refuse_grouped_convs(model: ModelWrapper) -> None:
                             "point 0, scale per tensor or per output channel) or keep the layer out of the FINN part.")
 
 
+def _one_bit(model: ModelWrapper, node: NodeProto) -> bool:
+    """Whether ``node`` is a ``Quant`` of one constant bit (signed: executed as bipolar; unsigned: codes 0 and 1)."""
+    bits = get_constant(model, node.input[3]) if node.op_type in ("Quant", "IntQuant") and len(node.input) > 3 else None
+    return bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0
+
+
 def _bipolar(model: ModelWrapper, tensor: str) -> bool:
     """Whether ``tensor`` carries bipolar values (-1/+1 times a scale) past ops that only move them: a
     ``BipolarQuant``'s, a 1-bit signed ``Quant``'s (qonnx executes it as bipolar) or a tensor annotated BIPOLAR."""
@@ -141,11 +147,7 @@ def _bipolar(model: ModelWrapper, tensor: str) -> bool:
     producer = model.find_producer(origin)
     if producer is None:
         return model.get_tensor_datatype(origin).name == "BIPOLAR"
-    if producer.op_type == "BipolarQuant":
-        return True
-    bits = get_constant(model, producer.input[3]) if producer.op_type in ("Quant", "IntQuant") else None
-    return bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
-        and bool(node_attr(producer, "signed", 1))
+    return producer.op_type == "BipolarQuant" or (_one_bit(model, producer) and bool(node_attr(producer, "signed", 1)))
 
 
 def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
@@ -207,9 +209,7 @@ def refuse_rounding_modes(model: ModelWrapper) -> None:
         if node.op_type not in ("Quant", "IntQuant") or get_constant(model, node.input[0]) is not None:
             continue
         mode = node_str_attr(node, "rounding_mode", "ROUND").upper()
-        bits = get_constant(model, node.input[3]) if len(node.input) > 3 else None
-        bipolar = bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
-            and node_attr(node, "signed", 1)
+        bipolar = _one_bit(model, node) and node_attr(node, "signed", 1)
         if mode not in MIDPOINT_ROUNDING and not bipolar:
             off.append(f"{node.name or node.output[0]!r} ({mode})")
     if off:
@@ -231,9 +231,7 @@ def refuse_unsigned_one_bit_activations(model: ModelWrapper) -> None:
     for node in model.graph.node:
         if node.op_type not in ("Quant", "IntQuant") or get_constant(model, node.input[0]) is not None:
             continue
-        bits = get_constant(model, node.input[3]) if len(node.input) > 3 else None
-        if bits is not None and np.size(bits) == 1 and float(np.asarray(bits).reshape(-1)[0]) == 1.0 \
-                and not node_attr(node, "signed", 1):
+        if _one_bit(model, node) and not node_attr(node, "signed", 1):
             found.append(repr(node.name or node.output[0]))
     if found:
         raise LoweringError(f"FINN lowers every 1-bit activation Quant as bipolar (-1/+1), so {', '.join(found)} "
