@@ -13,7 +13,7 @@ from a2q_passes.analysis import analyze_model
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.selection import ACT_X_ACT_REASON, select_layers
 from a2q_passes.layers import MacLayer, find_mac_layers
-from a2q_passes.projection import accumulator_is_signed, min_feasible_acc_bits
+from a2q_passes.projection import MIN_ACC_BITS, accumulator_is_signed, min_feasible_acc_bits
 
 
 @dataclass
@@ -62,10 +62,11 @@ def allocatable_layers(model: ModelWrapper, input_ranges: str = "exact",
     for mac in macs:
         if mac.binary_xnor or mac.source.bipolar:
             continue
-        exact = reports[mac.node].bounds["exact"]
+        # no narrower than `project` takes (a layer of zero weights sums to [0, 0]: 1 bit)
+        exact = max(int(reports[mac.node].bounds["exact"]), MIN_ACC_BITS)
         signed = accumulator_is_signed(mac.integer_rows(model), mac.grid.range)
-        smallest = min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed))
-        layers.append((mac.node, int(exact), int(smallest)))
+        smallest = max(min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed)), MIN_ACC_BITS)
+        layers.append((mac.node, exact, int(smallest)))
     return layers
 
 

@@ -680,9 +680,15 @@ def _run(v: np.ndarray, x: IntRange, acc_bits: int, weight_range: IntRange, name
     q = plain_round(v, weight_range)
     acc_min, acc_max = integer_row_ranges(q, x)
     signed = bool((acc_min < 0).any())  # as accumulator_is_signed, reusing the range
-    check_target(x, acc_bits, weight_range, signed)
-    limits = bounds.accumulator_limits(int(acc_bits), signed=signed)
+    valid = not isinstance(acc_bits, bool) and isinstance(acc_bits, (int, np.integer)) \
+        and MIN_ACC_BITS <= acc_bits <= MAX_ACC_BITS
+    limits = bounds.accumulator_limits(int(acc_bits), signed=signed) if valid else (0, 0)
     touched = ~np.asarray((acc_min >= limits[0]) & (acc_max <= limits[1]), dtype=bool)
+    try:
+        check_target(x, acc_bits, weight_range, signed)
+    except InfeasibleTarget:
+        if not valid or touched.any():  # rows that already fit need no +-1 weight to (a layer of zero weights)
+            raise
     row_method = np.full(v.shape[0], ROUND, dtype=object)
     idx, step = np.flatnonzero(touched), rows_per_block(v.shape[1])
 

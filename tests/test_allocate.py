@@ -573,3 +573,32 @@ def _allocated_and_proven(a2q, source: Path, calib: Path, pct: str, projected: P
         ran = executed_range(model, name)
         assert width(ran.lo, ran.hi) <= bits, (name, ran.lo, ran.hi, bits)
     return widths
+
+
+def test_a_layer_of_zero_weights_is_allocated_the_narrowest_width_project_takes(a2q, tmp_path):
+    """A layer whose weights all quantize to 0 sums to [0, 0], 1 bit: allocate offered that width and then failed
+    proving its own map ("accumulator width 1 is out of range; use an integer from 2 to 64 bits", an option the user
+    never gave; found by the property fuzzer). Now its candidates start at 2 bits, which `project` meets."""
+    from onnx import TensorProto, helper, numpy_helper
+    from qonnx.util.basic import qonnx_make_model
+
+    qonnx = "qonnx.custom_op.general"
+    consts = {"s": np.float32(0.5), "z": np.float32(0), "b": np.float32(4), "ws": np.float32(0.5),
+              "w": np.full((4, 3), 0.1, np.float32)}  # 0.1 / 0.5 rounds to code 0
+    nodes = [helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain=qonnx, signed=0, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w", "ws", "z", "b"], ["wq"], domain=qonnx, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("MatMul", ["xq", "wq"], ["y"], name="ZeroLayer")]
+    graph = helper.make_graph(nodes, "zeros", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    path, out, projected = tmp_path / "zeros.onnx", tmp_path / "w.json", tmp_path / "p.onnx"
+    ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                        helper.make_opsetid(qonnx, 1)])).save(str(path))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).uniform(0, 8, size=(16, 4)).astype(np.float32))
+    result = a2q("allocate", path, "--data", tmp_path / "calib.npz", "--min-score-pct", "90", "--cost", "acc-bits",
+                 "-o", out, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == {"ZeroLayer": 2}
+    assert a2q("project", path, projected, "--widths-json", out).returncode == 0

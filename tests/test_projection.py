@@ -585,3 +585,13 @@ def test_parts_keep_the_narrow_type_that_holds_every_part():
         alone = projection.project_exact(v[rows], x, 17 if brute_layer_extremes(plain(v[rows], wr), x)[0] >= 0 else 18,
                                          wr)
         np.testing.assert_array_equal(result.weights[rows], alone.weights)
+
+
+def test_rows_that_already_fit_need_no_feasible_plus_minus_one_weight():
+    """Below the smallest target at which one +-1 weight fits (4 bits on inputs in [0, 15]) only all-zero rows fit:
+    such a layer is kept as it is at any valid width (allocate offers it 2 bits), while one non-zero weight makes the
+    same target infeasible."""
+    zeros = np.zeros((3, 5))
+    np.testing.assert_array_equal(projection.project_exact(zeros, IntRange(0, 15), 2, IntRange(-8, 7)).weights, zeros)
+    with pytest.raises(projection.InfeasibleTarget, match="smallest feasible target is 4 bits"):
+        projection.project_exact(np.eye(3, 5), IntRange(0, 15), 2, IntRange(-8, 7))

@@ -198,8 +198,11 @@ class ProjectToAccumulator(A2QPass):
                 smallest[layer.node] = smallest_target(model, layer)
             except UnsupportedLayer as err:
                 raise A2QError(f"cannot project layer '{layer.node}': {err}; or --skip it") from err
+        # below the smallest target only a layer that already fits (its weights all 0) stays feasible: it is kept
         short = [layer for layer in self._layers
-                 if smallest[layer.node] > min(self._targets[layer.node], self.outer_bits or self._targets[layer.node])]
+                 if smallest[layer.node] > min(self._targets[layer.node], self.outer_bits or self._targets[layer.node])
+                 and (self.tile is not None or layer.act_x_act
+                      or _layer_width(layer, layer.integer_rows(model))[0] > self._targets[layer.node])]
         if not short:
             return
         problems = "; ".join(f"'{layer.node}' needs at least {smallest[layer.node]} bits ({layer_why(layer)}), "
