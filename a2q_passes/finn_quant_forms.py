@@ -85,6 +85,56 @@ def _zero_point_free_bits(model: ModelWrapper, quant: NodeProto) -> float | None
     return float(np.asarray(bits).reshape(-1)[0])
 
 
+class ClipAboveTheCodesAsRelu(Transformation):
+    """A ``Clip(0, c)`` read only by activation ``Quant`` nodes that give every real at or above ``c`` their top code
+    becomes a ``Relu``.
+
+    Why: FINN has no HW layer for a float ``Clip``, so its lowering stopped at a ``ReLU6`` (exported as ``Clip(0, 6)``)
+    in front of a quantizer (a float ``ReLU6`` before Brevitas' ``QuantIdentity``, or its graph-mode PTQ of such a
+    net); it converts a ``Relu`` before a ``Quant`` (:class:`UnsignedQuantAfterRelu`). Why it is exact: with zero
+    point 0 and scales ``s > 0`` a ``Quant`` is monotone in its input (it clamps, then rounds), so where it gives ``c``
+    itself its top code (executed here with qonnx's own ``int_quant``, per channel), it gives every real above ``c``
+    that code too: clipping the reals at ``c`` changes no code, and below ``c`` ``Clip(x, 0, c)`` is ``Relu(x)``.
+    Found by the property fuzzer (the node its FINN-lowerable models left unlowered most often).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for index, node in enumerate(model.graph.node):
+            if node.op_type != "Clip" or node.domain not in ("", "ai.onnx"):
+                continue
+            low, high = (get_constant(model, node.input[i]) if len(node.input) > i and node.input[i]
+                         else node_attr(node, name) for i, name in ((1, "min"), (2, "max")))
+            readers = model.find_consumers(node.output[0])
+            if low is None or high is None or np.size(low) != 1 or np.size(high) != 1 or float(low) != 0.0 \
+                    or not readers or node.output[0] in {o.name for o in model.graph.output}:
+                continue
+            if all(_top_code_at(model, reader, float(high)) for reader in readers):
+                model.graph.node.remove(node)
+                model.graph.node.insert(index, helper.make_node("Relu", [node.input[0]], [node.output[0]],
+                                                                name=node.name))
+                changed = True
+        return model, changed
+
+
+def _top_code_at(model: ModelWrapper, quant: NodeProto, value: float) -> bool:
+    """Whether ``quant`` is an activation ``Quant`` with zero point 0 and scales > 0 that gives ``value`` (float32) the
+    same output as a real beyond every code, i.e. its top code, in every channel (qonnx's ``int_quant`` executes
+    it)."""
+    from qonnx.custom_op.general.intquant import int_quant
+
+    bits = _zero_point_free_bits(model, quant) if quant.op_type in ("Quant", "IntQuant") else None
+    if bits is None or bits != int(bits) or bits < 1:
+        return False
+    scale, zero, bits = (np.asarray(get_constant(model, name), np.float32) for name in quant.input[1:4])
+    signed, narrow = node_attr(quant, "signed", 1), node_attr(quant, "narrow", 0)
+    mode = node_str_attr(quant, "rounding_mode", "ROUND")
+    beyond = scale * np.float32(2.0 ** float(bits) + 1)  # above every code, in each channel
+    at_value, at_top = (int_quant(x, scale, zero, bits, signed, narrow, mode)
+                        for x in (np.full(np.shape(scale), value, np.float32), beyond))
+    return bool(np.array_equal(at_value, at_top))
+
+
 class ReluAfterQuantIntoQuant(Transformation):
     """A ``Relu`` right after a ``Quant`` with zero point 0 and positive scales folds into that ``Quant``: a signed
     b-bit one becomes the unsigned, non-narrow ``Quant`` of b - 1 bits; an unsigned one stays as it is.
@@ -719,8 +769,8 @@ def finn_preparation() -> list[Transformation]:
     from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
-            UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
-            AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(), ExpandedConv2DAsConv1D(),
+            ClipAboveTheCodesAsRelu(), UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(),
+            ReduceMeanAsGlobalAveragePool(), AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(), ExpandedConv2DAsConv1D(),
             ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(),
             ChannelsLastInputLayout(), SpatialSqueezeAsFlatten()]
 

@@ -660,3 +660,65 @@ def test_a_strided_same_padded_conv_lowers_within_its_width(tmp_path):
     model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
                                                                 helper.make_opsetid(QONNX, 1)]))
     _assert_lowers(model.transform(InferShapes()), tmp_path / "strided_same.onnx")
+
+
+def _clip_quant(high: float, scale: np.ndarray, bits: float, signed: int, narrow: int, mode: str) -> ModelWrapper:
+    """x -> Clip(0, high) -> Quant (zero point 0), opset 13 (Clip's bounds as inputs)."""
+    model = _relu_quant(scale, 0.0, bits, signed, narrow, mode, producer="Clip")
+    clip = model.graph.node[0]
+    clip.input.extend(["lo", "hi"])
+    model.set_initializer("lo", np.float32(0.0))
+    model.set_initializer("hi", np.float32(high))
+    return model
+
+
+@pytest.mark.parametrize("mode,signed,narrow", [(m, s, n) for m in ROUNDING for s in (0, 1) for n in (0, 1)])
+def test_a_clip_above_the_top_code_becomes_a_relu_computing_the_same(mode, signed, narrow):
+    """``ClipAboveTheCodesAsRelu``: Clip(0, c) before a Quant becomes a Relu where c gets the top code in every channel
+    (c at the top code's real, or beyond), never where c clips the top code away in one (a step or more below it, in
+    every rounding mode); before and after execute alike on ties, values past c and past the clamp, per-tensor and
+    per-channel scales."""
+    from a2q_passes.finn_quant_forms import ClipAboveTheCodesAsRelu
+
+    rng = np.random.default_rng(0)
+    bits = 4
+    top = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1 - narrow
+    for scale in (np.float32(0.25), np.array([0.5, 0.25, 0.1, 6 / 15], np.float32).reshape(1, 4, 1)):
+        widest = float(np.max(scale))  # the channel whose top code lies highest
+        for high, kept in ((widest * top, True), (widest * top * 3, True), (widest * (top - 1), False),
+                           (widest * (top - 1.01), False)):
+            model = _clip_quant(high, scale, bits, signed, narrow, mode)
+            rewritten = ModelWrapper(model.model.SerializeToString()).transform(ClipAboveTheCodesAsRelu())
+            assert (rewritten.graph.node[0].op_type == "Relu") == kept, (scale, high)
+            inputs = _adversarial_inputs(scale, bits, rng) + [np.full((1, 4, 64), high, np.float32),
+                                                              np.full((1, 4, 64), high * 1.5, np.float32)]
+            for before, after in zip(_outputs(model, inputs), _outputs(rewritten, inputs)):
+                np.testing.assert_array_equal(before, after)
+
+
+def test_a_relu6_before_an_activation_quantizer_lowers(tmp_path):
+    """Quant -> Conv -> Clip(0, 6) -> Quant (4 unsigned bits at 6 / 15, as a calibrated quantizer behind a float
+    ReLU6) -> Conv: FINN left the Clip a float node, so `lower` exited 3; it is a Relu there, and the whole model
+    lowers, equivalent, every MVAU holding its worst case."""
+    rng = np.random.default_rng(2)
+    consts = {"s": np.float32(0.5), "z": np.float32(0), "b": np.float32(4), "ws": np.float32(0.25),
+              "w1": (rng.integers(-8, 8, size=(3, 2, 3, 3)) * 0.25).astype(np.float32),
+              "w2": (rng.integers(-8, 8, size=(2, 3, 1, 1)) * 0.25).astype(np.float32),
+              "lo": np.float32(0.0), "hi": np.float32(6.0), "s6": np.float32(6.0 / 15)}
+    nodes = [helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w1", "ws", "z", "b"], ["w1q"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Conv", ["xq", "w1q"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r6"], name="ReLU6"),
+             helper.make_node("Quant", ["r6", "s6", "z", "b"], ["aq"], domain=QONNX, signed=0, narrow=0,
+                              rounding_mode="HALF_UP"),  # FINN's thresholds round its exact ties up as well
+             helper.make_node("Quant", ["w2", "ws", "z", "b"], ["w2q"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Conv", ["aq", "w2q"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX, 1)]))
+    _assert_lowers(model.transform(InferShapes()), tmp_path / "relu6.onnx")
