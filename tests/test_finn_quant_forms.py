@@ -654,12 +654,18 @@ def test_a_strided_same_padded_conv_lowers_within_its_width(tmp_path):
              helper.make_node("Quant", ["w", "ws", "z", "b"], ["wq"], domain=QONNX, signed=1, narrow=0,
                               rounding_mode="ROUND"),
              helper.make_node("Conv", ["xq", "wq"], ["y"], auto_pad="SAME_LOWER", kernel_shape=[3, 3], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "strided_same", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])],
+    _assert_graph_lowers(nodes, consts, [1, 3, 4, 3], [1, 2, 2, 2], tmp_path / "strided_same.onnx")
+
+
+def _assert_graph_lowers(nodes: list, consts: dict[str, np.ndarray], x_shape: list[int], y_shape: list[int],
+                         path: Path) -> None:
+    """``nodes`` over the initializers ``consts`` as a QONNX model ``x -> y`` lower as :func:`_assert_lowers` checks."""
+    graph = helper.make_graph(nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
                               [numpy_helper.from_array(v, k) for k, v in consts.items()])
     model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
                                                                 helper.make_opsetid(QONNX, 1)]))
-    _assert_lowers(model.transform(InferShapes()), tmp_path / "strided_same.onnx")
+    _assert_lowers(model.transform(InferShapes()), path)
 
 
 def _clip_quant(high: float, scale: np.ndarray, bits: float, signed: int, narrow: int, mode: str) -> ModelWrapper:
@@ -716,9 +722,4 @@ def test_a_relu6_before_an_activation_quantizer_lowers(tmp_path):
              helper.make_node("Quant", ["w2", "ws", "z", "b"], ["w2q"], domain=QONNX, signed=1, narrow=0,
                               rounding_mode="ROUND"),
              helper.make_node("Conv", ["aq", "w2q"], ["y"], kernel_shape=[1, 1])]
-    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 5])],
-                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
-                                                                helper.make_opsetid(QONNX, 1)]))
-    _assert_lowers(model.transform(InferShapes()), tmp_path / "relu6.onnx")
+    _assert_graph_lowers(nodes, consts, [1, 2, 5, 5], [1, 2, 5, 5], tmp_path / "relu6.onnx")
