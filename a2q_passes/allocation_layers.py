@@ -65,7 +65,7 @@ def allocatable_layers(model: ModelWrapper, input_ranges: str = "exact",
         # no narrower than `project` takes (a layer of zero weights sums to [0, 0]: 1 bit)
         exact = max(int(reports[mac.node].bounds["exact"]), MIN_ACC_BITS)
         signed = accumulator_is_signed(mac.integer_rows(model), mac.grid.range)
-        smallest = max(min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed)), MIN_ACC_BITS)
+        smallest = min(exact, min_feasible_acc_bits(mac.grid.range, mac.source.weight_range, signed))  # both >= 2
         layers.append((mac.node, exact, int(smallest)))
     return layers
 

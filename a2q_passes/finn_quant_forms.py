@@ -20,8 +20,8 @@ from qonnx.transformation.base import Transformation
 
 from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
-from a2q_passes.graph_values import (auto_pads, extracted_quant_scale, get_constant, node_attr, node_axes, node_str_attr,
-                                     sole_relu_reader)
+from a2q_passes.graph_values import (auto_pads, clip_bounds, extracted_quant_scale, get_constant, node_attr, node_axes,
+                                     node_str_attr, sole_relu_reader)
 
 _BIASED_MACS = ("Conv", "ConvTranspose", "Gemm")  # their input 2 is a bias added to the accumulator
 
@@ -103,8 +103,7 @@ class ClipAboveTheCodesAsRelu(Transformation):
         for index, node in enumerate(model.graph.node):
             if node.op_type != "Clip" or node.domain not in ("", "ai.onnx"):
                 continue
-            low, high = (get_constant(model, node.input[i]) if len(node.input) > i and node.input[i]
-                         else node_attr(node, name) for i, name in ((1, "min"), (2, "max")))
+            low, high = clip_bounds(model, node)
             readers = model.find_consumers(node.output[0])
             if low is None or high is None or np.size(low) != 1 or np.size(high) != 1 or float(low) != 0.0 \
                     or not readers or node.output[0] in {o.name for o in model.graph.output}:
@@ -770,9 +769,9 @@ def finn_preparation() -> list[Transformation]:
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
             ClipAboveTheCodesAsRelu(), UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(),
-            ReduceMeanAsGlobalAveragePool(), AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(), ExpandedConv2DAsConv1D(),
-            ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(),
-            ChannelsLastInputLayout(), SpatialSqueezeAsFlatten()]
+            ReduceMeanAsGlobalAveragePool(), AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(),
+            ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(),
+            GemmFactorsAsFloat32(), ChannelsLastInputLayout(), SpatialSqueezeAsFlatten()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

@@ -61,6 +61,13 @@ def auto_pads(auto_pad: str, sizes: list[int], kernel: list[int], strides: list[
     return begin, [t - b for t, b in zip(total, begin)]
 
 
+def clip_bounds(model: ModelWrapper, clip: NodeProto) -> tuple[np.ndarray | float | None, np.ndarray | float | None]:
+    """A ``Clip``'s lower and upper bound: its inputs 1 and 2 (opset 11 on) or its ``min``/``max`` attributes (before);
+    ``None`` where a bound is absent (unbounded) or not a constant."""
+    return tuple(get_constant(model, clip.input[i]) if len(clip.input) > i and clip.input[i] else node_attr(clip, name)
+                 for i, name in ((1, "min"), (2, "max")))
+
+
 def node_axes(model: ModelWrapper, node: NodeProto) -> list[int] | None:
     """The axes of a ``Squeeze``/``Unsqueeze``/``Reduce*`` node as given: its ``axes`` input (opset 13, for the
     reductions 18) or attribute; ``None`` where neither is a constant."""

@@ -15,7 +15,7 @@ from a2q_passes.bounds import BIPOLAR, IntRange
 from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
 from a2q_passes.finn_quant_forms import unsigned_bits_after_relu
 from a2q_passes.read_only_model import with_inferred_shapes
-from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
+from a2q_passes.graph_values import clip_bounds, get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, codes_less_zero_point,
                                        dtype_for_range, quant_dtype, skip_clips, storage_code_range, storage_dtype)
 
@@ -587,8 +587,7 @@ def non_negative(model: ModelWrapper, tensor: str) -> bool:
         return False
     if producer.op_type == "Relu":
         return True
-    has_input = len(producer.input) > 1 and bool(producer.input[1])
-    low = get_constant(model, producer.input[1]) if has_input else node_attr(producer, "min")
+    low = clip_bounds(model, producer)[0]
     return low is not None and np.size(low) == 1 and float(np.asarray(low).reshape(-1)[0]) >= 0
 
 

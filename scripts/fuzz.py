@@ -43,9 +43,9 @@ def main() -> int:
     parser.add_argument("--lower", action="store_true", help="also check property (f): `lower` of project's output "
                         "(QONNX cases; several seconds each)")
     parser.add_argument("--finn-lowerable", action="store_true", help="draw only models FINN's lowering takes (no "
-                        "generator switch but those in FINN_LOWERABLE, QONNX activations with zero point 0 and ROUND, no "
-                        "ConvTranspose) and check "
-                        "property (f) on each (implies --lower): most of them lower, so (f) executes many MVAU/VVAUs")
+                        "generator switch but those in FINN_LOWERABLE, QONNX activations with zero point 0 and ROUND, "
+                        "no ConvTranspose) and check property (f) on each (implies --lower): most of them lower, so "
+                        "(f) executes many MVAU/VVAUs")
     parser.add_argument("--allocate", action="store_true", help="also check `allocate`'s map in property (h) "
                         "(QONNX cases FINN lowers, Q/DQ cases under --cost acc-bits; several seconds each)")
     parser.add_argument("--tile", action="store_true", help="also check property (i): `project --tile T` (T drawn "

@@ -70,6 +70,7 @@ CONSTRUCTS = {
 FINN_LOWERABLE = frozenset({"global_pool", "per_channel_act_depthwise", "constant_forms", "float64_scales",
                             "extracted_scales"})
 
+
 @dataclass
 class LayerInfo:
     """What the generator built for one MAC layer (used only to convert executed tensors to integers)."""
