@@ -198,9 +198,6 @@ class _Table:
         self.best = best
         self.shifted = shifted
 
-    def cost_of(self, index: int) -> int:
-        return self.offset + index * self.step
-
     def picks(self, index: int) -> tuple[int, ...]:
         picks = []
         for g in range(len(self.groups) - 1, -1, -1):

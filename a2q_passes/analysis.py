@@ -17,9 +17,6 @@ from a2q_passes.layers import KIND_WEIGHTS, MacLayer, find_mac_layers
 from a2q_passes.read_only_model import ReadOnlyModel
 from a2q_passes.weight_sources import saturated_weights
 
-BOUND_NAMES = ("datatype", "l1", "zero_centered", "exact")
-
-
 @dataclass
 class LayerReport:
     """Accumulator facts of one MAC layer; JSON-ready through :meth:`to_json`."""
