@@ -743,6 +743,14 @@ def finn_mac_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver 
     except KeyError:
         return MacLayer(name, node.op_type, node.input[0], 0, 0,
                         f"unsupported: unknown inputDataType/weightDataType '{idt}'/'{wdt}'")
+    annotated = model.get_tensor_datatype(node.input[0])
+    if annotated.is_integer() and annotated.name != idt:
+        # FINN's own InferDataTypes sets inputDataType to the input's annotation: which one the values follow is
+        # not certain, so neither is read
+        return MacLayer(name, node.op_type, node.input[0], 0, 0,
+                        f"unsupported: inputDataType {idt} disagrees with the datatype {annotated.name} annotated on "
+                        f"its input '{node.input[0]}' (FINN's InferDataTypes would make it {annotated.name}); run "
+                        "qonnx's InferDataTypes or fix the annotation")
     try:
         check_integer_values(weights, DataType["BINARY"] if xnor else wdtype, f"weights of {node_label(node)}")
     except UnsupportedLayer as err:

@@ -550,3 +550,36 @@ def test_a_weight_scale_along_the_summed_axis_is_refused_by_name(scale_axis, tmp
     assert not out.exists()
     with pytest.raises(LoweringError, match="'mm' varies along an axis the layer sums over"):
         step_a2q_finn_preparation(ModelWrapper(str(path)), None)
+
+
+def test_an_mvau_whose_input_datatype_disagrees_with_its_input_is_neither_read_nor_certified(mlp):
+    """FINN's InferDataTypes sets an MVAU's inputDataType to its input tensor's datatype: a node whose attribute says
+    less than the tensor it reads (here UINT2 behind a 4-bit Thresholding) has no certain input range. Executed, its
+    accumulators leave the range the attribute alone gives, so reading it would promise a width that overflows."""
+    from a2q_passes.certificate import CannotCertify, certify_layer
+
+    _, _, projected, _ = mlp
+    hw = projected.transform(LowerToFINN())
+    node = next(n for n in iterate_mac_nodes(hw) if hw.find_producer(n.input[0]) is not None
+                and hw.find_producer(n.input[0]).op_type.startswith("Thresholding"))
+    annotated = hw.get_tensor_datatype(node.input[0])
+    assert annotated.is_integer() and annotated.max() > 3
+    getCustomOp(node).set_nodeattr("inputDataType", "UINT2")
+
+    # premise: the inputs the graph executes (its Thresholding's codes) times the weights leave the UINT2 range
+    rng = np.random.default_rng(0)
+    name, shape = hw.graph.input[0].name, hw.get_tensor_shape(hw.graph.input[0].name)
+    rows = _mac_rows(hw, node)
+    claimed = _brute_force_range(rows, 0, 3)
+    inputs = np.concatenate([execute_onnx(hw, {name: rng.uniform(-4, 4, size=shape).astype(np.float32)},
+                                          return_full_exec_context=True)[node.input[0]].reshape(-1, rows.shape[1])
+                             for _ in range(16)])
+    accumulators = inputs.astype(np.int64) @ rows.T
+    assert inputs.max() > 3 and (accumulators.min() < claimed[0] or accumulators.max() > claimed[1])
+
+    layer = next(layer for layer in find_mac_layers(hw) if layer.node == node.name)
+    assert layer.status.startswith("unsupported") and "UINT2" in layer.status and annotated.name in layer.status
+    with pytest.raises(CannotCertify, match=annotated.name):
+        certify_layer(hw, node.name)
+    report = verify_model(hw)
+    assert not report.overflow_impossible and node.name in {v.node for v in report.blocking}

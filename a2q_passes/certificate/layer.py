@@ -103,8 +103,12 @@ def certify_layer(model: ModelWrapper, node_name: str, input_dtypes: Mapping[str
             lo, hi, counted = 0, 1, rows.shape[1]
             acc_min, acc_max = np.zeros(rows.shape[0], dtype=np.int64), np.full(rows.shape[0], rows.shape[1])
         else:
-            lo, hi, _ = mac_codes(dtype_grid(node_attr(node, "inputDataType", ""), f"inputDataType of {node_label(node)}"),
-                                  zero_point)
+            idt = node_attr(node, "inputDataType", "")
+            annotated = model.get_tensor_datatype(node.input[0])
+            if annotated.is_integer() and annotated.name != idt:
+                raise CannotCertify(f"{node_label(node)} has inputDataType {idt}, its input '{node.input[0]}' is "
+                                    f"annotated {annotated.name}")
+            lo, hi, _ = mac_codes(dtype_grid(idt, f"inputDataType of {node_label(node)}"), zero_point)
             masks = pixel_masks(model, node) if op in _MVAU else None
             if masks is None:
                 parts = [rows]
