@@ -26,9 +26,6 @@ GRID_PRESERVING_OPS = (
     "Shuffle", "DuplicateStreams",  # FINN's HW layers for a transpose and a fork
 )
 
-# Ops whose output grid is derived from their semantics before any DataType annotation is trusted.
-SEMANTICS_FIRST_OPS = ("MultiThreshold", "Add", "Sub", "Mul", "Div", "Trunc")
-
 
 @dataclass(frozen=True)
 class InputGrid:
@@ -227,25 +224,24 @@ class GridResolver:
         dt = self.model.get_tensor_datatype(tensor)
         annotated = dt.is_integer() and not dt.name.startswith("SCALED")
         producer = self.model.find_producer(tensor)
-        if producer is not None and producer.op_type in SEMANTICS_FIRST_OPS:
-            # FINN's out_dtype/annotations on these can disagree with what executes (ConvertQONNXtoFINN
-            # writes INT8 on a MultiThreshold counting 0..255): their semantics come first
-            grid, reason = getattr(self, f"_from_{producer.op_type}")(producer)
-            if grid is not None and annotated and self.finn_ranges:
-                # FINN sizes the MAC from the tensor's DataType; the codes that execute stay inside the union
-                return _widened(grid, dtype_grid(dt.name).range, dt.name), ""
-            if grid is not None or not annotated:
-                return grid, reason
-        if annotated:
-            return dtype_grid(dt.name, 1.0), ""
+        # What the producer computes comes first: qonnx executes it whatever the tensor's DataType says (its
+        # sanitizer rounds values, it never clamps them to the type), and annotations can disagree with it
+        # (ConvertQONNXtoFINN writes INT8 on a MultiThreshold counting 0..255). The annotation is read only where
+        # the producer's codes cannot be derived (a graph input, FINN's HW layers).
         if producer is None:
-            return None, f"graph input '{tensor}' is float (give its datatype with --input-dtype)"
-        handler = getattr(self, f"_from_{producer.op_type}", None)
-        if handler is not None:
-            return handler(producer)
-        if producer.op_type in GRID_PRESERVING_OPS:
-            return self.resolve(producer.input[0])
-        return None, f"input comes from {node_label(producer)}, which is not on an integer grid"
+            grid, reason = None, f"graph input '{tensor}' is float (give its datatype with --input-dtype)"
+        elif hasattr(self, f"_from_{producer.op_type}"):
+            grid, reason = getattr(self, f"_from_{producer.op_type}")(producer)
+        elif producer.op_type in GRID_PRESERVING_OPS:
+            grid, reason = self.resolve(producer.input[0])
+        else:
+            grid, reason = None, f"input comes from {node_label(producer)}, which is not on an integer grid"
+        if grid is not None and annotated and self.finn_ranges:
+            # FINN sizes the MAC from the tensor's DataType; the codes that execute stay inside the union
+            return _widened(grid, dtype_grid(dt.name).range, dt.name), ""
+        if grid is not None or not annotated:
+            return grid, reason
+        return dtype_grid(dt.name, 1.0), ""
 
     def _from_Quant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         scale = _scalar_constant(self.model, node.input[1])

@@ -321,6 +321,25 @@ def test_relu_after_a_negative_activation_scale_keeps_the_codes_below_the_zero_p
     assert_fits(after, target, projection.projections[0].acc_dtype_after)
 
 
+@pytest.mark.parametrize("annotated,dtype", [("qx_out", "UINT2"), ("relu_out", "UINT2"), ("qx_out", "BINARY"),
+                                             ("relu_out", "INT2")])
+def test_an_annotation_narrower_than_the_quantizers_codes_does_not_narrow_the_range(annotated, dtype):
+    # a unit-scale quantizer's codes [0, 15] under a narrower DataType: qonnx's executor rounds values to an annotated
+    # type but never clamps them, so the codes that execute are the quantizer's, whatever the annotation says
+    q = np.array([[3, -2], [-1, 5], [2, 2]])
+    x_codes = box_vertices(0, 15, (3,))
+    model = matmul_model(q * W_SCALE, 4, False, 0, len(x_codes), x_scale=1.0, relu=True)
+    model.set_tensor_datatype(annotated, DataType[dtype])
+    report = analyze_model(model, per_channel=True).layers[0]
+    executed = executed_accumulators(model, x_codes, 0, "fold", x_scale=1.0)
+    assert_range_holds(report, executed)
+    target = report.bounds["exact"] - 1
+    projection = ProjectToAccumulator(target)
+    projected = model.transform(projection)
+    assert_fits(executed_accumulators(projected, x_codes, 0, "fold", x_scale=1.0), target,
+                projection.projections[0].acc_dtype_after)
+
+
 # --------------------------------------------------------------------------- root cause 6
 
 

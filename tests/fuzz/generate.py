@@ -60,6 +60,9 @@ CONSTRUCTS = {
                    "(Brevitas' graph-mode PTQ exports AdaptiveAvgPool2d(1) so)",
     "float64_scales": "every Quant scale stored as float64, as qonnx's QKeras converter writes them (qonnx then "
                       "executes the quantized values, and the MACs on them, in float64)",
+    "misannotated_tensors": "an integer DataType annotation on an activation quantizer's output that need not hold "
+                            "its codes (scale 1: qonnx's executor rounds to the annotation, it never clamps): the "
+                            "codes the quantizer computes must win over the annotation",
     "per_channel_act_depthwise": "a Quant or QuantizeLinear/DequantizeLinear pair (axis 1 or 1 - rank) with one "
                                  "activation scale per channel feeding a depthwise Conv (or ConvTranspose) directly, "
                                  "as Brevitas' MobileNet-v1 exports it: each output sums one channel, so the layer "
@@ -625,6 +628,10 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
                 spec.update(per_channel=True, depthwise=True,
                             zero_point=spec["zero_point"] if draw(st.integers(0, 4)) == 0 else 0)
             src, s, z = _apply_source(b, spec, x_in)
+        if ("misannotated_tensors" in allowed and isinstance(s, float) and abs(s) == 1.0
+                and src not in {vi.name for vi in b.inputs} and draw(st.booleans())):
+            b.datatypes[src] = draw(st.sampled_from(["UINT2", "INT2", "UINT4", "INT4", "UINT8", "INT8", "BINARY"]))
+            case.used.add("misannotated_tensors")
         ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src]), finn))
         if i == blocks - 1 and len(b.shapes[src]) >= 3 and not spec.get("depthwise") and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
