@@ -12,6 +12,7 @@ from a2q_passes.errors import PostconditionError
 from a2q_passes.input_annotations import annotate_input_dtypes
 from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.metadata import record_accumulators, recorded_widths
+from a2q_passes.model_io import declare_custom_domains
 from a2q_passes.passes import A2QPass, PassResult
 
 
@@ -40,7 +41,10 @@ class AnnotateAccumulators(A2QPass):
         }
         before = recorded_widths(model)
         record_accumulators(model, layers, source="annotate")
-        return PassResult(model, annotated or before != recorded_widths(model), {"report": report, "layers": layers})
+        # FINN's own graph builders (qonnx_make_model) declare no opset for its custom domains: the output does
+        declared = declare_custom_domains(model.model)
+        return PassResult(model, annotated or declared or before != recorded_widths(model),
+                          {"report": report, "layers": layers})
 
     def ensures(self, result: PassResult) -> None:
         if result.model.graph != self._graph_before:

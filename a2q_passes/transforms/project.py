@@ -25,6 +25,7 @@ from a2q_passes.input_annotations import annotate_input_dtypes
 from a2q_passes.layers import STATUS_WEIGHTS_NOT_QUANTIZED, MacLayer, find_mac_layers
 from a2q_passes.weight_sources import UnsupportedLayer
 from a2q_passes.metadata import record_accumulators, recorded_accumulators
+from a2q_passes.model_io import declare_custom_domains
 from a2q_passes.read_only_model import ReadOnlyModel
 from a2q_passes.tensor_store import check_in_memory
 from a2q_passes.methods import get_method, project_weights
@@ -167,7 +168,9 @@ class ProjectToAccumulator(A2QPass):
                 if p.tile is not None:
                     recorded[p.node].update(tile=p.tile, outer_bits=p.outer_bits)
         record_accumulators(model, recorded, source="project")
-        modified = annotated or any(p.status == "projected" for p in self.projections)
+        # FINN's own graph builders (qonnx_make_model) declare no opset for its custom domains: the output does
+        declared = declare_custom_domains(model.model)
+        modified = annotated or declared or any(p.status == "projected" for p in self.projections)
         return PassResult(model, modified, {"layers": [asdict(p) for p in self.projections]})
 
     def _check_feasible(self, model: ModelWrapper) -> None:
