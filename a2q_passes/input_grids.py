@@ -493,13 +493,16 @@ class GridResolver:
         return InputGrid(codes, grid.dtype, grid.scale, z), ""
 
     def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:
-        mode = node_str_attr(node, "mode", "constant")
-        value = _scalar_constant(self.model, node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
-        if mode != "constant" or value != 0.0:
-            return None, f"{node_label(node)} pads with mode={mode}, value={value}; only zero padding keeps the grid"
         grid, reason = self.resolve(node.input[0])
         if grid is None:
             return None, reason
+        if node_str_attr(node, "mode", "constant") != "constant":
+            return grid, ""  # edge / reflect / wrap repeat input values
+        # the pad value: input 2 from opset 11, attribute ``value`` before
+        value = _scalar_constant(self.model, node.input[2]) if len(node.input) > 2 and node.input[2] else \
+            float(node_attr(node, "value", 0.0))
+        if value != 0.0:
+            return None, f"{node_label(node)} pads with value {value}; only zero padding keeps the grid"
         return with_zero_tap(grid), ""
 
     def _from_Im2Col(self, node: NodeProto) -> tuple[InputGrid | None, str]:

@@ -212,6 +212,46 @@ def test_padded_conv_counts_the_code_of_real_zero(convention, padding):
     assert_fits(after, target, projection.projections[0].acc_dtype_after)
 
 
+def padded_model(pad: "helper.NodeProto", q: np.ndarray, batch: int, opset: int, inits=()) -> ModelWrapper:
+    """x -> Quant (UINT4, zero point 0) -> ``pad`` ('qx_out' -> 'padded') -> Conv(Quant(w)), at ``opset``."""
+    weights = numpy_helper.from_array((q * W_SCALE).astype(np.float32), "w")
+    qx, ix = _quant("qx", "x", X_SCALE, 0, 4, False)
+    qw, iw = _quant("qw", "w", np.full((q.shape[0], 1, 1, 1), W_SCALE), 0, 4, True)
+    conv = helper.make_node("Conv", ["padded", "qw_out"], ["y"], name="conv", kernel_shape=list(q.shape[2:]))
+    graph = helper.make_graph([qx, pad, qw, conv], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, q.shape[1], 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weights, *ix, *iw, *inits])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(QONNX_DOMAIN, 1)])
+    return ModelWrapper(proto).transform(InferShapes())
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect"])
+def test_a_pad_repeating_its_input_keeps_the_grid(mode):
+    q = np.stack([np.full((1, 3, 3), 3), np.array([[[2, -1, 3], [-4, 5, -2], [1, 1, -3]]])])
+    codes = box_vertices(0, 15, (1, 2, 2))
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")
+    model = padded_model(helper.make_node("Pad", ["qx_out", "pads"], ["padded"], name="pad", mode=mode), q,
+                         len(codes), 13, [pads])
+    report = analyze_model(model, per_channel=True).layers[0]
+    assert_range_holds(report, executed_accumulators(model, codes, 0, "fold", mac_axis=1), mac_axis=1)
+
+
+def test_an_opset_10_pad_value_attribute_is_read():
+    # before opset 11 Pad takes its value as an attribute: padding with real 100 (code 200) was read as zero padding,
+    # a range far below the executed one; such a pad value is off the grid's codes and is refused by name
+    q = np.stack([np.full((1, 3, 3), 3), np.array([[[2, -1, 3], [-4, 5, -2], [1, 1, -3]]])])
+    codes = box_vertices(0, 15, (1, 2, 2))
+    for value, readable in ((100.0, False), (0.0, True)):
+        pad = helper.make_node("Pad", ["qx_out"], ["padded"], name="pad", mode="constant", pads=[0, 0, 1, 1, 0, 0, 1, 1],
+                               value=value)
+        model = padded_model(pad, q, len(codes), 10)
+        report = analyze_model(model, per_channel=True).layers[0]
+        if readable:
+            assert_range_holds(report, executed_accumulators(model, codes, 0, "fold", mac_axis=1), mac_axis=1)
+        else:
+            assert report.status != "ok" and "100.0" in report.status, report.status
+
+
 def test_conv_transpose_border_pixels_count_the_code_of_real_zero():
     # border output pixels of a ConvTranspose sum fewer input pixels than a full row of taps: the absent
     # ones are real 0, code 0 under subtract, outside the codes -30..-15 of UINT4 with zero point 30
