@@ -6,7 +6,10 @@ The flow mirrors FINN's builder steps (finn-plus 1.6.1, ``finn.builder.build_dat
                              quantizer forms FINN's conversion refuses or fails on (:mod:`a2q_passes.finn_quant_forms`:
                              a signed ``Quant`` after ``Relu``, a ``Relu`` after a ``Quant``, a bias quantizer, a
                              grouped Conv made dense, a spatial ``ReduceMean`` as ``GlobalAveragePool``)
-1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is)
+1. ``step_qonnx_to_finn``  - qonnx ``cleanup_model`` + ``ConvertQONNXtoFINN`` (called as is), then a graph input's
+                             thresholds on its Quant's exact boundaries (:mod:`a2q_passes.finn_input_thresholds`)
+                             and a float ``Clip`` in front of thresholds folded into them
+                             (:mod:`a2q_passes.finn_clip_thresholds`)
 2. ``step_tidy_up``        - InferShapes, FoldConstants, GiveUniqueNodeNames(Recursive),
                              GiveReadableTensorNames, InferDataTypes, RemoveStaticGraphInputs (as is)
    1-D convolutions only: FINN's 1-D ``step_pre_streamline`` (``finn.builder.custom_step_library.conv1d``, as is):
@@ -64,6 +67,7 @@ from a2q_passes.finn_deconv import streamline_conv_transposes
 from a2q_passes.finn_one_d import one_d_convs, pre_streamline_one_d, refuse_one_d_convs_left
 from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.graph_values import node_attr
+from a2q_passes.finn_clip_thresholds import clips_into_thresholds
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_before_preparation, refuse_grouped_convs,
@@ -418,6 +422,7 @@ def run_flow(
         runner.apply("conversion", "step_qonnx_to_finn", lambda m: steps.step_qonnx_to_finn(m, cfg))
         source = ModelWrapper(model.model.SerializeToString())
         runner.apply("conversion", "exact_input_thresholds", lambda m: exact_input_thresholds(m, source))
+        runner.apply("conversion", "clips_into_thresholds", clips_into_thresholds)
         runner.apply("tidy_up", "step_tidy_up", lambda m: steps.step_tidy_up(m, cfg))
         if one_d_convs(runner.model):
             _run_one_d_step(runner, cfg)

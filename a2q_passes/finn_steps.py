@@ -6,6 +6,7 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
         step_a2q_project,              # on the QONNX model: weights fit P bits
         step_a2q_finn_preparation,     # exact rewrites of quantizer forms FINN's conversion refuses
         "step_qonnx_to_finn", "step_tidy_up",
+        step_a2q_clips_into_thresholds,  # a float Clip before thresholds folded into them (ReLU6 below the top code)
         step_a2q_depthwise_scales,     # per-channel scales behind depthwise Convs (MobileNet-v1), as finn-examples does
         "step_streamline",
         step_a2q_conv_transposes,      # ConvTranspose as pixel padding, sliding window and MVAU (FINN has no step)
@@ -50,6 +51,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError, AnalysisProblem
 from a2q_passes.finn_accumulators import iterate_mac_nodes, set_accumulator_datatypes
+from a2q_passes.finn_clip_thresholds import clips_into_thresholds
 from a2q_passes.finn_deconv import streamline_conv_transposes
 from a2q_passes.finn_global_pooling import accumulate_global_pools
 from a2q_passes.finn_one_d import pre_streamline_one_d, refuse_one_d_convs_left
@@ -166,6 +168,14 @@ def step_a2q_finn_preparation(model: ModelWrapper, cfg: Any) -> ModelWrapper:
                        "step_convert_to_hw makes such thresholds Requant layers, which clamp to the whole type. Set "
                        f"requant_bitwidth_threshold={partial_bits + 1} in the DataflowBuildConfig (as `a2q lower` does)")
     return model
+
+
+def step_a2q_clips_into_thresholds(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Right before ``step_streamline``: a float ``Clip`` that only ``MultiThreshold`` nodes read (a ReLU6 whose bound
+    lies below the quantizer's top code) folds into their thresholds, exactly, as ``a2q lower`` does
+    (:mod:`a2q_passes.finn_clip_thresholds`); FINN has no HW layer for it, and it kept streamlining from moving a
+    scale past it. Models without one are returned as they are."""
+    return clips_into_thresholds(model)
 
 
 def step_a2q_depthwise_scales(model: ModelWrapper, cfg: Any) -> ModelWrapper:
@@ -289,13 +299,14 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
     hw = names.index("step_convert_to_hw")
     before_hw = [*steps[first:hw]]
     if "step_streamline" in names[first:hw]:
-        before_hw.insert(names.index("step_streamline") - first, step_a2q_depthwise_scales)
+        at = names.index("step_streamline") - first
+        before_hw[at:at] = [step_a2q_clips_into_thresholds, step_a2q_depthwise_scales]
     return [*steps[:first], project, step_a2q_finn_preparation, *before_hw, step_a2q_conv_transposes,
             step_a2q_global_pools, steps[hw],
             step_a2q_round_ties, *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
-__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_conv_transposes",
-           "step_a2q_depthwise_scales", "step_a2q_finn_preparation", "step_a2q_global_pools",
+__all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_clips_into_thresholds",
+           "step_a2q_conv_transposes", "step_a2q_depthwise_scales", "step_a2q_finn_preparation", "step_a2q_global_pools",
            "step_a2q_pre_streamline", "step_a2q_project", "step_a2q_round_ties", "step_a2q_set_accumulators",
            "step_a2q_verify", "with_a2q_steps"]

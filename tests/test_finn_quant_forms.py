@@ -723,3 +723,62 @@ def test_a_relu6_before_an_activation_quantizer_lowers(tmp_path):
                               rounding_mode="ROUND"),
              helper.make_node("Conv", ["aq", "w2q"], ["y"], kernel_shape=[1, 1])]
     _assert_graph_lowers(nodes, consts, [1, 2, 5, 5], [1, 2, 5, 5], tmp_path / "relu6.onnx")
+
+
+def test_a_clip_before_multithresholds_folds_into_their_thresholds_computing_the_same():
+    """``clips_into_thresholds``: x -> Clip(lo, hi) -> MultiThreshold (two readers, per-channel thresholds below,
+    inside and above the bounds) against x -> MultiThreshold with the moved thresholds, on the bounds, between and on
+    the thresholds, far outside, -inf and NaN (+inf alone reaches the +inf thresholds); a Clip another node also reads,
+    or with a non-constant bound, stays."""
+    from a2q_passes.finn_clip_thresholds import clips_into_thresholds
+
+    thresholds = np.array([[-2.0, -0.5, 0.0, 0.5, 1.0, 2.5, 3.0, 7.0], [-1.0, 0.25, 0.75, 1.5, 2.0, 2.9, 3.1, 9.0]],
+                          np.float32)
+    consts = {"lo": np.float32(0.0), "hi": np.float32(3.0), "t1": thresholds, "t2": thresholds[:, ::2].copy()}
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"], name="clip"),
+             helper.make_node("MultiThreshold", ["c", "t1"], ["m1"], domain=QONNX, out_dtype="UINT4"),
+             helper.make_node("MultiThreshold", ["c", "t2"], ["m2"], domain=QONNX, out_dtype="UINT3"),
+             helper.make_node("Add", ["m1", "m2"], ["y"])]
+    graph = helper.make_graph(nodes, "clip_mt", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                                helper.make_opsetid(QONNX, 1)]))
+    folded = clips_into_thresholds(model)
+    assert [n.op_type for n in folded.graph.node] == ["MultiThreshold", "MultiThreshold", "Add"]
+    assert [n.op_type for n in model.graph.node][0] == "Clip"  # the model given is left as it is
+    special = np.array([0.0, 3.0, -1e30, 1e30, 3e38, -np.inf, np.nan, 2.9, 3.1, -0.5], np.float32)
+    values = np.concatenate([thresholds.reshape(-1), np.nextafter(thresholds.reshape(-1), np.float32(-np.inf)),
+                             special, np.random.default_rng(0).uniform(-5, 10, 8).astype(np.float32)])
+    for x in (np.resize(values, (1, 2, 5, 8)), np.resize(values[::-1], (1, 2, 5, 8))):
+        np.testing.assert_array_equal(_execute(model, x), _execute(folded, x))
+
+    also_read = ModelWrapper(model.model.SerializeToString())
+    also_read.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
+    assert clips_into_thresholds(also_read).graph.node[0].op_type == "Clip"
+    computed = ModelWrapper(model.model.SerializeToString())
+    computed.graph.node[0].input[2] = "x"  # a bound computed at run time
+    assert clips_into_thresholds(computed).graph.node[0].op_type == "Clip"
+
+
+def test_a_relu6_below_the_quantizers_top_code_lowers(tmp_path):
+    """Quant -> Conv -> Clip(0, 3) -> Quant (4 unsigned bits at 6 / 15: 3 clips codes 8..15 away) -> Conv: FINN left
+    the Clip a float node in front of its thresholds (exit 3, a fuzzed model's most frequent unlowered node); folded
+    into them, the whole model lowers, equivalent, every MVAU holding its worst case."""
+    rng = np.random.default_rng(2)
+    consts = {"s": np.float32(0.5), "z": np.float32(0), "b": np.float32(4), "ws": np.float32(0.25),
+              "w1": (rng.integers(-8, 8, size=(3, 2, 3, 3)) * 0.25).astype(np.float32),
+              "w2": (rng.integers(-8, 8, size=(2, 3, 1, 1)) * 0.25).astype(np.float32),
+              "lo": np.float32(0.0), "hi": np.float32(3.0), "s6": np.float32(6.0 / 15)}
+    nodes = [helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Quant", ["w1", "ws", "z", "b"], ["w1q"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Conv", ["xq", "w1q"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r6"], name="ReLU6"),
+             helper.make_node("Quant", ["r6", "s6", "z", "b"], ["aq"], domain=QONNX, signed=0, narrow=0,
+                              rounding_mode="HALF_UP"),  # FINN's thresholds round its exact ties up as well
+             helper.make_node("Quant", ["w2", "ws", "z", "b"], ["w2q"], domain=QONNX, signed=1, narrow=0,
+                              rounding_mode="ROUND"),
+             helper.make_node("Conv", ["aq", "w2q"], ["y"], kernel_shape=[1, 1])]
+    _assert_graph_lowers(nodes, consts, [1, 2, 5, 5], [1, 2, 5, 5], tmp_path / "relu6_low.onnx")

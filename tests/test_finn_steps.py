@@ -180,7 +180,8 @@ def test_step_placement():
     names = _step_names(with_a2q_steps(finn_steps))
     assert names[:3] == ["step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn"]
     assert names[names.index("step_convert_to_hw") + 1] == "step_a2q_round_ties"
-    assert names[names.index("step_streamline") - 1] == "step_a2q_depthwise_scales"
+    assert names[names.index("step_streamline") - 2:names.index("step_streamline")] == [
+        "step_a2q_clips_into_thresholds", "step_a2q_depthwise_scales"]
     assert names[names.index("step_convert_to_hw") - 2:names.index("step_convert_to_hw")] == [
         "step_a2q_conv_transposes", "step_a2q_global_pools"]
     at = names.index("step_a2q_set_accumulators")
@@ -189,7 +190,7 @@ def test_step_placement():
     short = ["step_qonnx_to_finn", "step_tidy_up", "step_streamline", "step_convert_to_hw", "step_hw_codegen"]
     assert _step_names(with_a2q_steps(short, acc_bits=10)) == [
         "step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn", "step_tidy_up",
-        "step_a2q_depthwise_scales", "step_streamline",
+        "step_a2q_clips_into_thresholds", "step_a2q_depthwise_scales", "step_streamline",
         "step_a2q_conv_transposes", "step_a2q_global_pools", "step_convert_to_hw", "step_a2q_round_ties",
         "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
     with pytest.raises(A2QError, match="needs step_qonnx_to_finn and step_convert_to_hw"):
