@@ -702,15 +702,17 @@ def test_a_clip_above_the_top_code_becomes_a_relu_computing_the_same(mode, signe
                 np.testing.assert_array_equal(before, after)
 
 
-def test_a_relu6_before_an_activation_quantizer_lowers(tmp_path):
-    """Quant -> Conv -> Clip(0, 6) -> Quant (4 unsigned bits at 6 / 15, as a calibrated quantizer behind a float
-    ReLU6) -> Conv: FINN left the Clip a float node, so `lower` exited 3; it is a Relu there, and the whole model
-    lowers, equivalent, every MVAU holding its worst case."""
+@pytest.mark.parametrize("high", [6.0, 3.0], ids=["at_the_top_code", "below_the_top_code"])
+def test_a_relu6_before_an_activation_quantizer_lowers(high, tmp_path):
+    """Quant -> Conv -> Clip(0, high) -> Quant (4 unsigned bits at 6 / 15, as a calibrated quantizer behind a float
+    ReLU6) -> Conv: FINN left the Clip a float node, so `lower` exited 3. At 6 (the top code) it is a Relu there; at
+    3 (codes 8..15 clipped away) it folds into FINN's thresholds. Either way the whole model lowers, equivalent,
+    every MVAU holding its worst case."""
     rng = np.random.default_rng(2)
     consts = {"s": np.float32(0.5), "z": np.float32(0), "b": np.float32(4), "ws": np.float32(0.25),
               "w1": (rng.integers(-8, 8, size=(3, 2, 3, 3)) * 0.25).astype(np.float32),
               "w2": (rng.integers(-8, 8, size=(2, 3, 1, 1)) * 0.25).astype(np.float32),
-              "lo": np.float32(0.0), "hi": np.float32(6.0), "s6": np.float32(6.0 / 15)}
+              "lo": np.float32(0.0), "hi": np.float32(high), "s6": np.float32(6.0 / 15)}
     nodes = [helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain=QONNX, signed=1, narrow=0,
                               rounding_mode="ROUND"),
              helper.make_node("Quant", ["w1", "ws", "z", "b"], ["w1q"], domain=QONNX, signed=1, narrow=0,
@@ -760,25 +762,3 @@ def test_a_clip_before_multithresholds_folds_into_their_thresholds_computing_the
     computed.graph.node[0].input[2] = "x"  # a bound computed at run time
     assert clips_into_thresholds(computed).graph.node[0].op_type == "Clip"
 
-
-def test_a_relu6_below_the_quantizers_top_code_lowers(tmp_path):
-    """Quant -> Conv -> Clip(0, 3) -> Quant (4 unsigned bits at 6 / 15: 3 clips codes 8..15 away) -> Conv: FINN left
-    the Clip a float node in front of its thresholds (exit 3, a fuzzed model's most frequent unlowered node); folded
-    into them, the whole model lowers, equivalent, every MVAU holding its worst case."""
-    rng = np.random.default_rng(2)
-    consts = {"s": np.float32(0.5), "z": np.float32(0), "b": np.float32(4), "ws": np.float32(0.25),
-              "w1": (rng.integers(-8, 8, size=(3, 2, 3, 3)) * 0.25).astype(np.float32),
-              "w2": (rng.integers(-8, 8, size=(2, 3, 1, 1)) * 0.25).astype(np.float32),
-              "lo": np.float32(0.0), "hi": np.float32(3.0), "s6": np.float32(6.0 / 15)}
-    nodes = [helper.make_node("Quant", ["x", "s", "z", "b"], ["xq"], domain=QONNX, signed=1, narrow=0,
-                              rounding_mode="ROUND"),
-             helper.make_node("Quant", ["w1", "ws", "z", "b"], ["w1q"], domain=QONNX, signed=1, narrow=0,
-                              rounding_mode="ROUND"),
-             helper.make_node("Conv", ["xq", "w1q"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-             helper.make_node("Clip", ["c1", "lo", "hi"], ["r6"], name="ReLU6"),
-             helper.make_node("Quant", ["r6", "s6", "z", "b"], ["aq"], domain=QONNX, signed=0, narrow=0,
-                              rounding_mode="HALF_UP"),  # FINN's thresholds round its exact ties up as well
-             helper.make_node("Quant", ["w2", "ws", "z", "b"], ["w2q"], domain=QONNX, signed=1, narrow=0,
-                              rounding_mode="ROUND"),
-             helper.make_node("Conv", ["aq", "w2q"], ["y"], kernel_shape=[1, 1])]
-    _assert_graph_lowers(nodes, consts, [1, 2, 5, 5], [1, 2, 5, 5], tmp_path / "relu6_low.onnx")
