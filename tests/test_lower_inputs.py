@@ -99,18 +99,21 @@ def test_inputs_off_the_annotated_datatype_are_a_clear_error(tmp_path):
 
 
 def test_an_inner_tensor_finn_misannotates_is_named_not_blamed_on_the_data(tmp_path):
-    """An integer MatMul clipped to [0, 0.5] in float before an activation quantizer (a random model the fuzzer drew):
-    FINN's datatype inference keeps the MVAU's integer type through the Clip, so its graph fails qonnx's datatype
-    check on the clipped values. `lower` exits 1, writes nothing, and names FINN's annotation of that Clip's output,
-    not the inputs (the hint used to ask for --data on the graph input's datatype)."""
+    """An integer MatMul clipped to [0, 0.5] in float, then reshaped, before an activation quantizer (a random model
+    the fuzzer drew, with a Reshape so that the Clip does not fold into FINN's thresholds): FINN's datatype inference
+    keeps the MVAU's integer type through the Clip, so its graph fails qonnx's datatype check on the clipped values.
+    `lower` exits 1, writes nothing, and names FINN's annotation of that Clip's output, not the inputs (the hint
+    used to ask for --data on the graph input's datatype)."""
     weights = np.random.default_rng(0).integers(-8, 8, size=(8, 4)).astype(np.float32)
     inits = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
              numpy_helper.from_array(np.array(0.5, np.float32), "half"),
              numpy_helper.from_array(np.array(0.5, np.float32), "a_scale"),
-             numpy_helper.from_array(np.array(4.0, np.float32), "a_bits")]
+             numpy_helper.from_array(np.array(4.0, np.float32), "a_bits"),
+             numpy_helper.from_array(np.array([1, 4], np.int64), "shape")]
     nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="MatMul_0"),
              helper.make_node("Clip", ["m", "zero", "half"], ["c"], name="Clip_half"),
-             _quant("c", "y", "a_scale", "a_bits", 0, 0)]
+             helper.make_node("Reshape", ["c", "shape"], ["r"], name="Reshape_0"),
+             _quant("r", "y", "a_scale", "a_bits", 0, 0)]
     path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 8], [1, 4], input_dtype="INT4")
     model = ModelWrapper(str(path))
     model.set_tensor_datatype("W", DataType["INT4"])
