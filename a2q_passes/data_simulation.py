@@ -9,7 +9,6 @@ every output comes with the value an exact accumulator gives.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
+from a2q_passes.npz_data import read_npz
 from a2q_passes.exact_integer_ops import ExactSession, exact_session, moves_sub_byte_codes, needs_reference
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
 from a2q_passes.finn_runtime import as_generic_hw_layers, register_finn_hw_ops
@@ -596,17 +596,7 @@ def graph_feeds(model: ModelWrapper, inputs: dict[str, np.ndarray] | np.ndarray)
 
 def load_inputs(path: Path, model: ModelWrapper) -> dict[str, np.ndarray]:
     """Arrays from an ``.npz``: ``x`` (and optional labels ``y``, ignored) for single-input models, or arrays keyed by input name."""
-    path = Path(path)
-    if not path.is_file():
-        raise A2QError(f"{path}: no such data file (expected an .npz with an array 'x' or one array per model input)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise A2QError(f"{path}: expected an .npz archive (numpy.savez), not a single .npy array")
-        with loaded:
-            arrays = {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise A2QError(f"{path}: not a readable .npz archive ({err})") from err
+    arrays = read_npz(path, "an array 'x' of inputs or one array per model input, named as the input")
     if not arrays:
         raise A2QError(f"{path}: the archive holds no arrays")
     names = [vi.name for vi in data_inputs(model.graph)]

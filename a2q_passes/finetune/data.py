@@ -8,7 +8,6 @@ Every problem is reported before training starts, naming the file and what to ch
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,6 +19,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 
 from a2q_passes.errors import A2QError
 from a2q_passes.model_io import data_inputs
+from a2q_passes.npz_data import read_npz
 
 LOSSES = ("ce", "mse", "l1")
 
@@ -44,15 +44,7 @@ def _as_array(value: Any) -> np.ndarray:
 
 def load_npz(path: str | Path) -> Dataset:
     """Read ``x`` (and ``y`` if present) from an ``.npz`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise A2QError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise A2QError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); "
-                       "save data with numpy.savez(path, x=..., y=...)") from err
+    arrays = read_npz(path, "an array 'x' of inputs (and 'y' of labels or targets)")
     if "x" not in arrays:
         raise A2QError(f"{path}: no array named 'x' (found: {', '.join(sorted(arrays)) or 'none'}); "
                        "save the inputs as numpy.savez(path, x=inputs, y=labels)")
