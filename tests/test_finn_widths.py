@@ -78,3 +78,57 @@ def test_exact_width_never_exceeds_finn_and_is_smaller_where_finn_rounds(capsys)
     # where FINN measures the real weights (and no rounding applies), both agree exactly
     for name in ("n0", "n2", "n3"):
         assert by_name[name][2] == by_name[name][4]
+
+
+_RANDOM_DTYPES = ("INT2", "INT3", "INT4", "INT8", "UINT2", "UINT4", "UINT8", "BIPOLAR", "BINARY", "TERNARY")
+
+
+def _random_mvau(rng: np.random.Generator) -> tuple[ModelWrapper, DataType, np.ndarray, bool]:
+    """One MVAU as FINN's own tests build it (``qonnx_make_model``: no opset import for FINN's domain; random input
+    and weight types, XNOR mode on binary operands now and then, any SIMD/PE folding), its input annotated."""
+    from qonnx.util.basic import qonnx_make_model
+
+    mw, mh = int(rng.integers(1, 24)), int(rng.integers(1, 12))
+    idt, wdt = DataType[rng.choice(_RANDOM_DTYPES)], DataType[rng.choice(_RANDOM_DTYPES)]
+    xnor = idt == DataType["BINARY"] and wdt in (DataType["BINARY"], DataType["BIPOLAR"]) and rng.random() < 0.5
+    wdt = DataType["BINARY"] if xnor else wdt
+    w = (rng.choice([-1, 1], size=(mw, mh)) if wdt == DataType["BIPOLAR"]
+         else rng.integers(int(wdt.min()), int(wdt.max()) + 1, size=(mw, mh))).astype(np.float32)
+    fold = lambda n: int(rng.choice([d for d in range(1, n + 1) if n % d == 0]))  # noqa: E731
+    node = helper.make_node("MVAU", ["inp", "weights"], ["outp"], domain="finn.custom_op.fpgadataflow",
+                            backend="fpgadataflow", MW=mw, MH=mh, SIMD=fold(mw), PE=fold(mh), inputDataType=idt.name,
+                            weightDataType=wdt.name, outputDataType="INT32", accDataType="INT32", noActivation=1,
+                            binaryXnorMode=int(xnor), name="MVAU_0")
+    graph = helper.make_graph([node], "mvau", [helper.make_tensor_value_info("inp", TensorProto.FLOAT, [1, mw])],
+                              [helper.make_tensor_value_info("outp", TensorProto.FLOAT, [1, mh])])
+    model = ModelWrapper(qonnx_make_model(graph, producer_name="fclayer-model"))
+    model.set_initializer("weights", w)
+    for tensor, dt in (("inp", idt), ("weights", wdt), ("outp", DataType["INT32"])):
+        model.set_tensor_datatype(tensor, dt)
+    return model, idt, w, xnor
+
+
+def test_random_finn_built_mvaus_hold_every_accumulator_finns_execution_gives():
+    """Each channel's extreme inputs (its weights' signs, or their bits under XNOR) executed by FINN's own MVAU lie in
+    the range analyze reports, equal to its ends except where FINN counts matching bits of BIPOLAR operands (a
+    narrower range than their product, which analyze reports); annotate records widths verify then proves."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    from a2q_passes.transforms import AnnotateAccumulators
+    from a2q_passes.verification import verify_model
+
+    for case in range(40):
+        model, idt, w, xnor = _random_mvau(np.random.default_rng([7, case]))
+        report = analyze_model(model, per_channel=True).layers[0]
+        assert report.status == "ok", (case, report.status)
+        lo, hi = (0, 1) if xnor else (int(idt.min()), int(idt.max()))
+        extremes = [x for c in range(w.shape[1]) for x in (
+            (w[:, c], 1 - w[:, c]) if xnor else (np.where(w[:, c] > 0, hi, lo), np.where(w[:, c] > 0, lo, hi)))]
+        extremes = [np.where(x == 0, -1, x) if idt == DataType["BIPOLAR"] else x for x in extremes]
+        executed = np.concatenate([execute_onnx(model, {"inp": x[None].astype(np.float32)})["outp"] for x in extremes])
+        reported_lo, reported_hi = np.array(report.per_channel["acc_min"]), np.array(report.per_channel["acc_max"])
+        assert np.all(reported_lo <= executed.min(axis=0)) and np.all(executed.max(axis=0) <= reported_hi), case
+        if not (idt == DataType["BIPOLAR"] and not xnor and model.get_tensor_datatype("weights") == DataType["BIPOLAR"]):
+            assert np.array_equal(reported_lo, executed.min(axis=0)), case
+            assert np.array_equal(reported_hi, executed.max(axis=0)), case
+        assert verify_model(model.transform(AnnotateAccumulators())).overflow_impossible, case
