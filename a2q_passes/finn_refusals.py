@@ -235,9 +235,10 @@ def refuse_unsigned_one_bit_activations(model: ModelWrapper) -> None:
             found.append(repr(node.name or node.output[0]))
     if found:
         raise LoweringError(f"FINN lowers every 1-bit activation Quant as bipolar (-1/+1), so {', '.join(found)} "
-                            "(1 unsigned bit: codes 0 and 1) would be lowered to other values. Quantize that "
-                            "activation to 2 or more unsigned bits, or bipolar, for FINN; a2q analyze/project/verify "
-                            "read the model as it is.")
+                            "(1 unsigned bit: codes 0 and 1; a signed 2-bit Quant next to a Relu is one, only its "
+                            "codes 0 and 1 occurring there) would be lowered to other values. Quantize that "
+                            "activation to 2 or more unsigned bits (3 or more signed bits next to a Relu), or bipolar, "
+                            "for FINN; a2q analyze/project/verify read the model as it is.")
 
 
 # Producers whose output is an activation on an integer grid FINN's conversion makes thresholds or streams of.

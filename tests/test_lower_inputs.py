@@ -124,6 +124,30 @@ def test_an_inner_tensor_finn_misannotates_is_named_not_blamed_on_the_data(tmp_p
     assert "graph input" not in message and not (tmp_path / "out.onnx").exists()
 
 
+def test_a_signed_two_bit_activation_behind_a_relu_is_refused_naming_that_form(tmp_path):
+    """x -> Quant -> MatMul -> Relu -> Quant (2 signed bits: only codes 0 and 1 behind the Relu) -> MatMul: FINN's
+    conversion needs it unsigned there, a 1-bit Quant FINN lowers as bipolar; the refusal names the signed 2-bit form
+    the user wrote (it spoke of "1 unsigned bit" only) and nothing is written."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.integers(-7, 8, size=(8, 6)) * 0.25).astype(np.float32), "W1"),
+             numpy_helper.from_array((rng.integers(-7, 8, size=(6, 4)) * 0.25).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "scale"),
+             numpy_helper.from_array(np.array(0.25, np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(4.0, np.float32), "b4"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "b2")]
+    nodes = [_quant("x", "xq", "scale", "b4", 1, 0), _quant("W1", "w1q", "w_scale", "b4", 1, 0),
+             helper.make_node("MatMul", ["xq", "w1q"], ["m"], name="MatMul_0"),
+             helper.make_node("Relu", ["m"], ["r"], name="Relu_0"), _quant("r", "aq", "scale", "b2", 1, 0),
+             _quant("W2", "w2q", "w_scale", "b4", 1, 0),
+             helper.make_node("MatMul", ["aq", "w2q"], ["y"], name="MatMul_1")]
+    path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 8], [1, 4])
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--acc-bits", "16")
+    message = " ".join(output.split())
+    assert code == 1 and "'Quant_aq'" in message and "a signed 2-bit Quant next to a Relu" in message, output
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_a_one_bit_unsigned_activation_is_refused_by_name(tmp_path, monkeypatch):
     """x -> Quant (1 unsigned bit: codes 0 and 1) -> MatMul: FINN lowers the Quant as bipolar (-1/+1), so `lower`
     refuses it by name and writes nothing; with the refusal switched off, FINN's graph differs from the model."""
