@@ -66,8 +66,8 @@ from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_deconv import streamline_conv_transposes
 from a2q_passes.finn_one_d import one_d_convs, pre_streamline_one_d, refuse_one_d_convs_left
 from a2q_passes.finn_global_pooling import integer_global_pools
-from a2q_passes.graph_values import node_attr
 from a2q_passes.finn_clip_thresholds import clips_into_thresholds
+from a2q_passes.graph_values import node_attr
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_before_preparation, refuse_grouped_convs,

@@ -307,6 +307,6 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
 
 
 __all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_clips_into_thresholds",
-           "step_a2q_conv_transposes", "step_a2q_depthwise_scales", "step_a2q_finn_preparation", "step_a2q_global_pools",
-           "step_a2q_pre_streamline", "step_a2q_project", "step_a2q_round_ties", "step_a2q_set_accumulators",
-           "step_a2q_verify", "with_a2q_steps"]
+           "step_a2q_conv_transposes", "step_a2q_depthwise_scales", "step_a2q_finn_preparation",
+           "step_a2q_global_pools", "step_a2q_pre_streamline", "step_a2q_project", "step_a2q_round_ties",
+           "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
