@@ -441,7 +441,7 @@ def run_flow(
 
 
 def _unlowered_reason(model: ModelWrapper, node) -> str:
-    float_inputs = [t for t in node.input if model.get_initializer(t) is None
+    float_inputs = [t for t in node.input if t and model.get_initializer(t) is None
                     and not model.get_tensor_datatype(t).is_integer()]
     if node.op_type == "MatMul":
         weight = node.input[1]

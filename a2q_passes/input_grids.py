@@ -518,7 +518,15 @@ class GridResolver:
     def _from_Resize(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         if node_str_attr(node, "mode", "nearest") != "nearest":
             return None, f"{node_label(node)} interpolates (mode={node_str_attr(node, 'mode', '')}); only nearest keeps the grid"
-        return self.resolve(node.input[0])
+        grid, reason = self.resolve(node.input[0])
+        if grid is None or node_str_attr(node, "coordinate_transformation_mode", "") != "tf_crop_and_resize":
+            return grid, reason
+        # a crop box reaching outside the input samples extrapolation_value there, as padding does
+        value = float(node_attr(node, "extrapolation_value", 0.0))
+        if value != 0.0:
+            return None, (f"{node_label(node)} crops with extrapolation_value {value} outside its input; only 0 "
+                          "keeps the grid")
+        return with_zero_tap(grid), ""
 
     _from_Upsample = _from_Resize
 

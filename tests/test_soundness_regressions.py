@@ -22,6 +22,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
+from a2q_passes.certificate import certify_layer
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.selection import select_layers
 from a2q_passes.metadata import recorded_widths
@@ -250,6 +251,30 @@ def test_an_opset_10_pad_value_attribute_is_read():
             assert_range_holds(report, executed_accumulators(model, codes, 0, "fold", mac_axis=1), mac_axis=1)
         else:
             assert report.status != "ok" and "100.0" in report.status, report.status
+
+
+@pytest.mark.parametrize("value", [0.0, 50.0])
+def test_a_resize_cropping_outside_its_input_counts_the_extrapolation_value(value):
+    # Resize in tf_crop_and_resize mode writes extrapolation_value where the crop box leaves the input, as padding
+    # does: 50 (code 100 past the UINT4 codes) was read as the input's grid, a range far below the executed one
+    q = np.stack([np.full((1, 3, 3), 3), np.array([[[2, -1, 3], [-4, 5, -2], [1, 1, -3]]])])
+    codes = box_vertices(0, 15, (1, 2, 2))
+    inits = [numpy_helper.from_array(np.array([0, 0, -0.5, -0.5, 1, 1, 1.5, 1.5], np.float32), "roi"),
+             numpy_helper.from_array(np.array([len(codes), 1, 4, 4], np.int64), "sizes")]
+    resize = helper.make_node("Resize", ["qx_out", "roi", "", "sizes"], ["padded"], name="crop", mode="nearest",
+                              coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=value)
+    model = padded_model(resize, q, len(codes), 13, inits)
+    executed = executed_accumulators(model, codes, 0, "fold", mac_axis=1)
+    report = analyze_model(model, per_channel=True).layers[0]
+    if value:
+        assert report.status != "ok" and "extrapolation_value 50.0" in report.status, report.status
+    else:
+        assert_range_holds(report, executed, mac_axis=1)
+    # the certificate, reading the graph on its own, covers the executed accumulators either way
+    cert = certify_layer(model, "conv")
+    per_channel = np.moveaxis(executed, 1, 0).reshape(2, -1)
+    assert np.all(cert.channel_min <= per_channel.min(axis=1)) and np.all(per_channel.max(axis=1) <= cert.channel_max)
+    assert int(per_channel.max()) > 15 * 3 * 9 or not value  # the extrapolated code 100 was executed
 
 
 def test_conv_transpose_border_pixels_count_the_code_of_real_zero():

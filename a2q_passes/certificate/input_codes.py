@@ -430,7 +430,11 @@ class InputCodes:
     def _Resize(self, node: NodeProto) -> Grid:
         if node_attr(node, "mode", "nearest") != "nearest":
             raise CannotCertify(f"{node_label(node)} interpolates (mode {node_attr(node, 'mode')})")
-        return self.grid(node.input[0])
+        g = self.grid(node.input[0])
+        if node_attr(node, "coordinate_transformation_mode", "") != "tf_crop_and_resize":
+            return g
+        # samples outside the input take extrapolation_value
+        return self._with_value(g, float(node_attr(node, "extrapolation_value", 0.0)), node)
 
     _Upsample = _Resize
 
@@ -442,16 +446,19 @@ class InputCodes:
             value = self._constant(node.input[2], f"the pad value of {node_label(node)}")
         else:
             value = float(node_attr(node, "value", 0.0))
-        code = int(as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {node_label(node)} on its grid"))
-        return Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
+        return self._with_value(g, value, node)
 
     def _Im2Col(self, node: NodeProto) -> Grid:
         """qonnx's Im2Col: the input's values, plus ``pad_value`` where ``pad_amount`` pads."""
         g = self.grid(node.input[0])
         if not any(node_attr(node, "pad_amount", [0])):
             return g
-        value = float(node_attr(node, "pad_value", 0))
-        code = int(as_integers(np.array(value / g.scale + g.zero), f"the pad value {value} of {node_label(node)} on its grid"))
+        return self._with_value(g, float(node_attr(node, "pad_value", 0)), node)
+
+    @staticmethod
+    def _with_value(g: Grid, value: float, node: NodeProto) -> Grid:
+        """``g`` plus the code of real ``value``, which ``node`` writes where it reads no input (padding)."""
+        code = int(as_integers(np.array(value / g.scale + g.zero), f"the fill value {value} of {node_label(node)} on its grid"))
         return Grid(min(g.lo, code), max(g.hi, code), g.zero, g.scale)
 
     def _Mul(self, node: NodeProto) -> Grid:

@@ -45,9 +45,11 @@ QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "QuantizeLinear", "MultiThres
 # FINN's own padding and sliding-window layers (a lowered ConvTranspose's MVAU reads through them); each
 # executes one image at a time
 FINN_WINDOW_OPS = ("FMPadding_Pixel", "FMPadding", "ConvolutionInputGenerator")
+# ops that select or repeat elements (nearest Resize, Slice, ...): their output's index trace is a copy of source indices
+SELECTING_OPS = ("Resize", "Upsample", "Slice", "Gather", "Split", "DepthToSpace", "SpaceToDepth")
 GRID_OPS = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Concat", "DequantizeLinear", "Identity",
             "Clip", "Im2Col", "Squeeze", "Unsqueeze", "Mul", "Div", "Add", "Sub", "QuantAvgPool2d",
-            *FINN_WINDOW_OPS)
+            *FINN_WINDOW_OPS, *SELECTING_OPS)
 # ops that sum several source elements into one: traced by influence (AveragePool), not by index
 POOLING_OPS = ("QuantAvgPool2d",)
 # ops between a Relu and a quantizer that only move its values (executed with it, see _relu_source)
@@ -252,7 +254,10 @@ def _act_chain(model: ModelWrapper, tensor: str, kept: list, sources: list[str])
     """Collect the ops from the activation sources to ``tensor``; sources are quantizer inputs or graph inputs."""
     producer = model.find_producer(tensor)
     if producer is None:
-        sources.append(tensor)
+        if tensor not in sources:
+            sources.append(tensor)
+        return
+    if any(producer is node for node in kept):  # reached again (a Concat of slices of one tensor)
         return
     scalar = producer.op_type not in SCALAR_OPS or (
         _is_constant(model, producer.input[1]) and model.get_initializer(producer.input[1]).size == 1)

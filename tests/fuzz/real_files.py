@@ -28,8 +28,8 @@ from qonnx.transformation.fold_constants import FoldConstants
 from qonnx.transformation.infer_shapes import InferShapes
 
 from tests.fuzz.generate import OPSET, QONNX_DOMAIN, Case, LayerInfo
-from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_ELEM, INTEGER_MACS, ExecutedRange, _ancestors, _infer_shapes,
-                               _node, _subgraph, execute, layer_range)
+from tests.fuzz.oracle import (FINN_WINDOW_OPS, INTEGER_ELEM, INTEGER_MACS, SELECTING_OPS, ExecutedRange, _ancestors,
+                               _infer_shapes, _node, _subgraph, execute, layer_range)
 
 FLOAT_MACS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # integer MAC ops (ONNX's, and com.microsoft QGemm, channels-last QLinearConv and the dynamic quantizer's fused MatMuls)
@@ -48,7 +48,7 @@ MVAU_OPS = ("MVAU", "MVAU_hls", "MVAU_rtl", "MatrixVectorActivation")
 VVAU_OPS = ("VVAU", "VVAU_hls", "VVAU_rtl", "VectorVectorActivation")
 # ops that move or select codes without changing their grid
 PASS_THROUGH = ("Relu", "MaxPool", "Pad", "Transpose", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Im2Col",
-                "Clip")
+                "Clip", *SELECTING_OPS)
 WEIGHT_QUANTIZERS = ("Quant", "IntQuant", "BipolarQuant", "DequantizeLinear")
 WEIGHT_MOVES = ("Transpose", "Reshape", "Identity", "Clip", "Flatten", "Squeeze", "Unsqueeze")
 # never folded into constants: the oracle reads the weight quantizers themselves
