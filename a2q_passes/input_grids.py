@@ -241,7 +241,16 @@ class GridResolver:
             return _widened(grid, dtype_grid(dt.name).range, dt.name), ""
         if grid is not None or not annotated:
             return grid, reason
+        if producer is not None and not self._annotation_is_read(producer):
+            return None, f"{reason} (its {dt.name} annotation is not read: qonnx executes {node_label(producer)} as is)"
         return dtype_grid(dt.name, 1.0), ""
+
+    def _annotation_is_read(self, producer: NodeProto) -> bool:
+        """Whether the DataType annotation of ``producer``'s output is where its codes come from: an op that neither
+        this reader nor ONNX defines (FINN's HW layers). Every other op's codes are what qonnx executes, whatever
+        the annotation says."""
+        return (not hasattr(self, f"_from_{producer.op_type}") and producer.op_type not in GRID_PRESERVING_OPS
+                and producer.domain not in ("", "ai.onnx"))
 
     def _from_Quant(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         scale = _scalar_constant(self.model, node.input[1])
@@ -541,16 +550,19 @@ class GridResolver:
         return self._scaled(node, invert=True)
 
     def _scaled(self, node: NodeProto, invert: bool) -> tuple[InputGrid | None, str]:
-        """Multiplying by a positive per-tensor constant keeps the codes and changes the scale."""
+        """Multiplying by a nonzero per-tensor constant keeps the codes and changes the scale (a negative factor its
+        sign: qonnx's ExtractQuantScaleZeroPt moves a negative activation scale into such a Mul)."""
         for data, const in ((0, 1), (1, 0)) if not invert else ((0, 1),):
             factor = _scalar_constant(self.model, node.input[const])
-            if factor is not None and factor > 0 and get_constant(self.model, node.input[data]) is None:
+            if factor and np.isfinite(factor) and get_constant(self.model, node.input[data]) is None:
                 grid, reason = self.resolve(node.input[data])
                 if grid is None:
                     return None, reason
-                scale = None if grid.scale is None else (grid.scale / factor if invert else grid.scale * factor)
+                # scale None (integer codes vouched for: scale 1) keeps None only where its sign stays positive
+                base = 1.0 if grid.scale is None and factor < 0 else grid.scale
+                scale = None if base is None else (base / factor if invert else base * factor)
                 return InputGrid(grid.range, grid.dtype, scale, grid.zero_code, grid.two_point), ""
-        return None, f"input comes from {node_label(node)}, which is not a per-tensor positive rescaling"
+        return None, f"input comes from {node_label(node)}, which is not a per-tensor rescaling by a nonzero constant"
 
     def _from_Concat(self, node: NodeProto) -> tuple[InputGrid | None, str]:
         grids = []

@@ -22,7 +22,7 @@ from qonnx.transformation.infer_shapes import InferShapes
 
 from a2q_passes import bounds
 from a2q_passes.analysis import analyze_model
-from a2q_passes.certificate import certify_layer
+from a2q_passes.certificate import CannotCertify, certify_layer
 from a2q_passes.errors import A2QError
 from a2q_passes.finetune.selection import select_layers
 from a2q_passes.metadata import recorded_widths
@@ -403,6 +403,46 @@ def test_an_annotation_narrower_than_the_quantizers_codes_does_not_narrow_the_ra
     projected = model.transform(projection)
     assert_fits(executed_accumulators(projected, x_codes, 0, "fold", x_scale=1.0), target,
                 projection.projections[0].acc_dtype_after)
+
+
+def _between_quant_and_matmul(model: ModelWrapper, node: "helper.NodeProto", inits=()) -> ModelWrapper:
+    """``model`` (:func:`matmul_model`) with ``node`` (reading 'qx_out', writing 'between') in front of its MatMul."""
+    mm = next(n for n in model.graph.node if n.op_type == "MatMul")
+    mm.input[0] = "between"
+    model.graph.node.insert(list(model.graph.node).index(mm), node)
+    model.graph.initializer.extend(inits)
+    return model.transform(InferShapes())
+
+
+def test_a_negative_rescaling_keeps_the_codes_whatever_its_output_annotation():
+    # qonnx's ExtractQuantScaleZeroPt moves a negative activation scale into a Mul behind a unit-scale Quant: the
+    # reader refused such a Mul, fell back on the UINT2 annotation of its output and reported a range a fifth of
+    # the executed one (the certificate, reading the Mul, stopped annotate/project/verify)
+    q = np.array([[3, -2], [-1, 5], [2, 2]])
+    x_codes = box_vertices(0, 15, (3,))
+    model = matmul_model(q * W_SCALE, 4, False, 0, len(x_codes), x_scale=1.0)
+    model = _between_quant_and_matmul(model, helper.make_node("Mul", ["qx_out", "minus_one"], ["between"], name="neg"),
+                                      [numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one")])
+    model.set_tensor_datatype("between", DataType["UINT2"])
+    report = analyze_model(model, per_channel=True).layers[0]
+    # the Quant reads the codes themselves (scale 1); the MatMul their negatives times the weights' scale
+    y = execute_onnx(model, {"x": x_codes.astype(np.float32)})["y"].astype(np.float64) / (-1.0 * W_SCALE)
+    assert np.array_equal(y, np.rint(y)) and y.min() < -15
+    assert_range_holds(report, np.rint(y).astype(np.int64))
+    cert = certify_layer(model, "mm")
+    assert list(cert.channel_min) == report.per_channel["acc_min"] and list(cert.channel_max) == report.per_channel["acc_max"]
+
+
+def test_an_integer_annotation_on_a_float_op_is_not_read():
+    # qonnx executes a Softmax as it is: an integer DataType on its output states nothing the executor enforces
+    q = np.array([[3, -2], [-1, 5], [2, 2]])
+    model = matmul_model(q * W_SCALE, 4, False, 0, 1, x_scale=1.0)
+    model = _between_quant_and_matmul(model, helper.make_node("Softmax", ["qx_out"], ["between"], name="soft"))
+    model.set_tensor_datatype("between", DataType["UINT8"])
+    (report,) = analyze_model(model).layers
+    assert report.status != "ok" and "UINT8 annotation is not read" in report.status, report.status
+    with pytest.raises(CannotCertify, match="soft"):
+        certify_layer(model, "mm")
 
 
 # --------------------------------------------------------------------------- root cause 6

@@ -114,14 +114,12 @@ class InputCodes:
             handler = self._selecting
         dt = self.model.get_tensor_datatype(tensor)
         annotated = dt.is_integer() and not dt.name.startswith("SCALED")
-        try:
-            if handler is not None:
-                grid = handler(producer)
-                return self._finn_view(grid, producer, dt if annotated else None) if self.finn else grid
-        except CannotCertify:
-            if not annotated:
-                raise
-        if annotated:  # FINN declares the tensor's integer type
+        if handler is not None:
+            grid = handler(producer)
+            return self._finn_view(grid, producer, dt if annotated else None) if self.finn else grid
+        # an annotation states the codes only of what qonnx does not execute by ONNX's or our definition: a graph
+        # input, an op of FINN's (its HW layers); qonnx executes every other op as is, whatever the annotation
+        if annotated and (producer is None or producer.domain not in ("", "ai.onnx")):
             return dtype_grid(dt.name, f"tensor '{tensor}'")
         where = f"{node_label(producer)}" if producer is not None else "a float graph input"
         raise CannotCertify(f"input '{tensor}' comes from {where}, whose codes the certificate cannot derive")
