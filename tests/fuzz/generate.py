@@ -63,6 +63,9 @@ CONSTRUCTS = {
     "misannotated_tensors": "an integer DataType annotation on an activation quantizer's output that need not hold "
                             "its codes (scale 1: qonnx's executor rounds to the annotation, it never clamps): the "
                             "codes the quantizer computes must win over the annotation",
+    "selecting_ops": "ops between a quantizer and its MAC that select or repeat codes: nearest Resize (upsampling, "
+                     "and tf_crop_and_resize writing an extrapolation value on or off the grid outside its input), "
+                     "Slice, Gather, and Pad repeating its input (edge, reflect)",
     "per_channel_act_depthwise": "a Quant or QuantizeLinear/DequantizeLinear pair (axis 1 or 1 - rank) with one "
                                  "activation scale per channel feeding a depthwise Conv (or ConvTranspose) directly, "
                                  "as Brevitas' MobileNet-v1 exports it: each output sums one channel, so the layer "
@@ -354,12 +357,14 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
 
 
 @st.composite
-def between_ops(draw, rank: int, finn: bool = False) -> list[str]:
+def between_ops(draw, rank: int, finn: bool = False, selecting: bool = False) -> list[str]:
     if finn:  # what FINN's streamlining moves past or lowers itself
         options = ["relu"] + (["maxpool"] if rank == 4 else [])
     else:
         options = ["relu", "concat"] + (["reshape"] if rank in (2, 4) else []) + \
             (["maxpool", "pad", "transpose"] if rank == 4 else [])
+        if selecting and rank == 4:
+            options += ["resize", "slice", "gather"]
     return draw(st.lists(st.sampled_from(options), max_size=2))
 
 
@@ -376,7 +381,13 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
         p = draw(st.lists(st.integers(0, 1), min_size=4, max_size=4))
         pads = b.const("pads", np.array([0, 0, p[0], p[1], 0, 0, p[2], p[3]], dtype=np.int64))
         out_shape = (shape[0], shape[1], shape[2] + p[0] + p[2], shape[3] + p[1] + p[3])
-        return b.node("Pad", [x, pads], out_shape, mode="constant"), grid
+        modes = ["constant"] + (["edge"] + (["reflect"] if min(shape[2:]) > 1 else []) if "selecting_ops" in allowed else [])
+        mode = draw(st.sampled_from(modes))
+        case.used |= {"selecting_ops"} if mode != "constant" else set()
+        return b.node("Pad", [x, pads], out_shape, mode=mode), grid
+    if op in ("resize", "slice", "gather"):
+        case.used.add("selecting_ops")
+        return _selecting(draw, b, op, x, grid)
     if op == "transpose":
         return b.node("Transpose", [x], (shape[0], shape[1], shape[3], shape[2]), perm=[0, 1, 3, 2]), grid
     if op == "reshape":
@@ -399,6 +410,34 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
         out_shape = (shape[0], shape[1] + branch_shape[1]) + tuple(shape[2:])
         return b.node("Concat", [x, other], out_shape, axis=1), new_grid
     raise ValueError(op)
+
+
+def _selecting(draw, b: _Builder, op: str, x: str, grid: tuple) -> tuple[str, tuple]:
+    """``op`` (switch selecting_ops) on the NCHW tensor ``x`` and its output's grid: its outputs are input codes, or
+    (tf_crop_and_resize) the extrapolation value where the crop box leaves the input (off the grid: none)."""
+    n, c, h, w = b.shapes[x]
+    if op == "slice":
+        start, step = draw(st.integers(0, h - 1)), draw(st.integers(1, 2))
+        out = (n, c, len(range(start, h, step)), w)
+        return b.node("Slice", [x, b.const("starts", np.array([start], np.int64)), b.const("ends", np.array([h], np.int64)),
+                                b.const("axes", np.array([2], np.int64)), b.const("steps", np.array([step], np.int64))],
+                      out), grid
+    if op == "gather":  # channels picked, some repeated
+        picks = draw(st.lists(st.integers(0, c - 1), min_size=1, max_size=3))
+        return b.node("Gather", [x, b.const("picks", np.array(picks, np.int64))], (n, len(picks), h, w), axis=1), grid
+    if draw(st.booleans()):  # nn.Upsample(scale_factor=2, mode="nearest")
+        mode = draw(st.sampled_from(["asymmetric", "half_pixel", "align_corners"]))
+        return b.node("Resize", [x, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], (n, c, 2 * h, 2 * w),
+                      mode="nearest", coordinate_transformation_mode=mode), grid
+    # a crop box a quarter beyond each border: samples outside the input take the extrapolation value, a code of
+    # the grid (k steps from real 0) or not
+    scale = grid[0] if isinstance(grid[0], float) else 1.0
+    value = draw(st.sampled_from([0.0, scale * draw(st.integers(-4, 40)), 0.37]))
+    roi = b.const("roi", np.array([0, 0, -0.25, -0.25, 1, 1, 1.25, 1.25], np.float32))
+    # scales, not sizes: the oracle executes batches (onnxruntime copies the input where every scale is 1)
+    out = b.node("Resize", [x, roi, b.const("scales", np.array([1, 1, 2, 2], np.float32))], (n, c, 2 * h, 2 * w),
+                 mode="nearest", coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=float(value))
+    return out, (grid if value != 0.37 else (None, 0))
 
 
 # --------------------------------------------------------------------------- weights
@@ -632,7 +671,7 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
                 and src not in {vi.name for vi in b.inputs} and draw(st.booleans())):
             b.datatypes[src] = draw(st.sampled_from(["UINT2", "INT2", "UINT4", "INT4", "UINT8", "INT8", "BINARY"]))
             case.used.add("misannotated_tensors")
-        ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src]), finn))
+        ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src]), finn, "selecting_ops" in allowed))
         if i == blocks - 1 and len(b.shapes[src]) >= 3 and not spec.get("depthwise") and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
         # one scale per channel: an integer accumulation only where each output sums one channel (below)

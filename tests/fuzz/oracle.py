@@ -355,10 +355,17 @@ def _infer_shapes(model: ModelWrapper) -> ModelWrapper:
 
 def _trace_model(model: ModelWrapper, chain: list, sources: list[str], x_name: str, batch: int = 1) -> ModelWrapper:
     """The activation chain with quantizers, Relu, Clip and DequantizeLinear replaced by Identity (index tracing),
-    and FINN's QuantAvgPool2d by the AveragePool it sums like (influence tracing)."""
+    and FINN's QuantAvgPool2d by the AveragePool it sums like (influence tracing); a Resize writes 0 (no source)
+    where it extrapolates."""
     replaced = []
     for n in chain:
-        if n.op_type in QUANTIZERS + SCALAR_OPS + ("Relu", "Clip", "DequantizeLinear"):
+        if n.op_type == "Resize":
+            n = copy.deepcopy(n)
+            for a in n.attribute:
+                if a.name == "extrapolation_value":
+                    a.f = 0.0
+            replaced.append(n)
+        elif n.op_type in QUANTIZERS + SCALAR_OPS + ("Relu", "Clip", "DequantizeLinear"):
             replaced.append(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
         elif n.op_type == "QuantAvgPool2d":
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
