@@ -74,6 +74,7 @@ from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_before_
                                      refuse_unconvertible_quantizers)
 from a2q_passes.finn_runtime import ensure_finn_importable, validate_fpgapart
 from a2q_passes.finn_tie_thresholds import activation_tie_rule, round_ties_as_quantized
+from a2q_passes.finn_upsample import upsampling_as_hw_layers
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 
 MAX_RESIDUAL_ROUNDS = 4
@@ -428,6 +429,7 @@ def run_flow(
             _run_one_d_step(runner, cfg)
         try:
             _run_streamline_step(runner)
+            runner.apply("convert_to_hw", "upsampling_as_hw_layers", upsampling_as_hw_layers)
             runner.apply("convert_to_hw", "step_convert_to_hw", lambda m: steps.step_convert_to_hw(m, cfg))
             runner.apply("convert_to_hw", "round_ties_as_quantized", lambda m: round_ties_as_quantized(m, tie_rule))
         except LoweringError as err:

@@ -11,6 +11,7 @@ Each step is a plain function ``step(model, cfg) -> model``, placed next to FINN
         "step_streamline",
         step_a2q_conv_transposes,      # ConvTranspose as pixel padding, sliding window and MVAU (FINN has no step)
         step_a2q_global_pools,         # global average pools on integers as GlobalAccPool, their 1/(HW) into thresholds
+        step_a2q_upsampling,           # nearest Resize made NHWC and FINN's UpsampleNearestNeighbour (FINN's step skips it)
         "step_convert_to_hw",
         step_a2q_round_ties,           # exact ties on integer accumulators rounded as the Quant nodes round them
         "step_minimize_bit_width_initial", "step_create_dataflow_partition", "step_specialize_layers",
@@ -58,6 +59,7 @@ from a2q_passes.finn_one_d import pre_streamline_one_d, refuse_one_d_convs_left
 from a2q_passes.finn_quant_forms import prepare_for_finn
 from a2q_passes.finn_tie_thresholds import (TIE_RULE_KEY, activation_tie_rule, raise_thresholds_below_unsigned_inputs,
                                             round_ties_as_quantized)
+from a2q_passes.finn_upsample import upsampling_as_hw_layers
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 from a2q_passes.finn_runtime import ensure_finn_importable, estimate_only_steps
 from a2q_passes.hw_accumulators import (check_hw_accumulators, describe_hw_layers, hw_targets, qonnx_recorded_widths,
@@ -216,6 +218,14 @@ def step_a2q_global_pools(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     return accumulate_global_pools(model)
 
 
+def step_a2q_upsampling(model: ModelWrapper, cfg: Any) -> ModelWrapper:
+    """Right before ``step_convert_to_hw``: each nearest ``Resize``/``Upsample`` between transposes becomes FINN's
+    NHWC ``UpsampleNearestNeighbour`` (:mod:`a2q_passes.finn_upsample`); FINN's step infers that layer only from an
+    ``Upsample`` node, and left a ``Resize`` a float node that stopped the dataflow partition. Models without one
+    are returned as they are."""
+    return upsampling_as_hw_layers(model)
+
+
 def step_a2q_round_ties(model: ModelWrapper, cfg: Any) -> ModelWrapper:
     """Right after ``step_convert_to_hw``: thresholds on integer accumulators that are exact ties go to the code the
     activation ``Quant`` nodes round them to (:mod:`a2q_passes.finn_tie_thresholds`), where FINN's ``x >= t``
@@ -302,11 +312,11 @@ def with_a2q_steps(steps: Sequence[str | Step] | None = None, acc_bits: int | No
         at = names.index("step_streamline") - first
         before_hw[at:at] = [step_a2q_clips_into_thresholds, step_a2q_depthwise_scales]
     return [*steps[:first], project, step_a2q_finn_preparation, *before_hw, step_a2q_conv_transposes,
-            step_a2q_global_pools, steps[hw],
+            step_a2q_global_pools, step_a2q_upsampling, steps[hw],
             step_a2q_round_ties, *steps[hw + 1:last + 1], set_accumulators, verify, *steps[last + 1:]]
 
 
 __all__ = ["REPORT_FILE", "make_a2q_steps", "step_a2q_allocate", "step_a2q_clips_into_thresholds",
            "step_a2q_conv_transposes", "step_a2q_depthwise_scales", "step_a2q_finn_preparation",
            "step_a2q_global_pools", "step_a2q_pre_streamline", "step_a2q_project", "step_a2q_round_ties",
-           "step_a2q_set_accumulators", "step_a2q_verify", "with_a2q_steps"]
+           "step_a2q_set_accumulators", "step_a2q_upsampling", "step_a2q_verify", "with_a2q_steps"]

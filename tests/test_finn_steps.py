@@ -26,7 +26,7 @@ from a2q_passes.finn_steps import (REPORT_FILE, make_a2q_steps, step_a2q_project
 from a2q_passes.metadata import recorded_accumulators
 from a2q_passes.model_io import load_model
 from a2q_passes.transforms.project import ProjectToAccumulator
-from tests.test_finn_flow import MLP, _brute_force_range, _mac_rows, export_net
+from tests.test_finn_flow import MLP, _brute_force_range, _mac_rows, export_net, random_inputs
 
 torch.set_num_threads(1)
 PART = "xczu3eg-sbva484-1-e"
@@ -182,8 +182,8 @@ def test_step_placement():
     assert names[names.index("step_convert_to_hw") + 1] == "step_a2q_round_ties"
     assert names[names.index("step_streamline") - 2:names.index("step_streamline")] == [
         "step_a2q_clips_into_thresholds", "step_a2q_depthwise_scales"]
-    assert names[names.index("step_convert_to_hw") - 2:names.index("step_convert_to_hw")] == [
-        "step_a2q_conv_transposes", "step_a2q_global_pools"]
+    assert names[names.index("step_convert_to_hw") - 3:names.index("step_convert_to_hw")] == [
+        "step_a2q_conv_transposes", "step_a2q_global_pools", "step_a2q_upsampling"]
     at = names.index("step_a2q_set_accumulators")
     assert names[at - 1] == "step_minimize_bit_width" and names[at + 1] == "step_a2q_verify"
     assert [n for n in names if not n.startswith("step_a2q")] == finn_steps
@@ -191,7 +191,8 @@ def test_step_placement():
     assert _step_names(with_a2q_steps(short, acc_bits=10)) == [
         "step_a2q_project", "step_a2q_finn_preparation", "step_qonnx_to_finn", "step_tidy_up",
         "step_a2q_clips_into_thresholds", "step_a2q_depthwise_scales", "step_streamline",
-        "step_a2q_conv_transposes", "step_a2q_global_pools", "step_convert_to_hw", "step_a2q_round_ties",
+        "step_a2q_conv_transposes", "step_a2q_global_pools", "step_a2q_upsampling", "step_convert_to_hw",
+        "step_a2q_round_ties",
         "step_a2q_set_accumulators", "step_a2q_verify", "step_hw_codegen"]
     with pytest.raises(A2QError, match="needs step_qonnx_to_finn and step_convert_to_hw"):
         with_a2q_steps(["step_tidy_up"])
@@ -226,3 +227,45 @@ def test_estimate_build_of_brevitas_mobilenet_with_per_channel_depthwise_inputs(
         adt, idt = DataType[inst.get_nodeattr("accDataType")], DataType[inst.get_nodeattr("inputDataType")]
         lo, hi = _brute_force_range(_mac_rows(final, node), int(idt.min()), int(idt.max()))
         assert adt.min() <= lo and hi <= adt.max() and adt.bitwidth() <= 16
+
+
+class UpsamplingCNN(torch.nn.Module):
+    """conv -> max-pool -> nn.Upsample(2, nearest) -> conv -> fc: the Resize between two quantized convolutions."""
+
+    input_shape = (3, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.test_finn_flow import _conv, _input_quant, _linear, _relu
+
+        self.inp, self.conv1, self.relu1 = _input_quant(), _conv(3, 4, 3, padding=1), _relu()
+        self.pool, self.up = torch.nn.MaxPool2d(2), torch.nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv2, self.relu2, self.fc = _conv(4, 4, 1), _relu(), _linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        x = self.up(self.pool(self.relu1(self.conv1(self.inp(x)))))
+        return self.fc(torch.flatten(self.relu2(self.conv2(x)), 1))
+
+
+def test_nearest_upsampling_lowers_to_finns_upsampling_layer(tmp_path):
+    """FINN's builder left a Brevitas net's ``nn.Upsample`` (a Resize between transposes after streamlining) a float
+    node, which `lower` reported as not lowered and the dataflow partition refused; the flow and the build step
+    step_a2q_upsampling make it FINN's UpsampleNearestNeighbour. The lowered model computes the QONNX model's
+    outputs, and the whole estimate build runs."""
+    from a2q_passes.finn_execution import compare_execution
+
+    path = tmp_path / "upsampling.onnx"
+    torch.manual_seed(0)
+    net = UpsamplingCNN()
+    model = export_net(net, path)
+    assert model.get_nodes_by_op_type("Resize")
+    hw, report = lower_to_finn_hw(model)
+    assert [n.op_type for n in hw.graph.node if n.op_type.startswith("Upsample")] == ["UpsampleNearestNeighbour"]
+    assert not [n for n in hw.graph.node if n.op_type in ("Resize", "Upsample")]
+    assert compare_execution(model, hw, random_inputs(net, 4), attribute=False)["within_tolerance"]
+    steps = with_a2q_steps(acc_bits=14)
+    result = run_estimate_build(path, tmp_path / "build", PART, steps=steps)
+    assert result.steps_completed == _step_names(steps)
+    final = ModelWrapper(str(result.final_model))
+    assert any(n.op_type.startswith("UpsampleNearestNeighbour") for n in final.graph.node)
+    assert len(list(iterate_mac_nodes(final))) == 3
