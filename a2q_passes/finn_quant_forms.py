@@ -448,6 +448,34 @@ class SpatialSqueezeAsFlatten(Transformation):
         return model, changed
 
 
+class SpatialFlattenAsReshape(Transformation):
+    """A ``Flatten(axis=1)`` of an ``[N, C, H, W]`` tensor with ``H W > 1`` becomes a ``Reshape`` to ``[N, C H W]``
+    (the same values in the same order), as Brevitas' QONNX export writes ``torch.flatten`` before a classifier.
+
+    Why: after FINN's streamlining the flatten reads a ``Transpose`` back from NHWC. FINN's ``RemoveCNVtoFCFlatten``
+    takes such a pair only in front of an MVAU (whose weights it permutes) and its ``InferShuffle`` joins a
+    ``Transpose`` with a following ``Reshape`` only; a ``Flatten`` read by thresholds (the classifier's input
+    quantizer, as Brevitas' QCDQ export writes it) stayed a float node that stopped the lowering. ``[N, C, 1, 1]``
+    stays a ``Flatten`` (see :class:`SpatialSqueezeAsFlatten`).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type != "Flatten" or node.domain not in ("", "ai.onnx") or node_attr(node, "axis", 1) != 1:
+                continue
+            shape = model.get_tensor_shape(node.input[0])
+            if shape is None or len(shape) != 4 or shape[2] * shape[3] == 1 or not all(d > 0 for d in shape):
+                continue
+            target = f"{node.output[0]}_shape"
+            model.set_initializer(target, np.array([shape[0], int(np.prod(shape[1:]))], dtype=np.int64))
+            node.op_type = "Reshape"
+            node.input.append(target)
+            del node.attribute[:]
+            changed = True
+        return model, changed
+
+
 class GroupedConvAsDense(Transformation):
     """A grouped ``Conv`` that is not depthwise becomes a ``group=1`` ``Conv`` with block-diagonal weights: each output
     channel keeps its weights at its own group's input channels and has zeros at all others.
@@ -771,7 +799,7 @@ def finn_preparation() -> list[Transformation]:
             ClipAboveTheCodesAsRelu(), UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(),
             ReduceMeanAsGlobalAveragePool(), AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(),
             ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(),
-            GemmFactorsAsFloat32(), ChannelsLastInputLayout(), SpatialSqueezeAsFlatten()]
+            GemmFactorsAsFloat32(), ChannelsLastInputLayout(), SpatialSqueezeAsFlatten(), SpatialFlattenAsReshape()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

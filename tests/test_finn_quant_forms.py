@@ -762,3 +762,48 @@ def test_a_clip_before_multithresholds_folds_into_their_thresholds_computing_the
     computed.graph.node[0].input[2] = "x"  # a bound computed at run time
     assert clips_into_thresholds(computed).graph.node[0].op_type == "Clip"
 
+
+
+def test_a_flatten_before_a_classifiers_input_quantizer_becomes_a_reshape_and_lowers(tmp_path):
+    """Brevitas' QCDQ (TorchScript) export writes ``torch.flatten`` as ``Flatten``, read by the classifier's own input
+    quantizer. After streamlining that ``Flatten`` reads a ``Transpose`` back from NHWC and feeds thresholds, which
+    FINN's ``RemoveCNVtoFCFlatten`` does not take (it needs an MVAU behind), so `lower` left it a float node; as the
+    ``Reshape`` the QONNX export writes, FINN's ``InferShuffle`` joins it with the ``Transpose``. The rewrite computes
+    the same values, and the QCDQ file lowers whole and equivalent."""
+    import brevitas.nn as qnn
+    import torch
+    from brevitas.export import export_onnx_qcdq
+    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+
+    from a2q_passes.finn_quant_forms import SpatialFlattenAsReshape
+
+    layer = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4, input_quant=Int8ActPerTensorFloat,
+                 input_bit_width=4, output_quant=Int8ActPerTensorFloat, output_bit_width=6)
+
+    class ConvThenClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = qnn.QuantConv2d(3, 4, 3, stride=2, bias=True, **layer)
+            self.fc = qnn.QuantLinear(4 * 3 * 3, 5, bias=True, **layer)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+    torch.manual_seed(0)
+    net = ConvThenClassifier()
+    with torch.no_grad():
+        net.train()
+        net(torch.randn(8, 3, 8, 8))
+    net.eval()
+    path = tmp_path / "flatten_qcdq.onnx"
+    export_onnx_qcdq(net, torch.randn(1, 3, 8, 8), str(path), dynamo=False)
+    model = ModelWrapper(str(path)).transform(InferShapes())
+    assert model.get_nodes_by_op_type("Flatten")
+    rewritten = model.transform(SpatialFlattenAsReshape())
+    assert not rewritten.get_nodes_by_op_type("Flatten") and rewritten.get_nodes_by_op_type("Reshape")
+    name, output = model.graph.input[0].name, model.graph.output[0].name
+    x = np.random.default_rng(0).normal(0, 2, [1, 3, 8, 8]).astype(np.float32)
+    np.testing.assert_array_equal(execute_onnx(rewritten, {name: x})[output], execute_onnx(model, {name: x})[output])
+    result = run_a2q("lower", str(path), str(tmp_path / "hw.onnx"))
+    assert result.returncode == 0 and "equivalent" in result.stdout and "not lowered" not in result.stdout + result.stderr, \
+        (result.stdout + result.stderr)[-2000:]
