@@ -27,7 +27,8 @@ WEIGHT_QUANTS = ("Int8WeightPerTensorFloat", "Int8WeightPerChannelFloat", "Int8W
 ACT_QUANTS = ("Int8ActPerTensorFloat", "Int8ActPerTensorFixedPoint", "ShiftedUint8ActPerTensorFloat",
               "Uint8ActPerTensorFixedPoint", "ShiftedUint8ActPerTensorFixedPoint", "SignedTernaryActPerTensorConst",
               "Uint8ActPerTensorFloat")
-KINDS = ("mlp", "cnn", "depthwise", "depthwise_pc", "residual", "conv1d", "conv1d_dw", "convtranspose", "avgpool")
+KINDS = ("mlp", "cnn", "depthwise", "depthwise_pc", "residual", "conv1d", "conv1d_dw", "convtranspose", "avgpool",
+         "upsample", "classifier")
 
 
 def draw(rng: random.Random):

@@ -166,7 +166,7 @@ def _brevitas_specs(quick: bool):
              NetSpec("grouped", 5, 4, per_channel=False), NetSpec("convtranspose", 4, 4),
              NetSpec("residual", 4, 4), NetSpec("avgpool", 4, 4), NetSpec("avgpool_floor", 4, 4),
              NetSpec("residual", 3, 3, signed_act=True, narrow=True), NetSpec("conv1d", 4, 4, signed_act=True),
-             NetSpec("conv1d_dw", 4, 4),
+             NetSpec("conv1d_dw", 4, 4), NetSpec("upsample", 4, 4), NetSpec("classifier", 4, 4, signed_act=True),
              NetSpec("conv3d", 5, 4, per_channel=False), NetSpec("attention", 8, 8, signed_act=True),
              NetSpec("cnn", 4, 4, signed_act=True, shifted=True),
              NetSpec("mlp", 8, 8, signed_act=True, per_channel=False, shifted=True),

@@ -197,6 +197,13 @@ class _CorpusNet(torch.nn.Module):
             self.mac2 = qnn.QuantConv2d(8, 8, 3, stride=2, groups=2, bias=False, **weight)
         elif spec.kind == "convtranspose":
             self.mac2 = qnn.QuantConvTranspose2d(8, 4, 2, stride=2, bias=False, **weight)
+        elif spec.kind == "upsample":  # max-pool, then nn.Upsample back to the size (a nearest Resize)
+            self.mac2 = qnn.QuantConv2d(8, 8, 3, padding=1, bias=False, **weight)
+            self.pool, self.up = torch.nn.MaxPool2d(2), torch.nn.Upsample(scale_factor=2, mode="nearest")
+        elif spec.kind == "classifier":  # flatten into a QuantLinear with its own input quantizer (the QCDQ Flatten)
+            self.mac2 = qnn.QuantConv2d(8, 8, 3, stride=2, bias=False, **weight)
+            self.mac3 = qnn.QuantLinear(8 * 3 * 3, 4, bias=True, input_quant=aq, input_bit_width=spec.abits, **weight)
+            return
         else:  # cnn, residual (mac2's output added to mac1's), avgpool (TruncAvgPool2d before mac3)
             self.mac2 = qnn.QuantConv2d(8, 8, 3, padding=1, bias=False, **weight)
         if spec.kind.startswith("avgpool"):  # Brevitas' default rounding, or FLOOR (the only Trunc FINN converts)
@@ -216,8 +223,12 @@ class _CorpusNet(torch.nn.Module):
             return self.mac3(self.act2(self.mac2(h)))
         if self.kind == "residual":
             h = self.act2(self.add_quant(h) + self.add_quant(self.mac2(h)))
+        elif self.kind == "upsample":
+            h = self.act2(self.mac2(self.up(self.pool(h))))
         else:
             h = self.act2(self.mac2(h))
+        if self.kind == "classifier":
+            return self.mac3(torch.flatten(torch.relu(h.value if hasattr(h, "value") else h), 1))
         if self.kind.startswith("avgpool"):
             h = self.pool(h)
         return self.mac3(h)

@@ -478,3 +478,21 @@ def test_brevitas_scaled_dot_product_attention_through_the_corpus_check(tmp_path
     result = check(Entry(path.stem, EXPORTERS["qonnx"], path, lower=False), tmp_path)
     assert result.status == "handled" and result.layers == 5 and result.tight == 5, (result.detail, result.notes)
     assert result.notes == [], result.notes  # fine-tuning ran (a refusal would be noted)
+
+
+@pytest.mark.parametrize("kind, exporter", [("upsample", "qcdq_ts"), ("classifier", "qcdq_ts")])
+def test_brevitas_upsampling_and_flattened_classifier_through_the_corpus_check(kind, exporter, tmp_path):
+    """``nn.Upsample`` between convolutions (a nearest ``Resize``, which the oracle traces as a selection of source
+    codes) and ``torch.flatten`` into a ``QuantLinear`` with its own input quantizer (a ``Flatten`` read by the
+    quantizer in Brevitas' QCDQ export): every layer read within its executed worst case, projected, verified and
+    lowered whole (before: `lower` left the ``Resize`` and the ``Flatten`` float nodes, and the oracle could not read
+    the upsampled layer). The layer behind the upsampling is conservative: taps repeated from one source pixel
+    cannot take opposite extremes."""
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec(kind, 4, 4, signed_act=kind == "classifier"), exporter)
+        result = check(brevitas_entry(path, EXPORTERS[exporter], exporter, "fold"), tmp_path)
+    assert result.entry.lower and result.status == "handled", (result.detail, result.notes)
+    assert result.layers == 3 and result.tight == (2 if kind == "upsample" else 3), result.tight
