@@ -131,13 +131,16 @@ def exact_rows(thresholds: np.ndarray) -> np.ndarray:
       of the accumulator's (Brevitas' constant scales such as 0.025 with a power-of-two activation scale). Below
       2^16 a float32 value is an integer by accident with odds of 2^-7, so three or more together are no accident.
 
-    A row of one threshold has no step to check."""
-    steps = np.diff(thresholds.astype(np.float64), axis=-1)
-    if steps.shape[-1] == 0:
-        return np.zeros(thresholds.shape[:-1], dtype=bool)
-    progression = np.all(steps == steps[..., :1], axis=-1)
-    mantissa, _ = np.frexp(steps[..., 0])
-    dyadic = (mantissa == 0.5) & np.all(np.abs(thresholds) < 2.0 ** 22, axis=-1)
-    integers = (thresholds == np.floor(thresholds)) & (np.abs(thresholds) < 2.0 ** 16)
-    whole = (thresholds.shape[-1] >= 3) & np.all(integers, axis=-1)
+    Only the finite thresholds count: a ``Clip`` folded into them (:mod:`a2q_passes.finn_clip_thresholds`) makes
+    those it never lets pass ``+inf`` and those it always does ``-inf``, around the progression. A row of one finite
+    threshold has no step to check."""
+    values = thresholds.astype(np.float64)
+    finite = np.isfinite(values)
+    steps = np.diff(np.where(finite, values, np.nan), axis=-1)
+    first = np.nanmax(np.where(np.isnan(steps), -np.inf, steps), axis=-1, initial=-np.inf)  # the finite step, if any
+    progression = (finite.sum(axis=-1) >= 2) & np.all(np.isnan(steps) | (steps == first[..., None]), axis=-1)
+    mantissa, _ = np.frexp(np.where(np.isfinite(first), first, 0.0))
+    dyadic = (mantissa == 0.5) & np.all(~finite | (np.abs(values) < 2.0 ** 22), axis=-1)
+    integers = (values == np.floor(values)) & (np.abs(values) < 2.0 ** 16)
+    whole = (finite.sum(axis=-1) >= 3) & np.all(~finite | integers, axis=-1)
     return progression & (dyadic | whole)

@@ -150,3 +150,8 @@ def test_exact_rows_take_power_of_two_progressions_only():
     assert exact_rows(rows).tolist() == [True, True, True, False, False, False, False]
     assert exact_rows(np.array([[3.0]], dtype=np.float32)).tolist() == [False]
     assert exact_rows(np.array([[3.0, 6.0]], dtype=np.float32)).tolist() == [False]  # two integers may be chance
+    # a Clip folded into the thresholds: the finite ones are checked (a step of 1/2 among them), infinite ends pass
+    inf = np.inf
+    folded = np.array([[-inf, 1.0, 1.5, 2.0, inf], [-inf, -inf, 1.0, inf, inf], [-inf, 1.0, 1.5, 2.5, inf],
+                       [inf, inf, inf, inf, inf]], dtype=np.float32)
+    assert exact_rows(folded).tolist() == [True, False, False, False]
