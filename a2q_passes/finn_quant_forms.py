@@ -27,25 +27,54 @@ _BIASED_MACS = ("Conv", "ConvTranspose", "Gemm")  # their input 2 is a bias adde
 
 
 class UnsignedQuantAfterRelu(Transformation):
-    """A signed ``Quant`` of a ``Relu`` output becomes the unsigned, non-narrow ``Quant`` of one bit less.
+    """A signed ``Quant`` of a ``Relu`` output becomes the unsigned, non-narrow ``Quant`` of one bit less; a signed
+    2-bit one (codes 0 and 1 there) the unsigned 2-bit ``Quant`` of ``Clip(x, 0, s)`` in place of the ``Relu``.
 
     Why: FINN converts a ``Relu`` followed by a ``Quant`` only when that ``Quant`` is unsigned and not narrow
     ("FINN only supports unsigned and non-narrow Quant nodes for Relu activations"); Brevitas' graph-mode PTQ
-    quantizes the input of the next layer with a signed quantizer there. Why it is exact: with zero point 0 and
-    positive scales, ``x >= 0`` rounds to a code >= 0 in every rounding mode, so the signed clamp's lower end never
-    acts and its upper end, ``2^(b-1) - 1``, is the upper end of an unsigned ``b - 1``-bit clamp. Quant nodes of any
-    other form are left as they are (FINN then names its own objection).
+    quantizes the input of the next layer with a signed quantizer there. FINN lowers an unsigned 1-bit ``Quant`` as
+    bipolar, so the 2-bit case keeps two bits and caps the reals at the scale instead (the ``Clip`` then folds into
+    FINN's thresholds, :mod:`a2q_passes.finn_clip_thresholds`). Why it is exact: with zero point 0 and positive
+    scales, ``x >= 0`` rounds to a code >= 0 in every rounding mode, so the signed clamp's lower end never acts and
+    its upper end, ``2^(b-1) - 1``, is the upper end of an unsigned ``b - 1``-bit clamp. For ``b = 2`` that end is
+    code 1: every rounding ``r`` is monotone with ``r(1) = 1``, so ``min(r(t), 1) = r(min(t, 1))`` for ``t >= 0``,
+    and ``Clip(x, 0, s) / s`` is ``min(Relu(x) / s, 1)`` (``s / s`` is exactly 1 in float32). Quant nodes of any other
+    form (a 2-bit one with per-channel scales among them) are left as they are (FINN then names its own objection).
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
-        for node in model.graph.node:
+        for node in list(model.graph.node):
             bits = unsigned_bits_after_relu(model, node)
             if bits is None:
                 continue
+            if not _signed_codes_at_or_above_zero_bits(model, node) > 1:  # signed 2-bit: codes 0 and 1
+                _clip_at_the_scale(model, node)
             _make_unsigned(model, node, bits)
             changed = True
         return model, changed
+
+
+def _clip_at_the_scale(model: ModelWrapper, quant: NodeProto) -> None:
+    """Read ``quant``'s input through ``Clip(0, s)`` (its scale ``s``), in place of the ``Relu`` that makes it where
+    nothing else reads that ``Relu``."""
+    relu = model.find_producer(quant.input[0])
+    name = quant.name or quant.output[0]
+    low, high = f"{name}_clip_low", f"{name}_clip_high"
+    model.set_initializer(low, np.zeros((), dtype=np.float32))
+    model.set_initializer(high, np.asarray(get_constant(model, quant.input[1]), dtype=np.float32).reshape(()))
+    if relu is not None and relu.op_type == "Relu" and model.find_consumers(relu.output[0]) == [quant] and \
+            relu.output[0] not in {o.name for o in model.graph.output}:
+        relu.op_type = "Clip"
+        relu.input.extend([low, high])
+        return
+    clipped = f"{name}_clipped"
+    shape = model.get_tensor_shape(quant.input[0])
+    if shape is not None:  # qonnx's executor wants every shape
+        model.set_tensor_shape(clipped, shape)
+    index = list(model.graph.node).index(quant)
+    model.graph.node.insert(index, helper.make_node("Clip", [quant.input[0], low, high], [clipped], name=f"{name}_clip"))
+    quant.input[0] = clipped
 
 
 def _make_unsigned(model: ModelWrapper, quant: NodeProto, bits: int) -> None:
@@ -59,12 +88,16 @@ def _make_unsigned(model: ModelWrapper, quant: NodeProto, bits: int) -> None:
 
 
 def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None:
-    """The bit width b - 1 of the unsigned ``Quant`` :class:`UnsignedQuantAfterRelu` makes of ``node`` (so the
-    FINN DataType of its output becomes ``UINT(b-1)``), or ``None`` where it leaves ``node`` as it is."""
+    """The bit width of the unsigned ``Quant`` :class:`UnsignedQuantAfterRelu` makes of ``node`` (so the FINN
+    DataType of its output becomes ``UINT`` of it): b - 1, and 2 for b = 2 (behind its ``Clip``, one scale only),
+    or ``None`` where it leaves ``node`` as it is."""
     producer = model.find_producer(node.input[0])
     if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
         return None
-    return _signed_codes_at_or_above_zero_bits(model, node)
+    bits = _signed_codes_at_or_above_zero_bits(model, node)
+    if bits == 1:
+        return 2 if np.size(get_constant(model, node.input[1])) == 1 else None
+    return bits
 
 
 def _signed_codes_at_or_above_zero_bits(model: ModelWrapper, quant: NodeProto) -> int | None:
@@ -144,31 +177,46 @@ class ReluAfterQuantIntoQuant(Transformation):
     (after :class:`UnsignedQuantAfterRelu`). Why it is exact: with codes ``k = clamp(round(x / s), lo, hi)`` and
     ``s > 0``, ``Relu(s k) = s clamp(round(x / s), max(lo, 0), hi)`` in every rounding mode; for a signed ``Quant``
     ``max(lo, 0) = 0`` and ``hi = 2^(b-1) - 1`` (narrow or not) are the ends of the unsigned (b - 1)-bit clamp, and an
-    unsigned one's codes are >= 0 already. Only a ``Quant`` the ``Relu`` alone reads is folded.
+    unsigned one's codes are >= 0 already. A signed 2-bit one (codes 0 and 1 after the ``Relu``) becomes the unsigned
+    2-bit ``Quant`` of ``Clip(x, 0, s)`` as in :class:`UnsignedQuantAfterRelu`: ``clamp(r(t), 0, 1) = r(min(max(t, 0),
+    1))`` for every monotone rounding ``r`` with ``r(0) = 0`` and ``r(1) = 1``. Only a ``Quant`` the ``Relu`` alone
+    reads is folded.
     """
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed = False
         for quant in model.get_nodes_by_op_type("Quant"):
             relu = sole_relu_reader(model, quant)
-            if relu is None:
-                continue
-            readers = model.find_consumers(relu.output[0]) or []
-            if readers and all(r.op_type == "Quant" for r in readers):  # FINN's conversion takes that form
+            bits = relu_fold_bits(model, quant)
+            if relu is None or bits is None:
                 continue
             if node_attr(quant, "signed", 1):
-                bits = _signed_codes_at_or_above_zero_bits(model, quant)
-                if bits is None:
-                    continue
-                _make_unsigned(model, quant, bits)
-            elif _zero_point_free_bits(model, quant) is None:
-                continue
+                if _signed_codes_at_or_above_zero_bits(model, quant) == 1:  # codes 0 and 1: two bits of Clip(x, 0, s)
+                    _clip_at_the_scale(model, quant)
+                _make_unsigned(model, quant, int(bits))
             for info in [i for i in model.graph.value_info if i.name == quant.output[0]]:
                 model.graph.value_info.remove(info)
             quant.output[0] = relu.output[0]
             model.graph.node.remove(relu)
             changed = True
         return model, changed
+
+
+def relu_fold_bits(model: ModelWrapper, quant: NodeProto) -> float | None:
+    """The bit width of the unsigned ``Quant`` :class:`ReluAfterQuantIntoQuant` makes of ``quant`` with the ``Relu``
+    behind it (so FINN's DataType of that ``Relu``'s output becomes ``UINT`` of it), or ``None`` where it folds none."""
+    relu = sole_relu_reader(model, quant)
+    if quant.op_type != "Quant" or relu is None:
+        return None
+    readers = model.find_consumers(relu.output[0]) or []
+    if readers and all(r.op_type == "Quant" for r in readers):  # FINN's conversion takes that form
+        return None
+    if not node_attr(quant, "signed", 1):
+        return _zero_point_free_bits(model, quant)
+    bits = _signed_codes_at_or_above_zero_bits(model, quant)
+    if bits == 1:  # 2 unsigned bits behind a Clip at the one scale
+        return 2 if np.size(get_constant(model, quant.input[1])) == 1 else None
+    return bits
 
 
 class DefaultDomainFirst(Transformation):

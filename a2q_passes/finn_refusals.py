@@ -157,6 +157,23 @@ def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
     refuse_zero_points(model)
     refuse_rounding_modes(model)
     refuse_unsigned_one_bit_activations(model)
+    refuse_signed_quants_after_relu(model)
+
+
+def refuse_signed_quants_after_relu(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each signed activation ``Quant`` right after a ``Relu`` that the
+    preparation left signed (``finn_quant_forms.UnsignedQuantAfterRelu`` takes zero point 0, positive scales, an
+    integer bit width, and one scale at 2 bits): FINN's conversion refuses them without naming one ("FINN only
+    supports unsigned and non-narrow Quant nodes for Relu activations")."""
+    found = [repr(node.name or node.output[0]) for node in model.graph.node
+             if node.op_type == "Quant" and node_attr(node, "signed", 1)
+             and (producer := model.find_producer(node.input[0])) is not None and producer.op_type == "Relu"
+             and np.all(get_constant(model, node.input[2]) == 0)]  # zero points: see finn_zero_points
+    if found:
+        raise LoweringError(f"FINN converts a Quant right after a Relu only when it is unsigned, and {', '.join(found)} "
+                            "could not be made so exactly (a negative scale, one scale per channel at 2 bits, or a "
+                            "fractional bit width). Quantize that activation unsigned (Brevitas' QuantReLU) with one "
+                            "scale for FINN; a2q analyze/project/verify read the model as it is.")
 
 
 def refuse_unconverted_qdq(model: ModelWrapper) -> None:
@@ -224,8 +241,8 @@ def refuse_unsigned_one_bit_activations(model: ModelWrapper) -> None:
 
     Why: FINN's ``ConvertQONNXtoFINN`` lowers every 1-bit activation ``Quant`` as bipolar (one threshold at 0, outputs
     -1 and +1 times twice the scale) whatever its ``signed`` attribute, so an unsigned one (Brevitas' 1-bit
-    ``QuantReLU``, or a 2-bit signed narrow ``Quant`` behind a ``Relu`` once merged) would be lowered to other
-    values. Found by the property fuzzer: `lower` wrote a graph whose outputs differed by 32.
+    ``QuantReLU``) would be lowered to other values (a signed 2-bit ``Quant`` next to a ``Relu`` is made an unsigned
+    2-bit one behind a ``Clip`` instead, see ``finn_quant_forms.UnsignedQuantAfterRelu``). Found by the property fuzzer: `lower` wrote a graph whose outputs differed by 32.
     """
     found = []
     for node in model.graph.node:
@@ -235,10 +252,9 @@ def refuse_unsigned_one_bit_activations(model: ModelWrapper) -> None:
             found.append(repr(node.name or node.output[0]))
     if found:
         raise LoweringError(f"FINN lowers every 1-bit activation Quant as bipolar (-1/+1), so {', '.join(found)} "
-                            "(1 unsigned bit: codes 0 and 1; a signed 2-bit Quant next to a Relu is one, only its "
-                            "codes 0 and 1 occurring there) would be lowered to other values. Quantize that "
-                            "activation to 2 or more unsigned bits (3 or more signed bits next to a Relu), or bipolar, "
-                            "for FINN; a2q analyze/project/verify read the model as it is.")
+                            "(1 unsigned bit: codes 0 and 1) would be lowered to other values. Quantize that "
+                            "activation to 2 or more unsigned bits, or bipolar, for FINN; a2q analyze/project/verify "
+                            "read the model as it is.")
 
 
 # Producers whose output is an activation on an integer grid FINN's conversion makes thresholds or streams of.

@@ -13,7 +13,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import BIPOLAR, IntRange
 from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
-from a2q_passes.finn_quant_forms import unsigned_bits_after_relu
+from a2q_passes.finn_quant_forms import relu_fold_bits, unsigned_bits_after_relu
 from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.graph_values import clip_bounds, get_constant, node_attr, node_label, node_str_attr
 from a2q_passes.weight_sources import (INTEGER_MAC_OPS, UnsupportedLayer, clipped_range, codes_less_zero_point,
@@ -499,6 +499,11 @@ class GridResolver:
             codes = IntRange(min(r.lo, z), min(r.hi, z))
         else:
             return None, f"{node_label(node)} follows a quantizer with scale 0"
+        producer = self.model.find_producer(node.input[0])
+        folded = relu_fold_bits(self.model, producer) if self.finn_ranges and producer is not None else None
+        if folded is not None and folded == int(folded):  # FINN reads the unsigned Quant the Relu folds into
+            dtype = quant_dtype(int(folded), False)
+            return InputGrid(_hull(codes, dtype_grid(dtype).range), dtype, grid.scale, z), ""
         return InputGrid(codes, grid.dtype, grid.scale, z), ""
 
     def _from_Pad(self, node: NodeProto) -> tuple[InputGrid | None, str]:

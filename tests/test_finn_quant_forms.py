@@ -69,25 +69,32 @@ def _outputs(model: ModelWrapper, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("mode,narrow,bits", [(m, n, b) for m, n, b in itertools.product(ROUNDING, (0, 1), (2, 3, 4, 8))])
 def test_signed_quant_after_relu_becomes_unsigned_with_the_same_outputs(mode, narrow, bits):
+    """b signed bits become b - 1 unsigned ones; 2 (codes 0 and 1; FINN lowers 1 unsigned bit as bipolar) become 2
+    unsigned bits of Clip(x, 0, s) in place of the Relu, which needs one scale. The same values on ties, past the
+    clamp and below 0, in every rounding mode."""
     rng = np.random.default_rng(bits)
-    scale = np.array([0.1, 0.25, 3.0, 1 / 7], np.float32).reshape(1, 4, 1)
+    scale = np.array([0.1, 0.25, 3.0, 1 / 7], np.float32).reshape(1, 4, 1) if bits > 2 else np.float32(1 / 7)
     model = _relu_quant(scale, 0.0, bits, 1, narrow, mode)
     inputs = _adversarial_inputs(scale, bits, rng)
     before = _outputs(model, inputs)
     rewritten, changed = UnsignedQuantAfterRelu().apply(ModelWrapper(model.model.SerializeToString()))
     quant = getCustomOp(rewritten.graph.node[1])
     assert changed and quant.get_nodeattr("signed") == 0 and quant.get_nodeattr("narrow") == 0
-    assert float(rewritten.get_initializer(rewritten.graph.node[1].input[3])) == bits - 1
+    assert float(rewritten.get_initializer(rewritten.graph.node[1].input[3])) == max(bits - 1, 2)
+    assert rewritten.graph.node[0].op_type == ("Relu" if bits > 2 else "Clip")
     after = _outputs(rewritten, inputs)
     for b, a in zip(before, after):
         assert np.array_equal(b, a)
     assert any(np.any(b != 0) for b in before)  # the inputs reach non-zero codes
 
 
-@pytest.mark.parametrize("case", ["negative scale", "zero point", "not after Relu", "one bit", "unsigned"])
+@pytest.mark.parametrize("case", ["negative scale", "zero point", "not after Relu", "one bit", "unsigned",
+                                  "two bits, per channel"])
 def test_other_quant_forms_are_left_alone(case):
     scale = np.float32(-0.5 if case == "negative scale" else 0.5)
-    model = _relu_quant(scale, 1.0 if case == "zero point" else 0.0, 1 if case == "one bit" else 4,
+    if case == "two bits, per channel":  # no Clip can cap each channel at its own scale
+        scale = np.array([0.1, 0.25, 3.0, 1 / 7], np.float32).reshape(1, 4, 1)
+    model = _relu_quant(scale, 1.0 if case == "zero point" else 0.0, {"one bit": 1, "two bits, per channel": 2}.get(case, 4),
                         0 if case == "unsigned" else 1, 0, "ROUND", "Sigmoid" if case == "not after Relu" else "Relu")
     before = model.model.SerializeToString()
     rewritten, changed = UnsignedQuantAfterRelu().apply(model)
@@ -114,17 +121,19 @@ def _quant_relu(scale: np.ndarray, zero: float, bits: float, signed: int, narrow
     (m, n, b, s) for m, n, b, s in itertools.product(("ROUND", "FLOOR", "CEIL", "HALF_UP"), (0, 1), (2, 4, 8), (0, 1))])
 def test_a_relu_behind_a_quantizer_folds_into_it_with_the_same_outputs(mode, narrow, bits, signed):
     """Quant -> Relu (Brevitas' graph-mode PTQ in front of its global pooling): the Relu goes, a signed Quant becomes
-    the unsigned non-narrow one of a bit less, and qonnx executes the same values on ties, past the clamp and below 0."""
+    the unsigned non-narrow one of a bit less (a signed 2-bit one, with one scale, the unsigned 2-bit Quant of
+    Clip(x, 0, s)), and qonnx executes the same values on ties, past the clamp and below 0."""
     rng = np.random.default_rng(bits + 10 * signed)
-    scale = np.array([0.1, 0.25, 3.0, 1 / 7], np.float32).reshape(1, 4, 1)
+    two_bit_signed = bits == 2 and signed
+    scale = np.float32(1 / 7) if two_bit_signed else np.array([0.1, 0.25, 3.0, 1 / 7], np.float32).reshape(1, 4, 1)
     model = _quant_relu(scale, 0.0, bits, signed, narrow, mode)
     inputs = _adversarial_inputs(scale, bits, rng)
     before = _outputs(model, inputs)
     rewritten, changed = ReluAfterQuantIntoQuant().apply(ModelWrapper(model.model.SerializeToString()))
-    assert changed and [n.op_type for n in rewritten.graph.node] == ["Quant", "Sigmoid"]
-    quant = getCustomOp(rewritten.graph.node[0])
+    assert changed and [n.op_type for n in rewritten.graph.node] == ["Clip"] * two_bit_signed + ["Quant", "Sigmoid"]
+    quant = getCustomOp(rewritten.graph.node[int(two_bit_signed)])
     assert quant.get_nodeattr("signed") == 0 and quant.get_nodeattr("narrow") == (0 if signed else narrow)
-    assert float(rewritten.get_initializer(rewritten.graph.node[0].input[3])) == bits - signed
+    assert float(rewritten.get_initializer(quant.onnx_node.input[3])) == (2 if two_bit_signed else bits - signed)
     after = _outputs(rewritten, inputs)
     for b, a in zip(before, after):
         assert np.array_equal(b, a)

@@ -18,6 +18,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.core.onnx_exec import execute_onnx
 from qonnx.custom_op.general.intquant import int_quant
+from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.infer_shapes import InferShapes
 from qonnx.util.basic import qonnx_make_model
 
@@ -124,28 +125,77 @@ def test_an_inner_tensor_finn_misannotates_is_named_not_blamed_on_the_data(tmp_p
     assert "graph input" not in message and not (tmp_path / "out.onnx").exists()
 
 
-def test_a_signed_two_bit_activation_behind_a_relu_is_refused_naming_that_form(tmp_path):
-    """x -> Quant -> MatMul -> Relu -> Quant (2 signed bits: only codes 0 and 1 behind the Relu) -> MatMul: FINN's
-    conversion needs it unsigned there, a 1-bit Quant FINN lowers as bipolar; the refusal names the signed 2-bit form
-    the user wrote (it spoke of "1 unsigned bit" only) and nothing is written."""
+@pytest.mark.parametrize("rounding, scale", [("ROUND", 0.3), ("HALF_UP", 0.5)])
+@pytest.mark.parametrize("form", ["relu_then_quant", "quant_then_relu"])
+def test_a_signed_two_bit_activation_next_to_a_relu_lowers_computing_the_same(form, rounding, scale, tmp_path):
+    """x -> Quant -> MatMul -> Relu -> Quant (2 signed bits: codes 0 and 1 behind the Relu) -> MatMul, or the Quant
+    before the Relu (Brevitas' graph-mode PTQ writes both at 2 bits): FINN's conversion needs an unsigned Quant
+    there, and the unsigned 1-bit one of the old rewrite FINN lowers as bipolar, so `lower` refused the model. It is
+    now the unsigned 2-bit Quant of Clip(x, 0, s), whose Clip folds into FINN's thresholds: the lowered graph
+    computes the model's outputs (on exact ties too where the quantizer rounds them up, as FINN does: one finite
+    threshold shows no step from which a tie could be told exact), its MVAU reads UINT2 (as analyze's FINN view
+    says) and holds its worst case. With one scale per channel (no Clip can cap them) it stays refused by name."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.integers(-7, 8, size=(8, 6)) * 0.25).astype(np.float32), "W1"),
              numpy_helper.from_array((rng.integers(-7, 8, size=(6, 4)) * 0.25).astype(np.float32), "W2"),
              numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-             numpy_helper.from_array(np.array(0.5, np.float32), "scale"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(scale, np.float32), "scale"),
              numpy_helper.from_array(np.array(0.25, np.float32), "w_scale"),
              numpy_helper.from_array(np.array(4.0, np.float32), "b4"),
              numpy_helper.from_array(np.array(2.0, np.float32), "b2")]
-    nodes = [_quant("x", "xq", "scale", "b4", 1, 0), _quant("W1", "w1q", "w_scale", "b4", 1, 0),
-             helper.make_node("MatMul", ["xq", "w1q"], ["m"], name="MatMul_0"),
-             helper.make_node("Relu", ["m"], ["r"], name="Relu_0"), _quant("r", "aq", "scale", "b2", 1, 0),
+    two_bit = _quant("r" if form == "relu_then_quant" else "m", "aq", "scale", "b2", 1, 0)
+    next(a for a in two_bit.attribute if a.name == "rounding_mode").s = rounding.encode()
+    middle = [helper.make_node("Relu", ["m"], ["r"], name="Relu_0"), two_bit] if form == "relu_then_quant" else \
+        [two_bit, helper.make_node("Relu", ["aq"], ["r"], name="Relu_0")]
+    nodes = [_quant("x", "xq", "x_scale", "b4", 1, 0), _quant("W1", "w1q", "w_scale", "b4", 1, 0),
+             helper.make_node("MatMul", ["xq", "w1q"], ["m"], name="MatMul_0"), *middle,
              _quant("W2", "w2q", "w_scale", "b4", 1, 0),
-             helper.make_node("MatMul", ["aq", "w2q"], ["y"], name="MatMul_1")]
+             helper.make_node("MatMul", ["aq" if form == "relu_then_quant" else "r", "w2q"], ["y"], name="MatMul_1")]
     path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 8], [1, 4])
     code, output = run_cli("lower", path, tmp_path / "out.onnx", "--acc-bits", "16")
-    message = " ".join(output.split())
-    assert code == 1 and "'Quant_aq'" in message and "a signed 2-bit Quant next to a Relu" in message, output
-    assert not (tmp_path / "out.onnx").exists()
+    assert code == 0 and "equivalent" in output, output
+    model, hw = load_model(path).transform(InferShapes()), ModelWrapper(str(tmp_path / "out.onnx"))
+    # codes of the input quantizer: MatMul_0's outputs are multiples of 0.5 * 0.25, at scale 0.5 ties of the 2-bit one
+    inputs = (rng.integers(-16, 17, size=(256, 8)) * 0.5).astype(np.float32)
+    assert check_equivalence(model, hw, inputs)["max_abs_diff"] < 1e-5  # float rounding of the folded scales only
+    second = [n for n in hw.graph.node if n.op_type.startswith("MVAU")][-1]  # MatMul_1's
+    assert getCustomOp(second).get_nodeattr("inputDataType") == "UINT2"
+    (layer,) = [entry for entry in json.loads(run_cli("analyze", path, "--input-ranges", "finn", "--json")[1])["layers"]
+                if entry["node"] == "MatMul_1"]
+    assert layer["input_dtype"] == "UINT2" and layer["input_range"] == [0, 3]
+    # one scale per channel: not made unsigned; `lower` names what FINN cannot take and exits non-zero
+    model = ModelWrapper(str(path))
+    model.set_initializer("channel_scales", np.full((1, 6), 0.5, np.float32))
+    next(n for n in model.graph.node if n.name == "Quant_aq").input[1] = "channel_scales"
+    model.save(str(path))
+    code, output = run_cli("lower", path, tmp_path / "out2.onnx", "--acc-bits", "16")
+    assert code != 0 and ("Quant_aq" in output or "not lowered" in output), output
+
+
+def test_exact_ties_behind_a_relu6_folded_into_thresholds_round_as_the_quantizer(tmp_path):
+    """x -> Quant -> MatMul -> Clip(0, 2) (a ReLU6 below the 4-bit quantizer's top code) -> Quant (ROUND: ties to even)
+    -> MatMul, on power-of-two scales: the Clip folds into FINN's thresholds as +inf, which made the rows no
+    progression, so the exact ties on the integer accumulator were left rounding up as FINN does (outputs 0.875
+    off on the codes' ties); the finite thresholds are now checked and the ties round as the quantizer does."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.integers(-7, 8, size=(8, 6)) * 0.25).astype(np.float32), "W1"),
+             numpy_helper.from_array((rng.integers(-7, 8, size=(6, 4)) * 0.25).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "scale"),
+             numpy_helper.from_array(np.array(0.25, np.float32), "w_scale"),
+             numpy_helper.from_array(np.array(4.0, np.float32), "b4")]
+    nodes = [_quant("x", "xq", "scale", "b4", 1, 0), _quant("W1", "w1q", "w_scale", "b4", 1, 0),
+             helper.make_node("MatMul", ["xq", "w1q"], ["m"], name="MatMul_0"),
+             helper.make_node("Clip", ["m", "zero", "two"], ["r"], name="Relu6"), _quant("r", "aq", "scale", "b4", 0, 0),
+             _quant("W2", "w2q", "w_scale", "b4", 1, 0), helper.make_node("MatMul", ["aq", "w2q"], ["y"], name="MatMul_1")]
+    path = save_graph(tmp_path / "m.onnx", nodes, inits, [1, 8], [1, 4])
+    code, output = run_cli("lower", path, tmp_path / "out.onnx", "--acc-bits", "16")
+    assert code == 0, output
+    inputs = (rng.integers(-16, 17, size=(256, 8)) * 0.5).astype(np.float32)
+    model, hw = load_model(path).transform(InferShapes()), ModelWrapper(str(tmp_path / "out.onnx"))
+    assert check_equivalence(model, hw, inputs)["max_abs_diff"] == 0.0
 
 
 def test_a_one_bit_unsigned_activation_is_refused_by_name(tmp_path, monkeypatch):

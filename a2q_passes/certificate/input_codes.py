@@ -163,7 +163,8 @@ class InputCodes:
         if node.op_type in ("Quant", "IntQuant"):
             bits = execute_constants(self.model, [node.input[3]])[node.input[3]]
             if self._made_unsigned_for_finn(node, bits):  # FINN converts the unsigned Quant of one bit less
-                bits, node = bits - 1, copy.deepcopy(node)
+                # (2 bits, behind a Clip at the scale, where that is 1: FINN lowers 1 bit as bipolar)
+                bits, node = np.maximum(bits - 1, 2), copy.deepcopy(node)
                 getCustomOp(node).set_nodeattr("signed", 0)
 
             class _Initializers:  # get_integer_datatype reads only the bit width initializer
@@ -210,8 +211,8 @@ class InputCodes:
     def _made_unsigned_for_finn(self, node: NodeProto, bits: np.ndarray) -> bool:
         """Whether the rewrite that ``lower`` and the FINN build steps run before FINN's conversion
         (``finn_quant_forms.UnsignedQuantAfterRelu``; FINN refuses the signed form) makes ``node`` an unsigned
-        Quant of one bit less: a signed ``Quant`` right after a ``Relu``, zero point 0, positive scales and an
-        integer bit width of at least 2."""
+        Quant of one bit less (of 2 bits where that is 1): a signed ``Quant`` right after a ``Relu``, zero point 0,
+        positive scales (one, for 2 bits) and an integer bit width of at least 2."""
         producer = self.model.find_producer(node.input[0])
         if node.op_type != "Quant" or producer is None or producer.op_type != "Relu":
             return False
@@ -219,7 +220,8 @@ class InputCodes:
             return False
         scale, zero = (execute_constants(self.model, [name])[name] for name in node.input[1:3])
         b = float(np.asarray(bits).reshape(-1)[0]) if np.size(bits) == 1 else 0.0
-        return bool(np.all(scale > 0) and np.all(zero == 0) and b == int(b) and b >= 2)
+        # a 2-bit one needs one scale for its Clip
+        return bool(np.all(scale > 0) and np.all(zero == 0) and b == int(b) and b >= 2 and (b > 2 or np.size(scale) == 1))
 
     def _probe(self, node: NodeProto, scale: float | np.ndarray, zero: float, version: int | None = None) -> Grid:
         """Execute a qonnx quantizer on its lowest and highest possible input, -inf (0 where it holds only reals >= 0) and +inf: it
