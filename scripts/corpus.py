@@ -205,12 +205,13 @@ def brevitas_entry(path: Path, producer: str, exporter: str, zero_point: str) ->
 
 
 def _lowers_as_quant(path: Path) -> bool:
-    """Whether ``a2q lower`` takes a Q/DQ file as QONNX: qonnx's QCDQToQuant converts every Q/DQ node of it
-    (:class:`a2q_passes.finn_quant_forms.QuantFromQDQ`, stored integers included) into quantizers FINN's conversion
-    takes (zero points of 0, or activation zero points a2q makes thresholds of) and it has no product of two
-    activations; the other Q/DQ files are refused by name, tested in ``tests/test_finn_quant_forms.py``."""
+    """Whether ``a2q lower`` takes a Q/DQ file as QONNX: its preparation (where qonnx's QCDQToQuant converts every
+    Q/DQ node of it, :class:`a2q_passes.finn_quant_forms.QuantFromQDQ`, stored integers included) leaves quantizers
+    FINN's conversion takes (zero points of 0, or activation zero points a2q makes thresholds of) and it has no
+    product of two activations; the other Q/DQ files are refused by name, tested in
+    ``tests/test_finn_quant_forms.py``."""
     from a2q_passes.errors import LoweringError
-    from a2q_passes.finn_quant_forms import QuantFromQDQ, is_qdq_node
+    from a2q_passes.finn_quant_forms import is_qdq_node, prepare_for_finn
     from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
     from a2q_passes.layers import find_mac_layers
     from a2q_passes.model_io import load_model
@@ -220,7 +221,7 @@ def _lowers_as_quant(path: Path) -> bool:
         if not any(is_qdq_node(n) for n in model.graph.node):
             return False
         try:
-            refuse_unconvertible_quantizers(model.transform(QuantFromQDQ()))
+            refuse_unconvertible_quantizers(prepare_for_finn(model))  # as `lower` runs them
         except LoweringError:
             return False
         return not any(layer.act_x_act for layer in find_mac_layers(model))  # lower refuses these by name
