@@ -48,7 +48,7 @@ class UnsignedQuantAfterRelu(Transformation):
             bits = unsigned_bits_after_relu(model, node)
             if bits is None:
                 continue
-            if not _signed_codes_at_or_above_zero_bits(model, node) > 1:  # signed 2-bit: codes 0 and 1
+            if _signed_codes_at_or_above_zero_bits(model, node) == 1:  # signed 2-bit: codes 0 and 1
                 _clip_at_the_scale(model, node)
             _make_unsigned(model, node, bits)
             changed = True
@@ -94,9 +94,15 @@ def unsigned_bits_after_relu(model: ModelWrapper, node: NodeProto) -> int | None
     producer = model.find_producer(node.input[0])
     if node.op_type != "Quant" or producer is None or producer.op_type != "Relu" or not node_attr(node, "signed", 1):
         return None
-    bits = _signed_codes_at_or_above_zero_bits(model, node)
+    return _unsigned_bits_of_signed(model, node)
+
+
+def _unsigned_bits_of_signed(model: ModelWrapper, quant: NodeProto) -> int | None:
+    """The bit width of the unsigned ``Quant`` that gives signed ``quant``'s codes >= 0: b - 1, and 2 for b = 2
+    (behind a ``Clip`` at its scale, so one scale only; FINN lowers 1 unsigned bit as bipolar), else ``None``."""
+    bits = _signed_codes_at_or_above_zero_bits(model, quant)
     if bits == 1:
-        return 2 if np.size(get_constant(model, node.input[1])) == 1 else None
+        return 2 if np.size(get_constant(model, quant.input[1])) == 1 else None
     return bits
 
 
@@ -213,10 +219,7 @@ def relu_fold_bits(model: ModelWrapper, quant: NodeProto) -> float | None:
         return None
     if not node_attr(quant, "signed", 1):
         return _zero_point_free_bits(model, quant)
-    bits = _signed_codes_at_or_above_zero_bits(model, quant)
-    if bits == 1:  # 2 unsigned bits behind a Clip at the one scale
-        return 2 if np.size(get_constant(model, quant.input[1])) == 1 else None
-    return bits
+    return _unsigned_bits_of_signed(model, quant)
 
 
 class DefaultDomainFirst(Transformation):
