@@ -74,7 +74,7 @@ CONSTRUCTS = {
 
 # the switches whose constructs `lower` takes (finn_lowerable cases draw these and no other)
 FINN_LOWERABLE = frozenset({"global_pool", "per_channel_act_depthwise", "constant_forms", "float64_scales",
-                            "extracted_scales", "selecting_ops"})  # selecting_ops: only nearest upsampling there
+                            "extracted_scales"})
 
 
 @dataclass
@@ -359,7 +359,7 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
 @st.composite
 def between_ops(draw, rank: int, finn: bool = False, selecting: bool = False) -> list[str]:
     if finn:  # what FINN's streamlining moves past or lowers itself
-        options = ["relu"] + (["maxpool"] + (["upsample"] if selecting else []) if rank == 4 else [])
+        options = ["relu"] + (["maxpool"] if rank == 4 else [])
     else:
         options = ["relu", "concat"] + (["reshape"] if rank in (2, 4) else []) + \
             (["maxpool", "pad", "transpose"] if rank == 4 else [])
@@ -385,7 +385,7 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
         mode = draw(st.sampled_from(modes))
         case.used |= {"selecting_ops"} if mode != "constant" else set()
         return b.node("Pad", [x, pads], out_shape, mode=mode), grid
-    if op in ("resize", "upsample", "slice", "gather"):
+    if op in ("resize", "slice", "gather"):
         case.used.add("selecting_ops")
         return _selecting(draw, b, op, x, grid)
     if op == "transpose":
@@ -425,7 +425,7 @@ def _selecting(draw, b: _Builder, op: str, x: str, grid: tuple) -> tuple[str, tu
     if op == "gather":  # channels picked, some repeated
         picks = draw(st.lists(st.integers(0, c - 1), min_size=1, max_size=3))
         return b.node("Gather", [x, b.const("picks", np.array(picks, np.int64))], (n, len(picks), h, w), axis=1), grid
-    if op == "upsample" or draw(st.booleans()):  # nn.Upsample(scale_factor=2, mode="nearest")
+    if draw(st.booleans()):  # nn.Upsample(scale_factor=2, mode="nearest")
         mode = draw(st.sampled_from(["asymmetric", "half_pixel", "align_corners"]))
         return b.node("Resize", [x, "", b.const("scales", np.array([1, 1, 2, 2], np.float32))], (n, c, 2 * h, 2 * w),
                       mode="nearest", coordinate_transformation_mode=mode), grid
