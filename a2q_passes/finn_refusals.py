@@ -242,7 +242,8 @@ def refuse_unsigned_one_bit_activations(model: ModelWrapper) -> None:
     Why: FINN's ``ConvertQONNXtoFINN`` lowers every 1-bit activation ``Quant`` as bipolar (one threshold at 0, outputs
     -1 and +1 times twice the scale) whatever its ``signed`` attribute, so an unsigned one (Brevitas' 1-bit
     ``QuantReLU``) would be lowered to other values (a signed 2-bit ``Quant`` next to a ``Relu`` is made an unsigned
-    2-bit one behind a ``Clip`` instead, see ``finn_quant_forms.UnsignedQuantAfterRelu``). Found by the property fuzzer: `lower` wrote a graph whose outputs differed by 32.
+    2-bit one behind a ``Clip`` instead, see ``finn_quant_forms.UnsignedQuantAfterRelu``). Found by the property
+    fuzzer: `lower` wrote a graph whose outputs differed by 32.
     """
     found = []
     for node in model.graph.node:

@@ -136,11 +136,12 @@ def exact_rows(thresholds: np.ndarray) -> np.ndarray:
     threshold has no step to check."""
     values = thresholds.astype(np.float64)
     finite = np.isfinite(values)
-    steps = np.diff(np.where(finite, values, np.nan), axis=-1)
-    first = np.nanmax(np.where(np.isnan(steps), -np.inf, steps), axis=-1, initial=-np.inf)  # the finite step, if any
-    progression = (finite.sum(axis=-1) >= 2) & np.all(np.isnan(steps) | (steps == first[..., None]), axis=-1)
+    count = finite.sum(axis=-1)
+    steps = np.diff(np.where(finite, values, np.nan), axis=-1)  # NaN next to an infinite threshold
+    first = np.max(np.where(np.isnan(steps), -np.inf, steps), axis=-1, initial=-np.inf)  # the finite step, if any
+    progression = (count >= 2) & np.all(np.isnan(steps) | (steps == first[..., None]), axis=-1)
     mantissa, _ = np.frexp(np.where(np.isfinite(first), first, 0.0))
     dyadic = (mantissa == 0.5) & np.all(~finite | (np.abs(values) < 2.0 ** 22), axis=-1)
     integers = (values == np.floor(values)) & (np.abs(values) < 2.0 ** 16)
-    whole = (finite.sum(axis=-1) >= 3) & np.all(~finite | integers, axis=-1)
+    whole = (count >= 3) & np.all(~finite | integers, axis=-1)
     return progression & (dyadic | whole)
