@@ -15,4 +15,8 @@ DYNAMIC_QUANTIZER_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "Dyna
 # signed n-bit quantizer's codes [-2^(n-1)+1, 2^(n-1)-1] become INTn = [-2^(n-1), 2^(n-1)-1]).
 INPUT_RANGES = ("exact", "finn")
 INPUT_RANGES_TITLE = {"exact": "input ranges: exact quantizer codes", "finn": "input ranges: FINN DataType"}
+# ops that only move or regroup the elements of a tensor: an elementwise op with one constant commutes with them
+LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+# ops that keep every value in its channel (NCHW): activation codes with one scale per channel pass them
+CHANNEL_KEEPING_OPS = ("MaxPool", "Identity")
 DEFAULT_METHOD = "exact"  # the projection method of `a2q project` (:mod:`a2q_passes.methods`)

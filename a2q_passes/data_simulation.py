@@ -24,7 +24,7 @@ from qonnx.util.basic import get_preferred_qonnx_opset
 from a2q_passes import model_io, progress
 from a2q_passes.analysis import INNER_REGISTER, integer_view, register_ranges
 from a2q_passes.batching import batch_free_reshapes
-from a2q_passes.conventions import DYNAMIC_QUANTIZER_OPS
+from a2q_passes.conventions import CHANNEL_KEEPING_OPS, DYNAMIC_QUANTIZER_OPS
 from a2q_passes.conv_transpose_simulation import conv_transpose_accumulate, unsimulated_attributes
 from a2q_passes.errors import A2QError
 from a2q_passes.npz_data import read_npz
@@ -333,10 +333,13 @@ class _MacKernel:
         if grid.scale_axis is None:
             scale = float(grid.scale) if grid.scale is not None else 1.0
             return scale, scale
-        # the reader takes one scale per channel only as the direct input of a depthwise Conv (weights (C_out, 1, ...))
+        # the reader takes one scale per channel only as the input of a depthwise Conv (weights (C_out, 1, ...)),
+        # directly or through ops that keep each channel's values in it
         shape = self.layer.layout.shape
         channels = int(node_attr(self.node, "group", 1))
         quantizer = model.find_producer(self.layer.input_tensor)
+        while quantizer is not None and quantizer.op_type in CHANNEL_KEEPING_OPS:
+            quantizer = model.find_producer(quantizer.input[0])
         scale = axis_scale(model, quantizer, [1, channels] + [1] * (len(shape) - 2)) if quantizer is not None else None
         if scale is None or grid.scale_axis != 1 or shape[1] != 1 or self.node.op_type != "Conv":
             raise _NotSimulated("its input has one scale per index of an axis the simulator does not convert")

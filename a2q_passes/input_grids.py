@@ -12,7 +12,7 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.bounds import BIPOLAR, IntRange
-from a2q_passes.conventions import INPUT_RANGES, ZERO_POINT_CONVENTIONS
+from a2q_passes.conventions import CHANNEL_KEEPING_OPS, INPUT_RANGES, ZERO_POINT_CONVENTIONS
 from a2q_passes.finn_quant_forms import relu_fold_bits, unsigned_bits_after_relu
 from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.graph_values import clip_bounds, get_constant, node_attr, node_label, node_str_attr
@@ -212,8 +212,8 @@ class GridResolver:
         grid, reason = self._cache[tensor]
         if grid is not None and grid.scale_axis is not None and not per_channel_scale:
             return None, (f"'{tensor}' has one scale per index of axis {grid.scale_axis} (per-channel activation "
-                          "scales); a2q reads such codes only as the direct input of a depthwise ONNX Conv (NCHW; each "
-                          "output summing one channel, whose codes share one step)")
+                          "scales); a2q reads such codes only as the input of a depthwise ONNX Conv, directly or through "
+                          "MaxPool (NCHW; each output summing one channel, whose codes share one step)")
         return grid, reason
 
     def _resolve(self, tensor: str) -> tuple[InputGrid | None, str]:
@@ -233,7 +233,10 @@ class GridResolver:
         elif hasattr(self, f"_from_{producer.op_type}"):
             grid, reason = getattr(self, f"_from_{producer.op_type}")(producer)
         elif producer.op_type in GRID_PRESERVING_OPS:
-            grid, reason = self.resolve(producer.input[0])
+            grid, reason = self.resolve(producer.input[0], per_channel_scale=producer.op_type in CHANNEL_KEEPING_OPS)
+            if grid is not None and grid.scale_axis not in (None, 1):  # MaxPool takes values across spatial axes
+                grid, reason = None, (f"'{producer.input[0]}' has one scale per index of axis {grid.scale_axis}, "
+                                      f"which {node_label(producer)} mixes")
         else:
             grid, reason = None, f"input comes from {node_label(producer)}, which is not on an integer grid"
         if grid is not None and annotated and self.finn_ranges:

@@ -100,7 +100,7 @@ class InputCodes:
         grid = self.cache[tensor]
         if grid.scale_axis is not None and not per_channel_scale:
             raise CannotCertify(f"'{tensor}' has one scale per index of axis {grid.scale_axis}: certified only as the "
-                                "direct input of a depthwise Conv")
+                                "input of a depthwise Conv, directly or through MaxPool")
         return grid
 
     def _grid(self, tensor: str) -> Grid:
@@ -425,7 +425,12 @@ class InputCodes:
         return Grid(min(g.lo, g.zero), min(g.hi, g.zero), g.zero, g.scale)
 
     def _selecting(self, node: NodeProto) -> Grid:
-        return self.grid(node.input[0])
+        # a max over a window of one channel, or a copy, keeps each channel's codes on that channel's scale
+        grid = self.grid(node.input[0], per_channel_scale=node.op_type in ("MaxPool", "Identity"))
+        if grid.scale_axis not in (None, 1):
+            raise CannotCertify(f"'{node.input[0]}' has one scale per index of axis {grid.scale_axis}, which "
+                                f"{node_label(node)} mixes")
+        return grid
 
     def _Resize(self, node: NodeProto) -> Grid:
         if node_attr(node, "mode", "nearest") != "nearest":
