@@ -4,6 +4,7 @@ writes (the tensors themselves: :mod:`a2q_passes.tensor_store`; the write itself
 from __future__ import annotations
 
 import glob
+import graphlib
 import hashlib
 import os
 import re
@@ -80,9 +81,10 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
         raise A2QError(f"{path}: the ONNX graph has no nodes (empty or truncated file?)")
     external = any(uses_external_data(tensor) for tensor in proto.graph.initializer)
     _EXTERNAL_BY_FILE[_file_identity(path)] = external
-    declared = declare_custom_domains(proto)
+    # both run (`|`): the file on disk is then not what is checked
+    changed = declare_custom_domains(proto) | in_topological_order(proto.graph)
     try:
-        if (external or path.stat().st_size >= CHECK_BY_PATH_BYTES) and not declared:
+        if (external or path.stat().st_size >= CHECK_BY_PATH_BYTES) and not changed:
             # by path: the checker reads the graph itself, checks each external tensor's file, and
             # is not bound by protobuf's 2 GB limit on one serialised model
             onnx.checker.check_model(str(path))
@@ -97,7 +99,29 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     _check_node_names(proto, path)
     _check_accumulator_record(proto, path)
     _check_parameter_values(proto, path)
+    _check_quantizer_types(proto, path)
     return proto
+
+
+def in_topological_order(graph: onnx.GraphProto) -> bool:
+    """Sort the nodes topologically where the file lists one before a node it reads (in memory; returns whether
+    it did). Why: ONNX asks for that order, and the checker and qonnx's executor rely on it, but AMD Quark's
+    quantizer writes some graphs out of it, which onnxruntime runs anyway (it sorts them itself). The sort is
+    deterministic, and changes no value. A graph with a cycle is left to the checker to name."""
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output if out}
+    if all(producer.get(name, -1) < index for index, node in enumerate(graph.node) for name in node.input if name):
+        return False
+    needs = {index: {producer[name] for name in node.input if name in producer} for index, node in enumerate(graph.node)}
+    try:
+        order = list(graphlib.TopologicalSorter(needs).static_order())
+    except graphlib.CycleError:
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for node, index in zip(nodes, order):
+        node.CopyFrom(graph.node[index])
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return True
 
 
 def _constants_as_initializers(proto: onnx.ModelProto) -> None:
@@ -344,6 +368,39 @@ def _check_parameter_values(proto: onnx.ModelProto, path: Path) -> None:
                 raise A2QError(f"{path}: node '{node.name or node.output[0]}' ({node.op_type}) has a zero in its "
                                f"scale '{tensor.name}'; a quantizer scale must be non-zero (re-calibrate or "
                                "re-export the model)")
+
+
+def _check_quantizer_types(proto: onnx.ModelProto, path: Path) -> None:
+    """An ONNX QuantizeLinear/DequantizeLinear whose stored codes or zero point have a type its version of the op
+    does not take (tf2onnx writes int16 ones at opset 13; ONNX allows them from opset 21) is refused by name: the
+    checker lets it pass, onnxruntime refuses to load the file, and a2q's own checks, which execute the graph's
+    quantizers, could not run it either. The types come from ONNX's own operator schemas."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None:
+        return
+    types = {tensor.name: tensor.data_type for tensor in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
+            continue
+        for name, formal in zip(node.input, onnx.defs.get_schema(node.op_type, version, "").inputs):
+            if name not in types or _takes(node.op_type, version, formal.name, types[name]):
+                continue
+            stored = onnx.TensorProto.DataType.Name(types[name]).lower()
+            later = next((v for v in range(version + 1, onnx.defs.onnx_opset_version() + 1)
+                          if _takes(node.op_type, v, formal.name, types[name])), None)
+            since = f"from opset {later} on" if later else "at no opset"
+            raise A2QError(f"{path}: node '{node.name or node.output[0]}' ({node.op_type}) reads '{name}' as {stored}, "
+                           f"which ONNX's {node.op_type} takes {since}, and the model imports opset {version}: "
+                           "onnxruntime refuses to load it. Re-export the model at an opset that takes that type, "
+                           "or with 8-bit codes")
+
+
+def _takes(op_type: str, version: int, formal: str, data_type: int) -> bool:
+    """Whether ONNX's ``op_type`` at ``version`` takes a tensor of ``data_type`` as its input named ``formal``."""
+    schema = onnx.defs.get_schema(op_type, version, "")
+    wanted = next((i.type_str for i in schema.inputs if i.name == formal), None)
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}.get(wanted, {wanted})
+    return f"tensor({onnx.TensorProto.DataType.Name(data_type).lower()})" in allowed
 
 
 def _all_finite(values: np.ndarray, block: int = 1 << 22) -> bool:
