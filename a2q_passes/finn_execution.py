@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from onnx import NodeProto
 from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
@@ -56,7 +57,7 @@ class ExecutionError(A2QError):
     """Executing a model for the equivalence check failed; the message names the model and the fix."""
 
 
-def _execution_hint(message: str, model: ModelWrapper) -> str:
+def _execution_hint(message: str, model: ModelWrapper, otherwise: str | None = None) -> str:
     odd = [(node.name, shape) for node in model.graph.node if node.domain.startswith(HW_DOMAIN_PREFIX)
            and len(shape := model.get_tensor_shape(node.input[0]) or [0, 0]) not in (2, 4)]
     if odd:
@@ -80,7 +81,7 @@ def _execution_hint(message: str, model: ModelWrapper) -> str:
                     "nothing is written. Quantize before such a node, or give it integer bounds")
         return ("the input values are not on the graph input's annotated datatype; give --data with values "
                 "that datatype allows, or remove the annotation")
-    return "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
+    return otherwise or "check that the model executes with qonnx (`qonnx.core.onnx_exec.execute_onnx`) on these inputs"
 
 
 Inputs = np.ndarray | Sequence[np.ndarray]  # one array per data input in graph order (the array itself for one input)
@@ -92,11 +93,22 @@ def input_arrays(inputs: Inputs) -> list[np.ndarray]:
     return [np.asarray(a, dtype=np.float32) for a in arrays]
 
 
-def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model") -> list[np.ndarray]:
+def _failing_node(exc: BaseException) -> NodeProto | None:
+    """The node qonnx's ``execute_node`` was running when ``exc`` was raised (its frame's ``node``), if any."""
+    trace, node = exc.__traceback__, None
+    while trace is not None:
+        if trace.tb_frame.f_code.co_name == "execute_node" and isinstance(trace.tb_frame.f_locals.get("node"), NodeProto):
+            node = trace.tb_frame.f_locals["node"]
+        trace = trace.tb_next
+    return node
+
+
+def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model", hint: str | None = None) -> list[np.ndarray]:
     """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked.
 
     ``inputs`` go to the model's data inputs in graph order (FINN renames them, and keeps their order). A failure
-    inside execution raises :class:`ExecutionError` naming ``what``, the sample and a fix.
+    inside execution raises :class:`ExecutionError` naming ``what``, the node, the sample and a fix (``hint`` where
+    the caller knows more than that the model did not execute on these inputs).
     """
     from qonnx.core.onnx_exec import execute_onnx
 
@@ -111,10 +123,12 @@ def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model") -> l
                 for name, shape, a in zip(names, shapes, arrays)}
         try:
             out = execute_onnx(model, feed)
-        except Exception as exc:  # qonnx/onnxruntime raise plain exceptions naming the node in their text
+        except Exception as exc:  # qonnx/onnxruntime raise plain exceptions, which not always name the node
             message = " ".join(str(exc).split())
-            raise ExecutionError(f"executing the {what} failed on input sample {start}: {message}. "
-                                 f"Fix: {_execution_hint(message, model)}") from exc
+            node = _failing_node(exc)
+            where = f" at node {node.name or node.output[0]!r} ({node.op_type})" if node is not None else ""
+            raise ExecutionError(f"executing the {what} failed{where} on input sample {start}: {message}. "
+                                 f"Fix: {_execution_hint(message, model, hint)}") from exc
         for index, name in enumerate(outputs):
             results[index].append(out[name])
     return [np.concatenate(r, axis=0) for r in results]
@@ -160,7 +174,11 @@ def compare_execution(
     reference_model = cleanup_model(reference_model.transform(DefaultDomainFirst()))  # see DefaultDomainFirst
     inputs = input_arrays(inputs)
     reference = execute_batch(reference_model, inputs, "QONNX model")
-    final = execute_batch(lowered, inputs, "lowered FINN graph")
+    final = execute_batch(lowered, inputs, "lowered FINN graph", hint=(
+        "the QONNX model executes on these inputs, so FINN's transformations made a graph that FINN's own execution "
+        "of its layers cannot run (a limitation of FINN's lowering for this structure, e.g. a layer that reads its "
+        "input in another layout than it was given), and nothing is written. Keep that part of the model out of the "
+        "FINN part, or report the model to FINN"))
     max_diff = _max_abs_diff(reference, final, "lowered model")
     scale = max(1.0, max(float(np.max(np.abs(r))) for r in reference))
 

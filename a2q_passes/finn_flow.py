@@ -61,6 +61,7 @@ from onnx import TensorProto, numpy_helper
 from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 
+from a2q_passes.conventions import LAYOUT_OPS
 from a2q_passes.errors import LoweringError
 from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
 from a2q_passes.finn_deconv import streamline_conv_transposes
@@ -80,7 +81,6 @@ from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point
 MAX_RESIDUAL_ROUNDS = 4
 # Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
 # that InferShuffle skips on purpose); not a failure to lower a layer.
-_HOST_OPS = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 
 Observer = Callable[["StageRecord", ModelWrapper], None]
 
@@ -484,7 +484,7 @@ def summarize_lowering(model: ModelWrapper, stages: list[StageRecord], fpgapart:
             if any(not dt.is_integer() for dt in dtypes):
                 float_hw.append(node.name)
             continue
-        host_side = node.op_type in _HOST_OPS and _is_boundary(model, node)
+        host_side = node.op_type in LAYOUT_OPS and _is_boundary(model, node)
         reason = ("layout/data movement at the graph boundary, runs on the host" if host_side
                   else _unlowered_reason(model, node))
         unlowered.append(UnloweredNode(node.name, node.op_type, reason, blocking=not host_side))

@@ -18,6 +18,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
+from a2q_passes.conventions import LAYOUT_OPS
 from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
 from a2q_passes.graph_values import (auto_pads, clip_bounds, extracted_quant_scale, get_constant, node_attr, node_axes,
@@ -671,8 +672,9 @@ class QuantFromQDQ(Transformation):
     QuantToQCDQ, onnxruntime's QDQ format) becomes one with QONNX ``Quant`` nodes, by qonnx's own ``QCDQToQuant``,
     where that converts every Q/DQ node; any other graph is left as it is. A ``DequantizeLinear`` of stored integers
     (weights, as the TorchScript QCDQ export and onnxruntime write them) first gets the ``QuantizeLinear`` that gives
-    them back (:func:`quantize_stored_integers`), and symmetric unsigned pairs become signed ones with zero point 0
-    (:func:`signed_mid_zero_points`).
+    them back (:func:`quantize_stored_integers`), a per-tensor one that reads the codes through layout ops moves in
+    front of them (:func:`dequantize_before_layout_ops`), and symmetric unsigned pairs become signed ones with zero
+    point 0 (:func:`signed_mid_zero_points`).
 
     Why: FINN's conversion reads ``Quant`` nodes only, and ``QCDQToQuant`` is qonnx's way to them. Where it converts
     part of a graph (4-bit storage, block-wise ``DequantizeLinear``, onnxruntime's QOperator nodes) or fails, FINN's
@@ -688,7 +690,8 @@ class QuantFromQDQ(Transformation):
         if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
             return model, False
         try:
-            chains = signed_mid_zero_points(quantize_stored_integers(ModelWrapper(model.model.SerializeToString())))
+            chains = ModelWrapper(model.model.SerializeToString())
+            chains = signed_mid_zero_points(quantize_stored_integers(dequantize_before_layout_ops(chains)))
             copies = _one_quantizer_per_tensor(chains)
             converted = chains.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
         except Exception:  # qonnx raises plain numpy/ONNX errors on chains it cannot read
@@ -712,14 +715,13 @@ def _merge_equal_quants(model: ModelWrapper) -> ModelWrapper:
     kept: dict[str, list] = {}
     outputs = {o.name for o in model.graph.output}
     for node in [n for n in model.graph.node if n.op_type == "Quant"]:
-        params = [get_constant(model, name) for name in node.input[1:4]]
-        if any(p is None for p in params) or node.output[0] in outputs:
+        if node.output[0] in outputs or not _same_constants(model, node, node):
             continue
-        same = next((first for first, first_params in kept.get(node.input[0], [])
+        same = next((first for first in kept.get(node.input[0], [])
                      if sorted(map(str, first.attribute)) == sorted(map(str, node.attribute))
-                     and all(np.array_equal(a, b) for a, b in zip(params, first_params))), None)
+                     and _same_constants(model, first, node)), None)
         if same is None:
-            kept.setdefault(node.input[0], []).append((node, params))
+            kept.setdefault(node.input[0], []).append(node)
             continue
         for reader in model.graph.node:
             reader.input[:] = [same.output[0] if name == node.output[0] else name for name in reader.input]
@@ -793,6 +795,69 @@ def quantize_stored_integers(model: ModelWrapper) -> ModelWrapper:
         reader.input[0] = quantize.output[0]
         _remove_if_unused(model, stored)
     return model
+
+
+def dequantize_before_layout_ops(model: ModelWrapper) -> ModelWrapper:
+    """Each ``DequantizeLinear`` with one scale and one zero point that reads ``QuantizeLinear`` codes only through
+    layout ops and ``Concat`` (tf2onnx's conversion of TFLite models moves and joins the int8 codes: ``Transpose``,
+    ``Squeeze``, ``Reshape``, ``Concat``) is replaced by one copy of it right behind each of those
+    ``QuantizeLinear``, the layout ops then moving reals: chains Q -> DQ, the form ``QCDQToQuant`` converts. Exact:
+    with one scale and zero point the dequantization is the same function of every element, and these ops only move
+    elements. Where a tensor between the two has another reader or is a graph output, nothing changes. ``model`` is
+    changed in place and returned."""
+    outputs = {o.name for o in model.graph.output}
+
+    def quantizers(tensor: str, region: list) -> list | None:
+        """The QuantizeLinear nodes whose codes reach ``tensor`` only through the region's ops (appended), or None."""
+        producer = model.find_producer(tensor)
+        if producer is not None and producer.op_type == "QuantizeLinear" and not producer.domain:
+            return [producer]  # its codes stay for other readers: the copy is a reader of its own
+        if producer is None or producer.domain or len(model.find_consumers(tensor)) != 1 or tensor in outputs:
+            return None
+        inputs = producer.input[:1] if producer.op_type in LAYOUT_OPS else producer.input
+        if producer.op_type not in (*LAYOUT_OPS, "Concat"):
+            return None
+        region.append(producer)
+        found = [quantizers(t, region) for t in inputs]
+        return None if any(q is None for q in found) else [q for qs in found for q in qs]
+
+    for dq in [n for n in model.graph.node if n.op_type == "DequantizeLinear" and not n.domain]:
+        params = [get_constant(model, name) for name in dq.input[1:3] if name]
+        region: list = []
+        sources = quantizers(dq.input[0], region) if all(p is not None and np.size(p) == 1 for p in params) else None
+        if not region or sources is None:
+            continue
+        base = dq.name or dq.output[0]
+        for i, quantize in enumerate(sources):
+            copy = helper.make_node("DequantizeLinear", [quantize.output[0], *dq.input[1:]],
+                                    [f"{base}_of_{quantize.output[0]}"], name=f"{base}_{i}")
+            copy.attribute.extend(dq.attribute)
+            # one that the codes' other readers already have serves (QCDQToQuant converts one DequantizeLinear
+            # per QuantizeLinear)
+            same = next((n for n in model.find_consumers(quantize.output[0]) if n.op_type == copy.op_type and not n.domain
+                         and sorted(map(str, n.attribute)) == sorted(map(str, copy.attribute))
+                         and _same_constants(model, n, copy)), None)
+            if same is None:
+                model.graph.node.insert(list(model.graph.node).index(quantize) + 1, copy)
+            reals = (same or copy).output[0]
+            reader = next(n for n in region if quantize.output[0] in n.input)
+            reader.input[:] = [reals if t == quantize.output[0] else t for t in reader.input]
+        moved = {t for node in region for t in node.output}
+        region[0].output[0] = dq.output[0]  # the op that fed the DequantizeLinear now gives its reals
+        model.graph.node.remove(dq)
+        for info in [i for i in model.graph.value_info if i.name in moved | {dq.output[0]}]:  # now reals
+            model.graph.value_info.remove(info)
+    return model
+
+
+def _same_constants(model: ModelWrapper, node: NodeProto, other: NodeProto) -> bool:
+    """Whether the parameters (inputs after the first) of two nodes are constants of equal type and values (a node
+    with itself: whether its parameters are constants)."""
+    if len(node.input) != len(other.input):
+        return False
+    pairs = [(get_constant(model, a), get_constant(model, b)) for a, b in zip(node.input[1:], other.input[1:])]
+    return all(a is not None and b is not None and np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
+               for a, b in pairs)
 
 
 def signed_mid_zero_points(model: ModelWrapper) -> ModelWrapper:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from a2q_passes.batching import batch_free_reshapes
 from a2q_passes.bounds import IntRange, integer_range
+from a2q_passes.conventions import LAYOUT_OPS
 from a2q_passes.errors import A2QError
 from a2q_passes.torch_bridge.ops import (
     QONNX_DOMAINS,
@@ -37,7 +38,6 @@ _QUANT_OPS = (*_INT_QUANT_OPS, "BipolarQuant")
 _MAC_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
 _MAC_BIAS_INPUTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 # Ops a weight may pass through between its Quant and the MAC that consumes it.
-_LAYOUT_OPS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
 @dataclass(frozen=True)
@@ -383,7 +383,7 @@ def _mac_consumer(model: ModelWrapper, tensor: str) -> onnx.NodeProto | None:
     if weight_inputs is not None:
         positions = [i for i, name in enumerate(node.input) if name == tensor]
         return node if any(p in weight_inputs for p in positions) else None
-    if node.op_type in _LAYOUT_OPS:
+    if node.op_type in LAYOUT_OPS:
         return _mac_consumer(model, node.output[0])
     return None
 
