@@ -10,7 +10,8 @@ an ``InferenceSession``'s graph optimizer saves from them), qonnx's channels-las
 QONNX files (``_qonnx_transformations``), FINN's own pipeline (``step_qonnx_to_finn`` to ``step_minimize_bit_width``,
 as far as it runs without Vivado), the committed QONNX model-zoo files (``tests/data``) and Keras files
 (``tests/data/keras``: QKeras models as qonnx's converter writes them, and onnxruntime's quantizer over tf2onnx
-float models). Each file then goes
+float models), and the committed files of TensorFlow Lite's converter through tf2onnx, NNCF and AMD Quark
+(``tests/data/tflite``, ``tests/data/ptq_tools``). Each file then goes
 through the command line:
 
 1. ``a2q analyze --json --per-channel``: every quantized MAC layer must be read, and each one's reported range must
@@ -86,6 +87,9 @@ TF2ONNX_ORT = "onnxruntime quantize_static / quantize_dynamic of tf2onnx (Keras)
 # (format, weight type, activation type, per channel) of onnxruntime's quantizer over the tf2onnx float models
 TF2ONNX_ORT_VARIANTS = [("QDQ", "QInt8", "QUInt8", True), ("QDQ", "QInt8", "QInt8", False),
                         ("QOperator", "QInt8", "QUInt8", True), ("dynamic", "QInt8", "QUInt8", True)]
+# the committed files of three more quantizers (tests/data/tflite, tests/data/ptq_tools; see each README)
+COMMITTED_QUANTIZERS = {"tflite": "TensorFlow Lite converter (int8, 16x8, dynamic), tf2onnx from_tflite",
+                        "nncf": "NNCF quantize (ONNX backend)", "quark": "AMD Quark (quark.onnx ModelQuantizer)"}
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
 GRAPH_PTQ = {"qonnx": "Brevitas graph-mode PTQ (brevitas_examples quantize_model), export_qonnx",
@@ -210,14 +214,17 @@ def _lowers_as_quant(path: Path) -> bool:
     FINN's conversion takes (zero points of 0, or activation zero points a2q makes thresholds of) and it has no
     product of two activations; the other Q/DQ files are refused by name, tested in
     ``tests/test_finn_quant_forms.py``."""
-    from a2q_passes.errors import LoweringError
+    from a2q_passes.errors import A2QError, LoweringError
     from a2q_passes.finn_quant_forms import is_qdq_node, prepare_for_finn
     from a2q_passes.finn_refusals import refuse_unconvertible_quantizers
     from a2q_passes.layers import find_mac_layers
     from a2q_passes.model_io import load_model
 
     with _quiet():
-        model = load_model(path)  # as the command reads it (Constant nodes become initializers)
+        try:
+            model = load_model(path)  # as the command reads it (Constant nodes become initializers)
+        except A2QError:  # a file no command reads: the check names why
+            return False
         if not any(is_qdq_node(n) for n in model.graph.node):
             return False
         try:
@@ -511,6 +518,19 @@ def keras_files(folder: Path, quick: bool) -> tuple[list[Entry], list[Entry]]:
     return qkeras, quantized
 
 
+def committed_quantizer_files(folder: Path, quick: bool) -> list[Entry]:
+    """The committed TFLite, NNCF and Quark files (``scripts/tflite_files.py``, ``scripts/ptq_tool_files.py``),
+    copied as they are (quick: one of each tool)."""
+    entries = []
+    for tool, producer in COMMITTED_QUANTIZERS.items():
+        sources = sorted([*(DATA / "tflite").glob(f"{tool}_*.onnx"), *(DATA / "ptq_tools").glob(f"{tool}_*.onnx")])
+        for source in sources[:1] if quick else sources:
+            path = folder / source.name
+            shutil.copyfile(source, path)
+            entries.append(Entry(path.stem, producer, path, lower=_lowers_as_quant(path)))
+    return entries
+
+
 def _graph_input(path: Path):
     import onnx
 
@@ -551,7 +571,8 @@ def generate(folder: Path, quick: bool) -> tuple[list[Entry], list[str]]:
     qkeras, keras_quantized = keras_files(folder, quick)
     examples, examples_rejected = brevitas_example_files(folder, quick)
     return (entries + graph_ptq + examples + ort + torch_qat_files(folder, quick) + finn + channels_last + transformed + quantized
-            + ([] if quick else zoo) + (qkeras[:1] if quick else qkeras) + keras_quantized,
+            + ([] if quick else zoo) + (qkeras[:1] if quick else qkeras) + keras_quantized
+            + committed_quantizer_files(folder, quick),
             rejected + graph_ptq_rejected + finn_rejected + channels_last_rejected + transformed_rejected
             + quantized_rejected + examples_rejected)
 
@@ -580,11 +601,10 @@ def _oracle_ranges(path: Path, names: list[str], zero_point: str, input_dtype: s
     """The oracle's executed range of each layer of ``names``; ``input_dtype``: the user's claim for every float
     graph input, given the oracle here (not read from what ``a2q`` wrote into an output)."""
     from qonnx.core.datatype import DataType
-    from qonnx.core.modelwrapper import ModelWrapper
 
-    from tests.fuzz.real_files import executed_range
+    from tests.fuzz.real_files import executed_range, file_model
 
-    model = ModelWrapper(str(path))
+    model = file_model(path)
     for vi in model.graph.input if input_dtype else []:
         if model.get_initializer(vi.name) is None:
             model.set_tensor_datatype(vi.name, DataType[input_dtype])
@@ -594,11 +614,9 @@ def _oracle_ranges(path: Path, names: list[str], zero_point: str, input_dtype: s
 
 def _unread_macs(path: Path, reported: set[str]) -> list[str]:
     """MAC nodes with quantized operands (the oracle can describe them) that analyze did not report."""
-    from qonnx.core.modelwrapper import ModelWrapper
+    from tests.fuzz.real_files import Undescribed, describe_layer, file_model, is_mac
 
-    from tests.fuzz.real_files import Undescribed, describe_layer, is_mac
-
-    model = ModelWrapper(str(path))
+    model = file_model(path)
     missing = []
     for node in model.graph.node:
         name = node.name or node.output[0]
@@ -711,16 +729,14 @@ SIMULATED_LAYERS = 4  # step 7: at most this many layers per file, spread over t
 def _simulates_exactly(entry: Entry, work: Path, names: list[str], result: Result) -> bool:
     """Step 7, the fuzzer's property (j) on the file: ``verify --data`` on random inputs counts exactly the
     overflows of the accumulators the whole file executes to on them (qonnx)."""
-    from qonnx.core.modelwrapper import ModelWrapper
-
     from tests.fuzz.properties import Checker, Outcome
-    from tests.fuzz.real_files import simulation_case
+    from tests.fuzz.real_files import file_model, simulation_case
 
     outcome = Outcome()
     folder = work / f"{entry.name}.data"
     folder.mkdir(parents=True, exist_ok=True)
     with _quiet():
-        case = simulation_case(ModelWrapper(str(entry.path)), names, entry.zero_point, entry.input_dtype)
+        case = simulation_case(file_model(entry.path), names, entry.zero_point, entry.input_dtype)
         Checker(case, folder, outcome).simulated(entry.path, SIMULATED_LAYERS)
     result.simulated = sum(n for key, n in outcome.checked.items() if key.startswith("data simulations ("))
     if outcome.failures:
@@ -743,9 +759,10 @@ def _graph_nodes(path: Path) -> list:
 def _random_data(entry: Entry, work: Path, samples: int, what: str, result: Result) -> Path | None:
     """``samples`` random inputs for the file's one graph input (None, noted, where it has several)."""
     from qonnx.core.datatype import DataType
-    from qonnx.core.modelwrapper import ModelWrapper
 
-    model = ModelWrapper(str(entry.path))
+    from tests.fuzz.real_files import file_model
+
+    model = file_model(entry.path)
     if len([i for i in model.graph.input if model.get_initializer(i.name) is None]) != 1:
         result.notes.append(f"{what}: not run (the file has several inputs)")
         return None

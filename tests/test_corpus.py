@@ -16,8 +16,8 @@ import onnx
 import pytest
 from qonnx.core.modelwrapper import ModelWrapper
 
-from scripts.corpus import (BREVITAS_EXAMPLES, EXPORTERS, FINN_STAGES, GRAPH_PTQ, ORT_FORMATS, ORT_OPTIMIZED, QKERAS,
-                            TF2ONNX_ORT, TORCH_QAT, _run, brevitas_entry, check, generate)
+from scripts.corpus import (BREVITAS_EXAMPLES, COMMITTED_QUANTIZERS, EXPORTERS, FINN_STAGES, GRAPH_PTQ, ORT_FORMATS,
+                            ORT_OPTIMIZED, QKERAS, TF2ONNX_ORT, TORCH_QAT, _run, brevitas_entry, check, generate)
 from tests.fuzz.oracle import width
 from tests.fuzz.real_files import executed_range
 
@@ -32,7 +32,8 @@ def test_quick_corpus_has_no_failed_file_and_the_oracle_agrees(corpus, tmp_path)
     assert rejected == []
     producers = {e.producer for e in entries}
     assert producers == set(EXPORTERS.values()) | set(ORT_FORMATS.values()) | set(GRAPH_PTQ.values()) | {
-        FINN_STAGES["step_convert_to_hw"], ORT_OPTIMIZED, TORCH_QAT, QKERAS, TF2ONNX_ORT, BREVITAS_EXAMPLES["qonnx"]}
+        FINN_STAGES["step_convert_to_hw"], ORT_OPTIMIZED, TORCH_QAT, QKERAS, TF2ONNX_ORT, BREVITAS_EXAMPLES["qonnx"],
+        *COMMITTED_QUANTIZERS.values()}
     results = [check(entry, tmp_path) for entry in entries]
     assert [(r.entry.name, r.detail) for r in results if r.status != "handled"] == []
     # every layer's executed worst case is the analysed range, not merely inside it; regression (found by the

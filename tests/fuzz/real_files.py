@@ -59,6 +59,26 @@ class Undescribed(Exception):
     """A layer whose integer grid this module cannot read from the graph (the reason names the node)."""
 
 
+def file_model(path) -> ModelWrapper:
+    """A real file as qonnx reads it, less what qonnx's lookups trip over and every tool runs anyway: a value_info
+    entry repeating another (AMD Quark writes such) dropped, nodes listed out of topological order (Quark again)
+    sorted."""
+    import onnx
+
+    from a2q_passes.model_io import in_topological_order
+
+    proto = onnx.load(str(path))
+    seen, kept = {vi.name for vi in (*proto.graph.input, *proto.graph.output)}, []
+    for vi in proto.graph.value_info:
+        if vi.name not in seen:
+            seen.add(vi.name)
+            kept.append(vi)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    in_topological_order(proto.graph)
+    return ModelWrapper(proto)
+
+
 def _const(model: ModelWrapper, name: str) -> np.ndarray | None:
     """An initializer, or a tensor computed from constants alone (executed: PyTorch's exporter shares equal
     parameters through Identity nodes)."""
@@ -90,7 +110,7 @@ def activation_grid(model: ModelWrapper, tensor: str) -> tuple[float, int]:
 
 def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, object]:
     """:func:`activation_grid` and the node it read the grid from (``None``: an integer graph input)."""
-    ops, start = [], tensor
+    ops, channels_kept = [], True  # only ops that keep each value in its channel since the MAC
     while True:
         producer = model.find_producer(tensor)
         if producer is None:
@@ -103,15 +123,17 @@ def _activation_source(model: ModelWrapper, tensor: str) -> tuple[float, int, ob
         op = producer.op_type
         if op in PASS_THROUGH or op == "Concat":
             tensor = producer.input[0]
+            channels_kept = channels_kept and op in ("MaxPool", "Identity")
             continue
         if op in ("Mul", "Add") and _const(model, producer.input[1]) is not None:
             ops.append((op, _scalar(model, producer.input[1], f"{producer.name} constant")))
             tensor = producer.input[0]
             continue
         quantizer = op in ("Quant", "IntQuant", "DequantizeLinear")
-        per_channel = _const(model, producer.input[1]) if quantizer and tensor == start else None
+        per_channel = _const(model, producer.input[1]) if quantizer and channels_kept and not ops else None
         if per_channel is not None and np.size(per_channel) > 1:
-            # one scale per channel, straight into the MAC (MobileNet-v1's depthwise convolutions): the codes are
+            # one scale per channel, into the MAC directly (MobileNet-v1's depthwise convolutions) or through a
+            # MaxPool (NNCF's placement): the codes are
             # the executed input divided by the scale broadcast as the quantizer broadcasts it (a
             # DequantizeLinear's 1-D scale along its axis attribute)
             scale = np.asarray(per_channel, dtype=np.float64)
@@ -385,6 +407,13 @@ def with_shapes(model: ModelWrapper) -> ModelWrapper:
     shapeless = [vi for vi in model.graph.value_info if not vi.type.tensor_type.HasField("shape")]
     for vi in shapeless:
         model.graph.value_info.remove(vi)
+    # a batch left symbolic (tf2onnx, dynamic-axes exports) reads as 0 in qonnx, whose executor runs only the
+    # declared shape: one sample at a time
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value and model.get_initializer(vi.name) is None:
+            dims[0].Clear()
+            dims[0].dim_value = 1
     if all(model.get_tensor_shape(t) is not None for n in model.graph.node for t in n.output if t):
         return model  # shaped already (a lowered FINN graph: qonnx cannot infer the shape of FINN's HW Reshape)
     try:  # constant shape computations folded (Brevitas' old Flatten exports: Shape -> Gather -> ... -> Reshape)
