@@ -449,7 +449,8 @@ _WINDOW_DEFAULTS = {"Conv": ("kernel_shape", "strides", "dilations", "group", "p
 
 class ChannelsLastInputLayout(Transformation):
     """A 4-D graph input read only by ``Transpose(perm=[0, 3, 1, 2])`` nodes (tf2onnx's channels-last input, as a
-    Keras model has it) gets the data layout NHWC, where it has none.
+    Keras model has it), directly or through its quantizer (:func:`_to_channels_first`), gets the data layout NHWC,
+    where it has none.
 
     Why: FINN's streamlining absorbs that ``Transpose`` into the layers behind it, so an input quantizer's
     ``MultiThreshold`` ends up reading the graph input in NHWC, while qonnx's ``InferDataLayouts`` takes an
@@ -466,10 +467,24 @@ class ChannelsLastInputLayout(Transformation):
             if (model.get_initializer(name) is not None or len(model.get_tensor_shape(name) or ()) != 4
                     or model.get_tensor_layout(name) is not None or not readers):
                 continue
-            if all(r.op_type == "Transpose" and list(node_attr(r, "perm", [])) == [0, 3, 1, 2] for r in readers):
+            if all(_to_channels_first(model, r) for r in readers):
                 model.set_tensor_layout(name, DataLayout.NHWC)
                 changed = True
         return model, changed
+
+
+def _to_channels_first(model: ModelWrapper, reader: NodeProto) -> bool:
+    """Whether ``reader`` is ``Transpose(perm=[0, 3, 1, 2])``, or a per-tensor ``Quant`` with zero point 0 read only
+    by such (NNCF and Quark quantize the graph input before tf2onnx's Transpose; without the annotation, FINN's
+    global pool after a residual block read NCHW data as NHWC). A nonzero zero point (TFLite's) is lowered as
+    thresholds and an Add, after which FINN's streamlining keeps the input NCHW: annotated NHWC, its conversion
+    stopped on a layout mismatch."""
+    if reader.op_type == "Transpose":
+        return list(node_attr(reader, "perm", [])) == [0, 3, 1, 2]
+    after = model.find_consumers(reader.output[0]) or []
+    params = [get_constant(model, t) for t in reader.input[1:]]
+    return (reader.op_type == "Quant" and all(np.size(p) == 1 for p in params) and np.all(params[1] == 0)
+            and bool(after) and all(_to_channels_first(model, r) for r in after))
 
 
 class SpatialSqueezeAsFlatten(Transformation):

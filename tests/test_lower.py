@@ -511,6 +511,29 @@ def test_a_lowering_finns_execution_rejects_is_refused_naming_the_3d_layers(tmp_
     assert not (tmp_path / "hw.onnx").exists() and (tmp_path / "seq.onnx").read_bytes() == before
 
 
+def test_an_execution_failure_names_the_node_and_the_callers_diagnosis():
+    """qonnx's executor raises the kernel's own error, which does not always name the node (FINN's GlobalAccPool:
+    "cannot reshape array of size 12 into shape (1,8,1,1)"): the error names the node qonnx was executing, and the
+    fix the caller knows (for the lowered graph: the QONNX model executed on the same inputs), where no more
+    specific diagnosis applies."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from a2q_passes.finn_execution import ExecutionError, execute_batch
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="fine"),
+                               helper.make_node("Reshape", ["r", "shape"], ["y"], name="misshaped")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 3])],
+                              [numpy_helper.from_array(np.array([3, 3], np.int64), "shape")],
+                              value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4])])
+    model = ModelWrapper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(ExecutionError) as raised:
+        execute_batch(model, np.zeros((2, 4), np.float32), "lowered FINN graph", hint="the caller's diagnosis")
+    message = str(raised.value)
+    assert "failed at node 'misshaped' (Reshape) on input sample 0" in message, message
+    assert message.endswith("Fix: the caller's diagnosis"), message
+
+
 @pytest.mark.parametrize("scale_axis", [0, 1])
 def test_a_weight_scale_along_the_summed_axis_is_refused_by_name(scale_axis, tmp_path):
     """A MatMul whose weight Quant has one scale per row of its [K, N] weights varies along the axis it sums over: no
