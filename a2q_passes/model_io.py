@@ -82,7 +82,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     external = any(uses_external_data(tensor) for tensor in proto.graph.initializer)
     _EXTERNAL_BY_FILE[_file_identity(path)] = external
     # both run (`|`): the file on disk is then not what is checked
-    changed = declare_custom_domains(proto) | in_topological_order(proto.graph)
+    changed = declare_custom_domains(proto) | sort_topologically(proto.graph)
     try:
         if (external or path.stat().st_size >= CHECK_BY_PATH_BYTES) and not changed:
             # by path: the checker reads the graph itself, checks each external tensor's file, and
@@ -103,7 +103,7 @@ def read_model_proto(path: str | os.PathLike, stream: bool = True) -> onnx.Model
     return proto
 
 
-def in_topological_order(graph: onnx.GraphProto) -> bool:
+def sort_topologically(graph: onnx.GraphProto) -> bool:
     """Sort the nodes topologically where the file lists one before a node it reads (in memory; returns whether
     it did). Why: ONNX asks for that order, and the checker and qonnx's executor rely on it, but AMD Quark's
     quantizer writes some graphs out of it, which onnxruntime runs anyway (it sorts them itself). The sort is

@@ -98,13 +98,13 @@ def test_a_graph_listed_out_of_order_is_read_as_sorted(tmp_path):
     """Quark lists a node before the node whose output it reads; the checker refuses that, onnxruntime sorts it
     itself. Every command sorts it in memory: analyze reports what it reports for the sorted file, and project writes
     a valid, sorted model."""
-    from a2q_passes.model_io import in_topological_order
+    from a2q_passes.model_io import sort_topologically
 
     source = DATA / "ptq_tools" / "quark_tf2onnx_residual_gap_xint8.onnx"
     proto = onnx.load(str(source))
     with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
         onnx.checker.check_model(proto)
-    assert in_topological_order(proto.graph) and not in_topological_order(proto.graph)
+    assert sort_topologically(proto.graph) and not sort_topologically(proto.graph)
     onnx.checker.check_model(proto)
     sorted_path = tmp_path / "sorted.onnx"
     onnx.save(proto, str(sorted_path))

@@ -65,7 +65,7 @@ def file_model(path) -> ModelWrapper:
     sorted."""
     import onnx
 
-    from a2q_passes.model_io import in_topological_order
+    from a2q_passes.model_io import sort_topologically
 
     proto = onnx.load(str(path))
     seen, kept = {vi.name for vi in (*proto.graph.input, *proto.graph.output)}, []
@@ -75,7 +75,7 @@ def file_model(path) -> ModelWrapper:
             kept.append(vi)
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(kept)
-    in_topological_order(proto.graph)
+    sort_topologically(proto.graph)
     return ModelWrapper(proto)
 
 
