@@ -688,8 +688,9 @@ class QuantFromQDQ(Transformation):
     where that converts every Q/DQ node; any other graph is left as it is. A ``DequantizeLinear`` of stored integers
     (weights, as the TorchScript QCDQ export and onnxruntime write them) first gets the ``QuantizeLinear`` that gives
     them back (:func:`quantize_stored_integers`), a per-tensor one that reads the codes through layout ops moves in
-    front of them (:func:`dequantize_before_layout_ops`), and symmetric unsigned pairs become signed ones with zero
-    point 0 (:func:`signed_mid_zero_points`).
+    front of them (:func:`dequantize_before_layout_ops`), symmetric unsigned pairs become signed ones with zero
+    point 0 (:func:`signed_mid_zero_points`), and per-tensor nodes lose the ``axis`` they ignore
+    (:func:`per_tensor_without_axis`).
 
     Why: FINN's conversion reads ``Quant`` nodes only, and ``QCDQToQuant`` is qonnx's way to them. Where it converts
     part of a graph (4-bit storage, block-wise ``DequantizeLinear``, onnxruntime's QOperator nodes) or fails, FINN's
@@ -705,7 +706,7 @@ class QuantFromQDQ(Transformation):
         if not any(node.op_type == "QuantizeLinear" for node in model.graph.node):
             return model, False
         try:
-            chains = ModelWrapper(model.model.SerializeToString())
+            chains = per_tensor_without_axis(ModelWrapper(model.model.SerializeToString()))
             chains = signed_mid_zero_points(quantize_stored_integers(dequantize_before_layout_ops(chains)))
             copies = _one_quantizer_per_tensor(chains)
             converted = chains.transform(InferShapes()).transform(QCDQToQuant())  # it reads the shapes it rewrites
@@ -809,6 +810,21 @@ def quantize_stored_integers(model: ModelWrapper) -> ModelWrapper:
         model.graph.node.insert(list(model.graph.node).index(reader), quantize)
         reader.input[0] = quantize.output[0]
         _remove_if_unused(model, stored)
+    return model
+
+
+def per_tensor_without_axis(model: ModelWrapper) -> ModelWrapper:
+    """An ``axis`` attribute dropped from each ONNX QuantizeLinear/DequantizeLinear whose scale is one value: ONNX
+    ignores it there, and qonnx's ``QCDQToQuant`` reshapes the scale along it and fails (PyTorch's dynamo exporter
+    writes ``axis=1`` on the per-tensor Q/DQ of a ``torchao`` PT2E model). ``model`` is changed in place and
+    returned."""
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not node.domain and node_attr(node, "axis") is not None:
+            scale = get_constant(model, node.input[1])
+            if scale is not None and np.ndim(scale) == 0:
+                kept = [a for a in node.attribute if a.name != "axis"]
+                del node.attribute[:]
+                node.attribute.extend(kept)
     return model
 
 
