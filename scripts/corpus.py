@@ -10,8 +10,8 @@ an ``InferenceSession``'s graph optimizer saves from them), qonnx's channels-las
 QONNX files (``_qonnx_transformations``), FINN's own pipeline (``step_qonnx_to_finn`` to ``step_minimize_bit_width``,
 as far as it runs without Vivado), the committed QONNX model-zoo files (``tests/data``) and Keras files
 (``tests/data/keras``: QKeras models as qonnx's converter writes them, and onnxruntime's quantizer over tf2onnx
-float models), and the committed files of TensorFlow Lite's converter through tf2onnx, NNCF and AMD Quark
-(``tests/data/tflite``, ``tests/data/ptq_tools``). Each file then goes
+float models), and the committed files of TensorFlow Lite's converter through tf2onnx, NNCF, AMD Quark and PyTorch's
+PT2E (``tests/data/tflite``, ``tests/data/ptq_tools``). Each file then goes
 through the command line:
 
 1. ``a2q analyze --json --per-channel``: every quantized MAC layer must be read, and each one's reported range must
@@ -89,7 +89,9 @@ TF2ONNX_ORT_VARIANTS = [("QDQ", "QInt8", "QUInt8", True), ("QDQ", "QInt8", "QInt
                         ("QOperator", "QInt8", "QUInt8", True), ("dynamic", "QInt8", "QUInt8", True)]
 # the committed files of three more quantizers (tests/data/tflite, tests/data/ptq_tools; see each README)
 COMMITTED_QUANTIZERS = {"tflite": "TensorFlow Lite converter (int8, 16x8, dynamic), tf2onnx from_tflite",
-                        "nncf": "NNCF quantize (ONNX backend)", "quark": "AMD Quark (quark.onnx ModelQuantizer)"}
+                        "nncf": "NNCF quantize (ONNX backend)", "quark": "AMD Quark (quark.onnx ModelQuantizer)",
+                        "pt2e": "PyTorch PT2E (torchao prepare_pt2e / convert_pt2e), torch.onnx dynamo export"}
+COMMITTED_QUICK = ("tflite_cnn_int8", "nncf_attention_performance", "quark_conv_gemm_matmul_a16w8", "pt2e_mlp_xnnpack_pt")
 CHANNELS_LAST = "qonnx ConvertToChannelsLastAndClean"
 TORCH_QAT = "PyTorch QAT (torch.ao.quantization, TorchScript export)"
 GRAPH_PTQ = {"qonnx": "Brevitas graph-mode PTQ (brevitas_examples quantize_model), export_qonnx",
@@ -519,12 +521,12 @@ def keras_files(folder: Path, quick: bool) -> tuple[list[Entry], list[Entry]]:
 
 
 def committed_quantizer_files(folder: Path, quick: bool) -> list[Entry]:
-    """The committed TFLite, NNCF and Quark files (``scripts/tflite_files.py``, ``scripts/ptq_tool_files.py``),
-    copied as they are (quick: one of each tool)."""
+    """The committed TFLite, NNCF, Quark and PT2E files (``scripts/tflite_files.py``, ``scripts/ptq_tool_files.py``),
+    copied as they are (quick: one of each tool, :data:`COMMITTED_QUICK`)."""
     entries = []
     for tool, producer in COMMITTED_QUANTIZERS.items():
         sources = sorted([*(DATA / "tflite").glob(f"{tool}_*.onnx"), *(DATA / "ptq_tools").glob(f"{tool}_*.onnx")])
-        for source in sources[:1] if quick else sources:
+        for source in [p for p in sources if p.stem in COMMITTED_QUICK] if quick else sources:
             path = folder / source.name
             shutil.copyfile(source, path)
             entries.append(Entry(path.stem, producer, path, lower=_lowers_as_quant(path)))

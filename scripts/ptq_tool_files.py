@@ -1,6 +1,8 @@
-"""Q/DQ files as two more post-training quantizers write them, for the corpus: Intel's NNCF (``nncf.quantize`` on an
-ONNX model) and AMD Quark's ONNX quantizer (``quark.onnx.ModelQuantizer``), each over the float nets of
-``tests/ort_models.py`` and the tf2onnx float models of ``tests/data/keras``, calibrated on seeded normal data.
+"""Q/DQ files as three more post-training quantizers write them, for the corpus: Intel's NNCF (``nncf.quantize`` on
+an ONNX model) and AMD Quark's ONNX quantizer (``quark.onnx.ModelQuantizer``), each over the float nets of
+``tests/ort_models.py`` and the tf2onnx float models of ``tests/data/keras``, and PyTorch's PT2E quantization
+(``torchao``'s ``prepare_pt2e``/``convert_pt2e`` with its XNNPACK and X86 Inductor quantizers, exported by
+``torch.onnx.export(dynamo=True)``) on two small PyTorch nets, all calibrated on seeded normal data.
 
     PTQVENV/bin/python -m scripts.ptq_tool_files --out tests/data/ptq_tools
 
@@ -8,7 +10,7 @@ Neither tool is a dependency of this project (CI never installs them): the files
 environment, and committed (``tests/data/ptq_tools``, each a few kB). That environment, with Python 3.11::
 
     python3.11 -m venv PTQVENV
-    PTQVENV/bin/pip install nncf==3.4.0 amd-quark==0.13 onnx onnxruntime "numpy<2.3" torch==2.13.0
+    PTQVENV/bin/pip install nncf==3.4.0 amd-quark==0.13 torchao==0.18.0 onnx onnxruntime "numpy<2.3" torch==2.13.0
 
 What each file shows is listed in ``tests/data/ptq_tools/README.md``; ``tests/test_ptq_tool_files.py`` runs them.
 """
@@ -34,6 +36,9 @@ FILES = [
     ("quark", "tf2onnx_mlp", "a8w8"),  # value_info entries repeated
     ("quark", "conv_gemm_matmul", "a16w8"),  # 16-bit activations
     ("quark", "residual_depthwise", "xint8"),  # power-of-two scales: exact rounding ties everywhere
+    ("pt2e", "cnn", "xnnpack_pc"),  # per-tensor Q/DQ that carry an axis attribute, per-channel weights
+    ("pt2e", "mlp", "xnnpack_pt"),
+    ("pt2e", "cnn", "x86"),  # X86 Inductor: the residual Add's inputs left unquantized
 ]
 SAMPLES = 16
 
@@ -87,6 +92,47 @@ def quark_file(source: Path, shape: list[int], config: str, out: Path) -> None:
         quantizer.quantize_model(str(source.resolve()), str(out.resolve()), Reader())
 
 
+def pt2e_file(net: str, config: str, out: Path) -> None:
+    import onnx
+    import torch
+    from torch import nn
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    class CNN(nn.Module):  # a conv, a depthwise conv with a residual Add, a 1 x 1 conv, max pooling, a linear layer
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.c3, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6 * 4 * 4, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.c1(x))
+            h = nn.functional.max_pool2d(torch.relu(self.c3(torch.relu(self.c2(h)) + h)), 2)
+            return self.fc(torch.flatten(h, 1))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(20, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model, shape = (CNN(), (1, 3, 8, 8)) if net == "cnn" else (MLP(), (1, 20))
+    quantizer = (X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()) if config == "x86"
+                 else XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=config.endswith("pc"))))
+    example = torch.randn(*shape)
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
+    for sample in calibration("x", list(shape)):
+        prepared(torch.from_numpy(sample["x"]))
+    torch.onnx.export(convert_pt2e(prepared), (example,), str(out), dynamo=True, opset_version=18)
+    onnx.save(onnx.load(str(out)), str(out))  # the exporter's external data file, inlined
+    out.with_name(out.name + ".data").unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -96,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(exist_ok=True)
     nets = float_models(work)
     for tool, net, config in FILES:
-        source, shape = nets[net]
+        source, shape = nets.get(net, (None, None))
         target = args.out / f"{tool}_{net}_{config}.onnx"
-        (nncf_file if tool == "nncf" else quark_file)(source, shape, config, target)
+        if tool == "pt2e":
+            pt2e_file(net, config, target)
+        else:
+            (nncf_file if tool == "nncf" else quark_file)(source, shape, config, target)
         print("wrote", target)
     for path in work.iterdir():
         path.unlink()
