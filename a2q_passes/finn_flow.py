@@ -79,8 +79,6 @@ from a2q_passes.finn_upsample import upsampling_as_hw_layers
 from a2q_passes.finn_zero_points import partial_range_threshold_bits, zero_point_passes
 
 MAX_RESIDUAL_ROUNDS = 4
-# Data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose
-# that InferShuffle skips on purpose); not a failure to lower a layer.
 
 Observer = Callable[["StageRecord", ModelWrapper], None]
 
@@ -484,6 +482,8 @@ def summarize_lowering(model: ModelWrapper, stages: list[StageRecord], fpgapart:
             if any(not dt.is_integer() for dt in dtypes):
                 float_hw.append(node.name)
             continue
+        # data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose that
+        # InferShuffle skips on purpose): not a failure to lower a layer
         host_side = node.op_type in LAYOUT_OPS and _is_boundary(model, node)
         reason = ("layout/data movement at the graph boundary, runs on the host" if host_side
                   else _unlowered_reason(model, node))
