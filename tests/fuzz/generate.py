@@ -671,11 +671,16 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
                 and src not in {vi.name for vi in b.inputs} and draw(st.booleans())):
             b.datatypes[src] = draw(st.sampled_from(["UINT2", "INT2", "UINT4", "INT4", "UINT8", "INT8", "BINARY"]))
             case.used.add("misannotated_tensors")
-        ops = [] if spec.get("depthwise") else draw(between_ops(len(b.shapes[src]), finn, "selecting_ops" in allowed))
+        if spec.get("depthwise"):
+            # per-channel codes into the depthwise Conv directly, or through a MaxPool, as NNCF places them (not in
+            # FINN-lowerable models, whose draws stay as they were)
+            ops = ["maxpool"] if not finn and len(b.shapes[src]) == 4 and draw(st.integers(0, 2)) == 0 else []
+        else:
+            ops = draw(between_ops(len(b.shapes[src]), finn, "selecting_ops" in allowed))
         if i == blocks - 1 and len(b.shapes[src]) >= 3 and not spec.get("depthwise") and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
         # one scale per channel: an integer accumulation only where each output sums one channel (below)
-        grid = (None, 0) if isinstance(s, np.ndarray) and ops else (s, z)
+        grid = (None, 0) if isinstance(s, np.ndarray) and any(op != "maxpool" for op in ops) else (s, z)
         t = src
         if grid[1] > 0 and "relu_after_zero_point" not in allowed:
             ops = [op for op in ops if op != "relu"]
