@@ -731,11 +731,9 @@ def _merge_equal_quants(model: ModelWrapper) -> ModelWrapper:
     kept: dict[str, list] = {}
     outputs = {o.name for o in model.graph.output}
     for node in [n for n in model.graph.node if n.op_type == "Quant"]:
-        if node.output[0] in outputs or not _same_constants(model, node, node):
+        if node.output[0] in outputs or any(get_constant(model, name) is None for name in node.input[1:]):
             continue
-        same = next((first for first in kept.get(node.input[0], [])
-                     if sorted(map(str, first.attribute)) == sorted(map(str, node.attribute))
-                     and _same_constants(model, first, node)), None)
+        same = next((first for first in kept.get(node.input[0], []) if _same_parameters(model, first, node)), None)
         if same is None:
             kept.setdefault(node.input[0], []).append(node)
             continue
@@ -865,9 +863,8 @@ def dequantize_before_layout_ops(model: ModelWrapper) -> ModelWrapper:
             copy.attribute.extend(dq.attribute)
             # one that the codes' other readers already have serves (QCDQToQuant converts one DequantizeLinear
             # per QuantizeLinear)
-            same = next((n for n in model.find_consumers(quantize.output[0]) if n.op_type == copy.op_type and not n.domain
-                         and sorted(map(str, n.attribute)) == sorted(map(str, copy.attribute))
-                         and _same_constants(model, n, copy)), None)
+            same = next((n for n in model.find_consumers(quantize.output[0])
+                         if n.op_type == copy.op_type and not n.domain and _same_parameters(model, n, copy)), None)
             if same is None:
                 model.graph.node.insert(list(model.graph.node).index(quantize) + 1, copy)
             reals = (same or copy).output[0]
@@ -881,10 +878,9 @@ def dequantize_before_layout_ops(model: ModelWrapper) -> ModelWrapper:
     return model
 
 
-def _same_constants(model: ModelWrapper, node: NodeProto, other: NodeProto) -> bool:
-    """Whether the parameters (inputs after the first) of two nodes are constants of equal type and values (a node
-    with itself: whether its parameters are constants)."""
-    if len(node.input) != len(other.input):
+def _same_parameters(model: ModelWrapper, node: NodeProto, other: NodeProto) -> bool:
+    """Whether two nodes have equal attributes, and after their first input constants of equal type and values."""
+    if len(node.input) != len(other.input) or sorted(map(str, node.attribute)) != sorted(map(str, other.attribute)):
         return False
     pairs = [(get_constant(model, a), get_constant(model, b)) for a, b in zip(node.input[1:], other.input[1:])]
     return all(a is not None and b is not None and np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
