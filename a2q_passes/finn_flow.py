@@ -69,6 +69,7 @@ from a2q_passes.finn_one_d import one_d_convs, pre_streamline_one_d, refuse_one_
 from a2q_passes.finn_global_pooling import integer_global_pools
 from a2q_passes.finn_clip_thresholds import clips_into_thresholds
 from a2q_passes.graph_values import node_attr
+from a2q_passes.finn_pixel_shuffle import PIXEL_SHUFFLES
 from a2q_passes.finn_input_thresholds import exact_input_thresholds
 from a2q_passes.finn_quant_forms import finn_preparation
 from a2q_passes.finn_refusals import (explain_streamline_failure, refuse_before_preparation, refuse_grouped_convs,
@@ -484,7 +485,7 @@ def summarize_lowering(model: ModelWrapper, stages: list[StageRecord], fpgapart:
             continue
         # data movement FINN leaves to the host at the graph boundary (e.g. the NCHW->NHWC input transpose that
         # InferShuffle skips on purpose): not a failure to lower a layer
-        host_side = node.op_type in LAYOUT_OPS and _is_boundary(model, node)
+        host_side = node.op_type in LAYOUT_OPS + PIXEL_SHUFFLES and _is_boundary(model, node)
         reason = ("layout/data movement at the graph boundary, runs on the host" if host_side
                   else _unlowered_reason(model, node))
         unlowered.append(UnloweredNode(node.name, node.op_type, reason, blocking=not host_side))

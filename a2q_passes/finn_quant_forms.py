@@ -930,16 +930,18 @@ def finn_preparation() -> list[Transformation]:
     """The passes to run, in order, before FINN's conversion: initializers listed as graph inputs become plain
     constants (qonnx's cleanup drops an unused one's initializer before its input entry, which leaves a second,
     dynamic input), the default domain is listed first, scales qonnx's ExtractQuantScaleZeroPt moved out of
-    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, then the rewrites above, a ``ReduceMean`` over
+    ``Quant`` nodes go back in, Q/DQ chains become ``Quant`` nodes, a pixel shuffle moves behind its quantizer
+    (:mod:`a2q_passes.finn_pixel_shuffle`), then the rewrites above, a ``ReduceMean`` over
     the spatial axes (:mod:`a2q_passes.finn_global_pooling`) and an ``AveragePool`` as a depthwise ``Conv``
     (:mod:`a2q_passes.finn_average_pooling`) among them."""
     from qonnx.transformation.general import RemoveStaticGraphInputs
 
     from a2q_passes.finn_conv1d import ExpandedConv2DAsConv1D, ExpandedMaxPoolAsMaxPool1D
+    from a2q_passes.finn_pixel_shuffle import PixelShuffleAfterPerValueOps
     from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
-    return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(), RedundantRequantization(),
-            ClipAboveTheCodesAsRelu(), UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(),
+    return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
+            PixelShuffleAfterPerValueOps(), RedundantRequantization(), ClipAboveTheCodesAsRelu(), UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(),
             ReduceMeanAsGlobalAveragePool(), AveragePoolAsDepthwiseConv(), FoldBiasQuantizers(), ExplicitAutoPads(),
             ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(),
             GemmFactorsAsFloat32(), ChannelsLastInputLayout(), SpatialSqueezeAsFlatten(), SpatialFlattenAsReshape()]

@@ -66,6 +66,9 @@ CONSTRUCTS = {
     "selecting_ops": "ops between a quantizer and its MAC that select or repeat codes: nearest Resize (upsampling, "
                      "and tf_crop_and_resize writing an extrapolation value on or off the grid outside its input), "
                      "Slice, Gather, and Pad repeating its input (edge, reflect)",
+    "pixel_shuffle": "DepthToSpace (DCR, CRD) or SpaceToDepth of a MAC's output, between two blocks or at the end "
+                     "in front of a Relu and a quantizer or not (the ESPCN tail, whose shuffle `lower` moves behind "
+                     "the quantizer)",
     "per_channel_act_depthwise": "a Quant or QuantizeLinear/DequantizeLinear pair (axis 1 or 1 - rank) with one "
                                  "activation scale per channel feeding a depthwise Conv (or ConvTranspose) directly, "
                                  "as Brevitas' MobileNet-v1 exports it: each output sums one channel, so the layer "
@@ -73,7 +76,7 @@ CONSTRUCTS = {
 }
 
 # the switches whose constructs `lower` takes (finn_lowerable cases draw these and no other)
-FINN_LOWERABLE = frozenset({"global_pool", "per_channel_act_depthwise", "constant_forms", "float64_scales",
+FINN_LOWERABLE = frozenset({"global_pool", "per_channel_act_depthwise", "constant_forms", "float64_scales", "pixel_shuffle",
                             "extracted_scales"})
 
 
@@ -652,6 +655,9 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
             if x is not None and len(shape) == 4 and "global_pool" in allowed and draw(st.integers(0, 3)) == 0:
                 x_in = draw(_global_pool(b, x_in, allowed, finn))
                 case.used.add("global_pool")
+            if x is not None and len(b.shapes[x_in]) == 4 and "pixel_shuffle" in allowed and draw(st.integers(0, 4)) == 0:
+                x_in = draw(_pixel_shuffle(b, x_in))
+                case.used.add("pixel_shuffle")
             if spec["kind"] in ("quant", "qdq") and draw(st.integers(0, 3)) == 0:
                 # the usual real form: a Relu (or ReLU6's Clip from 0) in front of the quantizer (its negative codes
                 # then never occur)
@@ -719,6 +725,13 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
         if mac.op_type == "Conv" and zero and (any(attrs.get("pads", [])) or attrs.get("auto_pad", b"").startswith(b"SAME")):
             case.used.add("conv_pads_with_zero_point")
         case.description.append(f"block {i}: source {spec}, ops {ops}, {layer.op_type} {node} {attrs}, weights {wspec}")
+    if len(shape) == 4 and "pixel_shuffle" in allowed and draw(st.integers(0, 5)) == 0:  # ESPCN's tail
+        x = draw(_pixel_shuffle(b, x))
+        if draw(st.booleans()):
+            x = b.node("Relu", [x], b.shapes[x])
+        if draw(st.booleans()):
+            x = _apply_source(b, draw(act_specs(allowed, False, finn)), x)[0]
+        case.used.add("pixel_shuffle")
     case = _finish(b, case, x, draw(_constant_plan(b, case, allowed)))
     if "extracted_scales" in allowed and draw(st.integers(0, 5)) == 0:
         _extract_scales(case)
@@ -754,6 +767,18 @@ def _global_pool(draw, b: _Builder, x: str, allowed: frozenset[str], finn: bool 
     keep = draw(st.booleans())
     shape = b.shapes[x][:2] + ((1, 1) if keep else ())
     return b.node("ReduceMean", [x], shape, axes=draw(st.sampled_from([[2, 3], [-1, -2]])), keepdims=int(keep))
+
+
+@st.composite
+def _pixel_shuffle(draw, b: _Builder, x: str) -> str:
+    """A ``DepthToSpace`` (blocksize 2 where the channels allow, else 1) or, on even sizes, a ``SpaceToDepth`` of the
+    4-D ``x``."""
+    n, c, h, w = b.shapes[x]
+    if h % 2 == 0 and w % 2 == 0 and draw(st.integers(0, 2)) == 0:
+        return b.node("SpaceToDepth", [x], (n, c * 4, h // 2, w // 2), blocksize=2)
+    size = 2 if c % 4 == 0 else 1
+    mode = draw(st.sampled_from(["DCR", "CRD"]))
+    return b.node("DepthToSpace", [x], (n, c // size ** 2, h * size, w * size), blocksize=size, mode=mode)
 
 
 def _extract_scales(case: Case) -> None:
