@@ -17,7 +17,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from qonnx.transformation.base import Transformation
 from qonnx.transformation.infer_shapes import InferShapes
 
-from a2q_passes.graph_values import node_attr, node_str_attr
+from a2q_passes.graph_values import get_constant, node_attr, node_str_attr
 
 _QONNX_DOMAIN = "qonnx.custom_op.general"
 
@@ -77,3 +77,43 @@ class AveragePoolAsDepthwiseConv(Transformation):
             model.graph.node.insert(index, weight)
             changed = True
         return model, changed
+
+
+class TruncDroppingNoBitsAsFloor(Transformation):
+    """A ``Trunc`` that drops no bits (zero point 0, output scale equal to its scale, output bit width equal to its
+    input bit width) gets ``rounding_mode`` FLOOR, the only mode FINN's ``AvgPoolAndTruncToQuantAvgPool`` converts.
+
+    Why it is exact: qonnx's ``Trunc`` (both versions) first rounds ``x / scale`` to an integer, divides it by the
+    truncation scale (here 1), clamps to the output range and only then applies the rounding mode, to an integer,
+    which every mode leaves as it is. Brevitas' ``TruncAvgPool2d`` defaults to ``RoundTo8bit`` (ROUND) and drops no
+    bits where the window sum fits its bit width (4-bit codes, a 2 x 2 window, ``bit_width=6`` or more): FINN refused
+    such files. A ``Trunc`` that does drop bits keeps its mode (FINN's layer floors; a rounding one stays refused).
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        changed = False
+        for node in model.graph.node:
+            if (node.op_type != "Trunc" or node_str_attr(node, "rounding_mode", "FLOOR").upper() == "FLOOR"
+                    or not _drops_no_bits(model, node)):
+                continue
+            for attr in node.attribute:
+                if attr.name == "rounding_mode":
+                    attr.s = b"FLOOR"
+            changed = True
+        return model, changed
+
+
+def _drops_no_bits(model: ModelWrapper, trunc) -> bool:
+    """Whether every parameter of ``trunc`` is a constant and it divides by 1 under either version's reading of its
+    inputs (v1: ``x, scale, zero point, input bits, output bits``; v2: ``x, scale, zero point, input bits, output
+    scale, output bits``)."""
+    params = [get_constant(model, name) for name in trunc.input[1:]]
+    if len(params) not in (4, 5) or any(p is None or np.size(p) != 1 for p in params):
+        return False
+    scale, zero, in_bits, *rest = (float(np.asarray(p).reshape(-1)[0]) for p in params)
+    if zero != 0:
+        return False
+    if len(rest) == 1:
+        return rest[0] == in_bits
+    out_scale, out_bits = rest
+    return out_scale == scale and out_bits == in_bits

@@ -85,3 +85,69 @@ def test_lower_takes_brevitas_qcdq_average_pooling(kind, exporter, tmp_path):
     assert entry.lower  # a Q/DQ file lower takes whole
     result = check(entry, tmp_path)
     assert (result.status, result.detail) == ("handled", ""), result
+
+
+def _trunc(version: int, scale: float, out_scale: float, in_bits: float, out_bits: float, zero: float = 0.0,
+           mode: str = "ROUND") -> ModelWrapper:
+    """x -> Trunc (qonnx's version ``version``: v1 reads input and output bits, v2 an output scale between them)."""
+    from onnx import numpy_helper
+
+    params = {"s": scale, "z": zero, "ib": in_bits} | ({"ob": out_bits} if version == 1 else {"os": out_scale,
+                                                                                          "ob": out_bits})
+    node = helper.make_node("Trunc", ["x", *params], ["y"], domain="qonnx.custom_op.general", rounding_mode=mode,
+                            **({"signed": 0} if version == 2 else {}))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.float32(v), k) for k, v in params.items()])
+    return ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                               helper.make_opsetid("qonnx.custom_op.general", version)]))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("mode", ["ROUND", "round", "CEIL", "HALF_EVEN"])
+def test_a_trunc_dropping_no_bits_rounds_floor_with_the_same_outputs(version, mode):
+    """No bits dropped: every rounding mode rounds integers, so FLOOR (what FINN converts) computes the same, on
+    values off the grid, on ties of the grid's half steps, and past the output range (clamped first)."""
+    from a2q_passes.finn_average_pooling import TruncDroppingNoBitsAsFloor
+
+    model = _trunc(version, 0.125, 0.125, 6, 6, mode=mode)
+    rewritten, changed = TruncDroppingNoBitsAsFloor().apply(ModelWrapper(model.model.SerializeToString()))
+    assert changed and helper.get_attribute_value(rewritten.graph.node[0].attribute[0]) in (b"FLOOR",)
+    rng = np.random.default_rng(3)
+    for x in [rng.uniform(-2, 10, size=(1, 2, 4, 4)), (np.arange(32) * 0.0625 - 0.5).reshape(1, 2, 4, 4)]:
+        x = x.astype(np.float32)
+        expected, got = execute_onnx(model, {"x": x})["y"], execute_onnx(rewritten, {"x": x})["y"]
+        assert np.array_equal(expected, got), (mode, version)
+
+
+@pytest.mark.parametrize("case", ["drops_bits", "zero_point", "floor_already"])
+def test_other_truncs_keep_their_mode(case):
+    """A Trunc that drops bits rounds its quotients (ROUND and FLOOR then differ: FINN's layer floors, so it stays
+    refused); a zero point shifts the grid; a FLOOR one needs nothing."""
+    from a2q_passes.finn_average_pooling import TruncDroppingNoBitsAsFloor
+
+    model = {"drops_bits": _trunc(2, 0.125, 0.5, 6, 4), "zero_point": _trunc(2, 0.125, 0.125, 6, 6, zero=1.0),
+             "floor_already": _trunc(2, 0.125, 0.125, 6, 6, mode="FLOOR")}[case]
+    before = model.model.SerializeToString()
+    rewritten, changed = TruncDroppingNoBitsAsFloor().apply(model)
+    assert not changed and rewritten.model.SerializeToString() == before
+    if case == "drops_bits":  # the mode matters there: ROUND and FLOOR compute different values
+        floor = _trunc(2, 0.125, 0.5, 6, 4, mode="FLOOR")
+        x = (np.arange(32) * 0.125).reshape(1, 2, 4, 4).astype(np.float32)
+        assert not np.array_equal(execute_onnx(model, {"x": x})["y"], execute_onnx(floor, {"x": x})["y"])
+
+
+def test_lower_takes_brevitas_qonnx_average_pooling_with_its_default_rounding(tmp_path):
+    """Brevitas' TruncAvgPool2d with its default RoundTo8bit, through export_qonnx: its Trunc drops no bits (4-bit
+    codes, a 2 x 2 window, 6 bits). FINN refused it ("The Trunc node must have the rounding_mode set to 'FLOOR'");
+    now the corpus check lowers it whole and executes every MVAU within its accDataType."""
+    from scripts.corpus import EXPORTERS, brevitas_entry, check
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = build_corpus_net(tmp_path, NetSpec("avgpool", 4, 4), "qonnx")
+    assert any(n.op_type == "Trunc" and helper.get_attribute_value(n.attribute[0]).upper() != b"FLOOR"
+               for n in ModelWrapper(str(path)).graph.node if n.attribute and n.attribute[0].name == "rounding_mode")
+    result = check(brevitas_entry(path, EXPORTERS["qonnx"], "qonnx", "fold"), tmp_path)
+    assert (result.status, result.detail) == ("handled", ""), result
