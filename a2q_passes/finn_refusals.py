@@ -156,6 +156,7 @@ def refuse_unconvertible_quantizers(model: ModelWrapper) -> None:
     refuse_unconverted_qdq(model)
     refuse_zero_points(model)
     refuse_rounding_modes(model)
+    refuse_rounding_truncs(model)
     refuse_unsigned_one_bit_activations(model)
     refuse_signed_quants_after_relu(model)
 
@@ -233,6 +234,23 @@ def refuse_rounding_modes(model: ModelWrapper) -> None:
         raise LoweringError(f"FINN makes an activation Quant into thresholds halfway between codes whatever its "
                             f"rounding_mode, so {', '.join(off)} would be lowered half a step off. Export those "
                             "quantizers with rounding_mode ROUND for FINN; a2q analyze/project/verify read the model "
+                            "as it is.")
+
+
+def refuse_rounding_truncs(model: ModelWrapper) -> None:
+    """Raise :class:`LoweringError` naming each ``Trunc`` left with a rounding mode other than FLOOR (after
+    :class:`~a2q_passes.finn_average_pooling.TruncDroppingNoBitsAsFloor`: it drops bits and rounds them).
+
+    Why: FINN's ``QuantAvgPool2d`` floors; its conversion refuses any other mode with a message that names neither the
+    node nor what to change ("The Trunc node must have the rounding_mode set to 'FLOOR'")."""
+    found = [f"{node.name or node.output[0]!r} ({node_str_attr(node, 'rounding_mode', 'FLOOR').upper()})"
+             for node in model.graph.node
+             if node.op_type == "Trunc" and node_str_attr(node, "rounding_mode", "FLOOR").upper() != "FLOOR"]
+    if found:
+        raise LoweringError(f"Trunc {', '.join(found)} rounds the bits it drops, and FINN's QuantAvgPool2d floors them "
+                            "(its conversion takes rounding_mode FLOOR only). Export Brevitas' TruncAvgPool2d with "
+                            "trunc_quant=TruncTo8bit (FLOOR), or with a bit_width that holds the whole window sum "
+                            "(nothing dropped: lower takes any mode there); a2q analyze/project/verify read the model "
                             "as it is.")
 
 

@@ -151,3 +151,33 @@ def test_lower_takes_brevitas_qonnx_average_pooling_with_its_default_rounding(tm
                for n in ModelWrapper(str(path)).graph.node if n.attribute and n.attribute[0].name == "rounding_mode")
     result = check(brevitas_entry(path, EXPORTERS["qonnx"], "qonnx", "fold"), tmp_path)
     assert (result.status, result.detail) == ("handled", ""), result
+
+
+def test_a_trunc_rounding_dropped_bits_is_refused_by_name(tmp_path):
+    """Brevitas' TruncAvgPool2d at its default ROUND with a bit width below the window sum (4-bit codes, 2 x 2 window,
+    5 bits: one bit dropped): FINN's layer floors, so `lower` names the Trunc and what to export instead (exit 1,
+    nothing written), where FINN's own message named neither."""
+    import brevitas.nn as qnn
+    import onnx
+    import torch
+    from brevitas.export import export_qonnx
+
+    from tests.brevitas_nets import NetSpec, _CorpusNet
+    from tests.cli_helpers import run_cli
+
+    path = tmp_path / "avgpool_drops.onnx"
+    torch.manual_seed(0)
+    net = _CorpusNet(NetSpec("avgpool", 4, 4))
+    net.pool = qnn.TruncAvgPool2d(kernel_size=2, stride=2, bit_width=5, return_quant_tensor=True)
+    with torch.no_grad():
+        net(torch.randn(8, 4, 8, 8) * 2)
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_qonnx(net, torch.randn(1, 4, 8, 8), str(path))
+    truncs = [n for n in onnx.load(path).graph.node if n.op_type == "Trunc"]
+    assert truncs
+    out = tmp_path / "hw.onnx"
+    code, stdout, stderr = run_cli("lower", path, out)
+    assert code == 1 and not out.exists(), stdout + stderr
+    assert f"Trunc '{truncs[0].name}' (ROUND)" in stderr and "TruncTo8bit" in stderr, stderr
