@@ -68,7 +68,7 @@ CONSTRUCTS = {
                      "Slice, Gather, and Pad repeating its input (edge, reflect)",
     "pixel_shuffle": "DepthToSpace (DCR, CRD) or SpaceToDepth of a MAC's output, between two blocks or at the end "
                      "in front of a Relu and a quantizer or not (the ESPCN tail, whose shuffle `lower` moves behind "
-                     "the quantizer)",
+                     "the quantizer), or of quantized codes between their quantizer and a MAC",
     "per_channel_act_depthwise": "a Quant or QuantizeLinear/DequantizeLinear pair (axis 1 or 1 - rank) with one "
                                  "activation scale per channel feeding a depthwise Conv (or ConvTranspose) directly, "
                                  "as Brevitas' MobileNet-v1 exports it: each output sums one channel, so the layer "
@@ -360,7 +360,7 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
 
 
 @st.composite
-def between_ops(draw, rank: int, finn: bool = False, selecting: bool = False) -> list[str]:
+def between_ops(draw, rank: int, finn: bool = False, selecting: bool = False, shuffle: bool = False) -> list[str]:
     if finn:  # what FINN's streamlining moves past or lowers itself
         options = ["relu"] + (["maxpool"] if rank == 4 else [])
     else:
@@ -368,6 +368,8 @@ def between_ops(draw, rank: int, finn: bool = False, selecting: bool = False) ->
             (["maxpool", "pad", "transpose"] if rank == 4 else [])
         if selecting and rank == 4:
             options += ["resize", "slice", "gather"]
+        if shuffle and rank == 4:
+            options.append("shuffle")
     return draw(st.lists(st.sampled_from(options), max_size=2))
 
 
@@ -388,6 +390,9 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
         mode = draw(st.sampled_from(modes))
         case.used |= {"selecting_ops"} if mode != "constant" else set()
         return b.node("Pad", [x, pads], out_shape, mode=mode), grid
+    if op == "shuffle":  # the codes moved between pixels and channels, on the same grid
+        case.used.add("pixel_shuffle")
+        return draw(_pixel_shuffle(b, x)), grid
     if op in ("resize", "slice", "gather"):
         case.used.add("selecting_ops")
         return _selecting(draw, b, op, x, grid)
@@ -682,7 +687,7 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
             # FINN-lowerable models, whose draws stay as they were)
             ops = ["maxpool"] if not finn and len(b.shapes[src]) == 4 and draw(st.integers(0, 2)) == 0 else []
         else:
-            ops = draw(between_ops(len(b.shapes[src]), finn, "selecting_ops" in allowed))
+            ops = draw(between_ops(len(b.shapes[src]), finn, "selecting_ops" in allowed, "pixel_shuffle" in allowed))
         if i == blocks - 1 and len(b.shapes[src]) >= 3 and not spec.get("depthwise") and draw(st.integers(0, 2)) == 0:
             ops.append("flatten")
         # one scale per channel: an integer accumulation only where each output sums one channel (below)
