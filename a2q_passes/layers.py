@@ -29,7 +29,7 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.bounds import BINARY, IntRange, act_x_act_range, narrowest_integers
 from a2q_passes.conventions import (INPUT_RANGES, INPUT_RANGES_TITLE, KIND_ACT_X_ACT,  # noqa: F401 (re-exported)
                                   KIND_WEIGHTS, ZERO_POINT_CONVENTIONS)
-from a2q_passes.input_grids import GridResolver, InputGrid, dtype_grid, with_zero_tap
+from a2q_passes.input_grids import GRID_PRESERVING_OPS, GridResolver, InputGrid, dtype_grid, with_zero_tap
 from a2q_passes.pixel_padding import pixel_padding_masks
 from a2q_passes.tensor_store import initializer_proto, initializer_shape, initializer_value
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr
@@ -729,6 +729,34 @@ def _xnor_popcount_layer(model: ModelWrapper, node: NodeProto, resolver: GridRes
                     source, layout, binary_xnor=True)
 
 
+# ops whose output type qonnx's and FINN's datatype inference copy from their first input (FINN's HW layers by the
+# name before any ``_hls``/``_rtl``); any other op types its own output
+_TYPE_KEEPING_OPS = GRID_PRESERVING_OPS + ("Im2Col", "ConvolutionInputGenerator", "FMPadding", "Pad",
+                                           "StreamingMaxPool", "StreamingDataWidthConverter", "StreamingFIFO")
+
+
+def _mistyped_concat(model: ModelWrapper, tensor: str) -> str | None:
+    """Why the type annotated on ``tensor`` need not hold its values, or None: a standard ``Concat`` it comes from
+    (through type-keeping ops) typed narrower than one of its inputs. qonnx's ``InferDataTypes`` types a ``Concat``'s
+    output as its first input (a Concat of UINT2 and UINT6 codes: UINT2), and FINN builds the layers behind it,
+    and an MVAU's ``inputDataType``, from that; FINN's ``StreamingConcat`` types its output by all of them."""
+    seen = set()
+    while tensor not in seen and (producer := model.find_producer(tensor)) is not None:
+        seen.add(tensor)
+        if producer.op_type == "Concat" and producer.domain in ("", "ai.onnx"):
+            typed = model.get_tensor_datatype(producer.output[0])
+            wider = [f"'{t}' ({model.get_tensor_datatype(t).name})" for t in producer.input
+                     if model.get_tensor_datatype(t).min() < typed.min() or model.get_tensor_datatype(t).max() > typed.max()]
+            return (f"comes from {node_label(producer)}, typed {typed.name} (qonnx types a Concat as its first "
+                    f"input) while its input {', '.join(wider)} holds wider values: this layer's inputs may leave "
+                    f"{typed.name}. Quantize the joined branches to one type, or join them along the channel "
+                    "axis, which FINN's StreamingConcat types by all inputs") if wider else None
+        if producer.op_type.split("_")[0] not in _TYPE_KEEPING_OPS:
+            return None
+        tensor = producer.input[0]
+    return None
+
+
 def finn_mac_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver | None = None) -> MacLayer:
     name = node.name or node.output[0]
     weights = initializer_value(model, node.input[1])
@@ -751,6 +779,8 @@ def finn_mac_layer(model: ModelWrapper, node: NodeProto, resolver: GridResolver 
                         f"unsupported: inputDataType {idt} disagrees with the datatype {annotated.name} annotated on "
                         f"its input '{node.input[0]}' (FINN's InferDataTypes would make it {annotated.name}); run "
                         "qonnx's InferDataTypes or fix the annotation")
+    if (why := _mistyped_concat(model, node.input[0])) is not None:
+        return MacLayer(name, node.op_type, node.input[0], 0, 0, f"unsupported: inputDataType {idt} {why}")
     try:
         check_integer_values(weights, DataType["BINARY"] if xnor else wdtype, f"weights of {node_label(node)}")
     except UnsupportedLayer as err:

@@ -1,0 +1,71 @@
+"""A ``Concat`` of codes of different types in front of a layer FINN lowers.
+
+qonnx's ``InferDataTypes`` types a standard ``Concat``'s output as its first input: a Concat of UINT2 and UINT6 codes
+is UINT2, and FINN built the MVAU behind it for 2-bit inputs. `lower` then wrote an MVAU whose ``accDataType`` held
+the range of 2-bit inputs (INT9) while 6-bit codes reach it (the executed worst case needs INT13): a false "no
+overflow". Such an MVAU is now refused by name (exit 1, nothing written), by every reader of FINN graphs; a join
+FINN makes a ``StreamingConcat`` (typed by all its inputs) lowers, its MVAU holding its executed worst case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qonnx.core.datatype import DataType
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.custom_op.registry import getCustomOp
+from qonnx.util.basic import qonnx_make_model
+
+from tests.cli_helpers import run_cli
+
+QONNX = "qonnx.custom_op.general"
+
+
+def _joined(path, axis: int, first_bits: int = 2, second_bits: int = 6) -> None:
+    """x -> two unsigned Quants of scale 1 (``first_bits``, ``second_bits``) -> Concat(axis) -> 3 x 3 Conv."""
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    weights = np.random.default_rng(0).integers(-7, 8, size=(3, 2, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Quant", ["x", "one", "zero", "b_first"], ["a"], domain=QONNX, signed=0, narrow=0,
+                         rounding_mode="ROUND"),
+        helper.make_node("Quant", ["x", "one", "zero", "b_second"], ["b"], domain=QONNX, signed=0, narrow=0,
+                         rounding_mode="ROUND"),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=axis),
+        helper.make_node("Quant", ["w", "one", "zero", "b4"], ["wq"], domain=QONNX, signed=1, narrow=0,
+                         rounding_mode="ROUND"),
+        helper.make_node("Conv", ["c", "wq"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    out = [1, 3, 8 if axis == 2 else 4, 8 if axis == 3 else 4]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+                              [c("one", 1.0), c("zero", 0.0), c("b_first", first_bits), c("b_second", second_bits),
+                               c("b4", 4.0), c("w", weights)])
+    onnx.save(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(QONNX, 1)]),
+              path)
+
+
+def test_a_standard_concat_typed_as_its_narrower_input_is_refused_by_name(tmp_path):
+    source, out = tmp_path / "joined.onnx", tmp_path / "hw.onnx"
+    _joined(source, axis=2)
+    code, stdout, stderr = run_cli("lower", source, out)
+    assert code == 1 and not out.exists(), stdout + stderr
+    assert "Concat node 'Concat_0', typed UINT2" in stderr and "(UINT6)" in stderr and "MVAU_0" in stderr, stderr
+
+
+@pytest.mark.parametrize("first_bits, second_bits", [(2, 6), (6, 2)])
+def test_a_join_finn_streams_lowers_with_the_mvau_holding_its_executed_range(first_bits, second_bits, tmp_path):
+    from tests.fuzz.real_files import executed_range
+
+    source, out = tmp_path / "joined.onnx", tmp_path / "hw.onnx"
+    _joined(source, axis=3, first_bits=first_bits, second_bits=second_bits)
+    code, stdout, stderr = run_cli("lower", source, out, "--samples", "2")
+    assert code == 0, stdout + stderr
+    lowered = ModelWrapper(str(out))
+    assert [n.op_type for n in lowered.graph.node].count("StreamingConcat") == 1
+    mvau = next(n for n in lowered.graph.node if n.op_type == "MVAU")
+    assert getCustomOp(mvau).get_nodeattr("inputDataType") == "UINT6"
+    acc = DataType[getCustomOp(mvau).get_nodeattr("accDataType")]
+    executed = executed_range(lowered, mvau.name)
+    assert acc.min() <= executed.lo and executed.hi <= acc.max(), (acc, executed.lo, executed.hi)
