@@ -69,3 +69,19 @@ def test_a_join_finn_streams_lowers_with_the_mvau_holding_its_executed_range(fir
     acc = DataType[getCustomOp(mvau).get_nodeattr("accDataType")]
     executed = executed_range(lowered, mvau.name)
     assert acc.min() <= executed.lo and executed.hi <= acc.max(), (acc, executed.lo, executed.hi)
+
+
+def test_the_harness_catches_an_mvau_typed_narrower_than_what_reaches_it(tmp_path):
+    """The fuzzer's and the corpus' check of a lowered graph (tests.fuzz.real_files.mac_inputs_outside_their_types):
+    the MVAU of the streamed join typed UINT2, as FINN typed it behind a standard Concat, is named; as lowered, not."""
+    from tests.fuzz.real_files import mac_inputs_outside_their_types
+
+    source, out = tmp_path / "joined.onnx", tmp_path / "hw.onnx"
+    _joined(source, axis=3)
+    assert run_cli("lower", source, out, "--samples", "1")[0] == 0
+    lowered = ModelWrapper(str(out))
+    assert mac_inputs_outside_their_types(lowered) == []
+    mvau = next(n for n in lowered.graph.node if n.op_type == "MVAU")
+    getCustomOp(mvau).set_nodeattr("inputDataType", "UINT2")
+    problems = mac_inputs_outside_their_types(lowered)
+    assert len(problems) == 1 and problems[0].startswith(f"{mvau.name}: input value") and "UINT2" in problems[0]

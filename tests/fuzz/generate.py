@@ -361,8 +361,8 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
 
 @st.composite
 def between_ops(draw, rank: int, finn: bool = False, selecting: bool = False, shuffle: bool = False) -> list[str]:
-    if finn:  # what FINN's streamlining moves past or lowers itself
-        options = ["relu"] + (["maxpool"] if rank == 4 else [])
+    if finn:  # what FINN's streamlining moves past or lowers itself (a join: along the channels, or refused)
+        options = ["relu", "concat"] + (["maxpool"] if rank == 4 else [])
     else:
         options = ["relu", "concat"] + (["reshape"] if rank in (2, 4) else []) + \
             (["maxpool", "pad", "transpose"] if rank == 4 else [])
@@ -408,15 +408,22 @@ def _apply_between(draw, b: _Builder, op: str, x: str, grid: tuple, src_spec: di
         spec = src_spec if same or src_spec["kind"] in ("int_input", "dq_int8_input") else draw(act_specs(allowed, False))
         if spec["kind"] in ("int_input", "dq_int8_input") and not same:
             spec = src_spec
-        branch_shape = (shape[0], draw(st.integers(1, 2))) + tuple(shape[2:])
-        other, s2, z2 = _fresh_source(b, spec, branch_shape, case)
+        if not same and src_spec["kind"] == "quant" and draw(st.booleans()):
+            # the same step, another bit width: one grid of codes of two types (qonnx types the join as its first)
+            spec = {**src_spec, "bits": draw(st.integers(2, 8))}
+        # along the channels (FINN streams the join) or, in an image, along its height (FINN leaves it standard)
+        axis = draw(st.sampled_from([1, 2])) if len(shape) == 4 else 1
+        branch_shape = list(shape)
+        branch_shape[axis] = draw(st.integers(1, 2))
+        other, s2, z2 = _fresh_source(b, spec, tuple(branch_shape), case)
         case.used |= _source_uses(spec)
         # the branch went through the same kind of source, but its between-ops differ; the grid is shared
         # only if scale and zero point agree
         shared = not isinstance(s2, np.ndarray) and s2 == grid[0] and z2 == grid[1]
         new_grid = grid if shared else (None, 0)
-        out_shape = (shape[0], shape[1] + branch_shape[1]) + tuple(shape[2:])
-        return b.node("Concat", [x, other], out_shape, axis=1), new_grid
+        out_shape = list(shape)
+        out_shape[axis] += branch_shape[axis]
+        return b.node("Concat", [x, other], tuple(out_shape), axis=axis), new_grid
     raise ValueError(op)
 
 

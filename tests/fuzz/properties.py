@@ -410,16 +410,13 @@ class Checker:
                                       f"[{done.lo}, {done.hi}] outside {kind}{p}")
 
     # (f)
-    def lower(self, projected: Path, same_scales: bool = True) -> None:
-        """(f) on ``projected`` (a model project, finetune or the per-layer widths wrote); ``same_scales``: its
-        weight scales are the generated case's (finetune's are not), so the QONNX layers are executed with its record
-        too."""
+    def lower(self, projected: Path) -> None:
         from qonnx.core.datatype import DataType
 
-        from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range
+        from tests.fuzz.real_files import MVAU_OPS, VVAU_OPS, executed_range, mac_inputs_outside_their_types
 
         hw = self.workdir / f"{projected.stem}.lowered.onnx"
-        result = self.cli("lower", projected, hw, "--from-annotations", "--samples", "2", "--json")
+        result = self.cli("lower", projected, hw, "--from-annotations", "--samples", "2")
         if result.code not in (0, 3) or not hw.exists():
             return  # refusals are checked for naming by (e) only: FINN's own limits are many
         model = ModelWrapper(str(hw))
@@ -431,30 +428,9 @@ class Checker:
             if done.lo < acc.min() or done.hi > acc.max():
                 self.outcome.fail("unsafe_lowering", f"lower: {node.name} executes to [{done.lo}, {done.hi}] outside "
                                   f"its accDataType {acc.name}")
-        if same_scales:
-            self._lowered_holds_its_source(projected, model, json.loads(result.stdout), self.case)
-
-    def _lowered_holds_its_source(self, source: Path, hw: ModelWrapper, report: dict, case: Case) -> None:
-        """Each MVAU/VVAU's accDataType holds the executed worst case of the QONNX layer it lowers, executed in the
-        model ``lower`` read: independent of the input types FINN annotates on its graph (which the check above
-        reads; a Concat FINN typed as its narrower input made both agree on a range too small). Layers whose FINN
-        accumulator sums other integers than the QONNX one are skipped: weight zero points (FINN multiplies
-        ``q - z``) and binary layers in XNOR mode (FINN counts matching bits)."""
-        from qonnx.core.datatype import DataType
-
-        executed = executed_ranges(ModelWrapper(str(source)), case)
-        infos = {info.node: info for info in case.layers}
-        for layer in report.get("layers", []):
-            name, done = layer.get("qonnx_node"), executed.get(layer.get("qonnx_node"))
-            node = next((n for n in hw.graph.node if n.name == layer["node"]), None)
-            if done is None or node is None or infos.get(name) is None or infos[name].weight_zero_point is not None:
-                continue
-            if any(a.name == "binaryXnorMode" and a.i for a in node.attribute):
-                continue
-            acc = DataType[layer["acc_dtype"]]
-            if done.lo < acc.min() or done.hi > acc.max():
-                self.outcome.fail("unsafe_lowering", f"lower: {layer['node']} has accDataType {acc.name}, but the "
-                                  f"QONNX layer {name} it lowers executes to [{done.lo}, {done.hi}]")
+        for problem in mac_inputs_outside_their_types(model):
+            self.outcome.fail("unsafe_lowering", f"lower: {problem}, as the lowered graph executes (the check above "
+                              "executes each layer over that type)")
 
     # (g)
     def finetune(self, path: Path, bits: int | dict[str, int], variant: str) -> Path | None:
@@ -635,7 +611,7 @@ def check_case(case: Case, workdir: Path, verify_delta: int = 0, project_delta: 
     if finetune and trainable:
         finetuned = checker.finetune(path, bits, finetune)
         if lower and finetuned is not None:  # (f) on finetune's output too: its recorded widths go to FINN
-            checker.lower(finetuned, same_scales=False)
+            checker.lower(finetuned)
     if layer_deltas and executed:
         names = sorted(executed)
         widths = {node: min(max(width(executed[node].lo, executed[node].hi) - layer_deltas[i % len(layer_deltas)], 1),

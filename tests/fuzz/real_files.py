@@ -523,6 +523,38 @@ def executed_range(model: ModelWrapper, name: str, zero_point: str = "fold", see
     return layer_range(layer, Case(layer, [info], zero_point, source_ranges=ranges), info, seed)
 
 
+def mac_inputs_outside_their_types(model: ModelWrapper, samples: int = 4, seed: int = 0) -> list[str]:
+    """Each MVAU/VVAU of FINN graph ``model`` whose input, as the whole graph executes, holds a value its
+    ``inputDataType`` does not (``NODE: value V outside TYPE``). :func:`executed_range` drives a FINN layer over its
+    ``inputDataType``: this checks that type against what reaches the layer (FINN derives it from its own annotations,
+    e.g. a Concat typed as its first input). Inputs: every integer-annotated graph input over its type, float ones
+    from a hundredth to a hundred times unit scale, so that every input quantizer reaches both ends of its range."""
+    from qonnx.core.onnx_exec import execute_onnx
+
+    rng = np.random.default_rng(seed)
+    macs = [n for n in model.graph.node if n.op_type in MVAU_OPS + VVAU_OPS]
+    found: dict[str, str] = {}
+    for sample in range(samples if macs else 0):
+        feed = {}
+        for vi in model.graph.input:
+            if model.get_initializer(vi.name) is not None:
+                continue
+            shape, dt = model.get_tensor_shape(vi.name), model.get_tensor_datatype(vi.name)
+            if dt.is_integer():
+                values = rng.integers(int(dt.min()), int(dt.max()) + 1, size=shape)
+                values = np.where(values == 0, 1, values) if dt == DataType["BIPOLAR"] else values
+            else:
+                values = rng.normal(size=shape) * 10.0 ** rng.uniform(-2, 2, size=shape)
+            feed[vi.name] = values.astype(np.float32)
+        context = execute_onnx(model, feed, return_full_exec_context=True)
+        for node in macs:
+            dt = DataType[_attr(node, "inputDataType", b"FLOAT32").decode()]
+            bad = next((v for v in np.unique(context[node.input[0]]) if not dt.allowed(v)), None)
+            if bad is not None and node.name not in found:
+                found[node.name] = f"{node.name}: input value {bad:g} outside its inputDataType {dt.name}"
+    return list(found.values())
+
+
 def simulation_case(model: ModelWrapper, names: list[str], zero_point: str = "fold",
                     input_dtype: str | None = None) -> Case:
     """A :class:`Case` of the layers of ``names`` that ``verify --data`` simulates and the oracle describes (float
