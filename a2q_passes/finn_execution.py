@@ -17,8 +17,8 @@ from qonnx.core.datatype import DataType
 from qonnx.core.modelwrapper import ModelWrapper
 
 from a2q_passes.errors import A2QError
-from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX
-from a2q_passes.finn_flow import StageRecord, run_flow
+from a2q_passes.finn_accumulators import HW_DOMAIN_PREFIX, is_mac_node
+from a2q_passes.finn_flow import LoweringError, StageRecord, run_flow
 from a2q_passes.finn_quant_forms import DefaultDomainFirst, prepare_for_finn
 from a2q_passes.model_io import data_inputs
 
@@ -103,12 +103,14 @@ def _failing_node(exc: BaseException) -> NodeProto | None:
     return node
 
 
-def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model", hint: str | None = None) -> list[np.ndarray]:
+def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model", hint: str | None = None,
+                  check_mac_inputs: bool = False) -> list[np.ndarray]:
     """Run ``execute_onnx`` sample by sample (FINN graphs have a fixed batch of 1); outputs stacked.
 
     ``inputs`` go to the model's data inputs in graph order (FINN renames them, and keeps their order). A failure
     inside execution raises :class:`ExecutionError` naming ``what``, the node, the sample and a fix (``hint`` where
-    the caller knows more than that the model did not execute on these inputs).
+    the caller knows more than that the model did not execute on these inputs). ``check_mac_inputs``: every
+    MVAU/VVAU's input values must lie in its ``inputDataType`` (else :class:`LoweringError`).
     """
     from qonnx.core.onnx_exec import execute_onnx
 
@@ -122,16 +124,37 @@ def execute_batch(model: ModelWrapper, inputs: Inputs, what: str = "model", hint
         feed = {name: _to_layout(a[start:start + per_sample], shape, f"input {name}")
                 for name, shape, a in zip(names, shapes, arrays)}
         try:
-            out = execute_onnx(model, feed)
+            out = execute_onnx(model, feed, return_full_exec_context=check_mac_inputs)
         except Exception as exc:  # qonnx/onnxruntime raise plain exceptions, which not always name the node
             message = " ".join(str(exc).split())
             node = _failing_node(exc)
             where = f" at node {node.name or node.output[0]!r} ({node.op_type})" if node is not None else ""
             raise ExecutionError(f"executing the {what} failed{where} on input sample {start}: {message}. "
                                  f"Fix: {_execution_hint(message, model, hint)}") from exc
+        if check_mac_inputs:
+            _mac_inputs_within_types(model, out, start)
         for index, name in enumerate(outputs):
             results[index].append(out[name])
     return [np.concatenate(r, axis=0) for r in results]
+
+
+def _mac_inputs_within_types(model: ModelWrapper, context: dict[str, np.ndarray], sample: int) -> None:
+    """Raise :class:`LoweringError` naming an MVAU/VVAU whose input, as ``model`` executed, holds a value outside
+    its ``inputDataType``: the accumulator is sized over that type (lower's self-check of what FINN annotated)."""
+    from qonnx.custom_op.registry import getCustomOp
+
+    for node in model.graph.node:
+        if not is_mac_node(node):
+            continue
+        dt = DataType[getCustomOp(node).get_nodeattr("inputDataType")]
+        values = np.unique(context[node.input[0]])
+        outside = next((v for v in values if not dt.allowed(v)), None)
+        if outside is not None:
+            raise LoweringError(
+                f"{node.name} ({node.op_type}) receives {outside:g} on input sample {sample}, outside its inputDataType "
+                f"{dt.name}, over which its accumulator is sized: FINN typed the layer narrower than what reaches it, "
+                "so the lowered graph is not written. Keep that part of the model out of the FINN part, or report "
+                "the model to a2q-passes")
 
 
 def _max_abs_diff(ref: list[np.ndarray], got: list[np.ndarray], what: str) -> float:
@@ -174,7 +197,7 @@ def compare_execution(
     reference_model = cleanup_model(reference_model.transform(DefaultDomainFirst()))  # see DefaultDomainFirst
     inputs = input_arrays(inputs)
     reference = execute_batch(reference_model, inputs, "QONNX model")
-    final = execute_batch(lowered, inputs, "lowered FINN graph", hint=(
+    final = execute_batch(lowered, inputs, "lowered FINN graph", check_mac_inputs=True, hint=(
         "the QONNX model executes on these inputs, so FINN's transformations made a graph that FINN's own execution "
         "of its layers cannot run (a limitation of FINN's lowering for this structure, e.g. a layer that reads its "
         "input in another layout than it was given), and nothing is written. Keep that part of the model out of the "

@@ -85,3 +85,21 @@ def test_the_harness_catches_an_mvau_typed_narrower_than_what_reaches_it(tmp_pat
     getCustomOp(mvau).set_nodeattr("inputDataType", "UINT2")
     problems = mac_inputs_outside_their_types(lowered)
     assert len(problems) == 1 and problems[0].startswith(f"{mvau.name}: input value") and "UINT2" in problems[0]
+
+
+def test_lowers_own_execution_refuses_an_mvau_typed_narrower_than_what_reaches_it(tmp_path):
+    """lower's self-check on its equivalence run (finn_execution.execute_batch(check_mac_inputs=True)): the same
+    mistyped MVAU raises a LoweringError naming it; the graph as lowered passes."""
+    from a2q_passes.finn_execution import execute_batch
+    from a2q_passes.finn_flow import LoweringError
+
+    source, out = tmp_path / "joined.onnx", tmp_path / "hw.onnx"
+    _joined(source, axis=3)
+    assert run_cli("lower", source, out, "--samples", "1")[0] == 0
+    lowered = ModelWrapper(str(out))
+    inputs = np.random.default_rng(0).uniform(0, 64, size=(4, 2, 4, 4)).astype(np.float32)  # both branches' ranges
+    execute_batch(lowered, inputs, check_mac_inputs=True)
+    mvau = next(n for n in lowered.graph.node if n.op_type == "MVAU")
+    getCustomOp(mvau).set_nodeattr("inputDataType", "UINT2")
+    with pytest.raises(LoweringError, match=f"{mvau.name} \\(MVAU\\) receives .* outside its inputDataType UINT2"):
+        execute_batch(lowered, inputs, check_mac_inputs=True)
