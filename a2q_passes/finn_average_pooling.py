@@ -104,11 +104,12 @@ class TruncDroppingNoBitsAsFloor(Transformation):
 
 
 def _drops_no_bits(model: ModelWrapper, trunc) -> bool:
-    """Whether every parameter of ``trunc`` is a constant and it divides by 1 under either version's reading of its
-    inputs (v1: ``x, scale, zero point, input bits, output bits``; v2: ``x, scale, zero point, input bits, output
-    scale, output bits``)."""
+    """Whether every parameter of ``trunc`` is a constant and it divides by 1, read as the version qonnx executes
+    (its domain's opset in the model, the newest where none: v1 ``x, scale, zero point, input bits, output bits``;
+    v2 ``x, scale, zero point, input bits, output scale, output bits``); inputs of the other version: left."""
+    version = model.get_opset_imports().get(trunc.domain)
     params = [get_constant(model, name) for name in trunc.input[1:]]
-    if len(params) not in (4, 5) or any(p is None or np.size(p) != 1 for p in params):
+    if len(params) != (4 if version == 1 else 5) or any(p is None or np.size(p) != 1 for p in params):
         return False
     scale, zero, in_bits, *rest = (float(np.asarray(p).reshape(-1)[0]) for p in params)
     if zero != 0:

@@ -120,14 +120,17 @@ def test_a_trunc_dropping_no_bits_rounds_floor_with_the_same_outputs(version, mo
         assert np.array_equal(expected, got), (mode, version)
 
 
-@pytest.mark.parametrize("case", ["drops_bits", "zero_point", "floor_already"])
+@pytest.mark.parametrize("case", ["drops_bits", "zero_point", "floor_already", "v2_inputs_at_opset_1"])
 def test_other_truncs_keep_their_mode(case):
     """A Trunc that drops bits rounds its quotients (ROUND and FLOOR then differ: FINN's layer floors, so it stays
-    refused); a zero point shifts the grid; a FLOOR one needs nothing."""
+    refused); a zero point shifts the grid; a FLOOR one needs nothing; v2's six inputs in a model whose qonnx domain
+    is at opset 1 (qonnx executes v1 there, reading the output scale as the output bits) are not read."""
     from a2q_passes.finn_average_pooling import TruncDroppingNoBitsAsFloor
 
+    mixed = _trunc(2, 0.125, 0.125, 6, 6)
+    next(o for o in mixed.model.opset_import if o.domain == "qonnx.custom_op.general").version = 1
     model = {"drops_bits": _trunc(2, 0.125, 0.5, 6, 4), "zero_point": _trunc(2, 0.125, 0.125, 6, 6, zero=1.0),
-             "floor_already": _trunc(2, 0.125, 0.125, 6, 6, mode="FLOOR")}[case]
+             "floor_already": _trunc(2, 0.125, 0.125, 6, 6, mode="FLOOR"), "v2_inputs_at_opset_1": mixed}[case]
     before = model.model.SerializeToString()
     rewritten, changed = TruncDroppingNoBitsAsFloor().apply(model)
     assert not changed and rewritten.model.SerializeToString() == before
