@@ -103,3 +103,19 @@ def test_lowers_own_execution_refuses_an_mvau_typed_narrower_than_what_reaches_i
     getCustomOp(mvau).set_nodeattr("inputDataType", "UINT2")
     with pytest.raises(LoweringError, match=f"{mvau.name} \\(MVAU\\) receives .* outside its inputDataType UINT2"):
         execute_batch(lowered, inputs, check_mac_inputs=True)
+
+
+def test_the_finn_build_step_refuses_the_mistyped_layer_by_name(tmp_path):
+    """step_a2q_set_accumulators on FINN's graph of the height-wise join (lower's flow, as FINN's steps make it): the
+    MVAU behind the Concat typed UINT2 is named, with the Concat, instead of getting a 2-bit-input accumulator."""
+    from types import SimpleNamespace
+
+    from a2q_passes.errors import A2QError
+    from a2q_passes.finn_flow import lower_to_finn_hw
+    from a2q_passes.finn_steps import step_a2q_set_accumulators
+
+    source = tmp_path / "joined.onnx"
+    _joined(source, axis=2)
+    hw, _ = lower_to_finn_hw(ModelWrapper(str(source)))
+    with pytest.raises(A2QError, match="MVAU_0: unsupported: inputDataType UINT2 comes from Concat node"):
+        step_a2q_set_accumulators(hw, SimpleNamespace(a2q_acc_bits=20))
