@@ -312,7 +312,8 @@ def equivalence_inputs(model: ModelWrapper, samples: int = 8, seed: int = 0) -> 
     * Graph input annotated with an integer datatype (``INTn``/``UINTn``/``BIPOLAR``...): its
       allowed values only, drawn uniformly (qonnx refuses any other value of an annotated input).
     * Graph input read by a ``Quant``: reals drawn uniformly from the quantizer's real range
-      ``[(lo - z) s, (hi - z) s]``; every second sample is snapped onto the grid ``(code - z) s``,
+      ``[(lo - z) s, (hi - z) s]`` (by several: the union, snapped to the widest); every second sample is snapped
+      onto the grid ``(code - z) s``,
       because grid-valued data (images as k/255 ...) sit on the float32 decision boundaries where
       a wrongly rounded threshold flips a code (see :func:`a2q_passes.finn_input_thresholds.exact_input_thresholds`).
     * Otherwise (a float input with no quantizer): a standard normal.
@@ -333,12 +334,15 @@ def _input_samples(model: ModelWrapper, resolver: Any, name: str, samples: int, 
         if annotated == DataType["BIPOLAR"]:
             return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
         return rng.integers(int(annotated.min()), int(annotated.max()), size=shape, endpoint=True).astype(np.float32)
-    quant = next((n for n in model.find_consumers(name) or [] if n.op_type in ("Quant", "IntQuant")), None)
-    grid, _ = resolver.resolve(quant.output[0]) if quant is not None else (None, "")
-    if grid is None or grid.scale is None:
+    quants = [n for n in model.find_consumers(name) or [] if n.op_type in ("Quant", "IntQuant")]
+    grids = [resolver.resolve(q.output[0])[0] for q in quants]
+    if not grids or any(g is None or g.scale is None for g in grids):
         return rng.standard_normal(shape).astype(np.float32)
-    ends = ((grid.range.lo - grid.zero_code) * grid.scale, (grid.range.hi - grid.zero_code) * grid.scale)
+    # several quantizers of one input (e.g. two widths joined later): the union of their real ranges, and every
+    # second sample on the grid of the widest, so that each quantizer reaches both ends of its codes
+    ends = [(g.range.lo - g.zero_code) * g.scale for g in grids] + [(g.range.hi - g.zero_code) * g.scale for g in grids]
     inputs = rng.uniform(min(ends), max(ends), size=shape).astype(np.float32)  # a negative scale reverses them
+    grid = max(grids, key=lambda g: abs(g.scale) * (g.range.hi - g.range.lo))
     codes = rng.integers(grid.range.lo, grid.range.hi, size=inputs[1::2].shape, endpoint=True)
     inputs[1::2] = ((codes - grid.zero_code) * np.float32(grid.scale)).astype(np.float32)
     return inputs

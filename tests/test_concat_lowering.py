@@ -119,3 +119,14 @@ def test_the_finn_build_step_refuses_the_mistyped_layer_by_name(tmp_path):
     hw, _ = lower_to_finn_hw(ModelWrapper(str(source)))
     with pytest.raises(A2QError, match="MVAU_0: unsupported: inputDataType UINT2 comes from Concat node"):
         step_a2q_set_accumulators(hw, SimpleNamespace(a2q_acc_bits=20))
+
+
+def test_equivalence_inputs_cover_every_quantizer_of_a_shared_input(tmp_path):
+    """lower's samples for an input two quantizers read (2 and 6 bits, scale 1): over the wider one's range too, so
+    its check of the MVAU's input type sees the 6-bit codes (before, only the first quantizer's 0..3)."""
+    from a2q_passes.finn_execution import equivalence_inputs
+
+    source = tmp_path / "joined.onnx"
+    _joined(source, axis=3)
+    inputs = equivalence_inputs(ModelWrapper(str(source)), samples=8)
+    assert inputs.min() >= 0 and inputs.max() > 40 and inputs.max() <= 63
