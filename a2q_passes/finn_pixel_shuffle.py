@@ -38,13 +38,13 @@ def _applies_one_function_to_every_value(model: ModelWrapper, node: NodeProto, t
         present = [i for i in node.input[1:] if i]
         constant = all(get_constant(model, i) is not None for i in present)
         return node.input[0] == tensor and constant and all(b is None or np.size(b) == 1 for b in bounds)
-    if node.op_type in _QUANTIZERS:
+    if node.op_type in _QUANTIZERS and node.input[0] == tensor:
         others = list(node.input[1:])
     elif node.op_type in _BINARY and len(node.input) == 2:
         others = [t for t in node.input if t != tensor]  # either operand: c - x is one function of x too
     else:
         return False
-    if tensor not in node.input or (node.op_type in _QUANTIZERS and node.input[0] != tensor) or len(others) != len(node.input) - 1:
+    if len(others) != len(node.input) - 1:  # the tensor read more than once (x * x), or not at all
         return False
     values = [get_constant(model, t) for t in others]
     return all(v is not None and np.size(v) == 1 and np.ndim(v) <= rank for v in values)
@@ -84,8 +84,8 @@ def _swap_with_reader(model: ModelWrapper, index: int) -> int | None:
             reader.input[i] = shuffle.input[0]
     reader.output[0] = between
     shuffle.input[0], shuffle.output[0] = between, result
-    for entries in (model.graph.value_info, model.graph.quantization_annotation):  # the shuffled tensor is gone
-        for entry in [e for e in entries if getattr(e, "name", None) == shuffled or getattr(e, "tensor_name", None) == shuffled]:
+    for entries, key in ((model.graph.value_info, "name"), (model.graph.quantization_annotation, "tensor_name")):
+        for entry in [e for e in entries if getattr(e, key) == shuffled]:  # the shuffled tensor is gone
             entries.remove(entry)
     model.set_tensor_shape(between, list(shape))
     # the reader now runs where the shuffle ran (its inputs exist there), the shuffle where the reader ran

@@ -941,8 +941,9 @@ def finn_preparation() -> list[Transformation]:
     from a2q_passes.finn_requantization import RedundantRequantization  # it reads grids through input_grids
 
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
-            PixelShuffleAfterPerValueOps(), RedundantRequantization(), ClipAboveTheCodesAsRelu(), UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(),
-            ReduceMeanAsGlobalAveragePool(), AveragePoolAsDepthwiseConv(), TruncDroppingNoBitsAsFloor(), FoldBiasQuantizers(), ExplicitAutoPads(),
+            PixelShuffleAfterPerValueOps(), RedundantRequantization(), ClipAboveTheCodesAsRelu(),
+            UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
+            AveragePoolAsDepthwiseConv(), TruncDroppingNoBitsAsFloor(), FoldBiasQuantizers(), ExplicitAutoPads(),
             ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(),
             GemmFactorsAsFloat32(), ChannelsLastInputLayout(), SpatialSqueezeAsFlatten(), SpatialFlattenAsReshape()]
 
