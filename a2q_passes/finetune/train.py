@@ -155,6 +155,21 @@ def _targets(data: Dataset, teacher: Callable[[np.ndarray], Tensor], use_teacher
     return teacher(data.x) if use_teacher or data.y is None else torch.from_numpy(data.y)
 
 
+def _original_targets(model: ModelWrapper, train: Dataset, val: Dataset | None, config: FinetuneConfig,
+                      device: torch.device) -> tuple[Tensor, Tensor | None, float | None]:
+    """The training and validation targets and the original model's validation score; the original module (the
+    teacher) lives only here, so it is freed before training starts."""
+    original = QonnxModule(model, trainable_scales="none").to(device)
+
+    def teacher(x: np.ndarray) -> Tensor:
+        return predict(original, x, device)
+
+    train_targets = _targets(train, teacher, config.distill)
+    val_targets = _targets(val, teacher, False) if val is not None else None
+    original_metric = score(teacher(val.x), val_targets, config.loss) if val is not None else None
+    return train_targets, val_targets, original_metric
+
+
 def _state(module: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -187,12 +202,7 @@ def _run(model: ModelWrapper, selection: Selection, train: Dataset, val: Dataset
 
     torch.manual_seed(config.seed)
     device = world.device
-    original = QonnxModule(model, trainable_scales="none").to(device)
-    teacher = lambda x: predict(original, x, device)  # noqa: E731
-    train_targets = _targets(train, teacher, config.distill)
-    val_targets = _targets(val, teacher, False) if val is not None else None
-    original_metric = score(teacher(val.x), val_targets, config.loss) if val is not None else None
-    del original, teacher  # the teacher holds the original model; free it before training
+    train_targets, val_targets, original_metric = _original_targets(model, train, val, config, device)
 
     initial = model
     if config.init == "axe":

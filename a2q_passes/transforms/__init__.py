@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 _MODULES = {"AnalyzeAccumulators": "analyze", "AnnotateAccumulators": "annotate",
             "ProjectToAccumulator": "project", "VerifyAccumulators": "verify"}
 
-__all__ = list(_MODULES)
+__all__ = ["AnalyzeAccumulators", "AnnotateAccumulators", "ProjectToAccumulator", "VerifyAccumulators"]
 
 if TYPE_CHECKING:
     from a2q_passes.transforms.analyze import AnalyzeAccumulators
