@@ -79,6 +79,35 @@ class AveragePoolAsDepthwiseConv(Transformation):
         return model, changed
 
 
+class QonnxDomainAtResolvedVersion(Transformation):
+    """An import of ``qonnx.custom_op.general`` (or Brevitas' ``onnx.brevitas``) at a version newer than any its
+    nodes resolve to becomes the newest version they do resolve to.
+
+    Why: FINN's ``AvgPoolAndTruncToQuantAvgPool`` dispatches on that import and converts only versions 1 and 2 of
+    ``Trunc``; qonnx's ``QuantToQCDQ`` writes the domain at version 13, and FINN stopped there (NotImplementedError).
+    Why it is exact: qonnx executes a node at the newest version of its op not above the import ("since version"),
+    and no op of the model's nodes has a version between the one it resolves to and the old import, so every node
+    resolves to the same version under the new import. Left as it is: a domain with an op qonnx does not know.
+    """
+
+    def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
+        from qonnx.custom_op.registry import get_supported_versions
+
+        changed = False
+        for entry in model.model.opset_import:
+            if entry.domain not in (_QONNX_DOMAIN, "onnx.brevitas"):
+                continue
+            try:
+                resolved = [max(v for v in get_supported_versions(entry.domain, op_type) if v <= entry.version)
+                            for op_type in {n.op_type for n in model.graph.node if n.domain == entry.domain}]
+            except (KeyError, ValueError):  # an op qonnx does not define, or none at or below the import
+                continue
+            if resolved and max(resolved) < entry.version:
+                entry.version = max(resolved)
+                changed = True
+        return model, changed
+
+
 class TruncDroppingNoBitsAsFloor(Transformation):
     """A ``Trunc`` that drops no bits (zero point 0, output scale equal to its scale, output bit width equal to its
     input bit width) gets ``rounding_mode`` FLOOR, the only mode FINN's ``AvgPoolAndTruncToQuantAvgPool`` converts.

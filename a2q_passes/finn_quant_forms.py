@@ -19,7 +19,8 @@ from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
 from a2q_passes.conventions import LAYOUT_OPS
-from a2q_passes.finn_average_pooling import AveragePoolAsDepthwiseConv, TruncDroppingNoBitsAsFloor
+from a2q_passes.finn_average_pooling import (AveragePoolAsDepthwiseConv, QonnxDomainAtResolvedVersion,
+                                             TruncDroppingNoBitsAsFloor)
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
 from a2q_passes.graph_values import (auto_pads, clip_bounds, extracted_quant_scale, get_constant, node_attr, node_axes,
                                      node_str_attr, sole_relu_reader)
@@ -943,9 +944,10 @@ def finn_preparation() -> list[Transformation]:
     return [RemoveStaticGraphInputs(), DefaultDomainFirst(), ScaleIntoQuant(), QuantFromQDQ(),
             PixelShuffleAfterPerValueOps(), RedundantRequantization(), ClipAboveTheCodesAsRelu(),
             UnsignedQuantAfterRelu(), ReluAfterQuantIntoQuant(), ReduceMeanAsGlobalAveragePool(),
-            AveragePoolAsDepthwiseConv(), TruncDroppingNoBitsAsFloor(), FoldBiasQuantizers(), ExplicitAutoPads(),
-            ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(), WindowDefaultAttributes(), GroupedConvAsDense(),
-            GemmFactorsAsFloat32(), ChannelsLastInputLayout(), SpatialSqueezeAsFlatten(), SpatialFlattenAsReshape()]
+            AveragePoolAsDepthwiseConv(), QonnxDomainAtResolvedVersion(), TruncDroppingNoBitsAsFloor(),
+            FoldBiasQuantizers(), ExplicitAutoPads(), ExpandedConv2DAsConv1D(), ExpandedMaxPoolAsMaxPool1D(),
+            WindowDefaultAttributes(), GroupedConvAsDense(), GemmFactorsAsFloat32(), ChannelsLastInputLayout(),
+            SpatialSqueezeAsFlatten(), SpatialFlattenAsReshape()]
 
 
 def prepare_for_finn(model: ModelWrapper) -> ModelWrapper:

@@ -184,3 +184,45 @@ def test_a_trunc_rounding_dropped_bits_is_refused_by_name(tmp_path):
     code, stdout, stderr = run_cli("lower", path, out)
     assert code == 1 and not out.exists(), stdout + stderr
     assert f"Trunc '{truncs[0].name}' (ROUND)" in stderr and "TruncTo8bit" in stderr, stderr
+
+
+@pytest.mark.parametrize("case", ["v2_at_13", "v2_at_2", "v1_at_1", "unknown_op"])
+def test_qonnx_domain_import_at_the_version_its_nodes_resolve_to(case):
+    """qonnx's QuantToQCDQ writes the qonnx domain at version 13, which FINN's Trunc conversion does not dispatch
+    on. The import comes down to the newest version its nodes resolve to (Trunc: 2), and qonnx executes the same op
+    with the same outputs; imports already there, and a domain holding an op qonnx does not define, are left."""
+    from a2q_passes.finn_average_pooling import QonnxDomainAtResolvedVersion
+
+    model = _trunc(1 if case == "v1_at_1" else 2, 0.125, 0.25, 6, 5)
+    domain = next(o for o in model.model.opset_import if o.domain == "qonnx.custom_op.general")
+    domain.version = {"v2_at_13": 13, "v2_at_2": 2, "v1_at_1": 1, "unknown_op": 13}[case]
+    if case == "unknown_op":
+        model.graph.node.append(helper.make_node("NotAQonnxOp", ["y"], ["z"], domain="qonnx.custom_op.general"))
+    before = model.model.SerializeToString()
+    rewritten, changed = QonnxDomainAtResolvedVersion().apply(ModelWrapper(before))
+    if case != "v2_at_13":
+        assert not changed and rewritten.model.SerializeToString() == before
+        return
+    assert changed and {o.domain: o.version for o in rewritten.model.opset_import}["qonnx.custom_op.general"] == 2
+    x = (np.arange(32) * 0.1 - 0.7).reshape(1, 2, 4, 4).astype(np.float32)
+    assert np.array_equal(execute_onnx(rewritten, {"x": x})["y"], execute_onnx(model, {"x": x})["y"])
+
+
+def test_lower_takes_qonnx_quant_to_qcdq_average_pooling(tmp_path):
+    """A Brevitas TruncAvgPool2d net (FLOOR) through qonnx's cleanup and QuantToQCDQ (the Trunc stays, the domain at
+    13): FINN's conversion raised NotImplementedError ("Trunc opset version 13"); the corpus check now lowers it
+    whole and executes every MVAU/VVAU within its accDataType."""
+    from scripts.corpus import _qonnx_transformations, check, qonnx_files
+    from tests.brevitas_nets import NetSpec, build_corpus_net
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = build_corpus_net(tmp_path, NetSpec("avgpool_floor", 4, 4), "qonnx")
+    transformations = {"QuantToQCDQ": _qonnx_transformations()["QuantToQCDQ"]}
+    entries, rejected = qonnx_files(tmp_path, [source], transformations, "qonnx transformations")
+    assert not rejected and len(entries) == 1 and entries[0].lower
+    model = ModelWrapper(str(entries[0].path))
+    assert {o.domain: o.version for o in model.model.opset_import}["qonnx.custom_op.general"] == 13
+    assert any(n.op_type == "Trunc" for n in model.graph.node)
+    result = check(entries[0], tmp_path)
+    assert (result.status, result.detail) == ("handled", ""), result
