@@ -266,13 +266,17 @@ def activation_ties_rounded_up(model: ModelWrapper) -> ModelWrapper | None:
 def _attribute_differences(original: ModelWrapper, final: list[np.ndarray], reference: list[np.ndarray],
                            sample: list[np.ndarray], tolerance: float) -> dict[str, Any]:
     """Replay the flow on ``original``, executing ``sample`` after every stage that changed the graph."""
+    from qonnx.transformation.infer_shapes import InferShapes
+
     sample_ref = [r[: len(sample[0])] for r in reference]
     stage_rows: list[dict[str, Any]] = []
     previous = sample_ref
 
     def observe(record: StageRecord, model: ModelWrapper) -> None:
         nonlocal previous
-        outputs = execute_batch(model, sample, f"model after {record.label}")
+        # a copy with every tensor shaped: qonnx's executor wants that, and the early stages keep the file's own
+        # value_info, which ONNX does not require to be complete
+        outputs = execute_batch(model.transform(InferShapes()), sample, f"model after {record.label}")
         aligned = [_from_layout(o, r.shape, record.label) for o, r in zip(outputs, sample_ref)]
         row = {
             "stage": record.label,
