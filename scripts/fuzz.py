@@ -88,6 +88,8 @@ def main() -> int:
             except Exception as err:  # noqa: BLE001 - a fuzzer bug must not end a long run; it is counted and shown
                 stats["oracle_errors"] += 1
                 print(f"fuzzer error (example skipped): {type(err).__name__}: {err}", file=sys.stderr)
+                if args.save:  # the model and its description, to find the fuzzer's own bug
+                    case.save(args.save / f"fuzzer_error_{stats['oracle_errors']:05d}", {"error": str(err)})
                 return
             stats["commands"] += outcome.commands
             checked.update(outcome.checked)

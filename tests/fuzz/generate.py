@@ -69,6 +69,9 @@ CONSTRUCTS = {
     "pixel_shuffle": "DepthToSpace (DCR, CRD) or SpaceToDepth of a MAC's output, between two blocks or at the end "
                      "in front of a Relu and a quantizer or not (the ESPCN tail, whose shuffle `lower` moves behind "
                      "the quantizer), or of quantized codes between their quantizer and a MAC",
+    "residual": "a residual join after an activation source: a branch MAC keeping the shape (square Conv or "
+                "MatMul) with its own quantizer (the same spec now and then: one scale, FINN's AddStreams), the two "
+                "added, then a Relu and a quantizer of the sum, or the sum read as it is (codes of one grid added)",
     "per_channel_act_depthwise": "a Quant or QuantizeLinear/DequantizeLinear pair (axis 1 or 1 - rank) with one "
                                  "activation scale per channel feeding a depthwise Conv (or ConvTranspose) directly, "
                                  "as Brevitas' MobileNet-v1 exports it: each output sums one channel, so the layer "
@@ -77,7 +80,7 @@ CONSTRUCTS = {
 
 # the switches whose constructs `lower` takes (finn_lowerable cases draw these and no other)
 FINN_LOWERABLE = frozenset({"global_pool", "per_channel_act_depthwise", "constant_forms", "float64_scales", "pixel_shuffle",
-                            "extracted_scales"})
+                            "extracted_scales", "residual"})
 
 
 @dataclass
@@ -354,6 +357,49 @@ def _fresh_source(b: _Builder, spec: dict, shape: tuple[int, ...], case: Case) -
         x = b.graph_input(shape, TensorProto.INT8)
         return b.node("DequantizeLinear", [x, b.const("s", np.float32(spec["scale"]))], shape), spec["scale"], 0
     return _apply_source(b, spec, b.graph_input(shape))
+
+
+@st.composite
+def _residual(draw, b: _Builder, x: str, grid: tuple, src_spec: dict, case: Case, allowed: frozenset[str],
+              finn: bool) -> tuple[str, tuple]:
+    """``x + quantizer(branch(x))`` (see the ``residual`` switch); returns the sum (re-quantized or not) and its grid.
+    The branch MAC is one more layer of ``case``, reading ``x``'s grid."""
+    shape = b.shapes[x]
+    wspec = draw(weight_specs(allowed, finn))
+    case.used |= _weight_uses(wspec)
+    if len(shape) >= 3:  # a 1-D, 2-D or 3-D convolution keeping the size
+        n, k = len(shape) - 2, draw(st.sampled_from([1, 3]))
+        w, wscale = _weight(draw, b, wspec, (shape[1], shape[1]) + (k,) * n, 0)
+        out = b.node("Conv", [x, w], shape, kernel_shape=[k] * n, pads=[k // 2] * (2 * n), strides=[1] * n,
+                     dilations=[1] * n, group=1)
+    else:
+        w, wscale = _weight(draw, b, wspec, (shape[1], shape[1]), 1)
+        out = b.node("MatMul", [x, w], shape)
+    act = None if isinstance(grid[0], np.ndarray) else grid[0]  # one scale per channel: no integer sum here
+    case.layers.append(LayerInfo(b.nodes[-1].name, b.nodes[-1].op_type, wscale, act, grid[1] if act is not None else 0))
+    if draw(st.booleans()):
+        out = b.node("Relu", [out], shape)
+    internal = src_spec["kind"] in ("quant", "qdq", "bipolar")  # a spec that quantizes an inner tensor
+    spec = src_spec if internal and draw(st.integers(0, 2)) > 0 else draw(act_specs(allowed, False, finn))
+    if spec["kind"] not in ("quant", "qdq", "bipolar"):
+        spec = {"kind": "quant", "op": "Quant", "bits": 4, "signed": False, "narrow": False, "rounding": "ROUND",
+                "scale": 0.25, "zero_point": 0, "per_channel": False}
+    branch, s2, z2 = _apply_source(b, spec, out)
+    case.used |= _source_uses(spec)
+    total = b.node("Add", [x, branch], shape)
+    same = not isinstance(s2, np.ndarray) and act is not None and s2 == act and z2 == grid[1] == 0
+    if same and draw(st.booleans()):
+        # two codes of one grid added, read as they are: the oracle traces one source per MAC input element and
+        # cannot bound a sum of two, so the layer behind counts as no integer layer (FINN's MVAU of it is checked)
+        return total, (None, 0)
+    if draw(st.booleans()):
+        total = b.node("Relu", [total], shape)
+    out_spec = draw(act_specs(allowed, False, finn))
+    if out_spec["kind"] not in ("quant", "qdq", "bipolar"):
+        out_spec = spec
+    result, s3, z3 = _apply_source(b, out_spec, total)
+    case.used |= _source_uses(out_spec)
+    return result, (s3, z3)
 
 
 # --------------------------------------------------------------------------- between ops
@@ -689,6 +735,10 @@ def cases(draw, exclude: frozenset[str] = frozenset(), finn_lowerable: bool = Fa
                 and src not in {vi.name for vi in b.inputs} and draw(st.booleans())):
             b.datatypes[src] = draw(st.sampled_from(["UINT2", "INT2", "UINT4", "INT4", "UINT8", "INT8", "BINARY"]))
             case.used.add("misannotated_tensors")
+        if "residual" in allowed and not spec.get("depthwise") and draw(st.integers(0, 4)) == 0:
+            src, (s, z) = draw(_residual(b, src, (s, z), spec, case, allowed, finn))
+            case.used.add("residual")
+            case.description.append(f"block {i}: residual join, branch {case.layers[-1].node}")
         if spec.get("depthwise"):
             # per-channel codes into the depthwise Conv directly, or through a MaxPool, as NNCF places them (not in
             # FINN-lowerable models, whose draws stay as they were)
