@@ -2,12 +2,15 @@
 
 A case is a chain of one or two *blocks*. Each block is
 
-    [Relu or Clip(0, c) ->] activation source -> 0..2 grid-preserving ops -> MAC layer (weight quantizer) -> optional bias Add
+    [Relu or Clip(0, c) ->] activation source [-> residual join] -> 0..2 grid-preserving ops -> MAC layer (weight quantizer)
+    -> optional bias Add
 
 where the activation source is a qonnx ``Quant`` / ``BipolarQuant``, a QuantizeLinear+DequantizeLinear
 pair, an integer-annotated graph input (FINN style), a ``DequantizeLinear`` on an int8 graph input,
-or nothing (a float input). The generator records, per MAC layer, what it built: the weight scale
-in the MAC node's layout and the activation scale and zero point. The oracle (``oracle.py``) uses
+or nothing (a float input); a residual join adds the source to a branch of its own (one more MAC layer and a
+quantizer) and re-quantizes the sum, or not (the ``residual`` switch). The generator records, per MAC layer, what
+it built: the weight scale in the MAC node's layout and the activation scale and zero point. The oracle
+(``oracle.py``) uses
 those only to turn *executed* float tensors back into integers; every value it checks comes from
 executing the graph with qonnx.
 
