@@ -10,9 +10,8 @@ pair, an integer-annotated graph input (FINN style), a ``DequantizeLinear`` on a
 or nothing (a float input); a residual join adds the source to a branch of its own (one more MAC layer and a
 quantizer) and re-quantizes the sum, or not (the ``residual`` switch). The generator records, per MAC layer, what
 it built: the weight scale in the MAC node's layout and the activation scale and zero point. The oracle
-(``oracle.py``) uses
-those only to turn *executed* float tensors back into integers; every value it checks comes from
-executing the graph with qonnx.
+(``oracle.py``) uses those only to turn *executed* float tensors back into integers; every value it checks comes
+from executing the graph with qonnx.
 
 ``CONSTRUCTS`` names generator switches (the constructs behind the issue-9 root causes); ``cases(exclude=...)``
 leaves some out, which ``scripts/fuzz.py --minimize`` uses to attribute a finding.
