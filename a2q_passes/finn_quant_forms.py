@@ -11,6 +11,8 @@ output, Gemm nodes with alpha or beta other than 1, and grouped convolutions (FI
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import qonnx.core.data_layout as DataLayout
 from onnx import NodeProto, helper
@@ -22,6 +24,7 @@ from a2q_passes.conventions import LAYOUT_OPS
 from a2q_passes.finn_average_pooling import (AveragePoolAsDepthwiseConv, QonnxDomainAtResolvedVersion,
                                              TruncDroppingNoBitsAsFloor)
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
+from a2q_passes.metadata import QUANTIZE_LINEAR_QUANTS_KEY, set_metadata_value
 from a2q_passes.graph_values import (auto_pads, clip_bounds, extracted_quant_scale, get_constant, node_attr, node_axes,
                                      node_str_attr, sole_relu_reader)
 
@@ -691,7 +694,9 @@ class QuantFromQDQ(Transformation):
     them back (:func:`quantize_stored_integers`), a per-tensor one that reads the codes through layout ops moves in
     front of them (:func:`dequantize_before_layout_ops`), symmetric unsigned pairs become signed ones with zero
     point 0 (:func:`signed_mid_zero_points`), and per-tensor nodes lose the ``axis`` they ignore
-    (:func:`per_tensor_without_axis`).
+    (:func:`per_tensor_without_axis`). The ``Quant`` nodes it makes are listed in the model's metadata
+    (:data:`~a2q_passes.metadata.QUANTIZE_LINEAR_QUANTS_KEY`): a ``QuantizeLinear`` rounds ``x / s`` before it adds
+    the zero point, a ``Quant`` after, which differs near ties, and the thresholds of a zero point follow the former.
 
     Why: FINN's conversion reads ``Quant`` nodes only, and ``QCDQToQuant`` is qonnx's way to them. Where it converts
     part of a graph (4-bit storage, block-wise ``DequantizeLinear``, onnxruntime's QOperator nodes) or fails, FINN's
@@ -720,7 +725,12 @@ class QuantFromQDQ(Transformation):
                 converted.graph.node.remove(node)
             elif node.input and node.input[0] in copies:
                 node.input[0] = copies[node.input[0]]
-        return _merge_equal_quants(converted), False
+        converted = _merge_equal_quants(converted)
+        given = {n.output[0] for n in model.graph.node if n.op_type == "Quant"}
+        made = sorted(n.output[0] for n in converted.graph.node if n.op_type == "Quant" and n.output[0] not in given)
+        if made:
+            set_metadata_value(converted, QUANTIZE_LINEAR_QUANTS_KEY, json.dumps(made))
+        return converted, False
 
 
 def _merge_equal_quants(model: ModelWrapper) -> ModelWrapper:

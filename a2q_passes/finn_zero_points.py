@@ -20,6 +20,8 @@ folds into integer weights ``q - z``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from onnx import NodeProto, helper
 from qonnx.core.datatype import DataType
@@ -28,8 +30,10 @@ from qonnx.custom_op.registry import getCustomOp
 from qonnx.transformation.base import Transformation
 
 from a2q_passes.bounds import IntRange
+from a2q_passes.finn_input_thresholds import quant_boundaries
 from a2q_passes.graph_values import get_constant, node_attr, node_label, node_str_attr, sole_relu_reader
 from a2q_passes.input_grids import quant_code_range
+from a2q_passes.metadata import QUANTIZE_LINEAR_QUANTS_KEY, metadata_value, remove_metadata_value
 from a2q_passes.read_only_model import with_inferred_shapes
 from a2q_passes.weight_sources import codes_less_zero_point, dtype_for_range
 
@@ -92,10 +96,15 @@ def _rewritten(model: ModelWrapper, weights: bool) -> list[NodeProto]:
             and (get_constant(model, node.input[0]) is not None) == weights]
 
 
-def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool, relu_before: bool = False,
+def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narrow: bool, mode: str = "ROUND",
+                          quantize_linear: bool = False, relu_before: bool = False,
                           relu_after: bool = False) -> tuple[np.ndarray, int, str]:
     """``(thresholds, out_bias, out_dtype)`` of the ``MultiThreshold`` that computes ``q - z`` of a per-tensor
-    ``Quant``: one row of float32 thresholds ``s (qmin + k + 1/2 - z)``, computed in float64 as FINN computes its own.
+    ``Quant`` rounding with ``mode``: one row of float32 thresholds ``s (qmin + k + 1/2 - z)``, computed in float64 as
+    FINN computes its own, then moved onto the ``Quant``'s exact float32 decision boundaries
+    (:func:`~a2q_passes.finn_input_thresholds.quant_boundaries`: an exact tie goes where ``mode`` sends it, where
+    FINN's ``x >= t`` sends every tie up; with a zero point FINN's later tie repair cannot tell a code's parity), or
+    with ``quantize_linear`` those of the ``QuantizeLinear`` the ``Quant`` was made from.
     ``relu_before``: of ``Relu(x)`` where it reads ``x``; ``relu_after``: ``max(q - z, 0)``, a ``Relu`` behind it.
 
     Why both folds are exact (the thresholds increase and count ``c = q - qmin`` of them lie at or below ``x``): a
@@ -107,6 +116,8 @@ def zero_point_thresholds(scale: float, zero: int, bits: int, signed: bool, narr
     shifted, dtype = codes_less_zero_point(codes, zero)
     steps = np.arange(codes.hi - codes.lo, dtype=np.float64)
     thresholds = (np.float64(scale) * (shifted.lo + steps + 0.5)).astype(np.float32).reshape(1, -1)
+    exact = quant_boundaries(thresholds, scale, zero, bits, signed, narrow, mode, quantize_linear)
+    thresholds = thresholds if exact is None else exact
     bias = shifted.lo
     if relu_before:
         passed = int(np.count_nonzero(thresholds <= 0))
@@ -124,6 +135,7 @@ class ZeroPointActivationsAsThresholds(Transformation):
 
     def apply(self, model: ModelWrapper) -> tuple[ModelWrapper, bool]:
         changed, shaped = False, with_inferred_shapes(model)
+        quantize_linear = set(json.loads(metadata_value(model, QUANTIZE_LINEAR_QUANTS_KEY) or "[]"))
         for node in _rewritten(model, weights=False):
             scale, zero, bits = (float(np.asarray(get_constant(model, name)).reshape(-1)[0]) for name in node.input[1:4])
             producer = model.find_producer(node.input[0])
@@ -132,7 +144,9 @@ class ZeroPointActivationsAsThresholds(Transformation):
             if relu is not None and not _codes_above_zero_point(model, node):
                 relu = None  # the Relu outputs 0 only: left as it is
             thresholds, bias, dtype = zero_point_thresholds(scale, int(zero), int(bits), bool(node_attr(node, "signed", 1)),
-                                                            bool(node_attr(node, "narrow", 0)), before is not None,
+                                                            bool(node_attr(node, "narrow", 0)),
+                                                            node_str_attr(node, "rounding_mode", "ROUND").upper(),
+                                                            node.output[0] in quantize_linear, before is not None,
                                                             relu is not None)
             base = node.name or node.output[0]
             model.set_initializer(f"{base}_thresholds", thresholds)
@@ -158,6 +172,9 @@ class ZeroPointActivationsAsThresholds(Transformation):
             model.graph.node.insert(index, counted)
             model.set_tensor_datatype(f"{base}_codes", DataType[dtype])
             model.set_tensor_datatype(output, DataType["FLOAT32"])
+            changed = True
+        if quantize_linear:  # read here only: the thresholds keep what it said
+            remove_metadata_value(model, QUANTIZE_LINEAR_QUANTS_KEY)
             changed = True
         if changed:  # qonnx's executor needs every tensor's shape
             from qonnx.transformation.infer_shapes import InferShapes

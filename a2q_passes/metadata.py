@@ -13,6 +13,10 @@ from qonnx.core.modelwrapper import ModelWrapper
 from a2q_passes.errors import A2QError
 
 ACCUMULATORS_KEY = "a2q.accumulators"
+# the outputs of the Quant nodes the lowering made from QuantizeLinear, which rounds x / s before it adds the zero
+# point (a Quant adds it first): written by finn_quant_forms.QuantFromQDQ, read and removed by
+# finn_zero_points.ZeroPointActivationsAsThresholds
+QUANTIZE_LINEAR_QUANTS_KEY = "a2q.quantize_linear_quants"
 
 
 def metadata_value(model: ModelWrapper, key: str) -> str | None:
@@ -27,6 +31,15 @@ def set_metadata_value(model: ModelWrapper, key: str, value: str) -> None:
         entry = model.model.metadata_props.add()
         entry.key = key
     entry.value = value
+
+
+def remove_metadata_value(model: ModelWrapper, key: str) -> None:
+    """Drop the ``metadata_props`` entry ``key`` where there is one."""
+    kept = [p for p in model.model.metadata_props if p.key != key]
+    if len(kept) != len(model.model.metadata_props):
+        copies = [type(p)(key=p.key, value=p.value) for p in kept]
+        del model.model.metadata_props[:]
+        model.model.metadata_props.extend(copies)
 
 
 def record_accumulators(model: ModelWrapper, layers: dict[str, dict], source: str) -> None:

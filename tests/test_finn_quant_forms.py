@@ -539,9 +539,17 @@ def test_activation_quantizers_finn_would_round_wrongly_are_refused_by_name(mode
     assert code == 1 and "'act'" in err and mode in err and "ROUND" in err, err
     assert not (tmp_path / "hw.onnx").exists()
     # the refusal is what stands between the user and a graph that differs: without it, the equivalence check fails
+    # where the quantizer reads a tensor inside the graph (here through an Identity, which FINN's tidy-up removes);
+    # one reading the graph input directly gets its thresholds placed on its exact boundaries whatever the mode
     monkeypatch.setattr(finn_refusals, "refuse_rounding_modes", lambda model: None)
-    code, out, err = run_cli("lower", path, tmp_path / "hw.onnx", "--acc-bits", "16")
+    interior = _gemm_model(1.0, 1.0, True, 1, mode)
+    interior.graph.node.insert(0, helper.make_node("Identity", ["x"], ["x_copy"]))
+    interior.graph.node[1].input[0] = "x_copy"
+    interior.save(str(tmp_path / "interior.onnx"))
+    code, out, err = run_cli("lower", tmp_path / "interior.onnx", tmp_path / "hw.onnx", "--acc-bits", "16")
     assert code == 3 and "NOT equivalent" in out, out[-600:] + err
+    code, out, err = run_cli("lower", path, tmp_path / "hw_input.onnx", "--acc-bits", "16")
+    assert code == 0 and "equivalent" in out, out[-600:] + err
 
 
 def _requantized(first: dict, second: dict, between: str) -> ModelWrapper:

@@ -97,6 +97,71 @@ def test_the_thresholds_compute_the_quantizer_off_exact_ties(scale, zero, bits, 
     assert relu != "after" or kept_relu or not dtype.signed()
 
 
+def _near_ties(scale: float, zero: int, lo: int, hi: int, batch: int) -> np.ndarray:
+    """Every tie ``s (k + 1/2 - z)`` between the codes ``lo..hi`` and the float32 inputs 1, 2, 10, 100, 300, 600
+    and 1000 steps either side of it, in batches of ``batch`` values (the last one filled from the start)."""
+    ties = ((np.arange(lo, hi) - zero + 0.5) * np.float64(scale)).astype(np.float32)
+    near = [ties]
+    for direction in (np.inf, -np.inf):
+        walked, done = ties.copy(), 0
+        for offset in (1, 2, 10, 100, 300, 600, 1000):
+            for _ in range(offset - done):
+                walked = np.nextafter(walked, np.float32(direction))
+            done = offset
+            near.append(walked.copy())
+    values = np.stack(near, axis=1).reshape(-1)
+    return np.resize(values, -(-values.size // batch) * batch).reshape(-1, batch).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["ROUND", "HALF_UP"])
+@pytest.mark.parametrize("scale,zero,bits,signed", [(2 ** -7, 114, 8, 0), (2 ** -7, 113, 8, 0), (0.0625, 99, 8, 0),
+                                                    (0.25, -3, 4, 1), (0.05, 141, 8, 0), (1 / 3, 7, 4, 0)])
+def test_the_thresholds_compute_the_quantizer_on_ties_and_near_ties(scale, zero, bits, signed, mode):
+    """On every exact tie ``s (k + 1/2 - z)`` and float32 inputs up to 1000 steps either side: the Quant adds the zero
+    point to ``x / s`` in float32 before it rounds, so near a tie hundreds of inputs round as the tie (Brevitas'
+    ShiftedUint8 with power-of-two scales: a random net's lowering differed there by one code). The thresholds, on
+    the Quant's own float32 boundaries, give its code on each of them; FINN's halfway thresholds did not."""
+    model = _quant_model(scale, zero, bits, signed, 0, mode=mode).transform(InferShapes())
+    rewritten = model.transform(ZeroPointActivationsAsThresholds())
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    for batch in _near_ties(scale, zero, lo, hi, 1024):
+        x = batch.reshape(1, 4, 256)
+        expected = execute_onnx(model, {"x": x}, return_full_exec_context=True)["q"]
+        assert np.array_equal(execute_onnx(rewritten, {"x": x}, return_full_exec_context=True)["q"], expected)
+
+
+@pytest.mark.parametrize("scale,zero", [(2 ** -7, 113), (2 ** -7, 114), (0.05, 141), (0.0173, 3)])
+def test_the_thresholds_of_a_quantize_linear_round_as_it_does(scale, zero):
+    """A uint8 QuantizeLinear rounds ``x / s`` to even and then adds the zero point; the Quant qonnx's QCDQToQuant
+    makes of it adds first. The thresholds follow the file's QuantizeLinear (QuantFromQDQ lists the Quant nodes it
+    made in the metadata, the rewrite reads and removes that entry): equal on every tie and near-tie."""
+    from onnx import TensorProto as TP
+
+    from a2q_passes.finn_quant_forms import prepare_for_finn
+    from a2q_passes.metadata import QUANTIZE_LINEAR_QUANTS_KEY, metadata_value
+
+    weights = np.random.default_rng(0).integers(-8, 8, size=(256, 8)).astype(np.int8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="matmul")]
+    inits = [numpy_helper.from_array(np.float32(scale), "s"), numpy_helper.from_array(np.uint8(zero), "z"),
+             numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.float32(0.1), "ws")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, [1, 4, 256])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8])], inits)
+    model = ModelWrapper(qonnx_make_model(graph, opset_imports=[helper.make_opsetid("", 13)])).transform(InferShapes())
+    prepared = prepare_for_finn(model)
+    assert metadata_value(prepared, QUANTIZE_LINEAR_QUANTS_KEY)
+    rewritten = prepared.transform(ZeroPointActivationsAsThresholds())
+    assert any(n.op_type == "MultiThreshold" for n in rewritten.graph.node)
+    assert metadata_value(rewritten, QUANTIZE_LINEAR_QUANTS_KEY) is None
+    read = next(n for n in rewritten.graph.node if n.op_type == "MatMul").input[0]
+    for batch in _near_ties(scale, zero, 0, 255, 1024):
+        x = batch.reshape(1, 4, 256)
+        expected = execute_onnx(model, {"x": x}, return_full_exec_context=True)["xd"]
+        assert np.array_equal(execute_onnx(rewritten, {"x": x}, return_full_exec_context=True)[read], expected)
+
+
 @pytest.mark.parametrize("case,reason", [("per channel", "per-channel"), ("16 bits", "bit width 16"),
                                          ("weights", "non-integer zero point")])
 def test_quantizers_the_rewrites_do_not_take_are_refused_by_name(case, reason, tmp_path):
