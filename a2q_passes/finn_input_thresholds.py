@@ -25,8 +25,9 @@ def exact_input_thresholds(converted: ModelWrapper, original: ModelWrapper) -> M
     float32(1/255), x = 0.5: Quant gives code 127, FINN's threshold 127.5 * s rounds to exactly 0.5
     and gives 128). Each threshold j becomes the smallest float32 x whose ``Quant`` output reaches
     level j + 1 (:func:`quant_boundaries`); a node whose Quant or thresholds do not have the
-    expected form is left as FINN made it (the equivalence check still compares it). Only graph inputs are float here: inside the network FINN compares
-    integer accumulators against rounded thresholds, which is exact.
+    expected form is left as FINN made it (the equivalence check still compares it). Only graph
+    inputs are float here: inside the network FINN compares integer accumulators against rounded
+    thresholds, which is exact.
     """
     from qonnx.custom_op.registry import getCustomOp
 

@@ -24,9 +24,9 @@ from a2q_passes.conventions import LAYOUT_OPS
 from a2q_passes.finn_average_pooling import (AveragePoolAsDepthwiseConv, QonnxDomainAtResolvedVersion,
                                              TruncDroppingNoBitsAsFloor)
 from a2q_passes.finn_global_pooling import ReduceMeanAsGlobalAveragePool
-from a2q_passes.metadata import QUANTIZE_LINEAR_QUANTS_KEY, set_metadata_value
 from a2q_passes.graph_values import (auto_pads, clip_bounds, extracted_quant_scale, get_constant, node_attr, node_axes,
                                      node_str_attr, sole_relu_reader)
+from a2q_passes.metadata import QUANTIZE_LINEAR_QUANTS_KEY, set_metadata_value
 
 _BIASED_MACS = ("Conv", "ConvTranspose", "Gemm")  # their input 2 is a bias added to the accumulator
 
