@@ -173,14 +173,13 @@ class ZeroPointActivationsAsThresholds(Transformation):
             model.set_tensor_datatype(f"{base}_codes", DataType[dtype])
             model.set_tensor_datatype(output, DataType["FLOAT32"])
             changed = True
-        if quantize_linear:  # read here only: the thresholds keep what it said
-            remove_metadata_value(model, QUANTIZE_LINEAR_QUANTS_KEY)
-            changed = True
         if changed:  # qonnx's executor needs every tensor's shape
             from qonnx.transformation.infer_shapes import InferShapes
 
             model = model.transform(InferShapes())
-        return model, changed
+        if quantize_linear:  # read here only: the thresholds keep what it said
+            remove_metadata_value(model, QUANTIZE_LINEAR_QUANTS_KEY)
+        return model, changed or bool(quantize_linear)
 
 
 class ZeroPointWeightsAsCodes(Transformation):
